@@ -1,0 +1,1620 @@
+#!/usr/bin/env python3
+"""bitpit: event-driven HTTP(S) downloads with resume, rate limits and a manager.
+
+One file, standard library only. The outline of this file is its table of
+contents:
+
+    helpers      human_readable, parse_rate, file names, header parsing
+    errors       Error and its subclasses
+    emitter      Emitter, the signal base class
+    timing       TokenBucket (rate limits) and the shared speed ticker
+    http         connections, the connection pool, requests and redirects
+    downloader   Downloader: one URL, one thread, one attempt state machine
+    manager      Manager: many downloads, one total rate limit
+    command line main() and the ``bitpit`` command
+
+Typical use::
+
+    import bitpit
+    d = bitpit.Downloader('https://example.com/file.iso', rate_limit=2**20)
+    d.listen('state-changed', lambda d, old: print(d.state))
+    d.start()
+    d.join()
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import hashlib
+import heapq
+import io
+import itertools
+import json
+import logging
+import os
+import pathlib
+import re
+import socket
+import ssl
+import sys
+import threading
+import time
+import http.client
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+__version__ = '2.0.0'
+__all__ = [
+    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main',
+    'Error', 'HTTPStatusError', 'NetworkError', 'StalledError', 'TLSError',
+    'ProtocolError', 'RedirectError', 'IntegrityError', 'FileError',
+    'InvalidURLError',
+]
+
+log = logging.getLogger('bitpit')
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MAX_REDIRECTS = 10
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+DEFAULT_NAME = 'index.html'
+SIDECAR_SUFFIX = '.bitpit'
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+_SUFFIXES = ('B', 'KB', 'MB', 'GB', 'TB', 'PB', 'EB', 'ZB', 'YB')
+
+
+def human_readable(n: Optional[float], digits: int = 3
+                   ) -> Tuple[Optional[float], Optional[str]]:
+    """Return ``(number, suffix)`` with ``n`` bytes scaled by powers of 1024.
+
+    ``n`` is divided by 1024 while the integer part of ``abs(n)`` has more
+    than ``digits`` decimal digits. ``None`` gives ``(None, None)``.
+    """
+    if n is None:
+        return None, None
+    for suffix in _SUFFIXES[:-1]:
+        if len(str(int(abs(n)))) <= digits:
+            return n, suffix
+        n /= 1024
+    return n, _SUFFIXES[-1]
+
+
+_RATE_RE = re.compile(r'^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgG]?)\s*$')
+_RATE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
+
+
+def parse_rate(text: Union[str, int, float]) -> int:
+    """Parse a rate such as ``2048``, ``100k``, ``0.5m`` or ``1M`` into bytes
+    per second. Raises ``ValueError`` for anything else."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = _RATE_RE.match(text)
+    if not match:
+        raise ValueError('invalid rate {!r}: use a number of bytes per second, '
+                         'optionally with k or m (e.g. 100k, 0.5m)'.format(text))
+    return int(float(match.group(1)) * _RATE_UNITS[match.group(2).lower()])
+
+
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\]')
+
+
+def safe_filename(name: str, default: str = DEFAULT_NAME) -> str:
+    """Return ``name`` made safe to use as one file name inside a directory.
+
+    Path separators, NUL and control characters become ``_``; an empty name
+    or one made only of dots (``.``, ``..``) becomes ``default``.
+    """
+    name = _UNSAFE_NAME_CHARS.sub('_', name).strip()
+    if not name.strip('.'):
+        return default
+    while len(name.encode('utf-8', 'surrogateescape')) > 255:
+        name = name[:-1]
+    return name
+
+
+def filename_from_url(url: str) -> str:
+    """The percent-decoded last segment of the URL's path, made safe."""
+    path = urllib.parse.urlsplit(url).path
+    return safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
+
+
+_DISPOSITION_EXT = re.compile(
+    r"""filename\*\s*=\s*([\w!#$%&+^`{}~-]+)'[^']*'([^;\s]+)""", re.I)
+_DISPOSITION_PLAIN = re.compile(
+    r"""(?:^|;)\s*filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))""", re.I)
+
+
+def filename_from_disposition(value: Optional[str]) -> Optional[str]:
+    """The file name a ``Content-Disposition`` header asks for, made safe, or
+    ``None``. ``filename*=UTF-8''...`` wins over ``filename=``."""
+    if not value:
+        return None
+    match = _DISPOSITION_EXT.search(value)
+    if match:
+        try:
+            name = urllib.parse.unquote(match.group(2), encoding=match.group(1),
+                                        errors='strict')
+        except (LookupError, UnicodeDecodeError):
+            name = None
+        if name:
+            return safe_filename(name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1])
+    match = _DISPOSITION_PLAIN.search(value)
+    if match:
+        name = match.group(1)
+        name = re.sub(r'\\(.)', r'\1', name) if name is not None else match.group(2)
+        name = name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1]
+        if name:
+            return safe_filename(name)
+    return None
+
+
+_CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.I)
+_UNSATISFIED_RANGE_RE = re.compile(r'^\s*bytes\s+\*/(\d+)\s*$', re.I)
+
+
+def parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
+    """Parse ``bytes FIRST-LAST/TOTAL`` into ``(first, last, total)``;
+    ``total`` is ``None`` for ``*``. Raises ``ProtocolError`` if malformed."""
+    match = _CONTENT_RANGE_RE.match(value)
+    if not match:
+        raise ProtocolError('malformed Content-Range: {!r}'.format(value[:100]))
+    first, last = int(match.group(1)), int(match.group(2))
+    total = None if match.group(3) == '*' else int(match.group(3))
+    if last < first or (total is not None and last >= total):
+        raise ProtocolError('impossible Content-Range: {!r}'.format(value[:100]))
+    return first, last, total
+
+
+def parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
+    """The response's ``Content-Length`` as an int, ``None`` if absent or the
+    body is chunked. Raises ``ProtocolError`` for a malformed or
+    contradictory value."""
+    values = response.msg.get_all('Content-Length') or []
+    if not values or response.chunked:
+        return None
+    lengths = set()
+    for value in values:
+        for part in value.split(','):
+            part = part.strip()
+            if not part.isdigit():
+                raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
+            lengths.add(int(part))
+    if len(lengths) != 1:
+        raise ProtocolError('conflicting Content-Length values: {}'.format(values))
+    return lengths.pop()
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date),
+    or ``None`` if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+class Error(Exception):
+    """Base class of every error bitpit reports.
+
+    ``retryable`` tells whether another attempt may succeed: retryable errors
+    put a download in state ``error`` (and restart it when ``restart_wait >=
+    0``); the others end it in ``fatal-error``. ``__cause__`` holds the
+    underlying ``OSError``/``http.client`` exception, if any.
+    """
+    retryable = False
+
+
+class HTTPStatusError(Error):
+    """The server answered with an error status (``.status``, ``.reason``).
+
+    408, 425, 429, 500, 502, 503 and 504 are retryable. ``retry_after`` is the
+    delay in seconds the server asked for with ``Retry-After``, or ``None``.
+    """
+
+    def __init__(self, status: int, reason: str = '', url: str = '',
+                 retry_after: Optional[float] = None):
+        super().__init__('HTTP {} {} for {}'.format(status, reason, url).strip())
+        self.status = status
+        self.reason = reason
+        self.url = url
+        self.retry_after = retry_after
+        self.retryable = status in RETRYABLE_STATUSES
+
+
+class NetworkError(Error):
+    """The connection failed: refused, reset, unreachable, name not found."""
+    retryable = True
+
+
+class StalledError(NetworkError):
+    """No byte arrived for ``timeout`` seconds."""
+
+
+class TLSError(NetworkError):
+    """The TLS handshake failed, e.g. an untrusted certificate. Not retryable."""
+    retryable = False
+
+
+class ProtocolError(Error):
+    """The server's answer was malformed or broke its own promises (a short
+    body, a bad ``Content-Range``, an invalid status line)."""
+    retryable = True
+
+
+class RedirectError(ProtocolError):
+    """A redirect loop, too many redirects, or a redirect to an unsupported
+    URL."""
+    retryable = False
+
+
+class IntegrityError(Error):
+    """The downloaded bytes do not match the expected checksum."""
+
+
+class FileError(Error):
+    """The local file could not be opened or written (its cause is the
+    ``OSError``). The bytes already on disk are kept."""
+
+
+class InvalidURLError(Error, ValueError):
+    """The URL is malformed or its scheme is not ``http`` or ``https``."""
+
+
+def check_url(url: str) -> urllib.parse.SplitResult:
+    """Return the split URL if it is an absolute http(s) URL with a host,
+    else raise ``InvalidURLError``."""
+    if not isinstance(url, str):
+        raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # validates the port
+    except ValueError as exc:
+        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
+    if parts.scheme.lower() not in ('http', 'https'):
+        raise InvalidURLError('unsupported URL scheme in {!r}: only http and https'
+                              .format(url))
+    if not parts.hostname or any(c in url for c in '\r\n\x00 '):
+        raise InvalidURLError('malformed URL {!r}'.format(url))
+    return parts
+
+
+# ---------------------------------------------------------------------------
+# emitter
+# ---------------------------------------------------------------------------
+
+class Emitter:
+    """Base class for objects with signals.
+
+    A subclass names its signals in the class attribute ``__signals__``.
+    ``listen``, ``unlisten`` and ``emit`` are safe from any thread, also from
+    inside a callback while a signal is being emitted.
+    """
+    __signals__: Tuple[str, ...] = ()
+
+    def _registry(self) -> Tuple[threading.Lock, Dict[str, list]]:
+        try:
+            return self._emitter_lock, self._emitter_callbacks
+        except AttributeError:
+            with _EMITTER_INIT_LOCK:
+                if '_emitter_callbacks' not in self.__dict__:
+                    self._emitter_lock = threading.Lock()
+                    self._emitter_callbacks = {s: [] for s in self.__signals__}
+            return self._emitter_lock, self._emitter_callbacks
+
+    def _callbacks(self, signal: str) -> Tuple[threading.Lock, list]:
+        lock, callbacks = self._registry()
+        try:
+            return lock, callbacks[signal]
+        except KeyError:
+            raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal)) from None
+
+    def listen(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+        """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
+        emitted. Raises ``KeyError`` for an unknown signal."""
+        lock, callbacks = self._callbacks(signal)
+        with lock:
+            callbacks.append((func, args, kwargs))
+
+    def unlisten(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+        """Remove one registration of ``func`` with these ``args`` and
+        ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
+        if there is no such registration."""
+        lock, callbacks = self._callbacks(signal)
+        with lock:
+            callbacks.remove((func, args, kwargs))
+
+    def emit(self, signal: str, *args: Any) -> None:
+        """Call every callback registered for ``signal``, in order. A callback
+        that raises is logged with its traceback and the others still run.
+        Raises ``KeyError`` for an unknown signal."""
+        lock, callbacks = self._callbacks(signal)
+        with lock:
+            snapshot = list(callbacks)
+        for func, listen_args, listen_kwargs in snapshot:
+            try:
+                func(*args, *listen_args, **listen_kwargs)
+            except Exception:
+                log.exception('callback %r for signal %r raised', func, signal)
+
+
+_EMITTER_INIT_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------
+# timing: token bucket and speed ticker
+# ---------------------------------------------------------------------------
+
+class TokenBucket:
+    """A smooth rate limiter that any number of threads may draw from.
+
+    Tokens (bytes) accrue at ``rate`` per second up to a depth of
+    ``BURST_SECONDS`` worth, so no more than about a tenth of a second of
+    traffic is ever released at once. A rate ``<= 0`` means unlimited. Changing
+    ``rate`` takes effect at once, also for threads already waiting.
+    """
+    BURST_SECONDS = 0.1
+
+    def __init__(self, rate: float = 0):
+        self._cond = threading.Condition(threading.Lock())
+        self._rate = 0.0
+        self._tokens = 0.0
+        self._stamp = time.monotonic()
+        self.rate = rate
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second; ``<= 0`` means unlimited. Any thread."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        with self._cond:
+            self._refill()
+            self._rate = max(0.0, float(value))
+            self._tokens = min(self._tokens, self._depth())
+            self._cond.notify_all()
+
+    @property
+    def limited(self) -> bool:
+        return self._rate > 0
+
+    def _depth(self) -> float:
+        return max(self._rate * self.BURST_SECONDS, 1.0)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self._rate > 0:
+            self._tokens = min(self._depth(),
+                               self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    def drain(self) -> None:
+        """Empty the bucket, so the next bytes are paced from now on."""
+        with self._cond:
+            self._refill()
+            self._tokens = 0.0
+
+    def acquire(self, want: int, cancelled: Callable[[], bool]) -> int:
+        """Block until some bytes may be read and return how many (at most
+        ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
+        soon as ``cancelled()`` is true after a ``wake()``. Any thread."""
+        with self._cond:
+            while not cancelled():
+                if self._rate <= 0:
+                    return want
+                self._refill()
+                grant = max(1, min(want, int(self._depth())))
+                if self._tokens >= grant:
+                    self._tokens -= grant
+                    return grant
+                self._cond.wait((grant - self._tokens) / self._rate)
+            return 0
+
+    def refund(self, unused: int) -> None:
+        """Give back tokens that were acquired but not used."""
+        if unused > 0:
+            with self._cond:
+                self._refill()
+                self._tokens = min(self._depth(), self._tokens + unused)
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting thread so it re-checks ``cancelled()``."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+class _Ticker:
+    """One daemon thread that calls ``tick()`` on each registered object every
+    ``period()`` seconds, for the speed-changed signal. Waiting is done on a
+    condition until the earliest due time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int, Any]] = []
+        self._tokens: Dict[int, int] = {}
+        self._counter = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, target: Any, period: float) -> None:
+        """Start ticking ``target`` (``target.tick()`` every ``period`` s,
+        re-read from ``target.update_period`` after each tick)."""
+        with self._cond:
+            token = next(self._counter)
+            self._tokens[id(target)] = token
+            heapq.heappush(self._heap, (time.monotonic() + max(period, 0.01), token, target))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name='bitpit-ticker',
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, target: Any) -> None:
+        """Stop ticking ``target``; a tick already running may still finish."""
+        with self._cond:
+            self._tokens.pop(id(target), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if not self._heap:
+                        self._thread = None
+                        return
+                    due, token, target = self._heap[0]
+                    if self._tokens.get(id(target)) != token:
+                        heapq.heappop(self._heap)
+                        continue
+                    delay = due - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                heapq.heappop(self._heap)
+                period = max(float(target.update_period), 0.01)
+                heapq.heappush(self._heap, (max(due + period, time.monotonic()), token, target))
+            try:
+                target.tick()
+            except Exception:
+                log.exception('speed update of %r failed', target)
+
+
+_TICKER = _Ticker()
+
+
+# ---------------------------------------------------------------------------
+# http: connections, pool, requests with redirects
+# ---------------------------------------------------------------------------
+
+class _AbortableMixin:
+    """A connection whose socket can be shut down from another thread, also
+    while it is still connecting, so that ``stop()`` takes effect at once.
+    ``cancelled`` is checked around the connect, which closes the window
+    between an ``abort()`` and the socket's creation."""
+    connecting_socket: Optional[socket.socket] = None
+    cancelled: Callable[[], bool] = staticmethod(lambda: False)
+
+    def _create_connection(self, address, timeout, source_address=None):
+        host, port = address
+        last_error: Optional[OSError] = None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+                host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            self.connecting_socket = sock
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                if self.cancelled():
+                    raise OSError('download stopped')
+                sock.connect(sockaddr)
+                if self.cancelled():
+                    raise OSError('download stopped')
+                return sock
+            except OSError as exc:
+                last_error = exc
+                sock.close()
+        raise last_error or OSError('no address found for {}'.format(host))
+
+    def abort(self) -> None:
+        """Shut the connection down; a thread blocked on it wakes at once.
+        Any thread."""
+        for sock in (getattr(self, 'sock', None), self.connecting_socket):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except (OSError, ValueError):
+                    pass
+
+
+class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
+    pass
+
+
+ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, str, int]], int]
+
+
+class _ConnectionPool:
+    """Idle keep-alive connections, by scheme, host, port and proxy, so that
+    many downloads from one server do not each pay for a new connection."""
+    MAX_IDLE_PER_KEY = 64
+    MAX_IDLE_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: Dict[ConnectionKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
+
+    def get(self, key: ConnectionKey) -> Optional[http.client.HTTPConnection]:
+        """An idle connection for ``key``, or ``None``."""
+        expired = []
+        found = None
+        with self._lock:
+            idle = self._idle.get(key, [])
+            now = time.monotonic()
+            while idle:
+                since, conn = idle.pop()
+                if now - since < self.MAX_IDLE_SECONDS:
+                    found = conn
+                    break
+                expired.append(conn)
+        for conn in expired:
+            conn.close()
+        return found
+
+    def put(self, key: ConnectionKey, conn: http.client.HTTPConnection) -> None:
+        """Keep ``conn`` for reuse (its last response must be fully read)."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.MAX_IDLE_PER_KEY:
+                idle.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+
+_POOL = _ConnectionPool()
+
+
+def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
+               ) -> Optional[urllib.parse.SplitResult]:
+    """The proxy to use for this URL: ``proxy`` if given (``''`` for none),
+    else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
+    if proxy is None:
+        if urllib.request.proxy_bypass(parts.hostname or ''):
+            return None
+        proxy = urllib.request.getproxies().get(parts.scheme.lower(), '')
+    if not proxy:
+        return None
+    if '://' not in proxy:
+        proxy = 'http://' + proxy
+    proxy_parts = urllib.parse.urlsplit(proxy)
+    if proxy_parts.scheme.lower() != 'http' or not proxy_parts.hostname:
+        raise InvalidURLError('unsupported proxy {!r}: use http://host:port'.format(proxy))
+    return proxy_parts
+
+
+def _basic_auth(user: str, password: str) -> str:
+    import base64
+    token = '{}:{}'.format(user, password).encode('utf-8')
+    return 'Basic ' + base64.b64encode(token).decode('ascii')
+
+
+# ---------------------------------------------------------------------------
+# downloader
+# ---------------------------------------------------------------------------
+
+class _Stopped(Exception):
+    """Raised inside the download thread when ``stop()`` was called."""
+
+
+PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
+
+
+class Downloader(Emitter):
+    """Download one URL to a file in a thread of its own.
+
+    ``path`` is a file path (``str`` or anything ``pathlib.Path`` accepts) or
+    a binary file object, which is written to and never closed. With
+    ``dir_path=True`` (or ``path=None``) ``path`` is a directory and the
+    file name comes from the URL. A file that already holds data is resumed
+    with a ``Range`` request.
+
+    Signals: ``state-changed (downloader, old_state)``, ``size-changed``,
+    ``speed-changed``, ``url-changed``, ``path-changed``,
+    ``restart-time-changed``, ``rate-limit-changed`` (each ``(downloader)``).
+    Callbacks run on the download thread, except ``speed-changed`` while
+    downloading, which runs on bitpit's ticker thread.
+    """
+    __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
+                   'path-changed', 'restart-time-changed', 'rate-limit-changed')
+
+    def __init__(self, url: str, path: Optional[PathLike] = None, dir_path: bool = False,
+                 rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
+                 restart_wait: float = -1, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 retries: Optional[int] = None, content_disposition: bool = False,
+                 checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
+                 auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None):
+        check_url(url)
+        self._lock = threading.RLock()
+        self._url = url
+        self._state = 'pause'
+        self._size = -1
+        self._downloaded = 0
+        self._received = 0
+        self._speed = 0.0
+        self._tick_stamp = 0.0
+        self._tick_received = 0
+        self._last_exception: Optional[BaseException] = None
+        self._failures = 0
+        self._validator: Optional[str] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop_event = threading.Event()
+        self._connection: Optional[_AbortableMixin] = None
+        self._restart_timer: Optional[threading.Timer] = None
+        self._restart_time: Optional[datetime.datetime] = None
+        self._dir: Optional[pathlib.Path] = None
+        self._path: Union[pathlib.Path, io.BufferedIOBase]
+        self._set_path_value(path, dir_path)
+        self._bucket = TokenBucket()
+        self._shared_buckets: Tuple[TokenBucket, ...] = ()
+        self._rate_limit = 0.0
+        self.rate_limit = rate_limit
+        self.timeout = timeout
+        self.update_period = update_period
+        self.chunk_size = chunk_size
+        self._restart_wait = restart_wait
+        self.retries = retries
+        self.content_disposition = content_disposition
+        self._checksum = _parse_checksum(checksum)
+        self.headers = dict(headers or {})
+        self.auth = auth
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self._load_local_state()
+
+    def __repr__(self) -> str:
+        return '<bitpit.Downloader {} {} {}/{}>'.format(
+            self._url, self._state, self._downloaded, self._size)
+
+    # -- configuration -----------------------------------------------------
+
+    def _set_path_value(self, path: Optional[PathLike], dir_path: bool) -> None:
+        if path is None:
+            path, dir_path = os.getcwd(), True
+        if hasattr(path, 'write'):
+            if dir_path:
+                raise ValueError('dir_path=True needs a directory path, not a file object')
+            self._dir, self._path = None, path
+            return
+        path = pathlib.Path(path).expanduser()
+        if dir_path:
+            self._dir, self._path = path, path / filename_from_url(self._url)
+        else:
+            self._dir, self._path = None, path
+
+    @property
+    def url(self) -> str:
+        """The URL to download. Setting it while running raises
+        ``RuntimeError``."""
+        return self._url
+
+    @url.setter
+    def url(self, value: str) -> None:
+        check_url(value)
+        with self._lock:
+            self._ensure_not_running('url')
+            self._url = value
+            if self._dir is not None:
+                self._path = self._dir / filename_from_url(value)
+            self._load_local_state()
+        self.emit('url-changed', self)
+
+    @property
+    def path(self) -> Union[pathlib.Path, io.BufferedIOBase]:
+        """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
+        it while running raises ``RuntimeError``."""
+        return self._path
+
+    @path.setter
+    def path(self, value: PathLike) -> None:
+        with self._lock:
+            self._ensure_not_running('path')
+            self._set_path_value(value, False)
+            self._load_local_state()
+        self.emit('path-changed', self)
+
+    def _ensure_not_running(self, what: str) -> None:
+        if self.is_alive:
+            raise RuntimeError('cannot change {} while the download is running'.format(what))
+
+    @property
+    def chunk_size(self) -> int:
+        """Most bytes per network read and file write; next start."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        if int(value) <= 0:
+            raise ValueError('chunk_size must be positive, not {!r}'.format(value))
+        self._chunk_size = int(value)
+
+    @property
+    def rate_limit(self) -> float:
+        """Bytes per second, ``<= 0`` for unlimited. Takes effect at once."""
+        return self._rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, value: float) -> None:
+        self._rate_limit = value if value > 0 else 0
+        self._bucket.rate = self._rate_limit
+        self.emit('rate-limit-changed', self)
+
+    @property
+    def human_rate_limit(self) -> Tuple[Optional[float], Optional[str]]:
+        return _per_second(self._rate_limit)
+
+    @property
+    def restart_wait(self) -> float:
+        """Seconds before an automatic restart after ``error``; negative:
+        never. Setting it while a restart is scheduled reschedules it."""
+        return self._restart_wait
+
+    @restart_wait.setter
+    def restart_wait(self, value: float) -> None:
+        self._restart_wait = value
+        if self.is_restarting:
+            if value >= 0:
+                self.restart(value)
+            else:
+                self._cancel_restart()
+
+    @property
+    def restart_time(self) -> Optional[datetime.datetime]:
+        """When the scheduled restart happens, or ``None``."""
+        return self._restart_time
+
+    # -- progress ------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``pause``, ``start``, ``download``, ``error``, ``fatal-error`` or
+        ``complete``."""
+        return self._state
+
+    @property
+    def size(self) -> int:
+        """Total bytes, ``-1`` if unknown."""
+        return self._size
+
+    @property
+    def downloaded(self) -> int:
+        """Bytes held so far, resumed bytes included."""
+        return self._downloaded
+
+    @property
+    def remaining(self) -> int:
+        """``size - downloaded``, ``-1`` if the size is unknown."""
+        size = self._size
+        return -1 if size < 0 else max(size - self._downloaded, 0)
+
+    @property
+    def speed(self) -> float:
+        """Bytes per second over the last ``update_period``; 0 when not
+        downloading."""
+        return self._speed
+
+    @property
+    def ratio(self) -> float:
+        """``downloaded / size``: 1.0 for an empty file, -1.0 if unknown."""
+        size = self._size
+        if size < 0:
+            return -1.0
+        if size == 0:
+            return 1.0
+        return self._downloaded / size
+
+    @property
+    def percentage(self) -> float:
+        return 100 * self.ratio
+
+    @property
+    def eta(self) -> Optional[datetime.timedelta]:
+        """Time left at the current speed, ``None`` if unknown."""
+        remaining, speed = self.remaining, self._speed
+        if remaining == 0:
+            return datetime.timedelta(0)
+        if remaining < 0 or speed <= 0:
+            return None
+        return datetime.timedelta(seconds=remaining / speed)
+
+    @property
+    def human_size(self) -> Tuple[Optional[float], Optional[str]]:
+        return human_readable(self._size)
+
+    @property
+    def human_downloaded(self) -> Tuple[Optional[float], Optional[str]]:
+        return human_readable(self._downloaded)
+
+    @property
+    def human_remaining(self) -> Tuple[Optional[float], Optional[str]]:
+        return human_readable(self.remaining)
+
+    @property
+    def human_speed(self) -> Tuple[Optional[float], Optional[str]]:
+        return _per_second(self._speed)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the download thread is running."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def is_restarting(self) -> bool:
+        """Whether a restart is scheduled."""
+        return self._restart_timer is not None
+
+    @property
+    def last_exception(self) -> Optional[BaseException]:
+        """The error of the last failed attempt (a ``bitpit.Error``), or
+        ``None``."""
+        return self._last_exception
+
+    def bar(self, width: int = 30, char: str = '=', unknown: str = '?') -> str:
+        """A progress bar of exactly ``width`` characters: ``int(width *
+        ratio)`` copies of ``char`` then spaces; ``width`` copies of
+        ``unknown`` when the ratio is unknown."""
+        ratio = self.ratio
+        if ratio < 0:
+            return (unknown * width)[:width]
+        filled = int(width * min(ratio, 1.0))
+        return (char * filled)[:filled] + ' ' * (width - filled)
+
+    # -- control ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the download thread and return at once. No-op if it is
+        running; cancels a scheduled restart. Any thread."""
+        self._cancel_restart()
+        with self._lock:
+            if self.is_alive:
+                return
+            self._stop_event.clear()
+            self._thread = threading.Thread(target=self._run, daemon=False,
+                                            name='bitpit-download')
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the download (state ``pause``) and wait for its thread to end,
+        unless called from that thread. No-op if not running; cancels a
+        scheduled restart. Any thread."""
+        self._cancel_restart()
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._stop_event.set()
+            connection = self._connection
+        if connection is not None:
+            connection.abort()
+        for bucket in self._buckets():
+            bucket.wake()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the download thread ends (any reason)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def restart(self, wait: Optional[float] = None) -> None:
+        """Schedule ``start()`` in ``wait`` seconds (default
+        ``restart_wait``) and return. Any thread."""
+        wait = self._restart_wait if wait is None else wait
+        wait = max(0.0, wait)
+        timer = threading.Timer(wait, self._restart_due)
+        timer.daemon = False
+        timer.name = 'bitpit-restart'
+        with self._lock:
+            old, self._restart_timer = self._restart_timer, timer
+            self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
+        if old is not None:
+            old.cancel()
+        timer.start()
+        self.emit('restart-time-changed', self)
+
+    def _restart_due(self) -> None:
+        with self._lock:
+            if self._restart_timer is not threading.current_thread():
+                return
+            self._restart_timer = None
+            self._restart_time = None
+        self.emit('restart-time-changed', self)
+        self.start()
+
+    def _cancel_restart(self) -> None:
+        with self._lock:
+            timer, self._restart_timer = self._restart_timer, None
+            self._restart_time = None
+        if timer is not None:
+            timer.cancel()
+            self.emit('restart-time-changed', self)
+
+    def update_size(self) -> None:
+        """Refresh ``size`` with a HEAD request (blocks; raises a
+        ``bitpit.Error`` on failure)."""
+        request = _Request(self, 'HEAD', offset=0)
+        try:
+            response = request.send()
+            length = parse_content_length(response)
+            response.close()
+        finally:
+            request.close(reuse=False)
+        if length is not None:
+            self._set_size(length)
+
+    # -- internal: local state ----------------------------------------------
+
+    def _buckets(self) -> Tuple[TokenBucket, ...]:
+        return (self._bucket,) + self._shared_buckets
+
+    @property
+    def _sidecar(self) -> Optional[pathlib.Path]:
+        """The file beside a partial download that remembers its validator;
+        ``None`` for file objects."""
+        if isinstance(self._path, pathlib.Path):
+            return self._path.with_name(self._path.name + SIDECAR_SUFFIX)
+        return None
+
+    def _load_local_state(self) -> None:
+        """Read how much is already on disk and what the sidecar remembers."""
+        self._downloaded = self._local_size()
+        self._size = -1
+        self._validator = None
+        sidecar = self._sidecar
+        if sidecar is None or self._downloaded == 0:
+            return
+        try:
+            with open(sidecar, encoding='utf-8') as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(saved, dict) and saved.get('url') == self._url:
+            validator = saved.get('validator')
+            self._validator = validator if isinstance(validator, str) else None
+            size = saved.get('size')
+            if isinstance(size, int) and size >= self._downloaded:
+                self._size = size
+
+    def _local_size(self) -> int:
+        target = self._path
+        if isinstance(target, pathlib.Path):
+            try:
+                return target.stat().st_size if target.is_file() else 0
+            except OSError:
+                return 0
+        try:
+            if target.seekable():
+                return target.seek(0, io.SEEK_END)
+        except (OSError, ValueError):
+            pass
+        return self._downloaded
+
+    def _save_sidecar(self) -> None:
+        sidecar = self._sidecar
+        if sidecar is None or not self._path.is_file():
+            return
+        record = {'url': self._url, 'validator': self._validator, 'size': self._size}
+        try:
+            with open(sidecar, 'w', encoding='utf-8') as f:
+                json.dump(record, f)
+        except OSError as exc:
+            log.warning('cannot write %s: %s', sidecar, exc)
+
+    def _remove_sidecar(self) -> None:
+        sidecar = self._sidecar
+        if sidecar is not None:
+            try:
+                sidecar.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning('cannot remove %s: %s', sidecar, exc)
+
+    # -- internal: signals and progress ----------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        old, self._state = self._state, state
+        if old != state:
+            self.emit('state-changed', self, old)
+
+    def _set_size(self, size: int) -> None:
+        if size != self._size:
+            self._size = size
+            self.emit('size-changed', self)
+
+    def tick(self) -> None:
+        """Recompute ``speed`` and emit ``speed-changed``. Called by the
+        ticker thread every ``update_period`` while downloading."""
+        now = time.monotonic()
+        received = self._received
+        elapsed = now - self._tick_stamp
+        if elapsed > 0:
+            self._speed = (received - self._tick_received) / elapsed
+        self._tick_stamp, self._tick_received = now, received
+        self.emit('speed-changed', self)
+
+    # -- internal: the download thread -------------------------------------------
+
+    def _use_connection(self, connection: Optional[_AbortableMixin]) -> None:
+        """Make ``connection`` the one ``stop()`` aborts; raise ``_Stopped``
+        if a stop is already under way. Download thread."""
+        with self._lock:
+            if connection is not None and self._stop_event.is_set():
+                raise _Stopped
+            self._connection = connection
+
+    def _run(self) -> None:
+        """The download thread: one attempt, from ``start`` to its end state."""
+        self._tick_stamp, self._tick_received = time.monotonic(), self._received
+        self._set_state('start')
+        _TICKER.add(self, self.update_period)
+        retry_after = None
+        try:
+            self._attempt()
+            final, self._failures = 'complete', 0
+        except _Stopped:
+            final = 'pause'
+        except BaseException as exc:
+            if self._stop_event.is_set():
+                final = 'pause'
+            else:
+                error = exc if isinstance(exc, Error) else _unexpected(exc)
+                self._last_exception = error
+                self._failures += 1
+                final = 'error' if error.retryable else 'fatal-error'
+                if final == 'error' and self.retries is not None \
+                        and self._failures > self.retries:
+                    final = 'fatal-error'
+                retry_after = getattr(error, 'retry_after', None)
+                log.info('%s: %s', self._url, error)
+        finally:
+            _TICKER.remove(self)
+            self._speed = 0.0
+        self.emit('speed-changed', self)
+        self._set_state(final)
+        if final == 'error' and self._restart_wait >= 0 and not self._stop_event.is_set():
+            self.restart(max(self._restart_wait, retry_after or 0))
+
+    def _attempt(self) -> None:
+        """Download until every byte is held; raise on failure or stop.
+
+        This is the one state machine of a download: ask for the bytes from
+        the local offset on, check the answer against what was asked, write
+        the body where it belongs, and ask again while the server sent less
+        than the rest of the file."""
+        self._bucket.drain()
+        file = None
+        hasher = None
+        try:
+            while True:
+                offset = self._local_size()
+                if offset == 0:
+                    self._validator = None
+                request = _Request(self, 'GET', offset)
+                try:
+                    response = request.send()
+                    plan = self._plan(request, response, offset)
+                    if plan is None:
+                        break
+                    write_at, expected_end = plan
+                    if file is None:
+                        file = self._open_file()
+                    hasher = self._prepare_write(file, write_at)
+                    self._set_state('download')
+                    self._read_body(response, file, write_at, expected_end, hasher)
+                    request.close(reuse=True)
+                finally:
+                    request.close(reuse=False)
+                if self._size < 0 or self._downloaded >= self._size:
+                    break
+            self._finish(file, hasher)
+        finally:
+            if file is not None and file is not self._path:
+                file.close()
+
+    def _plan(self, request: '_Request', response: http.client.HTTPResponse,
+              offset: int) -> Optional[Tuple[int, Optional[int]]]:
+        """Check the answer to a request from ``offset`` and return
+        ``(write_at, expected_end)`` for its body, or ``None`` when the file
+        is already complete. Raises for an error answer."""
+        status = response.status
+        if status == 416 and offset > 0:
+            match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
+            total = int(match.group(1)) if match else None
+            if total is None and self._size >= 0:
+                total = self._size
+            if total is not None and total != offset:
+                self._restart_from_zero()
+                raise ProtocolError('file changed on the server: it has {} bytes, the '
+                                    'local file {}'.format(total, offset))
+            self._set_size(offset)
+            return None
+        if status >= 300:
+            raise _status_error(response, request.url)
+
+        length = parse_content_length(response)
+        content_range = response.getheader('Content-Range')
+        if status == 206 or (status == 200 and offset > 0 and content_range):
+            if not content_range:
+                raise ProtocolError('206 answer without Content-Range')
+            first, last, total = parse_content_range(content_range)
+            if status == 200 and (first != offset or (total is not None and last != total - 1)):
+                return self._plan_from_zero(response, length)
+            if first > offset:
+                raise ProtocolError('server sent bytes from {} but {} were asked for'
+                                    .format(first, offset))
+            if total is not None and self._size >= 0 and total != self._size:
+                self._restart_from_zero()
+                raise ProtocolError('file size changed on the server from {} to {}'
+                                    .format(self._size, total))
+            if length is not None and length != last - first + 1:
+                raise ProtocolError('Content-Length {} disagrees with Content-Range {}'
+                                    .format(length, content_range))
+            self._remember_validator(response)
+            if total is not None:
+                self._set_size(total)
+            return first, last + 1
+        if status == 200:
+            return self._plan_from_zero(response, length)
+        raise ProtocolError('unexpected status {} {}'.format(status, response.reason))
+
+    def _plan_from_zero(self, response: http.client.HTTPResponse,
+                        length: Optional[int]) -> Tuple[int, Optional[int]]:
+        """The server sent the whole file: write it from byte 0."""
+        self._remember_validator(response)
+        self._set_size(length if length is not None else -1)
+        if self.content_disposition and self._dir is not None:
+            name = filename_from_disposition(response.getheader('Content-Disposition'))
+            if name and name != self._path.name:
+                self._path = self._dir / name
+                self.emit('path-changed', self)
+        return 0, length
+
+    def _restart_from_zero(self) -> None:
+        """Empty a partial file that no longer matches the server, so that the
+        next attempt starts over instead of mixing two versions."""
+        log.info('%s: the file changed on the server, starting over', self._url)
+        self._validator = None
+        self._size = -1
+        try:
+            if isinstance(self._path, pathlib.Path):
+                with open(self._path, 'r+b') as f:
+                    f.truncate(0)
+            elif _seekable(self._path):
+                self._path.seek(0)
+                self._path.truncate(0)
+        except OSError as exc:
+            raise FileError('cannot truncate {}: {}'.format(self._path, exc)) from exc
+        self._downloaded = 0
+
+    def _remember_validator(self, response: http.client.HTTPResponse) -> None:
+        etag = response.getheader('ETag')
+        if etag and not etag.startswith('W/'):
+            self._validator = etag
+        else:
+            self._validator = response.getheader('Last-Modified')
+
+    def _open_file(self) -> Any:
+        target = self._path
+        if not isinstance(target, pathlib.Path):
+            return target
+        try:
+            return open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
+        except OSError as exc:
+            raise FileError('cannot open {}: {}'.format(target, exc)) from exc
+
+    def _prepare_write(self, file: Any, write_at: int) -> Optional[Any]:
+        """Position ``file`` at ``write_at``, drop what lies after it, and
+        return a hasher fed with the bytes before it (``None`` without a
+        checksum)."""
+        try:
+            if _seekable(file):
+                if file.seek(0, io.SEEK_END) > write_at:
+                    file.truncate(write_at)
+                file.seek(write_at)
+            elif write_at != self._downloaded:
+                raise FileError('cannot rewind {!r}: it is not seekable'.format(file))
+            self._downloaded = write_at
+            if self._checksum is None:
+                return None
+            return self._hash_prefix(file, write_at)
+        except OSError as exc:
+            raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
+
+    def _hash_prefix(self, file: Any, length: int) -> Any:
+        """A hasher fed with the first ``length`` bytes already in ``file``."""
+        hasher = hashlib.new(self._checksum[0])
+        if length == 0:
+            return hasher
+        if isinstance(self._path, pathlib.Path):
+            source = open(self._path, 'rb')
+        elif _seekable(file) and getattr(file, 'readable', lambda: False)():
+            source = file
+        else:
+            raise FileError('cannot verify the checksum of a resumed stream')
+        try:
+            source.seek(0)
+            left = length
+            while left:
+                block = source.read(min(left, 1 << 20))
+                if not block:
+                    break
+                hasher.update(block)
+                left -= len(block)
+        finally:
+            if source is file:
+                file.seek(length)
+            else:
+                source.close()
+        return hasher
+
+    def _read_body(self, response: http.client.HTTPResponse, file: Any, position: int,
+                   expected_end: Optional[int], hasher: Optional[Any]) -> None:
+        """Copy the body into ``file`` from ``position`` through one reused
+        buffer, paced by the token buckets. Raises on a short body."""
+        view = memoryview(bytearray(self._chunk_size))
+        chunk = self._chunk_size
+        buckets = [b for b in self._buckets() if b is self._bucket or b.limited]
+        cancelled = self._stop_event.is_set
+        write = file.write
+        sidecar_due = True
+        try:
+            while True:
+                want = chunk if expected_end is None else min(chunk, expected_end - position)
+                if want <= 0:
+                    break
+                granted = want
+                for bucket in buckets:
+                    granted = bucket.acquire(granted, cancelled)
+                    if not granted:
+                        raise _Stopped
+                got = response.readinto(view[:granted])
+                if granted > got:
+                    for bucket in buckets:
+                        bucket.refund(granted - got)
+                if not got:
+                    break
+                if sidecar_due:
+                    # A body that arrives whole in one read cannot be left
+                    # partial, so only longer ones need the sidecar.
+                    sidecar_due = False
+                    if expected_end is None or position + got < expected_end:
+                        self._save_sidecar()
+                data = view[:got]
+                try:
+                    written = write(data)
+                except OSError as exc:
+                    raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
+                if written is not None and written != got:
+                    raise FileError('short write to {}: {} of {} bytes'.format(
+                        self._path, written, got))
+                if hasher is not None:
+                    hasher.update(data)
+                position += got
+                self._downloaded = position
+                self._received += got
+                if cancelled():
+                    raise _Stopped
+        except (OSError, http.client.HTTPException) as exc:
+            if cancelled():
+                raise _Stopped from exc
+            raise _network_error(exc) from exc
+        if expected_end is not None and position < expected_end:
+            raise ProtocolError('connection closed after {} of {} bytes'.format(
+                position, expected_end))
+        if self._size < 0:
+            self._set_size(position)
+
+    def _finish(self, file: Any, hasher: Optional[Any]) -> None:
+        """Check the finished file against the checksum and forget its
+        sidecar. Raises ``IntegrityError`` on a mismatch (the file is kept)."""
+        if self._checksum is not None:
+            if hasher is None:
+                hasher = self._hash_prefix(file if file is not None else self._path,
+                                           self._downloaded)
+            algorithm, expected = self._checksum
+            actual = hasher.hexdigest()
+            if actual != expected:
+                self._remove_sidecar()
+                raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
+                                     .format(algorithm, self._path, expected, actual))
+        self._remove_sidecar()
+
+
+def _seekable(file: Any) -> bool:
+    try:
+        return file.seekable()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _per_second(n: float) -> Tuple[Optional[float], Optional[str]]:
+    number, suffix = human_readable(n)
+    return number, suffix + '/s'
+
+
+def _unexpected(exc: BaseException) -> Error:
+    log.error('unexpected error', exc_info=exc)
+    error = Error('unexpected error: {!r}'.format(exc))
+    error.__cause__ = exc
+    return error
+
+
+def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
+    retry_after = None
+    if response.status in (429, 503):
+        retry_after = parse_retry_after(response.getheader('Retry-After'))
+    return HTTPStatusError(response.status, response.reason, url, retry_after)
+
+
+def _network_error(exc: BaseException) -> Error:
+    """The bitpit error for an exception raised by the network or a parser."""
+    if isinstance(exc, Error):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError('TLS certificate not trusted: {}'.format(exc.verify_message or exc))
+    if isinstance(exc, ssl.SSLError):
+        return TLSError('TLS error: {}'.format(exc))
+    if isinstance(exc, socket.timeout):
+        return StalledError('no data received within the time-out')
+    if isinstance(exc, http.client.HTTPException):
+        return ProtocolError('bad HTTP response: {!r}'.format(exc))
+    return NetworkError('network error: {}'.format(exc))
+
+
+def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
+    if checksum is None:
+        return None
+    algorithm, _, digest = str(checksum).partition(':')
+    algorithm = algorithm.strip().lower()
+    digest = digest.strip().lower()
+    try:
+        hashlib.new(algorithm)
+    except (ValueError, TypeError):
+        raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
+    if not re.fullmatch(r'[0-9a-f]+', digest) or \
+            len(digest) != 2 * hashlib.new(algorithm).digest_size:
+        raise ValueError('malformed checksum {!r}: expected ALGORITHM:HEX'.format(checksum))
+    return algorithm, digest
+
+
+class _Request:
+    """One HTTP request of a download, following redirects.
+
+    Holds the connection in use so that another thread can abort it."""
+
+    def __init__(self, downloader: Downloader, method: str, offset: int):
+        self.downloader = downloader
+        self.method = method
+        self.offset = offset
+        self.url = downloader.url
+        self.key: Optional[ConnectionKey] = None
+        self.connection: Optional[Any] = None
+        self.response: Optional[http.client.HTTPResponse] = None
+        self._connect(self.url)
+
+    def _connect(self, url: str) -> None:
+        parts = check_url(url)
+        d = self.downloader
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == 'https' else 80)
+        proxy = _proxy_for(parts, d.proxy)
+        proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
+        self.key = (scheme, parts.hostname, port, proxy_id, id(d.ssl_context))
+        connection = _POOL.get(self.key)
+        self.reused = connection is not None
+        if connection is None:
+            connection = self._new_connection(scheme, parts.hostname, port, proxy)
+        else:
+            connection.timeout = d.timeout
+            connection.cancelled = d._stop_event.is_set
+            if connection.sock is not None:
+                connection.sock.settimeout(d.timeout)
+        self._use(connection)
+
+    def _use(self, connection: Any) -> None:
+        self.connection = connection
+        self.downloader._use_connection(connection)
+
+    def _new_connection(self, scheme: str, host: str, port: int,
+                        proxy: Optional[urllib.parse.SplitResult]) -> Any:
+        d = self.downloader
+        connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
+        if scheme == 'https':
+            context = d.ssl_context or _default_ssl_context()
+            conn = _HTTPSConnection(connect_host, connect_port, timeout=d.timeout,
+                                    context=context)
+            if proxy:
+                tunnel_headers = {}
+                if proxy.username:
+                    tunnel_headers['Proxy-Authorization'] = _basic_auth(
+                        urllib.parse.unquote(proxy.username),
+                        urllib.parse.unquote(proxy.password or ''))
+                conn.set_tunnel(host, port, headers=tunnel_headers)
+        else:
+            conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
+        conn.via_proxy = bool(proxy) and scheme == 'http'
+        conn.proxy_parts = proxy
+        conn.cancelled = d._stop_event.is_set
+        return conn
+
+    def _headers(self, url: str, first_host: str) -> Dict[str, str]:
+        d = self.downloader
+        parts = urllib.parse.urlsplit(url)
+        headers = {'User-Agent': 'bitpit/' + __version__, 'Accept-Encoding': 'identity'}
+        headers.update(d.headers)
+        if self.offset > 0:
+            headers['Range'] = 'bytes={}-'.format(self.offset)
+            if d._validator:
+                headers['If-Range'] = d._validator
+        same_host = (parts.hostname or '').lower() == first_host
+        credentials = None
+        if parts.username is not None:
+            credentials = (urllib.parse.unquote(parts.username),
+                           urllib.parse.unquote(parts.password or ''))
+        elif d.auth is not None and same_host:
+            credentials = d.auth
+        if credentials is not None and not any(k.lower() == 'authorization' for k in headers):
+            headers['Authorization'] = _basic_auth(*credentials)
+        if not same_host:
+            for name in list(headers):
+                if name.lower() in ('authorization', 'cookie'):
+                    del headers[name]
+        conn = self.connection
+        if getattr(conn, 'via_proxy', False) and conn.proxy_parts.username:
+            headers['Proxy-Authorization'] = _basic_auth(
+                urllib.parse.unquote(conn.proxy_parts.username),
+                urllib.parse.unquote(conn.proxy_parts.password or ''))
+        return headers
+
+    def send(self) -> http.client.HTTPResponse:
+        """Send the request, follow redirects, return the final response
+        (status not 3xx). Raises a ``bitpit.Error``."""
+        first_host = (urllib.parse.urlsplit(self.url).hostname or '').lower()
+        seen = {self.url}
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._exchange(self.url, first_host)
+            location = response.getheader('Location')
+            if response.status not in REDIRECT_STATUSES or not location:
+                self.response = response
+                return response
+            target = urllib.parse.urljoin(self.url, location.strip())
+            try:
+                check_url(target)
+            except InvalidURLError as exc:
+                raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
+            if target in seen:
+                raise RedirectError('redirect loop at {}'.format(target))
+            seen.add(target)
+            self._drain_and_release(response)
+            self.url = target
+            self._connect(target)
+        raise RedirectError('more than {} redirects from {}'.format(MAX_REDIRECTS,
+                                                                     self.downloader.url))
+
+    def _exchange(self, url: str, first_host: str) -> http.client.HTTPResponse:
+        """One request and its response headers on the current connection,
+        retried once on a fresh connection if a reused one turns out dead."""
+        while True:
+            conn = self.connection
+            parts = urllib.parse.urlsplit(url)
+            if getattr(conn, 'via_proxy', False):
+                target = url
+            else:
+                target = parts.path or '/'
+                if parts.query:
+                    target += '?' + parts.query
+            try:
+                conn.request(self.method, target, headers=self._headers(url, first_host))
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                if self.downloader._stop_event.is_set():
+                    raise _Stopped from exc
+                if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
+                                                    ConnectionResetError, BrokenPipeError)):
+                    conn.close()
+                    self.reused = False
+                    scheme, host, port = self.key[0], self.key[1], self.key[2]
+                    self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
+                    continue
+                raise _network_error(exc) from exc
+
+    def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
+        """Finish a small redirect body so the connection can be reused."""
+        try:
+            length = parse_content_length(response)
+            if length is not None and length <= 65536:
+                response.read()
+                self._release(reuse=not response.will_close)
+                return
+        except (OSError, http.client.HTTPException, Error):
+            pass
+        self._release(reuse=False)
+
+    def _release(self, reuse: bool) -> None:
+        conn, self.connection = self.connection, None
+        if conn is None:
+            return
+        self.downloader._use_connection(None)
+        if reuse and self.response_done(conn):
+            _POOL.put(self.key, conn)
+        else:
+            conn.close()
+
+    def response_done(self, conn: Any) -> bool:
+        response = self.response
+        return (conn.sock is not None and
+                (response is None or (response.isclosed() and not response.will_close)))
+
+    def close(self, reuse: bool) -> None:
+        """Return the connection to the pool if ``reuse`` and the response was
+        read to its end; else close it. Idempotent."""
+        self._release(reuse)
+
+
+_SSL_CONTEXT: Optional[ssl.SSLContext] = None
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def main(urls: List[str], rate_limit: str = '0', max_running: int = 5) -> int:
+    """Download every URL into the current directory; return the exit
+    status (0 when all completed)."""
+    failed = 0
+    for url in urls:
+        d = Downloader(url, rate_limit=parse_rate(rate_limit))
+        d.start()
+        d.join()
+        if d.state != 'complete':
+            print('{}: {}'.format(url, d.last_exception), file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
