@@ -1,0 +1,677 @@
+"""Pytest fixtures: a small, misbehaviour-capable local HTTP/1.1 server.
+
+Fixtures
+--------
+``server``
+    A started :class:`FixtureServer` on ``127.0.0.1`` (ephemeral port), closed
+    at teardown.
+``make_server``
+    Factory ``make_server(host='127.0.0.1') -> FixtureServer`` for tests that
+    need more than one server.  ``host='localhost'`` binds 127.0.0.1 but
+    builds URLs with the host name ``localhost`` (a *different host name* for
+    a client, e.g. for cross-host redirects).  Every server made is closed at
+    teardown.
+
+Typical use::
+
+    def test_resume(server):
+        server.add('/f.bin', b'x' * 1000, truncate_at=400, truncate_once=True)
+        url = server.url('/f.bin')
+        ...
+        assert server.requests[-1].headers['Range'] == 'bytes=400-'
+
+The server is stdlib only (``http.server.ThreadingHTTPServer``), speaks
+HTTP/1.1 with keep-alive, and never blocks teardown: stalled handlers are
+released, open connections are shut down, threads are joined with a bound.
+"""
+
+import hashlib
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+__all__ = ['FixtureServer', 'Resource', 'RequestRecord']
+
+#: sentinel: compute the ETag from the data
+_AUTO = object()
+
+#: errors that just mean "the client went away"; handled silently
+_DISCONNECT_ERRORS = (BrokenPipeError, ConnectionResetError,
+                      ConnectionAbortedError, socket.timeout, TimeoutError)
+
+_RANGE_RE = re.compile(r'^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$', re.IGNORECASE)
+
+#: largest single write when nothing asks for smaller pieces
+_PIECE = 256 * 1024
+
+
+class RequestRecord:
+    """One request received by the server.
+
+    Attributes: ``method`` ('GET', 'HEAD', ...), ``path`` (as sent, with any
+    query string), ``headers`` (an ``http.client.HTTPMessage``, i.e. an
+    ``email.message.Message``: ``headers['range']`` / ``headers.get('If-Range')``
+    are case-insensitive, missing -> ``None``), ``conn`` (1-based number of
+    the TCP connection it arrived on, to check keep-alive reuse) and
+    ``time`` (``time.monotonic()`` at arrival).
+    """
+
+    __slots__ = ('method', 'path', 'headers', 'conn', 'time')
+
+    def __init__(self, method, path, headers, conn, when):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.conn = conn
+        self.time = when
+
+    def __repr__(self):
+        extra = ''.join(' {}={!r}'.format(k, self.headers[k])
+                        for k in ('Range', 'If-Range') if self.headers.get(k))
+        return '<{} {} conn={}{}>'.format(self.method, self.path, self.conn, extra)
+
+
+class Resource:
+    """A registered resource (see :meth:`FixtureServer.add` for the options).
+
+    Replaced as a whole by a new ``add`` on the same path, which also resets
+    its counters (``truncate_once``, ``status_times``).
+    """
+
+    def __init__(self, data, etag=_AUTO, last_modified=None, status=None,
+                 status_times=None, headers=None, ignore_range=False,
+                 range_shift=0, wrong_total=None, status_200_with_range=False,
+                 truncate_at=None, truncate_once=False, chunked=False,
+                 stall_after=None, stall_before_headers=False, throttle=None,
+                 drop_probability=0.0, seed=None, content_length=None,
+                 content_type='application/octet-stream'):
+        self.data = bytes(data)
+        if etag is _AUTO:
+            etag = '"{}"'.format(hashlib.sha256(self.data).hexdigest()[:20])
+        self.etag = etag
+        self.last_modified = last_modified
+        self.status = status
+        self.status_times = status_times
+        self.headers = dict(headers or {})
+        self.ignore_range = ignore_range
+        self.range_shift = range_shift
+        self.wrong_total = wrong_total
+        self.status_200_with_range = status_200_with_range
+        self.truncate_at = truncate_at
+        self.truncate_once = truncate_once
+        self.chunked = chunked
+        self.stall_after = stall_after
+        self.stall_before_headers = stall_before_headers
+        self.throttle = throttle
+        self.drop_probability = drop_probability
+        self.rng = random.Random(seed)
+        self.content_length = content_length
+        self.content_type = content_type
+        # counters, guarded by lock
+        self.lock = threading.Lock()
+        self.requests_seen = 0      # GET + HEAD, for status_times
+        self.bodies_sent = 0        # GET responses, for truncate_once
+
+    def chaos(self):
+        """Draw this response's misbehaviour: ``(ignore_range, cut_fraction,
+        pause_seconds)``; ``cut_fraction`` is None (no cut) or in [0, 1)."""
+        p = self.drop_probability
+        if not p:
+            return False, None, 0.0
+        with self.lock:
+            rng = self.rng
+            if rng.random() >= p:
+                return False, None, 0.0
+            ignore = rng.random() < 0.3
+            cut = rng.random()
+            pause = rng.uniform(0.0, 0.3) if rng.random() < 0.5 else 0.0
+            return ignore, cut, pause
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, owner):
+        self.owner = owner
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address):
+        # runs on the accept thread: count the connection right away
+        self.owner._connection_opened(request)
+        super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _DISCONNECT_ERRORS) or self.owner._closed.is_set():
+            return
+        self.owner.errors.append(exc)
+        traceback.print_exc()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    server_version = 'bitpit-test/1.0'
+    #: socket timeout for idle keep-alive reads and blocked writes
+    timeout = 30
+
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+    # -- plumbing ---------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.owner = self.server.owner
+        self.conn_id = self.owner._register_thread(self.request)
+
+    def handle(self):
+        try:
+            super().handle()
+        except _DISCONNECT_ERRORS:
+            self.close_connection = True
+        except OSError:
+            # e.g. socket shut down by teardown, or EPIPE variants
+            self.close_connection = True
+
+    def finish(self):
+        try:
+            super().finish()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.owner._connection_closed(self.request)
+
+    def do_GET(self):
+        self.owner._get_started()
+        try:
+            self._serve(head=False)
+        finally:
+            self.owner._get_finished()
+
+    def do_HEAD(self):
+        self._serve(head=True)
+
+    # -- responses --------------------------------------------------------
+
+    def _serve(self, head):
+        owner = self.owner
+        owner._record(self)
+        res = owner._lookup(self.path)
+        if res is None:
+            return self._simple(404, b'not found\n', head)
+        if callable(res):  # add_raw
+            try:
+                res(self)
+                self.wfile.flush()
+            finally:
+                self.close_connection = True
+            return
+        with res.lock:
+            res.requests_seen += 1
+            n_request = res.requests_seen
+            if not head:
+                res.bodies_sent += 1
+            n_body = res.bodies_sent
+
+        if res.status is not None and (res.status_times is None
+                                       or n_request <= res.status_times):
+            return self._forced_status(res, head)
+
+        ignore, cut_frac, pause = (False, None, 0.0) if head else res.chaos()
+        total = len(res.data)
+        status, start, end, content_range = 200, 0, total - 1, None
+        rng = None if (res.ignore_range or ignore) else self._requested_range(res, total)
+        if rng == 'unsatisfiable':
+            shown = total if res.wrong_total is None else res.wrong_total
+            return self._simple(416, b'', head, {'Content-Range': 'bytes */{}'.format(shown)})
+        if rng is not None:
+            start, end = rng
+            if res.range_shift:
+                start = min(max(0, start - res.range_shift), max(total - 1, 0))
+                end = max(end, start)
+            shown = total if res.wrong_total is None else res.wrong_total
+            content_range = 'bytes {}-{}/{}'.format(start, end, shown)
+            status = 200 if res.status_200_with_range else 206
+        body = memoryview(res.data)[start:end + 1]
+
+        headers = {'Content-Type': res.content_type, 'Accept-Ranges': 'bytes'}
+        if res.chunked:
+            headers['Transfer-Encoding'] = 'chunked'
+        else:
+            headers['Content-Length'] = str(len(body))
+        if res.content_length is not None:
+            headers['Content-Length'] = str(res.content_length)
+        if res.etag is not None:
+            headers['ETag'] = res.etag
+        if res.last_modified is not None:
+            headers['Last-Modified'] = res.last_modified
+        if content_range is not None:
+            headers['Content-Range'] = content_range
+        headers = _merge(headers, res.headers)
+
+        if res.stall_before_headers:
+            owner._stall()
+            self.close_connection = True
+            return
+        self._send_head(status, headers)
+        if head:
+            return
+        if res.content_length is not None:
+            self.close_connection = True  # framing is unreliable after this
+
+        cut = None
+        if res.truncate_at is not None and (not res.truncate_once or n_body == 1):
+            if res.truncate_at < len(body):
+                cut = res.truncate_at
+        if cut_frac is not None:
+            chaos_cut = int(cut_frac * len(body))
+            cut = chaos_cut if cut is None else min(cut, chaos_cut)
+        self._write_body(body, res, cut=cut, pause=pause)
+
+    def _requested_range(self, res, total):
+        """``(start, end)`` inclusive, ``'unsatisfiable'`` or ``None`` (serve
+        the whole body: no Range, unparsable/multi Range, failed If-Range)."""
+        value = self.headers.get('Range')
+        if not value:
+            return None
+        if_range = self.headers.get('If-Range')
+        if if_range is not None:
+            if_range = if_range.strip()
+            etag_ok = (res.etag is not None and not if_range.startswith('W/')
+                       and if_range == res.etag)
+            date_ok = res.last_modified is not None and if_range == res.last_modified
+            if not (etag_ok or date_ok):
+                return None
+        m = _RANGE_RE.match(value)
+        if not m or (not m.group(1) and not m.group(2)):
+            return None
+        first, last = m.group(1), m.group(2)
+        if not first:  # suffix: bytes=-N
+            n = int(last)
+            if n == 0 or total == 0:
+                return 'unsatisfiable'
+            return max(0, total - n), total - 1
+        start = int(first)
+        end = int(last) if last else total - 1
+        if last and end < start:
+            return None
+        if start >= total:
+            return 'unsatisfiable'
+        return start, min(end, total - 1)
+
+    def _forced_status(self, res, head):
+        status = res.status
+        if status < 200 or status in (204, 304):
+            body, headers = b'', {}
+        else:
+            body = res.data or _reason(status).encode() + b'\n'
+            headers = {'Content-Type': 'text/plain', 'Content-Length': str(len(body))}
+        self._send_head(status, _merge(headers, res.headers))
+        if not head and body:
+            self.wfile.write(body)
+
+    def _simple(self, status, body, head, extra=None):
+        headers = {'Content-Type': 'text/plain', 'Content-Length': str(len(body))}
+        self._send_head(status, _merge(headers, extra or {}))
+        if not head and body:
+            self.wfile.write(body)
+
+    def _send_head(self, status, headers):
+        self.send_response(status, _reason(status))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _write_body(self, body, res, cut=None, pause=0.0):
+        """Write ``body`` honouring chunked/throttle/stall_after/``cut``.
+
+        ``cut``: close the connection after that many body bytes (after an
+        optional ``pause``).  Stalling waits for ``release()``/teardown, then
+        closes the connection.
+        """
+        owner = self.owner
+        total = len(body)
+        stall_at = res.stall_after
+        rate = res.throttle if res.throttle and res.throttle > 0 else None
+        piece = max(1, min(_PIECE, int(rate // 50))) if rate else _PIECE
+        t0 = time.monotonic()
+        pos = 0
+        while True:
+            if stall_at is not None and pos >= stall_at:
+                owner._stall()
+                self.close_connection = True
+                return
+            if cut is not None and pos >= cut:
+                if pause:
+                    owner._closed.wait(pause)
+                self.close_connection = True
+                return
+            if pos >= total:
+                break
+            stop = min(total, pos + piece)
+            if stall_at is not None:
+                stop = min(stop, stall_at)
+            if cut is not None:
+                stop = min(stop, cut)
+            chunk = body[pos:stop]
+            if res.chunked:
+                self.wfile.write(b'%x\r\n' % len(chunk) + bytes(chunk) + b'\r\n')
+            else:
+                self.wfile.write(chunk)
+            pos = stop
+            if rate:
+                delay = t0 + pos / rate - time.monotonic()
+                if delay > 0 and owner._closed.wait(delay):
+                    self.close_connection = True
+                    return
+        if res.chunked:
+            self.wfile.write(b'0\r\n\r\n')
+
+
+def _reason(status):
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return 'Status {}'.format(status)
+
+
+def _merge(defaults, extra):
+    """Headers ``defaults`` overridden case-insensitively by ``extra``; a
+    value of ``None`` in ``extra`` removes the header."""
+    out = dict(defaults)
+    for name, value in extra.items():
+        for key in [k for k in out if k.lower() == name.lower()]:
+            del out[key]
+        if value is not None:
+            out[name] = str(value)
+    return out
+
+
+class FixtureServer:
+    """A local HTTP/1.1 test server with scriptable resources.
+
+    Attributes (all safe to read from any thread):
+
+    ``host``, ``port``, ``base_url``
+        ``base_url`` is ``'http://HOST:PORT'``.
+    ``requests``
+        A *copy* (list) of :class:`RequestRecord` for every request received,
+        in arrival order (recorded before the response is sent).
+    ``connections``
+        Number of TCP connections accepted so far.
+    ``max_concurrent``
+        Largest number of GET responses in progress at the same time (across
+        all connections) seen so far; ``active`` is the current number.
+    ``stalled``
+        Number of handlers currently stalled (see ``stall_after``).
+    ``errors``
+        Unexpected handler exceptions (bugs, not client disconnects).
+    """
+
+    #: longest a stalled handler waits for release() before giving up
+    stall_limit = 60.0
+
+    def __init__(self, host='127.0.0.1'):
+        self.host = host
+        bind = '127.0.0.1' if host == 'localhost' else host
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = threading.Event()
+        self._resources = {}
+        self._requests = []
+        self._sockets = {}              # open connection socket -> number
+        self._threads = []
+        self._release_gen = 0
+        self.connections = 0
+        self.active = 0
+        self.max_concurrent = 0
+        self.stalled = 0
+        self.errors = []
+        self._httpd = _Server((bind, 0), _Handler, self)
+        self.port = self._httpd.server_address[1]
+        self.base_url = 'http://{}:{}'.format(host, self.port)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={'poll_interval': 0.05},
+            name='fixture-server-{}'.format(self.port), daemon=True)
+        self._thread.start()
+
+    # -- public API -------------------------------------------------------
+
+    def url(self, path='/'):
+        """``'http://HOST:PORT' + path``."""
+        return self.base_url + path
+
+    def add(self, path, data=b'', **options):
+        """Register (or replace) the resource at ``path``; returns its URL.
+
+        Replacing a resource gives it a new automatic ETag if the data
+        changed, and resets its counters.  Options (combinable):
+
+        ``etag=`` ETag header value (quotes included); default: a hash of the
+            data; ``None``: no ETag header.
+        ``last_modified=`` Last-Modified header string (default: none).
+        ``content_type=`` default ``'application/octet-stream'``.
+        ``headers={...}`` extra response headers; they override defaults
+            case-insensitively and a ``None`` value removes a default header
+            (e.g. ``{'Accept-Ranges': None}``).
+        ``status=`` force this status (no Range processing); body is ``data``
+            or, if empty, a short reason text (none for 1xx/204/304).
+        ``status_times=N`` with ``status``: only the first N requests (GET or
+            HEAD) get the forced status; later ones are served normally.
+        ``ignore_range=True`` always 200 with the whole body.
+        ``range_shift=K`` a range answer starts K bytes earlier than asked
+            (negative: later), clamped to the data; Content-Range describes
+            what is actually sent.
+        ``wrong_total=T`` Content-Range total reported as T (206 and 416).
+        ``status_200_with_range=True`` answer a range request with status 200
+            but a matching Content-Range and only the requested bytes.
+        ``truncate_at=N`` headers announce the full length, but the
+            connection is closed after N bytes of *this response's* body (a
+            resume from offset X gets bytes X..X+N-1, then is cut again).
+        ``truncate_once=True`` with truncate_at: only the first GET is cut.
+        ``chunked=True`` Transfer-Encoding: chunked, no Content-Length.
+        ``stall_after=N`` after N body bytes (0 = right after the headers)
+            stop sending and wait for :meth:`release` or teardown (at most
+            ``stall_limit`` s), then close the connection.
+        ``stall_before_headers=True`` the same, before the status line.
+        ``throttle=B`` pace the body at about B bytes/s.
+        ``drop_probability=p``, ``seed=`` chaos: each GET, with probability
+            p, misbehaves: it is cut (connection closed) at a random point of
+            its body, and independently with probability 0.5 pauses < 0.3 s
+            before the cut, with probability 0.3 ignores Range (200 whole
+            body).  All draws come from ``random.Random(seed)`` under a lock.
+        ``content_length=`` Content-Length header sent as this string
+            instead (the real body is sent regardless; the connection is then
+            closed).
+        """
+        res = Resource(data, **options)
+        with self._lock:
+            self._resources[path] = res
+        return self.url(path)
+
+    def add_raw(self, path, func):
+        """Serve ``path`` with ``func(handler)``: it gets the
+        ``BaseHTTPRequestHandler`` and writes raw bytes to ``handler.wfile``
+        itself (request line/headers already parsed: ``handler.headers``,
+        ``handler.command``).  The connection is closed after ``func``
+        returns.  Returns the URL."""
+        with self._lock:
+            self._resources[path] = func
+        return self.url(path)
+
+    def redirect(self, path, location, status=302):
+        """Make ``path`` answer ``status`` with ``Location: location`` (used
+        verbatim: pass ``server.url('/x')`` for an absolute URL or ``'/x'``
+        for a relative one).  Returns the URL of ``path``."""
+        return self.add(path, b'', status=status, headers={'Location': location})
+
+    def remove(self, path):
+        """Forget ``path`` (it answers 404 again)."""
+        with self._lock:
+            self._resources.pop(path, None)
+
+    @property
+    def requests(self):
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, path, method=None):
+        """Records for ``path`` (exact, query included), optionally only one
+        method, e.g. ``server.requests_for('/f', 'HEAD') == []``."""
+        return [r for r in self.requests
+                if r.path == path and (method is None or r.method == method)]
+
+    def release(self):
+        """Let every currently stalled handler finish (it closes its
+        connection without sending more).  Later stalls stall again."""
+        with self._cond:
+            self._release_gen += 1
+            self._cond.notify_all()
+
+    def wait_requests(self, n=1, timeout=5.0, path=None):
+        """Wait until at least ``n`` requests (to ``path`` if given) have been
+        received; returns bool (False on time-out)."""
+        def count():
+            if path is None:
+                return len(self._requests)
+            return sum(1 for r in self._requests if r.path == path)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while count() < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def wait_stalled(self, n=1, timeout=5.0):
+        """Wait until at least ``n`` handlers are stalled; returns bool."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.stalled < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def close(self, timeout=2.0):
+        """Stop the server: release stalls, stop accepting, shut down open
+        connections, join threads (bounded by ``timeout`` overall)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        # shutdown() waits for serve_forever to notice; bound that wait too
+        stopper = threading.Thread(target=self._httpd.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        with self._lock:
+            socks = list(self._sockets)
+            threads = list(self._threads)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd.server_close()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return '<FixtureServer {}>'.format(self.base_url)
+
+    # -- internals (called from handler threads) --------------------------
+
+    def _lookup(self, path):
+        with self._lock:
+            res = self._resources.get(path)
+            if res is None and '?' in path:
+                res = self._resources.get(path.split('?', 1)[0])
+            return res
+
+    def _record(self, handler):
+        rec = RequestRecord(handler.command, handler.path, handler.headers,
+                            handler.conn_id, time.monotonic())
+        with self._cond:
+            self._requests.append(rec)
+            self._cond.notify_all()
+
+    def _connection_opened(self, sock):
+        with self._lock:
+            self.connections += 1
+            self._sockets[sock] = self.connections
+
+    def _register_thread(self, sock):
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(threading.current_thread())
+            return self._sockets.get(sock, 0)
+
+    def _connection_closed(self, sock):
+        with self._lock:
+            self._sockets.pop(sock, None)
+
+    def _get_started(self):
+        with self._lock:
+            self.active += 1
+            self.max_concurrent = max(self.max_concurrent, self.active)
+
+    def _get_finished(self):
+        with self._lock:
+            self.active -= 1
+
+    def _stall(self):
+        deadline = time.monotonic() + self.stall_limit
+        with self._cond:
+            gen = self._release_gen
+            self.stalled += 1
+            self._cond.notify_all()
+            try:
+                while self._release_gen == gen and not self._closed.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self.stalled -= 1
+
+
+@pytest.fixture
+def make_server():
+    """Factory fixture: ``make_server(host='127.0.0.1') -> FixtureServer``.
+    All servers made are closed at teardown."""
+    made = []
+
+    def factory(host='127.0.0.1'):
+        srv = FixtureServer(host)
+        made.append(srv)
+        return srv
+
+    yield factory
+    for srv in made:
+        srv.close()
+
+
+@pytest.fixture
+def server(make_server):
+    """A started :class:`FixtureServer` on 127.0.0.1 (ephemeral port)."""
+    return make_server()
