@@ -665,13 +665,16 @@ class Downloader(Emitter):
         self._size = -1
         self._downloaded = 0
         self._received = 0
-        self._speed = 0.0
+        self._speed: float = 0
         self._tick_stamp = 0.0
         self._tick_received = 0
         self._last_exception: Optional[BaseException] = None
         self._failures = 0
+        self._retry_after: Optional[float] = None
         self._validator: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
+        self._attempt_over = False
+        self._restarts_itself = True
         self._stop_event = threading.Event()
         self._connection: Optional[_AbortableMixin] = None
         self._restart_timer: Optional[threading.Timer] = None
@@ -900,9 +903,14 @@ class Downloader(Emitter):
         """Start the download thread and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
+        finishing = self._thread
+        if finishing is not None and self._attempt_over \
+                and finishing is not threading.current_thread():
+            finishing.join()  # it is only emitting its final signals
         with self._lock:
             if self.is_alive:
                 return
+            self._attempt_over = False
             self._stop_event.clear()
             self._thread = threading.Thread(target=self._run, daemon=False,
                                             name='bitpit-download')
@@ -1105,10 +1113,13 @@ class Downloader(Emitter):
                 log.info('%s: %s', self._url, error)
         finally:
             _TICKER.remove(self)
-            self._speed = 0.0
+            self._speed = 0
+            self._retry_after = retry_after
+            self._attempt_over = True
         self.emit('speed-changed', self)
         self._set_state(final)
-        if final == 'error' and self._restart_wait >= 0 and not self._stop_event.is_set():
+        if final == 'error' and self._restarts_itself and self._restart_wait >= 0 \
+                and not self._stop_event.is_set():
             self.restart(max(self._restart_wait, retry_after or 0))
 
     def _attempt(self) -> None:
@@ -1293,6 +1304,7 @@ class Downloader(Emitter):
         buckets = [b for b in self._buckets() if b is self._bucket or b.limited]
         cancelled = self._stop_event.is_set
         write = file.write
+        read_into = _body_reader(response)
         sidecar_due = True
         try:
             while True:
@@ -1304,7 +1316,7 @@ class Downloader(Emitter):
                     granted = bucket.acquire(granted, cancelled)
                     if not granted:
                         raise _Stopped
-                got = response.readinto(view[:granted])
+                got = read_into(view[:granted])
                 if granted > got:
                     for bucket in buckets:
                         bucket.refund(granted - got)
@@ -1338,6 +1350,7 @@ class Downloader(Emitter):
         if expected_end is not None and position < expected_end:
             raise ProtocolError('connection closed after {} of {} bytes'.format(
                 position, expected_end))
+        response.close()
         if self._size < 0:
             self._set_size(position)
 
@@ -1355,6 +1368,37 @@ class Downloader(Emitter):
                 raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                      .format(algorithm, self._path, expected, actual))
         self._remove_sidecar()
+
+
+def _body_reader(response: http.client.HTTPResponse) -> Callable[[memoryview], int]:
+    """A ``readinto`` for the response body that returns as soon as some bytes
+    arrived (one receive), rather than waiting for the buffer to fill, so
+    progress, stall detection and rate limiting see bytes as they come. The
+    caller never asks for more than the announced length."""
+    if response.fp is None:  # http.client closes empty bodies at once
+        return lambda view: 0
+    if response.chunked:
+        def read_chunked(view: memoryview) -> int:
+            data = response.read1(len(view))
+            view[:len(data)] = data
+            return len(data)
+        return read_chunked
+
+    # BufferedReader.readinto1 into a view larger than its own buffer copies
+    # what it holds and then blocks in another receive. So while it may hold
+    # bytes (after the headers, or after a read smaller than its buffer), ask
+    # for at most one buffer's worth, which empties it without blocking.
+    readinto1 = response.fp.readinto1
+    buffer_size = io.DEFAULT_BUFFER_SIZE
+    may_hold_bytes = True
+
+    def read_plain(view: memoryview) -> int:
+        nonlocal may_hold_bytes
+        if may_hold_bytes and len(view) > buffer_size:
+            view = view[:buffer_size]
+        may_hold_bytes = len(view) < buffer_size
+        return readinto1(view)
+    return read_plain
 
 
 def _seekable(file: Any) -> bool:
@@ -1599,22 +1643,754 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 
 # ---------------------------------------------------------------------------
+# manager
+# ---------------------------------------------------------------------------
+
+class Manager(Emitter):
+    """Run many downloads: at most ``max_running`` at once, oldest first,
+    under one total ``rate_limit`` shared by all of them.
+
+    The total limit is work-conserving: one ``TokenBucket`` serves every
+    running download, so bandwidth a slow download cannot use goes to the
+    others. A download's own ``rate_limit`` still caps it. The manager takes
+    over restarts of its downloads: one that stopped (``error`` or
+    ``pause``) is started again after ``restart_wait`` seconds;
+    ``complete`` and ``fatal-error`` downloads never are.
+
+    Signals: ``add (manager, downloader)``, ``remove (manager, downloader)``,
+    ``property-changed (manager, name)``.
+    """
+    __signals__ = ('add', 'remove', 'property-changed')
+    FINISHED_STATES = ('complete', 'fatal-error')
+
+    def __init__(self, max_running: int = 0, rate_limit: float = 0,
+                 restart_wait: float = 30, **kwargs: Any):
+        self._cond = threading.Condition(threading.Lock())
+        self._downloads: List[Downloader] = []
+        self._starting: set = set()
+        self._stopped_at: Dict[Downloader, float] = {}
+        self._bucket = TokenBucket(rate_limit)
+        self._max_running = max_running
+        self._rate_limit = rate_limit
+        self._restart_wait = restart_wait
+        self._kwargs = dict(kwargs)
+        self._thread: Optional[threading.Thread] = None
+        self._started = False
+        self._replan = False
+
+    # -- properties ------------------------------------------------------------
+
+    def _set_property(self, name: str, value: Any) -> None:
+        with self._cond:
+            setattr(self, '_' + name, value)
+        self.emit('property-changed', self, name)
+        self.update()
+
+    @property
+    def max_running(self) -> int:
+        """Most downloads running at once; ``<= 0``: no limit."""
+        return self._max_running
+
+    @max_running.setter
+    def max_running(self, value: int) -> None:
+        self._set_property('max_running', value)
+
+    @property
+    def rate_limit(self) -> float:
+        """Total bytes per second over all running downloads; ``<= 0``:
+        none. Takes effect at once."""
+        return self._rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, value: float) -> None:
+        self._bucket.rate = value
+        self._set_property('rate_limit', value)
+
+    @property
+    def restart_wait(self) -> float:
+        """Seconds a stopped download waits before the manager starts it
+        again."""
+        return self._restart_wait
+
+    @restart_wait.setter
+    def restart_wait(self, value: float) -> None:
+        self._set_property('restart_wait', value)
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for the ``Downloader`` that ``add(url)`` makes."""
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: Dict[str, Any]) -> None:
+        self._set_property('kwargs', dict(value))
+
+    @property
+    def downloads(self) -> List[Downloader]:
+        """A copy of the list of added downloads, oldest first."""
+        with self._cond:
+            return list(self._downloads)
+
+    # -- control ----------------------------------------------------------------
+
+    def add(self, d: Union[str, Downloader]) -> Downloader:
+        """Add a URL (made into ``Downloader(url, **kwargs)``) or a
+        ``Downloader``; return the downloader. Emits ``add``."""
+        if not isinstance(d, Downloader):
+            d = Downloader(d, **self._kwargs)
+        with self._cond:
+            if d in self._downloads:
+                return d
+            self._downloads.append(d)
+        d._restarts_itself = False
+        d._cancel_restart()
+        d._shared_buckets = (self._bucket,)
+        d.listen('state-changed', self._on_state_changed)
+        self.emit('add', self, d)
+        self.update()
+        return d
+
+    def remove(self, d: Downloader) -> None:
+        """Forget ``d`` (a running download is not stopped). Emits
+        ``remove``; ``ValueError`` if it was not added."""
+        with self._cond:
+            self._downloads.remove(d)
+            self._starting.discard(d)
+            self._stopped_at.pop(d, None)
+        d.unlisten('state-changed', self._on_state_changed)
+        d._shared_buckets = ()
+        d._restarts_itself = True
+        self.emit('remove', self, d)
+        self.update()
+
+    def start(self) -> None:
+        """Start the manager thread. It runs while there is work: until
+        ``stop()`` or until every download is complete or fatal."""
+        with self._cond:
+            self._started = True
+        self.update()
+
+    def stop(self) -> None:
+        """Stop the manager thread (downloads keep running: see
+        ``stop_all``). Waits for the thread unless called from it."""
+        with self._cond:
+            self._started = False
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def stop_all(self) -> None:
+        """Pause every running download; the manager keeps running."""
+        for d in self.downloads:
+            d.stop()
+
+    def update(self) -> None:
+        """Ask the manager thread to re-plan now: which downloads to start
+        or stop. Any thread; never blocks on the network."""
+        with self._cond:
+            self._replan = True
+            if self._started and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name='bitpit-manager')
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _on_state_changed(self, d: Downloader, old_state: str) -> None:
+        with self._cond:
+            if d.state not in ('start', 'download'):
+                self._starting.discard(d)
+                if d.state in ('error', 'pause'):
+                    self._stopped_at[d] = time.monotonic()
+            self._replan = True
+            self._cond.notify_all()
+
+    # -- the manager thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        """Re-plan whenever notified, or when the next restart becomes due."""
+        wait: Optional[float] = None
+        while True:
+            with self._cond:
+                if self._started and not self._replan:
+                    self._cond.wait(wait)
+                if not self._started:
+                    self._thread = None
+                    return
+                self._replan = False
+                to_stop, to_start, wait = self._plan()
+                if not (to_stop or to_start or self._unfinished()):
+                    self._thread = None
+                    return
+            for d in to_stop:
+                d.stop()
+            for d in to_start:
+                d.start()
+
+    def _unfinished(self) -> bool:
+        return any(d.state not in self.FINISHED_STATES for d in self._downloads)
+
+    def _plan(self) -> Tuple[List[Downloader], List[Downloader], Optional[float]]:
+        """Decide, under the lock, which downloads to stop and start, and how
+        long until the next restart becomes due (``None``: none pending)."""
+        now = time.monotonic()
+        limit = self._max_running if self._max_running > 0 else len(self._downloads)
+        running = [d for d in self._downloads
+                   if d in self._starting or d.state in ('start', 'download')]
+        to_stop = running[limit:]
+        free = limit - len(running)
+        to_start: List[Downloader] = []
+        wait: Optional[float] = None
+        for d in self._downloads:
+            if free <= 0:
+                break
+            if d in running or d.state in self.FINISHED_STATES:
+                continue
+            stopped_at = self._stopped_at.get(d)
+            delay = 0.0
+            if stopped_at is not None:
+                delay = max(self._restart_wait, d._retry_after or 0) - (now - stopped_at)
+            if delay > 0:
+                wait = delay if wait is None else min(wait, delay)
+                continue
+            to_start.append(d)
+            self._starting.add(d)
+            free -= 1
+        return to_stop, to_start, wait
+
+
+# ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 
-def main(urls: List[str], rate_limit: str = '0', max_running: int = 5) -> int:
-    """Download every URL into the current directory; return the exit
-    status (0 when all completed)."""
-    failed = 0
+_CLI_RESTART_WAIT = 5
+_CLI_RETRIES = 5
+_CLI_TIMEOUT = 10
+_CLI_REFRESH = 0.25  # seconds between two redraws of the live table
+_CLI_FINISHED = ('complete', 'fatal-error')
+_EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_CLI_EPILOG = """\
+RATE is in bytes per second, optionally with k (KiB) or m (MiB):
+2048, 100k, 0.5m, 1M. 0 means no limit.
+
+examples:
+  bitpit https://example.com/a.iso https://example.com/b.iso
+      download two files into the current directory
+  bitpit -r 1m -m 2 -d downloads -i urls.txt
+      the URLs listed in urls.txt, two at a time, 1 MiB/s in total,
+      into the directory downloads
+  bitpit -o debian.iso https://example.com/debian-12.7.0-amd64-netinst.iso
+      choose the file's name
+  grep iso list.txt | bitpit -q -i -
+      URLs from standard input; print nothing but errors
+
+A file that already exists is resumed, not downloaded again: after an
+interruption (Ctrl-C), run the same command again. Two URLs with the same
+file name are saved as name.ext, name.1.ext, ...
+
+exit status: 0 every download complete, 1 a download failed,
+2 usage error, 130 interrupted.
+"""
+
+
+def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int = 5) -> int:
+    """Download every URL into the current directory, at most
+    ``max_running`` at a time under one total ``rate_limit`` (bytes per
+    second, or a string such as ``'100k'`` or ``'0.5m'``), and show their
+    progress on standard output. Return the exit status: 0 when every
+    download completed, 1 when one failed, 130 when interrupted (the partial
+    files stay and are resumed next time). Raises ``ValueError`` for an
+    invalid rate or URL."""
+    if isinstance(urls, str):
+        urls = [urls]
+    rate = parse_rate(rate_limit)
+    urls = list(dict.fromkeys(urls))
     for url in urls:
-        d = Downloader(url, rate_limit=parse_rate(rate_limit))
-        d.start()
-        d.join()
-        if d.state != 'complete':
-            print('{}: {}'.format(url, d.last_exception), file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
+        check_url(url)
+    return _download_all(_assign_paths(urls, None), rate_limit=rate,
+                         max_running=max_running, restart_wait=_CLI_RESTART_WAIT,
+                         downloader_kwargs={'timeout': _CLI_TIMEOUT,
+                                            'retries': _CLI_RETRIES},
+                         quiet=False)
+
+
+def _build_parser() -> Any:
+    """The ``bitpit`` command's argument parser: every option is declared
+    here; ``_downloader_kwargs`` turns the per-download ones into
+    ``Downloader`` arguments."""
+    import argparse
+
+    def rate(text: str) -> int:
+        try:
+            return parse_rate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def number(convert: Callable[[str], Any], positive: bool = False) -> Callable[[str], Any]:
+        def parse(text: str) -> Any:
+            try:
+                value = convert(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError('not a number: {!r}'.format(text)) from None
+            if not 0 <= value < float('inf') or (positive and value == 0):
+                raise argparse.ArgumentTypeError('must be {}: {!r}'.format(
+                    'more than 0' if positive else '0 or more', text))
+            return value
+        return parse
+
+    parser = argparse.ArgumentParser(
+        prog='bitpit', epilog=_CLI_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Download URLs over HTTP(S), several at a time, under one\n'
+                    'total rate limit, resuming partial files.')
+    parser.add_argument('urls', nargs='*', metavar='URL',
+                        help='an http:// or https:// URL to download')
+    parser.add_argument('-r', '--rate-limit', metavar='RATE', type=rate, default=0,
+                        help='total bytes per second over all downloads '
+                             '(default: no limit)')
+    parser.add_argument('-m', '--max-running', metavar='N', type=number(int), default=5,
+                        help='downloads running at once, 0 for no limit '
+                             '(default: %(default)s)')
+    parser.add_argument('-d', '--dir', metavar='DIR',
+                        help='save the files in DIR, created if missing '
+                             '(default: the current directory)')
+    parser.add_argument('-o', '--output', metavar='FILE',
+                        help='save the one URL as FILE (inside DIR with -d)')
+    parser.add_argument('-i', '--input-file', metavar='FILE', action='append', default=[],
+                        help='read URLs from FILE, one a line, - for standard input; '
+                             'blank lines and # comments are skipped (repeatable)')
+    parser.add_argument('--restart-wait', metavar='S', type=number(float),
+                        default=_CLI_RESTART_WAIT,
+                        help='seconds before retrying a failed download '
+                             '(default: %(default)s)')
+    parser.add_argument('--retries', metavar='N', type=number(int), default=_CLI_RETRIES,
+                        help='give up on a download after N retries in a row '
+                             'fail (default: %(default)s)')
+    parser.add_argument('--timeout', metavar='S', type=number(float, positive=True),
+                        default=_CLI_TIMEOUT,
+                        help='seconds without receiving a byte before an attempt '
+                             'fails (default: %(default)s)')
+    parser.add_argument('-q', '--quiet', action='store_true',
+                        help='print nothing but errors (on standard error)')
+    parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
+    return parser
+
+
+def _downloader_kwargs(args: Any) -> Dict[str, Any]:
+    """The ``Downloader`` keyword arguments the parsed options ask for."""
+    return {'timeout': args.timeout, 'retries': args.retries}
+
+
+def _cli(argv: Optional[List[str]] = None) -> int:
+    """The ``bitpit`` command: parse ``argv`` (default ``sys.argv[1:]``),
+    download, and return the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_intermixed_args(argv)
+        jobs = _cli_jobs(parser, args, _cli_urls(parser, args))
+    except SystemExit as exc:  # --help, --version or a usage error
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or _EXIT_OK
+        return _EXIT_USAGE
+    if not jobs:
+        if not args.quiet:
+            print('bitpit: no URL to download', file=sys.stderr)
+        return _EXIT_OK
+    for directory in {path.parent for _, path in jobs}:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print('bitpit: cannot create directory {}: {}'.format(directory, exc),
+                  file=sys.stderr)
+            return _EXIT_FAILED
+    return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
+                         restart_wait=args.restart_wait,
+                         downloader_kwargs=_downloader_kwargs(args), quiet=args.quiet)
+
+
+_INPUT_COMMENT_RE = re.compile(r'(?:^|\s)#')
+
+
+def _cli_urls(parser: Any, args: Any) -> List[str]:
+    """The URLs of the arguments, then of each ``-i`` file, each once.
+    A usage error (``parser.error``) for no URL at all, an unreadable file
+    or an invalid URL."""
+    if not args.urls and not args.input_file:
+        parser.error('no URL given: name URLs, or a file of URLs with -i FILE')
+    found = [(url, '') for url in args.urls]
+    for name in args.input_file:
+        try:
+            if name == '-':
+                text = sys.stdin.read()
+            else:
+                with open(name, encoding='utf-8-sig') as f:
+                    text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error('cannot read {}: {}'.format(name, exc))
+        for number, line in enumerate(text.splitlines(), 1):
+            url = _INPUT_COMMENT_RE.split(line, 1)[0].strip()
+            if url:
+                where = 'standard input' if name == '-' else name
+                found.append((url, '{} line {}'.format(where, number)))
+    for url, where in found:
+        try:
+            check_url(url)
+        except InvalidURLError as exc:
+            parser.error('{} ({})'.format(exc, where) if where else str(exc))
+    return list(dict.fromkeys(url for url, _ in found))
+
+
+def _cli_jobs(parser: Any, args: Any, urls: List[str]) -> List[Tuple[str, pathlib.Path]]:
+    """Pair each URL with the file it is saved to (``-d``, ``-o``)."""
+    if not urls or args.output is None:
+        return _assign_paths(urls, args.dir)
+    if len(urls) != 1:
+        parser.error('-o/--output takes one URL, not {}: use -d DIR for several'
+                     .format(len(urls)))
+    output = pathlib.Path(args.output).expanduser()
+    if args.dir:
+        output = pathlib.Path(args.dir).expanduser() / output
+    if output.is_dir():
+        parser.error('-o/--output: {} is a directory: use -d DIR'.format(args.output))
+    return [(urls[0], output)]
+
+
+def _assign_paths(urls: List[str], directory: Optional[str]
+                  ) -> List[Tuple[str, pathlib.Path]]:
+    """Pair each URL with a file in ``directory`` (default: the current
+    one) named after the URL. A name an earlier URL of the list already
+    took gets a number: ``name.1.ext``, ``name.2.ext``... A file that
+    exists on disk is not avoided: it is resumed."""
+    base = pathlib.Path(directory).expanduser() if directory else pathlib.Path()
+    taken = set()
+    jobs = []
+    for url in urls:
+        name = filename_from_url(url)
+        stem, ext = _split_extension(name)
+        number = 0
+        while name.casefold() in taken:
+            number += 1
+            name = '{}.{}{}'.format(stem, number, ext)
+            while len(name.encode('utf-8', 'surrogateescape')) > 255 and stem:
+                stem = stem[:-1]
+                name = '{}.{}{}'.format(stem, number, ext)
+        taken.add(name.casefold())
+        jobs.append((url, base / name))
+    return jobs
+
+
+def _split_extension(name: str) -> Tuple[str, str]:
+    """``('name', '.ext')``; ``.tar.gz`` and the like count as one
+    extension; a name without one (or a dot file) gives ``(name, '')``."""
+    stem, _, ext = name.rpartition('.')
+    if not stem.strip('.'):
+        return name, ''
+    if stem.lower().endswith('.tar') and stem[:-4].strip('.'):
+        return stem[:-4], stem[-4:] + '.' + ext
+    return stem, '.' + ext
+
+
+def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
+                  max_running: int, restart_wait: float,
+                  downloader_kwargs: Dict[str, Any], quiet: bool) -> int:
+    """Run every ``(url, path)`` through one ``Manager`` until each is
+    complete or fatal, showing the progress; return the exit status. On
+    ``KeyboardInterrupt`` pause everything (the partial files resume next
+    time) and return 130."""
+    cond = threading.Condition()
+    events: List[Tuple[Downloader, str, Optional[BaseException]]] = []
+
+    def state_changed(d: Downloader, old: str) -> None:
+        with cond:
+            events.append((d, d.state, d.last_exception))
+            cond.notify_all()
+
+    downloads = [Downloader(url, path, **downloader_kwargs) for url, path in jobs]
+    progress = _Progress(downloads, quiet)
+    manager = Manager(max_running=max_running, rate_limit=rate_limit,
+                      restart_wait=restart_wait)
+    for d in downloads:
+        d.listen('state-changed', state_changed)
+    try:
+        for d in downloads:
+            manager.add(d)
+        manager.start()
+        while True:
+            with cond:
+                finished = all(d.state in _CLI_FINISHED for d in downloads)
+                if not finished and not events:
+                    # Woken by every state change. The time-out only paces
+                    # the live table, and otherwise lets Ctrl-C through on
+                    # systems where a plain wait cannot be interrupted.
+                    cond.wait(progress.wait_time())
+                    finished = all(d.state in _CLI_FINISHED for d in downloads)
+                batch = events[:]
+                del events[:]
+            progress.report(batch)
+            if finished:
+                break
+        manager.stop()
+        for d in downloads:
+            d.join()
+        progress.close()
+        failed = any(d.state != 'complete' for d in downloads)
+        return _EXIT_FAILED if failed else _EXIT_OK
+    except KeyboardInterrupt:
+        _pause_all(manager)
+        progress.close(interrupted=True)
+        return _EXIT_INTERRUPTED
+    finally:
+        for d in downloads:
+            d.unlisten('state-changed', state_changed)
+
+
+def _pause_all(manager: Manager) -> None:
+    """Stop the manager and pause its downloads, even if Ctrl-C is pressed
+    again meanwhile."""
+    while True:
+        try:
+            manager.stop()
+            manager.stop_all()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+class _Progress:
+    """What the command line shows, from the main thread: on a terminal a
+    table redrawn in place; otherwise one line per state change and a
+    summary; with ``quiet`` only the failures, on standard error."""
+
+    def __init__(self, downloads: List[Downloader], quiet: bool):
+        self.downloads = downloads
+        self.quiet = quiet
+        self.live = not quiet and _isatty(sys.stdout) and _enable_ansi(sys.stdout)
+        self.drawn = 0  # lines of the table now on the screen
+        self.next_draw = 0.0
+
+    def wait_time(self) -> float:
+        """How long the main thread may wait for a state change."""
+        if self.live:
+            return max(0.01, self.next_draw - time.monotonic())
+        return 0.5
+
+    def report(self, batch: List[Tuple[Downloader, str, Optional[BaseException]]]) -> None:
+        """Show these state changes, and redraw the table when it is due."""
+        if self.live:
+            if time.monotonic() >= self.next_draw:
+                self.draw()
+            return
+        for d, state, error in batch:
+            if not self.quiet:
+                _write(sys.stdout, _plain_line(d, state, error))
+            elif state == 'fatal-error':
+                _write(sys.stderr, _plain_line(d, state, error))
+
+    def close(self, interrupted: bool = False) -> None:
+        """The last words: final table or summary, failures, interruption."""
+        if self.live:
+            self.draw()
+            for d in self.downloads:
+                if d.state == 'fatal-error':
+                    _write(sys.stderr, _plain_line(d, d.state, d.last_exception))
+        elif not self.quiet and not interrupted:
+            _write(sys.stdout, _summary(self.downloads))
+        if interrupted:
+            paused = sum(d.state not in _CLI_FINISHED for d in self.downloads)
+            _write(sys.stderr, 'bitpit: interrupted; {} unfinished download{} paused: run '
+                               'the same command again to resume\n'
+                   .format(paused, '' if paused == 1 else 's'))
+
+    def draw(self) -> None:
+        """Rewrite the table over its previous copy: back to its first line,
+        each line cleared to its end, anything below a shorter table erased.
+        Lines are kept shorter than the terminal so that none wraps."""
+        import shutil
+        columns, lines = shutil.get_terminal_size()
+        width = max(columns - 1, 20)
+        shown, hidden = _visible_rows(self.downloads, max(lines - 2, 1))
+        rows = [_table_row(d, width) for d in shown]
+        if hidden:
+            rows.append('... and {} more'.format(hidden))
+        rows.append(_fit(_summary(self.downloads).rstrip('\n'), width))
+        text = '\r\x1b[{}A'.format(self.drawn) if self.drawn else '\r'
+        text += ''.join(row + '\x1b[K\n' for row in rows) + '\x1b[J'
+        _write(sys.stdout, text)
+        self.drawn = len(rows)
+        self.next_draw = time.monotonic() + _CLI_REFRESH
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _enable_ansi(stream: Any) -> bool:
+    """Whether the terminal understands ANSI escapes (switched on in a
+    Windows console)."""
+    if os.name != 'nt':
+        return True
+    try:
+        import ctypes
+        import msvcrt
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = msvcrt.get_osfhandle(stream.fileno())  # type: ignore[attr-defined]
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))
+    except Exception:
+        return False
+
+
+def _write(stream: Any, text: str) -> None:
+    """Write and flush; characters the stream cannot encode are replaced,
+    and a closed stream (e.g. a pipe to ``head``) is ignored."""
+    try:
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(stream, 'encoding', None) or 'ascii'
+            stream.write(text.encode(encoding, 'replace').decode(encoding))
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and format characters (escapes, bidi marks)
+    replaced by ``?``, so that a name cannot drive the terminal."""
+    import unicodedata
+    return ''.join('?' if unicodedata.category(c)[0] == 'C' else c for c in text)
+
+
+def _cell_width(char: str) -> int:
+    import unicodedata
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in 'WF' else 1
+
+
+def _fit(text: str, width: int, middle: bool = False) -> str:
+    """``text`` cut to at most ``width`` terminal cells, at its end or, with
+    ``middle``, in its middle (keeping a file name's extension)."""
+    if sum(map(_cell_width, text)) <= width:
+        return text
+    if width <= 2:
+        middle = False
+
+    def take(chars: Any, room: int) -> str:
+        kept = []
+        for c in chars:
+            room -= _cell_width(c)
+            if room < 0:
+                break
+            kept.append(c)
+        return ''.join(kept)
+
+    if not middle:
+        return take(text, width)
+    head = take(text, (width - 2 + 1) // 2)
+    tail = take(reversed(text), (width - 2) // 2)[::-1]
+    return head + '..' + tail
+
+
+def _name(d: Downloader) -> str:
+    path = d.path
+    return _printable(path.name if isinstance(path, pathlib.Path) else repr(path))
+
+
+def _human(n: float, per_second: bool = False) -> str:
+    number, suffix = human_readable(n)
+    text = '{} {}'.format(int(number), suffix) if suffix == 'B' else \
+        '{:.1f} {}'.format(number, suffix)
+    return text + '/s' if per_second else text
+
+
+def _human_eta(eta: Optional[datetime.timedelta]) -> str:
+    if eta is None:
+        return '?'
+    seconds = int(eta.total_seconds())
+    return '{}:{:02}:{:02}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def _error_text(error: Optional[BaseException]) -> str:
+    return _printable(str(error)) if error is not None else 'unknown error'
+
+
+def _plain_line(d: Downloader, state: str, error: Optional[BaseException]) -> str:
+    """One log line for a state change: state, file name, details."""
+    size = _human(d.size) if d.size >= 0 else 'size unknown'
+    if state == 'start':
+        detail = d.url if d.downloaded == 0 else 'resuming at {}: {}'.format(
+            _human(d.downloaded), d.url)
+    elif state == 'download':
+        detail = size if d.downloaded == 0 else 'from {} of {}'.format(
+            _human(d.downloaded), size)
+    elif state == 'complete':
+        detail = _human(d.downloaded)
+    elif state in ('error', 'fatal-error'):
+        detail = _error_text(error)
+        if state == 'error':
+            detail += ' (will retry)'
+    else:
+        detail = '{} of {}'.format(_human(d.downloaded), size)
+    return '{:<11} {}  {}\n'.format(state, _name(d), _printable(detail))
+
+
+def _summary(downloads: List[Downloader]) -> str:
+    """``running N | completed N / N``, then failures and total speed."""
+    running = sum(d.state in ('start', 'download') for d in downloads)
+    completed = sum(d.state == 'complete' for d in downloads)
+    failed = sum(d.state == 'fatal-error' for d in downloads)
+    text = 'running {} | completed {} / {}'.format(running, completed, len(downloads))
+    if failed:
+        text += ' | failed {}'.format(failed)
+    if running:
+        text += ' | ' + _human(sum(d.speed for d in downloads), per_second=True)
+    return text + '\n'
+
+
+_ROW_RANK = {'download': 0, 'start': 0, 'error': 1, 'fatal-error': 2, 'pause': 3,
+             'complete': 4}
+
+
+def _visible_rows(downloads: List[Downloader], room: int) -> Tuple[List[Downloader], int]:
+    """The downloads that fit in ``room`` lines (running ones first, then
+    failed, waiting, complete; in their order) and how many are left out.
+    A left-out count takes a line of its own."""
+    if len(downloads) <= room:
+        return downloads, 0
+    room = max(room - 1, 0)
+    order = sorted(range(len(downloads)),
+                   key=lambda i: (_ROW_RANK.get(downloads[i].state, 3), i))
+    chosen = sorted(order[:room])
+    return [downloads[i] for i in chosen], len(downloads) - len(chosen)
+
+
+def _table_row(d: Downloader, width: int) -> str:
+    """``s  speed  downloaded  percent [bar]  eta  name``, at most ``width``
+    cells; the bar shrinks or goes on a narrow terminal, the name is cut in
+    its middle."""
+    state = d.state
+    running = state in ('start', 'download')
+    speed = _human(d.speed, per_second=True) if running else ''
+    percent = '?' if d.ratio < 0 else '{}%'.format(int(min(d.percentage, 100)))
+    eta = _human_eta(d.eta) if running else ''
+    left = '{} {:>10} {:>9} {:>4} '.format(state[0], speed, _human(d.downloaded), percent)
+    room = width - len(left) - 9  # the eta column and its space
+    bar_width = min(30, room - 14)  # leave the name at least 12 cells
+    if bar_width >= 8:
+        left += '[' + d.bar(bar_width) + '] '
+        room -= bar_width + 3
+    left += '{:>8} '.format(eta)
+    name = _fit(_name(d), max(room, 1), middle=True)
+    if state in ('error', 'fatal-error'):
+        name += ' - ' + _error_text(d.last_exception)
+    return _fit(left + name, width)
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(_cli())
