@@ -1,0 +1,246 @@
+"""Tests of bitpit.Manager against the local test server."""
+import threading
+import time
+
+import pytest
+
+import bitpit
+
+DATA = bytes(range(256)) * 1024        # 256 KiB
+
+
+class Watcher:
+    """Waits on the state changes of every download a manager has."""
+
+    def __init__(self, manager):
+        self.cond = threading.Condition()
+        self.log = []
+        manager.listen('add', self._on_add)
+        for d in manager.downloads:
+            self._on_add(manager, d)
+
+    def _on_add(self, manager, d):
+        d.listen('state-changed', self._on_state)
+
+    def _on_state(self, d, old):
+        with self.cond:
+            self.log.append((time.monotonic(), d, old, d.state))
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout=20):
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), 'timed out; log: {}'.format(
+                [(d.url.rsplit('/', 1)[-1], old, new) for _, d, old, new in self.log])
+
+
+def all_in(downloads, *states):
+    return lambda: all(d.state in states for d in downloads)
+
+
+@pytest.fixture
+def manager():
+    managers = []
+
+    def make(**kwargs):
+        m = bitpit.Manager(**kwargs)
+        managers.append(m)
+        return m
+    yield make
+    for m in managers:
+        m.stop()
+        m.stop_all()
+
+
+def bitpit_threads():
+    return [t for t in threading.enumerate()
+            if t.name.startswith(('bitpit-download', 'bitpit-restart', 'bitpit-manager'))]
+
+
+def test_properties_signals_and_kwargs(manager, tmp_path):
+    m = manager(max_running=2, rate_limit=1000, restart_wait=5, path=tmp_path, dir_path=True)
+    events = []
+    m.listen('add', lambda m, d: events.append(('add', d)))
+    m.listen('remove', lambda m, d: events.append(('remove', d)))
+    m.listen('property-changed', lambda m, name: events.append(('property', name)))
+    d = m.add('http://127.0.0.1:1/a.bin')
+    assert isinstance(d, bitpit.Downloader) and d.path == tmp_path / 'a.bin'
+    own = bitpit.Downloader('http://127.0.0.1:1/b.bin', path=tmp_path / 'b')
+    assert m.add(own) is own
+    downloads = m.downloads
+    assert downloads == [d, own]
+    downloads.clear()
+    assert m.downloads == [d, own], 'downloads is a copy'
+    m.max_running, m.rate_limit, m.restart_wait, m.kwargs = 3, 2000, 1, {'timeout': 3}
+    assert (m.max_running, m.rate_limit, m.restart_wait, m.kwargs) == (3, 2000, 1, {'timeout': 3})
+    assert m.add('http://127.0.0.1:1/c').timeout == 3
+    m.remove(own)
+    assert own not in m.downloads
+    assert [e for e in events if e[0] == 'property'] == [
+        ('property', 'max_running'), ('property', 'rate_limit'),
+        ('property', 'restart_wait'), ('property', 'kwargs')]
+    assert ('add', d) in events and ('remove', own) in events
+    with pytest.raises(ValueError):
+        m.remove(own)
+
+
+def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp_path):
+    for i in range(8):
+        server.add('/f{}'.format(i), DATA, throttle=2 * 1024 * 1024)
+    m = manager(max_running=3, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/f{}'.format(i))) for i in range(8)]
+    m.start()
+    watcher.wait(all_in(downloads, 'complete'))
+    assert server.max_concurrent <= 3
+    assert server.max_concurrent == 3
+    starts = [d for _, d, old, new in watcher.log if new == 'start']
+    assert starts[:3] == downloads[:3] and set(starts) == set(downloads)
+    for i, d in enumerate(downloads):
+        assert (tmp_path / 'f{}'.format(i)).read_bytes() == DATA
+
+
+def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tmp_path):
+    for i in range(3):
+        server.add('/s{}'.format(i), DATA, throttle=256 * 1024)
+    m = manager(max_running=3, restart_wait=0, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/s{}'.format(i))) for i in range(3)]
+    m.start()
+    watcher.wait(all_in(downloads, 'download'))
+    m.max_running = 1
+    watcher.wait(lambda: [d.state for d in downloads].count('pause') == 2)
+    assert downloads[0].state == 'download'
+    m.max_running = 0
+    watcher.wait(all_in(downloads, 'complete'))
+    for i in range(3):
+        assert (tmp_path / 's{}'.format(i)).read_bytes() == DATA
+    resumed = [r for r in server.requests if r.headers['Range']]
+    assert {r.path for r in resumed} == {'/s1', '/s2'}
+
+
+def test_failed_download_restarts_after_restart_wait(manager, server, tmp_path):
+    server.add('/flaky', DATA, status=503, status_times=2)
+    m = manager(restart_wait=0.4, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    d = m.add(server.url('/flaky'))
+    m.start()
+    watcher.wait(all_in([d], 'complete'))
+    errors = [t for t, _, _, new in watcher.log if new == 'error']
+    starts = [t for t, _, _, new in watcher.log if new == 'start']
+    assert len(errors) == 2 and len(starts) == 3
+    assert starts[1] - errors[0] >= 0.38 and starts[2] - errors[1] >= 0.38
+    assert (tmp_path / 'flaky').read_bytes() == DATA
+
+
+def test_retry_after_is_honoured_by_manager(manager, server, tmp_path):
+    server.add('/busy', DATA, status=429, status_times=1, headers={'Retry-After': '1'})
+    m = manager(restart_wait=0, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    d = m.add(server.url('/busy'))
+    m.start()
+    watcher.wait(all_in([d], 'complete'))
+    error_at = next(t for t, _, _, new in watcher.log if new == 'error')
+    restart_at = [t for t, _, _, new in watcher.log if new == 'start'][1]
+    assert restart_at - error_at >= 0.95
+
+
+def test_complete_and_fatal_are_never_restarted(manager, server, tmp_path):
+    server.add('/ok', DATA)
+    server.add('/missing', b'', status=404)
+    m = manager(restart_wait=0, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    ok, missing = m.add(server.url('/ok')), m.add(server.url('/missing'))
+    m.start()
+    watcher.wait(lambda: ok.state == 'complete' and missing.state == 'fatal-error')
+    m.update()
+    # the manager thread ends by itself once nothing is left to do
+    thread = m._thread
+    if thread is not None:
+        thread.join(5)
+    assert m._thread is None
+    assert len(server.requests_for('/ok')) == 1 and len(server.requests_for('/missing')) == 1
+
+
+def test_stop_all_pauses_running_downloads(manager, server, tmp_path):
+    for i in range(2):
+        server.add('/p{}'.format(i), DATA, throttle=64 * 1024)
+    m = manager(restart_wait=60, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/p{}'.format(i))) for i in range(2)]
+    m.start()
+    watcher.wait(all_in(downloads, 'download'))
+    m.stop_all()
+    assert all(d.state == 'pause' and not d.is_alive for d in downloads)
+    assert m._thread is not None and m._thread.is_alive(), 'manager keeps running'
+    m.stop()
+    assert m._thread is None
+    assert not bitpit_threads()
+
+
+def test_total_rate_limit_is_work_conserving(manager, server, tmp_path):
+    """Four downloads share 800 KB/s; one is capped by its server at 50 KB/s,
+    so the other three must share the remaining 750 KB/s."""
+    big = bytes(8 * 1024 * 1024)
+    for i in range(3):
+        server.add('/fast{}'.format(i), big)
+    server.add('/slow', big, throttle=50000)
+    total = 800000
+    m = manager(max_running=4, rate_limit=total, path=tmp_path, dir_path=True,
+                update_period=0.1)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/fast{}'.format(i))) for i in range(3)]
+    downloads.append(m.add(server.url('/slow')))
+    m.start()
+    watcher.wait(all_in(downloads, 'download'))
+    time.sleep(0.5)  # measure the steady state, not the ramp-up
+    before, began = sum(d.downloaded for d in downloads), time.monotonic()
+    time.sleep(2.0)
+    got = sum(d.downloaded for d in downloads) - before
+    rate = got / (time.monotonic() - began)
+    m.stop()
+    m.stop_all()
+    assert 0.9 * total <= rate <= 1.05 * total, rate / total
+
+
+def test_individual_rate_limit_still_caps_a_download(manager, server, tmp_path):
+    server.add('/a', bytes(4 * 1024 * 1024))
+    m = manager(rate_limit=10 * 1024 * 1024, path=tmp_path, dir_path=True)
+    d = bitpit.Downloader(server.url('/a'), path=tmp_path / 'a', rate_limit=100000,
+                          update_period=0.1)
+    watcher = Watcher(m)
+    m.add(d)
+    m.start()
+    watcher.wait(all_in([d], 'download'))
+    began, at = time.monotonic(), d.downloaded
+    time.sleep(1.0)
+    rate = (d.downloaded - at) / (time.monotonic() - began)
+    m.stop()
+    d.stop()
+    assert rate < 130000
+
+
+def test_connections_are_reused(manager, server, tmp_path):
+    for i in range(30):
+        server.add('/small{}'.format(i), bytes([i]) * 10240)
+    m = manager(max_running=5, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/small{}'.format(i))) for i in range(30)]
+    m.start()
+    watcher.wait(all_in(downloads, 'complete'))
+    assert server.connections <= 10
+    for i in range(30):
+        assert (tmp_path / 'small{}'.format(i)).read_bytes() == bytes([i]) * 10240
+
+
+def test_no_thread_left_after_stop(manager, server, tmp_path):
+    for i in range(10):
+        server.add('/t{}'.format(i), DATA, throttle=512 * 1024)
+    m = manager(max_running=4, path=tmp_path, dir_path=True)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/t{}'.format(i))) for i in range(10)]
+    m.start()
+    watcher.wait(lambda: sum(d.state == 'download' for d in downloads) == 4)
+    assert len([t for t in bitpit_threads() if t.name == 'bitpit-download']) <= 4
+    m.stop()
+    m.stop_all()
+    assert not bitpit_threads()
