@@ -675,3 +675,12 @@ def make_server():
 def server(make_server):
     """A started :class:`FixtureServer` on 127.0.0.1 (ephemeral port)."""
     return make_server()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_proxy(monkeypatch):
+    """Tests talk to 127.0.0.1 directly, whatever proxy the machine sets;
+    the proxy tests set their own."""
+    for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)

@@ -1,0 +1,337 @@
+"""Tests of the request options: checksum, headers, auth, .netrc, proxies, TLS."""
+import base64
+import hashlib
+import http.server
+import select
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+import bitpit
+
+DATA = bytes(range(256)) * 2048 + b'end'          # 512 KiB + 3 bytes
+SHA256 = hashlib.sha256(DATA).hexdigest()
+
+
+def fetch(url, path, **kwargs):
+    d = bitpit.Downloader(url, path=path, **kwargs)
+    d.start()
+    d.join(30)
+    assert not d.is_alive
+    return d
+
+
+def basic(user, password):
+    return 'Basic ' + base64.b64encode('{}:{}'.format(user, password).encode()).decode()
+
+
+# ---------------------------------------------------------------------------
+# checksum
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('algorithm', ['sha256', 'md5', 'sha1', 'sha512'])
+def test_checksum_match(server, tmp_path, algorithm):
+    server.add('/f', DATA)
+    digest = hashlib.new(algorithm, DATA).hexdigest()
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='{}:{}'.format(algorithm, digest))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+
+
+def test_checksum_mismatch_is_fatal_and_keeps_file(server, tmp_path):
+    server.add('/f', DATA)
+    wrong = '0' * 64
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='sha256:' + wrong, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    assert wrong in str(d.last_exception) and SHA256 in str(d.last_exception)
+    assert (tmp_path / 'f').read_bytes() == DATA
+
+
+def test_checksum_covers_resumed_bytes(server, tmp_path):
+    server.add('/f', DATA)
+    (tmp_path / 'f').write_bytes(DATA[:100000])
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='sha256:' + SHA256)
+    assert d.state == 'complete'
+    assert server.requests[-1].headers['Range'] == 'bytes=100000-'
+    # a corrupt prefix is caught even though only the rest was downloaded
+    (tmp_path / 'g').write_bytes(b'X' * 100000)
+    d = fetch(server.url('/f'), tmp_path / 'g', checksum='sha256:' + SHA256)
+    assert d.state == 'fatal-error' and isinstance(d.last_exception, bitpit.IntegrityError)
+
+
+def test_checksum_of_already_complete_file(server, tmp_path):
+    server.add('/f', DATA)
+    (tmp_path / 'f').write_bytes(DATA)
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='SHA256:' + SHA256.upper())
+    assert d.state == 'complete'
+
+
+@pytest.mark.parametrize('bad', ['sha256', 'sha256:xyz', 'nosuchalgo:abcd', 'md5:' + 'a' * 31,
+                                 ':abcd', 'sha256:' + '0' * 63])
+def test_malformed_checksum_is_value_error(bad):
+    with pytest.raises(ValueError):
+        bitpit.Downloader('http://127.0.0.1/x', checksum=bad)
+
+
+# ---------------------------------------------------------------------------
+# headers
+# ---------------------------------------------------------------------------
+
+def test_default_headers(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f')
+    headers = server.requests[0].headers
+    assert headers['User-Agent'] == 'bitpit/' + bitpit.__version__
+    assert headers['Accept-Encoding'] == 'identity'
+    assert headers['Authorization'] is None
+
+
+def test_custom_headers_also_after_same_host_redirect(server, tmp_path):
+    server.add('/f', DATA)
+    server.redirect('/old', '/f', status=301)
+    d = fetch(server.url('/old'), tmp_path / 'f',
+              headers={'X-Token': 'abc', 'User-Agent': 'mine/1.0'})
+    assert d.state == 'complete'
+    for record in server.requests:
+        assert record.headers['X-Token'] == 'abc'
+        assert record.headers['User-Agent'] == 'mine/1.0'
+    assert [r.path for r in server.requests] == ['/old', '/f']
+
+
+# ---------------------------------------------------------------------------
+# authentication
+# ---------------------------------------------------------------------------
+
+def test_credentials_from_url(server, tmp_path):
+    server.add('/f', DATA)
+    url = server.url('/f').replace('http://', 'http://al%40ice:s%3Acret@')
+    d = fetch(url, tmp_path / 'f')
+    assert d.state == 'complete'
+    assert server.requests[0].headers['Authorization'] == basic('al@ice', 's:cret')
+
+
+def test_auth_option(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', auth=('bob', 'pw'))
+    assert server.requests[0].headers['Authorization'] == basic('bob', 'pw')
+
+
+def test_credentials_never_sent_to_another_host(server, make_server, tmp_path):
+    other = make_server('localhost')
+    other.add('/f', DATA)
+    server.redirect('/away', other.url('/f'))
+    d = fetch(server.url('/away'), tmp_path / 'f', auth=('bob', 'pw'),
+              headers={'Authorization': 'Bearer secret', 'Cookie': 'a=b'})
+    assert d.state == 'complete'
+    assert server.requests[0].headers['Authorization'] == 'Bearer secret'
+    moved = other.requests[0].headers
+    assert moved['Authorization'] is None and moved['Cookie'] is None
+
+
+def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    netrc_file = tmp_path / 'netrc'
+    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv('NETRC', str(netrc_file))
+    fetch(server.url('/f'), tmp_path / 'f')
+    assert server.requests[0].headers['Authorization'] == basic('nina', 'n3trc')
+    fetch(server.url('/f'), tmp_path / 'g', auth=('bob', 'pw'))
+    assert server.requests[1].headers['Authorization'] == basic('bob', 'pw')
+
+
+def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    monkeypatch.setenv('NETRC', str(tmp_path / 'does-not-exist'))
+    d = fetch(server.url('/f'), tmp_path / 'f')
+    assert d.state == 'complete' and server.requests[0].headers['Authorization'] is None
+
+
+# ---------------------------------------------------------------------------
+# proxies
+# ---------------------------------------------------------------------------
+
+class ForwardingProxy:
+    """A small HTTP proxy on 127.0.0.1: absolute-form GETs are forwarded,
+    CONNECT opens a tunnel. ``seen`` records each request line and its
+    Proxy-Authorization."""
+
+    def __init__(self):
+        self.seen = []
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.url = 'http://127.0.0.1:{}'.format(self.listener.getsockname()[1])
+        self.threads = []
+        self.closing = False
+        self.accepter = threading.Thread(target=self._accept, daemon=True)
+        self.accepter.start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, client):
+        with client:
+            client.settimeout(10)
+            head = b''
+            while b'\r\n\r\n' not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            head, _, rest = head.partition(b'\r\n\r\n')
+            lines = head.decode('latin-1').split('\r\n')
+            method, target, version = lines[0].split(' ')
+            headers = dict(line.split(': ', 1) for line in lines[1:])
+            self.seen.append((method, target, headers.get('Proxy-Authorization')))
+            if method == 'CONNECT':
+                host, port = target.rsplit(':', 1)
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+                client.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
+            else:
+                parts = target.split('/', 3)
+                host, _, port = parts[2].partition(':')
+                upstream = socket.create_connection((host, int(port or 80)), timeout=10)
+                kept = [line for line in lines[1:] if not line.lower().startswith(
+                    ('proxy-', 'connection'))]
+                request = '\r\n'.join(['{} /{} {}'.format(method, parts[3] if len(parts) > 3
+                                                          else '', version)] + kept +
+                                      ['Connection: close', '', ''])
+                upstream.sendall(request.encode('latin-1') + rest)
+            with upstream:
+                self._relay(client, upstream)
+
+    def _relay(self, a, b):
+        sockets = [a, b]
+        while not self.closing:
+            readable, _, _ = select.select(sockets, [], [], 10)
+            if not readable:
+                return
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (b if sock is a else a).sendall(data)
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def proxy():
+    p = ForwardingProxy()
+    yield p
+    p.close()
+
+
+def test_explicit_proxy(server, proxy, tmp_path):
+    server.add('/f', DATA)
+    d = fetch(server.url('/f'), tmp_path / 'f', proxy=proxy.url)
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert proxy.seen == [('GET', server.url('/f'), None)]
+
+
+def test_proxy_credentials(server, proxy, tmp_path):
+    server.add('/f', DATA)
+    d = fetch(server.url('/f'), tmp_path / 'f',
+              proxy=proxy.url.replace('http://', 'http://pu:pp@'))
+    assert d.state == 'complete'
+    assert proxy.seen[0][2] == basic('pu', 'pp')
+    assert server.requests[0].headers['Proxy-Authorization'] is None
+
+
+def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    monkeypatch.setenv('http_proxy', proxy.url)
+    monkeypatch.delenv('no_proxy', raising=False)
+    monkeypatch.delenv('NO_PROXY', raising=False)
+    assert fetch(server.url('/f'), tmp_path / 'a').state == 'complete'
+    assert len(proxy.seen) == 1
+    assert fetch(server.url('/f'), tmp_path / 'b', proxy='').state == 'complete'
+    monkeypatch.setenv('no_proxy', '127.0.0.1')
+    assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
+    assert len(proxy.seen) == 1
+    assert len(server.requests) == 3
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl
+    command: returns (cert_file, key_file)."""
+    openssl = shutil.which('openssl')
+    if openssl is None:
+        pytest.skip('the openssl command is needed to make a test certificate')
+    folder = tmp_path_factory.mktemp('tls')
+    cert, key = folder / 'cert.pem', folder / 'key.pem'
+    subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
+                    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+                    '-keyout', str(key), '-out', str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class _TLSHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(DATA)))
+        self.end_headers()
+        self.wfile.write(DATA)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def https_url(certificate):
+    cert, key = certificate
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _TLSHandler)
+    httpd.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield 'https://127.0.0.1:{}/secure.bin'.format(httpd.server_address[1])
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+def test_untrusted_certificate_is_fatal(https_url, tmp_path):
+    d = fetch(https_url, tmp_path / 'secure.bin', restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.TLSError)
+    assert isinstance(d.last_exception.__cause__, ssl.SSLCertVerificationError)
+    assert 'certificate' in str(d.last_exception)
+
+
+def test_ssl_context_that_trusts_the_certificate(https_url, certificate, tmp_path):
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    d = fetch(https_url, tmp_path / 'secure.bin', ssl_context=context)
+    assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == DATA
+
+
+def test_https_through_connect_proxy(https_url, certificate, proxy, tmp_path):
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    d = fetch(https_url, tmp_path / 'secure.bin', ssl_context=context, proxy=proxy.url)
+    assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == DATA
+    assert proxy.seen[0][0] == 'CONNECT'
+    assert proxy.seen[0][1] == https_url.split('/')[2]
