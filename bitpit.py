@@ -24,6 +24,7 @@ Typical use::
 
 from __future__ import annotations
 
+import base64
 import datetime
 import email.utils
 import hashlib
@@ -32,6 +33,7 @@ import io
 import itertools
 import json
 import logging
+import netrc
 import os
 import pathlib
 import re
@@ -616,8 +618,23 @@ def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
     return proxy_parts
 
 
+def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
+    """Login and password for ``host`` from ``$NETRC`` or ``~/.netrc``, as
+    curl's ``--netrc-optional`` reads them; ``None`` when there is none."""
+    try:
+        entry = netrc.netrc(os.environ.get('NETRC') or None).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except (OSError, netrc.NetrcParseError) as exc:
+        log.warning('ignoring .netrc: %s', exc)
+        return None
+    if entry is None:
+        return None
+    login, _, password = entry
+    return login or '', password or ''
+
+
 def _basic_auth(user: str, password: str) -> str:
-    import base64
     token = '{}:{}'.format(user, password).encode('utf-8')
     return 'Basic ' + base64.b64encode(token).decode('ascii')
 
@@ -1528,24 +1545,31 @@ class _Request:
             if d._validator:
                 headers['If-Range'] = d._validator
         same_host = (parts.hostname or '').lower() == first_host
-        credentials = None
-        if parts.username is not None:
-            credentials = (urllib.parse.unquote(parts.username),
-                           urllib.parse.unquote(parts.password or ''))
-        elif d.auth is not None and same_host:
-            credentials = d.auth
-        if credentials is not None and not any(k.lower() == 'authorization' for k in headers):
-            headers['Authorization'] = _basic_auth(*credentials)
-        if not same_host:
+        if not same_host:  # the caller's secrets are for the first host only
             for name in list(headers):
                 if name.lower() in ('authorization', 'cookie'):
                     del headers[name]
+        if not any(name.lower() == 'authorization' for name in headers):
+            credentials = self._credentials(parts, same_host)
+            if credentials is not None:
+                headers['Authorization'] = _basic_auth(*credentials)
         conn = self.connection
         if getattr(conn, 'via_proxy', False) and conn.proxy_parts.username:
             headers['Proxy-Authorization'] = _basic_auth(
                 urllib.parse.unquote(conn.proxy_parts.username),
                 urllib.parse.unquote(conn.proxy_parts.password or ''))
         return headers
+
+    def _credentials(self, parts: urllib.parse.SplitResult, same_host: bool
+                     ) -> Optional[Tuple[str, str]]:
+        """User and password for this URL: from the URL itself, else the
+        ``auth`` option (first host only), else ``.netrc``."""
+        if parts.username is not None:
+            return (urllib.parse.unquote(parts.username),
+                    urllib.parse.unquote(parts.password or ''))
+        if self.downloader.auth is not None:
+            return tuple(self.downloader.auth) if same_host else None
+        return _netrc_credentials(parts.hostname or '')
 
     def send(self) -> http.client.HTTPResponse:
         """Send the request, follow redirects, return the final response
@@ -1866,6 +1890,7 @@ _CLI_RESTART_WAIT = 5
 _CLI_RETRIES = 5
 _CLI_TIMEOUT = 10
 _CLI_REFRESH = 0.25  # seconds between two redraws of the live table
+_CLI_SPEED_PERIOD = 0.5  # seconds over which the speeds shown are measured
 _CLI_FINISHED = ('complete', 'fatal-error')
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -1964,8 +1989,8 @@ def _build_parser() -> Any:
                         help='seconds before retrying a failed download '
                              '(default: %(default)s)')
     parser.add_argument('--retries', metavar='N', type=number(int), default=_CLI_RETRIES,
-                        help='give up on a download after N retries in a row '
-                             'fail (default: %(default)s)')
+                        help='retry a failing download at most N times in a row, '
+                             'then give up (default: %(default)s)')
     parser.add_argument('--timeout', metavar='S', type=number(float, positive=True),
                         default=_CLI_TIMEOUT,
                         help='seconds without receiving a byte before an attempt '
@@ -2090,6 +2115,19 @@ def _split_extension(name: str) -> Tuple[str, str]:
     return stem, '.' + ext
 
 
+class _Event:
+    """A state change as it happened, for the plain log lines."""
+    __slots__ = ('downloader', 'state', 'error', 'downloaded', 'size')
+
+    def __init__(self, downloader: Downloader, state: str,
+                 error: Optional[BaseException], downloaded: int, size: int):
+        self.downloader = downloader
+        self.state = state
+        self.error = error
+        self.downloaded = downloaded
+        self.size = size
+
+
 def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
                   max_running: int, restart_wait: float,
                   downloader_kwargs: Dict[str, Any], quiet: bool) -> int:
@@ -2098,20 +2136,27 @@ def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
     ``KeyboardInterrupt`` pause everything (the partial files resume next
     time) and return 130."""
     cond = threading.Condition()
-    events: List[Tuple[Downloader, str, Optional[BaseException]]] = []
+    events: List[_Event] = []
 
     def state_changed(d: Downloader, old: str) -> None:
+        # On the download thread, which alone changes the state: the
+        # snapshot is what this state change was.
+        event = _Event(d, d.state, d.last_exception, d.downloaded, d.size)
         with cond:
-            events.append((d, d.state, d.last_exception))
+            events.append(event)
             cond.notify_all()
 
-    downloads = [Downloader(url, path, **downloader_kwargs) for url, path in jobs]
+    kwargs = {'update_period': _CLI_SPEED_PERIOD}
+    kwargs.update(downloader_kwargs)
+    downloads: List[Downloader] = []
     progress = _Progress(downloads, quiet)
     manager = Manager(max_running=max_running, rate_limit=rate_limit,
                       restart_wait=restart_wait)
-    for d in downloads:
-        d.listen('state-changed', state_changed)
     try:
+        for url, path in jobs:
+            d = Downloader(url, path, **kwargs)
+            d.listen('state-changed', state_changed)
+            downloads.append(d)
         for d in downloads:
             manager.add(d)
         manager.start()
@@ -2139,6 +2184,9 @@ def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
         _pause_all(manager)
         progress.close(interrupted=True)
         return _EXIT_INTERRUPTED
+    except BaseException:
+        _pause_all(manager)  # leave no download thread running behind
+        raise
     finally:
         for d in downloads:
             d.unlisten('state-changed', state_changed)
@@ -2174,17 +2222,17 @@ class _Progress:
             return max(0.01, self.next_draw - time.monotonic())
         return 0.5
 
-    def report(self, batch: List[Tuple[Downloader, str, Optional[BaseException]]]) -> None:
+    def report(self, batch: List[_Event]) -> None:
         """Show these state changes, and redraw the table when it is due."""
         if self.live:
             if time.monotonic() >= self.next_draw:
                 self.draw()
             return
-        for d, state, error in batch:
+        for event in batch:
             if not self.quiet:
-                _write(sys.stdout, _plain_line(d, state, error))
-            elif state == 'fatal-error':
-                _write(sys.stderr, _plain_line(d, state, error))
+                _write(sys.stdout, _plain_line(event))
+            elif event.state == 'fatal-error':
+                _write(sys.stderr, _plain_line(event))
 
     def close(self, interrupted: bool = False) -> None:
         """The last words: final table or summary, failures, interruption."""
@@ -2192,7 +2240,8 @@ class _Progress:
             self.draw()
             for d in self.downloads:
                 if d.state == 'fatal-error':
-                    _write(sys.stderr, _plain_line(d, d.state, d.last_exception))
+                    _write(sys.stderr, _plain_line(_Event(d, d.state, d.last_exception,
+                                                          d.downloaded, d.size)))
         elif not self.quiet and not interrupted:
             _write(sys.stdout, _summary(self.downloads))
         if interrupted:
@@ -2320,23 +2369,24 @@ def _error_text(error: Optional[BaseException]) -> str:
     return _printable(str(error)) if error is not None else 'unknown error'
 
 
-def _plain_line(d: Downloader, state: str, error: Optional[BaseException]) -> str:
+def _plain_line(event: _Event) -> str:
     """One log line for a state change: state, file name, details."""
-    size = _human(d.size) if d.size >= 0 else 'size unknown'
+    d, state, downloaded = event.downloader, event.state, event.downloaded
+    size = _human(event.size) if event.size >= 0 else 'size unknown'
     if state == 'start':
-        detail = d.url if d.downloaded == 0 else 'resuming at {}: {}'.format(
-            _human(d.downloaded), d.url)
+        detail = d.url if downloaded == 0 else 'resuming at {}: {}'.format(
+            _human(downloaded), d.url)
     elif state == 'download':
-        detail = size if d.downloaded == 0 else 'from {} of {}'.format(
-            _human(d.downloaded), size)
+        detail = size if downloaded == 0 else 'from {} of {}'.format(
+            _human(downloaded), size)
     elif state == 'complete':
-        detail = _human(d.downloaded)
+        detail = _human(downloaded)
     elif state in ('error', 'fatal-error'):
-        detail = _error_text(error)
+        detail = _error_text(event.error)
         if state == 'error':
             detail += ' (will retry)'
     else:
-        detail = '{} of {}'.format(_human(d.downloaded), size)
+        detail = '{} of {}'.format(_human(downloaded), size)
     return '{:<11} {}  {}\n'.format(state, _name(d), _printable(detail))
 
 
