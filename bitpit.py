@@ -1107,6 +1107,7 @@ class Downloader(Emitter):
     def _run(self) -> None:
         """The download thread: one attempt, from ``start`` to its end state."""
         self._tick_stamp, self._tick_received = time.monotonic(), self._received
+        received_before = self._received
         self._set_state('start')
         _TICKER.add(self, self.update_period)
         retry_after = None
@@ -1121,7 +1122,8 @@ class Downloader(Emitter):
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
                 self._last_exception = error
-                self._failures += 1
+                # ``retries`` counts failures in a row: progress breaks the row
+                self._failures = 1 if self._received > received_before else self._failures + 1
                 final = 'error' if error.retryable else 'fatal-error'
                 if final == 'error' and self.retries is not None \
                         and self._failures > self.retries:
@@ -1820,11 +1822,13 @@ class Manager(Emitter):
             self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
+        state = d.state
+        if state in ('start', 'download'):
+            return  # a download getting under way frees no slot
         with self._cond:
-            if d.state not in ('start', 'download'):
-                self._starting.discard(d)
-                if d.state in ('error', 'pause'):
-                    self._stopped_at[d] = time.monotonic()
+            self._starting.discard(d)
+            if state in ('error', 'pause'):
+                self._stopped_at[d] = time.monotonic()
             self._replan = True
             self._cond.notify_all()
 
@@ -1861,6 +1865,7 @@ class Manager(Emitter):
         running = [d for d in self._downloads
                    if d in self._starting or d.state in ('start', 'download')]
         to_stop = running[limit:]
+        running = set(running)
         free = limit - len(running)
         to_start: List[Downloader] = []
         wait: Optional[float] = None

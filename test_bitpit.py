@@ -866,3 +866,13 @@ def test_command_line_downloads_into_current_directory(server, tmp_path):
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(HERE)))
     assert result.returncode != 0
+
+
+def test_retries_count_only_attempts_without_progress(server, tmp_path):
+    server.add('/cut', DATA, truncate_at=300000)
+    d = bitpit.Downloader(server.url('/cut'), path=tmp_path / 'cut', restart_wait=0, retries=1)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('complete', 'fatal-error', timeout=20)
+    assert d.state == 'complete' and (tmp_path / 'cut').read_bytes() == DATA
+    assert len(server.requests) == 4
