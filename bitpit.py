@@ -608,14 +608,22 @@ def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
         if urllib.request.proxy_bypass(parts.hostname or ''):
             return None
         proxy = urllib.request.getproxies().get(parts.scheme.lower(), '')
-    if not proxy:
-        return None
+    return parse_proxy(proxy) if proxy else None
+
+
+def parse_proxy(proxy: str) -> urllib.parse.SplitResult:
+    """Split an ``http://[user:pass@]host:port`` proxy URL (the scheme may be
+    left out). Raises ``InvalidURLError`` for anything else."""
     if '://' not in proxy:
         proxy = 'http://' + proxy
-    proxy_parts = urllib.parse.urlsplit(proxy)
-    if proxy_parts.scheme.lower() != 'http' or not proxy_parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(proxy)
+        parts.port  # validates the port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() != 'http' or not parts.hostname:
         raise InvalidURLError('unsupported proxy {!r}: use http://host:port'.format(proxy))
-    return proxy_parts
+    return parts
 
 
 def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
@@ -712,6 +720,8 @@ class Downloader(Emitter):
         self._checksum = _parse_checksum(checksum)
         self.headers = dict(headers or {})
         self.auth = auth
+        if proxy:
+            parse_proxy(proxy)
         self.proxy = proxy
         self.ssl_context = ssl_context
         self._load_local_state()
@@ -1913,6 +1923,10 @@ examples:
       choose the file's name
   grep iso list.txt | bitpit -q -i -
       URLs from standard input; print nothing but errors
+  bitpit --checksum sha256:9f86d081884c7d65... https://example.com/a.iso
+      fail (exit 1) unless the file has this SHA-256 digest
+  bitpit -H 'Authorization: Bearer TOKEN' --proxy http://proxy:3128 URL
+      send a header with every request, through a proxy
 
 A file that already exists is resumed, not downloaded again: after an
 interruption (Ctrl-C), run the same command again. Two URLs with the same
@@ -2000,15 +2014,67 @@ def _build_parser() -> Any:
                         default=_CLI_TIMEOUT,
                         help='seconds without receiving a byte before an attempt '
                              'fails (default: %(default)s)')
+    parser.add_argument('--checksum', metavar='ALG:HEX',
+                        help='verify the download (one URL) against this digest, e.g. '
+                             'sha256:9f86d0...; any hashlib algorithm')
+    parser.add_argument('-H', '--header', metavar="'NAME: VALUE'", action='append', default=[],
+                        help='send this header with every request (repeatable)')
+    parser.add_argument('--user-agent', metavar='TEXT',
+                        help='the User-Agent header (default: bitpit/VERSION)')
+    parser.add_argument('--user', metavar='USER:PASSWORD',
+                        help='HTTP Basic credentials (default: from the URL, else ~/.netrc); '
+                             'never sent to another host after a redirect')
+    parser.add_argument('--proxy', metavar='URL',
+                        help='use this HTTP proxy, http://[user:pass@]host:port; \'\' for none '
+                             '(default: http_proxy, https_proxy, no_proxy)')
+    parser.add_argument('--cacert', metavar='FILE',
+                        help='trust the CA certificates in this PEM file for HTTPS')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing but errors (on standard error)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
 
-def _downloader_kwargs(args: Any) -> Dict[str, Any]:
-    """The ``Downloader`` keyword arguments the parsed options ask for."""
-    return {'timeout': args.timeout, 'retries': args.retries}
+def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]:
+    """The ``Downloader`` keyword arguments the parsed options ask for; a
+    usage error (``parser.error``) for a malformed one."""
+    kwargs: Dict[str, Any] = {'timeout': args.timeout, 'retries': args.retries}
+    headers = {}
+    for header in args.header:
+        name, colon, value = header.partition(':')
+        if not colon or not name.strip() or any(c in header for c in '\r\n\0'):
+            parser.error("-H takes 'Name: value', not {!r}".format(header))
+        headers[name.strip()] = value.strip()
+    if args.user_agent is not None:
+        headers['User-Agent'] = args.user_agent
+    if headers:
+        kwargs['headers'] = headers
+    if args.checksum is not None:
+        if url_count != 1:
+            parser.error('--checksum takes one URL, not {}'.format(url_count))
+        try:
+            _parse_checksum(args.checksum)
+        except ValueError as exc:
+            parser.error('--checksum: {}'.format(exc))
+        kwargs['checksum'] = args.checksum
+    if args.proxy is not None:
+        if args.proxy:
+            try:
+                parse_proxy(args.proxy)
+            except InvalidURLError as exc:
+                parser.error('--proxy: {}'.format(exc))
+        kwargs['proxy'] = args.proxy
+    if args.user is not None:
+        user, colon, password = args.user.partition(':')
+        if not colon:
+            parser.error('--user takes USER:PASSWORD')
+        kwargs['auth'] = (user, password)
+    if args.cacert is not None:
+        try:
+            kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error('--cacert: cannot load {}: {}'.format(args.cacert, exc))
+    return kwargs
 
 
 def _cli(argv: Optional[List[str]] = None) -> int:
@@ -2018,6 +2084,7 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     try:
         args = parser.parse_intermixed_args(argv)
         jobs = _cli_jobs(parser, args, _cli_urls(parser, args))
+        downloader_kwargs = _downloader_kwargs(parser, args, len(jobs))
     except SystemExit as exc:  # --help, --version or a usage error
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or _EXIT_OK
@@ -2035,7 +2102,7 @@ def _cli(argv: Optional[List[str]] = None) -> int:
             return _EXIT_FAILED
     return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
                          restart_wait=args.restart_wait,
-                         downloader_kwargs=_downloader_kwargs(args), quiet=args.quiet)
+                         downloader_kwargs=downloader_kwargs, quiet=args.quiet)
 
 
 _INPUT_COMMENT_RE = re.compile(r'(?:^|\s)#')

@@ -59,13 +59,6 @@ def wait_size(path, minimum, proc, timeout=10):
     raise AssertionError('{} did not reach {} bytes in {} s'.format(path, minimum, timeout))
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    for name in list(os.environ):
-        if 'proxy' in name.lower():
-            monkeypatch.delenv(name)
-
-
 # -- downloading ---------------------------------------------------------------
 
 def test_several_urls(server, tmp_path):
@@ -250,7 +243,8 @@ def test_option_defaults():
     args = bitpit._build_parser().parse_args(['http://h/f'])
     assert (args.max_running, args.retries, args.rate_limit) == (5, 5, 0)
     assert args.restart_wait > 0 and args.timeout > 0
-    assert bitpit._downloader_kwargs(args) == {'timeout': args.timeout, 'retries': 5}
+    parser = bitpit._build_parser()
+    assert bitpit._downloader_kwargs(parser, args, 1) == {'timeout': args.timeout, 'retries': 5}
 
 
 def test_version_and_help(tmp_path):
