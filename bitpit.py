@@ -39,6 +39,7 @@ import pathlib
 import re
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -465,12 +466,14 @@ class _Ticker:
         with self._cond:
             token = next(self._counter)
             self._tokens[id(target)] = token
-            heapq.heappush(self._heap, (time.monotonic() + max(period, 0.01), token, target))
-            if self._thread is None or not self._thread.is_alive():
+            entry = (time.monotonic() + max(period, 0.01), token, target)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name='bitpit-ticker',
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._heap[0] is entry:
+                self._cond.notify()  # it is the earliest due: wake the ticker sooner
 
     def remove(self, target: Any) -> None:
         """Stop ticking ``target``; a tick already running may still finish."""
@@ -605,10 +608,24 @@ def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
     """The proxy to use for this URL: ``proxy`` if given (``''`` for none),
     else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
     if proxy is None:
-        if urllib.request.proxy_bypass(parts.hostname or ''):
-            return None
-        proxy = urllib.request.getproxies().get(parts.scheme.lower(), '')
+        proxy = _environment_proxy(parts.scheme.lower(), parts.hostname or '')
     return parse_proxy(proxy) if proxy else None
+
+
+def _environment_proxy(scheme: str, host: str) -> str:
+    """``http_proxy``/``https_proxy`` unless ``no_proxy`` exempts ``host``,
+    with urllib's rules (lower case first; no upper-case ``HTTP_PROXY`` in a
+    CGI script). Looks up only these names: ``urllib.request.getproxies()``
+    decodes the whole environment, which costs more than a small download."""
+    environ = os.environ
+    no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
+    if no_proxy and urllib.request.proxy_bypass_environment(host, {'no': no_proxy}):
+        return ''
+    name = scheme + '_proxy'
+    proxy = environ.get(name)
+    if proxy is None and not (scheme == 'http' and 'REQUEST_METHOD' in environ):
+        proxy = environ.get(name.upper())
+    return proxy or ''
 
 
 def parse_proxy(proxy: str) -> urllib.parse.SplitResult:
@@ -699,6 +716,7 @@ class Downloader(Emitter):
         self._validator: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
         self._attempt_over = False
+        self._regular_file = False
         self._restarts_itself = True
         self._stop_event = threading.Event()
         self._connection: Optional[_AbortableMixin] = None
@@ -1061,13 +1079,19 @@ class Downloader(Emitter):
         return self._downloaded
 
     def _save_sidecar(self) -> None:
+        """Remember the URL, validator and size beside a partial regular file
+        (not beside a device such as /dev/full, nor for a file object)."""
         sidecar = self._sidecar
-        if sidecar is None or not self._path.is_file():
+        if sidecar is None or not self._regular_file:
             return
-        record = {'url': self._url, 'validator': self._validator, 'size': self._size}
+        record = json.dumps({'url': self._url, 'validator': self._validator,
+                             'size': self._size}).encode('utf-8')
         try:
-            with open(sidecar, 'w', encoding='utf-8') as f:
-                json.dump(record, f)
+            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, record)
+            finally:
+                os.close(fd)
         except OSError as exc:
             log.warning('cannot write %s: %s', sidecar, exc)
 
@@ -1275,7 +1299,9 @@ class Downloader(Emitter):
         if not isinstance(target, pathlib.Path):
             return target
         try:
-            return open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
+            file = open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
+            self._regular_file = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+            return file
         except OSError as exc:
             raise FileError('cannot open {}: {}'.format(target, exc)) from exc
 
@@ -1326,47 +1352,63 @@ class Downloader(Emitter):
 
     def _read_body(self, response: http.client.HTTPResponse, file: Any, position: int,
                    expected_end: Optional[int], hasher: Optional[Any]) -> None:
-        """Copy the body into ``file`` from ``position`` through one reused
-        buffer, paced by the token buckets. Raises on a short body."""
-        view = memoryview(bytearray(self._chunk_size))
+        """Copy the body into ``file`` from ``position``, paced by the token
+        buckets. Raises on a short body.
+
+        Bytes are received into one reused buffer and written when it is
+        full, when the body ends, or when the attempt stops or fails (so
+        nothing received is lost). A body that fits in the buffer is thus
+        written once and is never a partial file on disk; a longer one gets
+        its sidecar before its first write."""
         chunk = self._chunk_size
+        view = memoryview(bytearray(chunk if expected_end is None
+                                    else max(1, min(chunk, expected_end - position))))
+        chunk = len(view)
         buckets = [b for b in self._buckets() if b is self._bucket or b.limited]
         cancelled = self._stop_event.is_set
-        write = file.write
         read_into = _body_reader(response)
-        sidecar_due = True
+        filled = 0          # bytes in the buffer, not yet written
+        first_write = True
+
+        def flush() -> None:
+            nonlocal filled, first_write
+            data, filled = view[:filled], 0
+            if first_write:
+                first_write = False
+                if expected_end is None or position < expected_end:
+                    self._save_sidecar()
+            try:
+                written = file.write(data)
+            except OSError as exc:
+                raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
+            if written is not None and written != len(data):
+                raise FileError('short write to {}: {} of {} bytes'.format(
+                    self._path, written, len(data)))
+            if hasher is not None:
+                hasher.update(data)
+
         try:
             while True:
-                want = chunk if expected_end is None else min(chunk, expected_end - position)
-                if want <= 0:
-                    break
-                granted = want
+                room = chunk - filled
+                if expected_end is not None:
+                    room = min(room, expected_end - position)
+                if room <= 0:
+                    if filled < chunk:
+                        break  # the whole body is in
+                    flush()
+                    continue
+                granted = room
                 for bucket in buckets:
                     granted = bucket.acquire(granted, cancelled)
                     if not granted:
                         raise _Stopped
-                got = read_into(view[:granted])
+                got = read_into(view[filled:filled + granted])
                 if granted > got:
                     for bucket in buckets:
                         bucket.refund(granted - got)
                 if not got:
                     break
-                if sidecar_due:
-                    # A body that arrives whole in one read cannot be left
-                    # partial, so only longer ones need the sidecar.
-                    sidecar_due = False
-                    if expected_end is None or position + got < expected_end:
-                        self._save_sidecar()
-                data = view[:got]
-                try:
-                    written = write(data)
-                except OSError as exc:
-                    raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
-                if written is not None and written != got:
-                    raise FileError('short write to {}: {} of {} bytes'.format(
-                        self._path, written, got))
-                if hasher is not None:
-                    hasher.update(data)
+                filled += got
                 position += got
                 self._downloaded = position
                 self._received += got
@@ -1376,6 +1418,9 @@ class Downloader(Emitter):
             if cancelled():
                 raise _Stopped from exc
             raise _network_error(exc) from exc
+        finally:
+            if filled:
+                flush()
         if expected_end is not None and position < expected_end:
             raise ProtocolError('connection closed after {} of {} bytes'.format(
                 position, expected_end))
