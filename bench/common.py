@@ -1,0 +1,834 @@
+"""Shared pieces of bitpit's benchmarks.
+
+The scripts beside this file (``throughput.py``, ``many_small.py``,
+``total_limit.py``) only describe *what* they compare; everything they have
+in common lives here:
+
+    sizes        parse_size, fmt_size, KiB / MiB / GiB
+    files        workspace (a temp dir removed at the end), make_file, remove
+    tools        find_tool: locate curl / wget / aria2c / nginx, installing
+                 them with apt-get when missing and allowed
+    servers      PythonFileServer (http.server + socket.sendfile, Range,
+                 keep-alive, optional per-path throttling and a byte log,
+                 bytes_between), NginxServer (a generated nginx.conf, one
+                 foreground process), serve_files() which picks one
+    contenders   Contender, Skipped, gather, bitpit_available,
+                 python_command, python_env
+    running      run_measured (wall time and peak RSS of one child process),
+                 run_interleaved (A B C A B C ...), Outcome (medians)
+    reporting    Goal, derive, median_of, ratio, report_contenders,
+                 write_json, base_parser, run_main
+
+Everything binds 127.0.0.1 only, every wait is bounded, and every temp dir
+and server process is removed when a script ends (also on Ctrl-C / SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import email.utils
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class BenchError(Exception):
+    """A benchmark step failed (a contender's run, a server start, ...)."""
+
+
+def note(message: str) -> None:
+    """Print a progress or diagnostic line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# sizes
+# ---------------------------------------------------------------------------
+
+_UNITS = {'': 1, 'b': 1, 'k': KiB, 'kb': KiB, 'kib': KiB, 'm': MiB, 'mb': MiB,
+          'mib': MiB, 'g': GiB, 'gb': GiB, 'gib': GiB}
+
+
+def parse_size(text: str) -> int:
+    """``'256M'`` -> 268435456. Suffixes k/m/g (binary: KiB, MiB, GiB),
+    optionally followed by ``b`` or ``ib``; a bare number is bytes."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*', text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError('not a size: {!r} (e.g. 1G, 256M, 10k)'.format(text))
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def fmt_size(n: float) -> str:
+    """``268435456`` -> ``'256.0 MiB'``."""
+    for unit in ('B', 'KiB', 'MiB'):
+        if abs(n) < 1024:
+            return '{:.1f} {}'.format(n, unit) if unit != 'B' else '{} B'.format(int(n))
+        n /= 1024
+    return '{:.2f} GiB'.format(n)
+
+
+# ---------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def workspace(parent: Optional[str] = None) -> Iterator[Path]:
+    """A fresh temp dir (under ``parent`` or the system default) that is
+    removed with everything in it when the block ends, however it ends."""
+    path = Path(tempfile.mkdtemp(prefix='bitpit-bench-', dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_file(path: Path, size: int, *, sparse: bool = False) -> Path:
+    """Create ``path`` holding ``size`` bytes of incompressible data (a random
+    4 MiB block repeated), or a sparse file of zeros when ``sparse``."""
+    with open(path, 'wb') as file:
+        if sparse:
+            file.truncate(size)
+            return path
+        block = os.urandom(min(size, 4 * MiB))
+        left = size
+        while left > 0:
+            left -= file.write(block[:left])
+    return path
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a whole directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0,
+                  alive: Callable[[], bool] = lambda: True) -> bool:
+    """Wait until something accepts connections on 127.0.0.1:``port``
+    (``False`` after ``timeout`` s, or as soon as ``alive()`` is false)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# tools
+# ---------------------------------------------------------------------------
+
+_SBIN = '/usr/local/sbin:/usr/sbin:/sbin'
+_apt_state = {'updated': False, 'tried': set()}
+
+
+def _apt_get(*args: str, timeout: float = 600) -> bool:
+    """Run ``apt-get -qq ARGS`` quietly; report the tail of its output on
+    failure. Returns whether it succeeded."""
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    try:
+        done = subprocess.run(['apt-get', '-qq', *args], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        note('  apt-get {}: {}'.format(' '.join(args), exc))
+        return False
+    if done.returncode != 0:
+        tail = done.stdout.decode(errors='replace').strip().splitlines()[-3:]
+        note('  apt-get {} failed: {}'.format(' '.join(args), ' / '.join(tail)))
+    return done.returncode == 0
+
+
+def find_tool(name: str, package: Optional[str] = None, install: bool = True) -> Optional[str]:
+    """The path of the program ``name``, or ``None``.
+
+    When it is missing, ``install`` is true, we are root and ``apt-get``
+    exists, the Debian ``package`` (default: ``name``) is installed quietly
+    first (with one ``apt-get update`` if the first try fails). Each package
+    is tried at most once per process."""
+    def which() -> Optional[str]:
+        return shutil.which(name) or shutil.which(name, path=_SBIN)
+
+    found = which()
+    package = package or name
+    if found or not install or package in _apt_state['tried']:
+        return found
+    _apt_state['tried'].add(package)
+    if not hasattr(os, 'geteuid') or os.geteuid() != 0 or not shutil.which('apt-get'):
+        return None
+    note('{} not found: installing the {} package with apt-get ...'.format(name, package))
+    if not _apt_get('install', '-y', '--no-install-recommends', package):
+        if not _apt_state['updated']:
+            _apt_state['updated'] = True
+            _apt_get('update')
+        _apt_get('install', '-y', '--no-install-recommends', package)
+    found = which()
+    note('  {}'.format('installed ' + found if found else name + ' is still unavailable'))
+    return found
+
+
+def command_output(*argv: str) -> str:
+    """What a short command prints (stdout and stderr), ``''`` if it fails."""
+    try:
+        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ''
+    return done.stdout.decode(errors='replace')
+
+
+def tool_version(path: str, option: str = '--version') -> str:
+    """The first line a program prints for ``option``."""
+    lines = command_output(path, option).strip().splitlines()
+    return lines[0] if lines else '?'
+
+
+# ---------------------------------------------------------------------------
+# servers
+# ---------------------------------------------------------------------------
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    """GET and HEAD of the files in the server's docroot over HTTP/1.1 with
+    keep-alive, ``Range: bytes=N-`` / ``bytes=N-M``, ``ETag`` / ``If-Range``,
+    and bodies sent with ``socket.sendfile``. Paths listed in the server's
+    ``rates`` are paced to that many bytes per second."""
+    protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True
+    server: 'PythonFileServer'
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def _answer(self, status: int, headers: Dict[str, Any]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, str(value))
+        self.end_headers()
+
+    def _serve(self, send_body: bool) -> None:
+        url_path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        file_path = (self.server.docroot / url_path.lstrip('/')).resolve()
+        if self.server.docroot not in file_path.parents or not file_path.is_file():
+            self._answer(404, {'Content-Length': 0})
+            return
+        stat = file_path.stat()
+        size = stat.st_size
+        etag = '"{:x}-{:x}"'.format(size, stat.st_mtime_ns)
+        headers: Dict[str, Any] = {
+            'Content-Type': 'application/octet-stream', 'Accept-Ranges': 'bytes', 'ETag': etag,
+            'Last-Modified': email.utils.formatdate(stat.st_mtime, usegmt=True)}
+        start, end, status = 0, size, 200
+        match = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range', '').strip())
+        if match and self.headers.get('If-Range', etag) == etag:
+            start = int(match.group(1))
+            end = min(size, int(match.group(2)) + 1) if match.group(2) else size
+            if start >= size or start >= end:
+                self._answer(416, dict(headers, **{'Content-Range': 'bytes */{}'.format(size),
+                                                   'Content-Length': 0}))
+                return
+            status = 206
+            headers['Content-Range'] = 'bytes {}-{}/{}'.format(start, end - 1, size)
+        headers['Content-Length'] = end - start
+        self._answer(status, headers)
+        if send_body:
+            with open(file_path, 'rb') as file:
+                self._send_body(file, url_path, start, end - start)
+
+    def _send_body(self, file: Any, url_path: str, offset: int, count: int) -> None:
+        """``sendfile`` ``count`` bytes from ``offset`` in pieces, paced when
+        ``url_path`` has a rate, logging each piece when the server logs."""
+        rate = self.server.rates.get(url_path, 0)
+        piece = max(1, int(rate / 16)) if rate else self.server.piece
+        began, sent = time.monotonic(), 0
+        try:
+            while sent < count:
+                if rate:
+                    delay = began + sent / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                done = self.connection.sendfile(file, offset + sent, min(piece, count - sent))
+                if not done:
+                    break
+                sent += done
+                self.server.record(url_path, done)
+        except OSError:  # the client went away
+            pass
+        if sent < count:
+            self.close_connection = True
+
+
+class PythonFileServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP/1.1 file server on 127.0.0.1 (an ephemeral port), run
+    in a background thread while used as a context manager.
+
+    ``rates`` maps URL paths (``'/slow.bin'``) to bytes per second; ``piece``
+    is the most bytes per ``sendfile`` call; with ``log_bytes`` every piece
+    sent is logged as ``(monotonic time, url path, bytes)`` in ``sent_log``.
+    """
+    daemon_threads = True
+    request_queue_size = 256
+    kind = 'python'
+
+    def __init__(self, docroot: Path, rates: Optional[Dict[str, float]] = None,
+                 piece: int = 8 * MiB, log_bytes: bool = False):
+        super().__init__(('127.0.0.1', 0), _FileHandler)
+        self.docroot = Path(docroot).resolve()
+        self.rates = dict(rates or {})
+        self.piece = piece
+        self.log_bytes = log_bytes
+        self.sent_log: List[Tuple[float, str, int]] = []
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def base_url(self) -> str:
+        return 'http://127.0.0.1:{}/'.format(self.server_address[1])
+
+    @property
+    def description(self) -> str:
+        return 'Python ThreadingHTTPServer (HTTP/1.1, socket.sendfile)'
+
+    def url(self, name: str) -> str:
+        """The URL of the file ``name`` in the docroot."""
+        return self.base_url + urllib.parse.quote(name)
+
+    def record(self, url_path: str, n: int) -> None:
+        if self.log_bytes:
+            self.sent_log.append((time.monotonic(), url_path, n))
+
+    def __enter__(self) -> 'PythonFileServer':
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={'poll_interval': 0.1},
+                                        name='bench-server', daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def bytes_between(log: Sequence[Tuple[float, str, int]], start: float, end: float,
+                  path: Optional[str] = None) -> int:
+    """Bytes logged by a ``PythonFileServer`` with ``start <= time < end``
+    (only for ``path`` if given); ``log`` is in time order."""
+    log = sorted(log)  # handler threads append concurrently
+    times = [entry[0] for entry in log]
+    lo, hi = bisect.bisect_left(times, start), bisect.bisect_left(times, end)
+    return sum(n for _, p, n in log[lo:hi] if path is None or p == path)
+
+
+class NginxServer:
+    """nginx serving ``docroot`` on 127.0.0.1 with ``sendfile on``, from a
+    generated nginx.conf in its own temp dir, as a foreground process (no
+    daemon, no master process: one process, stopped when the block ends)."""
+    kind = 'nginx'
+    _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
+
+    def __init__(self, docroot: Path, binary: str):
+        self.docroot = Path(docroot).resolve()
+        self.binary = binary
+        self.version = tool_version(binary, '-v').rpartition('/')[2]
+        self._build = command_output(binary, '-V')  # configure arguments
+        self.port = 0
+        self._prefix: Optional[Path] = None
+        self._process: Optional[subprocess.Popen] = None
+
+    @property
+    def base_url(self) -> str:
+        return 'http://127.0.0.1:{}/'.format(self.port)
+
+    @property
+    def description(self) -> str:
+        return 'nginx {} (sendfile on)'.format(self.version)
+
+    def url(self, name: str) -> str:
+        """The URL of the file ``name`` in the docroot."""
+        return self.base_url + urllib.parse.quote(name)
+
+    def _config(self, prefix: Path) -> str:
+        """A minimal nginx.conf that keeps every file nginx writes in ``prefix``."""
+        temp_paths = '\n'.join(
+            '        {0}_temp_path {1}/{0};'.format(name, prefix)
+            for name in self._TEMP_PATHS
+            if '--without-http_{}_module'.format(name) not in self._build)
+        return '\n'.join([
+            'daemon off;',
+            'master_process off;',
+            'worker_processes 1;',
+            'pid {}/nginx.pid;'.format(prefix),
+            'error_log {}/error.log warn;'.format(prefix),
+            'events { worker_connections 4096; }',
+            'http {',
+            '    access_log off;',
+            '    sendfile on;',
+            '    tcp_nopush on;',
+            '    tcp_nodelay on;',
+            '    keepalive_requests 100000;',
+            '    types { }',
+            '    default_type application/octet-stream;',
+            temp_paths,
+            '    server {',
+            '        listen 127.0.0.1:{} backlog=4096;'.format(self.port),
+            '        root {};'.format(self.docroot),
+            '    }',
+            '}', ''])
+
+    def _error_log_option(self) -> List[str]:
+        """``-e FILE`` where nginx knows it (1.19.5+), so that it never opens
+        the system's error log."""
+        numbers = tuple(int(n) for n in re.findall(r'\d+', self.version)[:3])
+        return ['-e', str(self._prefix / 'error.log')] if numbers >= (1, 19, 5) else []
+
+    def __enter__(self) -> 'NginxServer':
+        self._prefix = Path(tempfile.mkdtemp(prefix='bitpit-bench-nginx-'))
+        try:
+            for _ in range(5):  # another process may take the free port first
+                self.port = free_port()
+                conf = self._prefix / 'nginx.conf'
+                conf.write_text(self._config(self._prefix))
+                self._process = subprocess.Popen(
+                    [self.binary, '-p', str(self._prefix), '-c', str(conf),
+                     *self._error_log_option()],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                if wait_for_port(self.port, 10, alive=lambda: self._process.poll() is None):
+                    return self
+                self._stop_process()
+            log = (self._prefix / 'error.log')
+            raise BenchError('nginx did not start: ' + (
+                log.read_text(errors='replace')[-500:] if log.exists() else 'no error log'))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _stop_process(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=5)
+        self._process = None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop_process()
+        if self._prefix is not None:
+            shutil.rmtree(self._prefix, ignore_errors=True)
+
+
+def serve_files(docroot: Path, server: str = 'auto', install: bool = True
+                ) -> Union[NginxServer, PythonFileServer]:
+    """A context manager serving ``docroot``: nginx when ``server`` is
+    ``'nginx'``, or ``'auto'`` and nginx is (or can be) installed; otherwise
+    ``PythonFileServer``. The object has ``base_url``, ``url(name)``,
+    ``kind`` and ``description``."""
+    if server in ('auto', 'nginx'):
+        binary = find_tool('nginx', install=install)
+        if binary:
+            return NginxServer(docroot, binary)
+        if server == 'nginx':
+            raise BenchError('nginx is not installed')
+        note('nginx unavailable: serving with the Python server instead')
+    return PythonFileServer(docroot)
+
+
+# ---------------------------------------------------------------------------
+# contenders
+# ---------------------------------------------------------------------------
+
+class Skipped(Exception):
+    """A contender cannot run here (tool missing, bitpit not ready)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one child process did: wall time, peak RSS, exit code, output,
+    and ``info``, the JSON object on the last line of its stdout if any."""
+    seconds: float
+    returncode: int
+    max_rss_kib: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    info: Dict[str, Any]
+
+    def failure(self) -> str:
+        """A one-paragraph account of a failed run."""
+        how = 'timed out' if self.timed_out else 'exited with {}'.format(self.returncode)
+        tail = (self.stderr.strip() or self.stdout.strip())[-1500:]
+        return how + (':\n    ' + tail.replace('\n', '\n    ') if tail else '')
+
+
+@dataclasses.dataclass
+class Contender:
+    """One tool under test.
+
+    ``command`` is the child's argv; ``reset`` runs before and after each
+    run (delete the outputs); ``check(result)`` raises ``BenchError`` when a
+    run did not do the job and returns extra metrics for it. The default
+    ``check`` requires exit status 0 and returns the child's ``info``.
+    ``monitor``, if given, makes a context manager that is active while the
+    child runs (e.g. a thread sampling its output files)."""
+    name: str
+    command: Sequence[str]
+    timeout: float
+    reset: Callable[[], None] = lambda: None
+    check: Optional[Callable[[RunResult], Dict[str, Any]]] = None
+    monitor: Optional[Callable[[], ContextManager[Any]]] = None
+    env: Optional[Dict[str, str]] = None
+    cwd: Optional[Path] = None
+
+
+def python_command(code: str, *args: Any) -> List[str]:
+    """argv running ``code`` with this Python, ``sys.argv[1:] == args``."""
+    return [sys.executable, '-c', code, *(str(a) for a in args)]
+
+
+def python_env(pycache: Optional[Path] = None) -> Dict[str, str]:
+    """The environment of Python children: the repo root first on
+    ``sys.path``, so ``import bitpit`` finds the repo's ``bitpit.py``.
+
+    With ``pycache`` (a dir in the workspace), bytecode is cached there
+    even if ``PYTHONDONTWRITEBYTECODE`` is set: after the warm-up round
+    bitpit is imported as an installed module would be, without being
+    compiled again on every run, and the repo gets no ``__pycache__``."""
+    path = os.environ.get('PYTHONPATH')
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + (os.pathsep + path if path else ''))
+    if pycache is not None:
+        env.pop('PYTHONDONTWRITEBYTECODE', None)
+        env['PYTHONPYCACHEPREFIX'] = str(pycache)
+    return env
+
+
+def bitpit_available(*names: str) -> str:
+    """Check that the repo's bitpit imports and has ``names`` (e.g.
+    ``'Downloader'``); return ``'bitpit VERSION at PATH'`` or raise
+    ``Skipped`` saying why not."""
+    code = ('import json, sys, bitpit\n'
+            'print(json.dumps({"file": bitpit.__file__, "version": getattr(bitpit, "__version__", "?"),'
+            ' "missing": [n for n in sys.argv[1:] if not callable(getattr(bitpit, n, None))]}))')
+    try:
+        done = subprocess.run(python_command(code, *names), env=python_env(), cwd=str(REPO_ROOT),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise Skipped('importing bitpit took over 60 s')
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors='replace').strip().splitlines()
+        raise Skipped('bitpit does not import yet: ' + (lines[-1] if lines else 'no message'))
+    found = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    if found['missing']:
+        raise Skipped('bitpit has no {} yet ({})'.format(', '.join(found['missing']),
+                                                          found['file']))
+    return 'bitpit {} at {}'.format(found['version'], found['file'])
+
+
+def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
+           ) -> Tuple[List[Contender], Dict[str, str]]:
+    """Build the contenders; one that raises ``Skipped`` is left out and its
+    reason noted. Returns (contenders, {name: reason skipped})."""
+    contenders, skipped = [], {}
+    for name, factory in factories:
+        try:
+            contenders.append(factory())
+        except Skipped as exc:
+            skipped[name] = str(exc)
+            note('skipping {}: {}'.format(name, exc))
+    return contenders, skipped
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+
+#: Runs one command, then writes its wall time, exit status and peak RSS as
+#: JSON to the file named by argv[2]. Linux counts the memory a process had
+#: before exec in its peak RSS, so children are spawned from this small
+#: process rather than from the benchmark itself (27+ MiB): the floor of the
+#: measurement is this launcher's own size (about 9 MiB, see rss_floor()).
+_LAUNCHER = '''
+import json, os, sys, time
+argv, report = json.loads(sys.argv[1]), sys.argv[2]
+began = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ)
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - began
+with open(report, 'w') as file:
+    json.dump({'seconds': seconds, 'returncode': os.waitstatus_to_exitcode(status),
+               'max_rss_kib': usage.ru_maxrss}, file)
+'''
+
+
+def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[Path] = None) -> RunResult:
+    """Run one child to its end; measure its wall time and peak RSS.
+
+    The child is started by a small launcher (``_LAUNCHER``) in a session of
+    its own, which times it from spawn to exit and reads its rusage with
+    ``wait4``. After ``timeout`` seconds (or on Ctrl-C) the whole session is
+    killed. Output goes to temp files, so a chatty child never blocks."""
+    with tempfile.TemporaryDirectory(prefix='bitpit-bench-run-') as tmp:
+        report = Path(tmp) / 'report.json'
+        with open(Path(tmp) / 'stdout', 'w+b') as out, open(Path(tmp) / 'stderr', 'w+b') as err:
+            launcher = subprocess.Popen(
+                [sys.executable, '-S', '-I', '-c', _LAUNCHER, json.dumps(list(command)),
+                 str(report)], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                cwd=None if cwd is None else str(cwd), start_new_session=True)
+            timed_out = False
+            try:
+                launcher.wait(timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:  # on a time-out or Ctrl-C, nothing of the run survives
+                if launcher.returncode is None:
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                    launcher.wait()
+            out.seek(0)
+            err.seek(0)
+            stdout = out.read().decode(errors='replace')
+            stderr = err.read().decode(errors='replace')
+        measured = json.loads(report.read_text()) if report.exists() else {}
+    info: Dict[str, Any] = {}
+    lines = stdout.strip().splitlines()
+    if lines:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(lines[-1])
+            info = parsed if isinstance(parsed, dict) else {}
+    return RunResult(seconds=measured.get('seconds', float('nan')),
+                     returncode=measured.get('returncode', launcher.returncode or -1),
+                     max_rss_kib=measured.get('max_rss_kib', 0), stdout=stdout, stderr=stderr,
+                     timed_out=timed_out, info=info)
+
+
+@functools.lru_cache(maxsize=None)
+def rss_floor_mib() -> float:
+    """The peak RSS that ``run_measured`` reports for a program that uses
+    (almost) nothing: values at this floor mean "at most this much"."""
+    return run_measured(['true'], timeout=30).max_rss_kib / KiB
+
+
+@dataclasses.dataclass
+class Outcome:
+    """The runs of one contender: one metrics dict per timed run, or the
+    error that took it out of the race."""
+    name: str
+    runs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None
+
+    def median(self, key: str) -> Optional[float]:
+        values = [run[key] for run in self.runs if run.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def to_json(self) -> Dict[str, Any]:
+        keys = sorted({k for run in self.runs for k, v in run.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return {'runs': self.runs, 'median': {k: self.median(k) for k in keys},
+                'error': self.error}
+
+
+def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
+                    ) -> Dict[str, Outcome]:
+    """Run every contender ``warmup + runs`` times, interleaved (A B C A B C
+    ...), each run in a fresh process; warm-up runs are not kept. A
+    contender whose run fails is reported and dropped from later rounds."""
+    outcomes = {c.name: Outcome(c.name) for c in contenders}
+    for round_no in range(warmup + runs):
+        label = 'warm-up' if round_no < warmup else 'run {}/{}'.format(round_no - warmup + 1, runs)
+        for contender in contenders:
+            outcome = outcomes[contender.name]
+            if outcome.error:
+                continue
+            contender.reset()
+            try:
+                with contender.monitor() if contender.monitor else contextlib.nullcontext():
+                    result = run_measured(contender.command, contender.timeout,
+                                          env=contender.env, cwd=contender.cwd)
+                if contender.check is not None:
+                    extra = contender.check(result)
+                elif result.returncode != 0 or result.timed_out:
+                    raise BenchError(result.failure())
+                else:
+                    extra = result.info
+            except BenchError as exc:
+                outcome.error = '{} failed: {}'.format(label, exc)
+                note('  {:<12} FAILED ({}): {}'.format(contender.name, label, exc))
+                continue
+            finally:
+                contender.reset()
+            metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB)
+            note('  {:<12} {:<9} {:8.3f} s  peak RSS {:6.1f} MiB'.format(
+                contender.name, label, result.seconds, metrics['peak_rss_mib']))
+            if round_no >= warmup:
+                outcome.runs.append(metrics)
+    return outcomes
+
+
+# ---------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Goal:
+    """A target a measured value should meet, e.g. ``bitpit / curl <= 0.8``."""
+    label: str
+    value: Optional[float]
+    target: float
+    at_most: bool = True
+    unit: str = ''
+
+    @property
+    def met(self) -> Optional[bool]:
+        if self.value is None:
+            return None
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+    def line(self) -> str:
+        value = 'n/a' if self.value is None else '{:.3f}{}'.format(self.value, self.unit)
+        verdict = {None: 'not measured', True: 'met', False: 'MISSED'}[self.met]
+        return '{:<34} {:>12}   goal {} {}{}   {}'.format(
+            self.label, value, '<=' if self.at_most else '>=', self.target, self.unit, verdict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(dataclasses.asdict(self), met=self.met)
+
+
+def derive(outcomes: Dict[str, Outcome], key: str,
+           compute: Callable[[Dict[str, Any]], float]) -> None:
+    """Add the metric ``key`` = ``compute(run)`` to every run."""
+    for outcome in outcomes.values():
+        for run in outcome.runs:
+            run[key] = compute(run)
+
+
+def median_of(outcomes: Dict[str, Outcome], name: str, key: str) -> Optional[float]:
+    """The median of ``key`` over the runs of contender ``name``, or ``None``."""
+    return outcomes[name].median(key) if name in outcomes else None
+
+
+def ratio(outcomes: Dict[str, Outcome], a: str, b: str, key: str = 'seconds') -> Optional[float]:
+    """median(a) / median(b) of ``key``, or ``None`` if either is missing."""
+    x, y = median_of(outcomes, a, key), median_of(outcomes, b, key)
+    return x / y if x is not None and y else None
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned first column, right-aligned others."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return '\n'.join('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
+                      columns: Sequence[Tuple[str, str, str]]) -> str:
+    """A table of medians, one row per contender; ``columns`` lists
+    (header, metric key, format). Failed and skipped contenders get a line
+    saying why."""
+    rows, notes = [], []
+    for name, outcome in outcomes.items():
+        if outcome.runs:
+            rows.append([name] + [
+                '-' if outcome.median(key) is None else fmt.format(outcome.median(key))
+                for _, key, fmt in columns] + [len(outcome.runs)])
+        if outcome.error:
+            notes.append('{}: {}'.format(name, outcome.error))
+    notes += ['{}: skipped, {}'.format(name, reason) for name, reason in skipped.items()]
+    table = format_table(['contender'] + [h for h, _, _ in columns] + ['runs'], rows)
+    return table + ''.join('\n' + line for line in notes)
+
+
+def write_json(path: Optional[str], data: Dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` (nothing if ``path`` is None)."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, default=str) + '\n')
+        note('results written to {}'.format(path))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError('not a positive integer: {!r}'.format(text))
+    return int(text)
+
+
+def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
+                server: bool = True) -> argparse.ArgumentParser:
+    """The options the benchmarks share: --runs, --json, --no-install,
+    --tmp, and unless turned off here --warmup and --server."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--runs', type=positive_int, default=runs,
+                        help='timed runs of each contender (default %(default)s)')
+    if warmup is not None:
+        parser.add_argument('--warmup', type=int, default=warmup,
+                            help='untimed rounds before the timed ones (default %(default)s)')
+    if server:
+        parser.add_argument('--server', choices=('auto', 'nginx', 'python'), default='auto',
+                            help='auto (default): nginx when installed, else Python')
+    parser.add_argument('--json', metavar='FILE', help='also write the results to FILE as JSON')
+    parser.add_argument('--no-install', dest='install', action='store_false',
+                        help='never apt-get install a missing tool, skip it instead')
+    parser.add_argument('--tmp', metavar='DIR', help='where to make the temp dir')
+    return parser
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a benchmark's ``main()``: SIGTERM becomes SystemExit and Ctrl-C
+    exits with 130 (after the ``with`` blocks removed temp dirs and stopped
+    servers and children)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return main()
+    except KeyboardInterrupt:
+        note('interrupted')
+        return 130
+
+
+def machine_summary() -> Dict[str, Any]:
+    """What the results were measured on."""
+    return {'python': sys.version.split()[0], 'cpus': os.cpu_count(),
+            'platform': sys.platform, 'date': time.strftime('%Y-%m-%d %H:%M:%S')}

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Many small files: bitpit.Manager vs aria2c (vs curl --parallel).
+
+500 files of 10 KiB (configurable) are served from one local server (nginx
+when installed, else a Python ThreadingHTTPServer with HTTP/1.1 keep-alive)
+and downloaded 50 at a time by each contender, interleaved, each run in a
+fresh process into an emptied directory, every file checked byte for byte.
+Reported: median wall time, peak RSS, and the goal of issue 5:
+
+    bitpit / aria2c <= 1.0    (wall time, aria2c -j50 -i list)
+
+Example: ``python bench/many_small.py --runs 5``
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/ is not a package)
+from common import BenchError, Contender, Goal, KiB, Skipped  # noqa: E402
+
+#: bitpit: one Manager, every URL added with the same kwargs, started, and
+#: waited for through each download's state-changed signal (bounded).
+BITPIT_CODE = '''
+import json, os, sys, threading, time
+import bitpit
+list_file, outdir, max_running, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+urls = open(list_file).read().split()
+lock, ended, all_ended = threading.Lock(), set(), threading.Event()
+
+def on_state(d, old_state):
+    if d.state in ('complete', 'fatal-error'):
+        with lock:
+            ended.add(id(d))
+            if len(ended) == len(urls):
+                all_ended.set()
+
+began = time.perf_counter()
+m = bitpit.Manager(max_running=max_running, dir_path=True, path=outdir)
+for url in urls:
+    m.add(url).listen('state-changed', on_state)
+m.start()
+finished = all_ended.wait(timeout)
+elapsed = time.perf_counter() - began
+if not finished:
+    m.stop_all()
+m.stop()
+states = {}
+for d in m.downloads:
+    states[d.state] = states.get(d.state, 0) + 1
+left = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+print(json.dumps({'elapsed_s': elapsed, 'threads_left': len(left), 'thread_names': left[:10],
+                  'states': states}), flush=True)
+os._exit(0 if finished and states.get('complete') == len(urls) else 1)
+'''
+
+
+def make_files(docroot: Path, count: int, size: int) -> Dict[str, bytes]:
+    """``count`` files of ``size`` random bytes each; returns name -> content."""
+    files = {}
+    for i in range(count):
+        name = 'f{:04d}.bin'.format(i)
+        files[name] = os.urandom(size)
+        (docroot / name).write_bytes(files[name])
+    return files
+
+
+def check_files(result: common.RunResult, outdir: Path, files: Dict[str, bytes]
+                ) -> Dict[str, Any]:
+    """A run succeeded when it exited 0 and ``outdir`` holds every file with
+    the right content. Other files left there are counted, not fatal."""
+    if result.returncode != 0 or result.timed_out:
+        raise BenchError(result.failure())
+    wrong = [name for name, content in files.items()
+             if not (outdir / name).is_file() or (outdir / name).read_bytes() != content]
+    if wrong:
+        raise BenchError('{} of {} files missing or different (e.g. {})'.format(
+            len(wrong), len(files), ', '.join(wrong[:3])))
+    stray = [p.name for p in outdir.iterdir() if p.name not in files]
+    return dict(result.info, stray_files=len(stray))
+
+
+def reset_dir(path: Path) -> None:
+    """Empty ``path`` (create it if needed)."""
+    common.remove(path)
+    path.mkdir()
+
+
+def contender(name: str, command: List[str], outdir: Path, files: Dict[str, bytes],
+              timeout: float, env: Optional[Dict[str, str]] = None) -> Contender:
+    """A contender that fills ``outdir`` and is checked file by file."""
+    return Contender(name, command, timeout, reset=functools.partial(reset_dir, outdir),
+                     check=functools.partial(check_files, outdir=outdir, files=files),
+                     env=env, cwd=outdir.parent)
+
+
+def bitpit_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
+                     timeout: float, env: Dict[str, str]) -> Contender:
+    """``bitpit.Manager(max_running=parallel, dir_path=True, path=outdir)``."""
+    common.note('bitpit: ' + common.bitpit_available('Downloader', 'Manager'))
+    return contender('bitpit', common.python_command(BITPIT_CODE, url_list, outdir, parallel,
+                                                     timeout),
+                     outdir, files, timeout + 30, env)
+
+
+def aria2c_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
+                     timeout: float, install: bool) -> Contender:
+    """``aria2c -j50 -i list -d outdir``, quiet, no renaming or preallocation."""
+    aria2c = common.find_tool('aria2c', package='aria2', install=install)
+    if not aria2c:
+        raise Skipped('aria2c is not installed')
+    return contender('aria2c', [
+        aria2c, '--no-conf', '-q', '-j{}'.format(parallel), '-i', str(url_list),
+        '-d', str(outdir), '--allow-overwrite=true', '--auto-file-renaming=false',
+        '--file-allocation=none'], outdir, files, timeout)
+
+
+def curl_contender(urls: List[str], config: Path, outdir: Path, files: Dict[str, bytes],
+                   parallel: int, timeout: float, install: bool) -> Contender:
+    """``curl --parallel --parallel-max 50`` with every URL in a ``-K`` file."""
+    curl = common.find_tool('curl', install=install)
+    if not curl:
+        raise Skipped('curl is not installed')
+    help_text = common.command_output(curl, '--help', 'all')
+    if '--parallel-max' not in help_text or '--output-dir' not in help_text:
+        raise Skipped('this curl has no --parallel-max / --output-dir (7.73+ needed)')
+    config.write_text(''.join('url = "{}"\n'.format(url) for url in urls))
+    return contender('curl', [
+        curl, '-s', '--parallel', '--parallel-max', str(parallel), '--remote-name-all',
+        '--output-dir', str(outdir), '-K', str(config)], outdir, files, timeout)
+
+
+def main(argv=None) -> int:
+    parser = common.base_parser(__doc__.split('\n\n')[0])
+    parser.add_argument('--files', type=int, default=500, help='how many files (default 500)')
+    parser.add_argument('--file-size', type=common.parse_size, default=10 * KiB,
+                        help='size of each file (default 10k)')
+    parser.add_argument('--parallel', type=int, default=50,
+                        help='downloads at a time (default %(default)s)')
+    parser.add_argument('--no-curl', dest='curl', action='store_false', help='leave curl out')
+    parser.add_argument('--timeout', type=float, default=120,
+                        help='seconds before one run is killed (default %(default)s)')
+    args = parser.parse_args(argv)
+
+    with common.workspace(args.tmp) as tmp:
+        docroot, outdir = tmp / 'www', tmp / 'out'
+        docroot.mkdir()
+        outdir.mkdir()
+        files = make_files(docroot, args.files, args.file_size)
+        with common.serve_files(docroot, args.server, args.install) as server:
+            urls = [server.url(name) for name in files]
+            url_list = tmp / 'urls.txt'
+            url_list.write_text(''.join(url + '\n' for url in urls))
+            common.note('serving {} files of {} from {} at {}'.format(
+                args.files, common.fmt_size(args.file_size), server.description,
+                server.base_url))
+            env = common.python_env(pycache=tmp / 'pycache')
+            make = [
+                ('bitpit', lambda: bitpit_contender(url_list, outdir, files, args.parallel,
+                                                    args.timeout, env)),
+                ('aria2c', lambda: aria2c_contender(url_list, outdir, files, args.parallel,
+                                                    args.timeout, args.install)),
+            ]
+            if args.curl:
+                make.append(('curl', lambda: curl_contender(
+                    urls, tmp / 'curl.cfg', outdir, files, args.parallel, args.timeout,
+                    args.install)))
+            contenders, skipped = common.gather(make)
+            outcomes = common.run_interleaved(contenders, args.runs, args.warmup)
+            server_description = server.description
+
+    common.derive(outcomes, 'files_per_s', lambda run: args.files / run['seconds'])
+    goals = [Goal('bitpit / aria2c (wall time)', common.ratio(outcomes, 'bitpit', 'aria2c'), 1.0)]
+    curl_ratio = common.ratio(outcomes, 'bitpit', 'curl')
+    print('\nmany small files: {} x {} from {}, {} at a time, {} runs each, interleaved'.format(
+        args.files, common.fmt_size(args.file_size), server_description, args.parallel,
+        args.runs))
+    print(common.report_contenders(outcomes, skipped, [
+        ('median s', 'seconds', '{:.3f}'), ('files/s', 'files_per_s', '{:.0f}'),
+        ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('stray files', 'stray_files', '{:.0f}'),
+        ('threads left', 'threads_left', '{:.0f}')]))
+    print()
+    print('\n'.join(goal.line() for goal in goals))
+    if curl_ratio is not None:
+        print('bitpit / curl --parallel (wall time): {:.3f} (for information)'.format(curl_ratio))
+    common.write_json(args.json, {
+        'benchmark': 'many_small', 'files': args.files, 'file_size': args.file_size,
+        'parallel': args.parallel, 'runs': args.runs, 'server': server_description,
+        'machine': common.machine_summary(),
+        'contenders': {name: o.to_json() for name, o in outcomes.items()},
+        'skipped': skipped, 'goals': [goal.to_json() for goal in goals]})
+    return 0 if all(o.error is None for o in outcomes.values()) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(common.run_main(main))
