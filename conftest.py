@@ -88,20 +88,23 @@ class Resource:
 
     def __init__(self, data, etag=_AUTO, last_modified=None, status=None,
                  status_times=None, headers=None, ignore_range=False,
+                 ignore_if_range=False,
                  range_shift=0, wrong_total=None, status_200_with_range=False,
                  truncate_at=None, truncate_once=False, chunked=False,
                  stall_after=None, stall_before_headers=False, throttle=None,
-                 drop_probability=0.0, seed=None, content_length=None,
-                 content_type='application/octet-stream'):
+                 drop_probability=0.0, change_probability=0.0, seed=None,
+                 content_length=None, content_type='application/octet-stream'):
         self.data = bytes(data)
-        if etag is _AUTO:
-            etag = '"{}"'.format(hashlib.sha256(self.data).hexdigest()[:20])
+        self.auto_etag = etag is _AUTO
+        if self.auto_etag:
+            etag = _etag_of(self.data)
         self.etag = etag
         self.last_modified = last_modified
         self.status = status
         self.status_times = status_times
         self.headers = dict(headers or {})
         self.ignore_range = ignore_range
+        self.ignore_if_range = ignore_if_range
         self.range_shift = range_shift
         self.wrong_total = wrong_total
         self.status_200_with_range = status_200_with_range
@@ -112,6 +115,7 @@ class Resource:
         self.stall_before_headers = stall_before_headers
         self.throttle = throttle
         self.drop_probability = drop_probability
+        self.change_probability = change_probability
         self.rng = random.Random(seed)
         self.content_length = content_length
         self.content_type = content_type
@@ -119,6 +123,20 @@ class Resource:
         self.lock = threading.Lock()
         self.requests_seen = 0      # GET + HEAD, for status_times
         self.bodies_sent = 0        # GET responses, for truncate_once
+
+    def current(self, get):
+        """``(data, etag)`` to serve now.  For a GET, first draw whether the
+        content changes (``change_probability``): new random bytes, length
+        within +-25 %, and a new ETag if it is automatic."""
+        with self.lock:
+            if get and self.change_probability and \
+                    self.rng.random() < self.change_probability:
+                size = len(self.data)
+                size = max(1, size + self.rng.randint(-size // 4, size // 4))
+                self.data = self.rng.randbytes(size)
+                if self.auto_etag:
+                    self.etag = _etag_of(self.data)
+            return self.data, self.etag
 
     def chaos(self):
         """Draw this response's misbehaviour: ``(ignore_range, cut_fraction,
@@ -226,10 +244,12 @@ class _Handler(BaseHTTPRequestHandler):
                                        or n_request <= res.status_times):
             return self._forced_status(res, head)
 
+        data, etag = res.current(get=not head)
         ignore, cut_frac, pause = (False, None, 0.0) if head else res.chaos()
-        total = len(res.data)
+        total = len(data)
         status, start, end, content_range = 200, 0, total - 1, None
-        rng = None if (res.ignore_range or ignore) else self._requested_range(res, total)
+        rng = None if (res.ignore_range or ignore) else \
+            self._requested_range(res, etag, total)
         if rng == 'unsatisfiable':
             shown = total if res.wrong_total is None else res.wrong_total
             return self._simple(416, b'', head, {'Content-Range': 'bytes */{}'.format(shown)})
@@ -241,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
             shown = total if res.wrong_total is None else res.wrong_total
             content_range = 'bytes {}-{}/{}'.format(start, end, shown)
             status = 200 if res.status_200_with_range else 206
-        body = memoryview(res.data)[start:end + 1]
+        body = memoryview(data)[start:end + 1]
 
         headers = {'Content-Type': res.content_type, 'Accept-Ranges': 'bytes'}
         if res.chunked:
@@ -250,8 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers['Content-Length'] = str(len(body))
         if res.content_length is not None:
             headers['Content-Length'] = str(res.content_length)
-        if res.etag is not None:
-            headers['ETag'] = res.etag
+        if etag is not None:
+            headers['ETag'] = etag
         if res.last_modified is not None:
             headers['Last-Modified'] = res.last_modified
         if content_range is not None:
@@ -277,17 +297,17 @@ class _Handler(BaseHTTPRequestHandler):
             cut = chaos_cut if cut is None else min(cut, chaos_cut)
         self._write_body(body, res, cut=cut, pause=pause)
 
-    def _requested_range(self, res, total):
+    def _requested_range(self, res, etag, total):
         """``(start, end)`` inclusive, ``'unsatisfiable'`` or ``None`` (serve
         the whole body: no Range, unparsable/multi Range, failed If-Range)."""
         value = self.headers.get('Range')
         if not value:
             return None
         if_range = self.headers.get('If-Range')
-        if if_range is not None:
+        if if_range is not None and not res.ignore_if_range:
             if_range = if_range.strip()
-            etag_ok = (res.etag is not None and not if_range.startswith('W/')
-                       and if_range == res.etag)
+            etag_ok = (etag is not None and not if_range.startswith('W/')
+                       and if_range == etag)
             date_ok = res.last_modified is not None and if_range == res.last_modified
             if not (etag_ok or date_ok):
                 return None
@@ -375,6 +395,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
         if res.chunked:
             self.wfile.write(b'0\r\n\r\n')
+
+
+def _etag_of(data):
+    return '"{}"'.format(hashlib.sha256(data).hexdigest()[:20])
 
 
 def _reason(status):
@@ -468,6 +492,8 @@ class FixtureServer:
         ``status_times=N`` with ``status``: only the first N requests (GET or
             HEAD) get the forced status; later ones are served normally.
         ``ignore_range=True`` always 200 with the whole body.
+        ``ignore_if_range=True`` honour Range even when If-Range does not
+            match (a server that does not implement If-Range).
         ``range_shift=K`` a range answer starts K bytes earlier than asked
             (negative: later), clamped to the data; Content-Range describes
             what is actually sent.
@@ -489,6 +515,10 @@ class FixtureServer:
             its body, and independently with probability 0.5 pauses < 0.3 s
             before the cut, with probability 0.3 ignores Range (200 whole
             body).  All draws come from ``random.Random(seed)`` under a lock.
+        ``change_probability=q`` (with ``seed=``) chaos: before each GET, with
+            probability q, the content changes: new random bytes (length
+            within +-25 %) and, unless ``etag=`` was given, a new ETag.
+            :meth:`content` tells what the resource holds now.
         ``content_length=`` Content-Length header sent as this string
             instead (the real body is sent regardless; the connection is then
             closed).
@@ -513,6 +543,11 @@ class FixtureServer:
         verbatim: pass ``server.url('/x')`` for an absolute URL or ``'/x'``
         for a relative one).  Returns the URL of ``path``."""
         return self.add(path, b'', status=status, headers={'Location': location})
+
+    def content(self, path):
+        """The bytes ``path`` serves now (``None`` if not a plain resource)."""
+        res = self._lookup(path)
+        return None if res is None or callable(res) else res.current(get=False)[0]
 
     def remove(self, path):
         """Forget ``path`` (it answers 404 again)."""

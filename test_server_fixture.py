@@ -204,6 +204,25 @@ def test_chaos_is_seeded(server):
     assert fetch(server, '/y')[1] == DATA
 
 
+def test_content_changes_by_chance(server):
+    server.add('/c', DATA, change_probability=1.0, seed=2)
+    etag = fetch(server, '/c', 'HEAD')[0].getheader('ETag')
+    assert server.content('/c') == DATA, 'HEAD never changes the content'
+    r, body = fetch(server, '/c', headers={'Range': 'bytes=100-', 'If-Range': etag})
+    assert r.status == 200 and body == server.content('/c') != DATA
+    assert r.getheader('ETag') != etag
+    assert 0.75 * len(DATA) <= len(body) <= 1.25 * len(DATA)
+    server.add('/k', DATA, change_probability=0.0)
+    assert fetch(server, '/k')[1] == DATA == server.content('/k')
+    assert server.content('/nope') is None
+
+
+def test_ignore_if_range(server):
+    server.add('/f', DATA, ignore_if_range=True)
+    r, body = fetch(server, '/f', headers={'Range': 'bytes=100-', 'If-Range': '"other"'})
+    assert (r.status, body) == (206, DATA[100:])
+
+
 def test_stall_after_sends_bytes_then_waits(server):
     server.add('/s', DATA, stall_after=1000)
     c = conn(server)
