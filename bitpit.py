@@ -25,6 +25,7 @@ Typical use::
 from __future__ import annotations
 
 import base64
+import collections
 import datetime
 import email.utils
 import hashlib
@@ -37,6 +38,7 @@ import netrc
 import os
 import pathlib
 import re
+import select
 import socket
 import ssl
 import stat
@@ -373,13 +375,16 @@ class TokenBucket:
 
     Tokens (bytes) accrue at ``rate`` per second up to a depth of
     ``BURST_SECONDS`` worth, so no more than about a tenth of a second of
-    traffic is ever released at once. A rate ``<= 0`` means unlimited. Changing
-    ``rate`` takes effect at once, also for threads already waiting.
+    traffic is ever released at once. Waiting threads are served in the
+    order they came, so one that just read cannot starve the others. A rate
+    ``<= 0`` means unlimited. Changing ``rate`` takes effect at once, also
+    for threads already waiting.
     """
     BURST_SECONDS = 0.1
 
     def __init__(self, rate: float = 0):
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._waiters: 'collections.deque[threading.Condition]' = collections.deque()
         self._rate = 0.0
         self._tokens = 0.0
         self._stamp = time.monotonic()
@@ -392,11 +397,11 @@ class TokenBucket:
 
     @rate.setter
     def rate(self, value: float) -> None:
-        with self._cond:
+        with self._lock:
             self._refill()
             self._rate = max(0.0, float(value))
             self._tokens = min(self._tokens, self._depth())
-            self._cond.notify_all()
+            self._notify_all()
 
     @property
     def limited(self) -> bool:
@@ -412,9 +417,13 @@ class TokenBucket:
                                self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
+    def _notify_all(self) -> None:
+        for turn in self._waiters:
+            turn.notify()
+
     def drain(self) -> None:
         """Empty the bucket, so the next bytes are paced from now on."""
-        with self._cond:
+        with self._lock:
             self._refill()
             self._tokens = 0.0
 
@@ -422,30 +431,43 @@ class TokenBucket:
         """Block until some bytes may be read and return how many (at most
         ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
         soon as ``cancelled()`` is true after a ``wake()``. Any thread."""
-        with self._cond:
-            while not cancelled():
-                if self._rate <= 0:
-                    return want
-                self._refill()
-                grant = max(1, min(want, int(self._depth())))
-                if self._tokens >= grant:
-                    self._tokens -= grant
-                    return grant
-                self._cond.wait((grant - self._tokens) / self._rate)
-            return 0
+        with self._lock:
+            if self._rate <= 0:
+                return 0 if cancelled() else want
+            turn = threading.Condition(self._lock)
+            self._waiters.append(turn)
+            try:
+                while not cancelled():
+                    if self._rate <= 0:
+                        return want
+                    if self._waiters[0] is not turn:
+                        turn.wait()  # until the threads ahead are served
+                        continue
+                    self._refill()
+                    grant = max(1, min(want, int(self._depth())))
+                    if self._tokens >= grant:
+                        self._tokens -= grant
+                        return grant
+                    turn.wait((grant - self._tokens) / self._rate)
+                return 0
+            finally:
+                self._waiters.remove(turn)
+                if self._waiters:
+                    self._waiters[0].notify()
 
     def refund(self, unused: int) -> None:
         """Give back tokens that were acquired but not used."""
         if unused > 0:
-            with self._cond:
+            with self._lock:
                 self._refill()
                 self._tokens = min(self._depth(), self._tokens + unused)
-                self._cond.notify_all()
+                if self._waiters:
+                    self._waiters[0].notify()
 
     def wake(self) -> None:
         """Wake every waiting thread so it re-checks ``cancelled()``."""
-        with self._cond:
-            self._cond.notify_all()
+        with self._lock:
+            self._notify_all()
 
 
 class _Ticker:
@@ -574,21 +596,17 @@ class _ConnectionPool:
         self._idle: Dict[ConnectionKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
 
     def get(self, key: ConnectionKey) -> Optional[http.client.HTTPConnection]:
-        """An idle connection for ``key``, or ``None``."""
-        expired = []
-        found = None
-        with self._lock:
-            idle = self._idle.get(key, [])
-            now = time.monotonic()
-            while idle:
+        """An idle connection for ``key`` that can carry a new request, or
+        ``None``. The ones idle too long or not quiet are closed."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
                 since, conn = idle.pop()
-                if now - since < self.MAX_IDLE_SECONDS:
-                    found = conn
-                    break
-                expired.append(conn)
-        for conn in expired:
+            if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
+                return conn
             conn.close()
-        return found
 
     def put(self, key: ConnectionKey, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read)."""
@@ -601,6 +619,21 @@ class _ConnectionPool:
 
 
 _POOL = _ConnectionPool()
+
+
+def _quiet(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection has nothing to read. If it has, the server
+    closed it or sent bytes no request asked for (say the rest of a body
+    longer than its Content-Length), which the next request would take for
+    its response."""
+    try:
+        if hasattr(select, 'poll'):
+            poller = select.poll()
+            poller.register(conn.sock, select.POLLIN)
+            return not poller.poll(0)
+        return not select.select([conn.sock], [], [], 0)[0]
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
@@ -987,9 +1020,10 @@ class Downloader(Emitter):
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
-        ``restart_wait``) and return. Any thread."""
+        ``restart_wait``) and return. Any thread. A wait longer than a thread
+        can wait (``threading.TIMEOUT_MAX``) is shortened to that."""
         wait = self._restart_wait if wait is None else wait
-        wait = max(0.0, wait)
+        wait = min(max(0.0, wait), threading.TIMEOUT_MAX)
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
         timer.name = 'bitpit-restart'
@@ -1240,13 +1274,14 @@ class Downloader(Emitter):
             first, last, total = parse_content_range(content_range)
             if status == 200 and (first != offset or (total is not None and last != total - 1)):
                 return self._plan_from_zero(response, length)
-            if first > offset:
-                raise ProtocolError('server sent bytes from {} but {} were asked for'
-                                    .format(first, offset))
-            if total is not None and self._size >= 0 and total != self._size:
+            if first > offset or last < offset:
+                # starting later leaves a hole; ending earlier brings nothing
+                raise ProtocolError('server sent bytes {}-{} but bytes from {} were asked '
+                                    'for'.format(first, last, offset))
+            changed = self._change_in(response, total)
+            if changed:
                 self._restart_from_zero()
-                raise ProtocolError('file size changed on the server from {} to {}'
-                                    .format(self._size, total))
+                raise ProtocolError('the file changed on the server: {}'.format(changed))
             if length is not None and length != last - first + 1:
                 raise ProtocolError('Content-Length {} disagrees with Content-Range {}'
                                     .format(length, content_range))
@@ -1275,7 +1310,7 @@ class Downloader(Emitter):
         next attempt starts over instead of mixing two versions."""
         log.info('%s: the file changed on the server, starting over', self._url)
         self._validator = None
-        self._size = -1
+        self._set_size(-1)
         try:
             if isinstance(self._path, pathlib.Path):
                 with open(self._path, 'r+b') as f:
@@ -1287,9 +1322,27 @@ class Downloader(Emitter):
             raise FileError('cannot truncate {}: {}'.format(self._path, exc)) from exc
         self._downloaded = 0
 
+    def _change_in(self, response: http.client.HTTPResponse,
+                   total: Optional[int]) -> Optional[str]:
+        """How a partial answer shows that the server's file is no longer the
+        one the local bytes came from (another size, another validator: a
+        server that ignores ``If-Range`` answers so), or ``None``."""
+        if total is not None and self._size >= 0 and total != self._size:
+            return 'it has {} bytes, not {}'.format(total, self._size)
+        held = self._validator
+        if held is None:
+            return None
+        name = 'ETag' if held.startswith('"') else 'Last-Modified'
+        current = response.getheader(name)
+        if current is not None and current != held:
+            return '{} {} instead of {}'.format(name, current, held)
+        return None
+
     def _remember_validator(self, response: http.client.HTTPResponse) -> None:
+        """Keep the response's strong ETag (quoted; weak ones start with
+        ``W/``), else its Last-Modified, to send as ``If-Range``."""
         etag = response.getheader('ETag')
-        if etag and not etag.startswith('W/'):
+        if etag and etag.startswith('"'):
             self._validator = etag
         else:
             self._validator = response.getheader('Last-Modified')
@@ -1377,13 +1430,20 @@ class Downloader(Emitter):
                 first_write = False
                 if expected_end is None or position < expected_end:
                     self._save_sidecar()
+            rest = data
             try:
-                written = file.write(data)
+                # An unbuffered file may write less than asked, as when the
+                # disk fills up: writing the rest then raises the OSError.
+                while rest:
+                    written = file.write(rest)
+                    if written is None:  # a file object that does not count
+                        break
+                    if not written:
+                        raise FileError('short write to {}: {} of {} bytes'.format(
+                            self._path, len(data) - len(rest), len(data)))
+                    rest = rest[written:]
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
-            if written is not None and written != len(data):
-                raise FileError('short write to {}: {} of {} bytes'.format(
-                    self._path, written, len(data)))
             if hasher is not None:
                 hasher.update(data)
 
@@ -1495,9 +1555,14 @@ def _unexpected(exc: BaseException) -> Error:
 
 
 def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
+    """The error for an error answer, with the ``Retry-After`` delay of a 429
+    or 503 (at most ``threading.TIMEOUT_MAX``, the longest a thread can
+    wait)."""
     retry_after = None
     if response.status in (429, 503):
         retry_after = parse_retry_after(response.getheader('Retry-After'))
+        if retry_after is not None:
+            retry_after = min(retry_after, threading.TIMEOUT_MAX)
     return HTTPStatusError(response.status, response.reason, url, retry_after)
 
 
