@@ -4,7 +4,7 @@
 One file, standard library only. The outline of this file is its table of
 contents:
 
-    helpers      human_readable, parse_rate, file names, header parsing
+    helpers      human_readable, _parse_rate, file names, header parsing
     errors       Error and its subclasses
     emitter      Emitter, the signal base class
     timing       TokenBucket (rate limits) and the shared speed ticker
@@ -58,14 +58,14 @@ __all__ = [
     'InvalidURLError',
 ]
 
-log = logging.getLogger('bitpit')
+_log = logging.getLogger('bitpit')
 
-DEFAULT_CHUNK_SIZE = 256 * 1024
-MAX_REDIRECTS = 10
-RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-DEFAULT_NAME = 'index.html'
-SIDECAR_SUFFIX = '.bitpit'
+_DEFAULT_CHUNK_SIZE = 256 * 1024
+_MAX_REDIRECTS = 10
+_RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_NAME = 'index.html'
+_SIDECAR_SUFFIX = '.bitpit'
 
 
 # ---------------------------------------------------------------------------
@@ -95,7 +95,7 @@ _RATE_RE = re.compile(r'^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgG]?)\s*$')
 _RATE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
 
 
-def parse_rate(text: Union[str, int, float]) -> int:
+def _parse_rate(text: Union[str, int, float]) -> int:
     """Parse a rate such as ``2048``, ``100k``, ``0.5m`` or ``1M`` into bytes
     per second. Raises ``ValueError`` for anything else."""
     if isinstance(text, (int, float)):
@@ -110,7 +110,7 @@ def parse_rate(text: Union[str, int, float]) -> int:
 _UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\]')
 
 
-def safe_filename(name: str, default: str = DEFAULT_NAME) -> str:
+def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     """Return ``name`` made safe to use as one file name inside a directory.
 
     Path separators, NUL and control characters become ``_``; an empty name
@@ -124,10 +124,10 @@ def safe_filename(name: str, default: str = DEFAULT_NAME) -> str:
     return name
 
 
-def filename_from_url(url: str) -> str:
+def _filename_from_url(url: str) -> str:
     """The percent-decoded last segment of the URL's path, made safe."""
     path = urllib.parse.urlsplit(url).path
-    return safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
+    return _safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
 
 
 _DISPOSITION_EXT = re.compile(
@@ -136,7 +136,7 @@ _DISPOSITION_PLAIN = re.compile(
     r"""(?:^|;)\s*filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))""", re.I)
 
 
-def filename_from_disposition(value: Optional[str]) -> Optional[str]:
+def _filename_from_disposition(value: Optional[str]) -> Optional[str]:
     """The file name a ``Content-Disposition`` header asks for, made safe, or
     ``None``. ``filename*=UTF-8''...`` wins over ``filename=``."""
     if not value:
@@ -149,14 +149,14 @@ def filename_from_disposition(value: Optional[str]) -> Optional[str]:
         except (LookupError, UnicodeDecodeError):
             name = None
         if name:
-            return safe_filename(name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1])
+            return _safe_filename(name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1])
     match = _DISPOSITION_PLAIN.search(value)
     if match:
         name = match.group(1)
         name = re.sub(r'\\(.)', r'\1', name) if name is not None else match.group(2)
         name = name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1]
         if name:
-            return safe_filename(name)
+            return _safe_filename(name)
     return None
 
 
@@ -164,7 +164,7 @@ _CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.I)
 _UNSATISFIED_RANGE_RE = re.compile(r'^\s*bytes\s+\*/(\d+)\s*$', re.I)
 
 
-def parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
+def _parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
     """Parse ``bytes FIRST-LAST/TOTAL`` into ``(first, last, total)``;
     ``total`` is ``None`` for ``*``. Raises ``ProtocolError`` if malformed."""
     match = _CONTENT_RANGE_RE.match(value)
@@ -177,7 +177,7 @@ def parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
     return first, last, total
 
 
-def parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
+def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     """The response's ``Content-Length`` as an int, ``None`` if absent or the
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value."""
@@ -196,7 +196,7 @@ def parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     return lengths.pop()
 
 
-def parse_retry_after(value: Optional[str]) -> Optional[float]:
+def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date),
     or ``None`` if absent or unreadable."""
     if not value:
@@ -244,7 +244,7 @@ class HTTPStatusError(Error):
         self.reason = reason
         self.url = url
         self.retry_after = retry_after
-        self.retryable = status in RETRYABLE_STATUSES
+        self.retryable = status in _RETRYABLE_STATUSES
 
 
 class NetworkError(Error):
@@ -286,7 +286,7 @@ class InvalidURLError(Error, ValueError):
     """The URL is malformed or its scheme is not ``http`` or ``https``."""
 
 
-def check_url(url: str) -> urllib.parse.SplitResult:
+def _check_url(url: str) -> urllib.parse.SplitResult:
     """Return the split URL if it is an absolute http(s) URL with a host,
     else raise ``InvalidURLError``."""
     if not isinstance(url, str):
@@ -360,7 +360,7 @@ class Emitter:
             try:
                 func(*args, *listen_args, **listen_kwargs)
             except Exception:
-                log.exception('callback %r for signal %r raised', func, signal)
+                _log.exception('callback %r for signal %r raised', func, signal)
 
 
 _EMITTER_INIT_LOCK = threading.Lock()
@@ -523,7 +523,7 @@ class _Ticker:
             try:
                 target.tick()
             except Exception:
-                log.exception('speed update of %r failed', target)
+                _log.exception('speed update of %r failed', target)
 
 
 _TICKER = _Ticker()
@@ -582,7 +582,7 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     pass
 
 
-ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, str, int]], int]
+_ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, str, int]], int]
 
 
 class _ConnectionPool:
@@ -593,9 +593,9 @@ class _ConnectionPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: Dict[ConnectionKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: Dict[_ConnectionKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
 
-    def get(self, key: ConnectionKey) -> Optional[http.client.HTTPConnection]:
+    def get(self, key: _ConnectionKey) -> Optional[http.client.HTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
         ``None``. The ones idle too long or not quiet are closed."""
         while True:
@@ -608,7 +608,7 @@ class _ConnectionPool:
                 return conn
             conn.close()
 
-    def put(self, key: ConnectionKey, conn: http.client.HTTPConnection) -> None:
+    def put(self, key: _ConnectionKey, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read)."""
         with self._lock:
             idle = self._idle.setdefault(key, [])
@@ -642,7 +642,7 @@ def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
     else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
     if proxy is None:
         proxy = _environment_proxy(parts.scheme.lower(), parts.hostname or '')
-    return parse_proxy(proxy) if proxy else None
+    return _parse_proxy(proxy) if proxy else None
 
 
 def _environment_proxy(scheme: str, host: str) -> str:
@@ -661,7 +661,7 @@ def _environment_proxy(scheme: str, host: str) -> str:
     return proxy or ''
 
 
-def parse_proxy(proxy: str) -> urllib.parse.SplitResult:
+def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
     """Split an ``http://[user:pass@]host:port`` proxy URL (the scheme may be
     left out). Raises ``InvalidURLError`` for anything else."""
     if '://' not in proxy:
@@ -684,7 +684,7 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     except FileNotFoundError:
         return None
     except (OSError, netrc.NetrcParseError) as exc:
-        log.warning('ignoring .netrc: %s', exc)
+        _log.warning('ignoring .netrc: %s', exc)
         return None
     if entry is None:
         return None
@@ -705,7 +705,7 @@ class _Stopped(Exception):
     """Raised inside the download thread when ``stop()`` was called."""
 
 
-PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
+_PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
 
 
 class Downloader(Emitter):
@@ -726,14 +726,14 @@ class Downloader(Emitter):
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
                    'path-changed', 'restart-time-changed', 'rate-limit-changed')
 
-    def __init__(self, url: str, path: Optional[PathLike] = None, dir_path: bool = False,
+    def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
-                 restart_wait: float = -1, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 restart_wait: float = -1, chunk_size: int = _DEFAULT_CHUNK_SIZE, *,
                  retries: Optional[int] = None, content_disposition: bool = False,
                  checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None):
-        check_url(url)
+        _check_url(url)
         self._lock = threading.RLock()
         self._url = url
         self._state = 'pause'
@@ -772,7 +772,7 @@ class Downloader(Emitter):
         self.headers = dict(headers or {})
         self.auth = auth
         if proxy:
-            parse_proxy(proxy)
+            _parse_proxy(proxy)
         self.proxy = proxy
         self.ssl_context = ssl_context
         self._load_local_state()
@@ -783,7 +783,7 @@ class Downloader(Emitter):
 
     # -- configuration -----------------------------------------------------
 
-    def _set_path_value(self, path: Optional[PathLike], dir_path: bool) -> None:
+    def _set_path_value(self, path: Optional[_PathLike], dir_path: bool) -> None:
         if path is None:
             path, dir_path = os.getcwd(), True
         if hasattr(path, 'write'):
@@ -793,7 +793,7 @@ class Downloader(Emitter):
             return
         path = pathlib.Path(path).expanduser()
         if dir_path:
-            self._dir, self._path = path, path / filename_from_url(self._url)
+            self._dir, self._path = path, path / _filename_from_url(self._url)
         else:
             self._dir, self._path = None, path
 
@@ -805,12 +805,12 @@ class Downloader(Emitter):
 
     @url.setter
     def url(self, value: str) -> None:
-        check_url(value)
+        _check_url(value)
         with self._lock:
             self._ensure_not_running('url')
             self._url = value
             if self._dir is not None:
-                self._path = self._dir / filename_from_url(value)
+                self._path = self._dir / _filename_from_url(value)
             self._load_local_state()
         self.emit('url-changed', self)
 
@@ -821,7 +821,7 @@ class Downloader(Emitter):
         return self._path
 
     @path.setter
-    def path(self, value: PathLike) -> None:
+    def path(self, value: _PathLike) -> None:
         with self._lock:
             self._ensure_not_running('path')
             self._set_path_value(value, False)
@@ -1058,7 +1058,7 @@ class Downloader(Emitter):
         request = _Request(self, 'HEAD', offset=0)
         try:
             response = request.send()
-            length = parse_content_length(response)
+            length = _parse_content_length(response)
             response.close()
         finally:
             request.close(reuse=False)
@@ -1075,7 +1075,7 @@ class Downloader(Emitter):
         """The file beside a partial download that remembers its validator;
         ``None`` for file objects."""
         if isinstance(self._path, pathlib.Path):
-            return self._path.with_name(self._path.name + SIDECAR_SUFFIX)
+            return self._path.with_name(self._path.name + _SIDECAR_SUFFIX)
         return None
 
     def _load_local_state(self) -> None:
@@ -1127,7 +1127,7 @@ class Downloader(Emitter):
             finally:
                 os.close(fd)
         except OSError as exc:
-            log.warning('cannot write %s: %s', sidecar, exc)
+            _log.warning('cannot write %s: %s', sidecar, exc)
 
     def _remove_sidecar(self) -> None:
         sidecar = self._sidecar
@@ -1137,7 +1137,7 @@ class Downloader(Emitter):
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning('cannot remove %s: %s', sidecar, exc)
+                _log.warning('cannot remove %s: %s', sidecar, exc)
 
     # -- internal: signals and progress ----------------------------------------
 
@@ -1197,7 +1197,7 @@ class Downloader(Emitter):
                         and self._failures > self.retries:
                     final = 'fatal-error'
                 retry_after = getattr(error, 'retry_after', None)
-                log.info('%s: %s', self._url, error)
+                _log.info('%s: %s', self._url, error)
         finally:
             _TICKER.remove(self)
             self._speed = 0
@@ -1266,12 +1266,12 @@ class Downloader(Emitter):
         if status >= 300:
             raise _status_error(response, request.url)
 
-        length = parse_content_length(response)
+        length = _parse_content_length(response)
         content_range = response.getheader('Content-Range')
         if status == 206 or (status == 200 and offset > 0 and content_range):
             if not content_range:
                 raise ProtocolError('206 answer without Content-Range')
-            first, last, total = parse_content_range(content_range)
+            first, last, total = _parse_content_range(content_range)
             if status == 200 and (first != offset or (total is not None and last != total - 1)):
                 return self._plan_from_zero(response, length)
             if first > offset or last < offset:
@@ -1299,7 +1299,7 @@ class Downloader(Emitter):
         self._remember_validator(response)
         self._set_size(length if length is not None else -1)
         if self.content_disposition and self._dir is not None:
-            name = filename_from_disposition(response.getheader('Content-Disposition'))
+            name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != self._path.name:
                 self._path = self._dir / name
                 self.emit('path-changed', self)
@@ -1308,7 +1308,7 @@ class Downloader(Emitter):
     def _restart_from_zero(self) -> None:
         """Empty a partial file that no longer matches the server, so that the
         next attempt starts over instead of mixing two versions."""
-        log.info('%s: the file changed on the server, starting over', self._url)
+        _log.info('%s: the file changed on the server, starting over', self._url)
         self._validator = None
         self._set_size(-1)
         try:
@@ -1548,7 +1548,7 @@ def _per_second(n: float) -> Tuple[Optional[float], Optional[str]]:
 
 
 def _unexpected(exc: BaseException) -> Error:
-    log.error('unexpected error', exc_info=exc)
+    _log.error('unexpected error', exc_info=exc)
     error = Error('unexpected error: {!r}'.format(exc))
     error.__cause__ = exc
     return error
@@ -1560,7 +1560,7 @@ def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusErr
     wait)."""
     retry_after = None
     if response.status in (429, 503):
-        retry_after = parse_retry_after(response.getheader('Retry-After'))
+        retry_after = _parse_retry_after(response.getheader('Retry-After'))
         if retry_after is not None:
             retry_after = min(retry_after, threading.TIMEOUT_MAX)
     return HTTPStatusError(response.status, response.reason, url, retry_after)
@@ -1607,13 +1607,13 @@ class _Request:
         self.method = method
         self.offset = offset
         self.url = downloader.url
-        self.key: Optional[ConnectionKey] = None
+        self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[Any] = None
         self.response: Optional[http.client.HTTPResponse] = None
         self._connect(self.url)
 
     def _connect(self, url: str) -> None:
-        parts = check_url(url)
+        parts = _check_url(url)
         d = self.downloader
         scheme = parts.scheme.lower()
         port = parts.port or (443 if scheme == 'https' else 80)
@@ -1698,15 +1698,15 @@ class _Request:
         (status not 3xx). Raises a ``bitpit.Error``."""
         first_host = (urllib.parse.urlsplit(self.url).hostname or '').lower()
         seen = {self.url}
-        for _ in range(MAX_REDIRECTS + 1):
+        for _ in range(_MAX_REDIRECTS + 1):
             response = self._exchange(self.url, first_host)
             location = response.getheader('Location')
-            if response.status not in REDIRECT_STATUSES or not location:
+            if response.status not in _REDIRECT_STATUSES or not location:
                 self.response = response
                 return response
             target = urllib.parse.urljoin(self.url, location.strip())
             try:
-                check_url(target)
+                _check_url(target)
             except InvalidURLError as exc:
                 raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
             if target in seen:
@@ -1715,7 +1715,7 @@ class _Request:
             self._drain_and_release(response)
             self.url = target
             self._connect(target)
-        raise RedirectError('more than {} redirects from {}'.format(MAX_REDIRECTS,
+        raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS,
                                                                      self.downloader.url))
 
     def _exchange(self, url: str, first_host: str) -> http.client.HTTPResponse:
@@ -1748,7 +1748,7 @@ class _Request:
     def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
         """Finish a small redirect body so the connection can be reused."""
         try:
-            length = parse_content_length(response)
+            length = _parse_content_length(response)
             if length is not None and length <= 65536:
                 response.read()
                 self._release(reuse=not response.will_close)
@@ -2057,10 +2057,10 @@ def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int 
     invalid rate or URL."""
     if isinstance(urls, str):
         urls = [urls]
-    rate = parse_rate(rate_limit)
+    rate = _parse_rate(rate_limit)
     urls = list(dict.fromkeys(urls))
     for url in urls:
-        check_url(url)
+        _check_url(url)
     return _download_all(_assign_paths(urls, None), rate_limit=rate,
                          max_running=max_running, restart_wait=_CLI_RESTART_WAIT,
                          downloader_kwargs={'timeout': _CLI_TIMEOUT,
@@ -2076,7 +2076,7 @@ def _build_parser() -> Any:
 
     def rate(text: str) -> int:
         try:
-            return parse_rate(text)
+            return _parse_rate(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -2170,7 +2170,7 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
     if args.proxy is not None:
         if args.proxy:
             try:
-                parse_proxy(args.proxy)
+                _parse_proxy(args.proxy)
             except InvalidURLError as exc:
                 parser.error('--proxy: {}'.format(exc))
         kwargs['proxy'] = args.proxy
@@ -2241,7 +2241,7 @@ def _cli_urls(parser: Any, args: Any) -> List[str]:
                 found.append((url, '{} line {}'.format(where, number)))
     for url, where in found:
         try:
-            check_url(url)
+            _check_url(url)
         except InvalidURLError as exc:
             parser.error('{} ({})'.format(exc, where) if where else str(exc))
     return list(dict.fromkeys(url for url, _ in found))
@@ -2272,7 +2272,7 @@ def _assign_paths(urls: List[str], directory: Optional[str]
     taken = set()
     jobs = []
     for url in urls:
-        name = filename_from_url(url)
+        name = _filename_from_url(url)
         stem, ext = _split_extension(name)
         number = 0
         while name.casefold() in taken:

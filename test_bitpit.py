@@ -88,13 +88,13 @@ def test_human_readable_digits():
 @pytest.mark.parametrize('text, value', [
     ('2048', 2048), ('100k', 102400), ('0.5m', 524288), ('1M', 1048576), ('0', 0)])
 def test_parse_rate(text, value):
-    assert bitpit.parse_rate(text) == value
+    assert bitpit._parse_rate(text) == value
 
 
 @pytest.mark.parametrize('text', ['', 'fast', '1x', '-5', '1 k b'])
 def test_parse_rate_rejects(text):
     with pytest.raises(ValueError):
-        bitpit.parse_rate(text)
+        bitpit._parse_rate(text)
 
 
 def test_public_surface():
