@@ -51,6 +51,18 @@ def manager():
         m.stop_all()
 
 
+def start_manager(make, server, tmp_path, names, data=DATA, throttle=None, **kwargs):
+    """Serve ``data`` at each of ``names``, add them to a started manager made
+    with ``kwargs``; return the manager, a Watcher and the downloads."""
+    for name in names:
+        server.add(name, data, throttle=throttle)
+    m = make(path=tmp_path, dir_path=True, **kwargs)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url(name)) for name in names]
+    m.start()
+    return m, watcher, downloads
+
+
 def bitpit_threads():
     return [t for t in threading.enumerate()
             if t.name.startswith(('bitpit-download', 'bitpit-restart', 'bitpit-manager'))]
@@ -84,12 +96,9 @@ def test_properties_signals_and_kwargs(manager, tmp_path):
 
 
 def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp_path):
-    for i in range(8):
-        server.add('/f{}'.format(i), DATA, throttle=2 * 1024 * 1024)
-    m = manager(max_running=3, path=tmp_path, dir_path=True)
-    watcher = Watcher(m)
-    downloads = [m.add(server.url('/f{}'.format(i))) for i in range(8)]
-    m.start()
+    m, watcher, downloads = start_manager(manager, server, tmp_path,
+                                          ['/f{}'.format(i) for i in range(8)],
+                                          throttle=2 * 1024 * 1024, max_running=3)
     watcher.wait(all_in(downloads, 'complete'))
     assert server.max_concurrent <= 3
     assert server.max_concurrent == 3
@@ -100,12 +109,9 @@ def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp
 
 
 def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tmp_path):
-    for i in range(3):
-        server.add('/s{}'.format(i), DATA, throttle=256 * 1024)
-    m = manager(max_running=3, restart_wait=0, path=tmp_path, dir_path=True)
-    watcher = Watcher(m)
-    downloads = [m.add(server.url('/s{}'.format(i))) for i in range(3)]
-    m.start()
+    m, watcher, downloads = start_manager(manager, server, tmp_path,
+                                          ['/s{}'.format(i) for i in range(3)],
+                                          throttle=256 * 1024, max_running=3, restart_wait=0)
     watcher.wait(all_in(downloads, 'download'))
     m.max_running = 1
     watcher.wait(lambda: [d.state for d in downloads].count('pause') == 2)
@@ -162,12 +168,8 @@ def test_complete_and_fatal_are_never_restarted(manager, server, tmp_path):
 
 
 def test_stop_all_pauses_running_downloads(manager, server, tmp_path):
-    for i in range(2):
-        server.add('/p{}'.format(i), DATA, throttle=64 * 1024)
-    m = manager(restart_wait=60, path=tmp_path, dir_path=True)
-    watcher = Watcher(m)
-    downloads = [m.add(server.url('/p{}'.format(i))) for i in range(2)]
-    m.start()
+    m, watcher, downloads = start_manager(manager, server, tmp_path, ['/p0', '/p1'],
+                                          throttle=64 * 1024, restart_wait=60)
     watcher.wait(all_in(downloads, 'download'))
     m.stop_all()
     assert all(d.state == 'pause' and not d.is_alive for d in downloads)
@@ -236,12 +238,9 @@ def test_connections_are_reused(manager, server, tmp_path):
 
 
 def test_no_thread_left_after_stop(manager, server, tmp_path):
-    for i in range(10):
-        server.add('/t{}'.format(i), DATA, throttle=512 * 1024)
-    m = manager(max_running=4, path=tmp_path, dir_path=True)
-    watcher = Watcher(m)
-    downloads = [m.add(server.url('/t{}'.format(i))) for i in range(10)]
-    m.start()
+    m, watcher, downloads = start_manager(manager, server, tmp_path,
+                                          ['/t{}'.format(i) for i in range(10)],
+                                          throttle=512 * 1024, max_running=4)
     watcher.wait(lambda: sum(d.state == 'download' for d in downloads) == 4)
     assert len([t for t in bitpit_threads() if t.name == 'bitpit-download']) <= 4
     m.stop()

@@ -782,11 +782,18 @@ def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
     return table + ''.join('\n' + line for line in notes)
 
 
-def write_json(path: Optional[str], data: Dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` (nothing if ``path`` is None)."""
+def finish(path: Optional[str], record: Dict[str, Any], outcomes: Dict[str, Any],
+           skipped: Any, goals: List[Any]) -> int:
+    """Write the run's ``record`` with its contenders, skips, goals and this
+    machine to ``path`` as JSON (nothing if ``path`` is None), and return the
+    script's exit status: 0 when every contender ran, else 1."""
     if path:
+        data = dict(record, machine=machine_summary(),
+                    contenders={name: o.to_json() for name, o in outcomes.items()},
+                    skipped=skipped, goals=[goal.to_json() for goal in goals])
         Path(path).write_text(json.dumps(data, indent=2, default=str) + '\n')
         note('results written to {}'.format(path))
+    return 0 if all(o.error is None for o in outcomes.values()) else 1
 
 
 def positive_int(text: str) -> int:

@@ -188,13 +188,10 @@ def main(argv=None) -> int:
     print('\n'.join(goal.line() for goal in goals))
     if curl_ratio is not None:
         print('bitpit / curl --parallel (wall time): {:.3f} (for information)'.format(curl_ratio))
-    common.write_json(args.json, {
+    return common.finish(args.json, {
         'benchmark': 'many_small', 'files': args.files, 'file_size': args.file_size,
-        'parallel': args.parallel, 'runs': args.runs, 'server': server_description,
-        'machine': common.machine_summary(),
-        'contenders': {name: o.to_json() for name, o in outcomes.items()},
-        'skipped': skipped, 'goals': [goal.to_json() for goal in goals]})
-    return 0 if all(o.error is None for o in outcomes.values()) else 1
+        'parallel': args.parallel, 'runs': args.runs, 'server': server_description},
+        outcomes, skipped, goals)
 
 
 if __name__ == '__main__':

@@ -160,13 +160,10 @@ def main(argv=None) -> int:
         ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]))
     print()
     print('\n'.join(goal.line() for goal in goals))
-    common.write_json(args.json, {
+    return common.finish(args.json, {
         'benchmark': 'throughput', 'size': args.size, 'runs': args.runs,
-        'server': server_description, 'machine': common.machine_summary(),
-        'rss_floor_mib': common.rss_floor_mib(),
-        'contenders': {name: o.to_json() for name, o in outcomes.items()},
-        'skipped': skipped, 'goals': [goal.to_json() for goal in goals]})
-    return 0 if all(o.error is None for o in outcomes.values()) else 1
+        'server': server_description,
+        'rss_floor_mib': common.rss_floor_mib()}, outcomes, skipped, goals)
 
 
 if __name__ == '__main__':

@@ -230,13 +230,10 @@ def main(argv=None) -> int:
     aria2c = common.median_of(outcomes, 'aria2c', 'fraction')
     if aria2c is not None:
         print('aria2c aggregate / limit: {:.3f} (for comparison)'.format(aria2c))
-    common.write_json(args.json, {
+    return common.finish(args.json, {
         'benchmark': 'total_limit', 'rate': args.rate, 'slow_rate': args.slow_rate,
-        'downloads': args.downloads, 'window': window, 'runs': args.runs,
-        'machine': common.machine_summary(),
-        'contenders': {name: o.to_json() for name, o in outcomes.items()},
-        'skipped': skipped, 'goals': [goal.to_json() for goal in goals]})
-    return 0 if all(o.error is None for o in outcomes.values()) else 1
+        'downloads': args.downloads, 'window': window, 'runs': args.runs},
+        outcomes, skipped, goals)
 
 
 if __name__ == '__main__':
