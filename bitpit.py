@@ -64,6 +64,7 @@ _DEFAULT_CHUNK_SIZE = 256 * 1024
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_RETRY_AFTER = 24 * 3600.0
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 
@@ -471,7 +472,7 @@ class TokenBucket:
 
 
 class _Ticker:
-    """One daemon thread that calls ``tick()`` on each registered object every
+    """One daemon thread that calls ``_tick()`` on each registered object every
     ``period()`` seconds, for the speed-changed signal. Waiting is done on a
     condition until the earliest due time."""
 
@@ -483,7 +484,7 @@ class _Ticker:
         self._thread: Optional[threading.Thread] = None
 
     def add(self, target: Any, period: float) -> None:
-        """Start ticking ``target`` (``target.tick()`` every ``period`` s,
+        """Start ticking ``target`` (``target._tick()`` every ``period`` s,
         re-read from ``target.update_period`` after each tick)."""
         with self._cond:
             token = next(self._counter)
@@ -521,7 +522,7 @@ class _Ticker:
                 period = max(float(target.update_period), 0.01)
                 heapq.heappush(self._heap, (max(due + period, time.monotonic()), token, target))
             try:
-                target.tick()
+                target._tick()
             except Exception:
                 _log.exception('speed update of %r failed', target)
 
@@ -541,7 +542,12 @@ class _AbortableMixin:
     connecting_socket: Optional[socket.socket] = None
     cancelled: Callable[[], bool] = staticmethod(lambda: False)
 
-    def _create_connection(self, address, timeout, source_address=None):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # http.client sets this per instance, hiding any method of that name
+        self._create_connection = self._abortable_connect
+
+    def _abortable_connect(self, address, timeout, source_address=None):
         host, port = address
         last_error: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in socket.getaddrinfo(
@@ -609,13 +615,21 @@ class _ConnectionPool:
             conn.close()
 
     def put(self, key: _ConnectionKey, conn: http.client.HTTPConnection) -> None:
-        """Keep ``conn`` for reuse (its last response must be fully read)."""
+        """Keep ``conn`` for reuse (its last response must be fully read),
+        and close the connections of any host that were idle too long."""
+        now = time.monotonic()
+        expired = []
         with self._lock:
+            for idle in self._idle.values():
+                while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
+                    expired.append(idle.pop(0)[1])
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
-                idle.append((time.monotonic(), conn))
-                return
-        conn.close()
+                idle.append((now, conn))
+            else:
+                expired.append(conn)
+        for old in expired:
+            old.close()
 
 
 _POOL = _ConnectionPool()
@@ -982,8 +996,10 @@ class Downloader(Emitter):
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
         finishing = self._thread
-        if finishing is not None and self._attempt_over \
-                and finishing is not threading.current_thread():
+        if finishing is not None and self._attempt_over:
+            if finishing is threading.current_thread():
+                self.restart(0)  # called from a final callback: start once it ends
+                return
             finishing.join()  # it is only emitting its final signals
         with self._lock:
             if self.is_alive:
@@ -1001,8 +1017,8 @@ class Downloader(Emitter):
         self._cancel_restart()
         with self._lock:
             thread = self._thread
-            if thread is None or not thread.is_alive():
-                return
+            if thread is None or not thread.is_alive() or self._attempt_over:
+                return  # a thread past its attempt only emits its last signals
             self._stop_event.set()
             connection = self._connection
         if connection is not None:
@@ -1011,6 +1027,7 @@ class Downloader(Emitter):
             bucket.wake()
         if thread is not threading.current_thread():
             thread.join()
+            self._cancel_restart()  # one the thread scheduled before it saw the stop
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the download thread ends (any reason)."""
@@ -1055,9 +1072,11 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        request = _Request(self, 'HEAD', offset=0)
+        request = _Request(self, 'HEAD', offset=0, abortable=False)
         try:
             response = request.send()
+            if response.status >= 300:
+                raise _status_error(response, request.url)
             length = _parse_content_length(response)
             response.close()
         finally:
@@ -1151,15 +1170,18 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
-    def tick(self) -> None:
+    def _tick(self) -> None:
         """Recompute ``speed`` and emit ``speed-changed``. Called by the
-        ticker thread every ``update_period`` while downloading."""
-        now = time.monotonic()
-        received = self._received
-        elapsed = now - self._tick_stamp
-        if elapsed > 0:
-            self._speed = (received - self._tick_received) / elapsed
-        self._tick_stamp, self._tick_received = now, received
+        ticker thread every ``update_period`` while the attempt runs."""
+        with self._lock:
+            if self._attempt_over:
+                return
+            now = time.monotonic()
+            received = self._received
+            elapsed = now - self._tick_stamp
+            if elapsed > 0:
+                self._speed = (received - self._tick_received) / elapsed
+            self._tick_stamp, self._tick_received = now, received
         self.emit('speed-changed', self)
 
     # -- internal: the download thread -------------------------------------------
@@ -1200,13 +1222,14 @@ class Downloader(Emitter):
                 _log.info('%s: %s', self._url, error)
         finally:
             _TICKER.remove(self)
-            self._speed = 0
+            with self._lock:
+                self._attempt_over = True
+                self._speed = 0
             self._retry_after = retry_after
-            self._attempt_over = True
         self.emit('speed-changed', self)
         self._set_state(final)
         if final == 'error' and self._restarts_itself and self._restart_wait >= 0 \
-                and not self._stop_event.is_set():
+                and not self._stop_event.is_set() and self._restart_timer is None:
             self.restart(max(self._restart_wait, retry_after or 0))
 
     def _attempt(self) -> None:
@@ -1219,23 +1242,27 @@ class Downloader(Emitter):
         self._bucket.drain()
         file = None
         hasher = None
+        hashed_to = -1      # bytes of the file the hasher has seen
         try:
             while True:
-                offset = self._local_size()
+                offset = self._downloaded = self._local_size()
                 if offset == 0:
                     self._validator = None
                 request = _Request(self, 'GET', offset)
                 try:
                     response = request.send()
-                    plan = self._plan(request, response, offset)
+                    plan = self._plan(request, response, offset, renamable=file is None)
                     if plan is None:
                         break
                     write_at, expected_end = plan
                     if file is None:
                         file = self._open_file()
-                    hasher = self._prepare_write(file, write_at)
+                    self._prepare_write(file, write_at)
+                    if self._checksum is not None and write_at != hashed_to:
+                        hasher = self._hash_prefix(file, write_at)
                     self._set_state('download')
                     self._read_body(response, file, write_at, expected_end, hasher)
+                    hashed_to = self._downloaded
                     request.close(reuse=True)
                 finally:
                     request.close(reuse=False)
@@ -1247,20 +1274,24 @@ class Downloader(Emitter):
                 file.close()
 
     def _plan(self, request: '_Request', response: http.client.HTTPResponse,
-              offset: int) -> Optional[Tuple[int, Optional[int]]]:
+              offset: int, renamable: bool) -> Optional[Tuple[int, Optional[int]]]:
         """Check the answer to a request from ``offset`` and return
         ``(write_at, expected_end)`` for its body, or ``None`` when the file
-        is already complete. Raises for an error answer."""
+        is already complete. Raises for an error answer. ``renamable``: no
+        file is open yet, so Content-Disposition may still name it.
+        Download thread."""
         status = response.status
         if status == 416 and offset > 0:
             match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
             total = int(match.group(1)) if match else None
             if total is None and self._size >= 0:
                 total = self._size
-            if total is not None and total != offset:
+            changed = self._change_in(response, total) or (
+                total is not None and total != offset and
+                'it has {} bytes, the local file {}'.format(total, offset))
+            if changed:
                 self._restart_from_zero()
-                raise ProtocolError('file changed on the server: it has {} bytes, the '
-                                    'local file {}'.format(total, offset))
+                raise ProtocolError('the file changed on the server: {}'.format(changed))
             self._set_size(offset)
             return None
         if status >= 300:
@@ -1273,7 +1304,10 @@ class Downloader(Emitter):
                 raise ProtocolError('206 answer without Content-Range')
             first, last, total = _parse_content_range(content_range)
             if status == 200 and (first != offset or (total is not None and last != total - 1)):
-                return self._plan_from_zero(response, length)
+                if first != 0 or (total is not None and last != total - 1):
+                    raise ProtocolError('200 answer with Content-Range {!r}: neither the whole '
+                                        'file nor the range asked for'.format(content_range))
+                return self._plan_from_zero(response, length, renamable)
             if first > offset or last < offset:
                 # starting later leaves a hole; ending earlier brings nothing
                 raise ProtocolError('server sent bytes {}-{} but bytes from {} were asked '
@@ -1285,24 +1319,28 @@ class Downloader(Emitter):
             if length is not None and length != last - first + 1:
                 raise ProtocolError('Content-Length {} disagrees with Content-Range {}'
                                     .format(length, content_range))
-            self._remember_validator(response)
+            self._remember_validator(response, keep_old=True)
             if total is not None:
                 self._set_size(total)
             return first, last + 1
         if status == 200:
-            return self._plan_from_zero(response, length)
+            return self._plan_from_zero(response, length, renamable)
         raise ProtocolError('unexpected status {} {}'.format(status, response.reason))
 
-    def _plan_from_zero(self, response: http.client.HTTPResponse,
-                        length: Optional[int]) -> Tuple[int, Optional[int]]:
-        """The server sent the whole file: write it from byte 0."""
+    def _plan_from_zero(self, response: http.client.HTTPResponse, length: Optional[int],
+                        renamable: bool) -> Tuple[int, Optional[int]]:
+        """The server sent the whole file: write it from byte 0 (under the
+        Content-Disposition name if asked for, unless another file has it)."""
         self._remember_validator(response)
         self._set_size(length if length is not None else -1)
-        if self.content_disposition and self._dir is not None:
+        if self.content_disposition and self._dir is not None and renamable:
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != self._path.name:
-                self._path = self._dir / name
-                self.emit('path-changed', self)
+                if (self._dir / name).exists():
+                    _log.info('%s: not naming it %s: that file exists', self._url, name)
+                else:
+                    self._path = self._dir / name
+                    self.emit('path-changed', self)
         return 0, length
 
     def _restart_from_zero(self) -> None:
@@ -1318,6 +1356,9 @@ class Downloader(Emitter):
             elif _seekable(self._path):
                 self._path.seek(0)
                 self._path.truncate(0)
+            else:
+                raise FileError('the file changed on the server, and {!r} cannot be '
+                                'rewound to start over'.format(self._path))
         except OSError as exc:
             raise FileError('cannot truncate {}: {}'.format(self._path, exc)) from exc
         self._downloaded = 0
@@ -1338,14 +1379,17 @@ class Downloader(Emitter):
             return '{} {} instead of {}'.format(name, current, held)
         return None
 
-    def _remember_validator(self, response: http.client.HTTPResponse) -> None:
+    def _remember_validator(self, response: http.client.HTTPResponse,
+                            keep_old: bool = False) -> None:
         """Keep the response's strong ETag (quoted; weak ones start with
-        ``W/``), else its Last-Modified, to send as ``If-Range``."""
+        ``W/``), else its Last-Modified, to send as ``If-Range``. With
+        ``keep_old`` (a partial answer of the same file), an answer that has
+        neither leaves the remembered one."""
         etag = response.getheader('ETag')
-        if etag and etag.startswith('"'):
-            self._validator = etag
-        else:
-            self._validator = response.getheader('Last-Modified')
+        validator = etag if etag and etag.startswith('"') else \
+            response.getheader('Last-Modified')
+        if validator is not None or not keep_old:
+            self._validator = validator
 
     def _open_file(self) -> Any:
         target = self._path
@@ -1358,10 +1402,8 @@ class Downloader(Emitter):
         except OSError as exc:
             raise FileError('cannot open {}: {}'.format(target, exc)) from exc
 
-    def _prepare_write(self, file: Any, write_at: int) -> Optional[Any]:
-        """Position ``file`` at ``write_at``, drop what lies after it, and
-        return a hasher fed with the bytes before it (``None`` without a
-        checksum)."""
+    def _prepare_write(self, file: Any, write_at: int) -> None:
+        """Position ``file`` at ``write_at`` and drop what lies after it."""
         try:
             if _seekable(file):
                 if file.seek(0, io.SEEK_END) > write_at:
@@ -1370,9 +1412,6 @@ class Downloader(Emitter):
             elif write_at != self._downloaded:
                 raise FileError('cannot rewind {!r}: it is not seekable'.format(file))
             self._downloaded = write_at
-            if self._checksum is None:
-                return None
-            return self._hash_prefix(file, write_at)
         except OSError as exc:
             raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
 
@@ -1417,7 +1456,7 @@ class Downloader(Emitter):
         view = memoryview(bytearray(chunk if expected_end is None
                                     else max(1, min(chunk, expected_end - position))))
         chunk = len(view)
-        buckets = [b for b in self._buckets() if b is self._bucket or b.limited]
+        buckets = self._buckets()
         cancelled = self._stop_event.is_set
         read_into = _body_reader(response)
         filled = 0          # bytes in the buffer, not yet written
@@ -1556,13 +1595,12 @@ def _unexpected(exc: BaseException) -> Error:
 
 def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
     """The error for an error answer, with the ``Retry-After`` delay of a 429
-    or 503 (at most ``threading.TIMEOUT_MAX``, the longest a thread can
-    wait)."""
+    or 503 (at most a day: a longer one is taken for a day)."""
     retry_after = None
     if response.status in (429, 503):
         retry_after = _parse_retry_after(response.getheader('Retry-After'))
         if retry_after is not None:
-            retry_after = min(retry_after, threading.TIMEOUT_MAX)
+            retry_after = min(retry_after, _MAX_RETRY_AFTER)
     return HTTPStatusError(response.status, response.reason, url, retry_after)
 
 
@@ -1600,12 +1638,16 @@ def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
 class _Request:
     """One HTTP request of a download, following redirects.
 
-    Holds the connection in use so that another thread can abort it."""
+    An ``abortable`` request makes its connection the one the downloader's
+    ``stop()`` shuts down, and ends with ``_Stopped`` once a stop is under
+    way. Download thread (or, not abortable, the caller's)."""
 
-    def __init__(self, downloader: Downloader, method: str, offset: int):
+    def __init__(self, downloader: Downloader, method: str, offset: int,
+                 abortable: bool = True):
         self.downloader = downloader
         self.method = method
         self.offset = offset
+        self.abortable = abortable
         self.url = downloader.url
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[Any] = None
@@ -1633,7 +1675,13 @@ class _Request:
 
     def _use(self, connection: Any) -> None:
         self.connection = connection
-        self.downloader._use_connection(connection)
+        if self.abortable:
+            try:
+                self.downloader._use_connection(connection)
+            except _Stopped:
+                self.connection = None
+                connection.close()
+                raise
 
     def _new_connection(self, scheme: str, host: str, port: int,
                         proxy: Optional[urllib.parse.SplitResult]) -> Any:
@@ -1751,31 +1799,32 @@ class _Request:
             length = _parse_content_length(response)
             if length is not None and length <= 65536:
                 response.read()
-                self._release(reuse=not response.will_close)
+                self.close(reuse=not response.will_close)
                 return
         except (OSError, http.client.HTTPException, Error):
             pass
-        self._release(reuse=False)
-
-    def _release(self, reuse: bool) -> None:
-        conn, self.connection = self.connection, None
-        if conn is None:
-            return
-        self.downloader._use_connection(None)
-        if reuse and self.response_done(conn):
-            _POOL.put(self.key, conn)
-        else:
-            conn.close()
-
-    def response_done(self, conn: Any) -> bool:
-        response = self.response
-        return (conn.sock is not None and
-                (response is None or (response.isclosed() and not response.will_close)))
+        self.close(reuse=False)
 
     def close(self, reuse: bool) -> None:
         """Return the connection to the pool if ``reuse`` and the response was
         read to its end; else close it. Idempotent."""
-        self._release(reuse)
+        conn, self.connection = self.connection, None
+        if conn is None:
+            return
+        if self.abortable:
+            self.downloader._use_connection(None)
+            # checked after letting go of it: a stop() that got hold of the
+            # connection before may be shutting it down right now
+            reuse = reuse and not self.downloader._stop_event.is_set()
+        if reuse and self._response_done(conn):
+            _POOL.put(self.key, conn)
+        else:
+            conn.close()
+
+    def _response_done(self, conn: Any) -> bool:
+        response = self.response
+        return (conn.sock is not None and
+                (response is None or (response.isclosed() and not response.will_close)))
 
 
 _SSL_CONTEXT: Optional[ssl.SSLContext] = None

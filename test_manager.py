@@ -111,7 +111,7 @@ def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp
 def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,
                                           ['/s{}'.format(i) for i in range(3)],
-                                          throttle=256 * 1024, max_running=3, restart_wait=0)
+                                          throttle=100000, max_running=3, restart_wait=0)
     watcher.wait(all_in(downloads, 'download'))
     m.max_running = 1
     watcher.wait(lambda: [d.state for d in downloads].count('pause') == 2)
