@@ -15,7 +15,7 @@ in common lives here:
     contenders   Contender, Skipped, gather, bitpit_available,
                  python_command, python_env
     running      run_measured (wall time and peak RSS of one child process),
-                 run_interleaved (A B C A B C ...), Outcome (medians)
+                 run_interleaved (A B C, B C A, ...), Outcome (medians)
     reporting    Goal, derive, median_of, ratio, report_contenders,
                  write_json, base_parser, run_main
 
@@ -46,7 +46,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence,
+                    Set, Tuple, Union)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -127,6 +128,14 @@ def remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def remove_and_sync(path: Path) -> None:
+    """Delete ``path``, then flush the page cache's dirty pages to disk, so
+    that no run pays for the write-back of an earlier run's gigabyte: on this
+    kind of machine that alone moved a run's time by a factor of two."""
+    remove(path)
+    os.sync()
 
 
 def free_port() -> int:
@@ -592,7 +601,9 @@ def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
 #: measurement is this launcher's own size (about 9 MiB, see rss_floor()).
 _LAUNCHER = '''
 import json, os, sys, time
-argv, report = json.loads(sys.argv[1]), sys.argv[2]
+argv, report, cpus = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+if cpus:
+    os.sched_setaffinity(0, cpus)
 began = time.perf_counter()
 pid = os.posix_spawnp(argv[0], argv, os.environ)
 _, status, usage = os.wait4(pid, 0)
@@ -601,6 +612,29 @@ with open(report, 'w') as file:
     json.dump({'seconds': seconds, 'returncode': os.waitstatus_to_exitcode(status),
                'max_rss_kib': usage.ru_maxrss}, file)
 '''
+
+
+#: The CPUs the measured clients run on, apart from the server's (see
+#: pin_cpus); empty: not pinned.
+_CLIENT_CPUS: Set[int] = set()
+
+
+def pin_cpus() -> str:
+    """Keep this process (and so the servers it starts) on the first CPU and
+    every measured client on the others; return what was done.
+
+    On a 2-core machine a client that the kernel happens to place on the
+    server's core runs up to twice as slow, and stays so for several runs in
+    a row: unpinned, the same program measured 0.45 s or 1.1 s at random,
+    which no median of a few runs can tell apart from a real difference."""
+    global _CLIENT_CPUS
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+    if len(cpus) < 2:
+        return 'not pinned to CPUs (fewer than 2 available)'
+    os.sched_setaffinity(0, {cpus[0]})
+    _CLIENT_CPUS = set(cpus[1:])
+    return 'server on CPU {}, measured clients on CPU {}'.format(
+        cpus[0], ','.join(map(str, cpus[1:])))
 
 
 def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
@@ -616,7 +650,7 @@ def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str,
         with open(Path(tmp) / 'stdout', 'w+b') as out, open(Path(tmp) / 'stderr', 'w+b') as err:
             launcher = subprocess.Popen(
                 [sys.executable, '-S', '-I', '-c', _LAUNCHER, json.dumps(list(command)),
-                 str(report)], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                 str(report), json.dumps(sorted(_CLIENT_CPUS))], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                 cwd=None if cwd is None else str(cwd), start_new_session=True)
             timed_out = False
             try:
@@ -672,13 +706,15 @@ class Outcome:
 
 def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                     ) -> Dict[str, Outcome]:
-    """Run every contender ``warmup + runs`` times, interleaved (A B C A B C
-    ...), each run in a fresh process; warm-up runs are not kept. A
+    """Run every contender ``warmup + runs`` times, interleaved and rotated
+    (A B C, B C A, C A B, ...) so that no contender always follows the same
+    one, each run in a fresh process; warm-up runs are not kept. A
     contender whose run fails is reported and dropped from later rounds."""
     outcomes = {c.name: Outcome(c.name) for c in contenders}
     for round_no in range(warmup + runs):
         label = 'warm-up' if round_no < warmup else 'run {}/{}'.format(round_no - warmup + 1, runs)
-        for contender in contenders:
+        shift = round_no % len(contenders)
+        for contender in list(contenders[shift:]) + list(contenders[:shift]):
             outcome = outcomes[contender.name]
             if outcome.error:
                 continue
@@ -828,6 +864,7 @@ def run_main(main: Callable[[], int]) -> int:
     exits with 130 (after the ``with`` blocks removed temp dirs and stopped
     servers and children)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    note(pin_cpus())
     try:
         return main()
     except KeyboardInterrupt:

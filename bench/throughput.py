@@ -78,7 +78,7 @@ def check_output(result: common.RunResult, out: Path, size: int) -> Dict[str, An
 def contender(name: str, command: List[str], out: Path, size: int, timeout: float,
               env: Optional[Dict[str, str]] = None) -> Contender:
     """A contender that writes ``out`` and is checked by its size."""
-    return Contender(name, command, timeout, reset=functools.partial(common.remove, out),
+    return Contender(name, command, timeout, reset=functools.partial(common.remove_and_sync, out),
                      check=functools.partial(check_output, out=out, size=size),
                      env=env, cwd=out.parent)
 
