@@ -7,7 +7,7 @@ contents:
     helpers      human_readable, _parse_rate, file names, header parsing
     errors       Error and its subclasses
     emitter      Emitter, the signal base class
-    timing       TokenBucket (rate limits) and the shared speed ticker
+    timing       _TokenBucket (rate limits) and the shared speed ticker
     http         connections, the connection pool, requests and redirects
     downloader   Downloader: one URL, one thread, one attempt state machine
     manager      Manager: many downloads, one total rate limit
@@ -65,6 +65,8 @@ _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_RETRY_AFTER = 24 * 3600.0
+_ACTIVE_STATES = ('start', 'download')         # an attempt under way
+_FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 
@@ -120,9 +122,15 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     name = _UNSAFE_NAME_CHARS.sub('_', name).strip()
     if not name.strip('.'):
         return default
-    while len(name.encode('utf-8', 'surrogateescape')) > 255:
-        name = name[:-1]
-    return name
+    return _fit_name(name, '')
+
+
+def _fit_name(stem: str, suffix: str) -> str:
+    """``stem + suffix`` with ``stem`` shortened so that the name fits the
+    255 bytes a file name may have."""
+    while len((stem + suffix).encode('utf-8', 'surrogateescape')) > 255 and stem:
+        stem = stem[:-1]
+    return stem + suffix
 
 
 def _filename_from_url(url: str) -> str:
@@ -371,7 +379,7 @@ _EMITTER_INIT_LOCK = threading.Lock()
 # timing: token bucket and speed ticker
 # ---------------------------------------------------------------------------
 
-class TokenBucket:
+class _TokenBucket:
     """A smooth rate limiter that any number of threads may draw from.
 
     Tokens (bytes) accrue at ``rate`` per second up to a depth of
@@ -614,6 +622,14 @@ class _ConnectionPool:
                 return conn
             conn.close()
 
+    def clear(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for _, conn in connections:
+                conn.close()
+
     def put(self, key: _ConnectionKey, conn: http.client.HTTPConnection) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
         and close the connections of any host that were idle too long."""
@@ -706,6 +722,14 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
+def _proxy_headers(proxy: urllib.parse.SplitResult) -> Dict[str, str]:
+    """``Proxy-Authorization`` for a proxy URL with credentials, else none."""
+    if not proxy.username:
+        return {}
+    return {'Proxy-Authorization': _basic_auth(urllib.parse.unquote(proxy.username),
+                                               urllib.parse.unquote(proxy.password or ''))}
+
+
 def _basic_auth(user: str, password: str) -> str:
     token = '{}:{}'.format(user, password).encode('utf-8')
     return 'Basic ' + base64.b64encode(token).decode('ascii')
@@ -772,8 +796,8 @@ class Downloader(Emitter):
         self._dir: Optional[pathlib.Path] = None
         self._path: Union[pathlib.Path, io.BufferedIOBase]
         self._set_path_value(path, dir_path)
-        self._bucket = TokenBucket()
-        self._shared_buckets: Tuple[TokenBucket, ...] = ()
+        self._bucket = _TokenBucket()
+        self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         self.timeout = timeout
@@ -1086,7 +1110,7 @@ class Downloader(Emitter):
 
     # -- internal: local state ----------------------------------------------
 
-    def _buckets(self) -> Tuple[TokenBucket, ...]:
+    def _buckets(self) -> Tuple[_TokenBucket, ...]:
         return (self._bucket,) + self._shared_buckets
 
     @property
@@ -1692,12 +1716,7 @@ class _Request:
             conn = _HTTPSConnection(connect_host, connect_port, timeout=d.timeout,
                                     context=context)
             if proxy:
-                tunnel_headers = {}
-                if proxy.username:
-                    tunnel_headers['Proxy-Authorization'] = _basic_auth(
-                        urllib.parse.unquote(proxy.username),
-                        urllib.parse.unquote(proxy.password or ''))
-                conn.set_tunnel(host, port, headers=tunnel_headers)
+                conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
         else:
             conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
         conn.via_proxy = bool(proxy) and scheme == 'http'
@@ -1724,10 +1743,8 @@ class _Request:
             if credentials is not None:
                 headers['Authorization'] = _basic_auth(*credentials)
         conn = self.connection
-        if getattr(conn, 'via_proxy', False) and conn.proxy_parts.username:
-            headers['Proxy-Authorization'] = _basic_auth(
-                urllib.parse.unquote(conn.proxy_parts.username),
-                urllib.parse.unquote(conn.proxy_parts.password or ''))
+        if getattr(conn, 'via_proxy', False):
+            headers.update(_proxy_headers(conn.proxy_parts))
         return headers
 
     def _credentials(self, parts: urllib.parse.SplitResult, same_host: bool
@@ -1845,7 +1862,7 @@ class Manager(Emitter):
     """Run many downloads: at most ``max_running`` at once, oldest first,
     under one total ``rate_limit`` shared by all of them.
 
-    The total limit is work-conserving: one ``TokenBucket`` serves every
+    The total limit is work-conserving: one ``_TokenBucket`` serves every
     running download, so bandwidth a slow download cannot use goes to the
     others. A download's own ``rate_limit`` still caps it. The manager takes
     over restarts of its downloads: one that stopped (``error`` or
@@ -1856,7 +1873,6 @@ class Manager(Emitter):
     ``property-changed (manager, name)``.
     """
     __signals__ = ('add', 'remove', 'property-changed')
-    FINISHED_STATES = ('complete', 'fatal-error')
 
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
                  restart_wait: float = 30, **kwargs: Any):
@@ -1864,7 +1880,7 @@ class Manager(Emitter):
         self._downloads: List[Downloader] = []
         self._starting: set = set()
         self._stopped_at: Dict[Downloader, float] = {}
-        self._bucket = TokenBucket(rate_limit)
+        self._bucket = _TokenBucket(rate_limit)
         self._max_running = max_running
         self._rate_limit = rate_limit
         self._restart_wait = restart_wait
@@ -1991,8 +2007,10 @@ class Manager(Emitter):
             self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
+        """Note when a download stopped and re-plan if that freed a slot.
+        Runs on the download's thread."""
         state = d.state
-        if state in ('start', 'download'):
+        if state in _ACTIVE_STATES:
             return  # a download getting under way frees no slot
         with self._cond:
             self._starting.discard(d)
@@ -2024,7 +2042,7 @@ class Manager(Emitter):
                 d.start()
 
     def _unfinished(self) -> bool:
-        return any(d.state not in self.FINISHED_STATES for d in self._downloads)
+        return any(d.state not in _FINISHED_STATES for d in self._downloads)
 
     def _plan(self) -> Tuple[List[Downloader], List[Downloader], Optional[float]]:
         """Decide, under the lock, which downloads to stop and start, and how
@@ -2032,7 +2050,7 @@ class Manager(Emitter):
         now = time.monotonic()
         limit = self._max_running if self._max_running > 0 else len(self._downloads)
         running = [d for d in self._downloads
-                   if d in self._starting or d.state in ('start', 'download')]
+                   if d in self._starting or d.state in _ACTIVE_STATES]
         to_stop = running[limit:]
         running = set(running)
         free = limit - len(running)
@@ -2041,7 +2059,7 @@ class Manager(Emitter):
         for d in self._downloads:
             if free <= 0:
                 break
-            if d in running or d.state in self.FINISHED_STATES:
+            if d in running or d.state in _FINISHED_STATES:
                 continue
             stopped_at = self._stopped_at.get(d)
             delay = 0.0
@@ -2065,7 +2083,6 @@ _CLI_RETRIES = 5
 _CLI_TIMEOUT = 10
 _CLI_REFRESH = 0.25  # seconds between two redraws of the live table
 _CLI_SPEED_PERIOD = 0.5  # seconds over which the speeds shown are measured
-_CLI_FINISHED = ('complete', 'fatal-error')
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _CLI_EPILOG = """\
@@ -2326,10 +2343,7 @@ def _assign_paths(urls: List[str], directory: Optional[str]
         number = 0
         while name.casefold() in taken:
             number += 1
-            name = '{}.{}{}'.format(stem, number, ext)
-            while len(name.encode('utf-8', 'surrogateescape')) > 255 and stem:
-                stem = stem[:-1]
-                name = '{}.{}{}'.format(stem, number, ext)
+            name = _fit_name(stem, '.{}{}'.format(number, ext))
         taken.add(name.casefold())
         jobs.append((url, base / name))
     return jobs
@@ -2393,13 +2407,13 @@ def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
         manager.start()
         while True:
             with cond:
-                finished = all(d.state in _CLI_FINISHED for d in downloads)
+                finished = all(d.state in _FINISHED_STATES for d in downloads)
                 if not finished and not events:
                     # Woken by every state change. The time-out only paces
                     # the live table, and otherwise lets Ctrl-C through on
                     # systems where a plain wait cannot be interrupted.
                     cond.wait(progress.wait_time())
-                    finished = all(d.state in _CLI_FINISHED for d in downloads)
+                    finished = all(d.state in _FINISHED_STATES for d in downloads)
                 batch = events[:]
                 del events[:]
             progress.report(batch)
@@ -2476,7 +2490,7 @@ class _Progress:
         elif not self.quiet and not interrupted:
             _write(sys.stdout, _summary(self.downloads))
         if interrupted:
-            paused = sum(d.state not in _CLI_FINISHED for d in self.downloads)
+            paused = sum(d.state not in _FINISHED_STATES for d in self.downloads)
             _write(sys.stderr, 'bitpit: interrupted; {} unfinished download{} paused: run '
                                'the same command again to resume\n'
                    .format(paused, '' if paused == 1 else 's'))
@@ -2623,7 +2637,7 @@ def _plain_line(event: _Event) -> str:
 
 def _summary(downloads: List[Downloader]) -> str:
     """``running N | completed N / N``, then failures and total speed."""
-    running = sum(d.state in ('start', 'download') for d in downloads)
+    running = sum(d.state in _ACTIVE_STATES for d in downloads)
     completed = sum(d.state == 'complete' for d in downloads)
     failed = sum(d.state == 'fatal-error' for d in downloads)
     text = 'running {} | completed {} / {}'.format(running, completed, len(downloads))
@@ -2656,7 +2670,7 @@ def _table_row(d: Downloader, width: int) -> str:
     cells; the bar shrinks or goes on a narrow terminal, the name is cut in
     its middle."""
     state = d.state
-    running = state in ('start', 'download')
+    running = state in _ACTIVE_STATES
     speed = _human(d.speed, per_second=True) if running else ''
     percent = '?' if d.ratio < 0 else '{}%'.format(int(min(d.percentage, 100)))
     eta = _human_eta(d.eta) if running else ''

@@ -719,3 +719,12 @@ def _no_ambient_proxy(monkeypatch):
     for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_connection_pool():
+    """No test reuses a keep-alive connection of an earlier test's server
+    (a new server may get the same port)."""
+    yield
+    import bitpit
+    bitpit._POOL.clear()

@@ -221,12 +221,12 @@ def test_emitter_subclass_without_super_init():
 # ---------------------------------------------------------------------------
 
 def test_token_bucket_unlimited_grants_everything():
-    bucket = bitpit.TokenBucket(0)
+    bucket = bitpit._TokenBucket(0)
     assert bucket.acquire(10 ** 9, lambda: False) == 10 ** 9
 
 
 def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
-    bucket = bitpit.TokenBucket(100000)
+    bucket = bitpit._TokenBucket(100000)
     start = time.monotonic()
     total = 0
     while total < 50000:
@@ -238,7 +238,7 @@ def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
 
 
 def test_token_bucket_rate_change_wakes_waiter():
-    bucket = bitpit.TokenBucket(1)          # one byte per second
+    bucket = bitpit._TokenBucket(1)          # one byte per second
     bucket.acquire(1, lambda: False)
     got = []
     waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, lambda: False)))
@@ -249,7 +249,7 @@ def test_token_bucket_rate_change_wakes_waiter():
 
 
 def test_token_bucket_cancel():
-    bucket = bitpit.TokenBucket(1)
+    bucket = bitpit._TokenBucket(1)
     bucket.acquire(1, lambda: False)
     cancelled = threading.Event()
     got = []
