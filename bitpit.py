@@ -2225,20 +2225,21 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         headers['User-Agent'] = args.user_agent
     if headers:
         kwargs['headers'] = headers
+
+    def check(option: str, parse: Callable[[str], Any], value: str) -> None:
+        try:
+            parse(value)
+        except ValueError as exc:  # InvalidURLError included
+            parser.error('{}: {}'.format(option, exc))
+
     if args.checksum is not None:
         if url_count != 1:
             parser.error('--checksum takes one URL, not {}'.format(url_count))
-        try:
-            _parse_checksum(args.checksum)
-        except ValueError as exc:
-            parser.error('--checksum: {}'.format(exc))
+        check('--checksum', _parse_checksum, args.checksum)
         kwargs['checksum'] = args.checksum
     if args.proxy is not None:
         if args.proxy:
-            try:
-                _parse_proxy(args.proxy)
-            except InvalidURLError as exc:
-                parser.error('--proxy: {}'.format(exc))
+            check('--proxy', _parse_proxy, args.proxy)
         kwargs['proxy'] = args.proxy
     if args.user is not None:
         user, colon, password = args.user.partition(':')
