@@ -791,6 +791,20 @@ def ratio(outcomes: Dict[str, Outcome], a: str, b: str, key: str = 'seconds') ->
     return x / y if x is not None and y else None
 
 
+def best_ratio(outcomes: Dict[str, Outcome], a: str, b: str,
+               key: str = 'seconds') -> Optional[float]:
+    """min(a) / min(b) of ``key``: the ratio of the runs the machine
+    disturbed least, or ``None`` if either is missing. Medians decide the
+    goals; on a noisy machine this tells whether a gap is the code's."""
+    def best(name: str) -> Optional[float]:
+        outcome = outcomes.get(name)
+        values = [run[key] for run in outcome.runs if run.get(key) is not None] \
+            if outcome and not outcome.error else []
+        return min(values) if values else None
+    x, y = best(a), best(b)
+    return x / y if x is not None and y else None
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned first column, right-aligned others."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

@@ -160,6 +160,10 @@ def main(argv=None) -> int:
         ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]))
     print()
     print('\n'.join(goal.line() for goal in goals))
+    for other in ('bare loop', 'curl'):
+        best = common.best_ratio(outcomes, 'bitpit', other)
+        if best is not None:
+            print('bitpit / {} (best runs): {:.3f} (for information)'.format(other, best))
     return common.finish(args.json, {
         'benchmark': 'throughput', 'size': args.size, 'runs': args.runs,
         'server': server_description,
