@@ -1727,8 +1727,12 @@ class _Request:
     def _headers(self, url: str, first_host: str) -> Dict[str, str]:
         d = self.downloader
         parts = urllib.parse.urlsplit(url)
-        headers = {'User-Agent': 'bitpit/' + __version__, 'Accept-Encoding': 'identity'}
-        headers.update(d.headers)
+        headers = {'User-Agent': 'bitpit/' + __version__}
+        headers.update((name, value) for name, value in d.headers.items()
+                       if name.lower() != 'accept-encoding')
+        # never a compressed body: byte ranges must mean file bytes, and CDNs
+        # ignore Range when compression is allowed
+        headers['Accept-Encoding'] = 'identity'
         if self.offset > 0:
             headers['Range'] = 'bytes={}-'.format(self.offset)
             if d._validator:

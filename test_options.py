@@ -90,6 +90,12 @@ def test_default_headers(server, tmp_path):
     assert headers['Authorization'] is None
 
 
+def test_accept_encoding_stays_identity(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', headers={'accept-encoding': 'gzip'})
+    assert server.requests[0].headers.get_all('Accept-Encoding') == ['identity']
+
+
 def test_custom_headers_also_after_same_host_redirect(server, tmp_path):
     server.add('/f', DATA)
     server.redirect('/old', '/f', status=301)
