@@ -224,6 +224,22 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
+def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
+    if checksum is None:
+        return None
+    algorithm, _, digest = str(checksum).partition(':')
+    algorithm = algorithm.strip().lower()
+    digest = digest.strip().lower()
+    try:
+        hashlib.new(algorithm)
+    except (ValueError, TypeError):
+        raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
+    if not re.fullmatch(r'[0-9a-f]+', digest) or \
+            len(digest) != 2 * hashlib.new(algorithm).digest_size:
+        raise ValueError('malformed checksum {!r}: expected ALGORITHM:HEX'.format(checksum))
+    return algorithm, digest
+
+
 # ---------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------
@@ -311,6 +327,10 @@ def _check_url(url: str) -> urllib.parse.SplitResult:
     if not parts.hostname or any(c in url for c in '\r\n\x00 '):
         raise InvalidURLError('malformed URL {!r}'.format(url))
     return parts
+
+
+class _Stopped(Exception):
+    """Raised inside the download thread when ``stop()`` was called."""
 
 
 # ---------------------------------------------------------------------------
@@ -735,13 +755,265 @@ def _basic_auth(user: str, password: str) -> str:
     return 'Basic ' + base64.b64encode(token).decode('ascii')
 
 
+def _body_reader(response: http.client.HTTPResponse) -> Callable[[memoryview], int]:
+    """A ``readinto`` for the response body that returns as soon as some bytes
+    arrived (one receive), rather than waiting for the buffer to fill, so
+    progress, stall detection and rate limiting see bytes as they come. The
+    caller never asks for more than the announced length."""
+    if response.fp is None:  # http.client closes empty bodies at once
+        return lambda view: 0
+    if response.chunked:
+        def read_chunked(view: memoryview) -> int:
+            data = response.read1(len(view))
+            view[:len(data)] = data
+            return len(data)
+        return read_chunked
+
+    # BufferedReader.readinto1 into a view larger than its own buffer copies
+    # what it holds and then blocks in another receive. So while it may hold
+    # bytes (after the headers, or after a read smaller than its buffer), ask
+    # for at most one buffer's worth, which empties it without blocking.
+    readinto1 = response.fp.readinto1
+    buffer_size = io.DEFAULT_BUFFER_SIZE
+    may_hold_bytes = True
+
+    def read_plain(view: memoryview) -> int:
+        nonlocal may_hold_bytes
+        if may_hold_bytes and len(view) > buffer_size:
+            view = view[:buffer_size]
+        may_hold_bytes = len(view) < buffer_size
+        return readinto1(view)
+    return read_plain
+
+
+def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
+    """The error for an error answer, with the ``Retry-After`` delay of a 429
+    or 503 (at most a day: a longer one is taken for a day)."""
+    retry_after = None
+    if response.status in (429, 503):
+        retry_after = _parse_retry_after(response.getheader('Retry-After'))
+        if retry_after is not None:
+            retry_after = min(retry_after, _MAX_RETRY_AFTER)
+    return HTTPStatusError(response.status, response.reason, url, retry_after)
+
+
+def _network_error(exc: BaseException) -> Error:
+    """The bitpit error for an exception raised by the network or a parser."""
+    if isinstance(exc, Error):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError('TLS certificate not trusted: {}'.format(exc.verify_message or exc))
+    if isinstance(exc, ssl.SSLError):
+        return TLSError('TLS error: {}'.format(exc))
+    if isinstance(exc, socket.timeout):
+        return StalledError('no data received within the time-out')
+    if isinstance(exc, http.client.HTTPException):
+        return ProtocolError('bad HTTP response: {!r}'.format(exc))
+    return NetworkError('network error: {}'.format(exc))
+
+
+class _Request:
+    """One HTTP request of a download, following redirects.
+
+    An ``abortable`` request makes its connection the one the downloader's
+    ``stop()`` shuts down, and ends with ``_Stopped`` once a stop is under
+    way. Download thread (or, not abortable, the caller's)."""
+
+    def __init__(self, downloader: Downloader, method: str, offset: int,
+                 abortable: bool = True):
+        self.downloader = downloader
+        self.method = method
+        self.offset = offset
+        self.abortable = abortable
+        self.url = downloader.url
+        self.key: Optional[_ConnectionKey] = None
+        self.connection: Optional[Any] = None
+        self.response: Optional[http.client.HTTPResponse] = None
+        self._connect(self.url)
+
+    def _connect(self, url: str) -> None:
+        parts = _check_url(url)
+        d = self.downloader
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == 'https' else 80)
+        proxy = _proxy_for(parts, d.proxy)
+        proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
+        self.key = (scheme, parts.hostname, port, proxy_id, id(d.ssl_context))
+        connection = _POOL.get(self.key)
+        self.reused = connection is not None
+        if connection is None:
+            connection = self._new_connection(scheme, parts.hostname, port, proxy)
+        else:
+            connection.timeout = d.timeout
+            connection.cancelled = d._stop_event.is_set
+            if connection.sock is not None:
+                connection.sock.settimeout(d.timeout)
+        self._use(connection)
+
+    def _use(self, connection: Any) -> None:
+        self.connection = connection
+        if self.abortable:
+            try:
+                self.downloader._use_connection(connection)
+            except _Stopped:
+                self.connection = None
+                connection.close()
+                raise
+
+    def _new_connection(self, scheme: str, host: str, port: int,
+                        proxy: Optional[urllib.parse.SplitResult]) -> Any:
+        d = self.downloader
+        connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
+        if scheme == 'https':
+            context = d.ssl_context or _default_ssl_context()
+            conn = _HTTPSConnection(connect_host, connect_port, timeout=d.timeout,
+                                    context=context)
+            if proxy:
+                conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
+        else:
+            conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
+        conn.via_proxy = bool(proxy) and scheme == 'http'
+        conn.proxy_parts = proxy
+        conn.cancelled = d._stop_event.is_set
+        return conn
+
+    def _headers(self, url: str, first_host: str) -> Dict[str, str]:
+        d = self.downloader
+        parts = urllib.parse.urlsplit(url)
+        headers = {'User-Agent': 'bitpit/' + __version__}
+        headers.update((name, value) for name, value in d.headers.items()
+                       if name.lower() != 'accept-encoding')
+        # never a compressed body: byte ranges must mean file bytes, and CDNs
+        # ignore Range when compression is allowed
+        headers['Accept-Encoding'] = 'identity'
+        if self.offset > 0:
+            headers['Range'] = 'bytes={}-'.format(self.offset)
+            if d._validator:
+                headers['If-Range'] = d._validator
+        same_host = (parts.hostname or '').lower() == first_host
+        if not same_host:  # the caller's secrets are for the first host only
+            for name in list(headers):
+                if name.lower() in ('authorization', 'cookie'):
+                    del headers[name]
+        if not any(name.lower() == 'authorization' for name in headers):
+            credentials = self._credentials(parts, same_host)
+            if credentials is not None:
+                headers['Authorization'] = _basic_auth(*credentials)
+        conn = self.connection
+        if getattr(conn, 'via_proxy', False):
+            headers.update(_proxy_headers(conn.proxy_parts))
+        return headers
+
+    def _credentials(self, parts: urllib.parse.SplitResult, same_host: bool
+                     ) -> Optional[Tuple[str, str]]:
+        """User and password for this URL: from the URL itself, else the
+        ``auth`` option (first host only), else ``.netrc``."""
+        if parts.username is not None:
+            return (urllib.parse.unquote(parts.username),
+                    urllib.parse.unquote(parts.password or ''))
+        if self.downloader.auth is not None:
+            return tuple(self.downloader.auth) if same_host else None
+        return _netrc_credentials(parts.hostname or '')
+
+    def send(self) -> http.client.HTTPResponse:
+        """Send the request, follow redirects, return the final response
+        (status not 3xx). Raises a ``bitpit.Error``."""
+        first_host = (urllib.parse.urlsplit(self.url).hostname or '').lower()
+        seen = {self.url}
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = self._exchange(self.url, first_host)
+            location = response.getheader('Location')
+            if response.status not in _REDIRECT_STATUSES or not location:
+                self.response = response
+                return response
+            target = urllib.parse.urljoin(self.url, location.strip())
+            try:
+                _check_url(target)
+            except InvalidURLError as exc:
+                raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
+            if target in seen:
+                raise RedirectError('redirect loop at {}'.format(target))
+            seen.add(target)
+            self._drain_and_release(response)
+            self.url = target
+            self._connect(target)
+        raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS,
+                                                                     self.downloader.url))
+
+    def _exchange(self, url: str, first_host: str) -> http.client.HTTPResponse:
+        """One request and its response headers on the current connection,
+        retried once on a fresh connection if a reused one turns out dead."""
+        while True:
+            conn = self.connection
+            parts = urllib.parse.urlsplit(url)
+            if getattr(conn, 'via_proxy', False):
+                target = url
+            else:
+                target = parts.path or '/'
+                if parts.query:
+                    target += '?' + parts.query
+            try:
+                conn.request(self.method, target, headers=self._headers(url, first_host))
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                if self.downloader._stop_event.is_set():
+                    raise _Stopped from exc
+                if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
+                                                    ConnectionResetError, BrokenPipeError)):
+                    conn.close()
+                    self.reused = False
+                    scheme, host, port = self.key[0], self.key[1], self.key[2]
+                    self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
+                    continue
+                raise _network_error(exc) from exc
+
+    def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
+        """Finish a small redirect body so the connection can be reused."""
+        try:
+            length = _parse_content_length(response)
+            if length is not None and length <= 65536:
+                response.read()
+                self.close(reuse=not response.will_close)
+                return
+        except (OSError, http.client.HTTPException, Error):
+            pass
+        self.close(reuse=False)
+
+    def close(self, reuse: bool) -> None:
+        """Return the connection to the pool if ``reuse`` and the response was
+        read to its end; else close it. Idempotent."""
+        conn, self.connection = self.connection, None
+        if conn is None:
+            return
+        if self.abortable:
+            self.downloader._use_connection(None)
+            # checked after letting go of it: a stop() that got hold of the
+            # connection before may be shutting it down right now
+            reuse = reuse and not self.downloader._stop_event.is_set()
+        if reuse and self._response_done(conn):
+            _POOL.put(self.key, conn)
+        else:
+            conn.close()
+
+    def _response_done(self, conn: Any) -> bool:
+        response = self.response
+        return (conn.sock is not None and
+                (response is None or (response.isclosed() and not response.will_close)))
+
+
+_SSL_CONTEXT: Optional[ssl.SSLContext] = None
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
 # ---------------------------------------------------------------------------
 # downloader
 # ---------------------------------------------------------------------------
-
-class _Stopped(Exception):
-    """Raised inside the download thread when ``stop()`` was called."""
-
 
 _PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
 
@@ -1567,37 +1839,6 @@ class Downloader(Emitter):
         self._remove_sidecar()
 
 
-def _body_reader(response: http.client.HTTPResponse) -> Callable[[memoryview], int]:
-    """A ``readinto`` for the response body that returns as soon as some bytes
-    arrived (one receive), rather than waiting for the buffer to fill, so
-    progress, stall detection and rate limiting see bytes as they come. The
-    caller never asks for more than the announced length."""
-    if response.fp is None:  # http.client closes empty bodies at once
-        return lambda view: 0
-    if response.chunked:
-        def read_chunked(view: memoryview) -> int:
-            data = response.read1(len(view))
-            view[:len(data)] = data
-            return len(data)
-        return read_chunked
-
-    # BufferedReader.readinto1 into a view larger than its own buffer copies
-    # what it holds and then blocks in another receive. So while it may hold
-    # bytes (after the headers, or after a read smaller than its buffer), ask
-    # for at most one buffer's worth, which empties it without blocking.
-    readinto1 = response.fp.readinto1
-    buffer_size = io.DEFAULT_BUFFER_SIZE
-    may_hold_bytes = True
-
-    def read_plain(view: memoryview) -> int:
-        nonlocal may_hold_bytes
-        if may_hold_bytes and len(view) > buffer_size:
-            view = view[:buffer_size]
-        may_hold_bytes = len(view) < buffer_size
-        return readinto1(view)
-    return read_plain
-
-
 def _seekable(file: Any) -> bool:
     try:
         return file.seekable()
@@ -1615,247 +1856,6 @@ def _unexpected(exc: BaseException) -> Error:
     error = Error('unexpected error: {!r}'.format(exc))
     error.__cause__ = exc
     return error
-
-
-def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
-    """The error for an error answer, with the ``Retry-After`` delay of a 429
-    or 503 (at most a day: a longer one is taken for a day)."""
-    retry_after = None
-    if response.status in (429, 503):
-        retry_after = _parse_retry_after(response.getheader('Retry-After'))
-        if retry_after is not None:
-            retry_after = min(retry_after, _MAX_RETRY_AFTER)
-    return HTTPStatusError(response.status, response.reason, url, retry_after)
-
-
-def _network_error(exc: BaseException) -> Error:
-    """The bitpit error for an exception raised by the network or a parser."""
-    if isinstance(exc, Error):
-        return exc
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return TLSError('TLS certificate not trusted: {}'.format(exc.verify_message or exc))
-    if isinstance(exc, ssl.SSLError):
-        return TLSError('TLS error: {}'.format(exc))
-    if isinstance(exc, socket.timeout):
-        return StalledError('no data received within the time-out')
-    if isinstance(exc, http.client.HTTPException):
-        return ProtocolError('bad HTTP response: {!r}'.format(exc))
-    return NetworkError('network error: {}'.format(exc))
-
-
-def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
-    if checksum is None:
-        return None
-    algorithm, _, digest = str(checksum).partition(':')
-    algorithm = algorithm.strip().lower()
-    digest = digest.strip().lower()
-    try:
-        hashlib.new(algorithm)
-    except (ValueError, TypeError):
-        raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
-    if not re.fullmatch(r'[0-9a-f]+', digest) or \
-            len(digest) != 2 * hashlib.new(algorithm).digest_size:
-        raise ValueError('malformed checksum {!r}: expected ALGORITHM:HEX'.format(checksum))
-    return algorithm, digest
-
-
-class _Request:
-    """One HTTP request of a download, following redirects.
-
-    An ``abortable`` request makes its connection the one the downloader's
-    ``stop()`` shuts down, and ends with ``_Stopped`` once a stop is under
-    way. Download thread (or, not abortable, the caller's)."""
-
-    def __init__(self, downloader: Downloader, method: str, offset: int,
-                 abortable: bool = True):
-        self.downloader = downloader
-        self.method = method
-        self.offset = offset
-        self.abortable = abortable
-        self.url = downloader.url
-        self.key: Optional[_ConnectionKey] = None
-        self.connection: Optional[Any] = None
-        self.response: Optional[http.client.HTTPResponse] = None
-        self._connect(self.url)
-
-    def _connect(self, url: str) -> None:
-        parts = _check_url(url)
-        d = self.downloader
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == 'https' else 80)
-        proxy = _proxy_for(parts, d.proxy)
-        proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
-        self.key = (scheme, parts.hostname, port, proxy_id, id(d.ssl_context))
-        connection = _POOL.get(self.key)
-        self.reused = connection is not None
-        if connection is None:
-            connection = self._new_connection(scheme, parts.hostname, port, proxy)
-        else:
-            connection.timeout = d.timeout
-            connection.cancelled = d._stop_event.is_set
-            if connection.sock is not None:
-                connection.sock.settimeout(d.timeout)
-        self._use(connection)
-
-    def _use(self, connection: Any) -> None:
-        self.connection = connection
-        if self.abortable:
-            try:
-                self.downloader._use_connection(connection)
-            except _Stopped:
-                self.connection = None
-                connection.close()
-                raise
-
-    def _new_connection(self, scheme: str, host: str, port: int,
-                        proxy: Optional[urllib.parse.SplitResult]) -> Any:
-        d = self.downloader
-        connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
-        if scheme == 'https':
-            context = d.ssl_context or _default_ssl_context()
-            conn = _HTTPSConnection(connect_host, connect_port, timeout=d.timeout,
-                                    context=context)
-            if proxy:
-                conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
-        else:
-            conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
-        conn.via_proxy = bool(proxy) and scheme == 'http'
-        conn.proxy_parts = proxy
-        conn.cancelled = d._stop_event.is_set
-        return conn
-
-    def _headers(self, url: str, first_host: str) -> Dict[str, str]:
-        d = self.downloader
-        parts = urllib.parse.urlsplit(url)
-        headers = {'User-Agent': 'bitpit/' + __version__}
-        headers.update((name, value) for name, value in d.headers.items()
-                       if name.lower() != 'accept-encoding')
-        # never a compressed body: byte ranges must mean file bytes, and CDNs
-        # ignore Range when compression is allowed
-        headers['Accept-Encoding'] = 'identity'
-        if self.offset > 0:
-            headers['Range'] = 'bytes={}-'.format(self.offset)
-            if d._validator:
-                headers['If-Range'] = d._validator
-        same_host = (parts.hostname or '').lower() == first_host
-        if not same_host:  # the caller's secrets are for the first host only
-            for name in list(headers):
-                if name.lower() in ('authorization', 'cookie'):
-                    del headers[name]
-        if not any(name.lower() == 'authorization' for name in headers):
-            credentials = self._credentials(parts, same_host)
-            if credentials is not None:
-                headers['Authorization'] = _basic_auth(*credentials)
-        conn = self.connection
-        if getattr(conn, 'via_proxy', False):
-            headers.update(_proxy_headers(conn.proxy_parts))
-        return headers
-
-    def _credentials(self, parts: urllib.parse.SplitResult, same_host: bool
-                     ) -> Optional[Tuple[str, str]]:
-        """User and password for this URL: from the URL itself, else the
-        ``auth`` option (first host only), else ``.netrc``."""
-        if parts.username is not None:
-            return (urllib.parse.unquote(parts.username),
-                    urllib.parse.unquote(parts.password or ''))
-        if self.downloader.auth is not None:
-            return tuple(self.downloader.auth) if same_host else None
-        return _netrc_credentials(parts.hostname or '')
-
-    def send(self) -> http.client.HTTPResponse:
-        """Send the request, follow redirects, return the final response
-        (status not 3xx). Raises a ``bitpit.Error``."""
-        first_host = (urllib.parse.urlsplit(self.url).hostname or '').lower()
-        seen = {self.url}
-        for _ in range(_MAX_REDIRECTS + 1):
-            response = self._exchange(self.url, first_host)
-            location = response.getheader('Location')
-            if response.status not in _REDIRECT_STATUSES or not location:
-                self.response = response
-                return response
-            target = urllib.parse.urljoin(self.url, location.strip())
-            try:
-                _check_url(target)
-            except InvalidURLError as exc:
-                raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
-            if target in seen:
-                raise RedirectError('redirect loop at {}'.format(target))
-            seen.add(target)
-            self._drain_and_release(response)
-            self.url = target
-            self._connect(target)
-        raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS,
-                                                                     self.downloader.url))
-
-    def _exchange(self, url: str, first_host: str) -> http.client.HTTPResponse:
-        """One request and its response headers on the current connection,
-        retried once on a fresh connection if a reused one turns out dead."""
-        while True:
-            conn = self.connection
-            parts = urllib.parse.urlsplit(url)
-            if getattr(conn, 'via_proxy', False):
-                target = url
-            else:
-                target = parts.path or '/'
-                if parts.query:
-                    target += '?' + parts.query
-            try:
-                conn.request(self.method, target, headers=self._headers(url, first_host))
-                return conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                if self.downloader._stop_event.is_set():
-                    raise _Stopped from exc
-                if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
-                                                    ConnectionResetError, BrokenPipeError)):
-                    conn.close()
-                    self.reused = False
-                    scheme, host, port = self.key[0], self.key[1], self.key[2]
-                    self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
-                    continue
-                raise _network_error(exc) from exc
-
-    def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
-        """Finish a small redirect body so the connection can be reused."""
-        try:
-            length = _parse_content_length(response)
-            if length is not None and length <= 65536:
-                response.read()
-                self.close(reuse=not response.will_close)
-                return
-        except (OSError, http.client.HTTPException, Error):
-            pass
-        self.close(reuse=False)
-
-    def close(self, reuse: bool) -> None:
-        """Return the connection to the pool if ``reuse`` and the response was
-        read to its end; else close it. Idempotent."""
-        conn, self.connection = self.connection, None
-        if conn is None:
-            return
-        if self.abortable:
-            self.downloader._use_connection(None)
-            # checked after letting go of it: a stop() that got hold of the
-            # connection before may be shutting it down right now
-            reuse = reuse and not self.downloader._stop_event.is_set()
-        if reuse and self._response_done(conn):
-            _POOL.put(self.key, conn)
-        else:
-            conn.close()
-
-    def _response_done(self, conn: Any) -> bool:
-        response = self.response
-        return (conn.sock is not None and
-                (response is None or (response.isclosed() and not response.will_close)))
-
-
-_SSL_CONTEXT: Optional[ssl.SSLContext] = None
-
-
-def _default_ssl_context() -> ssl.SSLContext:
-    global _SSL_CONTEXT
-    if _SSL_CONTEXT is None:
-        _SSL_CONTEXT = ssl.create_default_context()
-    return _SSL_CONTEXT
 
 
 # ---------------------------------------------------------------------------
