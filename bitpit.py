@@ -1166,6 +1166,7 @@ class Downloader(Emitter):
 
     @property
     def human_rate_limit(self) -> Tuple[Optional[float], Optional[str]]:
+        """``rate_limit`` for people, e.g. ``(100.0, 'KB/s')``."""
         return _per_second(self._rate_limit)
 
     @property
@@ -1230,6 +1231,7 @@ class Downloader(Emitter):
 
     @property
     def percentage(self) -> float:
+        """``100 * ratio``."""
         return 100 * self.ratio
 
     @property
@@ -1244,18 +1246,22 @@ class Downloader(Emitter):
 
     @property
     def human_size(self) -> Tuple[Optional[float], Optional[str]]:
+        """``size`` for people, e.g. ``(9.865234375, 'KB')``."""
         return human_readable(self._size)
 
     @property
     def human_downloaded(self) -> Tuple[Optional[float], Optional[str]]:
+        """``downloaded`` for people."""
         return human_readable(self._downloaded)
 
     @property
     def human_remaining(self) -> Tuple[Optional[float], Optional[str]]:
+        """``remaining`` for people."""
         return human_readable(self.remaining)
 
     @property
     def human_speed(self) -> Tuple[Optional[float], Optional[str]]:
+        """``speed`` for people, e.g. ``(2.0, 'KB/s')``."""
         return _per_second(self._speed)
 
     @property
