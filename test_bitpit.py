@@ -876,3 +876,204 @@ def test_retries_count_only_attempts_without_progress(server, tmp_path):
     rec.wait_state('complete', 'fatal-error', timeout=20)
     assert d.state == 'complete' and (tmp_path / 'cut').read_bytes() == DATA
     assert len(server.requests) == 4
+
+
+# The tutorial's other stages, verbatim but for the URL. (name, program,
+# where the file lands, lines the output must hold)
+TUTORIAL_STAGES = [
+    ('download a file', '''
+import bitpit
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(url)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'python-logo.png', ['Download has started.']),
+    ('file size', '''
+import bitpit
+
+def on_size_changed(downloader):
+    print('The file size is', *downloader.human_size)
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(url)
+
+#listen to signals
+#print size as soon as it is known
+dl.listen('size-changed', on_size_changed)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'python-logo.png', ['The file size is 9.865234375 KB']),
+    ('speed', '''
+import bitpit
+
+def on_size_changed(downloader):
+    print('The file size is', downloader.size)
+
+def on_speed_changed(downloader):
+    print('The speed is', *downloader.human_speed)
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(url)
+
+#listen to signals
+#print size as soon as it is known
+dl.listen('size-changed', on_size_changed)
+
+#print speed periodically
+dl.listen('speed-changed', on_speed_changed)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'python-logo.png', ['The file size is 10102', 'The speed is 0 B/s']),
+    ('state', '''
+import bitpit
+
+def on_size_changed(downloader):
+    print('The file size is', downloader.size)
+
+def on_speed_changed(downloader):
+    print('The speed is', *downloader.human_speed)
+
+def on_state_changed(downloader, old_state):
+    print('The state changed to:', downloader.state)
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(url)
+
+#listen to signals
+#print size as soon as it is known
+dl.listen('size-changed', on_size_changed)
+
+#print speed periodically
+dl.listen('speed-changed', on_speed_changed)
+
+#print state
+dl.listen('state-changed', on_state_changed)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'python-logo.png', ['The state changed to: start', 'The state changed to: complete']),
+    ('path and rate limit', '''
+import bitpit
+import pathlib
+
+def on_size_changed(downloader):
+    print('The file size is', downloader.size)
+
+def on_speed_changed(downloader):
+    print('The speed is', *downloader.human_speed)
+
+def on_state_changed(downloader, old_state):
+    print('The state changed to:', downloader.state)
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(
+        url,
+        path=pathlib.Path.home() / 'Desktop' / 'logo.png',
+        restart_wait=30,
+        rate_limit=2048
+    )
+
+#listen to signals
+#print size as soon as it is known
+dl.listen('size-changed', on_size_changed)
+
+#print speed periodically
+dl.listen('speed-changed', on_speed_changed)
+
+#print state
+dl.listen('state-changed', on_state_changed)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'Desktop/logo.png', ['The speed is 1.99', 'The state changed to: complete']),
+    ('additional tuning', '''
+import bitpit
+import pathlib
+
+def on_size_changed(downloader):
+    print('The file size is', downloader.size)
+
+def on_speed_changed(downloader):
+    print('The speed is', *downloader.human_speed)
+
+def on_state_changed(downloader, old_state):
+    print('The state changed to:', downloader.state)
+
+#will download this
+url = URL
+
+#this is our downloader
+dl = bitpit.Downloader(
+        url,
+        path=pathlib.Path.home() / 'Desktop' / 'logo.png',
+        restart_wait=30,
+        rate_limit=2048,
+        timeout=60,
+        chunk_size=1024
+    )
+
+#listen to signals
+#print size as soon as it is known
+dl.listen('size-changed', on_size_changed)
+
+#print speed periodically
+dl.listen('speed-changed', on_speed_changed)
+
+#print state
+dl.listen('state-changed', on_state_changed)
+
+#start downloading and tell user download has started.
+dl.start()
+print('Download has started.')
+
+#end of the main thread
+''', 'Desktop/logo.png', ['The file size is 10102', 'The state changed to: complete']),
+]
+
+
+@pytest.mark.parametrize('name, source, landing, expected', TUTORIAL_STAGES,
+                         ids=[stage[0] for stage in TUTORIAL_STAGES])
+def test_tutorial_stage_runs_unchanged(server, tmp_path, name, source, landing, expected):
+    server.add('/static/img/python-logo.png', LOGO)
+    (tmp_path / 'Desktop').mkdir()
+    result = run_program(source, server.url('/static/img/python-logo.png'), tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''
+    assert (tmp_path / landing).read_bytes() == LOGO
+    lines = result.stdout.splitlines()
+    for line in expected:
+        assert any(line in printed for printed in lines), (line, result.stdout)
