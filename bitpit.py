@@ -825,6 +825,7 @@ class _Request:
         self.method = method
         self.offset = offset
         self.abortable = abortable
+        self._cancelled = downloader._stop_event.is_set if abortable else _never
         self.url = downloader.url
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[Any] = None
@@ -845,7 +846,7 @@ class _Request:
             connection = self._new_connection(scheme, parts.hostname, port, proxy)
         else:
             connection.timeout = d.timeout
-            connection.cancelled = d._stop_event.is_set
+            connection.cancelled = self._cancelled
             if connection.sock is not None:
                 connection.sock.settimeout(d.timeout)
         self._use(connection)
@@ -874,7 +875,7 @@ class _Request:
             conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
         conn.via_proxy = bool(proxy) and scheme == 'http'
         conn.proxy_parts = proxy
-        conn.cancelled = d._stop_event.is_set
+        conn.cancelled = self._cancelled
         return conn
 
     def _headers(self, url: str, first_host: str) -> Dict[str, str]:
@@ -956,7 +957,7 @@ class _Request:
                 conn.request(self.method, target, headers=self._headers(url, first_host))
                 return conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                if self.downloader._stop_event.is_set():
+                if self._cancelled():
                     raise _Stopped from exc
                 if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
                                                     ConnectionResetError, BrokenPipeError)):
@@ -1002,6 +1003,10 @@ class _Request:
 
 
 _SSL_CONTEXT: Optional[ssl.SSLContext] = None
+
+
+def _never() -> bool:
+    return False
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -1139,7 +1144,7 @@ class Downloader(Emitter):
         self.emit('path-changed', self)
 
     def _ensure_not_running(self, what: str) -> None:
-        if self.is_alive:
+        if self.is_alive and not self._attempt_over:
             raise RuntimeError('cannot change {} while the download is running'.format(what))
 
     @property
@@ -1303,6 +1308,7 @@ class Downloader(Emitter):
                 self.restart(0)  # called from a final callback: start once it ends
                 return
             finishing.join()  # it is only emitting its final signals
+            self._cancel_restart()  # one it scheduled meanwhile
         with self._lock:
             if self.is_alive:
                 return
@@ -1314,15 +1320,24 @@ class Downloader(Emitter):
 
     def stop(self) -> None:
         """Stop the download (state ``pause``) and wait for its thread to end,
-        unless called from that thread. No-op if not running; cancels a
-        scheduled restart. Any thread."""
+        unless called from that thread or the attempt is already over (the
+        thread then only emits its last signals). No-op if not running;
+        cancels a scheduled restart, and keeps a failing attempt from
+        scheduling one. Any thread."""
         self._cancel_restart()
         with self._lock:
             thread = self._thread
-            if thread is None or not thread.is_alive() or self._attempt_over:
-                return  # a thread past its attempt only emits its last signals
+            if thread is None or not thread.is_alive():
+                return
             self._stop_event.set()
+            finishing = self._attempt_over
             connection = self._connection
+        if finishing:
+            # The thread only emits its last signals: the stop need not wait
+            # for it (a callback of it may be what called stop; waiting could
+            # deadlock), only keep it from scheduling a restart.
+            self._cancel_restart()
+            return
         if connection is not None:
             connection.abort()
         for bucket in self._buckets():
@@ -1341,12 +1356,20 @@ class Downloader(Emitter):
         """Schedule ``start()`` in ``wait`` seconds (default
         ``restart_wait``) and return. Any thread. A wait longer than a thread
         can wait (``threading.TIMEOUT_MAX``) is shortened to that."""
+        self._schedule_restart(wait, automatic=False)
+
+    def _schedule_restart(self, wait: Optional[float], automatic: bool) -> None:
+        """Install the restart timer. An ``automatic`` one (after an error)
+        is not installed once a stop is under way or a restart is already
+        scheduled (by a callback), decided in the same locked step."""
         wait = self._restart_wait if wait is None else wait
         wait = min(max(0.0, wait), threading.TIMEOUT_MAX)
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
         timer.name = 'bitpit-restart'
         with self._lock:
+            if automatic and (self._stop_event.is_set() or self._restart_timer is not None):
+                return
             old, self._restart_timer = self._restart_timer, timer
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
         if old is not None:
@@ -1530,9 +1553,8 @@ class Downloader(Emitter):
             self._retry_after = retry_after
         self.emit('speed-changed', self)
         self._set_state(final)
-        if final == 'error' and self._restarts_itself and self._restart_wait >= 0 \
-                and not self._stop_event.is_set() and self._restart_timer is None:
-            self.restart(max(self._restart_wait, retry_after or 0))
+        if final == 'error' and self._restarts_itself and self._restart_wait >= 0:
+            self._schedule_restart(max(self._restart_wait, retry_after or 0), automatic=True)
 
     def _attempt(self) -> None:
         """Download until every byte is held; raise on failure or stop.
@@ -1588,7 +1610,7 @@ class Downloader(Emitter):
             total = int(match.group(1)) if match else None
             if total is None and self._size >= 0:
                 total = self._size
-            changed = self._change_in(response, total) or (
+            changed = self._change_in(response, total, etag_only=True) or (
                 total is not None and total != offset and
                 'it has {} bytes, the local file {}'.format(total, offset))
             if changed:
@@ -1665,17 +1687,21 @@ class Downloader(Emitter):
             raise FileError('cannot truncate {}: {}'.format(self._path, exc)) from exc
         self._downloaded = 0
 
-    def _change_in(self, response: http.client.HTTPResponse,
-                   total: Optional[int]) -> Optional[str]:
-        """How a partial answer shows that the server's file is no longer the
-        one the local bytes came from (another size, another validator: a
-        server that ignores ``If-Range`` answers so), or ``None``."""
+    def _change_in(self, response: http.client.HTTPResponse, total: Optional[int],
+                   etag_only: bool = False) -> Optional[str]:
+        """How an answer about the file shows that the server's file is no
+        longer the one the local bytes came from (another size, another
+        validator: a server that ignores ``If-Range`` answers so), or
+        ``None``. ``etag_only`` for a 416, whose Last-Modified may be that of
+        an error page."""
         if total is not None and self._size >= 0 and total != self._size:
             return 'it has {} bytes, not {}'.format(total, self._size)
         held = self._validator
         if held is None:
             return None
         name = 'ETag' if held.startswith('"') else 'Last-Modified'
+        if etag_only and name != 'ETag':
+            return None
         current = response.getheader(name)
         if current is not None and current != held:
             return '{} {} instead of {}'.format(name, current, held)
