@@ -2022,7 +2022,9 @@ class Manager(Emitter):
         ``stop_all``). Waits for the thread unless called from it."""
         with self._cond:
             self._started = False
-            thread = self._thread
+            # detached: a start() from now on gets a thread of its own, and
+            # this one ends at its next look, whatever start() does meanwhile
+            thread, self._thread = self._thread, None
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -2058,12 +2060,17 @@ class Manager(Emitter):
     # -- the manager thread ----------------------------------------------------
 
     def _run(self) -> None:
-        """Re-plan whenever notified, or when the next restart becomes due."""
+        """Re-plan whenever notified, or when the next restart becomes due.
+        Ends when stopped (or replaced by a newer thread after a stop), or
+        when every download is finished. The manager thread."""
+        me = threading.current_thread()
         wait: Optional[float] = None
         while True:
             with self._cond:
-                if self._started and not self._replan:
+                if self._started and not self._replan and self._thread is me:
                     self._cond.wait(wait)
+                if self._thread is not me:
+                    return  # stopped: stop() has detached this thread
                 if not self._started:
                     self._thread = None
                     return

@@ -246,3 +246,19 @@ def test_no_thread_left_after_stop(manager, server, tmp_path):
     m.stop()
     m.stop_all()
     assert not bitpit_threads()
+
+
+def test_stop_then_start_again(manager, server, tmp_path):
+    m, watcher, downloads = start_manager(manager, server, tmp_path, ['/r0'],
+                                          throttle=100000)
+    watcher.wait(all_in(downloads, 'download'))
+    old = m._thread
+    m.stop()
+    assert m._thread is None and not old.is_alive()
+    assert downloads[0].state == 'download', 'stopping the manager leaves downloads alone'
+    downloads[0].stop()
+    m.restart_wait = 0
+    m.start()
+    assert m._thread is not old
+    watcher.wait(all_in(downloads, 'complete'))
+    assert (tmp_path / 'r0').read_bytes() == DATA
