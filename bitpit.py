@@ -432,10 +432,6 @@ class _TokenBucket:
             self._tokens = min(self._tokens, self._depth())
             self._notify_all()
 
-    @property
-    def limited(self) -> bool:
-        return self._rate > 0
-
     def _depth(self) -> float:
         return max(self._rate * self.BURST_SECONDS, 1.0)
 
