@@ -1439,12 +1439,16 @@ class Downloader(Emitter):
                 self._size = size
 
     def _local_size(self) -> int:
+        """Bytes already held: the size of a regular file (0 for a missing
+        one or a device), the end of a seekable stream, else what was
+        written to it."""
         target = self._path
         if isinstance(target, pathlib.Path):
             try:
-                return target.stat().st_size if target.is_file() else 0
+                status = target.stat()
             except OSError:
                 return 0
+            return status.st_size if stat.S_ISREG(status.st_mode) else 0
         try:
             if target.seekable():
                 return target.seek(0, io.SEEK_END)
