@@ -1,17 +1,20 @@
 """Shared pieces of bitpit's benchmarks.
 
 The scripts beside this file (``throughput.py``, ``many_small.py``,
-``total_limit.py``) only describe *what* they compare; everything they have
-in common lives here:
+``total_limit.py``, ``segmented.py``) only describe *what* they compare;
+everything they have in common lives here:
 
     sizes        parse_size, fmt_size, KiB / MiB / GiB
-    files        workspace (a temp dir removed at the end), make_file, remove
+    files        workspace (a temp dir removed at the end), make_file,
+                 file_sha256, remove
     tools        find_tool: locate curl / wget / aria2c / nginx, installing
                  them with apt-get when missing and allowed
     servers      PythonFileServer (http.server + socket.sendfile, Range,
                  keep-alive, optional per-path throttling and a byte log,
-                 bytes_between), NginxServer (a generated nginx.conf, one
-                 foreground process), serve_files() which picks one
+                 bytes_between), PacingFileServer (the same, every
+                 connection paced strictly on its own), NginxServer (a
+                 generated nginx.conf, one foreground process, optional
+                 limit_rate), serve_files() which picks one
     contenders   Contender, Skipped, gather, bitpit_available,
                  python_command, python_env
     running      run_measured (wall time and peak RSS of one child process),
@@ -31,6 +34,7 @@ import contextlib
 import dataclasses
 import email.utils
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -39,6 +43,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,18 +112,37 @@ def workspace(parent: Optional[str] = None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_file(path: Path, size: int, *, sparse: bool = False) -> Path:
+def make_file(path: Path, size: int, *, sparse: bool = False, unique: bool = False) -> Path:
     """Create ``path`` holding ``size`` bytes of incompressible data (a random
-    4 MiB block repeated), or a sparse file of zeros when ``sparse``."""
+    4 MiB block repeated), or a sparse file of zeros when ``sparse``.
+
+    With ``unique``, every 4 KiB of the file starts with its own offset (8
+    bytes, little-endian), so that no two 4 KiB pieces are alike: a byte
+    range written at a wrong offset then always changes the file, even when
+    the offset is wrong by a multiple of the repeated block."""
     with open(path, 'wb') as file:
         if sparse:
             file.truncate(size)
             return path
         block = os.urandom(min(size, 4 * MiB))
-        left = size
-        while left > 0:
-            left -= file.write(block[:left])
+        written = 0
+        while written < size:
+            data = block[:size - written]
+            if unique:
+                data = bytearray(data)
+                for at in range(0, len(data) - 7, 4 * KiB):
+                    struct.pack_into('<Q', data, at, written + at)
+            written += file.write(data)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, in hex."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for chunk in iter(lambda: file.read(4 * MiB), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove(path: Path) -> None:
@@ -319,10 +343,11 @@ class PythonFileServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
     kind = 'python'
+    handler_class: type = _FileHandler
 
     def __init__(self, docroot: Path, rates: Optional[Dict[str, float]] = None,
                  piece: int = 8 * MiB, log_bytes: bool = False):
-        super().__init__(('127.0.0.1', 0), _FileHandler)
+        super().__init__(('127.0.0.1', 0), self.handler_class)
         self.docroot = Path(docroot).resolve()
         self.rates = dict(rates or {})
         self.piece = piece
@@ -369,16 +394,124 @@ def bytes_between(log: Sequence[Tuple[float, str, int]], start: float, end: floa
     return sum(n for _, p, n in log[lo:hi] if path is None or p == path)
 
 
+class _PacedHandler(_FileHandler):
+    """``_FileHandler`` with every *connection* paced on its own: at most
+    ``server.rate_for(n)`` bytes per second, where ``n`` is the connection's
+    number in the order the server accepted them since its last ``reset()``
+    (1 = the first).
+
+    The pace is a token bucket only ``1 / PacingFileServer.depth_per_s``
+    (1/50 s) of the rate deep, which starts empty when the connection opens
+    and persists across its keep-alive requests; time the connection spends
+    idle or blocked adds no more credit than that depth. Bodies go out in
+    pieces no larger than the depth (at most 16 KiB), each sent as soon as
+    the bucket holds it. Unlike nginx's ``limit_rate``, no request starts
+    with a second's worth of burst: N bytes take N / rate seconds."""
+    server: 'PacingFileServer'
+
+    def setup(self) -> None:
+        super().setup()
+        self.stats = self.server.opened(self.request)
+        self.rate = self.stats['rate']
+        self.depth = self.rate / self.server.depth_per_s  # in bytes
+        self.piece = max(1, min(16 * KiB, int(self.depth)))
+        self.empty_at = time.monotonic()  # the bucket is empty at this time
+
+    def _send_body(self, file: Any, url_path: str, offset: int, count: int) -> None:
+        self.stats['requests'] += 1
+        sent = 0
+        try:
+            while sent < count:
+                n = min(self.piece, count - sent)
+                now = time.monotonic()
+                self.empty_at = max(self.empty_at, now - self.depth / self.rate)
+                ready = self.empty_at + n / self.rate  # when the bucket holds n bytes
+                if ready > now:
+                    time.sleep(ready - now)
+                done = self.connection.sendfile(file, offset + sent, n)
+                if not done:
+                    break
+                self.empty_at += done / self.rate
+                sent += done
+                self.stats['bytes'] += done
+                self.server.record(url_path, done)
+        except OSError:  # the client went away
+            pass
+        if sent < count:
+            self.close_connection = True
+
+
+class PacingFileServer(PythonFileServer):
+    """``PythonFileServer`` that paces every connection strictly on its own
+    (see ``_PacedHandler``), like a server with a per-connection cap.
+
+    ``rate`` is bytes per second for every connection, or a function of
+    the connection's number (1 = the first accepted since ``reset()``) that
+    returns its rate, e.g. to make one connection slow. ``connections``
+    maps each number to ``{'rate', 'requests', 'bytes'}`` (requests with
+    a body, bytes of bodies sent); ``reset()`` forgets them, the byte log
+    and the count, so that each run numbers its connections from 1."""
+    depth_per_s = 50
+    handler_class = _PacedHandler
+
+    def __init__(self, docroot: Path, rate: Union[float, Callable[[int], float]],
+                 log_bytes: bool = False):
+        super().__init__(docroot, log_bytes=log_bytes)
+        self.rate_for: Callable[[int], float] = rate if callable(rate) else lambda number: rate
+        self.connections: Dict[int, Dict[str, Any]] = {}
+        self._accepted: Dict[Any, int] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        return 'Python pacing server (HTTP/1.1, each connection paced on its own, no burst)'
+
+    def get_request(self) -> Tuple[Any, Any]:
+        """Accept a connection and number it, in accept order."""
+        request, address = super().get_request()
+        with self._lock:
+            self._count += 1
+            self._accepted[request] = self._count
+        return request, address
+
+    def opened(self, request: Any) -> Dict[str, Any]:
+        """The stats entry of a connection that a handler starts to serve."""
+        with self._lock:
+            number = self._accepted.pop(request, 0)
+            stats = {'rate': float(self.rate_for(number)), 'requests': 0, 'bytes': 0}
+            self.connections[number] = stats
+        return stats
+
+    def reset(self) -> None:
+        """Number the next connection 1 again; forget stats and byte log."""
+        with self._lock:
+            self._count = 0
+            self._accepted.clear()
+            self.connections = {}
+            self.sent_log.clear()
+
+    def bytes_sent(self) -> int:
+        """Body bytes sent since the last ``reset()``."""
+        with self._lock:
+            return sum(stats['bytes'] for stats in self.connections.values())
+
+
 class NginxServer:
     """nginx serving ``docroot`` on 127.0.0.1 with ``sendfile on``, from a
     generated nginx.conf in its own temp dir, as a foreground process (no
-    daemon, no master process: one process, stopped when the block ends)."""
+    daemon, no master process: one process, stopped when the block ends).
+
+    With ``limit_rate`` (bytes per second), the server block gets
+    ``limit_rate N;``: nginx paces each *request* on its own, and gives
+    each one about a second's worth of credit at its start."""
     kind = 'nginx'
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
-    def __init__(self, docroot: Path, binary: str):
+    def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
+        self.limit_rate = limit_rate
         self.version = tool_version(binary, '-v').rpartition('/')[2]
         self._build = command_output(binary, '-V')  # configure arguments
         self.port = 0
@@ -391,6 +524,9 @@ class NginxServer:
 
     @property
     def description(self) -> str:
+        if self.limit_rate:
+            return 'nginx {} (sendfile on, limit_rate {}/s per request)'.format(
+                self.version, fmt_size(self.limit_rate))
         return 'nginx {} (sendfile on)'.format(self.version)
 
     def url(self, name: str) -> str:
@@ -422,6 +558,7 @@ class NginxServer:
             '    server {',
             '        listen 127.0.0.1:{} backlog=4096;'.format(self.port),
             '        root {};'.format(self.docroot),
+            *(['        limit_rate {};'.format(int(self.limit_rate))] if self.limit_rate else []),
             '    }',
             '}', ''])
 
@@ -537,31 +674,36 @@ def python_command(code: str, *args: Any) -> List[str]:
     return [sys.executable, '-c', code, *(str(a) for a in args)]
 
 
-def python_env(pycache: Optional[Path] = None) -> Dict[str, str]:
-    """The environment of Python children: the repo root first on
-    ``sys.path``, so ``import bitpit`` finds the repo's ``bitpit.py``.
+def python_env(pycache: Optional[Path] = None, lib: Optional[Path] = None) -> Dict[str, str]:
+    """The environment of Python children: the repo root (or the dir
+    ``lib``) first on ``sys.path``, so ``import bitpit`` finds the repo's
+    ``bitpit.py`` (or the one in ``lib``). Children must not run with the
+    repo root as their working dir if ``lib`` is to win.
 
     With ``pycache`` (a dir in the workspace), bytecode is cached there
     even if ``PYTHONDONTWRITEBYTECODE`` is set: after the warm-up round
     bitpit is imported as an installed module would be, without being
     compiled again on every run, and the repo gets no ``__pycache__``."""
     path = os.environ.get('PYTHONPATH')
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + (os.pathsep + path if path else ''))
+    first = str(REPO_ROOT if lib is None else lib)
+    env = dict(os.environ, PYTHONPATH=first + (os.pathsep + path if path else ''))
     if pycache is not None:
         env.pop('PYTHONDONTWRITEBYTECODE', None)
         env['PYTHONPYCACHEPREFIX'] = str(pycache)
     return env
 
 
-def bitpit_available(*names: str) -> str:
-    """Check that the repo's bitpit imports and has ``names`` (e.g.
-    ``'Downloader'``); return ``'bitpit VERSION at PATH'`` or raise
-    ``Skipped`` saying why not."""
+def bitpit_available(*names: str, env: Optional[Dict[str, str]] = None,
+                     cwd: Optional[Path] = None) -> str:
+    """Check that the repo's bitpit (or the one ``env`` finds, imported in
+    ``cwd``) imports and has ``names`` (e.g. ``'Downloader'``); return
+    ``'bitpit VERSION at PATH'`` or raise ``Skipped`` saying why not."""
     code = ('import json, sys, bitpit\n'
             'print(json.dumps({"file": bitpit.__file__, "version": getattr(bitpit, "__version__", "?"),'
             ' "missing": [n for n in sys.argv[1:] if not callable(getattr(bitpit, n, None))]}))')
     try:
-        done = subprocess.run(python_command(code, *names), env=python_env(), cwd=str(REPO_ROOT),
+        done = subprocess.run(python_command(code, *names), env=env or python_env(),
+                              cwd=str(cwd or REPO_ROOT),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
     except subprocess.TimeoutExpired:
