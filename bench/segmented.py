@@ -1,0 +1,531 @@
+#!/usr/bin/env python3
+"""Segmented downloads: bitpit with 4 connections (and a mirror) vs 1, aria2c, curl.
+
+One file (10 MiB by default) is fetched over 127.0.0.1 from servers that cap
+each connection, so a client that splits it into byte ranges over several
+connections can finish several times sooner. Five scenarios, each a section
+of the report with its own contenders, medians and goals (issue: segmented
+transfers):
+
+    nginx-limit      nginx, ``limit_rate 1m`` (per request; nginx gives
+                     each request about one second of credit at its start):
+                     bitpit x4, bitpit x1, aria2c -x4, curl
+                         bitpit x4 / aria2c -x4 (wall time) <= 1.0
+    pacer            our strict pacer, 1 MiB/s per connection, no credit:
+                     the same four contenders
+                         speed-up bitpit x1 / bitpit x4 >= 3.8
+    mirrors          two strict pacers (two ports, the same file): bitpit x4
+                     with the second as a mirror, bitpit x1 on the first,
+                     aria2c -x4 with both URIs
+                         speed-up bitpit x1 / bitpit x4 + mirror >= 3.8
+    slow-connection  a strict pacer whose first connection of each run (the
+                     probe) gets 128 KiB/s, every other 1 MiB/s; the ideal is
+                     size / (sum of the 4 connections' rates) = 3.2 s:
+                     bitpit x4, aria2c -x4
+                         bitpit x4 / ideal (wall time) <= 1.3
+    big              1 GiB from nginx without a limit: bitpit x4, bitpit x1
+                         bitpit x4 / x1 (wall time) <= 1.0,  x4 peak RSS <= 30 MB
+
+bitpit runs as a user would write it, ``d = bitpit.Downloader(url, path=out,
+connections=4, mirrors=[...]); d.start(); d.join(timeout)``, each run in a
+fresh process; aria2c runs as ``aria2c -x4 -s4 -k1M``. Runs are interleaved
+and every output is compared with the served file's SHA-256.
+
+Example: ``python bench/segmented.py --runs 3`` (about 5 minutes);
+quick: ``python bench/segmented.py --runs 1 --skip-big``; one scenario
+against another bitpit.py:
+``python bench/segmented.py --scenario slow-connection --bitpit ../main/bitpit.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/ is not a package)
+from common import (BenchError, Contender, Goal, KiB, MiB, Outcome,  # noqa: E402
+                    PacingFileServer, Skipped)
+
+SCENARIOS = ('nginx-limit', 'pacer', 'mirrors', 'slow-connection', 'big')
+
+#: Connections of the segmented contenders (bitpit xN, aria2c -xN -sN).
+CONNECTIONS = 4
+
+#: A bitpit contender: ``Downloader(url, path=out, **options)`` as a user
+#: would write it; the options (``connections``, ``mirrors``) come as JSON.
+BITPIT_CODE = '''
+import json, sys, time
+began = time.perf_counter()
+import bitpit
+imported = time.perf_counter()
+url, out, timeout, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
+d = bitpit.Downloader(url, path=out, **options)
+d.start()
+d.join(timeout)
+if d.is_alive:
+    d.stop()
+    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
+assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
+done = time.perf_counter()
+print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
+'''
+
+#: Does this bitpit take ``connections=`` and ``mirrors=``? (Until the
+#: segmented engine lands, Downloader raises TypeError for them.)
+PROBE_CODE = '''
+import json, sys, bitpit
+try:
+    bitpit.Downloader('http://127.0.0.1:9/probe.bin', path=sys.argv[1], connections=2,
+                      mirrors=['http://127.0.0.1:9/mirror/probe.bin'])
+except Exception as exc:
+    print(json.dumps({'segmented': False, 'reason': '{}: {}'.format(type(exc).__name__, exc)}))
+else:
+    print(json.dumps({'segmented': True}))
+'''
+
+
+@dataclasses.dataclass
+class Target:
+    """The served file and where each contender writes its copy."""
+    name: str
+    size: int
+    sha256: str
+    out: Path
+
+    @property
+    def leftovers(self) -> List[Path]:
+        """What a run may leave beside the output (aria2c's control file)."""
+        return [self.out, self.out.with_name(self.out.name + '.aria2')]
+
+
+@dataclasses.dataclass
+class Section:
+    """One scenario's results, as printed and written to JSON."""
+    name: str
+    heading: str
+    outcomes: Dict[str, Outcome]
+    skipped: Dict[str, str]
+    goals: List[Goal]
+    columns: List[tuple]
+    notes: List[str] = dataclasses.field(default_factory=list)
+    record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def report(self, runs: int) -> str:
+        lines = ['', '== {}: {}, {} runs each, interleaved'.format(self.name, self.heading, runs),
+                 common.report_contenders(self.outcomes, self.skipped, self.columns)]
+        lines += self.notes
+        lines += [''] + [goal.line() for goal in self.goals]
+        return '\n'.join(lines)
+
+
+def reset(target: Target, pacers: Sequence[PacingFileServer], sync: bool) -> None:
+    """Delete the output (and any aria2c control file), forget what the
+    pacers counted; with ``sync``, flush dirty pages too (large files)."""
+    for path in target.leftovers:
+        common.remove(path)
+    if sync:
+        common.remove_and_sync(target.out)
+    for pacer in pacers:
+        pacer.reset()
+
+
+def pacer_metrics(pacers: Sequence[PacingFileServer], size: int) -> Dict[str, Any]:
+    """What the pacing servers saw in one run: connections opened, requests
+    with a body, body bytes sent / file size, and each server's share."""
+    connections = [pacer.connections for pacer in pacers]
+    sent = [pacer.bytes_sent() for pacer in pacers]
+    metrics: Dict[str, Any] = {
+        'conns': sum(len(c) for c in connections),
+        'requests': sum(s['requests'] for c in connections for s in c.values()),
+        'served': sum(sent) / size}
+    if len(pacers) > 1:
+        metrics['second_share'] = sent[1] / sum(sent) if sum(sent) else None
+    return metrics
+
+
+def check_run(result: common.RunResult, target: Target, pacers: Sequence[PacingFileServer],
+              measure: Optional[Callable[[], Dict[str, Any]]]) -> Dict[str, Any]:
+    """A run succeeded when it exited 0 and its output is byte for byte the
+    served file (size, then SHA-256). Returns the child's own metrics, what
+    the pacers saw, and ``measure()``."""
+    if result.returncode != 0 or result.timed_out:
+        raise BenchError(result.failure())
+    held = target.out.stat().st_size if target.out.exists() else None
+    if held != target.size:
+        raise BenchError('output holds {} bytes, expected {}'.format(held, target.size))
+    if common.file_sha256(target.out) != target.sha256:
+        raise BenchError('output differs from the served file (SHA-256)')
+    metrics = dict(result.info)
+    if pacers:
+        metrics.update(pacer_metrics(pacers, target.size))
+    if measure is not None:
+        metrics.update(measure())
+    return metrics
+
+
+class Bench:
+    """What the scenarios share: options, workspace, served files, tools and
+    the bitpit under test (a copy of ``--bitpit`` in the workspace, so that
+    edits to the original during a run change nothing)."""
+
+    def __init__(self, args: Any, tmp: Path):
+        self.args = args
+        self.tmp = tmp
+        self.docroot, self.outdir, lib = tmp / 'www', tmp / 'out', tmp / 'lib'
+        for path in (self.docroot, self.outdir, lib):
+            path.mkdir()
+        self.env = common.python_env(pycache=tmp / 'pycache', lib=lib)
+        self.bitpit_skip: Optional[str] = None  # why every bitpit contender is skipped
+        self.segmented_skip: Optional[str] = None  # why connections= / mirrors= are
+        self.bitpit_description = 'bitpit unavailable'
+        self._targets: Dict[str, Target] = {}
+        self._load_bitpit(Path(args.bitpit), lib)
+
+    def _load_bitpit(self, source: Path, lib: Path) -> None:
+        if not source.is_file():
+            self.bitpit_skip = 'no such file: {}'.format(source)
+            return
+        shutil.copyfile(source, lib / 'bitpit.py')
+        try:  # this import also compiles bitpit into the workspace's pycache
+            found = common.bitpit_available('Downloader', env=self.env, cwd=self.tmp)
+        except Skipped as exc:
+            self.bitpit_skip = str(exc)
+            return
+        self.bitpit_description = '{} (copied from {})'.format(
+            found.rpartition(' at ')[0], source.resolve())
+        probe = self.tmp / 'probe.bin'
+        try:
+            done = subprocess.run(common.python_command(PROBE_CODE, probe), env=self.env,
+                                  cwd=str(self.tmp), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+            answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            answer = {'segmented': False, 'reason': 'the probe failed: {!r}'.format(exc)}
+        finally:
+            common.remove(probe)
+        if not answer['segmented']:
+            self.segmented_skip = ('Downloader does not take connections= / mirrors= yet ({})'
+                                   .format(answer['reason']))
+
+    def target(self, name: str, size: int) -> Target:
+        """The served file ``name`` of ``size`` bytes, made on first use
+        (every 4 KiB unique, so that a misplaced range shows in the hash)."""
+        if name not in self._targets:
+            common.note('creating {} ({}) ...'.format(name, common.fmt_size(size)))
+            path = common.make_file(self.docroot / name, size, unique=True)
+            self._targets[name] = Target(name, size, common.file_sha256(path),
+                                         self.outdir / name)
+        return self._targets[name]
+
+    def tool(self, name: str, package: Optional[str] = None) -> str:
+        """The path of ``name``, installed if allowed, or ``Skipped``."""
+        path = common.find_tool(name, package=package, install=self.args.install)
+        if not path:
+            raise Skipped('{} is not installed'.format(name))
+        return path
+
+    def contender(self, name: str, command: List[str], target: Target, timeout: float,
+                  pacers: Sequence[PacingFileServer] = (), sync: bool = False,
+                  measure: Optional[Callable[[], Dict[str, Any]]] = None,
+                  env: Optional[Dict[str, str]] = None) -> Contender:
+        return Contender(name, command, timeout,
+                         reset=functools.partial(reset, target, pacers, sync),
+                         check=functools.partial(check_run, target=target, pacers=pacers,
+                                                 measure=measure),
+                         env=env, cwd=self.outdir)
+
+    def bitpit(self, name: str, url: str, target: Target, timeout: float, connections: int,
+               mirrors: Sequence[str] = (), **kwargs: Any) -> Contender:
+        """``bitpit.Downloader(url, path=out, connections=N, mirrors=[...])``.
+        While bitpit has no ``connections=``, a one-connection contender
+        runs with the defaults instead (that is one connection) and the
+        others are skipped."""
+        if self.bitpit_skip:
+            raise Skipped(self.bitpit_skip)
+        options: Dict[str, Any] = {}
+        if self.segmented_skip is None:
+            options['connections'] = connections
+        elif connections != 1 or mirrors:
+            raise Skipped(self.segmented_skip)
+        if mirrors:
+            options['mirrors'] = list(mirrors)
+        command = common.python_command(BITPIT_CODE, url, target.out, timeout * 0.9,
+                                        json.dumps(options))
+        return self.contender(name, command, target, timeout, env=self.env, **kwargs)
+
+    def aria2c(self, name: str, urls: Sequence[str], target: Target, timeout: float,
+               **kwargs: Any) -> Contender:
+        """``aria2c -x4 -s4 -k1M URL [URL2]``, no config file, no disk cache."""
+        command = [self.tool('aria2c', package='aria2'), '--no-conf', '-q',
+                   '-x{}'.format(CONNECTIONS), '-s{}'.format(CONNECTIONS), '-k1M',
+                   '--disk-cache=0', '--allow-overwrite=true', '--auto-file-renaming=false',
+                   '-d', str(self.outdir), '-o', target.name, *urls]
+        return self.contender(name, command, target, timeout, **kwargs)
+
+    def curl(self, name: str, url: str, target: Target, timeout: float,
+             **kwargs: Any) -> Contender:
+        """``curl -s -o out URL``: one connection."""
+        command = [self.tool('curl'), '-s', '-o', str(target.out), url]
+        return self.contender(name, command, target, timeout, **kwargs)
+
+    def run(self, factories: Sequence[tuple]) -> tuple:
+        """Build the contenders and run them interleaved."""
+        contenders, skipped = common.gather(factories)
+        return common.run_interleaved(contenders, self.args.runs, self.args.warmup), skipped
+
+    def x1_note(self) -> List[str]:
+        if self.segmented_skip is None or self.bitpit_skip:
+            return []
+        return ['bitpit x1 ran with the default settings (no connections= yet): one connection']
+
+
+COLUMNS = [('median s', 'seconds', '{:.3f}'), ('MiB/s', 'mib_per_s', '{:.2f}'),
+           ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]
+PACER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
+                 ('served', 'served', '{:.3f}')]
+
+
+def with_speed(outcomes: Dict[str, Outcome], size: int) -> Dict[str, Outcome]:
+    common.derive(outcomes, 'mib_per_s', lambda run: size / MiB / run['seconds'])
+    return outcomes
+
+
+def paced_timeout(bench: Bench, target: Target) -> float:
+    """Seconds before one run at the per-connection rate is killed."""
+    return bench.args.timeout or 30 + 3 * target.size / bench.args.rate
+
+
+def limited_section(bench: Bench, name: str, server: Union[common.NginxServer, PacingFileServer],
+                    target: Target) -> Section:
+    """Scenarios nginx-limit and pacer: x4, x1, aria2c -x4 and curl on one
+    server that caps each request (nginx) or each connection (pacer)."""
+    url, timeout = server.url(target.name), paced_timeout(bench, target)
+    pacers = [server] if isinstance(server, PacingFileServer) else []
+    common.note('{}: {} from {}'.format(name, url, server.description))
+    shared = dict(target=target, timeout=timeout, pacers=pacers)
+    x4, x1 = 'bitpit x{}'.format(CONNECTIONS), 'bitpit x1'
+    aria2c = 'aria2c -x{}'.format(CONNECTIONS)
+    outcomes, skipped = bench.run([
+        (x4, lambda: bench.bitpit(x4, url, connections=CONNECTIONS, **shared)),
+        (x1, lambda: bench.bitpit(x1, url, connections=1, **shared)),
+        (aria2c, lambda: bench.aria2c(aria2c, [url], **shared)),
+        ('curl', lambda: bench.curl('curl', url, **shared)),
+    ])
+    with_speed(outcomes, target.size)
+    if pacers:
+        goals = [Goal('pacer: speed-up x1 / x4 (wall)', common.ratio(outcomes, x1, x4), 3.8,
+                      at_most=False)]
+        heading = '{} from the strict pacer, {}/s per connection, no credit'.format(
+            common.fmt_size(target.size), common.fmt_size(bench.args.rate))
+    else:
+        goals = [Goal('nginx-limit: bitpit x4 / aria2c', common.ratio(outcomes, x4, aria2c), 1.0)]
+        heading = '{} from {}'.format(common.fmt_size(target.size), server.description)
+    notes = bench.x1_note()
+    single = common.median_of(outcomes, 'curl', 'seconds')
+    if single is not None:
+        notes.append('one connection at the cap would take {:.3f} s; curl took {:.3f} s'.format(
+            target.size / bench.args.rate, single))
+    return Section(name, heading, outcomes, skipped, goals,
+                   COLUMNS + (PACER_COLUMNS if pacers else []), notes,
+                   {'server': server.description, 'rate': bench.args.rate})
+
+
+def scenario_nginx_limit(bench: Bench) -> Section:
+    target = bench.target('paced.bin', bench.args.size)
+    binary = bench.tool('nginx')
+    with common.NginxServer(bench.docroot, binary, limit_rate=bench.args.rate) as server:
+        return limited_section(bench, 'nginx-limit', server, target)
+
+
+def scenario_pacer(bench: Bench) -> Section:
+    target = bench.target('paced.bin', bench.args.size)
+    with PacingFileServer(bench.docroot, bench.args.rate) as server:
+        return limited_section(bench, 'pacer', server, target)
+
+
+def scenario_mirrors(bench: Bench) -> Section:
+    """Two pacers on two ports serving the same docroot (so the same ETag
+    and Last-Modified); bitpit x4 with the second as a mirror vs x1."""
+    target = bench.target('paced.bin', bench.args.size)
+    timeout = paced_timeout(bench, target)
+    with PacingFileServer(bench.docroot, bench.args.rate) as first, \
+            PacingFileServer(bench.docroot, bench.args.rate) as second:
+        urls = [first.url(target.name), second.url(target.name)]
+        common.note('mirrors: {} and {}'.format(*urls))
+        shared = dict(target=target, timeout=timeout, pacers=[first, second])
+        x4 = 'bitpit x{} + mirror'.format(CONNECTIONS)
+        aria2c = 'aria2c -x{} 2 URIs'.format(CONNECTIONS)
+        outcomes, skipped = bench.run([
+            (x4, lambda: bench.bitpit(x4, urls[0], connections=CONNECTIONS, mirrors=urls[1:],
+                                      **shared)),
+            ('bitpit x1', lambda: bench.bitpit('bitpit x1', urls[0], connections=1, **shared)),
+            (aria2c, lambda: bench.aria2c(aria2c, urls, **shared)),
+        ])
+    with_speed(outcomes, target.size)
+    goals = [Goal('mirrors: speed-up x1 / x4+mirror', common.ratio(outcomes, 'bitpit x1', x4),
+                  3.8, at_most=False)]
+    heading = '{} from two strict pacers (two ports, the same file), {}/s per connection'.format(
+        common.fmt_size(target.size), common.fmt_size(bench.args.rate))
+    return Section('mirrors', heading, outcomes, skipped, goals,
+                   COLUMNS + PACER_COLUMNS + [('2nd share', 'second_share', '{:.2f}')],
+                   bench.x1_note() + ['2nd share: the part of the bytes the second server sent'],
+                   {'rate': bench.args.rate})
+
+
+def scenario_slow_connection(bench: Bench) -> Section:
+    """One connection of each run (by default the first: the probe, which
+    holds the lowest range) at the slow rate, the others at the full rate."""
+    args = bench.args
+    target = bench.target('paced.bin', args.size)
+    slow = args.slow_connection
+
+    def rate_for(number: int) -> float:
+        return args.slow_rate if number == slow else args.rate
+
+    rates = [rate_for(number) for number in range(1, CONNECTIONS + 1)]
+    ideal = target.size / sum(rates)
+    with PacingFileServer(bench.docroot, rate_for) as server:
+        url = server.url(target.name)
+        common.note('slow-connection: {}, connection {} of each run at {}/s'.format(
+            url, slow, common.fmt_size(args.slow_rate)))
+
+        def measure() -> Dict[str, Any]:
+            stats = server.connections.get(slow)
+            return {'slow_mib': stats['bytes'] / MiB if stats else 0.0}
+
+        shared = dict(target=target, timeout=paced_timeout(bench, target), pacers=[server],
+                      measure=measure)
+        x4, aria2c = 'bitpit x{}'.format(CONNECTIONS), 'aria2c -x{}'.format(CONNECTIONS)
+        outcomes, skipped = bench.run([
+            (x4, lambda: bench.bitpit(x4, url, connections=CONNECTIONS, **shared)),
+            (aria2c, lambda: bench.aria2c(aria2c, [url], **shared)),
+        ])
+    with_speed(outcomes, target.size)
+    common.derive(outcomes, 'per_ideal', lambda run: run['seconds'] / ideal)
+    common.derive(outcomes, 'transfer_per_ideal',
+                  lambda run: run['transfer_s'] / ideal if 'transfer_s' in run else None)
+    goals = [Goal('slow-connection: bitpit x4 / ideal', common.median_of(outcomes, x4, 'per_ideal'),
+                  1.3)]
+    heading = ('{} from the strict pacer, connection {} of each run at {}/s, the others at {}/s'
+               .format(common.fmt_size(target.size), slow, common.fmt_size(args.slow_rate),
+                       common.fmt_size(args.rate)))
+    notes = ['ideal: {} / ({}) = {:.3f} s, all {} connections busy to the end'.format(
+        common.fmt_size(target.size), ' + '.join(common.fmt_size(r) + '/s' for r in rates), ideal,
+        CONNECTIONS),
+        'slow MiB: what the slow connection sent; / ideal: wall time / ideal, '
+        'in-process / ideal: the transfer alone (bitpit)']
+    return Section('slow-connection', heading, outcomes, skipped, goals,
+                   [('median s', 'seconds', '{:.3f}'), ('/ ideal', 'per_ideal', '{:.3f}'),
+                    ('in-process / ideal', 'transfer_per_ideal', '{:.3f}')]
+                   + PACER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
+                   {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow})
+
+
+def scenario_big(bench: Bench) -> Section:
+    """A large file from nginx without a limit: do 4 connections cost
+    anything when one is already as fast as the machine?"""
+    size = bench.args.big_size
+    binary = bench.tool('nginx')
+    target = bench.target('big.bin', size)
+    timeout = bench.args.timeout or 60 + size / (20 * MiB)
+    with common.NginxServer(bench.docroot, binary) as server:
+        url = server.url(target.name)
+        common.note('big: {} from {}'.format(url, server.description))
+        shared = dict(target=target, timeout=timeout, sync=True)
+        x4 = 'bitpit x{}'.format(CONNECTIONS)
+        outcomes, skipped = bench.run([
+            (x4, lambda: bench.bitpit(x4, url, connections=CONNECTIONS, **shared)),
+            ('bitpit x1', lambda: bench.bitpit('bitpit x1', url, connections=1, **shared)),
+        ])
+        description = server.description
+    with_speed(outcomes, size)
+    rss = common.median_of(outcomes, x4, 'peak_rss_mib')
+    goals = [Goal('big: bitpit x4 / x1 (wall time)', common.ratio(outcomes, x4, 'bitpit x1'), 1.0),
+             Goal('big: bitpit x4 peak RSS (MB)', None if rss is None else rss * MiB / 1e6, 30,
+                  unit=' MB')]
+    notes = bench.x1_note() + [
+        'peak RSS: wait4 of each run; the floor of that measurement is {:.1f} MiB'.format(
+            common.rss_floor_mib())]
+    best = common.best_ratio(outcomes, x4, 'bitpit x1')
+    if best is not None:
+        notes.append('bitpit x4 / x1 (best runs): {:.3f} (for information)'.format(best))
+    return Section('big', '{} from {}'.format(common.fmt_size(size), description), outcomes,
+                   skipped, goals, COLUMNS, notes, {'size': size})
+
+
+RUNNERS = {'nginx-limit': scenario_nginx_limit, 'pacer': scenario_pacer,
+           'mirrors': scenario_mirrors, 'slow-connection': scenario_slow_connection,
+           'big': scenario_big}
+
+
+def main(argv=None) -> int:
+    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, warmup=0, server=False)
+    parser.add_argument('--scenario', action='append', choices=SCENARIOS,
+                        help='run only this scenario (repeatable; default: all)')
+    parser.add_argument('--bitpit', metavar='PATH', default=str(common.REPO_ROOT / 'bitpit.py'),
+                        help="the bitpit.py to measure (default: the repo's)")
+    parser.add_argument('--size', type=common.parse_size, default=10 * MiB,
+                        help='size of the paced file (default 10M)')
+    parser.add_argument('--rate', type=common.parse_size, default=MiB,
+                        help='cap per connection (pacer) or request (nginx), bytes/s (default 1M)')
+    parser.add_argument('--slow-rate', type=common.parse_size, default=128 * KiB,
+                        help='rate of the slow connection (default 128k)')
+    parser.add_argument('--slow-connection', type=common.positive_int, default=1, metavar='N',
+                        help='which connection of a run is slow, 1 = the first (default 1)')
+    parser.add_argument('--big-size', type=common.parse_size, default=common.GiB,
+                        help='size of the unlimited file of scenario big (default 1G)')
+    parser.add_argument('--skip-big', action='store_true', help='leave scenario big out')
+    parser.add_argument('--timeout', type=float, default=0,
+                        help='seconds before one run is killed (default: 30 + 3 x size / rate; '
+                             'big: 60 + 1 s per 20 MiB)')
+    args = parser.parse_args(argv)
+    chosen = [name for name in SCENARIOS if name in (args.scenario or SCENARIOS)
+              and not (name == 'big' and args.skip_big)]
+    if not chosen:
+        parser.error('no scenario left to run')
+
+    sections: List[Section] = []
+    skipped_scenarios: Dict[str, str] = {}
+    with common.workspace(args.tmp) as tmp:
+        bench = Bench(args, tmp)
+        common.note('bitpit: ' + (bench.bitpit_skip or bench.bitpit_description))
+        if bench.segmented_skip and not bench.bitpit_skip:
+            common.note('bitpit: ' + bench.segmented_skip)
+        for name in chosen:
+            common.note('\n{} ...'.format(name))
+            try:
+                section = RUNNERS[name](bench)
+            except Skipped as exc:
+                skipped_scenarios[name] = str(exc)
+                common.note('skipping scenario {}: {}'.format(name, exc))
+                continue
+            sections.append(section)
+            print(section.report(args.runs), flush=True)
+
+    print('\nsegmented: {}'.format(bench.bitpit_description))
+    for name, reason in skipped_scenarios.items():
+        print('scenario {}: skipped, {}'.format(name, reason))
+    goals = [goal for section in sections for goal in section.goals]
+    print('\n'.join(goal.line() for goal in goals))
+    outcomes = {'{}: {}'.format(s.name, name): outcome
+                for s in sections for name, outcome in s.outcomes.items()}
+    skipped = {'{}: {}'.format(s.name, name): reason
+               for s in sections for name, reason in s.skipped.items()}
+    skipped.update(('{}: (all)'.format(name), reason) for name, reason in skipped_scenarios.items())
+    return common.finish(args.json, {
+        'benchmark': 'segmented', 'bitpit': bench.bitpit_description, 'runs': args.runs,
+        'size': args.size, 'rate': args.rate, 'slow_rate': args.slow_rate,
+        'connections': CONNECTIONS,
+        'sections': {s.name: dict(s.record, heading=s.heading, notes=s.notes) for s in sections}},
+        outcomes, skipped, goals)
+
+
+if __name__ == '__main__':
+    sys.exit(common.run_main(main))
