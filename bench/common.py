@@ -491,10 +491,13 @@ class PacingFileServer(PythonFileServer):
             self.connections = {}
             self.sent_log.clear()
 
-    def bytes_sent(self) -> int:
-        """Body bytes sent since the last ``reset()``."""
+    def traffic(self) -> Dict[str, int]:
+        """Since the last ``reset()``: connections accepted, requests
+        answered with a body, and body bytes sent."""
         with self._lock:
-            return sum(stats['bytes'] for stats in self.connections.values())
+            stats = list(self.connections.values())
+        return {'conns': len(stats), 'requests': sum(s['requests'] for s in stats),
+                'bytes': sum(s['bytes'] for s in stats)}
 
 
 class NginxServer:
@@ -504,14 +507,18 @@ class NginxServer:
 
     With ``limit_rate`` (bytes per second), the server block gets
     ``limit_rate N;``: nginx paces each *request* on its own, and gives
-    each one about a second's worth of credit at its start."""
+    each one about a second's worth of credit at its start. With
+    ``log_requests``, nginx keeps an access log in its temp dir, which
+    ``traffic()`` sums up and ``reset()`` empties."""
     kind = 'nginx'
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
-    def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None):
+    def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None,
+                 log_requests: bool = False):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
         self.limit_rate = limit_rate
+        self.log_requests = log_requests
         self.version = tool_version(binary, '-v').rpartition('/')[2]
         self._build = command_output(binary, '-V')  # configure arguments
         self.port = 0
@@ -547,7 +554,9 @@ class NginxServer:
             'error_log {}/error.log warn;'.format(prefix),
             'events { worker_connections 4096; }',
             'http {',
-            '    access_log off;',
+            *(["    log_format bench '$connection $request_method $body_bytes_sent';",
+                '    access_log {}/access.log bench;'.format(prefix)]
+              if self.log_requests else ['    access_log off;']),
             '    sendfile on;',
             '    tcp_nopush on;',
             '    tcp_nodelay on;',
@@ -589,6 +598,22 @@ class NginxServer:
         except BaseException:
             self.__exit__()
             raise
+
+    def reset(self) -> None:
+        """Empty the access log (nginx appends to it)."""
+        if self.log_requests and self._prefix is not None:
+            (self._prefix / 'access.log').write_bytes(b'')
+
+    def traffic(self) -> Dict[str, int]:
+        """From the access log, since the last ``reset()``: connections
+        used, GET requests, and body bytes sent. nginx writes a request's
+        line when it has handed the last byte to the kernel."""
+        log = self._prefix / 'access.log' if self._prefix is not None else None
+        lines = [line.split() for line in log.read_text().splitlines()] \
+            if self.log_requests and log and log.exists() else []
+        gets = [fields for fields in lines if len(fields) == 3 and fields[1] == 'GET']
+        return {'conns': len({fields[0] for fields in lines}), 'requests': len(gets),
+                'bytes': sum(int(fields[2]) for fields in gets)}
 
     def _stop_process(self) -> None:
         if self._process is not None and self._process.poll() is None:

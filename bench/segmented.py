@@ -125,36 +125,41 @@ class Section:
         return '\n'.join(lines)
 
 
-def reset(target: Target, pacers: Sequence[PacingFileServer], sync: bool) -> None:
+#: A server that counts what it sent: a PacingFileServer, or an NginxServer
+#: with log_requests.
+Server = Union[PacingFileServer, common.NginxServer]
+
+
+def reset(target: Target, servers: Sequence[Server], sync: bool) -> None:
     """Delete the output (and any aria2c control file), forget what the
-    pacers counted; with ``sync``, flush dirty pages too (large files)."""
+    servers counted; with ``sync``, flush dirty pages too (large files)."""
     for path in target.leftovers:
         common.remove(path)
     if sync:
         common.remove_and_sync(target.out)
-    for pacer in pacers:
-        pacer.reset()
+    for server in servers:
+        server.reset()
 
 
-def pacer_metrics(pacers: Sequence[PacingFileServer], size: int) -> Dict[str, Any]:
-    """What the pacing servers saw in one run: connections opened, requests
-    with a body, body bytes sent / file size, and each server's share."""
-    connections = [pacer.connections for pacer in pacers]
-    sent = [pacer.bytes_sent() for pacer in pacers]
+def server_metrics(servers: Sequence[Server], size: int) -> Dict[str, Any]:
+    """What the servers saw in one run: connections, GET requests, body
+    bytes sent / file size, and with two servers the second one's share."""
+    traffic = [server.traffic() for server in servers]
+    sent = sum(t['bytes'] for t in traffic)
     metrics: Dict[str, Any] = {
-        'conns': sum(len(c) for c in connections),
-        'requests': sum(s['requests'] for c in connections for s in c.values()),
-        'served': sum(sent) / size}
-    if len(pacers) > 1:
-        metrics['second_share'] = sent[1] / sum(sent) if sum(sent) else None
+        'conns': sum(t['conns'] for t in traffic),
+        'requests': sum(t['requests'] for t in traffic),
+        'served': sent / size}
+    if len(servers) > 1:
+        metrics['second_share'] = traffic[1]['bytes'] / sent if sent else None
     return metrics
 
 
-def check_run(result: common.RunResult, target: Target, pacers: Sequence[PacingFileServer],
+def check_run(result: common.RunResult, target: Target, servers: Sequence[Server],
               measure: Optional[Callable[[], Dict[str, Any]]]) -> Dict[str, Any]:
     """A run succeeded when it exited 0 and its output is byte for byte the
     served file (size, then SHA-256). Returns the child's own metrics, what
-    the pacers saw, and ``measure()``."""
+    the servers saw, and ``measure()``."""
     if result.returncode != 0 or result.timed_out:
         raise BenchError(result.failure())
     held = target.out.stat().st_size if target.out.exists() else None
@@ -163,8 +168,8 @@ def check_run(result: common.RunResult, target: Target, pacers: Sequence[PacingF
     if common.file_sha256(target.out) != target.sha256:
         raise BenchError('output differs from the served file (SHA-256)')
     metrics = dict(result.info)
-    if pacers:
-        metrics.update(pacer_metrics(pacers, target.size))
+    if servers:
+        metrics.update(server_metrics(servers, target.size))
     if measure is not None:
         metrics.update(measure())
     return metrics
@@ -232,12 +237,12 @@ class Bench:
         return path
 
     def contender(self, name: str, command: List[str], target: Target, timeout: float,
-                  pacers: Sequence[PacingFileServer] = (), sync: bool = False,
+                  servers: Sequence[Server] = (), sync: bool = False,
                   measure: Optional[Callable[[], Dict[str, Any]]] = None,
                   env: Optional[Dict[str, str]] = None) -> Contender:
         return Contender(name, command, timeout,
-                         reset=functools.partial(reset, target, pacers, sync),
-                         check=functools.partial(check_run, target=target, pacers=pacers,
+                         reset=functools.partial(reset, target, servers, sync),
+                         check=functools.partial(check_run, target=target, servers=servers,
                                                  measure=measure),
                          env=env, cwd=self.outdir)
 
@@ -288,7 +293,7 @@ class Bench:
 
 COLUMNS = [('median s', 'seconds', '{:.3f}'), ('MiB/s', 'mib_per_s', '{:.2f}'),
            ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]
-PACER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
+SERVER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
                  ('served', 'served', '{:.3f}')]
 
 
@@ -302,14 +307,12 @@ def paced_timeout(bench: Bench, target: Target) -> float:
     return bench.args.timeout or 30 + 3 * target.size / bench.args.rate
 
 
-def limited_section(bench: Bench, name: str, server: Union[common.NginxServer, PacingFileServer],
-                    target: Target) -> Section:
+def limited_section(bench: Bench, name: str, server: Server, target: Target) -> Section:
     """Scenarios nginx-limit and pacer: x4, x1, aria2c -x4 and curl on one
     server that caps each request (nginx) or each connection (pacer)."""
     url, timeout = server.url(target.name), paced_timeout(bench, target)
-    pacers = [server] if isinstance(server, PacingFileServer) else []
     common.note('{}: {} from {}'.format(name, url, server.description))
-    shared = dict(target=target, timeout=timeout, pacers=pacers)
+    shared = dict(target=target, timeout=timeout, servers=[server])
     x4, x1 = 'bitpit x{}'.format(CONNECTIONS), 'bitpit x1'
     aria2c = 'aria2c -x{}'.format(CONNECTIONS)
     outcomes, skipped = bench.run([
@@ -319,7 +322,7 @@ def limited_section(bench: Bench, name: str, server: Union[common.NginxServer, P
         ('curl', lambda: bench.curl('curl', url, **shared)),
     ])
     with_speed(outcomes, target.size)
-    if pacers:
+    if isinstance(server, PacingFileServer):
         goals = [Goal('pacer: speed-up x1 / x4 (wall)', common.ratio(outcomes, x1, x4), 3.8,
                       at_most=False)]
         heading = '{} from the strict pacer, {}/s per connection, no credit'.format(
@@ -332,15 +335,15 @@ def limited_section(bench: Bench, name: str, server: Union[common.NginxServer, P
     if single is not None:
         notes.append('one connection at the cap would take {:.3f} s; curl took {:.3f} s'.format(
             target.size / bench.args.rate, single))
-    return Section(name, heading, outcomes, skipped, goals,
-                   COLUMNS + (PACER_COLUMNS if pacers else []), notes,
+    return Section(name, heading, outcomes, skipped, goals, COLUMNS + SERVER_COLUMNS, notes,
                    {'server': server.description, 'rate': bench.args.rate})
 
 
 def scenario_nginx_limit(bench: Bench) -> Section:
     target = bench.target('paced.bin', bench.args.size)
     binary = bench.tool('nginx')
-    with common.NginxServer(bench.docroot, binary, limit_rate=bench.args.rate) as server:
+    with common.NginxServer(bench.docroot, binary, limit_rate=bench.args.rate,
+                            log_requests=True) as server:
         return limited_section(bench, 'nginx-limit', server, target)
 
 
@@ -359,7 +362,7 @@ def scenario_mirrors(bench: Bench) -> Section:
             PacingFileServer(bench.docroot, bench.args.rate) as second:
         urls = [first.url(target.name), second.url(target.name)]
         common.note('mirrors: {} and {}'.format(*urls))
-        shared = dict(target=target, timeout=timeout, pacers=[first, second])
+        shared = dict(target=target, timeout=timeout, servers=[first, second])
         x4 = 'bitpit x{} + mirror'.format(CONNECTIONS)
         aria2c = 'aria2c -x{} 2 URIs'.format(CONNECTIONS)
         outcomes, skipped = bench.run([
@@ -374,7 +377,7 @@ def scenario_mirrors(bench: Bench) -> Section:
     heading = '{} from two strict pacers (two ports, the same file), {}/s per connection'.format(
         common.fmt_size(target.size), common.fmt_size(bench.args.rate))
     return Section('mirrors', heading, outcomes, skipped, goals,
-                   COLUMNS + PACER_COLUMNS + [('2nd share', 'second_share', '{:.2f}')],
+                   COLUMNS + SERVER_COLUMNS + [('2nd share', 'second_share', '{:.2f}')],
                    bench.x1_note() + ['2nd share: the part of the bytes the second server sent'],
                    {'rate': bench.args.rate})
 
@@ -400,7 +403,7 @@ def scenario_slow_connection(bench: Bench) -> Section:
             stats = server.connections.get(slow)
             return {'slow_mib': stats['bytes'] / MiB if stats else 0.0}
 
-        shared = dict(target=target, timeout=paced_timeout(bench, target), pacers=[server],
+        shared = dict(target=target, timeout=paced_timeout(bench, target), servers=[server],
                       measure=measure)
         x4, aria2c = 'bitpit x{}'.format(CONNECTIONS), 'aria2c -x{}'.format(CONNECTIONS)
         outcomes, skipped = bench.run([
@@ -421,10 +424,16 @@ def scenario_slow_connection(bench: Bench) -> Section:
         CONNECTIONS),
         'slow MiB: what the slow connection sent; / ideal: wall time / ideal, '
         'in-process / ideal: the transfer alone (bitpit)']
+    for name, outcome in outcomes.items():
+        carried = outcome.median('slow_mib')
+        if carried is not None and carried * MiB < args.slow_rate / 2:
+            notes.append('{}: connection {} sent only {} (median), so no slow connection held a '
+                         'range; --slow-connection {} slows the next one'.format(
+                             name, slow, common.fmt_size(carried * MiB), slow + 1))
     return Section('slow-connection', heading, outcomes, skipped, goals,
                    [('median s', 'seconds', '{:.3f}'), ('/ ideal', 'per_ideal', '{:.3f}'),
                     ('in-process / ideal', 'transfer_per_ideal', '{:.3f}')]
-                   + PACER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
+                   + SERVER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
                    {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow})
 
 
@@ -435,10 +444,10 @@ def scenario_big(bench: Bench) -> Section:
     binary = bench.tool('nginx')
     target = bench.target('big.bin', size)
     timeout = bench.args.timeout or 60 + size / (20 * MiB)
-    with common.NginxServer(bench.docroot, binary) as server:
+    with common.NginxServer(bench.docroot, binary, log_requests=True) as server:
         url = server.url(target.name)
         common.note('big: {} from {}'.format(url, server.description))
-        shared = dict(target=target, timeout=timeout, sync=True)
+        shared = dict(target=target, timeout=timeout, servers=[server], sync=True)
         x4 = 'bitpit x{}'.format(CONNECTIONS)
         outcomes, skipped = bench.run([
             (x4, lambda: bench.bitpit(x4, url, connections=CONNECTIONS, **shared)),
@@ -457,7 +466,7 @@ def scenario_big(bench: Bench) -> Section:
     if best is not None:
         notes.append('bitpit x4 / x1 (best runs): {:.3f} (for information)'.format(best))
     return Section('big', '{} from {}'.format(common.fmt_size(size), description), outcomes,
-                   skipped, goals, COLUMNS, notes, {'size': size})
+                   skipped, goals, COLUMNS + SERVER_COLUMNS, notes, {'size': size})
 
 
 RUNNERS = {'nginx-limit': scenario_nginx_limit, 'pacer': scenario_pacer,
