@@ -294,7 +294,7 @@ class Bench:
 COLUMNS = [('median s', 'seconds', '{:.3f}'), ('MiB/s', 'mib_per_s', '{:.2f}'),
            ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]
 SERVER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
-                 ('served', 'served', '{:.3f}')]
+                  ('served', 'served', '{:.3f}')]
 
 
 def with_speed(outcomes: Dict[str, Outcome], size: int) -> Dict[str, Outcome]:
