@@ -8,7 +8,6 @@ import datetime
 import io
 import logging
 import os
-import pathlib
 import subprocess
 import sys
 import threading
@@ -17,55 +16,7 @@ import time
 import pytest
 
 import bitpit
-
-HERE = pathlib.Path(__file__).resolve().parent
-DATA = bytes(range(256)) * 4096 + b'tail'          # 1 MiB + 4 bytes
-LOGO = os.urandom(10102)                           # the tutorial's 10102-byte file
-
-
-class Recorder:
-    """Collects a downloader's signals and lets a test wait for a state."""
-
-    def __init__(self, d):
-        self.d = d
-        self.states = []
-        self.speeds = []
-        self.sizes = []
-        self.cond = threading.Condition()
-        d.listen('state-changed', self._on_state)
-        d.listen('speed-changed', self._on_speed)
-        d.listen('size-changed', lambda d: self.sizes.append(d.size))
-
-    def _on_state(self, d, old):
-        with self.cond:
-            self.states.append((old, d.state))
-            self.cond.notify_all()
-
-    def _on_speed(self, d):
-        with self.cond:
-            self.speeds.append((time.monotonic(), d.speed, d.state))
-            self.cond.notify_all()
-
-    def wait_state(self, *states, timeout=10):
-        """Wait until the downloader has entered one of ``states``."""
-        with self.cond:
-            ok = self.cond.wait_for(lambda: any(new in states for _, new in self.states),
-                                    timeout)
-        assert ok, 'no state in {} within {} s; saw {}'.format(states, timeout, self.states)
-
-    def wait_for(self, predicate, timeout=10):
-        with self.cond:
-            assert self.cond.wait_for(predicate, timeout), 'condition not met in time'
-
-
-def download(url, path, **kwargs):
-    d = bitpit.Downloader(url, path=path, **kwargs)
-    rec = Recorder(d)
-    d.start()
-    d.join(30)
-    assert not d.is_alive
-    return d, rec
-
+from conftest import DATA, HERE, LOGO, Recorder, download, run_program
 
 # ---------------------------------------------------------------------------
 # human_readable and helpers
@@ -775,13 +726,6 @@ d.listen('size-changed', lambda var: print('total file size:', *var.human_size))
 d.start()
 d.join()
 '''
-
-
-def run_program(source, url, cwd, home, timeout=30):
-    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE))
-    return subprocess.run([sys.executable, '-c', source.replace('URL', repr(url))],
-                          cwd=str(cwd), env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_tutorial_final_program_runs_unchanged(server, tmp_path):

@@ -1,32 +1,14 @@
 """Tests of the request options: checksum, headers, auth, .netrc, proxies, TLS."""
-import base64
 import hashlib
-import http.server
-import select
-import shutil
-import socket
 import ssl
-import subprocess
-import threading
 
 import pytest
 
 import bitpit
+from conftest import basic, fetch
 
 DATA = bytes(range(256)) * 2048 + b'end'          # 512 KiB + 3 bytes
 SHA256 = hashlib.sha256(DATA).hexdigest()
-
-
-def fetch(url, path, **kwargs):
-    d = bitpit.Downloader(url, path=path, **kwargs)
-    d.start()
-    d.join(30)
-    assert not d.is_alive
-    return d
-
-
-def basic(user, password):
-    return 'Basic ' + base64.b64encode('{}:{}'.format(user, password).encode()).decode()
 
 
 # ---------------------------------------------------------------------------
@@ -161,87 +143,6 @@ def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
 # proxies
 # ---------------------------------------------------------------------------
 
-class ForwardingProxy:
-    """A small HTTP proxy on 127.0.0.1: absolute-form GETs are forwarded,
-    CONNECT opens a tunnel. ``seen`` records each request line and its
-    Proxy-Authorization."""
-
-    def __init__(self):
-        self.seen = []
-        self.listener = socket.create_server(('127.0.0.1', 0))
-        self.url = 'http://127.0.0.1:{}'.format(self.listener.getsockname()[1])
-        self.threads = []
-        self.closing = False
-        self.accepter = threading.Thread(target=self._accept, daemon=True)
-        self.accepter.start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, client):
-        with client:
-            client.settimeout(10)
-            head = b''
-            while b'\r\n\r\n' not in head:
-                data = client.recv(65536)
-                if not data:
-                    return
-                head += data
-            head, _, rest = head.partition(b'\r\n\r\n')
-            lines = head.decode('latin-1').split('\r\n')
-            method, target, version = lines[0].split(' ')
-            headers = dict(line.split(': ', 1) for line in lines[1:])
-            self.seen.append((method, target, headers.get('Proxy-Authorization')))
-            if method == 'CONNECT':
-                host, port = target.rsplit(':', 1)
-                upstream = socket.create_connection((host, int(port)), timeout=10)
-                client.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
-            else:
-                parts = target.split('/', 3)
-                host, _, port = parts[2].partition(':')
-                upstream = socket.create_connection((host, int(port or 80)), timeout=10)
-                kept = [line for line in lines[1:] if not line.lower().startswith(
-                    ('proxy-', 'connection'))]
-                request = '\r\n'.join(['{} /{} {}'.format(method, parts[3] if len(parts) > 3
-                                                          else '', version)] + kept +
-                                      ['Connection: close', '', ''])
-                upstream.sendall(request.encode('latin-1') + rest)
-            with upstream:
-                self._relay(client, upstream)
-
-    def _relay(self, a, b):
-        sockets = [a, b]
-        while not self.closing:
-            readable, _, _ = select.select(sockets, [], [], 10)
-            if not readable:
-                return
-            for sock in readable:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                (b if sock is a else a).sendall(data)
-
-    def close(self):
-        self.closing = True
-        self.listener.close()
-        for thread in self.threads:
-            thread.join(5)
-
-
-@pytest.fixture
-def proxy():
-    p = ForwardingProxy()
-    yield p
-    p.close()
-
-
 def test_explicit_proxy(server, proxy, tmp_path):
     server.add('/f', DATA)
     d = fetch(server.url('/f'), tmp_path / 'f', proxy=proxy.url)
@@ -275,51 +176,6 @@ def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 # TLS
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with the openssl
-    command: returns (cert_file, key_file)."""
-    openssl = shutil.which('openssl')
-    if openssl is None:
-        pytest.skip('the openssl command is needed to make a test certificate')
-    folder = tmp_path_factory.mktemp('tls')
-    cert, key = folder / 'cert.pem', folder / 'key.pem'
-    subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
-                    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
-                    '-keyout', str(key), '-out', str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
-class _TLSHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(DATA)))
-        self.end_headers()
-        self.wfile.write(DATA)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def https_url(certificate):
-    cert, key = certificate
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _TLSHandler)
-    httpd.daemon_threads = True
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(cert), str(key))
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield 'https://127.0.0.1:{}/secure.bin'.format(httpd.server_address[1])
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
 
 def test_untrusted_certificate_is_fatal(https_url, tmp_path):
     d = fetch(https_url, tmp_path / 'secure.bin', restart_wait=0)

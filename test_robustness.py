@@ -8,7 +8,6 @@ server. Every test also checks (autouse fixture) that no thread raised and
 that no bitpit download or restart thread outlives it.
 """
 import datetime
-import email.utils
 import json
 import logging
 import os
@@ -22,11 +21,8 @@ import time
 import pytest
 
 import bitpit
-from test_bitpit import DATA, HERE, Recorder, download
-
-OFFSET = 300000                      # where partial files of DATA stop
-ETAG = '"v1"'
-BITPIT_THREADS = ('bitpit-download', 'bitpit-restart')
+from conftest import (DATA, ETAG, HERE, OFFSET, Recorder, bitpit_threads, download,
+                      http_date, partial_file, raw, run_until, sidecar_of)
 
 
 @pytest.fixture(autouse=True)
@@ -40,37 +36,6 @@ def no_crash_no_leftover_thread(monkeypatch, caplog):
     assert [(c.thread.name, c.exc_value) for c in crashes] == []
     assert [r.getMessage() for r in caplog.records
             if r.name == 'bitpit' and r.levelno >= logging.ERROR] == []
-
-
-def bitpit_threads():
-    """bitpit's download and restart threads still alive after a bounded
-    join (a restart timer that just fired may still be returning)."""
-    threads = [t for t in threading.enumerate() if t.name in BITPIT_THREADS]
-    for thread in threads:
-        thread.join(1)
-    return [t for t in threads if t.is_alive()]
-
-
-def partial_file(tmp_path, url=None, validator=None, size=None, name='f.bin'):
-    """A file holding ``DATA[:OFFSET]``, with a sidecar if ``url`` is given."""
-    target = tmp_path / name
-    target.write_bytes(DATA[:OFFSET])
-    if url is not None:
-        sidecar = target.with_name(name + '.bitpit')
-        sidecar.write_text(json.dumps({'url': url, 'validator': validator, 'size': size}))
-    return target
-
-
-def sidecar_of(target):
-    return target.with_name(target.name + '.bitpit')
-
-
-def run_until(d, rec, *states, timeout=10):
-    """Start ``d`` and wait until it enters one of ``states``; then join."""
-    d.start()
-    rec.wait_state(*states, timeout=timeout)
-    d.join(5)
-    assert not d.is_alive
 
 
 # ---------------------------------------------------------------------------
@@ -431,13 +396,6 @@ def test_permanent_statuses_are_fatal(server, tmp_path, status):
     assert not d.last_exception.retryable and not d.is_restarting
 
 
-def http_date(seconds_from_now):
-    when = datetime.datetime.now(datetime.timezone.utc) + \
-        datetime.timedelta(seconds=seconds_from_now)
-    return email.utils.format_datetime(when, usegmt=True), \
-        datetime.datetime.fromtimestamp(int(when.timestamp()))
-
-
 @pytest.mark.parametrize('status, kind', [(429, 'seconds'), (503, 'seconds'),
                                           (429, 'date'), (503, 'date')])
 def test_retry_after_delays_the_restart(server, tmp_path, status, kind):
@@ -658,12 +616,6 @@ def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
 # ---------------------------------------------------------------------------
 # 10. malformed responses
 # ---------------------------------------------------------------------------
-
-def raw(text):
-    """An add_raw handler that writes ``text`` (str or bytes) and closes."""
-    data = text.encode('latin-1') if isinstance(text, str) else text
-    return lambda handler: handler.wfile.write(data)
-
 
 MALFORMED = {
     'content-length-abc': {'content_length': 'abc'},
