@@ -48,6 +48,7 @@ import email.utils
 import hashlib
 import http.server
 import json
+import logging
 import os
 import pathlib
 import random
@@ -743,6 +744,90 @@ def make_server():
 def server(make_server):
     """A started :class:`FixtureServer` on 127.0.0.1 (ephemeral port)."""
     return make_server()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'allow_error_log(pattern): the test deliberately makes bitpit log at '
+        'ERROR; records whose message matches the regular expression pattern (re.search) '
+        'are allowed by the hygiene check, any other ERROR record still fails the test')
+
+
+#: how long, in all, the hygiene check waits for threads a test left running
+HYGIENE_JOIN = 2.0
+
+
+class _ErrorRecords(logging.Handler):
+    """Keeps every record of ERROR or above that reaches it."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _check_hygiene(request):
+    """The hygiene check, for every test: fail it when, during the test and
+    its fixtures' teardown,
+
+    (a) a thread raised an uncaught exception (``threading.excepthook``);
+    (b) the 'bitpit' logger emitted a record at ERROR or above, unless the
+        test acknowledges it with ``@pytest.mark.allow_error_log(pattern)``
+        and the message matches ``pattern``;
+    (c) a non-daemon thread it started is still alive after a join bounded
+        by HYGIENE_JOIN seconds in all (the failure names the threads).
+
+    Autouse fixtures are set up in name order, so this one is set up first
+    and its checks run after every other fixture has been torn down.
+    """
+    allowed = []
+    for marker in request.node.iter_markers('allow_error_log'):
+        if len(marker.args) != 1:
+            raise TypeError('allow_error_log takes one pattern, e.g. '
+                            "@pytest.mark.allow_error_log('callback .* raised')")
+        allowed.append(re.compile(marker.args[0]))
+    crashes = []
+    errors = _ErrorRecords()
+    logger = logging.getLogger('bitpit')
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.ERROR:
+        logger.setLevel(logging.ERROR)
+    logger.addHandler(errors)
+    before = set(threading.enumerate())
+    old_hook = threading.excepthook
+    threading.excepthook = crashes.append
+    try:
+        yield
+        deadline = time.monotonic() + HYGIENE_JOIN
+        started = [t for t in threading.enumerate() if t not in before and not t.daemon]
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        problems = []
+        left = [t.name for t in started if t.is_alive()]
+        if left:
+            problems.append('non-daemon threads left running after {} s: {}'.format(
+                HYGIENE_JOIN, ', '.join(left)))
+        for crash in crashes:
+            name = crash.thread.name if crash.thread is not None else '<unknown>'
+            problems.append('uncaught exception in thread {}:\n{}'.format(
+                name, ''.join(traceback.format_exception(
+                    crash.exc_type, crash.exc_value, crash.exc_traceback))))
+        for record in errors.records:
+            message = record.getMessage()
+            if not any(pattern.search(message) for pattern in allowed):
+                text = '{} logged at {}: {}'.format(record.name, record.levelname, message)
+                if record.exc_info:
+                    text += '\n' + ''.join(traceback.format_exception(*record.exc_info))
+                problems.append(text)
+        if problems:
+            pytest.fail('hygiene check failed:\n' + '\n'.join(problems), pytrace=False)
+    finally:
+        threading.excepthook = old_hook
+        logger.removeHandler(errors)
+        logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

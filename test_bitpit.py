@@ -106,6 +106,7 @@ def test_emitter_unknown_signal_is_key_error():
             call()
 
 
+@pytest.mark.allow_error_log(r'^callback .* for signal .* raised$')
 def test_emitter_callback_exception_is_logged_and_others_run(caplog):
     calls = []
     t = Thing()
@@ -428,6 +429,7 @@ def test_stall_timeout_is_error(server, tmp_path):
     assert (tmp_path / 'stall').stat().st_size == 1000
 
 
+@pytest.mark.allow_error_log(r'^callback .* for signal .* raised$')
 def test_callback_that_raises_does_not_stop_download(server, tmp_path, caplog):
     server.add('/data.bin', DATA)
     d = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'data.bin')

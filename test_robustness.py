@@ -4,12 +4,10 @@ One test (or parametrised family) per item of the issue: validated resume,
 never appending a whole body, changed content, short bodies, redirects,
 the retry policy, stalls, names and paths, local failures, malformed
 responses, and a chaos test of many concurrent downloads from a misbehaving
-server. Every test also checks (autouse fixture) that no thread raised and
-that no bitpit download or restart thread outlives it.
+server. Every test is checked by the hygiene fixture of conftest.py.
 """
 import datetime
 import json
-import logging
 import os
 import pathlib
 import random
@@ -23,19 +21,6 @@ import pytest
 import bitpit
 from conftest import (DATA, ETAG, HERE, OFFSET, Recorder, bitpit_threads, download,
                       http_date, partial_file, raw, run_until, sidecar_of)
-
-
-@pytest.fixture(autouse=True)
-def no_crash_no_leftover_thread(monkeypatch, caplog):
-    """Fail a test in which a thread raised, bitpit logged an error (its
-    ``unexpected error`` path) or a download/restart thread is left."""
-    crashes = []
-    monkeypatch.setattr(threading, 'excepthook', crashes.append)
-    yield
-    assert bitpit_threads() == []
-    assert [(c.thread.name, c.exc_value) for c in crashes] == []
-    assert [r.getMessage() for r in caplog.records
-            if r.name == 'bitpit' and r.levelno >= logging.ERROR] == []
 
 
 # ---------------------------------------------------------------------------
