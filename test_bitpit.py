@@ -189,15 +189,37 @@ def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
     assert 0.4 <= elapsed < 1.0
 
 
+def wait_until_blocked(bucket, timeout=5):
+    """Return once a thread is blocked in ``bucket.acquire()``.
+
+    A waiter puts its turn in ``bucket._waiters`` while holding
+    ``bucket._lock`` and lets go of that lock only inside
+    ``Condition.wait``; so seeing the queue non-empty while holding the lock
+    means the waiter is waiting. The bucket offers no event for this, so the
+    queue is polled, bounded by ``timeout``, with a tiny pause between looks
+    (the pause is not the synchronisation, the check under the lock is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with bucket._lock:
+            if bucket._waiters:
+                return
+        assert time.monotonic() < deadline, 'no thread blocked in acquire() in time'
+        time.sleep(0.001)
+
+
 def test_token_bucket_rate_change_wakes_waiter():
     bucket = bitpit._TokenBucket(1)          # one byte per second
     bucket.acquire(1, lambda: False)
     got = []
     waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, lambda: False)))
     waiter.start()
+    wait_until_blocked(bucket)
+    acted = time.monotonic()
     bucket.rate = 0
     waiter.join(2)
     assert got == [1000]
+    # left alone, the waiter would wake by itself in about a second
+    assert time.monotonic() - acted < 0.5, 'the rate change did not wake the waiter'
 
 
 def test_token_bucket_cancel():
@@ -207,10 +229,14 @@ def test_token_bucket_cancel():
     got = []
     waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, cancelled.is_set)))
     waiter.start()
+    wait_until_blocked(bucket)
+    acted = time.monotonic()
     cancelled.set()
     bucket.wake()
     waiter.join(2)
     assert got == [0]
+    # left alone, the waiter would wake by itself in about a second
+    assert time.monotonic() - acted < 0.5, 'wake() did not wake the waiter'
 
 
 # ---------------------------------------------------------------------------
