@@ -1,6 +1,7 @@
-"""Tests of the request options: checksum, headers, auth, .netrc, proxies, TLS."""
+"""The request options of a Downloader: checksum, headers, authentication
+(URL credentials, auth=, .netrc, never to another host) and proxies
+(explicit, with credentials, from the environment)."""
 import hashlib
-import ssl
 
 import pytest
 
@@ -171,84 +172,6 @@ def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
     assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
     assert len(proxy.seen) == 1
     assert len(server.requests) == 3
-
-
-# ---------------------------------------------------------------------------
-# TLS
-# ---------------------------------------------------------------------------
-
-def test_untrusted_certificate_is_fatal(https_url, tmp_path):
-    d = fetch(https_url, tmp_path / 'secure.bin', restart_wait=0)
-    assert d.state == 'fatal-error' and not d.is_restarting
-    assert isinstance(d.last_exception, bitpit.TLSError)
-    assert isinstance(d.last_exception.__cause__, ssl.SSLCertVerificationError)
-    assert 'certificate' in str(d.last_exception)
-
-
-def test_ssl_context_that_trusts_the_certificate(https_url, certificate, tmp_path):
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-    d = fetch(https_url, tmp_path / 'secure.bin', ssl_context=context)
-    assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == DATA
-
-
-def test_https_through_connect_proxy(https_url, certificate, proxy, tmp_path):
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-    d = fetch(https_url, tmp_path / 'secure.bin', ssl_context=context, proxy=proxy.url)
-    assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == DATA
-    assert proxy.seen[0][0] == 'CONNECT'
-    assert proxy.seen[0][1] == https_url.split('/')[2]
-
-
-# ---------------------------------------------------------------------------
-# the same options on the command line
-# ---------------------------------------------------------------------------
-
-def cli(tmp_path, *args):
-    return bitpit._cli(['-q', '-d', str(tmp_path)] + list(args))
-
-
-def test_cli_headers_user_agent_and_user(server, tmp_path):
-    url = server.add('/f', DATA)
-    assert cli(tmp_path, '-H', 'X-One: 1', '--header', 'X-Two:two words',
-               '--user-agent', 'agent/9', '--user', 'u:p:w', url) == 0
-    headers = server.requests[0].headers
-    assert (headers['X-One'], headers['X-Two']) == ('1', 'two words')
-    assert headers['User-Agent'] == 'agent/9'
-    assert headers['Authorization'] == basic('u', 'p:w')
-
-
-def test_cli_checksum(server, tmp_path, capsys):
-    url = server.add('/f', DATA)
-    assert cli(tmp_path, '--checksum', 'sha256:' + SHA256, url) == 0
-    assert cli(tmp_path / 'other', '--checksum', 'md5:' + '0' * 32, url) == 1
-    assert 'checksum' in capsys.readouterr().err
-    assert (tmp_path / 'other' / 'f').read_bytes() == DATA
-
-
-def test_cli_proxy(server, proxy, tmp_path):
-    url = server.add('/f', DATA)
-    assert cli(tmp_path, '--proxy', proxy.url, url) == 0
-    assert proxy.seen == [('GET', url, None)]
-
-
-def test_cli_cacert(https_url, certificate, tmp_path):
-    assert cli(tmp_path, https_url) == 1
-    assert cli(tmp_path, '--cacert', str(certificate[0]), https_url) == 0
-    assert (tmp_path / 'secure.bin').read_bytes() == DATA
-
-
-@pytest.mark.parametrize('args', [
-    ['--checksum', 'sha256:abc', 'http://h/x'],
-    ['--checksum', 'sha256:' + SHA256, 'http://h/x', 'http://h/y'],
-    ['-H', 'no colon here', 'http://h/x'],
-    ['-H', ': empty name', 'http://h/x'],
-    ['--user', 'nopassword', 'http://h/x'],
-    ['--proxy', 'socks5://h:1080', 'http://h/x'],
-    ['--cacert', '/nonexistent/ca.pem', 'http://h/x'],
-])
-def test_cli_option_usage_errors(tmp_path, args, capsys):
-    assert cli(tmp_path, *args) == 2
-    assert 'usage' in capsys.readouterr().err
 
 
 def test_bad_proxy_is_value_error():
