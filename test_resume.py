@@ -118,18 +118,6 @@ def test_resume_without_usable_sidecar_uses_plain_range(server, tmp_path, sideca
     assert not sidecar_of(target).exists()
 
 
-def test_resume_partial_file_with_range(server, tmp_path):
-    server.add('/data.bin', DATA)
-    target = tmp_path / 'data.bin'
-    target.write_bytes(DATA[:300000])
-    d = bitpit.Downloader(server.url('/data.bin'), path=target)
-    assert d.downloaded == 300000
-    d.start()
-    d.join(30)
-    assert d.state == 'complete' and target.read_bytes() == DATA
-    assert server.requests[-1].headers['Range'] == 'bytes=300000-'
-
-
 def test_resume_of_complete_file_416_is_complete(server, tmp_path):
     server.add('/data.bin', DATA)
     target = tmp_path / 'data.bin'
