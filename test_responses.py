@@ -15,17 +15,6 @@ from conftest import DATA, OFFSET, Recorder, download, http_date, partial_file, 
 # statuses
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize('status', [404, 403, 410, 501])
-def test_permanent_status_is_fatal_and_not_restarted(server, tmp_path, status):
-    server.add('/gone', b'', status=status)
-    d, rec = download(server.url('/gone'), tmp_path / 'gone', restart_wait=0)
-    assert d.state == 'fatal-error'
-    assert isinstance(d.last_exception, bitpit.HTTPStatusError)
-    assert d.last_exception.status == status
-    assert not d.is_restarting and d.restart_time is None
-    assert not (tmp_path / 'gone').exists()
-
-
 @pytest.mark.parametrize('status', [408, 425, 429, 500, 502, 503, 504])
 def test_transient_statuses_are_errors_and_restart(server, tmp_path, status):
     url = server.add('/f', b'', status=status)
@@ -41,7 +30,10 @@ def test_permanent_statuses_are_fatal(server, tmp_path, status):
     url = server.add('/f', b'', status=status)
     d, _ = download(url, tmp_path / 'f.bin', restart_wait=0)
     assert d.state == 'fatal-error' and d.last_exception.status == status
+    assert isinstance(d.last_exception, bitpit.HTTPStatusError)
     assert not d.last_exception.retryable and not d.is_restarting
+    assert d.restart_time is None
+    assert not (tmp_path / 'f.bin').exists()
 
 
 # ---------------------------------------------------------------------------
