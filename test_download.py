@@ -249,18 +249,6 @@ def test_restart_waits_restart_wait(server, tmp_path):
     d.join(5)
 
 
-def test_stop_cancels_scheduled_restart(server, tmp_path):
-    server.add('/flaky', b'', status=502)
-    d = bitpit.Downloader(server.url('/flaky'), path=tmp_path / 'flaky', restart_wait=60)
-    rec = Recorder(d)
-    d.start()
-    rec.wait_state('error')
-    d.join(5)
-    assert d.is_restarting
-    d.stop()
-    assert not d.is_restarting and d.restart_time is None
-
-
 def test_restart_wait_change_reschedules(server, tmp_path):
     server.add('/flaky', b'', status=504)
     d = bitpit.Downloader(server.url('/flaky'), path=tmp_path / 'flaky', restart_wait=60)

@@ -22,7 +22,7 @@ def test_transient_statuses_are_errors_and_restart(server, tmp_path, status):
     assert d.state == 'error' and d.last_exception.status == status
     assert d.last_exception.retryable and d.is_restarting
     d.stop()
-    assert not d.is_restarting
+    assert not d.is_restarting and d.restart_time is None
 
 
 @pytest.mark.parametrize('status', [400, 401, 403, 404, 405, 410, 416, 451, 501, 505, 599])
