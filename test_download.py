@@ -287,11 +287,3 @@ def test_retries_gives_up(server, tmp_path):
     assert len(server.requests) == 3
 
 
-def test_retries_count_only_attempts_without_progress(server, tmp_path):
-    server.add('/cut', DATA, truncate_at=300000)
-    d = bitpit.Downloader(server.url('/cut'), path=tmp_path / 'cut', restart_wait=0, retries=1)
-    rec = Recorder(d)
-    d.start()
-    rec.wait_state('complete', 'fatal-error', timeout=20)
-    assert d.state == 'complete' and (tmp_path / 'cut').read_bytes() == DATA
-    assert len(server.requests) == 4
