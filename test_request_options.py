@@ -46,13 +46,6 @@ def test_checksum_covers_resumed_bytes(server, tmp_path):
     assert d.state == 'fatal-error' and isinstance(d.last_exception, bitpit.IntegrityError)
 
 
-def test_checksum_of_already_complete_file(server, tmp_path):
-    server.add('/f', DATA)
-    (tmp_path / 'f').write_bytes(DATA)
-    d = fetch(server.url('/f'), tmp_path / 'f', checksum='SHA256:' + SHA256.upper())
-    assert d.state == 'complete'
-
-
 @pytest.mark.parametrize('bad', ['sha256', 'sha256:xyz', 'nosuchalgo:abcd', 'md5:' + 'a' * 31,
                                  ':abcd', 'sha256:' + '0' * 63])
 def test_malformed_checksum_is_value_error(bad):

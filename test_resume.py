@@ -3,6 +3,7 @@ in the same downloader, a new one and a new process, resuming without a
 usable sidecar, a file already complete (416), partial answers (200 or
 206, shifted, disagreeing), content that changed between attempts, and
 short or chunked bodies."""
+import hashlib
 import json
 import os
 import random
@@ -119,10 +120,12 @@ def test_resume_without_usable_sidecar_uses_plain_range(server, tmp_path, sideca
 
 
 def test_resume_of_complete_file_416_is_complete(server, tmp_path):
+    """Also with a checksum, given in capitals, that the file matches."""
     server.add('/data.bin', DATA)
     target = tmp_path / 'data.bin'
     target.write_bytes(DATA)
-    d, rec = download(server.url('/data.bin'), target)
+    d, rec = download(server.url('/data.bin'), target,
+                      checksum='SHA256:' + hashlib.sha256(DATA).hexdigest().upper())
     assert d.state == 'complete' and target.read_bytes() == DATA
     assert d.size == len(DATA)
     assert 'download' not in [new for _, new in rec.states]
