@@ -29,12 +29,6 @@ def test_human_readable_digits():
     assert bitpit.human_readable(2 ** 100)[1] == 'YB'
 
 
-@pytest.mark.parametrize('text, value', [
-    ('2048', 2048), ('100k', 102400), ('0.5m', 524288), ('1M', 1048576), ('0', 0)])
-def test_parse_rate(text, value):
-    assert bitpit._parse_rate(text) == value
-
-
 @pytest.mark.parametrize('text', ['', 'fast', '1x', '-5', '1 k b'])
 def test_parse_rate_rejects(text):
     with pytest.raises(ValueError):

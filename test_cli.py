@@ -241,6 +241,7 @@ def test_bad_url_in_input_file_names_the_line(tmp_path):
 def test_rate_forms(text, rate):
     args = bitpit._build_parser().parse_args(['-r', text, 'http://h/f'])
     assert args.rate_limit == rate
+    assert bitpit._parse_rate(text) == rate
 
 
 def test_option_defaults():
