@@ -417,6 +417,11 @@ def test_python_dash_m(server, tmp_path):
                             capture_output=True, text=True, timeout=20, env=_env())
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'm.bin').read_bytes() == DATA
+    server.add('/missing', b'', status=404)
+    result = subprocess.run([sys.executable, '-m', 'bitpit', server.url('/missing')],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=20,
+                            env=_env())
+    assert result.returncode != 0
 
 
 # ---------------------------------------------------------------------------
@@ -469,20 +474,3 @@ def test_cli_cacert(https_url, certificate, tmp_path):
 def test_cli_option_usage_errors(tmp_path, args, capsys):
     assert cli(tmp_path, *args) == 2
     assert 'usage' in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------
-# the command line of 1.2.0
-# ---------------------------------------------------------------------------
-
-def test_command_line_downloads_into_current_directory(server, tmp_path):
-    server.add('/files/a.bin', DATA)
-    result = subprocess.run([sys.executable, str(HERE / 'bitpit.py'), server.url('/files/a.bin')],
-                            cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / 'a.bin').read_bytes() == DATA
-    server.add('/missing', b'', status=404)
-    result = subprocess.run([sys.executable, '-m', 'bitpit', server.url('/missing')],
-                            cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, PYTHONPATH=str(HERE)))
-    assert result.returncode != 0
