@@ -995,6 +995,7 @@ class ForwardingProxy:
         self.listener = socket.create_server(('127.0.0.1', 0))
         self.url = 'http://127.0.0.1:{}'.format(self.listener.getsockname()[1])
         self.threads = []
+        self.sockets = []
         self.closing = False
         self.accepter = threading.Thread(target=self._accept, daemon=True)
         self.accepter.start()
@@ -1010,6 +1011,16 @@ class ForwardingProxy:
             thread.start()
 
     def _serve(self, client):
+        try:
+            self._forward(client)
+        except _DISCONNECT_ERRORS:
+            pass                # the client or the server went away
+        except OSError:
+            if not self.closing:
+                raise
+
+    def _forward(self, client):
+        self.sockets.append(client)
         with client:
             client.settimeout(10)
             head = b''
@@ -1026,11 +1037,13 @@ class ForwardingProxy:
             if method == 'CONNECT':
                 host, port = target.rsplit(':', 1)
                 upstream = socket.create_connection((host, int(port)), timeout=10)
+                self.sockets.append(upstream)
                 client.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
             else:
                 parts = target.split('/', 3)
                 host, _, port = parts[2].partition(':')
                 upstream = socket.create_connection((host, int(port or 80)), timeout=10)
+                self.sockets.append(upstream)
                 kept = [line for line in lines[1:] if not line.lower().startswith(
                     ('proxy-', 'connection'))]
                 request = '\r\n'.join(['{} /{} {}'.format(method, parts[3] if len(parts) > 3
@@ -1053,8 +1066,15 @@ class ForwardingProxy:
                 (b if sock is a else a).sendall(data)
 
     def close(self):
+        """Stop accepting, end the relays (a kept-alive tunnel would hold
+        its thread until the relay's 10 s time-out) and join the threads."""
         self.closing = True
         self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self.threads:
             thread.join(5)
 
@@ -1109,7 +1129,8 @@ def https_url(certificate):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05},
+                              daemon=True)
     thread.start()
     yield 'https://127.0.0.1:{}/secure.bin'.format(httpd.server_address[1])
     httpd.shutdown()
