@@ -1,8 +1,8 @@
 """A download's life: states, signals and properties of a full download,
 file objects and empty files, update_size(), stop and start (also from
 callbacks, also in a stall: promptly), stalls turned into errors, the
-restart policy after an error (restart_wait, retries, cancelling a
-scheduled restart) and a refused connection."""
+restart policy after an error (restart_wait and changing it, retries,
+stop or start from a callback) and a refused connection."""
 import datetime
 import io
 import logging
@@ -285,5 +285,3 @@ def test_retries_gives_up(server, tmp_path):
     rec.wait_state('fatal-error')
     assert [new for _, new in rec.states].count('error') == 2
     assert len(server.requests) == 3
-
-

@@ -1,5 +1,5 @@
 """How answers are judged: which statuses are transient (an error and a
-restart) or permanent (fatal), Retry-After, malformed answers (status line,
+restart, which stop() cancels) or permanent (fatal), Retry-After, malformed answers (status line,
 headers, Content-Length, chunks, Content-Range) and a body longer than
 announced."""
 import datetime
