@@ -1,4 +1,7 @@
-"""Pytest fixtures: a small, misbehaviour-capable local HTTP/1.1 server.
+"""Shared test tools: the local test servers, fixtures and helpers.
+
+Test modules import helpers from here (``from conftest import ...``; pytest
+puts the rootdir on ``sys.path``), never from another test module.
 
 Fixtures
 --------
@@ -11,6 +14,20 @@ Fixtures
     builds URLs with the host name ``localhost`` (a *different host name* for
     a client, e.g. for cross-host redirects).  Every server made is closed at
     teardown.
+``proxy``
+    A :class:`ForwardingProxy` (HTTP forwarding and CONNECT) on 127.0.0.1.
+``certificate``, ``https_url``
+    A self-signed certificate for 127.0.0.1 (module scope) and the URL of an
+    HTTPS server using it that serves :data:`HTTPS_DATA`.
+Autouse, for every test: the hygiene check (see :func:`_check_hygiene`),
+no ambient proxy, a fresh connection pool.
+
+Helpers
+-------
+``DATA``, ``LOGO``, ``HERE``, ``ETAG``, ``OFFSET``, ``HTTPS_DATA``;
+:class:`Recorder`, :func:`download`, :func:`fetch`, :func:`run_until`,
+:func:`partial_file`, :func:`sidecar_of`, :func:`bitpit_threads`,
+:func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`.
 
 Typical use::
 
@@ -25,10 +42,22 @@ HTTP/1.1 with keep-alive, and never blocks teardown: stalled handlers are
 released, open connections are shut down, threads are joined with a bound.
 """
 
+import base64
+import datetime
+import email.utils
 import hashlib
+import http.server
+import json
+import logging
+import os
+import pathlib
 import random
 import re
+import select
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -38,7 +67,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-__all__ = ['FixtureServer', 'Resource', 'RequestRecord']
+import bitpit
+
+__all__ = ['FixtureServer', 'Resource', 'RequestRecord', 'ForwardingProxy',
+           'DATA', 'LOGO', 'HERE', 'ETAG', 'OFFSET', 'HTTPS_DATA',
+           'Recorder', 'download', 'fetch', 'run_until', 'partial_file', 'sidecar_of',
+           'bitpit_threads', 'raw', 'http_date', 'basic', 'run_program']
 
 #: sentinel: compute the ETag from the data
 _AUTO = object()
@@ -712,6 +746,90 @@ def server(make_server):
     return make_server()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'allow_error_log(pattern): the test deliberately makes bitpit log at '
+        'ERROR; records whose message matches the regular expression pattern (re.search) '
+        'are allowed by the hygiene check, any other ERROR record still fails the test')
+
+
+#: how long, in all, the hygiene check waits for threads a test left running
+HYGIENE_JOIN = 2.0
+
+
+class _ErrorRecords(logging.Handler):
+    """Keeps every record of ERROR or above that reaches it."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _check_hygiene(request):
+    """The hygiene check, for every test: fail it when, during the test and
+    its fixtures' teardown,
+
+    (a) a thread raised an uncaught exception (``threading.excepthook``);
+    (b) the 'bitpit' logger emitted a record at ERROR or above, unless the
+        test acknowledges it with ``@pytest.mark.allow_error_log(pattern)``
+        and the message matches ``pattern``;
+    (c) a non-daemon thread it started is still alive after a join bounded
+        by HYGIENE_JOIN seconds in all (the failure names the threads).
+
+    Autouse fixtures are set up in name order, so this one is set up first
+    and its checks run after every other fixture has been torn down.
+    """
+    allowed = []
+    for marker in request.node.iter_markers('allow_error_log'):
+        if len(marker.args) != 1:
+            raise TypeError('allow_error_log takes one pattern, e.g. '
+                            "@pytest.mark.allow_error_log('callback .* raised')")
+        allowed.append(re.compile(marker.args[0]))
+    crashes = []
+    errors = _ErrorRecords()
+    logger = logging.getLogger('bitpit')
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.ERROR:
+        logger.setLevel(logging.ERROR)
+    logger.addHandler(errors)
+    before = set(threading.enumerate())
+    old_hook = threading.excepthook
+    threading.excepthook = crashes.append
+    try:
+        yield
+        deadline = time.monotonic() + HYGIENE_JOIN
+        started = [t for t in threading.enumerate() if t not in before and not t.daemon]
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        problems = []
+        left = [t.name for t in started if t.is_alive()]
+        if left:
+            problems.append('non-daemon threads left running after {} s: {}'.format(
+                HYGIENE_JOIN, ', '.join(left)))
+        for crash in crashes:
+            name = crash.thread.name if crash.thread is not None else '<unknown>'
+            problems.append('uncaught exception in thread {}:\n{}'.format(
+                name, ''.join(traceback.format_exception(
+                    crash.exc_type, crash.exc_value, crash.exc_traceback))))
+        for record in errors.records:
+            message = record.getMessage()
+            if not any(pattern.search(message) for pattern in allowed):
+                text = '{} logged at {}: {}'.format(record.name, record.levelname, message)
+                if record.exc_info:
+                    text += '\n' + ''.join(traceback.format_exception(*record.exc_info))
+                problems.append(text)
+        if problems:
+            pytest.fail('hygiene check failed:\n' + '\n'.join(problems), pytrace=False)
+    finally:
+        threading.excepthook = old_hook
+        logger.removeHandler(errors)
+        logger.setLevel(level)
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_proxy(monkeypatch):
     """Tests talk to 127.0.0.1 directly, whatever proxy the machine sets;
@@ -726,5 +844,295 @@ def _fresh_connection_pool():
     """No test reuses a keep-alive connection of an earlier test's server
     (a new server may get the same port)."""
     yield
-    import bitpit
     bitpit._POOL.clear()
+
+
+# ---------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------
+
+HERE = pathlib.Path(__file__).resolve().parent
+DATA = bytes(range(256)) * 4096 + b'tail'          # 1 MiB + 4 bytes
+LOGO = os.urandom(10102)                           # the tutorial's 10102-byte file
+OFFSET = 300000                      # where partial files of DATA stop
+ETAG = '"v1"'
+HTTPS_DATA = bytes(range(256)) * 2048 + b'end'     # what https_url serves: 512 KiB + 3
+
+
+# ---------------------------------------------------------------------------
+# helpers: downloading and waiting
+# ---------------------------------------------------------------------------
+
+class Recorder:
+    """Collects a downloader's signals and lets a test wait for a state."""
+
+    def __init__(self, d):
+        self.d = d
+        self.states = []
+        self.speeds = []
+        self.sizes = []
+        self.cond = threading.Condition()
+        d.listen('state-changed', self._on_state)
+        d.listen('speed-changed', self._on_speed)
+        d.listen('size-changed', lambda d: self.sizes.append(d.size))
+
+    def _on_state(self, d, old):
+        with self.cond:
+            self.states.append((old, d.state))
+            self.cond.notify_all()
+
+    def _on_speed(self, d):
+        with self.cond:
+            self.speeds.append((time.monotonic(), d.speed, d.state))
+            self.cond.notify_all()
+
+    def wait_state(self, *states, timeout=10):
+        """Wait until the downloader has entered one of ``states``."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(new in states for _, new in self.states),
+                                    timeout)
+        assert ok, 'no state in {} within {} s; saw {}'.format(states, timeout, self.states)
+
+    def wait_for(self, predicate, timeout=10):
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), 'condition not met in time'
+
+
+def download(url, path, **kwargs):
+    """Download ``url`` to ``path`` to its end; ``(downloader, Recorder)``."""
+    d = bitpit.Downloader(url, path=path, **kwargs)
+    rec = Recorder(d)
+    d.start()
+    d.join(30)
+    assert not d.is_alive
+    return d, rec
+
+
+def fetch(url, path, **kwargs):
+    """Download ``url`` to ``path`` to its end; the downloader."""
+    d = bitpit.Downloader(url, path=path, **kwargs)
+    d.start()
+    d.join(30)
+    assert not d.is_alive
+    return d
+
+
+def run_until(d, rec, *states, timeout=10):
+    """Start ``d`` and wait until it enters one of ``states``; then join."""
+    d.start()
+    rec.wait_state(*states, timeout=timeout)
+    d.join(5)
+    assert not d.is_alive
+
+
+def partial_file(tmp_path, url=None, validator=None, size=None, name='f.bin'):
+    """A file holding ``DATA[:OFFSET]``, with a sidecar if ``url`` is given."""
+    target = tmp_path / name
+    target.write_bytes(DATA[:OFFSET])
+    if url is not None:
+        sidecar = target.with_name(name + '.bitpit')
+        sidecar.write_text(json.dumps({'url': url, 'validator': validator, 'size': size}))
+    return target
+
+
+def sidecar_of(target):
+    return target.with_name(target.name + '.bitpit')
+
+
+BITPIT_THREADS = ('bitpit-download', 'bitpit-restart', 'bitpit-manager')
+
+
+def bitpit_threads(wait=1.0):
+    """bitpit's download, restart and manager threads still alive after
+    joining them for at most ``wait`` seconds in all (a restart timer that
+    just fired may still be returning); ``wait=0``: those alive right now."""
+    threads = [t for t in threading.enumerate() if t.name.startswith(BITPIT_THREADS)]
+    deadline = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()]
+
+
+def raw(text):
+    """An add_raw handler that writes ``text`` (str or bytes) and closes."""
+    data = text.encode('latin-1') if isinstance(text, str) else text
+    return lambda handler: handler.wfile.write(data)
+
+
+def http_date(seconds_from_now):
+    """``(HTTP-date string, naive local datetime)`` of now + the seconds."""
+    when = datetime.datetime.now(datetime.timezone.utc) + \
+        datetime.timedelta(seconds=seconds_from_now)
+    return email.utils.format_datetime(when, usegmt=True), \
+        datetime.datetime.fromtimestamp(int(when.timestamp()))
+
+
+def basic(user, password):
+    """The Authorization value of HTTP Basic authentication."""
+    return 'Basic ' + base64.b64encode('{}:{}'.format(user, password).encode()).decode()
+
+
+def run_program(source, url, cwd, home, timeout=30):
+    """Run the Python program ``source`` (its ``URL`` replaced by ``url``)
+    in a new interpreter that imports this bitpit, with ``HOME=home``."""
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE))
+    return subprocess.run([sys.executable, '-c', source.replace('URL', repr(url))],
+                          cwd=str(cwd), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# a forwarding proxy
+# ---------------------------------------------------------------------------
+
+class ForwardingProxy:
+    """A small HTTP proxy on 127.0.0.1: absolute-form GETs are forwarded,
+    CONNECT opens a tunnel. ``seen`` records each request line and its
+    Proxy-Authorization."""
+
+    def __init__(self):
+        self.seen = []
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.url = 'http://127.0.0.1:{}'.format(self.listener.getsockname()[1])
+        self.threads = []
+        self.sockets = []
+        self.closing = False
+        self.accepter = threading.Thread(target=self._accept, daemon=True)
+        self.accepter.start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, client):
+        try:
+            self._forward(client)
+        except _DISCONNECT_ERRORS:
+            pass                # the client or the server went away
+        except OSError:
+            if not self.closing:
+                raise
+
+    def _forward(self, client):
+        self.sockets.append(client)
+        with client:
+            client.settimeout(10)
+            head = b''
+            while b'\r\n\r\n' not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            head, _, rest = head.partition(b'\r\n\r\n')
+            lines = head.decode('latin-1').split('\r\n')
+            method, target, version = lines[0].split(' ')
+            headers = dict(line.split(': ', 1) for line in lines[1:])
+            self.seen.append((method, target, headers.get('Proxy-Authorization')))
+            if method == 'CONNECT':
+                host, port = target.rsplit(':', 1)
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+                self.sockets.append(upstream)
+                client.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
+            else:
+                parts = target.split('/', 3)
+                host, _, port = parts[2].partition(':')
+                upstream = socket.create_connection((host, int(port or 80)), timeout=10)
+                self.sockets.append(upstream)
+                kept = [line for line in lines[1:] if not line.lower().startswith(
+                    ('proxy-', 'connection'))]
+                request = '\r\n'.join(['{} /{} {}'.format(method, parts[3] if len(parts) > 3
+                                                          else '', version)] + kept +
+                                      ['Connection: close', '', ''])
+                upstream.sendall(request.encode('latin-1') + rest)
+            with upstream:
+                self._relay(client, upstream)
+
+    def _relay(self, a, b):
+        sockets = [a, b]
+        while not self.closing:
+            readable, _, _ = select.select(sockets, [], [], 10)
+            if not readable:
+                return
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (b if sock is a else a).sendall(data)
+
+    def close(self):
+        """Stop accepting, end the relays (a kept-alive tunnel would hold
+        its thread until the relay's 10 s time-out) and join the threads."""
+        self.closing = True
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def proxy():
+    """A started :class:`ForwardingProxy`, closed at teardown."""
+    p = ForwardingProxy()
+    yield p
+    p.close()
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl
+    command: returns (cert_file, key_file)."""
+    openssl = shutil.which('openssl')
+    if openssl is None:
+        pytest.skip('the openssl command is needed to make a test certificate')
+    folder = tmp_path_factory.mktemp('tls')
+    cert, key = folder / 'cert.pem', folder / 'key.pem'
+    subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
+                    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+                    '-keyout', str(key), '-out', str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class _TLSHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(HTTPS_DATA)))
+        self.end_headers()
+        self.wfile.write(HTTPS_DATA)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def https_url(certificate):
+    """The URL of an HTTPS server (the ``certificate``) serving HTTPS_DATA."""
+    cert, key = certificate
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _TLSHandler)
+    httpd.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05},
+                              daemon=True)
+    thread.start()
+    yield 'https://127.0.0.1:{}/secure.bin'.format(httpd.server_address[1])
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)

@@ -1,12 +1,15 @@
-"""Tests of the command line: ``main()``, ``_cli()`` and ``python bitpit.py``.
+"""The command line: ``main()``, ``_cli()`` and ``python bitpit.py``:
+downloading, exit statuses, usage errors, Ctrl-C and resume, the live
+table, and the request options (headers, user, checksum, proxy, CA
+certificate) given on the command line.
 
 Most tests run bitpit as a subprocess against the local server of
 conftest.py, each with a time-out. Waiting for a subprocess to have made
 progress polls the size of its output file against a deadline; nothing
 else sleeps.
 """
+import hashlib
 import os
-import pathlib
 import re
 import select
 import signal
@@ -17,10 +20,11 @@ import time
 import pytest
 
 import bitpit
+from conftest import HERE, HTTPS_DATA, basic
 
-HERE = pathlib.Path(__file__).resolve().parent
 BITPIT = str(HERE / 'bitpit.py')
 DATA = bytes(range(256)) * 1024 + b'end'           # 256 KiB + 3 bytes
+SHA256 = hashlib.sha256(DATA).hexdigest()
 OTHER = os.urandom(50000)
 CURSOR_UP = re.compile(r'\x1b\[(\d+)A')
 ESCAPE = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
@@ -237,6 +241,7 @@ def test_bad_url_in_input_file_names_the_line(tmp_path):
 def test_rate_forms(text, rate):
     args = bitpit._build_parser().parse_args(['-r', text, 'http://h/f'])
     assert args.rate_limit == rate
+    assert bitpit._parse_rate(text) == rate
 
 
 def test_option_defaults():
@@ -412,3 +417,60 @@ def test_python_dash_m(server, tmp_path):
                             capture_output=True, text=True, timeout=20, env=_env())
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'm.bin').read_bytes() == DATA
+    server.add('/missing', b'', status=404)
+    result = subprocess.run([sys.executable, '-m', 'bitpit', server.url('/missing')],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=20,
+                            env=_env())
+    assert result.returncode != 0
+
+
+# ---------------------------------------------------------------------------
+# request options on the command line
+# ---------------------------------------------------------------------------
+
+def cli(tmp_path, *args):
+    return bitpit._cli(['-q', '-d', str(tmp_path)] + list(args))
+
+
+def test_cli_headers_user_agent_and_user(server, tmp_path):
+    url = server.add('/f', DATA)
+    assert cli(tmp_path, '-H', 'X-One: 1', '--header', 'X-Two:two words',
+               '--user-agent', 'agent/9', '--user', 'u:p:w', url) == 0
+    headers = server.requests[0].headers
+    assert (headers['X-One'], headers['X-Two']) == ('1', 'two words')
+    assert headers['User-Agent'] == 'agent/9'
+    assert headers['Authorization'] == basic('u', 'p:w')
+
+
+def test_cli_checksum(server, tmp_path, capsys):
+    url = server.add('/f', DATA)
+    assert cli(tmp_path, '--checksum', 'sha256:' + SHA256, url) == 0
+    assert cli(tmp_path / 'other', '--checksum', 'md5:' + '0' * 32, url) == 1
+    assert 'checksum' in capsys.readouterr().err
+    assert (tmp_path / 'other' / 'f').read_bytes() == DATA
+
+
+def test_cli_proxy(server, proxy, tmp_path):
+    url = server.add('/f', DATA)
+    assert cli(tmp_path, '--proxy', proxy.url, url) == 0
+    assert proxy.seen == [('GET', url, None)]
+
+
+def test_cli_cacert(https_url, certificate, tmp_path):
+    assert cli(tmp_path, https_url) == 1
+    assert cli(tmp_path, '--cacert', str(certificate[0]), https_url) == 0
+    assert (tmp_path / 'secure.bin').read_bytes() == HTTPS_DATA
+
+
+@pytest.mark.parametrize('args', [
+    ['--checksum', 'sha256:abc', 'http://h/x'],
+    ['--checksum', 'sha256:' + SHA256, 'http://h/x', 'http://h/y'],
+    ['-H', 'no colon here', 'http://h/x'],
+    ['-H', ': empty name', 'http://h/x'],
+    ['--user', 'nopassword', 'http://h/x'],
+    ['--proxy', 'socks5://h:1080', 'http://h/x'],
+    ['--cacert', '/nonexistent/ca.pem', 'http://h/x'],
+])
+def test_cli_option_usage_errors(tmp_path, args, capsys):
+    assert cli(tmp_path, *args) == 2
+    assert 'usage' in capsys.readouterr().err

@@ -1,10 +1,13 @@
-"""Tests of bitpit.Manager against the local test server."""
+"""The download manager: its properties and signals, max_running, restarts
+(also after Retry-After), stop and stop_all, the work-conserving total rate
+limit, connection reuse and no thread left behind; against the local server."""
 import threading
 import time
 
 import pytest
 
 import bitpit
+from conftest import bitpit_threads
 
 DATA = bytes(range(256)) * 1024        # 256 KiB
 
@@ -61,11 +64,6 @@ def start_manager(make, server, tmp_path, names, data=DATA, throttle=None, **kwa
     downloads = [m.add(server.url(name)) for name in names]
     m.start()
     return m, watcher, downloads
-
-
-def bitpit_threads():
-    return [t for t in threading.enumerate()
-            if t.name.startswith(('bitpit-download', 'bitpit-restart', 'bitpit-manager'))]
 
 
 def test_properties_signals_and_kwargs(manager, tmp_path):
@@ -176,7 +174,7 @@ def test_stop_all_pauses_running_downloads(manager, server, tmp_path):
     assert m._thread is not None and m._thread.is_alive(), 'manager keeps running'
     m.stop()
     assert m._thread is None
-    assert not bitpit_threads()
+    assert not bitpit_threads(wait=0)
 
 
 def test_total_rate_limit_is_work_conserving(manager, server, tmp_path):
@@ -242,10 +240,10 @@ def test_no_thread_left_after_stop(manager, server, tmp_path):
                                           ['/t{}'.format(i) for i in range(10)],
                                           throttle=512 * 1024, max_running=4)
     watcher.wait(lambda: sum(d.state == 'download' for d in downloads) == 4)
-    assert len([t for t in bitpit_threads() if t.name == 'bitpit-download']) <= 4
+    assert len([t for t in bitpit_threads(wait=0) if t.name == 'bitpit-download']) <= 4
     m.stop()
     m.stop_all()
-    assert not bitpit_threads()
+    assert not bitpit_threads(wait=0)
 
 
 def test_stop_then_start_again(manager, server, tmp_path):

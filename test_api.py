@@ -1,0 +1,211 @@
+"""The public API outside downloading: human_readable() and the rate
+parser, the module's public names, the Emitter (signals and callbacks), and
+a Downloader's construction and properties before it runs: which URLs it
+accepts, its options and the progress bar."""
+import io
+import logging
+import threading
+
+import pytest
+
+import bitpit
+
+
+# ---------------------------------------------------------------------------
+# human_readable and helpers
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n, expected', [
+    (10102, (9.865234375, 'KB')), (999, (999, 'B')), (1000, (0.9765625, 'KB')),
+    (0, (0, 'B')), (None, (None, None)), (-10102, (-9.865234375, 'KB')),
+    (1024 ** 3, (1.0, 'GB')), (999 * 1024 ** 2, (999.0, 'MB')), (5 * 1024 ** 4, (5.0, 'TB')),
+])
+def test_human_readable(n, expected):
+    assert bitpit.human_readable(n) == expected
+
+
+def test_human_readable_digits():
+    assert bitpit.human_readable(10102, digits=5) == (10102, 'B')
+    assert bitpit.human_readable(2 ** 100)[1] == 'YB'
+
+
+@pytest.mark.parametrize('text', ['', 'fast', '1x', '-5', '1 k b'])
+def test_parse_rate_rejects(text):
+    with pytest.raises(ValueError):
+        bitpit._parse_rate(text)
+
+
+def test_public_surface():
+    for name in ('Emitter', 'Downloader', 'Manager', 'human_readable', 'main', '__version__',
+                 'Error', 'HTTPStatusError', 'NetworkError', 'IntegrityError'):
+        assert hasattr(bitpit, name)
+    assert issubclass(bitpit.HTTPStatusError, bitpit.Error)
+    assert issubclass(bitpit.StalledError, bitpit.NetworkError)
+    assert issubclass(bitpit.InvalidURLError, ValueError)
+
+
+# ---------------------------------------------------------------------------
+# Emitter
+# ---------------------------------------------------------------------------
+
+class Thing(bitpit.Emitter):
+    __signals__ = ('ping', 'pong')
+
+
+def test_emitter_calls_with_emit_then_listen_args():
+    calls = []
+    t = Thing()
+    t.listen('ping', lambda *a, **k: calls.append((a, k)), 'x', key=1)
+    t.emit('ping', 'a', 'b')
+    assert calls == [(('a', 'b', 'x'), {'key': 1})]
+
+
+def test_emitter_twice_registered_called_twice_and_unlisten_once():
+    calls = []
+    t = Thing()
+    f = calls.append
+    t.listen('ping', f)
+    t.listen('ping', f)
+    t.emit('ping', 1)
+    assert calls == [1, 1]
+    t.unlisten('ping', f)
+    t.emit('ping', 2)
+    assert calls == [1, 1, 2]
+    t.unlisten('ping', f)
+    with pytest.raises(ValueError):
+        t.unlisten('ping', f)
+
+
+def test_emitter_unlisten_matches_args():
+    t = Thing()
+    f = print
+    t.listen('ping', f, 1)
+    with pytest.raises(ValueError):
+        t.unlisten('ping', f, 2)
+    t.unlisten('ping', f, 1)
+
+
+def test_emitter_unknown_signal_is_key_error():
+    t = Thing()
+    for call in (lambda: t.listen('nope', print), lambda: t.unlisten('nope', print),
+                 lambda: t.emit('nope')):
+        with pytest.raises(KeyError):
+            call()
+
+
+@pytest.mark.allow_error_log(r'^callback .* for signal .* raised$')
+def test_emitter_callback_exception_is_logged_and_others_run(caplog):
+    calls = []
+    t = Thing()
+
+    def bad(*args):
+        raise RuntimeError('boom')
+    t.listen('ping', bad)
+    t.listen('ping', calls.append)
+    with caplog.at_level(logging.ERROR, logger='bitpit'):
+        t.emit('ping', 7)
+    assert calls == [7]
+    assert any('boom' in (r.exc_text or '') or r.exc_info for r in caplog.records)
+
+
+def test_emitter_listen_and_unlisten_inside_callback():
+    t = Thing()
+    calls = []
+
+    def once(*args):
+        calls.append('once')
+        t.unlisten('ping', once)
+        t.listen('ping', calls.append)
+    t.listen('ping', once)
+    t.emit('ping', 1)
+    t.emit('ping', 2)
+    assert calls == ['once', 2]
+
+
+def test_emitter_thread_safety():
+    t = Thing()
+    count = []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        barrier.wait()
+        for _ in range(500):
+            t.listen('pong', count.append)
+            t.emit('ping')
+            t.unlisten('pong', count.append)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    t.emit('pong', 1)
+    assert count == []
+
+
+def test_emitter_subclass_without_super_init():
+    class Lazy(bitpit.Emitter):
+        __signals__ = ('x',)
+
+        def __init__(self):
+            pass
+    calls = []
+    lazy = Lazy()
+    lazy.listen('x', calls.append)
+    lazy.emit('x', 3)
+    assert calls == [3]
+
+
+# ---------------------------------------------------------------------------
+# Downloader: construction and properties
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('url', ['ftp://example.com/x', 'file:///etc/passwd', 'data:,hi',
+                                 'http://', 'not a url', 'http://host:99999/x'])
+def test_bad_url_is_value_error(url):
+    with pytest.raises(ValueError):
+        bitpit.Downloader(url)
+
+
+@pytest.mark.parametrize('url', ['file:///etc/passwd', 'ftp://example.com/f', 'data:,x',
+                                 'javascript:alert(1)', '/relative/path'])
+def test_constructor_and_url_setter_refuse_other_schemes(tmp_path, url):
+    with pytest.raises(ValueError) as info:
+        bitpit.Downloader(url, path=tmp_path / 'f')
+    assert isinstance(info.value, bitpit.InvalidURLError)
+    d = bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f')
+    with pytest.raises(ValueError):
+        d.url = url
+    assert d.url == 'http://127.0.0.1:1/f'
+
+
+def test_chunk_size_must_be_positive(tmp_path):
+    d = bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x')
+    assert d.chunk_size >= 64 * 1024
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            d.chunk_size = bad
+    with pytest.raises(ValueError):
+        bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x', chunk_size=0)
+
+
+def test_initial_properties(tmp_path):
+    d = bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x')
+    assert d.state == 'pause'
+    assert (d.size, d.downloaded, d.remaining, d.speed) == (-1, 0, -1, 0)
+    assert d.ratio == -1.0 and d.percentage == -100.0 and d.eta is None
+    assert d.bar(width=8) == '????????' and d.bar(width=4, unknown='-') == '----'
+    assert d.human_size == (-1, 'B') and d.human_speed == (0, 'B/s')
+    assert not d.is_alive and not d.is_restarting and d.restart_time is None
+    assert d.last_exception is None
+    assert d.path == tmp_path / 'x'
+
+
+def test_bar():
+    d = bitpit.Downloader('http://127.0.0.1:1/x', path=io.BytesIO())
+    d._size, d._downloaded = 100, 25
+    assert d.bar(width=8) == '==      '
+    assert d.bar(width=10, char='-') == '--        '
+    d._downloaded = 100
+    assert d.bar(width=5) == '=====' and d.ratio == 1.0
+    d._size, d._downloaded = 0, 0
+    assert d.ratio == 1.0 and d.percentage == 100.0 and d.remaining == 0

@@ -1,0 +1,163 @@
+"""Where a download is written: the default path, names taken from the URL
+or from Content-Disposition (sanitised, never outside the directory), and
+local failures (unwritable paths, a full disk) that are fatal file errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import bitpit
+from conftest import DATA, ETAG, HERE, OFFSET, Recorder, download, partial_file, run_until
+
+
+# ---------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------
+
+def test_dir_path_and_default_path(tmp_path, monkeypatch):
+    d = bitpit.Downloader('http://h/a/b/r%C3%A9sum%C3%A9.pdf?x=1', path=tmp_path, dir_path=True)
+    assert d.path == tmp_path / 'résumé.pdf'
+    monkeypatch.chdir(tmp_path)
+    assert bitpit.Downloader('http://h/dir/').path == tmp_path / 'index.html'
+    assert bitpit.Downloader('http://h/x.bin').path == tmp_path / 'x.bin'
+
+
+@pytest.mark.parametrize('segment', ['..', '.', '%2e%2e', '..%2f..%2fetc%2fpasswd',
+                                     'a%5c..%5cb', '%00evil', 'x%0d%0ay', '...'])
+def test_name_from_url_never_escapes(tmp_path, segment):
+    d = bitpit.Downloader('http://h/base/' + segment, path=tmp_path, dir_path=True)
+    assert d.path.parent == tmp_path
+    assert d.path.name not in ('', '.', '..')
+    assert '/' not in d.path.name and '\\' not in d.path.name and '\x00' not in d.path.name
+
+
+@pytest.mark.parametrize('segment, name', [
+    ('..%2F..%2Fevil.txt', '.._.._evil.txt'), ('%2e%2e', 'index.html'),
+    ('a%5C..%5Cb', 'a_.._b'), ('x%00y', 'x_y'), ('%0D%0Aset', '__set'),
+    ('...', 'index.html'), ('', 'index.html'), ('ok.bin', 'ok.bin'),
+])
+def test_names_from_the_url_stay_in_the_directory(server, tmp_path, segment, name):
+    url = server.add('/dir/' + segment, DATA)
+    out = tmp_path / 'out'
+    out.mkdir()
+    d = bitpit.Downloader(url, path=out, dir_path=True)
+    assert d.path == out / name
+    d, _ = download(url, out, dir_path=True)
+    assert d.state == 'complete'
+    assert [p.name for p in tmp_path.iterdir()] == ['out']
+    assert [p.name for p in out.iterdir()] == [name]
+    assert (out / name).read_bytes() == DATA
+
+
+@pytest.mark.parametrize('header, name', [
+    ('attachment; filename="report.pdf"', 'report.pdf'),
+    ('attachment; filename=plain.txt', 'plain.txt'),
+    ("attachment; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf", 'résumé.pdf'),
+    ('attachment; filename="fallback.txt"; filename*=UTF-8\'\'%E2%82%AC%20rates.txt',
+     '€ rates.txt'),
+    ('attachment; filename="../../etc/passwd"', 'passwd'),
+    ("attachment; filename*=UTF-8''..%2F..%2Fevil", 'evil'),
+    ('attachment; filename="..\\\\..\\\\win.ini"', 'win.ini'),
+    ("attachment; filename*=UTF-8''a%00b%0Ac", 'a_b_c'),
+    ('attachment; filename=".."', 'index.html'),
+    ('attachment; filename=""', None),
+    ('attachment', None),
+    ("attachment; filename*=UTF-8''%FF%FE", None),
+])
+def test_content_disposition_names_are_sanitised(server, tmp_path, header, name):
+    url = server.add('/get/f.bin', DATA, headers={'Content-Disposition': header})
+    out = tmp_path / 'out'
+    out.mkdir()
+    d = bitpit.Downloader(url, path=out, dir_path=True, content_disposition=True)
+    changes = []
+    d.listen('path-changed', lambda d: changes.append(d.path))
+    rec = Recorder(d)
+    run_until(d, rec, 'complete', 'error', 'fatal-error')
+    assert d.state == 'complete'
+    expected = out / (name or 'f.bin')
+    assert d.path == expected and expected.read_bytes() == DATA
+    assert changes == ([expected] if name else [])
+    assert [p.name for p in tmp_path.iterdir()] == ['out']
+    assert [p.name for p in out.iterdir()] == [expected.name]
+
+
+@pytest.mark.parametrize('kwargs', [{'dir_path': True}, {'content_disposition': True}])
+def test_content_disposition_only_when_asked_and_for_directories(server, tmp_path, kwargs):
+    url = server.add('/f.bin', DATA, headers={'Content-Disposition': 'attachment; filename=x'})
+    path = tmp_path if kwargs.get('dir_path') else tmp_path / 'mine.bin'
+    d, _ = download(url, path, **kwargs)
+    assert d.state == 'complete'
+    assert [p.name for p in tmp_path.iterdir()] == [
+        'f.bin' if kwargs.get('dir_path') else 'mine.bin']
+
+
+# ---------------------------------------------------------------------------
+# local failures
+# ---------------------------------------------------------------------------
+
+def unwritable_path(kind, tmp_path):
+    if kind == 'directory':
+        (tmp_path / 'adir').mkdir()
+        return tmp_path / 'adir'
+    if kind == 'under-a-file':
+        (tmp_path / 'file.txt').write_bytes(b'x')
+        return tmp_path / 'file.txt' / 'sub'
+    if kind == 'missing-parent':
+        return tmp_path / 'no' / 'such' / 'f.bin'
+    if kind == 'read-only':
+        path = pathlib.Path('/sys/bitpit-test-{}'.format(os.getpid()))
+        try:
+            open(path, 'wb').close()
+        except OSError:
+            return path
+        path.unlink()
+        pytest.skip('no read-only location here')
+    if not os.path.exists('/dev/full'):
+        pytest.skip('no /dev/full here')
+    return pathlib.Path('/dev/full')
+
+
+@pytest.mark.parametrize('kind', ['directory', 'under-a-file', 'missing-parent', 'read-only',
+                                  'full-disk'])
+def test_local_failures_are_fatal_file_errors(server, tmp_path, kind):
+    url = server.add('/f', DATA)
+    path = unwritable_path(kind, tmp_path)
+    d, _ = download(url, path, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.FileError)
+    assert isinstance(d.last_exception.__cause__, OSError)
+    assert str(path) in str(d.last_exception)
+
+
+DISK_FULL_PROGRAM = '''
+import json, resource, signal, sys, bitpit
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+d = bitpit.Downloader(sys.argv[1], path=sys.argv[2], restart_wait=0)
+d.start()
+d.join(20)
+e = d.last_exception
+print(json.dumps([d.state, type(e).__name__, type(e.__cause__).__name__,
+                  d.is_restarting]))
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='needs RLIMIT_FSIZE')
+def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
+    """RLIMIT_FSIZE makes writes past the limit fail as a full disk does:
+    first a short write, then an error."""
+    url = server.add('/f', DATA, etag=ETAG)
+    target = partial_file(tmp_path, url, ETAG, len(DATA))
+    limit = 2 * OFFSET + 1234
+    result = subprocess.run([sys.executable, '-c', DISK_FULL_PROGRAM, url, str(target),
+                             str(limit)], env=dict(os.environ, PYTHONPATH=str(HERE)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    state, error, cause, restarting = json.loads(result.stdout)
+    assert (state, error, restarting) == ('fatal-error', 'FileError', False)
+    assert cause == 'OSError'
+    assert target.read_bytes() == DATA[:limit]
+    assert server.requests[0].headers['If-Range'] == ETAG

@@ -1,0 +1,135 @@
+"""Rate limiting: the token bucket (pacing, bursts, waking and cancelling
+a waiting thread), the rate_limit property and its signal, the accuracy of
+a limit on a small file and a limit changed in the middle of a download."""
+import threading
+import time
+
+import bitpit
+from conftest import DATA, LOGO, Recorder
+
+
+# ---------------------------------------------------------------------------
+# the token bucket
+# ---------------------------------------------------------------------------
+
+def test_token_bucket_unlimited_grants_everything():
+    bucket = bitpit._TokenBucket(0)
+    assert bucket.acquire(10 ** 9, lambda: False) == 10 ** 9
+
+
+def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
+    bucket = bitpit._TokenBucket(100000)
+    start = time.monotonic()
+    total = 0
+    while total < 50000:
+        granted = bucket.acquire(65536, lambda: False)
+        assert granted <= 10000
+        total += granted
+    elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed < 1.0
+
+
+def wait_until_blocked(bucket, timeout=5):
+    """Return once a thread is blocked in ``bucket.acquire()``.
+
+    A waiter puts its turn in ``bucket._waiters`` while holding
+    ``bucket._lock`` and lets go of that lock only inside
+    ``Condition.wait``; so seeing the queue non-empty while holding the lock
+    means the waiter is waiting. The bucket offers no event for this, so the
+    queue is polled, bounded by ``timeout``, with a tiny pause between looks
+    (the pause is not the synchronisation, the check under the lock is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with bucket._lock:
+            if bucket._waiters:
+                return
+        assert time.monotonic() < deadline, 'no thread blocked in acquire() in time'
+        time.sleep(0.001)
+
+
+def test_token_bucket_rate_change_wakes_waiter():
+    bucket = bitpit._TokenBucket(1)          # one byte per second
+    bucket.acquire(1, lambda: False)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, lambda: False)))
+    waiter.start()
+    wait_until_blocked(bucket)
+    acted = time.monotonic()
+    bucket.rate = 0
+    waiter.join(2)
+    assert got == [1000]
+    # left alone, the waiter would wake by itself in about a second
+    assert time.monotonic() - acted < 0.5, 'the rate change did not wake the waiter'
+
+
+def test_token_bucket_cancel():
+    bucket = bitpit._TokenBucket(1)
+    bucket.acquire(1, lambda: False)
+    cancelled = threading.Event()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, cancelled.is_set)))
+    waiter.start()
+    wait_until_blocked(bucket)
+    acted = time.monotonic()
+    cancelled.set()
+    bucket.wake()
+    waiter.join(2)
+    assert got == [0]
+    # left alone, the waiter would wake by itself in about a second
+    assert time.monotonic() - acted < 0.5, 'wake() did not wake the waiter'
+
+
+# ---------------------------------------------------------------------------
+# a downloader's rate limit
+# ---------------------------------------------------------------------------
+
+def test_rate_limit_property_and_signal(tmp_path):
+    d = bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x', rate_limit=2048)
+    seen = []
+    d.listen('rate-limit-changed', lambda d: seen.append(d.rate_limit))
+    assert d.human_rate_limit == (2.0, 'KB/s')
+    d.rate_limit = 100 * 1024
+    assert d.human_rate_limit == (100.0, 'KB/s') and seen == [102400]
+    d.rate_limit = -5
+    assert d.rate_limit == 0
+
+
+def test_rate_limit_is_accurate_on_a_small_file(server, tmp_path):
+    server.add('/logo.png', LOGO)
+    d = bitpit.Downloader(server.url('/logo.png'), path=tmp_path / 'logo.png',
+                          rate_limit=2048, chunk_size=1024)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('start')
+    began = time.monotonic()
+    d.join(30)
+    elapsed = time.monotonic() - began
+    assert d.state == 'complete' and (tmp_path / 'logo.png').read_bytes() == LOGO
+    assert 10102 / 2048 * 0.98 <= elapsed <= 10102 / 2048 * 1.05, elapsed
+
+
+def test_rate_limit_change_applies_mid_download(server, tmp_path):
+    server.add('/data.bin', DATA)
+    d = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'data.bin', rate_limit=20000,
+                          update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_for(lambda: d.downloaded > 0)
+    began = time.monotonic()
+    d.rate_limit = 0
+    d.join(30)
+    assert d.state == 'complete' and time.monotonic() - began < 10
+    # and the other way round: a limit set mid-download slows it at once
+    server.add('/paced.bin', DATA, throttle=1000000)
+    d2 = bitpit.Downloader(server.url('/paced.bin'), path=tmp_path / 'd2', update_period=0.02)
+    rec2 = Recorder(d2)
+    d2.rate_limit = 0
+    d2.start()
+    rec2.wait_state('download')
+    d2.rate_limit = 50000
+    at = d2.downloaded
+    began = time.monotonic()
+    rec2.wait_for(lambda: d2.downloaded - at >= 50000 or d2.state == 'complete')
+    d2.stop()
+    assert d2.state == 'pause', 'the new limit did not slow the download'
+    assert time.monotonic() - began >= 0.7

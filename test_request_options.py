@@ -1,0 +1,172 @@
+"""The request options of a Downloader: checksum, headers, authentication
+(URL credentials, auth=, .netrc, never to another host) and proxies
+(explicit, with credentials, from the environment)."""
+import hashlib
+
+import pytest
+
+import bitpit
+from conftest import basic, fetch
+
+DATA = bytes(range(256)) * 2048 + b'end'          # 512 KiB + 3 bytes
+SHA256 = hashlib.sha256(DATA).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# checksum
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('algorithm', ['sha256', 'md5', 'sha1', 'sha512'])
+def test_checksum_match(server, tmp_path, algorithm):
+    server.add('/f', DATA)
+    digest = hashlib.new(algorithm, DATA).hexdigest()
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='{}:{}'.format(algorithm, digest))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+
+
+def test_checksum_mismatch_is_fatal_and_keeps_file(server, tmp_path):
+    server.add('/f', DATA)
+    wrong = '0' * 64
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='sha256:' + wrong, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    assert wrong in str(d.last_exception) and SHA256 in str(d.last_exception)
+    assert (tmp_path / 'f').read_bytes() == DATA
+
+
+def test_checksum_covers_resumed_bytes(server, tmp_path):
+    server.add('/f', DATA)
+    (tmp_path / 'f').write_bytes(DATA[:100000])
+    d = fetch(server.url('/f'), tmp_path / 'f', checksum='sha256:' + SHA256)
+    assert d.state == 'complete'
+    assert server.requests[-1].headers['Range'] == 'bytes=100000-'
+    # a corrupt prefix is caught even though only the rest was downloaded
+    (tmp_path / 'g').write_bytes(b'X' * 100000)
+    d = fetch(server.url('/f'), tmp_path / 'g', checksum='sha256:' + SHA256)
+    assert d.state == 'fatal-error' and isinstance(d.last_exception, bitpit.IntegrityError)
+
+
+@pytest.mark.parametrize('bad', ['sha256', 'sha256:xyz', 'nosuchalgo:abcd', 'md5:' + 'a' * 31,
+                                 ':abcd', 'sha256:' + '0' * 63])
+def test_malformed_checksum_is_value_error(bad):
+    with pytest.raises(ValueError):
+        bitpit.Downloader('http://127.0.0.1/x', checksum=bad)
+
+
+# ---------------------------------------------------------------------------
+# headers
+# ---------------------------------------------------------------------------
+
+def test_default_headers(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f')
+    headers = server.requests[0].headers
+    assert headers['User-Agent'] == 'bitpit/' + bitpit.__version__
+    assert headers['Accept-Encoding'] == 'identity'
+    assert headers['Authorization'] is None
+
+
+def test_accept_encoding_stays_identity(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', headers={'accept-encoding': 'gzip'})
+    assert server.requests[0].headers.get_all('Accept-Encoding') == ['identity']
+
+
+def test_custom_headers_also_after_same_host_redirect(server, tmp_path):
+    server.add('/f', DATA)
+    server.redirect('/old', '/f', status=301)
+    d = fetch(server.url('/old'), tmp_path / 'f',
+              headers={'X-Token': 'abc', 'User-Agent': 'mine/1.0'})
+    assert d.state == 'complete'
+    for record in server.requests:
+        assert record.headers['X-Token'] == 'abc'
+        assert record.headers['User-Agent'] == 'mine/1.0'
+    assert [r.path for r in server.requests] == ['/old', '/f']
+
+
+# ---------------------------------------------------------------------------
+# authentication
+# ---------------------------------------------------------------------------
+
+def test_credentials_from_url(server, tmp_path):
+    server.add('/f', DATA)
+    url = server.url('/f').replace('http://', 'http://al%40ice:s%3Acret@')
+    d = fetch(url, tmp_path / 'f')
+    assert d.state == 'complete'
+    assert server.requests[0].headers['Authorization'] == basic('al@ice', 's:cret')
+
+
+def test_auth_option(server, tmp_path):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', auth=('bob', 'pw'))
+    assert server.requests[0].headers['Authorization'] == basic('bob', 'pw')
+
+
+def test_credentials_never_sent_to_another_host(server, make_server, tmp_path):
+    other = make_server('localhost')
+    other.add('/f', DATA)
+    server.redirect('/away', other.url('/f'))
+    d = fetch(server.url('/away'), tmp_path / 'f', auth=('bob', 'pw'),
+              headers={'Authorization': 'Bearer secret', 'Cookie': 'a=b'})
+    assert d.state == 'complete'
+    assert server.requests[0].headers['Authorization'] == 'Bearer secret'
+    moved = other.requests[0].headers
+    assert moved['Authorization'] is None and moved['Cookie'] is None
+
+
+def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    netrc_file = tmp_path / 'netrc'
+    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv('NETRC', str(netrc_file))
+    fetch(server.url('/f'), tmp_path / 'f')
+    assert server.requests[0].headers['Authorization'] == basic('nina', 'n3trc')
+    fetch(server.url('/f'), tmp_path / 'g', auth=('bob', 'pw'))
+    assert server.requests[1].headers['Authorization'] == basic('bob', 'pw')
+
+
+def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    monkeypatch.setenv('NETRC', str(tmp_path / 'does-not-exist'))
+    d = fetch(server.url('/f'), tmp_path / 'f')
+    assert d.state == 'complete' and server.requests[0].headers['Authorization'] is None
+
+
+# ---------------------------------------------------------------------------
+# proxies
+# ---------------------------------------------------------------------------
+
+def test_explicit_proxy(server, proxy, tmp_path):
+    server.add('/f', DATA)
+    d = fetch(server.url('/f'), tmp_path / 'f', proxy=proxy.url)
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert proxy.seen == [('GET', server.url('/f'), None)]
+
+
+def test_proxy_credentials(server, proxy, tmp_path):
+    server.add('/f', DATA)
+    d = fetch(server.url('/f'), tmp_path / 'f',
+              proxy=proxy.url.replace('http://', 'http://pu:pp@'))
+    assert d.state == 'complete'
+    assert proxy.seen[0][2] == basic('pu', 'pp')
+    assert server.requests[0].headers['Proxy-Authorization'] is None
+
+
+def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    monkeypatch.setenv('http_proxy', proxy.url)
+    monkeypatch.delenv('no_proxy', raising=False)
+    monkeypatch.delenv('NO_PROXY', raising=False)
+    assert fetch(server.url('/f'), tmp_path / 'a').state == 'complete'
+    assert len(proxy.seen) == 1
+    assert fetch(server.url('/f'), tmp_path / 'b', proxy='').state == 'complete'
+    monkeypatch.setenv('no_proxy', '127.0.0.1')
+    assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
+    assert len(proxy.seen) == 1
+    assert len(server.requests) == 3
+
+
+def test_bad_proxy_is_value_error():
+    with pytest.raises(ValueError):
+        bitpit.Downloader('http://h/x', proxy='ftp://h:21')

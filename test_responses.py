@@ -1,0 +1,173 @@
+"""How answers are judged: which statuses are transient (an error and a
+restart, which stop() cancels) or permanent (fatal), Retry-After, malformed answers (status line,
+headers, Content-Length, chunks, Content-Range) and a body longer than
+announced."""
+import datetime
+import time
+
+import pytest
+
+import bitpit
+from conftest import DATA, OFFSET, Recorder, download, http_date, partial_file, raw, run_until
+
+
+# ---------------------------------------------------------------------------
+# statuses
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('status', [408, 425, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_errors_and_restart(server, tmp_path, status):
+    url = server.add('/f', b'', status=status)
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=60)
+    assert d.state == 'error' and d.last_exception.status == status
+    assert d.last_exception.retryable and d.is_restarting
+    d.stop()
+    assert not d.is_restarting and d.restart_time is None
+
+
+@pytest.mark.parametrize('status', [400, 401, 403, 404, 405, 410, 416, 451, 501, 505, 599])
+def test_permanent_statuses_are_fatal(server, tmp_path, status):
+    url = server.add('/f', b'', status=status)
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=0)
+    assert d.state == 'fatal-error' and d.last_exception.status == status
+    assert isinstance(d.last_exception, bitpit.HTTPStatusError)
+    assert not d.last_exception.retryable and not d.is_restarting
+    assert d.restart_time is None
+    assert not (tmp_path / 'f.bin').exists()
+
+
+# ---------------------------------------------------------------------------
+# Retry-After
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('status, kind', [(429, 'seconds'), (503, 'seconds'),
+                                          (429, 'date'), (503, 'date')])
+def test_retry_after_delays_the_restart(server, tmp_path, status, kind):
+    if kind == 'seconds':
+        value, not_before = '4', datetime.datetime.now() + datetime.timedelta(seconds=4)
+    else:
+        value, not_before = http_date(5)
+    url = server.add('/f', b'', status=status, headers={'Retry-After': value})
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=0.01)
+    try:
+        assert d.state == 'error' and d.is_restarting
+        assert d.last_exception.retry_after >= 3
+        assert d.restart_time >= not_before - datetime.timedelta(milliseconds=1)
+        assert d.restart_time <= datetime.datetime.now() + datetime.timedelta(seconds=6)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize('value', ['1', http_date(-3600)[0], 'soon', '-5'])
+def test_retry_after_shorter_than_restart_wait_or_unreadable_is_ignored(server, tmp_path,
+                                                                        value):
+    url = server.add('/f', b'', status=503, headers={'Retry-After': value})
+    began = datetime.datetime.now()
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=30)
+    try:
+        assert d.state == 'error'
+        assert d.restart_time >= began + datetime.timedelta(seconds=30)
+        assert d.restart_time <= datetime.datetime.now() + datetime.timedelta(seconds=30)
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize('value', ['99999999999999', 'Fri, 31 Dec 9999 23:59:59 GMT'])
+def test_absurd_retry_after_does_not_crash(server, tmp_path, value):
+    url = server.add('/f', b'', status=429, headers={'Retry-After': value})
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=0)
+    try:
+        assert d.state == 'error' and d.is_restarting
+        # honoured up to a day: a longer wait is taken for a day
+        in_a_day = datetime.datetime.now() + datetime.timedelta(days=1)
+        assert in_a_day - datetime.timedelta(minutes=1) < d.restart_time <= in_a_day
+    finally:
+        d.stop()
+    assert not d.is_restarting
+
+
+# ---------------------------------------------------------------------------
+# malformed responses
+# ---------------------------------------------------------------------------
+
+MALFORMED = {
+    'content-length-abc': {'content_length': 'abc'},
+    'content-length-negative': {'content_length': '-5'},
+    'content-length-conflicting': {'content_length': '10, 20'},
+    'content-length-huge': {'content_length': str(10 ** 30)},
+    'status-line-garbage': raw('garbage\r\n\r\n'),
+    'status-line-bad-code': raw('HTTP/1.1 abc OK\r\nContent-Length: 1\r\n\r\nx'),
+    'status-line-bad-version': raw('HTTP/9.9 200 OK\r\nContent-Length: 1\r\n\r\nx'),
+    'status-line-empty': raw(''),
+    'status-line-huge': raw('HTTP/1.1 200 ' + 'O' * 2 ** 20 + '\r\n\r\n'),
+    'header-line-1mb': raw('HTTP/1.1 200 OK\r\nX-Big: ' + 'a' * 2 ** 20 +
+                           '\r\nContent-Length: 1\r\n\r\nx'),
+    'headers-1mb-in-many-lines': raw('HTTP/1.1 200 OK\r\n' + ''.join(
+        'X-H{}: {}\r\n'.format(i, 'b' * 5000) for i in range(210)) +
+        'Content-Length: 1\r\n\r\nx'),
+    'chunk-size-garbage': raw('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+                              'zz\r\nhello\r\n0\r\n\r\n'),
+    'chunked-cut': raw('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+                       'ffff\r\nhello'),
+    '206-without-content-range': raw('HTTP/1.1 206 Partial Content\r\n'
+                                     'Content-Length: 5\r\n\r\nhello'),
+    '206-after-offset-zero': raw('HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n'
+                                 'Content-Range: bytes 5-9/10\r\n\r\nhello'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(MALFORMED))
+def test_malformed_responses_are_clear_errors(server, tmp_path, case):
+    spec = MALFORMED[case]
+    url = server.add_raw('/f', spec) if callable(spec) else server.add('/f', DATA, **spec)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', timeout=2)
+    rec = Recorder(d)
+    began = time.monotonic()
+    run_until(d, rec, 'complete', 'error', 'fatal-error', timeout=5)
+    assert time.monotonic() - began < 2.5
+    assert d.state in ('error', 'fatal-error'), d.state
+    error = d.last_exception
+    assert isinstance(error, bitpit.Error) and type(error) is not bitpit.Error, repr(error)
+    assert not isinstance(error, bitpit.StalledError), 'a malformed answer hung until timeout'
+
+
+RESUME_MALFORMED = {
+    'content-range-garbage': {'headers': {'Content-Range': 'bytes garbage'}},
+    'content-range-impossible': {'headers': {'Content-Range': 'bytes 400000-300000/5'}},
+    'content-range-missing': {'headers': {'Content-Range': None}},
+    'content-range-beyond-total': {'headers': {'Content-Range': 'bytes 300000-2000000/2000'}},
+    'content-length-disagrees': {'headers': {'Content-Length': '7'}},
+}
+
+
+@pytest.mark.parametrize('case', sorted(RESUME_MALFORMED))
+def test_malformed_partial_answers_write_nothing(server, tmp_path, case):
+    url = server.add('/f', DATA, **RESUME_MALFORMED[case])
+    target = partial_file(tmp_path)
+    d, _ = download(url, target, timeout=2)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert target.read_bytes() == DATA[:OFFSET]
+
+
+def test_partial_answers_that_never_reach_the_offset_are_errors(server, tmp_path):
+    """A 206 that starts before the offset but ends before it too brings
+    nothing new: an error, not an endless loop of requests."""
+    url = server.add_raw('/f', raw('HTTP/1.1 206 Partial Content\r\nContent-Length: 1\r\n'
+                                   'Content-Range: bytes 0-0/{}\r\n\r\n\x00'.format(len(DATA))))
+    target = partial_file(tmp_path)
+    d, _ = download(url, target, timeout=2)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert target.read_bytes() == DATA[:OFFSET]
+    assert len(server.requests) == 1
+
+
+def test_body_longer_than_announced(server, tmp_path):
+    """Only the announced bytes are taken, and the rest of the body never
+    reaches the next download over a reused connection."""
+    url = server.add('/long', DATA, content_length='1000', headers={'Connection': None})
+    d, _ = download(url, tmp_path / 'long.bin')
+    assert d.state == 'complete' and d.size == 1000
+    assert (tmp_path / 'long.bin').read_bytes() == DATA[:1000]
+    url = server.add('/next', DATA)
+    d, _ = download(url, tmp_path / 'next.bin')
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA

@@ -1,0 +1,289 @@
+"""Resuming never corrupts a file: the sidecar and its validator, If-Range
+in the same downloader, a new one and a new process, resuming without a
+usable sidecar, a file already complete (416), partial answers (200 or
+206, shifted, disagreeing), content that changed between attempts, and
+short or chunked bodies."""
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+import bitpit
+from conftest import (DATA, ETAG, HERE, OFFSET, Recorder, download, partial_file, run_until,
+                      sidecar_of)
+
+
+# ---------------------------------------------------------------------------
+# validated resume
+# ---------------------------------------------------------------------------
+
+def test_sidecar_exists_while_partial_and_is_removed_on_completion(server, tmp_path):
+    url = server.add('/f', DATA, etag=ETAG, stall_after=OFFSET)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, timeout=30, update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_for(lambda: d.downloaded >= OFFSET)
+    saved = json.loads(sidecar_of(target).read_text())
+    assert saved == {'url': url, 'validator': ETAG, 'size': len(DATA)}
+    d.stop()
+    assert sidecar_of(target).exists() and target.stat().st_size == OFFSET
+    server.add('/f', DATA, etag=ETAG)
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == DATA
+    assert not sidecar_of(target).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['f.bin']
+
+
+def test_if_range_sent_on_resume_in_the_same_downloader(server, tmp_path):
+    url = server.add('/f', DATA, etag=ETAG, truncate_at=OFFSET, truncate_once=True)
+    target = tmp_path / 'f.bin'
+    d, rec = download(url, target)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert target.stat().st_size == OFFSET and sidecar_of(target).exists()
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == DATA and not sidecar_of(target).exists()
+    first, second = server.requests
+    assert first.headers['Range'] is None and first.headers['If-Range'] is None
+    assert second.headers['Range'] == 'bytes={}-'.format(OFFSET)
+    assert second.headers['If-Range'] == ETAG
+
+
+@pytest.mark.parametrize('options, validator', [
+    ({'etag': ETAG}, ETAG),
+    ({'etag': 'W/"weak"', 'last_modified': 'Wed, 21 Oct 2015 07:28:00 GMT'},
+     'Wed, 21 Oct 2015 07:28:00 GMT'),
+    ({'etag': None, 'last_modified': 'Wed, 21 Oct 2015 07:28:00 GMT'},
+     'Wed, 21 Oct 2015 07:28:00 GMT'),
+    ({'etag': None}, None),
+], ids=['strong-etag', 'weak-etag-uses-last-modified', 'last-modified', 'none'])
+def test_new_downloader_resumes_with_the_sidecar_validator(server, tmp_path, options,
+                                                            validator):
+    url = server.add('/f', DATA, truncate_at=OFFSET, truncate_once=True, **options)
+    target = tmp_path / 'f.bin'
+    first, _ = download(url, target)
+    assert first.state == 'error'
+    d = bitpit.Downloader(url, path=target)
+    assert (d.downloaded, d.size) == (OFFSET, len(DATA))
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    resumed = server.requests[-1]
+    assert resumed.headers['Range'] == 'bytes={}-'.format(OFFSET)
+    assert resumed.headers['If-Range'] == validator
+    assert not sidecar_of(target).exists()
+
+
+RESUME_PROGRAM = '''
+import sys, bitpit
+d = bitpit.Downloader(sys.argv[1], path=sys.argv[2])
+print(d.downloaded, d.size)
+d.start()
+d.join(20)
+print(d.state)
+'''
+
+
+def test_new_process_resumes_with_if_range(server, tmp_path):
+    url = server.add('/f', DATA, etag=ETAG, truncate_at=OFFSET, truncate_once=True)
+    target = tmp_path / 'f.bin'
+    assert download(url, target)[0].state == 'error'
+    result = subprocess.run([sys.executable, '-c', RESUME_PROGRAM, url, str(target)],
+                            env=dict(os.environ, PYTHONPATH=str(HERE)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(OFFSET), str(len(DATA)), 'complete']
+    assert server.requests[-1].headers['If-Range'] == ETAG
+    assert target.read_bytes() == DATA and not sidecar_of(target).exists()
+
+
+@pytest.mark.parametrize('sidecar', [None, 'other-url', 'garbage'])
+def test_resume_without_usable_sidecar_uses_plain_range(server, tmp_path, sidecar):
+    url = server.add('/f', DATA, etag=ETAG)
+    target = partial_file(tmp_path)
+    if sidecar == 'other-url':
+        sidecar_of(target).write_text(json.dumps(
+            {'url': server.url('/other'), 'validator': '"x"', 'size': 5}))
+    elif sidecar == 'garbage':
+        sidecar_of(target).write_bytes(b'\xff{not json')
+    d = bitpit.Downloader(url, path=target)
+    assert (d.downloaded, d.size) == (OFFSET, -1)
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    (request,) = server.requests
+    assert request.headers['Range'] == 'bytes={}-'.format(OFFSET)
+    assert request.headers['If-Range'] is None
+    assert not sidecar_of(target).exists()
+
+
+def test_resume_of_complete_file_416_is_complete(server, tmp_path):
+    """Also with a checksum, given in capitals, that the file matches."""
+    server.add('/data.bin', DATA)
+    target = tmp_path / 'data.bin'
+    target.write_bytes(DATA)
+    d, rec = download(server.url('/data.bin'), target,
+                      checksum='SHA256:' + hashlib.sha256(DATA).hexdigest().upper())
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert d.size == len(DATA)
+    assert 'download' not in [new for _, new in rec.states]
+
+
+# ---------------------------------------------------------------------------
+# partial answers: never append a whole body
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('held', [OFFSET, 2 * len(DATA)])
+def test_200_to_a_range_request_restarts_from_zero(server, tmp_path, held):
+    url = server.add('/f', DATA, ignore_range=True)
+    target = tmp_path / 'f.bin'
+    target.write_bytes(b'\xee' * held)
+    sidecar_of(target).write_text(json.dumps({'url': url, 'validator': None, 'size': held}))
+    d = bitpit.Downloader(url, path=target)
+    assert d.size == held
+    rec = Recorder(d)
+    seen = []
+    d.listen('size-changed', lambda d: seen.append((d.size, d.downloaded)))
+    run_until(d, rec, 'complete', 'error', 'fatal-error')
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert server.requests[0].headers['Range'] == 'bytes={}-'.format(held)
+    assert rec.sizes[-1] == len(DATA) and seen[-1][0] == len(DATA)
+    assert (d.size, d.downloaded) == (len(DATA), len(DATA))
+
+
+@pytest.mark.parametrize('shift', [4096, OFFSET])
+def test_206_starting_earlier_overwrites_the_overlap(server, tmp_path, shift):
+    url = server.add('/f', DATA, range_shift=shift)
+    target = tmp_path / 'f.bin'
+    target.write_bytes(DATA[:OFFSET - shift] + b'\0' * shift)   # the overlap is wrong
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert server.requests[0].headers['Range'] == 'bytes={}-'.format(OFFSET)
+
+
+def test_206_starting_later_is_an_error_and_writes_nothing(server, tmp_path):
+    url = server.add('/f', DATA, range_shift=-4096)
+    target = partial_file(tmp_path)
+    d, rec = download(url, target)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert 'download' not in [new for _, new in rec.states]
+    assert target.read_bytes() == DATA[:OFFSET]
+
+
+def test_206_with_a_disagreeing_total_is_an_error_and_writes_nothing(server, tmp_path):
+    url = server.add('/f', DATA, etag=ETAG, wrong_total=len(DATA) + 1000)
+    target = partial_file(tmp_path, url, ETAG, len(DATA))
+    d, rec = download(url, target)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert 'download' not in [new for _, new in rec.states]
+    held = target.read_bytes()
+    assert len(held) <= OFFSET and DATA.startswith(held)
+    # and it heals: a retry that is not a range request gets the whole file
+    d.restart_wait = 0.01
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == DATA
+
+
+@pytest.mark.parametrize('with_sidecar', [False, True])
+def test_200_with_the_exact_content_range_is_a_partial_answer(server, tmp_path,
+                                                              with_sidecar):
+    url = server.add('/f', DATA, etag=ETAG, status_200_with_range=True)
+    target = partial_file(tmp_path, *((url, ETAG, len(DATA)) if with_sidecar else ()))
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    (request,) = server.requests
+    assert request.headers['Range'] == 'bytes={}-'.format(OFFSET)
+
+
+def test_never_asks_for_a_compressed_body(server, tmp_path):
+    url = server.add('/f', DATA, truncate_at=OFFSET, truncate_once=True)
+    d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)
+    rec.wait_state('complete')
+    d.join(5)
+    assert len(server.requests) == 2
+    assert all(r.headers['Accept-Encoding'] == 'identity' for r in server.requests)
+
+
+# ---------------------------------------------------------------------------
+# content changed between attempts
+# ---------------------------------------------------------------------------
+
+NEW = random.Random(3).randbytes(len(DATA))
+
+
+@pytest.mark.parametrize('new, options', [
+    (NEW, {}), (NEW + b'more', {}), (NEW[:OFFSET // 3], {}),
+    (NEW[:OFFSET // 3], {'etag': None}),
+], ids=['same-size', 'longer', 'shorter', 'shorter-no-validator'])
+def test_content_changed_between_attempts_gives_only_the_new_content(server, tmp_path,
+                                                                    new, options):
+    url = server.add('/f', DATA, truncate_at=OFFSET, truncate_once=True, **options)
+    target = tmp_path / 'f.bin'
+    d, rec = download(url, target)
+    assert d.state == 'error' and target.stat().st_size == OFFSET
+    server.add('/f', new, **options)
+    d.restart_wait = 0.01
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == new
+    assert d.size == d.downloaded == len(new) == rec.sizes[-1]
+    assert not sidecar_of(target).exists()
+
+
+@pytest.mark.parametrize('old, new', [
+    ({}, {}),
+    ({'etag': None, 'last_modified': 'Wed, 21 Oct 2015 07:28:00 GMT'},
+     {'etag': None, 'last_modified': 'Thu, 22 Oct 2015 07:28:00 GMT'}),
+], ids=['etag', 'last-modified'])
+def test_content_changed_on_a_server_that_ignores_if_range(server, tmp_path, old, new):
+    """The partial answer carries the new validator: it is not appended."""
+    url = server.add('/f', DATA, truncate_at=OFFSET, truncate_once=True,
+                     ignore_if_range=True, **old)
+    target = tmp_path / 'f.bin'
+    d, rec = download(url, target)
+    assert d.state == 'error'
+    server.add('/f', NEW, ignore_if_range=True, **new)
+    d.restart_wait = 0.01
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == NEW
+    assert [r.headers['Range'] for r in server.requests] == [None, 'bytes=300000-', None]
+
+
+# ---------------------------------------------------------------------------
+# short bodies, chunked bodies
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('chunked', [False, True])
+def test_short_body_is_an_error_never_complete(server, tmp_path, chunked):
+    url = server.add('/f', DATA, truncate_at=OFFSET, chunked=chunked)
+    d, rec = download(url, tmp_path / 'f.bin')
+    assert d.state == 'error' and 'complete' not in [new for _, new in rec.states]
+    assert isinstance(d.last_exception, bitpit.ProtocolError)
+    assert d.downloaded == OFFSET == (tmp_path / 'f.bin').stat().st_size
+
+
+def test_short_bodies_are_retried_until_complete(server, tmp_path):
+    """Also with retries=1: retries count only attempts that made no progress."""
+    url = server.add('/f', DATA, truncate_at=OFFSET)     # every answer is cut
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', restart_wait=0.01, retries=1)
+    rec = Recorder(d)
+    run_until(d, rec, 'complete', 'fatal-error')
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+    assert [r.headers['Range'] for r in server.requests] == [
+        None, 'bytes=300000-', 'bytes=600000-', 'bytes=900000-']
+    assert [new for _, new in rec.states].count('error') == 3
+
+
+def test_chunked_body_without_length_completes_with_size_at_the_end(server, tmp_path):
+    url = server.add('/f', DATA, chunked=True)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target)
+    rec = Recorder(d)
+    size_in_download = []
+    d.listen('state-changed', lambda d, old: d.state == 'download'
+             and size_in_download.append(d.size))
+    run_until(d, rec, 'complete', 'error', 'fatal-error')
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert size_in_download == [-1] and rec.sizes == [len(DATA)]
+    assert (d.size, d.ratio, d.remaining) == (len(DATA), 1.0, 0)
