@@ -2,20 +2,28 @@
 """bitpit: event-driven HTTP(S) downloads with resume, rate limits and a manager.
 
 One file, standard library only. The outline of this file is its table of
-contents:
+contents; each layer uses only the layers above it:
 
-    helpers      human_readable, _parse_rate, file names, header parsing
+    helpers      human_readable, rates and sizes, file names, URLs, headers
     errors       Error and its subclasses
     emitter      Emitter, the signal base class
-    timing       _TokenBucket (rate limits) and the shared speed ticker
-    http         connections, the connection pool, requests and redirects
-    downloader   Downloader: one URL, one thread, one attempt state machine
+    timing       _TokenBucket (rate limits)
+    http         cancellation, connections, the pool, request options
+                 (headers, credentials, cookies), requests with redirects,
+                 and what an answer says about the file
+    store        the target file, the byte ranges it holds, its sidecar
+    transfer     one attempt over one or more connections and sources
+    downloader   Downloader: the public face of one download
     manager      Manager: many downloads, one total rate limit
-    command line main() and the ``bitpit`` command
+    command line main(), download() and the ``bitpit`` command
 
 Typical use::
 
     import bitpit
+    path = bitpit.download('https://example.com/file.iso', connections=4)
+
+or, event-driven::
+
     d = bitpit.Downloader('https://example.com/file.iso', rate_limit=2**20)
     d.listen('state-changed', lambda d, old: print(d.state))
     d.start()
@@ -24,17 +32,11 @@ Typical use::
 
 from __future__ import annotations
 
-import base64
+import bisect
 import collections
 import datetime
-import email.utils
-import hashlib
-import heapq
 import io
-import itertools
-import json
 import logging
-import netrc
 import os
 import pathlib
 import re
@@ -47,12 +49,15 @@ import threading
 import time
 import http.client
 import urllib.parse
-import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-__version__ = '2.0.0'
+# Modules that only some downloads need (json, hashlib, email.utils, netrc,
+# base64, zlib, http.cookiejar, urllib.request, argparse, ...) are imported
+# where they are first used, so that ``import bitpit`` stays light.
+
+__version__ = '2.1.0'
 __all__ = [
-    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main',
+    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main', 'download',
     'Error', 'HTTPStatusError', 'NetworkError', 'StalledError', 'TLSError',
     'ProtocolError', 'RedirectError', 'IntegrityError', 'FileError',
     'InvalidURLError',
@@ -61,6 +66,13 @@ __all__ = [
 _log = logging.getLogger('bitpit')
 
 _DEFAULT_CHUNK_SIZE = 256 * 1024
+_MAX_CONNECTIONS = 32
+_MIN_SPLIT = 1024 * 1024        # no range is split into parts smaller than this
+_MAX_PIECE = 64 * 1024 * 1024   # most bytes one ranged request of a split file asks for
+_RACE_BLOCK = 256 * 1024        # bytes a racing connection takes per request
+_FLUSH_AGE = 0.5                # seconds received bytes may wait in a buffer
+_UNKNOWN_END = 1 << 62          # the end of a range that only the body's end tells
+_SIDECAR_PERIOD = 1.0           # seconds between two sidecar saves while bytes flow
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -94,47 +106,130 @@ def human_readable(n: Optional[float], digits: int = 3
     return n, _SUFFIXES[-1]
 
 
-_RATE_RE = re.compile(r'^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgG]?)\s*$')
-_RATE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
+_AMOUNT_RE = re.compile(r'^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgG]?)\s*$')
+_AMOUNT_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
+
+
+def _parse_amount(text: Union[str, int, float], what: str = 'rate') -> float:
+    """Parse an amount of bytes such as ``2048``, ``100k``, ``0.5m`` or
+    ``1G`` (powers of 1024). Raises ``ValueError`` for anything else."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    match = _AMOUNT_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError('invalid {} {!r}: use a number of bytes, optionally with '
+                         'k, m or g (e.g. 100k, 0.5m)'.format(what, text))
+    return float(match.group(1)) * _AMOUNT_UNITS[match.group(2).lower()]
 
 
 def _parse_rate(text: Union[str, int, float]) -> int:
-    """Parse a rate such as ``2048``, ``100k``, ``0.5m`` or ``1M`` into bytes
-    per second. Raises ``ValueError`` for anything else."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = _RATE_RE.match(text)
-    if not match:
-        raise ValueError('invalid rate {!r}: use a number of bytes per second, '
-                         'optionally with k or m (e.g. 100k, 0.5m)'.format(text))
-    return int(float(match.group(1)) * _RATE_UNITS[match.group(2).lower()])
+    """A rate in bytes per second, e.g. ``100k``: 0 means no limit.
+    ``ValueError`` for a malformed rate, and for one between 0 and 1 byte/s,
+    which would otherwise silently mean "no limit"."""
+    rate = _parse_amount(text, 'rate')
+    if 0 < rate < 1:
+        raise ValueError('invalid rate {!r}: a rate is 0 (no limit) or at least '
+                         '1 byte/s'.format(text))
+    return int(rate)
 
 
-_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\]')
+def _parse_size(text: Union[str, int, float]) -> int:
+    """A size in bytes, e.g. ``10m``, ``1g``."""
+    return int(_parse_amount(text, 'size'))
+
+
+# -- option checks: each names the option it checks ----------------------------
+
+def _check_number(name: str, value: Any, positive: bool = False,
+                  allow_none: bool = False) -> Any:
+    """``value`` if it is a real number (not a bool), else ``TypeError``;
+    with ``positive``, ``ValueError`` unless it is more than 0."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError('{} must be a number, not {!r}'.format(name, value))
+    if value != value:  # NaN
+        raise ValueError('{} must be a number, not {!r}'.format(name, value))
+    if positive and not value > 0:
+        raise ValueError('{} must be more than 0, not {!r}'.format(name, value))
+    return value
+
+
+def _check_int(name: str, value: Any, low: Optional[int] = None,
+               high: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+    """``value`` if it is an ``int`` within ``[low, high]``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError('{} must be an int, not {!r}'.format(name, value))
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = 'at least {}'.format(low) if high is None else \
+            'from {} to {}'.format(low, high)
+        raise ValueError('{} must be {}, not {!r}'.format(name, bounds, value))
+    return value
+
+
+def _check_auth(auth: Any) -> Optional[Tuple[str, str]]:
+    if auth is None:
+        return None
+    if not (isinstance(auth, (tuple, list)) and len(auth) == 2 and
+            all(isinstance(part, str) for part in auth)):
+        raise TypeError('auth must be a (user, password) pair of str, not {!r}'.format(auth))
+    return auth[0], auth[1]
+
+
+# -- file names ------------------------------------------------------------------
+
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+_WINDOWS_DEVICE_RE = re.compile(
+    r'^(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])\s*(\.|$)',
+    re.IGNORECASE)
+_MAX_NAME_BYTES = 255
 
 
 def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
-    """Return ``name`` made safe to use as one file name inside a directory.
-
-    Path separators, NUL and control characters become ``_``; an empty name
-    or one made only of dots (``.``, ``..``) becomes ``default``.
-    """
-    name = _UNSAFE_NAME_CHARS.sub('_', name).strip()
+    """``name`` made safe as one file name inside a directory, on every
+    operating system: path separators, ``< > : " | ? *`` and control
+    characters become ``_``, trailing dots and spaces go, a Windows device
+    name (``CON``, ``nul.txt``, ``COM1``...) gets a ``_`` prefix, and the
+    name is cut to 255 bytes of UTF-8 keeping its extension. An empty name
+    or one made only of dots becomes ``default``."""
+    name = _UNSAFE_NAME_CHARS.sub('_', name).strip().rstrip('. ')
     if not name.strip('.'):
         return default
-    return _fit_name(name, '')
+    if _WINDOWS_DEVICE_RE.match(name):
+        name = '_' + name
+    return _fit_name(*_split_extension(name))
 
 
 def _fit_name(stem: str, suffix: str) -> str:
     """``stem + suffix`` with ``stem`` shortened so that the name fits the
-    255 bytes a file name may have."""
-    while len((stem + suffix).encode('utf-8', 'surrogateescape')) > 255 and stem:
+    255 bytes a file name may have (an absurd suffix is cut too)."""
+    def size(text: str) -> int:
+        return len(text.encode('utf-8', 'surrogateescape'))
+    if size(suffix) > _MAX_NAME_BYTES // 2:
+        stem, suffix = stem + suffix, ''
+    if size(stem) + size(suffix) <= _MAX_NAME_BYTES:
+        return stem + suffix
+    room = _MAX_NAME_BYTES - size(suffix)
+    while size(stem) > room:
         stem = stem[:-1]
-    return stem + suffix
+    return stem.rstrip('. ') + suffix
+
+
+def _split_extension(name: str) -> Tuple[str, str]:
+    """``('name', '.ext')``; ``.tar.gz`` and the like count as one
+    extension; a name without one (or a dot file) gives ``(name, '')``."""
+    stem, _, ext = name.rpartition('.')
+    if not stem.strip('.'):
+        return name, ''
+    if stem.lower().endswith('.tar') and stem[:-4].strip('.'):
+        return stem[:-4], stem[-4:] + '.' + ext
+    return stem, '.' + ext
 
 
 def _filename_from_url(url: str) -> str:
-    """The percent-decoded last segment of the URL's path, made safe."""
+    """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
     path = urllib.parse.urlsplit(url).path
     return _safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
 
@@ -163,25 +258,137 @@ def _filename_from_disposition(value: Optional[str]) -> Optional[str]:
     if match:
         name = match.group(1)
         name = re.sub(r'\\(.)', r'\1', name) if name is not None else match.group(2)
-        name = name.rsplit('/', 1)[-1].rsplit('\\', 1)[-1]
+        name = _header_text(name).rsplit('/', 1)[-1].rsplit('\\', 1)[-1]
         if name:
             return _safe_filename(name)
     return None
 
 
-_CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.I)
-_UNSATISFIED_RANGE_RE = re.compile(r'^\s*bytes\s+\*/(\d+)\s*$', re.I)
+def _header_text(value: str) -> str:
+    """A header value as the server meant it: http.client decodes header
+    bytes as Latin-1, but servers send UTF-8 (names, ``Location``)."""
+    try:
+        return value.encode('latin-1').decode('utf-8')
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+# -- URLs --------------------------------------------------------------------------
+
+_CONTROL_CHARS_RE = re.compile(r'[\x00-\x1f\x7f]')
+# what may stay as it is in a URL's path, query and fragment; the rest
+# (spaces, non-ASCII characters as UTF-8 bytes) is percent-encoded
+_URL_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
+
+
+def _check_url(url: str) -> urllib.parse.SplitResult:
+    """The split URL if it is an absolute http(s) URL with a host, else
+    ``InvalidURLError``. Spaces and non-ASCII characters are allowed (they
+    are encoded when sent); control characters are not."""
+    if not isinstance(url, str):
+        raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
+    if _CONTROL_CHARS_RE.search(url):
+        raise InvalidURLError('URL with control characters: {!r}'.format(url))
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # validates the port
+    except ValueError as exc:
+        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
+    if parts.scheme.lower() not in ('http', 'https'):
+        raise InvalidURLError('unsupported URL scheme in {!r}: only http and https'
+                              .format(url))
+    host = parts.hostname
+    if not host or any(c in host for c in ' %\\'):
+        raise InvalidURLError('malformed URL {!r}'.format(url))
+    if not host.isascii():
+        try:
+            host.encode('idna')
+        except UnicodeError as exc:
+            raise InvalidURLError('malformed host name in {!r}'.format(url)) from exc
+    return parts
+
+
+def _ascii_host(host: str) -> str:
+    return host if host.isascii() else host.encode('idna').decode('ascii')
+
+
+def _ascii_url(url: str) -> str:
+    """``url`` as sent on the wire: the host in IDNA, and spaces and
+    non-ASCII characters of the rest percent-encoded as UTF-8, as browsers
+    do. Assumes ``_check_url`` accepted it."""
+    if url.isascii() and ' ' not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    host = parts.hostname or ''
+    if not host.isascii():
+        userinfo, _, hostport = netloc.rpartition('@')
+        hostport = hostport.lower().replace(host, _ascii_host(host), 1)
+        netloc = (userinfo + '@' if userinfo else '') + hostport
+
+    def encode(part: str) -> str:
+        return urllib.parse.quote(part, safe=_URL_SAFE, errors='surrogateescape')
+    return urllib.parse.urlunsplit((parts.scheme, netloc, encode(parts.path),
+                                    encode(parts.query), encode(parts.fragment)))
+
+
+def _redirect_target(base: str, location: str) -> str:
+    """The absolute URL a ``Location`` header points to. Raw UTF-8 bytes
+    in the header (decoded as Latin-1 by http.client) are taken as UTF-8.
+    Raises ``RedirectError`` for a target bitpit does not follow."""
+    raw = location.strip()
+    try:
+        raw = raw.encode('latin-1').decode('utf-8', 'surrogateescape')
+    except UnicodeEncodeError:
+        pass
+    target = urllib.parse.urljoin(base, raw)
+    try:
+        _check_url(target)
+    except InvalidURLError as exc:
+        raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
+    return target
+
+
+def _origin(url: str) -> Tuple[str, str, Optional[int]]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or '').lower(), parts.port
+
+
+def _same_trust(old: str, new: str) -> bool:
+    """Whether credentials meant for ``old`` may go to ``new`` (requests'
+    ``should_strip_auth``): the same host, scheme and port, or http to https
+    on the same host with the default ports."""
+    old_scheme, old_host, old_port = _origin(old)
+    new_scheme, new_host, new_port = _origin(new)
+    if old_host != new_host:
+        return False
+    if old_scheme == 'http' and old_port in (80, None) and \
+            new_scheme == 'https' and new_port in (443, None):
+        return True
+    default = (80 if old_scheme == 'http' else 443, None)
+    if old_scheme == new_scheme and old_port in default and new_port in default:
+        return True
+    return old_scheme == new_scheme and old_port == new_port
+
+
+# -- headers -------------------------------------------------------------------------
+
+_DIGITS_RE = re.compile(r'[0-9]+')
+_CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$', re.I)
+_UNSATISFIED_RANGE_RE = re.compile(r'^\s*bytes\s+\*/([0-9]+)\s*$', re.I)
 
 
 def _parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
     """Parse ``bytes FIRST-LAST/TOTAL`` into ``(first, last, total)``;
-    ``total`` is ``None`` for ``*``. Raises ``ProtocolError`` if malformed."""
+    ``total`` is ``None`` for ``*``. Only ASCII digits count. Raises
+    ``ProtocolError`` if malformed."""
     match = _CONTENT_RANGE_RE.match(value)
     if not match:
         raise ProtocolError('malformed Content-Range: {!r}'.format(value[:100]))
     first, last = int(match.group(1)), int(match.group(2))
     total = None if match.group(3) == '*' else int(match.group(3))
-    if last < first or (total is not None and last >= total):
+    if last < first or (total is not None and last >= total) or \
+            max(last, total or 0) >= _UNKNOWN_END:
         raise ProtocolError('impossible Content-Range: {!r}'.format(value[:100]))
     return first, last, total
 
@@ -189,7 +396,7 @@ def _parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
 def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     """The response's ``Content-Length`` as an int, ``None`` if absent or the
     body is chunked. Raises ``ProtocolError`` for a malformed or
-    contradictory value."""
+    contradictory value (only ASCII digits count)."""
     values = response.msg.get_all('Content-Length') or []
     if not values or response.chunked:
         return None
@@ -197,7 +404,7 @@ def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     for value in values:
         for part in value.split(','):
             part = part.strip()
-            if not part.isdigit():
+            if not _DIGITS_RE.fullmatch(part):
                 raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
             lengths.add(int(part))
     if len(lengths) != 1:
@@ -206,38 +413,82 @@ def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
 
 
 def _parse_retry_after(value: Optional[str]) -> Optional[float]:
-    """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date),
-    or ``None`` if absent or unreadable."""
+    """Seconds to wait from a ``Retry-After`` value (ASCII digits or an HTTP
+    date), or ``None`` if absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS_RE.fullmatch(value):
         return float(value)
+    when = _parse_http_date(value)
+    if when is None:
+        return None
+    return max(0.0, when - time.time())
+
+
+def _parse_http_date(value: Optional[str]) -> Optional[float]:
+    """An HTTP date (``Last-Modified``, ``Retry-After``) as a POSIX
+    timestamp, or ``None`` if absent or unreadable."""
+    if not value:
+        return None
+    import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
+    """``'sha256:HEX'`` as ``('sha256', 'hex')``; ``ValueError`` for an
+    unknown algorithm or a digest of the wrong form."""
     if checksum is None:
         return None
+    import hashlib
     algorithm, _, digest = str(checksum).partition(':')
     algorithm = algorithm.strip().lower()
     digest = digest.strip().lower()
     try:
-        hashlib.new(algorithm)
+        size = hashlib.new(algorithm).digest_size
     except (ValueError, TypeError):
         raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
-    if not re.fullmatch(r'[0-9a-f]+', digest) or \
-            len(digest) != 2 * hashlib.new(algorithm).digest_size:
+    if not re.fullmatch(r'[0-9a-f]+', digest) or len(digest) != 2 * size:
         raise ValueError('malformed checksum {!r}: expected ALGORITHM:HEX'.format(checksum))
     return algorithm, digest
+
+
+# headers bitpit sets itself: a caller may not give them
+_CONTROLLED_HEADERS = frozenset({'range', 'if-range', 'accept-encoding', 'host',
+                                 'content-length', 'transfer-encoding'})
+
+
+def _check_headers(headers: Any) -> Dict[str, str]:
+    """The caller's extra headers as a dict, checked: a mapping of str to
+    str, no line breaks, none of the headers bitpit controls."""
+    if headers is None:
+        return {}
+    if not hasattr(headers, 'items'):
+        raise TypeError('headers must be a mapping of str to str, not {!r}'.format(headers))
+    checked: Dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError('headers must map str to str, not {!r}: {!r}'.format(name, value))
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or \
+                _CONTROL_CHARS_RE.search(value.replace('\t', ' ')):
+            raise ValueError('invalid header {!r}: {!r}'.format(name, value))
+        if name.lower() in _CONTROLLED_HEADERS:
+            raise ValueError('headers: bitpit sets {} itself'.format(name))
+        for old in [key for key in checked if key.lower() == name.lower()]:
+            del checked[old]
+        checked[name] = value
+    return checked
 
 
 # ---------------------------------------------------------------------------
@@ -273,16 +524,19 @@ class HTTPStatusError(Error):
 
 
 class NetworkError(Error):
-    """The connection failed: refused, reset, unreachable, name not found."""
+    """The connection failed: refused, reset, unreachable, name not found,
+    or a TLS connection broken during its handshake or its body."""
     retryable = True
 
 
 class StalledError(NetworkError):
-    """No byte arrived for ``timeout`` seconds."""
+    """No byte arrived for ``timeout`` seconds, or the transfer stayed
+    slower than ``min_speed`` for that long."""
 
 
 class TLSError(NetworkError):
-    """The TLS handshake failed, e.g. an untrusted certificate. Not retryable."""
+    """TLS cannot work with this server: its certificate is not trusted, or
+    no protocol version or cipher is common to both sides. Not retryable."""
     retryable = False
 
 
@@ -299,38 +553,21 @@ class RedirectError(ProtocolError):
 
 
 class IntegrityError(Error):
-    """The downloaded bytes do not match the expected checksum."""
+    """The downloaded bytes do not match the expected checksum, or the body
+    is larger than ``max_size``."""
 
 
 class FileError(Error):
-    """The local file could not be opened or written (its cause is the
-    ``OSError``). The bytes already on disk are kept."""
+    """The local file could not be opened, reserved or written (its cause is
+    the ``OSError``). The bytes already on disk are kept."""
 
 
 class InvalidURLError(Error, ValueError):
     """The URL is malformed or its scheme is not ``http`` or ``https``."""
 
 
-def _check_url(url: str) -> urllib.parse.SplitResult:
-    """Return the split URL if it is an absolute http(s) URL with a host,
-    else raise ``InvalidURLError``."""
-    if not isinstance(url, str):
-        raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # validates the port
-    except ValueError as exc:
-        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
-    if parts.scheme.lower() not in ('http', 'https'):
-        raise InvalidURLError('unsupported URL scheme in {!r}: only http and https'
-                              .format(url))
-    if not parts.hostname or any(c in url for c in '\r\n\x00 '):
-        raise InvalidURLError('malformed URL {!r}'.format(url))
-    return parts
-
-
 class _Stopped(Exception):
-    """Raised inside the download thread when ``stop()`` was called."""
+    """Raised inside bitpit's threads when ``stop()`` was called."""
 
 
 # ---------------------------------------------------------------------------
@@ -384,6 +621,8 @@ class Emitter:
         Raises ``KeyError`` for an unknown signal."""
         lock, callbacks = self._callbacks(signal)
         with lock:
+            if not callbacks:
+                return
             snapshot = list(callbacks)
         for func, listen_args, listen_kwargs in snapshot:
             try:
@@ -396,7 +635,7 @@ _EMITTER_INIT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
-# timing: token bucket and speed ticker
+# timing: token buckets
 # ---------------------------------------------------------------------------
 
 class _TokenBucket:
@@ -407,7 +646,7 @@ class _TokenBucket:
     traffic is ever released at once. Waiting threads are served in the
     order they came, so one that just read cannot starve the others. A rate
     ``<= 0`` means unlimited. Changing ``rate`` takes effect at once, also
-    for threads already waiting.
+    for threads already waiting. ``_lock`` guards every field.
     """
     BURST_SECONDS = 0.1
 
@@ -456,9 +695,9 @@ class _TokenBucket:
         """Block until some bytes may be read and return how many (at most
         ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
         soon as ``cancelled()`` is true after a ``wake()``. Any thread."""
+        if self._rate <= 0:  # unlimited: no lock on the fast path
+            return 0 if cancelled() else want
         with self._lock:
-            if self._rate <= 0:
-                return 0 if cancelled() else want
             turn = threading.Condition(self._lock)
             self._waiters.append(turn)
             try:
@@ -482,7 +721,7 @@ class _TokenBucket:
 
     def refund(self, unused: int) -> None:
         """Give back tokens that were acquired but not used."""
-        if unused > 0:
+        if unused > 0 and self._rate > 0:
             with self._lock:
                 self._refill()
                 self._tokens = min(self._depth(), self._tokens + unused)
@@ -495,76 +734,123 @@ class _TokenBucket:
             self._notify_all()
 
 
-class _Ticker:
-    """One daemon thread that calls ``_tick()`` on each registered object every
-    ``period()`` seconds, for the speed-changed signal. Waiting is done on a
-    condition until the earliest due time."""
+class _Pacer:
+    """Draws each read from several token buckets (a download's own limit,
+    a manager's total) and gives every bucket back exactly what it granted
+    but the read did not use. One per connection thread."""
+
+    def __init__(self, buckets: Tuple[_TokenBucket, ...], cancelled: Callable[[], bool]):
+        self.buckets = buckets
+        self.cancelled = cancelled
+        self._grants: List[int] = []
+
+    def acquire(self, want: int) -> int:
+        """Bytes that may be read now (0: cancelled); blocks while limited."""
+        grants = self._grants
+        del grants[:]
+        for bucket in self.buckets:
+            want = bucket.acquire(want, self.cancelled)
+            if not want:
+                self.settle(0)
+                return 0
+            grants.append(want)
+        return want
+
+    def settle(self, used: int) -> None:
+        """The last read used ``used`` bytes: refund the rest of each grant."""
+        for bucket, granted in zip(self.buckets, self._grants):
+            bucket.refund(granted - used)
+        del self._grants[:]
+
+
+# ---------------------------------------------------------------------------
+# http: cancellation, connections, pool, request options, requests, answers
+# ---------------------------------------------------------------------------
+
+class _Cancel:
+    """The stop signal of an attempt: ``cancel()`` marks it and aborts
+    everything registered with it (connections, name look-ups) at once.
+    Any thread. ``_lock`` guards the mark and the registrations."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._heap: List[Tuple[float, int, Any]] = []
-        self._tokens: Dict[int, int] = {}
-        self._counter = itertools.count()
-        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._live: set = set()
 
-    def add(self, target: Any, period: float) -> None:
-        """Start ticking ``target`` (``target._tick()`` every ``period`` s,
-        re-read from ``target.update_period`` after each tick)."""
-        with self._cond:
-            token = next(self._counter)
-            self._tokens[id(target)] = token
-            entry = (time.monotonic() + max(period, 0.01), token, target)
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name='bitpit-ticker',
-                                                daemon=True)
-                self._thread.start()
-            elif self._heap[0] is entry:
-                self._cond.notify()  # it is the earliest due: wake the ticker sooner
+    def is_set(self) -> bool:
+        return self._cancelled
 
-    def remove(self, target: Any) -> None:
-        """Stop ticking ``target``; a tick already running may still finish."""
-        with self._cond:
-            self._tokens.pop(id(target), None)
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            live, self._live = self._live, set()
+        for item in live:
+            item.abort()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if not self._heap:
-                        self._thread = None
-                        return
-                    due, token, target = self._heap[0]
-                    if self._tokens.get(id(target)) != token:
-                        heapq.heappop(self._heap)
-                        continue
-                    delay = due - time.monotonic()
-                    if delay <= 0:
-                        break
-                    self._cond.wait(delay)
-                heapq.heappop(self._heap)
-                period = max(float(target.update_period), 0.01)
-                heapq.heappush(self._heap, (max(due + period, time.monotonic()), token, target))
-            try:
-                target._tick()
-            except Exception:
-                _log.exception('speed update of %r failed', target)
+    def register(self, item: Any) -> None:
+        """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
+        ``_Stopped`` if that already happened."""
+        with self._lock:
+            if self._cancelled:
+                raise _Stopped
+            self._live.add(item)
+
+    def unregister(self, item: Any) -> None:
+        with self._lock:
+            self._live.discard(item)
 
 
-_TICKER = _Ticker()
+class _EventAbort:
+    """Registers an event with a ``_Cancel``: cancelling sets it."""
+
+    def __init__(self, event: threading.Event):
+        self.abort = event.set
 
 
-# ---------------------------------------------------------------------------
-# http: connections, pool, requests with redirects
-# ---------------------------------------------------------------------------
+def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[float]
+             ) -> List[Tuple[Any, ...]]:
+    """``socket.getaddrinfo`` for a TCP connection, in a way a stop can
+    abandon: a name is looked up in a daemon thread while this one waits on
+    an event that a cancel sets. Addresses are used as they are."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ':' in host else socket.AF_INET, host)
+        literal = True
+    except (OSError, ValueError):
+        literal = False
+    if literal or cancel is None:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    done = threading.Event()
+    outcome: Dict[str, Any] = {}
+
+    def look_up() -> None:
+        try:
+            outcome['addresses'] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except Exception as exc:  # handed to the waiting thread
+            outcome['error'] = exc
+        done.set()
+
+    waker = _EventAbort(done)
+    cancel.register(waker)
+    try:
+        threading.Thread(target=look_up, name='bitpit-resolve', daemon=True).start()
+        if not done.wait(timeout):
+            raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
+    finally:
+        cancel.unregister(waker)
+    if cancel.is_set():
+        raise _Stopped
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['addresses']
+
 
 class _AbortableMixin:
-    """A connection whose socket can be shut down from another thread, also
-    while it is still connecting, so that ``stop()`` takes effect at once.
-    ``cancelled`` is checked around the connect, which closes the window
-    between an ``abort()`` and the socket's creation."""
+    """A connection that a ``_Cancel`` (or ``abort()``) shuts down from another
+    thread, in every phase: name look-up, connect, TLS handshake, request,
+    body. The cancel is checked around the connect, which closes the window
+    between an abort and the socket's creation."""
     connecting_socket: Optional[socket.socket] = None
-    cancelled: Callable[[], bool] = staticmethod(lambda: False)
+    cancel: Optional[_Cancel] = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -574,18 +860,17 @@ class _AbortableMixin:
     def _abortable_connect(self, address, timeout, source_address=None):
         host, port = address
         last_error: Optional[OSError] = None
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
-                host, port, 0, socket.SOCK_STREAM):
+        for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
             sock = socket.socket(family, kind, proto)
             self.connecting_socket = sock
             try:
                 sock.settimeout(timeout)
                 if source_address:
                     sock.bind(source_address)
-                if self.cancelled():
+                if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
                 sock.connect(sockaddr)
-                if self.cancelled():
+                if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
                 return sock
             except OSError as exc:
@@ -612,20 +897,21 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     pass
 
 
-_ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, str, int]], int]
+_ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int]
 
 
 class _ConnectionPool:
-    """Idle keep-alive connections, by scheme, host, port and proxy, so that
-    many downloads from one server do not each pay for a new connection."""
+    """Idle keep-alive connections, by scheme, host, port, proxy and TLS
+    context, so that many requests to one server do not each pay for a new
+    connection. ``_lock`` guards ``_idle``."""
     MAX_IDLE_PER_KEY = 64
     MAX_IDLE_SECONDS = 30.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: Dict[_ConnectionKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: Dict[_ConnectionKey, List[Tuple[float, Any]]] = {}
 
-    def get(self, key: _ConnectionKey) -> Optional[http.client.HTTPConnection]:
+    def get(self, key: _ConnectionKey) -> Optional[Any]:
         """An idle connection for ``key`` that can carry a new request, or
         ``None``. The ones idle too long or not quiet are closed."""
         while True:
@@ -646,7 +932,7 @@ class _ConnectionPool:
             for _, conn in connections:
                 conn.close()
 
-    def put(self, key: _ConnectionKey, conn: http.client.HTTPConnection) -> None:
+    def put(self, key: _ConnectionKey, conn: Any) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
         and close the connections of any host that were idle too long."""
         now = time.monotonic()
@@ -667,19 +953,12 @@ class _ConnectionPool:
 _POOL = _ConnectionPool()
 
 
-def _quiet(conn: http.client.HTTPConnection) -> bool:
+def _quiet(conn: Any) -> bool:
     """Whether an idle connection has nothing to read. If it has, the server
     closed it or sent bytes no request asked for (say the rest of a body
     longer than its Content-Length), which the next request would take for
     its response."""
-    try:
-        if hasattr(select, 'poll'):
-            poller = select.poll()
-            poller.register(conn.sock, select.POLLIN)
-            return not poller.poll(0)
-        return not select.select([conn.sock], [], [], 0)[0]
-    except (OSError, ValueError, TypeError):
-        return False
+    return conn.sock is not None and not _ready(conn.sock)
 
 
 def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
@@ -697,19 +976,25 @@ def _environment_proxy(scheme: str, host: str) -> str:
     CGI script). Looks up only these names: ``urllib.request.getproxies()``
     decodes the whole environment, which costs more than a small download."""
     environ = os.environ
-    no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
-    if no_proxy and urllib.request.proxy_bypass_environment(host, {'no': no_proxy}):
-        return ''
     name = scheme + '_proxy'
     proxy = environ.get(name)
     if proxy is None and not (scheme == 'http' and 'REQUEST_METHOD' in environ):
         proxy = environ.get(name.upper())
-    return proxy or ''
+    if not proxy:
+        return ''
+    no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
+    if no_proxy:
+        import urllib.request
+        if urllib.request.proxy_bypass_environment(host, {'no': no_proxy}):
+            return ''
+    return proxy
 
 
 def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
     """Split an ``http://[user:pass@]host:port`` proxy URL (the scheme may be
     left out). Raises ``InvalidURLError`` for anything else."""
+    if not isinstance(proxy, str):
+        raise TypeError('proxy must be a str, not {!r}'.format(proxy))
     if '://' not in proxy:
         proxy = 'http://' + proxy
     try:
@@ -717,7 +1002,8 @@ def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
         parts.port  # validates the port
     except ValueError:
         parts = None
-    if parts is None or parts.scheme.lower() != 'http' or not parts.hostname:
+    if parts is None or parts.scheme.lower() != 'http' or not parts.hostname or \
+            _CONTROL_CHARS_RE.search(proxy):
         raise InvalidURLError('unsupported proxy {!r}: use http://host:port'.format(proxy))
     return parts
 
@@ -725,6 +1011,7 @@ def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
 def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     """Login and password for ``host`` from ``$NETRC`` or ``~/.netrc``, as
     curl's ``--netrc-optional`` reads them; ``None`` when there is none."""
+    import netrc
     try:
         entry = netrc.netrc(os.environ.get('NETRC') or None).authenticators(host)
     except FileNotFoundError:
@@ -738,48 +1025,210 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
-def _proxy_headers(proxy: urllib.parse.SplitResult) -> Dict[str, str]:
-    """``Proxy-Authorization`` for a proxy URL with credentials, else none."""
-    if not proxy.username:
-        return {}
-    return {'Proxy-Authorization': _basic_auth(urllib.parse.unquote(proxy.username),
-                                               urllib.parse.unquote(proxy.password or ''))}
+def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
+    """The user and password written in a URL, or ``None``."""
+    if parts.username is None:
+        return None
+    return (urllib.parse.unquote(parts.username),
+            urllib.parse.unquote(parts.password or ''))
 
 
 def _basic_auth(user: str, password: str) -> str:
+    import base64
     token = '{}:{}'.format(user, password).encode('utf-8')
     return 'Basic ' + base64.b64encode(token).decode('ascii')
 
 
-def _body_reader(response: http.client.HTTPResponse) -> Callable[[memoryview], int]:
-    """A ``readinto`` for the response body that returns as soon as some bytes
-    arrived (one receive), rather than waiting for the buffer to fill, so
-    progress, stall detection and rate limiting see bytes as they come. The
-    caller never asks for more than the announced length."""
-    if response.fp is None:  # http.client closes empty bodies at once
-        return lambda view: 0
-    if response.chunked:
-        def read_chunked(view: memoryview) -> int:
+def _proxy_headers(proxy: urllib.parse.SplitResult) -> Dict[str, str]:
+    """``Proxy-Authorization`` for a proxy URL with credentials, else none."""
+    credentials = _url_credentials(proxy)
+    return {} if credentials is None else {'Proxy-Authorization': _basic_auth(*credentials)}
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
+_SSL_CONTEXT: Optional[ssl.SSLContext] = None
+
+
+class _Cookies:
+    """The cookies of one download (or of a manager's downloads): the
+    caller's ``http.cookiejar.CookieJar``, a Netscape ``cookies.txt`` file
+    loaded into one, or else an in-memory jar made at the first
+    ``Set-Cookie``. The jar locks itself; any thread."""
+
+    def __init__(self, cookies: Any = None):
+        self.jar: Any = None
+        if cookies is None:
+            return
+        import http.cookiejar
+        if isinstance(cookies, http.cookiejar.CookieJar):
+            self.jar = cookies
+        elif isinstance(cookies, (str, os.PathLike)):
+            self.jar = _load_cookies_txt(cookies)
+        else:
+            raise TypeError('cookies must be an http.cookiejar.CookieJar or the path of '
+                            'a cookies.txt file, not {!r}'.format(cookies))
+
+    def header(self, url: str) -> Optional[str]:
+        """The ``Cookie`` header the jar's rules send to ``url``, or ``None``."""
+        if self.jar is None:
+            return None
+        request = _cookie_request(url)
+        self.jar.add_cookie_header(request)
+        return request.get_header('Cookie')
+
+    def remember(self, response: http.client.HTTPResponse, url: str) -> None:
+        """Keep the cookies ``response`` sets, by the jar's rules."""
+        if not response.msg.get_all('Set-Cookie'):
+            return
+        if self.jar is None:
+            import http.cookiejar
+            self.jar = http.cookiejar.CookieJar()
+        self.jar.extract_cookies(response, _cookie_request(url))
+
+
+def _cookie_request(url: str) -> Any:
+    import urllib.request
+    return urllib.request.Request(url)
+
+
+def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> Any:
+    """A jar with the cookies of a Netscape ``cookies.txt`` file (as curl,
+    wget, aria2 and browser extensions write it). Session cookies (expiry 0
+    or empty) are kept, as curl does; expired ones and malformed lines are
+    left out. Raises ``ValueError`` for an unreadable file."""
+    import http.cookiejar
+    jar = http.cookiejar.CookieJar()
+    try:
+        with open(path, encoding='utf-8', errors='replace') as file:
+            lines = file.read().splitlines()
+    except OSError as exc:
+        raise ValueError('cannot read cookies file {}: {}'.format(path, exc)) from exc
+    now = time.time()
+    for line in lines:
+        rest = {}
+        if line.startswith('#HttpOnly_'):
+            line, rest = line[len('#HttpOnly_'):], {'HttpOnly': ''}
+        fields = line.split('\t')
+        if line.startswith('#') or len(fields) != 7:
+            continue
+        domain, _, path_, secure, expires, name, value = fields
+        expiry = int(expires) if _DIGITS_RE.fullmatch(expires) else 0
+        if expiry and expiry < now:
+            continue
+        jar.set_cookie(http.cookiejar.Cookie(
+            0, name, value, None, False, domain, domain.startswith('.'),
+            domain.startswith('.'), path_, True, secure == 'TRUE', expiry or None,
+            not expiry, None, None, rest))
+    return jar
+
+
+class _RequestOptions:
+    """How every request of a download is made: the caller's headers,
+    credentials, cookies, proxy, TLS context and time-out. Made from a
+    downloader's settings at each start; requests only read it."""
+
+    def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
+                 proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
+                 timeout: float, cookies: _Cookies):
+        self.url = url  # the download's own URL: auth and secrets are for its origin
+        merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
+        merged.update((name.lower(), (name, value)) for name, value in headers.items())
+        # never a compressed body: byte ranges must mean file bytes, and CDNs
+        # ignore Range when compression is allowed
+        merged['accept-encoding'] = ('Accept-Encoding', 'identity')
+        self.headers = list(merged.values())
+        self.auth = auth
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.cookies = cookies
+        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+
+    def trusted(self, url: str) -> bool:
+        """Whether ``url`` may get the caller's secrets: ``auth``,
+        ``Authorization`` and ``Cookie`` headers."""
+        return url == self.url or _same_trust(self.url, url)
+
+    def credentials(self, url: str, own: Optional[Tuple[str, str]], trusted: bool
+                    ) -> Optional[Tuple[str, str]]:
+        """User and password for a request to ``url``: ``own`` (written in the
+        URL it came from), else ``auth`` where trusted, else ``.netrc``."""
+        if own is not None:
+            return own
+        if self.auth is not None and trusted:
+            return self.auth
+        host = (urllib.parse.urlsplit(url).hostname or '').lower()
+        if host not in self._netrc:
+            self._netrc[host] = _netrc_credentials(host)
+        return self._netrc[host]
+
+
+class _Body:
+    """Reads a response body into the caller's buffers. ``readinto`` returns
+    as soon as some bytes arrived (one receive), so progress, stall detection
+    and rate limits see bytes as they come; the caller never asks for more
+    than the announced length. For a plain body, what http.client had
+    buffered with the headers is taken first; later reads go straight to the
+    socket, so ``ready(timeout)`` can tell whether a read would block."""
+
+    def __init__(self, response: http.client.HTTPResponse, sock: Any):
+        self._response = response
+        self._sock = sock
+        self._left = memoryview(b'')  # bytes http.client had buffered, not yet handed out
+        self._raw: Any = None         # the socket's stream, once that buffer is empty
+
+    def readinto(self, view: memoryview) -> int:
+        response = self._response
+        if response.fp is None:  # http.client closes empty bodies at once
+            return 0
+        if response.chunked:
             data = response.read1(len(view))
             view[:len(data)] = data
             return len(data)
-        return read_chunked
+        if self._left:
+            n = min(len(view), len(self._left))
+            view[:n] = self._left[:n]
+            self._left = self._left[n:]
+            return n
+        if self._raw is None:
+            # One read of exactly its buffer's size empties http.client's
+            # buffered reader (with at most one receive).
+            scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
+            self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
+            self._raw = response.fp.raw
+            if self._left:
+                return self.readinto(view)
+        return self._raw.readinto(view) or 0
 
-    # BufferedReader.readinto1 into a view larger than its own buffer copies
-    # what it holds and then blocks in another receive. So while it may hold
-    # bytes (after the headers, or after a read smaller than its buffer), ask
-    # for at most one buffer's worth, which empties it without blocking.
-    readinto1 = response.fp.readinto1
-    buffer_size = io.DEFAULT_BUFFER_SIZE
-    may_hold_bytes = True
+    def ready(self) -> bool:
+        """Whether a read would return at once; ``False`` when that cannot
+        be told."""
+        if self._left or self._response.fp is None:
+            return True
+        if self._response.chunked or self._raw is None:
+            return False
+        return _ready(self._sock)
 
-    def read_plain(view: memoryview) -> int:
-        nonlocal may_hold_bytes
-        if may_hold_bytes and len(view) > buffer_size:
-            view = view[:buffer_size]
-        may_hold_bytes = len(view) < buffer_size
-        return readinto1(view)
-    return read_plain
+
+def _ready(sock: Any) -> bool:
+    """Whether ``sock`` has bytes (or its end) to read now; ``True`` when
+    that cannot be told."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        if hasattr(select, 'poll'):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError, TypeError):
+        return True
 
 
 def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
@@ -793,14 +1242,28 @@ def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusErr
     return HTTPStatusError(response.status, response.reason, url, retry_after)
 
 
-def _network_error(exc: BaseException) -> Error:
-    """The bitpit error for an exception raised by the network or a parser."""
+# TLS failures that another attempt cannot fix: the certificate, or no
+# protocol version or cipher both sides accept
+_TLS_FATAL_RE = re.compile(r'CERT|VERSION|PROTOCOL|CIPHER|UNKNOWN_CA|HANDSHAKE_FAILURE|'
+                           r'INSUFFICIENT_SECURITY|NO_SHARED', re.I)
+
+
+def _network_error(exc: BaseException, handshake_done: bool = True) -> Error:
+    """The bitpit error for an exception raised by the network or a parser.
+    A TLS connection dropped or garbled (EOF, reset, a bad record) is a
+    transient ``NetworkError``, like a reset; a certificate or a version
+    mismatch during the handshake is a fatal ``TLSError``."""
     if isinstance(exc, Error):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TLSError('TLS certificate not trusted: {}'.format(exc.verify_message or exc))
     if isinstance(exc, ssl.SSLError):
-        return TLSError('TLS error: {}'.format(exc))
+        reason = getattr(exc, 'reason', None) or ''
+        transient = isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError,
+                                     ssl.SSLSyscallError)) or handshake_done
+        if not transient and _TLS_FATAL_RE.search(reason):
+            return TLSError('TLS handshake failed: {}'.format(exc))
+        return NetworkError('TLS connection broken: {}'.format(exc))
     if isinstance(exc, socket.timeout):
         return StalledError('no data received within the time-out')
     if isinstance(exc, http.client.HTTPException):
@@ -809,49 +1272,91 @@ def _network_error(exc: BaseException) -> Error:
 
 
 class _Request:
-    """One HTTP request of a download, following redirects.
+    """One HTTP request and the redirects it leads to.
 
-    An ``abortable`` request makes its connection the one the downloader's
-    ``stop()`` shuts down, and ends with ``_Stopped`` once a stop is under
-    way. Download thread (or, not abortable, the caller's)."""
+    Transport: a kept-alive connection from the pool or a new one, retried
+    once on a fresh connection when a reused one turns out dead. Redirect
+    policy: at most ten hops, http and https only, no loops; the caller's
+    secrets (``auth``, ``Authorization``, ``Cookie``) stop at the first hop
+    that changes the origin (``_same_trust``). ``first``/``last`` ask for
+    bytes ``first-`` or ``first-last`` (with ``If-Range: validator``);
+    ``first=None`` asks for the whole file.
+    ``cancel`` aborts the connection from another thread. Any thread."""
 
-    def __init__(self, downloader: Downloader, method: str, offset: int,
-                 abortable: bool = True):
-        self.downloader = downloader
+    def __init__(self, options: _RequestOptions, url: str, method: str = 'GET',
+                 first: Optional[int] = None, last: Optional[int] = None,
+                 validator: Optional[str] = None,
+                 cancel: Optional[_Cancel] = None, extra: Optional[Dict[str, str]] = None):
+        self.options = options
         self.method = method
-        self.offset = offset
-        self.abortable = abortable
-        self._cancelled = downloader._stop_event.is_set if abortable else _never
-        self.url = downloader.url
+        self.first = first
+        self.last = last
+        self.validator = validator
+        self.cancel = cancel
+        self.extra = extra or {}
+        self.url = url
+        self.trusted = options.trusted(url)
+        self.own_credentials = _url_credentials(urllib.parse.urlsplit(url))
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[Any] = None
         self.response: Optional[http.client.HTTPResponse] = None
-        self._connect(self.url)
+        self.reused = False
+
+    def send(self) -> http.client.HTTPResponse:
+        """Send the request, follow redirects, return the final response
+        (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
+        seen = {self.url}
+        for _ in range(_MAX_REDIRECTS + 1):
+            if self.connection is None:
+                self._connect(self.url)
+            response = self._exchange(self.url)
+            self.options.cookies.remember(response, self.url)
+            location = response.getheader('Location')
+            if response.status not in _REDIRECT_STATUSES or not location:
+                self.response = response
+                return response
+            target = _redirect_target(self.url, location)
+            if target in seen:
+                raise RedirectError('redirect loop at {}'.format(target))
+            seen.add(target)
+            self._drain_and_release(response)
+            self.trusted = self.trusted and _same_trust(self.url, target)
+            target_credentials = _url_credentials(urllib.parse.urlsplit(target))
+            if target_credentials is not None or not self.trusted:
+                self.own_credentials = target_credentials
+            self.url = target
+        raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS, self.url))
+
+    def abort(self) -> None:
+        """Shut the connection down from another thread."""
+        connection = self.connection
+        if connection is not None:
+            connection.abort()
 
     def _connect(self, url: str) -> None:
         parts = _check_url(url)
-        d = self.downloader
         scheme = parts.scheme.lower()
+        host = _ascii_host(parts.hostname or '')
         port = parts.port or (443 if scheme == 'https' else 80)
-        proxy = _proxy_for(parts, d.proxy)
+        proxy = _proxy_for(parts, self.options.proxy)
         proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
-        self.key = (scheme, parts.hostname, port, proxy_id, id(d.ssl_context))
+        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context))
         connection = _POOL.get(self.key)
         self.reused = connection is not None
         if connection is None:
-            connection = self._new_connection(scheme, parts.hostname, port, proxy)
+            connection = self._new_connection(scheme, host, port, proxy)
         else:
-            connection.timeout = d.timeout
-            connection.cancelled = self._cancelled
+            connection.timeout = self.options.timeout
             if connection.sock is not None:
-                connection.sock.settimeout(d.timeout)
+                connection.sock.settimeout(self.options.timeout)
         self._use(connection)
 
     def _use(self, connection: Any) -> None:
+        connection.cancel = self.cancel
         self.connection = connection
-        if self.abortable:
+        if self.cancel is not None:
             try:
-                self.downloader._use_connection(connection)
+                self.cancel.register(connection)
             except _Stopped:
                 self.connection = None
                 connection.close()
@@ -859,157 +1364,1457 @@ class _Request:
 
     def _new_connection(self, scheme: str, host: str, port: int,
                         proxy: Optional[urllib.parse.SplitResult]) -> Any:
-        d = self.downloader
+        timeout = self.options.timeout
         connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
         if scheme == 'https':
-            context = d.ssl_context or _default_ssl_context()
-            conn = _HTTPSConnection(connect_host, connect_port, timeout=d.timeout,
-                                    context=context)
+            context = self.options.ssl_context or _default_ssl_context()
+            conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
                 conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
         else:
-            conn = _HTTPConnection(connect_host, connect_port, timeout=d.timeout)
+            conn = _HTTPConnection(connect_host, connect_port, timeout=timeout)
         conn.via_proxy = bool(proxy) and scheme == 'http'
         conn.proxy_parts = proxy
-        conn.cancelled = self._cancelled
         return conn
 
-    def _headers(self, url: str, first_host: str) -> Dict[str, str]:
-        d = self.downloader
-        parts = urllib.parse.urlsplit(url)
-        headers = {'User-Agent': 'bitpit/' + __version__}
-        headers.update((name, value) for name, value in d.headers.items()
-                       if name.lower() != 'accept-encoding')
-        # never a compressed body: byte ranges must mean file bytes, and CDNs
-        # ignore Range when compression is allowed
-        headers['Accept-Encoding'] = 'identity'
-        if self.offset > 0:
-            headers['Range'] = 'bytes={}-'.format(self.offset)
-            if d._validator:
-                headers['If-Range'] = d._validator
-        same_host = (parts.hostname or '').lower() == first_host
-        if not same_host:  # the caller's secrets are for the first host only
-            for name in list(headers):
-                if name.lower() in ('authorization', 'cookie'):
-                    del headers[name]
-        if not any(name.lower() == 'authorization' for name in headers):
-            credentials = self._credentials(parts, same_host)
+    def _headers(self, url: str) -> Dict[str, str]:
+        options = self.options
+        headers = {name: value for name, value in options.headers
+                   if self.trusted or name.lower() not in ('authorization', 'cookie')}
+        if self.first is not None:
+            headers['Range'] = 'bytes={}-{}'.format(
+                self.first, '' if self.last is None else self.last)
+            if self.validator:
+                headers['If-Range'] = self.validator
+        headers.update(self.extra)
+        names = {name.lower() for name in headers}
+        if 'authorization' not in names:
+            credentials = options.credentials(url, self.own_credentials, self.trusted)
             if credentials is not None:
                 headers['Authorization'] = _basic_auth(*credentials)
-        conn = self.connection
-        if getattr(conn, 'via_proxy', False):
-            headers.update(_proxy_headers(conn.proxy_parts))
+        if 'cookie' not in names:
+            cookie = options.cookies.header(url)
+            if cookie:
+                headers['Cookie'] = cookie
+        if self.connection.via_proxy:
+            headers.update(_proxy_headers(self.connection.proxy_parts))
         return headers
 
-    def _credentials(self, parts: urllib.parse.SplitResult, same_host: bool
-                     ) -> Optional[Tuple[str, str]]:
-        """User and password for this URL: from the URL itself, else the
-        ``auth`` option (first host only), else ``.netrc``."""
-        if parts.username is not None:
-            return (urllib.parse.unquote(parts.username),
-                    urllib.parse.unquote(parts.password or ''))
-        if self.downloader.auth is not None:
-            return tuple(self.downloader.auth) if same_host else None
-        return _netrc_credentials(parts.hostname or '')
-
-    def send(self) -> http.client.HTTPResponse:
-        """Send the request, follow redirects, return the final response
-        (status not 3xx). Raises a ``bitpit.Error``."""
-        first_host = (urllib.parse.urlsplit(self.url).hostname or '').lower()
-        seen = {self.url}
-        for _ in range(_MAX_REDIRECTS + 1):
-            response = self._exchange(self.url, first_host)
-            location = response.getheader('Location')
-            if response.status not in _REDIRECT_STATUSES or not location:
-                self.response = response
-                return response
-            target = urllib.parse.urljoin(self.url, location.strip())
-            try:
-                _check_url(target)
-            except InvalidURLError as exc:
-                raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
-            if target in seen:
-                raise RedirectError('redirect loop at {}'.format(target))
-            seen.add(target)
-            self._drain_and_release(response)
-            self.url = target
-            self._connect(target)
-        raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS,
-                                                                     self.downloader.url))
-
-    def _exchange(self, url: str, first_host: str) -> http.client.HTTPResponse:
+    def _exchange(self, url: str) -> http.client.HTTPResponse:
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
+        wire_url = _ascii_url(url)
         while True:
             conn = self.connection
-            parts = urllib.parse.urlsplit(url)
-            if getattr(conn, 'via_proxy', False):
-                target = url
+            if conn.via_proxy:
+                target = wire_url
             else:
-                target = parts.path or '/'
-                if parts.query:
-                    target += '?' + parts.query
+                parts = urllib.parse.urlsplit(wire_url)
+                target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
-                conn.request(self.method, target, headers=self._headers(url, first_host))
+                conn.request(self.method, target, headers=self._headers(url))
                 return conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                if self._cancelled():
+                if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
                 if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
                                                     ConnectionResetError, BrokenPipeError)):
-                    conn.close()
+                    self._release(conn, reuse=False)
                     self.reused = False
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
                     self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
                     continue
-                raise _network_error(exc) from exc
+                raise _network_error(exc, isinstance(conn.sock, ssl.SSLSocket)) from exc
 
     def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
         """Finish a small redirect body so the connection can be reused."""
+        reuse = False
         try:
             length = _parse_content_length(response)
             if length is not None and length <= 65536:
                 response.read()
-                self.close(reuse=not response.will_close)
-                return
+                reuse = not response.will_close
         except (OSError, http.client.HTTPException, Error):
             pass
-        self.close(reuse=False)
+        self.close(reuse)
 
     def close(self, reuse: bool) -> None:
         """Return the connection to the pool if ``reuse`` and the response was
         read to its end; else close it. Idempotent."""
         conn, self.connection = self.connection, None
-        if conn is None:
-            return
-        if self.abortable:
-            self.downloader._use_connection(None)
-            # checked after letting go of it: a stop() that got hold of the
+        if conn is not None:
+            self._release(conn, reuse)
+
+    def _release(self, conn: Any, reuse: bool) -> None:
+        if self.cancel is not None:
+            self.cancel.unregister(conn)
+            # checked after letting go of it: a cancel that got hold of the
             # connection before may be shutting it down right now
-            reuse = reuse and not self.downloader._stop_event.is_set()
-        if reuse and self._response_done(conn):
+            reuse = reuse and not self.cancel.is_set()
+        response = self.response
+        if reuse and conn.sock is not None and (
+                response is None or (response.isclosed() and not response.will_close)):
+            conn.cancel = None
             _POOL.put(self.key, conn)
         else:
             conn.close()
-
-    def _response_done(self, conn: Any) -> bool:
-        response = self.response
-        return (conn.sock is not None and
-                (response is None or (response.isclosed() and not response.will_close)))
+        self.response = None
 
 
-_SSL_CONTEXT: Optional[ssl.SSLContext] = None
+# -- what an answer says about the file -------------------------------------------
+
+class _Answer:
+    """What a response says about the file, as ``_check_answer`` found it.
+
+    ``kind``: ``'part'`` (bytes ``first`` to ``end``, exclusive, of the
+    file follow; ``end`` is ``None`` when only the body's end tells),
+    ``'whole'`` (the whole file follows from byte 0) or ``'end'`` (nothing at
+    or after the offset asked for: the file has ``total`` bytes).
+    ``total`` is the file's size if the answer tells it. ``validator`` is
+    the strong ETag, else the Last-Modified date. ``encoding`` is the
+    ``Content-Encoding`` if the body is not the file's own bytes."""
+    __slots__ = ('kind', 'first', 'end', 'total', 'validator', 'etag', 'last_modified',
+                 'encoding')
+
+    def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
+                 response: http.client.HTTPResponse):
+        self.kind = kind
+        self.first = first
+        self.end = end
+        self.total = total
+        self.etag = response.getheader('ETag')
+        self.last_modified = response.getheader('Last-Modified')
+        strong = self.etag if self.etag and self.etag.startswith('"') else None
+        self.validator = strong or self.last_modified
+        encoding = (response.getheader('Content-Encoding') or '').strip().lower()
+        self.encoding = None if encoding in ('', 'identity') else encoding
+
+    def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
+        """How this answer shows that the file is no longer the one that
+        ``validator`` and ``total`` describe, or ``None``. A 416 is judged by
+        its ETag alone: its Last-Modified may be an error page's."""
+        if total is not None and self.total is not None and self.total != total:
+            return 'it has {} bytes, not {}'.format(self.total, total)
+        if validator is None:
+            return None
+        if validator.startswith('"'):
+            name, current = 'ETag', self.etag
+        elif self.kind == 'end':
+            return None
+        else:
+            name, current = 'Last-Modified', self.last_modified
+        if current is not None and current != validator:
+            return '{} {} instead of {}'.format(name, current, validator)
+        return None
 
 
-def _never() -> bool:
+def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _Answer:
+    """Check an answer to a request for the bytes from ``first`` on and say
+    what it brings. Raises ``HTTPStatusError`` for an error status and
+    ``ProtocolError`` for an answer that contradicts itself or the request.
+    A pure function of the response."""
+    status = response.status
+    if status == 416 and first > 0:
+        match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
+        return _Answer('end', first, first, int(match.group(1)) if match else None, response)
+    if status >= 300:
+        raise _status_error(response, url)
+    length = _parse_content_length(response)
+    if length is not None and length >= _UNKNOWN_END:
+        raise ProtocolError('absurd Content-Length: {}'.format(length))
+    content_range = response.getheader('Content-Range')
+    if status == 206 or (status == 200 and first > 0 and content_range):
+        if not content_range:
+            raise ProtocolError('206 answer without Content-Range')
+        start, last, total = _parse_content_range(content_range)
+        if status == 200 and (start != first or (total is not None and last != total - 1)):
+            if start != 0 or (total is not None and last != total - 1):
+                raise ProtocolError('200 answer with Content-Range {!r}: neither the whole '
+                                    'file nor the range asked for'.format(content_range))
+            return _Answer('whole', 0, length, length, response)
+        if start > first or last < first:
+            # starting later leaves a hole; ending earlier brings nothing
+            raise ProtocolError('server sent bytes {}-{} but bytes from {} were asked '
+                                'for'.format(start, last, first))
+        if length is not None and length != last - start + 1:
+            raise ProtocolError('Content-Length {} disagrees with Content-Range {}'
+                                .format(length, content_range))
+        return _Answer('part', start, last + 1, total, response)
+    if status == 200:
+        return _Answer('whole', 0, length, length, response)
+    raise ProtocolError('unexpected status {} {}'.format(status, response.reason))
+
+
+# ---------------------------------------------------------------------------
+# store: the file, the byte ranges it holds, its sidecar
+# ---------------------------------------------------------------------------
+
+class _Superseded(Exception):
+    """A write planned before the file started over from byte 0."""
+
+
+class _Ranges:
+    """Disjoint, sorted byte ranges ``[start, end)``; ``total`` is the number
+    of bytes they cover. Not locked: its owner locks it."""
+
+    def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
+        self._starts: List[int] = []
+        self._ends: List[int] = []
+        self.total = 0
+        for start, end in spans:
+            self.add(start, end)
+
+    def add(self, start: int, end: int) -> int:
+        """Cover ``[start, end)``; return how many bytes were not covered."""
+        if end <= start:
+            return 0
+        starts, ends = self._starts, self._ends
+        i = bisect.bisect_left(ends, start)     # the first range that ends at or after start
+        j = bisect.bisect_right(starts, end)    # past the last range that starts by end
+        covered = 0
+        if i < j:
+            covered = sum(ends[k] - starts[k] for k in range(i, j))
+            start, end = min(start, starts[i]), max(end, ends[j - 1])
+        starts[i:j] = [start]
+        ends[i:j] = [end]
+        added = end - start - covered
+        self.total += added
+        return added
+
+    def gaps(self, size: int) -> List[Tuple[int, int]]:
+        """The ranges of ``[0, size)`` not covered."""
+        found = []
+        position = 0
+        for start, end in zip(self._starts, self._ends):
+            if start >= size:
+                break
+            if start > position:
+                found.append((position, start))
+            position = max(position, end)
+        if position < size:
+            found.append((position, size))
+        return found
+
+    def prefix(self) -> int:
+        """Where the range that starts at byte 0 ends (0 if there is none)."""
+        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
+
+    def spans(self) -> List[List[int]]:
+        return [[start, end] for start, end in zip(self._starts, self._ends)]
+
+    def clip(self, size: int) -> None:
+        """Forget everything at or after ``size``."""
+        kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
+                if start < size]
+        self.__init__(kept)
+
+
+def _local_size(target: Any, fallback: int = 0) -> int:
+    """Bytes in the target: the size of a regular file (0 for a missing one
+    or a device), the end of a seekable stream, else ``fallback``."""
+    if isinstance(target, pathlib.Path):
+        try:
+            status = target.stat()
+        except OSError:
+            return 0
+        return status.st_size if stat.S_ISREG(status.st_mode) else 0
+    try:
+        if target.seekable():
+            return target.seek(0, io.SEEK_END)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return fallback
+
+
+def _seekable(file: Any) -> bool:
+    try:
+        return file.seekable()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _FileStore:
+    """The target of a download: the file, the byte ranges of it that hold
+    downloaded bytes, and the sidecar ``NAME.bitpit`` that remembers them,
+    with the file's size and each source's validator, across attempts and
+    processes.
+
+    Any thread may call it; ``_lock`` guards everything. Writes carry the
+    epoch they were planned in: ``restart_from_zero()`` starts a new epoch,
+    and a write of an older one is refused (``_Superseded``), so that bytes
+    of two versions of the file never mix. The sidecar is on disk before any
+    write leaves the file incomplete, so a file with holes is never taken
+    for a complete one; it is replaced atomically."""
+
+    def __init__(self, target: Any, url: str):
+        self._lock = threading.Lock()
+        self.target = target
+        self.url = url
+        self.held = _Ranges()
+        self.size = -1
+        self.validators: Dict[str, Optional[str]] = {}
+        self.epoch = 0
+        self._file: Any = None
+        self._regular = False
+        self._position = 0        # where a file object's stream stands
+        self._sidecar_on_disk = False
+        self._sidecar_current = False
+        self._hasher: Any = None
+        self._hashed_to = 0       # bytes from 0 the hasher has seen
+        self.sealed = False       # set when a stop gave up waiting: no more writes
+
+    # -- what is on disk ---------------------------------------------------------
+
+    @property
+    def sidecar(self) -> Optional[pathlib.Path]:
+        """The sidecar's path; ``None`` for a file object."""
+        if isinstance(self.target, pathlib.Path):
+            return self.target.with_name(self.target.name + _SIDECAR_SUFFIX)
+        return None
+
+    @property
+    def is_path(self) -> bool:
+        return isinstance(self.target, pathlib.Path)
+
+    def load(self) -> None:
+        """Read what the target already holds: a partial file is held from
+        0 to its size, unless its sidecar records the ranges. The sidecar's
+        size and validators count only if it belongs to this URL."""
+        with self._lock:
+            size = _local_size(self.target, self.held.total)
+            self.held = _Ranges([(0, size)])
+            self.size = -1
+            self.validators = {}
+            self._sidecar_current = False
+            saved = self._read_sidecar() if size else None
+            self._sidecar_on_disk = saved is not None
+            if saved is None:
+                return
+            spans = saved.get('held')
+            if spans is not None:
+                self.held = _Ranges(spans)
+                self.held.clip(size)
+            if saved.get('url') != self.url:
+                return
+            if spans is None:  # the format of bitpit 2.0: one validator
+                validator = saved.get('validator')
+                self.validators = {self.url: validator} if isinstance(validator, str) else {}
+            else:
+                self.validators = {url: v for url, v in (saved.get('validators') or {}).items()
+                                   if isinstance(url, str) and isinstance(v, str)}
+            total = saved.get('size')
+            if isinstance(total, int) and not isinstance(total, bool) and \
+                    total >= (self.held.total if spans is not None else size):
+                self.size = total
+
+    def _read_sidecar(self) -> Optional[Dict[str, Any]]:
+        sidecar = self.sidecar
+        if sidecar is None:
+            return None
+        import json
+        try:
+            with open(sidecar, encoding='utf-8') as file:
+                saved = json.load(file)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict):
+            return None
+        spans = saved.get('held')
+        if spans is not None and not (isinstance(spans, list) and all(
+                isinstance(span, list) and len(span) == 2 and
+                all(isinstance(n, int) and not isinstance(n, bool) for n in span) and
+                0 <= span[0] < span[1] for span in spans)):
+            return None
+        return saved
+
+    def held_spans(self) -> List[Tuple[int, int]]:
+        """A copy of the ranges held, for another thread to plan with."""
+        with self._lock:
+            return [(start, end) for start, end in self.held.spans()]
+
+    # -- opening and reserving ------------------------------------------------------
+
+    def rename(self, target: pathlib.Path) -> None:
+        """Use another path (before anything is written)."""
+        with self._lock:
+            self.target = target
+
+    def open(self, checksum: Optional[str] = None) -> None:
+        """Open the file for writing (creating it), once. With a checksum
+        algorithm, hash the bytes already held from byte 0 on."""
+        with self._lock:
+            if self._file is not None:
+                return
+            target = self.target
+            if not self.is_path:
+                self._file = target
+                self._position = self.held.total
+            else:
+                try:
+                    file = open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
+                    self._regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+                except OSError as exc:
+                    raise FileError('cannot open {}: {}'.format(target, exc)) from exc
+                self._file = file
+            if checksum is not None:
+                import hashlib
+                self._hasher = hashlib.new(checksum)
+                self._hashed_to = 0
+                self._hash_from_disk(self.held.prefix())
+
+    def reserve(self, total: int) -> None:
+        """Make the file ``total`` bytes long with its space allocated, so that
+        a disk too small fails now, with a ``FileError`` that says how much
+        space is missing, rather than at 99 %. Silently skipped where the
+        system or the file system cannot reserve space."""
+        with self._lock:
+            if not self._regular or not hasattr(os, 'posix_fallocate'):
+                return
+            fd = self._file.fileno()
+            before = os.fstat(fd).st_size
+            if before >= total:
+                return
+            self._save_sidecar()
+            try:
+                os.posix_fallocate(fd, 0, total)
+            except (OverflowError, ValueError):
+                return  # no file system takes that much: let the writes tell
+            except OSError as exc:
+                import errno
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', -1)):
+                    return  # EOPNOTSUPP, EINVAL, ...: no reservation here
+                try:
+                    os.ftruncate(fd, before)
+                except OSError:
+                    pass
+                raise FileError('cannot reserve {} bytes for {}: {} ({})'.format(
+                    total, self.target, self._shortage(total - before), exc.strerror)) from exc
+
+    def _shortage(self, needed: int) -> str:
+        try:
+            status = os.statvfs(self.target.parent)
+            free = status.f_bavail * status.f_frsize
+        except (OSError, AttributeError):
+            return '{} bytes are needed'.format(needed)
+        if free >= needed:
+            return '{} bytes are needed; the file size limit is lower'.format(needed)
+        return '{} bytes are missing on the disk ({} needed, {} free)'.format(
+            needed - free, needed, free)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def write(self, offset: int, data: memoryview, epoch: int) -> None:
+        """Write ``data`` at ``offset`` and count it held. Raises
+        ``_Superseded`` for a write of an older epoch, ``FileError`` when the
+        file cannot take it (what was written until then counts)."""
+        with self._lock:
+            if self.sealed:
+                raise _Stopped
+            if epoch != self.epoch:
+                raise _Superseded
+            if not self._sidecar_current and self._regular and \
+                    not self._completes(offset, offset + len(data)):
+                self._save_sidecar()
+            write = self._write_at if self._regular else self._write_stream
+            written = 0
+            try:
+                while written < len(data):
+                    n = write(offset + written, data[written:])
+                    if not n:  # as when the disk fills up: the next write raises
+                        raise FileError('short write to {}: {} of {} bytes'.format(
+                            self.target, written, len(data)))
+                    self._record(offset + written, data[written:written + n])
+                    written += n
+            except OSError as exc:
+                raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
+
+    def _record(self, offset: int, data: memoryview) -> None:
+        """Count ``data``, written at ``offset``, as held (and hashed)."""
+        end = offset + len(data)
+        self.held.add(offset, end)
+        self._sidecar_current = False  # the ranges moved on
+        if self._hasher is not None and offset <= self._hashed_to < end:
+            self._hasher.update(data[self._hashed_to - offset:])
+            self._hashed_to = end
+
+    def _completes(self, start: int, end: int) -> bool:
+        """Whether writing ``[start, end)`` leaves every byte held."""
+        return self.size >= 0 and all(start <= gap_start and gap_end <= end
+                                      for gap_start, gap_end in self.held.gaps(self.size))
+
+    def _write_at(self, offset: int, data: memoryview) -> int:
+        fd = self._file.fileno()
+        if hasattr(os, 'pwrite'):
+            return os.pwrite(fd, data, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+    def _write_stream(self, offset: int, data: memoryview) -> int:
+        file = self._file
+        if offset != self._position:
+            if not _seekable(file):
+                raise FileError('cannot rewind {!r}: it is not seekable'.format(file))
+            file.seek(offset)
+        written = file.write(data)
+        if written is None:  # a file object that does not count
+            written = len(data)
+        self._position = offset + written
+        return written
+
+    def restart_from_zero(self) -> None:
+        """Empty the file: its bytes belong to another version of it. Starts
+        a new epoch; the sidecar goes (an empty file needs none)."""
+        with self._lock:
+            self.epoch += 1
+            self.held = _Ranges()
+            self.size = -1
+            self._reset_hasher()
+            try:
+                if self._file is not None and (self._regular or not self.is_path):
+                    if not _seekable(self._file):
+                        raise FileError('the file changed on the server, and {!r} cannot '
+                                        'be rewound to start over'.format(self._file))
+                    self._file.seek(0)
+                    self._file.truncate(0)
+                    self._position = 0
+                elif self._file is None and self.is_path and self.target.exists():
+                    with open(self.target, 'r+b') as file:
+                        file.truncate(0)
+            except OSError as exc:
+                raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
+            self._remove_sidecar()
+
+    def _reset_hasher(self) -> None:
+        if self._hasher is not None:
+            import hashlib
+            self._hasher = hashlib.new(self._hasher.name)
+            self._hashed_to = 0
+
+    def set_size(self, total: int) -> None:
+        """The file's size is ``total``: forget anything held beyond it."""
+        with self._lock:
+            self.size = total
+            self.held.clip(total)
+
+    # -- the sidecar ------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the sidecar if the file is incomplete and it changed."""
+        with self._lock:
+            if self._sidecar_on_disk and not self._sidecar_current and self._regular \
+                    and self._file is not None and not self.sealed and not self._completes(0, 0):
+                self._save_sidecar()
+
+    def _save_sidecar(self) -> None:
+        """Replace the sidecar atomically (a temporary file, then
+        ``os.replace``). A failure is logged: the download goes on."""
+        import json
+        sidecar = self.sidecar
+        record = json.dumps({'version': 2, 'url': self.url, 'size': self.size,
+                             'held': self.held.spans(), 'validators': self.validators})
+        temporary = sidecar.with_name(sidecar.name + '.tmp')
+        try:
+            with open(temporary, 'w', encoding='utf-8') as file:
+                file.write(record)
+            os.replace(temporary, sidecar)
+            self._sidecar_on_disk = self._sidecar_current = True
+        except OSError as exc:
+            _log.warning('cannot write %s: %s', sidecar, exc)
+
+    def _remove_sidecar(self) -> None:
+        sidecar = self.sidecar
+        self._sidecar_on_disk = self._sidecar_current = False
+        if sidecar is None:
+            return
+        try:
+            sidecar.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning('cannot remove %s: %s', sidecar, exc)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def finish(self, checksum: Optional[Tuple[str, str]]) -> None:
+        """The download is complete: cut the file to its size, check the
+        checksum, forget the sidecar. Raises ``IntegrityError`` on a
+        mismatch (the file is kept)."""
+        with self._lock:
+            try:
+                if self._regular and self.size >= 0 and \
+                        os.fstat(self._file.fileno()).st_size > self.size:
+                    os.ftruncate(self._file.fileno(), self.size)
+            except OSError as exc:
+                raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
+            self._remove_sidecar()
+            if checksum is None:
+                return
+            if self._hasher is None:
+                import hashlib
+                self._hasher = hashlib.new(checksum[0])
+            self._hash_from_disk(self.held.total)
+            actual = self._hasher.hexdigest()
+            if actual != checksum[1]:
+                raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
+                                     .format(checksum[0], self.target, checksum[1], actual))
+
+    def _hash_from_disk(self, end: int) -> None:
+        """Feed the hasher the file's bytes from where it stands to ``end``."""
+        start = self._hashed_to
+        if end <= start:
+            return
+        if self.is_path:
+            source = open(self.target, 'rb')
+        elif _seekable(self.target) and getattr(self.target, 'readable', lambda: False)():
+            source = self.target
+        else:
+            raise FileError('cannot verify the checksum of a resumed stream')
+        try:
+            source.seek(start)
+            left = end - start
+            while left:
+                block = source.read(min(left, 1 << 20))
+                if not block:
+                    break
+                self._hasher.update(block)
+                left -= len(block)
+        except OSError as exc:
+            raise FileError('cannot read {} back: {}'.format(self.target, exc)) from exc
+        finally:
+            if source is self.target:
+                source.seek(self._position)
+            else:
+                source.close()
+        self._hashed_to = end
+
+    def close(self) -> None:
+        """Close the file (never a caller's file object). A partial file that
+        holds one range from byte 0 is cut back to it, giving up the space
+        reserved beyond: it then looks like what it is, and resumes from its
+        size even without its sidecar."""
+        with self._lock:
+            file, self._file = self._file, None
+            if file is None or not self.is_path:
+                return
+            try:
+                held = self.held.total
+                if self._regular and not self.sealed and held == self.held.prefix() and \
+                        os.fstat(file.fileno()).st_size > held:
+                    os.ftruncate(file.fileno(), held)
+            except OSError as exc:
+                _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
+            finally:
+                file.close()
+
+
+
+# ---------------------------------------------------------------------------
+# transfer: one attempt over one or more connections and sources
+# ---------------------------------------------------------------------------
+
+_DECODABLE = ('gzip', 'x-gzip', 'deflate')
+_GZIP_TYPES = ('application/gzip', 'application/x-gzip', 'application/x-tar+gzip',
+               'application/tar+gzip')
+_MAX_STREAK = 3          # transient failures in a row, without a byte, that bench a source
+_MAX_CHANGES = 3         # times an attempt may start over because the file changed
+
+
+def _decoding_reader(read: Callable[[memoryview], int], encoding: str
+                     ) -> Callable[[memoryview], int]:
+    """A reader of the decoded bytes of a ``gzip`` or ``deflate`` body."""
+    import zlib
+    # 47: a gzip or zlib header, told apart by zlib; deflate without a
+    # header (as some servers send it) is tried when that fails
+    decoder = zlib.decompressobj(47)
+    raw = memoryview(bytearray(64 * 1024))
+    state = {'tail': b'', 'ended': False, 'raw_deflate': False}
+
+    def read_decoded(view: memoryview) -> int:
+        nonlocal decoder
+        while True:
+            if state['tail']:
+                data, state['tail'] = state['tail'], b''
+            elif state['ended']:
+                return 0
+            else:
+                got = read(raw)
+                if not got:
+                    state['ended'] = True
+                    data = decoder.flush()
+                    if not decoder.eof and not data:
+                        raise ProtocolError('{} body cut short'.format(encoding))
+                    view[:len(data)] = data[:len(view)]
+                    state['tail'] = data[len(view):]
+                    return min(len(data), len(view))
+                data = raw[:got].tobytes()
+            try:
+                out = decoder.decompress(data, len(view))
+            except zlib.error as exc:
+                if encoding == 'deflate' and not state['raw_deflate']:
+                    state['raw_deflate'] = True
+                    decoder = zlib.decompressobj(-15)
+                    out = decoder.decompress(data, len(view))
+                else:
+                    raise ProtocolError('bad {} body: {}'.format(encoding, exc)) from exc
+            state['tail'] = decoder.unconsumed_tail
+            if out:
+                view[:len(out)] = out
+                return len(out)
+    return read_decoded
+
+
+class _Source:
+    """One URL the file can come from, and what this attempt learned of it:
+    its validator, the one it had before the file changed (``stale``), the
+    error that retired it, and its transient failures in a row. Guarded by
+    the transfer's lock."""
+    __slots__ = ('url', 'validator', 'stale', 'retired', 'streak', 'last_error')
+
+    def __init__(self, url: str, validator: Optional[str]):
+        self.url = url
+        self.validator = validator
+        self.stale: Optional[str] = None
+        self.retired: Optional[Error] = None
+        self.streak = 0
+        self.last_error: Optional[Error] = None
+
+    @property
+    def usable(self) -> bool:
+        return self.retired is None and self.streak < _MAX_STREAK
+
+
+class _Connection:
+    """One connection thread of a transfer, and the range of the file it
+    fetches: ``[pos, end)``. ``pos`` advances as bytes land; ``end`` may
+    shrink when another connection takes over the rest, but never below
+    ``reading_to``, the end of the read in progress. Guarded by the
+    transfer's lock; the thread alone touches ``request`` and ``pending``."""
+
+    def __init__(self, number: int, source: _Source, chunk_size: int):
+        self.number = number
+        self.source = source
+        self.thread: Optional[threading.Thread] = None
+        self.alive = True
+        self.active = False           # holds a claim
+        self.pos = self.end = self.reading_to = 0
+        self.last_end = -1            # where its last claim ended: its continuation
+        self.open_ended = False       # asks for ``pos-``, not ``pos-(end - 1)``
+        self.epoch = 0
+        self.superseded = False       # the file started over under it
+        self.request: Optional[_Request] = None
+        self.pending = 0              # bytes in its buffer, not yet written
+        self.received = 0             # bytes it received since the last look
+        self.speed = 0.0              # its bytes per second at the last look
+        self.piece = _MIN_SPLIT       # bytes its next ranged request asks for
+        self.piece_frozen = False
+        self.best_rate = 0.0
+        self.job_began = 0.0
+        self.job_bytes = 0
+        self.buffer = memoryview(bytearray(chunk_size))
+
+
+class _Transfer:
+    """One attempt of a download: ask for the bytes not yet held, check each
+    answer against what was asked, and write every body where it belongs,
+    over up to ``connections`` connection threads spread over the sources.
+
+    The first request is the probe (``Range: bytes=FIRST-``). Its answer
+    says whether the file may be split: with a 206 and a known size, the
+    missing bytes are fetched in ranged pieces; a connection that finishes
+    takes over the upper half of the largest range left, or, when nothing is
+    left to split, races a far slower connection for the end of its range,
+    piece by piece from the far end. Everything else (no range support, an
+    unknown size, a file object) is the same engine with one connection.
+
+    The download thread calls ``start``, ``wait``, ``look``, ``stop`` and
+    ``result``; connection threads run ``_serve`` and never call user code.
+    ``_cond`` guards the claims, the sources and the events."""
+
+    def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
+                 connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
+                 checksum: Optional[Tuple[str, str]], max_size: Optional[int],
+                 min_speed: float, rename_in: Optional[pathlib.Path], keep_encoded: bool):
+        self._cond = threading.Condition(threading.Lock())
+        self.store = store
+        self.options = options
+        self.sources = [_Source(url, store.validators.get(url)) for url in urls]
+        self.connections_wanted = connections
+        self.chunk_size = chunk_size
+        self.buckets = buckets
+        self.checksum = checksum
+        self.max_size = max_size
+        self.min_speed = min_speed
+        self.rename_in = rename_in
+        self.keep_encoded = keep_encoded
+        self.cancel = _Cancel()
+        self.total: Optional[int] = store.size if store.size >= 0 else None
+        self.probed = False           # the first answer is in
+        self.probing = False          # a probe is under way
+        self.segmented = False        # the file comes in ranged pieces
+        self.ranged = True            # ranges may be asked for (not for an encoded body)
+        self.changes = 0
+        self.received = 0             # bytes received by every connection
+        self.connections: List[_Connection] = []
+        self.events: List[Tuple[str, Any]] = []
+        self.complete = False
+        self.error: Optional[BaseException] = None
+        self._began = time.monotonic()
+        self._next_look = 0.0
+        self._next_save = 0.0
+        self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+
+    # -- the download thread's side ------------------------------------------------
+
+    def start(self) -> None:
+        """Start the probe's connection. Download thread."""
+        for bucket in self.buckets:
+            bucket.drain()
+        with self._cond:
+            self._spawn()
+
+    def wait(self, timeout: float) -> List[Tuple[str, Any]]:
+        """Wait up to ``timeout`` for something to report, then return the
+        events since the last call: ``('size', total)``, ``('path',
+        target)``, ``('download', None)``, ``('restart', None)``. Download
+        thread."""
+        with self._cond:
+            if not self.events and not self.finished:
+                self._cond.wait(timeout)
+            self._keep_going()
+            events, self.events = self.events, []
+            return events
+
+    @property
+    def finished(self) -> bool:
+        """Complete, failed or stopped, and no connection thread left."""
+        return (self.complete or self.error is not None or self.cancel.is_set()) and \
+            not any(c.alive for c in self.connections)
+
+    @property
+    def downloaded(self) -> int:
+        """Bytes held, including the ones still in connection buffers."""
+        return self.store.held.total + sum(c.pending for c in self.connections)
+
+    def look(self, now: float) -> None:
+        """Regular bookkeeping: each connection's speed (for racing), more
+        connections where they would help, the sidecar. Download thread,
+        about twice a second."""
+        if now < self._next_look:
+            return
+        with self._cond:
+            elapsed = now - (self._next_look - 0.5) if self._next_look else now - self._began
+            for c in self.connections:
+                if c.active:
+                    c.speed = c.received / max(elapsed, 1e-3)
+                c.received = 0
+            self._next_look = now + 0.5
+            self._check_min_speed(now)
+            self._keep_going()
+        if now >= self._next_save:
+            self._next_save = now + _SIDECAR_PERIOD
+            self.store.save()
+
+    def _check_min_speed(self, now: float) -> None:
+        """Fail the attempt (``StalledError``) when it received less than
+        ``min_speed`` bytes per second over the last ``timeout`` seconds."""
+        if not self.min_speed or self.complete:
+            return
+        window = self.options.timeout
+        samples = self._samples
+        samples.append((now, self.received))
+        while len(samples) > 1 and samples[1][0] <= now - window:
+            samples.popleft()
+        since, received = samples[0]
+        if now - since >= window and (self.received - received) / (now - since) < self.min_speed:
+            self._end(StalledError('slower than {} bytes/s for {} s'.format(
+                self.min_speed, window)))
+
+    def stop(self) -> None:
+        """End every connection now. Any thread."""
+        self.cancel.cancel()
+        for bucket in self.buckets:
+            bucket.wake()
+        with self._cond:
+            self._cond.notify_all()
+
+    def result(self) -> None:
+        """Once finished: join the connection threads, then return if every
+        byte is held (after the checksum check), or raise the attempt's error
+        (``_Stopped`` for a stop). Download thread."""
+        for c in self.connections:
+            c.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            if not self.complete:
+                raise _Stopped
+            self.store.finish(self.checksum)
+        finally:
+            if not self.complete or self.error is not None:
+                self.store.save()
+            self.store.close()
+
+    # -- decisions, under the lock ---------------------------------------------------
+
+    def _keep_going(self) -> None:
+        """After a change: more connections where there is work for them; the
+        verdict when no connection is left and the file is incomplete."""
+        if self.complete or self.error is not None or self.cancel.is_set():
+            return
+        live = sum(c.alive for c in self.connections)
+        if not self.probed:
+            if not live:
+                self._spawn()
+            return
+        wanted = self.connections_wanted if self.segmented else 1
+        while live < wanted and self._has_work():
+            if not self._spawn():
+                break
+            live += 1
+        if not live:
+            self._end(self._verdict())
+
+    def _has_work(self) -> bool:
+        """Whether a new connection would find a range to fetch."""
+        return self._pick(None) is not None
+
+    def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
+        """Start a connection thread (with ``claim`` to fetch, else it asks
+        for a range); its source is the next usable one in turn."""
+        usable = [s for s in self.sources if s.usable]
+        if not usable:
+            return False
+        number = len(self.connections)
+        conn = _Connection(number, usable[number % len(usable)], self.chunk_size)
+        if claim is not None:
+            self._claim(conn, *claim)
+        conn.thread = threading.Thread(target=self._serve, args=(conn,),
+                                       name='bitpit-connection', daemon=False)
+        self.connections.append(conn)
+        conn.thread.start()
+        return True
+
+    def _end(self, error: BaseException) -> None:
+        """The attempt fails with ``error``: stop the other connections."""
+        if self.error is None:
+            self.error = error
+        self.cancel.cancel()
+        for bucket in self.buckets:
+            bucket.wake()
+        self._cond.notify_all()
+
+    def _verdict(self) -> Error:
+        """Why the file cannot be completed from any source: the error of
+        the first source that failed permanently when all did, else the
+        last transient one."""
+        errors = [s.retired for s in self.sources if s.retired is not None]
+        if len(errors) == len(self.sources) and all(not e.retryable for e in errors):
+            return errors[0]
+        transient = [s.last_error for s in self.sources if s.last_error is not None
+                     and s.last_error.retryable]
+        if transient:
+            return transient[-1]
+        return errors[-1] if errors else ProtocolError('the download stopped short')
+
+    def _free(self) -> List[Tuple[int, int]]:
+        """The missing ranges no connection has claimed."""
+        taken = _Ranges(self.store.held_spans())
+        for c in self.connections:
+            if c.active:
+                taken.add(c.pos, c.end)
+        return taken.gaps(self.total if self.total is not None else _UNKNOWN_END)
+
+    def _owner(self, start: int) -> Optional[_Connection]:
+        """The connection whose claim ends where a free range starts: it
+        continues into that range when its claim is done."""
+        for c in self.connections:
+            if c.active and c.end == start:
+                return c
+        return None
+
+    def _next_job(self, conn: _Connection) -> bool:
+        """Claim the next range for ``conn``; ``False`` when there is none."""
+        with self._cond:
+            conn.active = False
+            conn.superseded = False
+            self._cond.notify_all()
+            if self.complete or self.error is not None or self.cancel.is_set() or \
+                    not conn.source.usable:
+                return False
+            if not self.probed:
+                if self.probing:
+                    return False
+                self.probing = True
+                first = self._first_missing()
+                return self._claim(conn, first, None, open_ended=True)
+            if self._is_complete():
+                self.complete = True
+                self._cond.notify_all()
+                return False
+            return self._choose(conn)
+
+    def _first_missing(self) -> int:
+        gaps = _Ranges(self.store.held_spans()).gaps(
+            self.total if self.total is not None else _UNKNOWN_END)
+        return gaps[0][0] if gaps else self.total
+
+    def _is_complete(self) -> bool:
+        return self.total is not None and self.store.held.total >= self.total and \
+            not any(c.active for c in self.connections)
+
+    def _claim(self, conn: _Connection, start: int, end: Optional[int],
+               open_ended: bool = False) -> bool:
+        conn.pos = conn.reading_to = start
+        conn.end = end if end is not None else (self.total if self.total is not None else _UNKNOWN_END)
+        conn.open_ended = open_ended
+        conn.epoch = self.store.epoch
+        conn.active = True
+        return True
+
+    def _choose(self, conn: _Connection) -> bool:
+        """Claim for ``conn`` the range ``_pick`` finds, if any."""
+        pick = self._pick(conn)
+        if pick is None:
+            return False
+        start, end, shrunk = pick
+        if shrunk is not None:
+            shrunk.end = start
+        return self._claim(conn, start, end, open_ended=self.total is None)
+
+    def _pick(self, conn: Optional[_Connection]
+              ) -> Optional[Tuple[int, Optional[int], Optional[_Connection]]]:
+        """The range a free connection (``conn``, or a new one) fetches next,
+        as ``(start, end, connection whose claim it cuts short)``: the rest
+        of its own range, else a range nobody continues, else the upper half
+        of the largest range left, else the last block of a far slower
+        connection's range (a race), else ``None``. Without splitting, the
+        first missing range."""
+        free = self._free()
+        if not self.segmented:
+            if not free:
+                return None
+            start, end = free[0]
+            return start, (end if self.total is not None else None), None
+        last_end = conn.last_end if conn is not None else -1
+        unowned = [(start, end) for start, end in free if not self._owner(start)]
+        for start, end in unowned:
+            if start == last_end:
+                return start, end, None
+        if unowned:
+            start, end = unowned[0]
+            return start, end, None
+        regions = [(end - start, start, end, None) for start, end in free]
+        regions += [(c.end - c.reading_to, c.reading_to, c.end, c)
+                    for c in self.connections if c.active]
+        if regions:
+            size, start, end, owner = max(regions, key=lambda region: region[0])
+            if size >= 2 * _MIN_SPLIT:
+                middle = start + size // 2
+                return middle, end, owner
+        victim = self._race_victim(conn)
+        if victim is None:
+            return None
+        for start, end in free:
+            if start == victim.end:
+                return max(start, end - _RACE_BLOCK), end, None
+        start = max(victim.reading_to, victim.end - _RACE_BLOCK)
+        return (start, victim.end, victim) if start < victim.end else None
+
+    def _race_victim(self, racer: Optional[_Connection]) -> Optional[_Connection]:
+        """The connection a free one (``racer``, or a new one) should race: the
+        one that would finish last, if it is far slower than the racer
+        could be."""
+        if not self.segmented:
+            return None
+        speeds = [c.speed for c in self.connections if c.speed > 0]
+        racer_speed = racer.speed if racer is not None and racer.speed > 0 else \
+            (max(speeds) if speeds else 0)
+        if racer_speed <= 0:
+            return None
+        victim, latest = None, 0.0
+        for c in self.connections:
+            if not c.active or c is racer:
+                continue
+            left = self._left(c)
+            if left <= 0 or c.speed * 2 > racer_speed:
+                continue
+            finish = left / c.speed if c.speed > 0 else float('inf')
+            if finish > 0.5 and finish > latest:
+                victim, latest = c, finish
+        return victim
+
+    def _left(self, c: _Connection) -> int:
+        """Bytes ``c`` has yet to fetch: its claim and the range it continues."""
+        left = c.end - c.reading_to
+        for start, end in self._free():
+            if start == c.end:
+                left += end - start
+        return left
+
+    # -- a connection thread -------------------------------------------------------------
+
+    def _serve(self, conn: _Connection) -> None:
+        """A connection thread: fetch ranges until there is none left."""
+        pacer = _Pacer(self.buckets, self.cancel.is_set)
+        try:
+            while conn.active or self._next_job(conn):
+                try:
+                    self._fetch(conn, pacer)
+                except _Superseded:
+                    with self._cond:
+                        conn.active = False
+                    continue
+                except _Stopped:
+                    break
+                except Error as error:
+                    if not self._failed(conn, error):
+                        break
+        except BaseException as exc:  # a bug: end the attempt, never die silently
+            with self._cond:
+                self._end(exc if isinstance(exc, Error) else _unexpected(exc))
+        finally:
+            with self._cond:
+                conn.active = False
+                conn.alive = False
+                self._cond.notify_all()
+
+    def _fetch(self, conn: _Connection, pacer: _Pacer) -> None:
+        """One request for ``conn``'s claim (a piece of it, when the file is
+        split), and its body into the file."""
+        source = conn.source
+        first = conn.pos
+        ranged = self.ranged and (first > 0 or self.segmented or self.connections_wanted > 1)
+        last = None
+        if not conn.open_ended:
+            last = (min(conn.end, first + conn.piece) if self.segmented else conn.end) - 1
+        request = _Request(self.options, source.url, first=first if ranged else None,
+                           last=last if ranged else None,
+                           validator=source.validator if first > 0 else None,
+                           cancel=self.cancel)
+        conn.request = request
+        conn.job_began, conn.job_bytes = time.monotonic(), 0
+        reuse = False
+        try:
+            response = request.send()
+            answer = _check_answer(response, request.url, first)
+            with self._cond:
+                body_end = self._accept(conn, answer, response, request)
+            if body_end is not None:
+                reuse = self._pump(conn, response, answer, body_end, pacer, request)
+        finally:
+            conn.request = None
+            request.close(reuse)
+        with self._cond:
+            if conn.pos >= conn.end:  # the claim is done
+                conn.active = False
+                conn.last_end = conn.pos
+                self._cond.notify_all()
+
+    def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
+                request: _Request) -> Optional[int]:
+        """Judge ``answer`` for ``conn``'s claim and plan its body. Returns
+        where the body ends (``_UNKNOWN_END`` when only its end tells), or
+        ``None`` when it brings nothing to write. Raises the error that
+        fails the request; ``_Superseded`` when the file starts over."""
+        source = conn.source
+        asked = conn.pos
+        if conn.superseded or conn.epoch != self.store.epoch:
+            raise _Superseded
+        if answer.encoding is not None and not self.keep_encoded:
+            if answer.encoding not in _DECODABLE:
+                error = ProtocolError('{} answered with Content-Encoding {}, which bitpit '
+                                      'cannot decode'.format(request.url, answer.encoding))
+                error.retryable = False
+                raise error
+            if answer.kind != 'whole' or self.ranged:
+                # the bytes of an encoded body have no ranges: start over
+                self.ranged = False
+                self._start_over(conn, 'the server encodes the body ({})'.format(
+                    answer.encoding), None)
+                raise _Superseded
+        known = self.total if self.total is not None else None
+        change = answer.change_from(source.validator, known)
+        if answer.kind == 'end':
+            total = answer.total if answer.total is not None else known
+            if not change and total is not None and total != asked:
+                change = 'it has {} bytes, the local file {}'.format(total, asked)
+            if change:
+                self._start_over(conn, change, None)
+                raise _Superseded
+            self._learn(source, answer)
+            if self.total is None:
+                self._set_total(asked)
+            self.probed = True
+            self.probing = False
+            conn.end = conn.pos
+            return None
+        if answer.validator is not None and answer.validator == source.stale:
+            raise ProtocolError('{} still serves the version the download started '
+                                'from'.format(source.url))
+        if change and self.probed and source.validator is None and answer.kind == 'part':
+            raise ProtocolError('{} has another file: {}'.format(source.url, change))
+        if answer.kind == 'whole' and asked > 0:
+            if not change and any(s.usable for s in self.sources if s is not source):
+                raise ProtocolError('{} ignores Range'.format(source.url))
+            self._start_over(conn, change or 'the server ignores Range', answer)
+        elif change:
+            self._start_over(conn, change, None)
+            raise _Superseded
+        self._learn(source, answer)
+        if answer.kind == 'part' and answer.first < conn.pos:
+            conn.pos = conn.reading_to = answer.first  # rewrite the overlap
+        if not self.probed:
+            self._plan(conn, answer, response)
+        if self.total is not None and self.max_size is not None and self.total > self.max_size:
+            raise _too_large(self.max_size, 'announces {} bytes'.format(self.total))
+        return answer.end if answer.end is not None else _UNKNOWN_END
+
+    def _learn(self, source: _Source, answer: _Answer) -> None:
+        """Remember the source's validator (a partial answer without one
+        keeps the old)."""
+        if answer.validator is not None or answer.kind == 'whole':
+            source.validator = answer.validator
+            self.store.validators[source.url] = answer.validator
+
+    def _plan(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse
+              ) -> None:
+        """The probe's answer is in: name, open and reserve the file, and
+        decide whether it comes in pieces over several connections."""
+        self.probed = True
+        self.probing = False
+        fresh = self.store.held.total == 0
+        if answer.kind == 'whole' or answer.total is not None:
+            self._set_total(answer.total)
+        if self.rename_in is not None and fresh and self.store.is_path:
+            name = _filename_from_disposition(response.getheader('Content-Disposition'))
+            if name and name != self.store.target.name:
+                if (self.rename_in / name).exists():
+                    _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
+                else:
+                    self.store.rename(self.rename_in / name)
+                    self.events.append(('path', self.store.target))
+        self.store.open(self.checksum[0] if self.checksum else None)
+        if self.total is not None:
+            self.store.set_size(self.total)
+        self.segmented = (self.connections_wanted > 1 and answer.kind == 'part' and
+                          self.total is not None and self.store.is_path and
+                          self.ranged and self._missing() >= 2 * _MIN_SPLIT)
+        if self.total is not None and self.total - self.store.held.total > self.chunk_size:
+            self.store.reserve(self.total)
+        self.events.append(('download', None))
+        if self.segmented:
+            self._share_out(conn)
+
+    def _share_out(self, probe: _Connection) -> None:
+        """Split the missing bytes into equal parts, one per connection: the
+        probe keeps the first, a new connection starts on each of the others,
+        and parts left over go to whichever connection is free first."""
+        parts = min(self.connections_wanted, max(1, self._missing() // _MIN_SPLIT))
+        share = -(-self._missing() // parts)
+        probe.end = min(probe.end, probe.pos + share)
+        for start, end in self._free():
+            while start < end and len(self.connections) < parts:
+                if not self._spawn((start, min(end, start + share))):
+                    return
+                start += share
+
+    def _missing(self) -> int:
+        """Bytes not held yet."""
+        return self.total - self.store.held.total
+
+    def _set_total(self, total: Optional[int]) -> None:
+        self.total = total
+        if total is not None:
+            self.store.set_size(total)
+            for c in self.connections:
+                c.end = min(c.end, max(total, c.reading_to))
+        self.events.append(('size', -1 if total is None else total))
+
+    def _start_over(self, conn: _Connection, why: str, answer: Optional[_Answer]) -> None:
+        """The file changed (or its bytes cannot be ranged): empty it and
+        start again from byte 0 in this attempt, with ``answer``'s body if
+        it is the whole new file. Other connections drop their claims."""
+        self.changes += 1
+        if self.changes > _MAX_CHANGES:
+            raise ProtocolError('the file keeps changing on the server: {}'.format(why))
+        _log.info('%s: %s; starting over', conn.source.url, why)
+        for source in self.sources:
+            if source is not conn.source:
+                source.stale, source.validator = source.validator, None
+        conn.source.validator = answer.validator if answer is not None else None
+        self.store.restart_from_zero()
+        self.store.validators = {conn.source.url: conn.source.validator}
+        self.total = None
+        self.probed = self.probing = self.segmented = False
+        for other in self.connections:
+            if other is not conn and other.active:
+                other.superseded = True
+                other.end = other.reading_to
+                if other.request is not None:
+                    other.request.abort()
+        self.events.append(('restart', None))
+        conn.epoch = self.store.epoch
+        conn.pos = conn.reading_to = 0
+        conn.end = _UNKNOWN_END
+        if answer is not None:
+            self.probing = True
+        self._cond.notify_all()
+
+    def _failed(self, conn: _Connection, error: Error) -> bool:
+        """A request of ``conn`` failed: retire or bench its source, and say
+        whether ``conn`` goes on (with another source) or ends."""
+        with self._cond:
+            conn.active = False
+            if self.probing and not self.probed:
+                self.probing = False
+            if self.error is not None or self.cancel.is_set():
+                return False
+            source = conn.source
+            source.last_error = error
+            conn.last_end = conn.pos
+            if isinstance(error, (FileError, IntegrityError)):
+                self._end(error)
+                return False
+            several = len(self.sources) > 1
+            if not error.retryable or (several and isinstance(error, ProtocolError)):
+                if several:
+                    _log.warning('%s: not using %s any more: %s', self.options.url,
+                                 source.url, error)
+                source.retired = error
+            elif conn.job_bytes == 0:
+                source.streak += 1
+            others = [s for s in self.sources if s is not source and s.usable]
+            if others:
+                conn.source = others[0]
+                return True  # over to another source at once
+            if not source.usable or not any(c.alive and c is not conn
+                                            for c in self.connections):
+                self._end(error if source.usable or not several else self._verdict())
+            return False
+
+    # -- moving bytes ------------------------------------------------------------------
+
+    def _pump(self, conn: _Connection, response: http.client.HTTPResponse, answer: _Answer,
+              body_end: int, pacer: _Pacer, request: _Request) -> bool:
+        """Copy the body into the file from ``conn.pos`` until the claim's end
+        (re-read before every read: another connection may take over the
+        rest), paced by the token buckets. Received bytes are written when
+        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds, at
+        the end, and on any failure or stop (nothing received is lost).
+        Returns whether the connection can carry another request."""
+        view = conn.buffer
+        chunk = len(view)
+        body = _Body(response, request.connection.sock)
+        read, ready = body.readinto, body.ready
+        if answer.encoding is not None and not self.keep_encoded:
+            read, ready = _decoding_reader(read, answer.encoding), _never_ready
+        cond = self._cond
+        source = conn.source
+        max_size = self.max_size
+        got = 0
+        since = 0.0            # when the oldest byte in the buffer came
+        try:
+            while True:
+                with cond:
+                    if got:
+                        conn.received += got
+                        conn.job_bytes += got
+                        self.received += got
+                        source.streak = 0
+                    start = conn.pos + conn.pending
+                    room = min(chunk - conn.pending, conn.end - start, body_end - start)
+                    conn.reading_to = start + max(room, 0)
+                if room <= 0:
+                    if conn.pending:
+                        self._flush(conn)
+                        continue
+                    break
+                if conn.pending and (not ready() or time.monotonic() - since >= _FLUSH_AGE):
+                    self._flush(conn)  # before a read that may block, or when overdue
+                    got = 0
+                    continue
+                granted = pacer.acquire(room)
+                if not granted:
+                    raise _Stopped
+                got = read(view[conn.pending:conn.pending + granted])
+                pacer.settle(got)
+                if not got:
+                    break
+                if max_size is not None and start + got > max_size:
+                    got = 0
+                    raise _too_large(max_size, 'grew past it')
+                if not conn.pending:
+                    since = time.monotonic()
+                conn.pending += got
+                if self.cancel.is_set():
+                    raise _Stopped
+        except (OSError, http.client.HTTPException) as exc:
+            if self.cancel.is_set():
+                raise _Stopped from exc
+            if conn.superseded:
+                raise _Superseded from exc
+            raise _network_error(exc) from exc
+        finally:
+            if conn.pending:
+                self._flush(conn, quietly=True)
+        with cond:
+            position = conn.pos
+            if not got and position < min(conn.end, body_end):
+                if body_end < _UNKNOWN_END:
+                    raise ProtocolError('connection closed after {} of {} bytes'.format(
+                        position, body_end))
+                self._set_total(position)  # the body's end is the file's end
+                conn.end = position
+            self._adapt_piece(conn)
+        done = position == body_end
+        if done:
+            response.close()
+        return done
+
+    def _flush(self, conn: _Connection, quietly: bool = False) -> None:
+        """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
+        out of a failure, a write of a superseded epoch is dropped."""
+        pending, conn.pending = conn.pending, 0
+        try:
+            self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
+        except _Superseded:
+            if not quietly:
+                raise
+            return
+        with self._cond:
+            conn.pos += pending
+
+    def _adapt_piece(self, conn: _Connection) -> None:
+        """Size ``conn``'s next ranged request by how its last one went:
+        double it while pieces come fast, so that a fast link is not slowed
+        by requests; halve it for good when a bigger piece came much slower
+        than a smaller one (a server that starts each request fast)."""
+        if not self.segmented or conn.job_bytes < conn.piece:
+            return
+        seconds = max(time.monotonic() - conn.job_began, 1e-6)
+        rate = conn.job_bytes / seconds
+        if conn.best_rate and rate < conn.best_rate / 3:
+            conn.piece = max(_MIN_SPLIT, conn.piece // 2)
+            conn.piece_frozen = True
+        elif not conn.piece_frozen and seconds < 0.5:
+            conn.piece = min(_MAX_PIECE, conn.piece * 2)
+        conn.best_rate = max(conn.best_rate, rate)
+
+
+def _never_ready() -> bool:
     return False
 
 
-def _default_ssl_context() -> ssl.SSLContext:
-    global _SSL_CONTEXT
-    if _SSL_CONTEXT is None:
-        _SSL_CONTEXT = ssl.create_default_context()
-    return _SSL_CONTEXT
+def _too_large(limit: int, how: str) -> Error:
+    error = IntegrityError('the file is larger than max_size={} bytes: it {}'.format(limit, how))
+    return error
+
+
+def _unexpected(exc: BaseException) -> Error:
+    _log.error('unexpected error', exc_info=exc)
+    error = Error('unexpected error: {!r}'.format(exc))
+    error.__cause__ = exc
+    return error
 
 
 # ---------------------------------------------------------------------------
@@ -1017,6 +2822,49 @@ def _default_ssl_context() -> ssl.SSLContext:
 # ---------------------------------------------------------------------------
 
 _PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
+_STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
+
+
+class _Option:
+    """A keyword option of ``Downloader``: a read/write property whose value
+    ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
+    naming the option). Its docstring says when a change takes effect."""
+
+    def __init__(self, check: Callable[[str, Any], Any], doc: str):
+        self.check = check
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.attribute = '_' + name
+
+    def __get__(self, obj: Any, owner: type = None) -> Any:
+        return self if obj is None else getattr(obj, self.attribute)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.attribute, self.check(self.name, value))
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    return bool(value)
+
+
+def _as_proxy(name: str, value: Any) -> Optional[str]:
+    if value:
+        _parse_proxy(value)
+    return value
+
+
+def _as_ssl_context(name: str, value: Any) -> Optional[ssl.SSLContext]:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise TypeError('ssl_context must be an ssl.SSLContext, not {!r}'.format(value))
+    return value
+
+
+def _as_size_limit(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    return _check_int(name, value, 0)
 
 
 class Downloader(Emitter):
@@ -1026,49 +2874,73 @@ class Downloader(Emitter):
     a binary file object, which is written to and never closed. With
     ``dir_path=True`` (or ``path=None``) ``path`` is a directory and the
     file name comes from the URL. A file that already holds data is resumed
-    with a ``Range`` request.
+    with a ``Range`` request; its sidecar ``NAME.bitpit`` says which bytes it
+    holds. With ``connections > 1`` and a server that serves ranges, the file
+    comes over several connections, from ``url`` and its ``mirrors``.
 
     Signals: ``state-changed (downloader, old_state)``, ``size-changed``,
     ``speed-changed``, ``url-changed``, ``path-changed``,
     ``restart-time-changed``, ``rate-limit-changed`` (each ``(downloader)``).
-    Callbacks run on the download thread, except ``speed-changed`` while
-    downloading, which runs on bitpit's ticker thread.
+    What the download does by itself is signalled from its download thread;
+    what a caller changes, from the caller's thread.
     """
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
                    'path-changed', 'restart-time-changed', 'rate-limit-changed')
 
+    timeout = _Option(lambda name, value: _check_number(name, value, positive=True),
+                      'Seconds without a received byte before an attempt fails '
+                      '(also the window of ``min_speed``); next start.')
+    update_period = _Option(lambda name, value: _check_number(name, value, positive=True),
+                            'Seconds between two ``speed-changed`` signals; next start.')
+    retries = _Option(lambda name, value: _check_int(name, value, 0, allow_none=True),
+                      'Failed attempts in a row (without progress) after which an '
+                      '``error`` becomes ``fatal-error``; ``None``: no limit.')
+    connections = _Option(lambda name, value: _check_int(name, value, 1, _MAX_CONNECTIONS),
+                          'Most connections for this one file (1 to 32); next start.')
+    content_disposition = _Option(_as_bool, 'Name the file after the server\'s '
+                                  '``Content-Disposition`` (with ``dir_path``); next start.')
+    headers = _Option(lambda name, value: _check_headers(value),
+                      'Extra request headers (a dict); next start.')
+    auth = _Option(lambda name, value: _check_auth(value),
+                   '``(user, password)`` for HTTP Basic authentication; next start.')
+    proxy = _Option(_as_proxy, 'An ``http://host:port`` proxy, ``\'\'`` for none, '
+                               '``None`` for the environment\'s; next start.')
+    ssl_context = _Option(_as_ssl_context, 'The ``ssl.SSLContext`` for HTTPS; next start.')
+    max_size = _Option(_as_size_limit, 'Most bytes the file may have (``None``: no '
+                                       'limit); next start.')
+    min_speed = _Option(lambda name, value: _check_number(name, value),
+                        'Bytes per second an attempt must keep up over ``timeout`` '
+                        'seconds (0: no minimum); next start.')
+
     def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
                  restart_wait: float = -1, chunk_size: int = _DEFAULT_CHUNK_SIZE, *,
+                 connections: int = 1, mirrors: Iterable[str] = (),
                  retries: Optional[int] = None, content_disposition: bool = False,
                  checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None):
+                 ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
+                 max_size: Optional[int] = None, min_speed: float = 0):
         _check_url(url)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()       # guards the thread, the restart, the state
+        self._changed = threading.Condition(self._lock)  # wait() waits on it
         self._url = url
         self._state = 'pause'
         self._size = -1
         self._downloaded = 0
         self._received = 0
         self._speed: float = 0
-        self._tick_stamp = 0.0
-        self._tick_received = 0
         self._last_exception: Optional[BaseException] = None
         self._failures = 0
         self._retry_after: Optional[float] = None
-        self._validator: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
+        self._running = False                # the download thread has work left
         self._attempt_over = False
-        self._regular_file = False
         self._restarts_itself = True
         self._stop_event = threading.Event()
-        self._connection: Optional[_AbortableMixin] = None
+        self._transfer: Optional[_Transfer] = None
         self._restart_timer: Optional[threading.Timer] = None
         self._restart_time: Optional[datetime.datetime] = None
-        self._dir: Optional[pathlib.Path] = None
-        self._path: Union[pathlib.Path, io.BufferedIOBase]
-        self._set_path_value(path, dir_path)
         self._bucket = _TokenBucket()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._rate_limit = 0.0
@@ -1076,21 +2948,26 @@ class Downloader(Emitter):
         self.timeout = timeout
         self.update_period = update_period
         self.chunk_size = chunk_size
-        self._restart_wait = restart_wait
+        self.restart_wait = restart_wait
+        self.connections = connections
+        self.mirrors = mirrors
         self.retries = retries
         self.content_disposition = content_disposition
         self._checksum = _parse_checksum(checksum)
-        self.headers = dict(headers or {})
+        self.headers = headers
         self.auth = auth
-        if proxy:
-            _parse_proxy(proxy)
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._load_local_state()
+        self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
+        self.max_size = max_size
+        self.min_speed = min_speed
+        self._dir: Optional[pathlib.Path] = None
+        self._path: Union[pathlib.Path, io.BufferedIOBase]
+        self._set_path_value(path, dir_path)
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
-            self._url, self._state, self._downloaded, self._size)
+            self._url, self._state, self.downloaded, self._size)
 
     # -- configuration -----------------------------------------------------
 
@@ -1101,17 +2978,25 @@ class Downloader(Emitter):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
             self._dir, self._path = None, path
-            return
-        path = pathlib.Path(path).expanduser()
-        if dir_path:
-            self._dir, self._path = path, path / _filename_from_url(self._url)
         else:
-            self._dir, self._path = None, path
+            path = pathlib.Path(path).expanduser()
+            if dir_path:
+                self._dir, self._path = path, path / _filename_from_url(self._url)
+            else:
+                self._dir, self._path = None, path
+        self._load_local_state()
+
+    def _load_local_state(self) -> None:
+        """Read what is already on disk: the bytes held, the known size."""
+        self._store = _FileStore(self._path, self._url)
+        self._store.load()
+        self._downloaded = self._store.held.total
+        self._size = self._store.size
 
     @property
     def url(self) -> str:
         """The URL to download. Setting it while running raises
-        ``RuntimeError``."""
+        ``RuntimeError``; emits ``url-changed``."""
         return self._url
 
     @url.setter
@@ -1126,9 +3011,26 @@ class Downloader(Emitter):
         self.emit('url-changed', self)
 
     @property
+    def mirrors(self) -> Tuple[str, ...]:
+        """More URLs of the same file, tried after ``url`` (a tuple). Setting
+        it while running raises ``RuntimeError``."""
+        return self._mirrors
+
+    @mirrors.setter
+    def mirrors(self, value: Iterable[str]) -> None:
+        if isinstance(value, str):
+            raise TypeError('mirrors must be a list of URLs, not one str')
+        mirrors = tuple(value)
+        for mirror in mirrors:
+            _check_url(mirror)
+        with self._lock:
+            self._ensure_not_running('mirrors')
+            self._mirrors = tuple(dict.fromkeys(m for m in mirrors if m != self._url))
+
+    @property
     def path(self) -> Union[pathlib.Path, io.BufferedIOBase]:
         """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
-        it while running raises ``RuntimeError``."""
+        it while running raises ``RuntimeError``; emits ``path-changed``."""
         return self._path
 
     @path.setter
@@ -1136,7 +3038,6 @@ class Downloader(Emitter):
         with self._lock:
             self._ensure_not_running('path')
             self._set_path_value(value, False)
-            self._load_local_state()
         self.emit('path-changed', self)
 
     def _ensure_not_running(self, what: str) -> None:
@@ -1150,17 +3051,17 @@ class Downloader(Emitter):
 
     @chunk_size.setter
     def chunk_size(self, value: int) -> None:
-        if int(value) <= 0:
-            raise ValueError('chunk_size must be positive, not {!r}'.format(value))
-        self._chunk_size = int(value)
+        self._chunk_size = _check_int('chunk_size', value, 1)
 
     @property
     def rate_limit(self) -> float:
-        """Bytes per second, ``<= 0`` for unlimited. Takes effect at once."""
+        """Bytes per second over all connections, ``<= 0`` for unlimited.
+        Takes effect at once; emits ``rate-limit-changed``."""
         return self._rate_limit
 
     @rate_limit.setter
     def rate_limit(self, value: float) -> None:
+        value = _check_number('rate_limit', value)
         self._rate_limit = value if value > 0 else 0
         self._bucket.rate = self._rate_limit
         self.emit('rate-limit-changed', self)
@@ -1178,7 +3079,7 @@ class Downloader(Emitter):
 
     @restart_wait.setter
     def restart_wait(self, value: float) -> None:
-        self._restart_wait = value
+        self._restart_wait = _check_number('restart_wait', value)
         if self.is_restarting:
             if value >= 0:
                 self.restart(value)
@@ -1206,18 +3107,19 @@ class Downloader(Emitter):
     @property
     def downloaded(self) -> int:
         """Bytes held so far, resumed bytes included."""
-        return self._downloaded
+        transfer = self._transfer
+        return transfer.downloaded if transfer is not None else self._downloaded
 
     @property
     def remaining(self) -> int:
         """``size - downloaded``, ``-1`` if the size is unknown."""
         size = self._size
-        return -1 if size < 0 else max(size - self._downloaded, 0)
+        return -1 if size < 0 else max(size - self.downloaded, 0)
 
     @property
     def speed(self) -> float:
-        """Bytes per second over the last ``update_period``; 0 when not
-        downloading."""
+        """Bytes per second over the last ``update_period``, all connections
+        together; 0 when not downloading."""
         return self._speed
 
     @property
@@ -1228,7 +3130,7 @@ class Downloader(Emitter):
             return -1.0
         if size == 0:
             return 1.0
-        return self._downloaded / size
+        return self.downloaded / size
 
     @property
     def percentage(self) -> float:
@@ -1253,7 +3155,7 @@ class Downloader(Emitter):
     @property
     def human_downloaded(self) -> Tuple[Optional[float], Optional[str]]:
         """``downloaded`` for people."""
-        return human_readable(self._downloaded)
+        return human_readable(self.downloaded)
 
     @property
     def human_remaining(self) -> Tuple[Optional[float], Optional[str]]:
@@ -1298,28 +3200,46 @@ class Downloader(Emitter):
         """Start the download thread and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
+        self._start(None)
+
+    def _start(self, timer: Optional[threading.Thread]) -> None:
+        """Start the download thread, for ``start()`` or for the restart
+        ``timer``. A timer starts nothing once a stop (or a new schedule)
+        has replaced it: that is decided under the lock, so a stop racing
+        the timer always wins."""
         finishing = self._thread
         if finishing is not None and self._attempt_over:
             if finishing is threading.current_thread():
                 self.restart(0)  # called from a final callback: start once it ends
                 return
             finishing.join()  # it is only emitting its final signals
-            self._cancel_restart()  # one it scheduled meanwhile
+            if timer is None:
+                self._cancel_restart()  # one it scheduled meanwhile
         with self._lock:
-            if self.is_alive:
-                return
-            self._attempt_over = False
-            self._stop_event.clear()
-            self._thread = threading.Thread(target=self._run, daemon=False,
-                                            name='bitpit-download')
-            self._thread.start()
+            if timer is not None:
+                if self._restart_timer is not timer:
+                    return
+                self._restart_timer = None
+                self._restart_time = None
+            if not self.is_alive:
+                self._attempt_over = False
+                self._running = True
+                self._stop_event.clear()
+                self._thread = threading.Thread(target=self._run, daemon=False,
+                                                name='bitpit-download')
+                self._thread.start()
+        if timer is not None:
+            self.emit('restart-time-changed', self)
 
     def stop(self) -> None:
         """Stop the download (state ``pause``) and wait for its thread to end,
         unless called from that thread or the attempt is already over (the
-        thread then only emits its last signals). No-op if not running;
-        cancels a scheduled restart, and keeps a failing attempt from
-        scheduling one. Any thread."""
+        thread then only emits its last signals). Every connection ends at
+        once; if the thread is stuck in a call that cannot be interrupted
+        (a callback, a hung disk), ``stop`` returns after about a second and
+        the thread ends by itself without writing the file again. No-op if
+        not running; cancels a scheduled restart, and keeps a failing attempt
+        from scheduling one. Any thread."""
         self._cancel_restart()
         with self._lock:
             thread = self._thread
@@ -1327,19 +3247,19 @@ class Downloader(Emitter):
                 return
             self._stop_event.set()
             finishing = self._attempt_over
-            connection = self._connection
+            transfer = self._transfer
         if finishing:
             # The thread only emits its last signals: the stop need not wait
             # for it (a callback of it may be what called stop; waiting could
             # deadlock), only keep it from scheduling a restart.
             self._cancel_restart()
             return
-        if connection is not None:
-            connection.abort()
-        for bucket in self._buckets():
-            bucket.wake()
+        if transfer is not None:
+            transfer.stop()
         if thread is not threading.current_thread():
-            thread.join()
+            thread.join(_STOP_WAIT)
+            if thread.is_alive() and transfer is not None:
+                transfer.store.sealed = True
             self._cancel_restart()  # one the thread scheduled before it saw the stop
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -1347,6 +3267,25 @@ class Downloader(Emitter):
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the download is ``complete`` or ``fatal-error``,
+        through any automatic restarts; or until it is stopped (or failed)
+        with no restart to come; or until ``timeout`` seconds passed.
+        Returns ``True`` only when it is complete. Any thread but the
+        download thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if self._state in _FINISHED_STATES:
+                    break
+                if not self._running and not self.is_restarting and self._restarts_itself:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(left)
+            return self._state == 'complete'
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -1358,34 +3297,34 @@ class Downloader(Emitter):
         """Install the restart timer. An ``automatic`` one (after an error)
         is not installed once a stop is under way or a restart is already
         scheduled (by a callback), decided in the same locked step."""
-        wait = self._restart_wait if wait is None else wait
+        wait = self._restart_wait if wait is None else _check_number('wait', wait)
         wait = min(max(0.0, wait), threading.TIMEOUT_MAX)
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
         timer.name = 'bitpit-restart'
-        with self._lock:
+        with self._changed:
             if automatic and (self._stop_event.is_set() or self._restart_timer is not None):
                 return
             old, self._restart_timer = self._restart_timer, timer
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
+            self._changed.notify_all()
         if old is not None:
             old.cancel()
         timer.start()
         self.emit('restart-time-changed', self)
 
     def _restart_due(self) -> None:
-        with self._lock:
-            if self._restart_timer is not threading.current_thread():
-                return
-            self._restart_timer = None
-            self._restart_time = None
-        self.emit('restart-time-changed', self)
-        self.start()
+        """The restart timer's thread."""
+        try:
+            self._start(threading.current_thread())
+        except BaseException as exc:  # never a dead timer thread with no word
+            self._fail_outside(exc)
 
     def _cancel_restart(self) -> None:
-        with self._lock:
+        with self._changed:
             timer, self._restart_timer = self._restart_timer, None
             self._restart_time = None
+            self._changed.notify_all()
         if timer is not None:
             timer.cancel()
             self.emit('restart-time-changed', self)
@@ -1393,7 +3332,7 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        request = _Request(self, 'HEAD', offset=0, abortable=False)
+        request = _Request(self._request_options(), self._url, 'HEAD')
         try:
             response = request.send()
             if response.status >= 300:
@@ -1405,88 +3344,19 @@ class Downloader(Emitter):
         if length is not None:
             self._set_size(length)
 
-    # -- internal: local state ----------------------------------------------
+    # -- internal ---------------------------------------------------------------
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
         return (self._bucket,) + self._shared_buckets
 
-    @property
-    def _sidecar(self) -> Optional[pathlib.Path]:
-        """The file beside a partial download that remembers its validator;
-        ``None`` for file objects."""
-        if isinstance(self._path, pathlib.Path):
-            return self._path.with_name(self._path.name + _SIDECAR_SUFFIX)
-        return None
-
-    def _load_local_state(self) -> None:
-        """Read how much is already on disk and what the sidecar remembers."""
-        self._downloaded = self._local_size()
-        self._size = -1
-        self._validator = None
-        sidecar = self._sidecar
-        if sidecar is None or self._downloaded == 0:
-            return
-        try:
-            with open(sidecar, encoding='utf-8') as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            return
-        if isinstance(saved, dict) and saved.get('url') == self._url:
-            validator = saved.get('validator')
-            self._validator = validator if isinstance(validator, str) else None
-            size = saved.get('size')
-            if isinstance(size, int) and size >= self._downloaded:
-                self._size = size
-
-    def _local_size(self) -> int:
-        """Bytes already held: the size of a regular file (0 for a missing
-        one or a device), the end of a seekable stream, else what was
-        written to it."""
-        target = self._path
-        if isinstance(target, pathlib.Path):
-            try:
-                status = target.stat()
-            except OSError:
-                return 0
-            return status.st_size if stat.S_ISREG(status.st_mode) else 0
-        try:
-            if target.seekable():
-                return target.seek(0, io.SEEK_END)
-        except (OSError, ValueError):
-            pass
-        return self._downloaded
-
-    def _save_sidecar(self) -> None:
-        """Remember the URL, validator and size beside a partial regular file
-        (not beside a device such as /dev/full, nor for a file object)."""
-        sidecar = self._sidecar
-        if sidecar is None or not self._regular_file:
-            return
-        record = json.dumps({'url': self._url, 'validator': self._validator,
-                             'size': self._size}).encode('utf-8')
-        try:
-            fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, record)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            _log.warning('cannot write %s: %s', sidecar, exc)
-
-    def _remove_sidecar(self) -> None:
-        sidecar = self._sidecar
-        if sidecar is not None:
-            try:
-                sidecar.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                _log.warning('cannot remove %s: %s', sidecar, exc)
-
-    # -- internal: signals and progress ----------------------------------------
+    def _request_options(self) -> _RequestOptions:
+        return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
+                               self._ssl_context, self._timeout, self._cookies)
 
     def _set_state(self, state: str) -> None:
-        old, self._state = self._state, state
+        with self._changed:
+            old, self._state = self._state, state
+            self._changed.notify_all()
         if old != state:
             self.emit('state-changed', self, old)
 
@@ -1495,44 +3365,28 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
-    def _tick(self) -> None:
-        """Recompute ``speed`` and emit ``speed-changed``. Called by the
-        ticker thread every ``update_period`` while the attempt runs."""
-        with self._lock:
-            if self._attempt_over:
-                return
-            now = time.monotonic()
-            received = self._received
-            elapsed = now - self._tick_stamp
-            if elapsed > 0:
-                self._speed = (received - self._tick_received) / elapsed
-            self._tick_stamp, self._tick_received = now, received
-        self.emit('speed-changed', self)
+    def _fail_outside(self, exc: BaseException) -> None:
+        """An exception in a restart timer: the download ends in
+        ``fatal-error`` with it, instead of a thread dying in silence."""
+        self._last_exception = exc if isinstance(exc, Error) else _unexpected(exc)
+        self._set_state('fatal-error')
 
-    # -- internal: the download thread -------------------------------------------
-
-    def _use_connection(self, connection: Optional[_AbortableMixin]) -> None:
-        """Make ``connection`` the one ``stop()`` aborts; raise ``_Stopped``
-        if a stop is already under way. Download thread."""
-        with self._lock:
-            if connection is not None and self._stop_event.is_set():
-                raise _Stopped
-            self._connection = connection
+    # -- the download thread -------------------------------------------------------
 
     def _run(self) -> None:
-        """The download thread: one attempt, from ``start`` to its end state."""
-        self._tick_stamp, self._tick_received = time.monotonic(), self._received
+        """The download thread: one attempt, from ``start`` to its end state,
+        and every signal the download gives while it runs."""
         received_before = self._received
-        self._set_state('start')
-        _TICKER.add(self, self.update_period)
         retry_after = None
+        final = 'pause'
         try:
+            self._set_state('start')
             self._attempt()
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
-            if self._stop_event.is_set():
+            if self._stop_event.is_set() and not isinstance(exc, FileError):
                 final = 'pause'
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
@@ -1546,348 +3400,86 @@ class Downloader(Emitter):
                 retry_after = getattr(error, 'retry_after', None)
                 _log.info('%s: %s', self._url, error)
         finally:
-            _TICKER.remove(self)
             with self._lock:
                 self._attempt_over = True
                 self._speed = 0
             self._retry_after = retry_after
-        self.emit('speed-changed', self)
-        self._set_state(final)
-        if final == 'error' and self._restarts_itself and self._restart_wait >= 0:
-            self._schedule_restart(max(self._restart_wait, retry_after or 0), automatic=True)
+        try:
+            self.emit('speed-changed', self)
+            self._set_state(final)
+            if final == 'error' and self._restarts_itself and self._restart_wait >= 0:
+                self._schedule_restart(max(self._restart_wait, retry_after or 0),
+                                       automatic=True)
+        finally:
+            with self._changed:
+                self._running = False
+                self._changed.notify_all()
 
     def _attempt(self) -> None:
-        """Download until every byte is held; raise on failure or stop.
-
-        This is the one state machine of a download: ask for the bytes from
-        the local offset on, check the answer against what was asked, write
-        the body where it belongs, and ask again while the server sent less
-        than the rest of the file."""
-        self._bucket.drain()
-        file = None
-        hasher = None
-        hashed_to = -1      # bytes of the file the hasher has seen
+        """One attempt: run a transfer, relay what it reports as signals, and
+        measure the speed every ``update_period``. Raises on failure."""
+        store = self._store
+        store.load()  # the file may have changed since the last attempt
+        self._downloaded = store.held.total
+        if store.size >= 0:
+            self._set_size(store.size)
+        transfer = _Transfer(
+            store=store, urls=[self._url, *self._mirrors], options=self._request_options(),
+            connections=self._connections if store.is_path else 1,
+            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=self._checksum,
+            max_size=self._max_size, min_speed=self._min_speed,
+            rename_in=self._dir if self._content_disposition else None,
+            keep_encoded=isinstance(self._path, pathlib.Path) and
+            self._path.name.lower().endswith(('.gz', '.tgz')))
+        with self._lock:
+            self._transfer = transfer
+            stopped = self._stop_event.is_set()
+        if stopped:
+            transfer.stop()
+        period = self._update_period
+        began = time.monotonic()
+        tick_at, tick_received = began + period, 0
         try:
-            while True:
-                offset = self._downloaded = self._local_size()
-                if offset == 0:
-                    self._validator = None
-                request = _Request(self, 'GET', offset)
-                try:
-                    response = request.send()
-                    plan = self._plan(request, response, offset, renamable=file is None)
-                    if plan is None:
-                        break
-                    write_at, expected_end = plan
-                    if file is None:
-                        file = self._open_file()
-                    self._prepare_write(file, write_at)
-                    if self._checksum is not None and write_at != hashed_to:
-                        hasher = self._hash_prefix(file, write_at)
-                    self._set_state('download')
-                    self._read_body(response, file, write_at, expected_end, hasher)
-                    hashed_to = self._downloaded
-                    request.close(reuse=True)
-                finally:
-                    request.close(reuse=False)
-                if self._size < 0 or self._downloaded >= self._size:
-                    break
-            self._finish(file, hasher)
+            transfer.start()
+            while not transfer.finished:
+                now = time.monotonic()
+                for kind, value in transfer.wait(max(0.0, min(tick_at - now, 0.5))):
+                    self._relay(kind, value)
+                now = time.monotonic()
+                transfer.look(now)
+                if now >= tick_at:
+                    received = transfer.received
+                    self._speed = (received - tick_received) / (now - tick_at + period)
+                    self._received += received - tick_received
+                    tick_received = received
+                    tick_at = max(tick_at + period, now)
+                    self.emit('speed-changed', self)
+            for kind, value in transfer.wait(0):
+                self._relay(kind, value)
+            transfer.result()
         finally:
-            if file is not None and file is not self._path:
-                file.close()
+            self._received += transfer.received - tick_received
+            with self._lock:
+                self._downloaded = store.held.total
+                self._transfer = None
+        self._set_size(store.size if store.size >= 0 else self._downloaded)
 
-    def _plan(self, request: '_Request', response: http.client.HTTPResponse,
-              offset: int, renamable: bool) -> Optional[Tuple[int, Optional[int]]]:
-        """Check the answer to a request from ``offset`` and return
-        ``(write_at, expected_end)`` for its body, or ``None`` when the file
-        is already complete. Raises for an error answer. ``renamable``: no
-        file is open yet, so Content-Disposition may still name it.
-        Download thread."""
-        status = response.status
-        if status == 416 and offset > 0:
-            match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
-            total = int(match.group(1)) if match else None
-            if total is None and self._size >= 0:
-                total = self._size
-            changed = self._change_in(response, total, etag_only=True) or (
-                total is not None and total != offset and
-                'it has {} bytes, the local file {}'.format(total, offset))
-            if changed:
-                self._restart_from_zero()
-                raise ProtocolError('the file changed on the server: {}'.format(changed))
-            self._set_size(offset)
-            return None
-        if status >= 300:
-            raise _status_error(response, request.url)
-
-        length = _parse_content_length(response)
-        content_range = response.getheader('Content-Range')
-        if status == 206 or (status == 200 and offset > 0 and content_range):
-            if not content_range:
-                raise ProtocolError('206 answer without Content-Range')
-            first, last, total = _parse_content_range(content_range)
-            if status == 200 and (first != offset or (total is not None and last != total - 1)):
-                if first != 0 or (total is not None and last != total - 1):
-                    raise ProtocolError('200 answer with Content-Range {!r}: neither the whole '
-                                        'file nor the range asked for'.format(content_range))
-                return self._plan_from_zero(response, length, renamable)
-            if first > offset or last < offset:
-                # starting later leaves a hole; ending earlier brings nothing
-                raise ProtocolError('server sent bytes {}-{} but bytes from {} were asked '
-                                    'for'.format(first, last, offset))
-            changed = self._change_in(response, total)
-            if changed:
-                self._restart_from_zero()
-                raise ProtocolError('the file changed on the server: {}'.format(changed))
-            if length is not None and length != last - first + 1:
-                raise ProtocolError('Content-Length {} disagrees with Content-Range {}'
-                                    .format(length, content_range))
-            self._remember_validator(response, keep_old=True)
-            if total is not None:
-                self._set_size(total)
-            return first, last + 1
-        if status == 200:
-            return self._plan_from_zero(response, length, renamable)
-        raise ProtocolError('unexpected status {} {}'.format(status, response.reason))
-
-    def _plan_from_zero(self, response: http.client.HTTPResponse, length: Optional[int],
-                        renamable: bool) -> Tuple[int, Optional[int]]:
-        """The server sent the whole file: write it from byte 0 (under the
-        Content-Disposition name if asked for, unless another file has it)."""
-        self._remember_validator(response)
-        self._set_size(length if length is not None else -1)
-        if self.content_disposition and self._dir is not None and renamable:
-            name = _filename_from_disposition(response.getheader('Content-Disposition'))
-            if name and name != self._path.name:
-                if (self._dir / name).exists():
-                    _log.info('%s: not naming it %s: that file exists', self._url, name)
-                else:
-                    self._path = self._dir / name
-                    self.emit('path-changed', self)
-        return 0, length
-
-    def _restart_from_zero(self) -> None:
-        """Empty a partial file that no longer matches the server, so that the
-        next attempt starts over instead of mixing two versions."""
-        _log.info('%s: the file changed on the server, starting over', self._url)
-        self._validator = None
-        self._set_size(-1)
-        try:
-            if isinstance(self._path, pathlib.Path):
-                with open(self._path, 'r+b') as f:
-                    f.truncate(0)
-            elif _seekable(self._path):
-                self._path.seek(0)
-                self._path.truncate(0)
-            else:
-                raise FileError('the file changed on the server, and {!r} cannot be '
-                                'rewound to start over'.format(self._path))
-        except OSError as exc:
-            raise FileError('cannot truncate {}: {}'.format(self._path, exc)) from exc
-        self._downloaded = 0
-
-    def _change_in(self, response: http.client.HTTPResponse, total: Optional[int],
-                   etag_only: bool = False) -> Optional[str]:
-        """How an answer about the file shows that the server's file is no
-        longer the one the local bytes came from (another size, another
-        validator: a server that ignores ``If-Range`` answers so), or
-        ``None``. ``etag_only`` for a 416, whose Last-Modified may be that of
-        an error page."""
-        if total is not None and self._size >= 0 and total != self._size:
-            return 'it has {} bytes, not {}'.format(total, self._size)
-        held = self._validator
-        if held is None:
-            return None
-        name = 'ETag' if held.startswith('"') else 'Last-Modified'
-        if etag_only and name != 'ETag':
-            return None
-        current = response.getheader(name)
-        if current is not None and current != held:
-            return '{} {} instead of {}'.format(name, current, held)
-        return None
-
-    def _remember_validator(self, response: http.client.HTTPResponse,
-                            keep_old: bool = False) -> None:
-        """Keep the response's strong ETag (quoted; weak ones start with
-        ``W/``), else its Last-Modified, to send as ``If-Range``. With
-        ``keep_old`` (a partial answer of the same file), an answer that has
-        neither leaves the remembered one."""
-        etag = response.getheader('ETag')
-        validator = etag if etag and etag.startswith('"') else \
-            response.getheader('Last-Modified')
-        if validator is not None or not keep_old:
-            self._validator = validator
-
-    def _open_file(self) -> Any:
-        target = self._path
-        if not isinstance(target, pathlib.Path):
-            return target
-        try:
-            file = open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
-            self._regular_file = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
-            return file
-        except OSError as exc:
-            raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-
-    def _prepare_write(self, file: Any, write_at: int) -> None:
-        """Position ``file`` at ``write_at`` and drop what lies after it."""
-        try:
-            if _seekable(file):
-                if file.seek(0, io.SEEK_END) > write_at:
-                    file.truncate(write_at)
-                file.seek(write_at)
-            elif write_at != self._downloaded:
-                raise FileError('cannot rewind {!r}: it is not seekable'.format(file))
-            self._downloaded = write_at
-        except OSError as exc:
-            raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
-
-    def _hash_prefix(self, file: Any, length: int) -> Any:
-        """A hasher fed with the first ``length`` bytes already in ``file``."""
-        hasher = hashlib.new(self._checksum[0])
-        if length == 0:
-            return hasher
-        if isinstance(self._path, pathlib.Path):
-            source = open(self._path, 'rb')
-        elif _seekable(file) and getattr(file, 'readable', lambda: False)():
-            source = file
-        else:
-            raise FileError('cannot verify the checksum of a resumed stream')
-        try:
-            source.seek(0)
-            left = length
-            while left:
-                block = source.read(min(left, 1 << 20))
-                if not block:
-                    break
-                hasher.update(block)
-                left -= len(block)
-        finally:
-            if source is file:
-                file.seek(length)
-            else:
-                source.close()
-        return hasher
-
-    def _read_body(self, response: http.client.HTTPResponse, file: Any, position: int,
-                   expected_end: Optional[int], hasher: Optional[Any]) -> None:
-        """Copy the body into ``file`` from ``position``, paced by the token
-        buckets. Raises on a short body.
-
-        Bytes are received into one reused buffer and written when it is
-        full, when the body ends, or when the attempt stops or fails (so
-        nothing received is lost). A body that fits in the buffer is thus
-        written once and is never a partial file on disk; a longer one gets
-        its sidecar before its first write."""
-        chunk = self._chunk_size
-        view = memoryview(bytearray(chunk if expected_end is None
-                                    else max(1, min(chunk, expected_end - position))))
-        chunk = len(view)
-        buckets = self._buckets()
-        cancelled = self._stop_event.is_set
-        read_into = _body_reader(response)
-        filled = 0          # bytes in the buffer, not yet written
-        first_write = True
-
-        def flush() -> None:
-            nonlocal filled, first_write
-            data, filled = view[:filled], 0
-            if first_write:
-                first_write = False
-                if expected_end is None or position < expected_end:
-                    self._save_sidecar()
-            rest = data
-            try:
-                # An unbuffered file may write less than asked, as when the
-                # disk fills up: writing the rest then raises the OSError.
-                while rest:
-                    written = file.write(rest)
-                    if written is None:  # a file object that does not count
-                        break
-                    if not written:
-                        raise FileError('short write to {}: {} of {} bytes'.format(
-                            self._path, len(data) - len(rest), len(data)))
-                    rest = rest[written:]
-            except OSError as exc:
-                raise FileError('cannot write {}: {}'.format(self._path, exc)) from exc
-            if hasher is not None:
-                hasher.update(data)
-
-        try:
-            while True:
-                room = chunk - filled
-                if expected_end is not None:
-                    room = min(room, expected_end - position)
-                if room <= 0:
-                    if filled < chunk:
-                        break  # the whole body is in
-                    flush()
-                    continue
-                granted = room
-                for bucket in buckets:
-                    granted = bucket.acquire(granted, cancelled)
-                    if not granted:
-                        raise _Stopped
-                got = read_into(view[filled:filled + granted])
-                if granted > got:
-                    for bucket in buckets:
-                        bucket.refund(granted - got)
-                if not got:
-                    break
-                filled += got
-                position += got
-                self._downloaded = position
-                self._received += got
-                if cancelled():
-                    raise _Stopped
-        except (OSError, http.client.HTTPException) as exc:
-            if cancelled():
-                raise _Stopped from exc
-            raise _network_error(exc) from exc
-        finally:
-            if filled:
-                flush()
-        if expected_end is not None and position < expected_end:
-            raise ProtocolError('connection closed after {} of {} bytes'.format(
-                position, expected_end))
-        response.close()
-        if self._size < 0:
-            self._set_size(position)
-
-    def _finish(self, file: Any, hasher: Optional[Any]) -> None:
-        """Check the finished file against the checksum and forget its
-        sidecar. Raises ``IntegrityError`` on a mismatch (the file is kept)."""
-        if self._checksum is not None:
-            if hasher is None:
-                hasher = self._hash_prefix(file if file is not None else self._path,
-                                           self._downloaded)
-            algorithm, expected = self._checksum
-            actual = hasher.hexdigest()
-            if actual != expected:
-                self._remove_sidecar()
-                raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
-                                     .format(algorithm, self._path, expected, actual))
-        self._remove_sidecar()
-
-
-def _seekable(file: Any) -> bool:
-    try:
-        return file.seekable()
-    except (AttributeError, ValueError, OSError):
-        return False
+    def _relay(self, kind: str, value: Any) -> None:
+        """Turn a transfer's event into the download's state and signals."""
+        if kind == 'size':
+            self._set_size(value)
+        elif kind == 'path':
+            self._path = value
+            self.emit('path-changed', self)
+        elif kind == 'download':
+            self._set_state('download')
+        elif kind == 'restart':
+            self._set_size(-1)
 
 
 def _per_second(n: float) -> Tuple[Optional[float], Optional[str]]:
     number, suffix = human_readable(n)
     return number, suffix + '/s'
-
-
-def _unexpected(exc: BaseException) -> Error:
-    _log.error('unexpected error', exc_info=exc)
-    error = Error('unexpected error: {!r}'.format(exc))
-    error.__cause__ = exc
-    return error
 
 
 # ---------------------------------------------------------------------------
@@ -1916,11 +3508,11 @@ class Manager(Emitter):
         self._downloads: List[Downloader] = []
         self._starting: set = set()
         self._stopped_at: Dict[Downloader, float] = {}
-        self._bucket = _TokenBucket(rate_limit)
-        self._max_running = max_running
+        self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
+        self._max_running = _check_int('max_running', max_running)
         self._rate_limit = rate_limit
-        self._restart_wait = restart_wait
-        self._kwargs = dict(kwargs)
+        self._restart_wait = _check_number('restart_wait', restart_wait)
+        self._kwargs = _checked_kwargs(kwargs)
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
@@ -1940,7 +3532,7 @@ class Manager(Emitter):
 
     @max_running.setter
     def max_running(self, value: int) -> None:
-        self._set_property('max_running', value)
+        self._set_property('max_running', _check_int('max_running', value))
 
     @property
     def rate_limit(self) -> float:
@@ -1950,7 +3542,7 @@ class Manager(Emitter):
 
     @rate_limit.setter
     def rate_limit(self, value: float) -> None:
-        self._bucket.rate = value
+        self._bucket.rate = _check_number('rate_limit', value)
         self._set_property('rate_limit', value)
 
     @property
@@ -1961,7 +3553,7 @@ class Manager(Emitter):
 
     @restart_wait.setter
     def restart_wait(self, value: float) -> None:
-        self._set_property('restart_wait', value)
+        self._set_property('restart_wait', _check_number('restart_wait', value))
 
     @property
     def kwargs(self) -> Dict[str, Any]:
@@ -1970,7 +3562,7 @@ class Manager(Emitter):
 
     @kwargs.setter
     def kwargs(self, value: Dict[str, Any]) -> None:
-        self._set_property('kwargs', dict(value))
+        self._set_property('kwargs', _checked_kwargs(value))
 
     @property
     def downloads(self) -> List[Downloader]:
@@ -2082,7 +3674,10 @@ class Manager(Emitter):
             for d in to_stop:
                 d.stop()
             for d in to_start:
-                d.start()
+                try:
+                    d.start()
+                except BaseException as exc:  # it fails, not the manager thread
+                    d._fail_outside(exc)
 
     def _unfinished(self) -> bool:
         return any(d.state not in _FINISHED_STATES for d in self._downloads)
@@ -2115,6 +3710,17 @@ class Manager(Emitter):
             self._starting.add(d)
             free -= 1
         return to_stop, to_start, wait
+
+
+def _checked_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``Downloader`` keyword arguments, checked now by making a downloader
+    with them (``TypeError``/``ValueError`` naming the bad one). A
+    ``cookies.txt`` path is loaded once, so its jar is shared."""
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get('cookies'), (str, os.PathLike)):
+        kwargs['cookies'] = _Cookies(kwargs['cookies'])
+    Downloader('http://localhost/', **kwargs)
+    return kwargs
 
 
 # ---------------------------------------------------------------------------
@@ -2391,17 +3997,6 @@ def _assign_paths(urls: List[str], directory: Optional[str]
         taken.add(name.casefold())
         jobs.append((url, base / name))
     return jobs
-
-
-def _split_extension(name: str) -> Tuple[str, str]:
-    """``('name', '.ext')``; ``.tar.gz`` and the like count as one
-    extension; a name without one (or a dot file) gives ``(name, '')``."""
-    stem, _, ext = name.rpartition('.')
-    if not stem.strip('.'):
-        return name, ''
-    if stem.lower().endswith('.tar') and stem[:-4].strip('.'):
-        return stem[:-4], stem[-4:] + '.' + ext
-    return stem, '.' + ext
 
 
 class _Event:

@@ -141,14 +141,15 @@ d.start()
 d.join(20)
 e = d.last_exception
 print(json.dumps([d.state, type(e).__name__, type(e.__cause__).__name__,
-                  d.is_restarting]))
+                  d.is_restarting, str(e), d.downloaded]))
 '''
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs RLIMIT_FSIZE')
-def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
-    """RLIMIT_FSIZE makes writes past the limit fail as a full disk does:
-    first a short write, then an error."""
+def test_disk_too_small_fails_at_once_and_keeps_the_bytes_on_disk(server, tmp_path):
+    """A file whose size is known gets its space reserved before the body:
+    a file-size limit (as a full disk) fails the download at once, naming
+    the path and the space missing, and leaves the partial file as it was."""
     url = server.add('/f', DATA, etag=ETAG)
     target = partial_file(tmp_path, url, ETAG, len(DATA))
     limit = 2 * OFFSET + 1234
@@ -156,8 +157,28 @@ def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
                              str(limit)], env=dict(os.environ, PYTHONPATH=str(HERE)),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    state, error, cause, restarting = json.loads(result.stdout)
+    state, error, cause, restarting, message, downloaded = json.loads(result.stdout)
+    assert (state, error, restarting) == ('fatal-error', 'FileError', False)
+    assert cause == 'OSError'
+    assert str(target) in message and str(len(DATA) - OFFSET) in message
+    assert downloaded == OFFSET
+    assert target.read_bytes() == DATA[:OFFSET]
+    assert server.requests[0].headers['If-Range'] == ETAG
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='needs RLIMIT_FSIZE')
+def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
+    """With no size to reserve (a chunked body), RLIMIT_FSIZE makes writes
+    past the limit fail as a full disk does: first a short write, then an
+    error. Every byte that fit stays on disk."""
+    url = server.add('/f', DATA, chunked=True)
+    target = tmp_path / 'f.bin'
+    limit = 2 * OFFSET + 1234
+    result = subprocess.run([sys.executable, '-c', DISK_FULL_PROGRAM, url, str(target),
+                             str(limit)], env=dict(os.environ, PYTHONPATH=str(HERE)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    state, error, cause, restarting, _, downloaded = json.loads(result.stdout)
     assert (state, error, restarting) == ('fatal-error', 'FileError', False)
     assert cause == 'OSError'
     assert target.read_bytes() == DATA[:limit]
-    assert server.requests[0].headers['If-Range'] == ETAG

@@ -66,9 +66,20 @@ def test_default_headers(server, tmp_path):
     assert headers['Authorization'] is None
 
 
+@pytest.mark.parametrize('name', ['accept-encoding', 'Range', 'IF-RANGE', 'Host',
+                                  'Content-Length'])
+def test_headers_bitpit_controls_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match='(?i)' + name):
+        bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', headers={name: 'x'})
+    d = bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f')
+    with pytest.raises(ValueError):
+        d.headers = {name: 'x'}
+    assert d.headers == {}
+
+
 def test_accept_encoding_stays_identity(server, tmp_path):
     server.add('/f', DATA)
-    fetch(server.url('/f'), tmp_path / 'f', headers={'accept-encoding': 'gzip'})
+    fetch(server.url('/f'), tmp_path / 'f')
     assert server.requests[0].headers.get_all('Accept-Encoding') == ['identity']
 
 
