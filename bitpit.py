@@ -2103,14 +2103,57 @@ class _Connection:
         self.superseded = False       # the file started over under it
         self.request: Optional[_Request] = None
         self.pending = 0              # bytes in its buffer, not yet written
-        self.received = 0             # bytes it received since the last look
-        self.speed = 0.0              # its bytes per second at the last look
-        self.piece = _MIN_SPLIT       # bytes its next ranged request asks for
-        self.piece_frozen = False
-        self.best_rate = 0.0
-        self.job_began = 0.0
-        self.job_bytes = 0
+        self.request_end = 0          # where its request's part of the claim ends
+        self.job_began = 0.0          # when its request was sent
+        self.job_bytes = 0            # bytes its request brought
+        self.answered = False         # its request's answer was accepted
+        self.last_rate = 0.0          # bytes per second of its last request
         self.buffer = memoryview(bytearray(chunk_size))
+
+    def rate(self, now: float) -> Optional[float]:
+        """Bytes per second of its request so far; ``None`` while too young
+        to tell."""
+        seconds = now - self.job_began
+        return self.job_bytes / seconds if seconds >= 0.25 else None
+
+
+class _PieceSizer:
+    """How many bytes a ranged request of a split file asks for. Pieces
+    start at ``_MIN_SPLIT`` bytes and double while a bigger piece comes as
+    fast as the smaller ones did (on a fast link, fewer requests cost less),
+    as long as many pieces are left (for a few, the requests cost little);
+    one connection at a time tries the bigger size. A bigger piece that comes
+    much slower than the smaller ones (a server that gives each request a
+    burst, as nginx's ``limit_rate`` does) ends the growth. Guarded by the
+    transfer's lock."""
+
+    def __init__(self) -> None:
+        self.size = _MIN_SPLIT
+        self.trial: Optional[_Connection] = None
+        self.final = False
+        self._rates: Dict[int, float] = {}
+
+    def piece_for(self, conn: _Connection, missing: int) -> int:
+        """The size of ``conn``'s next request, ``missing`` bytes being left."""
+        if self.trial is None and not self.final and self.size < _MAX_PIECE and \
+                self.size in self._rates and missing >= 32 * self.size:
+            self.trial = conn
+        return self.size * 2 if self.trial is conn else self.size
+
+    def done(self, conn: _Connection, size: int, received: int, seconds: float) -> None:
+        """``conn``'s request for ``size`` bytes brought ``received``."""
+        if received < size:
+            if self.trial is conn:
+                self.trial = None  # cut short: try again later
+            return
+        rate = size / max(seconds, 1e-6)
+        if self.trial is conn:
+            self.trial = None
+            if rate >= self._rates.get(self.size, 0) / 2:
+                self.size *= 2
+            else:
+                self.final = True
+        self._rates[size] = max(self._rates.get(size, 0.0), rate)
 
 
 class _Transfer:
@@ -2152,6 +2195,7 @@ class _Transfer:
         self.probing = False          # a probe is under way
         self.segmented = False        # the file comes in ranged pieces
         self.ranged = True            # ranges may be asked for (not for an encoded body)
+        self.pieces = _PieceSizer()
         self.changes = 0
         self.received = 0             # bytes received by every connection
         self.connections: List[_Connection] = []
@@ -2196,18 +2240,13 @@ class _Transfer:
         return self.store.held.total + sum(c.pending for c in self.connections)
 
     def look(self, now: float) -> None:
-        """Regular bookkeeping: each connection's speed (for racing), more
-        connections where they would help, the sidecar. Download thread,
-        about twice a second."""
+        """Regular bookkeeping: ``min_speed``, more connections where they
+        would help (a race), the sidecar. Download thread, about four times
+        a second."""
         if now < self._next_look:
             return
         with self._cond:
-            elapsed = now - (self._next_look - 0.5) if self._next_look else now - self._began
-            for c in self.connections:
-                if c.active:
-                    c.speed = c.received / max(elapsed, 1e-3)
-                c.received = 0
-            self._next_look = now + 0.5
+            self._next_look = now + 0.25
             self._check_min_speed(now)
             self._keep_going()
         if now >= self._next_save:
@@ -2345,18 +2384,22 @@ class _Transfer:
                 if self.probing:
                     return False
                 self.probing = True
-                first = self._first_missing()
-                return self._claim(conn, first, None, open_ended=True)
+                return self._claim(conn, *self._first_gap(), open_ended=True)
             if self._is_complete():
                 self.complete = True
                 self._cond.notify_all()
                 return False
             return self._choose(conn)
 
-    def _first_missing(self) -> int:
+    def _first_gap(self) -> Tuple[int, Optional[int]]:
+        """The first range not held (``(total, total)`` when none is), for
+        the probe; its end is ``None`` when the size is unknown."""
         gaps = _Ranges(self.store.held_spans()).gaps(
             self.total if self.total is not None else _UNKNOWN_END)
-        return gaps[0][0] if gaps else self.total
+        if not gaps:
+            return self.total, self.total
+        start, end = gaps[0]
+        return start, (end if end < _UNKNOWN_END else None)
 
     def _is_complete(self) -> bool:
         return self.total is not None and self.store.held.total >= self.total and \
@@ -2426,20 +2469,19 @@ class _Transfer:
         could be."""
         if not self.segmented:
             return None
-        speeds = [c.speed for c in self.connections if c.speed > 0]
-        racer_speed = racer.speed if racer is not None and racer.speed > 0 else \
-            (max(speeds) if speeds else 0)
+        racer_speed = racer.last_rate if racer is not None else 0.0
+        racer_speed = racer_speed or max(c.last_rate for c in self.connections)
         if racer_speed <= 0:
             return None
+        now = time.monotonic()
         victim, latest = None, 0.0
         for c in self.connections:
-            if not c.active or c is racer:
+            rate = c.rate(now) if c.active and c is not racer else None
+            if rate is None or rate * 2 > racer_speed:
                 continue
             left = self._left(c)
-            if left <= 0 or c.speed * 2 > racer_speed:
-                continue
-            finish = left / c.speed if c.speed > 0 else float('inf')
-            if finish > 0.5 and finish > latest:
+            finish = left / rate if rate > 0 else float('inf')
+            if left > 0 and finish > 0.5 and finish > latest:
                 victim, latest = c, finish
         return victim
 
@@ -2484,27 +2526,34 @@ class _Transfer:
         source = conn.source
         first = conn.pos
         ranged = self.ranged and (first > 0 or self.segmented or self.connections_wanted > 1)
-        last = None
-        if not conn.open_ended:
-            last = (min(conn.end, first + conn.piece) if self.segmented else conn.end) - 1
+        with self._cond:
+            piece = self.pieces.piece_for(conn, self._missing()) if self.segmented \
+                else _UNKNOWN_END
+            conn.request_end = min(conn.end, first + piece)
+        last = None if conn.open_ended or not ranged else conn.request_end - 1
         request = _Request(self.options, source.url, first=first if ranged else None,
-                           last=last if ranged else None,
-                           validator=source.validator if first > 0 else None,
+                           last=last, validator=source.validator if first > 0 else None,
                            cancel=self.cancel)
         conn.request = request
-        conn.job_began, conn.job_bytes = time.monotonic(), 0
+        conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
         reuse = False
         try:
             response = request.send()
             answer = _check_answer(response, request.url, first)
             with self._cond:
                 body_end = self._accept(conn, answer, response, request)
+                conn.answered = True
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
         finally:
             conn.request = None
             request.close(reuse)
         with self._cond:
+            seconds = time.monotonic() - conn.job_began
+            if conn.job_bytes:
+                conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
+            if self.segmented:
+                self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
             if conn.pos >= conn.end:  # the claim is done
                 conn.active = False
                 conn.last_end = conn.pos
@@ -2604,6 +2653,8 @@ class _Transfer:
         self.events.append(('download', None))
         if self.segmented:
             self._share_out(conn)
+            conn.request_end = min(conn.end, conn.pos + self.pieces.size)
+            conn.open_ended = False  # its next requests ask for pieces
 
     def _share_out(self, probe: _Connection) -> None:
         """Split the missing bytes into equal parts, one per connection: the
@@ -2676,7 +2727,10 @@ class _Transfer:
                 self._end(error)
                 return False
             several = len(self.sources) > 1
-            if not error.retryable or (several and isinstance(error, ProtocolError)):
+            # an answer that breaks the protocol retires its source when there
+            # are others; a body cut short is a transient failure
+            violation = isinstance(error, ProtocolError) and not conn.answered
+            if not error.retryable or (several and violation):
                 if several:
                     _log.warning('%s: not using %s any more: %s', self.options.url,
                                  source.url, error)
@@ -2717,12 +2771,17 @@ class _Transfer:
             while True:
                 with cond:
                     if got:
-                        conn.received += got
                         conn.job_bytes += got
                         self.received += got
                         source.streak = 0
                     start = conn.pos + conn.pending
-                    room = min(chunk - conn.pending, conn.end - start, body_end - start)
+                    room = min(chunk - conn.pending, conn.end - start,
+                               conn.request_end - start, body_end - start)
+                    rate = conn.rate(time.monotonic()) if self.segmented else None
+                    if rate is not None:
+                        # a slow connection reads little at a time, so that
+                        # another one can take over all but its next read
+                        room = min(room, max(16384, int(rate * 0.25)))
                     conn.reading_to = start + max(room, 0)
                 if room <= 0:
                     if conn.pending:
@@ -2759,13 +2818,12 @@ class _Transfer:
                 self._flush(conn, quietly=True)
         with cond:
             position = conn.pos
-            if not got and position < min(conn.end, body_end):
+            if not got and position < min(conn.end, conn.request_end, body_end):
                 if body_end < _UNKNOWN_END:
                     raise ProtocolError('connection closed after {} of {} bytes'.format(
                         position, body_end))
                 self._set_total(position)  # the body's end is the file's end
                 conn.end = position
-            self._adapt_piece(conn)
         done = position == body_end
         if done:
             response.close()
@@ -2783,22 +2841,6 @@ class _Transfer:
             return
         with self._cond:
             conn.pos += pending
-
-    def _adapt_piece(self, conn: _Connection) -> None:
-        """Size ``conn``'s next ranged request by how its last one went:
-        double it while pieces come fast, so that a fast link is not slowed
-        by requests; halve it for good when a bigger piece came much slower
-        than a smaller one (a server that starts each request fast)."""
-        if not self.segmented or conn.job_bytes < conn.piece:
-            return
-        seconds = max(time.monotonic() - conn.job_began, 1e-6)
-        rate = conn.job_bytes / seconds
-        if conn.best_rate and rate < conn.best_rate / 3:
-            conn.piece = max(_MIN_SPLIT, conn.piece // 2)
-            conn.piece_frozen = True
-        elif not conn.piece_frozen and seconds < 0.5:
-            conn.piece = min(_MAX_PIECE, conn.piece * 2)
-        conn.best_rate = max(conn.best_rate, rate)
 
 
 def _never_ready() -> bool:
@@ -3776,7 +3818,7 @@ def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int 
     urls = list(dict.fromkeys(urls))
     for url in urls:
         _check_url(url)
-    return _download_all(_assign_paths(urls, None), rate_limit=rate,
+    return _download_all(_assign_paths([(url, ()) for url in urls], None), rate_limit=rate,
                          max_running=max_running, restart_wait=_CLI_RESTART_WAIT,
                          downloader_kwargs={'timeout': _CLI_TIMEOUT,
                                             'retries': _CLI_RETRIES},
@@ -3794,6 +3836,19 @@ def _build_parser() -> Any:
             return _parse_rate(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def size(text: str) -> int:
+        try:
+            return _parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def connections(text: str) -> int:
+        if not _DIGITS_RE.fullmatch(text.strip()) or \
+                not 1 <= int(text) <= _MAX_CONNECTIONS:
+            raise argparse.ArgumentTypeError('must be a number from 1 to {}: {!r}'.format(
+                _MAX_CONNECTIONS, text))
+        return int(text)
 
     def number(convert: Callable[[str], Any], positive: bool = False) -> Callable[[str], Any]:
         def parse(text: str) -> Any:
@@ -3820,14 +3875,22 @@ def _build_parser() -> Any:
     parser.add_argument('-m', '--max-running', metavar='N', type=number(int), default=5,
                         help='downloads running at once, 0 for no limit '
                              '(default: %(default)s)')
+    parser.add_argument('-x', '--connections', metavar='N', type=connections, default=1,
+                        help='connections per file, 1 to {}: a file the server serves in '
+                             'ranges comes in parts at once (default: %(default)s)'
+                             .format(_MAX_CONNECTIONS))
+    parser.add_argument('--mirror', metavar='URL', action='append', default=[],
+                        help='another URL of the same file (one URL; repeatable); in an '
+                             '-i file, put the mirrors on the URL\'s line')
     parser.add_argument('-d', '--dir', metavar='DIR',
                         help='save the files in DIR, created if missing '
                              '(default: the current directory)')
     parser.add_argument('-o', '--output', metavar='FILE',
                         help='save the one URL as FILE (inside DIR with -d)')
     parser.add_argument('-i', '--input-file', metavar='FILE', action='append', default=[],
-                        help='read URLs from FILE, one a line, - for standard input; '
-                             'blank lines and # comments are skipped (repeatable)')
+                        help='read URLs from FILE, one file a line (more URLs on a line '
+                             'are mirrors of it), - for standard input; blank lines and '
+                             '# comments are skipped (repeatable)')
     parser.add_argument('--restart-wait', metavar='S', type=number(float),
                         default=_CLI_RESTART_WAIT,
                         help='seconds before retrying a failed download '
@@ -3839,6 +3902,12 @@ def _build_parser() -> Any:
                         default=_CLI_TIMEOUT,
                         help='seconds without receiving a byte before an attempt '
                              'fails (default: %(default)s)')
+    parser.add_argument('--max-size', metavar='SIZE', type=size,
+                        help='fail a download whose file is larger than SIZE bytes '
+                             '(k, m, g: KiB, MiB, GiB); nothing past it is written')
+    parser.add_argument('--min-speed', metavar='RATE', type=rate, default=0,
+                        help='fail an attempt that stays slower than RATE for the '
+                             'time-out, then retry it (default: no minimum)')
     parser.add_argument('--checksum', metavar='ALG:HEX',
                         help='verify the download (one URL) against this digest, e.g. '
                              'sha256:9f86d0...; any hashlib algorithm')
@@ -3863,7 +3932,9 @@ def _build_parser() -> Any:
 def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]:
     """The ``Downloader`` keyword arguments the parsed options ask for; a
     usage error (``parser.error``) for a malformed one."""
-    kwargs: Dict[str, Any] = {'timeout': args.timeout, 'retries': args.retries}
+    kwargs: Dict[str, Any] = {'timeout': args.timeout, 'retries': args.retries,
+                              'connections': args.connections, 'max_size': args.max_size,
+                              'min_speed': args.min_speed}
     headers = {}
     for header in args.header:
         name, colon, value = header.partition(':')
@@ -3919,7 +3990,7 @@ def _cli(argv: Optional[List[str]] = None) -> int:
         if not args.quiet:
             print('bitpit: no URL to download', file=sys.stderr)
         return _EXIT_OK
-    for directory in {path.parent for _, path in jobs}:
+    for directory in {path.parent for _, _, path in jobs}:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -3934,13 +4005,22 @@ def _cli(argv: Optional[List[str]] = None) -> int:
 _INPUT_COMMENT_RE = re.compile(r'(?:^|\s)#')
 
 
-def _cli_urls(parser: Any, args: Any) -> List[str]:
-    """The URLs of the arguments, then of each ``-i`` file, each once.
+_Sources = Tuple[str, Tuple[str, ...]]  # a file's URL and its mirrors
+_Job = Tuple[str, Tuple[str, ...], pathlib.Path]
+
+
+def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
+    """The files to download: each URL of the arguments (with the
+    ``--mirror`` URLs when there is one), then each line of each ``-i``
+    file (several URLs on a line are mirrors of one file), each file once.
     A usage error (``parser.error``) for no URL at all, an unreadable file
     or an invalid URL."""
     if not args.urls and not args.input_file:
         parser.error('no URL given: name URLs, or a file of URLs with -i FILE')
-    found = [(url, '') for url in args.urls]
+    if args.mirror and (len(args.urls) != 1 or args.input_file):
+        parser.error('--mirror takes one URL (for several files, put mirrors on the '
+                     'lines of an -i file)')
+    found = [((url, *args.mirror), '') for url in args.urls]
     for name in args.input_file:
         try:
             if name == '-':
@@ -3951,43 +4031,47 @@ def _cli_urls(parser: Any, args: Any) -> List[str]:
         except (OSError, UnicodeDecodeError) as exc:
             parser.error('cannot read {}: {}'.format(name, exc))
         for number, line in enumerate(text.splitlines(), 1):
-            url = _INPUT_COMMENT_RE.split(line, 1)[0].strip()
-            if url:
+            urls = _INPUT_COMMENT_RE.split(line, 1)[0].split()
+            if urls:
                 where = 'standard input' if name == '-' else name
-                found.append((url, '{} line {}'.format(where, number)))
-    for url, where in found:
-        try:
-            _check_url(url)
-        except InvalidURLError as exc:
-            parser.error('{} ({})'.format(exc, where) if where else str(exc))
-    return list(dict.fromkeys(url for url, _ in found))
+                found.append((tuple(urls), '{} line {}'.format(where, number)))
+    for urls, where in found:
+        for url in urls:
+            try:
+                _check_url(url)
+            except InvalidURLError as exc:
+                parser.error('{} ({})'.format(exc, where) if where else str(exc))
+    files: Dict[str, Tuple[str, ...]] = {}
+    for urls, _ in found:
+        files.setdefault(urls[0], urls[1:])
+    return list(files.items())
 
 
-def _cli_jobs(parser: Any, args: Any, urls: List[str]) -> List[Tuple[str, pathlib.Path]]:
-    """Pair each URL with the file it is saved to (``-d``, ``-o``)."""
-    if not urls or args.output is None:
-        return _assign_paths(urls, args.dir)
-    if len(urls) != 1:
+def _cli_jobs(parser: Any, args: Any, files: List[_Sources]) -> List[_Job]:
+    """Pair each file's URLs with the path it is saved to (``-d``, ``-o``)."""
+    if not files or args.output is None:
+        return _assign_paths(files, args.dir)
+    if len(files) != 1:
         parser.error('-o/--output takes one URL, not {}: use -d DIR for several'
-                     .format(len(urls)))
+                     .format(len(files)))
     output = pathlib.Path(args.output).expanduser()
     if args.dir:
         output = pathlib.Path(args.dir).expanduser() / output
     if output.is_dir():
         parser.error('-o/--output: {} is a directory: use -d DIR'.format(args.output))
-    return [(urls[0], output)]
+    (url, mirrors), = files
+    return [(url, mirrors, output)]
 
 
-def _assign_paths(urls: List[str], directory: Optional[str]
-                  ) -> List[Tuple[str, pathlib.Path]]:
-    """Pair each URL with a file in ``directory`` (default: the current
-    one) named after the URL. A name an earlier URL of the list already
-    took gets a number: ``name.1.ext``, ``name.2.ext``... A file that
-    exists on disk is not avoided: it is resumed."""
+def _assign_paths(files: List[_Sources], directory: Optional[str]) -> List[_Job]:
+    """Pair each file's URLs with a path in ``directory`` (default: the
+    current one) named after its URL. A name an earlier file of the list
+    already took gets a number: ``name.1.ext``, ``name.2.ext``... A file
+    that exists on disk is not avoided: it is resumed."""
     base = pathlib.Path(directory).expanduser() if directory else pathlib.Path()
     taken = set()
     jobs = []
-    for url in urls:
+    for url, mirrors in files:
         name = _filename_from_url(url)
         stem, ext = _split_extension(name)
         number = 0
@@ -3995,7 +4079,7 @@ def _assign_paths(urls: List[str], directory: Optional[str]
             number += 1
             name = _fit_name(stem, '.{}{}'.format(number, ext))
         taken.add(name.casefold())
-        jobs.append((url, base / name))
+        jobs.append((url, mirrors, base / name))
     return jobs
 
 
@@ -4012,10 +4096,10 @@ class _Event:
         self.size = size
 
 
-def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
+def _download_all(jobs: List[_Job], *, rate_limit: float,
                   max_running: int, restart_wait: float,
                   downloader_kwargs: Dict[str, Any], quiet: bool) -> int:
-    """Run every ``(url, path)`` through one ``Manager`` until each is
+    """Run every ``(url, mirrors, path)`` through one ``Manager`` until each is
     complete or fatal, showing the progress; return the exit status. On
     ``KeyboardInterrupt`` pause everything (the partial files resume next
     time) and return 130."""
@@ -4037,8 +4121,8 @@ def _download_all(jobs: List[Tuple[str, pathlib.Path]], *, rate_limit: float,
     manager = Manager(max_running=max_running, rate_limit=rate_limit,
                       restart_wait=restart_wait)
     try:
-        for url, path in jobs:
-            d = Downloader(url, path, **kwargs)
+        for url, mirrors, path in jobs:
+            d = Downloader(url, path, mirrors=mirrors, **kwargs)
             d.listen('state-changed', state_changed)
             downloads.append(d)
         for d in downloads:

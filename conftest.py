@@ -126,6 +126,7 @@ class Resource:
                  range_shift=0, wrong_total=None, status_200_with_range=False,
                  truncate_at=None, truncate_once=False, chunked=False,
                  stall_after=None, stall_before_headers=False, throttle=None,
+                 throttle_conn=None, range_faults=None,
                  drop_probability=0.0, change_probability=0.0, seed=None,
                  content_length=None, content_type='application/octet-stream'):
         self.data = bytes(data)
@@ -148,6 +149,10 @@ class Resource:
         self.stall_after = stall_after
         self.stall_before_headers = stall_before_headers
         self.throttle = throttle
+        self.throttle_conn = dict(throttle_conn or {})
+        # first byte of a Range -> {'status': S} or {'cut': N}, with 'times'
+        self.range_faults = {first: dict(fault, times=fault.get('times', 1))
+                             for first, fault in (range_faults or {}).items()}
         self.drop_probability = drop_probability
         self.change_probability = change_probability
         self.rng = random.Random(seed)
@@ -171,6 +176,18 @@ class Resource:
                 if self.auto_etag:
                     self.etag = _etag_of(self.data)
             return self.data, self.etag
+
+    def fault_for(self, range_header):
+        """The fault planned for a GET with this Range (counted), or None."""
+        match = _RANGE_RE.match(range_header or '')
+        if not match or not match.group(1):
+            return None
+        with self.lock:
+            fault = self.range_faults.get(int(match.group(1)))
+            if fault is None or fault['times'] <= 0:
+                return None
+            fault['times'] -= 1
+            return fault
 
     def chaos(self):
         """Draw this response's misbehaviour: ``(ignore_range, cut_fraction,
@@ -278,6 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
                                        or n_request <= res.status_times):
             return self._forced_status(res, head)
 
+        fault = None if head else res.fault_for(self.headers.get('Range'))
+        if fault is not None and 'status' in fault:
+            return self._simple(fault['status'], b'fault\n', head)
+
         data, etag = res.current(get=not head)
         ignore, cut_frac, pause = (False, None, 0.0) if head else res.chaos()
         total = len(data)
@@ -326,6 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
         if res.truncate_at is not None and (not res.truncate_once or n_body == 1):
             if res.truncate_at < len(body):
                 cut = res.truncate_at
+        if fault is not None and 'cut' in fault:
+            cut = fault['cut']
         if cut_frac is not None:
             chaos_cut = int(cut_frac * len(body))
             cut = chaos_cut if cut is None else min(cut, chaos_cut)
@@ -395,7 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.owner
         total = len(body)
         stall_at = res.stall_after
-        rate = res.throttle if res.throttle and res.throttle > 0 else None
+        rate = res.throttle_conn.get(self.conn_id, res.throttle)
+        rate = rate if rate and rate > 0 else None
         piece = max(1, min(_PIECE, int(rate // 50))) if rate else _PIECE
         t0 = time.monotonic()
         pos = 0
@@ -421,6 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b'%x\r\n' % len(chunk) + bytes(chunk) + b'\r\n')
             else:
                 self.wfile.write(chunk)
+            owner._sent(self.path, self.conn_id, len(chunk))
             pos = stop
             if rate:
                 delay = t0 + pos / rate - time.monotonic()
@@ -489,6 +514,7 @@ class FixtureServer:
         self._sockets = {}              # open connection socket -> number
         self._threads = []
         self._release_gen = 0
+        self._sent_log = []             # (monotonic time, path, conn, bytes) per write
         self.connections = 0
         self.active = 0
         self.max_concurrent = 0
@@ -543,7 +569,15 @@ class FixtureServer:
             stop sending and wait for :meth:`release` or teardown (at most
             ``stall_limit`` s), then close the connection.
         ``stall_before_headers=True`` the same, before the status line.
-        ``throttle=B`` pace the body at about B bytes/s.
+        ``throttle=B`` pace the body at about B bytes/s, from the start of
+            each response (no burst).
+        ``throttle_conn={N: B}`` pace the bodies sent on the server's N-th
+            TCP connection (1-based, see ``RequestRecord.conn``) at B bytes/s
+            instead.
+        ``range_faults={FIRST: fault}`` a GET whose ``Range`` starts at byte
+            FIRST gets a fault instead of its answer: ``{'status': 503}``
+            answers that status, ``{'cut': N}`` closes the connection after N
+            body bytes; ``'times'`` (default 1) how many such GETs get it.
         ``drop_probability=p``, ``seed=`` chaos: each GET, with probability
             p, misbehaves: it is cut (connection closed) at a random point of
             its body, and independently with probability 0.5 pauses < 0.3 s
@@ -598,6 +632,14 @@ class FixtureServer:
         method, e.g. ``server.requests_for('/f', 'HEAD') == []``."""
         return [r for r in self.requests
                 if r.path == path and (method is None or r.method == method)]
+
+    def bytes_sent(self, path=None, since=0.0, until=float('inf'), conn=None):
+        """Body bytes written between the monotonic times ``since`` and
+        ``until`` (only for ``path`` and on connection ``conn``, if given)."""
+        with self._lock:
+            return sum(n for when, where, number, n in self._sent_log
+                       if since <= when < until and (path is None or where == path)
+                       and (conn is None or number == conn))
 
     def release(self):
         """Let every currently stalled handler finish (it closes its
@@ -683,6 +725,10 @@ class FixtureServer:
         with self._cond:
             self._requests.append(rec)
             self._cond.notify_all()
+
+    def _sent(self, path, conn, n):
+        with self._lock:
+            self._sent_log.append((time.monotonic(), path, conn, n))
 
     def _connection_opened(self, sock):
         with self._lock:
@@ -939,7 +985,7 @@ def sidecar_of(target):
     return target.with_name(target.name + '.bitpit')
 
 
-BITPIT_THREADS = ('bitpit-download', 'bitpit-restart', 'bitpit-manager')
+BITPIT_THREADS = ('bitpit-download', 'bitpit-connection', 'bitpit-restart', 'bitpit-manager')
 
 
 def bitpit_threads(wait=1.0):

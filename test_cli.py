@@ -249,7 +249,9 @@ def test_option_defaults():
     assert (args.max_running, args.retries, args.rate_limit) == (5, 5, 0)
     assert args.restart_wait > 0 and args.timeout > 0
     parser = bitpit._build_parser()
-    assert bitpit._downloader_kwargs(parser, args, 1) == {'timeout': args.timeout, 'retries': 5}
+    assert bitpit._downloader_kwargs(parser, args, 1) == {
+        'timeout': args.timeout, 'retries': 5, 'connections': 1, 'max_size': None,
+        'min_speed': 0}
 
 
 def test_version_and_help(tmp_path):

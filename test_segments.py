@@ -1,0 +1,377 @@
+"""One file over several connections: splitting, work stealing, the race for
+a slow tail, failures of one range, resuming exactly the missing ranges, and
+the fallbacks to one connection.
+
+Every server here paces each answer on its own (``throttle``, no burst), so
+that several connections are faster than one, and one TCP connection can be
+made slower than the others (``throttle_conn``). What a test asserts about
+timing comes from the server's own log of the bytes it sent and the ranges
+it was asked for.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import bitpit
+from conftest import HERE, Recorder, bitpit_threads, download, sidecar_of
+
+MiB = 1024 * 1024
+BIG = random.Random(9).randbytes(4 * MiB + 1234)       # four parts of about 1 MiB
+SHARE = -(-len(BIG) // 4)                               # the size of each part
+NEW = random.Random(10).randbytes(len(BIG))
+
+
+def ranges(server, path='/f'):
+    """``(first, last or None, conn)`` of each GET of ``path``, in order."""
+    found = []
+    for r in server.requests_for(path, 'GET'):
+        match = re.fullmatch(r'bytes=(\d+)-(\d*)', r.headers['Range'] or '')
+        assert match, r
+        found.append((int(match.group(1)), int(match.group(2)) if match.group(2) else None,
+                      r.conn))
+    return found
+
+
+def gaps(held, size):
+    """The ranges of ``[0, size)`` that ``held`` (``[[a, b], ...]``) lacks."""
+    missing, position = [], 0
+    for start, end in sorted(held):
+        if start > position:
+            missing.append((position, start))
+        position = max(position, end)
+    if position < size:
+        missing.append((position, size))
+    return missing
+
+
+def inside(first, last, missing):
+    return any(start <= first and last < end for start, end in missing)
+
+
+# ---------------------------------------------------------------------------
+# splitting
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n', [2, 4, 8])
+def test_split_over_n_connections_is_byte_identical(server, tmp_path, n):
+    url = server.add('/f', BIG, throttle=8 * MiB)
+    d, rec = download(url, tmp_path / 'f.bin', connections=n)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    assert d.size == d.downloaded == len(BIG)
+    asked = ranges(server)
+    assert asked[0][:2] == (0, None)                      # the probe: bytes=0-
+    assert all(last is not None for _, last, _ in asked[1:])
+    parts = min(n, 4)                                    # no part below 1 MiB
+    share = -(-len(BIG) // parts)
+    assert sorted(first for first, _, _ in asked[:parts]) == [k * share for k in range(parts)]
+    # (the probe's answer is cut where its part ends; the server notices
+    # at its next write, when the next part may already be asked for)
+    assert parts <= server.max_concurrent <= n + 1
+    # the probe's answer runs on past its part until the connection closes
+    assert server.bytes_sent('/f') <= len(BIG) + MiB
+    assert not sidecar_of(tmp_path / 'f.bin').exists()
+
+
+def test_signals_come_from_the_download_thread_only(server, tmp_path):
+    url = server.add('/f', BIG, throttle=4 * MiB)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', connections=4, update_period=0.05)
+    threads = set()
+    for signal_name in ('state-changed', 'size-changed', 'speed-changed', 'path-changed'):
+        d.listen(signal_name, lambda *args: threads.add(threading.current_thread().name))
+    seen = []
+    d.listen('speed-changed', lambda d: seen.append(d.downloaded))
+    d.start()
+    d.join(30)
+    assert d.state == 'complete'
+    assert threads == {'bitpit-download'}
+    assert len(seen) >= 5 and seen == sorted(seen)      # only grows within an attempt
+    assert bitpit_threads() == []
+
+
+def test_a_finished_connection_takes_over_the_upper_half_of_the_largest_range(
+        server, tmp_path):
+    """Two parts of 4 MiB; the probe's connection is slow. The other
+    connection, done with its part, splits what the probe has left and
+    fetches the upper half."""
+    data = BIG + NEW
+    url = server.add('/f', data, throttle=32 * MiB, throttle_conn={1: 256 * 1024})
+    half = -(-len(data) // 2)
+    d, _ = download(url, tmp_path / 'f.bin', connections=2)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == data
+    asked = ranges(server)
+    assert asked[0][:2] == (0, None) and asked[1][:2] == (half, half + MiB - 1)
+    stolen = [(first, last) for first, last, conn in asked[2:]
+              if conn != 1 and 0 < first < half]
+    assert stolen, asked
+    first, _ = stolen[0]
+    # the upper half of what was left of the probe's part, never below 1 MiB
+    assert 1.5 * MiB <= first <= half - MiB
+    assert server.bytes_sent('/f', conn=1) < MiB
+
+
+def test_a_far_slower_connection_is_raced_from_the_far_end(server, tmp_path):
+    """Four parts of about 1 MiB; the probe's connection is 16 times
+    slower. Nothing is left to split, so free connections take the probe's
+    part block by block from its end until they meet it."""
+    url = server.add('/f', BIG, throttle=4 * MiB, throttle_conn={1: 256 * 1024})
+    began = time.monotonic()
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    blocks = [(first, last) for first, last, conn in ranges(server)
+              if conn != 1 and first < SHARE]
+    assert len(blocks) >= 2, ranges(server)
+    assert all(last - first + 1 <= 256 * 1024 for first, last in blocks)
+    blocks.sort(reverse=True)          # (racers may send in another order)
+    assert blocks[0][1] == SHARE - 1                      # from the far end ...
+    assert all(b[1] == a[0] - 1 for a, b in zip(blocks, blocks[1:]))  # ... backwards
+    on_slow = server.bytes_sent('/f', conn=1)
+    assert on_slow < SHARE / 2
+    # the slow connection did not hold the end back: everything was sent
+    # well before it could have sent its part (4 s at its rate)
+    assert server.bytes_sent('/f', until=began + 2.5) >= len(BIG)
+
+
+# ---------------------------------------------------------------------------
+# one range failing
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fault', [{'cut': 100000}, {'status': 503}],
+                         ids=['reset-mid-range', '503'])
+def test_a_transient_failure_of_one_range_is_retried(server, tmp_path, fault):
+    url = server.add('/f', BIG, throttle=8 * MiB, range_faults={2 * SHARE: fault})
+    d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    again = [first for first, _, _ in ranges(server)[4:] if 2 * SHARE <= first < 3 * SHARE]
+    assert again, ranges(server)
+    if 'cut' in fault:  # only what was not received is asked again
+        assert again[0] >= 2 * SHARE + 65536
+
+
+def test_a_permanent_failure_of_one_range_fails_and_closes_the_others(server, tmp_path):
+    url = server.add('/f', BIG, throttle=2 * MiB, range_faults={2 * SHARE: {'status': 404}})
+    d, rec = download(url, tmp_path / 'f.bin', connections=4, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.HTTPStatusError)
+    assert d.last_exception.status == 404
+    assert bitpit_threads() == []
+    # the other connections were closed at once, not run to their end
+    assert server.bytes_sent('/f') < len(BIG) * 3 / 4
+    held = json.loads(sidecar_of(tmp_path / 'f.bin').read_text())['held']
+    data = (tmp_path / 'f.bin').read_bytes()
+    assert held and all(data[a:b] == BIG[a:b] for a, b in held)
+
+
+# ---------------------------------------------------------------------------
+# stop, start, new processes, kill -9
+# ---------------------------------------------------------------------------
+
+def wait_for_bytes(d, rec, minimum):
+    rec.wait_for(lambda: d.downloaded >= minimum, timeout=20)
+
+
+def test_stop_start_cycles_fetch_only_what_is_missing(server, tmp_path):
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
+    rec = Recorder(d)
+    for cycle in range(1, 4):
+        d.start()
+        wait_for_bytes(d, rec, cycle * len(BIG) // 5)
+        began = time.monotonic()
+        d.stop()
+        assert time.monotonic() - began < 0.3
+        assert d.state == 'pause' and bitpit_threads() == []
+        held = json.loads(sidecar_of(target).read_text())['held']
+        assert sum(b - a for a, b in held) == d.downloaded
+        data = target.read_bytes()
+        assert all(data[a:b] == BIG[a:b] for a, b in held)
+        count = len(server.requests)
+        missing = gaps(held, len(BIG))
+    d.start()
+    rec.wait_state('complete', timeout=20)
+    d.join(5)
+    assert target.read_bytes() == BIG and not sidecar_of(target).exists()
+    resumed = ranges(server)[count:]
+    assert resumed[0][0] == missing[0][0]
+    assert all(inside(first, last, missing) for first, last, _ in resumed if last is not None)
+
+
+RESUME = '''
+import sys, bitpit
+d = bitpit.Downloader(sys.argv[1], path=sys.argv[2], connections=int(sys.argv[3]))
+print(d.downloaded, d.size)
+d.start()
+d.join(30)
+print(d.state)
+'''
+
+
+def test_a_new_process_resumes_exactly_the_missing_ranges(server, tmp_path):
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    wait_for_bytes(d, rec, len(BIG) // 3)
+    d.stop()
+    held = json.loads(sidecar_of(target).read_text())['held']
+    assert len(held) >= 2                                # a file with holes
+    assert target.stat().st_size == len(BIG)             # reserved: holes, not a prefix
+    missing = gaps(held, len(BIG))
+    count = len(server.requests)
+    result = subprocess.run([sys.executable, '-c', RESUME, url, str(target), '4'],
+                            env=dict(os.environ, PYTHONPATH=str(HERE)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(d.downloaded), str(len(BIG)), 'complete']
+    assert target.read_bytes() == BIG and not sidecar_of(target).exists()
+    etag = '"{}"'.format(hashlib.sha256(BIG).hexdigest()[:20])
+    assert all(r.headers['If-Range'] == etag for r in server.requests[count:])
+    asked = ranges(server)[count:]
+    assert asked[0][0] == missing[0][0]
+    assert all(inside(first, last, missing) for first, last, _ in asked if last is not None)
+
+
+KILLED = '''
+import sys, time, bitpit
+d = bitpit.Downloader(sys.argv[1], path=sys.argv[2], connections=4)
+d.start()
+d.join(60)
+'''
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGKILL'), reason='needs kill -9')
+def test_kill_9_loses_at_most_about_a_second(server, tmp_path):
+    rate = 256 * 1024                                    # per connection: 1 MiB/s in all
+    url = server.add('/f', BIG, throttle=rate)
+    target = tmp_path / 'f.bin'
+    process = subprocess.Popen([sys.executable, '-c', KILLED, url, str(target)],
+                               env=dict(os.environ, PYTHONPATH=str(HERE)))
+    try:
+        deadline = time.monotonic() + 20
+        while server.bytes_sent('/f') < 2 * MiB and time.monotonic() < deadline:
+            server.wait_requests(len(server.requests) + 1, timeout=0.1)
+        killed = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        process.kill()
+    sent = server.bytes_sent('/f', until=killed)
+    assert sent >= 2 * MiB
+    saved = json.loads(sidecar_of(target).read_text())
+    held = saved['held']
+    data = target.read_bytes()
+    assert all(data[a:b] == BIG[a:b] for a, b in held)
+    # the sidecar lags at most a second, a buffer at most half a second
+    assert sum(b - a for a, b in held) >= sent - 1.6 * 4 * rate
+    d, _ = download(url, target, connections=4)
+    assert d.state == 'complete' and target.read_bytes() == BIG
+
+
+def test_a_file_changed_between_stop_and_start_starts_over(server, tmp_path):
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    wait_for_bytes(d, rec, len(BIG) // 3)
+    d.stop()
+    server.add('/f', NEW, throttle=8 * MiB)
+    d.start()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=20)
+    d.join(5)
+    assert d.state == 'complete' and target.read_bytes() == NEW
+    assert not sidecar_of(target).exists()
+
+
+# ---------------------------------------------------------------------------
+# fallbacks to one connection
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('case', ['no-range', 'chunked', 'total-unknown', 'file-object',
+                                  'small'])
+def test_falls_back_to_one_connection(server, tmp_path, case):
+    data = BIG[:MiB + 5] if case == 'small' else BIG
+    url = server.add('/f', data, ignore_range=case in ('no-range', 'chunked'),
+                     chunked=case == 'chunked',
+                     wrong_total='*' if case == 'total-unknown' else None)
+    if case == 'file-object':
+        with open(tmp_path / 'f.bin', 'wb') as file:
+            d, rec = download(url, file, connections=4)
+    else:
+        d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == data
+    assert d.size == len(data)
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    asked = [r.headers['Range'] for r in server.requests]
+    if case == 'total-unknown':
+        # a 206 of unknown total is complete only once the server says so
+        assert asked == ['bytes=0-', 'bytes={}-'.format(len(data))]
+    else:
+        assert asked == [None if case == 'file-object' else 'bytes=0-']
+
+
+# ---------------------------------------------------------------------------
+# the rate limit of the whole
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('where', ['downloader', 'manager'])
+def test_a_rate_limit_caps_the_sum_of_the_connections(server, tmp_path, where):
+    """The socket buffers take in whatever an unpaced server sends, so the
+    bytes are counted as they reach bitpit: ``downloaded`` at each tick."""
+    rate = 2 * MiB
+    url = server.add('/f', BIG)
+    options = dict(connections=4, update_period=0.05)
+    if where == 'downloader':
+        d = bitpit.Downloader(url, path=tmp_path / 'f.bin', rate_limit=rate, **options)
+        manager = None
+    else:
+        manager = bitpit.Manager(rate_limit=rate, path=tmp_path / 'f.bin', **options)
+        d = manager.add(url)
+    rec = Recorder(d)
+    samples = []
+    d.listen('speed-changed', lambda d: samples.append((time.monotonic(), d.downloaded)))
+    if manager is None:
+        d.start()
+    else:
+        manager.start()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=20)
+    if manager is not None:
+        manager.stop()
+    d.join(5)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert len({r.conn for r in server.requests}) >= 4
+    began = samples[0][0]
+    window = [(when, held) for when, held in samples if began + 0.5 <= when <= began + 1.5]
+    (t0, b0), (t1, b1) = window[0], window[-1]
+    assert 0.9 * rate <= (b1 - b0) / (t1 - t0) <= 1.1 * rate, (b1 - b0) / (t1 - t0) / rate
+
+
+# ---------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('value, error', [(0, ValueError), (33, ValueError), (-1, ValueError),
+                                          ('4', TypeError), (2.0, TypeError),
+                                          (True, TypeError)])
+def test_connections_must_be_an_int_from_1_to_32(tmp_path, value, error):
+    with pytest.raises(error, match='connections'):
+        bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', connections=value)
+    d = bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', connections=32)
+    assert d.connections == 32
+    with pytest.raises(error, match='connections'):
+        d.connections = value
+    assert d.connections == 32
+    with pytest.raises(error, match='connections'):
+        bitpit.Manager(connections=value)
