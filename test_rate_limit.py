@@ -4,6 +4,8 @@ a limit on a small file and a limit changed in the middle of a download."""
 import threading
 import time
 
+import pytest
+
 import bitpit
 from conftest import DATA, LOGO, Recorder
 
@@ -133,3 +135,52 @@ def test_rate_limit_change_applies_mid_download(server, tmp_path):
     d2.stop()
     assert d2.state == 'pause', 'the new limit did not slow the download'
     assert time.monotonic() - began >= 0.7
+
+
+def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
+    """A read drawn from a download's own limit and a manager's total: each
+    bucket granted its part, and each gets back what the read left unused
+    (not only the last one)."""
+    own, total = bitpit._TokenBucket(20000), bitpit._TokenBucket(5000)
+    for bucket in (own, total):
+        bucket._tokens = bucket._depth()              # full: 2000 and 500 bytes
+    pacer = bitpit._Pacer((own, total), lambda: False)
+    assert pacer.acquire(10000) == 500                 # own grants 2000, total 500
+    assert own._tokens < 1 and total._tokens < 1
+    pacer.settle(200)
+    assert 1800 <= own._tokens <= 2000                 # 2000 - 200 back (plus refill)
+    assert 300 <= total._tokens <= 310                  # 500 - 200 back (plus refill)
+
+
+def on_disk(path):
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize('where', ['downloader', 'manager'])
+def test_received_bytes_reach_the_file_within_about_a_second(server, tmp_path, where):
+    """At 4 KiB/s, a 40 KB file fits in one buffer many times over: its
+    bytes must still be on disk within about a second of arriving."""
+    url = server.add('/f', LOGO * 4)
+    target = tmp_path / 'f.bin'
+    if where == 'downloader':
+        d = bitpit.Downloader(url, path=target, rate_limit=4096, update_period=0.1)
+        manager = None
+    else:
+        manager = bitpit.Manager(rate_limit=4096, path=target, update_period=0.1)
+        d = manager.add(url)
+    samples = []
+    d.listen('speed-changed', lambda d: samples.append((time.monotonic(), d.downloaded,
+                                                        on_disk(target))))
+    rec = Recorder(d)
+    (manager or d).start()
+    rec.wait_for(lambda: len(samples) >= 30, timeout=10)
+    d.stop()
+    if manager is not None:
+        manager.stop()
+    late = [(when, held, disk) for when, held, disk in samples
+            if disk < max([h for w, h, _ in samples if w <= when - 1.0], default=0)]
+    assert not late, late
+    assert samples[-1][1] >= 8000                      # it did receive bytes meanwhile
