@@ -856,6 +856,8 @@ class _AbortableMixin:
         super().__init__(*args, **kwargs)
         # http.client sets this per instance, hiding any method of that name
         self._create_connection = self._abortable_connect
+        self._abort_lock = threading.Lock()  # an abort, or a change of socket object
+        self._aborted = False
 
     def _abortable_connect(self, address, timeout, source_address=None):
         host, port = address
@@ -881,12 +883,14 @@ class _AbortableMixin:
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
         Any thread."""
-        for sock in (getattr(self, 'sock', None), self.connecting_socket):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except (OSError, ValueError):
-                    pass
+        with self._abort_lock:
+            self._aborted = True
+            for sock in (getattr(self, 'sock', None), self.connecting_socket):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except (OSError, ValueError):
+                        pass
 
 
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
@@ -894,7 +898,22 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
-    pass
+    handshake_done = False
+
+    def connect(self) -> None:
+        """Connect (through the proxy's tunnel, if any), then shake hands
+        with ``self.sock`` already the TLS socket, so that ``abort()`` can
+        shut it down during the handshake (http.client's own ``connect``
+        hands the raw socket over to the TLS one mid-handshake)."""
+        http.client.HTTPConnection.connect(self)
+        with self._abort_lock:  # the raw socket goes into the TLS one
+            if self._aborted:
+                raise OSError('download stopped')
+            self.sock = self._context.wrap_socket(
+                self.sock, server_hostname=self._tunnel_host or self.host,
+                do_handshake_on_connect=False)
+        self.sock.do_handshake()
+        self.handshake_done = True
 
 
 _ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int]
@@ -1424,7 +1443,7 @@ class _Request:
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
                     self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
                     continue
-                raise _network_error(exc, isinstance(conn.sock, ssl.SSLSocket)) from exc
+                raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
     def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
         """Finish a small redirect body so the connection can be reused."""

@@ -1182,3 +1182,127 @@ def https_url(certificate):
     httpd.shutdown()
     httpd.server_close()
     thread.join(5)
+
+
+class TLSPeer:
+    """A scripted TLS server on 127.0.0.1 that misbehaves on purpose, one
+    connection at a time: each accepted connection takes the next of the
+    behaviours given to ``script()`` (then ``'ok'``):
+
+    ``'ok'``               a normal answer with ``HTTPS_DATA`` (ranges honoured)
+    ``'handshake-eof'``    reads the ClientHello, then closes: an EOF in the
+                           handshake
+    ``'handshake-reset'``  reads the ClientHello, then resets the connection
+    ``'stall'``            accepts and never answers the handshake
+    ``'garbage'``          sends half of the body, then raw bytes that are no
+                           TLS record
+    ``'eof-mid-body'``     sends half of the body, then closes the TCP
+                           connection without a TLS close_notify
+
+    ``context`` is the server's ``ssl.SSLContext`` (tests may restrict its
+    versions); ``handled`` lists the behaviours of the connections so far."""
+
+    def __init__(self, certificate):
+        cert, key = certificate
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._script = []
+        self.handled = []
+        self._closed = threading.Event()
+        self._sockets = []
+        self._thread = threading.Thread(target=self._accept, daemon=True, name='tls-peer')
+        self._thread.start()
+
+    def url(self, path='/f'):
+        return 'https://127.0.0.1:{}{}'.format(self.port, path)
+
+    def script(self, *behaviours):
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def wait_handled(self, n, timeout=5.0):
+        """Wait until ``n`` connections were accepted; bool."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.handled) >= n, timeout)
+
+    def _accept(self):
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                behaviour = self._script.pop(0) if self._script else 'ok'
+                self.handled.append(behaviour)
+                self._sockets.append(conn)
+                self._changed.notify_all()
+            threading.Thread(target=self._serve, args=(conn, behaviour), daemon=True).start()
+
+    def _serve(self, conn, behaviour):
+        try:
+            if behaviour == 'stall':
+                self._closed.wait(30)
+                return
+            if behaviour in ('handshake-eof', 'handshake-reset'):
+                conn.recv(4096)
+                if behaviour == 'handshake-reset':
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    b'\x01\x00\x00\x00\x00\x00\x00\x00')
+                return
+            tls = self.context.wrap_socket(conn, server_side=True)
+            request = b''
+            while b'\r\n\r\n' not in request:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            start = 0
+            match = re.search(rb'(?i)\r\nrange: bytes=(\d+)-', request)
+            if match and behaviour == 'ok':
+                start = int(match.group(1))
+            body = HTTPS_DATA[start:]
+            status = '206 Partial Content' if start else '200 OK'
+            head = 'HTTP/1.1 {}\r\nContent-Length: {}\r\nETag: "tls"\r\n'.format(
+                status, len(body))
+            if start:
+                head += 'Content-Range: bytes {}-{}/{}\r\n'.format(
+                    start, len(HTTPS_DATA) - 1, len(HTTPS_DATA))
+            tls.sendall(head.encode() + b'Connection: close\r\n\r\n')
+            if behaviour == 'ok':
+                tls.sendall(body)
+                tls.close()
+                return
+            tls.sendall(body[:len(body) // 2])
+            if behaviour == 'garbage':
+                raw = socket.socket(fileno=os.dup(tls.fileno()))
+                raw.sendall(b'\x17\x03\x03\x00\x20' + b'\x00' * 32 + b'not tls at all')
+                raw.close()
+                self._closed.wait(2)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self._closed.set()
+        self.listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._thread.join(2)
+
+
+@pytest.fixture
+def tls_peer(certificate):
+    """A started :class:`TLSPeer`, closed at teardown."""
+    peer = TLSPeer(certificate)
+    yield peer
+    peer.close()

@@ -52,6 +52,38 @@ def test_names_from_the_url_stay_in_the_directory(server, tmp_path, segment, nam
     assert (out / name).read_bytes() == DATA
 
 
+@pytest.mark.parametrize('given, name', [
+    ('a<b>c:d"e|f?g*h.txt', 'a_b_c_d_e_f_g_h.txt'),      # reserved on Windows
+    ('tab\there\x1bnow', 'tab_here_now'),                   # control characters
+    ('CON', '_CON'), ('con.txt', '_con.txt'), ('Nul.tar.gz', '_Nul.tar.gz'),
+    ('prn', '_prn'), ('AUX.log', '_AUX.log'), ('com1', '_com1'), ('LPT9.x', '_LPT9.x'),
+    ('com\u00b9', '_com\u00b9'), ('CONSOLE', 'CONSOLE'), ('com10', 'com10'),
+    ('xcon', 'xcon'),
+    ('report. . .', 'report'), ('trailing dots...', 'trailing dots'),
+    ('C:evil', 'C_evil'), ('c:\\windows\\x.exe', 'c__windows_x.exe'),
+    ('\u00e9' * 200 + '.tar.gz', '\u00e9' * 124 + '.tar.gz'),     # 255 bytes of UTF-8
+    ('x' * 300 + '.iso', 'x' * 251 + '.iso'),
+])
+def test_names_are_safe_on_every_system(given, name):
+    safe = bitpit._safe_filename(given)
+    assert safe == name
+    assert len(safe.encode('utf-8')) <= 255
+
+
+@pytest.mark.parametrize('segment, name', [
+    ('CON', '_CON'), ('aux.txt', '_aux.txt'), ('a%3Cb%3E.txt', 'a_b_.txt'),
+    ('C%3Aevil', 'C_evil'), ('name.%20.', 'name'),
+])
+def test_names_from_urls_and_content_disposition_are_safe(server, tmp_path, segment, name):
+    d = bitpit.Downloader('http://h/x/' + segment, path=tmp_path, dir_path=True)
+    assert d.path == tmp_path / name
+    url = server.add('/get', DATA, headers={
+        'Content-Disposition': "attachment; filename*=UTF-8''" + segment})
+    d, _ = download(url, tmp_path, dir_path=True, content_disposition=True)
+    assert d.state == 'complete' and d.path == tmp_path / name
+    assert (tmp_path / name).read_bytes() == DATA
+
+
 @pytest.mark.parametrize('header, name', [
     ('attachment; filename="report.pdf"', 'report.pdf'),
     ('attachment; filename=plain.txt', 'plain.txt'),

@@ -3,9 +3,12 @@ that trusts it works, and HTTPS goes through a proxy's CONNECT tunnel. The
 server and its certificate are the https_url and certificate fixtures of
 conftest.py."""
 import ssl
+import time
+
+import pytest
 
 import bitpit
-from conftest import HTTPS_DATA, fetch
+from conftest import HTTPS_DATA, Recorder, bitpit_threads, fetch
 
 
 def test_untrusted_certificate_is_fatal(https_url, tmp_path):
@@ -28,3 +31,57 @@ def test_https_through_connect_proxy(https_url, certificate, proxy, tmp_path):
     assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == HTTPS_DATA
     assert proxy.seen[0][0] == 'CONNECT'
     assert proxy.seen[0][1] == https_url.split('/')[2]
+
+
+def trusting(certificate):
+    return ssl.create_default_context(cafile=str(certificate[0]))
+
+
+@pytest.mark.parametrize('fault', ['handshake-eof', 'handshake-reset', 'garbage',
+                                   'eof-mid-body'])
+def test_a_broken_tls_connection_is_transient_and_retried(tls_peer, certificate, tmp_path,
+                                                          fault):
+    """An overloaded load balancer drops handshakes; a peer garbles a record
+    or closes without close_notify: each is a NetworkError, retried like a
+    reset, and the retry completes the file."""
+    tls_peer.script(fault)
+    target = tmp_path / 'secure.bin'
+    d = bitpit.Downloader(tls_peer.url(), path=target, ssl_context=trusting(certificate),
+                          restart_wait=0.05, timeout=5)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('complete', 'fatal-error', timeout=15)
+    d.join(5)
+    assert d.state == 'complete' and target.read_bytes() == HTTPS_DATA
+    states = [new for _, new in rec.states]
+    assert states.count('error') == 1 and 'fatal-error' not in states
+    error = d.last_exception
+    assert error.retryable and not isinstance(error, bitpit.TLSError)
+    # Python takes an EOF without close_notify for the end of the data: a
+    # body cut short, as over plain HTTP
+    assert isinstance(error, bitpit.ProtocolError if fault == 'eof-mid-body'
+                      else bitpit.NetworkError)
+    assert tls_peer.handled[:2] == [fault, 'ok']
+
+
+def test_a_tls_version_no_side_accepts_is_fatal(tls_peer, certificate, tmp_path):
+    tls_peer.context.minimum_version = ssl.TLSVersion.TLSv1_3
+    client = trusting(certificate)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    d = fetch(tls_peer.url(), tmp_path / 'secure.bin', ssl_context=client, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.TLSError)
+    assert not (tmp_path / 'secure.bin').exists()
+
+
+def test_stop_during_a_tls_handshake_is_prompt(tls_peer, certificate, tmp_path):
+    tls_peer.script('stall')
+    d = bitpit.Downloader(tls_peer.url(), path=tmp_path / 'secure.bin',
+                          ssl_context=trusting(certificate), timeout=30)
+    rec = Recorder(d)
+    d.start()
+    assert tls_peer.wait_handled(1)
+    began = time.monotonic()
+    d.stop()
+    assert time.monotonic() - began < 0.3
+    assert d.state == 'pause' and bitpit_threads(wait=0) == []
