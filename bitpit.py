@@ -1491,9 +1491,10 @@ class _Answer:
     or after the offset asked for: the file has ``total`` bytes).
     ``total`` is the file's size if the answer tells it. ``validator`` is
     the strong ETag, else the Last-Modified date. ``encoding`` is the
-    ``Content-Encoding`` if the body is not the file's own bytes."""
+    ``Content-Encoding`` if the body is not the file's own bytes, and
+    ``keep_encoded`` whether those bytes are stored as they come."""
     __slots__ = ('kind', 'first', 'end', 'total', 'validator', 'etag', 'last_modified',
-                 'encoding')
+                 'encoding', 'keep_encoded')
 
     def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
                  response: http.client.HTTPResponse):
@@ -1507,6 +1508,7 @@ class _Answer:
         self.validator = strong or self.last_modified
         encoding = (response.getheader('Content-Encoding') or '').strip().lower()
         self.encoding = None if encoding in ('', 'identity') else encoding
+        self.keep_encoded = False
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
         """How this answer shows that the file is no longer the one that
@@ -2038,48 +2040,65 @@ _MAX_STREAK = 3          # transient failures in a row, without a byte, that ben
 _MAX_CHANGES = 3         # times an attempt may start over because the file changed
 
 
-def _decoding_reader(read: Callable[[memoryview], int], encoding: str
-                     ) -> Callable[[memoryview], int]:
-    """A reader of the decoded bytes of a ``gzip`` or ``deflate`` body."""
-    import zlib
-    # 47: a gzip or zlib header, told apart by zlib; deflate without a
-    # header (as some servers send it) is tried when that fails
-    decoder = zlib.decompressobj(47)
-    raw = memoryview(bytearray(64 * 1024))
-    state = {'tail': b'', 'ended': False, 'raw_deflate': False}
+class _DecodedBody:
+    """The decoded bytes of a ``gzip`` or ``deflate`` body, read from
+    ``body`` (a ``_Body``) of ``length`` encoded bytes (``None``: to its
+    end). Each read decodes at most what the caller's buffer holds, so a
+    small body that decodes to a huge one never fills the memory."""
 
-    def read_decoded(view: memoryview) -> int:
-        nonlocal decoder
-        while True:
-            if state['tail']:
-                data, state['tail'] = state['tail'], b''
-            elif state['ended']:
+    def __init__(self, body: '_Body', encoding: str, length: Optional[int]):
+        import zlib
+        self._zlib = zlib
+        self._body = body
+        self._encoding = encoding
+        self._left = length
+        # 47: a gzip or a zlib header, told apart by zlib; a deflate body
+        # without a header (as some servers send it) is tried when that fails
+        self._decoder = zlib.decompressobj(47)
+        self._started = False
+        self._input = b''            # encoded bytes not decoded yet
+        self._output = b''           # decoded bytes not handed out yet
+        self._raw = bytearray(64 * 1024)
+        self._ended = False
+
+    def readinto(self, view: memoryview) -> int:
+        while not self._output:
+            if self._ended:
                 return 0
-            else:
-                got = read(raw)
-                if not got:
-                    state['ended'] = True
-                    data = decoder.flush()
-                    if not decoder.eof and not data:
-                        raise ProtocolError('{} body cut short'.format(encoding))
-                    view[:len(data)] = data[:len(view)]
-                    state['tail'] = data[len(view):]
-                    return min(len(data), len(view))
-                data = raw[:got].tobytes()
+            if not self._input and not self._fill():
+                continue
             try:
-                out = decoder.decompress(data, len(view))
-            except zlib.error as exc:
-                if encoding == 'deflate' and not state['raw_deflate']:
-                    state['raw_deflate'] = True
-                    decoder = zlib.decompressobj(-15)
-                    out = decoder.decompress(data, len(view))
-                else:
-                    raise ProtocolError('bad {} body: {}'.format(encoding, exc)) from exc
-            state['tail'] = decoder.unconsumed_tail
-            if out:
-                view[:len(out)] = out
-                return len(out)
-    return read_decoded
+                self._output = self._decoder.decompress(self._input, len(view))
+            except self._zlib.error as exc:
+                if self._encoding != 'deflate' or self._started:
+                    raise ProtocolError('bad {} body: {}'.format(self._encoding, exc)) from exc
+                self._decoder = self._zlib.decompressobj(-15)
+                continue
+            self._started = True
+            self._input = self._decoder.unconsumed_tail
+        n = min(len(view), len(self._output))
+        view[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def _fill(self) -> bool:
+        """Read encoded bytes into ``_input``; at the end, take the decoder's
+        last bytes. Whether there is input to decode."""
+        want = len(self._raw) if self._left is None else min(len(self._raw), self._left)
+        got = self._body.readinto(memoryview(self._raw)[:want]) if want else 0
+        if got:
+            if self._left is not None:
+                self._left -= got
+            self._input = bytes(self._raw[:got])
+            return True
+        self._ended = True
+        self._output = self._decoder.flush()
+        if not self._decoder.eof:
+            raise ProtocolError('{} body cut short'.format(self._encoding))
+        return False
+
+    def ready(self) -> bool:
+        return False
 
 
 class _Source:
@@ -2195,7 +2214,7 @@ class _Transfer:
     def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
-                 min_speed: float, rename_in: Optional[pathlib.Path], keep_encoded: bool):
+                 min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool):
         self._cond = threading.Condition(threading.Lock())
         self.store = store
         self.options = options
@@ -2207,7 +2226,7 @@ class _Transfer:
         self.max_size = max_size
         self.min_speed = min_speed
         self.rename_in = rename_in
-        self.keep_encoded = keep_encoded
+        self.gzip_name = gzip_name          # the target's name ends in .gz or .tgz
         self.cancel = _Cancel()
         self.total: Optional[int] = store.size if store.size >= 0 else None
         self.probed = False           # the first answer is in
@@ -2588,18 +2607,8 @@ class _Transfer:
         asked = conn.pos
         if conn.superseded or conn.epoch != self.store.epoch:
             raise _Superseded
-        if answer.encoding is not None and not self.keep_encoded:
-            if answer.encoding not in _DECODABLE:
-                error = ProtocolError('{} answered with Content-Encoding {}, which bitpit '
-                                      'cannot decode'.format(request.url, answer.encoding))
-                error.retryable = False
-                raise error
-            if answer.kind != 'whole' or self.ranged:
-                # the bytes of an encoded body have no ranges: start over
-                self.ranged = False
-                self._start_over(conn, 'the server encodes the body ({})'.format(
-                    answer.encoding), None)
-                raise _Superseded
+        if answer.encoding is not None:
+            self._decoding(conn, answer, response, request.url)
         known = self.total if self.total is not None else None
         change = answer.change_from(source.validator, known)
         if answer.kind == 'end':
@@ -2628,14 +2637,39 @@ class _Transfer:
         elif change:
             self._start_over(conn, change, None)
             raise _Superseded
+        if answer.total is not None and self.max_size is not None and \
+                answer.total > self.max_size:
+            raise _too_large(self.max_size, 'announces {} bytes'.format(answer.total))
         self._learn(source, answer)
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
         if not self.probed:
             self._plan(conn, answer, response)
-        if self.total is not None and self.max_size is not None and self.total > self.max_size:
-            raise _too_large(self.max_size, 'announces {} bytes'.format(self.total))
         return answer.end if answer.end is not None else _UNKNOWN_END
+
+    def _decoding(self, conn: _Connection, answer: _Answer,
+                  response: http.client.HTTPResponse, url: str) -> None:
+        """An encoded body (a server that compresses although asked not to):
+        its bytes are decoded while streaming, unless the encoded bytes are
+        what was asked for (a ``.gz`` name, a gzip type). Decoded, it has
+        no size until its end and no usable ranges: a range of it starts
+        the file over."""
+        gzip_type = (response.getheader('Content-Type') or '').split(';')[0].strip().lower()
+        if answer.encoding in ('gzip', 'x-gzip') and (self.gzip_name or
+                                                      gzip_type in _GZIP_TYPES):
+            answer.keep_encoded = True
+            return
+        if answer.encoding not in _DECODABLE:
+            error = ProtocolError('{} answered with Content-Encoding {}, which bitpit '
+                                  'cannot decode'.format(url, answer.encoding))
+            error.retryable = False
+            raise error
+        self.ranged = False
+        if answer.kind == 'part':
+            self._start_over(conn, 'the server encodes the body ({})'.format(
+                answer.encoding), None)
+            raise _Superseded
+        answer.end = answer.total = None
 
     def _learn(self, source: _Source, answer: _Answer) -> None:
         """Remember the source's validator (a partial answer without one
@@ -2777,10 +2811,10 @@ class _Transfer:
         Returns whether the connection can carry another request."""
         view = conn.buffer
         chunk = len(view)
-        body = _Body(response, request.connection.sock)
+        body: Any = _Body(response, request.connection.sock)
+        if answer.encoding is not None and not answer.keep_encoded:
+            body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
         read, ready = body.readinto, body.ready
-        if answer.encoding is not None and not self.keep_encoded:
-            read, ready = _decoding_reader(read, answer.encoding), _never_ready
         cond = self._cond
         source = conn.source
         max_size = self.max_size
@@ -2860,10 +2894,6 @@ class _Transfer:
             return
         with self._cond:
             conn.pos += pending
-
-
-def _never_ready() -> bool:
-    return False
 
 
 def _too_large(limit: int, how: str) -> Error:
@@ -3376,9 +3406,13 @@ class Downloader(Emitter):
 
     def _restart_due(self) -> None:
         """The restart timer's thread."""
+        me = threading.current_thread()
         try:
-            self._start(threading.current_thread())
+            self._start(me)
         except BaseException as exc:  # never a dead timer thread with no word
+            with self._changed:
+                if self._restart_timer is me:
+                    self._restart_timer = self._restart_time = None
             self._fail_outside(exc)
 
     def _cancel_restart(self) -> None:
@@ -3490,7 +3524,7 @@ class Downloader(Emitter):
             chunk_size=self._chunk_size, buckets=self._buckets(), checksum=self._checksum,
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
-            keep_encoded=isinstance(self._path, pathlib.Path) and
+            gzip_name=isinstance(self._path, pathlib.Path) and
             self._path.name.lower().endswith(('.gz', '.tgz')))
         with self._lock:
             self._transfer = transfer
@@ -3962,14 +3996,16 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         headers[name.strip()] = value.strip()
     if args.user_agent is not None:
         headers['User-Agent'] = args.user_agent
-    if headers:
-        kwargs['headers'] = headers
 
-    def check(option: str, parse: Callable[[str], Any], value: str) -> None:
+    def check(option: str, parse: Callable[[Any], Any], value: Any) -> None:
         try:
             parse(value)
         except ValueError as exc:  # InvalidURLError included
             parser.error('{}: {}'.format(option, exc))
+
+    if headers:
+        check('-H', _check_headers, headers)
+        kwargs['headers'] = headers
 
     if args.checksum is not None:
         if url_count != 1:

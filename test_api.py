@@ -188,6 +188,66 @@ def test_chunk_size_must_be_positive(tmp_path):
         bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x', chunk_size=0)
 
 
+BAD_OPTIONS = [
+    ('update_period', 0, ValueError), ('update_period', -1, ValueError),
+    ('update_period', 'x', TypeError), ('update_period', None, TypeError),
+    ('timeout', 0, ValueError), ('timeout', -2.5, ValueError), ('timeout', '10', TypeError),
+    ('timeout', float('nan'), ValueError),
+    ('restart_wait', 'soon', TypeError), ('restart_wait', None, TypeError),
+    ('rate_limit', 'fast', TypeError), ('rate_limit', None, TypeError),
+    ('retries', -1, ValueError), ('retries', 1.5, TypeError), ('retries', '3', TypeError),
+    ('auth', 'user:password', TypeError), ('auth', ('user',), TypeError),
+    ('auth', ('user', 1), TypeError),
+    ('headers', 'X-A: 1', TypeError), ('headers', {'X-A': 1}, TypeError),
+    ('chunk_size', 0, ValueError), ('chunk_size', '64k', TypeError),
+    ('connections', 0, ValueError), ('max_size', -1, ValueError), ('max_size', '1m', TypeError),
+    ('min_speed', 'slow', TypeError), ('proxy', 'ftp://p:21', ValueError),
+    ('ssl_context', 'yes', TypeError),
+]
+
+
+@pytest.mark.parametrize('name, value, error', BAD_OPTIONS,
+                         ids=['{}={!r}'.format(n, v) for n, v, _ in BAD_OPTIONS])
+def test_options_are_checked_when_they_are_given(tmp_path, name, value, error):
+    """In the constructor, in the property setter and in a Manager's
+    kwargs: a TypeError or ValueError that names the option."""
+    with pytest.raises(error, match=name):
+        bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x', **{name: value})
+    d = bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x')
+    before = getattr(d, name)
+    with pytest.raises(error, match=name):
+        setattr(d, name, value)
+    assert getattr(d, name) == before
+    with pytest.raises(error, match=name):
+        bitpit.Manager(**{name: value})
+    manager = bitpit.Manager()
+    with pytest.raises(error, match=name):
+        manager.kwargs = {name: value}
+    assert manager.kwargs == {}
+
+
+@pytest.mark.parametrize('name, value, error', [
+    ('max_running', '5', TypeError), ('max_running', 2.5, TypeError),
+    ('rate_limit', 'fast', TypeError), ('restart_wait', None, TypeError)])
+def test_manager_options_are_checked(name, value, error):
+    with pytest.raises(error, match=name):
+        bitpit.Manager(**{name: value})
+    manager = bitpit.Manager()
+    with pytest.raises(error, match=name):
+        setattr(manager, name, value)
+
+
+def test_unknown_manager_kwargs_are_refused():
+    with pytest.raises(TypeError, match='colour'):
+        bitpit.Manager(colour='red')
+
+
+@pytest.mark.parametrize('text', ['0.5', '0.0005k', '.1'])
+def test_a_rate_between_0_and_1_byte_per_second_is_refused(text):
+    with pytest.raises(ValueError, match='at least 1'):
+        bitpit._parse_rate(text)
+
+
 def test_initial_properties(tmp_path):
     d = bitpit.Downloader('http://127.0.0.1:1/x', path=tmp_path / 'x')
     assert d.state == 'pause'

@@ -472,7 +472,27 @@ def test_cli_cacert(https_url, certificate, tmp_path):
     ['--user', 'nopassword', 'http://h/x'],
     ['--proxy', 'socks5://h:1080', 'http://h/x'],
     ['--cacert', '/nonexistent/ca.pem', 'http://h/x'],
+    ['-r', '0.5', 'http://h/x'],
+    ['-r', '0.0001k', 'http://h/x'],
+    ['--max-size', 'big', 'http://h/x'],
+    ['--min-speed', '0.5', 'http://h/x'],
+    ['-x', '0', 'http://h/x'],
+    ['-x', 'four', 'http://h/x'],
+    ['-H', 'Range: bytes=0-', 'http://h/x'],
 ])
 def test_cli_option_usage_errors(tmp_path, args, capsys):
     assert cli(tmp_path, *args) == 2
     assert 'usage' in capsys.readouterr().err
+
+
+def test_cli_max_size_and_min_speed(server, tmp_path, capsys):
+    big = server.add('/big.bin', b'x' * 50000)
+    assert cli(tmp_path, '--max-size', '10k', big) == 1
+    assert 'max_size' in capsys.readouterr().err
+    assert not (tmp_path / 'big.bin').exists() or (tmp_path / 'big.bin').stat().st_size == 0
+    slow = server.add('/slow.bin', b'y' * 50000, throttle=100)
+    began = time.monotonic()
+    assert cli(tmp_path, '--min-speed', '10k', '--timeout', '1', '--retries', '0',
+               slow) == 1
+    assert time.monotonic() - began < 5
+    assert 'slower than' in capsys.readouterr().err

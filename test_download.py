@@ -6,12 +6,14 @@ stop or start from a callback) and a refused connection."""
 import datetime
 import io
 import logging
+import socket
+import threading
 import time
 
 import pytest
 
 import bitpit
-from conftest import DATA, Recorder, bitpit_threads, download
+from conftest import DATA, Recorder, bitpit_threads, download, sidecar_of
 
 
 # ---------------------------------------------------------------------------
@@ -285,3 +287,145 @@ def test_retries_gives_up(server, tmp_path):
     rec.wait_state('fatal-error')
     assert [new for _, new in rec.states].count('error') == 2
     assert len(server.requests) == 3
+
+
+# ---------------------------------------------------------------------------
+# stop() in every phase; no background thread dies in silence
+# ---------------------------------------------------------------------------
+
+def test_stop_during_a_name_look_up_is_prompt(tmp_path, monkeypatch):
+    """A resolver that hangs (an unreachable DNS server) cannot hold stop()."""
+    released = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == 'hangs.invalid':
+            released.wait(10)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, 'getaddrinfo', hanging)
+    d = bitpit.Downloader('http://hangs.invalid/f', path=tmp_path / 'f', timeout=30)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('start')
+    rec.wait_for(lambda: any(t.name == 'bitpit-resolve' for t in threading.enumerate()))
+    began = time.monotonic()
+    d.stop()
+    try:
+        assert time.monotonic() - began < 0.3
+        assert d.state == 'pause' and bitpit_threads(wait=0) == []
+    finally:
+        released.set()
+
+
+def test_stop_returns_even_when_the_thread_is_stuck(server, tmp_path):
+    """A callback that blocks holds the download thread: stop() gives up
+    waiting after about a second, and the thread, when it goes on, ends
+    without writing the file again."""
+    url = server.add('/f', DATA, throttle=256 * 1024)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, update_period=0.05)
+    stuck, release = threading.Event(), threading.Event()
+
+    def block(d):
+        if d.downloaded >= 100000 and not stuck.is_set():
+            stuck.set()
+            release.wait(10)
+    d.listen('speed-changed', block)
+    d.start()
+    assert stuck.wait(10)
+    began = time.monotonic()
+    d.stop()
+    took = time.monotonic() - began
+    assert 0.9 <= took < 1.5
+    on_disk = target.read_bytes()
+    sidecar = sidecar_of(target)
+    saved = sidecar.read_bytes() if sidecar.exists() else None
+    release.set()
+    d.join(5)
+    assert not d.is_alive and d.state == 'pause'
+    assert target.read_bytes() == on_disk
+    assert (sidecar.read_bytes() if sidecar.exists() else None) == saved
+    assert DATA.startswith(on_disk[:d.downloaded])
+
+
+def test_stop_racing_the_restart_timer_always_wins(server, tmp_path):
+    url = server.add('/f', DATA, stall_after=0)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', timeout=30)
+    for _ in range(50):
+        d.restart(0)
+        d.stop()
+        d.join(5)
+        assert not d.is_alive and not d.is_restarting, _
+    assert d.state == 'pause' and bitpit_threads() == []
+
+
+@pytest.mark.allow_error_log('^unexpected error$')
+def test_an_exception_in_the_download_thread_ends_it_in_fatal_error(server, tmp_path,
+                                                                     monkeypatch):
+    url = server.add('/f', DATA)
+
+    def broken(self):
+        raise RuntimeError('a bug')
+    monkeypatch.setattr(bitpit._Transfer, 'start', broken)
+    d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)
+    assert [new for _, new in rec.states] == ['start', 'fatal-error']
+    assert isinstance(d.last_exception, bitpit.Error)
+    assert isinstance(d.last_exception.__cause__, RuntimeError)
+    assert not d.is_restarting
+
+
+@pytest.mark.allow_error_log('^unexpected error$')
+def test_an_exception_in_a_connection_thread_ends_the_download_in_fatal_error(
+        server, tmp_path, monkeypatch, caplog):
+    url = server.add('/f', DATA)
+
+    def broken(*args):
+        raise KeyError('a bug')
+    monkeypatch.setattr(bitpit._Transfer, '_pump', broken)
+    with caplog.at_level(logging.ERROR, logger='bitpit'):
+        d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)
+    assert d.state == 'fatal-error' and isinstance(d.last_exception.__cause__, KeyError)
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert bitpit_threads() == []
+
+
+@pytest.mark.allow_error_log('^unexpected error$')
+def test_an_exception_in_the_restart_timer_ends_it_in_fatal_error(server, tmp_path,
+                                                                   monkeypatch):
+    url = server.add('/f', DATA)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    rec = Recorder(d)
+    real = bitpit.Downloader._start
+
+    def broken(self, timer):
+        if timer is not None:
+            raise OSError('cannot start a thread')
+        real(self, timer)
+    monkeypatch.setattr(bitpit.Downloader, '_start', broken)
+    d.restart(0)
+    rec.wait_state('fatal-error')
+    assert isinstance(d.last_exception.__cause__, OSError)
+    assert not d.is_restarting
+
+
+@pytest.mark.allow_error_log('^unexpected error$')
+def test_an_exception_met_by_the_manager_thread_fails_that_download_only(
+        server, tmp_path, monkeypatch):
+    server.add('/a', DATA)
+    server.add('/b', DATA)
+    real = bitpit.Downloader._start
+
+    def broken(self, timer):
+        if self.url.endswith('/a'):
+            raise MemoryError('no memory for a thread')
+        real(self, timer)
+    monkeypatch.setattr(bitpit.Downloader, '_start', broken)
+    manager = bitpit.Manager(path=tmp_path, dir_path=True)
+    a, b = manager.add(server.url('/a')), manager.add(server.url('/b'))
+    done = threading.Event()
+    b.listen('state-changed', lambda d, old: d.state == 'complete' and done.set())
+    manager.start()
+    assert done.wait(10)
+    manager.stop()
+    assert a.state == 'fatal-error' and isinstance(a.last_exception.__cause__, MemoryError)
+    assert (tmp_path / 'b').read_bytes() == DATA

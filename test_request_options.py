@@ -66,6 +66,22 @@ def test_default_headers(server, tmp_path):
     assert headers['Authorization'] is None
 
 
+@pytest.mark.parametrize('given', [{'user-agent': 'mine/1'}, {'USER-AGENT': 'mine/1'},
+                                   {'User-Agent': 'other', 'user-agent': 'mine/1'}])
+def test_headers_merge_case_insensitively(server, tmp_path, given):
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', headers=given)
+    assert server.requests[0].headers.get_all('User-Agent') == ['mine/1']
+
+
+@pytest.mark.parametrize('headers, error', [
+    ({'X-A': 1}, TypeError), ({1: 'x'}, TypeError), ('X-A: 1', TypeError),
+    ({'X-A': 'a\r\nX-B: b'}, ValueError), ({'Bad Name': 'x'}, ValueError)])
+def test_bad_headers_are_refused_when_given(tmp_path, headers, error):
+    with pytest.raises(error, match='header'):
+        bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', headers=headers)
+
+
 @pytest.mark.parametrize('name', ['accept-encoding', 'Range', 'IF-RANGE', 'Host',
                                   'Content-Length'])
 def test_headers_bitpit_controls_are_refused(tmp_path, name):

@@ -3,6 +3,7 @@ restart, which stop() cancels) or permanent (fatal), Retry-After, malformed answ
 headers, Content-Length, chunks, Content-Range) and a body longer than
 announced."""
 import datetime
+import hashlib
 import time
 
 import pytest
@@ -171,3 +172,139 @@ def test_body_longer_than_announced(server, tmp_path):
     url = server.add('/next', DATA)
     d, _ = download(url, tmp_path / 'next.bin')
     assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA
+
+
+# ---------------------------------------------------------------------------
+# header values parsed strictly
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('case, header', [
+    ('content-length', 'Content-Length: 1\u00b2'),
+    ('content-length-fullwidth', 'Content-Length: \uff11\uff10'),
+    ('content-range', 'Content-Range: bytes 0-\u00b2/10'),
+])
+def test_only_ascii_digits_count_in_lengths_and_ranges(server, tmp_path, case, header):
+    head = 'HTTP/1.1 {} X\r\n{}\r\n'.format('206' if 'range' in case else '200', header)
+    if 'range' in case:
+        head += 'Content-Length: 3\r\n'
+    server.add_raw('/f', raw((head + '\r\nabc').encode('utf-8')))
+    d, _ = download(server.url('/f'), tmp_path / 'f.bin', timeout=2)
+    assert d.state == 'error'
+    error = d.last_exception
+    assert isinstance(error, bitpit.ProtocolError) and error.retryable
+    name, value = header.split(': ', 1)
+    # the message quotes the header (as http.client read it: Latin-1)
+    assert name in str(error) and repr(value.encode('utf-8').decode('latin-1')) in str(error)
+
+
+def test_a_retry_after_that_is_not_ascii_digits_is_ignored(server, tmp_path):
+    url = server.add('/f', b'', status=503, headers={'Retry-After': '\u00b2'})
+    began = datetime.datetime.now()
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=20)
+    try:
+        assert d.state == 'error' and d.last_exception.retry_after is None
+        assert d.restart_time <= began + datetime.timedelta(seconds=21)
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------------------
+# guards: max_size and min_speed
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['announced', 'chunked'])
+def test_a_file_larger_than_max_size_is_fatal_and_nothing_past_it_is_written(
+        server, tmp_path, kind):
+    url = server.add('/f', DATA, chunked=kind == 'chunked')
+    limit = 100000
+    d, rec = download(url, tmp_path / 'f.bin', max_size=limit, restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.Error)
+    assert 'max_size' in str(d.last_exception) and str(limit) in str(d.last_exception)
+    written = (tmp_path / 'f.bin').read_bytes() if (tmp_path / 'f.bin').exists() else b''
+    assert len(written) <= limit and DATA.startswith(written)
+    if kind == 'announced':
+        assert written == b'' and 'download' not in [new for _, new in rec.states]
+
+
+def test_a_file_of_max_size_exactly_completes(server, tmp_path):
+    url = server.add('/f', DATA, chunked=True)
+    d, _ = download(url, tmp_path / 'f.bin', max_size=len(DATA))
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+
+
+def test_min_speed_ends_a_trickle_that_never_trips_the_time_out(server, tmp_path):
+    """50 bytes a second always arrive within the time-out; below min_speed
+    for a whole time-out, the attempt fails (transient)."""
+    url = server.add('/f', DATA, throttle=50)
+    began = time.monotonic()
+    d, rec = download(url, tmp_path / 'f.bin', timeout=1, min_speed=1000)
+    took = time.monotonic() - began
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.StalledError)
+    assert 'slower than' in str(d.last_exception)
+    assert 1.0 <= took < 2.5
+    assert 0 < d.downloaded < 1000
+
+
+# ---------------------------------------------------------------------------
+# a body the server encoded anyway
+# ---------------------------------------------------------------------------
+
+def gzip_bytes(data):
+    import gzip
+    return gzip.compress(data, mtime=0)
+
+
+def deflate_bytes(data, raw):
+    import zlib
+    compressor = zlib.compressobj(wbits=-15 if raw else 15)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize('encoding, encoded', [
+    ('gzip', gzip_bytes(DATA)), ('x-gzip', gzip_bytes(DATA)),
+    ('deflate', deflate_bytes(DATA, raw=False)), ('deflate', deflate_bytes(DATA, raw=True))],
+    ids=['gzip', 'x-gzip', 'deflate-zlib', 'deflate-raw'])
+@pytest.mark.parametrize('chunked', [True, False])
+def test_an_encoded_body_is_decoded(server, tmp_path, encoding, encoded, chunked):
+    """Like Apache's mod_deflate with force-gzip: 200, compressed, Range
+    ignored. The file holds the resource's bytes, and its checksum is
+    theirs."""
+    url = server.add('/f', encoded, ignore_range=True, chunked=chunked,
+                     headers={'Content-Encoding': encoding})
+    digest = 'sha256:' + hashlib.sha256(DATA).hexdigest()
+    d, _ = download(url, tmp_path / 'f.bin', checksum=digest, connections=4)
+    assert d.state == 'complete', d.last_exception
+    assert (tmp_path / 'f.bin').read_bytes() == DATA
+    assert d.size == d.downloaded == len(DATA)
+
+
+def test_a_resume_of_an_encoded_body_starts_over(server, tmp_path):
+    url = server.add('/f', gzip_bytes(DATA), ignore_range=True,
+                     headers={'Content-Encoding': 'gzip'})
+    target = partial_file(tmp_path)                      # DATA[:OFFSET], no sidecar
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+
+
+@pytest.mark.parametrize('name, content_type', [('f.gz', 'application/octet-stream'),
+                                                ('f.tgz', 'application/octet-stream'),
+                                                ('f.bin', 'application/gzip'),
+                                                ('f.bin', 'application/x-gzip')])
+def test_encoded_bytes_are_kept_where_they_are_what_was_asked_for(server, tmp_path, name,
+                                                                   content_type):
+    encoded = gzip_bytes(DATA)
+    url = server.add('/f', encoded, content_type=content_type,
+                     headers={'Content-Encoding': 'gzip'})
+    d, _ = download(url, tmp_path / name)
+    assert d.state == 'complete' and (tmp_path / name).read_bytes() == encoded
+
+
+@pytest.mark.parametrize('encoding', ['br', 'zstd', 'compress'])
+def test_an_encoding_bitpit_cannot_decode_is_fatal(server, tmp_path, encoding):
+    url = server.add('/f', b'\x00' * 5000, headers={'Content-Encoding': encoding})
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    assert isinstance(d.last_exception, bitpit.ProtocolError)
+    assert encoding in str(d.last_exception)
+    assert not (tmp_path / 'f.bin').exists() or (tmp_path / 'f.bin').read_bytes() == b''

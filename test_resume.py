@@ -291,3 +291,19 @@ def test_chunked_body_without_length_completes_with_size_at_the_end(server, tmp_
     assert d.state == 'complete' and target.read_bytes() == DATA
     assert size_in_download == [-1] and rec.sizes == [len(DATA)]
     assert (d.size, d.ratio, d.remaining) == (len(DATA), 1.0, 0)
+
+
+@pytest.mark.parametrize('server_kind', ['honours-if-range', 'ignores-if-range'])
+def test_a_changed_file_starts_over_in_the_same_attempt(server, tmp_path, server_kind):
+    """The resume finds a new version (a 200 for a failed If-Range, or a
+    206 with a new ETag from a server that ignores If-Range): the file is
+    emptied and the new version downloaded in the same attempt, which ends
+    complete even without restarts, and the change is not a failure."""
+    url = server.add('/f', NEW, ignore_if_range=server_kind == 'ignores-if-range')
+    target = partial_file(tmp_path, url, ETAG, len(DATA))
+    d, rec = download(url, target, restart_wait=-1, retries=0)
+    assert d.state == 'complete' and target.read_bytes() == NEW
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    assert d.last_exception is None
+    assert server.requests[0].headers['If-Range'] == ETAG
+    assert not sidecar_of(target).exists()
