@@ -1289,6 +1289,10 @@ class TLSPeer:
 
     def close(self):
         self._closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             sockets = list(self._sockets)

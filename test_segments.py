@@ -275,6 +275,7 @@ def test_kill_9_loses_at_most_about_a_second(server, tmp_path):
     assert all(data[a:b] == BIG[a:b] for a, b in held)
     # the sidecar lags at most a second, a buffer at most half a second
     assert sum(b - a for a, b in held) >= sent - 1.6 * 4 * rate
+    server.add('/f', BIG, throttle=16 * rate)            # the same file, served faster
     d, _ = download(url, target, connections=4)
     assert d.state == 'complete' and target.read_bytes() == BIG
 
