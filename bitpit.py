@@ -1487,8 +1487,9 @@ class _Answer:
 
     ``kind``: ``'part'`` (bytes ``first`` to ``end``, exclusive, of the
     file follow; ``end`` is ``None`` when only the body's end tells),
-    ``'whole'`` (the whole file follows from byte 0) or ``'end'`` (nothing at
-    or after the offset asked for: the file has ``total`` bytes).
+    ``'whole'`` (the whole file follows from byte 0), ``'end'`` (nothing at
+    or after the offset asked for: the file has ``total`` bytes) or
+    ``'unchanged'`` (304: the copy the request described is current).
     ``total`` is the file's size if the answer tells it. ``validator`` is
     the strong ETag, else the Last-Modified date. ``encoding`` is the
     ``Content-Encoding`` if the body is not the file's own bytes, and
@@ -1535,6 +1536,8 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     ``ProtocolError`` for an answer that contradicts itself or the request.
     A pure function of the response."""
     status = response.status
+    if status == 304:
+        return _Answer('unchanged', first, first, None, response)
     if status == 416 and first > 0:
         match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
         return _Answer('end', first, first, int(match.group(1)) if match else None, response)
@@ -1572,6 +1575,34 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
 
 class _Superseded(Exception):
     """A write planned before the file started over from byte 0."""
+
+
+_ETAG_ATTRIBUTE = 'user.bitpit.etag'
+
+
+def _stamp(path: pathlib.Path, modified: Optional[float], etag: Optional[str]) -> None:
+    """Give a completed file the server's modification time, and remember
+    the ETag that made it in an extended attribute where the file system
+    has them (nothing is written beside the file: where there are none,
+    ``if_exists='update'`` compares dates)."""
+    try:
+        if modified is not None:
+            os.utime(path, (time.time(), modified))
+    except (OSError, OverflowError, ValueError) as exc:
+        _log.warning('cannot set the modification time of %s: %s', path, exc)
+    if etag and hasattr(os, 'setxattr'):
+        try:
+            os.setxattr(path, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
+        except OSError:
+            pass  # no extended attributes here
+
+
+def _stored_etag(path: pathlib.Path) -> Optional[str]:
+    """The ETag ``_stamp`` remembered for ``path``, or ``None``."""
+    try:
+        return os.getxattr(path, _ETAG_ATTRIBUTE).decode('utf-8')
+    except (AttributeError, OSError, UnicodeDecodeError):
+        return None
 
 
 class _Ranges:
@@ -1956,10 +1987,12 @@ class _FileStore:
 
     # -- the end ----------------------------------------------------------------------
 
-    def finish(self, checksum: Optional[Tuple[str, str]]) -> None:
+    def finish(self, checksum: Optional[Tuple[str, str]], modified: Optional[float] = None,
+               etag: Optional[str] = None) -> None:
         """The download is complete: cut the file to its size, check the
-        checksum, forget the sidecar. Raises ``IntegrityError`` on a
-        mismatch (the file is kept)."""
+        checksum, forget the sidecar, and give the file the server's
+        modification time and ETag (``_stamp``). Raises ``IntegrityError``
+        on a mismatch (the file is kept)."""
         with self._lock:
             try:
                 if self._regular and self.size >= 0 and \
@@ -1968,16 +2001,17 @@ class _FileStore:
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
             self._remove_sidecar()
-            if checksum is None:
-                return
-            if self._hasher is None:
-                import hashlib
-                self._hasher = hashlib.new(checksum[0])
-            self._hash_from_disk(self.held.total)
-            actual = self._hasher.hexdigest()
-            if actual != checksum[1]:
-                raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
-                                     .format(checksum[0], self.target, checksum[1], actual))
+            if checksum is not None:
+                if self._hasher is None:
+                    import hashlib
+                    self._hasher = hashlib.new(checksum[0])
+                self._hash_from_disk(self.held.total)
+                actual = self._hasher.hexdigest()
+                if actual != checksum[1]:
+                    raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
+                                         .format(checksum[0], self.target, checksum[1], actual))
+            if self.is_path and self.target.is_file():
+                _stamp(self.target, modified, etag)
 
     def _hash_from_disk(self, end: int) -> None:
         """Feed the hasher the file's bytes from where it stands to ``end``."""
@@ -2214,7 +2248,8 @@ class _Transfer:
     def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
-                 min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool):
+                 min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
+                 conditions: Optional[Dict[str, str]] = None):
         self._cond = threading.Condition(threading.Lock())
         self.store = store
         self.options = options
@@ -2227,6 +2262,9 @@ class _Transfer:
         self.min_speed = min_speed
         self.rename_in = rename_in
         self.gzip_name = gzip_name          # the target's name ends in .gz or .tgz
+        self.conditions = conditions        # If-None-Match/-Modified-Since of the probe
+        self.unchanged = False              # the probe's answer was 304 Not Modified
+        self.file_dates: Tuple[Optional[str], Optional[str]] = (None, None)  # ETag, date
         self.cancel = _Cancel()
         self.total: Optional[int] = store.size if store.size >= 0 else None
         self.probed = False           # the first answer is in
@@ -2325,7 +2363,9 @@ class _Transfer:
                 raise self.error
             if not self.complete:
                 raise _Stopped
-            self.store.finish(self.checksum)
+            if not self.unchanged:
+                etag, date = self.file_dates
+                self.store.finish(self.checksum, _parse_http_date(date), etag)
         finally:
             if not self.complete or self.error is not None:
                 self.store.save()
@@ -2440,7 +2480,8 @@ class _Transfer:
         return start, (end if end < _UNKNOWN_END else None)
 
     def _is_complete(self) -> bool:
-        return self.total is not None and self.store.held.total >= self.total and \
+        return (self.unchanged or self.total is not None and
+                self.store.held.total >= self.total) and \
             not any(c.active for c in self.connections)
 
     def _claim(self, conn: _Connection, start: int, end: Optional[int],
@@ -2571,7 +2612,7 @@ class _Transfer:
         last = None if conn.open_ended or not ranged else conn.request_end - 1
         request = _Request(self.options, source.url, first=first if ranged else None,
                            last=last, validator=source.validator if first > 0 else None,
-                           cancel=self.cancel)
+                           cancel=self.cancel, extra=None if self.probed else self.conditions)
         conn.request = request
         conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
         reuse = False
@@ -2607,6 +2648,12 @@ class _Transfer:
         asked = conn.pos
         if conn.superseded or conn.epoch != self.store.epoch:
             raise _Superseded
+        if answer.kind == 'unchanged':
+            if self.probed or not self.conditions:
+                raise ProtocolError('304 Not Modified to a request that set no condition')
+            self.probed, self.probing, self.unchanged = True, False, True
+            conn.end = conn.pos
+            return None
         if answer.encoding is not None:
             self._decoding(conn, answer, response, request.url)
         known = self.total if self.total is not None else None
@@ -2684,6 +2731,7 @@ class _Transfer:
         decide whether it comes in pieces over several connections."""
         self.probed = True
         self.probing = False
+        self.file_dates = (answer.etag, answer.last_modified)
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
@@ -2914,6 +2962,21 @@ def _unexpected(exc: BaseException) -> Error:
 
 _PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
 _STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
+_IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
+_NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
+
+
+def _free_name(target: pathlib.Path) -> pathlib.Path:
+    """The first of ``NAME.1.EXT``, ``NAME.2.EXT``, ... that neither exists
+    nor has a sidecar (wget's numbering)."""
+    stem, ext = _split_extension(target.name)
+    number = 0
+    while True:
+        number += 1
+        candidate = target.with_name(_fit_name(stem, '.{}{}'.format(number, ext)))
+        if not candidate.exists() and \
+                not candidate.with_name(candidate.name + _SIDECAR_SUFFIX).exists():
+            return candidate
 
 
 class _Option:
@@ -2934,6 +2997,16 @@ class _Option:
 
     def __set__(self, obj: Any, value: Any) -> None:
         setattr(obj, self.attribute, self.check(self.name, value))
+
+
+def _check_if_exists(value: Any, path: Any) -> str:
+    if value not in _IF_EXISTS:
+        raise ValueError('if_exists must be one of {}, not {!r}'.format(
+            ', '.join(map(repr, _IF_EXISTS)), value))
+    if not isinstance(path, pathlib.Path) and value not in ('resume', 'overwrite'):
+        raise ValueError("if_exists={!r} needs a path: with a file object only 'resume' "
+                         "and 'overwrite' apply".format(value))
+    return value
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -3011,7 +3084,8 @@ class Downloader(Emitter):
                  checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
-                 max_size: Optional[int] = None, min_speed: float = 0):
+                 max_size: Optional[int] = None, min_speed: float = 0,
+                 if_exists: str = 'resume'):
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = threading.Condition(self._lock)  # wait() waits on it
@@ -3019,6 +3093,7 @@ class Downloader(Emitter):
         self._state = 'pause'
         self._size = -1
         self._downloaded = 0
+        self._resumed_from = 0               # bytes held when the attempt began
         self._received = 0
         self._speed: float = 0
         self._last_exception: Optional[BaseException] = None
@@ -3052,9 +3127,12 @@ class Downloader(Emitter):
         self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
         self.max_size = max_size
         self.min_speed = min_speed
+        self._first_attempt = True           # if_exists acts on this one
+        self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
         self._path: Union[pathlib.Path, io.BufferedIOBase]
         self._set_path_value(path, dir_path)
+        self.if_exists = if_exists
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -3068,6 +3146,7 @@ class Downloader(Emitter):
         if hasattr(path, 'write'):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
+            _check_if_exists(self._if_exists, path)
             self._dir, self._path = None, path
         else:
             path = pathlib.Path(path).expanduser()
@@ -3100,6 +3179,16 @@ class Downloader(Emitter):
                 self._path = self._dir / _filename_from_url(value)
             self._load_local_state()
         self.emit('url-changed', self)
+
+    @property
+    def if_exists(self) -> str:
+        """What a start does with an existing file: ``'resume'``, ``'skip'``,
+        ``'update'``, ``'rename'`` or ``'overwrite'``; next start."""
+        return self._if_exists
+
+    @if_exists.setter
+    def if_exists(self, value: str) -> None:
+        self._if_exists = _check_if_exists(value, self._path)
 
     @property
     def mirrors(self) -> Tuple[str, ...]:
@@ -3291,6 +3380,8 @@ class Downloader(Emitter):
         """Start the download thread and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
+        if not self.is_alive:
+            self._first_attempt = True
         self._start(None)
 
     def _start(self, timer: Optional[threading.Thread]) -> None:
@@ -3367,16 +3458,18 @@ class Downloader(Emitter):
         download thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            while True:
-                if self._state in _FINISHED_STATES:
-                    break
-                if not self._running and not self.is_restarting and self._restarts_itself:
-                    break
+            while not self._settled():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._changed.wait(left)
             return self._state == 'complete'
+
+    def _settled(self) -> bool:
+        """Nothing more will happen by itself: complete, fatal, or stopped
+        (or failed) with no restart to come (a manager restarts its own)."""
+        return self._state in _FINISHED_STATES or (
+            not self._running and not self.is_restarting and self._restarts_itself)
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -3511,11 +3604,13 @@ class Downloader(Emitter):
                 self._changed.notify_all()
 
     def _attempt(self) -> None:
-        """One attempt: run a transfer, relay what it reports as signals, and
-        measure the speed every ``update_period``. Raises on failure."""
-        store = self._store
-        store.load()  # the file may have changed since the last attempt
-        self._downloaded = store.held.total
+        """One attempt: decide what to do with an existing file, run a
+        transfer, relay what it reports as signals, and measure the speed
+        every ``update_period``. Raises on failure."""
+        store, conditions, replaces = self._prepare_target()
+        if store is None:  # 'skip': the file is taken as it is
+            return
+        self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             self._set_size(store.size)
         transfer = _Transfer(
@@ -3525,7 +3620,7 @@ class Downloader(Emitter):
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
             gzip_name=isinstance(self._path, pathlib.Path) and
-            self._path.name.lower().endswith(('.gz', '.tgz')))
+            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions)
         with self._lock:
             self._transfer = transfer
             stopped = self._stop_event.is_set()
@@ -3557,7 +3652,59 @@ class Downloader(Emitter):
             with self._lock:
                 self._downloaded = store.held.total
                 self._transfer = None
-        self._set_size(store.size if store.size >= 0 else self._downloaded)
+        if transfer.unchanged:  # 304: the file on disk is current
+            self._downloaded = _local_size(replaces)
+        elif replaces is not None:
+            try:
+                os.replace(store.target, replaces)
+            except OSError as exc:
+                raise FileError('cannot replace {} with {}: {}'.format(
+                    replaces, store.target, exc)) from exc
+        self._set_size(store.size if store.size >= 0 and not transfer.unchanged
+                       else self._downloaded)
+
+    def _prepare_target(self) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
+                                       Optional[pathlib.Path]]:
+        """What ``if_exists`` makes of an existing target before an attempt:
+        ``(store, conditions, replaces)``, the store to download into, the
+        conditions of the first request and the file a complete download
+        replaces (for ``'update'``); store ``None`` for a file taken as it
+        is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
+        attempt after a ``start()`` only: the attempts after it resume what
+        it began. Download thread."""
+        store = self._store
+        store.load()  # the file may have changed since the last attempt
+        first, self._first_attempt = self._first_attempt, False
+        mode = self._if_exists
+        if mode == 'overwrite' and first:
+            store.restart_from_zero()
+        if not store.is_path or mode in ('resume', 'overwrite'):
+            return store, None, None
+        target = store.target
+        taken_as_is = target.exists() and not store.sidecar.exists()
+        if mode == 'skip' and taken_as_is:
+            self._downloaded = _local_size(target)
+            self._set_size(self._downloaded)
+            return None, None, None
+        if mode == 'rename' and first and target.exists():
+            self._path = _free_name(target)
+            self._store = store = _FileStore(self._path, self._url)
+            self.emit('path-changed', self)
+        if mode != 'update':
+            return store, None, None
+        newer = _FileStore(target.with_name(target.name + _NEWER_SUFFIX), self._url)
+        newer.load()
+        if newer.held.total or not taken_as_is:
+            return (newer if newer.held.total else store), None, \
+                (target if newer.held.total else None)
+        etag = _stored_etag(target)
+        if etag:
+            conditions = {'If-None-Match': etag}
+        else:
+            import email.utils
+            conditions = {'If-Modified-Since': email.utils.formatdate(
+                target.stat().st_mtime, usegmt=True)}
+        return newer, conditions, target
 
     def _relay(self, kind: str, value: Any) -> None:
         """Turn a transfer's event into the download's state and signals."""
@@ -3875,7 +4022,62 @@ def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int 
                          max_running=max_running, restart_wait=_CLI_RESTART_WAIT,
                          downloader_kwargs={'timeout': _CLI_TIMEOUT,
                                             'retries': _CLI_RETRIES},
-                         quiet=False)
+                         output='auto')
+
+
+def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
+             **kwargs: Any) -> Union[pathlib.Path, io.BufferedIOBase]:
+    """Download ``url`` and return its path once the file is complete: one
+    call that blocks, from any thread (from asyncio:
+    ``await asyncio.to_thread(bitpit.download, url)``).
+
+    ``path`` and ``kwargs`` are ``Downloader``'s (``connections``,
+    ``restart_wait``, ``retries``, ``checksum``, ``if_exists``, ...); the
+    path returned is the final one (after a ``Content-Disposition`` name or
+    a rename). Raises the download's ``bitpit.Error`` when it ends in
+    ``fatal-error``, or in ``error`` with no restart to come. With
+    ``progress=True`` a line on standard error shows the progress, when that
+    is a terminal. ``KeyboardInterrupt`` stops the download, keeping the
+    partial file resumable, and propagates."""
+    d = Downloader(url, path, **kwargs)
+    line = _ProgressLine(d) if progress and _isatty(sys.stderr) and \
+        _enable_ansi(sys.stderr) else None
+    try:
+        d.start()
+        while not d.wait(None if line is None else _CLI_REFRESH) and not d._settled():
+            line.draw()
+    except BaseException:
+        while True:  # even if Ctrl-C is pressed again meanwhile
+            try:
+                d.stop()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
+    finally:
+        if line is not None:
+            line.close()
+    if d.state != 'complete':
+        raise d.last_exception or Error('the download of {} stopped before it was '
+                                        'complete'.format(url))
+    return d.path
+
+
+class _ProgressLine:
+    """``download(progress=True)``: the command line's row for one download,
+    redrawn in place on standard error."""
+
+    def __init__(self, d: Downloader):
+        self.d = d
+
+    def draw(self) -> None:
+        import shutil
+        width = max(shutil.get_terminal_size().columns - 1, 20)
+        _write(sys.stderr, '\r' + _table_row(self.d, width) + '\x1b[K')
+
+    def close(self) -> None:
+        self.draw()
+        _write(sys.stderr, '\n')
 
 
 def _build_parser() -> Any:
@@ -3976,6 +4178,22 @@ def _build_parser() -> Any:
                              '(default: http_proxy, https_proxy, no_proxy)')
     parser.add_argument('--cacert', metavar='FILE',
                         help='trust the CA certificates in this PEM file for HTTPS')
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument('--if-exists', metavar='WHAT', choices=_IF_EXISTS, default='resume',
+                          help='what to do with a file that exists: resume (default), '
+                               'skip, update, rename or overwrite')
+    existing.add_argument('--no-clobber', dest='if_exists', action='store_const',
+                          const='skip', help='leave a file that exists as it is '
+                                             '(--if-exists skip)')
+    existing.add_argument('-N', '--newer', dest='if_exists', action='store_const',
+                          const='update', help='download a file that exists only if the '
+                                               'server has a newer one (--if-exists update)')
+    parser.add_argument('--cookies', metavar='FILE',
+                        help='send the cookies of this Netscape cookies.txt file (as '
+                             'browsers export it); it is read, never written')
+    parser.add_argument('--json', action='store_true',
+                        help='print one JSON object per line on standard output (state, '
+                             'progress, summary) instead of the table')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing but errors (on standard error)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
@@ -3987,7 +4205,12 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
     usage error (``parser.error``) for a malformed one."""
     kwargs: Dict[str, Any] = {'timeout': args.timeout, 'retries': args.retries,
                               'connections': args.connections, 'max_size': args.max_size,
-                              'min_speed': args.min_speed}
+                              'min_speed': args.min_speed, 'if_exists': args.if_exists}
+    if args.cookies is not None:
+        try:
+            kwargs['cookies'] = _Cookies(args.cookies)  # one jar for every download
+        except ValueError as exc:
+            parser.error('--cookies: {}'.format(exc))
     headers = {}
     for header in args.header:
         name, colon, value = header.partition(':')
@@ -4052,9 +4275,10 @@ def _cli(argv: Optional[List[str]] = None) -> int:
             print('bitpit: cannot create directory {}: {}'.format(directory, exc),
                   file=sys.stderr)
             return _EXIT_FAILED
+    output = 'json' if args.json else 'quiet' if args.quiet else 'auto'
     return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
                          restart_wait=args.restart_wait,
-                         downloader_kwargs=downloader_kwargs, quiet=args.quiet)
+                         downloader_kwargs=downloader_kwargs, output=output)
 
 
 _INPUT_COMMENT_RE = re.compile(r'(?:^|\s)#')
@@ -4139,32 +4363,67 @@ def _assign_paths(files: List[_Sources], directory: Optional[str]) -> List[_Job]
 
 
 class _Event:
-    """A state change as it happened, for the plain log lines."""
-    __slots__ = ('downloader', 'state', 'error', 'downloaded', 'size')
+    """A download as it was at a state change (or a progress report): the
+    snapshot the output shows, taken on the thread that saw it."""
+    __slots__ = ('downloader', 'state', 'error', 'downloaded', 'size', 'speed')
 
-    def __init__(self, downloader: Downloader, state: str,
-                 error: Optional[BaseException], downloaded: int, size: int):
+    def __init__(self, downloader: Downloader):
         self.downloader = downloader
-        self.state = state
-        self.error = error
-        self.downloaded = downloaded
-        self.size = size
+        self.state = downloader.state
+        self.error = downloader.last_exception
+        # as the bytes begin to flow, what the attempt resumes from
+        self.downloaded = downloader._resumed_from if self.state == 'download' \
+            else downloader.downloaded
+        self.size = downloader.size
+        self.speed = downloader.speed
+
+
+class _Outcome:
+    """What a run of the command did: files completed and failed, bytes
+    received and seconds taken, for the closing summary."""
+
+    def __init__(self, downloads: List[Downloader], held_before: List[int], began: float):
+        self.total = len(downloads)
+        self.completed = sum(d.state == 'complete' for d in downloads)
+        self.failed = [d for d in downloads if d.state == 'fatal-error']
+        self.bytes = sum(max(0, d.downloaded - before)
+                         for d, before in zip(downloads, held_before))
+        self.seconds = max(time.monotonic() - began, 1e-6)
+
+    def text(self) -> str:
+        """wget's ``Downloaded: 3 files, 90M in 11s (8.0 MB/s)``, then a
+        line per failed download."""
+        plural = '' if self.completed == 1 else 's'
+        text = 'Downloaded: {} file{} of {}, {} in {} ({})\n'.format(
+            self.completed, plural, self.total, _human(self.bytes),
+            _human_seconds(self.seconds), _human(self.bytes / self.seconds, per_second=True))
+        if self.failed:
+            text += 'Failed: {} file{}\n'.format(len(self.failed),
+                                                 '' if len(self.failed) == 1 else 's')
+            text += ''.join('  {}: {}\n'.format(_name(d), _error_text(d.last_exception))
+                            for d in self.failed)
+        return text
+
+    def record(self) -> Dict[str, Any]:
+        return {'event': 'summary', 'completed': self.completed, 'failed': len(self.failed),
+                'total': self.total, 'bytes': self.bytes, 'seconds': round(self.seconds, 3)}
 
 
 def _download_all(jobs: List[_Job], *, rate_limit: float,
                   max_running: int, restart_wait: float,
-                  downloader_kwargs: Dict[str, Any], quiet: bool) -> int:
+                  downloader_kwargs: Dict[str, Any], output: str) -> int:
     """Run every ``(url, mirrors, path)`` through one ``Manager`` until each is
-    complete or fatal, showing the progress; return the exit status. On
-    ``KeyboardInterrupt`` pause everything (the partial files resume next
-    time) and return 130."""
+    complete or fatal, showing the progress (``output``: ``'auto'``,
+    ``'quiet'`` or ``'json'``) and a closing summary; return the exit
+    status. On ``KeyboardInterrupt`` pause everything (the partial files
+    resume next time) and return 130."""
     cond = threading.Condition()
     events: List[_Event] = []
 
     def state_changed(d: Downloader, old: str) -> None:
         # On the download thread, which alone changes the state: the
         # snapshot is what this state change was.
-        event = _Event(d, d.state, d.last_exception, d.downloaded, d.size)
+        event = _Event(d)
         with cond:
             events.append(event)
             cond.notify_all()
@@ -4172,7 +4431,9 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
     kwargs = {'update_period': _CLI_SPEED_PERIOD}
     kwargs.update(downloader_kwargs)
     downloads: List[Downloader] = []
-    progress = _Progress(downloads, quiet)
+    progress = _JSONLines(downloads) if output == 'json' else \
+        _Progress(downloads, output == 'quiet')
+    began = time.monotonic()
     manager = Manager(max_running=max_running, rate_limit=rate_limit,
                       restart_wait=restart_wait)
     try:
@@ -4180,6 +4441,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
             d = Downloader(url, path, mirrors=mirrors, **kwargs)
             d.listen('state-changed', state_changed)
             downloads.append(d)
+        held_before = [d.downloaded for d in downloads]
         for d in downloads:
             manager.add(d)
         manager.start()
@@ -4200,12 +4462,12 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
         manager.stop()
         for d in downloads:
             d.join()
-        progress.close()
+        progress.close(_Outcome(downloads, held_before, began))
         failed = any(d.state != 'complete' for d in downloads)
         return _EXIT_FAILED if failed else _EXIT_OK
     except KeyboardInterrupt:
         _pause_all(manager)
-        progress.close(interrupted=True)
+        progress.close(_Outcome(downloads, held_before, began), interrupted=True)
         return _EXIT_INTERRUPTED
     except BaseException:
         _pause_all(manager)  # leave no download thread running behind
@@ -4257,21 +4519,15 @@ class _Progress:
             elif event.state == 'fatal-error':
                 _write(sys.stderr, _plain_line(event))
 
-    def close(self, interrupted: bool = False) -> None:
-        """The last words: final table or summary, failures, interruption."""
+    def close(self, outcome: '_Outcome', interrupted: bool = False) -> None:
+        """The last words: the final table, the summary (with a line per
+        failed download), the interruption."""
         if self.live:
             self.draw()
-            for d in self.downloads:
-                if d.state == 'fatal-error':
-                    _write(sys.stderr, _plain_line(_Event(d, d.state, d.last_exception,
-                                                          d.downloaded, d.size)))
-        elif not self.quiet and not interrupted:
-            _write(sys.stdout, _summary(self.downloads))
+        if not self.quiet:
+            _write(sys.stdout, outcome.text())
         if interrupted:
-            paused = sum(d.state not in _FINISHED_STATES for d in self.downloads)
-            _write(sys.stderr, 'bitpit: interrupted; {} unfinished download{} paused: run '
-                               'the same command again to resume\n'
-                   .format(paused, '' if paused == 1 else 's'))
+            _write(sys.stderr, _interrupted_text(self.downloads))
 
     def draw(self) -> None:
         """Rewrite the table over its previous copy: back to its first line,
@@ -4291,6 +4547,54 @@ class _Progress:
         self.drawn = len(rows)
         self.next_draw = time.monotonic() + _CLI_REFRESH
 
+
+def _interrupted_text(downloads: List[Downloader]) -> str:
+    paused = sum(d.state not in _FINISHED_STATES for d in downloads)
+    return ('bitpit: interrupted; {} unfinished download{} paused: run the same command '
+            'again to resume\n'.format(paused, '' if paused == 1 else 's'))
+
+
+class _JSONLines:
+    """``--json``: one JSON object per line on standard output, for
+    programs: ``state`` at each state change, ``progress`` at most once a
+    second per running download, and a last ``summary``. From the main
+    thread."""
+
+    def __init__(self, downloads: List[Downloader]):
+        self.downloads = downloads
+        self.next_progress = time.monotonic() + 1.0
+
+    def wait_time(self) -> float:
+        return max(0.01, self.next_progress - time.monotonic())
+
+    def report(self, batch: List[_Event]) -> None:
+        for event in batch:
+            self._write('state', event)
+        now = time.monotonic()
+        if now >= self.next_progress:
+            self.next_progress = now + 1.0
+            for d in self.downloads:
+                if d.state in _ACTIVE_STATES:
+                    self._write('progress', _Event(d))
+
+    def close(self, outcome: '_Outcome', interrupted: bool = False) -> None:
+        import json
+        _write(sys.stdout, json.dumps(outcome.record()) + '\n')
+        if interrupted:
+            _write(sys.stderr, _interrupted_text(self.downloads))
+
+    @staticmethod
+    def _write(kind: str, event: _Event) -> None:
+        import json
+        d = event.downloader
+        path = d.path
+        _write(sys.stdout, json.dumps({
+            'event': kind, 'url': d.url,
+            'path': str(path) if isinstance(path, pathlib.Path) else repr(path),
+            'state': event.state, 'downloaded': event.downloaded, 'size': event.size,
+            'speed': int(event.speed),
+            'error': str(event.error) if event.state in ('error', 'fatal-error') and
+            event.error is not None else None}) + '\n')
 
 def _isatty(stream: Any) -> bool:
     try:
@@ -4379,6 +4683,12 @@ def _human(n: float, per_second: bool = False) -> str:
     text = '{} {}'.format(int(number), suffix) if suffix == 'B' else \
         '{:.1f} {}'.format(number, suffix)
     return text + '/s' if per_second else text
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return '{:.{}f} s'.format(seconds, 2 if seconds < 10 else 1)
+    return _human_eta(datetime.timedelta(seconds=seconds))
 
 
 def _human_eta(eta: Optional[datetime.timedelta]) -> str:

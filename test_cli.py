@@ -65,6 +65,9 @@ def wait_size(path, minimum, proc, timeout=10):
 
 # -- downloading ---------------------------------------------------------------
 
+SUMMARY = (r'Downloaded: {} files? of {}, [0-9.]+ [KMG]?B in [0-9.]+ s '
+           r'\([0-9.]+ [KMG]?B/s\)')
+
 def test_several_urls(server, tmp_path):
     urls = [server.add('/a.bin', DATA), server.add('/b.bin', OTHER),
             server.add('/c.txt', b'hello\n')]
@@ -74,7 +77,7 @@ def test_several_urls(server, tmp_path):
     assert (tmp_path / 'b.bin').read_bytes() == OTHER
     assert (tmp_path / 'c.txt').read_bytes() == b'hello\n'
     assert not list(tmp_path.glob('*.bitpit'))
-    assert result.stdout.rstrip('\n').splitlines()[-1] == 'running 0 | completed 3 / 3'
+    assert re.fullmatch(SUMMARY.format(3, 3), result.stdout.rstrip('\n').splitlines()[-1])
 
 
 def test_plain_lines_when_piped(server, tmp_path):
@@ -83,10 +86,12 @@ def test_plain_lines_when_piped(server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert '\x1b' not in result.stdout and '\r' not in result.stdout
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ['start', 'download', 'complete', 'running']
+    assert [line.split()[0] for line in lines] == ['start', 'download', 'complete',
+                                                   'Downloaded:']
     assert lines[0].split()[1:] == ['one.bin', url]
     assert lines[2].split() == ['complete', 'one.bin', '256.0', 'KB']
-    assert lines[3] == 'running 0 | completed 1 / 1'
+    assert re.fullmatch(SUMMARY.format(1, 1), lines[3])
+    assert lines[3].startswith('Downloaded: 1 file of 1, 256.0 KB in ')
 
 
 def test_input_file(server, tmp_path):
@@ -101,7 +106,7 @@ def test_input_file(server, tmp_path):
     assert (tmp_path / 'a.bin').read_bytes() == DATA
     assert (tmp_path / 'b.bin').read_bytes() == OTHER
     assert (tmp_path / 'c.bin').read_bytes() == b'c' * 100
-    assert 'completed 3 / 3' in result.stdout
+    assert 'Downloaded: 3 files of 3' in result.stdout
     assert len(server.requests_for('/c.bin')) == 1
 
 
@@ -177,7 +182,10 @@ def test_404_ends_with_status_1(server, tmp_path):
     assert time.monotonic() - started < 10
     assert (tmp_path / 'good.bin').read_bytes() == DATA
     assert re.search(r'^fatal-error +missing\.iso +HTTP 404', result.stdout, re.M)
-    assert 'completed 1 / 2 | failed 1' in result.stdout
+    # the summary ends with a line per failed download
+    assert result.stdout.splitlines()[-3].startswith('Downloaded: 1 file of 2, ')
+    assert result.stdout.splitlines()[-2:] == [
+        'Failed: 1 file', '  missing.iso: HTTP 404 Not Found for ' + server.url('/missing.iso')]
 
 
 def test_out_of_retries_ends_with_status_1(server, tmp_path):
@@ -251,7 +259,7 @@ def test_option_defaults():
     parser = bitpit._build_parser()
     assert bitpit._downloader_kwargs(parser, args, 1) == {
         'timeout': args.timeout, 'retries': 5, 'connections': 1, 'max_size': None,
-        'min_speed': 0}
+        'min_speed': 0, 'if_exists': 'resume'}
 
 
 def test_version_and_help(tmp_path):
@@ -361,11 +369,12 @@ def test_live_table_on_a_terminal(server, tmp_path):
     frames = [ESCAPE.sub('', frame).replace('\r', '')
               for frame in re.split(r'\r\x1b\[\d+A', output)]
     last = [line for line in frames[-1].split('\n') if line]
-    assert len(last) == 3, last
+    assert len(last) == 4, last
     assert re.match(r'c +146\.5 KB 100% \[=+\] +small\.bin$', last[0]), last
     assert last[1].startswith('c ') and last[1].endswith('.iso'), last
     assert '..' in last[1] and long_name not in output  # cut in its middle
     assert last[2] == 'running 0 | completed 2 / 2'
+    assert re.fullmatch(SUMMARY.format(2, 2), last[3]), last  # below the table, once
     assert any(re.match(r'd .*KB/s .*\d+% \[=* *\] +\d+:\d\d:\d\d small\.bin$', line)
                for frame in frames for line in frame.split('\n')), frames
     for frame in frames:
@@ -398,7 +407,7 @@ def test_main_from_python(server, tmp_path, monkeypatch, capsys):
     assert bitpit.main([a, b], rate_limit='10m', max_running=1) == 0
     assert (tmp_path / 'a.bin').read_bytes() == DATA
     assert (tmp_path / 'b.bin').read_bytes() == OTHER
-    assert 'completed 2 / 2' in capsys.readouterr().out
+    assert 'Downloaded: 2 files of 2' in capsys.readouterr().out
     assert bitpit.main([server.url('/missing')]) == 1
     with pytest.raises(ValueError):
         bitpit.main([a], rate_limit='fast')

@@ -130,7 +130,7 @@ def test_a_far_slower_connection_is_raced_from_the_far_end(server, tmp_path):
     blocks = [(first, last) for first, last, conn in ranges(server)
               if conn != 1 and first < SHARE]
     assert len(blocks) >= 2, ranges(server)
-    assert all(last - first + 1 <= 256 * 1024 for first, last in blocks)
+    assert all(last - first + 1 <= 256 * 1024 for first, last in blocks), ranges(server)
     blocks.sort(reverse=True)          # (racers may send in another order)
     assert blocks[0][1] == SHARE - 1                      # from the far end ...
     assert all(b[1] == a[0] - 1 for a, b in zip(blocks, blocks[1:]))  # ... backwards
