@@ -1921,13 +1921,14 @@ class _FileStore:
             self.held = _Ranges()
             self.size = -1
             self._reset_hasher()
+            stream = self.target if not self.is_path else self._file
             try:
-                if self._file is not None and (self._regular or not self.is_path):
-                    if not _seekable(self._file):
-                        raise FileError('the file changed on the server, and {!r} cannot '
-                                        'be rewound to start over'.format(self._file))
-                    self._file.seek(0)
-                    self._file.truncate(0)
+                if stream is not None and (self._regular or not self.is_path):
+                    if _seekable(stream):
+                        stream.seek(0)
+                        stream.truncate(0)
+                    elif self._position:
+                        raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
                 elif self._file is None and self.is_path and self.target.exists():
                     with open(self.target, 'r+b') as file:
@@ -4044,8 +4045,11 @@ def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = Fal
         _enable_ansi(sys.stderr) else None
     try:
         d.start()
-        while not d.wait(None if line is None else _CLI_REFRESH) and not d._settled():
-            line.draw()
+        # waits in slices, so that Ctrl-C gets through where a plain wait
+        # cannot be interrupted, and the progress line is redrawn
+        while not d.wait(_CLI_REFRESH) and not d._settled():
+            if line is not None:
+                line.draw()
     except BaseException:
         while True:  # even if Ctrl-C is pressed again meanwhile
             try:
@@ -4590,7 +4594,7 @@ class _JSONLines:
         path = d.path
         _write(sys.stdout, json.dumps({
             'event': kind, 'url': d.url,
-            'path': str(path) if isinstance(path, pathlib.Path) else repr(path),
+            'path': os.path.abspath(path) if isinstance(path, pathlib.Path) else repr(path),
             'state': event.state, 'downloaded': event.downloaded, 'size': event.size,
             'speed': int(event.speed),
             'error': str(event.error) if event.state in ('error', 'fatal-error') and

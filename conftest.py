@@ -300,6 +300,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._simple(fault['status'], b'fault\n', head)
 
         data, etag = res.current(get=not head)
+        if self._not_modified(res, etag):
+            return self._simple(304, b'', head, {'ETag': etag} if etag else {})
         ignore, cut_frac, pause = (False, None, 0.0) if head else res.chaos()
         total = len(data)
         status, start, end, content_range = 200, 0, total - 1, None
@@ -353,6 +355,22 @@ class _Handler(BaseHTTPRequestHandler):
             chaos_cut = int(cut_frac * len(body))
             cut = chaos_cut if cut is None else min(cut, chaos_cut)
         self._write_body(body, res, cut=cut, pause=pause)
+
+    def _not_modified(self, res, etag):
+        """Whether a conditional request (If-None-Match, else
+        If-Modified-Since) finds the resource unchanged: a 304."""
+        tags = self.headers.get('If-None-Match')
+        if tags is not None:
+            return etag is not None and (tags.strip() == '*' or etag in
+                                         [t.strip() for t in tags.split(',')])
+        since = self.headers.get('If-Modified-Since')
+        if since is None or res.last_modified is None:
+            return False
+        try:
+            return (email.utils.parsedate_to_datetime(res.last_modified) <=
+                    email.utils.parsedate_to_datetime(since))
+        except (TypeError, ValueError):
+            return False
 
     def _requested_range(self, res, etag, total):
         """``(start, end)`` inclusive, ``'unsatisfiable'`` or ``None`` (serve
@@ -543,6 +561,9 @@ class FixtureServer:
         ``etag=`` ETag header value (quotes included); default: a hash of the
             data; ``None``: no ETag header.
         ``last_modified=`` Last-Modified header string (default: none).
+            Conditional GETs are answered 304 when ``If-None-Match`` names
+            the ETag, or (without it) ``If-Modified-Since`` is not before
+            ``last_modified``.
         ``content_type=`` default ``'application/octet-stream'``.
         ``headers={...}`` extra response headers; they override defaults
             case-insensitively and a ``None`` value removes a default header

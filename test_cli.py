@@ -9,6 +9,7 @@ progress polls the size of its output file against a deadline; nothing
 else sleeps.
 """
 import hashlib
+import json
 import os
 import re
 import select
@@ -505,3 +506,32 @@ def test_cli_max_size_and_min_speed(server, tmp_path, capsys):
                slow) == 1
     assert time.monotonic() - began < 5
     assert 'slower than' in capsys.readouterr().err
+
+
+# -- machine-readable output ------------------------------------------------------
+
+def test_json_lines(server, tmp_path):
+    good = server.add('/good.bin', DATA * 3, throttle=400000)
+    result = run(['--json', good, server.url('/missing.iso')], tmp_path)
+    assert result.returncode == 1, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    fields = {'event', 'url', 'path', 'state', 'downloaded', 'size', 'speed', 'error'}
+    states = [r for r in records if r['event'] == 'state']
+    assert all(set(r) == fields for r in states)
+    assert [(r['url'], r['state']) for r in states if r['url'] == good] == [
+        (good, 'start'), (good, 'download'), (good, 'complete')]
+    failed = [r for r in states if r['state'] == 'fatal-error']
+    assert len(failed) == 1 and 'HTTP 404' in failed[0]['error']
+    assert failed[0]['path'] == str(tmp_path / 'missing.iso')
+    done = [r for r in states if r['state'] == 'complete'][0]
+    assert done['downloaded'] == done['size'] == len(DATA) * 3 and done['error'] is None
+    progress = [r for r in records if r['event'] == 'progress']
+    assert progress and all(set(r) == fields and r['state'] in ('start', 'download')
+                            for r in progress)
+    # at most one progress object a second per download
+    assert len(progress) <= 2 + (len(DATA) * 3) // 400000
+    summary = records[-1]
+    assert summary['event'] == 'summary'
+    assert (summary['completed'], summary['failed'], summary['total']) == (1, 1, 2)
+    assert summary['bytes'] == len(DATA) * 3 and summary['seconds'] > 0
+    assert result.stderr == ''

@@ -1,0 +1,103 @@
+"""Cookies: a Netscape cookies.txt file (session cookies with expiry 0 are
+sent, expired ones and other hosts' are not), a jar of the caller's that
+receives what responses set, by default an in-memory jar per download (so a
+gateway's 302 with Set-Cookie works), the caller's Cookie header winning,
+a jar shared through Manager kwargs, and the command line's --cookies."""
+import http.cookiejar
+import threading
+import time
+
+import pytest
+
+import bitpit
+from conftest import DATA, download
+
+FUTURE = int(time.time()) + 3600
+
+
+def cookies_txt(tmp_path, *lines):
+    path = tmp_path / 'cookies.txt'
+    path.write_text('# Netscape HTTP Cookie File\n' + ''.join(
+        '\t'.join(map(str, line)) + '\n' for line in lines))
+    return path
+
+
+def test_a_cookies_txt_file_is_sent_by_its_rules(server, tmp_path):
+    jar = cookies_txt(
+        tmp_path,
+        ('127.0.0.1', 'FALSE', '/', 'FALSE', FUTURE, 'token', 'abc'),
+        ('127.0.0.1', 'FALSE', '/', 'FALSE', 0, 'session', 'yes'),      # expiry 0: sent
+        ('127.0.0.1', 'FALSE', '/', 'FALSE', 1000, 'old', 'gone'),      # expired
+        ('127.0.0.1', 'FALSE', '/other/', 'FALSE', FUTURE, 'elsewhere', 'no'),
+        ('example.com', 'FALSE', '/', 'FALSE', FUTURE, 'foreign', 'no'),
+        ('#HttpOnly_127.0.0.1', 'FALSE', '/', 'FALSE', FUTURE, 'http', 'only'))
+    url = server.add('/f', DATA)
+    d, _ = download(url, tmp_path / 'f.bin', cookies=str(jar))
+    assert d.state == 'complete'
+    sent = sorted(server.requests[0].headers['Cookie'].split('; '))
+    assert sent == ['http=only', 'session=yes', 'token=abc']
+    assert jar.read_text().count('\n') == 7                 # read, never written
+
+
+def test_a_gateway_that_sets_a_cookie_then_redirects(server, tmp_path):
+    server.add('/gate', b'', status=302, headers={'Location': '/file',
+                                                   'Set-Cookie': 'pass=42; Path=/'})
+    server.add('/file', DATA)
+    d, _ = download(server.url('/gate'), tmp_path / 'f.bin')
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+    assert server.requests[0].headers['Cookie'] is None
+    assert server.requests[1].headers['Cookie'] == 'pass=42'
+
+
+def test_a_callers_jar_receives_the_cookies_and_is_shared_by_a_manager(server, tmp_path):
+    jar = http.cookiejar.CookieJar()
+    server.add('/a', DATA, headers={'Set-Cookie': 'seen=a; Path=/'})
+    server.add('/b', DATA)
+    manager = bitpit.Manager(max_running=1, cookies=jar, path=tmp_path, dir_path=True)
+    a = manager.add(server.url('/a'))
+    b = manager.add(server.url('/b'))
+    done = threading.Event()
+    b.listen('state-changed', lambda d, old: d.state == 'complete' and done.set())
+    manager.start()
+    assert done.wait(10)
+    manager.stop()
+    assert a.state == 'complete'
+    assert [c.name for c in jar] == ['seen']
+    assert server.requests_for('/b')[0].headers['Cookie'] == 'seen=a'
+
+
+def test_cookies_never_go_to_another_host(server, make_server, tmp_path):
+    other = make_server('localhost')
+    target = other.add('/f', DATA)
+    server.add('/go', b'', status=302, headers={'Location': target,
+                                                 'Set-Cookie': 'mine=1; Path=/'})
+    d, _ = download(server.url('/go'), tmp_path / 'f.bin')
+    assert d.state == 'complete'
+    assert other.requests[0].headers['Cookie'] is None
+
+
+def test_the_callers_cookie_header_wins(server, tmp_path):
+    jar = cookies_txt(tmp_path, ('127.0.0.1', 'FALSE', '/', 'FALSE', FUTURE, 'token', 'abc'))
+    url = server.add('/f', DATA)
+    download(url, tmp_path / 'f.bin', cookies=str(jar), headers={'Cookie': 'mine=1'})
+    assert server.requests[0].headers.get_all('Cookie') == ['mine=1']
+
+
+@pytest.mark.parametrize('bad', [42, ['a=b']])
+def test_cookies_must_be_a_jar_or_a_path(tmp_path, bad):
+    with pytest.raises(TypeError, match='cookies'):
+        bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', cookies=bad)
+
+
+def test_a_missing_cookies_file_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match='cookies'):
+        bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f',
+                          cookies=str(tmp_path / 'none.txt'))
+
+
+def test_cli_cookies(server, tmp_path, capsys):
+    jar = cookies_txt(tmp_path, ('127.0.0.1', 'FALSE', '/', 'FALSE', 0, 'sid', 'x1'))
+    url = server.add('/f.bin', DATA)
+    assert bitpit._cli(['-q', '-d', str(tmp_path), '--cookies', str(jar), url]) == 0
+    assert server.requests[0].headers['Cookie'] == 'sid=x1'
+    assert bitpit._cli(['-q', '--cookies', str(tmp_path / 'none.txt'), url]) == 2
