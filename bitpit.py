@@ -36,9 +36,7 @@ import bisect
 import collections
 import datetime
 import io
-import logging
 import os
-import pathlib
 import re
 import select
 import socket
@@ -49,11 +47,16 @@ import threading
 import time
 import http.client
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 # Modules that only some downloads need (json, hashlib, email.utils, netrc,
-# base64, zlib, http.cookiejar, urllib.request, argparse, ...) are imported
-# where they are first used, so that ``import bitpit`` stays light.
+# base64, zlib, http.cookiejar, urllib.request, argparse, logging, pathlib,
+# ...) are imported where they are first used, so that ``import bitpit``
+# costs little more than ``import http.client``. typing is for annotations
+# only; a path is told from a file object by ``os.PathLike``.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import pathlib
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 __version__ = '2.1.0'
 __all__ = [
@@ -63,7 +66,18 @@ __all__ = [
     'InvalidURLError',
 ]
 
-_log = logging.getLogger('bitpit')
+
+
+class _Logger:
+    """``logging.getLogger('bitpit')``, with logging imported at the first
+    message (importing it costs more than half of http.client's import)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+        return getattr(logging.getLogger('bitpit'), name)
+
+
+_log = _Logger()
 
 _DEFAULT_CHUNK_SIZE = 256 * 1024
 _MAX_CONNECTIONS = 32
@@ -87,6 +101,20 @@ _SIDECAR_SUFFIX = '.bitpit'
 # helpers
 # ---------------------------------------------------------------------------
 
+class _Pattern:
+    """A regular expression compiled at its first use, so that importing
+    bitpit compiles none: ``_Pattern(r'...').fullmatch(text)``."""
+
+    def __init__(self, pattern: str, flags: int = 0):
+        self._source = pattern, flags
+
+    def __getattr__(self, name: str) -> Any:
+        compiled = re.compile(*self._source)
+        for method in ('match', 'fullmatch', 'search', 'sub', 'split'):
+            setattr(self, method, getattr(compiled, method))
+        return getattr(compiled, name)
+
+
 _SUFFIXES = ('B', 'KB', 'MB', 'GB', 'TB', 'PB', 'EB', 'ZB', 'YB')
 
 
@@ -106,7 +134,7 @@ def human_readable(n: Optional[float], digits: int = 3
     return n, _SUFFIXES[-1]
 
 
-_AMOUNT_RE = re.compile(r'^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgG]?)\s*$')
+_AMOUNT_RE = _Pattern(r'^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgG]?)\s*$')
 _AMOUNT_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
 
 
@@ -180,8 +208,8 @@ def _check_auth(auth: Any) -> Optional[Tuple[str, str]]:
 
 # -- file names ------------------------------------------------------------------
 
-_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
-_WINDOWS_DEVICE_RE = re.compile(
+_UNSAFE_NAME_CHARS = _Pattern(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+_WINDOWS_DEVICE_RE = _Pattern(
     r'^(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])\s*(\.|$)',
     re.IGNORECASE)
 _MAX_NAME_BYTES = 255
@@ -234,9 +262,9 @@ def _filename_from_url(url: str) -> str:
     return _safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
 
 
-_DISPOSITION_EXT = re.compile(
+_DISPOSITION_EXT = _Pattern(
     r"""filename\*\s*=\s*([\w!#$%&+^`{}~-]+)'[^']*'([^;\s]+)""", re.I)
-_DISPOSITION_PLAIN = re.compile(
+_DISPOSITION_PLAIN = _Pattern(
     r"""(?:^|;)\s*filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))""", re.I)
 
 
@@ -275,7 +303,7 @@ def _header_text(value: str) -> str:
 
 # -- URLs --------------------------------------------------------------------------
 
-_CONTROL_CHARS_RE = re.compile(r'[\x00-\x1f\x7f]')
+_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f]')
 # what may stay as it is in a URL's path, query and fragment; the rest
 # (spaces, non-ASCII characters as UTF-8 bytes) is percent-encoded
 _URL_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
@@ -373,9 +401,9 @@ def _same_trust(old: str, new: str) -> bool:
 
 # -- headers -------------------------------------------------------------------------
 
-_DIGITS_RE = re.compile(r'[0-9]+')
-_CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$', re.I)
-_UNSATISFIED_RANGE_RE = re.compile(r'^\s*bytes\s+\*/([0-9]+)\s*$', re.I)
+_DIGITS_RE = _Pattern(r'[0-9]+')
+_CONTENT_RANGE_RE = _Pattern(r'^\s*bytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\s*$', re.I)
+_UNSATISFIED_RANGE_RE = _Pattern(r'^\s*bytes\s+\*/([0-9]+)\s*$', re.I)
 
 
 def _parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
@@ -916,7 +944,8 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-_ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int]
+# scheme, host, port, proxy (host, port) or None, id of the TLS context
+_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int]'
 
 
 class _ConnectionPool:
@@ -1263,7 +1292,7 @@ def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusErr
 
 # TLS failures that another attempt cannot fix: the certificate, or no
 # protocol version or cipher both sides accept
-_TLS_FATAL_RE = re.compile(r'CERT|VERSION|PROTOCOL|CIPHER|UNKNOWN_CA|HANDSHAKE_FAILURE|'
+_TLS_FATAL_RE = _Pattern(r'CERT|VERSION|PROTOCOL|CIPHER|UNKNOWN_CA|HANDSHAKE_FAILURE|'
                            r'INSUFFICIENT_SECURITY|NO_SHARED', re.I)
 
 
@@ -1661,10 +1690,16 @@ class _Ranges:
         self.__init__(kept)
 
 
+def _as_path(path: Any) -> 'pathlib.Path':
+    """``path`` as a ``pathlib.Path``, ``~`` expanded."""
+    import pathlib
+    return pathlib.Path(path).expanduser()
+
+
 def _local_size(target: Any, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
-    if isinstance(target, pathlib.Path):
+    if isinstance(target, os.PathLike):
         try:
             status = target.stat()
         except OSError:
@@ -1720,13 +1755,13 @@ class _FileStore:
     @property
     def sidecar(self) -> Optional[pathlib.Path]:
         """The sidecar's path; ``None`` for a file object."""
-        if isinstance(self.target, pathlib.Path):
+        if isinstance(self.target, os.PathLike):
             return self.target.with_name(self.target.name + _SIDECAR_SUFFIX)
         return None
 
     @property
     def is_path(self) -> bool:
-        return isinstance(self.target, pathlib.Path)
+        return isinstance(self.target, os.PathLike)
 
     def load(self) -> None:
         """Read what the target already holds: a partial file is held from
@@ -2961,7 +2996,7 @@ def _unexpected(exc: BaseException) -> Error:
 # downloader
 # ---------------------------------------------------------------------------
 
-_PathLike = Union[str, 'os.PathLike[str]', io.BufferedIOBase]
+_PathLike = 'Union[str, os.PathLike[str], io.BufferedIOBase]'
 _STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
 _IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
@@ -3004,7 +3039,7 @@ def _check_if_exists(value: Any, path: Any) -> str:
     if value not in _IF_EXISTS:
         raise ValueError('if_exists must be one of {}, not {!r}'.format(
             ', '.join(map(repr, _IF_EXISTS)), value))
-    if not isinstance(path, pathlib.Path) and value not in ('resume', 'overwrite'):
+    if not isinstance(path, os.PathLike) and value not in ('resume', 'overwrite'):
         raise ValueError("if_exists={!r} needs a path: with a file object only 'resume' "
                          "and 'overwrite' apply".format(value))
     return value
@@ -3150,7 +3185,7 @@ class Downloader(Emitter):
             _check_if_exists(self._if_exists, path)
             self._dir, self._path = None, path
         else:
-            path = pathlib.Path(path).expanduser()
+            path = _as_path(path)
             if dir_path:
                 self._dir, self._path = path, path / _filename_from_url(self._url)
             else:
@@ -3620,7 +3655,7 @@ class Downloader(Emitter):
             chunk_size=self._chunk_size, buckets=self._buckets(), checksum=self._checksum,
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
-            gzip_name=isinstance(self._path, pathlib.Path) and
+            gzip_name=isinstance(self._path, os.PathLike) and
             self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions)
         with self._lock:
             self._transfer = transfer
@@ -4285,11 +4320,11 @@ def _cli(argv: Optional[List[str]] = None) -> int:
                          downloader_kwargs=downloader_kwargs, output=output)
 
 
-_INPUT_COMMENT_RE = re.compile(r'(?:^|\s)#')
+_INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
 
 
-_Sources = Tuple[str, Tuple[str, ...]]  # a file's URL and its mirrors
-_Job = Tuple[str, Tuple[str, ...], pathlib.Path]
+_Sources = 'Tuple[str, Tuple[str, ...]]'  # a file's URL and its mirrors
+_Job = 'Tuple[str, Tuple[str, ...], pathlib.Path]'  # and the path it goes to
 
 
 def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
@@ -4337,9 +4372,9 @@ def _cli_jobs(parser: Any, args: Any, files: List[_Sources]) -> List[_Job]:
     if len(files) != 1:
         parser.error('-o/--output takes one URL, not {}: use -d DIR for several'
                      .format(len(files)))
-    output = pathlib.Path(args.output).expanduser()
+    output = _as_path(args.output)
     if args.dir:
-        output = pathlib.Path(args.dir).expanduser() / output
+        output = _as_path(args.dir) / output
     if output.is_dir():
         parser.error('-o/--output: {} is a directory: use -d DIR'.format(args.output))
     (url, mirrors), = files
@@ -4351,7 +4386,7 @@ def _assign_paths(files: List[_Sources], directory: Optional[str]) -> List[_Job]
     current one) named after its URL. A name an earlier file of the list
     already took gets a number: ``name.1.ext``, ``name.2.ext``... A file
     that exists on disk is not avoided: it is resumed."""
-    base = pathlib.Path(directory).expanduser() if directory else pathlib.Path()
+    base = _as_path(directory or '')
     taken = set()
     jobs = []
     for url, mirrors in files:
@@ -4594,7 +4629,7 @@ class _JSONLines:
         path = d.path
         _write(sys.stdout, json.dumps({
             'event': kind, 'url': d.url,
-            'path': os.path.abspath(path) if isinstance(path, pathlib.Path) else repr(path),
+            'path': os.path.abspath(path) if isinstance(path, os.PathLike) else repr(path),
             'state': event.state, 'downloaded': event.downloaded, 'size': event.size,
             'speed': int(event.speed),
             'error': str(event.error) if event.state in ('error', 'fatal-error') and
@@ -4679,7 +4714,7 @@ def _fit(text: str, width: int, middle: bool = False) -> str:
 
 def _name(d: Downloader) -> str:
     path = d.path
-    return _printable(path.name if isinstance(path, pathlib.Path) else repr(path))
+    return _printable(path.name if isinstance(path, os.PathLike) else repr(path))
 
 
 def _human(n: float, per_second: bool = False) -> str:
