@@ -454,11 +454,27 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, when - time.time())
 
 
+_HTTP_DATE_RE = _Pattern(r'(?:[A-Za-z]{3}, )?([0-9]{2}) ([A-Za-z]{3}) ([0-9]{4}) '
+                         r'([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT')
+_MONTHS = ('jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct', 'nov', 'dec')
+
+
 def _parse_http_date(value: Optional[str]) -> Optional[float]:
     """An HTTP date (``Last-Modified``, ``Retry-After``) as a POSIX
-    timestamp, or ``None`` if absent or unreadable."""
+    timestamp, or ``None`` if absent or unreadable. The form servers send
+    (``Wed, 21 Oct 2015 07:28:00 GMT``) is read here; others by
+    ``email.utils``."""
     if not value:
         return None
+    match = _HTTP_DATE_RE.fullmatch(value.strip())
+    if match and match.group(2).lower() in _MONTHS:
+        day, month, year, hour, minute, second = match.groups()
+        try:
+            return datetime.datetime(
+                int(year), _MONTHS.index(month.lower()) + 1, int(day), int(hour), int(minute),
+                int(second), tzinfo=datetime.timezone.utc).timestamp()
+        except (ValueError, OverflowError):
+            return None
     import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -1058,19 +1074,40 @@ def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
 
 def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     """Login and password for ``host`` from ``$NETRC`` or ``~/.netrc``, as
-    curl's ``--netrc-optional`` reads them; ``None`` when there is none."""
-    import netrc
-    try:
-        entry = netrc.netrc(os.environ.get('NETRC') or None).authenticators(host)
-    except FileNotFoundError:
-        return None
-    except (OSError, netrc.NetrcParseError) as exc:
-        _log.warning('ignoring .netrc: %s', exc)
-        return None
+    curl's ``--netrc-optional`` reads them; ``None`` when there is none.
+    The file is read again when it changed, looked at once a second."""
+    hosts = _read_netrc()
+    entry = hosts.get(host) or hosts.get('default')
     if entry is None:
         return None
     login, _, password = entry
     return login or '', password or ''
+
+
+_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
+
+
+def _read_netrc() -> Dict[str, Tuple[str, str, str]]:
+    import netrc
+    path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
+    now = time.monotonic()
+    if _NETRC['checked'] > now - 1 and _NETRC['path'] == path:
+        return _NETRC['hosts']
+    try:
+        status = os.stat(path)
+        key = (path, status.st_mtime_ns, status.st_size)
+    except OSError:
+        key = (path, None, None)
+    if key != _NETRC['key']:
+        hosts: Dict[str, Tuple[str, str, str]] = {}
+        if key[1] is not None:
+            try:  # (None: the default file, with its permission check)
+                hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
+            except (OSError, netrc.NetrcParseError) as exc:
+                _log.warning('ignoring .netrc: %s', exc)
+        _NETRC.update(key=key, hosts=hosts)
+    _NETRC.update(checked=now, path=path)
+    return _NETRC['hosts']
 
 
 def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
@@ -1196,7 +1233,6 @@ class _RequestOptions:
         self.ssl_context = ssl_context
         self.timeout = timeout
         self.cookies = cookies
-        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
@@ -1211,10 +1247,7 @@ class _RequestOptions:
             return own
         if self.auth is not None and trusted:
             return self.auth
-        host = (urllib.parse.urlsplit(url).hostname or '').lower()
-        if host not in self._netrc:
-            self._netrc[host] = _netrc_credentials(host)
-        return self._netrc[host]
+        return _netrc_credentials((urllib.parse.urlsplit(url).hostname or '').lower())
 
 
 class _Body:
@@ -1382,7 +1415,7 @@ class _Request:
             connection.abort()
 
     def _connect(self, url: str) -> None:
-        parts = _check_url(url)
+        parts = urllib.parse.urlsplit(url)  # checked when it was given or followed
         scheme = parts.scheme.lower()
         host = _ascii_host(parts.hostname or '')
         port = parts.port or (443 if scheme == 'https' else 80)
@@ -1838,11 +1871,12 @@ class _FileStore:
                 self._position = self.held.total
             else:
                 try:
-                    file = open(target, 'r+b' if target.exists() else 'w+b', buffering=0)
-                    self._regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+                    fd = os.open(target, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0),
+                                 0o666)
                 except OSError as exc:
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                self._file = file
+                self._file = open(fd, 'r+b', buffering=0)
+                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
             if checksum is not None:
                 import hashlib
                 self._hasher = hashlib.new(checksum)
@@ -2216,7 +2250,8 @@ class _Connection:
         self.job_bytes = 0            # bytes its request brought
         self.answered = False         # its request's answer was accepted
         self.last_rate = 0.0          # bytes per second of its last request
-        self.buffer = memoryview(bytearray(chunk_size))
+        self.chunk_size = chunk_size
+        self.buffer = memoryview(bytearray(0))  # grown to what a body needs
 
     def rate(self, now: float) -> Optional[float]:
         """Bytes per second of its request so far; ``None`` while too young
@@ -2490,7 +2525,6 @@ class _Transfer:
         with self._cond:
             conn.active = False
             conn.superseded = False
-            self._cond.notify_all()
             if self.complete or self.error is not None or self.cancel.is_set() or \
                     not conn.source.usable:
                 return False
@@ -2672,7 +2706,6 @@ class _Transfer:
             if conn.pos >= conn.end:  # the claim is done
                 conn.active = False
                 conn.last_end = conn.pos
-                self._cond.notify_all()
 
     def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
                 request: _Request) -> Optional[int]:
@@ -2778,7 +2811,7 @@ class _Transfer:
                     _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
                 else:
                     self.store.rename(self.rename_in / name)
-                    self.events.append(('path', self.store.target))
+                    self._report('path', self.store.target)
         self.store.open(self.checksum[0] if self.checksum else None)
         if self.total is not None:
             self.store.set_size(self.total)
@@ -2787,7 +2820,7 @@ class _Transfer:
                           self.ranged and self._missing() >= 2 * _MIN_SPLIT)
         if self.total is not None and self.total - self.store.held.total > self.chunk_size:
             self.store.reserve(self.total)
-        self.events.append(('download', None))
+        self._report('download', None)
         if self.segmented:
             self._share_out(conn)
             conn.request_end = min(conn.end, conn.pos + self.pieces.size)
@@ -2810,13 +2843,18 @@ class _Transfer:
         """Bytes not held yet."""
         return self.total - self.store.held.total
 
+    def _report(self, kind: str, value: Any) -> None:
+        """An event for the download thread, which is woken for it."""
+        self.events.append((kind, value))
+        self._cond.notify_all()
+
     def _set_total(self, total: Optional[int]) -> None:
         self.total = total
         if total is not None:
             self.store.set_size(total)
             for c in self.connections:
                 c.end = min(c.end, max(total, c.reading_to))
-        self.events.append(('size', -1 if total is None else total))
+        self._report('size', -1 if total is None else total)
 
     def _start_over(self, conn: _Connection, why: str, answer: Optional[_Answer]) -> None:
         """The file changed (or its bytes cannot be ranged): empty it and
@@ -2840,7 +2878,7 @@ class _Transfer:
                 other.end = other.reading_to
                 if other.request is not None:
                     other.request.abort()
-        self.events.append(('restart', None))
+        self._report('restart', None)
         conn.epoch = self.store.epoch
         conn.pos = conn.reading_to = 0
         conn.end = _UNKNOWN_END
@@ -2893,6 +2931,9 @@ class _Transfer:
         the buffer is full, when they have waited ``_FLUSH_AGE`` seconds, at
         the end, and on any failure or stop (nothing received is lost).
         Returns whether the connection can carry another request."""
+        want = min(conn.chunk_size, max(1, min(conn.end, conn.request_end, body_end) - conn.pos))
+        if len(conn.buffer) < want:
+            conn.buffer = memoryview(bytearray(want))
         view = conn.buffer
         chunk = len(view)
         body: Any = _Body(response, request.connection.sock)
