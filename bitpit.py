@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import collections
 import datetime
+import errno
 import io
 import os
 import re
@@ -1287,6 +1288,11 @@ class _Body:
                 return self.readinto(view)
         return self._raw.readinto(view) or 0
 
+    def buffered(self) -> bool:
+        """Whether bytes of a plain body may wait in http.client's buffer
+        (or in this reader's): a splice from the socket must come after."""
+        return self._raw is None or bool(self._left)
+
     def ready(self) -> bool:
         """Whether a read would return at once; ``False`` when that cannot
         be told."""
@@ -1381,6 +1387,7 @@ class _Request:
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[Any] = None
         self.response: Optional[http.client.HTTPResponse] = None
+        self.sock: Optional[socket.socket] = None
         self.reused = False
 
     def send(self) -> http.client.HTTPResponse:
@@ -1494,6 +1501,9 @@ class _Request:
                 target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
                 conn.request(self.method, target, headers=self._headers(url))
+                # the socket the body comes from, even when http.client hands
+                # it over to the response (an answer with Connection: close)
+                self.sock = conn.sock
                 return conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 if self.cancel is not None and self.cancel.is_set():
@@ -1782,6 +1792,7 @@ class _FileStore:
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
         self.sealed = False       # set when a stop gave up waiting: no more writes
+        self._no_splice = False   # the file system refused a splice
 
     # -- what is on disk ---------------------------------------------------------
 
@@ -1901,7 +1912,6 @@ class _FileStore:
             except (OverflowError, ValueError):
                 return  # no file system takes that much: let the writes tell
             except OSError as exc:
-                import errno
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', -1)):
                     return  # EOPNOTSUPP, EINVAL, ...: no reservation here
                 try:
@@ -1936,18 +1946,65 @@ class _FileStore:
             if not self._sidecar_current and self._regular and \
                     not self._completes(offset, offset + len(data)):
                 self._save_sidecar()
-            write = self._write_at if self._regular else self._write_stream
-            written = 0
             try:
-                while written < len(data):
-                    n = write(offset + written, data[written:])
-                    if not n:  # as when the disk fills up: the next write raises
-                        raise FileError('short write to {}: {} of {} bytes'.format(
-                            self.target, written, len(data)))
-                    self._record(offset + written, data[written:written + n])
-                    written += n
+                self._write_all(offset, data)
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
+
+    def _write_all(self, offset: int, data: memoryview) -> None:
+        """Write every byte of ``data`` at ``offset``, counting each part
+        written as held, so a failure keeps what was written."""
+        write = self._write_at if self._regular else self._write_stream
+        written = 0
+        while written < len(data):
+            n = write(offset + written, data[written:])
+            if not n:  # as when the disk fills up: the next write raises
+                raise FileError('short write to {}: {} of {} bytes'.format(
+                    self.target, written, len(data)))
+            self._record(offset + written, data[written:written + n])
+            written += n
+
+    def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
+        """Move ``count`` bytes from the ``pipe`` into the file at
+        ``offset`` without copying them through Python (``os.splice``) and
+        count them held, like ``write``. Only for a regular file, and no
+        checksum: the bytes are never seen."""
+        with self._lock:
+            if self.sealed:
+                raise _Stopped
+            if epoch != self.epoch:
+                raise _Superseded
+            if not self._sidecar_current and not self._completes(offset, offset + count):
+                self._save_sidecar()
+            fd = self._file.fileno()
+            moved = 0
+            try:
+                while moved < count:
+                    if self._no_splice:  # the file system refused: through Python
+                        data = os.read(pipe, count - moved)
+                        self._write_all(offset + moved, memoryview(data))
+                        moved += len(data)
+                        continue
+                    try:
+                        n = os.splice(pipe, fd, count - moved, offset_dst=offset + moved)
+                    except OSError as exc:
+                        if exc.errno not in _NO_SPLICE_ERRORS:
+                            raise
+                        self._no_splice = True
+                        continue
+                    if not n:
+                        raise FileError('short write to {}: {} of {} bytes'.format(
+                            self.target, moved, count))
+                    self.held.add(offset + moved, offset + moved + n)
+                    self._sidecar_current = False
+                    moved += n
+            except OSError as exc:
+                raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
+
+    @property
+    def spliceable(self) -> bool:
+        """Whether bytes may go to the file by ``splice_in``."""
+        return self._regular and self._hasher is None and not self._no_splice
 
     def _record(self, offset: int, data: memoryview) -> None:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
@@ -2203,6 +2260,76 @@ class _DecodedBody:
 
     def ready(self) -> bool:
         return False
+
+
+_SPLICE = hasattr(os, 'splice') and not os.environ.get('BITPIT_NO_SPLICE')
+_NO_SPLICE_ERRORS = frozenset(getattr(errno, name) for name in
+                              ('EINVAL', 'ENOSYS', 'EOPNOTSUPP', 'ENOTSUP', 'EXDEV')
+                              if hasattr(errno, name)) if _SPLICE else frozenset()
+
+
+class _SpliceRefused(Exception):
+    """The system cannot splice this socket or file: read and write instead."""
+_PIPE_SIZE = 1024 * 1024     # asked for the pipe of a splice (the kernel may give less)
+
+
+class _Splice:
+    """Moves a plain body from the socket to the file without copying it
+    through Python: ``os.splice`` from the socket into a pipe, and from the
+    pipe into the file at the offset (Linux, Python 3.10+). What http.client
+    had buffered with the headers is written first. One per request of a
+    connection thread; ``close()`` lets the pipe go."""
+
+    def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
+                 timeout: Optional[float]):
+        self._body = body
+        self._sock = sock
+        self._store = store
+        self._timeout = timeout
+        self._pipe: Optional[Tuple[int, int]] = None
+        self._scratch = memoryview(bytearray(io.DEFAULT_BUFFER_SIZE))
+
+    def move(self, offset: int, count: int, epoch: int) -> int:
+        """Up to ``count`` bytes of the body into the file at ``offset``;
+        0 at its end. Raises ``socket.timeout`` after ``timeout`` seconds
+        without a byte, ``_SpliceRefused`` where splicing cannot work."""
+        if self._body.buffered():
+            n = self._body.readinto(self._scratch[:count])
+            if n:
+                self._store.write(offset, self._scratch[:n], epoch)
+            return n
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            try:
+                import fcntl
+                fcntl.fcntl(self._pipe[1], getattr(fcntl, 'F_SETPIPE_SZ', 1031), _PIPE_SIZE)
+            except OSError:
+                pass  # the default pipe (64 KiB) will do
+        while True:
+            if not _ready(self._sock):
+                poller = select.poll()
+                poller.register(self._sock, select.POLLIN)
+                if not poller.poll(None if self._timeout is None else self._timeout * 1000):
+                    raise socket.timeout('no data received within the time-out')
+            try:
+                n = os.splice(self._sock.fileno(), self._pipe[1], count,
+                              flags=getattr(os, 'SPLICE_F_MOVE', 1))
+                break
+            except BlockingIOError:
+                continue  # woken without data: wait again
+            except OSError as exc:
+                if exc.errno in _NO_SPLICE_ERRORS:
+                    raise _SpliceRefused from exc
+                raise
+        if n:
+            self._store.splice_in(self._pipe[0], offset, n, epoch)
+        return n
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
 
 
 class _Source:
@@ -2936,9 +3063,15 @@ class _Transfer:
             conn.buffer = memoryview(bytearray(want))
         view = conn.buffer
         chunk = len(view)
-        body: Any = _Body(response, request.connection.sock)
+        sock = request.sock
+        body: Any = _Body(response, sock)
+        splice = None
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
+        elif _SPLICE and self.store.spliceable and not isinstance(sock, ssl.SSLSocket) \
+                and not response.chunked and conn.pos < body_end < _UNKNOWN_END:
+            splice = _Splice(body, sock, self.store, self.options.timeout)
+            chunk = _PIPE_SIZE
         read, ready = body.readinto, body.ready
         cond = self._cond
         source = conn.source
@@ -2973,6 +3106,20 @@ class _Transfer:
                 granted = pacer.acquire(room)
                 if not granted:
                     raise _Stopped
+                if splice is not None:  # straight into the file
+                    try:
+                        got = splice.move(start, granted, conn.epoch)
+                    except _SpliceRefused:
+                        splice.close()
+                        splice, chunk, got = None, len(view), 0
+                        pacer.settle(0)
+                        continue
+                    pacer.settle(got)
+                    with cond:
+                        conn.pos += got
+                    if not got:
+                        break
+                    continue
                 got = read(view[conn.pending:conn.pending + granted])
                 pacer.settle(got)
                 if not got:
@@ -2994,6 +3141,8 @@ class _Transfer:
         finally:
             if conn.pending:
                 self._flush(conn, quietly=True)
+            if splice is not None:
+                splice.close()
         with cond:
             position = conn.pos
             if not got and position < min(conn.end, conn.request_end, body_end):
