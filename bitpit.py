@@ -96,6 +96,7 @@ _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
+_NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
 # ---------------------------------------------------------------------------
@@ -213,7 +214,9 @@ _UNSAFE_NAME_CHARS = _Pattern(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _WINDOWS_DEVICE_RE = _Pattern(
     r'^(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])\s*(\.|$)',
     re.IGNORECASE)
-_MAX_NAME_BYTES = 255
+# a name, with the longest suffix bitpit adds (the sidecar of a new
+# version, being replaced), stays within the 255 bytes file systems allow
+_MAX_NAME_BYTES = 255 - len(_NEWER_SUFFIX + _SIDECAR_SUFFIX + '.tmp')
 
 
 def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
@@ -221,8 +224,9 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     operating system: path separators, ``< > : " | ? *`` and control
     characters become ``_``, trailing dots and spaces go, a Windows device
     name (``CON``, ``nul.txt``, ``COM1``...) gets a ``_`` prefix, and the
-    name is cut to 255 bytes of UTF-8 keeping its extension. An empty name
-    or one made only of dots becomes ``default``."""
+    name is cut to ``_MAX_NAME_BYTES`` of UTF-8 keeping its extension (with
+    the sidecar's suffix, within the 255 bytes file systems allow). An empty
+    name or one made only of dots becomes ``default``."""
     name = _UNSAFE_NAME_CHARS.sub('_', name).strip().rstrip('. ')
     if not name.strip('.'):
         return default
@@ -232,8 +236,8 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
 
 
 def _fit_name(stem: str, suffix: str) -> str:
-    """``stem + suffix`` with ``stem`` shortened so that the name fits the
-    255 bytes a file name may have (an absurd suffix is cut too)."""
+    """``stem + suffix`` with ``stem`` shortened so that the name fits in
+    ``_MAX_NAME_BYTES`` (an absurd suffix is cut too)."""
     def size(text: str) -> int:
         return len(text.encode('utf-8', 'surrogateescape'))
     if size(suffix) > _MAX_NAME_BYTES // 2:
@@ -933,8 +937,11 @@ class _AbortableMixin:
             for sock in (getattr(self, 'sock', None), self.connecting_socket):
                 if sock is not None:
                     try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except (OSError, ValueError):
+                        # socket.socket's own shutdown: SSLSocket.shutdown would
+                        # drop its TLS state, and a read in another thread would
+                        # then take the encrypted records for data
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except (OSError, ValueError, TypeError):
                         pass
 
 
@@ -1298,8 +1305,10 @@ class _Body:
         be told."""
         if self._left or self._response.fp is None:
             return True
-        if self._response.chunked or self._raw is None:
+        if self._raw is None and not self._response.chunked:
             return False
+        # a chunked body: bytes on the socket mean a read that returns soon
+        # (http.client may also hold some; then this says False, harmlessly)
         return _ready(self._sock)
 
 
@@ -1353,6 +1362,8 @@ def _network_error(exc: BaseException, handshake_done: bool = True) -> Error:
         return NetworkError('TLS connection broken: {}'.format(exc))
     if isinstance(exc, socket.timeout):
         return StalledError('no data received within the time-out')
+    if isinstance(exc, ConnectionError):  # RemoteDisconnected too: a close, not a lie
+        return NetworkError('network error: {!r}'.format(exc))
     if isinstance(exc, http.client.HTTPException):
         return ProtocolError('bad HTTP response: {!r}'.format(exc))
     return NetworkError('network error: {}'.format(exc))
@@ -1610,9 +1621,11 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     status = response.status
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
-    if status == 416 and first > 0:
+    if status == 416:
         match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
-        return _Answer('end', first, first, int(match.group(1)) if match else None, response)
+        total = int(match.group(1)) if match else None
+        if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
+            return _Answer('end', first, first, total, response)
     if status >= 300:
         raise _status_error(response, url)
     length = _parse_content_length(response)
@@ -1793,6 +1806,8 @@ class _FileStore:
         self._hashed_to = 0       # bytes from 0 the hasher has seen
         self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
+        self._sidecar_failed = False  # it could not be written: no holes then
+        self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
 
     # -- what is on disk ---------------------------------------------------------
 
@@ -1812,31 +1827,36 @@ class _FileStore:
         0 to its size, unless its sidecar records the ranges. The sidecar's
         size and validators count only if it belongs to this URL."""
         with self._lock:
+            self.sealed = False
             size = _local_size(self.target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
-            self._sidecar_current = False
+            self._sidecar_current = self._sidecar_failed = False
             saved = self._read_sidecar() if size else None
             self._sidecar_on_disk = saved is not None
-            if saved is None:
-                return
-            spans = saved.get('held')
-            if spans is not None:
-                self.held = _Ranges(spans)
-                self.held.clip(size)
-            if saved.get('url') != self.url:
-                return
-            if spans is None:  # the format of bitpit 2.0: one validator
-                validator = saved.get('validator')
-                self.validators = {self.url: validator} if isinstance(validator, str) else {}
-            else:
-                self.validators = {url: v for url, v in (saved.get('validators') or {}).items()
-                                   if isinstance(url, str) and isinstance(v, str)}
-            total = saved.get('size')
-            if isinstance(total, int) and not isinstance(total, bool) and \
-                    total >= (self.held.total if spans is not None else size):
-                self.size = total
+            if saved is not None:
+                self._take(saved, size)
+            self._snap()
+
+    def _take(self, saved: Dict[str, Any], size: int) -> None:
+        """What a sidecar says of a file of ``size`` bytes."""
+        spans = saved.get('held')
+        if spans is not None:
+            self.held = _Ranges(spans)
+            self.held.clip(size)
+        if saved.get('url') != self.url:
+            return
+        if spans is None:  # the format of bitpit 2.0: one validator
+            validator = saved.get('validator')
+            self.validators = {self.url: validator} if isinstance(validator, str) else {}
+        else:
+            self.validators = {url: v for url, v in (saved.get('validators') or {}).items()
+                               if isinstance(url, str) and isinstance(v, str)}
+        total = saved.get('size')
+        if isinstance(total, int) and not isinstance(total, bool) and \
+                total >= (self.held.total if spans is not None else size):
+            self.size = total
 
     def _read_sidecar(self) -> Optional[Dict[str, Any]]:
         sidecar = self.sidecar
@@ -1858,10 +1878,22 @@ class _FileStore:
             return None
         return saved
 
-    def held_spans(self) -> List[Tuple[int, int]]:
-        """A copy of the ranges held, for another thread to plan with."""
-        with self._lock:
-            return [(start, end) for start, end in self.held.spans()]
+    def _snap(self) -> None:
+        """Publish ``held`` as ``snapshot``, which other threads read without
+        the lock (a write may hold it for as long as the disk takes)."""
+        self.snapshot = tuple((start, end) for start, end in self.held.spans())
+
+    def regular_target(self) -> bool:
+        """Whether the target is (or will be created as) a regular file,
+        which may be written out of order."""
+        if not self.is_path:
+            return False
+        try:
+            return stat.S_ISREG(os.stat(self.target).st_mode)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
 
     # -- opening and reserving ------------------------------------------------------
 
@@ -1870,9 +1902,11 @@ class _FileStore:
         with self._lock:
             self.target = target
 
-    def open(self, checksum: Optional[str] = None) -> None:
+    def open(self, checksum: Optional[str] = None,
+             cancelled: Callable[[], bool] = lambda: False) -> None:
         """Open the file for writing (creating it), once. With a checksum
-        algorithm, hash the bytes already held from byte 0 on."""
+        algorithm, hash the bytes already held from byte 0 on (``_Stopped``
+        when ``cancelled()`` meanwhile)."""
         with self._lock:
             if self._file is not None:
                 return
@@ -1892,7 +1926,7 @@ class _FileStore:
                 import hashlib
                 self._hasher = hashlib.new(checksum)
                 self._hashed_to = 0
-                self._hash_from_disk(self.held.prefix())
+                self._hash_from_disk(self.held.prefix(), cancelled)
 
     def reserve(self, total: int) -> None:
         """Make the file ``total`` bytes long with its space allocated, so that
@@ -1904,9 +1938,8 @@ class _FileStore:
                 return
             fd = self._file.fileno()
             before = os.fstat(fd).st_size
-            if before >= total:
-                return
-            self._save_sidecar()
+            if before >= total or not self._save_sidecar():
+                return  # no room to make, or no record of the holes it would make
             try:
                 os.posix_fallocate(fd, 0, total)
             except (OverflowError, ValueError):
@@ -1943,13 +1976,25 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            if not self._sidecar_current and self._regular and \
-                    not self._completes(offset, offset + len(data)):
-                self._save_sidecar()
+            self._before_writing(offset, offset + len(data))
             try:
                 self._write_all(offset, data)
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
+
+    def _before_writing(self, start: int, end: int) -> None:
+        """The sidecar goes on disk before the first write that leaves the
+        file incomplete. Without it, a write may only extend the bytes held
+        from byte 0: a file with holes and no record of them would be
+        taken for a complete one."""
+        if not self._regular or self._sidecar_on_disk or self._completes(start, end):
+            return
+        if not self._sidecar_failed and self._save_sidecar():
+            return
+        self._sidecar_failed = True
+        if start > self.held.prefix():
+            raise FileError('cannot write {} out of order without its sidecar {}'.format(
+                self.target, self.sidecar))
 
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
@@ -1974,8 +2019,7 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            if not self._sidecar_current and not self._completes(offset, offset + count):
-                self._save_sidecar()
+            self._before_writing(offset, offset + count)
             fd = self._file.fileno()
             moved = 0
             try:
@@ -1997,6 +2041,7 @@ class _FileStore:
                             self.target, moved, count))
                     self.held.add(offset + moved, offset + moved + n)
                     self._sidecar_current = False
+                    self._snap()
                     moved += n
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
@@ -2011,8 +2056,14 @@ class _FileStore:
         end = offset + len(data)
         self.held.add(offset, end)
         self._sidecar_current = False  # the ranges moved on
-        if self._hasher is not None and offset <= self._hashed_to < end:
-            self._hasher.update(data[self._hashed_to - offset:])
+        self._snap()
+        if self._hasher is None:
+            return
+        if offset < self._hashed_to:  # bytes hashed already are written again
+            import hashlib
+            self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
+        elif offset == self._hashed_to:
+            self._hasher.update(data)
             self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
@@ -2045,6 +2096,7 @@ class _FileStore:
         with self._lock:
             self.epoch += 1
             self.held = _Ranges()
+            self._snap()
             self.size = -1
             self._reset_hasher()
             stream = self.target if not self.is_path else self._file
@@ -2074,6 +2126,7 @@ class _FileStore:
         with self._lock:
             self.size = total
             self.held.clip(total)
+            self._snap()
 
     # -- the sidecar ------------------------------------------------------------------
 
@@ -2084,9 +2137,14 @@ class _FileStore:
                     and self._file is not None and not self.sealed and not self._completes(0, 0):
                 self._save_sidecar()
 
-    def _save_sidecar(self) -> None:
+    def record(self) -> bool:
+        """Make sure the sidecar is on disk; whether it is."""
+        with self._lock:
+            return self._sidecar_on_disk or (not self._sidecar_failed and self._save_sidecar())
+
+    def _save_sidecar(self) -> bool:
         """Replace the sidecar atomically (a temporary file, then
-        ``os.replace``). A failure is logged: the download goes on."""
+        ``os.replace``); ``False`` when that failed (logged once)."""
         import json
         sidecar = self.sidecar
         record = json.dumps({'version': 2, 'url': self.url, 'size': self.size,
@@ -2096,9 +2154,13 @@ class _FileStore:
             with open(temporary, 'w', encoding='utf-8') as file:
                 file.write(record)
             os.replace(temporary, sidecar)
-            self._sidecar_on_disk = self._sidecar_current = True
         except OSError as exc:
-            _log.warning('cannot write %s: %s', sidecar, exc)
+            if not self._sidecar_failed:
+                _log.warning('cannot write %s: %s', sidecar, exc)
+            self._sidecar_failed = True
+            return False
+        self._sidecar_on_disk = self._sidecar_current = True
+        return True
 
     def _remove_sidecar(self) -> None:
         sidecar = self.sidecar
@@ -2122,7 +2184,7 @@ class _FileStore:
         on a mismatch (the file is kept)."""
         with self._lock:
             try:
-                if self._regular and self.size >= 0 and \
+                if self._regular and self._file is not None and self.size >= 0 and \
                         os.fstat(self._file.fileno()).st_size > self.size:
                     os.ftruncate(self._file.fileno(), self.size)
             except OSError as exc:
@@ -2137,10 +2199,11 @@ class _FileStore:
                 if actual != checksum[1]:
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
-            if self.is_path and self.target.is_file():
+            if self._regular or (self._file is None and self.is_path and self.target.is_file()):
                 _stamp(self.target, modified, etag)
 
-    def _hash_from_disk(self, end: int) -> None:
+    def _hash_from_disk(self, end: int,
+                        cancelled: Callable[[], bool] = lambda: False) -> None:
         """Feed the hasher the file's bytes from where it stands to ``end``."""
         start = self._hashed_to
         if end <= start:
@@ -2155,10 +2218,13 @@ class _FileStore:
             source.seek(start)
             left = end - start
             while left:
+                if cancelled():
+                    raise _Stopped
                 block = source.read(min(left, 1 << 20))
                 if not block:
                     break
                 self._hasher.update(block)
+                self._hashed_to += len(block)
                 left -= len(block)
         except OSError as exc:
             raise FileError('cannot read {} back: {}'.format(self.target, exc)) from exc
@@ -2167,7 +2233,6 @@ class _FileStore:
                 source.seek(self._position)
             else:
                 source.close()
-        self._hashed_to = end
 
     def close(self) -> None:
         """Close the file (never a caller's file object). A partial file that
@@ -2176,11 +2241,12 @@ class _FileStore:
         size even without its sidecar."""
         with self._lock:
             file, self._file = self._file, None
+            regular, self._regular = self._regular, False
             if file is None or not self.is_path:
                 return
             try:
                 held = self.held.total
-                if self._regular and not self.sealed and held == self.held.prefix() and \
+                if regular and not self.sealed and held == self.held.prefix() and \
                         os.fstat(file.fileno()).st_size > held:
                     os.ftruncate(file.fileno(), held)
             except OSError as exc:
@@ -2237,6 +2303,10 @@ class _DecodedBody:
                 continue
             self._started = True
             self._input = self._decoder.unconsumed_tail
+            if self._decoder.eof and self._decoder.unused_data:
+                # another gzip member follows (as `cat a.gz b.gz` makes)
+                self._input = self._decoder.unused_data
+                self._decoder = self._zlib.decompressobj(47)
         n = min(len(view), len(self._output))
         view[:n] = self._output[:n]
         self._output = self._output[n:]
@@ -2259,7 +2329,7 @@ class _DecodedBody:
         return False
 
     def ready(self) -> bool:
-        return False
+        return bool(self._output or self._input) or (not self._ended and self._body.ready())
 
 
 _SPLICE = hasattr(os, 'splice') and not os.environ.get('BITPIT_NO_SPLICE')
@@ -2271,6 +2341,7 @@ _NO_SPLICE_ERRORS = frozenset(getattr(errno, name) for name in
 class _SpliceRefused(Exception):
     """The system cannot splice this socket or file: read and write instead."""
 _PIPE_SIZE = 1024 * 1024     # asked for the pipe of a splice (the kernel may give less)
+_SPLICE_FROM = 1024 * 1024   # smaller bodies are not worth a pipe
 
 
 class _Splice:
@@ -2384,7 +2455,7 @@ class _Connection:
         """Bytes per second of its request so far; ``None`` while too young
         to tell."""
         seconds = now - self.job_began
-        return self.job_bytes / seconds if seconds >= 0.25 else None
+        return self.job_bytes / seconds if self.job_began and seconds >= 0.25 else None
 
 
 class _PieceSizer:
@@ -2426,6 +2497,18 @@ class _PieceSizer:
         self._rates[size] = max(self._rates.get(size, 0.0), rate)
 
 
+class _Setup:
+    """What the probe's answer asks of the file, done by the probe's
+    connection outside the transfer's lock (it may take a while): open it
+    (hashing what it already holds, for a checksum), reserve its space, and
+    share the rest out when it comes in parts."""
+    __slots__ = ('reserve', 'segmented')
+
+    def __init__(self, reserve: Optional[int], segmented: bool):
+        self.reserve = reserve
+        self.segmented = segmented
+
+
 class _Transfer:
     """One attempt of a download: ask for the bytes not yet held, check each
     answer against what was asked, and write every body where it belongs,
@@ -2433,15 +2516,19 @@ class _Transfer:
 
     The first request is the probe (``Range: bytes=FIRST-``). Its answer
     says whether the file may be split: with a 206 and a known size, the
-    missing bytes are fetched in ranged pieces; a connection that finishes
-    takes over the upper half of the largest range left, or, when nothing is
-    left to split, races a far slower connection for the end of its range,
-    piece by piece from the far end. Everything else (no range support, an
-    unknown size, a file object) is the same engine with one connection.
+    missing bytes are shared out in equal parts, fetched in ranged pieces; a
+    connection that finishes takes over the upper half of the largest range
+    left, or, when nothing is left to split, races a far slower connection
+    for the end of its range, block by block from the far end. Everything
+    else (no range support, an unknown size, a file object) is the same
+    engine with one connection. The probe's source is the reference: a
+    change of the file there (or of a source's own validator) starts the
+    file over; another source that disagrees is retired.
 
     The download thread calls ``start``, ``wait``, ``look``, ``stop`` and
     ``result``; connection threads run ``_serve`` and never call user code.
-    ``_cond`` guards the claims, the sources and the events."""
+    ``_cond`` guards the claims, the sources and the events; no file is
+    read or reserved under it, and ``stop()`` never waits for it."""
 
     def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -2454,7 +2541,7 @@ class _Transfer:
         self.sources = [_Source(url, store.validators.get(url)) for url in urls]
         self.connections_wanted = connections
         self.chunk_size = chunk_size
-        self.buckets = buckets
+        self.buckets = buckets              # the download's own first
         self.checksum = checksum
         self.max_size = max_size
         self.min_speed = min_speed
@@ -2466,16 +2553,20 @@ class _Transfer:
         self.cancel = _Cancel()
         self.total: Optional[int] = store.size if store.size >= 0 else None
         self.probed = False           # the first answer is in
-        self.probing = False          # a probe is under way
+        self.prober: Optional[_Connection] = None  # the connection probing now
+        self.reference: Optional[_Source] = None   # the source the probe's answer came from
         self.segmented = False        # the file comes in ranged pieces
         self.ranged = True            # ranges may be asked for (not for an encoded body)
         self.pieces = _PieceSizer()
+        self.best_rate = 0.0          # bytes per second of the fastest request so far
         self.changes = 0
         self.received = 0             # bytes received by every connection
-        self.connections: List[_Connection] = []
+        self.connections: List[_Connection] = []   # the live ones
+        self.threads: List[threading.Thread] = []  # every one started, to join
         self.events: List[Tuple[str, Any]] = []
         self.complete = False
         self.error: Optional[BaseException] = None
+        self._shown = 0               # the most bytes ``downloaded`` said
         self._began = time.monotonic()
         self._next_look = 0.0
         self._next_save = 0.0
@@ -2485,8 +2576,7 @@ class _Transfer:
 
     def start(self) -> None:
         """Start the probe's connection. Download thread."""
-        for bucket in self.buckets:
-            bucket.drain()
+        self.buckets[0].drain()  # the download's own limit paces from now on
         with self._cond:
             self._spawn()
 
@@ -2506,12 +2596,16 @@ class _Transfer:
     def finished(self) -> bool:
         """Complete, failed or stopped, and no connection thread left."""
         return (self.complete or self.error is not None or self.cancel.is_set()) and \
-            not any(c.alive for c in self.connections)
+            not self.connections
 
     @property
     def downloaded(self) -> int:
-        """Bytes held, including the ones still in connection buffers."""
-        return self.store.held.total + sum(c.pending for c in self.connections)
+        """Bytes held, including the ones still in connection buffers; it
+        only grows (but for a start over). Any thread."""
+        shown = self.store.held.total + sum(c.pending for c in list(self.connections))
+        if shown > self._shown:
+            self._shown = shown
+        return self._shown
 
     def look(self, now: float) -> None:
         """Regular bookkeeping: ``min_speed``, more connections where they
@@ -2543,19 +2637,23 @@ class _Transfer:
                 self.min_speed, window)))
 
     def stop(self) -> None:
-        """End every connection now. Any thread."""
+        """End every connection now. Any thread; never waits for a lock
+        another thread may hold."""
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        with self._cond:
-            self._cond.notify_all()
+        if self._cond.acquire(blocking=False):  # else its holder will look soon
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
 
     def result(self) -> None:
         """Once finished: join the connection threads, then return if every
         byte is held (after the checksum check), or raise the attempt's error
         (``_Stopped`` for a stop). Download thread."""
-        for c in self.connections:
-            c.thread.join()
+        for thread in self.threads:
+            thread.join()
         try:
             if self.error is not None:
                 raise self.error
@@ -2576,10 +2674,13 @@ class _Transfer:
         verdict when no connection is left and the file is incomplete."""
         if self.complete or self.error is not None or self.cancel.is_set():
             return
-        live = sum(c.alive for c in self.connections)
+        live = len(self.connections)
         if not self.probed:
             if not live:
                 self._spawn()
+            return
+        if self._is_complete():
+            self.complete = True
             return
         wanted = self.connections_wanted if self.segmented else 1
         while live < wanted and self._has_work():
@@ -2599,14 +2700,15 @@ class _Transfer:
         usable = [s for s in self.sources if s.usable]
         if not usable:
             return False
-        number = len(self.connections)
+        number = len(self.threads)
         conn = _Connection(number, usable[number % len(usable)], self.chunk_size)
         if claim is not None:
             self._claim(conn, *claim)
-        conn.thread = threading.Thread(target=self._serve, args=(conn,),
-                                       name='bitpit-connection', daemon=False)
+        thread = threading.Thread(target=self._serve, args=(conn,), name='bitpit-connection',
+                                  daemon=False)
         self.connections.append(conn)
-        conn.thread.start()
+        self.threads.append(thread)
+        thread.start()
         return True
 
     def _end(self, error: BaseException) -> None:
@@ -2633,7 +2735,7 @@ class _Transfer:
 
     def _free(self) -> List[Tuple[int, int]]:
         """The missing ranges no connection has claimed."""
-        taken = _Ranges(self.store.held_spans())
+        taken = _Ranges(self.store.snapshot)
         for c in self.connections:
             if c.active:
                 taken.add(c.pos, c.end)
@@ -2652,24 +2754,25 @@ class _Transfer:
         with self._cond:
             conn.active = False
             conn.superseded = False
-            if self.complete or self.error is not None or self.cancel.is_set() or \
-                    not conn.source.usable:
+            if self.complete or self.error is not None or self.cancel.is_set():
                 return False
-            if not self.probed:
-                if self.probing:
-                    return False
-                self.probing = True
-                return self._claim(conn, *self._first_gap(), open_ended=True)
-            if self._is_complete():
+            if self.probed and self._is_complete():
                 self.complete = True
                 self._cond.notify_all()
                 return False
+            if not conn.source.usable:
+                return False
+            if not self.probed:
+                if self.prober is not None:
+                    return False
+                self.prober = conn
+                return self._claim(conn, *self._first_gap(), open_ended=True)
             return self._choose(conn)
 
     def _first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
-        gaps = _Ranges(self.store.held_spans()).gaps(
+        gaps = _Ranges(self.store.snapshot).gaps(
             self.total if self.total is not None else _UNKNOWN_END)
         if not gaps:
             return self.total, self.total
@@ -2745,8 +2848,7 @@ class _Transfer:
         could be."""
         if not self.segmented:
             return None
-        racer_speed = racer.last_rate if racer is not None else 0.0
-        racer_speed = racer_speed or max(c.last_rate for c in self.connections)
+        racer_speed = (racer.last_rate if racer is not None else 0.0) or self.best_rate
         if racer_speed <= 0:
             return None
         now = time.monotonic()
@@ -2783,6 +2885,9 @@ class _Transfer:
                         conn.active = False
                     continue
                 except _Stopped:
+                    with self._cond:
+                        if not self.cancel.is_set():  # a sealed file: nothing more to do
+                            self._end(_Stopped())
                     break
                 except Error as error:
                     if not self._failed(conn, error):
@@ -2793,7 +2898,10 @@ class _Transfer:
         finally:
             with self._cond:
                 conn.active = False
-                conn.alive = False
+                if self.prober is conn:
+                    self.prober = None
+                self.connections.remove(conn)
+                conn.buffer = memoryview(b'')
                 self._cond.notify_all()
 
     def _fetch(self, conn: _Connection, pacer: _Pacer) -> None:
@@ -2803,31 +2911,40 @@ class _Transfer:
         first = conn.pos
         ranged = self.ranged and (first > 0 or self.segmented or self.connections_wanted > 1)
         with self._cond:
+            if first >= conn.end and self.probed:  # others took all of it meanwhile
+                conn.active = False
+                conn.last_end = first
+                return
             piece = self.pieces.piece_for(conn, self._missing()) if self.segmented \
                 else _UNKNOWN_END
             conn.request_end = min(conn.end, first + piece)
-        last = None if conn.open_ended or not ranged else conn.request_end - 1
-        request = _Request(self.options, source.url, first=first if ranged else None,
-                           last=last, validator=source.validator if first > 0 else None,
-                           cancel=self.cancel, extra=None if self.probed else self.conditions)
-        conn.request = request
-        conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
+            last = None if conn.open_ended or not ranged else conn.request_end - 1
+            request = _Request(self.options, source.url, first=first if ranged else None,
+                               last=last, validator=source.validator if first > 0 else None,
+                               cancel=self.cancel,
+                               extra=None if self.probed else self.conditions)
+            conn.request = request
+            conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
         reuse = False
         try:
             response = request.send()
             answer = _check_answer(response, request.url, first)
             with self._cond:
-                body_end = self._accept(conn, answer, response, request)
+                body_end, setup = self._accept(conn, answer, response, request)
                 conn.answered = True
+            if setup is not None:
+                self._prepare(conn, setup)
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
         finally:
-            conn.request = None
+            with self._cond:  # no abort of a connection given back to the pool
+                conn.request = None
             request.close(reuse)
         with self._cond:
             seconds = time.monotonic() - conn.job_began
-            if conn.job_bytes:
+            if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
                 conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
+                self.best_rate = max(self.best_rate, conn.last_rate)
             if self.segmented:
                 self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
             if conn.pos >= conn.end:  # the claim is done
@@ -2835,11 +2952,12 @@ class _Transfer:
                 conn.last_end = conn.pos
 
     def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
-                request: _Request) -> Optional[int]:
+                request: _Request) -> Tuple[Optional[int], Optional[_Setup]]:
         """Judge ``answer`` for ``conn``'s claim and plan its body. Returns
-        where the body ends (``_UNKNOWN_END`` when only its end tells), or
-        ``None`` when it brings nothing to write. Raises the error that
-        fails the request; ``_Superseded`` when the file starts over."""
+        where the body ends (``_UNKNOWN_END`` when only its end tells;
+        ``None`` when it brings nothing to write) and, for the probe's
+        answer, what the file needs. Raises the error that fails the
+        request; ``_Superseded`` when the file starts over."""
         source = conn.source
         asked = conn.pos
         if conn.superseded or conn.epoch != self.store.epoch:
@@ -2847,38 +2965,27 @@ class _Transfer:
         if answer.kind == 'unchanged':
             if self.probed or not self.conditions:
                 raise ProtocolError('304 Not Modified to a request that set no condition')
-            self.probed, self.probing, self.unchanged = True, False, True
+            self.probed, self.unchanged = True, True
             conn.end = conn.pos
-            return None
+            return None, None
         if answer.encoding is not None:
             self._decoding(conn, answer, response, request.url)
-        known = self.total if self.total is not None else None
-        change = answer.change_from(source.validator, known)
+        known = self.total
         if answer.kind == 'end':
-            total = answer.total if answer.total is not None else known
-            if not change and total is not None and total != asked:
-                change = 'it has {} bytes, the local file {}'.format(total, asked)
-            if change:
-                self._start_over(conn, change, None)
-                raise _Superseded
-            self._learn(source, answer)
-            if self.total is None:
-                self._set_total(asked)
-            self.probed = True
-            self.probing = False
-            conn.end = conn.pos
-            return None
+            return self._accept_end(conn, answer)
         if answer.validator is not None and answer.validator == source.stale:
             raise ProtocolError('{} still serves the version the download started '
                                 'from'.format(source.url))
-        if change and self.probed and source.validator is None and answer.kind == 'part':
-            raise ProtocolError('{} has another file: {}'.format(source.url, change))
+        change = answer.change_from(source.validator, known)
         if answer.kind == 'whole' and asked > 0:
-            if not change and any(s.usable for s in self.sources if s is not source):
+            if change:
+                self._change(conn, change, answer)
+            elif any(s.usable for s in self.sources if s is not source):
                 raise ProtocolError('{} ignores Range'.format(source.url))
-            self._start_over(conn, change or 'the server ignores Range', answer)
+            else:
+                self._start_over(conn, 'the server ignores Range', answer)
         elif change:
-            self._start_over(conn, change, None)
+            self._change(conn, change, None)
             raise _Superseded
         if answer.total is not None and self.max_size is not None and \
                 answer.total > self.max_size:
@@ -2886,9 +2993,48 @@ class _Transfer:
         self._learn(source, answer)
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
-        if not self.probed:
-            self._plan(conn, answer, response)
-        return answer.end if answer.end is not None else _UNKNOWN_END
+        setup = None if self.probed else self._plan(conn, answer, response)
+        return (answer.end if answer.end is not None else _UNKNOWN_END), setup
+
+    def _accept_end(self, conn: _Connection, answer: _Answer
+                    ) -> Tuple[Optional[int], Optional[_Setup]]:
+        """A 416: nothing at or after the offset asked for. The end of the
+        file when the offset is its size; another file when the size it
+        tells differs; a broken answer otherwise."""
+        asked, known, total = conn.pos, self.total, answer.total
+        if total is None:
+            if known is None and self.probed:
+                total = asked  # asked for more of a file of unknown size: its end
+            elif known is None or asked < known:
+                raise ProtocolError('416 without the size of the file')
+            else:
+                total = known
+        change = answer.change_from(conn.source.validator, known)
+        if change:
+            self._change(conn, change, None)
+            raise _Superseded
+        if asked < total:
+            raise ProtocolError('416 for bytes {}- of a file of {} bytes'.format(asked, total))
+        self._learn(conn.source, answer)
+        if self.total is None:
+            self._set_total(total)
+        conn.end = conn.pos
+        if self.probed:
+            return None, None
+        self.probed = True
+        self.reference = conn.source
+        # an empty file still has to exist
+        return None, _Setup(None, False) if total == 0 and not self.store.held.total else None
+
+    def _change(self, conn: _Connection, why: str, answer: Optional[_Answer]) -> None:
+        """``conn``'s source says the file is not the one the bytes held come
+        from. From the source the file was probed on (or one whose own
+        validator changed), the file changed: start over. From another
+        source, that source has another file: it is retired."""
+        source = conn.source
+        if self.probed and source is not self.reference and source.validator is None:
+            raise ProtocolError('{} has another file: {}'.format(source.url, why))
+        self._start_over(conn, why, answer)
 
     def _decoding(self, conn: _Connection, answer: _Answer,
                   response: http.client.HTTPResponse, url: str) -> None:
@@ -2922,11 +3068,12 @@ class _Transfer:
             self.store.validators[source.url] = answer.validator
 
     def _plan(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse
-              ) -> None:
-        """The probe's answer is in: name, open and reserve the file, and
-        decide whether it comes in pieces over several connections."""
+              ) -> _Setup:
+        """The probe's answer is in: the file's size and name, and whether it
+        comes in parts. Opening, reserving and sharing out are ``_prepare``'s,
+        outside the lock."""
         self.probed = True
-        self.probing = False
+        self.reference = conn.source
         self.file_dates = (answer.etag, answer.last_modified)
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
@@ -2939,19 +3086,29 @@ class _Transfer:
                 else:
                     self.store.rename(self.rename_in / name)
                     self._report('path', self.store.target)
-        self.store.open(self.checksum[0] if self.checksum else None)
-        if self.total is not None:
-            self.store.set_size(self.total)
-        self.segmented = (self.connections_wanted > 1 and answer.kind == 'part' and
-                          self.total is not None and self.store.is_path and
-                          self.ranged and self._missing() >= 2 * _MIN_SPLIT)
-        if self.total is not None and self.total - self.store.held.total > self.chunk_size:
-            self.store.reserve(self.total)
-        self._report('download', None)
-        if self.segmented:
-            self._share_out(conn)
-            conn.request_end = min(conn.end, conn.pos + self.pieces.size)
-            conn.open_ended = False  # its next requests ask for pieces
+        total = self.total
+        segmented = (self.connections_wanted > 1 and answer.kind == 'part' and
+                     total is not None and self.store.regular_target() and
+                     self.ranged and self._missing() >= 2 * _MIN_SPLIT)
+        reserve = total if total is not None and \
+            total - self.store.held.total > self.chunk_size else None
+        return _Setup(reserve, segmented)
+
+    def _prepare(self, conn: _Connection, setup: _Setup) -> None:
+        """Open and reserve the file, then share the rest out: the probe's
+        connection, without the lock."""
+        self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
+        if setup.reserve is not None:
+            self.store.reserve(setup.reserve)
+        # parts are written out of order: only with a sidecar to record them
+        segmented = setup.segmented and self.store.record()
+        with self._cond:
+            self._report('download', None)
+            if segmented and not conn.superseded:
+                self.segmented = True
+                self._share_out(conn)
+                conn.request_end = min(conn.end, conn.pos + self.pieces.size)
+                conn.open_ended = False  # its next requests ask for pieces
 
     def _share_out(self, probe: _Connection) -> None:
         """Split the missing bytes into equal parts, one per connection: the
@@ -2998,7 +3155,9 @@ class _Transfer:
         self.store.restart_from_zero()
         self.store.validators = {conn.source.url: conn.source.validator}
         self.total = None
-        self.probed = self.probing = self.segmented = False
+        self.probed = self.segmented = False
+        self.reference = None
+        self._shown = 0
         for other in self.connections:
             if other is not conn and other.active:
                 other.superseded = True
@@ -3009,18 +3168,20 @@ class _Transfer:
         conn.epoch = self.store.epoch
         conn.pos = conn.reading_to = 0
         conn.end = _UNKNOWN_END
-        if answer is not None:
-            self.probing = True
-        self._cond.notify_all()
+        self.prober = conn if answer is not None else None
 
     def _failed(self, conn: _Connection, error: Error) -> bool:
         """A request of ``conn`` failed: retire or bench its source, and say
         whether ``conn`` goes on (with another source) or ends."""
         with self._cond:
             conn.active = False
-            if self.probing and not self.probed:
-                self.probing = False
+            if self.prober is conn:
+                self.prober = None
             if self.error is not None or self.cancel.is_set():
+                return False
+            if self.probed and self._is_complete():  # others fetched its part
+                self.complete = True
+                self._cond.notify_all()
                 return False
             source = conn.source
             source.last_error = error
@@ -3043,8 +3204,9 @@ class _Transfer:
             if others:
                 conn.source = others[0]
                 return True  # over to another source at once
-            if not source.usable or not any(c.alive and c is not conn
-                                            for c in self.connections):
+            if self.segmented and source.usable:
+                return True  # its range again, from the same source
+            if not source.usable or not any(c is not conn for c in self.connections):
                 self._end(error if source.usable or not several else self._verdict())
             return False
 
@@ -3055,9 +3217,10 @@ class _Transfer:
         """Copy the body into the file from ``conn.pos`` until the claim's end
         (re-read before every read: another connection may take over the
         rest), paced by the token buckets. Received bytes are written when
-        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds, at
-        the end, and on any failure or stop (nothing received is lost).
-        Returns whether the connection can carry another request."""
+        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds,
+        before a read that may block, at the end, and on any failure or stop
+        (nothing received is lost). Returns whether the connection can carry
+        another request."""
         want = min(conn.chunk_size, max(1, min(conn.end, conn.request_end, body_end) - conn.pos))
         if len(conn.buffer) < want:
             conn.buffer = memoryview(bytearray(want))
@@ -3069,14 +3232,17 @@ class _Transfer:
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
         elif _SPLICE and self.store.spliceable and not isinstance(sock, ssl.SSLSocket) \
-                and not response.chunked and conn.pos < body_end < _UNKNOWN_END:
+                and not response.chunked and body_end < _UNKNOWN_END and \
+                (self.max_size is None or self.total is not None) and \
+                min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
             splice = _Splice(body, sock, self.store, self.options.timeout)
             chunk = _PIPE_SIZE
         read, ready = body.readinto, body.ready
         cond = self._cond
         source = conn.source
         max_size = self.max_size
-        got = 0
+        got = 0                # bytes of the last read, not yet counted
+        ended = False          # the body's end was read
         since = 0.0            # when the oldest byte in the buffer came
         try:
             while True:
@@ -3085,6 +3251,7 @@ class _Transfer:
                         conn.job_bytes += got
                         self.received += got
                         source.streak = 0
+                        got = 0
                     start = conn.pos + conn.pending
                     room = min(chunk - conn.pending, conn.end - start,
                                conn.request_end - start, body_end - start)
@@ -3101,7 +3268,6 @@ class _Transfer:
                     break
                 if conn.pending and (not ready() or time.monotonic() - since >= _FLUSH_AGE):
                     self._flush(conn)  # before a read that may block, or when overdue
-                    got = 0
                     continue
                 granted = pacer.acquire(room)
                 if not granted:
@@ -3111,28 +3277,30 @@ class _Transfer:
                         got = splice.move(start, granted, conn.epoch)
                     except _SpliceRefused:
                         splice.close()
-                        splice, chunk, got = None, len(view), 0
+                        splice, chunk = None, len(view)
                         pacer.settle(0)
                         continue
                     pacer.settle(got)
                     with cond:
                         conn.pos += got
-                    if not got:
-                        break
-                    continue
-                got = read(view[conn.pending:conn.pending + granted])
-                pacer.settle(got)
-                if not got:
-                    break
-                if max_size is not None and start + got > max_size:
-                    got = 0
-                    raise _too_large(max_size, 'grew past it')
-                if not conn.pending:
-                    since = time.monotonic()
-                conn.pending += got
+                else:
+                    got = read(view[conn.pending:conn.pending + granted])
+                    pacer.settle(got)
+                    if max_size is not None and start + got > max_size:
+                        got = 0
+                        raise _too_large(max_size, 'grew past it')
+                    if got and not conn.pending:
+                        since = time.monotonic()
+                    conn.pending += got
                 if self.cancel.is_set():
                     raise _Stopped
+                if conn.superseded:
+                    raise _Superseded
+                if not got:
+                    ended = True
+                    break
         except (OSError, http.client.HTTPException) as exc:
+            pacer.settle(0)
             if self.cancel.is_set():
                 raise _Stopped from exc
             if conn.superseded:
@@ -3145,13 +3313,15 @@ class _Transfer:
                 splice.close()
         with cond:
             position = conn.pos
-            if not got and position < min(conn.end, conn.request_end, body_end):
+            if ended and position < min(conn.end, conn.request_end, body_end):
                 if body_end < _UNKNOWN_END:
                     raise ProtocolError('connection closed after {} of {} bytes'.format(
                         position, body_end))
                 self._set_total(position)  # the body's end is the file's end
                 conn.end = position
-        done = position == body_end
+        # reused only when read to its very end (a chunked body: its last
+        # chunk too, which http.client reads when it reaches it)
+        done = position == body_end and (not response.chunked or response.isclosed())
         if done:
             response.close()
         return done
@@ -3159,15 +3329,20 @@ class _Transfer:
     def _flush(self, conn: _Connection, quietly: bool = False) -> None:
         """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
         out of a failure, a write of a superseded epoch is dropped."""
-        pending, conn.pending = conn.pending, 0
+        pending = conn.pending
         try:
             self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
         except _Superseded:
+            conn.pending = 0
             if not quietly:
                 raise
             return
+        except BaseException:
+            conn.pending = 0  # what the write took is held; the rest is given up
+            raise
         with self._cond:
             conn.pos += pending
+            conn.pending = 0
 
 
 def _too_large(limit: int, how: str) -> Error:
@@ -3189,7 +3364,6 @@ def _unexpected(exc: BaseException) -> Error:
 _PathLike = 'Union[str, os.PathLike[str], io.BufferedIOBase]'
 _STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
 _IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
-_NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
 def _free_name(target: pathlib.Path) -> pathlib.Path:
@@ -3320,6 +3494,7 @@ class Downloader(Emitter):
         self._size = -1
         self._downloaded = 0
         self._resumed_from = 0               # bytes held when the attempt began
+        self._best_held = 0                  # the most bytes an attempt ever held
         self._received = 0
         self._speed: float = 0
         self._last_exception: Optional[BaseException] = None
@@ -3353,7 +3528,6 @@ class Downloader(Emitter):
         self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
         self.max_size = max_size
         self.min_speed = min_speed
-        self._first_attempt = True           # if_exists acts on this one
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
         self._path: Union[pathlib.Path, io.BufferedIOBase]
@@ -3383,7 +3557,9 @@ class Downloader(Emitter):
         self._load_local_state()
 
     def _load_local_state(self) -> None:
-        """Read what is already on disk: the bytes held, the known size."""
+        """Read what is already on disk: the bytes held, the known size.
+        The next attempt is the first for ``if_exists``."""
+        self._first_attempt = True
         self._store = _FileStore(self._path, self._url)
         self._store.load()
         self._downloaded = self._store.held.total
@@ -3606,8 +3782,6 @@ class Downloader(Emitter):
         """Start the download thread and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
-        if not self.is_alive:
-            self._first_attempt = True
         self._start(None)
 
     def _start(self, timer: Optional[threading.Thread]) -> None:
@@ -3694,8 +3868,8 @@ class Downloader(Emitter):
     def _settled(self) -> bool:
         """Nothing more will happen by itself: complete, fatal, or stopped
         (or failed) with no restart to come (a manager restarts its own)."""
-        return self._state in _FINISHED_STATES or (
-            not self._running and not self.is_restarting and self._restarts_itself)
+        return not self._running and (self._state in _FINISHED_STATES or (
+            not self.is_restarting and self._restarts_itself))
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -3790,7 +3964,7 @@ class Downloader(Emitter):
     def _run(self) -> None:
         """The download thread: one attempt, from ``start`` to its end state,
         and every signal the download gives while it runs."""
-        received_before = self._received
+        best_before = self._best_held
         retry_after = None
         final = 'pause'
         try:
@@ -3805,8 +3979,9 @@ class Downloader(Emitter):
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
                 self._last_exception = error
-                # ``retries`` counts failures in a row: progress breaks the row
-                self._failures = 1 if self._received > received_before else self._failures + 1
+                # ``retries`` counts failures in a row: progress (more bytes
+                # held than ever before) breaks the row
+                self._failures = 1 if self._best_held > best_before else self._failures + 1
                 final = 'error' if error.retryable else 'fatal-error'
                 if final == 'error' and self.retries is not None \
                         and self._failures > self.retries:
@@ -3873,10 +4048,16 @@ class Downloader(Emitter):
             for kind, value in transfer.wait(0):
                 self._relay(kind, value)
             transfer.result()
+        except BaseException:
+            transfer.stop()  # leave no connection thread behind, whatever happened
+            for thread in transfer.threads:
+                thread.join()
+            raise
         finally:
             self._received += transfer.received - tick_received
             with self._lock:
                 self._downloaded = store.held.total
+                self._best_held = max(self._best_held, self._downloaded)
                 self._transfer = None
         if transfer.unchanged:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
@@ -3896,8 +4077,9 @@ class Downloader(Emitter):
         conditions of the first request and the file a complete download
         replaces (for ``'update'``); store ``None`` for a file taken as it
         is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
-        attempt after a ``start()`` only: the attempts after it resume what
-        it began. Download thread."""
+        attempt of this downloader (or of its new ``path`` or ``url``) only:
+        the attempts after it, restarts and new starts, resume what it
+        began. Download thread."""
         store = self._store
         store.load()  # the file may have changed since the last attempt
         first, self._first_attempt = self._first_attempt, False
@@ -3941,7 +4123,8 @@ class Downloader(Emitter):
             self.emit('path-changed', self)
         elif kind == 'download':
             self._set_state('download')
-        elif kind == 'restart':
+        elif kind == 'restart':  # another version: its progress counts afresh
+            self._best_held = 0
             self._set_size(-1)
 
 
@@ -4596,13 +4779,13 @@ class _Event:
     snapshot the output shows, taken on the thread that saw it."""
     __slots__ = ('downloader', 'state', 'error', 'downloaded', 'size', 'speed')
 
-    def __init__(self, downloader: Downloader):
+    def __init__(self, downloader: Downloader, state_change: bool = True):
         self.downloader = downloader
         self.state = downloader.state
         self.error = downloader.last_exception
         # as the bytes begin to flow, what the attempt resumes from
-        self.downloaded = downloader._resumed_from if self.state == 'download' \
-            else downloader.downloaded
+        self.downloaded = downloader._resumed_from \
+            if state_change and self.state == 'download' else downloader.downloaded
         self.size = downloader.size
         self.speed = downloader.speed
 
@@ -4804,7 +4987,7 @@ class _JSONLines:
             self.next_progress = now + 1.0
             for d in self.downloads:
                 if d.state in _ACTIVE_STATES:
-                    self._write('progress', _Event(d))
+                    self._write('progress', _Event(d, state_change=False))
 
     def close(self, outcome: '_Outcome', interrupted: bool = False) -> None:
         import json

@@ -101,7 +101,8 @@ def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp
     assert server.max_concurrent <= 3
     assert server.max_concurrent == 3
     starts = [d for _, d, old, new in watcher.log if new == 'start']
-    assert starts[:3] == downloads[:3] and set(starts) == set(downloads)
+    # the three oldest start first (their threads may signal in another order)
+    assert set(starts[:3]) == set(downloads[:3]) and set(starts) == set(downloads)
     for i, d in enumerate(downloads):
         assert (tmp_path / 'f{}'.format(i)).read_bytes() == DATA
 

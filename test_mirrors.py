@@ -6,6 +6,7 @@ keeps its own validator, and the caller's secrets go only to ``url``'s
 origin. Also the command line's ``--mirror`` and mirror lines in ``-i``.
 """
 import json
+import re
 import logging
 import random
 import socket
@@ -205,3 +206,35 @@ def test_cli_input_file_lines_with_mirrors(make_server, tmp_path):
 def test_cli_mirror_and_connections_usage_errors(tmp_path, args, capsys):
     assert bitpit._cli(args) == 2
     assert capsys.readouterr().err
+
+
+def test_a_mirror_with_an_older_shorter_file_never_takes_over(make_server, tmp_path):
+    first, second = make_server(), make_server()
+    url = first.add('/f', BIG * 2, throttle=8 * MiB)
+    mirror = second.add('/f', BIG[:MiB])
+    d, _ = download(url, tmp_path / 'f.bin', connections=4, mirrors=[mirror])
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG * 2
+
+
+def test_a_dropped_request_does_not_retire_a_source(make_server, tmp_path):
+    """A server that closes a connection without answering (as one under
+    load does) is a transient failure, not a broken answer."""
+    first, second = make_server(), make_server()
+    dropped = []
+
+    def serve(handler):
+        if not dropped:
+            dropped.append(1)
+            return                       # closed without a word
+        match = re.match(r'bytes=(\d+)-(\d*)', handler.headers.get('Range') or '')
+        start = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else len(BIG) - 1
+        body = BIG[start:last + 1]
+        handler.wfile.write(('HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n'
+                             'Content-Range: bytes {}-{}/{}\r\nETag: "v1"\r\n\r\n'.format(
+                                 len(body), start, last, len(BIG))).encode() + body)
+    url = first.add_raw('/f', serve)
+    mirror = second.add('/f', BIG, etag='"v1"', throttle=2 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4, mirrors=[mirror])
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert len(first.requests) >= 2             # the first source kept serving

@@ -308,3 +308,30 @@ def test_an_encoding_bitpit_cannot_decode_is_fatal(server, tmp_path, encoding):
     assert isinstance(d.last_exception, bitpit.ProtocolError)
     assert encoding in str(d.last_exception)
     assert not (tmp_path / 'f.bin').exists() or (tmp_path / 'f.bin').read_bytes() == b''
+
+
+def test_retries_run_out_when_every_attempt_starts_from_zero(server, tmp_path):
+    """A server that ignores Range and cuts every body: each attempt gets
+    the same first bytes again, which is not progress."""
+    url = server.add('/f', DATA, ignore_range=True, truncate_at=OFFSET)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', retries=2, restart_wait=0.01)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('fatal-error', timeout=10)
+    d.join(5)
+    assert len(server.requests) == 3
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole(server, tmp_path):
+    url = server.add('/f', gzip_bytes(DATA[:OFFSET]) + gzip_bytes(DATA[OFFSET:]),
+                     ignore_range=True, headers={'Content-Encoding': 'gzip'})
+    d, _ = download(url, tmp_path / 'f.bin')
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+
+
+def test_a_416_without_the_files_size_does_not_complete_a_resume(server, tmp_path):
+    server.add_raw('/f', raw('HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n'))
+    target = partial_file(tmp_path)
+    d, _ = download(server.url('/f'), target)
+    assert d.state == 'error' and isinstance(d.last_exception, bitpit.ProtocolError)
+    assert target.read_bytes() == DATA[:OFFSET]

@@ -28,6 +28,7 @@ MiB = 1024 * 1024
 BIG = random.Random(9).randbytes(4 * MiB + 1234)       # four parts of about 1 MiB
 SHARE = -(-len(BIG) // 4)                               # the size of each part
 NEW = random.Random(10).randbytes(len(BIG))
+DATA_SMALL = BIG[:300000]
 
 
 def ranges(server, path='/f'):
@@ -393,3 +394,137 @@ def test_stop_ends_every_connection_at_once(server, tmp_path):
     # what was read before the stop is on disk; the rest never left the
     # kernel's socket buffers
     assert sum(b - a for a, b in held) == d.downloaded <= 4 * 200000
+
+
+# ---------------------------------------------------------------------------
+# found in review: each of these failed before its fix
+# ---------------------------------------------------------------------------
+
+def test_the_sidecar_is_not_rewritten_for_every_write(server, tmp_path, monkeypatch):
+    saves = []
+    real = bitpit._FileStore._save_sidecar
+    monkeypatch.setattr(bitpit._FileStore, '_save_sidecar',
+                        lambda self: saves.append(1) or real(self))
+    url = server.add('/f', BIG, throttle=16 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4, chunk_size=65536)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert 1 <= len(saves) <= 5      # once before the first hole, then about once a second
+
+
+def test_a_name_too_long_for_a_sidecar_is_fetched_in_order(server, tmp_path):
+    """NAME.bitpit.tmp cannot be made for a 249-byte name: no part may then
+    be written out of order, and no space reserved (holes without a record
+    would be taken for bytes)."""
+    name = 'x' * 245 + '.bin'
+    url = server.add('/f', BIG, throttle=8 * MiB)
+    d = bitpit.Downloader(url, path=tmp_path / name, connections=4, update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    wait_for_bytes(d, rec, len(BIG) // 3)
+    d.stop()
+    assert (tmp_path / name).stat().st_size == d.downloaded   # one prefix, no holes
+    d, _ = download(url, tmp_path / name, connections=4)
+    assert d.state == 'complete' and (tmp_path / name).read_bytes() == BIG
+
+
+def test_a_stray_416_within_the_file_does_not_start_it_over(server, tmp_path):
+    url = server.add('/f', BIG, throttle=8 * MiB, range_faults={2 * SHARE: {'status': 416}})
+    d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert 'restart' not in str(rec.sizes) and -1 not in rec.sizes
+    assert server.bytes_sent('/f') <= len(BIG) + MiB
+
+
+def test_a_range_raced_away_before_its_failure_still_completes(server, tmp_path):
+    """The connection for the second part gets no answer, then a drop; the
+    first connection meanwhile fetched all of it (split and raced): the
+    file is complete, not an error."""
+    data = BIG[:4 * MiB]
+    asked = []
+
+    def serve(handler):
+        match = re.match(r'bytes=(\d+)-(\d*)', handler.headers.get('Range') or '')
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else len(data) - 1
+        if first == 2 * MiB and not asked:
+            asked.append(first)
+            server._closed.wait(2)      # no answer, then the connection drops
+            return
+        body = data[first:last + 1]
+        handler.wfile.write(('HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n'
+                             'Content-Range: bytes {}-{}/{}\r\nETag: "v1"\r\n\r\n'.format(
+                                 len(body), first, last, len(data))).encode() + body)
+    url = server.add_raw('/f', serve)
+    d, rec = download(url, tmp_path / 'f.bin', connections=2)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == data
+    assert not sidecar_of(tmp_path / 'f.bin').exists()
+
+
+def test_restarting_a_completed_download(server, tmp_path):
+    url = server.add('/f', DATA_SMALL)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    d.start()
+    assert d.wait(10)
+    d.join(5)
+    d.start()
+    assert d.wait(10) and not d.is_alive          # not the previous run's state
+    assert d.state == 'complete' and d.last_exception is None
+
+
+def test_a_download_restarts_after_a_stop_that_gave_up_waiting(server, tmp_path):
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    slow = threading.Event()
+    d.listen('state-changed', lambda d, old: d.state == 'download' and not slow.is_set()
+             and slow.wait(1.5))
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('download')
+    d.stop()                                     # returns after about a second
+    d.join(5)
+    slow.set()
+    count = len(server.requests)
+    d.start()
+    rec.wait_state('complete', timeout=20)
+    d.join(5)
+    assert (tmp_path / 'f.bin').read_bytes() == BIG
+    assert len(server.requests) - count <= 2     # not a storm of requests
+
+
+def test_an_empty_file_over_several_connections(server, tmp_path):
+    url = server.add('/f', b'')
+    d, _ = download(url, tmp_path / 'f.bin', connections=2)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == b''
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='needs a FIFO')
+def test_a_fifo_is_written_in_order_whatever_the_connections(server, tmp_path):
+    url = server.add('/f', BIG, throttle=32 * MiB)
+    fifo = tmp_path / 'pipe'
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    d, _ = download(url, fifo, connections=4)
+    reader.join(10)
+    assert d.state == 'complete' and got == [BIG]
+
+
+def test_a_chunked_partial_answer_is_read_to_its_last_chunk(make_server, tmp_path):
+    """A connection goes back to the pool only when its answer's last chunk
+    was read: the next request must not take that chunk for its status."""
+    srv = make_server()
+    url = srv.add('/f', BIG[:3 * MiB], chunked=True, throttle=16 * MiB)
+    d, rec = download(url, tmp_path / 'f.bin', connections=2)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG[:3 * MiB]
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+
+
+def test_max_size_holds_with_the_fast_path_too(server, tmp_path):
+    n = 3 * MiB
+    server.add_raw('/f', lambda handler: handler.wfile.write(
+        ('HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n'
+         'Content-Range: bytes 0-{}/*\r\n\r\n'.format(n, n - 1)).encode() + bytes(n)))
+    d, _ = download(server.url('/f'), tmp_path / 'f.bin', connections=2, max_size=MiB)
+    assert d.state == 'fatal-error' and 'max_size' in str(d.last_exception)
+    assert (tmp_path / 'f.bin').stat().st_size <= MiB
