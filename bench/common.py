@@ -16,7 +16,8 @@ everything they have in common lives here:
                  generated nginx.conf, one foreground process, optional
                  limit_rate), serve_files() which picks one
     contenders   Contender, Skipped, gather, bitpit_available,
-                 python_command, python_env
+                 python_command, python_env, load_bitpit (the --bitpit under
+                 test, copied and compiled once in the temp dir)
     running      run_measured (wall time and peak RSS of one child process),
                  run_interleaved (A B C, B C A, ...), Outcome (medians)
     reporting    Goal, derive, median_of, ratio, report_contenders,
@@ -658,7 +659,9 @@ class Skipped(Exception):
 @dataclasses.dataclass
 class RunResult:
     """What one child process did: wall time, peak RSS, exit code, output,
-    and ``info``, the JSON object on the last line of its stdout if any."""
+    and ``info``, the JSON object on the last line of its stdout if any.
+    ``user_s`` and ``sys_s`` are its CPU time in user and kernel mode (from
+    ``wait4``), ``cpu_seconds`` their sum."""
     seconds: float
     returncode: int
     max_rss_kib: int
@@ -666,6 +669,12 @@ class RunResult:
     stderr: str
     timed_out: bool
     info: Dict[str, Any]
+    user_s: float = float('nan')
+    sys_s: float = float('nan')
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_s + self.sys_s
 
     def failure(self) -> str:
         """A one-paragraph account of a failed run."""
@@ -743,6 +752,54 @@ def bitpit_available(*names: str, env: Optional[Dict[str, str]] = None,
     return 'bitpit {} at {}'.format(found['version'], found['file'])
 
 
+@dataclasses.dataclass
+class BitpitUnderTest:
+    """The ``bitpit.py`` a benchmark measures (``--bitpit``): a copy in the
+    workspace, so that editing the original during a run changes nothing,
+    compiled there once before the first run. Python children run with
+    ``env`` and any working dir in the workspace (not the repo root) import
+    the copy. ``skip`` says why it cannot be measured (then ``require()``
+    raises ``Skipped``)."""
+    source: Path
+    env: Dict[str, str]
+    description: str = 'bitpit unavailable'
+    skip: Optional[str] = None
+
+    def require(self) -> str:
+        """The description, or ``Skipped`` with the reason."""
+        if self.skip:
+            raise Skipped(self.skip)
+        return self.description
+
+    def env_with(self, **variables: str) -> Dict[str, str]:
+        """``env`` with more variables (e.g. ``BITPIT_NO_SPLICE='1'``)."""
+        return dict(self.env, **variables)
+
+
+def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnderTest:
+    """Copy ``source`` to ``tmp/lib/bitpit.py`` and import it once in a child
+    (which also compiles it into ``tmp/pycache``), checking it has
+    ``names``. Never raises for a bad bitpit: the result's ``skip`` says
+    what is wrong, and the contenders that need it are skipped."""
+    source = Path(source)
+    lib = tmp / 'lib'
+    lib.mkdir(exist_ok=True)
+    env = python_env(pycache=tmp / 'pycache', lib=lib)
+    found = BitpitUnderTest(source, env)
+    if not source.is_file():
+        found.skip = 'no such file: {}'.format(source)
+        return found
+    shutil.copyfile(source, lib / 'bitpit.py')
+    try:
+        description = bitpit_available(*names, env=env, cwd=tmp)
+    except Skipped as exc:
+        found.skip = str(exc)
+        return found
+    found.description = '{} (copied from {})'.format(description.rpartition(' at ')[0],
+                                                      source.resolve())
+    return found
+
+
 def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
            ) -> Tuple[List[Contender], Dict[str, str]]:
     """Build the contenders; one that raises ``Skipped`` is left out and its
@@ -761,11 +818,14 @@ def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
 # running
 # ---------------------------------------------------------------------------
 
-#: Runs one command, then writes its wall time, exit status and peak RSS as
-#: JSON to the file named by argv[2]. Linux counts the memory a process had
-#: before exec in its peak RSS, so children are spawned from this small
-#: process rather than from the benchmark itself (27+ MiB): the floor of the
-#: measurement is this launcher's own size (about 9 MiB, see rss_floor()).
+#: Runs one command, then writes its wall time, exit status, peak RSS and
+#: CPU time (user and system) as JSON to the file named by argv[2]. Linux
+#: counts the memory a process had before exec in its peak RSS, so children
+#: are spawned from this small process rather than from the benchmark itself
+#: (27+ MiB): the floor of the measurement is this launcher's own size
+#: (about 9.5 MiB, see rss_floor_mib()). The rusage that wait4 returns
+#: covers the child and every descendant it waited for, all threads
+#: included.
 _LAUNCHER = '''
 import json, os, sys, time
 argv, report, cpus = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
@@ -777,7 +837,8 @@ _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - began
 with open(report, 'w') as file:
     json.dump({'seconds': seconds, 'returncode': os.waitstatus_to_exitcode(status),
-               'max_rss_kib': usage.ru_maxrss}, file)
+               'max_rss_kib': usage.ru_maxrss, 'user_s': usage.ru_utime,
+               'sys_s': usage.ru_stime}, file)
 '''
 
 
@@ -806,7 +867,8 @@ def pin_cpus() -> str:
 
 def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
                  cwd: Optional[Path] = None) -> RunResult:
-    """Run one child to its end; measure its wall time and peak RSS.
+    """Run one child to its end; measure its wall time, peak RSS and CPU
+    time (user + system).
 
     The child is started by a small launcher (``_LAUNCHER``) in a session of
     its own, which times it from spawn to exit and reads its rusage with
@@ -842,7 +904,8 @@ def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str,
     return RunResult(seconds=measured.get('seconds', float('nan')),
                      returncode=measured.get('returncode', launcher.returncode or -1),
                      max_rss_kib=measured.get('max_rss_kib', 0), stdout=stdout, stderr=stderr,
-                     timed_out=timed_out, info=info)
+                     timed_out=timed_out, info=info, user_s=measured.get('user_s', float('nan')),
+                     sys_s=measured.get('sys_s', float('nan')))
 
 
 @functools.lru_cache(maxsize=None)
@@ -902,9 +965,13 @@ def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                 continue
             finally:
                 contender.reset()
-            metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB)
-            note('  {:<12} {:<9} {:8.3f} s  peak RSS {:6.1f} MiB'.format(
-                contender.name, label, result.seconds, metrics['peak_rss_mib']))
+            metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB,
+                           cpu_seconds=result.cpu_seconds, user_s=result.user_s,
+                           sys_s=result.sys_s)
+            note('  {:<12} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
+                 'peak RSS {:6.1f} MiB'.format(contender.name, label, result.seconds,
+                                                result.cpu_seconds, result.user_s, result.sys_s,
+                                                metrics['peak_rss_mib']))
             if round_no >= warmup:
                 outcome.runs.append(metrics)
     return outcomes
@@ -981,6 +1048,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                      for row in cells)
 
 
+#: Report columns for CPU time (user + system, and each), to follow
+#: ``('median s', 'seconds', ...)``: medians of what ``wait4`` gave per run.
+CPU_COLUMNS = [('CPU s', 'cpu_seconds', '{:.3f}'), ('user s', 'user_s', '{:.3f}'),
+               ('sys s', 'sys_s', '{:.3f}')]
+
+
 def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
                       columns: Sequence[Tuple[str, str, str]]) -> str:
     """A table of medians, one row per contender; ``columns`` lists
@@ -1022,9 +1095,11 @@ def positive_int(text: str) -> int:
 
 def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
                 server: bool = True) -> argparse.ArgumentParser:
-    """The options the benchmarks share: --runs, --json, --no-install,
-    --tmp, and unless turned off here --warmup and --server."""
+    """The options the benchmarks share: --runs, --bitpit, --json,
+    --no-install, --tmp, and unless turned off here --warmup and --server."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--bitpit', metavar='PATH', default=str(REPO_ROOT / 'bitpit.py'),
+                        help="the bitpit.py to measure (default: the repo's, %(default)s)")
     parser.add_argument('--runs', type=positive_int, default=runs,
                         help='timed runs of each contender (default %(default)s)')
     if warmup is not None:

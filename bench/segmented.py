@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,28 +182,21 @@ class Bench:
     def __init__(self, args: Any, tmp: Path):
         self.args = args
         self.tmp = tmp
-        self.docroot, self.outdir, lib = tmp / 'www', tmp / 'out', tmp / 'lib'
-        for path in (self.docroot, self.outdir, lib):
+        self.docroot, self.outdir = tmp / 'www', tmp / 'out'
+        for path in (self.docroot, self.outdir):
             path.mkdir()
-        self.env = common.python_env(pycache=tmp / 'pycache', lib=lib)
-        self.bitpit_skip: Optional[str] = None  # why every bitpit contender is skipped
+        self.under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader')
+        self.env = self.under_test.env
+        # why every bitpit contender is skipped
+        self.bitpit_skip: Optional[str] = self.under_test.skip
         self.segmented_skip: Optional[str] = None  # why connections= / mirrors= are
-        self.bitpit_description = 'bitpit unavailable'
+        self.bitpit_description = self.under_test.description
         self._targets: Dict[str, Target] = {}
-        self._load_bitpit(Path(args.bitpit), lib)
+        if not self.bitpit_skip:
+            self._probe_segmented()
 
-    def _load_bitpit(self, source: Path, lib: Path) -> None:
-        if not source.is_file():
-            self.bitpit_skip = 'no such file: {}'.format(source)
-            return
-        shutil.copyfile(source, lib / 'bitpit.py')
-        try:  # this import also compiles bitpit into the workspace's pycache
-            found = common.bitpit_available('Downloader', env=self.env, cwd=self.tmp)
-        except Skipped as exc:
-            self.bitpit_skip = str(exc)
-            return
-        self.bitpit_description = '{} (copied from {})'.format(
-            found.rpartition(' at ')[0], source.resolve())
+    def _probe_segmented(self) -> None:
+        """Does the bitpit under test take ``connections=`` / ``mirrors=``?"""
         probe = self.tmp / 'probe.bin'
         try:
             done = subprocess.run(common.python_command(PROBE_CODE, probe), env=self.env,
@@ -291,8 +283,9 @@ class Bench:
         return ['bitpit x1 ran with the default settings (no connections= yet): one connection']
 
 
-COLUMNS = [('median s', 'seconds', '{:.3f}'), ('MiB/s', 'mib_per_s', '{:.2f}'),
-           ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]
+COLUMNS = [('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
+           ('MiB/s', 'mib_per_s', '{:.2f}'), ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'),
+           ('in-process s', 'transfer_s', '{:.3f}')]
 SERVER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
                   ('served', 'served', '{:.3f}')]
 
@@ -431,7 +424,8 @@ def scenario_slow_connection(bench: Bench) -> Section:
                          'range; --slow-connection {} slows the next one'.format(
                              name, slow, common.fmt_size(carried * MiB), slow + 1))
     return Section('slow-connection', heading, outcomes, skipped, goals,
-                   [('median s', 'seconds', '{:.3f}'), ('/ ideal', 'per_ideal', '{:.3f}'),
+                   [('median s', 'seconds', '{:.3f}'), ('CPU s', 'cpu_seconds', '{:.3f}'),
+                    ('/ ideal', 'per_ideal', '{:.3f}'),
                     ('in-process / ideal', 'transfer_per_ideal', '{:.3f}')]
                    + SERVER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
                    {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow})
@@ -478,8 +472,6 @@ def main(argv=None) -> int:
     parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, warmup=0, server=False)
     parser.add_argument('--scenario', action='append', choices=SCENARIOS,
                         help='run only this scenario (repeatable; default: all)')
-    parser.add_argument('--bitpit', metavar='PATH', default=str(common.REPO_ROOT / 'bitpit.py'),
-                        help="the bitpit.py to measure (default: the repo's)")
     parser.add_argument('--size', type=common.parse_size, default=10 * MiB,
                         help='size of the paced file (default 10M)')
     parser.add_argument('--rate', type=common.parse_size, default=MiB,
