@@ -510,16 +510,21 @@ class NginxServer:
     ``limit_rate N;``: nginx paces each *request* on its own, and gives
     each one about a second's worth of credit at its start. With
     ``log_requests``, nginx keeps an access log in its temp dir, which
-    ``traffic()`` sums up and ``reset()`` empties."""
+    ``traffic()`` sums up and ``reset()`` empties. With ``tls`` (the paths
+    of a certificate and its key, see ``make_certificate``), it serves
+    HTTPS (``listen ... ssl``) and the access log also names each request's
+    protocol and cipher (``tls_sessions()``). ``cpu_seconds()`` is the CPU
+    time nginx used so far."""
     kind = 'nginx'
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
     def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None,
-                 log_requests: bool = False):
+                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
         self.limit_rate = limit_rate
-        self.log_requests = log_requests
+        self.log_requests = log_requests or tls is not None
+        self.tls = tls
         self.version = tool_version(binary, '-v').rpartition('/')[2]
         self._build = command_output(binary, '-V')  # configure arguments
         self.port = 0
@@ -528,14 +533,14 @@ class NginxServer:
 
     @property
     def base_url(self) -> str:
-        return 'http://127.0.0.1:{}/'.format(self.port)
+        return '{}://127.0.0.1:{}/'.format('https' if self.tls else 'http', self.port)
 
     @property
     def description(self) -> str:
         if self.limit_rate:
             return 'nginx {} (sendfile on, limit_rate {}/s per request)'.format(
                 self.version, fmt_size(self.limit_rate))
-        return 'nginx {} (sendfile on)'.format(self.version)
+        return 'nginx {} ({}sendfile on)'.format(self.version, 'HTTPS, ' if self.tls else '')
 
     def url(self, name: str) -> str:
         """The URL of the file ``name`` in the docroot."""
@@ -555,7 +560,8 @@ class NginxServer:
             'error_log {}/error.log warn;'.format(prefix),
             'events { worker_connections 4096; }',
             'http {',
-            *(["    log_format bench '$connection $request_method $body_bytes_sent';",
+            *(["    log_format bench '$connection $request_method $body_bytes_sent{}';".format(
+                ' $ssl_protocol $ssl_cipher' if self.tls else ''),
                 '    access_log {}/access.log bench;'.format(prefix)]
               if self.log_requests else ['    access_log off;']),
             '    sendfile on;',
@@ -566,7 +572,12 @@ class NginxServer:
             '    default_type application/octet-stream;',
             temp_paths,
             '    server {',
-            '        listen 127.0.0.1:{} backlog=4096;'.format(self.port),
+            '        listen 127.0.0.1:{}{} backlog=4096;'.format(
+                self.port, ' ssl' if self.tls else ''),
+            *(['        ssl_certificate {};'.format(self.tls[0]),
+               '        ssl_certificate_key {};'.format(self.tls[1]),
+               # nginx before 1.23.4 leaves TLSv1.3 out by default
+               '        ssl_protocols TLSv1.2 TLSv1.3;'] if self.tls else []),
             '        root {};'.format(self.docroot),
             *(['        limit_rate {};'.format(int(self.limit_rate))] if self.limit_rate else []),
             '    }',
@@ -610,11 +621,34 @@ class NginxServer:
         used, GET requests, and body bytes sent. nginx writes a request's
         line when it has handed the last byte to the kernel."""
         log = self._prefix / 'access.log' if self._prefix is not None else None
-        lines = [line.split() for line in log.read_text().splitlines()] \
-            if self.log_requests and log and log.exists() else []
-        gets = [fields for fields in lines if len(fields) == 3 and fields[1] == 'GET']
+        lines = self._log_lines()
+        gets = [fields for fields in lines if len(fields) >= 3 and fields[1] == 'GET']
         return {'conns': len({fields[0] for fields in lines}), 'requests': len(gets),
                 'bytes': sum(int(fields[2]) for fields in gets)}
+
+    def tls_sessions(self) -> List[str]:
+        """From the access log, since the last ``reset()``: ``'PROTOCOL
+        CIPHER'`` of each GET request (e.g. ``'TLSv1.3
+        TLS_AES_256_GCM_SHA384'``), as OpenSSL names them."""
+        return [' '.join(fields[3:5]) for fields in self._log_lines()
+                if len(fields) >= 5 and fields[1] == 'GET']
+
+    def _log_lines(self) -> List[List[str]]:
+        log = self._prefix / 'access.log' if self._prefix is not None else None
+        return [line.split() for line in log.read_text().splitlines()] \
+            if self.log_requests and log and log.exists() else []
+
+    def cpu_seconds(self) -> Optional[float]:
+        """User + system CPU time of the nginx process so far (from
+        ``/proc``, in clock ticks of 10 ms), or ``None``."""
+        if self._process is None:
+            return None
+        try:
+            fields = Path('/proc/{}/stat'.format(self._process.pid)).read_text() \
+                .rpartition(')')[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
     def _stop_process(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -632,20 +666,45 @@ class NginxServer:
             shutil.rmtree(self._prefix, ignore_errors=True)
 
 
-def serve_files(docroot: Path, server: str = 'auto', install: bool = True
-                ) -> Union[NginxServer, PythonFileServer]:
+def serve_files(docroot: Path, server: str = 'auto', install: bool = True,
+                tls: Optional[Tuple[Path, Path]] = None) -> Union[NginxServer, PythonFileServer]:
     """A context manager serving ``docroot``: nginx when ``server`` is
     ``'nginx'``, or ``'auto'`` and nginx is (or can be) installed; otherwise
     ``PythonFileServer``. The object has ``base_url``, ``url(name)``,
-    ``kind`` and ``description``."""
-    if server in ('auto', 'nginx'):
+    ``kind`` and ``description``. With ``tls`` (certificate, key), nginx
+    serves HTTPS; there is no Python fallback then."""
+    if server in ('auto', 'nginx') or tls:
         binary = find_tool('nginx', install=install)
         if binary:
-            return NginxServer(docroot, binary)
-        if server == 'nginx':
+            return NginxServer(docroot, binary, tls=tls)
+        if server == 'nginx' or tls:
             raise BenchError('nginx is not installed')
         note('nginx unavailable: serving with the Python server instead')
     return PythonFileServer(docroot)
+
+
+def make_certificate(directory: Path, install: bool = True) -> Tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (``subjectAltName
+    IP:127.0.0.1``, an EC P-256 key, valid for 2 days) made with ``openssl
+    req -x509`` in ``directory``: ``(cert.pem, key.pem)``. Clients trust it
+    as their only CA (``ssl.create_default_context(cafile=cert)``, ``curl
+    --cacert cert``)."""
+    openssl = find_tool('openssl', install=install)
+    if not openssl:
+        raise BenchError('openssl is not installed: cannot make a certificate')
+    cert, key = directory / 'cert.pem', directory / 'key.pem'
+    try:
+        done = subprocess.run(
+            [openssl, 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+             '-nodes', '-keyout', str(key), '-out', str(cert), '-days', '2',
+             '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BenchError('openssl req took over 60 s')
+    if done.returncode != 0 or not cert.exists() or not key.exists():
+        raise BenchError('openssl req failed: ' + done.stdout.decode(errors='replace')[-500:])
+    return cert, key
 
 
 # ---------------------------------------------------------------------------
@@ -961,14 +1020,14 @@ def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                     extra = result.info
             except BenchError as exc:
                 outcome.error = '{} failed: {}'.format(label, exc)
-                note('  {:<12} FAILED ({}): {}'.format(contender.name, label, exc))
+                note('  {:<18} FAILED ({}): {}'.format(contender.name, label, exc))
                 continue
             finally:
                 contender.reset()
             metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB,
                            cpu_seconds=result.cpu_seconds, user_s=result.user_s,
                            sys_s=result.sys_s)
-            note('  {:<12} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
+            note('  {:<18} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
                  'peak RSS {:6.1f} MiB'.format(contender.name, label, result.seconds,
                                                 result.cpu_seconds, result.user_s, result.sys_s,
                                                 metrics['peak_rss_mib']))
