@@ -5,11 +5,13 @@
 when installed, else a Python ThreadingHTTPServer with HTTP/1.1 keep-alive)
 and downloaded 50 at a time by each contender, interleaved, each run in a
 fresh process into an emptied directory, every file checked byte for byte.
-Reported: median wall time, peak RSS, and the goal of issue 5:
+Reported: median wall time, CPU time (user + sys of the process, from
+``wait4``), peak RSS, and the goals of issue 13 (against ``aria2c -j50 -i
+list``):
 
-    bitpit / aria2c <= 1.0    (wall time, aria2c -j50 -i list)
+    bitpit / aria2c:  wall <= 0.8,  CPU <= 1.2
 
-Example: ``python bench/many_small.py --runs 5``
+Example: ``python bench/many_small.py --runs 7 --bitpit ../main/bitpit.py``
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ def contender(name: str, command: List[str], outdir: Path, files: Dict[str, byte
 
 
 def bitpit_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
-                     timeout: float, env: Dict[str, str]) -> Contender:
+                     timeout: float, under_test: common.BitpitUnderTest) -> Contender:
     """``bitpit.Manager(max_running=parallel, dir_path=True, path=outdir)``."""
-    common.note('bitpit: ' + common.bitpit_available('Downloader', 'Manager'))
+    common.note('bitpit: ' + under_test.require())
     return contender('bitpit', common.python_command(BITPIT_CODE, url_list, outdir, parallel,
                                                      timeout),
-                     outdir, files, timeout + 30, env)
+                     outdir, files, timeout + 30, under_test.env)
 
 
 def aria2c_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
@@ -151,6 +153,7 @@ def main(argv=None) -> int:
         docroot, outdir = tmp / 'www', tmp / 'out'
         docroot.mkdir()
         outdir.mkdir()
+        under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager')
         files = make_files(docroot, args.files, args.file_size)
         with common.serve_files(docroot, args.server, args.install) as server:
             urls = [server.url(name) for name in files]
@@ -159,10 +162,9 @@ def main(argv=None) -> int:
             common.note('serving {} files of {} from {} at {}'.format(
                 args.files, common.fmt_size(args.file_size), server.description,
                 server.base_url))
-            env = common.python_env(pycache=tmp / 'pycache')
             make = [
                 ('bitpit', lambda: bitpit_contender(url_list, outdir, files, args.parallel,
-                                                    args.timeout, env)),
+                                                    args.timeout, under_test)),
                 ('aria2c', lambda: aria2c_contender(url_list, outdir, files, args.parallel,
                                                     args.timeout, args.install)),
             ]
@@ -175,13 +177,18 @@ def main(argv=None) -> int:
             server_description = server.description
 
     common.derive(outcomes, 'files_per_s', lambda run: args.files / run['seconds'])
-    goals = [Goal('bitpit / aria2c (wall time)', common.ratio(outcomes, 'bitpit', 'aria2c'), 1.0)]
+    goals = [Goal('bitpit / aria2c (wall time)', common.ratio(outcomes, 'bitpit', 'aria2c'), 0.8),
+             Goal('bitpit / aria2c (CPU time)',
+                  common.ratio(outcomes, 'bitpit', 'aria2c', 'cpu_seconds'), 1.2)]
     curl_ratio = common.ratio(outcomes, 'bitpit', 'curl')
     print('\nmany small files: {} x {} from {}, {} at a time, {} runs each, interleaved'.format(
         args.files, common.fmt_size(args.file_size), server_description, args.parallel,
         args.runs))
+    print('bitpit under test: {}'.format(under_test.skip or under_test.description))
+    print('(CPU s: user + sys of the whole process, all threads, from wait4)')
     print(common.report_contenders(outcomes, skipped, [
-        ('median s', 'seconds', '{:.3f}'), ('files/s', 'files_per_s', '{:.0f}'),
+        ('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
+        ('files/s', 'files_per_s', '{:.0f}'),
         ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('stray files', 'stray_files', '{:.0f}'),
         ('threads left', 'threads_left', '{:.0f}')]))
     print()
@@ -190,7 +197,8 @@ def main(argv=None) -> int:
         print('bitpit / curl --parallel (wall time): {:.3f} (for information)'.format(curl_ratio))
     return common.finish(args.json, {
         'benchmark': 'many_small', 'files': args.files, 'file_size': args.file_size,
-        'parallel': args.parallel, 'runs': args.runs, 'server': server_description},
+        'parallel': args.parallel, 'runs': args.runs, 'server': server_description,
+        'bitpit': under_test.skip or under_test.description},
         outcomes, skipped, goals)
 
 
