@@ -1060,14 +1060,14 @@ def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                     extra = result.info
             except BenchError as exc:
                 outcome.error = '{} failed: {}'.format(label, exc)
-                note('  {:<18} FAILED ({}): {}'.format(contender.name, label, exc))
+                note('  {:<22} FAILED ({}): {}'.format(contender.name, label, exc))
                 continue
             finally:
                 contender.reset()
             metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB,
                            cpu_seconds=result.cpu_seconds, user_s=result.user_s,
                            sys_s=result.sys_s)
-            note('  {:<18} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
+            note('  {:<22} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
                  'peak RSS {:6.1f} MiB'.format(contender.name, label, result.seconds,
                                                 result.cpu_seconds, result.user_s, result.sys_s,
                                                 metrics['peak_rss_mib']))
