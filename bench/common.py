@@ -667,16 +667,18 @@ class NginxServer:
 
 
 def serve_files(docroot: Path, server: str = 'auto', install: bool = True,
-                tls: Optional[Tuple[Path, Path]] = None) -> Union[NginxServer, PythonFileServer]:
+                tls: Optional[Tuple[Path, Path]] = None, log_requests: bool = False
+                ) -> Union[NginxServer, PythonFileServer]:
     """A context manager serving ``docroot``: nginx when ``server`` is
     ``'nginx'``, or ``'auto'`` and nginx is (or can be) installed; otherwise
     ``PythonFileServer``. The object has ``base_url``, ``url(name)``,
     ``kind`` and ``description``. With ``tls`` (certificate, key), nginx
-    serves HTTPS; there is no Python fallback then."""
+    serves HTTPS; there is no Python fallback then. ``log_requests`` is
+    passed to nginx (see ``NginxServer.traffic``)."""
     if server in ('auto', 'nginx') or tls:
         binary = find_tool('nginx', install=install)
         if binary:
-            return NginxServer(docroot, binary, tls=tls)
+            return NginxServer(docroot, binary, log_requests=log_requests, tls=tls)
         if server == 'nginx' or tls:
             raise BenchError('nginx is not installed')
         note('nginx unavailable: serving with the Python server instead')
