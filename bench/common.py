@@ -837,6 +837,21 @@ class BitpitUnderTest:
         return dict(self.env, **variables)
 
 
+def describe_source(path: Path, copy: Optional[Path] = None) -> str:
+    """Which version of a file was measured: the SHA-256 (first 12 hex
+    digits) of its ``copy`` (or of itself) and, in a git work tree, the
+    branch, the commit and whether the file has uncommitted changes."""
+    text = 'sha256 ' + file_sha256(copy or path)[:12]
+    where = str(path.resolve().parent)
+    commit = command_output('git', '-C', where, 'log', '-1', '--format=%h').strip()
+    if commit and re.fullmatch(r'[0-9a-f]{4,40}', commit):
+        branch = command_output('git', '-C', where, 'rev-parse', '--abbrev-ref', 'HEAD').strip()
+        dirty = command_output('git', '-C', where, 'status', '--porcelain', '--', path.name)
+        text += ', git {}@{}{}'.format(branch, commit,
+                                       ' + uncommitted changes' if dirty.strip() else '')
+    return text
+
+
 def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnderTest:
     """Copy ``source`` to ``tmp/lib/bitpit.py`` and import it once in a child
     (which also compiles it into ``tmp/pycache``), checking it has
@@ -851,13 +866,14 @@ def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnder
         found.skip = 'no such file: {}'.format(source)
         return found
     shutil.copyfile(source, lib / 'bitpit.py')
+    identity = describe_source(source, lib / 'bitpit.py')
     try:
         description = bitpit_available(*names, env=env, cwd=tmp)
     except Skipped as exc:
-        found.skip = str(exc)
+        found.skip = '{} ({}, {})'.format(exc, source.resolve(), identity)
         return found
-    found.description = '{} (copied from {})'.format(description.rpartition(' at ')[0],
-                                                      source.resolve())
+    found.description = '{} (copied from {}, {})'.format(description.rpartition(' at ')[0],
+                                                          source.resolve(), identity)
     return found
 
 

@@ -144,8 +144,10 @@ def main(argv=None) -> int:
         factories = [(NAMES[code], lambda code=code: contender(code, lib, 30))
                      for code in (BASELINE, NOTHING)]
         pyc: Optional[Path] = None
+        identity = 'bitpit.py copied from {}'.format(source.resolve())
         try:
             pyc = install_copy(source, lib)
+            identity += ', ' + common.describe_source(source, lib / 'bitpit.py')
             factories.insert(0, (NAMES[BITPIT], lambda: contender(BITPIT, lib, 30)))
         except Skipped as exc:
             lib.mkdir(exist_ok=True)
@@ -175,9 +177,7 @@ def main(argv=None) -> int:
     common.derive(outcomes, 'cpu_ms', lambda run: run['cpu_seconds'] * 1000)
     print('\nimport time: python -S -c "...", {} runs each, interleaved, bytecode cached'.format(
         args.runs))
-    print('bitpit under test: {}'.format(
-        skipped.get(bitpit) or '{} copied from {}'.format(lib.name + '/bitpit.py',
-                                                          source.resolve())))
+    print('bitpit under test: {}'.format(skipped.get(bitpit) or identity))
     print('(wall: spawn to exit; CPU: user + sys from wait4; peak RSS: wait4, the floor of '
           'that measurement is {:.1f} MiB)'.format(floor))
     print(common.report_contenders(outcomes, skipped, [
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         print('\n'.join(importtime_report(importtimes['bitpit'], importtimes['baseline'],
                                           args.top)))
     return common.finish(args.json, {
-        'benchmark': 'import_time', 'runs': args.runs, 'bitpit': str(source.resolve()),
+        'benchmark': 'import_time', 'runs': args.runs, 'bitpit': identity,
         'rss_floor_mib': floor, 'bytecode_rewritten': recompiled, 'pycache': cache,
         'importtime_us': {key: {name: {'self': v[0], 'cumulative': v[1], 'depth': v[2]}
                                 for name, v in value.items()}
