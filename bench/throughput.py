@@ -68,16 +68,19 @@ print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
 '''
 
 #: Put before BITPIT_CODE for one untimed run: counts the calls of
-#: ``os.splice`` and the bytes they moved, printed as the last line.
+#: ``os.splice`` and the bytes they moved into regular files (a splice
+#: from the socket into a pipe and one from the pipe into the file move the
+#: same bytes), printed as the last line.
 SPLICE_COUNTER = '''
-import atexit, json, os
+import atexit, json, os, stat
 _spliced = [0, 0]
 _splice = getattr(os, 'splice', None)
 if _splice is not None:
-    def _counting_splice(*args, **kwargs):
-        n = _splice(*args, **kwargs)
+    def _counting_splice(src, dst, count, *args, **kwargs):
+        n = _splice(src, dst, count, *args, **kwargs)
         _spliced[0] += 1
-        _spliced[1] += n
+        if stat.S_ISREG(os.fstat(dst).st_mode):
+            _spliced[1] += n
         return n
     os.splice = _counting_splice
 atexit.register(lambda: print(json.dumps({'splice_calls': _spliced[0], 'splice_bytes': _spliced[1],
@@ -239,7 +242,7 @@ class Setup:
         if not counted.get('has_splice', True):
             text = 'this Python has no os.splice'
         elif 'splice_calls' in counted:
-            text = 'os.splice called {} times, moving {} ({:.0%} of the file)'.format(
+            text = 'os.splice called {} times, {} spliced into the file ({:.0%})'.format(
                 counted['splice_calls'], common.fmt_size(counted['splice_bytes']),
                 counted['splice_bytes'] / self.size)
         else:
