@@ -129,13 +129,14 @@ class Section:
 Server = Union[PacingFileServer, common.NginxServer]
 
 
-def reset(target: Target, servers: Sequence[Server], sync: bool) -> None:
+def reset(target: Target, servers: Sequence[Server], sync: bool, warm: bool) -> None:
     """Delete the output (and any aria2c control file), forget what the
-    servers counted; with ``sync``, flush dirty pages too (large files)."""
+    servers counted; with ``sync``, flush dirty pages too (large files),
+    and with ``warm`` warm the page cache (``common.warm_page_cache``)."""
     for path in target.leftovers:
         common.remove(path)
     if sync:
-        common.remove_and_sync(target.out)
+        common.remove_and_sync(target.out, common.warm_size(target.size) if warm else 0)
     for server in servers:
         server.reset()
 
@@ -233,7 +234,8 @@ class Bench:
                   measure: Optional[Callable[[], Dict[str, Any]]] = None,
                   env: Optional[Dict[str, str]] = None) -> Contender:
         return Contender(name, command, timeout,
-                         reset=functools.partial(reset, target, servers, sync),
+                         reset=functools.partial(reset, target, servers, sync,
+                                                 self.args.warm),
                          check=functools.partial(check_run, target=target, servers=servers,
                                                  measure=measure),
                          env=env, cwd=self.outdir)
@@ -483,6 +485,9 @@ def main(argv=None) -> int:
     parser.add_argument('--big-size', type=common.parse_size, default=common.GiB,
                         help='size of the unlimited file of scenario big (default 1G)')
     parser.add_argument('--skip-big', action='store_true', help='leave scenario big out')
+    parser.add_argument('--no-warm', dest='warm', action='store_false',
+                        help='big: do not write and delete a file of the size before each run '
+                             '(see common.warm_page_cache)')
     parser.add_argument('--timeout', type=float, default=0,
                         help='seconds before one run is killed (default: 30 + 3 x size / rate; '
                              'big: 60 + 1 s per 20 MiB)')

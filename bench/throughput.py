@@ -150,9 +150,10 @@ def check_output(result: common.RunResult, out: Path, size: int, watch: ServerWa
     return dict(result.info, **watch.measure())
 
 
-def reset_run(out: Path, watch: ServerWatch) -> None:
-    """Delete the output and sync; start the server's counts afresh."""
-    common.remove_and_sync(out)
+def reset_run(out: Path, watch: ServerWatch, warm: int = 0) -> None:
+    """Delete the output and sync, warm the page cache (``warm`` bytes, see
+    ``common.warm_page_cache``); start the server's counts afresh."""
+    common.remove_and_sync(out, warm)
     watch.reset()
 
 
@@ -163,16 +164,17 @@ class Setup:
 
     def __init__(self, url: str, served: Path, out: Path, size: int, timeout: float,
                  watch: ServerWatch, cert: Optional[Path], under_test: common.BitpitUnderTest,
-                 install: bool):
+                 install: bool, warm: bool):
         self.url, self.served, self.out, self.size = url, served, out, size
         self.timeout, self.watch, self.cert = timeout, watch, cert
         self.under_test, self.install = under_test, install
+        self.warm = common.warm_size(size) if warm else 0
 
     def contender(self, name: str, command: List[str],
                   env: Optional[Dict[str, str]] = None) -> Contender:
         """A contender that writes ``out`` and is checked by its size."""
         return Contender(name, command, self.timeout,
-                         reset=functools.partial(reset_run, self.out, self.watch),
+                         reset=functools.partial(reset_run, self.out, self.watch, self.warm),
                          check=functools.partial(check_output, out=self.out, size=self.size,
                                                  watch=self.watch),
                          env=env, cwd=self.out.parent)
@@ -227,7 +229,7 @@ class Setup:
     def splice_probe(self, name: str, env: Dict[str, str]) -> Dict[str, Any]:
         """One untimed run of a bitpit contender that counts its
         ``os.splice`` calls: does the fast path carry the body?"""
-        reset_run(self.out, self.watch)
+        reset_run(self.out, self.watch, self.warm)
         try:
             done = subprocess.run(self.bitpit_command(SPLICE_COUNTER), env=env,
                                   cwd=str(self.out.parent), stdin=subprocess.DEVNULL,
@@ -260,6 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument('--no-wget', dest='wget', action='store_false', help='leave wget out')
     parser.add_argument('--no-splice-probe', dest='splice_probe', action='store_false',
                         help='do not count os.splice calls in one untimed run of each bitpit')
+    parser.add_argument('--no-warm', dest='warm', action='store_false',
+                        help='do not write and delete a file of the size before each run '
+                             '(see common.warm_page_cache)')
     parser.add_argument('--timeout', type=float, default=0,
                         help='seconds before one run is killed (default: 60 + 1 s per 20 MiB)')
     args = parser.parse_args(argv)
@@ -281,7 +286,7 @@ def main(argv=None) -> int:
             url, out = server.url('big.bin'), outdir / 'big.bin'
             common.note('serving {} with {}'.format(url, server.description))
             setup = Setup(url, served, out, args.size, timeout, ServerWatch(server),
-                          tls[0] if tls else None, under_test, args.install)
+                          tls[0] if tls else None, under_test, args.install, args.warm)
             if args.tls:
                 factories = [('bitpit', setup.bitpit), ('bare loop', setup.bare_loop),
                              ('curl', setup.curl)]
@@ -326,6 +331,9 @@ def main(argv=None) -> int:
         common.fmt_size(args.size), ' over HTTPS' if args.tls else '', server_description,
         args.runs))
     print('bitpit under test: {}'.format(under_test.skip or under_test.description))
+    print('before each run: output deleted, sync, {}'.format(
+        'then {} written and deleted (warm page cache)'.format(
+            common.fmt_size(common.warm_size(args.size))) if args.warm else 'no warming'))
     print('(CPU s: user + sys of the child, from wait4; server CPU s: nginx, from /proc; '
           'peak RSS: wait4, the floor of that measurement is {:.1f} MiB)'.format(
               common.rss_floor_mib()))
@@ -353,6 +361,7 @@ def main(argv=None) -> int:
             print('bitpit / {} (best runs): {:.3f} (for information)'.format(other, best))
     return common.finish(args.json, {
         'benchmark': 'throughput', 'size': args.size, 'runs': args.runs, 'tls': args.tls,
+        'warm': common.warm_size(args.size) if args.warm else 0,
         'server': server_description, 'bitpit': under_test.skip or under_test.description,
         'splice_probes': probes, 'tls_sessions': ciphers,
         'rss_floor_mib': common.rss_floor_mib()}, outcomes, skipped, goals)
