@@ -16,7 +16,8 @@ everything they have in common lives here:
                  generated nginx.conf, one foreground process, optional
                  limit_rate), serve_files() which picks one
     contenders   Contender, Skipped, gather, bitpit_available,
-                 python_command, python_env
+                 python_command, python_env, load_bitpit (the --bitpit under
+                 test, copied and compiled once in the temp dir)
     running      run_measured (wall time and peak RSS of one child process),
                  run_interleaved (A B C, B C A, ...), Outcome (medians)
     reporting    Goal, derive, median_of, ratio, report_contenders,
@@ -154,12 +155,45 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
-def remove_and_sync(path: Path) -> None:
+def remove_and_sync(path: Path, warm: int = 0) -> None:
     """Delete ``path``, then flush the page cache's dirty pages to disk, so
     that no run pays for the write-back of an earlier run's gigabyte: on this
-    kind of machine that alone moved a run's time by a factor of two."""
+    kind of machine that alone moved a run's time by a factor of two. With
+    ``warm``, then ``warm_page_cache(path.parent, warm)``."""
     remove(path)
     os.sync()
+    if warm:
+        warm_page_cache(path.parent, warm)
+
+
+def warm_page_cache(directory: Path, size: int) -> None:
+    """Write ``size`` bytes to a file in ``directory`` and delete it, so
+    that the next process to fill that much page cache gets memory that was
+    freed a moment ago.
+
+    In a VM with free page reporting (virtio-balloon; this machine boots
+    with ``page_reporting.page_reporting_order=11``), memory that stays free
+    for about 2 s goes back to the host, and taking it back costs the guest
+    dearly: ``dd`` wrote 1 GiB into the page cache in 0.37 s right after an
+    earlier 1 GiB file was deleted, and in 2.1 to 2.8 s (all of it system
+    time) when 3 s had passed. Which one a run got depended on how long the
+    runs before it took. Writing and deleting a file first, outside the
+    timing, gives every run the fast case. (Touching anonymous memory
+    instead did not help.)"""
+    block = bytes(MiB)
+    fd, name = tempfile.mkstemp(prefix='warm-', dir=str(directory))
+    try:
+        with open(fd, 'wb', buffering=0) as file:
+            for _ in range(-(-size // MiB)):
+                file.write(block)
+    finally:
+        remove(Path(name))
+
+
+def warm_size(size: int) -> int:
+    """How much ``warm_page_cache`` writes before a run that writes
+    ``size`` bytes: a little more than that."""
+    return size + size // 8 + 64 * MiB
 
 
 def free_port() -> int:
@@ -509,16 +543,21 @@ class NginxServer:
     ``limit_rate N;``: nginx paces each *request* on its own, and gives
     each one about a second's worth of credit at its start. With
     ``log_requests``, nginx keeps an access log in its temp dir, which
-    ``traffic()`` sums up and ``reset()`` empties."""
+    ``traffic()`` sums up and ``reset()`` empties. With ``tls`` (the paths
+    of a certificate and its key, see ``make_certificate``), it serves
+    HTTPS (``listen ... ssl``) and the access log also names each request's
+    protocol and cipher (``tls_sessions()``). ``cpu_seconds()`` is the CPU
+    time nginx used so far."""
     kind = 'nginx'
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
     def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None,
-                 log_requests: bool = False):
+                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
         self.limit_rate = limit_rate
-        self.log_requests = log_requests
+        self.log_requests = log_requests or tls is not None
+        self.tls = tls
         self.version = tool_version(binary, '-v').rpartition('/')[2]
         self._build = command_output(binary, '-V')  # configure arguments
         self.port = 0
@@ -527,14 +566,14 @@ class NginxServer:
 
     @property
     def base_url(self) -> str:
-        return 'http://127.0.0.1:{}/'.format(self.port)
+        return '{}://127.0.0.1:{}/'.format('https' if self.tls else 'http', self.port)
 
     @property
     def description(self) -> str:
         if self.limit_rate:
             return 'nginx {} (sendfile on, limit_rate {}/s per request)'.format(
                 self.version, fmt_size(self.limit_rate))
-        return 'nginx {} (sendfile on)'.format(self.version)
+        return 'nginx {} ({}sendfile on)'.format(self.version, 'HTTPS, ' if self.tls else '')
 
     def url(self, name: str) -> str:
         """The URL of the file ``name`` in the docroot."""
@@ -554,7 +593,8 @@ class NginxServer:
             'error_log {}/error.log warn;'.format(prefix),
             'events { worker_connections 4096; }',
             'http {',
-            *(["    log_format bench '$connection $request_method $body_bytes_sent';",
+            *(["    log_format bench '$connection $request_method $body_bytes_sent{}';".format(
+                ' $ssl_protocol $ssl_cipher' if self.tls else ''),
                 '    access_log {}/access.log bench;'.format(prefix)]
               if self.log_requests else ['    access_log off;']),
             '    sendfile on;',
@@ -565,7 +605,12 @@ class NginxServer:
             '    default_type application/octet-stream;',
             temp_paths,
             '    server {',
-            '        listen 127.0.0.1:{} backlog=4096;'.format(self.port),
+            '        listen 127.0.0.1:{}{} backlog=4096;'.format(
+                self.port, ' ssl' if self.tls else ''),
+            *(['        ssl_certificate {};'.format(self.tls[0]),
+               '        ssl_certificate_key {};'.format(self.tls[1]),
+               # nginx before 1.23.4 leaves TLSv1.3 out by default
+               '        ssl_protocols TLSv1.2 TLSv1.3;'] if self.tls else []),
             '        root {};'.format(self.docroot),
             *(['        limit_rate {};'.format(int(self.limit_rate))] if self.limit_rate else []),
             '    }',
@@ -609,11 +654,34 @@ class NginxServer:
         used, GET requests, and body bytes sent. nginx writes a request's
         line when it has handed the last byte to the kernel."""
         log = self._prefix / 'access.log' if self._prefix is not None else None
-        lines = [line.split() for line in log.read_text().splitlines()] \
-            if self.log_requests and log and log.exists() else []
-        gets = [fields for fields in lines if len(fields) == 3 and fields[1] == 'GET']
+        lines = self._log_lines()
+        gets = [fields for fields in lines if len(fields) >= 3 and fields[1] == 'GET']
         return {'conns': len({fields[0] for fields in lines}), 'requests': len(gets),
                 'bytes': sum(int(fields[2]) for fields in gets)}
+
+    def tls_sessions(self) -> List[str]:
+        """From the access log, since the last ``reset()``: ``'PROTOCOL
+        CIPHER'`` of each GET request (e.g. ``'TLSv1.3
+        TLS_AES_256_GCM_SHA384'``), as OpenSSL names them."""
+        return [' '.join(fields[3:5]) for fields in self._log_lines()
+                if len(fields) >= 5 and fields[1] == 'GET']
+
+    def _log_lines(self) -> List[List[str]]:
+        log = self._prefix / 'access.log' if self._prefix is not None else None
+        return [line.split() for line in log.read_text().splitlines()] \
+            if self.log_requests and log and log.exists() else []
+
+    def cpu_seconds(self) -> Optional[float]:
+        """User + system CPU time of the nginx process so far (from
+        ``/proc``, in clock ticks of 10 ms), or ``None``."""
+        if self._process is None:
+            return None
+        try:
+            fields = Path('/proc/{}/stat'.format(self._process.pid)).read_text() \
+                .rpartition(')')[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
     def _stop_process(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -631,20 +699,47 @@ class NginxServer:
             shutil.rmtree(self._prefix, ignore_errors=True)
 
 
-def serve_files(docroot: Path, server: str = 'auto', install: bool = True
+def serve_files(docroot: Path, server: str = 'auto', install: bool = True,
+                tls: Optional[Tuple[Path, Path]] = None, log_requests: bool = False
                 ) -> Union[NginxServer, PythonFileServer]:
     """A context manager serving ``docroot``: nginx when ``server`` is
     ``'nginx'``, or ``'auto'`` and nginx is (or can be) installed; otherwise
     ``PythonFileServer``. The object has ``base_url``, ``url(name)``,
-    ``kind`` and ``description``."""
-    if server in ('auto', 'nginx'):
+    ``kind`` and ``description``. With ``tls`` (certificate, key), nginx
+    serves HTTPS; there is no Python fallback then. ``log_requests`` is
+    passed to nginx (see ``NginxServer.traffic``)."""
+    if server in ('auto', 'nginx') or tls:
         binary = find_tool('nginx', install=install)
         if binary:
-            return NginxServer(docroot, binary)
-        if server == 'nginx':
+            return NginxServer(docroot, binary, log_requests=log_requests, tls=tls)
+        if server == 'nginx' or tls:
             raise BenchError('nginx is not installed')
         note('nginx unavailable: serving with the Python server instead')
     return PythonFileServer(docroot)
+
+
+def make_certificate(directory: Path, install: bool = True) -> Tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (``subjectAltName
+    IP:127.0.0.1``, an EC P-256 key, valid for 2 days) made with ``openssl
+    req -x509`` in ``directory``: ``(cert.pem, key.pem)``. Clients trust it
+    as their only CA (``ssl.create_default_context(cafile=cert)``, ``curl
+    --cacert cert``)."""
+    openssl = find_tool('openssl', install=install)
+    if not openssl:
+        raise BenchError('openssl is not installed: cannot make a certificate')
+    cert, key = directory / 'cert.pem', directory / 'key.pem'
+    try:
+        done = subprocess.run(
+            [openssl, 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+             '-nodes', '-keyout', str(key), '-out', str(cert), '-days', '2',
+             '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BenchError('openssl req took over 60 s')
+    if done.returncode != 0 or not cert.exists() or not key.exists():
+        raise BenchError('openssl req failed: ' + done.stdout.decode(errors='replace')[-500:])
+    return cert, key
 
 
 # ---------------------------------------------------------------------------
@@ -658,7 +753,9 @@ class Skipped(Exception):
 @dataclasses.dataclass
 class RunResult:
     """What one child process did: wall time, peak RSS, exit code, output,
-    and ``info``, the JSON object on the last line of its stdout if any."""
+    and ``info``, the JSON object on the last line of its stdout if any.
+    ``user_s`` and ``sys_s`` are its CPU time in user and kernel mode (from
+    ``wait4``), ``cpu_seconds`` their sum."""
     seconds: float
     returncode: int
     max_rss_kib: int
@@ -666,6 +763,12 @@ class RunResult:
     stderr: str
     timed_out: bool
     info: Dict[str, Any]
+    user_s: float = float('nan')
+    sys_s: float = float('nan')
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_s + self.sys_s
 
     def failure(self) -> str:
         """A one-paragraph account of a failed run."""
@@ -743,6 +846,70 @@ def bitpit_available(*names: str, env: Optional[Dict[str, str]] = None,
     return 'bitpit {} at {}'.format(found['version'], found['file'])
 
 
+@dataclasses.dataclass
+class BitpitUnderTest:
+    """The ``bitpit.py`` a benchmark measures (``--bitpit``): a copy in the
+    workspace, so that editing the original during a run changes nothing,
+    compiled there once before the first run. Python children run with
+    ``env`` and any working dir in the workspace (not the repo root) import
+    the copy. ``skip`` says why it cannot be measured (then ``require()``
+    raises ``Skipped``)."""
+    source: Path
+    env: Dict[str, str]
+    description: str = 'bitpit unavailable'
+    skip: Optional[str] = None
+
+    def require(self) -> str:
+        """The description, or ``Skipped`` with the reason."""
+        if self.skip:
+            raise Skipped(self.skip)
+        return self.description
+
+    def env_with(self, **variables: str) -> Dict[str, str]:
+        """``env`` with more variables (e.g. ``BITPIT_NO_SPLICE='1'``)."""
+        return dict(self.env, **variables)
+
+
+def describe_source(path: Path, copy: Optional[Path] = None) -> str:
+    """Which version of a file was measured: the SHA-256 (first 12 hex
+    digits) of its ``copy`` (or of itself) and, in a git work tree, the
+    branch, the commit and whether the file has uncommitted changes."""
+    text = 'sha256 ' + file_sha256(copy or path)[:12]
+    where = str(path.resolve().parent)
+    commit = command_output('git', '-C', where, 'log', '-1', '--format=%h').strip()
+    if commit and re.fullmatch(r'[0-9a-f]{4,40}', commit):
+        branch = command_output('git', '-C', where, 'rev-parse', '--abbrev-ref', 'HEAD').strip()
+        dirty = command_output('git', '-C', where, 'status', '--porcelain', '--', path.name)
+        text += ', git {}@{}{}'.format(branch, commit,
+                                       ' + uncommitted changes' if dirty.strip() else '')
+    return text
+
+
+def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnderTest:
+    """Copy ``source`` to ``tmp/lib/bitpit.py`` and import it once in a child
+    (which also compiles it into ``tmp/pycache``), checking it has
+    ``names``. Never raises for a bad bitpit: the result's ``skip`` says
+    what is wrong, and the contenders that need it are skipped."""
+    source = Path(source)
+    lib = tmp / 'lib'
+    lib.mkdir(exist_ok=True)
+    env = python_env(pycache=tmp / 'pycache', lib=lib)
+    found = BitpitUnderTest(source, env)
+    if not source.is_file():
+        found.skip = 'no such file: {}'.format(source)
+        return found
+    shutil.copyfile(source, lib / 'bitpit.py')
+    identity = describe_source(source, lib / 'bitpit.py')
+    try:
+        description = bitpit_available(*names, env=env, cwd=tmp)
+    except Skipped as exc:
+        found.skip = '{} ({}, {})'.format(exc, source.resolve(), identity)
+        return found
+    found.description = '{} (copied from {}, {})'.format(description.rpartition(' at ')[0],
+                                                          source.resolve(), identity)
+    return found
+
+
 def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
            ) -> Tuple[List[Contender], Dict[str, str]]:
     """Build the contenders; one that raises ``Skipped`` is left out and its
@@ -761,11 +928,14 @@ def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
 # running
 # ---------------------------------------------------------------------------
 
-#: Runs one command, then writes its wall time, exit status and peak RSS as
-#: JSON to the file named by argv[2]. Linux counts the memory a process had
-#: before exec in its peak RSS, so children are spawned from this small
-#: process rather than from the benchmark itself (27+ MiB): the floor of the
-#: measurement is this launcher's own size (about 9 MiB, see rss_floor()).
+#: Runs one command, then writes its wall time, exit status, peak RSS and
+#: CPU time (user and system) as JSON to the file named by argv[2]. Linux
+#: counts the memory a process had before exec in its peak RSS, so children
+#: are spawned from this small process rather than from the benchmark itself
+#: (27+ MiB): the floor of the measurement is this launcher's own size
+#: (about 9.5 MiB, see rss_floor_mib()). The rusage that wait4 returns
+#: covers the child and every descendant it waited for, all threads
+#: included.
 _LAUNCHER = '''
 import json, os, sys, time
 argv, report, cpus = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
@@ -777,7 +947,8 @@ _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - began
 with open(report, 'w') as file:
     json.dump({'seconds': seconds, 'returncode': os.waitstatus_to_exitcode(status),
-               'max_rss_kib': usage.ru_maxrss}, file)
+               'max_rss_kib': usage.ru_maxrss, 'user_s': usage.ru_utime,
+               'sys_s': usage.ru_stime}, file)
 '''
 
 
@@ -806,7 +977,8 @@ def pin_cpus() -> str:
 
 def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
                  cwd: Optional[Path] = None) -> RunResult:
-    """Run one child to its end; measure its wall time and peak RSS.
+    """Run one child to its end; measure its wall time, peak RSS and CPU
+    time (user + system).
 
     The child is started by a small launcher (``_LAUNCHER``) in a session of
     its own, which times it from spawn to exit and reads its rusage with
@@ -842,7 +1014,48 @@ def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str,
     return RunResult(seconds=measured.get('seconds', float('nan')),
                      returncode=measured.get('returncode', launcher.returncode or -1),
                      max_rss_kib=measured.get('max_rss_kib', 0), stdout=stdout, stderr=stderr,
-                     timed_out=timed_out, info=info)
+                     timed_out=timed_out, info=info, user_s=measured.get('user_s', float('nan')),
+                     sys_s=measured.get('sys_s', float('nan')))
+
+
+def measured_children() -> List[int]:
+    """The pids of the children that ``run_measured``'s launchers started
+    and that still run, found through ``/proc`` (Linux; ``[]`` elsewhere).
+    A thread can watch a run with it, e.g. with ``written_bytes``."""
+    def children(pid: int) -> List[int]:
+        found = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir('/proc/{}/task'.format(pid)):
+                with contextlib.suppress(OSError, ValueError):
+                    with open('/proc/{}/task/{}/children'.format(pid, task)) as file:
+                        found += [int(n) for n in file.read().split()]
+        return found
+
+    pids = []
+    for launcher in children(os.getpid()):
+        with contextlib.suppress(OSError):
+            with open('/proc/{}/cmdline'.format(launcher), 'rb') as file:
+                if b'posix_spawnp' not in file.read():
+                    continue  # a server, not a launcher
+            pids += children(launcher)
+    return pids
+
+
+def written_bytes(pid: int) -> Optional[int]:
+    """The bytes that process ``pid`` (all its threads) has dirtied in the
+    page cache so far: ``write_bytes`` of ``/proc/PID/io``, or ``None``.
+    Unlike the size of its files this grows with every byte written, also
+    into a file reserved at its full size in advance, and unlike ``wchar``
+    it counts ``splice`` into a file too."""
+    try:
+        with open('/proc/{}/io'.format(pid)) as file:
+            for line in file:
+                key, _, value = line.partition(':')
+                if key == 'write_bytes':
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -898,13 +1111,17 @@ def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                     extra = result.info
             except BenchError as exc:
                 outcome.error = '{} failed: {}'.format(label, exc)
-                note('  {:<12} FAILED ({}): {}'.format(contender.name, label, exc))
+                note('  {:<22} FAILED ({}): {}'.format(contender.name, label, exc))
                 continue
             finally:
                 contender.reset()
-            metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB)
-            note('  {:<12} {:<9} {:8.3f} s  peak RSS {:6.1f} MiB'.format(
-                contender.name, label, result.seconds, metrics['peak_rss_mib']))
+            metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB,
+                           cpu_seconds=result.cpu_seconds, user_s=result.user_s,
+                           sys_s=result.sys_s)
+            note('  {:<22} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
+                 'peak RSS {:6.1f} MiB'.format(contender.name, label, result.seconds,
+                                                result.cpu_seconds, result.user_s, result.sys_s,
+                                                metrics['peak_rss_mib']))
             if round_no >= warmup:
                 outcome.runs.append(metrics)
     return outcomes
@@ -981,6 +1198,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                      for row in cells)
 
 
+#: Report columns for CPU time (user + system, and each), to follow
+#: ``('median s', 'seconds', ...)``: medians of what ``wait4`` gave per run.
+CPU_COLUMNS = [('CPU s', 'cpu_seconds', '{:.3f}'), ('user s', 'user_s', '{:.3f}'),
+               ('sys s', 'sys_s', '{:.3f}')]
+
+
 def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
                       columns: Sequence[Tuple[str, str, str]]) -> str:
     """A table of medians, one row per contender; ``columns`` lists
@@ -1022,9 +1245,11 @@ def positive_int(text: str) -> int:
 
 def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
                 server: bool = True) -> argparse.ArgumentParser:
-    """The options the benchmarks share: --runs, --json, --no-install,
-    --tmp, and unless turned off here --warmup and --server."""
+    """The options the benchmarks share: --runs, --bitpit, --json,
+    --no-install, --tmp, and unless turned off here --warmup and --server."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--bitpit', metavar='PATH', default=str(REPO_ROOT / 'bitpit.py'),
+                        help="the bitpit.py to measure (default: the repo's, %(default)s)")
     parser.add_argument('--runs', type=positive_int, default=runs,
                         help='timed runs of each contender (default %(default)s)')
     if warmup is not None:

@@ -5,11 +5,13 @@
 when installed, else a Python ThreadingHTTPServer with HTTP/1.1 keep-alive)
 and downloaded 50 at a time by each contender, interleaved, each run in a
 fresh process into an emptied directory, every file checked byte for byte.
-Reported: median wall time, peak RSS, and the goal of issue 5:
+Reported: median wall time, CPU time (user + sys of the process, from
+``wait4``), peak RSS, and the goals of issue 13 (against ``aria2c -j50 -i
+list``):
 
-    bitpit / aria2c <= 1.0    (wall time, aria2c -j50 -i list)
+    bitpit / aria2c:  wall <= 0.8,  CPU <= 1.2
 
-Example: ``python bench/many_small.py --runs 5``
+Example: ``python bench/many_small.py --runs 7 --bitpit ../main/bitpit.py``
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def make_files(docroot: Path, count: int, size: int) -> Dict[str, bytes]:
     return files
 
 
-def check_files(result: common.RunResult, outdir: Path, files: Dict[str, bytes]
+def check_files(result: common.RunResult, outdir: Path, files: Dict[str, bytes], server: Any
                 ) -> Dict[str, Any]:
     """A run succeeded when it exited 0 and ``outdir`` holds every file with
-    the right content. Other files left there are counted, not fatal."""
+    the right content. Other files left there are counted, not fatal. The
+    connections and requests nginx saw are counted too."""
     if result.returncode != 0 or result.timed_out:
         raise BenchError(result.failure())
     wrong = [name for name, content in files.items()
@@ -82,34 +85,42 @@ def check_files(result: common.RunResult, outdir: Path, files: Dict[str, bytes]
         raise BenchError('{} of {} files missing or different (e.g. {})'.format(
             len(wrong), len(files), ', '.join(wrong[:3])))
     stray = [p.name for p in outdir.iterdir() if p.name not in files]
-    return dict(result.info, stray_files=len(stray))
+    metrics = dict(result.info, stray_files=len(stray))
+    if isinstance(server, common.NginxServer):
+        metrics.update(server.traffic())
+    return metrics
 
 
-def reset_dir(path: Path) -> None:
-    """Empty ``path`` (create it if needed)."""
+def reset_dir(path: Path, server: Any) -> None:
+    """Empty ``path`` (create it if needed) and the server's access log."""
     common.remove(path)
     path.mkdir()
+    if isinstance(server, common.NginxServer):
+        server.reset()
 
 
 def contender(name: str, command: List[str], outdir: Path, files: Dict[str, bytes],
-              timeout: float, env: Optional[Dict[str, str]] = None) -> Contender:
+              timeout: float, server: Any, env: Optional[Dict[str, str]] = None) -> Contender:
     """A contender that fills ``outdir`` and is checked file by file."""
-    return Contender(name, command, timeout, reset=functools.partial(reset_dir, outdir),
-                     check=functools.partial(check_files, outdir=outdir, files=files),
+    return Contender(name, command, timeout,
+                     reset=functools.partial(reset_dir, outdir, server),
+                     check=functools.partial(check_files, outdir=outdir, files=files,
+                                             server=server),
                      env=env, cwd=outdir.parent)
 
 
 def bitpit_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
-                     timeout: float, env: Dict[str, str]) -> Contender:
+                     timeout: float, under_test: common.BitpitUnderTest, server: Any
+                     ) -> Contender:
     """``bitpit.Manager(max_running=parallel, dir_path=True, path=outdir)``."""
-    common.note('bitpit: ' + common.bitpit_available('Downloader', 'Manager'))
+    common.note('bitpit: ' + under_test.require())
     return contender('bitpit', common.python_command(BITPIT_CODE, url_list, outdir, parallel,
                                                      timeout),
-                     outdir, files, timeout + 30, env)
+                     outdir, files, timeout + 30, server, under_test.env)
 
 
 def aria2c_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
-                     timeout: float, install: bool) -> Contender:
+                     timeout: float, install: bool, server: Any) -> Contender:
     """``aria2c -j50 -i list -d outdir``, quiet, no renaming or preallocation."""
     aria2c = common.find_tool('aria2c', package='aria2', install=install)
     if not aria2c:
@@ -117,11 +128,11 @@ def aria2c_contender(url_list: Path, outdir: Path, files: Dict[str, bytes], para
     return contender('aria2c', [
         aria2c, '--no-conf', '-q', '-j{}'.format(parallel), '-i', str(url_list),
         '-d', str(outdir), '--allow-overwrite=true', '--auto-file-renaming=false',
-        '--file-allocation=none'], outdir, files, timeout)
+        '--file-allocation=none'], outdir, files, timeout, server)
 
 
 def curl_contender(urls: List[str], config: Path, outdir: Path, files: Dict[str, bytes],
-                   parallel: int, timeout: float, install: bool) -> Contender:
+                   parallel: int, timeout: float, install: bool, server: Any) -> Contender:
     """``curl --parallel --parallel-max 50`` with every URL in a ``-K`` file."""
     curl = common.find_tool('curl', install=install)
     if not curl:
@@ -132,7 +143,7 @@ def curl_contender(urls: List[str], config: Path, outdir: Path, files: Dict[str,
     config.write_text(''.join('url = "{}"\n'.format(url) for url in urls))
     return contender('curl', [
         curl, '-s', '--parallel', '--parallel-max', str(parallel), '--remote-name-all',
-        '--output-dir', str(outdir), '-K', str(config)], outdir, files, timeout)
+        '--output-dir', str(outdir), '-K', str(config)], outdir, files, timeout, server)
 
 
 def main(argv=None) -> int:
@@ -151,38 +162,45 @@ def main(argv=None) -> int:
         docroot, outdir = tmp / 'www', tmp / 'out'
         docroot.mkdir()
         outdir.mkdir()
+        under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager')
         files = make_files(docroot, args.files, args.file_size)
-        with common.serve_files(docroot, args.server, args.install) as server:
+        with common.serve_files(docroot, args.server, args.install,
+                                log_requests=True) as server:
             urls = [server.url(name) for name in files]
             url_list = tmp / 'urls.txt'
             url_list.write_text(''.join(url + '\n' for url in urls))
             common.note('serving {} files of {} from {} at {}'.format(
                 args.files, common.fmt_size(args.file_size), server.description,
                 server.base_url))
-            env = common.python_env(pycache=tmp / 'pycache')
             make = [
                 ('bitpit', lambda: bitpit_contender(url_list, outdir, files, args.parallel,
-                                                    args.timeout, env)),
+                                                    args.timeout, under_test, server)),
                 ('aria2c', lambda: aria2c_contender(url_list, outdir, files, args.parallel,
-                                                    args.timeout, args.install)),
+                                                    args.timeout, args.install, server)),
             ]
             if args.curl:
                 make.append(('curl', lambda: curl_contender(
                     urls, tmp / 'curl.cfg', outdir, files, args.parallel, args.timeout,
-                    args.install)))
+                    args.install, server)))
             contenders, skipped = common.gather(make)
             outcomes = common.run_interleaved(contenders, args.runs, args.warmup)
             server_description = server.description
 
     common.derive(outcomes, 'files_per_s', lambda run: args.files / run['seconds'])
-    goals = [Goal('bitpit / aria2c (wall time)', common.ratio(outcomes, 'bitpit', 'aria2c'), 1.0)]
+    goals = [Goal('bitpit / aria2c (wall time)', common.ratio(outcomes, 'bitpit', 'aria2c'), 0.8),
+             Goal('bitpit / aria2c (CPU time)',
+                  common.ratio(outcomes, 'bitpit', 'aria2c', 'cpu_seconds'), 1.2)]
     curl_ratio = common.ratio(outcomes, 'bitpit', 'curl')
     print('\nmany small files: {} x {} from {}, {} at a time, {} runs each, interleaved'.format(
         args.files, common.fmt_size(args.file_size), server_description, args.parallel,
         args.runs))
+    print('bitpit under test: {}'.format(under_test.skip or under_test.description))
+    print('(CPU s: user + sys of the whole process, all threads, from wait4)')
     print(common.report_contenders(outcomes, skipped, [
-        ('median s', 'seconds', '{:.3f}'), ('files/s', 'files_per_s', '{:.0f}'),
-        ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('stray files', 'stray_files', '{:.0f}'),
+        ('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
+        ('files/s', 'files_per_s', '{:.0f}'),
+        ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('conns', 'conns', '{:.0f}'),
+        ('requests', 'requests', '{:.0f}'), ('stray files', 'stray_files', '{:.0f}'),
         ('threads left', 'threads_left', '{:.0f}')]))
     print()
     print('\n'.join(goal.line() for goal in goals))
@@ -190,7 +208,8 @@ def main(argv=None) -> int:
         print('bitpit / curl --parallel (wall time): {:.3f} (for information)'.format(curl_ratio))
     return common.finish(args.json, {
         'benchmark': 'many_small', 'files': args.files, 'file_size': args.file_size,
-        'parallel': args.parallel, 'runs': args.runs, 'server': server_description},
+        'parallel': args.parallel, 'runs': args.runs, 'server': server_description,
+        'bitpit': under_test.skip or under_test.description},
         outcomes, skipped, goals)
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,13 +129,14 @@ class Section:
 Server = Union[PacingFileServer, common.NginxServer]
 
 
-def reset(target: Target, servers: Sequence[Server], sync: bool) -> None:
+def reset(target: Target, servers: Sequence[Server], sync: bool, warm: bool) -> None:
     """Delete the output (and any aria2c control file), forget what the
-    servers counted; with ``sync``, flush dirty pages too (large files)."""
+    servers counted; with ``sync``, flush dirty pages too (large files),
+    and with ``warm`` warm the page cache (``common.warm_page_cache``)."""
     for path in target.leftovers:
         common.remove(path)
     if sync:
-        common.remove_and_sync(target.out)
+        common.remove_and_sync(target.out, common.warm_size(target.size) if warm else 0)
     for server in servers:
         server.reset()
 
@@ -183,28 +183,21 @@ class Bench:
     def __init__(self, args: Any, tmp: Path):
         self.args = args
         self.tmp = tmp
-        self.docroot, self.outdir, lib = tmp / 'www', tmp / 'out', tmp / 'lib'
-        for path in (self.docroot, self.outdir, lib):
+        self.docroot, self.outdir = tmp / 'www', tmp / 'out'
+        for path in (self.docroot, self.outdir):
             path.mkdir()
-        self.env = common.python_env(pycache=tmp / 'pycache', lib=lib)
-        self.bitpit_skip: Optional[str] = None  # why every bitpit contender is skipped
+        self.under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader')
+        self.env = self.under_test.env
+        # why every bitpit contender is skipped
+        self.bitpit_skip: Optional[str] = self.under_test.skip
         self.segmented_skip: Optional[str] = None  # why connections= / mirrors= are
-        self.bitpit_description = 'bitpit unavailable'
+        self.bitpit_description = self.under_test.description
         self._targets: Dict[str, Target] = {}
-        self._load_bitpit(Path(args.bitpit), lib)
+        if not self.bitpit_skip:
+            self._probe_segmented()
 
-    def _load_bitpit(self, source: Path, lib: Path) -> None:
-        if not source.is_file():
-            self.bitpit_skip = 'no such file: {}'.format(source)
-            return
-        shutil.copyfile(source, lib / 'bitpit.py')
-        try:  # this import also compiles bitpit into the workspace's pycache
-            found = common.bitpit_available('Downloader', env=self.env, cwd=self.tmp)
-        except Skipped as exc:
-            self.bitpit_skip = str(exc)
-            return
-        self.bitpit_description = '{} (copied from {})'.format(
-            found.rpartition(' at ')[0], source.resolve())
+    def _probe_segmented(self) -> None:
+        """Does the bitpit under test take ``connections=`` / ``mirrors=``?"""
         probe = self.tmp / 'probe.bin'
         try:
             done = subprocess.run(common.python_command(PROBE_CODE, probe), env=self.env,
@@ -241,7 +234,8 @@ class Bench:
                   measure: Optional[Callable[[], Dict[str, Any]]] = None,
                   env: Optional[Dict[str, str]] = None) -> Contender:
         return Contender(name, command, timeout,
-                         reset=functools.partial(reset, target, servers, sync),
+                         reset=functools.partial(reset, target, servers, sync,
+                                                 self.args.warm),
                          check=functools.partial(check_run, target=target, servers=servers,
                                                  measure=measure),
                          env=env, cwd=self.outdir)
@@ -291,8 +285,9 @@ class Bench:
         return ['bitpit x1 ran with the default settings (no connections= yet): one connection']
 
 
-COLUMNS = [('median s', 'seconds', '{:.3f}'), ('MiB/s', 'mib_per_s', '{:.2f}'),
-           ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('in-process s', 'transfer_s', '{:.3f}')]
+COLUMNS = [('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
+           ('MiB/s', 'mib_per_s', '{:.2f}'), ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'),
+           ('in-process s', 'transfer_s', '{:.3f}')]
 SERVER_COLUMNS = [('conns', 'conns', '{:.0f}'), ('requests', 'requests', '{:.0f}'),
                   ('served', 'served', '{:.3f}')]
 
@@ -431,7 +426,8 @@ def scenario_slow_connection(bench: Bench) -> Section:
                          'range; --slow-connection {} slows the next one'.format(
                              name, slow, common.fmt_size(carried * MiB), slow + 1))
     return Section('slow-connection', heading, outcomes, skipped, goals,
-                   [('median s', 'seconds', '{:.3f}'), ('/ ideal', 'per_ideal', '{:.3f}'),
+                   [('median s', 'seconds', '{:.3f}'), ('CPU s', 'cpu_seconds', '{:.3f}'),
+                    ('/ ideal', 'per_ideal', '{:.3f}'),
                     ('in-process / ideal', 'transfer_per_ideal', '{:.3f}')]
                    + SERVER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
                    {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow})
@@ -478,8 +474,6 @@ def main(argv=None) -> int:
     parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, warmup=0, server=False)
     parser.add_argument('--scenario', action='append', choices=SCENARIOS,
                         help='run only this scenario (repeatable; default: all)')
-    parser.add_argument('--bitpit', metavar='PATH', default=str(common.REPO_ROOT / 'bitpit.py'),
-                        help="the bitpit.py to measure (default: the repo's)")
     parser.add_argument('--size', type=common.parse_size, default=10 * MiB,
                         help='size of the paced file (default 10M)')
     parser.add_argument('--rate', type=common.parse_size, default=MiB,
@@ -491,6 +485,9 @@ def main(argv=None) -> int:
     parser.add_argument('--big-size', type=common.parse_size, default=common.GiB,
                         help='size of the unlimited file of scenario big (default 1G)')
     parser.add_argument('--skip-big', action='store_true', help='leave scenario big out')
+    parser.add_argument('--no-warm', dest='warm', action='store_false',
+                        help='big: do not write and delete a file of the size before each run '
+                             '(see common.warm_page_cache)')
     parser.add_argument('--timeout', type=float, default=0,
                         help='seconds before one run is killed (default: 30 + 3 x size / rate; '
                              'big: 60 + 1 s per 20 MiB)')
