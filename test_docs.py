@@ -14,6 +14,8 @@
    tables list as a property, method or argument exists in the code.
 3. docs/cli.md names every option of the command's parser, and each option
    its table lists exists.
+4. Every link from one document to another, or to a heading, leads
+   somewhere.
 """
 import ast
 import inspect
@@ -285,3 +287,33 @@ def test_what_the_cli_page_lists_exists():
     assert listed, 'docs/cli.md has no table of options'
     unknown = [option for option in listed if option not in known]
     assert not unknown, 'docs/cli.md lists options the parser lacks: ' + ', '.join(unknown)
+
+
+# ---------------------------------------------------------------------------
+# links between the documents
+# ---------------------------------------------------------------------------
+
+def anchors(path):
+    """The anchors GitHub makes of the headings of ``path``."""
+    found = set()
+    for line in prose(path).splitlines():
+        match = re.match(r'#{1,6} (.*)', line)
+        if match:
+            title = match.group(1).replace('`', '').replace('\\', '').strip().lower()
+            found.add(re.sub(r'[^\w\- ]', '', title).replace(' ', '-'))
+    return found
+
+
+def test_links_between_documents_lead_somewhere():
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r'\]\(([^)\s]+)\)', prose(path)):
+            if re.match(r'[a-z]+:', target):
+                continue  # an outside address
+            name, _, anchor = target.partition('#')
+            linked = (path.parent / name).resolve() if name else path
+            if not linked.exists():
+                broken.append('{}: {}'.format(path.name, target))
+            elif anchor and linked.suffix == '.md' and anchor not in anchors(linked):
+                broken.append('{}: {}'.format(path.name, target))
+    assert not broken, 'links that lead nowhere: ' + ', '.join(broken)
