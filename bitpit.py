@@ -2923,12 +2923,15 @@ class _Transfer:
                                last=last, validator=source.validator if first > 0 else None,
                                cancel=self.cancel,
                                extra=None if self.probed else self.conditions)
+            probe = not self.probed
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
         reuse = False
         try:
             response = request.send()
             answer = _check_answer(response, request.url, first)
+            if answer.kind == 'end' and answer.total is None and probe and first > 0:
+                answer.total = self._ask_size(source)
             with self._cond:
                 body_end, setup = self._accept(conn, answer, response, request)
                 conn.answered = True
@@ -2950,6 +2953,18 @@ class _Transfer:
             if conn.pos >= conn.end:  # the claim is done
                 conn.active = False
                 conn.last_end = conn.pos
+
+    def _ask_size(self, source: _Source) -> Optional[int]:
+        """The size of the file at ``source``, or ``None`` if it does not
+        tell: asked with ``Range: bytes=0-0`` for a 416 that left it out, so
+        that such a 416 can still say that a resumed file is whole."""
+        request = _Request(self.options, source.url, first=0, last=0, cancel=self.cancel)
+        try:
+            return _check_answer(request.send(), request.url, 0).total
+        except HTTPStatusError:
+            return None  # judged as the 416 itself
+        finally:
+            request.close(False)
 
     def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
                 request: _Request) -> Tuple[Optional[int], Optional[_Setup]]:
@@ -3010,6 +3025,8 @@ class _Transfer:
             else:
                 total = known
         change = answer.change_from(conn.source.validator, known)
+        if not change and total < asked:
+            change = 'it has {} bytes, fewer than the {} held'.format(total, asked)
         if change:
             self._change(conn, change, None)
             raise _Superseded

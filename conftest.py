@@ -123,8 +123,8 @@ class Resource:
     def __init__(self, data, etag=_AUTO, last_modified=None, status=None,
                  status_times=None, headers=None, ignore_range=False,
                  ignore_if_range=False,
-                 range_shift=0, wrong_total=None, status_200_with_range=False,
-                 truncate_at=None, truncate_once=False, chunked=False,
+                 range_shift=0, wrong_total=None, bare_416=False,
+                 status_200_with_range=False, truncate_at=None, truncate_once=False, chunked=False,
                  stall_after=None, stall_before_headers=False, throttle=None,
                  throttle_conn=None, range_faults=None,
                  drop_probability=0.0, change_probability=0.0, seed=None,
@@ -142,6 +142,7 @@ class Resource:
         self.ignore_if_range = ignore_if_range
         self.range_shift = range_shift
         self.wrong_total = wrong_total
+        self.bare_416 = bare_416
         self.status_200_with_range = status_200_with_range
         self.truncate_at = truncate_at
         self.truncate_once = truncate_once
@@ -309,7 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._requested_range(res, etag, total)
         if rng == 'unsatisfiable':
             shown = total if res.wrong_total is None else res.wrong_total
-            return self._simple(416, b'', head, {'Content-Range': 'bytes */{}'.format(shown)})
+            return self._simple(416, b'', head, {} if res.bare_416 else
+                                {'Content-Range': 'bytes */{}'.format(shown)})
         if rng is not None:
             start, end = rng
             if res.range_shift:
@@ -579,6 +581,7 @@ class FixtureServer:
             (negative: later), clamped to the data; Content-Range describes
             what is actually sent.
         ``wrong_total=T`` Content-Range total reported as T (206 and 416).
+        ``bare_416=True`` a 416 without Content-Range (no size told).
         ``status_200_with_range=True`` answer a range request with status 200
             but a matching Content-Range and only the requested bytes.
         ``truncate_at=N`` headers announce the full length, but the

@@ -329,6 +329,30 @@ def test_a_gzip_body_of_several_members_is_decoded_whole(server, tmp_path):
     assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
 
 
+def test_a_416_without_the_files_size_is_checked_against_the_size_asked_for(server, tmp_path):
+    """The size comes from a request for byte 0: a whole file is complete."""
+    url = server.add('/f', DATA, bare_416=True)
+    target = tmp_path / 'f.bin'
+    target.write_bytes(DATA)
+    d, rec = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert [r.headers['Range'] for r in server.requests] == \
+        ['bytes={}-'.format(len(DATA)), 'bytes=0-0']
+    assert 'download' not in [new for _, new in rec.states]
+
+
+@pytest.mark.parametrize('bare', [False, True])
+def test_a_local_file_longer_than_the_servers_starts_over(server, tmp_path, bare):
+    """A 416 telling (or, asked, giving) a size below what the file holds:
+    the local file is another one, never 'complete' with extra bytes."""
+    url = server.add('/f', DATA, bare_416=bare)
+    target = tmp_path / 'f.bin'
+    target.write_bytes(DATA + b'extra')
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert server.requests[-1].headers['Range'] is None
+
+
 def test_a_416_without_the_files_size_does_not_complete_a_resume(server, tmp_path):
     server.add_raw('/f', raw('HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n'))
     target = partial_file(tmp_path)
