@@ -1258,19 +1258,26 @@ class _RequestOptions:
         return _netrc_credentials((urllib.parse.urlsplit(url).hostname or '').lower())
 
 
+_TLS_RECORD = 16384   # the most plaintext one TLS record carries
+
+
 class _Body:
     """Reads a response body into the caller's buffers. ``readinto`` returns
     as soon as some bytes arrived (one receive), so progress, stall detection
     and rate limits see bytes as they come; the caller never asks for more
     than the announced length. For a plain body, what http.client had
     buffered with the headers is taken first; later reads go straight to the
-    socket, so ``ready(timeout)`` can tell whether a read would block."""
+    socket, so ``ready(timeout)`` can tell whether a read would block. Over
+    TLS, where one receive brings one record (16 KiB at most), a read goes
+    on with the records that are already there, without waiting."""
 
     def __init__(self, response: http.client.HTTPResponse, sock: Any):
         self._response = response
         self._sock = sock
         self._left = memoryview(b'')  # bytes http.client had buffered, not yet handed out
         self._raw: Any = None         # the socket's stream, once that buffer is empty
+        self._poll: Any = None        # over TLS: polls the socket for more records
+        self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
     def readinto(self, view: memoryview) -> int:
         response = self._response
@@ -1291,9 +1298,34 @@ class _Body:
             scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
             self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
             self._raw = response.fp.raw
+            if isinstance(self._sock, ssl.SSLSocket) and hasattr(select, 'poll'):
+                self._poll = select.poll()
+                self._poll.register(self._sock, select.POLLIN)
             if self._left:
                 return self.readinto(view)
-        return self._raw.readinto(view) or 0
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        got = self._raw.readinto(view) or 0
+        if self._poll is not None:
+            got = self._more_records(view, got)
+        return got
+
+    def _more_records(self, view: memoryview, got: int) -> int:
+        """After ``got`` bytes of a TLS read, the records already received,
+        while there is room for one. A failure waits for the next read, so
+        that the bytes before it are not lost."""
+        sock = self._sock
+        try:
+            while got and len(view) - got >= _TLS_RECORD and \
+                    (sock.pending() or self._poll.poll(0)):
+                more = sock.recv_into(view[got:])
+                if not more:
+                    break
+                got += more
+        except (OSError, ValueError) as exc:
+            self._error = exc
+        return got
 
     def buffered(self) -> bool:
         """Whether bytes of a plain body may wait in http.client's buffer
@@ -1307,6 +1339,8 @@ class _Body:
             return True
         if self._raw is None and not self._response.chunked:
             return False
+        if self._poll is not None:  # TLS, read straight from the socket
+            return bool(self._sock.pending() or self._poll.poll(0))
         # a chunked body: bytes on the socket mean a read that returns soon
         # (http.client may also hold some; then this says False, harmlessly)
         return _ready(self._sock)

@@ -1224,7 +1224,8 @@ class TLSPeer:
                            connection without a TLS close_notify
 
     ``context`` is the server's ``ssl.SSLContext`` (tests may restrict its
-    versions); ``handled`` lists the behaviours of the connections so far."""
+    versions); ``handled`` lists the behaviours of the connections so far,
+    ``asked`` the first byte each request asked for (0 without ``Range``)."""
 
     def __init__(self, certificate):
         cert, key = certificate
@@ -1236,6 +1237,7 @@ class TLSPeer:
         self._changed = threading.Condition(self._lock)
         self._script = []
         self.handled = []
+        self.asked = []
         self._closed = threading.Event()
         self._sockets = []
         self._thread = threading.Thread(target=self._accept, daemon=True, name='tls-peer')
@@ -1286,6 +1288,8 @@ class TLSPeer:
                 request += chunk
             start = 0
             match = re.search(rb'(?i)\r\nrange: bytes=(\d+)-', request)
+            with self._lock:
+                self.asked.append(int(match.group(1)) if match else 0)
             if match and behaviour == 'ok':
                 start = int(match.group(1))
             body = HTTPS_DATA[start:]

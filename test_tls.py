@@ -62,6 +62,10 @@ def test_a_broken_tls_connection_is_transient_and_retried(tls_peer, certificate,
     assert isinstance(error, bitpit.ProtocolError if fault == 'eof-mid-body'
                       else bitpit.NetworkError)
     assert tls_peer.handled[:2] == [fault, 'ok']
+    if fault in ('garbage', 'eof-mid-body'):
+        # every byte that came before the fault was kept: the retry asks
+        # for the rest only
+        assert tls_peer.asked == [0, len(HTTPS_DATA) // 2]
 
 
 def test_a_tls_version_no_side_accepts_is_fatal(tls_peer, certificate, tmp_path):
