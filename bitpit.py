@@ -2495,18 +2495,19 @@ class _Connection:
 class _PieceSizer:
     """How many bytes a ranged request of a split file asks for. Pieces
     start at ``_MIN_SPLIT`` bytes and double while a bigger piece comes as
-    fast as the smaller ones did (on a fast link, fewer requests cost less),
-    as long as many pieces are left (for a few, the requests cost little);
-    one connection at a time tries the bigger size. A bigger piece that comes
-    much slower than the smaller ones (a server that gives each request a
-    burst, as nginx's ``limit_rate`` does) ends the growth. Guarded by the
-    transfer's lock."""
+    fast as the smaller ones do now (on a fast link, fewer requests cost
+    less), as long as many pieces are left (for a few, the requests cost
+    little); one connection at a time tries the bigger size. A bigger piece
+    that comes far slower than the smaller ones (a server that gives each
+    request a burst, as nginx's ``limit_rate`` does) ends the growth; one
+    only somewhat slower is tried again later. Guarded by the transfer's
+    lock."""
 
     def __init__(self) -> None:
         self.size = _MIN_SPLIT
         self.trial: Optional[_Connection] = None
         self.final = False
-        self._rates: Dict[int, float] = {}
+        self._rates: Dict[int, float] = {}  # piece size -> its recent rate
 
     def piece_for(self, conn: _Connection, missing: int) -> int:
         """The size of ``conn``'s next request, ``missing`` bytes being left."""
@@ -2524,11 +2525,15 @@ class _PieceSizer:
         rate = size / max(seconds, 1e-6)
         if self.trial is conn:
             self.trial = None
-            if rate >= self._rates.get(self.size, 0) / 2:
+            usual = self._rates.get(self.size, 0.0)
+            if rate >= usual / 2:
                 self.size *= 2
-            else:
+            elif rate < usual / 8:
                 self.final = True
-        self._rates[size] = max(self._rates.get(size, 0.0), rate)
+        # An average of the latest pieces, not the best one ever: the rate of
+        # each connection falls as more of them share the link.
+        last = self._rates.get(size)
+        self._rates[size] = rate if last is None else (last + rate) / 2
 
 
 class _Setup:

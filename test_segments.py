@@ -120,6 +120,37 @@ def test_a_finished_connection_takes_over_the_upper_half_of_the_largest_range(
     assert server.bytes_sent('/f', conn=1) < MiB
 
 
+def test_pieces_grow_while_bigger_ones_come_as_fast_as_smaller_ones_do_now():
+    """The size of the ranged requests of a split file: a bigger piece is
+    judged against the rate smaller pieces come at now, with every
+    connection sharing the link, not against the best rate one connection
+    once had alone (which left a 1 GiB file fetched in 1026 requests)."""
+    sizer, a, b, lots = bitpit._PieceSizer(), object(), object(), 1 << 30
+    assert sizer.piece_for(a, lots) == MiB
+    sizer.done(a, MiB, MiB, 0.001)                  # alone on the link: 1 GiB/s
+    assert sizer.piece_for(a, lots) == 2 * MiB      # a tries a bigger piece
+    for _ in range(3):                              # four connections share it now
+        assert sizer.piece_for(b, lots) == MiB
+        sizer.done(b, MiB, MiB, 0.004)
+    sizer.done(a, 2 * MiB, 2 * MiB, 0.008)          # as fast as the others
+    assert sizer.size == 2 * MiB and not sizer.final
+    assert sizer.piece_for(b, 31 * 2 * MiB) == 2 * MiB   # few pieces left: no trial
+
+
+@pytest.mark.parametrize('seconds, grows, final', [(0.018, False, False),   # 1/3: later
+                                                   (1.0, False, True)])     # a burst: never
+def test_pieces_stop_growing_where_a_bigger_piece_comes_far_slower(seconds, grows, final):
+    """nginx's ``limit_rate`` gives each request a second's worth at once:
+    a bigger piece then comes far slower, and the pieces stay small."""
+    sizer, a, lots = bitpit._PieceSizer(), object(), 1 << 30
+    sizer.piece_for(a, lots)
+    sizer.done(a, MiB, MiB, 0.003)
+    assert sizer.piece_for(a, lots) == 2 * MiB
+    sizer.done(a, 2 * MiB, 2 * MiB, seconds)
+    assert (sizer.size == 2 * MiB) == grows and sizer.final == final
+    assert sizer.piece_for(a, lots) == (MiB if final else 2 * MiB)
+
+
 def test_a_far_slower_connection_is_raced_from_the_far_end(server, tmp_path):
     """Four parts of about 1 MiB; the probe's connection is 16 times
     slower. Nothing is left to split, so free connections take the probe's
