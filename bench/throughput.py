@@ -16,6 +16,8 @@ moving those bytes. Reported: median wall time, CPU time (user + sys, from
 
 "bitpit (readinto)" is bitpit with ``BITPIT_NO_SPLICE=1`` in its
 environment: the same download without the ``os.splice`` fast path.
+"bare splice" is the floor of TCP reception from Python: a plain socket
+and ``os.splice`` socket -> pipe -> file, no HTTP library (Linux only).
 
 With ``--tls``, nginx serves HTTPS with a certificate made for the run
 (``openssl req -x509``, IP:127.0.0.1), and bitpit (``ssl_context=`` that
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +113,39 @@ with open(out, 'wb', buffering=0) as file:
             break
         file.write(view[:n])
 conn.close()
+print(json.dumps({'transfer_s': time.perf_counter() - began}))
+'''
+
+
+#: The floor of receiving over TCP into a file from Python, with no HTTP
+#: library at all: one GET on a plain socket, then ``os.splice`` socket ->
+#: pipe (1 MiB) -> file, blocking, as a C program would. Linux only.
+BARE_SPLICE_CODE = '''
+import fcntl, json, os, re, socket, sys, time, urllib.parse
+began = time.perf_counter()
+url, out = urllib.parse.urlsplit(sys.argv[1]), sys.argv[2]
+sock = socket.create_connection((url.hostname, url.port))
+sock.sendall('GET {} HTTP/1.1\\r\\nHost: {}:{}\\r\\nConnection: close\\r\\n\\r\\n'.format(
+    url.path, url.hostname, url.port).encode())
+head = b''
+while b'\\r\\n\\r\\n' not in head:
+    head += sock.recv(65536)
+head, _, rest = head.partition(b'\\r\\n\\r\\n')
+assert head.startswith(b'HTTP/1.1 200'), head[:40]
+length = int(re.search(rb'(?i)\\r\\ncontent-length: *(\\d+)', head).group(1))
+pipe_out, pipe_in = os.pipe()
+fcntl.fcntl(pipe_in, 1031, 1024 * 1024)  # F_SETPIPE_SZ
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+position = os.write(fd, rest)
+while position < length:
+    n = os.splice(sock.fileno(), pipe_in, min(1024 * 1024, length - position))
+    assert n, 'the server closed early'
+    while n:
+        moved = os.splice(pipe_out, fd, n)
+        n -= moved
+        position += moved
+os.close(fd)
+sock.close()
 print(json.dumps({'transfer_s': time.perf_counter() - began}))
 '''
 
@@ -202,6 +238,13 @@ class Setup:
         return self.contender('bare loop', common.python_command(
             BARE_LOOP_CODE, self.url, self.out, *self.tls_args()), self.under_test.env)
 
+    def bare_splice(self) -> Contender:
+        """A plain socket and ``os.splice`` through a pipe: no HTTP library."""
+        if not hasattr(os, 'splice'):
+            raise Skipped('os.splice is not available here (Linux, Python 3.10+)')
+        return self.contender('bare splice', common.python_command(
+            BARE_SPLICE_CODE, self.url, self.out), self.under_test.env)
+
     def dd(self) -> Contender:
         """``dd if=SERVED of=OUT bs=1M``: no ``conv=fsync`` (nobody else
         syncs either); the served file is in the page cache, as for nginx."""
@@ -293,6 +336,7 @@ def main(argv=None) -> int:
             else:
                 factories = [('bitpit', setup.bitpit), ('bitpit (readinto)', setup.bitpit_readinto),
                              ('dd', setup.dd), ('bare loop', setup.bare_loop),
+                             ('bare splice', setup.bare_splice),
                              ('curl', setup.curl)] + ([('wget', setup.wget)] if args.wget else [])
             contenders, skipped = common.gather(factories)
             if args.splice_probe and not args.tls:
@@ -322,7 +366,11 @@ def main(argv=None) -> int:
             Goal('bitpit / curl (wall time)', common.ratio(outcomes, 'bitpit', 'curl'), 0.8),
             rss_goal,
         ]
-        informative = [('bitpit (readinto)', 'dd', 'seconds'),
+        informative = [('bitpit', 'bare splice', 'seconds'),
+                       ('bitpit', 'bare splice', 'cpu_seconds'),
+                       ('bare splice', 'dd', 'seconds'),
+                       ('bare splice', 'dd', 'cpu_seconds'),
+                       ('bitpit (readinto)', 'dd', 'seconds'),
                        ('bitpit (readinto)', 'dd', 'cpu_seconds'),
                        ('bitpit', 'bitpit (readinto)', 'seconds'),
                        ('bitpit', 'bitpit (readinto)', 'cpu_seconds'),
