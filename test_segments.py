@@ -212,6 +212,17 @@ def wait_for_bytes(d, rec, minimum):
     rec.wait_for(lambda: d.downloaded >= minimum, timeout=20)
 
 
+def stopped_at_a_third(url, target):
+    """A download of ``BIG`` over 4 connections, stopped once it holds a
+    third of the file; ``(downloader, Recorder)``."""
+    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
+    rec = Recorder(d)
+    d.start()
+    wait_for_bytes(d, rec, len(BIG) // 3)
+    d.stop()
+    return d, rec
+
+
 def test_stop_start_cycles_fetch_only_what_is_missing(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB)
     target = tmp_path / 'f.bin'
@@ -252,11 +263,7 @@ print(d.state)
 def test_a_new_process_resumes_exactly_the_missing_ranges(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB)
     target = tmp_path / 'f.bin'
-    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
-    rec = Recorder(d)
-    d.start()
-    wait_for_bytes(d, rec, len(BIG) // 3)
-    d.stop()
+    d, _ = stopped_at_a_third(url, target)
     held = json.loads(sidecar_of(target).read_text())['held']
     assert len(held) >= 2                                # a file with holes
     assert target.stat().st_size == len(BIG)             # reserved: holes, not a prefix
@@ -315,11 +322,7 @@ def test_kill_9_loses_at_most_about_a_second(server, tmp_path):
 def test_a_file_changed_between_stop_and_start_starts_over(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB)
     target = tmp_path / 'f.bin'
-    d = bitpit.Downloader(url, path=target, connections=4, update_period=0.02)
-    rec = Recorder(d)
-    d.start()
-    wait_for_bytes(d, rec, len(BIG) // 3)
-    d.stop()
+    d, rec = stopped_at_a_third(url, target)
     server.add('/f', NEW, throttle=8 * MiB)
     d.start()
     rec.wait_state('complete', 'error', 'fatal-error', timeout=20)
@@ -448,11 +451,7 @@ def test_a_name_too_long_for_a_sidecar_is_fetched_in_order(server, tmp_path):
     would be taken for bytes)."""
     name = 'x' * 245 + '.bin'
     url = server.add('/f', BIG, throttle=8 * MiB)
-    d = bitpit.Downloader(url, path=tmp_path / name, connections=4, update_period=0.02)
-    rec = Recorder(d)
-    d.start()
-    wait_for_bytes(d, rec, len(BIG) // 3)
-    d.stop()
+    d, _ = stopped_at_a_third(url, tmp_path / name)
     assert (tmp_path / name).stat().st_size == d.downloaded   # one prefix, no holes
     d, _ = download(url, tmp_path / name, connections=4)
     assert d.state == 'complete' and (tmp_path / name).read_bytes() == BIG
