@@ -37,6 +37,7 @@ import collections
 import datetime
 import errno
 import io
+import math
 import os
 import re
 import select
@@ -170,18 +171,38 @@ def _parse_size(text: Union[str, int, float]) -> int:
 
 # -- option checks: each names the option it checks ----------------------------
 
+_MAX_SECONDS = 1e9   # the longest time-out or period (about 31 years): any longer
+                     # overflows the system's timers
+
+
 def _check_number(name: str, value: Any, positive: bool = False,
-                  allow_none: bool = False) -> Any:
-    """``value`` if it is a real number (not a bool), else ``TypeError``;
-    with ``positive``, ``ValueError`` unless it is more than 0."""
+                  allow_none: bool = False, low: Optional[float] = None,
+                  high: Optional[float] = None) -> Any:
+    """``value`` if it is a finite real number (not a bool), else
+    ``TypeError`` (not a number) or ``ValueError``; with ``positive``,
+    ``ValueError`` unless it is more than 0; ``low`` and ``high`` bound it."""
     if value is None and allow_none:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError('{} must be a number, not {!r}'.format(name, value))
-    if value != value:  # NaN
-        raise ValueError('{} must be a number, not {!r}'.format(name, value))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError('{} must be a finite number, not {!r}'.format(name, value))
     if positive and not value > 0:
         raise ValueError('{} must be more than 0, not {!r}'.format(name, value))
+    if low is not None and value < low:
+        raise ValueError('{} must be at least {}, not {!r}'.format(name, low, value))
+    if high is not None and value > high:
+        raise ValueError('{} must be at most {:g}, not {!r}'.format(name, high, value))
+    return value
+
+
+def _check_connections(value: Any) -> int:
+    """``value`` if it is an ``int`` from 1 to 32, else ``ValueError`` (the
+    SPEC's word for every other value, of any type)."""
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= _MAX_CONNECTIONS:
+        raise ValueError('connections must be an int from 1 to {}, not {!r}'.format(
+            _MAX_CONNECTIONS, value))
     return value
 
 
@@ -308,7 +329,7 @@ def _header_text(value: str) -> str:
 
 # -- URLs --------------------------------------------------------------------------
 
-_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f]')
+_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f-\x9f]')  # C0, DEL and C1
 # what may stay as it is in a URL's path, query and fragment; the rest
 # (spaces, non-ASCII characters as UTF-8 bytes) is percent-encoded
 _URL_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
@@ -374,11 +395,13 @@ def _redirect_target(base: str, location: str) -> str:
         raw = raw.encode('latin-1').decode('utf-8', 'surrogateescape')
     except UnicodeEncodeError:
         pass
-    target = urllib.parse.urljoin(base, raw)
     try:
+        if _CONTROL_CHARS_RE.search(raw):  # before urljoin, which drops tabs and newlines
+            raise InvalidURLError('URL with control characters: {!r}'.format(raw))
+        target = urllib.parse.urljoin(base, raw)
         _check_url(target)
-    except InvalidURLError as exc:
-        raise RedirectError('refusing redirect to {!r}: {}'.format(target, exc)) from exc
+    except ValueError as exc:  # InvalidURLError, or one urljoin raised
+        raise RedirectError('refusing redirect to {!r}: {}'.format(raw, exc)) from exc
     return target
 
 
@@ -3505,15 +3528,17 @@ class Downloader(Emitter):
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
                    'path-changed', 'restart-time-changed', 'rate-limit-changed')
 
-    timeout = _Option(lambda name, value: _check_number(name, value, positive=True),
+    timeout = _Option(lambda name, value: _check_number(name, value, positive=True,
+                                                        high=_MAX_SECONDS),
                       'Seconds without a received byte before an attempt fails '
                       '(also the window of ``min_speed``); next start.')
-    update_period = _Option(lambda name, value: _check_number(name, value, positive=True),
+    update_period = _Option(lambda name, value: _check_number(name, value, positive=True,
+                                                              high=_MAX_SECONDS),
                             'Seconds between two ``speed-changed`` signals; next start.')
     retries = _Option(lambda name, value: _check_int(name, value, 0, allow_none=True),
                       'Failed attempts in a row (without progress) after which an '
                       '``error`` becomes ``fatal-error``; ``None``: no limit.')
-    connections = _Option(lambda name, value: _check_int(name, value, 1, _MAX_CONNECTIONS),
+    connections = _Option(lambda name, value: _check_connections(value),
                           'Most connections for this one file (1 to 32); next start.')
     content_disposition = _Option(_as_bool, 'Name the file after the server\'s '
                                   '``Content-Disposition`` (with ``dir_path``); next start.')
@@ -3526,7 +3551,7 @@ class Downloader(Emitter):
     ssl_context = _Option(_as_ssl_context, 'The ``ssl.SSLContext`` for HTTPS; next start.')
     max_size = _Option(_as_size_limit, 'Most bytes the file may have (``None``: no '
                                        'limit); next start.')
-    min_speed = _Option(lambda name, value: _check_number(name, value),
+    min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
                         'Bytes per second an attempt must keep up over ``timeout`` '
                         'seconds (0: no minimum); next start.')
 

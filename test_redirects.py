@@ -94,13 +94,16 @@ def test_a_location_in_raw_utf8_is_followed(server, tmp_path):
 
 
 @pytest.mark.parametrize('url', ['http://h/a\x00b', 'http://h/a\r\nX-Evil: 1', 'http://h/\x7f',
-                                 'http://h/tab\there'])
+                                 'http://h/tab\there', 'http://h/next\x85line'])
 def test_a_url_with_control_characters_is_invalid(tmp_path, url):
     with pytest.raises(bitpit.InvalidURLError):
         bitpit.Downloader(url, path=tmp_path / 'f')
 
 
-@pytest.mark.parametrize('location', [b'/a\x01b', b'/a\x7fb', b'http://h/\x1b[31m'])
+@pytest.mark.parametrize('location', [b'/a\x01b', b'/a\x7fb', b'http://h/\x1b[31m',
+                                      b'/a\tb',           # urljoin would drop the tab
+                                      b'/a\xc2\x85b',     # U+0085, a C1 control, in UTF-8
+                                      b'http://[::1'])    # malformed: urljoin raises
 def test_a_location_with_control_characters_is_a_fatal_redirect_error(server, tmp_path,
                                                                       location):
     server.add_raw('/go', raw(b'HTTP/1.1 302 Found\r\nLocation: ' + location +

@@ -398,18 +398,17 @@ def test_a_rate_limit_caps_the_sum_of_the_connections(server, tmp_path, where):
 # options
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize('value, error', [(0, ValueError), (33, ValueError), (-1, ValueError),
-                                          ('4', TypeError), (2.0, TypeError),
-                                          (True, TypeError)])
-def test_connections_must_be_an_int_from_1_to_32(tmp_path, value, error):
-    with pytest.raises(error, match='connections'):
+@pytest.mark.parametrize('value', [0, 33, -1, '4', 2.0, True, None])
+def test_connections_must_be_an_int_from_1_to_32(tmp_path, value):
+    """Anything else is a ValueError, whatever its type (the SPEC's word)."""
+    with pytest.raises(ValueError, match='connections'):
         bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', connections=value)
     d = bitpit.Downloader('http://127.0.0.1:1/f', path=tmp_path / 'f', connections=32)
     assert d.connections == 32
-    with pytest.raises(error, match='connections'):
+    with pytest.raises(ValueError, match='connections'):
         d.connections = value
     assert d.connections == 32
-    with pytest.raises(error, match='connections'):
+    with pytest.raises(ValueError, match='connections'):
         bitpit.Manager(connections=value)
 
 
