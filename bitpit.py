@@ -2321,6 +2321,7 @@ _DECODABLE = ('gzip', 'x-gzip', 'deflate')
 _GZIP_TYPES = ('application/gzip', 'application/x-gzip', 'application/x-tar+gzip',
                'application/tar+gzip')
 _MAX_STREAK = 3          # transient failures in a row, without a byte, that bench a source
+_RETRY_PAUSE = 0.25      # seconds before asking a source again, per failure in a row
 _MAX_CHANGES = 3         # times an attempt may start over because the file changed
 
 
@@ -2950,8 +2951,12 @@ class _Transfer:
                             self._end(_Stopped())
                     break
                 except Error as error:
+                    source = conn.source
                     if not self._failed(conn, error):
                         break
+                    if conn.source is source and not conn.job_bytes:
+                        # the same source again: give it a moment first
+                        self._pause(min(_RETRY_PAUSE * source.streak, 1.0))
         except BaseException as exc:  # a bug: end the attempt, never die silently
             with self._cond:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
@@ -2963,6 +2968,20 @@ class _Transfer:
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
                 self._cond.notify_all()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the attempt ends first. A
+        connection thread."""
+        event = threading.Event()
+        wake = _EventAbort(event)
+        try:
+            self.cancel.register(wake)
+        except _Stopped:
+            return
+        try:
+            event.wait(seconds)
+        finally:
+            self.cancel.unregister(wake)
 
     def _fetch(self, conn: _Connection, pacer: _Pacer) -> None:
         """One request for ``conn``'s claim (a piece of it, when the file is
@@ -3105,11 +3124,13 @@ class _Transfer:
 
     def _change(self, conn: _Connection, why: str, answer: Optional[_Answer]) -> None:
         """``conn``'s source says the file is not the one the bytes held come
-        from. From the source the file was probed on (or one whose own
-        validator changed), the file changed: start over. From another
-        source, that source has another file: it is retired."""
+        from. From the source the file was probed on, or from the only
+        source left, the file changed: start over. From another source while
+        others are left, that source has another file (perhaps a newer one
+        that the others will serve too, and then say so): it is retired."""
         source = conn.source
-        if self.probed and source is not self.reference and source.validator is None:
+        if self.probed and source is not self.reference and \
+                any(s.usable for s in self.sources if s is not source):
             raise ProtocolError('{} has another file: {}'.format(source.url, why))
         self._start_over(conn, why, answer)
 
@@ -3270,17 +3291,27 @@ class _Transfer:
             # an answer that breaks the protocol retires its source when there
             # are others; a body cut short is a transient failure
             violation = isinstance(error, ProtocolError) and not conn.answered
+            # a transient refusal while other connections get bytes from the
+            # same source: it allows fewer connections than asked for
+            crowded = self.segmented and error.retryable and not violation and \
+                conn.job_bytes == 0 and any(c is not conn and c.source is source and
+                                            c.answered for c in self.connections)
             if not error.retryable or (several and violation):
                 if several:
                     _log.warning('%s: not using %s any more: %s', self.options.url,
                                  source.url, error)
                 source.retired = error
-            elif conn.job_bytes == 0:
+            elif conn.job_bytes == 0 and not crowded:
                 source.streak += 1
             others = [s for s in self.sources if s is not source and s.usable]
             if others:
                 conn.source = others[0]
                 return True  # over to another source at once
+            if crowded:  # one connection less; the others take its range
+                self.connections_wanted = max(1, self.connections_wanted - 1)
+                _log.info('%s: %s refused one more connection (%s); using at most %d',
+                          self.options.url, source.url, error, self.connections_wanted)
+                return False
             if self.segmented and source.usable:
                 return True  # its range again, from the same source
             if not source.usable or not any(c is not conn for c in self.connections):

@@ -128,7 +128,8 @@ class Resource:
                  stall_after=None, stall_before_headers=False, throttle=None,
                  throttle_conn=None, range_faults=None,
                  drop_probability=0.0, change_probability=0.0, seed=None,
-                 content_length=None, content_type='application/octet-stream'):
+                 content_length=None, content_type='application/octet-stream',
+                 max_concurrent=None):
         self.data = bytes(data)
         self.auto_etag = etag is _AUTO
         if self.auto_etag:
@@ -159,6 +160,9 @@ class Resource:
         self.rng = random.Random(seed)
         self.content_length = content_length
         self.content_type = content_type
+        self.max_concurrent = max_concurrent
+        self.serving = 0            # GETs being answered now, for max_concurrent
+        self.refused = 0            # GETs max_concurrent turned away
         # counters, guarded by lock
         self.lock = threading.Lock()
         self.requests_seen = 0      # GET + HEAD, for status_times
@@ -177,6 +181,20 @@ class Resource:
                 if self.auto_etag:
                     self.etag = _etag_of(self.data)
             return self.data, self.etag
+
+    def enter(self):
+        """Count a GET being answered; ``False`` (not counted) when
+        ``max_concurrent`` are already."""
+        with self.lock:
+            if self.max_concurrent is not None and self.serving >= self.max_concurrent:
+                self.refused += 1
+                return False
+            self.serving += 1
+            return True
+
+    def leave(self):
+        with self.lock:
+            self.serving -= 1
 
     def fault_for(self, range_header):
         """The fault planned for a GET with this Range (counted), or None."""
@@ -262,9 +280,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.owner._get_started()
+        self._entered = None  # the resource whose max_concurrent counts this GET
         try:
             self._serve(head=False)
         finally:
+            if self._entered is not None:
+                self._entered.leave()
             self.owner._get_finished()
 
     def do_HEAD(self):
@@ -296,6 +317,10 @@ class _Handler(BaseHTTPRequestHandler):
                                        or n_request <= res.status_times):
             return self._forced_status(res, head)
 
+        if not head:
+            if not res.enter():
+                return self._simple(503, b'busy\n', head)
+            self._entered = res
         fault = None if head else res.fault_for(self.headers.get('Range'))
         if fault is not None and 'status' in fault:
             return self._simple(fault['status'], b'fault\n', head)
@@ -611,6 +636,9 @@ class FixtureServer:
             probability q, the content changes: new random bytes (length
             within +-25 %) and, unless ``etag=`` was given, a new ETag.
             :meth:`content` tells what the resource holds now.
+        ``max_concurrent=N`` a GET that comes while N others of this
+            resource are being answered gets 503 (a per-client connection
+            cap, as many download hosts have).
         ``content_length=`` Content-Length header sent as this string
             instead (the real body is sent regardless; the connection is then
             closed).
@@ -640,6 +668,10 @@ class FixtureServer:
         """The bytes ``path`` serves now (``None`` if not a plain resource)."""
         res = self._lookup(path)
         return None if res is None or callable(res) else res.current(get=False)[0]
+
+    def refused(self, path):
+        """How many GETs of ``path`` its ``max_concurrent`` turned away."""
+        return self._lookup(path).refused
 
     def remove(self, path):
         """Forget ``path`` (it answers 404 again)."""

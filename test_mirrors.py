@@ -61,6 +61,32 @@ def test_a_bad_mirror_is_retired_with_a_warning(make_server, tmp_path, caplog, b
     assert 1 <= len(gets(second)) <= 2
 
 
+@pytest.mark.parametrize('change', ['other-size', 'same-size'])
+def test_a_mirror_whose_file_changes_is_retired_and_url_s_file_completes(
+        make_server, tmp_path, caplog, change):
+    """The file at ``url`` defines the download: a mirror whose file changes
+    while the download runs is retired with a warning (it used to start the
+    file over from the mirror's new version, while ``url`` still served
+    the old one)."""
+    first, second = make_server(), make_server()
+    url = first.add('/f', BIG, throttle=2 * MiB)
+    mirror = second.add('/f', BIG, throttle=2 * MiB)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', connections=4, mirrors=[mirror],
+                          update_period=0.02)
+    rec = Recorder(d)
+    with caplog.at_level(logging.WARNING, logger='bitpit'):
+        d.start()
+        rec.wait_for(lambda: d.downloaded >= len(BIG) // 4)
+        newer = random.Random(22).randbytes(len(BIG) + (1000 if change == 'other-size' else 0))
+        second.add('/f', newer, throttle=8 * MiB)
+        rec.wait_state('complete', 'error', 'fatal-error', timeout=20)
+        d.join(5)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(mirror in message for message in warnings), warnings
+
+
 def test_a_primary_that_refuses_connections_fails_over(server, tmp_path):
     mirror = server.add('/f', DATA)
     d, rec = download(closed_port_url(), tmp_path / 'f.bin', mirrors=[mirror])

@@ -190,6 +190,21 @@ def test_a_transient_failure_of_one_range_is_retried(server, tmp_path, fault):
         assert again[0] >= 2 * SHARE + 65536
 
 
+@pytest.mark.parametrize('cap', [1, 2])
+def test_a_server_that_allows_fewer_connections_gets_fewer(server, tmp_path, cap):
+    """A host that answers 503 to a client's connections beyond ``cap``:
+    each refused connection gives up its range to the others, once, and the
+    download completes in the same attempt (it used to count the refusals
+    against the source and end the attempt, working connections and all)."""
+    url = server.add('/f', BIG, throttle=4 * MiB, max_concurrent=cap)
+    d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    # each surplus connection once, and perhaps the probe's next request,
+    # sent while the server still answers the open-ended one it left
+    assert 1 <= server.refused('/f') <= 4 - cap + 1
+
+
 def test_a_permanent_failure_of_one_range_fails_and_closes_the_others(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB, range_faults={2 * SHARE: {'status': 404}})
     d, rec = download(url, tmp_path / 'f.bin', connections=4, restart_wait=0)
