@@ -1985,18 +1985,26 @@ class _FileStore:
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
 
-    def reserve(self, total: int) -> None:
+    def reserve(self, total: int, allocate: bool = True) -> None:
         """Make the file ``total`` bytes long with its space allocated, so that
         a disk too small fails now, with a ``FileError`` that says how much
         space is missing, rather than at 99 %. Silently skipped where the
-        system or the file system cannot reserve space."""
+        system or the file system cannot reserve space. Without
+        ``allocate`` (a body so small that it gets no sidecar to record
+        the holes of a reserved file), the disk's free space is checked
+        instead."""
         with self._lock:
-            if not self._regular or not hasattr(os, 'posix_fallocate'):
+            if not self._regular:
                 return
             fd = self._file.fileno()
             before = os.fstat(fd).st_size
-            if before >= total or not self._save_sidecar():
-                return  # no room to make, or no record of the holes it would make
+            if before >= total:
+                return  # no room to make
+            if not allocate or not hasattr(os, 'posix_fallocate'):
+                self._check_room(total - before)
+                return
+            if not self._save_sidecar():
+                return  # no record of the holes it would make
             try:
                 os.posix_fallocate(fd, 0, total)
             except (OverflowError, ValueError):
@@ -2011,11 +2019,25 @@ class _FileStore:
                 raise FileError('cannot reserve {} bytes for {}: {} ({})'.format(
                     total, self.target, self._shortage(total - before), exc.strerror)) from exc
 
-    def _shortage(self, needed: int) -> str:
+    def _free_space(self) -> Optional[int]:
+        """Bytes free on the file's disk for this process, if it can tell."""
         try:
             status = os.statvfs(self.target.parent)
-            free = status.f_bavail * status.f_frsize
         except (OSError, AttributeError):
+            return None
+        blocks = status.f_bfree if os.geteuid() == 0 else status.f_bavail
+        return blocks * status.f_frsize
+
+    def _check_room(self, needed: int) -> None:
+        """``FileError`` now if the disk has less than ``needed`` bytes free."""
+        free = self._free_space()
+        if free is not None and free < needed:
+            raise FileError('cannot write {} bytes to {}: {}'.format(
+                needed, self.target, self._shortage(needed)))
+
+    def _shortage(self, needed: int) -> str:
+        free = self._free_space()
+        if free is None:
             return '{} bytes are needed'.format(needed)
         if free >= needed:
             return '{} bytes are needed; the file size limit is lower'.format(needed)
@@ -3188,16 +3210,16 @@ class _Transfer:
         segmented = (self.connections_wanted > 1 and answer.kind == 'part' and
                      total is not None and self.store.regular_target() and
                      self.ranged and self._missing() >= 2 * _MIN_SPLIT)
-        reserve = total if total is not None and \
-            total - self.store.held.total > self.chunk_size else None
-        return _Setup(reserve, segmented)
+        return _Setup(total, segmented)
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:
         """Open and reserve the file, then share the rest out: the probe's
         connection, without the lock."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
         if setup.reserve is not None:
-            self.store.reserve(setup.reserve)
+            # a body of one read needs no sidecar: only the room is checked
+            self.store.reserve(setup.reserve, allocate=setup.reserve -
+                               self.store.held.total > self.chunk_size)
         # parts are written out of order: only with a sidecar to record them
         segmented = setup.segmented and self.store.record()
         with self._cond:

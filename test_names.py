@@ -199,6 +199,30 @@ def test_disk_too_small_fails_at_once_and_keeps_the_bytes_on_disk(server, tmp_pa
     assert server.requests[0].headers['If-Range'] == ETAG
 
 
+@pytest.mark.skipif(not hasattr(os, 'statvfs'), reason='needs os.statvfs')
+def test_a_small_file_on_a_disk_too_small_fails_before_its_body(server, tmp_path,
+                                                                 monkeypatch):
+    """A body of one read gets no sidecar, so no reserved space either: the
+    disk's free space is checked instead, before the body, and the error
+    says how much is missing. The disk here reports 100000 bytes free."""
+    size = 200000
+    url = server.add('/f', DATA[:size], throttle=100000)
+    real = os.statvfs
+
+    def nearly_full(path):
+        status = real(path)
+        return os.statvfs_result((status.f_bsize, 1000, status.f_blocks, 100, 100,
+                                  *status[5:]))
+    monkeypatch.setattr(os, 'statvfs', nearly_full)
+    d, _ = download(url, tmp_path / 'f.bin', restart_wait=0)
+    assert d.state == 'fatal-error' and isinstance(d.last_exception, bitpit.FileError)
+    message = str(d.last_exception)
+    assert str(tmp_path / 'f.bin') in message
+    assert '100000 bytes are missing on the disk ({} needed, 100000 free)'.format(size) \
+        in message
+    assert (tmp_path / 'f.bin').stat().st_size == 0 and server.bytes_sent('/f') < size
+
+
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs RLIMIT_FSIZE')
 def test_disk_full_mid_download_keeps_the_bytes_on_disk(server, tmp_path):
     """With no size to reserve (a chunked body), RLIMIT_FSIZE makes writes
