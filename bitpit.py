@@ -1234,6 +1234,8 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> Any:
         if line.startswith('#') or len(fields) != 7:
             continue
         domain, _, path_, secure, expires, name, value = fields
+        if '.' not in domain.lstrip('.'):  # 'localhost': cookiejar sees it as 'localhost.local'
+            domain += '.local'
         expiry = int(expires) if _DIGITS_RE.fullmatch(expires) else 0
         if expiry and expiry < now:
             continue

@@ -39,6 +39,19 @@ def test_a_cookies_txt_file_is_sent_by_its_rules(server, tmp_path):
     assert jar.read_text().count('\n') == 7                 # read, never written
 
 
+def test_a_cookies_txt_line_for_a_host_name_without_a_dot(make_server, tmp_path):
+    """``localhost`` and intranet names: http.cookiejar matches such a host
+    as ``NAME.local``, so a line for ``localhost`` was never sent."""
+    server = make_server('localhost')
+    jar = cookies_txt(tmp_path, ('localhost', 'FALSE', '/', 'FALSE', FUTURE, 'token', 'abc'),
+                      ('otherhost', 'FALSE', '/', 'FALSE', FUTURE, 'foreign', 'no'))
+    url = server.add('/f', DATA)
+    assert url.startswith('http://localhost:')
+    d, _ = download(url, tmp_path / 'f.bin', cookies=str(jar))
+    assert d.state == 'complete'
+    assert server.requests[0].headers['Cookie'] == 'token=abc'
+
+
 def test_a_gateway_that_sets_a_cookie_then_redirects(server, tmp_path):
     server.add('/gate', b'', status=302, headers={'Location': '/file',
                                                    'Set-Cookie': 'pass=42; Path=/'})
