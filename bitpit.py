@@ -3637,7 +3637,9 @@ class Downloader(Emitter):
         self._thread: Optional[threading.Thread] = None
         self._running = False                # the download thread has work left
         self._attempt_over = False
-        self._restarts_itself = True
+        # who restarts it after an error or a pause, when not itself: a
+        # manager's test of whether it still does (it runs)
+        self._restarted_by: Optional[Callable[[], bool]] = None
         self._stop_event = threading.Event()
         self._transfer: Optional[_Transfer] = None
         self._restart_timer: Optional[threading.Timer] = None
@@ -4003,7 +4005,13 @@ class Downloader(Emitter):
         """Nothing more will happen by itself: complete, fatal, or stopped
         (or failed) with no restart to come (a manager restarts its own)."""
         return not self._running and (self._state in _FINISHED_STATES or (
-            not self.is_restarting and self._restarts_itself))
+            not self.is_restarting and (self._restarted_by is None or
+                                        not self._restarted_by())))
+
+    def _recheck_waiters(self) -> None:
+        """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -4130,7 +4138,7 @@ class Downloader(Emitter):
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
-            if final == 'error' and self._restarts_itself and self._restart_wait >= 0:
+            if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
                 self._schedule_restart(max(self._restart_wait, retry_after or 0),
                                        automatic=True)
         finally:
@@ -4366,7 +4374,7 @@ class Manager(Emitter):
             if d in self._downloads:
                 return d
             self._downloads.append(d)
-        d._restarts_itself = False
+        d._restarted_by = self._restarts
         d._cancel_restart()
         d._shared_buckets = (self._bucket,)
         d.listen('state-changed', self._on_state_changed)
@@ -4383,7 +4391,8 @@ class Manager(Emitter):
             self._stopped_at.pop(d, None)
         d.unlisten('state-changed', self._on_state_changed)
         d._shared_buckets = ()
-        d._restarts_itself = True
+        d._restarted_by = None
+        d._recheck_waiters()
         self.emit('remove', self, d)
         self.update()
 
@@ -4405,6 +4414,13 @@ class Manager(Emitter):
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        for d in self.downloads:  # no more restarts from here: wait() may end
+            d._recheck_waiters()
+
+    def _restarts(self) -> bool:
+        """Whether the manager restarts its downloads now (it is started).
+        Any thread; a plain read."""
+        return self._started
 
     def stop_all(self) -> None:
         """Pause every running download; the manager keeps running."""

@@ -261,3 +261,19 @@ def test_stop_then_start_again(manager, server, tmp_path):
     assert m._thread is not old
     watcher.wait(all_in(downloads, 'complete'))
     assert (tmp_path / 'r0').read_bytes() == DATA
+
+
+def test_wait_ends_for_a_paused_download_once_its_manager_stopped(manager, server, tmp_path):
+    """A manager restarts its downloads only while it runs: after ``stop()``
+    and ``stop_all()``, a paused download's ``wait()`` returns ``False``
+    (it used to wait for a restart that could no longer come)."""
+    m, watcher, (d,) = start_manager(manager, server, tmp_path, ['/w'],
+                                     throttle=64 * 1024, restart_wait=60)
+    watcher.wait(all_in([d], 'download'))
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(d.wait(20)))
+    waiter.start()
+    m.stop()
+    m.stop_all()
+    waiter.join(5)
+    assert waited == [False] and d.state == 'pause'
