@@ -171,8 +171,8 @@ def _parse_size(text: Union[str, int, float]) -> int:
 
 # -- option checks: each names the option it checks ----------------------------
 
-_MAX_SECONDS = 1e9   # the longest time-out or period (about 31 years): any longer
-                     # overflows the system's timers
+_MAX_SECONDS = 1e6   # the longest time-out or period (11.6 days): poll() takes at
+                     # most 2**31 ms, Windows' waits at most 2**32 ms
 
 
 def _check_number(name: str, value: Any, positive: bool = False,
@@ -329,7 +329,9 @@ def _header_text(value: str) -> str:
 
 # -- URLs --------------------------------------------------------------------------
 
-_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f-\x9f]')  # C0, DEL and C1
+_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f]')  # C0 and DEL, in header values
+# in a URL, C1 controls too (a header value may hold UTF-8 bytes as Latin-1)
+_URL_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f-\x9f]')
 # what may stay as it is in a URL's path, query and fragment; the rest
 # (spaces, non-ASCII characters as UTF-8 bytes) is percent-encoded
 _URL_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
@@ -341,7 +343,7 @@ def _check_url(url: str) -> urllib.parse.SplitResult:
     are encoded when sent); control characters are not."""
     if not isinstance(url, str):
         raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
-    if _CONTROL_CHARS_RE.search(url):
+    if _URL_CONTROL_CHARS_RE.search(url):
         raise InvalidURLError('URL with control characters: {!r}'.format(url))
     try:
         parts = urllib.parse.urlsplit(url)
@@ -396,7 +398,7 @@ def _redirect_target(base: str, location: str) -> str:
     except UnicodeEncodeError:
         pass
     try:
-        if _CONTROL_CHARS_RE.search(raw):  # before urljoin, which drops tabs and newlines
+        if _URL_CONTROL_CHARS_RE.search(raw):  # before urljoin, which drops tabs and newlines
             raise InvalidURLError('URL with control characters: {!r}'.format(raw))
         target = urllib.parse.urljoin(base, raw)
         _check_url(target)
@@ -1428,6 +1430,14 @@ def _network_error(exc: BaseException, handshake_done: bool = True) -> Error:
     return NetworkError('network error: {}'.format(exc))
 
 
+def _is_refusal(error: Error) -> bool:
+    """Whether ``error`` is a server turning one more connection away: a
+    429 or 503, or a refused connect."""
+    if isinstance(error, HTTPStatusError):
+        return error.status in (429, 503)
+    return isinstance(error.__cause__, ConnectionRefusedError)
+
+
 class _Request:
     """One HTTP request and the redirects it leads to.
 
@@ -2002,7 +2012,9 @@ class _FileStore:
             before = os.fstat(fd).st_size
             if before >= total:
                 return  # no room to make
-            if not allocate or not hasattr(os, 'posix_fallocate'):
+            if not hasattr(os, 'posix_fallocate'):
+                return
+            if not allocate:
                 self._check_room(total - before)
                 return
             if not self._save_sidecar():
@@ -2027,6 +2039,8 @@ class _FileStore:
             status = os.statvfs(self.target.parent)
         except (OSError, AttributeError):
             return None
+        if not status.f_blocks:
+            return None  # a file system that tells nothing (some FUSE ones)
         blocks = status.f_bfree if os.geteuid() == 0 else status.f_bavail
         return blocks * status.f_frsize
 
@@ -3315,11 +3329,11 @@ class _Transfer:
             # an answer that breaks the protocol retires its source when there
             # are others; a body cut short is a transient failure
             violation = isinstance(error, ProtocolError) and not conn.answered
-            # a transient refusal while other connections get bytes from the
-            # same source: it allows fewer connections than asked for
-            crowded = self.segmented and error.retryable and not violation and \
-                conn.job_bytes == 0 and any(c is not conn and c.source is source and
-                                            c.answered for c in self.connections)
+            # a refusal (429, 503, a refused connect) while other connections
+            # get bytes from the same source: it allows fewer connections
+            crowded = self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
+                any(c is not conn and c.source is source and c.answered
+                    for c in self.connections)
             if not error.retryable or (several and violation):
                 if several:
                     _log.warning('%s: not using %s any more: %s', self.options.url,
@@ -3327,15 +3341,15 @@ class _Transfer:
                 source.retired = error
             elif conn.job_bytes == 0 and not crowded:
                 source.streak += 1
-            others = [s for s in self.sources if s is not source and s.usable]
-            if others:
-                conn.source = others[0]
-                return True  # over to another source at once
             if crowded:  # one connection less; the others take its range
                 self.connections_wanted = max(1, self.connections_wanted - 1)
                 _log.info('%s: %s refused one more connection (%s); using at most %d',
                           self.options.url, source.url, error, self.connections_wanted)
                 return False
+            others = [s for s in self.sources if s is not source and s.usable]
+            if others:
+                conn.source = others[0]
+                return True  # over to another source at once
             if self.segmented and source.usable:
                 return True  # its range again, from the same source
             if not source.usable or not any(c is not conn for c in self.connections):

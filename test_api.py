@@ -193,7 +193,8 @@ BAD_OPTIONS = [
     ('update_period', 'x', TypeError), ('update_period', None, TypeError),
     ('timeout', 0, ValueError), ('timeout', -2.5, ValueError), ('timeout', '10', TypeError),
     ('timeout', float('nan'), ValueError), ('timeout', float('inf'), ValueError),
-    ('timeout', 1e10, ValueError), ('update_period', float('inf'), ValueError),
+    ('timeout', 1e10, ValueError), ('timeout', 3e6, ValueError),  # poll() takes 2**31 ms
+    ('update_period', float('inf'), ValueError),
     ('rate_limit', float('inf'), ValueError), ('restart_wait', float('nan'), ValueError),
     ('min_speed', -5, ValueError), ('connections', '4', ValueError),
     ('restart_wait', 'soon', TypeError), ('restart_wait', None, TypeError),

@@ -87,6 +87,18 @@ def test_a_mirror_whose_file_changes_is_retired_and_url_s_file_completes(
     assert any(mirror in message for message in warnings), warnings
 
 
+def test_two_mirrors_that_each_allow_one_connection(make_server, tmp_path):
+    """A connection refused by one source ends, rather than going to the
+    other source, which refuses it in turn (that went back and forth, about
+    500 requests a second to each)."""
+    first, second = make_server(), make_server()
+    url = first.add('/f', BIG, throttle=8 * MiB, max_concurrent=1)
+    mirror = second.add('/f', BIG, throttle=8 * MiB, max_concurrent=1)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4, mirrors=[mirror])
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert first.refused('/f') + second.refused('/f') <= 4
+
+
 def test_a_primary_that_refuses_connections_fails_over(server, tmp_path):
     mirror = server.add('/f', DATA)
     d, rec = download(closed_port_url(), tmp_path / 'f.bin', mirrors=[mirror])

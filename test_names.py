@@ -199,7 +199,7 @@ def test_disk_too_small_fails_at_once_and_keeps_the_bytes_on_disk(server, tmp_pa
     assert server.requests[0].headers['If-Range'] == ETAG
 
 
-@pytest.mark.skipif(not hasattr(os, 'statvfs'), reason='needs os.statvfs')
+@pytest.mark.skipif(not hasattr(os, 'posix_fallocate'), reason='no reservation here')
 def test_a_small_file_on_a_disk_too_small_fails_before_its_body(server, tmp_path,
                                                                  monkeypatch):
     """A body of one read gets no sidecar, so no reserved space either: the
@@ -221,6 +221,17 @@ def test_a_small_file_on_a_disk_too_small_fails_before_its_body(server, tmp_path
     assert '100000 bytes are missing on the disk ({} needed, 100000 free)'.format(size) \
         in message
     assert (tmp_path / 'f.bin').stat().st_size == 0 and server.bytes_sent('/f') < size
+
+
+@pytest.mark.skipif(not hasattr(os, 'posix_fallocate'), reason='no reservation here')
+def test_a_disk_that_tells_no_size_is_not_taken_for_a_full_one(server, tmp_path, monkeypatch):
+    """Some FUSE file systems report 0 blocks in all: the room is unknown,
+    and the download goes ahead."""
+    real = os.statvfs
+    monkeypatch.setattr(os, 'statvfs', lambda path: os.statvfs_result(
+        (real(path).f_bsize, 0, 0, 0, 0, 0, 0, 0, 0, 255)))
+    d, _ = download(server.add('/f', DATA[:1000]), tmp_path / 'f.bin')
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA[:1000]
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='needs RLIMIT_FSIZE')

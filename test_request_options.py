@@ -74,6 +74,17 @@ def test_headers_merge_case_insensitively(server, tmp_path, given):
     assert server.requests[0].headers.get_all('User-Agent') == ['mine/1']
 
 
+def test_a_header_value_may_hold_utf8_bytes_as_latin1(server, tmp_path):
+    """http.client sends a str header value as Latin-1, so UTF-8 goes in as
+    its bytes decoded as Latin-1; those include 0x80-0x9F, which are C1
+    controls only in a URL."""
+    title = 'caf\u00e9 \u20ac'.encode('utf-8').decode('latin-1')
+    server.add('/f', DATA)
+    fetch(server.url('/f'), tmp_path / 'f', headers={'X-Title': title})
+    assert server.requests[0].headers['X-Title'].encode('latin-1').decode('utf-8') == \
+        'caf\u00e9 \u20ac'
+
+
 @pytest.mark.parametrize('headers, error', [
     ({'X-A': 1}, TypeError), ({1: 'x'}, TypeError), ('X-A: 1', TypeError),
     ({'X-A': 'a\r\nX-B: b'}, ValueError), ({'Bad Name': 'x'}, ValueError)])

@@ -10,6 +10,7 @@ it was asked for.
 """
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -188,6 +189,16 @@ def test_a_transient_failure_of_one_range_is_retried(server, tmp_path, fault):
     assert again, ranges(server)
     if 'cut' in fault:  # only what was not received is asked again
         assert again[0] >= 2 * SHARE + 65536
+
+
+def test_a_server_error_on_one_range_keeps_every_connection(server, tmp_path, caplog):
+    """Only a refusal (429, 503, a refused connect) means a server allows
+    fewer connections; a 500 is a failure of that request, retried."""
+    url = server.add('/f', BIG, throttle=8 * MiB, range_faults={2 * SHARE: {'status': 500}})
+    with caplog.at_level(logging.INFO, logger='bitpit'):
+        d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert not [r for r in caplog.records if 'refused one more' in r.getMessage()]
 
 
 @pytest.mark.parametrize('cap', [1, 2])
