@@ -4681,7 +4681,8 @@ def _build_parser() -> Any:
                 _MAX_CONNECTIONS, text))
         return int(text)
 
-    def number(convert: Callable[[str], Any], positive: bool = False) -> Callable[[str], Any]:
+    def number(convert: Callable[[str], Any], positive: bool = False,
+               high: float = float('inf')) -> Callable[[str], Any]:
         def parse(text: str) -> Any:
             try:
                 value = convert(text)
@@ -4690,6 +4691,9 @@ def _build_parser() -> Any:
             if not 0 <= value < float('inf') or (positive and value == 0):
                 raise argparse.ArgumentTypeError('must be {}: {!r}'.format(
                     'more than 0' if positive else '0 or more', text))
+            if value > high:
+                raise argparse.ArgumentTypeError('must be at most {:g}: {!r}'.format(
+                    high, text))
             return value
         return parse
 
@@ -4729,7 +4733,8 @@ def _build_parser() -> Any:
     parser.add_argument('--retries', metavar='N', type=number(int), default=_CLI_RETRIES,
                         help='retry a failing download at most N times in a row, '
                              'then give up (default: %(default)s)')
-    parser.add_argument('--timeout', metavar='S', type=number(float, positive=True),
+    parser.add_argument('--timeout', metavar='S',
+                        type=number(float, positive=True, high=_MAX_SECONDS),
                         default=_CLI_TIMEOUT,
                         help='seconds without receiving a byte before an attempt '
                              'fails (default: %(default)s)')

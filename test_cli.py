@@ -489,6 +489,7 @@ def test_cli_cacert(https_url, certificate, tmp_path):
     ['-x', '0', 'http://h/x'],
     ['-x', 'four', 'http://h/x'],
     ['-H', 'Range: bytes=0-', 'http://h/x'],
+    ['--timeout', '1e7', 'http://h/x'],              # more than a time-out can wait
 ])
 def test_cli_option_usage_errors(tmp_path, args, capsys):
     assert cli(tmp_path, *args) == 2
