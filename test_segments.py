@@ -211,9 +211,10 @@ def test_a_server_that_allows_fewer_connections_gets_fewer(server, tmp_path, cap
     d, rec = download(url, tmp_path / 'f.bin', connections=4)
     assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
     assert [new for _, new in rec.states] == ['start', 'download', 'complete']
-    # each surplus connection once, and perhaps the probe's next request,
-    # sent while the server still answers the open-ended one it left
-    assert 1 <= server.refused('/f') <= 4 - cap + 1
+    # each surplus connection once, and the probe's next request, sent while
+    # the server still answers the open-ended one it left (4 - cap + 1 in
+    # every run seen): a few, not a storm
+    assert 1 <= server.refused('/f') <= 6
 
 
 def test_a_permanent_failure_of_one_range_fails_and_closes_the_others(server, tmp_path):
