@@ -2010,10 +2010,8 @@ class _FileStore:
                 return
             fd = self._file.fileno()
             before = os.fstat(fd).st_size
-            if before >= total:
-                return  # no room to make
-            if not hasattr(os, 'posix_fallocate'):
-                return
+            if before >= total or not hasattr(os, 'posix_fallocate'):
+                return  # no room to make, or no way to reserve it here
             if not allocate:
                 self._check_room(total - before)
                 return
