@@ -31,31 +31,46 @@ def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
     assert 0.4 <= elapsed < 1.0
 
 
-def wait_until_blocked(bucket, timeout=5):
-    """Return once a thread is blocked in ``bucket.acquire()``.
+class BlockedWatch:
+    """Stands in for a bucket's lock and sets ``blocked`` when a thread lets
+    go of it while a waiter is queued: a waiter queues its turn while
+    holding the lock and lets go of it only inside ``Condition.wait``, so
+    that is the moment it blocks. Install it before any thread waits."""
 
-    A waiter puts its turn in ``bucket._waiters`` while holding
-    ``bucket._lock`` and lets go of that lock only inside
-    ``Condition.wait``; so seeing the queue non-empty while holding the lock
-    means the waiter is waiting. The bucket offers no event for this, so the
-    queue is polled, bounded by ``timeout``, with a tiny pause between looks
-    (the pause is not the synchronisation, the check under the lock is)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with bucket._lock:
-            if bucket._waiters:
-                return
-        assert time.monotonic() < deadline, 'no thread blocked in acquire() in time'
-        time.sleep(0.001)
+    def __init__(self, bucket):
+        self.bucket, self.lock = bucket, bucket._lock
+        self.blocked = threading.Event()
+        bucket._lock = self
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        if self.bucket._waiters:
+            self.blocked.set()
+        self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def blocked_waiter(bucket, cancelled):
+    """A thread blocked in ``bucket.acquire(1000, cancelled)``, once it is;
+    ``(thread, list its grant goes into)``."""
+    watch, got = BlockedWatch(bucket), []
+    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, cancelled)))
+    waiter.start()
+    assert watch.blocked.wait(5), 'no thread blocked in acquire() in time'
+    return waiter, got
 
 
 def test_token_bucket_rate_change_wakes_waiter():
     bucket = bitpit._TokenBucket(1)          # one byte per second
     bucket.acquire(1, lambda: False)
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, lambda: False)))
-    waiter.start()
-    wait_until_blocked(bucket)
+    waiter, got = blocked_waiter(bucket, lambda: False)
     acted = time.monotonic()
     bucket.rate = 0
     waiter.join(2)
@@ -68,10 +83,7 @@ def test_token_bucket_cancel():
     bucket = bitpit._TokenBucket(1)
     bucket.acquire(1, lambda: False)
     cancelled = threading.Event()
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, cancelled.is_set)))
-    waiter.start()
-    wait_until_blocked(bucket)
+    waiter, got = blocked_waiter(bucket, cancelled.is_set)
     acted = time.monotonic()
     cancelled.set()
     bucket.wake()
