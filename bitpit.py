@@ -196,16 +196,6 @@ def _check_number(name: str, value: Any, positive: bool = False,
     return value
 
 
-def _check_connections(value: Any) -> int:
-    """``value`` if it is an ``int`` from 1 to 32, else ``ValueError`` (the
-    SPEC's word for every other value, of any type)."""
-    if isinstance(value, bool) or not isinstance(value, int) or \
-            not 1 <= value <= _MAX_CONNECTIONS:
-        raise ValueError('connections must be an int from 1 to {}, not {!r}'.format(
-            _MAX_CONNECTIONS, value))
-    return value
-
-
 def _check_int(name: str, value: Any, low: Optional[int] = None,
                high: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
     """``value`` if it is an ``int`` within ``[low, high]``."""
@@ -218,6 +208,15 @@ def _check_int(name: str, value: Any, low: Optional[int] = None,
             'from {} to {}'.format(low, high)
         raise ValueError('{} must be {}, not {!r}'.format(name, bounds, value))
     return value
+
+
+def _check_connections(value: Any) -> int:
+    """``value`` if it is an ``int`` from 1 to 32, else ``ValueError`` (the
+    SPEC's word for every other value, of any type)."""
+    try:
+        return _check_int('connections', value, 1, _MAX_CONNECTIONS)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_auth(auth: Any) -> Optional[Tuple[str, str]]:
@@ -843,29 +842,32 @@ class _Pacer:
 
 class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
-    everything registered with it (connections, name look-ups) at once.
-    Any thread. ``_lock`` guards the mark and the registrations."""
+    everything registered with it (connections, name look-ups) at once;
+    ``wait()`` is a pause that it ends. Any thread. ``_lock`` guards the
+    mark and the registrations."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cancelled = False
+        self._cancelled = threading.Event()
+        self.is_set = self._cancelled.is_set
         self._live: set = set()
-
-    def is_set(self) -> bool:
-        return self._cancelled
 
     def cancel(self) -> None:
         with self._lock:
-            self._cancelled = True
+            self._cancelled.set()
             live, self._live = self._live, set()
         for item in live:
             item.abort()
+
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if ``cancel()`` comes first."""
+        self._cancelled.wait(seconds)
 
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
         ``_Stopped`` if that already happened."""
         with self._lock:
-            if self._cancelled:
+            if self._cancelled.is_set():
                 raise _Stopped
             self._live.add(item)
 
@@ -2992,7 +2994,7 @@ class _Transfer:
                         break
                     if conn.source is source and not conn.job_bytes:
                         # the same source again: give it a moment first
-                        self._pause(min(_RETRY_PAUSE * source.streak, 1.0))
+                        self.cancel.wait(min(_RETRY_PAUSE * source.streak, 1.0))
         except BaseException as exc:  # a bug: end the attempt, never die silently
             with self._cond:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
@@ -3004,20 +3006,6 @@ class _Transfer:
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
                 self._cond.notify_all()
-
-    def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if the attempt ends first. A
-        connection thread."""
-        event = threading.Event()
-        wake = _EventAbort(event)
-        try:
-            self.cancel.register(wake)
-        except _Stopped:
-            return
-        try:
-            event.wait(seconds)
-        finally:
-            self.cancel.unregister(wake)
 
     def _fetch(self, conn: _Connection, pacer: _Pacer) -> None:
         """One request for ``conn``'s claim (a piece of it, when the file is
@@ -3323,27 +3311,27 @@ class _Transfer:
             if isinstance(error, (FileError, IntegrityError)):
                 self._end(error)
                 return False
+            if self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
+                    any(c is not conn and c.source is source and c.answered
+                        for c in self.connections):
+                # refused while other connections get bytes from the same
+                # source: it allows fewer. One connection less; the others
+                # take its range
+                self.connections_wanted = max(1, self.connections_wanted - 1)
+                _log.info('%s: %s refused one more connection (%s); using at most %d',
+                          self.options.url, source.url, error, self.connections_wanted)
+                return False
             several = len(self.sources) > 1
             # an answer that breaks the protocol retires its source when there
             # are others; a body cut short is a transient failure
             violation = isinstance(error, ProtocolError) and not conn.answered
-            # a refusal (429, 503, a refused connect) while other connections
-            # get bytes from the same source: it allows fewer connections
-            crowded = self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
-                any(c is not conn and c.source is source and c.answered
-                    for c in self.connections)
             if not error.retryable or (several and violation):
                 if several:
                     _log.warning('%s: not using %s any more: %s', self.options.url,
                                  source.url, error)
                 source.retired = error
-            elif conn.job_bytes == 0 and not crowded:
+            elif conn.job_bytes == 0:
                 source.streak += 1
-            if crowded:  # one connection less; the others take its range
-                self.connections_wanted = max(1, self.connections_wanted - 1)
-                _log.info('%s: %s refused one more connection (%s); using at most %d',
-                          self.options.url, source.url, error, self.connections_wanted)
-                return False
             others = [s for s in self.sources if s is not source and s.usable]
             if others:
                 conn.source = others[0]
