@@ -161,10 +161,10 @@ class Resource:
         self.content_length = content_length
         self.content_type = content_type
         self.max_concurrent = max_concurrent
-        self.serving = 0            # GETs being answered now, for max_concurrent
-        self.refused = 0            # GETs max_concurrent turned away
         # counters, guarded by lock
         self.lock = threading.Lock()
+        self.serving = 0            # GETs being answered now, for max_concurrent
+        self.refused = 0            # GETs max_concurrent turned away
         self.requests_seen = 0      # GET + HEAD, for status_times
         self.bodies_sent = 0        # GET responses, for truncate_once
 
