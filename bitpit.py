@@ -87,6 +87,13 @@ _MIN_SPLIT = 1024 * 1024        # no range is split into parts smaller than this
 _MAX_PIECE = 64 * 1024 * 1024   # most bytes one ranged request of a split file asks for
 _RACE_BLOCK = 256 * 1024        # bytes a racing connection takes per request
 _FLUSH_AGE = 0.5                # seconds received bytes may wait in a buffer
+# seconds of the probe's body that tell what limits it (Windows counts a
+# thread's CPU time in ticks of 15.6 ms)
+_JUDGE_FIRST = 0.05 if sys.platform == 'win32' else 0.01
+_JUDGE_READ = 256 * 1024        # most bytes a read of the probe takes until then
+_JUDGE_AGAIN = 0.25             # seconds between later looks while the CPU is the limit
+_CPU_BOUND = 0.5                # share of a CPU from which a connection is bound by it ...
+_CPU_BOUND_RATE = 64 * 1024 * 1024  # ... when it receives at least this many bytes a second
 _UNKNOWN_END = 1 << 62          # the end of a range that only the body's end tells
 _SIDECAR_PERIOD = 1.0           # seconds between two sidecar saves while bytes flow
 _MAX_REDIRECTS = 10
@@ -1374,18 +1381,26 @@ class _Body:
         # (http.client may also hold some; then this says False, harmlessly)
         return _ready(self._sock)
 
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for bytes on the socket; whether a read
+        would return at once. Before the first read, bytes http.client
+        holds are not seen: then a ``False`` only says so early."""
+        if seconds <= 0 or self.ready() or self._response.chunked:
+            return True
+        return _ready(self._sock, seconds)
 
-def _ready(sock: Any) -> bool:
-    """Whether ``sock`` has bytes (or its end) to read now; ``True`` when
-    that cannot be told."""
+
+def _ready(sock: Any, seconds: float = 0.0) -> bool:
+    """Whether ``sock`` has bytes (or its end) to read now, or within
+    ``seconds``; ``True`` when that cannot be told."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
         if hasattr(select, 'poll'):
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
+            return bool(poller.poll(math.ceil(seconds * 1000)))
+        return bool(select.select([sock], [], [], seconds)[0])
     except (OSError, ValueError, TypeError):
         return True
 
@@ -2427,6 +2442,9 @@ class _DecodedBody:
     def ready(self) -> bool:
         return bool(self._output or self._input) or (not self._ended and self._body.ready())
 
+    def wait(self, seconds: float) -> bool:
+        return self.ready() or self._ended or self._body.wait(seconds)
+
 
 _SPLICE = hasattr(os, 'splice') and not os.environ.get('BITPIT_NO_SPLICE')
 _NO_SPLICE_ERRORS = frozenset(getattr(errno, name) for name in
@@ -2596,6 +2614,56 @@ class _PieceSizer:
         self._rates[size] = rate if last is None else (last + rate) / 2
 
 
+def _thread_cpu() -> Optional[float]:
+    """CPU seconds the calling thread has used; ``None`` where the system
+    cannot tell."""
+    try:
+        return time.thread_time()
+    except (AttributeError, OSError):
+        return None
+
+
+def _usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _LimitJudge:
+    """Whether the probe's connection is held back by the link or by this
+    machine's CPU: the share of a CPU its thread used, and the bytes it
+    received, over its first ``_JUDGE_FIRST`` seconds of body, then over
+    every ``_JUDGE_AGAIN`` seconds. A connection that keeps a CPU busy by
+    itself (a fast local server) gets all that CPU can take; more
+    connections would only share it, and lose some of it switching threads.
+    (A thread busy with little coming in is busy with something else.)
+    Only the probe's thread uses it, between two reads, under the
+    transfer's lock."""
+
+    def __init__(self, now: float, cpu: float, received: int):
+        self._since = now
+        self._cpu = cpu
+        self._received = received
+        self.due = now + _JUDGE_FIRST
+        self.judged = False  # no verdict yet: the probe reads little at a time
+
+    def cpu_bound(self, now: float, received: int) -> Optional[bool]:
+        """The verdict on the window that ends ``now``, ``received`` bytes
+        having come in all; ``None`` before it is due."""
+        if now < self.due:
+            return None
+        cpu = _thread_cpu() or 0.0
+        seconds = now - self._since
+        bound = cpu - self._cpu >= _CPU_BOUND * seconds and \
+            received - self._received >= _CPU_BOUND_RATE * seconds
+        self._since, self._cpu, self._received = now, cpu, received
+        self.due = now + _JUDGE_AGAIN
+        self.judged = True
+        return bound
+
+
 class _Setup:
     """What the probe's answer asks of the file, done by the probe's
     connection outside the transfer's lock (it may take a while): open it
@@ -2615,18 +2683,24 @@ class _Transfer:
 
     The first request is the probe (``Range: bytes=FIRST-``). Its answer
     says whether the file may be split: with a 206 and a known size, the
-    missing bytes are shared out in equal parts, fetched in ranged pieces; a
-    connection that finishes takes over the upper half of the largest range
-    left, or, when nothing is left to split, races a far slower connection
-    for the end of its range, block by block from the far end. Everything
-    else (no range support, an unknown size, a file object) is the same
-    engine with one connection. The probe's source is the reference: a
-    change of the file there (or of a source's own validator) starts the
-    file over; another source that disagrees is retired.
+    probe's first hundredth of a second tells whether the link or the CPU
+    limits it (``_LimitJudge``, in the probe's thread). Then the missing
+    bytes are shared out in equal parts, fetched in ranged pieces, over
+    ``connections`` connections if the link limits it, or over no more than
+    there are CPUs if the CPU does (on one CPU, the probe goes on alone and
+    is judged again later). A connection that finishes takes over the upper
+    half of the largest range left, or, when nothing is left to split, races
+    a far slower connection for the end of its range, block by block from
+    the far end. Everything else (no range support, an unknown size, a file
+    object) is the same engine with one connection. The probe's source is
+    the reference: a change of the file there (or of a source's own
+    validator) starts the file over; another source that disagrees is
+    retired.
 
     The download thread calls ``start``, ``wait``, ``look``, ``stop`` and
     ``result``; connection threads run ``_serve`` and never call user code.
-    ``_cond`` guards the claims, the sources and the events; no file is
+    ``_cond`` guards the claims, the sources, the events and the state of
+    the split (``segmented``, ``judging``, ``_share_basis``); no file is
     read or reserved under it, and ``stop()`` never waits for it."""
 
     def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
@@ -2655,6 +2729,9 @@ class _Transfer:
         self.prober: Optional[_Connection] = None  # the connection probing now
         self.reference: Optional[_Source] = None   # the source the probe's answer came from
         self.segmented = False        # the file comes in ranged pieces
+        self.judging: Optional[_Connection] = None  # the probe, until it is shared out
+        self._limit: Optional[_LimitJudge] = None   # what limits it: the probe's thread's
+        self._share_basis = (0, 0)    # where the probe began, and the bytes missing then
         self.ranged = True            # ranges may be asked for (not for an encoded body)
         self.pieces = _PieceSizer()
         self.best_rate = 0.0          # bytes per second of the fastest request so far
@@ -2781,7 +2858,7 @@ class _Transfer:
         if self._is_complete():
             self.complete = True
             return
-        wanted = self.connections_wanted if self.segmented else 1
+        wanted = self.connections_wanted if self.segmented and self.judging is None else 1
         while live < wanted and self._has_work():
             if not self._spawn():
                 break
@@ -3003,6 +3080,8 @@ class _Transfer:
                 conn.active = False
                 if self.prober is conn:
                     self.prober = None
+                if self.judging is conn:  # it ends unjudged: the others may start
+                    self.judging = None
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
                 self._cond.notify_all()
@@ -3228,17 +3307,49 @@ class _Transfer:
             self._report('download', None)
             if segmented and not conn.superseded:
                 self.segmented = True
-                self._share_out(conn)
-                conn.request_end = min(conn.end, conn.pos + self.pieces.size)
-                conn.open_ended = False  # its next requests ask for pieces
+                self._share_basis = (conn.pos, self._missing())
+                cpu = _thread_cpu()
+                if cpu is None:  # no telling what limits it: share out now
+                    self._share_out(conn)
+                else:  # its first reads tell
+                    self.judging = conn
+                    self._limit = _LimitJudge(time.monotonic(), cpu, self.received)
+
+    def _judge(self, probe: _Connection, now: float) -> None:
+        """Share the file out once the probe's first reads show that the
+        link limits it, or over as many connections as there are CPUs when
+        the CPU does. On one CPU the probe goes on alone, judged again
+        later. The probe's thread, between two reads, under the lock."""
+        bound = self._limit.cpu_bound(now, self.received)
+        if bound is None:
+            return
+        parts = min(self.connections_wanted, _usable_cpus()) if bound else \
+            self.connections_wanted
+        if parts > 1:
+            _log.debug('%s: %s-bound; over %d connections', self.options.url,
+                       'CPU' if bound else 'link', parts)
+            self.judging = None
+            self.connections_wanted = parts
+            probe.reading_to = probe.pos + probe.pending  # between reads: none under way
+            self._share_out(probe)
 
     def _share_out(self, probe: _Connection) -> None:
-        """Split the missing bytes into equal parts, one per connection: the
-        probe keeps the first, a new connection starts on each of the others,
-        and parts left over go to whichever connection is free first."""
-        parts = min(self.connections_wanted, max(1, self._missing() // _MIN_SPLIT))
-        share = -(-self._missing() // parts)
-        probe.end = min(probe.end, probe.pos + share)
+        """Split the bytes missing when the probe began into equal parts,
+        one per connection: the probe keeps the first (or what it already
+        got into), a new connection starts on each of the others, and parts
+        left over go to whichever connection is free first. The probe's
+        open-ended request ends after its first piece, or at once if it got
+        further: like every piece, the next ones are asked for with a fresh
+        request (a server that gives each request a burst gives it again).
+        The probe's thread, under the lock."""
+        began, missing = self._share_basis
+        parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
+        share = -(-missing // parts)
+        probe.end = max(probe.reading_to, min(probe.end, began + share))
+        if probe.open_ended:
+            probe.request_end = max(probe.reading_to, began + self.pieces.size)
+            probe.open_ended = False  # its next requests ask for pieces
+        probe.request_end = min(probe.request_end, probe.end)
         for start, end in self._free():
             while start < end and len(self.connections) < parts:
                 if not self._spawn((start, min(end, start + share))):
@@ -3278,6 +3389,7 @@ class _Transfer:
         self.store.validators = {conn.source.url: conn.source.validator}
         self.total = None
         self.probed = self.segmented = False
+        self.judging = None
         self.reference = None
         self._shown = 0
         for other in self.connections:
@@ -3384,9 +3496,15 @@ class _Transfer:
                         self.received += got
                         source.streak = 0
                         got = 0
+                    if self.judging is conn:
+                        self._judge(conn, time.monotonic())  # may cut its claim short
+                    judging = self.judging is conn
                     start = conn.pos + conn.pending
                     room = min(chunk - conn.pending, conn.end - start,
                                conn.request_end - start, body_end - start)
+                    if judging and not self._limit.judged:
+                        # its part may be cut short at its current read's end
+                        room = min(room, _JUDGE_READ)
                     rate = conn.rate(time.monotonic()) if self.segmented else None
                     if rate is not None:
                         # a slow connection reads little at a time, so that
@@ -3401,6 +3519,8 @@ class _Transfer:
                 if conn.pending and (not ready() or time.monotonic() - since >= _FLUSH_AGE):
                     self._flush(conn)  # before a read that may block, or when overdue
                     continue
+                if judging and not body.wait(self._limit.due - time.monotonic()):
+                    continue  # no bytes until its verdict is due: judged now
                 granted = pacer.acquire(room)
                 if not granted:
                     raise _Stopped

@@ -175,6 +175,124 @@ def test_a_far_slower_connection_is_raced_from_the_far_end(server, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# what limits the probe: the link or this machine's CPU
+# ---------------------------------------------------------------------------
+
+def busy(monkeypatch, seconds=None):
+    """The probe's thread seems to keep a CPU busy all the time (for its
+    first ``seconds``, then to idle), and 8 MiB/s to be as fast as a CPU
+    can receive."""
+    began = []   # from the first reading, when the probe is judged first
+
+    def thread_cpu():
+        if not began:
+            began.append(time.monotonic())
+        return min(time.monotonic() - began[0], float('inf') if seconds is None else seconds)
+    monkeypatch.setattr(bitpit, '_thread_cpu', thread_cpu)
+    monkeypatch.setattr(bitpit, '_CPU_BOUND_RATE', MiB)
+
+
+def test_a_probe_that_keeps_the_only_cpu_busy_goes_on_alone(server, tmp_path, monkeypatch):
+    """A connection that keeps a CPU busy by itself (a fast local server)
+    gets what that CPU can take: more connections on one CPU would only
+    share it. The probe's one open-ended request brings the whole file."""
+    busy(monkeypatch)
+    monkeypatch.setattr(bitpit, '_usable_cpus', lambda: 1)
+    url = server.add('/f', BIG, throttle=8 * MiB)
+    d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+    assert ranges(server) == [(0, None, 1)]
+    assert server.max_concurrent == 1
+
+
+def test_a_cpu_bound_probe_shares_out_over_as_many_connections_as_cpus(
+        server, tmp_path, monkeypatch):
+    busy(monkeypatch)
+    monkeypatch.setattr(bitpit, '_usable_cpus', lambda: 2)
+    url = server.add('/f', BIG, throttle=8 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    asked = ranges(server)
+    assert [first for first, _, _ in asked[:2]] == [0, -(-len(BIG) // 2)], asked
+    # two at a time (three for a moment: the probe's answer is cut where its
+    # part ends, and the server notices at its next write, when the probe's
+    # connection may already ask for its next piece on a new connection)
+    assert server.max_concurrent <= 3
+
+
+def test_a_probe_judged_cpu_bound_is_shared_out_once_the_link_limits_it(
+        server, tmp_path, monkeypatch):
+    """Judged again every quarter of a second: once its thread idles, the
+    rest of the file is shared out."""
+    busy(monkeypatch, seconds=0.1)
+    monkeypatch.setattr(bitpit, '_usable_cpus', lambda: 1)
+    data = BIG + NEW
+    url = server.add('/f', data, throttle=8 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == data
+    asked = ranges(server)
+    assert asked[0][:2] == (0, None)
+    # alone until the look 0.25 s after the first: the first verdict was
+    # "CPU-bound", the next one (a quarter of a second, 40 % busy) was not
+    gets = server.requests_for('/f', 'GET')
+    others = [r.time for r in gets if r.conn != 1]
+    assert others and min(others) - gets[0].time >= 0.25, asked
+    assert server.max_concurrent >= 3
+
+
+def test_a_probe_whose_body_does_not_come_is_judged_in_time(server, tmp_path):
+    """A server that sends the headers and then nothing: the probe's first
+    read would block, so it waits no longer than its verdict is due, and
+    the other connections start at once."""
+    url = server.add('/f', BIG, stall_after=0)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', connections=4, timeout=30)
+    d.start()
+    try:
+        assert server.wait_stalled(4, timeout=2.0)
+    finally:
+        d.stop()
+    assert bitpit_threads(wait=0) == []
+
+
+def test_where_the_cpu_time_of_a_thread_cannot_be_told_the_file_is_shared_out_at_once(
+        server, tmp_path, monkeypatch):
+    monkeypatch.setattr(bitpit, '_thread_cpu', lambda: None)
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    asked = ranges(server)
+    assert sorted(first for first, _, _ in asked[:4]) == [k * SHARE for k in range(4)]
+    # shared out before its first read: the probe's part ends after a piece
+    assert server.bytes_sent("/f", conn=1) <= MiB + 4 * 65536
+
+
+def test_the_limit_judge_weighs_the_cpu_share_of_each_window(monkeypatch):
+    cpu = [0.0]
+    monkeypatch.setattr(bitpit, '_thread_cpu', lambda: cpu[0])
+    judge = bitpit._LimitJudge(100.0, 0.0, 0)
+    assert judge.cpu_bound(100.005, 0) is None and not judge.judged  # too soon
+    cpu[0] = 0.006                                   # 60 % of a CPU over 0.01 s ...
+    assert judge.cpu_bound(100.01, 10 * MiB) is True and judge.judged   # ... at 1 GiB/s
+    assert judge.cpu_bound(100.1, 20 * MiB) is None  # the next look is 0.25 s later
+    cpu[0] += 0.1                                    # 40 % over 0.25 s
+    assert judge.cpu_bound(100.26, 400 * MiB) is False
+    cpu[0] += 0.25                                   # all of it, but for 8 MiB/s:
+    assert judge.cpu_bound(100.51, 402 * MiB) is False   # busy with something else
+
+
+def test_the_cpu_time_of_the_calling_thread_is_told():
+    before = bitpit._thread_cpu()
+    sum(range(300000))
+    after = bitpit._thread_cpu()
+    if not hasattr(time, 'thread_time'):
+        assert before is after is None
+    else:
+        assert 0 <= before < after
+    assert bitpit._usable_cpus() >= 1
+
+
+# ---------------------------------------------------------------------------
 # one range failing
 # ---------------------------------------------------------------------------
 
