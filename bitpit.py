@@ -2623,14 +2623,6 @@ def _thread_cpu() -> Optional[float]:
         return None
 
 
-def _usable_cpus() -> int:
-    """How many CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class _LimitJudge:
     """Whether the probe's connection is held back by the link or by this
     machine's CPU: the share of a CPU its thread used, and the bytes it
@@ -2686,9 +2678,9 @@ class _Transfer:
     probe's first hundredth of a second tells whether the link or the CPU
     limits it (``_LimitJudge``, in the probe's thread). Then the missing
     bytes are shared out in equal parts, fetched in ranged pieces, over
-    ``connections`` connections if the link limits it, or over no more than
-    there are CPUs if the CPU does (on one CPU, the probe goes on alone and
-    is judged again later). A connection that finishes takes over the upper
+    ``connections`` connections if the link limits it; if the CPU does, the
+    probe goes on alone, judged again every quarter of a second. A
+    connection that finishes takes over the upper
     half of the largest range left, or, when nothing is left to split, races
     a far slower connection for the end of its range, block by block from
     the far end. Everything else (no range support, an unknown size, a file
@@ -3316,22 +3308,17 @@ class _Transfer:
                     self._limit = _LimitJudge(time.monotonic(), cpu, self.received)
 
     def _judge(self, probe: _Connection, now: float) -> None:
-        """Share the file out once the probe's first reads show that the
-        link limits it, or over as many connections as there are CPUs when
-        the CPU does. On one CPU the probe goes on alone, judged again
-        later. The probe's thread, between two reads, under the lock."""
-        bound = self._limit.cpu_bound(now, self.received)
-        if bound is None:
+        """Share the file out once the probe's reads show that the link
+        limits it; while the CPU does, the probe goes on alone (more
+        connections would compete for CPU time, with the server too when it
+        is local), judged again later. The probe's thread, between two
+        reads, under the lock."""
+        if self._limit.cpu_bound(now, self.received) is not False:
             return
-        parts = min(self.connections_wanted, _usable_cpus()) if bound else \
-            self.connections_wanted
-        if parts > 1:
-            _log.debug('%s: %s-bound; over %d connections', self.options.url,
-                       'CPU' if bound else 'link', parts)
-            self.judging = None
-            self.connections_wanted = parts
-            probe.reading_to = probe.pos + probe.pending  # between reads: none under way
-            self._share_out(probe)
+        _log.debug('%s: the link limits one connection; sharing out', self.options.url)
+        self.judging = None
+        probe.reading_to = probe.pos + probe.pending  # between reads: none under way
+        self._share_out(probe)
 
     def _share_out(self, probe: _Connection) -> None:
         """Split the bytes missing when the probe began into equal parts,
