@@ -2680,14 +2680,13 @@ class _Transfer:
     bytes are shared out in equal parts, fetched in ranged pieces, over
     ``connections`` connections if the link limits it; if the CPU does, the
     probe goes on alone, judged again every quarter of a second. A
-    connection that finishes takes over the upper
-    half of the largest range left, or, when nothing is left to split, races
-    a far slower connection for the end of its range, block by block from
-    the far end. Everything else (no range support, an unknown size, a file
-    object) is the same engine with one connection. The probe's source is
-    the reference: a change of the file there (or of a source's own
-    validator) starts the file over; another source that disagrees is
-    retired.
+    connection that finishes takes over the upper half of the largest range
+    left, or, when nothing is left to split, races a far slower connection
+    for the end of its range, block by block from the far end. Everything
+    else (no range support, an unknown size, a file object) is the same
+    engine with one connection. The probe's source is the reference: a
+    change of the file there (or of a source's own validator) starts the
+    file over; another source that disagrees is retired.
 
     The download thread calls ``start``, ``wait``, ``look``, ``stop`` and
     ``result``; connection threads run ``_serve`` and never call user code.
