@@ -1390,16 +1390,17 @@ class _Body:
         return _ready(self._sock, seconds)
 
 
-def _ready(sock: Any, seconds: float = 0.0) -> bool:
+def _ready(sock: Any, seconds: Optional[float] = 0.0) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
-    ``seconds``; ``True`` when that cannot be told."""
+    ``seconds`` (``None``: however long it takes); ``True`` when that cannot
+    be told."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
         if hasattr(select, 'poll'):
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            return bool(poller.poll(math.ceil(seconds * 1000)))
+            return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
         return bool(select.select([sock], [], [], seconds)[0])
     except (OSError, ValueError, TypeError):
         return True
@@ -2496,9 +2497,7 @@ class _Splice:
                               flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
             except BlockingIOError:  # the socket has a time-out, so it never blocks
-                poller = select.poll()
-                poller.register(self._sock, select.POLLIN)
-                if not poller.poll(None if self._timeout is None else self._timeout * 1000):
+                if not _ready(self._sock, self._timeout):
                     raise socket.timeout('no data received within the time-out')
             except OSError as exc:
                 if exc.errno in _NO_SPLICE_ERRORS:
