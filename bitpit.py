@@ -729,6 +729,8 @@ class _TokenBucket:
     for threads already waiting. ``_lock`` guards every field.
     """
     BURST_SECONDS = 0.1
+    GRANT_SECONDS = 0.01
+    GRANT_FLOOR = 8192
 
     def __init__(self, rate: float = 0):
         self._lock = threading.Lock()
@@ -753,6 +755,16 @@ class _TokenBucket:
 
     def _depth(self) -> float:
         return max(self._rate * self.BURST_SECONDS, 1.0)
+
+    def _grant(self) -> int:
+        """The most one read may take: a hundredth of a second's worth (so
+        bytes come smoothly, and every second counts exactly what the limit
+        allows), but ``GRANT_FLOOR`` bytes where that is little, and never
+        more than half the depth: the bucket never has to fill up before a
+        grant, so no token is lost to the cap while the waiter wakes, or
+        when a grant comes back unused."""
+        return int(min(max(self._rate * self.GRANT_SECONDS, self.GRANT_FLOOR),
+                       self._depth() / 2))
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -788,7 +800,7 @@ class _TokenBucket:
                         turn.wait()  # until the threads ahead are served
                         continue
                     self._refill()
-                    grant = max(1, min(want, int(self._depth())))
+                    grant = max(1, min(want, self._grant()))
                     if self._tokens >= grant:
                         self._tokens -= grant
                         return grant
@@ -823,6 +835,11 @@ class _Pacer:
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
+
+    @property
+    def limited(self) -> bool:
+        """Whether any of its buckets limits the rate now."""
+        return any(bucket.rate > 0 for bucket in self.buckets)
 
     def acquire(self, want: int) -> int:
         """Bytes that may be read now (0: cancelled); blocks while limited."""
@@ -1386,6 +1403,15 @@ class _Body:
         would return at once. Before the first read, bytes http.client
         holds are not seen: then a ``False`` only says so early."""
         if seconds <= 0 or self.ready() or self._response.chunked:
+            return True
+        return _ready(self._sock, seconds)
+
+    def wait_for_bytes(self, seconds: Optional[float]) -> bool:
+        """Wait up to ``seconds`` (``None``: without limit) until a read
+        would not wait for the network; ``False`` when none came by then.
+        ``True`` at once wherever bytes may be buffered or that cannot be
+        told (before the first read, for a chunked body)."""
+        if self._raw is None or self._response.chunked or self.ready():
             return True
         return _ready(self._sock, seconds)
 
@@ -2445,6 +2471,9 @@ class _DecodedBody:
 
     def wait(self, seconds: float) -> bool:
         return self.ready() or self._ended or self._body.wait(seconds)
+
+    def wait_for_bytes(self, seconds: Optional[float]) -> bool:
+        return self.ready() or self._ended or self._body.wait_for_bytes(seconds)
 
 
 _SPLICE = hasattr(os, 'splice') and not os.environ.get('BITPIT_NO_SPLICE')
@@ -3506,6 +3535,10 @@ class _Transfer:
                     continue
                 if judging and not body.wait(self._limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
+                if pacer.limited and not body.wait_for_bytes(self.options.timeout):
+                    # tokens are taken once bytes are there to use them: a
+                    # slow socket never holds back what the others could read
+                    raise socket.timeout('no data received within the time-out')
                 granted = pacer.acquire(room)
                 if not granted:
                     raise _Stopped

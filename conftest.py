@@ -129,7 +129,7 @@ class Resource:
                  throttle_conn=None, range_faults=None,
                  drop_probability=0.0, change_probability=0.0, seed=None,
                  content_length=None, content_type='application/octet-stream',
-                 max_concurrent=None):
+                 max_concurrent=None, throttle_piece=None):
         self.data = bytes(data)
         self.auto_etag = etag is _AUTO
         if self.auto_etag:
@@ -161,6 +161,7 @@ class Resource:
         self.content_length = content_length
         self.content_type = content_type
         self.max_concurrent = max_concurrent
+        self.throttle_piece = throttle_piece
         # counters, guarded by lock
         self.lock = threading.Lock()
         self.serving = 0            # GETs being answered now, for max_concurrent
@@ -466,6 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
         rate = res.throttle_conn.get(self.conn_id, res.throttle)
         rate = rate if rate and rate > 0 else None
         piece = max(1, min(_PIECE, int(rate // 50))) if rate else _PIECE
+        if rate and res.throttle_piece:
+            piece = res.throttle_piece
         t0 = time.monotonic()
         pos = 0
         while True:
@@ -620,6 +623,9 @@ class FixtureServer:
         ``stall_before_headers=True`` the same, before the status line.
         ``throttle=B`` pace the body at about B bytes/s, from the start of
             each response (no burst).
+        ``throttle_piece=N`` with a throttle: write the body N bytes at a
+            time (default: a fiftieth of a second's worth), e.g. 1 KiB
+            trickles or 64 KiB bursts at the same average rate.
         ``throttle_conn={N: B}`` pace the bodies sent on the server's N-th
             TCP connection (1-based, see ``RequestRecord.conn``) at B bytes/s
             instead.

@@ -206,6 +206,37 @@ def test_total_rate_limit_is_work_conserving(manager, server, tmp_path):
     assert all(rate > 0.6 * fair_share for rate in rates[:3]), rates
 
 
+@pytest.mark.parametrize('piece, connections', [(1024, 1), (64 * 1024, 4)],
+                         ids=['1KiB-trickle-x1', '64KiB-bursts-x4'])
+def test_total_rate_limit_hands_on_every_unused_byte(manager, server, tmp_path,
+                                                     piece, connections):
+    """Under a total limit, what a slow member cannot take goes to the
+    others to the byte: every whole second after the first, all of them
+    together receive the limit (within 3 %), whether the slow one's server
+    trickles 1 KiB writes or sends 64 KiB bursts, on one connection or
+    several per download."""
+    total = 2 * 1024 * 1024
+    for i in range(3):
+        server.add('/fast{}'.format(i), bytes(16 * 1024 * 1024))
+    server.add('/slow', bytes(4 * 1024 * 1024), throttle=128 * 1024, throttle_piece=piece)
+    m = manager(max_running=4, rate_limit=total, path=tmp_path, dir_path=True,
+                connections=connections)
+    watcher = Watcher(m)
+    downloads = [m.add(server.url('/fast{}'.format(i))) for i in range(3)]
+    downloads.append(m.add(server.url('/slow')))
+    m.start()
+    watcher.wait(all_in(downloads, 'download'))
+    began = time.monotonic()
+    samples = []
+    for second in range(4):
+        time.sleep(max(0.0, began + second - time.monotonic()))
+        samples.append((time.monotonic(), sum(d.downloaded for d in downloads)))
+    m.stop_all()
+    shares = [(b - a) / (t2 - t1) / total for (t1, a), (t2, b) in zip(samples[1:], samples[2:])]
+    assert all(0.97 <= share <= 1.03 for share in shares), shares
+    assert all(d.state == 'pause' for d in downloads)  # none ran out of bytes
+
+
 def test_individual_rate_limit_still_caps_a_download(manager, server, tmp_path):
     server.add('/a', bytes(4 * 1024 * 1024))
     m = manager(rate_limit=10 * 1024 * 1024, path=tmp_path, dir_path=True)
