@@ -86,6 +86,8 @@ _MAX_CONNECTIONS = 32
 _MIN_SPLIT = 1024 * 1024        # no range is split into parts smaller than this
 _MAX_PIECE = 64 * 1024 * 1024   # most bytes one ranged request of a split file asks for
 _RACE_BLOCK = 256 * 1024        # bytes a racing connection takes per request
+_RATE_AGE = 0.1                 # seconds a request runs before its rate tells
+_RACE_LATENCY = 0.02            # seconds a racing request costs beyond its bytes
 _FLUSH_AGE = 0.5                # seconds received bytes may wait in a buffer
 # seconds of the probe's body that tell what limits it (Windows counts a
 # thread's CPU time in ticks of 15.6 ms)
@@ -2566,8 +2568,9 @@ class _Source:
 class _Connection:
     """One connection thread of a transfer, and the range of the file it
     fetches: ``[pos, end)``. ``pos`` advances as bytes land; ``end`` may
-    shrink when another connection takes over the rest, but never below
-    ``reading_to``, the end of the read in progress. Guarded by the
+    shrink when another connection takes over the rest, even below
+    ``reading_to``, the end of the read in progress, when a far faster
+    connection races it (the bytes both get are the same). Guarded by the
     transfer's lock; the thread alone touches ``request`` and ``pending``."""
 
     def __init__(self, number: int, source: _Source, chunk_size: int):
@@ -2595,7 +2598,11 @@ class _Connection:
         """Bytes per second of its request so far; ``None`` while too young
         to tell."""
         seconds = now - self.job_began
-        return self.job_bytes / seconds if self.job_began and seconds >= 0.25 else None
+        return self.job_bytes / seconds if self.job_began and seconds >= _RATE_AGE else None
+
+    def left(self) -> int:
+        """Bytes of its claim not received yet (its read in progress too)."""
+        return max(0, self.end - self.pos - self.pending)
 
 
 class _PieceSizer:
@@ -2875,7 +2882,7 @@ class _Transfer:
                 self._spawn()
             return
         if self._is_complete():
-            self.complete = True
+            self._complete()
             return
         wanted = self.connections_wanted if self.segmented and self.judging is None else 1
         while live < wanted and self._has_work():
@@ -2899,8 +2906,8 @@ class _Transfer:
         conn = _Connection(number, usable[number % len(usable)], self.chunk_size)
         if claim is not None:
             self._claim(conn, *claim)
-        thread = threading.Thread(target=self._serve, args=(conn,), name='bitpit-connection',
-                                  daemon=False)
+        thread = conn.thread = threading.Thread(target=self._serve, args=(conn,),
+                                                name='bitpit-connection', daemon=False)
         self.connections.append(conn)
         self.threads.append(thread)
         thread.start()
@@ -2910,6 +2917,11 @@ class _Transfer:
         """The attempt fails with ``error``: stop the other connections."""
         if self.error is None:
             self.error = error
+        self._halt()
+
+    def _halt(self) -> None:
+        """Stop every connection: abort its request, wake it from a token
+        bucket, a pause or a wait for work."""
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
@@ -2952,8 +2964,7 @@ class _Transfer:
             if self.complete or self.error is not None or self.cancel.is_set():
                 return False
             if self.probed and self._is_complete():
-                self.complete = True
-                self._cond.notify_all()
+                self._complete()
                 return False
             if not conn.source.usable:
                 return False
@@ -2962,7 +2973,21 @@ class _Transfer:
                     return False
                 self.prober = conn
                 return self._claim(conn, *self._first_gap(), open_ended=True)
-            return self._choose(conn)
+            while not self._choose(conn):
+                # nothing for it now; a request too young to tell whether
+                # it is far slower may be worth racing in a moment
+                due = self._rate_due(conn)
+                if due is None:
+                    return False
+                self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
+                if self.complete or self.error is not None or self.cancel.is_set():
+                    return False
+                if self._is_complete():
+                    self._complete()
+                    return False
+                if not conn.source.usable:
+                    return False
+            return True
 
     def _first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
@@ -2975,9 +3000,21 @@ class _Transfer:
         return start, (end if end < _UNKNOWN_END else None)
 
     def _is_complete(self) -> bool:
-        return (self.unchanged or self.total is not None and
-                self.store.held.total >= self.total) and \
-            not any(c.active for c in self.connections)
+        """Every byte is held (a read still under way only brings them
+        again), or the server said the file is unchanged."""
+        if self.unchanged:
+            return not any(c.active for c in self.connections)
+        return self.total is not None and self.store.held.total >= self.total
+
+    def _complete(self) -> None:
+        """The file is whole: end the connections still at work (a slow
+        read that a race overtook, a pause before asking a source again),
+        and the attempt with them."""
+        self.complete = True
+        if any(c.thread is not threading.current_thread() for c in self.connections):
+            self._halt()
+        else:
+            self._cond.notify_all()
 
     def _claim(self, conn: _Connection, start: int, end: Optional[int],
                open_ended: bool = False) -> bool:
@@ -3034,17 +3071,19 @@ class _Transfer:
         for start, end in free:
             if start == victim.end:
                 return max(start, end - _RACE_BLOCK), end, None
-        start = max(victim.reading_to, victim.end - _RACE_BLOCK)
+        # its last block beyond the read in progress, else the bytes that read
+        # waits for: a stalled read never holds the file up
+        floor = victim.reading_to if victim.reading_to < victim.end else victim.end - victim.left()
+        start = max(floor, victim.end - _RACE_BLOCK)
         return (start, victim.end, victim) if start < victim.end else None
 
     def _race_victim(self, racer: Optional[_Connection]) -> Optional[_Connection]:
         """The connection a free one (``racer``, or a new one) should race: the
         one that would finish last, if it is far slower than the racer
-        could be."""
-        if not self.segmented:
-            return None
-        racer_speed = (racer.last_rate if racer is not None else 0.0) or self.best_rate
-        if racer_speed <= 0:
+        could be, and would take longer for what it has left than the
+        racer for a block of it (twice over, and a request's latency)."""
+        racer_speed = self._racer_speed(racer)
+        if not racer_speed:
             return None
         now = time.monotonic()
         victim, latest = None, 0.0
@@ -3054,17 +3093,36 @@ class _Transfer:
                 continue
             left = self._left(c)
             finish = left / rate if rate > 0 else float('inf')
-            if left > 0 and finish > 0.5 and finish > latest:
+            if left > 0 and finish > 2 * min(left, _RACE_BLOCK) / racer_speed + _RACE_LATENCY \
+                    and finish > latest:
                 victim, latest = c, finish
         return victim
 
+    def _racer_speed(self, racer: Optional[_Connection]) -> float:
+        """How fast ``racer`` (or a new connection) would fetch a block: its
+        last request's rate, else the fastest one's; 0 when none tells, or
+        when the file is not split."""
+        if not self.segmented:
+            return 0.0
+        return (racer.last_rate if racer is not None else 0.0) or self.best_rate
+
     def _left(self, c: _Connection) -> int:
-        """Bytes ``c`` has yet to fetch: its claim and the range it continues."""
-        left = c.end - c.reading_to
+        """Bytes ``c`` has yet to receive: its claim and the range it continues."""
+        left = c.left()
         for start, end in self._free():
             if start == c.end:
                 left += end - start
         return left
+
+    def _rate_due(self, racer: _Connection) -> Optional[float]:
+        """When the youngest other request that might be raced has run long
+        enough to tell its rate; ``None`` when there is none (or no racer
+        speed to compare it with)."""
+        if not self._racer_speed(racer):
+            return None
+        due = [c.job_began + _RATE_AGE for c in self.connections
+               if c.active and c is not racer and c.job_began and c.left() > 0]
+        return min(due) if due else None
 
     # -- a connection thread -------------------------------------------------------------
 
@@ -3428,8 +3486,7 @@ class _Transfer:
             if self.error is not None or self.cancel.is_set():
                 return False
             if self.probed and self._is_complete():  # others fetched its part
-                self.complete = True
-                self._cond.notify_all()
+                self._complete()
                 return False
             source = conn.source
             source.last_error = error

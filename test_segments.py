@@ -174,6 +174,32 @@ def test_a_far_slower_connection_is_raced_from_the_far_end(server, tmp_path):
     assert server.bytes_sent('/f', until=began + 2.5) >= len(BIG)
 
 
+@pytest.mark.parametrize('slow', [1, 3], ids=['the-probe', 'another'])
+def test_a_slow_connection_is_raced_on_a_small_file_too(server, tmp_path, slow):
+    """Four parts of about 1 MiB, each fetched by the fast connections in
+    an eighth of a second, faster than a rate could be told after a
+    quarter of one: the slow connection's part is still raced, so it sends
+    only a small share of the file (its whole part before)."""
+    url = server.add('/f', BIG, throttle=8 * MiB, throttle_conn={slow: 1 * MiB})
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert server.bytes_sent('/f', conn=slow) < SHARE / 2, ranges(server)
+
+
+def test_a_stalled_read_does_not_hold_a_complete_file_back(server, tmp_path):
+    """The probe's connection sends a byte a second: racers take even the
+    bytes its read under way waits for, and once they hold every byte the
+    download completes, long before that read could time out."""
+    url = server.add('/f', BIG, throttle=8 * MiB, throttle_conn={1: 1})
+    d = bitpit.Downloader(url, tmp_path / 'f.bin', connections=4, timeout=60)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=10)
+    d.join(5)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert server.bytes_sent('/f', conn=1) < 100
+
+
 # ---------------------------------------------------------------------------
 # what limits the probe: the link or this machine's CPU
 # ---------------------------------------------------------------------------
