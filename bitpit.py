@@ -3143,12 +3143,11 @@ class _Transfer:
                             self._end(_Stopped())
                     break
                 except Error as error:
-                    source = conn.source
-                    if not self._failed(conn, error):
+                    pause = self._failed(conn, error)
+                    if pause is None:
                         break
-                    if conn.source is source and not conn.job_bytes:
-                        # the same source again: give it a moment first
-                        self.cancel.wait(min(_RETRY_PAUSE * source.streak, 1.0))
+                    if pause:  # ended at once by a stop, a failure or completion
+                        self.cancel.wait(pause)
         except BaseException as exc:  # a bug: end the attempt, never die silently
             with self._cond:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
@@ -3476,24 +3475,25 @@ class _Transfer:
         conn.end = _UNKNOWN_END
         self.prober = conn if answer is not None else None
 
-    def _failed(self, conn: _Connection, error: Error) -> bool:
+    def _failed(self, conn: _Connection, error: Error) -> Optional[float]:
         """A request of ``conn`` failed: retire or bench its source, and say
-        whether ``conn`` goes on (with another source) or ends."""
+        whether ``conn`` goes on (with another source, or the same one after
+        a pause: the seconds it waits first) or ends (``None``)."""
         with self._cond:
             conn.active = False
             if self.prober is conn:
                 self.prober = None
             if self.error is not None or self.cancel.is_set():
-                return False
+                return None
             if self.probed and self._is_complete():  # others fetched its part
                 self._complete()
-                return False
+                return None
             source = conn.source
             source.last_error = error
             conn.last_end = conn.pos
             if isinstance(error, (FileError, IntegrityError)):
                 self._end(error)
-                return False
+                return None
             if self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
                     any(c is not conn and c.source is source and c.answered
                         for c in self.connections):
@@ -3503,7 +3503,7 @@ class _Transfer:
                 self.connections_wanted = max(1, self.connections_wanted - 1)
                 _log.info('%s: %s refused one more connection (%s); using at most %d',
                           self.options.url, source.url, error, self.connections_wanted)
-                return False
+                return None
             several = len(self.sources) > 1
             # an answer that breaks the protocol retires its source when there
             # are others; a body cut short is a transient failure
@@ -3518,12 +3518,15 @@ class _Transfer:
             others = [s for s in self.sources if s is not source and s.usable]
             if others:
                 conn.source = others[0]
-                return True  # over to another source at once
+                return 0.0  # over to another source at once
             if self.segmented and source.usable:
-                return True  # its range again, from the same source
+                # its range again, from the same source: after a moment, if
+                # that source gave nothing (told now: the others' bytes reset
+                # its streak)
+                return 0.0 if conn.job_bytes else min(_RETRY_PAUSE * source.streak, 1.0)
             if not source.usable or not any(c is not conn for c in self.connections):
                 self._end(error if source.usable or not several else self._verdict())
-            return False
+            return None
 
     # -- moving bytes ------------------------------------------------------------------
 

@@ -703,6 +703,13 @@ class FixtureServer:
                        if since <= when < until and (path is None or where == path)
                        and (conn is None or number == conn))
 
+    def last_sent(self, path=None):
+        """The monotonic time of the last body bytes written (of ``path``),
+        ``None`` before any."""
+        with self._lock:
+            return max((when for when, where, _, _ in self._sent_log
+                        if path is None or where == path), default=None)
+
     def release(self):
         """Let every currently stalled handler finish (it closes its
         connection without sending more).  Later stalls stall again."""

@@ -187,10 +187,10 @@ def test_a_slow_connection_is_raced_on_a_small_file_too(server, tmp_path, slow):
 
 
 def test_a_stalled_read_does_not_hold_a_complete_file_back(server, tmp_path):
-    """The probe's connection sends a byte a second: racers take even the
-    bytes its read under way waits for, and once they hold every byte the
-    download completes, long before that read could time out."""
-    url = server.add('/f', BIG, throttle=8 * MiB, throttle_conn={1: 1})
+    """The probe's connection sends a byte every 100 s: racers take even
+    the bytes its read under way waits for, and once they hold every byte
+    the download completes, long before that read could time out."""
+    url = server.add('/f', BIG, throttle=8 * MiB, throttle_conn={1: 0.01})
     d = bitpit.Downloader(url, tmp_path / 'f.bin', connections=4, timeout=60)
     rec = Recorder(d)
     d.start()
@@ -315,6 +315,28 @@ def test_a_transient_failure_of_one_range_is_retried(server, tmp_path, fault):
     assert again, ranges(server)
     if 'cut' in fault:  # only what was not received is asked again
         assert again[0] >= 2 * SHARE + 65536
+
+
+def test_a_pause_before_asking_again_ends_when_the_others_complete_the_file(
+        server, tmp_path, monkeypatch):
+    """The second part's first request fails (500): its connection pauses
+    before asking the same source again, here for a whole second,
+    while the probe's connection fetches the rest. The file is complete
+    as soon as its last byte came, not when the pause is over."""
+    monkeypatch.setattr(bitpit, '_RETRY_PAUSE', 5.0)   # a pause of 1 s (the cap)
+    second = -(-len(BIG) // 2)
+    url = server.add('/f', BIG, throttle=32 * MiB, range_faults={second: {'status': 500}})
+    d = bitpit.Downloader(url, tmp_path / 'f.bin', connections=2)
+    completed = []
+    d.listen('state-changed', lambda d, old: completed.append(time.monotonic())
+             if d.state == 'complete' else None)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=10)
+    d.join(5)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert second in [first for first, _, _ in ranges(server)], ranges(server)
+    assert completed[0] - server.last_sent('/f') < 0.5
 
 
 def test_a_server_error_on_one_range_keeps_every_connection(server, tmp_path, caplog):
