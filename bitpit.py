@@ -3536,8 +3536,9 @@ class _Transfer:
         (re-read before every read: another connection may take over the
         rest), paced by the token buckets. Received bytes are written when
         the buffer is full, when they have waited ``_FLUSH_AGE`` seconds,
-        before a read that may block, at the end, and on any failure or stop
-        (nothing received is lost). Returns whether the connection can carry
+        before a read that may block or be paced (so a limited download
+        lands as smoothly as it comes), at the end, and on any failure or
+        stop (nothing received is lost). Returns whether the connection can carry
         another request."""
         want = min(conn.chunk_size, max(1, min(conn.end, conn.request_end, body_end) - conn.pos))
         if len(conn.buffer) < want:
@@ -3590,12 +3591,16 @@ class _Transfer:
                         self._flush(conn)
                         continue
                     break
-                if conn.pending and (not ready() or time.monotonic() - since >= _FLUSH_AGE):
-                    self._flush(conn)  # before a read that may block, or when overdue
+                limited = pacer.limited
+                if conn.pending and (limited or not ready() or
+                                     time.monotonic() - since >= _FLUSH_AGE):
+                    # before a read that may block or be paced (so bytes land
+                    # as smoothly as they come), or when overdue
+                    self._flush(conn)
                     continue
                 if judging and not body.wait(self._limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
-                if pacer.limited and not body.wait_for_bytes(self.options.timeout):
+                if limited and not body.wait_for_bytes(self.options.timeout):
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')

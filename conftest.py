@@ -1056,6 +1056,31 @@ def partial_file(tmp_path, url=None, validator=None, size=None, name='f.bin'):
     return target
 
 
+def landed(path):
+    """Bytes written to the file at ``path`` so far: its data extents
+    (``SEEK_DATA``/``SEEK_HOLE``), since a file whose space was reserved
+    has its full size from the start; 0 while it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        if not hasattr(os, 'SEEK_DATA'):
+            return size
+        total = position = 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after position
+                break
+            position = os.lseek(fd, start, os.SEEK_HOLE)
+            total += position - start
+        return total
+    finally:
+        os.close(fd)
+
+
 def sidecar_of(target):
     return target.with_name(target.name + '.bitpit')
 
