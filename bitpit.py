@@ -4634,11 +4634,17 @@ class Manager(Emitter):
         """Ask the manager thread to re-plan now: which downloads to start
         or stop. Any thread; never blocks on the network."""
         with self._cond:
-            self._replan = True
-            if self._started and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name='bitpit-manager')
-                self._thread.start()
-            self._cond.notify_all()
+            self._replan_now()
+
+    def _replan_now(self) -> None:
+        """Have the manager thread re-plan, starting one if the manager is
+        started and its thread ended (every download was finished). Under
+        ``_cond``."""
+        self._replan = True
+        if self._started and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name='bitpit-manager')
+            self._thread.start()
+        self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
         """Note when a download stopped and re-plan if that freed a slot.
@@ -4650,8 +4656,9 @@ class Manager(Emitter):
             self._starting.discard(d)
             if state in ('error', 'pause'):
                 self._stopped_at[d] = time.monotonic()
-            self._replan = True
-            self._cond.notify_all()
+            # a finished download started again (restart()) may fail: the
+            # manager restarts it, with a new thread if its own ended
+            self._replan_now()
 
     # -- the manager thread ----------------------------------------------------
 

@@ -308,3 +308,22 @@ def test_wait_ends_for_a_paused_download_once_its_manager_stopped(manager, serve
     m.stop_all()
     waiter.join(5)
     assert waited == [False] and d.state == 'pause'
+
+
+def test_a_manager_whose_thread_ended_still_restarts_what_fails_later(
+        manager, server, tmp_path):
+    """Once every download was complete, the manager's thread ended by
+    itself; the manager is still started, so a download restarted by hand
+    that fails is restarted by the manager (it waited for ever before:
+    the manager counted as restarting, with no thread to do it)."""
+    url = server.add('/f', DATA)
+    m = manager(restart_wait=0.05, path=tmp_path, dir_path=True)
+    d = m.add(url)
+    m.start()
+    assert d.wait(10)
+    assert bitpit_threads() == []                    # the manager's thread ended
+    server.add('/f', DATA, status=503, status_times=1)
+    d.restart(0)
+    assert d.wait(10) and (tmp_path / 'f').read_bytes() == DATA
+    # the first download's GET, the 503, and the manager's restart
+    assert [r.method for r in server.requests_for('/f')].count('GET') >= 3
