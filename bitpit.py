@@ -2759,6 +2759,7 @@ class _Transfer:
         self._limit: Optional[_LimitJudge] = None   # what limits it: the probe's thread's
         self._share_basis = (0, 0)    # where the probe began, and the bytes missing then
         self.ranged = True            # ranges may be asked for (not for an encoded body)
+        self.ranges_work = False      # a source answered a range with its part
         self.pieces = _PieceSizer()
         self.best_rate = 0.0          # bytes per second of the fastest request so far
         self.changes = 0
@@ -3264,6 +3265,8 @@ class _Transfer:
                 answer.total > self.max_size:
             raise _too_large(self.max_size, 'announces {} bytes'.format(answer.total))
         self._learn(source, answer)
+        if answer.kind == 'part':
+            self.ranges_work = True
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
         setup = None if self.probed else self._plan(conn, answer, response)
@@ -3364,7 +3367,10 @@ class _Transfer:
                     self.store.rename(self.rename_in / name)
                     self._report('path', self.store.target)
         total = self.total
-        segmented = (self.connections_wanted > 1 and answer.kind == 'part' and
+        # a whole answer splits too where ranges worked before: the new
+        # version of a file that changed under a split transfer
+        segmented = (self.connections_wanted > 1 and
+                     (answer.kind == 'part' or self.ranges_work) and
                      total is not None and self.store.regular_target() and
                      self.ranged and self._missing() >= 2 * _MIN_SPLIT)
         return _Setup(total, segmented)
@@ -3472,7 +3478,8 @@ class _Transfer:
         self._report('restart', None)
         conn.epoch = self.store.epoch
         conn.pos = conn.reading_to = 0
-        conn.end = _UNKNOWN_END
+        conn.end = conn.request_end = _UNKNOWN_END
+        conn.open_ended = True  # its body, if it brought the new file, is the probe's
         self.prober = conn if answer is not None else None
 
     def _failed(self, conn: _Connection, error: Error) -> Optional[float]:

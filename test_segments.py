@@ -494,6 +494,29 @@ def test_kill_9_loses_at_most_about_a_second(server, tmp_path):
     assert d.state == 'complete' and target.read_bytes() == BIG
 
 
+def test_a_file_changed_during_a_split_download_is_split_again(server, tmp_path):
+    """The file changes while four connections fetch it: the first piece
+    request that finds out gets the whole new file (a 200 to its If-Range),
+    and the new version is split over the connections again once its size
+    is known, each piece asked for with the new validator."""
+    url = server.add('/f', BIG, throttle=2 * MiB)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, target, connections=4, update_period=0.05)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_for(lambda: d.downloaded >= MiB)
+    server.add('/f', NEW, throttle=2 * MiB)
+    changed = time.monotonic()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=20)
+    d.join(5)
+    assert d.state == 'complete' and target.read_bytes() == NEW
+    new_etag = '"{}"'.format(hashlib.sha256(NEW).hexdigest()[:20])  # the server's ETag
+    assert server.requests_for('/f', 'GET')[-1].headers.get('If-Range') == new_etag
+    split = {r.conn for r in server.requests_for('/f', 'GET')
+             if r.time > changed and r.headers.get('If-Range') == new_etag}
+    assert len(split) >= 2, ranges(server)
+
+
 def test_a_file_changed_between_stop_and_start_starts_over(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB)
     target = tmp_path / 'f.bin'
