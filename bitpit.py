@@ -1884,6 +1884,26 @@ def _local_size(target: Any, fallback: int = 0) -> int:
     return fallback
 
 
+def _sync(fd: int) -> None:
+    """``fsync``: the file's data and size reach the disk."""
+    os.fsync(fd)
+
+
+def _sync_directory(directory: pathlib.Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where a
+    directory cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse it for directories: nothing more to do
+    finally:
+        os.close(fd)
+
+
 def _seekable(file: Any) -> bool:
     try:
         return file.seekable()
@@ -2270,35 +2290,66 @@ class _FileStore:
     # -- the sidecar ------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the sidecar if the file is incomplete and it changed."""
+        """Write the sidecar if the file is incomplete and it changed. The
+        bytes it records reach the disk first (``fsync``), outside the lock,
+        so that writes go on meanwhile. Download thread (which alone closes
+        the file)."""
         with self._lock:
-            if self._sidecar_on_disk and not self._sidecar_current and self._regular \
-                    and self._file is not None and not self.sealed and not self._completes(0, 0):
-                self._save_sidecar()
+            if not (self._sidecar_on_disk and not self._sidecar_current and self._regular
+                    and self._file is not None and not self.sealed
+                    and not self._completes(0, 0)):
+                return
+            record, epoch = self._sidecar_record(), self.epoch
+            self._sidecar_current = True  # until the next write
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            _log.warning('cannot sync %s: %s', self.target, exc)
+            with self._lock:
+                self._sidecar_current = False
+            return
+        with self._lock:
+            if epoch == self.epoch and not self.sealed:  # else the record is another file's
+                self._save_sidecar(record)
 
     def record(self) -> bool:
         """Make sure the sidecar is on disk; whether it is."""
         with self._lock:
             return self._sidecar_on_disk or (not self._sidecar_failed and self._save_sidecar())
 
-    def _save_sidecar(self) -> bool:
-        """Replace the sidecar atomically (a temporary file, then
-        ``os.replace``); ``False`` when that failed (logged once)."""
+    def _sidecar_record(self) -> str:
         import json
+        return json.dumps({'version': 2, 'url': self.url, 'size': self.size,
+                           'held': self.held.spans(), 'validators': self.validators})
+
+    def _save_sidecar(self, record: Optional[str] = None) -> bool:
+        """Replace the sidecar atomically and durably, so that after a crash
+        or a power loss it never claims bytes that are not on the disk: the
+        bytes it records are synced first (unless the caller did, and gives
+        the ``record`` it made before), the new sidecar before it replaces
+        the old, the directory after. ``False`` when that failed (logged
+        once). Under the lock."""
         sidecar = self.sidecar
-        record = json.dumps({'version': 2, 'url': self.url, 'size': self.size,
-                             'held': self.held.spans(), 'validators': self.validators})
+        current = record is None  # else writes since the record may have moved on
+        if record is None:
+            record = self._sidecar_record()
+            if self.held.total and self._file is not None:
+                _sync(self._file.fileno())
         temporary = sidecar.with_name(sidecar.name + '.tmp')
         try:
             with open(temporary, 'w', encoding='utf-8') as file:
                 file.write(record)
+                file.flush()
+                _sync(file.fileno())
             os.replace(temporary, sidecar)
+            _sync_directory(sidecar.parent)
         except OSError as exc:
             if not self._sidecar_failed:
                 _log.warning('cannot write %s: %s', sidecar, exc)
             self._sidecar_failed = True
             return False
-        self._sidecar_on_disk = self._sidecar_current = True
+        self._sidecar_on_disk = True
+        self._sidecar_current = self._sidecar_current or current
         return True
 
     def _remove_sidecar(self) -> None:

@@ -136,6 +136,38 @@ def test_resume_of_complete_file_416_is_complete(server, tmp_path):
     assert 'download' not in [new for _, new in rec.states]
 
 
+def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
+        server, tmp_path, monkeypatch):
+    """After a power loss, a sidecar must not claim bytes that never reached
+    the disk: each save syncs the file's data first, then the new sidecar,
+    then replaces the old one and syncs the directory; and this happens at
+    the sidecar's period (about once a second), not for every write."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(('fsync', os.path.basename(os.readlink('/proc/self/fd/{}'.format(fd)))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(('replace', os.path.basename(str(dst))))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    url = server.add('/f', DATA, throttle=400000)
+    target = tmp_path / 'f.bin'
+    d, _ = download(url, target, connections=2)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    saves = [i for i, call in enumerate(calls) if call == ('replace', 'f.bin.bitpit')]
+    assert 2 <= len(saves) <= 5, calls                    # about 2.6 s at a second's period
+    for i in saves:
+        assert calls[i - 1] == ('fsync', 'f.bin.bitpit.tmp'), calls   # the new one, whole
+        assert calls[i + 1] == ('fsync', tmp_path.name), calls         # the rename, durable
+    # every save after the first, which records nothing, syncs the data first
+    for i in saves[1:]:
+        assert calls[i - 2] == ('fsync', 'f.bin'), calls
+
+
 # ---------------------------------------------------------------------------
 # partial answers: never append a whole body
 # ---------------------------------------------------------------------------
