@@ -3598,11 +3598,15 @@ class _Transfer:
         lands as smoothly as it comes), at the end, and on any failure or
         stop (nothing received is lost). Returns whether the connection can carry
         another request."""
-        want = min(conn.chunk_size, max(1, min(conn.end, conn.request_end, body_end) - conn.pos))
+        wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
+        want = min(conn.chunk_size, wanted)
         if len(conn.buffer) < want:
             conn.buffer = memoryview(bytearray(want))
         view = conn.buffer
         chunk = len(view)
+        # a body that fits in the buffer is written in one go when it ends
+        # (or is half a second old): a small file then needs no sidecar
+        whole = wanted <= chunk
         sock = request.sock
         body: Any = _Body(response, sock)
         splice = None
@@ -3650,10 +3654,11 @@ class _Transfer:
                         continue
                     break
                 limited = pacer.limited
-                if conn.pending and (limited or not ready() or
+                if conn.pending and (limited or not (whole or ready()) or
                                      time.monotonic() - since >= _FLUSH_AGE):
-                    # before a read that may block or be paced (so bytes land
-                    # as smoothly as they come), or when overdue
+                    # before a read that may block (but for a body that fits)
+                    # or be paced (so bytes land as smoothly as they come),
+                    # or when overdue
                     self._flush(conn)
                     continue
                 if judging and not body.wait(self._limit.due - time.monotonic()):

@@ -168,6 +168,24 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
         assert calls[i - 2] == ('fsync', 'f.bin'), calls
 
 
+def test_a_body_that_fits_in_the_buffer_is_written_once_without_a_sidecar(
+        server, tmp_path, monkeypatch):
+    """A small body that comes in pieces with pauses between them waits in
+    the buffer (at most half a second) and is written in one go at its end:
+    the file is never incomplete on disk, so no sidecar is written (and
+    synced) for it."""
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, 'replace', lambda src, dst: (replaced.append(str(dst)),
+                                                         real_replace(src, dst)))
+    data = DATA[:40000]
+    url = server.add('/f', data, throttle=400000, throttle_piece=8192)  # 5 pieces, 0.1 s
+    target = tmp_path / 'f.bin'
+    d, _ = download(url, target)
+    assert d.state == 'complete' and target.read_bytes() == data
+    assert replaced == []
+
+
 # ---------------------------------------------------------------------------
 # partial answers: never append a whole body
 # ---------------------------------------------------------------------------
