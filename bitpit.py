@@ -544,6 +544,125 @@ def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
     return algorithm, digest
 
 
+# what a server says of its file: digests (RFC 9530, RFC 3230) and its
+# duplicates (RFC 6249)
+
+_DIGEST_ALGORITHMS = {'sha-256': 'sha256', 'sha-512': 'sha512'}  # their hashlib names
+_MAX_DUPLICATES = 16     # most mirrors one answer's Link header may add
+_SF_ITEM = r'(?::[A-Za-z0-9+/=]*:|"(?:[^"\\]|\\.)*"|\?[01]|[^\s,;()"=]+)'
+_SF_PARAMETERS = r'(?:\s*;\s*[a-z*][a-z0-9_.*-]*(?:=' + _SF_ITEM + r')?)*'
+# one member of a structured-field dictionary (RFC 8941), then a comma or the end
+_SF_MEMBER_RE = _Pattern(r'\s*([a-z*][a-z0-9_.*-]*)(?:=(' + _SF_ITEM + r'|\((?:\s*' +
+                         _SF_ITEM + _SF_PARAMETERS + r')*\s*\)))?' + _SF_PARAMETERS +
+                         r'\s*(,|$)')
+_LINK_RE = _Pattern(r'\s*<([^>]*)>((?:\s*;\s*[^;,"]+(?:="[^"]*"|=[^;,]*)?)*)\s*(?:,|$)')
+_LINK_PARAMETER_RE = _Pattern(r';\s*([^=;\s]+)\s*(?:=\s*(?:"([^"]*)"|([^;\s]*)))?')
+
+
+def _structured_dictionary(value: str) -> Optional[Dict[str, str]]:
+    """The members of an RFC 8941 dictionary field (each key's value as
+    written, ``''`` for none), or ``None`` when it does not parse: such a
+    field is ignored whole."""
+    members: Dict[str, str] = {}
+    position = 0
+    while position < len(value) and value[position:].strip():
+        match = _SF_MEMBER_RE.match(value, position)
+        if match is None:
+            return None
+        members[match.group(1)] = match.group(2) or ''
+        position = match.end()
+        if match.group(3) == ',' and not value[position:].strip():
+            return None  # a trailing comma
+    return members
+
+
+def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
+    """The digest ``value`` (base64) of ``algorithm`` (its name in the field,
+    lower case) that ``field`` gave, or ``None`` (logged) for an unknown
+    algorithm or a malformed value."""
+    import base64
+    import binascii
+    import hashlib
+    name = _DIGEST_ALGORITHMS.get(algorithm)
+    if name is None:
+        _log.debug('%s: ignoring the digest of unsupported algorithm %r', field, algorithm)
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        digest = b''
+    if len(digest) != hashlib.new(name).digest_size:
+        _log.warning('%s: ignoring a %s digest that is not base64 of the right length: %r',
+                     field, algorithm, value[:100])
+        return None
+    return digest
+
+
+def _server_digests(response: http.client.HTTPResponse, whole_body: bool
+                    ) -> List[Tuple[str, str, bytes]]:
+    """The digests of the file a response gives, as ``(field, hashlib
+    algorithm, digest)``: its ``Repr-Digest`` (RFC 9530), its
+    ``Content-Digest`` when its body is the whole file (``whole_body``),
+    and the older ``Digest`` (RFC 3230, which digests the whole file
+    whatever range is sent). sha-256 and sha-512 only; anything malformed
+    is ignored (and logged)."""
+    found = []
+    for field in ('Repr-Digest', 'Content-Digest') if whole_body else ('Repr-Digest',):
+        for value in response.headers.get_all(field) or ():
+            members = _structured_dictionary(value)
+            if members is None:
+                _log.warning('ignoring a malformed %s field: %r', field, value[:200])
+                continue
+            for algorithm, item in members.items():
+                if not (len(item) >= 2 and item[0] == item[-1] == ':'):
+                    if algorithm in _DIGEST_ALGORITHMS:
+                        _log.warning('%s: ignoring %s, which is not a byte sequence: %r',
+                                     field, algorithm, item[:100])
+                    continue
+                digest = _digest_value(field, algorithm, item[1:-1])
+                if digest is not None:
+                    found.append((field, _DIGEST_ALGORITHMS[algorithm], digest))
+    for value in response.headers.get_all('Digest') or ():
+        for part in value.split(','):
+            algorithm, equals, item = part.strip().partition('=')
+            if not equals:
+                _log.warning('ignoring a malformed Digest field: %r', value[:200])
+                continue
+            digest = _digest_value('Digest', algorithm.strip().lower(), item.strip())
+            if digest is not None:
+                found.append(('Digest', _DIGEST_ALGORITHMS[algorithm.strip().lower()], digest))
+    return found
+
+
+def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
+    """The http(s) URLs a response's ``Link: <URL>; rel=duplicate`` fields
+    name (RFC 6249), relative ones resolved against ``base``, by their
+    ``pri`` (lowest first), at most ``_MAX_DUPLICATES``."""
+    found = []
+    for value in response.headers.get_all('Link') or ():
+        position = 0
+        while position < len(value) and value[position:].strip():
+            match = _LINK_RE.match(value, position)
+            if match is None or match.end() == position:
+                _log.debug('ignoring the rest of a malformed Link field: %r', value[:200])
+                break
+            position = match.end()
+            parameters = {name.lower(): quoted if quoted is not None else bare
+                          for name, quoted, bare in
+                          _LINK_PARAMETER_RE.findall(match.group(2))}
+            if 'duplicate' not in (parameters.get('rel') or '').lower().split():
+                continue
+            try:
+                url = urllib.parse.urljoin(base, match.group(1).strip())
+                _check_url(url)
+            except (InvalidURLError, ValueError) as exc:
+                _log.info('ignoring a duplicate the server names: %s', exc)
+                continue
+            priority = parameters.get('pri') or ''
+            found.append((int(priority) if priority.isdigit() else 999999, len(found), url))
+    return [url for _, _, url in sorted(found)[:_MAX_DUPLICATES]]
+
+
 # headers bitpit sets itself: a caller may not give them
 _CONTROLLED_HEADERS = frozenset({'range', 'if-range', 'accept-encoding', 'host',
                                  'content-length', 'transfer-encoding'})
@@ -2288,11 +2407,14 @@ class _FileStore:
     # -- the end ----------------------------------------------------------------------
 
     def finish(self, checksum: Optional[Tuple[str, str]], modified: Optional[float] = None,
-               etag: Optional[str] = None) -> None:
+               etag: Optional[str] = None, digests: Iterable[Tuple[str, str, bytes]] = ()
+               ) -> None:
         """The download is complete: cut the file to its size, check the
-        checksum, forget the sidecar, and give the file the server's
-        modification time and ETag (``_stamp``). Raises ``IntegrityError``
-        on a mismatch (the file is kept)."""
+        checksum and the server's ``digests`` (``(field, algorithm,
+        digest)``, see ``_server_digests``), forget the sidecar, and give
+        the file the server's modification time and ETag (``_stamp``).
+        Raises ``IntegrityError`` on a mismatch: the file is kept, with a
+        sidecar that holds none of it (``_disown``)."""
         with self._lock:
             try:
                 if self._regular and self._file is not None and self.size >= 0 and \
@@ -2300,7 +2422,6 @@ class _FileStore:
                     os.ftruncate(self._file.fileno(), self.size)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            self._remove_sidecar()
             if checksum is not None:
                 if self._hasher is None:
                     import hashlib
@@ -2308,15 +2429,66 @@ class _FileStore:
                 self._hash_from_disk(self.held.total)
                 actual = self._hasher.hexdigest()
                 if actual != checksum[1]:
+                    self._disown()
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
+            self._check_digests(list(digests))
+            self._remove_sidecar()
             if self._regular or (self._file is None and self.is_path and self.target.is_file()):
                 _stamp(self.target, modified, etag)
+
+    def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
+        """Hash the file once for every algorithm of ``digests`` and compare;
+        ``IntegrityError`` on a mismatch. A stream that cannot be read back
+        is not checked."""
+        if not digests:
+            return
+        if not self.is_path and not (_seekable(self.target) and
+                                     getattr(self.target, 'readable', lambda: False)()):
+            _log.info('%s: cannot read the file back to check the server\'s digest', self.url)
+            return
+        import hashlib
+        hashers = {algorithm: hashlib.new(algorithm) for _, algorithm, _ in digests}
+
+        def update(block: bytes) -> None:
+            for hasher in hashers.values():
+                hasher.update(block)
+        self._read_back(0, self.held.total, update)
+        for field, algorithm, digest in digests:
+            actual = hashers[algorithm].digest()
+            if actual != digest:
+                import base64
+                self._disown()
+                raise IntegrityError('{} {} mismatch for {}: the server says {}, the file has '
+                                     '{}'.format(field, algorithm, self.target,
+                                                 base64.b64encode(digest).decode(),
+                                                 base64.b64encode(actual).decode()))
+
+    def _disown(self) -> None:
+        """The bytes do not match what they should be, and nobody can tell
+        which are wrong: keep them, with a sidecar that holds none of them,
+        so that the file is never taken for a complete one and a new start
+        downloads it again."""
+        if self.sidecar is None or not self.target.is_file():
+            return
+        held, self.held = self.held, _Ranges()
+        try:
+            self._save_sidecar()
+        finally:
+            self.held = held
 
     def _hash_from_disk(self, end: int,
                         cancelled: Callable[[], bool] = lambda: False) -> None:
         """Feed the hasher the file's bytes from where it stands to ``end``."""
-        start = self._hashed_to
+        def update(block: bytes) -> None:
+            self._hasher.update(block)
+            self._hashed_to += len(block)
+        self._read_back(self._hashed_to, end, update, cancelled)
+
+    def _read_back(self, start: int, end: int, consume: Callable[[bytes], None],
+                   cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Read the file's bytes from ``start`` to ``end`` back, block by
+        block, into ``consume`` (``_Stopped`` when ``cancelled()``)."""
         if end <= start:
             return
         if self.is_path:
@@ -2334,8 +2506,7 @@ class _FileStore:
                 block = source.read(min(left, 1 << 20))
                 if not block:
                     break
-                self._hasher.update(block)
-                self._hashed_to += len(block)
+                consume(block)
                 left -= len(block)
         except OSError as exc:
             raise FileError('cannot read {} back: {}'.format(self.target, exc)) from exc
@@ -2697,7 +2868,7 @@ class _Transfer:
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
                  min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
-                 conditions: Optional[Dict[str, str]] = None):
+                 conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False):
         self._cond = threading.Condition(threading.Lock())
         self.store = store
         self.options = options
@@ -2737,6 +2908,8 @@ class _Transfer:
         self._next_look = 0.0
         self._next_save = 0.0
         self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+        self.verify_digest = verify_digest
+        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
 
     # -- the download thread's side ------------------------------------------------
 
@@ -2827,7 +3000,7 @@ class _Transfer:
                 raise _Stopped
             if not self.unchanged:
                 etag, date = self.file_dates
-                self.store.finish(self.checksum, _parse_http_date(date), etag)
+                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
         finally:
             if not self.complete or self.error is not None:
                 self.store.save()
@@ -3180,6 +3353,8 @@ class _Transfer:
         self._learn(source, answer)
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
+        if not self.probed and self.verify_digest:
+            self._take_server_word(answer, response, request.url)
         setup = None if self.probed else self._plan(conn, answer, response)
         return (answer.end if answer.end is not None else _UNKNOWN_END), setup
 
@@ -3250,6 +3425,28 @@ class _Transfer:
                 answer.encoding), None)
             raise _Superseded
         answer.end = answer.total = None
+
+    def _take_server_word(self, answer: _Answer, response: http.client.HTTPResponse,
+                          url: str) -> None:
+        """The probe's answer: the digests it gives, to check when the file
+        is complete (none for a body decoded on the way: they digest the
+        bytes sent), and, when it gives one, the duplicates it names become
+        sources too."""
+        self.digests = []
+        if answer.encoding is not None and not answer.keep_encoded:
+            return
+        whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
+                                           answer.total is not None and
+                                           answer.end == answer.total)
+        self.digests = _server_digests(response, whole)
+        if not self.digests:
+            return
+        known = {source.url for source in self.sources}
+        for duplicate in _duplicates(response, url):
+            if duplicate not in known:
+                _log.info('%s: %s serves it too', self.options.url, duplicate)
+                self.sources.append(_Source(duplicate, self.store.validators.get(duplicate)))
+                known.add(duplicate)
 
     def _learn(self, source: _Source, answer: _Answer) -> None:
         """Remember the source's validator (a partial answer without one
@@ -3714,6 +3911,9 @@ class Downloader(Emitter):
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
                         'Bytes per second an attempt must keep up over ``timeout`` '
                         'seconds (0: no minimum); next start.')
+    verify_digest = _Option(_as_bool, 'Check the file against the sha-256 or sha-512 digest '
+                                      'the server gives (``Repr-Digest``, ``Content-Digest``, '
+                                      '``Digest``); next start.')
 
     def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
@@ -3724,7 +3924,7 @@ class Downloader(Emitter):
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
-                 if_exists: str = 'resume'):
+                 if_exists: str = 'resume', verify_digest: bool = True):
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = threading.Condition(self._lock)  # wait() waits on it
@@ -3774,6 +3974,7 @@ class Downloader(Emitter):
         self._path: Union[pathlib.Path, io.BufferedIOBase]
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
+        self.verify_digest = verify_digest
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -4268,7 +4469,8 @@ class Downloader(Emitter):
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
             gzip_name=isinstance(self._path, os.PathLike) and
-            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions)
+            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions,
+            verify_digest=self._verify_digest)
         with self._lock:
             self._transfer = transfer
             stopped = self._stop_event.is_set()
@@ -4868,6 +5070,9 @@ def _build_parser() -> Any:
                              'progress, summary) instead of the table')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing but errors (on standard error)')
+    parser.add_argument('--no-verify-digest', dest='verify_digest', action='store_false',
+                        help='do not check a file against the digest its server gives '
+                             '(Repr-Digest, Content-Digest, Digest)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -4916,6 +5121,8 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         if not colon:
             parser.error('--user takes USER:PASSWORD')
         kwargs['auth'] = (user, password)
+    if not args.verify_digest:
+        kwargs['verify_digest'] = False
     if args.cacert is not None:
         try:
             kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
