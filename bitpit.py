@@ -3792,6 +3792,109 @@ def _unexpected(exc: BaseException) -> Error:
 
 
 # ---------------------------------------------------------------------------
+# documents about the file: checksum files
+# ---------------------------------------------------------------------------
+
+_MAX_DOCUMENT = 16 * 1024 * 1024   # most bytes of a checksum file or a metalink
+# the hashlib algorithm a hex digest of this many characters is taken for
+_ALGORITHM_BY_LENGTH = {32: 'md5', 40: 'sha1', 56: 'sha224', 64: 'sha256', 96: 'sha384',
+                        128: 'sha512'}
+_BSD_SUM_RE = _Pattern(r'([A-Za-z0-9-]+) ?\((.*)\) ?= ?([0-9A-Fa-f]+)')
+_GNU_SUM_RE = _Pattern(r'(\\?)([0-9A-Fa-f]+) [ *](.*)')
+
+
+def _fetch_document(options: _RequestOptions, url: str, what: str) -> Tuple[bytes, str]:
+    """GET a document of at most ``_MAX_DOCUMENT`` bytes (a checksum file, a
+    metalink) with the download's request options: ``(body, its media
+    type)``. Raises the request's ``bitpit.Error``; a larger or an encoded
+    body is a ``ProtocolError``. Blocks for up to ``options.timeout`` per
+    read."""
+    request = _Request(options, url)
+    try:
+        response = request.send()
+        if response.status >= 300:
+            raise _status_error(response, request.url)
+        encoding = (response.getheader('Content-Encoding') or 'identity').strip().lower()
+        if encoding != 'identity':
+            raise ProtocolError('{} {} came with Content-Encoding {}'.format(what, url, encoding))
+        body = response.read(_MAX_DOCUMENT + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _network_error(exc) from exc
+    finally:
+        request.close(False)
+    if len(body) > _MAX_DOCUMENT:
+        error = ProtocolError('{} {} is larger than {} bytes'.format(what, url, _MAX_DOCUMENT))
+        error.retryable = False
+        raise error
+    media_type = (response.getheader('Content-Type') or '').split(';')[0].strip().lower()
+    return body, media_type
+
+
+def _parse_checksum_file_option(checksum: Optional[str]
+                                ) -> Optional[Tuple[Optional[str], str]]:
+    """``'ALG:file:URL'`` as ``('alg', URL)`` and ``'file:URL'`` as
+    ``(None, URL)`` (the algorithm told by the digest's length); ``None``
+    for any other value. ``ValueError`` for an unknown algorithm,
+    ``InvalidURLError`` for a bad URL."""
+    if not isinstance(checksum, str):
+        return None
+    algorithm, _, rest = checksum.partition(':')
+    algorithm = algorithm.strip().lower()
+    if algorithm == 'file':
+        algorithm, url = None, rest
+    elif rest[:5].lower() == 'file:':
+        url = rest[5:]
+        import hashlib
+        try:
+            hashlib.new(algorithm)
+        except (ValueError, TypeError):
+            raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
+    else:
+        return None
+    _check_url(url.strip())
+    return algorithm, url.strip()
+
+
+def _digest_in_checksum_file(text: str, names: Iterable[str], algorithm: Optional[str],
+                             url: str) -> Tuple[str, str]:
+    """``(algorithm, hex)`` of the line of a ``SHA256SUMS``-style file (GNU
+    ``HEX  name`` or ``HEX *name``, BSD ``SHA256 (name) = HEX``) for the
+    first of ``names`` it lists; a line's name counts by its last path
+    segment too. Without ``algorithm``, the digest's length tells it.
+    Raises ``IntegrityError`` when no line names the file or its digest
+    does not fit the algorithm."""
+    import hashlib
+    lines: Dict[str, List[Tuple[Optional[str], str]]] = {}
+    for line in text.splitlines():
+        bsd = _BSD_SUM_RE.fullmatch(line.strip())
+        gnu = None if bsd else _GNU_SUM_RE.fullmatch(line.rstrip('\r'))
+        if bsd:
+            tag, name, digest = bsd.group(1).lower().replace('-', ''), bsd.group(2), bsd.group(3)
+            if tag not in hashlib.algorithms_available:
+                continue
+        elif gnu:
+            tag, name, digest = None, gnu.group(3), gnu.group(2)
+            if gnu.group(1):  # GNU escapes a name holding a backslash or a line break
+                name = re.sub(r'\\(.)', lambda m: '\n' if m.group(1) == 'n' else m.group(1), name)
+        else:
+            continue
+        for key in dict.fromkeys((name, name.rsplit('/', 1)[-1])):
+            lines.setdefault(key, []).append((tag, digest.lower()))
+    for name in names:
+        for tag, digest in lines.get(name, ()):
+            if algorithm is not None and tag is not None and tag != algorithm:
+                continue  # a line of another algorithm for the same file
+            found = algorithm or tag or _ALGORITHM_BY_LENGTH.get(len(digest))
+            if found is None or len(digest) != 2 * hashlib.new(found).digest_size:
+                raise IntegrityError('the checksum file {} gives {} a digest that is not '
+                                     '{}: {!r}'.format(url, name, found or 'of a known '
+                                                       'algorithm', digest))
+            return found, digest
+    raise IntegrityError('the checksum file {} has no {}line for {}'.format(
+        url, algorithm + ' ' if algorithm else '', ' or '.join(dict.fromkeys(names))))
+
+
+# ---------------------------------------------------------------------------
 # downloader
 # ---------------------------------------------------------------------------
 
@@ -3961,7 +4064,8 @@ class Downloader(Emitter):
         self.mirrors = mirrors
         self.retries = retries
         self.content_disposition = content_disposition
-        self._checksum = _parse_checksum(checksum)
+        self._checksum_file = _parse_checksum_file_option(checksum)
+        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
         self.headers = headers
         self.auth = auth
         self.proxy = proxy
@@ -4459,13 +4563,15 @@ class Downloader(Emitter):
         store, conditions, replaces = self._prepare_target()
         if store is None:  # 'skip': the file is taken as it is
             return
+        checksum = self._checksum if self._checksum_file is None else \
+            self._checksum_from_file()
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             self._set_size(store.size)
         transfer = _Transfer(
             store=store, urls=[self._url, *self._mirrors], options=self._request_options(),
             connections=self._connections if store.is_path else 1,
-            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=self._checksum,
+            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=checksum,
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
             gzip_name=isinstance(self._path, os.PathLike) and
@@ -4518,6 +4624,17 @@ class Downloader(Emitter):
                     replaces, store.target, exc)) from exc
         self._set_size(store.size if store.size >= 0 and not transfer.unchanged
                        else self._downloaded)
+
+    def _checksum_from_file(self) -> Tuple[str, str]:
+        """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
+        by the name in its URL, else the name of its path. Download
+        thread."""
+        algorithm, url = self._checksum_file
+        body, _ = _fetch_document(self._request_options(), url, 'checksum file')
+        names = [urllib.parse.unquote(urllib.parse.urlsplit(self._url).path.rsplit('/', 1)[-1])]
+        if isinstance(self._path, os.PathLike):
+            names.append(self._path.name)
+        return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
     def _prepare_target(self) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
                                        Optional[pathlib.Path]]:
@@ -5039,7 +5156,8 @@ def _build_parser() -> Any:
                              'time-out, then retry it (default: no minimum)')
     parser.add_argument('--checksum', metavar='ALG:HEX',
                         help='verify the download (one URL) against this digest, e.g. '
-                             'sha256:9f86d0...; any hashlib algorithm')
+                             'sha256:9f86d0...; any hashlib algorithm; ALG:file:URL reads '
+                             'it from a SHA256SUMS-style file')
     parser.add_argument('-H', '--header', metavar="'NAME: VALUE'", action='append', default=[],
                         help='send this header with every request (repeatable)')
     parser.add_argument('--user-agent', metavar='TEXT',
@@ -5073,6 +5191,10 @@ def _build_parser() -> Any:
     parser.add_argument('--no-verify-digest', dest='verify_digest', action='store_false',
                         help='do not check a file against the digest its server gives '
                              '(Repr-Digest, Content-Digest, Digest)')
+    parser.add_argument('--checksum-file', metavar='URL',
+                        help='verify the download (one URL) against its line in this '
+                             'SHA256SUMS-style file (GNU or BSD format); the digest\'s '
+                             'length tells the algorithm')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -5110,8 +5232,14 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
     if args.checksum is not None:
         if url_count != 1:
             parser.error('--checksum takes one URL, not {}'.format(url_count))
-        check('--checksum', _parse_checksum, args.checksum)
+        check('--checksum', lambda value: _parse_checksum_file_option(value) or
+              _parse_checksum(value), args.checksum)
         kwargs['checksum'] = args.checksum
+    if args.checksum_file is not None:
+        if url_count != 1 or args.checksum is not None:
+            parser.error('--checksum-file takes one URL, and no --checksum')
+        check('--checksum-file', _check_url, args.checksum_file)
+        kwargs['checksum'] = 'file:' + args.checksum_file
     if args.proxy is not None:
         if args.proxy:
             check('--proxy', _parse_proxy, args.proxy)
