@@ -2787,10 +2787,12 @@ class _PieceHashes:
         return found
 
     def culprit(self, index: int) -> Optional[_Source]:
-        """The source that wrote most of a piece found wrong; its count
+        """The source that wrote a piece found wrong, if one source wrote
+        all of it: of a piece several wrote, nobody can tell which one
+        spoilt it (a byte of the one that wrote least is enough). The count
         starts again for the bytes that come next."""
         counts = self.writers.pop(index, {})
-        return max(counts, key=counts.get) if counts else None
+        return next(iter(counts)) if len(counts) == 1 else None
 
 
 class _Connection:
@@ -3933,9 +3935,10 @@ class _Transfer:
         pieces = self.piece_hashes
         source = pieces.culprit(index)
         self.store.forget(first, last)
-        _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash%s; fetching it '
+        _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash (%s); fetching it '
                      'again', self.options.url, index, first, last - 1, pieces.algorithm,
-                     ' (from {})'.format(source.url) if source is not None else '')
+                     'from {}'.format(source.url) if source is not None else
+                     'held before, or from several sources')
         if source is None:
             return False
         pieces.bad_from[index] = source
@@ -3944,11 +3947,14 @@ class _Transfer:
             return False
         source.retired = _BadPieces('{} sent {} pieces that do not match their hashes'.format(
             source.url, source.bad_pieces))
-        _log.warning('%s: retiring %s: %s', self.options.url, source.url, source.retired)
+        if conn is not None and conn.source is source:
+            return True  # its connection's thread retires it (and says so)
+        _log.warning('%s: not using %s any more: %s', self.options.url, source.url,
+                     source.retired)
         for other in self.connections:
-            if other is not conn and other.source is source and other.request is not None:
+            if other.source is source and other.request is not None:
                 other.request.abort()  # its bytes are not wanted any more
-        return conn is not None and conn.source is source
+        return False
 
     def _avoid_bad_source(self, conn: _Connection, start: int) -> None:
         """A claim from ``start`` goes to another source than the one that

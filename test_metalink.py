@@ -164,8 +164,9 @@ def test_a_mirror_with_corrupt_pieces_is_retired_and_the_file_is_right(make_serv
     assert [new for _, new in rec.states] == ['start', 'download', 'complete']
     messages = [r.getMessage() for r in caplog.records]
     assert sum('does not match' in m and bad in m for m in messages) >= 2, messages
-    retiring = [m for m in messages if 'retiring' in m]
-    assert len(retiring) == 1 and 'sent 2 pieces' in retiring[0], messages  # at its 2nd
+    retired = [m for m in messages if 'any more' in m]
+    assert len(retired) == 1 and 'sent 2 pieces' in retired[0], messages  # at its 2nd
+    assert bad in retired[0]
     for good in servers[:rank] + servers[rank + 1:]:
         assert good.bytes_sent('/f') > 0
 
