@@ -4397,6 +4397,19 @@ def _as_size_limit(name: str, value: Any) -> Optional[int]:
     return _check_int(name, value, 0)
 
 
+def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
+                      auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
+                      ssl_context: Optional[ssl.SSLContext] = None, timeout: float = 10,
+                      cookies: Any = None, **others: Any) -> _RequestOptions:
+    """The request options, checked, of a download with these ``Downloader``
+    arguments (``others`` are not about requests), for a document it
+    reads first at ``url`` (a metalink)."""
+    return _RequestOptions(url, _check_headers(headers), _check_auth(auth),
+                           _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
+                           _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
+                           cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+
+
 class Downloader(Emitter):
     """Download one URL to a file in a thread of its own.
 
@@ -4459,11 +4472,10 @@ class Downloader(Emitter):
                  max_size: Optional[int] = None, min_speed: float = 0,
                  if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None):
         if not isinstance(cookies, _Cookies):
-            cookies = _Cookies(cookies)
-        self._metalink = _metalink_entry(url, metalink, lambda source: _RequestOptions(
-            source, _check_headers(headers), _check_auth(auth), _as_proxy('proxy', proxy),
-            _as_ssl_context('ssl_context', ssl_context),
-            _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS), cookies))
+            cookies = _Cookies(cookies)  # one jar, for the metalink's request too
+        self._metalink = _metalink_entry(url, metalink, lambda source: _document_options(
+            source, headers=headers, auth=auth, proxy=proxy, ssl_context=ssl_context,
+            timeout=timeout, cookies=cookies))
         if self._metalink is not None:
             url = self._metalink.urls[0]
             if not isinstance(mirrors, str):  # (the setter refuses a str)
@@ -5267,8 +5279,7 @@ class Manager(Emitter):
         for name in ('url', 'metalink'):
             if name in options:
                 raise TypeError('add_metalink() takes no {} argument'.format(name))
-        files = _read_metalink(source, lambda url: Downloader(
-            url, **dict(options, path=None))._request_options())
+        files = _read_metalink(source, lambda url: _document_options(url, **options))
         return [self.add(Downloader(metalink=entry, **options)) for entry in files]
 
     def remove(self, d: Downloader) -> None:
@@ -5817,7 +5828,7 @@ def _cli_metalinks(args: Any, files: List[_Sources], kwargs: Dict[str, Any]
     by the files it lists (a ``_MetalinkFile`` in the URL's place). Raises
     the ``bitpit.Error`` of a metalink that cannot be read."""
     def options(url: str) -> _RequestOptions:
-        return Downloader(url, **kwargs)._request_options()
+        return _document_options(url, **kwargs)
 
     found: List[_Sources] = []
     for url, mirrors in files:
