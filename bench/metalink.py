@@ -24,7 +24,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
-import bitpit  # noqa: E402
 from conftest import FixtureServer  # noqa: E402
 
 MiB = 1 << 20
