@@ -171,6 +171,21 @@ def test_a_mirror_with_corrupt_pieces_is_retired_and_the_file_is_right(make_serv
         assert good.bytes_sent('/f') > 0
 
 
+def test_a_bad_piece_comes_again_from_another_source(make_server, tmp_path):
+    """One bad piece: fetched again from the other mirror, not from the one
+    that sent it (which, with one bad piece, stays in use)."""
+    first, second = make_server(), make_server()
+    spoilt = bytearray(BIG)
+    spoilt[3 * PIECE + 100] ^= 0xFF
+    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    d, _ = download(None, tmp_path / 'f', metalink=str(doc))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+    assert [r.headers.get('Range') for r in first.requests_for('/f')] == [None]
+    assert [r.headers['Range'] for r in second.requests_for('/f')] == [
+        'bytes={}-{}'.format(3 * PIECE, 4 * PIECE - 1)]
+
+
 def test_one_source_that_keeps_sending_bad_pieces_fails(server, tmp_path):
     url = server.add('/f', corrupt(BIG))
     doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)])]))
