@@ -2769,7 +2769,8 @@ class _PieceHashes:
 
     def wrote(self, source: _Source, start: int, end: int) -> None:
         """``source`` wrote the bytes ``[start, end)``."""
-        for index in range(start // self.length, (end - 1) // self.length + 1):
+        for index in range(start // self.length,
+                           min((end - 1) // self.length + 1, len(self.digests))):
             part = min(end, (index + 1) * self.length) - max(start, index * self.length)
             counts = self.writers.setdefault(index, {})
             counts[source] = counts.get(source, 0) + part
@@ -3923,6 +3924,7 @@ class _Transfer:
             with self._cond:
                 if good:
                     pieces.good.add(index)
+                    pieces.writers.pop(index, None)
                 elif self._bad_piece(conn, index, first, last):
                     retired = conn.source.retired
         if retired is not None:

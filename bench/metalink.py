@@ -11,8 +11,10 @@ its exit status, whether its file is byte-identical, its wall time and the
 bytes each server sent. wget 1.x has no Metalink support (wget2 has
 ``--metalink``, not installed here) and curl dropped it in 7.78.
 
-Example: ``python bench/metalink.py`` (run from the repository).
+Not a timing benchmark: the seconds are one run's. Example:
+``python bench/metalink.py --bitpit ../main/bitpit.py``.
 """
+import argparse
 import hashlib
 import random
 import shutil
@@ -50,15 +52,20 @@ def metalink(urls):
             .format(len(DATA), hashlib.sha256(DATA).hexdigest(), PIECE, pieces, sources))
 
 
-def run(tool, document, out):
+def run(tool, document, out, bitpit):
     if tool == 'aria2c':
         return subprocess.run(['aria2c', '-q', '-x3', '-s3', '-d', str(out),
                                '--metalink-file', str(document)]).returncode
-    return subprocess.run([sys.executable, str(HERE / 'bitpit.py'), '-q', '-x', '3',
-                           '-d', str(out), '--metalink', str(document)]).returncode
+    return subprocess.run([sys.executable, bitpit, '-q', '-x', '3',
+                           '-d', str(out), '--metalink', str(document)],
+                          stderr=subprocess.DEVNULL).returncode
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--bitpit', default=str(HERE / 'bitpit.py'),
+                        help='the bitpit.py to run (default: this repository\'s)')
+    args = parser.parse_args()
     tools = ['bitpit'] + (['aria2c'] if shutil.which('aria2c') else [])
     print('| corrupt mirror ranked | tool | exit | identical | seconds | bytes sent per server |')
     print('|---|---|---|---|---|---|')
@@ -74,7 +81,7 @@ def main():
                 before = [s.bytes_sent('/f') for s in servers]
                 out = work / tool
                 began = time.monotonic()
-                code = run(tool, document, out)
+                code = run(tool, document, out, args.bitpit)
                 took = time.monotonic() - began
                 target = out / 'data.bin'
                 identical = target.is_file() and target.read_bytes() == DATA
