@@ -598,16 +598,16 @@ def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
     return digest
 
 
-def _server_digests(response: http.client.HTTPResponse, whole_body: bool
+def _server_digests(response: http.client.HTTPResponse, fields: Tuple[str, ...]
                     ) -> List[Tuple[str, str, bytes]]:
-    """The digests of the file a response gives, as ``(field, hashlib
-    algorithm, digest)``: its ``Repr-Digest`` (RFC 9530), its
-    ``Content-Digest`` when its body is the whole file (``whole_body``),
-    and the older ``Digest`` (RFC 3230, which digests the whole file
-    whatever range is sent). sha-256 and sha-512 only; anything malformed
-    is ignored (and logged)."""
+    """The digests of the file a response gives in ``fields``, as
+    ``(field, hashlib algorithm, digest)``: ``Repr-Digest`` (RFC 9530),
+    ``Content-Digest`` (RFC 9530; of the body), and the older ``Digest``
+    (RFC 3230, which digests the whole file whatever range is sent, and
+    which mirror redirectors send with their redirect, RFC 6249). sha-256
+    and sha-512 only; anything malformed is ignored (and logged)."""
     found = []
-    for field in ('Repr-Digest', 'Content-Digest') if whole_body else ('Repr-Digest',):
+    for field in [name for name in ('Repr-Digest', 'Content-Digest') if name in fields]:
         for value in response.headers.get_all(field) or ():
             members = _structured_dictionary(value)
             if members is None:
@@ -622,7 +622,7 @@ def _server_digests(response: http.client.HTTPResponse, whole_body: bool
                 digest = _digest_value(field, algorithm, item[1:-1])
                 if digest is not None:
                     found.append((field, _DIGEST_ALGORITHMS[algorithm], digest))
-    for value in response.headers.get_all('Digest') or ():
+    for value in (response.headers.get_all('Digest') or ()) if 'Digest' in fields else ():
         for part in value.split(','):
             algorithm, equals, item = part.strip().partition('=')
             if not equals:
@@ -647,8 +647,7 @@ def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
                 _log.debug('ignoring the rest of a malformed Link field: %r', value[:200])
                 break
             position = match.end()
-            parameters = {name.lower(): quoted if quoted is not None else bare
-                          for name, quoted, bare in
+            parameters = {name.lower(): quoted or bare for name, quoted, bare in
                           _LINK_PARAMETER_RE.findall(match.group(2))}
             if 'duplicate' not in (parameters.get('rel') or '').lower().split():
                 continue
@@ -1606,6 +1605,8 @@ class _Request:
         self.response: Optional[http.client.HTTPResponse] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
+        # (URL, response) of each redirect followed, for what its headers say
+        self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
 
     def send(self) -> http.client.HTTPResponse:
         """Send the request, follow redirects, return the final response
@@ -1624,6 +1625,7 @@ class _Request:
             if target in seen:
                 raise RedirectError('redirect loop at {}'.format(target))
             seen.add(target)
+            self.redirects.append((self.url, response))
             self._drain_and_release(response)
             self.trusted = self.trusted and _same_trust(self.url, target)
             target_credentials = _url_credentials(urllib.parse.urlsplit(target))
@@ -3461,7 +3463,7 @@ class _Transfer:
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
         if not self.probed and self.verify_digest:
-            self._take_server_word(answer, response, request.url)
+            self._take_server_word(answer, response, request)
         setup = None if self.probed else self._plan(conn, answer, response)
         return (answer.end if answer.end is not None else _UNKNOWN_END), setup
 
@@ -3534,22 +3536,31 @@ class _Transfer:
         answer.end = answer.total = None
 
     def _take_server_word(self, answer: _Answer, response: http.client.HTTPResponse,
-                          url: str) -> None:
+                          request: _Request) -> None:
         """The probe's answer: the digests it gives, to check when the file
         is complete (none for a body decoded on the way: they digest the
-        bytes sent), and, when it gives one, the duplicates it names become
-        sources too."""
+        bytes sent), else the ``Digest`` of the last redirect that led to
+        it and gives one (as mirror redirectors send it); and the
+        duplicates that the answer giving the digest names become sources
+        too. A connection thread, under the lock."""
         self.digests = []
         if answer.encoding is not None and not answer.keep_encoded:
             return
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
                                            answer.end == answer.total)
-        self.digests = _server_digests(response, whole)
-        if not self.digests:
+        fields = ('Repr-Digest', 'Content-Digest', 'Digest') if whole else \
+            ('Repr-Digest', 'Digest')
+        answers = [(request.url, response, fields)] + \
+            [(url, redirect, ('Digest',)) for url, redirect in reversed(request.redirects)]
+        for url, said, names in answers:
+            self.digests = _server_digests(said, names)
+            if self.digests:
+                break
+        else:
             return
         known = {source.url for source in self.sources}
-        for duplicate in _duplicates(response, url):
+        for duplicate in _duplicates(said, url):
             if duplicate not in known:
                 _log.info('%s: %s serves it too', self.options.url, duplicate)
                 self.sources.append(_Source(duplicate, self.store.validators.get(duplicate)))

@@ -150,3 +150,25 @@ def test_link_duplicates_without_a_digest_are_not_followed(make_server, tmp_path
                    headers={'Link': '<{}>; rel=duplicate'.format(mirror)})
     d, _ = download(url, tmp_path / 'f')
     assert d.state == 'error' and other.requests_for('/m') == []
+
+
+def test_a_redirector_s_digest_and_duplicates_count(make_server, tmp_path):
+    """As MirrorBrain and MirrorCache send them: Digest and Link with the
+    302 to a mirror; the mirror's own answer says nothing."""
+    redirector, first, second = make_server(), make_server(), make_server()
+    mirror = first.add('/f', DATA, truncate_at=100000)
+    other = second.add('/f', DATA)
+    url = redirector.add('/f', b'', status=302, headers={
+        'Location': mirror, 'Link': '<{}>; rel=duplicate; pri=1'.format(other),
+        **field('Digest', 'sha256', DATA)})
+    d, _ = download(url, tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert second.requests_for('/f', 'GET')[0].headers['Range'].startswith('bytes=100000-')
+    redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
+                                                  **field('Digest', 'sha512', WRONG)})
+    d = fetch(url, tmp_path / 'g')
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    # a Repr-Digest of the redirect is the redirect's own: not the file's
+    redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
+                                                  **field('Repr-Digest', 'sha512', WRONG)})
+    assert fetch(url, tmp_path / 'h').state == 'complete'
