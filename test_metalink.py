@@ -186,6 +186,24 @@ def test_a_bad_piece_comes_again_from_another_source(make_server, tmp_path):
         'bytes={}-{}'.format(3 * PIECE, 4 * PIECE - 1)]
 
 
+def test_a_bad_piece_two_sources_wrote_blames_neither(make_server, tmp_path, caplog):
+    """The first mirror spoils a byte of piece 2 and breaks off 1000 bytes
+    into it; the second, good, writes the rest of that piece (most of it)
+    and is not blamed for the byte it did not send."""
+    first, second = make_server(), make_server()
+    spoilt = bytearray(BIG)
+    spoilt[2 * PIECE + 100] ^= 0xFF
+    url = first.add('/f', bytes(spoilt), truncate_at=2 * PIECE + 1000)
+    mirror = second.add('/f', BIG)
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    with caplog.at_level(logging.WARNING, logger='bitpit'):
+        d, _ = download(None, tmp_path / 'f', metalink=str(doc))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+    warnings = [r.getMessage() for r in caplog.records if 'does not match' in r.getMessage()]
+    assert len(warnings) == 1 and 'piece 2 ' in warnings[0], warnings
+    assert 'several sources' in warnings[0] and mirror not in warnings[0]
+
+
 def test_one_source_that_keeps_sending_bad_pieces_fails(server, tmp_path):
     url = server.add('/f', corrupt(BIG))
     doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)])]))
@@ -313,6 +331,16 @@ def test_unknown_hash_types_beside_a_known_one_are_ignored(tmp_path, caplog):
         d = bitpit.Downloader(metalink=str(write(tmp_path, document)), path=tmp_path / 'o')
     assert d._checksum == ('sha256', '0' * 64)
     assert sum('unsupported type' in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_metalink_url_is_fetched_with_the_request_options(server, tmp_path):
+    doc = server.add('/f.meta4', url_entry())
+    d = bitpit.Downloader(metalink=doc, path=tmp_path / 'o', headers={'X-Token': 't'},
+                          timeout=5)
+    assert d.url == 'http://127.0.0.1:9/x'
+    assert server.requests_for('/f.meta4')[0].headers['X-Token'] == 't'
+    with pytest.raises(bitpit.HTTPStatusError):
+        bitpit.Downloader(metalink=server.url('/missing.meta4'))
 
 
 def test_arguments(tmp_path):
