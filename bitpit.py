@@ -13,6 +13,7 @@ contents; each layer uses only the layers above it:
                  and what an answer says about the file
     store        the target file, the byte ranges it holds, its sidecar
     transfer     one attempt over one or more connections and sources
+    documents    checksum files and metalinks, which say what the file is
     downloader   Downloader: the public face of one download
     manager      Manager: many downloads, one total rate limit
     command line main(), download() and the ``bitpit`` command
@@ -4432,7 +4433,9 @@ class Downloader(Emitter):
     file name comes from the URL. A file that already holds data is resumed
     with a ``Range`` request; its sidecar ``NAME.bitpit`` says which bytes it
     holds. With ``connections > 1`` and a server that serves ranges, the file
-    comes over several connections, from ``url`` and its ``mirrors``.
+    comes over several connections, from ``url`` and its ``mirrors``. A
+    ``metalink`` (read by the constructor) gives the URLs, the size and the
+    hashes instead of ``url``.
 
     Signals: ``state-changed (downloader, old_state)``, ``size-changed``,
     ``speed-changed``, ``url-changed``, ``path-changed``,
