@@ -741,7 +741,8 @@ class TLSError(NetworkError):
 
 class ProtocolError(Error):
     """The server's answer was malformed or broke its own promises (a short
-    body, a bad ``Content-Range``, an invalid status line)."""
+    body, a bad ``Content-Range``, an invalid status line); also a metalink
+    refused (not retryable)."""
     retryable = True
 
 
@@ -752,8 +753,9 @@ class RedirectError(ProtocolError):
 
 
 class IntegrityError(Error):
-    """The downloaded bytes do not match the expected checksum, or the body
-    is larger than ``max_size``."""
+    """The downloaded bytes do not match the expected checksum (given, from
+    a checksum file or a metalink) or the server's digest, a checksum file
+    has no line for the file, or the body is larger than ``max_size``."""
 
 
 class FileError(Error):
