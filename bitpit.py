@@ -13,6 +13,7 @@ contents; each layer uses only the layers above it:
                  and what an answer says about the file
     store        the target file, the byte ranges it holds, its sidecar
     transfer     one attempt over one or more connections and sources
+    documents    checksum files and metalinks, which say what the file is
     downloader   Downloader: the public face of one download
     manager      Manager: many downloads, one total rate limit
     command line main(), download() and the ``bitpit`` command
@@ -546,6 +547,124 @@ def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
     return algorithm, digest
 
 
+# what a server says of its file: digests (RFC 9530, RFC 3230) and its
+# duplicates (RFC 6249)
+
+_DIGEST_ALGORITHMS = {'sha-256': 'sha256', 'sha-512': 'sha512'}  # their hashlib names
+_MAX_DUPLICATES = 16     # most mirrors one answer's Link header may add
+_SF_ITEM = r'(?::[A-Za-z0-9+/=]*:|"(?:[^"\\]|\\.)*"|\?[01]|[^\s,;()"=]+)'
+_SF_PARAMETERS = r'(?:\s*;\s*[a-z*][a-z0-9_.*-]*(?:=' + _SF_ITEM + r')?)*'
+# one member of a structured-field dictionary (RFC 8941), then a comma or the end
+_SF_MEMBER_RE = _Pattern(r'\s*([a-z*][a-z0-9_.*-]*)(?:=(' + _SF_ITEM + r'|\((?:\s*' +
+                         _SF_ITEM + _SF_PARAMETERS + r')*\s*\)))?' + _SF_PARAMETERS +
+                         r'\s*(,|$)')
+_LINK_RE = _Pattern(r'\s*<([^>]*)>((?:\s*;\s*[^;,"]+(?:="[^"]*"|=[^;,]*)?)*)\s*(?:,|$)')
+_LINK_PARAMETER_RE = _Pattern(r';\s*([^=;\s]+)\s*(?:=\s*(?:"([^"]*)"|([^;\s]*)))?')
+
+
+def _structured_dictionary(value: str) -> Optional[Dict[str, str]]:
+    """The members of an RFC 8941 dictionary field (each key's value as
+    written, ``''`` for none), or ``None`` when it does not parse: such a
+    field is ignored whole."""
+    members: Dict[str, str] = {}
+    position = 0
+    while position < len(value) and value[position:].strip():
+        match = _SF_MEMBER_RE.match(value, position)
+        if match is None:
+            return None
+        members[match.group(1)] = match.group(2) or ''
+        position = match.end()
+        if match.group(3) == ',' and not value[position:].strip():
+            return None  # a trailing comma
+    return members
+
+
+def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
+    """The digest ``value`` (base64) of ``algorithm`` (its name in the field,
+    lower case) that ``field`` gave, or ``None`` (logged) for an unknown
+    algorithm or a malformed value."""
+    import base64
+    import binascii
+    import hashlib
+    name = _DIGEST_ALGORITHMS.get(algorithm)
+    if name is None:
+        _log.debug('%s: ignoring the digest of unsupported algorithm %r', field, algorithm)
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        digest = b''
+    if len(digest) != hashlib.new(name).digest_size:
+        _log.warning('%s: ignoring a %s digest that is not base64 of the right length: %r',
+                     field, algorithm, value[:100])
+        return None
+    return digest
+
+
+def _server_digests(response: http.client.HTTPResponse, fields: Tuple[str, ...]
+                    ) -> List[Tuple[str, str, bytes]]:
+    """The digests of the file a response gives in ``fields``, as
+    ``(field, hashlib algorithm, digest)``: ``Repr-Digest`` (RFC 9530),
+    ``Content-Digest`` (RFC 9530; of the body), and the older ``Digest``
+    (RFC 3230, which digests the whole file whatever range is sent, and
+    which mirror redirectors send with their redirect, RFC 6249). sha-256
+    and sha-512 only; anything malformed is ignored (and logged)."""
+    found = []
+    for field in [name for name in ('Repr-Digest', 'Content-Digest') if name in fields]:
+        for value in response.headers.get_all(field) or ():
+            members = _structured_dictionary(value)
+            if members is None:
+                _log.warning('ignoring a malformed %s field: %r', field, value[:200])
+                continue
+            for algorithm, item in members.items():
+                if not (len(item) >= 2 and item[0] == item[-1] == ':'):
+                    if algorithm in _DIGEST_ALGORITHMS:
+                        _log.warning('%s: ignoring %s, which is not a byte sequence: %r',
+                                     field, algorithm, item[:100])
+                    continue
+                digest = _digest_value(field, algorithm, item[1:-1])
+                if digest is not None:
+                    found.append((field, _DIGEST_ALGORITHMS[algorithm], digest))
+    for value in (response.headers.get_all('Digest') or ()) if 'Digest' in fields else ():
+        for part in value.split(','):
+            algorithm, equals, item = part.strip().partition('=')
+            if not equals:
+                _log.warning('ignoring a malformed Digest field: %r', value[:200])
+                continue
+            digest = _digest_value('Digest', algorithm.strip().lower(), item.strip())
+            if digest is not None:
+                found.append(('Digest', _DIGEST_ALGORITHMS[algorithm.strip().lower()], digest))
+    return found
+
+
+def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
+    """The http(s) URLs a response's ``Link: <URL>; rel=duplicate`` fields
+    name (RFC 6249), relative ones resolved against ``base``, by their
+    ``pri`` (lowest first), at most ``_MAX_DUPLICATES``."""
+    found = []
+    for value in response.headers.get_all('Link') or ():
+        position = 0
+        while position < len(value) and value[position:].strip():
+            match = _LINK_RE.match(value, position)
+            if match is None or match.end() == position:
+                _log.debug('ignoring the rest of a malformed Link field: %r', value[:200])
+                break
+            position = match.end()
+            parameters = {name.lower(): quoted or bare for name, quoted, bare in
+                          _LINK_PARAMETER_RE.findall(match.group(2))}
+            if 'duplicate' not in (parameters.get('rel') or '').lower().split():
+                continue
+            try:
+                url = urllib.parse.urljoin(base, match.group(1).strip())
+                _check_url(url)
+            except (InvalidURLError, ValueError) as exc:
+                _log.info('ignoring a duplicate the server names: %s', exc)
+                continue
+            priority = parameters.get('pri') or ''
+            found.append((int(priority) if priority.isdigit() else 999999, len(found), url))
+    return [url for _, _, url in sorted(found)[:_MAX_DUPLICATES]]
+
+
 # headers bitpit sets itself: a caller may not give them
 _CONTROLLED_HEADERS = frozenset({'range', 'if-range', 'accept-encoding', 'host',
                                  'content-length', 'transfer-encoding'})
@@ -624,7 +743,8 @@ class TLSError(NetworkError):
 
 class ProtocolError(Error):
     """The server's answer was malformed or broke its own promises (a short
-    body, a bad ``Content-Range``, an invalid status line)."""
+    body, a bad ``Content-Range``, an invalid status line); also a metalink
+    refused (not retryable)."""
     retryable = True
 
 
@@ -635,8 +755,9 @@ class RedirectError(ProtocolError):
 
 
 class IntegrityError(Error):
-    """The downloaded bytes do not match the expected checksum, or the body
-    is larger than ``max_size``."""
+    """The downloaded bytes do not match the expected checksum (given, from
+    a checksum file or a metalink) or the server's digest, a checksum file
+    has no line for the file, or the body is larger than ``max_size``."""
 
 
 class FileError(Error):
@@ -1515,6 +1636,8 @@ class _Request:
         self.response: Optional[http.client.HTTPResponse] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
+        # (URL, response) of each redirect followed, for what its headers say
+        self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
 
     def send(self) -> http.client.HTTPResponse:
         """Send the request, follow redirects, return the final response
@@ -1533,6 +1656,7 @@ class _Request:
             if target in seen:
                 raise RedirectError('redirect loop at {}'.format(target))
             seen.add(target)
+            self.redirects.append((self.url, response))
             self._drain_and_release(response)
             self.trusted = self.trusted and _same_trust(self.url, target)
             target_credentials = _url_credentials(urllib.parse.urlsplit(target))
@@ -1854,6 +1978,18 @@ class _Ranges:
     def spans(self) -> List[List[int]]:
         return [[start, end] for start, end in zip(self._starts, self._ends)]
 
+    def covers(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` is covered whole."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    def remove(self, start: int, end: int) -> None:
+        """Stop covering ``[start, end)``."""
+        kept = []
+        for old_start, old_end in zip(self._starts, self._ends):
+            kept += [(old_start, min(old_end, start)), (max(old_start, end), old_end)]
+        self.__init__([(s, e) for s, e in kept if s < e])
+
     def clip(self, size: int) -> None:
         """Forget everything at or after ``size``."""
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
@@ -1942,6 +2078,7 @@ class _FileStore:
         self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
         self._sidecar_failed = False  # it could not be written: no holes then
+        self.read_back = False    # bytes are read back as they land: never spliced
         self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
 
     # -- what is on disk ---------------------------------------------------------
@@ -2208,7 +2345,8 @@ class _FileStore:
     @property
     def spliceable(self) -> bool:
         """Whether bytes may go to the file by ``splice_in``."""
-        return self._regular and self._hasher is None and not self._no_splice
+        return self._regular and self._hasher is None and not self._no_splice and \
+            not self.read_back
 
     def _record(self, offset: int, data: memoryview) -> None:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
@@ -2273,6 +2411,28 @@ class _FileStore:
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
             self._remove_sidecar()
+
+    def forget(self, start: int, end: int) -> None:
+        """The bytes ``[start, end)`` are wrong: they are no longer held, and
+        the sidecar says so at once."""
+        with self._lock:
+            self.held.remove(start, end)
+            self._snap()
+            if start < self._hashed_to:
+                self._reset_hasher()  # it saw them: the file is hashed again at its end
+            self._sidecar_current = False
+            if self._regular and not self.sealed:
+                self._save_sidecar()
+
+    def piece_matches(self, start: int, end: int, algorithm: str, digest: str,
+                      cancelled: Callable[[], bool]) -> bool:
+        """Whether the bytes ``[start, end)`` on disk have this hex
+        ``digest`` (``_Stopped`` when ``cancelled()`` meanwhile)."""
+        import hashlib
+        hasher = hashlib.new(algorithm)
+        with self._lock:
+            self._read_back(start, end, hasher.update, cancelled)
+        return hasher.hexdigest() == digest
 
     def _reset_hasher(self) -> None:
         if self._hasher is not None:
@@ -2367,11 +2527,14 @@ class _FileStore:
     # -- the end ----------------------------------------------------------------------
 
     def finish(self, checksum: Optional[Tuple[str, str]], modified: Optional[float] = None,
-               etag: Optional[str] = None) -> None:
+               etag: Optional[str] = None, digests: Iterable[Tuple[str, str, bytes]] = ()
+               ) -> None:
         """The download is complete: cut the file to its size, check the
-        checksum, forget the sidecar, and give the file the server's
-        modification time and ETag (``_stamp``). Raises ``IntegrityError``
-        on a mismatch (the file is kept)."""
+        checksum and the server's ``digests`` (``(field, algorithm,
+        digest)``, see ``_server_digests``), forget the sidecar, and give
+        the file the server's modification time and ETag (``_stamp``).
+        Raises ``IntegrityError`` on a mismatch: the file is kept, with a
+        sidecar that holds none of it (``_disown``)."""
         with self._lock:
             try:
                 if self._regular and self._file is not None and self.size >= 0 and \
@@ -2379,7 +2542,6 @@ class _FileStore:
                     os.ftruncate(self._file.fileno(), self.size)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            self._remove_sidecar()
             if checksum is not None:
                 if self._hasher is None:
                     import hashlib
@@ -2387,15 +2549,66 @@ class _FileStore:
                 self._hash_from_disk(self.held.total)
                 actual = self._hasher.hexdigest()
                 if actual != checksum[1]:
+                    self._disown()
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
+            self._check_digests(list(digests))
+            self._remove_sidecar()
             if self._regular or (self._file is None and self.is_path and self.target.is_file()):
                 _stamp(self.target, modified, etag)
+
+    def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
+        """Hash the file once for every algorithm of ``digests`` and compare;
+        ``IntegrityError`` on a mismatch. A stream that cannot be read back
+        is not checked."""
+        if not digests:
+            return
+        if not self.is_path and not (_seekable(self.target) and
+                                     getattr(self.target, 'readable', lambda: False)()):
+            _log.info('%s: cannot read the file back to check the server\'s digest', self.url)
+            return
+        import hashlib
+        hashers = {algorithm: hashlib.new(algorithm) for _, algorithm, _ in digests}
+
+        def update(block: bytes) -> None:
+            for hasher in hashers.values():
+                hasher.update(block)
+        self._read_back(0, self.held.total, update)
+        for field, algorithm, digest in digests:
+            actual = hashers[algorithm].digest()
+            if actual != digest:
+                import base64
+                self._disown()
+                raise IntegrityError('{} {} mismatch for {}: the server says {}, the file has '
+                                     '{}'.format(field, algorithm, self.target,
+                                                 base64.b64encode(digest).decode(),
+                                                 base64.b64encode(actual).decode()))
+
+    def _disown(self) -> None:
+        """The bytes do not match what they should be, and nobody can tell
+        which are wrong: keep them, with a sidecar that holds none of them,
+        so that the file is never taken for a complete one and a new start
+        downloads it again."""
+        if self.sidecar is None or not self.target.is_file():
+            return
+        held, self.held = self.held, _Ranges()
+        try:
+            self._save_sidecar()
+        finally:
+            self.held = held
 
     def _hash_from_disk(self, end: int,
                         cancelled: Callable[[], bool] = lambda: False) -> None:
         """Feed the hasher the file's bytes from where it stands to ``end``."""
-        start = self._hashed_to
+        def update(block: bytes) -> None:
+            self._hasher.update(block)
+            self._hashed_to += len(block)
+        self._read_back(self._hashed_to, end, update, cancelled)
+
+    def _read_back(self, start: int, end: int, consume: Callable[[bytes], None],
+                   cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Read the file's bytes from ``start`` to ``end`` back, block by
+        block, into ``consume`` (``_Stopped`` when ``cancelled()``)."""
         if end <= start:
             return
         if self.is_path:
@@ -2413,8 +2626,7 @@ class _FileStore:
                 block = source.read(min(left, 1 << 20))
                 if not block:
                     break
-                self._hasher.update(block)
-                self._hashed_to += len(block)
+                consume(block)
                 left -= len(block)
         except OSError as exc:
             raise FileError('cannot read {} back: {}'.format(self.target, exc)) from exc
@@ -2456,6 +2668,7 @@ _GZIP_TYPES = ('application/gzip', 'application/x-gzip', 'application/x-tar+gzip
 _MAX_STREAK = 3          # transient failures in a row, without a byte, that bench a source
 _RETRY_PAUSE = 0.25      # seconds before asking a source again, per failure in a row
 _MAX_CHANGES = 3         # times an attempt may start over because the file changed
+_MAX_BAD_PIECES = 2      # pieces that fail their hash after which a source is retired
 
 
 class _DecodedBody:
@@ -2601,7 +2814,7 @@ class _Source:
     its validator, the one it had before the file changed (``stale``), the
     error that retired it, and its transient failures in a row. Guarded by
     the transfer's lock."""
-    __slots__ = ('url', 'validator', 'stale', 'retired', 'streak', 'last_error')
+    __slots__ = ('url', 'validator', 'stale', 'retired', 'streak', 'last_error', 'bad_pieces')
 
     def __init__(self, url: str, validator: Optional[str]):
         self.url = url
@@ -2610,10 +2823,64 @@ class _Source:
         self.retired: Optional[Error] = None
         self.streak = 0
         self.last_error: Optional[Error] = None
+        self.bad_pieces = 0  # pieces it sent that did not match their hash
 
     @property
     def usable(self) -> bool:
         return self.retired is None and self.streak < _MAX_STREAK
+
+
+class _BadPieces(IntegrityError):
+    """A source sent ``_MAX_BAD_PIECES`` pieces that do not match their
+    hashes: it is retired (the others fetch those pieces again)."""
+
+
+class _PieceHashes:
+    """A metalink's piece hashes (``algorithm``, ``length``, hex
+    ``digests``), and what the transfer knows of each piece: checked good,
+    being checked, the bytes each source wrote into it, and the source that
+    sent it wrong. Guarded by the transfer's lock."""
+
+    def __init__(self, algorithm: str, length: int, digests: List[str]):
+        self.algorithm = algorithm
+        self.length = length
+        self.digests = digests
+        self.good: set = set()
+        self.checking: set = set()
+        self.writers: Dict[int, Dict[_Source, int]] = {}
+        self.bad_from: Dict[int, _Source] = {}
+        self.epoch = 0  # the store's epoch these facts are of
+
+    def span(self, index: int, total: int) -> Tuple[int, int]:
+        return index * self.length, min((index + 1) * self.length, total)
+
+    def wrote(self, source: _Source, start: int, end: int) -> None:
+        """``source`` wrote the bytes ``[start, end)``."""
+        for index in range(start // self.length,
+                           min((end - 1) // self.length + 1, len(self.digests))):
+            part = min(end, (index + 1) * self.length) - max(start, index * self.length)
+            counts = self.writers.setdefault(index, {})
+            counts[source] = counts.get(source, 0) + part
+
+    def due(self, held: _Ranges, start: int, end: int, total: int) -> List[int]:
+        """The pieces within ``[start, end)``'s reach that ``held`` now
+        covers and nobody checked yet; they are being checked from now."""
+        found = []
+        for index in range(start // self.length,
+                           min((end - 1) // self.length + 1, len(self.digests))):
+            if index not in self.good and index not in self.checking and \
+                    held.covers(*self.span(index, total)):
+                self.checking.add(index)
+                found.append(index)
+        return found
+
+    def culprit(self, index: int) -> Optional[_Source]:
+        """The source that wrote a piece found wrong, if one source wrote
+        all of it: of a piece several wrote, nobody can tell which one
+        spoilt it (a byte of the one that wrote least is enough). The count
+        starts again for the bytes that come next."""
+        counts = self.writers.pop(index, {})
+        return next(iter(counts)) if len(counts) == 1 else None
 
 
 class _Connection:
@@ -2784,7 +3051,9 @@ class _Transfer:
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
                  min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
-                 conditions: Optional[Dict[str, str]] = None):
+                 conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
+                 expected_size: Optional[int] = None,
+                 piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._cond = threading.Condition(threading.Lock())
         self.store = store
         self.options = options
@@ -2825,6 +3094,14 @@ class _Transfer:
         self._next_look = 0.0
         self._next_save = 0.0
         self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+        self.verify_digest = verify_digest
+        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
+        self.expected_size = expected_size  # the size every source must have (a metalink's)
+        # a metalink's piece hashes, checked as pieces land (in a file path only)
+        self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
+            else None
+        if self.piece_hashes is not None:
+            store.read_back = True
 
     # -- the download thread's side ------------------------------------------------
 
@@ -2915,7 +3192,7 @@ class _Transfer:
                 raise _Stopped
             if not self.unchanged:
                 etag, date = self.file_dates
-                self.store.finish(self.checksum, _parse_http_date(date), etag)
+                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
         finally:
             if not self.complete or self.error is not None:
                 self.store.save()
@@ -3085,6 +3362,8 @@ class _Transfer:
         start, end, shrunk = pick
         if shrunk is not None:
             shrunk.end = start
+        if self.piece_hashes is not None:
+            self._avoid_bad_source(conn, start)
         return self._claim(conn, start, end, open_ended=self.total is None)
 
     def _pick(self, conn: Optional[_Connection]
@@ -3296,6 +3575,12 @@ class _Transfer:
         if answer.encoding is not None:
             self._decoding(conn, answer, response, request.url)
         known = self.total
+        if self.expected_size is not None and answer.total is not None and \
+                answer.total != self.expected_size:
+            error = ProtocolError('{} has {} bytes, not the {} the metalink says'.format(
+                source.url, answer.total, self.expected_size))
+            error.retryable = False
+            raise error
         if answer.kind == 'end':
             return self._accept_end(conn, answer)
         if answer.validator is not None and answer.validator == source.stale:
@@ -3320,6 +3605,8 @@ class _Transfer:
             self.ranges_work = True
         if answer.kind == 'part' and answer.first < conn.pos:
             conn.pos = conn.reading_to = answer.first  # rewrite the overlap
+        if not self.probed and self.verify_digest:
+            self._take_server_word(answer, response, request)
         setup = None if self.probed else self._plan(conn, answer, response)
         return (answer.end if answer.end is not None else _UNKNOWN_END), setup
 
@@ -3391,6 +3678,37 @@ class _Transfer:
             raise _Superseded
         answer.end = answer.total = None
 
+    def _take_server_word(self, answer: _Answer, response: http.client.HTTPResponse,
+                          request: _Request) -> None:
+        """The probe's answer: the digests it gives, to check when the file
+        is complete (none for a body decoded on the way: they digest the
+        bytes sent), else the ``Digest`` of the last redirect that led to
+        it and gives one (as mirror redirectors send it); and the
+        duplicates that the answer giving the digest names become sources
+        too. A connection thread, under the lock."""
+        self.digests = []
+        if answer.encoding is not None and not answer.keep_encoded:
+            return
+        whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
+                                           answer.total is not None and
+                                           answer.end == answer.total)
+        fields = ('Repr-Digest', 'Content-Digest', 'Digest') if whole else \
+            ('Repr-Digest', 'Digest')
+        answers = [(request.url, response, fields)] + \
+            [(url, redirect, ('Digest',)) for url, redirect in reversed(request.redirects)]
+        for url, said, names in answers:
+            self.digests = _server_digests(said, names)
+            if self.digests:
+                break
+        else:
+            return
+        known = {source.url for source in self.sources}
+        for duplicate in _duplicates(said, url):
+            if duplicate not in known:
+                _log.info('%s: %s serves it too', self.options.url, duplicate)
+                self.sources.append(_Source(duplicate, self.store.validators.get(duplicate)))
+                known.add(duplicate)
+
     def _learn(self, source: _Source, answer: _Answer) -> None:
         """Remember the source's validator (a partial answer without one
         keeps the old)."""
@@ -3430,6 +3748,8 @@ class _Transfer:
         """Open and reserve the file, then share the rest out: the probe's
         connection, without the lock."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
+        if self.piece_hashes is not None and self.total is not None:
+            self._check_pieces(None, 0, self.total)  # the pieces held before
         if setup.reserve is not None:
             # a body of one read needs no sidecar: only the room is checked
             self.store.reserve(setup.reserve, allocate=setup.reserve -
@@ -3549,7 +3869,8 @@ class _Transfer:
             source = conn.source
             source.last_error = error
             conn.last_end = conn.pos
-            if isinstance(error, (FileError, IntegrityError)):
+            if isinstance(error, (FileError, IntegrityError)) and \
+                    not isinstance(error, _BadPieces):
                 self._end(error)
                 return None
             if self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
@@ -3741,6 +4062,84 @@ class _Transfer:
         with self._cond:
             conn.pos += pending
             conn.pending = 0
+        if self.piece_hashes is not None:
+            self._check_pieces(conn, conn.pos - pending, conn.pos)
+
+
+    # -- piece hashes ------------------------------------------------------------------
+
+    def _check_pieces(self, conn: Optional[_Connection], start: int, end: int) -> None:
+        """``conn`` wrote ``[start, end)`` (``None``: they were held before):
+        check each piece that is now held whole against its hash, reading
+        it from the disk. A wrong piece is no longer held, so it is fetched
+        again (from another source, ``_avoid_bad_source``); the source that
+        wrote most of it is retired at its ``_MAX_BAD_PIECES``-th
+        (``_BadPieces``, raised in its own connection's thread). A
+        connection thread, holding no lock."""
+        pieces = self.piece_hashes
+        with self._cond:
+            total = self.total
+            if total is None or end <= start:
+                return
+            if pieces.epoch != self.store.epoch:  # the file started over
+                pieces.__init__(pieces.algorithm, pieces.length, pieces.digests)
+                pieces.epoch = self.store.epoch
+            if conn is not None:
+                pieces.wrote(conn.source, start, end)
+            due = pieces.due(_Ranges(self.store.snapshot), start, end, total)
+        retired = None
+        for index in due:
+            first, last = pieces.span(index, total)
+            try:
+                good = self.store.piece_matches(first, last, pieces.algorithm,
+                                                pieces.digests[index], self.cancel.is_set)
+            finally:
+                with self._cond:
+                    pieces.checking.discard(index)
+            with self._cond:
+                if good:
+                    pieces.good.add(index)
+                    pieces.writers.pop(index, None)
+                elif self._bad_piece(conn, index, first, last):
+                    retired = conn.source.retired
+        if retired is not None:
+            raise retired  # the connection goes on with another source
+
+    def _bad_piece(self, conn: Optional[_Connection], index: int, first: int, last: int
+                   ) -> bool:
+        """Piece ``index`` (bytes ``first`` to ``last``) failed its hash;
+        whether that retired ``conn``'s own source. Under the lock."""
+        pieces = self.piece_hashes
+        source = pieces.culprit(index)
+        self.store.forget(first, last)
+        _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash (%s); fetching it '
+                     'again', self.options.url, index, first, last - 1, pieces.algorithm,
+                     'from {}'.format(source.url) if source is not None else
+                     'held before, or from several sources')
+        if source is None:
+            return False
+        pieces.bad_from[index] = source
+        source.bad_pieces += 1
+        if source.bad_pieces < _MAX_BAD_PIECES or source.retired is not None:
+            return False
+        source.retired = _BadPieces('{} sent {} pieces that do not match their hashes'.format(
+            source.url, source.bad_pieces))
+        if conn is not None and conn.source is source:
+            return True  # its connection's thread retires it (and says so)
+        _log.warning('%s: not using %s any more: %s', self.options.url, source.url,
+                     source.retired)
+        for other in self.connections:
+            if other.source is source and other.request is not None:
+                other.request.abort()  # its bytes are not wanted any more
+        return False
+
+    def _avoid_bad_source(self, conn: _Connection, start: int) -> None:
+        """A claim from ``start`` goes to another source than the one that
+        sent that piece wrong, if there is one. Under the lock."""
+        if self.piece_hashes.bad_from.get(start // self.piece_hashes.length) is conn.source:
+            others = [s for s in self.sources if s.usable and s is not conn.source]
+            if others:
+                conn.source = others[0]
 
 
 def _too_large(limit: int, how: str) -> Error:
@@ -3753,6 +4152,352 @@ def _unexpected(exc: BaseException) -> Error:
     error = Error('unexpected error: {!r}'.format(exc))
     error.__cause__ = exc
     return error
+
+
+# ---------------------------------------------------------------------------
+# documents about the file: checksum files
+# ---------------------------------------------------------------------------
+
+_MAX_DOCUMENT = 16 * 1024 * 1024   # most bytes of a checksum file or a metalink
+# the hashlib algorithm a hex digest of this many characters is taken for
+_ALGORITHM_BY_LENGTH = {32: 'md5', 40: 'sha1', 56: 'sha224', 64: 'sha256', 96: 'sha384',
+                        128: 'sha512'}
+_BSD_SUM_RE = _Pattern(r'([A-Za-z0-9-]+) ?\((.*)\) ?= ?([0-9A-Fa-f]+)')
+_GNU_SUM_RE = _Pattern(r'(\\?)([0-9A-Fa-f]+) [ *](.*)')
+
+
+def _fetch_document(options: _RequestOptions, url: str, what: str,
+                    types: Optional[Tuple[str, ...]] = None) -> Tuple[Optional[bytes], str]:
+    """GET a document of at most ``_MAX_DOCUMENT`` bytes (a checksum file, a
+    metalink) with the download's request options: ``(body, its media
+    type)``; the body is ``None``, unread, when ``types`` are given and the
+    media type is none of them. Raises the request's ``bitpit.Error``; a
+    larger or an encoded body is a ``ProtocolError``. Blocks for up to
+    ``options.timeout`` per read."""
+    request = _Request(options, url)
+    try:
+        response = request.send()
+        if response.status >= 300:
+            raise _status_error(response, request.url)
+        media_type = (response.getheader('Content-Type') or '').split(';')[0].strip().lower()
+        if types is not None and media_type not in types:
+            return None, media_type
+        encoding = (response.getheader('Content-Encoding') or 'identity').strip().lower()
+        if encoding != 'identity':
+            raise ProtocolError('{} {} came with Content-Encoding {}'.format(what, url, encoding))
+        body = response.read(_MAX_DOCUMENT + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _network_error(exc) from exc
+    finally:
+        request.close(False)
+    if len(body) > _MAX_DOCUMENT:
+        error = ProtocolError('{} {} is larger than {} bytes'.format(what, url, _MAX_DOCUMENT))
+        error.retryable = False
+        raise error
+    return body, media_type
+
+
+def _parse_checksum_file_option(checksum: Optional[str]
+                                ) -> Optional[Tuple[Optional[str], str]]:
+    """``'ALG:file:URL'`` as ``('alg', URL)`` and ``'file:URL'`` as
+    ``(None, URL)`` (the algorithm told by the digest's length); ``None``
+    for any other value. ``ValueError`` for an unknown algorithm,
+    ``InvalidURLError`` for a bad URL."""
+    if not isinstance(checksum, str):
+        return None
+    algorithm, _, rest = checksum.partition(':')
+    algorithm = algorithm.strip().lower()
+    if algorithm == 'file':
+        algorithm, url = None, rest
+    elif rest[:5].lower() == 'file:':
+        url = rest[5:]
+        import hashlib
+        try:
+            hashlib.new(algorithm)
+        except (ValueError, TypeError):
+            raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
+    else:
+        return None
+    _check_url(url.strip())
+    return algorithm, url.strip()
+
+
+def _digest_in_checksum_file(text: str, names: Iterable[str], algorithm: Optional[str],
+                             url: str) -> Tuple[str, str]:
+    """``(algorithm, hex)`` of the line of a ``SHA256SUMS``-style file (GNU
+    ``HEX  name`` or ``HEX *name``, BSD ``SHA256 (name) = HEX``) for the
+    first of ``names`` it lists; a line's name counts by its last path
+    segment too. Without ``algorithm``, the digest's length tells it.
+    Raises ``IntegrityError`` when no line names the file or its digest
+    does not fit the algorithm."""
+    import hashlib
+    lines: Dict[str, List[Tuple[Optional[str], str]]] = {}
+    for line in text.splitlines():
+        bsd = _BSD_SUM_RE.fullmatch(line.strip())
+        gnu = None if bsd else _GNU_SUM_RE.fullmatch(line.rstrip('\r'))
+        if bsd:
+            tag, name, digest = bsd.group(1).lower().replace('-', ''), bsd.group(2), bsd.group(3)
+            if tag not in hashlib.algorithms_available:
+                continue
+        elif gnu:
+            tag, name, digest = None, gnu.group(3), gnu.group(2)
+            if gnu.group(1):  # GNU escapes a name holding a backslash or a line break
+                name = re.sub(r'\\(.)', lambda m: '\n' if m.group(1) == 'n' else m.group(1), name)
+        else:
+            continue
+        for key in dict.fromkeys((name, name.rsplit('/', 1)[-1])):
+            lines.setdefault(key, []).append((tag, digest.lower()))
+    for name in names:
+        for tag, digest in lines.get(name, ()):
+            if algorithm is not None and tag is not None and tag != algorithm:
+                continue  # a line of another algorithm for the same file
+            found = algorithm or tag or _ALGORITHM_BY_LENGTH.get(len(digest))
+            if found is None or len(digest) != 2 * hashlib.new(found).digest_size:
+                raise IntegrityError('the checksum file {} gives {} a digest that is not '
+                                     '{}: {!r}'.format(url, name, found or 'of a known '
+                                                       'algorithm', digest))
+            return found, digest
+    raise IntegrityError('the checksum file {} has no {}line for {}'.format(
+        url, algorithm + ' ' if algorithm else '', ' or '.join(dict.fromkeys(names))))
+
+
+# ---------------------------------------------------------------------------
+# documents about the file: metalinks (RFC 5854, and Metalink 3)
+# ---------------------------------------------------------------------------
+
+_METALINK4 = '{urn:ietf:params:xml:ns:metalink}'
+_METALINK3 = '{http://www.metalinker.org/}'
+_METALINK_TYPES = ('application/metalink4+xml', 'application/metalink+xml')
+# the hash types bitpit checks, strongest first, as hashlib names them
+_METALINK_HASHES = ('sha512', 'sha384', 'sha256', 'sha224', 'sha1', 'md5')
+_LOWEST_PRIORITY = 1000000   # a v4 URL without a priority comes after the others
+
+
+class _MetalinkFile:
+    """One file a metalink lists: its ``name`` (as the document gives it),
+    ``size`` (``None`` if not given), its http(s) ``urls`` best first, its
+    ``checksum`` (``(algorithm, hex)`` or ``None``) and its ``pieces``
+    (``(algorithm, length, [hex, ...])`` or ``None``). Read only."""
+    __slots__ = ('name', 'size', 'urls', 'checksum', 'pieces')
+
+    def __init__(self, name: str, size: Optional[int], urls: List[str],
+                 checksum: Optional[Tuple[str, str]],
+                 pieces: Optional[Tuple[str, int, List[str]]]):
+        self.name = name
+        self.size = size
+        self.urls = urls
+        self.checksum = checksum
+        self.pieces = pieces
+
+    @property
+    def filename(self) -> str:
+        """The name a file gets in a directory: the last segment of
+        ``name``, made safe."""
+        return _safe_filename(self.name.replace('\\', '/').rsplit('/', 1)[-1])
+
+
+def _metalink_error(message: str) -> ProtocolError:
+    error = ProtocolError(message)
+    error.retryable = False  # the same document says the same thing again
+    return error
+
+
+def _refuse_dtd(data: bytes, where: str) -> None:
+    """``ProtocolError`` for a document that is not XML, or that has a
+    document type declaration: a DTD may define entities, which expand
+    (an XML bomb) or name other files (an external entity). The document
+    is refused at the declaration, before any entity is read."""
+    import xml.parsers.expat
+
+    def refuse(*args: Any) -> None:
+        raise _metalink_error('{}: a metalink may not declare a DTD or entities'.format(where))
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise _metalink_error('{}: not XML: {}'.format(where, exc)) from None
+
+
+def _parse_metalink(data: bytes, where: str) -> List[_MetalinkFile]:
+    """The files a Metalink 4 (RFC 5854) or Metalink 3 document lists.
+    ``ProtocolError`` (not retryable) for anything else, for a DTD or an
+    entity, and for a file without a usable URL, with sizes that
+    disagree or with hashes that cannot be checked."""
+    import xml.etree.ElementTree as ElementTree
+    _refuse_dtd(data, where)
+    root = ElementTree.fromstring(data)
+    if root.tag == _METALINK4 + 'metalink':
+        ns, elements = _METALINK4, root.findall(_METALINK4 + 'file')
+    elif root.tag == _METALINK3 + 'metalink':
+        ns, elements = _METALINK3, root.findall('{0}files/{0}file'.format(_METALINK3))
+    else:
+        raise _metalink_error('{}: not a metalink (its root is {})'.format(where, root.tag))
+    if not elements:
+        raise _metalink_error('{}: the metalink lists no file'.format(where))
+    files = [_metalink_file(element, ns, where) for element in elements]
+    names = [entry.filename.casefold() for entry in files]
+    for name in names:
+        if names.count(name) > 1:
+            raise _metalink_error('{}: the metalink lists {} twice'.format(where, name))
+    return files
+
+
+def _metalink_file(element: Any, ns: str, where: str) -> _MetalinkFile:
+    """One ``<file>`` of a metalink (``ns``: its namespace)."""
+    name = (element.get('name') or '').strip()
+    where = '{}: file {!r}'.format(where, name)
+    if not name:
+        raise _metalink_error(where + ' has no name')
+    sizes = {(size.text or '').strip() for size in element.findall(ns + 'size')}
+    if any(not _DIGITS_RE.fullmatch(size) for size in sizes):
+        raise _metalink_error('{}: a size that is not a number: {}'.format(where, sorted(sizes)))
+    if len(sizes) > 1:
+        raise _metalink_error('{}: sizes that disagree: {}'.format(where, sorted(sizes)))
+    size = int(sizes.pop()) if sizes else None
+    verification = element if ns == _METALINK4 else element.find(ns + 'verification')
+    hashes = verification.findall(ns + 'hash') if verification is not None else []
+    checksum = _metalink_hash(hashes, where)
+    pieces = None
+    for candidate in (verification.findall(ns + 'pieces') if verification is not None else ()):
+        pieces = _metalink_pieces(candidate, ns, size, where)
+        if pieces is not None:
+            break
+    return _MetalinkFile(name, size, _metalink_urls(element, ns, where), checksum, pieces)
+
+
+def _metalink_algorithm(kind: Optional[str]) -> Optional[str]:
+    """The hashlib name of a metalink hash type (``sha-256``, ``sha256``,
+    ``SHA-1``...), if bitpit checks it."""
+    name = (kind or '').strip().lower().replace('-', '')
+    return name if name in _METALINK_HASHES else None
+
+
+def _check_hex(algorithm: str, digest: str, where: str) -> str:
+    import hashlib
+    digest = digest.strip().lower()
+    if not re.fullmatch(r'[0-9a-f]+', digest) or len(digest) != 2 * hashlib.new(
+            algorithm).digest_size:
+        raise _metalink_error('{}: a {} hash that is not {} hex digits: {!r}'.format(
+            where, algorithm, 2 * hashlib.new(algorithm).digest_size, digest[:200]))
+    return digest
+
+
+def _metalink_hash(hashes: List[Any], where: str) -> Optional[Tuple[str, str]]:
+    """The strongest whole-file hash bitpit checks. Hashes of other types
+    are ignored (logged), but a file whose every hash is of another type
+    cannot be verified: ``ProtocolError``."""
+    found = {}
+    for element in hashes:
+        algorithm = _metalink_algorithm(element.get('type'))
+        if algorithm is None:
+            _log.warning('%s: ignoring a hash of unsupported type %r', where, element.get('type'))
+            continue
+        found[algorithm] = _check_hex(algorithm, element.text or '', where)
+    if hashes and not found:
+        raise _metalink_error('{}: no hash of a type bitpit checks ({})'.format(
+            where, ', '.join(sorted({str(h.get('type')) for h in hashes}))))
+    for algorithm in _METALINK_HASHES:
+        if algorithm in found:
+            return algorithm, found[algorithm]
+    return None
+
+
+def _metalink_pieces(element: Any, ns: str, size: Optional[int], where: str
+                     ) -> Optional[Tuple[str, int, List[str]]]:
+    """``(algorithm, length, hashes)`` of a ``<pieces>`` element; ``None``
+    (logged) for a type bitpit does not check."""
+    algorithm = _metalink_algorithm(element.get('type'))
+    if algorithm is None:
+        _log.warning('%s: ignoring piece hashes of unsupported type %r', where,
+                     element.get('type'))
+        return None
+    length = (element.get('length') or '').strip()
+    if not _DIGITS_RE.fullmatch(length) or int(length) == 0:
+        raise _metalink_error('{}: pieces of length {!r}'.format(where, length))
+    hashes = element.findall(ns + 'hash')
+    if ns == _METALINK3:  # numbered by their attribute
+        try:
+            hashes.sort(key=lambda h: int(h.get('piece', '')))
+        except ValueError:
+            raise _metalink_error('{}: a piece hash without its number'.format(where)) from None
+    digests = [_check_hex(algorithm, h.text or '', where) for h in hashes]
+    if size is not None and len(digests) != -(-size // int(length)):
+        raise _metalink_error('{}: {} piece hashes of {} bytes for {} bytes'.format(
+            where, len(digests), length, size))
+    return (algorithm, int(length), digests) if digests else None
+
+
+def _metalink_urls(element: Any, ns: str, where: str) -> List[str]:
+    """The file's http and https URLs, best first: by v4 ``priority``
+    (lowest first; none: last) or v3 ``preference`` (highest first), in
+    document order among equals. Others (``ftp://``, ``file://``, torrents)
+    are skipped and logged; none left is a ``ProtocolError``."""
+    ranked = []
+    elements = element.findall(ns + 'url') if ns == _METALINK4 else \
+        element.findall('{0}resources/{0}url'.format(ns))
+    for number, url_element in enumerate(elements):
+        url = (url_element.text or '').strip()
+        rank = url_element.get('priority' if ns == _METALINK4 else 'preference') or ''
+        rank = int(rank) if _DIGITS_RE.fullmatch(rank.strip()) else None
+        if ns == _METALINK4:
+            rank = rank if rank is not None else _LOWEST_PRIORITY
+        else:
+            rank = -(rank if rank is not None else 0)
+        if (url_element.get('type') or 'http').lower() not in ('http', 'https'):
+            _log.info('%s: skipping a %s URL: %s', where, url_element.get('type'), url)
+            continue
+        try:
+            _check_url(url)
+        except InvalidURLError as exc:
+            _log.info('%s: skipping %s', where, exc)
+            continue
+        ranked.append((rank, number, url))
+    urls = list(dict.fromkeys(url for _, _, url in sorted(ranked)))
+    if not urls:
+        raise _metalink_error('{} has no http or https URL'.format(where))
+    return urls
+
+
+def _metalink_entry(url: Optional[str], metalink: Any,
+                    options: Callable[[str], _RequestOptions]) -> Optional[_MetalinkFile]:
+    """The one file of ``Downloader(metalink=...)`` (read now), or ``None``
+    without a metalink; ``TypeError``/``ValueError`` for neither or both of
+    ``url`` and ``metalink``, and for a metalink of several files."""
+    if metalink is None:
+        if url is None:
+            raise TypeError('Downloader() needs a url, or a metalink')
+        return None
+    if url is not None:
+        raise ValueError('give Downloader() a url or a metalink, not both')
+    if isinstance(metalink, _MetalinkFile):
+        return metalink
+    files = _read_metalink(metalink, options)
+    if len(files) != 1:
+        raise ValueError('the metalink {} lists {} files: Manager.add_metalink() downloads '
+                         'each'.format(metalink, len(files)))
+    return files[0]
+
+
+def _read_metalink(source: Any, options: Callable[[str], _RequestOptions]
+                   ) -> List[_MetalinkFile]:
+    """The files of the metalink at ``source``: an http(s) URL (fetched with
+    ``options(url)``) or a path. ``FileError`` for a file that cannot be
+    read; the request's errors; ``ProtocolError`` for the document."""
+    if isinstance(source, str) and re.match(r'(?i)https?://', source):
+        data, _ = _fetch_document(options(source), source, 'metalink')
+    else:
+        try:
+            with open(_as_path(source), 'rb') as file:
+                data = file.read(_MAX_DOCUMENT + 1)
+        except (OSError, TypeError, ValueError) as exc:
+            raise FileError('cannot read the metalink {}: {}'.format(source, exc)) from exc
+        if len(data) > _MAX_DOCUMENT:
+            raise _metalink_error('the metalink {} is larger than {} bytes'.format(
+                source, _MAX_DOCUMENT))
+    return _parse_metalink(data, str(source))
 
 
 # ---------------------------------------------------------------------------
@@ -3829,6 +4574,19 @@ def _as_size_limit(name: str, value: Any) -> Optional[int]:
     return _check_int(name, value, 0)
 
 
+def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
+                      auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
+                      ssl_context: Optional[ssl.SSLContext] = None, timeout: float = 10,
+                      cookies: Any = None, **others: Any) -> _RequestOptions:
+    """The request options, checked, of a download with these ``Downloader``
+    arguments (``others`` are not about requests), for a document it
+    reads first at ``url`` (a metalink)."""
+    return _RequestOptions(url, _check_headers(headers), _check_auth(auth),
+                           _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
+                           _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
+                           cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+
+
 class Downloader(Emitter):
     """Download one URL to a file in a thread of its own.
 
@@ -3838,7 +4596,9 @@ class Downloader(Emitter):
     file name comes from the URL. A file that already holds data is resumed
     with a ``Range`` request; its sidecar ``NAME.bitpit`` says which bytes it
     holds. With ``connections > 1`` and a server that serves ranges, the file
-    comes over several connections, from ``url`` and its ``mirrors``.
+    comes over several connections, from ``url`` and its ``mirrors``. A
+    ``metalink`` (read by the constructor) gives the URLs, the size and the
+    hashes instead of ``url``.
 
     Signals: ``state-changed (downloader, old_state)``, ``size-changed``,
     ``speed-changed``, ``url-changed``, ``path-changed``,
@@ -3875,8 +4635,12 @@ class Downloader(Emitter):
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
                         'Bytes per second an attempt must keep up over ``timeout`` '
                         'seconds (0: no minimum); next start.')
+    verify_digest = _Option(_as_bool, 'Check the file against the sha-256 or sha-512 digest '
+                                      'the server gives (``Repr-Digest``, ``Content-Digest``, '
+                                      '``Digest``); next start.')
 
-    def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
+    def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
+                 dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
                  restart_wait: float = -1, chunk_size: int = _DEFAULT_CHUNK_SIZE, *,
                  connections: int = 1, mirrors: Iterable[str] = (),
@@ -3885,7 +4649,18 @@ class Downloader(Emitter):
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
-                 if_exists: str = 'resume'):
+                 if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None):
+        if not isinstance(cookies, _Cookies):
+            cookies = _Cookies(cookies)  # one jar, for the metalink's request too
+        self._metalink = _metalink_entry(url, metalink, lambda source: _document_options(
+            source, headers=headers, auth=auth, proxy=proxy, ssl_context=ssl_context,
+            timeout=timeout, cookies=cookies))
+        if self._metalink is not None:
+            url = self._metalink.urls[0]
+            if not isinstance(mirrors, str):  # (the setter refuses a str)
+                mirrors = (*self._metalink.urls[1:], *mirrors)
+            if checksum is None and self._metalink.checksum is not None:
+                checksum = '{}:{}'.format(*self._metalink.checksum)
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = threading.Condition(self._lock)  # wait() waits on it
@@ -3922,7 +4697,8 @@ class Downloader(Emitter):
         self.mirrors = mirrors
         self.retries = retries
         self.content_disposition = content_disposition
-        self._checksum = _parse_checksum(checksum)
+        self._checksum_file = _parse_checksum_file_option(checksum)
+        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
         self.headers = headers
         self.auth = auth
         self.proxy = proxy
@@ -3935,6 +4711,7 @@ class Downloader(Emitter):
         self._path: Union[pathlib.Path, io.BufferedIOBase]
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
+        self.verify_digest = verify_digest
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -3953,10 +4730,15 @@ class Downloader(Emitter):
         else:
             path = _as_path(path)
             if dir_path:
-                self._dir, self._path = path, path / _filename_from_url(self._url)
+                self._dir, self._path = path, path / self._name_in_dir()
             else:
                 self._dir, self._path = None, path
         self._load_local_state()
+
+    def _name_in_dir(self) -> str:
+        """The file's name with ``dir_path``: the metalink's, else the URL's."""
+        return self._metalink.filename if self._metalink is not None else \
+            _filename_from_url(self._url)
 
     def _load_local_state(self) -> None:
         """Read what is already on disk: the bytes held, the known size.
@@ -3980,7 +4762,7 @@ class Downloader(Emitter):
             self._ensure_not_running('url')
             self._url = value
             if self._dir is not None:
-                self._path = self._dir / _filename_from_url(value)
+                self._path = self._dir / self._name_in_dir()
             self._load_local_state()
         self.emit('url-changed', self)
 
@@ -4419,17 +5201,22 @@ class Downloader(Emitter):
         store, conditions, replaces = self._prepare_target()
         if store is None:  # 'skip': the file is taken as it is
             return
+        checksum = self._checksum if self._checksum_file is None else \
+            self._checksum_from_file()
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             self._set_size(store.size)
         transfer = _Transfer(
             store=store, urls=[self._url, *self._mirrors], options=self._request_options(),
             connections=self._connections if store.is_path else 1,
-            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=self._checksum,
+            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=checksum,
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
             gzip_name=isinstance(self._path, os.PathLike) and
-            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions)
+            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions,
+            verify_digest=self._verify_digest,
+            expected_size=self._metalink.size if self._metalink is not None else None,
+            piece_hashes=self._metalink.pieces if self._metalink is not None else None)
         with self._lock:
             self._transfer = transfer
             stopped = self._stop_event.is_set()
@@ -4477,6 +5264,17 @@ class Downloader(Emitter):
                     replaces, store.target, exc)) from exc
         self._set_size(store.size if store.size >= 0 and not transfer.unchanged
                        else self._downloaded)
+
+    def _checksum_from_file(self) -> Tuple[str, str]:
+        """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
+        by the name in its URL, else the name of its path. Download
+        thread."""
+        algorithm, url = self._checksum_file
+        body, _ = _fetch_document(self._request_options(), url, 'checksum file')
+        names = [urllib.parse.unquote(urllib.parse.urlsplit(self._url).path.rsplit('/', 1)[-1])]
+        if isinstance(self._path, os.PathLike):
+            names.append(self._path.name)
+        return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
     def _prepare_target(self) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
                                        Optional[pathlib.Path]]:
@@ -4647,6 +5445,21 @@ class Manager(Emitter):
         self.emit('add', self, d)
         self.update()
         return d
+
+    def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:
+        """Add one download for each file the metalink at ``source`` (a path
+        or an http(s) URL, read now) lists, made with the manager's
+        ``kwargs`` updated by ``kwargs``; ``path`` is a directory (default:
+        the current one) where each file is named after the metalink.
+        Returns the downloaders, in the document's order. Raises what
+        reading the document raises (``ProtocolError`` for a bad one)."""
+        options = dict(self._kwargs, **kwargs)
+        options['dir_path'] = True
+        for name in ('url', 'metalink'):
+            if name in options:
+                raise TypeError('add_metalink() takes no {} argument'.format(name))
+        files = _read_metalink(source, lambda url: _document_options(url, **options))
+        return [self.add(Downloader(metalink=entry, **options)) for entry in files]
 
     def remove(self, d: Downloader) -> None:
         """Forget ``d`` (a running download is not stopped). Emits
@@ -5005,7 +5818,8 @@ def _build_parser() -> Any:
                              'time-out, then retry it (default: no minimum)')
     parser.add_argument('--checksum', metavar='ALG:HEX',
                         help='verify the download (one URL) against this digest, e.g. '
-                             'sha256:9f86d0...; any hashlib algorithm')
+                             'sha256:9f86d0...; any hashlib algorithm; ALG:file:URL reads '
+                             'it from a SHA256SUMS-style file')
     parser.add_argument('-H', '--header', metavar="'NAME: VALUE'", action='append', default=[],
                         help='send this header with every request (repeatable)')
     parser.add_argument('--user-agent', metavar='TEXT',
@@ -5036,6 +5850,19 @@ def _build_parser() -> Any:
                              'progress, summary) instead of the table')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing but errors (on standard error)')
+    parser.add_argument('--no-verify-digest', dest='verify_digest', action='store_false',
+                        help='do not check a file against the digest its server gives '
+                             '(Repr-Digest, Content-Digest, Digest)')
+    parser.add_argument('--checksum-file', metavar='URL',
+                        help='verify the download (one URL) against its line in this '
+                             'SHA256SUMS-style file (GNU or BSD format); the digest\'s '
+                             'length tells the algorithm')
+    parser.add_argument('--metalink', metavar='FILE|URL', action='append', default=[],
+                        help='download the files a Metalink (.meta4 or .metalink) lists, '
+                             'from its mirrors, checking its hashes (repeatable)')
+    parser.add_argument('--follow-metalink', action='store_true',
+                        help='a URL that answers with a Metalink (application/metalink4+xml) '
+                             'stands for the files it lists')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -5073,8 +5900,14 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
     if args.checksum is not None:
         if url_count != 1:
             parser.error('--checksum takes one URL, not {}'.format(url_count))
-        check('--checksum', _parse_checksum, args.checksum)
+        check('--checksum', lambda value: _parse_checksum_file_option(value) or
+              _parse_checksum(value), args.checksum)
         kwargs['checksum'] = args.checksum
+    if args.checksum_file is not None:
+        if url_count != 1 or args.checksum is not None:
+            parser.error('--checksum-file takes one URL, and no --checksum')
+        check('--checksum-file', _check_url, args.checksum_file)
+        kwargs['checksum'] = 'file:' + args.checksum_file
     if args.proxy is not None:
         if args.proxy:
             check('--proxy', _parse_proxy, args.proxy)
@@ -5084,6 +5917,8 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         if not colon:
             parser.error('--user takes USER:PASSWORD')
         kwargs['auth'] = (user, password)
+    if not args.verify_digest:
+        kwargs['verify_digest'] = False
     if args.cacert is not None:
         try:
             kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
@@ -5098,12 +5933,18 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_intermixed_args(argv)
-        jobs = _cli_jobs(parser, args, _cli_urls(parser, args))
+        files = _cli_urls(parser, args)
+        if args.metalink or args.follow_metalink:
+            files = _cli_metalinks(args, files, _downloader_kwargs(parser, args, 1))
+        jobs = _cli_jobs(parser, args, files)
         downloader_kwargs = _downloader_kwargs(parser, args, len(jobs))
     except SystemExit as exc:  # --help, --version or a usage error
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or _EXIT_OK
         return _EXIT_USAGE
+    except Error as exc:  # a metalink that cannot be read
+        print('bitpit: {}'.format(exc), file=sys.stderr)
+        return _EXIT_FAILED
     if not jobs:
         if not args.quiet:
             print('bitpit: no URL to download', file=sys.stderr)
@@ -5134,7 +5975,7 @@ def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
     file (several URLs on a line are mirrors of one file), each file once.
     A usage error (``parser.error``) for no URL at all, an unreadable file
     or an invalid URL."""
-    if not args.urls and not args.input_file:
+    if not args.urls and not args.input_file and not args.metalink:
         parser.error('no URL given: name URLs, or a file of URLs with -i FILE')
     if args.mirror and (len(args.urls) != 1 or args.input_file):
         parser.error('--mirror takes one URL (for several files, put mirrors on the '
@@ -5166,6 +6007,32 @@ def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
     return list(files.items())
 
 
+def _cli_metalinks(args: Any, files: List[_Sources], kwargs: Dict[str, Any]
+                   ) -> List[_Sources]:
+    """``files`` with the files of each ``--metalink`` added, and with
+    ``--follow-metalink``, each URL that answers with a metalink replaced
+    by the files it lists (a ``_MetalinkFile`` in the URL's place). Raises
+    the ``bitpit.Error`` of a metalink that cannot be read."""
+    def options(url: str) -> _RequestOptions:
+        return _document_options(url, **kwargs)
+
+    found: List[_Sources] = []
+    for url, mirrors in files:
+        if args.follow_metalink:
+            try:
+                data, _ = _fetch_document(options(url), url, 'metalink', _METALINK_TYPES)
+            except Error as exc:  # the download will tell
+                _log.info('%s: not followed as a metalink: %s', url, exc)
+                data = None
+            if data is not None:
+                found += [(entry, ()) for entry in _parse_metalink(data, url)]
+                continue
+        found.append((url, mirrors))
+    for source in args.metalink:
+        found += [(entry, ()) for entry in _read_metalink(source, options)]
+    return found
+
+
 def _cli_jobs(parser: Any, args: Any, files: List[_Sources]) -> List[_Job]:
     """Pair each file's URLs with the path it is saved to (``-d``, ``-o``)."""
     if not files or args.output is None:
@@ -5191,7 +6058,7 @@ def _assign_paths(files: List[_Sources], directory: Optional[str]) -> List[_Job]
     taken = set()
     jobs = []
     for url, mirrors in files:
-        name = _filename_from_url(url)
+        name = url.filename if isinstance(url, _MetalinkFile) else _filename_from_url(url)
         stem, ext = _split_extension(name)
         number = 0
         while name.casefold() in taken:
@@ -5278,7 +6145,8 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
                       restart_wait=restart_wait)
     try:
         for url, mirrors, path in jobs:
-            d = Downloader(url, path, mirrors=mirrors, **kwargs)
+            source = {'metalink': url} if isinstance(url, _MetalinkFile) else {'url': url}
+            d = Downloader(path=path, mirrors=mirrors, **source, **kwargs)
             d.listen('state-changed', state_changed)
             downloads.append(d)
         held_before = [d.downloaded for d in downloads]

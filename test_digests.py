@@ -1,0 +1,174 @@
+"""Digests the server gives: ``Repr-Digest`` and ``Content-Digest`` (RFC
+9530) and the older ``Digest`` (RFC 3230), sha-256 and sha-512, checked
+when the file completes. A mismatch is a fatal ``IntegrityError`` that
+keeps the file with a sidecar holding none of it; a malformed field or an
+unknown algorithm is ignored; ``Link: <URL>; rel=duplicate`` next to a
+digest adds a source (RFC 6249). ``verify_digest=False`` and
+``--no-verify-digest`` turn the check off."""
+import base64
+import hashlib
+import json
+import logging
+
+import pytest
+
+import bitpit
+from conftest import DATA, OFFSET, download, fetch, sidecar_of
+
+WRONG = DATA[:-1] + b'!'
+
+
+def b64(algorithm, data):
+    return base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
+
+
+def field(kind, algorithm, data):
+    """The ``kind`` field naming the digest of ``data``."""
+    if kind == 'Digest':
+        return {'Digest': '{}={}'.format(algorithm.upper().replace('SHA', 'SHA-'),
+                                         b64(algorithm, data))}
+    return {kind: '{}=:{}:'.format(algorithm.replace('sha', 'sha-'), b64(algorithm, data))}
+
+
+KINDS = ['Repr-Digest', 'Content-Digest', 'Digest']
+ALGORITHMS = ['sha256', 'sha512']
+
+
+@pytest.mark.parametrize('algorithm', ALGORITHMS)
+@pytest.mark.parametrize('kind', KINDS)
+def test_a_right_digest_completes(server, tmp_path, kind, algorithm):
+    url = server.add('/f', DATA, headers=field(kind, algorithm, DATA))
+    d = fetch(url, tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert not sidecar_of(tmp_path / 'f').exists()
+
+
+@pytest.mark.parametrize('algorithm', ALGORITHMS)
+@pytest.mark.parametrize('kind', KINDS)
+def test_a_wrong_digest_is_fatal_and_keeps_the_file_incomplete(server, tmp_path, kind,
+                                                               algorithm):
+    url = server.add('/f', DATA, headers=field(kind, algorithm, WRONG))
+    d = fetch(url, tmp_path / 'f', restart_wait=0)
+    assert d.state == 'fatal-error' and not d.is_restarting
+    error = d.last_exception
+    assert isinstance(error, bitpit.IntegrityError) and kind in str(error)
+    assert b64(algorithm, WRONG) in str(error) and b64(algorithm, DATA) in str(error)
+    # the bytes stay, and the sidecar says that none of them is good
+    assert (tmp_path / 'f').read_bytes() == DATA
+    assert json.loads(sidecar_of(tmp_path / 'f').read_text())['held'] == []
+
+
+def test_a_file_that_failed_its_digest_is_not_skipped_and_comes_again(server, tmp_path):
+    url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', WRONG))
+    assert fetch(url, tmp_path / 'f').state == 'fatal-error'
+    server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', DATA))  # fixed
+    d = fetch(url, tmp_path / 'f', if_exists='skip')
+    assert d.state == 'complete' and not sidecar_of(tmp_path / 'f').exists()
+    assert 'Range' not in server.requests_for('/f')[-1].headers  # all of it again
+
+
+def test_checksum_mismatch_also_leaves_a_sidecar_holding_nothing(server, tmp_path):
+    url = server.add('/f', DATA)
+    d = fetch(url, tmp_path / 'f', checksum='sha256:' + '0' * 64)
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    assert json.loads(sidecar_of(tmp_path / 'f').read_text())['held'] == []
+
+
+def test_verify_digest_false_ignores_a_wrong_digest(server, tmp_path):
+    url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', WRONG))
+    d = fetch(url, tmp_path / 'f', verify_digest=False)
+    assert d.state == 'complete' and d.verify_digest is False
+
+
+def test_the_command_line_can_turn_the_check_off(server, tmp_path):
+    url = server.add('/f', DATA, headers=field('Digest', 'sha256', WRONG))
+    assert bitpit._cli(['-q', '-d', str(tmp_path / 'a'), url]) == 1
+    assert bitpit._cli(['-q', '-d', str(tmp_path / 'b'), '--no-verify-digest', url]) == 0
+
+
+def test_on_a_resume_repr_digest_holds_and_content_digest_does_not(server, tmp_path):
+    """A 206 for the rest of the file: its Content-Digest digests the part
+    sent (here a wrong one for the file), its Repr-Digest the whole file."""
+    part = DATA[OFFSET:]
+    url = server.add('/f', DATA, headers={**field('Content-Digest', 'sha256', part),
+                                          **field('Repr-Digest', 'sha512', DATA)})
+    (tmp_path / 'f').write_bytes(DATA[:OFFSET])
+    d = fetch(url, tmp_path / 'f')
+    assert d.state == 'complete'
+    assert server.requests_for('/f')[0].headers['Range'] == 'bytes={}-'.format(OFFSET)
+    # a Repr-Digest that disagrees with the bytes held before is caught
+    (tmp_path / 'g').write_bytes(b'x' * OFFSET)
+    d = fetch(url, tmp_path / 'g')
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    assert 'Repr-Digest' in str(d.last_exception)
+
+
+@pytest.mark.parametrize('headers', [
+    {'Repr-Digest': 'sha-256=:not base64!:'},
+    {'Repr-Digest': 'sha-256=:{}:'.format(b64('md5', DATA))},        # too short
+    {'Repr-Digest': 'sha-256="{}"'.format(b64('sha256', WRONG))},    # not a byte sequence
+    {'Repr-Digest': 'sha-256=:{}:,'.format(b64('sha256', WRONG))},   # not a dictionary
+    {'Repr-Digest': 'md5=:{}:, sha=:AAAA:'.format(b64('md5', WRONG))},  # unsupported
+    {'Digest': 'SHA-256'},
+    {'Digest': 'MD5={}, UNIXsum=30637'.format(b64('md5', WRONG))},
+    {'Digest': 'SHA-256=@@@@'},
+])
+def test_malformed_fields_and_unknown_algorithms_are_ignored(server, tmp_path, caplog,
+                                                             headers):
+    url = server.add('/f', DATA, headers=headers)
+    with caplog.at_level(logging.DEBUG, logger='bitpit'):
+        d = fetch(url, tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert any(r.name == 'bitpit' and 'ignor' in r.getMessage() for r in caplog.records)
+
+
+def test_one_good_digest_among_malformed_ones_still_counts(server, tmp_path):
+    url = server.add('/f', DATA, headers={
+        'Repr-Digest': 'unknown=:AAAA:, sha-256=:{}:;p=1'.format(b64('sha256', WRONG))})
+    assert isinstance(fetch(url, tmp_path / 'f').last_exception, bitpit.IntegrityError)
+
+
+def test_link_duplicates_beside_a_digest_become_sources(make_server, tmp_path):
+    main, other = make_server(), make_server()
+    mirror = other.add('/m', DATA)
+    links = ('<ftp://example.com/f>; rel=duplicate; pri=1, '
+             '<{}>; rel="duplicate"; pri=2, <http://127.0.0.1:9/x>; rel=describedby'
+             .format(mirror))
+    # the first source breaks off after 100 kB: the rest comes from the duplicate
+    url = main.add('/f', DATA, truncate_at=100000,
+                   headers={'Link': links, **field('Repr-Digest', 'sha256', DATA)})
+    d, _ = download(url, tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert other.requests_for('/m', 'GET')[0].headers['Range'].startswith('bytes=100000-')
+    assert d.mirrors == ()  # found by this attempt, not the caller's
+
+
+def test_link_duplicates_without_a_digest_are_not_followed(make_server, tmp_path):
+    main, other = make_server(), make_server()
+    mirror = other.add('/m', DATA)
+    url = main.add('/f', DATA, truncate_at=100000,
+                   headers={'Link': '<{}>; rel=duplicate'.format(mirror)})
+    d, _ = download(url, tmp_path / 'f')
+    assert d.state == 'error' and other.requests_for('/m') == []
+
+
+def test_a_redirector_s_digest_and_duplicates_count(make_server, tmp_path):
+    """As MirrorBrain and MirrorCache send them: Digest and Link with the
+    302 to a mirror; the mirror's own answer says nothing."""
+    redirector, first, second = make_server(), make_server(), make_server()
+    mirror = first.add('/f', DATA, truncate_at=100000)
+    other = second.add('/f', DATA)
+    url = redirector.add('/f', b'', status=302, headers={
+        'Location': mirror, 'Link': '<{}>; rel=duplicate; pri=1'.format(other),
+        **field('Digest', 'sha256', DATA)})
+    d, _ = download(url, tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert second.requests_for('/f', 'GET')[0].headers['Range'].startswith('bytes=100000-')
+    redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
+                                                  **field('Digest', 'sha512', WRONG)})
+    d = fetch(url, tmp_path / 'g')
+    assert isinstance(d.last_exception, bitpit.IntegrityError)
+    # a Repr-Digest of the redirect is the redirect's own: not the file's
+    redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
+                                                  **field('Repr-Digest', 'sha512', WRONG)})
+    assert fetch(url, tmp_path / 'h').state == 'complete'
