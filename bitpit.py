@@ -39,6 +39,7 @@ import errno
 import io
 import math
 import os
+import random
 import re
 import select
 import socket
@@ -3616,6 +3617,26 @@ def _free_name(target: pathlib.Path) -> pathlib.Path:
             return candidate
 
 
+# -- restarts that back off ------------------------------------------------------
+
+_RESTART_WAIT_MAX_FACTOR = 10  # the default restart_wait_max, in restart_waits
+
+
+# the draws of the waits (http.client's imports import random already); tests
+# may put a seeded random.Random here
+_RESTART_RANDOM = random.Random()
+
+
+def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> float:
+    """The wait before the ``streak``-th restart in a row (exponential
+    back-off with full jitter above ``base``): ``draw`` (in ``[0, 1)``) of
+    the way from ``base`` to ``min(base * 2 ** (streak - 1), cap)``, the cap
+    being ``10 * base`` when ``None`` and never below ``base``."""
+    cap = _RESTART_WAIT_MAX_FACTOR * base if cap is None else max(cap, base)
+    high = min(base * 2.0 ** min(max(streak - 1, 0), 64), cap)
+    return base + draw * (high - base)
+
+
 class _Option:
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
@@ -3714,6 +3735,10 @@ class Downloader(Emitter):
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
                         'Bytes per second an attempt must keep up over ``timeout`` '
                         'seconds (0: no minimum); next start.')
+    restart_wait_max = _Option(lambda name, value: _check_number(
+        name, value, allow_none=True, low=0, high=_MAX_SECONDS),
+        'Longest wait before a restart, restarts in a row backing off up to it '
+        '(``None``: 10 times the ``restart_wait`` in use); next restart.')
 
     def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
@@ -3724,7 +3749,7 @@ class Downloader(Emitter):
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
-                 if_exists: str = 'resume'):
+                 if_exists: str = 'resume', restart_wait_max: Optional[float] = None):
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = threading.Condition(self._lock)  # wait() waits on it
@@ -3739,6 +3764,8 @@ class Downloader(Emitter):
         self._last_exception: Optional[BaseException] = None
         self._failures = 0
         self._retry_after: Optional[float] = None
+        self._restart_streak = 0             # restarts in a row after attempts with no byte
+        self._restart_draw = 0.0             # where its wait falls between the bounds
         self._thread: Optional[threading.Thread] = None
         self._running = False                # the download thread has work left
         self._attempt_over = False
@@ -3774,6 +3801,7 @@ class Downloader(Emitter):
         self._path: Union[pathlib.Path, io.BufferedIOBase]
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
+        self.restart_wait_max = restart_wait_max
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -4212,6 +4240,7 @@ class Downloader(Emitter):
         """The download thread: one attempt, from ``start`` to its end state,
         and every signal the download gives while it runs."""
         best_before = self._best_held
+        received_before = self._received
         retry_after = None
         final = 'pause'
         try:
@@ -4240,16 +4269,39 @@ class Downloader(Emitter):
                 self._attempt_over = True
                 self._speed = 0
             self._retry_after = retry_after
+            self._count_restart(final == 'error', self._received > received_before)
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
             if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
-                self._schedule_restart(max(self._restart_wait, retry_after or 0),
+                self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
             with self._changed:
                 self._running = False
                 self._changed.notify_all()
+
+    def _count_restart(self, failed: bool, received: bool) -> None:
+        """Count the restart an attempt's end calls for and draw its wait:
+        the ``n``-th in a row after failed attempts, ``n`` counted from 1
+        again after an attempt that received bytes, and from 0 after one
+        that completed or was paused. Download thread."""
+        if not failed:
+            self._restart_streak = 0
+        else:
+            self._restart_streak = 1 if received else self._restart_streak + 1
+        self._restart_draw = _RESTART_RANDOM.random()
+
+    def _restart_delay(self, base: float) -> float:
+        """Seconds before the restart after the last attempt, ``base``
+        being the ``restart_wait`` in use (the download's or its
+        manager's): the wait drawn for it, or the server's ``Retry-After``
+        (never less than ``base``). Any thread."""
+        base = max(0.0, base)
+        if self._retry_after is not None:
+            return max(base, self._retry_after)
+        return _backed_off(base, self._restart_wait_max, self._restart_streak,
+                           self._restart_draw)
 
     def _attempt(self) -> None:
         """One attempt: decide what to do with an existing file, run a
@@ -4608,7 +4660,7 @@ class Manager(Emitter):
             stopped_at = self._stopped_at.get(d)
             delay = 0.0
             if stopped_at is not None:
-                delay = max(self._restart_wait, d._retry_after or 0) - (now - stopped_at)
+                delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
             if delay > 0:
                 wait = delay if wait is None else min(wait, delay)
                 continue
@@ -4633,7 +4685,7 @@ def _checked_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 # command line
 # ---------------------------------------------------------------------------
 
-_CLI_RESTART_WAIT = 5
+_CLI_RESTART_WAIT = 1  # then up to 2, 4, 8, 10 s: at most 25 s for 5 retries
 _CLI_RETRIES = 5
 _CLI_TIMEOUT = 10
 _CLI_REFRESH = 0.25  # seconds between two redraws of the live table
@@ -4819,7 +4871,8 @@ def _build_parser() -> Any:
                              '# comments are skipped (repeatable)')
     parser.add_argument('--restart-wait', metavar='S', type=number(float),
                         default=_CLI_RESTART_WAIT,
-                        help='seconds before retrying a failed download '
+                        help='seconds before retrying a failed download; each retry in '
+                             'a row may wait up to twice as long, up to --restart-wait-max '
                              '(default: %(default)s)')
     parser.add_argument('--retries', metavar='N', type=number(int), default=_CLI_RETRIES,
                         help='retry a failing download at most N times in a row, '
@@ -4868,6 +4921,10 @@ def _build_parser() -> Any:
                              'progress, summary) instead of the table')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing but errors (on standard error)')
+    parser.add_argument('--restart-wait-max', metavar='S',
+                        type=number(float, high=_MAX_SECONDS),
+                        help='the longest wait before a retry (default: 10 times '
+                             '--restart-wait)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -4916,6 +4973,8 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         if not colon:
             parser.error('--user takes USER:PASSWORD')
         kwargs['auth'] = (user, password)
+    if args.restart_wait_max is not None:
+        kwargs['restart_wait_max'] = args.restart_wait_max
     if args.cacert is not None:
         try:
             kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
