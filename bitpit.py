@@ -1167,10 +1167,156 @@ def _basic_auth(user: str, password: str) -> str:
     return 'Basic ' + base64.b64encode(token).decode('ascii')
 
 
-def _proxy_headers(proxy: urllib.parse.SplitResult) -> Dict[str, str]:
-    """``Proxy-Authorization`` for a proxy URL with credentials, else none."""
-    credentials = _url_credentials(proxy)
-    return {} if credentials is None else {'Proxy-Authorization': _basic_auth(*credentials)}
+# -- HTTP Digest authentication (RFC 7616) --------------------------------------------
+
+# the algorithms a Digest challenge may name, best first, and their hashlib names
+_DIGEST_HASHES = {'SHA-512-256': 'sha512_256', 'SHA-256': 'sha256', 'MD5': 'md5'}
+_DIGEST_STALE_ROUNDS = 2   # new nonces (stale=true) one request follows at most
+# one item of an authentication header: an auth-param (name=value) or, alone,
+# the scheme that begins a challenge
+_AUTH_ITEM_RE = _Pattern(r'(?:^|[\s,])\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)'
+                         r'(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?')
+_QUOTED_PAIR_RE = _Pattern(r'\\(.)')
+
+# where a challenge came from: (scheme, host, port) of an origin, or
+# ('proxy', host, port) of a proxy
+_AuthKey = 'Tuple[str, str, int]'
+
+
+def _challenges(values: List[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """The challenges of ``WWW-Authenticate`` (or ``Proxy-Authenticate``)
+    header values: ``(scheme in lower case, {param in lower case: value})``,
+    in their order."""
+    found: List[Tuple[str, Dict[str, str]]] = []
+    for value in values:
+        for match in _AUTH_ITEM_RE.finditer(value):
+            name, param = match.group(1), match.group(2)
+            if param is None:
+                found.append((name.lower(), {}))
+            elif found:
+                if param.startswith('"'):
+                    param = _QUOTED_PAIR_RE.sub(r'\1', param[1:-1])
+                found[-1][1].setdefault(name.lower(), param)
+    return found
+
+
+def _digest_hash(algorithm: str) -> Optional[Callable[[str], str]]:
+    """``text -> hex digest`` for a Digest ``algorithm`` (without its
+    ``-sess``), or ``None`` for one unknown here."""
+    import hashlib
+    name = _DIGEST_HASHES.get(algorithm.upper())
+    if name is None or name not in hashlib.algorithms_available:
+        return None
+    return lambda text: hashlib.new(name, text.encode('utf-8')).hexdigest()
+
+
+def _quote(text: str) -> str:
+    return '"{}"'.format(text.replace('\\', '\\\\').replace('"', '\\"'))
+
+
+class _DigestChallenge:
+    """A Digest challenge a host or a proxy sent, and how many requests
+    answered its nonce (``count``, the nonce-count of the last one).
+    Guarded by its ``_DigestAuth``'s lock."""
+    __slots__ = ('realm', 'nonce', 'opaque', 'algorithm', 'hash', 'session', 'qop',
+                 'userhash', 'stale', 'count')
+
+    def __init__(self, params: Dict[str, str]):
+        algorithm = params.get('algorithm', 'MD5')
+        self.session = algorithm.upper().endswith('-SESS')
+        self.algorithm = algorithm
+        self.hash = _digest_hash(algorithm[:-5] if self.session else algorithm)
+        self.realm = params.get('realm', '')
+        self.nonce = params.get('nonce', '')
+        self.opaque = params.get('opaque')
+        qops = [q.strip().lower() for q in params['qop'].split(',')] if 'qop' in params \
+            else None
+        # None: RFC 2069, no qop. 'auth-int' alone cannot be answered: it
+        # would hash a request body, and '' says so
+        self.qop = None if qops is None else ('auth' if 'auth' in qops else '')
+        self.userhash = params.get('userhash', '').lower() == 'true'
+        self.stale = params.get('stale', '').lower() == 'true'  # the nonce sent was old
+        self.count = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.hash is not None and self.qop != '' and bool(self.nonce)
+
+    @property
+    def rank(self) -> int:
+        """Its algorithm's place among ``_DIGEST_HASHES``: 0 is the best."""
+        base = (self.algorithm[:-5] if self.session else self.algorithm).upper()
+        return list(_DIGEST_HASHES).index(base) if base in _DIGEST_HASHES \
+            else len(_DIGEST_HASHES)
+
+    def answer(self, credentials: Tuple[str, str], method: str, uri: str) -> str:
+        """The ``Authorization`` value of one more request with this nonce."""
+        h = self.hash
+        user, password = credentials
+        self.count += 1
+        cnonce = os.urandom(12).hex()
+        ha1 = h('{}:{}:{}'.format(user, self.realm, password))
+        if self.session:
+            ha1 = h('{}:{}:{}'.format(ha1, self.nonce, cnonce))
+        ha2 = h('{}:{}'.format(method, uri))
+        nc = '{:08x}'.format(self.count)
+        if self.qop:
+            response = h(':'.join((ha1, self.nonce, nc, cnonce, self.qop, ha2)))
+        else:
+            response = h(':'.join((ha1, self.nonce, ha2)))
+        if self.userhash:
+            fields = ['username=' + _quote(h('{}:{}'.format(user, self.realm))),
+                      'userhash=true']
+        elif all(' ' <= c <= '~' for c in user):
+            fields = ['username=' + _quote(user)]
+        else:
+            fields = ["username*=UTF-8''" + urllib.parse.quote(user, safe='')]
+        fields += ['realm=' + _quote(self.realm), 'nonce=' + _quote(self.nonce),
+                   'uri=' + _quote(uri), 'algorithm=' + self.algorithm,
+                   'response=' + _quote(response)]
+        if self.opaque is not None:
+            fields.append('opaque=' + _quote(self.opaque))
+        if self.qop:
+            fields += ['qop=auth', 'nc=' + nc, 'cnonce=' + _quote(cnonce)]
+        return 'Digest ' + ', '.join(fields)
+
+
+class _DigestAuth:
+    """The hosts and proxies that asked one download for Digest
+    authentication, each with its latest challenge: the download answers
+    them with Digest from then on, and never sends them Basic. Kept by the
+    ``Downloader`` across its attempts; ``_lock`` guards ``_asked`` and the
+    challenges' counts. Any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked: Dict[_AuthKey, _DigestChallenge] = {}
+
+    def asked(self, key: _AuthKey) -> bool:
+        with self._lock:
+            return key in self._asked
+
+    def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
+        """Take the best Digest challenge of an answer's header ``values``
+        (the strongest algorithm known here) and return it; ``None`` when
+        none can be answered (``key`` is still taken as asking for Digest
+        if it offered one) or none is offered."""
+        offered = [_DigestChallenge(params) for scheme, params in _challenges(values)
+                   if scheme == 'digest']
+        if not offered:
+            return None
+        chosen = min(offered, key=lambda c: (not c.usable, c.rank))
+        with self._lock:
+            self._asked[key] = chosen
+        return chosen if chosen.usable else None
+
+    def answer(self, key: _AuthKey, credentials: Tuple[str, str], method: str,
+               uri: str) -> Optional[str]:
+        """The ``Authorization`` (or ``Proxy-Authorization``) value of a
+        request to ``key``; ``None`` when its challenge cannot be answered."""
+        with self._lock:
+            challenge = self._asked[key]
+            return challenge.answer(credentials, method, uri) if challenge.usable else None
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -1265,7 +1411,7 @@ class _RequestOptions:
 
     def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
                  proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
-                 timeout: float, cookies: _Cookies):
+                 timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None):
         self.url = url  # the download's own URL: auth and secrets are for its origin
         merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
         merged.update((name.lower(), (name, value)) for name, value in headers.items())
@@ -1278,6 +1424,7 @@ class _RequestOptions:
         self.ssl_context = ssl_context
         self.timeout = timeout
         self.cookies = cookies
+        self.digest = digest if digest is not None else _DigestAuth()
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
@@ -1488,16 +1635,22 @@ class _Request:
         self.response: Optional[http.client.HTTPResponse] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
+        self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
     def send(self) -> http.client.HTTPResponse:
         """Send the request, follow redirects, return the final response
         (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
         seen = {self.url}
-        for _ in range(_MAX_REDIRECTS + 1):
+        hops = 0
+        while hops <= _MAX_REDIRECTS:
             if self.connection is None:
                 self._connect(self.url)
             response = self._exchange(self.url)
             self.options.cookies.remember(response, self.url)
+            if self._follow_challenge(response):
+                self._drain_and_release(response)
+                continue
+            hops += 1
             location = response.getheader('Location')
             if response.status not in _REDIRECT_STATUSES or not location:
                 self.response = response
@@ -1557,14 +1710,63 @@ class _Request:
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
-                conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
+                authorization = self._authorization(proxy, 'CONNECT', '{}:{}'.format(host, port))
+                conn.set_tunnel(host, port, headers={} if authorization is None else
+                                {'Proxy-Authorization': authorization})
         else:
             conn = _HTTPConnection(connect_host, connect_port, timeout=timeout)
         conn.via_proxy = bool(proxy) and scheme == 'http'
         conn.proxy_parts = proxy
         return conn
 
-    def _headers(self, url: str) -> Dict[str, str]:
+    def _auth_target(self, proxy: Optional[urllib.parse.SplitResult]
+                     ) -> Tuple[_AuthKey, Optional[Tuple[str, str]]]:
+        """Whom a request authenticates to, the origin of its URL or the
+        ``proxy``, and with what credentials."""
+        if proxy is not None:
+            return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
+        parts = urllib.parse.urlsplit(self.url)
+        scheme = parts.scheme.lower()
+        key = (scheme, (parts.hostname or '').lower(),
+               parts.port or (443 if scheme == 'https' else 80))
+        return key, self.options.credentials(self.url, self.own_credentials, self.trusted)
+
+    def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
+                       target: str) -> Optional[str]:
+        """The ``Authorization`` (for a ``proxy``: ``Proxy-Authorization``)
+        value of a request for ``target``: Digest to a host or proxy that
+        asked for it, else Basic; ``None`` without credentials."""
+        key, credentials = self._auth_target(proxy)
+        if credentials is None:
+            return None
+        if self.options.digest.asked(key):
+            return self.options.digest.answer(key, credentials, method, target)
+        return _basic_auth(*credentials)
+
+    def _follow_challenge(self, response: http.client.HTTPResponse) -> bool:
+        """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
+        Digest challenge to answer with another request: the first one of
+        this request, or one saying that the nonce sent was stale."""
+        connection = self.connection
+        proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
+            else None
+        if response.status != 401 and proxy is None:
+            return False
+        key, credentials = self._auth_target(proxy)
+        if credentials is None:
+            return False
+        challenge = self.options.digest.learn(key, response.msg.get_all(
+            'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
+        if challenge is None:
+            return False
+        followed = self.challenges.get(key, 0)
+        stale = challenge.stale if followed else True
+        if not stale or followed > _DIGEST_STALE_ROUNDS:
+            return False
+        self.challenges[key] = followed + 1
+        return True
+
+    def _headers(self, url: str, target: str) -> Dict[str, str]:
         options = self.options
         headers = {name: value for name, value in options.headers
                    if self.trusted or name.lower() not in ('authorization', 'cookie')}
@@ -1576,15 +1778,18 @@ class _Request:
         headers.update(self.extra)
         names = {name.lower() for name in headers}
         if 'authorization' not in names:
-            credentials = options.credentials(url, self.own_credentials, self.trusted)
-            if credentials is not None:
-                headers['Authorization'] = _basic_auth(*credentials)
+            authorization = self._authorization(None, self.method, target)
+            if authorization is not None:
+                headers['Authorization'] = authorization
         if 'cookie' not in names:
             cookie = options.cookies.header(url)
             if cookie:
                 headers['Cookie'] = cookie
         if self.connection.via_proxy:
-            headers.update(_proxy_headers(self.connection.proxy_parts))
+            authorization = self._authorization(self.connection.proxy_parts, self.method,
+                                                target)
+            if authorization is not None:
+                headers['Proxy-Authorization'] = authorization
         return headers
 
     def _exchange(self, url: str) -> http.client.HTTPResponse:
@@ -1599,7 +1804,7 @@ class _Request:
                 parts = urllib.parse.urlsplit(wire_url)
                 target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
-                conn.request(self.method, target, headers=self._headers(url))
+                conn.request(self.method, target, headers=self._headers(url, target))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -3794,6 +3999,7 @@ class Downloader(Emitter):
         self.proxy = proxy
         self.ssl_context = ssl_context
         self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
+        self._digest_auth = _DigestAuth()  # the hosts that asked it for Digest
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -4214,7 +4420,8 @@ class Downloader(Emitter):
 
     def _request_options(self) -> _RequestOptions:
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, self._cookies)
+                               self._ssl_context, self._timeout, self._cookies,
+                               self._digest_auth)
 
     def _set_state(self, state: str) -> None:
         with self._changed:
@@ -4896,8 +5103,9 @@ def _build_parser() -> Any:
     parser.add_argument('--user-agent', metavar='TEXT',
                         help='the User-Agent header (default: bitpit/VERSION)')
     parser.add_argument('--user', metavar='USER:PASSWORD',
-                        help='HTTP Basic credentials (default: from the URL, else ~/.netrc); '
-                             'never sent to another host after a redirect')
+                        help='HTTP credentials, Basic or, to a host that asks for it, '
+                             'Digest (default: from the URL, else ~/.netrc); never sent to '
+                             'another host after a redirect')
     parser.add_argument('--proxy', metavar='URL',
                         help='use this HTTP proxy, http://[user:pass@]host:port; \'\' for none '
                              '(default: http_proxy, https_proxy, no_proxy)')
