@@ -36,6 +36,7 @@ import bisect
 import collections
 import datetime
 import errno
+import functools
 import io
 import math
 import os
@@ -1003,8 +1004,17 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-# scheme, host, port, proxy (host, port) or None, id of the TLS context
-_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int]'
+# scheme, host, port, proxy (host, port) or None, id of the TLS context, id of
+# the manager's _HostSlots (or of None)
+_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int, int]'
+
+
+def _close_connection(conn: Any) -> None:
+    """Close ``conn``, and give back the host slot it holds, if any."""
+    conn.close()
+    release, conn.release_slot = getattr(conn, 'release_slot', None), None
+    if release is not None:
+        release()
 
 
 class _ConnectionPool:
@@ -1029,7 +1039,7 @@ class _ConnectionPool:
                 since, conn = idle.pop()
             if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
                 return conn
-            conn.close()
+            _close_connection(conn)
 
     def clear(self) -> None:
         """Close every idle connection."""
@@ -1037,7 +1047,7 @@ class _ConnectionPool:
             idle, self._idle = self._idle, {}
         for connections in idle.values():
             for _, conn in connections:
-                conn.close()
+                _close_connection(conn)
 
     def put(self, key: _ConnectionKey, conn: Any) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
@@ -1054,10 +1064,157 @@ class _ConnectionPool:
             else:
                 expired.append(conn)
         for old in expired:
-            old.close()
+            _close_connection(old)
+
+    def count(self, match: Callable[[_ConnectionKey], bool]) -> int:
+        """How many idle connections have a key that ``match`` accepts."""
+        with self._lock:
+            return sum(len(idle) for key, idle in self._idle.items() if match(key))
+
+    def evict(self, match: Callable[[_ConnectionKey], bool]) -> None:
+        """Close the oldest idle connection whose key ``match`` accepts, if any."""
+        with self._lock:
+            oldest = min(((idle[0][0], key) for key, idle in self._idle.items()
+                          if idle and match(key)), key=lambda found: found[0], default=None)
+            conn = self._idle[oldest[1]].pop(0)[1] if oldest is not None else None
+        if conn is not None:
+            _close_connection(conn)
 
 
 _POOL = _ConnectionPool()
+
+
+# -- per-host connection caps -------------------------------------------------------
+
+_HostKey = 'Tuple[str, str, int]'  # scheme, host, port
+
+
+def _host_key(url: str) -> _HostKey:
+    """The (scheme, host, port) a request for ``url`` connects to."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, _ascii_host(parts.hostname or ''), \
+        parts.port or (443 if scheme == 'https' else 80)
+
+
+class _SlotTicket:
+    """A connection thread waiting for a slot; ``granted`` once it has one.
+    Guarded by its ``_HostSlots``' lock."""
+    __slots__ = ('granted',)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+
+class _SlotWaker:
+    """Registers a ``_HostSlots`` with a ``_Cancel``: a cancel wakes its
+    waiters, which then see it."""
+
+    def __init__(self, slots: '_HostSlots'):
+        self.abort = slots.wake
+
+
+class _HostSlots:
+    """A manager's cap on the connections open at once to one (scheme, host,
+    port), ``max_per_host``, over all of its downloads: a connection holds a
+    slot from its opening to its closing, idle in the pool included.
+
+    A connection thread takes a slot before it opens a connection
+    (``acquire``): at once if one is free and nobody waits, else in turn,
+    first come first served, waking for a ``_Cancel``. Closing the
+    connection gives the slot back (``release``) to the longest waiter. A
+    transfer asks ``spare`` before it starts one more connection; when there
+    is none, its callback is called once a slot frees with nobody waiting.
+    An idle pooled connection of the host is closed for a waiter.
+
+    ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``; nothing is
+    called under it. Callbacks run in the thread that closed a connection,
+    which holds no lock: connections are never closed under a transfer's
+    lock. Any thread."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._cond = threading.Condition(threading.Lock())
+        self._open: Dict[_HostKey, int] = {}
+        self._queues: Dict[_HostKey, 'collections.deque[_SlotTicket]'] = {}
+        self._watchers: Dict[_HostKey, Dict[Callable[[], None], None]] = {}
+
+    def _idle_here(self, host: _HostKey) -> Callable[[Any], bool]:
+        """Whether a pool key is one of this manager's to ``host``."""
+        return lambda key: key[:3] == host and key[5] == id(self)
+
+    def spare(self, host: _HostKey, freed: Callable[[], None]) -> bool:
+        """Whether one more connection to ``host`` could open now (idle ones
+        would be closed for it); if not, ``freed()`` is called once a slot
+        frees with nobody waiting for it."""
+        idle = _POOL.count(self._idle_here(host))
+        with self._cond:
+            if not self._queues.get(host) and self._open.get(host, 0) - idle < self.cap:
+                return True
+            self._watchers.setdefault(host, {})[freed] = None
+            return False
+
+    def acquire(self, host: _HostKey, cancel: Optional[_Cancel]) -> None:
+        """Take a slot to ``host``, waiting in turn for one. Raises
+        ``_Stopped`` when ``cancel`` comes first. A connection thread (or the
+        caller of a blocking request), holding no lock."""
+        ticket = _SlotTicket()
+        with self._cond:
+            queue = self._queues.setdefault(host, collections.deque())
+            if not queue and self._open.get(host, 0) < self.cap:
+                self._open[host] = self._open.get(host, 0) + 1
+                return
+            queue.append(ticket)
+            self._cond.notify_all()  # for whoever watches the queue
+        waker = _SlotWaker(self)
+        try:
+            if cancel is not None:
+                cancel.register(waker)
+            _POOL.evict(self._idle_here(host))  # an idle one of ours: its slot is for us
+            with self._cond:
+                while not ticket.granted and not (cancel is not None and cancel.is_set()):
+                    self._cond.wait()
+                if not ticket.granted:
+                    queue.remove(ticket)
+                    raise _Stopped
+        except BaseException:
+            with self._cond:
+                granted = ticket.granted
+                if not granted and ticket in queue:
+                    queue.remove(ticket)
+            if granted:
+                self.release(host)
+            raise
+        finally:
+            if cancel is not None:
+                cancel.unregister(waker)
+
+    def release(self, host: _HostKey) -> None:
+        """Give back a slot of a connection that closed: to the longest
+        waiter, else free (and tell the transfers that want one)."""
+        with self._cond:
+            self._open[host] -= 1
+            queue = self._queues.get(host)
+            while queue and self._open[host] < self.cap:
+                queue.popleft().granted = True
+                self._open[host] += 1
+                self._cond.notify_all()
+            watchers = self._watchers.pop(host, {}) if not queue else {}
+        for freed in watchers:
+            freed()
+
+    def parked(self, host: _HostKey) -> None:
+        """A connection of ours to ``host`` went idle into the pool: close
+        one for a waiter, if any (it may have looked before it was there)."""
+        with self._cond:
+            waiting = bool(self._queues.get(host))
+        if waiting:
+            _POOL.evict(self._idle_here(host))
+
+    def wake(self) -> None:
+        """Make every waiter look at its cancel. Any thread."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 def _quiet(conn: Any) -> bool:
@@ -1411,7 +1568,8 @@ class _RequestOptions:
 
     def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
                  proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
-                 timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None):
+                 timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None,
+                 slots: Optional[_HostSlots] = None):
         self.url = url  # the download's own URL: auth and secrets are for its origin
         merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
         merged.update((name.lower(), (name, value)) for name, value in headers.items())
@@ -1425,6 +1583,7 @@ class _RequestOptions:
         self.timeout = timeout
         self.cookies = cookies
         self.digest = digest if digest is not None else _DigestAuth()
+        self.slots = slots  # the manager's cap on connections per host, if any
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
@@ -1680,11 +1839,16 @@ class _Request:
         port = parts.port or (443 if scheme == 'https' else 80)
         proxy = _proxy_for(parts, self.options.proxy)
         proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
-        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context))
+        slots = self.options.slots
+        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context), id(slots))
         connection = _POOL.get(self.key)
         self.reused = connection is not None
         if connection is None:
+            if slots is not None:
+                slots.acquire((scheme, host, port), self.cancel)
             connection = self._new_connection(scheme, host, port, proxy)
+            if slots is not None:
+                connection.release_slot = functools.partial(slots.release, (scheme, host, port))
         else:
             connection.timeout = self.options.timeout
             if connection.sock is not None:
@@ -1699,7 +1863,7 @@ class _Request:
                 self.cancel.register(connection)
             except _Stopped:
                 self.connection = None
-                connection.close()
+                _close_connection(connection)
                 raise
 
     def _new_connection(self, scheme: str, host: str, port: int,
@@ -1814,10 +1978,13 @@ class _Request:
                     raise _Stopped from exc
                 if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
                                                     ConnectionResetError, BrokenPipeError)):
+                    release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
                     self.reused = False
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
-                    self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
+                    fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
+                    fresh.release_slot = release  # its host slot goes over to the new one
+                    self._use(fresh)
                     continue
                 raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
@@ -1851,8 +2018,12 @@ class _Request:
                 response is None or (response.isclosed() and not response.will_close)):
             conn.cancel = None
             _POOL.put(self.key, conn)
+            if self.options.slots is not None:
+                self.options.slots.parked(self.key[:3])
         else:
-            conn.close()
+            if response is not None:
+                response.close()  # it may hold the socket: the slot is free once closed
+            _close_connection(conn)
         self.response = None
 
 
@@ -2936,6 +3107,7 @@ class _Transfer:
         self.connections: List[_Connection] = []   # the live ones
         self.threads: List[threading.Thread] = []  # every one started, to join
         self.events: List[Tuple[str, Any]] = []
+        self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
         self.error: Optional[BaseException] = None
         self._shown = 0               # the most bytes ``downloaded`` said
@@ -2958,7 +3130,7 @@ class _Transfer:
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
         with self._cond:
-            if not self.events and not self.finished:
+            if not self.events and not self.finished and not self.slot_freed:
                 self._cond.wait(timeout)
             self._keep_going()
             events, self.events = self.events, []
@@ -3044,6 +3216,7 @@ class _Transfer:
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
         verdict when no connection is left and the file is incomplete."""
+        self.slot_freed = False
         if self.complete or self.error is not None or self.cancel.is_set():
             return
         live = len(self.connections)
@@ -3073,7 +3246,12 @@ class _Transfer:
         if not usable:
             return False
         number = len(self.threads)
-        conn = _Connection(number, usable[number % len(usable)], self.chunk_size)
+        source = usable[number % len(usable)]
+        slots = self.options.slots
+        if slots is not None and self.connections and \
+                not slots.spare(_host_key(source.url), self._on_slot_freed):
+            return False  # one more connection would pass the manager's cap: later
+        conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self._claim(conn, *claim)
         thread = threading.Thread(target=self._serve, args=(conn,), name='bitpit-connection',
@@ -3082,6 +3260,14 @@ class _Transfer:
         self.threads.append(thread)
         thread.start()
         return True
+
+    def _on_slot_freed(self) -> None:
+        """A host slot this transfer wanted freed: look again for work for
+        one more connection. Called by ``_HostSlots`` from a thread that
+        holds no lock."""
+        with self._cond:
+            self.slot_freed = True
+            self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
         """The attempt fails with ``error``: stop the other connections."""
@@ -3309,6 +3495,7 @@ class _Transfer:
             response = request.send()
             answer = _check_answer(response, request.url, first)
             if answer.kind == 'end' and answer.total is None and probe and first > 0:
+                request.close(False)  # its host slot may be the one the question needs
                 answer.total = self._ask_size(source)
             with self._cond:
                 body_end, setup = self._accept(conn, answer, response, request)
@@ -3983,6 +4170,7 @@ class Downloader(Emitter):
         self._restart_time: Optional[datetime.datetime] = None
         self._bucket = _TokenBucket()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
+        self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         self.timeout = timeout
@@ -4421,7 +4609,7 @@ class Downloader(Emitter):
     def _request_options(self) -> _RequestOptions:
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
-                               self._digest_auth)
+                               self._digest_auth, self._host_slots)
 
     def _set_state(self, state: str) -> None:
         with self._changed:
@@ -4652,7 +4840,9 @@ class Manager(Emitter):
     others. A download's own ``rate_limit`` still caps it. The manager takes
     over restarts of its downloads: one that stopped (``error`` or
     ``pause``) is started again after ``restart_wait`` seconds;
-    ``complete`` and ``fatal-error`` downloads never are.
+    ``complete`` and ``fatal-error`` downloads never are. With
+    ``max_per_host``, its ``_HostSlots`` caps the connections open at once
+    to each host over all its downloads.
 
     Signals: ``add (manager, downloader)``, ``remove (manager, downloader)``,
     ``property-changed (manager, name)``.
@@ -4660,7 +4850,7 @@ class Manager(Emitter):
     __signals__ = ('add', 'remove', 'property-changed')
 
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
-                 restart_wait: float = 30, **kwargs: Any):
+                 restart_wait: float = 30, *, max_per_host: int = 0, **kwargs: Any):
         self._cond = threading.Condition(threading.Lock())
         self._downloads: List[Downloader] = []
         self._starting: set = set()
@@ -4670,6 +4860,8 @@ class Manager(Emitter):
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
+        self._max_per_host = _check_int('max_per_host', max_per_host, 0)
+        self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
@@ -4713,6 +4905,12 @@ class Manager(Emitter):
         self._set_property('restart_wait', _check_number('restart_wait', value))
 
     @property
+    def max_per_host(self) -> int:
+        """Most connections open at once to one (scheme, host, port), over
+        all the downloads; ``0``: no limit."""
+        return self._max_per_host
+
+    @property
     def kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for the ``Downloader`` that ``add(url)`` makes."""
         return self._kwargs
@@ -4741,6 +4939,7 @@ class Manager(Emitter):
         d._restarted_by = self._restarts
         d._cancel_restart()
         d._shared_buckets = (self._bucket,)
+        d._host_slots = self._host_slots
         d.listen('state-changed', self._on_state_changed)
         self.emit('add', self, d)
         self.update()
@@ -4755,6 +4954,7 @@ class Manager(Emitter):
             self._stopped_at.pop(d, None)
         d.unlisten('state-changed', self._on_state_changed)
         d._shared_buckets = ()
+        d._host_slots = None
         d._restarted_by = None
         d._recheck_waiters()
         self.emit('remove', self, d)
@@ -5133,6 +5333,9 @@ def _build_parser() -> Any:
                         type=number(float, high=_MAX_SECONDS),
                         help='the longest wait before a retry (default: 10 times '
                              '--restart-wait)')
+    parser.add_argument('--max-per-host', metavar='N', type=number(int), default=0,
+                        help='most connections open at once to one host, over all '
+                             'downloads; 0 for no limit (default: %(default)s)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -5217,7 +5420,8 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     output = 'json' if args.json else 'quiet' if args.quiet else 'auto'
     return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
                          restart_wait=args.restart_wait,
-                         downloader_kwargs=downloader_kwargs, output=output)
+                         downloader_kwargs=downloader_kwargs, output=output,
+                         max_per_host=args.max_per_host)
 
 
 _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
@@ -5350,7 +5554,8 @@ class _Outcome:
 
 def _download_all(jobs: List[_Job], *, rate_limit: float,
                   max_running: int, restart_wait: float,
-                  downloader_kwargs: Dict[str, Any], output: str) -> int:
+                  downloader_kwargs: Dict[str, Any], output: str,
+                  max_per_host: int = 0) -> int:
     """Run every ``(url, mirrors, path)`` through one ``Manager`` until each is
     complete or fatal, showing the progress (``output``: ``'auto'``,
     ``'quiet'`` or ``'json'``) and a closing summary; return the exit
@@ -5374,7 +5579,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
         _Progress(downloads, output == 'quiet')
     began = time.monotonic()
     manager = Manager(max_running=max_running, rate_limit=rate_limit,
-                      restart_wait=restart_wait)
+                      restart_wait=restart_wait, max_per_host=max_per_host)
     try:
         for url, mirrors, path in jobs:
             d = Downloader(url, path, mirrors=mirrors, **kwargs)

@@ -598,6 +598,24 @@ class _DigestGate:
         return 'ok'
 
 
+def _peer_closed(sock):
+    """Whether the client closed ``sock`` (its end of file is there to read),
+    looked at without reading and without waiting, whatever another thread
+    does with it meanwhile."""
+    try:
+        probe = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
 def _etag_of(data):
     return '"{}"'.format(hashlib.sha256(data).hexdigest()[:20])
 
@@ -633,6 +651,9 @@ class FixtureServer:
         in arrival order (recorded before the response is sent).
     ``connections``
         Number of TCP connections accepted so far.
+    ``max_open``
+        Most TCP connections open at once so far (a connection counts from
+        its accept until the client closed it or the server did).
     ``max_concurrent``
         Largest number of GET responses in progress at the same time (across
         all connections) seen so far; ``active`` is the current number.
@@ -658,6 +679,8 @@ class FixtureServer:
         self._release_gen = 0
         self._sent_log = []             # (monotonic time, path, conn, bytes) per write
         self.connections = 0
+        self._open_now = set()          # connections open, as the last accept saw them
+        self.max_open = 0
         self.active = 0
         self.max_concurrent = 0
         self.stalled = 0
@@ -895,9 +918,18 @@ class FixtureServer:
             self._sent_log.append((time.monotonic(), path, conn, n))
 
     def _connection_opened(self, sock):
+        # a client that closes a connection and opens another at once is
+        # seen by the accept before the old connection's handler reads its
+        # end: look at the others' ends now
+        with self._lock:
+            others = list(self._open_now)
+        ended = [other for other in others if _peer_closed(other)]
         with self._lock:
             self.connections += 1
             self._sockets[sock] = self.connections
+            self._open_now.difference_update(ended)
+            self._open_now.add(sock)
+            self.max_open = max(self.max_open, len(self._open_now))
 
     def _register_thread(self, sock):
         with self._lock:
@@ -908,6 +940,7 @@ class FixtureServer:
     def _connection_closed(self, sock):
         with self._lock:
             self._sockets.pop(sock, None)
+            self._open_now.discard(sock)
 
     def _get_started(self):
         with self._lock:
