@@ -1004,9 +1004,9 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-# scheme, host, port, proxy (host, port) or None, id of the TLS context, id of
-# the manager's _HostSlots (or of None)
-_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int, int]'
+# scheme, host, port, proxy (host, port) or None, id of the TLS context, the
+# manager's _HostSlots or None (a manager's connections are its own)
+_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int, Any]'
 
 
 def _close_connection(conn: Any) -> None:
@@ -1141,7 +1141,7 @@ class _HostSlots:
 
     def _idle_here(self, host: _HostKey) -> Callable[[Any], bool]:
         """Whether a pool key is one of this manager's to ``host``."""
-        return lambda key: key[:3] == host and key[5] == id(self)
+        return lambda key: key[:3] == host and key[5] is self
 
     def spare(self, host: _HostKey, freed: Callable[[], None]) -> bool:
         """Whether one more connection to ``host`` could open now (idle ones
@@ -1346,6 +1346,9 @@ def _challenges(values: List[str]) -> List[Tuple[str, Dict[str, str]]]:
     in their order."""
     found: List[Tuple[str, Dict[str, str]]] = []
     for value in values:
+        # a folded line's break or another control character would make
+        # the answer an invalid header: a space instead
+        value = _CONTROL_CHARS_RE.sub(' ', value)
         for match in _AUTH_ITEM_RE.finditer(value):
             name, param = match.group(1), match.group(2)
             if param is None:
@@ -1464,6 +1467,11 @@ class _DigestAuth:
             return None
         chosen = min(offered, key=lambda c: (not c.usable, c.rank))
         with self._lock:
+            known = self._asked.get(key)
+            if known is not None and known.nonce == chosen.nonce:
+                # the same nonce, sent again to another connection: its
+                # count goes on (a count used twice is a replay)
+                chosen.count = known.count
             self._asked[key] = chosen
         return chosen if chosen.usable else None
 
@@ -1840,7 +1848,7 @@ class _Request:
         proxy = _proxy_for(parts, self.options.proxy)
         proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
         slots = self.options.slots
-        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context), id(slots))
+        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
         connection = _POOL.get(self.key)
         self.reused = connection is not None
         if connection is None:
@@ -1889,11 +1897,8 @@ class _Request:
         ``proxy``, and with what credentials."""
         if proxy is not None:
             return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
-        parts = urllib.parse.urlsplit(self.url)
-        scheme = parts.scheme.lower()
-        key = (scheme, (parts.hostname or '').lower(),
-               parts.port or (443 if scheme == 'https' else 80))
-        return key, self.options.credentials(self.url, self.own_credentials, self.trusted)
+        return _host_key(self.url), self.options.credentials(self.url, self.own_credentials,
+                                                             self.trusted)
 
     def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
                        target: str) -> Optional[str]:
@@ -1924,9 +1929,8 @@ class _Request:
         if challenge is None:
             return False
         followed = self.challenges.get(key, 0)
-        stale = challenge.stale if followed else True
-        if not stale or followed > _DIGEST_STALE_ROUNDS:
-            return False
+        if followed and (not challenge.stale or followed > _DIGEST_STALE_ROUNDS):
+            return False  # its answer was refused: a wrong password, say
         self.challenges[key] = followed + 1
         return True
 

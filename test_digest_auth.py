@@ -90,7 +90,7 @@ def test_a_stale_nonce_is_answered_again_without_failing(server, tmp_path):
 
 def test_nonce_counts_grow_over_many_requests_and_connections(server, tmp_path):
     data = DATA * 4
-    url = server.add('/big.bin', data, digest=dict(ALICE, stale_after=7), throttle=16 * 2 ** 20)
+    url = server.add('/big.bin', data, digest=dict(ALICE, stale_after=3), throttle=16 * 2 ** 20)
     d = fetch(url, tmp_path / 'big.bin', auth=AUTH, connections=4)
     assert d.state == 'complete', d.last_exception
     assert (tmp_path / 'big.bin').read_bytes() == data
@@ -159,3 +159,17 @@ def test_a_server_that_always_says_stale_is_not_asked_forever(server, tmp_path):
     d = fetch(url, tmp_path / 'f', auth=AUTH)
     assert d.state == 'fatal-error' and d.last_exception.status == 401
     assert len(server.requests_for('/stale')) == 2 + bitpit._DIGEST_STALE_ROUNDS
+
+
+def test_a_nonce_sent_again_to_another_connection_keeps_its_count():
+    # two connections get the same new nonce: a count used twice is a replay
+    auth = bitpit._DigestAuth()
+    key = ('http', 'h', 80)
+    challenge = ['Digest realm="r", qop="auth", nonce="n1", stale=true']
+    auth.learn(key, challenge)
+    first = params(auth.answer(key, AUTH, 'GET', '/f'))['nc']
+    auth.learn(key, challenge)
+    second = params(auth.answer(key, AUTH, 'GET', '/f'))['nc']
+    assert (first, second) == ('00000001', '00000002')
+    auth.learn(key, ['Digest realm="r", qop="auth", nonce="n2"'])
+    assert params(auth.answer(key, AUTH, 'GET', '/f'))['nc'] == '00000001'
