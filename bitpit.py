@@ -1993,7 +1993,8 @@ class _Request:
                 raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
     def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
-        """Finish a small redirect body so the connection can be reused."""
+        """Finish a small redirect (or challenge) body so the connection can
+        be reused; else close the response, which may hold the socket."""
         reuse = False
         try:
             length = _parse_content_length(response)
@@ -2002,6 +2003,8 @@ class _Request:
                 reuse = not response.will_close
         except (OSError, http.client.HTTPException, Error):
             pass
+        if not reuse:
+            response.close()
         self.close(reuse)
 
     def close(self, reuse: bool) -> None:
