@@ -99,7 +99,7 @@ def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
     waiting.stop()
     took = time.monotonic() - began
     assert waiting.state == 'pause' and not waiting.is_alive
-    assert took < 0.25, took  # 0.1 s on an idle machine
+    assert took < 0.1, took
     assert rec.states[-1] == ('start', 'pause')
     holder.stop()
     server.release()
