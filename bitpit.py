@@ -37,9 +37,11 @@ import bisect
 import collections
 import datetime
 import errno
+import functools
 import io
 import math
 import os
+import random
 import re
 import select
 import socket
@@ -1142,8 +1144,17 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-# scheme, host, port, proxy (host, port) or None, id of the TLS context
-_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int]'
+# scheme, host, port, proxy (host, port) or None, id of the TLS context, the
+# manager's _HostSlots or None (a manager's connections are its own)
+_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int, Any]'
+
+
+def _close_connection(conn: Any) -> None:
+    """Close ``conn``, and give back the host slot it holds, if any."""
+    conn.close()
+    release, conn.release_slot = getattr(conn, 'release_slot', None), None
+    if release is not None:
+        release()
 
 
 class _ConnectionPool:
@@ -1168,7 +1179,7 @@ class _ConnectionPool:
                 since, conn = idle.pop()
             if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
                 return conn
-            conn.close()
+            _close_connection(conn)
 
     def clear(self) -> None:
         """Close every idle connection."""
@@ -1176,7 +1187,7 @@ class _ConnectionPool:
             idle, self._idle = self._idle, {}
         for connections in idle.values():
             for _, conn in connections:
-                conn.close()
+                _close_connection(conn)
 
     def put(self, key: _ConnectionKey, conn: Any) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
@@ -1193,10 +1204,157 @@ class _ConnectionPool:
             else:
                 expired.append(conn)
         for old in expired:
-            old.close()
+            _close_connection(old)
+
+    def count(self, match: Callable[[_ConnectionKey], bool]) -> int:
+        """How many idle connections have a key that ``match`` accepts."""
+        with self._lock:
+            return sum(len(idle) for key, idle in self._idle.items() if match(key))
+
+    def evict(self, match: Callable[[_ConnectionKey], bool]) -> None:
+        """Close the oldest idle connection whose key ``match`` accepts, if any."""
+        with self._lock:
+            oldest = min(((idle[0][0], key) for key, idle in self._idle.items()
+                          if idle and match(key)), key=lambda found: found[0], default=None)
+            conn = self._idle[oldest[1]].pop(0)[1] if oldest is not None else None
+        if conn is not None:
+            _close_connection(conn)
 
 
 _POOL = _ConnectionPool()
+
+
+# -- per-host connection caps -------------------------------------------------------
+
+_HostKey = 'Tuple[str, str, int]'  # scheme, host, port
+
+
+def _host_key(url: str) -> _HostKey:
+    """The (scheme, host, port) a request for ``url`` connects to."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, _ascii_host(parts.hostname or ''), \
+        parts.port or (443 if scheme == 'https' else 80)
+
+
+class _SlotTicket:
+    """A connection thread waiting for a slot; ``granted`` once it has one.
+    Guarded by its ``_HostSlots``' lock."""
+    __slots__ = ('granted',)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+
+class _SlotWaker:
+    """Registers a ``_HostSlots`` with a ``_Cancel``: a cancel wakes its
+    waiters, which then see it."""
+
+    def __init__(self, slots: '_HostSlots'):
+        self.abort = slots.wake
+
+
+class _HostSlots:
+    """A manager's cap on the connections open at once to one (scheme, host,
+    port), ``max_per_host``, over all of its downloads: a connection holds a
+    slot from its opening to its closing, idle in the pool included.
+
+    A connection thread takes a slot before it opens a connection
+    (``acquire``): at once if one is free and nobody waits, else in turn,
+    first come first served, waking for a ``_Cancel``. Closing the
+    connection gives the slot back (``release``) to the longest waiter. A
+    transfer asks ``spare`` before it starts one more connection; when there
+    is none, its callback is called once a slot frees with nobody waiting.
+    An idle pooled connection of the host is closed for a waiter.
+
+    ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``; nothing is
+    called under it. Callbacks run in the thread that closed a connection,
+    which holds no lock: connections are never closed under a transfer's
+    lock. Any thread."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._cond = threading.Condition(threading.Lock())
+        self._open: Dict[_HostKey, int] = {}
+        self._queues: Dict[_HostKey, 'collections.deque[_SlotTicket]'] = {}
+        self._watchers: Dict[_HostKey, Dict[Callable[[], None], None]] = {}
+
+    def _idle_here(self, host: _HostKey) -> Callable[[Any], bool]:
+        """Whether a pool key is one of this manager's to ``host``."""
+        return lambda key: key[:3] == host and key[5] is self
+
+    def spare(self, host: _HostKey, freed: Callable[[], None]) -> bool:
+        """Whether one more connection to ``host`` could open now (idle ones
+        would be closed for it); if not, ``freed()`` is called once a slot
+        frees with nobody waiting for it."""
+        idle = _POOL.count(self._idle_here(host))
+        with self._cond:
+            if not self._queues.get(host) and self._open.get(host, 0) - idle < self.cap:
+                return True
+            self._watchers.setdefault(host, {})[freed] = None
+            return False
+
+    def acquire(self, host: _HostKey, cancel: Optional[_Cancel]) -> None:
+        """Take a slot to ``host``, waiting in turn for one. Raises
+        ``_Stopped`` when ``cancel`` comes first. A connection thread (or the
+        caller of a blocking request), holding no lock."""
+        ticket = _SlotTicket()
+        with self._cond:
+            queue = self._queues.setdefault(host, collections.deque())
+            if not queue and self._open.get(host, 0) < self.cap:
+                self._open[host] = self._open.get(host, 0) + 1
+                return
+            queue.append(ticket)
+            self._cond.notify_all()  # for whoever watches the queue
+        waker = _SlotWaker(self)
+        try:
+            if cancel is not None:
+                cancel.register(waker)
+            _POOL.evict(self._idle_here(host))  # an idle one of ours: its slot is for us
+            with self._cond:
+                while not ticket.granted and not (cancel is not None and cancel.is_set()):
+                    self._cond.wait()
+                if not ticket.granted:
+                    queue.remove(ticket)
+                    raise _Stopped
+        except BaseException:
+            with self._cond:
+                granted = ticket.granted
+                if not granted and ticket in queue:
+                    queue.remove(ticket)
+            if granted:
+                self.release(host)
+            raise
+        finally:
+            if cancel is not None:
+                cancel.unregister(waker)
+
+    def release(self, host: _HostKey) -> None:
+        """Give back a slot of a connection that closed: to the longest
+        waiter, else free (and tell the transfers that want one)."""
+        with self._cond:
+            self._open[host] -= 1
+            queue = self._queues.get(host)
+            while queue and self._open[host] < self.cap:
+                queue.popleft().granted = True
+                self._open[host] += 1
+                self._cond.notify_all()
+            watchers = self._watchers.pop(host, {}) if not queue else {}
+        for freed in watchers:
+            freed()
+
+    def parked(self, host: _HostKey) -> None:
+        """A connection of ours to ``host`` went idle into the pool: close
+        one for a waiter, if any (it may have looked before it was there)."""
+        with self._cond:
+            waiting = bool(self._queues.get(host))
+        if waiting:
+            _POOL.evict(self._idle_here(host))
+
+    def wake(self) -> None:
+        """Make every waiter look at its cancel. Any thread."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 def _quiet(conn: Any) -> bool:
@@ -1306,10 +1464,164 @@ def _basic_auth(user: str, password: str) -> str:
     return 'Basic ' + base64.b64encode(token).decode('ascii')
 
 
-def _proxy_headers(proxy: urllib.parse.SplitResult) -> Dict[str, str]:
-    """``Proxy-Authorization`` for a proxy URL with credentials, else none."""
-    credentials = _url_credentials(proxy)
-    return {} if credentials is None else {'Proxy-Authorization': _basic_auth(*credentials)}
+# -- HTTP Digest authentication (RFC 7616) --------------------------------------------
+
+# the algorithms a Digest challenge may name, best first, and their hashlib names
+_DIGEST_HASHES = {'SHA-512-256': 'sha512_256', 'SHA-256': 'sha256', 'MD5': 'md5'}
+_DIGEST_STALE_ROUNDS = 2   # new nonces (stale=true) one request follows at most
+# one item of an authentication header: an auth-param (name=value) or, alone,
+# the scheme that begins a challenge
+_AUTH_ITEM_RE = _Pattern(r'(?:^|[\s,])\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)'
+                         r'(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?')
+_QUOTED_PAIR_RE = _Pattern(r'\\(.)')
+
+# where a challenge came from: (scheme, host, port) of an origin, or
+# ('proxy', host, port) of a proxy
+_AuthKey = 'Tuple[str, str, int]'
+
+
+def _challenges(values: List[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """The challenges of ``WWW-Authenticate`` (or ``Proxy-Authenticate``)
+    header values: ``(scheme in lower case, {param in lower case: value})``,
+    in their order."""
+    found: List[Tuple[str, Dict[str, str]]] = []
+    for value in values:
+        # a folded line's break or another control character would make
+        # the answer an invalid header: a space instead
+        value = _CONTROL_CHARS_RE.sub(' ', value)
+        for match in _AUTH_ITEM_RE.finditer(value):
+            name, param = match.group(1), match.group(2)
+            if param is None:
+                found.append((name.lower(), {}))
+            elif found:
+                if param.startswith('"'):
+                    param = _QUOTED_PAIR_RE.sub(r'\1', param[1:-1])
+                found[-1][1].setdefault(name.lower(), param)
+    return found
+
+
+def _digest_hash(algorithm: str) -> Optional[Callable[[str], str]]:
+    """``text -> hex digest`` for a Digest ``algorithm`` (without its
+    ``-sess``), or ``None`` for one unknown here."""
+    import hashlib
+    name = _DIGEST_HASHES.get(algorithm.upper())
+    if name is None or name not in hashlib.algorithms_available:
+        return None
+    return lambda text: hashlib.new(name, text.encode('utf-8')).hexdigest()
+
+
+def _quote(text: str) -> str:
+    return '"{}"'.format(text.replace('\\', '\\\\').replace('"', '\\"'))
+
+
+class _DigestChallenge:
+    """A Digest challenge a host or a proxy sent, and how many requests
+    answered its nonce (``count``, the nonce-count of the last one).
+    Guarded by its ``_DigestAuth``'s lock."""
+    __slots__ = ('realm', 'nonce', 'opaque', 'algorithm', 'hash', 'session', 'qop',
+                 'userhash', 'stale', 'count')
+
+    def __init__(self, params: Dict[str, str]):
+        algorithm = params.get('algorithm', 'MD5')
+        self.session = algorithm.upper().endswith('-SESS')
+        self.algorithm = algorithm
+        self.hash = _digest_hash(algorithm[:-5] if self.session else algorithm)
+        self.realm = params.get('realm', '')
+        self.nonce = params.get('nonce', '')
+        self.opaque = params.get('opaque')
+        qops = [q.strip().lower() for q in params['qop'].split(',')] if 'qop' in params \
+            else None
+        # None: RFC 2069, no qop. 'auth-int' alone cannot be answered: it
+        # would hash a request body, and '' says so
+        self.qop = None if qops is None else ('auth' if 'auth' in qops else '')
+        self.userhash = params.get('userhash', '').lower() == 'true'
+        self.stale = params.get('stale', '').lower() == 'true'  # the nonce sent was old
+        self.count = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.hash is not None and self.qop != '' and bool(self.nonce)
+
+    @property
+    def rank(self) -> int:
+        """Its algorithm's place among ``_DIGEST_HASHES``: 0 is the best."""
+        base = (self.algorithm[:-5] if self.session else self.algorithm).upper()
+        return list(_DIGEST_HASHES).index(base) if base in _DIGEST_HASHES \
+            else len(_DIGEST_HASHES)
+
+    def answer(self, credentials: Tuple[str, str], method: str, uri: str) -> str:
+        """The ``Authorization`` value of one more request with this nonce."""
+        h = self.hash
+        user, password = credentials
+        self.count += 1
+        cnonce = os.urandom(12).hex()
+        ha1 = h('{}:{}:{}'.format(user, self.realm, password))
+        if self.session:
+            ha1 = h('{}:{}:{}'.format(ha1, self.nonce, cnonce))
+        ha2 = h('{}:{}'.format(method, uri))
+        nc = '{:08x}'.format(self.count)
+        if self.qop:
+            response = h(':'.join((ha1, self.nonce, nc, cnonce, self.qop, ha2)))
+        else:
+            response = h(':'.join((ha1, self.nonce, ha2)))
+        if self.userhash:
+            fields = ['username=' + _quote(h('{}:{}'.format(user, self.realm))),
+                      'userhash=true']
+        elif all(' ' <= c <= '~' for c in user):
+            fields = ['username=' + _quote(user)]
+        else:
+            fields = ["username*=UTF-8''" + urllib.parse.quote(user, safe='')]
+        fields += ['realm=' + _quote(self.realm), 'nonce=' + _quote(self.nonce),
+                   'uri=' + _quote(uri), 'algorithm=' + self.algorithm,
+                   'response=' + _quote(response)]
+        if self.opaque is not None:
+            fields.append('opaque=' + _quote(self.opaque))
+        if self.qop:
+            fields += ['qop=auth', 'nc=' + nc, 'cnonce=' + _quote(cnonce)]
+        return 'Digest ' + ', '.join(fields)
+
+
+class _DigestAuth:
+    """The hosts and proxies that asked one download for Digest
+    authentication, each with its latest challenge: the download answers
+    them with Digest from then on, and never sends them Basic. Kept by the
+    ``Downloader`` across its attempts; ``_lock`` guards ``_asked`` and the
+    challenges' counts. Any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked: Dict[_AuthKey, _DigestChallenge] = {}
+
+    def asked(self, key: _AuthKey) -> bool:
+        with self._lock:
+            return key in self._asked
+
+    def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
+        """Take the best Digest challenge of an answer's header ``values``
+        (the strongest algorithm known here) and return it; ``None`` when
+        none can be answered (``key`` is still taken as asking for Digest
+        if it offered one) or none is offered."""
+        offered = [_DigestChallenge(params) for scheme, params in _challenges(values)
+                   if scheme == 'digest']
+        if not offered:
+            return None
+        chosen = min(offered, key=lambda c: (not c.usable, c.rank))
+        with self._lock:
+            known = self._asked.get(key)
+            if known is not None and known.nonce == chosen.nonce:
+                # the same nonce, sent again to another connection: its
+                # count goes on (a count used twice is a replay)
+                chosen.count = known.count
+            self._asked[key] = chosen
+        return chosen if chosen.usable else None
+
+    def answer(self, key: _AuthKey, credentials: Tuple[str, str], method: str,
+               uri: str) -> Optional[str]:
+        """The ``Authorization`` (or ``Proxy-Authorization``) value of a
+        request to ``key``; ``None`` when its challenge cannot be answered."""
+        with self._lock:
+            challenge = self._asked[key]
+            return challenge.answer(credentials, method, uri) if challenge.usable else None
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -1404,7 +1716,8 @@ class _RequestOptions:
 
     def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
                  proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
-                 timeout: float, cookies: _Cookies):
+                 timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None,
+                 slots: Optional[_HostSlots] = None):
         self.url = url  # the download's own URL: auth and secrets are for its origin
         merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
         merged.update((name.lower(), (name, value)) for name, value in headers.items())
@@ -1417,6 +1730,8 @@ class _RequestOptions:
         self.ssl_context = ssl_context
         self.timeout = timeout
         self.cookies = cookies
+        self.digest = digest if digest is not None else _DigestAuth()
+        self.slots = slots  # the manager's cap on connections per host, if any
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
@@ -1638,16 +1953,22 @@ class _Request:
         self.reused = False
         # (URL, response) of each redirect followed, for what its headers say
         self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
+        self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
     def send(self) -> http.client.HTTPResponse:
         """Send the request, follow redirects, return the final response
         (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
         seen = {self.url}
-        for _ in range(_MAX_REDIRECTS + 1):
+        hops = 0
+        while hops <= _MAX_REDIRECTS:
             if self.connection is None:
                 self._connect(self.url)
             response = self._exchange(self.url)
             self.options.cookies.remember(response, self.url)
+            if self._follow_challenge(response):
+                self._drain_and_release(response)
+                continue
+            hops += 1
             location = response.getheader('Location')
             if response.status not in _REDIRECT_STATUSES or not location:
                 self.response = response
@@ -1678,11 +1999,16 @@ class _Request:
         port = parts.port or (443 if scheme == 'https' else 80)
         proxy = _proxy_for(parts, self.options.proxy)
         proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
-        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context))
+        slots = self.options.slots
+        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
         connection = _POOL.get(self.key)
         self.reused = connection is not None
         if connection is None:
+            if slots is not None:
+                slots.acquire((scheme, host, port), self.cancel)
             connection = self._new_connection(scheme, host, port, proxy)
+            if slots is not None:
+                connection.release_slot = functools.partial(slots.release, (scheme, host, port))
         else:
             connection.timeout = self.options.timeout
             if connection.sock is not None:
@@ -1697,7 +2023,7 @@ class _Request:
                 self.cancel.register(connection)
             except _Stopped:
                 self.connection = None
-                connection.close()
+                _close_connection(connection)
                 raise
 
     def _new_connection(self, scheme: str, host: str, port: int,
@@ -1708,14 +2034,59 @@ class _Request:
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
-                conn.set_tunnel(host, port, headers=_proxy_headers(proxy))
+                authorization = self._authorization(proxy, 'CONNECT', '{}:{}'.format(host, port))
+                conn.set_tunnel(host, port, headers={} if authorization is None else
+                                {'Proxy-Authorization': authorization})
         else:
             conn = _HTTPConnection(connect_host, connect_port, timeout=timeout)
         conn.via_proxy = bool(proxy) and scheme == 'http'
         conn.proxy_parts = proxy
         return conn
 
-    def _headers(self, url: str) -> Dict[str, str]:
+    def _auth_target(self, proxy: Optional[urllib.parse.SplitResult]
+                     ) -> Tuple[_AuthKey, Optional[Tuple[str, str]]]:
+        """Whom a request authenticates to, the origin of its URL or the
+        ``proxy``, and with what credentials."""
+        if proxy is not None:
+            return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
+        return _host_key(self.url), self.options.credentials(self.url, self.own_credentials,
+                                                             self.trusted)
+
+    def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
+                       target: str) -> Optional[str]:
+        """The ``Authorization`` (for a ``proxy``: ``Proxy-Authorization``)
+        value of a request for ``target``: Digest to a host or proxy that
+        asked for it, else Basic; ``None`` without credentials."""
+        key, credentials = self._auth_target(proxy)
+        if credentials is None:
+            return None
+        if self.options.digest.asked(key):
+            return self.options.digest.answer(key, credentials, method, target)
+        return _basic_auth(*credentials)
+
+    def _follow_challenge(self, response: http.client.HTTPResponse) -> bool:
+        """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
+        Digest challenge to answer with another request: the first one of
+        this request, or one saying that the nonce sent was stale."""
+        connection = self.connection
+        proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
+            else None
+        if response.status != 401 and proxy is None:
+            return False
+        key, credentials = self._auth_target(proxy)
+        if credentials is None:
+            return False
+        challenge = self.options.digest.learn(key, response.msg.get_all(
+            'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
+        if challenge is None:
+            return False
+        followed = self.challenges.get(key, 0)
+        if followed and (not challenge.stale or followed > _DIGEST_STALE_ROUNDS):
+            return False  # its answer was refused: a wrong password, say
+        self.challenges[key] = followed + 1
+        return True
+
+    def _headers(self, url: str, target: str) -> Dict[str, str]:
         options = self.options
         headers = {name: value for name, value in options.headers
                    if self.trusted or name.lower() not in ('authorization', 'cookie')}
@@ -1727,15 +2098,18 @@ class _Request:
         headers.update(self.extra)
         names = {name.lower() for name in headers}
         if 'authorization' not in names:
-            credentials = options.credentials(url, self.own_credentials, self.trusted)
-            if credentials is not None:
-                headers['Authorization'] = _basic_auth(*credentials)
+            authorization = self._authorization(None, self.method, target)
+            if authorization is not None:
+                headers['Authorization'] = authorization
         if 'cookie' not in names:
             cookie = options.cookies.header(url)
             if cookie:
                 headers['Cookie'] = cookie
         if self.connection.via_proxy:
-            headers.update(_proxy_headers(self.connection.proxy_parts))
+            authorization = self._authorization(self.connection.proxy_parts, self.method,
+                                                target)
+            if authorization is not None:
+                headers['Proxy-Authorization'] = authorization
         return headers
 
     def _exchange(self, url: str) -> http.client.HTTPResponse:
@@ -1750,7 +2124,7 @@ class _Request:
                 parts = urllib.parse.urlsplit(wire_url)
                 target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
-                conn.request(self.method, target, headers=self._headers(url))
+                conn.request(self.method, target, headers=self._headers(url, target))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -1760,15 +2134,19 @@ class _Request:
                     raise _Stopped from exc
                 if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
                                                     ConnectionResetError, BrokenPipeError)):
+                    release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
                     self.reused = False
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
-                    self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
+                    fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
+                    fresh.release_slot = release  # its host slot goes over to the new one
+                    self._use(fresh)
                     continue
                 raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
     def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
-        """Finish a small redirect body so the connection can be reused."""
+        """Finish a small redirect (or challenge) body so the connection can
+        be reused; else close the response, which may hold the socket."""
         reuse = False
         try:
             length = _parse_content_length(response)
@@ -1777,6 +2155,8 @@ class _Request:
                 reuse = not response.will_close
         except (OSError, http.client.HTTPException, Error):
             pass
+        if not reuse:
+            response.close()
         self.close(reuse)
 
     def close(self, reuse: bool) -> None:
@@ -1797,8 +2177,12 @@ class _Request:
                 response is None or (response.isclosed() and not response.will_close)):
             conn.cancel = None
             _POOL.put(self.key, conn)
+            if self.options.slots is not None:
+                self.options.slots.parked(self.key[:3])
         else:
-            conn.close()
+            if response is not None:
+                response.close()  # it may hold the socket: the slot is free once closed
+            _close_connection(conn)
         self.response = None
 
 
@@ -3087,6 +3471,7 @@ class _Transfer:
         self.connections: List[_Connection] = []   # the live ones
         self.threads: List[threading.Thread] = []  # every one started, to join
         self.events: List[Tuple[str, Any]] = []
+        self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
         self.error: Optional[BaseException] = None
         self._shown = 0               # the most bytes ``downloaded`` said
@@ -3117,7 +3502,7 @@ class _Transfer:
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
         with self._cond:
-            if not self.events and not self.finished:
+            if not self.events and not self.finished and not self.slot_freed:
                 self._cond.wait(timeout)
             self._keep_going()
             events, self.events = self.events, []
@@ -3203,6 +3588,7 @@ class _Transfer:
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
         verdict when no connection is left and the file is incomplete."""
+        self.slot_freed = False
         if self.complete or self.error is not None or self.cancel.is_set():
             return
         live = len(self.connections)
@@ -3232,7 +3618,12 @@ class _Transfer:
         if not usable:
             return False
         number = len(self.threads)
-        conn = _Connection(number, usable[number % len(usable)], self.chunk_size)
+        source = usable[number % len(usable)]
+        slots = self.options.slots
+        if slots is not None and self.connections and \
+                not slots.spare(_host_key(source.url), self._on_slot_freed):
+            return False  # one more connection would pass the manager's cap: later
+        conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self._claim(conn, *claim)
         thread = conn.thread = threading.Thread(target=self._serve, args=(conn,),
@@ -3241,6 +3632,14 @@ class _Transfer:
         self.threads.append(thread)
         thread.start()
         return True
+
+    def _on_slot_freed(self) -> None:
+        """A host slot this transfer wanted freed: look again for work for
+        one more connection. Called by ``_HostSlots`` from a thread that
+        holds no lock."""
+        with self._cond:
+            self.slot_freed = True
+            self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
         """The attempt fails with ``error``: stop the other connections."""
@@ -3520,6 +3919,7 @@ class _Transfer:
             response = request.send()
             answer = _check_answer(response, request.url, first)
             if answer.kind == 'end' and answer.total is None and probe and first > 0:
+                request.close(False)  # its host slot may be the one the question needs
                 answer.total = self._ask_size(source)
             with self._cond:
                 body_end, setup = self._accept(conn, answer, response, request)
@@ -4522,6 +4922,26 @@ def _free_name(target: pathlib.Path) -> pathlib.Path:
             return candidate
 
 
+# -- restarts that back off ------------------------------------------------------
+
+_RESTART_WAIT_MAX_FACTOR = 10  # the default restart_wait_max, in restart_waits
+
+
+# the draws of the waits (http.client's imports import random already); tests
+# may put a seeded random.Random here
+_RESTART_RANDOM = random.Random()
+
+
+def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> float:
+    """The wait before the ``streak``-th restart in a row (exponential
+    back-off with full jitter above ``base``): ``draw`` (in ``[0, 1)``) of
+    the way from ``base`` to ``min(base * 2 ** (streak - 1), cap)``, the cap
+    being ``10 * base`` when ``None`` and never below ``base``."""
+    cap = _RESTART_WAIT_MAX_FACTOR * base if cap is None else max(cap, base)
+    high = min(base * 2.0 ** min(max(streak - 1, 0), 64), cap)
+    return base + draw * (high - base)
+
+
 class _Option:
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
@@ -4638,6 +5058,10 @@ class Downloader(Emitter):
     verify_digest = _Option(_as_bool, 'Check the file against the sha-256 or sha-512 digest '
                                       'the server gives (``Repr-Digest``, ``Content-Digest``, '
                                       '``Digest``); next start.')
+    restart_wait_max = _Option(lambda name, value: _check_number(
+        name, value, allow_none=True, low=0, high=_MAX_SECONDS),
+        'Longest wait before a restart, restarts in a row backing off up to it '
+        '(``None``: 10 times the ``restart_wait`` in use); next restart.')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -4649,7 +5073,8 @@ class Downloader(Emitter):
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
-                 if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None):
+                 if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None,
+                 restart_wait_max: Optional[float] = None):
         if not isinstance(cookies, _Cookies):
             cookies = _Cookies(cookies)  # one jar, for the metalink's request too
         self._metalink = _metalink_entry(url, metalink, lambda source: _document_options(
@@ -4675,6 +5100,8 @@ class Downloader(Emitter):
         self._last_exception: Optional[BaseException] = None
         self._failures = 0
         self._retry_after: Optional[float] = None
+        self._restart_streak = 0             # restarts in a row after attempts with no byte
+        self._restart_draw = 0.0             # where its wait falls between the bounds
         self._thread: Optional[threading.Thread] = None
         self._running = False                # the download thread has work left
         self._attempt_over = False
@@ -4687,6 +5114,7 @@ class Downloader(Emitter):
         self._restart_time: Optional[datetime.datetime] = None
         self._bucket = _TokenBucket()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
+        self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         self.timeout = timeout
@@ -4704,6 +5132,7 @@ class Downloader(Emitter):
         self.proxy = proxy
         self.ssl_context = ssl_context
         self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
+        self._digest_auth = _DigestAuth()  # the hosts that asked it for Digest
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -4712,6 +5141,7 @@ class Downloader(Emitter):
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
         self.verify_digest = verify_digest
+        self.restart_wait_max = restart_wait_max
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -5129,7 +5559,8 @@ class Downloader(Emitter):
 
     def _request_options(self) -> _RequestOptions:
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, self._cookies)
+                               self._ssl_context, self._timeout, self._cookies,
+                               self._digest_auth, self._host_slots)
 
     def _set_state(self, state: str) -> None:
         with self._changed:
@@ -5155,6 +5586,7 @@ class Downloader(Emitter):
         """The download thread: one attempt, from ``start`` to its end state,
         and every signal the download gives while it runs."""
         best_before = self._best_held
+        received_before = self._received
         retry_after = None
         final = 'pause'
         try:
@@ -5183,16 +5615,39 @@ class Downloader(Emitter):
                 self._attempt_over = True
                 self._speed = 0
             self._retry_after = retry_after
+            self._count_restart(final == 'error', self._received > received_before)
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
             if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
-                self._schedule_restart(max(self._restart_wait, retry_after or 0),
+                self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
             with self._changed:
                 self._running = False
                 self._changed.notify_all()
+
+    def _count_restart(self, failed: bool, received: bool) -> None:
+        """Count the restart an attempt's end calls for and draw its wait:
+        the ``n``-th in a row after failed attempts, ``n`` counted from 1
+        again after an attempt that received bytes, and from 0 after one
+        that completed or was paused. Download thread."""
+        if not failed:
+            self._restart_streak = 0
+        else:
+            self._restart_streak = 1 if received else self._restart_streak + 1
+        self._restart_draw = _RESTART_RANDOM.random()
+
+    def _restart_delay(self, base: float) -> float:
+        """Seconds before the restart after the last attempt, ``base``
+        being the ``restart_wait`` in use (the download's or its
+        manager's): the wait drawn for it, or the server's ``Retry-After``
+        (never less than ``base``). Any thread."""
+        base = max(0.0, base)
+        if self._retry_after is not None:
+            return max(base, self._retry_after)
+        return _backed_off(base, self._restart_wait_max, self._restart_streak,
+                           self._restart_draw)
 
     def _attempt(self) -> None:
         """One attempt: decide what to do with an existing file, run a
@@ -5352,7 +5807,9 @@ class Manager(Emitter):
     others. A download's own ``rate_limit`` still caps it. The manager takes
     over restarts of its downloads: one that stopped (``error`` or
     ``pause``) is started again after ``restart_wait`` seconds;
-    ``complete`` and ``fatal-error`` downloads never are.
+    ``complete`` and ``fatal-error`` downloads never are. With
+    ``max_per_host``, its ``_HostSlots`` caps the connections open at once
+    to each host over all its downloads.
 
     Signals: ``add (manager, downloader)``, ``remove (manager, downloader)``,
     ``property-changed (manager, name)``.
@@ -5360,7 +5817,7 @@ class Manager(Emitter):
     __signals__ = ('add', 'remove', 'property-changed')
 
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
-                 restart_wait: float = 30, **kwargs: Any):
+                 restart_wait: float = 30, *, max_per_host: int = 0, **kwargs: Any):
         self._cond = threading.Condition(threading.Lock())
         self._downloads: List[Downloader] = []
         self._starting: set = set()
@@ -5370,6 +5827,8 @@ class Manager(Emitter):
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
+        self._max_per_host = _check_int('max_per_host', max_per_host, 0)
+        self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
@@ -5413,6 +5872,12 @@ class Manager(Emitter):
         self._set_property('restart_wait', _check_number('restart_wait', value))
 
     @property
+    def max_per_host(self) -> int:
+        """Most connections open at once to one (scheme, host, port), over
+        all the downloads; ``0``: no limit."""
+        return self._max_per_host
+
+    @property
     def kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for the ``Downloader`` that ``add(url)`` makes."""
         return self._kwargs
@@ -5441,6 +5906,7 @@ class Manager(Emitter):
         d._restarted_by = self._restarts
         d._cancel_restart()
         d._shared_buckets = (self._bucket,)
+        d._host_slots = self._host_slots
         d.listen('state-changed', self._on_state_changed)
         self.emit('add', self, d)
         self.update()
@@ -5470,6 +5936,7 @@ class Manager(Emitter):
             self._stopped_at.pop(d, None)
         d.unlisten('state-changed', self._on_state_changed)
         d._shared_buckets = ()
+        d._host_slots = None
         d._restarted_by = None
         d._recheck_waiters()
         self.emit('remove', self, d)
@@ -5589,7 +6056,7 @@ class Manager(Emitter):
             stopped_at = self._stopped_at.get(d)
             delay = 0.0
             if stopped_at is not None:
-                delay = max(self._restart_wait, d._retry_after or 0) - (now - stopped_at)
+                delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
             if delay > 0:
                 wait = delay if wait is None else min(wait, delay)
                 continue
@@ -5614,7 +6081,7 @@ def _checked_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 # command line
 # ---------------------------------------------------------------------------
 
-_CLI_RESTART_WAIT = 5
+_CLI_RESTART_WAIT = 1  # then up to 2, 4, 8, 10 s: at most 25 s for 5 retries
 _CLI_RETRIES = 5
 _CLI_TIMEOUT = 10
 _CLI_REFRESH = 0.25  # seconds between two redraws of the live table
@@ -5800,7 +6267,8 @@ def _build_parser() -> Any:
                              '# comments are skipped (repeatable)')
     parser.add_argument('--restart-wait', metavar='S', type=number(float),
                         default=_CLI_RESTART_WAIT,
-                        help='seconds before retrying a failed download '
+                        help='seconds before retrying a failed download; each retry in '
+                             'a row may wait up to twice as long, up to --restart-wait-max '
                              '(default: %(default)s)')
     parser.add_argument('--retries', metavar='N', type=number(int), default=_CLI_RETRIES,
                         help='retry a failing download at most N times in a row, '
@@ -5825,8 +6293,9 @@ def _build_parser() -> Any:
     parser.add_argument('--user-agent', metavar='TEXT',
                         help='the User-Agent header (default: bitpit/VERSION)')
     parser.add_argument('--user', metavar='USER:PASSWORD',
-                        help='HTTP Basic credentials (default: from the URL, else ~/.netrc); '
-                             'never sent to another host after a redirect')
+                        help='HTTP credentials, Basic or, to a host that asks for it, '
+                             'Digest (default: from the URL, else ~/.netrc); never sent to '
+                             'another host after a redirect')
     parser.add_argument('--proxy', metavar='URL',
                         help='use this HTTP proxy, http://[user:pass@]host:port; \'\' for none '
                              '(default: http_proxy, https_proxy, no_proxy)')
@@ -5863,6 +6332,13 @@ def _build_parser() -> Any:
     parser.add_argument('--follow-metalink', action='store_true',
                         help='a URL that answers with a Metalink (application/metalink4+xml) '
                              'stands for the files it lists')
+    parser.add_argument('--restart-wait-max', metavar='S',
+                        type=number(float, high=_MAX_SECONDS),
+                        help='the longest wait before a retry (default: 10 times '
+                             '--restart-wait)')
+    parser.add_argument('--max-per-host', metavar='N', type=number(int), default=0,
+                        help='most connections open at once to one host, over all '
+                             'downloads; 0 for no limit (default: %(default)s)')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -5919,6 +6395,8 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
         kwargs['auth'] = (user, password)
     if not args.verify_digest:
         kwargs['verify_digest'] = False
+    if args.restart_wait_max is not None:
+        kwargs['restart_wait_max'] = args.restart_wait_max
     if args.cacert is not None:
         try:
             kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
@@ -5959,7 +6437,8 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     output = 'json' if args.json else 'quiet' if args.quiet else 'auto'
     return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
                          restart_wait=args.restart_wait,
-                         downloader_kwargs=downloader_kwargs, output=output)
+                         downloader_kwargs=downloader_kwargs, output=output,
+                         max_per_host=args.max_per_host)
 
 
 _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
@@ -6118,7 +6597,8 @@ class _Outcome:
 
 def _download_all(jobs: List[_Job], *, rate_limit: float,
                   max_running: int, restart_wait: float,
-                  downloader_kwargs: Dict[str, Any], output: str) -> int:
+                  downloader_kwargs: Dict[str, Any], output: str,
+                  max_per_host: int = 0) -> int:
     """Run every ``(url, mirrors, path)`` through one ``Manager`` until each is
     complete or fatal, showing the progress (``output``: ``'auto'``,
     ``'quiet'`` or ``'json'``) and a closing summary; return the exit
@@ -6142,7 +6622,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
         _Progress(downloads, output == 'quiet')
     began = time.monotonic()
     manager = Manager(max_running=max_running, rate_limit=rate_limit,
-                      restart_wait=restart_wait)
+                      restart_wait=restart_wait, max_per_host=max_per_host)
     try:
         for url, mirrors, path in jobs:
             source = {'metalink': url} if isinstance(url, _MetalinkFile) else {'url': url}

@@ -129,7 +129,7 @@ class Resource:
                  throttle_conn=None, range_faults=None,
                  drop_probability=0.0, change_probability=0.0, seed=None,
                  content_length=None, content_type='application/octet-stream',
-                 max_concurrent=None, throttle_piece=None):
+                 max_concurrent=None, throttle_piece=None, digest=None):
         self.data = bytes(data)
         self.auto_etag = etag is _AUTO
         if self.auto_etag:
@@ -162,6 +162,7 @@ class Resource:
         self.content_type = content_type
         self.max_concurrent = max_concurrent
         self.throttle_piece = throttle_piece
+        self.digest = None if digest is None else _DigestGate(**digest)
         # counters, guarded by lock
         self.lock = threading.Lock()
         self.serving = 0            # GETs being answered now, for max_concurrent
@@ -307,6 +308,11 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 self.close_connection = True
             return
+        if res.digest is not None:
+            gate = res.digest
+            refusal = gate.check(self.command, self.path, self.headers.get(gate.asked_header))
+            if refusal is not None:
+                return self._simple(refusal[0], b'authenticate\n', head, refusal[1])
         with res.lock:
             res.requests_seen += 1
             n_request = res.requests_seen
@@ -504,6 +510,115 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b'0\r\n\r\n')
 
 
+_DIGEST_PARAM_RE = re.compile(r'([A-Za-z0-9*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
+_DIGEST_HASHLIB = {'MD5': 'md5', 'SHA-256': 'sha256'}
+
+
+class _DigestGate:
+    """HTTP Digest authentication (RFC 7616) in front of a resource, checked
+    with hashlib here, independently of bitpit. A request without a right
+    answer gets 401 (407 for ``proxy=True``) and a challenge; one answering
+    an old nonce gets ``stale=true``. The nonce changes after
+    ``stale_after`` requests answered it (``None``: never). A nonce-count
+    used twice with one nonce is refused (a replay). ``lock`` guards the
+    nonce, its uses and the counts seen; any handler thread."""
+
+    def __init__(self, user, password, realm='bitpit test', algorithm='MD5', qop='auth',
+                 stale_after=None, proxy=False):
+        self.user, self.password, self.realm = user, password, realm
+        self.algorithm, self.qop, self.stale_after = algorithm, qop, stale_after
+        self.status = 407 if proxy else 401
+        self.asked_header = 'Proxy-Authorization' if proxy else 'Authorization'
+        self.challenge_header = 'Proxy-Authenticate' if proxy else 'WWW-Authenticate'
+        self.lock = threading.Lock()
+        self.nonces = []            # every nonce given, the current one last
+        self.uses = 0               # requests the current nonce let through
+        self.counts_seen = set()    # (nonce, nc)
+        self.stale_sent = 0
+        self._new_nonce()
+
+    def _new_nonce(self):
+        self.nonces.append(os.urandom(16).hex())
+        self.uses = 0
+
+    def _hash(self, text):
+        name = _DIGEST_HASHLIB[self.algorithm.upper().replace('-SESS', '')]
+        return hashlib.new(name, text.encode('utf-8')).hexdigest()
+
+    def expected(self, method, params):
+        """The response a client with the right password sends."""
+        ha1 = self._hash('{}:{}:{}'.format(self.user, self.realm, self.password))
+        if self.algorithm.upper().endswith('-SESS'):
+            ha1 = self._hash('{}:{}:{}'.format(ha1, params['nonce'], params['cnonce']))
+        ha2 = self._hash('{}:{}'.format(method, params['uri']))
+        if self.qop:
+            return self._hash(':'.join([ha1, params['nonce'], params['nc'], params['cnonce'],
+                                        params['qop'], ha2]))
+        return self._hash(':'.join([ha1, params['nonce'], ha2]))
+
+    def check(self, method, target, authorization):
+        """``None`` to let the request through, else ``(status, headers)``."""
+        with self.lock:
+            stale = False
+            if authorization and authorization.startswith('Digest '):
+                verdict = self._verdict(method, target, authorization[7:])
+                if verdict == 'ok':
+                    self.uses += 1
+                    if self.stale_after is not None and self.uses >= self.stale_after:
+                        self._new_nonce()  # the next request finds it stale
+                    return None
+                stale = verdict == 'stale'
+                self.stale_sent += stale
+            challenge = 'Digest realm="{}", nonce="{}", opaque="o-{}", algorithm={}'.format(
+                self.realm, self.nonces[-1], self.realm, self.algorithm)
+            if self.qop:
+                challenge += ', qop="{}"'.format(self.qop)
+            if stale:
+                challenge += ', stale=true'
+            return self.status, {self.challenge_header: challenge}
+
+    def _verdict(self, method, target, text):
+        params = {name.lower(): value[1:-1].replace('\\"', '"') if value.startswith('"')
+                  else value for name, value in _DIGEST_PARAM_RE.findall(text)}
+        needed = ['username', 'realm', 'nonce', 'uri', 'response', 'algorithm']
+        if self.qop:
+            needed += ['qop', 'nc', 'cnonce']
+        if any(name not in params for name in needed) or params['uri'] != target or \
+                params['username'] != self.user or params['realm'] != self.realm or \
+                params['algorithm'] != self.algorithm or \
+                params.get('opaque') != 'o-' + self.realm:
+            return 'bad'
+        if self.qop and (params['qop'] != 'auth' or not re.fullmatch('[0-9a-f]{8}', params['nc'])):
+            return 'bad'
+        if params['response'] != self.expected(method, params):
+            return 'bad'
+        if params['nonce'] != self.nonces[-1]:
+            return 'stale' if params['nonce'] in self.nonces else 'bad'
+        if self.qop:
+            if (params['nonce'], params['nc']) in self.counts_seen:
+                return 'bad'
+            self.counts_seen.add((params['nonce'], params['nc']))
+        return 'ok'
+
+
+def _peer_closed(sock):
+    """Whether the client closed ``sock`` (its end of file is there to read),
+    looked at without reading and without waiting, whatever another thread
+    does with it meanwhile."""
+    try:
+        probe = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
 def _etag_of(data):
     return '"{}"'.format(hashlib.sha256(data).hexdigest()[:20])
 
@@ -539,6 +654,9 @@ class FixtureServer:
         in arrival order (recorded before the response is sent).
     ``connections``
         Number of TCP connections accepted so far.
+    ``max_open``
+        Most TCP connections open at once so far (a connection counts from
+        its accept until the client closed it or the server did).
     ``max_concurrent``
         Largest number of GET responses in progress at the same time (across
         all connections) seen so far; ``active`` is the current number.
@@ -564,6 +682,8 @@ class FixtureServer:
         self._release_gen = 0
         self._sent_log = []             # (monotonic time, path, conn, bytes) per write
         self.connections = 0
+        self._open_now = set()          # connections open, as the last accept saw them
+        self.max_open = 0
         self.active = 0
         self.max_concurrent = 0
         self.stalled = 0
@@ -645,6 +765,13 @@ class FixtureServer:
         ``max_concurrent=N`` a GET that comes while N others of this
             resource are being answered gets 503 (a per-client connection
             cap, as many download hosts have).
+        ``digest={'user': U, 'password': P, ...}`` demand HTTP Digest
+            authentication (see :class:`_DigestGate` for ``realm``,
+            ``algorithm`` ('MD5', 'SHA-256', or either with '-sess'),
+            ``qop`` ('auth', or None for RFC 2069), ``stale_after`` and
+            ``proxy``): a request without a right answer gets 401 (407 with
+            ``proxy=True``, the resource's path then being the absolute URL
+            a proxy is asked for). :meth:`digest_gate` gives its state.
         ``content_length=`` Content-Length header sent as this string
             instead (the real body is sent regardless; the connection is then
             closed).
@@ -674,6 +801,10 @@ class FixtureServer:
         """The bytes ``path`` serves now (``None`` if not a plain resource)."""
         res = self._lookup(path)
         return None if res is None or callable(res) else res.current(get=False)[0]
+
+    def digest_gate(self, path):
+        """The :class:`_DigestGate` of ``path`` (its nonces, ``stale_sent``)."""
+        return self._lookup(path).digest
 
     def refused(self, path):
         """How many GETs of ``path`` its ``max_concurrent`` turned away."""
@@ -800,9 +931,18 @@ class FixtureServer:
             self._sent_log.append((time.monotonic(), path, conn, n))
 
     def _connection_opened(self, sock):
+        # a client that closes a connection and opens another at once is
+        # seen by the accept before the old connection's handler reads its
+        # end: look at the others' ends now
+        with self._lock:
+            others = list(self._open_now)
+        ended = [other for other in others if _peer_closed(other)]
         with self._lock:
             self.connections += 1
             self._sockets[sock] = self.connections
+            self._open_now.difference_update(ended)
+            self._open_now.add(sock)
+            self.max_open = max(self.max_open, len(self._open_now))
 
     def _register_thread(self, sock):
         with self._lock:
@@ -813,6 +953,7 @@ class FixtureServer:
     def _connection_closed(self, sock):
         with self._lock:
             self._sockets.pop(sock, None)
+            self._open_now.discard(sock)
 
     def _get_started(self):
         with self._lock:

@@ -48,6 +48,7 @@ SERVED = {
     '/logo.png': dict(data=LOGO, last_modified=DATE),
     '/video.mp4': dict(data=VIDEO, throttle=400 * 1000),
     '/busy.iso': dict(data=LOGO, status=503, status_times=1),
+    '/private.iso': dict(data=LOGO, digest={'user': 'alice', 'password': 'secret'}),
     '/report?id=7': dict(data=LOGO, headers={
         'Content-Disposition': 'attachment; filename="report.pdf"'}),
 }
