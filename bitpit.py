@@ -59,6 +59,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
     from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+if not TYPE_CHECKING:
+    def overload(func):  # typing.overload, for a checker's eyes: the last def runs
+        return func
+else:
+    from typing import overload
 
 __version__ = '2.1.0'
 __all__ = [
@@ -128,6 +133,10 @@ class _Pattern:
 _SUFFIXES = ('B', 'KB', 'MB', 'GB', 'TB', 'PB', 'EB', 'ZB', 'YB')
 
 
+@overload
+def human_readable(n: float, digits: int = 3) -> Tuple[float, str]: ...
+@overload
+def human_readable(n: None, digits: int = 3) -> Tuple[None, None]: ...
 def human_readable(n: Optional[float], digits: int = 3
                    ) -> Tuple[Optional[float], Optional[str]]:
     """Return ``(number, suffix)`` with ``n`` bytes scaled by powers of 1024.
@@ -183,13 +192,10 @@ _MAX_SECONDS = 1e6   # the longest time-out or period (11.6 days): poll() takes 
 
 
 def _check_number(name: str, value: Any, positive: bool = False,
-                  allow_none: bool = False, low: Optional[float] = None,
-                  high: Optional[float] = None) -> Any:
+                  low: Optional[float] = None, high: Optional[float] = None) -> float:
     """``value`` if it is a finite real number (not a bool), else
     ``TypeError`` (not a number) or ``ValueError``; with ``positive``,
     ``ValueError`` unless it is more than 0; ``low`` and ``high`` bound it."""
-    if value is None and allow_none:
-        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError('{} must be a number, not {!r}'.format(name, value))
     if isinstance(value, float) and not math.isfinite(value):
@@ -204,10 +210,8 @@ def _check_number(name: str, value: Any, positive: bool = False,
 
 
 def _check_int(name: str, value: Any, low: Optional[int] = None,
-               high: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+               high: Optional[int] = None) -> int:
     """``value`` if it is an ``int`` within ``[low, high]``."""
-    if value is None and allow_none:
-        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError('{} must be an int, not {!r}'.format(name, value))
     if (low is not None and value < low) or (high is not None and value > high):
@@ -662,6 +666,10 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
+    # set at the first use of the signals: _EMITTER_INIT_LOCK guards that
+    _emitter_lock: threading.Lock
+    _emitter_callbacks: Dict[str, List[Tuple[Callable[..., object], Tuple[Any, ...],
+                                             Dict[str, Any]]]]
 
     def _registry(self) -> Tuple[threading.Lock, Dict[str, list]]:
         try:
@@ -680,14 +688,16 @@ class Emitter:
         except KeyError:
             raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal)) from None
 
-    def listen(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+    def listen(self, signal: str, func: Callable[..., object], *args: Any,
+               **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
         lock, callbacks = self._callbacks(signal)
         with lock:
             callbacks.append((func, args, kwargs))
 
-    def unlisten(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+    def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
+                 **kwargs: Any) -> None:
         """Remove one registration of ``func`` with these ``args`` and
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
@@ -3695,7 +3705,7 @@ class Downloader(Emitter):
     update_period = _Option(lambda name, value: _check_number(name, value, positive=True,
                                                               high=_MAX_SECONDS),
                             'Seconds between two ``speed-changed`` signals; next start.')
-    retries = _Option(lambda name, value: _check_int(name, value, 0, allow_none=True),
+    retries = _Option(lambda name, value: None if value is None else _check_int(name, value, 0),
                       'Failed attempts in a row (without progress) after which an '
                       '``error`` becomes ``fatal-error``; ``None``: no limit.')
     connections = _Option(lambda name, value: _check_connections(value),
