@@ -944,6 +944,8 @@ class _AbortableMixin:
     between an abort and the socket's creation."""
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
+    via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
+    proxy_parts: Optional[urllib.parse.SplitResult]
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -952,7 +954,9 @@ class _AbortableMixin:
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
-    def _abortable_connect(self, address, timeout, source_address=None):
+    def _abortable_connect(self, address: Tuple[str, int], timeout: Optional[float],
+                           source_address: Optional[Tuple[str, int]] = None
+                           ) -> socket.socket:
         host, port = address
         last_error: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
@@ -995,6 +999,8 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     handshake_done = False
+    _context: ssl.SSLContext        # http.client's own, missing from its stubs
+    _tunnel_host: Optional[str]
 
     def connect(self) -> None:
         """Connect (through the proxy's tunnel, if any), then shake hands
@@ -1012,8 +1018,10 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-# scheme, host, port, proxy (host, port) or None, id of the TLS context
-_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int]'
+if TYPE_CHECKING:
+    # scheme, host, port, proxy (host, port) or None, id of the TLS context
+    _ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int]
+    _AnyHTTPConnection = Union[_HTTPConnection, _HTTPSConnection]
 
 
 class _ConnectionPool:
@@ -1025,9 +1033,9 @@ class _ConnectionPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: Dict[_ConnectionKey, List[Tuple[float, Any]]] = {}
+        self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
 
-    def get(self, key: _ConnectionKey) -> Optional[Any]:
+    def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
         ``None``. The ones idle too long or not quiet are closed."""
         while True:
@@ -1048,7 +1056,7 @@ class _ConnectionPool:
             for _, conn in connections:
                 conn.close()
 
-    def put(self, key: _ConnectionKey, conn: Any) -> None:
+    def put(self, key: _ConnectionKey, conn: _AnyHTTPConnection) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
         and close the connections of any host that were idle too long."""
         now = time.monotonic()
@@ -1069,7 +1077,7 @@ class _ConnectionPool:
 _POOL = _ConnectionPool()
 
 
-def _quiet(conn: Any) -> bool:
+def _quiet(conn: _AnyHTTPConnection) -> bool:
     """Whether an idle connection has nothing to read. If it has, the server
     closed it or sent bytes no request asked for (say the rest of a body
     longer than its Content-Length), which the next request would take for
@@ -1100,8 +1108,9 @@ def _environment_proxy(scheme: str, host: str) -> str:
         return ''
     no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
     if no_proxy:
-        import urllib.request
-        if urllib.request.proxy_bypass_environment(host, {'no': no_proxy}):
+        # (undocumented, so the standard library's stubs lack it)
+        from urllib.request import proxy_bypass_environment  # type: ignore  # not in stubs
+        if proxy_bypass_environment(host, {'no': no_proxy}):
             return ''
     return proxy
 
@@ -1139,19 +1148,20 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
 _NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
 
 
-def _read_netrc() -> Dict[str, Tuple[str, str, str]]:
+def _read_netrc() -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
     import netrc
     path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
     now = time.monotonic()
     if _NETRC['checked'] > now - 1 and _NETRC['path'] == path:
         return _NETRC['hosts']
+    key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
         key = (path, status.st_mtime_ns, status.st_size)
     except OSError:
         key = (path, None, None)
     if key != _NETRC['key']:
-        hosts: Dict[str, Tuple[str, str, str]] = {}
+        hosts: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
         if key[1] is not None:
             try:  # (None: the default file, with its permission check)
                 hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
@@ -1493,7 +1503,7 @@ class _Request:
         self.trusted = options.trusted(url)
         self.own_credentials = _url_credentials(urllib.parse.urlsplit(url))
         self.key: Optional[_ConnectionKey] = None
-        self.connection: Optional[Any] = None
+        self.connection: Optional[_AnyHTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
@@ -1535,9 +1545,9 @@ class _Request:
         host = _ascii_host(parts.hostname or '')
         port = parts.port or (443 if scheme == 'https' else 80)
         proxy = _proxy_for(parts, self.options.proxy)
-        proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
-        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context))
-        connection = _POOL.get(self.key)
+        proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context))
+        connection = _POOL.get(key)
         self.reused = connection is not None
         if connection is None:
             connection = self._new_connection(scheme, host, port, proxy)
@@ -1547,7 +1557,7 @@ class _Request:
                 connection.sock.settimeout(self.options.timeout)
         self._use(connection)
 
-    def _use(self, connection: Any) -> None:
+    def _use(self, connection: _AnyHTTPConnection) -> None:
         connection.cancel = self.cancel
         self.connection = connection
         if self.cancel is not None:
@@ -1559,9 +1569,11 @@ class _Request:
                 raise
 
     def _new_connection(self, scheme: str, host: str, port: int,
-                        proxy: Optional[urllib.parse.SplitResult]) -> Any:
+                        proxy: Optional[urllib.parse.SplitResult]) -> _AnyHTTPConnection:
         timeout = self.options.timeout
-        connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
+        connect_host, connect_port = (proxy.hostname or '', proxy.port or 80) if proxy else \
+            (host, port)
+        conn: _AnyHTTPConnection
         if scheme == 'https':
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
@@ -1573,7 +1585,7 @@ class _Request:
         conn.proxy_parts = proxy
         return conn
 
-    def _headers(self, url: str) -> Dict[str, str]:
+    def _headers(self, url: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         options = self.options
         headers = {name: value for name, value in options.headers
                    if self.trusted or name.lower() not in ('authorization', 'cookie')}
@@ -1592,8 +1604,8 @@ class _Request:
             cookie = options.cookies.header(url)
             if cookie:
                 headers['Cookie'] = cookie
-        if self.connection.via_proxy:
-            headers.update(_proxy_headers(self.connection.proxy_parts))
+        if conn.via_proxy and conn.proxy_parts is not None:
+            headers.update(_proxy_headers(conn.proxy_parts))
         return headers
 
     def _exchange(self, url: str) -> http.client.HTTPResponse:
@@ -1602,13 +1614,14 @@ class _Request:
         wire_url = _ascii_url(url)
         while True:
             conn = self.connection
+            assert conn is not None  # _connect() or _use() set it, or raised
             if conn.via_proxy:
                 target = wire_url
             else:
                 parts = urllib.parse.urlsplit(wire_url)
                 target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
-                conn.request(self.method, target, headers=self._headers(url))
+                conn.request(self.method, target, headers=self._headers(url, conn))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -1620,6 +1633,7 @@ class _Request:
                                                     ConnectionResetError, BrokenPipeError)):
                     self._release(conn, reuse=False)
                     self.reused = False
+                    assert self.key is not None  # set with the connection
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
                     self._use(self._new_connection(scheme, host, port, conn.proxy_parts))
                     continue
@@ -1644,14 +1658,14 @@ class _Request:
         if conn is not None:
             self._release(conn, reuse)
 
-    def _release(self, conn: Any, reuse: bool) -> None:
+    def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
         if self.cancel is not None:
             self.cancel.unregister(conn)
             # checked after letting go of it: a cancel that got hold of the
             # connection before may be shutting it down right now
             reuse = reuse and not self.cancel.is_set()
         response = self.response
-        if reuse and conn.sock is not None and (
+        if reuse and conn.sock is not None and self.key is not None and (
                 response is None or (response.isclosed() and not response.will_close)):
             conn.cancel = None
             _POOL.put(self.key, conn)
