@@ -1854,16 +1854,23 @@ class _Ranges:
         """Forget everything at or after ``size``."""
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
                 if start < size]
-        self.__init__(kept)
+        _Ranges.__init__(self, kept)
 
 
-def _as_path(path: Any) -> 'pathlib.Path':
+if TYPE_CHECKING:
+    from typing import BinaryIO
+    # what a file object given as ``path`` may be; the file it names or that object
+    _BinaryFile = Union[BinaryIO, io.RawIOBase, io.BufferedIOBase]
+    _Target = Union[pathlib.Path, _BinaryFile]
+
+
+def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
     import pathlib
     return pathlib.Path(path).expanduser()
 
 
-def _local_size(target: Any, fallback: int = 0) -> int:
+def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
@@ -1887,6 +1894,15 @@ def _seekable(file: Any) -> bool:
         return False
 
 
+def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = None,
+            flags: int = 0) -> int:
+    """``os.splice``, which only Linux has, from Python 3.10 on (its callers
+    check ``_SPLICE``); a type checker for 3.9 is told so."""
+    if sys.version_info < (3, 10):
+        raise OSError(errno.ENOSYS, 'os.splice needs Python 3.10')
+    return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
+
+
 class _FileStore:
     """The target of a download: the file, the byte ranges of it that hold
     downloaded bytes, and the sidecar ``NAME.bitpit`` that remembers them,
@@ -1900,7 +1916,7 @@ class _FileStore:
     write leaves the file incomplete, so a file with holes is never taken
     for a complete one; it is replaced atomically."""
 
-    def __init__(self, target: Any, url: str):
+    def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
         self.url = url
@@ -1997,10 +2013,11 @@ class _FileStore:
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
         which may be written out of order."""
-        if not self.is_path:
+        target = self.target
+        if not isinstance(target, os.PathLike):
             return False
         try:
-            return stat.S_ISREG(os.stat(self.target).st_mode)
+            return stat.S_ISREG(os.stat(target).st_mode)
         except FileNotFoundError:
             return True
         except OSError:
@@ -2022,7 +2039,7 @@ class _FileStore:
             if self._file is not None:
                 return
             target = self.target
-            if not self.is_path:
+            if not isinstance(target, os.PathLike):
                 self._file = target
                 self._position = self.held.total
             else:
@@ -2075,9 +2092,11 @@ class _FileStore:
 
     def _free_space(self) -> Optional[int]:
         """Bytes free on the file's disk for this process, if it can tell."""
+        if not isinstance(self.target, os.PathLike):
+            return None
         try:
             status = os.statvfs(self.target.parent)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError):  # (no statvfs on Windows)
             return None
         if not status.f_blocks:
             return None  # a file system that tells nothing (some FUSE ones)
@@ -2165,7 +2184,7 @@ class _FileStore:
                         moved += len(data)
                         continue
                     try:
-                        n = os.splice(pipe, fd, count - moved, offset_dst=offset + moved)
+                        n = _splice(pipe, fd, count - moved, offset_dst=offset + moved)
                     except OSError as exc:
                         if exc.errno not in _NO_SPLICE_ERRORS:
                             raise
@@ -2234,7 +2253,8 @@ class _FileStore:
             self._snap()
             self.size = -1
             self._reset_hasher()
-            stream = self.target if not self.is_path else self._file
+            target = self.target
+            stream = target if not isinstance(target, os.PathLike) else self._file
             try:
                 if stream is not None and (self._regular or not self.is_path):
                     if _seekable(stream):
@@ -2243,8 +2263,9 @@ class _FileStore:
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
-                elif self._file is None and self.is_path and self.target.exists():
-                    with open(self.target, 'r+b') as file:
+                elif self._file is None and isinstance(target, os.PathLike) and \
+                        target.exists():
+                    with open(target, 'r+b') as file:
                         file.truncate(0)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -2282,6 +2303,8 @@ class _FileStore:
         ``os.replace``); ``False`` when that failed (logged once)."""
         import json
         sidecar = self.sidecar
+        if sidecar is None:
+            return False  # a file object has none
         record = json.dumps({'version': 2, 'url': self.url, 'size': self.size,
                              'held': self.held.spans(), 'validators': self.validators})
         temporary = sidecar.with_name(sidecar.name + '.tmp')
@@ -2334,8 +2357,10 @@ class _FileStore:
                 if actual != checksum[1]:
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
-            if self._regular or (self._file is None and self.is_path and self.target.is_file()):
-                _stamp(self.target, modified, etag)
+            target = self.target
+            if isinstance(target, os.PathLike) and (
+                    self._regular or (self._file is None and target.is_file())):
+                _stamp(target, modified, etag)
 
     def _hash_from_disk(self, end: int,
                         cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -2343,7 +2368,8 @@ class _FileStore:
         start = self._hashed_to
         if end <= start:
             return
-        if self.is_path:
+        source: _BinaryFile
+        if isinstance(self.target, os.PathLike):
             source = open(self.target, 'rb')
         elif _seekable(self.target) and getattr(self.target, 'readable', lambda: False)():
             source = self.target
@@ -2517,8 +2543,8 @@ class _Splice:
                 pass  # the default pipe (64 KiB) will do
         while True:  # splice first, wait only when nothing is there: one call less
             try:
-                n = os.splice(self._sock.fileno(), self._pipe[1], count,
-                              flags=getattr(os, 'SPLICE_F_MOVE', 1))
+                n = _splice(self._sock.fileno(), self._pipe[1], count,
+                            flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
             except BlockingIOError:  # the socket has a time-out, so it never blocks
                 if not _ready(self._sock, self._timeout):
