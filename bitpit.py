@@ -2988,10 +2988,10 @@ class _Transfer:
     def _first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
-        gaps = _Ranges(self.store.snapshot).gaps(
-            self.total if self.total is not None else _UNKNOWN_END)
-        if not gaps:
-            return self.total, self.total
+        end_of_file = self.total if self.total is not None else _UNKNOWN_END
+        gaps = _Ranges(self.store.snapshot).gaps(end_of_file)
+        if not gaps:  # (only a known size can be held all through)
+            return end_of_file, end_of_file
         start, end = gaps[0]
         return start, (end if end < _UNKNOWN_END else None)
 
@@ -3041,7 +3041,8 @@ class _Transfer:
         if unowned:
             start, end = unowned[0]
             return start, end, None
-        regions = [(end - start, start, end, None) for start, end in free]
+        regions: List[Tuple[int, int, int, Optional[_Connection]]] = \
+            [(end - start, start, end, None) for start, end in free]
         regions += [(c.end - c.reading_to, c.reading_to, c.end, c)
                     for c in self.connections if c.active]
         if regions:
@@ -3319,7 +3320,7 @@ class _Transfer:
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and self.store.is_path:
+        if self.rename_in is not None and fresh and isinstance(self.store.target, os.PathLike):
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != self.store.target.name:
                 if (self.rename_in / name).exists():
@@ -3361,6 +3362,7 @@ class _Transfer:
         connections would compete for CPU time, with the server too when it
         is local), judged again later. The probe's thread, between two
         reads, under the lock."""
+        assert self._limit is not None  # set with judging
         if self._limit.cpu_bound(now, self.received) is not False:
             return
         _log.debug('%s: the link limits one connection; sharing out', self.options.url)
@@ -3392,7 +3394,8 @@ class _Transfer:
                 start += share
 
     def _missing(self) -> int:
-        """Bytes not held yet."""
+        """Bytes not held yet (once the size is known)."""
+        assert self.total is not None
         return self.total - self.store.held.total
 
     def _report(self, kind: str, value: Any) -> None:
@@ -3510,7 +3513,8 @@ class _Transfer:
         splice = None
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and self.store.spliceable and not isinstance(sock, ssl.SSLSocket) \
+        elif _SPLICE and self.store.spliceable and sock is not None and \
+                not isinstance(sock, ssl.SSLSocket) \
                 and not response.chunked and body_end < _UNKNOWN_END and \
                 (self.max_size is None or self.total is not None) and \
                 min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
@@ -3534,10 +3538,11 @@ class _Transfer:
                     if self.judging is conn:
                         self._judge(conn, time.monotonic())  # may cut its claim short
                     judging = self.judging is conn
+                    limit = self._limit  # set with judging, never unset
                     start = conn.pos + conn.pending
                     room = min(chunk - conn.pending, conn.end - start,
                                conn.request_end - start, body_end - start)
-                    if judging and not self._limit.judged:
+                    if judging and limit is not None and not limit.judged:
                         # its part may be cut short at its current read's end
                         room = min(room, _JUDGE_READ)
                     rate = conn.rate(time.monotonic()) if self.segmented else None
@@ -3554,7 +3559,7 @@ class _Transfer:
                 if conn.pending and (not ready() or time.monotonic() - since >= _FLUSH_AGE):
                     self._flush(conn)  # before a read that may block, or when overdue
                     continue
-                if judging and not body.wait(self._limit.due - time.monotonic()):
+                if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
                 granted = pacer.acquire(room)
                 if not granted:
