@@ -63,7 +63,7 @@ if not TYPE_CHECKING:
     def overload(func):  # typing.overload, for a checker's eyes: the last def runs
         return func
 else:
-    from typing import overload
+    from typing import BinaryIO, Mapping, TypeVar, overload
 
 __version__ = '2.1.0'
 __all__ = [
@@ -1148,7 +1148,7 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
 _NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
 
 
-def _read_netrc() -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
+def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
     import netrc
     path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
     now = time.monotonic()
@@ -1161,7 +1161,7 @@ def _read_netrc() -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
     except OSError:
         key = (path, None, None)
     if key != _NETRC['key']:
-        hosts: Dict[str, Tuple[str, Optional[str], Optional[str]]] = {}
+        hosts: Mapping[str, Tuple[str, Optional[str], Optional[str]]] = {}
         if key[1] is not None:
             try:  # (None: the default file, with its permission check)
                 hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
@@ -1858,7 +1858,6 @@ class _Ranges:
 
 
 if TYPE_CHECKING:
-    from typing import BinaryIO
     # what a file object given as ``path`` may be; the file it names or that object
     _BinaryFile = Union[BinaryIO, io.RawIOBase, io.BufferedIOBase]
     _Target = Union[pathlib.Path, _BinaryFile]
@@ -3653,7 +3652,8 @@ def _unexpected(exc: BaseException) -> Error:
 # downloader
 # ---------------------------------------------------------------------------
 
-_PathLike = 'Union[str, os.PathLike[str], io.BufferedIOBase]'
+if TYPE_CHECKING:
+    _PathLike = Union[str, os.PathLike[str], _BinaryFile]
 _STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
 _IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
 
@@ -3684,7 +3684,7 @@ class _Option:
         self.name = name
         self.attribute = '_' + name
 
-    def __get__(self, obj: Any, owner: type = None) -> Any:
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         return self if obj is None else getattr(obj, self.attribute)
 
     def __set__(self, obj: Any, value: Any) -> None:
@@ -3769,6 +3769,18 @@ class Downloader(Emitter):
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
                         'Bytes per second an attempt must keep up over ``timeout`` '
                         'seconds (0: no minimum); next start.')
+    # where the options above keep their checked values
+    _timeout: float
+    _update_period: float
+    _retries: Optional[int]
+    _connections: int
+    _content_disposition: bool
+    _headers: Dict[str, str]
+    _auth: Optional[Tuple[str, str]]
+    _proxy: Optional[str]
+    _ssl_context: Optional[ssl.SSLContext]
+    _max_size: Optional[int]
+    _min_speed: float
 
     def __init__(self, url: str, path: Optional[_PathLike] = None, dir_path: bool = False,
                  rate_limit: float = 0, timeout: float = 10, update_period: float = 1,
@@ -3826,7 +3838,7 @@ class Downloader(Emitter):
         self.min_speed = min_speed
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
-        self._path: Union[pathlib.Path, io.BufferedIOBase]
+        self._path: _Target
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
 
@@ -3839,7 +3851,7 @@ class Downloader(Emitter):
     def _set_path_value(self, path: Optional[_PathLike], dir_path: bool) -> None:
         if path is None:
             path, dir_path = os.getcwd(), True
-        if hasattr(path, 'write'):
+        if hasattr(path, 'write') and not isinstance(path, (str, os.PathLike)):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
             _check_if_exists(self._if_exists, path)
@@ -3906,7 +3918,7 @@ class Downloader(Emitter):
             self._mirrors = tuple(dict.fromkeys(m for m in mirrors if m != self._url))
 
     @property
-    def path(self) -> Union[pathlib.Path, io.BufferedIOBase]:
+    def path(self) -> _Target:
         """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
         it while running raises ``RuntimeError``; emits ``path-changed``."""
         return self._path
@@ -4361,9 +4373,9 @@ class Downloader(Emitter):
                 self._downloaded = store.held.total
                 self._best_held = max(self._best_held, self._downloaded)
                 self._transfer = None
-        if transfer.unchanged:  # 304: the file on disk is current
+        if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
-        elif replaces is not None:
+        elif replaces is not None and isinstance(store.target, os.PathLike):
             try:
                 os.replace(store.target, replaces)
             except OSError as exc:
@@ -4388,10 +4400,12 @@ class Downloader(Emitter):
         mode = self._if_exists
         if mode == 'overwrite' and first:
             store.restart_from_zero()
-        if not store.is_path or mode in ('resume', 'overwrite'):
-            return store, None, None
         target = store.target
-        taken_as_is = target.exists() and not store.sidecar.exists()
+        sidecar = store.sidecar
+        if not isinstance(target, os.PathLike) or sidecar is None or \
+                mode in ('resume', 'overwrite'):
+            return store, None, None
+        taken_as_is = target.exists() and not sidecar.exists()
         if mode == 'skip' and taken_as_is:
             self._downloaded = _local_size(target)
             self._set_size(self._downloaded)
@@ -4648,10 +4662,10 @@ class Manager(Emitter):
         long until the next restart becomes due (``None``: none pending)."""
         now = time.monotonic()
         limit = self._max_running if self._max_running > 0 else len(self._downloads)
-        running = [d for d in self._downloads
-                   if d in self._starting or d.state in _ACTIVE_STATES]
-        to_stop = running[limit:]
-        running = set(running)
+        active = [d for d in self._downloads
+                  if d in self._starting or d.state in _ACTIVE_STATES]
+        to_stop = active[limit:]
+        running = set(active)
         free = limit - len(running)
         to_start: List[Downloader] = []
         wait: Optional[float] = None
@@ -4744,8 +4758,17 @@ def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int 
                          output='auto')
 
 
+if TYPE_CHECKING:
+    _File = TypeVar('_File', bound=_BinaryFile)
+
+
+@overload
+def download(url: str, path: Union[None, str, os.PathLike[str]] = None, *,
+             progress: bool = False, **kwargs: Any) -> pathlib.Path: ...
+@overload
+def download(url: str, path: _File, *, progress: bool = False, **kwargs: Any) -> _File: ...
 def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
-             **kwargs: Any) -> Union[pathlib.Path, io.BufferedIOBase]:
+             **kwargs: Any) -> _Target:
     """Download ``url`` and return its path once the file is complete: one
     call that blocks, from any thread (from asyncio:
     ``await asyncio.to_thread(bitpit.download, url)``).
@@ -5011,8 +5034,9 @@ def _cli(argv: Optional[List[str]] = None) -> int:
 _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
 
 
-_Sources = 'Tuple[str, Tuple[str, ...]]'  # a file's URL and its mirrors
-_Job = 'Tuple[str, Tuple[str, ...], pathlib.Path]'  # and the path it goes to
+if TYPE_CHECKING:
+    _Sources = Tuple[str, Tuple[str, ...]]  # a file's URL and its mirrors
+    _Job = Tuple[str, Tuple[str, ...], pathlib.Path]  # and the path it goes to
 
 
 def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
@@ -5155,7 +5179,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
             events.append(event)
             cond.notify_all()
 
-    kwargs = {'update_period': _CLI_SPEED_PERIOD}
+    kwargs: Dict[str, Any] = {'update_period': _CLI_SPEED_PERIOD}
     kwargs.update(downloader_kwargs)
     downloads: List[Downloader] = []
     progress = _JSONLines(downloads) if output == 'json' else \
