@@ -3957,7 +3957,7 @@ class Downloader(Emitter):
         self.emit('rate-limit-changed', self)
 
     @property
-    def human_rate_limit(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_rate_limit(self) -> Tuple[float, str]:
         """``rate_limit`` for people, e.g. ``(100.0, 'KB/s')``."""
         return _per_second(self._rate_limit)
 
@@ -4038,22 +4038,22 @@ class Downloader(Emitter):
         return datetime.timedelta(seconds=remaining / speed)
 
     @property
-    def human_size(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_size(self) -> Tuple[float, str]:
         """``size`` for people, e.g. ``(9.865234375, 'KB')``."""
         return human_readable(self._size)
 
     @property
-    def human_downloaded(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_downloaded(self) -> Tuple[float, str]:
         """``downloaded`` for people."""
         return human_readable(self.downloaded)
 
     @property
-    def human_remaining(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_remaining(self) -> Tuple[float, str]:
         """``remaining`` for people."""
         return human_readable(self.remaining)
 
     @property
-    def human_speed(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_speed(self) -> Tuple[float, str]:
         """``speed`` for people, e.g. ``(2.0, 'KB/s')``."""
         return _per_second(self._speed)
 
@@ -4444,7 +4444,7 @@ class Downloader(Emitter):
             self._set_size(-1)
 
 
-def _per_second(n: float) -> Tuple[Optional[float], Optional[str]]:
+def _per_second(n: float) -> Tuple[float, str]:
     number, suffix = human_readable(n)
     return number, suffix + '/s'
 
