@@ -62,8 +62,15 @@ if TYPE_CHECKING:
 if not TYPE_CHECKING:
     def overload(func):  # typing.overload, for a checker's eyes: the last def runs
         return func
+
+    class _Generic:  # typing.Generic, for a checker's eyes: _Generic[_Value] is itself
+        def __class_getitem__(cls, parameters):
+            return cls
+    _Value = None
 else:
     from typing import BinaryIO, Mapping, TypeVar, overload
+    from typing import Generic as _Generic
+    _Value = TypeVar('_Value')  # what an _Option holds
 
 __version__ = '2.1.0'
 __all__ = [
@@ -3671,12 +3678,12 @@ def _free_name(target: pathlib.Path) -> pathlib.Path:
             return candidate
 
 
-class _Option:
+class _Option(_Generic[_Value]):
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
     naming the option). Its docstring says when a change takes effect."""
 
-    def __init__(self, check: Callable[[str, Any], Any], doc: str):
+    def __init__(self, check: Callable[[str, Any], _Value], doc: str):
         self.check = check
         self.__doc__ = doc
 
@@ -3684,6 +3691,10 @@ class _Option:
         self.name = name
         self.attribute = '_' + name
 
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None) -> _Option[_Value]: ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
     def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         return self if obj is None else getattr(obj, self.attribute)
 
