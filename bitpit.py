@@ -68,6 +68,9 @@ if not TYPE_CHECKING:
             return cls
     _Value = None
 else:
+    import argparse
+    import http.cookiejar
+    import urllib.request
     from typing import BinaryIO, Mapping, TypeVar, overload
     from typing import Generic as _Generic
     _Value = TypeVar('_Value')  # what an _Option holds
@@ -665,6 +668,10 @@ class _Stopped(Exception):
 # emitter
 # ---------------------------------------------------------------------------
 
+if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
+    _Callbacks = List[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]
+
+
 class Emitter:
     """Base class for objects with signals.
 
@@ -675,10 +682,9 @@ class Emitter:
     __signals__: Tuple[str, ...] = ()
     # set at the first use of the signals: _EMITTER_INIT_LOCK guards that
     _emitter_lock: threading.Lock
-    _emitter_callbacks: Dict[str, List[Tuple[Callable[..., object], Tuple[Any, ...],
-                                             Dict[str, Any]]]]
+    _emitter_callbacks: Dict[str, _Callbacks]
 
-    def _registry(self) -> Tuple[threading.Lock, Dict[str, list]]:
+    def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
         try:
             return self._emitter_lock, self._emitter_callbacks
         except AttributeError:
@@ -688,7 +694,7 @@ class Emitter:
                     self._emitter_callbacks = {s: [] for s in self.__signals__}
             return self._emitter_lock, self._emitter_callbacks
 
-    def _callbacks(self, signal: str) -> Tuple[threading.Lock, list]:
+    def _callbacks(self, signal: str) -> Tuple[threading.Lock, _Callbacks]:
         lock, callbacks = self._registry()
         try:
             return lock, callbacks[signal]
@@ -1215,8 +1221,9 @@ class _Cookies:
     loaded into one, or else an in-memory jar made at the first
     ``Set-Cookie``. The jar locks itself; any thread."""
 
-    def __init__(self, cookies: Any = None):
-        self.jar: Any = None
+    def __init__(self, cookies: Union[None, str, os.PathLike[str],
+                                      http.cookiejar.CookieJar] = None):
+        self.jar: Optional[http.cookiejar.CookieJar] = None
         if cookies is None:
             return
         import http.cookiejar
@@ -1246,12 +1253,12 @@ class _Cookies:
         self.jar.extract_cookies(response, _cookie_request(url))
 
 
-def _cookie_request(url: str) -> Any:
+def _cookie_request(url: str) -> urllib.request.Request:
     import urllib.request
     return urllib.request.Request(url)
 
 
-def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> Any:
+def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.CookieJar:
     """A jar with the cookies of a Netscape ``cookies.txt`` file (as curl,
     wget, aria2 and browser extensions write it). Session cookies (expiry 0
     or empty) are kept, as curl does; expired ones and malformed lines are
@@ -3800,7 +3807,8 @@ class Downloader(Emitter):
                  retries: Optional[int] = None, content_disposition: bool = False,
                  checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 cookies: Union[None, str, os.PathLike[str], http.cookiejar.CookieJar] = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
                  if_exists: str = 'resume'):
         _check_url(url)
@@ -4836,7 +4844,7 @@ class _ProgressLine:
         _write(sys.stderr, '\n')
 
 
-def _build_parser() -> Any:
+def _build_parser() -> argparse.ArgumentParser:
     """The ``bitpit`` command's argument parser: every option is declared
     here; ``_downloader_kwargs`` turns the per-download ones into
     ``Downloader`` arguments."""
