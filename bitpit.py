@@ -59,11 +59,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
     from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+# typing.overload and typing.Generic, stood in for at run time: the last def
+# of an overloaded function is the one that runs, and _Generic[_Value] is
+# _Generic itself. (The checker's imports come second: there pyflakes looks
+# for overload.)
 if not TYPE_CHECKING:
-    def overload(func):  # typing.overload, for a checker's eyes: the last def runs
+    def overload(func):
         return func
 
-    class _Generic:  # typing.Generic, for a checker's eyes: _Generic[_Value] is itself
+    class _Generic:
         def __class_getitem__(cls, parameters):
             return cls
     _Value = None
