@@ -5380,13 +5380,13 @@ def _isatty(stream: Any) -> bool:
 def _enable_ansi(stream: Any) -> bool:
     """Whether the terminal understands ANSI escapes (switched on in a
     Windows console)."""
-    if os.name != 'nt':
+    if sys.platform != 'win32':  # (os.name != 'nt', as a type checker reads it)
         return True
     try:
         import ctypes
         import msvcrt
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = msvcrt.get_osfhandle(stream.fileno())  # type: ignore[attr-defined]
+        kernel32 = ctypes.windll.kernel32
+        handle = msvcrt.get_osfhandle(stream.fileno())
         mode = ctypes.c_uint32()
         if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
             return False
