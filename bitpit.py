@@ -62,6 +62,25 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
     from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+# typing.overload and typing.Generic, stood in for at run time: the last def
+# of an overloaded function is the one that runs, and _Generic[_Value] is
+# _Generic itself. (The checker's imports come second: there pyflakes looks
+# for overload.)
+if not TYPE_CHECKING:
+    def overload(func):
+        return func
+
+    class _Generic:
+        def __class_getitem__(cls, parameters):
+            return cls
+    _Value = None
+else:
+    import argparse
+    import http.cookiejar
+    import urllib.request
+    from typing import BinaryIO, Mapping, TypeVar, overload
+    from typing import Generic as _Generic
+    _Value = TypeVar('_Value')  # what an _Option holds
 
 __version__ = '2.1.0'
 __all__ = [
@@ -133,6 +152,10 @@ class _Pattern:
 _SUFFIXES = ('B', 'KB', 'MB', 'GB', 'TB', 'PB', 'EB', 'ZB', 'YB')
 
 
+@overload
+def human_readable(n: float, digits: int = 3) -> Tuple[float, str]: ...
+@overload
+def human_readable(n: None, digits: int = 3) -> Tuple[None, None]: ...
 def human_readable(n: Optional[float], digits: int = 3
                    ) -> Tuple[Optional[float], Optional[str]]:
     """Return ``(number, suffix)`` with ``n`` bytes scaled by powers of 1024.
@@ -188,13 +211,10 @@ _MAX_SECONDS = 1e6   # the longest time-out or period (11.6 days): poll() takes 
 
 
 def _check_number(name: str, value: Any, positive: bool = False,
-                  allow_none: bool = False, low: Optional[float] = None,
-                  high: Optional[float] = None) -> Any:
+                  low: Optional[float] = None, high: Optional[float] = None) -> float:
     """``value`` if it is a finite real number (not a bool), else
     ``TypeError`` (not a number) or ``ValueError``; with ``positive``,
     ``ValueError`` unless it is more than 0; ``low`` and ``high`` bound it."""
-    if value is None and allow_none:
-        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError('{} must be a number, not {!r}'.format(name, value))
     if isinstance(value, float) and not math.isfinite(value):
@@ -209,10 +229,8 @@ def _check_number(name: str, value: Any, positive: bool = False,
 
 
 def _check_int(name: str, value: Any, low: Optional[int] = None,
-               high: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+               high: Optional[int] = None) -> int:
     """``value`` if it is an ``int`` within ``[low, high]``."""
-    if value is None and allow_none:
-        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError('{} must be an int, not {!r}'.format(name, value))
     if (low is not None and value < low) or (high is not None and value > high):
@@ -779,6 +797,10 @@ class _Stopped(Exception):
 # emitter
 # ---------------------------------------------------------------------------
 
+if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
+    _Callbacks = List[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]
+
+
 class Emitter:
     """Base class for objects with signals.
 
@@ -787,8 +809,11 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
+    # set at the first use of the signals: _EMITTER_INIT_LOCK guards that
+    _emitter_lock: threading.Lock
+    _emitter_callbacks: Dict[str, _Callbacks]
 
-    def _registry(self) -> Tuple[threading.Lock, Dict[str, list]]:
+    def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
         try:
             return self._emitter_lock, self._emitter_callbacks
         except AttributeError:
@@ -798,21 +823,23 @@ class Emitter:
                     self._emitter_callbacks = {s: [] for s in self.__signals__}
             return self._emitter_lock, self._emitter_callbacks
 
-    def _callbacks(self, signal: str) -> Tuple[threading.Lock, list]:
+    def _callbacks(self, signal: str) -> Tuple[threading.Lock, _Callbacks]:
         lock, callbacks = self._registry()
         try:
             return lock, callbacks[signal]
         except KeyError:
             raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal)) from None
 
-    def listen(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+    def listen(self, signal: str, func: Callable[..., object], *args: Any,
+               **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
         lock, callbacks = self._callbacks(signal)
         with lock:
             callbacks.append((func, args, kwargs))
 
-    def unlisten(self, signal: str, func: Callable, *args: Any, **kwargs: Any) -> None:
+    def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
+                 **kwargs: Any) -> None:
         """Remove one registration of ``func`` with these ``args`` and
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
@@ -1076,6 +1103,8 @@ class _AbortableMixin:
     between an abort and the socket's creation."""
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
+    via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
+    proxy_parts: Optional[urllib.parse.SplitResult]
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -1084,7 +1113,9 @@ class _AbortableMixin:
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
-    def _abortable_connect(self, address, timeout, source_address=None):
+    def _abortable_connect(self, address: Tuple[str, int], timeout: Optional[float],
+                           source_address: Optional[Tuple[str, int]] = None
+                           ) -> socket.socket:
         host, port = address
         last_error: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
@@ -1127,6 +1158,8 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     handshake_done = False
+    _context: ssl.SSLContext        # http.client's own, missing from its stubs
+    _tunnel_host: Optional[str]
 
     def connect(self) -> None:
         """Connect (through the proxy's tunnel, if any), then shake hands
@@ -1144,9 +1177,11 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
 
-# scheme, host, port, proxy (host, port) or None, id of the TLS context, the
-# manager's _HostSlots or None (a manager's connections are its own)
-_ConnectionKey = 'Tuple[str, str, int, Optional[Tuple[str, int]], int, Any]'
+if TYPE_CHECKING:
+    # scheme, host, port, proxy (host, port) or None, id of the TLS context, the
+    # manager's _HostSlots or None (a manager's connections are its own)
+    _ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int, Optional['_HostSlots']]
+    _AnyHTTPConnection = Union[_HTTPConnection, _HTTPSConnection]
 
 
 def _close_connection(conn: Any) -> None:
@@ -1166,9 +1201,9 @@ class _ConnectionPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: Dict[_ConnectionKey, List[Tuple[float, Any]]] = {}
+        self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
 
-    def get(self, key: _ConnectionKey) -> Optional[Any]:
+    def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
         ``None``. The ones idle too long or not quiet are closed."""
         while True:
@@ -1189,7 +1224,7 @@ class _ConnectionPool:
             for _, conn in connections:
                 _close_connection(conn)
 
-    def put(self, key: _ConnectionKey, conn: Any) -> None:
+    def put(self, key: _ConnectionKey, conn: _AnyHTTPConnection) -> None:
         """Keep ``conn`` for reuse (its last response must be fully read),
         and close the connections of any host that were idle too long."""
         now = time.monotonic()
@@ -1357,7 +1392,7 @@ class _HostSlots:
             self._cond.notify_all()
 
 
-def _quiet(conn: Any) -> bool:
+def _quiet(conn: _AnyHTTPConnection) -> bool:
     """Whether an idle connection has nothing to read. If it has, the server
     closed it or sent bytes no request asked for (say the rest of a body
     longer than its Content-Length), which the next request would take for
@@ -1388,8 +1423,9 @@ def _environment_proxy(scheme: str, host: str) -> str:
         return ''
     no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
     if no_proxy:
-        import urllib.request
-        if urllib.request.proxy_bypass_environment(host, {'no': no_proxy}):
+        # (undocumented, so the standard library's stubs lack it)
+        from urllib.request import proxy_bypass_environment  # type: ignore  # not in stubs
+        if proxy_bypass_environment(host, {'no': no_proxy}):
             return ''
     return proxy
 
@@ -1427,19 +1463,20 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
 _NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
 
 
-def _read_netrc() -> Dict[str, Tuple[str, str, str]]:
+def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
     import netrc
     path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
     now = time.monotonic()
     if _NETRC['checked'] > now - 1 and _NETRC['path'] == path:
         return _NETRC['hosts']
+    key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
         key = (path, status.st_mtime_ns, status.st_size)
     except OSError:
         key = (path, None, None)
     if key != _NETRC['key']:
-        hosts: Dict[str, Tuple[str, str, str]] = {}
+        hosts: Mapping[str, Tuple[str, Optional[str], Optional[str]]] = {}
         if key[1] is not None:
             try:  # (None: the default file, with its permission check)
                 hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
@@ -1640,8 +1677,9 @@ class _Cookies:
     loaded into one, or else an in-memory jar made at the first
     ``Set-Cookie``. The jar locks itself; any thread."""
 
-    def __init__(self, cookies: Any = None):
-        self.jar: Any = None
+    def __init__(self, cookies: Union[None, str, os.PathLike[str],
+                                      http.cookiejar.CookieJar] = None):
+        self.jar: Optional[http.cookiejar.CookieJar] = None
         if cookies is None:
             return
         import http.cookiejar
@@ -1671,12 +1709,12 @@ class _Cookies:
         self.jar.extract_cookies(response, _cookie_request(url))
 
 
-def _cookie_request(url: str) -> Any:
+def _cookie_request(url: str) -> urllib.request.Request:
     import urllib.request
     return urllib.request.Request(url)
 
 
-def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> Any:
+def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.CookieJar:
     """A jar with the cookies of a Netscape ``cookies.txt`` file (as curl,
     wget, aria2 and browser extensions write it). Session cookies (expiry 0
     or empty) are kept, as curl does; expired ones and malformed lines are
@@ -1947,7 +1985,7 @@ class _Request:
         self.trusted = options.trusted(url)
         self.own_credentials = _url_credentials(urllib.parse.urlsplit(url))
         self.key: Optional[_ConnectionKey] = None
-        self.connection: Optional[Any] = None
+        self.connection: Optional[_AnyHTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
@@ -1998,10 +2036,10 @@ class _Request:
         host = _ascii_host(parts.hostname or '')
         port = parts.port or (443 if scheme == 'https' else 80)
         proxy = _proxy_for(parts, self.options.proxy)
-        proxy_id = (proxy.hostname, proxy.port or 80) if proxy else None
+        proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
         slots = self.options.slots
-        self.key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
-        connection = _POOL.get(self.key)
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
+        connection = _POOL.get(key)
         self.reused = connection is not None
         if connection is None:
             if slots is not None:
@@ -2015,7 +2053,7 @@ class _Request:
                 connection.sock.settimeout(self.options.timeout)
         self._use(connection)
 
-    def _use(self, connection: Any) -> None:
+    def _use(self, connection: _AnyHTTPConnection) -> None:
         connection.cancel = self.cancel
         self.connection = connection
         if self.cancel is not None:
@@ -2027,9 +2065,11 @@ class _Request:
                 raise
 
     def _new_connection(self, scheme: str, host: str, port: int,
-                        proxy: Optional[urllib.parse.SplitResult]) -> Any:
+                        proxy: Optional[urllib.parse.SplitResult]) -> _AnyHTTPConnection:
         timeout = self.options.timeout
-        connect_host, connect_port = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
+        connect_host, connect_port = (proxy.hostname or '', proxy.port or 80) if proxy else \
+            (host, port)
+        conn: _AnyHTTPConnection
         if scheme == 'https':
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
@@ -2086,7 +2126,7 @@ class _Request:
         self.challenges[key] = followed + 1
         return True
 
-    def _headers(self, url: str, target: str) -> Dict[str, str]:
+    def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         options = self.options
         headers = {name: value for name, value in options.headers
                    if self.trusted or name.lower() not in ('authorization', 'cookie')}
@@ -2105,9 +2145,8 @@ class _Request:
             cookie = options.cookies.header(url)
             if cookie:
                 headers['Cookie'] = cookie
-        if self.connection.via_proxy:
-            authorization = self._authorization(self.connection.proxy_parts, self.method,
-                                                target)
+        if conn.via_proxy:
+            authorization = self._authorization(conn.proxy_parts, self.method, target)
             if authorization is not None:
                 headers['Proxy-Authorization'] = authorization
         return headers
@@ -2118,13 +2157,14 @@ class _Request:
         wire_url = _ascii_url(url)
         while True:
             conn = self.connection
+            assert conn is not None  # _connect() or _use() set it, or raised
             if conn.via_proxy:
                 target = wire_url
             else:
                 parts = urllib.parse.urlsplit(wire_url)
                 target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
             try:
-                conn.request(self.method, target, headers=self._headers(url, target))
+                conn.request(self.method, target, headers=self._headers(url, target, conn))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -2137,6 +2177,7 @@ class _Request:
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
                     self.reused = False
+                    assert self.key is not None  # set with the connection
                     scheme, host, port = self.key[0], self.key[1], self.key[2]
                     fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
                     fresh.release_slot = release  # its host slot goes over to the new one
@@ -2166,14 +2207,14 @@ class _Request:
         if conn is not None:
             self._release(conn, reuse)
 
-    def _release(self, conn: Any, reuse: bool) -> None:
+    def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
         if self.cancel is not None:
             self.cancel.unregister(conn)
             # checked after letting go of it: a cancel that got hold of the
             # connection before may be shutting it down right now
             reuse = reuse and not self.cancel.is_set()
         response = self.response
-        if reuse and conn.sock is not None and (
+        if reuse and conn.sock is not None and self.key is not None and (
                 response is None or (response.isclosed() and not response.will_close)):
             conn.cancel = None
             _POOL.put(self.key, conn)
@@ -2378,16 +2419,22 @@ class _Ranges:
         """Forget everything at or after ``size``."""
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
                 if start < size]
-        self.__init__(kept)
+        _Ranges.__init__(self, kept)
 
 
-def _as_path(path: Any) -> 'pathlib.Path':
+if TYPE_CHECKING:
+    # what a file object given as ``path`` may be; the file it names or that object
+    _BinaryFile = Union[BinaryIO, io.RawIOBase, io.BufferedIOBase]
+    _Target = Union[pathlib.Path, _BinaryFile]
+
+
+def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
     import pathlib
     return pathlib.Path(path).expanduser()
 
 
-def _local_size(target: Any, fallback: int = 0) -> int:
+def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
@@ -2431,6 +2478,15 @@ def _seekable(file: Any) -> bool:
         return False
 
 
+def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = None,
+            flags: int = 0) -> int:
+    """``os.splice``, which only Linux has, from Python 3.10 on (its callers
+    check ``_SPLICE``); a type checker for 3.9 is told so."""
+    if sys.version_info < (3, 10):
+        raise OSError(errno.ENOSYS, 'os.splice needs Python 3.10')
+    return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
+
+
 class _FileStore:
     """The target of a download: the file, the byte ranges of it that hold
     downloaded bytes, and the sidecar ``NAME.bitpit`` that remembers them,
@@ -2444,7 +2500,7 @@ class _FileStore:
     write leaves the file incomplete, so a file with holes is never taken
     for a complete one; it is replaced atomically."""
 
-    def __init__(self, target: Any, url: str):
+    def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
         self.url = url
@@ -2542,10 +2598,11 @@ class _FileStore:
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
         which may be written out of order."""
-        if not self.is_path:
+        target = self.target
+        if not isinstance(target, os.PathLike):
             return False
         try:
-            return stat.S_ISREG(os.stat(self.target).st_mode)
+            return stat.S_ISREG(os.stat(target).st_mode)
         except FileNotFoundError:
             return True
         except OSError:
@@ -2567,7 +2624,7 @@ class _FileStore:
             if self._file is not None:
                 return
             target = self.target
-            if not self.is_path:
+            if not isinstance(target, os.PathLike):
                 self._file = target
                 self._position = self.held.total
             else:
@@ -2620,9 +2677,11 @@ class _FileStore:
 
     def _free_space(self) -> Optional[int]:
         """Bytes free on the file's disk for this process, if it can tell."""
+        if not isinstance(self.target, os.PathLike):
+            return None
         try:
             status = os.statvfs(self.target.parent)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError):  # (no statvfs on Windows)
             return None
         if not status.f_blocks:
             return None  # a file system that tells nothing (some FUSE ones)
@@ -2710,7 +2769,7 @@ class _FileStore:
                         moved += len(data)
                         continue
                     try:
-                        n = os.splice(pipe, fd, count - moved, offset_dst=offset + moved)
+                        n = _splice(pipe, fd, count - moved, offset_dst=offset + moved)
                     except OSError as exc:
                         if exc.errno not in _NO_SPLICE_ERRORS:
                             raise
@@ -2780,7 +2839,8 @@ class _FileStore:
             self._snap()
             self.size = -1
             self._reset_hasher()
-            stream = self.target if not self.is_path else self._file
+            target = self.target
+            stream = target if not isinstance(target, os.PathLike) else self._file
             try:
                 if stream is not None and (self._regular or not self.is_path):
                     if _seekable(stream):
@@ -2789,8 +2849,9 @@ class _FileStore:
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
-                elif self._file is None and self.is_path and self.target.exists():
-                    with open(self.target, 'r+b') as file:
+                elif self._file is None and isinstance(target, os.PathLike) and \
+                        target.exists():
+                    with open(target, 'r+b') as file:
                         file.truncate(0)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -2874,6 +2935,8 @@ class _FileStore:
         the old, the directory after. ``False`` when that failed (logged
         once). Under the lock."""
         sidecar = self.sidecar
+        if sidecar is None:
+            return False  # a file object has none
         current = record is None  # else writes since the record may have moved on
         if record is None:
             record = self._sidecar_record()
@@ -2938,8 +3001,10 @@ class _FileStore:
                                          .format(checksum[0], self.target, checksum[1], actual))
             self._check_digests(list(digests))
             self._remove_sidecar()
-            if self._regular or (self._file is None and self.is_path and self.target.is_file()):
-                _stamp(self.target, modified, etag)
+            target = self.target
+            if isinstance(target, os.PathLike) and (
+                    self._regular or (self._file is None and target.is_file())):
+                _stamp(target, modified, etag)
 
     def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
         """Hash the file once for every algorithm of ``digests`` and compare;
@@ -2995,7 +3060,8 @@ class _FileStore:
         block, into ``consume`` (``_Stopped`` when ``cancelled()``)."""
         if end <= start:
             return
-        if self.is_path:
+        source: _BinaryFile
+        if isinstance(self.target, os.PathLike):
             source = open(self.target, 'rb')
         elif _seekable(self.target) and getattr(self.target, 'readable', lambda: False)():
             source = self.target
@@ -3172,8 +3238,8 @@ class _Splice:
                 pass  # the default pipe (64 KiB) will do
         while True:  # splice first, wait only when nothing is there: one call less
             try:
-                n = os.splice(self._sock.fileno(), self._pipe[1], count,
-                              flags=getattr(os, 'SPLICE_F_MOVE', 1))
+                n = _splice(self._sock.fileno(), self._pipe[1], count,
+                            flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
             except BlockingIOError:  # the socket has a time-out, so it never blocks
                 if not _ready(self._sock, self._timeout):
@@ -3720,10 +3786,10 @@ class _Transfer:
     def _first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
-        gaps = _Ranges(self.store.snapshot).gaps(
-            self.total if self.total is not None else _UNKNOWN_END)
-        if not gaps:
-            return self.total, self.total
+        end_of_file = self.total if self.total is not None else _UNKNOWN_END
+        gaps = _Ranges(self.store.snapshot).gaps(end_of_file)
+        if not gaps:  # (only a known size can be held all through)
+            return end_of_file, end_of_file
         start, end = gaps[0]
         return start, (end if end < _UNKNOWN_END else None)
 
@@ -3787,7 +3853,8 @@ class _Transfer:
         if unowned:
             start, end = unowned[0]
             return start, end, None
-        regions = [(end - start, start, end, None) for start, end in free]
+        regions: List[Tuple[int, int, int, Optional[_Connection]]] = \
+            [(end - start, start, end, None) for start, end in free]
         regions += [(c.end - c.reading_to, c.reading_to, c.end, c)
                     for c in self.connections if c.active]
         if regions:
@@ -4127,7 +4194,7 @@ class _Transfer:
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and self.store.is_path:
+        if self.rename_in is not None and fresh and isinstance(self.store.target, os.PathLike):
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != self.store.target.name:
                 if (self.rename_in / name).exists():
@@ -4174,6 +4241,7 @@ class _Transfer:
         connections would compete for CPU time, with the server too when it
         is local), judged again later. The probe's thread, between two
         reads, under the lock."""
+        assert self._limit is not None  # set with judging
         if self._limit.cpu_bound(now, self.received) is not False:
             return
         _log.debug('%s: the link limits one connection; sharing out', self.options.url)
@@ -4205,7 +4273,8 @@ class _Transfer:
                 start += share
 
     def _missing(self) -> int:
-        """Bytes not held yet."""
+        """Bytes not held yet (once the size is known)."""
+        assert self.total is not None
         return self.total - self.store.held.total
 
     def _report(self, kind: str, value: Any) -> None:
@@ -4333,7 +4402,8 @@ class _Transfer:
         splice = None
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and self.store.spliceable and not isinstance(sock, ssl.SSLSocket) \
+        elif _SPLICE and self.store.spliceable and sock is not None and \
+                not isinstance(sock, ssl.SSLSocket) \
                 and not response.chunked and body_end < _UNKNOWN_END and \
                 (self.max_size is None or self.total is not None) and \
                 min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
@@ -4357,10 +4427,11 @@ class _Transfer:
                     if self.judging is conn:
                         self._judge(conn, time.monotonic())  # may cut its claim short
                     judging = self.judging is conn
+                    limit = self._limit  # set with judging, never unset
                     start = conn.pos + conn.pending
                     room = min(chunk - conn.pending, conn.end - start,
                                conn.request_end - start, body_end - start)
-                    if judging and not self._limit.judged:
+                    if judging and limit is not None and not limit.judged:
                         # its part may be cut short at its current read's end
                         room = min(room, _JUDGE_READ)
                     rate = conn.rate(time.monotonic()) if self.segmented else None
@@ -4382,7 +4453,7 @@ class _Transfer:
                     # or when overdue
                     self._flush(conn)
                     continue
-                if judging and not body.wait(self._limit.due - time.monotonic()):
+                if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
                 if limited and not body.wait_for_bytes(self.options.timeout):
                     # tokens are taken once bytes are there to use them: a
@@ -4904,7 +4975,8 @@ def _read_metalink(source: Any, options: Callable[[str], _RequestOptions]
 # downloader
 # ---------------------------------------------------------------------------
 
-_PathLike = 'Union[str, os.PathLike[str], io.BufferedIOBase]'
+if TYPE_CHECKING:
+    _PathLike = Union[str, os.PathLike[str], _BinaryFile]
 _STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
 _IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
 
@@ -4942,12 +5014,12 @@ def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> 
     return base + draw * (high - base)
 
 
-class _Option:
+class _Option(_Generic[_Value]):
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
     naming the option). Its docstring says when a change takes effect."""
 
-    def __init__(self, check: Callable[[str, Any], Any], doc: str):
+    def __init__(self, check: Callable[[str, Any], _Value], doc: str):
         self.check = check
         self.__doc__ = doc
 
@@ -4955,7 +5027,11 @@ class _Option:
         self.name = name
         self.attribute = '_' + name
 
-    def __get__(self, obj: Any, owner: type = None) -> Any:
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None) -> _Option[_Value]: ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         return self if obj is None else getattr(obj, self.attribute)
 
     def __set__(self, obj: Any, value: Any) -> None:
@@ -5036,7 +5112,7 @@ class Downloader(Emitter):
     update_period = _Option(lambda name, value: _check_number(name, value, positive=True,
                                                               high=_MAX_SECONDS),
                             'Seconds between two ``speed-changed`` signals; next start.')
-    retries = _Option(lambda name, value: _check_int(name, value, 0, allow_none=True),
+    retries = _Option(lambda name, value: None if value is None else _check_int(name, value, 0),
                       'Failed attempts in a row (without progress) after which an '
                       '``error`` becomes ``fatal-error``; ``None``: no limit.')
     connections = _Option(lambda name, value: _check_connections(value),
@@ -5058,10 +5134,24 @@ class Downloader(Emitter):
     verify_digest = _Option(_as_bool, 'Check the file against the sha-256 or sha-512 digest '
                                       'the server gives (``Repr-Digest``, ``Content-Digest``, '
                                       '``Digest``); next start.')
-    restart_wait_max = _Option(lambda name, value: _check_number(
-        name, value, allow_none=True, low=0, high=_MAX_SECONDS),
+    restart_wait_max = _Option(lambda name, value: None if value is None else _check_number(
+        name, value, low=0, high=_MAX_SECONDS),
         'Longest wait before a restart, restarts in a row backing off up to it '
         '(``None``: 10 times the ``restart_wait`` in use); next restart.')
+    # where the options above keep their checked values
+    _timeout: float
+    _update_period: float
+    _retries: Optional[int]
+    _connections: int
+    _content_disposition: bool
+    _headers: Dict[str, str]
+    _auth: Optional[Tuple[str, str]]
+    _proxy: Optional[str]
+    _ssl_context: Optional[ssl.SSLContext]
+    _max_size: Optional[int]
+    _min_speed: float
+    _verify_digest: bool
+    _restart_wait_max: Optional[float]
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -5071,7 +5161,8 @@ class Downloader(Emitter):
                  retries: Optional[int] = None, content_disposition: bool = False,
                  checksum: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  auth: Optional[Tuple[str, str]] = None, proxy: Optional[str] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None, cookies: Any = None,
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 cookies: Union[None, str, os.PathLike[str], http.cookiejar.CookieJar] = None,
                  max_size: Optional[int] = None, min_speed: float = 0,
                  if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None,
                  restart_wait_max: Optional[float] = None):
@@ -5137,7 +5228,7 @@ class Downloader(Emitter):
         self.min_speed = min_speed
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
-        self._path: Union[pathlib.Path, io.BufferedIOBase]
+        self._path: _Target
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
         self.verify_digest = verify_digest
@@ -5152,7 +5243,7 @@ class Downloader(Emitter):
     def _set_path_value(self, path: Optional[_PathLike], dir_path: bool) -> None:
         if path is None:
             path, dir_path = os.getcwd(), True
-        if hasattr(path, 'write'):
+        if hasattr(path, 'write') and not isinstance(path, (str, os.PathLike)):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
             _check_if_exists(self._if_exists, path)
@@ -5224,7 +5315,7 @@ class Downloader(Emitter):
             self._mirrors = tuple(dict.fromkeys(m for m in mirrors if m != self._url))
 
     @property
-    def path(self) -> Union[pathlib.Path, io.BufferedIOBase]:
+    def path(self) -> _Target:
         """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
         it while running raises ``RuntimeError``; emits ``path-changed``."""
         return self._path
@@ -5263,7 +5354,7 @@ class Downloader(Emitter):
         self.emit('rate-limit-changed', self)
 
     @property
-    def human_rate_limit(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_rate_limit(self) -> Tuple[float, str]:
         """``rate_limit`` for people, e.g. ``(100.0, 'KB/s')``."""
         return _per_second(self._rate_limit)
 
@@ -5344,22 +5435,22 @@ class Downloader(Emitter):
         return datetime.timedelta(seconds=remaining / speed)
 
     @property
-    def human_size(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_size(self) -> Tuple[float, str]:
         """``size`` for people, e.g. ``(9.865234375, 'KB')``."""
         return human_readable(self._size)
 
     @property
-    def human_downloaded(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_downloaded(self) -> Tuple[float, str]:
         """``downloaded`` for people."""
         return human_readable(self.downloaded)
 
     @property
-    def human_remaining(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_remaining(self) -> Tuple[float, str]:
         """``remaining`` for people."""
         return human_readable(self.remaining)
 
     @property
-    def human_speed(self) -> Tuple[Optional[float], Optional[str]]:
+    def human_speed(self) -> Tuple[float, str]:
         """``speed`` for people, e.g. ``(2.0, 'KB/s')``."""
         return _per_second(self._speed)
 
@@ -5709,9 +5800,9 @@ class Downloader(Emitter):
                 self._downloaded = store.held.total
                 self._best_held = max(self._best_held, self._downloaded)
                 self._transfer = None
-        if transfer.unchanged:  # 304: the file on disk is current
+        if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
-        elif replaces is not None:
+        elif replaces is not None and isinstance(store.target, os.PathLike):
             try:
                 os.replace(store.target, replaces)
             except OSError as exc:
@@ -5747,10 +5838,12 @@ class Downloader(Emitter):
         mode = self._if_exists
         if mode == 'overwrite' and first:
             store.restart_from_zero()
-        if not store.is_path or mode in ('resume', 'overwrite'):
-            return store, None, None
         target = store.target
-        taken_as_is = target.exists() and not store.sidecar.exists()
+        sidecar = store.sidecar
+        if not isinstance(target, os.PathLike) or sidecar is None or \
+                mode in ('resume', 'overwrite'):
+            return store, None, None
+        taken_as_is = target.exists() and not sidecar.exists()
         if mode == 'skip' and taken_as_is:
             self._downloaded = _local_size(target)
             self._set_size(self._downloaded)
@@ -5789,7 +5882,7 @@ class Downloader(Emitter):
             self._set_size(-1)
 
 
-def _per_second(n: float) -> Tuple[Optional[float], Optional[str]]:
+def _per_second(n: float) -> Tuple[float, str]:
     number, suffix = human_readable(n)
     return number, suffix + '/s'
 
@@ -6041,10 +6134,10 @@ class Manager(Emitter):
         long until the next restart becomes due (``None``: none pending)."""
         now = time.monotonic()
         limit = self._max_running if self._max_running > 0 else len(self._downloads)
-        running = [d for d in self._downloads
-                   if d in self._starting or d.state in _ACTIVE_STATES]
-        to_stop = running[limit:]
-        running = set(running)
+        active = [d for d in self._downloads
+                  if d in self._starting or d.state in _ACTIVE_STATES]
+        to_stop = active[limit:]
+        running = set(active)
         free = limit - len(running)
         to_start: List[Downloader] = []
         wait: Optional[float] = None
@@ -6137,8 +6230,17 @@ def main(urls: List[str], rate_limit: Union[str, float] = '0', max_running: int 
                          output='auto')
 
 
+if TYPE_CHECKING:
+    _File = TypeVar('_File', bound=_BinaryFile)
+
+
+@overload
+def download(url: str, path: Union[None, str, os.PathLike[str]] = None, *,
+             progress: bool = False, **kwargs: Any) -> pathlib.Path: ...
+@overload
+def download(url: str, path: _File, *, progress: bool = False, **kwargs: Any) -> _File: ...
 def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
-             **kwargs: Any) -> Union[pathlib.Path, io.BufferedIOBase]:
+             **kwargs: Any) -> _Target:
     """Download ``url`` and return its path once the file is complete: one
     call that blocks, from any thread (from asyncio:
     ``await asyncio.to_thread(bitpit.download, url)``).
@@ -6195,7 +6297,7 @@ class _ProgressLine:
         _write(sys.stderr, '\n')
 
 
-def _build_parser() -> Any:
+def _build_parser() -> argparse.ArgumentParser:
     """The ``bitpit`` command's argument parser: every option is declared
     here; ``_downloader_kwargs`` turns the per-download ones into
     ``Downloader`` arguments."""
@@ -6444,8 +6546,9 @@ def _cli(argv: Optional[List[str]] = None) -> int:
 _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
 
 
-_Sources = 'Tuple[str, Tuple[str, ...]]'  # a file's URL and its mirrors
-_Job = 'Tuple[str, Tuple[str, ...], pathlib.Path]'  # and the path it goes to
+if TYPE_CHECKING:
+    _Sources = Tuple[str, Tuple[str, ...]]  # a file's URL and its mirrors
+    _Job = Tuple[str, Tuple[str, ...], pathlib.Path]  # and the path it goes to
 
 
 def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
@@ -6615,7 +6718,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
             events.append(event)
             cond.notify_all()
 
-    kwargs = {'update_period': _CLI_SPEED_PERIOD}
+    kwargs: Dict[str, Any] = {'update_period': _CLI_SPEED_PERIOD}
     kwargs.update(downloader_kwargs)
     downloads: List[Downloader] = []
     progress = _JSONLines(downloads) if output == 'json' else \
@@ -6794,13 +6897,13 @@ def _isatty(stream: Any) -> bool:
 def _enable_ansi(stream: Any) -> bool:
     """Whether the terminal understands ANSI escapes (switched on in a
     Windows console)."""
-    if os.name != 'nt':
+    if sys.platform != 'win32':  # (os.name != 'nt', as a type checker reads it)
         return True
     try:
         import ctypes
         import msvcrt
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = msvcrt.get_osfhandle(stream.fileno())  # type: ignore[attr-defined]
+        kernel32 = ctypes.windll.kernel32
+        handle = msvcrt.get_osfhandle(stream.fileno())
         mode = ctypes.c_uint32()
         if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
             return False

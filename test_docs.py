@@ -16,6 +16,7 @@
    its table lists exists.
 4. Every link from one document to another, or to a heading, leads
    somewhere.
+5. CI (.ci/run) runs the README's test command, exactly.
 """
 import ast
 import inspect
@@ -318,3 +319,14 @@ def test_links_between_documents_lead_somewhere():
             elif anchor and linked.suffix == '.md' and anchor not in anchors(linked):
                 broken.append('{}: {}'.format(path.name, target))
     assert not broken, 'links that lead nowhere: ' + ', '.join(broken)
+
+
+# ---------------------------------------------------------------------------
+# the test command
+# ---------------------------------------------------------------------------
+
+def test_ci_runs_the_readme_test_command():
+    section = (HERE / 'README.md').read_text(encoding='utf-8').split('## Run the tests', 1)[1]
+    command = FENCE.search(section).group(3).strip()
+    ci = (HERE / '.ci' / 'run').read_text(encoding='utf-8').strip().splitlines()
+    assert ci[-1] == command and 'mypy' in command and 'pyflakes' in command

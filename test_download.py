@@ -46,6 +46,28 @@ def test_download_into_file_object_is_not_closed(server):
     assert d.state == 'complete' and not sink.closed and sink.getvalue() == DATA
 
 
+class _PathWithWrite:
+    """An ``os.PathLike`` that also has a ``write`` (as some path classes do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __fspath__(self):
+        return str(self.path)
+
+    def write(self, data):
+        raise AssertionError('a path is opened, never written to as a file object')
+
+
+def test_a_path_like_with_a_write_method_is_a_path(server, tmp_path):
+    # it was taken for a file object, then for a path by the store, which
+    # met a PathLike without pathlib's methods: AttributeError (mypy found it)
+    server.add('/data.bin', DATA)
+    d, _ = download(server.url('/data.bin'), _PathWithWrite(tmp_path / 'data.bin'))
+    assert d.state == 'complete', d.last_exception
+    assert d.path == tmp_path / 'data.bin' and d.path.read_bytes() == DATA
+
+
 def test_empty_file(server, tmp_path):
     server.add('/empty', b'')
     d, _ = download(server.url('/empty'), tmp_path / 'empty')

@@ -12,7 +12,7 @@ DATA = bytes(range(256)) * 40  # 10240 bytes
 T = 5  # client time-out, seconds
 
 
-_conns = []
+_conns: list[http.client.HTTPConnection] = []  # closed after each test
 
 
 @pytest.fixture(autouse=True)

@@ -82,7 +82,6 @@ def test_stop_during_a_tls_handshake_is_prompt(tls_peer, certificate, tmp_path):
     tls_peer.script('stall')
     d = bitpit.Downloader(tls_peer.url(), path=tmp_path / 'secure.bin',
                           ssl_context=trusting(certificate), timeout=30)
-    rec = Recorder(d)
     d.start()
     assert tls_peer.wait_handled(1)
     began = time.monotonic()

@@ -653,7 +653,6 @@ class NginxServer:
         """From the access log, since the last ``reset()``: connections
         used, GET requests, and body bytes sent. nginx writes a request's
         line when it has handed the last byte to the kernel."""
-        log = self._prefix / 'access.log' if self._prefix is not None else None
         lines = self._log_lines()
         gets = [fields for fields in lines if len(fields) >= 3 and fields[1] == 'GET']
         return {'conns': len({fields[0] for fields in lines}), 'requests': len(gets),
