@@ -61,7 +61,7 @@ import urllib.parse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 # typing.overload and typing.Generic, stood in for at run time: the last def
 # of an overloaded function is the one that runs, and _Generic[_Value] is
 # _Generic itself. (The checker's imports come second: there pyflakes looks
@@ -78,7 +78,7 @@ else:
     import argparse
     import http.cookiejar
     import urllib.request
-    from typing import BinaryIO, Mapping, TypeVar, overload
+    from typing import BinaryIO, Mapping, NoReturn, TypeVar, overload
     from typing import Generic as _Generic
     _Value = TypeVar('_Value')  # what an _Option holds
 
@@ -661,7 +661,7 @@ def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
     """The http(s) URLs a response's ``Link: <URL>; rel=duplicate`` fields
     name (RFC 6249), relative ones resolved against ``base``, by their
     ``pri`` (lowest first), at most ``_MAX_DUPLICATES``."""
-    found = []
+    found: List[Tuple[int, int, str]] = []
     for value in response.headers.get_all('Link') or ():
         position = 0
         while position < len(value) and value[position:].strip():
@@ -1105,6 +1105,7 @@ class _AbortableMixin:
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
+    release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -1261,7 +1262,8 @@ _POOL = _ConnectionPool()
 
 # -- per-host connection caps -------------------------------------------------------
 
-_HostKey = 'Tuple[str, str, int]'  # scheme, host, port
+if TYPE_CHECKING:
+    _HostKey = Tuple[str, str, int]  # scheme, host, port
 
 
 def _host_key(url: str) -> _HostKey:
@@ -1514,7 +1516,8 @@ _QUOTED_PAIR_RE = _Pattern(r'\\(.)')
 
 # where a challenge came from: (scheme, host, port) of an origin, or
 # ('proxy', host, port) of a proxy
-_AuthKey = 'Tuple[str, str, int]'
+if TYPE_CHECKING:
+    _AuthKey = Tuple[str, str, int]
 
 
 def _challenges(values: List[str]) -> List[Tuple[str, Dict[str, str]]]:
@@ -1587,8 +1590,10 @@ class _DigestChallenge:
             else len(_DIGEST_HASHES)
 
     def answer(self, credentials: Tuple[str, str], method: str, uri: str) -> str:
-        """The ``Authorization`` value of one more request with this nonce."""
+        """The ``Authorization`` value of one more request with this nonce
+        (a ``usable`` one)."""
         h = self.hash
+        assert h is not None  # usable
         user, password = credentials
         self.count += 1
         cnonce = os.urandom(12).hex()
@@ -2109,6 +2114,7 @@ class _Request:
         Digest challenge to answer with another request: the first one of
         this request, or one saying that the nonce sent was stale."""
         connection = self.connection
+        assert connection is not None  # it carried the response
         proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
             else None
         if response.status != 401 and proxy is None:
@@ -2413,7 +2419,10 @@ class _Ranges:
         kept = []
         for old_start, old_end in zip(self._starts, self._ends):
             kept += [(old_start, min(old_end, start)), (max(old_start, end), old_end)]
-        self.__init__([(s, e) for s, e in kept if s < e])
+        self._starts, self._ends, self.total = [], [], 0
+        for kept_start, kept_end in kept:
+            if kept_start < kept_end:
+                self.add(kept_start, kept_end)
 
     def clip(self, size: int) -> None:
         """Forget everything at or after ``size``."""
@@ -3038,7 +3047,8 @@ class _FileStore:
         which are wrong: keep them, with a sidecar that holds none of them,
         so that the file is never taken for a complete one and a new start
         downloads it again."""
-        if self.sidecar is None or not self.target.is_file():
+        target = self.target
+        if not isinstance(target, os.PathLike) or not target.is_file():
             return
         held, self.held = self.held, _Ranges()
         try:
@@ -3295,11 +3305,17 @@ class _PieceHashes:
         self.algorithm = algorithm
         self.length = length
         self.digests = digests
-        self.good: set = set()
-        self.checking: set = set()
+        self.epoch = 0  # the store's epoch these facts are of
+        self.forget(0)
+
+    def forget(self, epoch: int) -> None:
+        """The file started over (a new ``epoch``): nothing is known of its
+        pieces."""
+        self.good: Set[int] = set()
+        self.checking: Set[int] = set()
         self.writers: Dict[int, Dict[_Source, int]] = {}
         self.bad_from: Dict[int, _Source] = {}
-        self.epoch = 0  # the store's epoch these facts are of
+        self.epoch = epoch
 
     def span(self, index: int, total: int) -> Tuple[int, int]:
         return index * self.length, min((index + 1) * self.length, total)
@@ -4548,13 +4564,13 @@ class _Transfer:
         (``_BadPieces``, raised in its own connection's thread). A
         connection thread, holding no lock."""
         pieces = self.piece_hashes
+        assert pieces is not None  # called only with piece hashes
         with self._cond:
             total = self.total
             if total is None or end <= start:
                 return
             if pieces.epoch != self.store.epoch:  # the file started over
-                pieces.__init__(pieces.algorithm, pieces.length, pieces.digests)
-                pieces.epoch = self.store.epoch
+                pieces.forget(self.store.epoch)
             if conn is not None:
                 pieces.wrote(conn.source, start, end)
             due = pieces.due(_Ranges(self.store.snapshot), start, end, total)
@@ -4572,6 +4588,7 @@ class _Transfer:
                     pieces.good.add(index)
                     pieces.writers.pop(index, None)
                 elif self._bad_piece(conn, index, first, last):
+                    assert conn is not None  # its own source was retired
                     retired = conn.source.retired
         if retired is not None:
             raise retired  # the connection goes on with another source
@@ -4581,6 +4598,7 @@ class _Transfer:
         """Piece ``index`` (bytes ``first`` to ``last``) failed its hash;
         whether that retired ``conn``'s own source. Under the lock."""
         pieces = self.piece_hashes
+        assert pieces is not None
         source = pieces.culprit(index)
         self.store.forget(first, last)
         _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash (%s); fetching it '
@@ -4607,7 +4625,8 @@ class _Transfer:
     def _avoid_bad_source(self, conn: _Connection, start: int) -> None:
         """A claim from ``start`` goes to another source than the one that
         sent that piece wrong, if there is one. Under the lock."""
-        if self.piece_hashes.bad_from.get(start // self.piece_hashes.length) is conn.source:
+        pieces = self.piece_hashes
+        if pieces is not None and pieces.bad_from.get(start // pieces.length) is conn.source:
             others = [s for s in self.sources if s.usable and s is not conn.source]
             if others:
                 conn.source = others[0]
@@ -4637,7 +4656,12 @@ _BSD_SUM_RE = _Pattern(r'([A-Za-z0-9-]+) ?\((.*)\) ?= ?([0-9A-Fa-f]+)')
 _GNU_SUM_RE = _Pattern(r'(\\?)([0-9A-Fa-f]+) [ *](.*)')
 
 
+@overload
+def _fetch_document(options: _RequestOptions, url: str, what: str) -> Tuple[bytes, str]: ...
+@overload
 def _fetch_document(options: _RequestOptions, url: str, what: str,
+                    types: Tuple[str, ...]) -> Tuple[Optional[bytes], str]: ...
+def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
                     types: Optional[Tuple[str, ...]] = None) -> Tuple[Optional[bytes], str]:
     """GET a document of at most ``_MAX_DOCUMENT`` bytes (a checksum file, a
     metalink) with the download's request options: ``(body, its media
@@ -4676,15 +4700,15 @@ def _parse_checksum_file_option(checksum: Optional[str]
     ``InvalidURLError`` for a bad URL."""
     if not isinstance(checksum, str):
         return None
-    algorithm, _, rest = checksum.partition(':')
-    algorithm = algorithm.strip().lower()
+    named, _, rest = checksum.partition(':')
+    algorithm: Optional[str] = named.strip().lower()
     if algorithm == 'file':
         algorithm, url = None, rest
     elif rest[:5].lower() == 'file:':
         url = rest[5:]
         import hashlib
         try:
-            hashlib.new(algorithm)
+            hashlib.new(named.strip().lower())
         except (ValueError, TypeError):
             raise ValueError('unknown checksum algorithm in {!r}'.format(checksum)) from None
     else:
@@ -4780,10 +4804,10 @@ def _refuse_dtd(data: bytes, where: str) -> None:
     is refused at the declaration, before any entity is read."""
     import xml.parsers.expat
 
-    def refuse(*args: Any) -> None:
+    def refuse(*args: Any) -> NoReturn:
         raise _metalink_error('{}: a metalink may not declare a DTD or entities'.format(where))
     parser = xml.parsers.expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = refuse
+    parser.StartDoctypeDeclHandler = refuse  # type: ignore[assignment]  # any handler may raise
     parser.EntityDeclHandler = refuse
     parser.ExternalEntityRefHandler = refuse
     try:
@@ -5166,17 +5190,18 @@ class Downloader(Emitter):
                  max_size: Optional[int] = None, min_speed: float = 0,
                  if_exists: str = 'resume', verify_digest: bool = True, metalink: Any = None,
                  restart_wait_max: Optional[float] = None):
-        if not isinstance(cookies, _Cookies):
-            cookies = _Cookies(cookies)  # one jar, for the metalink's request too
+        jar = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)  # one, for the
+        # metalink's request too
         self._metalink = _metalink_entry(url, metalink, lambda source: _document_options(
             source, headers=headers, auth=auth, proxy=proxy, ssl_context=ssl_context,
-            timeout=timeout, cookies=cookies))
+            timeout=timeout, cookies=jar))
         if self._metalink is not None:
             url = self._metalink.urls[0]
             if not isinstance(mirrors, str):  # (the setter refuses a str)
                 mirrors = (*self._metalink.urls[1:], *mirrors)
             if checksum is None and self._metalink.checksum is not None:
                 checksum = '{}:{}'.format(*self._metalink.checksum)
+        assert url is not None  # else _metalink_entry raised TypeError
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = threading.Condition(self._lock)  # wait() waits on it
@@ -5222,7 +5247,7 @@ class Downloader(Emitter):
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._cookies = cookies if isinstance(cookies, _Cookies) else _Cookies(cookies)
+        self._cookies = jar
         self._digest_auth = _DigestAuth()  # the hosts that asked it for Digest
         self.max_size = max_size
         self.min_speed = min_speed
@@ -5815,6 +5840,7 @@ class Downloader(Emitter):
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
         by the name in its URL, else the name of its path. Download
         thread."""
+        assert self._checksum_file is not None  # a checksum file was given
         algorithm, url = self._checksum_file
         body, _ = _fetch_document(self._request_options(), url, 'checksum file')
         names = [urllib.parse.unquote(urllib.parse.urlsplit(self._url).path.rsplit('/', 1)[-1])]
@@ -6513,9 +6539,10 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_intermixed_args(argv)
-        files = _cli_urls(parser, args)
+        urls = _cli_urls(parser, args)
+        files: List[_Sources] = list(urls)
         if args.metalink or args.follow_metalink:
-            files = _cli_metalinks(args, files, _downloader_kwargs(parser, args, 1))
+            files = _cli_metalinks(args, urls, _downloader_kwargs(parser, args, 1))
         jobs = _cli_jobs(parser, args, files)
         downloader_kwargs = _downloader_kwargs(parser, args, len(jobs))
     except SystemExit as exc:  # --help, --version or a usage error
@@ -6547,11 +6574,12 @@ _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
 
 
 if TYPE_CHECKING:
-    _Sources = Tuple[str, Tuple[str, ...]]  # a file's URL and its mirrors
-    _Job = Tuple[str, Tuple[str, ...], pathlib.Path]  # and the path it goes to
+    # a file's URL (or its metalink entry) and its mirrors
+    _Sources = Tuple[Union[str, _MetalinkFile], Tuple[str, ...]]
+    _Job = Tuple[Union[str, _MetalinkFile], Tuple[str, ...], pathlib.Path]  # and its path
 
 
-def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
+def _cli_urls(parser: Any, args: Any) -> List[Tuple[str, Tuple[str, ...]]]:
     """The files to download: each URL of the arguments (with the
     ``--mirror`` URLs when there is one), then each line of each ``-i``
     file (several URLs on a line are mirrors of one file), each file once.
@@ -6589,8 +6617,8 @@ def _cli_urls(parser: Any, args: Any) -> List[_Sources]:
     return list(files.items())
 
 
-def _cli_metalinks(args: Any, files: List[_Sources], kwargs: Dict[str, Any]
-                   ) -> List[_Sources]:
+def _cli_metalinks(args: Any, files: List[Tuple[str, Tuple[str, ...]]],
+                   kwargs: Dict[str, Any]) -> List[_Sources]:
     """``files`` with the files of each ``--metalink`` added, and with
     ``--follow-metalink``, each URL that answers with a metalink replaced
     by the files it lists (a ``_MetalinkFile`` in the URL's place). Raises
