@@ -4572,13 +4572,15 @@ class _Manifest:
     def adopt(self, d: Downloader) -> None:
         """``d`` joins the manager: its file is hashed as it is written, and
         it is complete at once if it is recorded complete and its file is
-        still at its path with its size (and no sidecar). The caller's
-        thread."""
+        still at its path with its size (and no sidecar), unless its
+        ``if_exists`` asks for a request even then (``'update'``,
+        ``'rename'``, ``'overwrite'``). The caller's thread."""
         d._hash_with = 'sha256'
         path = d.path
         with self._lock:
             record = self._complete.get(d.url)
         if record is None or d.is_alive or d.state != 'pause' or \
+                d.if_exists not in ('resume', 'skip') or \
                 not isinstance(path, os.PathLike) or os.path.abspath(path) != record['path']:
             return
         try:
@@ -4632,14 +4634,20 @@ class _Manifest:
 
     def _append(self, line: bytes) -> None:
         """Write ``line`` at the end of the file in one ``write``, and sync
-        the file if the last sync is a second old. Under the lock."""
+        the file if the last sync is a second old. A line that cannot be
+        written whole (a full disk) is taken back. Under the lock."""
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                          getattr(os, 'O_BINARY', 0), 0o666)
             try:
-                written = os.write(fd, line)
-                if written < len(line):  # a full disk: the line is torn, the next one not
-                    os.write(fd, line[written:])
+                end = os.lseek(fd, 0, os.SEEK_END)
+                written = 0
+                try:
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                except OSError:
+                    os.ftruncate(fd, end)  # no torn line before the next one
+                    raise
                 self._unsynced = True
                 if time.monotonic() - self._synced_at >= _MANIFEST_SYNC:
                     self._fsync(fd)

@@ -2,6 +2,7 @@
 Lines record of every download that ended, the rerun that requests only
 what is not recorded complete, a manifest that is not one, and runs killed
 with SIGKILL again and again."""
+import errno
 import hashlib
 import json
 import os
@@ -162,6 +163,32 @@ def test_a_file_recorded_under_another_path_is_requested(server, tmp_path):
     run_manager([url], tmp_path / 'two', manifest)
     assert len(server.requests) == 2
     assert (tmp_path / 'two' / 'f.bin').read_bytes() == b'x' * 100
+
+
+def test_if_exists_update_still_asks_the_server(server, tmp_path):
+    """A download that asks for a conditional request (-N) makes it, even
+    for a file recorded complete."""
+    url = server.add('/f.bin', b'x' * 100, last_modified='Wed, 21 Oct 2015 07:28:00 GMT')
+    run_manager([url], tmp_path / 'out', tmp_path / 'm.jsonl')
+    run_manager([url], tmp_path / 'out', tmp_path / 'm.jsonl', if_exists='update')
+    first, second = server.requests
+    assert first.headers['If-None-Match'] is None
+    assert second.headers['If-None-Match'] or second.headers['If-Modified-Since']
+    assert [r['state'] for r in records(tmp_path / 'm.jsonl')] == ['complete'] * 2
+
+
+def test_a_line_the_disk_cannot_take_is_taken_back(tmp_path, monkeypatch):
+    manifest = bitpit._Manifest(tmp_path / 'm.jsonl')
+    write = os.write
+
+    def filling_up(fd, data):
+        write(fd, bytes(data[:10]))
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(os, 'write', filling_up)
+    manifest._append(b'{"url": "http://h/f"}\n')
+    monkeypatch.undo()
+    assert (tmp_path / 'm.jsonl').read_bytes() == b''
 
 
 def test_a_torn_last_line_is_ignored_and_cut_off(server, tmp_path):
