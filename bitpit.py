@@ -4454,7 +4454,7 @@ def shard(urls: Iterable[Any], index: int, count: int) -> List[Any]:
     return chosen
 
 
-_MANIFEST_SYNC = 1.0  # most syncs of a manifest to the disk per second
+_MANIFEST_SYNC = 1.0  # least seconds between two syncs of a manifest to the disk
 # the fields of a manifest's line, in the order written: a torn line begins
 # as a line begins
 _MANIFEST_HEAD = b'{"url": '
@@ -4486,7 +4486,7 @@ def _json_value(line: bytes) -> Any:
     import json
     try:
         return json.loads(line.decode('utf-8'))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return None
 
 

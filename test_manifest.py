@@ -218,6 +218,7 @@ RECORD = {'url': 'http://h/f', 'path': '/f', 'size': 1, 'sha256': None, 'state':
           'error': None, 'seconds': 0.5}
 NOT_MANIFESTS = [
     b'hello\n', b'hello', b'\xff\xfe{}\n', b'[1, 2]\n', b'{"url": "http://h/f"}\n',
+    b'[' * 100000 + b'\n',
     json.dumps(RECORD).encode() + b'\n# a comment\n',
     json.dumps(dict(RECORD, state='pause')).encode() + b'\n',
     json.dumps(dict(RECORD, sha256='abc')).encode() + b'\n',
@@ -243,6 +244,8 @@ def test_the_command_refuses_a_file_that_is_not_a_manifest(server, tmp_path, cap
                         url]) == 2
     assert 'not a bitpit manifest' in capsys.readouterr().err
     assert (tmp_path / 'notes.txt').read_bytes() == b'my notes\n'
+    assert bitpit._cli(['-q', '-d', str(tmp_path), '--manifest', str(tmp_path), url]) == 2
+    assert 'cannot open the manifest' in capsys.readouterr().err
     assert not server.requests and not (tmp_path / 'f.bin').exists()
 
 

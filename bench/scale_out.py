@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -33,6 +32,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 from common import BenchError, Contender, KiB  # noqa: E402
+from many_small import check_files, make_files  # noqa: E402
 
 #: starts every command of argv[1] (a JSON list of argvs) at once, waits for
 #: all of them, and exits with 1 if one failed
@@ -43,35 +43,19 @@ sys.exit(1 if any(proc.wait() for proc in procs) else 0)
 '''
 
 
-def make_files(docroot: Path, count: int, size: int) -> Dict[str, bytes]:
-    """``count`` files of ``size`` random bytes each; returns name -> content."""
-    files = {}
-    for i in range(count):
-        name = 'f{:05d}.bin'.format(i)
-        files[name] = os.urandom(size)
-        (docroot / name).write_bytes(files[name])
-    return files
-
-
-def check(result: common.RunResult, outdir: Path, files: Dict[str, bytes], manifests: int
-          ) -> Dict[str, Any]:
+def check(result: common.RunResult, outdir: Path, files: Dict[str, bytes], server: Any,
+          manifests: int) -> Dict[str, Any]:
     """A run succeeded when it exited 0, ``outdir`` holds every file with the
-    right content, and its manifests (if any) record each file complete
-    once."""
-    if result.returncode != 0 or result.timed_out:
-        raise BenchError(result.failure())
-    wrong = [name for name, content in files.items()
-             if not (outdir / name).is_file() or (outdir / name).read_bytes() != content]
-    if wrong:
-        raise BenchError('{} of {} files missing or different (e.g. {})'.format(
-            len(wrong), len(files), ', '.join(wrong[:3])))
+    right content (``many_small.check_files``), and its manifests (if any)
+    record each file once."""
+    metrics = check_files(result, outdir, files, server)
     recorded: List[str] = []
     for manifest in sorted(outdir.glob('manifest*.jsonl')):
         recorded += [json.loads(line)['path'] for line in manifest.read_text().splitlines()]
     if manifests and sorted(Path(path).name for path in recorded) != sorted(files):
         raise BenchError('the manifests record {} lines for {} files'.format(
             len(recorded), len(files)))
-    return dict(result.info)
+    return metrics
 
 
 def reset_dir(path: Path) -> None:
@@ -116,7 +100,7 @@ def main(argv=None) -> int:
                 return Contender(name, command, args.timeout,
                                  reset=functools.partial(reset_dir, outdir),
                                  check=functools.partial(check, outdir=outdir, files=files,
-                                                         manifests=manifests),
+                                                         server=server, manifests=manifests),
                                  env=under_test.env, cwd=tmp)
 
             contenders = [
