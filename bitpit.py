@@ -4455,8 +4455,8 @@ def shard(urls: Iterable[Any], index: int, count: int) -> List[Any]:
 
 
 _MANIFEST_SYNC = 1.0  # least seconds between two syncs of a manifest to the disk
-# the fields of a manifest's line, in the order written: a torn line begins
-# as a line begins
+# how every line of a manifest begins (``url`` is written first): so does a
+# torn last line
 _MANIFEST_HEAD = b'{"url": '
 
 
