@@ -15,6 +15,8 @@ contents; each layer uses only the layers above it:
     transfer     one attempt over one or more connections and sources
     documents    checksum files and metalinks, which say what the file is
     downloader   Downloader: the public face of one download
+    many machines  shard(), a split of a list of URLs; the manifest of the
+                 downloads that ended
     manager      Manager: many downloads, one total rate limit
     command line main(), download() and the ``bitpit`` command
 
@@ -88,6 +90,7 @@ __all__ = [
     'Error', 'HTTPStatusError', 'NetworkError', 'StalledError', 'TLSError',
     'ProtocolError', 'RedirectError', 'IntegrityError', 'FileError',
     'InvalidURLError',
+    'shard',
 ]
 
 
@@ -2524,6 +2527,11 @@ class _FileStore:
         self._sidecar_current = False
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
+        # an algorithm to hash a file (not a file object) with as it is
+        # written when no checksum asks for one, and the completed file's
+        # ``(algorithm, hex digest)`` (a manager's manifest records it)
+        self.hash_with: Optional[str] = None
+        self.digest: Optional[Tuple[str, str]] = None
         self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
         self._sidecar_failed = False  # it could not be written: no holes then
@@ -2553,6 +2561,7 @@ class _FileStore:
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
+            self.digest = None
             self._sidecar_current = self._sidecar_failed = False
             saved = self._read_sidecar() if size else None
             self._sidecar_on_disk = saved is not None
@@ -2627,8 +2636,8 @@ class _FileStore:
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
         """Open the file for writing (creating it), once. With a checksum
-        algorithm, hash the bytes already held from byte 0 on (``_Stopped``
-        when ``cancelled()`` meanwhile)."""
+        algorithm (or ``hash_with``), hash the bytes already held from byte
+        0 on (``_Stopped`` when ``cancelled()`` meanwhile)."""
         with self._lock:
             if self._file is not None:
                 return
@@ -2644,11 +2653,16 @@ class _FileStore:
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
                 self._file = open(fd, 'r+b', buffering=0)
                 self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            if checksum is not None:
+            algorithm = checksum or self._hash_with()
+            if algorithm is not None:
                 import hashlib
-                self._hasher = hashlib.new(checksum)
+                self._hasher = hashlib.new(algorithm)
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
+
+    def _hash_with(self) -> Optional[str]:
+        """``hash_with`` where it applies: to a file, which can be read back."""
+        return self.hash_with if self.is_path else None
 
     def reserve(self, total: int, allocate: bool = True) -> None:
         """Make the file ``total`` bytes long with its space allocated, so that
@@ -2990,7 +3004,9 @@ class _FileStore:
         digest)``, see ``_server_digests``), forget the sidecar, and give
         the file the server's modification time and ETag (``_stamp``).
         Raises ``IntegrityError`` on a mismatch: the file is kept, with a
-        sidecar that holds none of it (``_disown``)."""
+        sidecar that holds none of it (``_disown``). ``digest`` is then the
+        file's, when a checksum or ``hash_with`` asked for one: what the
+        hasher saw, and the bytes it did not see read from disk."""
         with self._lock:
             try:
                 if self._regular and self._file is not None and self.size >= 0 and \
@@ -2998,16 +3014,18 @@ class _FileStore:
                     os.ftruncate(self._file.fileno(), self.size)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            if checksum is not None:
+            algorithm = checksum[0] if checksum is not None else self._hash_with()
+            if algorithm is not None:
                 if self._hasher is None:
                     import hashlib
-                    self._hasher = hashlib.new(checksum[0])
+                    self._hasher = hashlib.new(algorithm)
                 self._hash_from_disk(self.held.total)
                 actual = self._hasher.hexdigest()
-                if actual != checksum[1]:
+                if checksum is not None and actual != checksum[1]:
                     self._disown()
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
+                self.digest = (self._hasher.name, actual)
             self._check_digests(list(digests))
             self._remove_sidecar()
             target = self.target
@@ -3055,6 +3073,16 @@ class _FileStore:
             self._save_sidecar()
         finally:
             self.held = held
+
+    def read_digest(self, algorithm: str) -> str:
+        """The hex digest of the whole file, read from disk (for a file
+        whose bytes did not pass through this store's hasher). Raises
+        ``FileError``."""
+        import hashlib
+        with self._lock:
+            self._hasher, self._hashed_to = hashlib.new(algorithm), 0
+            self._hash_from_disk(_local_size(self.target))
+            return self._hasher.hexdigest()
 
     def _hash_from_disk(self, end: int,
                         cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -5224,6 +5252,10 @@ class Downloader(Emitter):
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
+        # a manager's manifest: the algorithm that hashes the file as it is
+        # written, and the last completed file's ``(algorithm, hex digest)``
+        self._hash_with: Optional[str] = None
+        self._digest: Optional[Tuple[str, str]] = None
         self._stop_event = threading.Event()
         self._transfer: Optional[_Transfer] = None
         self._restart_timer: Optional[threading.Timer] = None
@@ -5690,6 +5722,14 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
+    def _take_as_complete(self, size: int) -> None:
+        """The file is already whole on disk (a manager's manifest says so):
+        ``complete`` at once, without a request. The caller's thread, on a
+        download that is not running."""
+        self._downloaded = size
+        self._set_size(size)
+        self._set_state('complete')
+
     def _fail_outside(self, exc: BaseException) -> None:
         """An exception in a restart timer: the download ends in
         ``fatal-error`` with it, instead of a thread dying in silence."""
@@ -5769,11 +5809,13 @@ class Downloader(Emitter):
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals, and measure the speed
         every ``update_period``. Raises on failure."""
+        self._digest = None
         store, conditions, replaces = self._prepare_target()
         if store is None:  # 'skip': the file is taken as it is
             return
         checksum = self._checksum if self._checksum_file is None else \
             self._checksum_from_file()
+        store.hash_with = self._hash_with
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             self._set_size(store.size)
@@ -5814,6 +5856,7 @@ class Downloader(Emitter):
             for kind, value in transfer.wait(0):
                 self._relay(kind, value)
             transfer.result()
+            self._digest = store.digest
         except BaseException:
             transfer.stop()  # leave no connection thread behind, whatever happened
             for thread in transfer.threads:
@@ -5914,6 +5957,260 @@ def _per_second(n: float) -> Tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------
+# many machines: shard(), and the manifest of the downloads that ended
+# ---------------------------------------------------------------------------
+
+def shard(urls: Iterable[Any], index: int, count: int) -> List[Any]:
+    """The items of ``urls`` in shard ``index`` of ``count``, in their order.
+
+    An item is a URL (``str``), or a tuple or list whose first item is the
+    URL (a file with its mirrors, say); the rest of it is not looked at. An
+    item is in shard ``int.from_bytes(sha256(url.encode('utf-8'))
+    .digest()[:8], 'big') % count``: the same list and count give the same
+    shards on any machine, in any language, and together the shards are the
+    list. ``TypeError`` for another kind of item or a non-``int`` index or
+    count; ``ValueError`` unless ``0 <= index < count``. Any thread."""
+    _check_int('count', count, 1)
+    _check_int('index', index, 0, count - 1)
+    if isinstance(urls, (str, bytes)):
+        raise TypeError('urls must be a list of URLs, not one {}'.format(type(urls).__name__))
+    import hashlib
+    chosen = []
+    for item in urls:
+        url = item[0] if isinstance(item, (tuple, list)) and item else item
+        if not isinstance(url, str):
+            raise TypeError('shard() takes URLs (str), or tuples or lists that begin with '
+                            'the URL, not {!r}'.format(item))
+        digest = hashlib.sha256(url.encode('utf-8')).digest()
+        if int.from_bytes(digest[:8], 'big') % count == index:
+            chosen.append(item)
+    return chosen
+
+
+_MANIFEST_SYNC = 1.0  # least seconds between two syncs of a manifest to the disk
+# how every line of a manifest begins (``url`` is written first): so does a
+# torn last line
+_MANIFEST_HEAD = b'{"url": '
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+_MANIFEST_FIELDS = {
+    'url': lambda value: isinstance(value, str),
+    'path': _is_text,
+    'size': lambda value: value is None or _is_count(value),
+    'sha256': lambda value: value is None or (isinstance(value, str) and
+                                              re.fullmatch(r'[0-9a-f]{64}', value) is not None),
+    'state': lambda value: value in _FINISHED_STATES,
+    'error': _is_text,
+    'seconds': lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    and value >= 0,
+}
+
+
+def _json_value(line: bytes) -> Any:
+    """The JSON value ``line`` holds, or ``None``."""
+    import json
+    try:
+        return json.loads(line.decode('utf-8'))
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        return None
+
+
+class _Manifest:
+    """A manager's manifest: a JSON Lines file with one object per download
+    that ended (``complete`` or ``fatal-error``), appended as each ends.
+
+    Opening it reads what it holds: a file that is not a manifest raises
+    ``ValueError`` (and is left as it is); a torn last line, the trace of a
+    killed process, is cut off. A URL recorded ``complete`` whose file is
+    still at its path with its size is taken as complete by ``adopt``,
+    without a request. Each line goes to the file in one ``write`` on a
+    descriptor opened for appending, so a killed process leaves at most a
+    torn last line; the file is synced (``fsync``) at most once a second, and
+    by ``sync`` at the end of a run.
+
+    Download threads call ``note``; the manager's callers ``adopt``; any
+    thread ``sync``. ``_lock`` guards the records, the start times and the
+    sync's state, and the appends."""
+
+    def __init__(self, path: Any):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError('manifest must be a path, not {!r}'.format(path))
+        self.path = _as_path(path).absolute()
+        self._lock = threading.Lock()
+        self._complete: Dict[str, Dict[str, Any]] = {}  # URL -> its last record, if complete
+        import weakref
+        self._began: 'weakref.WeakKeyDictionary[Downloader, float]' = \
+            weakref.WeakKeyDictionary()
+        self._synced_at = -_MANIFEST_SYNC
+        self._unsynced = False
+        self._load()
+
+    def _load(self) -> None:
+        """Read the records; cut a torn last line off, or end a whole last
+        line that lacks its line feed. ``ValueError`` before anything is
+        written if the file is not a manifest, ``FileError`` if it cannot be
+        opened."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0), 0o666)
+        except OSError as exc:
+            raise FileError('cannot open the manifest {}: {}'.format(self.path, exc)) from exc
+        with open(fd, 'r+b') as file:
+            try:
+                data = file.read()
+            except OSError as exc:
+                raise FileError('cannot read the manifest {}: {}'.format(self.path, exc)) from exc
+            lines = data.split(b'\n')
+            for number, line in enumerate(lines[:-1], 1):
+                if line.strip():
+                    self._take(self._parse(line, number))
+            tail = lines[-1]
+            if not tail:
+                return
+            if _json_value(tail) is None and (tail.startswith(_MANIFEST_HEAD) or
+                                              _MANIFEST_HEAD.startswith(tail)):
+                file.truncate(len(data) - len(tail))  # torn: the rest of it never came
+                return
+            self._take(self._parse(tail, len(lines)))
+            file.write(b'\n')
+
+    def _parse(self, line: bytes, number: int) -> Dict[str, Any]:
+        """One line as a record; ``ValueError`` naming the file and the line
+        if it is not one."""
+        record = _json_value(line)
+        if not isinstance(record, dict):
+            raise ValueError('{} is not a bitpit manifest: line {} is not a JSON object'
+                             .format(self.path, number))
+        wrong = [name for name, fits in _MANIFEST_FIELDS.items()
+                 if name not in record or not fits(record[name])]
+        if wrong:
+            raise ValueError('{} is not a bitpit manifest: line {} lacks or has a wrong {}'
+                             .format(self.path, number, ', '.join(wrong)))
+        return record
+
+    def _take(self, record: Dict[str, Any]) -> None:
+        """The last record of a URL says what became of it."""
+        if record['state'] == 'complete':
+            self._complete[record['url']] = record
+        else:
+            self._complete.pop(record['url'], None)
+
+    def adopt(self, d: Downloader) -> None:
+        """``d`` joins the manager: its file is hashed as it is written, and
+        it is complete at once if it is recorded complete and its file is
+        still at its path with its size (and no sidecar), unless its
+        ``if_exists`` asks for a request even then (``'update'``,
+        ``'rename'``, ``'overwrite'``). The caller's thread."""
+        d._hash_with = 'sha256'
+        path = d.path
+        with self._lock:
+            record = self._complete.get(d.url)
+        if record is None or d.is_alive or d.state != 'pause' or \
+                d.if_exists not in ('resume', 'skip') or \
+                not isinstance(path, os.PathLike) or os.path.abspath(path) != record['path']:
+            return
+        try:
+            status = os.stat(path)
+        except OSError:
+            return
+        if stat.S_ISREG(status.st_mode) and status.st_size == record['size'] and \
+                not os.path.lexists(str(path) + _SIDECAR_SUFFIX):
+            d._take_as_complete(status.st_size)
+
+    def note(self, d: Downloader) -> None:
+        """A state change of ``d``: its first start is remembered, its end
+        appended. The download's thread."""
+        now = time.monotonic()
+        state = d.state
+        with self._lock:
+            began = self._began.setdefault(d, now)
+        if state not in _FINISHED_STATES:
+            return
+        path = d.path
+        record: Dict[str, Any] = {
+            'url': d.url,
+            'path': os.path.abspath(path) if isinstance(path, os.PathLike) else None,
+            'size': d.downloaded if state == 'complete' else (d.size if d.size >= 0 else None),
+            'sha256': self._sha256(d) if state == 'complete' else None,
+            'state': state,
+            'error': str(d.last_exception) if state == 'fatal-error' and
+            d.last_exception is not None else None,
+            'seconds': round(now - began, 3)}
+        import json
+        line = (json.dumps(record) + '\n').encode('utf-8')
+        with self._lock:
+            self._began.pop(d, None)
+            self._take(record)
+            self._append(line)
+
+    @staticmethod
+    def _sha256(d: Downloader) -> Optional[str]:
+        """The SHA-256 of ``d``'s complete file: the one computed while it
+        was written, else read from disk (a file taken as it was, a
+        ``checksum`` of another algorithm)."""
+        if d._digest is not None and d._digest[0] == 'sha256':
+            return d._digest[1]
+        if not isinstance(d.path, os.PathLike):
+            return None
+        try:
+            return _FileStore(d.path, d.url).read_digest('sha256')
+        except FileError as exc:
+            _log.warning('cannot compute the SHA-256 of %s: %s', d.path, exc)
+            return None
+
+    def _append(self, line: bytes) -> None:
+        """Write ``line`` at the end of the file in one ``write``, and sync
+        the file if the last sync is a second old. A line that cannot be
+        written whole (a full disk) is taken back. Under the lock."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                         getattr(os, 'O_BINARY', 0), 0o666)
+            try:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                written = 0
+                try:
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                except OSError:
+                    os.ftruncate(fd, end)  # no torn line before the next one
+                    raise
+                self._unsynced = True
+                if time.monotonic() - self._synced_at >= _MANIFEST_SYNC:
+                    self._fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _log.warning('cannot write to the manifest %s: %s', self.path, exc)
+
+    def _fsync(self, fd: int) -> None:
+        os.fsync(fd)
+        self._synced_at = time.monotonic()
+        self._unsynced = False
+
+    def sync(self) -> None:
+        """Sync what was appended since the last sync to the disk (the end
+        of a run). Any thread."""
+        with self._lock:
+            if not self._unsynced:
+                return
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, 'O_BINARY', 0))
+                try:
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                _log.warning('cannot sync the manifest %s: %s', self.path, exc)
+
+
+# ---------------------------------------------------------------------------
 # manager
 # ---------------------------------------------------------------------------
 
@@ -5928,7 +6225,9 @@ class Manager(Emitter):
     ``pause``) is started again after ``restart_wait`` seconds;
     ``complete`` and ``fatal-error`` downloads never are. With
     ``max_per_host``, its ``_HostSlots`` caps the connections open at once
-    to each host over all its downloads.
+    to each host over all its downloads. With a ``manifest``, each download
+    that ends is recorded there, and one recorded complete whose file is
+    still there is complete at once.
 
     Signals: ``add (manager, downloader)``, ``remove (manager, downloader)``,
     ``property-changed (manager, name)``.
@@ -5936,7 +6235,8 @@ class Manager(Emitter):
     __signals__ = ('add', 'remove', 'property-changed')
 
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
-                 restart_wait: float = 30, *, max_per_host: int = 0, **kwargs: Any):
+                 restart_wait: float = 30, *, max_per_host: int = 0,
+                 manifest: Optional[_PathLike] = None, **kwargs: Any):
         self._cond = threading.Condition(threading.Lock())
         self._downloads: List[Downloader] = []
         self._starting: set = set()
@@ -5951,6 +6251,7 @@ class Manager(Emitter):
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
+        self._manifest = _Manifest(manifest) if manifest is not None else None
 
     # -- properties ------------------------------------------------------------
 
@@ -6011,6 +6312,11 @@ class Manager(Emitter):
         with self._cond:
             return list(self._downloads)
 
+    @property
+    def manifest(self) -> Optional[pathlib.Path]:
+        """The manifest's absolute path, or ``None``."""
+        return self._manifest.path if self._manifest is not None else None
+
     # -- control ----------------------------------------------------------------
 
     def add(self, d: Union[str, Downloader]) -> Downloader:
@@ -6026,6 +6332,8 @@ class Manager(Emitter):
         d._cancel_restart()
         d._shared_buckets = (self._bucket,)
         d._host_slots = self._host_slots
+        if self._manifest is not None:
+            self._manifest.adopt(d)
         d.listen('state-changed', self._on_state_changed)
         self.emit('add', self, d)
         self.update()
@@ -6081,6 +6389,8 @@ class Manager(Emitter):
             thread.join()
         for d in self.downloads:  # no more restarts from here: wait() may end
             d._recheck_waiters()
+        if self._manifest is not None:
+            self._manifest.sync()
 
     def _restarts(self) -> bool:
         """Whether the manager restarts its downloads now (it is started).
@@ -6109,8 +6419,10 @@ class Manager(Emitter):
         self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
-        """Note when a download stopped and re-plan if that freed a slot.
-        Runs on the download's thread."""
+        """Note when a download stopped (in the manifest when it ended) and
+        re-plan if that freed a slot. Runs on the download's thread."""
+        if self._manifest is not None:
+            self._manifest.note(d)
         state = d.state
         if state in _ACTIVE_STATES:
             return  # a download getting under way frees no slot
@@ -6143,7 +6455,7 @@ class Manager(Emitter):
                 to_stop, to_start, wait = self._plan()
                 if not (to_stop or to_start or self._unfinished()):
                     self._thread = None
-                    return
+                    break
             for d in to_stop:
                 d.stop()
             for d in to_start:
@@ -6151,6 +6463,8 @@ class Manager(Emitter):
                     d.start()
                 except BaseException as exc:  # it fails, not the manager thread
                     d._fail_outside(exc)
+        if self._manifest is not None:  # every download ended
+            self._manifest.sync()
 
     def _unfinished(self) -> bool:
         return any(d.state not in _FINISHED_STATES for d in self._downloads)
@@ -6341,6 +6655,14 @@ def _build_parser() -> argparse.ArgumentParser:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
+    def shard_of(text: str) -> Tuple[int, int]:
+        index, slash, count = text.strip().partition('/')
+        if not (slash and _DIGITS_RE.fullmatch(index) and _DIGITS_RE.fullmatch(count)
+                and int(index) < int(count)):
+            raise argparse.ArgumentTypeError('must be K/N with 0 <= K < N, e.g. 0/4: '
+                                             '{!r}'.format(text))
+        return int(index), int(count)
+
     def connections(text: str) -> int:
         if not _DIGITS_RE.fullmatch(text.strip()) or \
                 not 1 <= int(text) <= _MAX_CONNECTIONS:
@@ -6467,6 +6789,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-per-host', metavar='N', type=number(int), default=0,
                         help='most connections open at once to one host, over all '
                              'downloads; 0 for no limit (default: %(default)s)')
+    parser.add_argument('--shard', metavar='K/N', type=shard_of,
+                        help='download only shard K (from 0) of N of the URLs, split by '
+                             'the SHA-256 of each URL: N runs with K = 0 ... N-1 share '
+                             'the list without overlap')
+    parser.add_argument('--manifest', metavar='FILE',
+                        help='append a JSON line to FILE for each download that ends (its '
+                             'URL, path, size, SHA-256, state); a URL recorded complete '
+                             'whose file is still there is not requested again')
     parser.add_argument('--version', action='version', version='%(prog)s ' + __version__)
     return parser
 
@@ -6545,6 +6875,8 @@ def _cli(argv: Optional[List[str]] = None) -> int:
             files = _cli_metalinks(args, urls, _downloader_kwargs(parser, args, 1))
         jobs = _cli_jobs(parser, args, files)
         downloader_kwargs = _downloader_kwargs(parser, args, len(jobs))
+        if args.shard is not None:  # after naming: each file is named as in one run
+            jobs = shard(jobs, *args.shard)
     except SystemExit as exc:  # --help, --version or a usage error
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or _EXIT_OK
@@ -6567,7 +6899,7 @@ def _cli(argv: Optional[List[str]] = None) -> int:
     return _download_all(jobs, rate_limit=args.rate_limit, max_running=args.max_running,
                          restart_wait=args.restart_wait,
                          downloader_kwargs=downloader_kwargs, output=output,
-                         max_per_host=args.max_per_host)
+                         max_per_host=args.max_per_host, manifest=args.manifest)
 
 
 _INPUT_COMMENT_RE = _Pattern(r'(?:^|\s)#')
@@ -6729,12 +7061,12 @@ class _Outcome:
 def _download_all(jobs: List[_Job], *, rate_limit: float,
                   max_running: int, restart_wait: float,
                   downloader_kwargs: Dict[str, Any], output: str,
-                  max_per_host: int = 0) -> int:
-    """Run every ``(url, mirrors, path)`` through one ``Manager`` until each is
-    complete or fatal, showing the progress (``output``: ``'auto'``,
-    ``'quiet'`` or ``'json'``) and a closing summary; return the exit
-    status. On ``KeyboardInterrupt`` pause everything (the partial files
-    resume next time) and return 130."""
+                  max_per_host: int = 0, manifest: Optional[str] = None) -> int:
+    """Run every ``(url, mirrors, path)`` through one ``Manager`` (with
+    its ``manifest``) until each is complete or fatal, showing the progress
+    (``output``: ``'auto'``, ``'quiet'`` or ``'json'``) and a closing
+    summary; return the exit status. On ``KeyboardInterrupt`` pause
+    everything (the partial files resume next time) and return 130."""
     cond = threading.Condition()
     events: List[_Event] = []
 
@@ -6752,8 +7084,13 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
     progress = _JSONLines(downloads) if output == 'json' else \
         _Progress(downloads, output == 'quiet')
     began = time.monotonic()
-    manager = Manager(max_running=max_running, rate_limit=rate_limit,
-                      restart_wait=restart_wait, max_per_host=max_per_host)
+    try:
+        manager = Manager(max_running=max_running, rate_limit=rate_limit,
+                          restart_wait=restart_wait, max_per_host=max_per_host,
+                          manifest=manifest)
+    except (ValueError, FileError) as exc:  # not a manifest, or it cannot be opened
+        _write(sys.stderr, 'bitpit: --manifest: {}\n'.format(exc))
+        return _EXIT_USAGE
     try:
         for url, mirrors, path in jobs:
             source = {'metalink': url} if isinstance(url, _MetalinkFile) else {'url': url}

@@ -27,7 +27,8 @@ Helpers
 ``DATA``, ``LOGO``, ``HERE``, ``ETAG``, ``OFFSET``, ``HTTPS_DATA``;
 :class:`Recorder`, :func:`download`, :func:`fetch`, :func:`run_until`,
 :func:`partial_file`, :func:`sidecar_of`, :func:`bitpit_threads`,
-:func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`.
+:func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`;
+:func:`fenced_blocks` (the fenced code blocks of a document).
 
 Typical use::
 
@@ -72,7 +73,8 @@ import bitpit
 __all__ = ['FixtureServer', 'Resource', 'RequestRecord', 'ForwardingProxy',
            'DATA', 'LOGO', 'HERE', 'ETAG', 'OFFSET', 'HTTPS_DATA',
            'Recorder', 'download', 'fetch', 'run_until', 'partial_file', 'sidecar_of',
-           'bitpit_threads', 'raw', 'http_date', 'basic', 'run_program']
+           'bitpit_threads', 'raw', 'http_date', 'basic', 'run_program',
+           'FENCE', 'fenced_blocks']
 
 #: sentinel: compute the ETag from the data
 _AUTO = object()
@@ -1266,6 +1268,26 @@ def run_program(source, url, cwd, home, timeout=30):
     return subprocess.run([sys.executable, '-c', source.replace('URL', repr(url))],
                           cwd=str(cwd), env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# the documents' fenced blocks
+# ---------------------------------------------------------------------------
+
+FENCE = re.compile(r'^(`{3,})([^\n`]*)\n(.*?)^\1[ \t]*$', re.M | re.S)
+
+
+def fenced_blocks(path):
+    """``(line, language, code)`` of every fenced block of ``path``; the
+    language of a ```python elsewhere block is ``python-elsewhere``."""
+    text = path.read_text(encoding='utf-8')
+    for match in FENCE.finditer(text):
+        info = match.group(2).split()
+        line = text.count('\n', 0, match.start()) + 1
+        language = info[0] if info else ''
+        if info[1:] == ['elsewhere']:
+            language += '-elsewhere'
+        yield line, language, match.group(3)
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@
    status 0; a block that prints must print something, and where each of
    its ``print(...)`` lines ends with a comment holding a Python literal,
    the printed lines must be those values. Shell commands and sample output
-   use ```sh and ```text fences and are not run.
+   use ```sh and ```text fences and are not run. A block fenced
+   ```python elsewhere is run by another test, in the setting it needs
+   (the Dask recipe of docs/scale-out.md: test_scale_out.py).
 2. docs/reference.md names every public name of the module, every argument
    of the public callables, every public property and method, every signal
    and the attributes of the errors, each in backticks; and each name its
@@ -28,10 +30,9 @@ import sys
 import pytest
 
 import bitpit
-from conftest import HERE, FixtureServer
+from conftest import FENCE, HERE, FixtureServer, fenced_blocks
 
 DOCS = [HERE / 'README.md'] + sorted((HERE / 'docs').glob('*.md'))
-FENCE = re.compile(r'^(`{3,})([^\n`]*)\n(.*?)^\1[ \t]*$', re.M | re.S)
 PLACEHOLDERS = ('https://example.com', 'https://mirror.example.com')
 BLOCK_TIMEOUT = 60
 
@@ -54,15 +55,6 @@ SERVED = {
         'Content-Disposition': 'attachment; filename="report.pdf"'}),
 }
 SERVED.update(('/{}.iso'.format(name), dict(data=data)) for name, data in SMALL.items())
-
-
-def fenced_blocks(path):
-    """``(line, language, code)`` of every fenced block of ``path``."""
-    text = path.read_text(encoding='utf-8')
-    for match in FENCE.finditer(text):
-        info = match.group(2).split()
-        line = text.count('\n', 0, match.start()) + 1
-        yield line, info[0] if info else '', match.group(3)
 
 
 def python_blocks():
@@ -147,7 +139,7 @@ def test_python_block_runs(path, line, code, doc_server, tmp_path):
 
 def test_every_document_has_tested_code_and_no_unknown_fence():
     """A typo in a fence (```pyhton) would silently leave a block untested."""
-    known = {'python', 'sh', 'text', 'json', 'mermaid'}
+    known = {'python', 'python-elsewhere', 'sh', 'text', 'json', 'mermaid', 'yaml'}
     for path in DOCS:
         languages = [language for _, language, _ in fenced_blocks(path)]
         assert set(languages) <= known, (path.name, set(languages) - known)
