@@ -26,7 +26,8 @@ Reported per scenario: median wall time, CPU time (user + sys from
 peak RSS); ``--mode stop`` starts 200 downloads from a paced server and
 times ``stop_all()`` and ``stop()`` (goal: <= 0.5 s, no thread left).
 
-Example: ``python bench/many_files.py --runs 5 --bitpit ../main/bitpit.py``
+Example: ``python bench/many_files.py --runs 5 --bitpit ../main/bitpit.py``; on an
+output dir in tmpfs (no ext4 journal in the figures): ``--tmp /dev/shm``.
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def int_list(text: str) -> List[int]:
 
 
 def main(argv=None) -> int:
-    parser = common.base_parser(__doc__.split('\n\n')[0], runs=5)
+    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3)
     parser.add_argument('--files', type=int_list, default=[500, 3000],
                         help='files per scenario, comma-separated (default 500,3000; '
                              'issue 24 also names 10000)')
