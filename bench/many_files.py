@@ -288,6 +288,7 @@ def race(count: int, parallel: int, names: List[str], contents: Dict[str, bytes]
     outcomes = common.run_interleaved(contenders, args.runs, args.warmup)
     common.derive(outcomes, 'cpu_ms_per_file', lambda run: run['cpu_seconds'] / count * 1e3)
     common.derive(outcomes, 'files_per_s', lambda run: count / run['seconds'])
+    common.derive(outcomes, 'switches_per_file', lambda run: run['voluntary_switches'] / count)
     tag = '{:,} at {}: '.format(count, parallel)
     goals = [Goal(tag + 'bitpit/aria2c wall', common.ratio(outcomes, 'bitpit', 'aria2c'), 0.5),
              Goal(tag + 'bitpit/aria2c CPU',
@@ -301,7 +302,8 @@ def race(count: int, parallel: int, names: List[str], contents: Dict[str, bytes]
         title, server.description, args.runs, load_average()))
     print(common.report_contenders(outcomes, skipped, [
         ('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
-        ('CPU ms/file', 'cpu_ms_per_file', '{:.2f}'), ('files/s', 'files_per_s', '{:.0f}'),
+        ('CPU ms/file', 'cpu_ms_per_file', '{:.2f}'), ('waits/file', 'switches_per_file', '{:.1f}'),
+        ('files/s', 'files_per_s', '{:.0f}'),
         ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('conns', 'conns', '{:.0f}'),
         ('requests', 'requests', '{:.0f}'), ('threads left', 'threads_left', '{:.0f}')]))
     info = [(label, common.ratio(outcomes, a, b, key)) for label, a, b, key in [
