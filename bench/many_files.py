@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pstats
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -238,6 +239,44 @@ class Section:
     goals: List[Goal]
 
 
+#: --mode profile: run the program in the file argv[2] (with argv[3:]) under
+#: cProfile in every thread, on each thread's own CPU clock, and write the
+#: merged stats to argv[1] when it ends (also through os._exit).
+PROFILE_CODE = """
+import cProfile, os, pstats, sys, threading, time
+out, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+profiles, lock = [cProfile.Profile(time.thread_time)], threading.Lock()
+
+def start_in_thread(*ignored):
+    profile = cProfile.Profile(time.thread_time)
+    with lock:
+        profiles.append(profile)
+    profile.enable()
+
+def dump_and_exit(status=0):
+    profiles[0].disable()
+    with lock:
+        stats = pstats.Stats(profiles[0])
+        for profile in profiles[1:]:
+            try:
+                stats.add(profile)
+            except TypeError:  # a thread that ran no Python code
+                pass
+    stats.dump_stats(out)
+    exit_now(status)
+
+exit_now, os._exit = os._exit, dump_and_exit
+threading.setprofile(start_in_thread)
+code = compile(open(script).read(), script, 'exec')
+profiles[0].enable()
+try:
+    exec(code, {'__name__': '__main__'})
+finally:
+    dump_and_exit(0)
+"""
+
+
 def url_list(tmp: Path, server: Any, names: List[str]) -> Path:
     """A file listing the URLs of ``names``, one a line."""
     path = tmp / 'urls-{}.txt'.format(len(names))
@@ -386,6 +425,84 @@ def manager_mode(mode: str, tmp: Path, args: Any, under_test: common.BitpitUnder
     return Section(title, outcomes, {}, goals)
 
 
+def profile(names: List[str], tmp: Path, args: Any, under_test: common.BitpitUnderTest,
+            server: Any) -> None:
+    """``--mode profile``: bitpit and the floor, once each on the first
+    scenario, under cProfile in every thread (stats kept in
+    ``--profile-dir``, the top functions printed with their calls per
+    file), then under ``strace -f -c`` at N and N/5 files, whose
+    difference gives the system calls per file."""
+    count, parallel = args.files[0], args.parallel[0]
+    keep = Path(args.profile_dir).resolve()
+    keep.mkdir(parents=True, exist_ok=True)
+    outdir = tmp / 'out'
+    programs = [('floor', FLOOR_CODE, None, ())]
+    try:
+        common.note('bitpit: ' + under_test.require())
+        programs.append(('bitpit', BITPIT_CODE, under_test.env, (args.timeout,)))
+    except Skipped as exc:
+        print('\nprofile: bitpit skipped, {}'.format(exc))
+    lists = {n: url_list(tmp, server, names[:n]) for n in (count, max(1, count // 5))}
+    strace = common.find_tool('strace', install=args.install)
+    for name, code, env, extra in programs:
+        script = tmp / ('program-{}.py'.format(name))  # not bitpit.py: it would shadow bitpit
+        script.write_text(code)
+        stats_file = keep / '{}-{}x{}.prof'.format(name, count, parallel)
+        reset_dir(outdir, server)
+        result = common.run_measured(common.python_command(
+            PROFILE_CODE, stats_file, script, lists[count], outdir, parallel, *extra),
+            args.timeout + 30, env=env, cwd=tmp)
+        if result.returncode != 0 or not stats_file.exists():
+            print('\nprofile of {} failed: {}'.format(name, result.failure()))
+            continue
+        stats = pstats.Stats(str(stats_file))
+        print('\n{}: {:,} x {} at {} at once under cProfile in every thread (CPU time of '
+              'each thread, profiler overhead included): {:.2f} s, {:.0f} us per file; '
+              'stats in {}'.format(name, count, common.fmt_size(args.file_size), parallel,
+                                   stats.total_tt, stats.total_tt / count * 1e6, stats_file))
+        for title, index in (('own time', 2), ('cumulative time', 3)):
+            rows = sorted(stats.stats.items(), key=lambda item: -item[1][index])[:args.top]
+            print(common.format_table(
+                ['{} (top {})'.format(title, args.top), 'share', 'calls/file'],
+                [[function_label(func),
+                  '{:.1%}'.format(row[index] / stats.total_tt),
+                  '{:.2f}'.format(row[1] / count)] for func, row in rows]))
+        if not strace:
+            print('(strace is not installed: no system calls per file)')
+            continue
+        calls = {}
+        for n, urls in lists.items():
+            reset_dir(outdir, server)
+            report = tmp / 'strace-{}.txt'.format(n)
+            common.run_measured([strace, '-f', '-c', '-o', str(report), *common.python_command(
+                code, urls, outdir, parallel, *extra)], args.timeout + 30, env=env, cwd=tmp)
+            calls[n] = strace_counts(report)
+        small, large = sorted(lists)
+        per_file = {call: (calls[large].get(call, 0) - calls[small].get(call, 0)) / (large - small)
+                    for call in calls[large]} if large > small else {}
+        shown = sorted(((n, call) for call, n in per_file.items() if n >= 0.05), reverse=True)
+        print('{}: system calls per file (strace -f -c at {} and {} files): {:.1f}: {}'.format(
+            name, small, large, sum(n for n, _ in shown),
+            ', '.join('{} {:.2f}'.format(call, n) for n, call in shown)))
+
+
+def function_label(func: Tuple[str, int, str]) -> str:
+    """``file.py:LINE(name)`` for a function of a pstats key, the name alone
+    for a built-in."""
+    path, line, name = func
+    return name if path == '~' else '{}:{}({})'.format(Path(path).name, line, name)
+
+
+def strace_counts(report: Path) -> Dict[str, int]:
+    """The calls per system call in the summary that ``strace -c -o`` wrote."""
+    counts = {}
+    for line in report.read_text().splitlines() if report.exists() else []:
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] != 'total' and fields[3].isdigit():
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, e.g. ``'1.52 1.20 0.80'``."""
     return ' '.join('{:.2f}'.format(x) for x in os.getloadavg())
@@ -410,25 +527,31 @@ def main(argv=None) -> int:
     parser.add_argument('--mode', default='race,add,stop',
                         help='comma-separated: race (the scenarios), add (add() of '
                              '--add-files URLs), stop (stop of --stop-downloads running '
-                             'downloads); default %(default)s')
+                             'downloads), profile (bitpit and the floor under cProfile and '
+                             'strace, on the first scenario); default %(default)s')
     parser.add_argument('--add-files', type=common.positive_int, default=10000,
                         help='URLs added in --mode add (default %(default)s)')
     parser.add_argument('--stop-downloads', type=common.positive_int, default=200,
                         help='downloads running in --mode stop (default %(default)s)')
+    parser.add_argument('--profile-dir', default='many_files-profile',
+                        help='where --mode profile keeps its cProfile stats (default '
+                             '%(default)s)')
+    parser.add_argument('--top', type=common.positive_int, default=25,
+                        help='functions listed by --mode profile (default %(default)s)')
     parser.add_argument('--no-threads', dest='threads', action='store_false',
                         help='leave the threads floor out')
     parser.add_argument('--timeout', type=float, default=300,
                         help='seconds before one run is killed (default %(default)s)')
     args = parser.parse_args(argv)
     modes = args.mode.split(',')
-    if set(modes) - {'race', 'add', 'stop'}:
-        parser.error('--mode takes race, add and stop, not {!r}'.format(args.mode))
+    if set(modes) - {'race', 'add', 'stop', 'profile'}:
+        parser.error('--mode takes race, add, stop and profile, not {!r}'.format(args.mode))
 
     common.note('load average before: {}'.format(load_average()))
     sections: List[Section] = []
     with common.workspace(args.tmp) as tmp:
         under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager')
-        if 'race' in modes:
+        if 'race' in modes or 'profile' in modes:
             docroot = tmp / 'www'
             docroot.mkdir()
             contents = make_files(docroot, max(args.files), args.file_size)
@@ -438,10 +561,12 @@ def main(argv=None) -> int:
                 common.note('serving {:,} files of {} from {} at {}'.format(
                     len(names), common.fmt_size(args.file_size), server.description,
                     server.base_url))
-                for count in args.files:
+                for count in args.files if 'race' in modes else []:
                     for parallel in args.parallel:
                         sections.append(race(count, parallel, names, contents, tmp, args,
                                              under_test, server))
+                if 'profile' in modes:
+                    profile(names, tmp, args, under_test, server)
         for mode in ('add', 'stop'):
             if mode in modes:
                 sections.append(manager_mode(mode, tmp, args, under_test))
