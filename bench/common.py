@@ -1230,6 +1230,18 @@ def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
     return table + ''.join('\n' + line for line in notes)
 
 
+def merge_sections(sections: Sequence[Any]) -> Tuple[Dict[str, Outcome], Dict[str, str],
+                                                     List[Goal]]:
+    """The outcomes, skips and goals of a script's sections (scenarios),
+    for ``finish``: each section has ``name``, ``outcomes``, ``skipped``
+    and ``goals``; contenders are named ``'SECTION: CONTENDER'``."""
+    outcomes = {'{}: {}'.format(s.name, name): outcome
+                for s in sections for name, outcome in s.outcomes.items()}
+    skipped = {'{}: {}'.format(s.name, name): reason
+               for s in sections for name, reason in s.skipped.items()}
+    return outcomes, skipped, [goal for section in sections for goal in section.goals]
+
+
 def finish(path: Optional[str], record: Dict[str, Any], outcomes: Dict[str, Any],
            skipped: Any, goals: List[Any]) -> int:
     """Write the run's ``record`` with its contenders, skips, goals and this

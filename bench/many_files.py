@@ -233,7 +233,7 @@ os._exit(0 if running and not failures else 1)
 @dataclasses.dataclass
 class Section:
     """The result of one scenario or mode: its runs, skips and goals."""
-    title: str
+    name: str
     outcomes: Dict[str, common.Outcome]
     skipped: Dict[str, str]
     goals: List[Goal]
@@ -574,12 +574,8 @@ def main(argv=None) -> int:
     print('\nbitpit under test: {}'.format(under_test.skip or under_test.description))
     print('(CPU s: user + sys of the whole process, all threads, from wait4; load average '
           'now {})'.format(load_average()))
-    goals = [goal for section in sections for goal in section.goals]
+    outcomes, skipped, goals = common.merge_sections(sections)
     print('\n'.join(goal.line() for goal in goals))
-    outcomes = {'{}: {}'.format(s.title, name): outcome
-                for s in sections for name, outcome in s.outcomes.items()}
-    skipped = {'{}: {}'.format(s.title, name): reason
-               for s in sections for name, reason in s.skipped.items()}
     return common.finish(args.json, {
         'benchmark': 'many_files', 'files': args.files, 'parallel': args.parallel,
         'file_size': args.file_size, 'runs': args.runs, 'modes': modes,
