@@ -17,17 +17,21 @@ file checked byte for byte. Contenders:
     bitpit     Manager(max_running=K), many_small.py's program
 
 Reported per scenario: median wall time, CPU time (user + sys from
-``wait4``), CPU per file, peak RSS, and issue 24's goals:
+``wait4``), CPU and waits (voluntary context switches) per file, peak
+RSS, and issue 24's goals:
 
     bitpit / aria2c:  wall <= 0.5,  CPU <= 1.0
     bitpit / floor:   CPU <= 2.5
 
 ``--mode add`` times ``add()`` of 10,000 URLs into one Manager (and its
 peak RSS); ``--mode stop`` starts 200 downloads from a paced server and
-times ``stop_all()`` and ``stop()`` (goal: <= 0.5 s, no thread left).
+times ``stop_all()`` and ``stop()`` (goal: <= 0.5 s, no thread left);
+``--mode profile`` runs bitpit and the floor under cProfile in every
+thread and under ``strace -f -c`` (not part of the default run).
 
-Example: ``python bench/many_files.py --runs 5 --bitpit ../main/bitpit.py``; on an
-output dir in tmpfs (no ext4 journal in the figures): ``--tmp /dev/shm``.
+Example: ``python bench/many_files.py --runs 5 --bitpit ../main/bitpit.py``;
+with the outputs in tmpfs (no ext4 journal in the figures): ``--tmp
+/dev/shm``.
 """
 
 from __future__ import annotations
