@@ -247,7 +247,7 @@ class Section:
 #: cProfile in every thread, on each thread's own CPU clock, and write the
 #: merged stats to argv[1] when it ends (also through os._exit).
 PROFILE_CODE = """
-import cProfile, os, pstats, sys, threading, time
+import cProfile, os, pstats, sys, threading, time, traceback
 out, script = sys.argv[1], sys.argv[2]
 sys.argv = sys.argv[2:]
 profiles, lock = [cProfile.Profile(time.thread_time)], threading.Lock()
@@ -276,8 +276,12 @@ code = compile(open(script).read(), script, 'exec')
 profiles[0].enable()
 try:
     exec(code, {'__name__': '__main__'})
-finally:
-    dump_and_exit(0)
+except SystemExit as exc:
+    dump_and_exit(exc.code if isinstance(exc.code, int) else int(exc.code is not None))
+except BaseException:
+    traceback.print_exc()
+    dump_and_exit(1)
+dump_and_exit(0)
 """
 
 
