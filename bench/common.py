@@ -754,7 +754,9 @@ class RunResult:
     """What one child process did: wall time, peak RSS, exit code, output,
     and ``info``, the JSON object on the last line of its stdout if any.
     ``user_s`` and ``sys_s`` are its CPU time in user and kernel mode (from
-    ``wait4``), ``cpu_seconds`` their sum."""
+    ``wait4``), ``cpu_seconds`` their sum; ``voluntary_switches`` counts
+    the times one of its threads gave up the CPU to wait (a lock, a
+    condition, I/O), ``involuntary_switches`` the times it was preempted."""
     seconds: float
     returncode: int
     max_rss_kib: int
@@ -764,6 +766,8 @@ class RunResult:
     info: Dict[str, Any]
     user_s: float = float('nan')
     sys_s: float = float('nan')
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
 
     @property
     def cpu_seconds(self) -> float:
@@ -947,7 +951,8 @@ seconds = time.perf_counter() - began
 with open(report, 'w') as file:
     json.dump({'seconds': seconds, 'returncode': os.waitstatus_to_exitcode(status),
                'max_rss_kib': usage.ru_maxrss, 'user_s': usage.ru_utime,
-               'sys_s': usage.ru_stime}, file)
+               'sys_s': usage.ru_stime, 'voluntary_switches': usage.ru_nvcsw,
+               'involuntary_switches': usage.ru_nivcsw}, file)
 '''
 
 
@@ -1014,7 +1019,9 @@ def run_measured(command: Sequence[str], timeout: float, env: Optional[Dict[str,
                      returncode=measured.get('returncode', launcher.returncode or -1),
                      max_rss_kib=measured.get('max_rss_kib', 0), stdout=stdout, stderr=stderr,
                      timed_out=timed_out, info=info, user_s=measured.get('user_s', float('nan')),
-                     sys_s=measured.get('sys_s', float('nan')))
+                     sys_s=measured.get('sys_s', float('nan')),
+                     voluntary_switches=measured.get('voluntary_switches', 0),
+                     involuntary_switches=measured.get('involuntary_switches', 0))
 
 
 def measured_children() -> List[int]:
@@ -1116,7 +1123,8 @@ def run_interleaved(contenders: Sequence[Contender], runs: int, warmup: int = 1
                 contender.reset()
             metrics = dict(extra, seconds=result.seconds, peak_rss_mib=result.max_rss_kib / KiB,
                            cpu_seconds=result.cpu_seconds, user_s=result.user_s,
-                           sys_s=result.sys_s)
+                           sys_s=result.sys_s, voluntary_switches=result.voluntary_switches,
+                           involuntary_switches=result.involuntary_switches)
             note('  {:<22} {:<9} {:8.3f} s  CPU {:7.3f} s (user {:.3f}, sys {:.3f})  '
                  'peak RSS {:6.1f} MiB'.format(contender.name, label, result.seconds,
                                                 result.cpu_seconds, result.user_s, result.sys_s,
@@ -1219,6 +1227,18 @@ def report_contenders(outcomes: Dict[str, Outcome], skipped: Dict[str, str],
     notes += ['{}: skipped, {}'.format(name, reason) for name, reason in skipped.items()]
     table = format_table(['contender'] + [h for h, _, _ in columns] + ['runs'], rows)
     return table + ''.join('\n' + line for line in notes)
+
+
+def merge_sections(sections: Sequence[Any]) -> Tuple[Dict[str, Outcome], Dict[str, str],
+                                                     List[Goal]]:
+    """The outcomes, skips and goals of a script's sections (scenarios),
+    for ``finish``: each section has ``name``, ``outcomes``, ``skipped``
+    and ``goals``; contenders are named ``'SECTION: CONTENDER'``."""
+    outcomes = {'{}: {}'.format(s.name, name): outcome
+                for s in sections for name, outcome in s.outcomes.items()}
+    skipped = {'{}: {}'.format(s.name, name): reason
+               for s in sections for name, reason in s.skipped.items()}
+    return outcomes, skipped, [goal for section in sections for goal in section.goals]
 
 
 def finish(path: Optional[str], record: Dict[str, Any], outcomes: Dict[str, Any],

@@ -518,12 +518,8 @@ def main(argv=None) -> int:
     print('\nsegmented: {}'.format(bench.bitpit_description))
     for name, reason in skipped_scenarios.items():
         print('scenario {}: skipped, {}'.format(name, reason))
-    goals = [goal for section in sections for goal in section.goals]
+    outcomes, skipped, goals = common.merge_sections(sections)
     print('\n'.join(goal.line() for goal in goals))
-    outcomes = {'{}: {}'.format(s.name, name): outcome
-                for s in sections for name, outcome in s.outcomes.items()}
-    skipped = {'{}: {}'.format(s.name, name): reason
-               for s in sections for name, reason in s.skipped.items()}
     skipped.update(('{}: (all)'.format(name), reason) for name, reason in skipped_scenarios.items())
     return common.finish(args.json, {
         'benchmark': 'segmented', 'bitpit': bench.bitpit_description, 'runs': args.runs,
