@@ -41,6 +41,7 @@ import datetime
 import errno
 import functools
 import io
+import itertools
 import math
 import os
 import random
@@ -5584,11 +5585,19 @@ class Downloader(Emitter):
         the thread ends by itself without writing the file again. No-op if
         not running; cancels a scheduled restart, and keeps a failing attempt
         from scheduling one. Any thread."""
+        thread = self._begin_stop()
+        if thread is not None:
+            self._end_stop(thread)
+
+    def _begin_stop(self) -> Optional[threading.Thread]:
+        """The first half of ``stop()``, which never waits: tell the thread
+        and its connections to stop; the thread to wait for, if any (a
+        manager tells all its downloads before it waits for any)."""
         self._cancel_restart()
         with self._lock:
             thread = self._thread
             if thread is None or not thread.is_alive():
-                return
+                return None
             self._stop_event.set()
             finishing = self._attempt_over
             transfer = self._transfer
@@ -5597,14 +5606,19 @@ class Downloader(Emitter):
             # for it (a callback of it may be what called stop; waiting could
             # deadlock), only keep it from scheduling a restart.
             self._cancel_restart()
-            return
+            return None
         if transfer is not None:
             transfer.stop()
-        if thread is not threading.current_thread():
-            thread.join(_STOP_WAIT)
-            if thread.is_alive() and transfer is not None:
-                transfer.store.sealed = True
-            self._cancel_restart()  # one the thread scheduled before it saw the stop
+        return thread if thread is not threading.current_thread() else None
+
+    def _end_stop(self, thread: threading.Thread) -> None:
+        """The second half of ``stop()``: wait for ``thread`` (about a second
+        at most), then seal the file if it is stuck."""
+        transfer = self._transfer
+        thread.join(_STOP_WAIT)
+        if thread.is_alive() and transfer is not None:
+            transfer.store.sealed = True
+        self._cancel_restart()  # one the thread scheduled before it saw the stop
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the download thread ends (any reason)."""
@@ -6237,9 +6251,16 @@ class Manager(Emitter):
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
                  restart_wait: float = 30, *, max_per_host: int = 0,
                  manifest: Optional[_PathLike] = None, **kwargs: Any):
+        # _cond guards the downloads and what the manager knows of them;
+        # each of these stays small or is kept up to date as states change,
+        # so that a plan costs the slots it fills, not the downloads added
         self._cond = threading.Condition(threading.Lock())
-        self._downloads: List[Downloader] = []
-        self._starting: set = set()
+        self._downloads: Dict[Downloader, int] = {}   # each one's turn: oldest first
+        self._turns = itertools.count()
+        self._running: Dict[Downloader, int] = {}     # started by it, or under way
+        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), sorted: to start
+        self._queued: Set[Downloader] = set()         # in the queue
+        self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
         self._stopped_at: Dict[Downloader, float] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
         self._max_running = _check_int('max_running', max_running)
@@ -6327,7 +6348,7 @@ class Manager(Emitter):
         with self._cond:
             if d in self._downloads:
                 return d
-            self._downloads.append(d)
+            self._downloads[d] = next(self._turns)
         d._restarted_by = self._restarts
         d._cancel_restart()
         d._shared_buckets = (self._bucket,)
@@ -6335,6 +6356,8 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.adopt(d)
         d.listen('state-changed', self._on_state_changed)
+        with self._cond:
+            self._track(d, d.state)
         self.emit('add', self, d)
         self.update()
         return d
@@ -6358,9 +6381,14 @@ class Manager(Emitter):
         """Forget ``d`` (a running download is not stopped). Emits
         ``remove``; ``ValueError`` if it was not added."""
         with self._cond:
-            self._downloads.remove(d)
-            self._starting.discard(d)
+            if self._downloads.pop(d, None) is None:
+                raise ValueError('{!r} was not added to this manager'.format(d))
+            self._running.pop(d, None)
+            self._open.pop(d, None)
             self._stopped_at.pop(d, None)
+            if d in self._queued:
+                self._queued.discard(d)
+                self._queue = [entry for entry in self._queue if entry[1] is not d]
         d.unlisten('state-changed', self._on_state_changed)
         d._shared_buckets = ()
         d._host_slots = None
@@ -6398,9 +6426,13 @@ class Manager(Emitter):
         return self._started
 
     def stop_all(self) -> None:
-        """Pause every running download; the manager keeps running."""
-        for d in self.downloads:
-            d.stop()
+        """Pause every running download; the manager keeps running. Every
+        download is told to stop first, then each is waited for, so that
+        many stop in about the time one does."""
+        stopping = [(d, d._begin_stop()) for d in self.downloads]
+        for d, thread in stopping:
+            if thread is not None:
+                d._end_stop(thread)
 
     def update(self) -> None:
         """Ask the manager thread to re-plan now: which downloads to start
@@ -6424,15 +6456,33 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.note(d)
         state = d.state
-        if state in _ACTIVE_STATES:
-            return  # a download getting under way frees no slot
         with self._cond:
-            self._starting.discard(d)
+            if d not in self._downloads:
+                return  # removed meanwhile
+            self._track(d, state)
+            if state in _ACTIVE_STATES:
+                return  # a download getting under way frees no slot
             if state in ('error', 'pause'):
                 self._stopped_at[d] = time.monotonic()
             # a finished download started again (restart()) may fail: the
             # manager restarts it, with a new thread if its own ended
             self._replan_now()
+
+    def _track(self, d: Downloader, state: str) -> None:
+        """What ``state`` makes of ``d``: running, finished, or waiting in
+        the queue for its turn. Under ``_cond``."""
+        if state in _ACTIVE_STATES:
+            self._running[d] = self._downloads[d]
+            self._open[d] = None
+            return
+        self._running.pop(d, None)
+        if state in _FINISHED_STATES:
+            self._open.pop(d, None)
+            return
+        self._open[d] = None
+        if d not in self._queued:
+            self._queued.add(d)
+            bisect.insort(self._queue, (self._downloads[d], d))
 
     # -- the manager thread ----------------------------------------------------
 
@@ -6467,24 +6517,38 @@ class Manager(Emitter):
             self._manifest.sync()
 
     def _unfinished(self) -> bool:
-        return any(d.state not in _FINISHED_STATES for d in self._downloads)
+        """Whether a download is neither complete nor fatal (those found
+        finished leave ``_open``). Under ``_cond``."""
+        while self._open:
+            d = next(iter(self._open))
+            if d.state not in _FINISHED_STATES:
+                return True
+            del self._open[d]
+        return False
 
     def _plan(self) -> Tuple[List[Downloader], List[Downloader], Optional[float]]:
-        """Decide, under the lock, which downloads to stop and start, and how
-        long until the next restart becomes due (``None``: none pending)."""
+        """Decide, under the lock, which downloads to stop (the newest
+        running beyond ``max_running``) and start (the oldest waiting whose
+        restart is due), and how long until the next restart becomes due
+        (``None``: none pending)."""
         now = time.monotonic()
         limit = self._max_running if self._max_running > 0 else len(self._downloads)
-        active = [d for d in self._downloads
-                  if d in self._starting or d.state in _ACTIVE_STATES]
-        to_stop = active[limit:]
-        running = set(active)
-        free = limit - len(running)
+        to_stop: List[Downloader] = []
+        if len(self._running) > limit:
+            by_turn = sorted(self._running, key=self._running.__getitem__)
+            to_stop = by_turn[limit:]
+        free = limit - len(self._running)
         to_start: List[Downloader] = []
+        later: List[Tuple[int, Downloader]] = []
         wait: Optional[float] = None
-        for d in self._downloads:
-            if free <= 0:
-                break
-            if d in running or d.state in _FINISHED_STATES:
+        while free > 0 and self._queue:
+            turn, d = self._queue.pop(0)
+            self._queued.discard(d)
+            if self._downloads.get(d) != turn or d in self._running:
+                continue  # removed (or added again), or started meanwhile
+            state = d.state
+            if state in _FINISHED_STATES or state in _ACTIVE_STATES:
+                self._track(d, state)  # (a change its signal has yet to tell)
                 continue
             stopped_at = self._stopped_at.get(d)
             delay = 0.0
@@ -6492,10 +6556,14 @@ class Manager(Emitter):
                 delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
             if delay > 0:
                 wait = delay if wait is None else min(wait, delay)
+                later.append((turn, d))
                 continue
             to_start.append(d)
-            self._starting.add(d)
+            self._running[d] = turn
             free -= 1
+        for turn, d in later:
+            self._queued.add(d)
+            bisect.insort(self._queue, (turn, d))
         return to_stop, to_start, wait
 
 
