@@ -15,7 +15,9 @@ contents; each layer uses only the layers above it:
     transfer     one attempt over one or more connections and sources
     downloader   Downloader: the public face of one download
     manager      Manager: many downloads, one total rate limit
-    command line main(), download() and the ``bitpit`` command
+    command line main(), download()
+    asyncio      adownload(), and what await d and d.events() use
+    command line the ``bitpit`` command
 
 Typical use::
 
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
 
 __version__ = '2.1.0'
 __all__ = [
-    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main', 'download',
+    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main', 'download', 'adownload',
     'Error', 'HTTPStatusError', 'NetworkError', 'StalledError', 'TLSError',
     'ProtocolError', 'RedirectError', 'IntegrityError', 'FileError',
     'InvalidURLError',
@@ -3668,6 +3670,24 @@ def _as_size_limit(name: str, value: Any) -> Optional[int]:
     return _check_int(name, value, 0)
 
 
+class _Changed(threading.Condition):
+    """The condition ``Downloader.wait()`` waits on, which also calls each
+    function in ``watchers`` at every ``notify_all()``, with the lock held:
+    how a waiter that must not block (a coroutine, see ``Downloader.events``)
+    learns when to look at the download again. A watcher must be quick and
+    never block. ``watchers`` is changed by single ``append``/``remove``
+    calls and read as a copy, so that needs no lock; any thread."""
+
+    def __init__(self, lock: Any):
+        super().__init__(lock)
+        self.watchers: List[Callable[[], None]] = []
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for watcher in list(self.watchers):
+            watcher()
+
+
 class Downloader(Emitter):
     """Download one URL to a file in a thread of its own.
 
@@ -3727,7 +3747,7 @@ class Downloader(Emitter):
                  if_exists: str = 'resume'):
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
-        self._changed = threading.Condition(self._lock)  # wait() waits on it
+        self._changed = _Changed(self._lock)  # wait() waits on it
         self._url = url
         self._state = 'pause'
         self._size = -1
@@ -4117,6 +4137,23 @@ class Downloader(Emitter):
         """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
         with self._changed:
             self._changed.notify_all()
+
+    def __await__(self) -> Any:
+        """``await d`` in a coroutine: waits as ``wait()`` does, without
+        blocking the event loop, and gives the same ``bool``. Cancelling the
+        awaiting task ends only the waiting: the download goes on. The event
+        loop's thread (see the asyncio layer)."""
+        return _wait_settled(self).__await__()
+
+    def events(self) -> '_Events':
+        """An async iterator of ``(signal, args)``, ``args`` being what the
+        signal's callbacks get after the downloader, in the order emitted,
+        from the moment of the call. It ends after the state that makes
+        ``wait()`` return (at once if the download is already complete or
+        fatal, and not running); ``aclose()`` or dropping it ends it
+        sooner. Call it in the event loop's thread (see the asyncio
+        layer)."""
+        return _Events(self)
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -4704,8 +4741,7 @@ def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = Fal
     is a terminal. ``KeyboardInterrupt`` stops the download, keeping the
     partial file resumable, and propagates."""
     d = Downloader(url, path, **kwargs)
-    line = _ProgressLine(d) if progress and _isatty(sys.stderr) and \
-        _enable_ansi(sys.stderr) else None
+    line = _ProgressLine.on_terminal(d) if progress else None
     try:
         d.start()
         # waits in slices, so that Ctrl-C gets through where a plain wait
@@ -4724,9 +4760,15 @@ def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = Fal
     finally:
         if line is not None:
             line.close()
+    return _final_path(d)
+
+
+def _final_path(d: Downloader) -> Union[pathlib.Path, io.BufferedIOBase]:
+    """What ``download()`` returns once ``d`` is settled: its final path when
+    it is complete; else it raises the download's error."""
     if d.state != 'complete':
         raise d.last_exception or Error('the download of {} stopped before it was '
-                                        'complete'.format(url))
+                                        'complete'.format(d.url))
     return d.path
 
 
@@ -4737,6 +4779,11 @@ class _ProgressLine:
     def __init__(self, d: Downloader):
         self.d = d
 
+    @classmethod
+    def on_terminal(cls, d: Downloader) -> Optional['_ProgressLine']:
+        """A line for ``d`` when standard error is a terminal, else ``None``."""
+        return cls(d) if _isatty(sys.stderr) and _enable_ansi(sys.stderr) else None
+
     def draw(self) -> None:
         import shutil
         width = max(shutil.get_terminal_size().columns - 1, 20)
@@ -4745,6 +4792,267 @@ class _ProgressLine:
     def close(self) -> None:
         self.draw()
         _write(sys.stderr, '\n')
+
+
+# ---------------------------------------------------------------------------
+# asyncio: adownload(), await d and d.events(), for coroutines
+# ---------------------------------------------------------------------------
+#
+# A download runs in bitpit's threads; the event loop's thread must never
+# wait for them. What those threads tell (a signal, or a change that wait()
+# looks at, through _Changed's watchers) is handed to the loop with
+# loop.call_soon_threadsafe, which never blocks; everything else happens in
+# the loop's thread, which takes no lock a bitpit thread holds while it
+# waits, and joins no thread: stop() joins the download thread (up to
+# _STOP_WAIT), so a cancelled adownload() stops its download in a thread
+# of its own and awaits that thread's word. asyncio is imported only here,
+# where a loop already runs (so it costs nothing).
+
+def _hand_over(loop: Any, func: Callable[..., None], *args: Any) -> bool:
+    """Have ``loop`` call ``func(*args)`` in its thread soon; ``False`` when
+    the loop is closed (nobody is left to tell). Any thread; never blocks."""
+    try:
+        loop.call_soon_threadsafe(func, *args)
+    except RuntimeError:  # 'Event loop is closed'
+        return False
+    return True
+
+
+def _set_result(future: Any, value: Any) -> None:
+    """Resolve ``future`` unless it is done already (or was cancelled). The
+    loop's thread."""
+    if not future.done():
+        future.set_result(value)
+
+
+class _Settling:
+    """A future of the event loop that gets what ``d.wait()`` would return
+    once the download is settled: ``True`` only when it is complete. Made,
+    awaited and closed in the loop's thread; ``_watch`` runs in the thread
+    that changed the download, under the download's lock, which guards
+    ``_told``."""
+
+    def __init__(self, d: Downloader, loop: Any):
+        self._d, self._loop = d, loop
+        self.future = loop.create_future()
+        self._told = False
+        d._changed.watchers.append(self._watch)
+        if d._settled():  # wait() would return at once
+            _set_result(self.future, d._state == 'complete')
+
+    def _watch(self) -> None:
+        d = self._d
+        if not self._told and d._settled():
+            self._told = True
+            if not _hand_over(self._loop, _set_result, self.future, d._state == 'complete'):
+                self.close()
+
+    def close(self) -> None:
+        """Stop watching the download. Any thread."""
+        try:
+            self._d._changed.watchers.remove(self._watch)
+        except ValueError:  # closed already
+            pass
+
+
+async def _wait_settled(d: Downloader, line: Optional[_ProgressLine] = None) -> bool:
+    """``await d``: ``d.wait()`` for a coroutine; with a progress ``line``,
+    redrawn every ``_CLI_REFRESH`` seconds meanwhile."""
+    import asyncio
+    settling = _Settling(d, asyncio.get_running_loop())
+    try:
+        if line is None:
+            return await settling.future
+        while not settling.future.done():
+            await asyncio.wait((settling.future,), timeout=_CLI_REFRESH)
+            line.draw()
+        return settling.future.result()
+    finally:
+        settling.close()
+
+
+async def _stop_off_loop(d: Downloader, loop: Any) -> None:
+    """``d.stop()`` in a thread of its own (it joins the download thread),
+    awaited to its end, even through more cancellations of the awaiting
+    task: once this returns, no thread of ``d`` writes its file."""
+    import asyncio
+    stopped = loop.create_future()
+
+    def stop() -> None:
+        try:
+            d.stop()
+        finally:
+            _hand_over(loop, _set_result, stopped, None)
+
+    threading.Thread(target=stop, name='bitpit-stop').start()
+    while not stopped.done():
+        try:
+            await asyncio.shield(stopped)
+        except asyncio.CancelledError:
+            continue  # the stop is bounded (about a second at most): see it end
+
+
+async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
+                    **kwargs: Any) -> Union[pathlib.Path, io.BufferedIOBase]:
+    """``await bitpit.adownload(url)``: the coroutine twin of ``download()``,
+    with its arguments, result and errors, that never blocks the event loop.
+
+    Cancelling the awaiting task stops the download at once (its
+    connections close), waits off the loop for its thread to end, and lets
+    ``CancelledError`` propagate; the partial file and its sidecar stay, so
+    the same call later resumes. The event loop's thread."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    d = Downloader(url, path, **kwargs)
+    line = _ProgressLine.on_terminal(d) if progress else None
+    try:
+        d.start()
+        await _wait_settled(d, line)
+    except BaseException:
+        await _stop_off_loop(d, loop)
+        raise
+    finally:
+        if line is not None:
+            line.close()
+    return _final_path(d)
+
+
+class _SignalRelay:
+    """The stream behind ``d.events()``: every signal of ``d`` and every
+    change that ``wait()`` looks at, handed to the event loop in the order
+    they come; there it decides when the stream ends and keeps the items
+    for the consumer.
+
+    The stream ends the first time the download settles after having been
+    busy (running, or with a restart to come) since the call, or at once
+    when it is settled in a final state at the call. The end comes after
+    the ``state-changed`` into the settled state: a state is set (and
+    ``wait()`` notified) before its signal is emitted.
+
+    Bitpit's threads only run ``_on_signal`` and ``_on_change`` (which hand
+    over) and ``close``; all the rest runs in the loop's thread, so the
+    attributes need no lock."""
+
+    def __init__(self, d: Downloader, loop: Any):
+        self._d, self._loop = d, loop
+        self._items: collections.deque = collections.deque()  # (signal, args) not yet taken
+        self._waiter: Any = None    # the future that the consumer awaits, if it does
+        self._ended = False         # no item comes after those held
+        self._last_state = d._state  # the new state of the last state-changed
+        self._busy = not d._settled() or self._last_state in _FINISHED_STATES
+        self._end_with: Optional[str] = None  # the state whose state-changed ends it
+        for signal in d.__signals__:
+            d.listen(signal, self._on_signal, signal)
+        d._changed.watchers.append(self._on_change)
+        if self._busy and d._settled():  # it settled while listening began
+            loop.call_soon(self._end)
+
+    # -- bitpit's threads ----------------------------------------------------
+
+    def _on_signal(self, d: Downloader, *args: Any) -> None:
+        """Any signal of ``d``; ``args`` ends with the signal's name. The
+        thread that emits it."""
+        *args, signal = args
+        if not _hand_over(self._loop, self._take_signal, signal, tuple(args), d._state):
+            self.close()
+
+    def _on_change(self) -> None:
+        """A change that ``wait()`` looks at; under the download's lock."""
+        d = self._d
+        if not _hand_over(self._loop, self._take_change, d._settled(), d._state):
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening to the download. Any thread; again is a no-op."""
+        d = self._d
+        try:
+            d._changed.watchers.remove(self._on_change)
+        except ValueError:  # closed already
+            return
+        for signal in d.__signals__:
+            try:
+                d.unlisten(signal, self._on_signal, signal)
+            except ValueError:
+                pass
+
+    # -- the loop's thread ----------------------------------------------------
+
+    def _take_signal(self, signal: str, args: Tuple[Any, ...], state: str) -> None:
+        if self._ended:
+            return
+        self._items.append((signal, args))
+        if signal == 'state-changed':
+            self._last_state = state
+            if state == self._end_with:
+                self._end()
+        self._wake()
+
+    def _take_change(self, settled: bool, state: str) -> None:
+        if self._ended:
+            return
+        if not settled:
+            self._busy, self._end_with = True, None
+        elif self._busy:
+            if state == self._last_state:
+                self._end()
+            else:  # its state-changed is on its way
+                self._end_with = state
+
+    def _end(self) -> None:
+        self._ended = True
+        self.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _set_result(self._waiter, None)
+
+    def abandon(self) -> None:
+        """``aclose()``: end the stream now, dropping the items held."""
+        self._items.clear()
+        self._end()
+
+    async def next(self) -> Tuple[str, Tuple[Any, ...]]:
+        """The next item; ``StopAsyncIteration`` after the last."""
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            if self._waiter is not None:
+                raise RuntimeError('another task already waits for the next event')
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+class _Events:
+    """What ``Downloader.events()`` returns: an async iterator over a
+    ``_SignalRelay``, whose listeners it removes when it ends, when it is
+    closed (``aclose()``) and when it is dropped unfinished. The event
+    loop's thread."""
+
+    def __init__(self, d: Downloader):
+        import asyncio
+        import weakref
+        self._relay = _SignalRelay(d, asyncio.get_running_loop())
+        weakref.finalize(self, self._relay.close)
+
+    def __aiter__(self) -> '_Events':
+        return self
+
+    async def __anext__(self) -> Tuple[str, Tuple[Any, ...]]:
+        return await self._relay.next()
+
+    async def aclose(self) -> None:
+        """End the iteration now and stop listening."""
+        self._relay.abandon()
+
+
+# ---------------------------------------------------------------------------
+# command line: the bitpit command
+# ---------------------------------------------------------------------------
 
 
 def _build_parser() -> Any:
