@@ -4801,12 +4801,17 @@ class _ProgressLine:
 # A download runs in bitpit's threads; the event loop's thread must never
 # wait for them. What those threads tell (a signal, or a change that wait()
 # looks at, through _Changed's watchers) is handed to the loop with
-# loop.call_soon_threadsafe, which never blocks; everything else happens in
-# the loop's thread, which takes no lock a bitpit thread holds while it
-# waits, and joins no thread: stop() joins the download thread (up to
-# _STOP_WAIT), so a cancelled adownload() stops its download in a thread
-# of its own and awaits that thread's word. asyncio is imported only here,
-# where a loop already runs (so it costs nothing).
+# loop.call_soon_threadsafe, which never blocks; the rest happens in the
+# loop's thread, which takes no lock that a bitpit thread holds for long.
+# start() and stop() wait for threads (Thread.start() until the new thread
+# runs: 0.4 ms typically, 2 ms and more on a busy machine; stop() joins the
+# download thread, up to _STOP_WAIT), and Downloader() reads the disk
+# (the file, its sidecar); each call that lets go of the GIL may wait for
+# it up to sys.getswitchinterval() (5 ms) while bitpit's threads run. So
+# adownload() makes and starts (and stops) its download in the loop's
+# default executor, where asyncio runs its own blocking calls.
+# asyncio is imported only here, where a loop already runs (so it costs
+# nothing).
 
 def _hand_over(loop: Any, func: Callable[..., None], *args: Any) -> bool:
     """Have ``loop`` call ``func(*args)`` in its thread soon; ``False`` when
@@ -4871,25 +4876,29 @@ async def _wait_settled(d: Downloader, line: Optional[_ProgressLine] = None) -> 
         settling.close()
 
 
-async def _stop_off_loop(d: Downloader, loop: Any) -> None:
-    """``d.stop()`` in a thread of its own (it joins the download thread),
-    awaited to its end, even through more cancellations of the awaiting
-    task: once this returns, no thread of ``d`` writes its file."""
+async def _off_loop(loop: Any, func: Callable[[], Any]
+                    ) -> Tuple[Any, Optional[BaseException]]:
+    """Run ``func()`` in ``loop``'s default executor and await its end, even
+    through cancellations of the awaiting task: ``(its result, the first
+    CancelledError the task got meanwhile or None)``; raises what ``func``
+    raised. Either way ``func`` is over."""
     import asyncio
-    stopped = loop.create_future()
-
-    def stop() -> None:
+    done = loop.run_in_executor(None, func)
+    cancelled: Optional[BaseException] = None
+    while not done.done():
         try:
-            d.stop()
-        finally:
-            _hand_over(loop, _set_result, stopped, None)
+            await asyncio.shield(done)
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    return done.result(), cancelled
 
-    threading.Thread(target=stop, name='bitpit-stop').start()
-    while not stopped.done():
-        try:
-            await asyncio.shield(stopped)
-        except asyncio.CancelledError:
-            continue  # the stop is bounded (about a second at most): see it end
+
+def _started(url: str, path: Optional[_PathLike], kwargs: Dict[str, Any]) -> Downloader:
+    """``Downloader(url, path, **kwargs)``, started: ``adownload()``'s work
+    in the loop's default executor."""
+    d = Downloader(url, path, **kwargs)
+    d.start()
+    return d
 
 
 async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
@@ -4898,18 +4907,20 @@ async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: boo
     with its arguments, result and errors, that never blocks the event loop.
 
     Cancelling the awaiting task stops the download at once (its
-    connections close), waits off the loop for its thread to end, and lets
+    connections close), waits for its thread to end, and lets
     ``CancelledError`` propagate; the partial file and its sidecar stay, so
-    the same call later resumes. The event loop's thread."""
+    the same call later resumes. ``start()`` and ``stop()`` run in the
+    loop's default executor. The event loop's thread."""
     import asyncio
     loop = asyncio.get_running_loop()
-    d = Downloader(url, path, **kwargs)
+    d, cancelled = await _off_loop(loop, lambda: _started(url, path, kwargs))
     line = _ProgressLine.on_terminal(d) if progress else None
     try:
-        d.start()
+        if cancelled is not None:
+            raise cancelled
         await _wait_settled(d, line)
     except BaseException:
-        await _stop_off_loop(d, loop)
+        await _off_loop(loop, d.stop)
         raise
     finally:
         if line is not None:
