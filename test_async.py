@@ -186,12 +186,13 @@ def test_cancelling_adownload_during_a_restart_wait_leaves_no_timer(server, tmp_
 def test_asyncio_run_ends_cleanly_with_adownloads_still_running(server, tmp_path, capfd):
     """asyncio.run() cancels what its coroutine left running: each download
     stops, its thread ends, and nothing is said about it."""
-    url = server.add('/f', DATA, throttle=200000)
+    urls = [server.add('/{}'.format(i), DATA, throttle=200000) for i in range(3)]
 
     async def main():
-        for i in range(3):
+        for i, url in enumerate(urls):
             asyncio.ensure_future(bitpit.adownload(url, tmp_path / str(i)))
-        await asyncio.to_thread(server.wait_requests, 3)
+        for i in range(3):
+            await bytes_sent_reach(server, '/{}'.format(i), 10000)
     began = time.monotonic()
     run(main, capfd=capfd)
     assert time.monotonic() - began < 3

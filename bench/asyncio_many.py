@@ -120,12 +120,7 @@ def main(argv=None) -> int:
                                args.parallel, args.runs))
     print('bitpit under test: {}'.format(under_test.skip or under_test.description))
     print('(CPU s: user + sys of the whole process, all threads, from wait4)')
-    print(common.report_contenders(outcomes, skipped, [
-        ('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
-        ('files/s', 'files_per_s', '{:.0f}'),
-        ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('conns', 'conns', '{:.0f}'),
-        ('requests', 'requests', '{:.0f}'), ('stray files', 'stray_files', '{:.0f}'),
-        ('threads left', 'threads_left', '{:.0f}')]))
+    print(common.report_contenders(outcomes, skipped, many_small.COLUMNS))
     print()
     print('\n'.join(goal.line() for goal in goals))
     best = common.best_ratio(outcomes, 'asyncio', 'manager')
