@@ -4808,8 +4808,10 @@ class _ProgressLine:
 # download thread, up to _STOP_WAIT), and Downloader() reads the disk
 # (the file, its sidecar); each call that lets go of the GIL may wait for
 # it up to sys.getswitchinterval() (5 ms) while bitpit's threads run. So
-# adownload() makes and starts (and stops) its download in the loop's
-# default executor, where asyncio runs its own blocking calls.
+# adownload() hands the making, starting and stopping of its download to a
+# thread of bitpit's (_Starter) through a queue.SimpleQueue, whose put()
+# never waits, as a Manager's thread starts its downloads; the download
+# tells the loop when it settles, as await d does.
 # asyncio is imported only here, where a loop already runs (so it costs
 # nothing).
 
@@ -4831,25 +4833,23 @@ def _set_result(future: Any, value: Any) -> None:
 
 
 class _Settling:
-    """A future of the event loop that gets what ``d.wait()`` would return
-    once the download is settled: ``True`` only when it is complete. Made,
-    awaited and closed in the loop's thread; ``_watch`` runs in the thread
-    that changed the download, under the download's lock, which guards
-    ``_told``."""
+    """Hands what ``d.wait()`` would return (``True`` only when complete)
+    to ``future``, a future of ``loop``, once the download is settled. Made
+    and closed in any thread; ``_watch`` runs in the thread that changed the
+    download, under the download's lock. ``_told`` only spares the loop
+    more hand-overs: one that races the first is harmless."""
 
-    def __init__(self, d: Downloader, loop: Any):
-        self._d, self._loop = d, loop
-        self.future = loop.create_future()
+    def __init__(self, d: Downloader, loop: Any, future: Any):
+        self._d, self._loop, self._future = d, loop, future
         self._told = False
         d._changed.watchers.append(self._watch)
-        if d._settled():  # wait() would return at once
-            _set_result(self.future, d._state == 'complete')
+        self._watch()  # wait() would return at once
 
     def _watch(self) -> None:
         d = self._d
         if not self._told and d._settled():
             self._told = True
-            if not _hand_over(self._loop, _set_result, self.future, d._state == 'complete'):
+            if not _hand_over(self._loop, _set_result, self._future, d._state == 'complete'):
                 self.close()
 
     def close(self) -> None:
@@ -4860,45 +4860,121 @@ class _Settling:
             pass
 
 
-async def _wait_settled(d: Downloader, line: Optional[_ProgressLine] = None) -> bool:
-    """``await d``: ``d.wait()`` for a coroutine; with a progress ``line``,
-    redrawn every ``_CLI_REFRESH`` seconds meanwhile."""
+async def _settled(future: Any, line: Optional[_ProgressLine] = None) -> bool:
+    """Await a ``_Settling``'s future; with a progress ``line``, redrawn
+    every ``_CLI_REFRESH`` seconds meanwhile."""
     import asyncio
-    settling = _Settling(d, asyncio.get_running_loop())
+    if line is None:
+        return await future
+    while not future.done():
+        await asyncio.wait((future,), timeout=_CLI_REFRESH)
+        line.draw()
+    return future.result()
+
+
+async def _wait_settled(d: Downloader) -> bool:
+    """``await d``: ``d.wait()`` for a coroutine."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    settling = _Settling(d, loop, loop.create_future())
     try:
-        if line is None:
-            return await settling.future
-        while not settling.future.done():
-            await asyncio.wait((settling.future,), timeout=_CLI_REFRESH)
-            line.draw()
-        return settling.future.result()
+        return await settling._future
     finally:
         settling.close()
 
 
-async def _off_loop(loop: Any, func: Callable[[], Any]
-                    ) -> Tuple[Any, Optional[BaseException]]:
-    """Run ``func()`` in ``loop``'s default executor and await its end, even
-    through cancellations of the awaiting task: ``(its result, the first
-    CancelledError the task got meanwhile or None)``; raises what ``func``
-    raised. Either way ``func`` is over."""
-    import asyncio
-    done = loop.run_in_executor(None, func)
-    cancelled: Optional[BaseException] = None
-    while not done.done():
+class _Starter:
+    """The thread that makes, starts and stops the downloads of
+    ``adownload()`` for one event loop, in the order asked (``jobs``): the
+    loop's thread must not wait for ``Thread.start()`` (which waits until
+    the new thread runs) nor read the disk. It lives while the loop has an
+    ``adownload()`` under way: the loop's thread counts them (``users``) and
+    ends it with ``None`` when none is left. The thread itself is started
+    in the loop's default executor (``running``). ``_STARTERS`` holds each
+    loop's; only that loop's thread uses its entry and ``users``."""
+
+    def __init__(self, loop: Any):
+        import queue
+        self.jobs: Any = queue.SimpleQueue()
+        self.users = 0
+        thread = threading.Thread(target=self._run, name='bitpit-asyncio')
+        self.running = loop.run_in_executor(None, thread.start)
+
+    @classmethod
+    async def enter(cls, loop: Any) -> '_Starter':
+        """The loop's starter, counted as used until ``leave()``."""
+        starter = _STARTERS.get(loop)
+        if starter is None:
+            starter = _STARTERS[loop] = cls(loop)
+        starter.users += 1
         try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    return done.result(), cancelled
+            await starter.running
+        except BaseException:
+            starter.leave(loop)
+            raise
+        return starter
+
+    def leave(self, loop: Any) -> None:
+        self.users -= 1
+        if self.users == 0:
+            del _STARTERS[loop]
+            self.jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            job()
 
 
-def _started(url: str, path: Optional[_PathLike], kwargs: Dict[str, Any]) -> Downloader:
-    """``Downloader(url, path, **kwargs)``, started: ``adownload()``'s work
-    in the loop's default executor."""
-    d = Downloader(url, path, **kwargs)
-    d.start()
-    return d
+_STARTERS: Dict[Any, _Starter] = {}
+
+
+class _Download:
+    """One ``adownload()``, between the loop's thread and its starter:
+    ``start`` makes ``d`` there, has ``_Settling`` watch it and starts it;
+    ``settled`` (a future of the loop) gets what ``wait()`` gives, or the
+    error of making or starting the download. ``stop`` stops it in a thread
+    of its own (``stop()`` joins the download thread), so that many stop at
+    once. ``d`` and ``settling`` are set by the starter, read by the loop's
+    thread once ``settled`` is done or the stop is over."""
+
+    def __init__(self, loop: Any, make: Callable[[], Downloader]):
+        self._loop, self._make = loop, make
+        self.settled = loop.create_future()
+        self.d: Optional[Downloader] = None
+        self.settling: Optional[_Settling] = None
+
+    def start(self) -> None:
+        """The starter's thread."""
+        try:
+            self.d = self._make()
+            self.d.start()
+            self.settling = _Settling(self.d, self._loop, self.settled)
+        except BaseException as exc:  # raised in the awaiting task
+            _hand_over(self._loop, _set_exception, self.settled, exc)
+
+    def stop(self, stopped: Any = None) -> None:
+        """The starter's thread; ``stopped`` (a future of the loop), if
+        any, is resolved once the download thread ended."""
+        def stop() -> None:
+            try:
+                if self.d is not None:
+                    self.d.stop()
+            finally:
+                if self.settling is not None:
+                    self.settling.close()
+                if stopped is not None:
+                    _hand_over(self._loop, _set_result, stopped, None)
+
+        threading.Thread(target=stop, name='bitpit-stop').start()
+
+
+def _set_exception(future: Any, exc: BaseException) -> None:
+    """Fail ``future`` unless it is done already. The loop's thread."""
+    if not future.done():
+        future.set_exception(exc)
 
 
 async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
@@ -4909,23 +4985,40 @@ async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: boo
     Cancelling the awaiting task stops the download at once (its
     connections close), waits for its thread to end, and lets
     ``CancelledError`` propagate; the partial file and its sidecar stay, so
-    the same call later resumes. ``start()`` and ``stop()`` run in the
-    loop's default executor. The event loop's thread."""
+    the same call later resumes. The download is made, started and stopped
+    by a thread of bitpit's (``_Starter``). The event loop's thread."""
     import asyncio
+    import functools
     loop = asyncio.get_running_loop()
-    d, cancelled = await _off_loop(loop, lambda: _started(url, path, kwargs))
-    line = _ProgressLine.on_terminal(d) if progress else None
+    starter = await _Starter.enter(loop)
+    job = _Download(loop, functools.partial(Downloader, url, path, **kwargs))
+    line = None
     try:
-        if cancelled is not None:
-            raise cancelled
-        await _wait_settled(d, line)
+        starter.jobs.put(job.start)
+        if progress:
+            await asyncio.wait((job.settled,), timeout=_CLI_REFRESH)
+            line = None if job.d is None else _ProgressLine.on_terminal(job.d)
+        await _settled(job.settled, line)
+    except GeneratorExit:  # the task is dropped: no await here, the stop goes on alone
+        starter.jobs.put(job.stop)
+        raise
     except BaseException:
-        await _off_loop(loop, d.stop)
+        if not job.settled.done() or job.d is not None:
+            stopped = loop.create_future()
+            starter.jobs.put(lambda: job.stop(stopped))
+            while not stopped.done():
+                try:
+                    await asyncio.shield(stopped)
+                except asyncio.CancelledError:
+                    continue  # the stop takes a second at most: see it end
         raise
     finally:
+        starter.leave(loop)
+        if job.settling is not None:
+            job.settling.close()
         if line is not None:
             line.close()
-    return _final_path(d)
+    return _final_path(job.d)
 
 
 class _SignalRelay:
