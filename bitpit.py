@@ -4832,6 +4832,12 @@ def _set_result(future: Any, value: Any) -> None:
         future.set_result(value)
 
 
+def _set_exception(future: Any, exc: BaseException) -> None:
+    """Fail ``future`` unless it is done already. The loop's thread."""
+    if not future.done():
+        future.set_exception(exc)
+
+
 class _Settling:
     """Hands what ``d.wait()`` would return (``True`` only when complete)
     to ``future``, a future of ``loop``, once the download is settled. Made
@@ -4840,7 +4846,7 @@ class _Settling:
     more hand-overs: one that races the first is harmless."""
 
     def __init__(self, d: Downloader, loop: Any, future: Any):
-        self._d, self._loop, self._future = d, loop, future
+        self._d, self._loop, self.future = d, loop, future
         self._told = False
         d._changed.watchers.append(self._watch)
         self._watch()  # wait() would return at once
@@ -4849,7 +4855,7 @@ class _Settling:
         d = self._d
         if not self._told and d._settled():
             self._told = True
-            if not _hand_over(self._loop, _set_result, self._future, d._state == 'complete'):
+            if not _hand_over(self._loop, _set_result, self.future, d._state == 'complete'):
                 self.close()
 
     def close(self) -> None:
@@ -4860,7 +4866,7 @@ class _Settling:
             pass
 
 
-async def _settled(future: Any, line: Optional[_ProgressLine] = None) -> bool:
+async def _with_progress(future: Any, line: Optional[_ProgressLine]) -> bool:
     """Await a ``_Settling``'s future; with a progress ``line``, redrawn
     every ``_CLI_REFRESH`` seconds meanwhile."""
     import asyncio
@@ -4878,7 +4884,7 @@ async def _wait_settled(d: Downloader) -> bool:
     loop = asyncio.get_running_loop()
     settling = _Settling(d, loop, loop.create_future())
     try:
-        return await settling._future
+        return await settling.future
     finally:
         settling.close()
 
@@ -4968,13 +4974,10 @@ class _Download:
                 if stopped is not None:
                     _hand_over(self._loop, _set_result, stopped, None)
 
-        threading.Thread(target=stop, name='bitpit-stop').start()
-
-
-def _set_exception(future: Any, exc: BaseException) -> None:
-    """Fail ``future`` unless it is done already. The loop's thread."""
-    if not future.done():
-        future.set_exception(exc)
+        try:
+            threading.Thread(target=stop, name='bitpit-stop').start()
+        except RuntimeError:  # no thread to be had: stop it here
+            stop()
 
 
 async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
@@ -4998,7 +5001,7 @@ async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: boo
         if progress:
             await asyncio.wait((job.settled,), timeout=_CLI_REFRESH)
             line = None if job.d is None else _ProgressLine.on_terminal(job.d)
-        await _settled(job.settled, line)
+        await _with_progress(job.settled, line)
     except GeneratorExit:  # the task is dropped: no await here, the stop goes on alone
         starter.jobs.put(job.stop)
         raise

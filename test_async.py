@@ -86,16 +86,17 @@ def callbacks_of(d):
 # adownload: download()'s result and errors
 # ---------------------------------------------------------------------------
 
-def test_adownload_returns_what_download_returns(server, tmp_path):
+def test_adownload_returns_what_download_returns(server, tmp_path, capsys):
     url = server.add('/get/f.bin', DATA, headers={
         'Content-Disposition': 'attachment; filename="report.pdf"'})
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
-    options = dict(dir_path=True, content_disposition=True, connections=2)
+    options = dict(dir_path=True, content_disposition=True, connections=2, progress=True)
     expected = bitpit.download(url, tmp_path / 'a', **options)
     path, _ = run(functools.partial(bitpit.adownload, url, tmp_path / 'b', **options))
     assert (expected.name, path.name) == ('report.pdf', 'report.pdf')
     assert path.parent == tmp_path / 'b' and path.read_bytes() == DATA
+    assert capsys.readouterr().err == ''      # progress only on a terminal
     sink = io.BytesIO()
     assert run(bitpit.adownload, url, sink)[0] is sink and sink.getvalue() == DATA
 
