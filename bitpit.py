@@ -4896,14 +4896,17 @@ class _Starter:
     the new thread runs) nor read the disk. It lives while the loop has an
     ``adownload()`` under way: the loop's thread counts them (``users``) and
     ends it with ``None`` when none is left. The thread itself is started
-    in the loop's default executor (``running``). ``_STARTERS`` holds each
-    loop's; only that loop's thread uses its entry and ``users``."""
+    in the loop's default executor (``running``). It is a daemon thread: a
+    loop closed with an ``adownload()`` still pending (a task destroyed
+    while pending) never ends it, and the program must not wait for it at
+    exit. ``_STARTERS`` holds each loop's; only that loop's thread uses its
+    entry and ``users``."""
 
     def __init__(self, loop: Any):
         import queue
         self.jobs: Any = queue.SimpleQueue()
         self.users = 0
-        thread = threading.Thread(target=self._run, name='bitpit-asyncio')
+        thread = threading.Thread(target=self._run, name='bitpit-asyncio', daemon=True)
         self.running = loop.run_in_executor(None, thread.start)
 
     @classmethod
