@@ -4917,7 +4917,8 @@ class _Starter:
             starter = _STARTERS[loop] = cls(loop)
         starter.users += 1
         try:
-            await starter.running
+            import asyncio
+            await asyncio.shield(starter.running)  # a cancel must not cancel it for all
         except BaseException:
             starter.leave(loop)
             raise
@@ -4947,16 +4948,21 @@ class _Download:
     error of making or starting the download. ``stop`` stops it in a thread
     of its own (``stop()`` joins the download thread), so that many stop at
     once. ``d`` and ``settling`` are set by the starter, read by the loop's
-    thread once ``settled`` is done or the stop is over."""
+    thread once ``settled`` is done or the stop is over; ``abandoned`` is
+    set by the loop's thread when the task no longer waits, so that a start
+    not begun yet is skipped (a stop follows it in the queue)."""
 
     def __init__(self, loop: Any, make: Callable[[], Downloader]):
         self._loop, self._make = loop, make
         self.settled = loop.create_future()
         self.d: Optional[Downloader] = None
         self.settling: Optional[_Settling] = None
+        self.abandoned = False
 
     def start(self) -> None:
         """The starter's thread."""
+        if self.abandoned:
+            return
         try:
             self.d = self._make()
             self.d.start()
@@ -4966,11 +4972,17 @@ class _Download:
 
     def stop(self, stopped: Any = None) -> None:
         """The starter's thread; ``stopped`` (a future of the loop), if
-        any, is resolved once the download thread ended."""
+        any, is resolved once the download thread ended (at once when no
+        download was made)."""
+        d = self.d
+        if d is None:
+            if stopped is not None:
+                _hand_over(self._loop, _set_result, stopped, None)
+            return
+
         def stop() -> None:
             try:
-                if self.d is not None:
-                    self.d.stop()
+                d.stop()
             finally:
                 if self.settling is not None:
                     self.settling.close()
@@ -5006,17 +5018,20 @@ async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: boo
             line = None if job.d is None else _ProgressLine.on_terminal(job.d)
         await _with_progress(job.settled, line)
     except GeneratorExit:  # the task is dropped: no await here, the stop goes on alone
+        job.abandoned = True
         starter.jobs.put(job.stop)
         raise
     except BaseException:
-        if not job.settled.done() or job.d is not None:
-            stopped = loop.create_future()
-            starter.jobs.put(lambda: job.stop(stopped))
-            while not stopped.done():
-                try:
-                    await asyncio.shield(stopped)
-                except asyncio.CancelledError:
-                    continue  # the stop takes a second at most: see it end
+        # a cancel also cancels job.settled, which then tells nothing of d:
+        # the stop comes after the start in the queue, and finds d or not
+        job.abandoned = True
+        stopped = loop.create_future()
+        starter.jobs.put(lambda: job.stop(stopped))
+        while not stopped.done():
+            try:
+                await asyncio.shield(stopped)
+            except asyncio.CancelledError:
+                continue  # the stop takes a second at most: see it end
         raise
     finally:
         starter.leave(loop)

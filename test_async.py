@@ -203,6 +203,42 @@ def test_asyncio_run_ends_cleanly_with_adownloads_still_running(server, tmp_path
     assert all(sidecar_of(tmp_path / str(i)).exists() for i in range(count))
 
 
+def test_many_adownloads_cancelled_at_once_all_stop_within_100ms(server, tmp_path):
+    """A time-out over 40 downloads, some not yet started: each stops (or
+    never starts), all within 0.1 s, and no thread is left."""
+    count = 40
+    urls = [server.add('/{}'.format(i), DATA, throttle=100000) for i in range(count)]
+    seen = {}
+
+    async def main():
+        tasks = [asyncio.ensure_future(bitpit.adownload(url, tmp_path / str(i)))
+                 for i, url in enumerate(urls)]
+        await asyncio.to_thread(server.wait_requests, 5)
+        seen['cancelled_at'] = time.monotonic()
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        assert all(task.cancelled() for task in tasks)
+        seen['threads'] = alive('bitpit-download') + alive('bitpit-connection')
+    run(main)
+    assert seen['threads'] == []
+    assert server.bytes_sent(since=seen['cancelled_at'] + 0.1) == 0
+    assert len(server.requests) <= count
+
+
+def test_a_cancel_while_the_starter_starts_touches_no_other_adownload(server, tmp_path):
+    url = server.add('/f', DATA)
+
+    async def main():
+        first = asyncio.ensure_future(bitpit.adownload(url, tmp_path / 'a'))
+        second = asyncio.ensure_future(bitpit.adownload(url, tmp_path / 'b'))
+        await asyncio.sleep(0)       # both wait for the loop's starter thread
+        first.cancel()
+        return await second
+    path, _ = run(main)
+    assert path.read_bytes() == DATA
+
+
 # ---------------------------------------------------------------------------
 # await d
 # ---------------------------------------------------------------------------
