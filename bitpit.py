@@ -4840,10 +4840,11 @@ def _set_exception(future: Any, exc: BaseException) -> None:
 
 class _Settling:
     """Hands what ``d.wait()`` would return (``True`` only when complete)
-    to ``future``, a future of ``loop``, once the download is settled. Made
-    and closed in any thread; ``_watch`` runs in the thread that changed the
-    download, under the download's lock. ``_told`` only spares the loop
-    more hand-overs: one that races the first is harmless."""
+    to ``future``, a future of ``loop``, once the download is settled, and
+    stops watching then. Made and closed in any thread; ``_watch`` runs in
+    the thread that changed the download, under the download's lock.
+    ``_told`` only spares the loop more hand-overs: one that races the
+    first is harmless."""
 
     def __init__(self, d: Downloader, loop: Any, future: Any):
         self._d, self._loop, self.future = d, loop, future
@@ -4855,8 +4856,8 @@ class _Settling:
         d = self._d
         if not self._told and d._settled():
             self._told = True
-            if not _hand_over(self._loop, _set_result, self.future, d._state == 'complete'):
-                self.close()
+            _hand_over(self._loop, _set_result, self.future, d._state == 'complete')
+            self.close()
 
     def close(self) -> None:
         """Stop watching the download. Any thread."""
@@ -4912,12 +4913,12 @@ class _Starter:
     @classmethod
     async def enter(cls, loop: Any) -> '_Starter':
         """The loop's starter, counted as used until ``leave()``."""
+        import asyncio
         starter = _STARTERS.get(loop)
         if starter is None:
             starter = _STARTERS[loop] = cls(loop)
         starter.users += 1
         try:
-            import asyncio
             await asyncio.shield(starter.running)  # a cancel must not cancel it for all
         except BaseException:
             starter.leave(loop)
