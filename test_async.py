@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -41,20 +42,23 @@ NOISE = re.compile(r'Task was destroyed|Event loop is closed|never awaited|'
 
 
 def run(main, *args, debug=False, capfd=None):
-    """``asyncio.run(main(*args))`` with the 'asyncio' logger recorded;
-    fails on any noise in it (and on standard error, with ``capfd``).
-    Returns ``(result, log)``."""
+    """``asyncio.run(main(*args))`` with the 'asyncio' logger and the
+    RuntimeWarnings recorded; fails on any noise in them (and on standard
+    error, with ``capfd``). Returns ``(result, log)``."""
     log = AsyncioLog()
     logger = logging.getLogger('asyncio')
     level = logger.level
     logger.addHandler(log)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
-        result = asyncio.run(main(*args), debug=debug)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', RuntimeWarning)
+            result = asyncio.run(main(*args), debug=debug)
     finally:
         logger.removeHandler(log)
         logger.setLevel(level)
     noise = [m for m in log.messages(logging.ERROR) if NOISE.search(m)]
+    noise += [str(w.message) for w in caught if NOISE.search(str(w.message))]
     assert not noise, noise
     if capfd is not None:
         err = capfd.readouterr().err
