@@ -415,10 +415,12 @@ def slow_bitpit_callbacks(log):
     return slow
 
 
-async def grow_default_executor(loop):
-    """Have the loop's default executor start all its threads now: it
-    starts each from the loop's thread, the first time it needs it."""
-    workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+async def grow_default_executor(loop, workers=4):
+    """Give the loop a default executor of ``workers`` threads, all started
+    now: an executor starts each from the loop's thread, the first time it
+    needs it."""
+    import concurrent.futures
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(workers))
     barrier = threading.Barrier(workers)
     await asyncio.gather(*(loop.run_in_executor(None, barrier.wait, 10)
                            for _ in range(workers)))
