@@ -18,7 +18,9 @@ contents; each layer uses only the layers above it:
     many machines  shard(), a split of a list of URLs; the manifest of the
                  downloads that ended
     manager      Manager: many downloads, one total rate limit
-    command line main(), download() and the ``bitpit`` command
+    command line main(), download()
+    asyncio      adownload(), and what await d and d.events() use
+    command line the ``bitpit`` command
 
 Typical use::
 
@@ -87,7 +89,7 @@ else:
 
 __version__ = '2.1.0'
 __all__ = [
-    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main', 'download',
+    'Emitter', 'Downloader', 'Manager', 'human_readable', 'main', 'download', 'adownload',
     'Error', 'HTTPStatusError', 'NetworkError', 'StalledError', 'TLSError',
     'ProtocolError', 'RedirectError', 'IntegrityError', 'FileError',
     'InvalidURLError',
@@ -5134,6 +5136,22 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
                            _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
                            _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
                            cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+class _Changed(threading.Condition):
+    """The condition ``Downloader.wait()`` waits on, which also calls each
+    function in ``watchers`` at every ``notify_all()``, with the lock held:
+    how a waiter that must not block (a coroutine, see ``Downloader.events``)
+    learns when to look at the download again. A watcher must be quick and
+    never block. ``watchers`` is changed by single ``append``/``remove``
+    calls and read as a copy, so that needs no lock; any thread."""
+
+    def __init__(self, lock: Any):
+        super().__init__(lock)
+        self.watchers: List[Callable[[], None]] = []
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for watcher in list(self.watchers):
+            watcher()
 
 
 class Downloader(Emitter):
@@ -5233,7 +5251,7 @@ class Downloader(Emitter):
         assert url is not None  # else _metalink_entry raised TypeError
         _check_url(url)
         self._lock = threading.RLock()       # guards the thread, the restart, the state
-        self._changed = threading.Condition(self._lock)  # wait() waits on it
+        self._changed = _Changed(self._lock)  # wait() waits on it
         self._url = url
         self._state = 'pause'
         self._size = -1
@@ -5652,6 +5670,23 @@ class Downloader(Emitter):
         """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
         with self._changed:
             self._changed.notify_all()
+
+    def __await__(self) -> Any:
+        """``await d`` in a coroutine: waits as ``wait()`` does, without
+        blocking the event loop, and gives the same ``bool``. Cancelling the
+        awaiting task ends only the waiting: the download goes on. The event
+        loop's thread (see the asyncio layer)."""
+        return _wait_settled(self).__await__()
+
+    def events(self) -> '_Events':
+        """An async iterator of ``(signal, args)``, ``args`` being what the
+        signal's callbacks get after the downloader, in the order emitted,
+        from the moment of the call. It ends after the state that makes
+        ``wait()`` return (at once if the download is already complete or
+        fatal, and not running); ``aclose()`` or dropping it ends it
+        sooner. Call it in the event loop's thread (see the asyncio
+        layer)."""
+        return _Events(self)
 
     def restart(self, wait: Optional[float] = None) -> None:
         """Schedule ``start()`` in ``wait`` seconds (default
@@ -6662,8 +6697,7 @@ def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = Fal
     is a terminal. ``KeyboardInterrupt`` stops the download, keeping the
     partial file resumable, and propagates."""
     d = Downloader(url, path, **kwargs)
-    line = _ProgressLine(d) if progress and _isatty(sys.stderr) and \
-        _enable_ansi(sys.stderr) else None
+    line = _ProgressLine.on_terminal(d) if progress else None
     try:
         d.start()
         # waits in slices, so that Ctrl-C gets through where a plain wait
@@ -6682,9 +6716,15 @@ def download(url: str, path: Optional[_PathLike] = None, *, progress: bool = Fal
     finally:
         if line is not None:
             line.close()
+    return _final_path(d)
+
+
+def _final_path(d: Downloader) -> _Target:
+    """What ``download()`` returns once ``d`` is settled: its final path when
+    it is complete; else it raises the download's error."""
     if d.state != 'complete':
         raise d.last_exception or Error('the download of {} stopped before it was '
-                                        'complete'.format(url))
+                                        'complete'.format(d.url))
     return d.path
 
 
@@ -6695,6 +6735,11 @@ class _ProgressLine:
     def __init__(self, d: Downloader):
         self.d = d
 
+    @classmethod
+    def on_terminal(cls, d: Downloader) -> Optional['_ProgressLine']:
+        """A line for ``d`` when standard error is a terminal, else ``None``."""
+        return cls(d) if _isatty(sys.stderr) and _enable_ansi(sys.stderr) else None
+
     def draw(self) -> None:
         import shutil
         width = max(shutil.get_terminal_size().columns - 1, 20)
@@ -6703,6 +6748,400 @@ class _ProgressLine:
     def close(self) -> None:
         self.draw()
         _write(sys.stderr, '\n')
+
+
+# ---------------------------------------------------------------------------
+# asyncio: adownload(), await d and d.events(), for coroutines
+# ---------------------------------------------------------------------------
+#
+# A download runs in bitpit's threads; the event loop's thread must never
+# wait for them. What those threads tell (a signal, or a change that wait()
+# looks at, through _Changed's watchers) is handed to the loop with
+# loop.call_soon_threadsafe, which never blocks; the rest happens in the
+# loop's thread, which takes no lock that a bitpit thread holds for long.
+# start() and stop() wait for threads (Thread.start() until the new thread
+# runs: 0.4 ms typically, 2 ms and more on a busy machine; stop() joins the
+# download thread, up to _STOP_WAIT), and Downloader() reads the disk
+# (the file, its sidecar); each call that lets go of the GIL may wait for
+# it up to sys.getswitchinterval() (5 ms) while bitpit's threads run. So
+# adownload() hands the making, starting and stopping of its download to a
+# thread of bitpit's (_Starter) through a queue.SimpleQueue, whose put()
+# never waits, as a Manager's thread starts its downloads; the download
+# tells the loop when it settles, as await d does.
+# asyncio is imported only here, where a loop already runs (so it costs
+# nothing).
+
+def _hand_over(loop: Any, func: Callable[..., None], *args: Any) -> bool:
+    """Have ``loop`` call ``func(*args)`` in its thread soon; ``False`` when
+    the loop is closed (nobody is left to tell). Any thread; never blocks."""
+    try:
+        loop.call_soon_threadsafe(func, *args)
+    except RuntimeError:  # 'Event loop is closed'
+        return False
+    return True
+
+
+def _set_result(future: Any, value: Any) -> None:
+    """Resolve ``future`` unless it is done already (or was cancelled). The
+    loop's thread."""
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: Any, exc: BaseException) -> None:
+    """Fail ``future`` unless it is done already. The loop's thread."""
+    if not future.done():
+        future.set_exception(exc)
+
+
+class _Settling:
+    """Hands what ``d.wait()`` would return (``True`` only when complete)
+    to ``future``, a future of ``loop``, once the download is settled, and
+    stops watching then. Made and closed in any thread; ``_watch`` runs in
+    the thread that changed the download, under the download's lock.
+    ``_told`` only spares the loop more hand-overs: one that races the
+    first is harmless."""
+
+    def __init__(self, d: Downloader, loop: Any, future: Any):
+        self._d, self._loop, self.future = d, loop, future
+        self._told = False
+        d._changed.watchers.append(self._watch)
+        self._watch()  # wait() would return at once
+
+    def _watch(self) -> None:
+        d = self._d
+        if not self._told and d._settled():
+            self._told = True
+            _hand_over(self._loop, _set_result, self.future, d._state == 'complete')
+            self.close()
+
+    def close(self) -> None:
+        """Stop watching the download. Any thread."""
+        try:
+            self._d._changed.watchers.remove(self._watch)
+        except ValueError:  # closed already
+            pass
+
+
+async def _with_progress(future: Any, line: Optional[_ProgressLine]) -> bool:
+    """Await a ``_Settling``'s future; with a progress ``line``, redrawn
+    every ``_CLI_REFRESH`` seconds meanwhile."""
+    import asyncio
+    if line is None:
+        return await future
+    while not future.done():
+        await asyncio.wait((future,), timeout=_CLI_REFRESH)
+        line.draw()
+    return future.result()
+
+
+async def _wait_settled(d: Downloader) -> bool:
+    """``await d``: ``d.wait()`` for a coroutine."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    settling = _Settling(d, loop, loop.create_future())
+    try:
+        return await settling.future
+    finally:
+        settling.close()
+
+
+class _Starter:
+    """The thread that makes, starts and stops the downloads of
+    ``adownload()`` for one event loop, in the order asked (``jobs``): the
+    loop's thread must not wait for ``Thread.start()`` (which waits until
+    the new thread runs) nor read the disk. It lives while the loop has an
+    ``adownload()`` under way: the loop's thread counts them (``users``) and
+    ends it with ``None`` when none is left. The thread itself is started
+    in the loop's default executor (``running``). It is a daemon thread: a
+    loop closed with an ``adownload()`` still pending (a task destroyed
+    while pending) never ends it, and the program must not wait for it at
+    exit. ``_STARTERS`` holds each loop's; only that loop's thread uses its
+    entry and ``users``."""
+
+    def __init__(self, loop: Any):
+        import queue
+        self.jobs: Any = queue.SimpleQueue()
+        self.users = 0
+        thread = threading.Thread(target=self._run, name='bitpit-asyncio', daemon=True)
+        self.running = loop.run_in_executor(None, thread.start)
+
+    @classmethod
+    async def enter(cls, loop: Any) -> '_Starter':
+        """The loop's starter, counted as used until ``leave()``."""
+        import asyncio
+        starter = _STARTERS.get(loop)
+        if starter is None:
+            starter = _STARTERS[loop] = cls(loop)
+        starter.users += 1
+        try:
+            await asyncio.shield(starter.running)  # a cancel must not cancel it for all
+        except BaseException:
+            starter.leave(loop)
+            raise
+        return starter
+
+    def leave(self, loop: Any) -> None:
+        self.users -= 1
+        if self.users == 0:
+            del _STARTERS[loop]
+            self.jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            job()
+
+
+_STARTERS: Dict[Any, _Starter] = {}
+
+
+class _Download:
+    """One ``adownload()``, between the loop's thread and its starter:
+    ``start`` makes ``d`` there, has ``_Settling`` watch it and starts it;
+    ``settled`` (a future of the loop) gets what ``wait()`` gives, or the
+    error of making or starting the download. ``stop`` stops it in a thread
+    of its own (``stop()`` joins the download thread), so that many stop at
+    once. ``d`` and ``settling`` are set by the starter, read by the loop's
+    thread once ``settled`` is done or the stop is over; ``abandoned`` is
+    set by the loop's thread when the task no longer waits, so that a start
+    not begun yet is skipped (a stop follows it in the queue)."""
+
+    def __init__(self, loop: Any, make: Callable[[], Downloader]):
+        self._loop, self._make = loop, make
+        self.settled = loop.create_future()
+        self.d: Optional[Downloader] = None
+        self.settling: Optional[_Settling] = None
+        self.abandoned = False
+
+    def start(self) -> None:
+        """The starter's thread."""
+        if self.abandoned:
+            return
+        try:
+            self.d = self._make()
+            self.d.start()
+            self.settling = _Settling(self.d, self._loop, self.settled)
+        except BaseException as exc:  # raised in the awaiting task
+            _hand_over(self._loop, _set_exception, self.settled, exc)
+
+    def stop(self, stopped: Any = None) -> None:
+        """The starter's thread; ``stopped`` (a future of the loop), if
+        any, is resolved once the download thread ended (at once when no
+        download was made)."""
+        d = self.d
+        if d is None:
+            if stopped is not None:
+                _hand_over(self._loop, _set_result, stopped, None)
+            return
+
+        def stop() -> None:
+            try:
+                d.stop()
+            finally:
+                if self.settling is not None:
+                    self.settling.close()
+                if stopped is not None:
+                    _hand_over(self._loop, _set_result, stopped, None)
+
+        try:
+            threading.Thread(target=stop, name='bitpit-stop').start()
+        except RuntimeError:  # no thread to be had: stop it here
+            stop()
+
+
+@overload
+async def adownload(url: str, path: Union[None, str, os.PathLike[str]] = None, *,
+                    progress: bool = False, **kwargs: Any) -> pathlib.Path: ...
+@overload
+async def adownload(url: str, path: _File, *, progress: bool = False,
+                    **kwargs: Any) -> _File: ...
+async def adownload(url: str, path: Optional[_PathLike] = None, *, progress: bool = False,
+                    **kwargs: Any) -> _Target:
+    """``await bitpit.adownload(url)``: the coroutine twin of ``download()``,
+    with its arguments, result and errors, that never blocks the event loop.
+
+    Cancelling the awaiting task stops the download at once (its
+    connections close), waits for its thread to end, and lets
+    ``CancelledError`` propagate; the partial file and its sidecar stay, so
+    the same call later resumes. The download is made, started and stopped
+    by a thread of bitpit's (``_Starter``). The event loop's thread."""
+    import asyncio
+    import functools
+    loop = asyncio.get_running_loop()
+    starter = await _Starter.enter(loop)
+    job = _Download(loop, functools.partial(Downloader, url, path, **kwargs))
+    line = None
+    try:
+        starter.jobs.put(job.start)
+        if progress:
+            await asyncio.wait((job.settled,), timeout=_CLI_REFRESH)
+            line = None if job.d is None else _ProgressLine.on_terminal(job.d)
+        await _with_progress(job.settled, line)
+    except GeneratorExit:  # the task is dropped: no await here, the stop goes on alone
+        job.abandoned = True
+        starter.jobs.put(job.stop)
+        raise
+    except BaseException:
+        # a cancel also cancels job.settled, which then tells nothing of d:
+        # the stop comes after the start in the queue, and finds d or not
+        job.abandoned = True
+        stopped = loop.create_future()
+        starter.jobs.put(lambda: job.stop(stopped))
+        while not stopped.done():
+            try:
+                await asyncio.shield(stopped)
+            except asyncio.CancelledError:
+                continue  # the stop takes a second at most: see it end
+        raise
+    finally:
+        starter.leave(loop)
+        if job.settling is not None:
+            job.settling.close()
+        if line is not None:
+            line.close()
+    assert job.d is not None  # settled, so made
+    return _final_path(job.d)
+
+
+class _SignalRelay:
+    """The stream behind ``d.events()``: every signal of ``d`` and every
+    change that ``wait()`` looks at, handed to the event loop in the order
+    they come; there it decides when the stream ends and keeps the items
+    for the consumer.
+
+    The stream ends the first time the download settles after having been
+    busy (running, or with a restart to come) since the call, or at once
+    when it is settled in a final state at the call. The end comes after
+    the ``state-changed`` into the settled state: a state is set (and
+    ``wait()`` notified) before its signal is emitted.
+
+    Bitpit's threads only run ``_on_signal`` and ``_on_change`` (which hand
+    over) and ``close``; all the rest runs in the loop's thread, so the
+    attributes need no lock."""
+
+    def __init__(self, d: Downloader, loop: Any):
+        self._d, self._loop = d, loop
+        self._items: collections.deque = collections.deque()  # (signal, args) not yet taken
+        self._waiter: Any = None    # the future that the consumer awaits, if it does
+        self._ended = False         # no item comes after those held
+        self._last_state = d._state  # the new state of the last state-changed
+        self._busy = not d._settled() or self._last_state in _FINISHED_STATES
+        self._end_with: Optional[str] = None  # the state whose state-changed ends it
+        for signal in d.__signals__:
+            d.listen(signal, self._on_signal, signal)
+        d._changed.watchers.append(self._on_change)
+        if self._busy and d._settled():  # it settled while listening began
+            loop.call_soon(self._end)
+
+    # -- bitpit's threads ----------------------------------------------------
+
+    def _on_signal(self, d: Downloader, *args: Any) -> None:
+        """Any signal of ``d``; ``args`` ends with the signal's name. The
+        thread that emits it."""
+        signal = args[-1]
+        if not _hand_over(self._loop, self._take_signal, signal, args[:-1], d._state):
+            self.close()
+
+    def _on_change(self) -> None:
+        """A change that ``wait()`` looks at; under the download's lock."""
+        d = self._d
+        if not _hand_over(self._loop, self._take_change, d._settled(), d._state):
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening to the download. Any thread; again is a no-op."""
+        d = self._d
+        try:
+            d._changed.watchers.remove(self._on_change)
+        except ValueError:  # closed already
+            return
+        for signal in d.__signals__:
+            try:
+                d.unlisten(signal, self._on_signal, signal)
+            except ValueError:
+                pass
+
+    # -- the loop's thread ----------------------------------------------------
+
+    def _take_signal(self, signal: str, args: Tuple[Any, ...], state: str) -> None:
+        if self._ended:
+            return
+        self._items.append((signal, args))
+        if signal == 'state-changed':
+            self._last_state = state
+            if state == self._end_with:
+                self._end()
+        self._wake()
+
+    def _take_change(self, settled: bool, state: str) -> None:
+        if self._ended:
+            return
+        if not settled:
+            self._busy, self._end_with = True, None
+        elif self._busy:
+            if state == self._last_state:
+                self._end()
+            else:  # its state-changed is on its way
+                self._end_with = state
+
+    def _end(self) -> None:
+        self._ended = True
+        self.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _set_result(self._waiter, None)
+
+    def abandon(self) -> None:
+        """``aclose()``: end the stream now, dropping the items held."""
+        self._items.clear()
+        self._end()
+
+    async def next(self) -> Tuple[str, Tuple[Any, ...]]:
+        """The next item; ``StopAsyncIteration`` after the last."""
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            if self._waiter is not None:
+                raise RuntimeError('another task already waits for the next event')
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+class _Events:
+    """What ``Downloader.events()`` returns: an async iterator over a
+    ``_SignalRelay``, whose listeners it removes when it ends, when it is
+    closed (``aclose()``) and when it is dropped unfinished. The event
+    loop's thread."""
+
+    def __init__(self, d: Downloader):
+        import asyncio
+        import weakref
+        self._relay = _SignalRelay(d, asyncio.get_running_loop())
+        weakref.finalize(self, self._relay.close)
+
+    def __aiter__(self) -> '_Events':
+        return self
+
+    async def __anext__(self) -> Tuple[str, Tuple[Any, ...]]:
+        return await self._relay.next()
+
+    async def aclose(self) -> None:
+        """End the iteration now and stop listening."""
+        self._relay.abandon()
+
+
+# ---------------------------------------------------------------------------
+# command line: the bitpit command
+# ---------------------------------------------------------------------------
 
 
 def _build_parser() -> argparse.ArgumentParser:

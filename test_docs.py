@@ -171,7 +171,7 @@ def documented(text):
 
 
 CLASSES = (bitpit.Emitter, bitpit.Downloader, bitpit.Manager)
-FUNCTIONS = (bitpit.download, bitpit.main, bitpit.human_readable)
+FUNCTIONS = (bitpit.download, bitpit.main, bitpit.human_readable, bitpit.adownload)
 
 
 def public_members(cls):
@@ -221,7 +221,8 @@ def test_the_reference_names_every_public_name():
 
 SECTION_OBJECTS = {'Downloader': bitpit.Downloader, 'Manager': bitpit.Manager,
                    'Emitter': bitpit.Emitter, 'download': bitpit.download,
-                   'main': bitpit.main, 'human_readable': bitpit.human_readable}
+                   'main': bitpit.main, 'human_readable': bitpit.human_readable,
+                   'adownload': bitpit.adownload}
 
 
 def table_rows(path):

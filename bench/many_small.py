@@ -62,6 +62,14 @@ os._exit(0 if finished and states.get('complete') == len(urls) else 1)
 '''
 
 
+#: The report's columns (header, metric, format), also asyncio_many.py's.
+COLUMNS = [('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
+           ('files/s', 'files_per_s', '{:.0f}'),
+           ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('conns', 'conns', '{:.0f}'),
+           ('requests', 'requests', '{:.0f}'), ('stray files', 'stray_files', '{:.0f}'),
+           ('threads left', 'threads_left', '{:.0f}')]
+
+
 def make_files(docroot: Path, count: int, size: int) -> Dict[str, bytes]:
     """``count`` files of ``size`` random bytes each; returns name -> content."""
     files = {}
@@ -196,12 +204,7 @@ def main(argv=None) -> int:
         args.runs))
     print('bitpit under test: {}'.format(under_test.skip or under_test.description))
     print('(CPU s: user + sys of the whole process, all threads, from wait4)')
-    print(common.report_contenders(outcomes, skipped, [
-        ('median s', 'seconds', '{:.3f}'), *common.CPU_COLUMNS,
-        ('files/s', 'files_per_s', '{:.0f}'),
-        ('peak RSS MiB', 'peak_rss_mib', '{:.1f}'), ('conns', 'conns', '{:.0f}'),
-        ('requests', 'requests', '{:.0f}'), ('stray files', 'stray_files', '{:.0f}'),
-        ('threads left', 'threads_left', '{:.0f}')]))
+    print(common.report_contenders(outcomes, skipped, COLUMNS))
     print()
     print('\n'.join(goal.line() for goal in goals))
     if curl_ratio is not None:
