@@ -3629,9 +3629,19 @@ class _Transfer:
 
     @property
     def downloaded(self) -> int:
-        """Bytes held, including the ones still in connection buffers; it
-        only grows (but for a start over). Any thread."""
-        shown = self.store.held.total + sum(c.pending for c in list(self.connections))
+        """Bytes held, including the ones still in connection buffers but
+        for those held already (a racer's, when the one it raced wrote
+        them first); it only grows (but for a start over). Any thread."""
+        held = self.store.snapshot
+        shown = self.store.held.total
+        for c in list(self.connections):
+            pending, start = c.pending, c.pos
+            if pending:
+                shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
+                                       for first, end in held)
+        total = self.total
+        if total is not None:  # two buffers may hold the same bytes of a race
+            shown = min(shown, total)
         if shown > self._shown:
             self._shown = shown
         return self._shown
