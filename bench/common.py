@@ -347,7 +347,7 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         """``sendfile`` ``count`` bytes from ``offset`` in pieces, paced when
         ``url_path`` has a rate, logging each piece when the server logs."""
         rate = self.server.rates.get(url_path, 0)
-        piece = max(1, int(rate / 16)) if rate else self.server.piece
+        piece = (self.server.rate_piece or max(1, int(rate / 16))) if rate else self.server.piece
         began, sent = time.monotonic(), 0
         try:
             while sent < count:
@@ -371,8 +371,11 @@ class PythonFileServer(http.server.ThreadingHTTPServer):
     in a background thread while used as a context manager.
 
     ``rates`` maps URL paths (``'/slow.bin'``) to bytes per second; ``piece``
-    is the most bytes per ``sendfile`` call; with ``log_bytes`` every piece
-    sent is logged as ``(monotonic time, url path, bytes)`` in ``sent_log``.
+    is the most bytes per ``sendfile`` call; a paced path is sent in pieces
+    of ``rate_piece`` bytes (default a sixteenth of its rate), e.g. 64 KiB
+    bursts or 1 KiB trickles at the same average rate; with ``log_bytes``
+    every piece sent is logged as ``(monotonic time, url path, bytes)`` in
+    ``sent_log``.
     """
     daemon_threads = True
     request_queue_size = 256
@@ -380,11 +383,12 @@ class PythonFileServer(http.server.ThreadingHTTPServer):
     handler_class: type = _FileHandler
 
     def __init__(self, docroot: Path, rates: Optional[Dict[str, float]] = None,
-                 piece: int = 8 * MiB, log_bytes: bool = False):
+                 piece: int = 8 * MiB, log_bytes: bool = False, rate_piece: int = 0):
         super().__init__(('127.0.0.1', 0), self.handler_class)
         self.docroot = Path(docroot).resolve()
         self.rates = dict(rates or {})
         self.piece = piece
+        self.rate_piece = rate_piece
         self.log_bytes = log_bytes
         self.sent_log: List[Tuple[float, str, int]] = []
         self._thread: Optional[threading.Thread] = None
@@ -541,7 +545,10 @@ class NginxServer:
 
     With ``limit_rate`` (bytes per second), the server block gets
     ``limit_rate N;``: nginx paces each *request* on its own, and gives
-    each one about a second's worth of credit at its start. With
+    each one about a second's worth of credit at its start.
+    ``location_rates`` (``{'/slow/': bytes per second}``) sets such a
+    ``limit_rate`` in a ``location`` block of its own for the URLs under
+    each prefix, the rest of the server unlimited. With
     ``log_requests``, nginx keeps an access log in its temp dir, which
     ``traffic()`` sums up and ``reset()`` empties. With ``tls`` (the paths
     of a certificate and its key, see ``make_certificate``), it serves
@@ -552,10 +559,12 @@ class NginxServer:
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
     def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None,
-                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None):
+                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None,
+                 location_rates: Optional[Dict[str, int]] = None):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
         self.limit_rate = limit_rate
+        self.location_rates = dict(location_rates or {})
         self.log_requests = log_requests or tls is not None
         self.tls = tls
         self.version = tool_version(binary, '-v').rpartition('/')[2]
@@ -573,6 +582,10 @@ class NginxServer:
         if self.limit_rate:
             return 'nginx {} (sendfile on, limit_rate {}/s per request)'.format(
                 self.version, fmt_size(self.limit_rate))
+        if self.location_rates:
+            return 'nginx {} (sendfile on, limit_rate per request {})'.format(
+                self.version, ', '.join('{}/s under {}'.format(fmt_size(rate), prefix)
+                                        for prefix, rate in self.location_rates.items()))
         return 'nginx {} ({}sendfile on)'.format(self.version, 'HTTPS, ' if self.tls else '')
 
     def url(self, name: str) -> str:
@@ -613,6 +626,8 @@ class NginxServer:
                '        ssl_protocols TLSv1.2 TLSv1.3;'] if self.tls else []),
             '        root {};'.format(self.docroot),
             *(['        limit_rate {};'.format(int(self.limit_rate))] if self.limit_rate else []),
+            *('        location {} {{ limit_rate {}; }}'.format(prefix, int(rate))
+              for prefix, rate in self.location_rates.items()),
             '    }',
             '}', ''])
 
@@ -885,13 +900,15 @@ def describe_source(path: Path, copy: Optional[Path] = None) -> str:
     return text
 
 
-def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnderTest:
-    """Copy ``source`` to ``tmp/lib/bitpit.py`` and import it once in a child
+def load_bitpit(source: Union[str, Path], tmp: Path, *names: str,
+                lib_name: str = 'lib') -> BitpitUnderTest:
+    """Copy ``source`` to ``tmp/lib/bitpit.py`` (``lib_name`` instead of
+    ``lib``, e.g. for ``--baseline``) and import it once in a child
     (which also compiles it into ``tmp/pycache``), checking it has
     ``names``. Never raises for a bad bitpit: the result's ``skip`` says
     what is wrong, and the contenders that need it are skipped."""
     source = Path(source)
-    lib = tmp / 'lib'
+    lib = tmp / lib_name
     lib.mkdir(exist_ok=True)
     env = python_env(pycache=tmp / 'pycache', lib=lib)
     found = BitpitUnderTest(source, env)
@@ -1244,12 +1261,18 @@ def positive_int(text: str) -> int:
 
 
 def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
-                server: bool = True) -> argparse.ArgumentParser:
+                server: bool = True, baseline: bool = False) -> argparse.ArgumentParser:
     """The options the benchmarks share: --runs, --bitpit, --json,
-    --no-install, --tmp, and unless turned off here --warmup and --server."""
+    --no-install, --tmp, and unless turned off here --warmup and --server;
+    with ``baseline``, --baseline too."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--bitpit', metavar='PATH', default=str(REPO_ROOT / 'bitpit.py'),
                         help="the bitpit.py to measure (default: the repo's, %(default)s)")
+    if baseline:
+        parser.add_argument('--baseline', metavar='PATH',
+                            help='also measure this bitpit.py, as contender "... baseline", '
+                                 'interleaved with the one under test (e.g. the engine before '
+                                 'a change)')
     parser.add_argument('--runs', type=positive_int, default=runs,
                         help='timed runs of each contender (default %(default)s)')
     if warmup is not None:
