@@ -6,7 +6,7 @@ everything they have in common lives here:
 
     sizes        parse_size, fmt_size, KiB / MiB / GiB
     files        workspace (a temp dir removed at the end), make_file,
-                 file_sha256, remove
+                 landed (the data extents of a file), file_sha256, remove
     tools        find_tool: locate curl / wget / aria2c / nginx, installing
                  them with apt-get when missing and allowed
     servers      PythonFileServer (http.server + socket.sendfile, Range,
@@ -135,6 +135,29 @@ def make_file(path: Path, size: int, *, sparse: bool = False, unique: bool = Fal
                     struct.pack_into('<Q', data, at, written + at)
             written += file.write(data)
     return path
+
+
+def landed(path: Path) -> int:
+    """The bytes of ``path``'s data extents (``SEEK_DATA`` / ``SEEK_HOLE``;
+    the file system counts a written block, so inside a reserved file a
+    partly written 4 KiB page counts whole); 0 while it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        total = position = 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after position
+                break
+            position = os.lseek(fd, start, os.SEEK_HOLE)
+            total += position - start
+        return total
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:

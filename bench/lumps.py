@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import threading
 import time
@@ -59,29 +58,6 @@ SETTLE = 1.0
 GOAL = 1.3
 
 
-def landed(path: Path) -> int:
-    """The bytes of ``path``'s data extents (``SEEK_DATA`` / ``SEEK_HOLE``;
-    the file system counts a written block, so inside a reserved file a
-    partly written 4 KiB page counts whole); 0 while it does not exist."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return 0
-    try:
-        size = os.fstat(fd).st_size
-        total = position = 0
-        while position < size:
-            try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after position
-                break
-            position = os.lseek(fd, start, os.SEEK_HOLE)
-            total += position - start
-        return total
-    finally:
-        os.close(fd)
-
-
 class LandedSampler:
     """While active (a context manager), a thread records every ``period``
     s the bytes landed in ``path`` as ``(monotonic time, bytes)``."""
@@ -96,7 +72,7 @@ class LandedSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            self.samples.append((now, landed(self.path)))
+            self.samples.append((now, common.landed(self.path)))
             self._stop.wait(self.period)
 
     def __enter__(self) -> 'LandedSampler':
