@@ -3,9 +3,9 @@
 
 One file (10 MiB by default) is fetched over 127.0.0.1 from servers that cap
 each connection, so a client that splits it into byte ranges over several
-connections can finish several times sooner. Five scenarios, each a section
-of the report with its own contenders, medians and goals (issue: segmented
-transfers):
+connections can finish several times sooner. Six scenarios, each a section
+(or several) of the report with its own contenders, medians and goals
+(issues: segmented transfers, 18):
 
     nginx-limit      nginx, ``limit_rate 1m`` (per request; nginx gives
                      each request about one second of credit at its start):
@@ -23,13 +23,20 @@ transfers):
                      size / (sum of the 4 connections' rates) = 3.2 s:
                      bitpit x4, aria2c -x4
                          bitpit x4 / ideal (wall time) <= 1.3
+    small-slow       a strict pacer at 8 MiB/s per connection, one at 1 MiB/s
+                     (the first: the probe; then the third), files of 4 and
+                     10 MiB, one section each; ideal: size / 25 MiB/s:
+                     bitpit x4, aria2c -x4
+                         bitpit x4 / ideal (the transfer alone) <= 1.3
     big              1 GiB from nginx without a limit: bitpit x4, bitpit x1
                          bitpit x4 / x1 (wall time) <= 1.0,  x4 peak RSS <= 30 MB
 
 bitpit runs as a user would write it, ``d = bitpit.Downloader(url, path=out,
 connections=4, mirrors=[...]); d.start(); d.join(timeout)``, each run in a
 fresh process; aria2c runs as ``aria2c -x4 -s4 -k1M``. Runs are interleaved
-and every output is compared with the served file's SHA-256.
+and every output is compared with the served file's SHA-256. With
+``--baseline PATH``, the slow-connection scenarios also run "bitpit x4
+baseline": the same with that bitpit.py (e.g. the engine before a change).
 
 Example: ``python bench/segmented.py --runs 3`` (about 5 minutes);
 quick: ``python bench/segmented.py --runs 1 --skip-big``; one scenario
@@ -446,7 +453,7 @@ def slow_section(bench: Bench, name: str, target: Target, rate: float, slow_rate
         carried = outcome.median('slow_mib')  # a client that races it may end it early
         if carried is not None and carried * MiB < slow_rate * ideal / 2:
             notes.append('{}: connection {} sent only {} (median), so no slow connection held a '
-                         'range; --slow-connection {} slows the next one'.format(
+                         'range; make a later one the slow connection ({})'.format(
                              contender, slow, common.fmt_size(carried * MiB), slow + 1))
     return Section(name, heading, outcomes, skipped, goals,
                    [('median s', 'seconds', '{:.3f}'), ('CPU s', 'cpu_seconds', '{:.3f}'),
