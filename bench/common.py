@@ -16,10 +16,11 @@ everything they have in common lives here:
                  generated nginx.conf, one foreground process, optional
                  limit_rate), serve_files() which picks one
     contenders   Contender, Skipped, gather, bitpit_available,
-                 python_command, python_env, load_bitpit (the --bitpit under
+                 DOWNLOADER_CODE, python_command, python_env, load_bitpit (the --bitpit under
                  test, copied and compiled once in the temp dir)
     running      run_measured (wall time and peak RSS of one child process),
-                 run_interleaved (A B C, B C A, ...), Outcome (medians)
+                 PeriodicSampler (watch a run), run_interleaved (A B C,
+                 B C A, ...), Outcome (medians)
     reporting    Goal, derive, median_of, ratio, report_contenders,
                  write_json, base_parser, run_main
 
@@ -691,7 +692,6 @@ class NginxServer:
         """From the access log, since the last ``reset()``: connections
         used, GET requests, and body bytes sent. nginx writes a request's
         line when it has handed the last byte to the kernel."""
-        log = self._prefix / 'access.log' if self._prefix is not None else None
         lines = self._log_lines()
         gets = [fields for fields in lines if len(fields) >= 3 and fields[1] == 'GET']
         return {'conns': len({fields[0] for fields in lines}), 'requests': len(gets),
@@ -834,6 +834,27 @@ class Contender:
     env: Optional[Dict[str, str]] = None
     cwd: Optional[Path] = None
 
+
+#: A bitpit contender: ``Downloader(url, path=out, **options)`` as a user
+#: would write it, in a child: argv is url, out, timeout (s), options as
+#: JSON (``connections``, ``mirrors``, ``rate_limit`` ...). It prints the
+#: time of ``import bitpit`` and of the transfer as JSON.
+DOWNLOADER_CODE = '''
+import json, sys, time
+began = time.perf_counter()
+import bitpit
+imported = time.perf_counter()
+url, out, timeout, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
+d = bitpit.Downloader(url, path=out, **options)
+d.start()
+d.join(timeout)
+if d.is_alive:
+    d.stop()
+    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
+assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
+done = time.perf_counter()
+print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
+'''
 
 def python_command(code: str, *args: Any) -> List[str]:
     """argv running ``code`` with this Python, ``sys.argv[1:] == args``."""
@@ -1103,6 +1124,43 @@ def rss_floor_mib() -> float:
     """The peak RSS that ``run_measured`` reports for a program that uses
     (almost) nothing: values at this floor mean "at most this much"."""
     return run_measured(['true'], timeout=30).max_rss_kib / KiB
+
+
+class PeriodicSampler:
+    """While active (a context manager, e.g. a ``Contender``'s ``monitor``),
+    a thread records ``(monotonic time, self.sample())`` in ``samples``
+    every ``period`` s. Subclasses define ``sample()``, and ``started()``
+    to forget what they learnt in an earlier run."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self.samples: List[Tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> Any:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        """Called as a run starts, before the first sample."""
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.samples.append((now, self.sample()))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> 'PeriodicSampler':
+        self.samples = []
+        self.started()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name='sampler', daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 @dataclasses.dataclass

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,63 +36,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 from common import BenchError, Contender, Goal, KiB, MiB, Skipped  # noqa: E402
 
-#: bitpit: one limited download, as a user would write it.
-BITPIT_CODE = '''
-import json, sys
-import bitpit
-url, out, rate, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-d = bitpit.Downloader(url, path=out, rate_limit=rate)
-d.start()
-d.join(timeout)
-if d.is_alive:
-    d.stop()
-    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
-assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
-print(json.dumps({}))
-'''
-
 #: The measure's window and how late it may start.
 WINDOW = 0.25
 SETTLE = 1.0
 GOAL = 1.3
 
 
-class LandedSampler:
-    """While active (a context manager), a thread records every ``period``
-    s the bytes landed in ``path`` as ``(monotonic time, bytes)``."""
+class LandedSampler(common.PeriodicSampler):
+    """While active, records every ``period`` s the bytes landed in
+    ``path`` (``common.landed``) as ``(monotonic time, bytes)``."""
 
     def __init__(self, path: Path, period: float = 0.01):
+        super().__init__(period)
         self.path = path
-        self.period = period
-        self.samples: List[Tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            self.samples.append((now, common.landed(self.path)))
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> 'LandedSampler':
-        self.samples = []
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name='landed-sampler', daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def sample(self) -> int:
+        return common.landed(self.path)
 
 
 def largest_growth(samples: Sequence[Tuple[float, int]], start: float) -> Tuple[float, float]:
     """The largest growth between two samples at most ``WINDOW`` s apart,
-    the first at ``start`` or later, and the longest gap between samples
-    (s) from ``start`` on."""
+    the first at ``start`` or later (or the last before it, so that bytes
+    that landed between it and ``start`` count), and the longest gap
+    between samples (s) from there on."""
     worst, gap = 0, 0.0
     for i, (when, held) in enumerate(samples):
-        if when < start:
+        if i + 1 < len(samples) and samples[i + 1][0] <= start:
             continue
         if i + 1 < len(samples):
             gap = max(gap, samples[i + 1][0] - when)
@@ -168,7 +136,9 @@ def run_case(args: Any, tmp: Path, server: common.PythonFileServer,
 
     def bitpit(label: str, under_test: common.BitpitUnderTest) -> Contender:
         under_test.require()
-        return contender(label, common.python_command(BITPIT_CODE, url, out, rate, timeout * 0.9),
+        return contender(label, common.python_command(common.DOWNLOADER_CODE, url, out,
+                                                      timeout * 0.9,
+                                                      json.dumps({'rate_limit': rate})),
                          env=under_test.env)
 
     def tool(label: str, package: str, argv: List[str]) -> Contender:

@@ -64,25 +64,6 @@ SCENARIOS = ('nginx-limit', 'pacer', 'mirrors', 'slow-connection', 'small-slow',
 #: Connections of the segmented contenders (bitpit xN, aria2c -xN -sN).
 CONNECTIONS = 4
 
-#: A bitpit contender: ``Downloader(url, path=out, **options)`` as a user
-#: would write it; the options (``connections``, ``mirrors``) come as JSON.
-BITPIT_CODE = '''
-import json, sys, time
-began = time.perf_counter()
-import bitpit
-imported = time.perf_counter()
-url, out, timeout, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
-d = bitpit.Downloader(url, path=out, **options)
-d.start()
-d.join(timeout)
-if d.is_alive:
-    d.stop()
-    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
-assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
-done = time.perf_counter()
-print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
-'''
-
 #: Does this bitpit take ``connections=`` and ``mirrors=``? (Until the
 #: segmented engine lands, Downloader raises TypeError for them.)
 PROBE_CODE = '''
@@ -274,7 +255,7 @@ class Bench:
                 raise Skipped(self.segmented_skip)
         if mirrors:
             options['mirrors'] = list(mirrors)
-        command = common.python_command(BITPIT_CODE, url, target.out, timeout * 0.9,
+        command = common.python_command(common.DOWNLOADER_CODE, url, target.out, timeout * 0.9,
                                         json.dumps(options))
         return self.contender(name, command, target, timeout, env=env, **kwargs)
 

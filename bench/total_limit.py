@@ -43,8 +43,6 @@ import json
 import math
 import re
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -105,21 +103,20 @@ def parse_case(text: str) -> Tuple[str, int]:
     return match.group(1), int(match.group(2) or 1)
 
 
-class Sampler:
-    """While active (a context manager), a thread records every ``period``
-    s the bytes landed in each of ``files`` (``common.landed``: data
-    extents) and, last, the bytes the measured child has written so far
-    (``common.written_bytes``; ``-1`` while unknown), as ``(monotonic
-    time, [landed, ..., written])``."""
+class Sampler(common.PeriodicSampler):
+    """While active, records every ``period`` s the bytes landed in each of
+    ``files`` (``common.landed``: data extents) and, last, the bytes the
+    measured child has written so far (``common.written_bytes``; ``-1``
+    while unknown), as ``(monotonic time, [landed, ..., written])``."""
 
     def __init__(self, files: Sequence[Path], period: float = 0.05):
+        super().__init__(period)
         self.files = list(files)
-        self.period = period
-        self.samples: List[Tuple[float, List[int]]] = []
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self._pid: Optional[int] = None
         self._written = -1
+
+    def started(self) -> None:
+        self._pid, self._written = None, -1
 
     def _written_bytes(self) -> int:
         """The child's write_bytes; the last value once it has ended."""
@@ -131,24 +128,9 @@ class Sampler:
             self._written = written
         return self._written
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            written = self._written_bytes()
-            self.samples.append((now, [common.landed(path) for path in self.files] + [written]))
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> 'Sampler':
-        self.samples = []
-        self._pid, self._written = None, -1
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name='sampler', daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def sample(self) -> List[int]:
+        written = self._written_bytes()
+        return [common.landed(path) for path in self.files] + [written]
 
 
 #: (monotonic time, bytes): a count sampled over time.
