@@ -96,7 +96,7 @@ SLOW_PATH = 'slow/slow.bin'
 def parse_case(text: str) -> Tuple[str, int]:
     """``'nginx-x8'`` -> ('nginx', 8); ``'trickle'`` -> ('trickle', 1)."""
     match = re.fullmatch(r'([a-z]+)(?:-x(\d+))?', text)
-    if not match or match.group(1) not in SLOW_SERVERS or match.group(2) in ('0',):
+    if not match or match.group(1) not in SLOW_SERVERS or int(match.group(2) or 1) < 1:
         raise argparse.ArgumentTypeError(
             'not a case: {!r} (one of {}, optionally with -xN)'.format(
                 text, ', '.join(SLOW_SERVERS)))
