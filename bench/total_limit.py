@@ -166,7 +166,8 @@ def measure(result: common.RunResult, server: Server, sampler: Sampler,
     the child) or, for another client, the bytes landed in its files: in
     every whole second of the window (counted from when a 50th of a
     second's worth was there) as a fraction of ``rate`` ('per_second', with
-    its 'min' and 'max'), and over the whole window ('fraction'). Also over
+    its 'min' and 'max'; and what landed in each file in each of those
+    seconds, MiB/s, 'per_file'), and over the whole window ('fraction'). Also over
     the window: what landed in the files ('landed'; per file in MiB/s),
     what the child wrote ('written', bitpit's sidecars included) and with a
     Python server what it sent. A child that was stopped on purpose may
@@ -182,11 +183,15 @@ def measure(result: common.RunResult, server: Server, sampler: Sampler,
     if judged[-1][0] < end:
         raise BenchError('the run ended {:.2f} s before the end of the window'.format(
             end - judged[-1][0]))
+    seconds = range(int(window[0]), int(window[1]))
     per_second = [growth(judged, began + second, began + second + 1) / rate
-                  for second in range(int(window[0]), int(window[1]))]
+                  for second in seconds]
+    per_file = [[growth([(when, values[i]) for when, values in samples],
+                        began + second, began + second + 1) / MiB for i in range(len(names))]
+                for second in seconds]
     metrics: Dict[str, Any] = {
         'fraction': growth(judged, start, end) / rate, 'min': min(per_second),
-        'max': max(per_second), 'per_second': per_second,
+        'max': max(per_second), 'per_second': per_second, 'per_file': per_file,
         'landed': growth(landed, start, end) / rate}
     written = [(when, values[-1]) for when, values in samples if values[-1] >= 0]
     if written and written[0][0] <= start:
@@ -295,8 +300,11 @@ def run_case(args: Any, tmp: Path, names: List[str], case: str, kind: str, conne
 
 
 def report_case(case: str, description: str, outcomes: Dict[str, common.Outcome],
-                skipped: Dict[str, str], names: List[str], runs: int) -> None:
-    """The case's table of medians, and every run's per-second aggregates."""
+                skipped: Dict[str, str], names: List[str], runs: int, per_file: bool,
+                first_second: int) -> None:
+    """The case's table of medians, and every run's per-second aggregates
+    (with ``per_file``, each second on a line of its own, counted from
+    ``first_second``, with what landed in each file)."""
     print('\n== {}: {}, {} runs each, interleaved'.format(case, description, runs))
     print(common.report_contenders(outcomes, skipped, [
         ('min', 'min', '{:.3f}'), ('max', 'max', '{:.3f}'), ('window', 'fraction', '{:.3f}'),
@@ -308,6 +316,11 @@ def report_case(case: str, description: str, outcomes: Dict[str, common.Outcome]
         for number, run in enumerate(outcome.runs, 1):
             print('  {} run {}: {}'.format(label, number, ' '.join(
                 '{:.3f}'.format(share) for share in run['per_second'])))
+            if per_file:
+                for second, (share, files) in enumerate(zip(run['per_second'], run['per_file']),
+                                                        first_second):
+                    print('    second {}-{}: {:.3f}, MiB/s per file {}'.format(
+                        second, second + 1, share, ' '.join('{:.2f}'.format(f) for f in files)))
         if outcome.runs:
             print('  {}: worst second of all runs {:.3f}, best {:.3f}'.format(
                 label, min(run['min'] for run in outcome.runs),
@@ -332,6 +345,8 @@ def main(argv=None) -> int:
                         help='downloads at once, one of them slow (default %(default)s)')
     parser.add_argument('--window', type=int, nargs=2, default=(1, 10), metavar=('FROM', 'TO'),
                         help='whole seconds after the first write to judge (default 1 10)')
+    parser.add_argument('--per-file', action='store_true',
+                        help="also print every second of every run with each file's MiB/s")
     args = parser.parse_args(argv)
     cases = args.case or [parse_case(case) for case in DEFAULT_CASES]
 
@@ -360,7 +375,8 @@ def main(argv=None) -> int:
                 all_skipped[case] = str(exc)
                 common.note('skipping case {}: {}'.format(case, exc))
                 continue
-            report_case(case, description, outcomes, skipped, names, args.runs)
+            report_case(case, description, outcomes, skipped, names, args.runs, args.per_file,
+                        args.window[0])
             low = common.median_of(outcomes, 'bitpit', 'min')
             high = common.median_of(outcomes, 'bitpit', 'max')
             goals += [Goal('{}: bitpit min second / limit'.format(case), low, LOW, at_most=False),
