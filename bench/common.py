@@ -6,7 +6,7 @@ everything they have in common lives here:
 
     sizes        parse_size, fmt_size, KiB / MiB / GiB
     files        workspace (a temp dir removed at the end), make_file,
-                 file_sha256, remove
+                 landed (the data extents of a file), file_sha256, remove
     tools        find_tool: locate curl / wget / aria2c / nginx, installing
                  them with apt-get when missing and allowed
     servers      PythonFileServer (http.server + socket.sendfile, Range,
@@ -16,10 +16,11 @@ everything they have in common lives here:
                  generated nginx.conf, one foreground process, optional
                  limit_rate), serve_files() which picks one
     contenders   Contender, Skipped, gather, bitpit_available,
-                 python_command, python_env, load_bitpit (the --bitpit under
+                 DOWNLOADER_CODE, python_command, python_env, load_bitpit (the --bitpit under
                  test, copied and compiled once in the temp dir)
     running      run_measured (wall time and peak RSS of one child process),
-                 run_interleaved (A B C, B C A, ...), Outcome (medians)
+                 PeriodicSampler (watch a run), run_interleaved (A B C,
+                 B C A, ...), Outcome (medians)
     reporting    Goal, derive, median_of, ratio, report_contenders,
                  write_json, base_parser, run_main
 
@@ -135,6 +136,29 @@ def make_file(path: Path, size: int, *, sparse: bool = False, unique: bool = Fal
                     struct.pack_into('<Q', data, at, written + at)
             written += file.write(data)
     return path
+
+
+def landed(path: Path) -> int:
+    """The bytes of ``path``'s data extents (``SEEK_DATA`` / ``SEEK_HOLE``;
+    the file system counts a written block, so inside a reserved file a
+    partly written 4 KiB page counts whole); 0 while it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        total = position = 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after position
+                break
+            position = os.lseek(fd, start, os.SEEK_HOLE)
+            total += position - start
+        return total
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -347,7 +371,7 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         """``sendfile`` ``count`` bytes from ``offset`` in pieces, paced when
         ``url_path`` has a rate, logging each piece when the server logs."""
         rate = self.server.rates.get(url_path, 0)
-        piece = max(1, int(rate / 16)) if rate else self.server.piece
+        piece = (self.server.rate_piece or max(1, int(rate / 16))) if rate else self.server.piece
         began, sent = time.monotonic(), 0
         try:
             while sent < count:
@@ -371,8 +395,11 @@ class PythonFileServer(http.server.ThreadingHTTPServer):
     in a background thread while used as a context manager.
 
     ``rates`` maps URL paths (``'/slow.bin'``) to bytes per second; ``piece``
-    is the most bytes per ``sendfile`` call; with ``log_bytes`` every piece
-    sent is logged as ``(monotonic time, url path, bytes)`` in ``sent_log``.
+    is the most bytes per ``sendfile`` call; a paced path is sent in pieces
+    of ``rate_piece`` bytes (default a sixteenth of its rate), e.g. 64 KiB
+    bursts or 1 KiB trickles at the same average rate; with ``log_bytes``
+    every piece sent is logged as ``(monotonic time, url path, bytes)`` in
+    ``sent_log``.
     """
     daemon_threads = True
     request_queue_size = 256
@@ -380,11 +407,12 @@ class PythonFileServer(http.server.ThreadingHTTPServer):
     handler_class: type = _FileHandler
 
     def __init__(self, docroot: Path, rates: Optional[Dict[str, float]] = None,
-                 piece: int = 8 * MiB, log_bytes: bool = False):
+                 piece: int = 8 * MiB, log_bytes: bool = False, rate_piece: int = 0):
         super().__init__(('127.0.0.1', 0), self.handler_class)
         self.docroot = Path(docroot).resolve()
         self.rates = dict(rates or {})
         self.piece = piece
+        self.rate_piece = rate_piece
         self.log_bytes = log_bytes
         self.sent_log: List[Tuple[float, str, int]] = []
         self._thread: Optional[threading.Thread] = None
@@ -541,7 +569,10 @@ class NginxServer:
 
     With ``limit_rate`` (bytes per second), the server block gets
     ``limit_rate N;``: nginx paces each *request* on its own, and gives
-    each one about a second's worth of credit at its start. With
+    each one about a second's worth of credit at its start.
+    ``location_rates`` (``{'/slow/': bytes per second}``) sets such a
+    ``limit_rate`` in a ``location`` block of its own for the URLs under
+    each prefix, the rest of the server unlimited. With
     ``log_requests``, nginx keeps an access log in its temp dir, which
     ``traffic()`` sums up and ``reset()`` empties. With ``tls`` (the paths
     of a certificate and its key, see ``make_certificate``), it serves
@@ -552,10 +583,12 @@ class NginxServer:
     _TEMP_PATHS = ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')
 
     def __init__(self, docroot: Path, binary: str, limit_rate: Optional[int] = None,
-                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None):
+                 log_requests: bool = False, tls: Optional[Tuple[Path, Path]] = None,
+                 location_rates: Optional[Dict[str, int]] = None):
         self.docroot = Path(docroot).resolve()
         self.binary = binary
         self.limit_rate = limit_rate
+        self.location_rates = dict(location_rates or {})
         self.log_requests = log_requests or tls is not None
         self.tls = tls
         self.version = tool_version(binary, '-v').rpartition('/')[2]
@@ -573,6 +606,10 @@ class NginxServer:
         if self.limit_rate:
             return 'nginx {} (sendfile on, limit_rate {}/s per request)'.format(
                 self.version, fmt_size(self.limit_rate))
+        if self.location_rates:
+            return 'nginx {} (sendfile on, limit_rate per request {})'.format(
+                self.version, ', '.join('{}/s under {}'.format(fmt_size(rate), prefix)
+                                        for prefix, rate in self.location_rates.items()))
         return 'nginx {} ({}sendfile on)'.format(self.version, 'HTTPS, ' if self.tls else '')
 
     def url(self, name: str) -> str:
@@ -613,6 +650,8 @@ class NginxServer:
                '        ssl_protocols TLSv1.2 TLSv1.3;'] if self.tls else []),
             '        root {};'.format(self.docroot),
             *(['        limit_rate {};'.format(int(self.limit_rate))] if self.limit_rate else []),
+            *('        location {} {{ limit_rate {}; }}'.format(prefix, int(rate))
+              for prefix, rate in self.location_rates.items()),
             '    }',
             '}', ''])
 
@@ -800,6 +839,27 @@ class Contender:
     cwd: Optional[Path] = None
 
 
+#: A bitpit contender: ``Downloader(url, path=out, **options)`` as a user
+#: would write it, in a child: argv is url, out, timeout (s), options as
+#: JSON (``connections``, ``mirrors``, ``rate_limit`` ...). It prints the
+#: time of ``import bitpit`` and of the transfer as JSON.
+DOWNLOADER_CODE = '''
+import json, sys, time
+began = time.perf_counter()
+import bitpit
+imported = time.perf_counter()
+url, out, timeout, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
+d = bitpit.Downloader(url, path=out, **options)
+d.start()
+d.join(timeout)
+if d.is_alive:
+    d.stop()
+    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
+assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
+done = time.perf_counter()
+print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
+'''
+
 def python_command(code: str, *args: Any) -> List[str]:
     """argv running ``code`` with this Python, ``sys.argv[1:] == args``."""
     return [sys.executable, '-c', code, *(str(a) for a in args)]
@@ -888,13 +948,15 @@ def describe_source(path: Path, copy: Optional[Path] = None) -> str:
     return text
 
 
-def load_bitpit(source: Union[str, Path], tmp: Path, *names: str) -> BitpitUnderTest:
-    """Copy ``source`` to ``tmp/lib/bitpit.py`` and import it once in a child
+def load_bitpit(source: Union[str, Path], tmp: Path, *names: str,
+                lib_name: str = 'lib') -> BitpitUnderTest:
+    """Copy ``source`` to ``tmp/lib/bitpit.py`` (``lib_name`` instead of
+    ``lib``, e.g. for ``--baseline``) and import it once in a child
     (which also compiles it into ``tmp/pycache``), checking it has
     ``names``. Never raises for a bad bitpit: the result's ``skip`` says
     what is wrong, and the contenders that need it are skipped."""
     source = Path(source)
-    lib = tmp / 'lib'
+    lib = tmp / lib_name
     lib.mkdir(exist_ok=True)
     env = python_env(pycache=tmp / 'pycache', lib=lib)
     found = BitpitUnderTest(source, env)
@@ -1069,6 +1131,43 @@ def rss_floor_mib() -> float:
     """The peak RSS that ``run_measured`` reports for a program that uses
     (almost) nothing: values at this floor mean "at most this much"."""
     return run_measured(['true'], timeout=30).max_rss_kib / KiB
+
+
+class PeriodicSampler:
+    """While active (a context manager, e.g. a ``Contender``'s ``monitor``),
+    a thread records ``(monotonic time, self.sample())`` in ``samples``
+    every ``period`` s. Subclasses define ``sample()``, and ``started()``
+    to forget what they learnt in an earlier run."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self.samples: List[Tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> Any:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        """Called as a run starts, before the first sample."""
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.samples.append((now, self.sample()))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> 'PeriodicSampler':
+        self.samples = []
+        self.started()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name='sampler', daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 @dataclasses.dataclass
@@ -1263,12 +1362,18 @@ def positive_int(text: str) -> int:
 
 
 def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
-                server: bool = True) -> argparse.ArgumentParser:
+                server: bool = True, baseline: bool = False) -> argparse.ArgumentParser:
     """The options the benchmarks share: --runs, --bitpit, --json,
-    --no-install, --tmp, and unless turned off here --warmup and --server."""
+    --no-install, --tmp, and unless turned off here --warmup and --server;
+    with ``baseline``, --baseline too."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--bitpit', metavar='PATH', default=str(REPO_ROOT / 'bitpit.py'),
                         help="the bitpit.py to measure (default: the repo's, %(default)s)")
+    if baseline:
+        parser.add_argument('--baseline', metavar='PATH',
+                            help='also measure this bitpit.py, as contender "... baseline", '
+                                 'interleaved with the one under test (e.g. the engine before '
+                                 'a change)')
     parser.add_argument('--runs', type=positive_int, default=runs,
                         help='timed runs of each contender (default %(default)s)')
     if warmup is not None:

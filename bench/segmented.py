@@ -3,9 +3,9 @@
 
 One file (10 MiB by default) is fetched over 127.0.0.1 from servers that cap
 each connection, so a client that splits it into byte ranges over several
-connections can finish several times sooner. Five scenarios, each a section
-of the report with its own contenders, medians and goals (issue: segmented
-transfers):
+connections can finish several times sooner. Six scenarios, each a section
+(or several) of the report with its own contenders, medians and goals
+(issues: segmented transfers, 18):
 
     nginx-limit      nginx, ``limit_rate 1m`` (per request; nginx gives
                      each request about one second of credit at its start):
@@ -23,13 +23,20 @@ transfers):
                      size / (sum of the 4 connections' rates) = 3.2 s:
                      bitpit x4, aria2c -x4
                          bitpit x4 / ideal (wall time) <= 1.3
+    small-slow       a strict pacer at 8 MiB/s per connection, one at 1 MiB/s
+                     (the first: the probe; then the third), files of 4 and
+                     10 MiB, one section each; ideal: size / 25 MiB/s:
+                     bitpit x4, aria2c -x4
+                         bitpit x4 / ideal (the transfer alone) <= 1.3
     big              1 GiB from nginx without a limit: bitpit x4, bitpit x1
                          bitpit x4 / x1 (wall time) <= 1.0,  x4 peak RSS <= 30 MB
 
 bitpit runs as a user would write it, ``d = bitpit.Downloader(url, path=out,
 connections=4, mirrors=[...]); d.start(); d.join(timeout)``, each run in a
 fresh process; aria2c runs as ``aria2c -x4 -s4 -k1M``. Runs are interleaved
-and every output is compared with the served file's SHA-256.
+and every output is compared with the served file's SHA-256. With
+``--baseline PATH``, the slow-connection scenarios also run "bitpit x4
+baseline": the same with that bitpit.py (e.g. the engine before a change).
 
 Example: ``python bench/segmented.py --runs 3`` (about 5 minutes);
 quick: ``python bench/segmented.py --runs 1 --skip-big``; one scenario
@@ -52,29 +59,10 @@ import common  # noqa: E402  (bench/ is not a package)
 from common import (BenchError, Contender, Goal, KiB, MiB, Outcome,  # noqa: E402
                     PacingFileServer, Skipped)
 
-SCENARIOS = ('nginx-limit', 'pacer', 'mirrors', 'slow-connection', 'big')
+SCENARIOS = ('nginx-limit', 'pacer', 'mirrors', 'slow-connection', 'small-slow', 'big')
 
 #: Connections of the segmented contenders (bitpit xN, aria2c -xN -sN).
 CONNECTIONS = 4
-
-#: A bitpit contender: ``Downloader(url, path=out, **options)`` as a user
-#: would write it; the options (``connections``, ``mirrors``) come as JSON.
-BITPIT_CODE = '''
-import json, sys, time
-began = time.perf_counter()
-import bitpit
-imported = time.perf_counter()
-url, out, timeout, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
-d = bitpit.Downloader(url, path=out, **options)
-d.start()
-d.join(timeout)
-if d.is_alive:
-    d.stop()
-    sys.exit('bitpit: still running after {} s ({} of {} bytes)'.format(timeout, d.downloaded, d.size))
-assert d.state == 'complete', 'state {!r}, last_exception {!r}'.format(d.state, d.last_exception)
-done = time.perf_counter()
-print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
-'''
 
 #: Does this bitpit take ``connections=`` and ``mirrors=``? (Until the
 #: segmented engine lands, Downloader raises TypeError for them.)
@@ -195,6 +183,10 @@ class Bench:
         self._targets: Dict[str, Target] = {}
         if not self.bitpit_skip:
             self._probe_segmented()
+        # --baseline: another bitpit.py, measured beside the one under test
+        self.baseline = (common.load_bitpit(args.baseline, tmp, 'Downloader',
+                                            lib_name='baseline')
+                         if args.baseline else None)
 
     def _probe_segmented(self) -> None:
         """Does the bitpit under test take ``connections=`` / ``mirrors=``?"""
@@ -241,23 +233,40 @@ class Bench:
                          env=env, cwd=self.outdir)
 
     def bitpit(self, name: str, url: str, target: Target, timeout: float, connections: int,
-               mirrors: Sequence[str] = (), **kwargs: Any) -> Contender:
+               mirrors: Sequence[str] = (), under_test: Optional[common.BitpitUnderTest] = None,
+               **kwargs: Any) -> Contender:
         """``bitpit.Downloader(url, path=out, connections=N, mirrors=[...])``.
         While bitpit has no ``connections=``, a one-connection contender
         runs with the defaults instead (that is one connection) and the
-        others are skipped."""
-        if self.bitpit_skip:
-            raise Skipped(self.bitpit_skip)
+        others are skipped. ``under_test`` (the baseline) runs another
+        bitpit.py, which must take the options."""
         options: Dict[str, Any] = {}
-        if self.segmented_skip is None:
+        if under_test is not None:
+            under_test.require()
+            env = under_test.env
             options['connections'] = connections
-        elif connections != 1 or mirrors:
-            raise Skipped(self.segmented_skip)
+        else:
+            if self.bitpit_skip:
+                raise Skipped(self.bitpit_skip)
+            env = self.env
+            if self.segmented_skip is None:
+                options['connections'] = connections
+            elif connections != 1 or mirrors:
+                raise Skipped(self.segmented_skip)
         if mirrors:
             options['mirrors'] = list(mirrors)
-        command = common.python_command(BITPIT_CODE, url, target.out, timeout * 0.9,
+        command = common.python_command(common.DOWNLOADER_CODE, url, target.out, timeout * 0.9,
                                         json.dumps(options))
-        return self.contender(name, command, target, timeout, env=self.env, **kwargs)
+        return self.contender(name, command, target, timeout, env=env, **kwargs)
+
+    def baseline_factory(self, name: str, url: str, **kwargs: Any) -> List[tuple]:
+        """With ``--baseline``, the factory of contender ``name + '
+        baseline'``, the same bitpit run with the baseline's bitpit.py;
+        else nothing."""
+        if self.baseline is None:
+            return []
+        label = name + ' baseline'
+        return [(label, lambda: self.bitpit(label, url, under_test=self.baseline, **kwargs))]
 
     def aria2c(self, name: str, urls: Sequence[str], target: Target, timeout: float,
                **kwargs: Any) -> Contender:
@@ -334,21 +343,21 @@ def limited_section(bench: Bench, name: str, server: Server, target: Target) -> 
                    {'server': server.description, 'rate': bench.args.rate})
 
 
-def scenario_nginx_limit(bench: Bench) -> Section:
+def scenario_nginx_limit(bench: Bench) -> List[Section]:
     target = bench.target('paced.bin', bench.args.size)
     binary = bench.tool('nginx')
     with common.NginxServer(bench.docroot, binary, limit_rate=bench.args.rate,
                             log_requests=True) as server:
-        return limited_section(bench, 'nginx-limit', server, target)
+        return [limited_section(bench, 'nginx-limit', server, target)]
 
 
-def scenario_pacer(bench: Bench) -> Section:
+def scenario_pacer(bench: Bench) -> List[Section]:
     target = bench.target('paced.bin', bench.args.size)
     with PacingFileServer(bench.docroot, bench.args.rate) as server:
-        return limited_section(bench, 'pacer', server, target)
+        return [limited_section(bench, 'pacer', server, target)]
 
 
-def scenario_mirrors(bench: Bench) -> Section:
+def scenario_mirrors(bench: Bench) -> List[Section]:
     """Two pacers on two ports serving the same docroot (so the same ETag
     and Last-Modified); bitpit x4 with the second as a mirror vs x1."""
     target = bench.target('paced.bin', bench.args.size)
@@ -371,28 +380,28 @@ def scenario_mirrors(bench: Bench) -> Section:
                   3.8, at_most=False)]
     heading = '{} from two strict pacers (two ports, the same file), {}/s per connection'.format(
         common.fmt_size(target.size), common.fmt_size(bench.args.rate))
-    return Section('mirrors', heading, outcomes, skipped, goals,
+    return [Section('mirrors', heading, outcomes, skipped, goals,
                    COLUMNS + SERVER_COLUMNS + [('2nd share', 'second_share', '{:.2f}')],
                    bench.x1_note() + ['2nd share: the part of the bytes the second server sent'],
-                   {'rate': bench.args.rate})
+                   {'rate': bench.args.rate})]
 
 
-def scenario_slow_connection(bench: Bench) -> Section:
-    """One connection of each run (by default the first: the probe, which
-    holds the lowest range) at the slow rate, the others at the full rate."""
-    args = bench.args
-    target = bench.target('paced.bin', args.size)
-    slow = args.slow_connection
-
+def slow_section(bench: Bench, name: str, target: Target, rate: float, slow_rate: float,
+                 slow: int, judged: str) -> Section:
+    """A strict pacer whose connection ``slow`` of each run (1 = the first:
+    the probe, which holds the lowest range) runs at ``slow_rate``, the
+    others at ``rate``: bitpit x4 (and its baseline), aria2c -x4. The goal
+    is ``judged`` (``'per_ideal'``: wall time, or ``'transfer_per_ideal'``:
+    bitpit's transfer alone) / ideal <= 1.3."""
     def rate_for(number: int) -> float:
-        return args.slow_rate if number == slow else args.rate
+        return slow_rate if number == slow else rate
 
     rates = [rate_for(number) for number in range(1, CONNECTIONS + 1)]
     ideal = target.size / sum(rates)
     with PacingFileServer(bench.docroot, rate_for) as server:
         url = server.url(target.name)
-        common.note('slow-connection: {}, connection {} of each run at {}/s'.format(
-            url, slow, common.fmt_size(args.slow_rate)))
+        common.note('{}: {}, connection {} of each run at {}/s, the others at {}/s'.format(
+            name, url, slow, common.fmt_size(slow_rate), common.fmt_size(rate)))
 
         def measure() -> Dict[str, Any]:
             stats = server.connections.get(slow)
@@ -403,37 +412,62 @@ def scenario_slow_connection(bench: Bench) -> Section:
         x4, aria2c = 'bitpit x{}'.format(CONNECTIONS), 'aria2c -x{}'.format(CONNECTIONS)
         outcomes, skipped = bench.run([
             (x4, lambda: bench.bitpit(x4, url, connections=CONNECTIONS, **shared)),
+            *bench.baseline_factory(x4, url, connections=CONNECTIONS, **shared),
             (aria2c, lambda: bench.aria2c(aria2c, [url], **shared)),
         ])
     with_speed(outcomes, target.size)
     common.derive(outcomes, 'per_ideal', lambda run: run['seconds'] / ideal)
     common.derive(outcomes, 'transfer_per_ideal',
                   lambda run: run['transfer_s'] / ideal if 'transfer_s' in run else None)
-    goals = [Goal('slow-connection: bitpit x4 / ideal', common.median_of(outcomes, x4, 'per_ideal'),
-                  1.3)]
+    what = 'wall' if judged == 'per_ideal' else 'in-process'
+    goals = [Goal('{}: bitpit x4 / ideal ({})'.format(name, what),
+                  common.median_of(outcomes, x4, judged), 1.3)]
     heading = ('{} from the strict pacer, connection {} of each run at {}/s, the others at {}/s'
-               .format(common.fmt_size(target.size), slow, common.fmt_size(args.slow_rate),
-                       common.fmt_size(args.rate)))
+               .format(common.fmt_size(target.size), slow, common.fmt_size(slow_rate),
+                       common.fmt_size(rate)))
     notes = ['ideal: {} / ({}) = {:.3f} s, all {} connections busy to the end'.format(
         common.fmt_size(target.size), ' + '.join(common.fmt_size(r) + '/s' for r in rates), ideal,
         CONNECTIONS),
         'slow MiB: what the slow connection sent; / ideal: wall time / ideal, '
         'in-process / ideal: the transfer alone (bitpit)']
-    for name, outcome in outcomes.items():
-        carried = outcome.median('slow_mib')
-        if carried is not None and carried * MiB < args.slow_rate / 2:
+    for contender, outcome in outcomes.items():
+        carried = outcome.median('slow_mib')  # a client that races it may end it early
+        if carried is not None and carried * MiB < slow_rate * ideal / 2:
             notes.append('{}: connection {} sent only {} (median), so no slow connection held a '
-                         'range; --slow-connection {} slows the next one'.format(
-                             name, slow, common.fmt_size(carried * MiB), slow + 1))
-    return Section('slow-connection', heading, outcomes, skipped, goals,
+                         'range; make a later one the slow connection ({})'.format(
+                             contender, slow, common.fmt_size(carried * MiB), slow + 1))
+    return Section(name, heading, outcomes, skipped, goals,
                    [('median s', 'seconds', '{:.3f}'), ('CPU s', 'cpu_seconds', '{:.3f}'),
                     ('/ ideal', 'per_ideal', '{:.3f}'),
                     ('in-process / ideal', 'transfer_per_ideal', '{:.3f}')]
                    + SERVER_COLUMNS + [('slow MiB', 'slow_mib', '{:.2f}')], notes,
-                   {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow})
+                   {'ideal_s': ideal, 'rates': rates, 'slow_connection': slow,
+                    'size': target.size})
 
 
-def scenario_big(bench: Bench) -> Section:
+def scenario_slow_connection(bench: Bench) -> List[Section]:
+    """10 MiB at 1 MiB/s per connection, one connection at 128 KiB/s."""
+    args = bench.args
+    return [slow_section(bench, 'slow-connection', bench.target('paced.bin', args.size),
+                         args.rate, args.slow_rate, args.slow_connection, 'per_ideal')]
+
+
+def scenario_small_slow(bench: Bench) -> List[Section]:
+    """Issue 18: 8 MiB/s per connection, one at 1 MiB/s; files so small (4
+    and 10 MiB) that the fast connections' ranges end within about 0.15 s,
+    before a rate is told over a quarter of a second. One section per size
+    and slow connection (the probe, and another). The ideal is so short
+    (0.16 s for 4 MiB) that start-up would dominate the wall time, so the
+    goal is on bitpit's transfer alone; aria2c's wall time includes its
+    start-up (a few ms)."""
+    args = bench.args
+    return [slow_section(bench, 'small-slow {} conn {}'.format(common.fmt_size(size), slow),
+                         bench.target('small-{}.bin'.format(size), size), args.small_rate,
+                         args.small_slow_rate, slow, 'transfer_per_ideal')
+            for size in args.small_sizes for slow in args.small_slow_connections]
+
+
+def scenario_big(bench: Bench) -> List[Section]:
     """A large file from nginx without a limit: do 4 connections cost
     anything when one is already as fast as the machine?"""
     size = bench.args.big_size
@@ -461,17 +495,18 @@ def scenario_big(bench: Bench) -> Section:
     best = common.best_ratio(outcomes, x4, 'bitpit x1')
     if best is not None:
         notes.append('bitpit x4 / x1 (best runs): {:.3f} (for information)'.format(best))
-    return Section('big', '{} from {}'.format(common.fmt_size(size), description), outcomes,
-                   skipped, goals, COLUMNS + SERVER_COLUMNS, notes, {'size': size})
+    return [Section('big', '{} from {}'.format(common.fmt_size(size), description), outcomes,
+                    skipped, goals, COLUMNS + SERVER_COLUMNS, notes, {'size': size})]
 
 
 RUNNERS = {'nginx-limit': scenario_nginx_limit, 'pacer': scenario_pacer,
            'mirrors': scenario_mirrors, 'slow-connection': scenario_slow_connection,
-           'big': scenario_big}
+           'small-slow': scenario_small_slow, 'big': scenario_big}
 
 
 def main(argv=None) -> int:
-    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, warmup=0, server=False)
+    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, warmup=0, server=False,
+                                baseline=True)
     parser.add_argument('--scenario', action='append', choices=SCENARIOS,
                         help='run only this scenario (repeatable; default: all)')
     parser.add_argument('--size', type=common.parse_size, default=10 * MiB,
@@ -482,6 +517,17 @@ def main(argv=None) -> int:
                         help='rate of the slow connection (default 128k)')
     parser.add_argument('--slow-connection', type=common.positive_int, default=1, metavar='N',
                         help='which connection of a run is slow, 1 = the first (default 1)')
+    parser.add_argument('--small-sizes', type=common.parse_size, nargs='+',
+                        default=[4 * MiB, 10 * MiB], metavar='SIZE',
+                        help='small-slow: the file sizes (default 4M 10M)')
+    parser.add_argument('--small-rate', type=common.parse_size, default=8 * MiB,
+                        help='small-slow: rate of every fast connection (default 8M)')
+    parser.add_argument('--small-slow-rate', type=common.parse_size, default=MiB,
+                        help='small-slow: rate of the slow connection (default 1M)')
+    parser.add_argument('--small-slow-connections', type=common.positive_int, nargs='+',
+                        default=[1, 3], metavar='N',
+                        help='small-slow: which connection is slow, one section each '
+                             '(default 1 3: the probe, and the third)')
     parser.add_argument('--big-size', type=common.parse_size, default=common.GiB,
                         help='size of the unlimited file of scenario big (default 1G)')
     parser.add_argument('--skip-big', action='store_true', help='leave scenario big out')
@@ -507,15 +553,18 @@ def main(argv=None) -> int:
         for name in chosen:
             common.note('\n{} ...'.format(name))
             try:
-                section = RUNNERS[name](bench)
+                done = RUNNERS[name](bench)
             except Skipped as exc:
                 skipped_scenarios[name] = str(exc)
                 common.note('skipping scenario {}: {}'.format(name, exc))
                 continue
-            sections.append(section)
-            print(section.report(args.runs), flush=True)
+            for section in done:
+                sections.append(section)
+                print(section.report(args.runs), flush=True)
 
     print('\nsegmented: {}'.format(bench.bitpit_description))
+    if bench.baseline is not None:
+        print('baseline: {}'.format(bench.baseline.skip or bench.baseline.description))
     for name, reason in skipped_scenarios.items():
         print('scenario {}: skipped, {}'.format(name, reason))
     outcomes, skipped, goals = common.merge_sections(sections)
@@ -523,6 +572,7 @@ def main(argv=None) -> int:
     skipped.update(('{}: (all)'.format(name), reason) for name, reason in skipped_scenarios.items())
     return common.finish(args.json, {
         'benchmark': 'segmented', 'bitpit': bench.bitpit_description, 'runs': args.runs,
+        'baseline': bench.baseline and (bench.baseline.skip or bench.baseline.description),
         'size': args.size, 'rate': args.rate, 'slow_rate': args.slow_rate,
         'connections': CONNECTIONS,
         'sections': {s.name: dict(s.record, heading=s.heading, notes=s.notes) for s in sections}},
