@@ -116,6 +116,7 @@ _MAX_PIECE = 64 * 1024 * 1024   # most bytes one ranged request of a split file 
 _RACE_BLOCK = 256 * 1024        # bytes a racing connection takes per request
 _RATE_AGE = 0.1                 # seconds a request runs before its rate tells
 _RACE_LATENCY = 0.02            # seconds a racing request costs beyond its bytes
+_STALLED_READ = 0.25            # seconds without a byte before a read under way is raced
 _FLUSH_AGE = 0.5                # seconds received bytes may wait in a buffer
 # seconds of the probe's body that tell what limits it (Windows counts a
 # thread's CPU time in ticks of 15.6 ms)
@@ -3404,6 +3405,7 @@ class _Connection:
         self.request_end = 0          # where its request's part of the claim ends
         self.job_began = 0.0          # when its request was sent
         self.job_bytes = 0            # bytes its request brought
+        self.last_bytes_at = 0.0      # when its request last brought some
         self.answered = False         # its request's answer was accepted
         self.last_rate = 0.0          # bytes per second of its last request
         self.chunk_size = chunk_size
@@ -3926,8 +3928,15 @@ class _Transfer:
             if start == victim.end:
                 return max(start, end - _RACE_BLOCK), end, None
         # its last block beyond the read in progress, else the bytes that read
-        # waits for: a stalled read never holds the file up
-        floor = victim.reading_to if victim.reading_to < victim.end else victim.end - victim.left()
+        # waits for (so that it never holds the file up): under a rate limit
+        # only once it stalled, as the bytes that come twice count twice there
+        if victim.reading_to < victim.end:
+            floor = victim.reading_to
+        elif time.monotonic() - victim.last_bytes_at >= _STALLED_READ or \
+                not any(bucket.rate > 0 for bucket in self.buckets):
+            floor = victim.end - victim.left()
+        else:
+            return None
         start = max(floor, victim.end - _RACE_BLOCK)
         return (start, victim.end, victim) if start < victim.end else None
 
@@ -4038,6 +4047,7 @@ class _Transfer:
             probe = not self.probed
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
+            conn.last_bytes_at = conn.job_began
         reuse = False
         try:
             response = request.send()
@@ -4478,6 +4488,7 @@ class _Transfer:
                 with cond:
                     if got:
                         conn.job_bytes += got
+                        conn.last_bytes_at = time.monotonic()
                         self.received += got
                         source.streak = 0
                         got = 0
@@ -4493,8 +4504,9 @@ class _Transfer:
                         room = min(room, _JUDGE_READ)
                     rate = conn.rate(time.monotonic()) if self.segmented else None
                     if rate is not None:
-                        # a slow connection reads little at a time, so that
-                        # another one can take over all but its next read
+                        # a slow connection reads little at a time (a
+                        # twentieth of a second's worth), so that another one
+                        # can take over all but its next read
                         room = min(room, max(16384, int(rate * 0.25)))
                     conn.reading_to = start + max(room, 0)
                 if room <= 0:

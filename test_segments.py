@@ -211,6 +211,19 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     assert transfer.downloaded == 100          # the file's size at most
 
 
+def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
+    """Under a limit, the bytes a slow but steady connection's read waits
+    for are its own: a racer that took them too would fetch them twice,
+    and the limit would count them twice (a total limit lost 2-3 % of a
+    second while such a download was in its tail). So every byte is
+    received once."""
+    url = server.add('/f', BIG, throttle=4 * MiB, throttle_conn={1: 256 * 1024})
+    d, _ = download(url, tmp_path / 'f.bin', connections=4, rate_limit=64 * MiB)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert server.bytes_sent('/f', conn=1) < SHARE / 2     # it was raced
+    assert d._received == len(BIG)
+
+
 def test_a_stalled_read_does_not_hold_a_complete_file_back(server, tmp_path):
     """The probe's connection sends a byte every 100 s: racers take even
     the bytes its read under way waits for, and once they hold every byte
