@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 import many_small  # noqa: E402
-from common import Goal, KiB  # noqa: E402
+from common import Goal  # noqa: E402
 
 #: asyncio: one coroutine per URL, 50 at a time, gathered.
 ASYNCIO_CODE = '''
@@ -67,13 +67,7 @@ os._exit(0 if states.get('complete') == len(urls) else 1)
 
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__.split('\n\n')[0], runs=7)
-    parser.add_argument('--files', type=int, default=1000, help='how many files (default 1000)')
-    parser.add_argument('--file-size', type=common.parse_size, default=10 * KiB,
-                        help='size of each file (default 10k)')
-    parser.add_argument('--parallel', type=int, default=50,
-                        help='downloads at a time (default %(default)s)')
-    parser.add_argument('--timeout', type=float, default=120,
-                        help='seconds before one run is killed (default %(default)s)')
+    common.add_file_set_options(parser, files=1000, parallel=50, timeout=120)
     args = parser.parse_args(argv)
 
     with common.workspace(args.tmp) as tmp:

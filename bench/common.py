@@ -1389,6 +1389,20 @@ def base_parser(description: str, runs: int = 5, warmup: Optional[int] = 1,
     return parser
 
 
+def add_file_set_options(parser: argparse.ArgumentParser, files: int, parallel: int,
+                         timeout: float, parallel_help: str = 'downloads at a time') -> None:
+    """The options of the benchmarks over many small files: --files,
+    --file-size (10k), --parallel and --timeout (of one run)."""
+    parser.add_argument('--files', type=int, default=files,
+                        help='how many files (default %(default)s)')
+    parser.add_argument('--file-size', type=parse_size, default=10 * KiB,
+                        help='size of each file (default 10k)')
+    parser.add_argument('--parallel', type=int, default=parallel,
+                        help=parallel_help + ' (default %(default)s)')
+    parser.add_argument('--timeout', type=float, default=timeout,
+                        help='seconds before one run is killed (default %(default)s)')
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Run a benchmark's ``main()``: SIGTERM becomes SystemExit and Ctrl-C
     exits with 130 (after the ``with`` blocks removed temp dirs and stopped

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
-from common import BenchError, Contender, Goal, KiB, Skipped  # noqa: E402
+from common import BenchError, Contender, Goal, Skipped  # noqa: E402
 
 #: bitpit: one Manager, every URL added with the same kwargs, started, and
 #: waited for through each download's state-changed signal (bounded).
@@ -156,14 +156,8 @@ def curl_contender(urls: List[str], config: Path, outdir: Path, files: Dict[str,
 
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__.split('\n\n')[0])
-    parser.add_argument('--files', type=int, default=500, help='how many files (default 500)')
-    parser.add_argument('--file-size', type=common.parse_size, default=10 * KiB,
-                        help='size of each file (default 10k)')
-    parser.add_argument('--parallel', type=int, default=50,
-                        help='downloads at a time (default %(default)s)')
+    common.add_file_set_options(parser, files=500, parallel=50, timeout=120)
     parser.add_argument('--no-curl', dest='curl', action='store_false', help='leave curl out')
-    parser.add_argument('--timeout', type=float, default=120,
-                        help='seconds before one run is killed (default %(default)s)')
     args = parser.parse_args(argv)
 
     with common.workspace(args.tmp) as tmp:

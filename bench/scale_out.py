@@ -31,7 +31,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
-from common import BenchError, Contender, KiB  # noqa: E402
+from common import BenchError, Contender  # noqa: E402
 from many_small import check_files, make_files  # noqa: E402
 
 #: starts every command of argv[1] (a JSON list of argvs) at once, waits for
@@ -65,16 +65,10 @@ def reset_dir(path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__.split('\n\n')[0], runs=3)
-    parser.add_argument('--files', type=int, default=10000,
-                        help='how many files (default %(default)s)')
-    parser.add_argument('--file-size', type=common.parse_size, default=10 * KiB,
-                        help='size of each file (default 10k)')
-    parser.add_argument('--parallel', type=int, default=20,
-                        help='downloads at a time in each process (default %(default)s)')
+    common.add_file_set_options(parser, files=10000, parallel=20, timeout=600,
+                                parallel_help='downloads at a time in each process')
     parser.add_argument('--shards', type=int, default=4,
                         help='processes of the sharded run (default %(default)s)')
-    parser.add_argument('--timeout', type=float, default=600,
-                        help='seconds before one run is killed (default %(default)s)')
     args = parser.parse_args(argv)
 
     with common.workspace(args.tmp) as tmp:
