@@ -8,6 +8,7 @@ hash types) are refused with a clear error."""
 import hashlib
 import logging
 import random
+import time
 
 import pytest
 
@@ -184,6 +185,31 @@ def test_a_bad_piece_comes_again_from_another_source(make_server, tmp_path):
     assert [r.headers.get('Range') for r in first.requests_for('/f')] == [None]
     assert [r.headers['Range'] for r in second.requests_for('/f')] == [
         'bytes={}-{}'.format(3 * PIECE, 4 * PIECE - 1)]
+
+
+def test_a_file_is_not_complete_while_its_last_piece_is_being_checked(
+        make_server, tmp_path, monkeypatch):
+    """The last piece is bad, and checking it takes long (a slow disk): the
+    download thread, which looks four times a second, sees every byte held
+    meanwhile, but the file is complete only once the piece passed; this one
+    fails, and comes again from the other mirror."""
+    first, second = make_server(), make_server()
+    spoilt = bytearray(BIG)
+    spoilt[-10] ^= 0xFF
+    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    real = bitpit._FileStore.piece_matches
+
+    def slowly(store, first_byte, end, *args):
+        if end == len(BIG):
+            time.sleep(0.6)  # a check that outlasts two of the download thread's looks
+        return real(store, first_byte, end, *args)
+    monkeypatch.setattr(bitpit._FileStore, 'piece_matches', slowly)
+    d, _ = download(None, tmp_path / 'f', metalink=str(doc))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+    last = len(BIG) // PIECE * PIECE
+    assert [r.headers['Range'] for r in second.requests_for('/f')] == [
+        'bytes={}-{}'.format(last, len(BIG) - 1)]
 
 
 def test_a_bad_piece_two_sources_wrote_blames_neither(make_server, tmp_path, caplog):
