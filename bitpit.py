@@ -3854,13 +3854,14 @@ class _Transfer:
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
-        again) and no piece of it is being checked against its hash (a bad
-        one is fetched again), or the server said the file is unchanged."""
+        again) and, with piece hashes, every piece passed its check (a bad
+        one is fetched again; one just written is checked after its write),
+        or the server said the file is unchanged."""
         if self.unchanged:
             return not any(c.active for c in self.connections)
         pieces = self.piece_hashes
         return self.total is not None and self.store.held.total >= self.total and \
-            (pieces is None or not pieces.checking)
+            (pieces is None or len(pieces.good) >= len(pieces.digests))
 
     def _complete(self) -> None:
         """The file is whole: end the connections still at work (a slow

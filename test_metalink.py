@@ -212,6 +212,28 @@ def test_a_file_is_not_complete_while_its_last_piece_is_being_checked(
         'bytes={}-{}'.format(last, len(BIG) - 1)]
 
 
+def test_a_file_is_not_complete_between_its_last_write_and_the_check(
+        make_server, tmp_path, monkeypatch):
+    """The same, with the connection that wrote the last bytes held up
+    between its write and the start of the check (preempted): every byte is
+    held, no piece is being checked yet, and the file is still not complete
+    until its last piece passed."""
+    first, second = make_server(), make_server()
+    spoilt = bytearray(BIG)
+    spoilt[-10] ^= 0xFF
+    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    real = bitpit._FileStore.write
+
+    def write_then_pause(store, offset, data, epoch):
+        real(store, offset, data, epoch)
+        if offset + len(data) == len(BIG):
+            time.sleep(0.6)  # two of the download thread's looks
+    monkeypatch.setattr(bitpit._FileStore, 'write', write_then_pause)
+    d, _ = download(None, tmp_path / 'f', metalink=str(doc))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+
+
 def test_a_bad_piece_two_sources_wrote_blames_neither(make_server, tmp_path, caplog):
     """The first mirror spoils a byte of piece 2 and breaks off 1000 bytes
     into it; the second, good, writes the rest of that piece (most of it)
