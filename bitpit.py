@@ -4131,6 +4131,7 @@ class _Transfer:
             elif any(s.usable for s in self.sources if s is not source):
                 raise ProtocolError('{} ignores Range'.format(source.url))
             else:
+                self.ranges_work = False  # not any more: the whole body goes on alone
                 self._start_over(conn, 'the server ignores Range', answer)
         elif change:
             self._change(conn, change, None)

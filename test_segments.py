@@ -555,6 +555,25 @@ def test_a_file_changed_during_a_split_download_is_split_again(server, tmp_path)
     assert len(split) >= 2, ranges(server)
 
 
+def test_a_server_that_stops_honouring_ranges_mid_split_is_read_whole(server, tmp_path):
+    """The only source answers ranges at first, then ignores them (another
+    backend behind the same name): the piece that gets a 200 starts the
+    file over with that whole body, which goes on alone to the end; it is
+    not split again, which would start it over at every piece until the
+    download failed for good."""
+    url = server.add('/f', BIG, throttle=4 * MiB)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, target, connections=4, update_period=0.05, retries=0)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_for(lambda: d.downloaded >= MiB)
+    server.add('/f', BIG, throttle=16 * MiB, ignore_range=True)
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=30)
+    d.join(5)
+    assert d.state == 'complete', d.last_exception
+    assert target.read_bytes() == BIG
+
+
 def test_a_file_changed_between_stop_and_start_starts_over(server, tmp_path):
     url = server.add('/f', BIG, throttle=2 * MiB)
     target = tmp_path / 'f.bin'
