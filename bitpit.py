@@ -3982,13 +3982,17 @@ class _Transfer:
         return left
 
     def _rate_due(self, racer: _Connection) -> Optional[float]:
-        """When the youngest other request that might be raced has run long
-        enough to tell its rate; ``None`` when there is none (or no racer
-        speed to compare it with)."""
+        """When the youngest other request that might be raced and is still
+        too young to tell its rate has run long enough; ``None`` when there
+        is none (or no racer speed to compare it with). Those whose rate is
+        known were judged already: the download thread looks at them again
+        (``_keep_going``, four times a second)."""
         if not self._racer_speed(racer):
             return None
+        now = time.monotonic()
         due = [c.job_began + _RATE_AGE for c in self.connections
-               if c.active and c is not racer and c.job_began and c.left() > 0]
+               if c.active and c is not racer and c.job_began and c.left() > 0
+               and c.job_began + _RATE_AGE > now]
         return min(due) if due else None
 
     # -- a connection thread -------------------------------------------------------------
@@ -4400,6 +4404,7 @@ class _Transfer:
         a pause: the seconds it waits first) or ends (``None``)."""
         with self._cond:
             conn.active = False
+            self._cond.notify_all()  # its claim is free: a connection waiting for work looks
             if self.prober is conn:
                 self.prober = None
             if self.error is not None or self.cancel.is_set():

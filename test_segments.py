@@ -224,6 +224,26 @@ def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
     assert d._received == len(BIG)
 
 
+def test_a_free_connection_does_not_spin_waiting_for_a_race(server, tmp_path, monkeypatch):
+    """A free connection waits for a young request's rate to tell whether
+    to race it; an older one, judged already and not worth racing (here:
+    under a total limit, a read that has not stalled), is no reason to
+    look again every millisecond."""
+    looks = []
+    real = bitpit._Transfer._rate_due
+    monkeypatch.setattr(bitpit._Transfer, '_rate_due',
+                        lambda transfer, racer: looks.append(1) or real(transfer, racer))
+    url = server.add('/f', BIG)
+    m = bitpit.Manager(rate_limit=4 * MiB)
+    d = m.add(bitpit.Downloader(url, tmp_path / 'f.bin', connections=4))
+    m.start()
+    try:
+        assert d.wait(30) and (tmp_path / 'f.bin').read_bytes() == BIG
+    finally:
+        m.stop()
+    assert len(looks) < 20, len(looks)  # 57 when it spun
+
+
 def test_a_stalled_read_does_not_hold_a_complete_file_back(server, tmp_path):
     """The probe's connection sends a byte every 100 s: racers take even
     the bytes its read under way waits for, and once they hold every byte
