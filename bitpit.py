@@ -2965,12 +2965,12 @@ class _FileStore:
         if sidecar is None:
             return False  # a file object has none
         current = record is None  # else writes since the record may have moved on
-        if record is None:
-            record = self._sidecar_record()
-            if self.held.total and self._file is not None:
-                _sync(self._file.fileno())
         temporary = sidecar.with_name(sidecar.name + '.tmp')
         try:
+            if record is None:
+                record = self._sidecar_record()
+                if self.held.total and self._file is not None:
+                    _sync(self._file.fileno())
             with open(temporary, 'w', encoding='utf-8') as file:
                 file.write(record)
                 file.flush()

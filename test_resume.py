@@ -3,6 +3,7 @@ in the same downloader, a new one and a new process, resuming without a
 usable sidecar, a file already complete (416), partial answers (200 or
 206, shifted, disagreeing), content that changed between attempts, and
 short or chunked bodies."""
+import errno
 import hashlib
 import json
 import os
@@ -166,6 +167,24 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
     # every save after the first, which records nothing, syncs the data first
     for i in saves[1:]:
         assert calls[i - 2] == ('fsync', 'f.bin'), calls
+
+
+def test_a_disk_that_cannot_sync_costs_the_sidecar_not_the_download(
+        server, tmp_path, monkeypatch, caplog):
+    """``fsync`` fails (EIO, or ENOSPC that NFS reports only then): the
+    sidecar cannot be made durable, so there is none (said once on the
+    logger), and the download goes on as one without a sidecar does: in
+    order, to the end."""
+    def failing(fd):
+        raise OSError(errno.EIO, 'Input/output error')
+    monkeypatch.setattr(bitpit, '_sync', failing)
+    target = tmp_path / 'f.bin'
+    target.write_bytes(DATA[:OFFSET])  # bytes held: the first save syncs them
+    url = server.add('/f', DATA, throttle=4 * 1024 * 1024)
+    d, _ = download(url, target, connections=4)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    assert not sidecar_of(target).exists()
+    assert [r.message for r in caplog.records if 'cannot write' in r.message]
 
 
 def test_a_body_that_fits_in_the_buffer_is_written_once_without_a_sidecar(
