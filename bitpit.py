@@ -3664,8 +3664,10 @@ class _Transfer:
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
-        ``min_speed`` bytes per second over the last ``timeout`` seconds."""
-        if not self.min_speed or self.complete:
+        ``min_speed`` bytes per second over the last ``timeout`` seconds;
+        never once every byte is held (its last ones may have landed since
+        the transfer was last looked at)."""
+        if not self.min_speed or self.complete or self._is_complete():
             return
         window = self.options.timeout
         samples = self._samples

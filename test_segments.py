@@ -244,6 +244,23 @@ def test_a_free_connection_does_not_spin_waiting_for_a_race(server, tmp_path, mo
     assert len(looks) < 20, len(looks)  # 57 when it spun
 
 
+def test_min_speed_never_fails_a_file_whose_every_byte_is_held(tmp_path):
+    """The last bytes landed since the download thread last looked: a slow
+    window before them is no reason to fail the attempt."""
+    url = 'http://127.0.0.1:1/f'
+    store = bitpit._FileStore(tmp_path / 'f.bin', url)
+    options = bitpit._RequestOptions(url, {}, None, None, None, 1, bitpit._Cookies())
+    transfer = bitpit._Transfer(store=store, urls=[url], options=options, connections=1,
+                                chunk_size=65536, buckets=(bitpit._TokenBucket(),),
+                                checksum=None, max_size=None, min_speed=10 ** 6,
+                                rename_in=None, gzip_name=False)
+    transfer.probed, transfer.total = True, 100
+    transfer._samples.append((0.0, 0))         # nothing received for a second and more
+    store.held = bitpit._Ranges([(0, 100)])
+    transfer.look(2.0)
+    assert transfer.error is None and transfer.complete
+
+
 def test_a_stalled_read_does_not_hold_a_complete_file_back(server, tmp_path):
     """The probe's connection sends a byte every 100 s: racers take even
     the bytes its read under way waits for, and once they hold every byte
