@@ -2539,6 +2539,7 @@ class _FileStore:
         self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
         self._sidecar_failed = False  # it could not be written: no holes then
+        self._dropped = 0          # times held bytes were given up (a record older is wrong)
         self.read_back = False    # bytes are read back as they land: never spliced
         self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
 
@@ -2862,6 +2863,7 @@ class _FileStore:
         a new epoch; the sidecar goes (an empty file needs none)."""
         with self._lock:
             self.epoch += 1
+            self._dropped += 1
             self.held = _Ranges()
             self._snap()
             self.size = -1
@@ -2889,6 +2891,7 @@ class _FileStore:
         the sidecar says so at once."""
         with self._lock:
             self.held.remove(start, end)
+            self._dropped += 1
             self._snap()
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
@@ -2917,6 +2920,7 @@ class _FileStore:
         with self._lock:
             self.size = total
             self.held.clip(total)
+            self._dropped += 1
             self._snap()
 
     # -- the sidecar ------------------------------------------------------------------
@@ -2931,18 +2935,20 @@ class _FileStore:
                     and self._file is not None and not self.sealed
                     and not self._completes(0, 0)):
                 return
-            record, epoch = self._sidecar_record(), self.epoch
+            record, dropped = self._sidecar_record(), self._dropped
             self._sidecar_current = True  # until the next write
         try:
-            os.fsync(self._file.fileno())
+            _sync(self._file.fileno())
         except OSError as exc:
             _log.warning('cannot sync %s: %s', self.target, exc)
             with self._lock:
                 self._sidecar_current = False
             return
         with self._lock:
-            if epoch == self.epoch and not self.sealed:  # else the record is another file's
+            if dropped == self._dropped and not self.sealed:
                 self._save_sidecar(record)
+            else:  # the record claims bytes given up since (another version's, a bad piece)
+                self._sidecar_current = False
 
     def record(self) -> bool:
         """Make sure the sidecar is on disk; whether it is."""

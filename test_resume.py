@@ -169,6 +169,31 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
         assert calls[i - 2] == ('fsync', 'f.bin'), calls
 
 
+def test_a_save_never_brings_back_bytes_given_up_during_its_sync(tmp_path, monkeypatch):
+    """A periodic save makes its record, then syncs the data without the
+    lock; bytes given up meanwhile (a bad metalink piece, forgotten and
+    saved at once) must not come back with the older record."""
+    store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
+    store.load()
+    store.set_size(1000)
+    store.open()
+    store.write(0, memoryview(b'x' * 100), store.epoch)      # incomplete: a sidecar first
+    store.write(500, memoryview(b'y' * 100), store.epoch)
+    real = os.fsync
+    forgotten = []
+
+    def sync_while_forgetting(fd):
+        if not forgotten and os.readlink('/proc/self/fd/{}'.format(fd)).endswith('f.bin'):
+            forgotten.append(1)
+            store.forget(0, 100)  # as a connection thread would, meanwhile
+        real(fd)
+    monkeypatch.setattr(os, 'fsync', sync_while_forgetting)
+    store.save()
+    store.close()
+    assert forgotten
+    assert json.loads(sidecar_of(tmp_path / 'f.bin').read_text())['held'] == [[500, 600]]
+
+
 def test_a_disk_that_cannot_sync_costs_the_sidecar_not_the_download(
         server, tmp_path, monkeypatch, caplog):
     """``fsync`` fails (EIO, or ENOSPC that NFS reports only then): the
