@@ -172,14 +172,20 @@ def test_a_mirror_with_corrupt_pieces_is_retired_and_the_file_is_right(make_serv
         assert good.bytes_sent('/f') > 0
 
 
+def two_mirrors(make_server, tmp_path, spoil_at):
+    """Two servers of BIG, the first (ranked first) with the byte at
+    ``spoil_at`` changed, and a metalink of them: ``(first, second, doc)``."""
+    first, second = make_server(), make_server()
+    spoilt = bytearray(BIG)
+    spoilt[spoil_at] ^= 0xFF
+    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
+    return first, second, write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+
+
 def test_a_bad_piece_comes_again_from_another_source(make_server, tmp_path):
     """One bad piece: fetched again from the other mirror, not from the one
     that sent it (which, with one bad piece, stays in use)."""
-    first, second = make_server(), make_server()
-    spoilt = bytearray(BIG)
-    spoilt[3 * PIECE + 100] ^= 0xFF
-    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
-    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    first, second, doc = two_mirrors(make_server, tmp_path, 3 * PIECE + 100)
     d, _ = download(None, tmp_path / 'f', metalink=str(doc))
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
     assert [r.headers.get('Range') for r in first.requests_for('/f')] == [None]
@@ -193,11 +199,7 @@ def test_a_file_is_not_complete_while_its_last_piece_is_being_checked(
     download thread, which looks four times a second, sees every byte held
     meanwhile, but the file is complete only once the piece passed; this one
     fails, and comes again from the other mirror."""
-    first, second = make_server(), make_server()
-    spoilt = bytearray(BIG)
-    spoilt[-10] ^= 0xFF
-    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
-    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    _, second, doc = two_mirrors(make_server, tmp_path, len(BIG) - 10)
     real = bitpit._FileStore.piece_matches
 
     def slowly(store, first_byte, end, *args):
@@ -218,11 +220,7 @@ def test_a_file_is_not_complete_between_its_last_write_and_the_check(
     between its write and the start of the check (preempted): every byte is
     held, no piece is being checked yet, and the file is still not complete
     until its last piece passed."""
-    first, second = make_server(), make_server()
-    spoilt = bytearray(BIG)
-    spoilt[-10] ^= 0xFF
-    url, mirror = first.add('/f', bytes(spoilt)), second.add('/f', BIG)
-    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1), (mirror, 2)])]))
+    _, second, doc = two_mirrors(make_server, tmp_path, len(BIG) - 10)
     real = bitpit._FileStore.write
 
     def write_then_pause(store, offset, data, epoch):
