@@ -985,6 +985,11 @@ class _TokenBucket:
             self._notify_all()
 
 
+def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
+    """Whether any of ``buckets`` limits the rate now."""
+    return any(bucket.rate > 0 for bucket in buckets)
+
+
 class _Pacer:
     """Draws each read from several token buckets (a download's own limit,
     a manager's total) and gives every bucket back exactly what it granted
@@ -998,7 +1003,7 @@ class _Pacer:
     @property
     def limited(self) -> bool:
         """Whether any of its buckets limits the rate now."""
-        return any(bucket.rate > 0 for bucket in self.buckets)
+        return _limited(self.buckets)
 
     def acquire(self, want: int) -> int:
         """Bytes that may be read now (0: cancelled); blocks while limited."""
@@ -3945,7 +3950,7 @@ class _Transfer:
         if victim.reading_to < victim.end:
             floor = victim.reading_to
         elif time.monotonic() - victim.last_bytes_at >= _STALLED_READ or \
-                not any(bucket.rate > 0 for bucket in self.buckets):
+                not _limited(self.buckets):
             floor = victim.end - victim.left()
         else:
             return None
