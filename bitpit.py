@@ -874,6 +874,156 @@ _EMITTER_INIT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
+# threads: workers that run one task after another
+# ---------------------------------------------------------------------------
+
+class _Task:
+    """A function that a ``_Workers`` thread runs as a thread of its own
+    would: ``join``, ``is_alive`` and ``is_current`` answer as they would
+    for that thread. ``thread`` is the worker running it, ``None`` until one
+    takes it up; ``_running`` is held from the moment it is handed over
+    until it returns. Any thread."""
+    __slots__ = ('target', 'name', 'thread', '_running')
+
+    def __init__(self, target: Callable[[], object], name: str):
+        self.target = target
+        self.name = name
+        self.thread: Optional[threading.Thread] = None
+        self._running = threading.Lock()
+        self._running.acquire()
+
+    def is_alive(self) -> bool:
+        """Whether it has not returned yet (also before a worker takes it up)."""
+        return self._running.locked()
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is the one running it."""
+        return self.thread is threading.current_thread()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until it returned, at most ``timeout`` seconds."""
+        if self.is_current():
+            raise RuntimeError('a task cannot join itself')
+        if self._running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._running.release()
+
+    def done(self) -> None:
+        """It returned. Its worker."""
+        self._running.release()
+
+
+class _Workers:
+    """Threads that run tasks (a download's attempt, a connection) one
+    after another, so that each does not pay for a thread of its own:
+    starting and joining a thread costs about 130 us of CPU here, handing a
+    task to a waiting worker about 35 us. A worker is named after its task
+    while it runs it, and ``IDLE_NAME`` while it waits for the next one; it
+    ends after ``IDLE_SECONDS`` without one, and at once when the
+    interpreter shuts down (it waits for the tasks under way, as it would
+    for the threads they replace). ``_lock`` guards ``_tasks``,
+    ``_waiting`` (workers waiting for a task), ``_busy`` (tasks taken up
+    and not returned) and ``_closing``; ``_cond`` is signalled when a task
+    comes, ``_quiet`` when no task runs any more. Any thread may call
+    ``run`` and ``wait_quiet``."""
+    IDLE_SECONDS = 0.5
+    IDLE_NAME = 'bitpit-idle'
+
+    def __init__(self) -> None:
+        self._hooked = False
+        self._after_fork()
+
+    def _after_fork(self) -> None:
+        """Start empty (also in a forked child, where none of the
+        workers exist)."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._quiet = threading.Condition(self._lock)
+        self._tasks: 'collections.deque[_Task]' = collections.deque()
+        self._waiting = 0
+        self._busy = 0
+        self._closing = False
+
+    def run(self, target: Callable[[], object], name: str) -> _Task:
+        """Run ``target`` on a waiting worker, or on a new one."""
+        task = _Task(target, name)
+        with self._lock:
+            if not self._hooked:
+                self._hook()
+            self._tasks.append(task)
+            if len(self._tasks) <= self._waiting:
+                self._cond.notify()
+                return task
+        threading.Thread(target=self._work, name=name, daemon=False).start()
+        return task
+
+    def _hook(self) -> None:
+        """Close when the interpreter shuts down: its idle workers would
+        keep it waiting. ``threading._register_atexit`` (Python 3.9+,
+        what ``concurrent.futures`` uses) runs before the interpreter joins
+        its threads; without it, idle workers end after their wait. Under
+        the lock."""
+        self._hooked = True
+        register = getattr(threading, '_register_atexit', None)
+        if register is not None:
+            try:
+                register(self.close)
+            except RuntimeError:  # already shutting down
+                self._closing = True
+
+    def close(self) -> None:
+        """End the waiting workers now, and each busy one after its task."""
+        with self._lock:
+            self._closing = True
+            self._cond.notify_all()
+
+    def wait_quiet(self, timeout: Optional[float]) -> bool:
+        """Wait at most ``timeout`` seconds until no task runs or waits;
+        whether none does."""
+        with self._lock:
+            return self._quiet.wait_for(lambda: not self._busy and not self._tasks, timeout)
+
+    def _work(self) -> None:
+        """A worker: run tasks while there are any, then wait for more."""
+        me = threading.current_thread()
+        ran = False
+        while True:
+            with self._lock:
+                if ran:
+                    self._busy -= 1
+                    if not self._busy and not self._tasks:
+                        self._quiet.notify_all()
+                if not self._tasks and not self._closing:
+                    self._waiting += 1
+                    me.name = self.IDLE_NAME
+                    deadline = time.monotonic() + self.IDLE_SECONDS
+                    while not self._tasks and not self._closing:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    self._waiting -= 1
+                if not self._tasks:
+                    return
+                task = self._tasks.popleft()
+                self._busy += 1
+            ran = True
+            me.name = task.name
+            task.thread = me
+            try:
+                task.target()
+            except BaseException:  # a task's bug: say so, and go on
+                _log.exception('%s ended with an unexpected error', task.name)
+            finally:
+                me.name = self.IDLE_NAME
+                task.done()
+
+
+_WORKERS = _Workers()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_WORKERS._after_fork)
+
+
+# ---------------------------------------------------------------------------
 # timing: token buckets
 # ---------------------------------------------------------------------------
 
@@ -3403,7 +3553,7 @@ class _Connection:
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
         self.source = source
-        self.thread: Optional[threading.Thread] = None
+        self.thread: Optional[_Task] = None
         self.alive = True
         self.active = False           # holds a claim
         self.pos = self.end = self.reading_to = 0
@@ -3595,7 +3745,7 @@ class _Transfer:
         self.changes = 0
         self.received = 0             # bytes received by every connection
         self.connections: List[_Connection] = []   # the live ones
-        self.threads: List[threading.Thread] = []  # every one started, to join
+        self.threads: List[_Task] = []  # every connection started, to join
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
@@ -3764,11 +3914,9 @@ class _Transfer:
         conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self._claim(conn, *claim)
-        thread = conn.thread = threading.Thread(target=self._serve, args=(conn,),
-                                                name='bitpit-connection', daemon=False)
         self.connections.append(conn)
-        self.threads.append(thread)
-        thread.start()
+        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
+        self.threads.append(conn.thread)
         return True
 
     def _on_slot_freed(self) -> None:
@@ -3881,7 +4029,7 @@ class _Transfer:
         read that a race overtook, a pause before asking a source again),
         and the attempt with them."""
         self.complete = True
-        if any(c.thread is not threading.current_thread() for c in self.connections):
+        if any(c.thread is None or not c.thread.is_current() for c in self.connections):
             self._halt()
         else:
             self._cond.notify_all()
@@ -5310,7 +5458,7 @@ class Downloader(Emitter):
         self._retry_after: Optional[float] = None
         self._restart_streak = 0             # restarts in a row after attempts with no byte
         self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[_Task] = None  # the download thread's attempt
         self._running = False                # the download thread has work left
         self._attempt_over = False
         # who restarts it after an error or a pause, when not itself: a
@@ -5617,7 +5765,7 @@ class Downloader(Emitter):
         the timer always wins."""
         finishing = self._thread
         if finishing is not None and self._attempt_over:
-            if finishing is threading.current_thread():
+            if finishing.is_current():
                 self.restart(0)  # called from a final callback: start once it ends
                 return
             finishing.join()  # it is only emitting its final signals
@@ -5633,9 +5781,7 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stop_event.clear()
-                self._thread = threading.Thread(target=self._run, daemon=False,
-                                                name='bitpit-download')
-                self._thread.start()
+                self._thread = _WORKERS.run(self._run, 'bitpit-download')
         if timer is not None:
             self.emit('restart-time-changed', self)
 
@@ -5652,7 +5798,7 @@ class Downloader(Emitter):
         if thread is not None:
             self._end_stop(thread)
 
-    def _begin_stop(self) -> Optional[threading.Thread]:
+    def _begin_stop(self) -> Optional[_Task]:
         """The first half of ``stop()``, which never waits: tell the thread
         and its connections to stop; the thread to wait for, if any (a
         manager tells all its downloads before it waits for any)."""
@@ -5672,9 +5818,9 @@ class Downloader(Emitter):
             return None
         if transfer is not None:
             transfer.stop()
-        return thread if thread is not threading.current_thread() else None
+        return thread if not thread.is_current() else None
 
-    def _end_stop(self, thread: threading.Thread) -> None:
+    def _end_stop(self, thread: _Task) -> None:
         """The second half of ``stop()``: wait for ``thread`` (about a second
         at most), then seal the file if it is stuck."""
         transfer = self._transfer

@@ -1060,7 +1060,11 @@ def _check_hygiene(request):
     try:
         yield
         deadline = time.monotonic() + HYGIENE_JOIN
-        started = [t for t in threading.enumerate() if t not in before and not t.daemon]
+        # bitpit's workers wait a moment for more work once their task is
+        # done: a waiting one is no leftover, one still at a task is
+        bitpit._WORKERS.wait_quiet(HYGIENE_JOIN)
+        started = [t for t in threading.enumerate() if t not in before and not t.daemon
+                   and t.name != bitpit._Workers.IDLE_NAME]
         for thread in started:
             thread.join(max(0.0, deadline - time.monotonic()))
         problems = []
@@ -1235,11 +1239,12 @@ def bitpit_threads(wait=1.0):
     """bitpit's download, restart and manager threads still alive after
     joining them for at most ``wait`` seconds in all (a restart timer that
     just fired may still be returning); ``wait=0``: those alive right now."""
-    threads = [t for t in threading.enumerate() if t.name.startswith(BITPIT_THREADS)]
     deadline = time.monotonic() + wait
+    bitpit._WORKERS.wait_quiet(wait)  # a worker's task ends, not its thread
+    threads = [t for t in threading.enumerate() if t.name.startswith(BITPIT_THREADS)]
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in threads if t.is_alive()]
+    return [t for t in threads if t.is_alive() and t.name.startswith(BITPIT_THREADS)]
 
 
 def raw(text):

@@ -58,7 +58,8 @@ elapsed = time.perf_counter() - began
 states = {}
 for state in results:
     states[state] = states.get(state, 0) + 1
-left = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+left = sorted(t.name for t in threading.enumerate()  # a waiting worker is no work left
+              if t is not threading.main_thread() and t.name != 'bitpit-idle')
 print(json.dumps({'elapsed_s': elapsed, 'threads_left': len(left), 'thread_names': left[:10],
                   'states': states}), flush=True)
 os._exit(0 if states.get('complete') == len(urls) else 1)

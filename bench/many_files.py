@@ -217,8 +217,9 @@ m.stop_all()
 t1 = time.perf_counter()
 m.stop()
 t2 = time.perf_counter()
-def others():
-    return sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+def others():  # a worker waiting for its next task is no work left
+    return sorted(t.name for t in threading.enumerate()
+                  if t is not threading.main_thread() and t.name != 'bitpit-idle')
 left_at_once = others()
 time.sleep(1.0)
 left_after_1s = others()
@@ -293,10 +294,12 @@ def url_list(tmp: Path, server: Any, names: List[str]) -> Path:
 
 
 def race_contenders(urls: Path, outdir: Path, files: Dict[str, bytes], parallel: int,
-                    args: Any, under_test: common.BitpitUnderTest, server: Any
+                    args: Any, under_test: common.BitpitUnderTest, server: Any,
+                    baseline: Optional[common.BitpitUnderTest] = None
                     ) -> Tuple[List[Contender], Dict[str, str]]:
-    """aria2c, the floors and bitpit for one scenario (the files listed in
-    ``urls``, ``parallel`` at once), all checked file by file."""
+    """aria2c, the floors and bitpit (and the ``baseline`` bitpit, if any)
+    for one scenario (the files listed in ``urls``, ``parallel`` at once),
+    all checked file by file."""
     def python(name: str, code: str, env: Optional[Dict[str, str]] = None,
                *extra: Any) -> Contender:
         return contender(name, common.python_command(code, urls, outdir, parallel, *extra),
@@ -319,19 +322,23 @@ def race_contenders(urls: Path, outdir: Path, files: Dict[str, bytes], parallel:
     if args.threads:
         make.append(('threads', lambda: python('threads', THREADS_CODE)))
     make.append(('bitpit', bitpit))
+    if baseline is not None:
+        make.append(('bitpit baseline', lambda: python(
+            'bitpit baseline', BITPIT_CODE, baseline.env, args.timeout)))
     return common.gather(make)
 
 
 def race(count: int, parallel: int, names: List[str], contents: Dict[str, bytes], tmp: Path,
-         args: Any, under_test: common.BitpitUnderTest, server: Any
-         ) -> Section:
+         args: Any, under_test: common.BitpitUnderTest, server: Any,
+         baseline: Optional[common.BitpitUnderTest] = None) -> Section:
     """One scenario: ``count`` files, ``parallel`` at once. Prints its report
     and returns it."""
     title = '{:,} x {} at {} at once'.format(count, common.fmt_size(args.file_size), parallel)
     common.note('--- {}  (load average {})'.format(title, load_average()))
     files = {name: contents[name] for name in names[:count]}
     contenders, skipped = race_contenders(url_list(tmp, server, names[:count]), tmp / 'out',
-                                          files, parallel, args, under_test, server)
+                                          files, parallel, args, under_test, server,
+                                          baseline)
     outcomes = common.run_interleaved(contenders, args.runs, args.warmup)
     common.derive(outcomes, 'cpu_ms_per_file', lambda run: run['cpu_seconds'] / count * 1e3)
     common.derive(outcomes, 'files_per_s', lambda run: count / run['seconds'])
@@ -358,7 +365,9 @@ def race(count: int, parallel: int, names: List[str], contents: Dict[str, bytes]
         ('floor/aria2c wall', 'floor', 'aria2c', 'seconds'),
         ('floor/aria2c CPU', 'floor', 'aria2c', 'cpu_seconds'),
         ('threads/floor CPU', 'threads', 'floor', 'cpu_seconds'),
-        ('bitpit/threads CPU', 'bitpit', 'threads', 'cpu_seconds')]]
+        ('bitpit/threads CPU', 'bitpit', 'threads', 'cpu_seconds'),
+        ('bitpit/baseline wall', 'bitpit', 'bitpit baseline', 'seconds'),
+        ('bitpit/baseline CPU', 'bitpit', 'bitpit baseline', 'cpu_seconds')]]
     print('(for information: {})'.format(', '.join(
         '{} {:.2f}'.format(label, value) for label, value in info if value is not None)))
     print('\n'.join(goal.line() for goal in goals))
@@ -523,7 +532,7 @@ def int_list(text: str) -> List[int]:
 
 
 def main(argv=None) -> int:
-    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3)
+    parser = common.base_parser(__doc__.split('\n\n')[0], runs=3, baseline=True)
     parser.add_argument('--files', type=int_list, default=[500, 3000],
                         help='files per scenario, comma-separated (default 500,3000; '
                              'issue 24 also names 10000)')
@@ -559,6 +568,8 @@ def main(argv=None) -> int:
     sections: List[Section] = []
     with common.workspace(args.tmp) as tmp:
         under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager')
+        baseline = common.load_bitpit(args.baseline, tmp, 'Downloader', 'Manager',
+                                      lib_name='baseline') if args.baseline else None
         if 'race' in modes or 'profile' in modes:
             docroot = tmp / 'www'
             docroot.mkdir()
@@ -572,7 +583,7 @@ def main(argv=None) -> int:
                 for count in args.files if 'race' in modes else []:
                     for parallel in args.parallel:
                         sections.append(race(count, parallel, names, contents, tmp, args,
-                                             under_test, server))
+                                             under_test, server, baseline))
                 if 'profile' in modes:
                     profile(names, tmp, args, under_test, server)
         for mode in ('add', 'stop'):

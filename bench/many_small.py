@@ -55,7 +55,8 @@ m.stop()
 states = {}
 for d in m.downloads:
     states[d.state] = states.get(d.state, 0) + 1
-left = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+left = sorted(t.name for t in threading.enumerate()  # a waiting worker is no work left
+              if t is not threading.main_thread() and t.name != 'bitpit-idle')
 print(json.dumps({'elapsed_s': elapsed, 'threads_left': len(left), 'thread_names': left[:10],
                   'states': states}), flush=True)
 os._exit(0 if finished and states.get('complete') == len(urls) else 1)
