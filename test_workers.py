@@ -1,0 +1,111 @@
+"""bitpit's threads are pooled workers: a download's attempt and each of
+its connections run on a worker, which waits a moment for its next task
+under the name ``bitpit-idle`` and then ends; the interpreter's shutdown
+ends the waiting ones at once but waits for the work under way, and a
+forked child starts with no worker of its parent's."""
+import multiprocessing
+import threading
+
+import pytest
+
+import bitpit
+from conftest import DATA, bitpit_threads, download, run_program
+
+
+def _download_thread(server, path):
+    """The thread that ran a whole download's callbacks."""
+    threads = set()
+    d = bitpit.Downloader(server.url('/data.bin'), path=path)
+    d.listen('state-changed', lambda d, old: threads.add(threading.current_thread()))
+    d.start()
+    assert d.wait(30) and d.state == 'complete'
+    d.join(5)
+    thread, = threads
+    return thread
+
+
+def test_a_download_after_another_runs_on_the_same_worker(server, tmp_path):
+    server.add('/data.bin', DATA)
+    first = _download_thread(server, tmp_path / 'a.bin')
+    # its attempt is over: the worker waits for the next one, renamed
+    assert first.is_alive() and first.name == bitpit._Workers.IDLE_NAME
+    waiting = {t for t in threading.enumerate() if t.name == bitpit._Workers.IDLE_NAME}
+    second = _download_thread(server, tmp_path / 'b.bin')
+    assert second in waiting, 'no thread started for a second download'
+    assert (tmp_path / 'b.bin').read_bytes() == DATA
+    assert bitpit_threads() == []
+
+
+def test_a_waiting_worker_ends_after_its_wait(server, tmp_path):
+    server.add('/data.bin', DATA)
+    thread = _download_thread(server, tmp_path / 'a.bin')
+    thread.join(bitpit._Workers.IDLE_SECONDS + 10)
+    assert not thread.is_alive()
+
+
+def test_a_task_runs_under_its_name_and_join_waits_for_it():
+    release = threading.Event()
+    seen = []
+
+    def task():
+        seen.append(threading.current_thread().name)
+        release.wait(10)
+
+    running = bitpit._WORKERS.run(task, 'bitpit-download')
+    running.join(0.05)
+    assert running.is_alive() and not running.is_current()
+    release.set()
+    running.join(10)
+    assert not running.is_alive() and seen == ['bitpit-download']
+    assert bitpit._WORKERS.wait_quiet(10)
+
+
+@pytest.mark.allow_error_log('bitpit-connection ended with an unexpected error')
+def test_a_task_that_raises_is_logged_and_its_worker_goes_on():
+    def broken():
+        raise RuntimeError('a bug')
+
+    bitpit._WORKERS.run(broken, 'bitpit-connection').join(10)
+    after = bitpit._WORKERS.run(lambda: None, 'bitpit-connection')
+    after.join(10)
+    assert not after.is_alive()
+
+
+def test_the_interpreter_waits_for_a_download_but_not_for_waiting_workers(
+        server, tmp_path):
+    """The main thread ends while the download runs: the program waits for
+    it, as for the thread it once had, and then exits although its worker
+    would wait far longer for a next task."""
+    server.add('/data.bin', DATA, throttle=len(DATA) * 4)  # about a quarter second
+    program = (
+        'import bitpit\n'
+        'bitpit._Workers.IDLE_SECONDS = 600\n'
+        'bitpit.Downloader(URL, path="out.bin").start()\n')
+    done = run_program(program, server.url('/data.bin'), tmp_path, tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'out.bin').read_bytes() == DATA
+
+
+def _child_download(url, path, result):
+    d = bitpit.Downloader(url, path=path)
+    d.start()
+    result.put(d.wait(30))
+    d.join(5)
+
+
+@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
+                    reason='no fork on this system')
+def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
+    server.add('/data.bin', DATA)
+    _download_thread(server, tmp_path / 'parent.bin')  # the parent has a waiting worker
+    context = multiprocessing.get_context('fork')
+    result = context.Queue()
+    child = context.Process(target=_child_download,
+                            args=(server.url('/data.bin'), tmp_path / 'child.bin', result))
+    child.start()
+    try:
+        assert result.get(timeout=30) is True
+    finally:
+        child.join(30)
+    assert child.exitcode == 0
+    assert (tmp_path / 'child.bin').read_bytes() == DATA
