@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import bitpit
-from conftest import DATA, bitpit_threads, download, run_program
+from conftest import DATA, bitpit_threads, run_program
 
 
 def _download_thread(server, path):
