@@ -198,7 +198,7 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
                                 chunk_size=65536, buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=0, rename_in=None,
                                 gzip_name=False)
-    transfer.total = 100
+    transfer.planner.total = 100
     store.held = bitpit._Ranges([(0, 50)])
     store._snap()
     slow = bitpit._Connection(0, transfer.sources[0], 65536)
@@ -230,9 +230,9 @@ def test_a_free_connection_does_not_spin_waiting_for_a_race(server, tmp_path, mo
     under a total limit, a read that has not stalled), is no reason to
     look again every millisecond."""
     looks = []
-    real = bitpit._Transfer._rate_due
-    monkeypatch.setattr(bitpit._Transfer, '_rate_due',
-                        lambda transfer, racer: looks.append(1) or real(transfer, racer))
+    real = bitpit._Planner.rate_due
+    monkeypatch.setattr(bitpit._Planner, 'rate_due',
+                        lambda planner, racer: looks.append(1) or real(planner, racer))
     url = server.add('/f', BIG)
     m = bitpit.Manager(rate_limit=4 * MiB)
     d = m.add(bitpit.Downloader(url, tmp_path / 'f.bin', connections=4))
@@ -254,7 +254,7 @@ def test_min_speed_never_fails_a_file_whose_every_byte_is_held(tmp_path):
                                 chunk_size=65536, buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=10 ** 6,
                                 rename_in=None, gzip_name=False)
-    transfer.probed, transfer.total = True, 100
+    transfer.probed, transfer.planner.total = True, 100
     transfer._samples.append((0.0, 0))         # nothing received for a second and more
     store.held = bitpit._Ranges([(0, 100)])
     transfer.look(2.0)
