@@ -376,6 +376,99 @@ def test_the_cpu_time_of_the_calling_thread_is_told():
 
 
 # ---------------------------------------------------------------------------
+# the planner alone: which range a free connection takes, fed a state
+# ---------------------------------------------------------------------------
+
+def planner_of(tmp_path, total, held=(), limit=0):
+    """The planner of a split file of ``total`` bytes of which ``held`` are
+    held, under a download limit of ``limit`` bytes/s (0: none)."""
+    store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
+    store.held = bitpit._Ranges(list(held))
+    store._snap()
+    planner = bitpit._Planner(store, [], 4, (bitpit._TokenBucket(limit),))
+    planner.total, planner.segmented = total, True
+    return planner
+
+
+def connection(planner, claim=None, reading_to=None, rate=None, last_rate=0.0):
+    """A connection of ``planner``: fetching ``claim`` (``(start, end, pos)``)
+    with a read under way to ``reading_to`` (else to ``pos``), for a second
+    at ``rate`` bytes/s, its last byte just now; else free, its last
+    request having come at ``last_rate``."""
+    conn = bitpit._Connection(len(planner.connections),
+                              bitpit._Source('http://127.0.0.1:1/f', None), 65536)
+    conn.last_rate = last_rate
+    if claim is not None:
+        start, end, pos = claim
+        planner.claim(conn, start, end)
+        conn.pos = pos
+        conn.reading_to = pos if reading_to is None else reading_to
+    if rate is not None:
+        conn.job_began, conn.job_bytes = time.monotonic() - 1.0, int(rate)
+        conn.last_bytes_at = time.monotonic()
+    planner.connections.append(conn)
+    return conn
+
+
+@pytest.mark.parametrize('pos, split_at', [(2 * MiB, 5 * MiB),   # 6 MiB left: halved
+                                           (13 * MiB // 2, None)],  # 1.5 MiB: no part < 1 MiB
+                         ids=['halved', 'too-small'])
+def test_the_planner_splits_what_a_connection_has_left_in_two(tmp_path, pos, split_at):
+    """Nothing unclaimed: a free connection takes the upper half of what
+    the only other one has yet to read, which then ends there."""
+    planner = planner_of(tmp_path, 8 * MiB, held=[(0, pos)])
+    busy = connection(planner, claim=(0, 8 * MiB, pos))
+    free = connection(planner)
+    assert planner.has_work() == (split_at is not None)
+    assert planner.choose(free) == (split_at is not None)
+    if split_at is None:
+        assert not free.active and busy.end == 8 * MiB
+    else:
+        assert (free.pos, free.end, free.active) == (split_at, 8 * MiB, True)
+        assert busy.end == split_at
+
+
+@pytest.mark.parametrize('total, taken, shrunk', [
+    (16 * MiB, (17 * MiB // 2, 12 * MiB), 17 * MiB // 2),  # the 7 MiB of a claim
+    (32 * MiB, (22 * MiB, 32 * MiB), 12 * MiB)],    # the 20 MiB at the end
+    ids=['a-claim', 'a-free-range'])
+def test_the_planner_takes_over_the_upper_half_of_the_largest_range_left(
+        tmp_path, total, taken, shrunk):
+    """Two connections have 1 MiB and 7 MiB of their claims left; the one
+    with 7 MiB continues into the free range after it. A free connection
+    takes over the upper half of the largest of the three."""
+    planner = planner_of(tmp_path, total, held=[(0, 3 * MiB), (4 * MiB, 5 * MiB)])
+    small = connection(planner, claim=(3 * MiB, 4 * MiB, 3 * MiB))
+    large = connection(planner, claim=(4 * MiB, 12 * MiB, 5 * MiB))
+    free = connection(planner)
+    assert planner.choose(free)
+    assert (free.pos, free.end) == taken
+    assert (small.end, large.end) == (4 * MiB, shrunk)
+
+
+@pytest.mark.parametrize('rate, reading_to, limit, raced', [
+    (100 * 1024, None, 0, True),            # a tenth of the racer's speed
+    (6 * MiB, None, 0, False),              # more than half of it
+    (100 * 1024, 2 * MiB, 0, True),         # its read waits for all it has left
+    (100 * 1024, 2 * MiB, 64 * MiB, False)],  # ... and a limit counts bytes twice
+    ids=['far-slower', 'not-far-slower', 'its-read', 'its-read-under-a-limit'])
+def test_the_planner_races_a_far_slower_connection_for_its_last_block(
+        tmp_path, rate, reading_to, limit, raced):
+    """Nothing is left to split (1 MiB): a free connection whose last
+    request came at 10 MiB/s races a connection that is far slower, for
+    the last block of its claim, which then ends there."""
+    planner = planner_of(tmp_path, 2 * MiB, held=[(0, MiB)], limit=limit)
+    slow = connection(planner, claim=(MiB, 2 * MiB, MiB), reading_to=reading_to, rate=rate)
+    free = connection(planner, last_rate=10 * MiB)
+    assert planner.choose(free) == raced
+    if raced:
+        assert (free.pos, free.end) == (2 * MiB - 256 * 1024, 2 * MiB)
+        assert slow.end == free.pos
+    else:
+        assert not free.active and slow.end == 2 * MiB
+
+
+# ---------------------------------------------------------------------------
 # one range failing
 # ---------------------------------------------------------------------------
 
