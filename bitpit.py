@@ -3535,12 +3535,13 @@ class _Setup:
 
 class _Planner:
     """Which range of the file each connection of a transfer fetches next.
-    It owns the claims (each connection's ``[pos, end)``) and the state of
-    the split: the file's size, whether it comes in ranged pieces and how
-    big (``_PieceSizer``), the share-out, the judge of what limits the
-    probe, the fastest rate so far (what a racer would make). It reads the
-    store's held ranges and the connections' positions and touches neither
-    sockets nor files, so a state fed to it tells what it decides.
+    It owns the claims (each connection's ``[pos, end)``: it sets and cuts
+    them, the pump advances ``pos`` as bytes land) and the state of the
+    split: the file's size, whether it comes in ranged pieces and how big
+    (``_PieceSizer``), the share-out, the judge of what limits the probe,
+    the fastest rate so far (what a racer would make). It reads the store's
+    held ranges and the connections' positions and touches neither sockets
+    nor files, so a state fed to it tells what it decides.
 
     Guarded by the transfer's ``_cond``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
