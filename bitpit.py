@@ -4413,6 +4413,8 @@ class _Transfer:
                 conn.buffer = memoryview(b'')
                 self._cond.notify_all()
 
+    # -- the answers: what each says about the file, asked by the pump ----------------
+
     def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
                 request: _Request) -> Tuple[Optional[int], Optional[_Setup]]:
         """Judge ``answer`` for ``conn``'s claim and plan its body. Returns
