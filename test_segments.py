@@ -468,6 +468,25 @@ def test_the_planner_races_a_far_slower_connection_for_its_last_block(
         assert not free.active and slow.end == 2 * MiB
 
 
+def test_the_planner_shares_out_the_missing_bytes_in_equal_parts(tmp_path, monkeypatch):
+    """7 MiB missing around a held 1 MiB, four connections: parts of 1.75
+    MiB. The probe keeps the first (its open-ended request ends after a
+    piece), a new connection is to start on each of the next three (one
+    cut short by the held range), and the rest goes to whichever
+    connection is free first."""
+    monkeypatch.setattr(bitpit, '_thread_cpu', lambda: None)  # no judging: at once
+    planner = planner_of(tmp_path, 9 * MiB, held=[(0, MiB), (5 * MiB, 6 * MiB)])
+    planner.segmented = False
+    probe = connection(planner)
+    planner.claim(probe, MiB, None, open_ended=True)
+    probe.request_end = 9 * MiB
+    assert planner.split(probe, 0) and planner.segmented
+    part = 7 * MiB // 4
+    assert planner.share_out(probe) == [(MiB + part, MiB + 2 * part),
+                                        (MiB + 2 * part, 5 * MiB), (6 * MiB, 6 * MiB + part)]
+    assert (probe.end, probe.request_end, probe.open_ended) == (MiB + part, 2 * MiB, False)
+
+
 # ---------------------------------------------------------------------------
 # one range failing
 # ---------------------------------------------------------------------------
