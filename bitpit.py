@@ -3681,278 +3681,40 @@ class _Setup:
         self.segmented = segmented
 
 
-class _Transfer:
-    """One attempt of a download: ask for the bytes not yet held, check each
-    answer against what was asked, and write every body where it belongs,
-    over up to ``connections`` connection threads spread over the sources.
+# -- the planner: which range each connection fetches next -----------------------
 
-    The first request is the probe (``Range: bytes=FIRST-``). Its answer
-    says whether the file may be split: with a 206 and a known size, the
-    probe's first hundredth of a second tells whether the link or the CPU
-    limits it (``_LimitJudge``, in the probe's thread). Then the missing
-    bytes are shared out in equal parts, fetched in ranged pieces, over
-    ``connections`` connections if the link limits it; if the CPU does, the
-    probe goes on alone, judged again every quarter of a second. A
-    connection that finishes takes over the upper half of the largest range
-    left, or, when nothing is left to split, races a far slower connection
-    for the end of its range, block by block from the far end. Everything
-    else (no range support, an unknown size, a file object) is the same
-    engine with one connection. The probe's source is the reference: a
-    change of the file there (or of a source's own validator) starts the
-    file over; another source that disagrees is retired.
+class _Planner:
+    """Which range of the file each connection of a transfer fetches next.
+    It owns the claims (each connection's ``[pos, end)``: it sets and cuts
+    them, the pump advances ``pos`` as bytes land) and the state of the
+    split: the file's size, whether it comes in ranged pieces and how big
+    (``_PieceSizer``), the share-out, the judge of what limits the probe,
+    the fastest rate so far (what a racer would make). It reads the store's
+    held ranges and the connections' positions and touches neither sockets
+    nor files, so a state fed to it tells what it decides.
 
-    The download thread calls ``start``, ``wait``, ``look``, ``stop`` and
-    ``result``; connection threads run ``_serve`` and never call user code.
-    ``_cond`` guards the claims, the sources, the events and the state of
-    the split (``segmented``, ``judging``, ``_share_basis``); no file is
-    read or reserved under it, and ``stop()`` never waits for it."""
+    Guarded by the transfer's ``_cond``: like the ``_put`` and ``_get`` of
+    CPython's ``queue.Queue`` under its ``mutex``, every method is called
+    with that lock held (by the download thread or a connection thread), and
+    none takes a lock or waits."""
 
-    def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
-                 connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
-                 checksum: Optional[Tuple[str, str]], max_size: Optional[int],
-                 min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
-                 conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
-                 expected_size: Optional[int] = None,
-                 piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self._cond = threading.Condition(threading.Lock())
+    def __init__(self, store: _FileStore, connections: List[_Connection], wanted: int,
+                 buckets: Tuple[_TokenBucket, ...]):
         self.store = store
-        self.options = options
-        self.sources = [_Source(url, store.validators.get(url)) for url in urls]
-        self.connections_wanted = connections
-        self.chunk_size = chunk_size
-        self.buckets = buckets              # the download's own first
-        self.checksum = checksum
-        self.max_size = max_size
-        self.min_speed = min_speed
-        self.rename_in = rename_in
-        self.gzip_name = gzip_name          # the target's name ends in .gz or .tgz
-        self.conditions = conditions        # If-None-Match/-Modified-Since of the probe
-        self.unchanged = False              # the probe's answer was 304 Not Modified
-        self.file_dates: Tuple[Optional[str], Optional[str]] = (None, None)  # ETag, date
-        self.cancel = _Cancel()
+        self.connections = connections  # the transfer's live ones (the same list)
+        self.connections_wanted = wanted
+        self.buckets = buckets        # a race under a limit waits for a stall
         self.total: Optional[int] = store.size if store.size >= 0 else None
-        self.probed = False           # the first answer is in
-        self.prober: Optional[_Connection] = None  # the connection probing now
-        self.reference: Optional[_Source] = None   # the source the probe's answer came from
         self.segmented = False        # the file comes in ranged pieces
         self.judging: Optional[_Connection] = None  # the probe, until it is shared out
-        self._limit: Optional[_LimitJudge] = None   # what limits it: the probe's thread's
+        self.limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
         self._share_basis = (0, 0)    # where the probe began, and the bytes missing then
-        self.ranged = True            # ranges may be asked for (not for an encoded body)
-        self.ranges_work = False      # a source answered a range with its part
         self.pieces = _PieceSizer()
         self.best_rate = 0.0          # bytes per second of the fastest request so far
-        self.changes = 0
-        self.received = 0             # bytes received by every connection
-        self.connections: List[_Connection] = []   # the live ones
-        self.threads: List[_Task] = []  # every connection started, to join
-        self.events: List[Tuple[str, Any]] = []
-        self.slot_freed = False       # a host slot freed since the last look for one
-        self.complete = False
-        self.error: Optional[BaseException] = None
-        self._shown = 0               # the most bytes ``downloaded`` said
-        self._began = time.monotonic()
-        self._next_look = 0.0
-        self._next_save = 0.0
-        self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
-        self.verify_digest = verify_digest
-        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
-        self.expected_size = expected_size  # the size every source must have (a metalink's)
-        # a metalink's piece hashes, checked as pieces land (in a file path only)
-        self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
-            else None
-        if self.piece_hashes is not None:
-            store.read_back = True
 
-    # -- the download thread's side ------------------------------------------------
-
-    def start(self) -> None:
-        """Start the probe's connection. Download thread."""
-        self.buckets[0].drain()  # the download's own limit paces from now on
-        with self._cond:
-            self._spawn()
-
-    def wait(self, timeout: float) -> List[Tuple[str, Any]]:
-        """Wait up to ``timeout`` for something to report, then return the
-        events since the last call: ``('size', total)``, ``('path',
-        target)``, ``('download', None)``, ``('restart', None)``. Download
-        thread."""
-        with self._cond:
-            if not self.events and not self.finished and not self.slot_freed:
-                self._cond.wait(timeout)
-            self._keep_going()
-            events, self.events = self.events, []
-            return events
-
-    @property
-    def finished(self) -> bool:
-        """Complete, failed or stopped, and no connection thread left."""
-        return (self.complete or self.error is not None or self.cancel.is_set()) and \
-            not self.connections
-
-    @property
-    def downloaded(self) -> int:
-        """Bytes held, including the ones still in connection buffers but
-        for those held already (a racer's, when the one it raced wrote
-        them first); it only grows (but for a start over). Any thread."""
-        held = self.store.snapshot
-        shown = self.store.held.total
-        for c in list(self.connections):
-            pending, start = c.pending, c.pos
-            if pending:
-                shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
-                                       for first, end in held)
-        total = self.total
-        if total is not None:  # two buffers may hold the same bytes of a race
-            shown = min(shown, total)
-        if shown > self._shown:
-            self._shown = shown
-        return self._shown
-
-    def look(self, now: float) -> None:
-        """Regular bookkeeping: ``min_speed``, more connections where they
-        would help (a race), the sidecar. Download thread, about four times
-        a second."""
-        if now < self._next_look:
-            return
-        with self._cond:
-            self._next_look = now + 0.25
-            self._check_min_speed(now)
-            self._keep_going()
-        if now >= self._next_save:
-            self._next_save = now + _SIDECAR_PERIOD
-            self.store.save()
-
-    def _check_min_speed(self, now: float) -> None:
-        """Fail the attempt (``StalledError``) when it received less than
-        ``min_speed`` bytes per second over the last ``timeout`` seconds;
-        never once every byte is held (its last ones may have landed since
-        the transfer was last looked at)."""
-        if not self.min_speed or self.complete or self._is_complete():
-            return
-        window = self.options.timeout
-        samples = self._samples
-        samples.append((now, self.received))
-        while len(samples) > 1 and samples[1][0] <= now - window:
-            samples.popleft()
-        since, received = samples[0]
-        if now - since >= window and (self.received - received) / (now - since) < self.min_speed:
-            self._end(StalledError('slower than {} bytes/s for {} s'.format(
-                self.min_speed, window)))
-
-    def stop(self) -> None:
-        """End every connection now. Any thread; never waits for a lock
-        another thread may hold."""
-        self.cancel.cancel()
-        for bucket in self.buckets:
-            bucket.wake()
-        if self._cond.acquire(blocking=False):  # else its holder will look soon
-            try:
-                self._cond.notify_all()
-            finally:
-                self._cond.release()
-
-    def result(self) -> None:
-        """Once finished: join the connection threads, then return if every
-        byte is held (after the checksum check), or raise the attempt's error
-        (``_Stopped`` for a stop). Download thread."""
-        for thread in self.threads:
-            thread.join()
-        try:
-            if self.error is not None:
-                raise self.error
-            if not self.complete:
-                raise _Stopped
-            if not self.unchanged:
-                etag, date = self.file_dates
-                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
-        finally:
-            if not self.complete or self.error is not None:
-                self.store.save()
-            self.store.close()
-
-    # -- decisions, under the lock ---------------------------------------------------
-
-    def _keep_going(self) -> None:
-        """After a change: more connections where there is work for them; the
-        verdict when no connection is left and the file is incomplete."""
-        self.slot_freed = False
-        if self.complete or self.error is not None or self.cancel.is_set():
-            return
-        live = len(self.connections)
-        if not self.probed:
-            if not live:
-                self._spawn()
-            return
-        if self._is_complete():
-            self._complete()
-            return
-        wanted = self.connections_wanted if self.segmented and self.judging is None else 1
-        while live < wanted and self._has_work():
-            if not self._spawn():
-                break
-            live += 1
-        if not live:
-            self._end(self._verdict())
-
-    def _has_work(self) -> bool:
+    def has_work(self) -> bool:
         """Whether a new connection would find a range to fetch."""
         return self._pick(None) is not None
-
-    def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
-        """Start a connection thread (with ``claim`` to fetch, else it asks
-        for a range); its source is the next usable one in turn."""
-        usable = [s for s in self.sources if s.usable]
-        if not usable:
-            return False
-        number = len(self.threads)
-        source = usable[number % len(usable)]
-        slots = self.options.slots
-        if slots is not None and self.connections and \
-                not slots.spare(_host_key(source.url), self._on_slot_freed):
-            return False  # one more connection would pass the manager's cap: later
-        conn = _Connection(number, source, self.chunk_size)
-        if claim is not None:
-            self._claim(conn, *claim)
-        self.connections.append(conn)
-        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
-        self.threads.append(conn.thread)
-        return True
-
-    def _on_slot_freed(self) -> None:
-        """A host slot this transfer wanted freed: look again for work for
-        one more connection. Called by ``_HostSlots`` from a thread that
-        holds no lock."""
-        with self._cond:
-            self.slot_freed = True
-            self._cond.notify_all()
-
-    def _end(self, error: BaseException) -> None:
-        """The attempt fails with ``error``: stop the other connections."""
-        if self.error is None:
-            self.error = error
-        self._halt()
-
-    def _halt(self) -> None:
-        """Stop every connection: abort its request, wake it from a token
-        bucket, a pause or a wait for work."""
-        self.cancel.cancel()
-        for bucket in self.buckets:
-            bucket.wake()
-        self._cond.notify_all()
-
-    def _verdict(self) -> Error:
-        """Why the file cannot be completed from any source: the error of
-        the first source that failed permanently when all did, else the
-        last transient one."""
-        errors = [s.retired for s in self.sources if s.retired is not None]
-        if len(errors) == len(self.sources) and all(not e.retryable for e in errors):
-            return errors[0]
-        transient = [s.last_error for s in self.sources if s.last_error is not None
-                     and s.last_error.retryable]
-        if transient:
-            return transient[-1]
-        return errors[-1] if errors else ProtocolError('the download stopped short')
 
     def _free(self) -> List[Tuple[int, int]]:
         """The missing ranges no connection has claimed."""
@@ -3970,40 +3732,7 @@ class _Transfer:
                 return c
         return None
 
-    def _next_job(self, conn: _Connection) -> bool:
-        """Claim the next range for ``conn``; ``False`` when there is none."""
-        with self._cond:
-            conn.active = False
-            conn.superseded = False
-            if self.complete or self.error is not None or self.cancel.is_set():
-                return False
-            if self.probed and self._is_complete():
-                self._complete()
-                return False
-            if not conn.source.usable:
-                return False
-            if not self.probed:
-                if self.prober is not None:
-                    return False
-                self.prober = conn
-                return self._claim(conn, *self._first_gap(), open_ended=True)
-            while not self._choose(conn):
-                # nothing for it now; a request too young to tell whether
-                # it is far slower may be worth racing in a moment
-                due = self._rate_due(conn)
-                if due is None:
-                    return False
-                self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
-                if self.complete or self.error is not None or self.cancel.is_set():
-                    return False
-                if self._is_complete():
-                    self._complete()
-                    return False
-                if not conn.source.usable:
-                    return False
-            return True
-
-    def _first_gap(self) -> Tuple[int, Optional[int]]:
+    def first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
         end_of_file = self.total if self.total is not None else _UNKNOWN_END
@@ -4013,29 +3742,10 @@ class _Transfer:
         start, end = gaps[0]
         return start, (end if end < _UNKNOWN_END else None)
 
-    def _is_complete(self) -> bool:
-        """Every byte is held (a read still under way only brings them
-        again) and, with piece hashes, every piece passed its check (a bad
-        one is fetched again; one just written is checked after its write),
-        or the server said the file is unchanged."""
-        if self.unchanged:
-            return not any(c.active for c in self.connections)
-        pieces = self.piece_hashes
-        return self.total is not None and self.store.held.total >= self.total and \
-            (pieces is None or len(pieces.good) >= len(pieces.digests))
-
-    def _complete(self) -> None:
-        """The file is whole: end the connections still at work (a slow
-        read that a race overtook, a pause before asking a source again),
-        and the attempt with them."""
-        self.complete = True
-        if any(c.thread is None or not c.thread.is_current() for c in self.connections):
-            self._halt()
-        else:
-            self._cond.notify_all()
-
-    def _claim(self, conn: _Connection, start: int, end: Optional[int],
-               open_ended: bool = False) -> bool:
+    def claim(self, conn: _Connection, start: int, end: Optional[int],
+              open_ended: bool = False) -> bool:
+        """``conn`` fetches ``[start, end)`` (``end`` ``None``: to the end
+        of the file)."""
         conn.pos = conn.reading_to = start
         conn.end = end if end is not None else (self.total if self.total is not None else _UNKNOWN_END)
         conn.open_ended = open_ended
@@ -4043,7 +3753,7 @@ class _Transfer:
         conn.active = True
         return True
 
-    def _choose(self, conn: _Connection) -> bool:
+    def choose(self, conn: _Connection) -> bool:
         """Claim for ``conn`` the range ``_pick`` finds, if any."""
         pick = self._pick(conn)
         if pick is None:
@@ -4051,9 +3761,7 @@ class _Transfer:
         start, end, shrunk = pick
         if shrunk is not None:
             shrunk.end = start
-        if self.piece_hashes is not None:
-            self._avoid_bad_source(conn, start)
-        return self._claim(conn, start, end, open_ended=self.total is None)
+        return self.claim(conn, start, end, open_ended=self.total is None)
 
     def _pick(self, conn: Optional[_Connection]
               ) -> Optional[Tuple[int, Optional[int], Optional[_Connection]]]:
@@ -4142,7 +3850,7 @@ class _Transfer:
                 left += end - start
         return left
 
-    def _rate_due(self, racer: _Connection) -> Optional[float]:
+    def rate_due(self, racer: _Connection) -> Optional[float]:
         """When the youngest other request that might be raced and is still
         too young to tell its rate has run long enough; ``None`` when there
         is none (or no racer speed to compare it with). Those whose rate is
@@ -4156,6 +3864,665 @@ class _Transfer:
                and c.job_began + _RATE_AGE > now]
         return min(due) if due else None
 
+    def judge(self, probe: _Connection, now: float, received: int) -> bool:
+        """Whether to share the file out now (``share_out``), ``received``
+        bytes having come in all: once the probe's reads show that the link
+        limits it; while the CPU does, the probe goes on alone (more
+        connections would compete for CPU time, with the server too when it
+        is local), judged again later. The probe's thread, between two
+        reads."""
+        assert self.limit is not None  # set with judging
+        if self.limit.cpu_bound(now, received) is not False:
+            return False
+        self.judging = None
+        probe.reading_to = probe.pos + probe.pending  # between reads: none under way
+        return True
+
+    def share_out(self, probe: _Connection) -> List[Tuple[int, int]]:
+        """Split the bytes missing when the probe began into equal parts,
+        one per connection: the probe keeps the first (or what it already
+        got into), a new connection starts on each of the others, and parts
+        left over go to whichever connection is free first. The probe's
+        open-ended request ends after its first piece, or at once if it got
+        further: like every piece, the next ones are asked for with a fresh
+        request (a server that gives each request a burst gives it again).
+        Returns the parts for new connections, in the order to start them.
+        The probe's thread."""
+        began, missing = self._share_basis
+        parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
+        share = -(-missing // parts)
+        probe.end = max(probe.reading_to, min(probe.end, began + share))
+        if probe.open_ended:
+            probe.request_end = max(probe.reading_to, began + self.pieces.size)
+            probe.open_ended = False  # its next requests ask for pieces
+        probe.request_end = min(probe.request_end, probe.end)
+        claims: List[Tuple[int, int]] = []
+        live = len(self.connections)
+        for start, end in self._free():
+            while start < end and live + len(claims) < parts:
+                claims.append((start, min(end, start + share)))
+                start += share
+        return claims
+
+    def missing(self) -> int:
+        """Bytes not held yet (once the size is known)."""
+        assert self.total is not None
+        return self.total - self.store.held.total
+
+    def request_end(self, conn: _Connection) -> int:
+        """Where ``conn``'s next request ends: after a piece of its claim
+        when the file is split, else at the claim's end."""
+        piece = self.pieces.piece_for(conn, self.missing()) if self.segmented \
+            else _UNKNOWN_END
+        return min(conn.end, conn.pos + piece)
+
+    def done(self, conn: _Connection, first: int, now: float) -> None:
+        """``conn``'s request from ``first`` ended ``now``: its rate, what
+        the piece sizer learns from it, and the end of its claim if it
+        got all of it."""
+        seconds = now - conn.job_began
+        if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
+            conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
+            self.best_rate = max(self.best_rate, conn.last_rate)
+        if self.segmented:
+            self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
+        if conn.pos >= conn.end:  # the claim is done
+            conn.active = False
+            conn.last_end = conn.pos
+
+    def set_total(self, total: Optional[int]) -> None:
+        """The file has ``total`` bytes (``None``: unknown): no claim goes
+        past its end, but for a read under way."""
+        self.total = total
+        if total is not None:
+            for c in self.connections:
+                c.end = min(c.end, max(total, c.reading_to))
+
+    def start_over(self) -> None:
+        """The file starts over: its size is unknown and it is not split
+        until the probe's answer says so again."""
+        self.total = None
+        self.segmented = False
+        self.judging = None
+
+    def split(self, probe: _Connection, received: int) -> bool:
+        """The file comes in ranged pieces: the bytes missing now are shared
+        out from ``probe``'s position, once its first reads tell what
+        limits it (``judge``; ``received`` bytes came in all so far), or
+        at once (``True``: ``share_out`` now) where the CPU time of a
+        thread cannot be told. The probe's thread."""
+        self.segmented = True
+        self._share_basis = (probe.pos, self.missing())
+        cpu = _thread_cpu()
+        if cpu is None:  # no telling what limits it: share out now
+            return True
+        self.judging = probe  # its first reads tell
+        self.limit = _LimitJudge(time.monotonic(), cpu, received)
+        return False
+
+
+# -- the pump: a connection's requests and their bodies into the file ----------
+
+class _Pump:
+    """Moves the bytes of a transfer: a request for a connection's claim,
+    its answer judged by the transfer, its body read, paced and written
+    into the file. Each connection thread calls it for its own connection;
+    what the connections share (the claims, the file's size, the bytes
+    received) it reads and changes under the transfer's ``_cond``, and it
+    never reads a socket or writes the file under it. It holds nothing of
+    its own but what it moves bytes with."""
+
+    def __init__(self, transfer: '_Transfer'):
+        self.transfer = transfer      # it judges the answers, and is told of bytes
+        self.planner = transfer.planner
+        self._cond = transfer._cond
+        self.store = transfer.store
+        self.options = transfer.options
+        self.cancel = transfer.cancel
+        self.max_size = transfer.max_size
+
+    def fetch(self, conn: _Connection, pacer: _Pacer) -> None:
+        """One request for ``conn``'s claim (a piece of it, when the file is
+        split), and its body into the file."""
+        transfer, planner = self.transfer, self.planner
+        source = conn.source
+        first = conn.pos
+        ranged = transfer.ranged and (first > 0 or planner.segmented or
+                                      planner.connections_wanted > 1)
+        with self._cond:
+            if first >= conn.end and transfer.probed:  # others took all of it meanwhile
+                conn.active = False
+                conn.last_end = first
+                return
+            conn.request_end = planner.request_end(conn)
+            last = None if conn.open_ended or not ranged else conn.request_end - 1
+            request = _Request(self.options, source.url, first=first if ranged else None,
+                               last=last, validator=source.validator if first > 0 else None,
+                               cancel=self.cancel,
+                               extra=None if transfer.probed else transfer.conditions)
+            probe = not transfer.probed
+            conn.request = request
+            conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
+            conn.last_bytes_at = conn.job_began
+        reuse = False
+        try:
+            response = request.send()
+            answer = _check_answer(response, request.url, first)
+            if answer.kind == 'end' and answer.total is None and probe and first > 0:
+                request.close(False)  # its host slot may be the one the question needs
+                answer.total = self._ask_size(source)
+            with self._cond:
+                body_end, setup = transfer._accept(conn, answer, response, request)
+                conn.answered = True
+            if setup is not None:
+                transfer._prepare(conn, setup)
+            if body_end is not None:
+                reuse = self._pump(conn, response, answer, body_end, pacer, request)
+        finally:
+            with self._cond:  # no abort of a connection given back to the pool
+                conn.request = None
+            request.close(reuse)
+        with self._cond:
+            planner.done(conn, first, time.monotonic())
+
+    def _ask_size(self, source: _Source) -> Optional[int]:
+        """The size of the file at ``source``, or ``None`` if it does not
+        tell: asked with ``Range: bytes=0-0`` for a 416 that left it out, so
+        that such a 416 can still say that a resumed file is whole."""
+        request = _Request(self.options, source.url, first=0, last=0, cancel=self.cancel)
+        try:
+            return _check_answer(request.send(), request.url, 0).total
+        except HTTPStatusError:
+            return None  # judged as the 416 itself
+        finally:
+            request.close(False)
+
+    def _pump(self, conn: _Connection, response: http.client.HTTPResponse, answer: _Answer,
+              body_end: int, pacer: _Pacer, request: _Request) -> bool:
+        """Copy the body into the file from ``conn.pos`` until the claim's end
+        (re-read before every read: another connection may take over the
+        rest), paced by the token buckets. Received bytes are written when
+        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds,
+        before a read that may block or be paced (so a limited download
+        lands as smoothly as it comes), at the end, and on any failure or
+        stop (nothing received is lost). Returns whether the connection can carry
+        another request."""
+        wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
+        want = min(conn.chunk_size, wanted)
+        if len(conn.buffer) < want:
+            conn.buffer = memoryview(bytearray(want))
+        view = conn.buffer
+        chunk = len(view)
+        # a body that fits in the buffer is written in one go when it ends
+        # (or is half a second old): a small file then needs no sidecar
+        whole = wanted <= chunk
+        sock = request.sock
+        body: Any = _Body(response, sock)
+        splice = None
+        if answer.encoding is not None and not answer.keep_encoded:
+            body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
+        elif _SPLICE and self.store.spliceable and sock is not None and \
+                not isinstance(sock, ssl.SSLSocket) \
+                and not response.chunked and body_end < _UNKNOWN_END and \
+                (self.max_size is None or self.planner.total is not None) and \
+                min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
+            splice = _Splice(body, sock, self.store, self.options.timeout)
+            chunk = _PIPE_SIZE
+        read, ready = body.readinto, body.ready
+        transfer, planner = self.transfer, self.planner
+        cond = self._cond
+        source = conn.source
+        max_size = self.max_size
+        got = 0                # bytes of the last read, not yet counted
+        ended = False          # the body's end was read
+        since = 0.0            # when the oldest byte in the buffer came
+        try:
+            while True:
+                with cond:
+                    if got:
+                        conn.job_bytes += got
+                        conn.last_bytes_at = time.monotonic()
+                        transfer.received += got
+                        source.streak = 0
+                        got = 0
+                    if planner.judging is conn:
+                        transfer._judge(conn, time.monotonic())  # may cut its claim short
+                    judging = planner.judging is conn
+                    limit = planner.limit  # set with judging, never unset
+                    start = conn.pos + conn.pending
+                    room = min(chunk - conn.pending, conn.end - start,
+                               conn.request_end - start, body_end - start)
+                    if judging and limit is not None and not limit.judged:
+                        # its part may be cut short at its current read's end
+                        room = min(room, _JUDGE_READ)
+                    rate = conn.rate(time.monotonic()) if planner.segmented else None
+                    if rate is not None:
+                        # a slow connection reads little at a time (a
+                        # twentieth of a second's worth), so that another one
+                        # can take over all but its next read
+                        room = min(room, max(16384, int(rate * 0.25)))
+                    conn.reading_to = start + max(room, 0)
+                if room <= 0:
+                    if conn.pending:
+                        self._flush(conn)
+                        continue
+                    break
+                limited = pacer.limited
+                if conn.pending and (limited or not (whole or ready()) or
+                                     time.monotonic() - since >= _FLUSH_AGE):
+                    # before a read that may block (but for a body that fits)
+                    # or be paced (so bytes land as smoothly as they come),
+                    # or when overdue
+                    self._flush(conn)
+                    continue
+                if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
+                    continue  # no bytes until its verdict is due: judged now
+                if limited and not body.wait_for_bytes(self.options.timeout):
+                    # tokens are taken once bytes are there to use them: a
+                    # slow socket never holds back what the others could read
+                    raise socket.timeout('no data received within the time-out')
+                granted = pacer.acquire(room)
+                if not granted:
+                    raise _Stopped
+                if splice is not None:  # straight into the file
+                    try:
+                        got = splice.move(start, granted, conn.epoch)
+                    except _SpliceRefused:
+                        splice.close()
+                        splice, chunk = None, len(view)
+                        pacer.settle(0)
+                        continue
+                    pacer.settle(got)
+                    with cond:
+                        conn.pos += got
+                else:
+                    got = read(view[conn.pending:conn.pending + granted])
+                    pacer.settle(got)
+                    if max_size is not None and start + got > max_size:
+                        got = 0
+                        raise _too_large(max_size, 'grew past it')
+                    if got and not conn.pending:
+                        since = time.monotonic()
+                    conn.pending += got
+                if self.cancel.is_set():
+                    raise _Stopped
+                if conn.superseded:
+                    raise _Superseded
+                if not got:
+                    ended = True
+                    break
+        except (OSError, http.client.HTTPException) as exc:
+            pacer.settle(0)
+            if self.cancel.is_set():
+                raise _Stopped from exc
+            if conn.superseded:
+                raise _Superseded from exc
+            raise _network_error(exc) from exc
+        finally:
+            if conn.pending:
+                self._flush(conn, quietly=True)
+            if splice is not None:
+                splice.close()
+        with cond:
+            position = conn.pos
+            if ended and position < min(conn.end, conn.request_end, body_end):
+                if body_end < _UNKNOWN_END:
+                    raise ProtocolError('connection closed after {} of {} bytes'.format(
+                        position, body_end))
+                transfer._set_total(position)  # the body's end is the file's end
+                conn.end = position
+        # reused only when read to its very end (a chunked body: its last
+        # chunk too, which http.client reads when it reaches it)
+        done = position == body_end and (not response.chunked or response.isclosed())
+        if done:
+            response.close()
+        return done
+
+    def _flush(self, conn: _Connection, quietly: bool = False) -> None:
+        """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
+        out of a failure, a write of a superseded epoch is dropped."""
+        pending = conn.pending
+        try:
+            self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
+        except _Superseded:
+            conn.pending = 0
+            if not quietly:
+                raise
+            return
+        except BaseException:
+            conn.pending = 0  # what the write took is held; the rest is given up
+            raise
+        with self._cond:
+            conn.pos += pending
+            conn.pending = 0
+        if self.transfer.piece_hashes is not None:
+            self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
+
+class _Transfer:
+    """One attempt of a download: ask for the bytes not yet held, check each
+    answer against what was asked, and write every body where it belongs,
+    over up to ``connections`` connection threads spread over the sources.
+
+    The first request is the probe (``Range: bytes=FIRST-``). Its answer
+    says whether the file may be split: with a 206 and a known size, the
+    probe's first hundredth of a second tells whether the link or the CPU
+    limits it (``_LimitJudge``, in the probe's thread). Then the missing
+    bytes are shared out in equal parts, fetched in ranged pieces, over
+    ``connections`` connections if the link limits it; if the CPU does, the
+    probe goes on alone, judged again every quarter of a second. A
+    connection that finishes takes over the upper half of the largest range
+    left, or, when nothing is left to split, races a far slower connection
+    for the end of its range, block by block from the far end. Everything
+    else (no range support, an unknown size, a file object) is the same
+    engine with one connection. The probe's source is the reference: a
+    change of the file there (or of a source's own validator) starts the
+    file over; another source that disagrees is retired.
+
+    The transfer coordinates: its ``_Planner`` decides which range each
+    connection fetches, its ``_Pump`` moves the bytes of each request,
+    and the transfer judges the answers, starts and ends the connections
+    and gives the verdict. The download thread calls ``start``, ``wait``,
+    ``look``, ``stop`` and ``result``; connection threads run ``_serve``
+    and never call user code. ``_cond`` guards the planner (the claims and
+    the state of the split), the sources and the events; no file is read
+    or reserved under it, and ``stop()`` never waits for it."""
+
+    def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
+                 connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
+                 checksum: Optional[Tuple[str, str]], max_size: Optional[int],
+                 min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
+                 conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
+                 expected_size: Optional[int] = None,
+                 piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
+        self._cond = threading.Condition(threading.Lock())
+        self.store = store
+        self.options = options
+        self.sources = [_Source(url, store.validators.get(url)) for url in urls]
+        self.chunk_size = chunk_size
+        self.buckets = buckets              # the download's own first
+        self.checksum = checksum
+        self.max_size = max_size
+        self.min_speed = min_speed
+        self.rename_in = rename_in
+        self.gzip_name = gzip_name          # the target's name ends in .gz or .tgz
+        self.conditions = conditions        # If-None-Match/-Modified-Since of the probe
+        self.unchanged = False              # the probe's answer was 304 Not Modified
+        self.file_dates: Tuple[Optional[str], Optional[str]] = (None, None)  # ETag, date
+        self.cancel = _Cancel()
+        self.probed = False           # the first answer is in
+        self.prober: Optional[_Connection] = None  # the connection probing now
+        self.reference: Optional[_Source] = None   # the source the probe's answer came from
+        self.ranged = True            # ranges may be asked for (not for an encoded body)
+        self.ranges_work = False      # a source answered a range with its part
+        self.changes = 0
+        self.received = 0             # bytes received by every connection
+        self.connections: List[_Connection] = []   # the live ones
+        self.planner = _Planner(store, self.connections, connections, buckets)
+        self.pump = _Pump(self)
+        self.threads: List[_Task] = []  # every connection started, to join
+        self.events: List[Tuple[str, Any]] = []
+        self.slot_freed = False       # a host slot freed since the last look for one
+        self.complete = False
+        self.error: Optional[BaseException] = None
+        self._shown = 0               # the most bytes ``downloaded`` said
+        self._began = time.monotonic()
+        self._next_look = 0.0
+        self._next_save = 0.0
+        self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+        self.verify_digest = verify_digest
+        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
+        self.expected_size = expected_size  # the size every source must have (a metalink's)
+        # a metalink's piece hashes, checked as pieces land (in a file path only)
+        self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
+            else None
+        if self.piece_hashes is not None:
+            store.read_back = True
+
+    # -- the download thread's side ------------------------------------------------
+
+    def start(self) -> None:
+        """Start the probe's connection. Download thread."""
+        self.buckets[0].drain()  # the download's own limit paces from now on
+        with self._cond:
+            self._spawn()
+
+    def wait(self, timeout: float) -> List[Tuple[str, Any]]:
+        """Wait up to ``timeout`` for something to report, then return the
+        events since the last call: ``('size', total)``, ``('path',
+        target)``, ``('download', None)``, ``('restart', None)``. Download
+        thread."""
+        with self._cond:
+            if not self.events and not self.finished and not self.slot_freed:
+                self._cond.wait(timeout)
+            self._keep_going()
+            events, self.events = self.events, []
+            return events
+
+    @property
+    def finished(self) -> bool:
+        """Complete, failed or stopped, and no connection thread left."""
+        return (self.complete or self.error is not None or self.cancel.is_set()) and \
+            not self.connections
+
+    @property
+    def downloaded(self) -> int:
+        """Bytes held, including the ones still in connection buffers but
+        for those held already (a racer's, when the one it raced wrote
+        them first); it only grows (but for a start over). Any thread."""
+        held = self.store.snapshot
+        shown = self.store.held.total
+        for c in list(self.connections):
+            pending, start = c.pending, c.pos
+            if pending:
+                shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
+                                       for first, end in held)
+        total = self.planner.total
+        if total is not None:  # two buffers may hold the same bytes of a race
+            shown = min(shown, total)
+        if shown > self._shown:
+            self._shown = shown
+        return self._shown
+
+    def look(self, now: float) -> None:
+        """Regular bookkeeping: ``min_speed``, more connections where they
+        would help (a race), the sidecar. Download thread, about four times
+        a second."""
+        if now < self._next_look:
+            return
+        with self._cond:
+            self._next_look = now + 0.25
+            self._check_min_speed(now)
+            self._keep_going()
+        if now >= self._next_save:
+            self._next_save = now + _SIDECAR_PERIOD
+            self.store.save()
+
+    def _check_min_speed(self, now: float) -> None:
+        """Fail the attempt (``StalledError``) when it received less than
+        ``min_speed`` bytes per second over the last ``timeout`` seconds;
+        never once every byte is held (its last ones may have landed since
+        the transfer was last looked at)."""
+        if not self.min_speed or self.complete or self._is_complete():
+            return
+        window = self.options.timeout
+        samples = self._samples
+        samples.append((now, self.received))
+        while len(samples) > 1 and samples[1][0] <= now - window:
+            samples.popleft()
+        since, received = samples[0]
+        if now - since >= window and (self.received - received) / (now - since) < self.min_speed:
+            self._end(StalledError('slower than {} bytes/s for {} s'.format(
+                self.min_speed, window)))
+
+    def stop(self) -> None:
+        """End every connection now. Any thread; never waits for a lock
+        another thread may hold."""
+        self.cancel.cancel()
+        for bucket in self.buckets:
+            bucket.wake()
+        if self._cond.acquire(blocking=False):  # else its holder will look soon
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
+
+    def result(self) -> None:
+        """Once finished: join the connection threads, then return if every
+        byte is held (after the checksum check), or raise the attempt's error
+        (``_Stopped`` for a stop). Download thread."""
+        for thread in self.threads:
+            thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            if not self.complete:
+                raise _Stopped
+            if not self.unchanged:
+                etag, date = self.file_dates
+                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
+        finally:
+            if not self.complete or self.error is not None:
+                self.store.save()
+            self.store.close()
+
+    # -- decisions, under the lock ---------------------------------------------------
+
+    def _keep_going(self) -> None:
+        """After a change: more connections where there is work for them; the
+        verdict when no connection is left and the file is incomplete."""
+        self.slot_freed = False
+        if self.complete or self.error is not None or self.cancel.is_set():
+            return
+        live = len(self.connections)
+        if not self.probed:
+            if not live:
+                self._spawn()
+            return
+        if self._is_complete():
+            self._complete()
+            return
+        planner = self.planner
+        wanted = planner.connections_wanted if planner.segmented and planner.judging is None \
+            else 1
+        while live < wanted and planner.has_work():
+            if not self._spawn():
+                break
+            live += 1
+        if not live:
+            self._end(self._verdict())
+
+    def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
+        """Start a connection thread (with ``claim`` to fetch, else it asks
+        for a range); its source is the next usable one in turn."""
+        usable = [s for s in self.sources if s.usable]
+        if not usable:
+            return False
+        number = len(self.threads)
+        source = usable[number % len(usable)]
+        slots = self.options.slots
+        if slots is not None and self.connections and \
+                not slots.spare(_host_key(source.url), self._on_slot_freed):
+            return False  # one more connection would pass the manager's cap: later
+        conn = _Connection(number, source, self.chunk_size)
+        if claim is not None:
+            self.planner.claim(conn, *claim)
+        self.connections.append(conn)
+        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
+        self.threads.append(conn.thread)
+        return True
+
+    def _on_slot_freed(self) -> None:
+        """A host slot this transfer wanted freed: look again for work for
+        one more connection. Called by ``_HostSlots`` from a thread that
+        holds no lock."""
+        with self._cond:
+            self.slot_freed = True
+            self._cond.notify_all()
+
+    def _end(self, error: BaseException) -> None:
+        """The attempt fails with ``error``: stop the other connections."""
+        if self.error is None:
+            self.error = error
+        self._halt()
+
+    def _halt(self) -> None:
+        """Stop every connection: abort its request, wake it from a token
+        bucket, a pause or a wait for work."""
+        self.cancel.cancel()
+        for bucket in self.buckets:
+            bucket.wake()
+        self._cond.notify_all()
+
+    def _verdict(self) -> Error:
+        """Why the file cannot be completed from any source: the error of
+        the first source that failed permanently when all did, else the
+        last transient one."""
+        errors = [s.retired for s in self.sources if s.retired is not None]
+        if len(errors) == len(self.sources) and all(not e.retryable for e in errors):
+            return errors[0]
+        transient = [s.last_error for s in self.sources if s.last_error is not None
+                     and s.last_error.retryable]
+        if transient:
+            return transient[-1]
+        return errors[-1] if errors else ProtocolError('the download stopped short')
+
+    def _next_job(self, conn: _Connection) -> bool:
+        """Claim the next range for ``conn``; ``False`` when there is none."""
+        with self._cond:
+            conn.active = False
+            conn.superseded = False
+            if self.complete or self.error is not None or self.cancel.is_set():
+                return False
+            if self.probed and self._is_complete():
+                self._complete()
+                return False
+            if not conn.source.usable:
+                return False
+            if not self.probed:
+                if self.prober is not None:
+                    return False
+                self.prober = conn
+                return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+            while not self.planner.choose(conn):
+                # nothing for it now; a request too young to tell whether
+                # it is far slower may be worth racing in a moment
+                due = self.planner.rate_due(conn)
+                if due is None:
+                    return False
+                self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
+                if self.complete or self.error is not None or self.cancel.is_set():
+                    return False
+                if self._is_complete():
+                    self._complete()
+                    return False
+                if not conn.source.usable:
+                    return False
+            if self.piece_hashes is not None:
+                self._avoid_bad_source(conn, conn.pos)
+            return True
+
+    def _is_complete(self) -> bool:
+        """Every byte is held (a read still under way only brings them
+        again) and, with piece hashes, every piece passed its check (a bad
+        one is fetched again; one just written is checked after its write),
+        or the server said the file is unchanged."""
+        if self.unchanged:
+            return not any(c.active for c in self.connections)
+        pieces = self.piece_hashes
+        total = self.planner.total
+        return total is not None and self.store.held.total >= total and \
+            (pieces is None or len(pieces.good) >= len(pieces.digests))
+
+    def _complete(self) -> None:
+        """The file is whole: end the connections still at work (a slow
+        read that a race overtook, a pause before asking a source again),
+        and the attempt with them."""
+        self.complete = True
+        if any(c.thread is None or not c.thread.is_current() for c in self.connections):
+            self._halt()
+        else:
+            self._cond.notify_all()
+
     # -- a connection thread -------------------------------------------------------------
 
     def _serve(self, conn: _Connection) -> None:
@@ -4164,7 +4531,7 @@ class _Transfer:
         try:
             while conn.active or self._next_job(conn):
                 try:
-                    self._fetch(conn, pacer)
+                    self.pump.fetch(conn, pacer)
                 except _Superseded:
                     with self._cond:
                         conn.active = False
@@ -4188,75 +4555,13 @@ class _Transfer:
                 conn.active = False
                 if self.prober is conn:
                     self.prober = None
-                if self.judging is conn:  # it ends unjudged: the others may start
-                    self.judging = None
+                if self.planner.judging is conn:  # it ends unjudged: the others may start
+                    self.planner.judging = None
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
                 self._cond.notify_all()
 
-    def _fetch(self, conn: _Connection, pacer: _Pacer) -> None:
-        """One request for ``conn``'s claim (a piece of it, when the file is
-        split), and its body into the file."""
-        source = conn.source
-        first = conn.pos
-        ranged = self.ranged and (first > 0 or self.segmented or self.connections_wanted > 1)
-        with self._cond:
-            if first >= conn.end and self.probed:  # others took all of it meanwhile
-                conn.active = False
-                conn.last_end = first
-                return
-            piece = self.pieces.piece_for(conn, self._missing()) if self.segmented \
-                else _UNKNOWN_END
-            conn.request_end = min(conn.end, first + piece)
-            last = None if conn.open_ended or not ranged else conn.request_end - 1
-            request = _Request(self.options, source.url, first=first if ranged else None,
-                               last=last, validator=source.validator if first > 0 else None,
-                               cancel=self.cancel,
-                               extra=None if self.probed else self.conditions)
-            probe = not self.probed
-            conn.request = request
-            conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
-            conn.last_bytes_at = conn.job_began
-        reuse = False
-        try:
-            response = request.send()
-            answer = _check_answer(response, request.url, first)
-            if answer.kind == 'end' and answer.total is None and probe and first > 0:
-                request.close(False)  # its host slot may be the one the question needs
-                answer.total = self._ask_size(source)
-            with self._cond:
-                body_end, setup = self._accept(conn, answer, response, request)
-                conn.answered = True
-            if setup is not None:
-                self._prepare(conn, setup)
-            if body_end is not None:
-                reuse = self._pump(conn, response, answer, body_end, pacer, request)
-        finally:
-            with self._cond:  # no abort of a connection given back to the pool
-                conn.request = None
-            request.close(reuse)
-        with self._cond:
-            seconds = time.monotonic() - conn.job_began
-            if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
-                conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
-                self.best_rate = max(self.best_rate, conn.last_rate)
-            if self.segmented:
-                self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
-            if conn.pos >= conn.end:  # the claim is done
-                conn.active = False
-                conn.last_end = conn.pos
-
-    def _ask_size(self, source: _Source) -> Optional[int]:
-        """The size of the file at ``source``, or ``None`` if it does not
-        tell: asked with ``Range: bytes=0-0`` for a 416 that left it out, so
-        that such a 416 can still say that a resumed file is whole."""
-        request = _Request(self.options, source.url, first=0, last=0, cancel=self.cancel)
-        try:
-            return _check_answer(request.send(), request.url, 0).total
-        except HTTPStatusError:
-            return None  # judged as the 416 itself
-        finally:
-            request.close(False)
+    # -- the answers: what each says about the file, asked by the pump ----------------
 
     def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
                 request: _Request) -> Tuple[Optional[int], Optional[_Setup]]:
@@ -4277,7 +4582,7 @@ class _Transfer:
             return None, None
         if answer.encoding is not None:
             self._decoding(conn, answer, response, request.url)
-        known = self.total
+        known = self.planner.total
         if self.expected_size is not None and answer.total is not None and \
                 answer.total != self.expected_size:
             error = ProtocolError('{} has {} bytes, not the {} the metalink says'.format(
@@ -4319,7 +4624,7 @@ class _Transfer:
         """A 416: nothing at or after the offset asked for. The end of the
         file when the offset is its size; another file when the size it
         tells differs; a broken answer otherwise."""
-        asked, known, total = conn.pos, self.total, answer.total
+        asked, known, total = conn.pos, self.planner.total, answer.total
         if total is None:
             if known is None and self.probed:
                 total = asked  # asked for more of a file of unknown size: its end
@@ -4336,7 +4641,7 @@ class _Transfer:
         if asked < total:
             raise ProtocolError('416 for bytes {}- of a file of {} bytes'.format(asked, total))
         self._learn(conn.source, answer)
-        if self.total is None:
+        if self.planner.total is None:
             self._set_total(total)
         conn.end = conn.pos
         if self.probed:
@@ -4439,21 +4744,22 @@ class _Transfer:
                 else:
                     self.store.rename(self.rename_in / name)
                     self._report('path', self.store.target)
-        total = self.total
+        total = self.planner.total
         # a whole answer splits too where ranges worked before: the new
         # version of a file that changed under a split transfer
-        segmented = (self.connections_wanted > 1 and
+        segmented = (self.planner.connections_wanted > 1 and
                      (answer.kind == 'part' or self.ranges_work) and
                      total is not None and self.store.regular_target() and
-                     self.ranged and self._missing() >= 2 * _MIN_SPLIT)
+                     self.ranged and self.planner.missing() >= 2 * _MIN_SPLIT)
         return _Setup(total, segmented)
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:
         """Open and reserve the file, then share the rest out: the probe's
         connection, without the lock."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
-        if self.piece_hashes is not None and self.total is not None:
-            self._check_pieces(None, 0, self.total)  # the pieces held before
+        total = self.planner.total
+        if self.piece_hashes is not None and total is not None:
+            self._check_pieces(None, 0, total)  # the pieces held before
         if setup.reserve is not None:
             # a body of one read needs no sidecar: only the room is checked
             self.store.reserve(setup.reserve, allocate=setup.reserve -
@@ -4462,57 +4768,24 @@ class _Transfer:
         segmented = setup.segmented and self.store.record()
         with self._cond:
             self._report('download', None)
-            if segmented and not conn.superseded:
-                self.segmented = True
-                self._share_basis = (conn.pos, self._missing())
-                cpu = _thread_cpu()
-                if cpu is None:  # no telling what limits it: share out now
-                    self._share_out(conn)
-                else:  # its first reads tell
-                    self.judging = conn
-                    self._limit = _LimitJudge(time.monotonic(), cpu, self.received)
+            if segmented and not conn.superseded and self.planner.split(conn, self.received):
+                self._share_out(conn)
 
     def _judge(self, probe: _Connection, now: float) -> None:
         """Share the file out once the probe's reads show that the link
-        limits it; while the CPU does, the probe goes on alone (more
-        connections would compete for CPU time, with the server too when it
-        is local), judged again later. The probe's thread, between two
+        limits it (``_Planner.judge``). The probe's thread, between two
         reads, under the lock."""
-        assert self._limit is not None  # set with judging
-        if self._limit.cpu_bound(now, self.received) is not False:
-            return
-        _log.debug('%s: the link limits one connection; sharing out', self.options.url)
-        self.judging = None
-        probe.reading_to = probe.pos + probe.pending  # between reads: none under way
-        self._share_out(probe)
+        if self.planner.judge(probe, now, self.received):
+            _log.debug('%s: the link limits one connection; sharing out', self.options.url)
+            self._share_out(probe)
 
     def _share_out(self, probe: _Connection) -> None:
-        """Split the bytes missing when the probe began into equal parts,
-        one per connection: the probe keeps the first (or what it already
-        got into), a new connection starts on each of the others, and parts
-        left over go to whichever connection is free first. The probe's
-        open-ended request ends after its first piece, or at once if it got
-        further: like every piece, the next ones are asked for with a fresh
-        request (a server that gives each request a burst gives it again).
-        The probe's thread, under the lock."""
-        began, missing = self._share_basis
-        parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
-        share = -(-missing // parts)
-        probe.end = max(probe.reading_to, min(probe.end, began + share))
-        if probe.open_ended:
-            probe.request_end = max(probe.reading_to, began + self.pieces.size)
-            probe.open_ended = False  # its next requests ask for pieces
-        probe.request_end = min(probe.request_end, probe.end)
-        for start, end in self._free():
-            while start < end and len(self.connections) < parts:
-                if not self._spawn((start, min(end, start + share))):
-                    return
-                start += share
-
-    def _missing(self) -> int:
-        """Bytes not held yet (once the size is known)."""
-        assert self.total is not None
-        return self.total - self.store.held.total
+        """Start a connection on each part of the file that
+        ``_Planner.share_out`` gives, while the host's slots allow. The
+        probe's thread, under the lock."""
+        for claim in self.planner.share_out(probe):
+            if not self._spawn(claim):
+                return
 
     def _report(self, kind: str, value: Any) -> None:
         """An event for the download thread, which is woken for it."""
@@ -4520,11 +4793,9 @@ class _Transfer:
         self._cond.notify_all()
 
     def _set_total(self, total: Optional[int]) -> None:
-        self.total = total
+        self.planner.set_total(total)
         if total is not None:
             self.store.set_size(total)
-            for c in self.connections:
-                c.end = min(c.end, max(total, c.reading_to))
         self._report('size', -1 if total is None else total)
 
     def _start_over(self, conn: _Connection, why: str, answer: Optional[_Answer]) -> None:
@@ -4541,9 +4812,8 @@ class _Transfer:
         conn.source.validator = answer.validator if answer is not None else None
         self.store.restart_from_zero()
         self.store.validators = {conn.source.url: conn.source.validator}
-        self.total = None
-        self.probed = self.segmented = False
-        self.judging = None
+        self.planner.start_over()
+        self.probed = False
         self.reference = None
         self._shown = 0
         for other in self.connections:
@@ -4580,15 +4850,16 @@ class _Transfer:
                     not isinstance(error, _BadPieces):
                 self._end(error)
                 return None
-            if self.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
+            if self.planner.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
                     any(c is not conn and c.source is source and c.answered
                         for c in self.connections):
                 # refused while other connections get bytes from the same
                 # source: it allows fewer. One connection less; the others
                 # take its range
-                self.connections_wanted = max(1, self.connections_wanted - 1)
+                planner = self.planner
+                planner.connections_wanted = max(1, planner.connections_wanted - 1)
                 _log.info('%s: %s refused one more connection (%s); using at most %d',
-                          self.options.url, source.url, error, self.connections_wanted)
+                          self.options.url, source.url, error, planner.connections_wanted)
                 return None
             several = len(self.sources) > 1
             # an answer that breaks the protocol retires its source when there
@@ -4605,7 +4876,7 @@ class _Transfer:
             if others:
                 conn.source = others[0]
                 return 0.0  # over to another source at once
-            if self.segmented and source.usable:
+            if self.planner.segmented and source.usable:
                 # its range again, from the same source: after a moment, if
                 # that source gave nothing (told now: the others' bytes reset
                 # its streak)
@@ -4613,169 +4884,6 @@ class _Transfer:
             if not source.usable or not any(c is not conn for c in self.connections):
                 self._end(error if source.usable or not several else self._verdict())
             return None
-
-    # -- moving bytes ------------------------------------------------------------------
-
-    def _pump(self, conn: _Connection, response: http.client.HTTPResponse, answer: _Answer,
-              body_end: int, pacer: _Pacer, request: _Request) -> bool:
-        """Copy the body into the file from ``conn.pos`` until the claim's end
-        (re-read before every read: another connection may take over the
-        rest), paced by the token buckets. Received bytes are written when
-        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds,
-        before a read that may block or be paced (so a limited download
-        lands as smoothly as it comes), at the end, and on any failure or
-        stop (nothing received is lost). Returns whether the connection can carry
-        another request."""
-        wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
-        want = min(conn.chunk_size, wanted)
-        if len(conn.buffer) < want:
-            conn.buffer = memoryview(bytearray(want))
-        view = conn.buffer
-        chunk = len(view)
-        # a body that fits in the buffer is written in one go when it ends
-        # (or is half a second old): a small file then needs no sidecar
-        whole = wanted <= chunk
-        sock = request.sock
-        body: Any = _Body(response, sock)
-        splice = None
-        if answer.encoding is not None and not answer.keep_encoded:
-            body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and self.store.spliceable and sock is not None and \
-                not isinstance(sock, ssl.SSLSocket) \
-                and not response.chunked and body_end < _UNKNOWN_END and \
-                (self.max_size is None or self.total is not None) and \
-                min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
-            splice = _Splice(body, sock, self.store, self.options.timeout)
-            chunk = _PIPE_SIZE
-        read, ready = body.readinto, body.ready
-        cond = self._cond
-        source = conn.source
-        max_size = self.max_size
-        got = 0                # bytes of the last read, not yet counted
-        ended = False          # the body's end was read
-        since = 0.0            # when the oldest byte in the buffer came
-        try:
-            while True:
-                with cond:
-                    if got:
-                        conn.job_bytes += got
-                        conn.last_bytes_at = time.monotonic()
-                        self.received += got
-                        source.streak = 0
-                        got = 0
-                    if self.judging is conn:
-                        self._judge(conn, time.monotonic())  # may cut its claim short
-                    judging = self.judging is conn
-                    limit = self._limit  # set with judging, never unset
-                    start = conn.pos + conn.pending
-                    room = min(chunk - conn.pending, conn.end - start,
-                               conn.request_end - start, body_end - start)
-                    if judging and limit is not None and not limit.judged:
-                        # its part may be cut short at its current read's end
-                        room = min(room, _JUDGE_READ)
-                    rate = conn.rate(time.monotonic()) if self.segmented else None
-                    if rate is not None:
-                        # a slow connection reads little at a time (a
-                        # twentieth of a second's worth), so that another one
-                        # can take over all but its next read
-                        room = min(room, max(16384, int(rate * 0.25)))
-                    conn.reading_to = start + max(room, 0)
-                if room <= 0:
-                    if conn.pending:
-                        self._flush(conn)
-                        continue
-                    break
-                limited = pacer.limited
-                if conn.pending and (limited or not (whole or ready()) or
-                                     time.monotonic() - since >= _FLUSH_AGE):
-                    # before a read that may block (but for a body that fits)
-                    # or be paced (so bytes land as smoothly as they come),
-                    # or when overdue
-                    self._flush(conn)
-                    continue
-                if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
-                    continue  # no bytes until its verdict is due: judged now
-                if limited and not body.wait_for_bytes(self.options.timeout):
-                    # tokens are taken once bytes are there to use them: a
-                    # slow socket never holds back what the others could read
-                    raise socket.timeout('no data received within the time-out')
-                granted = pacer.acquire(room)
-                if not granted:
-                    raise _Stopped
-                if splice is not None:  # straight into the file
-                    try:
-                        got = splice.move(start, granted, conn.epoch)
-                    except _SpliceRefused:
-                        splice.close()
-                        splice, chunk = None, len(view)
-                        pacer.settle(0)
-                        continue
-                    pacer.settle(got)
-                    with cond:
-                        conn.pos += got
-                else:
-                    got = read(view[conn.pending:conn.pending + granted])
-                    pacer.settle(got)
-                    if max_size is not None and start + got > max_size:
-                        got = 0
-                        raise _too_large(max_size, 'grew past it')
-                    if got and not conn.pending:
-                        since = time.monotonic()
-                    conn.pending += got
-                if self.cancel.is_set():
-                    raise _Stopped
-                if conn.superseded:
-                    raise _Superseded
-                if not got:
-                    ended = True
-                    break
-        except (OSError, http.client.HTTPException) as exc:
-            pacer.settle(0)
-            if self.cancel.is_set():
-                raise _Stopped from exc
-            if conn.superseded:
-                raise _Superseded from exc
-            raise _network_error(exc) from exc
-        finally:
-            if conn.pending:
-                self._flush(conn, quietly=True)
-            if splice is not None:
-                splice.close()
-        with cond:
-            position = conn.pos
-            if ended and position < min(conn.end, conn.request_end, body_end):
-                if body_end < _UNKNOWN_END:
-                    raise ProtocolError('connection closed after {} of {} bytes'.format(
-                        position, body_end))
-                self._set_total(position)  # the body's end is the file's end
-                conn.end = position
-        # reused only when read to its very end (a chunked body: its last
-        # chunk too, which http.client reads when it reaches it)
-        done = position == body_end and (not response.chunked or response.isclosed())
-        if done:
-            response.close()
-        return done
-
-    def _flush(self, conn: _Connection, quietly: bool = False) -> None:
-        """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
-        out of a failure, a write of a superseded epoch is dropped."""
-        pending = conn.pending
-        try:
-            self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
-        except _Superseded:
-            conn.pending = 0
-            if not quietly:
-                raise
-            return
-        except BaseException:
-            conn.pending = 0  # what the write took is held; the rest is given up
-            raise
-        with self._cond:
-            conn.pos += pending
-            conn.pending = 0
-        if self.piece_hashes is not None:
-            self._check_pieces(conn, conn.pos - pending, conn.pos)
-
 
     # -- piece hashes ------------------------------------------------------------------
 
@@ -4790,7 +4898,7 @@ class _Transfer:
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
         with self._cond:
-            total = self.total
+            total = self.planner.total
             if total is None or end <= start:
                 return
             if pieces.epoch != self.store.epoch:  # the file started over

@@ -198,7 +198,7 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
                                 chunk_size=65536, buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=0, rename_in=None,
                                 gzip_name=False)
-    transfer.total = 100
+    transfer.planner.total = 100
     store.held = bitpit._Ranges([(0, 50)])
     store._snap()
     slow = bitpit._Connection(0, transfer.sources[0], 65536)
@@ -230,9 +230,9 @@ def test_a_free_connection_does_not_spin_waiting_for_a_race(server, tmp_path, mo
     under a total limit, a read that has not stalled), is no reason to
     look again every millisecond."""
     looks = []
-    real = bitpit._Transfer._rate_due
-    monkeypatch.setattr(bitpit._Transfer, '_rate_due',
-                        lambda transfer, racer: looks.append(1) or real(transfer, racer))
+    real = bitpit._Planner.rate_due
+    monkeypatch.setattr(bitpit._Planner, 'rate_due',
+                        lambda planner, racer: looks.append(1) or real(planner, racer))
     url = server.add('/f', BIG)
     m = bitpit.Manager(rate_limit=4 * MiB)
     d = m.add(bitpit.Downloader(url, tmp_path / 'f.bin', connections=4))
@@ -254,7 +254,7 @@ def test_min_speed_never_fails_a_file_whose_every_byte_is_held(tmp_path):
                                 chunk_size=65536, buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=10 ** 6,
                                 rename_in=None, gzip_name=False)
-    transfer.probed, transfer.total = True, 100
+    transfer.probed, transfer.planner.total = True, 100
     transfer._samples.append((0.0, 0))         # nothing received for a second and more
     store.held = bitpit._Ranges([(0, 100)])
     transfer.look(2.0)
@@ -373,6 +373,118 @@ def test_the_cpu_time_of_the_calling_thread_is_told():
         assert before is after is None
     else:
         assert 0 <= before < after
+
+
+# ---------------------------------------------------------------------------
+# the planner alone: which range a free connection takes, fed a state
+# ---------------------------------------------------------------------------
+
+def planner_of(tmp_path, total, held=(), limit=0):
+    """The planner of a split file of ``total`` bytes of which ``held`` are
+    held, under a download limit of ``limit`` bytes/s (0: none)."""
+    store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
+    store.held = bitpit._Ranges(list(held))
+    store._snap()
+    planner = bitpit._Planner(store, [], 4, (bitpit._TokenBucket(limit),))
+    planner.total, planner.segmented = total, True
+    return planner
+
+
+def connection(planner, claim=None, reading_to=None, rate=None, last_rate=0.0):
+    """A connection of ``planner``: fetching ``claim`` (``(start, end, pos)``)
+    with a read under way to ``reading_to`` (else to ``pos``), for a second
+    at ``rate`` bytes/s, its last byte just now; else free, its last
+    request having come at ``last_rate``."""
+    conn = bitpit._Connection(len(planner.connections),
+                              bitpit._Source('http://127.0.0.1:1/f', None), 65536)
+    conn.last_rate = last_rate
+    if claim is not None:
+        start, end, pos = claim
+        planner.claim(conn, start, end)
+        conn.pos = pos
+        conn.reading_to = pos if reading_to is None else reading_to
+    if rate is not None:
+        conn.job_began, conn.job_bytes = time.monotonic() - 1.0, int(rate)
+        conn.last_bytes_at = time.monotonic()
+    planner.connections.append(conn)
+    return conn
+
+
+@pytest.mark.parametrize('pos, split_at', [(2 * MiB, 5 * MiB),   # 6 MiB left: halved
+                                           (13 * MiB // 2, None)],  # 1.5 MiB: no part < 1 MiB
+                         ids=['halved', 'too-small'])
+def test_the_planner_splits_what_a_connection_has_left_in_two(tmp_path, pos, split_at):
+    """Nothing unclaimed: a free connection takes the upper half of what
+    the only other one has yet to read, which then ends there."""
+    planner = planner_of(tmp_path, 8 * MiB, held=[(0, pos)])
+    busy = connection(planner, claim=(0, 8 * MiB, pos))
+    free = connection(planner)
+    assert planner.has_work() == (split_at is not None)
+    assert planner.choose(free) == (split_at is not None)
+    if split_at is None:
+        assert not free.active and busy.end == 8 * MiB
+    else:
+        assert (free.pos, free.end, free.active) == (split_at, 8 * MiB, True)
+        assert busy.end == split_at
+
+
+@pytest.mark.parametrize('total, taken, shrunk', [
+    (16 * MiB, (17 * MiB // 2, 12 * MiB), 17 * MiB // 2),  # the 7 MiB of a claim
+    (32 * MiB, (22 * MiB, 32 * MiB), 12 * MiB)],    # the 20 MiB at the end
+    ids=['a-claim', 'a-free-range'])
+def test_the_planner_takes_over_the_upper_half_of_the_largest_range_left(
+        tmp_path, total, taken, shrunk):
+    """Two connections have 1 MiB and 7 MiB of their claims left; the one
+    with 7 MiB continues into the free range after it. A free connection
+    takes over the upper half of the largest of the three."""
+    planner = planner_of(tmp_path, total, held=[(0, 3 * MiB), (4 * MiB, 5 * MiB)])
+    small = connection(planner, claim=(3 * MiB, 4 * MiB, 3 * MiB))
+    large = connection(planner, claim=(4 * MiB, 12 * MiB, 5 * MiB))
+    free = connection(planner)
+    assert planner.choose(free)
+    assert (free.pos, free.end) == taken
+    assert (small.end, large.end) == (4 * MiB, shrunk)
+
+
+@pytest.mark.parametrize('rate, reading_to, limit, raced', [
+    (100 * 1024, None, 0, True),            # a tenth of the racer's speed
+    (6 * MiB, None, 0, False),              # more than half of it
+    (100 * 1024, 2 * MiB, 0, True),         # its read waits for all it has left
+    (100 * 1024, 2 * MiB, 64 * MiB, False)],  # ... and a limit counts bytes twice
+    ids=['far-slower', 'not-far-slower', 'its-read', 'its-read-under-a-limit'])
+def test_the_planner_races_a_far_slower_connection_for_its_last_block(
+        tmp_path, rate, reading_to, limit, raced):
+    """Nothing is left to split (1 MiB): a free connection whose last
+    request came at 10 MiB/s races a connection that is far slower, for
+    the last block of its claim, which then ends there."""
+    planner = planner_of(tmp_path, 2 * MiB, held=[(0, MiB)], limit=limit)
+    slow = connection(planner, claim=(MiB, 2 * MiB, MiB), reading_to=reading_to, rate=rate)
+    free = connection(planner, last_rate=10 * MiB)
+    assert planner.choose(free) == raced
+    if raced:
+        assert (free.pos, free.end) == (2 * MiB - 256 * 1024, 2 * MiB)
+        assert slow.end == free.pos
+    else:
+        assert not free.active and slow.end == 2 * MiB
+
+
+def test_the_planner_shares_out_the_missing_bytes_in_equal_parts(tmp_path, monkeypatch):
+    """7 MiB missing around a held 1 MiB, four connections: parts of 1.75
+    MiB. The probe keeps the first (its open-ended request ends after a
+    piece), a new connection is to start on each of the next three (one
+    cut short by the held range), and the rest goes to whichever
+    connection is free first."""
+    monkeypatch.setattr(bitpit, '_thread_cpu', lambda: None)  # no judging: at once
+    planner = planner_of(tmp_path, 9 * MiB, held=[(0, MiB), (5 * MiB, 6 * MiB)])
+    planner.segmented = False
+    probe = connection(planner)
+    planner.claim(probe, MiB, None, open_ended=True)
+    probe.request_end = 9 * MiB
+    assert planner.split(probe, 0) and planner.segmented
+    part = 7 * MiB // 4
+    assert planner.share_out(probe) == [(MiB + part, MiB + 2 * part),
+                                        (MiB + 2 * part, 5 * MiB), (6 * MiB, 6 * MiB + part)]
+    assert (probe.end, probe.request_end, probe.open_ended) == (MiB + part, 2 * MiB, False)
 
 
 # ---------------------------------------------------------------------------
