@@ -1281,10 +1281,10 @@ def _status_line(line: str) -> Tuple[int, int, str]:
 
 
 class _HeadParser:
-    """Reads the head of a response from the bytes of its connection, fed
-    in any cut: ``feed`` returns the final head once its blank line came
-    (interim 1xx heads, such as 100 Continue, are read and skipped; a 101
-    is final) and leaves the bytes after it, the start of the body, in
+    """Reads the head of one response from the bytes of its connection,
+    fed in any cut: ``feed`` returns the final head once its blank line
+    came (interim 1xx heads, such as 100 Continue, are read and skipped; a
+    101 is final) and leaves the bytes after it, the start of the body, in
     ``rest``. Sans-I/O: it neither receives nor waits; its caller does.
     Raises ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
@@ -1292,9 +1292,10 @@ class _HeadParser:
     interim heads. One thread."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()  # bytes fed of the head not yet complete
-        self._searched = 0          # where its blank line may start, in _buffer
-        self._lines = 0             # line ends in _buffer
+        self._buffer = bytearray()  # the bytes fed of a head not complete yet
+        self._searched = 0          # where in _buffer its blank line may start
+        self._lines = 0             # its line ends so far
+        self._line_start = 0        # where in _buffer its last line starts
         self._interim = 0           # 1xx heads skipped
         self.rest = b''             # the bytes after the final head
 
@@ -1315,15 +1316,19 @@ class _HeadParser:
             start, searched = after, 0
             if head.status >= 200 or head.status == 101:
                 self.rest = bytes(buffer[start:])
-                self._buffer, self._searched, self._lines = bytearray(), 0, 0
+                self._buffer = bytearray()
                 return head
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
                 raise _head_error('more than {} interim (1xx) answers'
                                   .format(_MAX_INTERIM_HEADS))
-        if start:
-            self._lines = 0
-        self._lines += buffer.count(b'\n', max(start, len(buffer) - len(data)))
+        unread = max(start, len(buffer) - len(data))  # the bytes not looked at before
+        if start:  # interim heads were taken: another head begins at start
+            self._lines = self._line_start = 0
+        self._lines += buffer.count(b'\n', unread)
+        last = buffer.rfind(b'\n', unread)
+        if last >= 0:
+            self._line_start = last + 1 - start
         if start or not stored:
             self._buffer = bytearray(buffer[start:])
         self._check_unfinished()
@@ -1332,15 +1337,14 @@ class _HeadParser:
     def _check_unfinished(self) -> None:
         """Refuse an unfinished head that is too long already, so that a
         hostile server cannot fill the memory; note where to search on."""
-        buffer = self._buffer
+        size = len(self._buffer)
         if self._lines > _MAX_HEAD_FIELDS + 1:
             raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
-        line_start = buffer.rfind(b'\n', max(0, len(buffer) - _MAX_HEAD_LINE)) + 1
-        if len(buffer) - line_start + 2 > _MAX_HEAD_LINE:
-            raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE),
-                              buffer[line_start:line_start + 81].decode('latin-1'))
-        # the blank line's first byte ends a line: at most two bytes back
-        self._searched = max(0, len(buffer) - 2)
+        if size - self._line_start + 2 > _MAX_HEAD_LINE:
+            line = self._buffer[self._line_start:self._line_start + 81].decode('latin-1')
+            raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
+        # a blank line starts with the end of the line before it
+        self._searched = max(0, size - 2)
 
 
 class _Response(http.client.HTTPResponse):
