@@ -66,7 +66,7 @@ import urllib.parse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+    from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 # typing.overload and typing.Generic, stood in for at run time: the last def
 # of an overloaded function is the one that runs, and _Generic[_Value] is
 # _Generic itself. (The checker's imports come second: there pyflakes looks
@@ -1258,6 +1258,297 @@ def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[
     return outcome['addresses']
 
 
+# -- response heads: bitpit's own parser, sans-I/O ----------------------------------
+#
+# http.client reads a response's header fields with the email package (a
+# feed parser and policies: most of its cost per small file), and each of
+# its look-ups walks every field, lowercasing each name. Here a head is
+# parsed from bytes by code with no socket in it: tests feed it bytes in any
+# cut, and any loop that receives bytes can drive it. ``_Response`` fits it
+# into http.client, whose reading of bodies stays as it is.
+
+_MAX_HEAD_LINE = 65536   # most bytes of a line of a head, its CRLF included (http.client's)
+_MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
+_MAX_INTERIM_HEADS = 16  # most 1xx heads before the final one
+
+
+class _Headers:
+    """The header fields of a response, in the order received, duplicates
+    kept; names are case-insensitive, looked up in a dict by lowercased
+    name. It offers what http.client and bitpit call on ``response.headers``
+    (``response.msg``), an ``http.client.HTTPMessage`` in http.client:
+    ``get`` (the first value), ``get_all``, ``[name]`` (the first value or
+    ``None``), ``in``, ``items``/``keys``/``values`` (lists), iteration over
+    the names, ``len``. Read-only; any thread."""
+    __slots__ = ('_fields', '_index')
+
+    def __init__(self, fields: List[Tuple[str, str]]):
+        self._fields = fields
+        index: Dict[str, List[str]] = {}  # lowercased name: its values, in order
+        for name, value in fields:
+            key = name.lower()
+            values = index.get(key)
+            if values is None:
+                index[key] = [value]
+            else:
+                values.append(value)
+        self._index = index
+
+    def get(self, name: str, default: Any = None) -> Any:
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        values = self._index.get(name.lower())
+        return list(values) if values else failobj
+
+    def __getitem__(self, name: str) -> Optional[str]:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._fields)
+
+    def keys(self) -> List[str]:
+        return [name for name, _ in self._fields]
+
+    def values(self) -> List[str]:
+        return [value for _, value in self._fields]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def message(self) -> http.client.HTTPMessage:
+        """The fields as an ``http.client.HTTPMessage``, for code outside
+        bitpit that expects one (a caller's cookie jar)."""
+        message = http.client.HTTPMessage()
+        for name, value in self._fields:
+            message[name] = value
+        return message
+
+
+class _Head:
+    """The status line and header fields of a response, as ``_HeadParser``
+    read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
+    later 1.x), as http.client numbers them."""
+    __slots__ = ('version', 'status', 'reason', 'headers')
+
+    def __init__(self, version: int, status: int, reason: str, headers: _Headers):
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+    def keep_alive(self) -> bool:
+        """Whether the connection stays open after this answer, as its
+        version and its ``Connection`` field (for HTTP/1.0 also
+        ``Keep-Alive`` and ``Proxy-Connection``) tell."""
+        connection = _header_tokens(self.headers.get_all('Connection'))
+        if self.version == 11:
+            return 'close' not in connection
+        return 'keep-alive' in connection or bool(self.headers.get('Keep-Alive')) or \
+            'keep-alive' in _header_tokens(self.headers.get_all('Proxy-Connection'))
+
+
+def _header_tokens(values: Optional[List[str]]) -> Set[str]:
+    """The lowercased comma-separated tokens of a field's ``values``."""
+    return {token.strip().lower() for value in values or () for token in value.split(',')}
+
+
+def _head_error(what: str, line: str = '') -> ProtocolError:
+    """The error for a head that bitpit refuses: ``what`` is wrong, in ``line``."""
+    if line:
+        what += ': {!r}'.format(line if len(line) <= 80 else line[:80] + '...')
+    return ProtocolError('bad HTTP response head: ' + what)
+
+
+def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
+    """Where the head that ``buffer`` holds ends, its blank line searched
+    for from ``start``: ``(end of its last line, start of what follows)``;
+    ``(-1, -1)`` while its blank line has not come."""
+    crlf = buffer.find(b'\n\r\n', start)
+    lf = buffer.find(b'\n\n', start, len(buffer) if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return lf, lf + 2
+    return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
+
+
+def _parse_head(head: bytes) -> _Head:
+    """The head whose bytes, its blank line left out, are ``head``. Lines
+    end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
+    continues the field before it, joined with a space; Latin-1, as
+    http.client decodes it. Raises ``ProtocolError``."""
+    text = head.decode('latin-1')
+    if text[-1:] == '\r':  # the CR of the last line's CRLF
+        text = text[:-1]
+    if '\r' in text:
+        text = text.replace('\r\n', '\n').replace('\r', ' ')
+    lines = text.split('\n')
+    if len(lines) > _MAX_HEAD_FIELDS + 1:
+        raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
+    if len(head) + 2 > _MAX_HEAD_LINE:
+        for line in lines:
+            if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
+                raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
+    version, status, reason = _status_line(lines[0])
+    fields: List[Tuple[str, str]] = []
+    for line in lines[1:]:
+        if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
+            if not fields:
+                raise _head_error('a folded line with no field before it', line)
+            name, value = fields[-1]
+            more = line.strip(' \t')
+            fields[-1] = (name, value + ' ' + more if value and more else value or more)
+            continue
+        name, colon, value = line.partition(':')
+        if not colon or not name or ' ' in name or '\t' in name:
+            raise _head_error('a header line that is not a field', line)
+        fields.append((name, value.strip(' \t')))
+    return _Head(version, status, reason, _Headers(fields))
+
+
+def _status_line(line: str) -> Tuple[int, int, str]:
+    """``(version, status, reason)`` of a status line, taken as http.client
+    takes it but for a status of three ASCII digits."""
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith('HTTP/'):
+        raise _head_error('a bad status line', line)
+    version, code = parts[0], parts[1]
+    if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == '0':
+        raise _head_error('a bad status code', line)
+    if version in ('HTTP/1.0', 'HTTP/0.9'):
+        number = 10
+    elif version.startswith('HTTP/1.'):
+        number = 11
+    else:
+        raise _head_error('an HTTP version bitpit does not speak', line)
+    return number, int(code), parts[2].strip() if len(parts) > 2 else ''
+
+
+class _HeadParser:
+    """Reads the head of one response from the bytes of its connection,
+    fed in any cut: ``feed`` returns the final head once its blank line
+    came (interim 1xx heads, such as 100 Continue, are read and skipped; a
+    101 is final) and leaves the bytes after it, the start of the body, in
+    ``rest``. Sans-I/O: it neither receives nor waits; its caller does.
+    Raises ``ProtocolError`` for what http.client refuses (a line of more
+    than 64 KiB, more than 100 field lines, a bad status line), as soon as
+    the bytes tell, and for a line that is not a field or more than 16
+    interim heads. One thread."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # the bytes fed of a head not complete yet
+        self._searched = 0          # where in _buffer its blank line may start
+        self._lines = 0             # its line ends so far
+        self._line_start = 0        # where in _buffer its last line starts
+        self._interim = 0           # 1xx heads skipped
+        self.rest = b''             # the bytes after the final head
+
+    def feed(self, data: bytes) -> Optional[_Head]:
+        """Take the next ``data`` of the connection; the final head once
+        complete, else ``None``."""
+        stored = bool(self._buffer)
+        if stored:
+            self._buffer += data
+        # the usual case, a whole head in one piece, is read without a copy
+        buffer: Union[bytes, bytearray] = self._buffer if stored else data
+        start, searched = 0, self._searched
+        while True:
+            end, after = _head_end(buffer, start + searched)
+            if end < 0:
+                break
+            head = _parse_head(bytes(buffer[start:end]))
+            start, searched = after, 0
+            if head.status >= 200 or head.status == 101:
+                self.rest = bytes(buffer[start:])
+                self._buffer = bytearray()
+                return head
+            self._interim += 1
+            if self._interim > _MAX_INTERIM_HEADS:
+                raise _head_error('more than {} interim (1xx) answers'
+                                  .format(_MAX_INTERIM_HEADS))
+        unread = max(start, len(buffer) - len(data))  # the bytes not looked at before
+        if start:  # interim heads were taken: another head begins at start
+            self._lines = self._line_start = 0
+        self._lines += buffer.count(b'\n', unread)
+        last = buffer.rfind(b'\n', unread)
+        if last >= 0:
+            self._line_start = last + 1 - start
+        if start or not stored:
+            self._buffer = bytearray(buffer[start:])
+        self._check_unfinished()
+        return None
+
+    def _check_unfinished(self) -> None:
+        """Refuse an unfinished head that is too long already, so that a
+        hostile server cannot fill the memory; note where to search on."""
+        size = len(self._buffer)
+        if self._lines > _MAX_HEAD_FIELDS + 1:
+            raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
+        if size - self._line_start + 2 > _MAX_HEAD_LINE:
+            line = self._buffer[self._line_start:self._line_start + 81].decode('latin-1')
+            raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
+        # a blank line starts with the end of the line before it
+        self._searched = max(0, size - 2)
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's response, with its head read by ``_HeadParser`` instead
+    of http.client's email-based parser; its body is read as http.client
+    reads it. ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``;
+    ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
+    The thread of its request."""
+    _method: Optional[str]  # http.client's own, missing from its stubs
+    fields: _Headers
+
+    def begin(self) -> None:
+        """Read the head and set what http.client reads a body by: its
+        ``begin``, but for the head's parser."""
+        if self.headers is not None:  # read already
+            return
+        parser = _HeadParser()
+        fp = self.fp
+        received = False
+        while True:
+            data = fp.peek()  # what the reader holds, else one receive
+            if not data:
+                raise http.client.RemoteDisconnected(
+                    'Remote end closed connection ' +
+                    ('within the response head' if received else 'without response'))
+            received = True
+            head = parser.feed(data)
+            if head is not None:
+                break
+            fp.read(len(data))
+        fp.read(len(data) - len(parser.rest))  # the body's first bytes stay in the reader
+        self.code = self.status = head.status
+        self.reason = head.reason
+        self.version = head.version
+        self.fields = head.headers
+        # not an HTTPMessage: a _Headers has all that http.client and bitpit call on it
+        self.headers = self.msg = head.headers  # type: ignore[assignment]
+        transfer = head.headers.get('Transfer-Encoding')
+        self.chunked = bool(transfer) and transfer.lower() == 'chunked'
+        if self.chunked:
+            self.chunk_left = None
+        self.will_close = not head.keep_alive()
+        length = head.headers.get('Content-Length')
+        self.length = int(length) if length and length.isascii() and length.isdigit() and \
+            not self.chunked else None
+        if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
+            self.length = 0
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends with the connection
+
+    def info(self) -> http.client.HTTPMessage:
+        return self.fields.message()
+
+
 class _AbortableMixin:
     """A connection that a ``_Cancel`` (or ``abort()``) shuts down from another
     thread, in every phase: name look-up, connect, TLS handshake, request,
@@ -1316,10 +1607,11 @@ class _AbortableMixin:
 
 
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
-    pass
+    response_class = _Response
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
+    response_class = _Response
     handshake_done = False
     _context: ssl.SSLContext        # http.client's own, missing from its stubs
     _tunnel_host: Optional[str]
