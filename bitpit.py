@@ -1406,6 +1406,9 @@ def _parse_head(head: bytes) -> _Head:
             fields[-1] = (name, value + ' ' + more if value and more else value or more)
             continue
         name, colon, value = line.partition(':')
+        # space before the colon is taken off, not refused: RFC 9112 bids
+        # servers refuse it and proxies mend it, and bitpit is neither
+        name = name.rstrip(' \t')
         if not colon or not name or ' ' in name or '\t' in name:
             raise _head_error('a header line that is not a field', line)
         fields.append((name, value.strip(' \t')))

@@ -129,12 +129,17 @@ def test_bad_status_lines_are_protocol_errors(line):
 
 
 @pytest.mark.parametrize('line', [
-    b'no colon', b': no name', b'Two Words: x', b'Tab\tName: x', b'Name : x',
+    b'no colon', b': no name', b' : no name', b'Two Words: x', b'Tab\tName: x',
     b' folded first: x',
 ])
 def test_lines_that_are_not_fields_are_protocol_errors(line):
     error = refused(b'HTTP/1.1 200 OK\r\n' + line + b'\r\nContent-Length: 0\r\n\r\n')
     assert repr(line.strip().decode())[1:-1] in str(error)
+
+
+def test_space_before_the_colon_is_taken_off_the_name():
+    head = bitpit._parse_head(b'HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b')
+    assert head.headers.get('content-length') == '5' and head.headers.get('X-A') == 'b'
 
 
 def test_interim_answers_are_skipped_but_101_is_final():
