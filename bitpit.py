@@ -816,53 +816,56 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # set at the first use of the signals: _EMITTER_INIT_LOCK guards that
+    # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
+    # that, and holds a list for each signal listened to: an object nobody
+    # listens to costs no lock and no list (a manager may hold thousands)
+    __slots__ = ('_emitter_lock', '_emitter_callbacks', '__dict__', '__weakref__')
     _emitter_lock: threading.Lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
     def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
-        try:
-            return self._emitter_lock, self._emitter_callbacks
-        except AttributeError:
+        callbacks = getattr(self, '_emitter_callbacks', None)
+        if callbacks is None:
             with _EMITTER_INIT_LOCK:
-                if '_emitter_callbacks' not in self.__dict__:
-                    self._emitter_lock = threading.Lock()
-                    self._emitter_callbacks = {s: [] for s in self.__signals__}
-            return self._emitter_lock, self._emitter_callbacks
+                callbacks = getattr(self, '_emitter_callbacks', None)
+                if callbacks is None:
+                    self._emitter_lock = threading.Lock()  # (set before the dict is seen)
+                    self._emitter_callbacks = callbacks = {}
+        return self._emitter_lock, callbacks
 
-    def _callbacks(self, signal: str) -> Tuple[threading.Lock, _Callbacks]:
-        lock, callbacks = self._registry()
-        try:
-            return lock, callbacks[signal]
-        except KeyError:
-            raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal)) from None
+    def _check_signal(self, signal: str) -> None:
+        if signal not in self.__signals__:
+            raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal))
 
     def listen(self, signal: str, func: Callable[..., object], *args: Any,
                **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
-        lock, callbacks = self._callbacks(signal)
+        self._check_signal(signal)
+        lock, callbacks = self._registry()
         with lock:
-            callbacks.append((func, args, kwargs))
+            callbacks.setdefault(signal, []).append((func, args, kwargs))
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
         """Remove one registration of ``func`` with these ``args`` and
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
-        lock, callbacks = self._callbacks(signal)
+        self._check_signal(signal)
+        lock, callbacks = self._registry()
         with lock:
-            callbacks.remove((func, args, kwargs))
+            callbacks.get(signal, []).remove((func, args, kwargs))
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
-        lock, callbacks = self._callbacks(signal)
-        with lock:
-            if not callbacks:
-                return
-            snapshot = list(callbacks)
+        callbacks = getattr(self, '_emitter_callbacks', None)
+        if callbacks is None or not callbacks.get(signal):  # nobody listens
+            self._check_signal(signal)
+            return
+        with self._emitter_lock:
+            snapshot = list(callbacks[signal])
         for func, listen_args, listen_kwargs in snapshot:
             try:
                 func(*args, *listen_args, **listen_kwargs)
