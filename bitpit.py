@@ -5184,20 +5184,39 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
                            _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
                            _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
                            cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
-class _Changed(threading.Condition):
-    """The condition ``Downloader.wait()`` waits on, which also calls each
-    function in ``watchers`` at every ``notify_all()``, with the lock held:
-    how a waiter that must not block (a coroutine, see ``Downloader.events``)
-    learns when to look at the download again. A watcher must be quick and
-    never block. ``watchers`` is changed by single ``append``/``remove``
-    calls and read as a copy, so that needs no lock; any thread."""
+class _Changed:
+    """The condition ``Downloader.wait()`` waits on, on the downloader's
+    lock, which also calls each function in ``watchers`` at every
+    ``notify_all()``, with the lock held: how a waiter that must not block
+    (a coroutine, see ``Downloader.events``) learns when to look at the
+    download again. A watcher must be quick and never block. ``watchers``
+    is changed by single ``append``/``remove`` calls and read as a copy, so
+    that needs no lock; any thread. The ``threading.Condition`` itself is
+    made by the first ``wait()`` (most downloads are never waited for), and
+    ``_condition`` is read and set under the lock."""
+    __slots__ = ('_lock', '_condition', 'watchers')
 
     def __init__(self, lock: Any):
-        super().__init__(lock)
+        self._lock = lock
+        self._condition: Optional[threading.Condition] = None
         self.watchers: List[Callable[[], None]] = []
 
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.__exit__(*exc_info)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """``threading.Condition.wait``, with the lock held."""
+        if self._condition is None:
+            self._condition = threading.Condition(self._lock)
+        return self._condition.wait(timeout)
+
     def notify_all(self) -> None:
-        super().notify_all()
+        """Wake every waiter and call every watcher, with the lock held."""
+        if self._condition is not None:
+            self._condition.notify_all()
         for watcher in list(self.watchers):
             watcher()
 
