@@ -5358,7 +5358,7 @@ class Downloader(Emitter):
         self._transfer: Optional[_Transfer] = None
         self._restart_timer: Optional[threading.Timer] = None
         self._restart_time: Optional[datetime.datetime] = None
-        self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _own_buckets()
+        self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._rate_limit = 0.0
