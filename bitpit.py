@@ -819,7 +819,6 @@ class Emitter:
     # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
     # that, and holds a list for each signal listened to: an object nobody
     # listens to costs no lock and no list (a manager may hold thousands)
-    __slots__ = ('_emitter_lock', '_emitter_callbacks', '__dict__', '__weakref__')
     _emitter_lock: threading.Lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
