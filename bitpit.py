@@ -816,53 +816,55 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # set at the first use of the signals: _EMITTER_INIT_LOCK guards that
+    # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
+    # that, and holds a list for each signal listened to: an object nobody
+    # listens to costs no lock and no list (a manager may hold thousands)
     _emitter_lock: threading.Lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
     def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
-        try:
-            return self._emitter_lock, self._emitter_callbacks
-        except AttributeError:
+        callbacks = getattr(self, '_emitter_callbacks', None)
+        if callbacks is None:
             with _EMITTER_INIT_LOCK:
-                if '_emitter_callbacks' not in self.__dict__:
-                    self._emitter_lock = threading.Lock()
-                    self._emitter_callbacks = {s: [] for s in self.__signals__}
-            return self._emitter_lock, self._emitter_callbacks
+                callbacks = getattr(self, '_emitter_callbacks', None)
+                if callbacks is None:
+                    self._emitter_lock = threading.Lock()  # (set before the dict is seen)
+                    self._emitter_callbacks = callbacks = {}
+        return self._emitter_lock, callbacks
 
-    def _callbacks(self, signal: str) -> Tuple[threading.Lock, _Callbacks]:
-        lock, callbacks = self._registry()
-        try:
-            return lock, callbacks[signal]
-        except KeyError:
-            raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal)) from None
+    def _check_signal(self, signal: str) -> None:
+        if signal not in self.__signals__:
+            raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal))
 
     def listen(self, signal: str, func: Callable[..., object], *args: Any,
                **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
-        lock, callbacks = self._callbacks(signal)
+        self._check_signal(signal)
+        lock, callbacks = self._registry()
         with lock:
-            callbacks.append((func, args, kwargs))
+            callbacks.setdefault(signal, []).append((func, args, kwargs))
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
         """Remove one registration of ``func`` with these ``args`` and
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
-        lock, callbacks = self._callbacks(signal)
+        self._check_signal(signal)
+        lock, callbacks = self._registry()
         with lock:
-            callbacks.remove((func, args, kwargs))
+            callbacks.get(signal, []).remove((func, args, kwargs))
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
-        lock, callbacks = self._callbacks(signal)
-        with lock:
-            if not callbacks:
-                return
-            snapshot = list(callbacks)
+        callbacks = getattr(self, '_emitter_callbacks', None)
+        if callbacks is None or not callbacks.get(signal):  # nobody listens
+            self._check_signal(signal)
+            return
+        with self._emitter_lock:
+            snapshot = list(callbacks[signal])
         for func, listen_args, listen_kwargs in snapshot:
             try:
                 func(*args, *listen_args, **listen_kwargs)
@@ -5732,20 +5734,39 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
                            _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
                            _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
                            cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
-class _Changed(threading.Condition):
-    """The condition ``Downloader.wait()`` waits on, which also calls each
-    function in ``watchers`` at every ``notify_all()``, with the lock held:
-    how a waiter that must not block (a coroutine, see ``Downloader.events``)
-    learns when to look at the download again. A watcher must be quick and
-    never block. ``watchers`` is changed by single ``append``/``remove``
-    calls and read as a copy, so that needs no lock; any thread."""
+class _Changed:
+    """The condition ``Downloader.wait()`` waits on, on the downloader's
+    lock, which also calls each function in ``watchers`` at every
+    ``notify_all()``, with the lock held: how a waiter that must not block
+    (a coroutine, see ``Downloader.events``) learns when to look at the
+    download again. A watcher must be quick and never block. ``watchers``
+    is changed by single ``append``/``remove`` calls and read as a copy, so
+    that needs no lock; any thread. The ``threading.Condition`` itself is
+    made by the first ``wait()`` (most downloads are never waited for), and
+    ``_condition`` is read and set under the lock."""
+    __slots__ = ('_lock', '_condition', 'watchers')
 
     def __init__(self, lock: Any):
-        super().__init__(lock)
+        self._lock = lock
+        self._condition: Optional[threading.Condition] = None
         self.watchers: List[Callable[[], None]] = []
 
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.__exit__(*exc_info)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """``threading.Condition.wait``, with the lock held."""
+        if self._condition is None:
+            self._condition = threading.Condition(self._lock)
+        return self._condition.wait(timeout)
+
     def notify_all(self) -> None:
-        super().notify_all()
+        """Wake every waiter and call every watcher, with the lock held."""
+        if self._condition is not None:
+            self._condition.notify_all()
         for watcher in list(self.watchers):
             watcher()
 
@@ -5819,6 +5840,20 @@ class Downloader(Emitter):
     _min_speed: float
     _verify_digest: bool
     _restart_wait_max: Optional[float]
+    # slots, not a dict per downloader (a manager may hold thousands); what
+    # only a started download needs (its store, token bucket and Digest
+    # state) is made at the first need, see "made at the first need" below
+    __slots__ = (
+        '_metalink', '_lock', '_changed', '_url', '_state', '_size', '_downloaded',
+        '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
+        '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
+        '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
+        '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
+        '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
+        '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
+        '_checksum', '_headers', '_auth', '_proxy', '_ssl_context', '_cookies', '_digest_auth',
+        '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
+        '_restart_wait_max', '_first_attempt', '_store')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -5850,8 +5885,6 @@ class Downloader(Emitter):
         self._changed = _Changed(self._lock)  # wait() waits on it
         self._url = url
         self._state = 'pause'
-        self._size = -1
-        self._downloaded = 0
         self._resumed_from = 0               # bytes held when the attempt began
         self._best_held = 0                  # the most bytes an attempt ever held
         self._received = 0
@@ -5871,11 +5904,11 @@ class Downloader(Emitter):
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
         self._digest: Optional[Tuple[str, str]] = None
-        self._stop_event = threading.Event()
+        self._stopping = False               # the thread was told to stop; under _lock
         self._transfer: Optional[_Transfer] = None
         self._restart_timer: Optional[threading.Timer] = None
         self._restart_time: Optional[datetime.datetime] = None
-        self._bucket = _TokenBucket()
+        self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._rate_limit = 0.0
@@ -5895,12 +5928,13 @@ class Downloader(Emitter):
         self.proxy = proxy
         self.ssl_context = ssl_context
         self._cookies = jar
-        self._digest_auth = _DigestAuth()  # the hosts that asked it for Digest
+        self._digest_auth: Optional[_DigestAuth] = None  # see _request_options()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
         self._path: _Target
+        self._store: Optional[_FileStore] = None  # see _local_store()
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
         self.verify_digest = verify_digest
@@ -5908,7 +5942,7 @@ class Downloader(Emitter):
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
-            self._url, self._state, self.downloaded, self._size)
+            self._url, self._state, self.downloaded, self.size)
 
     # -- configuration -----------------------------------------------------
 
@@ -5926,21 +5960,20 @@ class Downloader(Emitter):
                 self._dir, self._path = path, path / self._name_in_dir()
             else:
                 self._dir, self._path = None, path
-        self._load_local_state()
+        self._forget_local_state()
 
     def _name_in_dir(self) -> str:
         """The file's name with ``dir_path``: the metalink's, else the URL's."""
         return self._metalink.filename if self._metalink is not None else \
             _filename_from_url(self._url)
 
-    def _load_local_state(self) -> None:
-        """Read what is already on disk: the bytes held, the known size.
-        The next attempt is the first for ``if_exists``."""
+    def _forget_local_state(self) -> None:
+        """A new target (or URL): what is on disk is read again at the first
+        need (``_local_store``), and the next attempt is the first for
+        ``if_exists``. Under ``_lock``, or in the constructor."""
         self._first_attempt = True
-        self._store = _FileStore(self._path, self._url)
-        self._store.load()
-        self._downloaded = self._store.held.total
-        self._size = self._store.size
+        self._store = None
+        self._downloaded, self._size = 0, -1
 
     @property
     def url(self) -> str:
@@ -5956,7 +5989,7 @@ class Downloader(Emitter):
             self._url = value
             if self._dir is not None:
                 self._path = self._dir / self._name_in_dir()
-            self._load_local_state()
+            self._forget_local_state()
         self.emit('url-changed', self)
 
     @property
@@ -6021,8 +6054,10 @@ class Downloader(Emitter):
     @rate_limit.setter
     def rate_limit(self, value: float) -> None:
         value = _check_number('rate_limit', value)
-        self._rate_limit = value if value > 0 else 0
-        self._bucket.rate = self._rate_limit
+        with self._lock:
+            self._rate_limit = value if value > 0 else 0
+            if self._bucket is not None:  # else the first attempt makes it with this rate
+                self._bucket.rate = self._rate_limit
         self.emit('rate-limit-changed', self)
 
     @property
@@ -6061,18 +6096,24 @@ class Downloader(Emitter):
     @property
     def size(self) -> int:
         """Total bytes, ``-1`` if unknown."""
+        if self._store is None:
+            self._local_store()
         return self._size
 
     @property
     def downloaded(self) -> int:
         """Bytes held so far, resumed bytes included."""
         transfer = self._transfer
-        return transfer.downloaded if transfer is not None else self._downloaded
+        if transfer is not None:
+            return transfer.downloaded
+        if self._store is None:
+            self._local_store()
+        return self._downloaded
 
     @property
     def remaining(self) -> int:
         """``size - downloaded``, ``-1`` if the size is unknown."""
-        size = self._size
+        size = self.size
         return -1 if size < 0 else max(size - self.downloaded, 0)
 
     @property
@@ -6084,7 +6125,7 @@ class Downloader(Emitter):
     @property
     def ratio(self) -> float:
         """``downloaded / size``: 1.0 for an empty file, -1.0 if unknown."""
-        size = self._size
+        size = self.size
         if size < 0:
             return -1.0
         if size == 0:
@@ -6109,7 +6150,7 @@ class Downloader(Emitter):
     @property
     def human_size(self) -> Tuple[float, str]:
         """``size`` for people, e.g. ``(9.865234375, 'KB')``."""
-        return human_readable(self._size)
+        return human_readable(self.size)
 
     @property
     def human_downloaded(self) -> Tuple[float, str]:
@@ -6183,7 +6224,7 @@ class Downloader(Emitter):
             if not self.is_alive:
                 self._attempt_over = False
                 self._running = True
-                self._stop_event.clear()
+                self._stopping = False
                 self._thread = _WORKERS.run(self._run, 'bitpit-download')
         if timer is not None:
             self.emit('restart-time-changed', self)
@@ -6210,7 +6251,7 @@ class Downloader(Emitter):
             thread = self._thread
             if thread is None or not thread.is_alive():
                 return None
-            self._stop_event.set()
+            self._stopping = True
             finishing = self._attempt_over
             transfer = self._transfer
         if finishing:
@@ -6298,7 +6339,7 @@ class Downloader(Emitter):
         timer.daemon = False
         timer.name = 'bitpit-restart'
         with self._changed:
-            if automatic and (self._stop_event.is_set() or self._restart_timer is not None):
+            if automatic and (self._stopping or self._restart_timer is not None):
                 return
             old, self._restart_timer = self._restart_timer, timer
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
@@ -6343,15 +6384,47 @@ class Downloader(Emitter):
         if length is not None:
             self._set_size(length)
 
-    # -- internal ---------------------------------------------------------------
+    # -- made at the first need ------------------------------------------------
+    # A download that waits its turn (in a manager, thousands may) holds its
+    # settings only: what the target holds is read, and what an attempt
+    # needs is made, when first asked for, under ``_lock``.
+
+    def _local_store(self) -> _FileStore:
+        """The target's store; the first call (after the constructor, or a
+        new ``url`` or ``path``) makes it and reads what the target holds
+        into ``size`` and ``downloaded``. Any thread."""
+        store = self._store
+        if store is None:
+            with self._lock:
+                store = self._store
+                if store is None:
+                    store = _FileStore(self._path, self._url)
+                    store.load()
+                    self._downloaded, self._size = store.held.total, store.size
+                    self._store = store
+        return store
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
-        return (self._bucket,) + self._shared_buckets
+        """The token buckets an attempt draws from: its own (made now at
+        the first attempt), then its manager's. Download thread."""
+        with self._lock:
+            if self._bucket is None:
+                self._bucket = _TokenBucket(self._rate_limit)
+            return (self._bucket,) + self._shared_buckets
 
     def _request_options(self) -> _RequestOptions:
+        """The options of the requests of an attempt (or of ``update_size``),
+        with the hosts that asked for Digest so far, kept across attempts.
+        Any thread."""
+        with self._lock:
+            if self._digest_auth is None:
+                self._digest_auth = _DigestAuth()
+            digest_auth = self._digest_auth
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
-                               self._digest_auth, self._host_slots)
+                               digest_auth, self._host_slots)
+
+    # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
         with self._changed:
@@ -6361,7 +6434,7 @@ class Downloader(Emitter):
             self.emit('state-changed', self, old)
 
     def _set_size(self, size: int) -> None:
-        if size != self._size:
+        if size != self.size:
             self._size = size
             self.emit('size-changed', self)
 
@@ -6369,6 +6442,7 @@ class Downloader(Emitter):
         """The file is already whole on disk (a manager's manifest says so):
         ``complete`` at once, without a request. The caller's thread, on a
         download that is not running."""
+        self._local_store()
         self._downloaded = size
         self._set_size(size)
         self._set_state('complete')
@@ -6395,7 +6469,7 @@ class Downloader(Emitter):
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
-            if self._stop_event.is_set() and not isinstance(exc, FileError):
+            if self._stopping and not isinstance(exc, FileError):
                 final = 'pause'
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
@@ -6475,7 +6549,7 @@ class Downloader(Emitter):
             piece_hashes=self._metalink.pieces if self._metalink is not None else None)
         with self._lock:
             self._transfer = transfer
-            stopped = self._stop_event.is_set()
+            stopped = self._stopping
         if stopped:
             transfer.stop()
         period = self._update_period
@@ -6545,7 +6619,10 @@ class Downloader(Emitter):
         the attempts after it, restarts and new starts, resume what it
         began. Download thread."""
         store = self._store
-        store.load()  # the file may have changed since the last attempt
+        if store is None:
+            store = self._local_store()  # read just now
+        else:
+            store.load()  # the file may have changed since it was read
         first, self._first_attempt = self._first_attempt, False
         mode = self._if_exists
         if mode == 'overwrite' and first:

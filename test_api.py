@@ -266,6 +266,7 @@ def test_initial_properties(tmp_path):
 
 def test_bar():
     d = bitpit.Downloader('http://127.0.0.1:1/x', path=io.BytesIO())
+    assert d.size == -1  # what the target holds is read now: the progress set below stays
     d._size, d._downloaded = 100, 25
     assert d.bar(width=8) == '==      '
     assert d.bar(width=10, char='-') == '--        '
