@@ -6242,37 +6242,6 @@ class Downloader(Emitter):
         if thread is not None:
             self._end_stop(thread)
 
-    def _begin_stop(self) -> Optional[_Task]:
-        """The first half of ``stop()``, which never waits: tell the thread
-        and its connections to stop; the thread to wait for, if any (a
-        manager tells all its downloads before it waits for any)."""
-        self._cancel_restart()
-        with self._lock:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                return None
-            self._stopping = True
-            finishing = self._attempt_over
-            transfer = self._transfer
-        if finishing:
-            # The thread only emits its last signals: the stop need not wait
-            # for it (a callback of it may be what called stop; waiting could
-            # deadlock), only keep it from scheduling a restart.
-            self._cancel_restart()
-            return None
-        if transfer is not None:
-            transfer.stop()
-        return thread if not thread.is_current() else None
-
-    def _end_stop(self, thread: _Task) -> None:
-        """The second half of ``stop()``: wait for ``thread`` (about a second
-        at most), then seal the file if it is stuck."""
-        transfer = self._transfer
-        thread.join(_STOP_WAIT)
-        if thread.is_alive() and transfer is not None:
-            transfer.store.sealed = True
-        self._cancel_restart()  # one the thread scheduled before it saw the stop
-
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the download thread ends (any reason)."""
         thread = self._thread
@@ -6293,18 +6262,6 @@ class Downloader(Emitter):
                     break
                 self._changed.wait(left)
             return self._state == 'complete'
-
-    def _settled(self) -> bool:
-        """Nothing more will happen by itself: complete, fatal, or stopped
-        (or failed) with no restart to come (a manager restarts its own)."""
-        return not self._running and (self._state in _FINISHED_STATES or (
-            not self.is_restarting and (self._restarted_by is None or
-                                        not self._restarted_by())))
-
-    def _recheck_waiters(self) -> None:
-        """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
-        with self._changed:
-            self._changed.notify_all()
 
     def __await__(self) -> Any:
         """``await d`` in a coroutine: waits as ``wait()`` does, without
@@ -6438,21 +6395,6 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
-    def _take_as_complete(self, size: int) -> None:
-        """The file is already whole on disk (a manager's manifest says so):
-        ``complete`` at once, without a request. The caller's thread, on a
-        download that is not running."""
-        self._local_store()
-        self._downloaded = size
-        self._set_size(size)
-        self._set_state('complete')
-
-    def _fail_outside(self, exc: BaseException) -> None:
-        """An exception in a restart timer: the download ends in
-        ``fatal-error`` with it, instead of a thread dying in silence."""
-        self._last_exception = exc if isinstance(exc, Error) else _unexpected(exc)
-        self._set_state('fatal-error')
-
     # -- the download thread -------------------------------------------------------
 
     def _run(self) -> None:
@@ -6510,17 +6452,6 @@ class Downloader(Emitter):
         else:
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
-
-    def _restart_delay(self, base: float) -> float:
-        """Seconds before the restart after the last attempt, ``base``
-        being the ``restart_wait`` in use (the download's or its
-        manager's): the wait drawn for it, or the server's ``Retry-After``
-        (never less than ``base``). Any thread."""
-        base = max(0.0, base)
-        if self._retry_after is not None:
-            return max(base, self._retry_after)
-        return _backed_off(base, self._restart_wait_max, self._restart_streak,
-                           self._restart_draw)
 
     def _attempt(self) -> None:
         """One attempt: decide what to do with an existing file, run a
@@ -6669,6 +6600,127 @@ class Downloader(Emitter):
         elif kind == 'restart':  # another version: its progress counts afresh
             self._best_held = 0
             self._set_size(-1)
+
+
+    # -- the contract with bitpit's other layers --------------------------------
+    # What Manager, the manifest, the command line and the asyncio layer may
+    # use of a Downloader besides its public face; nothing else of it. A
+    # manager joins a download with _join_manager() and lets go with
+    # _leave_manager(); stops many at once with _begin_stop() and
+    # _end_stop(); restarts a failed one after _restart_delay(), and ends one
+    # whose restart failed with _fail_outside(). The manifest hashes a file
+    # as it is written (_hash_while_writing) and takes a recorded one as
+    # complete (_take_as_complete). Whoever waits without blocking (the
+    # command line, asyncio) asks _settled() and follows _watch()/_unwatch();
+    # the progress display reads _held_at_start().
+
+    def _join_manager(self, restarts: Callable[[], bool], bucket: _TokenBucket,
+                      host_slots: Optional[_HostSlots]) -> None:
+        """A manager takes the download over: ``restarts()`` says whether it
+        restarts the download after an error (then the download schedules
+        no restart of its own, and any scheduled one is cancelled); its
+        attempts draw from the manager's ``bucket`` too, and connect within
+        its ``host_slots``. The manager's caller's thread."""
+        self._restarted_by = restarts
+        self._cancel_restart()
+        self._shared_buckets = (bucket,)
+        self._host_slots = host_slots
+
+    def _leave_manager(self) -> None:
+        """The manager lets the download go: it restarts by itself again,
+        without the manager's limit and slots; whoever waits looks again."""
+        self._shared_buckets = ()
+        self._host_slots = None
+        self._restarted_by = None
+        self._recheck_waiters()
+
+    def _hash_while_writing(self, algorithm: str) -> None:
+        """Hash the file with ``algorithm`` as it is written (a manifest
+        records the digest). Before a start."""
+        self._hash_with = algorithm
+
+    def _begin_stop(self) -> Optional[_Task]:
+        """The first half of ``stop()``, which never waits: tell the thread
+        and its connections to stop; the thread to wait for, if any (a
+        manager tells all its downloads before it waits for any)."""
+        self._cancel_restart()
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return None
+            self._stopping = True
+            finishing = self._attempt_over
+            transfer = self._transfer
+        if finishing:
+            # The thread only emits its last signals: the stop need not wait
+            # for it (a callback of it may be what called stop; waiting could
+            # deadlock), only keep it from scheduling a restart.
+            self._cancel_restart()
+            return None
+        if transfer is not None:
+            transfer.stop()
+        return thread if not thread.is_current() else None
+
+    def _end_stop(self, thread: _Task) -> None:
+        """The second half of ``stop()``: wait for ``thread`` (about a second
+        at most), then seal the file if it is stuck."""
+        transfer = self._transfer
+        thread.join(_STOP_WAIT)
+        if thread.is_alive() and transfer is not None:
+            transfer.store.sealed = True
+        self._cancel_restart()  # one the thread scheduled before it saw the stop
+
+    def _settled(self) -> bool:
+        """Nothing more will happen by itself: complete, fatal, or stopped
+        (or failed) with no restart to come (a manager restarts its own)."""
+        return not self._running and (self._state in _FINISHED_STATES or (
+            not self.is_restarting and (self._restarted_by is None or
+                                        not self._restarted_by())))
+
+    def _recheck_waiters(self) -> None:
+        """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _take_as_complete(self, size: int) -> None:
+        """The file is already whole on disk (a manager's manifest says so):
+        ``complete`` at once, without a request. The caller's thread, on a
+        download that is not running."""
+        self._local_store()
+        self._downloaded = size
+        self._set_size(size)
+        self._set_state('complete')
+
+    def _fail_outside(self, exc: BaseException) -> None:
+        """An exception in a restart timer: the download ends in
+        ``fatal-error`` with it, instead of a thread dying in silence."""
+        self._last_exception = exc if isinstance(exc, Error) else _unexpected(exc)
+        self._set_state('fatal-error')
+
+    def _restart_delay(self, base: float) -> float:
+        """Seconds before the restart after the last attempt, ``base``
+        being the ``restart_wait`` in use (the download's or its
+        manager's): the wait drawn for it, or the server's ``Retry-After``
+        (never less than ``base``). Any thread."""
+        base = max(0.0, base)
+        if self._retry_after is not None:
+            return max(base, self._retry_after)
+        return _backed_off(base, self._restart_wait_max, self._restart_streak,
+                           self._restart_draw)
+
+    def _watch(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher()`` at every change that may settle the download,
+        with the download's lock held: it must be quick and never block (it
+        hands the news to an event loop). Any thread."""
+        self._changed.watchers.append(watcher)
+
+    def _unwatch(self, watcher: Callable[[], None]) -> None:
+        """Stop calling ``watcher``; ``ValueError`` if it was not watching."""
+        self._changed.watchers.remove(watcher)
+
+    def _held_at_start(self) -> int:
+        """Bytes the file held when the current or last attempt began."""
+        return self._resumed_from
 
 
 def _per_second(n: float) -> Tuple[float, str]:
@@ -6828,7 +6880,7 @@ class _Manifest:
         still at its path with its size (and no sidecar), unless its
         ``if_exists`` asks for a request even then (``'update'``,
         ``'rename'``, ``'overwrite'``). The caller's thread."""
-        d._hash_with = 'sha256'
+        d._hash_while_writing('sha256')
         path = d.path
         with self._lock:
             record = self._complete.get(d.url)
@@ -7055,10 +7107,7 @@ class Manager(Emitter):
             if d in self._downloads:
                 return d
             self._downloads[d] = next(self._turns)
-        d._restarted_by = self._restarts
-        d._cancel_restart()
-        d._shared_buckets = (self._bucket,)
-        d._host_slots = self._host_slots
+        d._join_manager(self._restarts, self._bucket, self._host_slots)
         if self._manifest is not None:
             self._manifest.adopt(d)
         d.listen('state-changed', self._on_state_changed)
@@ -7096,10 +7145,7 @@ class Manager(Emitter):
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
         d.unlisten('state-changed', self._on_state_changed)
-        d._shared_buckets = ()
-        d._host_slots = None
-        d._restarted_by = None
-        d._recheck_waiters()
+        d._leave_manager()
         self.emit('remove', self, d)
         self.update()
 
@@ -7476,20 +7522,20 @@ class _Settling:
     def __init__(self, d: Downloader, loop: Any, future: Any):
         self._d, self._loop, self.future = d, loop, future
         self._told = False
-        d._changed.watchers.append(self._watch)
+        d._watch(self._watch)
         self._watch()  # wait() would return at once
 
     def _watch(self) -> None:
         d = self._d
         if not self._told and d._settled():
             self._told = True
-            _hand_over(self._loop, _set_result, self.future, d._state == 'complete')
+            _hand_over(self._loop, _set_result, self.future, d.state == 'complete')
             self.close()
 
     def close(self) -> None:
         """Stop watching the download. Any thread."""
         try:
-            self._d._changed.watchers.remove(self._watch)
+            self._d._unwatch(self._watch)
         except ValueError:  # closed already
             pass
 
@@ -7698,12 +7744,12 @@ class _SignalRelay:
         self._items: collections.deque = collections.deque()  # (signal, args) not yet taken
         self._waiter: Any = None    # the future that the consumer awaits, if it does
         self._ended = False         # no item comes after those held
-        self._last_state = d._state  # the new state of the last state-changed
+        self._last_state = d.state  # the new state of the last state-changed
         self._busy = not d._settled() or self._last_state in _FINISHED_STATES
         self._end_with: Optional[str] = None  # the state whose state-changed ends it
         for signal in d.__signals__:
             d.listen(signal, self._on_signal, signal)
-        d._changed.watchers.append(self._on_change)
+        d._watch(self._on_change)
         if self._busy and d._settled():  # it settled while listening began
             loop.call_soon(self._end)
 
@@ -7713,20 +7759,20 @@ class _SignalRelay:
         """Any signal of ``d``; ``args`` ends with the signal's name. The
         thread that emits it."""
         signal = args[-1]
-        if not _hand_over(self._loop, self._take_signal, signal, args[:-1], d._state):
+        if not _hand_over(self._loop, self._take_signal, signal, args[:-1], d.state):
             self.close()
 
     def _on_change(self) -> None:
         """A change that ``wait()`` looks at; under the download's lock."""
         d = self._d
-        if not _hand_over(self._loop, self._take_change, d._settled(), d._state):
+        if not _hand_over(self._loop, self._take_change, d._settled(), d.state):
             self.close()
 
     def close(self) -> None:
         """Stop listening to the download. Any thread; again is a no-op."""
         d = self._d
         try:
-            d._changed.watchers.remove(self._on_change)
+            d._unwatch(self._on_change)
         except ValueError:  # closed already
             return
         for signal in d.__signals__:
@@ -8199,7 +8245,7 @@ class _Event:
         self.state = downloader.state
         self.error = downloader.last_exception
         # as the bytes begin to flow, what the attempt resumes from
-        self.downloaded = downloader._resumed_from \
+        self.downloaded = downloader._held_at_start() \
             if state_change and self.state == 'download' else downloader.downloaded
         self.size = downloader.size
         self.speed = downloader.speed
