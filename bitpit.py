@@ -897,8 +897,9 @@ class _Task:
         return self._running.locked()
 
     def is_current(self) -> bool:
-        """Whether the calling thread is the one running it."""
-        return self.thread is threading.current_thread()
+        """Whether the calling thread is the one running it (once it
+        returned, its worker runs other tasks: it is current for none)."""
+        return self.thread is threading.current_thread() and self._running.locked()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until it returned, at most ``timeout`` seconds."""

@@ -109,3 +109,90 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
         child.join(30)
     assert child.exitcode == 0
     assert (tmp_path / 'child.bin').read_bytes() == DATA
+
+
+def _private_pool(monkeypatch):
+    """A pool of bitpit's own for one test, whose workers wait long for
+    their next task (so which worker takes one is up to the test); closed
+    at teardown. It is not hooked to the interpreter's shutdown."""
+    pool = bitpit._Workers()
+    pool.IDLE_SECONDS = 60
+    pool._hooked = True
+    monkeypatch.setattr(bitpit, '_WORKERS', pool)
+    return pool
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    pool = _private_pool(monkeypatch)
+    yield pool
+    pool.close()
+    assert pool.wait_quiet(10)
+
+
+def test_a_returned_task_is_not_current_on_its_workers_next_task(pool):
+    """A thread that ended is current for nobody: nor is a task, once it
+    returned, though its worker now runs another."""
+    first = pool.run(lambda: None, 'bitpit-download')
+    first.join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    seen = []
+
+    def second():
+        seen.append(first.thread is threading.current_thread())
+        seen.append(first.is_current())
+        first.join(0)  # a thread that ended joins at once, from anywhere
+        seen.append('joined')
+
+    pool.run(second, 'bitpit-download').join(10)
+    assert seen == [True, False, 'joined']
+
+
+def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
+        pool, server, tmp_path):
+    """A callback of download B may start or join download A, whose
+    attempt is over, as from any thread, though B runs on the worker that
+    ran A's attempt."""
+    server.add('/data.bin', DATA)
+    first = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'a.bin')
+    first.start()
+    assert first.wait(30)
+    first.join(10)
+    worker = first._thread.thread
+    assert pool.wait_quiet(10)
+    for _ in range(50):  # keep every waiting worker but first's busy
+        release = threading.Event()
+        blocker = pool.run(lambda release=release: release.wait(30), 'bitpit-connection')
+        while blocker.thread is None:
+            blocker.join(0.01)
+        if blocker.thread is not worker:
+            break
+        release.set()
+        blocker.join(10)
+        assert pool.wait_quiet(10)
+    else:
+        pytest.fail("the first download's worker took every blocker")
+    seen = []
+
+    def on_state(d, old):
+        if d.state == 'complete' and not seen:
+            seen.append(threading.current_thread() is worker)
+            try:
+                first.join(5)
+            except RuntimeError as e:
+                seen.append(e)
+            first.start()  # at once, not by a restart timer
+
+    restarts = []
+    first.listen('restart-time-changed', lambda d: restarts.append(d.restart_time))
+    try:
+        second = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'b.bin')
+        second.listen('state-changed', on_state)
+        second.start()
+        assert second.wait(30)
+        second.join(10)
+        assert first.wait(30)
+        first.join(10)
+    finally:
+        release.set()
+    assert (seen, restarts) == ([True], [])
