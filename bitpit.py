@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextvars
 import datetime
 import errno
 import functools
@@ -1011,7 +1012,9 @@ class _Workers:
             me.name = task.name
             task.thread = me
             try:
-                task.target()
+                # in the empty context a new thread starts with: what one
+                # task's callbacks set (a decimal context...) is not the next's
+                contextvars.Context().run(task.target)
             except BaseException:  # a task's bug: say so, and go on
                 _log.exception('%s ended with an unexpected error', task.name)
             finally:

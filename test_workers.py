@@ -3,6 +3,8 @@ its connections run on a worker, which waits a moment for its next task
 under the name ``bitpit-idle`` and then ends; the interpreter's shutdown
 ends the waiting ones at once but waits for the work under way, and a
 forked child starts with no worker of its parent's."""
+import contextvars
+import decimal
 import multiprocessing
 import threading
 
@@ -196,3 +198,28 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     finally:
         release.set()
     assert (seen, restarts) == ([True], [])
+
+
+_SEEN_BY = contextvars.ContextVar('seen_by')
+
+
+def test_a_task_starts_with_a_fresh_context_as_a_new_thread_would(pool):
+    """A callback that sets a context variable (a decimal context, say)
+    does not change what the next task on its worker sees: each task
+    starts with the empty context a new thread starts with."""
+    def first():
+        _SEEN_BY.set('first')
+        decimal.getcontext().prec = 3
+
+    def second():
+        seen.append((_SEEN_BY.get(None), decimal.getcontext().prec))
+
+    pool.run(first, 'bitpit-download').join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    seen = []
+    pool.run(second, 'bitpit-download').join(10)
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(decimal.getcontext().prec))
+    thread.start()
+    thread.join(10)
+    assert seen == [(None, fresh[0])]
