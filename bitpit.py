@@ -946,7 +946,8 @@ class _Workers:
         self._closing = False
 
     def run(self, target: Callable[[], object], name: str) -> _Task:
-        """Run ``target`` on a waiting worker, or on a new one."""
+        """Run ``target`` on a waiting worker, or on a new one; raises
+        ``RuntimeError`` as ``Thread.start`` does when there is none."""
         task = _Task(target, name)
         with self._lock:
             if not self._hooked:
@@ -955,7 +956,16 @@ class _Workers:
             if len(self._tasks) <= self._waiting:
                 self._cond.notify()
                 return task
-        threading.Thread(target=self._work, name=name, daemon=False).start()
+        try:
+            threading.Thread(target=self._work, name=name, daemon=False).start()
+        except RuntimeError:  # no thread to be had: the task never runs
+            with self._lock:
+                if task not in self._tasks:
+                    return task  # a worker done with its own took it up
+                self._tasks.remove(task)
+                if not self._busy and not self._tasks:
+                    self._quiet.notify_all()
+            raise
         return task
 
     def _hook(self) -> None:

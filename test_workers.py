@@ -223,3 +223,21 @@ def test_a_task_starts_with_a_fresh_context_as_a_new_thread_would(pool):
     thread.start()
     thread.join(10)
     assert seen == [(None, fresh[0])]
+
+
+def test_a_task_whose_thread_cannot_start_is_not_run_later(pool, monkeypatch):
+    """No thread to be had (too many, or the interpreter finalizing): the
+    caller gets the error, and the task does not run later on a worker
+    started for another one, as a thread that failed to start never ran."""
+    ran = []
+
+    def refuse(thread):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, 'start', refuse)
+        with pytest.raises(RuntimeError):
+            pool.run(lambda: ran.append('refused'), 'bitpit-download')
+    assert pool.wait_quiet(0), 'a task is left waiting for a worker'
+    pool.run(lambda: ran.append('later'), 'bitpit-download').join(10)
+    assert ran == ['later']
