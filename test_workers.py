@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import bitpit
-from conftest import DATA, bitpit_threads, run_program
+from conftest import DATA, bitpit_threads, run_program, threads_left
 
 
 def _download_thread(server, path):
@@ -241,3 +241,19 @@ def test_a_task_whose_thread_cannot_start_is_not_run_later(pool, monkeypatch):
     assert pool.wait_quiet(0), 'a task is left waiting for a worker'
     pool.run(lambda: ran.append('later'), 'bitpit-download').join(10)
     assert ran == ['later']
+
+
+def test_the_hygiene_check_names_a_task_left_on_a_worker_older_than_the_test(pool):
+    """A worker that waited when a test began may take up a task of the
+    test and still be at it when the test ends: a leftover, though the
+    test did not start its thread."""
+    pool.run(lambda: None, 'bitpit-download').join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    before = set(threading.enumerate())
+    release = threading.Event()
+    left = pool.run(lambda: release.wait(30), 'bitpit-download')
+    try:
+        assert threads_left(before, 0.05) == ['bitpit-download']
+    finally:
+        release.set()
+        left.join(10)
