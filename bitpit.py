@@ -923,8 +923,8 @@ class _Workers:
     ends after ``IDLE_SECONDS`` without one, and at once when the
     interpreter shuts down (it waits for the tasks under way, as it would
     for the threads they replace). ``_lock`` guards ``_tasks``,
-    ``_waiting`` (workers waiting for a task), ``_busy`` (tasks taken up
-    and not returned) and ``_closing``; ``_cond`` is signalled when a task
+    ``_waiting`` (workers waiting for a task), ``_busy`` (the tasks taken
+    up and not returned) and ``_closing``; ``_cond`` is signalled when a task
     comes, ``_quiet`` when no task runs any more. Any thread may call
     ``run`` and ``wait_quiet``."""
     IDLE_SECONDS = 0.5
@@ -932,18 +932,28 @@ class _Workers:
 
     def __init__(self) -> None:
         self._hooked = False
-        self._after_fork()
+        self._start_empty()
 
-    def _after_fork(self) -> None:
-        """Start empty (also in a forked child, where none of the
-        workers exist)."""
+    def _start_empty(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._quiet = threading.Condition(self._lock)
         self._tasks: 'collections.deque[_Task]' = collections.deque()
         self._waiting = 0
-        self._busy = 0
+        self._busy: Set[_Task] = set()
         self._closing = False
+
+    def _after_fork(self) -> None:
+        """Start empty in a forked child, where only the forking thread
+        goes on: every task the parent had handed over has ended there,
+        as every other thread has, but the forking thread's own (a
+        callback that forks)."""
+        mine = {task for task in self._busy if task.thread is threading.current_thread()}
+        for task in itertools.chain(self._tasks, self._busy - mine):
+            if task.is_alive():
+                task.done()
+        self._start_empty()
+        self._busy = mine
 
     def run(self, target: Callable[[], object], name: str) -> _Task:
         """Run ``target`` on a waiting worker, or on a new one; raises
@@ -997,11 +1007,11 @@ class _Workers:
     def _work(self) -> None:
         """A worker: run tasks while there are any, then wait for more."""
         me = threading.current_thread()
-        ran = False
+        task: Optional[_Task] = None  # the one it last ran
         while True:
             with self._lock:
-                if ran:
-                    self._busy -= 1
+                if task is not None:
+                    self._busy.remove(task)
                     if not self._busy and not self._tasks:
                         self._quiet.notify_all()
                 if not self._tasks and not self._closing:
@@ -1017,8 +1027,7 @@ class _Workers:
                 if not self._tasks:
                     return
                 task = self._tasks.popleft()
-                self._busy += 1
-            ran = True
+                self._busy.add(task)
             me.name = task.name
             task.thread = me
             try:

@@ -6,6 +6,7 @@ forked child starts with no worker of its parent's."""
 import contextvars
 import decimal
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -257,3 +258,62 @@ def test_the_hygiene_check_names_a_task_left_on_a_worker_older_than_the_test(poo
     finally:
         release.set()
         left.join(10)
+
+
+def _child_sees(task, thread, result):
+    result.put((task.is_alive(), thread.is_alive(), bitpit._WORKERS.wait_quiet(0)))
+    task.join()  # at once, as a thread's join does there
+    thread.join()
+    result.put('joined')
+
+
+@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
+                    reason='no fork on this system')
+def test_in_a_forked_child_the_parents_tasks_have_ended_as_its_threads_have():
+    """Only the forking thread goes on in a child: a download's attempt
+    that ran in the parent is not alive there, and joining it returns."""
+    release = threading.Event()
+    task = bitpit._WORKERS.run(lambda: release.wait(30), 'bitpit-download')
+    thread = threading.Thread(target=release.wait, args=(30,))
+    thread.start()
+    context = multiprocessing.get_context('fork')
+    result = context.Queue()
+    child = context.Process(target=_child_sees, args=(task, thread, result))
+    child.start()
+    try:
+        assert result.get(timeout=30) == (False, False, True)
+        assert result.get(timeout=30) == 'joined'
+    finally:
+        release.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        task.join(10)
+        thread.join(10)
+    assert child.exitcode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
+def test_a_task_that_forks_goes_on_running_in_the_child():
+    """A callback may fork: in the child its own task is still under way
+    (and ends, there too, when it returns)."""
+    ready = threading.Event()
+    reader, writer = os.pipe()
+    mine = []
+
+    def forking():
+        ready.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: it reports, and never returns
+            task, = mine
+            seen = (task.is_alive(), task.is_current(), bitpit._WORKERS.wait_quiet(0))
+            os.write(writer, repr(seen).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    mine.append(bitpit._WORKERS.run(forking, 'bitpit-download'))
+    ready.set()
+    mine[0].join(30)
+    os.close(writer)
+    with os.fdopen(reader) as child:
+        assert child.read() == repr((True, True, False))
