@@ -1034,6 +1034,8 @@ class _Workers:
                 # in the empty context a new thread starts with: what one
                 # task's callbacks set (a decimal context...) is not the next's
                 contextvars.Context().run(task.target)
+            except SystemExit:  # it ends its thread, as threading has it
+                pass
             except BaseException:  # a task's bug: say so, and go on
                 _log.exception('%s ended with an unexpected error', task.name)
             finally:

@@ -5,8 +5,10 @@ ends the waiting ones at once but waits for the work under way, and a
 forked child starts with no worker of its parent's."""
 import contextvars
 import decimal
+import logging
 import multiprocessing
 import os
+import sys
 import threading
 
 import pytest
@@ -317,3 +319,12 @@ def test_a_task_that_forks_goes_on_running_in_the_child():
     os.close(writer)
     with os.fdopen(reader) as child:
         assert child.read() == repr((True, True, False))
+
+
+def test_a_task_that_calls_sys_exit_ends_quietly_as_a_thread_does(caplog):
+    """``sys.exit()`` in a callback ends the download thread, as in any
+    thread, with no word: it is not a bug to log."""
+    exits = bitpit._WORKERS.run(lambda: sys.exit(3), 'bitpit-download')
+    exits.join(10)
+    assert not exits.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
