@@ -203,7 +203,7 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     assert (seen, restarts) == ([True], [])
 
 
-_SEEN_BY = contextvars.ContextVar('seen_by')
+_SEEN_BY: 'contextvars.ContextVar[str]' = contextvars.ContextVar('seen_by')
 
 
 def test_a_task_starts_with_a_fresh_context_as_a_new_thread_would(pool):
