@@ -883,11 +883,13 @@ class _Task:
     would: ``join``, ``is_alive`` and ``is_current`` answer as they would
     for that thread. ``thread`` is the worker running it, ``None`` until one
     takes it up; ``_running`` is held from the moment it is handed over
-    until it returns. Any thread."""
+    until it returns. ``target`` is dropped once it returned (as a thread
+    drops its own), so that what it holds is freed with no cycle to
+    collect: a download's attempt holds the download. Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Callable[[], object], name: str):
-        self.target = target
+        self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
         self._running = threading.Lock()
@@ -911,6 +913,7 @@ class _Task:
 
     def done(self) -> None:
         """It returned. Its worker."""
+        self.target = None
         self._running.release()
 
 
@@ -1030,16 +1033,19 @@ class _Workers:
                 self._busy.add(task)
             me.name = task.name
             task.thread = me
+            target = task.target
+            assert target is not None  # dropped once it returned
             try:
                 # in the empty context a new thread starts with: what one
                 # task's callbacks set (a decimal context...) is not the next's
-                contextvars.Context().run(task.target)
+                contextvars.Context().run(target)
             except SystemExit:  # it ends its thread, as threading has it
                 pass
             except BaseException:  # a task's bug: say so, and go on
                 _log.exception('%s ended with an unexpected error', task.name)
             finally:
                 me.name = self.IDLE_NAME
+                del target  # nor does the worker hold it while it waits
                 task.done()
 
 

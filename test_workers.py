@@ -5,11 +5,13 @@ ends the waiting ones at once but waits for the work under way, and a
 forked child starts with no worker of its parent's."""
 import contextvars
 import decimal
+import gc
 import logging
 import multiprocessing
 import os
 import sys
 import threading
+import weakref
 
 import pytest
 
@@ -328,3 +330,23 @@ def test_a_task_that_calls_sys_exit_ends_quietly_as_a_thread_does(caplog):
     exits.join(10)
     assert not exits.is_alive()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_download_that_ended_is_freed_when_dropped_with_no_cycle_to_collect(
+        server, tmp_path):
+    """A thread drops its target once it ran: a download that ended and
+    that no one holds any more is freed at once, not by the collector of
+    cycles (nor once its worker has run something else)."""
+    server.add('/data.bin', DATA)
+    gc.collect()
+    gc.disable()
+    try:
+        d = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'out.bin')
+        d.start()
+        assert d.wait(30)
+        d.join(10)
+        dropped = weakref.ref(d)
+        del d
+        assert dropped() is None
+    finally:
+        gc.enable()
