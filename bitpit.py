@@ -1029,8 +1029,9 @@ class _Workers:
                     self._waiting -= 1
                 if not self._tasks:
                     return
-                task = self._tasks.popleft()
-                self._busy.add(task)
+                task = self._tasks[0]
+                self._busy.add(task)  # first: a fork never finds it in neither
+                self._tasks.popleft()
             me.name = task.name
             task.thread = me
             target = task.target
