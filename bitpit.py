@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextvars
 import datetime
 import errno
 import functools
@@ -884,11 +885,13 @@ class _Task:
     would: ``join``, ``is_alive`` and ``is_current`` answer as they would
     for that thread. ``thread`` is the worker running it, ``None`` until one
     takes it up; ``_running`` is held from the moment it is handed over
-    until it returns. Any thread."""
+    until it returns. ``target`` is dropped once it returned (as a thread
+    drops its own), so that what it holds is freed with no cycle to
+    collect: a download's attempt holds the download. Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Callable[[], object], name: str):
-        self.target = target
+        self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
         self._running = threading.Lock()
@@ -899,8 +902,9 @@ class _Task:
         return self._running.locked()
 
     def is_current(self) -> bool:
-        """Whether the calling thread is the one running it."""
-        return self.thread is threading.current_thread()
+        """Whether the calling thread is the one running it (once it
+        returned, its worker runs other tasks: it is current for none)."""
+        return self.thread is threading.current_thread() and self._running.locked()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until it returned, at most ``timeout`` seconds."""
@@ -911,6 +915,7 @@ class _Task:
 
     def done(self) -> None:
         """It returned. Its worker."""
+        self.target = None
         self._running.release()
 
 
@@ -923,8 +928,8 @@ class _Workers:
     ends after ``IDLE_SECONDS`` without one, and at once when the
     interpreter shuts down (it waits for the tasks under way, as it would
     for the threads they replace). ``_lock`` guards ``_tasks``,
-    ``_waiting`` (workers waiting for a task), ``_busy`` (tasks taken up
-    and not returned) and ``_closing``; ``_cond`` is signalled when a task
+    ``_waiting`` (workers waiting for a task), ``_busy`` (the tasks taken
+    up and not returned) and ``_closing``; ``_cond`` is signalled when a task
     comes, ``_quiet`` when no task runs any more. Any thread may call
     ``run`` and ``wait_quiet``."""
     IDLE_SECONDS = 0.5
@@ -932,21 +937,32 @@ class _Workers:
 
     def __init__(self) -> None:
         self._hooked = False
-        self._after_fork()
+        self._start_empty()
 
-    def _after_fork(self) -> None:
-        """Start empty (also in a forked child, where none of the
-        workers exist)."""
+    def _start_empty(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._quiet = threading.Condition(self._lock)
         self._tasks: 'collections.deque[_Task]' = collections.deque()
         self._waiting = 0
-        self._busy = 0
+        self._busy: Set[_Task] = set()
         self._closing = False
 
+    def _after_fork(self) -> None:
+        """Start empty in a forked child, where only the forking thread
+        goes on: every task the parent had handed over has ended there,
+        as every other thread has, but the forking thread's own (a
+        callback that forks)."""
+        mine = {task for task in self._busy if task.thread is threading.current_thread()}
+        for task in itertools.chain(self._tasks, self._busy - mine):
+            if task.is_alive():
+                task.done()
+        self._start_empty()
+        self._busy = mine
+
     def run(self, target: Callable[[], object], name: str) -> _Task:
-        """Run ``target`` on a waiting worker, or on a new one."""
+        """Run ``target`` on a waiting worker, or on a new one; raises
+        ``RuntimeError`` as ``Thread.start`` does when there is none."""
         task = _Task(target, name)
         with self._lock:
             if not self._hooked:
@@ -955,7 +971,16 @@ class _Workers:
             if len(self._tasks) <= self._waiting:
                 self._cond.notify()
                 return task
-        threading.Thread(target=self._work, name=name, daemon=False).start()
+        try:
+            threading.Thread(target=self._work, name=name, daemon=False).start()
+        except RuntimeError:  # no thread to be had: the task never runs
+            with self._lock:
+                if task not in self._tasks:
+                    return task  # a worker done with its own took it up
+                self._tasks.remove(task)
+                if not self._busy and not self._tasks:
+                    self._quiet.notify_all()
+            raise
         return task
 
     def _hook(self) -> None:
@@ -987,11 +1012,11 @@ class _Workers:
     def _work(self) -> None:
         """A worker: run tasks while there are any, then wait for more."""
         me = threading.current_thread()
-        ran = False
+        task: Optional[_Task] = None  # the one it last ran
         while True:
             with self._lock:
-                if ran:
-                    self._busy -= 1
+                if task is not None:
+                    self._busy.remove(task)
                     if not self._busy and not self._tasks:
                         self._quiet.notify_all()
                 if not self._tasks and not self._closing:
@@ -1006,17 +1031,24 @@ class _Workers:
                     self._waiting -= 1
                 if not self._tasks:
                     return
-                task = self._tasks.popleft()
-                self._busy += 1
-            ran = True
+                task = self._tasks[0]
+                self._busy.add(task)  # first: a fork never finds it in neither
+                self._tasks.popleft()
             me.name = task.name
             task.thread = me
+            target = task.target
+            assert target is not None  # dropped once it returned
             try:
-                task.target()
+                # in the empty context a new thread starts with: what one
+                # task's callbacks set (a decimal context...) is not the next's
+                contextvars.Context().run(target)
+            except SystemExit:  # it ends its thread, as threading has it
+                pass
             except BaseException:  # a task's bug: say so, and go on
                 _log.exception('%s ended with an unexpected error', task.name)
             finally:
                 me.name = self.IDLE_NAME
+                del target  # nor does the worker hold it while it waits
                 task.done()
 
 

@@ -1059,16 +1059,8 @@ def _check_hygiene(request):
     threading.excepthook = crashes.append
     try:
         yield
-        deadline = time.monotonic() + HYGIENE_JOIN
-        # bitpit's workers wait a moment for more work once their task is
-        # done: a waiting one is no leftover, one still at a task is
-        bitpit._WORKERS.wait_quiet(HYGIENE_JOIN)
-        started = [t for t in threading.enumerate() if t not in before and not t.daemon
-                   and t.name != bitpit._Workers.IDLE_NAME]
-        for thread in started:
-            thread.join(max(0.0, deadline - time.monotonic()))
         problems = []
-        left = [t.name for t in started if t.is_alive()]
+        left = threads_left(before, HYGIENE_JOIN)
         if left:
             problems.append('non-daemon threads left running after {} s: {}'.format(
                 HYGIENE_JOIN, ', '.join(left)))
@@ -1090,6 +1082,23 @@ def _check_hygiene(request):
         threading.excepthook = old_hook
         logger.removeHandler(errors)
         logger.setLevel(level)
+
+
+def threads_left(before, wait):
+    """The names of the non-daemon threads not in ``before`` still alive
+    after a join bounded by ``wait`` seconds in all, and of bitpit's
+    workers still at a task then (one that waited for work when ``before``
+    was taken may have taken up a task since): the hygiene check's (c)."""
+    deadline = time.monotonic() + wait
+    # bitpit's workers wait a moment for more work once their task is
+    # done: a waiting one is no leftover, one still at a task is
+    quiet = bitpit._WORKERS.wait_quiet(wait)
+    idle = bitpit._Workers.IDLE_NAME
+    started = [t for t in threading.enumerate() if not t.daemon and t.name != idle
+               and (t not in before or not quiet and t.name.startswith(BITPIT_WORKERS))]
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in started if t.is_alive() and t.name != idle]
 
 
 @pytest.fixture(autouse=True)
@@ -1232,7 +1241,8 @@ def sidecar_of(target):
     return target.with_name(target.name + '.bitpit')
 
 
-BITPIT_THREADS = ('bitpit-download', 'bitpit-connection', 'bitpit-restart', 'bitpit-manager')
+BITPIT_WORKERS = ('bitpit-download', 'bitpit-connection')  # names of bitpit's workers at a task
+BITPIT_THREADS = BITPIT_WORKERS + ('bitpit-restart', 'bitpit-manager')
 
 
 def bitpit_threads(wait=1.0):

@@ -3,13 +3,20 @@ its connections run on a worker, which waits a moment for its next task
 under the name ``bitpit-idle`` and then ends; the interpreter's shutdown
 ends the waiting ones at once but waits for the work under way, and a
 forked child starts with no worker of its parent's."""
+import contextvars
+import decimal
+import gc
+import logging
 import multiprocessing
+import os
+import sys
 import threading
+import weakref
 
 import pytest
 
 import bitpit
-from conftest import DATA, bitpit_threads, run_program
+from conftest import DATA, bitpit_threads, run_program, threads_left
 
 
 def _download_thread(server, path):
@@ -109,3 +116,237 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
         child.join(30)
     assert child.exitcode == 0
     assert (tmp_path / 'child.bin').read_bytes() == DATA
+
+
+def _private_pool(monkeypatch):
+    """A pool of bitpit's own for one test, whose workers wait long for
+    their next task (so which worker takes one is up to the test); closed
+    at teardown. It is not hooked to the interpreter's shutdown."""
+    pool = bitpit._Workers()
+    pool.IDLE_SECONDS = 60
+    pool._hooked = True
+    monkeypatch.setattr(bitpit, '_WORKERS', pool)
+    return pool
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    pool = _private_pool(monkeypatch)
+    yield pool
+    pool.close()
+    assert pool.wait_quiet(10)
+
+
+def test_a_returned_task_is_not_current_on_its_workers_next_task(pool):
+    """A thread that ended is current for nobody: nor is a task, once it
+    returned, though its worker now runs another."""
+    first = pool.run(lambda: None, 'bitpit-download')
+    first.join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    seen = []
+
+    def second():
+        seen.append(first.thread is threading.current_thread())
+        seen.append(first.is_current())
+        first.join(0)  # a thread that ended joins at once, from anywhere
+        seen.append('joined')
+
+    pool.run(second, 'bitpit-download').join(10)
+    assert seen == [True, False, 'joined']
+
+
+def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
+        pool, server, tmp_path):
+    """A callback of download B may start or join download A, whose
+    attempt is over, as from any thread, though B runs on the worker that
+    ran A's attempt."""
+    server.add('/data.bin', DATA)
+    first = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'a.bin')
+    first.start()
+    assert first.wait(30)
+    first.join(10)
+    worker = first._thread.thread
+    assert pool.wait_quiet(10)
+    for _ in range(50):  # keep every waiting worker but first's busy
+        release = threading.Event()
+        blocker = pool.run(lambda release=release: release.wait(30), 'bitpit-connection')
+        while blocker.thread is None:
+            blocker.join(0.01)
+        if blocker.thread is not worker:
+            break
+        release.set()
+        blocker.join(10)
+        assert pool.wait_quiet(10)
+    else:
+        pytest.fail("the first download's worker took every blocker")
+    seen = []
+
+    def on_state(d, old):
+        if d.state == 'complete' and not seen:
+            seen.append(threading.current_thread() is worker)
+            try:
+                first.join(5)
+            except RuntimeError as e:
+                seen.append(e)
+            first.start()  # at once, not by a restart timer
+
+    restarts = []
+    first.listen('restart-time-changed', lambda d: restarts.append(d.restart_time))
+    try:
+        second = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'b.bin')
+        second.listen('state-changed', on_state)
+        second.start()
+        assert second.wait(30)
+        second.join(10)
+        assert first.wait(30)
+        first.join(10)
+    finally:
+        release.set()
+    assert (seen, restarts) == ([True], [])
+
+
+_SEEN_BY: 'contextvars.ContextVar[str]' = contextvars.ContextVar('seen_by')
+
+
+def test_a_task_starts_with_a_fresh_context_as_a_new_thread_would(pool):
+    """A callback that sets a context variable (a decimal context, say)
+    does not change what the next task on its worker sees: each task
+    starts with the empty context a new thread starts with."""
+    def first():
+        _SEEN_BY.set('first')
+        decimal.getcontext().prec = 3
+
+    def second():
+        seen.append((_SEEN_BY.get(None), decimal.getcontext().prec))
+
+    pool.run(first, 'bitpit-download').join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    seen = []
+    pool.run(second, 'bitpit-download').join(10)
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(decimal.getcontext().prec))
+    thread.start()
+    thread.join(10)
+    assert seen == [(None, fresh[0])]
+
+
+def test_a_task_whose_thread_cannot_start_is_not_run_later(pool, monkeypatch):
+    """No thread to be had (too many, or the interpreter finalizing): the
+    caller gets the error, and the task does not run later on a worker
+    started for another one, as a thread that failed to start never ran."""
+    ran = []
+
+    def refuse(thread):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, 'start', refuse)
+        with pytest.raises(RuntimeError):
+            pool.run(lambda: ran.append('refused'), 'bitpit-download')
+    assert pool.wait_quiet(0), 'a task is left waiting for a worker'
+    pool.run(lambda: ran.append('later'), 'bitpit-download').join(10)
+    assert ran == ['later']
+
+
+def test_the_hygiene_check_names_a_task_left_on_a_worker_older_than_the_test(pool):
+    """A worker that waited when a test began may take up a task of the
+    test and still be at it when the test ends: a leftover, though the
+    test did not start its thread."""
+    pool.run(lambda: None, 'bitpit-download').join(10)
+    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
+    before = set(threading.enumerate())
+    release = threading.Event()
+    left = pool.run(lambda: release.wait(30), 'bitpit-download')
+    try:
+        assert threads_left(before, 0.05) == ['bitpit-download']
+    finally:
+        release.set()
+        left.join(10)
+
+
+def _child_sees(task, thread, result):
+    result.put((task.is_alive(), thread.is_alive(), bitpit._WORKERS.wait_quiet(0)))
+    task.join()  # at once, as a thread's join does there
+    thread.join()
+    result.put('joined')
+
+
+@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
+                    reason='no fork on this system')
+def test_in_a_forked_child_the_parents_tasks_have_ended_as_its_threads_have():
+    """Only the forking thread goes on in a child: a download's attempt
+    that ran in the parent is not alive there, and joining it returns."""
+    release = threading.Event()
+    task = bitpit._WORKERS.run(lambda: release.wait(30), 'bitpit-download')
+    thread = threading.Thread(target=release.wait, args=(30,))
+    thread.start()
+    context = multiprocessing.get_context('fork')
+    result = context.Queue()
+    child = context.Process(target=_child_sees, args=(task, thread, result))
+    child.start()
+    try:
+        assert result.get(timeout=30) == (False, False, True)
+        assert result.get(timeout=30) == 'joined'
+    finally:
+        release.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        task.join(10)
+        thread.join(10)
+    assert child.exitcode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
+def test_a_task_that_forks_goes_on_running_in_the_child():
+    """A callback may fork: in the child its own task is still under way
+    (and ends, there too, when it returns)."""
+    ready = threading.Event()
+    reader, writer = os.pipe()
+    mine = []
+
+    def forking():
+        ready.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: it reports, and never returns
+            task, = mine
+            seen = (task.is_alive(), task.is_current(), bitpit._WORKERS.wait_quiet(0))
+            os.write(writer, repr(seen).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    mine.append(bitpit._WORKERS.run(forking, 'bitpit-download'))
+    ready.set()
+    mine[0].join(30)
+    os.close(writer)
+    with os.fdopen(reader) as child:
+        assert child.read() == repr((True, True, False))
+
+
+def test_a_task_that_calls_sys_exit_ends_quietly_as_a_thread_does(caplog):
+    """``sys.exit()`` in a callback ends the download thread, as in any
+    thread, with no word: it is not a bug to log."""
+    exits = bitpit._WORKERS.run(lambda: sys.exit(3), 'bitpit-download')
+    exits.join(10)
+    assert not exits.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_download_that_ended_is_freed_when_dropped_with_no_cycle_to_collect(
+        server, tmp_path):
+    """A thread drops its target once it ran: a download that ended and
+    that no one holds any more is freed at once, not by the collector of
+    cycles (nor once its worker has run something else)."""
+    server.add('/data.bin', DATA)
+    gc.collect()
+    gc.disable()
+    try:
+        d = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'out.bin')
+        d.start()
+        assert d.wait(30)
+        d.join(10)
+        dropped = weakref.ref(d)
+        del d
+        assert dropped() is None
+    finally:
+        gc.enable()
