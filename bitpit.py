@@ -1280,7 +1280,11 @@ if TYPE_CHECKING:
 
 def _host_key(url: str) -> _HostKey:
     """The (scheme, host, port) a request for ``url`` connects to."""
-    parts = urllib.parse.urlsplit(url)
+    return _split_host_key(urllib.parse.urlsplit(url))
+
+
+def _split_host_key(parts: urllib.parse.SplitResult) -> _HostKey:
+    """``_host_key`` of a URL already split."""
     scheme = parts.scheme.lower()
     return scheme, _ascii_host(parts.hostname or ''), \
         parts.port or (443 if scheme == 'https' else 80)
@@ -1764,6 +1768,9 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
     return jar
 
 
+_SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
+
+
 class _RequestOptions:
     """How every request of a download is made: the caller's headers,
     credentials, cookies, proxy, TLS context and time-out. Made from a
@@ -1780,6 +1787,12 @@ class _RequestOptions:
         # ignore Range when compression is allowed
         merged['accept-encoding'] = ('Accept-Encoding', 'identity')
         self.headers = list(merged.values())
+        # the headers of every request, made once: to a trusted URL all of
+        # them, to another none of the caller's secrets
+        self.trusted_headers = dict(self.headers)
+        self.public_headers = {name: value for name, value in self.headers
+                               if name.lower() not in _SECRET_HEADERS}
+        self.secrets_given = frozenset(merged) & frozenset(_SECRET_HEADERS)
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
@@ -1787,21 +1800,36 @@ class _RequestOptions:
         self.cookies = cookies
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
+        # what the environment and .netrc say for a host, looked up once
+        # for all the requests these options make (a thread that races
+        # another to fill them in finds the same)
+        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
+        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+
+    def proxy_for(self, parts: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
+        """``_proxy_for`` a URL, looked up once per scheme and host."""
+        key = (parts.scheme.lower(), parts.hostname or '')
+        if key not in self._proxies:
+            self._proxies[key] = _proxy_for(parts, self.proxy)
+        return self._proxies[key]
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
         ``Authorization`` and ``Cookie`` headers."""
         return url == self.url or _same_trust(self.url, url)
 
-    def credentials(self, url: str, own: Optional[Tuple[str, str]], trusted: bool
+    def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
                     ) -> Optional[Tuple[str, str]]:
-        """User and password for a request to ``url``: ``own`` (written in the
-        URL it came from), else ``auth`` where trusted, else ``.netrc``."""
+        """User and password for a request to ``host`` (its name in lower
+        case): ``own`` (written in the URL it came from), else ``auth``
+        where trusted, else ``.netrc`` (read once for these options)."""
         if own is not None:
             return own
         if self.auth is not None and trusted:
             return self.auth
-        return _netrc_credentials((urllib.parse.urlsplit(url).hostname or '').lower())
+        if host not in self._netrc:
+            self._netrc[host] = _netrc_credentials(host)
+        return self._netrc[host]
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
@@ -1975,6 +2003,25 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
+class _Address:
+    """What the requests to one URL need of it, worked out once: its
+    ``parts``, the ``(scheme, host, port)`` they connect to (``host_key``,
+    the host in ASCII), the ``host_name`` (as ``.netrc`` names it), the URL
+    as sent (``wire_url``, see ``_ascii_url``) and its request target, and
+    the ``credentials`` written in it. Made for a URL that was checked when
+    it was given or followed; read-only."""
+    __slots__ = ('parts', 'host_key', 'host_name', 'wire_url', 'target', 'credentials')
+
+    def __init__(self, url: str):
+        self.parts = parts = urllib.parse.urlsplit(url)
+        self.host_key = _split_host_key(parts)
+        self.host_name = parts.hostname or ''
+        self.wire_url = _ascii_url(url)
+        wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
+        self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
+        self.credentials = _url_credentials(parts)
+
+
 class _Request:
     """One HTTP request and the redirects it leads to.
 
@@ -1999,8 +2046,9 @@ class _Request:
         self.cancel = cancel
         self.extra = extra or {}
         self.url = url
+        self.address = _Address(url)
         self.trusted = options.trusted(url)
-        self.own_credentials = _url_credentials(urllib.parse.urlsplit(url))
+        self.own_credentials = self.address.credentials
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[_AnyHTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
@@ -2017,8 +2065,8 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                self._connect(self.url)
-            response = self._exchange(self.url)
+                self._connect()
+            response = self._exchange()
             self.options.cookies.remember(response, self.url)
             if self._follow_challenge(response):
                 self._drain_and_release(response)
@@ -2035,10 +2083,10 @@ class _Request:
             self.redirects.append((self.url, response))
             self._drain_and_release(response)
             self.trusted = self.trusted and _same_trust(self.url, target)
-            target_credentials = _url_credentials(urllib.parse.urlsplit(target))
-            if target_credentials is not None or not self.trusted:
-                self.own_credentials = target_credentials
-            self.url = target
+            address = _Address(target)
+            if address.credentials is not None or not self.trusted:
+                self.own_credentials = address.credentials
+            self.url, self.address = target, address
         raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS, self.url))
 
     def abort(self) -> None:
@@ -2047,12 +2095,9 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _connect(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)  # checked when it was given or followed
-        scheme = parts.scheme.lower()
-        host = _ascii_host(parts.hostname or '')
-        port = parts.port or (443 if scheme == 'https' else 80)
-        proxy = _proxy_for(parts, self.options.proxy)
+    def _connect(self) -> None:
+        scheme, host, port = self.address.host_key
+        proxy = self.options.proxy_for(self.address.parts)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
         slots = self.options.slots
         self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
@@ -2065,9 +2110,10 @@ class _Request:
             if slots is not None:
                 connection.release_slot = functools.partial(slots.release, (scheme, host, port))
         else:
-            connection.timeout = self.options.timeout
-            if connection.sock is not None:
-                connection.sock.settimeout(self.options.timeout)
+            timeout = connection.timeout = self.options.timeout
+            sock = connection.sock
+            if sock is not None and sock.gettimeout() != timeout:
+                sock.settimeout(timeout)  # (a system call: only for a new time-out)
         self._use(connection)
 
     def _use(self, connection: _AnyHTTPConnection) -> None:
@@ -2106,8 +2152,8 @@ class _Request:
         ``proxy``, and with what credentials."""
         if proxy is not None:
             return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
-        return _host_key(self.url), self.options.credentials(self.url, self.own_credentials,
-                                                             self.trusted)
+        return self.address.host_key, self.options.credentials(
+            self.address.host_name, self.own_credentials, self.trusted)
 
     def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
                        target: str) -> Optional[str]:
@@ -2146,15 +2192,18 @@ class _Request:
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         options = self.options
-        headers = {name: value for name, value in options.headers
-                   if self.trusted or name.lower() not in ('authorization', 'cookie')}
+        if self.trusted:
+            headers, names = options.trusted_headers.copy(), options.secrets_given
+        else:
+            headers, names = options.public_headers.copy(), frozenset()
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
                 self.first, '' if self.last is None else self.last)
             if self.validator:
                 headers['If-Range'] = self.validator
-        headers.update(self.extra)
-        names = {name.lower() for name in headers}
+        if self.extra:
+            headers.update(self.extra)
+            names = names.union(name.lower() for name in self.extra)
         if 'authorization' not in names:
             authorization = self._authorization(None, self.method, target)
             if authorization is not None:
@@ -2169,20 +2218,16 @@ class _Request:
                 headers['Proxy-Authorization'] = authorization
         return headers
 
-    def _exchange(self, url: str) -> http.client.HTTPResponse:
+    def _exchange(self) -> http.client.HTTPResponse:
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
-        wire_url = _ascii_url(url)
+        address = self.address
         while True:
             conn = self.connection
             assert conn is not None  # _connect() or _use() set it, or raised
-            if conn.via_proxy:
-                target = wire_url
-            else:
-                parts = urllib.parse.urlsplit(wire_url)
-                target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
+            target = address.wire_url if conn.via_proxy else address.target
             try:
-                conn.request(self.method, target, headers=self._headers(url, target, conn))
+                conn.request(self.method, target, headers=self._headers(self.url, target, conn))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
