@@ -135,6 +135,7 @@ _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
+_ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
@@ -2504,17 +2505,32 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
-        try:
-            status = target.stat()
-        except OSError:
-            return 0
-        return status.st_size if stat.S_ISREG(status.st_mode) else 0
+        return _file_size(target) or 0
     try:
         if target.seekable():
             return target.seek(0, io.SEEK_END)
     except (OSError, ValueError, AttributeError):
         pass
     return fallback
+
+
+def _file_size(path: pathlib.Path) -> Optional[int]:
+    """The size of the regular file at ``path`` (0 for anything else
+    there, or when it cannot be told); ``None`` when nothing is there."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0
+    return status.st_size if stat.S_ISREG(status.st_mode) else 0
+
+
+def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
+    """The path of a target's sidecar; ``None`` for a file object."""
+    if isinstance(target, os.PathLike):
+        return target.with_name(target.name + _SIDECAR_SUFFIX)
+    return None
 
 
 def _sync(fd: int) -> None:
@@ -2569,6 +2585,7 @@ class _FileStore:
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
+        self.sidecar = _sidecar_of(target)  # its path; ``None`` for a file object
         self.url = url
         self.held = _Ranges()
         self.size = -1
@@ -2579,6 +2596,11 @@ class _FileStore:
         self._position = 0        # where a file object's stream stands
         self._sidecar_on_disk = False
         self._sidecar_current = False
+        # whether a sidecar may be on disk: one this store wrote, or an older
+        # one beside a file that was there (``load`` tells; none beside a
+        # missing file records anything, and a missing one is not removed)
+        self._sidecar_may_exist = True
+        self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
         # an algorithm to hash a file (not a file object) with as it is
@@ -2596,13 +2618,6 @@ class _FileStore:
     # -- what is on disk ---------------------------------------------------------
 
     @property
-    def sidecar(self) -> Optional[pathlib.Path]:
-        """The sidecar's path; ``None`` for a file object."""
-        if isinstance(self.target, os.PathLike):
-            return self.target.with_name(self.target.name + _SIDECAR_SUFFIX)
-        return None
-
-    @property
     def is_path(self) -> bool:
         return isinstance(self.target, os.PathLike)
 
@@ -2612,7 +2627,13 @@ class _FileStore:
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            size = _local_size(self.target, self.held.total)
+            target = self.target
+            if isinstance(target, os.PathLike):
+                found = _file_size(target)
+                self._sidecar_may_exist = found is not None
+                size = found or 0
+            else:
+                size = _local_size(target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
@@ -2687,6 +2708,8 @@ class _FileStore:
         """Use another path (before anything is written)."""
         with self._lock:
             self.target = target
+            self.sidecar = _sidecar_of(target)
+            self._sidecar_may_exist = True  # not loaded: a sidecar may be there
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -2707,7 +2730,9 @@ class _FileStore:
                 except OSError as exc:
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
                 self._file = open(fd, 'r+b', buffering=0)
-                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                status = os.fstat(fd)
+                self._regular = stat.S_ISREG(status.st_mode)
+                self._extent = status.st_size
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
                 import hashlib
@@ -2726,20 +2751,24 @@ class _FileStore:
         system or the file system cannot reserve space. Without
         ``allocate`` (a body so small that it gets no sidecar to record
         the holes of a reserved file), the disk's free space is checked
-        instead."""
+        instead; not for fewer than ``_ROOM_CHECK_FROM`` bytes, which come
+        with the answer's head or right after it (a round trip), so that
+        their one write tells as early that they do not fit."""
         with self._lock:
             if not self._regular:
                 return
             fd = self._file.fileno()
-            before = os.fstat(fd).st_size
+            before = self._extent
             if before >= total or not hasattr(os, 'posix_fallocate'):
                 return  # no room to make, or no way to reserve it here
             if not allocate:
-                self._check_room(total - before)
+                if total - before >= _ROOM_CHECK_FROM:
+                    self._check_room(total - before)
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
             try:
+                self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
             except (OverflowError, ValueError):
                 return  # no file system takes that much: let the writes tell
@@ -2748,6 +2777,7 @@ class _FileStore:
                     return  # EOPNOTSUPP, EINVAL, ...: no reservation here
                 try:
                     os.ftruncate(fd, before)
+                    self._extent = before
                 except OSError:
                     pass
                 raise FileError('cannot reserve {} bytes for {}: {} ({})'.format(
@@ -2857,6 +2887,7 @@ class _FileStore:
                         raise FileError('short write to {}: {} of {} bytes'.format(
                             self.target, moved, count))
                     self.held.add(offset + moved, offset + moved + n)
+                    self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
                     self._snap()
                     moved += n
@@ -2873,6 +2904,7 @@ class _FileStore:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
         end = offset + len(data)
         self.held.add(offset, end)
+        self._extent = max(self._extent, end)
         self._sidecar_current = False  # the ranges moved on
         self._snap()
         if self._hasher is None:
@@ -2925,6 +2957,7 @@ class _FileStore:
                     if _seekable(stream):
                         stream.seek(0)
                         stream.truncate(0)
+                        self._extent = 0
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
@@ -3038,21 +3071,23 @@ class _FileStore:
                 _log.warning('cannot write %s: %s', sidecar, exc)
             self._sidecar_failed = True
             return False
-        self._sidecar_on_disk = True
+        self._sidecar_on_disk = self._sidecar_may_exist = True
         self._sidecar_current = self._sidecar_current or current
         return True
 
     def _remove_sidecar(self) -> None:
         sidecar = self.sidecar
         self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None:
+        if sidecar is None or not self._sidecar_may_exist:
             return
         try:
-            sidecar.unlink()
+            os.unlink(sidecar)
         except FileNotFoundError:
             pass
         except OSError as exc:
             _log.warning('cannot remove %s: %s', sidecar, exc)
+            return
+        self._sidecar_may_exist = False
 
     # -- the end ----------------------------------------------------------------------
 
@@ -3069,9 +3104,10 @@ class _FileStore:
         hasher saw, and the bytes it did not see read from disk."""
         with self._lock:
             try:
-                if self._regular and self._file is not None and self.size >= 0 and \
-                        os.fstat(self._file.fileno()).st_size > self.size:
+                if self._regular and self._file is not None and 0 <= self.size < self._extent \
+                        and os.fstat(self._file.fileno()).st_size > self.size:
                     os.ftruncate(self._file.fileno(), self.size)
+                    self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
             algorithm = checksum[0] if checksum is not None else self._hash_with()
@@ -3197,7 +3233,7 @@ class _FileStore:
             try:
                 held = self.held.total
                 if regular and not self.sealed and held == self.held.prefix() and \
-                        os.fstat(file.fileno()).st_size > held:
+                        self._extent > held and os.fstat(file.fileno()).st_size > held:
                     os.ftruncate(file.fileno(), held)
             except OSError as exc:
                 _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
