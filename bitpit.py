@@ -1209,9 +1209,18 @@ def _close_connection(conn: Any) -> None:
 class _ConnectionPool:
     """Idle keep-alive connections, by scheme, host, port, proxy and TLS
     context, so that many requests to one server do not each pay for a new
-    connection. ``_lock`` guards ``_idle``."""
+    connection. ``_lock`` guards ``_idle``.
+
+    A connection idle for ``QUIET_AFTER`` seconds or more is looked at
+    (``_quiet``) before it is handed out: a server may have closed it
+    meanwhile. One parked a moment ago is handed out without that system
+    call: a server seldom closes it so soon, and ``_Request`` sends its
+    request again on a new connection when the reused one turns out closed
+    or answers with what is no status line (bytes an earlier answer sent
+    beyond its body, which ``_Body`` also looks for as it reads one)."""
     MAX_IDLE_PER_KEY = 64
     MAX_IDLE_SECONDS = 30.0
+    QUIET_AFTER = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1226,7 +1235,9 @@ class _ConnectionPool:
                 if not idle:
                     return None
                 since, conn = idle.pop()
-            if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
+            idle_for = time.monotonic() - since
+            if conn.sock is not None and (idle_for < self.QUIET_AFTER or (
+                    idle_for < self.MAX_IDLE_SECONDS and _quiet(conn))):
                 return conn
             _close_connection(conn)
 
@@ -1873,6 +1884,11 @@ class _Body:
             scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
             self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
             self._raw = response.fp.raw
+            if response.length is not None and len(self._left) > response.length:
+                # bytes beyond the body (http.client's ``length`` has not
+                # moved yet): the next answer on this connection would
+                # begin with them, so it carries none
+                response.will_close = True
             if isinstance(self._sock, ssl.SSLSocket) and hasattr(select, 'poll'):
                 self._poll = select.poll()
                 self._poll.register(self._sock, select.POLLIN)
@@ -2236,7 +2252,9 @@ class _Request:
             except (OSError, http.client.HTTPException) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
-                if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
+                # a reused connection that the server closed meanwhile, or
+                # that still held bytes of an earlier answer (no status line)
+                if self.reused and isinstance(exc, (http.client.BadStatusLine,
                                                     ConnectionResetError, BrokenPipeError)):
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
