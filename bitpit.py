@@ -2523,25 +2523,17 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
-        return _file_size(target) or 0
+        try:
+            status = target.stat()
+        except OSError:
+            return 0
+        return status.st_size if stat.S_ISREG(status.st_mode) else 0
     try:
         if target.seekable():
             return target.seek(0, io.SEEK_END)
     except (OSError, ValueError, AttributeError):
         pass
     return fallback
-
-
-def _file_size(path: pathlib.Path) -> Optional[int]:
-    """The size of the regular file at ``path`` (0 for anything else
-    there, or when it cannot be told); ``None`` when nothing is there."""
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return 0
-    return status.st_size if stat.S_ISREG(status.st_mode) else 0
 
 
 def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
@@ -2614,10 +2606,6 @@ class _FileStore:
         self._position = 0        # where a file object's stream stands
         self._sidecar_on_disk = False
         self._sidecar_current = False
-        # whether a sidecar may be on disk: one this store wrote, or an older
-        # one beside a file that was there (``load`` tells; none beside a
-        # missing file records anything, and a missing one is not removed)
-        self._sidecar_may_exist = True
         self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
@@ -2645,13 +2633,7 @@ class _FileStore:
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            target = self.target
-            if isinstance(target, os.PathLike):
-                found = _file_size(target)
-                self._sidecar_may_exist = found is not None
-                size = found or 0
-            else:
-                size = _local_size(target, self.held.total)
+            size = _local_size(self.target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
@@ -2727,7 +2709,6 @@ class _FileStore:
         with self._lock:
             self.target = target
             self.sidecar = _sidecar_of(target)
-            self._sidecar_may_exist = True  # not loaded: a sidecar may be there
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -3089,14 +3070,14 @@ class _FileStore:
                 _log.warning('cannot write %s: %s', sidecar, exc)
             self._sidecar_failed = True
             return False
-        self._sidecar_on_disk = self._sidecar_may_exist = True
+        self._sidecar_on_disk = True
         self._sidecar_current = self._sidecar_current or current
         return True
 
     def _remove_sidecar(self) -> None:
         sidecar = self.sidecar
         self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None or not self._sidecar_may_exist:
+        if sidecar is None:
             return
         try:
             os.unlink(sidecar)
@@ -3104,8 +3085,6 @@ class _FileStore:
             pass
         except OSError as exc:
             _log.warning('cannot remove %s: %s', sidecar, exc)
-            return
-        self._sidecar_may_exist = False
 
     # -- the end ----------------------------------------------------------------------
 
