@@ -2579,6 +2579,34 @@ def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = No
     return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
 
 
+class _RegularFile:
+    """A regular file open for writing, by its descriptor: what the store
+    needs of it (it writes with ``pwrite``), without the ``fstat`` that
+    ``io.FileIO`` makes of a descriptor (the store made its own). Used
+    under the store's lock."""
+    __slots__ = ('_fd',)
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int) -> int:
+        return os.lseek(self._fd, offset, os.SEEK_SET)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class _FileStore:
     """The target of a download: the file, the byte ranges of it that hold
     downloaded bytes, and the sidecar ``NAME.bitpit`` that remembers them,
@@ -2728,10 +2756,11 @@ class _FileStore:
                                  0o666)
                 except OSError as exc:
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                self._file = open(fd, 'r+b', buffering=0)
                 status = os.fstat(fd)
                 self._regular = stat.S_ISREG(status.st_mode)
                 self._extent = status.st_size
+                self._file = _RegularFile(fd) if self._regular else \
+                    open(fd, 'r+b', buffering=0)
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
                 import hashlib
