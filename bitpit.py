@@ -2089,8 +2089,9 @@ class _Request:
                 self._drain_and_release(response)
                 continue
             hops += 1
-            location = response.getheader('Location')
-            if response.status not in _REDIRECT_STATUSES or not location:
+            location = response.getheader('Location') \
+                if response.status in _REDIRECT_STATUSES else None
+            if not location:
                 self.response = response
                 return response
             target = _redirect_target(self.url, location)
@@ -2377,7 +2378,8 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     length = _parse_content_length(response)
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
-    content_range = response.getheader('Content-Range')
+    # (not looked for in the answer to a request from byte 0 that says 200)
+    content_range = response.getheader('Content-Range') if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
