@@ -2753,12 +2753,15 @@ class _FileStore:
                 self._file = target
                 self._position = self.held.total
             else:
+                fd = -1
                 try:
                     fd = os.open(target, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0),
                                  0o666)
+                    status = os.fstat(fd)
                 except OSError as exc:
+                    if fd >= 0:
+                        os.close(fd)
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                status = os.fstat(fd)
                 self._regular = stat.S_ISREG(status.st_mode)
                 self._extent = status.st_size
                 self._file = _RegularFile(fd) if self._regular else \
