@@ -2525,17 +2525,26 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
-        try:
-            status = target.stat()
-        except OSError:
-            return 0
-        return status.st_size if stat.S_ISREG(status.st_mode) else 0
+        return _regular_size(_status(target))
     try:
         if target.seekable():
             return target.seek(0, io.SEEK_END)
     except (OSError, ValueError, AttributeError):
         pass
     return fallback
+
+
+def _status(path: pathlib.Path) -> Optional[os.stat_result]:
+    """``os.stat(path)``; ``None`` where it fails (nothing is there, say)."""
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _regular_size(status: Optional[os.stat_result]) -> int:
+    """The size of a regular file; 0 for anything else, or nothing."""
+    return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
 
 
 def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
@@ -2626,6 +2635,9 @@ class _FileStore:
         self._lock = threading.Lock()
         self.target = target
         self.sidecar = _sidecar_of(target)  # its path; ``None`` for a file object
+        # what the last ``load`` found: whether the target was there, and
+        # its sidecar (``None``: not looked for, beside no bytes)
+        self.found: Tuple[bool, Optional[bool]] = (False, None)
         self.url = url
         self.held = _Ranges()
         self.size = -1
@@ -2663,13 +2675,19 @@ class _FileStore:
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            size = _local_size(self.target, self.held.total)
+            target = self.target
+            if isinstance(target, os.PathLike):
+                status = _status(target)
+                size = _regular_size(status)
+            else:
+                status, size = None, _local_size(target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
             self.digest = None
             self._sidecar_current = self._sidecar_failed = False
-            saved = self._read_sidecar() if size else None
+            sidecar_there, saved = self._read_sidecar() if size else (None, None)
+            self.found = (status is not None, sidecar_there)
             self._sidecar_on_disk = saved is not None
             if saved is not None:
                 self._take(saved, size)
@@ -2694,25 +2712,36 @@ class _FileStore:
                 total >= (self.held.total if spans is not None else size):
             self.size = total
 
-    def _read_sidecar(self) -> Optional[Dict[str, Any]]:
+    def _read_sidecar(self) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        """Whether the sidecar is there, and what it says if it can be used."""
         sidecar = self.sidecar
         if sidecar is None:
-            return None
+            return False, None
         import json
         try:
             with open(sidecar, encoding='utf-8') as file:
                 saved = json.load(file)
+        except FileNotFoundError:
+            return False, None
         except (OSError, ValueError):
-            return None
+            return True, None
         if not isinstance(saved, dict):
-            return None
+            return True, None
         spans = saved.get('held')
         if spans is not None and not (isinstance(spans, list) and all(
                 isinstance(span, list) and len(span) == 2 and
                 all(isinstance(n, int) and not isinstance(n, bool) for n in span) and
                 0 <= span[0] < span[1] for span in spans)):
-            return None
-        return saved
+            return True, None
+        return True, saved
+
+    def taken_as_is(self) -> bool:
+        """Whether the last ``load`` found the target there and no sidecar
+        beside it: a file that ``if_exists`` takes as it is."""
+        there, sidecar_there = self.found
+        if there and sidecar_there is None and self.sidecar is not None:
+            sidecar_there = self.sidecar.exists()  # (not looked for beside no bytes)
+        return there and not sidecar_there
 
     def _snap(self) -> None:
         """Publish ``held`` as ``snapshot``, which other threads read without
@@ -6118,12 +6147,12 @@ class Downloader(Emitter):
         if not isinstance(target, os.PathLike) or sidecar is None or \
                 mode in ('resume', 'overwrite'):
             return store, None, None
-        taken_as_is = target.exists() and not sidecar.exists()
+        taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
-            self._downloaded = _local_size(target)
+            self._downloaded = store.held.total
             self._set_size(self._downloaded)
             return None, None, None
-        if mode == 'rename' and first and target.exists():
+        if mode == 'rename' and first and store.found[0]:
             self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
             self.emit('path-changed', self)

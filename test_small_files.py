@@ -102,3 +102,15 @@ def test_the_connection_pool_looks_at_a_connection_idle_for_a_while(server, tmp_
     calls = Calls(monkeypatch, tmp_path)
     assert fetch(urls[1], tmp_path / 'f1').state == 'complete'
     assert calls.take().get('poll') == 1 and server.connections == 1
+
+
+def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
+    """``if_exists='skip'`` of a complete file: its attempt stats it once and
+    looks for its sidecar once; what that load found tells the rest."""
+    target = tmp_path / 'f.bin'
+    target.write_bytes(SMALL)
+    calls = Calls(monkeypatch, tmp_path)
+    d = fetch(server.add('/f', SMALL), target, if_exists='skip')
+    assert d.state == 'complete' and d.downloaded == d.size == len(SMALL)
+    assert not server.requests
+    assert calls.take() == {'stat': 1, 'open': 1}
