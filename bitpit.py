@@ -1786,7 +1786,9 @@ _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's se
 class _RequestOptions:
     """How every request of a download is made: the caller's headers,
     credentials, cookies, proxy, TLS context and time-out. Made from a
-    downloader's settings at each start; requests only read it."""
+    downloader's settings at each start; requests only read it, but for
+    the proxy and ``.netrc`` look-ups it keeps (any thread: one that races
+    another to a look-up makes the same)."""
 
     def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
                  proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
@@ -1813,8 +1815,7 @@ class _RequestOptions:
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
-        # for all the requests these options make (a thread that races
-        # another to fill them in finds the same)
+        # for all the requests these options make
         self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
         self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
 
