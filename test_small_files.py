@@ -2,9 +2,10 @@
 comes in one read, counted by wrapping the ``os``, ``select`` and
 ``socket`` functions that make them. A call that a small file does not
 need (a free-space check, an fstat of a file whose size the store knows,
-a file object around its descriptor, a poll or a settimeout of a connection parked a moment ago) must not come
-back unnoticed; and what stays promised (the mtime, the removal of a
-sidecar left there) still happens."""
+a file object around its descriptor, a poll or a settimeout of a
+connection parked a moment ago, a second look at a file taken as it is)
+must not come back unnoticed; and what stays promised (the mtime, the
+removal of a sidecar left there) still happens."""
 import builtins
 import os
 import select
