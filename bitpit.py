@@ -136,6 +136,7 @@ _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
+_ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
@@ -1687,9 +1688,18 @@ def _close_connection(conn: Any) -> None:
 class _ConnectionPool:
     """Idle keep-alive connections, by scheme, host, port, proxy and TLS
     context, so that many requests to one server do not each pay for a new
-    connection. ``_lock`` guards ``_idle``."""
+    connection. ``_lock`` guards ``_idle``.
+
+    A connection idle for ``QUIET_AFTER`` seconds or more is looked at
+    (``_quiet``) before it is handed out: a server may have closed it
+    meanwhile. One parked a moment ago is handed out without that system
+    call: a server seldom closes it so soon, and ``_Request`` sends its
+    request again on a new connection when the reused one turns out closed
+    or answers with what is no status line (bytes an earlier answer sent
+    beyond its body, which ``_Body`` also looks for as it reads one)."""
     MAX_IDLE_PER_KEY = 64
     MAX_IDLE_SECONDS = 30.0
+    QUIET_AFTER = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1704,7 +1714,9 @@ class _ConnectionPool:
                 if not idle:
                     return None
                 since, conn = idle.pop()
-            if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
+            idle_for = time.monotonic() - since
+            if conn.sock is not None and (idle_for < self.QUIET_AFTER or (
+                    idle_for < self.MAX_IDLE_SECONDS and _quiet(conn))):
                 return conn
             _close_connection(conn)
 
@@ -1759,7 +1771,11 @@ if TYPE_CHECKING:
 
 def _host_key(url: str) -> _HostKey:
     """The (scheme, host, port) a request for ``url`` connects to."""
-    parts = urllib.parse.urlsplit(url)
+    return _split_host_key(urllib.parse.urlsplit(url))
+
+
+def _split_host_key(parts: urllib.parse.SplitResult) -> _HostKey:
+    """``_host_key`` of a URL already split."""
     scheme = parts.scheme.lower()
     return scheme, _ascii_host(parts.hostname or ''), \
         parts.port or (443 if scheme == 'https' else 80)
@@ -2243,10 +2259,15 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
     return jar
 
 
+_SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
+
+
 class _RequestOptions:
     """How every request of a download is made: the caller's headers,
     credentials, cookies, proxy, TLS context and time-out. Made from a
-    downloader's settings at each start; requests only read it."""
+    downloader's settings at each start; requests only read it, but for
+    the proxy and ``.netrc`` look-ups it keeps (any thread: one that races
+    another to a look-up makes the same)."""
 
     def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
                  proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
@@ -2259,6 +2280,12 @@ class _RequestOptions:
         # ignore Range when compression is allowed
         merged['accept-encoding'] = ('Accept-Encoding', 'identity')
         self.headers = list(merged.values())
+        # the headers of every request, made once: to a trusted URL all of
+        # them, to another none of the caller's secrets
+        self.trusted_headers = dict(self.headers)
+        self.public_headers = {name: value for name, value in self.headers
+                               if name.lower() not in _SECRET_HEADERS}
+        self.secrets_given = frozenset(merged) & frozenset(_SECRET_HEADERS)
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
@@ -2266,21 +2293,35 @@ class _RequestOptions:
         self.cookies = cookies
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
+        # what the environment and .netrc say for a host, looked up once
+        # for all the requests these options make
+        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
+        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+
+    def proxy_for(self, parts: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
+        """``_proxy_for`` a URL, looked up once per scheme and host."""
+        key = (parts.scheme.lower(), parts.hostname or '')
+        if key not in self._proxies:
+            self._proxies[key] = _proxy_for(parts, self.proxy)
+        return self._proxies[key]
 
     def trusted(self, url: str) -> bool:
         """Whether ``url`` may get the caller's secrets: ``auth``,
         ``Authorization`` and ``Cookie`` headers."""
         return url == self.url or _same_trust(self.url, url)
 
-    def credentials(self, url: str, own: Optional[Tuple[str, str]], trusted: bool
+    def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
                     ) -> Optional[Tuple[str, str]]:
-        """User and password for a request to ``url``: ``own`` (written in the
-        URL it came from), else ``auth`` where trusted, else ``.netrc``."""
+        """User and password for a request to ``host`` (its name in lower
+        case): ``own`` (written in the URL it came from), else ``auth``
+        where trusted, else ``.netrc`` (read once for these options)."""
         if own is not None:
             return own
         if self.auth is not None and trusted:
             return self.auth
-        return _netrc_credentials((urllib.parse.urlsplit(url).hostname or '').lower())
+        if host not in self._netrc:
+            self._netrc[host] = _netrc_credentials(host)
+        return self._netrc[host]
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
@@ -2323,6 +2364,11 @@ class _Body:
             scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
             self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
             self._raw = response.fp.raw
+            if response.length is not None and len(self._left) > response.length:
+                # bytes beyond the body (http.client's ``length`` has not
+                # moved yet): the next answer on this connection would
+                # begin with them, so it carries none
+                response.will_close = True
             if isinstance(self._sock, ssl.SSLSocket) and hasattr(select, 'poll'):
                 self._poll = select.poll()
                 self._poll.register(self._sock, select.POLLIN)
@@ -2454,6 +2500,25 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
+class _Address:
+    """What the requests to one URL need of it, worked out once: its
+    ``parts``, the ``(scheme, host, port)`` they connect to (``host_key``,
+    the host in ASCII), the ``host_name`` (as ``.netrc`` names it), the URL
+    as sent (``wire_url``, see ``_ascii_url``) and its request target, and
+    the ``credentials`` written in it. Made for a URL that was checked when
+    it was given or followed; read-only."""
+    __slots__ = ('parts', 'host_key', 'host_name', 'wire_url', 'target', 'credentials')
+
+    def __init__(self, url: str):
+        self.parts = parts = urllib.parse.urlsplit(url)
+        self.host_key = _split_host_key(parts)
+        self.host_name = parts.hostname or ''
+        self.wire_url = _ascii_url(url)
+        wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
+        self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
+        self.credentials = _url_credentials(parts)
+
+
 class _Request:
     """One HTTP request and the redirects it leads to.
 
@@ -2478,8 +2543,9 @@ class _Request:
         self.cancel = cancel
         self.extra = extra or {}
         self.url = url
+        self.address = _Address(url)
         self.trusted = options.trusted(url)
-        self.own_credentials = _url_credentials(urllib.parse.urlsplit(url))
+        self.own_credentials = self.address.credentials
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[_AnyHTTPConnection] = None
         self.response: Optional[http.client.HTTPResponse] = None
@@ -2496,15 +2562,16 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                self._connect(self.url)
-            response = self._exchange(self.url)
+                self._connect()
+            response = self._exchange()
             self.options.cookies.remember(response, self.url)
             if self._follow_challenge(response):
                 self._drain_and_release(response)
                 continue
             hops += 1
-            location = response.getheader('Location')
-            if response.status not in _REDIRECT_STATUSES or not location:
+            location = response.getheader('Location') \
+                if response.status in _REDIRECT_STATUSES else None
+            if not location:
                 self.response = response
                 return response
             target = _redirect_target(self.url, location)
@@ -2514,10 +2581,10 @@ class _Request:
             self.redirects.append((self.url, response))
             self._drain_and_release(response)
             self.trusted = self.trusted and _same_trust(self.url, target)
-            target_credentials = _url_credentials(urllib.parse.urlsplit(target))
-            if target_credentials is not None or not self.trusted:
-                self.own_credentials = target_credentials
-            self.url = target
+            address = _Address(target)
+            if address.credentials is not None or not self.trusted:
+                self.own_credentials = address.credentials
+            self.url, self.address = target, address
         raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS, self.url))
 
     def abort(self) -> None:
@@ -2526,12 +2593,9 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _connect(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)  # checked when it was given or followed
-        scheme = parts.scheme.lower()
-        host = _ascii_host(parts.hostname or '')
-        port = parts.port or (443 if scheme == 'https' else 80)
-        proxy = _proxy_for(parts, self.options.proxy)
+    def _connect(self) -> None:
+        scheme, host, port = self.address.host_key
+        proxy = self.options.proxy_for(self.address.parts)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
         slots = self.options.slots
         self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
@@ -2544,9 +2608,10 @@ class _Request:
             if slots is not None:
                 connection.release_slot = functools.partial(slots.release, (scheme, host, port))
         else:
-            connection.timeout = self.options.timeout
-            if connection.sock is not None:
-                connection.sock.settimeout(self.options.timeout)
+            timeout = connection.timeout = self.options.timeout
+            sock = connection.sock
+            if sock is not None and sock.gettimeout() != timeout:
+                sock.settimeout(timeout)  # (a system call: only for a new time-out)
         self._use(connection)
 
     def _use(self, connection: _AnyHTTPConnection) -> None:
@@ -2585,8 +2650,8 @@ class _Request:
         ``proxy``, and with what credentials."""
         if proxy is not None:
             return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
-        return _host_key(self.url), self.options.credentials(self.url, self.own_credentials,
-                                                             self.trusted)
+        return self.address.host_key, self.options.credentials(
+            self.address.host_name, self.own_credentials, self.trusted)
 
     def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
                        target: str) -> Optional[str]:
@@ -2625,15 +2690,18 @@ class _Request:
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         options = self.options
-        headers = {name: value for name, value in options.headers
-                   if self.trusted or name.lower() not in ('authorization', 'cookie')}
+        if self.trusted:
+            headers, names = options.trusted_headers.copy(), options.secrets_given
+        else:
+            headers, names = options.public_headers.copy(), frozenset()
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
                 self.first, '' if self.last is None else self.last)
             if self.validator:
                 headers['If-Range'] = self.validator
-        headers.update(self.extra)
-        names = {name.lower() for name in headers}
+        if self.extra:
+            headers.update(self.extra)
+            names = names.union(name.lower() for name in self.extra)
         if 'authorization' not in names:
             authorization = self._authorization(None, self.method, target)
             if authorization is not None:
@@ -2648,20 +2716,16 @@ class _Request:
                 headers['Proxy-Authorization'] = authorization
         return headers
 
-    def _exchange(self, url: str) -> http.client.HTTPResponse:
+    def _exchange(self) -> http.client.HTTPResponse:
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
-        wire_url = _ascii_url(url)
+        address = self.address
         while True:
             conn = self.connection
             assert conn is not None  # _connect() or _use() set it, or raised
-            if conn.via_proxy:
-                target = wire_url
-            else:
-                parts = urllib.parse.urlsplit(wire_url)
-                target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
+            target = address.wire_url if conn.via_proxy else address.target
             try:
-                conn.request(self.method, target, headers=self._headers(url, target, conn))
+                conn.request(self.method, target, headers=self._headers(self.url, target, conn))
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -2669,7 +2733,9 @@ class _Request:
             except (OSError, http.client.HTTPException) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
-                if self.reused and isinstance(exc, (http.client.RemoteDisconnected,
+                # a reused connection that the server closed meanwhile, or
+                # that still held bytes of an earlier answer (no status line)
+                if self.reused and isinstance(exc, (http.client.BadStatusLine,
                                                     ConnectionResetError, BrokenPipeError)):
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
@@ -2792,7 +2858,8 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     length = _parse_content_length(response)
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
-    content_range = response.getheader('Content-Range')
+    # (not looked for in the answer to a request from byte 0 that says 200)
+    content_range = response.getheader('Content-Range') if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
@@ -2938,17 +3005,33 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
     if isinstance(target, os.PathLike):
-        try:
-            status = target.stat()
-        except OSError:
-            return 0
-        return status.st_size if stat.S_ISREG(status.st_mode) else 0
+        return _regular_size(_status(target))
     try:
         if target.seekable():
             return target.seek(0, io.SEEK_END)
     except (OSError, ValueError, AttributeError):
         pass
     return fallback
+
+
+def _status(path: pathlib.Path) -> Optional[os.stat_result]:
+    """``os.stat(path)``; ``None`` where it fails (nothing is there, say)."""
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _regular_size(status: Optional[os.stat_result]) -> int:
+    """The size of a regular file; 0 for anything else, or nothing."""
+    return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
+
+
+def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
+    """The path of a target's sidecar; ``None`` for a file object."""
+    if isinstance(target, os.PathLike):
+        return target.with_name(target.name + _SIDECAR_SUFFIX)
+    return None
 
 
 def _sync(fd: int) -> None:
@@ -2987,6 +3070,34 @@ def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = No
     return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
 
 
+class _RegularFile:
+    """A regular file open for writing, by its descriptor: what the store
+    needs of it (it writes with ``pwrite``), without the ``fstat`` that
+    ``io.FileIO`` makes of a descriptor (the store made its own). Used
+    under the store's lock."""
+    __slots__ = ('_fd',)
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int) -> int:
+        return os.lseek(self._fd, offset, os.SEEK_SET)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class _FileStore:
     """The target of a download: the file, the byte ranges of it that hold
     downloaded bytes, and the sidecar ``NAME.bitpit`` that remembers them,
@@ -3003,6 +3114,10 @@ class _FileStore:
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
+        self.sidecar = _sidecar_of(target)  # its path; ``None`` for a file object
+        # what the last ``load`` found: whether the target was there, and
+        # its sidecar (``None``: not looked for, beside no bytes)
+        self.found: Tuple[bool, Optional[bool]] = (False, None)
         self.url = url
         self.held = _Ranges()
         self.size = -1
@@ -3013,6 +3128,7 @@ class _FileStore:
         self._position = 0        # where a file object's stream stands
         self._sidecar_on_disk = False
         self._sidecar_current = False
+        self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
         # an algorithm to hash a file (not a file object) with as it is
@@ -3030,13 +3146,6 @@ class _FileStore:
     # -- what is on disk ---------------------------------------------------------
 
     @property
-    def sidecar(self) -> Optional[pathlib.Path]:
-        """The sidecar's path; ``None`` for a file object."""
-        if isinstance(self.target, os.PathLike):
-            return self.target.with_name(self.target.name + _SIDECAR_SUFFIX)
-        return None
-
-    @property
     def is_path(self) -> bool:
         return isinstance(self.target, os.PathLike)
 
@@ -3046,13 +3155,19 @@ class _FileStore:
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            size = _local_size(self.target, self.held.total)
+            target = self.target
+            if isinstance(target, os.PathLike):
+                status = _status(target)
+                size = _regular_size(status)
+            else:
+                status, size = None, _local_size(target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
             self.digest = None
             self._sidecar_current = self._sidecar_failed = False
-            saved = self._read_sidecar() if size else None
+            sidecar_there, saved = self._read_sidecar() if size else (None, None)
+            self.found = (status is not None, sidecar_there)
             self._sidecar_on_disk = saved is not None
             if saved is not None:
                 self._take(saved, size)
@@ -3077,25 +3192,36 @@ class _FileStore:
                 total >= (self.held.total if spans is not None else size):
             self.size = total
 
-    def _read_sidecar(self) -> Optional[Dict[str, Any]]:
+    def _read_sidecar(self) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        """Whether the sidecar is there, and what it says if it can be used."""
         sidecar = self.sidecar
         if sidecar is None:
-            return None
+            return False, None
         import json
         try:
             with open(sidecar, encoding='utf-8') as file:
                 saved = json.load(file)
+        except FileNotFoundError:
+            return False, None
         except (OSError, ValueError):
-            return None
+            return True, None
         if not isinstance(saved, dict):
-            return None
+            return True, None
         spans = saved.get('held')
         if spans is not None and not (isinstance(spans, list) and all(
                 isinstance(span, list) and len(span) == 2 and
                 all(isinstance(n, int) and not isinstance(n, bool) for n in span) and
                 0 <= span[0] < span[1] for span in spans)):
-            return None
-        return saved
+            return True, None
+        return True, saved
+
+    def taken_as_is(self) -> bool:
+        """Whether the last ``load`` found the target there and no sidecar
+        beside it: a file that ``if_exists`` takes as it is."""
+        there, sidecar_there = self.found
+        if there and sidecar_there is None and self.sidecar is not None:
+            sidecar_there = self.sidecar.exists()  # (not looked for beside no bytes)
+        return there and not sidecar_there
 
     def _snap(self) -> None:
         """Publish ``held`` as ``snapshot``, which other threads read without
@@ -3121,6 +3247,7 @@ class _FileStore:
         """Use another path (before anything is written)."""
         with self._lock:
             self.target = target
+            self.sidecar = _sidecar_of(target)
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -3135,13 +3262,19 @@ class _FileStore:
                 self._file = target
                 self._position = self.held.total
             else:
+                fd = -1
                 try:
                     fd = os.open(target, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0),
                                  0o666)
+                    status = os.fstat(fd)
                 except OSError as exc:
+                    if fd >= 0:
+                        os.close(fd)
                     raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                self._file = open(fd, 'r+b', buffering=0)
-                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                self._regular = stat.S_ISREG(status.st_mode)
+                self._extent = status.st_size
+                self._file = _RegularFile(fd) if self._regular else \
+                    open(fd, 'r+b', buffering=0)
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
                 import hashlib
@@ -3160,20 +3293,24 @@ class _FileStore:
         system or the file system cannot reserve space. Without
         ``allocate`` (a body so small that it gets no sidecar to record
         the holes of a reserved file), the disk's free space is checked
-        instead."""
+        instead; not for fewer than ``_ROOM_CHECK_FROM`` bytes, which come
+        with the answer's head or right after it (a round trip), so that
+        their one write tells as early that they do not fit."""
         with self._lock:
             if not self._regular:
                 return
             fd = self._file.fileno()
-            before = os.fstat(fd).st_size
+            before = self._extent
             if before >= total or not hasattr(os, 'posix_fallocate'):
                 return  # no room to make, or no way to reserve it here
             if not allocate:
-                self._check_room(total - before)
+                if total - before >= _ROOM_CHECK_FROM:
+                    self._check_room(total - before)
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
             try:
+                self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
             except (OverflowError, ValueError):
                 return  # no file system takes that much: let the writes tell
@@ -3182,6 +3319,7 @@ class _FileStore:
                     return  # EOPNOTSUPP, EINVAL, ...: no reservation here
                 try:
                     os.ftruncate(fd, before)
+                    self._extent = before
                 except OSError:
                     pass
                 raise FileError('cannot reserve {} bytes for {}: {} ({})'.format(
@@ -3291,6 +3429,7 @@ class _FileStore:
                         raise FileError('short write to {}: {} of {} bytes'.format(
                             self.target, moved, count))
                     self.held.add(offset + moved, offset + moved + n)
+                    self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
                     self._snap()
                     moved += n
@@ -3307,6 +3446,7 @@ class _FileStore:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
         end = offset + len(data)
         self.held.add(offset, end)
+        self._extent = max(self._extent, end)
         self._sidecar_current = False  # the ranges moved on
         self._snap()
         if self._hasher is None:
@@ -3359,6 +3499,7 @@ class _FileStore:
                     if _seekable(stream):
                         stream.seek(0)
                         stream.truncate(0)
+                        self._extent = 0
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
@@ -3482,7 +3623,7 @@ class _FileStore:
         if sidecar is None:
             return
         try:
-            sidecar.unlink()
+            os.unlink(sidecar)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -3503,9 +3644,10 @@ class _FileStore:
         hasher saw, and the bytes it did not see read from disk."""
         with self._lock:
             try:
-                if self._regular and self._file is not None and self.size >= 0 and \
-                        os.fstat(self._file.fileno()).st_size > self.size:
+                if self._regular and self._file is not None and 0 <= self.size < self._extent \
+                        and os.fstat(self._file.fileno()).st_size > self.size:
                     os.ftruncate(self._file.fileno(), self.size)
+                    self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
             algorithm = checksum[0] if checksum is not None else self._hash_with()
@@ -3631,7 +3773,7 @@ class _FileStore:
             try:
                 held = self.held.total
                 if regular and not self.sealed and held == self.held.prefix() and \
-                        os.fstat(file.fileno()).st_size > held:
+                        self._extent > held and os.fstat(file.fileno()).st_size > held:
                     os.ftruncate(file.fileno(), held)
             except OSError as exc:
                 _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
@@ -6595,12 +6737,12 @@ class Downloader(Emitter):
         if not isinstance(target, os.PathLike) or sidecar is None or \
                 mode in ('resume', 'overwrite'):
             return store, None, None
-        taken_as_is = target.exists() and not sidecar.exists()
+        taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
-            self._downloaded = _local_size(target)
+            self._downloaded = store.held.total
             self._set_size(self._downloaded)
             return None, None, None
-        if mode == 'rename' and first and target.exists():
+        if mode == 'rename' and first and store.found[0]:
             self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
             self.emit('path-changed', self)

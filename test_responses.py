@@ -4,12 +4,15 @@ headers, Content-Length, chunks, Content-Range) and a body longer than
 announced."""
 import datetime
 import hashlib
+import io
+import select
 import time
 
 import pytest
 
 import bitpit
-from conftest import DATA, OFFSET, Recorder, download, http_date, partial_file, raw, run_until
+from conftest import (DATA, OFFSET, Recorder, download, fetch, http_date, partial_file, raw,
+                      run_until)
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +175,38 @@ def test_body_longer_than_announced(server, tmp_path):
     url = server.add('/next', DATA)
     d, _ = download(url, tmp_path / 'next.bin')
     assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA
+
+
+def test_stray_bytes_that_look_like_an_answer_never_reach_the_next_download(server,
+                                                                            tmp_path):
+    """The rest of a body longer than announced looks like an answer (from
+    where http.client's first read of the head ends): the connection it
+    came on carries no other request, although it was parked too short a
+    time ago for the pool to look at it again."""
+    head = b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n'
+    forged = b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG'
+    url = server.add_raw('/long', raw(head + DATA[:io.DEFAULT_BUFFER_SIZE - len(head)] + forged))
+    assert fetch(url, tmp_path / 'long.bin').state == 'complete'
+    d = fetch(server.add('/next', DATA[:5000]), tmp_path / 'next.bin')
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
+    assert server.connections == 2
+
+
+def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server, tmp_path):
+    """Bytes an answer sent after its body, too late for its own reads: the
+    next request on the connection takes them for its status line, and is
+    sent again on a new connection."""
+    def junk_later(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+        handler.wfile.flush()
+        select.select([handler.connection], [], [], 5)  # the next request, on this connection
+        handler.wfile.write(b'junk\r\n')
+    url = server.add_raw('/first', junk_later)
+    next_url = server.add('/next', DATA[:5000])
+    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
+    d = fetch(next_url, tmp_path / 'next.bin')
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
+    assert server.connections == 2
 
 
 # ---------------------------------------------------------------------------

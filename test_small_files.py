@@ -1,0 +1,118 @@
+"""What a small file costs: the system calls bitpit makes for a body that
+comes in one read, counted by wrapping the ``os``, ``select`` and
+``socket`` functions that make them. A call that a small file does not
+need (a free-space check, an fstat of a file whose size the store knows,
+a file object around its descriptor, a poll or a settimeout of a
+connection parked a moment ago, a second look at a file taken as it is)
+must not come back unnoticed; and what stays promised (the mtime, the
+removal of a sidecar left there) still happens."""
+import builtins
+import os
+import select
+import socket
+import threading
+
+import pytest
+
+import bitpit
+from conftest import DATA, fetch
+
+SMALL = DATA[:10240]
+
+
+class Calls:
+    """The calls of the wrapped functions made by bitpit's own threads (not
+    the test server's), by name; of those given a path, the ones for a
+    path in ``directory`` only."""
+
+    def __init__(self, monkeypatch, directory):
+        self.names = []
+        self.directory = str(directory)
+        for module, name in [(os, 'stat'), (os, 'fstat'), (os, 'statvfs'), (os, 'geteuid'),
+                             (os, 'unlink'), (os, 'utime'), (select, 'poll'),
+                             (socket.socket, 'settimeout')]:
+            monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+        # bitpit's open() (a file object of the file, or of its sidecar)
+        monkeypatch.setattr(bitpit, 'open', self._wrap('open', builtins.open), raising=False)
+
+    def _wrap(self, name, real):
+        def wrapper(*args, **kwargs):
+            path = args[0] if args and isinstance(args[0], (str, os.PathLike)) else None
+            if threading.current_thread().name.startswith('bitpit-') and (
+                    path is None or os.fspath(path).startswith(self.directory)):
+                self.names.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    def take(self):
+        """The calls since the last ``take``, by name: how many of each."""
+        names, self.names = self.names, []
+        return {name: names.count(name) for name in set(names)}
+
+
+def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatch):
+    urls = [server.add('/f{}'.format(i), SMALL, last_modified='Mon, 07 Dec 2026 07:00:00 GMT')
+            for i in range(3)]
+    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 20.0)  # however slow the machine
+    calls = Calls(monkeypatch, tmp_path)
+    d = fetch(urls[0], tmp_path / 'f0')
+    assert d.state == 'complete'
+    first = calls.take()
+    for i, url in enumerate(urls[1:], 1):  # over the connection the first one parked
+        assert fetch(url, tmp_path / 'f{}'.format(i)).state == 'complete'
+    later = calls.take()
+    for name in ('statvfs', 'geteuid', 'open'):
+        assert name not in first and name not in later, name
+    assert first.get('unlink') == 1 and later.get('unlink') == 2  # of a sidecar left there
+    # the target's stat when the attempt begins, the fstat of its opening
+    assert first.get('stat') == 1 and first.get('fstat') == 1
+    assert later.get('stat') == 2 and later.get('fstat') == 2
+    assert later.get('utime') == 2  # the mtime of Last-Modified, still
+    assert 'poll' not in later and 'settimeout' not in later
+    assert len(server.requests) == 3 and server.connections == 1
+    for i in range(3):
+        target = tmp_path / 'f{}'.format(i)
+        assert target.read_bytes() == SMALL and target.stat().st_mtime == 1796626800
+        assert not target.with_name(target.name + '.bitpit').exists()
+
+
+@pytest.mark.parametrize('before', ['missing', 'empty'])
+def test_a_sidecar_left_beside_no_bytes_still_goes_when_it_completes(server, tmp_path, before):
+    """A small file's sidecar is never written, but one an earlier run left
+    (beside a file since removed or emptied) is removed all the same: left
+    beside the complete file, it would make it look partial, with its
+    ranges, to the next start. So the unlink of a sidecar that is seldom
+    there stays."""
+    target = tmp_path / 'f.bin'
+    if before == 'empty':
+        target.write_bytes(b'')
+    sidecar = tmp_path / 'f.bin.bitpit'
+    sidecar.write_text('{"version": 2, "url": "x", "size": -1, "held": [], "validators": {}}')
+    d = fetch(server.add('/f', SMALL), target)
+    assert d.state == 'complete' and target.read_bytes() == SMALL
+    assert not sidecar.exists()
+
+
+def test_the_connection_pool_looks_at_a_connection_idle_for_a_while(server, tmp_path,
+                                                                    monkeypatch):
+    """A connection parked longer than ``QUIET_AFTER`` is polled before it is
+    handed out (the server may have closed it); one parked a moment ago is
+    not."""
+    urls = [server.add('/f{}'.format(i), SMALL) for i in range(2)]
+    assert fetch(urls[0], tmp_path / 'f0').state == 'complete'
+    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 0.0)
+    calls = Calls(monkeypatch, tmp_path)
+    assert fetch(urls[1], tmp_path / 'f1').state == 'complete'
+    assert calls.take().get('poll') == 1 and server.connections == 1
+
+
+def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
+    """``if_exists='skip'`` of a complete file: its attempt stats it once and
+    looks for its sidecar once; what that load found tells the rest."""
+    target = tmp_path / 'f.bin'
+    target.write_bytes(SMALL)
+    calls = Calls(monkeypatch, tmp_path)
+    d = fetch(server.add('/f', SMALL), target, if_exists='skip')
+    assert d.state == 'complete' and d.downloaded == d.size == len(SMALL)
+    assert not server.requests
+    assert calls.take() == {'stat': 1, 'open': 1}
