@@ -1697,7 +1697,7 @@ class _ConnectionPool:
     request again on a new connection when the reused one turns out closed
     or answers with what is no status line (bytes an earlier answer sent
     beyond its body, which ``_Body`` also looks for as it reads one)."""
-    MAX_IDLE_PER_KEY = 64
+    MAX_IDLE_PER_KEY = 256
     MAX_IDLE_SECONDS = 30.0
     QUIET_AFTER = 1.0
 
