@@ -1535,14 +1535,38 @@ class _HeadParser:
         self._searched = max(0, size - 2)
 
 
+# the buffer of a response's reader (http.client's is 8 KiB): its first
+# receive brings the head and a small body whole, where 8 KiB would leave
+# the rest of a 10 KiB file to a second receive (and the poll before it)
+_FIRST_READ = 65536
+
+
+class _WideReader:
+    """Stands for a socket in ``HTTPResponse.__init__``, which takes its
+    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes."""
+    __slots__ = ('_sock',)
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+
+    def makefile(self, mode: str) -> Any:
+        return self._sock.makefile(mode, buffering=_FIRST_READ)
+
+
 class _Response(http.client.HTTPResponse):
     """http.client's response, with its head read by ``_HeadParser`` instead
-    of http.client's email-based parser; its body is read as http.client
-    reads it. ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``;
+    of http.client's email-based parser, through a reader whose buffer is
+    ``_FIRST_READ`` bytes; its body is read as http.client reads it.
+    ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``; ``held``
+    is how many bytes after the head its reader holds (received with it);
     ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
     The thread of its request."""
     _method: Optional[str]  # http.client's own, missing from its stubs
     fields: _Headers
+    held = 0
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+        super().__init__(_WideReader(sock), *args, **kwargs)
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
@@ -1564,6 +1588,7 @@ class _Response(http.client.HTTPResponse):
                 break
             fp.read(len(data))
         fp.read(len(data) - len(parser.rest))  # the body's first bytes stay in the reader
+        self.held = len(parser.rest)  # (peek gave all the reader held)
         self.code = self.status = head.status
         self.reason = head.reason
         self.version = head.version
@@ -2325,62 +2350,84 @@ class _RequestOptions:
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
+# the most a read of a body takes from the bytes that came with its head,
+# and its first read from the socket (what http.client's reader receives
+# at once), but for a body that came whole: the rest waits for the next
+# read, so that a rate limit set on the download signal paces it
+_BODY_STEP = 8192
 
 
 class _Body:
     """Reads a response body into the caller's buffers. ``readinto`` returns
     as soon as some bytes arrived (one receive), so progress, stall detection
     and rate limits see bytes as they come; the caller never asks for more
-    than the announced length. For a plain body, what http.client had
-    buffered with the headers is taken first; later reads go straight to the
-    socket, so ``ready(timeout)`` can tell whether a read would block. Over
-    TLS, where one receive brings one record (16 KiB at most), a read goes
-    on with the records that are already there, without waiting."""
+    than the announced length. For a plain body, the bytes that came with
+    the head (``_Response.held``, in its reader's buffer) are copied straight
+    into the caller's buffer first (in one read if they are the whole body,
+    else ``_BODY_STEP`` at a time); later reads go straight to the socket,
+    so ``ready(timeout)`` can tell whether a read would block, but for the
+    receives of the body's last ``_FIRST_READ`` bytes, which go into the
+    reader and show whatever the server sent beyond the body. Over TLS,
+    where one receive brings one record (16 KiB at most), a read goes on
+    with the records that are already there, without waiting."""
 
     def __init__(self, response: http.client.HTTPResponse, sock: Any):
+        assert isinstance(response, _Response)  # what bitpit's connections answer with
         self._response = response
         self._sock = sock
-        self._left = memoryview(b'')  # bytes http.client had buffered, not yet handed out
-        self._raw: Any = None         # the socket's stream, once that buffer is empty
+        # bytes of a plain body in the reader, not yet handed out
+        self._held = 0 if response.chunked else response.held
+        self._left = response.length  # bytes of the body not handed out (None: unknown)
+        self._check_beyond()
+        self._read = False            # whether a read took some of it
+        self._tls = isinstance(sock, ssl.SSLSocket) and hasattr(select, 'poll')
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
     def readinto(self, view: memoryview) -> int:
         response = self._response
-        if response.fp is None:  # http.client closes empty bodies at once
+        fp = response.fp
+        if fp is None:  # http.client closes empty bodies at once
             return 0
         if response.chunked:
             data = response.read1(len(view))
             view[:len(data)] = data
             return len(data)
-        if self._left:
-            n = min(len(view), len(self._left))
-            view[:n] = self._left[:n]
-            self._left = self._left[n:]
-            return n
-        if self._raw is None:
-            # One read of exactly its buffer's size empties http.client's
-            # buffered reader (with at most one receive).
-            scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
-            self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
-            self._raw = response.fp.raw
-            if response.length is not None and len(self._left) > response.length:
-                # bytes beyond the body (http.client's ``length`` has not
-                # moved yet): the next answer on this connection would
-                # begin with them, so it carries none
-                response.will_close = True
-            if isinstance(self._sock, ssl.SSLSocket) and hasattr(select, 'poll'):
-                self._poll = select.poll()
-                self._poll.register(self._sock, select.POLLIN)
-            if self._left:
-                return self.readinto(view)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        got = self._raw.readinto(view) or 0
-        if self._poll is not None:
-            got = self._more_records(view, got)
+        left = self._left
+        if not self._held and left is not None and left < _FIRST_READ:
+            if not left:
+                return 0
+            # the body's last receive goes into the reader, which sees
+            # whatever the server sent beyond it
+            self._held = len(fp.peek())
+            self._check_beyond()
+        held = self._held
+        if held:
+            # no more than the reader holds: copied from its buffer, no receive
+            if left is None or held < left:  # a part of the body: a step at a time
+                held = min(held, _BODY_STEP)
+            got = fp.readinto1(view[:held])
+            self._held -= got
+        else:
+            got = fp.raw.readinto(view if self._read else view[:_BODY_STEP]) or 0
+            if self._tls:
+                if self._poll is None:
+                    self._poll = select.poll()
+                    self._poll.register(self._sock, select.POLLIN)
+                got = self._more_records(view, got)
+        self._read = True
+        if left is not None:
+            self._left = left - got
         return got
+
+    def _check_beyond(self) -> None:
+        """Bytes beyond the body in the reader: the next answer on this
+        connection would begin with them, so it carries none."""
+        if self._left is not None and self._held > self._left:
+            self._response.will_close = True
 
     def _more_records(self, view: memoryview, got: int) -> int:
         """After ``got`` bytes of a TLS read, the records already received,
@@ -2399,27 +2446,24 @@ class _Body:
         return got
 
     def buffered(self) -> bool:
-        """Whether bytes of a plain body may wait in http.client's buffer
-        (or in this reader's): a splice from the socket must come after."""
-        return self._raw is None or bool(self._left)
+        """Whether bytes of a plain body wait in the reader's buffer, or its
+        first read (a step) is yet to come: a splice from the socket must
+        come after."""
+        return bool(self._held) or not self._read
 
     def ready(self) -> bool:
-        """Whether a read would return at once; ``False`` when that cannot
-        be told."""
-        if self._left or self._response.fp is None:
+        """Whether a read would return at once. For a chunked body, bytes
+        on the socket mean a read that returns soon (http.client may also
+        hold some; then this says False, harmlessly)."""
+        if self._held or self._response.fp is None:
             return True
-        if self._raw is None and not self._response.chunked:
-            return False
         if self._poll is not None:  # TLS, read straight from the socket
             return bool(self._sock.pending() or self._poll.poll(0))
-        # a chunked body: bytes on the socket mean a read that returns soon
-        # (http.client may also hold some; then this says False, harmlessly)
         return _ready(self._sock)
 
     def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for bytes on the socket; whether a read
-        would return at once. Before the first read, bytes http.client
-        holds are not seen: then a ``False`` only says so early."""
+        would return at once."""
         if seconds <= 0 or self.ready() or self._response.chunked:
             return True
         return _ready(self._sock, seconds)
@@ -2427,9 +2471,8 @@ class _Body:
     def wait_for_bytes(self, seconds: Optional[float]) -> bool:
         """Wait up to ``seconds`` (``None``: without limit) until a read
         would not wait for the network; ``False`` when none came by then.
-        ``True`` at once wherever bytes may be buffered or that cannot be
-        told (before the first read, for a chunked body)."""
-        if self._raw is None or self._response.chunked or self.ready():
+        ``True`` at once for a chunked body, where bytes may be buffered."""
+        if self._response.chunked or self.ready():
             return True
         return _ready(self._sock, seconds)
 
