@@ -1620,6 +1620,7 @@ class _AbortableMixin:
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
+    _buffer: List[bytes]               # http.client's own (lines to send), not in its stubs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
 
@@ -2562,6 +2563,23 @@ class _Address:
         self.credentials = _url_credentials(parts)
 
 
+def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
+    """Add the field lines of ``headers`` to the request ``conn`` is making
+    (after its ``putrequest``), in one line of its buffer, encoded as
+    http.client encodes a value (Latin-1): its ``putheader`` validates each
+    field in a call of its own. Raises ``ValueError`` for a line break in a
+    name or a value, which would inject a field, as http.client does
+    (stricter: no folded value either)."""
+    if not headers:
+        return
+    text = '\r\n'.join([name + ': ' + value for name, value in headers.items()])
+    breaks = len(headers) - 1  # (one count of each over the whole text)
+    if text.count('\n') != breaks or text.count('\r') != breaks:
+        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
+        raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
+    conn._buffer.append(text.encode('latin-1'))
+
+
 class _Request:
     """One HTTP request and the redirects it leads to.
 
@@ -2768,7 +2786,11 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                conn.request(self.method, target, headers=self._headers(self.url, target, conn))
+                # http.client's request line and Host; the other fields written
+                # at once (http.client's request() validates each in a call)
+                conn.putrequest(self.method, target, skip_accept_encoding=True)
+                _put_fields(conn, self._headers(self.url, target, conn))
+                conn.endheaders()
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
