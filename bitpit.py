@@ -1673,6 +1673,27 @@ class _AbortableMixin:
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
     response_class = _Response
 
+    def send(self, data: Any) -> None:
+        """http.client's ``send``, but bytes (a request) go out in one
+        system call where the socket takes them whole, as a request's few
+        hundred bytes nearly always are: a socket with a time-out polls
+        before every send, and the socket's own ``sendall`` only takes the
+        rest. POSIX, where a socket is a file descriptor."""
+        sock = self.sock
+        if sock is None or not _WRITE_TO_SOCKETS or not isinstance(data, bytes):
+            super().send(data)
+            return
+        sys.audit('http.client.send', self, data)
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:  # (a socket with a time-out does not block)
+            sent = 0
+        if sent < len(data):
+            sock.sendall(data[sent:])
+
+
+_WRITE_TO_SOCKETS = os.name == 'posix'
+
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     response_class = _Response
