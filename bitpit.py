@@ -496,6 +496,8 @@ def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     values = response.msg.get_all('Content-Length') or []
     if not values or response.chunked:
         return None
+    if len(values) == 1 and values[0].isdigit() and values[0].isascii():
+        return int(values[0])  # the usual one
     lengths = set()
     for value in values:
         for part in value.split(','):
@@ -1340,6 +1342,14 @@ class _Headers:
     def __getitem__(self, name: str) -> Optional[str]:
         return self.get(name)
 
+    def joined(self, key: str) -> Optional[str]:
+        """The values of the field named ``key`` (in lower case) joined by
+        ``', '``, as ``HTTPResponse.getheader`` gives them; ``None`` if absent."""
+        values = self._index.get(key)
+        if values is None:
+            return None
+        return values[0] if len(values) == 1 else ', '.join(values)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._index
 
@@ -1365,6 +1375,15 @@ class _Headers:
         for name, value in self._fields:
             message[name] = value
         return message
+
+
+def _field(response: http.client.HTTPResponse, key: str) -> Optional[str]:
+    """``response.getheader`` of the field named ``key`` (in lower case): a
+    look-up in the ``_Headers`` of a ``_Response``."""
+    fields = response.msg
+    if isinstance(fields, _Headers):
+        return fields.joined(key)
+    return response.getheader(key)
 
 
 class _Head:
@@ -2016,15 +2035,18 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
-_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
+_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'where': None}
 
 
 def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
-    import netrc
-    path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
+    environ = os.environ
+    # (what the file's path is made of: expanduser costs more than its look-ups)
+    where = (environ.get('NETRC'), environ.get('USERPROFILE' if os.name == 'nt' else 'HOME'))
     now = time.monotonic()
-    if _NETRC['checked'] > now - 1 and _NETRC['path'] == path:
+    if _NETRC['checked'] > now - 1 and _NETRC['where'] == where:
         return _NETRC['hosts']
+    import netrc
+    path = where[0] or os.path.join(os.path.expanduser('~'), '.netrc')
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
@@ -2039,7 +2061,7 @@ def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
             except (OSError, netrc.NetrcParseError) as exc:
                 _log.warning('ignoring .netrc: %s', exc)
         _NETRC.update(key=key, hosts=hosts)
-    _NETRC.update(checked=now, path=path)
+    _NETRC.update(checked=now, where=where)
     return _NETRC['hosts']
 
 
@@ -2576,12 +2598,24 @@ class _Address:
 
     def __init__(self, url: str):
         self.parts = parts = urllib.parse.urlsplit(url)
-        self.host_key = _split_host_key(parts)
-        self.host_name = parts.hostname or ''
+        origin = (parts.scheme, parts.netloc)
+        known = _ORIGINS.get(origin)
+        if known is None:
+            if len(_ORIGINS) >= _MAX_ORIGINS:
+                _ORIGINS.clear()
+            known = _ORIGINS[origin] = (
+                _split_host_key(parts), parts.hostname or '', _url_credentials(parts))
+        self.host_key, self.host_name, self.credentials = known
         self.wire_url = _ascii_url(url)
         wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
         self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
-        self.credentials = _url_credentials(parts)
+
+
+# what an _Address takes from a URL's scheme and netloc (the same for every
+# file of a server), by them: (host_key, host_name, credentials); emptied
+# when full (any thread: two that race to one make the same)
+_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]]]]' = {}
+_MAX_ORIGINS = 256
 
 
 def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
@@ -2899,12 +2933,14 @@ class _Answer:
         self.first = first
         self.end = end
         self.total = total
-        self.etag = response.getheader('ETag')
-        self.last_modified = response.getheader('Last-Modified')
+        self.etag = _field(response, 'etag')
+        self.last_modified = _field(response, 'last-modified')
         strong = self.etag if self.etag and self.etag.startswith('"') else None
         self.validator = strong or self.last_modified
-        encoding = (response.getheader('Content-Encoding') or '').strip().lower()
-        self.encoding = None if encoding in ('', 'identity') else encoding
+        encoding = _field(response, 'content-encoding')
+        if encoding is not None:
+            encoding = encoding.strip().lower()
+        self.encoding = None if not encoding or encoding == 'identity' else encoding
         self.keep_encoded = False
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
@@ -2935,7 +2971,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
     if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
+        match = _UNSATISFIED_RANGE_RE.match(_field(response, 'content-range') or '')
         total = int(match.group(1)) if match else None
         if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
             return _Answer('end', first, first, total, response)
@@ -2945,7 +2981,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
     # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = response.getheader('Content-Range') if status != 200 or first > 0 else None
+    content_range = _field(response, 'content-range') if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
