@@ -1585,7 +1585,8 @@ class _Response(http.client.HTTPResponse):
     held = 0
 
     def __init__(self, sock: Any, *args: Any, **kwargs: Any):
-        super().__init__(_WideReader(sock), *args, **kwargs)
+        # (it calls only makefile of what stands for the socket)
+        super().__init__(_WideReader(sock), *args, **kwargs)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
