@@ -496,6 +496,8 @@ def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
     values = response.msg.get_all('Content-Length') or []
     if not values or response.chunked:
         return None
+    if len(values) == 1 and values[0].isdigit() and values[0].isascii():
+        return int(values[0])  # the usual one
     lengths = set()
     for value in values:
         for part in value.split(','):
@@ -1340,6 +1342,14 @@ class _Headers:
     def __getitem__(self, name: str) -> Optional[str]:
         return self.get(name)
 
+    def joined(self, key: str) -> Optional[str]:
+        """The values of the field named ``key`` (in lower case) joined by
+        ``', '``, as ``HTTPResponse.getheader`` gives them; ``None`` if absent."""
+        values = self._index.get(key)
+        if values is None:
+            return None
+        return values[0] if len(values) == 1 else ', '.join(values)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._index
 
@@ -1365,6 +1375,15 @@ class _Headers:
         for name, value in self._fields:
             message[name] = value
         return message
+
+
+def _field(response: http.client.HTTPResponse, key: str) -> Optional[str]:
+    """``response.getheader`` of the field named ``key`` (in lower case): a
+    look-up in the ``_Headers`` of a ``_Response``."""
+    fields = response.msg
+    if isinstance(fields, _Headers):
+        return fields.joined(key)
+    return response.getheader(key)
 
 
 class _Head:
@@ -1535,14 +1554,39 @@ class _HeadParser:
         self._searched = max(0, size - 2)
 
 
+# the buffer of a response's reader (http.client's is 8 KiB): its first
+# receive brings the head and a small body whole, where 8 KiB would leave
+# the rest of a 10 KiB file to a second receive (and the poll before it)
+_FIRST_READ = 65536
+
+
+class _WideReader:
+    """Stands for a socket in ``HTTPResponse.__init__``, which takes its
+    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes."""
+    __slots__ = ('_sock',)
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+
+    def makefile(self, mode: str) -> Any:
+        return self._sock.makefile(mode, buffering=_FIRST_READ)
+
+
 class _Response(http.client.HTTPResponse):
     """http.client's response, with its head read by ``_HeadParser`` instead
-    of http.client's email-based parser; its body is read as http.client
-    reads it. ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``;
+    of http.client's email-based parser, through a reader whose buffer is
+    ``_FIRST_READ`` bytes; its body is read as http.client reads it.
+    ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``; ``held``
+    is how many bytes after the head its reader holds (received with it);
     ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
     The thread of its request."""
     _method: Optional[str]  # http.client's own, missing from its stubs
     fields: _Headers
+    held = 0
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+        # (it calls only makefile of what stands for the socket)
+        super().__init__(_WideReader(sock), *args, **kwargs)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
@@ -1564,6 +1608,7 @@ class _Response(http.client.HTTPResponse):
                 break
             fp.read(len(data))
         fp.read(len(data) - len(parser.rest))  # the body's first bytes stay in the reader
+        self.held = len(parser.rest)  # (peek gave all the reader held)
         self.code = self.status = head.status
         self.reason = head.reason
         self.version = head.version
@@ -1595,6 +1640,7 @@ class _AbortableMixin:
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
+    _buffer: List[bytes]               # http.client's own (lines to send), not in its stubs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
 
@@ -1646,6 +1692,27 @@ class _AbortableMixin:
 
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
     response_class = _Response
+
+    def send(self, data: Any) -> None:
+        """http.client's ``send``, but bytes (a request) go out in one
+        system call where the socket takes them whole, as a request's few
+        hundred bytes nearly always are: a socket with a time-out polls
+        before every send, and the socket's own ``sendall`` only takes the
+        rest. POSIX, where a socket is a file descriptor."""
+        sock = self.sock
+        if sock is None or not _WRITE_TO_SOCKETS or not isinstance(data, bytes):
+            super().send(data)
+            return
+        sys.audit('http.client.send', self, data)
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:  # (a socket with a time-out does not block)
+            sent = 0
+        if sent < len(data):
+            sock.sendall(data[sent:])
+
+
+_WRITE_TO_SOCKETS = os.name == 'posix'
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
@@ -1969,15 +2036,18 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
-_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'path': None}
+_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'where': None}
 
 
 def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
-    import netrc
-    path = os.environ.get('NETRC') or os.path.join(os.path.expanduser('~'), '.netrc')
+    environ = os.environ
+    # (what the file's path is made of: expanduser costs more than its look-ups)
+    where = (environ.get('NETRC'), environ.get('USERPROFILE' if os.name == 'nt' else 'HOME'))
     now = time.monotonic()
-    if _NETRC['checked'] > now - 1 and _NETRC['path'] == path:
+    if _NETRC['checked'] > now - 1 and _NETRC['where'] == where:
         return _NETRC['hosts']
+    import netrc
+    path = where[0] or os.path.join(os.path.expanduser('~'), '.netrc')
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
@@ -1992,7 +2062,7 @@ def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
             except (OSError, netrc.NetrcParseError) as exc:
                 _log.warning('ignoring .netrc: %s', exc)
         _NETRC.update(key=key, hosts=hosts)
-    _NETRC.update(checked=now, path=path)
+    _NETRC.update(checked=now, where=where)
     return _NETRC['hosts']
 
 
@@ -2325,62 +2395,84 @@ class _RequestOptions:
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
+# the most a read of a body takes from the bytes that came with its head,
+# and its first read from the socket (what http.client's reader receives
+# at once), but for a body that came whole: the rest waits for the next
+# read, so that a rate limit set on the download signal paces it
+_BODY_STEP = 8192
 
 
 class _Body:
     """Reads a response body into the caller's buffers. ``readinto`` returns
     as soon as some bytes arrived (one receive), so progress, stall detection
     and rate limits see bytes as they come; the caller never asks for more
-    than the announced length. For a plain body, what http.client had
-    buffered with the headers is taken first; later reads go straight to the
-    socket, so ``ready(timeout)`` can tell whether a read would block. Over
-    TLS, where one receive brings one record (16 KiB at most), a read goes
-    on with the records that are already there, without waiting."""
+    than the announced length. For a plain body, the bytes that came with
+    the head (``_Response.held``, in its reader's buffer) are copied straight
+    into the caller's buffer first (in one read if they are the whole body,
+    else ``_BODY_STEP`` at a time); later reads go straight to the socket,
+    so ``ready(timeout)`` can tell whether a read would block, but for the
+    receives of the body's last ``_FIRST_READ`` bytes, which go into the
+    reader and show whatever the server sent beyond the body. Over TLS,
+    where one receive brings one record (16 KiB at most), a read goes on
+    with the records that are already there, without waiting."""
 
     def __init__(self, response: http.client.HTTPResponse, sock: Any):
+        assert isinstance(response, _Response)  # what bitpit's connections answer with
         self._response = response
         self._sock = sock
-        self._left = memoryview(b'')  # bytes http.client had buffered, not yet handed out
-        self._raw: Any = None         # the socket's stream, once that buffer is empty
+        # bytes of a plain body in the reader, not yet handed out
+        self._held = 0 if response.chunked else response.held
+        self._left = response.length  # bytes of the body not handed out (None: unknown)
+        self._check_beyond()
+        self._read = False            # whether a read took some of it
+        self._tls = isinstance(sock, ssl.SSLSocket) and hasattr(select, 'poll')
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
     def readinto(self, view: memoryview) -> int:
         response = self._response
-        if response.fp is None:  # http.client closes empty bodies at once
+        fp = response.fp
+        if fp is None:  # http.client closes empty bodies at once
             return 0
         if response.chunked:
             data = response.read1(len(view))
             view[:len(data)] = data
             return len(data)
-        if self._left:
-            n = min(len(view), len(self._left))
-            view[:n] = self._left[:n]
-            self._left = self._left[n:]
-            return n
-        if self._raw is None:
-            # One read of exactly its buffer's size empties http.client's
-            # buffered reader (with at most one receive).
-            scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
-            self._left = memoryview(scratch)[:response.fp.readinto1(scratch)]
-            self._raw = response.fp.raw
-            if response.length is not None and len(self._left) > response.length:
-                # bytes beyond the body (http.client's ``length`` has not
-                # moved yet): the next answer on this connection would
-                # begin with them, so it carries none
-                response.will_close = True
-            if isinstance(self._sock, ssl.SSLSocket) and hasattr(select, 'poll'):
-                self._poll = select.poll()
-                self._poll.register(self._sock, select.POLLIN)
-            if self._left:
-                return self.readinto(view)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        got = self._raw.readinto(view) or 0
-        if self._poll is not None:
-            got = self._more_records(view, got)
+        left = self._left
+        if not self._held and left is not None and left < _FIRST_READ:
+            if not left:
+                return 0
+            # the body's last receive goes into the reader, which sees
+            # whatever the server sent beyond it
+            self._held = len(fp.peek())
+            self._check_beyond()
+        held = self._held
+        if held:
+            # no more than the reader holds: copied from its buffer, no receive
+            if left is None or held < left:  # a part of the body: a step at a time
+                held = min(held, _BODY_STEP)
+            got = fp.readinto1(view[:held])
+            self._held -= got
+        else:
+            got = fp.raw.readinto(view if self._read else view[:_BODY_STEP]) or 0
+            if self._tls:
+                if self._poll is None:
+                    self._poll = select.poll()
+                    self._poll.register(self._sock, select.POLLIN)
+                got = self._more_records(view, got)
+        self._read = True
+        if left is not None:
+            self._left = left - got
         return got
+
+    def _check_beyond(self) -> None:
+        """Bytes beyond the body in the reader: the next answer on this
+        connection would begin with them, so it carries none."""
+        if self._left is not None and self._held > self._left:
+            self._response.will_close = True
 
     def _more_records(self, view: memoryview, got: int) -> int:
         """After ``got`` bytes of a TLS read, the records already received,
@@ -2399,27 +2491,24 @@ class _Body:
         return got
 
     def buffered(self) -> bool:
-        """Whether bytes of a plain body may wait in http.client's buffer
-        (or in this reader's): a splice from the socket must come after."""
-        return self._raw is None or bool(self._left)
+        """Whether bytes of a plain body wait in the reader's buffer, or its
+        first read (a step) is yet to come: a splice from the socket must
+        come after."""
+        return bool(self._held) or not self._read
 
     def ready(self) -> bool:
-        """Whether a read would return at once; ``False`` when that cannot
-        be told."""
-        if self._left or self._response.fp is None:
+        """Whether a read would return at once. For a chunked body, bytes
+        on the socket mean a read that returns soon (http.client may also
+        hold some; then this says False, harmlessly)."""
+        if self._held or self._response.fp is None:
             return True
-        if self._raw is None and not self._response.chunked:
-            return False
         if self._poll is not None:  # TLS, read straight from the socket
             return bool(self._sock.pending() or self._poll.poll(0))
-        # a chunked body: bytes on the socket mean a read that returns soon
-        # (http.client may also hold some; then this says False, harmlessly)
         return _ready(self._sock)
 
     def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for bytes on the socket; whether a read
-        would return at once. Before the first read, bytes http.client
-        holds are not seen: then a ``False`` only says so early."""
+        would return at once."""
         if seconds <= 0 or self.ready() or self._response.chunked:
             return True
         return _ready(self._sock, seconds)
@@ -2427,9 +2516,8 @@ class _Body:
     def wait_for_bytes(self, seconds: Optional[float]) -> bool:
         """Wait up to ``seconds`` (``None``: without limit) until a read
         would not wait for the network; ``False`` when none came by then.
-        ``True`` at once wherever bytes may be buffered or that cannot be
-        told (before the first read, for a chunked body)."""
-        if self._raw is None or self._response.chunked or self.ready():
+        ``True`` at once for a chunked body, where bytes may be buffered."""
+        if self._response.chunked or self.ready():
             return True
         return _ready(self._sock, seconds)
 
@@ -2511,12 +2599,41 @@ class _Address:
 
     def __init__(self, url: str):
         self.parts = parts = urllib.parse.urlsplit(url)
-        self.host_key = _split_host_key(parts)
-        self.host_name = parts.hostname or ''
+        origin = (parts.scheme, parts.netloc)
+        known = _ORIGINS.get(origin)
+        if known is None:
+            if len(_ORIGINS) >= _MAX_ORIGINS:
+                _ORIGINS.clear()
+            known = _ORIGINS[origin] = (
+                _split_host_key(parts), parts.hostname or '', _url_credentials(parts))
+        self.host_key, self.host_name, self.credentials = known
         self.wire_url = _ascii_url(url)
         wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
         self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
-        self.credentials = _url_credentials(parts)
+
+
+# what an _Address takes from a URL's scheme and netloc (the same for every
+# file of a server), by them: (host_key, host_name, credentials); emptied
+# when full (any thread: two that race to one make the same)
+_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]]]]' = {}
+_MAX_ORIGINS = 256
+
+
+def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
+    """Add the field lines of ``headers`` to the request ``conn`` is making
+    (after its ``putrequest``), in one line of its buffer, encoded as
+    http.client encodes a value (Latin-1): its ``putheader`` validates each
+    field in a call of its own. Raises ``ValueError`` for a line break in a
+    name or a value, which would inject a field, as http.client does
+    (stricter: no folded value either)."""
+    if not headers:
+        return
+    text = '\r\n'.join([name + ': ' + value for name, value in headers.items()])
+    breaks = len(headers) - 1  # (one count of each over the whole text)
+    if text.count('\n') != breaks or text.count('\r') != breaks:
+        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
+        raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
+    conn._buffer.append(text.encode('latin-1'))
 
 
 class _Request:
@@ -2725,7 +2842,11 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                conn.request(self.method, target, headers=self._headers(self.url, target, conn))
+                # http.client's request line and Host; the other fields written
+                # at once (http.client's request() validates each in a call)
+                conn.putrequest(self.method, target, skip_accept_encoding=True)
+                _put_fields(conn, self._headers(self.url, target, conn))
+                conn.endheaders()
                 # the socket the body comes from, even when http.client hands
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
@@ -2813,12 +2934,14 @@ class _Answer:
         self.first = first
         self.end = end
         self.total = total
-        self.etag = response.getheader('ETag')
-        self.last_modified = response.getheader('Last-Modified')
+        self.etag = _field(response, 'etag')
+        self.last_modified = _field(response, 'last-modified')
         strong = self.etag if self.etag and self.etag.startswith('"') else None
         self.validator = strong or self.last_modified
-        encoding = (response.getheader('Content-Encoding') or '').strip().lower()
-        self.encoding = None if encoding in ('', 'identity') else encoding
+        encoding = _field(response, 'content-encoding')
+        if encoding is not None:
+            encoding = encoding.strip().lower()
+        self.encoding = None if not encoding or encoding == 'identity' else encoding
         self.keep_encoded = False
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
@@ -2849,7 +2972,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
     if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(response.getheader('Content-Range') or '')
+        match = _UNSATISFIED_RANGE_RE.match(_field(response, 'content-range') or '')
         total = int(match.group(1)) if match else None
         if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
             return _Answer('end', first, first, total, response)
@@ -2859,7 +2982,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
     # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = response.getheader('Content-Range') if status != 200 or first > 0 else None
+    content_range = _field(response, 'content-range') if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')

@@ -104,6 +104,29 @@ def test_headers_bitpit_controls_are_refused(tmp_path, name):
     assert d.headers == {}
 
 
+@pytest.mark.parametrize('name, value', [('X-A', 'a\r\nX-Injected: 1'), ('X-A', 'a\nX-Injected: 1'),
+                                         ('X-A', 'a\rX-Injected: 1'), ('X-A\r\nX-Injected', '1')])
+def test_a_line_break_in_a_field_is_refused_and_nothing_sent(server, name, value):
+    """The fields of a request are written at once, not by http.client's
+    putheader: a field that a line break would split (a value that came
+    from a cookie jar or a sidecar) is still refused before a byte goes out."""
+    url = server.add('/f', DATA)
+    options = bitpit._RequestOptions(url, {}, None, '', None, 5.0, bitpit._Cookies())
+    request = bitpit._Request(options, url, extra={name: value})
+    try:
+        with pytest.raises(ValueError, match='Invalid header'):
+            request.send()
+    finally:
+        request.close(False)
+    request = bitpit._Request(options, url, extra={'X-A': 'a b'})
+    try:
+        assert request.send().status == 200
+    finally:
+        request.close(False)
+    assert [r.headers['X-A'] for r in server.requests] == ['a b']
+    assert [r.headers['User-Agent'] for r in server.requests] == ['bitpit/' + bitpit.__version__]
+
+
 def test_accept_encoding_stays_identity(server, tmp_path):
     server.add('/f', DATA)
     fetch(server.url('/f'), tmp_path / 'f')

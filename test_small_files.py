@@ -116,3 +116,36 @@ def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
     assert d.state == 'complete' and d.downloaded == d.size == len(SMALL)
     assert not server.requests
     assert calls.take() == {'stat': 1, 'open': 1}
+
+
+def test_a_request_goes_out_in_one_write_and_its_small_answer_in_one_receive(
+        server, tmp_path, monkeypatch):
+    """On a reused connection a request is one write, not the socket's
+    ``sendall`` (which polls first, as the socket has a time-out); and a 10
+    KiB body that came with its head (a reader of 64 KiB, where
+    http.client's takes 8 KiB) is handed out in one read, with no receive
+    but the head's."""
+    urls = [server.add('/f{}'.format(i), SMALL) for i in range(2)]
+    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 20.0)  # however slow the machine
+    assert fetch(urls[0], tmp_path / 'f0').state == 'complete'
+    calls = Calls(monkeypatch, tmp_path)
+    for owner, name in [(socket.socket, 'sendall'), (os, 'write')]:
+        monkeypatch.setattr(owner, name, calls._wrap(name, getattr(owner, name)))
+    assert fetch(urls[1], tmp_path / 'f1').state == 'complete'
+    taken = calls.take()
+    assert taken.get('write') == 1 and 'sendall' not in taken
+    assert (tmp_path / 'f1').read_bytes() == SMALL and server.connections == 1
+
+    ours, theirs = socket.socketpair()
+    receives = []
+    receive = socket.SocketIO.readinto
+    monkeypatch.setattr(socket.SocketIO, 'readinto',
+                        lambda self, buffer: receives.append(len(buffer)) or receive(self, buffer))
+    with ours, theirs:
+        theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 10240\r\n\r\n' + SMALL)
+        response = bitpit._Response(ours, method='GET')
+        response.begin()
+        view = memoryview(bytearray(len(SMALL)))
+        assert bitpit._Body(response, ours).readinto(view) == len(SMALL) and view == SMALL
+        response.close()
+    assert len(receives) == 1
