@@ -222,10 +222,13 @@ class Setup:
         return common.python_command(prelude + BITPIT_CODE, self.url, self.out, self.size,
                                      self.timeout * 0.9, *self.tls_args())
 
-    def bitpit(self) -> Contender:
-        """``bitpit.Downloader(url, path=out)`` with default settings."""
-        common.note('bitpit: ' + self.under_test.require())
-        return self.contender('bitpit', self.bitpit_command(), self.under_test.env)
+    def bitpit(self, under_test: Optional[common.BitpitUnderTest] = None,
+               name: str = 'bitpit') -> Contender:
+        """``bitpit.Downloader(url, path=out)`` with default settings (the
+        bitpit under test, or another: ``--baseline``)."""
+        under_test = under_test or self.under_test
+        common.note('{}: {}'.format(name, under_test.require()))
+        return self.contender(name, self.bitpit_command(), under_test.env)
 
     def bitpit_readinto(self) -> Contender:
         """The same with ``BITPIT_NO_SPLICE=1``: no ``os.splice`` fast path."""
@@ -297,7 +300,7 @@ class Setup:
 
 
 def main(argv=None) -> int:
-    parser = common.base_parser(__doc__.split('\n\n')[0])
+    parser = common.base_parser(__doc__.split('\n\n')[0], baseline=True)
     parser.add_argument('--size', type=common.parse_size, default=common.GiB,
                         help='size of the served file, e.g. 1G, 256M (default 1G)')
     parser.add_argument('--tls', action='store_true',
@@ -322,6 +325,8 @@ def main(argv=None) -> int:
         outdir.mkdir()
         under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader')
         common.note('bitpit: ' + (under_test.skip or under_test.description))
+        baseline = common.load_bitpit(args.baseline, tmp, 'Downloader', lib_name='baseline') \
+            if args.baseline else None
         common.note('creating a {} file ...'.format(common.fmt_size(args.size)))
         served = common.make_file(docroot / 'big.bin', args.size)
         tls = common.make_certificate(tmp, args.install) if args.tls else None
@@ -338,6 +343,9 @@ def main(argv=None) -> int:
                              ('dd', setup.dd), ('bare loop', setup.bare_loop),
                              ('bare splice', setup.bare_splice),
                              ('curl', setup.curl)] + ([('wget', setup.wget)] if args.wget else [])
+            if baseline is not None:
+                factories.append(('bitpit baseline', functools.partial(
+                    setup.bitpit, baseline, 'bitpit baseline')))
             contenders, skipped = common.gather(factories)
             if args.splice_probe and not args.tls:
                 for contender in contenders:
@@ -355,7 +363,9 @@ def main(argv=None) -> int:
         goals = [Goal('TLS: bitpit / curl (wall time)', common.ratio(outcomes, 'bitpit', 'curl'),
                       1.0), rss_goal]
         informative = [('bitpit', 'bare loop', 'seconds'), ('bitpit', 'curl', 'cpu_seconds'),
-                       ('bitpit', 'bare loop', 'cpu_seconds')]
+                       ('bitpit', 'bare loop', 'cpu_seconds'),
+                       ('bitpit', 'bitpit baseline', 'seconds'),
+                       ('bitpit', 'bitpit baseline', 'cpu_seconds')]
     else:
         goals = [
             Goal('bitpit / dd (wall time)', common.ratio(outcomes, 'bitpit', 'dd'), 1.2),
@@ -374,7 +384,9 @@ def main(argv=None) -> int:
                        ('bitpit (readinto)', 'dd', 'cpu_seconds'),
                        ('bitpit', 'bitpit (readinto)', 'seconds'),
                        ('bitpit', 'bitpit (readinto)', 'cpu_seconds'),
-                       ('bitpit', 'curl', 'cpu_seconds')]
+                       ('bitpit', 'curl', 'cpu_seconds'),
+                       ('bitpit', 'bitpit baseline', 'seconds'),
+                       ('bitpit', 'bitpit baseline', 'cpu_seconds')]
     print('\nthroughput: {}{} over 127.0.0.1 from {}, {} runs each, interleaved'.format(
         common.fmt_size(args.size), ' over HTTPS' if args.tls else '', server_description,
         args.runs))
