@@ -1080,7 +1080,9 @@ class _TokenBucket:
 
     def __init__(self, rate: float = 0):
         self._lock = threading.Lock()
-        self._waiters: 'collections.deque[threading.Condition]' = collections.deque()
+        # a list, not a deque: a few waiters at most, and an empty deque
+        # takes 760 bytes, which every download of a long queue would hold
+        self._waiters: List[threading.Condition] = []
         self._rate = 0.0
         self._tokens = 0.0
         self._stamp = time.monotonic()
