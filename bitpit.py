@@ -1414,11 +1414,18 @@ def _header_tokens(values: Optional[List[str]]) -> Set[str]:
     return {token.strip().lower() for value in values or () for token in value.split(',')}
 
 
-def _head_error(what: str, line: str = '') -> ProtocolError:
-    """The error for a head that bitpit refuses: ``what`` is wrong, in ``line``."""
+class _NoStatusLine(ProtocolError):
+    """A head whose first line is no status line (http.client's
+    ``BadStatusLine``): on a reused connection, likely bytes that an
+    earlier answer sent beyond its body, before the answer to this request."""
+
+
+def _head_error(what: str, line: str = '', status_line: bool = False) -> ProtocolError:
+    """The error for a head that bitpit refuses: ``what`` is wrong, in
+    ``line`` (a ``_NoStatusLine`` if that is its ``status_line``)."""
     if line:
         what += ': {!r}'.format(line if len(line) <= 80 else line[:80] + '...')
-    return ProtocolError('bad HTTP response head: ' + what)
+    return (_NoStatusLine if status_line else ProtocolError)('bad HTTP response head: ' + what)
 
 
 def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
@@ -1474,10 +1481,10 @@ def _status_line(line: str) -> Tuple[int, int, str]:
     takes it but for a status of three ASCII digits."""
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith('HTTP/'):
-        raise _head_error('a bad status line', line)
+        raise _head_error('a bad status line', line, status_line=True)
     version, code = parts[0], parts[1]
     if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == '0':
-        raise _head_error('a bad status code', line)
+        raise _head_error('a bad status code', line, status_line=True)
     if version in ('HTTP/1.0', 'HTTP/0.9'):
         number = 10
     elif version.startswith('HTTP/1.'):
@@ -2851,12 +2858,12 @@ class _Request:
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
                 return conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
                 # a reused connection that the server closed meanwhile, or
                 # that still held bytes of an earlier answer (no status line)
-                if self.reused and isinstance(exc, (http.client.BadStatusLine,
+                if self.reused and isinstance(exc, (http.client.BadStatusLine, _NoStatusLine,
                                                     ConnectionResetError, BrokenPipeError)):
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
