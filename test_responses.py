@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import io
 import select
+import threading
 import time
 
 import pytest
@@ -228,6 +229,31 @@ def test_stray_bytes_before_the_next_answer_on_a_kept_connection_replace_it(
     d = fetch(next_url, tmp_path / 'next.bin')
     assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
     assert server.connections == 2
+
+
+def test_an_answer_sent_after_a_body_is_never_taken_for_the_next(server, tmp_path):
+    """A server that writes a whole answer more after a body (an error page
+    after a streamed body, say), once the body was read: the connection is
+    parked with it, and the next download, a moment later, must not take it
+    for its own answer (then each later download on the connection would
+    take the answer of the one before)."""
+    body_read, forged_sent = threading.Event(), threading.Event()
+
+    def forgery_later(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+        handler.wfile.flush()
+        body_read.wait(5)
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG')
+        handler.wfile.flush()
+        forged_sent.set()
+        select.select([handler.connection], [], [], 5)  # a request on this connection
+    url = server.add_raw('/first', forgery_later)
+    next_url = server.add('/next', DATA[:5000])
+    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
+    body_read.set()
+    assert forged_sent.wait(5)  # (over the loopback: in the client's socket once sent)
+    d = fetch(next_url, tmp_path / 'next.bin')
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
 
 
 # ---------------------------------------------------------------------------
