@@ -1764,16 +1764,16 @@ class _ConnectionPool:
     context, so that many requests to one server do not each pay for a new
     connection. ``_lock`` guards ``_idle``.
 
-    A connection idle for ``QUIET_AFTER`` seconds or more is looked at
-    (``_quiet``) before it is handed out: a server may have closed it
-    meanwhile. One parked a moment ago is handed out without that system
-    call: a server seldom closes it so soon, and ``_Request`` sends its
-    request again on a new connection when the reused one turns out closed
-    or answers with what is no status line (bytes an earlier answer sent
-    beyond its body, which ``_Body`` also looks for as it reads one)."""
+    Every idle connection is looked at (``_quiet``) before it is handed
+    out, however short a time ago it was parked: bytes that came since are
+    the server's close, or bytes an earlier answer sent beyond its body
+    (``_Body`` sees those that came with its last receive only), which may
+    be a whole answer that the next request would take for its own.
+    ``_Request`` sends its request again on a new connection when the
+    reused one turns out closed after that look, or answers with what is
+    no status line."""
     MAX_IDLE_PER_KEY = 256
     MAX_IDLE_SECONDS = 30.0
-    QUIET_AFTER = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1788,9 +1788,7 @@ class _ConnectionPool:
                 if not idle:
                     return None
                 since, conn = idle.pop()
-            idle_for = time.monotonic() - since
-            if conn.sock is not None and (idle_for < self.QUIET_AFTER or (
-                    idle_for < self.MAX_IDLE_SECONDS and _quiet(conn))):
+            if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
                 return conn
             _close_connection(conn)
 

@@ -182,8 +182,7 @@ def test_stray_bytes_that_look_like_an_answer_never_reach_the_next_download(serv
                                                                             tmp_path):
     """The rest of a body longer than announced looks like an answer (from
     where http.client's first read of the head ends): the connection it
-    came on carries no other request, although it was parked too short a
-    time ago for the pool to look at it again."""
+    came on carries no other request (seen as the body's end was read)."""
     head = b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n'
     forged = b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG'
     url = server.add_raw('/long', raw(head + DATA[:io.DEFAULT_BUFFER_SIZE - len(head)] + forged))
