@@ -187,6 +187,21 @@ def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
     assert server.requests[1].headers['Authorization'] == basic('bob', 'pw')
 
 
+def test_a_netrc_changed_between_downloads_is_read_again(server, tmp_path, monkeypatch):
+    """The reference: the file is read again when it changes, also a moment
+    after it was read."""
+    server.add('/f', DATA)
+    netrc_file = tmp_path / 'netrc'
+    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv('NETRC', str(netrc_file))
+    fetch(server.url('/f'), tmp_path / 'f')
+    netrc_file.write_text('machine 127.0.0.1 login nina password changed\n')
+    fetch(server.url('/f'), tmp_path / 'g')
+    assert [r.headers['Authorization'] for r in server.requests] == [
+        basic('nina', 'n3trc'), basic('nina', 'changed')]
+
+
 def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
     server.add('/f', DATA)
     monkeypatch.setenv('NETRC', str(tmp_path / 'does-not-exist'))
