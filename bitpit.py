@@ -2032,7 +2032,7 @@ def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
 def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     """Login and password for ``host`` from ``$NETRC`` or ``~/.netrc``, as
     curl's ``--netrc-optional`` reads them; ``None`` when there is none.
-    The file is read again when it changed, looked at once a second."""
+    The file is read again when it changed (its time or size)."""
     hosts = _read_netrc()
     entry = hosts.get(host) or hosts.get('default')
     if entry is None:
@@ -2041,34 +2041,35 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
-_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'where': None}
+if TYPE_CHECKING:
+    _NetrcHosts = Mapping[str, Tuple[str, Optional[str], Optional[str]]]
+# the .netrc read last: (its path, time and size), its hosts; replaced whole
+# (any thread: one that races another reads the file again)
+_NETRC: 'Tuple[Tuple[str, Optional[int], Optional[int]], _NetrcHosts]' = (('', None, None), {})
 
 
-def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
-    environ = os.environ
-    # (what the file's path is made of: expanduser costs more than its look-ups)
-    where = (environ.get('NETRC'), environ.get('USERPROFILE' if os.name == 'nt' else 'HOME'))
-    now = time.monotonic()
-    if _NETRC['checked'] > now - 1 and _NETRC['where'] == where:
-        return _NETRC['hosts']
-    import netrc
-    path = where[0] or os.path.join(os.path.expanduser('~'), '.netrc')
+def _read_netrc() -> '_NetrcHosts':
+    global _NETRC
+    named = os.environ.get('NETRC')
+    path = named or os.path.join(os.path.expanduser('~'), '.netrc')
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
         key = (path, status.st_mtime_ns, status.st_size)
     except OSError:
         key = (path, None, None)
-    if key != _NETRC['key']:
-        hosts: Mapping[str, Tuple[str, Optional[str], Optional[str]]] = {}
-        if key[1] is not None:
-            try:  # (None: the default file, with its permission check)
-                hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
-            except (OSError, netrc.NetrcParseError) as exc:
-                _log.warning('ignoring .netrc: %s', exc)
-        _NETRC.update(key=key, hosts=hosts)
-    _NETRC.update(checked=now, where=where)
-    return _NETRC['hosts']
+    known, hosts = _NETRC
+    if key == known:
+        return hosts
+    hosts = {}
+    if key[1] is not None:
+        import netrc
+        try:  # (None: the default file, with netrc's permission check)
+            hosts = netrc.netrc(named or None).hosts
+        except (OSError, netrc.NetrcParseError) as exc:
+            _log.warning('ignoring .netrc: %s', exc)
+    _NETRC = (key, hosts)
+    return hosts
 
 
 def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
