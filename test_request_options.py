@@ -175,12 +175,17 @@ def test_credentials_never_sent_to_another_host(server, make_server, tmp_path):
     assert moved['Authorization'] is None and moved['Cookie'] is None
 
 
-def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
-    server.add('/f', DATA)
+def use_netrc(tmp_path, monkeypatch, password):
+    """``$NETRC`` names a file with ``nina``'s ``password`` for 127.0.0.1."""
     netrc_file = tmp_path / 'netrc'
-    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
+    netrc_file.write_text('machine 127.0.0.1 login nina password {}\n'.format(password))
     netrc_file.chmod(0o600)
     monkeypatch.setenv('NETRC', str(netrc_file))
+
+
+def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    use_netrc(tmp_path, monkeypatch, 'n3trc')
     fetch(server.url('/f'), tmp_path / 'f')
     assert server.requests[0].headers['Authorization'] == basic('nina', 'n3trc')
     fetch(server.url('/f'), tmp_path / 'g', auth=('bob', 'pw'))
@@ -191,12 +196,9 @@ def test_a_netrc_changed_between_downloads_is_read_again(server, tmp_path, monke
     """The reference: the file is read again when it changes, also a moment
     after it was read."""
     server.add('/f', DATA)
-    netrc_file = tmp_path / 'netrc'
-    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
-    netrc_file.chmod(0o600)
-    monkeypatch.setenv('NETRC', str(netrc_file))
+    use_netrc(tmp_path, monkeypatch, 'n3trc')
     fetch(server.url('/f'), tmp_path / 'f')
-    netrc_file.write_text('machine 127.0.0.1 login nina password changed\n')
+    use_netrc(tmp_path, monkeypatch, 'changed')
     fetch(server.url('/f'), tmp_path / 'g')
     assert [r.headers['Authorization'] for r in server.requests] == [
         basic('nina', 'n3trc'), basic('nina', 'changed')]

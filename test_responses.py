@@ -192,37 +192,25 @@ def test_stray_bytes_that_look_like_an_answer_never_reach_the_next_download(serv
     assert server.connections == 2
 
 
-def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server, tmp_path):
+@pytest.mark.parametrize('stray, then', [(b'junk\r\n', 'close'), (b'junk\r\n', 'answer'),
+                                          (b'\r\n', 'answer'), (b'junk', 'answer')])
+def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server, tmp_path,
+                                                                          stray, then):
     """Bytes an answer sent after its body, too late for its own reads: the
     next request on the connection takes them for its status line, and is
-    sent again on a new connection."""
+    sent again on a new connection, whether the server then closes the
+    connection or answers after them (as with http.client's BadStatusLine)."""
     def junk_later(handler):
         handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
         handler.wfile.flush()
-        select.select([handler.connection], [], [], 5)  # the next request, on this connection
-        handler.wfile.write(b'junk\r\n')
-    url = server.add_raw('/first', junk_later)
-    next_url = server.add('/next', DATA[:5000])
-    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
-    d = fetch(next_url, tmp_path / 'next.bin')
-    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
-    assert server.connections == 2
-
-
-@pytest.mark.parametrize('stray', [b'junk\r\n', b'\r\n', b'junk'])
-def test_stray_bytes_before_the_next_answer_on_a_kept_connection_replace_it(
-        server, tmp_path, stray):
-    """Bytes an answer sent after its body, too late for its own reads, then
-    the server's answer to the next request on the same connection: that
-    request sees no status line first, and is sent again on a new
-    connection, as http.client's BadStatusLine had it."""
-    def junk_then_answer(handler):
-        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
-        handler.wfile.flush()
+        if then == 'close':
+            select.select([handler.connection], [], [], 5)  # the next request, on this connection
+            handler.wfile.write(stray)
+            return
         while handler.rfile.readline() not in (b'\r\n', b''):  # the next request
             pass
         handler.wfile.write(stray + b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG')
-    url = server.add_raw('/first', junk_then_answer)
+    url = server.add_raw('/first', junk_later)
     next_url = server.add('/next', DATA[:5000])
     assert fetch(url, tmp_path / 'first.bin').state == 'complete'
     d = fetch(next_url, tmp_path / 'next.bin')
