@@ -1416,11 +1416,18 @@ def _header_tokens(values: Optional[List[str]]) -> Set[str]:
     return {token.strip().lower() for value in values or () for token in value.split(',')}
 
 
-def _head_error(what: str, line: str = '') -> ProtocolError:
-    """The error for a head that bitpit refuses: ``what`` is wrong, in ``line``."""
+class _NoStatusLine(ProtocolError):
+    """A head whose first line is no status line (http.client's
+    ``BadStatusLine``): on a reused connection, likely bytes that an
+    earlier answer sent beyond its body, before the answer to this request."""
+
+
+def _head_error(what: str, line: str = '', status_line: bool = False) -> ProtocolError:
+    """The error for a head that bitpit refuses: ``what`` is wrong, in
+    ``line`` (a ``_NoStatusLine`` if that is its ``status_line``)."""
     if line:
         what += ': {!r}'.format(line if len(line) <= 80 else line[:80] + '...')
-    return ProtocolError('bad HTTP response head: ' + what)
+    return (_NoStatusLine if status_line else ProtocolError)('bad HTTP response head: ' + what)
 
 
 def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
@@ -1476,10 +1483,10 @@ def _status_line(line: str) -> Tuple[int, int, str]:
     takes it but for a status of three ASCII digits."""
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith('HTTP/'):
-        raise _head_error('a bad status line', line)
+        raise _head_error('a bad status line', line, status_line=True)
     version, code = parts[0], parts[1]
     if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == '0':
-        raise _head_error('a bad status code', line)
+        raise _head_error('a bad status code', line, status_line=True)
     if version in ('HTTP/1.0', 'HTTP/0.9'):
         number = 10
     elif version.startswith('HTTP/1.'):
@@ -1759,16 +1766,16 @@ class _ConnectionPool:
     context, so that many requests to one server do not each pay for a new
     connection. ``_lock`` guards ``_idle``.
 
-    A connection idle for ``QUIET_AFTER`` seconds or more is looked at
-    (``_quiet``) before it is handed out: a server may have closed it
-    meanwhile. One parked a moment ago is handed out without that system
-    call: a server seldom closes it so soon, and ``_Request`` sends its
-    request again on a new connection when the reused one turns out closed
-    or answers with what is no status line (bytes an earlier answer sent
-    beyond its body, which ``_Body`` also looks for as it reads one)."""
+    Every idle connection is looked at (``_quiet``) before it is handed
+    out, however short a time ago it was parked: bytes that came since are
+    the server's close, or bytes an earlier answer sent beyond its body
+    (``_Body`` sees those that came with its last receive only), which may
+    be a whole answer that the next request would take for its own.
+    ``_Request`` sends its request again on a new connection when the
+    reused one turns out closed after that look, or answers with what is
+    no status line."""
     MAX_IDLE_PER_KEY = 256
     MAX_IDLE_SECONDS = 30.0
-    QUIET_AFTER = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1783,9 +1790,7 @@ class _ConnectionPool:
                 if not idle:
                     return None
                 since, conn = idle.pop()
-            idle_for = time.monotonic() - since
-            if conn.sock is not None and (idle_for < self.QUIET_AFTER or (
-                    idle_for < self.MAX_IDLE_SECONDS and _quiet(conn))):
+            if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
                 return conn
             _close_connection(conn)
 
@@ -2029,7 +2034,7 @@ def _parse_proxy(proxy: str) -> urllib.parse.SplitResult:
 def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     """Login and password for ``host`` from ``$NETRC`` or ``~/.netrc``, as
     curl's ``--netrc-optional`` reads them; ``None`` when there is none.
-    The file is read again when it changed, looked at once a second."""
+    The file is read again when it changed (its time or size)."""
     hosts = _read_netrc()
     entry = hosts.get(host) or hosts.get('default')
     if entry is None:
@@ -2038,34 +2043,35 @@ def _netrc_credentials(host: str) -> Optional[Tuple[str, str]]:
     return login or '', password or ''
 
 
-_NETRC: Dict[str, Any] = {'key': None, 'hosts': {}, 'checked': 0.0, 'where': None}
+if TYPE_CHECKING:
+    _NetrcHosts = Mapping[str, Tuple[str, Optional[str], Optional[str]]]
+# the .netrc read last: (its path, time and size), its hosts; replaced whole
+# (any thread: one that races another reads the file again)
+_NETRC: 'Tuple[Tuple[str, Optional[int], Optional[int]], _NetrcHosts]' = (('', None, None), {})
 
 
-def _read_netrc() -> Mapping[str, Tuple[str, Optional[str], Optional[str]]]:
-    environ = os.environ
-    # (what the file's path is made of: expanduser costs more than its look-ups)
-    where = (environ.get('NETRC'), environ.get('USERPROFILE' if os.name == 'nt' else 'HOME'))
-    now = time.monotonic()
-    if _NETRC['checked'] > now - 1 and _NETRC['where'] == where:
-        return _NETRC['hosts']
-    import netrc
-    path = where[0] or os.path.join(os.path.expanduser('~'), '.netrc')
+def _read_netrc() -> '_NetrcHosts':
+    global _NETRC
+    named = os.environ.get('NETRC')
+    path = named or os.path.join(os.path.expanduser('~'), '.netrc')
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
         key = (path, status.st_mtime_ns, status.st_size)
     except OSError:
         key = (path, None, None)
-    if key != _NETRC['key']:
-        hosts: Mapping[str, Tuple[str, Optional[str], Optional[str]]] = {}
-        if key[1] is not None:
-            try:  # (None: the default file, with its permission check)
-                hosts = netrc.netrc(os.environ.get('NETRC') or None).hosts
-            except (OSError, netrc.NetrcParseError) as exc:
-                _log.warning('ignoring .netrc: %s', exc)
-        _NETRC.update(key=key, hosts=hosts)
-    _NETRC.update(checked=now, where=where)
-    return _NETRC['hosts']
+    known, hosts = _NETRC
+    if key == known:
+        return hosts
+    hosts = {}
+    if key[1] is not None:
+        import netrc
+        try:  # (None: the default file, with netrc's permission check)
+            hosts = netrc.netrc(named or None).hosts
+        except (OSError, netrc.NetrcParseError) as exc:
+            _log.warning('ignoring .netrc: %s', exc)
+    _NETRC = (key, hosts)
+    return hosts
 
 
 def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
@@ -2853,12 +2859,12 @@ class _Request:
                 # it over to the response (an answer with Connection: close)
                 self.sock = conn.sock
                 return conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
                 # a reused connection that the server closed meanwhile, or
                 # that still held bytes of an earlier answer (no status line)
-                if self.reused and isinstance(exc, (http.client.BadStatusLine,
+                if self.reused and isinstance(exc, (http.client.BadStatusLine, _NoStatusLine,
                                                     ConnectionResetError, BrokenPipeError)):
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)

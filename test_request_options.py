@@ -175,16 +175,33 @@ def test_credentials_never_sent_to_another_host(server, make_server, tmp_path):
     assert moved['Authorization'] is None and moved['Cookie'] is None
 
 
-def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
-    server.add('/f', DATA)
+def use_netrc(tmp_path, monkeypatch, password):
+    """``$NETRC`` names a file with ``nina``'s ``password`` for 127.0.0.1."""
     netrc_file = tmp_path / 'netrc'
-    netrc_file.write_text('machine 127.0.0.1 login nina password n3trc\n')
+    netrc_file.write_text('machine 127.0.0.1 login nina password {}\n'.format(password))
     netrc_file.chmod(0o600)
     monkeypatch.setenv('NETRC', str(netrc_file))
+
+
+def test_netrc_used_when_no_credentials(server, tmp_path, monkeypatch):
+    server.add('/f', DATA)
+    use_netrc(tmp_path, monkeypatch, 'n3trc')
     fetch(server.url('/f'), tmp_path / 'f')
     assert server.requests[0].headers['Authorization'] == basic('nina', 'n3trc')
     fetch(server.url('/f'), tmp_path / 'g', auth=('bob', 'pw'))
     assert server.requests[1].headers['Authorization'] == basic('bob', 'pw')
+
+
+def test_a_netrc_changed_between_downloads_is_read_again(server, tmp_path, monkeypatch):
+    """The reference: the file is read again when it changes, also a moment
+    after it was read."""
+    server.add('/f', DATA)
+    use_netrc(tmp_path, monkeypatch, 'n3trc')
+    fetch(server.url('/f'), tmp_path / 'f')
+    use_netrc(tmp_path, monkeypatch, 'changed')
+    fetch(server.url('/f'), tmp_path / 'g')
+    assert [r.headers['Authorization'] for r in server.requests] == [
+        basic('nina', 'n3trc'), basic('nina', 'changed')]
 
 
 def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):

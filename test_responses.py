@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import io
 import select
+import threading
 import time
 
 import pytest
@@ -181,8 +182,7 @@ def test_stray_bytes_that_look_like_an_answer_never_reach_the_next_download(serv
                                                                             tmp_path):
     """The rest of a body longer than announced looks like an answer (from
     where http.client's first read of the head ends): the connection it
-    came on carries no other request, although it was parked too short a
-    time ago for the pool to look at it again."""
+    came on carries no other request (seen as the body's end was read)."""
     head = b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n'
     forged = b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG'
     url = server.add_raw('/long', raw(head + DATA[:io.DEFAULT_BUFFER_SIZE - len(head)] + forged))
@@ -192,21 +192,55 @@ def test_stray_bytes_that_look_like_an_answer_never_reach_the_next_download(serv
     assert server.connections == 2
 
 
-def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server, tmp_path):
+@pytest.mark.parametrize('stray, then', [(b'junk\r\n', 'close'), (b'junk\r\n', 'answer'),
+                                          (b'\r\n', 'answer'), (b'junk', 'answer')])
+def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server, tmp_path,
+                                                                          stray, then):
     """Bytes an answer sent after its body, too late for its own reads: the
     next request on the connection takes them for its status line, and is
-    sent again on a new connection."""
+    sent again on a new connection, whether the server then closes the
+    connection or answers after them (as with http.client's BadStatusLine)."""
     def junk_later(handler):
         handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
         handler.wfile.flush()
-        select.select([handler.connection], [], [], 5)  # the next request, on this connection
-        handler.wfile.write(b'junk\r\n')
+        if then == 'close':
+            select.select([handler.connection], [], [], 5)  # the next request, on this connection
+            handler.wfile.write(stray)
+            return
+        while handler.rfile.readline() not in (b'\r\n', b''):  # the next request
+            pass
+        handler.wfile.write(stray + b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG')
     url = server.add_raw('/first', junk_later)
     next_url = server.add('/next', DATA[:5000])
     assert fetch(url, tmp_path / 'first.bin').state == 'complete'
     d = fetch(next_url, tmp_path / 'next.bin')
     assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
     assert server.connections == 2
+
+
+def test_an_answer_sent_after_a_body_is_never_taken_for_the_next(server, tmp_path):
+    """A server that writes a whole answer more after a body (an error page
+    after a streamed body, say), once the body was read: the connection is
+    parked with it, and the next download, a moment later, must not take it
+    for its own answer (then each later download on the connection would
+    take the answer of the one before)."""
+    body_read, forged_sent = threading.Event(), threading.Event()
+
+    def forgery_later(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+        handler.wfile.flush()
+        body_read.wait(5)
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG')
+        handler.wfile.flush()
+        forged_sent.set()
+        select.select([handler.connection], [], [], 5)  # a request on this connection
+    url = server.add_raw('/first', forgery_later)
+    next_url = server.add('/next', DATA[:5000])
+    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
+    body_read.set()
+    assert forged_sent.wait(5)  # (over the loopback: in the client's socket once sent)
+    d = fetch(next_url, tmp_path / 'next.bin')
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
 
 
 # ---------------------------------------------------------------------------

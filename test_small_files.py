@@ -2,8 +2,8 @@
 comes in one read, counted by wrapping the ``os``, ``select`` and
 ``socket`` functions that make them. A call that a small file does not
 need (a free-space check, an fstat of a file whose size the store knows,
-a file object around its descriptor, a poll or a settimeout of a
-connection parked a moment ago, a second look at a file taken as it is)
+a file object around its descriptor, a settimeout of a connection
+parked a moment ago, a second look at a file taken as it is)
 must not come back unnoticed; and what stays promised (the mtime, the
 removal of a sidecar left there) still happens."""
 import builtins
@@ -53,7 +53,6 @@ class Calls:
 def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatch):
     urls = [server.add('/f{}'.format(i), SMALL, last_modified='Mon, 07 Dec 2026 07:00:00 GMT')
             for i in range(3)]
-    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 20.0)  # however slow the machine
     calls = Calls(monkeypatch, tmp_path)
     d = fetch(urls[0], tmp_path / 'f0')
     assert d.state == 'complete'
@@ -68,7 +67,8 @@ def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatc
     assert first.get('stat') == 1 and first.get('fstat') == 1
     assert later.get('stat') == 2 and later.get('fstat') == 2
     assert later.get('utime') == 2  # the mtime of Last-Modified, still
-    assert 'poll' not in later and 'settimeout' not in later
+    # the pool's look at the connection before each reuse, and no other
+    assert later.get('poll') == 2 and 'settimeout' not in later
     assert len(server.requests) == 3 and server.connections == 1
     for i in range(3):
         target = tmp_path / 'f{}'.format(i)
@@ -93,14 +93,12 @@ def test_a_sidecar_left_beside_no_bytes_still_goes_when_it_completes(server, tmp
     assert not sidecar.exists()
 
 
-def test_the_connection_pool_looks_at_a_connection_idle_for_a_while(server, tmp_path,
-                                                                    monkeypatch):
-    """A connection parked longer than ``QUIET_AFTER`` is polled before it is
-    handed out (the server may have closed it); one parked a moment ago is
-    not."""
+def test_the_connection_pool_looks_at_a_parked_connection(server, tmp_path, monkeypatch):
+    """A connection is polled before it is handed out, however short a
+    time ago it was parked: the server may have closed it, or sent bytes
+    that no request asked for."""
     urls = [server.add('/f{}'.format(i), SMALL) for i in range(2)]
     assert fetch(urls[0], tmp_path / 'f0').state == 'complete'
-    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 0.0)
     calls = Calls(monkeypatch, tmp_path)
     assert fetch(urls[1], tmp_path / 'f1').state == 'complete'
     assert calls.take().get('poll') == 1 and server.connections == 1
@@ -126,7 +124,6 @@ def test_a_request_goes_out_in_one_write_and_its_small_answer_in_one_receive(
     http.client's takes 8 KiB) is handed out in one read, with no receive
     but the head's."""
     urls = [server.add('/f{}'.format(i), SMALL) for i in range(2)]
-    monkeypatch.setattr(bitpit._ConnectionPool, 'QUIET_AFTER', 20.0)  # however slow the machine
     assert fetch(urls[0], tmp_path / 'f0').state == 'complete'
     calls = Calls(monkeypatch, tmp_path)
     for owner, name in [(socket.socket, 'sendall'), (os, 'write')]:
