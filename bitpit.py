@@ -1790,6 +1790,8 @@ class _ConnectionPool:
                 if not idle:
                     return None
                 since, conn = idle.pop()
+                if not idle:  # no key is kept for nothing: keys come and go
+                    del self._idle[key]
             if time.monotonic() - since < self.MAX_IDLE_SECONDS and _quiet(conn):
                 return conn
             _close_connection(conn)
@@ -1808,9 +1810,11 @@ class _ConnectionPool:
         now = time.monotonic()
         expired = []
         with self._lock:
-            for idle in self._idle.values():
+            for old_key, idle in list(self._idle.items()):
                 while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
                     expired.append(idle.pop(0)[1])
+                if not idle:
+                    del self._idle[old_key]
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
@@ -1829,7 +1833,12 @@ class _ConnectionPool:
         with self._lock:
             oldest = min(((idle[0][0], key) for key, idle in self._idle.items()
                           if idle and match(key)), key=lambda found: found[0], default=None)
-            conn = self._idle[oldest[1]].pop(0)[1] if oldest is not None else None
+            conn = None
+            if oldest is not None:
+                idle = self._idle[oldest[1]]
+                conn = idle.pop(0)[1]
+                if not idle:
+                    del self._idle[oldest[1]]
         if conn is not None:
             _close_connection(conn)
 

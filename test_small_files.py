@@ -104,6 +104,25 @@ def test_the_connection_pool_looks_at_a_parked_connection(server, tmp_path, monk
     assert calls.take().get('poll') == 1 and server.connections == 1
 
 
+def test_the_connection_pool_keeps_no_key_with_no_connection(server, tmp_path):
+    """A key (a server as seen by one Manager's host slots, say) whose last
+    idle connection was taken, evicted or expired goes with it: a process
+    that makes many managers does not grow the pool for ever."""
+    before = len(bitpit._POOL._idle)
+    managers = [bitpit.Manager(max_per_host=2) for _ in range(3)]
+    for i, manager in enumerate(managers):
+        d = manager.add(bitpit.Downloader(server.add('/m{}'.format(i), SMALL),
+                                          tmp_path / 'm{}'.format(i)))
+        manager.start()
+        assert d.wait(30)
+        manager.stop()
+    assert len(bitpit._POOL._idle) == before + 3  # one parked connection each
+    bitpit._POOL.evict(lambda key: key[5] is managers[0]._host_slots)
+    key = next(key for key in bitpit._POOL._idle if key[5] is managers[1]._host_slots)
+    bitpit._close_connection(bitpit._POOL.get(key))
+    assert len(bitpit._POOL._idle) == before + 1
+
+
 def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
     """``if_exists='skip'`` of a complete file: its attempt stats it once and
     looks for its sidecar once; what that load found tells the rest."""
