@@ -4995,6 +4995,9 @@ class _Transfer:
             if not self.complete or self.error is not None:
                 self.store.save()
             self.store.close()
+            # the pump refers back to the transfer: without it, the attempt's
+            # objects are freed when the download lets go, not by the collector
+            del self.pump
 
     # -- decisions, under the lock ---------------------------------------------------
 

@@ -7,10 +7,12 @@ parked a moment ago, a second look at a file taken as it is)
 must not come back unnoticed; and what stays promised (the mtime, the
 removal of a sidecar left there) still happens."""
 import builtins
+import gc
 import os
 import select
 import socket
 import threading
+import weakref
 
 import pytest
 
@@ -121,6 +123,28 @@ def test_the_connection_pool_keeps_no_key_with_no_connection(server, tmp_path):
     key = next(key for key in bitpit._POOL._idle if key[5] is managers[1]._host_slots)
     bitpit._close_connection(bitpit._POOL.get(key))
     assert len(bitpit._POOL._idle) == before + 1
+
+
+def test_an_attempt_is_freed_when_it_ends_not_by_the_collector(server, tmp_path, monkeypatch):
+    """A small file's attempt (its transfer, its pump, its planner) is
+    freed as the download lets go of it: the collector of cycles, which
+    costs CPU in proportion to what it finds, has nothing of it to find."""
+    attempts = []
+    start = bitpit._Transfer.start
+
+    def recording_start(transfer):
+        attempts.append(weakref.ref(transfer))
+        start(transfer)
+    monkeypatch.setattr(bitpit._Transfer, 'start', recording_start)
+    gc.collect()
+    gc.disable()
+    try:
+        d = fetch(server.add('/f', SMALL), tmp_path / 'f')
+        assert d.state == 'complete' and len(attempts) == 1
+        d.join(10)
+        assert attempts[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
