@@ -9,6 +9,7 @@ removal of a sidecar left there) still happens."""
 import builtins
 import gc
 import os
+import pathlib
 import select
 import socket
 import threading
@@ -36,6 +37,11 @@ class Calls:
             monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
         # bitpit's open() (a file object of the file, or of its sidecar)
         monkeypatch.setattr(bitpit, 'open', self._wrap('open', builtins.open), raising=False)
+        # before Python 3.11, pathlib calls the os.stat it took at its import
+        accessor = getattr(pathlib, '_NormalAccessor', None)
+        if accessor is not None and 'stat' in vars(accessor):
+            monkeypatch.setattr(accessor, 'stat',
+                                staticmethod(self._wrap('stat', vars(accessor)['stat'])))
 
     def _wrap(self, name, real):
         def wrapper(*args, **kwargs):
