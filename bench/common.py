@@ -975,6 +975,14 @@ def load_bitpit(source: Union[str, Path], tmp: Path, *names: str,
     return found
 
 
+def load_baseline(args: Any, tmp: Path, *names: str) -> Optional[BitpitUnderTest]:
+    """The bitpit.py of ``--baseline`` (see ``base_parser``), loaded as
+    ``load_bitpit`` loads the one under test; ``None`` without one."""
+    if not args.baseline:
+        return None
+    return load_bitpit(args.baseline, tmp, *names, lib_name='baseline')
+
+
 def gather(factories: Sequence[Tuple[str, Callable[[], Contender]]]
            ) -> Tuple[List[Contender], Dict[str, str]]:
     """Build the contenders; one that raises ``Skipped`` is left out and its

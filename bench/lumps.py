@@ -175,9 +175,9 @@ def main(argv=None) -> int:
         (tmp / 'www').mkdir()
         (tmp / 'out').mkdir()
         under_tests = [('bitpit', common.load_bitpit(args.bitpit, tmp, 'Downloader'))]
-        if args.baseline:
-            under_tests.append(('bitpit baseline', common.load_bitpit(
-                args.baseline, tmp, 'Downloader', lib_name='baseline')))
+        baseline = common.load_baseline(args, tmp, 'Downloader')
+        if baseline is not None:
+            under_tests.append(('bitpit baseline', baseline))
         for label, under_test in under_tests:
             common.note('{}: {}'.format(label, under_test.skip or under_test.description))
         with common.PythonFileServer(tmp / 'www', piece=16 * KiB, log_bytes=True) as server:

@@ -573,8 +573,7 @@ def main(argv=None) -> int:
     sections: List[Section] = []
     with common.workspace(args.tmp) as tmp:
         under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager')
-        baseline = common.load_bitpit(args.baseline, tmp, 'Downloader', 'Manager',
-                                      lib_name='baseline') if args.baseline else None
+        baseline = common.load_baseline(args, tmp, 'Downloader', 'Manager')
         if 'race' in modes or 'profile' in modes:
             docroot = tmp / 'www'
             docroot.mkdir()

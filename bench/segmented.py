@@ -184,9 +184,7 @@ class Bench:
         if not self.bitpit_skip:
             self._probe_segmented()
         # --baseline: another bitpit.py, measured beside the one under test
-        self.baseline = (common.load_bitpit(args.baseline, tmp, 'Downloader',
-                                            lib_name='baseline')
-                         if args.baseline else None)
+        self.baseline = common.load_baseline(args, tmp, 'Downloader')
 
     def _probe_segmented(self) -> None:
         """Does the bitpit under test take ``connections=`` / ``mirrors=``?"""

@@ -325,8 +325,7 @@ def main(argv=None) -> int:
         outdir.mkdir()
         under_test = common.load_bitpit(args.bitpit, tmp, 'Downloader')
         common.note('bitpit: ' + (under_test.skip or under_test.description))
-        baseline = common.load_bitpit(args.baseline, tmp, 'Downloader', lib_name='baseline') \
-            if args.baseline else None
+        baseline = common.load_baseline(args, tmp, 'Downloader')
         common.note('creating a {} file ...'.format(common.fmt_size(args.size)))
         served = common.make_file(docroot / 'big.bin', args.size)
         tls = common.make_certificate(tmp, args.install) if args.tls else None

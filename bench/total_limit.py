@@ -360,9 +360,9 @@ def main(argv=None) -> int:
         (docroot / SLOW_PATH).parent.mkdir(parents=True)
         (tmp / 'out').mkdir()
         under_tests = [('bitpit', common.load_bitpit(args.bitpit, tmp, 'Downloader', 'Manager'))]
-        if args.baseline:
-            under_tests.append(('bitpit baseline', common.load_bitpit(
-                args.baseline, tmp, 'Downloader', 'Manager', lib_name='baseline')))
+        baseline = common.load_baseline(args, tmp, 'Downloader', 'Manager')
+        if baseline is not None:
+            under_tests.append(('bitpit baseline', baseline))
         for name in names:  # sparse: the same bytes for every server
             common.make_file(docroot / name, args.slow_size if name == SLOW_PATH else args.size,
                              sparse=True)
