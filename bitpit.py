@@ -128,6 +128,7 @@ _CPU_BOUND = 0.5                # share of a CPU from which a connection is boun
 _CPU_BOUND_RATE = 64 * 1024 * 1024  # ... when it receives at least this many bytes a second
 _UNKNOWN_END = 1 << 62          # the end of a range that only the body's end tells
 _SIDECAR_PERIOD = 1.0           # seconds between two sidecar saves while bytes flow
+_TEND_PERIOD = 0.25             # seconds between two looks of a download thread at its transfer
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -893,8 +894,8 @@ class _Task:
     collect: a download's attempt holds the download. Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
-    def __init__(self, target: Callable[[], object], name: str):
-        self.target: Optional[Callable[[], object]] = target
+    def __init__(self, target: Optional[Callable[[], object]], name: str):
+        self.target = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
         self._running = threading.Lock()
@@ -920,6 +921,14 @@ class _Task:
         """It returned. Its worker."""
         self.target = None
         self._running.release()
+
+    @classmethod
+    def here(cls, name: str) -> '_Task':
+        """A task that the calling thread runs itself, from now until it
+        calls ``done()``: a download thread that runs a connection."""
+        task = cls(None, name)
+        task.thread = threading.current_thread()
+        return task
 
 
 class _Workers:
@@ -1060,6 +1069,30 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_WORKERS._after_fork)
 
 
+class _Tender:
+    """A download thread's periodic work (its transfer's events turned
+    into signals, the speed every period, the transfer's bookkeeping),
+    done while that thread runs a connection itself instead of waiting
+    for the connection threads: ``tend()`` does it, and says when it is
+    next ``due``; every wait of that connection is cut short then to do
+    it (``_Cancel.wait_for``). ``due`` may be brought forward by any
+    thread, for an event to relay. Only the download thread tends, and
+    only when it holds no lock."""
+    __slots__ = ('_thread', '_tend', 'due')
+
+    def __init__(self, tend: Callable[[], float], due: float):
+        self._thread = threading.get_ident()
+        self._tend = tend       # does the work; returns when it is next due
+        self.due = due          # time.monotonic() by when to tend
+
+    def current(self) -> bool:
+        """Whether the calling thread is the one that tends."""
+        return threading.get_ident() == self._thread
+
+    def tend(self) -> None:
+        self.due = self._tend()
+
+
 # ---------------------------------------------------------------------------
 # timing: token buckets
 # ---------------------------------------------------------------------------
@@ -1131,10 +1164,12 @@ class _TokenBucket:
             self._refill()
             self._tokens = 0.0
 
-    def acquire(self, want: int, cancelled: Callable[[], bool]) -> int:
+    def acquire(self, want: int, cancelled: Callable[[], bool],
+                until: Optional[float] = None) -> int:
         """Block until some bytes may be read and return how many (at most
         ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
-        soon as ``cancelled()`` is true after a ``wake()``. Any thread."""
+        soon as ``cancelled()`` is true after a ``wake()``, and at ``until``
+        (a ``time.monotonic()``) if that comes first. Any thread."""
         if self._rate <= 0:  # unlimited: no lock on the fast path
             return 0 if cancelled() else want
         with self._lock:
@@ -1144,15 +1179,19 @@ class _TokenBucket:
                 while not cancelled():
                     if self._rate <= 0:
                         return want
+                    left = None if until is None else until - time.monotonic()
+                    if left is not None and left <= 0:
+                        return 0
                     if self._waiters[0] is not turn:
-                        turn.wait()  # until the threads ahead are served
+                        turn.wait(left)  # until the threads ahead are served
                         continue
                     self._refill()
                     grant = max(1, min(want, self._grant()))
                     if self._tokens >= grant:
                         self._tokens -= grant
                         return grant
-                    turn.wait((grant - self._tokens) / self._rate)
+                    due = (grant - self._tokens) / self._rate
+                    turn.wait(due if left is None else min(due, left))
                 return 0
             finally:
                 self._waiters.remove(turn)
@@ -1194,12 +1233,13 @@ class _Pacer:
         """Whether any of its buckets limits the rate now."""
         return _limited(self.buckets)
 
-    def acquire(self, want: int) -> int:
-        """Bytes that may be read now (0: cancelled); blocks while limited."""
+    def acquire(self, want: int, until: Optional[float] = None) -> int:
+        """Bytes that may be read now (0: cancelled, or ``until`` came
+        first); blocks while limited."""
         grants = self._grants
         del grants[:]
         for bucket in self.buckets:
-            want = bucket.acquire(want, self.cancelled)
+            want = bucket.acquire(want, self.cancelled, until)
             if not want:
                 self.settle(0)
                 return 0
@@ -1220,14 +1260,46 @@ class _Pacer:
 class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once;
-    ``wait()`` is a pause that it ends. Any thread. ``_lock`` guards the
-    mark and the registrations."""
+    ``wait()`` is a pause that it ends. Every wait of the attempt's
+    connections goes through ``wait_for``, so that the download thread,
+    when it runs one of them (``tender``), tends its download on time.
+    Any thread. ``_lock`` guards the mark and the registrations."""
+    tender: Optional[_Tender] = None  # set while the download thread runs a connection
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self.is_set = self._cancelled.is_set
         self._live: set = set()
+
+    def tending(self) -> bool:
+        """Whether the calling thread is the download thread running a
+        connection, which tends its download in its waits."""
+        tender = self.tender
+        return tender is not None and tender.current()
+
+    def wait_for(self, ready: Callable[[Optional[float]], bool],
+                 seconds: Optional[float]) -> bool:
+        """``ready(s)`` waits up to ``s`` seconds (``None``: however long)
+        for something and says whether it came; whether it came within
+        ``seconds``. A connection thread calls it once; the download thread
+        that runs a connection, in slices that end when its download is
+        due to be tended, which it does in between (so ``ready`` must hold
+        no lock, nor its caller)."""
+        tender = self.tender
+        if tender is None or not tender.current():
+            return ready(seconds)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            step = max(0.0, tender.due - now)
+            if deadline is not None and deadline - now <= step:
+                return ready(max(0.0, deadline - now))
+            if ready(step):
+                return True
+            if self._cancelled.is_set():
+                return False
+            tender.tend()
 
     def cancel(self) -> None:
         with self._lock:
@@ -1238,7 +1310,7 @@ class _Cancel:
 
     def wait(self, seconds: float) -> None:
         """Wait ``seconds``, or less if ``cancel()`` comes first."""
-        self._cancelled.wait(seconds)
+        self.wait_for(self._cancelled.wait, seconds)
 
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
@@ -1251,6 +1323,19 @@ class _Cancel:
     def unregister(self, item: Any) -> None:
         with self._lock:
             self._live.discard(item)
+
+
+def _wait_for(cancel: Optional[_Cancel], ready: Callable[[Optional[float]], bool],
+              seconds: Optional[float]) -> bool:
+    """``cancel.wait_for(ready, seconds)``, or ``ready(seconds)`` without one."""
+    if cancel is None:
+        return ready(seconds)
+    return cancel.wait_for(ready, seconds)
+
+
+# what connect_ex says of a connect under way on a socket that does not block
+_CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
+               getattr(errno, 'WSAEWOULDBLOCK', -1)}
 
 
 class _EventAbort:
@@ -1286,7 +1371,7 @@ def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[
     cancel.register(waker)
     try:
         threading.Thread(target=look_up, name='bitpit-resolve', daemon=True).start()
-        if not done.wait(timeout):
+        if not cancel.wait_for(done.wait, timeout):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
         cancel.unregister(waker)
@@ -1569,16 +1654,53 @@ class _HeadParser:
 _FIRST_READ = 65536
 
 
+class _Receiver(io.RawIOBase):
+    """The socket's own reader (``makefile``'s), whose receives wait for
+    bytes through the request's cancel when the thread reading is a
+    download thread that tends its download meanwhile. Its thread."""
+
+    def __init__(self, sock: Any, cancel: Optional[_Cancel]):
+        super().__init__()
+        self._sock = sock
+        self._cancel = cancel
+        self._raw = sock.makefile('rb', buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        cancel, sock = self._cancel, self._sock
+        if cancel is None or not cancel.tending():
+            return self._raw.readinto(buffer)
+        timeout = sock.gettimeout()
+        if not cancel.wait_for(functools.partial(_ready, sock), timeout):
+            raise socket.timeout('timed out')
+        if _WRITE_TO_SOCKETS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
+            # bytes are there: received at once (the socket's own receive
+            # would poll for them again first)
+            return os.readv(sock.fileno(), [buffer])
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class _WideReader:
     """Stands for a socket in ``HTTPResponse.__init__``, which takes its
-    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes."""
-    __slots__ = ('_sock',)
+    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes,
+    and it receives through a ``_Receiver``."""
+    __slots__ = ('_sock', '_cancel')
 
-    def __init__(self, sock: Any):
+    def __init__(self, sock: Any, cancel: Optional[_Cancel]):
         self._sock = sock
+        self._cancel = cancel
 
     def makefile(self, mode: str) -> Any:
-        return self._sock.makefile(mode, buffering=_FIRST_READ)
+        return io.BufferedReader(_Receiver(self._sock, self._cancel), _FIRST_READ)
 
 
 class _Response(http.client.HTTPResponse):
@@ -1593,9 +1715,9 @@ class _Response(http.client.HTTPResponse):
     fields: _Headers
     held = 0
 
-    def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+    def __init__(self, sock: Any, *args: Any, cancel: Optional[_Cancel] = None, **kwargs: Any):
         # (it calls only makefile of what stands for the socket)
-        super().__init__(_WideReader(sock), *args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(_WideReader(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
@@ -1657,6 +1779,8 @@ class _AbortableMixin:
         super().__init__(*args, **kwargs)
         # http.client sets this per instance, hiding any method of that name
         self._create_connection = self._abortable_connect
+        # what http.client makes its responses with (a class, in its stubs)
+        setattr(self, 'response_class', self._response)
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
@@ -1669,19 +1793,40 @@ class _AbortableMixin:
             sock = socket.socket(family, kind, proto)
             self.connecting_socket = sock
             try:
-                sock.settimeout(timeout)
                 if source_address:
                     sock.bind(source_address)
                 if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
-                sock.connect(sockaddr)
+                self._connect_socket(sock, sockaddr, timeout)
                 if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
+                sock.settimeout(timeout)
                 return sock
             except OSError as exc:
                 last_error = exc
                 sock.close()
+            except BaseException:  # (from tending the download while it waited)
+                sock.close()
+                raise
         raise last_error or OSError('no address found for {}'.format(host))
+
+    def _connect_socket(self, sock: socket.socket, address: Any,
+                        timeout: Optional[float]) -> None:
+        """Connect ``sock`` without blocking, and wait for it through the
+        cancel (a download thread tends its download meanwhile)."""
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error in _CONNECTING:
+            if not _wait_for(self.cancel, functools.partial(_ready, sock, writing=True),
+                             timeout):
+                raise socket.timeout('timed out')
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+
+    def _response(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
+        """A response whose reads wait through this request's cancel."""
+        return _Response(sock, *args, cancel=self.cancel, **kwargs)
 
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
@@ -1700,7 +1845,6 @@ class _AbortableMixin:
 
 
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
-    response_class = _Response
 
     def send(self, data: Any) -> None:
         """http.client's ``send``, but bytes (a request) go out in one
@@ -1725,7 +1869,6 @@ _WRITE_TO_SOCKETS = os.name == 'posix'
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
-    response_class = _Response
     handshake_done = False
     _context: ssl.SSLContext        # http.client's own, missing from its stubs
     _tunnel_host: Optional[str]
@@ -1742,8 +1885,29 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
             self.sock = self._context.wrap_socket(
                 self.sock, server_hostname=self._tunnel_host or self.host,
                 do_handshake_on_connect=False)
-        self.sock.do_handshake()
+        self._shake_hands(self.sock)
         self.handshake_done = True
+
+    def _shake_hands(self, sock: ssl.SSLSocket) -> None:
+        """The TLS handshake, without blocking: each wait for the server
+        goes through the cancel (a download thread tends its download
+        meanwhile) and lasts at most the time-out, as on a socket with it."""
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    writing = False
+                except ssl.SSLWantWriteError:
+                    writing = True
+                if not _wait_for(self.cancel, functools.partial(_ready, sock, writing=writing),
+                                 timeout):
+                    raise socket.timeout('_ssl.c: The handshake operation timed out')
+        finally:
+            sock.settimeout(timeout)
 
 
 if TYPE_CHECKING:
@@ -1938,9 +2102,8 @@ class _HostSlots:
             if cancel is not None:
                 cancel.register(waker)
             _POOL.evict(self._idle_here(host))  # an idle one of ours: its slot is for us
+            _wait_for(cancel, functools.partial(self._granted, ticket, cancel), None)
             with self._cond:
-                while not ticket.granted and not (cancel is not None and cancel.is_set()):
-                    self._cond.wait()
                 if not ticket.granted:
                     queue.remove(ticket)
                     raise _Stopped
@@ -1955,6 +2118,14 @@ class _HostSlots:
         finally:
             if cancel is not None:
                 cancel.unregister(waker)
+
+    def _granted(self, ticket: _SlotTicket, cancel: Optional[_Cancel],
+                 seconds: Optional[float]) -> bool:
+        """Wait up to ``seconds`` until ``ticket`` is granted or ``cancel``
+        came; whether one of them did."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: ticket.granted or (cancel is not None and cancel.is_set()), seconds)
 
     def release(self, host: _HostKey) -> None:
         """Give back a slot of a connection that closed: to the longest
@@ -2539,17 +2710,21 @@ class _Body:
         return _ready(self._sock, seconds)
 
 
-def _ready(sock: Any, seconds: Optional[float] = 0.0) -> bool:
+def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
-    ``seconds`` (``None``: however long it takes); ``True`` when that cannot
-    be told."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+    ``seconds`` (``None``: however long it takes); ``writing``: whether it
+    takes bytes to send (a connect is done). ``True`` when that cannot be
+    told."""
+    if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
         if hasattr(select, 'poll'):
             poller = select.poll()
-            poller.register(sock, select.POLLIN)
+            poller.register(sock, select.POLLOUT if writing else select.POLLIN)
             return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
+        if writing:  # (Windows tells a failed connect among the exceptions)
+            _, writable, failed = select.select([], [sock], [sock], seconds)
+            return bool(writable or failed)
         return bool(select.select([sock], [], [], seconds)[0])
     except (OSError, ValueError, TypeError):
         return True
@@ -4026,11 +4201,12 @@ class _Splice:
     connection thread; ``close()`` lets the pipe go."""
 
     def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
-                 timeout: Optional[float]):
+                 timeout: Optional[float], cancel: _Cancel):
         self._body = body
         self._sock = sock
         self._store = store
         self._timeout = timeout
+        self._cancel = cancel  # waits go through it
         self._pipe: Optional[Tuple[int, int]] = None
         self._scratch = memoryview(bytearray(io.DEFAULT_BUFFER_SIZE))
 
@@ -4056,7 +4232,8 @@ class _Splice:
                             flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
             except BlockingIOError:  # the socket has a time-out, so it never blocks
-                if not _ready(self._sock, self._timeout):
+                if not self._cancel.wait_for(functools.partial(_ready, self._sock),
+                                             self._timeout):
                     raise socket.timeout('no data received within the time-out')
             except OSError as exc:
                 if exc.errno in _NO_SPLICE_ERRORS:
@@ -4677,8 +4854,11 @@ class _Pump:
                 and not response.chunked and body_end < _UNKNOWN_END and \
                 (self.max_size is None or self.planner.total is not None) and \
                 min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
-            splice = _Splice(body, sock, self.store, self.options.timeout)
+            splice = _Splice(body, sock, self.store, self.options.timeout, self.cancel)
             chunk = _PIPE_SIZE
+        # the download thread running this connection tends its download
+        # between reads (and in every wait, through the cancel)
+        tender = self.cancel.tender if self.cancel.tending() else None
         read, ready = body.readinto, body.ready
         transfer, planner = self.transfer, self.planner
         cond = self._cond
@@ -4689,6 +4869,8 @@ class _Pump:
         since = 0.0            # when the oldest byte in the buffer came
         try:
             while True:
+                if tender is not None and time.monotonic() >= tender.due:
+                    tender.tend()
                 with cond:
                     if got:
                         conn.job_bytes += got
@@ -4728,13 +4910,16 @@ class _Pump:
                     continue
                 if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
-                if limited and not body.wait_for_bytes(self.options.timeout):
+                if limited and not self.cancel.wait_for(body.wait_for_bytes,
+                                                        self.options.timeout):
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                granted = pacer.acquire(room)
+                granted = pacer.acquire(room, None if tender is None else tender.due)
                 if not granted:
-                    raise _Stopped
+                    if tender is None or self.cancel.is_set():
+                        raise _Stopped
+                    continue  # its download is due to be tended
                 if splice is not None:  # straight into the file
                     try:
                         got = splice.move(start, granted, conn.epoch)
@@ -4870,7 +5055,8 @@ class _Transfer:
         self.connections: List[_Connection] = []   # the live ones
         self.planner = _Planner(store, self.connections, connections, buckets)
         self.pump = _Pump(self)
-        self.threads: List[_Task] = []  # every connection started, to join
+        self.threads: List[_Task] = []  # every connection thread started, to join
+        self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
@@ -4891,21 +5077,39 @@ class _Transfer:
 
     # -- the download thread's side ------------------------------------------------
 
-    def start(self) -> None:
-        """Start the probe's connection. Download thread."""
+    def start(self, tender: _Tender) -> None:
+        """Run the probe's connection on the calling thread, which
+        ``tender`` has tend the download meanwhile, until that connection
+        finds no more work (the connections that a split of the file adds
+        run on connection threads): a small file then costs no hand-over
+        between threads. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         with self._cond:
-            self._spawn()
+            conn = self._add_connection()
+        if conn is None:
+            return
+        task = conn.thread = _Task.here('bitpit-download')
+        self.cancel.tender = tender
+        try:
+            self._serve(conn)
+        finally:
+            self.cancel.tender = None
+            task.done()
 
-    def wait(self, timeout: float) -> List[Tuple[str, Any]]:
-        """Wait up to ``timeout`` for something to report, then return the
-        events since the last call: ``('size', total)``, ``('path',
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for something to report or to do, and do
+        it. Download thread."""
+        with self._cond:
+            if not self.events and not self.finished and not self.slot_freed \
+                    and timeout > 0:
+                self._cond.wait(timeout)
+            self._keep_going()
+
+    def take_events(self) -> List[Tuple[str, Any]]:
+        """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
         with self._cond:
-            if not self.events and not self.finished and not self.slot_freed:
-                self._cond.wait(timeout)
-            self._keep_going()
             events, self.events = self.events, []
             return events
 
@@ -4941,7 +5145,7 @@ class _Transfer:
         if now < self._next_look:
             return
         with self._cond:
-            self._next_look = now + 0.25
+            self._next_look = now + _TEND_PERIOD
             self._check_min_speed(now)
             self._keep_going()
         if now >= self._next_save:
@@ -5027,23 +5231,35 @@ class _Transfer:
 
     def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
         """Start a connection thread (with ``claim`` to fetch, else it asks
-        for a range); its source is the next usable one in turn."""
+        for a range)."""
+        conn = self._add_connection(claim)
+        if conn is None:
+            return False
+        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
+        self.threads.append(conn.thread)
+        return True
+
+    def _add_connection(self, claim: Optional[Tuple[int, int]] = None
+                        ) -> Optional[_Connection]:
+        """A new live connection (with ``claim`` to fetch), its source the
+        next usable one in turn; ``None`` when none is usable, or when the
+        manager's cap on a host allows no more now."""
         usable = [s for s in self.sources if s.usable]
         if not usable:
-            return False
-        number = len(self.threads)
+            return None
+        number = self.opened
+        self.opened += 1
         source = usable[number % len(usable)]
         slots = self.options.slots
         if slots is not None and self.connections and \
                 not slots.spare(_host_key(source.url), self._on_slot_freed):
-            return False  # one more connection would pass the manager's cap: later
+            self.opened -= 1
+            return None  # one more connection would pass the manager's cap: later
         conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self.planner.claim(conn, *claim)
         self.connections.append(conn)
-        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
-        self.threads.append(conn.thread)
-        return True
+        return conn
 
     def _on_slot_freed(self) -> None:
         """A host slot this transfer wanted freed: look again for work for
@@ -5099,9 +5315,11 @@ class _Transfer:
                 return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
             while not self.planner.choose(conn):
                 # nothing for it now; a request too young to tell whether
-                # it is far slower may be worth racing in a moment
+                # it is far slower may be worth racing in a moment (the
+                # download thread does not wait for it: it has a download
+                # to tend, and a connection thread is started for the race)
                 due = self.planner.rate_due(conn)
-                if due is None:
+                if due is None or self.cancel.tending():
                     return False
                 self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
                 if self.complete or self.error is not None or self.cancel.is_set():
@@ -5402,8 +5620,12 @@ class _Transfer:
                 return
 
     def _report(self, kind: str, value: Any) -> None:
-        """An event for the download thread, which is woken for it."""
+        """An event for the download thread, which is woken for it (or, if
+        it runs a connection, tends its download at the next chance)."""
         self.events.append((kind, value))
+        tender = self.cancel.tender
+        if tender is not None:
+            tender.due = 0.0
         self._cond.notify_all()
 
     def _set_total(self, total: Optional[int]) -> None:
@@ -6801,24 +7023,32 @@ class Downloader(Emitter):
         if stopped:
             transfer.stop()
         period = self._update_period
-        began = time.monotonic()
-        tick_at, tick_received = began + period, 0
+        tick_at, tick_received = time.monotonic() + period, 0
+
+        def tend() -> float:
+            """Relay the transfer's events, let it look at itself, and
+            measure the speed every period; when to tend next."""
+            nonlocal tick_at, tick_received
+            for kind, value in transfer.take_events():
+                self._relay(kind, value)
+            now = time.monotonic()
+            transfer.look(now)
+            if now >= tick_at:
+                received = transfer.received
+                self._speed = (received - tick_received) / (now - tick_at + period)
+                self._received += received - tick_received
+                tick_received = received
+                tick_at = max(tick_at + period, now)
+                self.emit('speed-changed', self)
+            return min(tick_at, now + _TEND_PERIOD)
+
+        tender = _Tender(tend, min(tick_at, time.monotonic() + _TEND_PERIOD))
         try:
-            transfer.start()
+            transfer.start(tender)  # runs its first connection
             while not transfer.finished:
-                now = time.monotonic()
-                for kind, value in transfer.wait(max(0.0, min(tick_at - now, 0.5))):
-                    self._relay(kind, value)
-                now = time.monotonic()
-                transfer.look(now)
-                if now >= tick_at:
-                    received = transfer.received
-                    self._speed = (received - tick_received) / (now - tick_at + period)
-                    self._received += received - tick_received
-                    tick_received = received
-                    tick_at = max(tick_at + period, now)
-                    self.emit('speed-changed', self)
-            for kind, value in transfer.wait(0):
+                transfer.wait(tender.due - time.monotonic())
+                tender.tend()
+            for kind, value in transfer.take_events():
                 self._relay(kind, value)
             transfer.result()
             self._digest = store.digest

@@ -201,6 +201,27 @@ STALLS = [{'stall_after': 1000}, {'stall_before_headers': True}, {'stall_after':
 STALL_IDS = ['mid-body', 'before-headers', 'after-headers']
 
 
+@pytest.mark.parametrize('stall', STALLS + [{'stall_after': 1000, 'chunked': True}],
+                         ids=STALL_IDS + ['chunked-mid-body'])
+def test_speed_changed_keeps_coming_in_every_wait_for_the_server(server, tmp_path, stall):
+    """The download thread runs the first connection itself: wherever it
+    waits for the server, it still says the speed every period (and a
+    stop ends the wait at once)."""
+    url = server.add('/f', DATA, **stall)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', timeout=30, update_period=0.05)
+    rec = Recorder(d)
+    d.start()
+    assert server.wait_stalled(1, timeout=10)
+    since = time.monotonic()
+    rec.wait_for(lambda: sum(1 for when, _, _ in rec.speeds if when > since) >= 4)
+    began = time.monotonic()
+    d.stop()
+    assert time.monotonic() - began < 0.5
+    gaps = [b[0] - a[0] for a, b in zip(rec.speeds, rec.speeds[1:]) if a[0] > since]
+    assert max(gaps) < 0.5, gaps
+    assert d.state == 'pause' and d.speed == 0
+
+
 @pytest.mark.parametrize('stall', STALLS, ids=STALL_IDS)
 def test_stall_is_an_error_within_timeout(server, tmp_path, stall):
     url = server.add('/f', DATA, **stall)
@@ -386,7 +407,7 @@ def test_an_exception_in_the_download_thread_ends_it_in_fatal_error(server, tmp_
                                                                      monkeypatch):
     url = server.add('/f', DATA)
 
-    def broken(self):
+    def broken(self, tender):
         raise RuntimeError('a bug')
     monkeypatch.setattr(bitpit._Transfer, 'start', broken)
     d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)

@@ -107,6 +107,27 @@ def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
     assert m._host_slots._open[('http', '127.0.0.1', server.port)] == 0
 
 
+def test_a_download_waiting_for_a_slot_says_its_speed(server, tmp_path):
+    """The download thread waits for the slot itself, and says the speed
+    every period meanwhile."""
+    server.add('/held.bin', DATA, stall_after=0)
+    url = server.add('/f.bin', DATA)
+    m = bitpit.Manager(max_per_host=1)
+    holder = m.add(bitpit.Downloader(server.url('/held.bin'), tmp_path / 'held'))
+    m.start()
+    assert server.wait_stalled()
+    waiting = m.add(bitpit.Downloader(url, tmp_path / 'f', update_period=0.05))
+    rec = Recorder(waiting)
+    wait_queue(m, server, 1)
+    since = time.monotonic()
+    rec.wait_for(lambda: sum(1 for when, _, _ in rec.speeds if when > since) >= 4)
+    m.stop()
+    waiting.stop()
+    holder.stop()
+    server.release()
+    assert server.requests_for('/f.bin') == [] and waiting.state == 'pause'
+
+
 def test_hosts_are_capped_each_on_its_own(make_server, tmp_path):
     one, two = make_server(), make_server()
     urls = [srv.add('/f{}.bin'.format(i), FILE, throttle=16 * MiB)

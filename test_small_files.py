@@ -75,8 +75,11 @@ def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatc
     assert first.get('stat') == 1 and first.get('fstat') == 1
     assert later.get('stat') == 2 and later.get('fstat') == 2
     assert later.get('utime') == 2  # the mtime of Last-Modified, still
-    # the pool's look at the connection before each reuse, and no other
-    assert later.get('poll') == 2 and 'settimeout' not in later
+    # the pool's look at the connection before each reuse, and the download
+    # thread's wait before each of its two receives (this server sends a
+    # head and its body apart), where it tends its download: the socket's
+    # own receive polled as often, unseen here
+    assert later.get('poll') == 6 and 'settimeout' not in later
     assert len(server.requests) == 3 and server.connections == 1
     for i in range(3):
         target = tmp_path / 'f{}'.format(i)
@@ -101,15 +104,42 @@ def test_a_sidecar_left_beside_no_bytes_still_goes_when_it_completes(server, tmp
     assert not sidecar.exists()
 
 
+def test_a_small_file_is_one_task_for_the_workers(server, tmp_path, monkeypatch):
+    """A download's first connection runs on its download thread: a small
+    file is no hand-over from one thread to another. A file split over
+    connections still gets a connection thread for each of the others."""
+    names = []
+    run = bitpit._WORKERS.run
+
+    def counted(target, name):
+        names.append(name)
+        return run(target, name)
+    monkeypatch.setattr(bitpit._WORKERS, 'run', counted)
+    assert fetch(server.add('/small', SMALL), tmp_path / 'small').state == 'complete'
+    assert names == ['bitpit-download']
+    del names[:]
+    big = DATA * 3  # a part of a split file is 1 MiB at least
+    url = server.add('/big', big, throttle=8 * 1024 * 1024)
+    d = fetch(url, tmp_path / 'big', connections=3)
+    assert d.state == 'complete' and (tmp_path / 'big').read_bytes() == big
+    assert names == ['bitpit-download'] + ['bitpit-connection'] * 2
+
+
 def test_the_connection_pool_looks_at_a_parked_connection(server, tmp_path, monkeypatch):
     """A connection is polled before it is handed out, however short a
     time ago it was parked: the server may have closed it, or sent bytes
     that no request asked for."""
     urls = [server.add('/f{}'.format(i), SMALL) for i in range(2)]
     assert fetch(urls[0], tmp_path / 'f0').state == 'complete'
-    calls = Calls(monkeypatch, tmp_path)
+    looks = []
+    quiet = bitpit._quiet
+
+    def counted(conn):
+        looks.append(quiet(conn))
+        return looks[-1]
+    monkeypatch.setattr(bitpit, '_quiet', counted)
     assert fetch(urls[1], tmp_path / 'f1').state == 'complete'
-    assert calls.take().get('poll') == 1 and server.connections == 1
+    assert looks == [True] and server.connections == 1
 
 
 def test_the_connection_pool_keeps_no_key_with_no_connection(server, tmp_path):
@@ -138,9 +168,9 @@ def test_an_attempt_is_freed_when_it_ends_not_by_the_collector(server, tmp_path,
     attempts = []
     start = bitpit._Transfer.start
 
-    def recording_start(transfer):
+    def recording_start(transfer, tender):
         attempts.append(weakref.ref(transfer))
-        start(transfer)
+        start(transfer, tender)
     monkeypatch.setattr(bitpit._Transfer, 'start', recording_start)
     gc.collect()
     gc.disable()

@@ -78,6 +78,22 @@ def test_a_tls_version_no_side_accepts_is_fatal(tls_peer, certificate, tmp_path)
     assert not (tmp_path / 'secure.bin').exists()
 
 
+def test_speed_changed_keeps_coming_during_a_tls_handshake(tls_peer, certificate, tmp_path):
+    """The download thread shakes hands itself, without blocking: a server
+    that never answers the handshake still gets the speed said every
+    period."""
+    tls_peer.script('stall')
+    d = bitpit.Downloader(tls_peer.url(), path=tmp_path / 'secure.bin',
+                          ssl_context=trusting(certificate), timeout=30, update_period=0.05)
+    rec = Recorder(d)
+    d.start()
+    assert tls_peer.wait_handled(1)
+    since = time.monotonic()
+    rec.wait_for(lambda: sum(1 for when, _, _ in rec.speeds if when > since) >= 4)
+    d.stop()
+    assert d.state == 'pause' and rec.states == [('pause', 'start'), ('start', 'pause')]
+
+
 def test_stop_during_a_tls_handshake_is_prompt(tls_peer, certificate, tmp_path):
     tls_peer.script('stall')
     d = bitpit.Downloader(tls_peer.url(), path=tmp_path / 'secure.bin',

@@ -167,6 +167,13 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     first.join(10)
     worker = first._thread.thread
     assert pool.wait_quiet(10)
+    # a small download runs on one worker: two tasks at once make a second
+    hold = threading.Event()
+    held = [pool.run(lambda: hold.wait(30), 'bitpit-connection') for _ in range(2)]
+    while any(task.thread is None for task in held):
+        held[0].join(0.01)
+    hold.set()
+    assert pool.wait_quiet(10)
     for _ in range(50):  # keep every waiting worker but first's busy
         release = threading.Event()
         blocker = pool.run(lambda release=release: release.wait(30), 'bitpit-connection')
