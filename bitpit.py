@@ -2062,7 +2062,7 @@ _NETRC: 'Tuple[Tuple[str, Optional[int], Optional[int]], _NetrcHosts]' = (('', N
 def _read_netrc() -> '_NetrcHosts':
     global _NETRC
     named = os.environ.get('NETRC')
-    path = named or os.path.join(os.path.expanduser('~'), '.netrc')
+    path = named or _default_netrc_path()
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
@@ -2081,6 +2081,26 @@ def _read_netrc() -> '_NetrcHosts':
             _log.warning('ignoring .netrc: %s', exc)
     _NETRC = (key, hosts)
     return hosts
+
+
+def _default_netrc_path() -> str:
+    """``~/.netrc``, as the netrc module finds it. On POSIX, worked out
+    again only when ``$HOME`` changed: ``expanduser`` costs each download
+    more than the ``stat`` of the file."""
+    global _HOME_NETRC
+    home = os.environ.get('HOME') if os.name == 'posix' else None
+    if home is None:  # (expanduser asks the password database, or Windows' variables)
+        return os.path.join(os.path.expanduser('~'), '.netrc')
+    known_home, path = _HOME_NETRC
+    if home != known_home:
+        # posixpath.expanduser('~') with $HOME set, from the value read above
+        path = os.path.join(home.rstrip('/') or '/', '.netrc')
+        _HOME_NETRC = (home, path)
+    return path
+
+
+# ($HOME, the .netrc in it) of the last look-up; replaced whole (any thread)
+_HOME_NETRC: Tuple[Optional[str], str] = (None, '')
 
 
 def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:

@@ -204,6 +204,23 @@ def test_a_netrc_changed_between_downloads_is_read_again(server, tmp_path, monke
         basic('nina', 'n3trc'), basic('nina', 'changed')]
 
 
+def test_the_default_netrc_follows_a_change_of_home(server, tmp_path, monkeypatch):
+    """Without ``$NETRC``, ``~/.netrc`` is the one in the ``$HOME`` of the
+    moment: a download after ``$HOME`` changed reads the other file."""
+    server.add('/f', DATA)
+    monkeypatch.delenv('NETRC', raising=False)
+    for name, password in (('one', 'first'), ('two', 'second')):
+        home = tmp_path / name
+        home.mkdir()
+        netrc_file = home / '.netrc'
+        netrc_file.write_text('machine 127.0.0.1 login nina password {}\n'.format(password))
+        netrc_file.chmod(0o600)
+        monkeypatch.setenv('HOME', str(home))
+        fetch(server.url('/f'), tmp_path / name / 'f')
+    assert [r.headers['Authorization'] for r in server.requests] == [
+        basic('nina', 'first'), basic('nina', 'second')]
+
+
 def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
     server.add('/f', DATA)
     monkeypatch.setenv('NETRC', str(tmp_path / 'does-not-exist'))
