@@ -1992,25 +1992,29 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     return conn.sock is not None and not _ready(conn.sock)
 
 
-def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
+def _proxy_for(scheme: str, host: str, proxy: Optional[str]
                ) -> Optional[urllib.parse.SplitResult]:
-    """The proxy to use for this URL: ``proxy`` if given (``''`` for none),
+    """The proxy to use for a request by ``scheme`` (in lower case) to
+    ``host`` (a URL's ``hostname``): ``proxy`` if given (``''`` for none),
     else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
     if proxy is None:
-        proxy = _environment_proxy(parts.scheme.lower(), parts.hostname or '')
+        proxy = _environment_proxy(scheme, host)
     return _parse_proxy(proxy) if proxy else None
 
 
 def _environment_proxy(scheme: str, host: str) -> str:
     """``http_proxy``/``https_proxy`` unless ``no_proxy`` exempts ``host``,
     with urllib's rules (lower case first; no upper-case ``HTTP_PROXY`` in a
-    CGI script). Looks up only these names: ``urllib.request.getproxies()``
-    decodes the whole environment, which costs more than a small download."""
+    CGI script). Looks up only these names, and each only when the ones
+    before leave it open: ``urllib.request.getproxies()`` decodes the whole
+    environment, which costs more than a small download."""
     environ = os.environ
     name = scheme + '_proxy'
     proxy = environ.get(name)
-    if proxy is None and not (scheme == 'http' and 'REQUEST_METHOD' in environ):
+    if proxy is None:
         proxy = environ.get(name.upper())
+        if proxy and scheme == 'http' and 'REQUEST_METHOD' in environ:
+            proxy = None  # (a client's Proxy: header, in a CGI script)
     if not proxy:
         return ''
     no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
@@ -2405,11 +2409,11 @@ class _RequestOptions:
         self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
         self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
 
-    def proxy_for(self, parts: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
-        """``_proxy_for`` a URL, looked up once per scheme and host."""
-        key = (parts.scheme.lower(), parts.hostname or '')
+    def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
+        """``_proxy_for`` a scheme and host, looked up once for each."""
+        key = (scheme, host)
         if key not in self._proxies:
-            self._proxies[key] = _proxy_for(parts, self.proxy)
+            self._proxies[key] = _proxy_for(scheme, host, self.proxy)
         return self._proxies[key]
 
     def trusted(self, url: str) -> bool:
@@ -2626,16 +2630,17 @@ def _is_refusal(error: Error) -> bool:
 
 
 class _Address:
-    """What the requests to one URL need of it, worked out once: its
-    ``parts``, the ``(scheme, host, port)`` they connect to (``host_key``,
-    the host in ASCII), the ``host_name`` (as ``.netrc`` names it), the URL
-    as sent (``wire_url``, see ``_ascii_url``) and its request target, and
-    the ``credentials`` written in it. Made for a URL that was checked when
-    it was given or followed; read-only."""
-    __slots__ = ('parts', 'host_key', 'host_name', 'wire_url', 'target', 'credentials')
+    """What the requests to one URL need of it, worked out once: the
+    ``(scheme, host, port)`` they connect to (``host_key``, the host in
+    ASCII), the ``host_name`` (its ``hostname``, as ``.netrc`` and
+    ``no_proxy`` name it), the URL as sent (``wire_url``, see
+    ``_ascii_url``) and its request target, and the ``credentials`` written
+    in it. Made for a URL that was checked when it was given or followed;
+    read-only."""
+    __slots__ = ('host_key', 'host_name', 'wire_url', 'target', 'credentials')
 
     def __init__(self, url: str):
-        self.parts = parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(url)
         origin = (parts.scheme, parts.netloc)
         known = _ORIGINS.get(origin)
         if known is None:
@@ -2749,7 +2754,7 @@ class _Request:
 
     def _connect(self) -> None:
         scheme, host, port = self.address.host_key
-        proxy = self.options.proxy_for(self.address.parts)
+        proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
         slots = self.options.slots
         self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)

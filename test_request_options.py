@@ -262,6 +262,22 @@ def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
     assert len(server.requests) == 3
 
 
+def test_upper_case_environment_proxy_but_not_in_a_cgi_script(server, proxy, tmp_path,
+                                                               monkeypatch):
+    """urllib's rules: ``HTTP_PROXY`` counts when ``http_proxy`` is unset,
+    but not in a CGI script (``REQUEST_METHOD`` set: a client's ``Proxy:``
+    header), where only ``http_proxy`` does."""
+    server.add('/f', DATA)
+    monkeypatch.setenv('HTTP_PROXY', proxy.url)
+    assert fetch(server.url('/f'), tmp_path / 'a').state == 'complete'
+    monkeypatch.setenv('REQUEST_METHOD', 'GET')
+    assert fetch(server.url('/f'), tmp_path / 'b').state == 'complete'
+    monkeypatch.setenv('http_proxy', proxy.url)
+    assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
+    assert [path for _, path, _ in proxy.seen] == [server.url('/f')] * 2
+    assert len(server.requests) == 3
+
+
 def test_bad_proxy_is_value_error():
     with pytest.raises(ValueError):
         bitpit.Downloader('http://h/x', proxy='ftp://h:21')
