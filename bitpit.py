@@ -2372,6 +2372,29 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
 
 _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
 
+if TYPE_CHECKING:
+    # the headers of every request of a download: to a trusted URL, to
+    # another, and the names (in lower case) of the caller's secrets given
+    _HeaderSets = Tuple[Dict[str, str], Dict[str, str], frozenset[str]]
+
+
+def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
+    """The headers of every request of a download with the caller's
+    ``headers``: to a trusted URL all of them, to another none of the
+    caller's secrets; and the names of the secrets given. Read-only."""
+    merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
+    merged.update((name.lower(), (name, value)) for name, value in headers.items())
+    # never a compressed body: byte ranges must mean file bytes, and CDNs
+    # ignore Range when compression is allowed
+    merged['accept-encoding'] = ('Accept-Encoding', 'identity')
+    fields = list(merged.values())
+    public = {name: value for name, value in fields if name.lower() not in _SECRET_HEADERS}
+    return dict(fields), public, frozenset(merged) & frozenset(_SECRET_HEADERS)
+
+
+# those of every download without headers of its own, made once
+_PLAIN_HEADER_SETS = _header_sets({})
+
 
 class _RequestOptions:
     """How every request of a download is made: the caller's headers,
@@ -2385,18 +2408,9 @@ class _RequestOptions:
                  timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None,
                  slots: Optional[_HostSlots] = None):
         self.url = url  # the download's own URL: auth and secrets are for its origin
-        merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
-        merged.update((name.lower(), (name, value)) for name, value in headers.items())
-        # never a compressed body: byte ranges must mean file bytes, and CDNs
-        # ignore Range when compression is allowed
-        merged['accept-encoding'] = ('Accept-Encoding', 'identity')
-        self.headers = list(merged.values())
-        # the headers of every request, made once: to a trusted URL all of
-        # them, to another none of the caller's secrets
-        self.trusted_headers = dict(self.headers)
-        self.public_headers = {name: value for name, value in self.headers
-                               if name.lower() not in _SECRET_HEADERS}
-        self.secrets_given = frozenset(merged) & frozenset(_SECRET_HEADERS)
+        # (shared: a request copies the one it sends)
+        self.trusted_headers, self.public_headers, self.secrets_given = \
+            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
