@@ -531,11 +531,26 @@ _MONTHS = ('jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct',
 
 def _parse_http_date(value: Optional[str]) -> Optional[float]:
     """An HTTP date (``Last-Modified``, ``Retry-After``) as a POSIX
-    timestamp, or ``None`` if absent or unreadable. The form servers send
-    (``Wed, 21 Oct 2015 07:28:00 GMT``) is read here; others by
-    ``email.utils``."""
+    timestamp, or ``None`` if absent or unreadable. The date read last is
+    kept: files published together share their ``Last-Modified``. Any
+    thread."""
+    global _LAST_HTTP_DATE
     if not value:
         return None
+    known, when = _LAST_HTTP_DATE
+    if value != known:
+        when = _read_http_date(value)
+        _LAST_HTTP_DATE = (value, when)
+    return when
+
+
+# (an HTTP date, its timestamp) read last; replaced whole (any thread)
+_LAST_HTTP_DATE: Tuple[Optional[str], Optional[float]] = (None, None)
+
+
+def _read_http_date(value: str) -> Optional[float]:
+    """``_parse_http_date`` of a value, read: the form servers send (``Wed,
+    21 Oct 2015 07:28:00 GMT``) here, others by ``email.utils``."""
     match = _HTTP_DATE_RE.fullmatch(value.strip())
     if match and match.group(2).lower() in _MONTHS:
         day, month, year, hour, minute, second = match.groups()
