@@ -2274,16 +2274,18 @@ class _DigestAuth:
     """The hosts and proxies that asked one download for Digest
     authentication, each with its latest challenge: the download answers
     them with Digest from then on, and never sends them Basic. Kept by the
-    ``Downloader`` across its attempts; ``_lock`` guards ``_asked`` and the
-    challenges' counts. Any thread."""
+    ``Downloader`` across its attempts, by every one, though few meet
+    Digest: so it is one slot, ``_asked``, ``None`` until a challenge
+    comes, and ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and
+    the challenges' counts. Any thread."""
+    __slots__ = ('_asked',)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._asked: Dict[_AuthKey, _DigestChallenge] = {}
+        self._asked: Optional[Dict[_AuthKey, _DigestChallenge]] = None
 
     def asked(self, key: _AuthKey) -> bool:
-        with self._lock:
-            return key in self._asked
+        with _DIGEST_LOCK:
+            return self._asked is not None and key in self._asked
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
@@ -2295,7 +2297,9 @@ class _DigestAuth:
         if not offered:
             return None
         chosen = min(offered, key=lambda c: (not c.usable, c.rank))
-        with self._lock:
+        with _DIGEST_LOCK:
+            if self._asked is None:
+                self._asked = {}
             known = self._asked.get(key)
             if known is not None and known.nonce == chosen.nonce:
                 # the same nonce, sent again to another connection: its
@@ -2308,9 +2312,14 @@ class _DigestAuth:
                uri: str) -> Optional[str]:
         """The ``Authorization`` (or ``Proxy-Authorization``) value of a
         request to ``key``; ``None`` when its challenge cannot be answered."""
-        with self._lock:
+        with _DIGEST_LOCK:
+            assert self._asked is not None  # (asked() said so)
             challenge = self._asked[key]
             return challenge.answer(credentials, method, uri) if challenge.usable else None
+
+
+# guards every _DigestAuth (a download that meets no Digest needs no lock of its own)
+_DIGEST_LOCK = threading.Lock()
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -2328,6 +2337,7 @@ class _Cookies:
     caller's ``http.cookiejar.CookieJar``, a Netscape ``cookies.txt`` file
     loaded into one, or else an in-memory jar made at the first
     ``Set-Cookie``. The jar locks itself; any thread."""
+    __slots__ = ('jar',)  # (one for every download: small)
 
     def __init__(self, cookies: Union[None, str, os.PathLike[str],
                                       http.cookiejar.CookieJar] = None):
