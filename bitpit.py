@@ -2273,11 +2273,11 @@ class _DigestChallenge:
 class _DigestAuth:
     """The hosts and proxies that asked one download for Digest
     authentication, each with its latest challenge: the download answers
-    them with Digest from then on, and never sends them Basic. Kept by the
-    ``Downloader`` across its attempts, by every one, though few meet
-    Digest: so it is one slot, ``_asked``, ``None`` until a challenge
-    comes, and ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and
-    the challenges' counts. Any thread."""
+    them with Digest from then on, and never sends them Basic. Every
+    ``Downloader`` keeps one across its attempts, though few meet Digest:
+    so it is one slot, ``_asked``, ``None`` until a challenge comes, and
+    ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and the
+    challenges' counts. Any thread."""
     __slots__ = ('_asked',)
 
     def __init__(self) -> None:
