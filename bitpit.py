@@ -2687,10 +2687,10 @@ class _Address:
     ``(scheme, host, port)`` they connect to (``host_key``, the host in
     ASCII), the ``host_name`` (its ``hostname``, as ``.netrc`` and
     ``no_proxy`` name it), the URL as sent (``wire_url``, see
-    ``_ascii_url``) and its request target, and the ``credentials`` written
-    in it. Made for a URL that was checked when it was given or followed;
-    read-only."""
-    __slots__ = ('host_key', 'host_name', 'wire_url', 'target', 'credentials')
+    ``_ascii_url``) and its request target, the ``credentials`` written in
+    it, and its ``Host`` field (``host_field``, see ``_host_field``). Made
+    for a URL that was checked when it was given or followed; read-only."""
+    __slots__ = ('host_key', 'host_name', 'wire_url', 'target', 'credentials', 'host_field')
 
     def __init__(self, url: str):
         parts = urllib.parse.urlsplit(url)
@@ -2699,19 +2699,31 @@ class _Address:
         if known is None:
             if len(_ORIGINS) >= _MAX_ORIGINS:
                 _ORIGINS.clear()
-            known = _ORIGINS[origin] = (
-                _split_host_key(parts), parts.hostname or '', _url_credentials(parts))
-        self.host_key, self.host_name, self.credentials = known
+            host_key = _split_host_key(parts)
+            known = _ORIGINS[origin] = (host_key, parts.hostname or '', _url_credentials(parts),
+                                        _host_field(host_key))
+        self.host_key, self.host_name, self.credentials, self.host_field = known
         self.wire_url = _ascii_url(url)
         wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
         self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
 
 
 # what an _Address takes from a URL's scheme and netloc (the same for every
-# file of a server), by them: (host_key, host_name, credentials); emptied
-# when full (any thread: two that race to one make the same)
-_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]]]]' = {}
+# file of a server), by them: (host_key, host_name, credentials,
+# host_field); emptied when full (any thread: two that race to one make the same)
+_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]], str]]' = {}
 _MAX_ORIGINS = 256
+
+
+def _host_field(host_key: _HostKey) -> str:
+    """The ``Host`` value of the requests to ``host_key``'s host on a
+    connection to it (or a tunnel to it), as http.client's ``putrequest``
+    makes it for each: the host (an IPv6 address in brackets), and its port
+    unless the scheme's own."""
+    scheme, host, port = host_key
+    if ':' in host:
+        host = '[' + host + ']'
+    return host if port == (443 if scheme == 'https' else 80) else '{}:{}'.format(host, port)
 
 
 def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
@@ -2901,11 +2913,16 @@ class _Request:
         return True
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
+        """The fields of a request for ``target`` on ``conn``, ``Host``
+        first, where http.client puts it (but to a plain proxy, where
+        http.client makes it from the URL)."""
         options = self.options
         if self.trusted:
-            headers, names = options.trusted_headers.copy(), options.secrets_given
+            given, names = options.trusted_headers, options.secrets_given
         else:
-            headers, names = options.public_headers.copy(), frozenset()
+            given, names = options.public_headers, frozenset()
+        headers = {} if conn.via_proxy else {'Host': self.address.host_field}
+        headers.update(given)
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
                 self.first, '' if self.last is None else self.last)
@@ -2937,9 +2954,11 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                # http.client's request line and Host; the other fields written
-                # at once (http.client's request() validates each in a call)
-                conn.putrequest(self.method, target, skip_accept_encoding=True)
+                # http.client's request line (and Host, to a plain proxy); the
+                # fields written at once (its request() validates each in a
+                # call, and works out Host again for every request)
+                conn.putrequest(self.method, target, skip_host=not conn.via_proxy,
+                                skip_accept_encoding=True)
                 _put_fields(conn, self._headers(self.url, target, conn))
                 conn.endheaders()
                 # the socket the body comes from, even when http.client hands

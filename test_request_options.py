@@ -2,6 +2,8 @@
 (URL credentials, auth=, .netrc, never to another host) and proxies
 (explicit, with credentials, from the environment)."""
 import hashlib
+import http.client
+import ssl
 
 import pytest
 
@@ -125,6 +127,37 @@ def test_a_line_break_in_a_field_is_refused_and_nothing_sent(server, name, value
         request.close(False)
     assert [r.headers['X-A'] for r in server.requests] == ['a b']
     assert [r.headers['User-Agent'] for r in server.requests] == ['bitpit/' + bitpit.__version__]
+
+
+HOST_KEYS = [('http', '127.0.0.1', 80), ('http', '127.0.0.1', 8080), ('http', 'example.com', 443),
+             ('https', 'example.com', 443), ('https', 'example.com', 80), ('http', '::1', 80),
+             ('https', '::1', 8443), ('http', 'xn--caf-dma.example', 80)]
+
+
+def test_the_host_field_is_the_one_http_client_makes():
+    """bitpit writes ``Host`` itself, worked out once for a server: the
+    value http.client's ``putrequest`` would have made, to the host or
+    through a tunnel to it (a plain proxy's is still http.client's)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for scheme, host, port in HOST_KEYS:
+        if scheme == 'https':
+            tunnel = http.client.HTTPSConnection('proxy.example', 3128, context=context)
+            tunnel.set_tunnel(host, port)
+            conns = [http.client.HTTPSConnection(host, port, context=context), tunnel]
+        else:
+            conns = [http.client.HTTPConnection(host, port)]
+        for conn in conns:
+            conn.putrequest('GET', '/f', skip_accept_encoding=True)
+            assert conn._buffer[1].decode() == 'Host: ' + bitpit._host_field(
+                (scheme, host, port)), (scheme, host, port)
+
+
+def test_the_host_field_comes_first(server, tmp_path):
+    url = server.add('/f', DATA)
+    fetch(url, tmp_path / 'f', headers={'X-A': 'a'})
+    headers = server.requests[0].headers
+    assert list(headers.keys())[0] == 'Host' and headers.get_all('Host') == [url.split('/')[2]]
+    assert headers['X-A'] == 'a'
 
 
 def test_accept_encoding_stays_identity(server, tmp_path):
