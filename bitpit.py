@@ -532,11 +532,26 @@ _MONTHS = ('jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct',
 
 def _parse_http_date(value: Optional[str]) -> Optional[float]:
     """An HTTP date (``Last-Modified``, ``Retry-After``) as a POSIX
-    timestamp, or ``None`` if absent or unreadable. The form servers send
-    (``Wed, 21 Oct 2015 07:28:00 GMT``) is read here; others by
-    ``email.utils``."""
+    timestamp, or ``None`` if absent or unreadable. The date read last is
+    kept: files published together share their ``Last-Modified``. Any
+    thread."""
+    global _LAST_HTTP_DATE
     if not value:
         return None
+    known, when = _LAST_HTTP_DATE
+    if value != known:
+        when = _read_http_date(value)
+        _LAST_HTTP_DATE = (value, when)
+    return when
+
+
+# (an HTTP date, its timestamp) read last; replaced whole (any thread)
+_LAST_HTTP_DATE: Tuple[Optional[str], Optional[float]] = (None, None)
+
+
+def _read_http_date(value: str) -> Optional[float]:
+    """``_parse_http_date`` of a value, read: the form servers send (``Wed,
+    21 Oct 2015 07:28:00 GMT``) here, others by ``email.utils``."""
     match = _HTTP_DATE_RE.fullmatch(value.strip())
     if match and match.group(2).lower() in _MONTHS:
         day, month, year, hour, minute, second = match.groups()
@@ -1263,14 +1278,19 @@ class _Cancel:
     ``wait()`` is a pause that it ends. Every wait of the attempt's
     connections goes through ``wait_for``, so that the download thread,
     when it runs one of them (``tender``), tends its download on time.
-    Any thread. ``_lock`` guards the mark and the registrations."""
+    Any thread. ``_lock`` guards the mark, the registrations and the event
+    of the pauses, which the first ``wait()`` makes (an attempt that never
+    pauses, as a small file's, needs none: an event costs ~2 us)."""
     tender: Optional[_Tender] = None  # set while the download thread runs a connection
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cancelled = threading.Event()
-        self.is_set = self._cancelled.is_set
+        self._cancelled = False
+        self._pauses: Optional[threading.Event] = None
         self._live: set = set()
+
+    def is_set(self) -> bool:
+        return self._cancelled
 
     def tending(self) -> bool:
         """Whether the calling thread is the download thread running a
@@ -1297,26 +1317,35 @@ class _Cancel:
                 return ready(max(0.0, deadline - now))
             if ready(step):
                 return True
-            if self._cancelled.is_set():
+            if self._cancelled:
                 return False
             tender.tend()
 
     def cancel(self) -> None:
         with self._lock:
-            self._cancelled.set()
+            self._cancelled = True
+            pauses = self._pauses
             live, self._live = self._live, set()
+        if pauses is not None:
+            pauses.set()
         for item in live:
             item.abort()
 
     def wait(self, seconds: float) -> None:
         """Wait ``seconds``, or less if ``cancel()`` comes first."""
-        self.wait_for(self._cancelled.wait, seconds)
+        with self._lock:
+            if self._cancelled:
+                return
+            if self._pauses is None:
+                self._pauses = threading.Event()
+            pauses = self._pauses
+        self.wait_for(pauses.wait, seconds)
 
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
         ``_Stopped`` if that already happened."""
         with self._lock:
-            if self._cancelled.is_set():
+            if self._cancelled:
                 raise _Stopped
             self._live.add(item)
 
@@ -2163,25 +2192,29 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     return conn.sock is not None and not _ready(conn.sock)
 
 
-def _proxy_for(parts: urllib.parse.SplitResult, proxy: Optional[str]
+def _proxy_for(scheme: str, host: str, proxy: Optional[str]
                ) -> Optional[urllib.parse.SplitResult]:
-    """The proxy to use for this URL: ``proxy`` if given (``''`` for none),
+    """The proxy to use for a request by ``scheme`` (in lower case) to
+    ``host`` (a URL's ``hostname``): ``proxy`` if given (``''`` for none),
     else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
     if proxy is None:
-        proxy = _environment_proxy(parts.scheme.lower(), parts.hostname or '')
+        proxy = _environment_proxy(scheme, host)
     return _parse_proxy(proxy) if proxy else None
 
 
 def _environment_proxy(scheme: str, host: str) -> str:
     """``http_proxy``/``https_proxy`` unless ``no_proxy`` exempts ``host``,
     with urllib's rules (lower case first; no upper-case ``HTTP_PROXY`` in a
-    CGI script). Looks up only these names: ``urllib.request.getproxies()``
-    decodes the whole environment, which costs more than a small download."""
+    CGI script). Looks up only these names, and each only when the ones
+    before leave it open: ``urllib.request.getproxies()`` decodes the whole
+    environment, which costs more than a small download."""
     environ = os.environ
     name = scheme + '_proxy'
     proxy = environ.get(name)
-    if proxy is None and not (scheme == 'http' and 'REQUEST_METHOD' in environ):
+    if proxy is None:
         proxy = environ.get(name.upper())
+        if proxy and scheme == 'http' and 'REQUEST_METHOD' in environ:
+            proxy = None  # (a client's Proxy: header, in a CGI script)
     if not proxy:
         return ''
     no_proxy = environ.get('no_proxy') or environ.get('NO_PROXY')
@@ -2233,7 +2266,7 @@ _NETRC: 'Tuple[Tuple[str, Optional[int], Optional[int]], _NetrcHosts]' = (('', N
 def _read_netrc() -> '_NetrcHosts':
     global _NETRC
     named = os.environ.get('NETRC')
-    path = named or os.path.join(os.path.expanduser('~'), '.netrc')
+    path = named or _default_netrc_path()
     key: Tuple[str, Optional[int], Optional[int]]  # the file's path, time and size
     try:
         status = os.stat(path)
@@ -2252,6 +2285,26 @@ def _read_netrc() -> '_NetrcHosts':
             _log.warning('ignoring .netrc: %s', exc)
     _NETRC = (key, hosts)
     return hosts
+
+
+def _default_netrc_path() -> str:
+    """``~/.netrc``, as the netrc module finds it. On POSIX, worked out
+    again only when ``$HOME`` changed: ``expanduser`` costs each download
+    more than the ``stat`` of the file."""
+    global _HOME_NETRC
+    home = os.environ.get('HOME') if os.name == 'posix' else None
+    if home is None:  # (expanduser asks the password database, or Windows' variables)
+        return os.path.join(os.path.expanduser('~'), '.netrc')
+    known_home, path = _HOME_NETRC
+    if home != known_home:
+        # posixpath.expanduser('~') with $HOME set, from the value read above
+        path = os.path.join(home.rstrip('/') or '/', '.netrc')
+        _HOME_NETRC = (home, path)
+    return path
+
+
+# ($HOME, the .netrc in it) of the last look-up; replaced whole (any thread)
+_HOME_NETRC: Tuple[Optional[str], str] = (None, '')
 
 
 def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
@@ -2391,17 +2444,19 @@ class _DigestChallenge:
 class _DigestAuth:
     """The hosts and proxies that asked one download for Digest
     authentication, each with its latest challenge: the download answers
-    them with Digest from then on, and never sends them Basic. Kept by the
-    ``Downloader`` across its attempts; ``_lock`` guards ``_asked`` and the
+    them with Digest from then on, and never sends them Basic. Every
+    ``Downloader`` keeps one across its attempts, though few meet Digest:
+    so it is one slot, ``_asked``, ``None`` until a challenge comes, and
+    ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and the
     challenges' counts. Any thread."""
+    __slots__ = ('_asked',)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._asked: Dict[_AuthKey, _DigestChallenge] = {}
+        self._asked: Optional[Dict[_AuthKey, _DigestChallenge]] = None
 
     def asked(self, key: _AuthKey) -> bool:
-        with self._lock:
-            return key in self._asked
+        with _DIGEST_LOCK:
+            return self._asked is not None and key in self._asked
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
@@ -2413,7 +2468,9 @@ class _DigestAuth:
         if not offered:
             return None
         chosen = min(offered, key=lambda c: (not c.usable, c.rank))
-        with self._lock:
+        with _DIGEST_LOCK:
+            if self._asked is None:
+                self._asked = {}
             known = self._asked.get(key)
             if known is not None and known.nonce == chosen.nonce:
                 # the same nonce, sent again to another connection: its
@@ -2426,9 +2483,14 @@ class _DigestAuth:
                uri: str) -> Optional[str]:
         """The ``Authorization`` (or ``Proxy-Authorization``) value of a
         request to ``key``; ``None`` when its challenge cannot be answered."""
-        with self._lock:
+        with _DIGEST_LOCK:
+            assert self._asked is not None  # (asked() said so)
             challenge = self._asked[key]
             return challenge.answer(credentials, method, uri) if challenge.usable else None
+
+
+# guards every _DigestAuth (a download that meets no Digest needs no lock of its own)
+_DIGEST_LOCK = threading.Lock()
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -2446,6 +2508,7 @@ class _Cookies:
     caller's ``http.cookiejar.CookieJar``, a Netscape ``cookies.txt`` file
     loaded into one, or else an in-memory jar made at the first
     ``Set-Cookie``. The jar locks itself; any thread."""
+    __slots__ = ('jar',)  # (one for every download: small)
 
     def __init__(self, cookies: Union[None, str, os.PathLike[str],
                                       http.cookiejar.CookieJar] = None):
@@ -2519,6 +2582,29 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
 
 _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
 
+if TYPE_CHECKING:
+    # the headers of every request of a download: to a trusted URL, to
+    # another, and the names (in lower case) of the caller's secrets given
+    _HeaderSets = Tuple[Dict[str, str], Dict[str, str], frozenset[str]]
+
+
+def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
+    """The headers of every request of a download with the caller's
+    ``headers``: to a trusted URL all of them, to another none of the
+    caller's secrets; and the names of the secrets given. Read-only."""
+    merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
+    merged.update((name.lower(), (name, value)) for name, value in headers.items())
+    # never a compressed body: byte ranges must mean file bytes, and CDNs
+    # ignore Range when compression is allowed
+    merged['accept-encoding'] = ('Accept-Encoding', 'identity')
+    fields = list(merged.values())
+    public = {name: value for name, value in fields if name.lower() not in _SECRET_HEADERS}
+    return dict(fields), public, frozenset(merged) & frozenset(_SECRET_HEADERS)
+
+
+# those of every download without headers of its own, made once
+_PLAIN_HEADER_SETS = _header_sets({})
+
 
 class _RequestOptions:
     """How every request of a download is made: the caller's headers,
@@ -2532,18 +2618,9 @@ class _RequestOptions:
                  timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None,
                  slots: Optional[_HostSlots] = None):
         self.url = url  # the download's own URL: auth and secrets are for its origin
-        merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
-        merged.update((name.lower(), (name, value)) for name, value in headers.items())
-        # never a compressed body: byte ranges must mean file bytes, and CDNs
-        # ignore Range when compression is allowed
-        merged['accept-encoding'] = ('Accept-Encoding', 'identity')
-        self.headers = list(merged.values())
-        # the headers of every request, made once: to a trusted URL all of
-        # them, to another none of the caller's secrets
-        self.trusted_headers = dict(self.headers)
-        self.public_headers = {name: value for name, value in self.headers
-                               if name.lower() not in _SECRET_HEADERS}
-        self.secrets_given = frozenset(merged) & frozenset(_SECRET_HEADERS)
+        # (shared: a request copies the one it sends)
+        self.trusted_headers, self.public_headers, self.secrets_given = \
+            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
@@ -2556,11 +2633,11 @@ class _RequestOptions:
         self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
         self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
 
-    def proxy_for(self, parts: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
-        """``_proxy_for`` a URL, looked up once per scheme and host."""
-        key = (parts.scheme.lower(), parts.hostname or '')
+    def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
+        """``_proxy_for`` a scheme and host, looked up once for each."""
+        key = (scheme, host)
         if key not in self._proxies:
-            self._proxies[key] = _proxy_for(parts, self.proxy)
+            self._proxies[key] = _proxy_for(scheme, host, self.proxy)
         return self._proxies[key]
 
     def trusted(self, url: str) -> bool:
@@ -2781,34 +2858,47 @@ def _is_refusal(error: Error) -> bool:
 
 
 class _Address:
-    """What the requests to one URL need of it, worked out once: its
-    ``parts``, the ``(scheme, host, port)`` they connect to (``host_key``,
-    the host in ASCII), the ``host_name`` (as ``.netrc`` names it), the URL
-    as sent (``wire_url``, see ``_ascii_url``) and its request target, and
-    the ``credentials`` written in it. Made for a URL that was checked when
-    it was given or followed; read-only."""
-    __slots__ = ('parts', 'host_key', 'host_name', 'wire_url', 'target', 'credentials')
+    """What the requests to one URL need of it, worked out once: the
+    ``(scheme, host, port)`` they connect to (``host_key``, the host in
+    ASCII), the ``host_name`` (its ``hostname``, as ``.netrc`` and
+    ``no_proxy`` name it), the URL as sent (``wire_url``, see
+    ``_ascii_url``) and its request target, the ``credentials`` written in
+    it, and its ``Host`` field (``host_field``, see ``_host_field``). Made
+    for a URL that was checked when it was given or followed; read-only."""
+    __slots__ = ('host_key', 'host_name', 'wire_url', 'target', 'credentials', 'host_field')
 
     def __init__(self, url: str):
-        self.parts = parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(url)
         origin = (parts.scheme, parts.netloc)
         known = _ORIGINS.get(origin)
         if known is None:
             if len(_ORIGINS) >= _MAX_ORIGINS:
                 _ORIGINS.clear()
-            known = _ORIGINS[origin] = (
-                _split_host_key(parts), parts.hostname or '', _url_credentials(parts))
-        self.host_key, self.host_name, self.credentials = known
+            host_key = _split_host_key(parts)
+            known = _ORIGINS[origin] = (host_key, parts.hostname or '', _url_credentials(parts),
+                                        _host_field(host_key))
+        self.host_key, self.host_name, self.credentials, self.host_field = known
         self.wire_url = _ascii_url(url)
         wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
         self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
 
 
 # what an _Address takes from a URL's scheme and netloc (the same for every
-# file of a server), by them: (host_key, host_name, credentials); emptied
-# when full (any thread: two that race to one make the same)
-_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]]]]' = {}
+# file of a server), by them: (host_key, host_name, credentials,
+# host_field); emptied when full (any thread: two that race to one make the same)
+_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]], str]]' = {}
 _MAX_ORIGINS = 256
+
+
+def _host_field(host_key: _HostKey) -> str:
+    """The ``Host`` value of the requests to ``host_key``'s host on a
+    connection to it (or a tunnel to it), as http.client's ``putrequest``
+    makes it for each: the host (an IPv6 address in brackets), and its port
+    unless the scheme's own."""
+    scheme, host, port = host_key
+    if ':' in host:
+        host = '[' + host + ']'
+    return host if port == (443 if scheme == 'https' else 80) else '{}:{}'.format(host, port)
 
 
 def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
@@ -2904,7 +2994,7 @@ class _Request:
 
     def _connect(self) -> None:
         scheme, host, port = self.address.host_key
-        proxy = self.options.proxy_for(self.address.parts)
+        proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
         slots = self.options.slots
         self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
@@ -2998,11 +3088,16 @@ class _Request:
         return True
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
+        """The fields of a request for ``target`` on ``conn``, ``Host``
+        first, where http.client puts it (but to a plain proxy, where
+        http.client makes it from the URL)."""
         options = self.options
         if self.trusted:
-            headers, names = options.trusted_headers.copy(), options.secrets_given
+            given, names = options.trusted_headers, options.secrets_given
         else:
-            headers, names = options.public_headers.copy(), frozenset()
+            given, names = options.public_headers, frozenset()
+        headers = {} if conn.via_proxy else {'Host': self.address.host_field}
+        headers.update(given)
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
                 self.first, '' if self.last is None else self.last)
@@ -3034,9 +3129,11 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                # http.client's request line and Host; the other fields written
-                # at once (http.client's request() validates each in a call)
-                conn.putrequest(self.method, target, skip_accept_encoding=True)
+                # http.client's request line (and Host, to a plain proxy); the
+                # fields written at once (its request() validates each in a
+                # call, and works out Host again for every request)
+                conn.putrequest(self.method, target, skip_host=not conn.via_proxy,
+                                skip_accept_encoding=True)
                 _put_fields(conn, self._headers(self.url, target, conn))
                 conn.endheaders()
                 # the socket the body comes from, even when http.client hands

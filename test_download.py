@@ -360,6 +360,25 @@ def test_stop_during_a_name_look_up_is_prompt(tmp_path, monkeypatch):
         released.set()
 
 
+def test_a_stop_ends_an_attempts_pause_at_once_and_every_one_after():
+    """The stop signal of an attempt (``_Cancel``): a pause lasts its time
+    without a stop, ends as a stop comes from another thread, and once
+    stopped lasts nothing and nothing more is taken to abort."""
+    cancel = bitpit._Cancel()
+    began = time.monotonic()
+    cancel.wait(0.02)
+    assert time.monotonic() - began >= 0.02 and not cancel.is_set()
+    stopper = threading.Timer(0.05, cancel.cancel)
+    stopper.start()
+    cancel.wait(10)
+    stopper.join()
+    assert cancel.is_set() and time.monotonic() - began < 2
+    cancel.wait(10)
+    assert time.monotonic() - began < 2
+    with pytest.raises(bitpit._Stopped):
+        cancel.register(bitpit._EventAbort(threading.Event()))
+
+
 def test_stop_returns_even_when_the_thread_is_stuck(server, tmp_path):
     """A callback that blocks holds the download thread: stop() gives up
     waiting after about a second, and the thread, when it goes on, ends

@@ -30,6 +30,17 @@ def xattrs_here(path):
         return False
 
 
+def test_each_file_gets_its_own_date_when_dates_alternate(server, tmp_path):
+    """One file's Last-Modified, another's, the first again: each file has
+    the date its server sent (the date read last is kept for the next)."""
+    dates = [DATE, NEWER_DATE, DATE, 'Thu, 22 Oct 2015 07:28:01 GMT']
+    for n, date in enumerate(dates):
+        url = server.add('/f{}'.format(n), DATA, last_modified=date)
+        assert download(url, tmp_path / str(n))[0].state == 'complete'
+    assert [(tmp_path / str(n)).stat().st_mtime for n in range(len(dates))] == [
+        epoch(date) for date in dates]
+
+
 def test_a_completed_file_gets_the_servers_date_and_etag(server, tmp_path):
     url = server.add('/f', DATA, etag=ETAG, last_modified=DATE)
     d, _ = download(url, tmp_path / 'f.bin')

@@ -2,6 +2,8 @@
 (URL credentials, auth=, .netrc, never to another host) and proxies
 (explicit, with credentials, from the environment)."""
 import hashlib
+import http.client
+import ssl
 
 import pytest
 
@@ -127,6 +129,37 @@ def test_a_line_break_in_a_field_is_refused_and_nothing_sent(server, name, value
     assert [r.headers['User-Agent'] for r in server.requests] == ['bitpit/' + bitpit.__version__]
 
 
+HOST_KEYS = [('http', '127.0.0.1', 80), ('http', '127.0.0.1', 8080), ('http', 'example.com', 443),
+             ('https', 'example.com', 443), ('https', 'example.com', 80), ('http', '::1', 80),
+             ('https', '::1', 8443), ('http', 'xn--caf-dma.example', 80)]
+
+
+def test_the_host_field_is_the_one_http_client_makes():
+    """bitpit writes ``Host`` itself, worked out once for a server: the
+    value http.client's ``putrequest`` would have made, to the host or
+    through a tunnel to it (a plain proxy's is still http.client's)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for scheme, host, port in HOST_KEYS:
+        if scheme == 'https':
+            tunnel = http.client.HTTPSConnection('proxy.example', 3128, context=context)
+            tunnel.set_tunnel(host, port)
+            conns = [http.client.HTTPSConnection(host, port, context=context), tunnel]
+        else:
+            conns = [http.client.HTTPConnection(host, port)]
+        for conn in conns:
+            conn.putrequest('GET', '/f', skip_accept_encoding=True)
+            assert conn._buffer[1].decode() == 'Host: ' + bitpit._host_field(
+                (scheme, host, port)), (scheme, host, port)
+
+
+def test_the_host_field_comes_first(server, tmp_path):
+    url = server.add('/f', DATA)
+    fetch(url, tmp_path / 'f', headers={'X-A': 'a'})
+    headers = server.requests[0].headers
+    assert list(headers.keys())[0] == 'Host' and headers.get_all('Host') == [url.split('/')[2]]
+    assert headers['X-A'] == 'a'
+
+
 def test_accept_encoding_stays_identity(server, tmp_path):
     server.add('/f', DATA)
     fetch(server.url('/f'), tmp_path / 'f')
@@ -204,6 +237,23 @@ def test_a_netrc_changed_between_downloads_is_read_again(server, tmp_path, monke
         basic('nina', 'n3trc'), basic('nina', 'changed')]
 
 
+def test_the_default_netrc_follows_a_change_of_home(server, tmp_path, monkeypatch):
+    """Without ``$NETRC``, ``~/.netrc`` is the one in the ``$HOME`` of the
+    moment: a download after ``$HOME`` changed reads the other file."""
+    server.add('/f', DATA)
+    monkeypatch.delenv('NETRC', raising=False)
+    for name, password in (('one', 'first'), ('two', 'second')):
+        home = tmp_path / name
+        home.mkdir()
+        netrc_file = home / '.netrc'
+        netrc_file.write_text('machine 127.0.0.1 login nina password {}\n'.format(password))
+        netrc_file.chmod(0o600)
+        monkeypatch.setenv('HOME', str(home))
+        fetch(server.url('/f'), tmp_path / name / 'f')
+    assert [r.headers['Authorization'] for r in server.requests] == [
+        basic('nina', 'first'), basic('nina', 'second')]
+
+
 def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
     server.add('/f', DATA)
     monkeypatch.setenv('NETRC', str(tmp_path / 'does-not-exist'))
@@ -242,6 +292,22 @@ def test_environment_proxy_and_opt_out(server, proxy, tmp_path, monkeypatch):
     monkeypatch.setenv('no_proxy', '127.0.0.1')
     assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
     assert len(proxy.seen) == 1
+    assert len(server.requests) == 3
+
+
+def test_upper_case_environment_proxy_but_not_in_a_cgi_script(server, proxy, tmp_path,
+                                                               monkeypatch):
+    """urllib's rules: ``HTTP_PROXY`` counts when ``http_proxy`` is unset,
+    but not in a CGI script (``REQUEST_METHOD`` set: a client's ``Proxy:``
+    header), where only ``http_proxy`` does."""
+    server.add('/f', DATA)
+    monkeypatch.setenv('HTTP_PROXY', proxy.url)
+    assert fetch(server.url('/f'), tmp_path / 'a').state == 'complete'
+    monkeypatch.setenv('REQUEST_METHOD', 'GET')
+    assert fetch(server.url('/f'), tmp_path / 'b').state == 'complete'
+    monkeypatch.setenv('http_proxy', proxy.url)
+    assert fetch(server.url('/f'), tmp_path / 'c').state == 'complete'
+    assert [path for _, path, _ in proxy.seen] == [server.url('/f')] * 2
     assert len(server.requests) == 3
 
 

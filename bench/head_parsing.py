@@ -55,8 +55,8 @@ class _Stream:
     def __init__(self, reader: io.BufferedReader):
         self._reader = reader
 
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return self._reader
+    def makefile(self, mode: str, buffering: int = -1) -> io.BufferedReader:
+        return self._reader  # (bitpit's _Response asks for a wider buffer: the same one)
 
 
 def load_bitpit(path: Path) -> Any:
