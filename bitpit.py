@@ -3167,11 +3167,11 @@ def _regular_size(status: Optional[os.stat_result]) -> int:
     return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
 
 
-def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
-    """The path of a target's sidecar; ``None`` for a file object."""
-    if isinstance(target, os.PathLike):
-        return target.with_name(target.name + _SIDECAR_SUFFIX)
-    return None
+def _sidecar_of(target: pathlib.Path) -> str:
+    """The path of a target's sidecar, ``NAME.bitpit`` beside it: a str,
+    which the store only hands to ``os`` functions (a ``pathlib.Path``
+    would parse the name again, for each file)."""
+    return os.fspath(target) + _SIDECAR_SUFFIX
 
 
 def _sync(fd: int) -> None:
@@ -3179,7 +3179,7 @@ def _sync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _sync_directory(directory: pathlib.Path) -> None:
+def _sync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (POSIX; a no-op where a
     directory cannot be opened, as on Windows)."""
     try:
@@ -3254,7 +3254,10 @@ class _FileStore:
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
-        self.sidecar = _sidecar_of(target)  # its path; ``None`` for a file object
+        # the sidecar's path, where the target is a path, not a file object
+        # (and it stays one: ``rename`` gives another path)
+        self.sidecar = _sidecar_of(target) if isinstance(target, os.PathLike) else None
+        self.is_path = self.sidecar is not None
         # what the last ``load`` found: whether the target was there, and
         # its sidecar (``None``: not looked for, beside no bytes)
         self.found: Tuple[bool, Optional[bool]] = (False, None)
@@ -3284,10 +3287,6 @@ class _FileStore:
         self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
 
     # -- what is on disk ---------------------------------------------------------
-
-    @property
-    def is_path(self) -> bool:
-        return isinstance(self.target, os.PathLike)
 
     def load(self) -> None:
         """Read what the target already holds: a partial file is held from
@@ -3360,7 +3359,7 @@ class _FileStore:
         beside it: a file that ``if_exists`` takes as it is."""
         there, sidecar_there = self.found
         if there and sidecar_there is None and self.sidecar is not None:
-            sidecar_there = self.sidecar.exists()  # (not looked for beside no bytes)
+            sidecar_there = os.path.exists(self.sidecar)  # (not looked for beside no bytes)
         return there and not sidecar_there
 
     def _snap(self) -> None:
@@ -3736,7 +3735,7 @@ class _FileStore:
         if sidecar is None:
             return False  # a file object has none
         current = record is None  # else writes since the record may have moved on
-        temporary = sidecar.with_name(sidecar.name + '.tmp')
+        temporary = sidecar + '.tmp'
         try:
             if record is None:
                 record = self._sidecar_record()
@@ -3747,7 +3746,7 @@ class _FileStore:
                 file.flush()
                 _sync(file.fileno())
             os.replace(temporary, sidecar)
-            _sync_directory(sidecar.parent)
+            _sync_directory(os.path.dirname(sidecar) or os.curdir)
         except OSError as exc:
             if not self._sidecar_failed:
                 _log.warning('cannot write %s: %s', sidecar, exc)
@@ -6876,9 +6875,7 @@ class Downloader(Emitter):
         if mode == 'overwrite' and first:
             store.restart_from_zero()
         target = store.target
-        sidecar = store.sidecar
-        if not isinstance(target, os.PathLike) or sidecar is None or \
-                mode in ('resume', 'overwrite'):
+        if mode in ('resume', 'overwrite') or not isinstance(target, os.PathLike):
             return store, None, None
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
