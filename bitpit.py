@@ -3104,8 +3104,9 @@ class _Ranges:
         """Where the range that starts at byte 0 ends (0 if there is none)."""
         return self._ends[0] if self._starts and self._starts[0] == 0 else 0
 
-    def spans(self) -> List[List[int]]:
-        return [[start, end] for start, end in zip(self._starts, self._ends)]
+    def pairs(self) -> Tuple[Tuple[int, int], ...]:
+        """The ranges as ``(start, end)`` pairs, in a tuple that never changes."""
+        return tuple(zip(self._starts, self._ends))
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
@@ -3365,7 +3366,7 @@ class _FileStore:
     def _snap(self) -> None:
         """Publish ``held`` as ``snapshot``, which other threads read without
         the lock (a write may hold it for as long as the disk takes)."""
-        self.snapshot = tuple((start, end) for start, end in self.held.spans())
+        self.snapshot = self.held.pairs()
 
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
@@ -3722,7 +3723,7 @@ class _FileStore:
     def _sidecar_record(self) -> str:
         import json
         return json.dumps({'version': 2, 'url': self.url, 'size': self.size,
-                           'held': self.held.spans(), 'validators': self.validators})
+                           'held': self.held.pairs(), 'validators': self.validators})
 
     def _save_sidecar(self, record: Optional[str] = None) -> bool:
         """Replace the sidecar atomically and durably, so that after a crash
