@@ -3388,6 +3388,7 @@ class _FileStore:
         with self._lock:
             self.target = target
             self.sidecar = _sidecar_of(target)
+            self.found = (False, None)  # the caller made sure nothing is there
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -3398,29 +3399,43 @@ class _FileStore:
             if self._file is not None:
                 return
             target = self.target
-            if not isinstance(target, os.PathLike):
+            if isinstance(target, os.PathLike):
+                self._open_path(target)
+            else:
                 self._file = target
                 self._position = self.held.total
-            else:
-                fd = -1
-                try:
-                    fd = os.open(target, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0),
-                                 0o666)
-                    status = os.fstat(fd)
-                except OSError as exc:
-                    if fd >= 0:
-                        os.close(fd)
-                    raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                self._regular = stat.S_ISREG(status.st_mode)
-                self._extent = status.st_size
-                self._file = _RegularFile(fd) if self._regular else \
-                    open(fd, 'r+b', buffering=0)
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
                 import hashlib
                 self._hasher = hashlib.new(algorithm)
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
+
+    def _open_path(self, target: pathlib.Path) -> None:
+        """Open the target path for writing. Where the last ``load`` found
+        nothing there, a new file is made (``O_EXCL``), which is regular
+        and empty without an ``fstat`` to say so; a file there (made
+        meanwhile too) is opened as it is and looked at. Under the lock."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
+        fd = -1
+        try:
+            if not self.found[0]:
+                try:
+                    fd = os.open(target, flags | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    pass
+                else:
+                    self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
+                    return
+            fd = os.open(target, flags, 0o666)
+            status = os.fstat(fd)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            raise FileError('cannot open {}: {}'.format(target, exc)) from exc
+        self._regular = stat.S_ISREG(status.st_mode)
+        self._extent = status.st_size
+        self._file = _RegularFile(fd) if self._regular else open(fd, 'r+b', buffering=0)
 
     def _hash_with(self) -> Optional[str]:
         """``hash_with`` where it applies: to a file, which can be read back."""
