@@ -291,6 +291,8 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
         return default
     if _WINDOWS_DEVICE_RE.match(name):
         name = '_' + name
+    if 4 * len(name) <= _MAX_NAME_BYTES:  # it fits, at 4 bytes a character at most
+        return name
     return _fit_name(*_split_extension(name))
 
 
