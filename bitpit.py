@@ -3140,8 +3140,19 @@ if TYPE_CHECKING:
 
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
+    if isinstance(path, str):
+        return _parsed_path(path).expanduser()
     import pathlib
     return pathlib.Path(path).expanduser()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_path(text: str) -> pathlib.Path:
+    """``pathlib.Path(text)``, parsed once for a text given again and again
+    (a manager's directory, given to each of its downloads): the path of a
+    text never changes, and a ``Path`` never changes either."""
+    import pathlib
+    return pathlib.Path(text)
 
 
 def _local_size(target: _Target, fallback: int = 0) -> int:
