@@ -3035,7 +3035,7 @@ class _Superseded(Exception):
 _ETAG_ATTRIBUTE = 'user.bitpit.etag'
 
 
-def _stamp(path: pathlib.Path, modified: Optional[float], etag: Optional[str]) -> None:
+def _stamp(path: str, modified: Optional[float], etag: Optional[str]) -> None:
     """Give a completed file the server's modification time, and remember
     the ETag that made it in an extended attribute where the file system
     has them (nothing is written beside the file: where there are none,
@@ -3168,10 +3168,10 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     return fallback
 
 
-def _status(path: pathlib.Path) -> Optional[os.stat_result]:
+def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
     """``os.stat(path)``; ``None`` where it fails (nothing is there, say)."""
     try:
-        return path.stat()
+        return os.stat(path)
     except OSError:
         return None
 
@@ -3181,11 +3181,11 @@ def _regular_size(status: Optional[os.stat_result]) -> int:
     return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
 
 
-def _sidecar_of(target: pathlib.Path) -> str:
-    """The path of a target's sidecar, ``NAME.bitpit`` beside it: a str,
-    which the store only hands to ``os`` functions (a ``pathlib.Path``
-    would parse the name again, for each file)."""
-    return os.fspath(target) + _SIDECAR_SUFFIX
+def _sidecar_of(path: str) -> str:
+    """The path of the sidecar of the file at ``path``, ``NAME.bitpit``
+    beside it: a str, which the store only hands to ``os`` functions (a
+    ``pathlib.Path`` would parse the name again, for each file)."""
+    return path + _SIDECAR_SUFFIX
 
 
 def _sync(fd: int) -> None:
@@ -3268,10 +3268,13 @@ class _FileStore:
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
-        # the sidecar's path, where the target is a path, not a file object
-        # (and it stays one: ``rename`` gives another path)
-        self.sidecar = _sidecar_of(target) if isinstance(target, os.PathLike) else None
-        self.is_path = self.sidecar is not None
+        # where the target is a path, not a file object (and it stays one:
+        # ``rename`` gives another), that path as the str that ``os``
+        # functions take (a ``Path`` makes it again at each call), and its
+        # sidecar's path
+        self.os_path = os.fspath(target) if isinstance(target, os.PathLike) else None
+        self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
+        self.is_path = self.os_path is not None
         # what the last ``load`` found: whether the target was there, and
         # its sidecar (``None``: not looked for, beside no bytes)
         self.found: Tuple[bool, Optional[bool]] = (False, None)
@@ -3308,12 +3311,11 @@ class _FileStore:
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            target = self.target
-            if isinstance(target, os.PathLike):
-                status = _status(target)
+            if self.os_path is not None:
+                status = _status(self.os_path)
                 size = _regular_size(status)
             else:
-                status, size = None, _local_size(target, self.held.total)
+                status, size = None, _local_size(self.target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
@@ -3400,7 +3402,8 @@ class _FileStore:
         """Use another path (before anything is written)."""
         with self._lock:
             self.target = target
-            self.sidecar = _sidecar_of(target)
+            self.os_path = os.fspath(target)
+            self.sidecar = _sidecar_of(self.os_path)
             self.found = (False, None)  # the caller made sure nothing is there
 
     def open(self, checksum: Optional[str] = None,
@@ -3411,11 +3414,10 @@ class _FileStore:
         with self._lock:
             if self._file is not None:
                 return
-            target = self.target
-            if isinstance(target, os.PathLike):
-                self._open_path(target)
+            if self.os_path is not None:
+                self._open_path(self.os_path)
             else:
-                self._file = target
+                self._file = self.target
                 self._position = self.held.total
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
@@ -3424,7 +3426,7 @@ class _FileStore:
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
 
-    def _open_path(self, target: pathlib.Path) -> None:
+    def _open_path(self, path: str) -> None:
         """Open the target path for writing. Where the last ``load`` found
         nothing there, a new file is made (``O_EXCL``), which is regular
         and empty without an ``fstat`` to say so; a file there (made
@@ -3434,18 +3436,18 @@ class _FileStore:
         try:
             if not self.found[0]:
                 try:
-                    fd = os.open(target, flags | os.O_EXCL, 0o666)
+                    fd = os.open(path, flags | os.O_EXCL, 0o666)
                 except FileExistsError:
                     pass
                 else:
                     self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
                     return
-            fd = os.open(target, flags, 0o666)
+            fd = os.open(path, flags, 0o666)
             status = os.fstat(fd)
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
-            raise FileError('cannot open {}: {}'.format(target, exc)) from exc
+            raise FileError('cannot open {}: {}'.format(path, exc)) from exc
         self._regular = stat.S_ISREG(status.st_mode)
         self._extent = status.st_size
         self._file = _RegularFile(fd) if self._regular else open(fd, 'r+b', buffering=0)
@@ -3832,10 +3834,10 @@ class _FileStore:
                 self.digest = (self._hasher.name, actual)
             self._check_digests(list(digests))
             self._remove_sidecar()
-            target = self.target
-            if isinstance(target, os.PathLike) and (
-                    self._regular or (self._file is None and target.is_file())):
-                _stamp(target, modified, etag)
+            path = self.os_path
+            if path is not None and (
+                    self._regular or (self._file is None and os.path.isfile(path))):
+                _stamp(path, modified, etag)
 
     def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
         """Hash the file once for every algorithm of ``digests`` and compare;
