@@ -3127,6 +3127,8 @@ class _Ranges:
 
     def clip(self, size: int) -> None:
         """Forget everything at or after ``size``."""
+        if not self._ends or self._ends[-1] <= size:
+            return  # nothing there: the common case, a size learnt before any byte
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
                 if start < size]
         _Ranges.__init__(self, kept)
