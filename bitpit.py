@@ -3632,8 +3632,10 @@ class _FileStore:
 
     def _completes(self, start: int, end: int) -> bool:
         """Whether writing ``[start, end)`` leaves every byte held."""
-        return self.size >= 0 and all(start <= gap_start and gap_end <= end
-                                      for gap_start, gap_end in self.held.gaps(self.size))
+        if self.size < 0:
+            return False
+        gaps = self.held.gaps(self.size)  # sorted: all are in it if the first and last are
+        return not gaps or (start <= gaps[0][0] and gaps[-1][1] <= end)
 
     def _write_at(self, offset: int, data: memoryview) -> int:
         fd = self._file.fileno()
