@@ -3125,13 +3125,14 @@ class _Ranges:
             if kept_start < kept_end:
                 self.add(kept_start, kept_end)
 
-    def clip(self, size: int) -> None:
-        """Forget everything at or after ``size``."""
+    def clip(self, size: int) -> bool:
+        """Forget everything at or after ``size``; whether there was any."""
         if not self._ends or self._ends[-1] <= size:
-            return  # nothing there: the common case, a size learnt before any byte
+            return False  # the common case: a size learnt before any byte
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
                 if start < size]
         _Ranges.__init__(self, kept)
+        return True
 
 
 if TYPE_CHECKING:
@@ -3718,9 +3719,9 @@ class _FileStore:
         """The file's size is ``total``: forget anything held beyond it."""
         with self._lock:
             self.size = total
-            self.held.clip(total)
-            self._dropped += 1
-            self._snap()
+            self._dropped += 1  # (a record made before has the old size)
+            if self.held.clip(total):
+                self._snap()
 
     # -- the sidecar ------------------------------------------------------------------
 
