@@ -3033,21 +3033,28 @@ class _Superseded(Exception):
 
 
 _ETAG_ATTRIBUTE = 'user.bitpit.etag'
+# whether the system sets a file's times by its descriptor (not Windows);
+# where it does, so does it its extended attributes (Linux)
+_STAMP_BY_FD = os.utime in os.supports_fd
 
 
-def _stamp(path: str, modified: Optional[float], etag: Optional[str]) -> None:
+def _stamp(path: str, modified: Optional[float], etag: Optional[str],
+           fd: Optional[int] = None) -> None:
     """Give a completed file the server's modification time, and remember
     the ETag that made it in an extended attribute where the file system
     has them (nothing is written beside the file: where there are none,
-    ``if_exists='update'`` compares dates)."""
+    ``if_exists='update'`` compares dates). Through ``fd``, the file's open
+    descriptor, where given and the system takes one: the kernel does not
+    look the path up again, twice."""
+    file: Union[str, int] = fd if fd is not None and _STAMP_BY_FD else path
     try:
         if modified is not None:
-            os.utime(path, (time.time(), modified))
+            os.utime(file, (time.time(), modified))
     except (OSError, OverflowError, ValueError) as exc:
         _log.warning('cannot set the modification time of %s: %s', path, exc)
     if etag and hasattr(os, 'setxattr'):
         try:
-            os.setxattr(path, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
+            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
         except OSError:
             pass  # no extended attributes here
 
@@ -3840,8 +3847,9 @@ class _FileStore:
             self._check_digests(list(digests))
             self._remove_sidecar()
             path = self.os_path
-            if path is not None and (
-                    self._regular or (self._file is None and os.path.isfile(path))):
+            if path is not None and self._regular:
+                _stamp(path, modified, etag, self._file.fileno())
+            elif path is not None and self._file is None and os.path.isfile(path):
                 _stamp(path, modified, etag)
 
     def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
