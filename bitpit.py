@@ -3033,8 +3033,8 @@ class _Superseded(Exception):
 
 
 _ETAG_ATTRIBUTE = 'user.bitpit.etag'
-# whether the system sets a file's times by its descriptor (not Windows);
-# where it does, so does it its extended attributes (Linux)
+# whether os.utime takes a file descriptor (not on Windows); os.setxattr,
+# where there is one (Linux), always does
 _STAMP_BY_FD = os.utime in os.supports_fd
 
 
