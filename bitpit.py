@@ -3479,7 +3479,6 @@ class _FileStore:
         with self._lock:
             if not self._regular:
                 return
-            fd = self._file.fileno()
             before = self._extent
             if before >= total or not hasattr(os, 'posix_fallocate'):
                 return  # no room to make, or no way to reserve it here
@@ -3489,6 +3488,7 @@ class _FileStore:
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
+            fd = self._file.fileno()
             try:
                 self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
