@@ -292,6 +292,8 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
         return default
     if _WINDOWS_DEVICE_RE.match(name):
         name = '_' + name
+    if 4 * len(name) <= _MAX_NAME_BYTES:  # it fits, at 4 bytes a character at most
+        return name
     return _fit_name(*_split_extension(name))
 
 
@@ -3303,21 +3305,28 @@ class _Superseded(Exception):
 
 
 _ETAG_ATTRIBUTE = 'user.bitpit.etag'
+# whether os.utime takes a file descriptor (not on Windows); os.setxattr,
+# where there is one (Linux), always does
+_STAMP_BY_FD = os.utime in os.supports_fd
 
 
-def _stamp(path: pathlib.Path, modified: Optional[float], etag: Optional[str]) -> None:
+def _stamp(path: str, modified: Optional[float], etag: Optional[str],
+           fd: Optional[int] = None) -> None:
     """Give a completed file the server's modification time, and remember
     the ETag that made it in an extended attribute where the file system
     has them (nothing is written beside the file: where there are none,
-    ``if_exists='update'`` compares dates)."""
+    ``if_exists='update'`` compares dates). Through ``fd``, the file's open
+    descriptor, where given and the system takes one: the kernel does not
+    look the path up again, twice."""
+    file: Union[str, int] = fd if fd is not None and _STAMP_BY_FD else path
     try:
         if modified is not None:
-            os.utime(path, (time.time(), modified))
+            os.utime(file, (time.time(), modified))
     except (OSError, OverflowError, ValueError) as exc:
         _log.warning('cannot set the modification time of %s: %s', path, exc)
     if etag and hasattr(os, 'setxattr'):
         try:
-            os.setxattr(path, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
+            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
         except OSError:
             pass  # no extended attributes here
 
@@ -3376,8 +3385,9 @@ class _Ranges:
         """Where the range that starts at byte 0 ends (0 if there is none)."""
         return self._ends[0] if self._starts and self._starts[0] == 0 else 0
 
-    def spans(self) -> List[List[int]]:
-        return [[start, end] for start, end in zip(self._starts, self._ends)]
+    def pairs(self) -> Tuple[Tuple[int, int], ...]:
+        """The ranges as ``(start, end)`` pairs, in a tuple that never changes."""
+        return tuple(zip(self._starts, self._ends))
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
@@ -3394,11 +3404,14 @@ class _Ranges:
             if kept_start < kept_end:
                 self.add(kept_start, kept_end)
 
-    def clip(self, size: int) -> None:
-        """Forget everything at or after ``size``."""
+    def clip(self, size: int) -> bool:
+        """Forget everything at or after ``size``; whether there was any."""
+        if not self._ends or self._ends[-1] <= size:
+            return False  # the common case: a size learnt before any byte
         kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
                 if start < size]
         _Ranges.__init__(self, kept)
+        return True
 
 
 if TYPE_CHECKING:
@@ -3409,8 +3422,19 @@ if TYPE_CHECKING:
 
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
+    if isinstance(path, str):
+        return _parsed_path(path).expanduser()
     import pathlib
     return pathlib.Path(path).expanduser()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_path(text: str) -> pathlib.Path:
+    """``pathlib.Path(text)``, parsed once for a text given again and again
+    (a manager's directory, given to each of its downloads): the path of a
+    text never changes, and a ``Path`` never changes either."""
+    import pathlib
+    return pathlib.Path(text)
 
 
 def _local_size(target: _Target, fallback: int = 0) -> int:
@@ -3426,10 +3450,10 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     return fallback
 
 
-def _status(path: pathlib.Path) -> Optional[os.stat_result]:
+def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
     """``os.stat(path)``; ``None`` where it fails (nothing is there, say)."""
     try:
-        return path.stat()
+        return os.stat(path)
     except OSError:
         return None
 
@@ -3439,11 +3463,11 @@ def _regular_size(status: Optional[os.stat_result]) -> int:
     return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
 
 
-def _sidecar_of(target: _Target) -> Optional[pathlib.Path]:
-    """The path of a target's sidecar; ``None`` for a file object."""
-    if isinstance(target, os.PathLike):
-        return target.with_name(target.name + _SIDECAR_SUFFIX)
-    return None
+def _sidecar_of(path: str) -> str:
+    """The path of the sidecar of the file at ``path``, ``NAME.bitpit``
+    beside it: a str, which the store only hands to ``os`` functions (a
+    ``pathlib.Path`` would parse the name again, for each file)."""
+    return path + _SIDECAR_SUFFIX
 
 
 def _sync(fd: int) -> None:
@@ -3451,7 +3475,7 @@ def _sync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _sync_directory(directory: pathlib.Path) -> None:
+def _sync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (POSIX; a no-op where a
     directory cannot be opened, as on Windows)."""
     try:
@@ -3526,7 +3550,13 @@ class _FileStore:
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
         self.target = target
-        self.sidecar = _sidecar_of(target)  # its path; ``None`` for a file object
+        # where the target is a path, not a file object (and it stays one:
+        # ``rename`` gives another), that path as the str that ``os``
+        # functions take (a ``Path`` makes it again at each call), and its
+        # sidecar's path
+        self.os_path = os.fspath(target) if isinstance(target, os.PathLike) else None
+        self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
+        self.is_path = self.os_path is not None
         # what the last ``load`` found: whether the target was there, and
         # its sidecar (``None``: not looked for, beside no bytes)
         self.found: Tuple[bool, Optional[bool]] = (False, None)
@@ -3557,22 +3587,17 @@ class _FileStore:
 
     # -- what is on disk ---------------------------------------------------------
 
-    @property
-    def is_path(self) -> bool:
-        return isinstance(self.target, os.PathLike)
-
     def load(self) -> None:
         """Read what the target already holds: a partial file is held from
         0 to its size, unless its sidecar records the ranges. The sidecar's
         size and validators count only if it belongs to this URL."""
         with self._lock:
             self.sealed = False
-            target = self.target
-            if isinstance(target, os.PathLike):
-                status = _status(target)
+            if self.os_path is not None:
+                status = _status(self.os_path)
                 size = _regular_size(status)
             else:
-                status, size = None, _local_size(target, self.held.total)
+                status, size = None, _local_size(self.target, self.held.total)
             self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
@@ -3632,13 +3657,13 @@ class _FileStore:
         beside it: a file that ``if_exists`` takes as it is."""
         there, sidecar_there = self.found
         if there and sidecar_there is None and self.sidecar is not None:
-            sidecar_there = self.sidecar.exists()  # (not looked for beside no bytes)
+            sidecar_there = os.path.exists(self.sidecar)  # (not looked for beside no bytes)
         return there and not sidecar_there
 
     def _snap(self) -> None:
         """Publish ``held`` as ``snapshot``, which other threads read without
         the lock (a write may hold it for as long as the disk takes)."""
-        self.snapshot = tuple((start, end) for start, end in self.held.spans())
+        self.snapshot = self.held.pairs()
 
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
@@ -3659,7 +3684,9 @@ class _FileStore:
         """Use another path (before anything is written)."""
         with self._lock:
             self.target = target
-            self.sidecar = _sidecar_of(target)
+            self.os_path = os.fspath(target)
+            self.sidecar = _sidecar_of(self.os_path)
+            self.found = (False, None)  # the caller made sure nothing is there
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -3669,30 +3696,43 @@ class _FileStore:
         with self._lock:
             if self._file is not None:
                 return
-            target = self.target
-            if not isinstance(target, os.PathLike):
-                self._file = target
-                self._position = self.held.total
+            if self.os_path is not None:
+                self._open_path(self.os_path)
             else:
-                fd = -1
-                try:
-                    fd = os.open(target, os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0),
-                                 0o666)
-                    status = os.fstat(fd)
-                except OSError as exc:
-                    if fd >= 0:
-                        os.close(fd)
-                    raise FileError('cannot open {}: {}'.format(target, exc)) from exc
-                self._regular = stat.S_ISREG(status.st_mode)
-                self._extent = status.st_size
-                self._file = _RegularFile(fd) if self._regular else \
-                    open(fd, 'r+b', buffering=0)
+                self._file = self.target
+                self._position = self.held.total
             algorithm = checksum or self._hash_with()
             if algorithm is not None:
                 import hashlib
                 self._hasher = hashlib.new(algorithm)
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
+
+    def _open_path(self, path: str) -> None:
+        """Open the target path for writing. Where the last ``load`` found
+        nothing there, a new file is made (``O_EXCL``), which is regular
+        and empty without an ``fstat`` to say so; a file there (made
+        meanwhile too) is opened as it is and looked at. Under the lock."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
+        fd = -1
+        try:
+            if not self.found[0]:
+                try:
+                    fd = os.open(path, flags | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    pass
+                else:
+                    self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
+                    return
+            fd = os.open(path, flags, 0o666)
+            status = os.fstat(fd)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            raise FileError('cannot open {}: {}'.format(path, exc)) from exc
+        self._regular = stat.S_ISREG(status.st_mode)
+        self._extent = status.st_size
+        self._file = _RegularFile(fd) if self._regular else open(fd, 'r+b', buffering=0)
 
     def _hash_with(self) -> Optional[str]:
         """``hash_with`` where it applies: to a file, which can be read back."""
@@ -3711,7 +3751,6 @@ class _FileStore:
         with self._lock:
             if not self._regular:
                 return
-            fd = self._file.fileno()
             before = self._extent
             if before >= total or not hasattr(os, 'posix_fallocate'):
                 return  # no room to make, or no way to reserve it here
@@ -3721,6 +3760,7 @@ class _FileStore:
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
+            fd = self._file.fileno()
             try:
                 self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
@@ -3872,8 +3912,10 @@ class _FileStore:
 
     def _completes(self, start: int, end: int) -> bool:
         """Whether writing ``[start, end)`` leaves every byte held."""
-        return self.size >= 0 and all(start <= gap_start and gap_end <= end
-                                      for gap_start, gap_end in self.held.gaps(self.size))
+        if self.size < 0:
+            return False
+        gaps = self.held.gaps(self.size)  # sorted: all are in it if the first and last are
+        return not gaps or (start <= gaps[0][0] and gaps[-1][1] <= end)
 
     def _write_at(self, offset: int, data: memoryview) -> int:
         fd = self._file.fileno()
@@ -3956,9 +3998,9 @@ class _FileStore:
         """The file's size is ``total``: forget anything held beyond it."""
         with self._lock:
             self.size = total
-            self.held.clip(total)
-            self._dropped += 1
-            self._snap()
+            self._dropped += 1  # (a record made before has the old size)
+            if self.held.clip(total):
+                self._snap()
 
     # -- the sidecar ------------------------------------------------------------------
 
@@ -3995,7 +4037,7 @@ class _FileStore:
     def _sidecar_record(self) -> str:
         import json
         return json.dumps({'version': 2, 'url': self.url, 'size': self.size,
-                           'held': self.held.spans(), 'validators': self.validators})
+                           'held': self.held.pairs(), 'validators': self.validators})
 
     def _save_sidecar(self, record: Optional[str] = None) -> bool:
         """Replace the sidecar atomically and durably, so that after a crash
@@ -4008,7 +4050,7 @@ class _FileStore:
         if sidecar is None:
             return False  # a file object has none
         current = record is None  # else writes since the record may have moved on
-        temporary = sidecar.with_name(sidecar.name + '.tmp')
+        temporary = sidecar + '.tmp'
         try:
             if record is None:
                 record = self._sidecar_record()
@@ -4019,7 +4061,7 @@ class _FileStore:
                 file.flush()
                 _sync(file.fileno())
             os.replace(temporary, sidecar)
-            _sync_directory(sidecar.parent)
+            _sync_directory(os.path.dirname(sidecar) or os.curdir)
         except OSError as exc:
             if not self._sidecar_failed:
                 _log.warning('cannot write %s: %s', sidecar, exc)
@@ -4076,10 +4118,11 @@ class _FileStore:
                 self.digest = (self._hasher.name, actual)
             self._check_digests(list(digests))
             self._remove_sidecar()
-            target = self.target
-            if isinstance(target, os.PathLike) and (
-                    self._regular or (self._file is None and target.is_file())):
-                _stamp(target, modified, etag)
+            path = self.os_path
+            if path is not None and self._regular:
+                _stamp(path, modified, etag, self._file.fileno())
+            elif path is not None and self._file is None and os.path.isfile(path):
+                _stamp(path, modified, etag)
 
     def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
         """Hash the file once for every algorithm of ``digests`` and compare;
@@ -7203,9 +7246,7 @@ class Downloader(Emitter):
         if mode == 'overwrite' and first:
             store.restart_from_zero()
         target = store.target
-        sidecar = store.sidecar
-        if not isinstance(target, os.PathLike) or sidecar is None or \
-                mode in ('resume', 'overwrite'):
+        if mode in ('resume', 'overwrite') or not isinstance(target, os.PathLike):
             return store, None, None
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:

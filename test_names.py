@@ -25,6 +25,15 @@ def test_dir_path_and_default_path(tmp_path, monkeypatch):
     assert bitpit.Downloader('http://h/x.bin').path == tmp_path / 'x.bin'
 
 
+def test_a_home_path_is_the_home_of_the_moment(tmp_path, monkeypatch):
+    """``~`` is the home directory when the downloader is made, for the same
+    text given again too (as a manager gives its directory to each)."""
+    for home in ('a', 'b'):
+        monkeypatch.setenv('HOME', str(tmp_path / home))
+        d = bitpit.Downloader('http://h/x.bin', path='~/d', dir_path=True)
+        assert d.path == tmp_path / home / 'd' / 'x.bin'
+
+
 @pytest.mark.parametrize('segment', ['..', '.', '%2e%2e', '..%2f..%2fetc%2fpasswd',
                                      'a%5c..%5cb', '%00evil', 'x%0d%0ay', '...'])
 def test_name_from_url_never_escapes(tmp_path, segment):
@@ -64,6 +73,9 @@ def test_names_from_the_url_stay_in_the_directory(server, tmp_path, segment, nam
     # 233 bytes of UTF-8: 255 with the longest suffix bitpit adds
     ('\u00e9' * 200 + '.tar.gz', '\u00e9' * 113 + '.tar.gz'),
     ('x' * 300 + '.iso', 'x' * 229 + '.iso'),
+    # 4 bytes a character: 232 bytes fit, 236 do not
+    ('\U0001f600' * 58, '\U0001f600' * 58), ('\U0001f600' * 59, '\U0001f600' * 58),
+    ('\U0001f600' * 59 + '.txt', '\U0001f600' * 57 + '.txt'),
 ])
 def test_names_are_safe_on_every_system(given, name):
     safe = bitpit._safe_filename(given)

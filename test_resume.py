@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import pathlib
 import random
 import subprocess
 import sys
@@ -167,6 +168,26 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
     # every save after the first, which records nothing, syncs the data first
     for i in saves[1:]:
         assert calls[i - 2] == ('fsync', 'f.bin'), calls
+
+
+def test_the_sidecar_of_a_relative_path_is_made_durable_in_the_working_directory(
+        tmp_path, monkeypatch):
+    """The sidecar of ``f.bin`` is ``f.bin.bitpit`` in the working
+    directory, and that directory is what is synced after the rename."""
+    monkeypatch.chdir(tmp_path)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (
+        synced.append(os.readlink('/proc/self/fd/{}'.format(fd))), real_fsync(fd)))
+    store = bitpit._FileStore(pathlib.Path('f.bin'), 'http://h/f')
+    store.load()
+    store.open()
+    try:
+        assert store.record()
+    finally:
+        store.close()
+    assert synced == [str(tmp_path / 'f.bin.bitpit.tmp'), str(tmp_path)]
+    assert json.loads((tmp_path / 'f.bin.bitpit').read_text())['url'] == 'http://h/f'
 
 
 def test_a_save_never_brings_back_bytes_given_up_during_its_sync(tmp_path, monkeypatch):

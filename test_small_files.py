@@ -71,9 +71,10 @@ def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatc
     for name in ('statvfs', 'geteuid', 'open'):
         assert name not in first and name not in later, name
     assert first.get('unlink') == 1 and later.get('unlink') == 2  # of a sidecar left there
-    # the target's stat when the attempt begins, the fstat of its opening
-    assert first.get('stat') == 1 and first.get('fstat') == 1
-    assert later.get('stat') == 2 and later.get('fstat') == 2
+    # the target's stat when the attempt begins; a file made new (O_EXCL)
+    # where it found nothing is regular and empty: no fstat of its opening
+    assert first.get('stat') == 1 and 'fstat' not in first
+    assert later.get('stat') == 2 and 'fstat' not in later
     assert later.get('utime') == 2  # the mtime of Last-Modified, still
     # the pool's look at the connection before each reuse, and the download
     # thread's wait before each of its two receives (this server sends a
@@ -85,6 +86,21 @@ def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatc
         target = tmp_path / 'f{}'.format(i)
         assert target.read_bytes() == SMALL and target.stat().st_mtime == 1796626800
         assert not target.with_name(target.name + '.bitpit').exists()
+
+
+def test_a_file_made_after_the_look_is_opened_as_it_is(server, tmp_path, monkeypatch):
+    """Where the attempt's look found nothing, the file is made new; one
+    that another program made meanwhile is opened as it is, and looked at:
+    its bytes beyond the body are cut, not left behind it."""
+    target = tmp_path / 'f.bin'
+    open_store = bitpit._FileStore.open
+
+    def open_after_another(store, *args, **kwargs):
+        target.write_bytes(b'x' * (2 * len(SMALL)))
+        open_store(store, *args, **kwargs)
+    monkeypatch.setattr(bitpit._FileStore, 'open', open_after_another)
+    d = fetch(server.add('/f', SMALL), target)
+    assert d.state == 'complete' and target.read_bytes() == SMALL
 
 
 @pytest.mark.parametrize('before', ['missing', 'empty'])
