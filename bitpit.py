@@ -890,36 +890,43 @@ class _Task:
     takes it up; ``_running`` is held from the moment it is handed over
     until it returns. ``target`` is dropped once it returned (as a thread
     drops its own), so that what it holds is freed with no cycle to
-    collect: a download's attempt holds the download. Any thread."""
+    collect: a download's attempt holds the download. ``_running`` is
+    dropped then too (``None``: returned), as a finished download keeps its
+    last task, and a manager may keep thousands. Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Callable[[], object], name: str):
         self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
-        self._running = threading.Lock()
+        self._running: Optional[threading.Lock] = threading.Lock()
         self._running.acquire()
 
     def is_alive(self) -> bool:
         """Whether it has not returned yet (also before a worker takes it up)."""
-        return self._running.locked()
+        running = self._running
+        return running is not None and running.locked()
 
     def is_current(self) -> bool:
         """Whether the calling thread is the one running it (once it
         returned, its worker runs other tasks: it is current for none)."""
-        return self.thread is threading.current_thread() and self._running.locked()
+        return self.thread is threading.current_thread() and self.is_alive()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until it returned, at most ``timeout`` seconds."""
         if self.is_current():
             raise RuntimeError('a task cannot join itself')
-        if self._running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._running.release()
+        running = self._running
+        if running is not None and \
+                running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            running.release()
 
     def done(self) -> None:
         """It returned. Its worker."""
         self.target = None
-        self._running.release()
+        running, self._running = self._running, None
+        assert running is not None  # a task returns once
+        running.release()
 
 
 class _Workers:
