@@ -2239,6 +2239,11 @@ class _DigestAuth:
         with self._lock:
             return key in self._asked
 
+    def learnt(self) -> bool:
+        """Whether any host or proxy asked for Digest."""
+        with self._lock:
+            return bool(self._asked)
+
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
         (the strongest algorithm known here) and return it; ``None`` when
@@ -6177,7 +6182,7 @@ class Downloader(Emitter):
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
         '_checksum', '_headers', '_auth', '_proxy', '_ssl_context', '_cookies', '_digest_auth',
         '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
-        '_restart_wait_max', '_first_attempt', '_store')
+        '_restart_wait_max', '_first_attempt', '_store', '_target_read')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -6297,6 +6302,7 @@ class Downloader(Emitter):
         ``if_exists``. Under ``_lock``, or in the constructor."""
         self._first_attempt = True
         self._store = None
+        self._target_read = False
         self._downloaded, self._size = 0, -1
 
     @property
@@ -6420,7 +6426,7 @@ class Downloader(Emitter):
     @property
     def size(self) -> int:
         """Total bytes, ``-1`` if unknown."""
-        if self._store is None:
+        if not self._target_read:
             self._local_store()
         return self._size
 
@@ -6430,7 +6436,7 @@ class Downloader(Emitter):
         transfer = self._transfer
         if transfer is not None:
             return transfer.downloaded
-        if self._store is None:
+        if not self._target_read:
             self._local_store()
         return self._downloaded
 
@@ -6673,7 +6679,8 @@ class Downloader(Emitter):
     def _local_store(self) -> _FileStore:
         """The target's store; the first call (after the constructor, or a
         new ``url`` or ``path``) makes it and reads what the target holds
-        into ``size`` and ``downloaded``. Any thread."""
+        into ``size`` and ``downloaded``. After ``_let_go`` a call makes it
+        again and leaves those two as they are. Any thread."""
         store = self._store
         if store is None:
             with self._lock:
@@ -6681,7 +6688,9 @@ class Downloader(Emitter):
                 if store is None:
                     store = _FileStore(self._path, self._url)
                     store.load()
-                    self._downloaded, self._size = store.held.total, store.size
+                    if not self._target_read:
+                        self._downloaded, self._size = store.held.total, store.size
+                        self._target_read = True
                     self._store = store
         return store
 
@@ -6704,6 +6713,23 @@ class Downloader(Emitter):
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
                                digest_auth, self._host_slots)
+
+    def _let_go(self) -> None:
+        """Drop what only an attempt needs, once the download is complete
+        (a manager may keep thousands of finished ones): the store, whose
+        ``size`` and ``downloaded`` stay as they are, with no new look at
+        the disk; the token bucket; the Digest state, unless a host asked
+        for Digest. The next attempt makes them again as the first did, and
+        its store reads the target as a kept one would have. A file
+        object's store is kept: what a stream already took cannot be read
+        again. No attempt under way: the download thread at its end, or
+        the caller's thread."""
+        with self._lock:
+            if self._store is not None and self._store.is_path:
+                self._store = None
+            self._bucket = None
+            if self._digest_auth is not None and not self._digest_auth.learnt():
+                self._digest_auth = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -6732,6 +6758,7 @@ class Downloader(Emitter):
             self._set_state('start')
             self._attempt()
             final, self._failures = 'complete', 0
+            self._let_go()
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
@@ -7013,6 +7040,7 @@ class Downloader(Emitter):
         self._local_store()
         self._downloaded = size
         self._set_size(size)
+        self._let_go()
         self._set_state('complete')
 
     def _fail_outside(self, exc: BaseException) -> None:
