@@ -1662,14 +1662,18 @@ class _AbortableMixin:
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # http.client sets this per instance, hiding any method of that name
-        self._create_connection = self._abortable_connect
+        # http.client sets its connect function on the instance, where it
+        # hides the method below: dropped (the bound method kept there
+        # instead made each connection a reference cycle, freed only by the
+        # collector once closed)
+        del self._create_connection
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
-    def _abortable_connect(self, address: Tuple[str, int], timeout: Optional[float],
+    def _create_connection(self, address: Tuple[str, int], timeout: Optional[float],
                            source_address: Optional[Tuple[str, int]] = None
                            ) -> socket.socket:
+        """What http.client's ``connect`` calls to make the socket."""
         host, port = address
         last_error: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
