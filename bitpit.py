@@ -888,11 +888,12 @@ class _Task:
     would: ``join``, ``is_alive`` and ``is_current`` answer as they would
     for that thread. ``thread`` is the worker running it, ``None`` until one
     takes it up; ``_running`` is held from the moment it is handed over
-    until it returns. ``target`` is dropped once it returned (as a thread
-    drops its own), so that what it holds is freed with no cycle to
-    collect: a download's attempt holds the download. ``_running`` is
-    dropped then too (``None``: returned), as a finished download keeps its
-    last task, and a manager may keep thousands. Any thread."""
+    until it returns. All three are dropped once it returned (``None``):
+    ``target`` as a thread drops its own, so that what it holds is freed
+    with no cycle to collect (a download's attempt holds the download);
+    the worker and the lock as a finished download keeps its last task (a
+    manager may keep thousands), and the worker may end long before it (a
+    dead thread object holds 2 KB). Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Callable[[], object], name: str):
@@ -923,7 +924,7 @@ class _Task:
 
     def done(self) -> None:
         """It returned. Its worker."""
-        self.target = None
+        self.target = self.thread = None
         running, self._running = self._running, None
         assert running is not None  # a task returns once
         running.release()

@@ -140,13 +140,14 @@ def pool(monkeypatch):
 def test_a_returned_task_is_not_current_on_its_workers_next_task(pool):
     """A thread that ended is current for nobody: nor is a task, once it
     returned, though its worker now runs another."""
-    first = pool.run(lambda: None, 'bitpit-download')
+    ran_on = []
+    first = pool.run(lambda: ran_on.append(threading.current_thread()), 'bitpit-download')
     first.join(10)
     assert pool.wait_quiet(10)  # its worker waits: it takes the next task
     seen = []
 
     def second():
-        seen.append(first.thread is threading.current_thread())
+        seen.append(ran_on == [threading.current_thread()])
         seen.append(first.is_current())
         first.join(0)  # a thread that ended joins at once, from anywhere
         seen.append('joined')
@@ -162,10 +163,12 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     ran A's attempt."""
     server.add('/data.bin', DATA)
     first = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'a.bin')
+    ran_on = []  # its download thread: its worker
+    first.listen('state-changed', lambda d, old: ran_on.append(threading.current_thread()))
     first.start()
     assert first.wait(30)
     first.join(10)
-    worker = first._thread.thread
+    worker, = set(ran_on)
     assert pool.wait_quiet(10)
     for _ in range(50):  # keep every waiting worker but first's busy
         release = threading.Event()
