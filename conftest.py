@@ -28,6 +28,7 @@ Helpers
 :class:`Recorder`, :func:`download`, :func:`fetch`, :func:`run_until`,
 :func:`partial_file`, :func:`sidecar_of`, :func:`bitpit_threads`,
 :func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`;
+:func:`file_looks` (records every look at a file in a block);
 :func:`fenced_blocks` (the fenced code blocks of a document).
 
 Typical use::
@@ -44,6 +45,8 @@ released, open connections are shut down, threads are joined with a bound.
 """
 
 import base64
+import builtins
+import contextlib
 import datetime
 import email.utils
 import hashlib
@@ -1239,6 +1242,25 @@ def landed(path):
 
 def sidecar_of(target):
     return target.with_name(target.name + '.bitpit')
+
+
+@contextlib.contextmanager
+def file_looks(monkeypatch):
+    """Record every look at a file in the block (``os.stat``, ``os.lstat``,
+    ``os.open``, ``open`` and ``_FileStore.load``): yields the list it
+    appends ``(name, args)`` to."""
+    calls = []
+
+    def recording(name, real):
+        def record(*args, **kwargs):
+            calls.append((name, args))
+            return real(*args, **kwargs)
+        return record
+    with monkeypatch.context() as patch:
+        for owner, name in ((os, 'stat'), (os, 'lstat'), (os, 'open'), (builtins, 'open'),
+                            (bitpit._FileStore, 'load')):
+            patch.setattr(owner, name, recording(name, getattr(owner, name)))
+        yield calls
 
 
 BITPIT_WORKERS = ('bitpit-download', 'bitpit-connection')  # names of bitpit's workers at a task

@@ -4,7 +4,6 @@ attempts needed (its store, token bucket, Digest state that learnt
 nothing, worker thread, connections), and still answers what it did, with
 no new look at the disk; started again, or given a new path or URL, it
 behaves as if it had kept them."""
-import builtins
 import gc
 import os
 import threading
@@ -12,17 +11,10 @@ import tracemalloc
 import weakref
 
 import bitpit
-from conftest import DATA, Recorder, basic, fetch
+from conftest import DATA, Recorder, basic, fetch, file_looks
 
 ALICE = {'user': 'alice', 'password': 'pw'}
 AUTH = (ALICE['user'], ALICE['password'])
-
-
-def recording(calls, name, real):
-    def record(*args, **kwargs):
-        calls.append((name, args))
-        return real(*args, **kwargs)
-    return record
 
 
 def traced():
@@ -67,11 +59,7 @@ def test_a_complete_download_answers_as_before_without_looking_at_the_disk(
     url = server.add('/f.bin', DATA)
     d = fetch(url, tmp_path / 'f.bin')
     (tmp_path / 'f.bin').write_bytes(b'changed behind its back')
-    calls = []
-    with monkeypatch.context() as patch:
-        for owner, name in ((os, 'stat'), (os, 'lstat'), (os, 'open'), (builtins, 'open'),
-                            (bitpit._FileStore, 'load')):
-            patch.setattr(owner, name, recording(calls, name, getattr(owner, name)))
+    with file_looks(monkeypatch) as calls:
         answers = (d.state, d.size, d.downloaded, d.remaining, d.ratio, d.speed, d.path,
                    d.last_exception, d.is_alive)
         d.join()
