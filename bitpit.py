@@ -1666,8 +1666,8 @@ class _AbortableMixin:
         # http.client sets its connect function on the instance, where it
         # hides the method below: dropped (the bound method kept there
         # instead made each connection a reference cycle, freed only by the
-        # collector once closed)
-        del self._create_connection
+        # collector once closed); a version that sets none loses nothing
+        self.__dict__.pop('_create_connection', None)
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
