@@ -29,6 +29,7 @@ Helpers
 :func:`partial_file`, :func:`sidecar_of`, :func:`bitpit_threads`,
 :func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`;
 :func:`file_looks` (records every look at a file in a block);
+:func:`private_workers` (a worker pool of a test's own);
 :func:`fenced_blocks` (the fenced code blocks of a document).
 
 Typical use::
@@ -1265,6 +1266,19 @@ def file_looks(monkeypatch):
 
 BITPIT_WORKERS = ('bitpit-download', 'bitpit-connection')  # names of bitpit's workers at a task
 BITPIT_THREADS = BITPIT_WORKERS + ('bitpit-restart', 'bitpit-manager')
+
+
+def private_workers(monkeypatch, idle_seconds=60):
+    """A pool of bitpit's own workers for one test (``bitpit._WORKERS``
+    until it ends), whose workers wait ``idle_seconds`` for their next
+    task, so that which worker takes one, and when an idle one ends, is up
+    to the test. It is not hooked to the interpreter's shutdown: the test
+    closes it (``close()``, then ``wait_quiet``)."""
+    pool = bitpit._Workers()
+    pool.IDLE_SECONDS = idle_seconds
+    pool._hooked = True
+    monkeypatch.setattr(bitpit, '_WORKERS', pool)
+    return pool
 
 
 def bitpit_threads(wait=1.0):

@@ -11,7 +11,7 @@ import tracemalloc
 import weakref
 
 import bitpit
-from conftest import DATA, Recorder, basic, fetch, file_looks
+from conftest import DATA, Recorder, basic, fetch, file_looks, private_workers
 
 ALICE = {'user': 'alice', 'password': 'pw'}
 AUTH = (ALICE['user'], ALICE['password'])
@@ -22,11 +22,14 @@ def traced():
     return tracemalloc.get_traced_memory()[0]
 
 
-def test_a_complete_download_holds_little_more_than_a_queued_one(server, tmp_path):
+def test_a_complete_download_holds_little_more_than_a_queued_one(server, tmp_path,
+                                                                 monkeypatch):
     """Traced bytes per download: what complete downloads hold (freed when
     they are dropped) beyond what they held when made (2.5 KB more each
     before they let go of their attempts' objects; 4.5 KB with the dead
-    worker thread their last task kept)."""
+    worker thread their last task kept). The workers wait long for more:
+    none ends, freeing its thread, while the memory is measured."""
+    pool = private_workers(monkeypatch)
     count = 30
     for i in range(count):
         server.add('/{}.bin'.format(i), DATA[:1024])
@@ -51,6 +54,8 @@ def test_a_complete_download_holds_little_more_than_a_queued_one(server, tmp_pat
     finally:
         if not tracing:
             tracemalloc.stop()
+        pool.close()
+    assert pool.wait_quiet(10)
     assert when_complete - when_made < 768, (when_made, when_complete)
 
 
@@ -127,10 +132,7 @@ def test_digest_asked_for_is_remembered_after_completion_and_nothing_else(
 def test_a_finished_download_keeps_no_worker_thread_alive(server, tmp_path, monkeypatch):
     """The worker that ran its attempt ends after a while idle; the
     download's last task does not keep that thread object."""
-    pool = bitpit._Workers()  # of its own: its workers are the test's
-    pool.IDLE_SECONDS = 0.02
-    pool._hooked = True  # not hooked to the interpreter's shutdown
-    monkeypatch.setattr(bitpit, '_WORKERS', pool)
+    pool = private_workers(monkeypatch, idle_seconds=0.02)  # its workers are the test's
     url = server.add('/f.bin', DATA)
     workers = []
     d = bitpit.Downloader(url, tmp_path / 'f.bin')

@@ -16,7 +16,7 @@ import weakref
 import pytest
 
 import bitpit
-from conftest import DATA, bitpit_threads, run_program, threads_left
+from conftest import DATA, bitpit_threads, private_workers, run_program, threads_left
 
 
 def _download_thread(server, path):
@@ -118,20 +118,11 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
     assert (tmp_path / 'child.bin').read_bytes() == DATA
 
 
-def _private_pool(monkeypatch):
-    """A pool of bitpit's own for one test, whose workers wait long for
-    their next task (so which worker takes one is up to the test); closed
-    at teardown. It is not hooked to the interpreter's shutdown."""
-    pool = bitpit._Workers()
-    pool.IDLE_SECONDS = 60
-    pool._hooked = True
-    monkeypatch.setattr(bitpit, '_WORKERS', pool)
-    return pool
-
-
 @pytest.fixture
 def pool(monkeypatch):
-    pool = _private_pool(monkeypatch)
+    """A pool of bitpit's own for one test, whose workers wait long for
+    their next task; closed at teardown."""
+    pool = private_workers(monkeypatch)
     yield pool
     pool.close()
     assert pool.wait_quiet(10)
