@@ -5607,6 +5607,29 @@ def _unexpected(exc: BaseException) -> Error:
     return error
 
 
+def _without_locals(error: BaseException) -> None:
+    """Clear the local variables of the frames that ``error``, and the
+    exceptions it came from, went through, but of a frame still running:
+    a download keeps its last error, whose frames would keep the attempt's
+    transfer, connections and answers alive (18 KB for a 404) for as long
+    as the download. The tracebacks print as before."""
+    chain: List[BaseException] = [error]
+    seen: Set[int] = set()
+    while chain:
+        exc = chain.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # still running: the download thread's own
+                pass
+            tb = tb.tb_next
+        chain.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+
+
 # ---------------------------------------------------------------------------
 # documents about the file: checksum files
 # ---------------------------------------------------------------------------
@@ -6771,6 +6794,7 @@ class Downloader(Emitter):
                 final = 'pause'
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
+                _without_locals(error)
                 self._last_exception = error
                 # ``retries`` counts failures in a row: progress (more bytes
                 # held than ever before) breaks the row
