@@ -6744,14 +6744,14 @@ class Downloader(Emitter):
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
-        (a manager may keep thousands of finished ones): the store, whose
-        ``size`` and ``downloaded`` stay as they are, with no new look at
-        the disk; the token bucket; the Digest state, unless a host asked
-        for Digest. The next attempt makes them again as the first did, and
-        its store reads the target as a kept one would have. A file
-        object's store is kept: what a stream already took cannot be read
-        again. No attempt under way: the download thread at its end, or
-        the caller's thread."""
+        or fatal (a manager may keep thousands of finished ones): the
+        store, whose ``size`` and ``downloaded`` stay as they are, with no
+        new look at the disk; the token bucket; the Digest state, unless a
+        host asked for Digest. The next attempt makes them again as the
+        first did, and its store reads the target as a kept one would have.
+        A file object's store is kept: what a stream already took cannot be
+        read again. No attempt under way: the download thread at its end,
+        or the caller's thread."""
         with self._lock:
             if self._store is not None and self._store.is_path:
                 self._store = None
@@ -6786,7 +6786,6 @@ class Downloader(Emitter):
             self._set_state('start')
             self._attempt()
             final, self._failures = 'complete', 0
-            self._let_go()
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
@@ -6811,6 +6810,8 @@ class Downloader(Emitter):
                 self._speed = 0
             self._retry_after = retry_after
             self._count_restart(final == 'error', self._received > received_before)
+            if final in _FINISHED_STATES:
+                self._let_go()
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
