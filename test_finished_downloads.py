@@ -119,6 +119,18 @@ def test_a_complete_download_started_again_reads_its_file_as_before(server, tmp_
     assert server.requests_for('/f.bin')[-1].headers['Range'] == 'bytes=1000-'
 
 
+def test_a_fatal_download_started_again_completes(server, tmp_path):
+    url = server.add('/f.bin', status=404)
+    d = fetch(url, tmp_path / 'f.bin')
+    assert (d.state, d.size, d.downloaded) == ('fatal-error', -1, 0)
+    server.add('/f.bin', DATA)  # there now
+    d.start()
+    assert d.wait(30)
+    d.join(10)
+    assert (d.size, d.downloaded) == (len(DATA), len(DATA))
+    assert (tmp_path / 'f.bin').read_bytes() == DATA
+
+
 def test_a_complete_download_given_a_new_path_or_url_reads_it_when_next_needed(
         server, tmp_path):
     url = server.add('/f.bin', DATA)
