@@ -906,38 +906,46 @@ class _Task:
     would: ``join``, ``is_alive`` and ``is_current`` answer as they would
     for that thread. ``thread`` is the worker running it, ``None`` until one
     takes it up; ``_running`` is held from the moment it is handed over
-    until it returns. ``target`` is dropped once it returned (as a thread
-    drops its own), so that what it holds is freed with no cycle to
-    collect: a download's attempt holds the download. Any thread."""
+    until it returns. All three are dropped once it returned (``None``):
+    ``target`` as a thread drops its own, so that what it holds is freed
+    with no cycle to collect (a download's attempt holds the download);
+    the worker and the lock as a finished download keeps its last task (a
+    manager may keep thousands), and the worker may end long before it (a
+    dead thread object holds 2 KB). Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Optional[Callable[[], object]], name: str):
         self.target = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
-        self._running = threading.Lock()
+        self._running: Optional[threading.Lock] = threading.Lock()
         self._running.acquire()
 
     def is_alive(self) -> bool:
         """Whether it has not returned yet (also before a worker takes it up)."""
-        return self._running.locked()
+        running = self._running
+        return running is not None and running.locked()
 
     def is_current(self) -> bool:
         """Whether the calling thread is the one running it (once it
         returned, its worker runs other tasks: it is current for none)."""
-        return self.thread is threading.current_thread() and self._running.locked()
+        return self.thread is threading.current_thread() and self.is_alive()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until it returned, at most ``timeout`` seconds."""
         if self.is_current():
             raise RuntimeError('a task cannot join itself')
-        if self._running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._running.release()
+        running = self._running
+        if running is not None and \
+                running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            running.release()
 
     def done(self) -> None:
         """It returned. Its worker."""
-        self.target = None
-        self._running.release()
+        self.target = self.thread = None
+        running, self._running = self._running, None
+        assert running is not None  # a task returns once
+        running.release()
 
     @classmethod
     def here(cls, name: str) -> '_Task':
@@ -1808,16 +1816,18 @@ class _AbortableMixin:
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # http.client sets this per instance, hiding any method of that name
-        self._create_connection = self._abortable_connect
-        # what http.client makes its responses with (a class, in its stubs)
-        setattr(self, 'response_class', self._response)
+        # http.client sets its connect function on the instance, where it
+        # hides the method below: dropped (the bound method kept there
+        # instead made each connection a reference cycle, freed only by the
+        # collector once closed); a version that sets none loses nothing
+        self.__dict__.pop('_create_connection', None)
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
-    def _abortable_connect(self, address: Tuple[str, int], timeout: Optional[float],
+    def _create_connection(self, address: Tuple[str, int], timeout: Optional[float],
                            source_address: Optional[Tuple[str, int]] = None
                            ) -> socket.socket:
+        """What http.client's ``connect`` calls to make the socket."""
         host, port = address
         last_error: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
@@ -1855,8 +1865,9 @@ class _AbortableMixin:
         if error:
             raise OSError(error, os.strerror(error))
 
-    def _response(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
-        """A response whose reads wait through this request's cancel."""
+    def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
+        """What http.client makes its responses with (a class, to it): one
+        whose reads wait through this request's cancel."""
         return _Response(sock, *args, cancel=self.cancel, **kwargs)
 
     def abort(self) -> None:
@@ -1875,7 +1886,7 @@ class _AbortableMixin:
                         pass
 
 
-class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
+class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):  # type: ignore[misc]  # (response_class: a method)
 
     def send(self, data: Any) -> None:
         """http.client's ``send``, but bytes (a request) go out in one
@@ -1899,7 +1910,7 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
 _WRITE_TO_SOCKETS = os.name == 'posix'
 
 
-class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
+class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):  # type: ignore[misc]  # (response_class: a method)
     handshake_done = False
     _context: ssl.SSLContext        # http.client's own, missing from its stubs
     _tunnel_host: Optional[str]
@@ -2459,6 +2470,11 @@ class _DigestAuth:
     def asked(self, key: _AuthKey) -> bool:
         with _DIGEST_LOCK:
             return self._asked is not None and key in self._asked
+
+    def learnt(self) -> bool:
+        """Whether any host or proxy asked for Digest."""
+        with _DIGEST_LOCK:
+            return bool(self._asked)
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
@@ -5952,6 +5968,35 @@ def _unexpected(exc: BaseException) -> Error:
     return error
 
 
+def _without_locals(error: BaseException) -> None:
+    """Clear the local variables of the frames that ``error``, and the
+    exceptions it came from, went through (and of their callers), but of a
+    frame still running:
+    a download keeps its last error, whose frames would keep the attempt's
+    transfer, connections and answers alive (18 KB for a 404) for as long
+    as the download. The tracebacks print as before."""
+    chain: List[BaseException] = [error]
+    seen: Set[int] = set()
+    while chain:
+        exc = chain.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            # and the frames that called it, which it refers to, where they
+            # ended too (a connection that the download thread ran)
+            frame: Any = tb.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:  # still running, and so are its callers
+                    break
+                frame = frame.f_back
+            tb = tb.tb_next
+        chain.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+
+
 # ---------------------------------------------------------------------------
 # documents about the file: checksum files
 # ---------------------------------------------------------------------------
@@ -6532,7 +6577,7 @@ class Downloader(Emitter):
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
         '_checksum', '_headers', '_auth', '_proxy', '_ssl_context', '_cookies', '_digest_auth',
         '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
-        '_restart_wait_max', '_first_attempt', '_store')
+        '_restart_wait_max', '_first_attempt', '_store', '_target_read')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -6652,6 +6697,7 @@ class Downloader(Emitter):
         ``if_exists``. Under ``_lock``, or in the constructor."""
         self._first_attempt = True
         self._store = None
+        self._target_read = False
         self._downloaded, self._size = 0, -1
 
     @property
@@ -6775,7 +6821,7 @@ class Downloader(Emitter):
     @property
     def size(self) -> int:
         """Total bytes, ``-1`` if unknown."""
-        if self._store is None:
+        if not self._target_read:
             self._local_store()
         return self._size
 
@@ -6785,7 +6831,7 @@ class Downloader(Emitter):
         transfer = self._transfer
         if transfer is not None:
             return transfer.downloaded
-        if self._store is None:
+        if not self._target_read:
             self._local_store()
         return self._downloaded
 
@@ -7028,7 +7074,8 @@ class Downloader(Emitter):
     def _local_store(self) -> _FileStore:
         """The target's store; the first call (after the constructor, or a
         new ``url`` or ``path``) makes it and reads what the target holds
-        into ``size`` and ``downloaded``. Any thread."""
+        into ``size`` and ``downloaded``. After ``_let_go`` a call makes it
+        again and leaves those two as they are. Any thread."""
         store = self._store
         if store is None:
             with self._lock:
@@ -7036,7 +7083,9 @@ class Downloader(Emitter):
                 if store is None:
                     store = _FileStore(self._path, self._url)
                     store.load()
-                    self._downloaded, self._size = store.held.total, store.size
+                    if not self._target_read:
+                        self._downloaded, self._size = store.held.total, store.size
+                        self._target_read = True
                     self._store = store
         return store
 
@@ -7059,6 +7108,23 @@ class Downloader(Emitter):
         return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
                                digest_auth, self._host_slots)
+
+    def _let_go(self) -> None:
+        """Drop what only an attempt needs, once the download is complete
+        or fatal (a manager may keep thousands of finished ones): the
+        store, whose ``size`` and ``downloaded`` stay as they are, with no
+        new look at the disk; the token bucket; the Digest state, unless a
+        host asked for Digest. The next attempt makes them again as the
+        first did, and its store reads the target as a kept one would have.
+        A file object's store is kept: what a stream already took cannot be
+        read again. No attempt under way: the download thread at its end,
+        or the caller's thread."""
+        with self._lock:
+            if self._store is not None and self._store.is_path:
+                self._store = None
+            self._bucket = None
+            if self._digest_auth is not None and not self._digest_auth.learnt():
+                self._digest_auth = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -7094,6 +7160,7 @@ class Downloader(Emitter):
                 final = 'pause'
             else:
                 error = exc if isinstance(exc, Error) else _unexpected(exc)
+                _without_locals(error)
                 self._last_exception = error
                 # ``retries`` counts failures in a row: progress (more bytes
                 # held than ever before) breaks the row
@@ -7110,6 +7177,8 @@ class Downloader(Emitter):
                 self._speed = 0
             self._retry_after = retry_after
             self._count_restart(final == 'error', self._received > received_before)
+            if final in _FINISHED_STATES:
+                self._let_go()
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
@@ -7374,6 +7443,7 @@ class Downloader(Emitter):
         self._local_store()
         self._downloaded = size
         self._set_size(size)
+        self._let_go()
         self._set_state('complete')
 
     def _fail_outside(self, exc: BaseException) -> None:

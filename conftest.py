@@ -28,6 +28,8 @@ Helpers
 :class:`Recorder`, :func:`download`, :func:`fetch`, :func:`run_until`,
 :func:`partial_file`, :func:`sidecar_of`, :func:`bitpit_threads`,
 :func:`raw`, :func:`http_date`, :func:`basic`, :func:`run_program`;
+:func:`file_looks` (records every look at a file in a block);
+:func:`private_workers` (a worker pool of a test's own);
 :func:`fenced_blocks` (the fenced code blocks of a document).
 
 Typical use::
@@ -44,6 +46,8 @@ released, open connections are shut down, threads are joined with a bound.
 """
 
 import base64
+import builtins
+import contextlib
 import datetime
 import email.utils
 import hashlib
@@ -1241,8 +1245,40 @@ def sidecar_of(target):
     return target.with_name(target.name + '.bitpit')
 
 
+@contextlib.contextmanager
+def file_looks(monkeypatch):
+    """Record every look at a file in the block (``os.stat``, ``os.lstat``,
+    ``os.open``, ``open`` and ``_FileStore.load``): yields the list it
+    appends ``(name, args)`` to."""
+    calls = []
+
+    def recording(name, real):
+        def record(*args, **kwargs):
+            calls.append((name, args))
+            return real(*args, **kwargs)
+        return record
+    with monkeypatch.context() as patch:
+        for owner, name in ((os, 'stat'), (os, 'lstat'), (os, 'open'), (builtins, 'open'),
+                            (bitpit._FileStore, 'load')):
+            patch.setattr(owner, name, recording(name, getattr(owner, name)))
+        yield calls
+
+
 BITPIT_WORKERS = ('bitpit-download', 'bitpit-connection')  # names of bitpit's workers at a task
 BITPIT_THREADS = BITPIT_WORKERS + ('bitpit-restart', 'bitpit-manager')
+
+
+def private_workers(monkeypatch, idle_seconds=60):
+    """A pool of bitpit's own workers for one test (``bitpit._WORKERS``
+    until it ends), whose workers wait ``idle_seconds`` for their next
+    task, so that which worker takes one, and when an idle one ends, is up
+    to the test. It is not hooked to the interpreter's shutdown: the test
+    closes it (``close()``, then ``wait_quiet``)."""
+    pool = bitpit._Workers()
+    pool.IDLE_SECONDS = idle_seconds
+    pool._hooked = True
+    monkeypatch.setattr(bitpit, '_WORKERS', pool)
+    return pool
 
 
 def bitpit_threads(wait=1.0):

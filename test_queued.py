@@ -2,30 +2,17 @@
 and adding it to a Manager read no file, and hold little memory; what the
 target holds is read when first needed, and again after a new url or
 path."""
-import builtins
-import os
 import tracemalloc
 
 import bitpit
-from conftest import DATA, OFFSET, partial_file
-
-
-def recording(calls, name, real):
-    def record(*args, **kwargs):
-        calls.append((name, args))
-        return real(*args, **kwargs)
-    return record
+from conftest import DATA, OFFSET, file_looks, partial_file
 
 
 def test_adding_a_url_reads_no_file_until_its_progress_is_asked(tmp_path, monkeypatch):
     url = 'http://127.0.0.1:1/f.bin'
     partial_file(tmp_path, url, size=len(DATA))  # OFFSET bytes; the sidecar knows the size
     m = bitpit.Manager(dir_path=True, path=tmp_path)
-    calls = []
-    with monkeypatch.context() as patch:
-        for owner, name in ((os, 'stat'), (os, 'lstat'), (os, 'open'), (builtins, 'open'),
-                            (bitpit._FileStore, 'load')):
-            patch.setattr(owner, name, recording(calls, name, getattr(owner, name)))
+    with file_looks(monkeypatch) as calls:
         d = m.add(url)
         alone = bitpit.Downloader(url, tmp_path / 'f.bin')
     assert calls == []

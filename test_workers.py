@@ -16,7 +16,7 @@ import weakref
 import pytest
 
 import bitpit
-from conftest import DATA, bitpit_threads, run_program, threads_left
+from conftest import DATA, bitpit_threads, private_workers, run_program, threads_left
 
 
 def _download_thread(server, path):
@@ -118,20 +118,11 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
     assert (tmp_path / 'child.bin').read_bytes() == DATA
 
 
-def _private_pool(monkeypatch):
-    """A pool of bitpit's own for one test, whose workers wait long for
-    their next task (so which worker takes one is up to the test); closed
-    at teardown. It is not hooked to the interpreter's shutdown."""
-    pool = bitpit._Workers()
-    pool.IDLE_SECONDS = 60
-    pool._hooked = True
-    monkeypatch.setattr(bitpit, '_WORKERS', pool)
-    return pool
-
-
 @pytest.fixture
 def pool(monkeypatch):
-    pool = _private_pool(monkeypatch)
+    """A pool of bitpit's own for one test, whose workers wait long for
+    their next task; closed at teardown."""
+    pool = private_workers(monkeypatch)
     yield pool
     pool.close()
     assert pool.wait_quiet(10)
@@ -140,13 +131,14 @@ def pool(monkeypatch):
 def test_a_returned_task_is_not_current_on_its_workers_next_task(pool):
     """A thread that ended is current for nobody: nor is a task, once it
     returned, though its worker now runs another."""
-    first = pool.run(lambda: None, 'bitpit-download')
+    ran_on = []
+    first = pool.run(lambda: ran_on.append(threading.current_thread()), 'bitpit-download')
     first.join(10)
     assert pool.wait_quiet(10)  # its worker waits: it takes the next task
     seen = []
 
     def second():
-        seen.append(first.thread is threading.current_thread())
+        seen.append(ran_on == [threading.current_thread()])
         seen.append(first.is_current())
         first.join(0)  # a thread that ended joins at once, from anywhere
         seen.append('joined')
@@ -162,10 +154,12 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     ran A's attempt."""
     server.add('/data.bin', DATA)
     first = bitpit.Downloader(server.url('/data.bin'), path=tmp_path / 'a.bin')
+    ran_on = []  # its download thread: its worker
+    first.listen('state-changed', lambda d, old: ran_on.append(threading.current_thread()))
     first.start()
     assert first.wait(30)
     first.join(10)
-    worker = first._thread.thread
+    worker, = set(ran_on)
     assert pool.wait_quiet(10)
     # a small download runs on one worker: two tasks at once make a second
     hold = threading.Event()
