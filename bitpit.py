@@ -809,7 +809,7 @@ class _Stopped(Exception):
 # ---------------------------------------------------------------------------
 
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
-    _Callbacks = List[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]
+    _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
 
 
 class Emitter:
@@ -821,8 +821,10 @@ class Emitter:
     """
     __signals__: Tuple[str, ...] = ()
     # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
-    # that, and holds a list for each signal listened to: an object nobody
-    # listens to costs no lock and no list (a manager may hold thousands)
+    # that, and holds a tuple for each signal listened to: an object nobody
+    # listens to costs no lock and no tuple (a manager may hold thousands).
+    # listen() and unlisten() replace a signal's tuple under the lock, never
+    # change one, so emit() calls the tuple it reads without the lock
     _emitter_lock: threading.Lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
@@ -847,7 +849,7 @@ class Emitter:
         self._check_signal(signal)
         lock, callbacks = self._registry()
         with lock:
-            callbacks.setdefault(signal, []).append((func, args, kwargs))
+            callbacks[signal] = callbacks.get(signal, ()) + ((func, args, kwargs),)
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -857,19 +859,20 @@ class Emitter:
         self._check_signal(signal)
         lock, callbacks = self._registry()
         with lock:
-            callbacks.get(signal, []).remove((func, args, kwargs))
+            registered = list(callbacks.get(signal, ()))
+            registered.remove((func, args, kwargs))
+            callbacks[signal] = tuple(registered)
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         callbacks = getattr(self, '_emitter_callbacks', None)
-        if callbacks is None or not callbacks.get(signal):  # nobody listens
+        registered = callbacks.get(signal) if callbacks is not None else None
+        if not registered:  # nobody listens
             self._check_signal(signal)
             return
-        with self._emitter_lock:
-            snapshot = list(callbacks[signal])
-        for func, listen_args, listen_kwargs in snapshot:
+        for func, listen_args, listen_kwargs in registered:
             try:
                 func(*args, *listen_args, **listen_kwargs)
             except Exception:
