@@ -6063,19 +6063,14 @@ class _Changed:
     is changed by single ``append``/``remove`` calls and read as a copy, so
     that needs no lock; any thread. The ``threading.Condition`` itself is
     made by the first ``wait()`` (most downloads are never waited for), and
-    ``_condition`` is read and set under the lock."""
+    ``_condition`` is read and set under the lock, which its callers hold
+    (``with downloader._lock``)."""
     __slots__ = ('_lock', '_condition', 'watchers')
 
     def __init__(self, lock: Any):
         self._lock = lock
         self._condition: Optional[threading.Condition] = None
         self.watchers: List[Callable[[], None]] = []
-
-    def __enter__(self) -> bool:
-        return self._lock.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._lock.__exit__(*exc_info)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """``threading.Condition.wait``, with the lock held."""
@@ -6575,7 +6570,7 @@ class Downloader(Emitter):
         Returns ``True`` only when it is complete. Any thread but the
         download thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
             while not self._settled():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -6615,7 +6610,7 @@ class Downloader(Emitter):
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
         timer.name = 'bitpit-restart'
-        with self._changed:
+        with self._lock:
             if automatic and (self._stopping or self._restart_timer is not None):
                 return
             old, self._restart_timer = self._restart_timer, timer
@@ -6632,19 +6627,22 @@ class Downloader(Emitter):
         try:
             self._start(me)
         except BaseException as exc:  # never a dead timer thread with no word
-            with self._changed:
+            with self._lock:
                 if self._restart_timer is me:
                     self._restart_timer = self._restart_time = None
             self._fail_outside(exc)
 
     def _cancel_restart(self) -> None:
-        with self._changed:
+        """Cancel the scheduled restart, if any (else nothing changes and
+        nobody is woken: a manager's add() and every start() call it)."""
+        with self._lock:
             timer, self._restart_timer = self._restart_timer, None
+            if timer is None:
+                return
             self._restart_time = None
             self._changed.notify_all()
-        if timer is not None:
-            timer.cancel()
-            self.emit('restart-time-changed', self)
+        timer.cancel()
+        self.emit('restart-time-changed', self)
 
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
@@ -6704,7 +6702,7 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
-        with self._changed:
+        with self._lock:
             old, self._state = self._state, state
             self._changed.notify_all()
         if old != state:
@@ -6758,7 +6756,7 @@ class Downloader(Emitter):
                 self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
-            with self._changed:
+            with self._lock:
                 self._running = False
                 self._changed.notify_all()
 
@@ -6999,7 +6997,7 @@ class Downloader(Emitter):
 
     def _recheck_waiters(self) -> None:
         """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
-        with self._changed:
+        with self._lock:
             self._changed.notify_all()
 
     def _take_as_complete(self, size: int) -> None:
