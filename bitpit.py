@@ -7327,10 +7327,12 @@ class Manager(Emitter):
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
                  restart_wait: float = 30, *, max_per_host: int = 0,
                  manifest: Optional[_PathLike] = None, **kwargs: Any):
-        # _cond guards the downloads and what the manager knows of them;
-        # each of these stays small or is kept up to date as states change,
-        # so that a plan costs the slots it fills, not the downloads added
-        self._cond = threading.Condition(threading.Lock())
+        # _lock guards the downloads and what the manager knows of them
+        # (_cond, on it, wakes the manager thread); each of these stays
+        # small or is kept up to date as states change, so that a plan costs
+        # the slots it fills, not the downloads added
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._downloads: Dict[Downloader, int] = {}   # each one's turn: oldest first
         self._turns = itertools.count()
         self._running: Dict[Downloader, int] = {}     # started by it, or under way
@@ -7353,7 +7355,7 @@ class Manager(Emitter):
     # -- properties ------------------------------------------------------------
 
     def _set_property(self, name: str, value: Any) -> None:
-        with self._cond:
+        with self._lock:
             setattr(self, '_' + name, value)
         self.emit('property-changed', self, name)
         self.update()
@@ -7406,7 +7408,7 @@ class Manager(Emitter):
     @property
     def downloads(self) -> List[Downloader]:
         """A copy of the list of added downloads, oldest first."""
-        with self._cond:
+        with self._lock:
             return list(self._downloads)
 
     @property
@@ -7421,7 +7423,7 @@ class Manager(Emitter):
         ``Downloader``; return the downloader. Emits ``add``."""
         if not isinstance(d, Downloader):
             d = Downloader(d, **self._kwargs)
-        with self._cond:
+        with self._lock:
             if d in self._downloads:
                 return d
             self._downloads[d] = next(self._turns)
@@ -7429,7 +7431,7 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.adopt(d)
         d.listen('state-changed', self._on_state_changed)
-        with self._cond:
+        with self._lock:
             self._track(d, d.state)
         self.emit('add', self, d)
         self.update()
@@ -7453,7 +7455,7 @@ class Manager(Emitter):
     def remove(self, d: Downloader) -> None:
         """Forget ``d`` (a running download is not stopped). Emits
         ``remove``; ``ValueError`` if it was not added."""
-        with self._cond:
+        with self._lock:
             if self._downloads.pop(d, None) is None:
                 raise ValueError('{!r} was not added to this manager'.format(d))
             self._running.pop(d, None)
@@ -7470,14 +7472,14 @@ class Manager(Emitter):
     def start(self) -> None:
         """Start the manager thread. It runs while there is work: until
         ``stop()`` or until every download is complete or fatal."""
-        with self._cond:
+        with self._lock:
             self._started = True
         self.update()
 
     def stop(self) -> None:
         """Stop the manager thread (downloads keep running: see
         ``stop_all``). Waits for the thread unless called from it."""
-        with self._cond:
+        with self._lock:
             self._started = False
             # detached: a start() from now on gets a thread of its own, and
             # this one ends at its next look, whatever start() does meanwhile
@@ -7507,18 +7509,21 @@ class Manager(Emitter):
     def update(self) -> None:
         """Ask the manager thread to re-plan now: which downloads to start
         or stop. Any thread; never blocks on the network."""
-        with self._cond:
+        with self._lock:
             self._replan_now()
 
     def _replan_now(self) -> None:
         """Have the manager thread re-plan, starting one if the manager is
         started and its thread ended (every download was finished). Under
-        ``_cond``."""
+        ``_lock``. Only the manager thread waits on ``_cond``: with none
+        (before ``start()``, as thousands of downloads are added) there is
+        nobody to wake."""
         self._replan = True
-        if self._started and self._thread is None:
+        if self._thread is not None:
+            self._cond.notify_all()
+        elif self._started:
             self._thread = threading.Thread(target=self._run, name='bitpit-manager')
             self._thread.start()
-        self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
         """Note when a download stopped (in the manifest when it ended) and
@@ -7526,7 +7531,7 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.note(d)
         state = d.state
-        with self._cond:
+        with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
             self._track(d, state)
@@ -7540,7 +7545,7 @@ class Manager(Emitter):
 
     def _track(self, d: Downloader, state: str) -> None:
         """What ``state`` makes of ``d``: running, finished, or waiting in
-        the queue for its turn. Under ``_cond``."""
+        the queue for its turn. Under ``_lock``."""
         if state in _ACTIVE_STATES:
             self._running[d] = self._downloads[d]
             self._open[d] = None
@@ -7563,7 +7568,7 @@ class Manager(Emitter):
         me = threading.current_thread()
         wait: Optional[float] = None
         while True:
-            with self._cond:
+            with self._lock:
                 if self._started and not self._replan and self._thread is me:
                     self._cond.wait(wait)
                 if self._thread is not me:
@@ -7588,7 +7593,7 @@ class Manager(Emitter):
 
     def _unfinished(self) -> bool:
         """Whether a download is neither complete nor fatal (those found
-        finished leave ``_open``). Under ``_cond``."""
+        finished leave ``_open``). Under ``_lock``."""
         while self._open:
             d = next(iter(self._open))
             if d.state not in _FINISHED_STATES:
