@@ -6196,6 +6196,38 @@ class Downloader(Emitter):
                 checksum = '{}:{}'.format(*self._metalink.checksum)
         assert url is not None  # else _metalink_entry raised TypeError
         _check_url(url)
+        self._init_state(url)
+        self._rate_limit = 0.0
+        self.rate_limit = rate_limit
+        self.timeout = timeout
+        self.update_period = update_period
+        self.chunk_size = chunk_size
+        self.restart_wait = restart_wait
+        self.connections = connections
+        self.mirrors = mirrors
+        self.retries = retries
+        self.content_disposition = content_disposition
+        self._checksum_file = _parse_checksum_file_option(checksum)
+        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
+        self.headers = headers
+        self.auth = auth
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self._cookies = jar
+        self.max_size = max_size
+        self.min_speed = min_speed
+        self._if_exists = 'resume'
+        self._dir: Optional[pathlib.Path] = None
+        self._path: _Target
+        self._store: Optional[_FileStore] = None  # see _local_store()
+        self._set_path_value(path, dir_path)
+        self.if_exists = if_exists
+        self.verify_digest = verify_digest
+        self.restart_wait_max = restart_wait_max
+
+    def _init_state(self, url: str) -> None:
+        """What a download of ``url`` holds before its first start, besides
+        its options: for the constructor, and for ``_another()``."""
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed = _Changed(self._lock)  # wait() waits on it
         self._url = url
@@ -6226,34 +6258,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._rate_limit = 0.0
-        self.rate_limit = rate_limit
-        self.timeout = timeout
-        self.update_period = update_period
-        self.chunk_size = chunk_size
-        self.restart_wait = restart_wait
-        self.connections = connections
-        self.mirrors = mirrors
-        self.retries = retries
-        self.content_disposition = content_disposition
-        self._checksum_file = _parse_checksum_file_option(checksum)
-        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
-        self.headers = headers
-        self.auth = auth
-        self.proxy = proxy
-        self.ssl_context = ssl_context
-        self._cookies = jar
         self._digest_auth: Optional[_DigestAuth] = None  # see _request_options()
-        self.max_size = max_size
-        self.min_speed = min_speed
-        self._if_exists = 'resume'
-        self._dir: Optional[pathlib.Path] = None
-        self._path: _Target
-        self._store: Optional[_FileStore] = None  # see _local_store()
-        self._set_path_value(path, dir_path)
-        self.if_exists = if_exists
-        self.verify_digest = verify_digest
-        self.restart_wait_max = restart_wait_max
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -6923,7 +6928,8 @@ class Downloader(Emitter):
     # -- the contract with bitpit's other layers --------------------------------
     # What Manager, the manifest, the command line and the asyncio layer may
     # use of a Downloader besides its public face; nothing else of it. A
-    # manager joins a download with _join_manager() and lets go with
+    # manager makes the downloads it adds by URL with _another(), joins a
+    # download with _join_manager() and lets go with
     # _leave_manager(); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
@@ -6931,6 +6937,44 @@ class Downloader(Emitter):
     # complete (_take_as_complete). Whoever waits without blocking (the
     # command line, asyncio) asks _settled() and follows _watch()/_unwatch();
     # the progress display reads _held_at_start().
+
+    def _another(self, url: str, path: Optional[_PathLike], dir_path: bool) -> 'Downloader':
+        """A new download of ``url`` to ``path`` (``dir_path``), with this
+        one's options: what ``Downloader(url, path, dir_path, **options)``
+        makes, ``options`` being the other keyword arguments that made this
+        one, without checking each of them again (they were checked when
+        this one was made). This one has no ``mirrors`` and no
+        ``metalink``, and never ran: how a manager makes the downloads it
+        adds by URL from its ``kwargs``, thousands of them. Any thread."""
+        _check_url(url)
+        d = Downloader.__new__(Downloader)
+        d._metalink = None
+        d._init_state(url)
+        d._rate_limit = self._rate_limit
+        d._timeout = self._timeout
+        d._update_period = self._update_period
+        d._chunk_size = self._chunk_size
+        d._restart_wait = self._restart_wait
+        d._connections = self._connections
+        d._mirrors = ()
+        d._retries = self._retries
+        d._content_disposition = self._content_disposition
+        d._checksum_file = self._checksum_file
+        d._checksum = self._checksum
+        d._headers = dict(self._headers)  # its own, as the constructor's check makes
+        d._auth = self._auth
+        d._proxy = self._proxy
+        d._ssl_context = self._ssl_context
+        # the caller's jar is shared, as the constructor shares it; without
+        # one, each download keeps its own cookies
+        d._cookies = self._cookies if self._cookies.jar is not None else _Cookies()
+        d._max_size = self._max_size
+        d._min_speed = self._min_speed
+        d._if_exists = self._if_exists  # (checked for the same kind of path)
+        d._set_path_value(path, dir_path)
+        d._verify_digest = self._verify_digest
+        d._restart_wait_max = self._restart_wait_max
+        return d
 
     def _join_manager(self, restarts: Callable[[], bool], bucket: _TokenBucket,
                       host_slots: Optional[_HostSlots]) -> None:
@@ -7345,6 +7389,10 @@ class Manager(Emitter):
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
+        # (a copy of the kwargs, a download made with them): what add(url)
+        # makes its downloads like, made at the first need; read and
+        # replaced whole, so that needs no lock
+        self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         self._thread: Optional[threading.Thread] = None
@@ -7422,7 +7470,7 @@ class Manager(Emitter):
         """Add a URL (made into ``Downloader(url, **kwargs)``) or a
         ``Downloader``; return the downloader. Emits ``add``."""
         if not isinstance(d, Downloader):
-            d = Downloader(d, **self._kwargs)
+            d = self._made(d)
         with self._lock:
             if d in self._downloads:
                 return d
@@ -7436,6 +7484,21 @@ class Manager(Emitter):
         self.emit('add', self, d)
         self.update()
         return d
+
+    def _made(self, url: str) -> Downloader:
+        """``Downloader(url, **kwargs)``, made like a model download made
+        with the same ``kwargs``, whose options were checked once: only the
+        URL and the path are new. The model is made again when ``kwargs``
+        differs from the copy it was made with (it was set, or changed in
+        place). ``mirrors`` (rare in a manager's kwargs) depend on the URL:
+        with them, each download is made by the constructor. Any thread."""
+        kwargs = self._kwargs
+        if 'mirrors' in kwargs:
+            return Downloader(url, **kwargs)
+        model = self._model
+        if model is None or model[0] != kwargs:
+            model = self._model = (dict(kwargs), Downloader(_MODEL_URL, **kwargs))
+        return model[1]._another(url, kwargs.get('path'), kwargs.get('dir_path', False))
 
     def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:
         """Add one download for each file the metalink at ``source`` (a path
@@ -7649,8 +7712,11 @@ def _checked_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get('cookies'), (str, os.PathLike)):
         kwargs['cookies'] = _Cookies(kwargs['cookies'])
-    Downloader('http://localhost/', **kwargs)
+    Downloader(_MODEL_URL, **kwargs)
     return kwargs
+
+
+_MODEL_URL = 'http://localhost/'  # of the downloads that check a manager's kwargs
 
 
 # ---------------------------------------------------------------------------
