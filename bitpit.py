@@ -820,23 +820,20 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
-    # that, and holds a tuple for each signal listened to: an object nobody
-    # listens to costs no lock and no tuple (a manager may hold thousands).
-    # listen() and unlisten() replace a signal's tuple under the lock, never
-    # change one, so emit() calls the tuple it reads without the lock
-    _emitter_lock: threading.Lock
+    # the registry is made at the first listen() and holds a tuple for each
+    # signal listened to: an object nobody listens to costs nothing (a
+    # manager may hold thousands). listen() and unlisten() replace a tuple,
+    # never change one, under _EMITTER_LOCK (one for every emitter: they are
+    # rare next to emit()), so that emit() calls the tuple it reads without
+    # a lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
-    def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
+    def _registry(self) -> Dict[str, _Callbacks]:
+        """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
         callbacks = getattr(self, '_emitter_callbacks', None)
         if callbacks is None:
-            with _EMITTER_INIT_LOCK:
-                callbacks = getattr(self, '_emitter_callbacks', None)
-                if callbacks is None:
-                    self._emitter_lock = threading.Lock()  # (set before the dict is seen)
-                    self._emitter_callbacks = callbacks = {}
-        return self._emitter_lock, callbacks
+            self._emitter_callbacks = callbacks = {}
+        return callbacks
 
     def _check_signal(self, signal: str) -> None:
         if signal not in self.__signals__:
@@ -847,8 +844,8 @@ class Emitter:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
         self._check_signal(signal)
-        lock, callbacks = self._registry()
-        with lock:
+        with _EMITTER_LOCK:
+            callbacks = self._registry()
             callbacks[signal] = callbacks.get(signal, ()) + ((func, args, kwargs),)
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
@@ -857,8 +854,8 @@ class Emitter:
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
         self._check_signal(signal)
-        lock, callbacks = self._registry()
-        with lock:
+        with _EMITTER_LOCK:
+            callbacks = self._registry()
             registered = list(callbacks.get(signal, ()))
             registered.remove((func, args, kwargs))
             callbacks[signal] = tuple(registered)
@@ -879,7 +876,7 @@ class Emitter:
                 _log.exception('callback %r for signal %r raised', func, signal)
 
 
-_EMITTER_INIT_LOCK = threading.Lock()
+_EMITTER_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
