@@ -7591,6 +7591,8 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.note(d)
         state = d.state
+        if state in _ACTIVE_STATES and old_state in _ACTIVE_STATES:
+            return  # ('download' after 'start') tracked as under way already
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
