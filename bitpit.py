@@ -6973,16 +6973,17 @@ class Downloader(Emitter):
         d._restart_wait_max = self._restart_wait_max
         return d
 
-    def _join_manager(self, restarts: Callable[[], bool], bucket: _TokenBucket,
+    def _join_manager(self, restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
                       host_slots: Optional[_HostSlots]) -> None:
         """A manager takes the download over: ``restarts()`` says whether it
         restarts the download after an error (then the download schedules
         no restart of its own, and any scheduled one is cancelled); its
-        attempts draw from the manager's ``bucket`` too, and connect within
-        its ``host_slots``. The manager's caller's thread."""
+        attempts draw from the manager's ``buckets`` too, and connect within
+        its ``host_slots``. A manager gives each of its downloads the same
+        ``restarts`` and ``buckets`` objects. The manager's caller's thread."""
         self._restarted_by = restarts
         self._cancel_restart()
-        self._shared_buckets = (bucket,)
+        self._shared_buckets = buckets
         self._host_slots = host_slots
 
     def _leave_manager(self) -> None:
@@ -7382,6 +7383,11 @@ class Manager(Emitter):
         self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
         self._stopped_at: Dict[Downloader, float] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
+        # what each of its downloads holds of it, made once: not an object
+        # (a tuple, a bound method) per download
+        self._shared_buckets = (self._bucket,)
+        self._restarts_bound: Callable[[], bool] = self._restarts
+        self._on_state_bound: Callable[[Downloader, str], None] = self._on_state_changed
         self._max_running = _check_int('max_running', max_running)
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
@@ -7472,10 +7478,10 @@ class Manager(Emitter):
             if d in self._downloads:
                 return d
             self._downloads[d] = next(self._turns)
-        d._join_manager(self._restarts, self._bucket, self._host_slots)
+        d._join_manager(self._restarts_bound, self._shared_buckets, self._host_slots)
         if self._manifest is not None:
             self._manifest.adopt(d)
-        d.listen('state-changed', self._on_state_changed)
+        d.listen('state-changed', self._on_state_bound)
         with self._lock:
             self._track(d, d.state)
         self.emit('add', self, d)
@@ -7524,7 +7530,7 @@ class Manager(Emitter):
             if d in self._queued:
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
-        d.unlisten('state-changed', self._on_state_changed)
+        d.unlisten('state-changed', self._on_state_bound)
         d._leave_manager()
         self.emit('remove', self, d)
         self.update()
