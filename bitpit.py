@@ -7619,8 +7619,9 @@ class Manager(Emitter):
             self._open[d] = None
             return
         self._running.pop(d, None)
-        if state in _FINISHED_STATES:
+        if state in _FINISHED_STATES:  # never started again: nothing to keep
             self._open.pop(d, None)
+            self._stopped_at.pop(d, None)
             return
         self._open[d] = None
         if d not in self._queued:
