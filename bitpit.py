@@ -43,6 +43,7 @@ import contextvars
 import datetime
 import errno
 import functools
+import heapq
 import io
 import itertools
 import math
@@ -7378,7 +7379,7 @@ class Manager(Emitter):
         self._downloads: Dict[Downloader, int] = {}   # each one's turn: oldest first
         self._turns = itertools.count()
         self._running: Dict[Downloader, int] = {}     # started by it, or under way
-        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), sorted: to start
+        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), a heap: to start
         self._queued: Set[Downloader] = set()         # in the queue
         self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
         self._stopped_at: Dict[Downloader, float] = {}
@@ -7530,6 +7531,7 @@ class Manager(Emitter):
             if d in self._queued:
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
+                heapq.heapify(self._queue)
         d.unlisten('state-changed', self._on_state_bound)
         d._leave_manager()
         self.emit('remove', self, d)
@@ -7626,7 +7628,7 @@ class Manager(Emitter):
         self._open[d] = None
         if d not in self._queued:
             self._queued.add(d)
-            bisect.insort(self._queue, (self._downloads[d], d))
+            heapq.heappush(self._queue, (self._downloads[d], d))
 
     # -- the manager thread ----------------------------------------------------
 
@@ -7686,7 +7688,7 @@ class Manager(Emitter):
         later: List[Tuple[int, Downloader]] = []
         wait: Optional[float] = None
         while free > 0 and self._queue:
-            turn, d = self._queue.pop(0)
+            turn, d = heapq.heappop(self._queue)  # the oldest: turns are unique
             self._queued.discard(d)
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
@@ -7707,7 +7709,7 @@ class Manager(Emitter):
             free -= 1
         for turn, d in later:
             self._queued.add(d)
-            bisect.insort(self._queue, (turn, d))
+            heapq.heappush(self._queue, (turn, d))
         return to_stop, to_start, wait
 
 
