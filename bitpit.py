@@ -6057,12 +6057,11 @@ class _Changed:
     lock, which also calls each function in ``watchers`` at every
     ``notify_all()``, with the lock held: how a waiter that must not block
     (a coroutine, see ``Downloader.events``) learns when to look at the
-    download again. A watcher must be quick and never block. ``watchers``
-    is changed by single ``append``/``remove`` calls and read as a copy, so
-    that needs no lock; any thread. The ``threading.Condition`` itself is
-    made by the first ``wait()`` (most downloads are never waited for), and
-    ``_condition`` is read and set under the lock, which its callers hold
-    (``with downloader._lock``)."""
+    download again. A watcher must be quick and never block. The
+    downloader makes it at the first ``wait()`` or watcher (most downloads
+    are never waited for: see ``Downloader._changes``), and it makes the
+    ``threading.Condition`` at the first ``wait()``. Its callers hold the
+    lock (``with downloader._lock``); ``watchers`` is read as a copy."""
     __slots__ = ('_lock', '_condition', 'watchers')
 
     def __init__(self, lock: Any):
@@ -6227,7 +6226,7 @@ class Downloader(Emitter):
         """What a download of ``url`` holds before its first start, besides
         its options: for the constructor, and for ``_another()``."""
         self._lock = threading.RLock()       # guards the thread, the restart, the state
-        self._changed = _Changed(self._lock)  # wait() waits on it
+        self._changed: Optional[_Changed] = None  # see _changes()
         self._url = url
         self._state = 'pause'
         self._resumed_from = 0               # bytes held when the attempt began
@@ -6574,11 +6573,12 @@ class Downloader(Emitter):
         download thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
+            changed = self._changes()
             while not self._settled():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                self._changed.wait(left)
+                changed.wait(left)
             return self._state == 'complete'
 
     def __await__(self) -> Any:
@@ -6618,7 +6618,7 @@ class Downloader(Emitter):
                 return
             old, self._restart_timer = self._restart_timer, timer
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
-            self._changed.notify_all()
+            self._notify_changed()
         if old is not None:
             old.cancel()
         timer.start()
@@ -6643,7 +6643,7 @@ class Downloader(Emitter):
             if timer is None:
                 return
             self._restart_time = None
-            self._changed.notify_all()
+            self._notify_changed()
         timer.cancel()
         self.emit('restart-time-changed', self)
 
@@ -6682,6 +6682,18 @@ class Downloader(Emitter):
                     self._store = store
         return store
 
+    def _changes(self) -> _Changed:
+        """The condition ``wait()`` waits on, with the watchers; made now
+        if need be (most downloads are never waited for). Under ``_lock``."""
+        if self._changed is None:
+            self._changed = _Changed(self._lock)
+        return self._changed
+
+    def _notify_changed(self) -> None:
+        """Wake whoever waits and call the watchers, if any. Under ``_lock``."""
+        if self._changed is not None:
+            self._changed.notify_all()
+
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
         """The token buckets an attempt draws from: its own (made now at
         the first attempt), then its manager's. Download thread."""
@@ -6707,7 +6719,7 @@ class Downloader(Emitter):
     def _set_state(self, state: str) -> None:
         with self._lock:
             old, self._state = self._state, state
-            self._changed.notify_all()
+            self._notify_changed()
         if old != state:
             self.emit('state-changed', self, old)
 
@@ -6761,7 +6773,7 @@ class Downloader(Emitter):
         finally:
             with self._lock:
                 self._running = False
-                self._changed.notify_all()
+                self._notify_changed()
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -7041,7 +7053,7 @@ class Downloader(Emitter):
     def _recheck_waiters(self) -> None:
         """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
         with self._lock:
-            self._changed.notify_all()
+            self._notify_changed()
 
     def _take_as_complete(self, size: int) -> None:
         """The file is already whole on disk (a manager's manifest says so):
@@ -7073,11 +7085,13 @@ class Downloader(Emitter):
         """Call ``watcher()`` at every change that may settle the download,
         with the download's lock held: it must be quick and never block (it
         hands the news to an event loop). Any thread."""
-        self._changed.watchers.append(watcher)
+        with self._lock:
+            self._changes().watchers.append(watcher)
 
     def _unwatch(self, watcher: Callable[[], None]) -> None:
         """Stop calling ``watcher``; ``ValueError`` if it was not watching."""
-        self._changed.watchers.remove(watcher)
+        with self._lock:
+            self._changes().watchers.remove(watcher)
 
     def _held_at_start(self) -> int:
         """Bytes the file held when the current or last attempt began."""
