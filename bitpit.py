@@ -7508,14 +7508,17 @@ class Manager(Emitter):
         with the same ``kwargs``, whose options were checked once: only the
         URL and the path are new. The model is made again when ``kwargs``
         differs from the copy it was made with (it was set, or changed in
-        place). ``mirrors`` (rare in a manager's kwargs) depend on the URL:
-        with them, each download is made by the constructor. Any thread."""
+        place: a dict in it, ``headers``, is copied too). ``mirrors`` (rare
+        in a manager's kwargs) depend on the URL: with them, each download
+        is made by the constructor. Any thread."""
         kwargs = self._kwargs
         if 'mirrors' in kwargs:
             return Downloader(url, **kwargs)
         model = self._model
         if model is None or model[0] != kwargs:
-            model = self._model = (dict(kwargs), Downloader(_MODEL_URL, **kwargs))
+            copied = {name: dict(value) if isinstance(value, dict) else value
+                      for name, value in kwargs.items()}
+            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs))
         return model[1]._another(url, kwargs.get('path'), kwargs.get('dir_path', False))
 
     def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:

@@ -146,6 +146,10 @@ def test_add_url_follows_kwargs_changed_in_place_and_the_working_directory(
     assert d.path == tmp_path / 'there' / 'b' and d.timeout == 10
     m.kwargs['timeout'] = 4
     assert m.add('http://127.0.0.1:1/c').timeout == 4
+    m.kwargs['headers'] = {'X-One': '1'}
+    assert m.add('http://127.0.0.1:1/c1').headers == {'X-One': '1'}
+    m.kwargs['headers']['X-Two'] = '2'
+    assert m.add('http://127.0.0.1:1/c2').headers == {'X-One': '1', 'X-Two': '2'}
     m.kwargs['timeout'] = -1
     with pytest.raises(ValueError, match='timeout'):
         m.add('http://127.0.0.1:1/d')
