@@ -43,6 +43,7 @@ import contextvars
 import datetime
 import errno
 import functools
+import heapq
 import io
 import itertools
 import math
@@ -827,7 +828,7 @@ class _Stopped(Exception):
 # ---------------------------------------------------------------------------
 
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
-    _Callbacks = List[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]
+    _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
 
 
 class Emitter:
@@ -838,21 +839,20 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # the registry is made at the first listen(), _EMITTER_INIT_LOCK guarding
-    # that, and holds a list for each signal listened to: an object nobody
-    # listens to costs no lock and no list (a manager may hold thousands)
-    _emitter_lock: threading.Lock
+    # the registry is made at the first listen() and holds a tuple for each
+    # signal listened to: an object nobody listens to costs nothing (a
+    # manager may hold thousands). listen() and unlisten() replace a tuple,
+    # never change one, under _EMITTER_LOCK (one for every emitter: they are
+    # rare next to emit()), so that emit() calls the tuple it reads without
+    # a lock
     _emitter_callbacks: Dict[str, _Callbacks]
 
-    def _registry(self) -> Tuple[threading.Lock, Dict[str, _Callbacks]]:
+    def _registry(self) -> Dict[str, _Callbacks]:
+        """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
         callbacks = getattr(self, '_emitter_callbacks', None)
         if callbacks is None:
-            with _EMITTER_INIT_LOCK:
-                callbacks = getattr(self, '_emitter_callbacks', None)
-                if callbacks is None:
-                    self._emitter_lock = threading.Lock()  # (set before the dict is seen)
-                    self._emitter_callbacks = callbacks = {}
-        return self._emitter_lock, callbacks
+            self._emitter_callbacks = callbacks = {}
+        return callbacks
 
     def _check_signal(self, signal: str) -> None:
         if signal not in self.__signals__:
@@ -863,9 +863,9 @@ class Emitter:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
         self._check_signal(signal)
-        lock, callbacks = self._registry()
-        with lock:
-            callbacks.setdefault(signal, []).append((func, args, kwargs))
+        with _EMITTER_LOCK:
+            callbacks = self._registry()
+            callbacks[signal] = callbacks.get(signal, ()) + ((func, args, kwargs),)
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -873,28 +873,29 @@ class Emitter:
         ``kwargs``. Raises ``KeyError`` for an unknown signal, ``ValueError``
         if there is no such registration."""
         self._check_signal(signal)
-        lock, callbacks = self._registry()
-        with lock:
-            callbacks.get(signal, []).remove((func, args, kwargs))
+        with _EMITTER_LOCK:
+            callbacks = self._registry()
+            registered = list(callbacks.get(signal, ()))
+            registered.remove((func, args, kwargs))
+            callbacks[signal] = tuple(registered)
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         callbacks = getattr(self, '_emitter_callbacks', None)
-        if callbacks is None or not callbacks.get(signal):  # nobody listens
+        registered = callbacks.get(signal) if callbacks is not None else None
+        if not registered:  # nobody listens
             self._check_signal(signal)
             return
-        with self._emitter_lock:
-            snapshot = list(callbacks[signal])
-        for func, listen_args, listen_kwargs in snapshot:
+        for func, listen_args, listen_kwargs in registered:
             try:
                 func(*args, *listen_args, **listen_kwargs)
             except Exception:
                 _log.exception('callback %r for signal %r raised', func, signal)
 
 
-_EMITTER_INIT_LOCK = threading.Lock()
+_EMITTER_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
@@ -6463,23 +6464,17 @@ class _Changed:
     lock, which also calls each function in ``watchers`` at every
     ``notify_all()``, with the lock held: how a waiter that must not block
     (a coroutine, see ``Downloader.events``) learns when to look at the
-    download again. A watcher must be quick and never block. ``watchers``
-    is changed by single ``append``/``remove`` calls and read as a copy, so
-    that needs no lock; any thread. The ``threading.Condition`` itself is
-    made by the first ``wait()`` (most downloads are never waited for), and
-    ``_condition`` is read and set under the lock."""
+    download again. A watcher must be quick and never block. The
+    downloader makes it at the first ``wait()`` or watcher (most downloads
+    are never waited for: see ``Downloader._changes``), and it makes the
+    ``threading.Condition`` at the first ``wait()``. Its callers hold the
+    lock (``with downloader._lock``); ``watchers`` is read as a copy."""
     __slots__ = ('_lock', '_condition', 'watchers')
 
     def __init__(self, lock: Any):
         self._lock = lock
         self._condition: Optional[threading.Condition] = None
         self.watchers: List[Callable[[], None]] = []
-
-    def __enter__(self) -> bool:
-        return self._lock.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._lock.__exit__(*exc_info)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """``threading.Condition.wait``, with the lock held."""
@@ -6605,8 +6600,40 @@ class Downloader(Emitter):
                 checksum = '{}:{}'.format(*self._metalink.checksum)
         assert url is not None  # else _metalink_entry raised TypeError
         _check_url(url)
+        self._init_state(url)
+        self._rate_limit = 0.0
+        self.rate_limit = rate_limit
+        self.timeout = timeout
+        self.update_period = update_period
+        self.chunk_size = chunk_size
+        self.restart_wait = restart_wait
+        self.connections = connections
+        self.mirrors = mirrors
+        self.retries = retries
+        self.content_disposition = content_disposition
+        self._checksum_file = _parse_checksum_file_option(checksum)
+        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
+        self.headers = headers
+        self.auth = auth
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self._cookies = jar
+        self.max_size = max_size
+        self.min_speed = min_speed
+        self._if_exists = 'resume'
+        self._dir: Optional[pathlib.Path] = None
+        self._path: _Target
+        self._store: Optional[_FileStore] = None  # see _local_store()
+        self._set_path_value(path, dir_path)
+        self.if_exists = if_exists
+        self.verify_digest = verify_digest
+        self.restart_wait_max = restart_wait_max
+
+    def _init_state(self, url: str) -> None:
+        """What a download of ``url`` holds before its first start, besides
+        its options: for the constructor, and for ``_another()``."""
         self._lock = threading.RLock()       # guards the thread, the restart, the state
-        self._changed = _Changed(self._lock)  # wait() waits on it
+        self._changed: Optional[_Changed] = None  # see _changes()
         self._url = url
         self._state = 'pause'
         self._resumed_from = 0               # bytes held when the attempt began
@@ -6635,34 +6662,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._rate_limit = 0.0
-        self.rate_limit = rate_limit
-        self.timeout = timeout
-        self.update_period = update_period
-        self.chunk_size = chunk_size
-        self.restart_wait = restart_wait
-        self.connections = connections
-        self.mirrors = mirrors
-        self.retries = retries
-        self.content_disposition = content_disposition
-        self._checksum_file = _parse_checksum_file_option(checksum)
-        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
-        self.headers = headers
-        self.auth = auth
-        self.proxy = proxy
-        self.ssl_context = ssl_context
-        self._cookies = jar
         self._digest_auth: Optional[_DigestAuth] = None  # see _request_options()
-        self.max_size = max_size
-        self.min_speed = min_speed
-        self._if_exists = 'resume'
-        self._dir: Optional[pathlib.Path] = None
-        self._path: _Target
-        self._store: Optional[_FileStore] = None  # see _local_store()
-        self._set_path_value(path, dir_path)
-        self.if_exists = if_exists
-        self.verify_digest = verify_digest
-        self.restart_wait_max = restart_wait_max
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -6980,12 +6980,13 @@ class Downloader(Emitter):
         Returns ``True`` only when it is complete. Any thread but the
         download thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
+            changed = self._changes()
             while not self._settled():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                self._changed.wait(left)
+                changed.wait(left)
             return self._state == 'complete'
 
     def __await__(self) -> Any:
@@ -7020,12 +7021,12 @@ class Downloader(Emitter):
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
         timer.name = 'bitpit-restart'
-        with self._changed:
+        with self._lock:
             if automatic and (self._stopping or self._restart_timer is not None):
                 return
             old, self._restart_timer = self._restart_timer, timer
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
-            self._changed.notify_all()
+            self._notify_changed()
         if old is not None:
             old.cancel()
         timer.start()
@@ -7037,19 +7038,22 @@ class Downloader(Emitter):
         try:
             self._start(me)
         except BaseException as exc:  # never a dead timer thread with no word
-            with self._changed:
+            with self._lock:
                 if self._restart_timer is me:
                     self._restart_timer = self._restart_time = None
             self._fail_outside(exc)
 
     def _cancel_restart(self) -> None:
-        with self._changed:
+        """Cancel the scheduled restart, if any (else nothing changes and
+        nobody is woken: a manager's add() and every start() call it)."""
+        with self._lock:
             timer, self._restart_timer = self._restart_timer, None
+            if timer is None:
+                return
             self._restart_time = None
-            self._changed.notify_all()
-        if timer is not None:
-            timer.cancel()
-            self.emit('restart-time-changed', self)
+            self._notify_changed()
+        timer.cancel()
+        self.emit('restart-time-changed', self)
 
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
@@ -7088,6 +7092,18 @@ class Downloader(Emitter):
                         self._target_read = True
                     self._store = store
         return store
+
+    def _changes(self) -> _Changed:
+        """The condition ``wait()`` waits on, with the watchers; made now
+        if need be (most downloads are never waited for). Under ``_lock``."""
+        if self._changed is None:
+            self._changed = _Changed(self._lock)
+        return self._changed
+
+    def _notify_changed(self) -> None:
+        """Wake whoever waits and call the watchers, if any. Under ``_lock``."""
+        if self._changed is not None:
+            self._changed.notify_all()
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
         """The token buckets an attempt draws from: its own (made now at
@@ -7129,9 +7145,9 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
-        with self._changed:
+        with self._lock:
             old, self._state = self._state, state
-            self._changed.notify_all()
+            self._notify_changed()
         if old != state:
             self.emit('state-changed', self, old)
 
@@ -7186,9 +7202,9 @@ class Downloader(Emitter):
                 self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
-            with self._changed:
+            with self._lock:
                 self._running = False
-                self._changed.notify_all()
+                self._notify_changed()
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -7359,7 +7375,8 @@ class Downloader(Emitter):
     # -- the contract with bitpit's other layers --------------------------------
     # What Manager, the manifest, the command line and the asyncio layer may
     # use of a Downloader besides its public face; nothing else of it. A
-    # manager joins a download with _join_manager() and lets go with
+    # manager makes the downloads it adds by URL with _another(), joins a
+    # download with _join_manager() and lets go with
     # _leave_manager(); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
@@ -7368,16 +7385,55 @@ class Downloader(Emitter):
     # command line, asyncio) asks _settled() and follows _watch()/_unwatch();
     # the progress display reads _held_at_start().
 
-    def _join_manager(self, restarts: Callable[[], bool], bucket: _TokenBucket,
+    def _another(self, url: str, path: Optional[_PathLike], dir_path: bool) -> 'Downloader':
+        """A new download of ``url`` to ``path`` (``dir_path``), with this
+        one's options: what ``Downloader(url, path, dir_path, **options)``
+        makes, ``options`` being the other keyword arguments that made this
+        one, without checking each of them again (they were checked when
+        this one was made). This one has no ``mirrors`` and no
+        ``metalink``, and never ran: how a manager makes the downloads it
+        adds by URL from its ``kwargs``, thousands of them. Any thread."""
+        _check_url(url)
+        d = Downloader.__new__(Downloader)
+        d._metalink = None
+        d._init_state(url)
+        d._rate_limit = self._rate_limit
+        d._timeout = self._timeout
+        d._update_period = self._update_period
+        d._chunk_size = self._chunk_size
+        d._restart_wait = self._restart_wait
+        d._connections = self._connections
+        d._mirrors = ()
+        d._retries = self._retries
+        d._content_disposition = self._content_disposition
+        d._checksum_file = self._checksum_file
+        d._checksum = self._checksum
+        d._headers = dict(self._headers)  # its own, as the constructor's check makes
+        d._auth = self._auth
+        d._proxy = self._proxy
+        d._ssl_context = self._ssl_context
+        # the caller's jar is shared, as the constructor shares it; without
+        # one, each download keeps its own cookies
+        d._cookies = self._cookies if self._cookies.jar is not None else _Cookies()
+        d._max_size = self._max_size
+        d._min_speed = self._min_speed
+        d._if_exists = self._if_exists  # (checked for the same kind of path)
+        d._set_path_value(path, dir_path)
+        d._verify_digest = self._verify_digest
+        d._restart_wait_max = self._restart_wait_max
+        return d
+
+    def _join_manager(self, restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
                       host_slots: Optional[_HostSlots]) -> None:
         """A manager takes the download over: ``restarts()`` says whether it
         restarts the download after an error (then the download schedules
         no restart of its own, and any scheduled one is cancelled); its
-        attempts draw from the manager's ``bucket`` too, and connect within
-        its ``host_slots``. The manager's caller's thread."""
+        attempts draw from the manager's ``buckets`` too, and connect within
+        its ``host_slots``. A manager gives each of its downloads the same
+        ``restarts`` and ``buckets`` objects. The manager's caller's thread."""
         self._restarted_by = restarts
         self._cancel_restart()
-        self._shared_buckets = (bucket,)
+        self._shared_buckets = buckets
         self._host_slots = host_slots
 
     def _leave_manager(self) -> None:
@@ -7433,8 +7489,8 @@ class Downloader(Emitter):
 
     def _recheck_waiters(self) -> None:
         """Make ``wait()`` look again (whoever restarts it stopped doing so)."""
-        with self._changed:
-            self._changed.notify_all()
+        with self._lock:
+            self._notify_changed()
 
     def _take_as_complete(self, size: int) -> None:
         """The file is already whole on disk (a manager's manifest says so):
@@ -7467,11 +7523,13 @@ class Downloader(Emitter):
         """Call ``watcher()`` at every change that may settle the download,
         with the download's lock held: it must be quick and never block (it
         hands the news to an event loop). Any thread."""
-        self._changed.watchers.append(watcher)
+        with self._lock:
+            self._changes().watchers.append(watcher)
 
     def _unwatch(self, watcher: Callable[[], None]) -> None:
         """Stop calling ``watcher``; ``ValueError`` if it was not watching."""
-        self._changed.watchers.remove(watcher)
+        with self._lock:
+            self._changes().watchers.remove(watcher)
 
     def _held_at_start(self) -> int:
         """Bytes the file held when the current or last attempt began."""
@@ -7764,22 +7822,33 @@ class Manager(Emitter):
     def __init__(self, max_running: int = 0, rate_limit: float = 0,
                  restart_wait: float = 30, *, max_per_host: int = 0,
                  manifest: Optional[_PathLike] = None, **kwargs: Any):
-        # _cond guards the downloads and what the manager knows of them;
-        # each of these stays small or is kept up to date as states change,
-        # so that a plan costs the slots it fills, not the downloads added
-        self._cond = threading.Condition(threading.Lock())
+        # _lock guards the downloads and what the manager knows of them
+        # (_cond, on it, wakes the manager thread); each of these stays
+        # small or is kept up to date as states change, so that a plan costs
+        # the slots it fills, not the downloads added
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._downloads: Dict[Downloader, int] = {}   # each one's turn: oldest first
         self._turns = itertools.count()
         self._running: Dict[Downloader, int] = {}     # started by it, or under way
-        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), sorted: to start
+        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), a heap: to start
         self._queued: Set[Downloader] = set()         # in the queue
         self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
         self._stopped_at: Dict[Downloader, float] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
+        # what each of its downloads holds of it, made once: not an object
+        # (a tuple, a bound method) per download
+        self._shared_buckets = (self._bucket,)
+        self._restarts_bound: Callable[[], bool] = self._restarts
+        self._on_state_bound: Callable[[Downloader, str], None] = self._on_state_changed
         self._max_running = _check_int('max_running', max_running)
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
+        # (a copy of the kwargs, a download made with them): what add(url)
+        # makes its downloads like, made at the first need; read and
+        # replaced whole, so that needs no lock
+        self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         self._thread: Optional[threading.Thread] = None
@@ -7790,7 +7859,7 @@ class Manager(Emitter):
     # -- properties ------------------------------------------------------------
 
     def _set_property(self, name: str, value: Any) -> None:
-        with self._cond:
+        with self._lock:
             setattr(self, '_' + name, value)
         self.emit('property-changed', self, name)
         self.update()
@@ -7843,7 +7912,7 @@ class Manager(Emitter):
     @property
     def downloads(self) -> List[Downloader]:
         """A copy of the list of added downloads, oldest first."""
-        with self._cond:
+        with self._lock:
             return list(self._downloads)
 
     @property
@@ -7857,20 +7926,38 @@ class Manager(Emitter):
         """Add a URL (made into ``Downloader(url, **kwargs)``) or a
         ``Downloader``; return the downloader. Emits ``add``."""
         if not isinstance(d, Downloader):
-            d = Downloader(d, **self._kwargs)
-        with self._cond:
+            d = self._made(d)
+        with self._lock:
             if d in self._downloads:
                 return d
             self._downloads[d] = next(self._turns)
-        d._join_manager(self._restarts, self._bucket, self._host_slots)
+        d._join_manager(self._restarts_bound, self._shared_buckets, self._host_slots)
         if self._manifest is not None:
             self._manifest.adopt(d)
-        d.listen('state-changed', self._on_state_changed)
-        with self._cond:
+        d.listen('state-changed', self._on_state_bound)
+        with self._lock:
             self._track(d, d.state)
         self.emit('add', self, d)
         self.update()
         return d
+
+    def _made(self, url: str) -> Downloader:
+        """``Downloader(url, **kwargs)``, made like a model download made
+        with the same ``kwargs``, whose options were checked once: only the
+        URL and the path are new. The model is made again when ``kwargs``
+        differs from the copy it was made with (it was set, or changed in
+        place: a dict in it, ``headers``, is copied too). ``mirrors`` (rare
+        in a manager's kwargs) depend on the URL: with them, each download
+        is made by the constructor. Any thread."""
+        kwargs = self._kwargs
+        if 'mirrors' in kwargs:
+            return Downloader(url, **kwargs)
+        model = self._model
+        if model is None or model[0] != kwargs:
+            copied = {name: dict(value) if isinstance(value, dict) else value
+                      for name, value in kwargs.items()}
+            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs))
+        return model[1]._another(url, kwargs.get('path'), kwargs.get('dir_path', False))
 
     def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:
         """Add one download for each file the metalink at ``source`` (a path
@@ -7890,7 +7977,7 @@ class Manager(Emitter):
     def remove(self, d: Downloader) -> None:
         """Forget ``d`` (a running download is not stopped). Emits
         ``remove``; ``ValueError`` if it was not added."""
-        with self._cond:
+        with self._lock:
             if self._downloads.pop(d, None) is None:
                 raise ValueError('{!r} was not added to this manager'.format(d))
             self._running.pop(d, None)
@@ -7899,7 +7986,8 @@ class Manager(Emitter):
             if d in self._queued:
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
-        d.unlisten('state-changed', self._on_state_changed)
+                heapq.heapify(self._queue)
+        d.unlisten('state-changed', self._on_state_bound)
         d._leave_manager()
         self.emit('remove', self, d)
         self.update()
@@ -7907,14 +7995,14 @@ class Manager(Emitter):
     def start(self) -> None:
         """Start the manager thread. It runs while there is work: until
         ``stop()`` or until every download is complete or fatal."""
-        with self._cond:
+        with self._lock:
             self._started = True
         self.update()
 
     def stop(self) -> None:
         """Stop the manager thread (downloads keep running: see
         ``stop_all``). Waits for the thread unless called from it."""
-        with self._cond:
+        with self._lock:
             self._started = False
             # detached: a start() from now on gets a thread of its own, and
             # this one ends at its next look, whatever start() does meanwhile
@@ -7944,18 +8032,21 @@ class Manager(Emitter):
     def update(self) -> None:
         """Ask the manager thread to re-plan now: which downloads to start
         or stop. Any thread; never blocks on the network."""
-        with self._cond:
+        with self._lock:
             self._replan_now()
 
     def _replan_now(self) -> None:
         """Have the manager thread re-plan, starting one if the manager is
         started and its thread ended (every download was finished). Under
-        ``_cond``."""
+        ``_lock``. Only the manager thread waits on ``_cond``: with none
+        (before ``start()``, as thousands of downloads are added) there is
+        nobody to wake."""
         self._replan = True
-        if self._started and self._thread is None:
+        if self._thread is not None:
+            self._cond.notify_all()
+        elif self._started:
             self._thread = threading.Thread(target=self._run, name='bitpit-manager')
             self._thread.start()
-        self._cond.notify_all()
 
     def _on_state_changed(self, d: Downloader, old_state: str) -> None:
         """Note when a download stopped (in the manifest when it ended) and
@@ -7963,7 +8054,9 @@ class Manager(Emitter):
         if self._manifest is not None:
             self._manifest.note(d)
         state = d.state
-        with self._cond:
+        if state in _ACTIVE_STATES and old_state in _ACTIVE_STATES:
+            return  # ('download' after 'start') tracked as under way already
+        with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
             self._track(d, state)
@@ -7977,19 +8070,20 @@ class Manager(Emitter):
 
     def _track(self, d: Downloader, state: str) -> None:
         """What ``state`` makes of ``d``: running, finished, or waiting in
-        the queue for its turn. Under ``_cond``."""
+        the queue for its turn. Under ``_lock``."""
         if state in _ACTIVE_STATES:
             self._running[d] = self._downloads[d]
             self._open[d] = None
             return
         self._running.pop(d, None)
-        if state in _FINISHED_STATES:
+        if state in _FINISHED_STATES:  # never started again: nothing to keep
             self._open.pop(d, None)
+            self._stopped_at.pop(d, None)
             return
         self._open[d] = None
         if d not in self._queued:
             self._queued.add(d)
-            bisect.insort(self._queue, (self._downloads[d], d))
+            heapq.heappush(self._queue, (self._downloads[d], d))
 
     # -- the manager thread ----------------------------------------------------
 
@@ -8000,7 +8094,7 @@ class Manager(Emitter):
         me = threading.current_thread()
         wait: Optional[float] = None
         while True:
-            with self._cond:
+            with self._lock:
                 if self._started and not self._replan and self._thread is me:
                     self._cond.wait(wait)
                 if self._thread is not me:
@@ -8025,7 +8119,7 @@ class Manager(Emitter):
 
     def _unfinished(self) -> bool:
         """Whether a download is neither complete nor fatal (those found
-        finished leave ``_open``). Under ``_cond``."""
+        finished leave ``_open``). Under ``_lock``."""
         while self._open:
             d = next(iter(self._open))
             if d.state not in _FINISHED_STATES:
@@ -8049,7 +8143,7 @@ class Manager(Emitter):
         later: List[Tuple[int, Downloader]] = []
         wait: Optional[float] = None
         while free > 0 and self._queue:
-            turn, d = self._queue.pop(0)
+            turn, d = heapq.heappop(self._queue)  # the oldest: turns are unique
             self._queued.discard(d)
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
@@ -8070,7 +8164,7 @@ class Manager(Emitter):
             free -= 1
         for turn, d in later:
             self._queued.add(d)
-            bisect.insort(self._queue, (turn, d))
+            heapq.heappush(self._queue, (turn, d))
         return to_stop, to_start, wait
 
 
@@ -8081,8 +8175,11 @@ def _checked_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get('cookies'), (str, os.PathLike)):
         kwargs['cookies'] = _Cookies(kwargs['cookies'])
-    Downloader('http://localhost/', **kwargs)
+    Downloader(_MODEL_URL, **kwargs)
     return kwargs
+
+
+_MODEL_URL = 'http://localhost/'  # of the downloads that check a manager's kwargs
 
 
 # ---------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def callbacks_of(d):
     """How many callbacks and watchers are registered with ``d``."""
     d.listen('url-changed', print)  # makes sure the registry exists
     d.unlisten('url-changed', print)
-    return sum(len(c) for c in d._emitter_callbacks.values()) + len(d._changed.watchers)
+    watchers = d._changed.watchers if d._changed is not None else []
+    return sum(len(c) for c in d._emitter_callbacks.values()) + len(watchers)
 
 
 # ---------------------------------------------------------------------------

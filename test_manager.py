@@ -1,6 +1,8 @@
 """The download manager: its properties and signals, max_running, restarts
 (also after Retry-After), stop and stop_all, the work-conserving total rate
 limit, connection reuse and no thread left behind; against the local server."""
+import pathlib
+import ssl
 import threading
 import time
 
@@ -93,6 +95,67 @@ def test_properties_signals_and_kwargs(manager, tmp_path):
         m.remove(own)
 
 
+
+# every option a manager's kwargs may hold but mirrors (rate_limit and
+# restart_wait are the manager's own), none at its default
+EVERY_OPTION = dict(
+    timeout=3, update_period=0.5, chunk_size=4096,
+    connections=3, retries=2, content_disposition=True, checksum='sha256:' + 'ab' * 32,
+    headers={'X-Test': 'yes'}, auth=('user', 'secret'), proxy='http://127.0.0.1:1',
+    ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), max_size=10 ** 6, min_speed=100,
+    if_exists='rename', verify_digest=False, restart_wait_max=9)
+
+
+def held(d):
+    """Every slot of a downloader: what it holds."""
+    return {name: getattr(d, name) for name in bitpit.Downloader.__slots__}
+
+
+def is_value(value):
+    return isinstance(value, (str, int, float, tuple, type(None), pathlib.PurePath))
+
+
+def test_add_url_makes_what_the_constructor_makes(tmp_path):
+    kwargs = dict(EVERY_OPTION, path=tmp_path, dir_path=True)
+    m = bitpit.Manager(**kwargs)
+    urls = ['http://127.0.0.1:1/a.bin', 'http://127.0.0.1:1/b.bin']
+    added = [held(m.add(url)) for url in urls]
+    made = [held(m.add(bitpit.Downloader(url, **kwargs))) for url in urls]
+    for name in bitpit.Downloader.__slots__:
+        ours, theirs = [a[name] for a in added], [b[name] for b in made]
+        if is_value(theirs[0]):
+            assert ours == theirs, name
+        else:  # an object of each download's own, or one they share
+            assert type(ours[0]) is type(theirs[0]), name
+            assert (ours[0] is ours[1]) == (theirs[0] is theirs[1]), name
+            if isinstance(theirs[0], (dict, list)):
+                assert ours == theirs, name
+    assert added[0]['_path'] == tmp_path / 'a.bin'
+
+
+def test_add_url_follows_kwargs_changed_in_place_and_the_working_directory(
+        tmp_path, monkeypatch):
+    m = bitpit.Manager(mirrors=['http://127.0.0.1:1/m', 'http://127.0.0.1:1/b'])
+    assert m.add('http://127.0.0.1:1/b').mirrors == ('http://127.0.0.1:1/m',)
+    m.kwargs = {}
+    (tmp_path / 'there').mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert m.add('http://127.0.0.1:1/a').path == tmp_path / 'a'
+    monkeypatch.chdir(tmp_path / 'there')
+    d = m.add('http://127.0.0.1:1/b')
+    assert d.path == tmp_path / 'there' / 'b' and d.timeout == 10
+    m.kwargs['timeout'] = 4
+    assert m.add('http://127.0.0.1:1/c').timeout == 4
+    m.kwargs['headers'] = {'X-One': '1'}
+    assert m.add('http://127.0.0.1:1/c1').headers == {'X-One': '1'}
+    m.kwargs['headers']['X-Two'] = '2'
+    assert m.add('http://127.0.0.1:1/c2').headers == {'X-One': '1', 'X-Two': '2'}
+    m.kwargs['timeout'] = -1
+    with pytest.raises(ValueError, match='timeout'):
+        m.add('http://127.0.0.1:1/d')
+    with pytest.raises(bitpit.InvalidURLError):
+        bitpit.Manager().add('ftp://127.0.0.1/e')
+
 def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,
                                           ['/f{}'.format(i) for i in range(8)],
@@ -117,6 +180,7 @@ def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tm
     assert downloads[0].state == 'download'
     m.max_running = 0
     watcher.wait(all_in(downloads, 'complete'))
+    assert not m._stopped_at, 'a finished download is no longer timed for a restart'
     for i in range(3):
         assert (tmp_path / 's{}'.format(i)).read_bytes() == DATA
     resumed = [r for r in server.requests if r.headers['Range']]
@@ -132,7 +196,7 @@ def test_failed_download_restarts_after_restart_wait(manager, server, tmp_path):
     watcher.wait(all_in([d], 'complete'))
     errors = [t for t, _, _, new in watcher.log if new == 'error']
     starts = [t for t, _, _, new in watcher.log if new == 'start']
-    assert len(errors) == 2 and len(starts) == 3
+    assert len(errors) == 2 and len(starts) == 3 and not m._stopped_at
     assert starts[1] - errors[0] >= 0.38 and starts[2] - errors[1] >= 0.38
     assert (tmp_path / 'flaky').read_bytes() == DATA
 
