@@ -5113,9 +5113,15 @@ class _Transfer:
         ``tender`` has tend the download meanwhile, until that connection
         finds no more work (the connections that a split of the file adds
         run on connection threads): a small file then costs no hand-over
-        between threads. Download thread."""
+        between threads; but under a manager's cap on the connections to a
+        host, where the connection's slot would wait for this thread's
+        callbacks, another download waiting for it too, it runs on a
+        connection thread. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         with self._cond:
+            if self.options.slots is not None:
+                self._spawn()
+                return
             conn = self._add_connection()
         if conn is None:
             return
