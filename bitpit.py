@@ -1234,8 +1234,8 @@ class _TokenBucket:
 
 
 class _Turn(threading.Condition):
-    """A thread's place in a ``_TokenBucket``'s queue, which is served in
-    the order of their ``number`` (the order the threads came in)."""
+    """A thread's place in a ``_TokenBucket``'s queue; the queue is served
+    in the order of the places' ``number`` (the order the threads came in)."""
 
     def __init__(self, lock: threading.Lock, number: int):
         super().__init__(lock)
@@ -5113,10 +5113,10 @@ class _Transfer:
         ``tender`` has tend the download meanwhile, until that connection
         finds no more work (the connections that a split of the file adds
         run on connection threads): a small file then costs no hand-over
-        between threads; but under a manager's cap on the connections to a
-        host, where the connection's slot would wait for this thread's
-        callbacks, another download waiting for it too, it runs on a
-        connection thread. Download thread."""
+        between threads. Under a manager's cap on the connections to a host,
+        though, it runs on a connection thread: here, the host slot it holds
+        would wait for this thread's callbacks, and another download that
+        waits for the slot with it. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         with self._cond:
             if self.options.slots is not None:
