@@ -1141,7 +1141,8 @@ class _TokenBucket:
         self._lock = threading.Lock()
         # a list, not a deque: a few waiters at most, and an empty deque
         # takes 760 bytes, which every download of a long queue would hold
-        self._waiters: List[threading.Condition] = []
+        self._waiters: List[_Turn] = []  # in the order of their numbers
+        self._arrivals = 0  # the number of the next thread to come
         self._rate = 0.0
         self._tokens = 0.0
         self._stamp = time.monotonic()
@@ -1191,22 +1192,29 @@ class _TokenBucket:
             self._tokens = 0.0
 
     def acquire(self, want: int, cancelled: Callable[[], bool],
-                until: Optional[float] = None) -> int:
+                until: Optional[float] = None,
+                places: Optional[Dict['_TokenBucket', int]] = None) -> int:
         """Block until some bytes may be read and return how many (at most
         ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
         soon as ``cancelled()`` is true after a ``wake()``, and at ``until``
-        (a ``time.monotonic()``) if that comes first. Any thread."""
+        (a ``time.monotonic()``) if that comes first: then ``places`` (the
+        caller's, by bucket) keeps the caller's place in the queue, where
+        its next call comes back instead of at the tail (a download thread
+        that leaves to tend its download is not passed over again and
+        again). Any thread."""
+        kept = places.pop(self, None) if places else None
         if self._rate <= 0:  # unlimited: no lock on the fast path
             return 0 if cancelled() else want
         with self._lock:
-            turn = threading.Condition(self._lock)
-            self._waiters.append(turn)
+            turn = self._line_up(kept)
             try:
                 while not cancelled():
                     if self._rate <= 0:
                         return want
                     left = None if until is None else until - time.monotonic()
                     if left is not None and left <= 0:
+                        if places is not None:
+                            places[self] = turn.number
                         return 0
                     if self._waiters[0] is not turn:
                         turn.wait(left)  # until the threads ahead are served
@@ -1224,6 +1232,18 @@ class _TokenBucket:
                 if self._waiters:
                     self._waiters[0].notify()
 
+    def _line_up(self, number: Optional[int]) -> '_Turn':
+        """A place in the queue: the one numbered ``number`` that the
+        caller left, else the tail. Under the lock."""
+        if number is None:
+            number, self._arrivals = self._arrivals, self._arrivals + 1
+        turn = _Turn(self._lock, number)
+        index = len(self._waiters)
+        while index and self._waiters[index - 1].number > number:
+            index -= 1
+        self._waiters.insert(index, turn)
+        return turn
+
     def refund(self, unused: int) -> None:
         """Give back tokens that were acquired but not used."""
         if unused > 0 and self._rate > 0:
@@ -1237,6 +1257,15 @@ class _TokenBucket:
         """Wake every waiting thread so it re-checks ``cancelled()``."""
         with self._lock:
             self._notify_all()
+
+
+class _Turn(threading.Condition):
+    """A thread's place in a ``_TokenBucket``'s queue; the queue is served
+    in the order of the places' ``number`` (the order the threads came in)."""
+
+    def __init__(self, lock: threading.Lock, number: int):
+        super().__init__(lock)
+        self.number = number
 
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
@@ -1253,6 +1282,8 @@ class _Pacer:
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
+        # its places in the queues it left at an ``until``, to come back to
+        self._places: Dict[_TokenBucket, int] = {}
 
     @property
     def limited(self) -> bool:
@@ -1265,7 +1296,7 @@ class _Pacer:
         grants = self._grants
         del grants[:]
         for bucket in self.buckets:
-            want = bucket.acquire(want, self.cancelled, until)
+            want = bucket.acquire(want, self.cancelled, until, self._places)
             if not want:
                 self.settle(0)
                 return 0
@@ -5239,9 +5270,15 @@ class _Transfer:
         ``tender`` has tend the download meanwhile, until that connection
         finds no more work (the connections that a split of the file adds
         run on connection threads): a small file then costs no hand-over
-        between threads. Download thread."""
+        between threads. Under a manager's cap on the connections to a host,
+        though, it runs on a connection thread: here, the host slot it holds
+        would wait for this thread's callbacks, and another download that
+        waits for the slot with it. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         with self._cond:
+            if self.options.slots is not None:
+                self._spawn()
+                return
             conn = self._add_connection()
         if conn is None:
             return

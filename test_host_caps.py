@@ -5,6 +5,7 @@ freed slot goes to the download that has waited longest."""
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -108,8 +109,8 @@ def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
 
 
 def test_a_download_waiting_for_a_slot_says_its_speed(server, tmp_path):
-    """The download thread waits for the slot itself, and says the speed
-    every period meanwhile."""
+    """A download waiting for a slot says the speed every period
+    meanwhile."""
     server.add('/held.bin', DATA, stall_after=0)
     url = server.add('/f.bin', DATA)
     m = bitpit.Manager(max_per_host=1)
@@ -126,6 +127,33 @@ def test_a_download_waiting_for_a_slot_says_its_speed(server, tmp_path):
     holder.stop()
     server.release()
     assert server.requests_for('/f.bin') == [] and waiting.state == 'pause'
+
+
+def test_a_slow_callback_holds_no_slot_another_download_waits_for(server, tmp_path):
+    """A callback on a download thread holds up that download only: the
+    host slot its connection took goes to another download meanwhile,
+    once the body it was for has come."""
+    small = bytes(range(256)) * 40
+    urls = [server.add('/a', small), server.add('/b', small)]
+    m = bitpit.Manager(max_per_host=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(d, old):
+        if d.state == 'download':
+            entered.set()
+            release.wait(10)
+    a = bitpit.Downloader(urls[0], tmp_path / 'a')
+    a.listen('state-changed', slow)
+    m.add(a)
+    m.start()
+    assert entered.wait(10)
+    b = m.add(bitpit.Downloader(urls[1], tmp_path / 'b'))
+    try:
+        assert b.wait(2), 'the other download waited for the slow callback'
+    finally:
+        release.set()
+        assert a.wait(10)
+        m.stop()
 
 
 def test_hosts_are_capped_each_on_its_own(make_server, tmp_path):

@@ -301,6 +301,32 @@ def test_total_rate_limit_hands_on_every_unused_byte(manager, server, tmp_path,
     assert all(d.state == 'pause' for d in downloads)  # none ran out of bytes
 
 
+def test_total_rate_limit_serves_a_download_thread_beside_connection_threads(
+        manager, server, tmp_path):
+    """A download thread that reads its own connection leaves the total
+    limit's queue whenever its download is due for its signals (here every
+    50 ms): it comes back where it stood, so the connection threads of a
+    split file, which never leave it, do not pass it over and over: it
+    gets its turn as one of the seven readers (about a seventh)."""
+    server.add('/big', bytes(8 * 1024 * 1024))
+    server.add('/small', bytes(1024 * 1024))
+    m = manager(max_running=2, rate_limit=1000000, path=tmp_path, dir_path=True)
+    big = m.add(bitpit.Downloader(server.url('/big'), tmp_path / 'big', connections=6))
+    m.start()
+    # its probe's connection and five more, which share the file out
+    assert server.wait_requests(6, path='/big')
+    small = m.add(bitpit.Downloader(server.url('/small'), tmp_path / 'small',
+                                    update_period=0.05))
+    assert server.wait_requests(1, path='/small')
+    time.sleep(0.2)  # both under way
+    before = big.downloaded, small.downloaded
+    time.sleep(0.6)
+    got = big.downloaded - before[0], small.downloaded - before[1]
+    m.stop()
+    m.stop_all()
+    assert got[1] >= 0.07 * sum(got), got  # a seventh is 0.14; passed over, 0.02
+
+
 def test_individual_rate_limit_still_caps_a_download(manager, server, tmp_path):
     server.add('/a', bytes(4 * 1024 * 1024))
     m = manager(rate_limit=10 * 1024 * 1024, path=tmp_path, dir_path=True)
