@@ -272,10 +272,12 @@ def test_synced_at_most_once_a_second_and_at_the_end(server, tmp_path, monkeypat
         m.add(d)
     m.start()
     assert all(d.wait(20) for d in m.downloads)
-    during = list(synced)
     m.stop()
     assert len(records(tmp_path / 'm.jsonl')) == 30
-    assert during and all(b - a >= 1.0 for a, b in zip(during, during[1:]))
+    # the last sync, the run's end, may come any time after the one before
+    # (the manager thread may end the run before the last wait() returns)
+    during = synced[:-1]
+    assert all(b - a >= 1.0 for a, b in zip(during, during[1:]))
     assert len(synced) >= 1 and synced[-1] >= max(ended)
 
 
