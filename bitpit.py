@@ -377,7 +377,7 @@ if TYPE_CHECKING:
     _HostKey = Tuple[str, str, int]  # scheme, host, port
     # what an _Address takes from its URL's scheme and netloc: (host_key,
     # host_name, credentials, host_field)
-    _Origin = Tuple[_HostKey, str, Optional[Tuple[str, str]], str]
+    _OriginInfo = Tuple[_HostKey, str, Optional[Tuple[str, str]], str]
 
 
 def _ascii_host(host: str) -> str:
@@ -422,15 +422,15 @@ def _host_field(host_key: _HostKey) -> str:
     return host if port == (443 if scheme == 'https' else 80) else '{}:{}'.format(host, port)
 
 
-# the _Origin of each (scheme, netloc) checked (the same for every file of
+# the _OriginInfo of each (scheme, netloc) checked (the same for every file of
 # a server), so that a URL of a known origin is not checked or worked out
 # again; emptied when full (any thread: two that race to one make the same)
-_ORIGINS: 'Dict[Tuple[str, str], _Origin]' = {}
+_ORIGINS: 'Dict[Tuple[str, str], _OriginInfo]' = {}
 _MAX_ORIGINS = 256
 
 
-def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _Origin:
-    """The ``_Origin`` of ``url`` (split: ``parts``) if its scheme is http
+def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
+    """The ``_OriginInfo`` of ``url`` (split: ``parts``) if its scheme is http
     or https and its netloc a host (in ASCII or IDNA) and a valid port,
     else ``InvalidURLError``; remembered in ``_ORIGINS``."""
     try:
