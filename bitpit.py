@@ -520,26 +520,17 @@ def _redirect_target(base: str, location: str) -> _Address:
         raise RedirectError('refusing redirect to {!r}: {}'.format(raw, exc)) from exc
 
 
-def _origin(url: str) -> Tuple[str, str, Optional[int]]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or '').lower(), parts.port
-
-
-def _same_trust(old: str, new: str) -> bool:
+def _same_trust(old: _Address, new: _Address) -> bool:
     """Whether credentials meant for ``old`` may go to ``new`` (requests'
     ``should_strip_auth``): the same host, scheme and port, or http to https
     on the same host with the default ports."""
-    old_scheme, old_host, old_port = _origin(old)
-    new_scheme, new_host, new_port = _origin(new)
-    if old_host != new_host:
+    if old.host_name != new.host_name:
         return False
-    if old_scheme == 'http' and old_port in (80, None) and \
-            new_scheme == 'https' and new_port in (443, None):
-        return True
-    default = (80 if old_scheme == 'http' else 443, None)
-    if old_scheme == new_scheme and old_port in default and new_port in default:
-        return True
-    return old_scheme == new_scheme and old_port == new_port
+    # (a port not written in a URL is its scheme's default in its host_key)
+    old_scheme, _, old_port = old.host_key
+    new_scheme, _, new_port = new.host_key
+    return (old_scheme, old_port, new_scheme, new_port) == ('http', 80, 'https', 443) or \
+        (old_scheme == new_scheme and old_port == new_port)
 
 
 # -- headers -------------------------------------------------------------------------
@@ -2705,10 +2696,10 @@ class _RequestOptions:
             self._proxies[key] = _proxy_for(scheme, host, self.proxy)
         return self._proxies[key]
 
-    def trusted(self, url: str) -> bool:
-        """Whether ``url`` may get the caller's secrets: ``auth``,
-        ``Authorization`` and ``Cookie`` headers."""
-        return url == self.url or _same_trust(self.url, url)
+    def trusted(self, address: _Address) -> bool:
+        """Whether the URL of ``address`` may get the caller's secrets:
+        ``auth``, ``Authorization`` and ``Cookie`` headers."""
+        return address.url == self.url or _same_trust(_check_url(self.url), address)
 
     def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
                     ) -> Optional[Tuple[str, str]]:
@@ -2964,7 +2955,7 @@ class _Request:
         self.extra = extra or {}
         self.url = address.url
         self.address = address
-        self.trusted = options.trusted(address.url)
+        self.trusted = options.trusted(address)
         self.own_credentials = self.address.credentials
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[_AnyHTTPConnection] = None
@@ -3001,7 +2992,7 @@ class _Request:
             seen.add(target)
             self.redirects.append((self.url, response))
             self._drain_and_release(response)
-            self.trusted = self.trusted and _same_trust(self.url, target)
+            self.trusted = self.trusted and _same_trust(self.address, address)
             if address.credentials is not None or not self.trusted:
                 self.own_credentials = address.credentials
             self.url, self.address = target, address

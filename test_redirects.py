@@ -137,7 +137,7 @@ def test_international_host_names_are_sent_in_idna():
     ('http://H/a', 'http://h/b', True),
 ])
 def test_credentials_follow_requests_rules(old, new, kept):
-    assert bitpit._same_trust(old, new) is kept
+    assert bitpit._same_trust(bitpit._check_url(old), bitpit._check_url(new)) is kept
 
 
 def test_credentials_are_dropped_when_a_redirect_changes_the_port(server, make_server,
