@@ -303,10 +303,10 @@ def _fit_name(stem: str, suffix: str) -> str:
     ``_MAX_NAME_BYTES`` (an absurd suffix is cut too)."""
     def size(text: str) -> int:
         return len(text.encode('utf-8', 'surrogateescape'))
+    if size(stem + suffix) <= _MAX_NAME_BYTES:  # (most names: one encoding)
+        return stem + suffix
     if size(suffix) > _MAX_NAME_BYTES // 2:
         stem, suffix = stem + suffix, ''
-    if size(stem) + size(suffix) <= _MAX_NAME_BYTES:
-        return stem + suffix
     room = _MAX_NAME_BYTES - size(suffix)
     while size(stem) > room:
         stem = stem[:-1]
@@ -322,12 +322,6 @@ def _split_extension(name: str) -> Tuple[str, str]:
     if stem.lower().endswith('.tar') and stem[:-4].strip('.'):
         return stem[:-4], stem[-4:] + '.' + ext
     return stem, '.' + ext
-
-
-def _filename_from_url(url: str) -> str:
-    """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
-    path = urllib.parse.urlsplit(url).path
-    return _safe_filename(urllib.parse.unquote(path.rsplit('/', 1)[-1]))
 
 
 _DISPOSITION_EXT = _Pattern(
@@ -379,44 +373,23 @@ _URL_CONTROL_CHARS_RE = _Pattern(r'[\x00-\x1f\x7f-\x9f]')
 _URL_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
 
 
-def _check_url(url: str) -> urllib.parse.SplitResult:
-    """The split URL if it is an absolute http(s) URL with a host, else
-    ``InvalidURLError``. Spaces and non-ASCII characters are allowed (they
-    are encoded when sent); control characters are not."""
-    if not isinstance(url, str):
-        raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
-    if _URL_CONTROL_CHARS_RE.search(url):
-        raise InvalidURLError('URL with control characters: {!r}'.format(url))
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # validates the port
-    except ValueError as exc:
-        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
-    if parts.scheme.lower() not in ('http', 'https'):
-        raise InvalidURLError('unsupported URL scheme in {!r}: only http and https'
-                              .format(url))
-    host = parts.hostname
-    if not host or any(c in host for c in ' %\\'):
-        raise InvalidURLError('malformed URL {!r}'.format(url))
-    if not host.isascii():
-        try:
-            host.encode('idna')
-        except UnicodeError as exc:
-            raise InvalidURLError('malformed host name in {!r}'.format(url)) from exc
-    return parts
+if TYPE_CHECKING:
+    _HostKey = Tuple[str, str, int]  # scheme, host, port
+    # what an _Address takes from its URL's scheme and netloc: (host_key,
+    # host_name, credentials, host_field)
+    _OriginInfo = Tuple[_HostKey, str, Optional[Tuple[str, str]], str]
 
 
 def _ascii_host(host: str) -> str:
     return host if host.isascii() else host.encode('idna').decode('ascii')
 
 
-def _ascii_url(url: str) -> str:
-    """``url`` as sent on the wire: the host in IDNA, and spaces and
-    non-ASCII characters of the rest percent-encoded as UTF-8, as browsers
-    do. Assumes ``_check_url`` accepted it."""
+def _ascii_url(url: str, parts: urllib.parse.SplitResult) -> str:
+    """``url`` (split: ``parts``) as sent on the wire: the host in IDNA,
+    and spaces and non-ASCII characters of the rest percent-encoded as
+    UTF-8, as browsers do. Assumes ``_check_url`` accepted it."""
     if url.isascii() and ' ' not in url:
         return url
-    parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     host = parts.hostname or ''
     if not host.isascii():
@@ -430,7 +403,107 @@ def _ascii_url(url: str) -> str:
                                     encode(parts.query), encode(parts.fragment)))
 
 
-def _redirect_target(base: str, location: str) -> str:
+def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
+    """The user and password written in a URL, or ``None``."""
+    if parts.username is None:
+        return None
+    return (urllib.parse.unquote(parts.username),
+            urllib.parse.unquote(parts.password or ''))
+
+
+def _host_field(host_key: _HostKey) -> str:
+    """The ``Host`` value of the requests to ``host_key``'s host on a
+    connection to it (or a tunnel to it), as http.client's ``putrequest``
+    makes it for each: the host (an IPv6 address in brackets), and its port
+    unless the scheme's own."""
+    scheme, host, port = host_key
+    if ':' in host:
+        host = '[' + host + ']'
+    return host if port == (443 if scheme == 'https' else 80) else '{}:{}'.format(host, port)
+
+
+# the _OriginInfo of each (scheme, netloc) checked (the same for every file of
+# a server), so that a URL of a known origin is not checked or worked out
+# again; emptied when full (any thread: two that race to one make the same)
+_ORIGINS: 'Dict[Tuple[str, str], _OriginInfo]' = {}
+_MAX_ORIGINS = 256
+
+
+def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
+    """The ``_OriginInfo`` of ``url`` (split: ``parts``) if its scheme is http
+    or https and its netloc a host (in ASCII or IDNA) and a valid port,
+    else ``InvalidURLError``; remembered in ``_ORIGINS``."""
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
+    scheme = parts.scheme  # (in lower case: urlsplit makes it so)
+    if scheme not in ('http', 'https'):
+        raise InvalidURLError('unsupported URL scheme in {!r}: only http and https'
+                              .format(url))
+    host = parts.hostname
+    if not host or any(c in host for c in ' %\\'):
+        raise InvalidURLError('malformed URL {!r}'.format(url))
+    try:
+        host_key = (scheme, _ascii_host(host), port or (443 if scheme == 'https' else 80))
+    except UnicodeError as exc:
+        raise InvalidURLError('malformed host name in {!r}'.format(url)) from exc
+    if len(_ORIGINS) >= _MAX_ORIGINS:
+        _ORIGINS.clear()
+    origin = _ORIGINS[scheme, parts.netloc] = (host_key, host, _url_credentials(parts),
+                                               _host_field(host_key))
+    return origin
+
+
+class _Address:
+    """A URL ``_check_url`` accepted, and what the requests to it need of
+    it, worked out once: the ``url`` as given and its ``path`` (which names
+    the file); the ``(scheme, host, port)`` its requests connect to
+    (``host_key``, the host in ASCII), the ``host_name`` (its
+    ``hostname``, as ``.netrc`` and ``no_proxy`` name it), the URL as sent
+    (``wire_url``, see ``_ascii_url``) and its request ``target``, the
+    ``credentials`` written in it, and its ``Host`` field (``host_field``,
+    see ``_host_field``). Read-only: any thread."""
+    __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
+                 'host_field')
+
+    def __init__(self, url: str, parts: urllib.parse.SplitResult):
+        self.url, self.path = url, parts.path
+        origin = _ORIGINS.get((parts.scheme, parts.netloc))
+        if origin is None:  # (else the origin was checked: the same is valid again)
+            origin = _check_origin(url, parts)
+        self.host_key, self.host_name, self.credentials, self.host_field = origin
+        self.wire_url = _ascii_url(url, parts)
+        wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
+        target = wire.path or '/'  # (for a URL without a query, its path itself)
+        if wire.query:
+            target += '?' + wire.query
+        self.target = target
+
+
+def _check_url(url: str) -> _Address:
+    """The ``_Address`` of ``url`` if it is an absolute http(s) URL with a
+    host, else ``InvalidURLError``. Spaces and non-ASCII characters are
+    allowed (they are encoded when sent); control characters are not. The
+    one place a URL is split: whoever needs a part of it takes it from
+    the address."""
+    if not isinstance(url, str):
+        raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
+    if _URL_CONTROL_CHARS_RE.search(url):
+        raise InvalidURLError('URL with control characters: {!r}'.format(url))
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
+    return _Address(url, parts)
+
+
+def _filename_from_url(address: _Address) -> str:
+    """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
+    return _safe_filename(urllib.parse.unquote(address.path.rsplit('/', 1)[-1]))
+
+
+def _redirect_target(base: str, location: str) -> _Address:
     """The absolute URL a ``Location`` header points to. Raw UTF-8 bytes
     in the header (decoded as Latin-1 by http.client) are taken as UTF-8.
     Raises ``RedirectError`` for a target bitpit does not follow."""
@@ -442,33 +515,22 @@ def _redirect_target(base: str, location: str) -> str:
     try:
         if _URL_CONTROL_CHARS_RE.search(raw):  # before urljoin, which drops tabs and newlines
             raise InvalidURLError('URL with control characters: {!r}'.format(raw))
-        target = urllib.parse.urljoin(base, raw)
-        _check_url(target)
+        return _check_url(urllib.parse.urljoin(base, raw))
     except ValueError as exc:  # InvalidURLError, or one urljoin raised
         raise RedirectError('refusing redirect to {!r}: {}'.format(raw, exc)) from exc
-    return target
 
 
-def _origin(url: str) -> Tuple[str, str, Optional[int]]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or '').lower(), parts.port
-
-
-def _same_trust(old: str, new: str) -> bool:
+def _same_trust(old: _Address, new: _Address) -> bool:
     """Whether credentials meant for ``old`` may go to ``new`` (requests'
     ``should_strip_auth``): the same host, scheme and port, or http to https
     on the same host with the default ports."""
-    old_scheme, old_host, old_port = _origin(old)
-    new_scheme, new_host, new_port = _origin(new)
-    if old_host != new_host:
+    if old.host_name != new.host_name:
         return False
-    if old_scheme == 'http' and old_port in (80, None) and \
-            new_scheme == 'https' and new_port in (443, None):
-        return True
-    default = (80 if old_scheme == 'http' else 443, None)
-    if old_scheme == new_scheme and old_port in default and new_port in default:
-        return True
-    return old_scheme == new_scheme and old_port == new_port
+    # (a port not written in a URL is its scheme's default in its host_key)
+    old_scheme, _, old_port = old.host_key
+    new_scheme, _, new_port = new.host_key
+    return (old_scheme, old_port, new_scheme, new_port) == ('http', 80, 'https', 443) or \
+        (old_scheme == new_scheme and old_port == new_port)
 
 
 # -- headers -------------------------------------------------------------------------
@@ -687,11 +749,11 @@ def _server_digests(response: http.client.HTTPResponse, fields: Tuple[str, ...]
     return found
 
 
-def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
+def _duplicates(response: http.client.HTTPResponse, base: str) -> List[_Address]:
     """The http(s) URLs a response's ``Link: <URL>; rel=duplicate`` fields
     name (RFC 6249), relative ones resolved against ``base``, by their
     ``pri`` (lowest first), at most ``_MAX_DUPLICATES``."""
-    found: List[Tuple[int, int, str]] = []
+    found: List[Tuple[int, int, _Address]] = []
     for value in response.headers.get_all('Link') or ():
         position = 0
         while position < len(value) and value[position:].strip():
@@ -705,14 +767,13 @@ def _duplicates(response: http.client.HTTPResponse, base: str) -> List[str]:
             if 'duplicate' not in (parameters.get('rel') or '').lower().split():
                 continue
             try:
-                url = urllib.parse.urljoin(base, match.group(1).strip())
-                _check_url(url)
+                address = _check_url(urllib.parse.urljoin(base, match.group(1).strip()))
             except (InvalidURLError, ValueError) as exc:
                 _log.info('ignoring a duplicate the server names: %s', exc)
                 continue
             priority = parameters.get('pri') or ''
-            found.append((int(priority) if priority.isdigit() else 999999, len(found), url))
-    return [url for _, _, url in sorted(found)[:_MAX_DUPLICATES]]
+            found.append((int(priority) if priority.isdigit() else 999999, len(found), address))
+    return [address for _, _, address in sorted(found)[:_MAX_DUPLICATES]]
 
 
 # headers bitpit sets itself: a caller may not give them
@@ -2086,22 +2147,6 @@ _POOL = _ConnectionPool()
 
 # -- per-host connection caps -------------------------------------------------------
 
-if TYPE_CHECKING:
-    _HostKey = Tuple[str, str, int]  # scheme, host, port
-
-
-def _host_key(url: str) -> _HostKey:
-    """The (scheme, host, port) a request for ``url`` connects to."""
-    return _split_host_key(urllib.parse.urlsplit(url))
-
-
-def _split_host_key(parts: urllib.parse.SplitResult) -> _HostKey:
-    """``_host_key`` of a URL already split."""
-    scheme = parts.scheme.lower()
-    return scheme, _ascii_host(parts.hostname or ''), \
-        parts.port or (443 if scheme == 'https' else 80)
-
-
 class _SlotTicket:
     """A connection thread waiting for a slot; ``granted`` once it has one.
     Guarded by its ``_HostSlots``' lock."""
@@ -2350,14 +2395,6 @@ def _default_netrc_path() -> str:
 
 # ($HOME, the .netrc in it) of the last look-up; replaced whole (any thread)
 _HOME_NETRC: Tuple[Optional[str], str] = (None, '')
-
-
-def _url_credentials(parts: urllib.parse.SplitResult) -> Optional[Tuple[str, str]]:
-    """The user and password written in a URL, or ``None``."""
-    if parts.username is None:
-        return None
-    return (urllib.parse.unquote(parts.username),
-            urllib.parse.unquote(parts.password or ''))
 
 
 def _basic_auth(user: str, password: str) -> str:
@@ -2690,10 +2727,10 @@ class _RequestOptions:
             self._proxies[key] = _proxy_for(scheme, host, self.proxy)
         return self._proxies[key]
 
-    def trusted(self, url: str) -> bool:
-        """Whether ``url`` may get the caller's secrets: ``auth``,
-        ``Authorization`` and ``Cookie`` headers."""
-        return url == self.url or _same_trust(self.url, url)
+    def trusted(self, address: _Address) -> bool:
+        """Whether the URL of ``address`` may get the caller's secrets:
+        ``auth``, ``Authorization`` and ``Cookie`` headers."""
+        return address.url == self.url or _same_trust(_check_url(self.url), address)
 
     def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
                     ) -> Optional[Tuple[str, str]]:
@@ -2907,50 +2944,6 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
-class _Address:
-    """What the requests to one URL need of it, worked out once: the
-    ``(scheme, host, port)`` they connect to (``host_key``, the host in
-    ASCII), the ``host_name`` (its ``hostname``, as ``.netrc`` and
-    ``no_proxy`` name it), the URL as sent (``wire_url``, see
-    ``_ascii_url``) and its request target, the ``credentials`` written in
-    it, and its ``Host`` field (``host_field``, see ``_host_field``). Made
-    for a URL that was checked when it was given or followed; read-only."""
-    __slots__ = ('host_key', 'host_name', 'wire_url', 'target', 'credentials', 'host_field')
-
-    def __init__(self, url: str):
-        parts = urllib.parse.urlsplit(url)
-        origin = (parts.scheme, parts.netloc)
-        known = _ORIGINS.get(origin)
-        if known is None:
-            if len(_ORIGINS) >= _MAX_ORIGINS:
-                _ORIGINS.clear()
-            host_key = _split_host_key(parts)
-            known = _ORIGINS[origin] = (host_key, parts.hostname or '', _url_credentials(parts),
-                                        _host_field(host_key))
-        self.host_key, self.host_name, self.credentials, self.host_field = known
-        self.wire_url = _ascii_url(url)
-        wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
-        self.target = (wire.path or '/') + ('?' + wire.query if wire.query else '')
-
-
-# what an _Address takes from a URL's scheme and netloc (the same for every
-# file of a server), by them: (host_key, host_name, credentials,
-# host_field); emptied when full (any thread: two that race to one make the same)
-_ORIGINS: 'Dict[Tuple[str, str], Tuple[_HostKey, str, Optional[Tuple[str, str]], str]]' = {}
-_MAX_ORIGINS = 256
-
-
-def _host_field(host_key: _HostKey) -> str:
-    """The ``Host`` value of the requests to ``host_key``'s host on a
-    connection to it (or a tunnel to it), as http.client's ``putrequest``
-    makes it for each: the host (an IPv6 address in brackets), and its port
-    unless the scheme's own."""
-    scheme, host, port = host_key
-    if ':' in host:
-        host = '[' + host + ']'
-    return host if port == (443 if scheme == 'https' else 80) else '{}:{}'.format(host, port)
-
-
 def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
     """Add the field lines of ``headers`` to the request ``conn`` is making
     (after its ``putrequest``), in one line of its buffer, encoded as
@@ -2980,7 +2973,7 @@ class _Request:
     ``first=None`` asks for the whole file.
     ``cancel`` aborts the connection from another thread. Any thread."""
 
-    def __init__(self, options: _RequestOptions, url: str, method: str = 'GET',
+    def __init__(self, options: _RequestOptions, address: _Address, method: str = 'GET',
                  first: Optional[int] = None, last: Optional[int] = None,
                  validator: Optional[str] = None,
                  cancel: Optional[_Cancel] = None, extra: Optional[Dict[str, str]] = None):
@@ -2991,9 +2984,9 @@ class _Request:
         self.validator = validator
         self.cancel = cancel
         self.extra = extra or {}
-        self.url = url
-        self.address = _Address(url)
-        self.trusted = options.trusted(url)
+        self.url = address.url
+        self.address = address
+        self.trusted = options.trusted(address)
         self.own_credentials = self.address.credentials
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[_AnyHTTPConnection] = None
@@ -3023,14 +3016,14 @@ class _Request:
             if not location:
                 self.response = response
                 return response
-            target = _redirect_target(self.url, location)
+            address = _redirect_target(self.url, location)
+            target = address.url
             if target in seen:
                 raise RedirectError('redirect loop at {}'.format(target))
             seen.add(target)
             self.redirects.append((self.url, response))
             self._drain_and_release(response)
-            self.trusted = self.trusted and _same_trust(self.url, target)
-            address = _Address(target)
+            self.trusted = self.trusted and _same_trust(self.address, address)
             if address.credentials is not None or not self.trusted:
                 self.own_credentials = address.credentials
             self.url, self.address = target, address
@@ -4439,14 +4432,16 @@ class _Splice:
 
 
 class _Source:
-    """One URL the file can come from, and what this attempt learned of it:
-    its validator, the one it had before the file changed (``stale``), the
-    error that retired it, and its transient failures in a row. Guarded by
-    the transfer's lock."""
-    __slots__ = ('url', 'validator', 'stale', 'retired', 'streak', 'last_error', 'bad_pieces')
+    """One URL the file can come from (its ``address``, checked), and what
+    this attempt learned of it: its validator, the one it had before the
+    file changed (``stale``), the error that retired it, and its transient
+    failures in a row. Guarded by the transfer's lock."""
+    __slots__ = ('url', 'address', 'validator', 'stale', 'retired', 'streak', 'last_error',
+                 'bad_pieces')
 
-    def __init__(self, url: str, validator: Optional[str]):
-        self.url = url
+    def __init__(self, address: _Address, validator: Optional[str]):
+        self.url = address.url
+        self.address = address
         self.validator = validator
         self.stale: Optional[str] = None
         self.retired: Optional[Error] = None
@@ -4972,7 +4967,7 @@ class _Pump:
                 return
             conn.request_end = planner.request_end(conn)
             last = None if conn.open_ended or not ranged else conn.request_end - 1
-            request = _Request(self.options, source.url, first=first if ranged else None,
+            request = _Request(self.options, source.address, first=first if ranged else None,
                                last=last, validator=source.validator if first > 0 else None,
                                cancel=self.cancel,
                                extra=None if transfer.probed else transfer.conditions)
@@ -5005,7 +5000,7 @@ class _Pump:
         """The size of the file at ``source``, or ``None`` if it does not
         tell: asked with ``Range: bytes=0-0`` for a 416 that left it out, so
         that such a 416 can still say that a resumed file is whole."""
-        request = _Request(self.options, source.url, first=0, last=0, cancel=self.cancel)
+        request = _Request(self.options, source.address, first=0, last=0, cancel=self.cancel)
         try:
             return _check_answer(request.send(), request.url, 0).total
         except HTTPStatusError:
@@ -5211,7 +5206,7 @@ class _Transfer:
     the state of the split), the sources and the events; no file is read
     or reserved under it, and ``stop()`` never waits for it."""
 
-    def __init__(self, *, store: _FileStore, urls: List[str], options: _RequestOptions,
+    def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
                  min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
@@ -5221,7 +5216,8 @@ class _Transfer:
         self._cond = threading.Condition(threading.Lock())
         self.store = store
         self.options = options
-        self.sources = [_Source(url, store.validators.get(url)) for url in urls]
+        self.sources = [_Source(address, store.validators.get(address.url))
+                        for address in addresses]
         self.chunk_size = chunk_size
         self.buckets = buckets              # the download's own first
         self.checksum = checksum
@@ -5446,7 +5442,7 @@ class _Transfer:
         source = usable[number % len(usable)]
         slots = self.options.slots
         if slots is not None and self.connections and \
-                not slots.spare(_host_key(source.url), self._on_slot_freed):
+                not slots.spare(source.address.host_key, self._on_slot_freed):
             self.opened -= 1
             return None  # one more connection would pass the manager's cap: later
         conn = _Connection(number, source, self.chunk_size)
@@ -5739,10 +5735,10 @@ class _Transfer:
             return
         known = {source.url for source in self.sources}
         for duplicate in _duplicates(said, url):
-            if duplicate not in known:
-                _log.info('%s: %s serves it too', self.options.url, duplicate)
-                self.sources.append(_Source(duplicate, self.store.validators.get(duplicate)))
-                known.add(duplicate)
+            if duplicate.url not in known:
+                _log.info('%s: %s serves it too', self.options.url, duplicate.url)
+                self.sources.append(_Source(duplicate, self.store.validators.get(duplicate.url)))
+                known.add(duplicate.url)
 
     def _learn(self, source: _Source, answer: _Answer) -> None:
         """Remember the source's validator (a partial answer without one
@@ -6060,7 +6056,7 @@ def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
     media type is none of them. Raises the request's ``bitpit.Error``; a
     larger or an encoded body is a ``ProtocolError``. Blocks for up to
     ``options.timeout`` per read."""
-    request = _Request(options, url)
+    request = _Request(options, _check_url(url))
     try:
         response = request.send()
         if response.status >= 300:
@@ -6600,7 +6596,7 @@ class Downloader(Emitter):
     # only a started download needs (its store, token bucket and Digest
     # state) is made at the first need, see "made at the first need" below
     __slots__ = (
-        '_metalink', '_lock', '_changed', '_url', '_state', '_size', '_downloaded',
+        '_metalink', '_lock', '_changed', '_url', '_address', '_state', '_size', '_downloaded',
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
@@ -6636,8 +6632,7 @@ class Downloader(Emitter):
             if checksum is None and self._metalink.checksum is not None:
                 checksum = '{}:{}'.format(*self._metalink.checksum)
         assert url is not None  # else _metalink_entry raised TypeError
-        _check_url(url)
-        self._init_state(url)
+        self._init_state(_check_url(url))
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         self.timeout = timeout
@@ -6666,12 +6661,14 @@ class Downloader(Emitter):
         self.verify_digest = verify_digest
         self.restart_wait_max = restart_wait_max
 
-    def _init_state(self, url: str) -> None:
-        """What a download of ``url`` holds before its first start, besides
-        its options: for the constructor, and for ``_another()``."""
+    def _init_state(self, address: _Address) -> None:
+        """What a download of ``address`` (its URL, checked) holds before
+        its first start, besides its options: for the constructor, and for
+        ``_another()``."""
         self._lock = threading.RLock()       # guards the thread, the restart, the state
         self._changed: Optional[_Changed] = None  # see _changes()
-        self._url = url
+        self._url = address.url
+        self._address = address              # what its requests and its name take of _url
         self._state = 'pause'
         self._resumed_from = 0               # bytes held when the attempt began
         self._best_held = 0                  # the most bytes an attempt ever held
@@ -6726,7 +6723,7 @@ class Downloader(Emitter):
     def _name_in_dir(self) -> str:
         """The file's name with ``dir_path``: the metalink's, else the URL's."""
         return self._metalink.filename if self._metalink is not None else \
-            _filename_from_url(self._url)
+            _filename_from_url(self._address)
 
     def _forget_local_state(self) -> None:
         """A new target (or URL): what is on disk is read again at the first
@@ -6745,10 +6742,10 @@ class Downloader(Emitter):
 
     @url.setter
     def url(self, value: str) -> None:
-        _check_url(value)
+        address = _check_url(value)
         with self._lock:
             self._ensure_not_running('url')
-            self._url = value
+            self._url, self._address = value, address
             if self._dir is not None:
                 self._path = self._dir / self._name_in_dir()
             self._forget_local_state()
@@ -6768,18 +6765,17 @@ class Downloader(Emitter):
     def mirrors(self) -> Tuple[str, ...]:
         """More URLs of the same file, tried after ``url`` (a tuple). Setting
         it while running raises ``RuntimeError``."""
-        return self._mirrors
+        return tuple(mirror.url for mirror in self._mirrors)
 
     @mirrors.setter
     def mirrors(self, value: Iterable[str]) -> None:
         if isinstance(value, str):
             raise TypeError('mirrors must be a list of URLs, not one str')
-        mirrors = tuple(value)
-        for mirror in mirrors:
-            _check_url(mirror)
+        addresses = [_check_url(mirror) for mirror in value]
         with self._lock:
             self._ensure_not_running('mirrors')
-            self._mirrors = tuple(dict.fromkeys(m for m in mirrors if m != self._url))
+            # (each URL once: the same URL's addresses are alike)
+            self._mirrors = tuple({a.url: a for a in addresses if a.url != self._url}.values())
 
     @property
     def path(self) -> _Target:
@@ -7095,7 +7091,7 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        request = _Request(self._request_options(), self._url, 'HEAD')
+        request = _Request(self._request_options(), self._address, 'HEAD')
         try:
             response = request.send()
             if response.status >= 300:
@@ -7269,7 +7265,8 @@ class Downloader(Emitter):
         if store.size >= 0:
             self._set_size(store.size)
         transfer = _Transfer(
-            store=store, urls=[self._url, *self._mirrors], options=self._request_options(),
+            store=store, addresses=[self._address, *self._mirrors],
+            options=self._request_options(),
             connections=self._connections if store.is_path else 1,
             chunk_size=self._chunk_size, buckets=self._buckets(), checksum=checksum,
             max_size=self._max_size, min_speed=self._min_speed,
@@ -7343,7 +7340,7 @@ class Downloader(Emitter):
         assert self._checksum_file is not None  # a checksum file was given
         algorithm, url = self._checksum_file
         body, _ = _fetch_document(self._request_options(), url, 'checksum file')
-        names = [urllib.parse.unquote(urllib.parse.urlsplit(self._url).path.rsplit('/', 1)[-1])]
+        names = [urllib.parse.unquote(self._address.path.rsplit('/', 1)[-1])]
         if isinstance(self._path, os.PathLike):
             names.append(self._path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
@@ -7430,10 +7427,10 @@ class Downloader(Emitter):
         this one was made). This one has no ``mirrors`` and no
         ``metalink``, and never ran: how a manager makes the downloads it
         adds by URL from its ``kwargs``, thousands of them. Any thread."""
-        _check_url(url)
+        address = _check_url(url)
         d = Downloader.__new__(Downloader)
         d._metalink = None
-        d._init_state(url)
+        d._init_state(address)
         d._rate_limit = self._rate_limit
         d._timeout = self._timeout
         d._update_period = self._update_period
@@ -9113,7 +9110,8 @@ def _assign_paths(files: List[_Sources], directory: Optional[str]) -> List[_Job]
     taken = set()
     jobs = []
     for url, mirrors in files:
-        name = url.filename if isinstance(url, _MetalinkFile) else _filename_from_url(url)
+        name = url.filename if isinstance(url, _MetalinkFile) else \
+            _filename_from_url(_check_url(url))
         stem, ext = _split_extension(name)
         number = 0
         while name.casefold() in taken:

@@ -115,9 +115,10 @@ def test_a_location_with_control_characters_is_a_fatal_redirect_error(server, tm
 
 
 def test_international_host_names_are_sent_in_idna():
-    assert bitpit._ascii_url('http://Bücher.example:8080/ü?q=ä') == \
+    assert bitpit._check_url('http://Bücher.example:8080/ü?q=ä').wire_url == \
         'http://xn--bcher-kva.example:8080/%C3%BC?q=%C3%A4'
-    assert bitpit._ascii_url('http://u:p@bücher.example/') == 'http://u:p@xn--bcher-kva.example/'
+    assert bitpit._check_url('http://u:p@bücher.example/').wire_url == \
+        'http://u:p@xn--bcher-kva.example/'
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_international_host_names_are_sent_in_idna():
     ('http://H/a', 'http://h/b', True),
 ])
 def test_credentials_follow_requests_rules(old, new, kept):
-    assert bitpit._same_trust(old, new) is kept
+    assert bitpit._same_trust(bitpit._check_url(old), bitpit._check_url(new)) is kept
 
 
 def test_credentials_are_dropped_when_a_redirect_changes_the_port(server, make_server,

@@ -114,13 +114,13 @@ def test_a_line_break_in_a_field_is_refused_and_nothing_sent(server, name, value
     from a cookie jar or a sidecar) is still refused before a byte goes out."""
     url = server.add('/f', DATA)
     options = bitpit._RequestOptions(url, {}, None, '', None, 5.0, bitpit._Cookies())
-    request = bitpit._Request(options, url, extra={name: value})
+    request = bitpit._Request(options, bitpit._check_url(url), extra={name: value})
     try:
         with pytest.raises(ValueError, match='Invalid header'):
             request.send()
     finally:
         request.close(False)
-    request = bitpit._Request(options, url, extra={'X-A': 'a b'})
+    request = bitpit._Request(options, bitpit._check_url(url), extra={'X-A': 'a b'})
     try:
         assert request.send().status == 200
     finally:

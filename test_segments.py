@@ -194,8 +194,9 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
     options = bitpit._RequestOptions(url, {}, None, None, None, 10, bitpit._Cookies())
-    transfer = bitpit._Transfer(store=store, urls=[url], options=options, connections=4,
-                                chunk_size=65536, buckets=(bitpit._TokenBucket(),),
+    transfer = bitpit._Transfer(store=store, addresses=[bitpit._check_url(url)],
+                                options=options, connections=4, chunk_size=65536,
+                                buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=0, rename_in=None,
                                 gzip_name=False)
     transfer.planner.total = 100
@@ -250,8 +251,9 @@ def test_min_speed_never_fails_a_file_whose_every_byte_is_held(tmp_path):
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
     options = bitpit._RequestOptions(url, {}, None, None, None, 1, bitpit._Cookies())
-    transfer = bitpit._Transfer(store=store, urls=[url], options=options, connections=1,
-                                chunk_size=65536, buckets=(bitpit._TokenBucket(),),
+    transfer = bitpit._Transfer(store=store, addresses=[bitpit._check_url(url)],
+                                options=options, connections=1, chunk_size=65536,
+                                buckets=(bitpit._TokenBucket(),),
                                 checksum=None, max_size=None, min_speed=10 ** 6,
                                 rename_in=None, gzip_name=False)
     transfer.probed, transfer.planner.total = True, 100
@@ -395,8 +397,8 @@ def connection(planner, claim=None, reading_to=None, rate=None, last_rate=0.0):
     with a read under way to ``reading_to`` (else to ``pos``), for a second
     at ``rate`` bytes/s, its last byte just now; else free, its last
     request having come at ``last_rate``."""
-    conn = bitpit._Connection(len(planner.connections),
-                              bitpit._Source('http://127.0.0.1:1/f', None), 65536)
+    source = bitpit._Source(bitpit._check_url('http://127.0.0.1:1/f'), None)
+    conn = bitpit._Connection(len(planner.connections), source, 65536)
     conn.last_rate = last_rate
     if claim is not None:
         start, end, pos = claim

@@ -13,12 +13,13 @@ import pathlib
 import select
 import socket
 import threading
+import urllib.parse
 import weakref
 
 import pytest
 
 import bitpit
-from conftest import DATA, fetch
+from conftest import DATA, Recorder, fetch, run_until
 
 SMALL = DATA[:10240]
 
@@ -241,3 +242,23 @@ def test_a_request_goes_out_in_one_write_and_its_small_answer_in_one_receive(
         assert bitpit._Body(response, ours).readinto(view) == len(SMALL) and view == SMALL
         response.close()
     assert len(receives) == 1
+
+
+def test_a_url_is_split_once_when_it_is_set(server, tmp_path, monkeypatch):
+    """A download splits its URL when it is given or set again, and takes
+    its file's name, its request's target and the host it connects to from
+    that: not by splitting it again when the download is made or when it
+    starts (long after, among thousands queued, urllib's cache of splits
+    has dropped it)."""
+    urls = [server.add('/d/a%20b.bin', SMALL), server.add('/d/%C3%BC.bin', SMALL)]
+    splits = []
+    urlsplit = urllib.parse.urlsplit
+    monkeypatch.setattr(urllib.parse, 'urlsplit', lambda url, *args, **kwargs: (
+        splits.append(url) if url in urls else None) or urlsplit(url, *args, **kwargs))
+    d = bitpit.Downloader(urls[0], tmp_path, dir_path=True)
+    assert splits == urls[:1] and d.path == tmp_path / 'a b.bin'
+    d.url = urls[1]  # its name and its requests follow
+    assert splits == urls and d.path == tmp_path / 'ü.bin'
+    run_until(d, Recorder(d), 'complete')
+    assert splits == urls and (tmp_path / 'ü.bin').read_bytes() == SMALL
+    assert [r.path for r in server.requests] == ['/d/%C3%BC.bin']
