@@ -951,7 +951,10 @@ class Emitter:
             return
         for func, listen_args, listen_kwargs in registered:
             try:
-                func(*args, *listen_args, **listen_kwargs)
+                if listen_args or listen_kwargs:
+                    func(*args, *listen_args, **listen_kwargs)
+                else:  # most: no tuple and dict to build for the call
+                    func(*args)
             except Exception:
                 _log.exception('callback %r for signal %r raised', func, signal)
 

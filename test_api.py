@@ -55,9 +55,17 @@ class Thing(bitpit.Emitter):
 def test_emitter_calls_with_emit_then_listen_args():
     calls = []
     t = Thing()
-    t.listen('ping', lambda *a, **k: calls.append((a, k)), 'x', key=1)
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+
+    t.listen('ping', record, 'x', key=1)
+    t.listen('ping', record)
+    t.listen('ping', record, 'y')
+    t.listen('ping', record, key=2)
     t.emit('ping', 'a', 'b')
-    assert calls == [(('a', 'b', 'x'), {'key': 1})]
+    assert calls == [(('a', 'b', 'x'), {'key': 1}), (('a', 'b'), {}),
+                     (('a', 'b', 'y'), {}), (('a', 'b'), {'key': 2})]
 
 
 def test_emitter_twice_registered_called_twice_and_unlisten_once():
