@@ -4051,12 +4051,10 @@ class _FileStore:
     def save(self) -> None:
         """Write the sidecar if the file is incomplete and it changed. The
         bytes it records reach the disk first (``fsync``), outside the lock,
-        so that writes go on meanwhile. Download thread (which alone closes
-        the file)."""
+        so that writes go on meanwhile. The download thread, or a task it
+        waits for before it closes the file."""
         with self._lock:
-            if not (self._sidecar_on_disk and not self._sidecar_current and self._regular
-                    and self._file is not None and not self.sealed
-                    and not self._completes(0, 0)):
+            if not self._unsaved():
                 return
             record, dropped = self._sidecar_record(), self._dropped
             self._sidecar_current = True  # until the next write
@@ -4072,6 +4070,15 @@ class _FileStore:
                 self._save_sidecar(record)
             else:  # the record claims bytes given up since (another version's, a bad piece)
                 self._sidecar_current = False
+
+    def unsaved(self) -> bool:
+        """Whether ``save()`` has a sidecar to write. Any thread."""
+        with self._lock:
+            return self._unsaved()
+
+    def _unsaved(self) -> bool:
+        return self._sidecar_on_disk and not self._sidecar_current and self._regular \
+            and self._file is not None and not self.sealed and not self._completes(0, 0)
 
     def record(self) -> bool:
         """Make sure the sidecar is on disk; whether it is."""
@@ -5243,6 +5250,7 @@ class _Transfer:
         self.planner = _Planner(store, self.connections, connections, buckets)
         self.pump = _Pump(self)
         self.threads: List[_Task] = []  # every connection thread started, to join
+        self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
         self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
@@ -5343,7 +5351,14 @@ class _Transfer:
             self._keep_going()
         if now >= self._next_save:
             self._next_save = now + _SIDECAR_PERIOD
-            self.store.save()
+            if not self.cancel.tending():
+                self.store.save()
+            elif (self.saving is None or not self.saving.is_alive()) and \
+                    self.store.unsaved():
+                # the download thread moves bytes too: the save's fsync of
+                # the bytes it records (long on a disk, for a big file) must
+                # not stop them
+                self.saving = _WORKERS.run(self.store.save, 'bitpit-save')
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
@@ -5378,8 +5393,7 @@ class _Transfer:
         """Once finished: join the connection threads, then return if every
         byte is held (after the checksum check), or raise the attempt's error
         (``_Stopped`` for a stop). Download thread."""
-        for thread in self.threads:
-            thread.join()
+        self.join()
         try:
             if self.error is not None:
                 raise self.error
@@ -5395,6 +5409,14 @@ class _Transfer:
             # the pump refers back to the transfer: without it, the attempt's
             # objects are freed when the download lets go, not by the collector
             del self.pump
+
+    def join(self) -> None:
+        """Wait for the connection threads and the sidecar save handed to
+        a worker, if any: the file is closed after them. Download thread."""
+        for thread in self.threads:
+            thread.join()
+        if self.saving is not None:
+            self.saving.join()
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -7316,8 +7338,7 @@ class Downloader(Emitter):
             self._digest = store.digest
         except BaseException:
             transfer.stop()  # leave no connection thread behind, whatever happened
-            for thread in transfer.threads:
-                thread.join()
+            transfer.join()
             raise
         finally:
             self._received += transfer.received - tick_received

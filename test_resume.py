@@ -11,6 +11,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -168,6 +169,34 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
     # every save after the first, which records nothing, syncs the data first
     for i in saves[1:]:
         assert calls[i - 2] == ('fsync', 'f.bin'), calls
+
+
+def test_a_slow_sync_of_the_data_never_stops_the_download_thread_reading(
+        server, tmp_path, monkeypatch):
+    """The download thread moves the bytes of its first connection itself:
+    a sidecar save, whose sync of the data takes long on a slow disk, runs
+    on a worker meanwhile, and the bytes keep coming."""
+    target = tmp_path / 'f.bin'
+    during = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        if os.path.samestat(os.fstat(fd), os.stat(target)):  # the data, not the sidecar
+            before = d.downloaded
+            time.sleep(0.25)
+            during.append(d.downloaded - before)
+        real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', slow_fsync)
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.2)
+    url = server.add('/f', DATA, throttle=1024 * 1024)
+    d = bitpit.Downloader(url, path=target)
+    rec = Recorder(d)
+    d.start()
+    rec.wait_state('complete', 'error', 'fatal-error', timeout=30)
+    d.join(10)
+    assert d.state == 'complete' and target.read_bytes() == DATA
+    # (the last sync may come as the body ends)
+    assert during and max(during) >= 64 * 1024, during  # of ~250 KiB
 
 
 def test_the_sidecar_of_a_relative_path_is_made_durable_in_the_working_directory(
