@@ -85,16 +85,24 @@ def test_a_freed_slot_goes_to_the_longest_waiting(server, tmp_path):
     assert (tmp_path / 'c').read_bytes() == DATA
 
 
-def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
+def waiting_for_a_slot(server, tmp_path, **options):
+    """A manager with ``max_per_host=1`` whose slot a stalled download
+    holds, and a second download (with ``options``) waiting for it:
+    ``(manager, holder, waiting, its Recorder)``."""
     server.add('/held.bin', DATA, stall_after=0)
     url = server.add('/f.bin', DATA)
     m = bitpit.Manager(max_per_host=1)
     holder = m.add(bitpit.Downloader(server.url('/held.bin'), tmp_path / 'held'))
     m.start()
     assert server.wait_stalled()
-    waiting = m.add(bitpit.Downloader(url, tmp_path / 'f'))
+    waiting = m.add(bitpit.Downloader(url, tmp_path / 'f', **options))
     rec = Recorder(waiting)
     wait_queue(m, server, 1)
+    return m, holder, waiting, rec
+
+
+def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
+    m, holder, waiting, rec = waiting_for_a_slot(server, tmp_path)
     m.stop()
     began = time.monotonic()
     waiting.stop()
@@ -111,15 +119,7 @@ def test_stop_ends_a_download_waiting_for_a_slot(server, tmp_path):
 def test_a_download_waiting_for_a_slot_says_its_speed(server, tmp_path):
     """A download waiting for a slot says the speed every period
     meanwhile."""
-    server.add('/held.bin', DATA, stall_after=0)
-    url = server.add('/f.bin', DATA)
-    m = bitpit.Manager(max_per_host=1)
-    holder = m.add(bitpit.Downloader(server.url('/held.bin'), tmp_path / 'held'))
-    m.start()
-    assert server.wait_stalled()
-    waiting = m.add(bitpit.Downloader(url, tmp_path / 'f', update_period=0.05))
-    rec = Recorder(waiting)
-    wait_queue(m, server, 1)
+    m, holder, waiting, rec = waiting_for_a_slot(server, tmp_path, update_period=0.05)
     since = time.monotonic()
     rec.wait_for(lambda: sum(1 for when, _, _ in rec.speeds if when > since) >= 4)
     m.stop()
