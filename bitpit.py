@@ -1168,19 +1168,33 @@ class _Tender:
     it (``_Cancel.wait_for``). ``due`` may be brought forward by any
     thread, for an event to relay. Only the download thread tends, and
     only when it holds no lock."""
-    __slots__ = ('_thread', '_tend', 'due')
+    __slots__ = ('_thread', '_tend', 'due', '_spent', '_since')
 
     def __init__(self, tend: Callable[[], float], due: float):
         self._thread = threading.get_ident()
         self._tend = tend       # does the work; returns when it is next due
         self.due = due          # time.monotonic() by when to tend
+        self._spent = 0.0       # seconds spent tending, but for the tending under way
+        self._since: Optional[float] = None  # when the tending under way began
 
     def current(self) -> bool:
         """Whether the calling thread is the one that tends."""
         return threading.get_ident() == self._thread
 
     def tend(self) -> None:
-        self.due = self._tend()
+        self._since = began = time.monotonic()
+        try:
+            self.due = self._tend()
+        finally:
+            self._since = None
+            self._spent += time.monotonic() - began
+
+    def clock(self) -> float:
+        """``time.monotonic()`` less the time spent tending (callbacks
+        that take long, say), during which the thread read no byte: what
+        a judgement of the server's speed goes by. The tending thread."""
+        since = self._since
+        return (time.monotonic() if since is None else since) - self._spent
 
 
 # ---------------------------------------------------------------------------
@@ -5251,6 +5265,7 @@ class _Transfer:
         self.pump = _Pump(self)
         self.threads: List[_Task] = []  # every connection thread started, to join
         self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
+        self.tender: Optional[_Tender] = None  # the download thread's, from start()
         self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
@@ -5282,6 +5297,7 @@ class _Transfer:
         would wait for this thread's callbacks, and another download that
         waits for the slot with it. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
+        self.tender = tender
         with self._cond:
             if self.options.slots is not None:
                 self._spawn()
@@ -5362,11 +5378,14 @@ class _Transfer:
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
-        ``min_speed`` bytes per second over the last ``timeout`` seconds;
-        never once every byte is held (its last ones may have landed since
-        the transfer was last looked at)."""
+        ``min_speed`` bytes per second over the last ``timeout`` seconds
+        (the download thread's time in its callbacks left out: it reads no
+        byte meanwhile); never once every byte is held (its last ones may
+        have landed since the transfer was last looked at)."""
         if not self.min_speed or self.complete or self._is_complete():
             return
+        if self.tender is not None:
+            now = self.tender.clock()
         window = self.options.timeout
         samples = self._samples
         samples.append((now, self.received))
