@@ -5425,9 +5425,11 @@ class _Transfer:
             if not self.complete or self.error is not None:
                 self.store.save()
             self.store.close()
-            # the pump refers back to the transfer: without it, the attempt's
-            # objects are freed when the download lets go, not by the collector
+            # the pump refers back to the transfer, and so does the download
+            # thread's tending: without them, the attempt's objects are freed
+            # when the download lets go, not by the collector
             del self.pump
+            self.tender = None
 
     def join(self) -> None:
         """Wait for the connection threads and the sidecar save handed to
