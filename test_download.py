@@ -200,15 +200,15 @@ def test_speed_changed_keeps_coming_while_silent(server, tmp_path):
 def test_a_slow_callback_is_not_taken_for_a_slow_server(server, tmp_path):
     """The download thread reads no byte while a callback runs: min_speed
     judges the server by the time the thread could read."""
-    url = server.add('/f', DATA, throttle=512 * 1024)
-    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', timeout=0.5, min_speed=100000,
+    url = server.add('/f', DATA, throttle=1024 * 1024)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin', timeout=0.5, min_speed=300000,
                           update_period=0.1)
     blocked = []
 
     def slow(d):
         if d.downloaded > 200000 and not blocked:
             blocked.append(d.downloaded)
-            time.sleep(1.0)
+            time.sleep(0.7)
     d.listen('speed-changed', slow)
     rec = Recorder(d)
     d.start()
