@@ -1396,8 +1396,10 @@ class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once;
     ``wait()`` is a pause that it ends. Every wait of the attempt's
-    connections goes through ``wait_for``, so that the download thread,
-    when it runs one of them (``tender``), tends its download on time.
+    connections goes through ``wait_for`` (but for a host slot's, which a
+    download thread never waits for: see ``_Transfer.start``), so that the
+    download thread, when it runs one of them (``tender``), tends its
+    download on time.
     Any thread. ``_lock`` guards the mark, the registrations and the event
     of the pauses, which the first ``wait()`` makes (an attempt that never
     pauses, as a small file's, needs none: an event costs ~2 us)."""
@@ -2238,8 +2240,9 @@ class _HostSlots:
             if cancel is not None:
                 cancel.register(waker)
             _POOL.evict(self._idle_here(host))  # an idle one of ours: its slot is for us
-            _wait_for(cancel, functools.partial(self._granted, ticket, cancel), None)
             with self._cond:
+                while not ticket.granted and not (cancel is not None and cancel.is_set()):
+                    self._cond.wait()
                 if not ticket.granted:
                     queue.remove(ticket)
                     raise _Stopped
@@ -2254,14 +2257,6 @@ class _HostSlots:
         finally:
             if cancel is not None:
                 cancel.unregister(waker)
-
-    def _granted(self, ticket: _SlotTicket, cancel: Optional[_Cancel],
-                 seconds: Optional[float]) -> bool:
-        """Wait up to ``seconds`` until ``ticket`` is granted or ``cancel``
-        came; whether one of them did."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: ticket.granted or (cancel is not None and cancel.is_set()), seconds)
 
     def release(self, host: _HostKey) -> None:
         """Give back a slot of a connection that closed: to the longest
