@@ -1799,6 +1799,10 @@ class _HeadParser:
         self._searched = max(0, size - 2)
 
 
+# whether a socket is a file descriptor, which os.write and os.readv take
+# (POSIX): a request is sent, and a receive made, in one system call
+_SOCKETS_ARE_FDS = os.name == 'posix'
+
 # the buffer of a response's reader (http.client's is 8 KiB): its first
 # receive brings the head and a small body whole, where 8 KiB would leave
 # the rest of a 10 KiB file to a second receive (and the poll before it)
@@ -1829,7 +1833,7 @@ class _Receiver(io.RawIOBase):
         timeout = sock.gettimeout()
         if not cancel.wait_for(functools.partial(_ready, sock), timeout):
             raise socket.timeout('timed out')
-        if _WRITE_TO_SOCKETS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
+        if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
             # bytes are there: received at once (the socket's own receive
             # would poll for them again first)
             return os.readv(sock.fileno(), [buffer])
@@ -2007,7 +2011,7 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):  # type: ign
         before every send, and the socket's own ``sendall`` only takes the
         rest. POSIX, where a socket is a file descriptor."""
         sock = self.sock
-        if sock is None or not _WRITE_TO_SOCKETS or not isinstance(data, bytes):
+        if sock is None or not _SOCKETS_ARE_FDS or not isinstance(data, bytes):
             super().send(data)
             return
         sys.audit('http.client.send', self, data)
@@ -2017,9 +2021,6 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):  # type: ign
             sent = 0
         if sent < len(data):
             sock.sendall(data[sent:])
-
-
-_WRITE_TO_SOCKETS = os.name == 'posix'
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):  # type: ignore[misc]  # (response_class: a method)
