@@ -3359,9 +3359,14 @@ class _Superseded(Exception):
 
 
 _ETAG_ATTRIBUTE = 'user.bitpit.etag'
-# whether os.utime takes a file descriptor (not on Windows); os.setxattr,
-# where there is one (Linux), always does
+# what the system offers the store, looked at once rather than for each
+# file: whether os.utime takes a file descriptor (not on Windows);
+# extended attributes (Linux), which os.setxattr always sets through one;
+# pwrite and posix_fallocate (not on Windows)
 _STAMP_BY_FD = os.utime in os.supports_fd
+_XATTRS = hasattr(os, 'setxattr')
+_PWRITE = hasattr(os, 'pwrite')
+_FALLOCATE = hasattr(os, 'posix_fallocate')
 
 
 def _stamp(path: str, modified: Optional[float], etag: Optional[str],
@@ -3378,7 +3383,7 @@ def _stamp(path: str, modified: Optional[float], etag: Optional[str],
             os.utime(file, (time.time(), modified))
     except (OSError, OverflowError, ValueError) as exc:
         _log.warning('cannot set the modification time of %s: %s', path, exc)
-    if etag and hasattr(os, 'setxattr'):
+    if etag and _XATTRS:
         try:
             os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
         except OSError:
@@ -3806,7 +3811,7 @@ class _FileStore:
             if not self._regular:
                 return
             before = self._extent
-            if before >= total or not hasattr(os, 'posix_fallocate'):
+            if before >= total or not _FALLOCATE:
                 return  # no room to make, or no way to reserve it here
             if not allocate:
                 if total - before >= _ROOM_CHECK_FROM:
@@ -3973,7 +3978,7 @@ class _FileStore:
 
     def _write_at(self, offset: int, data: memoryview) -> int:
         fd = self._file.fileno()
-        if hasattr(os, 'pwrite'):
+        if _PWRITE:
             return os.pwrite(fd, data, offset)
         os.lseek(fd, offset, os.SEEK_SET)
         return os.write(fd, data)
