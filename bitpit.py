@@ -3657,7 +3657,6 @@ class _FileStore:
                 size = _regular_size(status)
             else:
                 status, size = None, _local_size(self.target, self.held.total)
-            self.held = _Ranges([(0, size)])
             self.size = -1
             self.validators = {}
             self.digest = None
@@ -3665,9 +3664,11 @@ class _FileStore:
             sidecar_there, saved = self._read_sidecar() if size else (None, None)
             self.found = (status is not None, sidecar_there)
             self._sidecar_on_disk = saved is not None
-            if saved is not None:
-                self._take(saved, size)
-            self._snap()
+            if size or self.held.total:  # (else nothing was held, nor is there: no change)
+                self.held = _Ranges([(0, size)])
+                if saved is not None:
+                    self._take(saved, size)
+                self._snap()
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
