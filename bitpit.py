@@ -3807,7 +3807,10 @@ class _FileStore:
         the holes of a reserved file), the disk's free space is checked
         instead; not for fewer than ``_ROOM_CHECK_FROM`` bytes, which come
         with the answer's head or right after it (a round trip), so that
-        their one write tells as early that they do not fit."""
+        their one write tells as early that they do not fit. Such a small
+        file's call looks at nothing, so it takes no lock."""
+        if not allocate and total < _ROOM_CHECK_FROM:
+            return  # (fewer bytes missing still, whatever the file holds)
         with self._lock:
             if not self._regular:
                 return
