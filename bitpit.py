@@ -4091,7 +4091,12 @@ class _FileStore:
                 self._sidecar_current = False
 
     def unsaved(self) -> bool:
-        """Whether ``save()`` has a sidecar to write. Any thread."""
+        """Whether ``save()`` has a sidecar to write. Any thread. Never
+        before the sidecar is first on disk (a small file's never is): that
+        flag alone tells it, without the lock, as the answer may be out of
+        date the moment it is given either way."""
+        if not self._sidecar_on_disk:
+            return False
         with self._lock:
             return self._unsaved()
 
