@@ -68,7 +68,8 @@ import urllib.parse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pathlib
-    from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+    from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                        Tuple, Union)
 # typing.overload and typing.Generic, stood in for at run time: the last def
 # of an overloaded function is the one that runs, and _Generic[_Value] is
 # _Generic itself. (The checker's imports come second: there pyflakes looks
@@ -4161,7 +4162,7 @@ class _FileStore:
     # -- the end ----------------------------------------------------------------------
 
     def finish(self, checksum: Optional[Tuple[str, str]], modified: Optional[float] = None,
-               etag: Optional[str] = None, digests: Iterable[Tuple[str, str, bytes]] = ()
+               etag: Optional[str] = None, digests: Sequence[Tuple[str, str, bytes]] = ()
                ) -> None:
         """The download is complete: cut the file to its size, check the
         checksum and the server's ``digests`` (``(field, algorithm,
@@ -4191,7 +4192,8 @@ class _FileStore:
                     raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
                                          .format(checksum[0], self.target, checksum[1], actual))
                 self.digest = (self._hasher.name, actual)
-            self._check_digests(list(digests))
+            if digests:  # (seldom sent)
+                self._check_digests(digests)
             self._remove_sidecar()
             path = self.os_path
             if path is not None and self._regular:
@@ -4199,12 +4201,10 @@ class _FileStore:
             elif path is not None and self._file is None and os.path.isfile(path):
                 _stamp(path, modified, etag)
 
-    def _check_digests(self, digests: List[Tuple[str, str, bytes]]) -> None:
-        """Hash the file once for every algorithm of ``digests`` and compare;
-        ``IntegrityError`` on a mismatch. A stream that cannot be read back
-        is not checked."""
-        if not digests:
-            return
+    def _check_digests(self, digests: Sequence[Tuple[str, str, bytes]]) -> None:
+        """Hash the file once for every algorithm of ``digests`` (one at
+        least) and compare; ``IntegrityError`` on a mismatch. A stream that
+        cannot be read back is not checked."""
         if not self.is_path and not (_seekable(self.target) and
                                      getattr(self.target, 'readable', lambda: False)()):
             _log.info('%s: cannot read the file back to check the server\'s digest', self.url)
