@@ -3905,12 +3905,12 @@ class _FileStore:
         """Write every byte of ``data`` at ``offset``, counting each part
         written as held, so a failure keeps what was written."""
         write = self._write_at if self._regular else self._write_stream
-        written = 0
-        while written < len(data):
+        written, size = 0, len(data)
+        while written < size:
             n = write(offset + written, data[written:])
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
-                    self.target, written, len(data)))
+                    self.target, written, size))
             self._record(offset + written, data[written:written + n])
             written += n
 
@@ -4302,8 +4302,8 @@ class _FileStore:
                 return
             try:
                 held = self.held.total
-                if regular and not self.sealed and held == self.held.prefix() and \
-                        self._extent > held and os.fstat(file.fileno()).st_size > held:
+                if regular and not self.sealed and self._extent > held and \
+                        held == self.held.prefix() and os.fstat(file.fileno()).st_size > held:
                     os.ftruncate(file.fileno(), held)
             except OSError as exc:
                 _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
