@@ -4684,7 +4684,7 @@ class _Planner:
     held ranges and the connections' positions and touches neither sockets
     nor files, so a state fed to it tells what it decides.
 
-    Guarded by the transfer's ``_cond``: like the ``_put`` and ``_get`` of
+    Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
     with that lock held (by the download thread or a connection thread), and
     none takes a lock or waits."""
@@ -4959,14 +4959,14 @@ class _Pump:
     its answer judged by the transfer, its body read, paced and written
     into the file. Each connection thread calls it for its own connection;
     what the connections share (the claims, the file's size, the bytes
-    received) it reads and changes under the transfer's ``_cond``, and it
+    received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
     its own but what it moves bytes with."""
 
     def __init__(self, transfer: '_Transfer'):
         self.transfer = transfer      # it judges the answers, and is told of bytes
         self.planner = transfer.planner
-        self._cond = transfer._cond
+        self._lock = transfer._lock
         self.store = transfer.store
         self.options = transfer.options
         self.cancel = transfer.cancel
@@ -4980,7 +4980,7 @@ class _Pump:
         first = conn.pos
         ranged = transfer.ranged and (first > 0 or planner.segmented or
                                       planner.connections_wanted > 1)
-        with self._cond:
+        with self._lock:
             if first >= conn.end and transfer.probed:  # others took all of it meanwhile
                 conn.active = False
                 conn.last_end = first
@@ -5002,7 +5002,7 @@ class _Pump:
             if answer.kind == 'end' and answer.total is None and probe and first > 0:
                 request.close(False)  # its host slot may be the one the question needs
                 answer.total = self._ask_size(source)
-            with self._cond:
+            with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
             if setup is not None:
@@ -5010,10 +5010,10 @@ class _Pump:
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
         finally:
-            with self._cond:  # no abort of a connection given back to the pool
+            with self._lock:  # no abort of a connection given back to the pool
                 conn.request = None
             request.close(reuse)
-        with self._cond:
+        with self._lock:
             planner.done(conn, first, time.monotonic())
 
     def _ask_size(self, source: _Source) -> Optional[int]:
@@ -5064,7 +5064,7 @@ class _Pump:
         tender = self.cancel.tender if self.cancel.tending() else None
         read, ready = body.readinto, body.ready
         transfer, planner = self.transfer, self.planner
-        cond = self._cond
+        lock = self._lock
         source = conn.source
         max_size = self.max_size
         got = 0                # bytes of the last read, not yet counted
@@ -5074,7 +5074,7 @@ class _Pump:
             while True:
                 if tender is not None and time.monotonic() >= tender.due:
                     tender.tend()
-                with cond:
+                with lock:
                     if got:
                         conn.job_bytes += got
                         conn.last_bytes_at = time.monotonic()
@@ -5132,7 +5132,7 @@ class _Pump:
                         pacer.settle(0)
                         continue
                     pacer.settle(got)
-                    with cond:
+                    with lock:
                         conn.pos += got
                 else:
                     got = read(view[conn.pending:conn.pending + granted])
@@ -5162,7 +5162,7 @@ class _Pump:
                 self._flush(conn, quietly=True)
             if splice is not None:
                 splice.close()
-        with cond:
+        with lock:
             position = conn.pos
             if ended and position < min(conn.end, conn.request_end, body_end):
                 if body_end < _UNKNOWN_END:
@@ -5191,7 +5191,7 @@ class _Pump:
         except BaseException:
             conn.pending = 0  # what the write took is held; the rest is given up
             raise
-        with self._cond:
+        with self._lock:
             conn.pos += pending
             conn.pending = 0
         if self.transfer.piece_hashes is not None:
@@ -5222,9 +5222,13 @@ class _Transfer:
     and the transfer judges the answers, starts and ends the connections
     and gives the verdict. The download thread calls ``start``, ``wait``,
     ``look``, ``stop`` and ``result``; connection threads run ``_serve``
-    and never call user code. ``_cond`` guards the planner (the claims and
+    and never call user code. ``_lock`` guards the planner (the claims and
     the state of the split), the sources and the events; no file is read
-    or reserved under it, and ``stop()`` never waits for it."""
+    or reserved under it, and ``stop()`` never waits for it. ``_cond``, on
+    that lock, is what the download thread and a connection that waits
+    for work wait on; ``_wake`` notifies it only when one of them waits
+    (a small file's never does: its one connection runs on the download
+    thread)."""
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -5233,7 +5237,9 @@ class _Transfer:
                  conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0             # threads waiting on ``_cond``
         self.store = store
         self.options = options
         self.sources = [_Source(address, store.validators.get(address.url))
@@ -5294,7 +5300,7 @@ class _Transfer:
         waits for the slot with it. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         self.tender = tender
-        with self._cond:
+        with self._lock:
             if self.options.slots is not None:
                 self._spawn()
                 return
@@ -5312,17 +5318,17 @@ class _Transfer:
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for something to report or to do, and do
         it. Download thread."""
-        with self._cond:
+        with self._lock:
             if not self.events and not self.finished and not self.slot_freed \
                     and timeout > 0:
-                self._cond.wait(timeout)
+                self._wait(timeout)
             self._keep_going()
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
-        with self._cond:
+        with self._lock:
             events, self.events = self.events, []
             return events
 
@@ -5357,7 +5363,7 @@ class _Transfer:
         a second."""
         if now < self._next_look:
             return
-        with self._cond:
+        with self._lock:
             self._next_look = now + _TEND_PERIOD
             self._check_min_speed(now)
             self._keep_going()
@@ -5398,11 +5404,11 @@ class _Transfer:
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        if self._cond.acquire(blocking=False):  # else its holder will look soon
+        if self._lock.acquire(blocking=False):  # else its holder will look soon
             try:
-                self._cond.notify_all()
+                self._wake()
             finally:
-                self._cond.release()
+                self._lock.release()
 
     def result(self) -> None:
         """Once finished: join the connection threads, then return if every
@@ -5497,8 +5503,23 @@ class _Transfer:
         """A host slot this transfer wanted freed: look again for work for
         one more connection. Called by ``_HostSlots`` from a thread that
         holds no lock."""
-        with self._cond:
+        with self._lock:
             self.slot_freed = True
+            self._wake()
+
+    def _wait(self, timeout: float) -> None:
+        """Wait on ``_cond`` up to ``timeout`` seconds, counted in
+        ``_waiting``."""
+        self._waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    def _wake(self) -> None:
+        """Wake the threads that wait on ``_cond``, if any: a notify costs
+        several calls even when none does."""
+        if self._waiting:
             self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
@@ -5513,7 +5534,7 @@ class _Transfer:
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        self._cond.notify_all()
+        self._wake()
 
     def _verdict(self) -> Error:
         """Why the file cannot be completed from any source: the error of
@@ -5530,7 +5551,7 @@ class _Transfer:
 
     def _next_job(self, conn: _Connection) -> bool:
         """Claim the next range for ``conn``; ``False`` when there is none."""
-        with self._cond:
+        with self._lock:
             conn.active = False
             conn.superseded = False
             if self.complete or self.error is not None or self.cancel.is_set():
@@ -5553,7 +5574,7 @@ class _Transfer:
                 due = self.planner.rate_due(conn)
                 if due is None or self.cancel.tending():
                     return False
-                self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
+                self._wait(max(0.0, due - time.monotonic()) + 0.001)
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
                 if self._is_complete():
@@ -5585,7 +5606,7 @@ class _Transfer:
         if any(c.thread is None or not c.thread.is_current() for c in self.connections):
             self._halt()
         else:
-            self._cond.notify_all()
+            self._wake()
 
     # -- a connection thread -------------------------------------------------------------
 
@@ -5597,11 +5618,11 @@ class _Transfer:
                 try:
                     self.pump.fetch(conn, pacer)
                 except _Superseded:
-                    with self._cond:
+                    with self._lock:
                         conn.active = False
                     continue
                 except _Stopped:
-                    with self._cond:
+                    with self._lock:
                         if not self.cancel.is_set():  # a sealed file: nothing more to do
                             self._end(_Stopped())
                     break
@@ -5612,10 +5633,10 @@ class _Transfer:
                     if pause:  # ended at once by a stop, a failure or completion
                         self.cancel.wait(pause)
         except BaseException as exc:  # a bug: end the attempt, never die silently
-            with self._cond:
+            with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
-            with self._cond:
+            with self._lock:
                 conn.active = False
                 if self.prober is conn:
                     self.prober = None
@@ -5623,7 +5644,7 @@ class _Transfer:
                     self.planner.judging = None
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
-                self._cond.notify_all()
+                self._wake()
 
     # -- the answers: what each says about the file, asked by the pump ----------------
 
@@ -5830,7 +5851,7 @@ class _Transfer:
                                self.store.held.total > self.chunk_size)
         # parts are written out of order: only with a sidecar to record them
         segmented = setup.segmented and self.store.record()
-        with self._cond:
+        with self._lock:
             self._report('download', None)
             if segmented and not conn.superseded and self.planner.split(conn, self.received):
                 self._share_out(conn)
@@ -5858,7 +5879,7 @@ class _Transfer:
         tender = self.cancel.tender
         if tender is not None:
             tender.due = 0.0
-        self._cond.notify_all()
+        self._wake()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
@@ -5901,9 +5922,9 @@ class _Transfer:
         """A request of ``conn`` failed: retire or bench its source, and say
         whether ``conn`` goes on (with another source, or the same one after
         a pause: the seconds it waits first) or ends (``None``)."""
-        with self._cond:
+        with self._lock:
             conn.active = False
-            self._cond.notify_all()  # its claim is free: a connection waiting for work looks
+            self._wake()  # its claim is free: a connection waiting for work looks
             if self.prober is conn:
                 self.prober = None
             if self.error is not None or self.cancel.is_set():
@@ -5965,7 +5986,7 @@ class _Transfer:
         connection thread, holding no lock."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
-        with self._cond:
+        with self._lock:
             total = self.planner.total
             if total is None or end <= start:
                 return
@@ -5981,9 +6002,9 @@ class _Transfer:
                 good = self.store.piece_matches(first, last, pieces.algorithm,
                                                 pieces.digests[index], self.cancel.is_set)
             finally:
-                with self._cond:
+                with self._lock:
                     pieces.checking.discard(index)
-            with self._cond:
+            with self._lock:
                 if good:
                     pieces.good.add(index)
                     pieces.writers.pop(index, None)
