@@ -1221,10 +1221,9 @@ class _TokenBucket:
         # takes 760 bytes, which every download of a long queue would hold
         self._waiters: List[_Turn] = []  # in the order of their numbers
         self._arrivals = 0  # the number of the next thread to come
-        self._rate = 0.0
+        self._rate = max(0.0, float(rate))  # (what the setter would do: no thread sees it yet)
         self._tokens = 0.0
         self._stamp = time.monotonic()
-        self.rate = rate
 
     @property
     def rate(self) -> float:
@@ -1264,7 +1263,11 @@ class _TokenBucket:
             turn.notify()
 
     def drain(self) -> None:
-        """Empty the bucket, so the next bytes are paced from now on."""
+        """Empty the bucket, so the next bytes are paced from now on. An
+        unlimited one holds a byte at most, and paces from the moment a
+        rate is set on it."""
+        if self._rate <= 0:
+            return
         with self._lock:
             self._refill()
             self._tokens = 0.0
@@ -1347,8 +1350,12 @@ class _Turn(threading.Condition):
 
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
-    """Whether any of ``buckets`` limits the rate now."""
-    return any(bucket.rate > 0 for bucket in buckets)
+    """Whether any of ``buckets`` limits the rate now (asked before
+    every read: a loop, not a generator)."""
+    for bucket in buckets:
+        if bucket.rate > 0:
+            return True
+    return False
 
 
 class _Pacer:
@@ -1370,7 +1377,8 @@ class _Pacer:
 
     def acquire(self, want: int, until: Optional[float] = None) -> int:
         """Bytes that may be read now (0: cancelled, or ``until`` came
-        first); blocks while limited."""
+        first); blocks while limited. Unlimited, there is no need to ask
+        (a read is not held back, nor stopped: the stop aborts it)."""
         grants = self._grants
         del grants[:]
         for bucket in self.buckets:
@@ -4539,7 +4547,8 @@ class _Connection:
     shrink when another connection takes over the rest, even below
     ``reading_to``, the end of the read in progress, when a far faster
     connection races it (the bytes both get are the same). Guarded by the
-    transfer's lock; the thread alone touches ``request`` and ``pending``."""
+    transfer's lock; the thread alone touches ``request`` and ``pending``,
+    and moves ``pos`` (so it reads ``pos`` without the lock)."""
 
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
@@ -5072,26 +5081,28 @@ class _Pump:
         since = 0.0            # when the oldest byte in the buffer came
         try:
             while True:
-                if tender is not None and time.monotonic() >= tender.due:
+                now = time.monotonic()
+                if tender is not None and now >= tender.due:
                     tender.tend()
+                    now = time.monotonic()
                 with lock:
                     if got:
                         conn.job_bytes += got
-                        conn.last_bytes_at = time.monotonic()
+                        conn.last_bytes_at = now
                         transfer.received += got
                         source.streak = 0
                         got = 0
                     if planner.judging is conn:
-                        transfer._judge(conn, time.monotonic())  # may cut its claim short
+                        transfer._judge(conn, now)  # may cut its claim short
                     judging = planner.judging is conn
                     limit = planner.limit  # set with judging, never unset
                     start = conn.pos + conn.pending
-                    room = min(chunk - conn.pending, conn.end - start,
-                               conn.request_end - start, body_end - start)
+                    end = min(conn.end, conn.request_end, body_end)
+                    room = min(chunk - conn.pending, end - start)
                     if judging and limit is not None and not limit.judged:
                         # its part may be cut short at its current read's end
                         room = min(room, _JUDGE_READ)
-                    rate = conn.rate(time.monotonic()) if planner.segmented else None
+                    rate = conn.rate(now) if planner.segmented else None
                     if rate is not None:
                         # a slow connection reads little at a time (a
                         # twentieth of a second's worth), so that another one
@@ -5101,11 +5112,12 @@ class _Pump:
                 if room <= 0:
                     if conn.pending:
                         self._flush(conn)
-                        continue
-                    break
+                        if start < end:  # the buffer was full: read on
+                            continue
+                    break  # at the end, which never moves further
                 limited = pacer.limited
                 if conn.pending and (limited or not (whole or ready()) or
-                                     time.monotonic() - since >= _FLUSH_AGE):
+                                     now - since >= _FLUSH_AGE):
                     # before a read that may block (but for a body that fits)
                     # or be paced (so bytes land as smoothly as they come),
                     # or when overdue
@@ -5118,7 +5130,8 @@ class _Pump:
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                granted = pacer.acquire(room, None if tender is None else tender.due)
+                granted = pacer.acquire(room, None if tender is None else tender.due) \
+                    if limited else room
                 if not granted:
                     if tender is None or self.cancel.is_set():
                         raise _Stopped
@@ -5162,14 +5175,15 @@ class _Pump:
                 self._flush(conn, quietly=True)
             if splice is not None:
                 splice.close()
-        with lock:
-            position = conn.pos
-            if ended and position < min(conn.end, conn.request_end, body_end):
-                if body_end < _UNKNOWN_END:
-                    raise ProtocolError('connection closed after {} of {} bytes'.format(
-                        position, body_end))
-                transfer._set_total(position)  # the body's end is the file's end
-                conn.end = position
+        position = conn.pos  # (only its own thread moves it)
+        if ended:
+            with lock:
+                if position < min(conn.end, conn.request_end, body_end):
+                    if body_end < _UNKNOWN_END:
+                        raise ProtocolError('connection closed after {} of {} bytes'.format(
+                            position, body_end))
+                    transfer._set_total(position)  # the body's end is the file's end
+                    conn.end = position
         # reused only when read to its very end (a chunked body: its last
         # chunk too, which http.client reads when it reaches it)
         done = position == body_end and (not response.chunked or response.isclosed())
