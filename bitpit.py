@@ -979,8 +979,8 @@ class _Task:
     dead thread object holds 2 KB). Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
-    def __init__(self, target: Optional[Callable[[], object]], name: str):
-        self.target = target
+    def __init__(self, target: Callable[[], object], name: str):
+        self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
         self._running: Optional[threading.Lock] = threading.Lock()
@@ -1011,14 +1011,6 @@ class _Task:
         running, self._running = self._running, None
         assert running is not None  # a task returns once
         running.release()
-
-    @classmethod
-    def here(cls, name: str) -> '_Task':
-        """A task that the calling thread runs itself, from now until it
-        calls ``done()``: a download thread that runs a connection."""
-        task = cls(None, name)
-        task.thread = threading.current_thread()
-        return task
 
 
 class _Workers:
@@ -4553,7 +4545,6 @@ class _Connection:
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
         self.source = source
-        self.thread: Optional[_Task] = None
         self.alive = True
         self.active = False           # holds a claim
         self.pos = self.end = self.reading_to = 0
@@ -5282,6 +5273,7 @@ class _Transfer:
         self.threads: List[_Task] = []  # every connection thread started, to join
         self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
         self.tender: Optional[_Tender] = None  # the download thread's, from start()
+        self.home: Optional[_Connection] = None  # the connection the download thread runs
         self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
@@ -5321,13 +5313,13 @@ class _Transfer:
             conn = self._add_connection()
         if conn is None:
             return
-        task = conn.thread = _Task.here('bitpit-download')
+        self.home = conn
         self.cancel.tender = tender
         try:
             self._serve(conn)
         finally:
             self.cancel.tender = None
-            task.done()
+            self.home = None
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for something to report or to do, and do
@@ -5459,7 +5451,8 @@ class _Transfer:
 
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
-        verdict when no connection is left and the file is incomplete."""
+        verdict when no connection is left and the file is incomplete.
+        Download thread."""
         self.slot_freed = False
         if self.complete or self.error is not None or self.cancel.is_set():
             return
@@ -5469,7 +5462,7 @@ class _Transfer:
                 self._spawn()
             return
         if self._is_complete():
-            self._complete()
+            self._complete(self.home)
             return
         planner = self.planner
         wanted = planner.connections_wanted if planner.segmented and planner.judging is None \
@@ -5487,8 +5480,8 @@ class _Transfer:
         conn = self._add_connection(claim)
         if conn is None:
             return False
-        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
-        self.threads.append(conn.thread)
+        self.threads.append(_WORKERS.run(functools.partial(self._serve, conn),
+                                         'bitpit-connection'))
         return True
 
     def _add_connection(self, claim: Optional[Tuple[int, int]] = None
@@ -5571,7 +5564,7 @@ class _Transfer:
             if self.complete or self.error is not None or self.cancel.is_set():
                 return False
             if self.probed and self._is_complete():
-                self._complete()
+                self._complete(conn)
                 return False
             if not conn.source.usable:
                 return False
@@ -5592,7 +5585,7 @@ class _Transfer:
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
                 if self._is_complete():
-                    self._complete()
+                    self._complete(conn)
                     return False
                 if not conn.source.usable:
                     return False
@@ -5612,12 +5605,13 @@ class _Transfer:
         return total is not None and self.store.held.total >= total and \
             (pieces is None or len(pieces.good) >= len(pieces.digests))
 
-    def _complete(self) -> None:
+    def _complete(self, caller: Optional[_Connection]) -> None:
         """The file is whole: end the connections still at work (a slow
-        read that a race overtook, a pause before asking a source again),
-        and the attempt with them."""
+        read that a race overtook, a pause before asking a source again)
+        but ``caller``'s, the one the calling thread runs (if any), and the
+        attempt with them."""
         self.complete = True
-        if any(c.thread is None or not c.thread.is_current() for c in self.connections):
+        if any(c is not caller for c in self.connections):
             self._halt()
         else:
             self._wake()
@@ -5944,7 +5938,7 @@ class _Transfer:
             if self.error is not None or self.cancel.is_set():
                 return None
             if self.probed and self._is_complete():  # others fetched its part
-                self._complete()
+                self._complete(conn)
                 return None
             source = conn.source
             source.last_error = error
