@@ -980,8 +980,8 @@ class _Task:
     dead thread object holds 2 KB). Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
-    def __init__(self, target: Optional[Callable[[], object]], name: str):
-        self.target = target
+    def __init__(self, target: Callable[[], object], name: str):
+        self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
         self._running: Optional[threading.Lock] = threading.Lock()
@@ -1012,14 +1012,6 @@ class _Task:
         running, self._running = self._running, None
         assert running is not None  # a task returns once
         running.release()
-
-    @classmethod
-    def here(cls, name: str) -> '_Task':
-        """A task that the calling thread runs itself, from now until it
-        calls ``done()``: a download thread that runs a connection."""
-        task = cls(None, name)
-        task.thread = threading.current_thread()
-        return task
 
 
 class _Workers:
@@ -1222,10 +1214,9 @@ class _TokenBucket:
         # takes 760 bytes, which every download of a long queue would hold
         self._waiters: List[_Turn] = []  # in the order of their numbers
         self._arrivals = 0  # the number of the next thread to come
-        self._rate = 0.0
+        self._rate = max(0.0, float(rate))  # (what the setter would do: no thread sees it yet)
         self._tokens = 0.0
         self._stamp = time.monotonic()
-        self.rate = rate
 
     @property
     def rate(self) -> float:
@@ -1265,7 +1256,11 @@ class _TokenBucket:
             turn.notify()
 
     def drain(self) -> None:
-        """Empty the bucket, so the next bytes are paced from now on."""
+        """Empty the bucket, so the next bytes are paced from now on. An
+        unlimited one holds a byte at most, and paces from the moment a
+        rate is set on it."""
+        if self._rate <= 0:
+            return
         with self._lock:
             self._refill()
             self._tokens = 0.0
@@ -1348,8 +1343,12 @@ class _Turn(threading.Condition):
 
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
-    """Whether any of ``buckets`` limits the rate now."""
-    return any(bucket.rate > 0 for bucket in buckets)
+    """Whether any of ``buckets`` limits the rate now (asked before
+    every read: a loop, not a generator)."""
+    for bucket in buckets:
+        if bucket.rate > 0:
+            return True
+    return False
 
 
 class _Pacer:
@@ -1371,7 +1370,8 @@ class _Pacer:
 
     def acquire(self, want: int, until: Optional[float] = None) -> int:
         """Bytes that may be read now (0: cancelled, or ``until`` came
-        first); blocks while limited."""
+        first); blocks while limited. Unlimited, there is no need to ask
+        (a read is not held back, nor stopped: the stop aborts it)."""
         grants = self._grants
         del grants[:]
         for bucket in self.buckets:
@@ -4553,12 +4553,12 @@ class _Connection:
     shrink when another connection takes over the rest, even below
     ``reading_to``, the end of the read in progress, when a far faster
     connection races it (the bytes both get are the same). Guarded by the
-    transfer's lock; the thread alone touches ``request`` and ``pending``."""
+    transfer's lock; the thread alone touches ``request`` and ``pending``,
+    and moves ``pos`` (so it reads ``pos`` without the lock)."""
 
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
         self.source = source
-        self.thread: Optional[_Task] = None
         self.alive = True
         self.active = False           # holds a claim
         self.pos = self.end = self.reading_to = 0
@@ -4698,7 +4698,7 @@ class _Planner:
     held ranges and the connections' positions and touches neither sockets
     nor files, so a state fed to it tells what it decides.
 
-    Guarded by the transfer's ``_cond``: like the ``_put`` and ``_get`` of
+    Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
     with that lock held (by the download thread or a connection thread), and
     none takes a lock or waits."""
@@ -4973,14 +4973,14 @@ class _Pump:
     its answer judged by the transfer, its body read, paced and written
     into the file. Each connection thread calls it for its own connection;
     what the connections share (the claims, the file's size, the bytes
-    received) it reads and changes under the transfer's ``_cond``, and it
+    received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
     its own but what it moves bytes with."""
 
     def __init__(self, transfer: '_Transfer'):
         self.transfer = transfer      # it judges the answers, and is told of bytes
         self.planner = transfer.planner
-        self._cond = transfer._cond
+        self._lock = transfer._lock
         self.store = transfer.store
         self.options = transfer.options
         self.cancel = transfer.cancel
@@ -4994,7 +4994,7 @@ class _Pump:
         first = conn.pos
         ranged = transfer.ranged and (first > 0 or planner.segmented or
                                       planner.connections_wanted > 1)
-        with self._cond:
+        with self._lock:
             if first >= conn.end and transfer.probed:  # others took all of it meanwhile
                 conn.active = False
                 conn.last_end = first
@@ -5016,7 +5016,7 @@ class _Pump:
             if answer.kind == 'end' and answer.total is None and probe and first > 0:
                 request.close(False)  # its host slot may be the one the question needs
                 answer.total = self._ask_size(source)
-            with self._cond:
+            with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
             if setup is not None:
@@ -5024,10 +5024,10 @@ class _Pump:
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
         finally:
-            with self._cond:  # no abort of a connection given back to the pool
+            with self._lock:  # no abort of a connection given back to the pool
                 conn.request = None
             request.close(reuse)
-        with self._cond:
+        with self._lock:
             planner.done(conn, first, time.monotonic())
 
     def _ask_size(self, source: _Source) -> Optional[int]:
@@ -5078,7 +5078,7 @@ class _Pump:
         tender = self.cancel.tender if self.cancel.tending() else None
         read, ready = body.readinto, body.ready
         transfer, planner = self.transfer, self.planner
-        cond = self._cond
+        lock = self._lock
         source = conn.source
         max_size = self.max_size
         got = 0                # bytes of the last read, not yet counted
@@ -5086,26 +5086,28 @@ class _Pump:
         since = 0.0            # when the oldest byte in the buffer came
         try:
             while True:
-                if tender is not None and time.monotonic() >= tender.due:
+                now = time.monotonic()
+                if tender is not None and now >= tender.due:
                     tender.tend()
-                with cond:
+                    now = time.monotonic()
+                with lock:
                     if got:
                         conn.job_bytes += got
-                        conn.last_bytes_at = time.monotonic()
+                        conn.last_bytes_at = now
                         transfer.received += got
                         source.streak = 0
                         got = 0
                     if planner.judging is conn:
-                        transfer._judge(conn, time.monotonic())  # may cut its claim short
+                        transfer._judge(conn, now)  # may cut its claim short
                     judging = planner.judging is conn
                     limit = planner.limit  # set with judging, never unset
                     start = conn.pos + conn.pending
-                    room = min(chunk - conn.pending, conn.end - start,
-                               conn.request_end - start, body_end - start)
+                    end = min(conn.end, conn.request_end, body_end)
+                    room = min(chunk - conn.pending, end - start)
                     if judging and limit is not None and not limit.judged:
                         # its part may be cut short at its current read's end
                         room = min(room, _JUDGE_READ)
-                    rate = conn.rate(time.monotonic()) if planner.segmented else None
+                    rate = conn.rate(now) if planner.segmented else None
                     if rate is not None:
                         # a slow connection reads little at a time (a
                         # twentieth of a second's worth), so that another one
@@ -5115,11 +5117,12 @@ class _Pump:
                 if room <= 0:
                     if conn.pending:
                         self._flush(conn)
-                        continue
-                    break
+                        if start < end:  # the buffer was full: read on
+                            continue
+                    break  # at the end, which never moves further
                 limited = pacer.limited
                 if conn.pending and (limited or not (whole or ready()) or
-                                     time.monotonic() - since >= _FLUSH_AGE):
+                                     now - since >= _FLUSH_AGE):
                     # before a read that may block (but for a body that fits)
                     # or be paced (so bytes land as smoothly as they come),
                     # or when overdue
@@ -5132,7 +5135,8 @@ class _Pump:
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                granted = pacer.acquire(room, None if tender is None else tender.due)
+                granted = pacer.acquire(room, None if tender is None else tender.due) \
+                    if limited else room
                 if not granted:
                     if tender is None or self.cancel.is_set():
                         raise _Stopped
@@ -5146,7 +5150,7 @@ class _Pump:
                         pacer.settle(0)
                         continue
                     pacer.settle(got)
-                    with cond:
+                    with lock:
                         conn.pos += got
                 else:
                     got = read(view[conn.pending:conn.pending + granted])
@@ -5176,14 +5180,15 @@ class _Pump:
                 self._flush(conn, quietly=True)
             if splice is not None:
                 splice.close()
-        with cond:
-            position = conn.pos
-            if ended and position < min(conn.end, conn.request_end, body_end):
-                if body_end < _UNKNOWN_END:
-                    raise ProtocolError('connection closed after {} of {} bytes'.format(
-                        position, body_end))
-                transfer._set_total(position)  # the body's end is the file's end
-                conn.end = position
+        position = conn.pos  # (only its own thread moves it)
+        if ended:
+            with lock:
+                if position < min(conn.end, conn.request_end, body_end):
+                    if body_end < _UNKNOWN_END:
+                        raise ProtocolError('connection closed after {} of {} bytes'.format(
+                            position, body_end))
+                    transfer._set_total(position)  # the body's end is the file's end
+                    conn.end = position
         # reused only when read to its very end (a chunked body: its last
         # chunk too, which http.client reads when it reaches it)
         done = position == body_end and (not response.chunked or response.isclosed())
@@ -5205,7 +5210,7 @@ class _Pump:
         except BaseException:
             conn.pending = 0  # what the write took is held; the rest is given up
             raise
-        with self._cond:
+        with self._lock:
             conn.pos += pending
             conn.pending = 0
         if self.transfer.piece_hashes is not None:
@@ -5236,9 +5241,13 @@ class _Transfer:
     and the transfer judges the answers, starts and ends the connections
     and gives the verdict. The download thread calls ``start``, ``wait``,
     ``look``, ``stop`` and ``result``; connection threads run ``_serve``
-    and never call user code. ``_cond`` guards the planner (the claims and
+    and never call user code. ``_lock`` guards the planner (the claims and
     the state of the split), the sources and the events; no file is read
-    or reserved under it, and ``stop()`` never waits for it."""
+    or reserved under it, and ``stop()`` never waits for it. ``_cond``, on
+    that lock, is what the download thread and a connection that waits
+    for work wait on; ``_wake`` notifies it only when one of them waits
+    (a small file's never does: its one connection runs on the download
+    thread)."""
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -5247,7 +5256,9 @@ class _Transfer:
                  conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0             # threads waiting on ``_cond``
         self.store = store
         self.options = options
         self.sources = [_Source(address, store.validators.get(address.url))
@@ -5276,6 +5287,7 @@ class _Transfer:
         self.threads: List[_Task] = []  # every connection thread started, to join
         self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
         self.tender: Optional[_Tender] = None  # the download thread's, from start()
+        self.home: Optional[_Connection] = None  # the connection the download thread runs
         self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
@@ -5308,35 +5320,35 @@ class _Transfer:
         waits for the slot with it. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         self.tender = tender
-        with self._cond:
+        with self._lock:
             if self.options.slots is not None:
                 self._spawn()
                 return
             conn = self._add_connection()
         if conn is None:
             return
-        task = conn.thread = _Task.here('bitpit-download')
+        self.home = conn
         self.cancel.tender = tender
         try:
             self._serve(conn)
         finally:
             self.cancel.tender = None
-            task.done()
+            self.home = None
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for something to report or to do, and do
         it. Download thread."""
-        with self._cond:
+        with self._lock:
             if not self.events and not self.finished and not self.slot_freed \
                     and timeout > 0:
-                self._cond.wait(timeout)
+                self._wait(timeout)
             self._keep_going()
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
-        with self._cond:
+        with self._lock:
             events, self.events = self.events, []
             return events
 
@@ -5371,7 +5383,7 @@ class _Transfer:
         a second."""
         if now < self._next_look:
             return
-        with self._cond:
+        with self._lock:
             self._next_look = now + _TEND_PERIOD
             self._check_min_speed(now)
             self._keep_going()
@@ -5412,11 +5424,11 @@ class _Transfer:
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        if self._cond.acquire(blocking=False):  # else its holder will look soon
+        if self._lock.acquire(blocking=False):  # else its holder will look soon
             try:
-                self._cond.notify_all()
+                self._wake()
             finally:
-                self._cond.release()
+                self._lock.release()
 
     def result(self) -> None:
         """Once finished: join the connection threads, then return if every
@@ -5453,7 +5465,8 @@ class _Transfer:
 
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
-        verdict when no connection is left and the file is incomplete."""
+        verdict when no connection is left and the file is incomplete.
+        Download thread."""
         self.slot_freed = False
         if self.complete or self.error is not None or self.cancel.is_set():
             return
@@ -5463,7 +5476,7 @@ class _Transfer:
                 self._spawn()
             return
         if self._is_complete():
-            self._complete()
+            self._complete(self.home)
             return
         planner = self.planner
         wanted = planner.connections_wanted if planner.segmented and planner.judging is None \
@@ -5481,8 +5494,8 @@ class _Transfer:
         conn = self._add_connection(claim)
         if conn is None:
             return False
-        conn.thread = _WORKERS.run(functools.partial(self._serve, conn), 'bitpit-connection')
-        self.threads.append(conn.thread)
+        self.threads.append(_WORKERS.run(functools.partial(self._serve, conn),
+                                         'bitpit-connection'))
         return True
 
     def _add_connection(self, claim: Optional[Tuple[int, int]] = None
@@ -5511,8 +5524,23 @@ class _Transfer:
         """A host slot this transfer wanted freed: look again for work for
         one more connection. Called by ``_HostSlots`` from a thread that
         holds no lock."""
-        with self._cond:
+        with self._lock:
             self.slot_freed = True
+            self._wake()
+
+    def _wait(self, timeout: float) -> None:
+        """Wait on ``_cond`` up to ``timeout`` seconds, counted in
+        ``_waiting``."""
+        self._waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    def _wake(self) -> None:
+        """Wake the threads that wait on ``_cond``, if any: a notify costs
+        several calls even when none does."""
+        if self._waiting:
             self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
@@ -5527,7 +5555,7 @@ class _Transfer:
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        self._cond.notify_all()
+        self._wake()
 
     def _verdict(self) -> Error:
         """Why the file cannot be completed from any source: the error of
@@ -5544,13 +5572,13 @@ class _Transfer:
 
     def _next_job(self, conn: _Connection) -> bool:
         """Claim the next range for ``conn``; ``False`` when there is none."""
-        with self._cond:
+        with self._lock:
             conn.active = False
             conn.superseded = False
             if self.complete or self.error is not None or self.cancel.is_set():
                 return False
             if self.probed and self._is_complete():
-                self._complete()
+                self._complete(conn)
                 return False
             if not conn.source.usable:
                 return False
@@ -5567,11 +5595,11 @@ class _Transfer:
                 due = self.planner.rate_due(conn)
                 if due is None or self.cancel.tending():
                     return False
-                self._cond.wait(max(0.0, due - time.monotonic()) + 0.001)
+                self._wait(max(0.0, due - time.monotonic()) + 0.001)
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
                 if self._is_complete():
-                    self._complete()
+                    self._complete(conn)
                     return False
                 if not conn.source.usable:
                     return False
@@ -5591,15 +5619,16 @@ class _Transfer:
         return total is not None and self.store.held.total >= total and \
             (pieces is None or len(pieces.good) >= len(pieces.digests))
 
-    def _complete(self) -> None:
+    def _complete(self, caller: Optional[_Connection]) -> None:
         """The file is whole: end the connections still at work (a slow
-        read that a race overtook, a pause before asking a source again),
-        and the attempt with them."""
+        read that a race overtook, a pause before asking a source again)
+        but ``caller``'s, the one the calling thread runs (if any), and the
+        attempt with them."""
         self.complete = True
-        if any(c.thread is None or not c.thread.is_current() for c in self.connections):
+        if any(c is not caller for c in self.connections):
             self._halt()
         else:
-            self._cond.notify_all()
+            self._wake()
 
     # -- a connection thread -------------------------------------------------------------
 
@@ -5611,11 +5640,11 @@ class _Transfer:
                 try:
                     self.pump.fetch(conn, pacer)
                 except _Superseded:
-                    with self._cond:
+                    with self._lock:
                         conn.active = False
                     continue
                 except _Stopped:
-                    with self._cond:
+                    with self._lock:
                         if not self.cancel.is_set():  # a sealed file: nothing more to do
                             self._end(_Stopped())
                     break
@@ -5626,10 +5655,10 @@ class _Transfer:
                     if pause:  # ended at once by a stop, a failure or completion
                         self.cancel.wait(pause)
         except BaseException as exc:  # a bug: end the attempt, never die silently
-            with self._cond:
+            with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
-            with self._cond:
+            with self._lock:
                 conn.active = False
                 if self.prober is conn:
                     self.prober = None
@@ -5637,7 +5666,7 @@ class _Transfer:
                     self.planner.judging = None
                 self.connections.remove(conn)
                 conn.buffer = memoryview(b'')
-                self._cond.notify_all()
+                self._wake()
 
     # -- the answers: what each says about the file, asked by the pump ----------------
 
@@ -5844,7 +5873,7 @@ class _Transfer:
                                self.store.held.total > self.chunk_size)
         # parts are written out of order: only with a sidecar to record them
         segmented = setup.segmented and self.store.record()
-        with self._cond:
+        with self._lock:
             self._report('download', None)
             if segmented and not conn.superseded and self.planner.split(conn, self.received):
                 self._share_out(conn)
@@ -5872,7 +5901,7 @@ class _Transfer:
         tender = self.cancel.tender
         if tender is not None:
             tender.due = 0.0
-        self._cond.notify_all()
+        self._wake()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
@@ -5915,15 +5944,15 @@ class _Transfer:
         """A request of ``conn`` failed: retire or bench its source, and say
         whether ``conn`` goes on (with another source, or the same one after
         a pause: the seconds it waits first) or ends (``None``)."""
-        with self._cond:
+        with self._lock:
             conn.active = False
-            self._cond.notify_all()  # its claim is free: a connection waiting for work looks
+            self._wake()  # its claim is free: a connection waiting for work looks
             if self.prober is conn:
                 self.prober = None
             if self.error is not None or self.cancel.is_set():
                 return None
             if self.probed and self._is_complete():  # others fetched its part
-                self._complete()
+                self._complete(conn)
                 return None
             source = conn.source
             source.last_error = error
@@ -5979,7 +6008,7 @@ class _Transfer:
         connection thread, holding no lock."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
-        with self._cond:
+        with self._lock:
             total = self.planner.total
             if total is None or end <= start:
                 return
@@ -5995,9 +6024,9 @@ class _Transfer:
                 good = self.store.piece_matches(first, last, pieces.algorithm,
                                                 pieces.digests[index], self.cancel.is_set)
             finally:
-                with self._cond:
+                with self._lock:
                     pieces.checking.discard(index)
-            with self._cond:
+            with self._lock:
                 if good:
                     pieces.good.add(index)
                     pieces.writers.pop(index, None)
