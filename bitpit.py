@@ -1810,38 +1810,35 @@ _FIRST_READ = 65536
 
 
 class _Receiver(io.RawIOBase):
-    """The socket's own reader (``makefile``'s), whose receives wait for
-    bytes through the request's cancel when the thread reading is a
-    download thread that tends its download meanwhile. Its thread."""
+    """The receives of a response's reader, straight from the socket (no
+    ``makefile`` layer in between, which would hold the socket open: its
+    connection closes it once the response is done with, never while one
+    is read, see ``_Request._release``). They wait for bytes through the
+    request's cancel when the thread reading is a download thread that
+    tends its download meanwhile. Its thread."""
 
     def __init__(self, sock: Any, cancel: Optional[_Cancel]):
         super().__init__()
         self._sock = sock
         self._cancel = cancel
-        self._raw = sock.makefile('rb', buffering=0)
 
     def readable(self) -> bool:
         return True
 
     def fileno(self) -> int:
-        return self._raw.fileno()
+        return self._sock.fileno()
 
     def readinto(self, buffer: Any) -> Optional[int]:
         cancel, sock = self._cancel, self._sock
-        if cancel is None or not cancel.tending():
-            return self._raw.readinto(buffer)
-        timeout = sock.gettimeout()
-        if not cancel.wait_for(functools.partial(_ready, sock), timeout):
-            raise socket.timeout('timed out')
-        if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
-            # bytes are there: received at once (the socket's own receive
-            # would poll for them again first)
-            return os.readv(sock.fileno(), [buffer])
-        return self._raw.readinto(buffer)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
+        if cancel is not None and cancel.tending():
+            timeout = sock.gettimeout()
+            if not cancel.wait_for(functools.partial(_ready, sock), timeout):
+                raise socket.timeout('timed out')
+            if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
+                # bytes are there: received at once (the socket's own receive
+                # would poll for them again first)
+                return os.readv(sock.fileno(), [buffer])
+        return sock.recv_into(buffer)
 
 
 class _WideReader:
@@ -1861,7 +1858,8 @@ class _WideReader:
 class _Response(http.client.HTTPResponse):
     """http.client's response, with its head read by ``_HeadParser`` instead
     of http.client's email-based parser, through a reader whose buffer is
-    ``_FIRST_READ`` bytes; its body is read as http.client reads it.
+    ``_FIRST_READ`` bytes and which does not hold the socket open (see
+    ``_Receiver``); its body is read as http.client reads it.
     ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``; ``held``
     is how many bytes after the head its reader holds (received with it);
     ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
@@ -1982,8 +1980,8 @@ class _AbortableMixin:
             raise OSError(error, os.strerror(error))
 
     def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
-        """What http.client makes its responses with (a class, to it): one
-        whose reads wait through this request's cancel."""
+        """What http.client reads a proxy's answer to ``CONNECT`` with (a
+        class, to it): one whose reads wait through this request's cancel."""
         return _Response(sock, *args, cancel=self.cancel, **kwargs)
 
     def abort(self) -> None:
@@ -2957,21 +2955,24 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
-def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
-    """Add the field lines of ``headers`` to the request ``conn`` is making
-    (after its ``putrequest``), in one line of its buffer, encoded as
-    http.client encodes a value (Latin-1): its ``putheader`` validates each
-    field in a call of its own. Raises ``ValueError`` for a line break in a
-    name or a value, which would inject a field, as http.client does
-    (stricter: no folded value either)."""
-    if not headers:
-        return
-    text = '\r\n'.join([name + ': ' + value for name, value in headers.items()])
-    breaks = len(headers) - 1  # (one count of each over the whole text)
+def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
+    """The bytes of an HTTP/1.1 request's head: its request line for
+    ``target`` and the field lines of ``headers``, encoded as http.client
+    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
+    each part in a call of its own). The method and the target are
+    bitpit's own (``_check_url`` lets no control character or space into
+    a target); a line break in a field's name or value, which would inject
+    a field, raises ``ValueError`` as http.client does (stricter: no folded
+    value either)."""
+    lines = ['{} {} HTTP/1.1'.format(method, target)]
+    lines += [name + ': ' + value for name, value in headers.items()]
+    lines += ['', '']  # the blank line that ends the head
+    text = '\r\n'.join(lines)
+    breaks = len(lines) - 1  # (one count of each over the whole text)
     if text.count('\n') != breaks or text.count('\r') != breaks:
         bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
         raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
-    conn._buffer.append(text.encode('latin-1'))
+    return text.encode('latin-1')
 
 
 class _Request:
@@ -3145,14 +3146,14 @@ class _Request:
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         """The fields of a request for ``target`` on ``conn``, ``Host``
-        first, where http.client puts it (but to a plain proxy, where
-        http.client makes it from the URL)."""
+        first, where http.client puts it (to a plain proxy too: the URL's
+        host and port, the port left out where it is the scheme's own)."""
         options = self.options
         if self.trusted:
             given, names = options.trusted_headers, options.secrets_given
         else:
             given, names = options.public_headers, frozenset()
-        headers = {} if conn.via_proxy else {'Host': self.address.host_field}
+        headers = {'Host': self.address.host_field}
         headers.update(given)
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
@@ -3185,17 +3186,21 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                # http.client's request line (and Host, to a plain proxy); the
-                # fields written at once (its request() validates each in a
-                # call, and works out Host again for every request)
-                conn.putrequest(self.method, target, skip_host=not conn.via_proxy,
-                                skip_accept_encoding=True)
-                _put_fields(conn, self._headers(self.url, target, conn))
-                conn.endheaders()
-                # the socket the body comes from, even when http.client hands
-                # it over to the response (an answer with Connection: close)
-                self.sock = conn.sock
-                return conn.getresponse()
+                # the request written and its answer made here, not by
+                # http.client's request() and getresponse(), which check
+                # and encode each part of the request in a call of its own
+                # and keep a state of the connection that bitpit keeps itself
+                head = _request_head(self.method, target, self._headers(self.url, target, conn))
+                if conn.sock is None:
+                    conn.connect()
+                # the socket the body comes from; the connection keeps it,
+                # also after an answer that ends with it (Connection:
+                # close): _release closes such a connection, never pooled
+                sock = self.sock = conn.sock
+                conn.send(head)
+                response = _Response(sock, method=self.method, cancel=self.cancel)
+                response.begin()
+                return response
             except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
