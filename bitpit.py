@@ -1549,47 +1549,55 @@ _MAX_INTERIM_HEADS = 16  # most 1xx heads before the final one
 
 class _Headers:
     """The header fields of a response, in the order received, duplicates
-    kept; names are case-insensitive, looked up in a dict by lowercased
-    name. It offers what http.client and bitpit call on ``response.headers``
-    (``response.msg``), an ``http.client.HTTPMessage`` in http.client:
-    ``get`` (the first value), ``get_all``, ``[name]`` (the first value or
-    ``None``), ``in``, ``items``/``keys``/``values`` (lists), iteration over
-    the names, ``len``. Read-only; any thread."""
-    __slots__ = ('_fields', '_index')
+    kept; names are case-insensitive. It offers what http.client and
+    bitpit call on ``response.headers`` (``response.msg``), an
+    ``http.client.HTTPMessage`` in http.client: ``get`` (the first value),
+    ``get_all``, ``[name]`` (the first value or ``None``), ``in``,
+    ``items``/``keys``/``values`` (lists), iteration over the names,
+    ``len``. ``by_name`` is a dict of each field's value by its name in
+    lower case, a repeated field's values joined by ``', '`` (as
+    ``HTTPResponse.getheader`` gives them): bitpit's own look-ups, by
+    names it writes in lower case, take no call of their own. Read-only;
+    any thread."""
+    __slots__ = ('_fields', 'by_name', '_repeated')
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        index: Dict[str, List[str]] = {}  # lowercased name: its values, in order
+        by_name: Dict[str, str] = {}
+        repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
         for name, value in fields:
             key = name.lower()
-            values = index.get(key)
-            if values is None:
-                index[key] = [value]
+            if key in by_name:
+                if key not in repeated:
+                    repeated[key] = [by_name[key]]
+                repeated[key].append(value)
+                by_name[key] += ', ' + value
             else:
-                values.append(value)
-        self._index = index
+                by_name[key] = value
+        self.by_name = by_name
+        self._repeated = repeated
+
+    def first(self, key: str) -> Optional[str]:
+        """The first value of the field named ``key`` (in lower case), or ``None``."""
+        if key in self._repeated:
+            return self._repeated[key][0]
+        return self.by_name.get(key)
 
     def get(self, name: str, default: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return values[0] if values else default
+        value = self.first(name.lower())
+        return default if value is None else value
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return list(values) if values else failobj
+        key = name.lower()
+        if key in self._repeated:
+            return list(self._repeated[key])
+        return [self.by_name[key]] if key in self.by_name else failobj
 
     def __getitem__(self, name: str) -> Optional[str]:
         return self.get(name)
 
-    def joined(self, key: str) -> Optional[str]:
-        """The values of the field named ``key`` (in lower case) joined by
-        ``', '``, as ``HTTPResponse.getheader`` gives them; ``None`` if absent."""
-        values = self._index.get(key)
-        if values is None:
-            return None
-        return values[0] if len(values) == 1 else ', '.join(values)
-
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
+        return isinstance(name, str) and name.lower() in self.by_name
 
     def items(self) -> List[Tuple[str, str]]:
         return list(self._fields)
@@ -1615,15 +1623,6 @@ class _Headers:
         return message
 
 
-def _field(response: http.client.HTTPResponse, key: str) -> Optional[str]:
-    """``response.getheader`` of the field named ``key`` (in lower case): a
-    look-up in the ``_Headers`` of a ``_Response``."""
-    fields = response.msg
-    if isinstance(fields, _Headers):
-        return fields.joined(key)
-    return response.getheader(key)
-
-
 class _Head:
     """The status line and header fields of a response, as ``_HeadParser``
     read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
@@ -1640,16 +1639,20 @@ class _Head:
         """Whether the connection stays open after this answer, as its
         version and its ``Connection`` field (for HTTP/1.0 also
         ``Keep-Alive`` and ``Proxy-Connection``) tell."""
-        connection = _header_tokens(self.headers.get_all('Connection'))
+        by_name = self.headers.by_name
+        connection = by_name.get('connection', '').lower()
         if self.version == 11:
-            return 'close' not in connection
-        return 'keep-alive' in connection or bool(self.headers.get('Keep-Alive')) or \
-            'keep-alive' in _header_tokens(self.headers.get_all('Proxy-Connection'))
+            # (a field with no 'close' in it has no such token: most are not split)
+            return 'close' not in connection or 'close' not in _header_tokens(connection)
+        return 'keep-alive' in _header_tokens(connection) or \
+            bool(self.headers.first('keep-alive')) or \
+            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
 
 
-def _header_tokens(values: Optional[List[str]]) -> Set[str]:
-    """The lowercased comma-separated tokens of a field's ``values``."""
-    return {token.strip().lower() for value in values or () for token in value.split(',')}
+def _header_tokens(value: str) -> Set[str]:
+    """The comma-separated tokens of a field's ``value`` (its values
+    joined by commas), in lower case if ``value`` is."""
+    return {token.strip() for token in value.split(',')}
 
 
 class _NoStatusLine(ProtocolError):
@@ -1899,12 +1902,12 @@ class _Response(http.client.HTTPResponse):
         self.fields = head.headers
         # not an HTTPMessage: a _Headers has all that http.client and bitpit call on it
         self.headers = self.msg = head.headers  # type: ignore[assignment]
-        transfer = head.headers.get('Transfer-Encoding')
+        transfer = head.headers.first('transfer-encoding')
         self.chunked = bool(transfer) and transfer.lower() == 'chunked'
         if self.chunked:
             self.chunk_left = None
         self.will_close = not head.keep_alive()
-        length = head.headers.get('Content-Length')
+        length = head.headers.first('content-length')
         self.length = int(length) if length and length.isascii() and length.isdigit() and \
             not self.chunked else None
         if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
@@ -2630,9 +2633,9 @@ class _Cookies:
         self.jar.add_cookie_header(request)
         return request.get_header('Cookie')
 
-    def remember(self, response: http.client.HTTPResponse, url: str) -> None:
+    def remember(self, response: _Response, url: str) -> None:
         """Keep the cookies ``response`` sets, by the jar's rules."""
-        if not response.msg.get_all('Set-Cookie'):
+        if 'set-cookie' not in response.fields.by_name:
             return
         if self.jar is None:
             import http.cookiejar
@@ -3011,7 +3014,7 @@ class _Request:
         self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
         self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
-    def send(self) -> http.client.HTTPResponse:
+    def send(self) -> _Response:
         """Send the request, follow redirects, return the final response
         (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
         seen = {self.url}
@@ -3177,7 +3180,7 @@ class _Request:
                 headers['Proxy-Authorization'] = authorization
         return headers
 
-    def _exchange(self) -> http.client.HTTPResponse:
+    def _exchange(self) -> _Response:
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
         address = self.address
@@ -3279,16 +3282,17 @@ class _Answer:
                  'encoding', 'keep_encoded')
 
     def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
-                 response: http.client.HTTPResponse):
+                 response: _Response):
         self.kind = kind
         self.first = first
         self.end = end
         self.total = total
-        self.etag = _field(response, 'etag')
-        self.last_modified = _field(response, 'last-modified')
+        fields = response.fields.by_name
+        self.etag = fields.get('etag')
+        self.last_modified = fields.get('last-modified')
         strong = self.etag if self.etag and self.etag.startswith('"') else None
         self.validator = strong or self.last_modified
-        encoding = _field(response, 'content-encoding')
+        encoding = fields.get('content-encoding')
         if encoding is not None:
             encoding = encoding.strip().lower()
         self.encoding = None if not encoding or encoding == 'identity' else encoding
@@ -3313,7 +3317,7 @@ class _Answer:
         return None
 
 
-def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _Answer:
+def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     """Check an answer to a request for the bytes from ``first`` on and say
     what it brings. Raises ``HTTPStatusError`` for an error status and
     ``ProtocolError`` for an answer that contradicts itself or the request.
@@ -3322,7 +3326,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
     if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(_field(response, 'content-range') or '')
+        match = _UNSATISFIED_RANGE_RE.match(response.fields.by_name.get('content-range', ''))
         total = int(match.group(1)) if match else None
         if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
             return _Answer('end', first, first, total, response)
@@ -3332,7 +3336,8 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
     # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = _field(response, 'content-range') if status != 200 or first > 0 else None
+    content_range = response.fields.by_name.get('content-range') \
+        if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
