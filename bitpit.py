@@ -1708,9 +1708,10 @@ def _parse_head(head: bytes) -> _Head:
             fields[-1] = (name, value + ' ' + more if value and more else value or more)
             continue
         name, colon, value = line.partition(':')
-        # space before the colon is taken off, not refused: RFC 9112 bids
-        # servers refuse it and proxies mend it, and bitpit is neither
-        name = name.rstrip(' \t')
+        if ' ' in name or '\t' in name:  # (seldom: no call for the others)
+            # space before the colon is taken off, not refused: RFC 9112 bids
+            # servers refuse it and proxies mend it, and bitpit is neither
+            name = name.rstrip(' \t')
         if not colon or not name or ' ' in name or '\t' in name:
             raise _head_error('a header line that is not a field', line)
         fields.append((name, value.strip(' \t')))
@@ -1818,12 +1819,17 @@ class _Receiver(io.RawIOBase):
     connection closes it once the response is done with, never while one
     is read, see ``_Request._release``). They wait for bytes through the
     request's cancel when the thread reading is a download thread that
-    tends its download meanwhile. Its thread."""
+    tends its download meanwhile. It also stands for the socket in
+    ``HTTPResponse.__init__``, which takes its reader from ``makefile``:
+    one over it whose buffer holds ``_FIRST_READ`` bytes. Its thread."""
 
     def __init__(self, sock: Any, cancel: Optional[_Cancel]):
         super().__init__()
         self._sock = sock
         self._cancel = cancel
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self, _FIRST_READ)
 
     def readable(self) -> bool:
         return True
@@ -1844,20 +1850,6 @@ class _Receiver(io.RawIOBase):
         return sock.recv_into(buffer)
 
 
-class _WideReader:
-    """Stands for a socket in ``HTTPResponse.__init__``, which takes its
-    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes,
-    and it receives through a ``_Receiver``."""
-    __slots__ = ('_sock', '_cancel')
-
-    def __init__(self, sock: Any, cancel: Optional[_Cancel]):
-        self._sock = sock
-        self._cancel = cancel
-
-    def makefile(self, mode: str) -> Any:
-        return io.BufferedReader(_Receiver(self._sock, self._cancel), _FIRST_READ)
-
-
 class _Response(http.client.HTTPResponse):
     """http.client's response, with its head read by ``_HeadParser`` instead
     of http.client's email-based parser, through a reader whose buffer is
@@ -1873,7 +1865,7 @@ class _Response(http.client.HTTPResponse):
 
     def __init__(self, sock: Any, *args: Any, cancel: Optional[_Cancel] = None, **kwargs: Any):
         # (it calls only makefile of what stands for the socket)
-        super().__init__(_WideReader(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(_Receiver(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
