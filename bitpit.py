@@ -1550,47 +1550,55 @@ _MAX_INTERIM_HEADS = 16  # most 1xx heads before the final one
 
 class _Headers:
     """The header fields of a response, in the order received, duplicates
-    kept; names are case-insensitive, looked up in a dict by lowercased
-    name. It offers what http.client and bitpit call on ``response.headers``
-    (``response.msg``), an ``http.client.HTTPMessage`` in http.client:
-    ``get`` (the first value), ``get_all``, ``[name]`` (the first value or
-    ``None``), ``in``, ``items``/``keys``/``values`` (lists), iteration over
-    the names, ``len``. Read-only; any thread."""
-    __slots__ = ('_fields', '_index')
+    kept; names are case-insensitive. It offers what http.client and
+    bitpit call on ``response.headers`` (``response.msg``), an
+    ``http.client.HTTPMessage`` in http.client: ``get`` (the first value),
+    ``get_all``, ``[name]`` (the first value or ``None``), ``in``,
+    ``items``/``keys``/``values`` (lists), iteration over the names,
+    ``len``. ``by_name`` is a dict of each field's value by its name in
+    lower case, a repeated field's values joined by ``', '`` (as
+    ``HTTPResponse.getheader`` gives them): bitpit's own look-ups, by
+    names it writes in lower case, take no call of their own. Read-only;
+    any thread."""
+    __slots__ = ('_fields', 'by_name', '_repeated')
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        index: Dict[str, List[str]] = {}  # lowercased name: its values, in order
+        by_name: Dict[str, str] = {}
+        repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
         for name, value in fields:
             key = name.lower()
-            values = index.get(key)
-            if values is None:
-                index[key] = [value]
+            if key in by_name:
+                if key not in repeated:
+                    repeated[key] = [by_name[key]]
+                repeated[key].append(value)
+                by_name[key] += ', ' + value
             else:
-                values.append(value)
-        self._index = index
+                by_name[key] = value
+        self.by_name = by_name
+        self._repeated = repeated
+
+    def first(self, key: str) -> Optional[str]:
+        """The first value of the field named ``key`` (in lower case), or ``None``."""
+        if key in self._repeated:
+            return self._repeated[key][0]
+        return self.by_name.get(key)
 
     def get(self, name: str, default: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return values[0] if values else default
+        value = self.first(name.lower())
+        return default if value is None else value
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return list(values) if values else failobj
+        key = name.lower()
+        if key in self._repeated:
+            return list(self._repeated[key])
+        return [self.by_name[key]] if key in self.by_name else failobj
 
     def __getitem__(self, name: str) -> Optional[str]:
         return self.get(name)
 
-    def joined(self, key: str) -> Optional[str]:
-        """The values of the field named ``key`` (in lower case) joined by
-        ``', '``, as ``HTTPResponse.getheader`` gives them; ``None`` if absent."""
-        values = self._index.get(key)
-        if values is None:
-            return None
-        return values[0] if len(values) == 1 else ', '.join(values)
-
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
+        return isinstance(name, str) and name.lower() in self.by_name
 
     def items(self) -> List[Tuple[str, str]]:
         return list(self._fields)
@@ -1616,15 +1624,6 @@ class _Headers:
         return message
 
 
-def _field(response: http.client.HTTPResponse, key: str) -> Optional[str]:
-    """``response.getheader`` of the field named ``key`` (in lower case): a
-    look-up in the ``_Headers`` of a ``_Response``."""
-    fields = response.msg
-    if isinstance(fields, _Headers):
-        return fields.joined(key)
-    return response.getheader(key)
-
-
 class _Head:
     """The status line and header fields of a response, as ``_HeadParser``
     read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
@@ -1641,16 +1640,20 @@ class _Head:
         """Whether the connection stays open after this answer, as its
         version and its ``Connection`` field (for HTTP/1.0 also
         ``Keep-Alive`` and ``Proxy-Connection``) tell."""
-        connection = _header_tokens(self.headers.get_all('Connection'))
+        by_name = self.headers.by_name
+        connection = by_name.get('connection', '').lower()
         if self.version == 11:
-            return 'close' not in connection
-        return 'keep-alive' in connection or bool(self.headers.get('Keep-Alive')) or \
-            'keep-alive' in _header_tokens(self.headers.get_all('Proxy-Connection'))
+            # (a field with no 'close' in it has no such token: most are not split)
+            return 'close' not in connection or 'close' not in _header_tokens(connection)
+        return 'keep-alive' in _header_tokens(connection) or \
+            bool(self.headers.first('keep-alive')) or \
+            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
 
 
-def _header_tokens(values: Optional[List[str]]) -> Set[str]:
-    """The lowercased comma-separated tokens of a field's ``values``."""
-    return {token.strip().lower() for value in values or () for token in value.split(',')}
+def _header_tokens(value: str) -> Set[str]:
+    """The comma-separated tokens of a field's ``value`` (its values
+    joined by commas), in lower case if ``value`` is."""
+    return {token.strip() for token in value.split(',')}
 
 
 class _NoStatusLine(ProtocolError):
@@ -1706,9 +1709,10 @@ def _parse_head(head: bytes) -> _Head:
             fields[-1] = (name, value + ' ' + more if value and more else value or more)
             continue
         name, colon, value = line.partition(':')
-        # space before the colon is taken off, not refused: RFC 9112 bids
-        # servers refuse it and proxies mend it, and bitpit is neither
-        name = name.rstrip(' \t')
+        if ' ' in name or '\t' in name:  # (seldom: no call for the others)
+            # space before the colon is taken off, not refused: RFC 9112 bids
+            # servers refuse it and proxies mend it, and bitpit is neither
+            name = name.rstrip(' \t')
         if not colon or not name or ' ' in name or '\t' in name:
             raise _head_error('a header line that is not a field', line)
         fields.append((name, value.strip(' \t')))
@@ -1811,58 +1815,47 @@ _FIRST_READ = 65536
 
 
 class _Receiver(io.RawIOBase):
-    """The socket's own reader (``makefile``'s), whose receives wait for
-    bytes through the request's cancel when the thread reading is a
-    download thread that tends its download meanwhile. Its thread."""
+    """The receives of a response's reader, straight from the socket (no
+    ``makefile`` layer in between, which would hold the socket open: its
+    connection closes it once the response is done with, never while one
+    is read, see ``_Request._release``). They wait for bytes through the
+    request's cancel when the thread reading is a download thread that
+    tends its download meanwhile. It also stands for the socket in
+    ``HTTPResponse.__init__``, which takes its reader from ``makefile``:
+    one over it whose buffer holds ``_FIRST_READ`` bytes. Its thread."""
 
     def __init__(self, sock: Any, cancel: Optional[_Cancel]):
         super().__init__()
         self._sock = sock
         self._cancel = cancel
-        self._raw = sock.makefile('rb', buffering=0)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self, _FIRST_READ)
 
     def readable(self) -> bool:
         return True
 
     def fileno(self) -> int:
-        return self._raw.fileno()
+        return self._sock.fileno()
 
     def readinto(self, buffer: Any) -> Optional[int]:
         cancel, sock = self._cancel, self._sock
-        if cancel is None or not cancel.tending():
-            return self._raw.readinto(buffer)
-        timeout = sock.gettimeout()
-        if not cancel.wait_for(functools.partial(_ready, sock), timeout):
-            raise socket.timeout('timed out')
-        if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
-            # bytes are there: received at once (the socket's own receive
-            # would poll for them again first)
-            return os.readv(sock.fileno(), [buffer])
-        return self._raw.readinto(buffer)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-class _WideReader:
-    """Stands for a socket in ``HTTPResponse.__init__``, which takes its
-    reader from ``makefile``: this one's buffer holds ``_FIRST_READ`` bytes,
-    and it receives through a ``_Receiver``."""
-    __slots__ = ('_sock', '_cancel')
-
-    def __init__(self, sock: Any, cancel: Optional[_Cancel]):
-        self._sock = sock
-        self._cancel = cancel
-
-    def makefile(self, mode: str) -> Any:
-        return io.BufferedReader(_Receiver(self._sock, self._cancel), _FIRST_READ)
+        if cancel is not None and cancel.tending():
+            timeout = sock.gettimeout()
+            if not cancel.wait_for(functools.partial(_ready, sock), timeout):
+                raise socket.timeout('timed out')
+            if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
+                # bytes are there: received at once (the socket's own receive
+                # would poll for them again first)
+                return os.readv(sock.fileno(), [buffer])
+        return sock.recv_into(buffer)
 
 
 class _Response(http.client.HTTPResponse):
     """http.client's response, with its head read by ``_HeadParser`` instead
     of http.client's email-based parser, through a reader whose buffer is
-    ``_FIRST_READ`` bytes; its body is read as http.client reads it.
+    ``_FIRST_READ`` bytes and which does not hold the socket open (see
+    ``_Receiver``); its body is read as http.client reads it.
     ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``; ``held``
     is how many bytes after the head its reader holds (received with it);
     ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
@@ -1873,7 +1866,7 @@ class _Response(http.client.HTTPResponse):
 
     def __init__(self, sock: Any, *args: Any, cancel: Optional[_Cancel] = None, **kwargs: Any):
         # (it calls only makefile of what stands for the socket)
-        super().__init__(_WideReader(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(_Receiver(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         """Read the head and set what http.client reads a body by: its
@@ -1902,12 +1895,12 @@ class _Response(http.client.HTTPResponse):
         self.fields = head.headers
         # not an HTTPMessage: a _Headers has all that http.client and bitpit call on it
         self.headers = self.msg = head.headers  # type: ignore[assignment]
-        transfer = head.headers.get('Transfer-Encoding')
+        transfer = head.headers.first('transfer-encoding')
         self.chunked = bool(transfer) and transfer.lower() == 'chunked'
         if self.chunked:
             self.chunk_left = None
         self.will_close = not head.keep_alive()
-        length = head.headers.get('Content-Length')
+        length = head.headers.first('content-length')
         self.length = int(length) if length and length.isascii() and length.isdigit() and \
             not self.chunked else None
         if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
@@ -1983,8 +1976,8 @@ class _AbortableMixin:
             raise OSError(error, os.strerror(error))
 
     def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
-        """What http.client makes its responses with (a class, to it): one
-        whose reads wait through this request's cancel."""
+        """What http.client reads a proxy's answer to ``CONNECT`` with (a
+        class, to it): one whose reads wait through this request's cancel."""
         return _Response(sock, *args, cancel=self.cancel, **kwargs)
 
     def abort(self) -> None:
@@ -2633,9 +2626,9 @@ class _Cookies:
         self.jar.add_cookie_header(request)
         return request.get_header('Cookie')
 
-    def remember(self, response: http.client.HTTPResponse, url: str) -> None:
+    def remember(self, response: _Response, url: str) -> None:
         """Keep the cookies ``response`` sets, by the jar's rules."""
-        if not response.msg.get_all('Set-Cookie'):
+        if 'set-cookie' not in response.fields.by_name:
             return
         if self.jar is None:
             import http.cookiejar
@@ -2958,21 +2951,24 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
-def _put_fields(conn: _AnyHTTPConnection, headers: Dict[str, str]) -> None:
-    """Add the field lines of ``headers`` to the request ``conn`` is making
-    (after its ``putrequest``), in one line of its buffer, encoded as
-    http.client encodes a value (Latin-1): its ``putheader`` validates each
-    field in a call of its own. Raises ``ValueError`` for a line break in a
-    name or a value, which would inject a field, as http.client does
-    (stricter: no folded value either)."""
-    if not headers:
-        return
-    text = '\r\n'.join([name + ': ' + value for name, value in headers.items()])
-    breaks = len(headers) - 1  # (one count of each over the whole text)
+def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
+    """The bytes of an HTTP/1.1 request's head: its request line for
+    ``target`` and the field lines of ``headers``, encoded as http.client
+    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
+    each part in a call of its own). The method and the target are
+    bitpit's own (``_check_url`` lets no control character or space into
+    a target); a line break in a field's name or value, which would inject
+    a field, raises ``ValueError`` as http.client does (stricter: no folded
+    value either)."""
+    lines = ['{} {} HTTP/1.1'.format(method, target)]
+    lines += [name + ': ' + value for name, value in headers.items()]
+    lines += ['', '']  # the blank line that ends the head
+    text = '\r\n'.join(lines)
+    breaks = len(lines) - 1  # (one count of each over the whole text)
     if text.count('\n') != breaks or text.count('\r') != breaks:
         bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
         raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
-    conn._buffer.append(text.encode('latin-1'))
+    return text.encode('latin-1')
 
 
 class _Request:
@@ -3011,7 +3007,7 @@ class _Request:
         self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
         self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
-    def send(self) -> http.client.HTTPResponse:
+    def send(self) -> _Response:
         """Send the request, follow redirects, return the final response
         (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
         seen = {self.url}
@@ -3146,14 +3142,14 @@ class _Request:
 
     def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
         """The fields of a request for ``target`` on ``conn``, ``Host``
-        first, where http.client puts it (but to a plain proxy, where
-        http.client makes it from the URL)."""
+        first, where http.client puts it (to a plain proxy too: the URL's
+        host and port, the port left out where it is the scheme's own)."""
         options = self.options
         if self.trusted:
             given, names = options.trusted_headers, options.secrets_given
         else:
             given, names = options.public_headers, frozenset()
-        headers = {} if conn.via_proxy else {'Host': self.address.host_field}
+        headers = {'Host': self.address.host_field}
         headers.update(given)
         if self.first is not None:
             headers['Range'] = 'bytes={}-{}'.format(
@@ -3177,7 +3173,7 @@ class _Request:
                 headers['Proxy-Authorization'] = authorization
         return headers
 
-    def _exchange(self) -> http.client.HTTPResponse:
+    def _exchange(self) -> _Response:
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
         address = self.address
@@ -3186,17 +3182,21 @@ class _Request:
             assert conn is not None  # _connect() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
-                # http.client's request line (and Host, to a plain proxy); the
-                # fields written at once (its request() validates each in a
-                # call, and works out Host again for every request)
-                conn.putrequest(self.method, target, skip_host=not conn.via_proxy,
-                                skip_accept_encoding=True)
-                _put_fields(conn, self._headers(self.url, target, conn))
-                conn.endheaders()
-                # the socket the body comes from, even when http.client hands
-                # it over to the response (an answer with Connection: close)
-                self.sock = conn.sock
-                return conn.getresponse()
+                # the request written and its answer made here, not by
+                # http.client's request() and getresponse(), which check
+                # and encode each part of the request in a call of its own
+                # and keep a state of the connection that bitpit keeps itself
+                head = _request_head(self.method, target, self._headers(self.url, target, conn))
+                if conn.sock is None:
+                    conn.connect()
+                # the socket the body comes from; the connection keeps it,
+                # also after an answer that ends with it (Connection:
+                # close): _release closes such a connection, never pooled
+                sock = self.sock = conn.sock
+                conn.send(head)
+                response = _Response(sock, method=self.method, cancel=self.cancel)
+                response.begin()
+                return response
             except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
@@ -3275,16 +3275,17 @@ class _Answer:
                  'encoding', 'keep_encoded')
 
     def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
-                 response: http.client.HTTPResponse):
+                 response: _Response):
         self.kind = kind
         self.first = first
         self.end = end
         self.total = total
-        self.etag = _field(response, 'etag')
-        self.last_modified = _field(response, 'last-modified')
+        fields = response.fields.by_name
+        self.etag = fields.get('etag')
+        self.last_modified = fields.get('last-modified')
         strong = self.etag if self.etag and self.etag.startswith('"') else None
         self.validator = strong or self.last_modified
-        encoding = _field(response, 'content-encoding')
+        encoding = fields.get('content-encoding')
         if encoding is not None:
             encoding = encoding.strip().lower()
         self.encoding = None if not encoding or encoding == 'identity' else encoding
@@ -3309,7 +3310,7 @@ class _Answer:
         return None
 
 
-def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _Answer:
+def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     """Check an answer to a request for the bytes from ``first`` on and say
     what it brings. Raises ``HTTPStatusError`` for an error status and
     ``ProtocolError`` for an answer that contradicts itself or the request.
@@ -3318,7 +3319,7 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
     if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(_field(response, 'content-range') or '')
+        match = _UNSATISFIED_RANGE_RE.match(response.fields.by_name.get('content-range', ''))
         total = int(match.group(1)) if match else None
         if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
             return _Answer('end', first, first, total, response)
@@ -3328,7 +3329,8 @@ def _check_answer(response: http.client.HTTPResponse, url: str, first: int) -> _
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
     # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = _field(response, 'content-range') if status != 200 or first > 0 else None
+    content_range = response.fields.by_name.get('content-range') \
+        if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')

@@ -221,16 +221,26 @@ def test_http_1_0_keep_alive_and_proxy_connection():
 # _Response: what http.client's begin() sets, from the same bytes
 # ---------------------------------------------------------------------------
 
-def answer(response_class, data, method='GET'):
-    """A response of ``response_class`` to ``method``, its head read from
-    ``data`` on a socket pair (closed by the caller's test)."""
-    ours, theirs = socket.socketpair()
-    with theirs:
-        theirs.sendall(data)
-    response = response_class(ours, method=method)
-    ours.close()  # the response's reader holds the socket on
-    response.begin()
-    return response
+@pytest.fixture
+def answer():
+    """``answer(response_class, data, method='GET')``: a response of
+    ``response_class`` to ``method``, its head read from ``data`` on a
+    socket pair, whose other end is closed after ``data``. The test's end
+    closes the socket (bitpit's response does not hold it open, as
+    http.client's does: its connection keeps it)."""
+    sockets = []
+
+    def make(response_class, data, method='GET'):
+        ours, theirs = socket.socketpair()
+        sockets.append(ours)
+        with theirs:
+            theirs.sendall(data)
+        response = response_class(ours, method=method)
+        response.begin()
+        return response
+    yield make
+    for sock in sockets:
+        sock.close()
 
 
 FRAMINGS = {
@@ -253,7 +263,7 @@ FRAMINGS = {
 
 
 @pytest.mark.parametrize('case', sorted(FRAMINGS))
-def test_response_attributes_as_http_client_sets_them(case):
+def test_response_attributes_as_http_client_sets_them(case, answer):
     data, method = FRAMINGS[case]
     theirs = answer(http.client.HTTPResponse, data, method)
     ours = answer(bitpit._Response, data, method)
@@ -265,7 +275,7 @@ def test_response_attributes_as_http_client_sets_them(case):
     assert ours.isclosed() == theirs.isclosed()
 
 
-def test_info_is_an_http_message_for_a_cookie_jar():
+def test_info_is_an_http_message_for_a_cookie_jar(answer):
     response = answer(bitpit._Response, b'HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\n'
                       b'Set-Cookie: b=2\r\nContent-Length: 0\r\n\r\n')
     info = response.info()
@@ -273,7 +283,7 @@ def test_info_is_an_http_message_for_a_cookie_jar():
     assert info.get_all('set-cookie') == ['a=1', 'b=2'] and info.items() == response.getheaders()
 
 
-def test_a_closed_connection_before_or_within_the_head():
+def test_a_closed_connection_before_or_within_the_head(answer):
     with pytest.raises(http.client.RemoteDisconnected, match='without response'):
         answer(bitpit._Response, b'')
     with pytest.raises(http.client.RemoteDisconnected, match='within the response head'):

@@ -231,8 +231,8 @@ def test_a_request_goes_out_in_one_write_and_its_small_answer_in_one_receive(
 
     ours, theirs = socket.socketpair()
     receives = []
-    receive = socket.SocketIO.readinto
-    monkeypatch.setattr(socket.SocketIO, 'readinto',
+    receive = socket.socket.recv_into
+    monkeypatch.setattr(socket.socket, 'recv_into',
                         lambda self, buffer: receives.append(len(buffer)) or receive(self, buffer))
     with ours, theirs:
         theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 10240\r\n\r\n' + SMALL)

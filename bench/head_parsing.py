@@ -50,13 +50,19 @@ class _KeptOpen(io.BufferedReader):
 
 class _Stream:
     """What a response class takes for a socket: ``makefile`` gives every
-    response the same reader, as on a keep-alive connection."""
+    response the same reader, as on a keep-alive connection
+    (http.client's); ``recv_into`` receives at most one answer, as a
+    socket does when a request waits for each (bitpit's, whose reader
+    receives from the socket itself)."""
 
     def __init__(self, reader: io.BufferedReader):
         self._reader = reader
 
     def makefile(self, mode: str, buffering: int = -1) -> io.BufferedReader:
-        return self._reader  # (bitpit's _Response asks for a wider buffer: the same one)
+        return self._reader
+
+    def recv_into(self, buffer: Any) -> int:
+        return self._reader.readinto(memoryview(buffer)[:len(HEAD) + len(BODY)])
 
 
 def load_bitpit(path: Path) -> Any:
