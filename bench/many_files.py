@@ -12,6 +12,11 @@ file checked byte for byte. Contenders:
     floor      one thread, a selectors loop over K keep-alive connections,
                one GET at a time on each, headers cut at the blank line,
                Content-Length only, each body written with os.write
+    essentials the floor's loop plus what every bitpit download of a small
+               file must do whatever the engine's shape (bitpit's URL check,
+               naming, request fields, head parser, file protocol, and
+               signals emitted in order from a signal thread): the budget
+               of a one-loop engine
     threads    K threads, each one http.client keep-alive connection over
                its share of the list (--no-threads leaves it out)
     bitpit     Manager(max_running=K), many_small.py's program
@@ -124,6 +129,155 @@ while selector.get_map():
     for key, _ in selector.select():
         key.data.readable()
 print(json.dumps({'elapsed_s': time.perf_counter() - began}), flush=True)
+'''
+
+#: The essentials: the floor's loop, plus what every bitpit download of a
+#: small file must do whatever the engine's shape. The URL is checked into
+#: bitpit's ``_Address`` and the file named from it as bitpit names it; the
+#: request carries bitpit's fields; the head is read by bitpit's
+#: ``_HeadParser``; the file is made with ``O_EXCL``, written with
+#: ``pwrite``, dated from ``Last-Modified`` and given its ETag, as bitpit's
+#: store does; and each download's state and size go, in order, to a
+#: signal thread that sets the public values and emits ``state-changed`` and
+#: ``size-changed`` (batched: one hand-over per round of the loop), with the
+#: same ``state-changed`` callback as bitpit's program. No retry, resume,
+#: limit or redirect: the budget of an engine with one loop, not an engine.
+ESSENTIALS_CODE = r'''
+import collections, json, os, selectors, socket, sys, threading, time
+import bitpit
+list_file, outdir, parallel = sys.argv[1], sys.argv[2], int(sys.argv[3])
+urls = open(list_file).read().split()
+began = time.perf_counter()
+lock, ended, all_ended = threading.Lock(), set(), threading.Event()
+
+class Download(bitpit.Emitter):
+    __signals__ = ('state-changed', 'size-changed')
+    __slots__ = ('address', 'path', 'state', 'size', '_emitter_callbacks')
+
+    def __init__(self, url):
+        self.address = bitpit._check_url(url)
+        self.path = self.size = None
+        self.state = 'queued'
+
+def on_state(d, old_state):
+    if d.state in ('complete', 'fatal-error'):
+        with lock:
+            ended.add(id(d))
+            if len(ended) == len(urls):
+                all_ended.set()
+
+downloads = []
+for url in urls:
+    d = Download(url)
+    d.listen('state-changed', on_state)
+    downloads.append(d)
+
+posted, posting, changes = collections.deque(), threading.Condition(), []
+
+def signal_thread():
+    while True:
+        with posting:
+            while not posted:
+                posting.wait()
+            batch = list(posted)
+            posted.clear()
+        for change in batch:
+            if change is None:
+                return
+            d, what, value = change
+            if what == 'state':
+                old, d.state = d.state, value
+                d.emit('state-changed', d, old)
+            else:
+                d.size = value
+                d.emit('size-changed', d)
+
+def hand_over():
+    if changes:
+        with posting:
+            posted.extend(changes)
+            posting.notify()
+        changes.clear()
+
+signals = threading.Thread(target=signal_thread, name='signals')
+signals.start()
+fields = {'User-Agent': 'bitpit/' + bitpit.__version__, 'Accept-Encoding': 'identity'}
+pending = list(range(len(downloads) - 1, -1, -1))
+selector = selectors.DefaultSelector()
+received = bytearray(65536)
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+class Connection:
+    def __init__(self, address):
+        self.sock = socket.create_connection(address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self)
+
+    def ask(self):
+        if not pending:
+            selector.unregister(self.sock)
+            self.sock.close()
+            return
+        d = self.download = downloads[pending.pop()]
+        address = d.address
+        d.path = os.path.join(outdir, bitpit._safe_filename(bitpit._filename_from_url(address)))
+        lines = ['GET ', address.target, ' HTTP/1.1\r\nHost: ', address.host_field, '\r\n']
+        for name, value in fields.items():
+            lines += (name, ': ', value, '\r\n')
+        lines.append('\r\n')
+        request = ''.join(lines).encode('latin-1')
+        self.parser, self.fd, self.left, self.offset = bitpit._HeadParser(), -1, 0, 0
+        if os.write(self.sock.fileno(), request) != len(request):
+            raise OSError('short send')
+        changes.append((d, 'state', 'downloading'))
+
+    def readable(self):
+        n = self.sock.recv_into(received)
+        if not n:
+            raise OSError('connection closed')
+        data = bytes(received[:n])
+        d = self.download
+        if self.fd < 0:
+            head = self.parser.feed(data)
+            if head is None:
+                return
+            if head.status != 200:
+                raise OSError('{}: status {}'.format(d.address.url, head.status))
+            fields_ = head.headers
+            self.left = int(fields_.get('Content-Length'))
+            self.etag = fields_.get('ETag')
+            self.modified = bitpit._parse_http_date(fields_.get('Last-Modified'))
+            changes.append((d, 'size', self.left))
+            data = self.parser.rest
+            self.fd = os.open(d.path, NEW_FILE, 0o666)
+        if data:
+            os.pwrite(self.fd, data, self.offset)
+            self.offset += len(data)
+            self.left -= len(data)
+        if self.left == 0:
+            if self.modified is not None:
+                os.utime(self.fd, (self.modified, self.modified))
+            if self.etag:
+                os.setxattr(self.fd, 'user.bitpit.etag', self.etag.encode('utf-8'))
+            os.close(self.fd)
+            self.fd = -1
+            changes.append((d, 'state', 'complete'))
+            self.ask()
+
+host, port = downloads[0].address.host_key[1:]
+for _ in range(min(parallel, len(urls))):
+    Connection((host, port)).ask()
+while selector.get_map():
+    for key, _ in selector.select():
+        key.data.readable()
+    hand_over()
+finished = all_ended.wait(60)
+changes.append(None)
+hand_over()
+signals.join()
+print(json.dumps({'elapsed_s': time.perf_counter() - began}), flush=True)
+os._exit(0 if finished else 1)
 '''
 
 #: The threads floor: K threads, each with one http.client connection that
@@ -323,7 +477,8 @@ def race_contenders(urls: Path, outdir: Path, files: Dict[str, bytes], parallel:
         common.note('bitpit: ' + under_test.require())
         return python('bitpit', BITPIT_CODE, under_test.env, args.timeout)
 
-    make = [('aria2c', aria2c), ('floor', lambda: python('floor', FLOOR_CODE))]
+    make = [('aria2c', aria2c), ('floor', lambda: python('floor', FLOOR_CODE)),
+            ('essentials', lambda: python('essentials', ESSENTIALS_CODE, under_test.env))]
     if args.threads:
         make.append(('threads', lambda: python('threads', THREADS_CODE)))
     make.append(('bitpit', bitpit))
@@ -369,6 +524,10 @@ def race(count: int, parallel: int, names: List[str], contents: Dict[str, bytes]
         ('bitpit/floor wall', 'bitpit', 'floor', 'seconds'),
         ('floor/aria2c wall', 'floor', 'aria2c', 'seconds'),
         ('floor/aria2c CPU', 'floor', 'aria2c', 'cpu_seconds'),
+        ('essentials/floor CPU', 'essentials', 'floor', 'cpu_seconds'),
+        ('essentials/aria2c wall', 'essentials', 'aria2c', 'seconds'),
+        ('essentials/aria2c CPU', 'essentials', 'aria2c', 'cpu_seconds'),
+        ('bitpit/essentials CPU', 'bitpit', 'essentials', 'cpu_seconds'),
         ('threads/floor CPU', 'threads', 'floor', 'cpu_seconds'),
         ('bitpit/threads CPU', 'bitpit', 'threads', 'cpu_seconds'),
         ('bitpit/baseline wall', 'bitpit', 'bitpit baseline', 'seconds'),
