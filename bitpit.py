@@ -3370,6 +3370,9 @@ _STAMP_BY_FD = os.utime in os.supports_fd
 _XATTRS = hasattr(os, 'setxattr')
 _PWRITE = hasattr(os, 'pwrite')
 _FALLOCATE = hasattr(os, 'posix_fallocate')
+# how the store opens a file: for writing and reading back, made where
+# missing, and bytes as they are (O_BINARY: Windows only)
+_STORE_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
 
 
 def _stamp(path: str, modified: Optional[float], etag: Optional[str],
@@ -3776,18 +3779,17 @@ class _FileStore:
         nothing there, a new file is made (``O_EXCL``), which is regular
         and empty without an ``fstat`` to say so; a file there (made
         meanwhile too) is opened as it is and looked at. Under the lock."""
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
         fd = -1
         try:
             if not self.found[0]:
                 try:
-                    fd = os.open(path, flags | os.O_EXCL, 0o666)
+                    fd = os.open(path, _STORE_FLAGS | os.O_EXCL, 0o666)
                 except FileExistsError:
                     pass
                 else:
                     self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
                     return
-            fd = os.open(path, flags, 0o666)
+            fd = os.open(path, _STORE_FLAGS, 0o666)
             status = os.fstat(fd)
         except OSError as exc:
             if fd >= 0:

@@ -61,6 +61,24 @@ def test_if_range_sent_on_resume_in_the_same_downloader(server, tmp_path):
     assert second.headers['If-Range'] == ETAG
 
 
+@pytest.mark.parametrize('how', ['removed', 'emptied'])
+def test_a_partial_file_gone_between_attempts_is_downloaded_whole(server, tmp_path, how):
+    """The same downloader looks at its file again at each start: bytes it
+    held of a file since removed or emptied (its sidecar left there) are
+    held no more, and the next attempt asks for every byte."""
+    url = server.add('/f', DATA, etag=ETAG, truncate_at=OFFSET, truncate_once=True)
+    target = tmp_path / 'f.bin'
+    d, rec = download(url, target)
+    assert d.state == 'error' and target.stat().st_size == OFFSET
+    if how == 'removed':
+        target.unlink()
+    else:
+        target.write_bytes(b'')
+    run_until(d, rec, 'complete')
+    assert target.read_bytes() == DATA and not sidecar_of(target).exists()
+    assert server.requests[1].headers['Range'] is None
+
+
 @pytest.mark.parametrize('options, validator', [
     ({'etag': ETAG}, ETAG),
     ({'etag': 'W/"weak"', 'last_modified': 'Wed, 21 Oct 2015 07:28:00 GMT'},

@@ -7,12 +7,17 @@ store is made for ``DIR/fI.bin`` and loads what is there (nothing), learns
 the size, opens the file, checks the room for it, writes the body in one
 write, saves (nothing to save: the file is whole), finishes with the
 server's date and ETag, and closes: the calls that ``_Transfer`` makes of
-it, in that order, without a network. The bitpit.py under test and
+it, in that order, without a network. With ``--downloads``, each file's
+store is the one a manager's download makes: the download is made from
+a model as ``Manager.add(url)`` makes it (its name from the URL, in the
+manager's directory), makes its store at the attempt's first need and
+lets go of it at the end. The bitpit.py under test and
 ``--baseline`` alternate, round after round; the report gives each one's
 median CPU time per file (``time.process_time``: user and system time,
 the system calls being most of it) and the ratio of the medians.
 
 Example: ``python bench/file_store.py --tmp /dev/shm --baseline /tmp/old/bitpit.py``
+(add ``--downloads`` for the download's part too)
 """
 
 from __future__ import annotations
@@ -43,14 +48,21 @@ def load_bitpit(path: Path, name: str) -> Any:
     return module
 
 
-def store_files(bitpit: Any, directory: Path, files: int) -> float:
+def store_files(bitpit: Any, directory: Path, files: int, downloads: bool = False) -> float:
     """CPU seconds for the store's work on ``files`` new small files in
-    ``directory``; each file is checked after."""
+    ``directory`` (with ``downloads``, through a manager's downloads);
+    each file is checked after."""
+    urls = ['http://h/f{}.bin'.format(i) for i in range(files)]
+    model = bitpit.Downloader(urls[0], str(directory), dir_path=True)  # (--downloads)
     clock = time.process_time
     began = clock()
-    for i in range(files):
-        store = bitpit._FileStore(directory / 'f{}.bin'.format(i), 'http://h/f{}.bin'.format(i))
-        store.load()
+    for i, url in enumerate(urls):
+        if downloads:
+            download = model._another(url, str(directory), True)
+            store = download._local_store()
+        else:
+            store = bitpit._FileStore(directory / 'f{}.bin'.format(i), url)
+            store.load()
         store.set_size(len(BODY))
         store.open()
         store.reserve(len(BODY), allocate=False)
@@ -58,6 +70,8 @@ def store_files(bitpit: Any, directory: Path, files: int) -> float:
         store.save()
         store.finish(None, MODIFIED, ETAG)
         store.close()
+        if downloads:
+            download._let_go()
     spent = clock() - began
     for i in range(files):
         status = os.stat(directory / 'f{}.bin'.format(i))
@@ -74,6 +88,8 @@ def main() -> int:
     parser.add_argument('--files', type=int, default=3000)
     parser.add_argument('--rounds', type=int, default=9)
     parser.add_argument('--tmp', help='where to make the temp dir (default: the system\'s)')
+    parser.add_argument('--downloads', action='store_true',
+                        help='each store made by a download, as a manager makes it')
     args = parser.parse_args()
     contenders: Dict[str, Any] = {'bitpit': load_bitpit(args.bitpit, 'bitpit_under_test')}
     if args.baseline is not None:
@@ -85,12 +101,13 @@ def main() -> int:
             for name in order:
                 directory = Path(tmp) / 'round{}-{}'.format(round_, name.replace(' ', '-'))
                 directory.mkdir()
-                spent = store_files(contenders[name], directory, args.files)
+                spent = store_files(contenders[name], directory, args.files, args.downloads)
                 shutil.rmtree(directory)
                 if round_:
                     times[name].append(spent)
-    print('{} new files of {} bytes each, {} rounds, in {}'.format(
-        args.files, len(BODY), args.rounds, args.tmp or tempfile.gettempdir()))
+    print('{} new files of {} bytes each{}, {} rounds, in {}'.format(
+        args.files, len(BODY), ', through downloads' if args.downloads else '', args.rounds,
+        args.tmp or tempfile.gettempdir()))
     medians = {name: statistics.median(runs) / args.files for name, runs in times.items()}
     for name, module in contenders.items():
         print('{:16} {:7.1f} us CPU per file   ({})'.format(name, medians[name] * 1e6,
