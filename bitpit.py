@@ -57,6 +57,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import http.client
 import urllib.parse
 
@@ -902,16 +903,17 @@ class Emitter:
     __signals__: Tuple[str, ...] = ()
     # the registry is made at the first listen() and holds a tuple for each
     # signal listened to: an object nobody listens to costs nothing (a
-    # manager may hold thousands). listen() and unlisten() replace a tuple,
-    # never change one, under _EMITTER_LOCK (one for every emitter: they are
-    # rare next to emit()), so that emit() calls the tuple it reads without
-    # a lock
-    _emitter_callbacks: Dict[str, _Callbacks]
+    # manager may hold thousands), and reads the class's empty one, which
+    # nobody writes to. listen() and unlisten() replace a tuple, never
+    # change one, under _EMITTER_LOCK (one for every emitter: they are rare
+    # next to emit()), so that emit() calls the tuple it reads without a
+    # lock
+    _emitter_callbacks: Mapping[str, _Callbacks] = types.MappingProxyType({})
 
     def _registry(self) -> Dict[str, _Callbacks]:
         """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
-        callbacks = getattr(self, '_emitter_callbacks', None)
-        if callbacks is None:
+        callbacks = self._emitter_callbacks
+        if not isinstance(callbacks, dict):  # the class's: none of its own yet
             self._emitter_callbacks = callbacks = {}
         return callbacks
 
@@ -944,8 +946,7 @@ class Emitter:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
-        callbacks = getattr(self, '_emitter_callbacks', None)
-        registered = callbacks.get(signal) if callbacks is not None else None
+        registered = self._emitter_callbacks.get(signal)
         if not registered:  # nobody listens
             self._check_signal(signal)
             return
