@@ -7122,6 +7122,11 @@ class Downloader(Emitter):
     def _cancel_restart(self) -> None:
         """Cancel the scheduled restart, if any (else nothing changes and
         nobody is woken: a manager's add() and every start() call it)."""
+        if self._restart_timer is None:
+            # nothing scheduled (most calls): no lock to take. One read
+            # tells it: a restart scheduled meanwhile by another thread is
+            # one scheduled just after this call, as with the lock
+            return
         with self._lock:
             timer, self._restart_timer = self._restart_timer, None
             if timer is None:
