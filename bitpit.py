@@ -6642,7 +6642,7 @@ class Downloader(Emitter):
         '_metalink', '_lock', '_changed', '_url', '_address', '_state', '_size', '_downloaded',
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
-        '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
+        '_attempt_over', '_restarted_by', '_tracked_by', '_hash_with', '_digest', '_stopping', '_transfer',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
@@ -6728,6 +6728,9 @@ class Downloader(Emitter):
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
+        # a manager's note of each state change, told before the callbacks
+        # (see _set_state)
+        self._tracked_by: Optional[Callable[[Downloader, str, str], None]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
@@ -7226,10 +7229,23 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
+        """Set the state; if it changed, tell its manager, then the
+        callbacks. The manager is told directly, not as one of the
+        callbacks: a listen() per download costs a lock (a manager may add
+        thousands), and its plan is up to date before any callback runs.
+        Like a callback, a manager that fails is logged and the download
+        goes on."""
         with self._lock:
             old, self._state = self._state, state
             self._notify_changed()
         if old != state:
+            tracked_by = self._tracked_by
+            if tracked_by is not None:
+                try:
+                    tracked_by(self, old, state)
+                except Exception:
+                    _log.exception('the manager of %s failed to note its state %r',
+                                   self._url, state)
             self.emit('state-changed', self, old)
 
     def _set_size(self, size: int) -> None:
@@ -7504,14 +7520,19 @@ class Downloader(Emitter):
         d._restart_wait_max = self._restart_wait_max
         return d
 
-    def _join_manager(self, restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
+    def _join_manager(self, tracked_by: Callable[['Downloader', str, str], None],
+                      restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
                       host_slots: Optional[_HostSlots]) -> None:
-        """A manager takes the download over: ``restarts()`` says whether it
-        restarts the download after an error (then the download schedules
-        no restart of its own, and any scheduled one is cancelled); its
-        attempts draw from the manager's ``buckets`` too, and connect within
-        its ``host_slots``. A manager gives each of its downloads the same
-        ``restarts`` and ``buckets`` objects. The manager's caller's thread."""
+        """A manager takes the download over: ``tracked_by(download,
+        old_state, state)`` is called at each state change, on the thread
+        that made it, before the ``state-changed`` callbacks; ``restarts()``
+        says whether it restarts the download after an error (then the
+        download schedules no restart of its own, and any scheduled one is
+        cancelled); its attempts draw from the manager's ``buckets`` too,
+        and connect within its ``host_slots``. A manager gives each of its
+        downloads the same ``tracked_by``, ``restarts`` and ``buckets``
+        objects. The manager's caller's thread."""
+        self._tracked_by = tracked_by
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
@@ -7519,7 +7540,9 @@ class Downloader(Emitter):
 
     def _leave_manager(self) -> None:
         """The manager lets the download go: it restarts by itself again,
-        without the manager's limit and slots; whoever waits looks again."""
+        without the manager's limit and slots, and tells it no state change;
+        whoever waits looks again."""
+        self._tracked_by = None
         self._shared_buckets = ()
         self._host_slots = None
         self._restarted_by = None
@@ -7921,7 +7944,7 @@ class Manager(Emitter):
         # (a tuple, a bound method) per download
         self._shared_buckets = (self._bucket,)
         self._restarts_bound: Callable[[], bool] = self._restarts
-        self._on_state_bound: Callable[[Downloader, str], None] = self._on_state_changed
+        self._on_state_bound: Callable[[Downloader, str, str], None] = self._on_state_changed
         self._max_running = _check_int('max_running', max_running)
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
@@ -8012,10 +8035,10 @@ class Manager(Emitter):
             if d in self._downloads:
                 return d
             self._downloads[d] = next(self._turns)
-        d._join_manager(self._restarts_bound, self._shared_buckets, self._host_slots)
-        if self._manifest is not None:
-            self._manifest.adopt(d)
-        d.listen('state-changed', self._on_state_bound)
+        if self._manifest is not None:  # first: a download it takes as complete is not
+            self._manifest.adopt(d)     # one to note as ending now
+        d._join_manager(self._on_state_bound, self._restarts_bound, self._shared_buckets,
+                        self._host_slots)
         with self._lock:
             self._track(d, d.state)
         self.emit('add', self, d)
@@ -8068,7 +8091,6 @@ class Manager(Emitter):
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
                 heapq.heapify(self._queue)
-        d.unlisten('state-changed', self._on_state_bound)
         d._leave_manager()
         self.emit('remove', self, d)
         self.update()
@@ -8129,12 +8151,12 @@ class Manager(Emitter):
             self._thread = threading.Thread(target=self._run, name='bitpit-manager')
             self._thread.start()
 
-    def _on_state_changed(self, d: Downloader, old_state: str) -> None:
+    def _on_state_changed(self, d: Downloader, old_state: str, state: str) -> None:
         """Note when a download stopped (in the manifest when it ended) and
-        re-plan if that freed a slot. Runs on the download's thread."""
+        re-plan if that freed a slot. The thread that changed the state
+        (the download's, mostly), before the download's callbacks."""
         if self._manifest is not None:
             self._manifest.note(d)
-        state = d.state
         if state in _ACTIVE_STATES and old_state in _ACTIVE_STATES:
             return  # ('download' after 'start') tracked as under way already
         with self._lock:
