@@ -8157,8 +8157,13 @@ class Manager(Emitter):
         (the download's, mostly), before the download's callbacks."""
         if self._manifest is not None:
             self._manifest.note(d)
-        if state in _ACTIVE_STATES and old_state in _ACTIVE_STATES:
-            return  # ('download' after 'start') tracked as under way already
+        if state in _ACTIVE_STATES and (old_state in _ACTIVE_STATES or d in self._running):
+            # under way, as the manager knows already: 'download' after
+            # 'start', or a start of its own plan (which put it in _running
+            # before it started it; read without the lock, as nothing but
+            # its removal takes it out while it runs, after which there is
+            # nothing to note)
+            return
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
