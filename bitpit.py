@@ -8143,10 +8143,13 @@ class Manager(Emitter):
         started and its thread ended (every download was finished). Under
         ``_lock``. Only the manager thread waits on ``_cond``: with none
         (before ``start()``, as thousands of downloads are added) there is
-        nobody to wake."""
-        self._replan = True
+        nobody to wake, nor while a re-plan it was asked for is still to
+        come (as downloads end one after another, and it starts the next):
+        that one, under the lock, sees this change too."""
+        asked_already, self._replan = self._replan, True
         if self._thread is not None:
-            self._cond.notify_all()
+            if not asked_already:
+                self._cond.notify_all()
         elif self._started:
             self._thread = threading.Thread(target=self._run, name='bitpit-manager')
             self._thread.start()
