@@ -8034,15 +8034,16 @@ class Manager(Emitter):
         with self._lock:
             if d in self._downloads:
                 return d
-            self._downloads[d] = next(self._turns)
+            self._downloads[d] = turn = next(self._turns)
         if self._manifest is not None:  # first: a download it takes as complete is not
             self._manifest.adopt(d)     # one to note as ending now
         d._join_manager(self._on_state_bound, self._restarts_bound, self._shared_buckets,
                         self._host_slots)
+        self.emit('add', self, d)  # before it waits for its turn: no plan starts it sooner
         with self._lock:
-            self._track(d, d.state)
-        self.emit('add', self, d)
-        self.update()
+            if self._downloads.get(d) == turn:  # not removed (or added again) by a callback
+                self._track(d, d.state)
+            self._replan_now()
         return d
 
     def _made(self, url: str) -> Downloader:

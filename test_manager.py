@@ -461,3 +461,16 @@ def test_a_manager_that_fails_to_note_a_state_is_logged_and_the_download_goes_on
     d.join(10)
     assert states == ['start', 'download', 'complete']
     assert (tmp_path / 'noted').read_bytes() == DATA
+
+
+def test_an_add_callback_may_remove_the_download(manager, server, tmp_path):
+    """A callback of ``add`` runs before the download waits for its turn:
+    one that removes it leaves nothing of it in the manager."""
+    url = server.add('/gone', DATA)
+    m = manager(path=tmp_path, dir_path=True)
+    m.listen('add', lambda m, d: m.remove(d))
+    m.start()
+    d = m.add(url)
+    assert m.downloads == [] and d.state == 'pause' and not d.is_alive
+    assert m._queue == [] and m._open == {}
+    assert server.requests_for('/gone') == []
