@@ -8114,7 +8114,13 @@ class Manager(Emitter):
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        for d in self.downloads:  # no more restarts from here: wait() may end
+        # no more restarts from here: wait() may end. Not for one complete
+        # or fatal, which waits for no restart: the open ones look again (a
+        # download waiting for a restart is in _open: its thread tracked its
+        # last state before it woke its waiters)
+        with self._lock:
+            unfinished = list(self._open)
+        for d in unfinished:
             d._recheck_waiters()
         if self._manifest is not None:
             self._manifest.sync()

@@ -474,3 +474,24 @@ def test_an_add_callback_may_remove_the_download(manager, server, tmp_path):
     assert m.downloads == [] and d.state == 'pause' and not d.is_alive
     assert m._queue == [] and m._open == {}
     assert server.requests_for('/gone') == []
+
+
+def test_wait_ends_for_a_download_paused_before_its_manager_stopped(manager, server, tmp_path):
+    """A download paused by ``stop_all()`` waits for the manager's restart;
+    ``stop()`` ends that wait at once: the manager wakes the waiters of the
+    downloads it would have restarted."""
+    m, watcher, (d,) = start_manager(manager, server, tmp_path, ['/p'],
+                                     throttle=64 * 1024, restart_wait=60)
+    watcher.wait(all_in([d], 'download'))
+    m.stop_all()
+    assert d.state == 'pause'
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(d.wait(20)))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not (d._changed and d._changed._condition and d._changed._condition._waiters):
+        assert time.monotonic() < deadline, 'the waiter never waited'
+        time.sleep(0.001)  # (wait() gives no event of its own)
+    m.stop()
+    waiter.join(5)
+    assert waited == [False]
