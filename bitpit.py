@@ -57,6 +57,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import http.client
 import urllib.parse
 
@@ -903,16 +904,17 @@ class Emitter:
     __signals__: Tuple[str, ...] = ()
     # the registry is made at the first listen() and holds a tuple for each
     # signal listened to: an object nobody listens to costs nothing (a
-    # manager may hold thousands). listen() and unlisten() replace a tuple,
-    # never change one, under _EMITTER_LOCK (one for every emitter: they are
-    # rare next to emit()), so that emit() calls the tuple it reads without
-    # a lock
-    _emitter_callbacks: Dict[str, _Callbacks]
+    # manager may hold thousands), and reads the class's empty one, which
+    # nobody writes to. listen() and unlisten() replace a tuple, never
+    # change one, under _EMITTER_LOCK (one for every emitter: they are rare
+    # next to emit()), so that emit() calls the tuple it reads without a
+    # lock
+    _emitter_callbacks: Mapping[str, _Callbacks] = types.MappingProxyType({})
 
     def _registry(self) -> Dict[str, _Callbacks]:
         """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
-        callbacks = getattr(self, '_emitter_callbacks', None)
-        if callbacks is None:
+        callbacks = self._emitter_callbacks
+        if not isinstance(callbacks, dict):  # the class's: none of its own yet
             self._emitter_callbacks = callbacks = {}
         return callbacks
 
@@ -945,8 +947,7 @@ class Emitter:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
-        callbacks = getattr(self, '_emitter_callbacks', None)
-        registered = callbacks.get(signal) if callbacks is not None else None
+        registered = self._emitter_callbacks.get(signal)
         if not registered:  # nobody listens
             self._check_signal(signal)
             return
@@ -6689,6 +6690,7 @@ class Downloader(Emitter):
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
+        '_tracked_by',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
@@ -6774,6 +6776,9 @@ class Downloader(Emitter):
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
+        # a manager's note of each state change, told before the callbacks
+        # (see _set_state)
+        self._tracked_by: Optional[Callable[[Downloader, str, str], None]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
@@ -7168,6 +7173,11 @@ class Downloader(Emitter):
     def _cancel_restart(self) -> None:
         """Cancel the scheduled restart, if any (else nothing changes and
         nobody is woken: a manager's add() and every start() call it)."""
+        if self._restart_timer is None:
+            # nothing scheduled (most calls): no lock to take. One read
+            # tells it: a restart scheduled meanwhile by another thread is
+            # one scheduled just after this call, as with the lock
+            return
         with self._lock:
             timer, self._restart_timer = self._restart_timer, None
             if timer is None:
@@ -7267,10 +7277,23 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
+        """Set the state; if it changed, tell its manager, then the
+        callbacks. The manager is told directly, not as one of the
+        callbacks: a listen() per download costs a lock (a manager may add
+        thousands), and its plan is up to date before any callback runs.
+        Like a callback, a manager that fails is logged and the download
+        goes on."""
         with self._lock:
             old, self._state = self._state, state
             self._notify_changed()
         if old != state:
+            tracked_by = self._tracked_by
+            if tracked_by is not None:
+                try:
+                    tracked_by(self, old, state)
+                except Exception:
+                    _log.exception('the manager of %s failed to note its state %r',
+                                   self._url, state)
             self.emit('state-changed', self, old)
 
     def _set_size(self, size: int) -> None:
@@ -7545,14 +7568,19 @@ class Downloader(Emitter):
         d._restart_wait_max = self._restart_wait_max
         return d
 
-    def _join_manager(self, restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
+    def _join_manager(self, tracked_by: Callable[['Downloader', str, str], None],
+                      restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
                       host_slots: Optional[_HostSlots]) -> None:
-        """A manager takes the download over: ``restarts()`` says whether it
-        restarts the download after an error (then the download schedules
-        no restart of its own, and any scheduled one is cancelled); its
-        attempts draw from the manager's ``buckets`` too, and connect within
-        its ``host_slots``. A manager gives each of its downloads the same
-        ``restarts`` and ``buckets`` objects. The manager's caller's thread."""
+        """A manager takes the download over: ``tracked_by(download,
+        old_state, state)`` is called at each state change, on the thread
+        that made it, before the ``state-changed`` callbacks; ``restarts()``
+        says whether it restarts the download after an error (then the
+        download schedules no restart of its own, and any scheduled one is
+        cancelled); its attempts draw from the manager's ``buckets`` too,
+        and connect within its ``host_slots``. A manager gives each of its
+        downloads the same ``tracked_by``, ``restarts`` and ``buckets``
+        objects. The manager's caller's thread."""
+        self._tracked_by = tracked_by
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
@@ -7560,7 +7588,9 @@ class Downloader(Emitter):
 
     def _leave_manager(self) -> None:
         """The manager lets the download go: it restarts by itself again,
-        without the manager's limit and slots; whoever waits looks again."""
+        without the manager's limit and slots, and tells it no state change;
+        whoever waits looks again."""
+        self._tracked_by = None
         self._shared_buckets = ()
         self._host_slots = None
         self._restarted_by = None
@@ -7962,7 +7992,7 @@ class Manager(Emitter):
         # (a tuple, a bound method) per download
         self._shared_buckets = (self._bucket,)
         self._restarts_bound: Callable[[], bool] = self._restarts
-        self._on_state_bound: Callable[[Downloader, str], None] = self._on_state_changed
+        self._on_state_bound: Callable[[Downloader, str, str], None] = self._on_state_changed
         self._max_running = _check_int('max_running', max_running)
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
@@ -8052,15 +8082,16 @@ class Manager(Emitter):
         with self._lock:
             if d in self._downloads:
                 return d
-            self._downloads[d] = next(self._turns)
-        d._join_manager(self._restarts_bound, self._shared_buckets, self._host_slots)
-        if self._manifest is not None:
-            self._manifest.adopt(d)
-        d.listen('state-changed', self._on_state_bound)
+            self._downloads[d] = turn = next(self._turns)
+        if self._manifest is not None:  # first: a download it takes as complete is not
+            self._manifest.adopt(d)     # one to note as ending now
+        d._join_manager(self._on_state_bound, self._restarts_bound, self._shared_buckets,
+                        self._host_slots)
+        self.emit('add', self, d)  # before it waits for its turn: no plan starts it sooner
         with self._lock:
-            self._track(d, d.state)
-        self.emit('add', self, d)
-        self.update()
+            if self._downloads.get(d) == turn:  # not removed (or added again) by a callback
+                self._track(d, d.state)
+            self._replan_now()
         return d
 
     def _made(self, url: str) -> Downloader:
@@ -8109,7 +8140,6 @@ class Manager(Emitter):
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
                 heapq.heapify(self._queue)
-        d.unlisten('state-changed', self._on_state_bound)
         d._leave_manager()
         self.emit('remove', self, d)
         self.update()
@@ -8132,7 +8162,13 @@ class Manager(Emitter):
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        for d in self.downloads:  # no more restarts from here: wait() may end
+        # no more restarts from here: wait() may end. Not for one complete
+        # or fatal, which waits for no restart: the open ones look again (a
+        # download waiting for a restart is in _open: its thread tracked its
+        # last state before it woke its waiters)
+        with self._lock:
+            unfinished = list(self._open)
+        for d in unfinished:
             d._recheck_waiters()
         if self._manifest is not None:
             self._manifest.sync()
@@ -8162,22 +8198,30 @@ class Manager(Emitter):
         started and its thread ended (every download was finished). Under
         ``_lock``. Only the manager thread waits on ``_cond``: with none
         (before ``start()``, as thousands of downloads are added) there is
-        nobody to wake."""
-        self._replan = True
+        nobody to wake, nor while a re-plan it was asked for is still to
+        come (as downloads end one after another, and it starts the next):
+        that one, under the lock, sees this change too."""
+        asked_already, self._replan = self._replan, True
         if self._thread is not None:
-            self._cond.notify_all()
+            if not asked_already:
+                self._cond.notify_all()
         elif self._started:
             self._thread = threading.Thread(target=self._run, name='bitpit-manager')
             self._thread.start()
 
-    def _on_state_changed(self, d: Downloader, old_state: str) -> None:
+    def _on_state_changed(self, d: Downloader, old_state: str, state: str) -> None:
         """Note when a download stopped (in the manifest when it ended) and
-        re-plan if that freed a slot. Runs on the download's thread."""
+        re-plan if that freed a slot. The thread that changed the state
+        (the download's, mostly), before the download's callbacks."""
         if self._manifest is not None:
             self._manifest.note(d)
-        state = d.state
-        if state in _ACTIVE_STATES and old_state in _ACTIVE_STATES:
-            return  # ('download' after 'start') tracked as under way already
+        if state in _ACTIVE_STATES and (old_state in _ACTIVE_STATES or d in self._running):
+            # under way, as the manager knows already: 'download' after
+            # 'start', or a start of its own plan (which put it in _running
+            # before it started it; read without the lock, as nothing but
+            # its removal takes it out while it runs, after which there is
+            # nothing to note)
+            return
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile

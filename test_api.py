@@ -150,6 +150,18 @@ def test_emitter_thread_safety():
     assert count == []
 
 
+def test_emitter_listening_to_one_leaves_the_others_alone():
+    """Emitters nobody listened to share the class's empty registry, and
+    the first listen() gives an emitter its own."""
+    calls = []
+    one, other = Thing(), Thing()
+    one.listen('ping', calls.append)
+    other.emit('ping', 'other')
+    one.emit('ping', 'one')
+    assert calls == ['one']
+    assert Thing().emit('ping', 'new') is None and calls == ['one']
+
+
 def test_emitter_subclass_without_super_init():
     class Lazy(bitpit.Emitter):
         __signals__ = ('x',)

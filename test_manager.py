@@ -417,3 +417,81 @@ def test_a_manager_whose_thread_ended_still_restarts_what_fails_later(
     assert d.wait(10) and (tmp_path / 'f').read_bytes() == DATA
     # the first download's GET, the 503, and the manager's restart
     assert [r.method for r in server.requests_for('/f')].count('GET') >= 3
+
+
+def test_the_manager_plans_before_a_downloads_callbacks(manager, server, tmp_path):
+    """The manager learns of a state change before the download's
+    callbacks run, even those listened to before it was added: a slow
+    callback of a download that ended does not hold up the next one's
+    start."""
+    for name in ('/first', '/next'):
+        server.add(name, b'x' * 1000)
+    m = manager(max_running=1, path=tmp_path, dir_path=True)
+    first = bitpit.Downloader(server.url('/first'), tmp_path, dir_path=True)
+    next_started = threading.Event()
+    seen = []
+
+    def on_first(d, old):
+        if d.state == 'complete':  # the next one starts meanwhile
+            seen.append(next_started.wait(5))
+    first.listen('state-changed', on_first)
+    m.add(first)
+    m.add(server.url('/next')).listen('state-changed', lambda d, old: next_started.set())
+    m.start()
+    assert first.wait(10)
+    first.join(10)
+    assert seen == [True]
+
+
+@pytest.mark.allow_error_log(r'^the manager of .* failed to note its state')
+def test_a_manager_that_fails_to_note_a_state_is_logged_and_the_download_goes_on(
+        manager, server, tmp_path, monkeypatch):
+    """The manager is told of a state change as a callback would be: if
+    that fails, it is logged and the download and its callbacks go on."""
+    def fail(self, d, old_state, state):
+        raise RuntimeError('no note')
+    monkeypatch.setattr(bitpit.Manager, '_on_state_changed', fail)
+    url = server.add('/noted', DATA)
+    m = manager(path=tmp_path, dir_path=True)
+    d = m.add(url)
+    states = []
+    d.listen('state-changed', lambda d, old: states.append(d.state))
+    d.start()
+    assert d.wait(10)
+    d.join(10)
+    assert states == ['start', 'download', 'complete']
+    assert (tmp_path / 'noted').read_bytes() == DATA
+
+
+def test_an_add_callback_may_remove_the_download(manager, server, tmp_path):
+    """A callback of ``add`` runs before the download waits for its turn:
+    one that removes it leaves nothing of it in the manager."""
+    url = server.add('/gone', DATA)
+    m = manager(path=tmp_path, dir_path=True)
+    m.listen('add', lambda m, d: m.remove(d))
+    m.start()
+    d = m.add(url)
+    assert m.downloads == [] and d.state == 'pause' and not d.is_alive
+    assert m._queue == [] and m._open == {}
+    assert server.requests_for('/gone') == []
+
+
+def test_wait_ends_for_a_download_paused_before_its_manager_stopped(manager, server, tmp_path):
+    """A download paused by ``stop_all()`` waits for the manager's restart;
+    ``stop()`` ends that wait at once: the manager wakes the waiters of the
+    downloads it would have restarted."""
+    m, watcher, (d,) = start_manager(manager, server, tmp_path, ['/p'],
+                                     throttle=64 * 1024, restart_wait=60)
+    watcher.wait(all_in([d], 'download'))
+    m.stop_all()
+    assert d.state == 'pause'
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(d.wait(20)))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not (d._changed and d._changed._condition and d._changed._condition._waiters):
+        assert time.monotonic() < deadline, 'the waiter never waited'
+        time.sleep(0.001)  # (wait() gives no event of its own)
+    m.stop()
+    waiter.join(5)
+    assert waited == [False]
