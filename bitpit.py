@@ -1115,7 +1115,8 @@ class _Workers:
                         self._quiet.notify_all()
                 if not self._tasks and not self._closing:
                     self._waiting += 1
-                    me.name = self.IDLE_NAME
+                    if task is None:  # still named for the task it was started for
+                        me.name = self.IDLE_NAME
                     deadline = time.monotonic() + self.IDLE_SECONDS
                     while not self._tasks and not self._closing:
                         left = deadline - time.monotonic()
@@ -1431,9 +1432,9 @@ class _Cancel:
         tender = self.tender
         if tender is None or not tender.current():
             return ready(seconds)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        now = time.monotonic()
+        deadline = None if seconds is None else now + seconds
         while True:
-            now = time.monotonic()
             step = max(0.0, tender.due - now)
             if deadline is not None and deadline - now <= step:
                 return ready(max(0.0, deadline - now))
@@ -1442,6 +1443,7 @@ class _Cancel:
             if self._cancelled:
                 return False
             tender.tend()
+            now = time.monotonic()
 
     def cancel(self) -> None:
         with self._lock:
@@ -5052,11 +5054,10 @@ class _Pump:
         splice = None
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and self.store.spliceable and sock is not None and \
-                not isinstance(sock, ssl.SSLSocket) \
+        elif _SPLICE and wanted >= _SPLICE_FROM and self.store.spliceable and \
+                sock is not None and not isinstance(sock, ssl.SSLSocket) \
                 and not response.chunked and body_end < _UNKNOWN_END and \
-                (self.max_size is None or self.planner.total is not None) and \
-                min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
+                (self.max_size is None or self.planner.total is not None):
             splice = _Splice(body, sock, self.store, self.options.timeout, self.cancel)
             chunk = _PIPE_SIZE
         # the download thread running this connection tends its download
@@ -5280,8 +5281,9 @@ class _Transfer:
         self.complete = False
         self.error: Optional[BaseException] = None
         self._shown = 0               # the most bytes ``downloaded`` said
-        self._began = time.monotonic()
-        self._next_look = 0.0
+        # nothing to look at before a period has passed (a small file is
+        # done by then); the sidecar is saved at the first look
+        self._next_look = time.monotonic() + _TEND_PERIOD
         self._next_save = 0.0
         self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
         self.verify_digest = verify_digest
@@ -5334,6 +5336,8 @@ class _Transfer:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
+        if not self.events:  # (one added meanwhile is taken at the next call)
+            return []
         with self._lock:
             events, self.events = self.events, []
             return events
