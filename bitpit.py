@@ -5232,9 +5232,9 @@ class _Transfer:
     the state of the split), the sources and the events; no file is read
     or reserved under it, and ``stop()`` never waits for it. ``_cond``, on
     that lock, is what the download thread and a connection that waits
-    for work wait on; ``_wake`` notifies it only when one of them waits
-    (a small file's never does: its one connection runs on the download
-    thread)."""
+    for work wait on; it is made at the first wait, and ``_wake``
+    notifies it only when one of them waits (a small file's never does:
+    its one connection runs on the download thread)."""
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -5244,7 +5244,7 @@ class _Transfer:
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond: Optional[threading.Condition] = None  # on ``_lock``, made at the first wait
         self._waiting = 0             # threads waiting on ``_cond``
         self.store = store
         self.options = options
@@ -5521,6 +5521,8 @@ class _Transfer:
     def _wait(self, timeout: float) -> None:
         """Wait on ``_cond`` up to ``timeout`` seconds, counted in
         ``_waiting``."""
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
         self._waiting += 1
         try:
             self._cond.wait(timeout)
@@ -5531,6 +5533,7 @@ class _Transfer:
         """Wake the threads that wait on ``_cond``, if any: a notify costs
         several calls even when none does."""
         if self._waiting:
+            assert self._cond is not None  # made by the first to wait
             self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
@@ -7357,7 +7360,8 @@ class Downloader(Emitter):
         if stopped:
             transfer.stop()
         period = self._update_period
-        tick_at, tick_received = time.monotonic() + period, 0
+        began = time.monotonic()
+        tick_at, tick_received = began + period, 0
 
         def tend() -> float:
             """Relay the transfer's events, let it look at itself, and
@@ -7376,7 +7380,7 @@ class Downloader(Emitter):
                 self.emit('speed-changed', self)
             return min(tick_at, now + _TEND_PERIOD)
 
-        tender = _Tender(tend, min(tick_at, time.monotonic() + _TEND_PERIOD))
+        tender = _Tender(tend, min(tick_at, began + _TEND_PERIOD))
         try:
             transfer.start(tender)  # runs its first connection
             while not transfer.finished:
