@@ -4728,8 +4728,11 @@ class _Planner:
     def first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
+        held = self.store.snapshot
+        if not held:  # a new file: all of it
+            return 0, self.total
         end_of_file = self.total if self.total is not None else _UNKNOWN_END
-        gaps = _Ranges(self.store.snapshot).gaps(end_of_file)
+        gaps = _Ranges(held).gaps(end_of_file)
         if not gaps:  # (only a known size can be held all through)
             return end_of_file, end_of_file
         start, end = gaps[0]
@@ -4997,7 +5000,7 @@ class _Pump:
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
             conn.last_bytes_at = conn.job_began
-        reuse = False
+        reuse = fetched = False
         try:
             response = request.send()
             answer = _check_answer(response, request.url, first)
@@ -5011,12 +5014,13 @@ class _Pump:
                 transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
+            fetched = True
         finally:
             with self._lock:  # no abort of a connection given back to the pool
                 conn.request = None
+                if fetched:
+                    planner.done(conn, first, time.monotonic())
             request.close(reuse)
-        with self._lock:
-            planner.done(conn, first, time.monotonic())
 
     def _ask_size(self, source: _Source) -> Optional[int]:
         """The size of the file at ``source``, or ``None`` if it does not
