@@ -1117,7 +1117,8 @@ class _Workers:
                         self._quiet.notify_all()
                 if not self._tasks and not self._closing:
                     self._waiting += 1
-                    me.name = self.IDLE_NAME
+                    if task is None:  # still named for the task it was started for
+                        me.name = self.IDLE_NAME
                     deadline = time.monotonic() + self.IDLE_SECONDS
                     while not self._tasks and not self._closing:
                         left = deadline - time.monotonic()
@@ -1433,9 +1434,9 @@ class _Cancel:
         tender = self.tender
         if tender is None or not tender.current():
             return ready(seconds)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        now = time.monotonic()
+        deadline = None if seconds is None else now + seconds
         while True:
-            now = time.monotonic()
             step = max(0.0, tender.due - now)
             if deadline is not None and deadline - now <= step:
                 return ready(max(0.0, deadline - now))
@@ -1444,6 +1445,7 @@ class _Cancel:
             if self._cancelled:
                 return False
             tender.tend()
+            now = time.monotonic()
 
     def cancel(self) -> None:
         with self._lock:
@@ -4745,8 +4747,11 @@ class _Planner:
     def first_gap(self) -> Tuple[int, Optional[int]]:
         """The first range not held (``(total, total)`` when none is), for
         the probe; its end is ``None`` when the size is unknown."""
+        held = self.store.snapshot
+        if not held:  # a new file: all of it
+            return 0, self.total
         end_of_file = self.total if self.total is not None else _UNKNOWN_END
-        gaps = _Ranges(self.store.snapshot).gaps(end_of_file)
+        gaps = _Ranges(held).gaps(end_of_file)
         if not gaps:  # (only a known size can be held all through)
             return end_of_file, end_of_file
         start, end = gaps[0]
@@ -5014,7 +5019,7 @@ class _Pump:
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
             conn.last_bytes_at = conn.job_began
-        reuse = False
+        reuse = fetched = False
         try:
             response = request.send()
             answer = _check_answer(response, request.url, first)
@@ -5028,12 +5033,13 @@ class _Pump:
                 transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = self._pump(conn, response, answer, body_end, pacer, request)
+            fetched = True
         finally:
             with self._lock:  # no abort of a connection given back to the pool
                 conn.request = None
+                if fetched:
+                    planner.done(conn, first, time.monotonic())
             request.close(reuse)
-        with self._lock:
-            planner.done(conn, first, time.monotonic())
 
     def _ask_size(self, source: _Source) -> Optional[int]:
         """The size of the file at ``source``, or ``None`` if it does not
@@ -5071,11 +5077,10 @@ class _Pump:
         splice = None
         if answer.encoding is not None and not answer.keep_encoded:
             body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and self.store.spliceable and sock is not None and \
-                not isinstance(sock, ssl.SSLSocket) \
+        elif _SPLICE and wanted >= _SPLICE_FROM and self.store.spliceable and \
+                sock is not None and not isinstance(sock, ssl.SSLSocket) \
                 and not response.chunked and body_end < _UNKNOWN_END and \
-                (self.max_size is None or self.planner.total is not None) and \
-                min(conn.end, conn.request_end, body_end) - conn.pos >= _SPLICE_FROM:
+                (self.max_size is None or self.planner.total is not None):
             splice = _Splice(body, sock, self.store, self.options.timeout, self.cancel)
             chunk = _PIPE_SIZE
         # the download thread running this connection tends its download
@@ -5250,9 +5255,21 @@ class _Transfer:
     the state of the split), the sources and the events; no file is read
     or reserved under it, and ``stop()`` never waits for it. ``_cond``, on
     that lock, is what the download thread and a connection that waits
-    for work wait on; ``_wake`` notifies it only when one of them waits
-    (a small file's never does: its one connection runs on the download
-    thread)."""
+    for work wait on; it is made at the first wait, and ``_wake``
+    notifies it only when one of them waits (a small file's never does:
+    its one connection runs on the download thread)."""
+
+    # more than 30 attributes: without slots, each transfer would make a dict
+    # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
+    # file's instructions; a weak reference tells that it is freed at its end
+    __slots__ = ('__weakref__', '_lock', '_cond', '_waiting', 'store', 'options',
+                 'sources', 'chunk_size', 'buckets', 'checksum', 'max_size', 'min_speed',
+                 'rename_in', 'gzip_name', 'conditions', 'unchanged', 'file_dates',
+                 'cancel', 'probed', 'prober', 'reference', 'ranged', 'ranges_work',
+                 'changes', 'received', 'connections', 'planner', 'pump', 'threads',
+                 'saving', 'tender', 'home', 'opened', 'events', 'slot_freed', 'complete',
+                 'error', '_shown', '_next_look', '_next_save', '_samples',
+                 'verify_digest', 'digests', 'expected_size', 'piece_hashes')
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -5262,7 +5279,7 @@ class _Transfer:
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond: Optional[threading.Condition] = None  # on ``_lock``, at the first wait
         self._waiting = 0             # threads waiting on ``_cond``
         self.store = store
         self.options = options
@@ -5299,8 +5316,9 @@ class _Transfer:
         self.complete = False
         self.error: Optional[BaseException] = None
         self._shown = 0               # the most bytes ``downloaded`` said
-        self._began = time.monotonic()
-        self._next_look = 0.0
+        # nothing to look at before a period has passed (a small file is
+        # done by then); the sidecar is saved at the first look
+        self._next_look = time.monotonic() + _TEND_PERIOD
         self._next_save = 0.0
         self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
         self.verify_digest = verify_digest
@@ -5353,6 +5371,8 @@ class _Transfer:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. Download
         thread."""
+        if not self.events:  # (one added meanwhile is taken at the next call)
+            return []
         with self._lock:
             events, self.events = self.events, []
             return events
@@ -5536,6 +5556,8 @@ class _Transfer:
     def _wait(self, timeout: float) -> None:
         """Wait on ``_cond`` up to ``timeout`` seconds, counted in
         ``_waiting``."""
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
         self._waiting += 1
         try:
             self._cond.wait(timeout)
@@ -5546,6 +5568,7 @@ class _Transfer:
         """Wake the threads that wait on ``_cond``, if any: a notify costs
         several calls even when none does."""
         if self._waiting:
+            assert self._cond is not None  # made by the first to wait
             self._cond.notify_all()
 
     def _end(self, error: BaseException) -> None:
@@ -7394,7 +7417,8 @@ class Downloader(Emitter):
         if stopped:
             transfer.stop()
         period = self._update_period
-        tick_at, tick_received = time.monotonic() + period, 0
+        began = time.monotonic()
+        tick_at, tick_received = began + period, 0
 
         def tend() -> float:
             """Relay the transfer's events, let it look at itself, and
@@ -7413,7 +7437,7 @@ class Downloader(Emitter):
                 self.emit('speed-changed', self)
             return min(tick_at, now + _TEND_PERIOD)
 
-        tender = _Tender(tend, min(tick_at, time.monotonic() + _TEND_PERIOD))
+        tender = _Tender(tend, min(tick_at, began + _TEND_PERIOD))
         try:
             transfer.start(tender)  # runs its first connection
             while not transfer.finished:

@@ -200,6 +200,41 @@ def test_an_attempt_is_freed_when_it_ends_not_by_the_collector(server, tmp_path,
         gc.enable()
 
 
+def test_a_small_file_draws_no_token_makes_no_condition_and_is_not_looked_at(
+        server, tmp_path, monkeypatch):
+    """With no rate limit, a small file's reads draw no token from a bucket;
+    nothing waits on its transfer, which makes no condition for it; and
+    its transfer is not looked at (min_speed, more connections, a sidecar
+    to save), which comes a period after the start. Under a rate limit,
+    each read draws its tokens."""
+    made, drawn, looked = [], [], []
+    condition_init = threading.Condition.__init__
+    acquire = bitpit._TokenBucket.acquire
+    keep_going = bitpit._Transfer._keep_going
+
+    def counted_condition(condition, *args, **kwargs):
+        if threading.current_thread().name.startswith('bitpit-'):
+            made.append(condition)
+        condition_init(condition, *args, **kwargs)
+
+    def counted_acquire(bucket, *args, **kwargs):
+        drawn.append(bucket)
+        return acquire(bucket, *args, **kwargs)
+
+    def counted_keep_going(transfer):
+        looked.append(transfer)
+        keep_going(transfer)
+    monkeypatch.setattr(threading.Condition, '__init__', counted_condition)
+    monkeypatch.setattr(bitpit._TokenBucket, 'acquire', counted_acquire)
+    monkeypatch.setattr(bitpit._Transfer, '_keep_going', counted_keep_going)
+    d = fetch(server.add('/f', SMALL), tmp_path / 'f')
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == SMALL
+    assert (made, drawn, looked) == ([], [], [])
+    d = fetch(server.add('/g', SMALL), tmp_path / 'g', rate_limit=10 ** 9)
+    assert d.state == 'complete' and (tmp_path / 'g').read_bytes() == SMALL
+    assert drawn
+
+
 def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
     """``if_exists='skip'`` of a complete file: its attempt stats it once and
     looks for its sidecar once; what that load found tells the rest."""
