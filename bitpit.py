@@ -2547,9 +2547,10 @@ class _DigestAuth:
             return self._asked is not None and key in self._asked
 
     def learnt(self) -> bool:
-        """Whether any host or proxy asked for Digest."""
-        with _DIGEST_LOCK:
-            return bool(self._asked)
+        """Whether any host or proxy asked for Digest. (One read of
+        ``_asked``, which only ever goes from ``None`` to a dict that
+        only grows: no lock, whose answer would be as old once let go of.)"""
+        return bool(self._asked)
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
