@@ -1741,7 +1741,7 @@ class _HeadParser:
     fed in any cut: ``feed`` returns the final head once its blank line
     came (interim 1xx heads, such as 100 Continue, are read and skipped; a
     101 is final) and leaves the bytes after it, the start of the body, in
-    ``rest``. Sans-I/O: it neither receives nor waits; its caller does.
+    ``rest`` (a view of them: they may be a whole small body). Sans-I/O: it neither receives nor waits; its caller does.
     Raises ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
@@ -1753,7 +1753,7 @@ class _HeadParser:
         self._lines = 0             # its line ends so far
         self._line_start = 0        # where in _buffer its last line starts
         self._interim = 0           # 1xx heads skipped
-        self.rest = b''             # the bytes after the final head
+        self.rest = memoryview(b'')  # the bytes after the final head
 
     def feed(self, data: bytes) -> Optional[_Head]:
         """Take the next ``data`` of the connection; the final head once
@@ -1771,7 +1771,7 @@ class _HeadParser:
             head = _parse_head(bytes(buffer[start:end]))
             start, searched = after, 0
             if head.status >= 200 or head.status == 101:
-                self.rest = bytes(buffer[start:])
+                self.rest = memoryview(buffer)[start:]
                 self._buffer = bytearray()
                 return head
             self._interim += 1

@@ -24,7 +24,7 @@ def parse(*pieces):
     for piece in pieces:
         if head is None:
             head = parser.feed(piece)
-            body = parser.rest
+            body = bytes(parser.rest)
         else:
             body += piece
     return head, body
