@@ -1741,8 +1741,9 @@ class _HeadParser:
     fed in any cut: ``feed`` returns the final head once its blank line
     came (interim 1xx heads, such as 100 Continue, are read and skipped; a
     101 is final) and leaves the bytes after it, the start of the body, in
-    ``rest`` (a view of them: they may be a whole small body). Sans-I/O: it neither receives nor waits; its caller does.
-    Raises ``ProtocolError`` for what http.client refuses (a line of more
+    ``rest`` (a view of them: they may be a whole small body). Sans-I/O:
+    it neither receives nor waits; its caller does. Raises
+    ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread."""
@@ -1919,7 +1920,6 @@ class _AbortableMixin:
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
-    _buffer: List[bytes]               # http.client's own (lines to send), not in its stubs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
 
