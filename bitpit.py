@@ -1745,8 +1745,9 @@ class _HeadParser:
     fed in any cut: ``feed`` returns the final head once its blank line
     came (interim 1xx heads, such as 100 Continue, are read and skipped; a
     101 is final) and leaves the bytes after it, the start of the body, in
-    ``rest``. Sans-I/O: it neither receives nor waits; its caller does.
-    Raises ``ProtocolError`` for what http.client refuses (a line of more
+    ``rest`` (a view of them: they may be a whole small body). Sans-I/O:
+    it neither receives nor waits; its caller does. Raises
+    ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread."""
@@ -1757,7 +1758,7 @@ class _HeadParser:
         self._lines = 0             # its line ends so far
         self._line_start = 0        # where in _buffer its last line starts
         self._interim = 0           # 1xx heads skipped
-        self.rest = b''             # the bytes after the final head
+        self.rest = memoryview(b'')  # the bytes after the final head
 
     def feed(self, data: bytes) -> Optional[_Head]:
         """Take the next ``data`` of the connection; the final head once
@@ -1775,7 +1776,7 @@ class _HeadParser:
             head = _parse_head(bytes(buffer[start:end]))
             start, searched = after, 0
             if head.status >= 200 or head.status == 101:
-                self.rest = bytes(buffer[start:])
+                self.rest = memoryview(buffer)[start:]
                 self._buffer = bytearray()
                 return head
             self._interim += 1
@@ -1923,7 +1924,6 @@ class _AbortableMixin:
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
-    _buffer: List[bytes]               # http.client's own (lines to send), not in its stubs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
 
@@ -2551,9 +2551,10 @@ class _DigestAuth:
             return self._asked is not None and key in self._asked
 
     def learnt(self) -> bool:
-        """Whether any host or proxy asked for Digest."""
-        with _DIGEST_LOCK:
-            return bool(self._asked)
+        """Whether any host or proxy asked for Digest. (One read of
+        ``_asked``, which only ever goes from ``None`` to a dict that
+        only grows: no lock, whose answer would be as old once let go of.)"""
+        return bool(self._asked)
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``

@@ -24,7 +24,7 @@ def parse(*pieces):
     for piece in pieces:
         if head is None:
             head = parser.feed(piece)
-            body = parser.rest
+            body = bytes(parser.rest)
         else:
             body += piece
     return head, body
@@ -87,6 +87,7 @@ def test_duplicates_order_and_case():
     assert headers.get('X-Two', 'none') == 'none' and headers.get_all('X-Two', []) == []
     headers.get_all('set-cookie').append('d=4')  # a copy
     assert headers.get_all('set-cookie') == ['a=1', 'b=2', 'c=3']
+    assert headers.by_name == {'set-cookie': 'a=1, b=2, c=3', 'x-one': '1'}  # as getheader joins
 
 
 def test_folded_lines_bare_lf_and_bare_cr():
@@ -201,6 +202,7 @@ def test_limits_are_counted_for_each_head():
     ('1.1', 'close', False),
     ('1.1', 'Keep-Alive, Close', False),
     ('1.1', 'keep-alive', True),
+    ('1.1', 'X-Close-Notice, keep-alive', True),  # 'close' in it, but no such token
     ('1.0', None, False),
     ('1.0', 'keep-alive', True),
     ('1.0', 'Keep-Alive', True),

@@ -270,6 +270,8 @@ def test_explicit_proxy(server, proxy, tmp_path):
     d = fetch(server.url('/f'), tmp_path / 'f', proxy=proxy.url)
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
     assert proxy.seen == [('GET', server.url('/f'), None)]
+    # bitpit's Host, which the proxy passes on: the URL's host and port
+    assert server.requests[0].headers.get_all('Host') == [server.url('/f').split('/')[2]]
 
 
 def test_proxy_credentials(server, proxy, tmp_path):
