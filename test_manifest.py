@@ -260,8 +260,8 @@ def test_manifest_argument_errors(tmp_path):
 
 
 def test_synced_at_most_once_a_second_and_at_the_end(server, tmp_path, monkeypatch):
-    synced, ended, at_end = [], [], threading.local()
-    fsync, sync = os.fsync, bitpit._Manifest.sync
+    synced, appended, at_end = [], [], threading.local()
+    fsync, sync, append = os.fsync, bitpit._Manifest.sync, bitpit._Manifest._append
     monkeypatch.setattr(os, 'fsync', lambda fd: (
         fsync(fd), synced.append((time.monotonic(), getattr(at_end, 'now', False)))))
 
@@ -272,23 +272,22 @@ def test_synced_at_most_once_a_second_and_at_the_end(server, tmp_path, monkeypat
         finally:
             at_end.now = False
     monkeypatch.setattr(bitpit._Manifest, 'sync', end_sync)
+    # when each line began to be written (a sync may follow it at once)
+    monkeypatch.setattr(bitpit._Manifest, '_append', lambda manifest, line: (
+        appended.append(time.monotonic()), append(manifest, line)))
     m = bitpit.Manager(max_running=10, manifest=tmp_path / 'm.jsonl')
     for n in range(30):
         url = server.add('/{}.bin'.format(n), b'x' * 2000, throttle=20000 if n < 20 else None)
-        d = bitpit.Downloader(url, tmp_path, dir_path=True)
-        # before the manager's own: when it runs, the line is not yet written
-        d.listen('state-changed', lambda d, old: ended.append(time.monotonic())
-                 if d.state == 'complete' else None)
-        m.add(d)
+        m.add(bitpit.Downloader(url, tmp_path, dir_path=True))
     m.start()
     assert all(d.wait(20) for d in m.downloads)
     m.stop()
-    assert len(records(tmp_path / 'm.jsonl')) == 30
+    assert len(records(tmp_path / 'm.jsonl')) == 30 == len(appended)
     # a sync at the end of a run (the manager thread's, a stop's) may come
     # any time after the one before; those as lines are written, a second apart
     during = [when for when, end in synced if not end]
     assert all(b - a >= 1.0 for a, b in zip(during, during[1:]))
-    assert synced and synced[-1][0] >= max(ended)
+    assert synced and synced[-1][0] >= max(appended)
 
 
 def test_the_command_records_and_skips(server, tmp_path):
