@@ -557,7 +557,7 @@ def _parse_content_range(value: str) -> Tuple[int, int, Optional[int]]:
     return first, last, total
 
 
-def _parse_content_length(response: http.client.HTTPResponse) -> Optional[int]:
+def _parse_content_length(response: _Response) -> Optional[int]:
     """The response's ``Content-Length`` as an int, ``None`` if absent or the
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value (only ASCII digits count)."""
@@ -715,7 +715,7 @@ def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
     return digest
 
 
-def _server_digests(response: http.client.HTTPResponse, fields: Tuple[str, ...]
+def _server_digests(response: _Response, fields: Tuple[str, ...]
                     ) -> List[Tuple[str, str, bytes]]:
     """The digests of the file a response gives in ``fields``, as
     ``(field, hashlib algorithm, digest)``: ``Repr-Digest`` (RFC 9530),
@@ -751,7 +751,7 @@ def _server_digests(response: http.client.HTTPResponse, fields: Tuple[str, ...]
     return found
 
 
-def _duplicates(response: http.client.HTTPResponse, base: str) -> List[_Address]:
+def _duplicates(response: _Response, base: str) -> List[_Address]:
     """The http(s) URLs a response's ``Link: <URL>; rel=duplicate`` fields
     name (RFC 6249), relative ones resolved against ``base``, by their
     ``pri`` (lowest first), at most ``_MAX_DUPLICATES``."""
@@ -1808,6 +1808,120 @@ class _HeadParser:
         self._searched = max(0, size - 2)
 
 
+class _BodyFraming:
+    """Where a response's body ends, told from the bytes after its head,
+    fed in any cut: ``Content-Length`` bytes (``length``), a chunked body
+    (``chunked``: chunk sizes, data, trailer fields), or the bytes until
+    the connection closes (neither). ``feed(data)`` returns the body's
+    bytes in ``data`` (the chunks' framing taken off) and sets ``done`` at
+    the body's end, leaving the bytes after it in ``rest``; ``closed()``
+    says the connection ended, and raises ``ProtocolError`` if the body
+    was cut short. Refuses a chunk size that is not hex and a line or a
+    trailer longer than a head's (``_MAX_HEAD_LINE``,
+    ``_MAX_HEAD_FIELDS``). Sans-I/O, like ``_HeadParser``. One thread."""
+    __slots__ = ('chunked', 'left', 'done', 'rest', '_state', '_line', '_trailers', '_error')
+
+    def __init__(self, length: Optional[int], chunked: bool = False):
+        self.chunked = chunked
+        self.left = None if chunked else length  # bytes of the body (of a chunk) to come
+        self.done = not chunked and length == 0
+        self.rest = b''
+        self._state = 'size' if chunked else 'data'
+        self._line = b''      # a framing line not complete yet
+        self._trailers = 0    # trailer field lines read
+        self._error: Optional[ProtocolError] = None  # found after bytes handed out
+
+    def feed(self, data: bytes) -> List[bytes]:
+        """The body's bytes in ``data``, in order (none once ``done``). A
+        framing error after some of them is raised at the next call."""
+        if self._error is not None:
+            raise self._error
+        if self.done:
+            self.rest += data
+            return []
+        if not self.chunked:
+            if self.left is None:  # to the connection's end
+                return [data] if data else []
+            body = data[:self.left]
+            self.left -= len(body)
+            if not self.left:
+                self.done = True
+                self.rest = data[len(body):]
+            return [body] if body else []
+        pieces: List[bytes] = []
+        at, size = 0, len(data)
+        while at < size and not self.done:
+            if self._state == 'data':
+                assert self.left is not None  # set with the state
+                piece = data[at:at + self.left]
+                at += len(piece)
+                self.left -= len(piece)
+                if piece:
+                    pieces.append(piece)
+                if not self.left:
+                    self._state = 'data-end'
+                continue
+            end = data.find(b'\n', at)
+            if end < 0:
+                self._line += data[at:]
+                if len(self._line) > _MAX_HEAD_LINE:
+                    raise ProtocolError('bad chunked body: a line of more than {} bytes'
+                                        .format(_MAX_HEAD_LINE))
+                break
+            line, self._line = self._line + data[at:end + 1], b''
+            at = end + 1
+            try:
+                self._take_line(line)
+            except ProtocolError as exc:
+                if not pieces:
+                    raise
+                self._error = exc  # the bytes before it are handed out first
+                break
+        if self.done:
+            self.rest = data[at:]
+        return pieces
+
+    def _take_line(self, line: bytes) -> None:
+        """One framing line of a chunked body, its line end included."""
+        if len(line) > _MAX_HEAD_LINE:
+            raise ProtocolError('bad chunked body: a line of more than {} bytes'
+                                .format(_MAX_HEAD_LINE))
+        text = line.rstrip(b'\r\n')
+        if self._state == 'data-end':
+            if text:
+                raise ProtocolError('bad chunked body: {!r} after a chunk'.format(text[:80]))
+            self._state = 'size'
+        elif self._state == 'size':
+            digits = text.split(b';', 1)[0].strip()
+            try:
+                if not digits or digits.lstrip(b'0123456789abcdefABCDEF'):
+                    raise ValueError
+                self.left = int(digits, 16)
+            except ValueError:
+                raise ProtocolError('bad chunked body: chunk size {!r}'
+                                    .format(text[:80])) from None
+            self._state = 'data' if self.left else 'trailer'
+        elif text:  # a trailer field: read and let go
+            self._trailers += 1
+            if self._trailers > _MAX_HEAD_FIELDS:
+                raise ProtocolError('bad chunked body: more than {} trailer lines'
+                                    .format(_MAX_HEAD_FIELDS))
+        else:
+            self.done = True
+
+    def closed(self) -> None:
+        """The connection ended: the end of a body read to it; else
+        ``ProtocolError`` unless the body was whole."""
+        if self.done:
+            return
+        if not self.chunked and self.left is None:
+            self.done = True
+            return
+        if self._error is not None:
+            raise self._error
+        raise ProtocolError('connection closed before the end of the body')
+
+
 # whether a socket is a file descriptor, which os.write and os.readv take
 # (POSIX): a request is sent, and a receive made, in one system call
 _SOCKETS_ARE_FDS = os.name == 'posix'
@@ -1824,17 +1938,12 @@ class _Receiver(io.RawIOBase):
     connection closes it once the response is done with, never while one
     is read, see ``_Request._release``). They wait for bytes through the
     request's cancel when the thread reading is a download thread that
-    tends its download meanwhile. It also stands for the socket in
-    ``HTTPResponse.__init__``, which takes its reader from ``makefile``:
-    one over it whose buffer holds ``_FIRST_READ`` bytes. Its thread."""
+    tends its download meanwhile. Its thread."""
 
     def __init__(self, sock: Any, cancel: Optional[_Cancel]):
         super().__init__()
         self._sock = sock
         self._cancel = cancel
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(self, _FIRST_READ)
 
     def readable(self) -> bool:
         return True
@@ -1855,30 +1964,46 @@ class _Receiver(io.RawIOBase):
         return sock.recv_into(buffer)
 
 
-class _Response(http.client.HTTPResponse):
-    """http.client's response, with its head read by ``_HeadParser`` instead
-    of http.client's email-based parser, through a reader whose buffer is
-    ``_FIRST_READ`` bytes and which does not hold the socket open (see
-    ``_Receiver``); its body is read as http.client reads it.
-    ``fields`` (also ``headers`` and ``msg``) is a ``_Headers``; ``held``
-    is how many bytes after the head its reader holds (received with it);
-    ``info()`` gives a caller's cookie jar an ``http.client.HTTPMessage``.
-    The thread of its request."""
-    _method: Optional[str]  # http.client's own, missing from its stubs
+class _Response:
+    """An answer: its head, read by ``_HeadParser``, and its body, read
+    through its framing (``_BodyFraming``: a length, chunks, or to the
+    connection's end). ``fp`` is the answer's reader over the socket's
+    receives (``_Receiver``), its buffer ``_FIRST_READ`` bytes, ``None``
+    once the body was read to its end or the answer closed; ``held`` is
+    how many bytes after the head it holds (received with it). It has what
+    bitpit and a caller's cookie jar read of http.client's responses:
+    ``status`` (``code``), ``reason``, ``version`` (10 or 11),
+    ``fields`` (also ``headers`` and ``msg``, a ``_Headers``),
+    ``getheader``, ``getheaders``, ``info()`` (an
+    ``http.client.HTTPMessage``), ``chunked``, ``length``, ``will_close``,
+    ``read``, ``read1``, ``isclosed`` and ``close``, set and behaving as
+    http.client's do. The thread of its request."""
     fields: _Headers
-    held = 0
 
-    def __init__(self, sock: Any, *args: Any, cancel: Optional[_Cancel] = None, **kwargs: Any):
-        # (it calls only makefile of what stands for the socket)
-        super().__init__(_Receiver(sock, cancel), *args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, sock: Any, method: str = 'GET', cancel: Optional[_Cancel] = None):
+        self.fp: Optional[io.BufferedReader] = io.BufferedReader(_Receiver(sock, cancel),
+                                                                 _FIRST_READ)
+        self._method = method
+        self.held = 0
+        self.status = self.code = self.version = 0
+        self.reason = ''
+        self.chunked = False
+        self.length: Optional[int] = None
+        self.will_close = True
+        self._framing: Optional[_BodyFraming] = None  # read1's, made at its first call
+        self._unread = b''  # body bytes that read1 took from the reader and not handed out
+
+    @property
+    def headers(self) -> _Headers:
+        return self.fields
+
+    msg = headers
 
     def begin(self) -> None:
-        """Read the head and set what http.client reads a body by: its
-        ``begin``, but for the head's parser."""
-        if self.headers is not None:  # read already
-            return
+        """Read the head, and set what the body is read by."""
         parser = _HeadParser()
         fp = self.fp
+        assert fp is not None  # (just made)
         received = False
         while True:
             data = fp.peek()  # what the reader holds, else one receive
@@ -1897,12 +2022,8 @@ class _Response(http.client.HTTPResponse):
         self.reason = head.reason
         self.version = head.version
         self.fields = head.headers
-        # not an HTTPMessage: a _Headers has all that http.client and bitpit call on it
-        self.headers = self.msg = head.headers  # type: ignore[assignment]
         transfer = head.headers.first('transfer-encoding')
-        self.chunked = bool(transfer) and transfer.lower() == 'chunked'
-        if self.chunked:
-            self.chunk_left = None
+        self.chunked = transfer is not None and transfer.lower() == 'chunked'
         self.will_close = not head.keep_alive()
         length = head.headers.first('content-length')
         self.length = int(length) if length and length.isascii() and length.isdigit() and \
@@ -1912,8 +2033,91 @@ class _Response(http.client.HTTPResponse):
         if self.length is None and not self.chunked:
             self.will_close = True  # the body ends with the connection
 
+    def getheader(self, name: str, default: Any = None) -> Any:
+        """The values of the field ``name`` joined by ``', '``, else ``default``."""
+        value = self.fields.by_name.get(name.lower())
+        return default if value is None else value
+
+    def getheaders(self) -> List[Tuple[str, str]]:
+        return self.fields.items()
+
     def info(self) -> http.client.HTTPMessage:
         return self.fields.message()
+
+    def read1(self, size: int = -1) -> bytes:
+        """Body bytes, at most ``size`` (``-1``: any number), from what the
+        reader holds or else one receive; ``b''`` at the body's end (when
+        the answer closes). Raises ``ProtocolError`` for a body cut short
+        or badly framed."""
+        while not self._unread:
+            fp = self.fp
+            if fp is None:
+                return b''
+            framing = self._framing
+            if framing is None:
+                # (no body after a head that says there is none, chunked or not)
+                framing = self._framing = _BodyFraming(self.length,
+                                                       self.chunked and self.length != 0)
+            if framing.done:
+                self.close()
+                return b''
+            data = fp.read1(_FIRST_READ)  # (all the reader holds: its buffer's size)
+            if data:
+                self._unread = b''.join(framing.feed(data))
+                if framing.rest:  # the server sent more than the body
+                    self.will_close = True
+            else:
+                framing.closed()  # the connection's end: the body's, or it was cut short
+        if size < 0 or size >= len(self._unread):
+            data, self._unread = self._unread, b''
+        else:
+            data, self._unread = self._unread[:size], self._unread[size:]
+        if not self._unread and self._framing is not None and self._framing.done:
+            self.close()  # its end read: the connection may carry another answer
+        return data
+
+    def read(self, size: Optional[int] = None) -> bytes:
+        """The body's bytes, ``size`` at most (``None``: to its end)."""
+        parts = []
+        left = size
+        while left is None or left > 0:
+            data = self.read1(-1 if left is None else left)
+            if not data:
+                break
+            parts.append(data)
+            if left is not None:
+                left -= len(data)
+        return b''.join(parts)
+
+    def isclosed(self) -> bool:
+        """Whether the body was read to its end, or the answer closed."""
+        return self.fp is None
+
+    def close(self) -> None:
+        """Let the reader go; the socket stays its connection's."""
+        fp, self.fp = self.fp, None
+        if fp is not None:
+            fp.close()
+
+
+def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
+    """The bytes of an HTTP/1.1 request's head: its request line for
+    ``target`` and the field lines of ``headers``, encoded as http.client
+    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
+    each part in a call of its own). The method and the target are
+    bitpit's own (``_check_url`` lets no control character or space into
+    a target); a line break in a field's name or value, which would inject
+    a field, raises ``ValueError`` as http.client does (stricter: no folded
+    value either)."""
+    lines = ['{} {} HTTP/1.1'.format(method, target)]
+    lines += [name + ': ' + value for name, value in headers.items()]
+    lines += ['', '']  # the blank line that ends the head
+    text = '\r\n'.join(lines)
+    breaks = len(lines) - 1  # (one count of each over the whole text)
+    if text.count('\n') != breaks or text.count('\r') != breaks:
+        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
+        raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
+    return text.encode('latin-1')
 
 
 class _AbortableMixin:
@@ -1978,11 +2182,6 @@ class _AbortableMixin:
         if error:
             raise OSError(error, os.strerror(error))
 
-    def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> '_Response':
-        """What http.client reads a proxy's answer to ``CONNECT`` with (a
-        class, to it): one whose reads wait through this request's cancel."""
-        return _Response(sock, *args, cancel=self.cancel, **kwargs)
-
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
         Any thread."""
@@ -1999,7 +2198,7 @@ class _AbortableMixin:
                         pass
 
 
-class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):  # type: ignore[misc]  # (response_class: a method)
+class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
 
     def send(self, data: Any) -> None:
         """http.client's ``send``, but bytes (a request) go out in one
@@ -2020,10 +2219,12 @@ class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):  # type: ign
             sock.sendall(data[sent:])
 
 
-class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):  # type: ignore[misc]  # (response_class: a method)
+class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     handshake_done = False
     _context: ssl.SSLContext        # http.client's own, missing from its stubs
-    _tunnel_host: Optional[str]
+    _tunnel_host: Optional[str]     # set_tunnel's, as http.client keeps them
+    _tunnel_port: int
+    _tunnel_headers: Dict[str, str]
 
     def connect(self) -> None:
         """Connect (through the proxy's tunnel, if any), then shake hands
@@ -2039,6 +2240,26 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):  # type: i
                 do_handshake_on_connect=False)
         self._shake_hands(self.sock)
         self.handshake_done = True
+
+    def _tunnel(self) -> None:
+        """What http.client's ``connect`` calls to open a proxy's tunnel
+        (``set_tunnel``): ``CONNECT``, with a ``Host`` field as HTTP/1.1
+        asks, and the proxy's answer read by bitpit's ``_Response``, whose
+        reads wait through this request's cancel. An answer other than
+        200 is an ``OSError``, as http.client has it."""
+        host = self._tunnel_host or ''
+        authority = '{}:{}'.format('[{}]'.format(host) if ':' in host else host,
+                                   self._tunnel_port)
+        fields = {'Host': authority}
+        fields.update(self._tunnel_headers)
+        self.send(_request_head('CONNECT', authority, fields))
+        answer = _Response(self.sock, 'CONNECT', self.cancel)
+        answer.begin()
+        answer.close()
+        if answer.status != 200:
+            self.close()
+            raise OSError('Tunnel connection failed: {} {}'.format(answer.status,
+                                                                   answer.reason.strip()))
 
     def _shake_hands(self, sock: ssl.SSLSocket) -> None:
         """The TLS handshake, without blocking: each wait for the server
@@ -2637,7 +2858,8 @@ class _Cookies:
         if self.jar is None:
             import http.cookiejar
             self.jar = http.cookiejar.CookieJar()
-        self.jar.extract_cookies(response, _cookie_request(url))
+        # (the jar reads only info() of what it is given)
+        self.jar.extract_cookies(response, _cookie_request(url))  # type: ignore[arg-type]
 
 
 def _cookie_request(url: str) -> urllib.request.Request:
@@ -2779,8 +3001,7 @@ class _Body:
     where one receive brings one record (16 KiB at most), a read goes on
     with the records that are already there, without waiting."""
 
-    def __init__(self, response: http.client.HTTPResponse, sock: Any):
-        assert isinstance(response, _Response)  # what bitpit's connections answer with
+    def __init__(self, response: _Response, sock: Any):
         self._response = response
         self._sock = sock
         # bytes of a plain body in the reader, not yet handed out
@@ -2905,7 +3126,7 @@ def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> 
         return True
 
 
-def _status_error(response: http.client.HTTPResponse, url: str) -> HTTPStatusError:
+def _status_error(response: _Response, url: str) -> HTTPStatusError:
     """The error for an error answer, with the ``Retry-After`` delay of a 429
     or 503 (at most a day: a longer one is taken for a day)."""
     retry_after = None
@@ -2955,26 +3176,6 @@ def _is_refusal(error: Error) -> bool:
     return isinstance(error.__cause__, ConnectionRefusedError)
 
 
-def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
-    """The bytes of an HTTP/1.1 request's head: its request line for
-    ``target`` and the field lines of ``headers``, encoded as http.client
-    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
-    each part in a call of its own). The method and the target are
-    bitpit's own (``_check_url`` lets no control character or space into
-    a target); a line break in a field's name or value, which would inject
-    a field, raises ``ValueError`` as http.client does (stricter: no folded
-    value either)."""
-    lines = ['{} {} HTTP/1.1'.format(method, target)]
-    lines += [name + ': ' + value for name, value in headers.items()]
-    lines += ['', '']  # the blank line that ends the head
-    text = '\r\n'.join(lines)
-    breaks = len(lines) - 1  # (one count of each over the whole text)
-    if text.count('\n') != breaks or text.count('\r') != breaks:
-        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
-        raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
-    return text.encode('latin-1')
-
-
 class _Request:
     """One HTTP request and the redirects it leads to.
 
@@ -3004,11 +3205,11 @@ class _Request:
         self.own_credentials = self.address.credentials
         self.key: Optional[_ConnectionKey] = None
         self.connection: Optional[_AnyHTTPConnection] = None
-        self.response: Optional[http.client.HTTPResponse] = None
+        self.response: Optional[_Response] = None
         self.sock: Optional[socket.socket] = None
         self.reused = False
         # (URL, response) of each redirect followed, for what its headers say
-        self.redirects: List[Tuple[str, http.client.HTTPResponse]] = []
+        self.redirects: List[Tuple[str, _Response]] = []
         self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
     def send(self) -> _Response:
@@ -3121,7 +3322,7 @@ class _Request:
             return self.options.digest.answer(key, credentials, method, target)
         return _basic_auth(*credentials)
 
-    def _follow_challenge(self, response: http.client.HTTPResponse) -> bool:
+    def _follow_challenge(self, response: _Response) -> bool:
         """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
         Digest challenge to answer with another request: the first one of
         this request, or one saying that the nonce sent was stale."""
@@ -3206,8 +3407,9 @@ class _Request:
                     raise _Stopped from exc
                 # a reused connection that the server closed meanwhile, or
                 # that still held bytes of an earlier answer (no status line)
-                if self.reused and isinstance(exc, (http.client.BadStatusLine, _NoStatusLine,
-                                                    ConnectionResetError, BrokenPipeError)):
+                # (http.client's RemoteDisconnected is a ConnectionResetError)
+                if self.reused and isinstance(exc, (_NoStatusLine, ConnectionResetError,
+                                                    BrokenPipeError)):
                     release, conn.release_slot = getattr(conn, 'release_slot', None), None
                     self._release(conn, reuse=False)
                     self.reused = False
@@ -3219,7 +3421,7 @@ class _Request:
                     continue
                 raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
-    def _drain_and_release(self, response: http.client.HTTPResponse) -> None:
+    def _drain_and_release(self, response: _Response) -> None:
         """Finish a small redirect (or challenge) body so the connection can
         be reused; else close the response, which may hold the socket."""
         reuse = False
@@ -5054,7 +5256,7 @@ class _Pump:
         finally:
             request.close(False)
 
-    def _pump(self, conn: _Connection, response: http.client.HTTPResponse, answer: _Answer,
+    def _pump(self, conn: _Connection, response: _Response, answer: _Answer,
               body_end: int, pacer: _Pacer, request: _Request) -> bool:
         """Copy the body into the file from ``conn.pos`` until the claim's end
         (re-read before every read: another connection may take over the
@@ -5699,7 +5901,7 @@ class _Transfer:
 
     # -- the answers: what each says about the file, asked by the pump ----------------
 
-    def _accept(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse,
+    def _accept(self, conn: _Connection, answer: _Answer, response: _Response,
                 request: _Request) -> Tuple[Optional[int], Optional[_Setup]]:
         """Judge ``answer`` for ``conn``'s claim and plan its body. Returns
         where the body ends (``_UNKNOWN_END`` when only its end tells;
@@ -5800,7 +6002,7 @@ class _Transfer:
         self._start_over(conn, why, answer)
 
     def _decoding(self, conn: _Connection, answer: _Answer,
-                  response: http.client.HTTPResponse, url: str) -> None:
+                  response: _Response, url: str) -> None:
         """An encoded body (a server that compresses although asked not to):
         its bytes are decoded while streaming, unless the encoded bytes are
         what was asked for (a ``.gz`` name, a gzip type). Decoded, it has
@@ -5823,7 +6025,7 @@ class _Transfer:
             raise _Superseded
         answer.end = answer.total = None
 
-    def _take_server_word(self, answer: _Answer, response: http.client.HTTPResponse,
+    def _take_server_word(self, answer: _Answer, response: _Response,
                           request: _Request) -> None:
         """The probe's answer: the digests it gives, to check when the file
         is complete (none for a body decoded on the way: they digest the
@@ -5861,7 +6063,7 @@ class _Transfer:
             source.validator = answer.validator
             self.store.validators[source.url] = answer.validator
 
-    def _plan(self, conn: _Connection, answer: _Answer, response: http.client.HTTPResponse
+    def _plan(self, conn: _Connection, answer: _Answer, response: _Response
               ) -> _Setup:
         """The probe's answer is in: the file's size and name, and whether it
         comes in parts. Opening, reserving and sharing out are ``_prepare``'s,

@@ -346,3 +346,32 @@ def test_a_head_cut_by_the_server_is_a_network_error(server, tmp_path):
     d, _ = download(url, tmp_path / 'f.bin', timeout=2)
     assert d.state == 'error' and isinstance(d.last_exception, bitpit.NetworkError)
     assert 'within the response head' in str(d.last_exception)
+
+
+def test_bytes_beyond_a_body_read_whole_close_its_connection(answer):
+    """The next answer on the connection would begin with them: bitpit's
+    reader marks the connection closing (http.client's reused it)."""
+    response = answer(bitpit._Response, b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n'
+                      b'helloHTTP/1.1 200 OK\r\n')
+    assert not response.will_close
+    assert response.read() == b'hello' and response.isclosed() and response.will_close
+
+
+def test_a_chunked_body_read_in_pieces_ends_at_its_last_chunk(answer):
+    response = answer(bitpit._Response, b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked'
+                      b'\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n')
+    pieces = []
+    while not response.isclosed():
+        pieces.append(response.read1(2))
+    assert b''.join(pieces) == b'abcdefg' and max(map(len, pieces)) == 2
+    assert not response.will_close  # read to its end: the connection carries the next
+
+
+def test_a_chunk_size_that_is_not_one_fails_the_download(server, tmp_path):
+    server.add_raw('/f', lambda handler: handler.wfile.write(
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+        b'5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n'))
+    d, _ = download(server.url('/f'), tmp_path / 'f', restart_wait=0, retries=0)
+    assert d.state in ('error', 'fatal-error') and d.downloaded == 5
+    assert isinstance(d.last_exception, bitpit.ProtocolError)
+    assert "chunk size b'zz'" in str(d.last_exception)

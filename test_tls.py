@@ -2,7 +2,9 @@
 that trusts it works, and HTTPS goes through a proxy's CONNECT tunnel. The
 server and its certificate are the https_url and certificate fixtures of
 conftest.py."""
+import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -104,3 +106,35 @@ def test_stop_during_a_tls_handshake_is_prompt(tls_peer, certificate, tmp_path):
     d.stop()
     assert time.monotonic() - began < 0.3
     assert d.state == 'pause' and bitpit_threads(wait=0) == []
+
+
+def test_a_proxy_that_refuses_the_tunnel_fails_the_attempt(tmp_path):
+    """bitpit writes the CONNECT (with a Host field, as HTTP/1.1 asks)
+    and reads the proxy's answer itself: a refusal ends the attempt with
+    the proxy's status, no byte asked of the server behind it."""
+    listener = socket.create_server(('127.0.0.1', 0))
+    heads = []
+
+    def refuse():
+        client, _ = listener.accept()
+        with client:
+            head = b''
+            while b'\r\n\r\n' not in head:
+                data = client.recv(4096)
+                if not data:
+                    return
+                head += data
+            heads.append(head)
+            client.sendall(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    try:
+        d = fetch('https://files.example:8443/f', tmp_path / 'f', restart_wait=0,
+                  retries=0, proxy='http://127.0.0.1:{}'.format(listener.getsockname()[1]))
+    finally:
+        thread.join(5)
+        listener.close()
+    assert heads == [b'CONNECT files.example:8443 HTTP/1.1\r\nHost: files.example:8443\r\n\r\n']
+    assert d.state in ('error', 'fatal-error')
+    assert 'Tunnel connection failed: 403 Forbidden' in str(d.last_exception)
