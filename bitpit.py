@@ -1979,6 +1979,8 @@ class _Response:
     ``read``, ``read1``, ``isclosed`` and ``close``, set and behaving as
     http.client's do. The thread of its request."""
     fields: _Headers
+    headers: _Headers
+    msg: _Headers
 
     def __init__(self, sock: Any, method: str = 'GET', cancel: Optional[_Cancel] = None):
         self.fp: Optional[io.BufferedReader] = io.BufferedReader(_Receiver(sock, cancel),
@@ -1992,12 +1994,6 @@ class _Response:
         self.will_close = True
         self._framing: Optional[_BodyFraming] = None  # read1's, made at its first call
         self._unread = b''  # body bytes that read1 took from the reader and not handed out
-
-    @property
-    def headers(self) -> _Headers:
-        return self.fields
-
-    msg = headers
 
     def begin(self) -> None:
         """Read the head, and set what the body is read by."""
@@ -2021,7 +2017,7 @@ class _Response:
         self.code = self.status = head.status
         self.reason = head.reason
         self.version = head.version
-        self.fields = head.headers
+        self.fields = self.headers = self.msg = head.headers
         transfer = head.headers.first('transfer-encoding')
         self.chunked = transfer is not None and transfer.lower() == 'chunked'
         self.will_close = not head.keep_alive()
