@@ -462,8 +462,10 @@ class _Address:
     it, worked out once: the ``url`` as given and its ``path`` (which names
     the file); the ``(scheme, host, port)`` its requests connect to
     (``host_key``, the host in ASCII), the ``host_name`` (its
-    ``hostname``, as ``.netrc`` and ``no_proxy`` name it), the URL as sent
-    (``wire_url``, see ``_ascii_url``) and its request ``target``, the
+    ``hostname``, as ``.netrc`` and ``no_proxy`` name it), its request
+    ``target`` (see ``_ascii_url``) and ``wire_url``, the absolute form a
+    plain proxy is asked for (RFC 9112 3.2.2: without the credentials,
+    which RFC 9110 4.2.4 keeps off the wire, and the fragment), the
     ``credentials`` written in it, and its ``Host`` field (``host_field``,
     see ``_host_field``). Read-only: any thread."""
     __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
@@ -475,12 +477,13 @@ class _Address:
         if origin is None:  # (else the origin was checked: the same is valid again)
             origin = _check_origin(url, parts)
         self.host_key, self.host_name, self.credentials, self.host_field = origin
-        self.wire_url = _ascii_url(url, parts)
-        wire = parts if self.wire_url == url else urllib.parse.urlsplit(self.wire_url)
+        ascii_url = _ascii_url(url, parts)
+        wire = parts if ascii_url == url else urllib.parse.urlsplit(ascii_url)
         target = wire.path or '/'  # (for a URL without a query, its path itself)
         if wire.query:
             target += '?' + wire.query
         self.target = target
+        self.wire_url = parts.scheme + '://' + self.host_field + target
 
 
 def _check_url(url: str) -> _Address:

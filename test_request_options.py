@@ -274,6 +274,19 @@ def test_explicit_proxy(server, proxy, tmp_path):
     assert server.requests[0].headers.get_all('Host') == [server.url('/f').split('/')[2]]
 
 
+def test_a_plain_proxy_is_asked_for_the_url_without_its_credentials_or_fragment(
+        server, proxy, tmp_path):
+    """RFC 9110 4.2.4: the credentials of a URL are not sent in its target;
+    they go to the server as Basic, through the proxy. The fragment is
+    the client's own."""
+    server.add('/f', DATA)
+    url = server.url('/f?x=1').replace('http://', 'http://u:p@') + '#part'
+    d = fetch(url, tmp_path / 'f', proxy=proxy.url)
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == DATA
+    assert proxy.seen == [('GET', server.url('/f?x=1'), None)]
+    assert server.requests[0].headers['Authorization'] == basic('u', 'p')
+
+
 def test_proxy_credentials(server, proxy, tmp_path):
     server.add('/f', DATA)
     d = fetch(server.url('/f'), tmp_path / 'f',
