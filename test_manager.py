@@ -495,3 +495,70 @@ def test_wait_ends_for_a_download_paused_before_its_manager_stopped(manager, ser
     m.stop()
     waiter.join(5)
     assert waited == [False]
+
+
+class RestartedDownloader(bitpit.Downloader):
+    """A download that tells when it is started again (by its manager)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.starts = 0
+        self.restarted = threading.Event()
+
+    def start(self):
+        self.starts += 1
+        if self.starts > 1:
+            self.restarted.set()
+        super().start()
+
+
+def stop_in_a_callback(m, d, act):
+    """Have ``d``'s first ``error`` callback (listened before ``add``) run
+    ``act()`` once the manager started ``d`` again, if it does while the
+    callback runs (0.25 s at most); return whether ``act`` returned within
+    2 s, as seen by the callback. ``act`` runs in a thread of its own, so
+    that a wait for this callback's end cannot hang the suite."""
+    done = []
+
+    def on_state(d, old):
+        if d.state != 'error' or done:
+            return
+        d.restarted.wait(0.25)  # (without the defect, nothing starts it meanwhile)
+        actor = threading.Thread(target=act)
+        actor.start()
+        actor.join(2)
+        done.append(not actor.is_alive())
+        done.append(actor)
+    d.listen('state-changed', on_state)
+    m.add(d)
+    m.start()
+    d.wait(10)
+    d.join(10)
+    done[1].join(5)
+    return done[0]
+
+
+def test_an_error_callback_may_stop_the_manager(manager, server, tmp_path):
+    """The manager learns of a download's error after its callbacks: one
+    of them may stop the manager (which waits for its thread), while the
+    manager would restart the download at once (restart_wait=0), which
+    waits for the download thread's callbacks to end. With the manager told
+    first, the two waited for each other for ever."""
+    url = server.add('/e', DATA, status=503)
+    m = manager(restart_wait=0)
+    d = RestartedDownloader(url, tmp_path / 'e')
+    assert stop_in_a_callback(m, d, m.stop), 'stop() waited for the callback'
+    assert d.state == 'error' and d.starts == 1  # the stopped manager restarted nothing
+    assert len(server.requests_for('/e')) == 1
+
+
+def test_an_error_callback_may_remove_the_download(manager, server, tmp_path):
+    """A download that a callback of its error removed from its manager is
+    not restarted by that manager: it restarts by itself only (here never:
+    its own restart_wait is -1)."""
+    url = server.add('/e', DATA, status=503)
+    m = manager(restart_wait=0)
+    d = RestartedDownloader(url, tmp_path / 'e')
+    assert stop_in_a_callback(m, d, lambda: m.remove(d))
+    assert m.downloads == [] and d.state == 'error'
+    assert d.starts == 1 and len(server.requests_for('/e')) == 1
