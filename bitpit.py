@@ -7002,7 +7002,7 @@ class Downloader(Emitter):
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
         # a manager's note of each state change, told before the callbacks
-        # (see _set_state)
+        # or, for an error or a pause, after them (see _set_state)
         self._tracked_by: Optional[Callable[[Downloader, str, str], None]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
@@ -7502,24 +7502,38 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
-        """Set the state; if it changed, tell its manager, then the
-        callbacks. The manager is told directly, not as one of the
-        callbacks: a listen() per download costs a lock (a manager may add
-        thousands), and its plan is up to date before any callback runs.
-        Like a callback, a manager that fails is logged and the download
-        goes on."""
+        """Set the state; if it changed, tell its manager and the callbacks.
+        The manager is told directly, not as one of the callbacks: a
+        listen() per download costs a lock (a manager may add thousands).
+        It learns of a start or an end before the callbacks, so that a slow
+        callback of a download that ended does not hold up the next one's
+        start; of an ``error`` or a ``pause`` after them, as it may start
+        this download again, and that start waits for this thread: a
+        callback that stops the manager (which waits for its thread) would
+        wait for ever, and one that removes the download would see it
+        started again. Like a callback, a manager that fails is logged and
+        the download goes on."""
         with self._lock:
             old, self._state = self._state, state
             self._notify_changed()
         if old != state:
-            tracked_by = self._tracked_by
-            if tracked_by is not None:
-                try:
-                    tracked_by(self, old, state)
-                except Exception:
-                    _log.exception('the manager of %s failed to note its state %r',
-                                   self._url, state)
+            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
+            if not restartable:
+                self._tell_manager(old, state)
             self.emit('state-changed', self, old)
+            if restartable:
+                self._tell_manager(old, state)
+
+    def _tell_manager(self, old: str, state: str) -> None:
+        """Have the manager, if any, note the change from ``old`` to
+        ``state``; a failure is logged. The thread that changed it."""
+        tracked_by = self._tracked_by
+        if tracked_by is not None:
+            try:
+                tracked_by(self, old, state)
+            except Exception:
+                _log.exception('the manager of %s failed to note its state %r',
+                               self._url, state)
 
     def _set_size(self, size: int) -> None:
         if size != self.size:
@@ -7799,7 +7813,8 @@ class Downloader(Emitter):
                       host_slots: Optional[_HostSlots]) -> None:
         """A manager takes the download over: ``tracked_by(download,
         old_state, state)`` is called at each state change, on the thread
-        that made it, before the ``state-changed`` callbacks; ``restarts()``
+        that made it, before the ``state-changed`` callbacks (after them for
+        ``error`` and ``pause``: see ``_set_state``); ``restarts()``
         says whether it restarts the download after an error (then the
         download schedules no restart of its own, and any scheduled one is
         cancelled); its attempts draw from the manager's ``buckets`` too,
@@ -8438,7 +8453,8 @@ class Manager(Emitter):
     def _on_state_changed(self, d: Downloader, old_state: str, state: str) -> None:
         """Note when a download stopped (in the manifest when it ended) and
         re-plan if that freed a slot. The thread that changed the state
-        (the download's, mostly), before the download's callbacks."""
+        (the download's, mostly), before the download's callbacks (after
+        them for an error or a pause)."""
         if self._manifest is not None:
             self._manifest.note(d)
         if state in _ACTIVE_STATES and (old_state in _ACTIVE_STATES or d in self._running):
