@@ -562,3 +562,22 @@ def test_an_error_callback_may_remove_the_download(manager, server, tmp_path):
     assert stop_in_a_callback(m, d, lambda: m.remove(d))
     assert m.downloads == [] and d.state == 'error'
     assert d.starts == 1 and len(server.requests_for('/e')) == 1
+
+
+def test_a_download_added_to_two_managers_frees_its_slot_in_both(manager, server, tmp_path):
+    """bitpit 1.2.0: a manager re-plans "when the state of any added
+    download changes". A download added to two managers is reported to
+    both: the first, which ran it, starts its next one once it ended (it
+    waited for ever when only the last manager was told)."""
+    for name in ('/both', '/next'):
+        server.add(name, b'x' * 1000)
+    first = manager(max_running=1, path=tmp_path, dir_path=True)
+    second = manager(path=tmp_path, dir_path=True)
+    both = first.add(server.url('/both'))
+    later = first.add(server.url('/next'))
+    second.add(both)  # (which restarts it now, and is not started: wait() would not wait)
+    ended = threading.Event()
+    both.listen('state-changed', lambda d, old: d.state == 'complete' and ended.set())
+    first.start()
+    assert ended.wait(10)
+    assert later.wait(5)
