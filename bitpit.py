@@ -7001,9 +7001,11 @@ class Downloader(Emitter):
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
-        # a manager's note of each state change, told before the callbacks
-        # or, for an error or a pause, after them (see _set_state)
-        self._tracked_by: Optional[Callable[[Downloader, str, str], None]] = None
+        # the note of each state change of every manager it was added to
+        # (seldom more than one), told before the callbacks or, for an
+        # error or a pause, after them (see _set_state); replaced whole
+        # under _lock, read without it
+        self._tracked_by: Tuple[Callable[[Downloader, str, str], None], ...] = ()
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
@@ -7525,10 +7527,9 @@ class Downloader(Emitter):
                 self._tell_manager(old, state)
 
     def _tell_manager(self, old: str, state: str) -> None:
-        """Have the manager, if any, note the change from ``old`` to
-        ``state``; a failure is logged. The thread that changed it."""
-        tracked_by = self._tracked_by
-        if tracked_by is not None:
+        """Have each manager it was added to note the change from ``old``
+        to ``state``; a failure is logged. The thread that changed it."""
+        for tracked_by in self._tracked_by:
             try:
                 tracked_by(self, old, state)
             except Exception:
@@ -7820,18 +7821,23 @@ class Downloader(Emitter):
         cancelled); its attempts draw from the manager's ``buckets`` too,
         and connect within its ``host_slots``. A manager gives each of its
         downloads the same ``tracked_by``, ``restarts`` and ``buckets``
-        objects. The manager's caller's thread."""
-        self._tracked_by = tracked_by
+        objects. Each manager it was added to is told its state changes
+        (bitpit 1.2.0's managers listened to them); the last one restarts
+        it, and gives it its limit and slots. The manager's caller's
+        thread."""
+        with self._lock:
+            self._tracked_by += (tracked_by,)
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
         self._host_slots = host_slots
 
-    def _leave_manager(self) -> None:
-        """The manager lets the download go: it restarts by itself again,
-        without the manager's limit and slots, and tells it no state change;
-        whoever waits looks again."""
-        self._tracked_by = None
+    def _leave_manager(self, tracked_by: Callable[['Downloader', str, str], None]) -> None:
+        """The manager whose note is ``tracked_by`` lets the download go: it
+        restarts by itself again, without the manager's limit and slots,
+        and tells it no state change; whoever waits looks again."""
+        with self._lock:
+            self._tracked_by = tuple(note for note in self._tracked_by if note is not tracked_by)
         self._shared_buckets = ()
         self._host_slots = None
         self._restarted_by = None
@@ -8381,7 +8387,7 @@ class Manager(Emitter):
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
                 heapq.heapify(self._queue)
-        d._leave_manager()
+        d._leave_manager(self._on_state_bound)
         self.emit('remove', self, d)
         self.update()
 
