@@ -1836,9 +1836,9 @@ class _BodyFraming:
 
     def feed(self, data: bytes) -> List[bytes]:
         """The body's bytes in ``data``, in order (none once ``done``). A
-        framing error after some of them is raised at the next call."""
-        if self._error is not None:
-            raise self._error
+        framing error after some of them is raised at the next call (or
+        ``check``)."""
+        self.check()
         if self.done:
             self.rest += data
             return []
@@ -1884,6 +1884,13 @@ class _BodyFraming:
             self.rest = data[at:]
         return pieces
 
+    def check(self) -> None:
+        """Raise the framing error found after the bytes handed out, if
+        any: before a receive, which might wait for bytes that will not
+        come (a server that keeps the connection open)."""
+        if self._error is not None:
+            raise self._error
+
     def _take_line(self, line: bytes) -> None:
         """One framing line of a chunked body, its line end included."""
         if len(line) > _MAX_HEAD_LINE:
@@ -1913,15 +1920,16 @@ class _BodyFraming:
             self.done = True
 
     def closed(self) -> None:
-        """The connection ended: the end of a body read to it; else
+        """The connection ended: the end of a body read to it, or of a
+        chunked body whose last chunk came (a trailer cut short loses
+        nothing of the body: http.client takes it so); else
         ``ProtocolError`` unless the body was whole."""
         if self.done:
             return
-        if not self.chunked and self.left is None:
+        self.check()
+        if self._state == 'trailer' or (not self.chunked and self.left is None):
             self.done = True
             return
-        if self._error is not None:
-            raise self._error
         raise ProtocolError('connection closed before the end of the body')
 
 
@@ -2060,6 +2068,7 @@ class _Response:
             if framing.done:
                 self.close()
                 return b''
+            framing.check()  # (an error after the bytes handed out: no receive first)
             data = fp.read1(_FIRST_READ)  # (all the reader holds: its buffer's size)
             if data:
                 self._unread = b''.join(framing.feed(data))
@@ -2251,6 +2260,7 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
                                    self._tunnel_port)
         fields = {'Host': authority}
         fields.update(self._tunnel_headers)
+        fields['Host'] = authority  # (3.12's set_tunnel adds one: no brackets for IPv6)
         self.send(_request_head('CONNECT', authority, fields))
         answer = _Response(self.sock, 'CONNECT', self.cancel)
         answer.begin()

@@ -375,3 +375,33 @@ def test_a_chunk_size_that_is_not_one_fails_the_download(server, tmp_path):
     assert d.state in ('error', 'fatal-error') and d.downloaded == 5
     assert isinstance(d.last_exception, bitpit.ProtocolError)
     assert "chunk size b'zz'" in str(d.last_exception)
+
+
+@pytest.mark.parametrize('bad, before', [(b'zz\r\n', 5), (b'5\r\nworldXX\r\n', 10)])
+def test_a_bad_chunk_on_a_connection_kept_open_fails_at_once(server, tmp_path, bad, before):
+    """The framing error found after some body bytes is raised at the
+    read that follows them, not after one more receive: this server keeps
+    the connection open (until bitpit closes it), so a receive would wait
+    for the time-out and fail the download as a stall, not a bad body."""
+    def answer_and_wait(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+                            b'5\r\nhello\r\n' + bad)
+        handler.wfile.flush()
+        handler.rfile.read(1)  # until bitpit closes the connection
+    server.add_raw('/f', answer_and_wait)
+    d, _ = download(server.url('/f'), tmp_path / 'f', restart_wait=0, retries=0, timeout=2)
+    assert isinstance(d.last_exception, bitpit.ProtocolError), repr(d.last_exception)
+    assert 'bad chunked body' in str(d.last_exception) and d.downloaded == before
+
+
+@pytest.mark.parametrize('end', [b'0\r\n', b'0\r\nExpires: never\r\n'])
+def test_a_chunked_body_cut_within_its_trailer_is_whole(server, tmp_path, end):
+    """The last chunk (size 0) came: a server that closes before the end
+    of the trailer has sent the whole body. http.client took it so (and
+    bitpit with it, before its own framing); refused, the download could
+    never complete, as every retry gets the same answer."""
+    server.add_raw('/f', lambda handler: handler.wfile.write(
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' + end))
+    d, _ = download(server.url('/f'), tmp_path / 'f', restart_wait=0, retries=0)
+    assert d.state == 'complete', repr(d.last_exception)
+    assert (tmp_path / 'f').read_bytes() == b'hello'
