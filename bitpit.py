@@ -3025,7 +3025,7 @@ class _Body:
     def readinto(self, view: memoryview) -> int:
         response = self._response
         fp = response.fp
-        if fp is None:  # http.client closes empty bodies at once
+        if fp is None:  # the body read to its end, or the answer closed
             return 0
         if response.chunked:
             data = response.read1(len(view))
@@ -3091,8 +3091,9 @@ class _Body:
 
     def ready(self) -> bool:
         """Whether a read would return at once. For a chunked body, bytes
-        on the socket mean a read that returns soon (http.client may also
-        hold some; then this says False, harmlessly)."""
+        on the socket mean a read that returns soon (the answer may also
+        hold some, taken from its reader with a chunk's framing; then this
+        says False, harmlessly)."""
         if self._held or self._response.fp is None:
             return True
         if self._poll is not None:  # TLS, read straight from the socket
@@ -5390,7 +5391,9 @@ class _Pump:
                 if not got:
                     ended = True
                     break
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ProtocolError) as exc:
+            # (a ProtocolError: a body's framing, bitpit's since http.client's
+            # IncompleteRead; its unused tokens go back all the same)
             pacer.settle(0)
             if self.cancel.is_set():
                 raise _Stopped from exc
