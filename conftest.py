@@ -77,7 +77,7 @@ import bitpit
 __all__ = ['FixtureServer', 'Resource', 'RequestRecord', 'ForwardingProxy',
            'DATA', 'LOGO', 'HERE', 'ETAG', 'OFFSET', 'HTTPS_DATA',
            'Recorder', 'download', 'fetch', 'run_until', 'partial_file', 'sidecar_of',
-           'bitpit_threads', 'raw', 'http_date', 'basic', 'run_program',
+           'bitpit_threads', 'raw', 'read_head', 'http_date', 'basic', 'run_program',
            'FENCE', 'fenced_blocks']
 
 #: sentinel: compute the ETag from the data
@@ -1293,6 +1293,18 @@ def bitpit_threads(wait=1.0):
     return [t for t in threads if t.is_alive() and t.name.startswith(BITPIT_THREADS)]
 
 
+def read_head(sock):
+    """The bytes received on ``sock`` up to a request's blank line (and
+    what came with them), or ``None`` if it closed before."""
+    head = b''
+    while b'\r\n\r\n' not in head:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        head += data
+    return head
+
+
 def raw(text):
     """An add_raw handler that writes ``text`` (str or bytes) and closes."""
     data = text.encode('latin-1') if isinstance(text, str) else text
@@ -1383,12 +1395,9 @@ class ForwardingProxy:
         self.sockets.append(client)
         with client:
             client.settimeout(10)
-            head = b''
-            while b'\r\n\r\n' not in head:
-                data = client.recv(65536)
-                if not data:
-                    return
-                head += data
+            head = read_head(client)
+            if head is None:
+                return
             head, _, rest = head.partition(b'\r\n\r\n')
             lines = head.decode('latin-1').split('\r\n')
             method, target, version = lines[0].split(' ')

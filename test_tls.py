@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bitpit
-from conftest import HTTPS_DATA, Recorder, bitpit_threads, fetch
+from conftest import HTTPS_DATA, Recorder, bitpit_threads, fetch, read_head
 
 
 def test_untrusted_certificate_is_fatal(https_url, tmp_path):
@@ -121,13 +121,7 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_attempt(tmp_path, host):
     def refuse():
         client, _ = listener.accept()
         with client:
-            head = b''
-            while b'\r\n\r\n' not in head:
-                data = client.recv(4096)
-                if not data:
-                    return
-                head += data
-            heads.append(head)
+            heads.append(read_head(client))
             client.sendall(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
 
     thread = threading.Thread(target=refuse)

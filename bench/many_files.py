@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 from common import Contender, Goal, KiB, MiB, Skipped  # noqa: E402
-from many_small import BITPIT_CODE, contender, make_files, reset_dir  # noqa: E402
+from many_small import BITPIT_CODE, ON_STATE_CODE, contender, make_files, reset_dir  # noqa: E402
 
 #: The selectors floor: the least a Python program does to fetch every URL
 #: of the list over K keep-alive connections. All URLs are on one host.
@@ -148,8 +148,7 @@ import bitpit
 list_file, outdir, parallel = sys.argv[1], sys.argv[2], int(sys.argv[3])
 urls = open(list_file).read().split()
 began = time.perf_counter()
-lock, ended, all_ended = threading.Lock(), set(), threading.Event()
-
+''' + ON_STATE_CODE + r'''
 class Download(bitpit.Emitter):
     __signals__ = ('state-changed', 'size-changed')
     __slots__ = ('address', 'path', 'state', 'size', '_emitter_callbacks')
@@ -158,13 +157,6 @@ class Download(bitpit.Emitter):
         self.address = bitpit._check_url(url)
         self.path = self.size = None
         self.state = 'queued'
-
-def on_state(d, old_state):
-    if d.state in ('complete', 'fatal-error'):
-        with lock:
-            ended.add(id(d))
-            if len(ended) == len(urls):
-                all_ended.set()
 
 downloads = []
 for url in urls:

@@ -28,11 +28,10 @@ from common import BenchError, Contender, Goal, Skipped  # noqa: E402
 
 #: bitpit: one Manager, every URL added with the same kwargs, started, and
 #: waited for through each download's state-changed signal (bounded).
-BITPIT_CODE = '''
-import json, os, sys, threading, time
-import bitpit
-list_file, outdir, max_running, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-urls = open(list_file).read().split()
+#: The state-changed callback of every program that makes bitpit's
+#: downloads (or stands for them): ``all_ended`` is set once every URL of
+#: ``urls`` is complete or failed.
+ON_STATE_CODE = '''
 lock, ended, all_ended = threading.Lock(), set(), threading.Event()
 
 def on_state(d, old_state):
@@ -41,7 +40,14 @@ def on_state(d, old_state):
             ended.add(id(d))
             if len(ended) == len(urls):
                 all_ended.set()
+'''
 
+BITPIT_CODE = '''
+import json, os, sys, threading, time
+import bitpit
+list_file, outdir, max_running, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+urls = open(list_file).read().split()
+''' + ON_STATE_CODE + '''
 began = time.perf_counter()
 m = bitpit.Manager(max_running=max_running, dir_path=True, path=outdir)
 for url in urls:
