@@ -5351,6 +5351,9 @@ class _Pump:
                     # or when overdue
                     self._flush(conn)
                     continue
+                if conn.pending and whole and not limited and \
+                        not self.cancel.wait_for(body.wait_for_bytes, since + _FLUSH_AGE - now):
+                    continue  # a stall: its bytes are overdue now, written at the next lap
                 if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
                     continue  # no bytes until its verdict is due: judged now
                 if limited and not self.cancel.wait_for(body.wait_for_bytes,

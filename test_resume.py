@@ -298,6 +298,28 @@ def test_a_body_that_fits_in_the_buffer_is_written_once_without_a_sidecar(
     assert replaced == []
 
 
+def test_a_body_that_fits_in_the_buffer_waits_there_no_longer_when_the_server_stalls(
+        server, tmp_path):
+    """The bytes of a body that fits in the buffer wait there at most half a
+    second, also when the server stalls after them: a read that waits for
+    more does not hold them in memory, where a killed process would lose
+    them (found in review: they stayed there for as long as the stall)."""
+    data = DATA[:200000]
+    url = server.add('/f', data, stall_after=100000)
+    target = tmp_path / 'f.bin'
+    d = bitpit.Downloader(url, path=target, timeout=30, update_period=0.05)
+    rec = Recorder(d)
+    d.start()
+    assert server.wait_stalled(1)
+    rec.wait_for(lambda: d.downloaded >= 100000)
+    # re-checked at each speed-changed (every 50 ms)
+    rec.wait_for(lambda: target.exists() and target.stat().st_size >= 100000, timeout=1.5)
+    d.stop()
+    server.release()
+    assert d.state == 'pause' and target.read_bytes() == data[:100000]
+    assert json.loads(sidecar_of(target).read_text())['held'] == [[0, 100000]]
+
+
 # ---------------------------------------------------------------------------
 # partial answers: never append a whole body
 # ---------------------------------------------------------------------------
