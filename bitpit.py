@@ -6375,19 +6375,22 @@ _GNU_SUM_RE = _Pattern(r'(\\?)([0-9A-Fa-f]+) [ *](.*)')
 
 
 @overload
-def _fetch_document(options: _RequestOptions, url: str, what: str) -> Tuple[bytes, str]: ...
+def _fetch_document(options: _RequestOptions, url: str, what: str, *,
+                    cancel: Optional[_Cancel] = None) -> Tuple[bytes, str]: ...
 @overload
 def _fetch_document(options: _RequestOptions, url: str, what: str,
-                    types: Tuple[str, ...]) -> Tuple[Optional[bytes], str]: ...
+                    types: Tuple[str, ...], *, cancel: Optional[_Cancel] = None
+                    ) -> Tuple[Optional[bytes], str]: ...
 def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
-                    types: Optional[Tuple[str, ...]] = None) -> Tuple[Optional[bytes], str]:
+                    types: Optional[Tuple[str, ...]] = None, *,
+                    cancel: Optional[_Cancel] = None) -> Tuple[Optional[bytes], str]:
     """GET a document of at most ``_MAX_DOCUMENT`` bytes (a checksum file, a
     metalink) with the download's request options: ``(body, its media
     type)``; the body is ``None``, unread, when ``types`` are given and the
     media type is none of them. Raises the request's ``bitpit.Error``; a
     larger or an encoded body is a ``ProtocolError``. Blocks for up to
-    ``options.timeout`` per read."""
-    request = _Request(options, _check_url(url))
+    ``options.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
+    request = _Request(options, _check_url(url), cancel=cancel)
     try:
         response = request.send()
         if response.status >= 300:
@@ -6400,6 +6403,8 @@ def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
             raise ProtocolError('{} {} came with Content-Encoding {}'.format(what, url, encoding))
         body = response.read(_MAX_DOCUMENT + 1)
     except (OSError, http.client.HTTPException) as exc:
+        if cancel is not None and cancel.is_set():
+            raise _Stopped from exc
         raise _network_error(exc) from exc
     finally:
         request.close(False)
@@ -6931,6 +6936,7 @@ class Downloader(Emitter):
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
+        '_fetching',
         '_tracked_by',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
@@ -7028,6 +7034,9 @@ class Downloader(Emitter):
         self._digest: Optional[Tuple[str, str]] = None
         self._stopping = False               # the thread was told to stop; under _lock
         self._transfer: Optional[_Transfer] = None
+        # the cancel of a document an attempt fetches before its transfer
+        # (a checksum file), which a stop cancels; under _lock
+        self._fetching: Optional[_Cancel] = None
         self._restart_timer: Optional[threading.Timer] = None
         self._restart_time: Optional[datetime.datetime] = None
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
@@ -7707,7 +7716,17 @@ class Downloader(Emitter):
         thread."""
         assert self._checksum_file is not None  # a checksum file was given
         algorithm, url = self._checksum_file
-        body, _ = _fetch_document(self._request_options(), url, 'checksum file')
+        cancel = _Cancel()
+        with self._lock:
+            if self._stopping:
+                raise _Stopped
+            self._fetching = cancel
+        try:
+            body, _ = _fetch_document(self._request_options(), url, 'checksum file',
+                                      cancel=cancel)
+        finally:
+            with self._lock:
+                self._fetching = None
         names = [urllib.parse.unquote(self._address.path.rsplit('/', 1)[-1])]
         if isinstance(self._path, os.PathLike):
             names.append(self._path.name)
@@ -7876,6 +7895,9 @@ class Downloader(Emitter):
             self._stopping = True
             finishing = self._attempt_over
             transfer = self._transfer
+            fetching = self._fetching
+        if fetching is not None:
+            fetching.cancel()
         if finishing:
             # The thread only emits its last signals: the stop need not wait
             # for it (a callback of it may be what called stop; waiting could

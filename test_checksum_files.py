@@ -4,11 +4,12 @@ file, GNU or BSD format, read before any byte of the file is asked for. No
 line for the name, or a digest that does not fit, is a fatal
 ``IntegrityError``."""
 import hashlib
+import time
 
 import pytest
 
 import bitpit
-from conftest import DATA, fetch
+from conftest import DATA, Recorder, fetch
 
 SHA256 = hashlib.sha256(DATA).hexdigest()
 SHA512 = hashlib.sha512(DATA).hexdigest()
@@ -104,3 +105,21 @@ def test_the_command_line(server, tmp_path):
     for usage in (['--checksum-file', 'ftp://h/S', url], ['--checksum-file', sums, url, url + '?2'],
                   ['--checksum', 'nosuch:file:' + sums, url]):
         assert bitpit._cli(['-q', '-d', str(tmp_path / 'd')] + usage) == 2
+
+
+def test_a_stop_ends_the_wait_for_the_checksum_file_at_once(server, tmp_path):
+    """The checksum file is fetched before the file's transfer: a stop
+    while its server has not answered still ends the attempt at once."""
+    sums = server.add('/SHA256SUMS', b'', stall_before_headers=True)
+    d = bitpit.Downloader(server.add('/f.iso', DATA), tmp_path / 'f.iso',
+                          checksum='sha256:file:' + sums)
+    rec = Recorder(d)
+    d.start()
+    server.wait_stalled()
+    began = time.monotonic()
+    d.stop()
+    assert time.monotonic() - began < 0.1
+    assert d.state == 'pause' and not d.is_alive
+    assert [new for _, new in rec.states] == ['start', 'pause']
+    assert not server.requests_for('/f.iso')
+    server.release()
