@@ -151,7 +151,6 @@ began = time.perf_counter()
 ''' + ON_STATE_CODE + r'''
 class Download(bitpit.Emitter):
     __signals__ = ('state-changed', 'size-changed')
-    __slots__ = ('address', 'path', 'state', 'size', '_emitter_callbacks')
 
     def __init__(self, url):
         self.address = bitpit._check_url(url)
