@@ -5535,9 +5535,11 @@ class _Transfer:
         self.error: Optional[BaseException] = None
         self._shown = 0               # the most bytes ``downloaded`` said
         # nothing to look at before a period has passed (a small file is
-        # done by then); the sidecar is saved at the first look
-        self._next_look = time.monotonic() + _TEND_PERIOD
-        self._next_save = 0.0
+        # done by then), and no sidecar to save before a save's period:
+        # its fsync would hold up the first bytes of a big file on a disk
+        began = time.monotonic()
+        self._next_look = began + _TEND_PERIOD
+        self._next_save = began + _SIDECAR_PERIOD
         self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
         self.verify_digest = verify_digest
         self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
