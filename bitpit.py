@@ -1546,8 +1546,8 @@ def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[
 # feed parser and policies: most of its cost per small file), and each of
 # its look-ups walks every field, lowercasing each name. Here a head is
 # parsed from bytes by code with no socket in it: tests feed it bytes in any
-# cut, and any loop that receives bytes can drive it. ``_Response`` fits it
-# into http.client, whose reading of bodies stays as it is.
+# cut, and any loop that receives bytes can drive it. ``_Response`` reads
+# an answer's head with it, and its body with ``_BodyFraming``, sans-I/O too.
 
 _MAX_HEAD_LINE = 65536   # most bytes of a line of a head, its CRLF included (http.client's)
 _MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
