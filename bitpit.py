@@ -2942,11 +2942,13 @@ class _RequestOptions:
     the proxy and ``.netrc`` look-ups it keeps (any thread: one that races
     another to a look-up makes the same)."""
 
-    def __init__(self, url: str, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
-                 proxy: Optional[str], ssl_context: Optional[ssl.SSLContext],
-                 timeout: float, cookies: _Cookies, digest: Optional[_DigestAuth] = None,
-                 slots: Optional[_HostSlots] = None):
-        self.url = url  # the download's own URL: auth and secrets are for its origin
+    def __init__(self, address: _Address, headers: Dict[str, str],
+                 auth: Optional[Tuple[str, str]], proxy: Optional[str],
+                 ssl_context: Optional[ssl.SSLContext], timeout: float, cookies: _Cookies,
+                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None):
+        # the download's own URL, checked: auth and secrets are for its origin
+        self.address = address
+        self.url = address.url
         # (shared: a request copies the one it sends)
         self.trusted_headers, self.public_headers, self.secrets_given = \
             _header_sets(headers) if headers else _PLAIN_HEADER_SETS
@@ -2972,7 +2974,7 @@ class _RequestOptions:
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
         ``auth``, ``Authorization`` and ``Cookie`` headers."""
-        return address.url == self.url or _same_trust(_check_url(self.url), address)
+        return address.url == self.url or _same_trust(self.address, address)
 
     def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
                     ) -> Optional[Tuple[str, str]]:
@@ -6826,7 +6828,7 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
     """The request options, checked, of a download with these ``Downloader``
     arguments (``others`` are not about requests), for a document it
     reads first at ``url`` (a metalink)."""
-    return _RequestOptions(url, _check_headers(headers), _check_auth(auth),
+    return _RequestOptions(_check_url(url), _check_headers(headers), _check_auth(auth),
                            _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
                            _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
                            cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
@@ -7507,7 +7509,7 @@ class Downloader(Emitter):
             if self._digest_auth is None:
                 self._digest_auth = _DigestAuth()
             digest_auth = self._digest_auth
-        return _RequestOptions(self._url, self._headers, self._auth, self._proxy,
+        return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
                                digest_auth, self._host_slots)
 
