@@ -5420,7 +5420,7 @@ class _Pump:
                     transfer._set_total(position)  # the body's end is the file's end
                     conn.end = position
         # reused only when read to its very end (a chunked body: its last
-        # chunk too, which http.client reads when it reaches it)
+        # chunk too, the read of which closes the answer)
         done = position == body_end and (not response.chunked or response.isclosed())
         if done:
             response.close()
@@ -6940,8 +6940,7 @@ class Downloader(Emitter):
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
-        '_fetching',
-        '_tracked_by',
+        '_fetching', '_tracked_by',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
