@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import common
+from many_small import ON_STATE_CODE
 
 #: The program measured: argv[1] lists the URLs, argv[2] is the output
 #: directory, argv[3] how many at once; it imports the bitpit its
@@ -40,15 +41,7 @@ PROGRAM = r'''
 import sys, threading
 import bitpit
 urls = open(sys.argv[1]).read().split()
-lock, ended, all_ended = threading.Lock(), [0], threading.Event()
-
-def on_state(d, old_state):
-    if d.state in ('complete', 'fatal-error'):
-        with lock:
-            ended[0] += 1
-            if ended[0] == len(urls):
-                all_ended.set()
-
+''' + ON_STATE_CODE + r'''
 m = bitpit.Manager(max_running=int(sys.argv[3]), dir_path=True, path=sys.argv[2])
 for url in urls:
     m.add(url).listen('state-changed', on_state)
