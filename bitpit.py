@@ -90,6 +90,7 @@ else:
     from typing import BinaryIO, Mapping, NoReturn, TypeVar, overload
     from typing import Generic as _Generic
     _Value = TypeVar('_Value')  # what an _Option holds
+    _T = TypeVar('_T')  # what steps give at their end
 
 __version__ = '2.1.0'
 __all__ = [
@@ -1489,6 +1490,97 @@ def _wait_for(cancel: Optional[_Cancel], ready: Callable[[Optional[float]], bool
     if cancel is None:
         return ready(seconds)
     return cancel.wait_for(ready, seconds)
+
+
+def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
+    """Whether ``sock`` has bytes (or its end) to read now, or within
+    ``seconds`` (``None``: however long it takes); ``writing``: whether it
+    takes bytes to send (a connect is done). ``True`` when that cannot be
+    told."""
+    if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        if hasattr(select, 'poll'):
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT if writing else select.POLLIN)
+            return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
+        if writing:  # (Windows tells a failed connect among the exceptions)
+            _, writable, failed = select.select([], [sock], [sock], seconds)
+            return bool(writable or failed)
+        return bool(select.select([sock], [], [], seconds)[0])
+    except (OSError, ValueError, TypeError):
+        return True
+
+
+# -- steps: connection code that yields its waits ---------------------------------
+#
+# A connection's code is a generator of steps: where it cannot go on, it
+# yields a _Wait (for a socket, an event, until a deadline) and is resumed
+# with whether what it waited for came before the deadline. Written once,
+# the same steps run on a thread of their own (_drive_here: each wait a
+# blocking one, through the attempt's _Cancel, which tends a download in
+# its waits) and, in the next engine (issue 24), with thousands of others
+# on one loop's thread. Their own code never blocks: it reads and writes
+# sockets that do not block, and yields where they would.
+
+class _Wait:
+    """What steps wait for: until ``sock`` can be read (or, ``writing``,
+    written), or ``event`` (a ``threading.Event``) is set, or (neither
+    given) only until the monotonic time ``until``; ``until`` ``None``: no
+    deadline. Resumed with ``True`` when it came, ``False`` when the
+    deadline came first (a time alone: always ``False``). Read-only."""
+    __slots__ = ('sock', 'writing', 'until', 'event')
+
+    def __init__(self, sock: Any, until: Optional[float], writing: bool = False,
+                 event: Optional[threading.Event] = None):
+        self.sock = sock
+        self.writing = writing
+        self.until = until
+        self.event = event
+
+
+if TYPE_CHECKING:
+    from typing import Generator
+    _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
+
+
+def _block(wait: _Wait, cancel: Optional[_Cancel]) -> bool:
+    """Wait on the calling thread as ``wait`` says, through ``cancel``
+    (which ends a wait for a time, and tends the download of the thread
+    that tends one); whether it came."""
+    seconds = None if wait.until is None else max(0.0, wait.until - time.monotonic())
+    if wait.sock is not None:
+        return _wait_for(cancel, functools.partial(_ready, wait.sock, writing=wait.writing),
+                         seconds)
+    if wait.event is not None:
+        return _wait_for(cancel, wait.event.wait, seconds)
+    if cancel is not None:
+        cancel.wait(float('inf') if seconds is None else seconds)
+    elif seconds is None:
+        raise ValueError('a wait for ever, with nothing to end it')
+    else:
+        time.sleep(seconds)
+    return False
+
+
+def _drive_here(steps: '_Steps[_T]', cancel: Optional[_Cancel] = None) -> _T:
+    """Run ``steps`` to their end on the calling thread, each wait a
+    blocking one (``_block``); their result, or what they raise. A wait
+    that raises (a tending of the download that failed) raises in the
+    steps, where they waited. A cancel ends no steps by itself: it aborts
+    their sockets and ends their waits, and the steps see to the rest, as
+    code that waits on its own thread does."""
+    resume: Callable[[Any], _Wait] = steps.send
+    value: Any = None
+    while True:
+        try:
+            wait = resume(value)
+        except StopIteration as end:
+            return end.value
+        try:
+            value, resume = _block(wait, cancel), steps.send
+        except BaseException as exc:
+            value, resume = exc, steps.throw
 
 
 # what connect_ex says of a connect under way on a socket that does not block
@@ -3116,26 +3208,6 @@ class _Body:
         if self._response.chunked or self.ready():
             return True
         return _ready(self._sock, seconds)
-
-
-def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
-    """Whether ``sock`` has bytes (or its end) to read now, or within
-    ``seconds`` (``None``: however long it takes); ``writing``: whether it
-    takes bytes to send (a connect is done). ``True`` when that cannot be
-    told."""
-    if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    try:
-        if hasattr(select, 'poll'):
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT if writing else select.POLLIN)
-            return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
-        if writing:  # (Windows tells a failed connect among the exceptions)
-            _, writable, failed = select.select([], [sock], [sock], seconds)
-            return bool(writable or failed)
-        return bool(select.select([sock], [], [], seconds)[0])
-    except (OSError, ValueError, TypeError):
-        return True
 
 
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
