@@ -1201,14 +1201,16 @@ class _Tender:
 # ---------------------------------------------------------------------------
 
 class _TokenBucket:
-    """A smooth rate limiter that any number of threads may draw from.
+    """A smooth rate limiter that any number of connections may draw
+    from, each with steps (``acquire_steps``) that yield their waits.
 
     Tokens (bytes) accrue at ``rate`` per second up to a depth of
     ``BURST_SECONDS`` worth, so no more than about a tenth of a second of
-    traffic is ever released at once. Waiting threads are served in the
-    order they came, so one that just read cannot starve the others. A rate
+    traffic is ever released at once. Waiters are served in the order
+    they came, so one that just read cannot starve the others. A rate
     ``<= 0`` means unlimited. Changing ``rate`` takes effect at once, also
-    for threads already waiting. ``_lock`` guards every field.
+    for waiters already waiting. ``_lock`` guards every field, and the
+    events of the waiters' turns are set under it.
     """
     BURST_SECONDS = 0.1
     GRANT_SECONDS = 0.01
@@ -1259,7 +1261,7 @@ class _TokenBucket:
 
     def _notify_all(self) -> None:
         for turn in self._waiters:
-            turn.notify()
+            turn.wake()
 
     def drain(self) -> None:
         """Empty the bucket, so the next bytes are paced from now on. An
@@ -1271,53 +1273,71 @@ class _TokenBucket:
             self._refill()
             self._tokens = 0.0
 
-    def acquire(self, want: int, cancelled: Callable[[], bool],
-                until: Optional[float] = None,
-                places: Optional[Dict['_TokenBucket', int]] = None) -> int:
-        """Block until some bytes may be read and return how many (at most
-        ``want``, at least 1); ``want`` at once when unlimited. Returns 0 as
-        soon as ``cancelled()`` is true after a ``wake()``, and at ``until``
-        (a ``time.monotonic()``) if that comes first: then ``places`` (the
-        caller's, by bucket) keeps the caller's place in the queue, where
-        its next call comes back instead of at the tail (a download thread
-        that leaves to tend its download is not passed over again and
-        again). Any thread."""
+    def acquire_steps(self, want: int, cancelled: Callable[[], bool],
+                      until: Optional[float] = None,
+                      places: Optional[Dict['_TokenBucket', int]] = None) -> '_Steps[int]':
+        """Steps that wait until some bytes may be read and give how many
+        (at most ``want``, at least 1); ``want`` at once when unlimited.
+        They give 0 as soon as ``cancelled()`` is true after a ``wake()``,
+        and at ``until`` (a ``time.monotonic()``) if that comes first: then
+        ``places`` (the caller's, by bucket) keeps the caller's place in
+        the queue, where its next call comes back instead of at the tail
+        (a download thread that leaves to tend its download is not passed
+        over again and again). A waiter waits for its turn's event (set
+        when what it waits for may have come: a rate change, a refund, the
+        head of the queue leaving, ``wake()``) until its tokens are due.
+        Any thread."""
         kept = places.pop(self, None) if places else None
         if self._rate <= 0:  # unlimited: no lock on the fast path
             return 0 if cancelled() else want
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             turn = self._line_up(kept)
             try:
                 while not cancelled():
                     if self._rate <= 0:
                         return want
-                    left = None if until is None else until - time.monotonic()
-                    if left is not None and left <= 0:
+                    now = time.monotonic()
+                    if until is not None and until <= now:
                         if places is not None:
                             places[self] = turn.number
                         return 0
-                    if self._waiters[0] is not turn:
-                        turn.wait(left)  # until the threads ahead are served
-                        continue
-                    self._refill()
-                    grant = max(1, min(want, self._grant()))
-                    if self._tokens >= grant:
-                        self._tokens -= grant
-                        return grant
-                    due = (grant - self._tokens) / self._rate
-                    turn.wait(due if left is None else min(due, left))
+                    wake_at = until
+                    if self._waiters[0] is turn:
+                        self._refill()
+                        grant = max(1, min(want, self._grant()))
+                        if self._tokens >= grant:
+                            self._tokens -= grant
+                            return grant
+                        due = now + (grant - self._tokens) / self._rate
+                        wake_at = due if until is None else min(due, until)
+                    # (cleared under the lock: a setter changes what this
+                    # waiter looks at under it, then sets the event)
+                    event = turn.event
+                    if event is None:
+                        event = turn.event = threading.Event()
+                    elif event.is_set():
+                        event.clear()
+                    lock.release()
+                    try:
+                        yield _Wait(None, wake_at, event=event)
+                    finally:
+                        lock.acquire()
                 return 0
             finally:
                 self._waiters.remove(turn)
                 if self._waiters:
-                    self._waiters[0].notify()
+                    self._waiters[0].wake()
+        finally:
+            lock.release()
 
     def _line_up(self, number: Optional[int]) -> '_Turn':
         """A place in the queue: the one numbered ``number`` that the
         caller left, else the tail. Under the lock."""
         if number is None:
             number, self._arrivals = self._arrivals, self._arrivals + 1
-        turn = _Turn(self._lock, number)
+        turn = _Turn(number)
         index = len(self._waiters)
         while index and self._waiters[index - 1].number > number:
             index -= 1
@@ -1331,21 +1351,29 @@ class _TokenBucket:
                 self._refill()
                 self._tokens = min(self._depth(), self._tokens + unused)
                 if self._waiters:
-                    self._waiters[0].notify()
+                    self._waiters[0].wake()
 
     def wake(self) -> None:
-        """Wake every waiting thread so it re-checks ``cancelled()``."""
+        """Wake every waiter so it re-checks ``cancelled()``."""
         with self._lock:
             self._notify_all()
 
 
-class _Turn(threading.Condition):
-    """A thread's place in a ``_TokenBucket``'s queue; the queue is served
-    in the order of the places' ``number`` (the order the threads came in)."""
+class _Turn:
+    """A waiter's place in a ``_TokenBucket``'s queue; the queue is served
+    in the order of the places' ``number`` (the order the waiters came in).
+    ``event``, made at its first wait (a waiter served at once needs
+    none), is set when the waiter should look again. Under the bucket's
+    lock."""
+    __slots__ = ('number', 'event')
 
-    def __init__(self, lock: threading.Lock, number: int):
-        super().__init__(lock)
+    def __init__(self, number: int):
         self.number = number
+        self.event: Optional[threading.Event] = None
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
 
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
@@ -1360,7 +1388,7 @@ def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
 class _Pacer:
     """Draws each read from several token buckets (a download's own limit,
     a manager's total) and gives every bucket back exactly what it granted
-    but the read did not use. One per connection thread."""
+    but the read did not use. One per connection."""
 
     def __init__(self, buckets: Tuple[_TokenBucket, ...], cancelled: Callable[[], bool]):
         self.buckets = buckets
@@ -1374,14 +1402,15 @@ class _Pacer:
         """Whether any of its buckets limits the rate now."""
         return _limited(self.buckets)
 
-    def acquire(self, want: int, until: Optional[float] = None) -> int:
-        """Bytes that may be read now (0: cancelled, or ``until`` came
-        first); blocks while limited. Unlimited, there is no need to ask
-        (a read is not held back, nor stopped: the stop aborts it)."""
+    def acquire_steps(self, want: int, until: Optional[float] = None) -> '_Steps[int]':
+        """Steps that give the bytes that may be read now (0: cancelled, or
+        ``until`` came first); they wait while limited. Unlimited, there is
+        no need to ask (a read is not held back, nor stopped: the stop
+        aborts it)."""
         grants = self._grants
         del grants[:]
         for bucket in self.buckets:
-            want = bucket.acquire(want, self.cancelled, until, self._places)
+            want = yield from bucket.acquire_steps(want, self.cancelled, until, self._places)
             if not want:
                 self.settle(0)
                 return 0
@@ -5435,7 +5464,8 @@ class _Pump:
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                granted = pacer.acquire(room, None if tender is None else tender.due) \
+                granted = _drive_here(pacer.acquire_steps(
+                    room, None if tender is None else tender.due), self.cancel) \
                     if limited else room
                 if not granted:
                     if tender is None or self.cancel.is_set():

@@ -16,7 +16,7 @@ from conftest import DATA, LOGO, Recorder, landed
 
 def test_token_bucket_unlimited_grants_everything():
     bucket = bitpit._TokenBucket(0)
-    assert bucket.acquire(10 ** 9, lambda: False) == 10 ** 9
+    assert bitpit._drive_here(bucket.acquire_steps(10 ** 9, lambda: False)) == 10 ** 9
 
 
 def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
@@ -24,7 +24,7 @@ def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
     start = time.monotonic()
     total = 0
     while total < 50000:
-        granted = bucket.acquire(65536, lambda: False)
+        granted = bitpit._drive_here(bucket.acquire_steps(65536, lambda: False))
         assert granted <= 10000
         total += granted
     elapsed = time.monotonic() - start
@@ -34,8 +34,8 @@ def test_token_bucket_paces_and_never_bursts_more_than_a_tenth_of_a_second():
 class BlockedWatch:
     """Stands in for a bucket's lock and sets ``blocked`` when a thread lets
     go of it while a waiter is queued: a waiter queues its turn while
-    holding the lock and lets go of it only inside ``Condition.wait``, so
-    that is the moment it blocks. Install it before any thread waits."""
+    holding the lock and lets go of it only to wait for its turn's event,
+    so that is the moment it blocks. Install it before any thread waits."""
 
     def __init__(self, bucket):
         self.bucket, self.lock = bucket, bucket._lock
@@ -58,18 +58,19 @@ class BlockedWatch:
 
 
 def blocked_waiter(bucket, cancelled):
-    """A thread blocked in ``bucket.acquire(1000, cancelled)``, once it is;
-    ``(thread, list its grant goes into)``."""
+    """A thread blocked in ``bucket.acquire_steps(1000, cancelled)``, once
+    it is; ``(thread, list its grant goes into)``."""
     watch, got = BlockedWatch(bucket), []
-    waiter = threading.Thread(target=lambda: got.append(bucket.acquire(1000, cancelled)))
+    waiter = threading.Thread(target=lambda: got.append(
+        bitpit._drive_here(bucket.acquire_steps(1000, cancelled))))
     waiter.start()
-    assert watch.blocked.wait(5), 'no thread blocked in acquire() in time'
+    assert watch.blocked.wait(5), 'no thread blocked in acquire_steps() in time'
     return waiter, got
 
 
 def test_token_bucket_rate_change_wakes_waiter():
     bucket = bitpit._TokenBucket(1)          # one byte per second
-    bucket.acquire(1, lambda: False)
+    bitpit._drive_here(bucket.acquire_steps(1, lambda: False))
     waiter, got = blocked_waiter(bucket, lambda: False)
     acted = time.monotonic()
     bucket.rate = 0
@@ -81,7 +82,7 @@ def test_token_bucket_rate_change_wakes_waiter():
 
 def test_token_bucket_cancel():
     bucket = bitpit._TokenBucket(1)
-    bucket.acquire(1, lambda: False)
+    bitpit._drive_here(bucket.acquire_steps(1, lambda: False))
     cancelled = threading.Event()
     waiter, got = blocked_waiter(bucket, cancelled.is_set)
     acted = time.monotonic()
@@ -158,7 +159,7 @@ def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
         bucket._tokens = bucket._depth()              # full: 2000 and 500 bytes
     pacer = bitpit._Pacer((own, total), lambda: False)
     # each grants at most half its depth: own 1000, total 250
-    assert pacer.acquire(10000) == 250
+    assert bitpit._drive_here(pacer.acquire_steps(10000)) == 250
     assert 1000 <= own._tokens < 1010 and 250 <= total._tokens < 260
     pacer.settle(200)
     assert 1800 <= own._tokens <= 2000                 # 1000 + 800 back (plus refill)

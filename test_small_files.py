@@ -209,7 +209,7 @@ def test_a_small_file_draws_no_token_makes_no_condition_and_is_not_looked_at(
     each read draws its tokens."""
     made, drawn, looked = [], [], []
     condition_init = threading.Condition.__init__
-    acquire = bitpit._TokenBucket.acquire
+    acquire = bitpit._TokenBucket.acquire_steps
     keep_going = bitpit._Transfer._keep_going
 
     def counted_condition(condition, *args, **kwargs):
@@ -225,7 +225,7 @@ def test_a_small_file_draws_no_token_makes_no_condition_and_is_not_looked_at(
         looked.append(transfer)
         keep_going(transfer)
     monkeypatch.setattr(threading.Condition, '__init__', counted_condition)
-    monkeypatch.setattr(bitpit._TokenBucket, 'acquire', counted_acquire)
+    monkeypatch.setattr(bitpit._TokenBucket, 'acquire_steps', counted_acquire)
     monkeypatch.setattr(bitpit._Transfer, '_keep_going', counted_keep_going)
     d = fetch(server.add('/f', SMALL), tmp_path / 'f')
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == SMALL
