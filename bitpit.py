@@ -3238,6 +3238,21 @@ class _Body:
             return True
         return _ready(self._sock, seconds)
 
+    # -- provisional: the http helper's branch has the real steps ----------
+    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
+        if self._response.chunked or self.buffered() or self.ready():
+            return self.readinto(view)
+        timeout = self._sock.gettimeout()
+        if not (yield _Wait(self._sock, None if timeout is None
+                            else time.monotonic() + timeout)):
+            raise socket.timeout('timed out')
+        return self.readinto(view)
+
+    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
+        if self._response.chunked or self.ready():
+            return True
+        return (yield _Wait(self._sock, until))
+
 
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
     """The error for an error answer, with the ``Retry-After`` delay of a 429
@@ -3574,6 +3589,11 @@ class _Request:
                 response.close()  # it may hold the socket: the slot is free once closed
             _close_connection(conn)
         self.response = None
+
+    # -- provisional: the http helper's branch has the real steps ----------
+    def send_steps(self) -> '_Steps[_Response]':
+        return self.send()
+        yield  # (a generator)
 
 
 # -- what an answer says about the file -------------------------------------------
@@ -4652,7 +4672,8 @@ class _DecodedBody:
     """The decoded bytes of a ``gzip`` or ``deflate`` body, read from
     ``body`` (a ``_Body``) of ``length`` encoded bytes (``None``: to its
     end). Each read decodes at most what the caller's buffer holds, so a
-    small body that decodes to a huge one never fills the memory."""
+    small body that decodes to a huge one never fills the memory. Its
+    reads and waits are steps, as ``_Body``'s."""
 
     def __init__(self, body: '_Body', encoding: str, length: Optional[int]):
         import zlib
@@ -4669,11 +4690,11 @@ class _DecodedBody:
         self._raw = bytearray(64 * 1024)
         self._ended = False
 
-    def readinto(self, view: memoryview) -> int:
+    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
         while not self._output:
             if self._ended:
                 return 0
-            if not self._input and not self._fill():
+            if not self._input and not (yield from self._fill_steps()):
                 continue
             try:
                 self._output = self._decoder.decompress(self._input, len(view))
@@ -4693,11 +4714,12 @@ class _DecodedBody:
         self._output = self._output[n:]
         return n
 
-    def _fill(self) -> bool:
+    def _fill_steps(self) -> '_Steps[bool]':
         """Read encoded bytes into ``_input``; at the end, take the decoder's
         last bytes. Whether there is input to decode."""
         want = len(self._raw) if self._left is None else min(len(self._raw), self._left)
-        got = self._body.readinto(memoryview(self._raw)[:want]) if want else 0
+        got = (yield from self._body.readinto_steps(memoryview(self._raw)[:want])) \
+            if want else 0
         if got:
             if self._left is not None:
                 self._left -= got
@@ -4712,11 +4734,10 @@ class _DecodedBody:
     def ready(self) -> bool:
         return bool(self._output or self._input) or (not self._ended and self._body.ready())
 
-    def wait(self, seconds: float) -> bool:
-        return self.ready() or self._ended or self._body.wait(seconds)
-
-    def wait_for_bytes(self, seconds: Optional[float]) -> bool:
-        return self.ready() or self._ended or self._body.wait_for_bytes(seconds)
+    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
+        if self.ready() or self._ended:
+            return True
+        return (yield from self._body.wait_steps(until))
 
 
 _SPLICE = hasattr(os, 'splice') and not os.environ.get('BITPIT_NO_SPLICE')
@@ -4736,24 +4757,24 @@ class _Splice:
     through Python: ``os.splice`` from the socket into a pipe, and from the
     pipe into the file at the offset (Linux, Python 3.10+). What http.client
     had buffered with the headers is written first. One per request of a
-    connection thread; ``close()`` lets the pipe go."""
+    connection; ``close()`` lets the pipe go."""
 
     def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
-                 timeout: Optional[float], cancel: _Cancel):
+                 timeout: Optional[float]):
         self._body = body
         self._sock = sock
         self._store = store
         self._timeout = timeout
-        self._cancel = cancel  # waits go through it
         self._pipe: Optional[Tuple[int, int]] = None
         self._scratch = memoryview(bytearray(io.DEFAULT_BUFFER_SIZE))
 
-    def move(self, offset: int, count: int, epoch: int) -> int:
-        """Up to ``count`` bytes of the body into the file at ``offset``;
-        0 at its end. Raises ``socket.timeout`` after ``timeout`` seconds
-        without a byte, ``_SpliceRefused`` where splicing cannot work."""
+    def move_steps(self, offset: int, count: int, epoch: int) -> '_Steps[int]':
+        """Steps that move up to ``count`` bytes of the body into the file
+        at ``offset``, and give how many; 0 at its end. They raise
+        ``socket.timeout`` after ``timeout`` seconds without a byte,
+        ``_SpliceRefused`` where splicing cannot work."""
         if self._body.buffered():
-            n = self._body.readinto(self._scratch[:count])
+            n = yield from self._body.readinto_steps(self._scratch[:count])
             if n:
                 self._store.write(offset, self._scratch[:n], epoch)
             return n
@@ -4770,8 +4791,9 @@ class _Splice:
                             flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
             except BlockingIOError:  # the socket has a time-out, so it never blocks
-                if not self._cancel.wait_for(functools.partial(_ready, self._sock),
-                                             self._timeout):
+                timeout = self._timeout
+                if not (yield _Wait(self._sock, None if timeout is None
+                                    else time.monotonic() + timeout)):
                     raise socket.timeout('no data received within the time-out')
             except OSError as exc:
                 if exc.errno in _NO_SPLICE_ERRORS:
@@ -5297,8 +5319,9 @@ class _Planner:
 class _Pump:
     """Moves the bytes of a transfer: a request for a connection's claim,
     its answer judged by the transfer, its body read, paced and written
-    into the file. Each connection thread calls it for its own connection;
-    what the connections share (the claims, the file's size, the bytes
+    into the file, as steps (``fetch_steps``) that each connection's
+    thread runs for its own connection (``_drive_here``); what the
+    connections share (the claims, the file's size, the bytes
     received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
     its own but what it moves bytes with."""
@@ -5312,9 +5335,9 @@ class _Pump:
         self.cancel = transfer.cancel
         self.max_size = transfer.max_size
 
-    def fetch(self, conn: _Connection, pacer: _Pacer) -> None:
-        """One request for ``conn``'s claim (a piece of it, when the file is
-        split), and its body into the file."""
+    def fetch_steps(self, conn: _Connection, pacer: _Pacer) -> '_Steps[None]':
+        """Steps: one request for ``conn``'s claim (a piece of it, when the
+        file is split), and its body into the file."""
         transfer, planner = self.transfer, self.planner
         source = conn.source
         first = conn.pos
@@ -5337,18 +5360,19 @@ class _Pump:
             conn.last_bytes_at = conn.job_began
         reuse = fetched = False
         try:
-            response = request.send()
+            response = yield from request.send_steps()
             answer = _check_answer(response, request.url, first)
             if answer.kind == 'end' and answer.total is None and probe and first > 0:
                 request.close(False)  # its host slot may be the one the question needs
-                answer.total = self._ask_size(source)
+                answer.total = yield from self._ask_size_steps(source)
             with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
             if setup is not None:
                 transfer._prepare(conn, setup)
             if body_end is not None:
-                reuse = self._pump(conn, response, answer, body_end, pacer, request)
+                reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
+                                                    request)
             fetched = True
         finally:
             with self._lock:  # no abort of a connection given back to the pool
@@ -5357,28 +5381,30 @@ class _Pump:
                     planner.done(conn, first, time.monotonic())
             request.close(reuse)
 
-    def _ask_size(self, source: _Source) -> Optional[int]:
-        """The size of the file at ``source``, or ``None`` if it does not
-        tell: asked with ``Range: bytes=0-0`` for a 416 that left it out, so
-        that such a 416 can still say that a resumed file is whole."""
+    def _ask_size_steps(self, source: _Source) -> '_Steps[Optional[int]]':
+        """Steps that give the size of the file at ``source``, or ``None``
+        if it does not tell: asked with ``Range: bytes=0-0`` for a 416 that
+        left it out, so that such a 416 can still say that a resumed file
+        is whole."""
         request = _Request(self.options, source.address, first=0, last=0, cancel=self.cancel)
         try:
-            return _check_answer(request.send(), request.url, 0).total
+            response = yield from request.send_steps()
+            return _check_answer(response, request.url, 0).total
         except HTTPStatusError:
             return None  # judged as the 416 itself
         finally:
             request.close(False)
 
-    def _pump(self, conn: _Connection, response: _Response, answer: _Answer,
-              body_end: int, pacer: _Pacer, request: _Request) -> bool:
-        """Copy the body into the file from ``conn.pos`` until the claim's end
-        (re-read before every read: another connection may take over the
-        rest), paced by the token buckets. Received bytes are written when
-        the buffer is full, when they have waited ``_FLUSH_AGE`` seconds,
-        before a read that may block or be paced (so a limited download
-        lands as smoothly as it comes), at the end, and on any failure or
-        stop (nothing received is lost). Returns whether the connection can carry
-        another request."""
+    def _pump_steps(self, conn: _Connection, response: _Response, answer: _Answer,
+                    body_end: int, pacer: _Pacer, request: _Request) -> '_Steps[bool]':
+        """Steps that copy the body into the file from ``conn.pos`` until
+        the claim's end (re-read before every read: another connection may
+        take over the rest), paced by the token buckets. Received bytes are
+        written when the buffer is full, when they have waited
+        ``_FLUSH_AGE`` seconds, before a read that may block or be paced
+        (so a limited download lands as smoothly as it comes), at the end,
+        and on any failure or stop (nothing received is lost). They give
+        whether the connection can carry another request."""
         wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
         want = min(conn.chunk_size, wanted)
         if len(conn.buffer) < want:
@@ -5397,12 +5423,13 @@ class _Pump:
                 sock is not None and not isinstance(sock, ssl.SSLSocket) \
                 and not response.chunked and body_end < _UNKNOWN_END and \
                 (self.max_size is None or self.planner.total is not None):
-            splice = _Splice(body, sock, self.store, self.options.timeout, self.cancel)
+            splice = _Splice(body, sock, self.store, self.options.timeout)
             chunk = _PIPE_SIZE
         # the download thread running this connection tends its download
-        # between reads (and in every wait, through the cancel)
+        # between reads (and in every wait, which its _drive_here makes
+        # through the cancel)
         tender = self.cancel.tender if self.cancel.tending() else None
-        read, ready = body.readinto, body.ready
+        read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
         transfer, planner = self.transfer, self.planner
         lock = self._lock
         source = conn.source
@@ -5455,25 +5482,29 @@ class _Pump:
                     self._flush(conn)
                     continue
                 if conn.pending and whole and not limited and \
-                        not self.cancel.wait_for(body.wait_for_bytes, since + _FLUSH_AGE - now):
+                        not (yield from wait_steps(since + _FLUSH_AGE)):
                     continue  # a stall: its bytes are overdue now, written at the next lap
-                if judging and limit is not None and not body.wait(limit.due - time.monotonic()):
+                if judging and limit is not None and limit.due > time.monotonic() and \
+                        not (yield from wait_steps(limit.due)):
                     continue  # no bytes until its verdict is due: judged now
-                if limited and not self.cancel.wait_for(body.wait_for_bytes,
-                                                        self.options.timeout):
+                if limited and not (yield from wait_steps(time.monotonic() +
+                                                          self.options.timeout)):
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                granted = _drive_here(pacer.acquire_steps(
-                    room, None if tender is None else tender.due), self.cancel) \
-                    if limited else room
+                # a download thread leaves the queue when its download is
+                # due to be tended, rather than tend it in its place there:
+                # the others are served meanwhile (its callbacks may take
+                # long), and it comes back to its place (the pacer keeps it)
+                granted = (yield from pacer.acquire_steps(
+                    room, None if tender is None else tender.due)) if limited else room
                 if not granted:
                     if tender is None or self.cancel.is_set():
                         raise _Stopped
                     continue  # its download is due to be tended
                 if splice is not None:  # straight into the file
                     try:
-                        got = splice.move(start, granted, conn.epoch)
+                        got = yield from splice.move_steps(start, granted, conn.epoch)
                     except _SpliceRefused:
                         splice.close()
                         splice, chunk = None, len(view)
@@ -5483,7 +5514,7 @@ class _Pump:
                     with lock:
                         conn.pos += got
                 else:
-                    got = read(view[conn.pending:conn.pending + granted])
+                    got = yield from read_steps(view[conn.pending:conn.pending + granted])
                     pacer.settle(got)
                     if max_size is not None and start + got > max_size:
                         got = 0
@@ -5990,7 +6021,7 @@ class _Transfer:
         try:
             while conn.active or self._next_job(conn):
                 try:
-                    self.pump.fetch(conn, pacer)
+                    _drive_here(self.pump.fetch_steps(conn, pacer), self.cancel)
                 except _Superseded:
                     with self._lock:
                         conn.active = False
