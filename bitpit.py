@@ -1310,7 +1310,7 @@ class _TokenBucket:
                         if self._tokens >= grant:
                             self._tokens -= grant
                             return grant
-                        due = now + (grant - self._tokens) / self._rate
+                        due = self._stamp + (grant - self._tokens) / self._rate
                         wake_at = due if until is None else min(due, until)
                     # (cleared under the lock: a setter changes what this
                     # waiter looks at under it, then sets the event)
