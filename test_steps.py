@@ -3,6 +3,7 @@
 (``bitpit._drive_here``) or, in the next engine, on one loop with many
 others. These tests drive steps by hand and on a thread."""
 
+import select
 import socket
 import threading
 import time
@@ -153,3 +154,185 @@ def test_a_wait_for_ever_with_nothing_to_end_it_is_refused():
 
     with pytest.raises(ValueError):
         bitpit._drive_here(steps())
+
+
+# -- the http layer's connection path as steps ----------------------------------
+#
+# A request's steps (name look-up, connect, request, head, body) yield a
+# _Wait wherever they would block: fed here over a socket pair by hand, and
+# driven against the server by a hand loop that no blocking call gets past.
+
+HEAD = b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n'
+
+
+@pytest.fixture
+def pair():
+    """``(ours, theirs)``: a connected socket pair, ours not blocking, as a
+    connection's socket is."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        yield ours, theirs
+
+
+def run_to_end(steps, value=None):
+    """Resume ``steps`` with ``value``; what they return (they must not wait)."""
+    with pytest.raises(StopIteration) as end:
+        steps.send(value)
+    return end.value.value
+
+
+@pytest.mark.parametrize('cuts', [(1,), (9, 20), (len(HEAD) - 3,), (len(HEAD) - 1,)])
+def test_an_answers_head_in_any_cut_is_read_between_waits_for_its_socket(pair, cuts):
+    """Each wait for bytes is a ``_Wait`` to read the answer's socket,
+    asked for before any receive: the head is read whole once its pieces
+    came, whatever their cut, and the body's bytes that came with it are
+    held; the rest of the body is another wait, then a read."""
+    ours, theirs = pair
+    data = HEAD + b'hello'
+    response = bitpit._Response(ours, timeout=5)
+    steps = response.begin_steps()
+    wait = next(steps)
+    for start, end in zip((0,) + cuts, cuts):
+        assert isinstance(wait, bitpit._Wait) and wait.sock is ours and not wait.writing
+        theirs.sendall(data[start:end])
+        wait = steps.send(True)
+    theirs.sendall(data[cuts[-1]:len(data) - 1])  # all but the body's last byte
+    run_to_end(steps, True)
+    assert response.status == 200 and response.length == 5
+    assert response.held == len(data) - 1 - len(HEAD)
+    steps = response.read_steps()
+    wait = next(steps)
+    assert wait.sock is ours and not wait.writing and wait.until > time.monotonic()
+    theirs.sendall(b'o')
+    assert run_to_end(steps, True) == b'hello' and response.isclosed()
+
+
+def test_a_body_read_waits_as_a_step_and_its_wait_times_out(pair):
+    """A body's read yields a wait for its socket when no byte is there,
+    reads once resumed, and raises ``socket.timeout`` (a stall) when the
+    wait came to its deadline instead; ``wait_steps`` waits the same way,
+    and not at all for bytes held."""
+    ours, theirs = pair
+    theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\nab')
+    response = bitpit._Response(ours, timeout=5)
+    bitpit._drive_here(response.begin_steps())
+    body, view = bitpit._Body(response, ours), memoryview(bytearray(100000))
+    assert run_to_end(body.wait_steps(None)) is True  # the two bytes held
+    assert run_to_end(body.readinto_steps(view)) == 2 and view[:2] == b'ab'
+    until = time.monotonic() + 1
+    steps = body.wait_steps(until)
+    wait = next(steps)
+    assert wait.sock is ours and wait.until == until and run_to_end(steps, False) is False
+    steps = body.readinto_steps(view)
+    wait = next(steps)
+    assert wait.sock is ours and not wait.writing and 4 < wait.until - time.monotonic() <= 5
+    theirs.sendall(b'x' * 1000)
+    assert run_to_end(steps, True) == 1000 and view[:1000] == b'x' * 1000
+    steps = body.readinto_steps(view)
+    next(steps)
+    with pytest.raises(socket.timeout):
+        steps.send(False)
+
+
+def test_a_request_sent_whole_waits_for_room_as_a_step(pair):
+    """A request that the socket does not take at once is sent on once
+    the socket has room, each wait one to write its socket."""
+    ours, theirs = pair
+    conn = bitpit._HTTPConnection('127.0.0.1', 1, timeout=5)
+    conn.sock = ours
+    data = b'x' * (8 << 20)  # more than socket buffers hold
+    steps = conn.send_steps(data)
+    wait = next(steps)
+    received = bytearray()
+    while True:
+        assert wait.sock is ours and wait.writing
+        while len(received) < len(data):
+            received += theirs.recv(1 << 20)
+            if not select.select([theirs], [], [], 0)[0]:
+                break
+        try:
+            wait = steps.send(True)
+        except StopIteration:
+            break
+    while len(received) < len(data):
+        received += theirs.recv(1 << 20)
+    assert received == data
+
+
+class NoBlocking:
+    """Makes every call that blocks the calling thread fail on the test's
+    thread: a wait for a socket (but a look with no wait), an event or a
+    condition, a sleep, and a socket made to block again."""
+
+    def __init__(self, monkeypatch):
+        self.thread = threading.current_thread()
+        ready = bitpit._ready
+
+        def looked(sock, seconds=0.0, writing=False):
+            self.check('a wait for a socket', seconds == 0)
+            return ready(sock, seconds, writing)
+        monkeypatch.setattr(bitpit, '_ready', looked)
+        for owner, name in [(threading.Event, 'wait'), (threading.Condition, 'wait'),
+                            (time, 'sleep'), (socket.socket, 'settimeout'),
+                            (socket.socket, 'setblocking')]:
+            monkeypatch.setattr(owner, name, self.refused(name, getattr(owner, name)))
+
+    def check(self, what, allowed=False):
+        if not allowed and threading.current_thread() is self.thread:
+            raise AssertionError('the steps blocked: ' + what)
+
+    def refused(self, name, real):
+        def call(*args, **kwargs):
+            # (a socket made not to block is fine: setblocking(False))
+            self.check(name, name == 'setblocking' and args[1:] == (False,))
+            return real(*args, **kwargs)
+        return call
+
+
+def test_a_requests_steps_never_block_and_wait_only_for_its_socket(server, monkeypatch):
+    """A request (a redirect followed on its kept-alive connection, then
+    the answer's body, paced by the server) driven by a hand loop, with
+    every call that would block the thread refused: the steps connect,
+    send, read heads and bodies only by yielding waits, each one for the
+    request's socket, which never blocks."""
+    data = bytes(range(256)) * 40
+    server.add('/f', data, throttle=len(data) * 5, throttle_piece=len(data) // 2)
+    url = server.add('/r', b'moved', status=302, headers={'Location': '/f'})
+    address = bitpit._check_url(url)
+    options = bitpit._RequestOptions(address, {}, None, '', None, 5.0, bitpit._Cookies())
+    request = bitpit._Request(options, address)
+    waits = []
+
+    def hand_loop(steps):
+        value = None
+        while True:
+            try:
+                wait = steps.send(value)
+            except StopIteration as end:
+                return end.value
+            waits.append(wait)
+            assert isinstance(wait, bitpit._Wait) and wait.sock is not None
+            assert wait.sock.gettimeout() == 0.0  # (a socket that never blocks)
+            assert wait.until is not None and wait.until <= time.monotonic() + 5
+            readable, writable, _ = select.select([] if wait.writing else [wait.sock],
+                                                  [wait.sock] if wait.writing else [], [], 5)
+            value = bool(readable or writable)
+
+    try:
+        NoBlocking(monkeypatch)
+        response = hand_loop(request.send_steps())
+        body, view, got = bitpit._Body(response, request.sock), memoryview(bytearray(len(data))), 0
+        while True:
+            n = hand_loop(body.readinto_steps(view[got:]))
+            if not n:
+                break
+            got += n
+        monkeypatch.undo()
+    finally:
+        request.close(False)
+    assert response.status == 200 and view[:got] == data
+    assert waits and all(wait.sock is request.sock for wait in waits)
+    assert [r.path for r in server.requests] == ['/r', '/f'] and server.connections == 1
+    reads = [wait for wait in waits if not wait.writing]
+    assert len(reads) >= 3  # the two heads, then the body's second piece at least
