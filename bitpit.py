@@ -2342,6 +2342,8 @@ class _AbortableMixin:
         sock = self.sock
         assert sock is not None  # (connect_steps set it)
         sys.audit('http.client.send', self, data)
+        write: Callable[..., int]
+        args: Tuple[Any, ...]
         if _SOCKETS_ARE_FDS and not isinstance(sock, ssl.SSLSocket):
             write, args = os.write, (sock.fileno(),)
         else:
