@@ -5,12 +5,14 @@ others. These tests drive steps by hand and on a thread."""
 
 import select
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
 import bitpit
+from conftest import HTTPS_DATA
 
 
 def get_steps(address, path, deadline):
@@ -284,10 +286,86 @@ class NoBlocking:
 
     def refused(self, name, real):
         def call(*args, **kwargs):
-            # (a socket made not to block is fine: setblocking(False))
-            self.check(name, name == 'setblocking' and args[1:] == (False,))
+            # a socket made not to block is fine: setblocking(False), settimeout(0)
+            self.check(name, name in ('setblocking', 'settimeout') and args[1:] == (0,))
             return real(*args, **kwargs)
         return call
+
+
+def test_a_name_look_up_is_a_wait_for_its_event_which_a_cancel_ends():
+    """A name is looked up on a thread of its own, which sets the event the
+    steps wait for (an address needs no look-up, nor a wait); a cancel
+    sets it too, and the steps stop."""
+    assert run_to_end(bitpit._resolve_steps('127.0.0.1', 80, None, 5))[0][4] == ('127.0.0.1', 80)
+    steps = bitpit._resolve_steps('localhost', 80, None, 5)
+    wait = next(steps)
+    assert wait.sock is None and wait.event is not None and wait.until <= time.monotonic() + 5
+    assert wait.event.wait(5)
+    assert any(address[4][1] == 80 for address in run_to_end(steps, True))
+    cancel = bitpit._Cancel()
+    steps = bitpit._resolve_steps('localhost', 80, cancel, 5)
+    wait = next(steps)
+    cancel.cancel()
+    assert wait.event.is_set()
+    with pytest.raises(bitpit._Stopped):
+        steps.send(True)
+
+
+def test_a_host_slot_is_waited_for_as_an_event_that_its_grant_or_a_cancel_sets():
+    slots, host = bitpit._HostSlots(1), ('http', 'example.com', 80)
+    run_to_end(slots.acquire_steps(host, None))  # a free slot: no wait
+    cancel = bitpit._Cancel()
+    second, third = slots.acquire_steps(host, None), slots.acquire_steps(host, cancel)
+    second_wait = next(second)
+    third_wait = next(third)
+    assert second_wait.event is not None and second_wait.until is None
+    assert not second_wait.event.is_set() and not third_wait.event.is_set()
+    slots.release(host)  # to the longest waiting
+    assert second_wait.event.is_set() and not third_wait.event.is_set()
+    run_to_end(second, True)
+    cancel.cancel()
+    assert third_wait.event.is_set()
+    with pytest.raises(bitpit._Stopped):
+        third.send(True)
+    slots.release(host)
+    run_to_end(slots.acquire_steps(host, None))  # the cancelled waiter took none
+
+
+def by_hand(steps, waits):
+    """Drive ``steps`` by hand to their end, each wait a ``select``, which
+    is appended to ``waits``; what they return."""
+    value = None
+    while True:
+        try:
+            wait = steps.send(value)
+        except StopIteration as end:
+            return end.value
+        waits.append(wait)
+        assert isinstance(wait, bitpit._Wait) and wait.sock is not None
+        assert wait.sock.gettimeout() == 0.0  # (a socket that never blocks)
+        assert wait.until is not None and wait.until <= time.monotonic() + 5
+        readable, writable, _ = select.select([] if wait.writing else [wait.sock],
+                                              [wait.sock] if wait.writing else [], [], 5)
+        value = bool(readable or writable)
+
+
+def request_by_hand(request, size, waits, monkeypatch):
+    """Send ``request`` and read its answer's body (of ``size`` bytes at
+    most) by hand, every call that would block refused; the answer and
+    its body."""
+    try:
+        NoBlocking(monkeypatch)
+        response = by_hand(request.send_steps(), waits)
+        body, view, got = bitpit._Body(response, request.sock), memoryview(bytearray(size)), 0
+        while True:
+            n = by_hand(body.readinto_steps(view[got:]), waits)
+            if not n:
+                break
+            got += n
+        monkeypatch.undo()
+    finally:
+        request.close(False)
+    return response, view[:got]
 
 
 def test_a_requests_steps_never_block_and_wait_only_for_its_socket(server, monkeypatch):
@@ -303,36 +381,28 @@ def test_a_requests_steps_never_block_and_wait_only_for_its_socket(server, monke
     options = bitpit._RequestOptions(address, {}, None, '', None, 5.0, bitpit._Cookies())
     request = bitpit._Request(options, address)
     waits = []
-
-    def hand_loop(steps):
-        value = None
-        while True:
-            try:
-                wait = steps.send(value)
-            except StopIteration as end:
-                return end.value
-            waits.append(wait)
-            assert isinstance(wait, bitpit._Wait) and wait.sock is not None
-            assert wait.sock.gettimeout() == 0.0  # (a socket that never blocks)
-            assert wait.until is not None and wait.until <= time.monotonic() + 5
-            readable, writable, _ = select.select([] if wait.writing else [wait.sock],
-                                                  [wait.sock] if wait.writing else [], [], 5)
-            value = bool(readable or writable)
-
-    try:
-        NoBlocking(monkeypatch)
-        response = hand_loop(request.send_steps())
-        body, view, got = bitpit._Body(response, request.sock), memoryview(bytearray(len(data))), 0
-        while True:
-            n = hand_loop(body.readinto_steps(view[got:]))
-            if not n:
-                break
-            got += n
-        monkeypatch.undo()
-    finally:
-        request.close(False)
-    assert response.status == 200 and view[:got] == data
+    response, body = request_by_hand(request, len(data), waits, monkeypatch)
+    assert response.status == 200 and body == data
     assert waits and all(wait.sock is request.sock for wait in waits)
     assert [r.path for r in server.requests] == ['/r', '/f'] and server.connections == 1
     reads = [wait for wait in waits if not wait.writing]
     assert len(reads) >= 3  # the two heads, then the body's second piece at least
+
+
+def test_a_tls_request_through_a_tunnel_never_blocks(https_url, certificate, proxy,
+                                                     monkeypatch):
+    """The proxy's CONNECT, its answer, the TLS handshake and the records
+    of the answer are steps too: their waits are all for the one socket
+    (raw, then wrapped), which never blocks."""
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    address = bitpit._check_url(https_url)
+    options = bitpit._RequestOptions(address, {}, None, proxy.url, context, 5.0,
+                                     bitpit._Cookies())
+    request = bitpit._Request(options, address)
+    waits = []
+    response, body = request_by_hand(request, len(HTTPS_DATA), waits, monkeypatch)
+    assert response.status == 200 and body == HTTPS_DATA
+    assert proxy.seen[0][0] == 'CONNECT'
+    assert isinstance(request.sock, ssl.SSLSocket)
+    assert {wait.sock.fileno() for wait in waits} == {request.sock.fileno()}
+    assert any(wait.sock is not request.sock for wait in waits)  # the raw socket's, first
