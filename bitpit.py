@@ -1403,8 +1403,8 @@ class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once;
     ``wait()`` is a pause that it ends. Every wait of the attempt's
-    connections goes through ``wait_for``, so that the download thread, when it runs one of them (``tender``), tends its
-    download on time.
+    connections goes through ``wait_for``, so that the download thread,
+    when it runs one of them (``tender``), tends its download on time.
     Any thread. ``_lock`` guards the mark, the registrations and the event
     of the pauses, which the first ``wait()`` makes (an attempt that never
     pauses, as a small file's, needs none: an event costs ~2 us)."""
@@ -2072,9 +2072,9 @@ class _Response:
     ``read_steps``) on its connection's socket, which need not block:
     each wait for bytes lasts ``timeout`` seconds at most (``None``: no
     limit). Its receives go into its own buffer, of ``_FIRST_READ`` bytes
-    at most; ``held`` is how many bytes after the head came with it. Its
-    socket stays its connection's (it closes it once the answer is done
-    with, never while one is read, see ``_Request._release``). It has
+    at most; ``held`` is how many bytes after the head came with it. The
+    socket stays its connection's, which closes it once the answer is
+    done with, never while one is read (see ``_Request._release``). It has
     what bitpit and a caller's cookie jar read of http.client's responses:
     ``status`` (``code``), ``reason``, ``version`` (10 or 11), ``fields``
     (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
@@ -2187,9 +2187,10 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            if not self._received:
-                yield from self.receive_steps()
-            data, self._received = bytes(self._received), memoryview(b'')
+            data, self._received = bytes(self._received), memoryview(b'')  # held bytes first
+            if not data:  # (a receive's bytes as they came, not copied again)
+                data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
+                                            _FIRST_READ)
             if data:
                 self._unread = b''.join(framing.feed(data))
                 if framing.rest:  # the server sent more than the body
@@ -2401,9 +2402,9 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         self.handshake_done = True
 
     def _tunnel_steps(self) -> '_Steps[None]':
-        """What http.client's ``connect`` calls to open a proxy's tunnel
-        (``set_tunnel``), as steps: ``CONNECT``, with a ``Host`` field as
-        HTTP/1.1 asks, and the proxy's answer read by bitpit's
+        """A proxy's tunnel (``set_tunnel``), opened as http.client's
+        ``_tunnel`` opens it, as steps: ``CONNECT``, with a ``Host`` field
+        as HTTP/1.1 asks, and the proxy's answer read by bitpit's
         ``_Response``. An answer other than 200 is an ``OSError``, as
         http.client has it."""
         host = self._tunnel_host or ''
@@ -2542,8 +2543,9 @@ class _HostSlots:
 
     A connection takes a slot before it opens (``acquire_steps``): at
     once if one is free and nobody waits, else in turn, first come first
-    served, its wait an event that its grant or its ``_Cancel`` sets. Closing the
-    connection gives the slot back (``release``) to the longest waiter. A
+    served, its wait an event that its grant or its ``_Cancel`` sets.
+    Closing the connection gives the slot back (``release``) to the
+    longest waiter. A
     transfer asks ``spare`` before it starts one more connection; when there
     is none, its callback is called once a slot frees with nobody waiting.
     An idle pooled connection of the host is closed for a waiter.
