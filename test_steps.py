@@ -262,6 +262,64 @@ def test_a_request_sent_whole_waits_for_room_as_a_step(pair):
     assert received == data
 
 
+def tls_peer_in_memory(pair, certificate):
+    """``(client, server, wire)``: our end of ``pair`` wrapped in TLS (not
+    blocking), the peer's TLS in memory, and ``wire()``, which gives the
+    bytes the peer wrote since, to be sent on the peer's end; the
+    handshake done."""
+    ours, theirs = pair
+    theirs.setblocking(False)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, outgoing, server_side=True)
+    client = ssl.create_default_context(cafile=str(certificate[0])).wrap_socket(
+        ours, server_hostname='127.0.0.1', do_handshake_on_connect=False)
+    done = [False, False]
+    for _ in range(20):
+        for index, end in enumerate((client, server)):
+            try:
+                end.do_handshake()
+                done[index] = True
+            except ssl.SSLWantReadError:
+                pass
+        try:
+            incoming.write(theirs.recv(1 << 16))
+        except BlockingIOError:
+            pass
+        theirs.sendall(outgoing.read())
+        if all(done):
+            return client, server, outgoing.read
+    raise AssertionError('no TLS handshake')
+
+
+def test_a_tls_record_not_whole_yet_is_read_at_the_next_read(pair, certificate):
+    """A read over TLS goes on with the records already there; one whose
+    bytes did not all come ends it (the socket does not block), and the
+    next read waits for the rest: no error for a record cut on the wire."""
+    theirs = pair[1]
+    client, server, wire = tls_peer_in_memory(pair, certificate)
+    server.write(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n')
+    theirs.sendall(wire())
+    response = bitpit._Response(client, timeout=5)
+    bitpit._drive_here(response.begin_steps())
+    assert response.status == 200 and response.held == 0
+    body, view = bitpit._Body(response, client), memoryview(bytearray(100000))
+    data = bytes(range(256)) * 160  # 40 KiB: three records
+    server.write(data)
+    records = wire()
+    first = 5 + int.from_bytes(records[3:5], 'big')  # a record's header, then its bytes
+    theirs.sendall(records[:first + 10])  # the first record, and the second's first bytes
+    got = run_to_end(body.readinto_steps(view))
+    assert 0 < got <= 16384 and view[:got] == data[:got]
+    steps = body.readinto_steps(view[got:])
+    wait = next(steps)  # the second record is not whole: a wait for its bytes
+    assert wait.sock is client and not wait.writing
+    theirs.sendall(records[first + 10:])
+    got += run_to_end(steps, True)
+    assert view[:got] == data
+
+
 class NoBlocking:
     """Makes every call that blocks the calling thread fail on the test's
     thread: a wait for a socket (but a look with no wait), an event or a
