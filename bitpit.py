@@ -1197,6 +1197,40 @@ class _Tender:
 
 
 # ---------------------------------------------------------------------------
+# steps: code that yields its waits
+# ---------------------------------------------------------------------------
+#
+# A connection's code is a generator of steps: where it cannot go on, it
+# yields a _Wait (for a socket, an event, until a deadline) and is resumed
+# with whether what it waited for came before the deadline. Written once,
+# the same steps run on a thread of their own (_drive_here: each wait a
+# blocking one, through the attempt's _Cancel, which tends a download in
+# its waits) and, in the next engine (issue 24), with thousands of others
+# on one loop's thread. Their own code never blocks: it reads and writes
+# sockets that do not block, and yields where they would.
+
+class _Wait:
+    """What steps wait for: until ``sock`` can be read (or, ``writing``,
+    written), or ``event`` (a ``threading.Event``) is set, or (neither
+    given) only until the monotonic time ``until``; ``until`` ``None``: no
+    deadline. Resumed with ``True`` when it came, ``False`` when the
+    deadline came first (a time alone: always ``False``). Read-only."""
+    __slots__ = ('sock', 'writing', 'until', 'event')
+
+    def __init__(self, sock: Any, until: Optional[float], writing: bool = False,
+                 event: Optional[threading.Event] = None):
+        self.sock = sock
+        self.writing = writing
+        self.until = until
+        self.event = event
+
+
+if TYPE_CHECKING:
+    from typing import Generator
+    _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
+
+
+# ---------------------------------------------------------------------------
 # timing: token buckets
 # ---------------------------------------------------------------------------
 
@@ -1432,10 +1466,8 @@ class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once;
     ``wait()`` is a pause that it ends. Every wait of the attempt's
-    connections goes through ``wait_for`` (but for a host slot's, which a
-    download thread never waits for: see ``_Transfer.start``), so that the
-    download thread, when it runs one of them (``tender``), tends its
-    download on time.
+    connections goes through ``wait_for``, so that the download thread,
+    when it runs one of them (``tender``), tends its download on time.
     Any thread. ``_lock`` guards the mark, the registrations and the event
     of the pauses, which the first ``wait()`` makes (an attempt that never
     pauses, as a small file's, needs none: an event costs ~2 us)."""
@@ -1541,37 +1573,7 @@ def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> 
         return True
 
 
-# -- steps: connection code that yields its waits ---------------------------------
-#
-# A connection's code is a generator of steps: where it cannot go on, it
-# yields a _Wait (for a socket, an event, until a deadline) and is resumed
-# with whether what it waited for came before the deadline. Written once,
-# the same steps run on a thread of their own (_drive_here: each wait a
-# blocking one, through the attempt's _Cancel, which tends a download in
-# its waits) and, in the next engine (issue 24), with thousands of others
-# on one loop's thread. Their own code never blocks: it reads and writes
-# sockets that do not block, and yields where they would.
-
-class _Wait:
-    """What steps wait for: until ``sock`` can be read (or, ``writing``,
-    written), or ``event`` (a ``threading.Event``) is set, or (neither
-    given) only until the monotonic time ``until``; ``until`` ``None``: no
-    deadline. Resumed with ``True`` when it came, ``False`` when the
-    deadline came first (a time alone: always ``False``). Read-only."""
-    __slots__ = ('sock', 'writing', 'until', 'event')
-
-    def __init__(self, sock: Any, until: Optional[float], writing: bool = False,
-                 event: Optional[threading.Event] = None):
-        self.sock = sock
-        self.writing = writing
-        self.until = until
-        self.event = event
-
-
-if TYPE_CHECKING:
-    from typing import Generator
-    _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
-
+# -- steps on a thread of their own ---------------------------------------------
 
 def _block(wait: _Wait, cancel: Optional[_Cancel]) -> bool:
     """Wait on the calling thread as ``wait`` says, through ``cancel``
@@ -1612,6 +1614,35 @@ def _drive_here(steps: '_Steps[_T]', cancel: Optional[_Cancel] = None) -> _T:
             value, resume = exc, steps.throw
 
 
+def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *args: Any,
+              sending: bool = False, wait_first: bool = False) -> '_Steps[_T]':
+    """``call(*args)``, a receive (a send: ``sending``) or a TLS handshake
+    on ``sock`` (which does not block), made once it would no longer
+    block: each time it would (``BlockingIOError``, or TLS's
+    ``SSLWantReadError`` and ``SSLWantWriteError``), a wait for ``sock``
+    to read or to write, of ``timeout`` seconds at most (``None``: no
+    limit), after which ``socket.timeout`` is raised, as by a socket with
+    that time-out. ``wait_first``: a wait for bytes first, where they are
+    unlikely to be there yet (an answer just asked for): it saves the call
+    that fails."""
+    writing: Optional[bool] = False if wait_first else None  # the next wait's, if any
+    until: Optional[float] = None
+    while True:
+        if writing is not None:
+            if until is None and timeout is not None:
+                until = time.monotonic() + timeout
+            if not (yield _Wait(sock, until, writing)):
+                raise socket.timeout('timed out')
+        try:
+            return call(*args)
+        except BlockingIOError:
+            writing = sending
+        except ssl.SSLWantReadError:
+            writing = False
+        except ssl.SSLWantWriteError:
+            writing = True
+
+
 # what connect_ex says of a connect under way on a socket that does not block
 _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                getattr(errno, 'WSAEWOULDBLOCK', -1)}
@@ -1624,17 +1655,17 @@ class _EventAbort:
         self.abort = event.set
 
 
-def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[float]
-             ) -> List[Tuple[Any, ...]]:
+def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[float]
+                   ) -> '_Steps[List[Tuple[Any, ...]]]':
     """``socket.getaddrinfo`` for a TCP connection, in a way a stop can
-    abandon: a name is looked up in a daemon thread while this one waits on
-    an event that a cancel sets. Addresses are used as they are."""
+    abandon: a name is looked up in a daemon thread, which sets an event
+    that the steps wait for, and so does a cancel. Addresses are used as
+    they are."""
     try:
         socket.inet_pton(socket.AF_INET6 if ':' in host else socket.AF_INET, host)
-        literal = True
     except (OSError, ValueError):
-        literal = False
-    if literal or cancel is None:
+        pass
+    else:  # an address: nothing to look up
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     done = threading.Event()
     outcome: Dict[str, Any] = {}
@@ -1642,19 +1673,22 @@ def _resolve(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[
     def look_up() -> None:
         try:
             outcome['addresses'] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except Exception as exc:  # handed to the waiting thread
+        except Exception as exc:  # handed to the waiting steps
             outcome['error'] = exc
         done.set()
 
     waker = _EventAbort(done)
-    cancel.register(waker)
+    if cancel is not None:
+        cancel.register(waker)
     try:
         threading.Thread(target=look_up, name='bitpit-resolve', daemon=True).start()
-        if not cancel.wait_for(done.wait, timeout):
+        until = None if timeout is None else time.monotonic() + timeout
+        if not (yield _Wait(None, until, event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
-        cancel.unregister(waker)
-    if cancel.is_set():
+        if cancel is not None:
+            cancel.unregister(waker)
+    if cancel is not None and cancel.is_set():
         raise _Stopped
     if 'error' in outcome:
         raise outcome['error']
@@ -2054,70 +2088,46 @@ class _BodyFraming:
         raise ProtocolError('connection closed before the end of the body')
 
 
-# whether a socket is a file descriptor, which os.write and os.readv take
-# (POSIX): a request is sent, and a receive made, in one system call
+# whether a socket is a file descriptor, which os.write takes (POSIX): a
+# request is sent in one system call
 _SOCKETS_ARE_FDS = os.name == 'posix'
 
-# the buffer of a response's reader (http.client's is 8 KiB): its first
-# receive brings the head and a small body whole, where 8 KiB would leave
+# the most a response's receive takes (http.client's reader takes 8 KiB):
+# its first brings the head and a small body whole, where 8 KiB would leave
 # the rest of a 10 KiB file to a second receive (and the poll before it)
 _FIRST_READ = 65536
-
-
-class _Receiver(io.RawIOBase):
-    """The receives of a response's reader, straight from the socket (no
-    ``makefile`` layer in between, which would hold the socket open: its
-    connection closes it once the response is done with, never while one
-    is read, see ``_Request._release``). They wait for bytes through the
-    request's cancel when the thread reading is a download thread that
-    tends its download meanwhile. Its thread."""
-
-    def __init__(self, sock: Any, cancel: Optional[_Cancel]):
-        super().__init__()
-        self._sock = sock
-        self._cancel = cancel
-
-    def readable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def readinto(self, buffer: Any) -> Optional[int]:
-        cancel, sock = self._cancel, self._sock
-        if cancel is not None and cancel.tending():
-            timeout = sock.gettimeout()
-            if not cancel.wait_for(functools.partial(_ready, sock), timeout):
-                raise socket.timeout('timed out')
-            if _SOCKETS_ARE_FDS and timeout is not None and not isinstance(sock, ssl.SSLSocket):
-                # bytes are there: received at once (the socket's own receive
-                # would poll for them again first)
-                return os.readv(sock.fileno(), [buffer])
-        return sock.recv_into(buffer)
 
 
 class _Response:
     """An answer: its head, read by ``_HeadParser``, and its body, read
     through its framing (``_BodyFraming``: a length, chunks, or to the
-    connection's end). ``fp`` is the answer's reader over the socket's
-    receives (``_Receiver``), its buffer ``_FIRST_READ`` bytes, ``None``
-    once the body was read to its end or the answer closed; ``held`` is
-    how many bytes after the head it holds (received with it). It has what
-    bitpit and a caller's cookie jar read of http.client's responses:
-    ``status`` (``code``), ``reason``, ``version`` (10 or 11),
-    ``fields`` (also ``headers`` and ``msg``, a ``_Headers``),
-    ``getheader``, ``getheaders``, ``info()`` (an
-    ``http.client.HTTPMessage``), ``chunked``, ``length``, ``will_close``,
-    ``read``, ``read1``, ``isclosed`` and ``close``, set and behaving as
-    http.client's do. The thread of its request."""
+    connection's end), as steps (``begin_steps``, ``read1_steps``,
+    ``read_steps``) on its connection's socket, which need not block:
+    each wait for bytes lasts ``timeout`` seconds at most (``None``: no
+    limit). Its receives go into its own buffer, of ``_FIRST_READ`` bytes
+    at most; ``held`` is how many bytes after the head came with it. The
+    socket stays its connection's, which closes it once the answer is
+    done with, never while one is read (see ``_Request._release``). It has
+    what bitpit and a caller's cookie jar read of http.client's responses:
+    ``status`` (``code``), ``reason``, ``version`` (10 or 11), ``fields``
+    (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
+    ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
+    ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
+    set and behaving as http.client's do, and ``begin``, ``read`` and
+    ``read1``, the steps run on the calling thread (their waits through
+    ``cancel``). The thread of its request."""
     fields: _Headers
     headers: _Headers
     msg: _Headers
 
-    def __init__(self, sock: Any, method: str = 'GET', cancel: Optional[_Cancel] = None):
-        self.fp: Optional[io.BufferedReader] = io.BufferedReader(_Receiver(sock, cancel),
-                                                                 _FIRST_READ)
+    def __init__(self, sock: Any, method: str = 'GET', cancel: Optional[_Cancel] = None,
+                 timeout: Optional[float] = None):
+        self._sock = sock
         self._method = method
+        self._cancel = cancel
+        self.timeout = timeout
+        self._closed = False
+        self._received = memoryview(b'')  # bytes received and not taken yet
         self.held = 0
         self.status = self.code = self.version = 0
         self.reason = ''
@@ -2125,16 +2135,17 @@ class _Response:
         self.length: Optional[int] = None
         self.will_close = True
         self._framing: Optional[_BodyFraming] = None  # read1's, made at its first call
-        self._unread = b''  # body bytes that read1 took from the reader and not handed out
+        self._unread = b''  # body bytes that read1 received and did not hand out
 
-    def begin(self) -> None:
-        """Read the head, and set what the body is read by."""
+    def begin_steps(self) -> '_Steps[None]':
+        """Read the head, and set what the body is read by: a wait for
+        bytes, then a receive, until the head is whole."""
         parser = _HeadParser()
-        fp = self.fp
-        assert fp is not None  # (just made)
+        sock = self._sock
         received = False
         while True:
-            data = fp.peek()  # what the reader holds, else one receive
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                        wait_first=True)
             if not data:
                 raise http.client.RemoteDisconnected(
                     'Remote end closed connection ' +
@@ -2143,9 +2154,8 @@ class _Response:
             head = parser.feed(data)
             if head is not None:
                 break
-            fp.read(len(data))
-        fp.read(len(data) - len(parser.rest))  # the body's first bytes stay in the reader
-        self.held = len(parser.rest)  # (peek gave all the reader held)
+        self._received = parser.rest  # the body's first bytes
+        self.held = len(parser.rest)
         self.code = self.status = head.status
         self.reason = head.reason
         self.version = head.version
@@ -2161,6 +2171,10 @@ class _Response:
         if self.length is None and not self.chunked:
             self.will_close = True  # the body ends with the connection
 
+    def begin(self) -> None:
+        """``begin_steps`` run here."""
+        _drive_here(self.begin_steps(), self._cancel)
+
     def getheader(self, name: str, default: Any = None) -> Any:
         """The values of the field ``name`` joined by ``', '``, else ``default``."""
         value = self.fields.by_name.get(name.lower())
@@ -2172,14 +2186,30 @@ class _Response:
     def info(self) -> http.client.HTTPMessage:
         return self.fields.message()
 
-    def read1(self, size: int = -1) -> bytes:
-        """Body bytes, at most ``size`` (``-1``: any number), from what the
-        reader holds or else one receive; ``b''`` at the body's end (when
-        the answer closes). Raises ``ProtocolError`` for a body cut short
-        or badly framed."""
+    def receive_steps(self) -> '_Steps[int]':
+        """One receive into the buffer, which holds nothing, waiting for
+        bytes (at most the time-out); how many came (0: the connection
+        ended)."""
+        sock = self._sock
+        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ)
+        self._received = memoryview(data)
+        return len(data)
+
+    def take_into(self, view: memoryview) -> int:
+        """Copy bytes of the buffer into ``view``, as many as fit; how many."""
+        received = self._received
+        count = min(len(view), len(received))
+        view[:count] = received[:count]
+        self._received = received[count:]
+        return count
+
+    def read1_steps(self, size: int = -1) -> '_Steps[bytes]':
+        """Body bytes, at most ``size`` (``-1``: any number), from the
+        buffer or else one receive; ``b''`` at the body's end (when the
+        answer closes). Raises ``ProtocolError`` for a body cut short or
+        badly framed."""
         while not self._unread:
-            fp = self.fp
-            if fp is None:
+            if self._closed:
                 return b''
             framing = self._framing
             if framing is None:
@@ -2190,7 +2220,10 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            data = fp.read1(_FIRST_READ)  # (all the reader holds: its buffer's size)
+            data, self._received = bytes(self._received), memoryview(b'')  # held bytes first
+            if not data:  # (a receive's bytes as they came, not copied again)
+                data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
+                                            _FIRST_READ)
             if data:
                 self._unread = b''.join(framing.feed(data))
                 if framing.rest:  # the server sent more than the body
@@ -2205,12 +2238,16 @@ class _Response:
             self.close()  # its end read: the connection may carry another answer
         return data
 
-    def read(self, size: Optional[int] = None) -> bytes:
+    def read1(self, size: int = -1) -> bytes:
+        """``read1_steps`` run here."""
+        return _drive_here(self.read1_steps(size), self._cancel)
+
+    def read_steps(self, size: Optional[int] = None) -> '_Steps[bytes]':
         """The body's bytes, ``size`` at most (``None``: to its end)."""
         parts = []
         left = size
         while left is None or left > 0:
-            data = self.read1(-1 if left is None else left)
+            data = yield from self.read1_steps(-1 if left is None else left)
             if not data:
                 break
             parts.append(data)
@@ -2218,15 +2255,18 @@ class _Response:
                 left -= len(data)
         return b''.join(parts)
 
+    def read(self, size: Optional[int] = None) -> bytes:
+        """``read_steps`` run here."""
+        return _drive_here(self.read_steps(size), self._cancel)
+
     def isclosed(self) -> bool:
         """Whether the body was read to its end, or the answer closed."""
-        return self.fp is None
+        return self._closed
 
     def close(self) -> None:
-        """Let the reader go; the socket stays its connection's."""
-        fp, self.fp = self.fp, None
-        if fp is not None:
-            fp.close()
+        """Let the buffer go; the socket stays its connection's."""
+        self._closed = True
+        self._received = memoryview(b'')
 
 
 def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
@@ -2252,31 +2292,49 @@ def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
 class _AbortableMixin:
     """A connection that a ``_Cancel`` (or ``abort()``) shuts down from another
     thread, in every phase: name look-up, connect, TLS handshake, request,
-    body. The cancel is checked around the connect, which closes the window
-    between an abort and the socket's creation."""
+    body. It connects (``connect_steps``) and sends (``send_steps``) as
+    steps, on a socket that does not block, then or after: its
+    ``timeout`` bounds each of their waits (and its answers' waits). The
+    cancel is checked around the connect, which closes the window between
+    an abort and the socket's creation."""
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
+    # http.client's, which its connect reads
+    host: str
+    port: int
+    timeout: Optional[float]
+    source_address: Optional[Tuple[str, int]]
+    sock: Any
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # http.client sets its connect function on the instance, where it
-        # hides the method below: dropped (the bound method kept there
-        # instead made each connection a reference cycle, freed only by the
-        # collector once closed); a version that sets none loses nothing
-        self.__dict__.pop('_create_connection', None)
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
-    def _create_connection(self, address: Tuple[str, int], timeout: Optional[float],
-                           source_address: Optional[Tuple[str, int]] = None
-                           ) -> socket.socket:
-        """What http.client's ``connect`` calls to make the socket."""
+    def connect_steps(self) -> '_Steps[None]':
+        """What http.client's ``connect`` does, as steps: its audit event,
+        the socket (``_create_connection_steps``), ``TCP_NODELAY``."""
+        sys.audit('http.client.connect', self, self.host, self.port)
+        self.sock = yield from self._create_connection_steps(
+            (self.host, self.port), self.timeout, self.source_address)
+        try:  # (http.client's: it may fail where TCP_NODELAY is missing)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                raise
+
+    def _create_connection_steps(self, address: Tuple[str, int], timeout: Optional[float],
+                                 source_address: Optional[Tuple[str, int]] = None
+                                 ) -> '_Steps[socket.socket]':
+        """The connected socket, which does not block: to the first
+        address of the host's that takes the connect."""
         host, port = address
         last_error: Optional[OSError] = None
-        for family, kind, proto, _, sockaddr in _resolve(host, port, self.cancel, timeout):
+        addresses = yield from _resolve_steps(host, port, self.cancel, timeout)
+        for family, kind, proto, _, sockaddr in addresses:
             sock = socket.socket(family, kind, proto)
             self.connecting_socket = sock
             try:
@@ -2284,10 +2342,9 @@ class _AbortableMixin:
                     sock.bind(source_address)
                 if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
-                self._connect_socket(sock, sockaddr, timeout)
+                yield from self._connect_socket_steps(sock, sockaddr, timeout)
                 if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
-                sock.settimeout(timeout)
                 return sock
             except OSError as exc:
                 last_error = exc
@@ -2297,19 +2354,40 @@ class _AbortableMixin:
                 raise
         raise last_error or OSError('no address found for {}'.format(host))
 
-    def _connect_socket(self, sock: socket.socket, address: Any,
-                        timeout: Optional[float]) -> None:
-        """Connect ``sock`` without blocking, and wait for it through the
-        cancel (a download thread tends its download meanwhile)."""
+    def _connect_socket_steps(self, sock: socket.socket, address: Any,
+                              timeout: Optional[float]) -> '_Steps[None]':
+        """Connect ``sock`` without blocking, and wait until it is done."""
         sock.setblocking(False)
         error = sock.connect_ex(address)
         if error in _CONNECTING:
-            if not _wait_for(self.cancel, functools.partial(_ready, sock, writing=True),
-                             timeout):
+            until = None if timeout is None else time.monotonic() + timeout
+            if not (yield _Wait(sock, until, writing=True)):
                 raise socket.timeout('timed out')
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
+
+    def send_steps(self, data: bytes) -> '_Steps[None]':
+        """Send ``data`` (a request's head): a write at once, which takes a
+        request's few hundred bytes whole nearly always (on POSIX, a plain
+        socket's is ``os.write``, one system call), and a wait for room
+        whenever the socket takes no more, ``socket.timeout`` after the
+        time-out without progress."""
+        sock = self.sock
+        assert sock is not None  # (connect_steps set it)
+        sys.audit('http.client.send', self, data)
+        write: Callable[..., int]
+        args: Tuple[Any, ...]
+        if _SOCKETS_ARE_FDS and not isinstance(sock, ssl.SSLSocket):
+            write, args = os.write, (sock.fileno(),)
+        else:
+            write, args = sock.send, ()
+        rest: Any = data
+        while True:
+            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
+            if sent >= len(rest):
+                return
+            rest = memoryview(rest)[sent:]
 
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
@@ -2328,24 +2406,7 @@ class _AbortableMixin:
 
 
 class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
-
-    def send(self, data: Any) -> None:
-        """http.client's ``send``, but bytes (a request) go out in one
-        system call where the socket takes them whole, as a request's few
-        hundred bytes nearly always are: a socket with a time-out polls
-        before every send, and the socket's own ``sendall`` only takes the
-        rest. POSIX, where a socket is a file descriptor."""
-        sock = self.sock
-        if sock is None or not _SOCKETS_ARE_FDS or not isinstance(data, bytes):
-            super().send(data)
-            return
-        sys.audit('http.client.send', self, data)
-        try:
-            sent = os.write(sock.fileno(), data)
-        except BlockingIOError:  # (a socket with a time-out does not block)
-            sent = 0
-        if sent < len(data):
-            sock.sendall(data[sent:])
+    """A plain connection (to a plain proxy too)."""
 
 
 class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
@@ -2355,62 +2416,44 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
     _tunnel_port: int
     _tunnel_headers: Dict[str, str]
 
-    def connect(self) -> None:
+    def connect_steps(self) -> '_Steps[None]':
         """Connect (through the proxy's tunnel, if any), then shake hands
         with ``self.sock`` already the TLS socket, so that ``abort()`` can
         shut it down during the handshake (http.client's own ``connect``
         hands the raw socket over to the TLS one mid-handshake)."""
-        http.client.HTTPConnection.connect(self)
+        yield from super().connect_steps()
+        if self._tunnel_host:
+            yield from self._tunnel_steps()
         with self._abort_lock:  # the raw socket goes into the TLS one
             if self._aborted:
                 raise OSError('download stopped')
             self.sock = self._context.wrap_socket(
                 self.sock, server_hostname=self._tunnel_host or self.host,
                 do_handshake_on_connect=False)
-        self._shake_hands(self.sock)
+        # the handshake: a wait for the server whenever it must answer first
+        yield from _io_steps(self.sock.do_handshake, self.sock, self.timeout)
         self.handshake_done = True
 
-    def _tunnel(self) -> None:
-        """What http.client's ``connect`` calls to open a proxy's tunnel
-        (``set_tunnel``): ``CONNECT``, with a ``Host`` field as HTTP/1.1
-        asks, and the proxy's answer read by bitpit's ``_Response``, whose
-        reads wait through this request's cancel. An answer other than
-        200 is an ``OSError``, as http.client has it."""
+    def _tunnel_steps(self) -> '_Steps[None]':
+        """A proxy's tunnel (``set_tunnel``), opened as http.client's
+        ``_tunnel`` opens it, as steps: ``CONNECT``, with a ``Host`` field
+        as HTTP/1.1 asks, and the proxy's answer read by bitpit's
+        ``_Response``. An answer other than 200 is an ``OSError``, as
+        http.client has it."""
         host = self._tunnel_host or ''
         authority = '{}:{}'.format('[{}]'.format(host) if ':' in host else host,
                                    self._tunnel_port)
         fields = {'Host': authority}
         fields.update(self._tunnel_headers)
         fields['Host'] = authority  # (3.12's set_tunnel adds one: no brackets for IPv6)
-        self.send(_request_head('CONNECT', authority, fields))
-        answer = _Response(self.sock, 'CONNECT', self.cancel)
-        answer.begin()
+        yield from self.send_steps(_request_head('CONNECT', authority, fields))
+        answer = _Response(self.sock, 'CONNECT', timeout=self.timeout)
+        yield from answer.begin_steps()
         answer.close()
         if answer.status != 200:
             self.close()
             raise OSError('Tunnel connection failed: {} {}'.format(answer.status,
                                                                    answer.reason.strip()))
-
-    def _shake_hands(self, sock: ssl.SSLSocket) -> None:
-        """The TLS handshake, without blocking: each wait for the server
-        goes through the cancel (a download thread tends its download
-        meanwhile) and lasts at most the time-out, as on a socket with it."""
-        timeout = sock.gettimeout()
-        sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    sock.do_handshake()
-                    return
-                except ssl.SSLWantReadError:
-                    writing = False
-                except ssl.SSLWantWriteError:
-                    writing = True
-                if not _wait_for(self.cancel, functools.partial(_ready, sock, writing=writing),
-                                 timeout):
-                    raise socket.timeout('_ssl.c: The handshake operation timed out')
-        finally:
-            sock.settimeout(timeout)
 
 
 if TYPE_CHECKING:
@@ -2516,20 +2559,14 @@ _POOL = _ConnectionPool()
 # -- per-host connection caps -------------------------------------------------------
 
 class _SlotTicket:
-    """A connection thread waiting for a slot; ``granted`` once it has one.
-    Guarded by its ``_HostSlots``' lock."""
-    __slots__ = ('granted',)
+    """A connection waiting for a slot; ``granted`` once it has one, and
+    then ``event`` set (its cancel sets it too). ``granted`` is guarded by
+    its ``_HostSlots``' lock."""
+    __slots__ = ('granted', 'event')
 
     def __init__(self) -> None:
         self.granted = False
-
-
-class _SlotWaker:
-    """Registers a ``_HostSlots`` with a ``_Cancel``: a cancel wakes its
-    waiters, which then see it."""
-
-    def __init__(self, slots: '_HostSlots'):
-        self.abort = slots.wake
+        self.event = threading.Event()
 
 
 class _HostSlots:
@@ -2537,16 +2574,18 @@ class _HostSlots:
     port), ``max_per_host``, over all of its downloads: a connection holds a
     slot from its opening to its closing, idle in the pool included.
 
-    A connection thread takes a slot before it opens a connection
-    (``acquire``): at once if one is free and nobody waits, else in turn,
-    first come first served, waking for a ``_Cancel``. Closing the
-    connection gives the slot back (``release``) to the longest waiter. A
+    A connection takes a slot before it opens (``acquire_steps``): at
+    once if one is free and nobody waits, else in turn, first come first
+    served, its wait an event that its grant or its ``_Cancel`` sets.
+    Closing the connection gives the slot back (``release``) to the
+    longest waiter. A
     transfer asks ``spare`` before it starts one more connection; when there
     is none, its callback is called once a slot frees with nobody waiting.
     An idle pooled connection of the host is closed for a waiter.
 
-    ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``; nothing is
-    called under it. Callbacks run in the thread that closed a connection,
+    ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``, and tells a
+    longer queue to whoever watches it; nothing is called under it but a
+    waiter's event. Callbacks run in the thread that closed a connection,
     which holds no lock: connections are never closed under a transfer's
     lock. Any thread."""
 
@@ -2572,27 +2611,27 @@ class _HostSlots:
             self._watchers.setdefault(host, {})[freed] = None
             return False
 
-    def acquire(self, host: _HostKey, cancel: Optional[_Cancel]) -> None:
+    def acquire_steps(self, host: _HostKey, cancel: Optional[_Cancel]) -> '_Steps[None]':
         """Take a slot to ``host``, waiting in turn for one. Raises
-        ``_Stopped`` when ``cancel`` comes first. A connection thread (or the
-        caller of a blocking request), holding no lock."""
-        ticket = _SlotTicket()
+        ``_Stopped`` when ``cancel`` comes first. Steps of a request,
+        holding no lock."""
         with self._cond:
             queue = self._queues.setdefault(host, collections.deque())
             if not queue and self._open.get(host, 0) < self.cap:
                 self._open[host] = self._open.get(host, 0) + 1
                 return
+            ticket = _SlotTicket()
             queue.append(ticket)
             self._cond.notify_all()  # for whoever watches the queue
-        waker = _SlotWaker(self)
+        waker = _EventAbort(ticket.event)
         try:
             if cancel is not None:
                 cancel.register(waker)
             _POOL.evict(self._idle_here(host))  # an idle one of ours: its slot is for us
+            while not ticket.event.is_set():
+                yield _Wait(None, None, event=ticket.event)
             with self._cond:
-                while not ticket.granted and not (cancel is not None and cancel.is_set()):
-                    self._cond.wait()
-                if not ticket.granted:
+                if not ticket.granted:  # (a cancel set the event)
                     queue.remove(ticket)
                     raise _Stopped
         except BaseException:
@@ -2614,9 +2653,10 @@ class _HostSlots:
             self._open[host] -= 1
             queue = self._queues.get(host)
             while queue and self._open[host] < self.cap:
-                queue.popleft().granted = True
+                ticket = queue.popleft()
+                ticket.granted = True
+                ticket.event.set()
                 self._open[host] += 1
-                self._cond.notify_all()
             watchers = self._watchers.pop(host, {}) if not queue else {}
         for freed in watchers:
             freed()
@@ -2628,11 +2668,6 @@ class _HostSlots:
             waiting = bool(self._queues.get(host))
         if waiting:
             _POOL.evict(self._idle_here(host))
-
-    def wake(self) -> None:
-        """Make every waiter look at its cancel. Any thread."""
-        with self._cond:
-            self._cond.notify_all()
 
 
 def _quiet(conn: _AnyHTTPConnection) -> bool:
@@ -3120,23 +3155,24 @@ _BODY_STEP = 8192
 
 
 class _Body:
-    """Reads a response body into the caller's buffers. ``readinto`` returns
-    as soon as some bytes arrived (one receive), so progress, stall detection
-    and rate limits see bytes as they come; the caller never asks for more
-    than the announced length. For a plain body, the bytes that came with
-    the head (``_Response.held``, in its reader's buffer) are copied straight
-    into the caller's buffer first (in one read if they are the whole body,
-    else ``_BODY_STEP`` at a time); later reads go straight to the socket,
-    so ``ready(timeout)`` can tell whether a read would block, but for the
-    receives of the body's last ``_FIRST_READ`` bytes, which go into the
-    reader and show whatever the server sent beyond the body. Over TLS,
-    where one receive brings one record (16 KiB at most), a read goes on
-    with the records that are already there, without waiting."""
+    """Reads a response body into the caller's buffers, as steps.
+    ``readinto_steps`` ends as soon as some bytes arrived (one receive),
+    so progress, stall detection and rate limits see bytes as they come;
+    the caller never asks for more than the announced length. For a plain
+    body, the bytes that came with the head (``_Response.held``, in its
+    buffer) are copied straight into the caller's buffer first (in one
+    read if they are the whole body, else ``_BODY_STEP`` at a time); later
+    reads go straight to the socket, so ``ready()`` can tell whether a
+    read would wait, but for the receive of the body's last
+    ``_FIRST_READ`` bytes, which goes into the answer's buffer and shows
+    whatever the server sent beyond the body. Over TLS, where one receive
+    brings one record (16 KiB at most), a read goes on with the records
+    that are already there, without waiting. The thread of its request."""
 
     def __init__(self, response: _Response, sock: Any):
         self._response = response
         self._sock = sock
-        # bytes of a plain body in the reader, not yet handed out
+        # bytes of a plain body in the answer's buffer, not yet handed out
         self._held = 0 if response.chunked else response.held
         self._left = response.length  # bytes of the body not handed out (None: unknown)
         self._check_beyond()
@@ -3145,13 +3181,16 @@ class _Body:
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
-    def readinto(self, view: memoryview) -> int:
+    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
+        """Read at least one byte into ``view``; 0 at the body's end. A
+        wait for bytes lasts the answer's time-out at most
+        (``socket.timeout``); a failure after bytes is raised at the next
+        read."""
         response = self._response
-        fp = response.fp
-        if fp is None:  # the body read to its end, or the answer closed
+        if response.isclosed():  # the body read to its end, or the answer closed
             return 0
         if response.chunked:
-            data = response.read1(len(view))
+            data = yield from response.read1_steps(len(view))
             view[:len(data)] = data
             return len(data)
         if self._error is not None:
@@ -3161,23 +3200,27 @@ class _Body:
         if not self._held and left is not None and left < _FIRST_READ:
             if not left:
                 return 0
-            # the body's last receive goes into the reader, which sees
-            # whatever the server sent beyond it
-            self._held = len(fp.peek())
+            # the body's last receive goes into the answer's buffer, which
+            # sees whatever the server sent beyond it
+            self._held = yield from response.receive_steps()
+            if not self._held:
+                return 0  # the connection ended
             self._check_beyond()
         held = self._held
         if held:
-            # no more than the reader holds: copied from its buffer, no receive
+            # no more than the buffer holds: copied from it, no receive
             if left is None or held < left:  # a part of the body: a step at a time
                 held = min(held, _BODY_STEP)
-            got = fp.readinto1(view[:held])
+            got = response.take_into(view[:held])
             self._held -= got
         else:
-            got = fp.raw.readinto(view if self._read else view[:_BODY_STEP]) or 0
+            sock = self._sock
+            got = yield from _io_steps(sock.recv_into, sock, response.timeout,
+                                       view if self._read else view[:_BODY_STEP])
             if self._tls:
                 if self._poll is None:
                     self._poll = select.poll()
-                    self._poll.register(self._sock, select.POLLIN)
+                    self._poll.register(sock, select.POLLIN)
                 got = self._more_records(view, got)
         self._read = True
         if left is not None:
@@ -3185,7 +3228,7 @@ class _Body:
         return got
 
     def _check_beyond(self) -> None:
-        """Bytes beyond the body in the reader: the next answer on this
+        """Bytes beyond the body in the buffer: the next answer on this
         connection would begin with them, so it carries none."""
         if self._left is not None and self._held > self._left:
             self._response.will_close = True
@@ -3202,12 +3245,14 @@ class _Body:
                 if not more:
                     break
                 got += more
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # a record not whole yet: for the next read
         except (OSError, ValueError) as exc:
             self._error = exc
         return got
 
     def buffered(self) -> bool:
-        """Whether bytes of a plain body wait in the reader's buffer, or its
+        """Whether bytes of a plain body wait in the answer's buffer, or its
         first read (a step) is yet to come: a splice from the socket must
         come after."""
         return bool(self._held) or not self._read
@@ -3215,40 +3260,19 @@ class _Body:
     def ready(self) -> bool:
         """Whether a read would return at once. For a chunked body, bytes
         on the socket mean a read that returns soon (the answer may also
-        hold some, taken from its reader with a chunk's framing; then this
+        hold some, taken from its buffer with a chunk's framing; then this
         says False, harmlessly)."""
-        if self._held or self._response.fp is None:
+        if self._held or self._response.isclosed():
             return True
         if self._poll is not None:  # TLS, read straight from the socket
             return bool(self._sock.pending() or self._poll.poll(0))
         return _ready(self._sock)
 
-    def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for bytes on the socket; whether a read
-        would return at once."""
-        if seconds <= 0 or self.ready() or self._response.chunked:
-            return True
-        return _ready(self._sock, seconds)
-
-    def wait_for_bytes(self, seconds: Optional[float]) -> bool:
-        """Wait up to ``seconds`` (``None``: without limit) until a read
-        would not wait for the network; ``False`` when none came by then.
-        ``True`` at once for a chunked body, where bytes may be buffered."""
-        if self._response.chunked or self.ready():
-            return True
-        return _ready(self._sock, seconds)
-
-    # -- provisional: the http helper's branch has the real steps ----------
-    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
-        if self._response.chunked or self.buffered() or self.ready():
-            return self.readinto(view)
-        timeout = self._sock.gettimeout()
-        if not (yield _Wait(self._sock, None if timeout is None
-                            else time.monotonic() + timeout)):
-            raise socket.timeout('timed out')
-        return self.readinto(view)
-
     def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
+        """Wait until a read would not wait for the network, or until the
+        monotonic time ``until`` (``None``: no deadline); whether it would
+        not. ``True`` at once when bytes are held, at the body's end, and
+        for a chunked body, where bytes may be buffered."""
         if self._response.chunked or self.ready():
             return True
         return (yield _Wait(self._sock, until))
@@ -3340,18 +3364,19 @@ class _Request:
         self.redirects: List[Tuple[str, _Response]] = []
         self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
 
-    def send(self) -> _Response:
+    def send_steps(self) -> '_Steps[_Response]':
         """Send the request, follow redirects, return the final response
-        (status not 3xx). Raises a ``bitpit.Error`` or ``_Stopped``."""
+        (status not 3xx), as steps. Raises a ``bitpit.Error`` or
+        ``_Stopped``."""
         seen = {self.url}
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                self._connect()
-            response = self._exchange()
+                yield from self._connect_steps()
+            response = yield from self._exchange_steps()
             self.options.cookies.remember(response, self.url)
             if self._follow_challenge(response):
-                self._drain_and_release(response)
+                yield from self._drain_and_release_steps(response)
                 continue
             hops += 1
             location = response.getheader('Location') \
@@ -3365,12 +3390,16 @@ class _Request:
                 raise RedirectError('redirect loop at {}'.format(target))
             seen.add(target)
             self.redirects.append((self.url, response))
-            self._drain_and_release(response)
+            yield from self._drain_and_release_steps(response)
             self.trusted = self.trusted and _same_trust(self.address, address)
             if address.credentials is not None or not self.trusted:
                 self.own_credentials = address.credentials
             self.url, self.address = target, address
         raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS, self.url))
+
+    def send(self) -> _Response:
+        """``send_steps`` run here, their waits through the cancel."""
+        return _drive_here(self.send_steps(), self.cancel)
 
     def abort(self) -> None:
         """Shut the connection down from another thread."""
@@ -3378,7 +3407,9 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _connect(self) -> None:
+    def _connect_steps(self) -> '_Steps[None]':
+        """A connection for the request: an idle one from the pool, else a
+        new one (not connected yet), once the host's slot is taken."""
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
@@ -3388,15 +3419,12 @@ class _Request:
         self.reused = connection is not None
         if connection is None:
             if slots is not None:
-                slots.acquire((scheme, host, port), self.cancel)
+                yield from slots.acquire_steps((scheme, host, port), self.cancel)
             connection = self._new_connection(scheme, host, port, proxy)
             if slots is not None:
                 connection.release_slot = functools.partial(slots.release, (scheme, host, port))
         else:
-            timeout = connection.timeout = self.options.timeout
-            sock = connection.sock
-            if sock is not None and sock.gettimeout() != timeout:
-                sock.settimeout(timeout)  # (a system call: only for a new time-out)
+            connection.timeout = self.options.timeout  # (its socket does not block)
         self._use(connection)
 
     def _use(self, connection: _AnyHTTPConnection) -> None:
@@ -3506,13 +3534,13 @@ class _Request:
                 headers['Proxy-Authorization'] = authorization
         return headers
 
-    def _exchange(self) -> _Response:
+    def _exchange_steps(self) -> '_Steps[_Response]':
         """One request and its response headers on the current connection,
         retried once on a fresh connection if a reused one turns out dead."""
         address = self.address
         while True:
             conn = self.connection
-            assert conn is not None  # _connect() or _use() set it, or raised
+            assert conn is not None  # _connect_steps() or _use() set it, or raised
             target = address.wire_url if conn.via_proxy else address.target
             try:
                 # the request written and its answer made here, not by
@@ -3521,14 +3549,14 @@ class _Request:
                 # and keep a state of the connection that bitpit keeps itself
                 head = _request_head(self.method, target, self._headers(self.url, target, conn))
                 if conn.sock is None:
-                    conn.connect()
+                    yield from conn.connect_steps()
                 # the socket the body comes from; the connection keeps it,
                 # also after an answer that ends with it (Connection:
                 # close): _release closes such a connection, never pooled
                 sock = self.sock = conn.sock
-                conn.send(head)
-                response = _Response(sock, method=self.method, cancel=self.cancel)
-                response.begin()
+                yield from conn.send_steps(head)
+                response = _Response(sock, self.method, self.cancel, conn.timeout)
+                yield from response.begin_steps()
                 return response
             except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
@@ -3549,14 +3577,14 @@ class _Request:
                     continue
                 raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
 
-    def _drain_and_release(self, response: _Response) -> None:
+    def _drain_and_release_steps(self, response: _Response) -> '_Steps[None]':
         """Finish a small redirect (or challenge) body so the connection can
         be reused; else close the response, which may hold the socket."""
         reuse = False
         try:
             length = _parse_content_length(response)
             if length is not None and length <= 65536:
-                response.read()
+                yield from response.read_steps()
                 reuse = not response.will_close
         except (OSError, http.client.HTTPException, Error):
             pass
@@ -3589,11 +3617,6 @@ class _Request:
                 response.close()  # it may hold the socket: the slot is free once closed
             _close_connection(conn)
         self.response = None
-
-    # -- provisional: the http helper's branch has the real steps ----------
-    def send_steps(self) -> '_Steps[_Response]':
-        return self.send()
-        yield  # (a generator)
 
 
 # -- what an answer says about the file -------------------------------------------

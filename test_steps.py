@@ -3,13 +3,16 @@
 (``bitpit._drive_here``) or, in the next engine, on one loop with many
 others. These tests drive steps by hand and on a thread."""
 
+import select
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
 import bitpit
+from conftest import HTTPS_DATA
 
 
 def get_steps(address, path, deadline):
@@ -261,12 +264,7 @@ def drive_by_hand(steps, before_a_read_wait):
         value = bitpit._block(wait, None)
 
 
-@pytest.mark.parametrize('gated_head', [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, raises=bitpit.NetworkError,
-        reason="the provisional _Request.send_steps blocks on the answer's head: "
-               "the http helper's steps make it pass (remove this mark then)"))])
+@pytest.mark.parametrize('gated_head', [False, True])
 def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
     """The server sends each part of the answer only once the pump's steps
     yielded a wait for bytes: steps that blocked in a read instead would
@@ -306,3 +304,311 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
         store.close()
     assert (tmp_path / 'f').read_bytes() == data
     assert len([w for w in waits if w.sock is not None]) >= len(parts) - 1
+
+
+# -- the http layer's connection path as steps ----------------------------------
+#
+# A request's steps (name look-up, connect, request, head, body) yield a
+# _Wait wherever they would block: fed here over a socket pair by hand, and
+# driven against the server by a hand loop that no blocking call gets past.
+
+HEAD = b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n'
+
+
+@pytest.fixture
+def pair():
+    """``(ours, theirs)``: a connected socket pair, ours not blocking, as a
+    connection's socket is."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        yield ours, theirs
+
+
+def run_to_end(steps, value=None):
+    """Resume ``steps`` with ``value``; what they return (they must not wait)."""
+    with pytest.raises(StopIteration) as end:
+        steps.send(value)
+    return end.value.value
+
+
+@pytest.mark.parametrize('cuts', [(1,), (9, 20), (len(HEAD) - 3,), (len(HEAD) - 1,)])
+def test_an_answers_head_in_any_cut_is_read_between_waits_for_its_socket(pair, cuts):
+    """Each wait for bytes is a ``_Wait`` to read the answer's socket,
+    asked for before any receive: the head is read whole once its pieces
+    came, whatever their cut, and the body's bytes that came with it are
+    held; the rest of the body is another wait, then a read."""
+    ours, theirs = pair
+    data = HEAD + b'hello'
+    response = bitpit._Response(ours, timeout=5)
+    steps = response.begin_steps()
+    wait = next(steps)
+    for start, end in zip((0,) + cuts, cuts):
+        assert isinstance(wait, bitpit._Wait) and wait.sock is ours and not wait.writing
+        theirs.sendall(data[start:end])
+        wait = steps.send(True)
+    theirs.sendall(data[cuts[-1]:len(data) - 1])  # all but the body's last byte
+    run_to_end(steps, True)
+    assert response.status == 200 and response.length == 5
+    assert response.held == len(data) - 1 - len(HEAD)
+    steps = response.read_steps()
+    wait = next(steps)
+    assert wait.sock is ours and not wait.writing and wait.until > time.monotonic()
+    theirs.sendall(b'o')
+    assert run_to_end(steps, True) == b'hello' and response.isclosed()
+
+
+def test_a_body_read_waits_as_a_step_and_its_wait_times_out(pair):
+    """A body's read yields a wait for its socket when no byte is there,
+    reads once resumed, and raises ``socket.timeout`` (a stall) when the
+    wait came to its deadline instead; ``wait_steps`` waits the same way,
+    and not at all for bytes held."""
+    ours, theirs = pair
+    theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\nab')
+    response = bitpit._Response(ours, timeout=5)
+    bitpit._drive_here(response.begin_steps())
+    body, view = bitpit._Body(response, ours), memoryview(bytearray(100000))
+    assert run_to_end(body.wait_steps(None)) is True  # the two bytes held
+    assert run_to_end(body.readinto_steps(view)) == 2 and view[:2] == b'ab'
+    until = time.monotonic() + 1
+    steps = body.wait_steps(until)
+    wait = next(steps)
+    assert wait.sock is ours and wait.until == until and run_to_end(steps, False) is False
+    steps = body.readinto_steps(view)
+    wait = next(steps)
+    assert wait.sock is ours and not wait.writing and 4 < wait.until - time.monotonic() <= 5
+    theirs.sendall(b'x' * 1000)
+    assert run_to_end(steps, True) == 1000 and view[:1000] == b'x' * 1000
+    steps = body.readinto_steps(view)
+    next(steps)
+    with pytest.raises(socket.timeout):
+        steps.send(False)
+
+
+def test_a_request_sent_whole_waits_for_room_as_a_step(pair):
+    """A request that the socket does not take at once is sent on once
+    the socket has room, each wait one to write its socket."""
+    ours, theirs = pair
+    conn = bitpit._HTTPConnection('127.0.0.1', 1, timeout=5)
+    conn.sock = ours
+    data = b'x' * (8 << 20)  # more than socket buffers hold
+    steps = conn.send_steps(data)
+    wait = next(steps)
+    received = bytearray()
+    while True:
+        assert wait.sock is ours and wait.writing
+        while len(received) < len(data):
+            received += theirs.recv(1 << 20)
+            if not select.select([theirs], [], [], 0)[0]:
+                break
+        try:
+            wait = steps.send(True)
+        except StopIteration:
+            break
+    while len(received) < len(data):
+        received += theirs.recv(1 << 20)
+    assert received == data
+
+
+def tls_peer_in_memory(pair, certificate):
+    """``(client, server, wire)``: our end of ``pair`` wrapped in TLS (not
+    blocking), the peer's TLS in memory, and ``wire()``, which gives the
+    bytes the peer wrote since, to be sent on the peer's end; the
+    handshake done."""
+    ours, theirs = pair
+    theirs.setblocking(False)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, outgoing, server_side=True)
+    client = ssl.create_default_context(cafile=str(certificate[0])).wrap_socket(
+        ours, server_hostname='127.0.0.1', do_handshake_on_connect=False)
+    done = [False, False]
+    for _ in range(20):
+        for index, end in enumerate((client, server)):
+            try:
+                end.do_handshake()
+                done[index] = True
+            except ssl.SSLWantReadError:
+                pass
+        try:
+            incoming.write(theirs.recv(1 << 16))
+        except BlockingIOError:
+            pass
+        theirs.sendall(outgoing.read())
+        if all(done):
+            return client, server, outgoing.read
+    raise AssertionError('no TLS handshake')
+
+
+def test_a_tls_record_not_whole_yet_is_read_at_the_next_read(pair, certificate):
+    """A read over TLS goes on with the records already there; one whose
+    bytes did not all come ends it (the socket does not block), and the
+    next read waits for the rest: no error for a record cut on the wire."""
+    theirs = pair[1]
+    client, server, wire = tls_peer_in_memory(pair, certificate)
+    server.write(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n')
+    theirs.sendall(wire())
+    response = bitpit._Response(client, timeout=5)
+    bitpit._drive_here(response.begin_steps())
+    assert response.status == 200 and response.held == 0
+    body, view = bitpit._Body(response, client), memoryview(bytearray(100000))
+    data = bytes(range(256)) * 160  # 40 KiB: three records
+    server.write(data)
+    records = wire()
+    first = 5 + int.from_bytes(records[3:5], 'big')  # a record's header, then its bytes
+    theirs.sendall(records[:first + 10])  # the first record, and the second's first bytes
+    got = run_to_end(body.readinto_steps(view))
+    assert 0 < got <= 16384 and view[:got] == data[:got]
+    steps = body.readinto_steps(view[got:])
+    wait = next(steps)  # the second record is not whole: a wait for its bytes
+    assert wait.sock is client and not wait.writing
+    theirs.sendall(records[first + 10:])
+    got += run_to_end(steps, True)
+    assert view[:got] == data
+
+
+class NoBlocking:
+    """Makes every call that blocks the calling thread fail on the test's
+    thread: a wait for a socket (but a look with no wait), an event or a
+    condition, a sleep, and a socket made to block again."""
+
+    def __init__(self, monkeypatch):
+        self.thread = threading.current_thread()
+        ready = bitpit._ready
+
+        def looked(sock, seconds=0.0, writing=False):
+            self.check('a wait for a socket', seconds == 0)
+            return ready(sock, seconds, writing)
+        monkeypatch.setattr(bitpit, '_ready', looked)
+        for owner, name in [(threading.Event, 'wait'), (threading.Condition, 'wait'),
+                            (time, 'sleep'), (socket.socket, 'settimeout'),
+                            (socket.socket, 'setblocking')]:
+            monkeypatch.setattr(owner, name, self.refused(name, getattr(owner, name)))
+
+    def check(self, what, allowed=False):
+        if not allowed and threading.current_thread() is self.thread:
+            raise AssertionError('the steps blocked: ' + what)
+
+    def refused(self, name, real):
+        def call(*args, **kwargs):
+            # a socket made not to block is fine: setblocking(False), settimeout(0)
+            self.check(name, name in ('setblocking', 'settimeout') and args[1:] == (0,))
+            return real(*args, **kwargs)
+        return call
+
+
+def test_a_name_look_up_is_a_wait_for_its_event_which_a_cancel_ends():
+    """A name is looked up on a thread of its own, which sets the event the
+    steps wait for (an address needs no look-up, nor a wait); a cancel
+    sets it too, and the steps stop."""
+    assert run_to_end(bitpit._resolve_steps('127.0.0.1', 80, None, 5))[0][4] == ('127.0.0.1', 80)
+    steps = bitpit._resolve_steps('localhost', 80, None, 5)
+    wait = next(steps)
+    assert wait.sock is None and wait.event is not None and wait.until <= time.monotonic() + 5
+    assert wait.event.wait(5)
+    assert any(address[4][1] == 80 for address in run_to_end(steps, True))
+    cancel = bitpit._Cancel()
+    steps = bitpit._resolve_steps('localhost', 80, cancel, 5)
+    wait = next(steps)
+    cancel.cancel()
+    assert wait.event.is_set()
+    with pytest.raises(bitpit._Stopped):
+        steps.send(True)
+
+
+def test_a_host_slot_is_waited_for_as_an_event_that_its_grant_or_a_cancel_sets():
+    slots, host = bitpit._HostSlots(1), ('http', 'example.com', 80)
+    run_to_end(slots.acquire_steps(host, None))  # a free slot: no wait
+    cancel = bitpit._Cancel()
+    second, third = slots.acquire_steps(host, None), slots.acquire_steps(host, cancel)
+    second_wait = next(second)
+    third_wait = next(third)
+    assert second_wait.event is not None and second_wait.until is None
+    assert not second_wait.event.is_set() and not third_wait.event.is_set()
+    slots.release(host)  # to the longest waiting
+    assert second_wait.event.is_set() and not third_wait.event.is_set()
+    run_to_end(second, True)
+    cancel.cancel()
+    assert third_wait.event.is_set()
+    with pytest.raises(bitpit._Stopped):
+        third.send(True)
+    slots.release(host)
+    run_to_end(slots.acquire_steps(host, None))  # the cancelled waiter took none
+
+
+def by_hand(steps, waits):
+    """Drive ``steps`` by hand to their end, each wait a ``select``, which
+    is appended to ``waits``; what they return."""
+    value = None
+    while True:
+        try:
+            wait = steps.send(value)
+        except StopIteration as end:
+            return end.value
+        waits.append(wait)
+        assert isinstance(wait, bitpit._Wait) and wait.sock is not None
+        assert wait.sock.gettimeout() == 0.0  # (a socket that never blocks)
+        assert wait.until is not None and wait.until <= time.monotonic() + 5
+        readable, writable, _ = select.select([] if wait.writing else [wait.sock],
+                                              [wait.sock] if wait.writing else [], [], 5)
+        value = bool(readable or writable)
+
+
+def request_by_hand(request, size, waits, monkeypatch):
+    """Send ``request`` and read its answer's body (of ``size`` bytes at
+    most) by hand, every call that would block refused; the answer and
+    its body."""
+    try:
+        NoBlocking(monkeypatch)
+        response = by_hand(request.send_steps(), waits)
+        body, view, got = bitpit._Body(response, request.sock), memoryview(bytearray(size)), 0
+        while True:
+            n = by_hand(body.readinto_steps(view[got:]), waits)
+            if not n:
+                break
+            got += n
+        monkeypatch.undo()
+    finally:
+        request.close(False)
+    return response, view[:got]
+
+
+def test_a_requests_steps_never_block_and_wait_only_for_its_socket(server, monkeypatch):
+    """A request (a redirect followed on its kept-alive connection, then
+    the answer's body, paced by the server) driven by a hand loop, with
+    every call that would block the thread refused: the steps connect,
+    send, read heads and bodies only by yielding waits, each one for the
+    request's socket, which never blocks."""
+    data = bytes(range(256)) * 40
+    server.add('/f', data, throttle=len(data) * 5, throttle_piece=len(data) // 2)
+    url = server.add('/r', b'moved', status=302, headers={'Location': '/f'})
+    address = bitpit._check_url(url)
+    options = bitpit._RequestOptions(address, {}, None, '', None, 5.0, bitpit._Cookies())
+    request = bitpit._Request(options, address)
+    waits = []
+    response, body = request_by_hand(request, len(data), waits, monkeypatch)
+    assert response.status == 200 and body == data
+    assert waits and all(wait.sock is request.sock for wait in waits)
+    assert [r.path for r in server.requests] == ['/r', '/f'] and server.connections == 1
+    reads = [wait for wait in waits if not wait.writing]
+    assert len(reads) >= 3  # the two heads, then the body's second piece at least
+
+
+def test_a_tls_request_through_a_tunnel_never_blocks(https_url, certificate, proxy,
+                                                     monkeypatch):
+    """The proxy's CONNECT, its answer, the TLS handshake and the records
+    of the answer are steps too: their waits are all for the one socket
+    (raw, then wrapped), which never blocks."""
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    address = bitpit._check_url(https_url)
+    options = bitpit._RequestOptions(address, {}, None, proxy.url, context, 5.0,
+                                     bitpit._Cookies())
+    request = bitpit._Request(options, address)
+    waits = []
+    response, body = request_by_hand(request, len(HTTPS_DATA), waits, monkeypatch)
+    assert response.status == 200 and body == HTTPS_DATA
+    assert proxy.seen[0][0] == 'CONNECT'
+    assert isinstance(request.sock, ssl.SSLSocket)
+    assert {wait.sock.fileno() for wait in waits} == {request.sock.fileno()}
+    assert any(wait.sock is not request.sock for wait in waits)  # the raw socket's, first

@@ -51,9 +51,9 @@ class _KeptOpen(io.BufferedReader):
 class _Stream:
     """What a response class takes for a socket: ``makefile`` gives every
     response the same reader, as on a keep-alive connection
-    (http.client's); ``recv_into`` receives at most one answer, as a
-    socket does when a request waits for each (bitpit's, whose reader
-    receives from the socket itself)."""
+    (http.client's); ``recv`` receives at most one answer, as a socket
+    does when a request waits for each (bitpit's, whose response receives
+    from the socket itself)."""
 
     def __init__(self, reader: io.BufferedReader):
         self._reader = reader
@@ -61,8 +61,8 @@ class _Stream:
     def makefile(self, mode: str, buffering: int = -1) -> io.BufferedReader:
         return self._reader
 
-    def recv_into(self, buffer: Any) -> int:
-        return self._reader.readinto(memoryview(buffer)[:len(HEAD) + len(BODY)])
+    def recv(self, size: int) -> bytes:
+        return self._reader.read(min(size, len(HEAD) + len(BODY)))
 
 
 def load_bitpit(path: Path) -> Any:
