@@ -6921,6 +6921,13 @@ def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> 
     return base + draw * (high - base)
 
 
+if TYPE_CHECKING:
+    # what a manager gives a download it takes over: who restarts it, its
+    # token buckets, its host slots (see Downloader._join_manager)
+    _ManagerTerms = Tuple[Optional[Callable[[], bool]], Tuple['_TokenBucket', ...],
+                          Optional['_HostSlots']]
+
+
 class _Option(_Generic[_Value]):
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
@@ -7096,7 +7103,7 @@ class Downloader(Emitter):
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
-        '_fetching', '_tracked_by',
+        '_fetching', '_tracked_by', '_terms',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
@@ -7187,6 +7194,9 @@ class Downloader(Emitter):
         # error or a pause, after them (see _set_state); replaced whole
         # under _lock, read without it
         self._tracked_by: Tuple[Callable[[Downloader, str, str], None], ...] = ()
+        # what each of those managers gives it, in the same order: who
+        # restarts it, its limits and its host slots; the last one's apply
+        self._terms: Tuple[_ManagerTerms, ...] = ()
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
@@ -8021,20 +8031,27 @@ class Downloader(Emitter):
         thread."""
         with self._lock:
             self._tracked_by += (tracked_by,)
+            self._terms += ((restarts, buckets, host_slots),)
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
         self._host_slots = host_slots
 
     def _leave_manager(self, tracked_by: Callable[['Downloader', str, str], None]) -> None:
-        """The manager whose note is ``tracked_by`` lets the download go: it
-        restarts by itself again, without the manager's limit and slots,
-        and tells it no state change; whoever waits looks again."""
+        """The manager whose note is ``tracked_by`` lets the download go
+        and is told no state change of it: the last of the managers it is
+        still in restarts it and gives it its limit and slots; without one,
+        it restarts by itself again, unlimited by any manager. Whoever waits
+        looks again."""
         with self._lock:
-            self._tracked_by = tuple(note for note in self._tracked_by if note is not tracked_by)
-        self._shared_buckets = ()
-        self._host_slots = None
-        self._restarted_by = None
+            kept = [index for index, note in enumerate(self._tracked_by)
+                    if note is not tracked_by]
+            self._tracked_by = tuple(self._tracked_by[index] for index in kept)
+            self._terms = tuple(self._terms[index] for index in kept)
+            restarts, buckets, host_slots = self._terms[-1] if self._terms else (None, (), None)
+        self._shared_buckets = buckets
+        self._host_slots = host_slots
+        self._restarted_by = restarts
         self._recheck_waiters()
 
     def _hash_while_writing(self, algorithm: str) -> None:

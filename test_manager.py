@@ -581,3 +581,25 @@ def test_a_download_added_to_two_managers_frees_its_slot_in_both(manager, server
     first.start()
     assert ended.wait(10)
     assert later.wait(5)
+
+
+def test_a_download_that_one_of_its_two_managers_lets_go_keeps_the_others_limit(
+        manager, server, tmp_path):
+    """A download in two managers is limited by the last one's total
+    (it restarts it, and gives it its limit and slots); when the first
+    manager removes it, the second's limit still holds. (It ran
+    unlimited: leaving one manager dropped every manager's limit.)"""
+    data = bytes(range(256)) * 80  # 20 KiB
+    url = server.add('/both', data)
+    first = manager(path=tmp_path / 'a')
+    second = manager(rate_limit=40000, path=tmp_path / 'b')
+    d = first.add(url)
+    second.add(d)
+    first.remove(d)
+    began = time.monotonic()
+    second.start()
+    assert d.wait(10) and d.state == 'complete'
+    # 4 KB of burst, then 16 KB at 40 KB/s: 0.4 s at least (the server's
+    # log cannot tell: the socket's buffers take 20 KB at once)
+    took = time.monotonic() - began
+    assert took >= 0.3, 'done in {:.3f} s'.format(took)
