@@ -51,6 +51,7 @@ import os
 import random
 import re
 import select
+import selectors
 import socket
 import ssl
 import stat
@@ -1641,6 +1642,207 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
             writing = False
         except ssl.SSLWantWriteError:
             writing = True
+# -- the loop: one thread that drives the steps of many connections ----------------
+#
+# Not used by the engine yet (issue 24's migration, step 3): the same steps
+# that _drive_here runs on a thread of their own run here by the thousand.
+
+class _Flag(threading.Event):
+    """An event that steps on a ``_Loop`` can wait for: setting it also
+    calls ``waker`` (the loop's, while steps wait for it), which wakes
+    the loop. Any thread."""
+    waker: Optional[Callable[[], object]] = None
+
+    def set(self) -> None:
+        super().set()
+        waker = self.waker
+        if waker is not None:
+            waker()
+
+
+class _Driven:
+    """A generator of steps on a ``_Loop``, and what it waits for now.
+    The loop's thread."""
+    __slots__ = ('steps', 'done', 'wait', 'registered', 'scheduled')
+
+    def __init__(self, steps: '_Steps[Any]',
+                 done: Callable[[Any, Optional[BaseException]], object]):
+        self.steps = steps
+        self.done = done
+        self.wait: Optional[_Wait] = None
+        self.registered: Any = None  # the socket its selector key is for
+        # the time of its live entry in the loop's heap of deadlines, if any:
+        # a wait whose deadline is later than it keeps it (a connection
+        # that reads often pushes nothing per read), an earlier one pushes
+        # another, and the later entry goes stale
+        self.scheduled: Optional[float] = None
+
+
+class _Loop:
+    """One thread, ``bitpit-loop``, that drives the steps of many
+    connections: it waits for all their sockets at once (a selector), for
+    their events (``_Flag``s, whose setting wakes it) and for the earliest
+    of their deadlines (a heap), and resumes each whose wait is over.
+    ``spawn`` hands it steps from any thread; when they end,
+    ``done(result, error)`` is called on the loop's thread, which must not
+    wait. The thread starts at the first ``spawn`` and ends once nothing is
+    left to drive. ``_lock`` guards ``_handed`` and ``_thread``; the rest is
+    the loop thread's own. ``after_round`` (if given) is called on the
+    loop's thread after each round of resumptions: what the steps left for
+    other threads is handed over once a round, not once a step."""
+
+    def __init__(self, after_round: Optional[Callable[[], object]] = None) -> None:
+        self._after_round = after_round
+        self._lock = threading.Lock()
+        # steps to resume: (driven, None) new ones, (driven, wait) an event of theirs set
+        self._handed: 'collections.deque[Tuple[_Driven, Optional[_Wait]]]' = \
+            collections.deque()
+        self._thread: Optional[threading.Thread] = None  # the one running, if any
+        self._last: Optional[threading.Thread] = None    # the one started last
+        self._selector: Any = None
+        self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._count = itertools.count()  # orders deadlines that are equal
+        self._driven = 0
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+
+    def spawn(self, steps: '_Steps[Any]',
+              done: Callable[[Any, Optional[BaseException]], object]) -> None:
+        """Drive ``steps`` on the loop's thread. Any thread."""
+        self._hand(_Driven(steps, done), None)
+
+    def _hand(self, driven: _Driven, wait: Optional[_Wait]) -> None:
+        with self._lock:
+            self._handed.append((driven, wait))
+            if self._thread is None:
+                self._thread = self._last = threading.Thread(target=self._run,
+                                                             name='bitpit-loop')
+                self._thread.start()
+                return
+        try:
+            self._wake_out.send(b'\0')
+        except BlockingIOError:  # a wake-up is pending already
+            pass
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the loop's thread ended (nothing left to drive)."""
+        with self._lock:
+            thread = self._last
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        selector = self._selector = selectors.DefaultSelector()
+        selector.register(self._wake_in, selectors.EVENT_READ, None)
+        try:
+            while True:
+                with self._lock:
+                    handed = list(self._handed)
+                    self._handed.clear()
+                    if not handed and not self._driven:
+                        # a spawn from now on starts another thread, which
+                        # finds none of this one's state
+                        self._thread = self._selector = None
+                        return
+                for driven, wait in handed:
+                    if wait is None:
+                        self._driven += 1
+                        self._resume(driven, None)
+                    elif driven.wait is wait:  # (else resumed already, by its deadline)
+                        self._resume(driven, True)
+                if not self._driven:  # every deadline left is stale
+                    del self._deadlines[:]
+                    continue
+                timeout = None
+                if self._deadlines:
+                    timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.data is None:
+                        self._drain_wake_ups()
+                    elif key.data.wait is not None and key.data.wait.sock is not None:
+                        self._resume(key.data, True)
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    when, _, driven = heapq.heappop(self._deadlines)
+                    if driven.scheduled != when:
+                        continue  # stale: an earlier one was pushed after it
+                    driven.scheduled = None
+                    wait = driven.wait
+                    if wait is None or wait.until is None:
+                        continue  # ended, or waits without a deadline now
+                    if wait.until > now:
+                        self._schedule(driven, wait.until)
+                    else:
+                        self._resume(driven, False)
+                if self._after_round is not None:
+                    self._after_round()
+        finally:
+            selector.close()
+            with self._lock:
+                if self._thread is threading.current_thread():  # (ended by a bug)
+                    self._thread = self._selector = None
+
+    def _drain_wake_ups(self) -> None:
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _resume(self, driven: _Driven, ready: Optional[bool]) -> None:
+        """Resume ``driven`` with ``ready`` and wait for what it yields
+        next; at its end, unregister its socket and tell ``done``."""
+        previous = driven.wait
+        if previous is not None and isinstance(previous.event, _Flag):
+            previous.event.waker = None
+        try:
+            wait = driven.steps.send(ready)  # type: ignore[arg-type]  # (None starts them)
+        except StopIteration as end:
+            self._finish(driven, end.value, None)
+            return
+        except Exception as exc:
+            self._finish(driven, None, exc)
+            return
+        driven.wait = wait
+        selector = self._selector
+        if driven.registered is not None and driven.registered is not wait.sock:
+            selector.unregister(driven.registered)
+            driven.registered = None
+        if wait.sock is not None:
+            events = selectors.EVENT_WRITE if wait.writing else selectors.EVENT_READ
+            if driven.registered is None:
+                selector.register(wait.sock, events, driven)
+                driven.registered = wait.sock
+            elif selector.get_key(wait.sock).events != events:
+                selector.modify(wait.sock, events, driven)
+        elif wait.event is not None:
+            if not isinstance(wait.event, _Flag):  # (a bug in the steps)
+                driven.steps.close()
+                self._finish(driven, None, TypeError(
+                    'steps on a loop wait for a _Flag, not a threading.Event'))
+                return
+            wait.event.waker = functools.partial(self._hand, driven, wait)
+            if wait.event.is_set():  # (set before the waker was there)
+                self._hand(driven, wait)
+        if wait.until is not None and (driven.scheduled is None or
+                                       wait.until < driven.scheduled):
+            self._schedule(driven, wait.until)
+
+    def _schedule(self, driven: _Driven, when: float) -> None:
+        driven.scheduled = when
+        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+
+    def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
+        if driven.registered is not None:
+            self._selector.unregister(driven.registered)
+            driven.registered = None
+        driven.wait = driven.scheduled = None
+        self._driven -= 1
+        try:
+            driven.done(result, error)
+        except Exception:  # a bug in bitpit: said, and the others go on
+            _log.exception('the end of a connection on the loop raised')
 
 
 # what connect_ex says of a connect under way on a socket that does not block

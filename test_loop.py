@@ -1,0 +1,153 @@
+"""The loop of the next engine (issue 24): a connection's code is a
+generator of steps that yields ``_Wait``s, and the same steps run on a
+thread of their own (``_drive_here``) or, many at once, on the one thread
+of a ``_Loop``. The steps here are a bare GET, enough to drive a socket
+through its connect, its request and its answer."""
+
+import socket
+import threading
+import time
+
+
+import bitpit
+from test_steps import address_of, get_steps
+
+
+class Ends:
+    """What a loop's ``done`` calls tell, and an event when ``count`` came."""
+
+    def __init__(self, count):
+        self.results, self.errors = [], []
+        self.count = count
+        self.all_in = threading.Event()
+        self.threads = set()
+
+    def __call__(self, result, error):
+        self.threads.add(threading.current_thread().name)
+        (self.results if error is None else self.errors).append(error or result)
+        if len(self.results) + len(self.errors) == self.count:
+            self.all_in.set()
+
+
+def test_the_steps_that_run_on_a_thread_of_their_own_run_on_the_loop(server):
+    data = bytes(range(256)) * 400
+    server.add('/f', data)
+    deadline = time.monotonic() + 5
+    loop, ends = bitpit._Loop(), Ends(1)
+    loop.spawn(get_steps(address_of(server), '/f', deadline), ends)
+    assert ends.all_in.wait(5)
+    assert ends.results == [data] and ends.threads == {'bitpit-loop'}
+    loop.join(5)
+
+
+COUNT = 6  # (the test server keeps 5 connections waiting to be accepted: more retry a second later)
+
+
+def test_one_loop_thread_drives_many_connections_at_once(server):
+    for i in range(COUNT):
+        server.add('/f{}'.format(i), b'%d' % i * 1000)
+    deadline = time.monotonic() + 10
+    loop, ends = bitpit._Loop(), Ends(COUNT)
+    for i in range(COUNT):
+        loop.spawn(get_steps(address_of(server), '/f{}'.format(i), deadline), ends)
+    assert ends.all_in.wait(10)
+    assert sorted(ends.results) == sorted(b'%d' % i * 1000 for i in range(COUNT))
+    assert ends.threads == {'bitpit-loop'}
+    # every request was on a connection of its own, all served
+    assert len({r.conn for r in server.requests}) == COUNT
+    loop.join(5)
+    assert not [t for t in threading.enumerate() if t.name == 'bitpit-loop']
+
+
+def test_a_deadline_resumes_the_steps_of_a_stalled_server_and_not_the_others(server):
+    server.add('/stalled', b'x' * 1000, stall_before_headers=True)
+    server.add('/fine', b'y' * 1000)
+    loop, ends = bitpit._Loop(), Ends(2)
+    began = time.monotonic()
+    loop.spawn(get_steps(address_of(server), '/stalled', began + 0.3), ends)
+    loop.spawn(get_steps(address_of(server), '/fine', began + 5), ends)
+    assert ends.all_in.wait(5)
+    assert sorted(ends.results, key=repr) == [None, b'y' * 1000]
+    assert time.monotonic() - began >= 0.3
+    server.release()
+    loop.join(5)
+
+
+def test_steps_that_raise_end_with_their_error_and_the_loop_goes_on(server):
+    server.add('/fine', b'z' * 100)
+
+    def broken():
+        yield bitpit._Wait(None, time.monotonic() + 0.05)
+        raise ValueError('a bug in the steps')
+
+    loop, ends = bitpit._Loop(), Ends(2)
+    loop.spawn(broken(), ends)
+    loop.spawn(get_steps(address_of(server), '/fine', time.monotonic() + 5), ends)
+    assert ends.all_in.wait(5)
+    assert ends.results == [b'z' * 100]
+    assert [str(e) for e in ends.errors] == ['a bug in the steps']
+    loop.join(5)
+
+
+def test_the_loop_thread_starts_again_after_it_ended(server):
+    server.add('/f', b'w' * 10)
+    loop = bitpit._Loop()
+    for _ in range(2):
+        ends = Ends(1)
+        loop.spawn(get_steps(address_of(server), '/f', time.monotonic() + 5), ends)
+        assert ends.all_in.wait(5) and ends.results == [b'w' * 10]
+        loop.join(5)
+        assert not [t for t in threading.enumerate() if t.name == 'bitpit-loop']
+
+
+def test_a_flag_set_by_another_thread_resumes_its_steps_and_its_deadline_others():
+    flags = [bitpit._Flag(), bitpit._Flag(), bitpit._Flag()]
+    flags[2].set()  # set before the steps wait: they go on at once
+
+    def steps(flag, until):
+        return (yield bitpit._Wait(None, until, event=flag))
+
+    loop, ends = bitpit._Loop(), Ends(3)
+    began = time.monotonic()
+    loop.spawn(steps(flags[0], began + 5), ends)
+    loop.spawn(steps(flags[1], began + 0.1), ends)
+    loop.spawn(steps(flags[2], began + 5), ends)
+    threading.Timer(0.2, flags[0].set).start()
+    assert ends.all_in.wait(5)
+    assert ends.results == [True, False, True]
+    assert time.monotonic() - began < 2
+    loop.join(5)
+
+
+def test_steps_on_the_loop_wait_for_a_flag_not_a_plain_event():
+    def steps():
+        yield bitpit._Wait(None, time.monotonic() + 5, event=threading.Event())
+
+    loop, ends = bitpit._Loop(), Ends(1)
+    loop.spawn(steps(), ends)
+    assert ends.all_in.wait(5)
+    assert [type(e) for e in ends.errors] == [TypeError]
+    loop.join(5)
+
+
+def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
+    """Each read of a long transfer waits with a deadline (its time-out):
+    the loop keeps one entry per connection, not one per wait."""
+    left, right = socket.socketpair()
+    loop, ends = bitpit._Loop(), Ends(1)
+    sizes = []
+
+    def steps():
+        for _ in range(1000):
+            assert (yield bitpit._Wait(left, time.monotonic() + 30, writing=True))
+            sizes.append(len(loop._deadlines))
+        return 'done'
+
+    try:
+        loop.spawn(steps(), ends)
+        assert ends.all_in.wait(5) and ends.results == ['done']
+        assert max(sizes) == 1
+        loop.join(5)
+    finally:
+        left.close()
+        right.close()
