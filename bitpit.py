@@ -1159,44 +1159,6 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_WORKERS._after_fork)
 
 
-class _Tender:
-    """A download thread's periodic work (its transfer's events turned
-    into signals, the speed every period, the transfer's bookkeeping),
-    done while that thread runs a connection itself instead of waiting
-    for the connection threads: ``tend()`` does it, and says when it is
-    next ``due``; every wait of that connection is cut short then to do
-    it (``_Cancel.wait_for``). ``due`` may be brought forward by any
-    thread, for an event to relay. Only the download thread tends, and
-    only when it holds no lock."""
-    __slots__ = ('_thread', '_tend', 'due', '_spent', '_since')
-
-    def __init__(self, tend: Callable[[], float], due: float):
-        self._thread = threading.get_ident()
-        self._tend = tend       # does the work; returns when it is next due
-        self.due = due          # time.monotonic() by when to tend
-        self._spent = 0.0       # seconds spent tending, but for the tending under way
-        self._since: Optional[float] = None  # when the tending under way began
-
-    def current(self) -> bool:
-        """Whether the calling thread is the one that tends."""
-        return threading.get_ident() == self._thread
-
-    def tend(self) -> None:
-        self._since = began = time.monotonic()
-        try:
-            self.due = self._tend()
-        finally:
-            self._since = None
-            self._spent += time.monotonic() - began
-
-    def clock(self) -> float:
-        """``time.monotonic()`` less the time spent tending (callbacks
-        that take long, say), during which the thread read no byte: what
-        a judgement of the server's speed goes by. The tending thread."""
-        since = self._since
-        return (time.monotonic() if since is None else since) - self._spent
-
-
 # ---------------------------------------------------------------------------
 # steps: code that yields its waits
 # ---------------------------------------------------------------------------
@@ -1229,6 +1191,259 @@ class _Wait:
 if TYPE_CHECKING:
     from typing import Generator
     _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
+
+
+# -- the loop: one thread that drives the steps of every connection -----------------
+#
+# The same steps that _drive_here runs on a thread of their own run here by
+# the thousand: every connection of every download (_LOOP).
+
+class _Flag(threading.Event):
+    """An event that steps on a ``_Loop`` can wait for, any number of
+    them at once: setting it also calls the ``wakers`` of those that wait
+    (the loop's, which resume them). Any thread; a waker is added and
+    removed by the loop's thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakers: Dict[object, Callable[[], object]] = {}  # by the steps that wait
+
+    def set(self) -> None:
+        super().set()
+        for waker in list(self.wakers.values()):  # (a copy made under the GIL)
+            waker()
+
+
+class _Driven:
+    """A generator of steps on a ``_Loop``, and what it waits for now.
+    The loop's thread."""
+    __slots__ = ('steps', 'done', 'wait', 'registered', 'scheduled')
+
+    def __init__(self, steps: '_Steps[Any]',
+                 done: Callable[[Any, Optional[BaseException]], object]):
+        self.steps = steps
+        self.done = done
+        self.wait: Optional[_Wait] = None
+        self.registered: Any = None  # the socket its selector key is for
+        # the time of its live entry in the loop's heap of deadlines, if any:
+        # a wait whose deadline is later than it keeps it (a connection
+        # that reads often pushes nothing per read), an earlier one pushes
+        # another, and the later entry goes stale
+        self.scheduled: Optional[float] = None
+
+
+class _Loop:
+    """One thread, ``bitpit-loop``, that drives the steps of many
+    connections: it waits for all their sockets at once (a selector), for
+    their events (``_Flag``s, whose setting wakes it) and for the earliest
+    of their deadlines (a heap), and resumes each whose wait is over.
+    ``spawn`` hands it steps from any thread; when they end,
+    ``done(result, error)`` is called on the loop's thread, which must not
+    wait. The thread starts at the first ``spawn`` and ends once nothing is
+    left to drive. ``_lock`` guards ``_handed`` and ``_thread``; the rest is
+    the loop thread's own. ``after_round`` (if given) is called on the
+    loop's thread after each round of resumptions: what the steps left for
+    other threads is handed over once a round, not once a step."""
+
+    def __init__(self, after_round: Optional[Callable[[], object]] = None) -> None:
+        self._after_round = after_round
+        self._lock = threading.Lock()
+        # steps to resume: (driven, None) new ones, (driven, wait) an event of theirs set
+        self._handed: 'collections.deque[Tuple[_Driven, Optional[_Wait]]]' = \
+            collections.deque()
+        self._thread: Optional[threading.Thread] = None  # the one running, if any
+        self._last: Optional[threading.Thread] = None    # the one started last
+        self._selector: Any = None
+        self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._count = itertools.count()  # orders deadlines that are equal
+        self._driven = 0
+        self._wake_in: Optional[socket.socket] = None   # made with the first thread
+        self._wake_out: Optional[socket.socket] = None
+
+    def _after_fork(self) -> None:
+        """Start empty in a forked child, where the loop's thread, and the
+        steps it drove, are gone."""
+        self._lock = threading.Lock()
+        self._handed.clear()
+        self._thread = self._last = self._selector = None
+        self._deadlines = []
+        self._driven = 0
+        for sock in (self._wake_in, self._wake_out):
+            if sock is not None:
+                sock.close()
+        self._wake_in = self._wake_out = None
+
+    def spawn(self, steps: '_Steps[Any]',
+              done: Callable[[Any, Optional[BaseException]], object]) -> None:
+        """Drive ``steps`` on the loop's thread. Any thread."""
+        self._hand(_Driven(steps, done), None)
+
+    def _hand(self, driven: _Driven, wait: Optional[_Wait]) -> None:
+        """Resume ``driven`` on the loop's thread: new steps (``wait``
+        ``None``), or steps whose event came (``wait``, if they still wait
+        for it then). Starts the thread if none runs; raises
+        ``RuntimeError`` as ``Thread.start`` does when none can start.
+        Any thread."""
+        with self._lock:
+            self._handed.append((driven, wait))
+            if self._thread is None:
+                if self._wake_in is None:
+                    self._wake_in, self._wake_out = socket.socketpair()
+                    self._wake_in.setblocking(False)
+                    self._wake_out.setblocking(False)
+                thread = threading.Thread(target=self._run, name='bitpit-loop')
+                try:
+                    thread.start()
+                except BaseException:
+                    self._handed.pop()
+                    raise
+                self._thread = self._last = thread
+                return
+            wake = self._wake_out
+        assert wake is not None  # made with the thread
+        try:
+            wake.send(b'\0')
+        except BlockingIOError:  # a wake-up is pending already
+            pass
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the loop's thread ended (nothing left to drive)."""
+        with self._lock:
+            thread = self._last
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        wake_in = self._wake_in
+        assert wake_in is not None  # made before the thread started
+        selector = self._selector = selectors.DefaultSelector()
+        selector.register(wake_in, selectors.EVENT_READ, None)
+        try:
+            while True:
+                with self._lock:
+                    handed = list(self._handed)
+                    self._handed.clear()
+                    if not handed and not self._driven:
+                        # a spawn from now on starts another thread, which
+                        # finds none of this one's state
+                        self._thread = self._selector = None
+                        return
+                for driven, wait in handed:
+                    if wait is None:
+                        self._driven += 1
+                        self._resume(driven, None)
+                    elif driven.wait is wait:  # (else resumed already, by its deadline)
+                        self._resume(driven, True)
+                if not self._driven:  # every deadline left is stale
+                    del self._deadlines[:]
+                    continue
+                timeout = None
+                if self._deadlines:
+                    timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.data is None:
+                        self._drain_wake_ups(wake_in)
+                    elif key.data.wait is not None and key.data.wait.sock is not None:
+                        self._resume(key.data, True)
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    when, _, driven = heapq.heappop(self._deadlines)
+                    if driven.scheduled != when:
+                        continue  # stale: an earlier one was pushed after it
+                    driven.scheduled = None
+                    wait = driven.wait
+                    if wait is None or wait.until is None:
+                        continue  # ended, or waits without a deadline now
+                    if wait.until > now:
+                        self._schedule(driven, wait.until)
+                    else:
+                        self._resume(driven, False)
+                if self._after_round is not None:
+                    self._after_round()
+        finally:
+            selector.close()
+            with self._lock:
+                if self._thread is threading.current_thread():  # (ended by a bug)
+                    self._thread = self._selector = None
+
+    @staticmethod
+    def _drain_wake_ups(wake_in: socket.socket) -> None:
+        try:
+            while wake_in.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _resume(self, driven: _Driven, ready: Optional[bool]) -> None:
+        """Resume ``driven`` with ``ready`` and wait for what it yields
+        next; at its end, unregister its socket and tell ``done``."""
+        previous = driven.wait
+        if previous is not None and isinstance(previous.event, _Flag):
+            previous.event.wakers.pop(driven, None)
+        try:
+            wait = driven.steps.send(ready)  # type: ignore[arg-type]  # (None starts them)
+        except StopIteration as end:
+            self._finish(driven, end.value, None)
+            return
+        except Exception as exc:
+            self._finish(driven, None, exc)
+            return
+        driven.wait = wait
+        selector = self._selector
+        if driven.registered is not None and driven.registered is not wait.sock:
+            self._unregister(driven)
+        if wait.sock is not None:
+            events = selectors.EVENT_WRITE if wait.writing else selectors.EVENT_READ
+            try:
+                if driven.registered is None:
+                    selector.register(wait.sock, events, driven)
+                    driven.registered = wait.sock
+                elif selector.get_key(wait.sock).events != events:
+                    selector.modify(wait.sock, events, driven)
+            except (OSError, ValueError, KeyError):
+                # a socket closed meanwhile (or shut down by a stop): the
+                # steps find out at their next call on it
+                self._hand(driven, wait)
+        elif wait.event is not None:
+            if not isinstance(wait.event, _Flag):  # (a bug in the steps)
+                driven.steps.close()
+                self._finish(driven, None, TypeError(
+                    'steps on a loop wait for a _Flag, not a threading.Event'))
+                return
+            wait.event.wakers[driven] = functools.partial(self._hand, driven, wait)
+            if wait.event.is_set():  # (set before the waker was there)
+                self._hand(driven, wait)
+        if wait.until is not None and (driven.scheduled is None or
+                                       wait.until < driven.scheduled):
+            self._schedule(driven, wait.until)
+
+    def _schedule(self, driven: _Driven, when: float) -> None:
+        driven.scheduled = when
+        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+
+    def _unregister(self, driven: _Driven) -> None:
+        """Forget the socket ``driven`` waited for (closed meanwhile, maybe)."""
+        try:
+            self._selector.unregister(driven.registered)
+        except (KeyError, ValueError, OSError):
+            pass
+        driven.registered = None
+
+    def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
+        if driven.registered is not None:
+            self._unregister(driven)
+        driven.wait = driven.scheduled = None
+        self._driven -= 1
+        try:
+            driven.done(result, error)
+        except Exception:  # a bug in bitpit: said, and the others go on
+            _log.exception('the end of a connection on the loop raised')
+
+
+# every connection's steps, on one thread from the first spawn to the last end
+_LOOP = _Loop()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_LOOP._after_fork)
 
 
 # ---------------------------------------------------------------------------
@@ -1351,7 +1566,7 @@ class _TokenBucket:
                     # waiter looks at under it, then sets the event)
                     event = turn.event
                     if event is None:
-                        event = turn.event = threading.Event()
+                        event = turn.event = _Flag()
                     elif event.is_set():
                         event.clear()
                     lock.release()
@@ -1465,53 +1680,20 @@ class _Pacer:
 
 class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
-    everything registered with it (connections, name look-ups) at once;
-    ``wait()`` is a pause that it ends. Every wait of the attempt's
-    connections goes through ``wait_for``, so that the download thread,
-    when it runs one of them (``tender``), tends its download on time.
-    Any thread. ``_lock`` guards the mark, the registrations and the event
-    of the pauses, which the first ``wait()`` makes (an attempt that never
+    everything registered with it (connections, name look-ups) at once,
+    and sets the flag that its pauses wait for (``pause``).
+    Any thread. ``_lock`` guards the mark, the registrations and the flag
+    of the pauses, which the first ``pause()`` makes (an attempt that never
     pauses, as a small file's, needs none: an event costs ~2 us)."""
-    tender: Optional[_Tender] = None  # set while the download thread runs a connection
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled = False
-        self._pauses: Optional[threading.Event] = None
+        self._pauses: Optional[_Flag] = None
         self._live: set = set()
 
     def is_set(self) -> bool:
         return self._cancelled
-
-    def tending(self) -> bool:
-        """Whether the calling thread is the download thread running a
-        connection, which tends its download in its waits."""
-        tender = self.tender
-        return tender is not None and tender.current()
-
-    def wait_for(self, ready: Callable[[Optional[float]], bool],
-                 seconds: Optional[float]) -> bool:
-        """``ready(s)`` waits up to ``s`` seconds (``None``: however long)
-        for something and says whether it came; whether it came within
-        ``seconds``. A connection thread calls it once; the download thread
-        that runs a connection, in slices that end when its download is
-        due to be tended, which it does in between (so ``ready`` must hold
-        no lock, nor its caller)."""
-        tender = self.tender
-        if tender is None or not tender.current():
-            return ready(seconds)
-        now = time.monotonic()
-        deadline = None if seconds is None else now + seconds
-        while True:
-            step = max(0.0, tender.due - now)
-            if deadline is not None and deadline - now <= step:
-                return ready(max(0.0, deadline - now))
-            if ready(step):
-                return True
-            if self._cancelled:
-                return False
-            tender.tend()
-            now = time.monotonic()
 
     def cancel(self) -> None:
         with self._lock:
@@ -1523,15 +1705,15 @@ class _Cancel:
         for item in live:
             item.abort()
 
-    def wait(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if ``cancel()`` comes first."""
+    def pause(self, until: float) -> _Wait:
+        """The wait of steps that pause until the monotonic time ``until``,
+        or less if ``cancel()`` comes first."""
         with self._lock:
-            if self._cancelled:
-                return
             if self._pauses is None:
-                self._pauses = threading.Event()
-            pauses = self._pauses
-        self.wait_for(pauses.wait, seconds)
+                self._pauses = _Flag()
+                if self._cancelled:
+                    self._pauses.set()
+            return _Wait(None, until, event=self._pauses)
 
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
@@ -1544,14 +1726,6 @@ class _Cancel:
     def unregister(self, item: Any) -> None:
         with self._lock:
             self._live.discard(item)
-
-
-def _wait_for(cancel: Optional[_Cancel], ready: Callable[[Optional[float]], bool],
-              seconds: Optional[float]) -> bool:
-    """``cancel.wait_for(ready, seconds)``, or ``ready(seconds)`` without one."""
-    if cancel is None:
-        return ready(seconds)
-    return cancel.wait_for(ready, seconds)
 
 
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
@@ -1576,32 +1750,27 @@ def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> 
 
 # -- steps on a thread of their own ---------------------------------------------
 
-def _block(wait: _Wait, cancel: Optional[_Cancel]) -> bool:
-    """Wait on the calling thread as ``wait`` says, through ``cancel``
-    (which ends a wait for a time, and tends the download of the thread
-    that tends one); whether it came."""
+def _block(wait: _Wait) -> bool:
+    """Wait on the calling thread as ``wait`` says; whether it came."""
     seconds = None if wait.until is None else max(0.0, wait.until - time.monotonic())
     if wait.sock is not None:
-        return _wait_for(cancel, functools.partial(_ready, wait.sock, writing=wait.writing),
-                         seconds)
+        return _ready(wait.sock, seconds, writing=wait.writing)
     if wait.event is not None:
-        return _wait_for(cancel, wait.event.wait, seconds)
-    if cancel is not None:
-        cancel.wait(float('inf') if seconds is None else seconds)
-    elif seconds is None:
+        return wait.event.wait(seconds)
+    if seconds is None:
         raise ValueError('a wait for ever, with nothing to end it')
-    else:
-        time.sleep(seconds)
+    time.sleep(seconds)
     return False
 
 
-def _drive_here(steps: '_Steps[_T]', cancel: Optional[_Cancel] = None) -> _T:
+def _drive_here(steps: '_Steps[_T]') -> _T:
     """Run ``steps`` to their end on the calling thread, each wait a
-    blocking one (``_block``); their result, or what they raise. A wait
-    that raises (a tending of the download that failed) raises in the
-    steps, where they waited. A cancel ends no steps by itself: it aborts
-    their sockets and ends their waits, and the steps see to the rest, as
-    code that waits on its own thread does."""
+    blocking one (``_block``); their result, or what they raise. What a
+    wait raises (an interrupt) raises in the steps, where they waited. A
+    cancel ends no steps by itself: it aborts their sockets and sets what
+    they wait for, and the steps see to the rest, as they do on the loop.
+    How a caller outside the loop (a metalink's or a checksum file's
+    fetch, made by the caller's or the download's thread) runs steps."""
     resume: Callable[[Any], _Wait] = steps.send
     value: Any = None
     while True:
@@ -1610,7 +1779,7 @@ def _drive_here(steps: '_Steps[_T]', cancel: Optional[_Cancel] = None) -> _T:
         except StopIteration as end:
             return end.value
         try:
-            value, resume = _block(wait, cancel), steps.send
+            value, resume = _block(wait), steps.send
         except BaseException as exc:
             value, resume = exc, steps.throw
 
@@ -1642,209 +1811,6 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
             writing = False
         except ssl.SSLWantWriteError:
             writing = True
-# -- the loop: one thread that drives the steps of many connections ----------------
-#
-# Not used by the engine yet (issue 24's migration, step 3): the same steps
-# that _drive_here runs on a thread of their own run here by the thousand.
-
-class _Flag(threading.Event):
-    """An event that steps on a ``_Loop`` can wait for: setting it also
-    calls ``waker`` (the loop's, while steps wait for it), which wakes
-    the loop. Any thread."""
-    waker: Optional[Callable[[], object]] = None
-
-    def set(self) -> None:
-        super().set()
-        waker = self.waker
-        if waker is not None:
-            waker()
-
-
-class _Driven:
-    """A generator of steps on a ``_Loop``, and what it waits for now.
-    The loop's thread."""
-    __slots__ = ('steps', 'done', 'wait', 'registered', 'scheduled')
-
-    def __init__(self, steps: '_Steps[Any]',
-                 done: Callable[[Any, Optional[BaseException]], object]):
-        self.steps = steps
-        self.done = done
-        self.wait: Optional[_Wait] = None
-        self.registered: Any = None  # the socket its selector key is for
-        # the time of its live entry in the loop's heap of deadlines, if any:
-        # a wait whose deadline is later than it keeps it (a connection
-        # that reads often pushes nothing per read), an earlier one pushes
-        # another, and the later entry goes stale
-        self.scheduled: Optional[float] = None
-
-
-class _Loop:
-    """One thread, ``bitpit-loop``, that drives the steps of many
-    connections: it waits for all their sockets at once (a selector), for
-    their events (``_Flag``s, whose setting wakes it) and for the earliest
-    of their deadlines (a heap), and resumes each whose wait is over.
-    ``spawn`` hands it steps from any thread; when they end,
-    ``done(result, error)`` is called on the loop's thread, which must not
-    wait. The thread starts at the first ``spawn`` and ends once nothing is
-    left to drive. ``_lock`` guards ``_handed`` and ``_thread``; the rest is
-    the loop thread's own. ``after_round`` (if given) is called on the
-    loop's thread after each round of resumptions: what the steps left for
-    other threads is handed over once a round, not once a step."""
-
-    def __init__(self, after_round: Optional[Callable[[], object]] = None) -> None:
-        self._after_round = after_round
-        self._lock = threading.Lock()
-        # steps to resume: (driven, None) new ones, (driven, wait) an event of theirs set
-        self._handed: 'collections.deque[Tuple[_Driven, Optional[_Wait]]]' = \
-            collections.deque()
-        self._thread: Optional[threading.Thread] = None  # the one running, if any
-        self._last: Optional[threading.Thread] = None    # the one started last
-        self._selector: Any = None
-        self._deadlines: List[Tuple[float, int, _Driven]] = []
-        self._count = itertools.count()  # orders deadlines that are equal
-        self._driven = 0
-        self._wake_in, self._wake_out = socket.socketpair()
-        self._wake_in.setblocking(False)
-        self._wake_out.setblocking(False)
-
-    def spawn(self, steps: '_Steps[Any]',
-              done: Callable[[Any, Optional[BaseException]], object]) -> None:
-        """Drive ``steps`` on the loop's thread. Any thread."""
-        self._hand(_Driven(steps, done), None)
-
-    def _hand(self, driven: _Driven, wait: Optional[_Wait]) -> None:
-        with self._lock:
-            self._handed.append((driven, wait))
-            if self._thread is None:
-                self._thread = self._last = threading.Thread(target=self._run,
-                                                             name='bitpit-loop')
-                self._thread.start()
-                return
-        try:
-            self._wake_out.send(b'\0')
-        except BlockingIOError:  # a wake-up is pending already
-            pass
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until the loop's thread ended (nothing left to drive)."""
-        with self._lock:
-            thread = self._last
-        if thread is not None:
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        selector = self._selector = selectors.DefaultSelector()
-        selector.register(self._wake_in, selectors.EVENT_READ, None)
-        try:
-            while True:
-                with self._lock:
-                    handed = list(self._handed)
-                    self._handed.clear()
-                    if not handed and not self._driven:
-                        # a spawn from now on starts another thread, which
-                        # finds none of this one's state
-                        self._thread = self._selector = None
-                        return
-                for driven, wait in handed:
-                    if wait is None:
-                        self._driven += 1
-                        self._resume(driven, None)
-                    elif driven.wait is wait:  # (else resumed already, by its deadline)
-                        self._resume(driven, True)
-                if not self._driven:  # every deadline left is stale
-                    del self._deadlines[:]
-                    continue
-                timeout = None
-                if self._deadlines:
-                    timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
-                for key, _ in selector.select(timeout):
-                    if key.data is None:
-                        self._drain_wake_ups()
-                    elif key.data.wait is not None and key.data.wait.sock is not None:
-                        self._resume(key.data, True)
-                now = time.monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    when, _, driven = heapq.heappop(self._deadlines)
-                    if driven.scheduled != when:
-                        continue  # stale: an earlier one was pushed after it
-                    driven.scheduled = None
-                    wait = driven.wait
-                    if wait is None or wait.until is None:
-                        continue  # ended, or waits without a deadline now
-                    if wait.until > now:
-                        self._schedule(driven, wait.until)
-                    else:
-                        self._resume(driven, False)
-                if self._after_round is not None:
-                    self._after_round()
-        finally:
-            selector.close()
-            with self._lock:
-                if self._thread is threading.current_thread():  # (ended by a bug)
-                    self._thread = self._selector = None
-
-    def _drain_wake_ups(self) -> None:
-        try:
-            while self._wake_in.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _resume(self, driven: _Driven, ready: Optional[bool]) -> None:
-        """Resume ``driven`` with ``ready`` and wait for what it yields
-        next; at its end, unregister its socket and tell ``done``."""
-        previous = driven.wait
-        if previous is not None and isinstance(previous.event, _Flag):
-            previous.event.waker = None
-        try:
-            wait = driven.steps.send(ready)  # type: ignore[arg-type]  # (None starts them)
-        except StopIteration as end:
-            self._finish(driven, end.value, None)
-            return
-        except Exception as exc:
-            self._finish(driven, None, exc)
-            return
-        driven.wait = wait
-        selector = self._selector
-        if driven.registered is not None and driven.registered is not wait.sock:
-            selector.unregister(driven.registered)
-            driven.registered = None
-        if wait.sock is not None:
-            events = selectors.EVENT_WRITE if wait.writing else selectors.EVENT_READ
-            if driven.registered is None:
-                selector.register(wait.sock, events, driven)
-                driven.registered = wait.sock
-            elif selector.get_key(wait.sock).events != events:
-                selector.modify(wait.sock, events, driven)
-        elif wait.event is not None:
-            if not isinstance(wait.event, _Flag):  # (a bug in the steps)
-                driven.steps.close()
-                self._finish(driven, None, TypeError(
-                    'steps on a loop wait for a _Flag, not a threading.Event'))
-                return
-            wait.event.waker = functools.partial(self._hand, driven, wait)
-            if wait.event.is_set():  # (set before the waker was there)
-                self._hand(driven, wait)
-        if wait.until is not None and (driven.scheduled is None or
-                                       wait.until < driven.scheduled):
-            self._schedule(driven, wait.until)
-
-    def _schedule(self, driven: _Driven, when: float) -> None:
-        driven.scheduled = when
-        heapq.heappush(self._deadlines, (when, next(self._count), driven))
-
-    def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
-        if driven.registered is not None:
-            self._selector.unregister(driven.registered)
-            driven.registered = None
-        driven.wait = driven.scheduled = None
-        self._driven -= 1
-        try:
-            driven.done(result, error)
-        except Exception:  # a bug in bitpit: said, and the others go on
-            _log.exception('the end of a connection on the loop raised')
-
-
 # what connect_ex says of a connect under way on a socket that does not block
 _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                getattr(errno, 'WSAEWOULDBLOCK', -1)}
@@ -1869,7 +1835,7 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
         pass
     else:  # an address: nothing to look up
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    done = threading.Event()
+    done = _Flag()
     outcome: Dict[str, Any] = {}
 
     def look_up() -> None:
@@ -2316,17 +2282,15 @@ class _Response:
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
     set and behaving as http.client's do, and ``begin``, ``read`` and
-    ``read1``, the steps run on the calling thread (their waits through
-    ``cancel``). The thread of its request."""
+    ``read1``, the steps run on the calling thread. The thread of its
+    request."""
     fields: _Headers
     headers: _Headers
     msg: _Headers
 
-    def __init__(self, sock: Any, method: str = 'GET', cancel: Optional[_Cancel] = None,
-                 timeout: Optional[float] = None):
+    def __init__(self, sock: Any, method: str = 'GET', timeout: Optional[float] = None):
         self._sock = sock
         self._method = method
-        self._cancel = cancel
         self.timeout = timeout
         self._closed = False
         self._received = memoryview(b'')  # bytes received and not taken yet
@@ -2375,7 +2339,7 @@ class _Response:
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
-        _drive_here(self.begin_steps(), self._cancel)
+        _drive_here(self.begin_steps())
 
     def getheader(self, name: str, default: Any = None) -> Any:
         """The values of the field ``name`` joined by ``', '``, else ``default``."""
@@ -2442,7 +2406,7 @@ class _Response:
 
     def read1(self, size: int = -1) -> bytes:
         """``read1_steps`` run here."""
-        return _drive_here(self.read1_steps(size), self._cancel)
+        return _drive_here(self.read1_steps(size))
 
     def read_steps(self, size: Optional[int] = None) -> '_Steps[bytes]':
         """The body's bytes, ``size`` at most (``None``: to its end)."""
@@ -2459,7 +2423,7 @@ class _Response:
 
     def read(self, size: Optional[int] = None) -> bytes:
         """``read_steps`` run here."""
-        return _drive_here(self.read_steps(size), self._cancel)
+        return _drive_here(self.read_steps(size))
 
     def isclosed(self) -> bool:
         """Whether the body was read to its end, or the answer closed."""
@@ -2551,7 +2515,7 @@ class _AbortableMixin:
             except OSError as exc:
                 last_error = exc
                 sock.close()
-            except BaseException:  # (from tending the download while it waited)
+            except BaseException:  # (the steps closed, an interrupt)
                 sock.close()
                 raise
         raise last_error or OSError('no address found for {}'.format(host))
@@ -2768,7 +2732,7 @@ class _SlotTicket:
 
     def __init__(self) -> None:
         self.granted = False
-        self.event = threading.Event()
+        self.event = _Flag()
 
 
 class _HostSlots:
@@ -3600,8 +3564,8 @@ class _Request:
         raise RedirectError('more than {} redirects from {}'.format(_MAX_REDIRECTS, self.url))
 
     def send(self) -> _Response:
-        """``send_steps`` run here, their waits through the cancel."""
-        return _drive_here(self.send_steps(), self.cancel)
+        """``send_steps`` run on the calling thread (``_drive_here``)."""
+        return _drive_here(self.send_steps())
 
     def abort(self) -> None:
         """Shut the connection down from another thread."""
@@ -3757,7 +3721,7 @@ class _Request:
                 # close): _release closes such a connection, never pooled
                 sock = self.sock = conn.sock
                 yield from conn.send_steps(head)
-                response = _Response(sock, self.method, self.cancel, conn.timeout)
+                response = _Response(sock, self.method, conn.timeout)
                 yield from response.begin_steps()
                 return response
             except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
@@ -5650,10 +5614,6 @@ class _Pump:
                 (self.max_size is None or self.planner.total is not None):
             splice = _Splice(body, sock, self.store, self.options.timeout)
             chunk = _PIPE_SIZE
-        # the download thread running this connection tends its download
-        # between reads (and in every wait, which its _drive_here makes
-        # through the cancel)
-        tender = self.cancel.tender if self.cancel.tending() else None
         read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
         transfer, planner = self.transfer, self.planner
         lock = self._lock
@@ -5665,9 +5625,6 @@ class _Pump:
         try:
             while True:
                 now = time.monotonic()
-                if tender is not None and now >= tender.due:
-                    tender.tend()
-                    now = time.monotonic()
                 with lock:
                     if got:
                         conn.job_bytes += got
@@ -5717,16 +5674,9 @@ class _Pump:
                     # tokens are taken once bytes are there to use them: a
                     # slow socket never holds back what the others could read
                     raise socket.timeout('no data received within the time-out')
-                # a download thread leaves the queue when its download is
-                # due to be tended, rather than tend it in its place there:
-                # the others are served meanwhile (its callbacks may take
-                # long), and it comes back to its place (the pacer keeps it)
-                granted = (yield from pacer.acquire_steps(
-                    room, None if tender is None else tender.due)) if limited else room
+                granted = (yield from pacer.acquire_steps(room)) if limited else room
                 if not granted:
-                    if tender is None or self.cancel.is_set():
-                        raise _Stopped
-                    continue  # its download is due to be tended
+                    raise _Stopped
                 if splice is not None:  # straight into the file
                     try:
                         got = yield from splice.move_steps(start, granted, conn.epoch)
@@ -5804,6 +5754,14 @@ class _Pump:
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
+def _served(result: None, error: Optional[BaseException]) -> None:
+    """The end of a connection's steps on the loop (``_Transfer._serve_steps``,
+    whose own handlers end the attempt on any failure): an error here is a
+    bug in their clean-up, said. The loop's thread."""
+    if error is not None:
+        _log.error('a connection ended in error', exc_info=error)
+
+
 class _Transfer:
     """One attempt of a download: ask for the bytes not yet held, check each
     answer against what was asked, and write every body where it belongs,
@@ -5844,8 +5802,8 @@ class _Transfer:
                  'sources', 'chunk_size', 'buckets', 'checksum', 'max_size', 'min_speed',
                  'rename_in', 'gzip_name', 'conditions', 'unchanged', 'file_dates',
                  'cancel', 'probed', 'prober', 'reference', 'ranged', 'ranges_work',
-                 'changes', 'received', 'connections', 'planner', 'pump', 'threads',
-                 'saving', 'tender', 'home', 'opened', 'events', 'slot_freed', 'complete',
+                 'changes', 'received', 'connections', 'planner', 'pump',
+                 'opened', 'events', 'work', 'slot_freed', 'complete',
                  'error', '_shown', '_next_look', '_next_save', '_samples',
                  'verify_digest', 'digests', 'expected_size', 'piece_hashes')
 
@@ -5884,10 +5842,8 @@ class _Transfer:
         self.connections: List[_Connection] = []   # the live ones
         self.planner = _Planner(store, self.connections, connections, buckets)
         self.pump = _Pump(self)
-        self.threads: List[_Task] = []  # every connection thread started, to join
-        self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
-        self.tender: Optional[_Tender] = None  # the download thread's, from start()
-        self.home: Optional[_Connection] = None  # the connection the download thread runs
+        # set by _wake() for the connections that wait for work (a race due)
+        self.work: Optional[_Flag] = None
         self.opened = 0               # connections opened, the download thread's included
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
@@ -5912,31 +5868,11 @@ class _Transfer:
 
     # -- the download thread's side ------------------------------------------------
 
-    def start(self, tender: _Tender) -> None:
-        """Run the probe's connection on the calling thread, which
-        ``tender`` has tend the download meanwhile, until that connection
-        finds no more work (the connections that a split of the file adds
-        run on connection threads): a small file then costs no hand-over
-        between threads. Under a manager's cap on the connections to a host,
-        though, it runs on a connection thread: here, the host slot it holds
-        would wait for this thread's callbacks, and another download that
-        waits for the slot with it. Download thread."""
+    def start(self) -> None:
+        """Start the probe's connection, on the loop. Download thread."""
         self.buckets[0].drain()  # the download's own limit paces from now on
-        self.tender = tender
         with self._lock:
-            if self.options.slots is not None:
-                self._spawn()
-                return
-            conn = self._add_connection()
-        if conn is None:
-            return
-        self.home = conn
-        self.cancel.tender = tender
-        try:
-            self._serve(conn)
-        finally:
-            self.cancel.tender = None
-            self.home = None
+            self._spawn()
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for something to report or to do, and do
@@ -5945,7 +5881,8 @@ class _Transfer:
             if not self.events and not self.finished and not self.slot_freed \
                     and timeout > 0:
                 self._wait(timeout)
-            self._keep_going()
+            if not self.finished:  # (else there is nothing to do)
+                self._keep_going()
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
@@ -5993,26 +5930,18 @@ class _Transfer:
             self._check_min_speed(now)
             self._keep_going()
         if now >= self._next_save:
+            # (its fsync, long on a disk for a big file, holds up no byte:
+            # the loop moves them)
             self._next_save = now + _SIDECAR_PERIOD
-            if not self.cancel.tending():
-                self.store.save()
-            elif (self.saving is None or not self.saving.is_alive()) and \
-                    self.store.unsaved():
-                # the download thread moves bytes too: the save's fsync of
-                # the bytes it records (long on a disk, for a big file) must
-                # not stop them
-                self.saving = _WORKERS.run(self.store.save, 'bitpit-save')
+            self.store.save()
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
-        ``min_speed`` bytes per second over the last ``timeout`` seconds
-        (the download thread's time in its callbacks left out: it reads no
-        byte meanwhile); never once every byte is held (its last ones may
-        have landed since the transfer was last looked at)."""
+        ``min_speed`` bytes per second over the last ``timeout`` seconds;
+        never once every byte is held (its last ones may have landed since
+        the transfer was last looked at)."""
         if not self.min_speed or self.complete or self._is_complete():
             return
-        if self.tender is not None:
-            now = self.tender.clock()
         window = self.options.timeout
         samples = self._samples
         samples.append((now, self.received))
@@ -6036,8 +5965,7 @@ class _Transfer:
                 self._lock.release()
 
     def result(self) -> None:
-        """Once finished: join the connection threads, then return if every
-        byte is held (after the checksum check), or raise the attempt's error
+        """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
         (``_Stopped`` for a stop). Download thread."""
         self.join()
         try:
@@ -6052,19 +5980,17 @@ class _Transfer:
             if not self.complete or self.error is not None:
                 self.store.save()
             self.store.close()
-            # the pump refers back to the transfer, and so does the download
-            # thread's tending: without them, the attempt's objects are freed
-            # when the download lets go, not by the collector
+            # the pump refers back to the transfer: without it, the
+            # attempt's objects are freed when the download lets go, not by
+            # the collector
             del self.pump
-            self.tender = None
 
     def join(self) -> None:
-        """Wait for the connection threads and the sidecar save handed to
-        a worker, if any: the file is closed after them. Download thread."""
-        for thread in self.threads:
-            thread.join()
-        if self.saving is not None:
-            self.saving.join()
+        """Wait until no connection is left (after a stop, each ends at
+        once): the file is closed after them. Download thread."""
+        with self._lock:
+            while self.connections:
+                self._wait(_TEND_PERIOD)  # (woken by the last one's end)
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -6081,7 +6007,7 @@ class _Transfer:
                 self._spawn()
             return
         if self._is_complete():
-            self._complete(self.home)
+            self._complete(None)
             return
         planner = self.planner
         wanted = planner.connections_wanted if planner.segmented and planner.judging is None \
@@ -6094,13 +6020,16 @@ class _Transfer:
             self._end(self._verdict())
 
     def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
-        """Start a connection thread (with ``claim`` to fetch, else it asks
-        for a range)."""
+        """Start a connection on the loop (with ``claim`` to fetch, else it
+        asks for a range). Under the lock."""
         conn = self._add_connection(claim)
         if conn is None:
             return False
-        self.threads.append(_WORKERS.run(functools.partial(self._serve, conn),
-                                         'bitpit-connection'))
+        try:
+            _LOOP.spawn(self._serve_steps(conn), _served)
+        except BaseException:  # no thread to drive it (the interpreter's end)
+            self.connections.remove(conn)
+            raise
         return True
 
     def _add_connection(self, claim: Optional[Tuple[int, int]] = None
@@ -6145,11 +6074,14 @@ class _Transfer:
             self._waiting -= 1
 
     def _wake(self) -> None:
-        """Wake the threads that wait on ``_cond``, if any: a notify costs
-        several calls even when none does."""
+        """Wake the download thread if it waits on ``_cond`` (a notify
+        costs several calls even when none does), and the connections that
+        wait for work. Under the lock."""
         if self._waiting:
             assert self._cond is not None  # made by the first to wait
             self._cond.notify_all()
+        if self.work is not None:
+            self.work.set()
 
     def _end(self, error: BaseException) -> None:
         """The attempt fails with ``error``: stop the other connections."""
@@ -6178,42 +6110,41 @@ class _Transfer:
             return transient[-1]
         return errors[-1] if errors else ProtocolError('the download stopped short')
 
-    def _next_job(self, conn: _Connection) -> bool:
-        """Claim the next range for ``conn``; ``False`` when there is none."""
+    def _next_job_steps(self, conn: _Connection) -> '_Steps[bool]':
+        """Steps that claim the next range for ``conn``; ``False`` when
+        there is none. With nothing for it now, a request too young to tell
+        whether it is far slower may be worth racing in a moment: they wait
+        for it (and for ``work``, set at any change)."""
         with self._lock:
             conn.active = False
             conn.superseded = False
-            if self.complete or self.error is not None or self.cancel.is_set():
-                return False
-            if self.probed and self._is_complete():
-                self._complete(conn)
-                return False
-            if not conn.source.usable:
-                return False
-            if not self.probed:
-                if self.prober is not None:
-                    return False
-                self.prober = conn
-                return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
-            while not self.planner.choose(conn):
-                # nothing for it now; a request too young to tell whether
-                # it is far slower may be worth racing in a moment (the
-                # download thread does not wait for it: it has a download
-                # to tend, and a connection thread is started for the race)
-                due = self.planner.rate_due(conn)
-                if due is None or self.cancel.tending():
-                    return False
-                self._wait(max(0.0, due - time.monotonic()) + 0.001)
+        while True:
+            with self._lock:
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
-                if self._is_complete():
+                if self.probed and self._is_complete():
                     self._complete(conn)
                     return False
                 if not conn.source.usable:
                     return False
-            if self.piece_hashes is not None:
-                self._avoid_bad_source(conn, conn.pos)
-            return True
+                if not self.probed:
+                    if self.prober is not None:
+                        return False
+                    self.prober = conn
+                    return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+                if self.planner.choose(conn):
+                    if self.piece_hashes is not None:
+                        self._avoid_bad_source(conn, conn.pos)
+                    return True
+                due = self.planner.rate_due(conn)
+                if due is None:
+                    return False
+                work = self.work
+                if work is None:
+                    work = self.work = _Flag()
+                else:
+                    work.clear()  # (under the lock, which every setter holds)
+            yield _Wait(None, due + 0.001, event=work)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
@@ -6240,13 +6171,14 @@ class _Transfer:
 
     # -- a connection thread -------------------------------------------------------------
 
-    def _serve(self, conn: _Connection) -> None:
-        """A connection thread: fetch ranges until there is none left."""
+    def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
+        """A connection's steps, on the loop: fetch ranges until there is
+        none left."""
         pacer = _Pacer(self.buckets, self.cancel.is_set)
         try:
-            while conn.active or self._next_job(conn):
+            while conn.active or (yield from self._next_job_steps(conn)):
                 try:
-                    _drive_here(self.pump.fetch_steps(conn, pacer), self.cancel)
+                    yield from self.pump.fetch_steps(conn, pacer)
                 except _Superseded:
                     with self._lock:
                         conn.active = False
@@ -6261,8 +6193,8 @@ class _Transfer:
                     if pause is None:
                         break
                     if pause:  # ended at once by a stop, a failure or completion
-                        self.cancel.wait(pause)
-        except BaseException as exc:  # a bug: end the attempt, never die silently
+                        yield self.cancel.pause(time.monotonic() + pause)
+        except Exception as exc:  # a bug: end the attempt, never die silently
             with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
@@ -6503,12 +6435,8 @@ class _Transfer:
                 return
 
     def _report(self, kind: str, value: Any) -> None:
-        """An event for the download thread, which is woken for it (or, if
-        it runs a connection, tends its download at the next chance)."""
+        """An event for the download thread, which is woken for it."""
         self.events.append((kind, value))
-        tender = self.cancel.tender
-        if tender is not None:
-            tender.due = 0.0
         self._wake()
 
     def _set_total(self, total: Optional[int]) -> None:
@@ -8050,12 +7978,12 @@ class Downloader(Emitter):
                 self.emit('speed-changed', self)
             return min(tick_at, now + _TEND_PERIOD)
 
-        tender = _Tender(tend, min(tick_at, began + _TEND_PERIOD))
+        due = min(tick_at, began + _TEND_PERIOD)
         try:
-            transfer.start(tender)  # runs its first connection
+            transfer.start()
             while not transfer.finished:
-                transfer.wait(tender.due - time.monotonic())
-                tender.tend()
+                transfer.wait(due - time.monotonic())
+                due = tend()
             for kind, value in transfer.take_events():
                 self._relay(kind, value)
             transfer.result()

@@ -385,15 +385,21 @@ def test_a_stop_ends_an_attempts_pause_at_once_and_every_one_after():
     without a stop, ends as a stop comes from another thread, and once
     stopped lasts nothing and nothing more is taken to abort."""
     cancel = bitpit._Cancel()
+
+    def pause(seconds):
+        def steps():
+            yield cancel.pause(time.monotonic() + seconds)
+        bitpit._drive_here(steps())
+
     began = time.monotonic()
-    cancel.wait(0.02)
+    pause(0.02)
     assert time.monotonic() - began >= 0.02 and not cancel.is_set()
     stopper = threading.Timer(0.05, cancel.cancel)
     stopper.start()
-    cancel.wait(10)
+    pause(10)
     stopper.join()
     assert cancel.is_set() and time.monotonic() - began < 2
-    cancel.wait(10)
+    pause(10)
     assert time.monotonic() - began < 2
     with pytest.raises(bitpit._Stopped):
         cancel.register(bitpit._EventAbort(threading.Event()))
@@ -446,7 +452,7 @@ def test_an_exception_in_the_download_thread_ends_it_in_fatal_error(server, tmp_
                                                                      monkeypatch):
     url = server.add('/f', DATA)
 
-    def broken(self, tender):
+    def broken(self):
         raise RuntimeError('a bug')
     monkeypatch.setattr(bitpit._Transfer, 'start', broken)
     d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)

@@ -93,22 +93,23 @@ def test_a_cancel_ends_a_wait_and_the_steps_see_it(server):
 
     threading.Timer(0.1, cancel.cancel).start()
     began = time.monotonic()
-    assert bitpit._drive_here(steps(), cancel) == 'ended'
+    assert bitpit._drive_here(steps()) == 'ended'
     assert time.monotonic() - began < 1
     assert seen == {'ready': True, 'read': b'', 'cancelled': True}
     server.release()
 
 
-def test_a_cancel_ends_a_wait_for_a_time_at_once():
+def test_a_cancel_ends_a_pause_at_once_and_its_time_ends_it_too():
     cancel = bitpit._Cancel()
 
-    def steps():
-        came = yield bitpit._Wait(None, time.monotonic() + 30)
+    def steps(seconds):
+        came = yield cancel.pause(time.monotonic() + seconds)
         return came, cancel.is_set()
 
+    assert bitpit._drive_here(steps(0.05)) == (False, False)
     threading.Timer(0.05, cancel.cancel).start()
     began = time.monotonic()
-    assert bitpit._drive_here(steps(), cancel) == (False, True)
+    assert bitpit._drive_here(steps(30)) == (True, True)
     assert time.monotonic() - began < 1
 
 
@@ -124,21 +125,21 @@ def test_an_event_ends_its_wait_and_its_deadline_ends_it_too():
 
 
 def test_a_failure_of_a_wait_is_raised_in_the_steps_where_they_waited():
-    """The download thread tends its download in its waits; what the
-    tending raises comes out of the ``yield``, so the steps' own handlers
-    and ``finally`` clauses run as for code that blocks."""
+    """What a wait on the calling thread raises (an interrupt, say) comes
+    out of the ``yield``, so the steps' own handlers and ``finally``
+    clauses run as for code that blocks."""
     class Broken(Exception):
         pass
 
-    class FailingCancel(bitpit._Cancel):
-        def wait_for(self, ready, seconds):
-            raise Broken('the tending failed')
+    class FailingEvent(threading.Event):
+        def wait(self, timeout=None):
+            raise Broken('the wait failed')
 
     seen = []
 
     def steps():
         try:
-            yield bitpit._Wait(None, time.monotonic() + 5, event=threading.Event())
+            yield bitpit._Wait(None, time.monotonic() + 5, event=FailingEvent())
         except Broken as exc:
             seen.append(str(exc))
             raise
@@ -146,8 +147,8 @@ def test_a_failure_of_a_wait_is_raised_in_the_steps_where_they_waited():
             seen.append('cleaned up')
 
     with pytest.raises(Broken):
-        bitpit._drive_here(steps(), FailingCancel())
-    assert seen == ['the tending failed', 'cleaned up']
+        bitpit._drive_here(steps())
+    assert seen == ['the wait failed', 'cleaned up']
 
 
 def test_a_wait_for_ever_with_nothing_to_end_it_is_refused():
@@ -261,7 +262,7 @@ def drive_by_hand(steps, before_a_read_wait):
         waits.append(wait)
         if wait.sock is not None and not wait.writing:
             before_a_read_wait()
-        value = bitpit._block(wait, None)
+        value = bitpit._block(wait)
 
 
 @pytest.mark.parametrize('gated_head', [False, True])
@@ -294,7 +295,7 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
                                 buckets=(bitpit._TokenBucket(),), checksum=None,
                                 max_size=None, min_speed=0, rename_in=None, gzip_name=False)
     conn = transfer._add_connection()
-    assert transfer._next_job(conn)
+    assert bitpit._drive_here(transfer._next_job_steps(conn))
     pacer = bitpit._Pacer(transfer.buckets, transfer.cancel.is_set)
     try:
         _, waits = drive_by_hand(transfer.pump.fetch_steps(conn, pacer), gates.release)
