@@ -612,3 +612,60 @@ def test_a_tls_request_through_a_tunnel_never_blocks(https_url, certificate, pro
     assert isinstance(request.sock, ssl.SSLSocket)
     assert {wait.sock.fileno() for wait in waits} == {request.sock.fileno()}
     assert any(wait.sock is not request.sock for wait in waits)  # the raw socket's, first
+
+
+# -- review of the http layer's steps: the time-out is a time with no byte ----------
+#
+# A TLS handshake or record whose bytes come in pieces makes one call that
+# waits several times: each wait is the whole time-out again, as the
+# reference has it ("no byte arrives for this long"), not what is left of
+# the first wait's.
+
+def test_a_tls_handshake_whose_bytes_come_in_pieces_waits_the_time_out_after_each(
+        pair, certificate):
+    """fa06dba's handshake gave each wait the time-out; a server whose
+    handshake comes slowly but steadily is no stall."""
+    ours, theirs = pair
+    theirs.setblocking(False)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, outgoing, server_side=True)
+    client = ssl.create_default_context(cafile=str(certificate[0])).wrap_socket(
+        ours, server_hostname='127.0.0.1', do_handshake_on_connect=False)
+    steps = bitpit._io_steps(client.do_handshake, client, 5)
+    wait = next(steps)  # its first flight sent: a wait for the server's
+    assert wait.sock is client and not wait.writing
+    incoming.write(theirs.recv(1 << 16))
+    with pytest.raises(ssl.SSLWantReadError):
+        server.do_handshake()
+    flight = outgoing.read()
+    theirs.sendall(flight[:100])
+    came_at = time.monotonic()
+    wait = steps.send(True)  # a piece of the server's flight: a wait for the rest
+    assert wait.sock is client and wait.until >= came_at + 5
+    theirs.sendall(flight[100:])
+    run_to_end(steps, True)
+
+
+def test_a_tls_record_whose_bytes_come_in_pieces_waits_the_time_out_after_each(
+        pair, certificate):
+    """A slow server's 16 KiB records, each longer than the time-out in
+    coming, are no stall while bytes come."""
+    theirs = pair[1]
+    client, server, wire = tls_peer_in_memory(pair, certificate)
+    server.write(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n')
+    theirs.sendall(wire())
+    response = bitpit._Response(client, timeout=5)
+    bitpit._drive_here(response.begin_steps())
+    body, view = bitpit._Body(response, client), memoryview(bytearray(100000))
+    server.write(b'x' * 16384)
+    record = wire()
+    steps = body.readinto_steps(view)
+    next(steps)  # no byte yet: a wait
+    theirs.sendall(record[:1000])
+    came_at = time.monotonic()
+    wait = steps.send(True)  # a piece of the record: a wait for the rest
+    assert wait.sock is client and wait.until >= came_at + 5
+    theirs.sendall(record[1000:])
+    assert run_to_end(steps, True) == 16384 and view[:16384] == b'x' * 16384
