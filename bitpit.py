@@ -1489,22 +1489,24 @@ class _Cancel:
         return tender is not None and tender.current()
 
     def wait_for(self, ready: Callable[[Optional[float]], bool],
-                 seconds: Optional[float]) -> bool:
+                 until: Optional[float]) -> bool:
         """``ready(s)`` waits up to ``s`` seconds (``None``: however long)
-        for something and says whether it came; whether it came within
-        ``seconds``. A connection thread calls it once; the download thread
-        that runs a connection, in slices that end when its download is
-        due to be tended, which it does in between (so ``ready`` must hold
-        no lock, nor its caller)."""
+        for something and says whether it came; whether it came before the
+        monotonic time ``until`` (``None``: whenever it comes). A
+        connection thread calls it once; the download thread that runs a
+        connection, in slices that end when its download is due to be
+        tended, which it does in between (so ``ready`` must hold no lock,
+        nor its caller). A wait until the tending is due (a token bucket's,
+        left to tend outside its queue) ends then, untended: ``until`` is
+        compared as it is, not as seconds from a moment before."""
         tender = self.tender
         if tender is None or not tender.current():
-            return ready(seconds)
+            return ready(None if until is None else max(0.0, until - time.monotonic()))
         now = time.monotonic()
-        deadline = None if seconds is None else now + seconds
         while True:
             step = max(0.0, tender.due - now)
-            if deadline is not None and deadline - now <= step:
-                return ready(max(0.0, deadline - now))
+            if until is not None and until - now <= step:
+                return ready(max(0.0, until - now))
             if ready(step):
                 return True
             if self._cancelled:
@@ -1524,13 +1526,18 @@ class _Cancel:
 
     def wait(self, seconds: float) -> None:
         """Wait ``seconds``, or less if ``cancel()`` comes first."""
+        self.wait_until(time.monotonic() + seconds)
+
+    def wait_until(self, until: Optional[float]) -> None:
+        """Wait until the monotonic time ``until`` (``None``: until
+        ``cancel()``), or less if ``cancel()`` comes first."""
         with self._lock:
             if self._cancelled:
                 return
             if self._pauses is None:
                 self._pauses = threading.Event()
             pauses = self._pauses
-        self.wait_for(pauses.wait, seconds)
+        self.wait_for(pauses.wait, until)
 
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
@@ -1546,11 +1553,12 @@ class _Cancel:
 
 
 def _wait_for(cancel: Optional[_Cancel], ready: Callable[[Optional[float]], bool],
-              seconds: Optional[float]) -> bool:
-    """``cancel.wait_for(ready, seconds)``, or ``ready(seconds)`` without one."""
+              until: Optional[float]) -> bool:
+    """``cancel.wait_for(ready, until)``, or ``ready`` until ``until``
+    without one."""
     if cancel is None:
-        return ready(seconds)
-    return cancel.wait_for(ready, seconds)
+        return ready(None if until is None else max(0.0, until - time.monotonic()))
+    return cancel.wait_for(ready, until)
 
 
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
@@ -1579,18 +1587,18 @@ def _block(wait: _Wait, cancel: Optional[_Cancel]) -> bool:
     """Wait on the calling thread as ``wait`` says, through ``cancel``
     (which ends a wait for a time, and tends the download of the thread
     that tends one); whether it came."""
-    seconds = None if wait.until is None else max(0.0, wait.until - time.monotonic())
+    until = wait.until
     if wait.sock is not None:
         return _wait_for(cancel, functools.partial(_ready, wait.sock, writing=wait.writing),
-                         seconds)
+                         until)
     if wait.event is not None:
-        return _wait_for(cancel, wait.event.wait, seconds)
+        return _wait_for(cancel, wait.event.wait, until)
     if cancel is not None:
-        cancel.wait(float('inf') if seconds is None else seconds)
-    elif seconds is None:
+        cancel.wait_until(until)
+    elif until is None:
         raise ValueError('a wait for ever, with nothing to end it')
     else:
-        time.sleep(seconds)
+        time.sleep(max(0.0, until - time.monotonic()))
     return False
 
 

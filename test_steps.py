@@ -112,6 +112,20 @@ def test_a_cancel_ends_a_wait_for_a_time_at_once():
     assert time.monotonic() - began < 1
 
 
+def test_a_wait_without_a_deadline_lasts_until_a_cancel_ends_it():
+    """A wait for nothing but a cancel (``until`` ``None``) is a pause
+    that the cancel ends, not one refused for being too long."""
+    cancel = bitpit._Cancel()
+
+    def steps():
+        came = yield bitpit._Wait(None, None)
+        return came, cancel.is_set()
+
+    threading.Timer(0.05, cancel.cancel).start()
+    began = time.monotonic()
+    assert bitpit._drive_here(steps(), cancel) == (False, True)
+    assert time.monotonic() - began < 1
+
 def test_an_event_ends_its_wait_and_its_deadline_ends_it_too():
     event = threading.Event()
 
@@ -244,6 +258,26 @@ def test_a_token_bucket_waiter_keeps_its_place_across_its_until_and_a_stop_ends_
     assert end.value.value == 0
     back.close()                               # steps dropped at a wait leave the queue
     assert bucket._waiters == []
+
+
+def test_a_download_thread_leaves_a_token_bucket_queue_before_it_tends():
+    """A download thread that runs a connection gives up its wait in a
+    token bucket when its download is due to be tended (the pacer's
+    ``until``), and tends it outside the queue, where the others are
+    served meanwhile: its wait, driven through the cancel, must not tend
+    it in the queue first, a hair before its ``until``."""
+    bucket = drained(10)                       # its first byte due in 0.1 s
+    queued_while_tending = []
+
+    def tend():
+        queued_while_tending.append(len(bucket._waiters))
+        return time.monotonic() + 60
+
+    cancel = bitpit._Cancel()
+    cancel.tender = tender = bitpit._Tender(tend, time.monotonic() + 0.03)
+    pacer = bitpit._Pacer((bucket,), cancel.is_set)
+    assert bitpit._drive_here(pacer.acquire_steps(1000, tender.due), cancel) == 0
+    assert queued_while_tending == [] and bucket._waiters == []
 
 
 def drive_by_hand(steps, before_a_read_wait):
