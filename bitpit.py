@@ -1791,16 +1791,16 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
     block: each time it would (``BlockingIOError``, or TLS's
     ``SSLWantReadError`` and ``SSLWantWriteError``), a wait for ``sock``
     to read or to write, of ``timeout`` seconds at most (``None``: no
-    limit), after which ``socket.timeout`` is raised, as by a socket with
-    that time-out. ``wait_first``: a wait for bytes first, where they are
-    unlikely to be there yet (an answer just asked for): it saves the call
-    that fails."""
+    limit), after which ``socket.timeout`` is raised. Each wait has the
+    whole time-out, not what the first one left: the time-out is a time
+    without a byte, and a TLS handshake or record whose bytes come in
+    pieces waits again after each. ``wait_first``: a wait for bytes first,
+    where they are unlikely to be there yet (an answer just asked for): it
+    saves the call that fails."""
     writing: Optional[bool] = False if wait_first else None  # the next wait's, if any
-    until: Optional[float] = None
     while True:
         if writing is not None:
-            if until is None and timeout is not None:
-                until = time.monotonic() + timeout
+            until = None if timeout is None else time.monotonic() + timeout
             if not (yield _Wait(sock, until, writing)):
                 raise socket.timeout('timed out')
         try:

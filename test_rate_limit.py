@@ -166,6 +166,31 @@ def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
     assert 300 <= total._tokens <= 310                 # 250 + 50 back (plus refill)
 
 
+def test_a_download_whose_callbacks_take_long_holds_no_one_up_in_a_managers_total(
+        server, tmp_path):
+    """Two downloads share a manager's 40,000 bytes a second; one of them
+    spends 0.24 s of every 0.25 s in its ``speed-changed`` callback, on
+    its download thread, while its connection goes on on the loop: the
+    other gets its half of the total, its 20,000 bytes in about 1.0 s,
+    not the 1.5 to 2 s they took when the callbacks held a place in the
+    total's queue, ahead of it."""
+    server.add('/slow', DATA)
+    server.add('/other', bytes(20000))
+    m = bitpit.Manager(rate_limit=40000, path=tmp_path, dir_path=True, update_period=0.25)
+    slow, other = m.add(server.url('/slow')), m.add(server.url('/other'))
+    slow.listen('speed-changed', lambda d: time.sleep(0.24))  # slow user code
+    rec = Recorder(other)
+    began = time.monotonic()
+    m.start()
+    try:
+        rec.wait_state('complete', timeout=10)
+        took = time.monotonic() - began
+    finally:
+        m.stop()
+        m.stop_all()
+    assert took < 1.3, took
+
+
 def on_disk(path):
     try:
         return path.stat().st_size

@@ -136,3 +136,33 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_attempt(tmp_path, host):
     assert heads == [b'CONNECT ' + authority + b' HTTP/1.1\r\nHost: ' + authority + b'\r\n\r\n']
     assert d.state in ('error', 'fatal-error')
     assert 'Tunnel connection failed: 403 Forbidden' in str(d.last_exception)
+
+
+def test_a_proxy_that_never_answers_the_connect_stalls_and_a_stop_ends_its_wait_at_once(
+        tmp_path):
+    """The wait for the proxy's answer to CONNECT (a step now) is bounded
+    by the time-out, a StalledError, and a stop ends it at once."""
+    listener = socket.create_server(('127.0.0.1', 0))  # takes connections, answers none
+    proxy = 'http://127.0.0.1:{}'.format(listener.getsockname()[1])
+    held = []
+    try:
+        began = time.monotonic()
+        d = fetch('https://files.example/f', tmp_path / 'f', restart_wait=0, retries=0,
+                  timeout=0.3, proxy=proxy)
+        assert isinstance(d.last_exception, bitpit.StalledError)
+        assert time.monotonic() - began < 3
+        d = bitpit.Downloader('https://files.example/f', path=tmp_path / 'g', timeout=30,
+                              proxy=proxy)
+        d.start()
+        listener.settimeout(5)
+        held += [listener.accept()[0] for _ in range(2)]  # the stalled one's, then ours
+        for sock in held:
+            read_head(sock)  # the CONNECT came: its answer is waited for
+        began = time.monotonic()
+        d.stop()
+        assert time.monotonic() - began < 0.3
+        assert d.state == 'pause' and bitpit_threads(wait=0) == []
+    finally:
+        for sock in held:
+            sock.close()
+        listener.close()
