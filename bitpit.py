@@ -565,20 +565,20 @@ def _parse_content_length(response: _Response) -> Optional[int]:
     """The response's ``Content-Length`` as an int, ``None`` if absent or the
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value (only ASCII digits count)."""
-    values = response.msg.get_all('Content-Length') or []
-    if not values or response.chunked:
+    # (a repeated field's values joined by ', ': one list of them either way)
+    value = response.fields.by_name.get('content-length')
+    if value is None or response.chunked:
         return None
-    if len(values) == 1 and values[0].isdigit() and values[0].isascii():
-        return int(values[0])  # the usual one
+    if value.isdigit() and value.isascii():
+        return int(value)  # the usual one
     lengths = set()
-    for value in values:
-        for part in value.split(','):
-            part = part.strip()
-            if not _DIGITS_RE.fullmatch(part):
-                raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
-            lengths.add(int(part))
+    for part in value.split(','):
+        part = part.strip()
+        if not _DIGITS_RE.fullmatch(part):
+            raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
+        lengths.add(int(part))
     if len(lengths) != 1:
-        raise ProtocolError('conflicting Content-Length values: {}'.format(values))
+        raise ProtocolError('conflicting Content-Length values: {}'.format(value))
     return lengths.pop()
 
 
@@ -717,6 +717,10 @@ def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
                      field, algorithm, value[:100])
         return None
     return digest
+
+
+# (in lower case) every field ``_server_digests`` may read
+_DIGEST_FIELDS = frozenset(('repr-digest', 'content-digest', 'digest'))
 
 
 def _server_digests(response: _Response, fields: Tuple[str, ...]
@@ -6219,6 +6223,8 @@ class _Transfer:
         self.digests = []
         if answer.encoding is not None and not answer.keep_encoded:
             return
+        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
+            return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
                                            answer.end == answer.total)
