@@ -55,6 +55,7 @@ import socket
 import ssl
 import stat
 import sys
+import _thread
 import threading
 import time
 import types
@@ -1696,7 +1697,8 @@ class _EventAbort:
 def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[float]
                    ) -> '_Steps[List[Tuple[Any, ...]]]':
     """``socket.getaddrinfo`` for a TCP connection, in a way a stop can
-    abandon: a name is looked up in a daemon thread, which sets an event
+    abandon: a name is looked up in a thread of its own (which, like a
+    daemon, never holds up the interpreter's exit), which sets an event
     that the steps wait for, and so does a cancel. Addresses are used as
     they are."""
     try:
@@ -1719,7 +1721,9 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
     if cancel is not None:
         cancel.register(waker)
     try:
-        threading.Thread(target=look_up, name='bitpit-resolve', daemon=True).start()
+        # a bare thread: threading.Thread.start would wait until it runs,
+        # a block in steps that one loop drives with many others
+        _thread.start_new_thread(look_up, ())
         until = None if timeout is None else time.monotonic() + timeout
         if not (yield _Wait(None, until, event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
