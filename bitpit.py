@@ -4820,8 +4820,8 @@ _SPLICE_FROM = 1024 * 1024   # smaller bodies are not worth a pipe
 class _Splice:
     """Moves a plain body from the socket to the file without copying it
     through Python: ``os.splice`` from the socket into a pipe, and from the
-    pipe into the file at the offset (Linux, Python 3.10+). What http.client
-    had buffered with the headers is written first. One per request of a
+    pipe into the file at the offset (Linux, Python 3.10+). What the answer
+    received with its head is written first. One per request of a
     connection; ``close()`` lets the pipe go."""
 
     def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
@@ -4855,7 +4855,7 @@ class _Splice:
                 n = _splice(self._sock.fileno(), self._pipe[1], count,
                             flags=getattr(os, 'SPLICE_F_MOVE', 1))
                 break
-            except BlockingIOError:  # the socket has a time-out, so it never blocks
+            except BlockingIOError:  # (a connection's socket never blocks)
                 timeout = self._timeout
                 if not (yield _Wait(self._sock, None if timeout is None
                                     else time.monotonic() + timeout)):
