@@ -1471,15 +1471,23 @@ class _Pacer:
         """Steps that give the bytes that may be read now (0: cancelled, or
         ``until`` came first); they wait while limited. Unlimited, there is
         no need to ask (a read is not held back, nor stopped: the stop
-        aborts it)."""
+        aborts it). Whatever ends them in a bucket's wait (0, or an
+        exception thrown into them) gives the buckets before it back what
+        they granted."""
         grants = self._grants
         del grants[:]
-        for bucket in self.buckets:
-            want = yield from bucket.acquire_steps(want, self.cancelled, until, self._places)
-            if not want:
-                self.settle(0)
-                return 0
-            grants.append(want)
+        try:
+            for bucket in self.buckets:
+                want = yield from bucket.acquire_steps(want, self.cancelled, until,
+                                                       self._places)
+                if not want:
+                    break
+                grants.append(want)
+        except BaseException:
+            self.settle(0)
+            raise
+        if not want:
+            self.settle(0)
         return want
 
     def settle(self, used: int) -> None:
