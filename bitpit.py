@@ -2163,9 +2163,9 @@ class _Response:
     (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
-    set and behaving as http.client's do, and ``begin``, ``read`` and
-    ``read1``, the steps run on the calling thread (their waits through
-    ``cancel``). The thread of its request."""
+    set and behaving as http.client's do, and ``begin`` and ``read``,
+    the steps run on the calling thread (their waits through ``cancel``).
+    The thread of its request."""
     fields: _Headers
     headers: _Headers
     msg: _Headers
@@ -2287,10 +2287,6 @@ class _Response:
         if not self._unread and self._framing is not None and self._framing.done:
             self.close()  # its end read: the connection may carry another answer
         return data
-
-    def read1(self, size: int = -1) -> bytes:
-        """``read1_steps`` run here."""
-        return _drive_here(self.read1_steps(size), self._cancel)
 
     def read_steps(self, size: Optional[int] = None) -> '_Steps[bytes]':
         """The body's bytes, ``size`` at most (``None``: to its end)."""
