@@ -1261,6 +1261,12 @@ if TYPE_CHECKING:
     _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
 
 
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    """The monotonic time ``timeout`` seconds from now (``None``: none),
+    a wait's ``until``."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 # ---------------------------------------------------------------------------
 # timing: token buckets
 # ---------------------------------------------------------------------------
@@ -1677,8 +1683,7 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
     writing: Optional[bool] = False if wait_first else None  # the next wait's, if any
     while True:
         if writing is not None:
-            until = None if timeout is None else time.monotonic() + timeout
-            if not (yield _Wait(sock, until, writing)):
+            if not (yield _Wait(sock, _deadline(timeout), writing)):
                 raise socket.timeout('timed out')
         try:
             return call(*args)
@@ -1732,8 +1737,7 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
         # a bare thread: threading.Thread.start would wait until it runs,
         # a block in steps that one loop drives with many others
         _thread.start_new_thread(look_up, ())
-        until = None if timeout is None else time.monotonic() + timeout
-        if not (yield _Wait(None, until, event=done)):
+        if not (yield _Wait(None, _deadline(timeout), event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
         if cancel is not None:
@@ -2406,8 +2410,7 @@ class _AbortableMixin:
         sock.setblocking(False)
         error = sock.connect_ex(address)
         if error in _CONNECTING:
-            until = None if timeout is None else time.monotonic() + timeout
-            if not (yield _Wait(sock, until, writing=True)):
+            if not (yield _Wait(sock, _deadline(timeout), writing=True)):
                 raise socket.timeout('timed out')
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
@@ -4854,20 +4857,14 @@ class _Splice:
                 fcntl.fcntl(self._pipe[1], getattr(fcntl, 'F_SETPIPE_SZ', 1031), _PIPE_SIZE)
             except OSError:
                 pass  # the default pipe (64 KiB) will do
-        while True:  # splice first, wait only when nothing is there: one call less
-            try:
-                n = _splice(self._sock.fileno(), self._pipe[1], count,
-                            flags=getattr(os, 'SPLICE_F_MOVE', 1))
-                break
-            except BlockingIOError:  # (a connection's socket never blocks)
-                timeout = self._timeout
-                if not (yield _Wait(self._sock, None if timeout is None
-                                    else time.monotonic() + timeout)):
-                    raise socket.timeout('no data received within the time-out')
-            except OSError as exc:
-                if exc.errno in _NO_SPLICE_ERRORS:
-                    raise _SpliceRefused from exc
-                raise
+        try:  # splice first, wait only when nothing is there: one call less
+            n = yield from _io_steps(_splice, self._sock, self._timeout, self._sock.fileno(),
+                                     self._pipe[1], count, None,
+                                     getattr(os, 'SPLICE_F_MOVE', 1))
+        except OSError as exc:  # (a time-out too, which has no errno)
+            if exc.errno in _NO_SPLICE_ERRORS:
+                raise _SpliceRefused from exc
+            raise
         if n:
             self._store.splice_in(self._pipe[0], offset, n, epoch)
         return n
@@ -7575,7 +7572,7 @@ class Downloader(Emitter):
         with no restart to come; or until ``timeout`` seconds passed.
         Returns ``True`` only when it is complete. Any thread but the
         download thread."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         with self._lock:
             changed = self._changes()
             while not self._settled():
