@@ -56,6 +56,7 @@ import socket
 import ssl
 import stat
 import sys
+import _thread
 import threading
 import time
 import types
@@ -431,6 +432,11 @@ def _host_field(host_key: _HostKey) -> str:
 # again; emptied when full (any thread: two that race to one make the same)
 _ORIGINS: 'Dict[Tuple[str, str], _OriginInfo]' = {}
 _MAX_ORIGINS = 256
+# the ``scheme://netloc`` text of each origin in ``_ORIGINS``, and its
+# scheme and netloc: a URL that begins with it and a ``/`` is split by
+# ``_split_known``, not ``urlsplit`` (thousands of times for a manager's
+# list of one server's files); emptied with ``_ORIGINS``
+_ORIGIN_TEXTS: Dict[str, Tuple[str, str]] = {}
 
 
 def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
@@ -454,8 +460,10 @@ def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
         raise InvalidURLError('malformed host name in {!r}'.format(url)) from exc
     if len(_ORIGINS) >= _MAX_ORIGINS:
         _ORIGINS.clear()
+        _ORIGIN_TEXTS.clear()
     origin = _ORIGINS[scheme, parts.netloc] = (host_key, host, _url_credentials(parts),
                                                _host_field(host_key))
+    _ORIGIN_TEXTS[scheme + '://' + parts.netloc] = (scheme, parts.netloc)
     return origin
 
 
@@ -498,11 +506,30 @@ def _check_url(url: str) -> _Address:
         raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
     if _URL_CONTROL_CHARS_RE.search(url):
         raise InvalidURLError('URL with control characters: {!r}'.format(url))
+    parts = _split_known(url)
+    if parts is not None:
+        return _Address(url, parts)
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:
         raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
     return _Address(url, parts)
+
+
+def _split_known(url: str) -> Optional[urllib.parse.SplitResult]:
+    """``urlsplit(url)`` for a URL (without control characters) that
+    begins with the text of a checked origin (see ``_ORIGIN_TEXTS``) and a
+    ``/``, else ``None``: the scheme and netloc are the origin's (what
+    ``urlsplit`` makes of that text, whatever the URL it was found in), and
+    the rest is split as ``urlsplit`` splits it, the fragment at the first
+    ``#``, then the query at the first ``?``."""
+    end = url.find('/', url.find('//') + 2)
+    origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
+    if origin is None:
+        return None
+    rest, _, fragment = url[end:].partition('#')
+    path, _, query = rest.partition('?')
+    return urllib.parse.SplitResult(origin[0], origin[1], path, query, fragment)
 
 
 def _filename_from_url(address: _Address) -> str:
@@ -566,20 +593,20 @@ def _parse_content_length(response: _Response) -> Optional[int]:
     """The response's ``Content-Length`` as an int, ``None`` if absent or the
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value (only ASCII digits count)."""
-    values = response.msg.get_all('Content-Length') or []
-    if not values or response.chunked:
+    # (a repeated field's values joined by ', ': one list of them either way)
+    value = response.fields.by_name.get('content-length')
+    if value is None or response.chunked:
         return None
-    if len(values) == 1 and values[0].isdigit() and values[0].isascii():
-        return int(values[0])  # the usual one
+    if value.isdigit() and value.isascii():
+        return int(value)  # the usual one
     lengths = set()
-    for value in values:
-        for part in value.split(','):
-            part = part.strip()
-            if not _DIGITS_RE.fullmatch(part):
-                raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
-            lengths.add(int(part))
+    for part in value.split(','):
+        part = part.strip()
+        if not _DIGITS_RE.fullmatch(part):
+            raise ProtocolError('malformed Content-Length: {!r}'.format(value[:100]))
+        lengths.add(int(part))
     if len(lengths) != 1:
-        raise ProtocolError('conflicting Content-Length values: {}'.format(values))
+        raise ProtocolError('conflicting Content-Length values: {}'.format(value))
     return lengths.pop()
 
 
@@ -718,6 +745,10 @@ def _digest_value(field: str, algorithm: str, value: str) -> Optional[bytes]:
                      field, algorithm, value[:100])
         return None
     return digest
+
+
+# (in lower case) every field ``_server_digests`` may read
+_DIGEST_FIELDS = frozenset(('repr-digest', 'content-digest', 'digest'))
 
 
 def _server_digests(response: _Response, fields: Tuple[str, ...]
@@ -1193,6 +1224,12 @@ if TYPE_CHECKING:
     _Steps = Generator[_Wait, bool, _T]  # steps whose end gives a _T
 
 
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    """The monotonic time ``timeout`` seconds from now (``None``: none),
+    a wait's ``until``."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 # -- the loop: one thread that drives the steps of every connection -----------------
 #
 # The same steps that _drive_here runs on a thread of their own run here by
@@ -1656,15 +1693,23 @@ class _Pacer:
         """Steps that give the bytes that may be read now (0: cancelled, or
         ``until`` came first); they wait while limited. Unlimited, there is
         no need to ask (a read is not held back, nor stopped: the stop
-        aborts it)."""
+        aborts it). Whatever ends them in a bucket's wait (0, or an
+        exception thrown into them) gives the buckets before it back what
+        they granted."""
         grants = self._grants
         del grants[:]
-        for bucket in self.buckets:
-            want = yield from bucket.acquire_steps(want, self.cancelled, until, self._places)
-            if not want:
-                self.settle(0)
-                return 0
-            grants.append(want)
+        try:
+            for bucket in self.buckets:
+                want = yield from bucket.acquire_steps(want, self.cancelled, until,
+                                                       self._places)
+                if not want:
+                    break
+                grants.append(want)
+        except BaseException:
+            self.settle(0)
+            raise
+        if not want:
+            self.settle(0)
         return want
 
     def settle(self, used: int) -> None:
@@ -1800,8 +1845,7 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
     writing: Optional[bool] = False if wait_first else None  # the next wait's, if any
     while True:
         if writing is not None:
-            until = None if timeout is None else time.monotonic() + timeout
-            if not (yield _Wait(sock, until, writing)):
+            if not (yield _Wait(sock, _deadline(timeout), writing)):
                 raise socket.timeout('timed out')
         try:
             return call(*args)
@@ -1826,7 +1870,8 @@ class _EventAbort:
 def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Optional[float]
                    ) -> '_Steps[List[Tuple[Any, ...]]]':
     """``socket.getaddrinfo`` for a TCP connection, in a way a stop can
-    abandon: a name is looked up in a daemon thread, which sets an event
+    abandon: a name is looked up in a thread of its own (which, like a
+    daemon, never holds up the interpreter's exit), which sets an event
     that the steps wait for, and so does a cancel. Addresses are used as
     they are."""
     try:
@@ -1849,9 +1894,10 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
     if cancel is not None:
         cancel.register(waker)
     try:
-        threading.Thread(target=look_up, name='bitpit-resolve', daemon=True).start()
-        until = None if timeout is None else time.monotonic() + timeout
-        if not (yield _Wait(None, until, event=done)):
+        # a bare thread: threading.Thread.start would wait until it runs,
+        # a block in steps that one loop drives with many others
+        _thread.start_new_thread(look_up, ())
+        if not (yield _Wait(None, _deadline(timeout), event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
         if cancel is not None:
@@ -2281,9 +2327,8 @@ class _Response:
     (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
-    set and behaving as http.client's do, and ``begin``, ``read`` and
-    ``read1``, the steps run on the calling thread. The thread of its
-    request."""
+    set and behaving as http.client's do, and ``begin`` and ``read``,
+    the steps run on the calling thread. The thread of its request."""
     fields: _Headers
     headers: _Headers
     msg: _Headers
@@ -2404,10 +2449,6 @@ class _Response:
             self.close()  # its end read: the connection may carry another answer
         return data
 
-    def read1(self, size: int = -1) -> bytes:
-        """``read1_steps`` run here."""
-        return _drive_here(self.read1_steps(size))
-
     def read_steps(self, size: Optional[int] = None) -> '_Steps[bytes]':
         """The body's bytes, ``size`` at most (``None``: to its end)."""
         parts = []
@@ -2526,8 +2567,7 @@ class _AbortableMixin:
         sock.setblocking(False)
         error = sock.connect_ex(address)
         if error in _CONNECTING:
-            until = None if timeout is None else time.monotonic() + timeout
-            if not (yield _Wait(sock, until, writing=True)):
+            if not (yield _Wait(sock, _deadline(timeout), writing=True)):
                 raise socket.timeout('timed out')
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
@@ -4944,8 +4984,8 @@ _SPLICE_FROM = 1024 * 1024   # smaller bodies are not worth a pipe
 class _Splice:
     """Moves a plain body from the socket to the file without copying it
     through Python: ``os.splice`` from the socket into a pipe, and from the
-    pipe into the file at the offset (Linux, Python 3.10+). What http.client
-    had buffered with the headers is written first. One per request of a
+    pipe into the file at the offset (Linux, Python 3.10+). What the answer
+    received with its head is written first. One per request of a
     connection; ``close()`` lets the pipe go."""
 
     def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
@@ -4974,20 +5014,14 @@ class _Splice:
                 fcntl.fcntl(self._pipe[1], getattr(fcntl, 'F_SETPIPE_SZ', 1031), _PIPE_SIZE)
             except OSError:
                 pass  # the default pipe (64 KiB) will do
-        while True:  # splice first, wait only when nothing is there: one call less
-            try:
-                n = _splice(self._sock.fileno(), self._pipe[1], count,
-                            flags=getattr(os, 'SPLICE_F_MOVE', 1))
-                break
-            except BlockingIOError:  # the socket has a time-out, so it never blocks
-                timeout = self._timeout
-                if not (yield _Wait(self._sock, None if timeout is None
-                                    else time.monotonic() + timeout)):
-                    raise socket.timeout('no data received within the time-out')
-            except OSError as exc:
-                if exc.errno in _NO_SPLICE_ERRORS:
-                    raise _SpliceRefused from exc
-                raise
+        try:  # splice first, wait only when nothing is there: one call less
+            n = yield from _io_steps(_splice, self._sock, self._timeout, self._sock.fileno(),
+                                     self._pipe[1], count, None,
+                                     getattr(os, 'SPLICE_F_MOVE', 1))
+        except OSError as exc:  # (a time-out too, which has no errno)
+            if exc.errno in _NO_SPLICE_ERRORS:
+                raise _SpliceRefused from exc
+            raise
         if n:
             self._store.splice_in(self._pipe[0], offset, n, epoch)
         return n
@@ -6345,6 +6379,8 @@ class _Transfer:
         self.digests = []
         if answer.encoding is not None and not answer.keep_encoded:
             return
+        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
+            return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
                                            answer.end == answer.total)
@@ -7657,7 +7693,7 @@ class Downloader(Emitter):
         with no restart to come; or until ``timeout`` seconds passed.
         Returns ``True`` only when it is complete. Any thread but the
         download thread."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         with self._lock:
             changed = self._changes()
             while not self._settled():

@@ -60,14 +60,17 @@ def held_when_finished(server, tmp_path, monkeypatch, paths):
 
 def test_a_complete_download_holds_little_more_than_a_queued_one(server, tmp_path,
                                                                  monkeypatch):
-    """0.1-0.7 KB more each (Python 3.9-3.13); 2.5-2.8 KB before they
-    let go of their attempts' objects, 4.5 KB with the dead worker thread
-    their last task kept."""
+    """0.5-1.2 KB more each (Python 3.9-3.13; 0.2-0.7 KB before a queued
+    download's URL was split without urlsplit, whose cache kept 0.34 KB
+    of each made download that dropping it never freed: on 3.11 a queued
+    one now holds 1.7 KB, a finished one 2.3-2.6 KB, as before); 2.5-2.8 KB more
+    before they let go of their attempts' objects, 4.5 KB with the dead
+    worker thread their last task kept."""
     paths = ['/{}.bin'.format(i) for i in range(30)]
     for path in paths:
         server.add(path, DATA[:1024])
     states, more = held_when_finished(server, tmp_path, monkeypatch, paths)
-    assert states == {'complete'} and more < 1024, more
+    assert states == {'complete'} and more < 1536, more
 
 
 def test_a_fatal_download_holds_little_more_than_its_error(server, tmp_path, monkeypatch):

@@ -166,6 +166,23 @@ def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
     assert 300 <= total._tokens <= 310                 # 250 + 50 back (plus refill)
 
 
+def test_a_wait_in_the_second_bucket_that_ends_in_error_gives_the_first_its_grant_back():
+    """A read drawn from a download's own limit, then a manager's total
+    that has no token yet: what ends the wait in the total (a stop's
+    exception thrown into the steps, say) gives the own limit back what it
+    granted, as a stop seen there does."""
+    own, total = bitpit._TokenBucket(20000), bitpit._TokenBucket(5000)
+    own._tokens = own._depth()                         # full: 2000 bytes
+    total.drain()                                       # empty: its wait comes
+    pacer = bitpit._Pacer((own, total), lambda: False)
+    steps = pacer.acquire_steps(10000)
+    wait = next(steps)                                  # granted by own, waiting on total
+    assert wait.event is not None and own._tokens < 1010
+    with pytest.raises(KeyboardInterrupt):
+        steps.throw(KeyboardInterrupt())
+    assert own._tokens >= 2000 - 10 and not total._waiters
+
+
 def test_a_download_whose_callbacks_take_long_holds_no_one_up_in_a_managers_total(
         server, tmp_path):
     """Two downloads share a manager's 40,000 bytes a second; one of them

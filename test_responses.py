@@ -99,6 +99,9 @@ MALFORMED = {
     'content-length-abc': {'content_length': 'abc'},
     'content-length-negative': {'content_length': '-5'},
     'content-length-conflicting': {'content_length': '10, 20'},
+    # (two fields: each value counts, not only the first one's)
+    'content-length-conflicting-fields': raw('HTTP/1.1 200 OK\r\nContent-Length: 3\r\n'
+                                             'Content-Length: 5\r\n\r\nabcde'),
     'content-length-huge': {'content_length': str(10 ** 30)},
     'status-line-garbage': raw('garbage\r\n\r\n'),
     'status-line-bad-code': raw('HTTP/1.1 abc OK\r\nContent-Length: 1\r\n\r\nx'),

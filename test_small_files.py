@@ -293,12 +293,20 @@ def test_a_url_is_split_once_when_it_is_set(server, tmp_path, monkeypatch):
     its file's name, its request's target and the host it connects to from
     that: not by splitting it again when the download is made or when it
     starts (long after, among thousands queued, urllib's cache of splits
-    has dropped it)."""
+    has dropped it). (By urlsplit, or, for a URL of an origin seen
+    before, by bitpit's own split.)"""
     urls = [server.add('/d/a%20b.bin', SMALL), server.add('/d/%C3%BC.bin', SMALL)]
     splits = []
-    urlsplit = urllib.parse.urlsplit
+    urlsplit, split_known = urllib.parse.urlsplit, bitpit._split_known
     monkeypatch.setattr(urllib.parse, 'urlsplit', lambda url, *args, **kwargs: (
         splits.append(url) if url in urls else None) or urlsplit(url, *args, **kwargs))
+
+    def counted_split_known(url):
+        parts = split_known(url)
+        if parts is not None and url in urls:
+            splits.append(url)
+        return parts
+    monkeypatch.setattr(bitpit, '_split_known', counted_split_known)
     d = bitpit.Downloader(urls[0], tmp_path, dir_path=True)
     assert splits == urls[:1] and d.path == tmp_path / 'a b.bin'
     d.url = urls[1]  # its name and its requests follow

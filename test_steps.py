@@ -696,9 +696,6 @@ def test_a_tls_record_whose_bytes_come_in_pieces_waits_the_time_out_after_each(
     assert run_to_end(steps, True) == 16384 and view[:16384] == b'x' * 16384
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='threading.Thread.start waits on an Event until the look-up '
-                          'thread runs: a block in a step (one loop: fix in step 3)')
 def test_a_name_look_ups_steps_start_its_thread_without_waiting_for_it(monkeypatch):
     """Steps never wait on an Event: a name's look-up thread is started,
     not waited for until it runs."""
