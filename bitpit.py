@@ -1190,6 +1190,130 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_WORKERS._after_fork)
 
 
+class _Run(_Task):
+    """One run of a download (an attempt, from ``start`` to its end
+    state): its steps run on the loop, and what it tells its callbacks
+    (a state to set, a signal to emit) waits here, in ``calls``, for a
+    signal worker, which makes those calls in the order posted, one at a
+    time. While a worker makes them, it is the run's thread (``thread``,
+    ``is_current``); the run is alive until its last call (``done``).
+    ``queued`` says that a worker has it or will take it up, set and
+    cleared under ``_Signals._lock``; ``since`` is when it was queued."""
+    __slots__ = ('calls', 'queued', 'since')
+
+    def __init__(self) -> None:
+        super().__init__(_nothing, 'bitpit-download')
+        self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
+            collections.deque()
+        self.queued = False
+        self.since = 0.0
+
+
+def _nothing() -> None:
+    """A run's target: its steps run on the loop, not as a task."""
+
+
+class _Signals:
+    """The signal workers: the threads that make the calls that runs
+    post on the loop (``post``), so that no callback runs on the loop's
+    thread. The loop hands what a round posted at once (``hand``, one
+    lock); a worker takes up one run after another and makes each one's
+    calls until none is left, so a download's calls are made in order and
+    never two at once. One worker serves every download while their
+    callbacks are quick; a run left waiting ``SPILL`` seconds (behind a
+    callback that takes long) gets another worker, so a slow callback
+    holds up its own download's signals, and others' for ``SPILL``
+    seconds at most. Workers are ``_WORKERS`` tasks named
+    ``bitpit-download``, each delivering while there is work. ``_lock``
+    guards ``_ready`` (the runs queued, not taken up yet),
+    ``_delivering`` (workers under way) and each run's ``queued``.
+    ``post`` and ``hand``: the loop's thread."""
+    SPILL = 0.05
+    MAX_WORKERS = 32
+
+    def __init__(self) -> None:
+        self._after_fork()
+
+    def _after_fork(self) -> None:
+        """Start empty (in a forked child: its workers are gone)."""
+        self._lock = threading.Lock()
+        self._ready: 'collections.deque[_Run]' = collections.deque()
+        self._delivering = 0
+        self._posted: List[_Run] = []  # the loop's, since its last hand
+
+    def post(self, run: _Run, call: Callable[..., object], *args: Any) -> None:
+        """Have ``call(*args)`` made after the run's earlier calls. A run
+        whose calls are all made has no worker looking at it any more, so
+        its next call is handed again."""
+        if not run.calls:
+            self._posted.append(run)
+        run.calls.append((call, args))
+
+    def hand(self) -> Optional[float]:
+        """Hand the runs posted to since the last hand to the workers,
+        starting one when none works or when a run waited ``SPILL``
+        seconds; when to look again for a worker held up (``None``: no
+        run waits for one)."""
+        posted, self._posted = self._posted, []
+        now = time.monotonic()
+        with self._lock:
+            for run in posted:
+                if not run.queued:
+                    run.queued = True
+                    run.since = now
+                    self._ready.append(run)
+            if not self._ready:
+                return None
+            waited = now - self._ready[0].since
+            start = not self._delivering or (
+                waited >= self.SPILL and self._delivering < self.MAX_WORKERS)
+            if start:
+                self._delivering += 1
+        if start:
+            try:
+                _WORKERS.run(self._deliver, 'bitpit-download')
+            except BaseException:
+                with self._lock:
+                    self._delivering -= 1
+                raise
+            return now + self.SPILL
+        return now + self.SPILL - waited
+
+    def _deliver(self) -> None:
+        """A worker: take up the queued runs and make their calls, until
+        none is queued."""
+        me = threading.current_thread()
+        lock = self._lock
+        while True:
+            with lock:
+                if not self._ready:
+                    self._delivering -= 1
+                    return
+                run = self._ready.popleft()
+            calls = run.calls
+            run.thread = me
+            while True:
+                try:
+                    call, args = calls.popleft()
+                except IndexError:
+                    with lock:
+                        if calls:  # posted just now
+                            continue
+                        run.queued = False
+                    break
+                try:
+                    call(*args)
+                except Exception:  # (a callback's own error is logged by emit)
+                    _log.exception('a signal call of a download raised')
+            if run.thread is me:
+                run.thread = None
+
+
+_SIGNALS = _Signals()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_SIGNALS._after_fork)
+
+
 # ---------------------------------------------------------------------------
 # steps: code that yields its waits
 # ---------------------------------------------------------------------------
@@ -1279,10 +1403,12 @@ class _Loop:
     wait. The thread starts at the first ``spawn`` and ends once nothing is
     left to drive. ``_lock`` guards ``_handed`` and ``_thread``; the rest is
     the loop thread's own. ``after_round`` (if given) is called on the
-    loop's thread after each round of resumptions: what the steps left for
-    other threads is handed over once a round, not once a step."""
+    loop's thread after each round of resumptions, so that what the steps
+    left for other threads is handed over once a round, not once a step;
+    it returns when to call it again at the latest (``None``: at the next
+    round, if any), and the thread does not end before it says ``None``."""
 
-    def __init__(self, after_round: Optional[Callable[[], object]] = None) -> None:
+    def __init__(self, after_round: Optional[Callable[[], Optional[float]]] = None) -> None:
         self._after_round = after_round
         self._lock = threading.Lock()
         # steps to resume: (driven, None) new ones, (driven, wait) an event of theirs set
@@ -1336,6 +1462,8 @@ class _Loop:
                     raise
                 self._thread = self._last = thread
                 return
+            if self._thread.ident == threading.get_ident():
+                return  # the loop's own thread: it looks at what was handed before it waits
             wake = self._wake_out
         assert wake is not None  # made with the thread
         try:
@@ -1360,23 +1488,33 @@ class _Loop:
                 with self._lock:
                     handed = list(self._handed)
                     self._handed.clear()
-                    if not handed and not self._driven:
-                        # a spawn from now on starts another thread, which
-                        # finds none of this one's state
-                        self._thread = self._selector = None
-                        return
                 for driven, wait in handed:
                     if wait is None:
                         self._driven += 1
                         self._resume(driven, None)
                     elif driven.wait is wait:  # (else resumed already, by its deadline)
                         self._resume(driven, True)
-                if not self._driven:  # every deadline left is stale
-                    del self._deadlines[:]
-                    continue
+                # what the last round left for other threads, and when to
+                # look again whether they took it
+                again = self._after_round() if self._after_round is not None else None
+                if not self._driven:
+                    del self._deadlines[:]  # every deadline left is stale
+                    if again is None:
+                        with self._lock:
+                            if not self._handed:
+                                # a spawn from now on starts another thread,
+                                # which finds none of this one's state
+                                self._thread = self._selector = None
+                                return
+                        continue
                 timeout = None
-                if self._deadlines:
+                if self._handed:  # (by the loop's own thread, in this round)
+                    timeout = 0.0
+                elif self._deadlines:
                     timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+                if again is not None:
+                    until_again = max(0.0, again - time.monotonic())
+                    timeout = until_again if timeout is None else min(timeout, until_again)
                 for key, _ in selector.select(timeout):
                     if key.data is None:
                         self._drain_wake_ups(wake_in)
@@ -1395,8 +1533,6 @@ class _Loop:
                         self._schedule(driven, wait.until)
                     else:
                         self._resume(driven, False)
-                if self._after_round is not None:
-                    self._after_round()
         finally:
             selector.close()
             with self._lock:
@@ -1478,7 +1614,7 @@ class _Loop:
 
 
 # every connection's steps, on one thread from the first spawn to the last end
-_LOOP = _Loop()
+_LOOP = _Loop(after_round=_SIGNALS.hand)
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_LOOP._after_fork)
 
@@ -5788,6 +5924,14 @@ class _Pump:
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
+def _run_ended(result: None, error: Optional[BaseException]) -> None:
+    """The end of a download's run on the loop (``Downloader._run_steps``,
+    whose own handlers turn any failure into its end state): an error here
+    is a bug, said. The loop's thread."""
+    if error is not None:
+        _log.error('a download\'s run ended in error', exc_info=error)
+
+
 def _served(result: None, error: Optional[BaseException]) -> None:
     """The end of a connection's steps on the loop (``_Transfer._serve_steps``,
     whose own handlers end the attempt on any failure): an error here is a
@@ -5832,7 +5976,7 @@ class _Transfer:
     # more than 30 attributes: without slots, each transfer would make a dict
     # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
     # file's instructions; a weak reference tells that it is freed at its end
-    __slots__ = ('__weakref__', '_lock', '_cond', '_waiting', 'store', 'options',
+    __slots__ = ('__weakref__', '_lock', 'news', 'saving', 'store', 'options',
                  'sources', 'chunk_size', 'buckets', 'checksum', 'max_size', 'min_speed',
                  'rename_in', 'gzip_name', 'conditions', 'unchanged', 'file_dates',
                  'cancel', 'probed', 'prober', 'reference', 'ranged', 'ranges_work',
@@ -5849,8 +5993,8 @@ class _Transfer:
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
-        self._cond: Optional[threading.Condition] = None  # on ``_lock``, at the first wait
-        self._waiting = 0             # threads waiting on ``_cond``
+        self.news = _Flag()           # set by _wake(): something to report or to do
+        self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
         self.store = store
         self.options = options
         self.sources = [_Source(address, store.validators.get(address.url))
@@ -5903,18 +6047,19 @@ class _Transfer:
     # -- the download thread's side ------------------------------------------------
 
     def start(self) -> None:
-        """Start the probe's connection, on the loop. Download thread."""
+        """Start the probe's connection, on the loop. The run's steps."""
         self.buckets[0].drain()  # the download's own limit paces from now on
         with self._lock:
             self._spawn()
 
-    def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for something to report or to do, and do
-        it. Download thread."""
+    def wait_steps(self, until: float) -> '_Steps[None]':
+        """Wait until ``until`` for something to report or to do, and do
+        it. The run's steps."""
+        news = self.news
+        news.clear()  # (before the look: a change after it sets it again)
+        if not self.events and not self.finished and not self.slot_freed:
+            yield _Wait(None, until, event=news)
         with self._lock:
-            if not self.events and not self.finished and not self.slot_freed \
-                    and timeout > 0:
-                self._wait(timeout)
             if not self.finished:  # (else there is nothing to do)
                 self._keep_going()
 
@@ -5964,10 +6109,20 @@ class _Transfer:
             self._check_min_speed(now)
             self._keep_going()
         if now >= self._next_save:
-            # (its fsync, long on a disk for a big file, holds up no byte:
-            # the loop moves them)
             self._next_save = now + _SIDECAR_PERIOD
+            if (self.saving is None or not self.saving.is_alive()) and self.store.unsaved():
+                # the save's fsync of the bytes it records (long on a disk,
+                # for a big file) must not hold up the loop
+                self.saving = _WORKERS.run(self._save, 'bitpit-save')
+
+    def _save(self) -> None:
+        """Save the sidecar, then wake the run (that waits for it to close
+        the file). A worker."""
+        try:
             self.store.save()
+        finally:
+            with self._lock:
+                self._wake()
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
@@ -6000,8 +6155,8 @@ class _Transfer:
 
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
-        (``_Stopped`` for a stop). Download thread."""
-        self.join()
+        (``_Stopped`` for a stop). The run's steps, after ``join_steps``."""
+        assert not self.connections and not self.saving_now(), 'result() before join_steps()'
         try:
             if self.error is not None:
                 raise self.error
@@ -6019,12 +6174,19 @@ class _Transfer:
             # the collector
             del self.pump
 
-    def join(self) -> None:
+    def join_steps(self) -> '_Steps[None]':
         """Wait until no connection is left (after a stop, each ends at
-        once): the file is closed after them. Download thread."""
-        with self._lock:
-            while self.connections:
-                self._wait(_TEND_PERIOD)  # (woken by the last one's end)
+        once) and no sidecar save runs: the file is closed after them. The
+        run's steps."""
+        news = self.news
+        while self.connections or self.saving_now():
+            news.clear()
+            if self.connections or self.saving_now():
+                yield _Wait(None, time.monotonic() + _TEND_PERIOD, event=news)
+
+    def saving_now(self) -> bool:
+        """Whether a sidecar save handed to a worker still runs."""
+        return self.saving is not None and self.saving.is_alive()
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -6096,24 +6258,10 @@ class _Transfer:
             self.slot_freed = True
             self._wake()
 
-    def _wait(self, timeout: float) -> None:
-        """Wait on ``_cond`` up to ``timeout`` seconds, counted in
-        ``_waiting``."""
-        if self._cond is None:
-            self._cond = threading.Condition(self._lock)
-        self._waiting += 1
-        try:
-            self._cond.wait(timeout)
-        finally:
-            self._waiting -= 1
-
     def _wake(self) -> None:
-        """Wake the download thread if it waits on ``_cond`` (a notify
-        costs several calls even when none does), and the connections that
-        wait for work. Under the lock."""
-        if self._waiting:
-            assert self._cond is not None  # made by the first to wait
-            self._cond.notify_all()
+        """Wake the run, and the connections that wait for work. Under the
+        lock."""
+        self.news.set()
         if self.work is not None:
             self.work.set()
 
@@ -6710,6 +6858,14 @@ def _fetch_document(options: _RequestOptions, url: str, what: str,
 def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
                     types: Optional[Tuple[str, ...]] = None, *,
                     cancel: Optional[_Cancel] = None) -> Tuple[Optional[bytes], str]:
+    """``_fetch_document_steps`` run on the calling thread."""
+    return _drive_here(_fetch_document_steps(options, url, what, types, cancel=cancel))
+
+
+def _fetch_document_steps(options: _RequestOptions, url: str, what: str,
+                          types: Optional[Tuple[str, ...]] = None, *,
+                          cancel: Optional[_Cancel] = None
+                          ) -> '_Steps[Tuple[Optional[bytes], str]]':
     """GET a document of at most ``_MAX_DOCUMENT`` bytes (a checksum file, a
     metalink) with the download's request options: ``(body, its media
     type)``; the body is ``None``, unread, when ``types`` are given and the
@@ -6718,7 +6874,7 @@ def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
     ``options.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
     request = _Request(options, _check_url(url), cancel=cancel)
     try:
-        response = request.send()
+        response = yield from request.send_steps()
         if response.status >= 300:
             raise _status_error(response, request.url)
         media_type = (response.getheader('Content-Type') or '').split(';')[0].strip().lower()
@@ -6727,7 +6883,7 @@ def _fetch_document(options: _RequestOptions, url: str, what: str,  # noqa: E302
         encoding = (response.getheader('Content-Encoding') or 'identity').strip().lower()
         if encoding != 'identity':
             raise ProtocolError('{} {} came with Content-Encoding {}'.format(what, url, encoding))
-        body = response.read(_MAX_DOCUMENT + 1)
+        body = yield from response.read_steps(_MAX_DOCUMENT + 1)
     except (OSError, http.client.HTTPException) as exc:
         if cancel is not None and cancel.is_set():
             raise _Stopped from exc
@@ -7664,7 +7820,9 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stopping = False
-                self._thread = _WORKERS.run(self._run, 'bitpit-download')
+                run = _Run()
+                _LOOP.spawn(self._run_steps(run), _run_ended)
+                self._thread = run
         if timer is not None:
             self.emit('restart-time-changed', self)
 
@@ -7903,16 +8061,19 @@ class Downloader(Emitter):
 
     # -- the download thread -------------------------------------------------------
 
-    def _run(self) -> None:
-        """The download thread: one attempt, from ``start`` to its end state,
-        and every signal the download gives while it runs."""
+    def _run_steps(self, run: _Run) -> '_Steps[None]':
+        """A run on the loop: one attempt, from ``start`` to its end state.
+        What it tells its callbacks, it posts to ``run``, whose signal
+        worker makes the calls in order (``_post``); the last one ends the
+        run."""
         best_before = self._best_held
         received_before = self._received
         retry_after = None
         final = 'pause'
+        post = functools.partial(_SIGNALS.post, run)
         try:
-            self._set_state('start')
-            self._attempt()
+            post(self._set_state, 'start')
+            yield from self._attempt_steps(post)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -7940,6 +8101,11 @@ class Downloader(Emitter):
             self._count_restart(final == 'error', self._received > received_before)
             if final in _FINISHED_STATES:
                 self._let_go()
+            post(self._end_run, run, final)
+
+    def _end_run(self, run: _Run, final: str) -> None:
+        """The run's last call, on its signal worker: its last signals, a
+        restart after an error, and the run ends."""
         try:
             self.emit('speed-changed', self)
             self._set_state(final)
@@ -7950,6 +8116,7 @@ class Downloader(Emitter):
             with self._lock:
                 self._running = False
                 self._notify_changed()
+            run.done()
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -7962,20 +8129,20 @@ class Downloader(Emitter):
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt(self) -> None:
+    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[None]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals, and measure the speed
-        every ``update_period``. Raises on failure."""
+        transfer, relay what it reports as signals (``post``), and measure
+        the speed every ``update_period``. Raises on failure."""
         self._digest = None
-        store, conditions, replaces = self._prepare_target()
+        store, conditions, replaces = self._prepare_target(post)
         if store is None:  # 'skip': the file is taken as it is
             return
         checksum = self._checksum if self._checksum_file is None else \
-            self._checksum_from_file()
+            (yield from self._checksum_from_file_steps())
         store.hash_with = self._hash_with
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
-            self._set_size(store.size)
+            post(self._set_size, store.size)
         transfer = _Transfer(
             store=store, addresses=[self._address, *self._mirrors],
             options=self._request_options(),
@@ -8002,7 +8169,7 @@ class Downloader(Emitter):
             measure the speed every period; when to tend next."""
             nonlocal tick_at, tick_received
             for kind, value in transfer.take_events():
-                self._relay(kind, value)
+                post(self._relay, kind, value)
             now = time.monotonic()
             transfer.look(now)
             if now >= tick_at:
@@ -8011,22 +8178,23 @@ class Downloader(Emitter):
                 self._received += received - tick_received
                 tick_received = received
                 tick_at = max(tick_at + period, now)
-                self.emit('speed-changed', self)
+                post(self.emit, 'speed-changed', self)
             return min(tick_at, now + _TEND_PERIOD)
 
         due = min(tick_at, began + _TEND_PERIOD)
         try:
             transfer.start()
             while not transfer.finished:
-                transfer.wait(due - time.monotonic())
+                yield from transfer.wait_steps(due)
                 due = tend()
             for kind, value in transfer.take_events():
-                self._relay(kind, value)
+                post(self._relay, kind, value)
+            yield from transfer.join_steps()
             transfer.result()
             self._digest = store.digest
         except BaseException:
-            transfer.stop()  # leave no connection thread behind, whatever happened
-            transfer.join()
+            transfer.stop()  # leave no connection behind, whatever happened
+            yield from transfer.join_steps()
             raise
         finally:
             self._received += transfer.received - tick_received
@@ -8042,13 +8210,13 @@ class Downloader(Emitter):
             except OSError as exc:
                 raise FileError('cannot replace {} with {}: {}'.format(
                     replaces, store.target, exc)) from exc
-        self._set_size(store.size if store.size >= 0 and not transfer.unchanged
-                       else self._downloaded)
+        post(self._set_size, store.size if store.size >= 0 and not transfer.unchanged
+             else self._downloaded)
 
-    def _checksum_from_file(self) -> Tuple[str, str]:
+    def _checksum_from_file_steps(self) -> '_Steps[Tuple[str, str]]':
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
-        by the name in its URL, else the name of its path. Download
-        thread."""
+        by the name in its URL, else the name of its path. The run's
+        steps."""
         assert self._checksum_file is not None  # a checksum file was given
         algorithm, url = self._checksum_file
         cancel = _Cancel()
@@ -8057,8 +8225,9 @@ class Downloader(Emitter):
                 raise _Stopped
             self._fetching = cancel
         try:
-            body, _ = _fetch_document(self._request_options(), url, 'checksum file',
-                                      cancel=cancel)
+            body, _ = yield from _fetch_document_steps(
+                self._request_options(), url, 'checksum file', cancel=cancel)
+            assert body is not None  # (no types asked for: never left unread)
         finally:
             with self._lock:
                 self._fetching = None
@@ -8067,8 +8236,9 @@ class Downloader(Emitter):
             names.append(self._path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
-    def _prepare_target(self) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
-                                       Optional[pathlib.Path]]:
+    def _prepare_target(self, post: Callable[..., None]
+                        ) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
+                                   Optional[pathlib.Path]]:
         """What ``if_exists`` makes of an existing target before an attempt:
         ``(store, conditions, replaces)``, the store to download into, the
         conditions of the first request and the file a complete download
@@ -8076,7 +8246,7 @@ class Downloader(Emitter):
         is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
         attempt of this downloader (or of its new ``path`` or ``url``) only:
         the attempts after it, restarts and new starts, resume what it
-        began. Download thread."""
+        began. What it tells the callbacks, it ``post``s. The run's steps."""
         store = self._store
         if store is None:
             store = self._local_store()  # read just now
@@ -8092,12 +8262,12 @@ class Downloader(Emitter):
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
             self._downloaded = store.held.total
-            self._set_size(self._downloaded)
+            post(self._set_size, self._downloaded)
             return None, None, None
         if mode == 'rename' and first and store.found[0]:
             self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
-            self.emit('path-changed', self)
+            post(self.emit, 'path-changed', self)
         if mode != 'update':
             return store, None, None
         newer = _FileStore(target.with_name(target.name + _NEWER_SUFFIX), self._url)
