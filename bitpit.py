@@ -1208,6 +1208,15 @@ class _Run(_Task):
         self.queued = False
         self.since = 0.0
 
+    def done(self) -> None:
+        """Its last call was made. Its worker."""
+        super().done()
+        self.calls = _NO_CALLS  # a finished download keeps its last run: keep it small
+
+
+_NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
+    collections.deque(maxlen=0)
+
 
 def _nothing() -> None:
     """A run's target: its steps run on the loop, not as a task."""
@@ -8169,7 +8178,7 @@ class Downloader(Emitter):
             measure the speed every period; when to tend next."""
             nonlocal tick_at, tick_received
             for kind, value in transfer.take_events():
-                post(self._relay, kind, value)
+                self._relay(kind, value, post)
             now = time.monotonic()
             transfer.look(now)
             if now >= tick_at:
@@ -8188,7 +8197,7 @@ class Downloader(Emitter):
                 yield from transfer.wait_steps(due)
                 due = tend()
             for kind, value in transfer.take_events():
-                post(self._relay, kind, value)
+                self._relay(kind, value, post)
             yield from transfer.join_steps()
             transfer.result()
             self._digest = store.digest
@@ -8284,18 +8293,19 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
-    def _relay(self, kind: str, value: Any) -> None:
-        """Turn a transfer's event into the download's state and signals."""
+    def _relay(self, kind: str, value: Any, post: Callable[..., None]) -> None:
+        """Turn a transfer's event into the download's state and signals,
+        which it ``post``s. The run's steps."""
         if kind == 'size':
-            self._set_size(value)
+            post(self._set_size, value)
         elif kind == 'path':
             self._path = value
-            self.emit('path-changed', self)
+            post(self.emit, 'path-changed', self)
         elif kind == 'download':
-            self._set_state('download')
+            post(self._set_state, 'download')
         elif kind == 'restart':  # another version: its progress counts afresh
             self._best_held = 0
-            self._set_size(-1)
+            post(self._set_size, -1)
 
 
     # -- the contract with bitpit's other layers --------------------------------
