@@ -1198,8 +1198,10 @@ class _Run(_Task):
     time. While a worker makes them, it is the run's thread (``thread``,
     ``is_current``); the run is alive until its last call (``done``).
     ``queued`` says that a worker has it or will take it up, set and
-    cleared under ``_Signals._lock``; ``since`` is when it was queued."""
-    __slots__ = ('calls', 'queued', 'since')
+    cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
+    calls run in ``context``, an empty one of its own, as a new thread's
+    would."""
+    __slots__ = ('calls', 'queued', 'since', 'context')
 
     def __init__(self) -> None:
         super().__init__(_nothing, 'bitpit-download')
@@ -1207,11 +1209,15 @@ class _Run(_Task):
             collections.deque()
         self.queued = False
         self.since = 0.0
+        self.context: Optional[contextvars.Context] = contextvars.Context()
 
     def done(self) -> None:
         """Its last call was made. Its worker."""
         super().done()
-        self.calls = _NO_CALLS  # a finished download keeps its last run: keep it small
+        # a finished download keeps its last run (a manager may keep
+        # thousands): nothing more of it
+        self.calls = _NO_CALLS
+        self.context = None
 
 
 _NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
@@ -1310,8 +1316,10 @@ class _Signals:
                             continue
                         run.queued = False
                     break
+                context = run.context
+                assert context is not None  # (dropped after its last call only)
                 try:
-                    call(*args)
+                    context.run(call, *args)
                 except Exception:  # (a callback's own error is logged by emit)
                     _log.exception('a signal call of a download raised')
             if run.thread is me:
@@ -1338,14 +1346,14 @@ if hasattr(os, 'register_at_fork'):
 
 class _Wait:
     """What steps wait for: until ``sock`` can be read (or, ``writing``,
-    written), or ``event`` (a ``threading.Event``) is set, or (neither
+    written), or ``event`` (a ``_Flag``) is set, or (neither
     given) only until the monotonic time ``until``; ``until`` ``None``: no
     deadline. Resumed with ``True`` when it came, ``False`` when the
     deadline came first (a time alone: always ``False``). Read-only."""
     __slots__ = ('sock', 'writing', 'until', 'event')
 
     def __init__(self, sock: Any, until: Optional[float], writing: bool = False,
-                 event: Optional[threading.Event] = None):
+                 event: Optional['_Flag'] = None):
         self.sock = sock
         self.writing = writing
         self.until = until
@@ -1368,20 +1376,54 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 # The same steps that _drive_here runs on a thread of their own run here by
 # the thousand: every connection of every download (_LOOP).
 
-class _Flag(threading.Event):
-    """An event that steps on a ``_Loop`` can wait for, any number of
-    them at once: setting it also calls the ``wakers`` of those that wait
-    (the loop's, which resume them). Any thread; a waker is added and
-    removed by the loop's thread."""
+class _Flag:
+    """An event that steps wait for: on a ``_Loop``, any number of them at
+    once (setting it calls the ``wakers`` of those that wait, the loop's,
+    which resume them), or on a thread of their own (``wait``, on a
+    ``threading.Event`` made at the first such wait). Where only the loop
+    waits, it costs no condition: a small file's transfer sets one four
+    times. Any thread; a waker is added and removed by the loop's
+    thread."""
+    __slots__ = ('_set', 'wakers', '_event')
 
     def __init__(self) -> None:
-        super().__init__()
+        self._set = False
         self.wakers: Dict[object, Callable[[], object]] = {}  # by the steps that wait
+        self._event: Optional[threading.Event] = None  # for threads that wait
+
+    def is_set(self) -> bool:
+        return self._set
 
     def set(self) -> None:
-        super().set()
-        for waker in list(self.wakers.values()):  # (a copy made under the GIL)
-            waker()
+        self._set = True
+        event = self._event
+        if event is not None:
+            event.set()
+        if self.wakers:
+            for waker in list(self.wakers.values()):  # (a copy made under the GIL)
+                waker()
+
+    def clear(self) -> None:
+        self._set = False
+        event = self._event
+        if event is not None:
+            event.clear()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block the calling thread until it is set, ``timeout`` seconds at
+        most; whether it is."""
+        event = self._event
+        if event is None:
+            with _FLAG_EVENTS:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self._set:  # (set before the event was there to be set)
+            return True
+        return event.wait(timeout)
+
+
+_FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 
 
 class _Driven:
@@ -1424,6 +1466,7 @@ class _Loop:
         self._handed: 'collections.deque[Tuple[_Driven, Optional[_Wait]]]' = \
             collections.deque()
         self._thread: Optional[threading.Thread] = None  # the one running, if any
+        self._ident: Optional[int] = None  # its ident, while it runs
         self._last: Optional[threading.Thread] = None    # the one started last
         self._selector: Any = None
         self._deadlines: List[Tuple[float, int, _Driven]] = []
@@ -1437,7 +1480,7 @@ class _Loop:
         steps it drove, are gone."""
         self._lock = threading.Lock()
         self._handed.clear()
-        self._thread = self._last = self._selector = None
+        self._thread = self._last = self._selector = self._ident = None
         self._deadlines = []
         self._driven = 0
         for sock in (self._wake_in, self._wake_out):
@@ -1456,6 +1499,11 @@ class _Loop:
         for it then). Starts the thread if none runs; raises
         ``RuntimeError`` as ``Thread.start`` does when none can start.
         Any thread."""
+        if self._ident == threading.get_ident():
+            # the loop's own thread (which alone takes what was handed), most
+            # hands: it looks at what was handed before it waits
+            self._handed.append((driven, wait))
+            return
         with self._lock:
             self._handed.append((driven, wait))
             if self._thread is None:
@@ -1471,8 +1519,6 @@ class _Loop:
                     raise
                 self._thread = self._last = thread
                 return
-            if self._thread.ident == threading.get_ident():
-                return  # the loop's own thread: it looks at what was handed before it waits
             wake = self._wake_out
         assert wake is not None  # made with the thread
         try:
@@ -1490,6 +1536,7 @@ class _Loop:
     def _run(self) -> None:
         wake_in = self._wake_in
         assert wake_in is not None  # made before the thread started
+        self._ident = threading.get_ident()
         selector = self._selector = selectors.DefaultSelector()
         selector.register(wake_in, selectors.EVENT_READ, None)
         try:
@@ -1513,7 +1560,7 @@ class _Loop:
                             if not self._handed:
                                 # a spawn from now on starts another thread,
                                 # which finds none of this one's state
-                                self._thread = self._selector = None
+                                self._thread = self._selector = self._ident = None
                                 return
                         continue
                 timeout = None
@@ -1546,7 +1593,7 @@ class _Loop:
             selector.close()
             with self._lock:
                 if self._thread is threading.current_thread():  # (ended by a bug)
-                    self._thread = self._selector = None
+                    self._thread = self._selector = self._ident = None
 
     @staticmethod
     def _drain_wake_ups(wake_in: socket.socket) -> None:
@@ -1801,7 +1848,7 @@ class _Turn:
 
     def __init__(self, number: int):
         self.number = number
-        self.event: Optional[threading.Event] = None
+        self.event: Optional['_Flag'] = None
 
     def wake(self) -> None:
         if self.event is not None:
@@ -2008,7 +2055,7 @@ _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
 class _EventAbort:
     """Registers an event with a ``_Cancel``: cancelling sets it."""
 
-    def __init__(self, event: threading.Event):
+    def __init__(self, event: '_Flag'):
         self.abort = event.set
 
 
