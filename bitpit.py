@@ -134,7 +134,7 @@ _CPU_BOUND = 0.5                # share of a CPU from which a connection is boun
 _CPU_BOUND_RATE = 64 * 1024 * 1024  # ... when it receives at least this many bytes a second
 _UNKNOWN_END = 1 << 62          # the end of a range that only the body's end tells
 _SIDECAR_PERIOD = 1.0           # seconds between two sidecar saves while bytes flow
-_TEND_PERIOD = 0.25             # seconds between two looks of a download thread at its transfer
+_TEND_PERIOD = 0.25             # seconds between two looks of a download's run at its transfer
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -1052,8 +1052,8 @@ class _Task:
 
 
 class _Workers:
-    """Threads that run tasks (a download's attempt, a connection) one
-    after another, so that each does not pay for a thread of its own:
+    """Threads that run tasks (the signals of downloads, a sidecar save)
+    one after another, so that each does not pay for a thread of its own:
     starting and joining a thread costs about 130 us of CPU here, handing a
     task to a waiting worker about 35 us. A worker is named after its task
     while it runs it, and ``IDLE_NAME`` while it waits for the next one; it
@@ -1269,6 +1269,8 @@ class _Signals:
         starting one when none works or when a run waited ``SPILL``
         seconds; when to look again for a worker held up (``None``: no
         run waits for one)."""
+        if not self._posted and not self._ready:  # (only the loop adds to either)
+            return None
         posted, self._posted = self._posted, []
         now = time.monotonic()
         with self._lock:
@@ -1298,32 +1300,36 @@ class _Signals:
         """A worker: take up the queued runs and make their calls, until
         none is queued."""
         me = threading.current_thread()
-        lock = self._lock
         while True:
-            with lock:
+            with self._lock:
                 if not self._ready:
                     self._delivering -= 1
                     return
                 run = self._ready.popleft()
-            calls = run.calls
+            context = run.context
+            assert context is not None  # (dropped after its last call only)
             run.thread = me
-            while True:
-                try:
-                    call, args = calls.popleft()
-                except IndexError:
-                    with lock:
-                        if calls:  # posted just now
-                            continue
-                        run.queued = False
-                    break
-                context = run.context
-                assert context is not None  # (dropped after its last call only)
-                try:
-                    context.run(call, *args)
-                except Exception:  # (a callback's own error is logged by emit)
-                    _log.exception('a signal call of a download raised')
+            context.run(self._make_calls, run)
             if run.thread is me:
                 run.thread = None
+
+    def _make_calls(self, run: _Run) -> None:
+        """Make the run's calls until none is left, then let it go (a call
+        posted after that queues it again)."""
+        calls = run.calls
+        while True:
+            try:
+                call, args = calls.popleft()
+            except IndexError:
+                with self._lock:
+                    if calls:  # posted just now
+                        continue
+                    run.queued = False
+                return
+            try:
+                call(*args)
+            except Exception:  # (a callback's own error is logged by emit)
+                _log.exception('a signal call of a download raised')
 
 
 _SIGNALS = _Signals()
@@ -1761,8 +1767,8 @@ class _TokenBucket:
         and at ``until`` (a ``time.monotonic()``) if that comes first: then
         ``places`` (the caller's, by bucket) keeps the caller's place in
         the queue, where its next call comes back instead of at the tail
-        (a download thread that leaves to tend its download is not passed
-        over again and again). A waiter waits for its turn's event (set
+        (a caller that leaves to do other work is not passed over again
+        and again). A waiter waits for its turn's event (set
         when what it waits for may have come: a rate change, a refund, the
         head of the queue leaving, ``wake()``) until its tokens are due.
         Any thread."""
@@ -4835,7 +4841,7 @@ class _FileStore:
     def save(self) -> None:
         """Write the sidecar if the file is incomplete and it changed. The
         bytes it records reach the disk first (``fsync``), outside the lock,
-        so that writes go on meanwhile. The download thread, or a task it
+        so that writes go on meanwhile. The run's steps, or a worker it
         waits for before it closes the file."""
         with self._lock:
             if not self._unsaved():
@@ -5308,7 +5314,7 @@ class _PieceHashes:
 
 
 class _Connection:
-    """One connection thread of a transfer, and the range of the file it
+    """One connection of a transfer (steps on the loop), and the range of the file it
     fetches: ``[pos, end)``. ``pos`` advances as bytes land; ``end`` may
     shrink when another connection takes over the rest, even below
     ``reading_to``, the end of the read in progress, when a far faster
@@ -5460,7 +5466,7 @@ class _Planner:
 
     Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
-    with that lock held (by the download thread or a connection thread), and
+    with that lock held (by the run's or a connection's steps, on the loop), and
     none takes a lock or waits."""
 
     def __init__(self, store: _FileStore, connections: List[_Connection], wanted: int,
@@ -5622,7 +5628,7 @@ class _Planner:
         """When the youngest other request that might be raced and is still
         too young to tell its rate has run long enough; ``None`` when there
         is none (or no racer speed to compare it with). Those whose rate is
-        known were judged already: the download thread looks at them again
+        known were judged already: the run looks at them again
         (``_keep_going``, four times a second)."""
         if not self._racer_speed(racer):
             return None
@@ -5980,14 +5986,6 @@ class _Pump:
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
-def _run_ended(result: None, error: Optional[BaseException]) -> None:
-    """The end of a download's run on the loop (``Downloader._run_steps``,
-    whose own handlers turn any failure into its end state): an error here
-    is a bug, said. The loop's thread."""
-    if error is not None:
-        _log.error('a download\'s run ended in error', exc_info=error)
-
-
 def _served(result: None, error: Optional[BaseException]) -> None:
     """The end of a connection's steps on the loop (``_Transfer._serve_steps``,
     whose own handlers end the attempt on any failure): an error here is a
@@ -5999,12 +5997,12 @@ def _served(result: None, error: Optional[BaseException]) -> None:
 class _Transfer:
     """One attempt of a download: ask for the bytes not yet held, check each
     answer against what was asked, and write every body where it belongs,
-    over up to ``connections`` connection threads spread over the sources.
+    over up to ``connections`` connections spread over the sources.
 
     The first request is the probe (``Range: bytes=FIRST-``). Its answer
     says whether the file may be split: with a 206 and a known size, the
     probe's first hundredth of a second tells whether the link or the CPU
-    limits it (``_LimitJudge``, in the probe's thread). Then the missing
+    limits it (``_LimitJudge``, in the probe's steps). Then the missing
     bytes are shared out in equal parts, fetched in ranged pieces, over
     ``connections`` connections if the link limits it; if the CPU does, the
     probe goes on alone, judged again every quarter of a second. A
@@ -6019,15 +6017,15 @@ class _Transfer:
     The transfer coordinates: its ``_Planner`` decides which range each
     connection fetches, its ``_Pump`` moves the bytes of each request,
     and the transfer judges the answers, starts and ends the connections
-    and gives the verdict. The download thread calls ``start``, ``wait``,
-    ``look``, ``stop`` and ``result``; connection threads run ``_serve``
-    and never call user code. ``_lock`` guards the planner (the claims and
-    the state of the split), the sources and the events; no file is read
-    or reserved under it, and ``stop()`` never waits for it. ``_cond``, on
-    that lock, is what the download thread and a connection that waits
-    for work wait on; it is made at the first wait, and ``_wake``
-    notifies it only when one of them waits (a small file's never does:
-    its one connection runs on the download thread)."""
+    and gives the verdict. Everything runs as steps on the loop: the
+    download's run calls ``start``, ``wait_steps``, ``look``,
+    ``join_steps`` and ``result``, each connection runs ``_serve_steps``,
+    and none calls user code; ``stop()`` may come from any thread.
+    ``_lock`` guards the planner (the claims and the state of the split),
+    the sources and the events; no file is read or reserved under it, and
+    ``stop()`` never waits for it. ``_wake`` sets ``news``, which the run
+    waits for, and ``work``, which a connection that waits for work waits
+    for."""
 
     # more than 30 attributes: without slots, each transfer would make a dict
     # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
@@ -6078,7 +6076,7 @@ class _Transfer:
         self.pump = _Pump(self)
         # set by _wake() for the connections that wait for work (a race due)
         self.work: Optional[_Flag] = None
-        self.opened = 0               # connections opened, the download thread's included
+        self.opened = 0               # connections opened
         self.events: List[Tuple[str, Any]] = []
         self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
@@ -6100,7 +6098,7 @@ class _Transfer:
         if self.piece_hashes is not None:
             store.read_back = True
 
-    # -- the download thread's side ------------------------------------------------
+    # -- the run's side ------------------------------------------------------------
 
     def start(self) -> None:
         """Start the probe's connection, on the loop. The run's steps."""
@@ -6131,7 +6129,7 @@ class _Transfer:
 
     @property
     def finished(self) -> bool:
-        """Complete, failed or stopped, and no connection thread left."""
+        """Complete, failed or stopped, and no connection left."""
         return (self.complete or self.error is not None or self.cancel.is_set()) and \
             not self.connections
 
@@ -6156,7 +6154,7 @@ class _Transfer:
 
     def look(self, now: float) -> None:
         """Regular bookkeeping: ``min_speed``, more connections where they
-        would help (a race), the sidecar. Download thread, about four times
+        would help (a race), the sidecar. The run's steps, about four times
         a second."""
         if now < self._next_look:
             return
@@ -6249,7 +6247,7 @@ class _Transfer:
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
         verdict when no connection is left and the file is incomplete.
-        Download thread."""
+        The run's steps."""
         self.slot_freed = False
         if self.complete or self.error is not None or self.cancel.is_set():
             return
@@ -6407,7 +6405,7 @@ class _Transfer:
         else:
             self._wake()
 
-    # -- a connection thread -------------------------------------------------------------
+    # -- a connection's steps ----------------------------------------------------------
 
     def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
         """A connection's steps, on the loop: fetch ranges until there is
@@ -6579,7 +6577,7 @@ class _Transfer:
         bytes sent), else the ``Digest`` of the last redirect that led to
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
-        too. A connection thread, under the lock."""
+        too. A connection's steps, under the lock."""
         self.digests = []
         if answer.encoding is not None and not answer.keep_encoded:
             return
@@ -6675,7 +6673,7 @@ class _Transfer:
                 return
 
     def _report(self, kind: str, value: Any) -> None:
-        """An event for the download thread, which is woken for it."""
+        """An event for the run, which is woken for it."""
         self.events.append((kind, value))
         self._wake()
 
@@ -6780,8 +6778,8 @@ class _Transfer:
         it from the disk. A wrong piece is no longer held, so it is fetched
         again (from another source, ``_avoid_bad_source``); the source that
         wrote most of it is retired at its ``_MAX_BAD_PIECES``-th
-        (``_BadPieces``, raised in its own connection's thread). A
-        connection thread, holding no lock."""
+        (``_BadPieces``, raised in its own connection's steps). A
+        connection's steps, holding no lock."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
         with self._lock:
@@ -6880,7 +6878,7 @@ def _without_locals(error: BaseException) -> None:
         tb = exc.__traceback__
         while tb is not None:
             # and the frames that called it, which it refers to, where they
-            # ended too (a connection that the download thread ran)
+            # ended too (steps that the loop ran)
             frame: Any = tb.tb_frame
             while frame is not None:
                 try:
@@ -7262,7 +7260,7 @@ def _read_metalink(source: Any, options: Callable[[str], _RequestOptions]
 
 if TYPE_CHECKING:
     _PathLike = Union[str, os.PathLike[str], _BinaryFile]
-_STOP_WAIT = 1.0  # seconds stop() waits for a download thread stuck in a call
+_STOP_WAIT = 1.0  # seconds stop() waits for a run stuck in a call (a callback, a disk)
 _IF_EXISTS = ('resume', 'skip', 'update', 'rename', 'overwrite')
 
 
@@ -7404,6 +7402,14 @@ class _Changed:
             watcher()
 
 
+def _run_ended(result: None, error: Optional[BaseException]) -> None:
+    """The end of a download's run on the loop (``Downloader._run_steps``,
+    whose own handlers turn any failure into its end state): an error here
+    is a bug, said. The loop's thread."""
+    if error is not None:
+        _log.error('a download\'s run ended in error', exc_info=error)
+
+
 class Downloader(Emitter):
     """Download one URL to a file in a thread of its own.
 
@@ -7420,7 +7426,8 @@ class Downloader(Emitter):
     Signals: ``state-changed (downloader, old_state)``, ``size-changed``,
     ``speed-changed``, ``url-changed``, ``path-changed``,
     ``restart-time-changed``, ``rate-limit-changed`` (each ``(downloader)``).
-    What the download does by itself is signalled from its download thread;
+    What the download does by itself is signalled from its download thread
+    (the signal worker that gives a run's signals, in order; see ``_Run``);
     what a caller changes, from the caller's thread.
     """
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
@@ -7561,8 +7568,8 @@ class Downloader(Emitter):
         self._retry_after: Optional[float] = None
         self._restart_streak = 0             # restarts in a row after attempts with no byte
         self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[_Task] = None  # the download thread's attempt
-        self._running = False                # the download thread has work left
+        self._thread: Optional[_Run] = None  # the last run (an attempt and its signals)
+        self._running = False                # a run has work left
         self._attempt_over = False
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
@@ -7820,7 +7827,7 @@ class Downloader(Emitter):
 
     @property
     def is_alive(self) -> bool:
-        """Whether the download thread is running."""
+        """Whether a run is under way (its attempt, or its last signals)."""
         thread = self._thread
         return thread is not None and thread.is_alive()
 
@@ -7848,13 +7855,13 @@ class Downloader(Emitter):
     # -- control ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the download thread and return at once. No-op if it is
+        """Start a run (an attempt, on the loop) and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
         self._cancel_restart()
         self._start(None)
 
     def _start(self, timer: Optional[threading.Thread]) -> None:
-        """Start the download thread, for ``start()`` or for the restart
+        """Start a run, for ``start()`` or for the restart
         ``timer``. A timer starts nothing once a stop (or a new schedule)
         has replaced it: that is decided under the lock, so a stop racing
         the timer always wins."""
@@ -7896,7 +7903,7 @@ class Downloader(Emitter):
             self._end_stop(thread)
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until the download thread ends (any reason)."""
+        """Wait until the run ends (any reason), its last signal given."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
@@ -7905,8 +7912,8 @@ class Downloader(Emitter):
         """Block until the download is ``complete`` or ``fatal-error``,
         through any automatic restarts; or until it is stopped (or failed)
         with no restart to come; or until ``timeout`` seconds passed.
-        Returns ``True`` only when it is complete. Any thread but the
-        download thread."""
+        Returns ``True`` only when it is complete. Any thread but its
+        download thread (a callback of its own)."""
         deadline = _deadline(timeout)
         with self._lock:
             changed = self._changes()
@@ -8040,7 +8047,7 @@ class Downloader(Emitter):
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
         """The token buckets an attempt draws from: its own (made now at
-        the first attempt), then its manager's. Download thread."""
+        the first attempt), then its manager's. The run's steps."""
         with self._lock:
             if self._bucket is None:
                 self._bucket = _TokenBucket(self._rate_limit)
@@ -8066,8 +8073,8 @@ class Downloader(Emitter):
         host asked for Digest. The next attempt makes them again as the
         first did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
-        read again. No attempt under way: the download thread at its end,
-        or the caller's thread."""
+        read again. No attempt under way: the run's steps at its end, or
+        the caller's thread."""
         with self._lock:
             if self._store is not None and self._store.is_path:
                 self._store = None
@@ -8115,7 +8122,7 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
-    # -- the download thread -------------------------------------------------------
+    # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
     def _run_steps(self, run: _Run) -> '_Steps[None]':
         """A run on the loop: one attempt, from ``start`` to its end state.
@@ -8178,7 +8185,7 @@ class Downloader(Emitter):
         """Count the restart an attempt's end calls for and draw its wait:
         the ``n``-th in a row after failed attempts, ``n`` counted from 1
         again after an attempt that received bytes, and from 0 after one
-        that completed or was paused. Download thread."""
+        that completed or was paused. The run's steps."""
         if not failed:
             self._restart_streak = 0
         else:
@@ -8627,7 +8634,7 @@ class _Manifest:
     torn last line; the file is synced (``fsync``) at most once a second, and
     by ``sync`` at the end of a run.
 
-    Download threads call ``note``; the manager's callers ``adopt``; any
+    Download threads (from ``_set_state``) call ``note``; the manager's callers ``adopt``; any
     thread ``sync``. ``_lock`` guards the records, the start times and the
     sync's state, and the appends."""
 
@@ -9351,7 +9358,7 @@ class _ProgressLine:
 # loop's thread, which takes no lock that a bitpit thread holds for long.
 # start() and stop() wait for threads (Thread.start() until the new thread
 # runs: 0.4 ms typically, 2 ms and more on a busy machine; stop() joins the
-# download thread, up to _STOP_WAIT), and Downloader() reads the disk
+# download's run, up to _STOP_WAIT), and Downloader() reads the disk
 # (the file, its sidecar); each call that lets go of the GIL may wait for
 # it up to sys.getswitchinterval() (5 ms) while bitpit's threads run. So
 # adownload() hands the making, starting and stopping of its download to a
@@ -9493,7 +9500,7 @@ class _Download:
     ``start`` makes ``d`` there, has ``_Settling`` watch it and starts it;
     ``settled`` (a future of the loop) gets what ``wait()`` gives, or the
     error of making or starting the download. ``stop`` stops it in a thread
-    of its own (``stop()`` joins the download thread), so that many stop at
+    of its own (``stop()`` joins the download's run), so that many stop at
     once. ``d`` and ``settling`` are set by the starter, read by the loop's
     thread once ``settled`` is done or the stop is over; ``abandoned`` is
     set by the loop's thread when the task no longer waits, so that a start
@@ -9519,7 +9526,7 @@ class _Download:
 
     def stop(self, stopped: Any = None) -> None:
         """The starter's thread; ``stopped`` (a future of the loop), if
-        any, is resolved once the download thread ended (at once when no
+        any, is resolved once the download's run ended (at once when no
         download was made)."""
         d = self.d
         if d is None:
@@ -10224,7 +10231,7 @@ def _download_all(jobs: List[_Job], *, rate_limit: float,
         progress.close(_Outcome(downloads, held_before, began), interrupted=True)
         return _EXIT_INTERRUPTED
     except BaseException:
-        _pause_all(manager)  # leave no download thread running behind
+        _pause_all(manager)  # leave no download running behind
         raise
     finally:
         for d in downloads:

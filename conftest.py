@@ -870,6 +870,19 @@ class FixtureServer:
                 self._cond.wait(left)
             return True
 
+    def wait_sent(self, n, path=None, timeout=5.0):
+        """Wait until at least ``n`` body bytes (of ``path``, if given) were
+        written; returns bool (False on time-out)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while sum(m for _, where, _, m in self._sent_log
+                      if path is None or where == path) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def wait_stalled(self, n=1, timeout=5.0):
         """Wait until at least ``n`` handlers are stalled; returns bool."""
         deadline = time.monotonic() + timeout
@@ -935,6 +948,7 @@ class FixtureServer:
     def _sent(self, path, conn, n):
         with self._lock:
             self._sent_log.append((time.monotonic(), path, conn, n))
+            self._cond.notify_all()  # for wait_sent
 
     def _connection_opened(self, sock):
         # a client that closes a connection and opens another at once is

@@ -1,8 +1,10 @@
-"""bitpit's threads are pooled workers: a download's attempt and each of
-its connections run on a worker, which waits a moment for its next task
-under the name ``bitpit-idle`` and then ends; the interpreter's shutdown
+"""bitpit's threads: every download's attempt and connections run as
+steps on one loop thread, and a download's signals are given by pooled
+workers (its download thread), which wait a moment for their next task
+under the name ``bitpit-idle`` and then end; the interpreter's shutdown
 ends the waiting ones at once but waits for the work under way, and a
-forked child starts with no worker of its parent's."""
+forked child starts with no worker of its parent's. A slow callback holds
+up no transfer, and another download's signals for 50 ms at most."""
 import contextvars
 import decimal
 import gc
@@ -351,3 +353,90 @@ def test_a_download_that_ended_is_freed_when_dropped_with_no_cycle_to_collect(
         assert dropped() is None
     finally:
         gc.enable()
+
+
+# -- download threads: the signal workers ------------------------------------------
+
+def test_a_slow_callback_holds_up_only_its_own_downloads_signals(server, tmp_path):
+    """A callback that blocks holds up the later signals of its download,
+    not another download's: a second worker takes up the signals that
+    waited behind it (after 50 ms), and the first download's come after
+    its callback returned, in order."""
+    release, blocked, b_done = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def slow(d, old):
+        seen.append(('a', old, d.state))
+        if d.state == 'start':
+            blocked.set()
+            release.wait(20)
+
+    def quick(d, old):
+        seen.append(('b', old, d.state))
+        if d.state == 'complete':
+            b_done.set()
+    a = bitpit.Downloader(server.add('/a', DATA), path=tmp_path / 'a')
+    b = bitpit.Downloader(server.add('/b', DATA), path=tmp_path / 'b')
+    a.listen('state-changed', slow)
+    b.listen('state-changed', quick)
+    try:
+        a.start()
+        assert blocked.wait(10)
+        b.start()
+        assert b_done.wait(10), 'the second download\'s signals waited for the first\'s callback'
+        assert b.wait(10) and a.is_alive and ('a', 'start', 'download') not in seen
+    finally:
+        release.set()
+    assert a.wait(10)
+    a.join(10)
+    b.join(10)
+    assert [(old, new) for who, old, new in seen if who == 'a'] == [
+        ('pause', 'start'), ('start', 'download'), ('download', 'complete')]
+    assert (tmp_path / 'a').read_bytes() == DATA == (tmp_path / 'b').read_bytes()
+
+
+def test_a_callback_never_holds_up_a_transfer_its_own_included(server, tmp_path):
+    """While the callback of a download's ``start`` blocks, the loop moves
+    the whole file: the server sends every byte (more than socket buffers
+    hold) before the callback returns; the signals come after it, in
+    order."""
+    data = os.urandom(24 * 1024 * 1024)
+    url = server.add('/big', data)
+    sent_all, states = threading.Event(), []
+
+    def on_state(d, old):
+        states.append(d.state)
+        if d.state == 'start' and server.wait_sent(len(data), '/big', timeout=20):
+            sent_all.set()
+    d = bitpit.Downloader(url, path=tmp_path / 'big')
+    d.listen('state-changed', on_state)
+    d.start()
+    assert d.wait(30)
+    d.join(10)
+    assert sent_all.is_set(), 'the transfer waited for the callback'
+    assert states == ['start', 'download', 'complete']
+    assert (tmp_path / 'big').read_bytes() == data
+
+
+def test_each_run_gives_its_signals_in_a_fresh_context(server, tmp_path):
+    """What one download's callback sets in a context variable, another
+    download's callbacks (on the same worker) do not see, nor does its own
+    next run's: each run's signals start in an empty context, as in a new
+    thread."""
+    seen = []
+
+    def set_it(d, old):
+        seen.append(_SEEN_BY.get(None))
+        _SEEN_BY.set(d.url)
+    first = bitpit.Downloader(server.add('/one', DATA), path=tmp_path / 'one')
+    second = bitpit.Downloader(server.add('/two', DATA), path=tmp_path / 'two')
+    first.listen('state-changed', set_it)
+    second.listen('state-changed', set_it)
+    for d in (first, second, first):
+        d.start()
+        assert d.wait(10)
+        d.join(10)
+    # each run's first signal saw nothing, its later ones saw its own (the
+    # last run finds the file complete: start, then complete)
+    assert seen == [None, first.url, first.url, None, second.url, second.url,
+                    None, first.url]
