@@ -1241,8 +1241,9 @@ class _Signals:
     seconds at most. Workers are ``_WORKERS`` tasks named
     ``bitpit-download``, each delivering while there is work. ``_lock``
     guards ``_ready`` (the runs queued, not taken up yet),
-    ``_delivering`` (workers under way) and each run's ``queued``.
-    ``post`` and ``hand``: the loop's thread."""
+    ``_delivering`` (workers under way), ``_watched`` (the loop waits on
+    ``_taken`` until none is queued) and each run's ``queued``. ``post``
+    and ``hand``: the loop's thread."""
     SPILL = 0.05
     MAX_WORKERS = 32
 
@@ -1253,6 +1254,8 @@ class _Signals:
         """Start empty (in a forked child: its workers are gone)."""
         self._lock = threading.Lock()
         self._ready: 'collections.deque[_Run]' = collections.deque()
+        self._taken = threading.Condition(self._lock)
+        self._watched = False
         self._delivering = 0
         self._posted: List[_Run] = []  # the loop's, since its last hand
 
@@ -1264,11 +1267,13 @@ class _Signals:
             self._posted.append(run)
         run.calls.append((call, args))
 
-    def hand(self) -> Optional[float]:
+    def hand(self, idle: bool = False) -> Optional[float]:
         """Hand the runs posted to since the last hand to the workers,
         starting one when none works or when a run waited ``SPILL``
         seconds; when to look again for a worker held up (``None``: no
-        run waits for one)."""
+        run waits for one). ``idle``: the loop has nothing else to do, so
+        it waits here (``SPILL`` seconds at most) until the workers took
+        up every run, and ends at once if they did."""
         if not self._posted and not self._ready:  # (only the loop adds to either)
             return None
         posted, self._posted = self._posted, []
@@ -1293,6 +1298,20 @@ class _Signals:
                 with self._lock:
                     self._delivering -= 1
                 raise
+        if idle:
+            deadline = now + self.SPILL
+            with self._lock:
+                self._watched = True
+                while self._ready:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._taken.wait(left)
+                self._watched = False
+                if not self._ready:
+                    return None
+            return time.monotonic()  # at once: the next round gives another worker
+        if start:
             return now + self.SPILL
         return now + self.SPILL - waited
 
@@ -1306,6 +1325,8 @@ class _Signals:
                     self._delivering -= 1
                     return
                 run = self._ready.popleft()
+                if self._watched and not self._ready:
+                    self._taken.notify()
             context = run.context
             assert context is not None  # (dropped after its last call only)
             run.thread = me
@@ -1462,10 +1483,13 @@ class _Loop:
     the loop thread's own. ``after_round`` (if given) is called on the
     loop's thread after each round of resumptions, so that what the steps
     left for other threads is handed over once a round, not once a step;
-    it returns when to call it again at the latest (``None``: at the next
-    round, if any), and the thread does not end before it says ``None``."""
+    it is told whether the loop is idle (nothing to drive: it may wait a
+    moment then), returns when to call it again at the latest (``None``:
+    at the next round, if any), and the thread does not end before it
+    says ``None``."""
 
-    def __init__(self, after_round: Optional[Callable[[], Optional[float]]] = None) -> None:
+    def __init__(self, after_round: Optional[Callable[[bool], Optional[float]]] = None
+                 ) -> None:
         self._after_round = after_round
         self._lock = threading.Lock()
         # steps to resume: (driven, None) new ones, (driven, wait) an event of theirs set
@@ -1558,7 +1582,8 @@ class _Loop:
                         self._resume(driven, True)
                 # what the last round left for other threads, and when to
                 # look again whether they took it
-                again = self._after_round() if self._after_round is not None else None
+                again = self._after_round(not self._driven) \
+                    if self._after_round is not None else None
                 if not self._driven:
                     del self._deadlines[:]  # every deadline left is stale
                     if again is None:
