@@ -1200,11 +1200,15 @@ class _Run(_Task):
     ``queued`` says that a worker has it or will take it up, set and
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
-    would."""
+    would. ``alive`` holds the runs not done, under ``_ALIVE``."""
     __slots__ = ('calls', 'queued', 'since', 'context')
+    alive: Set['_Run'] = set()
+    _ALIVE = threading.Lock()
 
     def __init__(self) -> None:
         super().__init__(_nothing, 'bitpit-download')
+        with _Run._ALIVE:
+            _Run.alive.add(self)
         self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
             collections.deque()
         self.queued = False
@@ -1218,6 +1222,16 @@ class _Run(_Task):
         # thousands): nothing more of it
         self.calls = _NO_CALLS
         self.context = None
+        with _Run._ALIVE:
+            _Run.alive.discard(self)
+
+    @staticmethod
+    def _after_fork() -> None:
+        """In a forked child, every run of the parent has ended, as its
+        threads have: its steps and its workers are not there."""
+        _Run._ALIVE = threading.Lock()
+        for run in list(_Run.alive):
+            run.done()
 
 
 _NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
@@ -1356,6 +1370,7 @@ class _Signals:
 _SIGNALS = _Signals()
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_SIGNALS._after_fork)
+    os.register_at_fork(after_in_child=_Run._after_fork)
 
 
 # ---------------------------------------------------------------------------
@@ -1562,6 +1577,7 @@ class _Loop:
             thread = self._last
         if thread is not None:
             thread.join(timeout)
+
 
     def _run(self) -> None:
         wake_in = self._wake_in
@@ -8517,6 +8533,10 @@ class Downloader(Emitter):
         if thread.is_alive() and transfer is not None:
             transfer.store.sealed = True
         self._cancel_restart()  # one the thread scheduled before it saw the stop
+        if not _Run.alive:
+            # the last run stopped: the loop's thread ends as soon as its
+            # last steps do, so that no thread of bitpit's is left at work
+            _LOOP.join(_Signals.SPILL)
 
     def _settled(self) -> bool:
         """Nothing more will happen by itself: complete, fatal, or stopped

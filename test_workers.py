@@ -121,6 +121,34 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
     assert (tmp_path / 'child.bin').read_bytes() == DATA
 
 
+def _child_sees_ended(d, result):
+    result.put((d.is_alive, d.join(5)))
+
+
+@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
+                    reason='no fork on this system')
+def test_a_download_running_in_the_parent_is_not_alive_in_a_forked_child(server, tmp_path):
+    """Its run's steps and its signals' workers are not in the child: there
+    the run has ended (``join`` returns at once), as a thread would have."""
+    url = server.add('/stalled', DATA, stall_after=1000)
+    d = bitpit.Downloader(url, path=tmp_path / 'parent.bin')
+    d.start()
+    try:
+        assert server.wait_stalled(1, timeout=10)
+        context = multiprocessing.get_context('fork')
+        result = context.Queue()
+        child = context.Process(target=_child_sees_ended, args=(d, result))
+        child.start()
+        try:
+            assert result.get(timeout=30) == (False, None)
+        finally:
+            child.join(30)
+        assert child.exitcode == 0 and d.is_alive
+    finally:
+        d.stop()
+        server.release()
+
+
 @pytest.fixture
 def pool(monkeypatch):
     """A pool of bitpit's own for one test, whose workers wait long for
