@@ -1257,12 +1257,15 @@ class _Signals:
         self._posted: List[_Run] = []  # the loop's, since its last hand
 
     def post(self, run: _Run, call: Callable[..., object], *args: Any) -> None:
-        """Have ``call(*args)`` made after the run's earlier calls. A run
-        whose calls are all made has no worker looking at it any more, so
-        its next call is handed again."""
-        if not run.calls:
-            self._posted.append(run)
+        """Have ``call(*args)`` made after the run's earlier calls. The run
+        is handed again whatever its queue held: a worker may make the
+        calls it saw there and let the run go before this one is in it
+        (only ``hand``, under the lock, can tell whether a worker still
+        has it)."""
         run.calls.append((call, args))
+        posted = self._posted
+        if not posted or posted[-1] is not run:  # (a run posts a few calls in a row)
+            posted.append(run)
 
     def hand(self) -> Optional[float]:
         """Hand the runs posted to since the last hand to the workers,
