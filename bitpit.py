@@ -1200,8 +1200,10 @@ class _Run(_Task):
     ``queued`` says that a worker has it or will take it up, set and
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
-    would."""
+    would. ``live`` holds the runs not done yet, which a forked child ends
+    (``_Signals._after_fork``), as it has no thread of the parent's."""
     __slots__ = ('calls', 'queued', 'since', 'context')
+    live: Set['_Run'] = set()
 
     def __init__(self) -> None:
         super().__init__(_nothing, 'bitpit-download')
@@ -1210,10 +1212,12 @@ class _Run(_Task):
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
+        _Run.live.add(self)
 
     def done(self) -> None:
         """Its last call was made. Its worker."""
         super().done()
+        _Run.live.discard(self)
         # a finished download keeps its last run (a manager may keep
         # thousands): nothing more of it
         self.calls = _NO_CALLS
@@ -1250,7 +1254,14 @@ class _Signals:
         self._after_fork()
 
     def _after_fork(self) -> None:
-        """Start empty (in a forked child: its workers are gone)."""
+        """Start empty (in a forked child: its workers are gone, and so
+        are the loop and the steps of every run, which has ended there as
+        the thread it replaces would have; but the run whose call forked,
+        still under way on the forking thread)."""
+        me = threading.current_thread()
+        for run in list(_Run.live):
+            if run.thread is not me:
+                run.done()
         self._lock = threading.Lock()
         self._ready: 'collections.deque[_Run]' = collections.deque()
         self._delivering = 0
