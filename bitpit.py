@@ -1306,6 +1306,8 @@ class _Signals:
                     self._delivering -= 1
                 raise
             return now + self.SPILL
+        if waited >= self.SPILL:  # every worker held up: look again a while later
+            return now + self.SPILL
         return now + self.SPILL - waited
 
     def _deliver(self) -> None:

@@ -44,3 +44,41 @@ def test_a_call_posted_as_the_worker_empties_the_runs_queue_is_still_made():
     signals.hand()
     assert bitpit._WORKERS.wait_quiet(5)
     assert made == ['first', 'second']
+
+
+def test_with_every_worker_held_up_the_loop_looks_again_later_not_at_once(
+        server, tmp_path, monkeypatch):
+    """Every signal worker is held up by a slow callback (here the one that
+    ``MAX_WORKERS`` allows) while another download's signals wait: the loop
+    looks again for a worker now and then, it does not spin at full speed
+    until one is free. Once the callback returns, the signals follow."""
+    monkeypatch.setattr(bitpit._Signals, 'MAX_WORKERS', 1)
+    rounds = []
+    hand = bitpit._SIGNALS.hand
+
+    def counted():
+        rounds.append(None)
+        return hand()
+    monkeypatch.setattr(bitpit._LOOP, '_after_round', counted)
+    held, release = threading.Event(), threading.Event()
+
+    def slow(d, old):
+        if d.state == 'start':
+            held.set()
+            release.wait(10)
+    a = bitpit.Downloader(server.add('/a', b'a' * 1000), path=tmp_path / 'a')
+    a.listen('state-changed', slow)
+    b = bitpit.Downloader(server.add('/b', b'b' * 1000), path=tmp_path / 'b')
+    try:
+        a.start()
+        assert held.wait(10)
+        b.start()
+        assert not b.join(0.3) and b.is_alive  # its signals wait for the worker
+        looked = len(rounds)
+    finally:
+        release.set()
+    assert b.wait(10) and a.wait(10)
+    b.join(10)
+    a.join(10)
+    # a few rounds move both files; at most one look every SPILL besides
+    assert looked < 100, '{} rounds of the loop in 0.3 s'.format(looked)
