@@ -7877,7 +7877,12 @@ class Downloader(Emitter):
         finishing = self._thread
         if finishing is not None and self._attempt_over:
             if finishing.is_current():
-                self.restart(0)  # called from a final callback: start once it ends
+                # a callback of the run's: of its last state (set on this
+                # thread), start once it ends; of an earlier signal (the
+                # loop ends an attempt before its signals are given), the
+                # download runs, as far as the callback can tell: nothing
+                if self._state not in _ACTIVE_STATES:
+                    self.restart(0)
                 return
             finishing.join()  # it is only emitting its final signals
             if timer is None:

@@ -82,3 +82,36 @@ def test_with_every_worker_held_up_the_loop_looks_again_later_not_at_once(
     a.join(10)
     # a few rounds move both files; at most one look every SPILL besides
     assert looked < 100, '{} rounds of the loop in 0.3 s'.format(looked)
+
+
+def test_a_start_from_an_early_callback_does_nothing_though_the_attempt_is_over(
+        server, tmp_path, monkeypatch):
+    """The loop runs ahead of the signals: a small file's attempt may be
+    over before its worker gives the run's first signal. A ``start()``
+    from a callback of that signal is one while the download runs, from
+    the point of view of its callbacks: it does nothing (only one from the
+    last ``state-changed`` starts the download again)."""
+    over = threading.Event()
+    post = bitpit._SIGNALS.post
+
+    def watched(run, call, *args):
+        post(run, call, *args)
+        if getattr(call, '__name__', '') == '_end_run':
+            over.set()  # (the run's steps post it last, at the attempt's end)
+    monkeypatch.setattr(bitpit._SIGNALS, 'post', watched)
+    url = server.add('/f', b'f' * 1000)
+    d = bitpit.Downloader(url, path=tmp_path / 'f')
+    states, restarts = [], []
+
+    def on_state(d, old):
+        states.append(d.state)
+        if d.state == 'start':
+            assert over.wait(5)
+            d.start()
+    d.listen('state-changed', on_state)
+    d.listen('restart-time-changed', lambda d: restarts.append(d.restart_time))
+    d.start()
+    assert d.wait(10)
+    d.join(10)
+    assert (states, restarts) == (['start', 'download', 'complete'], [])
+    assert not d.is_restarting and len(server.requests_for('/f')) == 1
