@@ -1336,7 +1336,12 @@ class _Signals:
                 assert context is not None  # (dropped after its last call only)
                 try:
                     context.run(call, *args)
-                except Exception:  # (a callback's own error is logged by emit)
+                except SystemExit:
+                    # a callback's sys.exit() ends what it did, as in a
+                    # thread; the worker is not the download's own thread
+                    # to end: the run's calls, and the worker's, go on
+                    pass
+                except BaseException:  # (a callback's own error is logged by emit)
                     _log.exception('a signal call of a download raised')
             if run.thread is me:
                 run.thread = None

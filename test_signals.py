@@ -3,6 +3,8 @@ signal worker (``_Signals``) makes each run's calls in the order posted,
 one at a time, every one of them, whatever the loop and the workers do
 meanwhile."""
 import collections
+import logging
+import sys
 import threading
 
 import bitpit
@@ -115,3 +117,25 @@ def test_a_start_from_an_early_callback_does_nothing_though_the_attempt_is_over(
     d.join(10)
     assert (states, restarts) == (['start', 'download', 'complete'], [])
     assert not d.is_restarting and len(server.requests_for('/f')) == 1
+
+
+def test_a_callback_that_calls_sys_exit_ends_its_call_only(server, tmp_path, caplog):
+    """``sys.exit()`` in a callback ends what the thread was doing there, as
+    in any thread, with no word; but the worker is no thread of the
+    download's own: the run's other calls are still made (it ends, and
+    ``join()`` returns), and the worker is free for other downloads."""
+    url = server.add('/f', b'f' * 1000)
+    states = []
+
+    def exits(d, old):
+        states.append(d.state)
+        if d.state == 'start':
+            sys.exit(3)
+    d = bitpit.Downloader(url, path=tmp_path / 'f')
+    d.listen('state-changed', exits)
+    d.start()
+    d.join(5)
+    assert not d.is_alive and d.state == 'complete' and states[-1] == 'complete'
+    assert bitpit._WORKERS.wait_quiet(5)
+    assert bitpit._SIGNALS._delivering == 0, 'a worker is counted as delivering for ever'
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
