@@ -1301,10 +1301,15 @@ class _Signals:
         if start:
             try:
                 _WORKERS.run(self._deliver, 'bitpit-download')
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
                     self._delivering -= 1
-                raise
+                if not isinstance(exc, RuntimeError):
+                    raise
+                # no thread to be had now (too many): the loop goes on, and
+                # tries again a while later
+                _log.warning('no thread for the signals of the downloads (%s): '
+                             'trying again', exc)
             return now + self.SPILL
         if waited >= self.SPILL:  # every worker held up: look again a while later
             return now + self.SPILL

@@ -8,6 +8,7 @@ import sys
 import threading
 
 import bitpit
+from conftest import private_workers
 
 
 def test_a_call_posted_as_the_worker_empties_the_runs_queue_is_still_made():
@@ -139,3 +140,29 @@ def test_a_callback_that_calls_sys_exit_ends_its_call_only(server, tmp_path, cap
     assert bitpit._WORKERS.wait_quiet(5)
     assert bitpit._SIGNALS._delivering == 0, 'a worker is counted as delivering for ever'
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_no_thread_for_a_signal_worker_now_is_tried_again_not_the_loops_end(
+        server, tmp_path, monkeypatch):
+    """No thread to be had for a signal worker (too many threads, for a
+    moment): the loop, which starts the workers, goes on moving every
+    download, and starts one a moment later; the signals then come."""
+    pool = private_workers(monkeypatch)  # (no waiting worker to take the task)
+    start = threading.Thread.start
+    refused = []
+
+    def refuse_once(thread):
+        if thread.name == 'bitpit-download' and not refused:
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', refuse_once)
+    try:
+        d = bitpit.Downloader(server.add('/f', b'f' * 1000), path=tmp_path / 'f')
+        d.start()
+        assert d.wait(5) and refused
+        d.join(5)
+        assert not d.is_alive
+    finally:
+        pool.close()
+        assert pool.wait_quiet(10)
