@@ -8181,14 +8181,16 @@ class Downloader(Emitter):
                 retry_after = getattr(error, 'retry_after', None)
                 _log.info('%s: %s', self._url, error)
         finally:
-            with self._lock:
-                self._attempt_over = True
-                self._speed = 0
-            self._retry_after = retry_after
-            self._count_restart(final == 'error', self._received > received_before)
-            if final in _FINISHED_STATES:
-                self._let_go()
-            post(self._end_run, run, final)
+            try:
+                with self._lock:
+                    self._attempt_over = True
+                    self._speed = 0
+                self._retry_after = retry_after
+                self._count_restart(final == 'error', self._received > received_before)
+                if final in _FINISHED_STATES:
+                    self._let_go()
+            finally:  # (a bug above is said by _run_ended: the run still ends)
+                post(self._end_run, run, final)
 
     def _end_run(self, run: _Run, final: str) -> None:
         """The run's last call, on its signal worker: its last signals, a
