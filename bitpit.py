@@ -8146,6 +8146,12 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
+    def _set_path(self, path: _Target) -> None:
+        """A name the download chose: set as its signal is given, as the
+        state and the size are. The run's worker."""
+        self._path = path
+        self.emit('path-changed', self)
+
     # -- the download thread -------------------------------------------------------
 
     def _run_steps(self, run: _Run) -> '_Steps[None]':
@@ -8379,8 +8385,7 @@ class Downloader(Emitter):
         if kind == 'size':
             post(self._set_size, value)
         elif kind == 'path':
-            self._path = value
-            post(self.emit, 'path-changed', self)
+            post(self._set_path, value)
         elif kind == 'download':
             post(self._set_state, 'download')
         elif kind == 'restart':  # another version: its progress counts afresh

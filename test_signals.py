@@ -87,6 +87,20 @@ def test_with_every_worker_held_up_the_loop_looks_again_later_not_at_once(
     assert looked < 100, '{} rounds of the loop in 0.3 s'.format(looked)
 
 
+def attempts_over(monkeypatch):
+    """An event set once a run's attempt is over on the loop (its steps
+    post its last call, ``_end_run``), whatever its signals given so far."""
+    over = threading.Event()
+    post = bitpit._SIGNALS.post
+
+    def watched(run, call, *args):
+        post(run, call, *args)
+        if getattr(call, '__name__', '') == '_end_run':
+            over.set()
+    monkeypatch.setattr(bitpit._SIGNALS, 'post', watched)
+    return over
+
+
 def test_a_start_from_an_early_callback_does_nothing_though_the_attempt_is_over(
         server, tmp_path, monkeypatch):
     """The loop runs ahead of the signals: a small file's attempt may be
@@ -94,14 +108,7 @@ def test_a_start_from_an_early_callback_does_nothing_though_the_attempt_is_over(
     from a callback of that signal is one while the download runs, from
     the point of view of its callbacks: it does nothing (only one from the
     last ``state-changed`` starts the download again)."""
-    over = threading.Event()
-    post = bitpit._SIGNALS.post
-
-    def watched(run, call, *args):
-        post(run, call, *args)
-        if getattr(call, '__name__', '') == '_end_run':
-            over.set()  # (the run's steps post it last, at the attempt's end)
-    monkeypatch.setattr(bitpit._SIGNALS, 'post', watched)
+    over = attempts_over(monkeypatch)
     url = server.add('/f', b'f' * 1000)
     d = bitpit.Downloader(url, path=tmp_path / 'f')
     states, restarts = [], []
@@ -166,3 +173,27 @@ def test_no_thread_for_a_signal_worker_now_is_tried_again_not_the_loops_end(
     finally:
         pool.close()
         assert pool.wait_quiet(10)
+
+
+def test_the_path_changes_as_its_signal_is_given_not_before(server, tmp_path, monkeypatch):
+    """A name chosen by the download (here Content-Disposition's) is set as
+    its worker gives ``path-changed``, as the state and the size are with
+    theirs: a callback of an earlier signal sees the path that was, though
+    the loop, ahead, already writes to the new one."""
+    over = attempts_over(monkeypatch)
+    url = server.add('/get/f.bin', b'f' * 1000,
+                     headers={'Content-Disposition': 'attachment; filename=x.bin'})
+    d = bitpit.Downloader(url, path=tmp_path, dir_path=True, content_disposition=True)
+    seen = []
+
+    def on_state(d, old):
+        if d.state == 'start':
+            assert over.wait(5)
+        seen.append((d.state, d.path.name))
+    d.listen('state-changed', on_state)
+    d.listen('path-changed', lambda d: seen.append(('path-changed', d.path.name)))
+    d.start()
+    assert d.wait(10)
+    d.join(10)
+    assert seen == [('start', 'f.bin'), ('path-changed', 'x.bin'), ('download', 'x.bin'),
+                    ('complete', 'x.bin')]
