@@ -1259,12 +1259,15 @@ class _Signals:
         the thread it replaces would have; but the run whose call forked,
         still under way on the forking thread)."""
         me = threading.current_thread()
+        delivering = 0  # the forking thread, if it is a worker making a call
         for run in list(_Run.live):
             if run.thread is not me:
                 run.done()
+            else:
+                delivering = 1
         self._lock = threading.Lock()
         self._ready: 'collections.deque[_Run]' = collections.deque()
-        self._delivering = 0
+        self._delivering = delivering
         self._posted: List[_Run] = []  # the loop's, since its last hand
 
     def post(self, run: _Run, call: Callable[..., object], *args: Any) -> None:
@@ -1319,9 +1322,8 @@ class _Signals:
         """A worker: take up the queued runs and make their calls, until
         none is queued."""
         me = threading.current_thread()
-        lock = self._lock
         while True:
-            with lock:
+            with self._lock:  # (a new one in a child that a call forked)
                 if not self._ready:
                     self._delivering -= 1
                     return
@@ -1332,7 +1334,7 @@ class _Signals:
                 try:
                     call, args = calls.popleft()
                 except IndexError:
-                    with lock:
+                    with self._lock:
                         if calls:  # posted just now
                             continue
                         run.queued = False

@@ -4,8 +4,11 @@ one at a time, every one of them, whatever the loop and the workers do
 meanwhile."""
 import collections
 import logging
+import os
 import sys
 import threading
+
+import pytest
 
 import bitpit
 from conftest import private_workers
@@ -197,3 +200,36 @@ def test_the_path_changes_as_its_signal_is_given_not_before(server, tmp_path, mo
     d.join(10)
     assert seen == [('start', 'f.bin'), ('path-changed', 'x.bin'), ('download', 'x.bin'),
                     ('complete', 'x.bin')]
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
+def test_a_callback_that_forks_leaves_the_child_one_worker_delivering(server, tmp_path):
+    """A callback may fork: in the child, its worker goes on with the
+    run's calls, and is the one worker counted as delivering there; when
+    it is done, none is (else the child's signals would wait for a spill)."""
+    reader, writer = os.pipe()
+
+    def report():  # (a thread of the child's: it reports, and ends the child)
+        quiet = bitpit._WORKERS.wait_quiet(5)
+        os.write(writer, repr((quiet, bitpit._SIGNALS._delivering)).encode())
+        os._exit(0)
+
+    def forks(d, old):
+        if d.state == 'start':
+            delivering = bitpit._SIGNALS._delivering
+            pid = os.fork()
+            if pid == 0:
+                if delivering != 1 or bitpit._SIGNALS._delivering != 1:
+                    os.write(writer, b'counted %d' % bitpit._SIGNALS._delivering)
+                    os._exit(0)
+                threading.Thread(target=report).start()
+                return  # its worker goes on, in the child
+            os.waitpid(pid, 0)
+    d = bitpit.Downloader(server.add('/f', b'f' * 1000), path=tmp_path / 'f')
+    d.listen('state-changed', forks)
+    d.start()
+    assert d.wait(10)
+    d.join(10)
+    os.close(writer)
+    with os.fdopen(reader) as child:
+        assert child.read() == repr((True, 0))
