@@ -1200,38 +1200,29 @@ class _Run(_Task):
     ``queued`` says that a worker has it or will take it up, set and
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
-    would. ``alive`` holds the runs not done, under ``_ALIVE``."""
+    would. ``live`` holds the runs not done yet, which a forked child ends
+    (``_Signals._after_fork``), as it has no thread of the parent's."""
     __slots__ = ('calls', 'queued', 'since', 'context')
-    alive: Set['_Run'] = set()
-    _ALIVE = threading.Lock()
+    live: Set['_Run'] = set()
 
     def __init__(self) -> None:
         super().__init__(_nothing, 'bitpit-download')
-        with _Run._ALIVE:
-            _Run.alive.add(self)
         self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
             collections.deque()
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
+        _Run.live.add(self)
 
     def done(self) -> None:
         """Its last call was made. Its worker."""
         super().done()
+        _Run.live.discard(self)
         # a finished download keeps its last run (a manager may keep
         # thousands): nothing more of it
         self.calls = _NO_CALLS
         self.context = None
-        with _Run._ALIVE:
-            _Run.alive.discard(self)
 
-    @staticmethod
-    def _after_fork() -> None:
-        """In a forked child, every run of the parent has ended, as its
-        threads have: its steps and its workers are not there."""
-        _Run._ALIVE = threading.Lock()
-        for run in list(_Run.alive):
-            run.done()
 
 
 _NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
@@ -1265,21 +1256,34 @@ class _Signals:
         self._after_fork()
 
     def _after_fork(self) -> None:
-        """Start empty (in a forked child: its workers are gone)."""
+        """Start empty (in a forked child: its workers are gone, and so
+        are the loop and the steps of every run, which has ended there as
+        the thread it replaces would have; but the run whose call forked,
+        still under way on the forking thread)."""
+        me = threading.current_thread()
+        delivering = 0  # the forking thread, if it is a worker making a call
+        for run in list(_Run.live):
+            if run.thread is not me:
+                run.done()
+            else:
+                delivering = 1
         self._lock = threading.Lock()
         self._ready: 'collections.deque[_Run]' = collections.deque()
         self._taken = threading.Condition(self._lock)
         self._watched = False
-        self._delivering = 0
+        self._delivering = delivering
         self._posted: List[_Run] = []  # the loop's, since its last hand
 
     def post(self, run: _Run, call: Callable[..., object], *args: Any) -> None:
-        """Have ``call(*args)`` made after the run's earlier calls. A run
-        whose calls are all made has no worker looking at it any more, so
-        its next call is handed again."""
-        if not run.calls:
-            self._posted.append(run)
+        """Have ``call(*args)`` made after the run's earlier calls. The run
+        is handed again whatever its queue held: a worker may make the
+        calls it saw there and let the run go before this one is in it
+        (only ``hand``, under the lock, can tell whether a worker still
+        has it)."""
         run.calls.append((call, args))
+        posted = self._posted
+        if not posted or posted[-1] is not run:  # (a run posts a few calls in a row)
+            posted.append(run)
 
     def hand(self, idle: bool = False) -> Optional[float]:
         """Hand the runs posted to since the last hand to the workers,
@@ -1308,10 +1312,16 @@ class _Signals:
         if start:
             try:
                 _WORKERS.run(self._deliver, 'bitpit-download')
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
                     self._delivering -= 1
-                raise
+                if not isinstance(exc, RuntimeError):
+                    raise
+                # no thread to be had now (too many): the loop goes on, and
+                # tries again a while later
+                _log.warning('no thread for the signals of the downloads (%s): '
+                             'trying again', exc)
+                return now + self.SPILL
         if idle:
             deadline = now + self.SPILL
             with self._lock:
@@ -1325,7 +1335,7 @@ class _Signals:
                 if not self._ready:
                     return None
             return time.monotonic()  # at once: the next round gives another worker
-        if start:
+        if start or waited >= self.SPILL:  # (every worker held up: look again a while later)
             return now + self.SPILL
         return now + self.SPILL - waited
 
@@ -1334,7 +1344,7 @@ class _Signals:
         none is queued."""
         me = threading.current_thread()
         while True:
-            with self._lock:
+            with self._lock:  # (a new one in a child that a call forked)
                 if not self._ready:
                     self._delivering -= 1
                     return
@@ -1363,14 +1373,18 @@ class _Signals:
                 return
             try:
                 call(*args)
-            except Exception:  # (a callback's own error is logged by emit)
+            except SystemExit:
+                # a callback's sys.exit() ends what it did, as in a thread;
+                # the worker is not the download's own thread to end: the
+                # run's calls, and the worker's, go on
+                pass
+            except BaseException:  # (a callback's own error is logged by emit)
                 _log.exception('a signal call of a download raised')
 
 
 _SIGNALS = _Signals()
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_SIGNALS._after_fork)
-    os.register_at_fork(after_in_child=_Run._after_fork)
 
 
 # ---------------------------------------------------------------------------
@@ -7909,7 +7923,12 @@ class Downloader(Emitter):
         finishing = self._thread
         if finishing is not None and self._attempt_over:
             if finishing.is_current():
-                self.restart(0)  # called from a final callback: start once it ends
+                # a callback of the run's: of its last state (set on this
+                # thread), start once it ends; of an earlier signal (the
+                # loop ends an attempt before its signals are given), the
+                # download runs, as far as the callback can tell: nothing
+                if self._state not in _ACTIVE_STATES:
+                    self.restart(0)
                 return
             finishing.join()  # it is only emitting its final signals
             if timer is None:
@@ -8163,6 +8182,12 @@ class Downloader(Emitter):
             self._size = size
             self.emit('size-changed', self)
 
+    def _set_path(self, path: _Target) -> None:
+        """A name the download chose: set as its signal is given, as the
+        state and the size are. The run's worker."""
+        self._path = path
+        self.emit('path-changed', self)
+
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
     def _run_steps(self, run: _Run) -> '_Steps[None]':
@@ -8198,14 +8223,16 @@ class Downloader(Emitter):
                 retry_after = getattr(error, 'retry_after', None)
                 _log.info('%s: %s', self._url, error)
         finally:
-            with self._lock:
-                self._attempt_over = True
-                self._speed = 0
-            self._retry_after = retry_after
-            self._count_restart(final == 'error', self._received > received_before)
-            if final in _FINISHED_STATES:
-                self._let_go()
-            post(self._end_run, run, final)
+            try:
+                with self._lock:
+                    self._attempt_over = True
+                    self._speed = 0
+                self._retry_after = retry_after
+                self._count_restart(final == 'error', self._received > received_before)
+                if final in _FINISHED_STATES:
+                    self._let_go()
+            finally:  # (a bug above is said by _run_ended: the run still ends)
+                post(self._end_run, run, final)
 
     def _end_run(self, run: _Run, final: str) -> None:
         """The run's last call, on its signal worker: its last signals, a
@@ -8394,8 +8421,7 @@ class Downloader(Emitter):
         if kind == 'size':
             post(self._set_size, value)
         elif kind == 'path':
-            self._path = value
-            post(self.emit, 'path-changed', self)
+            post(self._set_path, value)
         elif kind == 'download':
             post(self._set_state, 'download')
         elif kind == 'restart':  # another version: its progress counts afresh
@@ -8533,7 +8559,7 @@ class Downloader(Emitter):
         if thread.is_alive() and transfer is not None:
             transfer.store.sealed = True
         self._cancel_restart()  # one the thread scheduled before it saw the stop
-        if not _Run.alive:
+        if not _Run.live:
             # the last run stopped: the loop's thread ends as soon as its
             # last steps do, so that no thread of bitpit's is left at work
             _LOOP.join(_Signals.SPILL)

@@ -463,6 +463,26 @@ def test_an_exception_in_the_download_thread_ends_it_in_fatal_error(server, tmp_
     assert not d.is_restarting
 
 
+@pytest.mark.allow_error_log("^a download's run ended in error$")
+def test_a_bug_in_the_bookkeeping_at_the_end_of_a_run_still_ends_the_run(
+        server, tmp_path, monkeypatch):
+    """A bug past the attempt (whose own failures end it in fatal-error),
+    in the run's bookkeeping at its end, is logged; the run still gives its
+    last signals and ends, as the download thread it replaces did: join()
+    and wait() return."""
+    url = server.add('/f', b'f' * 1000)
+
+    def broken(self, failed, received):
+        raise RuntimeError('a bug')
+    monkeypatch.setattr(bitpit.Downloader, '_count_restart', broken)
+    d = bitpit.Downloader(url, path=tmp_path / 'f')
+    rec = Recorder(d)
+    d.start()
+    d.join(5)
+    assert not d.is_alive and d.wait(5)
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+
+
 @pytest.mark.allow_error_log('^unexpected error$')
 def test_an_exception_in_a_connection_thread_ends_the_download_in_fatal_error(
         server, tmp_path, monkeypatch, caplog):

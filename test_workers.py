@@ -121,34 +121,6 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
     assert (tmp_path / 'child.bin').read_bytes() == DATA
 
 
-def _child_sees_ended(d, result):
-    result.put((d.is_alive, d.join(5)))
-
-
-@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
-                    reason='no fork on this system')
-def test_a_download_running_in_the_parent_is_not_alive_in_a_forked_child(server, tmp_path):
-    """Its run's steps and its signals' workers are not in the child: there
-    the run has ended (``join`` returns at once), as a thread would have."""
-    url = server.add('/stalled', DATA, stall_after=1000)
-    d = bitpit.Downloader(url, path=tmp_path / 'parent.bin')
-    d.start()
-    try:
-        assert server.wait_stalled(1, timeout=10)
-        context = multiprocessing.get_context('fork')
-        result = context.Queue()
-        child = context.Process(target=_child_sees_ended, args=(d, result))
-        child.start()
-        try:
-            assert result.get(timeout=30) == (False, None)
-        finally:
-            child.join(30)
-        assert child.exitcode == 0 and d.is_alive
-    finally:
-        d.stop()
-        server.release()
-
-
 @pytest.fixture
 def pool(monkeypatch):
     """A pool of bitpit's own for one test, whose workers wait long for
@@ -327,6 +299,40 @@ def test_in_a_forked_child_the_parents_tasks_have_ended_as_its_threads_have():
         task.join(10)
         thread.join(10)
     assert child.exitcode == 0
+
+
+def _child_sees_download(d, result):
+    result.put(d.is_alive)
+    d.join()  # at once: its run ended with the parent's loop and workers
+    result.put('joined')
+
+
+@pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
+                    reason='no fork on this system')
+def test_in_a_forked_child_a_download_the_parent_runs_is_not_alive(server, tmp_path):
+    """A download's run is steps on the parent's loop and calls for its
+    workers, none of which the child has: there it has ended, as the
+    download thread it replaces would have, and joining it returns."""
+    url = server.add('/data.bin', DATA, stall_after=0)
+    d = bitpit.Downloader(url, path=tmp_path / 'out.bin')
+    d.start()
+    try:
+        assert server.wait_requests(1, timeout=10)
+        context = multiprocessing.get_context('fork')
+        result = context.Queue()
+        child = context.Process(target=_child_sees_download, args=(d, result))
+        child.start()
+        try:
+            assert result.get(timeout=30) is False
+            assert result.get(timeout=30) == 'joined'
+        finally:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+        assert child.exitcode == 0
+    finally:
+        d.stop()
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
