@@ -6404,8 +6404,9 @@ class _Transfer:
         self.complete = True
         if any(c is not caller for c in self.connections):
             self._halt()
-        else:
+        elif caller is None:
             self._wake()
+        # (else the caller's connection, the last one, wakes the run as it ends)
 
     # -- a connection thread -------------------------------------------------------------
 
@@ -6675,9 +6676,13 @@ class _Transfer:
                 return
 
     def _report(self, kind: str, value: Any) -> None:
-        """An event for the download thread, which is woken for it."""
+        """An event for the run, which is woken for the first one it has not
+        taken yet: it takes them all at once (``wait_steps`` finds them
+        after it clears ``news``), so a small file's size and start cost
+        one wake. Under the lock."""
         self.events.append((kind, value))
-        self._wake()
+        if len(self.events) == 1:
+            self._wake()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
