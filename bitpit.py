@@ -2248,6 +2248,13 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
+# a field line as _parse_head takes it apart: its name (no space, tab or
+# colon in it; space before the colon is left out) and its value without
+# the spaces and tabs around it (up to its last other character, found by
+# one step back from the line's end: a lazy match would try every character)
+_FIELD_LINE_RE = re.compile(r'^([^: \t\n]+)[ \t]*:[ \t]*([^\n]*[^ \t\n]|)[ \t]*$', re.M)
+
+
 def _parse_head(head: bytes) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
     end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
@@ -2266,7 +2273,13 @@ def _parse_head(head: bytes) -> _Head:
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
     version, status, reason = _status_line(lines[0])
-    fields: List[Tuple[str, str]] = []
+    # the usual head, a field a line, in one search rather than calls of
+    # each line's own; the loop reads one with a folded line or a line that
+    # is not a field (no match: fewer fields than lines) and says what is wrong
+    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, len(lines[0]) + 1)
+    if len(fields) == len(lines) - 1:
+        return _Head(version, status, reason, _Headers(fields))
+    fields = []
     for line in lines[1:]:
         if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
