@@ -6366,11 +6366,11 @@ class _Transfer:
         there is none. With nothing for it now, a request too young to tell
         whether it is far slower may be worth racing in a moment: they wait
         for it (and for ``work``, set at any change)."""
-        with self._lock:
-            conn.active = False
-            conn.superseded = False
         while True:
             with self._lock:
+                # (again after a wait: a connection with no claim is never
+                # superseded meanwhile)
+                conn.active = conn.superseded = False
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
                 if self.probed and self._is_complete():
@@ -6415,7 +6415,7 @@ class _Transfer:
         but ``caller``'s, the one the calling thread runs (if any), and the
         attempt with them."""
         self.complete = True
-        if any(c is not caller for c in self.connections):
+        if len(self.connections) > (caller is not None):  # (the caller is one of them)
             self._halt()
         elif caller is None:
             self._wake()
