@@ -2309,6 +2309,13 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
+# a field line as _parse_head takes it apart: its name (no space, tab or
+# colon in it; space before the colon is left out) and its value without
+# the spaces and tabs around it (up to its last other character, found by
+# one step back from the line's end: a lazy match would try every character)
+_FIELD_LINE_RE = re.compile(r'^([^: \t\n]+)[ \t]*:[ \t]*([^\n]*[^ \t\n]|)[ \t]*$', re.M)
+
+
 def _parse_head(head: bytes) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
     end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
@@ -2327,7 +2334,13 @@ def _parse_head(head: bytes) -> _Head:
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
     version, status, reason = _status_line(lines[0])
-    fields: List[Tuple[str, str]] = []
+    # the usual head, a field a line, in one search rather than calls of
+    # each line's own; the loop reads one with a folded line or a line that
+    # is not a field (no match: fewer fields than lines) and says what is wrong
+    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, len(lines[0]) + 1)
+    if len(fields) == len(lines) - 1:
+        return _Head(version, status, reason, _Headers(fields))
+    fields = []
     for line in lines[1:]:
         if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
@@ -6406,11 +6419,11 @@ class _Transfer:
         there is none. With nothing for it now, a request too young to tell
         whether it is far slower may be worth racing in a moment: they wait
         for it (and for ``work``, set at any change)."""
-        with self._lock:
-            conn.active = False
-            conn.superseded = False
         while True:
             with self._lock:
+                # (again after a wait: a connection with no claim is never
+                # superseded meanwhile)
+                conn.active = conn.superseded = False
                 if self.complete or self.error is not None or self.cancel.is_set():
                     return False
                 if self.probed and self._is_complete():
@@ -6455,10 +6468,11 @@ class _Transfer:
         but ``caller``'s, the one the calling thread runs (if any), and the
         attempt with them."""
         self.complete = True
-        if any(c is not caller for c in self.connections):
+        if len(self.connections) > (caller is not None):  # (the caller is one of them)
             self._halt()
-        else:
+        elif caller is None:
             self._wake()
+        # (else the caller's connection, the last one, wakes the run as it ends)
 
     # -- a connection's steps ----------------------------------------------------------
 
@@ -6728,9 +6742,13 @@ class _Transfer:
                 return
 
     def _report(self, kind: str, value: Any) -> None:
-        """An event for the run, which is woken for it."""
+        """An event for the run, which is woken for the first one it has not
+        taken yet: it takes them all at once (``wait_steps`` finds them
+        after it clears ``news``), so a small file's size and start cost
+        one wake. Under the lock."""
         self.events.append((kind, value))
-        self._wake()
+        if len(self.events) == 1:
+            self._wake()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
