@@ -4378,8 +4378,13 @@ class _FileStore:
         # where the target is a path, not a file object (and it stays one:
         # ``rename`` gives another), that path as the str that ``os``
         # functions take (a ``Path`` makes it again at each call), and its
-        # sidecar's path
-        self.os_path = os.fspath(target) if isinstance(target, os.PathLike) else None
+        # sidecar's path. A file object is told by the ``TypeError`` of
+        # ``fspath``: ``isinstance(target, os.PathLike)``, an ABC's check,
+        # would cost three calls for each file
+        try:
+            self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
+        except TypeError:
+            self.os_path = None
         self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
         self.is_path = self.os_path is not None
         # what the last ``load`` found: whether the target was there, and
