@@ -4744,11 +4744,15 @@ class _FileStore:
             self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
-        """Whether writing ``[start, end)`` leaves every byte held."""
-        if self.size < 0:
-            return False
-        gaps = self.held.gaps(self.size)  # sorted: all are in it if the first and last are
-        return not gaps or (start <= gaps[0][0] and gaps[-1][1] <= end)
+        """Whether writing ``[start, end)`` leaves every byte held: the
+        bytes before it and after it are held already (as one range
+        each, ranges being merged). A write of the whole file looks at no
+        range, and no write lists the gaps."""
+        size = self.size
+        if size <= 0:
+            return size == 0  # (an unknown size is never complete, nothing always is)
+        return (start <= 0 or self.held.covers(0, min(start, size))) and \
+            (end >= size or self.held.covers(end, size))
 
     def _write_at(self, offset: int, data: memoryview) -> int:
         fd = self._file.fileno()
