@@ -4344,6 +4344,13 @@ class _RegularFile:
     def fileno(self) -> int:
         return self._fd
 
+    def write_at(self, offset: int, data: memoryview) -> int:
+        """Write ``data`` at ``offset``; how many bytes were written."""
+        if _PWRITE:
+            return os.pwrite(self._fd, data, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        return os.write(self._fd, data)
+
     def seekable(self) -> bool:
         return True
 
@@ -4673,7 +4680,7 @@ class _FileStore:
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
         written as held, so a failure keeps what was written."""
-        write = self._write_at if self._regular else self._write_stream
+        write = self._file.write_at if self._regular else self._write_stream
         written, size = 0, len(data)
         while written < size:
             n = write(offset + written, data[written:])
@@ -4731,7 +4738,8 @@ class _FileStore:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
         end = offset + len(data)
         self.held.add(offset, end)
-        self._extent = max(self._extent, end)
+        if end > self._extent:
+            self._extent = end
         self._sidecar_current = False  # the ranges moved on
         self._snap()
         if self._hasher is None:
@@ -4753,13 +4761,6 @@ class _FileStore:
             return size == 0  # (an unknown size is never complete, nothing always is)
         return (start <= 0 or self.held.covers(0, min(start, size))) and \
             (end >= size or self.held.covers(end, size))
-
-    def _write_at(self, offset: int, data: memoryview) -> int:
-        fd = self._file.fileno()
-        if _PWRITE:
-            return os.pwrite(fd, data, offset)
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.write(fd, data)
 
     def _write_stream(self, offset: int, data: memoryview) -> int:
         file = self._file
