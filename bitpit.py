@@ -4922,9 +4922,15 @@ class _FileStore:
         return True
 
     def _remove_sidecar(self) -> None:
+        """Remove the sidecar, unless the store knows that there is none:
+        the last ``load`` looked and found none, and none was written
+        since (a complete file that was resumed, as a run again over files
+        it fetched before finds them). Where it was not looked for (beside
+        no bytes), one that an earlier run left may be there: it goes."""
         sidecar = self.sidecar
+        absent = self.found[1] is False and not self._sidecar_on_disk
         self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None:
+        if sidecar is None or absent:
             return
         try:
             os.unlink(sidecar)
@@ -4972,7 +4978,8 @@ class _FileStore:
             path = self.os_path
             if path is not None and self._regular:
                 _stamp(path, modified, etag, self._file.fileno())
-            elif path is not None and self._file is None and os.path.isfile(path):
+            elif path is not None and self._file is None and (modified is not None or etag) \
+                    and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
 
     def _check_digests(self, digests: Sequence[Tuple[str, str, bytes]]) -> None:
