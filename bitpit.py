@@ -4418,6 +4418,13 @@ class _RegularFile:
     def fileno(self) -> int:
         return self._fd
 
+    def write_at(self, offset: int, data: memoryview) -> int:
+        """Write ``data`` at ``offset``; how many bytes were written."""
+        if _PWRITE:
+            return os.pwrite(self._fd, data, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        return os.write(self._fd, data)
+
     def seekable(self) -> bool:
         return True
 
@@ -4452,8 +4459,13 @@ class _FileStore:
         # where the target is a path, not a file object (and it stays one:
         # ``rename`` gives another), that path as the str that ``os``
         # functions take (a ``Path`` makes it again at each call), and its
-        # sidecar's path
-        self.os_path = os.fspath(target) if isinstance(target, os.PathLike) else None
+        # sidecar's path. A file object is told by the ``TypeError`` of
+        # ``fspath``: ``isinstance(target, os.PathLike)``, an ABC's check,
+        # would cost three calls for each file
+        try:
+            self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
+        except TypeError:
+            self.os_path = None
         self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
         self.is_path = self.os_path is not None
         # what the last ``load`` found: whether the target was there, and
@@ -4742,7 +4754,7 @@ class _FileStore:
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
         written as held, so a failure keeps what was written."""
-        write = self._write_at if self._regular else self._write_stream
+        write = self._file.write_at if self._regular else self._write_stream
         written, size = 0, len(data)
         while written < size:
             n = write(offset + written, data[written:])
@@ -4800,7 +4812,8 @@ class _FileStore:
         """Count ``data``, written at ``offset``, as held (and hashed)."""
         end = offset + len(data)
         self.held.add(offset, end)
-        self._extent = max(self._extent, end)
+        if end > self._extent:
+            self._extent = end
         self._sidecar_current = False  # the ranges moved on
         self._snap()
         if self._hasher is None:
@@ -4813,18 +4826,15 @@ class _FileStore:
             self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
-        """Whether writing ``[start, end)`` leaves every byte held."""
-        if self.size < 0:
-            return False
-        gaps = self.held.gaps(self.size)  # sorted: all are in it if the first and last are
-        return not gaps or (start <= gaps[0][0] and gaps[-1][1] <= end)
-
-    def _write_at(self, offset: int, data: memoryview) -> int:
-        fd = self._file.fileno()
-        if _PWRITE:
-            return os.pwrite(fd, data, offset)
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.write(fd, data)
+        """Whether writing ``[start, end)`` leaves every byte held: the
+        bytes before it and after it are held already (as one range
+        each, ranges being merged). A write of the whole file looks at no
+        range, and no write lists the gaps."""
+        size = self.size
+        if size <= 0:
+            return size == 0  # (an unknown size is never complete, nothing always is)
+        return (start <= 0 or self.held.covers(0, min(start, size))) and \
+            (end >= size or self.held.covers(end, size))
 
     def _write_stream(self, offset: int, data: memoryview) -> int:
         file = self._file
@@ -4986,9 +4996,15 @@ class _FileStore:
         return True
 
     def _remove_sidecar(self) -> None:
+        """Remove the sidecar, unless the store knows that there is none:
+        the last ``load`` looked and found none, and none was written
+        since (a complete file that was resumed, as a run again over files
+        it fetched before finds them). Where it was not looked for (beside
+        no bytes), one that an earlier run left may be there: it goes."""
         sidecar = self.sidecar
+        absent = self.found[1] is False and not self._sidecar_on_disk
         self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None:
+        if sidecar is None or absent:
             return
         try:
             os.unlink(sidecar)
@@ -5036,7 +5052,8 @@ class _FileStore:
             path = self.os_path
             if path is not None and self._regular:
                 _stamp(path, modified, etag, self._file.fileno())
-            elif path is not None and self._file is None and os.path.isfile(path):
+            elif path is not None and self._file is None and (modified is not None or etag) \
+                    and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
 
     def _check_digests(self, digests: Sequence[Tuple[str, str, bytes]]) -> None:

@@ -119,6 +119,26 @@ def test_a_sidecar_left_beside_no_bytes_still_goes_when_it_completes(server, tmp
     assert not sidecar.exists()
 
 
+def test_a_file_fetched_before_is_not_looked_at_again_when_a_run_finds_it_whole(
+        server, tmp_path, monkeypatch):
+    """A run again over files it fetched before (``if_exists='resume'``)
+    finds each whole (a 416): the load's look at the file and for its
+    sidecar is all. A sidecar that the load saw was not there is not
+    removed, and a file that the answer gives no date nor ETag for is
+    not looked at again to be stamped."""
+    url = server.add('/f', SMALL, last_modified='Mon, 07 Dec 2026 07:00:00 GMT')
+    target = tmp_path / 'f'
+    assert fetch(url, target).state == 'complete'
+    calls = Calls(monkeypatch, tmp_path)
+    d = fetch(url, target)
+    assert d.state == 'complete' and d.downloaded == len(SMALL)
+    again = calls.take()
+    assert again.get('stat') == 1 and again.get('open') == 1  # the file; its sidecar's look
+    assert 'unlink' not in again and 'utime' not in again
+    assert server.requests[-1].headers['Range'] == 'bytes={}-'.format(len(SMALL))
+    assert target.read_bytes() == SMALL and target.stat().st_mtime == 1796626800
+
+
 def test_a_download_is_one_task_for_the_workers_however_many_its_connections(
         server, tmp_path, monkeypatch):
     """A download's connections, and its run, are steps on the loop's one
