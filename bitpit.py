@@ -8318,7 +8318,7 @@ class Downloader(Emitter):
             chunk_size=self._chunk_size, buckets=self._buckets(), checksum=checksum,
             max_size=self._max_size, min_speed=self._min_speed,
             rename_in=self._dir if self._content_disposition else None,
-            gzip_name=isinstance(self._path, pathlib.PurePath) and
+            gzip_name=isinstance(self._path, os.PathLike) and
             self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions,
             verify_digest=self._verify_digest,
             expected_size=self._metalink.size if self._metalink is not None else None,
