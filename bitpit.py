@@ -1354,22 +1354,26 @@ class _Signals:
             context = run.context
             assert context is not None  # (dropped after its last call only)
             run.thread = me
-            context.run(self._make_calls, run)
-            if run.thread is me:
-                run.thread = None
+            calls = run.calls
+            while True:
+                context.run(self._make_calls, run)
+                # let it go once out of its context, thread and all: another
+                # worker may take it up as soon as it is not queued (a call
+                # posted after that queues it again)
+                with self._lock:
+                    if calls:  # posted just now
+                        continue
+                    run.thread = None
+                    run.queued = False
+                break
 
     def _make_calls(self, run: _Run) -> None:
-        """Make the run's calls until none is left, then let it go (a call
-        posted after that queues it again)."""
+        """Make the run's calls until none is left, in its context."""
         calls = run.calls
         while True:
             try:
                 call, args = calls.popleft()
             except IndexError:
-                with self._lock:
-                    if calls:  # posted just now
-                        continue
-                    run.queued = False
                 return
             try:
                 call(*args)

@@ -233,3 +233,49 @@ def test_a_callback_that_forks_leaves_the_child_one_worker_delivering(server, tm
     os.close(writer)
     with os.fdopen(reader) as child:
         assert child.read() == repr((True, 0))
+
+
+def test_a_run_let_go_by_its_worker_is_taken_up_by_another_at_once():
+    """A worker makes a run's calls, finds none left and lets the run go;
+    before it is out of the run's context, the loop posts another call and
+    a second worker (free again after a slow callback) takes the run up.
+    That worker must make the call in the run's context (which the first
+    one must have left: a context is entered by one thread at a time),
+    not fail and leave the run's calls, its ``_end_run`` too, for ever."""
+    signals = bitpit._Signals()
+    run = bitpit._Run()
+    made, failed = [], []
+    real_lock = signals._lock
+
+    def second_worker():
+        with real_lock:
+            signals._delivering += 1
+        try:
+            signals._deliver()
+        except BaseException as exc:
+            failed.append(exc)
+
+    class LetGo:
+        """The signals' lock, which gives way to the loop and a second
+        worker as the first worker lets the run go."""
+        armed = True
+
+        def __enter__(self):
+            real_lock.acquire()
+
+        def __exit__(self, *exc_info):
+            real_lock.release()
+            if self.armed and not run.queued:
+                self.armed = False
+                signals.post(run, made.append, 'second')
+                signals.hand()  # (the first worker is counted: no worker is started)
+                other = threading.Thread(target=second_worker)
+                other.start()
+                other.join(5)
+
+    signals._lock = LetGo()
+    signals.post(run, made.append, 'first')
+    signals.hand()
+    assert bitpit._WORKERS.wait_quiet(5)
+    assert failed == [] and made == ['first', 'second']
+    assert signals._delivering == 0 and not run.queued and run.thread is None
