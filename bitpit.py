@@ -1201,7 +1201,9 @@ class _Run(_Task):
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
     would. ``live`` holds the runs not done yet, which a forked child ends
-    (``_Signals._after_fork``), as it has no thread of the parent's."""
+    (``_Signals._after_fork``), as it has no thread of the parent's; any
+    thread adds or discards (one operation on a set, atomic under the
+    GIL)."""
     __slots__ = ('calls', 'queued', 'since', 'context')
     live: Set['_Run'] = set()
 
@@ -1216,8 +1218,8 @@ class _Run(_Task):
 
     def done(self) -> None:
         """Its last call was made. Its worker."""
+        _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
         super().done()
-        _Run.live.discard(self)
         # a finished download keeps its last run (a manager may keep
         # thousands): nothing more of it
         self.calls = _NO_CALLS
@@ -7985,7 +7987,12 @@ class Downloader(Emitter):
                 self._running = True
                 self._stopping = False
                 run = _Run()
-                _LOOP.spawn(self._run_steps(run), _run_ended)
+                try:
+                    _LOOP.spawn(self._run_steps(run), _run_ended)
+                except BaseException:  # no loop thread to be had: nothing runs
+                    self._running = False
+                    run.done()
+                    raise
                 self._thread = run
         if timer is not None:
             self.emit('restart-time-changed', self)

@@ -475,3 +475,24 @@ def test_each_run_gives_its_signals_in_a_fresh_context(server, tmp_path):
     # last run finds the file complete: start, then complete)
     assert seen == [None, first.url, first.url, None, second.url, second.url,
                     None, first.url]
+
+
+def test_a_start_with_no_thread_to_be_had_raises_and_leaves_the_download_startable(
+        server, tmp_path, monkeypatch):
+    """No thread for the loop (too many threads): ``start()`` raises as
+    ``Thread.start`` does, and the download is left as it was, not running
+    (``wait()`` returns at once) and startable later."""
+    bitpit._LOOP.join(10)  # (the loop of an earlier test has ended)
+    d = bitpit.Downloader(server.add('/f', DATA), path=tmp_path / 'f')
+
+    def refuse(thread):
+        raise RuntimeError("can't start new thread")
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, 'start', refuse)
+        with pytest.raises(RuntimeError):
+            d.start()
+    assert not d.is_alive and d.wait(0) is False and d.state == 'pause'
+    assert not bitpit._Run.live
+    d.start()
+    assert d.wait(10) and (tmp_path / 'f').read_bytes() == DATA
+    d.join(10)
