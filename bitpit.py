@@ -6050,7 +6050,10 @@ class _Transfer:
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
         self.news = _Flag()           # set by _wake(): something to report or to do
-        self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
+        # a sidecar save handed to a worker runs: set by the run, cleared by
+        # the save under the lock before it wakes the run (not its task's
+        # end, which may come after that wake-up)
+        self.saving = False
         self.store = store
         self.options = options
         self.sources = [_Source(address, store.validators.get(address.url))
@@ -6166,10 +6169,15 @@ class _Transfer:
             self._keep_going()
         if now >= self._next_save:
             self._next_save = now + _SIDECAR_PERIOD
-            if (self.saving is None or not self.saving.is_alive()) and self.store.unsaved():
+            if not self.saving and self.store.unsaved():
                 # the save's fsync of the bytes it records (long on a disk,
                 # for a big file) must not hold up the loop
-                self.saving = _WORKERS.run(self._save, 'bitpit-save')
+                self.saving = True
+                try:
+                    _WORKERS.run(self._save, 'bitpit-save')
+                except BaseException:  # no worker to be had: no save runs
+                    self.saving = False
+                    raise
 
     def _save(self) -> None:
         """Save the sidecar, then wake the run (that waits for it to close
@@ -6178,6 +6186,7 @@ class _Transfer:
             self.store.save()
         finally:
             with self._lock:
+                self.saving = False
                 self._wake()
 
     def _check_min_speed(self, now: float) -> None:
@@ -6242,7 +6251,7 @@ class _Transfer:
 
     def saving_now(self) -> bool:
         """Whether a sidecar save handed to a worker still runs."""
-        return self.saving is not None and self.saving.is_alive()
+        return self.saving
 
     # -- decisions, under the lock ---------------------------------------------------
 

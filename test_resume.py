@@ -11,6 +11,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -235,6 +236,35 @@ def test_the_sidecar_of_a_relative_path_is_made_durable_in_the_working_directory
         store.close()
     assert synced == [str(tmp_path / 'f.bin.bitpit.tmp'), str(tmp_path)]
     assert json.loads((tmp_path / 'f.bin.bitpit').read_text())['url'] == 'http://h/f'
+
+
+def test_a_stop_during_a_sidecar_save_ends_as_soon_as_the_save_did(
+        server, tmp_path, monkeypatch):
+    """The run closes the file after a sidecar save handed to a worker, and
+    the save wakes it when it is done: the run must take that wake-up as
+    the save's end, even when the worker returns late (descheduled after
+    it, under load), and not wait for its next look a period later."""
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.05)
+    saving, saved = threading.Event(), []
+    real_save = bitpit._Transfer._save
+
+    def save_during_the_stop(transfer):
+        saving.set()
+        # the download stops while its save runs
+        transfer.cancel.pause(time.monotonic() + 5).event.wait(5)
+        real_save(transfer)
+        saved.append(time.monotonic())
+        time.sleep(0.15)  # the worker returns late
+
+    monkeypatch.setattr(bitpit._Transfer, '_save', save_during_the_stop)
+    url = server.add('/f', DATA, throttle=256 * 1024)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    d.start()
+    assert saving.wait(5)
+    d.stop()  # (it waits for the run's end)
+    ended = time.monotonic()
+    assert d.state == 'pause' and saved
+    assert ended - saved[0] < 0.12, ended - saved[0]
 
 
 def test_a_save_never_brings_back_bytes_given_up_during_its_sync(tmp_path, monkeypatch):
