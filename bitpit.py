@@ -4300,6 +4300,14 @@ def _sync(fd: int) -> None:
     os.fsync(fd)
 
 
+def _write_synced(path: str, text: str) -> None:
+    """Write ``text`` into a new file at ``path``, and sync it."""
+    with open(path, 'w', encoding='utf-8') as file:
+        file.write(text)
+        file.flush()
+        _sync(file.fileno())
+
+
 def _sync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (POSIX; a no-op where a
     directory cannot be opened, as on Windows)."""
@@ -4834,9 +4842,11 @@ class _FileStore:
 
     def save(self) -> None:
         """Write the sidecar if the file is incomplete and it changed. The
-        bytes it records reach the disk first (``fsync``), outside the lock,
-        so that writes go on meanwhile. The download thread, or a task it
-        waits for before it closes the file."""
+        bytes it records reach the disk first (``fsync``), then the new
+        sidecar, both outside the lock, so that writes go on meanwhile (the
+        loop makes every download's: one that waited for the lock would
+        hold up them all); only its rename over the old one is made under
+        it. The run, or a task it waits for before it closes the file."""
         with self._lock:
             if not self._unsaved():
                 return
@@ -4849,11 +4859,25 @@ class _FileStore:
             with self._lock:
                 self._sidecar_current = False
             return
-        with self._lock:
-            if dropped == self._dropped and not self.sealed:
-                self._save_sidecar(record)
-            else:  # the record claims bytes given up since (another version's, a bad piece)
-                self._sidecar_current = False
+        sidecar = self.sidecar
+        assert sidecar is not None  # (on disk: a regular file's)
+        # a name of its own: the lock's holder may write the sidecar meanwhile
+        new = sidecar + '.new'
+        try:
+            _write_synced(new, record)
+            with self._lock:
+                replaced = dropped == self._dropped and not self.sealed
+                if replaced:
+                    os.replace(new, sidecar)
+                else:  # the record claims bytes given up since (another version's, a bad piece)
+                    self._sidecar_current = False
+            if replaced:
+                _sync_directory(os.path.dirname(sidecar) or os.curdir)
+            else:
+                os.unlink(new)
+        except OSError as exc:
+            with self._lock:
+                self._sidecar_not_written(exc)
 
     def unsaved(self) -> bool:
         """Whether ``save()`` has a sidecar to write. Any thread. Never
@@ -4896,20 +4920,21 @@ class _FileStore:
                 record = self._sidecar_record()
                 if self.held.total and self._file is not None:
                     _sync(self._file.fileno())
-            with open(temporary, 'w', encoding='utf-8') as file:
-                file.write(record)
-                file.flush()
-                _sync(file.fileno())
+            _write_synced(temporary, record)
             os.replace(temporary, sidecar)
             _sync_directory(os.path.dirname(sidecar) or os.curdir)
         except OSError as exc:
-            if not self._sidecar_failed:
-                _log.warning('cannot write %s: %s', sidecar, exc)
-            self._sidecar_failed = True
+            self._sidecar_not_written(exc)
             return False
         self._sidecar_on_disk = True
         self._sidecar_current = self._sidecar_current or current
         return True
+
+    def _sidecar_not_written(self, exc: OSError) -> None:
+        """Writing the sidecar failed with ``exc``: said once. Under the lock."""
+        if not self._sidecar_failed:
+            _log.warning('cannot write %s: %s', self.sidecar, exc)
+        self._sidecar_failed = True
 
     def _remove_sidecar(self) -> None:
         sidecar = self.sidecar
