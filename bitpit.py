@@ -144,6 +144,7 @@ _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
+_READ_BACK_ON_LOOP = 256 * 1024  # most bytes of a file whose end (read back to check) the loop makes
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
@@ -1673,6 +1674,29 @@ class _Loop:
 _LOOP = _Loop(after_round=_SIGNALS.hand)
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_LOOP._after_fork)
+
+
+def _on_worker_steps(call: Callable[[], _T], name: str) -> '_Steps[_T]':
+    """Steps that have a ``_WORKERS`` worker named ``name`` make
+    ``call()`` (disk work that may take long, which the loop's thread must
+    not wait for), and give what it returns, or raise what it raised."""
+    done = _Flag()
+    outcome: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome['result'] = call()
+        except BaseException as exc:  # handed to the waiting steps
+            outcome['error'] = exc
+        finally:
+            done.set()
+
+    _WORKERS.run(work, name)
+    while not done.is_set():
+        yield _Wait(None, None, event=done)
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['result']
 
 
 # ---------------------------------------------------------------------------
@@ -8280,7 +8304,11 @@ class Downloader(Emitter):
             for kind, value in transfer.take_events():
                 self._relay(kind, value, post)
             yield from transfer.join_steps()
-            transfer.result()
+            if store.held.total > _READ_BACK_ON_LOOP or store.unsaved():
+                # its checks may read the whole file back, its save sync it
+                yield from _on_worker_steps(transfer.result, 'bitpit-finish')
+            else:
+                transfer.result()
             self._digest = store.digest
         except BaseException:
             transfer.stop()  # leave no connection behind, whatever happened

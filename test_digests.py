@@ -9,6 +9,8 @@ import base64
 import hashlib
 import json
 import logging
+import threading
+import time
 
 import pytest
 
@@ -172,3 +174,33 @@ def test_a_redirector_s_digest_and_duplicates_count(make_server, tmp_path):
     redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
                                                   **field('Repr-Digest', 'sha512', WRONG)})
     assert fetch(url, tmp_path / 'h').state == 'complete'
+
+
+def test_the_check_at_a_files_end_never_holds_up_the_other_downloads(server, tmp_path,
+                                                                     monkeypatch):
+    """A digest is checked at the file's end by reading the file back:
+    seconds for a big one (slowed down here). The loop drives every other
+    download meanwhile: that reading must not be made on it."""
+    during, measured = [], threading.Event()
+    real_read_back = bitpit._FileStore._read_back
+
+    def slow_read_back(store, *args, **kwargs):
+        if not during:
+            before = other.downloaded
+            time.sleep(0.3)
+            during.append(other.downloaded - before)
+            measured.set()
+        return real_read_back(store, *args, **kwargs)
+    monkeypatch.setattr(bitpit._FileStore, '_read_back', slow_read_back)
+    url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', DATA))
+    other = bitpit.Downloader(server.add('/other', DATA, throttle=512 * 1024),
+                              path=tmp_path / 'other')
+    d = bitpit.Downloader(url, path=tmp_path / 'f')
+    other.start()
+    d.start()
+    assert measured.wait(5)
+    d.join(5)
+    other.stop()
+    assert d.state == 'complete'
+    # ~150 KiB came at 512 KiB/s in the 0.3 s
+    assert during[0] >= 32 * 1024, during
