@@ -1269,7 +1269,7 @@ class _Signals:
         """Hand the runs posted to since the last hand to the workers,
         starting one when none works or when a run waited ``SPILL``
         seconds; when to look again for a worker held up (``None``: no
-        run waits for one)."""
+        run waits for one, or ``MAX_WORKERS`` are under way)."""
         posted, self._posted = self._posted, []
         now = time.monotonic()
         with self._lock:
@@ -1285,6 +1285,11 @@ class _Signals:
                 waited >= self.SPILL and self._delivering < self.MAX_WORKERS)
             if start:
                 self._delivering += 1
+            elif self._delivering >= self.MAX_WORKERS:
+                # no worker to add: the first one free takes the run up,
+                # with no look of the loop's (which would come at once,
+                # round after round, once the run waited SPILL)
+                return None
         if start:
             try:
                 _WORKERS.run(self._deliver, 'bitpit-download')

@@ -151,3 +151,38 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
     finally:
         left.close()
         right.close()
+
+
+def test_the_loop_sleeps_while_every_signal_worker_is_held_up_by_a_callback(
+        server, tmp_path, monkeypatch):
+    """A download's signals that wait for a signal worker while every one
+    is held up by a slow callback are taken up by the first that is free:
+    the loop that handed them must sleep meanwhile, not look again at once,
+    round after round (a spin of its thread)."""
+    monkeypatch.setattr(bitpit._Signals, 'MAX_WORKERS', 1)  # (32 slow callbacks, else)
+    rounds = []
+    hand = bitpit._SIGNALS.hand
+
+    def counted():
+        rounds.append(None)
+        return hand()
+    monkeypatch.setattr(bitpit._LOOP, '_after_round', counted)
+    held, release = threading.Event(), threading.Event()
+
+    def slow(d, old):
+        if d.state == 'start':
+            held.set()
+            release.wait(5)
+    slow_one = bitpit.Downloader(server.add('/slow', b's' * 1000), path=tmp_path / 'slow')
+    slow_one.listen('state-changed', slow)
+    other = bitpit.Downloader(server.add('/other', b'o' * 1000), path=tmp_path / 'other')
+    slow_one.start()
+    assert held.wait(5)
+    other.start()
+    time.sleep(0.3)  # the other's signals wait for the only worker meanwhile
+    meanwhile = len(rounds)
+    release.set()
+    slow_one.join(5)
+    other.join(5)
+    assert slow_one.state == other.state == 'complete'
+    assert meanwhile < 100, meanwhile
