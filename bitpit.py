@@ -144,7 +144,10 @@ _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
-_READ_BACK_ON_LOOP = 256 * 1024  # most bytes of a file whose end (read back to check) the loop makes
+# most bytes of a file whose opening and end (which may read it back to
+# check it, reserve its room, sync it) the loop makes itself; a worker
+# makes a bigger one's
+_DISK_WORK_ON_LOOP = 256 * 1024
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
@@ -5837,7 +5840,13 @@ class _Pump:
             with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
-            if setup is not None:
+            if setup is not None and \
+                    max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                # opening a big file may hash what it holds, reserving its
+                # room write its sidecar and sync it
+                yield from _on_worker_steps(functools.partial(transfer._prepare, conn, setup),
+                                            'bitpit-prepare')
+            elif setup is not None:
                 transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
@@ -8309,7 +8318,7 @@ class Downloader(Emitter):
             for kind, value in transfer.take_events():
                 self._relay(kind, value, post)
             yield from transfer.join_steps()
-            if store.held.total > _READ_BACK_ON_LOOP or store.unsaved():
+            if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
                 # its checks may read the whole file back, its save sync it
                 yield from _on_worker_steps(transfer.result, 'bitpit-finish')
             else:

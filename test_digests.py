@@ -15,7 +15,7 @@ import time
 import pytest
 
 import bitpit
-from conftest import DATA, OFFSET, download, fetch, sidecar_of
+from conftest import DATA, ETAG, OFFSET, download, fetch, partial_file, sidecar_of
 
 WRONG = DATA[:-1] + b'!'
 
@@ -176,31 +176,39 @@ def test_a_redirector_s_digest_and_duplicates_count(make_server, tmp_path):
     assert fetch(url, tmp_path / 'h').state == 'complete'
 
 
-def test_the_check_at_a_files_end_never_holds_up_the_other_downloads(server, tmp_path,
-                                                                     monkeypatch):
-    """A digest is checked at the file's end by reading the file back:
-    seconds for a big one (slowed down here). The loop drives every other
-    download meanwhile: that reading must not be made on it."""
+
+@pytest.mark.parametrize('when', ['at its end', 'at its start'])
+def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
+        server, tmp_path, monkeypatch, when):
+    """A file is read back to be checked: at its end for a server's digest
+    (the whole file), at its start for a checksum (the bytes a resumed file
+    holds): seconds for a big one (slowed down here). The loop drives
+    every other download meanwhile: that reading must not be made on it."""
     during, measured = [], threading.Event()
     real_read_back = bitpit._FileStore._read_back
 
     def slow_read_back(store, *args, **kwargs):
         if not during:
             before = other.downloaded
-            time.sleep(0.3)
+            time.sleep(0.2)
             during.append(other.downloaded - before)
             measured.set()
         return real_read_back(store, *args, **kwargs)
     monkeypatch.setattr(bitpit._FileStore, '_read_back', slow_read_back)
-    url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', DATA))
+    if when == 'at its end':
+        url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', DATA))
+        d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    else:
+        url = server.add('/f', DATA, etag=ETAG)
+        d = bitpit.Downloader(url, path=partial_file(tmp_path, url, ETAG, len(DATA)),
+                              checksum='sha256:' + hashlib.sha256(DATA).hexdigest())
     other = bitpit.Downloader(server.add('/other', DATA, throttle=512 * 1024),
                               path=tmp_path / 'other')
-    d = bitpit.Downloader(url, path=tmp_path / 'f')
     other.start()
     d.start()
     assert measured.wait(5)
     d.join(5)
     other.stop()
-    assert d.state == 'complete'
-    # ~150 KiB came at 512 KiB/s in the 0.3 s
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+    # ~100 KiB came at 512 KiB/s in the 0.2 s
     assert during[0] >= 32 * 1024, during
