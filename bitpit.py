@@ -4915,11 +4915,15 @@ class _FileStore:
         """Whether ``save()`` has a sidecar to write. Any thread. Never
         before the sidecar is first on disk (a small file's never is): that
         flag alone tells it, without the lock, as the answer may be out of
-        date the moment it is given either way."""
-        if not self._sidecar_on_disk:
+        date the moment it is given either way. Nor while another thread
+        holds the lock (a worker that opens the file may hash it under it
+        for seconds, and the loop asks): it is asked again later."""
+        if not self._sidecar_on_disk or not self._lock.acquire(blocking=False):
             return False
-        with self._lock:
+        try:
             return self._unsaved()
+        finally:
+            self._lock.release()
 
     def _unsaved(self) -> bool:
         return self._sidecar_on_disk and not self._sidecar_current and self._regular \

@@ -184,6 +184,10 @@ def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
     (the whole file), at its start for a checksum (the bytes a resumed file
     holds): seconds for a big one (slowed down here). The loop drives
     every other download meanwhile: that reading must not be made on it."""
+    # the run looks at its transfer (and whether a sidecar save is due)
+    # meanwhile
+    monkeypatch.setattr(bitpit, '_TEND_PERIOD', 0.02)
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.02)
     during, measured = [], threading.Event()
     real_read_back = bitpit._FileStore._read_back
 
