@@ -145,9 +145,9 @@ _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
 # most bytes of a file whose opening and end (which may read it back to
-# check it, reserve its room, sync it) the loop makes itself; a worker
-# makes a bigger one's
-_DISK_WORK_ON_LOOP = 256 * 1024
+# check it, reserve its room, sync it) the loop makes itself (a hash of
+# 4 MiB takes a few milliseconds); a worker makes a bigger one's
+_DISK_WORK_ON_LOOP = 4 * 1024 * 1024
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 

@@ -199,13 +199,14 @@ def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
             measured.set()
         return real_read_back(store, *args, **kwargs)
     monkeypatch.setattr(bitpit._FileStore, '_read_back', slow_read_back)
+    big = DATA * 5  # (a file of 4 MiB at most is read back on the loop: a few ms)
     if when == 'at its end':
-        url = server.add('/f', DATA, headers=field('Repr-Digest', 'sha256', DATA))
+        url = server.add('/f', big, headers=field('Repr-Digest', 'sha256', big))
         d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
     else:
-        url = server.add('/f', DATA, etag=ETAG)
-        d = bitpit.Downloader(url, path=partial_file(tmp_path, url, ETAG, len(DATA)),
-                              checksum='sha256:' + hashlib.sha256(DATA).hexdigest())
+        url = server.add('/f', big, etag=ETAG)
+        d = bitpit.Downloader(url, path=partial_file(tmp_path, url, ETAG, len(big)),
+                              checksum='sha256:' + hashlib.sha256(big).hexdigest())
     other = bitpit.Downloader(server.add('/other', DATA, throttle=512 * 1024),
                               path=tmp_path / 'other')
     other.start()
@@ -213,6 +214,6 @@ def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
     assert measured.wait(5)
     d.join(5)
     other.stop()
-    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == DATA
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == big
     # ~100 KiB came at 512 KiB/s in the 0.2 s
     assert during[0] >= 32 * 1024, during

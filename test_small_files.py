@@ -123,8 +123,7 @@ def test_a_download_is_one_task_for_the_workers_however_many_its_connections(
         server, tmp_path, monkeypatch):
     """A download's connections, and its run, are steps on the loop's one
     thread, however many connections there are: the workers make its
-    signals' calls only (and a big file's opening and end, which may read
-    it back or sync it)."""
+    signals' calls only."""
     names = []
     run = bitpit._WORKERS.run
 
@@ -139,7 +138,7 @@ def test_a_download_is_one_task_for_the_workers_however_many_its_connections(
     url = server.add('/big', big, throttle=8 * 1024 * 1024)
     d = fetch(url, tmp_path / 'big', connections=3)
     assert d.state == 'complete' and (tmp_path / 'big').read_bytes() == big
-    assert names and set(names) == {'bitpit-download', 'bitpit-prepare', 'bitpit-finish'}
+    assert names and set(names) == {'bitpit-download'}
     assert len({r.conn for r in server.requests_for('/big')}) >= 3  # (a race may add one)
 
 
