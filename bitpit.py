@@ -1194,6 +1194,18 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_WORKERS._after_fork)
 
 
+def _run_or_here(target: Callable[[], object], name: str) -> None:
+    """``_WORKERS.run(target, name)``, or ``target()`` on the calling
+    thread (the loop's) when no thread can start: Python 3.12.0 to 3.12.2
+    refuse one once the main thread has ended, while the loop still runs
+    the downloads that the program waits for. Their work is then done on
+    the loop, late, rather than lost with the loop's thread."""
+    try:
+        _WORKERS.run(target, name)
+    except RuntimeError:
+        target()
+
+
 class _Run(_Task):
     """One run of a download (an attempt, from ``start`` to its end
     state): its steps run on the loop, and what it tells its callbacks
@@ -1295,7 +1307,7 @@ class _Signals:
                 return None
         if start:
             try:
-                _WORKERS.run(self._deliver, 'bitpit-download')
+                _run_or_here(self._deliver, 'bitpit-download')
             except BaseException:
                 with self._lock:
                     self._delivering -= 1
@@ -1699,7 +1711,7 @@ def _on_worker_steps(call: Callable[[], _T], name: str) -> '_Steps[_T]':
         finally:
             done.set()
 
-    _WORKERS.run(work, name)
+    _run_or_here(work, name)
     while not done.is_set():
         yield _Wait(None, None, event=done)
     if 'error' in outcome:
@@ -2120,7 +2132,10 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
     try:
         # a bare thread: threading.Thread.start would wait until it runs,
         # a block in steps that one loop drives with many others
-        _thread.start_new_thread(look_up, ())
+        try:
+            _thread.start_new_thread(look_up, ())
+        except RuntimeError:  # no thread at the interpreter's shutdown (_run_or_here)
+            look_up()
         if not (yield _Wait(None, _deadline(timeout), event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
@@ -6240,11 +6255,7 @@ class _Transfer:
                 # the save's fsync of the bytes it records (long on a disk,
                 # for a big file) must not hold up the loop
                 self.saving = True
-                try:
-                    _WORKERS.run(self._save, 'bitpit-save')
-                except BaseException:  # no worker to be had: no save runs
-                    self.saving = False
-                    raise
+                _run_or_here(self._save, 'bitpit-save')
 
     def _save(self) -> None:
         """Save the sidecar, then wake the run (that waits for it to close
