@@ -179,7 +179,7 @@ def test_the_loop_sleeps_while_every_signal_worker_is_held_up_by_a_callback(
     slow_one.start()
     assert held.wait(5)
     other.start()
-    time.sleep(0.3)  # the other's signals wait for the only worker meanwhile
+    time.sleep(0.2)  # the other's signals wait for the only worker meanwhile
     meanwhile = len(rounds)
     release.set()
     slow_one.join(5)
