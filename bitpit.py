@@ -144,6 +144,10 @@ _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
+# most bytes of a file whose opening and end (which may read it back to
+# check it, reserve its room, sync it) the loop makes itself (a hash of
+# 4 MiB takes a few milliseconds); a worker makes a bigger one's
+_DISK_WORK_ON_LOOP = 4 * 1024 * 1024
 _NEWER_SUFFIX = '.bitpit-new'  # where if_exists='update' puts a new version
 
 
@@ -1190,6 +1194,18 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_WORKERS._after_fork)
 
 
+def _run_or_here(target: Callable[[], object], name: str) -> None:
+    """``_WORKERS.run(target, name)``, or ``target()`` on the calling
+    thread (the loop's) when no thread can start: Python 3.12.0 to 3.12.2
+    refuse one once the main thread has ended, while the loop still runs
+    the downloads that the program waits for. Their work is then done on
+    the loop, late, rather than lost with the loop's thread."""
+    try:
+        _WORKERS.run(target, name)
+    except RuntimeError:
+        target()
+
+
 class _Run(_Task):
     """One run of a download (an attempt, from ``start`` to its end
     state): its steps run on the loop, and what it tells its callbacks
@@ -1291,9 +1307,10 @@ class _Signals:
         """Hand the runs posted to since the last hand to the workers,
         starting one when none works or when a run waited ``SPILL``
         seconds; when to look again for a worker held up (``None``: no
-        run waits for one). ``idle``: the loop has nothing else to do, so
-        it waits here (``SPILL`` seconds at most) until the workers took
-        up every run, and ends at once if they did."""
+        run waits for one, or ``MAX_WORKERS`` are under way). ``idle``:
+        the loop has nothing else to do, so it waits here (``SPILL``
+        seconds at most) until the workers took up every run, and ends at
+        once if they did."""
         if not self._posted and not self._ready:  # (only the loop adds to either)
             return None
         posted, self._posted = self._posted, []
@@ -1311,19 +1328,18 @@ class _Signals:
                 waited >= self.SPILL and self._delivering < self.MAX_WORKERS)
             if start:
                 self._delivering += 1
+            elif self._delivering >= self.MAX_WORKERS:
+                # no worker to add: the first one free takes the run up,
+                # with no look of the loop's (which would come at once,
+                # round after round, once the run waited SPILL)
+                return None
         if start:
             try:
-                _WORKERS.run(self._deliver, 'bitpit-download')
-            except BaseException as exc:
+                _run_or_here(self._deliver, 'bitpit-download')
+            except BaseException:
                 with self._lock:
                     self._delivering -= 1
-                if not isinstance(exc, RuntimeError):
-                    raise
-                # no thread to be had now (too many): the loop goes on, and
-                # tries again a while later
-                _log.warning('no thread for the signals of the downloads (%s): '
-                             'trying again', exc)
-                return now + self.SPILL
+                raise
         if idle:
             deadline = now + self.SPILL
             with self._lock:
@@ -1744,6 +1760,29 @@ if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_LOOP._after_fork)
 
 
+def _on_worker_steps(call: Callable[[], _T], name: str) -> '_Steps[_T]':
+    """Steps that have a ``_WORKERS`` worker named ``name`` make
+    ``call()`` (disk work that may take long, which the loop's thread must
+    not wait for), and give what it returns, or raise what it raised."""
+    done = _Flag()
+    outcome: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome['result'] = call()
+        except BaseException as exc:  # handed to the waiting steps
+            outcome['error'] = exc
+        finally:
+            done.set()
+
+    _run_or_here(work, name)
+    while not done.is_set():
+        yield _Wait(None, None, event=done)
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['result']
+
+
 # ---------------------------------------------------------------------------
 # timing: token buckets
 # ---------------------------------------------------------------------------
@@ -2157,7 +2196,10 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
     try:
         # a bare thread: threading.Thread.start would wait until it runs,
         # a block in steps that one loop drives with many others
-        _thread.start_new_thread(look_up, ())
+        try:
+            _thread.start_new_thread(look_up, ())
+        except RuntimeError:  # no thread at the interpreter's shutdown (_run_or_here)
+            look_up()
         if not (yield _Wait(None, _deadline(timeout), event=done)):
             raise socket.timeout('looking up {} took more than {} s'.format(host, timeout))
     finally:
@@ -4382,6 +4424,14 @@ def _sync(fd: int) -> None:
     os.fsync(fd)
 
 
+def _write_synced(path: str, text: str) -> None:
+    """Write ``text`` into a new file at ``path``, and sync it."""
+    with open(path, 'w', encoding='utf-8') as file:
+        file.write(text)
+        file.flush()
+        _sync(file.fileno())
+
+
 def _sync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (POSIX; a no-op where a
     directory cannot be opened, as on Windows)."""
@@ -4926,9 +4976,11 @@ class _FileStore:
 
     def save(self) -> None:
         """Write the sidecar if the file is incomplete and it changed. The
-        bytes it records reach the disk first (``fsync``), outside the lock,
-        so that writes go on meanwhile. The run's steps, or a worker it
-        waits for before it closes the file."""
+        bytes it records reach the disk first (``fsync``), then the new
+        sidecar, both outside the lock, so that writes go on meanwhile (the
+        loop makes every download's: one that waited for the lock would
+        hold up them all); only its rename over the old one is made under
+        it. The run, or a task it waits for before it closes the file."""
         with self._lock:
             if not self._unsaved():
                 return
@@ -4941,21 +4993,39 @@ class _FileStore:
             with self._lock:
                 self._sidecar_current = False
             return
-        with self._lock:
-            if dropped == self._dropped and not self.sealed:
-                self._save_sidecar(record)
-            else:  # the record claims bytes given up since (another version's, a bad piece)
-                self._sidecar_current = False
+        sidecar = self.sidecar
+        assert sidecar is not None  # (on disk: a regular file's)
+        # a name of its own: the lock's holder may write the sidecar meanwhile
+        new = sidecar + '.new'
+        try:
+            _write_synced(new, record)
+            with self._lock:
+                replaced = dropped == self._dropped and not self.sealed
+                if replaced:
+                    os.replace(new, sidecar)
+                else:  # the record claims bytes given up since (another version's, a bad piece)
+                    self._sidecar_current = False
+            if replaced:
+                _sync_directory(os.path.dirname(sidecar) or os.curdir)
+            else:
+                os.unlink(new)
+        except OSError as exc:
+            with self._lock:
+                self._sidecar_not_written(exc)
 
     def unsaved(self) -> bool:
         """Whether ``save()`` has a sidecar to write. Any thread. Never
         before the sidecar is first on disk (a small file's never is): that
         flag alone tells it, without the lock, as the answer may be out of
-        date the moment it is given either way."""
-        if not self._sidecar_on_disk:
+        date the moment it is given either way. Nor while another thread
+        holds the lock (a worker that opens the file may hash it under it
+        for seconds, and the loop asks): it is asked again later."""
+        if not self._sidecar_on_disk or not self._lock.acquire(blocking=False):
             return False
-        with self._lock:
+        try:
             return self._unsaved()
+        finally:
+            self._lock.release()
 
     def _unsaved(self) -> bool:
         return self._sidecar_on_disk and not self._sidecar_current and self._regular \
@@ -4988,20 +5058,21 @@ class _FileStore:
                 record = self._sidecar_record()
                 if self.held.total and self._file is not None:
                     _sync(self._file.fileno())
-            with open(temporary, 'w', encoding='utf-8') as file:
-                file.write(record)
-                file.flush()
-                _sync(file.fileno())
+            _write_synced(temporary, record)
             os.replace(temporary, sidecar)
             _sync_directory(os.path.dirname(sidecar) or os.curdir)
         except OSError as exc:
-            if not self._sidecar_failed:
-                _log.warning('cannot write %s: %s', sidecar, exc)
-            self._sidecar_failed = True
+            self._sidecar_not_written(exc)
             return False
         self._sidecar_on_disk = True
         self._sidecar_current = self._sidecar_current or current
         return True
+
+    def _sidecar_not_written(self, exc: OSError) -> None:
+        """Writing the sidecar failed with ``exc``: said once. Under the lock."""
+        if not self._sidecar_failed:
+            _log.warning('cannot write %s: %s', self.sidecar, exc)
+        self._sidecar_failed = True
 
     def _remove_sidecar(self) -> None:
         """Remove the sidecar, unless the store knows that there is none:
@@ -5882,7 +5953,13 @@ class _Pump:
             with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
-            if setup is not None:
+            if setup is not None and \
+                    max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                # opening a big file may hash what it holds, reserving its
+                # room write its sidecar and sync it
+                yield from _on_worker_steps(functools.partial(transfer._prepare, conn, setup),
+                                            'bitpit-prepare')
+            elif setup is not None:
                 transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
@@ -6141,7 +6218,10 @@ class _Transfer:
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
         self.news = _Flag()           # set by _wake(): something to report or to do
-        self.saving: Optional[_Task] = None  # the last sidecar save handed to a worker
+        # a sidecar save handed to a worker runs: set by the run, cleared by
+        # the save under the lock before it wakes the run (not its task's
+        # end, which may come after that wake-up)
+        self.saving = False
         self.store = store
         self.options = options
         self.sources = [_Source(address, store.validators.get(address.url))
@@ -6257,10 +6337,11 @@ class _Transfer:
             self._keep_going()
         if now >= self._next_save:
             self._next_save = now + _SIDECAR_PERIOD
-            if (self.saving is None or not self.saving.is_alive()) and self.store.unsaved():
+            if not self.saving and self.store.unsaved():
                 # the save's fsync of the bytes it records (long on a disk,
                 # for a big file) must not hold up the loop
-                self.saving = _WORKERS.run(self._save, 'bitpit-save')
+                self.saving = True
+                _run_or_here(self._save, 'bitpit-save')
 
     def _save(self) -> None:
         """Save the sidecar, then wake the run (that waits for it to close
@@ -6269,6 +6350,7 @@ class _Transfer:
             self.store.save()
         finally:
             with self._lock:
+                self.saving = False
                 self._wake()
 
     def _check_min_speed(self, now: float) -> None:
@@ -6333,7 +6415,7 @@ class _Transfer:
 
     def saving_now(self) -> bool:
         """Whether a sidecar save handed to a worker still runs."""
-        return self.saving is not None and self.saving.is_alive()
+        return self.saving
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -8369,7 +8451,11 @@ class Downloader(Emitter):
             for kind, value in transfer.take_events():
                 self._relay(kind, value, post)
             yield from transfer.join_steps()
-            transfer.result()
+            if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
+                # its checks may read the whole file back, its save sync it
+                yield from _on_worker_steps(transfer.result, 'bitpit-finish')
+            else:
+                transfer.result()
             self._digest = store.digest
         except BaseException:
             transfer.stop()  # leave no connection behind, whatever happened

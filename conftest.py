@@ -1115,8 +1115,18 @@ def threads_left(before, wait):
     started = [t for t in threading.enumerate() if not t.daemon and t.name != idle
                and (t not in before or not quiet and t.name.startswith(BITPIT_WORKERS))]
     for thread in started:
-        thread.join(max(0.0, deadline - time.monotonic()))
+        join_started(thread, max(0.0, deadline - time.monotonic()))
     return [t.name for t in started if t.is_alive() and t.name != idle]
+
+
+def join_started(thread, timeout):
+    """``thread.join(timeout)``, also for a thread that is still being
+    started, which ``threading.enumerate()`` lists and ``join`` refuses (a
+    worker that bitpit starts for a task while a busy one, coming back,
+    takes that task first)."""
+    deadline = time.monotonic() + timeout
+    if thread._started.wait(timeout):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @pytest.fixture(autouse=True)
@@ -1303,7 +1313,7 @@ def bitpit_threads(wait=1.0):
     bitpit._WORKERS.wait_quiet(wait)  # a worker's task ends, not its thread
     threads = [t for t in threading.enumerate() if t.name.startswith(BITPIT_THREADS)]
     for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+        join_started(thread, max(0.0, deadline - time.monotonic()))
     return [t for t in threads if t.is_alive() and t.name.startswith(BITPIT_THREADS)]
 
 

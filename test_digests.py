@@ -9,11 +9,13 @@ import base64
 import hashlib
 import json
 import logging
+import threading
+import time
 
 import pytest
 
 import bitpit
-from conftest import DATA, OFFSET, download, fetch, sidecar_of
+from conftest import DATA, ETAG, OFFSET, download, fetch, partial_file, sidecar_of
 
 WRONG = DATA[:-1] + b'!'
 
@@ -172,3 +174,46 @@ def test_a_redirector_s_digest_and_duplicates_count(make_server, tmp_path):
     redirector.add('/f', b'', status=302, headers={'Location': second.url('/f'),
                                                   **field('Repr-Digest', 'sha512', WRONG)})
     assert fetch(url, tmp_path / 'h').state == 'complete'
+
+
+
+@pytest.mark.parametrize('when', ['at its end', 'at its start'])
+def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
+        server, tmp_path, monkeypatch, when):
+    """A file is read back to be checked: at its end for a server's digest
+    (the whole file), at its start for a checksum (the bytes a resumed file
+    holds): seconds for a big one (slowed down here). The loop drives
+    every other download meanwhile: that reading must not be made on it."""
+    # the run looks at its transfer (and whether a sidecar save is due)
+    # meanwhile
+    monkeypatch.setattr(bitpit, '_TEND_PERIOD', 0.02)
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.02)
+    during, measured = [], threading.Event()
+    real_read_back = bitpit._FileStore._read_back
+
+    def slow_read_back(store, *args, **kwargs):
+        if not during:
+            before = other.downloaded
+            time.sleep(0.2)
+            during.append(other.downloaded - before)
+            measured.set()
+        return real_read_back(store, *args, **kwargs)
+    monkeypatch.setattr(bitpit._FileStore, '_read_back', slow_read_back)
+    big = DATA * 5  # (a file of 4 MiB at most is read back on the loop: a few ms)
+    if when == 'at its end':
+        url = server.add('/f', big, headers=field('Repr-Digest', 'sha256', big))
+        d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    else:
+        url = server.add('/f', big, etag=ETAG)
+        d = bitpit.Downloader(url, path=partial_file(tmp_path, url, ETAG, len(big)),
+                              checksum='sha256:' + hashlib.sha256(big).hexdigest())
+    other = bitpit.Downloader(server.add('/other', DATA, throttle=512 * 1024),
+                              path=tmp_path / 'other')
+    other.start()
+    d.start()
+    assert measured.wait(5)
+    d.join(5)
+    other.stop()
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == big
+    # ~100 KiB came at 512 KiB/s in the 0.2 s
+    assert during[0] >= 32 * 1024, during

@@ -11,6 +11,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -182,7 +183,9 @@ def test_the_sidecar_is_durable_and_never_claims_bytes_not_on_the_disk(
     saves = [i for i, call in enumerate(calls) if call == ('replace', 'f.bin.bitpit')]
     assert 2 <= len(saves) <= 5, calls                    # about 2.6 s at a second's period
     for i in saves:
-        assert calls[i - 1] == ('fsync', 'f.bin.bitpit.tmp'), calls   # the new one, whole
+        # the new one, whole (a worker's save writes it under a name of its own)
+        assert calls[i - 1] in {('fsync', 'f.bin.bitpit.tmp'), ('fsync', 'f.bin.bitpit.new')}, \
+            calls
         assert calls[i + 1] == ('fsync', tmp_path.name), calls         # the rename, durable
     # every save after the first, which records nothing, syncs the data first
     for i in saves[1:]:
@@ -235,6 +238,69 @@ def test_the_sidecar_of_a_relative_path_is_made_durable_in_the_working_directory
         store.close()
     assert synced == [str(tmp_path / 'f.bin.bitpit.tmp'), str(tmp_path)]
     assert json.loads((tmp_path / 'f.bin.bitpit').read_text())['url'] == 'http://h/f'
+
+
+def test_a_stop_during_a_sidecar_save_ends_as_soon_as_the_save_did(
+        server, tmp_path, monkeypatch):
+    """The run closes the file after a sidecar save handed to a worker, and
+    the save wakes it when it is done: the run must take that wake-up as
+    the save's end, even when the worker returns late (descheduled after
+    it, under load), and not wait for its next look a period later."""
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.05)
+    saving, saved = threading.Event(), []
+    real_save = bitpit._Transfer._save
+
+    def save_during_the_stop(transfer):
+        saving.set()
+        # the download stops while its save runs
+        transfer.cancel.pause(time.monotonic() + 5).event.wait(5)
+        real_save(transfer)
+        saved.append(time.monotonic())
+        time.sleep(0.15)  # the worker returns late
+
+    monkeypatch.setattr(bitpit._Transfer, '_save', save_during_the_stop)
+    url = server.add('/f', DATA, throttle=256 * 1024)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    d.start()
+    assert saving.wait(5)
+    d.stop()  # (it waits for the run's end)
+    ended = time.monotonic()
+    assert d.state == 'pause' and saved
+    assert ended - saved[0] < 0.12, ended - saved[0]
+
+
+def test_a_slow_sidecar_save_never_holds_up_the_other_downloads(
+        server, tmp_path, monkeypatch):
+    """A sidecar save on a worker syncs the new sidecar and its directory:
+    long on a slow disk. Meanwhile the loop goes on writing that file's
+    bytes, and every other download's: the save must not hold the file's
+    lock through its syncs, or the loop waits for it at the file's next
+    write, and every transfer with it."""
+    monkeypatch.setattr(bitpit, '_SIDECAR_PERIOD', 0.05)
+    during, measured = [], threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        path = os.readlink('/proc/self/fd/{}'.format(fd))
+        if threading.current_thread().name == 'bitpit-save' and not during and \
+                path.startswith(str(tmp_path / 'saved.bin.bitpit.')):  # the new sidecar
+            before = other.downloaded
+            time.sleep(0.2)
+            during.append(other.downloaded - before)
+            measured.set()
+        real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', slow_fsync)
+    saved = server.add('/saved', DATA, throttle=1024 * 1024)
+    url = server.add('/other', DATA, throttle=512 * 1024)
+    other = bitpit.Downloader(url, path=tmp_path / 'other.bin')
+    d = bitpit.Downloader(saved, path=tmp_path / 'saved.bin')
+    other.start()
+    d.start()
+    assert measured.wait(5)
+    d.stop()
+    other.stop()
+    # ~100 KiB came at 512 KiB/s in the 0.2 s
+    assert during[0] >= 32 * 1024, during
 
 
 def test_a_save_never_brings_back_bytes_given_up_during_its_sync(tmp_path, monkeypatch):

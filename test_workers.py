@@ -496,3 +496,24 @@ def test_a_start_with_no_thread_to_be_had_raises_and_leaves_the_download_startab
     d.start()
     assert d.wait(10) and (tmp_path / 'f').read_bytes() == DATA
     d.join(10)
+
+
+def test_a_download_whose_workers_cannot_start_still_ends_and_signals(
+        server, tmp_path, monkeypatch):
+    """Python 3.12.0 to 3.12.2 refuse a new thread once the main thread has
+    ended, though the program still waits for its downloads: the loop
+    cannot start a worker then. It makes their calls itself, late, rather
+    than die with every download it drives (and their files, and their
+    signals)."""
+    url = server.add('/data.bin', DATA)
+    d = bitpit.Downloader(url, path=tmp_path / 'out.bin')
+    states = []
+    d.listen('state-changed', lambda d, old: states.append(d.state))
+
+    def no_thread(target, name):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+    monkeypatch.setattr(bitpit._WORKERS, 'run', no_thread)
+    d.start()
+    d.join(10)
+    assert not d.is_alive and states == ['start', 'download', 'complete']
+    assert (tmp_path / 'out.bin').read_bytes() == DATA
