@@ -1073,6 +1073,7 @@ def _check_hygiene(request):
         logger.setLevel(logging.ERROR)
     logger.addHandler(errors)
     before = set(threading.enumerate())
+    runs_before = set(bitpit._Run.live)
     old_hook = threading.excepthook
     threading.excepthook = crashes.append
     try:
@@ -1082,6 +1083,9 @@ def _check_hygiene(request):
         if left:
             problems.append('non-daemon threads left running after {} s: {}'.format(
                 HYGIENE_JOIN, ', '.join(left)))
+        runs = [r for r in list(bitpit._Run.live) if r not in runs_before]
+        if runs:  # (their threads ended: a run no worker will end)
+            problems.append('{} run(s) of a download left alive'.format(len(runs)))
         for crash in crashes:
             name = crash.thread.name if crash.thread is not None else '<unknown>'
             problems.append('uncaught exception in thread {}:\n{}'.format(

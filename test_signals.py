@@ -50,6 +50,7 @@ def test_a_call_posted_as_the_worker_empties_the_runs_queue_is_still_made():
     signals.hand()
     assert bitpit._WORKERS.wait_quiet(5)
     assert made == ['first', 'second']
+    run.done()  # (a run of its own, never spawned: it ends here)
 
 
 def test_with_every_worker_held_up_the_loop_looks_again_later_not_at_once(
@@ -279,3 +280,4 @@ def test_a_run_let_go_by_its_worker_is_taken_up_by_another_at_once():
     assert bitpit._WORKERS.wait_quiet(5)
     assert failed == [] and made == ['first', 'second']
     assert signals._delivering == 0 and not run.queued and run.thread is None
+    run.done()  # (a run of its own, never spawned: it ends here)
