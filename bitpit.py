@@ -1317,7 +1317,9 @@ class _Signals:
         now = time.monotonic()
         with self._lock:
             for run in posted:
-                if not run.queued:
+                # (a run whose calls a worker made meanwhile, its last one
+                # too, is not queued again: nothing is left of it to make)
+                if not run.queued and run.calls:
                     run.queued = True
                     run.since = now
                     self._ready.append(run)
@@ -1369,21 +1371,29 @@ class _Signals:
                 run = self._ready.popleft()
                 if self._watched and not self._ready:
                     self._taken.notify()
-            context = run.context
-            assert context is not None  # (dropped after its last call only)
-            run.thread = me
-            calls = run.calls
-            while True:
-                context.run(self._make_calls, run)
-                # let it go once out of its context, thread and all: another
-                # worker may take it up as soon as it is not queued (a call
-                # posted after that queues it again)
+            try:
+                self._take_up(run, me)
+            except BaseException:  # (a bug of bitpit's) not a worker counted for ever
                 with self._lock:
-                    if calls:  # posted just now
-                        continue
-                    run.thread = None
-                    run.queued = False
-                break
+                    self._delivering -= 1
+                raise
+
+    def _take_up(self, run: _Run, me: threading.Thread) -> None:
+        """Make the run's calls in its context, then let it go, once out of
+        its context, thread and all: another worker may take it up as soon
+        as it is not queued (a call posted after that queues it again)."""
+        context = run.context
+        assert context is not None  # (a run done is never queued again)
+        run.thread = me
+        calls = run.calls
+        while True:
+            context.run(self._make_calls, run)
+            with self._lock:
+                if calls:  # posted just now
+                    continue
+                run.thread = None
+                run.queued = False
+            return
 
     def _make_calls(self, run: _Run) -> None:
         """Make the run's calls until none is left, in its context."""
