@@ -8705,8 +8705,11 @@ class Downloader(Emitter):
         self._cancel_restart()  # one the thread scheduled before it saw the stop
         if not _Run.live:
             # the last run stopped: the loop's thread ends as soon as its
-            # last steps do, so that no thread of bitpit's is left at work
+            # last steps do, and a worker as soon as its task (a file's
+            # end, renamed the while), so that no thread of bitpit's is
+            # left at work
             _LOOP.join(_Signals.SPILL)
+            _WORKERS.wait_quiet(_Signals.SPILL)
 
     def _settled(self) -> bool:
         """Nothing more will happen by itself: complete, fatal, or stopped
