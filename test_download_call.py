@@ -63,7 +63,9 @@ def test_download_from_asyncio_and_from_threads(server, tmp_path):
 
 
 INTERRUPTED = '''
-import sys, bitpit
+import signal, sys, bitpit
+# Ctrl-C as a terminal gives it, though a shell may start us with it ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 try:
     bitpit.download(sys.argv[1], sys.argv[2])
 except KeyboardInterrupt:
