@@ -1292,8 +1292,9 @@ def file_looks(monkeypatch):
         yield calls
 
 
-BITPIT_WORKERS = ('bitpit-download', 'bitpit-connection')  # names of bitpit's workers at a task
-BITPIT_THREADS = BITPIT_WORKERS + ('bitpit-restart', 'bitpit-manager')
+# names of bitpit's workers at a task: a download's signals, its file's disk work
+BITPIT_WORKERS = ('bitpit-download', 'bitpit-save', 'bitpit-prepare', 'bitpit-finish')
+BITPIT_THREADS = BITPIT_WORKERS + ('bitpit-loop', 'bitpit-restart', 'bitpit-manager')
 
 
 def private_workers(monkeypatch, idle_seconds=60):
@@ -1310,9 +1311,10 @@ def private_workers(monkeypatch, idle_seconds=60):
 
 
 def bitpit_threads(wait=1.0):
-    """bitpit's download, restart and manager threads still alive after
-    joining them for at most ``wait`` seconds in all (a restart timer that
-    just fired may still be returning); ``wait=0``: those alive right now."""
+    """bitpit's loop, download, restart and manager threads (and workers
+    at a task) still alive after joining them for at most ``wait`` seconds
+    in all (a restart timer that just fired may still be returning);
+    ``wait=0``: those alive right now."""
     deadline = time.monotonic() + wait
     bitpit._WORKERS.wait_quiet(wait)  # a worker's task ends, not its thread
     threads = [t for t in threading.enumerate() if t.name.startswith(BITPIT_THREADS)]

@@ -158,7 +158,7 @@ def test_cancelling_adownload_stops_it_at_once_and_the_same_call_resumes(
         with pytest.raises(asyncio.CancelledError):
             await task
         seen['raised_after'] = time.monotonic() - seen['cancelled_at']
-        seen['threads'] = alive('bitpit-download') + alive('bitpit-connection')
+        seen['threads'] = alive('bitpit-download') + alive('bitpit-loop')
     run(main, capfd=capfd)
     cancelled_at = seen['cancelled_at']
     assert server.bytes_sent('/f', since=cancelled_at + 0.1) == 0   # stopped within 0.1 s
@@ -204,7 +204,7 @@ def test_asyncio_run_ends_cleanly_with_adownloads_still_running(server, tmp_path
         ended.append(time.monotonic())   # asyncio.run() cancels them now
     run(main, capfd=capfd)
     assert server.bytes_sent(since=ended[0] + 0.1) == 0
-    assert alive('bitpit-download') == [] and alive('bitpit-connection') == []
+    assert alive('bitpit-download') == [] and alive('bitpit-loop') == []
     assert all(sidecar_of(tmp_path / str(i)).exists() for i in range(count))
 
 
@@ -224,7 +224,7 @@ def test_many_adownloads_cancelled_at_once_all_stop_within_100ms(server, tmp_pat
             task.cancel()
         await asyncio.wait(tasks)
         assert all(task.cancelled() for task in tasks)
-        seen['threads'] = alive('bitpit-download') + alive('bitpit-connection')
+        seen['threads'] = alive('bitpit-download') + alive('bitpit-loop')
     run(main)
     assert seen['threads'] == []
     assert server.bytes_sent(since=seen['cancelled_at'] + 0.1) == 0
