@@ -6395,7 +6395,7 @@ class _Transfer:
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
         (``_Stopped`` for a stop). The run's steps, after ``join_steps``."""
-        assert not self.connections and not self.saving_now(), 'result() before join_steps()'
+        assert not self.connections and not self.saving, 'result() before join_steps()'
         try:
             if self.error is not None:
                 raise self.error
@@ -6418,14 +6418,10 @@ class _Transfer:
         once) and no sidecar save runs: the file is closed after them. The
         run's steps."""
         news = self.news
-        while self.connections or self.saving_now():
+        while self.connections or self.saving:
             news.clear()
-            if self.connections or self.saving_now():
+            if self.connections or self.saving:
                 yield _Wait(None, time.monotonic() + _TEND_PERIOD, event=news)
-
-    def saving_now(self) -> bool:
-        """Whether a sidecar save handed to a worker still runs."""
-        return self.saving
 
     # -- decisions, under the lock ---------------------------------------------------
 
