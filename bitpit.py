@@ -1427,10 +1427,9 @@ if hasattr(os, 'register_at_fork'):
 # yields a _Wait (for a socket, an event, until a deadline) and is resumed
 # with whether what it waited for came before the deadline. Written once,
 # the same steps run on a thread of their own (_drive_here: each wait a
-# blocking one, through the attempt's _Cancel, which tends a download in
-# its waits) and, in the next engine (issue 24), with thousands of others
-# on one loop's thread. Their own code never blocks: it reads and writes
-# sockets that do not block, and yields where they would.
+# blocking one) and, with thousands of others, on one loop's thread
+# (_LOOP). Their own code never blocks: it reads and writes sockets that
+# do not block, and yields where they would.
 
 class _Wait:
     """What steps wait for: until ``sock`` can be read (or, ``writing``,
@@ -5915,7 +5914,7 @@ class _Pump:
     """Moves the bytes of a transfer: a request for a connection's claim,
     its answer judged by the transfer, its body read, paced and written
     into the file, as steps (``fetch_steps``) that each connection's
-    thread runs for its own connection (``_drive_here``); what the
+    steps run on the loop (``_Transfer._serve_steps``); what the
     connections share (the claims, the file's size, the bytes
     received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
@@ -6578,8 +6577,8 @@ class _Transfer:
     def _complete(self, caller: Optional[_Connection]) -> None:
         """The file is whole: end the connections still at work (a slow
         read that a race overtook, a pause before asking a source again)
-        but ``caller``'s, the one the calling thread runs (if any), and the
-        attempt with them."""
+        but ``caller``'s, the connection whose steps call it (if any), and
+        the attempt with them."""
         self.complete = True
         if len(self.connections) > (caller is not None):  # (the caller is one of them)
             self._halt()
