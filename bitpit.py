@@ -1869,45 +1869,31 @@ class _TokenBucket:
             self._refill()
             self._tokens = 0.0
 
-    def acquire_steps(self, want: int, cancelled: Callable[[], bool],
-                      until: Optional[float] = None,
-                      places: Optional[Dict['_TokenBucket', int]] = None) -> '_Steps[int]':
+    def acquire_steps(self, want: int, cancelled: Callable[[], bool]) -> '_Steps[int]':
         """Steps that wait until some bytes may be read and give how many
         (at most ``want``, at least 1); ``want`` at once when unlimited.
-        They give 0 as soon as ``cancelled()`` is true after a ``wake()``,
-        and at ``until`` (a ``time.monotonic()``) if that comes first: then
-        ``places`` (the caller's, by bucket) keeps the caller's place in
-        the queue, where its next call comes back instead of at the tail
-        (a caller that leaves to do other work is not passed over again
-        and again). A waiter waits for its turn's event (set
-        when what it waits for may have come: a rate change, a refund, the
-        head of the queue leaving, ``wake()``) until its tokens are due.
-        Any thread."""
-        kept = places.pop(self, None) if places else None
+        They give 0 as soon as ``cancelled()`` is true after a ``wake()``.
+        A waiter waits for its turn's event (set when what it waits for
+        may have come: a rate change, a refund, the head of the queue
+        leaving, ``wake()``) until its tokens are due. Any thread."""
         if self._rate <= 0:  # unlimited: no lock on the fast path
             return 0 if cancelled() else want
         lock = self._lock
         lock.acquire()
         try:
-            turn = self._line_up(kept)
+            turn = self._line_up()
             try:
                 while not cancelled():
                     if self._rate <= 0:
                         return want
-                    now = time.monotonic()
-                    if until is not None and until <= now:
-                        if places is not None:
-                            places[self] = turn.number
-                        return 0
-                    wake_at = until
+                    wake_at: Optional[float] = None  # (not the head: until it is)
                     if self._waiters[0] is turn:
                         self._refill()
                         grant = max(1, min(want, self._grant()))
                         if self._tokens >= grant:
                             self._tokens -= grant
                             return grant
-                        due = self._stamp + (grant - self._tokens) / self._rate
-                        wake_at = due if until is None else min(due, until)
+                        wake_at = self._stamp + (grant - self._tokens) / self._rate
                     # (cleared under the lock: a setter changes what this
                     # waiter looks at under it, then sets the event)
                     event = turn.event
@@ -1928,16 +1914,11 @@ class _TokenBucket:
         finally:
             lock.release()
 
-    def _line_up(self, number: Optional[int]) -> '_Turn':
-        """A place in the queue: the one numbered ``number`` that the
-        caller left, else the tail. Under the lock."""
-        if number is None:
-            number, self._arrivals = self._arrivals, self._arrivals + 1
-        turn = _Turn(number)
-        index = len(self._waiters)
-        while index and self._waiters[index - 1].number > number:
-            index -= 1
-        self._waiters.insert(index, turn)
+    def _line_up(self) -> '_Turn':
+        """A place at the tail of the queue. Under the lock."""
+        turn = _Turn(self._arrivals)
+        self._arrivals += 1
+        self._waiters.append(turn)
         return turn
 
     def refund(self, unused: int) -> None:
@@ -1990,17 +1971,15 @@ class _Pacer:
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
-        # its places in the queues it left at an ``until``, to come back to
-        self._places: Dict[_TokenBucket, int] = {}
 
     @property
     def limited(self) -> bool:
         """Whether any of its buckets limits the rate now."""
         return _limited(self.buckets)
 
-    def acquire_steps(self, want: int, until: Optional[float] = None) -> '_Steps[int]':
-        """Steps that give the bytes that may be read now (0: cancelled, or
-        ``until`` came first); they wait while limited. Unlimited, there is
+    def acquire_steps(self, want: int) -> '_Steps[int]':
+        """Steps that give the bytes that may be read now (0: cancelled);
+        they wait while limited. Unlimited, there is
         no need to ask (a read is not held back, nor stopped: the stop
         aborts it). Whatever ends them in a bucket's wait (0, or an
         exception thrown into them) gives the buckets before it back what
@@ -2009,8 +1988,7 @@ class _Pacer:
         del grants[:]
         try:
             for bucket in self.buckets:
-                want = yield from bucket.acquire_steps(want, self.cancelled, until,
-                                                       self._places)
+                want = yield from bucket.acquire_steps(want, self.cancelled)
                 if not want:
                     break
                 grants.append(want)
