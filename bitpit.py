@@ -5940,14 +5940,14 @@ class _Pump:
             with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
-            if setup is not None and \
-                    max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
-                # opening a big file may hash what it holds, reserving its
-                # room write its sidecar and sync it
-                yield from _on_worker_steps(functools.partial(transfer._prepare, conn, setup),
-                                            'bitpit-prepare')
-            elif setup is not None:
-                transfer._prepare(conn, setup)
+            if setup is not None:
+                if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                    # opening a big file may hash what it holds, reserving
+                    # its room write its sidecar and sync it
+                    yield from _on_worker_steps(
+                        functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
+                else:
+                    transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
                                                     request)
