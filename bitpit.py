@@ -7574,7 +7574,7 @@ def _run_ended(result: None, error: Optional[BaseException]) -> None:
 
 
 class Downloader(Emitter):
-    """Download one URL to a file in a thread of its own.
+    """Download one URL to a file in the background (see ``_Run``).
 
     ``path`` is a file path (``str`` or anything ``pathlib.Path`` accepts) or
     a binary file object, which is written to and never closed. With
