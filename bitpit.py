@@ -1427,10 +1427,9 @@ if hasattr(os, 'register_at_fork'):
 # yields a _Wait (for a socket, an event, until a deadline) and is resumed
 # with whether what it waited for came before the deadline. Written once,
 # the same steps run on a thread of their own (_drive_here: each wait a
-# blocking one, through the attempt's _Cancel, which tends a download in
-# its waits) and, in the next engine (issue 24), with thousands of others
-# on one loop's thread. Their own code never blocks: it reads and writes
-# sockets that do not block, and yields where they would.
+# blocking one) and, with thousands of others, on one loop's thread
+# (_LOOP). Their own code never blocks: it reads and writes sockets that
+# do not block, and yields where they would.
 
 class _Wait:
     """What steps wait for: until ``sock`` can be read (or, ``writing``,
@@ -1870,45 +1869,31 @@ class _TokenBucket:
             self._refill()
             self._tokens = 0.0
 
-    def acquire_steps(self, want: int, cancelled: Callable[[], bool],
-                      until: Optional[float] = None,
-                      places: Optional[Dict['_TokenBucket', int]] = None) -> '_Steps[int]':
+    def acquire_steps(self, want: int, cancelled: Callable[[], bool]) -> '_Steps[int]':
         """Steps that wait until some bytes may be read and give how many
         (at most ``want``, at least 1); ``want`` at once when unlimited.
-        They give 0 as soon as ``cancelled()`` is true after a ``wake()``,
-        and at ``until`` (a ``time.monotonic()``) if that comes first: then
-        ``places`` (the caller's, by bucket) keeps the caller's place in
-        the queue, where its next call comes back instead of at the tail
-        (a caller that leaves to do other work is not passed over again
-        and again). A waiter waits for its turn's event (set
-        when what it waits for may have come: a rate change, a refund, the
-        head of the queue leaving, ``wake()``) until its tokens are due.
-        Any thread."""
-        kept = places.pop(self, None) if places else None
+        They give 0 as soon as ``cancelled()`` is true after a ``wake()``.
+        A waiter waits for its turn's event (set when what it waits for
+        may have come: a rate change, a refund, the head of the queue
+        leaving, ``wake()``) until its tokens are due. Any thread."""
         if self._rate <= 0:  # unlimited: no lock on the fast path
             return 0 if cancelled() else want
         lock = self._lock
         lock.acquire()
         try:
-            turn = self._line_up(kept)
+            turn = self._line_up()
             try:
                 while not cancelled():
                     if self._rate <= 0:
                         return want
-                    now = time.monotonic()
-                    if until is not None and until <= now:
-                        if places is not None:
-                            places[self] = turn.number
-                        return 0
-                    wake_at = until
+                    wake_at: Optional[float] = None  # (not the head: until it is)
                     if self._waiters[0] is turn:
                         self._refill()
                         grant = max(1, min(want, self._grant()))
                         if self._tokens >= grant:
                             self._tokens -= grant
                             return grant
-                        due = self._stamp + (grant - self._tokens) / self._rate
-                        wake_at = due if until is None else min(due, until)
+                        wake_at = self._stamp + (grant - self._tokens) / self._rate
                     # (cleared under the lock: a setter changes what this
                     # waiter looks at under it, then sets the event)
                     event = turn.event
@@ -1929,16 +1914,11 @@ class _TokenBucket:
         finally:
             lock.release()
 
-    def _line_up(self, number: Optional[int]) -> '_Turn':
-        """A place in the queue: the one numbered ``number`` that the
-        caller left, else the tail. Under the lock."""
-        if number is None:
-            number, self._arrivals = self._arrivals, self._arrivals + 1
-        turn = _Turn(number)
-        index = len(self._waiters)
-        while index and self._waiters[index - 1].number > number:
-            index -= 1
-        self._waiters.insert(index, turn)
+    def _line_up(self) -> '_Turn':
+        """A place at the tail of the queue. Under the lock."""
+        turn = _Turn(self._arrivals)
+        self._arrivals += 1
+        self._waiters.append(turn)
         return turn
 
     def refund(self, unused: int) -> None:
@@ -1991,17 +1971,15 @@ class _Pacer:
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
-        # its places in the queues it left at an ``until``, to come back to
-        self._places: Dict[_TokenBucket, int] = {}
 
     @property
     def limited(self) -> bool:
         """Whether any of its buckets limits the rate now."""
         return _limited(self.buckets)
 
-    def acquire_steps(self, want: int, until: Optional[float] = None) -> '_Steps[int]':
-        """Steps that give the bytes that may be read now (0: cancelled, or
-        ``until`` came first); they wait while limited. Unlimited, there is
+    def acquire_steps(self, want: int) -> '_Steps[int]':
+        """Steps that give the bytes that may be read now (0: cancelled);
+        they wait while limited. Unlimited, there is
         no need to ask (a read is not held back, nor stopped: the stop
         aborts it). Whatever ends them in a bucket's wait (0, or an
         exception thrown into them) gives the buckets before it back what
@@ -2010,8 +1988,7 @@ class _Pacer:
         del grants[:]
         try:
             for bucket in self.buckets:
-                want = yield from bucket.acquire_steps(want, self.cancelled, until,
-                                                       self._places)
+                want = yield from bucket.acquire_steps(want, self.cancelled)
                 if not want:
                     break
                 grants.append(want)
@@ -5915,7 +5892,7 @@ class _Pump:
     """Moves the bytes of a transfer: a request for a connection's claim,
     its answer judged by the transfer, its body read, paced and written
     into the file, as steps (``fetch_steps``) that each connection's
-    thread runs for its own connection (``_drive_here``); what the
+    steps run on the loop (``_Transfer._serve_steps``); what the
     connections share (the claims, the file's size, the bytes
     received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
@@ -5963,14 +5940,14 @@ class _Pump:
             with self._lock:
                 body_end, setup = transfer._accept(conn, answer, response, request)
                 conn.answered = True
-            if setup is not None and \
-                    max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
-                # opening a big file may hash what it holds, reserving its
-                # room write its sidecar and sync it
-                yield from _on_worker_steps(functools.partial(transfer._prepare, conn, setup),
-                                            'bitpit-prepare')
-            elif setup is not None:
-                transfer._prepare(conn, setup)
+            if setup is not None:
+                if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                    # opening a big file may hash what it holds, reserving
+                    # its room write its sidecar and sync it
+                    yield from _on_worker_steps(
+                        functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
+                else:
+                    transfer._prepare(conn, setup)
             if body_end is not None:
                 reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
                                                     request)
@@ -6395,7 +6372,7 @@ class _Transfer:
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
         (``_Stopped`` for a stop). The run's steps, after ``join_steps``."""
-        assert not self.connections and not self.saving_now(), 'result() before join_steps()'
+        assert not self.connections and not self.saving, 'result() before join_steps()'
         try:
             if self.error is not None:
                 raise self.error
@@ -6418,14 +6395,10 @@ class _Transfer:
         once) and no sidecar save runs: the file is closed after them. The
         run's steps."""
         news = self.news
-        while self.connections or self.saving_now():
+        while self.connections or self.saving:
             news.clear()
-            if self.connections or self.saving_now():
+            if self.connections or self.saving:
                 yield _Wait(None, time.monotonic() + _TEND_PERIOD, event=news)
-
-    def saving_now(self) -> bool:
-        """Whether a sidecar save handed to a worker still runs."""
-        return self.saving
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -6582,8 +6555,8 @@ class _Transfer:
     def _complete(self, caller: Optional[_Connection]) -> None:
         """The file is whole: end the connections still at work (a slow
         read that a race overtook, a pause before asking a source again)
-        but ``caller``'s, the one the calling thread runs (if any), and the
-        attempt with them."""
+        but ``caller``'s, the connection whose steps call it (if any), and
+        the attempt with them."""
         self.complete = True
         if len(self.connections) > (caller is not None):  # (the caller is one of them)
             self._halt()
@@ -7601,7 +7574,7 @@ def _run_ended(result: None, error: Optional[BaseException]) -> None:
 
 
 class Downloader(Emitter):
-    """Download one URL to a file in a thread of its own.
+    """Download one URL to a file in the background (see ``_Run``).
 
     ``path`` is a file path (``str`` or anything ``pathlib.Path`` accepts) or
     a binary file object, which is written to and never closed. With
