@@ -1242,7 +1242,6 @@ class _Run(_Task):
         self.context = None
 
 
-
 _NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
     collections.deque(maxlen=0)
 
@@ -1389,11 +1388,10 @@ class _Signals:
         while True:
             context.run(self._make_calls, run)
             with self._lock:
-                if calls:  # posted just now
-                    continue
-                run.thread = None
-                run.queued = False
-            return
+                if not calls:  # (else posted just now: made in this turn too)
+                    run.thread = None
+                    run.queued = False
+                    return
 
     def _make_calls(self, run: _Run) -> None:
         """Make the run's calls until none is left, in its context."""
@@ -1468,8 +1466,8 @@ class _Flag:
     once (setting it calls the ``wakers`` of those that wait, the loop's,
     which resume them), or on a thread of their own (``wait``, on a
     ``threading.Event`` made at the first such wait). Where only the loop
-    waits, it costs no condition: a small file's transfer sets one four
-    times. Any thread; a waker is added and removed by the loop's
+    waits, it costs no condition: a small file's transfer sets one
+    twice. Any thread; a waker is added and removed by the loop's
     thread."""
     __slots__ = ('_set', 'wakers', '_event')
 
@@ -6143,6 +6141,7 @@ class _Pump:
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
+
 def _served(result: None, error: Optional[BaseException]) -> None:
     """The end of a connection's steps on the loop (``_Transfer._serve_steps``,
     whose own handlers end the attempt on any failure): an error here is a
@@ -8305,9 +8304,9 @@ class Downloader(Emitter):
 
     def _run_steps(self, run: _Run) -> '_Steps[None]':
         """A run on the loop: one attempt, from ``start`` to its end state.
-        What it tells its callbacks, it posts to ``run``, whose signal
-        worker makes the calls in order (``_post``); the last one ends the
-        run."""
+        What it tells its callbacks, it posts to ``run`` (``post``), whose
+        signal worker makes the calls in order; the last one, ``_end_run``,
+        ends the run."""
         best_before = self._best_held
         received_before = self._received
         retry_after = None
