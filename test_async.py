@@ -71,12 +71,10 @@ def alive(prefix='bitpit-'):
 
 
 async def bytes_sent_reach(server, path, count, timeout=10):
-    """Until the server has sent ``count`` body bytes of ``path`` (there is
-    no event for that: its log is looked at every 10 ms)."""
-    deadline = time.monotonic() + timeout
-    while server.bytes_sent(path) < count:
-        assert time.monotonic() < deadline, 'the server sent too little'
-        await asyncio.sleep(0.01)
+    """Until the server has sent ``count`` body bytes of ``path``, waited
+    for off the event loop."""
+    assert await asyncio.to_thread(server.wait_sent, count, path, timeout), \
+        'the server sent too little'
 
 
 def callbacks_of(d):
