@@ -1516,19 +1516,92 @@ _FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 class _Driven:
     """A generator of steps on a ``_Loop``, and what it waits for now.
     The loop's thread."""
-    __slots__ = ('steps', 'done', 'wait', 'registered', 'scheduled')
+    __slots__ = ('steps', 'done', 'wait', 'registered', 'fd', 'writing', 'scheduled')
 
     def __init__(self, steps: '_Steps[Any]',
                  done: Callable[[Any, Optional[BaseException]], object]):
         self.steps = steps
         self.done = done
         self.wait: Optional[_Wait] = None
-        self.registered: Any = None  # the socket its selector key is for
+        # the socket the loop's poller watches for it, if any, by the file
+        # descriptor it had then, for reading or (``writing``) writing
+        self.registered: Any = None
+        self.fd = -1
+        self.writing = False
         # the time of its live entry in the loop's heap of deadlines, if any:
         # a wait whose deadline is later than it keeps it (a connection
         # that reads often pushes nothing per read), an earlier one pushes
         # another, and the later entry goes stale
         self.scheduled: Optional[float] = None
+
+
+class _Poller:
+    """What the loop waits for sockets with: ``epoll`` where there is one
+    (Linux), else the ``selectors`` module's best. Each watched file
+    descriptor maps to the data ``select`` gives back when it is ready. A
+    socket closed while watched leaves epoll by itself, and its number may
+    come back with another socket: ``unregister`` forgets a descriptor
+    only for the data it was registered with. The loop's thread."""
+    __slots__ = ('_epoll', '_selector', '_data')
+
+    def __init__(self) -> None:
+        self._data: Dict[int, Any] = {}
+        self._epoll = select.epoll() if hasattr(select, 'epoll') else None
+        self._selector = selectors.DefaultSelector() if self._epoll is None else None
+
+    def register(self, fd: int, writing: bool, data: Any) -> None:
+        """Watch ``fd`` for reading (``writing``: for writing), or watch it
+        so from now on; raises ``OSError`` or ``ValueError`` for a closed
+        one."""
+        if self._epoll is not None:
+            mask = select.EPOLLOUT if writing else select.EPOLLIN
+            if fd not in self._data:
+                self._epoll.register(fd, mask)
+            else:
+                try:
+                    self._epoll.modify(fd, mask)
+                except FileNotFoundError:  # its socket closed, the number taken again
+                    self._epoll.register(fd, mask)
+        else:
+            assert self._selector is not None  # (no epoll)
+            events = selectors.EVENT_WRITE if writing else selectors.EVENT_READ
+            if fd in self._data:
+                self._selector.modify(fd, events, data)
+            else:
+                self._selector.register(fd, events, data)
+        self._data[fd] = data
+
+    def unregister(self, fd: int, data: Any) -> None:
+        """Stop watching ``fd`` if it is still watched for ``data``."""
+        if self._data.get(fd) is not data:
+            return  # (its socket closed, and another registered the number)
+        del self._data[fd]
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                assert self._selector is not None  # (no epoll)
+                self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass  # (closed meanwhile: epoll forgot it by itself)
+
+    def select(self, timeout: Optional[float]) -> List[Any]:
+        """The data of the descriptors ready within ``timeout`` seconds
+        (``None``: however long it takes)."""
+        data = self._data
+        if self._epoll is not None:
+            return [data[fd] for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)
+                    if fd in data]
+        assert self._selector is not None  # (no epoll)
+        return [key.data for key, _ in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        else:
+            assert self._selector is not None  # (no epoll)
+            self._selector.close()
+        self._data.clear()
 
 
 class _Loop:
@@ -1628,8 +1701,8 @@ class _Loop:
         wake_in = self._wake_in
         assert wake_in is not None  # made before the thread started
         self._ident = threading.get_ident()
-        selector = self._selector = selectors.DefaultSelector()
-        selector.register(wake_in, selectors.EVENT_READ, None)
+        selector = self._selector = _Poller()
+        selector.register(wake_in.fileno(), False, None)
         try:
             while True:
                 with self._lock:
@@ -1663,11 +1736,11 @@ class _Loop:
                 if again is not None:
                     until_again = max(0.0, again - time.monotonic())
                     timeout = until_again if timeout is None else min(timeout, until_again)
-                for key, _ in selector.select(timeout):
-                    if key.data is None:
+                for driven in selector.select(timeout):
+                    if driven is None:
                         self._drain_wake_ups(wake_in)
-                    elif key.data.wait is not None and key.data.wait.sock is not None:
-                        self._resume(key.data, True)
+                    elif driven.wait is not None and driven.wait.sock is not None:
+                        self._resume(driven, True)
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     when, _, driven = heapq.heappop(self._deadlines)
@@ -1710,17 +1783,18 @@ class _Loop:
             self._finish(driven, None, exc)
             return
         driven.wait = wait
-        selector = self._selector
-        if driven.registered is not None and driven.registered is not wait.sock:
+        sock = wait.sock
+        if driven.registered is not None and driven.registered is not sock:
             self._unregister(driven)
-        if wait.sock is not None:
-            events = selectors.EVENT_WRITE if wait.writing else selectors.EVENT_READ
+        if sock is not None:
             try:
                 if driven.registered is None:
-                    selector.register(wait.sock, events, driven)
-                    driven.registered = wait.sock
-                elif selector.get_key(wait.sock).events != events:
-                    selector.modify(wait.sock, events, driven)
+                    driven.fd = sock.fileno()
+                    self._selector.register(driven.fd, wait.writing, driven)
+                    driven.registered, driven.writing = sock, wait.writing
+                elif driven.writing != wait.writing:
+                    self._selector.register(driven.fd, wait.writing, driven)
+                    driven.writing = wait.writing
             except (OSError, ValueError, KeyError):
                 # a socket closed meanwhile (or shut down by a stop): the
                 # steps find out at their next call on it
@@ -1744,10 +1818,7 @@ class _Loop:
 
     def _unregister(self, driven: _Driven) -> None:
         """Forget the socket ``driven`` waited for (closed meanwhile, maybe)."""
-        try:
-            self._selector.unregister(driven.registered)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._selector.unregister(driven.fd, driven)
         driven.registered = None
 
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
