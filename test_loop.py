@@ -4,6 +4,7 @@ thread of their own (``_drive_here``) or, many at once, on the one thread
 of a ``_Loop``. The steps here are a bare GET, enough to drive a socket
 through its connect, its request and its answer."""
 
+import os
 import socket
 import threading
 import time
@@ -151,3 +152,37 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
     finally:
         left.close()
         right.close()
+
+
+def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
+    """A socket closed while the loop watches it leaves epoll by itself, and
+    its number may come back at once with the next socket: forgetting the
+    first steps' socket must not stop the watch of the second's."""
+    for epoll in (True, False):
+        if not epoll:  # the selectors module's, as where there is no epoll
+            monkeypatch.delattr(bitpit.select, 'epoll', raising=False)
+        poller = bitpit._Poller()
+        try:
+            first, first_peer = socket.socketpair()
+            fd = first.fileno()
+            poller.register(fd, False, 'first')
+            if not epoll:  # (a selector other than epoll must be told)
+                poller.unregister(fd, 'first')
+            first.close()
+            second, second_peer = socket.socketpair()
+            if second.fileno() != fd:  # the number comes back, with another socket
+                os.dup2(second.fileno(), fd)
+            poller.register(fd, False, 'second')
+            poller.unregister(fd, 'first')  # the first steps end late: a no-op
+            second_peer.send(b'x')
+            assert poller.select(5) == ['second']
+            poller.register(fd, True, 'second')  # now waits to write
+            assert poller.select(5) == ['second']
+            poller.unregister(fd, 'second')
+            assert poller.select(0) == []
+            if second.fileno() != fd:
+                os.close(fd)
+            for sock in (first_peer, second, second_peer):
+                sock.close()
+        finally:
+            poller.close()
