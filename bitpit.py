@@ -3185,16 +3185,6 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     return conn.sock is not None and not _ready(conn.sock)
 
 
-def _proxy_for(scheme: str, host: str, proxy: Optional[str]
-               ) -> Optional[urllib.parse.SplitResult]:
-    """The proxy to use for a request by ``scheme`` (in lower case) to
-    ``host`` (a URL's ``hostname``): ``proxy`` if given (``''`` for none),
-    else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
-    if proxy is None:
-        proxy = _environment_proxy(scheme, host)
-    return _parse_proxy(proxy) if proxy else None
-
-
 def _environment_proxy(scheme: str, host: str) -> str:
     """``http_proxy``/``https_proxy`` unless ``no_proxy`` exempts ``host``,
     with urllib's rules (lower case first; no upper-case ``HTTP_PROXY`` in a
@@ -3298,6 +3288,62 @@ def _default_netrc_path() -> str:
 
 # ($HOME, the .netrc in it) of the last look-up; replaced whole (any thread)
 _HOME_NETRC: Tuple[Optional[str], str] = (None, '')
+
+
+# -- what the environment and .netrc say for a host, reused -------------------------
+
+# how long the downloads of managers reuse a host's look-ups, in seconds
+_SHARED_LOOKUP_SECONDS = 1.0
+
+
+class _HostLookups:
+    """What the environment's proxy variables (``_environment_proxy``) and
+    ``.netrc`` (``_netrc_credentials``) say for each host, looked up at
+    the first request that needs it and reused: by the requests of one
+    attempt (its ``_RequestOptions``), or by those of every download that
+    managers run within a second (``_shared_lookups``): a look-up (up to 4
+    environment variables and a ``stat``) costs more than the rest of a
+    small file's request. ``made``: the monotonic time it was made at.
+    Any thread: one that races another to a look-up makes the same."""
+    __slots__ = ('made', '_proxies', '_netrc')
+
+    def __init__(self, made: float = 0.0):
+        self.made = made
+        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
+        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+
+    def proxy(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
+        """The environment's proxy for a request by ``scheme`` (in lower
+        case) to ``host`` (a URL's ``hostname``), or ``None``."""
+        key = (scheme, host)
+        if key not in self._proxies:
+            proxy = _environment_proxy(scheme, host)
+            self._proxies[key] = _parse_proxy(proxy) if proxy else None
+        return self._proxies[key]
+
+    def netrc(self, host: str) -> Optional[Tuple[str, str]]:
+        """``.netrc``'s login and password for ``host``, or ``None``."""
+        if host not in self._netrc:
+            self._netrc[host] = _netrc_credentials(host)
+        return self._netrc[host]
+
+
+# the look-ups that the downloads of managers share: replaced whole by new
+# ones once _SHARED_LOOKUP_SECONDS old (any thread)
+_SHARED_LOOKUPS = _HostLookups(-_SHARED_LOOKUP_SECONDS)
+
+
+def _shared_lookups() -> _HostLookups:
+    """The look-ups that the downloads of managers share, made less than
+    ``_SHARED_LOOKUP_SECONDS`` ago: a change of the environment or of
+    ``.netrc`` shows in the requests of the downloads that a manager
+    starts a second later."""
+    global _SHARED_LOOKUPS
+    lookups = _SHARED_LOOKUPS
+    now = time.monotonic()
+    if now - lookups.made >= _SHARED_LOOKUP_SECONDS:
+        lookups = _SHARED_LOOKUPS = _HostLookups(now)
+    return lookups
 
 
 def _basic_auth(user: str, password: str) -> str:
@@ -3602,13 +3648,15 @@ class _RequestOptions:
     """How every request of a download is made: the caller's headers,
     credentials, cookies, proxy, TLS context and time-out. Made from a
     downloader's settings at each start; requests only read it, but for
-    the proxy and ``.netrc`` look-ups it keeps (any thread: one that races
-    another to a look-up makes the same)."""
+    the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
+    or with ``shared_lookups`` those that the downloads of managers share
+    for a second). Any thread."""
 
     def __init__(self, address: _Address, headers: Dict[str, str],
                  auth: Optional[Tuple[str, str]], proxy: Optional[str],
                  ssl_context: Optional[ssl.SSLContext], timeout: float, cookies: _Cookies,
-                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None):
+                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None,
+                 shared_lookups: bool = False):
         # the download's own URL, checked: auth and secrets are for its origin
         self.address = address
         self.url = address.url
@@ -3623,16 +3671,18 @@ class _RequestOptions:
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
-        # for all the requests these options make
-        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
-        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+        # for all the requests these options make, or for a second
+        self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
+        self._proxy = _parse_proxy(proxy) if proxy else None  # the one given, parsed
 
     def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
-        """``_proxy_for`` a scheme and host, looked up once for each."""
-        key = (scheme, host)
-        if key not in self._proxies:
-            self._proxies[key] = _proxy_for(scheme, host, self.proxy)
-        return self._proxies[key]
+        """The proxy of a request by ``scheme`` (in lower case) to ``host``
+        (a URL's ``hostname``): the one given (``''``: none), else the
+        environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
+        up once for each."""
+        if self.proxy is None:
+            return self._lookups.proxy(scheme, host)
+        return self._proxy
 
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
@@ -3648,9 +3698,7 @@ class _RequestOptions:
             return own
         if self.auth is not None and trusted:
             return self.auth
-        if host not in self._netrc:
-            self._netrc[host] = _netrc_credentials(host)
-        return self._netrc[host]
+        return self._lookups.netrc(host)
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
@@ -8235,7 +8283,7 @@ class Downloader(Emitter):
             digest_auth = self._digest_auth
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
-                               digest_auth, self._host_slots)
+                               digest_auth, self._host_slots, bool(self._tracked_by))
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
