@@ -2058,6 +2058,9 @@ class _Cancel:
             self._live.discard(item)
 
 
+_HAS_POLL = hasattr(select, 'poll')  # (not on Windows)
+
+
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
     ``seconds`` (``None``: however long it takes); ``writing``: whether it
@@ -2066,7 +2069,7 @@ def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> 
     if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
-        if hasattr(select, 'poll'):
+        if _HAS_POLL:
             poller = select.poll()
             poller.register(sock, select.POLLOUT if writing else select.POLLIN)
             return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
@@ -2810,6 +2813,8 @@ class _AbortableMixin:
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
+    # (its socket, a poll object of that socket's): how the pool looks at it (_quiet)
+    idle_poll: Optional[Tuple[Any, Any]] = None
     # http.client's, which its connect reads
     host: str
     port: int
@@ -2981,7 +2986,7 @@ def _close_connection(conn: Any) -> None:
 class _ConnectionPool:
     """Idle keep-alive connections, by scheme, host, port, proxy and TLS
     context, so that many requests to one server do not each pay for a new
-    connection. ``_lock`` guards ``_idle``.
+    connection. ``_lock`` guards ``_idle`` and ``_expiry``.
 
     Every idle connection is looked at (``_quiet``) before it is handed
     out, however short a time ago it was parked: bytes that came since are
@@ -2997,6 +3002,9 @@ class _ConnectionPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
+        # when the oldest idle connection, parked since, becomes too old
+        # (or earlier: one taken since): no put looks for one before
+        self._expiry = math.inf
 
     def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
@@ -3027,11 +3035,16 @@ class _ConnectionPool:
         now = time.monotonic()
         expired = []
         with self._lock:
-            for old_key, idle in list(self._idle.items()):
-                while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
-                    expired.append(idle.pop(0)[1])
-                if not idle:
-                    del self._idle[old_key]
+            if now >= self._expiry:
+                self._expiry = math.inf
+                for old_key, idle in list(self._idle.items()):
+                    while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
+                        expired.append(idle.pop(0)[1])
+                    if idle:
+                        self._expiry = min(self._expiry, idle[0][0] + self.MAX_IDLE_SECONDS)
+                    else:
+                        del self._idle[old_key]
+            self._expiry = min(self._expiry, now + self.MAX_IDLE_SECONDS)
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
@@ -3181,8 +3194,23 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     """Whether an idle connection has nothing to read. If it has, the server
     closed it or sent bytes no request asked for (say the rest of a body
     longer than its Content-Length), which the next request would take for
-    its response."""
-    return conn.sock is not None and not _ready(conn.sock)
+    its response. Where there is ``poll``, a connection keeps the poll
+    object of its socket (``idle_poll``) for the next look: a connection
+    carries many requests, each looked at."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    if not _HAS_POLL or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return not _ready(sock)
+    watched = conn.idle_poll
+    if watched is None or watched[0] is not sock:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        conn.idle_poll = watched = (sock, poller)
+    try:
+        return not watched[1].poll(0)
+    except (OSError, ValueError, TypeError):  # (as _ready: taken as not quiet)
+        return False
 
 
 def _environment_proxy(scheme: str, host: str) -> str:
@@ -3732,7 +3760,7 @@ class _Body:
         self._left = response.length  # bytes of the body not handed out (None: unknown)
         self._check_beyond()
         self._read = False            # whether a read took some of it
-        self._tls = isinstance(sock, ssl.SSLSocket) and hasattr(select, 'poll')
+        self._tls = isinstance(sock, ssl.SSLSocket) and _HAS_POLL
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
