@@ -2230,17 +2230,19 @@ class _Headers:
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        by_name: Dict[str, str] = {}
+        by_name = {name.lower(): value for name, value in fields}
         repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
-        for name, value in fields:
-            key = name.lower()
-            if key in by_name:
-                if key not in repeated:
-                    repeated[key] = [by_name[key]]
-                repeated[key].append(value)
-                by_name[key] += ', ' + value
-            else:
-                by_name[key] = value
+        if len(by_name) < len(fields):  # (seldom: a name given more than once)
+            by_name = {}
+            for name, value in fields:
+                key = name.lower()
+                if key in by_name:
+                    if key not in repeated:
+                        repeated[key] = [by_name[key]]
+                    repeated[key].append(value)
+                    by_name[key] += ', ' + value
+                else:
+                    by_name[key] = value
         self.by_name = by_name
         self._repeated = repeated
 
@@ -2353,6 +2355,11 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
 # one step back from the line's end: a lazy match would try every character)
 _FIELD_LINE_RE = re.compile(r'^([^: \t\n]+)[ \t]*:[ \t]*([^\n]*[^ \t\n]|)[ \t]*$', re.M)
 
+# the usual status line, of HTTP/1.0 or 1.1 (its minor version), its
+# status and its reason (none, or with no space around it), as
+# _status_line reads it in more calls; any other goes to _status_line
+_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?(?:\n|\Z)')
+
 
 def _parse_head(head: bytes) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
@@ -2364,22 +2371,29 @@ def _parse_head(head: bytes) -> _Head:
         text = text[:-1]
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', ' ')
-    lines = text.split('\n')
-    if len(lines) > _MAX_HEAD_FIELDS + 1:
+    count = text.count('\n') + 1  # its lines
+    if count > _MAX_HEAD_FIELDS + 1:
         raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
     if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in lines:
+        for line in text.split('\n'):
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    version, status, reason = _status_line(lines[0])
+    usual = _STATUS_LINE_RE.match(text)
+    if usual is not None:
+        minor, code, reason = usual.groups('')
+        version, status, after = 10 + int(minor), int(code), usual.end()
+    else:
+        first_line = text.partition('\n')[0]
+        version, status, reason = _status_line(first_line)
+        after = len(first_line) + 1
     # the usual head, a field a line, in one search rather than calls of
     # each line's own; the loop reads one with a folded line or a line that
     # is not a field (no match: fewer fields than lines) and says what is wrong
-    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, len(lines[0]) + 1)
-    if len(fields) == len(lines) - 1:
+    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, after)
+    if len(fields) == count - 1:
         return _Head(version, status, reason, _Headers(fields))
     fields = []
-    for line in lines[1:]:
+    for line in text.split('\n')[1:]:
         if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
                 raise _head_error('a folded line with no field before it', line)
@@ -2453,7 +2467,8 @@ class _HeadParser:
             start, searched = after, 0
             if head.status >= 200 or head.status == 101:
                 self.rest = memoryview(buffer)[start:]
-                self._buffer = bytearray()
+                if stored:
+                    self._buffer = bytearray()
                 return head
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
