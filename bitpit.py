@@ -2440,20 +2440,19 @@ class _HeadParser:
     ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
-    interim heads. One thread."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()  # the bytes fed of a head not complete yet
-        self._searched = 0          # where in _buffer its blank line may start
-        self._lines = 0             # its line ends so far
-        self._line_start = 0        # where in _buffer its last line starts
-        self._interim = 0           # 1xx heads skipped
-        self.rest = memoryview(b'')  # the bytes after the final head
+    interim heads. One thread. (Its state starts as the class's: a head
+    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
+    _searched = 0          # where in _buffer its blank line may start
+    _lines = 0             # its line ends so far
+    _line_start = 0        # where in _buffer its last line starts
+    _interim = 0           # 1xx heads skipped
+    rest = memoryview(b'')  # the bytes after the final head
 
     def feed(self, data: bytes) -> Optional[_Head]:
         """Take the next ``data`` of the connection; the final head once
         complete, else ``None``."""
-        stored = bool(self._buffer)
+        stored = bool(self._buffer)  # (a bytearray then)
         if stored:
             self._buffer += data
         # the usual case, a whole head in one piece, is read without a copy
@@ -2468,7 +2467,7 @@ class _HeadParser:
             if head.status >= 200 or head.status == 101:
                 self.rest = memoryview(buffer)[start:]
                 if stored:
-                    self._buffer = bytearray()
+                    self._buffer = b''
                 return head
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
@@ -2647,25 +2646,26 @@ class _Response:
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
     set and behaving as http.client's do, and ``begin`` and ``read``,
-    the steps run on the calling thread. The thread of its request."""
+    the steps run on the calling thread. The thread of its request. (What
+    its head sets starts as the class's.)"""
     fields: _Headers
     headers: _Headers
     msg: _Headers
+    _received = memoryview(b'')  # bytes received and not taken yet
+    held = 0
+    status = code = version = 0
+    reason = ''
+    chunked = False
+    length: Optional[int] = None
+    will_close = True
+    _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
+    _unread = b''  # body bytes that read1 received and did not hand out
 
     def __init__(self, sock: Any, method: str = 'GET', timeout: Optional[float] = None):
         self._sock = sock
         self._method = method
         self.timeout = timeout
         self._closed = False
-        self._received = memoryview(b'')  # bytes received and not taken yet
-        self.held = 0
-        self.status = self.code = self.version = 0
-        self.reason = ''
-        self.chunked = False
-        self.length: Optional[int] = None
-        self.will_close = True
-        self._framing: Optional[_BodyFraming] = None  # read1's, made at its first call
-        self._unread = b''  # body bytes that read1 received and did not hand out
 
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
@@ -2910,11 +2910,13 @@ class _AbortableMixin:
         else:
             write, args = sock.send, ()
         rest: Any = data
-        while True:
-            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
-            if sent >= len(rest):
-                return
+        try:  # (the usual write, which takes it whole, made here: no steps of their own)
+            sent = write(*args + (rest,))
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            sent = 0  # (written again by _io_steps, which waits when it must)
+        while sent < len(rest):
             rest = memoryview(rest)[sent:]
+            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
 
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
@@ -3059,7 +3061,8 @@ class _ConnectionPool:
                         self._expiry = min(self._expiry, idle[0][0] + self.MAX_IDLE_SECONDS)
                     else:
                         del self._idle[old_key]
-            self._expiry = min(self._expiry, now + self.MAX_IDLE_SECONDS)
+            if self._expiry == math.inf:  # (else an older one expires first)
+                self._expiry = now + self.MAX_IDLE_SECONDS
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
