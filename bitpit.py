@@ -2129,6 +2129,9 @@ class _Cancel:
             self._live.discard(item)
 
 
+_HAS_POLL = hasattr(select, 'poll')  # (not on Windows)
+
+
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
     ``seconds`` (``None``: however long it takes); ``writing``: whether it
@@ -2137,7 +2140,7 @@ def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> 
     if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
-        if hasattr(select, 'poll'):
+        if _HAS_POLL:
             poller = select.poll()
             poller.register(sock, select.POLLOUT if writing else select.POLLIN)
             return bool(poller.poll(None if seconds is None else math.ceil(seconds * 1000)))
@@ -2298,17 +2301,19 @@ class _Headers:
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        by_name: Dict[str, str] = {}
+        by_name = {name.lower(): value for name, value in fields}
         repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
-        for name, value in fields:
-            key = name.lower()
-            if key in by_name:
-                if key not in repeated:
-                    repeated[key] = [by_name[key]]
-                repeated[key].append(value)
-                by_name[key] += ', ' + value
-            else:
-                by_name[key] = value
+        if len(by_name) < len(fields):  # (seldom: a name given more than once)
+            by_name = {}
+            for name, value in fields:
+                key = name.lower()
+                if key in by_name:
+                    if key not in repeated:
+                        repeated[key] = [by_name[key]]
+                    repeated[key].append(value)
+                    by_name[key] += ', ' + value
+                else:
+                    by_name[key] = value
         self.by_name = by_name
         self._repeated = repeated
 
@@ -2421,6 +2426,11 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
 # one step back from the line's end: a lazy match would try every character)
 _FIELD_LINE_RE = re.compile(r'^([^: \t\n]+)[ \t]*:[ \t]*([^\n]*[^ \t\n]|)[ \t]*$', re.M)
 
+# the usual status line, of HTTP/1.0 or 1.1 (its minor version), its
+# status and its reason (none, or with no space around it), as
+# _status_line reads it in more calls; any other goes to _status_line
+_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?(?:\n|\Z)')
+
 
 def _parse_head(head: bytes) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
@@ -2432,22 +2442,29 @@ def _parse_head(head: bytes) -> _Head:
         text = text[:-1]
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', ' ')
-    lines = text.split('\n')
-    if len(lines) > _MAX_HEAD_FIELDS + 1:
+    count = text.count('\n') + 1  # its lines
+    if count > _MAX_HEAD_FIELDS + 1:
         raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
     if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in lines:
+        for line in text.split('\n'):
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    version, status, reason = _status_line(lines[0])
+    usual = _STATUS_LINE_RE.match(text)
+    if usual is not None:
+        minor, code, reason = usual.groups('')
+        version, status, after = 10 + int(minor), int(code), usual.end()
+    else:
+        first_line = text.partition('\n')[0]
+        version, status, reason = _status_line(first_line)
+        after = len(first_line) + 1
     # the usual head, a field a line, in one search rather than calls of
     # each line's own; the loop reads one with a folded line or a line that
     # is not a field (no match: fewer fields than lines) and says what is wrong
-    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, len(lines[0]) + 1)
-    if len(fields) == len(lines) - 1:
+    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, after)
+    if len(fields) == count - 1:
         return _Head(version, status, reason, _Headers(fields))
     fields = []
-    for line in lines[1:]:
+    for line in text.split('\n')[1:]:
         if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
                 raise _head_error('a folded line with no field before it', line)
@@ -2494,20 +2511,19 @@ class _HeadParser:
     ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
-    interim heads. One thread."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()  # the bytes fed of a head not complete yet
-        self._searched = 0          # where in _buffer its blank line may start
-        self._lines = 0             # its line ends so far
-        self._line_start = 0        # where in _buffer its last line starts
-        self._interim = 0           # 1xx heads skipped
-        self.rest = memoryview(b'')  # the bytes after the final head
+    interim heads. One thread. (Its state starts as the class's: a head
+    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
+    _searched = 0          # where in _buffer its blank line may start
+    _lines = 0             # its line ends so far
+    _line_start = 0        # where in _buffer its last line starts
+    _interim = 0           # 1xx heads skipped
+    rest = memoryview(b'')  # the bytes after the final head
 
     def feed(self, data: bytes) -> Optional[_Head]:
         """Take the next ``data`` of the connection; the final head once
         complete, else ``None``."""
-        stored = bool(self._buffer)
+        stored = bool(self._buffer)  # (a bytearray then)
         if stored:
             self._buffer += data
         # the usual case, a whole head in one piece, is read without a copy
@@ -2521,7 +2537,8 @@ class _HeadParser:
             start, searched = after, 0
             if head.status >= 200 or head.status == 101:
                 self.rest = memoryview(buffer)[start:]
-                self._buffer = bytearray()
+                if stored:
+                    self._buffer = b''
                 return head
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
@@ -2700,25 +2717,26 @@ class _Response:
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
     set and behaving as http.client's do, and ``begin`` and ``read``,
-    the steps run on the calling thread. The thread of its request."""
+    the steps run on the calling thread. The thread of its request. (What
+    its head sets starts as the class's.)"""
     fields: _Headers
     headers: _Headers
     msg: _Headers
+    _received = memoryview(b'')  # bytes received and not taken yet
+    held = 0
+    status = code = version = 0
+    reason = ''
+    chunked = False
+    length: Optional[int] = None
+    will_close = True
+    _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
+    _unread = b''  # body bytes that read1 received and did not hand out
 
     def __init__(self, sock: Any, method: str = 'GET', timeout: Optional[float] = None):
         self._sock = sock
         self._method = method
         self.timeout = timeout
         self._closed = False
-        self._received = memoryview(b'')  # bytes received and not taken yet
-        self.held = 0
-        self.status = self.code = self.version = 0
-        self.reason = ''
-        self.chunked = False
-        self.length: Optional[int] = None
-        self.will_close = True
-        self._framing: Optional[_BodyFraming] = None  # read1's, made at its first call
-        self._unread = b''  # body bytes that read1 received and did not hand out
 
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
@@ -2881,6 +2899,8 @@ class _AbortableMixin:
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
+    # (its socket, a poll object of that socket's): how the pool looks at it (_quiet)
+    idle_poll: Optional[Tuple[Any, Any]] = None
     # http.client's, which its connect reads
     host: str
     port: int
@@ -2961,11 +2981,13 @@ class _AbortableMixin:
         else:
             write, args = sock.send, ()
         rest: Any = data
-        while True:
-            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
-            if sent >= len(rest):
-                return
+        try:  # (the usual write, which takes it whole, made here: no steps of their own)
+            sent = write(*args + (rest,))
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            sent = 0  # (written again by _io_steps, which waits when it must)
+        while sent < len(rest):
             rest = memoryview(rest)[sent:]
+            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
 
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
@@ -3052,7 +3074,7 @@ def _close_connection(conn: Any) -> None:
 class _ConnectionPool:
     """Idle keep-alive connections, by scheme, host, port, proxy and TLS
     context, so that many requests to one server do not each pay for a new
-    connection. ``_lock`` guards ``_idle``.
+    connection. ``_lock`` guards ``_idle`` and ``_expiry``.
 
     Every idle connection is looked at (``_quiet``) before it is handed
     out, however short a time ago it was parked: bytes that came since are
@@ -3068,6 +3090,9 @@ class _ConnectionPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
+        # when the oldest idle connection, parked since, becomes too old
+        # (or earlier: one taken since): no put looks for one before
+        self._expiry = math.inf
 
     def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
@@ -3098,11 +3123,17 @@ class _ConnectionPool:
         now = time.monotonic()
         expired = []
         with self._lock:
-            for old_key, idle in list(self._idle.items()):
-                while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
-                    expired.append(idle.pop(0)[1])
-                if not idle:
-                    del self._idle[old_key]
+            if now >= self._expiry:
+                self._expiry = math.inf
+                for old_key, idle in list(self._idle.items()):
+                    while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
+                        expired.append(idle.pop(0)[1])
+                    if idle:
+                        self._expiry = min(self._expiry, idle[0][0] + self.MAX_IDLE_SECONDS)
+                    else:
+                        del self._idle[old_key]
+            if self._expiry == math.inf:  # (else an older one expires first)
+                self._expiry = now + self.MAX_IDLE_SECONDS
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
@@ -3252,18 +3283,23 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     """Whether an idle connection has nothing to read. If it has, the server
     closed it or sent bytes no request asked for (say the rest of a body
     longer than its Content-Length), which the next request would take for
-    its response."""
-    return conn.sock is not None and not _ready(conn.sock)
-
-
-def _proxy_for(scheme: str, host: str, proxy: Optional[str]
-               ) -> Optional[urllib.parse.SplitResult]:
-    """The proxy to use for a request by ``scheme`` (in lower case) to
-    ``host`` (a URL's ``hostname``): ``proxy`` if given (``''`` for none),
-    else the environment's ``http_proxy``/``https_proxy``/``no_proxy``."""
-    if proxy is None:
-        proxy = _environment_proxy(scheme, host)
-    return _parse_proxy(proxy) if proxy else None
+    its response. Where there is ``poll``, a connection keeps the poll
+    object of its socket (``idle_poll``) for the next look: a connection
+    carries many requests, each looked at."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    if not _HAS_POLL or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return not _ready(sock)
+    watched = conn.idle_poll
+    if watched is None or watched[0] is not sock:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        conn.idle_poll = watched = (sock, poller)
+    try:
+        return not watched[1].poll(0)
+    except (OSError, ValueError, TypeError):  # (as _ready: taken as not quiet)
+        return False
 
 
 def _environment_proxy(scheme: str, host: str) -> str:
@@ -3369,6 +3405,62 @@ def _default_netrc_path() -> str:
 
 # ($HOME, the .netrc in it) of the last look-up; replaced whole (any thread)
 _HOME_NETRC: Tuple[Optional[str], str] = (None, '')
+
+
+# -- what the environment and .netrc say for a host, reused -------------------------
+
+# how long the downloads of managers reuse a host's look-ups, in seconds
+_SHARED_LOOKUP_SECONDS = 1.0
+
+
+class _HostLookups:
+    """What the environment's proxy variables (``_environment_proxy``) and
+    ``.netrc`` (``_netrc_credentials``) say for each host, looked up at
+    the first request that needs it and reused: by the requests of one
+    attempt (its ``_RequestOptions``), or by those of every download that
+    managers run within a second (``_shared_lookups``): a look-up (up to 4
+    environment variables and a ``stat``) costs more than the rest of a
+    small file's request. ``made``: the monotonic time it was made at.
+    Any thread: one that races another to a look-up makes the same."""
+    __slots__ = ('made', '_proxies', '_netrc')
+
+    def __init__(self, made: float = 0.0):
+        self.made = made
+        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
+        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+
+    def proxy(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
+        """The environment's proxy for a request by ``scheme`` (in lower
+        case) to ``host`` (a URL's ``hostname``), or ``None``."""
+        key = (scheme, host)
+        if key not in self._proxies:
+            proxy = _environment_proxy(scheme, host)
+            self._proxies[key] = _parse_proxy(proxy) if proxy else None
+        return self._proxies[key]
+
+    def netrc(self, host: str) -> Optional[Tuple[str, str]]:
+        """``.netrc``'s login and password for ``host``, or ``None``."""
+        if host not in self._netrc:
+            self._netrc[host] = _netrc_credentials(host)
+        return self._netrc[host]
+
+
+# the look-ups that the downloads of managers share: replaced whole by new
+# ones once _SHARED_LOOKUP_SECONDS old (any thread)
+_SHARED_LOOKUPS = _HostLookups(-_SHARED_LOOKUP_SECONDS)
+
+
+def _shared_lookups() -> _HostLookups:
+    """The look-ups that the downloads of managers share, made less than
+    ``_SHARED_LOOKUP_SECONDS`` ago: a change of the environment or of
+    ``.netrc`` shows in the requests of the downloads that a manager
+    starts a second later."""
+    global _SHARED_LOOKUPS
+    lookups = _SHARED_LOOKUPS
+    now = time.monotonic()
+    if now - lookups.made >= _SHARED_LOOKUP_SECONDS:
+        lookups = _SHARED_LOOKUPS = _HostLookups(now)
+    return lookups
 
 
 def _basic_auth(user: str, password: str) -> str:
@@ -3673,13 +3765,15 @@ class _RequestOptions:
     """How every request of a download is made: the caller's headers,
     credentials, cookies, proxy, TLS context and time-out. Made from a
     downloader's settings at each start; requests only read it, but for
-    the proxy and ``.netrc`` look-ups it keeps (any thread: one that races
-    another to a look-up makes the same)."""
+    the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
+    or with ``shared_lookups`` those that the downloads of managers share
+    for a second). Any thread."""
 
     def __init__(self, address: _Address, headers: Dict[str, str],
                  auth: Optional[Tuple[str, str]], proxy: Optional[str],
                  ssl_context: Optional[ssl.SSLContext], timeout: float, cookies: _Cookies,
-                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None):
+                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None,
+                 shared_lookups: bool = False):
         # the download's own URL, checked: auth and secrets are for its origin
         self.address = address
         self.url = address.url
@@ -3694,16 +3788,18 @@ class _RequestOptions:
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
-        # for all the requests these options make
-        self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
-        self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+        # for all the requests these options make, or for a second
+        self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
+        self._proxy = _parse_proxy(proxy) if proxy else None  # the one given, parsed
 
     def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
-        """``_proxy_for`` a scheme and host, looked up once for each."""
-        key = (scheme, host)
-        if key not in self._proxies:
-            self._proxies[key] = _proxy_for(scheme, host, self.proxy)
-        return self._proxies[key]
+        """The proxy of a request by ``scheme`` (in lower case) to ``host``
+        (a URL's ``hostname``): the one given (``''``: none), else the
+        environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
+        up once for each."""
+        if self.proxy is None:
+            return self._lookups.proxy(scheme, host)
+        return self._proxy
 
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
@@ -3719,9 +3815,7 @@ class _RequestOptions:
             return own
         if self.auth is not None and trusted:
             return self.auth
-        if host not in self._netrc:
-            self._netrc[host] = _netrc_credentials(host)
-        return self._netrc[host]
+        return self._lookups.netrc(host)
 
 
 _TLS_RECORD = 16384   # the most plaintext one TLS record carries
@@ -3755,7 +3849,7 @@ class _Body:
         self._left = response.length  # bytes of the body not handed out (None: unknown)
         self._check_beyond()
         self._read = False            # whether a read took some of it
-        self._tls = isinstance(sock, ssl.SSLSocket) and hasattr(select, 'poll')
+        self._tls = isinstance(sock, ssl.SSLSocket) and _HAS_POLL
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
@@ -8306,7 +8400,7 @@ class Downloader(Emitter):
             digest_auth = self._digest_auth
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, self._cookies,
-                               digest_auth, self._host_slots)
+                               digest_auth, self._host_slots, bool(self._tracked_by))
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete

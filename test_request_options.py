@@ -8,7 +8,7 @@ import ssl
 import pytest
 
 import bitpit
-from conftest import basic, fetch
+from conftest import Recorder, basic, fetch
 
 DATA = bytes(range(256)) * 2048 + b'end'          # 512 KiB + 3 bytes
 SHA256 = hashlib.sha256(DATA).hexdigest()
@@ -253,6 +253,32 @@ def test_the_default_netrc_follows_a_change_of_home(server, tmp_path, monkeypatc
         fetch(server.url('/f'), tmp_path / name / 'f')
     assert [r.headers['Authorization'] for r in server.requests] == [
         basic('nina', 'first'), basic('nina', 'second')]
+
+
+def test_a_managers_downloads_share_what_netrc_says_for_a_second(server, tmp_path,
+                                                                 monkeypatch):
+    """The reference: the downloads of managers reuse what ``.netrc`` (and
+    the proxy variables) said for a host, for a second
+    (``_SHARED_LOOKUP_SECONDS``, made long here, then nothing); the
+    downloads started after that see a change."""
+    server.add('/f', DATA)
+    monkeypatch.setattr(bitpit, '_SHARED_LOOKUP_SECONDS', 3600.0)
+    monkeypatch.setattr(bitpit, '_SHARED_LOOKUPS', bitpit._HostLookups(-3600.0))
+    m = bitpit.Manager()
+    try:
+        m.start()
+        for name, password in (('a', 'n3trc'), ('b', 'changed'), ('c', 'changed')):
+            if name == 'c':  # the second is over
+                monkeypatch.setattr(bitpit, '_SHARED_LOOKUP_SECONDS', 0.0)
+            use_netrc(tmp_path, monkeypatch, password)
+            d = bitpit.Downloader(server.url('/f'), path=tmp_path / name)
+            rec = Recorder(d)
+            m.add(d)
+            rec.wait_state('complete')
+    finally:
+        m.stop()
+    assert [r.headers['Authorization'] for r in server.requests] == [
+        basic('nina', 'n3trc'), basic('nina', 'n3trc'), basic('nina', 'changed')]
 
 
 def test_missing_netrc_is_fine(server, tmp_path, monkeypatch):
