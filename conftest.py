@@ -1136,10 +1136,13 @@ def join_started(thread, timeout):
 @pytest.fixture(autouse=True)
 def _no_ambient_proxy(monkeypatch):
     """Tests talk to 127.0.0.1 directly, whatever proxy the machine sets;
-    the proxy tests set their own."""
+    the proxy tests set their own. A manager's downloads share what the
+    environment and .netrc said for a second: not from an earlier test."""
     for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setattr(bitpit, '_SHARED_LOOKUPS',
+                        bitpit._HostLookups(-bitpit._SHARED_LOOKUP_SECONDS))
 
 
 @pytest.fixture(autouse=True)
