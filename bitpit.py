@@ -5469,28 +5469,32 @@ class _Connection:
     ``reading_to``, the end of the read in progress, when a far faster
     connection races it (the bytes both get are the same). Guarded by the
     transfer's lock; the thread alone touches ``request`` and ``pending``,
-    and moves ``pos`` (so it reads ``pos`` without the lock)."""
+    and moves ``pos`` (so it reads ``pos`` without the lock).
+
+    What a new connection starts with is said once, here in the class (its
+    own values are set as they change): a small file's one connection
+    changes few of them."""
+
+    active = False                # holds a claim
+    pos = end = reading_to = 0
+    last_end = -1                 # where its last claim ended: its continuation
+    open_ended = False            # asks for ``pos-``, not ``pos-(end - 1)``
+    epoch = 0
+    superseded = False            # the file started over under it
+    request: Optional[_Request] = None
+    pending = 0                   # bytes in its buffer, not yet written
+    request_end = 0               # where its request's part of the claim ends
+    job_began = 0.0               # when its request was sent
+    job_bytes = 0                 # bytes its request brought
+    last_bytes_at = 0.0           # when its request last brought some
+    answered = False              # its request's answer was accepted
+    last_rate = 0.0               # bytes per second of its last request
+    buffer = memoryview(b'')      # (read-only) grown to what a body needs
 
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
         self.source = source
-        self.alive = True
-        self.active = False           # holds a claim
-        self.pos = self.end = self.reading_to = 0
-        self.last_end = -1            # where its last claim ended: its continuation
-        self.open_ended = False       # asks for ``pos-``, not ``pos-(end - 1)``
-        self.epoch = 0
-        self.superseded = False       # the file started over under it
-        self.request: Optional[_Request] = None
-        self.pending = 0              # bytes in its buffer, not yet written
-        self.request_end = 0          # where its request's part of the claim ends
-        self.job_began = 0.0          # when its request was sent
-        self.job_bytes = 0            # bytes its request brought
-        self.last_bytes_at = 0.0      # when its request last brought some
-        self.answered = False         # its request's answer was accepted
-        self.last_rate = 0.0          # bytes per second of its last request
         self.chunk_size = chunk_size
-        self.buffer = memoryview(bytearray(0))  # grown to what a body needs
 
     def rate(self, now: float) -> Optional[float]:
         """Bytes per second of its request so far; ``None`` while too young
@@ -5616,7 +5620,18 @@ class _Planner:
     Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
     with that lock held (by the run's or a connection's steps, on the loop), and
-    none takes a lock or waits."""
+    none takes a lock or waits.
+
+    The state of a split starts as said here in the class; a file that is
+    never split (a small one) never sets it, nor makes a ``_PieceSizer``
+    (``split`` does)."""
+
+    segmented = False             # the file comes in ranged pieces
+    judging: Optional[_Connection] = None  # the probe, until it is shared out
+    limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
+    _share_basis = (0, 0)         # where the probe began, and the bytes missing then
+    pieces: Optional[_PieceSizer] = None  # the size of the pieces, from the first split
+    best_rate = 0.0               # bytes per second of the fastest request so far
 
     def __init__(self, store: _FileStore, connections: List[_Connection], wanted: int,
                  buckets: Tuple[_TokenBucket, ...]):
@@ -5625,12 +5640,6 @@ class _Planner:
         self.connections_wanted = wanted
         self.buckets = buckets        # a race under a limit waits for a stall
         self.total: Optional[int] = store.size if store.size >= 0 else None
-        self.segmented = False        # the file comes in ranged pieces
-        self.judging: Optional[_Connection] = None  # the probe, until it is shared out
-        self.limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
-        self._share_basis = (0, 0)    # where the probe began, and the bytes missing then
-        self.pieces = _PieceSizer()
-        self.best_rate = 0.0          # bytes per second of the fastest request so far
 
     def has_work(self) -> bool:
         """Whether a new connection would find a range to fetch."""
@@ -5812,6 +5821,7 @@ class _Planner:
         Returns the parts for new connections, in the order to start them.
         The probe's thread."""
         began, missing = self._share_basis
+        assert self.pieces is not None  # made by split()
         parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
         share = -(-missing // parts)
         probe.end = max(probe.reading_to, min(probe.end, began + share))
@@ -5835,8 +5845,8 @@ class _Planner:
     def request_end(self, conn: _Connection) -> int:
         """Where ``conn``'s next request ends: after a piece of its claim
         when the file is split, else at the claim's end."""
-        piece = self.pieces.piece_for(conn, self.missing()) if self.segmented \
-            else _UNKNOWN_END
+        pieces = self.pieces if self.segmented else None  # (made by split())
+        piece = pieces.piece_for(conn, self.missing()) if pieces is not None else _UNKNOWN_END
         return min(conn.end, conn.pos + piece)
 
     def done(self, conn: _Connection, first: int, now: float) -> None:
@@ -5847,7 +5857,7 @@ class _Planner:
         if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
             conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
             self.best_rate = max(self.best_rate, conn.last_rate)
-        if self.segmented:
+        if self.segmented and self.pieces is not None:  # (made by split())
             self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
         if conn.pos >= conn.end:  # the claim is done
             conn.active = False
@@ -5875,6 +5885,8 @@ class _Planner:
         at once (``True``: ``share_out`` now) where the CPU time of a
         thread cannot be told. The probe's thread."""
         self.segmented = True
+        if self.pieces is None:  # (a file that started over keeps what it learnt)
+            self.pieces = _PieceSizer()
         self._share_basis = (probe.pos, self.missing())
         cpu = _thread_cpu()
         if cpu is None:  # no telling what limits it: share out now
@@ -6021,20 +6033,22 @@ class _Pump:
                         got = 0
                     if planner.judging is conn:
                         transfer._judge(conn, now)  # may cut its claim short
-                    judging = planner.judging is conn
-                    limit = planner.limit  # set with judging, never unset
                     start = conn.pos + conn.pending
                     end = min(conn.end, conn.request_end, body_end)
                     room = min(chunk - conn.pending, end - start)
-                    if judging and limit is not None and not limit.judged:
-                        # its part may be cut short at its current read's end
-                        room = min(room, _JUDGE_READ)
-                    rate = conn.rate(now) if planner.segmented else None
-                    if rate is not None:
-                        # a slow connection reads little at a time (a
-                        # twentieth of a second's worth), so that another one
-                        # can take over all but its next read
-                        room = min(room, max(16384, int(rate * 0.25)))
+                    judging, limit = False, None
+                    if planner.segmented:  # (only a split file judges its probe, races)
+                        judging = planner.judging is conn
+                        limit = planner.limit  # set with judging, never unset
+                        if judging and limit is not None and not limit.judged:
+                            # its part may be cut short at its current read's end
+                            room = min(room, _JUDGE_READ)
+                        rate = conn.rate(now)
+                        if rate is not None:
+                            # a slow connection reads little at a time (a
+                            # twentieth of a second's worth), so that another one
+                            # can take over all but its next read
+                            room = min(room, max(16384, int(rate * 0.25)))
                     conn.reading_to = start + max(room, 0)
                 if room <= 0:
                     if conn.pending:
@@ -6289,8 +6303,8 @@ class _Transfer:
     @property
     def finished(self) -> bool:
         """Complete, failed or stopped, and no connection left."""
-        return (self.complete or self.error is not None or self.cancel.is_set()) and \
-            not self.connections
+        return not self.connections and \
+            (self.complete or self.error is not None or self.cancel.is_set())
 
     @property
     def downloaded(self) -> int:
