@@ -3845,7 +3845,19 @@ class _Request:
     that changes the origin (``_same_trust``). ``first``/``last`` ask for
     bytes ``first-`` or ``first-last`` (with ``If-Range: validator``);
     ``first=None`` asks for the whole file.
-    ``cancel`` aborts the connection from another thread. Any thread."""
+    ``cancel`` aborts the connection from another thread. Any thread.
+
+    What a request has before it is sent is said once, here in the class;
+    the lists of redirects and challenges are made by the first one."""
+
+    key: Optional[_ConnectionKey] = None
+    connection: Optional[_AnyHTTPConnection] = None
+    response: Optional[_Response] = None
+    sock: Optional[socket.socket] = None
+    reused = False
+    # (URL, response) of each redirect followed, for what its headers say
+    redirects: Sequence[Tuple[str, _Response]] = ()
+    challenges: Optional[Dict[_AuthKey, int]] = None  # Digest challenges followed, by key
 
     def __init__(self, options: _RequestOptions, address: _Address, method: str = 'GET',
                  first: Optional[int] = None, last: Optional[int] = None,
@@ -3857,25 +3869,16 @@ class _Request:
         self.last = last
         self.validator = validator
         self.cancel = cancel
-        self.extra = extra or {}
+        self.extra = extra  # more fields, if any
         self.url = address.url
         self.address = address
         self.trusted = options.trusted(address)
-        self.own_credentials = self.address.credentials
-        self.key: Optional[_ConnectionKey] = None
-        self.connection: Optional[_AnyHTTPConnection] = None
-        self.response: Optional[_Response] = None
-        self.sock: Optional[socket.socket] = None
-        self.reused = False
-        # (URL, response) of each redirect followed, for what its headers say
-        self.redirects: List[Tuple[str, _Response]] = []
-        self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
+        self.own_credentials = address.credentials
 
     def send_steps(self) -> '_Steps[_Response]':
         """Send the request, follow redirects, return the final response
         (status not 3xx), as steps. Raises a ``bitpit.Error`` or
         ``_Stopped``."""
-        seen = {self.url}
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
@@ -3893,10 +3896,9 @@ class _Request:
                 return response
             address = _redirect_target(self.url, location)
             target = address.url
-            if target in seen:
+            if target == self.url or any(target == url for url, _ in self.redirects):
                 raise RedirectError('redirect loop at {}'.format(target))
-            seen.add(target)
-            self.redirects.append((self.url, response))
+            self.redirects = [*self.redirects, (self.url, response)]
             yield from self._drain_and_release_steps(response)
             self.trusted = self.trusted and _same_trust(self.address, address)
             if address.credentials is not None or not self.trusted:
@@ -3989,6 +3991,8 @@ class _Request:
         """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
         Digest challenge to answer with another request: the first one of
         this request, or one saying that the nonce sent was stale."""
+        if response.status != 401 and response.status != 407:
+            return False
         connection = self.connection
         assert connection is not None  # it carried the response
         proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
@@ -4002,6 +4006,8 @@ class _Request:
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
+        if self.challenges is None:
+            self.challenges = {}
         followed = self.challenges.get(key, 0)
         if followed and (not challenge.stale or followed > _DIGEST_STALE_ROUNDS):
             return False  # its answer was refused: a wrong password, say
