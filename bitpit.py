@@ -6097,7 +6097,8 @@ class _Pump:
                         conn.pos += got
                 else:
                     got = yield from read_steps(view[conn.pending:conn.pending + granted])
-                    pacer.settle(got)
+                    if limited:  # (else nothing was granted)
+                        pacer.settle(got)
                     if max_size is not None and start + got > max_size:
                         got = 0
                         raise _too_large(max_size, 'grew past it')
@@ -6523,41 +6524,40 @@ class _Transfer:
             return transient[-1]
         return errors[-1] if errors else ProtocolError('the download stopped short')
 
-    def _next_job_steps(self, conn: _Connection) -> '_Steps[bool]':
-        """Steps that claim the next range for ``conn``; ``False`` when
-        there is none. With nothing for it now, a request too young to tell
-        whether it is far slower may be worth racing in a moment: they wait
-        for it (and for ``work``, set at any change)."""
-        while True:
-            with self._lock:
-                # (again after a wait: a connection with no claim is never
-                # superseded meanwhile)
-                conn.active = conn.superseded = False
-                if self.complete or self.error is not None or self.cancel.is_set():
-                    return False
-                if self.probed and self._is_complete():
-                    self._complete(conn)
-                    return False
-                if not conn.source.usable:
-                    return False
-                if not self.probed:
-                    if self.prober is not None:
-                        return False
-                    self.prober = conn
-                    return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
-                if self.planner.choose(conn):
-                    if self.piece_hashes is not None:
-                        self._avoid_bad_source(conn, conn.pos)
-                    return True
-                due = self.planner.rate_due(conn)
-                if due is None:
-                    return False
-                work = self.work
-                if work is None:
-                    work = self.work = _Flag()
-                else:
-                    work.clear()  # (under the lock, which every setter holds)
-            yield _Wait(None, due + 0.001, event=work)
+    def _next_job(self, conn: _Connection) -> Optional[_Wait]:
+        """Claim the next range for ``conn``, if there is one (``conn.active``
+        tells). With nothing for it now, a request too young to tell whether
+        it is far slower may be worth racing in a moment: the wait for it
+        (and for ``work``, set at any change), after which to ask again. A
+        plain call, not steps: most answers need no wait. Under the lock."""
+        # (again after a wait: a connection with no claim is never
+        # superseded meanwhile)
+        conn.active = conn.superseded = False
+        if self.complete or self.error is not None or self.cancel.is_set():
+            return None
+        if self.probed and self._is_complete():
+            self._complete(conn)
+            return None
+        if not conn.source.usable:
+            return None
+        if not self.probed:
+            if self.prober is None:
+                self.prober = conn
+                self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+            return None
+        if self.planner.choose(conn):
+            if self.piece_hashes is not None:
+                self._avoid_bad_source(conn, conn.pos)
+            return None
+        due = self.planner.rate_due(conn)
+        if due is None:
+            return None
+        work = self.work
+        if work is None:
+            work = self.work = _Flag()
+        else:
+            work.clear()  # (under the lock, which every setter holds)
+        return _Wait(None, due + 0.001, event=work)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
@@ -6590,7 +6590,16 @@ class _Transfer:
         none left."""
         pacer = _Pacer(self.buckets, self.cancel.is_set)
         try:
-            while conn.active or (yield from self._next_job_steps(conn)):
+            while True:
+                if not conn.active:  # (else the rest of its claim)
+                    with self._lock:
+                        wait = self._next_job(conn)
+                        claimed = conn.active
+                    if wait is not None:
+                        yield wait
+                        continue
+                    if not claimed:
+                        break
                 try:
                     yield from self.pump.fetch_steps(conn, pacer)
                 except _Superseded:
