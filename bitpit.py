@@ -6022,7 +6022,6 @@ class _Pump:
         read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
         transfer, planner = self.transfer, self.planner
         lock = self._lock
-        source = conn.source
         max_size = self.max_size
         got = 0                # bytes of the last read, not yet counted
         ended = False          # the body's end was read
@@ -6032,10 +6031,7 @@ class _Pump:
                 now = time.monotonic()
                 with lock:
                     if got:
-                        conn.job_bytes += got
-                        conn.last_bytes_at = now
-                        transfer.received += got
-                        source.streak = 0
+                        self._count(conn, got, now)
                         got = 0
                     if planner.judging is conn:
                         transfer._judge(conn, now)  # may cut its claim short
@@ -6112,6 +6108,12 @@ class _Pump:
                 if not got:
                     ended = True
                     break
+                if start + got >= end and splice is None and not judging:
+                    # the read reached the end, which never moves further
+                    # (a small file's one read): its bytes are written and
+                    # counted now, with no lap more
+                    self._flush(conn, received=got, at=time.monotonic())
+                    break
         except (OSError, http.client.HTTPException, ProtocolError) as exc:
             # (a ProtocolError: a body's framing, bitpit's since http.client's
             # IncompleteRead; its unused tokens go back all the same)
@@ -6142,9 +6144,19 @@ class _Pump:
             response.close()
         return done
 
-    def _flush(self, conn: _Connection, quietly: bool = False) -> None:
+    def _count(self, conn: _Connection, got: int, now: float) -> None:
+        """A read of ``conn`` brought ``got`` bytes at ``now``. Under the lock."""
+        conn.job_bytes += got
+        conn.last_bytes_at = now
+        self.transfer.received += got
+        conn.source.streak = 0
+
+    def _flush(self, conn: _Connection, quietly: bool = False, received: int = 0,
+               at: float = 0.0) -> None:
         """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
-        out of a failure, a write of a superseded epoch is dropped."""
+        out of a failure, a write of a superseded epoch is dropped.
+        ``received``: the bytes of its last read, counted (``_count``, read
+        ``at``) with the write's own look under the lock."""
         pending = conn.pending
         try:
             self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
@@ -6159,6 +6171,8 @@ class _Pump:
         with self._lock:
             conn.pos += pending
             conn.pending = 0
+            if received:
+                self._count(conn, received, at)
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
