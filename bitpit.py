@@ -6282,7 +6282,9 @@ class _Transfer:
         began = time.monotonic()
         self._next_look = began + _TEND_PERIOD
         self._next_save = began + _SIDECAR_PERIOD
-        self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+        # (time, bytes received) of the last ``timeout`` seconds, for a min_speed
+        self._samples: 'Optional[collections.deque[Tuple[float, int]]]' = \
+            collections.deque() if min_speed else None
         self.verify_digest = verify_digest
         self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
         self.expected_size = expected_size  # the size every source must have (a metalink's)
@@ -6383,6 +6385,7 @@ class _Transfer:
             return
         window = self.options.timeout
         samples = self._samples
+        assert samples is not None  # made with a min_speed
         samples.append((now, self.received))
         while len(samples) > 1 and samples[1][0] <= now - window:
             samples.popleft()
