@@ -6228,7 +6228,7 @@ class _Transfer:
                  'changes', 'received', 'connections', 'planner', 'pump',
                  'opened', 'events', 'work', 'slot_freed', 'complete',
                  'error', '_shown', '_next_look', '_next_save', '_samples',
-                 'verify_digest', 'digests', 'expected_size', 'piece_hashes')
+                 'verify_digest', 'digests', 'expected_size', 'piece_hashes', 'changed')
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -6239,6 +6239,7 @@ class _Transfer:
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
         self.news = _Flag()           # set by _wake(): something to report or to do
+        self.changed = False          # set by _wake() but for events: something to do
         # a sidecar save handed to a worker runs: set by the run, cleared by
         # the save under the lock before it wakes the run (not its task's
         # end, which may come after that wake-up)
@@ -6304,14 +6305,18 @@ class _Transfer:
 
     def wait_steps(self, until: float) -> '_Steps[None]':
         """Wait until ``until`` for something to report or to do, and do
-        it. The run's steps."""
+        it (``_keep_going``): not after a wake for events alone (a small
+        file's size and start), which only the run's ``take_events`` takes,
+        nor once finished. The run's steps."""
         news = self.news
         news.clear()  # (before the look: a change after it sets it again)
         if not self.events and not self.finished and not self.slot_freed:
             yield _Wait(None, until, event=news)
-        with self._lock:
-            if not self.finished:  # (else there is nothing to do)
-                self._keep_going()
+        if (self.changed or not self.events) and not self.finished:
+            with self._lock:
+                self.changed = False
+                if not self.finished:  # (else there is nothing to do)
+                    self._keep_going()
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
@@ -6507,9 +6512,11 @@ class _Transfer:
             self.slot_freed = True
             self._wake()
 
-    def _wake(self) -> None:
-        """Wake the run, and the connections that wait for work. Under the
-        lock."""
+    def _wake(self, changed: bool = True) -> None:
+        """Wake the run (``changed``: with something to do besides taking
+        events), and the connections that wait for work. Under the lock."""
+        if changed:
+            self.changed = True
         self.news.set()
         if self.work is not None:
             self.work.set()
@@ -6880,10 +6887,10 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake. Under the lock."""
+        one wake, and nothing more to do. Under the lock."""
         self.events.append((kind, value))
         if len(self.events) == 1:
-            self._wake()
+            self._wake(changed=False)
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
