@@ -6059,27 +6059,30 @@ class _Pump:
                             continue
                     break  # at the end, which never moves further
                 limited = pacer.limited
-                if conn.pending and (limited or not (whole or ready()) or
-                                     now - since >= _FLUSH_AGE):
-                    # before a read that may block (but for a body that fits)
-                    # or be paced (so bytes land as smoothly as they come),
-                    # or when overdue
-                    self._flush(conn)
-                    continue
-                if conn.pending and whole and not limited and \
-                        not (yield from wait_steps(since + _FLUSH_AGE)):
-                    continue  # a stall: its bytes are overdue now, written at the next lap
-                if judging and limit is not None and limit.due > time.monotonic() and \
-                        not (yield from wait_steps(limit.due)):
-                    continue  # no bytes until its verdict is due: judged now
-                if limited and not (yield from wait_steps(time.monotonic() +
-                                                          self.options.timeout)):
-                    # tokens are taken once bytes are there to use them: a
-                    # slow socket never holds back what the others could read
-                    raise socket.timeout('no data received within the time-out')
-                granted = (yield from pacer.acquire_steps(room)) if limited else room
-                if not granted:
-                    raise _Stopped
+                granted = room
+                if conn.pending or judging or limited:  # (none before a body's first read)
+                    if conn.pending and (limited or not (whole or ready()) or
+                                         now - since >= _FLUSH_AGE):
+                        # before a read that may block (but for a body that
+                        # fits) or be paced (so bytes land as smoothly as they
+                        # come), or when overdue
+                        self._flush(conn)
+                        continue
+                    if conn.pending and whole and not limited and \
+                            not (yield from wait_steps(since + _FLUSH_AGE)):
+                        continue  # a stall: its bytes are overdue now, written at the next lap
+                    if judging and limit is not None and limit.due > time.monotonic() and \
+                            not (yield from wait_steps(limit.due)):
+                        continue  # no bytes until its verdict is due: judged now
+                    if limited:
+                        if not (yield from wait_steps(time.monotonic() + self.options.timeout)):
+                            # tokens are taken once bytes are there to use
+                            # them: a slow socket never holds back what the
+                            # others could read
+                            raise socket.timeout('no data received within the time-out')
+                        granted = yield from pacer.acquire_steps(room)
+                        if not granted:
+                            raise _Stopped
                 if splice is not None:  # straight into the file
                     try:
                         got = yield from splice.move_steps(start, granted, conn.epoch)
