@@ -5488,7 +5488,6 @@ class _Connection:
     epoch = 0
     superseded = False            # the file started over under it
     request: Optional[_Request] = None
-    pending = 0                   # bytes in its buffer, not yet written
     request_end = 0               # where its request's part of the claim ends
     job_began = 0.0               # when its request was sent
     job_bytes = 0                 # bytes its request brought
@@ -5501,6 +5500,7 @@ class _Connection:
         self.number = number
         self.source = source
         self.chunk_size = chunk_size
+        self.pending = 0              # bytes in its buffer, not yet written (read often)
 
     def rate(self, now: float) -> Optional[float]:
         """Bytes per second of its request so far; ``None`` while too young
@@ -5628,12 +5628,10 @@ class _Planner:
     with that lock held (by the run's or a connection's steps, on the loop), and
     none takes a lock or waits.
 
-    The state of a split starts as said here in the class; a file that is
-    never split (a small one) never sets it, nor makes a ``_PieceSizer``
-    (``split`` does)."""
+    The state of a split starts as said here in the class (but for what
+    every read looks at); a file that is never split (a small one) never
+    sets it, nor makes a ``_PieceSizer`` (``split`` does)."""
 
-    segmented = False             # the file comes in ranged pieces
-    judging: Optional[_Connection] = None  # the probe, until it is shared out
     limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
     _share_basis = (0, 0)         # where the probe began, and the bytes missing then
     pieces: Optional[_PieceSizer] = None  # the size of the pieces, from the first split
@@ -5646,6 +5644,8 @@ class _Planner:
         self.connections_wanted = wanted
         self.buckets = buckets        # a race under a limit waits for a stall
         self.total: Optional[int] = store.size if store.size >= 0 else None
+        self.segmented = False        # the file comes in ranged pieces
+        self.judging: Optional[_Connection] = None  # the probe, until it is shared out
 
     def has_work(self) -> bool:
         """Whether a new connection would find a range to fetch."""
