@@ -4010,7 +4010,19 @@ class _Request:
     that changes the origin (``_same_trust``). ``first``/``last`` ask for
     bytes ``first-`` or ``first-last`` (with ``If-Range: validator``);
     ``first=None`` asks for the whole file.
-    ``cancel`` aborts the connection from another thread. Any thread."""
+    ``cancel`` aborts the connection from another thread. Any thread.
+
+    What a request has before it is sent is said once, here in the class;
+    the lists of redirects and challenges are made by the first one."""
+
+    key: Optional[_ConnectionKey] = None
+    connection: Optional[_AnyHTTPConnection] = None
+    response: Optional[_Response] = None
+    sock: Optional[socket.socket] = None
+    reused = False
+    # (URL, response) of each redirect followed, for what its headers say
+    redirects: Sequence[Tuple[str, _Response]] = ()
+    challenges: Optional[Dict[_AuthKey, int]] = None  # Digest challenges followed, by key
 
     def __init__(self, options: _RequestOptions, address: _Address, method: str = 'GET',
                  first: Optional[int] = None, last: Optional[int] = None,
@@ -4022,25 +4034,16 @@ class _Request:
         self.last = last
         self.validator = validator
         self.cancel = cancel
-        self.extra = extra or {}
+        self.extra = extra  # more fields, if any
         self.url = address.url
         self.address = address
         self.trusted = options.trusted(address)
-        self.own_credentials = self.address.credentials
-        self.key: Optional[_ConnectionKey] = None
-        self.connection: Optional[_AnyHTTPConnection] = None
-        self.response: Optional[_Response] = None
-        self.sock: Optional[socket.socket] = None
-        self.reused = False
-        # (URL, response) of each redirect followed, for what its headers say
-        self.redirects: List[Tuple[str, _Response]] = []
-        self.challenges: Dict[_AuthKey, int] = {}  # Digest challenges followed, by key
+        self.own_credentials = address.credentials
 
     def send_steps(self) -> '_Steps[_Response]':
         """Send the request, follow redirects, return the final response
         (status not 3xx), as steps. Raises a ``bitpit.Error`` or
         ``_Stopped``."""
-        seen = {self.url}
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
@@ -4058,10 +4061,9 @@ class _Request:
                 return response
             address = _redirect_target(self.url, location)
             target = address.url
-            if target in seen:
+            if target == self.url or any(target == url for url, _ in self.redirects):
                 raise RedirectError('redirect loop at {}'.format(target))
-            seen.add(target)
-            self.redirects.append((self.url, response))
+            self.redirects = [*self.redirects, (self.url, response)]
             yield from self._drain_and_release_steps(response)
             self.trusted = self.trusted and _same_trust(self.address, address)
             if address.credentials is not None or not self.trusted:
@@ -4154,6 +4156,8 @@ class _Request:
         """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
         Digest challenge to answer with another request: the first one of
         this request, or one saying that the nonce sent was stale."""
+        if response.status != 401 and response.status != 407:
+            return False
         connection = self.connection
         assert connection is not None  # it carried the response
         proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
@@ -4167,6 +4171,8 @@ class _Request:
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
+        if self.challenges is None:
+            self.challenges = {}
         followed = self.challenges.get(key, 0)
         if followed and (not challenge.stale or followed > _DIGEST_STALE_ROUNDS):
             return False  # its answer was refused: a wrong password, say
@@ -5634,28 +5640,32 @@ class _Connection:
     ``reading_to``, the end of the read in progress, when a far faster
     connection races it (the bytes both get are the same). Guarded by the
     transfer's lock; the thread alone touches ``request`` and ``pending``,
-    and moves ``pos`` (so it reads ``pos`` without the lock)."""
+    and moves ``pos`` (so it reads ``pos`` without the lock).
+
+    What a new connection starts with is said once, here in the class (its
+    own values are set as they change): a small file's one connection
+    changes few of them."""
+
+    active = False                # holds a claim
+    pos = end = reading_to = 0
+    last_end = -1                 # where its last claim ended: its continuation
+    open_ended = False            # asks for ``pos-``, not ``pos-(end - 1)``
+    epoch = 0
+    superseded = False            # the file started over under it
+    request: Optional[_Request] = None
+    request_end = 0               # where its request's part of the claim ends
+    job_began = 0.0               # when its request was sent
+    job_bytes = 0                 # bytes its request brought
+    last_bytes_at = 0.0           # when its request last brought some
+    answered = False              # its request's answer was accepted
+    last_rate = 0.0               # bytes per second of its last request
+    buffer = memoryview(b'')      # (read-only) grown to what a body needs
 
     def __init__(self, number: int, source: _Source, chunk_size: int):
         self.number = number
         self.source = source
-        self.alive = True
-        self.active = False           # holds a claim
-        self.pos = self.end = self.reading_to = 0
-        self.last_end = -1            # where its last claim ended: its continuation
-        self.open_ended = False       # asks for ``pos-``, not ``pos-(end - 1)``
-        self.epoch = 0
-        self.superseded = False       # the file started over under it
-        self.request: Optional[_Request] = None
-        self.pending = 0              # bytes in its buffer, not yet written
-        self.request_end = 0          # where its request's part of the claim ends
-        self.job_began = 0.0          # when its request was sent
-        self.job_bytes = 0            # bytes its request brought
-        self.last_bytes_at = 0.0      # when its request last brought some
-        self.answered = False         # its request's answer was accepted
-        self.last_rate = 0.0          # bytes per second of its last request
         self.chunk_size = chunk_size
-        self.buffer = memoryview(bytearray(0))  # grown to what a body needs
+        self.pending = 0              # bytes in its buffer, not yet written (read often)
 
     def rate(self, now: float) -> Optional[float]:
         """Bytes per second of its request so far; ``None`` while too young
@@ -5781,7 +5791,16 @@ class _Planner:
     Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
     CPython's ``queue.Queue`` under its ``mutex``, every method is called
     with that lock held (by the run's or a connection's steps, on the loop), and
-    none takes a lock or waits."""
+    none takes a lock or waits.
+
+    The state of a split starts as said here in the class (but for what
+    every read looks at); a file that is never split (a small one) never
+    sets it, nor makes a ``_PieceSizer`` (``split`` does)."""
+
+    limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
+    _share_basis = (0, 0)         # where the probe began, and the bytes missing then
+    pieces: Optional[_PieceSizer] = None  # the size of the pieces, from the first split
+    best_rate = 0.0               # bytes per second of the fastest request so far
 
     def __init__(self, store: _FileStore, connections: List[_Connection], wanted: int,
                  buckets: Tuple[_TokenBucket, ...]):
@@ -5792,10 +5811,6 @@ class _Planner:
         self.total: Optional[int] = store.size if store.size >= 0 else None
         self.segmented = False        # the file comes in ranged pieces
         self.judging: Optional[_Connection] = None  # the probe, until it is shared out
-        self.limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
-        self._share_basis = (0, 0)    # where the probe began, and the bytes missing then
-        self.pieces = _PieceSizer()
-        self.best_rate = 0.0          # bytes per second of the fastest request so far
 
     def has_work(self) -> bool:
         """Whether a new connection would find a range to fetch."""
@@ -5977,6 +5992,7 @@ class _Planner:
         Returns the parts for new connections, in the order to start them.
         The probe's thread."""
         began, missing = self._share_basis
+        assert self.pieces is not None  # made by split()
         parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
         share = -(-missing // parts)
         probe.end = max(probe.reading_to, min(probe.end, began + share))
@@ -6000,8 +6016,8 @@ class _Planner:
     def request_end(self, conn: _Connection) -> int:
         """Where ``conn``'s next request ends: after a piece of its claim
         when the file is split, else at the claim's end."""
-        piece = self.pieces.piece_for(conn, self.missing()) if self.segmented \
-            else _UNKNOWN_END
+        pieces = self.pieces if self.segmented else None  # (made by split())
+        piece = pieces.piece_for(conn, self.missing()) if pieces is not None else _UNKNOWN_END
         return min(conn.end, conn.pos + piece)
 
     def done(self, conn: _Connection, first: int, now: float) -> None:
@@ -6012,7 +6028,7 @@ class _Planner:
         if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
             conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
             self.best_rate = max(self.best_rate, conn.last_rate)
-        if self.segmented:
+        if self.segmented and self.pieces is not None:  # (made by split())
             self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
         if conn.pos >= conn.end:  # the claim is done
             conn.active = False
@@ -6040,6 +6056,8 @@ class _Planner:
         at once (``True``: ``share_out`` now) where the CPU time of a
         thread cannot be told. The probe's thread."""
         self.segmented = True
+        if self.pieces is None:  # (a file that started over keeps what it learnt)
+            self.pieces = _PieceSizer()
         self._share_basis = (probe.pos, self.missing())
         cpu = _thread_cpu()
         if cpu is None:  # no telling what limits it: share out now
@@ -6169,7 +6187,6 @@ class _Pump:
         read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
         transfer, planner = self.transfer, self.planner
         lock = self._lock
-        source = conn.source
         max_size = self.max_size
         got = 0                # bytes of the last read, not yet counted
         ended = False          # the body's end was read
@@ -6179,27 +6196,26 @@ class _Pump:
                 now = time.monotonic()
                 with lock:
                     if got:
-                        conn.job_bytes += got
-                        conn.last_bytes_at = now
-                        transfer.received += got
-                        source.streak = 0
+                        self._count(conn, got, now)
                         got = 0
                     if planner.judging is conn:
                         transfer._judge(conn, now)  # may cut its claim short
-                    judging = planner.judging is conn
-                    limit = planner.limit  # set with judging, never unset
                     start = conn.pos + conn.pending
                     end = min(conn.end, conn.request_end, body_end)
                     room = min(chunk - conn.pending, end - start)
-                    if judging and limit is not None and not limit.judged:
-                        # its part may be cut short at its current read's end
-                        room = min(room, _JUDGE_READ)
-                    rate = conn.rate(now) if planner.segmented else None
-                    if rate is not None:
-                        # a slow connection reads little at a time (a
-                        # twentieth of a second's worth), so that another one
-                        # can take over all but its next read
-                        room = min(room, max(16384, int(rate * 0.25)))
+                    judging, limit = False, None
+                    if planner.segmented:  # (only a split file judges its probe, races)
+                        judging = planner.judging is conn
+                        limit = planner.limit  # set with judging, never unset
+                        if judging and limit is not None and not limit.judged:
+                            # its part may be cut short at its current read's end
+                            room = min(room, _JUDGE_READ)
+                        rate = conn.rate(now)
+                        if rate is not None:
+                            # a slow connection reads little at a time (a
+                            # twentieth of a second's worth), so that another one
+                            # can take over all but its next read
+                            room = min(room, max(16384, int(rate * 0.25)))
                     conn.reading_to = start + max(room, 0)
                 if room <= 0:
                     if conn.pending:
@@ -6208,27 +6224,30 @@ class _Pump:
                             continue
                     break  # at the end, which never moves further
                 limited = pacer.limited
-                if conn.pending and (limited or not (whole or ready()) or
-                                     now - since >= _FLUSH_AGE):
-                    # before a read that may block (but for a body that fits)
-                    # or be paced (so bytes land as smoothly as they come),
-                    # or when overdue
-                    self._flush(conn)
-                    continue
-                if conn.pending and whole and not limited and \
-                        not (yield from wait_steps(since + _FLUSH_AGE)):
-                    continue  # a stall: its bytes are overdue now, written at the next lap
-                if judging and limit is not None and limit.due > time.monotonic() and \
-                        not (yield from wait_steps(limit.due)):
-                    continue  # no bytes until its verdict is due: judged now
-                if limited and not (yield from wait_steps(time.monotonic() +
-                                                          self.options.timeout)):
-                    # tokens are taken once bytes are there to use them: a
-                    # slow socket never holds back what the others could read
-                    raise socket.timeout('no data received within the time-out')
-                granted = (yield from pacer.acquire_steps(room)) if limited else room
-                if not granted:
-                    raise _Stopped
+                granted = room
+                if conn.pending or judging or limited:  # (none before a body's first read)
+                    if conn.pending and (limited or not (whole or ready()) or
+                                         now - since >= _FLUSH_AGE):
+                        # before a read that may block (but for a body that
+                        # fits) or be paced (so bytes land as smoothly as they
+                        # come), or when overdue
+                        self._flush(conn)
+                        continue
+                    if conn.pending and whole and not limited and \
+                            not (yield from wait_steps(since + _FLUSH_AGE)):
+                        continue  # a stall: its bytes are overdue now, written at the next lap
+                    if judging and limit is not None and limit.due > time.monotonic() and \
+                            not (yield from wait_steps(limit.due)):
+                        continue  # no bytes until its verdict is due: judged now
+                    if limited:
+                        if not (yield from wait_steps(time.monotonic() + self.options.timeout)):
+                            # tokens are taken once bytes are there to use
+                            # them: a slow socket never holds back what the
+                            # others could read
+                            raise socket.timeout('no data received within the time-out')
+                        granted = yield from pacer.acquire_steps(room)
+                        if not granted:
+                            raise _Stopped
                 if splice is not None:  # straight into the file
                     try:
                         got = yield from splice.move_steps(start, granted, conn.epoch)
@@ -6242,7 +6261,8 @@ class _Pump:
                         conn.pos += got
                 else:
                     got = yield from read_steps(view[conn.pending:conn.pending + granted])
-                    pacer.settle(got)
+                    if limited:  # (else nothing was granted)
+                        pacer.settle(got)
                     if max_size is not None and start + got > max_size:
                         got = 0
                         raise _too_large(max_size, 'grew past it')
@@ -6255,6 +6275,12 @@ class _Pump:
                     raise _Superseded
                 if not got:
                     ended = True
+                    break
+                if start + got >= end and splice is None and not judging:
+                    # the read reached the end, which never moves further
+                    # (a small file's one read): its bytes are written and
+                    # counted now, with no lap more
+                    self._flush(conn, received=got, at=time.monotonic())
                     break
         except (OSError, http.client.HTTPException, ProtocolError) as exc:
             # (a ProtocolError: a body's framing, bitpit's since http.client's
@@ -6286,9 +6312,19 @@ class _Pump:
             response.close()
         return done
 
-    def _flush(self, conn: _Connection, quietly: bool = False) -> None:
+    def _count(self, conn: _Connection, got: int, now: float) -> None:
+        """A read of ``conn`` brought ``got`` bytes at ``now``. Under the lock."""
+        conn.job_bytes += got
+        conn.last_bytes_at = now
+        self.transfer.received += got
+        conn.source.streak = 0
+
+    def _flush(self, conn: _Connection, quietly: bool = False, received: int = 0,
+               at: float = 0.0) -> None:
         """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
-        out of a failure, a write of a superseded epoch is dropped."""
+        out of a failure, a write of a superseded epoch is dropped.
+        ``received``: the bytes of its last read, counted (``_count``, read
+        ``at``) with the write's own look under the lock."""
         pending = conn.pending
         try:
             self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
@@ -6303,6 +6339,8 @@ class _Pump:
         with self._lock:
             conn.pos += pending
             conn.pending = 0
+            if received:
+                self._count(conn, received, at)
         if self.transfer.piece_hashes is not None:
             self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
@@ -6358,7 +6396,7 @@ class _Transfer:
                  'changes', 'received', 'connections', 'planner', 'pump',
                  'opened', 'events', 'work', 'slot_freed', 'complete',
                  'error', '_shown', '_next_look', '_next_save', '_samples',
-                 'verify_digest', 'digests', 'expected_size', 'piece_hashes')
+                 'verify_digest', 'digests', 'expected_size', 'piece_hashes', 'changed')
 
     def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
@@ -6369,6 +6407,7 @@ class _Transfer:
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
         self._lock = threading.Lock()
         self.news = _Flag()           # set by _wake(): something to report or to do
+        self.changed = False          # set by _wake() but for events: something to do
         # a sidecar save handed to a worker runs: set by the run, cleared by
         # the save under the lock before it wakes the run (not its task's
         # end, which may come after that wake-up)
@@ -6412,7 +6451,9 @@ class _Transfer:
         began = time.monotonic()
         self._next_look = began + _TEND_PERIOD
         self._next_save = began + _SIDECAR_PERIOD
-        self._samples: 'collections.deque[Tuple[float, int]]' = collections.deque()
+        # (time, bytes received) of the last ``timeout`` seconds, for a min_speed
+        self._samples: 'Optional[collections.deque[Tuple[float, int]]]' = \
+            collections.deque() if min_speed else None
         self.verify_digest = verify_digest
         self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
         self.expected_size = expected_size  # the size every source must have (a metalink's)
@@ -6432,14 +6473,18 @@ class _Transfer:
 
     def wait_steps(self, until: float) -> '_Steps[None]':
         """Wait until ``until`` for something to report or to do, and do
-        it. The run's steps."""
+        it (``_keep_going``): not after a wake for events alone (a small
+        file's size and start), which only the run's ``take_events`` takes,
+        nor once finished. The run's steps."""
         news = self.news
         news.clear()  # (before the look: a change after it sets it again)
         if not self.events and not self.finished and not self.slot_freed:
             yield _Wait(None, until, event=news)
-        with self._lock:
-            if not self.finished:  # (else there is nothing to do)
-                self._keep_going()
+        if (self.changed or not self.events) and not self.finished:
+            with self._lock:
+                self.changed = False
+                if not self.finished:  # (else there is nothing to do)
+                    self._keep_going()
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
@@ -6454,8 +6499,8 @@ class _Transfer:
     @property
     def finished(self) -> bool:
         """Complete, failed or stopped, and no connection left."""
-        return (self.complete or self.error is not None or self.cancel.is_set()) and \
-            not self.connections
+        return not self.connections and \
+            (self.complete or self.error is not None or self.cancel.is_set())
 
     @property
     def downloaded(self) -> int:
@@ -6513,6 +6558,7 @@ class _Transfer:
             return
         window = self.options.timeout
         samples = self._samples
+        assert samples is not None  # made with a min_speed
         samples.append((now, self.received))
         while len(samples) > 1 and samples[1][0] <= now - window:
             samples.popleft()
@@ -6634,9 +6680,11 @@ class _Transfer:
             self.slot_freed = True
             self._wake()
 
-    def _wake(self) -> None:
-        """Wake the run, and the connections that wait for work. Under the
-        lock."""
+    def _wake(self, changed: bool = True) -> None:
+        """Wake the run (``changed``: with something to do besides taking
+        events), and the connections that wait for work. Under the lock."""
+        if changed:
+            self.changed = True
         self.news.set()
         if self.work is not None:
             self.work.set()
@@ -6668,41 +6716,40 @@ class _Transfer:
             return transient[-1]
         return errors[-1] if errors else ProtocolError('the download stopped short')
 
-    def _next_job_steps(self, conn: _Connection) -> '_Steps[bool]':
-        """Steps that claim the next range for ``conn``; ``False`` when
-        there is none. With nothing for it now, a request too young to tell
-        whether it is far slower may be worth racing in a moment: they wait
-        for it (and for ``work``, set at any change)."""
-        while True:
-            with self._lock:
-                # (again after a wait: a connection with no claim is never
-                # superseded meanwhile)
-                conn.active = conn.superseded = False
-                if self.complete or self.error is not None or self.cancel.is_set():
-                    return False
-                if self.probed and self._is_complete():
-                    self._complete(conn)
-                    return False
-                if not conn.source.usable:
-                    return False
-                if not self.probed:
-                    if self.prober is not None:
-                        return False
-                    self.prober = conn
-                    return self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
-                if self.planner.choose(conn):
-                    if self.piece_hashes is not None:
-                        self._avoid_bad_source(conn, conn.pos)
-                    return True
-                due = self.planner.rate_due(conn)
-                if due is None:
-                    return False
-                work = self.work
-                if work is None:
-                    work = self.work = _Flag()
-                else:
-                    work.clear()  # (under the lock, which every setter holds)
-            yield _Wait(None, due + 0.001, event=work)
+    def _next_job(self, conn: _Connection) -> Optional[_Wait]:
+        """Claim the next range for ``conn``, if there is one (``conn.active``
+        tells). With nothing for it now, a request too young to tell whether
+        it is far slower may be worth racing in a moment: the wait for it
+        (and for ``work``, set at any change), after which to ask again. A
+        plain call, not steps: most answers need no wait. Under the lock."""
+        # (again after a wait: a connection with no claim is never
+        # superseded meanwhile)
+        conn.active = conn.superseded = False
+        if self.complete or self.error is not None or self.cancel.is_set():
+            return None
+        if self.probed and self._is_complete():
+            self._complete(conn)
+            return None
+        if not conn.source.usable:
+            return None
+        if not self.probed:
+            if self.prober is None:
+                self.prober = conn
+                self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+            return None
+        if self.planner.choose(conn):
+            if self.piece_hashes is not None:
+                self._avoid_bad_source(conn, conn.pos)
+            return None
+        due = self.planner.rate_due(conn)
+        if due is None:
+            return None
+        work = self.work
+        if work is None:
+            work = self.work = _Flag()
+        else:
+            work.clear()  # (under the lock, which every setter holds)
+        return _Wait(None, due + 0.001, event=work)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
@@ -6735,7 +6782,16 @@ class _Transfer:
         none left."""
         pacer = _Pacer(self.buckets, self.cancel.is_set)
         try:
-            while conn.active or (yield from self._next_job_steps(conn)):
+            while True:
+                if not conn.active:  # (else the rest of its claim)
+                    with self._lock:
+                        wait = self._next_job(conn)
+                        claimed = conn.active
+                    if wait is not None:
+                        yield wait
+                        continue
+                    if not claimed:
+                        break
                 try:
                     yield from self.pump.fetch_steps(conn, pacer)
                 except _Superseded:
@@ -6999,10 +7055,10 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake. Under the lock."""
+        one wake, and nothing more to do. Under the lock."""
         self.events.append((kind, value))
         if len(self.events) == 1:
-            self._wake()
+            self._wake(changed=False)
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)

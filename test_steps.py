@@ -302,7 +302,8 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
                                 buckets=(bitpit._TokenBucket(),), checksum=None,
                                 max_size=None, min_speed=0, rename_in=None, gzip_name=False)
     conn = transfer._add_connection()
-    assert bitpit._drive_here(transfer._next_job_steps(conn))
+    with transfer._lock:
+        assert transfer._next_job(conn) is None and conn.active
     pacer = bitpit._Pacer(transfer.buckets, transfer.cancel.is_set)
     try:
         _, waits = drive_by_hand(transfer.pump.fetch_steps(conn, pacer), gates.release)
