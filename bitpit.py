@@ -7730,7 +7730,7 @@ class Downloader(Emitter):
         self._retry_after: Optional[float] = None
         self._restart_streak = 0             # restarts in a row after attempts with no byte
         self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[_Run] = None  # the last run (an attempt and its signals)
+        self._thread: Optional[_Run] = None  # the run under way (an attempt and its signals)
         self._running = False                # a run has work left
         self._attempt_over = False
         # who restarts it after an error or a pause, when not itself: a
@@ -8360,6 +8360,9 @@ class Downloader(Emitter):
                 self._running = False
                 self._notify_changed()
             run.done()
+            with self._lock:  # a finished download keeps no run (a manager keeps thousands)
+                if self._thread is run:
+                    self._thread = None
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -8596,25 +8599,26 @@ class Downloader(Emitter):
         d._restart_wait_max = self._restart_wait_max
         return d
 
-    def _join_manager(self, tracked_by: Callable[['Downloader', str, str], None],
-                      restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
-                      host_slots: Optional[_HostSlots]) -> None:
-        """A manager takes the download over: ``tracked_by(download,
+    def _join_manager(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
+                      terms: Tuple[_ManagerTerms]) -> None:
+        """A manager takes the download over: ``tracked_by[0](download,
         old_state, state)`` is called at each state change, on the thread
         that made it, before the ``state-changed`` callbacks (after them for
-        ``error`` and ``pause``: see ``_set_state``); ``restarts()``
-        says whether it restarts the download after an error (then the
-        download schedules no restart of its own, and any scheduled one is
-        cancelled); its attempts draw from the manager's ``buckets`` too,
-        and connect within its ``host_slots``. A manager gives each of its
-        downloads the same ``tracked_by``, ``restarts`` and ``buckets``
-        objects. Each manager it was added to is told its state changes
-        (bitpit 1.2.0's managers listened to them); the last one restarts
-        it, and gives it its limit and slots. The manager's caller's
-        thread."""
+        ``error`` and ``pause``: see ``_set_state``); in ``terms[0] =
+        (restarts, buckets, host_slots)``, ``restarts()`` says whether it
+        restarts the download after an error (then the download schedules
+        no restart of its own, and any scheduled one is cancelled); its
+        attempts draw from the manager's ``buckets`` too, and connect within
+        its ``host_slots``. A manager gives each of its downloads the same
+        two tuples, made once: a download in one manager (the usual case)
+        keeps those very tuples (``() + t`` is ``t``), not two of its own.
+        Each manager it was added to is told its state changes (bitpit
+        1.2.0's managers listened to them); the last one restarts it, and
+        gives it its limit and slots. The manager's caller's thread."""
+        restarts, buckets, host_slots = terms[0]
         with self._lock:
-            self._tracked_by += (tracked_by,)
-            self._terms += ((restarts, buckets, host_slots),)
+            self._tracked_by += tracked_by
+            self._terms += terms
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
@@ -9054,6 +9058,9 @@ class Manager(Emitter):
         self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
+        # what Downloader._join_manager is given: each of its downloads keeps it
+        self._joined = ((self._on_state_bound,),
+                        ((self._restarts_bound, self._shared_buckets, self._host_slots),))
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
@@ -9136,8 +9143,7 @@ class Manager(Emitter):
             self._downloads[d] = turn = next(self._turns)
         if self._manifest is not None:  # first: a download it takes as complete is not
             self._manifest.adopt(d)     # one to note as ending now
-        d._join_manager(self._on_state_bound, self._restarts_bound, self._shared_buckets,
-                        self._host_slots)
+        d._join_manager(*self._joined)
         self.emit('add', self, d)  # before it waits for its turn: no plan starts it sooner
         with self._lock:
             if self._downloads.get(d) == turn:  # not removed (or added again) by a callback

@@ -176,7 +176,7 @@ def test_digest_asked_for_is_remembered_after_completion_and_nothing_else(
 
 def test_a_finished_download_keeps_no_worker_thread_alive(server, tmp_path, monkeypatch):
     """The worker that ran its attempt ends after a while idle; the
-    download's last task does not keep that thread object."""
+    download keeps neither that thread object nor its run."""
     pool = private_workers(monkeypatch, idle_seconds=0.02)  # its workers are the test's
     url = server.add('/f.bin', DATA)
     workers = []
@@ -192,7 +192,7 @@ def test_a_finished_download_keeps_no_worker_thread_alive(server, tmp_path, monk
         if worker is not None:
             worker.join(10)
     del worker
-    assert d.state == 'complete' and d._thread is not None
+    assert d.state == 'complete' and d._thread is None
     assert [ref() for ref in workers] == [None] * len(workers)
 
 
