@@ -7700,7 +7700,7 @@ class Downloader(Emitter):
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._cookies = jar
+        self._cookies = jar if jar.jar is not None else None  # see _request_options()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -8227,14 +8227,18 @@ class Downloader(Emitter):
 
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with the hosts that asked for Digest so far, kept across attempts.
+        with the hosts that asked for Digest so far and the cookies (the
+        caller's jar, else the download's own), kept across attempts.
         Any thread."""
         with self._lock:
             if self._digest_auth is None:
                 self._digest_auth = _DigestAuth()
             digest_auth = self._digest_auth
+            if self._cookies is None:
+                self._cookies = _Cookies()
+            cookies = self._cookies
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, self._cookies,
+                               self._ssl_context, self._timeout, cookies,
                                digest_auth, self._host_slots)
 
     def _let_go(self) -> None:
@@ -8242,7 +8246,8 @@ class Downloader(Emitter):
         or fatal (a manager may keep thousands of finished ones): the
         store, whose ``size`` and ``downloaded`` stay as they are, with no
         new look at the disk; the token bucket; the Digest state, unless a
-        host asked for Digest. The next attempt makes them again as the
+        host asked for Digest; its own cookies, while no server set one (a
+        caller's jar stays). The next attempt makes them again as the
         first did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
@@ -8253,6 +8258,8 @@ class Downloader(Emitter):
             self._bucket = None
             if self._digest_auth is not None and not self._digest_auth.learnt():
                 self._digest_auth = None
+            if self._cookies is not None and self._cookies.jar is None:
+                self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -8589,8 +8596,8 @@ class Downloader(Emitter):
         d._proxy = self._proxy
         d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
-        # one, each download keeps its own cookies
-        d._cookies = self._cookies if self._cookies.jar is not None else _Cookies()
+        # one (None), each download makes its own cookies (_request_options)
+        d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed
         d._if_exists = self._if_exists  # (checked for the same kind of path)
