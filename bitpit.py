@@ -508,7 +508,8 @@ def _check_url(url: str) -> _Address:
     the address."""
     if not isinstance(url, str):
         raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
-    if _URL_CONTROL_CHARS_RE.search(url):
+    # (a printable URL has none: one quick pass, for most URLs)
+    if not url.isprintable() and _URL_CONTROL_CHARS_RE.search(url):
         raise InvalidURLError('URL with control characters: {!r}'.format(url))
     parts = _split_known(url)
     if parts is not None:
@@ -538,7 +539,8 @@ def _split_known(url: str) -> Optional[urllib.parse.SplitResult]:
 
 def _filename_from_url(address: _Address) -> str:
     """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
-    return _safe_filename(urllib.parse.unquote(address.path.rsplit('/', 1)[-1]))
+    name = address.path.rsplit('/', 1)[-1]
+    return _safe_filename(urllib.parse.unquote(name) if '%' in name else name)
 
 
 def _redirect_target(base: str, location: str) -> _Address:
@@ -4357,7 +4359,8 @@ if TYPE_CHECKING:
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
     if isinstance(path, str):
-        return _parsed_path(path).expanduser()
+        parsed = _parsed_path(path)
+        return parsed.expanduser() if '~' in path else parsed  # (most: no ~ to expand)
     import pathlib
     return pathlib.Path(path).expanduser()
 
