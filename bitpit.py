@@ -1238,8 +1238,8 @@ class _Run(_Task):
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
         super().done()
-        # a finished download keeps its last run (a manager may keep
-        # thousands): nothing more of it
+        # whoever still holds the run (a stop under way; a finished
+        # download drops it) keeps nothing more of it
         self.calls = _NO_CALLS
         self.context = None
 
