@@ -437,10 +437,11 @@ def _host_field(host_key: _HostKey) -> str:
 _ORIGINS: 'Dict[Tuple[str, str], _OriginInfo]' = {}
 _MAX_ORIGINS = 256
 # the ``scheme://netloc`` text of each origin in ``_ORIGINS``, and its
-# scheme and netloc: a URL that begins with it and a ``/`` is split by
-# ``_split_known``, not ``urlsplit`` (thousands of times for a manager's
-# list of one server's files); emptied with ``_ORIGINS``
-_ORIGIN_TEXTS: Dict[str, Tuple[str, str]] = {}
+# _OriginInfo: the address of a URL that begins with it and a ``/`` is
+# worked out by ``_known_address``, without ``urlsplit`` (thousands of
+# times for a manager's list of one server's files); emptied with
+# ``_ORIGINS``
+_ORIGIN_TEXTS: 'Dict[str, _OriginInfo]' = {}
 
 
 def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
@@ -467,7 +468,7 @@ def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
         _ORIGIN_TEXTS.clear()
     origin = _ORIGINS[scheme, parts.netloc] = (host_key, host, _url_credentials(parts),
                                                _host_field(host_key))
-    _ORIGIN_TEXTS[scheme + '://' + parts.netloc] = (scheme, parts.netloc)
+    _ORIGIN_TEXTS[scheme + '://' + parts.netloc] = origin
     return origin
 
 
@@ -485,19 +486,25 @@ class _Address:
     __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
                  'host_field')
 
-    def __init__(self, url: str, parts: urllib.parse.SplitResult):
-        self.url, self.path = url, parts.path
-        origin = _ORIGINS.get((parts.scheme, parts.netloc))
-        if origin is None:  # (else the origin was checked: the same is valid again)
-            origin = _check_origin(url, parts)
+    def __init__(self, url: str, path: str, origin: _OriginInfo, target: str):
+        self.url, self.path = url, path
         self.host_key, self.host_name, self.credentials, self.host_field = origin
-        ascii_url = _ascii_url(url, parts)
-        wire = parts if ascii_url == url else urllib.parse.urlsplit(ascii_url)
-        target = wire.path or '/'  # (for a URL without a query, its path itself)
-        if wire.query:
-            target += '?' + wire.query
         self.target = target
-        self.wire_url = parts.scheme + '://' + self.host_field + target
+        self.wire_url = self.host_key[0] + '://' + self.host_field + target
+
+
+def _address(url: str, parts: urllib.parse.SplitResult) -> _Address:
+    """The ``_Address`` of ``url``, split: ``parts`` (its origin checked
+    now, unless it was before)."""
+    origin = _ORIGINS.get((parts.scheme, parts.netloc))
+    if origin is None:  # (else the origin was checked: the same is valid again)
+        origin = _check_origin(url, parts)
+    ascii_url = _ascii_url(url, parts)
+    wire = parts if ascii_url == url else urllib.parse.urlsplit(ascii_url)
+    target = wire.path or '/'  # (for a URL without a query, its path itself)
+    if wire.query:
+        target += '?' + wire.query
+    return _Address(url, parts.path, origin, target)
 
 
 def _check_url(url: str) -> _Address:
@@ -511,30 +518,31 @@ def _check_url(url: str) -> _Address:
     # (a printable URL has none: one quick pass, for most URLs)
     if not url.isprintable() and _URL_CONTROL_CHARS_RE.search(url):
         raise InvalidURLError('URL with control characters: {!r}'.format(url))
-    parts = _split_known(url)
-    if parts is not None:
-        return _Address(url, parts)
+    address = _known_address(url)
+    if address is not None:
+        return address
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:
         raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
-    return _Address(url, parts)
+    return _address(url, parts)
 
 
-def _split_known(url: str) -> Optional[urllib.parse.SplitResult]:
-    """``urlsplit(url)`` for a URL (without control characters) that
-    begins with the text of a checked origin (see ``_ORIGIN_TEXTS``) and a
-    ``/``, else ``None``: the scheme and netloc are the origin's (what
-    ``urlsplit`` makes of that text, whatever the URL it was found in), and
-    the rest is split as ``urlsplit`` splits it, the fragment at the first
-    ``#``, then the query at the first ``?``."""
+def _known_address(url: str) -> Optional[_Address]:
+    """The ``_Address`` of a URL (without control characters) that begins
+    with the text of a checked origin (see ``_ORIGIN_TEXTS``) and a ``/``
+    and goes on the wire as it is (ASCII, no space: see ``_ascii_url``),
+    worked out without ``urlsplit``; else ``None``. Its scheme and netloc
+    are the origin's (what ``urlsplit`` makes of that text, whatever the
+    URL it was found in), and the rest is split as ``urlsplit`` splits it:
+    the fragment at the first ``#``, then the query at the first ``?``."""
     end = url.find('/', url.find('//') + 2)
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
-    if origin is None:
+    if origin is None or not url.isascii() or ' ' in url:
         return None
-    rest, _, fragment = url[end:].partition('#')
+    rest = url[end:].partition('#')[0]
     path, _, query = rest.partition('?')
-    return urllib.parse.SplitResult(origin[0], origin[1], path, query, fragment)
+    return _Address(url, path, origin, rest if query else path)  # (a path: at least '/')
 
 
 def _filename_from_url(address: _Address) -> str:
