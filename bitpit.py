@@ -4370,7 +4370,11 @@ def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
         parsed = _parsed_path(path)
         return parsed.expanduser() if '~' in path else parsed  # (most: no ~ to expand)
     import pathlib
-    return pathlib.Path(path).expanduser()
+    # a Path given is taken as it is (it never changes): a manager's
+    # directory, given to each of its downloads, is one object for all
+    given = path if type(path) is (pathlib.WindowsPath if os.name == 'nt' else
+                                   pathlib.PosixPath) else pathlib.Path(path)
+    return given.expanduser()
 
 
 @functools.lru_cache(maxsize=64)

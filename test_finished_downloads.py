@@ -214,3 +214,47 @@ def test_a_closed_connection_is_freed_without_the_collector(server, tmp_path):
         gc.garbage.clear()
         gc.enable()
     assert len(server.requests_for('/f.bin')) == 1 and left == []
+
+
+
+def objects_of_its_own(d, others):
+    """The objects the collector tracks that ``d`` keeps and none of
+    ``others`` does (a path counts as one object: its parts are its own;
+    what ``wait()`` made, for whoever waits, is left out)."""
+    def reachable(root):
+        found, todo = {}, [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in found or not gc.is_tracked(obj) or callable(obj) or \
+                    isinstance(obj, (type, bitpit.Manager, bitpit._Changed)):
+                continue
+            found[id(obj)] = obj
+            if not isinstance(obj, os.PathLike):
+                todo.extend(gc.get_referents(obj))
+        return found
+    shared = set()
+    for other in others:
+        shared.update(reachable(other))
+    return [obj for key, obj in reachable(d).items() if key not in shared]
+
+
+def test_a_finished_download_of_a_manager_keeps_few_objects_the_collector_tracks(
+        server, tmp_path):
+    """The cyclic collector goes through every object a finished download
+    keeps at each full collection (a manager may keep thousands): it keeps
+    no run, no cookie holder while no server set a cookie, no tuple of its
+    own (its manager's notes are the manager's tuples), and shares its
+    manager's directory."""
+    urls = [server.add('/{}.bin'.format(name), DATA) for name in 'abc']
+    m = bitpit.Manager(max_running=3, path=tmp_path, dir_path=True)
+    downloads = [m.add(url) for url in urls]
+    m.start()
+    try:
+        assert all(d.wait(10) for d in downloads)
+        for d in downloads:
+            d.join(10)
+    finally:
+        m.stop()
+    own = objects_of_its_own(downloads[0], downloads[1:])
+    kinds = sorted(type(obj).__name__ for obj in own)
+    assert kinds == sorted(['Downloader', 'RLock', '_Address', type(tmp_path).__name__]), kinds
