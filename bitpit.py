@@ -437,10 +437,11 @@ def _host_field(host_key: _HostKey) -> str:
 _ORIGINS: 'Dict[Tuple[str, str], _OriginInfo]' = {}
 _MAX_ORIGINS = 256
 # the ``scheme://netloc`` text of each origin in ``_ORIGINS``, and its
-# scheme and netloc: a URL that begins with it and a ``/`` is split by
-# ``_split_known``, not ``urlsplit`` (thousands of times for a manager's
-# list of one server's files); emptied with ``_ORIGINS``
-_ORIGIN_TEXTS: Dict[str, Tuple[str, str]] = {}
+# _OriginInfo: the address of a URL that begins with it and a ``/`` is
+# worked out by ``_known_address``, without ``urlsplit`` (thousands of
+# times for a manager's list of one server's files); emptied with
+# ``_ORIGINS``
+_ORIGIN_TEXTS: 'Dict[str, _OriginInfo]' = {}
 
 
 def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
@@ -467,7 +468,7 @@ def _check_origin(url: str, parts: urllib.parse.SplitResult) -> _OriginInfo:
         _ORIGIN_TEXTS.clear()
     origin = _ORIGINS[scheme, parts.netloc] = (host_key, host, _url_credentials(parts),
                                                _host_field(host_key))
-    _ORIGIN_TEXTS[scheme + '://' + parts.netloc] = (scheme, parts.netloc)
+    _ORIGIN_TEXTS[scheme + '://' + parts.netloc] = origin
     return origin
 
 
@@ -485,19 +486,25 @@ class _Address:
     __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
                  'host_field')
 
-    def __init__(self, url: str, parts: urllib.parse.SplitResult):
-        self.url, self.path = url, parts.path
-        origin = _ORIGINS.get((parts.scheme, parts.netloc))
-        if origin is None:  # (else the origin was checked: the same is valid again)
-            origin = _check_origin(url, parts)
+    def __init__(self, url: str, path: str, origin: _OriginInfo, target: str):
+        self.url, self.path = url, path
         self.host_key, self.host_name, self.credentials, self.host_field = origin
-        ascii_url = _ascii_url(url, parts)
-        wire = parts if ascii_url == url else urllib.parse.urlsplit(ascii_url)
-        target = wire.path or '/'  # (for a URL without a query, its path itself)
-        if wire.query:
-            target += '?' + wire.query
         self.target = target
-        self.wire_url = parts.scheme + '://' + self.host_field + target
+        self.wire_url = self.host_key[0] + '://' + self.host_field + target
+
+
+def _address(url: str, parts: urllib.parse.SplitResult) -> _Address:
+    """The ``_Address`` of ``url``, split: ``parts`` (its origin checked
+    now, unless it was before)."""
+    origin = _ORIGINS.get((parts.scheme, parts.netloc))
+    if origin is None:  # (else the origin was checked: the same is valid again)
+        origin = _check_origin(url, parts)
+    ascii_url = _ascii_url(url, parts)
+    wire = parts if ascii_url == url else urllib.parse.urlsplit(ascii_url)
+    target = wire.path or '/'  # (for a URL without a query, its path itself)
+    if wire.query:
+        target += '?' + wire.query
+    return _Address(url, parts.path, origin, target)
 
 
 def _check_url(url: str) -> _Address:
@@ -508,37 +515,40 @@ def _check_url(url: str) -> _Address:
     the address."""
     if not isinstance(url, str):
         raise InvalidURLError('URL must be a str, not {}'.format(type(url).__name__))
-    if _URL_CONTROL_CHARS_RE.search(url):
+    # (a printable URL has none: one quick pass, for most URLs)
+    if not url.isprintable() and _URL_CONTROL_CHARS_RE.search(url):
         raise InvalidURLError('URL with control characters: {!r}'.format(url))
-    parts = _split_known(url)
-    if parts is not None:
-        return _Address(url, parts)
+    address = _known_address(url)
+    if address is not None:
+        return address
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:
         raise InvalidURLError('malformed URL {!r}: {}'.format(url, exc)) from exc
-    return _Address(url, parts)
+    return _address(url, parts)
 
 
-def _split_known(url: str) -> Optional[urllib.parse.SplitResult]:
-    """``urlsplit(url)`` for a URL (without control characters) that
-    begins with the text of a checked origin (see ``_ORIGIN_TEXTS``) and a
-    ``/``, else ``None``: the scheme and netloc are the origin's (what
-    ``urlsplit`` makes of that text, whatever the URL it was found in), and
-    the rest is split as ``urlsplit`` splits it, the fragment at the first
-    ``#``, then the query at the first ``?``."""
+def _known_address(url: str) -> Optional[_Address]:
+    """The ``_Address`` of a URL (without control characters) that begins
+    with the text of a checked origin (see ``_ORIGIN_TEXTS``) and a ``/``
+    and goes on the wire as it is (ASCII, no space: see ``_ascii_url``),
+    worked out without ``urlsplit``; else ``None``. Its scheme and netloc
+    are the origin's (what ``urlsplit`` makes of that text, whatever the
+    URL it was found in), and the rest is split as ``urlsplit`` splits it:
+    the fragment at the first ``#``, then the query at the first ``?``."""
     end = url.find('/', url.find('//') + 2)
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
-    if origin is None:
+    if origin is None or not url.isascii() or ' ' in url:
         return None
-    rest, _, fragment = url[end:].partition('#')
+    rest = url[end:].partition('#')[0]
     path, _, query = rest.partition('?')
-    return urllib.parse.SplitResult(origin[0], origin[1], path, query, fragment)
+    return _Address(url, path, origin, rest if query else path)  # (a path: at least '/')
 
 
 def _filename_from_url(address: _Address) -> str:
     """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
-    return _safe_filename(urllib.parse.unquote(address.path.rsplit('/', 1)[-1]))
+    name = address.path.rsplit('/', 1)[-1]
+    return _safe_filename(urllib.parse.unquote(name) if '%' in name else name)
 
 
 def _redirect_target(base: str, location: str) -> _Address:
@@ -1236,8 +1246,8 @@ class _Run(_Task):
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
         super().done()
-        # a finished download keeps its last run (a manager may keep
-        # thousands): nothing more of it
+        # whoever still holds the run (a stop under way; a finished
+        # download drops it) keeps nothing more of it
         self.calls = _NO_CALLS
         self.context = None
 
@@ -4528,9 +4538,14 @@ if TYPE_CHECKING:
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     """``path`` as a ``pathlib.Path``, ``~`` expanded."""
     if isinstance(path, str):
-        return _parsed_path(path).expanduser()
+        parsed = _parsed_path(path)
+        return parsed.expanduser() if '~' in path else parsed  # (most: no ~ to expand)
     import pathlib
-    return pathlib.Path(path).expanduser()
+    # a Path given is taken as it is (it never changes): a manager's
+    # directory, given to each of its downloads, is one object for all
+    given = path if type(path) is (pathlib.WindowsPath if os.name == 'nt' else
+                                   pathlib.PosixPath) else pathlib.Path(path)
+    return given.expanduser()
 
 
 @functools.lru_cache(maxsize=64)
@@ -7921,7 +7936,7 @@ class Downloader(Emitter):
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._cookies = jar
+        self._cookies = jar if jar.jar is not None else None  # see _request_options()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -7951,7 +7966,7 @@ class Downloader(Emitter):
         self._retry_after: Optional[float] = None
         self._restart_streak = 0             # restarts in a row after attempts with no byte
         self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[_Run] = None  # the last run (an attempt and its signals)
+        self._thread: Optional[_Run] = None  # the run under way (an attempt and its signals)
         self._running = False                # a run has work left
         self._attempt_over = False
         # who restarts it after an error or a pause, when not itself: a
@@ -8448,14 +8463,18 @@ class Downloader(Emitter):
 
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with the hosts that asked for Digest so far, kept across attempts.
+        with the hosts that asked for Digest so far and the cookies (the
+        caller's jar, else the download's own), kept across attempts.
         Any thread."""
         with self._lock:
             if self._digest_auth is None:
                 self._digest_auth = _DigestAuth()
             digest_auth = self._digest_auth
+            if self._cookies is None:
+                self._cookies = _Cookies()
+            cookies = self._cookies
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, self._cookies,
+                               self._ssl_context, self._timeout, cookies,
                                digest_auth, self._host_slots, bool(self._tracked_by))
 
     def _let_go(self) -> None:
@@ -8463,7 +8482,8 @@ class Downloader(Emitter):
         or fatal (a manager may keep thousands of finished ones): the
         store, whose ``size`` and ``downloaded`` stay as they are, with no
         new look at the disk; the token bucket; the Digest state, unless a
-        host asked for Digest. The next attempt makes them again as the
+        host asked for Digest; its own cookies, while no server set one (a
+        caller's jar stays). The next attempt makes them again as the
         first did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
@@ -8474,6 +8494,8 @@ class Downloader(Emitter):
             self._bucket = None
             if self._digest_auth is not None and not self._digest_auth.learnt():
                 self._digest_auth = None
+            if self._cookies is not None and self._cookies.jar is None:
+                self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -8581,6 +8603,9 @@ class Downloader(Emitter):
                 self._running = False
                 self._notify_changed()
             run.done()
+            with self._lock:  # a finished download keeps no run (a manager keeps thousands)
+                if self._thread is run:
+                    self._thread = None
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -8807,8 +8832,8 @@ class Downloader(Emitter):
         d._proxy = self._proxy
         d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
-        # one, each download keeps its own cookies
-        d._cookies = self._cookies if self._cookies.jar is not None else _Cookies()
+        # one (None), each download makes its own cookies (_request_options)
+        d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed
         d._if_exists = self._if_exists  # (checked for the same kind of path)
@@ -8817,25 +8842,26 @@ class Downloader(Emitter):
         d._restart_wait_max = self._restart_wait_max
         return d
 
-    def _join_manager(self, tracked_by: Callable[['Downloader', str, str], None],
-                      restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
-                      host_slots: Optional[_HostSlots]) -> None:
-        """A manager takes the download over: ``tracked_by(download,
+    def _join_manager(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
+                      terms: Tuple[_ManagerTerms]) -> None:
+        """A manager takes the download over: ``tracked_by[0](download,
         old_state, state)`` is called at each state change, on the thread
         that made it, before the ``state-changed`` callbacks (after them for
-        ``error`` and ``pause``: see ``_set_state``); ``restarts()``
-        says whether it restarts the download after an error (then the
-        download schedules no restart of its own, and any scheduled one is
-        cancelled); its attempts draw from the manager's ``buckets`` too,
-        and connect within its ``host_slots``. A manager gives each of its
-        downloads the same ``tracked_by``, ``restarts`` and ``buckets``
-        objects. Each manager it was added to is told its state changes
-        (bitpit 1.2.0's managers listened to them); the last one restarts
-        it, and gives it its limit and slots. The manager's caller's
-        thread."""
+        ``error`` and ``pause``: see ``_set_state``); in ``terms[0] =
+        (restarts, buckets, host_slots)``, ``restarts()`` says whether it
+        restarts the download after an error (then the download schedules
+        no restart of its own, and any scheduled one is cancelled); its
+        attempts draw from the manager's ``buckets`` too, and connect within
+        its ``host_slots``. A manager gives each of its downloads the same
+        two tuples, made once: a download in one manager (the usual case)
+        keeps those very tuples (``() + t`` is ``t``), not two of its own.
+        Each manager it was added to is told its state changes (bitpit
+        1.2.0's managers listened to them); the last one restarts it, and
+        gives it its limit and slots. The manager's caller's thread."""
+        restarts, buckets, host_slots = terms[0]
         with self._lock:
-            self._tracked_by += (tracked_by,)
-            self._terms += ((restarts, buckets, host_slots),)
+            self._tracked_by += tracked_by
+            self._terms += terms
         self._restarted_by = restarts
         self._cancel_restart()
         self._shared_buckets = buckets
@@ -9275,6 +9301,9 @@ class Manager(Emitter):
         self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
+        # what Downloader._join_manager is given: each of its downloads keeps it
+        self._joined = ((self._on_state_bound,),
+                        ((self._restarts_bound, self._shared_buckets, self._host_slots),))
         self._thread: Optional[threading.Thread] = None
         self._started = False
         self._replan = False
@@ -9357,8 +9386,7 @@ class Manager(Emitter):
             self._downloads[d] = turn = next(self._turns)
         if self._manifest is not None:  # first: a download it takes as complete is not
             self._manifest.adopt(d)     # one to note as ending now
-        d._join_manager(self._on_state_bound, self._restarts_bound, self._shared_buckets,
-                        self._host_slots)
+        d._join_manager(*self._joined)
         self.emit('add', self, d)  # before it waits for its turn: no plan starts it sooner
         with self._lock:
             if self._downloads.get(d) == turn:  # not removed (or added again) by a callback

@@ -203,17 +203,19 @@ def test_constructor_and_url_setter_refuse_other_schemes(tmp_path, url):
                                     'http://[::1]:8080'])
 def test_urls_of_a_known_origin_are_split_as_urlsplit_splits_them(origin):
     bitpit._check_url(origin + '/first')  # now a known origin, split without urlsplit
-    for rest in ['/a', '/', '//x/y', '/a?b#c', '/a#b?c', '/?#', '/a%20b?q=1&r=/x#f/g',
+    for rest in ['/a', '/', '//x/y', '/a?b#c', '/a#b?c', '/?#', '/a?#b', '/a%20b?q=1&r=/x#f/g',
                  '/a b?c d', '/ü?q=ä']:
         url = origin + rest
-        assert bitpit._split_known(url) == urllib.parse.urlsplit(url)
+        known = bitpit._known_address(url)
+        assert (known is None) == (not url.isascii() or ' ' in url)  # (encoded: urlsplit)
         address = bitpit._check_url(url)
-        expected = bitpit._Address(url, urllib.parse.urlsplit(url))
-        assert [getattr(address, name) for name in address.__slots__] == \
-            [getattr(expected, name) for name in expected.__slots__]
+        expected = bitpit._address(url, urllib.parse.urlsplit(url))
+        for made in (address, known or address):
+            assert [getattr(made, name) for name in made.__slots__] == \
+                [getattr(expected, name) for name in expected.__slots__]
     # what only begins like it is split by urlsplit, and checked
     for url in [origin + 'x/a', origin + '?a/b', origin.upper() + '/a', ' ' + origin + '/a']:
-        assert bitpit._split_known(url) is None
+        assert bitpit._known_address(url) is None
     with pytest.raises(bitpit.InvalidURLError):
         bitpit._check_url(origin + ':99999/a')
 

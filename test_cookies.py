@@ -62,6 +62,24 @@ def test_a_gateway_that_sets_a_cookie_then_redirects(server, tmp_path):
     assert server.requests[1].headers['Cookie'] == 'pass=42'
 
 
+def test_a_downloads_own_cookies_outlive_its_end_and_none_are_kept_without_one(
+        server, tmp_path):
+    """A finished download keeps no cookie holder of its own while no
+    server set a cookie (a manager may keep thousands of them), yet the
+    cookie a server did set is sent by the next start."""
+    server.add('/set', DATA, headers={'Set-Cookie': 'pass=42; Path=/'})
+    plain_url = server.add('/plain', DATA)
+    for url, name in ((server.url('/set'), 'set.bin'), (plain_url, 'plain.bin')):
+        d, _ = download(url, tmp_path / name, if_exists='overwrite')
+        assert d.state == 'complete'
+        assert (d._cookies is None) == (url == plain_url)
+        d.start()
+        assert d.wait(10)
+        d.join(10)
+    assert [r.headers['Cookie'] for r in server.requests_for('/set')] == [None, 'pass=42']
+    assert [r.headers['Cookie'] for r in server.requests_for('/plain')] == [None, None]
+
+
 def test_a_callers_jar_receives_the_cookies_and_is_shared_by_a_manager(server, tmp_path):
     jar = http.cookiejar.CookieJar()
     server.add('/a', DATA, headers={'Set-Cookie': 'seen=a; Path=/'})

@@ -339,16 +339,16 @@ def test_a_url_is_split_once_when_it_is_set(server, tmp_path, monkeypatch):
     before, by bitpit's own split.)"""
     urls = [server.add('/d/a%20b.bin', SMALL), server.add('/d/%C3%BC.bin', SMALL)]
     splits = []
-    urlsplit, split_known = urllib.parse.urlsplit, bitpit._split_known
+    urlsplit, known_address = urllib.parse.urlsplit, bitpit._known_address
     monkeypatch.setattr(urllib.parse, 'urlsplit', lambda url, *args, **kwargs: (
         splits.append(url) if url in urls else None) or urlsplit(url, *args, **kwargs))
 
-    def counted_split_known(url):
-        parts = split_known(url)
-        if parts is not None and url in urls:
+    def counted_known_address(url):
+        address = known_address(url)
+        if address is not None and url in urls:
             splits.append(url)
-        return parts
-    monkeypatch.setattr(bitpit, '_split_known', counted_split_known)
+        return address
+    monkeypatch.setattr(bitpit, '_known_address', counted_known_address)
     d = bitpit.Downloader(urls[0], tmp_path, dir_path=True)
     assert splits == urls[:1] and d.path == tmp_path / 'a b.bin'
     d.url = urls[1]  # its name and its requests follow
