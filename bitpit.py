@@ -4276,6 +4276,7 @@ def _stored_etag(path: pathlib.Path) -> Optional[str]:
 class _Ranges:
     """Disjoint, sorted byte ranges ``[start, end)``; ``total`` is the number
     of bytes they cover. Not locked: its owner locks it."""
+    __slots__ = ('_starts', '_ends', 'total')
 
     def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
         self._starts: List[int] = []
@@ -4289,6 +4290,14 @@ class _Ranges:
         if end <= start:
             return 0
         starts, ends = self._starts, self._ends
+        if not ends or start >= ends[-1]:  # the usual case: bytes after all the others
+            if ends and start == ends[-1]:
+                ends[-1] = end  # (that follow on from the last range)
+            else:
+                starts.append(start)
+                ends.append(end)
+            self.total += end - start
+            return end - start
         i = bisect.bisect_left(ends, start)     # the first range that ends at or after start
         j = bisect.bisect_right(starts, end)    # past the last range that starts by end
         covered = 0
@@ -4508,6 +4517,12 @@ class _FileStore:
     of two versions of the file never mix. The sidecar is on disk before any
     write leaves the file incomplete, so a file with holes is never taken
     for a complete one; it is replaced atomically."""
+    # a store per download: slots make it with less work than a dict
+    __slots__ = ('_lock', 'target', 'os_path', 'sidecar', 'is_path', 'found', 'url', 'held',
+                 'size', 'validators', 'epoch', '_file', '_regular', '_position',
+                 '_sidecar_on_disk', '_sidecar_current', '_extent', '_hasher', '_hashed_to',
+                 'hash_with', 'digest', 'sealed', '_no_splice', '_sidecar_failed', '_dropped',
+                 'read_back', 'snapshot')
 
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
@@ -4813,11 +4828,12 @@ class _FileStore:
         write = self._file.write_at if self._regular else self._write_stream
         written, size = 0, len(data)
         while written < size:
-            n = write(offset + written, data[written:])
+            part = data[written:] if written else data  # (the usual case: all at once)
+            n = write(offset + written, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
-            self._record(offset + written, data[written:written + n])
+            self._record(offset + written, part, n)
             written += n
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
@@ -4864,9 +4880,10 @@ class _FileStore:
         return self._regular and self._hasher is None and not self._no_splice and \
             not self.read_back
 
-    def _record(self, offset: int, data: memoryview) -> None:
-        """Count ``data``, written at ``offset``, as held (and hashed)."""
-        end = offset + len(data)
+    def _record(self, offset: int, data: memoryview, n: int) -> None:
+        """Count the first ``n`` bytes of ``data``, written at ``offset``, as
+        held (and hashed)."""
+        end = offset + n
         self.held.add(offset, end)
         if end > self._extent:
             self._extent = end
@@ -4878,7 +4895,7 @@ class _FileStore:
             import hashlib
             self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
         elif offset == self._hashed_to:
-            self._hasher.update(data)
+            self._hasher.update(data if n == len(data) else data[:n])
             self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
