@@ -4230,7 +4230,7 @@ class _Superseded(Exception):
     """A write planned before the file started over from byte 0."""
 
 
-_ETAG_ATTRIBUTE = 'user.bitpit.etag'
+_ETAG_ATTRIBUTE = b'user.bitpit.etag'  # (bytes: the name is not encoded again for each file)
 # what the system offers the store, looked at once rather than for each
 # file: whether os.utime takes a file descriptor (not on Windows);
 # extended attributes (Linux), which os.setxattr always sets through one;
