@@ -4410,8 +4410,8 @@ def _there(path: Union[str, pathlib.Path]) -> bool:
 def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
     """``os.stat(path)``; ``None`` where it fails (nothing is there, say).
     Nothing there, as for a new file, is told without a failed ``stat``
-    (``_there``)."""
-    if not _there(path):
+    (see ``_there``)."""
+    if not os.access(path, os.F_OK):
         return None
     try:
         return os.stat(path)
