@@ -4411,7 +4411,7 @@ class _Superseded(Exception):
     """A write planned before the file started over from byte 0."""
 
 
-_ETAG_ATTRIBUTE = 'user.bitpit.etag'
+_ETAG_ATTRIBUTE = b'user.bitpit.etag'  # (bytes: the name is not encoded again for each file)
 # what the system offers the store, looked at once rather than for each
 # file: whether os.utime takes a file descriptor (not on Windows);
 # extended attributes (Linux), which os.setxattr always sets through one;
@@ -4457,6 +4457,7 @@ def _stored_etag(path: pathlib.Path) -> Optional[str]:
 class _Ranges:
     """Disjoint, sorted byte ranges ``[start, end)``; ``total`` is the number
     of bytes they cover. Not locked: its owner locks it."""
+    __slots__ = ('_starts', '_ends', 'total')
 
     def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
         self._starts: List[int] = []
@@ -4470,6 +4471,14 @@ class _Ranges:
         if end <= start:
             return 0
         starts, ends = self._starts, self._ends
+        if not ends or start >= ends[-1]:  # the usual case: bytes after all the others
+            if ends and start == ends[-1]:
+                ends[-1] = end  # (that follow on from the last range)
+            else:
+                starts.append(start)
+                ends.append(end)
+            self.total += end - start
+            return end - start
         i = bisect.bisect_left(ends, start)     # the first range that ends at or after start
         j = bisect.bisect_right(starts, end)    # past the last range that starts by end
         covered = 0
@@ -4501,8 +4510,13 @@ class _Ranges:
         return self._ends[0] if self._starts and self._starts[0] == 0 else 0
 
     def pairs(self) -> Tuple[Tuple[int, int], ...]:
-        """The ranges as ``(start, end)`` pairs, in a tuple that never changes."""
-        return tuple(zip(self._starts, self._ends))
+        """The ranges as ``(start, end)`` pairs, in a tuple that never changes
+        (made after each write: the usual one range is paired without a
+        ``zip``, which costs three times as much)."""
+        starts, ends = self._starts, self._ends
+        if len(starts) == 1:
+            return ((starts[0], ends[0]),)
+        return tuple(zip(starts, ends))
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
@@ -4570,12 +4584,25 @@ def _local_size(target: _Target, fallback: int = 0) -> int:
     return fallback
 
 
+def _there(path: Union[str, pathlib.Path]) -> bool:
+    """Whether anything is at ``path`` (a broken link is nothing). Asked of
+    ``os.access``, whose no is a ``False`` where ``os.stat`` raises (an
+    exception, its message decoded) and whose yes makes no
+    ``stat_result``: a new file's target, and a sidecar that is not there,
+    cost a fifth of a failed ``stat`` each."""
+    return os.access(path, os.F_OK)
+
+
 def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
-    """``os.stat(path)``; ``None`` where it fails (nothing is there, say)."""
+    """``os.stat(path)``; ``None`` where it fails (nothing is there, say).
+    Nothing there, as for a new file, is told without a failed ``stat``
+    (see ``_there``)."""
+    if not os.access(path, os.F_OK):
+        return None
     try:
         return os.stat(path)
     except OSError:
-        return None
+        return None  # (removed meanwhile, or not to be looked at)
 
 
 def _regular_size(status: Optional[os.stat_result]) -> int:
@@ -4681,6 +4708,12 @@ class _FileStore:
     of two versions of the file never mix. The sidecar is on disk before any
     write leaves the file incomplete, so a file with holes is never taken
     for a complete one; it is replaced atomically."""
+    # a store per download: slots make it with less work than a dict
+    __slots__ = ('_lock', 'target', 'os_path', 'sidecar', 'is_path', 'found', 'url', 'held',
+                 'size', 'validators', 'epoch', '_file', '_regular', '_position',
+                 '_sidecar_on_disk', '_sidecar_current', '_extent', '_hasher', '_hashed_to',
+                 'hash_with', 'digest', 'sealed', '_no_splice', '_sidecar_failed', '_dropped',
+                 'read_back', 'snapshot')
 
     def __init__(self, target: _Target, url: str):
         self._lock = threading.Lock()
@@ -4732,24 +4765,30 @@ class _FileStore:
         0 to its size, unless its sidecar records the ranges. The sidecar's
         size and validators count only if it belongs to this URL."""
         with self._lock:
-            self.sealed = False
-            if self.os_path is not None:
-                status = _status(self.os_path)
-                size = _regular_size(status)
-            else:
-                status, size = None, _local_size(self.target, self.held.total)
-            self.size = -1
-            self.validators = {}
-            self.digest = None
-            self._sidecar_current = self._sidecar_failed = False
-            sidecar_there, saved = self._read_sidecar() if size else (None, None)
-            self.found = (status is not None, sidecar_there)
-            self._sidecar_on_disk = saved is not None
-            if size or self.held.total:  # (else nothing was held, nor is there: no change)
-                self.held = _Ranges([(0, size)])
-                if saved is not None:
-                    self._take(saved, size)
-                self._snap()
+            self.load_unshared()
+
+    def load_unshared(self) -> None:
+        """``load`` without the lock: by the thread that made the store,
+        before any other can see it (``Downloader._local_store``), or
+        under the lock."""
+        self.sealed = False
+        if self.os_path is not None:
+            status = _status(self.os_path)
+            size = _regular_size(status)
+        else:
+            status, size = None, _local_size(self.target, self.held.total)
+        self.size = -1
+        self.validators = {}
+        self.digest = None
+        self._sidecar_current = self._sidecar_failed = False
+        sidecar_there, saved = self._read_sidecar() if size else (None, None)
+        self.found = (status is not None, sidecar_there)
+        self._sidecar_on_disk = saved is not None
+        if size or self.held.total:  # (else nothing was held, nor is there: no change)
+            self.held = _Ranges([(0, size)])
+            if saved is not None:
+                self._take(saved, size)
+            self._snap()
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -4798,7 +4837,7 @@ class _FileStore:
         beside it: a file that ``if_exists`` takes as it is."""
         there, sidecar_there = self.found
         if there and sidecar_there is None and self.sidecar is not None:
-            sidecar_there = os.path.exists(self.sidecar)  # (not looked for beside no bytes)
+            sidecar_there = _there(self.sidecar)  # (not looked for beside no bytes)
         return there and not sidecar_there
 
     def _snap(self) -> None:
@@ -4986,11 +5025,12 @@ class _FileStore:
         write = self._file.write_at if self._regular else self._write_stream
         written, size = 0, len(data)
         while written < size:
-            n = write(offset + written, data[written:])
+            part = data[written:] if written else data  # (the usual case: all at once)
+            n = write(offset + written, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
-            self._record(offset + written, data[written:written + n])
+            self._record(offset + written, part, n)
             written += n
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
@@ -5037,9 +5077,10 @@ class _FileStore:
         return self._regular and self._hasher is None and not self._no_splice and \
             not self.read_back
 
-    def _record(self, offset: int, data: memoryview) -> None:
-        """Count ``data``, written at ``offset``, as held (and hashed)."""
-        end = offset + len(data)
+    def _record(self, offset: int, data: memoryview, n: int) -> None:
+        """Count the first ``n`` bytes of ``data``, written at ``offset``, as
+        held (and hashed)."""
+        end = offset + n
         self.held.add(offset, end)
         if end > self._extent:
             self._extent = end
@@ -5051,7 +5092,7 @@ class _FileStore:
             import hashlib
             self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
         elif offset == self._hashed_to:
-            self._hasher.update(data)
+            self._hasher.update(data if n == len(data) else data[:n])
             self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
@@ -5250,11 +5291,14 @@ class _FileStore:
         the last ``load`` looked and found none, and none was written
         since (a complete file that was resumed, as a run again over files
         it fetched before finds them). Where it was not looked for (beside
-        no bytes), one that an earlier run left may be there: it goes."""
+        no bytes, as for a new file), one that an earlier run left may be
+        there: it is looked for now (``_there``: a failed unlink costs
+        more), and goes."""
         sidecar = self.sidecar
-        absent = self.found[1] is False and not self._sidecar_on_disk
+        written, found = self._sidecar_on_disk, self.found[1]
         self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None or absent:
+        if sidecar is None or not written and (
+                found is False or found is None and not _there(sidecar)):
             return
         try:
             os.unlink(sidecar)
@@ -8434,7 +8478,7 @@ class Downloader(Emitter):
                 store = self._store
                 if store is None:
                     store = _FileStore(self._path, self._url)
-                    store.load()
+                    store.load_unshared()  # (no other thread sees it yet)
                     if not self._target_read:
                         self._downloaded, self._size = store.held.total, store.size
                         self._target_read = True

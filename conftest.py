@@ -1278,9 +1278,10 @@ def sidecar_of(target):
 
 @contextlib.contextmanager
 def file_looks(monkeypatch):
-    """Record every look at a file in the block (``os.stat``, ``os.lstat``,
-    ``os.open``, ``open`` and ``_FileStore.load``): yields the list it
-    appends ``(name, args)`` to."""
+    """Record every look at a file in the block (``os.access``,
+    ``os.stat``, ``os.lstat``, ``os.open``, ``open`` and ``_FileStore``'s
+    ``load`` and ``load_unshared``): yields the list it appends ``(name,
+    args)`` to."""
     calls = []
 
     def recording(name, real):
@@ -1289,8 +1290,9 @@ def file_looks(monkeypatch):
             return real(*args, **kwargs)
         return record
     with monkeypatch.context() as patch:
-        for owner, name in ((os, 'stat'), (os, 'lstat'), (os, 'open'), (builtins, 'open'),
-                            (bitpit._FileStore, 'load')):
+        for owner, name in ((os, 'access'), (os, 'stat'), (os, 'lstat'), (os, 'open'),
+                            (builtins, 'open'), (bitpit._FileStore, 'load'),
+                            (bitpit._FileStore, 'load_unshared')):
             patch.setattr(owner, name, recording(name, getattr(owner, name)))
         yield calls
 

@@ -186,6 +186,35 @@ def test_a_slow_connection_is_raced_on_a_small_file_too(server, tmp_path, slow):
     assert server.bytes_sent('/f', conn=slow) < SHARE / 2, ranges(server)
 
 
+def test_held_ranges_merge_whatever_the_order_of_the_writes():
+    """The held ranges of a file written in order (each write after all the
+    others: the usual case, taken on a short path), out of order, over
+    bytes held already and into gaps are what a set of the bytes says,
+    merged where they touch, with how many bytes each write added."""
+    rng = random.Random(24)
+    for _ in range(200):
+        ranges, held = bitpit._Ranges(), set()
+        end = 0
+        for _ in range(rng.randrange(1, 12)):
+            if rng.random() < 0.5:  # the next bytes, right after or past a gap
+                start = end + rng.choice((0, 0, 3))
+            else:
+                start = rng.randrange(0, end + 5)
+            stop = start + rng.randrange(0, 9)
+            new = set(range(start, stop)) - held
+            assert ranges.add(start, stop) == len(new)
+            held |= new
+            end = max(end, stop)
+        pairs, position = [], None
+        for byte in sorted(held):
+            if position is not None and byte == position:
+                pairs[-1][1] = position = byte + 1
+            else:
+                pairs.append([byte, byte + 1])
+                position = byte + 1
+        assert ranges.pairs() == tuple(map(tuple, pairs)) and ranges.total == len(held)
+
+
 def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     """A racer and the connection it races may both hold the same bytes:
     ``downloaded`` counts a buffer's bytes that are held already once, and

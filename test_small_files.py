@@ -32,8 +32,8 @@ class Calls:
     def __init__(self, monkeypatch, directory):
         self.names = []
         self.directory = str(directory)
-        for module, name in [(os, 'stat'), (os, 'fstat'), (os, 'statvfs'), (os, 'geteuid'),
-                             (os, 'unlink'), (os, 'utime'), (select, 'poll'),
+        for module, name in [(os, 'access'), (os, 'stat'), (os, 'fstat'), (os, 'statvfs'),
+                             (os, 'geteuid'), (os, 'unlink'), (os, 'utime'), (select, 'poll'),
                              (socket.socket, 'settimeout')]:
             monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
         # bitpit's open() (a file object of the file, or of its sidecar)
@@ -91,11 +91,13 @@ def test_a_small_file_makes_only_the_calls_it_needs(server, tmp_path, monkeypatc
     later = calls.take()
     for name in ('statvfs', 'geteuid', 'open'):
         assert name not in first and name not in later, name
-    assert first.get('unlink') == 1 and later.get('unlink') == 2  # of a sidecar left there
-    # the target's stat when the attempt begins; a file made new (O_EXCL)
-    # where it found nothing is regular and empty: no fstat of its opening
-    assert first.get('stat') == 1 and 'fstat' not in first
-    assert later.get('stat') == 2 and 'fstat' not in later
+    # the look for the target when the attempt begins, and for a sidecar
+    # left there when it ends: each an access that finds nothing, not a
+    # stat or an unlink that fails; a file made new (O_EXCL) where it found
+    # nothing is regular and empty: no fstat of its opening
+    assert first.get('access') == 2 and later.get('access') == 4
+    for name in ('stat', 'fstat', 'unlink'):
+        assert name not in first and name not in later, name
     assert later.get('utime') == 2  # the mtime of Last-Modified, still
     # the pool's look at the connection before each reuse, by a poll object
     # that the connection keeps (the waits for the receives are the loop's
@@ -154,7 +156,8 @@ def test_a_file_fetched_before_is_not_looked_at_again_when_a_run_finds_it_whole(
     d = fetch(url, target)
     assert d.state == 'complete' and d.downloaded == len(SMALL)
     again = calls.take()
-    assert again.get('stat') == 1 and again.get('open') == 1  # the file; its sidecar's look
+    # the file (whether it is there, its size); its sidecar's look
+    assert again.get('access') == again.get('stat') == again.get('open') == 1
     assert 'unlink' not in again and 'utime' not in again
     assert server.requests[-1].headers['Range'] == 'bytes={}-'.format(len(SMALL))
     assert target.read_bytes() == SMALL and target.stat().st_mtime == 1796626800
@@ -294,7 +297,7 @@ def test_a_file_taken_as_it_is_is_looked_at_once(server, tmp_path, monkeypatch):
     d = fetch(server.add('/f', SMALL), target, if_exists='skip')
     assert d.state == 'complete' and d.downloaded == d.size == len(SMALL)
     assert not server.requests
-    assert calls.take() == {'stat': 1, 'open': 1}
+    assert calls.take() == {'access': 1, 'stat': 1, 'open': 1}
 
 
 def test_a_request_goes_out_in_one_write_and_its_small_answer_in_one_receive(
