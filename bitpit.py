@@ -988,8 +988,9 @@ class Emitter:
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         registered = self._emitter_callbacks.get(signal)
-        if not registered:  # nobody listens
-            self._check_signal(signal)
+        if not registered:  # nobody listens: only the name to check
+            if signal not in self.__signals__:
+                self._check_signal(signal)  # (raises)
             return
         for func, listen_args, listen_kwargs in registered:
             try:
