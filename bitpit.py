@@ -8263,7 +8263,8 @@ class Downloader(Emitter):
         listen() per download costs a lock (a manager may add thousands).
         It learns of a start or an end before the callbacks, so that a slow
         callback of a download that ended does not hold up the next one's
-        start; of an ``error`` or a ``pause`` after them, as it may start
+        start (of a ``download`` after the start, nothing: the download is
+        still under way, as it knew); of an ``error`` or a ``pause`` after them, as it may start
         this download again, and that start waits for this thread: a
         callback that stops the manager (which waits for its thread) would
         wait for ever, and one that removes the download would see it
@@ -8273,11 +8274,15 @@ class Downloader(Emitter):
             old, self._state = self._state, state
             self._notify_changed()
         if old != state:
-            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
-            if not restartable:
+            if state in _ACTIVE_STATES:
+                if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
+                    self._tell_manager(old, state)
+                self.emit('state-changed', self, old)
+            elif state in _FINISHED_STATES:
                 self._tell_manager(old, state)
-            self.emit('state-changed', self, old)
-            if restartable:
+                self.emit('state-changed', self, old)
+            else:
+                self.emit('state-changed', self, old)
                 self._tell_manager(old, state)
 
     def _tell_manager(self, old: str, state: str) -> None:
@@ -8601,7 +8606,8 @@ class Downloader(Emitter):
                       restarts: Callable[[], bool], buckets: Tuple[_TokenBucket, ...],
                       host_slots: Optional[_HostSlots]) -> None:
         """A manager takes the download over: ``tracked_by(download,
-        old_state, state)`` is called at each state change, on the thread
+        old_state, state)`` is called at each state change (but a
+        ``download`` after a ``start``, still under way), on the thread
         that made it, before the ``state-changed`` callbacks (after them for
         ``error`` and ``pause``: see ``_set_state``); ``restarts()``
         says whether it restarts the download after an error (then the
@@ -9268,12 +9274,12 @@ class Manager(Emitter):
         them for an error or a pause)."""
         if self._manifest is not None:
             self._manifest.note(d)
-        if state in _ACTIVE_STATES and (old_state in _ACTIVE_STATES or d in self._running):
-            # under way, as the manager knows already: 'download' after
-            # 'start', or a start of its own plan (which put it in _running
-            # before it started it; read without the lock, as nothing but
-            # its removal takes it out while it runs, after which there is
-            # nothing to note)
+        if state in _ACTIVE_STATES and d in self._running:
+            # under way, as the manager knows already: a start of its own
+            # plan (which put it in _running before it started it; read
+            # without the lock, as nothing but its removal takes it out
+            # while it runs, after which there is nothing to note). Of a
+            # 'download' after the start, the download tells nothing
             return
         with self._lock:
             if d not in self._downloads:
