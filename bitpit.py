@@ -8317,10 +8317,11 @@ class Downloader(Emitter):
         received_before = self._received
         retry_after = None
         final = 'pause'
+        size = None
         post = functools.partial(_SIGNALS.post, run)
         try:
             post(self._set_state, 'start')
-            yield from self._attempt_steps(post)
+            size = yield from self._attempt_steps(post)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -8350,12 +8351,15 @@ class Downloader(Emitter):
                 if final in _FINISHED_STATES:
                     self._let_go()
             finally:  # (a bug above is said by _run_ended: the run still ends)
-                post(self._end_run, run, final)
+                post(self._end_run, run, final, size)
 
-    def _end_run(self, run: _Run, final: str) -> None:
-        """The run's last call, on its signal worker: its last signals, a
-        restart after an error, and the run ends."""
+    def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
+        """The run's last call, on its signal worker: its last signals (the
+        ``size`` a complete attempt found first), a restart after an error,
+        and the run ends."""
         try:
+            if size is not None:
+                self._set_size(size)
             self.emit('speed-changed', self)
             self._set_state(final)
             if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
@@ -8378,14 +8382,16 @@ class Downloader(Emitter):
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[None]':
+    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals (``post``), and measure
-        the speed every ``update_period``. Raises on failure."""
+        the speed every ``update_period``. Raises on failure; else the size
+        to signal last (``None``: signalled already), which the run's last
+        call sets (one call less to post for every file)."""
         self._digest = None
         store, conditions, replaces = self._prepare_target(post)
         if store is None:  # 'skip': the file is taken as it is
-            return
+            return None
         checksum = self._checksum if self._checksum_file is None else \
             (yield from self._checksum_from_file_steps())
         store.hash_with = self._hash_with
@@ -8417,8 +8423,7 @@ class Downloader(Emitter):
             """Relay the transfer's events, let it look at itself, and
             measure the speed every period; when to tend next."""
             nonlocal tick_at, tick_received
-            for kind, value in transfer.take_events():
-                self._relay(kind, value, post)
+            self._relay(transfer.take_events(), post)
             now = time.monotonic()
             transfer.look(now)
             if now >= tick_at:
@@ -8436,8 +8441,7 @@ class Downloader(Emitter):
             while not transfer.finished:
                 yield from transfer.wait_steps(due)
                 due = tend()
-            for kind, value in transfer.take_events():
-                self._relay(kind, value, post)
+            self._relay(transfer.take_events(), post)
             yield from transfer.join_steps()
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
                 # its checks may read the whole file back, its save sync it
@@ -8463,8 +8467,7 @@ class Downloader(Emitter):
             except OSError as exc:
                 raise FileError('cannot replace {} with {}: {}'.format(
                     replaces, store.target, exc)) from exc
-        post(self._set_size, store.size if store.size >= 0 and not transfer.unchanged
-             else self._downloaded)
+        return store.size if store.size >= 0 and not transfer.unchanged else self._downloaded
 
     def _checksum_from_file_steps(self) -> '_Steps[Tuple[str, str]]':
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
@@ -8537,18 +8540,29 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
-    def _relay(self, kind: str, value: Any, post: Callable[..., None]) -> None:
-        """Turn a transfer's event into the download's state and signals,
-        which it ``post``s. The run's steps."""
-        if kind == 'size':
-            post(self._set_size, value)
-        elif kind == 'path':
-            post(self._set_path, value)
-        elif kind == 'download':
-            post(self._set_state, 'download')
-        elif kind == 'restart':  # another version: its progress counts afresh
-            self._best_held = 0
-            post(self._set_size, -1)
+    def _relay(self, events: List[Tuple[str, Any]], post: Callable[..., None]) -> None:
+        """Have the transfer's ``events`` turned into the download's state
+        and signals, in one call ``post``ed for all of them (a small
+        file's size and start of download come together). The run's
+        steps."""
+        if events:
+            for kind, _ in events:
+                if kind == 'restart':  # another version: its progress counts afresh
+                    self._best_held = 0
+            post(self._take_events, events)
+
+    def _take_events(self, events: List[Tuple[str, Any]]) -> None:
+        """Set what the transfer's ``events`` tell, and signal it, in their
+        order. The run's worker."""
+        for kind, value in events:
+            if kind == 'size':
+                self._set_size(value)
+            elif kind == 'path':
+                self._set_path(value)
+            elif kind == 'download':
+                self._set_state('download')
+            elif kind == 'restart':
+                self._set_size(-1)
 
 
     # -- the contract with bitpit's other layers --------------------------------
