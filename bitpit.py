@@ -1395,13 +1395,12 @@ class _Signals:
                     return
 
     def _make_calls(self, run: _Run) -> None:
-        """Make the run's calls until none is left, in its context."""
+        """Make the run's calls until none is left, in its context. (Only
+        the worker that has the run takes calls from it: one it saw stays
+        there until it takes it.)"""
         calls = run.calls
-        while True:
-            try:
-                call, args = calls.popleft()
-            except IndexError:
-                return
+        while calls:  # (not an IndexError to raise and catch at every take-up)
+            call, args = calls.popleft()
             try:
                 call(*args)
             except SystemExit:
