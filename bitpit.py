@@ -8439,6 +8439,8 @@ class Downloader(Emitter):
             transfer.start()
             while not transfer.finished:
                 yield from transfer.wait_steps(due)
+                if transfer.finished:  # (its last events are relayed below: no look)
+                    break
                 due = tend()
             self._relay(transfer.take_events(), post)
             yield from transfer.join_steps()
