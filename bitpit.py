@@ -8417,23 +8417,6 @@ class Downloader(Emitter):
         period = self._update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
-
-        def tend() -> float:
-            """Relay the transfer's events, let it look at itself, and
-            measure the speed every period; when to tend next."""
-            nonlocal tick_at, tick_received
-            self._relay(transfer.take_events(), post)
-            now = time.monotonic()
-            transfer.look(now)
-            if now >= tick_at:
-                received = transfer.received
-                self._speed = (received - tick_received) / (now - tick_at + period)
-                self._received += received - tick_received
-                tick_received = received
-                tick_at = max(tick_at + period, now)
-                post(self.emit, 'speed-changed', self)
-            return min(tick_at, now + _TEND_PERIOD)
-
         due = min(tick_at, began + _TEND_PERIOD)
         try:
             transfer.start()
@@ -8441,7 +8424,19 @@ class Downloader(Emitter):
                 yield from transfer.wait_steps(due)
                 if transfer.finished:  # (its last events are relayed below: no look)
                     break
-                due = tend()
+                # tend it: relay its events, let it look at itself, and
+                # measure the speed every period
+                self._relay(transfer.take_events(), post)
+                now = time.monotonic()
+                transfer.look(now)
+                if now >= tick_at:
+                    received = transfer.received
+                    self._speed = (received - tick_received) / (now - tick_at + period)
+                    self._received += received - tick_received
+                    tick_received = received
+                    tick_at = max(tick_at + period, now)
+                    post(self.emit, 'speed-changed', self)
+                due = min(tick_at, now + _TEND_PERIOD)
             self._relay(transfer.take_events(), post)
             yield from transfer.join_steps()
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
