@@ -8263,12 +8263,12 @@ class Downloader(Emitter):
         It learns of a start or an end before the callbacks, so that a slow
         callback of a download that ended does not hold up the next one's
         start (of a ``download`` after the start, nothing: the download is
-        still under way, as it knew); of an ``error`` or a ``pause`` after them, as it may start
-        this download again, and that start waits for this thread: a
-        callback that stops the manager (which waits for its thread) would
-        wait for ever, and one that removes the download would see it
-        started again. Like a callback, a manager that fails is logged and
-        the download goes on."""
+        still under way, as it knew); of an ``error`` or a ``pause`` after
+        them, as it may start this download again, and that start waits for
+        this thread: a callback that stops the manager (which waits for its
+        thread) would wait for ever, and one that removes the download would
+        see it started again. Like a callback, a manager that fails is
+        logged and the download goes on."""
         with self._lock:
             old, self._state = self._state, state
             self._notify_changed()
@@ -8353,9 +8353,9 @@ class Downloader(Emitter):
                 post(self._end_run, run, final, size)
 
     def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
-        """The run's last call, on its signal worker: its last signals (the
-        ``size`` a complete attempt found first), a restart after an error,
-        and the run ends."""
+        """The run's last call, on its signal worker: its last signals (first
+        the ``size`` a complete attempt ended with, if any), a restart after
+        an error, and the run ends."""
         try:
             if size is not None:
                 self._set_size(size)
@@ -8385,8 +8385,8 @@ class Downloader(Emitter):
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals (``post``), and measure
         the speed every ``update_period``. Raises on failure; else the size
-        to signal last (``None``: signalled already), which the run's last
-        call sets (one call less to post for every file)."""
+        the file ended with (``None``: signalled already), which the run's
+        last call sets (one call less to post for every file)."""
         self._digest = None
         store, conditions, replaces = self._prepare_target(post)
         if store is None:  # 'skip': the file is taken as it is
