@@ -8180,6 +8180,7 @@ class Downloader(Emitter):
         finally:
             request.close(reuse=False)
         if length is not None:
+            self._local_store()  # (read first: what the target holds then sets no size)
             self._set_size(length)
 
     # -- made at the first need ------------------------------------------------
@@ -8295,7 +8296,10 @@ class Downloader(Emitter):
                                self._url, state)
 
     def _set_size(self, size: int) -> None:
-        if size != self.size:
+        """Set the size and signal it, if it changed. The target was read
+        (``_local_store``): by the attempt whose worker calls, or by the
+        caller."""
+        if size != self._size:
             self._size = size
             self.emit('size-changed', self)
 
