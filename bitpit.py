@@ -8416,8 +8416,8 @@ class Downloader(Emitter):
             self._max_size,                                         # max_size
             self._min_speed,                                        # min_speed
             self._dir if self._content_disposition else None,       # rename_in
-            isinstance(self._path, os.PathLike) and                 # gzip_name
-            self._path.name.lower().endswith(('.gz', '.tgz')),
+            store.is_path and                                       # gzip_name
+            str(self._path).lower().endswith(('.gz', '.tgz')),      # (is_path: no ABC's check)
             conditions,                                             # conditions
             self._verify_digest,                                    # verify_digest
             metalink.size if metalink is not None else None,        # expected_size
