@@ -998,8 +998,9 @@ class Emitter:
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         registered = self._emitter_callbacks.get(signal)
-        if not registered:  # nobody listens
-            self._check_signal(signal)
+        if not registered:  # nobody listens: only the name to check
+            if signal not in self.__signals__:
+                self._check_signal(signal)  # (raises)
             return
         for func, listen_args, listen_kwargs in registered:
             try:
@@ -1404,13 +1405,12 @@ class _Signals:
                     return
 
     def _make_calls(self, run: _Run) -> None:
-        """Make the run's calls until none is left, in its context."""
+        """Make the run's calls until none is left, in its context. (Only
+        the worker that has the run takes calls from it: one it saw stays
+        there until it takes it.)"""
         calls = run.calls
-        while True:
-            try:
-                call, args = calls.popleft()
-            except IndexError:
-                return
+        while calls:  # (not an IndexError to raise and catch at every take-up)
+            call, args = calls.popleft()
             try:
                 call(*args)
             except SystemExit:
@@ -6457,7 +6457,7 @@ class _Transfer:
                  'error', '_shown', '_next_look', '_next_save', '_samples',
                  'verify_digest', 'digests', 'expected_size', 'piece_hashes', 'changed')
 
-    def __init__(self, *, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
+    def __init__(self, store: _FileStore, addresses: List[_Address], options: _RequestOptions,
                  connections: int, chunk_size: int, buckets: Tuple[_TokenBucket, ...],
                  checksum: Optional[Tuple[str, str]], max_size: Optional[int],
                  min_speed: float, rename_in: Optional[pathlib.Path], gzip_name: bool,
@@ -8460,6 +8460,7 @@ class Downloader(Emitter):
         finally:
             request.close(reuse=False)
         if length is not None:
+            self._local_store()  # (read first: what the target holds then sets no size)
             self._set_size(length)
 
     # -- made at the first need ------------------------------------------------
@@ -8549,21 +8550,26 @@ class Downloader(Emitter):
         listen() per download costs a lock (a manager may add thousands).
         It learns of a start or an end before the callbacks, so that a slow
         callback of a download that ended does not hold up the next one's
-        start; of an ``error`` or a ``pause`` after them, as it may start
-        this download again, and that start waits for this thread: a
-        callback that stops the manager (which waits for its thread) would
-        wait for ever, and one that removes the download would see it
-        started again. Like a callback, a manager that fails is logged and
-        the download goes on."""
+        start (of a ``download`` after the start, nothing: the download is
+        still under way, as it knew); of an ``error`` or a ``pause`` after
+        them, as it may start this download again, and that start waits for
+        this thread: a callback that stops the manager (which waits for its
+        thread) would wait for ever, and one that removes the download would
+        see it started again. Like a callback, a manager that fails is
+        logged and the download goes on."""
         with self._lock:
             old, self._state = self._state, state
             self._notify_changed()
         if old != state:
-            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
-            if not restartable:
+            if state in _ACTIVE_STATES:
+                if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
+                    self._tell_manager(old, state)
+                self.emit('state-changed', self, old)
+            elif state in _FINISHED_STATES:
                 self._tell_manager(old, state)
-            self.emit('state-changed', self, old)
-            if restartable:
+                self.emit('state-changed', self, old)
+            else:
+                self.emit('state-changed', self, old)
                 self._tell_manager(old, state)
 
     def _tell_manager(self, old: str, state: str) -> None:
@@ -8577,7 +8583,10 @@ class Downloader(Emitter):
                                self._url, state)
 
     def _set_size(self, size: int) -> None:
-        if size != self.size:
+        """Set the size and signal it, if it changed. The target was read
+        (``_local_store``): by the attempt whose worker calls, or by the
+        caller."""
+        if size != self._size:
             self._size = size
             self.emit('size-changed', self)
 
@@ -8598,10 +8607,11 @@ class Downloader(Emitter):
         received_before = self._received
         retry_after = None
         final = 'pause'
+        size = None
         post = functools.partial(_SIGNALS.post, run)
         try:
             post(self._set_state, 'start')
-            yield from self._attempt_steps(post)
+            size = yield from self._attempt_steps(post)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -8631,12 +8641,15 @@ class Downloader(Emitter):
                 if final in _FINISHED_STATES:
                     self._let_go()
             finally:  # (a bug above is said by _run_ended: the run still ends)
-                post(self._end_run, run, final)
+                post(self._end_run, run, final, size)
 
-    def _end_run(self, run: _Run, final: str) -> None:
-        """The run's last call, on its signal worker: its last signals, a
-        restart after an error, and the run ends."""
+    def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
+        """The run's last call, on its signal worker: its last signals (first
+        the ``size`` a complete attempt ended with, if any), a restart after
+        an error, and the run ends."""
         try:
+            if size is not None:
+                self._set_size(size)
             self.emit('speed-changed', self)
             self._set_state(final)
             if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
@@ -8662,32 +8675,43 @@ class Downloader(Emitter):
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[None]':
+    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals (``post``), and measure
-        the speed every ``update_period``. Raises on failure."""
+        the speed every ``update_period``. Raises on failure; else the size
+        the file ended with (``None``: signalled already), which the run's
+        last call sets (one call less to post for every file)."""
         self._digest = None
         store, conditions, replaces = self._prepare_target(post)
         if store is None:  # 'skip': the file is taken as it is
-            return
+            return None
         checksum = self._checksum if self._checksum_file is None else \
             (yield from self._checksum_from_file_steps())
         store.hash_with = self._hash_with
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             post(self._set_size, store.size)
+        metalink = self._metalink
+        # by position, each argument named in its comment: a class called
+        # with keywords has CPython build a dict of them for its __init__,
+        # some 6,000 instructions for these 15 (0.7 % of a small file's)
         transfer = _Transfer(
-            store=store, addresses=[self._address, *self._mirrors],
-            options=self._request_options(),
-            connections=self._connections if store.is_path else 1,
-            chunk_size=self._chunk_size, buckets=self._buckets(), checksum=checksum,
-            max_size=self._max_size, min_speed=self._min_speed,
-            rename_in=self._dir if self._content_disposition else None,
-            gzip_name=isinstance(self._path, os.PathLike) and
-            self._path.name.lower().endswith(('.gz', '.tgz')), conditions=conditions,
-            verify_digest=self._verify_digest,
-            expected_size=self._metalink.size if self._metalink is not None else None,
-            piece_hashes=self._metalink.pieces if self._metalink is not None else None)
+            store,                                                  # store
+            [self._address, *self._mirrors],                        # addresses
+            self._request_options(),                                # options
+            self._connections if store.is_path else 1,              # connections
+            self._chunk_size,                                       # chunk_size
+            self._buckets(),                                        # buckets
+            checksum,                                               # checksum
+            self._max_size,                                         # max_size
+            self._min_speed,                                        # min_speed
+            self._dir if self._content_disposition else None,       # rename_in
+            store.is_path and                                       # gzip_name
+            str(self._path).lower().endswith(('.gz', '.tgz')),      # (is_path: no ABC's check)
+            conditions,                                             # conditions
+            self._verify_digest,                                    # verify_digest
+            metalink.size if metalink is not None else None,        # expected_size
+            metalink.pieces if metalink is not None else None)      # piece_hashes
         with self._lock:
             self._transfer = transfer
             stopped = self._stopping
@@ -8696,32 +8720,27 @@ class Downloader(Emitter):
         period = self._update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
-
-        def tend() -> float:
-            """Relay the transfer's events, let it look at itself, and
-            measure the speed every period; when to tend next."""
-            nonlocal tick_at, tick_received
-            for kind, value in transfer.take_events():
-                self._relay(kind, value, post)
-            now = time.monotonic()
-            transfer.look(now)
-            if now >= tick_at:
-                received = transfer.received
-                self._speed = (received - tick_received) / (now - tick_at + period)
-                self._received += received - tick_received
-                tick_received = received
-                tick_at = max(tick_at + period, now)
-                post(self.emit, 'speed-changed', self)
-            return min(tick_at, now + _TEND_PERIOD)
-
         due = min(tick_at, began + _TEND_PERIOD)
         try:
             transfer.start()
             while not transfer.finished:
                 yield from transfer.wait_steps(due)
-                due = tend()
-            for kind, value in transfer.take_events():
-                self._relay(kind, value, post)
+                if transfer.finished:  # (its last events are relayed below: no look)
+                    break
+                # tend it: relay its events, let it look at itself, and
+                # measure the speed every period
+                self._relay(transfer.take_events(), post)
+                now = time.monotonic()
+                transfer.look(now)
+                if now >= tick_at:
+                    received = transfer.received
+                    self._speed = (received - tick_received) / (now - tick_at + period)
+                    self._received += received - tick_received
+                    tick_received = received
+                    tick_at = max(tick_at + period, now)
+                    post(self.emit, 'speed-changed', self)
+                due = min(tick_at, now + _TEND_PERIOD)
+            self._relay(transfer.take_events(), post)
             yield from transfer.join_steps()
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
                 # its checks may read the whole file back, its save sync it
@@ -8747,8 +8766,7 @@ class Downloader(Emitter):
             except OSError as exc:
                 raise FileError('cannot replace {} with {}: {}'.format(
                     replaces, store.target, exc)) from exc
-        post(self._set_size, store.size if store.size >= 0 and not transfer.unchanged
-             else self._downloaded)
+        return store.size if store.size >= 0 and not transfer.unchanged else self._downloaded
 
     def _checksum_from_file_steps(self) -> '_Steps[Tuple[str, str]]':
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
@@ -8821,18 +8839,29 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
-    def _relay(self, kind: str, value: Any, post: Callable[..., None]) -> None:
-        """Turn a transfer's event into the download's state and signals,
-        which it ``post``s. The run's steps."""
-        if kind == 'size':
-            post(self._set_size, value)
-        elif kind == 'path':
-            post(self._set_path, value)
-        elif kind == 'download':
-            post(self._set_state, 'download')
-        elif kind == 'restart':  # another version: its progress counts afresh
-            self._best_held = 0
-            post(self._set_size, -1)
+    def _relay(self, events: List[Tuple[str, Any]], post: Callable[..., None]) -> None:
+        """Have the transfer's ``events`` turned into the download's state
+        and signals, in one call ``post``ed for all of them (a small
+        file's size and start of download come together). The run's
+        steps."""
+        if events:
+            for kind, _ in events:
+                if kind == 'restart':  # another version: its progress counts afresh
+                    self._best_held = 0
+            post(self._take_events, events)
+
+    def _take_events(self, events: List[Tuple[str, Any]]) -> None:
+        """Set what the transfer's ``events`` tell, and signal it, in their
+        order. The run's worker."""
+        for kind, value in events:
+            if kind == 'size':
+                self._set_size(value)
+            elif kind == 'path':
+                self._set_path(value)
+            elif kind == 'download':
+                self._set_state('download')
+            elif kind == 'restart':
+                self._set_size(-1)
 
 
     # -- the contract with bitpit's other layers --------------------------------
@@ -8889,7 +8918,8 @@ class Downloader(Emitter):
     def _join_manager(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
                       terms: Tuple[_ManagerTerms]) -> None:
         """A manager takes the download over: ``tracked_by[0](download,
-        old_state, state)`` is called at each state change, on the thread
+        old_state, state)`` is called at each state change (but a
+        ``download`` after a ``start``, still under way), on the thread
         that made it, before the ``state-changed`` callbacks (after them for
         ``error`` and ``pause``: see ``_set_state``); in ``terms[0] =
         (restarts, buckets, host_slots)``, ``restarts()`` says whether it
@@ -9560,12 +9590,12 @@ class Manager(Emitter):
         them for an error or a pause)."""
         if self._manifest is not None:
             self._manifest.note(d)
-        if state in _ACTIVE_STATES and (old_state in _ACTIVE_STATES or d in self._running):
-            # under way, as the manager knows already: 'download' after
-            # 'start', or a start of its own plan (which put it in _running
-            # before it started it; read without the lock, as nothing but
-            # its removal takes it out while it runs, after which there is
-            # nothing to note)
+        if state in _ACTIVE_STATES and d in self._running:
+            # under way, as the manager knows already: a start of its own
+            # plan (which put it in _running before it started it; read
+            # without the lock, as nothing but its removal takes it out
+            # while it runs, after which there is nothing to note). Of a
+            # 'download' after the start, the download tells nothing
             return
         with self._lock:
             if d not in self._downloads:
