@@ -315,6 +315,56 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
     assert len([w for w in waits if w.sock is not None]) >= len(parts) - 1
 
 
+
+def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
+        tmp_path, monkeypatch):
+    """The run's ``wait_steps`` skips the look for more to do
+    (``_keep_going``) after a wake that brought events alone (a small
+    file's size and start), but never after one that brought a change
+    too, whichever came first in the round, nor after a change that woke
+    it from its wait: else a change that came with an event would wait
+    for the next period to be acted on."""
+    looks = []
+    monkeypatch.setattr(bitpit._Transfer, '_keep_going', lambda self: looks.append(1))
+    address = bitpit._check_url('http://127.0.0.1:9/f')
+    store = bitpit._FileStore(tmp_path / 'f', address.url)
+    options = bitpit._RequestOptions(address, {}, None, None, None, 0.5, bitpit._Cookies())
+    transfer = bitpit._Transfer(store, [address], options, 1, 1024, (bitpit._TokenBucket(),),
+                                None, None, 0, None, False)
+
+    def wait(*news):
+        """Let ``news`` happen (under the lock, as a connection's steps
+        do), then one wait of the run: whether it looked for work."""
+        del looks[:]
+        transfer.take_events()
+        steps = transfer.wait_steps(time.monotonic() + 60)
+        with transfer._lock:
+            for happen in news:
+                happen()
+        with pytest.raises(StopIteration):
+            next(steps)
+        return bool(looks)
+
+    def event():
+        transfer._report('size', 5)
+    assert not wait(event)                          # events alone: nothing to do
+    assert wait(event, transfer._wake)              # a change with them
+    assert wait(transfer._wake, event)              # ... whichever came first
+    for woken in (True, False):                     # by a change as it waits; by its time
+        del looks[:]
+        transfer.take_events()
+        steps = transfer.wait_steps(time.monotonic() + 60)
+        waited = next(steps)                        # nothing yet: it waits
+        assert waited.event is transfer.news and not looks
+        if woken:
+            with transfer._lock:
+                transfer._wake()
+            assert waited.event.is_set()
+        with pytest.raises(StopIteration):
+            steps.send(woken)
+        assert looks
+
+
 # -- the http layer's connection path as steps ----------------------------------
 #
 # A request's steps (name look-up, connect, request, head, body) yield a
