@@ -40,19 +40,30 @@ def test_ten_redirects_are_followed(server, tmp_path):
     assert len(server.requests) == 11
 
 
-@pytest.mark.parametrize('case', ['eleven-hops', 'loop', 'self'])
+@pytest.mark.parametrize('case', ['eleven-hops', 'loop', 'loop-later', 'self'])
 def test_redirect_loop_or_too_many_hops_is_fatal(server, tmp_path, case):
+    """A loop is told at the first redirect back to a URL of the chain
+    (the first, or one it went through later), with no request more."""
     if case == 'eleven-hops':
         url = chain(server, 11)
     elif case == 'loop':
         url = server.redirect('/a', '/b', 301)
         server.redirect('/b', server.url('/a'), 307)
+    elif case == 'loop-later':
+        url = server.redirect('/a', '/b', 301)
+        server.redirect('/b', '/c', 302)
+        server.redirect('/c', '/b', 307)
     else:
         url = server.redirect('/a', '/a', 302)
     d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)
     assert d.state == 'fatal-error' and isinstance(d.last_exception, bitpit.RedirectError)
     assert not d.is_restarting and not (tmp_path / 'f.bin').exists()
-    assert len(server.requests) <= 11
+    if case == 'eleven-hops':
+        assert len(server.requests) == 11
+    else:
+        assert 'redirect loop' in str(d.last_exception)
+        assert [r.path for r in server.requests] == \
+            {'loop': ['/a', '/b'], 'loop-later': ['/a', '/b', '/c'], 'self': ['/a']}[case]
 
 
 @pytest.mark.parametrize('location', ['file://{secret}', 'file:///etc/passwd',
