@@ -27,11 +27,18 @@ def test_dir_path_and_default_path(tmp_path, monkeypatch):
 
 def test_a_home_path_is_the_home_of_the_moment(tmp_path, monkeypatch):
     """``~`` is the home directory when the downloader is made, for the same
-    text given again too (as a manager gives its directory to each)."""
+    text given again too (as a manager gives its directory to each), and
+    in a ``Path`` given as it is (a manager's directory, a file's path)."""
     for home in ('a', 'b'):
         monkeypatch.setenv('HOME', str(tmp_path / home))
         d = bitpit.Downloader('http://h/x.bin', path='~/d', dir_path=True)
         assert d.path == tmp_path / home / 'd' / 'x.bin'
+        d = bitpit.Downloader('http://h/x.bin', path=pathlib.Path('~/p'), dir_path=True)
+        assert d.path == tmp_path / home / 'p' / 'x.bin'
+        d = bitpit.Downloader('http://h/x.bin', path=pathlib.Path('~/f.bin'))
+        assert d.path == tmp_path / home / 'f.bin'
+        m = bitpit.Manager(path=pathlib.Path('~/m'), dir_path=True)
+        assert m.add('http://h/y.bin').path == tmp_path / home / 'm' / 'y.bin'
 
 
 @pytest.mark.parametrize('segment', ['..', '.', '%2e%2e', '..%2f..%2fetc%2fpasswd',
