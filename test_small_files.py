@@ -13,6 +13,7 @@ import pathlib
 import select
 import socket
 import threading
+import time
 import urllib.parse
 import weakref
 
@@ -220,6 +221,43 @@ def test_the_connection_pool_keeps_no_key_with_no_connection(server, tmp_path):
     key = next(key for key in bitpit._POOL._idle if key[5] is managers[1]._host_slots)
     bitpit._close_connection(bitpit._POOL.get(key))
     assert len(bitpit._POOL._idle) == before + 1
+
+
+
+class Parked:
+    """A connection as the pool keeps it: closed, and when (monotonic)."""
+    release_slot = None
+    closed_at = None
+
+    def close(self):
+        self.closed_at = time.monotonic()
+
+
+def test_the_connection_pool_closes_connections_idle_too_long_at_the_next_put():
+    """A put closes the idle connections of every key parked
+    ``MAX_IDLE_SECONDS`` ago or more (the pool looks for them only once
+    the oldest is due, not at every put), and none parked since: puts
+    that come more often than that do not put the sweep off."""
+    pool = bitpit._ConnectionPool()
+    pool.MAX_IDLE_SECONDS = 0.1
+    parked = []  # (connection, monotonic before its put, after it)
+    deadline = time.monotonic() + 10
+    while True:
+        conn, before = Parked(), time.monotonic()
+        pool.put(('http', 'h', len(parked), None, 0, None), conn)
+        parked.append((conn, before, time.monotonic()))
+        if before - parked[0][2] > pool.MAX_IDLE_SECONDS or time.monotonic() > deadline:
+            break
+        time.sleep(pool.MAX_IDLE_SECONDS / 4)  # (puts more often than the expiry)
+    last_put_ended = parked[-1][2]
+    first = parked[0][0]
+    assert first.closed_at is not None  # the last put came after it was due
+    for conn, before, after in parked:
+        if last_put_ended - before < pool.MAX_IDLE_SECONDS:  # not due at any put yet
+            assert conn.closed_at is None
+    left = {key[2] for key in pool._idle}
+    assert left == {i for i, (conn, _, _) in enumerate(parked) if conn.closed_at is None}
+    pool.clear()
 
 
 def test_an_attempt_is_freed_when_it_ends_not_by_the_collector(server, tmp_path, monkeypatch):
