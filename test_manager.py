@@ -603,3 +603,28 @@ def test_a_download_that_one_of_its_two_managers_lets_go_keeps_the_others_limit(
     # log cannot tell: the socket's buffers take 20 KB at once)
     took = time.monotonic() - began
     assert took >= 0.3, 'done in {:.3f} s'.format(took)
+
+
+def test_a_download_its_caller_starts_counts_as_running_as_it_starts(
+        manager, server, tmp_path):
+    """A queued download started by its caller, not by the manager's plan,
+    counts towards ``max_running`` from its ``start``, which the manager
+    is told before the callbacks: a plan made then starts no other one.
+    (A ``download`` after it tells the manager nothing it needs.) Once it
+    ends, the manager starts the next."""
+    first, second = (server.add(name, DATA[:1000]) for name in ('/first', '/second'))
+    m = manager(max_running=1, path=tmp_path, dir_path=True)
+    queued, started = m.add(first), m.add(second)
+    plans = []
+
+    def plan_at_its_start(d, old):
+        if d.state == 'start':
+            with m._lock:
+                plans.append(m._plan())
+    started.listen('state-changed', plan_at_its_start)
+    started.start()
+    assert started.wait(10)
+    assert plans == [([], [], None)] and queued.state == 'pause'
+    m.start()
+    assert queued.wait(10)
+    assert [r.path for r in server.requests] == ['/second', '/first']
