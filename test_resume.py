@@ -548,11 +548,14 @@ def test_a_changed_file_starts_over_in_the_same_attempt(server, tmp_path, server
     """The resume finds a new version (a 200 for a failed If-Range, or a
     206 with a new ETag from a server that ignores If-Range): the file is
     emptied and the new version downloaded in the same attempt, which ends
-    complete even without restarts, and the change is not a failure."""
+    complete even without restarts, and the change is not a failure. The
+    size the partial file had is dropped (-1: unknown) as it starts over,
+    then the new version's is said."""
     url = server.add('/f', NEW, ignore_if_range=server_kind == 'ignores-if-range')
     target = partial_file(tmp_path, url, ETAG, len(DATA))
     d, rec = download(url, target, restart_wait=-1, retries=0)
     assert d.state == 'complete' and target.read_bytes() == NEW
+    assert rec.sizes == [-1, len(NEW)]
     assert [new for _, new in rec.states] == ['start', 'download', 'complete']
     assert d.last_exception is None
     assert server.requests[0].headers['If-Range'] == ETAG
