@@ -1678,6 +1678,11 @@ class _Loop:
             self._handed.append((driven, wait))
             return
         with self._lock:
+            # a wake-up is due when the first is handed since the loop took
+            # what was handed: while more are left, the loop looks at them
+            # before it waits (its own thread's), or a wake-up is under way
+            # (another's), for a batch that a manager starts at once
+            woken = bool(self._handed)
             self._handed.append((driven, wait))
             if self._thread is None:
                 if self._wake_in is None:
@@ -1691,6 +1696,8 @@ class _Loop:
                     self._handed.pop()
                     raise
                 self._thread = self._last = thread
+                return
+            if woken:
                 return
             wake = self._wake_out
         assert wake is not None  # made with the thread

@@ -186,3 +186,42 @@ def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
                 sock.close()
         finally:
             poller.close()
+
+
+def test_steps_handed_by_many_threads_at_once_all_run_with_few_wake_ups(monkeypatch):
+    """A hand from another thread wakes the loop only when it is the first
+    since the loop took what was handed; none is left waiting for all that."""
+    loop, ends = bitpit._Loop(), Ends(4 * 300)
+    sent = []
+    held, over = bitpit._Flag(), Ends(1)
+
+    def holding():  # keeps the loop's thread running throughout
+        while not held.is_set():
+            yield bitpit._Wait(None, None, event=held)
+
+    def steps(i):
+        return i
+        yield  # (steps that end at once)
+
+    loop.spawn(holding(), over)
+    wake = loop._wake_out
+    monkeypatch.setattr(loop, '_wake_out', type('Counted', (), {
+        'send': lambda self, data: sent.append(data) or wake.send(data)})())
+
+    def hand_many(base):
+        for i in range(300):
+            loop.spawn(steps(base + i), ends)
+
+    threads = [threading.Thread(target=hand_many, args=(k * 1000,)) for k in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert ends.all_in.wait(10)
+        assert sorted(ends.results) == sorted(k * 1000 + i for k in range(4) for i in range(300))
+        assert 0 < len(sent) < 4 * 300
+    finally:
+        held.set()
+        assert over.all_in.wait(5)
+        loop.join(5)
