@@ -154,10 +154,14 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
         right.close()
 
 
-def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
-    """A socket closed while the loop watches it leaves epoll by itself, and
-    its number may come back at once with the next socket: forgetting the
-    first steps' socket must not stop the watch of the second's."""
+def test_the_poller_keeps_an_ended_steps_socket_idle_and_knows_a_number_taken_again(
+        monkeypatch):
+    """Steps that end leave their socket watched (idle, with epoll) for the
+    next steps that take it up; one that turns readable meanwhile is no
+    longer watched, and nobody is resumed for it. A socket closed while
+    watched leaves epoll by itself and its number may come back with
+    another socket at once: that one is watched for its own steps, and a
+    late end of the first steps does not stop it."""
     for epoll in (True, False):
         if not epoll:  # the selectors module's, as where there is no epoll
             monkeypatch.delattr(bitpit.select, 'epoll', raising=False)
@@ -165,18 +169,27 @@ def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
         try:
             first, first_peer = socket.socketpair()
             fd = first.fileno()
-            poller.register(fd, False, 'first')
-            if not epoll:  # (a selector other than epoll must be told)
-                poller.unregister(fd, 'first')
-            first.close()
+            poller.register(first, fd, False, 'first')
+            poller.unregister(fd, 'first')  # its steps ended: idle
+            poller.register(first, fd, False, 'again')  # the next steps take it up
+            first_peer.send(b'x')
+            assert poller.select(5) == ['again']
+            first.recv(1)
+            poller.unregister(fd, 'again')
+            first_peer.send(b'y')  # while idle: the server's close, say
+            assert poller.select(0.2) == []
+            assert poller.select(0) == []  # (forgotten: not reported round after round)
+            poller.register(first, fd, False, 'idle')
+            poller.unregister(fd, 'idle')
+            first.close()  # idle, then closed: epoll forgot it
             second, second_peer = socket.socketpair()
             if second.fileno() != fd:  # the number comes back, with another socket
                 os.dup2(second.fileno(), fd)
-            poller.register(fd, False, 'second')
+            poller.register(second, fd, False, 'second')
             poller.unregister(fd, 'first')  # the first steps end late: a no-op
             second_peer.send(b'x')
             assert poller.select(5) == ['second']
-            poller.register(fd, True, 'second')  # now waits to write
+            poller.register(second, fd, True, 'second')  # now waits to write
             assert poller.select(5) == ['second']
             poller.unregister(fd, 'second')
             assert poller.select(0) == []
