@@ -1548,26 +1548,33 @@ class _Driven:
 class _Poller:
     """What the loop waits for sockets with: ``epoll`` where there is one
     (Linux), else the ``selectors`` module's best. Each watched file
-    descriptor maps to the data ``select`` gives back when it is ready. A
-    socket closed while watched leaves epoll by itself, and its number may
-    come back with another socket: ``unregister`` forgets a descriptor
-    only for the data it was registered with. The loop's thread."""
-    __slots__ = ('_epoll', '_selector', '_data')
+    descriptor maps to the data ``select`` gives back when it is ready.
+    With epoll, the socket of steps that ended stays watched (``idle``)
+    while it waits for reuse, so that the steps that take it up next
+    (the next file's, over a keep-alive connection) cost no system call
+    to watch it; should it turn readable meanwhile (the server's close),
+    it is no longer watched. A socket closed while watched leaves epoll by
+    itself, and its number may come back with another socket: each
+    descriptor is known with the socket and the data it was registered
+    for. The loop's thread."""
+    __slots__ = ('_epoll', '_selector', '_watched')
 
     def __init__(self) -> None:
-        self._data: Dict[int, Any] = {}
+        # by descriptor: (data, the socket, whether for writing); data None: idle
+        self._watched: Dict[int, Tuple[Any, Any, bool]] = {}
         self._epoll = select.epoll() if hasattr(select, 'epoll') else None
         self._selector = selectors.DefaultSelector() if self._epoll is None else None
 
-    def register(self, fd: int, writing: bool, data: Any) -> None:
-        """Watch ``fd`` for reading (``writing``: for writing), or watch it
-        so from now on; raises ``OSError`` or ``ValueError`` for a closed
-        one."""
+    def register(self, sock: Any, fd: int, writing: bool, data: Any) -> None:
+        """Watch ``sock`` (its descriptor ``fd``) for reading (``writing``:
+        for writing) for ``data``, or watch it so from now on; raises
+        ``OSError`` or ``ValueError`` for a closed one."""
+        watched = self._watched.get(fd)
         if self._epoll is not None:
             mask = select.EPOLLOUT if writing else select.EPOLLIN
-            if fd not in self._data:
+            if watched is None:
                 self._epoll.register(fd, mask)
-            else:
+            elif watched[1] is not sock or watched[2] != writing:
                 try:
                     self._epoll.modify(fd, mask)
                 except FileNotFoundError:  # its socket closed, the number taken again
@@ -1575,17 +1582,35 @@ class _Poller:
         else:
             assert self._selector is not None  # (no epoll)
             events = selectors.EVENT_WRITE if writing else selectors.EVENT_READ
-            if fd in self._data:
-                self._selector.modify(fd, events, data)
-            else:
+            if watched is None:
                 self._selector.register(fd, events, data)
-        self._data[fd] = data
+            else:
+                self._selector.modify(fd, events, data)
+        self._watched[fd] = (data, sock, writing)
 
     def unregister(self, fd: int, data: Any) -> None:
-        """Stop watching ``fd`` if it is still watched for ``data``."""
-        if self._data.get(fd) is not data:
-            return  # (its socket closed, and another registered the number)
-        del self._data[fd]
+        """Stop watching ``fd`` for ``data``: with epoll, a socket still open
+        stays watched for reading, idle; not if another registered the
+        number since (its socket closed)."""
+        watched = self._watched.get(fd)
+        if watched is None or watched[0] is not data:
+            return
+        if self._epoll is not None and watched[1].fileno() == fd:
+            if not watched[2]:
+                self._watched[fd] = (None, watched[1], False)
+                return
+            # (for writing: a socket that waits for reuse has no
+            # request under way, and is watched for reading again)
+            try:
+                self._epoll.modify(fd, select.EPOLLIN)
+                self._watched[fd] = (None, watched[1], False)
+                return
+            except OSError:
+                pass
+        self._forget(fd)
+
+    def _forget(self, fd: int) -> None:
+        del self._watched[fd]
         try:
             if self._epoll is not None:
                 self._epoll.unregister(fd)
@@ -1597,13 +1622,21 @@ class _Poller:
 
     def select(self, timeout: Optional[float]) -> List[Any]:
         """The data of the descriptors ready within ``timeout`` seconds
-        (``None``: however long it takes)."""
-        data = self._data
-        if self._epoll is not None:
-            return [data[fd] for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)
-                    if fd in data]
-        assert self._selector is not None  # (no epoll)
-        return [key.data for key, _ in self._selector.select(timeout)]
+        (``None``: however long it takes); an idle one that is ready is
+        no longer watched."""
+        if self._epoll is None:
+            assert self._selector is not None  # (no epoll)
+            return [key.data for key, _ in self._selector.select(timeout)]
+        ready = []
+        for fd, _ in self._epoll.poll(-1 if timeout is None else timeout):
+            watched = self._watched.get(fd)
+            if watched is None:
+                continue
+            if watched[0] is None:  # idle: the server's close, or bytes none asked for
+                self._forget(fd)
+            else:
+                ready.append(watched[0])
+        return ready
 
     def close(self) -> None:
         if self._epoll is not None:
@@ -1611,7 +1644,10 @@ class _Poller:
         else:
             assert self._selector is not None  # (no epoll)
             self._selector.close()
-        self._data.clear()
+        self._watched.clear()
+
+
+_WAKE_UP = object()  # what the loop's poller gives for its wake-up socket
 
 
 class _Loop:
@@ -1678,6 +1714,11 @@ class _Loop:
             self._handed.append((driven, wait))
             return
         with self._lock:
+            # a wake-up is due when the first is handed since the loop took
+            # what was handed: while more are left, the loop looks at them
+            # before it waits (its own thread's), or a wake-up is under way
+            # (another's), for a batch that a manager starts at once
+            woken = bool(self._handed)
             self._handed.append((driven, wait))
             if self._thread is None:
                 if self._wake_in is None:
@@ -1691,6 +1732,8 @@ class _Loop:
                     self._handed.pop()
                     raise
                 self._thread = self._last = thread
+                return
+            if woken:
                 return
             wake = self._wake_out
         assert wake is not None  # made with the thread
@@ -1712,7 +1755,7 @@ class _Loop:
         assert wake_in is not None  # made before the thread started
         self._ident = threading.get_ident()
         selector = self._selector = _Poller()
-        selector.register(wake_in.fileno(), False, None)
+        selector.register(wake_in, wake_in.fileno(), False, _WAKE_UP)
         try:
             while True:
                 with self._lock:
@@ -1747,7 +1790,7 @@ class _Loop:
                     until_again = max(0.0, again - time.monotonic())
                     timeout = until_again if timeout is None else min(timeout, until_again)
                 for driven in selector.select(timeout):
-                    if driven is None:
+                    if driven is _WAKE_UP:
                         self._drain_wake_ups(wake_in)
                     elif driven.wait is not None and driven.wait.sock is not None:
                         self._resume(driven, True)
@@ -1800,10 +1843,10 @@ class _Loop:
             try:
                 if driven.registered is None:
                     driven.fd = sock.fileno()
-                    self._selector.register(driven.fd, wait.writing, driven)
+                    self._selector.register(sock, driven.fd, wait.writing, driven)
                     driven.registered, driven.writing = sock, wait.writing
                 elif driven.writing != wait.writing:
-                    self._selector.register(driven.fd, wait.writing, driven)
+                    self._selector.register(sock, driven.fd, wait.writing, driven)
                     driven.writing = wait.writing
             except (OSError, ValueError, KeyError):
                 # a socket closed meanwhile (or shut down by a stop): the

@@ -154,10 +154,14 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
         right.close()
 
 
-def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
-    """A socket closed while the loop watches it leaves epoll by itself, and
-    its number may come back at once with the next socket: forgetting the
-    first steps' socket must not stop the watch of the second's."""
+def test_the_poller_keeps_an_ended_steps_socket_idle_and_knows_a_number_taken_again(
+        monkeypatch):
+    """Steps that end leave their socket watched (idle, with epoll) for the
+    next steps that take it up; one that turns readable meanwhile is no
+    longer watched, and nobody is resumed for it. A socket closed while
+    watched leaves epoll by itself and its number may come back with
+    another socket at once: that one is watched for its own steps, and a
+    late end of the first steps does not stop it."""
     for epoll in (True, False):
         if not epoll:  # the selectors module's, as where there is no epoll
             monkeypatch.delattr(bitpit.select, 'epoll', raising=False)
@@ -165,18 +169,27 @@ def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
         try:
             first, first_peer = socket.socketpair()
             fd = first.fileno()
-            poller.register(fd, False, 'first')
-            if not epoll:  # (a selector other than epoll must be told)
-                poller.unregister(fd, 'first')
-            first.close()
+            poller.register(first, fd, False, 'first')
+            poller.unregister(fd, 'first')  # its steps ended: idle
+            poller.register(first, fd, False, 'again')  # the next steps take it up
+            first_peer.send(b'x')
+            assert poller.select(5) == ['again']
+            first.recv(1)
+            poller.unregister(fd, 'again')
+            first_peer.send(b'y')  # while idle: the server's close, say
+            assert poller.select(0.2) == []
+            assert poller.select(0) == []  # (forgotten: not reported round after round)
+            poller.register(first, fd, False, 'idle')
+            poller.unregister(fd, 'idle')
+            first.close()  # idle, then closed: epoll forgot it
             second, second_peer = socket.socketpair()
             if second.fileno() != fd:  # the number comes back, with another socket
                 os.dup2(second.fileno(), fd)
-            poller.register(fd, False, 'second')
+            poller.register(second, fd, False, 'second')
             poller.unregister(fd, 'first')  # the first steps end late: a no-op
             second_peer.send(b'x')
             assert poller.select(5) == ['second']
-            poller.register(fd, True, 'second')  # now waits to write
+            poller.register(second, fd, True, 'second')  # now waits to write
             assert poller.select(5) == ['second']
             poller.unregister(fd, 'second')
             assert poller.select(0) == []
@@ -186,3 +199,42 @@ def test_the_poller_forgets_a_closed_socket_only_for_its_own_steps(monkeypatch):
                 sock.close()
         finally:
             poller.close()
+
+
+def test_steps_handed_by_many_threads_at_once_all_run_with_few_wake_ups(monkeypatch):
+    """A hand from another thread wakes the loop only when it is the first
+    since the loop took what was handed; none is left waiting for all that."""
+    loop, ends = bitpit._Loop(), Ends(4 * 300)
+    sent = []
+    held, over = bitpit._Flag(), Ends(1)
+
+    def holding():  # keeps the loop's thread running throughout
+        while not held.is_set():
+            yield bitpit._Wait(None, None, event=held)
+
+    def steps(i):
+        return i
+        yield  # (steps that end at once)
+
+    loop.spawn(holding(), over)
+    wake = loop._wake_out
+    monkeypatch.setattr(loop, '_wake_out', type('Counted', (), {
+        'send': lambda self, data: sent.append(data) or wake.send(data)})())
+
+    def hand_many(base):
+        for i in range(300):
+            loop.spawn(steps(base + i), ends)
+
+    threads = [threading.Thread(target=hand_many, args=(k * 1000,)) for k in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert ends.all_in.wait(10)
+        assert sorted(ends.results) == sorted(k * 1000 + i for k in range(4) for i in range(300))
+        assert 0 < len(sent) < 4 * 300
+    finally:
+        held.set()
+        assert over.all_in.wait(5)
+        loop.join(5)
