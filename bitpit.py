@@ -1982,7 +1982,7 @@ class _TokenBucket:
                         event.clear()
                     lock.release()
                     try:
-                        yield _Wait(None, wake_at, event=event)
+                        yield _Wait(None, wake_at, False, event)  # (event: no keyword's dict)
                     finally:
                         lock.acquire()
                 return 0
@@ -6538,7 +6538,7 @@ class _Transfer:
         news = self.news
         news.clear()  # (before the look: a change after it sets it again)
         if not self.events and not self.finished and not self.slot_freed:
-            yield _Wait(None, until, event=news)
+            yield _Wait(None, until, False, news)  # (news: by position, no keyword's dict)
         if (self.changed or not self.events) and not self.finished:
             with self._lock:
                 self.changed = False
@@ -6667,7 +6667,7 @@ class _Transfer:
         while self.connections or self.saving:
             news.clear()
             if self.connections or self.saving:
-                yield _Wait(None, time.monotonic() + _TEND_PERIOD, event=news)
+                yield _Wait(None, time.monotonic() + _TEND_PERIOD, False, news)  # (by position)
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -6808,7 +6808,7 @@ class _Transfer:
             work = self.work = _Flag()
         else:
             work.clear()  # (under the lock, which every setter holds)
-        return _Wait(None, due + 0.001, event=work)
+        return _Wait(None, due + 0.001, False, work)  # (by position)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
