@@ -2044,17 +2044,13 @@ def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
 class _Pacer:
     """Draws each read from several token buckets (a download's own limit,
     a manager's total) and gives every bucket back exactly what it granted
-    but the read did not use. One per connection."""
+    but the read did not use. One per request of a connection, made at its
+    first limited read (an unlimited one needs none)."""
 
     def __init__(self, buckets: Tuple[_TokenBucket, ...], cancelled: Callable[[], bool]):
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
-
-    @property
-    def limited(self) -> bool:
-        """Whether any of its buckets limits the rate now."""
-        return _limited(self.buckets)
 
     def acquire_steps(self, want: int) -> '_Steps[int]':
         """Steps that give the bytes that may be read now (0: cancelled);
@@ -6147,7 +6143,7 @@ class _Pump:
         self.cancel = transfer.cancel
         self.max_size = transfer.max_size
 
-    def fetch_steps(self, conn: _Connection, pacer: _Pacer) -> '_Steps[None]':
+    def fetch_steps(self, conn: _Connection) -> '_Steps[None]':
         """Steps: one request for ``conn``'s claim (a piece of it, when the
         file is split), and its body into the file."""
         transfer, planner = self.transfer, self.planner
@@ -6189,8 +6185,7 @@ class _Pump:
                 else:
                     transfer._prepare(conn, setup)
             if body_end is not None:
-                reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
-                                                    request)
+                reuse = yield from self._pump_steps(conn, response, answer, body_end, request)
             fetched = True
         finally:
             with self._lock:  # no abort of a connection given back to the pool
@@ -6214,10 +6209,12 @@ class _Pump:
             request.close(False)
 
     def _pump_steps(self, conn: _Connection, response: _Response, answer: _Answer,
-                    body_end: int, pacer: _Pacer, request: _Request) -> '_Steps[bool]':
+                    body_end: int, request: _Request) -> '_Steps[bool]':
         """Steps that copy the body into the file from ``conn.pos`` until
         the claim's end (re-read before every read: another connection may
-        take over the rest), paced by the token buckets. Received bytes are
+        take over the rest), paced by the transfer's token buckets (read
+        again before every read: a limit set meanwhile adds one), with a
+        ``_Pacer`` made at the first limited read. Received bytes are
         written when the buffer is full, when they have waited
         ``_FLUSH_AGE`` seconds, before a read that may block or be paced
         (so a limited download lands as smoothly as it comes), at the end,
@@ -6247,6 +6244,7 @@ class _Pump:
         transfer, planner = self.transfer, self.planner
         lock = self._lock
         max_size = self.max_size
+        pacer: Optional[_Pacer] = None  # made at the first limited read
         got = 0                # bytes of the last read, not yet counted
         ended = False          # the body's end was read
         since = 0.0            # when the oldest byte in the buffer came
@@ -6282,7 +6280,8 @@ class _Pump:
                         if start < end:  # the buffer was full: read on
                             continue
                     break  # at the end, which never moves further
-                limited = pacer.limited
+                buckets = transfer.buckets  # (replaced whole when a limit is set)
+                limited = bool(buckets) and _limited(buckets)
                 granted = room
                 if conn.pending or judging or limited:  # (none before a body's first read)
                     if conn.pending and (limited or not (whole or ready()) or
@@ -6304,6 +6303,8 @@ class _Pump:
                             # them: a slow socket never holds back what the
                             # others could read
                             raise socket.timeout('no data received within the time-out')
+                        if pacer is None or pacer.buckets is not buckets:
+                            pacer = _Pacer(buckets, self.cancel.is_set)
                         granted = yield from pacer.acquire_steps(room)
                         if not granted:
                             raise _Stopped
@@ -6313,14 +6314,16 @@ class _Pump:
                     except _SpliceRefused:
                         splice.close()
                         splice, chunk = None, len(view)
-                        pacer.settle(0)
+                        if pacer is not None:  # (else nothing was granted)
+                            pacer.settle(0)
                         continue
-                    pacer.settle(got)
+                    if pacer is not None:
+                        pacer.settle(got)
                     with lock:
                         conn.pos += got
                 else:
                     got = yield from read_steps(view[conn.pending:conn.pending + granted])
-                    if limited:  # (else nothing was granted)
+                    if pacer is not None:  # (else nothing was granted)
                         pacer.settle(got)
                     if max_size is not None and start + got > max_size:
                         got = 0
@@ -6344,7 +6347,8 @@ class _Pump:
         except (OSError, http.client.HTTPException, ProtocolError) as exc:
             # (a ProtocolError: a body's framing, bitpit's since http.client's
             # IncompleteRead; its unused tokens go back all the same)
-            pacer.settle(0)
+            if pacer is not None:
+                pacer.settle(0)
             if self.cancel.is_set():
                 raise _Stopped from exc
             if conn.superseded:
@@ -6476,7 +6480,9 @@ class _Transfer:
         self.sources = [_Source(address, store.validators.get(address.url))
                         for address in addresses]
         self.chunk_size = chunk_size
-        self.buckets = buckets              # the download's own first
+        # the download's own first, if it has a limit; replaced whole
+        # (add_bucket) when one is set during the attempt
+        self.buckets = buckets
         self.checksum = checksum
         self.max_size = max_size
         self.min_speed = min_speed
@@ -6526,7 +6532,6 @@ class _Transfer:
 
     def start(self) -> None:
         """Start the probe's connection, on the loop. The run's steps."""
-        self.buckets[0].drain()  # the download's own limit paces from now on
         with self._lock:
             self._spawn()
 
@@ -6625,6 +6630,13 @@ class _Transfer:
         if now - since >= window and (self.received - received) / (now - since) < self.min_speed:
             self._end(StalledError('slower than {} bytes/s for {} s'.format(
                 self.min_speed, window)))
+
+    def add_bucket(self, bucket: _TokenBucket) -> None:
+        """Draw from ``bucket`` too, before the others (a download's own
+        limit, set during the attempt): every connection's next read does.
+        Any thread."""
+        with self._lock:
+            self.buckets = self.planner.buckets = (bucket,) + self.buckets
 
     def stop(self) -> None:
         """End every connection now. Any thread; never waits for a lock
@@ -6839,7 +6851,6 @@ class _Transfer:
     def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
         """A connection's steps, on the loop: fetch ranges until there is
         none left."""
-        pacer = _Pacer(self.buckets, self.cancel.is_set)
         try:
             while True:
                 if not conn.active:  # (else the rest of its claim)
@@ -6852,7 +6863,7 @@ class _Transfer:
                     if not claimed:
                         break
                 try:
-                    yield from self.pump.fetch_steps(conn, pacer)
+                    yield from self.pump.fetch_steps(conn)
                 except _Superseded:
                     with self._lock:
                         conn.active = False
@@ -8158,6 +8169,8 @@ class Downloader(Emitter):
             self._rate_limit = value if value > 0 else 0
             if self._bucket is not None:  # else the first attempt makes it with this rate
                 self._bucket.rate = self._rate_limit
+            elif self._rate_limit and self._transfer is not None:
+                self._limit_transfer(self._transfer)
         self.emit('rate-limit-changed', self)
 
     @property
@@ -8499,12 +8512,27 @@ class Downloader(Emitter):
             self._changed.notify_all()
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
-        """The token buckets an attempt draws from: its own (made now at
-        the first attempt), then its manager's. The run's steps."""
+        """The token buckets an attempt draws from: its own if it has a
+        limit (made now at the first attempt with one; emptied, so that it
+        paces from now on), then its manager's. Without a limit, it has
+        none, and takes no lock (a small file's attempt would make one for
+        nothing): the ``rate_limit`` setter adds one to a running transfer,
+        and ``_attempt_steps`` to its new one, if a limit came meanwhile.
+        The run's steps."""
+        if self._bucket is None and self._rate_limit <= 0:
+            return self._shared_buckets
         with self._lock:
             if self._bucket is None:
                 self._bucket = _TokenBucket(self._rate_limit)
+            else:
+                self._bucket.drain()
             return (self._bucket,) + self._shared_buckets
+
+    def _limit_transfer(self, transfer: _Transfer) -> None:
+        """An attempt under way without a limit of its own draws from one
+        now, with ``rate_limit``. Under ``_lock``."""
+        self._bucket = _TokenBucket(self._rate_limit)
+        transfer.add_bucket(self._bucket)
 
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
@@ -8715,6 +8743,8 @@ class Downloader(Emitter):
         with self._lock:
             self._transfer = transfer
             stopped = self._stopping
+            if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
+                self._limit_transfer(transfer)
         if stopped:
             transfer.stop()
         period = self._update_period
