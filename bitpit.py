@@ -6851,16 +6851,21 @@ class _Transfer:
     def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
         """A connection's steps, on the loop: fetch ranges until there is
         none left."""
+        left = False
         try:
             while True:
                 if not conn.active:  # (else the rest of its claim)
                     with self._lock:
                         wait = self._next_job(conn)
-                        claimed = conn.active
+                        if wait is None and not conn.active:
+                            # nothing left for it: it leaves in this look
+                            # (a small file's one lock section less)
+                            self._leave(conn)
+                            left = True
                     if wait is not None:
                         yield wait
                         continue
-                    if not claimed:
+                    if left:
                         break
                 try:
                     yield from self.pump.fetch_steps(conn)
@@ -6883,15 +6888,21 @@ class _Transfer:
             with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
-            with self._lock:
-                conn.active = False
-                if self.prober is conn:
-                    self.prober = None
-                if self.planner.judging is conn:  # it ends unjudged: the others may start
-                    self.planner.judging = None
-                self.connections.remove(conn)
-                conn.buffer = memoryview(b'')
-                self._wake()
+            if not left:
+                with self._lock:
+                    self._leave(conn)
+
+    def _leave(self, conn: _Connection) -> None:
+        """``conn`` ends: it is no longer live, and the run looks. Under
+        the lock, by its steps."""
+        conn.active = False
+        if self.prober is conn:
+            self.prober = None
+        if self.planner.judging is conn:  # it ends unjudged: the others may start
+            self.planner.judging = None
+        self.connections.remove(conn)
+        conn.buffer = memoryview(b'')
+        self._wake()
 
     # -- the answers: what each says about the file, asked by the pump ----------------
 
