@@ -6535,20 +6535,23 @@ class _Transfer:
         with self._lock:
             self._spawn()
 
-    def wait_steps(self, until: float) -> '_Steps[None]':
+    def wait_steps(self, until: float) -> '_Steps[bool]':
         """Wait until ``until`` for something to report or to do, and do
         it (``_keep_going``): not after a wake for events alone (a small
         file's size and start), which only the run's ``take_events`` takes,
-        nor once finished. The run's steps."""
+        nor once finished. They give whether it is finished (a property
+        that a small file's run would ask again). The run's steps."""
         news = self.news
         news.clear()  # (before the look: a change after it sets it again)
-        if not self.events and not self.finished and not self.slot_freed:
+        if not self.events and not self.slot_freed and not self.finished:
             yield _Wait(None, until, False, news)  # (news: by position, no keyword's dict)
-        if (self.changed or not self.events) and not self.finished:
+        finished = self.finished
+        if (self.changed or not self.events) and not finished:
             with self._lock:
                 self.changed = False
-                if not self.finished:  # (else there is nothing to do)
-                    self._keep_going()
+                self._keep_going()  # (nothing to do once it finished meanwhile)
+            finished = self.finished
+        return finished
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
@@ -8764,10 +8767,9 @@ class Downloader(Emitter):
         due = min(tick_at, began + _TEND_PERIOD)
         try:
             transfer.start()
-            while not transfer.finished:
-                yield from transfer.wait_steps(due)
-                if transfer.finished:  # (its last events are relayed below: no look)
-                    break
+            while True:
+                if (yield from transfer.wait_steps(due)):  # finished
+                    break  # (its last events are relayed below: no look)
                 # tend it: relay its events, let it look at itself, and
                 # measure the speed every period
                 self._relay(transfer.take_events(), post)
