@@ -2034,9 +2034,10 @@ class _Turn:
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
     """Whether any of ``buckets`` limits the rate now (asked before
-    every read: a loop, not a generator)."""
+    every read: a loop, not a generator, that reads each bucket's rate
+    itself, not through its property)."""
     for bucket in buckets:
-        if bucket.rate > 0:
+        if bucket._rate > 0:
             return True
     return False
 
@@ -6133,6 +6134,7 @@ class _Pump:
     received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
     its own but what it moves bytes with."""
+    __slots__ = ('transfer', 'planner', '_lock', 'store', 'options', 'cancel', 'max_size')
 
     def __init__(self, transfer: '_Transfer'):
         self.transfer = transfer      # it judges the answers, and is told of bytes
@@ -6520,7 +6522,8 @@ class _Transfer:
         self._samples: 'Optional[collections.deque[Tuple[float, int]]]' = \
             collections.deque() if min_speed else None
         self.verify_digest = verify_digest
-        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
+        # the probe's answer's, to check (no list made while there are none)
+        self.digests: Sequence[Tuple[str, str, bytes]] = ()
         self.expected_size = expected_size  # the size every source must have (a metalink's)
         # a metalink's piece hashes, checked as pieces land (in a file path only)
         self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
@@ -7041,7 +7044,7 @@ class _Transfer:
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
         too. A connection's steps, under the lock."""
-        self.digests = []
+        self.digests = ()
         if answer.encoding is not None and not answer.keep_encoded:
             return
         if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
