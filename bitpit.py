@@ -6534,9 +6534,10 @@ class _Transfer:
     # -- the run's side ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the probe's connection, on the loop. The run's steps."""
+        """Start the probe's connection, on the loop, with its claim (its
+        steps then ask for none: one lock section less). The run's steps."""
         with self._lock:
-            self._spawn()
+            self._spawn(probe=not self.cancel.is_set())  # (else it ends at once)
 
     def wait_steps(self, until: float) -> '_Steps[bool]':
         """Wait until ``until`` for something to report or to do, and do
@@ -6699,7 +6700,7 @@ class _Transfer:
         live = len(self.connections)
         if not self.probed:
             if not live:
-                self._spawn()
+                self._spawn(probe=True)
             return
         if self._is_complete():
             self._complete(None)
@@ -6714,10 +6715,11 @@ class _Transfer:
         if not live:
             self._end(self._verdict())
 
-    def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
-        """Start a connection on the loop (with ``claim`` to fetch, else it
-        asks for a range). Under the lock."""
-        conn = self._add_connection(claim)
+    def _spawn(self, claim: Optional[Tuple[int, int]] = None, probe: bool = False) -> bool:
+        """Start a connection on the loop (with ``claim`` to fetch, or
+        ``probe``: the probe's claim, else it asks for a range). Under the
+        lock."""
+        conn = self._add_connection(claim, probe)
         if conn is None:
             return False
         try:
@@ -6727,9 +6729,10 @@ class _Transfer:
             raise
         return True
 
-    def _add_connection(self, claim: Optional[Tuple[int, int]] = None
+    def _add_connection(self, claim: Optional[Tuple[int, int]] = None, probe: bool = False
                         ) -> Optional[_Connection]:
-        """A new live connection (with ``claim`` to fetch), its source the
+        """A new live connection (with ``claim`` to fetch, or ``probe``: the
+        probe's, when no connection probes yet), its source the
         next usable one in turn; ``None`` when none is usable, or when the
         manager's cap on a host allows no more now."""
         usable = [s for s in self.sources if s.usable]
@@ -6746,6 +6749,8 @@ class _Transfer:
         conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self.planner.claim(conn, *claim)
+        elif probe and self.prober is None:
+            self._claim_probe(conn)
         self.connections.append(conn)
         return conn
 
@@ -6811,8 +6816,7 @@ class _Transfer:
             return None
         if not self.probed:
             if self.prober is None:
-                self.prober = conn
-                self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+                self._claim_probe(conn)
             return None
         if self.planner.choose(conn):
             if self.piece_hashes is not None:
@@ -6827,6 +6831,11 @@ class _Transfer:
         else:
             work.clear()  # (under the lock, which every setter holds)
         return _Wait(None, due + 0.001, False, work)  # (by position)
+
+    def _claim_probe(self, conn: _Connection) -> None:
+        """``conn`` probes: it claims the first gap, to the file's end."""
+        self.prober = conn
+        self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
