@@ -2025,7 +2025,7 @@ class _TokenBucket:
                         event.clear()
                     lock.release()
                     try:
-                        yield _Wait(None, wake_at, event=event)
+                        yield _Wait(None, wake_at, False, event)  # (event: no keyword's dict)
                     finally:
                         lock.acquire()
                 return 0
@@ -2077,9 +2077,10 @@ class _Turn:
 
 def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
     """Whether any of ``buckets`` limits the rate now (asked before
-    every read: a loop, not a generator)."""
+    every read: a loop, not a generator, that reads each bucket's rate
+    itself, not through its property)."""
     for bucket in buckets:
-        if bucket.rate > 0:
+        if bucket._rate > 0:
             return True
     return False
 
@@ -2087,17 +2088,13 @@ def _limited(buckets: Tuple[_TokenBucket, ...]) -> bool:
 class _Pacer:
     """Draws each read from several token buckets (a download's own limit,
     a manager's total) and gives every bucket back exactly what it granted
-    but the read did not use. One per connection."""
+    but the read did not use. One per request of a connection, made at its
+    first limited read (an unlimited one needs none)."""
 
     def __init__(self, buckets: Tuple[_TokenBucket, ...], cancelled: Callable[[], bool]):
         self.buckets = buckets
         self.cancelled = cancelled
         self._grants: List[int] = []
-
-    @property
-    def limited(self) -> bool:
-        """Whether any of its buckets limits the rate now."""
-        return _limited(self.buckets)
 
     def acquire_steps(self, want: int) -> '_Steps[int]':
         """Steps that give the bytes that may be read now (0: cancelled);
@@ -6180,6 +6177,7 @@ class _Pump:
     received) it reads and changes under the transfer's ``_lock``, and it
     never reads a socket or writes the file under it. It holds nothing of
     its own but what it moves bytes with."""
+    __slots__ = ('transfer', 'planner', '_lock', 'store', 'options', 'cancel', 'max_size')
 
     def __init__(self, transfer: '_Transfer'):
         self.transfer = transfer      # it judges the answers, and is told of bytes
@@ -6190,7 +6188,7 @@ class _Pump:
         self.cancel = transfer.cancel
         self.max_size = transfer.max_size
 
-    def fetch_steps(self, conn: _Connection, pacer: _Pacer) -> '_Steps[None]':
+    def fetch_steps(self, conn: _Connection) -> '_Steps[None]':
         """Steps: one request for ``conn``'s claim (a piece of it, when the
         file is split), and its body into the file."""
         transfer, planner = self.transfer, self.planner
@@ -6232,8 +6230,7 @@ class _Pump:
                 else:
                     transfer._prepare(conn, setup)
             if body_end is not None:
-                reuse = yield from self._pump_steps(conn, response, answer, body_end, pacer,
-                                                    request)
+                reuse = yield from self._pump_steps(conn, response, answer, body_end, request)
             fetched = True
         finally:
             with self._lock:  # no abort of a connection given back to the pool
@@ -6257,10 +6254,12 @@ class _Pump:
             request.close(False)
 
     def _pump_steps(self, conn: _Connection, response: _Response, answer: _Answer,
-                    body_end: int, pacer: _Pacer, request: _Request) -> '_Steps[bool]':
+                    body_end: int, request: _Request) -> '_Steps[bool]':
         """Steps that copy the body into the file from ``conn.pos`` until
         the claim's end (re-read before every read: another connection may
-        take over the rest), paced by the token buckets. Received bytes are
+        take over the rest), paced by the transfer's token buckets (read
+        again before every read: a limit set meanwhile adds one), with a
+        ``_Pacer`` made at the first limited read. Received bytes are
         written when the buffer is full, when they have waited
         ``_FLUSH_AGE`` seconds, before a read that may block or be paced
         (so a limited download lands as smoothly as it comes), at the end,
@@ -6290,6 +6289,7 @@ class _Pump:
         transfer, planner = self.transfer, self.planner
         lock = self._lock
         max_size = self.max_size
+        pacer: Optional[_Pacer] = None  # made at the first limited read
         got = 0                # bytes of the last read, not yet counted
         ended = False          # the body's end was read
         since = 0.0            # when the oldest byte in the buffer came
@@ -6325,7 +6325,8 @@ class _Pump:
                         if start < end:  # the buffer was full: read on
                             continue
                     break  # at the end, which never moves further
-                limited = pacer.limited
+                buckets = transfer.buckets  # (replaced whole when a limit is set)
+                limited = bool(buckets) and _limited(buckets)
                 granted = room
                 if conn.pending or judging or limited:  # (none before a body's first read)
                     if conn.pending and (limited or not (whole or ready()) or
@@ -6347,6 +6348,8 @@ class _Pump:
                             # them: a slow socket never holds back what the
                             # others could read
                             raise socket.timeout('no data received within the time-out')
+                        if pacer is None or pacer.buckets is not buckets:
+                            pacer = _Pacer(buckets, self.cancel.is_set)
                         granted = yield from pacer.acquire_steps(room)
                         if not granted:
                             raise _Stopped
@@ -6356,14 +6359,16 @@ class _Pump:
                     except _SpliceRefused:
                         splice.close()
                         splice, chunk = None, len(view)
-                        pacer.settle(0)
+                        if pacer is not None:  # (else nothing was granted)
+                            pacer.settle(0)
                         continue
-                    pacer.settle(got)
+                    if pacer is not None:
+                        pacer.settle(got)
                     with lock:
                         conn.pos += got
                 else:
                     got = yield from read_steps(view[conn.pending:conn.pending + granted])
-                    if limited:  # (else nothing was granted)
+                    if pacer is not None:  # (else nothing was granted)
                         pacer.settle(got)
                     if max_size is not None and start + got > max_size:
                         got = 0
@@ -6387,7 +6392,8 @@ class _Pump:
         except (OSError, http.client.HTTPException, ProtocolError) as exc:
             # (a ProtocolError: a body's framing, bitpit's since http.client's
             # IncompleteRead; its unused tokens go back all the same)
-            pacer.settle(0)
+            if pacer is not None:
+                pacer.settle(0)
             if self.cancel.is_set():
                 raise _Stopped from exc
             if conn.superseded:
@@ -6519,7 +6525,9 @@ class _Transfer:
         self.sources = [_Source(address, store.validators.get(address.url))
                         for address in addresses]
         self.chunk_size = chunk_size
-        self.buckets = buckets              # the download's own first
+        # the download's own first, if it has a limit; replaced whole
+        # (add_bucket) when one is set during the attempt
+        self.buckets = buckets
         self.checksum = checksum
         self.max_size = max_size
         self.min_speed = min_speed
@@ -6557,7 +6565,8 @@ class _Transfer:
         self._samples: 'Optional[collections.deque[Tuple[float, int]]]' = \
             collections.deque() if min_speed else None
         self.verify_digest = verify_digest
-        self.digests: List[Tuple[str, str, bytes]] = []  # the probe's answer's, to check
+        # the probe's answer's, to check (no list made while there are none)
+        self.digests: Sequence[Tuple[str, str, bytes]] = ()
         self.expected_size = expected_size  # the size every source must have (a metalink's)
         # a metalink's piece hashes, checked as pieces land (in a file path only)
         self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
@@ -6568,25 +6577,28 @@ class _Transfer:
     # -- the run's side ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the probe's connection, on the loop. The run's steps."""
-        self.buckets[0].drain()  # the download's own limit paces from now on
+        """Start the probe's connection, on the loop, with its claim (its
+        steps then ask for none: one lock section less). The run's steps."""
         with self._lock:
-            self._spawn()
+            self._spawn(probe=not self.cancel.is_set())  # (else it ends at once)
 
-    def wait_steps(self, until: float) -> '_Steps[None]':
+    def wait_steps(self, until: float) -> '_Steps[bool]':
         """Wait until ``until`` for something to report or to do, and do
         it (``_keep_going``): not after a wake for events alone (a small
         file's size and start), which only the run's ``take_events`` takes,
-        nor once finished. The run's steps."""
+        nor once finished. They give whether it is finished (a property
+        that a small file's run would ask again). The run's steps."""
         news = self.news
         news.clear()  # (before the look: a change after it sets it again)
-        if not self.events and not self.finished and not self.slot_freed:
-            yield _Wait(None, until, event=news)
-        if (self.changed or not self.events) and not self.finished:
+        if not self.events and not self.slot_freed and not self.finished:
+            yield _Wait(None, until, False, news)  # (news: by position, no keyword's dict)
+        finished = self.finished
+        if (self.changed or not self.events) and not finished:
             with self._lock:
                 self.changed = False
-                if not self.finished:  # (else there is nothing to do)
-                    self._keep_going()
+                self._keep_going()  # (nothing to do once it finished meanwhile)
+            finished = self.finished
+        return finished
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
@@ -6669,6 +6681,13 @@ class _Transfer:
             self._end(StalledError('slower than {} bytes/s for {} s'.format(
                 self.min_speed, window)))
 
+    def add_bucket(self, bucket: _TokenBucket) -> None:
+        """Draw from ``bucket`` too, before the others (a download's own
+        limit, set during the attempt): every connection's next read does.
+        Any thread."""
+        with self._lock:
+            self.buckets = self.planner.buckets = (bucket,) + self.buckets
+
     def stop(self) -> None:
         """End every connection now. Any thread; never waits for a lock
         another thread may hold."""
@@ -6710,7 +6729,7 @@ class _Transfer:
         while self.connections or self.saving:
             news.clear()
             if self.connections or self.saving:
-                yield _Wait(None, time.monotonic() + _TEND_PERIOD, event=news)
+                yield _Wait(None, time.monotonic() + _TEND_PERIOD, False, news)  # (by position)
 
     # -- decisions, under the lock ---------------------------------------------------
 
@@ -6724,7 +6743,7 @@ class _Transfer:
         live = len(self.connections)
         if not self.probed:
             if not live:
-                self._spawn()
+                self._spawn(probe=True)
             return
         if self._is_complete():
             self._complete(None)
@@ -6739,10 +6758,11 @@ class _Transfer:
         if not live:
             self._end(self._verdict())
 
-    def _spawn(self, claim: Optional[Tuple[int, int]] = None) -> bool:
-        """Start a connection on the loop (with ``claim`` to fetch, else it
-        asks for a range). Under the lock."""
-        conn = self._add_connection(claim)
+    def _spawn(self, claim: Optional[Tuple[int, int]] = None, probe: bool = False) -> bool:
+        """Start a connection on the loop (with ``claim`` to fetch, or
+        ``probe``: the probe's claim, else it asks for a range). Under the
+        lock."""
+        conn = self._add_connection(claim, probe)
         if conn is None:
             return False
         try:
@@ -6752,9 +6772,10 @@ class _Transfer:
             raise
         return True
 
-    def _add_connection(self, claim: Optional[Tuple[int, int]] = None
+    def _add_connection(self, claim: Optional[Tuple[int, int]] = None, probe: bool = False
                         ) -> Optional[_Connection]:
-        """A new live connection (with ``claim`` to fetch), its source the
+        """A new live connection (with ``claim`` to fetch, or ``probe``: the
+        probe's, when no connection probes yet), its source the
         next usable one in turn; ``None`` when none is usable, or when the
         manager's cap on a host allows no more now."""
         usable = [s for s in self.sources if s.usable]
@@ -6771,6 +6792,8 @@ class _Transfer:
         conn = _Connection(number, source, self.chunk_size)
         if claim is not None:
             self.planner.claim(conn, *claim)
+        elif probe and self.prober is None:
+            self._claim_probe(conn)
         self.connections.append(conn)
         return conn
 
@@ -6836,8 +6859,7 @@ class _Transfer:
             return None
         if not self.probed:
             if self.prober is None:
-                self.prober = conn
-                self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+                self._claim_probe(conn)
             return None
         if self.planner.choose(conn):
             if self.piece_hashes is not None:
@@ -6851,7 +6873,12 @@ class _Transfer:
             work = self.work = _Flag()
         else:
             work.clear()  # (under the lock, which every setter holds)
-        return _Wait(None, due + 0.001, event=work)
+        return _Wait(None, due + 0.001, False, work)  # (by position)
+
+    def _claim_probe(self, conn: _Connection) -> None:
+        """``conn`` probes: it claims the first gap, to the file's end."""
+        self.prober = conn
+        self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
@@ -6882,20 +6909,24 @@ class _Transfer:
     def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
         """A connection's steps, on the loop: fetch ranges until there is
         none left."""
-        pacer = _Pacer(self.buckets, self.cancel.is_set)
+        left = False
         try:
             while True:
                 if not conn.active:  # (else the rest of its claim)
                     with self._lock:
                         wait = self._next_job(conn)
-                        claimed = conn.active
+                        if wait is None and not conn.active:
+                            # nothing left for it: it leaves in this look
+                            # (a small file's one lock section less)
+                            self._leave(conn)
+                            left = True
                     if wait is not None:
                         yield wait
                         continue
-                    if not claimed:
+                    if left:
                         break
                 try:
-                    yield from self.pump.fetch_steps(conn, pacer)
+                    yield from self.pump.fetch_steps(conn)
                 except _Superseded:
                     with self._lock:
                         conn.active = False
@@ -6915,15 +6946,21 @@ class _Transfer:
             with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
-            with self._lock:
-                conn.active = False
-                if self.prober is conn:
-                    self.prober = None
-                if self.planner.judging is conn:  # it ends unjudged: the others may start
-                    self.planner.judging = None
-                self.connections.remove(conn)
-                conn.buffer = memoryview(b'')
-                self._wake()
+            if not left:
+                with self._lock:
+                    self._leave(conn)
+
+    def _leave(self, conn: _Connection) -> None:
+        """``conn`` ends: it is no longer live, and the run looks. Under
+        the lock, by its steps."""
+        conn.active = False
+        if self.prober is conn:
+            self.prober = None
+        if self.planner.judging is conn:  # it ends unjudged: the others may start
+            self.planner.judging = None
+        self.connections.remove(conn)
+        conn.buffer = memoryview(b'')
+        self._wake()
 
     # -- the answers: what each says about the file, asked by the pump ----------------
 
@@ -7059,7 +7096,7 @@ class _Transfer:
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
         too. A connection's steps, under the lock."""
-        self.digests = []
+        self.digests = ()
         if answer.encoding is not None and not answer.keep_encoded:
             return
         if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
@@ -8201,6 +8238,8 @@ class Downloader(Emitter):
             self._rate_limit = value if value > 0 else 0
             if self._bucket is not None:  # else the first attempt makes it with this rate
                 self._bucket.rate = self._rate_limit
+            elif self._rate_limit and self._transfer is not None:
+                self._limit_transfer(self._transfer)
         self.emit('rate-limit-changed', self)
 
     @property
@@ -8542,12 +8581,27 @@ class Downloader(Emitter):
             self._changed.notify_all()
 
     def _buckets(self) -> Tuple[_TokenBucket, ...]:
-        """The token buckets an attempt draws from: its own (made now at
-        the first attempt), then its manager's. The run's steps."""
+        """The token buckets an attempt draws from: its own if it has a
+        limit (made now at the first attempt with one; emptied, so that it
+        paces from now on), then its manager's. Without a limit, it has
+        none, and takes no lock (a small file's attempt would make one for
+        nothing): the ``rate_limit`` setter adds one to a running transfer,
+        and ``_attempt_steps`` to its new one, if a limit came meanwhile.
+        The run's steps."""
+        if self._bucket is None and self._rate_limit <= 0:
+            return self._shared_buckets
         with self._lock:
             if self._bucket is None:
                 self._bucket = _TokenBucket(self._rate_limit)
+            else:
+                self._bucket.drain()
             return (self._bucket,) + self._shared_buckets
+
+    def _limit_transfer(self, transfer: _Transfer) -> None:
+        """An attempt under way without a limit of its own draws from one
+        now, with ``rate_limit``. Under ``_lock``."""
+        self._bucket = _TokenBucket(self._rate_limit)
+        transfer.add_bucket(self._bucket)
 
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
@@ -8758,6 +8812,8 @@ class Downloader(Emitter):
         with self._lock:
             self._transfer = transfer
             stopped = self._stopping
+            if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
+                self._limit_transfer(transfer)
         if stopped:
             transfer.stop()
         period = self._update_period
@@ -8766,10 +8822,9 @@ class Downloader(Emitter):
         due = min(tick_at, began + _TEND_PERIOD)
         try:
             transfer.start()
-            while not transfer.finished:
-                yield from transfer.wait_steps(due)
-                if transfer.finished:  # (its last events are relayed below: no look)
-                    break
+            while True:
+                if (yield from transfer.wait_steps(due)):  # finished
+                    break  # (its last events are relayed below: no look)
                 # tend it: relay its events, let it look at itself, and
                 # measure the speed every period
                 self._relay(transfer.take_events(), post)

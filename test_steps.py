@@ -304,9 +304,8 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
     conn = transfer._add_connection()
     with transfer._lock:
         assert transfer._next_job(conn) is None and conn.active
-    pacer = bitpit._Pacer(transfer.buckets, transfer.cancel.is_set)
     try:
-        _, waits = drive_by_hand(transfer.pump.fetch_steps(conn, pacer), gates.release)
+        _, waits = drive_by_hand(transfer.pump.fetch_steps(conn), gates.release)
     finally:
         for _ in parts:
             gates.release()                    # (a handler left waiting goes)
