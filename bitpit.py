@@ -942,6 +942,8 @@ class _Stopped(Exception):
 
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
     _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
+    # what the registry holds for a signal: its one callback, or them all
+    _Registered = Union[Callable[..., object], _Callbacks]
 
 
 class Emitter:
@@ -952,16 +954,19 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # the registry is made at the first listen() and holds a tuple for each
-    # signal listened to: an object nobody listens to costs nothing (a
-    # manager may hold thousands), and reads the class's empty one, which
-    # nobody writes to. listen() and unlisten() replace a tuple, never
-    # change one, under _EMITTER_LOCK (one for every emitter: they are rare
-    # next to emit()), so that emit() calls the tuple it reads without a
-    # lock
-    _emitter_callbacks: Mapping[str, _Callbacks] = types.MappingProxyType({})
+    # the registry is made at the first listen() and holds, for each signal
+    # listened to, its callback itself while that is its only one and
+    # takes no arguments of its own (most: a manager's thousands of
+    # downloads, each listened to, keep one object each for it, the dict,
+    # which the collector visits), else a tuple of (func, args, kwargs). An
+    # object nobody listens to costs nothing, and reads the class's empty
+    # one, which nobody writes to. listen() and unlisten() replace a value,
+    # never change one, under _EMITTER_LOCK (one for every emitter: they
+    # are rare next to emit()), so that emit() calls what it reads without
+    # a lock
+    _emitter_callbacks: Mapping[str, _Registered] = types.MappingProxyType({})
 
-    def _registry(self) -> Dict[str, _Callbacks]:
+    def _registry(self) -> Dict[str, _Registered]:
         """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
         callbacks = self._emitter_callbacks
         if not isinstance(callbacks, dict):  # the class's: none of its own yet
@@ -979,7 +984,11 @@ class Emitter:
         self._check_signal(signal)
         with _EMITTER_LOCK:
             callbacks = self._registry()
-            callbacks[signal] = callbacks.get(signal, ()) + ((func, args, kwargs),)
+            registered = callbacks.get(signal)
+            if registered is None and not args and not kwargs:
+                callbacks[signal] = func
+            else:
+                callbacks[signal] = _registrations(registered) + ((func, args, kwargs),)
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -989,19 +998,24 @@ class Emitter:
         self._check_signal(signal)
         with _EMITTER_LOCK:
             callbacks = self._registry()
-            registered = list(callbacks.get(signal, ()))
+            registered = list(_registrations(callbacks.get(signal)))
             registered.remove((func, args, kwargs))
-            callbacks[signal] = tuple(registered)
+            if registered:
+                callbacks[signal] = tuple(registered)
+            else:
+                del callbacks[signal]
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         registered = self._emitter_callbacks.get(signal)
-        if not registered:  # nobody listens: only the name to check
+        if registered is None:  # nobody listens: only the name to check
             if signal not in self.__signals__:
                 self._check_signal(signal)  # (raises)
             return
+        if not isinstance(registered, tuple):  # one callback, with no arguments of its own
+            registered = ((registered, (), _NO_KWARGS),)
         for func, listen_args, listen_kwargs in registered:
             try:
                 if listen_args or listen_kwargs:
@@ -1013,6 +1027,17 @@ class Emitter:
 
 
 _EMITTER_LOCK = threading.Lock()
+_NO_KWARGS: Dict[str, Any] = {}  # (never written to)
+
+
+def _registrations(registered: Optional[_Registered]) -> _Callbacks:
+    """A signal's registrations, as ``(func, args, kwargs)`` tuples, from
+    what the registry holds for it (see ``Emitter``)."""
+    if registered is None:
+        return ()
+    if not isinstance(registered, tuple):
+        return ((registered, (), _NO_KWARGS),)
+    return registered
 
 
 # ---------------------------------------------------------------------------
