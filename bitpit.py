@@ -8893,7 +8893,7 @@ class Downloader(Emitter):
     # What Manager, the manifest, the command line and the asyncio layer may
     # use of a Downloader besides its public face; nothing else of it. A
     # manager makes the downloads it adds by URL with _another(), joins a
-    # download with _join_manager() and lets go with
+    # download with _join_manager() (one it made with _join_new()) and lets go with
     # _leave_manager(); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
@@ -8965,6 +8965,16 @@ class Downloader(Emitter):
         self._cancel_restart()
         self._shared_buckets = buckets
         self._host_slots = host_slots
+
+    def _join_new(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
+                  terms: Tuple[_ManagerTerms]) -> None:
+        """``_join_manager`` for a download that the manager has just made
+        (``_another``), which no other thread has yet, and which never
+        started: no lock to take, no restart to cancel. The manager's
+        caller's thread."""
+        self._tracked_by = tracked_by
+        self._terms = terms
+        self._restarted_by, self._shared_buckets, self._host_slots = terms[0]
 
     def _leave_manager(self, tracked_by: Callable[['Downloader', str, str], None]) -> None:
         """The manager whose note is ``tracked_by`` lets the download go
@@ -9479,6 +9489,18 @@ class Manager(Emitter):
         ``Downloader``; return the downloader. Emits ``add``."""
         if not isinstance(d, Downloader):
             d = self._made(d)
+            if self._manifest is None and 'add' not in self._emitter_callbacks:
+                # made here (no other thread has it) and nobody to tell:
+                # joined with no lock of its own, and added and queued in
+                # one step, as _track queues a stopped download
+                d._join_new(*self._joined)
+                with self._lock:
+                    self._downloads[d] = turn = next(self._turns)
+                    self._open[d] = None
+                    self._queued.add(d)
+                    heapq.heappush(self._queue, (turn, d))
+                    self._replan_now()
+                return d
         with self._lock:
             if d in self._downloads:
                 return d
