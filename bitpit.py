@@ -1260,7 +1260,7 @@ class _Run(_Task):
     live: Set['_Run'] = set()
 
     def __init__(self) -> None:
-        super().__init__(_nothing, 'bitpit-download')
+        _Task.__init__(self, _nothing, 'bitpit-download')  # (no super object to make)
         self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
             collections.deque()
         self.queued = False
@@ -1271,7 +1271,7 @@ class _Run(_Task):
     def done(self) -> None:
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
-        super().done()
+        _Task.done(self)
         # whoever still holds the run (a stop under way; a finished
         # download drops it) keeps nothing more of it
         self.calls = _NO_CALLS
@@ -8584,7 +8584,8 @@ class Downloader(Emitter):
         logged and the download goes on."""
         with self._lock:
             old, self._state = self._state, state
-            self._notify_changed()
+            if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
+                self._changed.notify_all()
         if old != state:
             if state in _ACTIVE_STATES:
                 if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
@@ -8683,7 +8684,8 @@ class Downloader(Emitter):
         finally:
             with self._lock:
                 self._running = False
-                self._notify_changed()
+                if self._changed is not None:  # (_notify_changed, inline)
+                    self._changed.notify_all()
             run.done()
             with self._lock:  # a finished download keeps no run (a manager keeps thousands)
                 if self._thread is run:
