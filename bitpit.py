@@ -966,13 +966,6 @@ class Emitter:
     # a lock
     _emitter_callbacks: Mapping[str, _Registered] = types.MappingProxyType({})
 
-    def _registry(self) -> Dict[str, _Registered]:
-        """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
-        callbacks = self._emitter_callbacks
-        if not isinstance(callbacks, dict):  # the class's: none of its own yet
-            self._emitter_callbacks = callbacks = {}
-        return callbacks
-
     def _check_signal(self, signal: str) -> None:
         if signal not in self.__signals__:
             raise KeyError('{} has no signal {!r}'.format(type(self).__name__, signal))
@@ -981,9 +974,12 @@ class Emitter:
                **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
-        self._check_signal(signal)
+        if signal not in self.__signals__:
+            self._check_signal(signal)  # (raises)
         with _EMITTER_LOCK:
-            callbacks = self._registry()
+            callbacks = self._emitter_callbacks
+            if not isinstance(callbacks, dict):  # the class's: none of its own yet
+                self._emitter_callbacks = callbacks = {}
             registered = callbacks.get(signal)
             if registered is None and not args and not kwargs:
                 callbacks[signal] = func
@@ -997,9 +993,10 @@ class Emitter:
         if there is no such registration."""
         self._check_signal(signal)
         with _EMITTER_LOCK:
-            callbacks = self._registry()
+            callbacks = self._emitter_callbacks
             registered = list(_registrations(callbacks.get(signal)))
-            registered.remove((func, args, kwargs))
+            registered.remove((func, args, kwargs))  # (none in the class's registry)
+            assert isinstance(callbacks, dict)
             if registered:
                 callbacks[signal] = tuple(registered)
             else:
@@ -1015,7 +1012,11 @@ class Emitter:
                 self._check_signal(signal)  # (raises)
             return
         if not isinstance(registered, tuple):  # one callback, with no arguments of its own
-            registered = ((registered, (), _NO_KWARGS),)
+            try:
+                registered(*args)
+            except Exception:
+                _log.exception('callback %r for signal %r raised', registered, signal)
+            return
         for func, listen_args, listen_kwargs in registered:
             try:
                 if listen_args or listen_kwargs:

@@ -143,6 +143,18 @@ def test_emitter_callback_exception_is_logged_and_others_run(caplog):
     assert any('boom' in (r.exc_text or '') or r.exc_info for r in caplog.records)
 
 
+@pytest.mark.allow_error_log(r'^callback .* for signal .* raised$')
+def test_emitter_lone_callback_exception_is_logged(caplog):
+    t = Thing()
+
+    def bad(*args):
+        raise RuntimeError('lone boom')
+    t.listen('ping', bad)
+    with caplog.at_level(logging.ERROR, logger='bitpit'):
+        assert t.emit('ping', 7) is None
+    assert [r.exc_info[1].args for r in caplog.records] == [('lone boom',)]
+
+
 def test_emitter_listen_and_unlisten_inside_callback():
     t = Thing()
     calls = []
