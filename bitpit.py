@@ -8558,15 +8558,15 @@ class Downloader(Emitter):
         first did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
-        the caller's thread."""
-        with self._lock:
-            if self._store is not None and self._store.is_path:
-                self._store = None
-            self._bucket = None
-            if self._digest_auth is not None and not self._digest_auth.learnt():
-                self._digest_auth = None
-            if self._cookies is not None and self._cookies.jar is None:
-                self._cookies = None
+        the caller's thread; under ``_lock`` (the run's steps take it
+        once for this and for the attempt's end)."""
+        if self._store is not None and self._store.is_path:
+            self._store = None
+        self._bucket = None
+        if self._digest_auth is not None and not self._digest_auth.learnt():
+            self._digest_auth = None
+        if self._cookies is not None and self._cookies.jar is None:
+            self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -8663,10 +8663,10 @@ class Downloader(Emitter):
                 with self._lock:
                     self._attempt_over = True
                     self._speed = 0
+                    if final in _FINISHED_STATES:
+                        self._let_go()
                 self._retry_after = retry_after
                 self._count_restart(final == 'error', self._received > received_before)
-                if final in _FINISHED_STATES:
-                    self._let_go()
             finally:  # (a bug above is said by _run_ended: the run still ends)
                 post(self._end_run, run, final, size)
 
@@ -9061,7 +9061,8 @@ class Downloader(Emitter):
         self._local_store()
         self._downloaded = size
         self._set_size(size)
-        self._let_go()
+        with self._lock:
+            self._let_go()
         self._set_state('complete')
 
     def _fail_outside(self, exc: BaseException) -> None:
@@ -9713,7 +9714,7 @@ class Manager(Emitter):
         finished leave ``_open``). Under ``_lock``."""
         while self._open:
             d = next(iter(self._open))
-            if d.state not in _FINISHED_STATES:
+            if d._state not in _FINISHED_STATES:  # (not through the property)
                 return True
             del self._open[d]
         return False
@@ -9738,7 +9739,7 @@ class Manager(Emitter):
             self._queued.discard(d)
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
-            state = d.state
+            state = d._state  # (not through the property: a call per download)
             if state in _FINISHED_STATES or state in _ACTIVE_STATES:
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue
