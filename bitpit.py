@@ -8022,7 +8022,9 @@ class Downloader(Emitter):
         """What a download of ``address`` (its URL, checked) holds before
         its first start, besides its options: for the constructor, and for
         ``_another()``."""
-        self._lock = threading.RLock()       # guards the thread, the restart, the state
+        # guards the thread, the restart, the state (threading.RLock's own
+        # lock, made without the Python call that picks it)
+        self._lock = _thread.RLock()
         self._changed: Optional[_Changed] = None  # see _changes()
         self._url = address.url
         self._address = address              # what its requests and its name take of _url
@@ -9651,11 +9653,15 @@ class Manager(Emitter):
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
-            self._track(d, state)
-            if state in _ACTIVE_STATES:
-                return  # a download getting under way frees no slot
-            if state in ('error', 'pause'):
-                self._stopped_at[d] = time.monotonic()
+            if state in _FINISHED_STATES:  # (_track's, inline: once a file)
+                self._running.pop(d, None)
+                self._open.pop(d, None)
+                self._stopped_at.pop(d, None)
+            else:
+                self._track(d, state)
+                if state in _ACTIVE_STATES:
+                    return  # a download getting under way frees no slot
+                self._stopped_at[d] = time.monotonic()  # (an error or a pause)
             # a finished download started again (restart()) may fail: the
             # manager restarts it, with a new thread if its own ended
             self._replan_now()
