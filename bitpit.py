@@ -8685,14 +8685,13 @@ class Downloader(Emitter):
                 self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
-            with self._lock:
+            with self._lock:  # (once: whoever it wakes sees the run done and dropped)
                 self._running = False
+                run.done()
+                if self._thread is run:  # a finished download keeps no run (a
+                    self._thread = None  # manager keeps thousands)
                 if self._changed is not None:  # (_notify_changed, inline)
                     self._changed.notify_all()
-            run.done()
-            with self._lock:  # a finished download keeps no run (a manager keeps thousands)
-                if self._thread is run:
-                    self._thread = None
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
