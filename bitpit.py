@@ -942,6 +942,8 @@ class _Stopped(Exception):
 
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
     _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
+    # what the registry holds for a signal: its one callback, or them all
+    _Registered = Union[Callable[..., object], _Callbacks]
 
 
 class Emitter:
@@ -952,21 +954,17 @@ class Emitter:
     inside a callback while a signal is being emitted.
     """
     __signals__: Tuple[str, ...] = ()
-    # the registry is made at the first listen() and holds a tuple for each
-    # signal listened to: an object nobody listens to costs nothing (a
-    # manager may hold thousands), and reads the class's empty one, which
-    # nobody writes to. listen() and unlisten() replace a tuple, never
-    # change one, under _EMITTER_LOCK (one for every emitter: they are rare
-    # next to emit()), so that emit() calls the tuple it reads without a
-    # lock
-    _emitter_callbacks: Mapping[str, _Callbacks] = types.MappingProxyType({})
-
-    def _registry(self) -> Dict[str, _Callbacks]:
-        """The registry, made now if need be. Under ``_EMITTER_LOCK``."""
-        callbacks = self._emitter_callbacks
-        if not isinstance(callbacks, dict):  # the class's: none of its own yet
-            self._emitter_callbacks = callbacks = {}
-        return callbacks
+    # the registry is made at the first listen() and holds, for each signal
+    # listened to, its callback itself while that is its only one and
+    # takes no arguments of its own (most: a manager's thousands of
+    # downloads, each listened to, keep one object each for it, the dict,
+    # which the collector visits), else a tuple of (func, args, kwargs). An
+    # object nobody listens to costs nothing, and reads the class's empty
+    # one, which nobody writes to. listen() and unlisten() replace a value,
+    # never change one, under _EMITTER_LOCK (one for every emitter: they
+    # are rare next to emit()), so that emit() calls what it reads without
+    # a lock
+    _emitter_callbacks: Mapping[str, _Registered] = types.MappingProxyType({})
 
     def _check_signal(self, signal: str) -> None:
         if signal not in self.__signals__:
@@ -976,10 +974,17 @@ class Emitter:
                **kwargs: Any) -> None:
         """Call ``func(*emit_args, *args, **kwargs)`` whenever ``signal`` is
         emitted. Raises ``KeyError`` for an unknown signal."""
-        self._check_signal(signal)
+        if signal not in self.__signals__:
+            self._check_signal(signal)  # (raises)
         with _EMITTER_LOCK:
-            callbacks = self._registry()
-            callbacks[signal] = callbacks.get(signal, ()) + ((func, args, kwargs),)
+            callbacks = self._emitter_callbacks
+            if not isinstance(callbacks, dict):  # the class's: none of its own yet
+                self._emitter_callbacks = callbacks = {}
+            registered = callbacks.get(signal)
+            if registered is None and not args and not kwargs:
+                callbacks[signal] = func
+            else:
+                callbacks[signal] = _registrations(registered) + ((func, args, kwargs),)
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -988,19 +993,29 @@ class Emitter:
         if there is no such registration."""
         self._check_signal(signal)
         with _EMITTER_LOCK:
-            callbacks = self._registry()
-            registered = list(callbacks.get(signal, ()))
-            registered.remove((func, args, kwargs))
-            callbacks[signal] = tuple(registered)
+            callbacks = self._emitter_callbacks
+            registered = list(_registrations(callbacks.get(signal)))
+            registered.remove((func, args, kwargs))  # (none in the class's registry)
+            assert isinstance(callbacks, dict)
+            if registered:
+                callbacks[signal] = tuple(registered)
+            else:
+                del callbacks[signal]
 
     def emit(self, signal: str, *args: Any) -> None:
         """Call every callback registered for ``signal``, in order. A callback
         that raises is logged with its traceback and the others still run.
         Raises ``KeyError`` for an unknown signal."""
         registered = self._emitter_callbacks.get(signal)
-        if not registered:  # nobody listens: only the name to check
+        if registered is None:  # nobody listens: only the name to check
             if signal not in self.__signals__:
                 self._check_signal(signal)  # (raises)
+            return
+        if not isinstance(registered, tuple):  # one callback, with no arguments of its own
+            try:
+                registered(*args)
+            except Exception:
+                _log.exception('callback %r for signal %r raised', registered, signal)
             return
         for func, listen_args, listen_kwargs in registered:
             try:
@@ -1013,6 +1028,17 @@ class Emitter:
 
 
 _EMITTER_LOCK = threading.Lock()
+_NO_KWARGS: Dict[str, Any] = {}  # (never written to)
+
+
+def _registrations(registered: Optional[_Registered]) -> _Callbacks:
+    """A signal's registrations, as ``(func, args, kwargs)`` tuples, from
+    what the registry holds for it (see ``Emitter``)."""
+    if registered is None:
+        return ()
+    if not isinstance(registered, tuple):
+        return ((registered, (), _NO_KWARGS),)
+    return registered
 
 
 # ---------------------------------------------------------------------------
@@ -1235,7 +1261,7 @@ class _Run(_Task):
     live: Set['_Run'] = set()
 
     def __init__(self) -> None:
-        super().__init__(_nothing, 'bitpit-download')
+        _Task.__init__(self, _nothing, 'bitpit-download')  # (no super object to make)
         self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
             collections.deque()
         self.queued = False
@@ -1246,7 +1272,7 @@ class _Run(_Task):
     def done(self) -> None:
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
-        super().done()
+        _Task.done(self)
         # whoever still holds the run (a stop under way; a finished
         # download drops it) keeps nothing more of it
         self.calls = _NO_CALLS
@@ -8076,7 +8102,9 @@ class Downloader(Emitter):
         """What a download of ``address`` (its URL, checked) holds before
         its first start, besides its options: for the constructor, and for
         ``_another()``."""
-        self._lock = threading.RLock()       # guards the thread, the restart, the state
+        # guards the thread, the restart, the state (threading.RLock's own
+        # lock, made without the Python call that picks it)
+        self._lock = _thread.RLock()
         self._changed: Optional[_Changed] = None  # see _changes()
         self._url = address.url
         self._address = address              # what its requests and its name take of _url
@@ -8629,15 +8657,15 @@ class Downloader(Emitter):
         first did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
-        the caller's thread."""
-        with self._lock:
-            if self._store is not None and self._store.is_path:
-                self._store = None
-            self._bucket = None
-            if self._digest_auth is not None and not self._digest_auth.learnt():
-                self._digest_auth = None
-            if self._cookies is not None and self._cookies.jar is None:
-                self._cookies = None
+        the caller's thread; under ``_lock`` (the run's steps take it
+        once for this and for the attempt's end)."""
+        if self._store is not None and self._store.is_path:
+            self._store = None
+        self._bucket = None
+        if self._digest_auth is not None and not self._digest_auth.learnt():
+            self._digest_auth = None
+        if self._cookies is not None and self._cookies.jar is None:
+            self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -8656,7 +8684,8 @@ class Downloader(Emitter):
         logged and the download goes on."""
         with self._lock:
             old, self._state = self._state, state
-            self._notify_changed()
+            if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
+                self._changed.notify_all()
         if old != state:
             if state in _ACTIVE_STATES:
                 if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
@@ -8733,10 +8762,10 @@ class Downloader(Emitter):
                 with self._lock:
                     self._attempt_over = True
                     self._speed = 0
+                    if final in _FINISHED_STATES:
+                        self._let_go()
                 self._retry_after = retry_after
                 self._count_restart(final == 'error', self._received > received_before)
-                if final in _FINISHED_STATES:
-                    self._let_go()
             finally:  # (a bug above is said by _run_ended: the run still ends)
                 post(self._end_run, run, final, size)
 
@@ -8753,13 +8782,13 @@ class Downloader(Emitter):
                 self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
-            with self._lock:
+            with self._lock:  # (once: whoever it wakes sees the run done and dropped)
                 self._running = False
-                self._notify_changed()
-            run.done()
-            with self._lock:  # a finished download keeps no run (a manager keeps thousands)
-                if self._thread is run:
-                    self._thread = None
+                run.done()
+                if self._thread is run:  # a finished download keeps no run (a
+                    self._thread = None  # manager keeps thousands)
+                if self._changed is not None:  # (_notify_changed, inline)
+                    self._changed.notify_all()
 
     def _count_restart(self, failed: bool, received: bool) -> None:
         """Count the restart an attempt's end calls for and draw its wait:
@@ -8966,7 +8995,7 @@ class Downloader(Emitter):
     # What Manager, the manifest, the command line and the asyncio layer may
     # use of a Downloader besides its public face; nothing else of it. A
     # manager makes the downloads it adds by URL with _another(), joins a
-    # download with _join_manager() and lets go with
+    # download with _join_manager() (one it made with _join_new()) and lets go with
     # _leave_manager(); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
@@ -9038,6 +9067,16 @@ class Downloader(Emitter):
         self._cancel_restart()
         self._shared_buckets = buckets
         self._host_slots = host_slots
+
+    def _join_new(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
+                  terms: Tuple[_ManagerTerms]) -> None:
+        """``_join_manager`` for a download that the manager has just made
+        (``_another``), which no other thread has yet, and which never
+        started: no lock to take, no restart to cancel. The manager's
+        caller's thread."""
+        self._tracked_by = tracked_by
+        self._terms = terms
+        self._restarted_by, self._shared_buckets, self._host_slots = terms[0]
 
     def _leave_manager(self, tracked_by: Callable[['Downloader', str, str], None]) -> None:
         """The manager whose note is ``tracked_by`` lets the download go
@@ -9121,7 +9160,8 @@ class Downloader(Emitter):
         self._local_store()
         self._downloaded = size
         self._set_size(size)
-        self._let_go()
+        with self._lock:
+            self._let_go()
         self._set_state('complete')
 
     def _fail_outside(self, exc: BaseException) -> None:
@@ -9552,6 +9592,18 @@ class Manager(Emitter):
         ``Downloader``; return the downloader. Emits ``add``."""
         if not isinstance(d, Downloader):
             d = self._made(d)
+            if self._manifest is None and 'add' not in self._emitter_callbacks:
+                # made here (no other thread has it) and nobody to tell:
+                # joined with no lock of its own, and added and queued in
+                # one step, as _track queues a stopped download
+                d._join_new(*self._joined)
+                with self._lock:
+                    self._downloads[d] = turn = next(self._turns)
+                    self._open[d] = None
+                    self._queued.add(d)
+                    heapq.heappush(self._queue, (turn, d))
+                    self._replan_now()
+                return d
         with self._lock:
             if d in self._downloads:
                 return d
@@ -9698,11 +9750,15 @@ class Manager(Emitter):
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
-            self._track(d, state)
-            if state in _ACTIVE_STATES:
-                return  # a download getting under way frees no slot
-            if state in ('error', 'pause'):
-                self._stopped_at[d] = time.monotonic()
+            if state in _FINISHED_STATES:  # (_track's, inline: once a file)
+                self._running.pop(d, None)
+                self._open.pop(d, None)
+                self._stopped_at.pop(d, None)
+            else:
+                self._track(d, state)
+                if state in _ACTIVE_STATES:
+                    return  # a download getting under way frees no slot
+                self._stopped_at[d] = time.monotonic()  # (an error or a pause)
             # a finished download started again (restart()) may fail: the
             # manager restarts it, with a new thread if its own ended
             self._replan_now()
@@ -9761,7 +9817,7 @@ class Manager(Emitter):
         finished leave ``_open``). Under ``_lock``."""
         while self._open:
             d = next(iter(self._open))
-            if d.state not in _FINISHED_STATES:
+            if d._state not in _FINISHED_STATES:  # (not through the property)
                 return True
             del self._open[d]
         return False
@@ -9786,7 +9842,7 @@ class Manager(Emitter):
             self._queued.discard(d)
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
-            state = d.state
+            state = d._state  # (not through the property: a call per download)
             if state in _FINISHED_STATES or state in _ACTIVE_STATES:
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue

@@ -85,6 +85,32 @@ def test_emitter_twice_registered_called_twice_and_unlisten_once():
         t.unlisten('ping', f)
 
 
+def test_emitter_plain_callback_then_one_with_args_in_order():
+    """A signal's lone plain callback is kept as it is; one with arguments
+    after it keeps the order, and each unlisten leaves the other."""
+    calls = []
+    t = Thing()
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+
+    t.listen('ping', record)
+    t.listen('ping', record, 'x', key=1)
+    t.emit('ping', 'a')
+    assert calls == [(('a',), {}), (('a', 'x'), {'key': 1})]
+    t.unlisten('ping', record)
+    t.emit('ping', 'b')
+    assert calls[2:] == [(('b', 'x'), {'key': 1})]
+    t.unlisten('ping', record, 'x', key=1)
+    t.emit('ping', 'c')
+    assert len(calls) == 3
+    with pytest.raises(ValueError):
+        t.unlisten('ping', record)
+    t.listen('ping', record)
+    t.emit('ping', 'd')
+    assert calls[3:] == [(('d',), {})]
+
+
 def test_emitter_unlisten_matches_args():
     t = Thing()
     f = print
@@ -115,6 +141,18 @@ def test_emitter_callback_exception_is_logged_and_others_run(caplog):
         t.emit('ping', 7)
     assert calls == [7]
     assert any('boom' in (r.exc_text or '') or r.exc_info for r in caplog.records)
+
+
+@pytest.mark.allow_error_log(r'^callback .* for signal .* raised$')
+def test_emitter_lone_callback_exception_is_logged(caplog):
+    t = Thing()
+
+    def bad(*args):
+        raise RuntimeError('lone boom')
+    t.listen('ping', bad)
+    with caplog.at_level(logging.ERROR, logger='bitpit'):
+        assert t.emit('ping', 7) is None
+    assert [r.exc_info[1].args for r in caplog.records] == [('lone boom',)]
 
 
 def test_emitter_listen_and_unlisten_inside_callback():

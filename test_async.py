@@ -82,7 +82,8 @@ def callbacks_of(d):
     d.listen('url-changed', print)  # makes sure the registry exists
     d.unlisten('url-changed', print)
     watchers = d._changed.watchers if d._changed is not None else []
-    return sum(len(c) for c in d._emitter_callbacks.values()) + len(watchers)
+    return sum(len(bitpit._registrations(c)) for c in d._emitter_callbacks.values()) + \
+        len(watchers)
 
 
 # ---------------------------------------------------------------------------

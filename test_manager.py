@@ -201,6 +201,22 @@ def test_failed_download_restarts_after_restart_wait(manager, server, tmp_path):
     assert (tmp_path / 'flaky').read_bytes() == DATA
 
 
+def test_download_added_by_url_unwatched_is_restarted_by_manager(manager, server, tmp_path):
+    """A download that add(url) makes with nobody listening to the
+    manager's 'add' (joined on a shorter way) is still the manager's: it
+    tells the manager its error, and the manager starts it again."""
+    server.add('/flaky', DATA, status=503, status_times=1)
+    m = manager(restart_wait=0.05, path=tmp_path, dir_path=True)
+    d = m.add(server.url('/flaky'))
+    states = []
+    d.listen('state-changed', lambda d, old: states.append(d.state))
+    m.start()
+    assert d.wait(5) and d.state == 'complete'
+    assert states.count('error') == 1 and states.count('start') == 2
+    assert m.downloads == [d] and not m._queue and not m._open
+    assert (tmp_path / 'flaky').read_bytes() == DATA
+
+
 def test_retry_after_is_honoured_by_manager(manager, server, tmp_path):
     server.add('/busy', DATA, status=429, status_times=1, headers={'Retry-After': '1'})
     m = manager(restart_wait=0, path=tmp_path, dir_path=True)
