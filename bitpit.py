@@ -4547,6 +4547,9 @@ if TYPE_CHECKING:
     # what a file object given as ``path`` may be; the file it names or that object
     _BinaryFile = Union[BinaryIO, io.RawIOBase, io.BufferedIOBase]
     _Target = Union[pathlib.Path, _BinaryFile]
+    # what a store is given: a target, or the text of a path in a
+    # directory whose ``Path`` is not made (see ``_child_text``)
+    _StoreTarget = Union[str, _Target]
 
 
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
@@ -4562,6 +4565,24 @@ def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     return given.expanduser()
 
 
+# how the text of a directory's path may end for a name to follow it
+# without a separator: a root (``/``, ``C:\\``), or a Windows drive (``C:``)
+_JOINS_BARE = ('\\', '/', ':') if os.name == 'nt' else '/'
+
+
+def _child_text(directory: pathlib.Path, name: str) -> str:
+    """``str(directory / name)``, for a ``name`` that ``_safe_filename``
+    made (one part, no separator, not ``.``), without making that ``Path``:
+    pathlib's ``/`` costs some 14,000 instructions and the new path's first
+    ``str()`` 8,000 more, where a small file's whole download costs some
+    700,000. The directory is mostly one ``Path`` for all (a manager's),
+    whose text is made once."""
+    text = str(directory)
+    if text == '.':
+        return name  # (pathlib writes no ./)
+    return text + name if text.endswith(_JOINS_BARE) else text + os.sep + name
+
+
 @functools.lru_cache(maxsize=64)
 def _parsed_path(text: str) -> pathlib.Path:
     """``pathlib.Path(text)``, parsed once for a text given again and again
@@ -4571,10 +4592,10 @@ def _parsed_path(text: str) -> pathlib.Path:
     return pathlib.Path(text)
 
 
-def _local_size(target: _Target, fallback: int = 0) -> int:
+def _local_size(target: _StoreTarget, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
-    if isinstance(target, os.PathLike):
+    if isinstance(target, (str, os.PathLike)):
         return _regular_size(_status(target))
     try:
         if target.seekable():
@@ -4715,15 +4736,16 @@ class _FileStore:
                  'hash_with', 'digest', 'sealed', '_no_splice', '_sidecar_failed', '_dropped',
                  'read_back', 'snapshot')
 
-    def __init__(self, target: _Target, url: str):
+    def __init__(self, target: _StoreTarget, url: str):
         self._lock = threading.Lock()
+        # a Path, the text of a path (a download's in a directory, whose Path
+        # is not made: ``_child_text``), or a file object; where a path
+        # (and it stays one: ``rename`` gives another), that path as the
+        # str that ``os`` functions take (a ``Path`` makes it again at each
+        # call), and its sidecar's path. A file object is told by the
+        # ``TypeError`` of ``fspath``: ``isinstance(target, os.PathLike)``,
+        # an ABC's check, would cost three calls for each file
         self.target = target
-        # where the target is a path, not a file object (and it stays one:
-        # ``rename`` gives another), that path as the str that ``os``
-        # functions take (a ``Path`` makes it again at each call), and its
-        # sidecar's path. A file object is told by the ``TypeError`` of
-        # ``fspath``: ``isinstance(target, os.PathLike)``, an ABC's check,
-        # would cost three calls for each file
         try:
             self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
         except TypeError:
@@ -4848,11 +4870,10 @@ class _FileStore:
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
         which may be written out of order."""
-        target = self.target
-        if not isinstance(target, os.PathLike):
+        if self.os_path is None:
             return False
         try:
-            return stat.S_ISREG(os.stat(target).st_mode)
+            return stat.S_ISREG(os.stat(self.os_path).st_mode)
         except FileNotFoundError:
             return True
         except OSError:
@@ -4961,10 +4982,10 @@ class _FileStore:
 
     def _free_space(self) -> Optional[int]:
         """Bytes free on the file's disk for this process, if it can tell."""
-        if not isinstance(self.target, os.PathLike):
+        if self.os_path is None:
             return None
         try:
-            status = os.statvfs(self.target.parent)
+            status = os.statvfs(os.path.dirname(self.os_path) or os.curdir)
         except (OSError, AttributeError):  # (no statvfs on Windows)
             return None
         if not status.f_blocks:
@@ -5128,8 +5149,8 @@ class _FileStore:
             self._snap()
             self.size = -1
             self._reset_hasher()
-            target = self.target
-            stream = target if not isinstance(target, os.PathLike) else self._file
+            target, path = self.target, self.os_path
+            stream = self._file if isinstance(target, (str, os.PathLike)) else target
             try:
                 if stream is not None and (self._regular or not self.is_path):
                     if _seekable(stream):
@@ -5139,9 +5160,8 @@ class _FileStore:
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(stream))
                     self._position = 0
-                elif self._file is None and isinstance(target, os.PathLike) and \
-                        target.exists():
-                    with open(target, 'r+b') as file:
+                elif self._file is None and path is not None and os.path.exists(path):
+                    with open(path, 'r+b') as file:
                         file.truncate(0)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -5380,8 +5400,7 @@ class _FileStore:
         which are wrong: keep them, with a sidecar that holds none of them,
         so that the file is never taken for a complete one and a new start
         downloads it again."""
-        target = self.target
-        if not isinstance(target, os.PathLike) or not target.is_file():
+        if self.os_path is None or not os.path.isfile(self.os_path):
             return
         held, self.held = self.held, _Ranges()
         try:
@@ -5414,7 +5433,7 @@ class _FileStore:
         if end <= start:
             return
         source: _BinaryFile
-        if isinstance(self.target, os.PathLike):
+        if isinstance(self.target, (str, os.PathLike)):
             source = open(self.target, 'rb')
         elif _seekable(self.target) and getattr(self.target, 'readable', lambda: False)():
             source = self.target
@@ -7059,9 +7078,9 @@ class _Transfer:
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and isinstance(self.store.target, os.PathLike):
+        if self.rename_in is not None and fresh and self.store.os_path is not None:
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
-            if name and name != self.store.target.name:
+            if name and name != os.path.basename(self.store.os_path):
                 if (self.rename_in / name).exists():
                     _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
                 else:
@@ -7985,7 +8004,9 @@ class Downloader(Emitter):
         self.min_speed = min_speed
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
-        self._path: _Target
+        # the target: a Path or a file object; in ``_dir``, the text of its
+        # path until ``path`` is first read (see ``_set_path_value``)
+        self._path: _StoreTarget
         self._store: Optional[_FileStore] = None  # see _local_store()
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
@@ -8057,7 +8078,10 @@ class Downloader(Emitter):
         else:
             path = _as_path(path)
             if dir_path:
-                self._dir, self._path = path, path / self._name_in_dir()
+                # the text of its path (what the store takes), not its
+                # Path, which ``path`` makes if it is ever read: most
+                # downloads of a manager never are (``_child_text``)
+                self._dir, self._path = path, _child_text(path, self._name_in_dir())
             else:
                 self._dir, self._path = None, path
         self._forget_local_state()
@@ -8089,7 +8113,7 @@ class Downloader(Emitter):
             self._ensure_not_running('url')
             self._url, self._address = value, address
             if self._dir is not None:
-                self._path = self._dir / self._name_in_dir()
+                self._path = _child_text(self._dir, self._name_in_dir())
             self._forget_local_state()
         self.emit('url-changed', self)
 
@@ -8101,7 +8125,8 @@ class Downloader(Emitter):
 
     @if_exists.setter
     def if_exists(self, value: str) -> None:
-        self._if_exists = _check_if_exists(value, self._path)
+        path = self._path  # (text: a path in _dir)
+        self._if_exists = _check_if_exists(value, path if type(path) is not str else self._dir)
 
     @property
     def mirrors(self) -> Tuple[str, ...]:
@@ -8123,7 +8148,14 @@ class Downloader(Emitter):
     def path(self) -> _Target:
         """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
         it while running raises ``RuntimeError``; emits ``path-changed``."""
-        return self._path
+        path = self._path
+        if not isinstance(path, str):
+            return path
+        with self._lock:  # (made once: a new target is set under it)
+            if isinstance(self._path, str):
+                import pathlib
+                self._path = pathlib.Path(self._path)
+            return self._path
 
     @path.setter
     def path(self, value: _PathLike) -> None:
@@ -8593,7 +8625,8 @@ class Downloader(Emitter):
     def _set_path(self, path: _Target) -> None:
         """A name the download chose: set as its signal is given, as the
         state and the size are. The run's worker."""
-        self._path = path
+        with self._lock:  # (as ``path`` may make one meanwhile)
+            self._path = path
         self.emit('path-changed', self)
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
@@ -8760,9 +8793,9 @@ class Downloader(Emitter):
                 self._transfer = None
         if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
-        elif replaces is not None and isinstance(store.target, os.PathLike):
+        elif replaces is not None and store.os_path is not None:
             try:
-                os.replace(store.target, replaces)
+                os.replace(store.os_path, replaces)
             except OSError as exc:
                 raise FileError('cannot replace {} with {}: {}'.format(
                     replaces, store.target, exc)) from exc
@@ -8787,8 +8820,9 @@ class Downloader(Emitter):
             with self._lock:
                 self._fetching = None
         names = [urllib.parse.unquote(self._address.path.rsplit('/', 1)[-1])]
-        if isinstance(self._path, os.PathLike):
-            names.append(self._path.name)
+        path = self.path
+        if isinstance(path, os.PathLike):
+            names.append(path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
     def _prepare_target(self, post: Callable[..., None]
@@ -8811,16 +8845,21 @@ class Downloader(Emitter):
         mode = self._if_exists
         if mode == 'overwrite' and first:
             store.restart_from_zero()
-        target = store.target
-        if mode in ('resume', 'overwrite') or not isinstance(target, os.PathLike):
+        if mode in ('resume', 'overwrite') or not store.is_path:
             return store, None, None
+        target = store.target
+        if type(target) is str:  # (a path in the directory: its Path is made now)
+            import pathlib
+            target = pathlib.Path(target)
+        assert isinstance(target, os.PathLike)  # (a path: is_path)
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
             self._downloaded = store.held.total
             post(self._set_size, self._downloaded)
             return None, None, None
         if mode == 'rename' and first and store.found[0]:
-            self._path = _free_name(target)
+            with self._lock:  # (as ``path`` may make one meanwhile)
+                self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
             post(self.emit, 'path-changed', self)
         if mode != 'update':
