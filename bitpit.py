@@ -4682,39 +4682,14 @@ def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = No
     return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
 
 
-class _RegularFile:
-    """A regular file open for writing, by its descriptor: what the store
-    needs of it (it writes with ``pwrite``), without the ``fstat`` that
-    ``io.FileIO`` makes of a descriptor (the store made its own). Used
-    under the store's lock."""
-    __slots__ = ('_fd',)
+def _seek_and_write(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite`` where there is none (Windows)."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
-    def __init__(self, fd: int):
-        self._fd = fd
 
-    def fileno(self) -> int:
-        return self._fd
-
-    def write_at(self, offset: int, data: memoryview) -> int:
-        """Write ``data`` at ``offset``; how many bytes were written."""
-        if _PWRITE:
-            return os.pwrite(self._fd, data, offset)
-        os.lseek(self._fd, offset, os.SEEK_SET)
-        return os.write(self._fd, data)
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int) -> int:
-        return os.lseek(self._fd, offset, os.SEEK_SET)
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+# how the store writes at an offset into a regular file's descriptor
+_pwrite = os.pwrite if _PWRITE else _seek_and_write
 
 
 class _FileStore:
@@ -4731,7 +4706,7 @@ class _FileStore:
     for a complete one; it is replaced atomically."""
     # a store per download: slots make it with less work than a dict
     __slots__ = ('_lock', 'target', 'os_path', 'sidecar', 'is_path', 'found', 'url', 'held',
-                 'size', 'validators', 'epoch', '_file', '_regular', '_position',
+                 'size', 'validators', 'epoch', '_fd', '_file', '_position',
                  '_sidecar_on_disk', '_sidecar_current', '_extent', '_hasher', '_hashed_to',
                  'hash_with', 'digest', 'sealed', '_no_splice', '_sidecar_failed', '_dropped',
                  'read_back', 'snapshot')
@@ -4760,8 +4735,12 @@ class _FileStore:
         self.size = -1
         self.validators: Dict[str, Optional[str]] = {}
         self.epoch = 0
+        # the open file: a regular file's descriptor, which the store
+        # writes with ``pwrite``, without a file object (nor the ``fstat``
+        # that ``io.FileIO`` makes of a descriptor); else a stream, the
+        # caller's file object or another kind of file (a device...)
+        self._fd = -1
         self._file: Any = None
-        self._regular = False
         self._position = 0        # where a file object's stream stands
         self._sidecar_on_disk = False
         self._sidecar_current = False
@@ -4895,7 +4874,7 @@ class _FileStore:
         algorithm (or ``hash_with``), hash the bytes already held from byte
         0 on (``_Stopped`` when ``cancelled()`` meanwhile)."""
         with self._lock:
-            if self._file is not None:
+            if self._fd >= 0 or self._file is not None:
                 return
             if self.os_path is not None:
                 self._open_path(self.os_path)
@@ -4922,7 +4901,7 @@ class _FileStore:
                 except FileExistsError:
                     pass
                 else:
-                    self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
+                    self._fd, self._extent = fd, 0
                     return
             fd = os.open(path, _STORE_FLAGS, 0o666)
             status = os.fstat(fd)
@@ -4930,9 +4909,11 @@ class _FileStore:
             if fd >= 0:
                 os.close(fd)
             raise FileError('cannot open {}: {}'.format(path, exc)) from exc
-        self._regular = stat.S_ISREG(status.st_mode)
         self._extent = status.st_size
-        self._file = _RegularFile(fd) if self._regular else open(fd, 'r+b', buffering=0)
+        if stat.S_ISREG(status.st_mode):
+            self._fd = fd
+        else:
+            self._file = open(fd, 'r+b', buffering=0)
 
     def _hash_with(self) -> Optional[str]:
         """``hash_with`` where it applies: to a file, which can be read back."""
@@ -4952,8 +4933,9 @@ class _FileStore:
         if not allocate and total < _ROOM_CHECK_FROM:
             return  # (fewer bytes missing still, whatever the file holds)
         with self._lock:
-            if not self._regular:
-                return
+            fd = self._fd
+            if fd < 0:
+                return  # (not a regular file)
             before = self._extent
             if before >= total or not _FALLOCATE:
                 return  # no room to make, or no way to reserve it here
@@ -4963,7 +4945,6 @@ class _FileStore:
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
-            fd = self._file.fileno()
             try:
                 self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
@@ -5031,7 +5012,7 @@ class _FileStore:
         file incomplete. Without it, a write may only extend the bytes held
         from byte 0: a file with holes and no record of them would be
         taken for a complete one."""
-        if not self._regular or self._sidecar_on_disk or self._completes(start, end):
+        if self._fd < 0 or self._sidecar_on_disk or self._completes(start, end):
             return
         if not self._sidecar_failed and self._save_sidecar():
             return
@@ -5043,11 +5024,12 @@ class _FileStore:
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
         written as held, so a failure keeps what was written."""
-        write = self._file.write_at if self._regular else self._write_stream
+        fd = self._fd
         written, size = 0, len(data)
         while written < size:
             part = data[written:] if written else data  # (the usual case: all at once)
-            n = write(offset + written, part)
+            n = _pwrite(fd, part, offset + written) if fd >= 0 else \
+                self._write_stream(offset + written, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
@@ -5065,7 +5047,7 @@ class _FileStore:
             if epoch != self.epoch:
                 raise _Superseded
             self._before_writing(offset, offset + count)
-            fd = self._file.fileno()
+            fd = self._fd
             moved = 0
             try:
                 while moved < count:
@@ -5095,7 +5077,7 @@ class _FileStore:
     @property
     def spliceable(self) -> bool:
         """Whether bytes may go to the file by ``splice_in``."""
-        return self._regular and self._hasher is None and not self._no_splice and \
+        return self._fd >= 0 and self._hasher is None and not self._no_splice and \
             not self.read_back
 
     def _record(self, offset: int, data: memoryview, n: int) -> None:
@@ -5150,15 +5132,17 @@ class _FileStore:
             self.size = -1
             self._reset_hasher()
             target, path = self.target, self.os_path
-            stream = self._file if isinstance(target, (str, os.PathLike)) else target
             try:
-                if stream is not None and (self._regular or not self.is_path):
-                    if _seekable(stream):
-                        stream.seek(0)
-                        stream.truncate(0)
+                if self._fd >= 0:
+                    os.ftruncate(self._fd, 0)
+                    self._extent = self._position = 0
+                elif not isinstance(target, (str, os.PathLike)):  # the caller's file object
+                    if _seekable(target):
+                        target.seek(0)
+                        target.truncate(0)
                         self._extent = 0
                     elif self._position:
-                        raise FileError('{!r} cannot be rewound to start over'.format(stream))
+                        raise FileError('{!r} cannot be rewound to start over'.format(target))
                     self._position = 0
                 elif self._file is None and path is not None and os.path.exists(path):
                     with open(path, 'r+b') as file:
@@ -5177,7 +5161,7 @@ class _FileStore:
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
-            if self._regular and not self.sealed:
+            if self._fd >= 0 and not self.sealed:
                 self._save_sidecar()
 
     def piece_matches(self, start: int, end: int, algorithm: str, digest: str,
@@ -5219,7 +5203,7 @@ class _FileStore:
             record, dropped = self._sidecar_record(), self._dropped
             self._sidecar_current = True  # until the next write
         try:
-            _sync(self._file.fileno())
+            _sync(self._fd)  # (open: the caller closes it after this save)
         except OSError as exc:
             _log.warning('cannot sync %s: %s', self.target, exc)
             with self._lock:
@@ -5260,8 +5244,8 @@ class _FileStore:
             self._lock.release()
 
     def _unsaved(self) -> bool:
-        return self._sidecar_on_disk and not self._sidecar_current and self._regular \
-            and self._file is not None and not self.sealed and not self._completes(0, 0)
+        return self._sidecar_on_disk and not self._sidecar_current and self._fd >= 0 \
+            and not self.sealed and not self._completes(0, 0)
 
     def record(self) -> bool:
         """Make sure the sidecar is on disk; whether it is."""
@@ -5288,8 +5272,8 @@ class _FileStore:
         try:
             if record is None:
                 record = self._sidecar_record()
-                if self.held.total and self._file is not None:
-                    _sync(self._file.fileno())
+                if self.held.total and (self._fd >= 0 or self._file is not None):
+                    _sync(self._fd if self._fd >= 0 else self._file.fileno())
             _write_synced(temporary, record)
             os.replace(temporary, sidecar)
             _sync_directory(os.path.dirname(sidecar) or os.curdir)
@@ -5342,9 +5326,9 @@ class _FileStore:
         hasher saw, and the bytes it did not see read from disk."""
         with self._lock:
             try:
-                if self._regular and self._file is not None and 0 <= self.size < self._extent \
-                        and os.fstat(self._file.fileno()).st_size > self.size:
-                    os.ftruncate(self._file.fileno(), self.size)
+                if self._fd >= 0 and 0 <= self.size < self._extent \
+                        and os.fstat(self._fd).st_size > self.size:
+                    os.ftruncate(self._fd, self.size)
                     self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -5364,8 +5348,8 @@ class _FileStore:
                 self._check_digests(digests)
             self._remove_sidecar()
             path = self.os_path
-            if path is not None and self._regular:
-                _stamp(path, modified, etag, self._file.fileno())
+            if path is not None and self._fd >= 0:
+                _stamp(path, modified, etag, self._fd)
             elif path is not None and self._file is None and (modified is not None or etag) \
                     and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
@@ -5464,19 +5448,21 @@ class _FileStore:
         reserved beyond: it then looks like what it is, and resumes from its
         size even without its sidecar."""
         with self._lock:
+            fd, self._fd = self._fd, -1
             file, self._file = self._file, None
-            regular, self._regular = self._regular, False
-            if file is None or not self.is_path:
+            if fd < 0:
+                if file is not None and self.is_path:  # (a device, a pipe...)
+                    file.close()
                 return
             try:
                 held = self.held.total
-                if regular and not self.sealed and self._extent > held and \
-                        held == self.held.prefix() and os.fstat(file.fileno()).st_size > held:
-                    os.ftruncate(file.fileno(), held)
+                if not self.sealed and self._extent > held and held == self.held.prefix() \
+                        and os.fstat(fd).st_size > held:
+                    os.ftruncate(fd, held)
             except OSError as exc:
                 _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
             finally:
-                file.close()
+                os.close(fd)
 
 
 
