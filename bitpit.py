@@ -5319,11 +5319,13 @@ class _FileStore:
         """The download is complete: cut the file to its size, check the
         checksum and the server's ``digests`` (``(field, algorithm,
         digest)``, see ``_server_digests``), forget the sidecar, and give
-        the file the server's modification time and ETag (``_stamp``).
-        Raises ``IntegrityError`` on a mismatch: the file is kept, with a
-        sidecar that holds none of it (``_disown``). ``digest`` is then the
-        file's, when a checksum or ``hash_with`` asked for one: what the
-        hasher saw, and the bytes it did not see read from disk."""
+        the file the server's modification time and ETag (``_stamp``); a
+        regular file is then closed (``close()``, which follows, has
+        nothing left to do: it takes no lock). Raises ``IntegrityError`` on
+        a mismatch: the file is kept, with a sidecar that holds none of it
+        (``_disown``). ``digest`` is then the file's, when a checksum or
+        ``hash_with`` asked for one: what the hasher saw, and the bytes it
+        did not see read from disk."""
         with self._lock:
             try:
                 if self._fd >= 0 and 0 <= self.size < self._extent \
@@ -5348,8 +5350,11 @@ class _FileStore:
                 self._check_digests(digests)
             self._remove_sidecar()
             path = self.os_path
-            if path is not None and self._fd >= 0:
-                _stamp(path, modified, etag, self._fd)
+            fd = self._fd
+            if path is not None and fd >= 0:
+                _stamp(path, modified, etag, fd)
+                self._fd = -1  # (complete: nothing more to write, nor to cut back)
+                os.close(fd)
             elif path is not None and self._file is None and (modified is not None or etag) \
                     and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
@@ -5446,7 +5451,12 @@ class _FileStore:
         """Close the file (never a caller's file object). A partial file that
         holds one range from byte 0 is cut back to it, giving up the space
         reserved beyond: it then looks like what it is, and resumes from its
-        size even without its sidecar."""
+        size even without its sidecar. The attempt's end (its transfer
+        opened the file, and nothing opens it again before the next
+        attempt): a file closed already, as ``finish`` closes a complete
+        one, is told without the lock."""
+        if self._fd < 0 and self._file is None:
+            return
         with self._lock:
             fd, self._fd = self._fd, -1
             file, self._file = self._file, None
