@@ -4613,6 +4613,9 @@ if TYPE_CHECKING:
     # what a file object given as ``path`` may be; the file it names or that object
     _BinaryFile = Union[BinaryIO, io.RawIOBase, io.BufferedIOBase]
     _Target = Union[pathlib.Path, _BinaryFile]
+    # what a store is given: a target, or the text of a path in a
+    # directory whose ``Path`` is not made (see ``_child_text``)
+    _StoreTarget = Union[str, _Target]
 
 
 def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
@@ -4628,6 +4631,24 @@ def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
     return given.expanduser()
 
 
+# how the text of a directory's path may end for a name to follow it
+# without a separator: a root (``/``, ``C:\\``), or a Windows drive (``C:``)
+_JOINS_BARE = ('\\', '/', ':') if os.name == 'nt' else '/'
+
+
+def _child_text(directory: pathlib.Path, name: str) -> str:
+    """``str(directory / name)``, for a ``name`` that ``_safe_filename``
+    made (one part, no separator, not ``.``), without making that ``Path``:
+    pathlib's ``/`` costs some 14,000 instructions and the new path's first
+    ``str()`` 8,000 more, where a small file's whole download costs some
+    700,000. The directory is mostly one ``Path`` for all (a manager's),
+    whose text is made once."""
+    text = str(directory)
+    if text == '.':
+        return name  # (pathlib writes no ./)
+    return text + name if text.endswith(_JOINS_BARE) else text + os.sep + name
+
+
 @functools.lru_cache(maxsize=64)
 def _parsed_path(text: str) -> pathlib.Path:
     """``pathlib.Path(text)``, parsed once for a text given again and again
@@ -4637,10 +4658,10 @@ def _parsed_path(text: str) -> pathlib.Path:
     return pathlib.Path(text)
 
 
-def _local_size(target: _Target, fallback: int = 0) -> int:
+def _local_size(target: _StoreTarget, fallback: int = 0) -> int:
     """Bytes in the target: the size of a regular file (0 for a missing one
     or a device), the end of a seekable stream, else ``fallback``."""
-    if isinstance(target, os.PathLike):
+    if isinstance(target, (str, os.PathLike)):
         return _regular_size(_status(target))
     try:
         if target.seekable():
@@ -4727,39 +4748,14 @@ def _splice(source: int, target: int, count: int, offset_dst: Optional[int] = No
     return os.splice(source, target, count, offset_dst=offset_dst, flags=flags)
 
 
-class _RegularFile:
-    """A regular file open for writing, by its descriptor: what the store
-    needs of it (it writes with ``pwrite``), without the ``fstat`` that
-    ``io.FileIO`` makes of a descriptor (the store made its own). Used
-    under the store's lock."""
-    __slots__ = ('_fd',)
+def _seek_and_write(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite`` where there is none (Windows)."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
-    def __init__(self, fd: int):
-        self._fd = fd
 
-    def fileno(self) -> int:
-        return self._fd
-
-    def write_at(self, offset: int, data: memoryview) -> int:
-        """Write ``data`` at ``offset``; how many bytes were written."""
-        if _PWRITE:
-            return os.pwrite(self._fd, data, offset)
-        os.lseek(self._fd, offset, os.SEEK_SET)
-        return os.write(self._fd, data)
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int) -> int:
-        return os.lseek(self._fd, offset, os.SEEK_SET)
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+# how the store writes at an offset into a regular file's descriptor
+_pwrite = os.pwrite if _PWRITE else _seek_and_write
 
 
 class _FileStore:
@@ -4776,20 +4772,21 @@ class _FileStore:
     for a complete one; it is replaced atomically."""
     # a store per download: slots make it with less work than a dict
     __slots__ = ('_lock', 'target', 'os_path', 'sidecar', 'is_path', 'found', 'url', 'held',
-                 'size', 'validators', 'epoch', '_file', '_regular', '_position',
+                 'size', 'validators', 'epoch', '_fd', '_file', '_position',
                  '_sidecar_on_disk', '_sidecar_current', '_extent', '_hasher', '_hashed_to',
                  'hash_with', 'digest', 'sealed', '_no_splice', '_sidecar_failed', '_dropped',
                  'read_back', 'snapshot')
 
-    def __init__(self, target: _Target, url: str):
+    def __init__(self, target: _StoreTarget, url: str):
         self._lock = threading.Lock()
+        # a Path, the text of a path (a download's in a directory, whose Path
+        # is not made: ``_child_text``), or a file object; where a path
+        # (and it stays one: ``rename`` gives another), that path as the
+        # str that ``os`` functions take (a ``Path`` makes it again at each
+        # call), and its sidecar's path. A file object is told by the
+        # ``TypeError`` of ``fspath``: ``isinstance(target, os.PathLike)``,
+        # an ABC's check, would cost three calls for each file
         self.target = target
-        # where the target is a path, not a file object (and it stays one:
-        # ``rename`` gives another), that path as the str that ``os``
-        # functions take (a ``Path`` makes it again at each call), and its
-        # sidecar's path. A file object is told by the ``TypeError`` of
-        # ``fspath``: ``isinstance(target, os.PathLike)``, an ABC's check,
-        # would cost three calls for each file
         try:
             self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
         except TypeError:
@@ -4804,8 +4801,12 @@ class _FileStore:
         self.size = -1
         self.validators: Dict[str, Optional[str]] = {}
         self.epoch = 0
+        # the open file: a regular file's descriptor, which the store
+        # writes with ``pwrite``, without a file object (nor the ``fstat``
+        # that ``io.FileIO`` makes of a descriptor); else a stream, the
+        # caller's file object or another kind of file (a device...)
+        self._fd = -1
         self._file: Any = None
-        self._regular = False
         self._position = 0        # where a file object's stream stands
         self._sidecar_on_disk = False
         self._sidecar_current = False
@@ -4914,11 +4915,10 @@ class _FileStore:
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
         which may be written out of order."""
-        target = self.target
-        if not isinstance(target, os.PathLike):
+        if self.os_path is None:
             return False
         try:
-            return stat.S_ISREG(os.stat(target).st_mode)
+            return stat.S_ISREG(os.stat(self.os_path).st_mode)
         except FileNotFoundError:
             return True
         except OSError:
@@ -4940,7 +4940,7 @@ class _FileStore:
         algorithm (or ``hash_with``), hash the bytes already held from byte
         0 on (``_Stopped`` when ``cancelled()`` meanwhile)."""
         with self._lock:
-            if self._file is not None:
+            if self._fd >= 0 or self._file is not None:
                 return
             if self.os_path is not None:
                 self._open_path(self.os_path)
@@ -4967,7 +4967,7 @@ class _FileStore:
                 except FileExistsError:
                     pass
                 else:
-                    self._regular, self._extent, self._file = True, 0, _RegularFile(fd)
+                    self._fd, self._extent = fd, 0
                     return
             fd = os.open(path, _STORE_FLAGS, 0o666)
             status = os.fstat(fd)
@@ -4975,9 +4975,11 @@ class _FileStore:
             if fd >= 0:
                 os.close(fd)
             raise FileError('cannot open {}: {}'.format(path, exc)) from exc
-        self._regular = stat.S_ISREG(status.st_mode)
         self._extent = status.st_size
-        self._file = _RegularFile(fd) if self._regular else open(fd, 'r+b', buffering=0)
+        if stat.S_ISREG(status.st_mode):
+            self._fd = fd
+        else:
+            self._file = open(fd, 'r+b', buffering=0)
 
     def _hash_with(self) -> Optional[str]:
         """``hash_with`` where it applies: to a file, which can be read back."""
@@ -4997,8 +4999,9 @@ class _FileStore:
         if not allocate and total < _ROOM_CHECK_FROM:
             return  # (fewer bytes missing still, whatever the file holds)
         with self._lock:
-            if not self._regular:
-                return
+            fd = self._fd
+            if fd < 0:
+                return  # (not a regular file)
             before = self._extent
             if before >= total or not _FALLOCATE:
                 return  # no room to make, or no way to reserve it here
@@ -5008,7 +5011,6 @@ class _FileStore:
                 return
             if not self._save_sidecar():
                 return  # no record of the holes it would make
-            fd = self._file.fileno()
             try:
                 self._extent = total  # (at most: a failure may have grown it)
                 os.posix_fallocate(fd, 0, total)
@@ -5027,10 +5029,10 @@ class _FileStore:
 
     def _free_space(self) -> Optional[int]:
         """Bytes free on the file's disk for this process, if it can tell."""
-        if not isinstance(self.target, os.PathLike):
+        if self.os_path is None:
             return None
         try:
-            status = os.statvfs(self.target.parent)
+            status = os.statvfs(os.path.dirname(self.os_path) or os.curdir)
         except (OSError, AttributeError):  # (no statvfs on Windows)
             return None
         if not status.f_blocks:
@@ -5076,7 +5078,7 @@ class _FileStore:
         file incomplete. Without it, a write may only extend the bytes held
         from byte 0: a file with holes and no record of them would be
         taken for a complete one."""
-        if not self._regular or self._sidecar_on_disk or self._completes(start, end):
+        if self._fd < 0 or self._sidecar_on_disk or self._completes(start, end):
             return
         if not self._sidecar_failed and self._save_sidecar():
             return
@@ -5088,11 +5090,12 @@ class _FileStore:
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
         written as held, so a failure keeps what was written."""
-        write = self._file.write_at if self._regular else self._write_stream
+        fd = self._fd
         written, size = 0, len(data)
         while written < size:
             part = data[written:] if written else data  # (the usual case: all at once)
-            n = write(offset + written, part)
+            n = _pwrite(fd, part, offset + written) if fd >= 0 else \
+                self._write_stream(offset + written, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
@@ -5110,7 +5113,7 @@ class _FileStore:
             if epoch != self.epoch:
                 raise _Superseded
             self._before_writing(offset, offset + count)
-            fd = self._file.fileno()
+            fd = self._fd
             moved = 0
             try:
                 while moved < count:
@@ -5140,7 +5143,7 @@ class _FileStore:
     @property
     def spliceable(self) -> bool:
         """Whether bytes may go to the file by ``splice_in``."""
-        return self._regular and self._hasher is None and not self._no_splice and \
+        return self._fd >= 0 and self._hasher is None and not self._no_splice and \
             not self.read_back
 
     def _record(self, offset: int, data: memoryview, n: int) -> None:
@@ -5194,20 +5197,21 @@ class _FileStore:
             self._snap()
             self.size = -1
             self._reset_hasher()
-            target = self.target
-            stream = target if not isinstance(target, os.PathLike) else self._file
+            target, path = self.target, self.os_path
             try:
-                if stream is not None and (self._regular or not self.is_path):
-                    if _seekable(stream):
-                        stream.seek(0)
-                        stream.truncate(0)
+                if self._fd >= 0:
+                    os.ftruncate(self._fd, 0)
+                    self._extent = self._position = 0
+                elif not isinstance(target, (str, os.PathLike)):  # the caller's file object
+                    if _seekable(target):
+                        target.seek(0)
+                        target.truncate(0)
                         self._extent = 0
                     elif self._position:
-                        raise FileError('{!r} cannot be rewound to start over'.format(stream))
+                        raise FileError('{!r} cannot be rewound to start over'.format(target))
                     self._position = 0
-                elif self._file is None and isinstance(target, os.PathLike) and \
-                        target.exists():
-                    with open(target, 'r+b') as file:
+                elif self._file is None and path is not None and os.path.exists(path):
+                    with open(path, 'r+b') as file:
                         file.truncate(0)
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -5223,7 +5227,7 @@ class _FileStore:
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
-            if self._regular and not self.sealed:
+            if self._fd >= 0 and not self.sealed:
                 self._save_sidecar()
 
     def piece_matches(self, start: int, end: int, algorithm: str, digest: str,
@@ -5265,7 +5269,7 @@ class _FileStore:
             record, dropped = self._sidecar_record(), self._dropped
             self._sidecar_current = True  # until the next write
         try:
-            _sync(self._file.fileno())
+            _sync(self._fd)  # (open: the caller closes it after this save)
         except OSError as exc:
             _log.warning('cannot sync %s: %s', self.target, exc)
             with self._lock:
@@ -5306,8 +5310,8 @@ class _FileStore:
             self._lock.release()
 
     def _unsaved(self) -> bool:
-        return self._sidecar_on_disk and not self._sidecar_current and self._regular \
-            and self._file is not None and not self.sealed and not self._completes(0, 0)
+        return self._sidecar_on_disk and not self._sidecar_current and self._fd >= 0 \
+            and not self.sealed and not self._completes(0, 0)
 
     def record(self) -> bool:
         """Make sure the sidecar is on disk; whether it is."""
@@ -5334,8 +5338,8 @@ class _FileStore:
         try:
             if record is None:
                 record = self._sidecar_record()
-                if self.held.total and self._file is not None:
-                    _sync(self._file.fileno())
+                if self.held.total and (self._fd >= 0 or self._file is not None):
+                    _sync(self._fd if self._fd >= 0 else self._file.fileno())
             _write_synced(temporary, record)
             os.replace(temporary, sidecar)
             _sync_directory(os.path.dirname(sidecar) or os.curdir)
@@ -5381,16 +5385,18 @@ class _FileStore:
         """The download is complete: cut the file to its size, check the
         checksum and the server's ``digests`` (``(field, algorithm,
         digest)``, see ``_server_digests``), forget the sidecar, and give
-        the file the server's modification time and ETag (``_stamp``).
-        Raises ``IntegrityError`` on a mismatch: the file is kept, with a
-        sidecar that holds none of it (``_disown``). ``digest`` is then the
-        file's, when a checksum or ``hash_with`` asked for one: what the
-        hasher saw, and the bytes it did not see read from disk."""
+        the file the server's modification time and ETag (``_stamp``); a
+        regular file is then closed (``close()``, which follows, has
+        nothing left to do: it takes no lock). Raises ``IntegrityError`` on
+        a mismatch: the file is kept, with a sidecar that holds none of it
+        (``_disown``). ``digest`` is then the file's, when a checksum or
+        ``hash_with`` asked for one: what the hasher saw, and the bytes it
+        did not see read from disk."""
         with self._lock:
             try:
-                if self._regular and self._file is not None and 0 <= self.size < self._extent \
-                        and os.fstat(self._file.fileno()).st_size > self.size:
-                    os.ftruncate(self._file.fileno(), self.size)
+                if self._fd >= 0 and 0 <= self.size < self._extent \
+                        and os.fstat(self._fd).st_size > self.size:
+                    os.ftruncate(self._fd, self.size)
                     self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
@@ -5410,8 +5416,11 @@ class _FileStore:
                 self._check_digests(digests)
             self._remove_sidecar()
             path = self.os_path
-            if path is not None and self._regular:
-                _stamp(path, modified, etag, self._file.fileno())
+            fd = self._fd
+            if path is not None and fd >= 0:
+                _stamp(path, modified, etag, fd)
+                self._fd = -1  # (complete: nothing more to write, nor to cut back)
+                os.close(fd)
             elif path is not None and self._file is None and (modified is not None or etag) \
                     and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
@@ -5446,8 +5455,7 @@ class _FileStore:
         which are wrong: keep them, with a sidecar that holds none of them,
         so that the file is never taken for a complete one and a new start
         downloads it again."""
-        target = self.target
-        if not isinstance(target, os.PathLike) or not target.is_file():
+        if self.os_path is None or not os.path.isfile(self.os_path):
             return
         held, self.held = self.held, _Ranges()
         try:
@@ -5480,7 +5488,7 @@ class _FileStore:
         if end <= start:
             return
         source: _BinaryFile
-        if isinstance(self.target, os.PathLike):
+        if isinstance(self.target, (str, os.PathLike)):
             source = open(self.target, 'rb')
         elif _seekable(self.target) and getattr(self.target, 'readable', lambda: False)():
             source = self.target
@@ -5509,21 +5517,28 @@ class _FileStore:
         """Close the file (never a caller's file object). A partial file that
         holds one range from byte 0 is cut back to it, giving up the space
         reserved beyond: it then looks like what it is, and resumes from its
-        size even without its sidecar."""
+        size even without its sidecar. The attempt's end (its transfer
+        opened the file, and nothing opens it again before the next
+        attempt): a file closed already, as ``finish`` closes a complete
+        one, is told without the lock."""
+        if self._fd < 0 and self._file is None:
+            return
         with self._lock:
+            fd, self._fd = self._fd, -1
             file, self._file = self._file, None
-            regular, self._regular = self._regular, False
-            if file is None or not self.is_path:
+            if fd < 0:
+                if file is not None and self.is_path:  # (a device, a pipe...)
+                    file.close()
                 return
             try:
                 held = self.held.total
-                if regular and not self.sealed and self._extent > held and \
-                        held == self.held.prefix() and os.fstat(file.fileno()).st_size > held:
-                    os.ftruncate(file.fileno(), held)
+                if not self.sealed and self._extent > held and held == self.held.prefix() \
+                        and os.fstat(fd).st_size > held:
+                    os.ftruncate(fd, held)
             except OSError as exc:
                 _log.warning('cannot cut %s back to %d bytes: %s', self.target, held, exc)
             finally:
-                file.close()
+                os.close(fd)
 
 
 
@@ -7165,9 +7180,9 @@ class _Transfer:
         fresh = self.store.held.total == 0
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and isinstance(self.store.target, os.PathLike):
+        if self.rename_in is not None and fresh and self.store.os_path is not None:
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
-            if name and name != self.store.target.name:
+            if name and name != os.path.basename(self.store.os_path):
                 if (self.rename_in / name).exists():
                     _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
                 else:
@@ -8091,7 +8106,9 @@ class Downloader(Emitter):
         self.min_speed = min_speed
         self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
-        self._path: _Target
+        # the target: a Path or a file object; in ``_dir``, the text of its
+        # path until ``path`` is first read (see ``_set_path_value``)
+        self._path: _StoreTarget
         self._store: Optional[_FileStore] = None  # see _local_store()
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
@@ -8165,7 +8182,10 @@ class Downloader(Emitter):
         else:
             path = _as_path(path)
             if dir_path:
-                self._dir, self._path = path, path / self._name_in_dir()
+                # the text of its path (what the store takes), not its
+                # Path, which ``path`` makes if it is ever read: most
+                # downloads of a manager never are (``_child_text``)
+                self._dir, self._path = path, _child_text(path, self._name_in_dir())
             else:
                 self._dir, self._path = None, path
         self._forget_local_state()
@@ -8197,7 +8217,7 @@ class Downloader(Emitter):
             self._ensure_not_running('url')
             self._url, self._address = value, address
             if self._dir is not None:
-                self._path = self._dir / self._name_in_dir()
+                self._path = _child_text(self._dir, self._name_in_dir())
             self._forget_local_state()
         self.emit('url-changed', self)
 
@@ -8209,7 +8229,8 @@ class Downloader(Emitter):
 
     @if_exists.setter
     def if_exists(self, value: str) -> None:
-        self._if_exists = _check_if_exists(value, self._path)
+        path = self._path  # (text: a path in _dir)
+        self._if_exists = _check_if_exists(value, path if type(path) is not str else self._dir)
 
     @property
     def mirrors(self) -> Tuple[str, ...]:
@@ -8231,7 +8252,14 @@ class Downloader(Emitter):
     def path(self) -> _Target:
         """Where the bytes go: a ``pathlib.Path`` or the file object. Setting
         it while running raises ``RuntimeError``; emits ``path-changed``."""
-        return self._path
+        path = self._path
+        if not isinstance(path, str):
+            return path
+        with self._lock:  # (made once: a new target is set under it)
+            if isinstance(self._path, str):
+                import pathlib
+                self._path = pathlib.Path(self._path)
+            return self._path
 
     @path.setter
     def path(self, value: _PathLike) -> None:
@@ -8719,7 +8747,8 @@ class Downloader(Emitter):
     def _set_path(self, path: _Target) -> None:
         """A name the download chose: set as its signal is given, as the
         state and the size are. The run's worker."""
-        self._path = path
+        with self._lock:  # (as ``path`` may make one meanwhile)
+            self._path = path
         self.emit('path-changed', self)
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
@@ -8887,9 +8916,9 @@ class Downloader(Emitter):
                 self._transfer = None
         if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
-        elif replaces is not None and isinstance(store.target, os.PathLike):
+        elif replaces is not None and store.os_path is not None:
             try:
-                os.replace(store.target, replaces)
+                os.replace(store.os_path, replaces)
             except OSError as exc:
                 raise FileError('cannot replace {} with {}: {}'.format(
                     replaces, store.target, exc)) from exc
@@ -8914,8 +8943,9 @@ class Downloader(Emitter):
             with self._lock:
                 self._fetching = None
         names = [urllib.parse.unquote(self._address.path.rsplit('/', 1)[-1])]
-        if isinstance(self._path, os.PathLike):
-            names.append(self._path.name)
+        path = self.path
+        if isinstance(path, os.PathLike):
+            names.append(path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
     def _prepare_target(self, post: Callable[..., None]
@@ -8938,16 +8968,21 @@ class Downloader(Emitter):
         mode = self._if_exists
         if mode == 'overwrite' and first:
             store.restart_from_zero()
-        target = store.target
-        if mode in ('resume', 'overwrite') or not isinstance(target, os.PathLike):
+        if mode in ('resume', 'overwrite') or not store.is_path:
             return store, None, None
+        target = store.target
+        if type(target) is str:  # (a path in the directory: its Path is made now)
+            import pathlib
+            target = pathlib.Path(target)
+        assert isinstance(target, os.PathLike)  # (a path: is_path)
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
             self._downloaded = store.held.total
             post(self._set_size, self._downloaded)
             return None, None, None
         if mode == 'rename' and first and store.found[0]:
-            self._path = _free_name(target)
+            with self._lock:  # (as ``path`` may make one meanwhile)
+                self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
             post(self.emit, 'path-changed', self)
         if mode != 'update':

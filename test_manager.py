@@ -130,7 +130,9 @@ def test_add_url_makes_what_the_constructor_makes(tmp_path):
             assert (ours[0] is ours[1]) == (theirs[0] is theirs[1]), name
             if isinstance(theirs[0], (dict, list)):
                 assert ours == theirs, name
-    assert added[0]['_path'] == tmp_path / 'a.bin'
+    # (a path in the directory is held as text, its Path made when read)
+    assert added[0]['_path'] == str(tmp_path / 'a.bin')
+    assert m.downloads[0].path == tmp_path / 'a.bin'
 
 
 def test_add_url_follows_kwargs_changed_in_place_and_the_working_directory(

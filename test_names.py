@@ -25,6 +25,23 @@ def test_dir_path_and_default_path(tmp_path, monkeypatch):
     assert bitpit.Downloader('http://h/x.bin').path == tmp_path / 'x.bin'
 
 
+@pytest.mark.parametrize('directory', ['.', '', '/', 'a/b/', '../up', '//two', 'a//b/./c'])
+def test_a_path_in_a_directory_is_the_directory_joined_with_the_name(directory):
+    """However the directory is written, ``path`` is what pathlib's ``/``
+    makes of it and the name, the same object at each read, and so is the
+    text of the file the store writes (the path is made only when read)."""
+    for given in (directory, pathlib.Path(directory)):
+        d = bitpit.Downloader('http://h/x/f.bin', path=given, dir_path=True)
+        store = d._local_store()
+        expected = pathlib.Path(directory) / 'f.bin'
+        assert store.os_path == str(expected) and store.sidecar == str(expected) + '.bitpit'
+        assert d.path == expected and str(d.path) == str(expected)
+        assert type(d.path) is type(expected) and d.path is d.path
+        d.url = 'http://h/x/g.bin'  # (a new URL, a new name in the same directory)
+        assert d._local_store().os_path == str(pathlib.Path(directory) / 'g.bin')
+        assert d.path == pathlib.Path(directory) / 'g.bin'
+
+
 def test_a_home_path_is_the_home_of_the_moment(tmp_path, monkeypatch):
     """``~`` is the home directory when the downloader is made, for the same
     text given again too (as a manager gives its directory to each), and

@@ -126,6 +126,28 @@ def test_a_file_made_after_the_look_is_opened_as_it_is(server, tmp_path, monkeyp
     assert d.state == 'complete' and target.read_bytes() == SMALL
 
 
+def _open_here(path):
+    """Whether this process holds a descriptor of the file at ``path``."""
+    found = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            found.append(os.readlink('/proc/self/fd/' + fd))
+        except OSError:
+            pass  # (the listing's own, closed since)
+    return str(path) in found
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='needs /proc')
+def test_the_file_is_closed_whether_it_is_complete_or_not(server, tmp_path):
+    """A complete file is closed by its finish (the attempt's close then
+    has nothing to do), a partial one by that close: no descriptor is
+    left on either."""
+    d = fetch(server.add('/f', SMALL), tmp_path / 'f')
+    assert d.state == 'complete' and not _open_here(tmp_path / 'f')
+    d = fetch(server.add('/g', DATA, truncate_at=1000), tmp_path / 'g', restart_wait=-1)
+    assert d.state != 'complete' and d.downloaded == 1000 and not _open_here(tmp_path / 'g')
+
+
 @pytest.mark.parametrize('before', ['missing', 'empty'])
 def test_a_sidecar_left_beside_no_bytes_still_goes_when_it_completes(server, tmp_path, before):
     """A small file's sidecar is never written, but one an earlier run left
