@@ -6162,10 +6162,13 @@ class _Pump:
                 return
             conn.request_end = planner.request_end(conn)
             last = None if conn.open_ended or not ranged else conn.request_end - 1
-            request = _Request(self.options, source.address, first=first if ranged else None,
-                               last=last, validator=source.validator if first > 0 else None,
-                               cancel=self.cancel,
-                               extra=None if transfer.probed else transfer.conditions)
+            # (positional: keywords would cost the call a dict)
+            request = _Request(self.options, source.address, 'GET',   # method
+                               first if ranged else None,               # first
+                               last,                                    # last
+                               source.validator if first > 0 else None,  # validator
+                               self.cancel,                             # cancel
+                               None if transfer.probed else transfer.conditions)  # extra
             probe = not transfer.probed
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
@@ -6204,7 +6207,8 @@ class _Pump:
         if it does not tell: asked with ``Range: bytes=0-0`` for a 416 that
         left it out, so that such a 416 can still say that a resumed file
         is whole."""
-        request = _Request(self.options, source.address, first=0, last=0, cancel=self.cancel)
+        request = _Request(self.options, source.address, 'GET', 0, 0,  # method, first, last
+                           None, self.cancel)                         # validator, cancel
         try:
             response = yield from request.send_steps()
             return _check_answer(response, request.url, 0).total
