@@ -2092,13 +2092,24 @@ class _Pacer:
 class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once,
-    and sets the flag that its pauses wait for (``pause``).
-    Any thread. ``_lock`` guards the mark, the registrations and the flag
-    of the pauses, which the first ``pause()`` makes (an attempt that never
-    pauses, as a small file's, needs none: an event costs ~2 us)."""
+    and sets the flag that its pauses wait for (``pause``). Any thread.
+
+    ``_CANCEL_LOCK`` guards the mark's setting, the hand-over of the
+    registrations to ``cancel()`` and the flag of the pauses, which the
+    first ``pause()`` makes (an attempt that never pauses, as a small
+    file's, needs none: an event costs ~2 us). ``register`` and
+    ``unregister``, twice for each request, take no lock (a lock section
+    would cost more than the rest of each): each item goes into or out of
+    the set ``_live`` in one step of the interpreter (a set's ``add`` and
+    ``discard``), and ``register`` looks at the mark after its ``add``,
+    while ``cancel()`` sets it before it takes the set: an item added as
+    a cancel comes is in the set that ``cancel()`` aborts, or its
+    ``register`` sees the mark, or both. ``cancel()`` aborts a copy of
+    the set it took, made in one step: an ``add`` that still comes to
+    that set after the copy is one that sees the mark."""
+    __slots__ = ('_cancelled', '_pauses', '_live')
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._cancelled = False
         self._pauses: Optional[_Flag] = None
         self._live: set = set()
@@ -2107,19 +2118,19 @@ class _Cancel:
         return self._cancelled
 
     def cancel(self) -> None:
-        with self._lock:
+        with _CANCEL_LOCK:
             self._cancelled = True
             pauses = self._pauses
             live, self._live = self._live, set()
         if pauses is not None:
             pauses.set()
-        for item in live:
+        for item in tuple(live):
             item.abort()
 
     def pause(self, until: float) -> _Wait:
         """The wait of steps that pause until the monotonic time ``until``,
         or less if ``cancel()`` comes first."""
-        with self._lock:
+        with _CANCEL_LOCK:
             if self._pauses is None:
                 self._pauses = _Flag()
                 if self._cancelled:
@@ -2129,14 +2140,17 @@ class _Cancel:
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
         ``_Stopped`` if that already happened."""
-        with self._lock:
-            if self._cancelled:
-                raise _Stopped
-            self._live.add(item)
+        self._live.add(item)
+        if self._cancelled:
+            self._live.discard(item)
+            raise _Stopped
 
     def unregister(self, item: Any) -> None:
-        with self._lock:
-            self._live.discard(item)
+        self._live.discard(item)
+
+
+# guards what cancel() and pause() change of every _Cancel (see there)
+_CANCEL_LOCK = threading.Lock()
 
 
 _HAS_POLL = hasattr(select, 'poll')  # (not on Windows)
