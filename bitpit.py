@@ -2890,24 +2890,27 @@ class _Response:
         self._received = memoryview(b'')
 
 
-def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
-    """The bytes of an HTTP/1.1 request's head: its request line for
-    ``target`` and the field lines of ``headers``, encoded as http.client
-    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
-    each part in a call of its own). The method and the target are
-    bitpit's own (``_check_url`` lets no control character or space into
-    a target); a line break in a field's name or value, which would inject
-    a field, raises ``ValueError`` as http.client does (stricter: no folded
-    value either)."""
-    lines = ['{} {} HTTP/1.1'.format(method, target)]
-    lines += [name + ': ' + value for name, value in headers.items()]
-    lines += ['', '']  # the blank line that ends the head
-    text = '\r\n'.join(lines)
-    breaks = len(lines) - 1  # (one count of each over the whole text)
+def _field_lines(fields: Dict[str, str]) -> str:
+    """The lines of ``fields`` in a request's head, each ended by CRLF, as
+    http.client writes them (its ``putheader`` validates each field in a
+    call of its own). A line break in a field's name or value, which would
+    inject a field, raises ``ValueError`` as http.client does (stricter: no
+    folded value either)."""
+    text = ''.join([name + ': ' + value + '\r\n' for name, value in fields.items()])
+    breaks = len(fields)  # (one count of each over the whole text)
     if text.count('\n') != breaks or text.count('\r') != breaks:
-        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
+        bad = next(field for field in fields.items() if {'\r', '\n'} & set(''.join(field)))
         raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
-    return text.encode('latin-1')
+    return text
+
+
+def _request_head(method: str, target: str, field_lines: str) -> bytes:
+    """The bytes of an HTTP/1.1 request's head: its request line for
+    ``target``, the ``field_lines`` (``_field_lines``) and the blank line
+    that ends it, encoded as http.client encodes them (Latin-1). The method
+    and the target are bitpit's own (``_check_url`` lets no control
+    character or space into a target)."""
+    return (method + ' ' + target + ' HTTP/1.1\r\n' + field_lines + '\r\n').encode('latin-1')
 
 
 class _AbortableMixin:
@@ -3070,7 +3073,7 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         fields = {'Host': authority}
         fields.update(self._tunnel_headers)
         fields['Host'] = authority  # (3.12's set_tunnel adds one: no brackets for IPv6)
-        yield from self.send_steps(_request_head('CONNECT', authority, fields))
+        yield from self.send_steps(_request_head('CONNECT', authority, _field_lines(fields)))
         answer = _Response(self.sock, 'CONNECT', timeout=self.timeout)
         yield from answer.begin_steps()
         answer.close()
@@ -3761,14 +3764,33 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
 
 _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
 
+class _GivenFields:
+    """The fields that every request of a download sends to a trusted URL,
+    or those to another: the ``fields`` by name, their ``names`` in lower
+    case and their ``lines`` (``_field_lines``), made once for them all.
+    Read-only: any thread."""
+    __slots__ = ('fields', 'names', 'lines')
+
+    def __init__(self, fields: Dict[str, str]):
+        self.fields = fields
+        self.names = frozenset(name.lower() for name in fields)
+        self.lines = _field_lines(fields)
+
+    def lines_without(self, names: frozenset[str]) -> str:
+        """The lines of the fields but those whose name (in lower case) is
+        one of ``names``."""
+        return _field_lines({name: value for name, value in self.fields.items()
+                             if name.lower() not in names})
+
+
 if TYPE_CHECKING:
-    # the headers of every request of a download: to a trusted URL, to
+    # the fields of every request of a download: to a trusted URL, to
     # another, and the names (in lower case) of the caller's secrets given
-    _HeaderSets = Tuple[Dict[str, str], Dict[str, str], frozenset[str]]
+    _HeaderSets = Tuple[_GivenFields, _GivenFields, frozenset[str]]
 
 
 def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
-    """The headers of every request of a download with the caller's
+    """The fields of every request of a download with the caller's
     ``headers``: to a trusted URL all of them, to another none of the
     caller's secrets; and the names of the secrets given. Read-only."""
     merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
@@ -3778,11 +3800,14 @@ def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
     merged['accept-encoding'] = ('Accept-Encoding', 'identity')
     fields = list(merged.values())
     public = {name: value for name, value in fields if name.lower() not in _SECRET_HEADERS}
-    return dict(fields), public, frozenset(merged) & frozenset(_SECRET_HEADERS)
+    return _GivenFields(dict(fields)), _GivenFields(public), \
+        frozenset(merged) & frozenset(_SECRET_HEADERS)
 
 
 # those of every download without headers of its own, made once
 _PLAIN_HEADER_SETS = _header_sets({})
+# the secrets given to a request to a URL that may not have them
+_NO_SECRETS: frozenset[str] = frozenset()
 
 
 class _RequestOptions:
@@ -3802,7 +3827,7 @@ class _RequestOptions:
         self.address = address
         self.url = address.url
         # (shared: a request copies the one it sends)
-        self.trusted_headers, self.public_headers, self.secrets_given = \
+        self.trusted_fields, self.public_fields, self.secrets_given = \
             _header_sets(headers) if headers else _PLAIN_HEADER_SETS
         self.auth = auth
         self.proxy = proxy
@@ -4203,38 +4228,46 @@ class _Request:
         self.challenges[key] = followed + 1
         return True
 
-    def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
-        """The fields of a request for ``target`` on ``conn``, ``Host``
-        first, where http.client puts it (to a plain proxy too: the URL's
-        host and port, the port left out where it is the scheme's own)."""
+    def _head(self, target: str, conn: _AnyHTTPConnection) -> bytes:
+        """The head of a request for ``target`` on ``conn``: ``Host`` first,
+        where http.client puts it (to a plain proxy too: the URL's host and
+        port, the port left out where it is the scheme's own), the fields of
+        every request of its options, made once for them, then its own (a
+        field of the caller's that the request sets itself, a condition
+        or ``Proxy-Authorization``, left out)."""
         options = self.options
         if self.trusted:
-            given, names = options.trusted_headers, options.secrets_given
+            given, secrets = options.trusted_fields, options.secrets_given
         else:
-            given, names = options.public_headers, frozenset()
-        headers = {'Host': self.address.host_field}
-        headers.update(given)
+            given, secrets = options.public_fields, _NO_SECRETS
+        own: Dict[str, str] = {}
         if self.first is not None:
-            headers['Range'] = 'bytes={}-{}'.format(
-                self.first, '' if self.last is None else self.last)
+            own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
             if self.validator:
-                headers['If-Range'] = self.validator
+                own['If-Range'] = self.validator
         if self.extra:
-            headers.update(self.extra)
-            names = names.union(name.lower() for name in self.extra)
-        if 'authorization' not in names:
+            own.update(self.extra)
+            secrets = secrets.union(name.lower() for name in self.extra)
+        if 'authorization' not in secrets:
             authorization = self._authorization(None, self.method, target)
             if authorization is not None:
-                headers['Authorization'] = authorization
-        if 'cookie' not in names:
-            cookie = options.cookies.header(url)
+                own['Authorization'] = authorization
+        if 'cookie' not in secrets and options.cookies.jar is not None:
+            cookie = options.cookies.header(self.url)
             if cookie:
-                headers['Cookie'] = cookie
+                own['Cookie'] = cookie
         if conn.via_proxy:
             authorization = self._authorization(conn.proxy_parts, self.method, target)
             if authorization is not None:
-                headers['Proxy-Authorization'] = authorization
-        return headers
+                own['Proxy-Authorization'] = authorization
+        lines = given.lines
+        if own:
+            replaced = given.names.intersection([name.lower() for name in own])
+            if replaced:
+                lines = given.lines_without(replaced)
+            lines += _field_lines(own)
+        return _request_head(self.method, target,
+                             'Host: ' + self.address.host_field + '\r\n' + lines)
 
     def _exchange_steps(self) -> '_Steps[_Response]':
         """One request and its response headers on the current connection,
@@ -4249,7 +4282,7 @@ class _Request:
                 # http.client's request() and getresponse(), which check
                 # and encode each part of the request in a call of its own
                 # and keep a state of the connection that bitpit keeps itself
-                head = _request_head(self.method, target, self._headers(self.url, target, conn))
+                head = self._head(target, conn)
                 if conn.sock is None:
                     yield from conn.connect_steps()
                 # the socket the body comes from; the connection keeps it,
