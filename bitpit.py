@@ -3714,9 +3714,8 @@ class _Cookies:
         return request.get_header('Cookie')
 
     def remember(self, response: _Response, url: str) -> None:
-        """Keep the cookies ``response`` sets, by the jar's rules."""
-        if 'set-cookie' not in response.fields.by_name:
-            return
+        """Keep the cookies ``response`` sets (its caller saw a
+        ``Set-Cookie``: most answers have none), by the jar's rules."""
         if self.jar is None:
             import http.cookiejar
             self.jar = http.cookiejar.CookieJar()
@@ -4098,13 +4097,14 @@ class _Request:
             if self.connection is None:
                 yield from self._connect_steps()
             response = yield from self._exchange_steps()
-            self.options.cookies.remember(response, self.url)
-            if self._follow_challenge(response):
+            if 'set-cookie' in response.fields.by_name:
+                self.options.cookies.remember(response, self.url)
+            status = response.status
+            if (status == 401 or status == 407) and self._follow_challenge(response):
                 yield from self._drain_and_release_steps(response)
                 continue
             hops += 1
-            location = response.getheader('Location') \
-                if response.status in _REDIRECT_STATUSES else None
+            location = response.getheader('Location') if status in _REDIRECT_STATUSES else None
             if not location:
                 self.response = response
                 return response
@@ -4171,7 +4171,8 @@ class _Request:
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
-                authorization = self._authorization(proxy, 'CONNECT', '{}:{}'.format(host, port))
+                authorization = self._authorization(*self._auth_target(proxy), 'CONNECT',
+                                                    '{}:{}'.format(host, port))
                 conn.set_tunnel(host, port, headers={} if authorization is None else
                                 {'Proxy-Authorization': authorization})
         else:
@@ -4189,12 +4190,12 @@ class _Request:
         return self.address.host_key, self.options.credentials(
             self.address.host_name, self.own_credentials, self.trusted)
 
-    def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
-                       target: str) -> Optional[str]:
-        """The ``Authorization`` (for a ``proxy``: ``Proxy-Authorization``)
-        value of a request for ``target``: Digest to a host or proxy that
-        asked for it, else Basic; ``None`` without credentials."""
-        key, credentials = self._auth_target(proxy)
+    def _authorization(self, key: _AuthKey, credentials: Optional[Tuple[str, str]],
+                       method: str, target: str) -> Optional[str]:
+        """The ``Authorization`` (for a proxy: ``Proxy-Authorization``) value
+        of a request for ``target`` to ``key`` with ``credentials`` (see
+        ``_auth_target``): Digest to a host or proxy that asked for it,
+        else Basic; ``None`` without credentials."""
         if credentials is None:
             return None
         if self.options.digest.asked(key):
@@ -4202,11 +4203,10 @@ class _Request:
         return _basic_auth(*credentials)
 
     def _follow_challenge(self, response: _Response) -> bool:
-        """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
-        Digest challenge to answer with another request: the first one of
-        this request, or one saying that the nonce sent was stale."""
-        if response.status != 401 and response.status != 407:
-            return False
+        """Whether ``response``, a ``401`` or ``407`` (its caller looked), is a
+        ``401`` (or a proxy's ``407``) with a Digest challenge to answer with
+        another request: the first one of this request, or one saying that
+        the nonce sent was stale."""
         connection = self.connection
         assert connection is not None  # it carried the response
         proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
@@ -4249,7 +4249,9 @@ class _Request:
             own.update(self.extra)
             secrets = secrets.union(name.lower() for name in self.extra)
         if 'authorization' not in secrets:
-            authorization = self._authorization(None, self.method, target)
+            # (what _auth_target gives without a proxy, with one call less)
+            authorization = self._authorization(self.address.host_key, options.credentials(
+                self.address.host_name, self.own_credentials, self.trusted), self.method, target)
             if authorization is not None:
                 own['Authorization'] = authorization
         if 'cookie' not in secrets and options.cookies.jar is not None:
@@ -4257,7 +4259,8 @@ class _Request:
             if cookie:
                 own['Cookie'] = cookie
         if conn.via_proxy:
-            authorization = self._authorization(conn.proxy_parts, self.method, target)
+            authorization = self._authorization(*self._auth_target(conn.proxy_parts),
+                                                self.method, target)
             if authorization is not None:
                 own['Proxy-Authorization'] = authorization
         lines = given.lines
