@@ -4085,7 +4085,7 @@ class _Request:
         self.extra = extra  # more fields, if any
         self.url = address.url
         self.address = address
-        self.trusted = options.trusted(address)
+        self.trusted = address is options.address or options.trusted(address)
         self.own_credentials = address.credentials
 
     def send_steps(self) -> '_Steps[_Response]':
