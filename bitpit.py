@@ -4095,7 +4095,9 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                yield from self._connect_steps()
+                proxy = self._take_idle()
+                if self.connection is None:
+                    yield from self._connect_steps(proxy)
             response = yield from self._exchange_steps()
             if 'set-cookie' in response.fields.by_name:
                 self.options.cookies.remember(response, self.url)
@@ -4130,24 +4132,33 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _connect_steps(self) -> '_Steps[None]':
-        """A connection for the request: an idle one from the pool, else a
-        new one (not connected yet), once the host's slot is taken."""
+    def _take_idle(self) -> Optional[urllib.parse.SplitResult]:
+        """The request's ``key`` (that of its connections in the pool) and
+        an idle connection from the pool, taken into use if there is one;
+        the proxy that the request goes through. A plain call: only a new
+        connection (``_connect_steps``) may wait, for its host's slot."""
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
-        slots = self.options.slots
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context),
+                          self.options.slots)
         connection = _POOL.get(key)
         self.reused = connection is not None
-        if connection is None:
-            if slots is not None:
-                yield from slots.acquire_steps((scheme, host, port), self.cancel)
-            connection = self._new_connection(scheme, host, port, proxy)
-            if slots is not None:
-                connection.release_slot = functools.partial(slots.release, (scheme, host, port))
-        else:
+        if connection is not None:
             connection.timeout = self.options.timeout  # (its socket does not block)
+            self._use(connection)
+        return proxy
+
+    def _connect_steps(self, proxy: Optional[urllib.parse.SplitResult]) -> '_Steps[None]':
+        """A new connection for the request (not connected yet), through
+        ``proxy``, once the host's slot is taken."""
+        scheme, host, port = host_key = self.address.host_key
+        slots = self.options.slots
+        if slots is not None:
+            yield from slots.acquire_steps(host_key, self.cancel)
+        connection = self._new_connection(scheme, host, port, proxy)
+        if slots is not None:
+            connection.release_slot = functools.partial(slots.release, host_key)
         self._use(connection)
 
     def _use(self, connection: _AnyHTTPConnection) -> None:
