@@ -6,7 +6,6 @@ others. These tests drive steps by hand and on a thread."""
 import select
 import socket
 import ssl
-import sys
 import threading
 import time
 
