@@ -2145,8 +2145,11 @@ class _Cancel:
             self._live.discard(item)
             raise _Stopped
 
-    def unregister(self, item: Any) -> None:
+    def unregister(self, item: Any) -> bool:
+        """Let ``item`` go; whether ``cancel()`` came, looked at after: one
+        that took ``item`` before may be aborting it now."""
         self._live.discard(item)
+        return self._cancelled
 
 
 # guards what cancel() and pause() change of every _Cancel (see there)
@@ -4349,11 +4352,8 @@ class _Request:
             self._release(conn, reuse)
 
     def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
-        if self.cancel is not None:
-            self.cancel.unregister(conn)
-            # checked after letting go of it: a cancel that got hold of the
-            # connection before may be shutting it down right now
-            reuse = reuse and not self.cancel.is_set()
+        if self.cancel is not None and self.cancel.unregister(conn):
+            reuse = False  # a cancel that got hold of it may be shutting it down now
         response = self.response
         if reuse and conn.sock is not None and self.key is not None and (
                 response is None or (response.isclosed() and not response.will_close)):
