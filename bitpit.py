@@ -4266,10 +4266,13 @@ class _Request:
             secrets = secrets.union(name.lower() for name in self.extra)
         if 'authorization' not in secrets:
             # (what _auth_target gives without a proxy, with one call less)
-            authorization = self._authorization(self.address.host_key, options.credentials(
-                self.address.host_name, self.own_credentials, self.trusted), self.method, target)
-            if authorization is not None:
-                own['Authorization'] = authorization
+            credentials = options.credentials(self.address.host_name, self.own_credentials,
+                                              self.trusted)
+            if credentials is not None:
+                authorization = self._authorization(self.address.host_key, credentials,
+                                                    self.method, target)
+                if authorization is not None:
+                    own['Authorization'] = authorization
         if 'cookie' not in secrets and options.cookies.jar is not None:
             cookie = options.cookies.header(self.url)
             if cookie:
