@@ -2098,8 +2098,8 @@ class _Cancel:
     registrations to ``cancel()`` and the flag of the pauses, which the
     first ``pause()`` makes (an attempt that never pauses, as a small
     file's, needs none: an event costs ~2 us). ``register`` and
-    ``unregister``, twice for each request, take no lock (a lock section
-    would cost more than the rest of each): each item goes into or out of
+    ``unregister`` (one of each for every request) take no lock, which
+    would cost more than the rest of each: each item goes into or out of
     the set ``_live`` in one step of the interpreter (a set's ``add`` and
     ``discard``), and ``register`` looks at the mark after its ``add``,
     while ``cancel()`` sets it before it takes the set: an item added as
