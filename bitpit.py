@@ -3768,6 +3768,7 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
 
 _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
 
+
 class _GivenFields:
     """The fields that every request of a download sends to a trusted URL,
     or those to another: the ``fields`` by name, their ``names`` in lower
