@@ -2158,13 +2158,24 @@ class _Pacer:
 class _Cancel:
     """The stop signal of an attempt: ``cancel()`` marks it and aborts
     everything registered with it (connections, name look-ups) at once,
-    and sets the flag that its pauses wait for (``pause``).
-    Any thread. ``_lock`` guards the mark, the registrations and the flag
-    of the pauses, which the first ``pause()`` makes (an attempt that never
-    pauses, as a small file's, needs none: an event costs ~2 us)."""
+    and sets the flag that its pauses wait for (``pause``). Any thread.
+
+    ``_CANCEL_LOCK`` guards the mark's setting, the hand-over of the
+    registrations to ``cancel()`` and the flag of the pauses, which the
+    first ``pause()`` makes (an attempt that never pauses, as a small
+    file's, needs none: an event costs ~2 us). ``register`` and
+    ``unregister`` (one of each for every request) take no lock, which
+    would cost more than the rest of each: each item goes into or out of
+    the set ``_live`` in one step of the interpreter (a set's ``add`` and
+    ``discard``), and ``register`` looks at the mark after its ``add``,
+    while ``cancel()`` sets it before it takes the set: an item added as
+    a cancel comes is in the set that ``cancel()`` aborts, or its
+    ``register`` sees the mark, or both. ``cancel()`` aborts a copy of
+    the set it took, made in one step: an ``add`` that still comes to
+    that set after the copy is one that sees the mark."""
+    __slots__ = ('_cancelled', '_pauses', '_live')
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._cancelled = False
         self._pauses: Optional[_Flag] = None
         self._live: set = set()
@@ -2173,19 +2184,19 @@ class _Cancel:
         return self._cancelled
 
     def cancel(self) -> None:
-        with self._lock:
+        with _CANCEL_LOCK:
             self._cancelled = True
             pauses = self._pauses
             live, self._live = self._live, set()
         if pauses is not None:
             pauses.set()
-        for item in live:
+        for item in tuple(live):
             item.abort()
 
     def pause(self, until: float) -> _Wait:
         """The wait of steps that pause until the monotonic time ``until``,
         or less if ``cancel()`` comes first."""
-        with self._lock:
+        with _CANCEL_LOCK:
             if self._pauses is None:
                 self._pauses = _Flag()
                 if self._cancelled:
@@ -2195,14 +2206,20 @@ class _Cancel:
     def register(self, item: Any) -> None:
         """Abort ``item`` (anything with ``abort()``) on ``cancel()``; raise
         ``_Stopped`` if that already happened."""
-        with self._lock:
-            if self._cancelled:
-                raise _Stopped
-            self._live.add(item)
-
-    def unregister(self, item: Any) -> None:
-        with self._lock:
+        self._live.add(item)
+        if self._cancelled:
             self._live.discard(item)
+            raise _Stopped
+
+    def unregister(self, item: Any) -> bool:
+        """Let ``item`` go; whether ``cancel()`` came, looked at after: one
+        that took ``item`` before may be aborting it now."""
+        self._live.discard(item)
+        return self._cancelled
+
+
+# guards what cancel() and pause() change of every _Cancel (see there)
+_CANCEL_LOCK = threading.Lock()
 
 
 _HAS_POLL = hasattr(select, 'poll')  # (not on Windows)
@@ -2942,24 +2959,29 @@ class _Response:
         self._received = memoryview(b'')
 
 
-def _request_head(method: str, target: str, headers: Dict[str, str]) -> bytes:
-    """The bytes of an HTTP/1.1 request's head: its request line for
-    ``target`` and the field lines of ``headers``, encoded as http.client
-    encodes them (Latin-1; its ``putrequest`` and ``putheader`` validate
-    each part in a call of its own). The method and the target are
-    bitpit's own (``_check_url`` lets no control character or space into
-    a target); a line break in a field's name or value, which would inject
-    a field, raises ``ValueError`` as http.client does (stricter: no folded
-    value either)."""
-    lines = ['{} {} HTTP/1.1'.format(method, target)]
-    lines += [name + ': ' + value for name, value in headers.items()]
-    lines += ['', '']  # the blank line that ends the head
-    text = '\r\n'.join(lines)
-    breaks = len(lines) - 1  # (one count of each over the whole text)
+def _field_lines(fields: Dict[str, str]) -> str:
+    """The lines of ``fields`` in a request's head, each ended by CRLF, as
+    http.client writes them (its ``putheader`` validates each field in a
+    call of its own). A line break in a field's name or value, which would
+    inject a field, raises ``ValueError`` as http.client does (stricter: no
+    folded value either)."""
+    text = ''.join([name + ': ' + value + '\r\n' for name, value in fields.items()])
+    breaks = len(fields)  # (one count of each over the whole text)
     if text.count('\n') != breaks or text.count('\r') != breaks:
-        bad = next(field for field in headers.items() if {'\r', '\n'} & set(''.join(field)))
+        bad = next(field for field in fields.items() if {'\r', '\n'} & set(''.join(field)))
         raise ValueError('Invalid header {!r}: {!r}'.format(*bad))
-    return text.encode('latin-1')
+    return text
+
+
+def _request_head(method: str, target: str, field_lines: str) -> bytes:
+    """The bytes of an HTTP/1.1 request's head: its request line for
+    ``target``, the ``field_lines`` (``_field_lines``) and the blank line
+    that ends it, encoded as http.client encodes them (Latin-1). The method
+    and the target are bitpit's own (``_check_url`` lets no control
+    character or space into a target)."""
+    # (one format, not five additions; 'latin1' is the spelling that
+    # CPython's encode() takes to its own encoder, with no codec look-up)
+    return ('%s %s HTTP/1.1\r\n%s\r\n' % (method, target, field_lines)).encode('latin1')
 
 
 class _AbortableMixin:
@@ -3122,7 +3144,7 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         fields = {'Host': authority}
         fields.update(self._tunnel_headers)
         fields['Host'] = authority  # (3.12's set_tunnel adds one: no brackets for IPv6)
-        yield from self.send_steps(_request_head('CONNECT', authority, fields))
+        yield from self.send_steps(_request_head('CONNECT', authority, _field_lines(fields)))
         answer = _Response(self.sock, 'CONNECT', timeout=self.timeout)
         yield from answer.begin_steps()
         answer.close()
@@ -3763,9 +3785,8 @@ class _Cookies:
         return request.get_header('Cookie')
 
     def remember(self, response: _Response, url: str) -> None:
-        """Keep the cookies ``response`` sets, by the jar's rules."""
-        if 'set-cookie' not in response.fields.by_name:
-            return
+        """Keep the cookies ``response`` sets (its caller saw a
+        ``Set-Cookie``: most answers have none), by the jar's rules."""
         if self.jar is None:
             import http.cookiejar
             self.jar = http.cookiejar.CookieJar()
@@ -3813,14 +3834,34 @@ def _load_cookies_txt(path: Union[str, 'os.PathLike[str]']) -> http.cookiejar.Co
 
 _SECRET_HEADERS = ('authorization', 'cookie')  # (in lower case) the caller's secrets
 
+
+class _GivenFields:
+    """The fields that every request of a download sends to a trusted URL,
+    or those to another: the ``fields`` by name, their ``names`` in lower
+    case and their ``lines`` (``_field_lines``), made once for them all.
+    Read-only: any thread."""
+    __slots__ = ('fields', 'names', 'lines')
+
+    def __init__(self, fields: Dict[str, str]):
+        self.fields = fields
+        self.names = frozenset(name.lower() for name in fields)
+        self.lines = _field_lines(fields)
+
+    def lines_without(self, names: frozenset[str]) -> str:
+        """The lines of the fields but those whose name (in lower case) is
+        one of ``names``."""
+        return _field_lines({name: value for name, value in self.fields.items()
+                             if name.lower() not in names})
+
+
 if TYPE_CHECKING:
-    # the headers of every request of a download: to a trusted URL, to
+    # the fields of every request of a download: to a trusted URL, to
     # another, and the names (in lower case) of the caller's secrets given
-    _HeaderSets = Tuple[Dict[str, str], Dict[str, str], frozenset[str]]
+    _HeaderSets = Tuple[_GivenFields, _GivenFields, frozenset[str]]
 
 
 def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
-    """The headers of every request of a download with the caller's
+    """The fields of every request of a download with the caller's
     ``headers``: to a trusted URL all of them, to another none of the
     caller's secrets; and the names of the secrets given. Read-only."""
     merged = {'user-agent': ('User-Agent', 'bitpit/' + __version__)}
@@ -3830,11 +3871,14 @@ def _header_sets(headers: Dict[str, str]) -> '_HeaderSets':
     merged['accept-encoding'] = ('Accept-Encoding', 'identity')
     fields = list(merged.values())
     public = {name: value for name, value in fields if name.lower() not in _SECRET_HEADERS}
-    return dict(fields), public, frozenset(merged) & frozenset(_SECRET_HEADERS)
+    return _GivenFields(dict(fields)), _GivenFields(public), \
+        frozenset(merged) & frozenset(_SECRET_HEADERS)
 
 
 # those of every download without headers of its own, made once
 _PLAIN_HEADER_SETS = _header_sets({})
+# the secrets given to a request to a URL that may not have them
+_NO_SECRETS: frozenset[str] = frozenset()
 
 
 class _RequestOptions:
@@ -3854,7 +3898,7 @@ class _RequestOptions:
         self.address = address
         self.url = address.url
         # (shared: a request copies the one it sends)
-        self.trusted_headers, self.public_headers, self.secrets_given = \
+        self.trusted_fields, self.public_fields, self.secrets_given = \
             _header_sets(headers) if headers else _PLAIN_HEADER_SETS
         self.auth = auth
         self.proxy = proxy
@@ -4113,7 +4157,7 @@ class _Request:
         self.extra = extra  # more fields, if any
         self.url = address.url
         self.address = address
-        self.trusted = options.trusted(address)
+        self.trusted = address is options.address or options.trusted(address)
         self.own_credentials = address.credentials
 
     def send_steps(self) -> '_Steps[_Response]':
@@ -4123,15 +4167,18 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                yield from self._connect_steps()
+                proxy = self._take_idle()
+                if self.connection is None:
+                    yield from self._connect_steps(proxy)
             response = yield from self._exchange_steps()
-            self.options.cookies.remember(response, self.url)
-            if self._follow_challenge(response):
+            if 'set-cookie' in response.fields.by_name:
+                self.options.cookies.remember(response, self.url)
+            status = response.status
+            if (status == 401 or status == 407) and self._follow_challenge(response):
                 yield from self._drain_and_release_steps(response)
                 continue
             hops += 1
-            location = response.getheader('Location') \
-                if response.status in _REDIRECT_STATUSES else None
+            location = response.getheader('Location') if status in _REDIRECT_STATUSES else None
             if not location:
                 self.response = response
                 return response
@@ -4157,24 +4204,33 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _connect_steps(self) -> '_Steps[None]':
-        """A connection for the request: an idle one from the pool, else a
-        new one (not connected yet), once the host's slot is taken."""
+    def _take_idle(self) -> Optional[urllib.parse.SplitResult]:
+        """The request's ``key`` (that of its connections in the pool) and
+        an idle connection from the pool, taken into use if there is one;
+        the proxy that the request goes through. A plain call: only a new
+        connection (``_connect_steps``) may wait, for its host's slot."""
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
-        slots = self.options.slots
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context), slots)
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context),
+                          self.options.slots)
         connection = _POOL.get(key)
         self.reused = connection is not None
-        if connection is None:
-            if slots is not None:
-                yield from slots.acquire_steps((scheme, host, port), self.cancel)
-            connection = self._new_connection(scheme, host, port, proxy)
-            if slots is not None:
-                connection.release_slot = functools.partial(slots.release, (scheme, host, port))
-        else:
+        if connection is not None:
             connection.timeout = self.options.timeout  # (its socket does not block)
+            self._use(connection)
+        return proxy
+
+    def _connect_steps(self, proxy: Optional[urllib.parse.SplitResult]) -> '_Steps[None]':
+        """A new connection for the request (not connected yet), through
+        ``proxy``, once the host's slot is taken."""
+        scheme, host, port = host_key = self.address.host_key
+        slots = self.options.slots
+        if slots is not None:
+            yield from slots.acquire_steps(host_key, self.cancel)
+        connection = self._new_connection(scheme, host, port, proxy)
+        if slots is not None:
+            connection.release_slot = functools.partial(slots.release, host_key)
         self._use(connection)
 
     def _use(self, connection: _AnyHTTPConnection) -> None:
@@ -4198,7 +4254,8 @@ class _Request:
             context = self.options.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
-                authorization = self._authorization(proxy, 'CONNECT', '{}:{}'.format(host, port))
+                authorization = self._authorization(*self._auth_target(proxy), 'CONNECT',
+                                                    '{}:{}'.format(host, port))
                 conn.set_tunnel(host, port, headers={} if authorization is None else
                                 {'Proxy-Authorization': authorization})
         else:
@@ -4216,12 +4273,12 @@ class _Request:
         return self.address.host_key, self.options.credentials(
             self.address.host_name, self.own_credentials, self.trusted)
 
-    def _authorization(self, proxy: Optional[urllib.parse.SplitResult], method: str,
-                       target: str) -> Optional[str]:
-        """The ``Authorization`` (for a ``proxy``: ``Proxy-Authorization``)
-        value of a request for ``target``: Digest to a host or proxy that
-        asked for it, else Basic; ``None`` without credentials."""
-        key, credentials = self._auth_target(proxy)
+    def _authorization(self, key: _AuthKey, credentials: Optional[Tuple[str, str]],
+                       method: str, target: str) -> Optional[str]:
+        """The ``Authorization`` (for a proxy: ``Proxy-Authorization``) value
+        of a request for ``target`` to ``key`` with ``credentials`` (see
+        ``_auth_target``): Digest to a host or proxy that asked for it,
+        else Basic; ``None`` without credentials."""
         if credentials is None:
             return None
         if self.options.digest.asked(key):
@@ -4229,11 +4286,10 @@ class _Request:
         return _basic_auth(*credentials)
 
     def _follow_challenge(self, response: _Response) -> bool:
-        """Whether ``response`` is a ``401`` (or a proxy's ``407``) with a
-        Digest challenge to answer with another request: the first one of
-        this request, or one saying that the nonce sent was stale."""
-        if response.status != 401 and response.status != 407:
-            return False
+        """Whether ``response``, a ``401`` or ``407`` (its caller looked), is a
+        ``401`` (or a proxy's ``407``) with a Digest challenge to answer with
+        another request: the first one of this request, or one saying that
+        the nonce sent was stale."""
         connection = self.connection
         assert connection is not None  # it carried the response
         proxy = connection.proxy_parts if response.status == 407 and connection.via_proxy \
@@ -4255,38 +4311,52 @@ class _Request:
         self.challenges[key] = followed + 1
         return True
 
-    def _headers(self, url: str, target: str, conn: _AnyHTTPConnection) -> Dict[str, str]:
-        """The fields of a request for ``target`` on ``conn``, ``Host``
-        first, where http.client puts it (to a plain proxy too: the URL's
-        host and port, the port left out where it is the scheme's own)."""
+    def _head(self, target: str, conn: _AnyHTTPConnection) -> bytes:
+        """The head of a request for ``target`` on ``conn``: ``Host`` first,
+        where http.client puts it (to a plain proxy too: the URL's host and
+        port, the port left out where it is the scheme's own), the fields of
+        every request of its options, made once for them, then its own (a
+        field of the caller's that the request sets itself, a condition
+        or ``Proxy-Authorization``, left out)."""
         options = self.options
         if self.trusted:
-            given, names = options.trusted_headers, options.secrets_given
+            given, secrets = options.trusted_fields, options.secrets_given
         else:
-            given, names = options.public_headers, frozenset()
-        headers = {'Host': self.address.host_field}
-        headers.update(given)
+            given, secrets = options.public_fields, _NO_SECRETS
+        own: Dict[str, str] = {}
         if self.first is not None:
-            headers['Range'] = 'bytes={}-{}'.format(
-                self.first, '' if self.last is None else self.last)
+            own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
             if self.validator:
-                headers['If-Range'] = self.validator
+                own['If-Range'] = self.validator
         if self.extra:
-            headers.update(self.extra)
-            names = names.union(name.lower() for name in self.extra)
-        if 'authorization' not in names:
-            authorization = self._authorization(None, self.method, target)
-            if authorization is not None:
-                headers['Authorization'] = authorization
-        if 'cookie' not in names:
-            cookie = options.cookies.header(url)
+            own.update(self.extra)
+            secrets = secrets.union(name.lower() for name in self.extra)
+        if 'authorization' not in secrets:
+            # (what _auth_target gives without a proxy, with one call less)
+            credentials = options.credentials(self.address.host_name, self.own_credentials,
+                                              self.trusted)
+            if credentials is not None:
+                authorization = self._authorization(self.address.host_key, credentials,
+                                                    self.method, target)
+                if authorization is not None:
+                    own['Authorization'] = authorization
+        if 'cookie' not in secrets and options.cookies.jar is not None:
+            cookie = options.cookies.header(self.url)
             if cookie:
-                headers['Cookie'] = cookie
+                own['Cookie'] = cookie
         if conn.via_proxy:
-            authorization = self._authorization(conn.proxy_parts, self.method, target)
+            authorization = self._authorization(*self._auth_target(conn.proxy_parts),
+                                                self.method, target)
             if authorization is not None:
-                headers['Proxy-Authorization'] = authorization
-        return headers
+                own['Proxy-Authorization'] = authorization
+        lines = given.lines
+        if own:
+            replaced = given.names.intersection([name.lower() for name in own])
+            if replaced:
+                lines = given.lines_without(replaced)
+            lines += _field_lines(own)
+        return _request_head(self.method, target,
+                             'Host: %s\r\n%s' % (self.address.host_field, lines))
 
     def _exchange_steps(self) -> '_Steps[_Response]':
         """One request and its response headers on the current connection,
@@ -4301,7 +4371,7 @@ class _Request:
                 # http.client's request() and getresponse(), which check
                 # and encode each part of the request in a call of its own
                 # and keep a state of the connection that bitpit keeps itself
-                head = _request_head(self.method, target, self._headers(self.url, target, conn))
+                head = self._head(target, conn)
                 if conn.sock is None:
                     yield from conn.connect_steps()
                 # the socket the body comes from; the connection keeps it,
@@ -4354,11 +4424,8 @@ class _Request:
             self._release(conn, reuse)
 
     def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
-        if self.cancel is not None:
-            self.cancel.unregister(conn)
-            # checked after letting go of it: a cancel that got hold of the
-            # connection before may be shutting it down right now
-            reuse = reuse and not self.cancel.is_set()
+        if self.cancel is not None and self.cancel.unregister(conn):
+            reuse = False  # a cancel that got hold of it may be shutting it down now
         response = self.response
         if reuse and conn.sock is not None and self.key is not None and (
                 response is None or (response.isclosed() and not response.will_close)):
@@ -6244,10 +6311,13 @@ class _Pump:
                 return
             conn.request_end = planner.request_end(conn)
             last = None if conn.open_ended or not ranged else conn.request_end - 1
-            request = _Request(self.options, source.address, first=first if ranged else None,
-                               last=last, validator=source.validator if first > 0 else None,
-                               cancel=self.cancel,
-                               extra=None if transfer.probed else transfer.conditions)
+            # (positional: keywords would cost the call a dict)
+            request = _Request(self.options, source.address, 'GET',   # method
+                               first if ranged else None,               # first
+                               last,                                    # last
+                               source.validator if first > 0 else None,  # validator
+                               self.cancel,                             # cancel
+                               None if transfer.probed else transfer.conditions)  # extra
             probe = not transfer.probed
             conn.request = request
             conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
@@ -6285,7 +6355,8 @@ class _Pump:
         if it does not tell: asked with ``Range: bytes=0-0`` for a 416 that
         left it out, so that such a 416 can still say that a resumed file
         is whole."""
-        request = _Request(self.options, source.address, first=0, last=0, cancel=self.cancel)
+        request = _Request(self.options, source.address, 'GET', 0, 0,  # method, first, last
+                           None, self.cancel)                         # validator, cancel
         try:
             response = yield from request.send_steps()
             return _check_answer(response, request.url, 0).total

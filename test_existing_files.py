@@ -105,6 +105,20 @@ def test_update_without_an_etag_asks_with_the_files_date(server, tmp_path):
     assert server.requests[-1].headers['If-None-Match'] is None
 
 
+def test_update_asks_with_its_own_condition_in_place_of_the_callers_field(server, tmp_path):
+    """A caller's field of the same name as the condition (in any case) is
+    left out of the conditional request: the server gets one value."""
+    url = server.add('/f', DATA, etag=None, last_modified=DATE)
+    target = tmp_path / 'f.bin'
+    assert download(url, target)[0].state == 'complete'
+    d, _ = download(url, target, if_exists='update',
+                    headers={'if-modified-since': 'Thu, 01 Jan 1970 00:00:00 GMT',
+                             'X-Kept': 'yes'})
+    assert d.state == 'complete'
+    fields = server.requests[-1].headers
+    assert fields.get_all('If-Modified-Since') == [DATE] and fields['X-Kept'] == 'yes'
+
+
 def test_update_replaces_the_file_atomically_once_the_new_one_is_complete(server,
                                                                           tmp_path):
     target = tmp_path / 'f.bin'

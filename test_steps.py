@@ -113,6 +113,65 @@ def test_a_cancel_ends_a_pause_at_once_and_its_time_ends_it_too():
     assert time.monotonic() - began < 1
 
 
+class Abortable:
+    """What a ``_Cancel`` takes: it counts its aborts."""
+    aborted = 0
+
+    def abort(self):
+        self.aborted += 1
+
+
+class CancelledBetween(set):
+    """The registrations of a ``_Cancel``, as another thread cancels it
+    between the steps of a register (before or after its item goes into
+    the set) or of an unregister (before the item goes out)."""
+
+    def __init__(self, cancel, after_add=False, items=()):
+        super().__init__(items)
+        self.cancel, self.after_add = cancel, after_add
+
+    def add(self, item):
+        if not self.after_add:
+            self.cancel.cancel()
+        super().add(item)
+        if self.after_add:
+            self.cancel.cancel()
+
+    def discard(self, item):
+        self.cancel.cancel()
+        super().discard(item)
+
+
+def test_a_cancel_aborts_what_is_registered_and_not_let_go_even_as_it_races_a_register():
+    """A cancel aborts each item registered with it and not unregistered,
+    once; one registered after it raises ``_Stopped``. No lock orders a
+    register or an unregister and a cancel from another thread (see
+    ``_Cancel``): a cancel that comes between their steps aborts the item
+    or has its register raise, and an item let go as a cancel comes is
+    aborted, or the cancel is seen after (a connection then closed, not
+    pooled)."""
+    cancel = bitpit._Cancel()
+    kept, let_go = Abortable(), Abortable()
+    cancel.register(kept)
+    cancel.register(let_go)
+    cancel.unregister(let_go)
+    cancel.cancel()
+    cancel.cancel()
+    assert (kept.aborted, let_go.aborted) == (1, 0)
+    with pytest.raises(bitpit._Stopped):
+        cancel.register(Abortable())
+    for after_add in (False, True):
+        cancel, item = bitpit._Cancel(), Abortable()
+        cancel._live = CancelledBetween(cancel, after_add)
+        with pytest.raises(bitpit._Stopped):
+            cancel.register(item)
+        assert item.aborted == after_add
+    cancel, item = bitpit._Cancel(), Abortable()
+    cancel._live = CancelledBetween(cancel, items=[item])  # (registered)
+    cancel.unregister(item)
+    assert item.aborted and cancel.is_set()
+
+
 def test_a_pause_without_a_deadline_lasts_until_a_cancel_ends_it():
     """A wait for nothing but a cancel is the cancel's pause without a
     deadline, which the cancel ends."""
