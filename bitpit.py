@@ -1582,14 +1582,28 @@ class _Poller:
     it is no longer watched. A socket closed while watched leaves epoll by
     itself, and its number may come back with another socket: each
     descriptor is known with the socket and the data it was registered
-    for. The loop's thread."""
-    __slots__ = ('_epoll', '_selector', '_watched')
+    for. But a registration is of the socket's open file, which a forked
+    child holds too (multiprocessing's workers, say): one closed here then
+    stays in epoll, ready for ever once its server closes, reported with
+    its number, which another socket may have now; only a new epoll drops
+    it (``_rebuild``, before the next wait). A stale one is known when
+    reported (for no socket, or for an idle one closed), and is feared,
+    once the process has forked (``forked``), when a socket turns out
+    closed while watched. The loop's thread."""
+    __slots__ = ('_epoll', '_selector', '_watched', '_stale')
+    forked = False  # set for good before a fork (so in the child too)
 
     def __init__(self) -> None:
         # by descriptor: (data, the socket, whether for writing); data None: idle
         self._watched: Dict[int, Tuple[Any, Any, bool]] = {}
         self._epoll = select.epoll() if hasattr(select, 'epoll') else None
         self._selector = selectors.DefaultSelector() if self._epoll is None else None
+        self._stale = False  # whether epoll may hold a closed socket's registration
+
+    @classmethod
+    def note_fork(cls) -> None:
+        """Before a fork: the sockets open now are the child's too. Any thread."""
+        cls.forked = True
 
     def register(self, sock: Any, fd: int, writing: bool, data: Any) -> None:
         """Watch ``sock`` (its descriptor ``fd``) for reading (``writing``:
@@ -1605,6 +1619,7 @@ class _Poller:
                     self._epoll.modify(fd, mask)
                 except FileNotFoundError:  # its socket closed, the number taken again
                     self._epoll.register(fd, mask)
+                    self._stale = self._stale or self.forked
         else:
             assert self._selector is not None  # (no epoll)
             events = selectors.EVENT_WRITE if writing else selectors.EVENT_READ
@@ -1635,7 +1650,8 @@ class _Poller:
                 pass
         self._forget(fd)
 
-    def _forget(self, fd: int) -> None:
+    def _forget(self, fd: int) -> bool:
+        """Stop watching ``fd``; whether it was watched still (not closed)."""
         del self._watched[fd]
         try:
             if self._epoll is not None:
@@ -1644,7 +1660,26 @@ class _Poller:
                 assert self._selector is not None  # (no epoll)
                 self._selector.unregister(fd)
         except (KeyError, ValueError, OSError):
-            pass  # (closed meanwhile: epoll forgot it by itself)
+            # closed meanwhile: epoll forgot it by itself, unless a forked
+            # child holds it too
+            self._stale = self._stale or self.forked
+            return False
+        return True
+
+    def _rebuild(self) -> None:
+        """Watch the open sockets watched now with a new epoll, which holds
+        no registration of a socket closed while watched."""
+        assert self._epoll is not None  # (only epoll keeps them)
+        self._epoll.close()
+        self._epoll = select.epoll()
+        self._stale = False
+        for fd, (data, sock, writing) in list(self._watched.items()):
+            try:
+                if sock.fileno() < 0:
+                    raise ValueError('closed')
+                self._epoll.register(fd, select.EPOLLOUT if writing else select.EPOLLIN)
+            except (OSError, ValueError):  # closed: its steps find out at their next call
+                del self._watched[fd]
 
     def select(self, timeout: Optional[float]) -> List[Any]:
         """The data of the descriptors ready within ``timeout`` seconds
@@ -1653,13 +1688,16 @@ class _Poller:
         if self._epoll is None:
             assert self._selector is not None  # (no epoll)
             return [key.data for key, _ in self._selector.select(timeout)]
+        if self._stale:
+            self._rebuild()
         ready = []
         for fd, _ in self._epoll.poll(-1 if timeout is None else timeout):
             watched = self._watched.get(fd)
-            if watched is None:
-                continue
-            if watched[0] is None:  # idle: the server's close, or bytes none asked for
-                self._forget(fd)
+            if watched is None:  # a closed socket's, left by a forked child's hold
+                self._stale = True
+            elif watched[0] is None:  # idle: the server's close, or bytes none asked for
+                if not self._forget(fd):  # (closed: the same)
+                    self._stale = True
             else:
                 ready.append(watched[0])
         return ready
@@ -1914,7 +1952,7 @@ class _Loop:
 # every connection's steps, on one thread from the first spawn to the last end
 _LOOP = _Loop(after_round=_SIGNALS.hand)
 if hasattr(os, 'register_at_fork'):
-    os.register_at_fork(after_in_child=_LOOP._after_fork)
+    os.register_at_fork(before=_Poller.note_fork, after_in_child=_LOOP._after_fork)
 
 
 def _on_worker_steps(call: Callable[[], _T], name: str) -> '_Steps[_T]':

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import pytest
 
 import bitpit
 from test_steps import address_of, get_steps
@@ -199,6 +200,55 @@ def test_the_poller_keeps_an_ended_steps_socket_idle_and_knows_a_number_taken_ag
                 sock.close()
         finally:
             poller.close()
+
+
+@pytest.mark.skipif(not hasattr(bitpit.select, 'epoll') or not hasattr(os, 'fork'),
+                    reason='epoll and fork only')
+def test_sockets_closed_idle_while_a_forked_child_holds_them_wake_nobody():
+    """A registration in epoll is of the socket's open file: a forked child
+    holds it too, so a socket closed here while idle stays in epoll, and
+    once its server closes it is ready for ever, with its number. The
+    poller reports it neither round after round (the loop would spin)
+    nor for the socket that has its number now."""
+    poller = bitpit._Poller()
+    reader, writer = os.pipe()
+    pairs = [socket.socketpair() for _ in range(2)]
+    for i, (sock, _) in enumerate(pairs):
+        poller.register(sock, sock.fileno(), False, i)
+        poller.unregister(sock.fileno(), i)  # its steps ended: idle
+    pid = os.fork()
+    if pid == 0:  # holds every descriptor of the parent's till told to end
+        os.read(reader, 1)
+        os._exit(0)
+    try:
+        (first, first_peer), (second, second_peer) = pairs
+        first.close()  # the pool closes it, idle
+        first_peer.shutdown(socket.SHUT_WR)  # its server's close: ready, in the child's hold
+        first_peer.close()
+        assert poller.select(0) == []
+        assert poller.select(0) == []
+        assert poller._epoll.poll(0) == []  # (not ready round after round)
+        fd = second.fileno()
+        second.close()
+        second_peer.shutdown(socket.SHUT_WR)
+        second_peer.close()
+        third, third_peer = socket.socketpair()  # a new connection
+        if third.fileno() != fd:  # the number comes back, with another socket
+            os.dup2(third.fileno(), fd)
+        poller.register(third, fd, False, 'third')
+        assert poller.select(0) == []  # not the closed one's readiness
+        third_peer.send(b'x')
+        assert poller.select(5) == ['third']
+        if third.fileno() != fd:
+            os.close(fd)
+        third.close()
+        third_peer.close()
+    finally:
+        os.write(writer, b'x')
+        os.waitpid(pid, 0)
+        os.close(reader)
+        os.close(writer)
+        poller.close()
 
 
 def test_steps_handed_by_many_threads_at_once_all_run_with_few_wake_ups(monkeypatch):
