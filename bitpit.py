@@ -3297,8 +3297,25 @@ class _ConnectionPool:
         if conn is not None:
             _close_connection(conn)
 
+    def _after_fork(self) -> None:
+        """Start empty in a forked child: its parent's idle connections are
+        its parent's still (a request on one would share its TCP
+        connection with the parent's next one, each process reading
+        answers the other asked for). Their descriptors are closed here,
+        which leaves the connections open for the parent; no lock is
+        taken that a thread of the parent's may have held at the fork."""
+        idle, self._idle = self._idle, {}
+        self._lock = threading.Lock()
+        self._expiry = math.inf
+        for connections in idle.values():
+            for _, conn in connections:
+                conn.release_slot = None  # (not given back: the slots' lock may be held)
+                conn.close()
+
 
 _POOL = _ConnectionPool()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_POOL._after_fork)
 
 
 # -- per-host connection caps -------------------------------------------------------

@@ -119,6 +119,12 @@ def test_a_forked_child_starts_with_workers_of_its_own(server, tmp_path):
         child.join(30)
     assert child.exitcode == 0
     assert (tmp_path / 'child.bin').read_bytes() == DATA
+    # nor with the idle connections of its parent's pool, whose sockets it
+    # holds: a request of the child's on one would share a TCP connection
+    # with the parent's next request, each process reading answers the
+    # other asked for
+    parent, child_request = server.requests_for('/data.bin')
+    assert child_request.conn != parent.conn
 
 
 @pytest.fixture
