@@ -5909,6 +5909,7 @@ class _Connection:
     changes few of them."""
 
     active = False                # holds a claim
+    gone = False                  # it left the transfer (``_Transfer._leave``)
     pos = end = reading_to = 0
     last_end = -1                 # where its last claim ended: its continuation
     open_ended = False            # asks for ``pos-``, not ``pos-(end - 1)``
@@ -6351,9 +6352,10 @@ class _Pump:
         self.cancel = transfer.cancel
         self.max_size = transfer.max_size
 
-    def fetch_steps(self, conn: _Connection) -> '_Steps[None]':
+    def fetch_steps(self, conn: _Connection) -> '_Steps[Optional[_Wait]]':
         """Steps: one request for ``conn``'s claim (a piece of it, when the
-        file is split), and its body into the file."""
+        file is split), and its body into the file. Once its claim is done,
+        they give what ``_Transfer._next_for`` gives."""
         transfer, planner = self.transfer, self.planner
         source = conn.source
         first = conn.pos
@@ -6363,7 +6365,7 @@ class _Pump:
             if first >= conn.end and transfer.probed:  # others took all of it meanwhile
                 conn.active = False
                 conn.last_end = first
-                return
+                return None
             conn.request_end = planner.request_end(conn)
             last = None if conn.open_ended or not ranged else conn.request_end - 1
             # (positional: keywords would cost the call a dict)
@@ -6399,10 +6401,18 @@ class _Pump:
                 reuse = yield from self._pump_steps(conn, response, answer, body_end, request)
             fetched = True
         finally:
-            with self._lock:  # no abort of a connection given back to the pool
+            if not fetched:
+                with self._lock:  # no abort of a connection given back to the pool
+                    conn.request = None
+                request.close(False)
+        try:
+            with self._lock:  # (as above)
                 conn.request = None
-                if fetched:
-                    planner.done(conn, first, time.monotonic())
+                planner.done(conn, first, time.monotonic())
+                # its claim done, its next one (or its end) is found in
+                # this look: a small file's one lock section less
+                return None if conn.active else transfer._next_for(conn)
+        finally:
             request.close(reuse)
 
     def _ask_size_steps(self, source: _Source) -> '_Steps[Optional[int]]':
@@ -7076,51 +7086,55 @@ class _Transfer:
     def _serve_steps(self, conn: _Connection) -> '_Steps[None]':
         """A connection's steps, on the loop: fetch ranges until there is
         none left."""
-        left = False
         try:
-            while True:
+            while not conn.gone:
                 if not conn.active:  # (else the rest of its claim)
                     with self._lock:
-                        wait = self._next_job(conn)
-                        if wait is None and not conn.active:
-                            # nothing left for it: it leaves in this look
-                            # (a small file's one lock section less)
-                            self._leave(conn)
-                            left = True
-                    if wait is not None:
-                        yield wait
+                        wait = self._next_for(conn)
+                else:
+                    try:
+                        # (its claim done, it looks for the next in its last look)
+                        wait = yield from self.pump.fetch_steps(conn)
+                    except _Superseded:
+                        with self._lock:
+                            conn.active = False
                         continue
-                    if left:
+                    except _Stopped:
+                        with self._lock:
+                            if not self.cancel.is_set():  # a sealed file: nothing more to do
+                                self._end(_Stopped())
                         break
-                try:
-                    yield from self.pump.fetch_steps(conn)
-                except _Superseded:
-                    with self._lock:
-                        conn.active = False
-                    continue
-                except _Stopped:
-                    with self._lock:
-                        if not self.cancel.is_set():  # a sealed file: nothing more to do
-                            self._end(_Stopped())
-                    break
-                except Error as error:
-                    pause = self._failed(conn, error)
-                    if pause is None:
-                        break
-                    if pause:  # ended at once by a stop, a failure or completion
-                        yield self.cancel.pause(time.monotonic() + pause)
+                    except Error as error:
+                        pause = self._failed(conn, error)
+                        if pause is None:
+                            break
+                        if pause:  # ended at once by a stop, a failure or completion
+                            yield self.cancel.pause(time.monotonic() + pause)
+                        continue
+                if wait is not None:
+                    yield wait
         except Exception as exc:  # a bug: end the attempt, never die silently
             with self._lock:
                 self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
-            if not left:
+            if not conn.gone:
                 with self._lock:
                     self._leave(conn)
+
+    def _next_for(self, conn: _Connection) -> Optional[_Wait]:
+        """``conn`` holds no claim: claim its next range (``_next_job``),
+        else give the wait for one, else it leaves (``conn.gone``) in this
+        look. Under the lock, by its steps."""
+        wait = self._next_job(conn)
+        if wait is None and not conn.active:
+            self._leave(conn)
+        return wait
 
     def _leave(self, conn: _Connection) -> None:
         """``conn`` ends: it is no longer live, and the run looks. Under
         the lock, by its steps."""
         conn.active = False
+        conn.gone = True
         if self.prober is conn:
             self.prober = None
         if self.planner.judging is conn:  # it ends unjudged: the others may start
