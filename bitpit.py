@@ -7055,7 +7055,9 @@ class _Transfer:
     def _claim_probe(self, conn: _Connection) -> None:
         """``conn`` probes: it claims the first gap, to the file's end."""
         self.prober = conn
-        self.planner.claim(conn, *self.planner.first_gap(), open_ended=True)
+        start, end = self.planner.first_gap()
+        # (by position: with the * of the gap, a keyword would build a dict)
+        self.planner.claim(conn, start, end, True)   # open_ended
 
     def _is_complete(self) -> bool:
         """Every byte is held (a read still under way only brings them
