@@ -9023,7 +9023,8 @@ class Downloader(Emitter):
                     post(self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
             self._relay(transfer.take_events(), post)
-            yield from transfer.join_steps()
+            if transfer.connections or transfer.saving:  # (a small file's: none left, no
+                yield from transfer.join_steps()          # generator made to find so)
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
                 # its checks may read the whole file back, its save sync it
                 yield from _on_worker_steps(transfer.result, 'bitpit-finish')
