@@ -8913,7 +8913,8 @@ class Downloader(Emitter):
                 _log.info('%s: %s', self._url, error)
         finally:
             try:
-                with self._lock:
+                with self._lock:  # (one section for the attempt's end, its transfer's too)
+                    self._transfer = None
                     self._attempt_over = True
                     self._speed = 0
                     if final in _FINISHED_STATES:
@@ -8960,7 +8961,9 @@ class Downloader(Emitter):
         transfer, relay what it reports as signals (posted to ``run``), and measure
         the speed every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
-        last call sets (one call less to post for every file)."""
+        last call sets (one call less to post for every file). Its transfer
+        stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
+        it takes for the attempt's end."""
         self._digest = None
         store, conditions, replaces = self._prepare_target(run)
         if store is None:  # 'skip': the file is taken as it is
@@ -9036,10 +9039,11 @@ class Downloader(Emitter):
             raise
         finally:
             self._received += transfer.received - tick_received
-            with self._lock:
-                self._downloaded = store.held.total
-                self._best_held = max(self._best_held, self._downloaded)
-                self._transfer = None
+            # (set before the run's end drops the transfer, in the lock
+            # section that marks the attempt over: a reader that finds no
+            # transfer reads these; the run's steps alone use _best_held)
+            self._downloaded = store.held.total
+            self._best_held = max(self._best_held, self._downloaded)
         if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
         elif replaces is not None and store.os_path is not None:
