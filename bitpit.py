@@ -8897,7 +8897,7 @@ class Downloader(Emitter):
 
     def _run_steps(self, run: _Run) -> '_Steps[None]':
         """A run on the loop: one attempt, from ``start`` to its end state.
-        What it tells its callbacks, it posts to ``run`` (``post``), whose
+        What it tells its callbacks, it posts to ``run`` (``_SIGNALS.post``), whose
         signal worker makes the calls in order; the last one, ``_end_run``,
         ends the run."""
         best_before = self._best_held
@@ -8905,10 +8905,9 @@ class Downloader(Emitter):
         retry_after = None
         final = 'pause'
         size = None
-        post = functools.partial(_SIGNALS.post, run)
         try:
-            post(self._set_state, 'start')
-            size = yield from self._attempt_steps(post)
+            _SIGNALS.post(run, self._set_state, 'start')
+            size = yield from self._attempt_steps(run)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -8930,7 +8929,8 @@ class Downloader(Emitter):
                 _log.info('%s: %s', self._url, error)
         finally:
             try:
-                with self._lock:
+                with self._lock:  # (one section for the attempt's end, its transfer's too)
+                    self._transfer = None
                     self._attempt_over = True
                     self._speed = 0
                     if final in _FINISHED_STATES:
@@ -8938,7 +8938,7 @@ class Downloader(Emitter):
                 self._retry_after = retry_after
                 self._count_restart(final == 'error', self._received > received_before)
             finally:  # (a bug above is said by _run_ended: the run still ends)
-                post(self._end_run, run, final, size)
+                _SIGNALS.post(run, self._end_run, run, final, size)
 
     def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
         """The run's last call, on its signal worker: its last signals (first
@@ -8972,14 +8972,16 @@ class Downloader(Emitter):
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, post: Callable[..., None]) -> '_Steps[Optional[int]]':
+    def _attempt_steps(self, run: _Run) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals (``post``), and measure
+        transfer, relay what it reports as signals (posted to ``run``), and measure
         the speed every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
-        last call sets (one call less to post for every file)."""
+        last call sets (one call less to post for every file). Its transfer
+        stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
+        it takes for the attempt's end."""
         self._digest = None
-        store, conditions, replaces = self._prepare_target(post)
+        store, conditions, replaces = self._prepare_target(run)
         if store is None:  # 'skip': the file is taken as it is
             return None
         checksum = self._checksum if self._checksum_file is None else \
@@ -8987,7 +8989,7 @@ class Downloader(Emitter):
         store.hash_with = self._hash_with
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
-            post(self._set_size, store.size)
+            _SIGNALS.post(run, self._set_size, store.size)
         metalink = self._metalink
         # by position, each argument named in its comment: a class called
         # with keywords has CPython build a dict of them for its __init__,
@@ -9027,7 +9029,7 @@ class Downloader(Emitter):
                     break  # (its last events are relayed below: no look)
                 # tend it: relay its events, let it look at itself, and
                 # measure the speed every period
-                self._relay(transfer.take_events(), post)
+                self._relay(transfer.take_events(), run)
                 now = time.monotonic()
                 transfer.look(now)
                 if now >= tick_at:
@@ -9036,10 +9038,11 @@ class Downloader(Emitter):
                     self._received += received - tick_received
                     tick_received = received
                     tick_at = max(tick_at + period, now)
-                    post(self.emit, 'speed-changed', self)
+                    _SIGNALS.post(run, self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
-            self._relay(transfer.take_events(), post)
-            yield from transfer.join_steps()
+            self._relay(transfer.take_events(), run)
+            if transfer.connections or transfer.saving:  # (a small file's: none left, no
+                yield from transfer.join_steps()          # generator made to find so)
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
                 # its checks may read the whole file back, its save sync it
                 yield from _on_worker_steps(transfer.result, 'bitpit-finish')
@@ -9052,10 +9055,11 @@ class Downloader(Emitter):
             raise
         finally:
             self._received += transfer.received - tick_received
-            with self._lock:
-                self._downloaded = store.held.total
-                self._best_held = max(self._best_held, self._downloaded)
-                self._transfer = None
+            # (set before the run's end drops the transfer, in the lock
+            # section that marks the attempt over: a reader that finds no
+            # transfer reads these; the run's steps alone use _best_held)
+            self._downloaded = store.held.total
+            self._best_held = max(self._best_held, self._downloaded)
         if transfer.unchanged and replaces is not None:  # 304: the file on disk is current
             self._downloaded = _local_size(replaces)
         elif replaces is not None and store.os_path is not None:
@@ -9090,7 +9094,7 @@ class Downloader(Emitter):
             names.append(path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
-    def _prepare_target(self, post: Callable[..., None]
+    def _prepare_target(self, run: _Run
                         ) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
                                    Optional[pathlib.Path]]:
         """What ``if_exists`` makes of an existing target before an attempt:
@@ -9100,7 +9104,7 @@ class Downloader(Emitter):
         is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
         attempt of this downloader (or of its new ``path`` or ``url``) only:
         the attempts after it, restarts and new starts, resume what it
-        began. What it tells the callbacks, it ``post``s. The run's steps."""
+        began. What it tells the callbacks, it posts to ``run``. The run's steps."""
         store = self._store
         if store is None:
             store = self._local_store()  # read just now
@@ -9120,13 +9124,13 @@ class Downloader(Emitter):
         taken_as_is = store.taken_as_is()  # (as the load just found it)
         if mode == 'skip' and taken_as_is:
             self._downloaded = store.held.total
-            post(self._set_size, self._downloaded)
+            _SIGNALS.post(run, self._set_size, self._downloaded)
             return None, None, None
         if mode == 'rename' and first and store.found[0]:
             with self._lock:  # (as ``path`` may make one meanwhile)
                 self._path = _free_name(target)
             self._store = store = _FileStore(self._path, self._url)
-            post(self.emit, 'path-changed', self)
+            _SIGNALS.post(run, self.emit, 'path-changed', self)
         if mode != 'update':
             return store, None, None
         newer = _FileStore(target.with_name(target.name + _NEWER_SUFFIX), self._url)
@@ -9143,16 +9147,16 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
-    def _relay(self, events: List[Tuple[str, Any]], post: Callable[..., None]) -> None:
+    def _relay(self, events: List[Tuple[str, Any]], run: _Run) -> None:
         """Have the transfer's ``events`` turned into the download's state
-        and signals, in one call ``post``ed for all of them (a small
+        and signals, in one call posted to ``run`` for all of them (a small
         file's size and start of download come together). The run's
         steps."""
         if events:
             for kind, _ in events:
                 if kind == 'restart':  # another version: its progress counts afresh
                     self._best_held = 0
-            post(self._take_events, events)
+            _SIGNALS.post(run, self._take_events, events)
 
     def _take_events(self, events: List[Tuple[str, Any]]) -> None:
         """Set what the transfer's ``events`` tell, and signal it, in their
