@@ -8594,6 +8594,7 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stopping = False
+                self._keep_for_requests()  # (its lock: _request_options takes none)
                 run = _Run()
                 try:
                     _LOOP.spawn(self._run_steps(run), _run_ended)
@@ -8785,18 +8786,26 @@ class Downloader(Emitter):
         self._bucket = _TokenBucket(self._rate_limit)
         transfer.add_bucket(self._bucket)
 
+    def _keep_for_requests(self) -> Tuple[_DigestAuth, _Cookies]:
+        """What the requests of the download keep across attempts, made if
+        it is not there: the hosts that asked for Digest so far and the
+        cookies (the caller's jar, else the download's own). Under ``_lock``."""
+        if self._digest_auth is None:
+            self._digest_auth = _DigestAuth()
+        if self._cookies is None:
+            self._cookies = _Cookies()
+        return self._digest_auth, self._cookies
+
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with the hosts that asked for Digest so far and the cookies (the
-        caller's jar, else the download's own), kept across attempts.
+        with what ``_keep_for_requests`` made. A run's start made it, under
+        the lock, and only its end (or a caller while none runs) lets go of
+        it: an attempt's options take no lock (a section per small file).
         Any thread."""
-        with self._lock:
-            if self._digest_auth is None:
-                self._digest_auth = _DigestAuth()
-            digest_auth = self._digest_auth
-            if self._cookies is None:
-                self._cookies = _Cookies()
-            cookies = self._cookies
+        digest_auth, cookies = self._digest_auth, self._cookies
+        if digest_auth is None or cookies is None:  # (no run: update_size)
+            with self._lock:
+                digest_auth, cookies = self._keep_for_requests()
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, cookies,
                                digest_auth, self._host_slots, bool(self._tracked_by))
