@@ -2497,14 +2497,16 @@ class _Headers:
 class _Head:
     """The status line and header fields of a response, as ``_HeadParser``
     read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
-    later 1.x), as http.client numbers them."""
-    __slots__ = ('version', 'status', 'reason', 'headers')
+    later 1.x), as http.client numbers them; ``final``: not an interim
+    (1xx) head, but for a 101, which is final."""
+    __slots__ = ('version', 'status', 'reason', 'headers', 'final')
 
     def __init__(self, version: int, status: int, reason: str, headers: _Headers):
         self.version = version
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.final = status >= 200 or status == 101
 
     def keep_alive(self) -> bool:
         """Whether the connection stays open after this answer, as its
@@ -2666,7 +2668,7 @@ class _HeadParser:
                 break
             head = _parse_head(bytes(buffer[start:end]))
             start, searched = after, 0
-            if head.status >= 200 or head.status == 101:
+            if head.final:
                 self.rest = memoryview(buffer)[start:]
                 if stored:
                     self._buffer = b''
@@ -2872,22 +2874,19 @@ class _Response:
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
-        parser = _HeadParser()
         sock = self._sock
-        received = False
-        while True:
-            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
-                                        wait_first=True)
-            if not data:
-                raise http.client.RemoteDisconnected(
-                    'Remote end closed connection ' +
-                    ('within the response head' if received else 'without response'))
-            received = True
-            head = parser.feed(data)
-            if head is not None:
-                break
-        self._received = parser.rest  # the body's first bytes
-        self.held = len(parser.rest)
+        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                    wait_first=True)
+        # the usual answer, a final head whole in the first receive, is
+        # read as _HeadParser.feed reads it, with no parser made nor fed
+        end, after = _head_end(data, 0)
+        head = _parse_head(data[:end]) if end >= 0 else None
+        if head is not None and head.final:
+            rest = memoryview(data)[after:]
+        else:  # (the first receive's head, if any, is read again)
+            head, rest = yield from self._head_steps(data)
+        self._received = rest  # the body's first bytes
+        self.held = len(rest)
         self.code = self.status = head.status
         self.reason = head.reason
         self.version = head.version
@@ -2902,6 +2901,25 @@ class _Response:
             self.length = 0
         if self.length is None and not self.chunked:
             self.will_close = True  # the body ends with the connection
+
+    def _head_steps(self, data: bytes) -> '_Steps[Tuple[_Head, memoryview]]':
+        """The final head, read by a ``_HeadParser`` from ``data`` (the first
+        receive's bytes) and from further receives (a wait for bytes, then
+        a receive), and the bytes after it."""
+        parser = _HeadParser()
+        sock = self._sock
+        received = False
+        while True:
+            if not data:
+                raise http.client.RemoteDisconnected(
+                    'Remote end closed connection ' +
+                    ('within the response head' if received else 'without response'))
+            received = True
+            head = parser.feed(data)
+            if head is not None:
+                return head, parser.rest
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                        wait_first=True)
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
