@@ -2426,16 +2426,20 @@ class _Headers:
     ``len``. ``by_name`` is a dict of each field's value by its name in
     lower case, a repeated field's values joined by ``', '`` (as
     ``HTTPResponse.getheader`` gives them): bitpit's own look-ups, by
-    names it writes in lower case, take no call of their own. Read-only;
-    any thread."""
-    __slots__ = ('_fields', 'by_name', '_repeated')
+    names it writes in lower case, take no call of their own, nor those
+    of ``firsts``, the first value of each (the same dict where no name
+    is repeated, as in most heads). Read-only; any thread."""
+    __slots__ = ('_fields', 'by_name', 'firsts', '_repeated')
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        by_name = {name.lower(): value for name, value in fields}
+        by_name: Dict[str, str] = {}
+        for name, value in fields:  # (a loop: a comprehension is a call more)
+            by_name[name.lower()] = value
+        firsts = by_name
         repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
         if len(by_name) < len(fields):  # (seldom: a name given more than once)
-            by_name = {}
+            by_name, firsts = {}, {}
             for name, value in fields:
                 key = name.lower()
                 if key in by_name:
@@ -2444,15 +2448,14 @@ class _Headers:
                     repeated[key].append(value)
                     by_name[key] += ', ' + value
                 else:
-                    by_name[key] = value
+                    by_name[key] = firsts[key] = value
         self.by_name = by_name
+        self.firsts = firsts
         self._repeated = repeated
 
     def first(self, key: str) -> Optional[str]:
         """The first value of the field named ``key`` (in lower case), or ``None``."""
-        if key in self._repeated:
-            return self._repeated[key][0]
-        return self.by_name.get(key)
+        return self.firsts.get(key)
 
     def get(self, name: str, default: Any = None) -> Any:
         value = self.first(name.lower())
@@ -2891,10 +2894,11 @@ class _Response:
         self.reason = head.reason
         self.version = head.version
         self.fields = self.headers = self.msg = head.headers
-        transfer = head.headers.first('transfer-encoding')
+        firsts = head.headers.firsts
+        transfer = firsts.get('transfer-encoding')
         self.chunked = transfer is not None and transfer.lower() == 'chunked'
         self.will_close = not head.keep_alive()
-        length = head.headers.first('content-length')
+        length = firsts.get('content-length')
         self.length = int(length) if length and length.isascii() and length.isdigit() and \
             not self.chunked else None
         if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
