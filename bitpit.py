@@ -3965,6 +3965,9 @@ class _RequestOptions:
     the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
     or with ``shared_lookups`` those that the downloads of managers share
     for a second). Any thread."""
+    __slots__ = ('address', 'url', 'trusted_fields', 'public_fields', 'secrets_given', 'auth',
+                 'proxy', 'ssl_context', 'timeout', 'cookies', 'digest', 'slots', '_lookups',
+                 '_proxy')  # (one made for every attempt: no dict)
 
     def __init__(self, address: _Address, headers: Dict[str, str],
                  auth: Optional[Tuple[str, str]], proxy: Optional[str],
