@@ -4040,6 +4040,8 @@ class _Body:
     whatever the server sent beyond the body. Over TLS, where one receive
     brings one record (16 KiB at most), a read goes on with the records
     that are already there, without waiting. The thread of its request."""
+    __slots__ = ('_response', '_sock', '_held', '_left', '_read', '_tls', '_poll',
+                 '_error')  # (one made for every answer: no dict)
 
     def __init__(self, response: _Response, sock: Any):
         self._response = response
