@@ -2426,16 +2426,20 @@ class _Headers:
     ``len``. ``by_name`` is a dict of each field's value by its name in
     lower case, a repeated field's values joined by ``', '`` (as
     ``HTTPResponse.getheader`` gives them): bitpit's own look-ups, by
-    names it writes in lower case, take no call of their own. Read-only;
-    any thread."""
-    __slots__ = ('_fields', 'by_name', '_repeated')
+    names it writes in lower case, take no call of their own, nor those
+    of ``firsts``, the first value of each (the same dict where no name
+    is repeated, as in most heads). Read-only; any thread."""
+    __slots__ = ('_fields', 'by_name', 'firsts', '_repeated')
 
     def __init__(self, fields: List[Tuple[str, str]]):
         self._fields = fields
-        by_name = {name.lower(): value for name, value in fields}
+        by_name: Dict[str, str] = {}
+        for name, value in fields:  # (a loop: a comprehension is a call more)
+            by_name[name.lower()] = value
+        firsts = by_name
         repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
         if len(by_name) < len(fields):  # (seldom: a name given more than once)
-            by_name = {}
+            by_name, firsts = {}, {}
             for name, value in fields:
                 key = name.lower()
                 if key in by_name:
@@ -2444,15 +2448,14 @@ class _Headers:
                     repeated[key].append(value)
                     by_name[key] += ', ' + value
                 else:
-                    by_name[key] = value
+                    by_name[key] = firsts[key] = value
         self.by_name = by_name
+        self.firsts = firsts
         self._repeated = repeated
 
     def first(self, key: str) -> Optional[str]:
         """The first value of the field named ``key`` (in lower case), or ``None``."""
-        if key in self._repeated:
-            return self._repeated[key][0]
-        return self.by_name.get(key)
+        return self.firsts.get(key)
 
     def get(self, name: str, default: Any = None) -> Any:
         value = self.first(name.lower())
@@ -2497,14 +2500,16 @@ class _Headers:
 class _Head:
     """The status line and header fields of a response, as ``_HeadParser``
     read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
-    later 1.x), as http.client numbers them."""
-    __slots__ = ('version', 'status', 'reason', 'headers')
+    later 1.x), as http.client numbers them; ``final``: not an interim
+    (1xx) head, but for a 101, which is final."""
+    __slots__ = ('version', 'status', 'reason', 'headers', 'final')
 
     def __init__(self, version: int, status: int, reason: str, headers: _Headers):
         self.version = version
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.final = status >= 200 or status == 101
 
     def keep_alive(self) -> bool:
         """Whether the connection stays open after this answer, as its
@@ -2666,7 +2671,7 @@ class _HeadParser:
                 break
             head = _parse_head(bytes(buffer[start:end]))
             start, searched = after, 0
-            if head.status >= 200 or head.status == 101:
+            if head.final:
                 self.rest = memoryview(buffer)[start:]
                 if stored:
                     self._buffer = b''
@@ -2872,12 +2877,43 @@ class _Response:
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
+        sock = self._sock
+        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                    wait_first=True)
+        # the usual answer, a final head whole in the first receive, is
+        # read as _HeadParser.feed reads it, with no parser made nor fed
+        end, after = _head_end(data, 0)
+        head = _parse_head(data[:end]) if end >= 0 else None
+        if head is not None and head.final:
+            rest = memoryview(data)[after:]
+        else:  # (the first receive's head, if any, is read again)
+            head, rest = yield from self._head_steps(data)
+        self._received = rest  # the body's first bytes
+        self.held = len(rest)
+        self.code = self.status = head.status
+        self.reason = head.reason
+        self.version = head.version
+        self.fields = self.headers = self.msg = head.headers
+        firsts = head.headers.firsts
+        transfer = firsts.get('transfer-encoding')
+        self.chunked = transfer is not None and transfer.lower() == 'chunked'
+        self.will_close = not head.keep_alive()
+        length = firsts.get('content-length')
+        self.length = int(length) if length and length.isascii() and length.isdigit() and \
+            not self.chunked else None
+        if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
+            self.length = 0
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends with the connection
+
+    def _head_steps(self, data: bytes) -> '_Steps[Tuple[_Head, memoryview]]':
+        """The final head, read by a ``_HeadParser`` from ``data`` (the first
+        receive's bytes) and from further receives (a wait for bytes, then
+        a receive), and the bytes after it."""
         parser = _HeadParser()
         sock = self._sock
         received = False
         while True:
-            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
-                                        wait_first=True)
             if not data:
                 raise http.client.RemoteDisconnected(
                     'Remote end closed connection ' +
@@ -2885,23 +2921,9 @@ class _Response:
             received = True
             head = parser.feed(data)
             if head is not None:
-                break
-        self._received = parser.rest  # the body's first bytes
-        self.held = len(parser.rest)
-        self.code = self.status = head.status
-        self.reason = head.reason
-        self.version = head.version
-        self.fields = self.headers = self.msg = head.headers
-        transfer = head.headers.first('transfer-encoding')
-        self.chunked = transfer is not None and transfer.lower() == 'chunked'
-        self.will_close = not head.keep_alive()
-        length = head.headers.first('content-length')
-        self.length = int(length) if length and length.isascii() and length.isdigit() and \
-            not self.chunked else None
-        if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
-            self.length = 0
-        if self.length is None and not self.chunked:
-            self.will_close = True  # the body ends with the connection
+                return head, parser.rest
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                        wait_first=True)
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
@@ -3943,6 +3965,9 @@ class _RequestOptions:
     the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
     or with ``shared_lookups`` those that the downloads of managers share
     for a second). Any thread."""
+    __slots__ = ('address', 'url', 'trusted_fields', 'public_fields', 'secrets_given', 'auth',
+                 'proxy', 'ssl_context', 'timeout', 'cookies', 'digest', 'slots', '_lookups',
+                 '_proxy')  # (one made for every attempt: no dict)
 
     def __init__(self, address: _Address, headers: Dict[str, str],
                  auth: Optional[Tuple[str, str]], proxy: Optional[str],
@@ -4015,6 +4040,8 @@ class _Body:
     whatever the server sent beyond the body. Over TLS, where one receive
     brings one record (16 KiB at most), a read goes on with the records
     that are already there, without waiting. The thread of its request."""
+    __slots__ = ('_response', '_sock', '_held', '_left', '_read', '_tls', '_poll',
+                 '_error')  # (one made for every answer: no dict)
 
     def __init__(self, response: _Response, sock: Any):
         self._response = response
@@ -8610,6 +8637,7 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stopping = False
+                self._keep_for_requests()  # (its lock: _request_options takes none)
                 run = _Run()
                 try:
                     _LOOP.spawn(self._run_steps(run), _run_ended)
@@ -8801,18 +8829,26 @@ class Downloader(Emitter):
         self._bucket = _TokenBucket(self._rate_limit)
         transfer.add_bucket(self._bucket)
 
+    def _keep_for_requests(self) -> Tuple[_DigestAuth, _Cookies]:
+        """What the requests of the download keep across attempts, made if
+        it is not there: the hosts that asked for Digest so far and the
+        cookies (the caller's jar, else the download's own). Under ``_lock``."""
+        if self._digest_auth is None:
+            self._digest_auth = _DigestAuth()
+        if self._cookies is None:
+            self._cookies = _Cookies()
+        return self._digest_auth, self._cookies
+
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with the hosts that asked for Digest so far and the cookies (the
-        caller's jar, else the download's own), kept across attempts.
+        with what ``_keep_for_requests`` made. A run's start made it, under
+        the lock, and only its end (or a caller while none runs) lets go of
+        it: an attempt's options take no lock (a section per small file).
         Any thread."""
-        with self._lock:
-            if self._digest_auth is None:
-                self._digest_auth = _DigestAuth()
-            digest_auth = self._digest_auth
-            if self._cookies is None:
-                self._cookies = _Cookies()
-            cookies = self._cookies
+        digest_auth, cookies = self._digest_auth, self._cookies
+        if digest_auth is None or cookies is None:  # (no run: update_size)
+            with self._lock:
+                digest_auth, cookies = self._keep_for_requests()
         return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
                                self._ssl_context, self._timeout, cookies,
                                digest_auth, self._host_slots, bool(self._tracked_by))

@@ -292,6 +292,26 @@ def test_a_closed_connection_before_or_within_the_head(answer):
         answer(bitpit._Response, b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n')
 
 
+def test_a_response_reads_past_interim_heads_and_heads_in_pieces(answer):
+    """The first receive's head read at once must be a final one; an
+    interim head (with the final one in the same receive) and a head in
+    two receives are read on by the parser."""
+    response = answer(bitpit._Response, b'HTTP/1.1 100 Continue\r\n\r\n'
+                      b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi')
+    assert (response.status, response.length, response.read()) == (200, 2, b'hi')
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-')
+        response = bitpit._Response(ours)
+        steps = response.begin_steps()
+        next(steps)  # its wait for bytes
+        assert isinstance(steps.send(True), bitpit._Wait)  # not whole: another wait
+        theirs.sendall(b'Length: 2\r\n\r\nhi')
+        with pytest.raises(StopIteration):
+            steps.send(True)
+        assert (response.status, response.length, response.read()) == (200, 2, b'hi')
+
+
 # ---------------------------------------------------------------------------
 # through the suite's server
 # ---------------------------------------------------------------------------
