@@ -4833,7 +4833,7 @@ def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
     """``os.stat(path)``; ``None`` where it fails (nothing is there, say).
     Nothing there, as for a new file, is told without a failed ``stat``
     (see ``_there``)."""
-    if not os.access(path, os.F_OK):
+    if not _there(path):
         return None
     try:
         return os.stat(path)
