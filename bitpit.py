@@ -8270,7 +8270,7 @@ class Downloader(Emitter):
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._cookies = jar if jar.jar is not None else None  # see _request_options()
+        self._cookies = jar if jar.jar is not None else None  # see _keep_for_requests()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -8332,7 +8332,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._digest_auth: Optional[_DigestAuth] = None  # see _request_options()
+        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_for_requests()
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -9249,7 +9249,7 @@ class Downloader(Emitter):
         d._proxy = self._proxy
         d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
-        # one (None), each download makes its own cookies (_request_options)
+        # one (None), each download makes its own cookies (_keep_for_requests)
         d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed
