@@ -1716,7 +1716,7 @@ _WAKE_UP = object()  # what the loop's poller gives for its wake-up socket
 
 class _Loop:
     """One thread, ``bitpit-loop``, that drives the steps of many
-    connections: it waits for all their sockets at once (a selector), for
+    connections: it waits for all their sockets at once (a ``_Poller``), for
     their events (``_Flag``s, whose setting wakes it) and for the earliest
     of their deadlines (a heap), and resumes each whose wait is over.
     ``spawn`` hands it steps from any thread; when they end,
@@ -1741,7 +1741,7 @@ class _Loop:
         self._thread: Optional[threading.Thread] = None  # the one running, if any
         self._ident: Optional[int] = None  # its ident, while it runs
         self._last: Optional[threading.Thread] = None    # the one started last
-        self._selector: Any = None
+        self._poller: Any = None
         self._deadlines: List[Tuple[float, int, _Driven]] = []
         self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
@@ -1753,7 +1753,7 @@ class _Loop:
         steps it drove, are gone."""
         self._lock = threading.Lock()
         self._handed.clear()
-        self._thread = self._last = self._selector = self._ident = None
+        self._thread = self._last = self._poller = self._ident = None
         self._deadlines = []
         self._driven = 0
         for sock in (self._wake_in, self._wake_out):
@@ -1818,8 +1818,8 @@ class _Loop:
         wake_in = self._wake_in
         assert wake_in is not None  # made before the thread started
         self._ident = threading.get_ident()
-        selector = self._selector = _Poller()
-        selector.register(wake_in, wake_in.fileno(), False, _WAKE_UP)
+        poller = self._poller = _Poller()
+        poller.register(wake_in, wake_in.fileno(), False, _WAKE_UP)
         try:
             while True:
                 with self._lock:
@@ -1842,7 +1842,7 @@ class _Loop:
                             if not self._handed:
                                 # a spawn from now on starts another thread,
                                 # which finds none of this one's state
-                                self._thread = self._selector = self._ident = None
+                                self._thread = self._poller = self._ident = None
                                 return
                         continue
                 timeout = None
@@ -1853,7 +1853,7 @@ class _Loop:
                 if again is not None:
                     until_again = max(0.0, again - time.monotonic())
                     timeout = until_again if timeout is None else min(timeout, until_again)
-                for driven in selector.select(timeout):
+                for driven in poller.select(timeout):
                     if driven is _WAKE_UP:
                         self._drain_wake_ups(wake_in)
                     elif driven.wait is not None and driven.wait.sock is not None:
@@ -1872,10 +1872,10 @@ class _Loop:
                     else:
                         self._resume(driven, False)
         finally:
-            selector.close()
+            poller.close()
             with self._lock:
                 if self._thread is threading.current_thread():  # (ended by a bug)
-                    self._thread = self._selector = self._ident = None
+                    self._thread = self._poller = self._ident = None
 
     @staticmethod
     def _drain_wake_ups(wake_in: socket.socket) -> None:
@@ -1907,10 +1907,10 @@ class _Loop:
             try:
                 if driven.registered is None:
                     driven.fd = sock.fileno()
-                    self._selector.register(sock, driven.fd, wait.writing, driven)
+                    self._poller.register(sock, driven.fd, wait.writing, driven)
                     driven.registered, driven.writing = sock, wait.writing
                 elif driven.writing != wait.writing:
-                    self._selector.register(sock, driven.fd, wait.writing, driven)
+                    self._poller.register(sock, driven.fd, wait.writing, driven)
                     driven.writing = wait.writing
             except (OSError, ValueError, KeyError):
                 # a socket closed meanwhile (or shut down by a stop): the
@@ -1934,8 +1934,10 @@ class _Loop:
         heapq.heappush(self._deadlines, (when, next(self._count), driven))
 
     def _unregister(self, driven: _Driven) -> None:
-        """Forget the socket ``driven`` waited for (closed meanwhile, maybe)."""
-        self._selector.unregister(driven.fd, driven)
+        """Stop watching the socket ``driven`` waited for (closed meanwhile,
+        maybe) for it: with epoll, one still open stays watched, idle, for
+        the steps that take it up next (``_Poller.unregister``)."""
+        self._poller.unregister(driven.fd, driven)
         driven.registered = None
 
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
