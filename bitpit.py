@@ -8895,15 +8895,11 @@ class Downloader(Emitter):
             if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
                 self._changed.notify_all()
         if old != state:
-            if state in _ACTIVE_STATES:
-                if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
-                    self._tell_manager(old, state)
-                self.emit('state-changed', self, old)
-            elif state in _FINISHED_STATES:
-                self._tell_manager(old, state)
-                self.emit('state-changed', self, old)
-            else:
-                self.emit('state-changed', self, old)
+            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
+            if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
+                self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
+            self.emit('state-changed', self, old)
+            if restartable:  # (an error or a pause: after the callbacks, see above)
                 self._tell_manager(old, state)
 
     def _tell_manager(self, old: str, state: str) -> None:
