@@ -2650,7 +2650,9 @@ class _HeadParser:
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread. (Its state starts as the class's: a head
-    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    that comes whole sets none of it but ``rest``. A response's usual
+    head, final and whole in its first receive, is read with no parser:
+    see ``_Response.begin_steps``.)"""
     _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
     _searched = 0          # where in _buffer its blank line may start
     _lines = 0             # its line ends so far
