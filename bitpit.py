@@ -1273,8 +1273,8 @@ class _Run(_Task):
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
         _Task.done(self)
-        # whoever still holds the run (a stop under way; a finished
-        # download drops it) keeps nothing more of it
+        # whoever still holds the run (a stop under way; its download
+        # drops it as it ends) keeps nothing more of it
         self.calls = _NO_CALLS
         self.context = None
 
@@ -8992,8 +8992,8 @@ class Downloader(Emitter):
             with self._lock:  # (once: whoever it wakes sees the run done and dropped)
                 self._running = False
                 run.done()
-                if self._thread is run:  # a finished download keeps no run (a
-                    self._thread = None  # manager keeps thousands)
+                if self._thread is run:  # a download keeps no run that ended (a
+                    self._thread = None  # manager keeps thousands of downloads)
                 if self._changed is not None:  # (_notify_changed, inline)
                     self._changed.notify_all()
 
