@@ -1273,8 +1273,8 @@ class _Run(_Task):
         """Its last call was made. Its worker."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
         _Task.done(self)
-        # whoever still holds the run (a stop under way; a finished
-        # download drops it) keeps nothing more of it
+        # whoever still holds the run (a stop under way; its download
+        # drops it as it ends) keeps nothing more of it
         self.calls = _NO_CALLS
         self.context = None
 
@@ -1716,7 +1716,7 @@ _WAKE_UP = object()  # what the loop's poller gives for its wake-up socket
 
 class _Loop:
     """One thread, ``bitpit-loop``, that drives the steps of many
-    connections: it waits for all their sockets at once (a selector), for
+    connections: it waits for all their sockets at once (a ``_Poller``), for
     their events (``_Flag``s, whose setting wakes it) and for the earliest
     of their deadlines (a heap), and resumes each whose wait is over.
     ``spawn`` hands it steps from any thread; when they end,
@@ -1741,7 +1741,7 @@ class _Loop:
         self._thread: Optional[threading.Thread] = None  # the one running, if any
         self._ident: Optional[int] = None  # its ident, while it runs
         self._last: Optional[threading.Thread] = None    # the one started last
-        self._selector: Any = None
+        self._poller: Any = None
         self._deadlines: List[Tuple[float, int, _Driven]] = []
         self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
@@ -1753,7 +1753,7 @@ class _Loop:
         steps it drove, are gone."""
         self._lock = threading.Lock()
         self._handed.clear()
-        self._thread = self._last = self._selector = self._ident = None
+        self._thread = self._last = self._poller = self._ident = None
         self._deadlines = []
         self._driven = 0
         for sock in (self._wake_in, self._wake_out):
@@ -1818,8 +1818,8 @@ class _Loop:
         wake_in = self._wake_in
         assert wake_in is not None  # made before the thread started
         self._ident = threading.get_ident()
-        selector = self._selector = _Poller()
-        selector.register(wake_in, wake_in.fileno(), False, _WAKE_UP)
+        poller = self._poller = _Poller()
+        poller.register(wake_in, wake_in.fileno(), False, _WAKE_UP)
         try:
             while True:
                 with self._lock:
@@ -1842,7 +1842,7 @@ class _Loop:
                             if not self._handed:
                                 # a spawn from now on starts another thread,
                                 # which finds none of this one's state
-                                self._thread = self._selector = self._ident = None
+                                self._thread = self._poller = self._ident = None
                                 return
                         continue
                 timeout = None
@@ -1853,7 +1853,7 @@ class _Loop:
                 if again is not None:
                     until_again = max(0.0, again - time.monotonic())
                     timeout = until_again if timeout is None else min(timeout, until_again)
-                for driven in selector.select(timeout):
+                for driven in poller.select(timeout):
                     if driven is _WAKE_UP:
                         self._drain_wake_ups(wake_in)
                     elif driven.wait is not None and driven.wait.sock is not None:
@@ -1872,10 +1872,10 @@ class _Loop:
                     else:
                         self._resume(driven, False)
         finally:
-            selector.close()
+            poller.close()
             with self._lock:
                 if self._thread is threading.current_thread():  # (ended by a bug)
-                    self._thread = self._selector = self._ident = None
+                    self._thread = self._poller = self._ident = None
 
     @staticmethod
     def _drain_wake_ups(wake_in: socket.socket) -> None:
@@ -1907,10 +1907,10 @@ class _Loop:
             try:
                 if driven.registered is None:
                     driven.fd = sock.fileno()
-                    self._selector.register(sock, driven.fd, wait.writing, driven)
+                    self._poller.register(sock, driven.fd, wait.writing, driven)
                     driven.registered, driven.writing = sock, wait.writing
                 elif driven.writing != wait.writing:
-                    self._selector.register(sock, driven.fd, wait.writing, driven)
+                    self._poller.register(sock, driven.fd, wait.writing, driven)
                     driven.writing = wait.writing
             except (OSError, ValueError, KeyError):
                 # a socket closed meanwhile (or shut down by a stop): the
@@ -1934,8 +1934,10 @@ class _Loop:
         heapq.heappush(self._deadlines, (when, next(self._count), driven))
 
     def _unregister(self, driven: _Driven) -> None:
-        """Forget the socket ``driven`` waited for (closed meanwhile, maybe)."""
-        self._selector.unregister(driven.fd, driven)
+        """Stop watching the socket ``driven`` waited for (closed meanwhile,
+        maybe) for it: with epoll, one still open stays watched, idle, for
+        the steps that take it up next (``_Poller.unregister``)."""
+        self._poller.unregister(driven.fd, driven)
         driven.registered = None
 
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
@@ -2648,7 +2650,9 @@ class _HeadParser:
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread. (Its state starts as the class's: a head
-    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    that comes whole sets none of it but ``rest``. A response's usual
+    head, final and whole in its first receive, is read with no parser:
+    see ``_Response.begin_steps``.)"""
     _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
     _searched = 0          # where in _buffer its blank line may start
     _lines = 0             # its line ends so far
@@ -4833,7 +4837,7 @@ def _status(path: Union[str, pathlib.Path]) -> Optional[os.stat_result]:
     """``os.stat(path)``; ``None`` where it fails (nothing is there, say).
     Nothing there, as for a new file, is told without a failed ``stat``
     (see ``_there``)."""
-    if not os.access(path, os.F_OK):
+    if not _there(path):
         return None
     try:
         return os.stat(path)
@@ -8270,7 +8274,7 @@ class Downloader(Emitter):
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
-        self._cookies = jar if jar.jar is not None else None  # see _request_options()
+        self._cookies = jar if jar.jar is not None else None  # see _keep_for_requests()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -8332,7 +8336,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._digest_auth: Optional[_DigestAuth] = None  # see _request_options()
+        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_for_requests()
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -8893,15 +8897,11 @@ class Downloader(Emitter):
             if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
                 self._changed.notify_all()
         if old != state:
-            if state in _ACTIVE_STATES:
-                if old not in _ACTIVE_STATES:  # (of 'download' after it: nothing)
-                    self._tell_manager(old, state)
-                self.emit('state-changed', self, old)
-            elif state in _FINISHED_STATES:
-                self._tell_manager(old, state)
-                self.emit('state-changed', self, old)
-            else:
-                self.emit('state-changed', self, old)
+            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
+            if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
+                self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
+            self.emit('state-changed', self, old)
+            if restartable:  # (an error or a pause: after the callbacks, see above)
                 self._tell_manager(old, state)
 
     def _tell_manager(self, old: str, state: str) -> None:
@@ -8992,8 +8992,8 @@ class Downloader(Emitter):
             with self._lock:  # (once: whoever it wakes sees the run done and dropped)
                 self._running = False
                 run.done()
-                if self._thread is run:  # a finished download keeps no run (a
-                    self._thread = None  # manager keeps thousands)
+                if self._thread is run:  # a download keeps no run that ended (a
+                    self._thread = None  # manager keeps thousands of downloads)
                 if self._changed is not None:  # (_notify_changed, inline)
                     self._changed.notify_all()
 
@@ -9249,7 +9249,7 @@ class Downloader(Emitter):
         d._proxy = self._proxy
         d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
-        # one (None), each download makes its own cookies (_request_options)
+        # one (None), each download makes its own cookies (_keep_for_requests)
         d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed
