@@ -2650,9 +2650,7 @@ class _HeadParser:
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread. (Its state starts as the class's: a head
-    that comes whole sets none of it but ``rest``. A response's usual
-    head, final and whole in its first receive, is read with no parser:
-    see ``_Response.begin_steps``.)"""
+    that comes whole, the usual one, sets none of it but ``rest``.)"""
     _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
     _searched = 0          # where in _buffer its blank line may start
     _lines = 0             # its line ends so far
@@ -2881,17 +2879,21 @@ class _Response:
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
+        parser = _HeadParser()
         sock = self._sock
-        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
-                                    wait_first=True)
-        # the usual answer, a final head whole in the first receive, is
-        # read as _HeadParser.feed reads it, with no parser made nor fed
-        end, after = _head_end(data, 0)
-        head = _parse_head(data[:end]) if end >= 0 else None
-        if head is not None and head.final:
-            rest = memoryview(data)[after:]
-        else:  # (the first receive's head, if any, is read again)
-            head, rest = yield from self._head_steps(data)
+        received = False
+        while True:
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
+                                        wait_first=True)
+            if not data:
+                raise http.client.RemoteDisconnected(
+                    'Remote end closed connection ' +
+                    ('within the response head' if received else 'without response'))
+            received = True
+            head = parser.feed(data)
+            if head is not None:
+                break
+        rest = parser.rest
         self._received = rest  # the body's first bytes
         self.held = len(rest)
         self.code = self.status = head.status
@@ -2909,25 +2911,6 @@ class _Response:
             self.length = 0
         if self.length is None and not self.chunked:
             self.will_close = True  # the body ends with the connection
-
-    def _head_steps(self, data: bytes) -> '_Steps[Tuple[_Head, memoryview]]':
-        """The final head, read by a ``_HeadParser`` from ``data`` (the first
-        receive's bytes) and from further receives (a wait for bytes, then
-        a receive), and the bytes after it."""
-        parser = _HeadParser()
-        sock = self._sock
-        received = False
-        while True:
-            if not data:
-                raise http.client.RemoteDisconnected(
-                    'Remote end closed connection ' +
-                    ('within the response head' if received else 'without response'))
-            received = True
-            head = parser.feed(data)
-            if head is not None:
-                return head, parser.rest
-            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
-                                        wait_first=True)
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
