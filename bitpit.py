@@ -5346,7 +5346,7 @@ class _FileStore:
                     elif self._position:
                         raise FileError('{!r} cannot be rewound to start over'.format(target))
                     self._position = 0
-                elif self._file is None and path is not None and os.path.exists(path):
+                elif self._file is None and path is not None and _there(path):
                     with open(path, 'r+b') as file:
                         file.truncate(0)
             except OSError as exc:
