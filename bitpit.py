@@ -9795,13 +9795,11 @@ class Manager(Emitter):
             if self._manifest is None and 'add' not in self._emitter_callbacks:
                 # made here (no other thread has it) and nobody to tell:
                 # joined with no lock of its own, and added and queued in
-                # one step, as _track queues a stopped download
+                # one step
                 d._join_new(*self._joined)
                 with self._lock:
-                    self._downloads[d] = turn = next(self._turns)
-                    self._open[d] = None
-                    self._queued.add(d)
-                    heapq.heappush(self._queue, (turn, d))
+                    self._downloads[d] = next(self._turns)
+                    self._track(d, d._state)
                     self._replan_now()
                 return d
         with self._lock:
