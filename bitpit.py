@@ -6346,302 +6346,296 @@ class _Planner:
 
 # -- the pump: a connection's requests and their bodies into the file ----------
 
-class _Pump:
-    """Moves the bytes of a transfer: a request for a connection's claim,
-    its answer judged by the transfer, its body read, paced and written
-    into the file, as steps (``fetch_steps``) that each connection's
-    steps run on the loop (``_Transfer._serve_steps``); what the
-    connections share (the claims, the file's size, the bytes
-    received) it reads and changes under the transfer's ``_lock``, and it
-    never reads a socket or writes the file under it. It holds nothing of
-    its own but what it moves bytes with."""
-    __slots__ = ('transfer', 'planner', '_lock', 'store', 'options', 'cancel', 'max_size')
+# The pump moves the bytes of a transfer: a request for a connection's
+# claim, its answer judged by the transfer, its body read, paced and
+# written into the file, as steps (``_fetch_steps``) that each
+# connection's steps run on the loop (``_Transfer._serve_steps``); what
+# the connections share (the claims, the file's size, the bytes received)
+# it reads and changes under the transfer's ``_lock``, and it never reads
+# a socket or writes the file under it. It holds nothing of its own: its
+# functions are given the transfer (an object of its own, made for every
+# attempt, would only hold the transfer's fields, and refer back to it).
 
-    def __init__(self, transfer: '_Transfer'):
-        self.transfer = transfer      # it judges the answers, and is told of bytes
-        self.planner = transfer.planner
-        self._lock = transfer._lock
-        self.store = transfer.store
-        self.options = transfer.options
-        self.cancel = transfer.cancel
-        self.max_size = transfer.max_size
-
-    def fetch_steps(self, conn: _Connection) -> '_Steps[Optional[_Wait]]':
-        """Steps: one request for ``conn``'s claim (a piece of it, when the
-        file is split), and its body into the file. Once its claim is done,
-        they give what ``_Transfer._next_for`` gives."""
-        transfer, planner = self.transfer, self.planner
-        source = conn.source
-        first = conn.pos
-        ranged = transfer.ranged and (first > 0 or planner.segmented or
-                                      planner.connections_wanted > 1)
-        with self._lock:
-            if first >= conn.end and transfer.probed:  # others took all of it meanwhile
-                conn.active = False
-                conn.last_end = first
-                return None
-            conn.request_end = planner.request_end(conn)
-            last = None if conn.open_ended or not ranged else conn.request_end - 1
-            # (positional: keywords would cost the call a dict)
-            request = _Request(self.options, source.address, 'GET',   # method
-                               first if ranged else None,               # first
-                               last,                                    # last
-                               source.validator if first > 0 else None,  # validator
-                               self.cancel,                             # cancel
-                               None if transfer.probed else transfer.conditions)  # extra
-            probe = not transfer.probed
-            conn.request = request
-            conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
-            conn.last_bytes_at = conn.job_began
-        reuse = fetched = False
-        try:
-            response = yield from request.send_steps()
-            answer = _check_answer(response, request.url, first)
-            if answer.kind == 'end' and answer.total is None and probe and first > 0:
-                request.close(False)  # its host slot may be the one the question needs
-                answer.total = yield from self._ask_size_steps(source)
-            with self._lock:
-                body_end, setup = transfer._accept(conn, answer, response, request)
-                conn.answered = True
-            if setup is not None:
-                if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
-                    # opening a big file may hash what it holds, reserving
-                    # its room write its sidecar and sync it
-                    yield from _on_worker_steps(
-                        functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
-                else:
-                    transfer._prepare(conn, setup)
-            if body_end is not None:
-                reuse = yield from self._pump_steps(conn, response, answer, body_end, request)
-            fetched = True
-        finally:
-            if not fetched:
-                with self._lock:  # no abort of a connection given back to the pool
-                    conn.request = None
-                request.close(False)
-        try:
-            with self._lock:  # (as above)
+def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_Wait]]':
+    """Steps: one request for ``conn``'s claim (a piece of it, when the
+    file is split), and its body into the file. Once its claim is done,
+    they give what ``_Transfer._next_for`` gives."""
+    planner = transfer.planner
+    source = conn.source
+    first = conn.pos
+    ranged = transfer.ranged and (first > 0 or planner.segmented or
+                                  planner.connections_wanted > 1)
+    with transfer._lock:
+        if first >= conn.end and transfer.probed:  # others took all of it meanwhile
+            conn.active = False
+            conn.last_end = first
+            return None
+        conn.request_end = planner.request_end(conn)
+        last = None if conn.open_ended or not ranged else conn.request_end - 1
+        # (positional: keywords would cost the call a dict)
+        request = _Request(transfer.options, source.address, 'GET',  # method
+                           first if ranged else None,                 # first
+                           last,                                      # last
+                           source.validator if first > 0 else None,   # validator
+                           transfer.cancel,                           # cancel
+                           None if transfer.probed else transfer.conditions)  # extra
+        probe = not transfer.probed
+        conn.request = request
+        conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
+        conn.last_bytes_at = conn.job_began
+    reuse = fetched = False
+    try:
+        response = yield from request.send_steps()
+        answer = _check_answer(response, request.url, first)
+        if answer.kind == 'end' and answer.total is None and probe and first > 0:
+            request.close(False)  # its host slot may be the one the question needs
+            answer.total = yield from _ask_size_steps(transfer, source)
+        with transfer._lock:
+            body_end, setup = transfer._accept(conn, answer, response, request)
+            conn.answered = True
+        if setup is not None:
+            if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                # opening a big file may hash what it holds, reserving
+                # its room write its sidecar and sync it
+                yield from _on_worker_steps(
+                    functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
+            else:
+                transfer._prepare(conn, setup)
+        if body_end is not None:
+            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end, request)
+        fetched = True
+    finally:
+        if not fetched:
+            with transfer._lock:  # no abort of a connection given back to the pool
                 conn.request = None
-                planner.done(conn, first, time.monotonic())
-                # its claim done, its next one (or its end) is found in
-                # this look: a small file's one lock section less
-                return None if conn.active else transfer._next_for(conn)
-        finally:
-            request.close(reuse)
-
-    def _ask_size_steps(self, source: _Source) -> '_Steps[Optional[int]]':
-        """Steps that give the size of the file at ``source``, or ``None``
-        if it does not tell: asked with ``Range: bytes=0-0`` for a 416 that
-        left it out, so that such a 416 can still say that a resumed file
-        is whole."""
-        request = _Request(self.options, source.address, 'GET', 0, 0,  # method, first, last
-                           None, self.cancel)                         # validator, cancel
-        try:
-            response = yield from request.send_steps()
-            return _check_answer(response, request.url, 0).total
-        except HTTPStatusError:
-            return None  # judged as the 416 itself
-        finally:
             request.close(False)
+    try:
+        with transfer._lock:  # (as above)
+            conn.request = None
+            planner.done(conn, first, time.monotonic())
+            # its claim done, its next one (or its end) is found in
+            # this look: a small file's one lock section less
+            return None if conn.active else transfer._next_for(conn)
+    finally:
+        request.close(reuse)
 
-    def _pump_steps(self, conn: _Connection, response: _Response, answer: _Answer,
-                    body_end: int, request: _Request) -> '_Steps[bool]':
-        """Steps that copy the body into the file from ``conn.pos`` until
-        the claim's end (re-read before every read: another connection may
-        take over the rest), paced by the transfer's token buckets (read
-        again before every read: a limit set meanwhile adds one), with a
-        ``_Pacer`` made at the first limited read. Received bytes are
-        written when the buffer is full, when they have waited
-        ``_FLUSH_AGE`` seconds, before a read that may block or be paced
-        (so a limited download lands as smoothly as it comes), at the end,
-        and on any failure or stop (nothing received is lost). They give
-        whether the connection can carry another request."""
-        wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
-        want = min(conn.chunk_size, wanted)
-        if len(conn.buffer) < want:
-            conn.buffer = memoryview(bytearray(want))
-        view = conn.buffer
-        chunk = len(view)
-        # a body that fits in the buffer is written in one go when it ends
-        # (or is half a second old): a small file then needs no sidecar
-        whole = wanted <= chunk
-        sock = request.sock
-        body: Any = _Body(response, sock)
-        splice = None
-        if answer.encoding is not None and not answer.keep_encoded:
-            body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
-        elif _SPLICE and wanted >= _SPLICE_FROM and self.store.spliceable and \
-                sock is not None and not isinstance(sock, ssl.SSLSocket) \
-                and not response.chunked and body_end < _UNKNOWN_END and \
-                (self.max_size is None or self.planner.total is not None):
-            splice = _Splice(body, sock, self.store, self.options.timeout)
-            chunk = _PIPE_SIZE
-        read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
-        transfer, planner = self.transfer, self.planner
-        lock = self._lock
-        max_size = self.max_size
-        pacer: Optional[_Pacer] = None  # made at the first limited read
-        got = 0                # bytes of the last read, not yet counted
-        ended = False          # the body's end was read
-        since = 0.0            # when the oldest byte in the buffer came
-        try:
-            while True:
-                now = time.monotonic()
-                with lock:
-                    if got:
-                        self._count(conn, got, now)
-                        got = 0
-                    if planner.judging is conn:
-                        transfer._judge(conn, now)  # may cut its claim short
-                    start = conn.pos + conn.pending
-                    end = min(conn.end, conn.request_end, body_end)
-                    room = min(chunk - conn.pending, end - start)
-                    judging, limit = False, None
-                    if planner.segmented:  # (only a split file judges its probe, races)
-                        judging = planner.judging is conn
-                        limit = planner.limit  # set with judging, never unset
-                        if judging and limit is not None and not limit.judged:
-                            # its part may be cut short at its current read's end
-                            room = min(room, _JUDGE_READ)
-                        rate = conn.rate(now)
-                        if rate is not None:
-                            # a slow connection reads little at a time (a
-                            # twentieth of a second's worth), so that another one
-                            # can take over all but its next read
-                            room = min(room, max(16384, int(rate * 0.25)))
-                    conn.reading_to = start + max(room, 0)
-                if room <= 0:
-                    if conn.pending:
-                        self._flush(conn)
-                        if start < end:  # the buffer was full: read on
-                            continue
-                    break  # at the end, which never moves further
-                buckets = transfer.buckets  # (replaced whole when a limit is set)
-                limited = bool(buckets) and _limited(buckets)
-                granted = room
-                if conn.pending or judging or limited:  # (none before a body's first read)
-                    if conn.pending and (limited or not (whole or ready()) or
-                                         now - since >= _FLUSH_AGE):
-                        # before a read that may block (but for a body that
-                        # fits) or be paced (so bytes land as smoothly as they
-                        # come), or when overdue
-                        self._flush(conn)
-                        continue
-                    if conn.pending and whole and not limited and \
-                            not (yield from wait_steps(since + _FLUSH_AGE)):
-                        continue  # a stall: its bytes are overdue now, written at the next lap
-                    if judging and limit is not None and limit.due > time.monotonic() and \
-                            not (yield from wait_steps(limit.due)):
-                        continue  # no bytes until its verdict is due: judged now
-                    if limited:
-                        if not (yield from wait_steps(time.monotonic() + self.options.timeout)):
-                            # tokens are taken once bytes are there to use
-                            # them: a slow socket never holds back what the
-                            # others could read
-                            raise socket.timeout('no data received within the time-out')
-                        if pacer is None or pacer.buckets is not buckets:
-                            pacer = _Pacer(buckets, self.cancel.is_set)
-                        granted = yield from pacer.acquire_steps(room)
-                        if not granted:
-                            raise _Stopped
-                if splice is not None:  # straight into the file
-                    try:
-                        got = yield from splice.move_steps(start, granted, conn.epoch)
-                    except _SpliceRefused:
-                        splice.close()
-                        splice, chunk = None, len(view)
-                        if pacer is not None:  # (else nothing was granted)
-                            pacer.settle(0)
-                        continue
-                    if pacer is not None:
-                        pacer.settle(got)
-                    with lock:
-                        conn.pos += got
-                else:
-                    got = yield from read_steps(view[conn.pending:conn.pending + granted])
-                    if pacer is not None:  # (else nothing was granted)
-                        pacer.settle(got)
-                    if max_size is not None and start + got > max_size:
-                        got = 0
-                        raise _too_large(max_size, 'grew past it')
-                    if got and not conn.pending:
-                        since = time.monotonic()
-                    conn.pending += got
-                if self.cancel.is_set():
-                    raise _Stopped
-                if conn.superseded:
-                    raise _Superseded
-                if not got:
-                    ended = True
-                    break
-                if start + got >= end and splice is None and not judging:
-                    # the read reached the end, which never moves further
-                    # (a small file's one read): its bytes are written and
-                    # counted now, with no lap more
-                    self._flush(conn, received=got, at=time.monotonic())
-                    break
-        except (OSError, http.client.HTTPException, ProtocolError) as exc:
-            # (a ProtocolError: a body's framing, bitpit's since http.client's
-            # IncompleteRead; its unused tokens go back all the same)
-            if pacer is not None:
-                pacer.settle(0)
-            if self.cancel.is_set():
-                raise _Stopped from exc
-            if conn.superseded:
-                raise _Superseded from exc
-            raise _network_error(exc) from exc
-        finally:
-            if conn.pending:
-                self._flush(conn, quietly=True)
-            if splice is not None:
-                splice.close()
-        position = conn.pos  # (only its own thread moves it)
-        if ended:
+
+def _ask_size_steps(transfer: '_Transfer', source: _Source) -> '_Steps[Optional[int]]':
+    """Steps that give the size of the file at ``source``, or ``None``
+    if it does not tell: asked with ``Range: bytes=0-0`` for a 416 that
+    left it out, so that such a 416 can still say that a resumed file
+    is whole."""
+    request = _Request(transfer.options, source.address, 'GET', 0, 0,  # method, first, last
+                       None, transfer.cancel)                          # validator, cancel
+    try:
+        response = yield from request.send_steps()
+        return _check_answer(response, request.url, 0).total
+    except HTTPStatusError:
+        return None  # judged as the 416 itself
+    finally:
+        request.close(False)
+
+
+def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
+                answer: _Answer, body_end: int, request: _Request) -> '_Steps[bool]':
+    """Steps that copy the body into the file from ``conn.pos`` until
+    the claim's end (re-read before every read: another connection may
+    take over the rest), paced by the transfer's token buckets (read
+    again before every read: a limit set meanwhile adds one), with a
+    ``_Pacer`` made at the first limited read. Received bytes are
+    written when the buffer is full, when they have waited
+    ``_FLUSH_AGE`` seconds, before a read that may block or be paced
+    (so a limited download lands as smoothly as it comes), at the end,
+    and on any failure or stop (nothing received is lost). They give
+    whether the connection can carry another request."""
+    wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
+    want = min(conn.chunk_size, wanted)
+    if len(conn.buffer) < want:
+        conn.buffer = memoryview(bytearray(want))
+    view = conn.buffer
+    chunk = len(view)
+    # a body that fits in the buffer is written in one go when it ends
+    # (or is half a second old): a small file then needs no sidecar
+    whole = wanted <= chunk
+    sock = request.sock
+    body: Any = _Body(response, sock)
+    splice = None
+    if answer.encoding is not None and not answer.keep_encoded:
+        body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
+    elif _SPLICE and wanted >= _SPLICE_FROM and transfer.store.spliceable and \
+            sock is not None and not isinstance(sock, ssl.SSLSocket) \
+            and not response.chunked and body_end < _UNKNOWN_END and \
+            (transfer.max_size is None or transfer.planner.total is not None):
+        splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
+        chunk = _PIPE_SIZE
+    read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
+    planner = transfer.planner
+    lock = transfer._lock
+    max_size = transfer.max_size
+    pacer: Optional[_Pacer] = None  # made at the first limited read
+    got = 0                # bytes of the last read, not yet counted
+    ended = False          # the body's end was read
+    since = 0.0            # when the oldest byte in the buffer came
+    try:
+        while True:
+            now = time.monotonic()
             with lock:
-                if position < min(conn.end, conn.request_end, body_end):
-                    if body_end < _UNKNOWN_END:
-                        raise ProtocolError('connection closed after {} of {} bytes'.format(
-                            position, body_end))
-                    transfer._set_total(position)  # the body's end is the file's end
-                    conn.end = position
-        # reused only when read to its very end (a chunked body: its last
-        # chunk too, the read of which closes the answer)
-        done = position == body_end and (not response.chunked or response.isclosed())
-        if done:
-            response.close()
-        return done
+                if got:
+                    _count_read(transfer, conn, got, now)
+                    got = 0
+                if planner.judging is conn:
+                    transfer._judge(conn, now)  # may cut its claim short
+                start = conn.pos + conn.pending
+                end = min(conn.end, conn.request_end, body_end)
+                room = min(chunk - conn.pending, end - start)
+                judging, limit = False, None
+                if planner.segmented:  # (only a split file judges its probe, races)
+                    judging = planner.judging is conn
+                    limit = planner.limit  # set with judging, never unset
+                    if judging and limit is not None and not limit.judged:
+                        # its part may be cut short at its current read's end
+                        room = min(room, _JUDGE_READ)
+                    rate = conn.rate(now)
+                    if rate is not None:
+                        # a slow connection reads little at a time (a
+                        # twentieth of a second's worth), so that another one
+                        # can take over all but its next read
+                        room = min(room, max(16384, int(rate * 0.25)))
+                conn.reading_to = start + max(room, 0)
+            if room <= 0:
+                if conn.pending:
+                    _flush_buffer(transfer, conn)
+                    if start < end:  # the buffer was full: read on
+                        continue
+                break  # at the end, which never moves further
+            buckets = transfer.buckets  # (replaced whole when a limit is set)
+            limited = bool(buckets) and _limited(buckets)
+            granted = room
+            if conn.pending or judging or limited:  # (none before a body's first read)
+                if conn.pending and (limited or not (whole or ready()) or
+                                     now - since >= _FLUSH_AGE):
+                    # before a read that may block (but for a body that
+                    # fits) or be paced (so bytes land as smoothly as they
+                    # come), or when overdue
+                    _flush_buffer(transfer, conn)
+                    continue
+                if conn.pending and whole and not limited and \
+                        not (yield from wait_steps(since + _FLUSH_AGE)):
+                    continue  # a stall: its bytes are overdue now, written at the next lap
+                if judging and limit is not None and limit.due > time.monotonic() and \
+                        not (yield from wait_steps(limit.due)):
+                    continue  # no bytes until its verdict is due: judged now
+                if limited:
+                    if not (yield from wait_steps(time.monotonic() + transfer.options.timeout)):
+                        # tokens are taken once bytes are there to use
+                        # them: a slow socket never holds back what the
+                        # others could read
+                        raise socket.timeout('no data received within the time-out')
+                    if pacer is None or pacer.buckets is not buckets:
+                        pacer = _Pacer(buckets, transfer.cancel.is_set)
+                    granted = yield from pacer.acquire_steps(room)
+                    if not granted:
+                        raise _Stopped
+            if splice is not None:  # straight into the file
+                try:
+                    got = yield from splice.move_steps(start, granted, conn.epoch)
+                except _SpliceRefused:
+                    splice.close()
+                    splice, chunk = None, len(view)
+                    if pacer is not None:  # (else nothing was granted)
+                        pacer.settle(0)
+                    continue
+                if pacer is not None:
+                    pacer.settle(got)
+                with lock:
+                    conn.pos += got
+            else:
+                got = yield from read_steps(view[conn.pending:conn.pending + granted])
+                if pacer is not None:  # (else nothing was granted)
+                    pacer.settle(got)
+                if max_size is not None and start + got > max_size:
+                    got = 0
+                    raise _too_large(max_size, 'grew past it')
+                if got and not conn.pending:
+                    since = time.monotonic()
+                conn.pending += got
+            if transfer.cancel.is_set():
+                raise _Stopped
+            if conn.superseded:
+                raise _Superseded
+            if not got:
+                ended = True
+                break
+            if start + got >= end and splice is None and not judging:
+                # the read reached the end, which never moves further
+                # (a small file's one read): its bytes are written and
+                # counted now, with no lap more
+                _flush_buffer(transfer, conn, received=got, at=time.monotonic())
+                break
+    except (OSError, http.client.HTTPException, ProtocolError) as exc:
+        # (a ProtocolError: a body's framing, bitpit's since http.client's
+        # IncompleteRead; its unused tokens go back all the same)
+        if pacer is not None:
+            pacer.settle(0)
+        if transfer.cancel.is_set():
+            raise _Stopped from exc
+        if conn.superseded:
+            raise _Superseded from exc
+        raise _network_error(exc) from exc
+    finally:
+        if conn.pending:
+            _flush_buffer(transfer, conn, quietly=True)
+        if splice is not None:
+            splice.close()
+    position = conn.pos  # (only its own thread moves it)
+    if ended:
+        with lock:
+            if position < min(conn.end, conn.request_end, body_end):
+                if body_end < _UNKNOWN_END:
+                    raise ProtocolError('connection closed after {} of {} bytes'.format(
+                        position, body_end))
+                transfer._set_total(position)  # the body's end is the file's end
+                conn.end = position
+    # reused only when read to its very end (a chunked body: its last
+    # chunk too, the read of which closes the answer)
+    done = position == body_end and (not response.chunked or response.isclosed())
+    if done:
+        response.close()
+    return done
 
-    def _count(self, conn: _Connection, got: int, now: float) -> None:
-        """A read of ``conn`` brought ``got`` bytes at ``now``. Under the lock."""
-        conn.job_bytes += got
-        conn.last_bytes_at = now
-        self.transfer.received += got
-        conn.source.streak = 0
 
-    def _flush(self, conn: _Connection, quietly: bool = False, received: int = 0,
-               at: float = 0.0) -> None:
-        """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
-        out of a failure, a write of a superseded epoch is dropped.
-        ``received``: the bytes of its last read, counted (``_count``, read
-        ``at``) with the write's own look under the lock."""
-        pending = conn.pending
-        try:
-            self.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
-        except _Superseded:
-            conn.pending = 0
-            if not quietly:
-                raise
-            return
-        except BaseException:
-            conn.pending = 0  # what the write took is held; the rest is given up
+def _count_read(transfer: '_Transfer', conn: _Connection, got: int, now: float) -> None:
+    """A read of ``conn`` brought ``got`` bytes at ``now``. Under the lock."""
+    conn.job_bytes += got
+    conn.last_bytes_at = now
+    transfer.received += got
+    conn.source.streak = 0
+
+
+def _flush_buffer(transfer: '_Transfer', conn: _Connection, quietly: bool = False,
+                  received: int = 0, at: float = 0.0) -> None:
+    """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
+    out of a failure, a write of a superseded epoch is dropped.
+    ``received``: the bytes of its last read, counted (``_count_read``, read
+    ``at``) with the write's own look under the lock."""
+    pending = conn.pending
+    try:
+        transfer.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
+    except _Superseded:
+        conn.pending = 0
+        if not quietly:
             raise
-        with self._lock:
-            conn.pos += pending
-            conn.pending = 0
-            if received:
-                self._count(conn, received, at)
-        if self.transfer.piece_hashes is not None:
-            self.transfer._check_pieces(conn, conn.pos - pending, conn.pos)
+        return
+    except BaseException:
+        conn.pending = 0  # what the write took is held; the rest is given up
+        raise
+    with transfer._lock:
+        conn.pos += pending
+        conn.pending = 0
+        if received:
+            _count_read(transfer, conn, received, at)
+    if transfer.piece_hashes is not None:
+        transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
 
 def _served(result: None, error: Optional[BaseException]) -> None:
@@ -6673,7 +6667,7 @@ class _Transfer:
     file over; another source that disagrees is retired.
 
     The transfer coordinates: its ``_Planner`` decides which range each
-    connection fetches, its ``_Pump`` moves the bytes of each request,
+    connection fetches, the pump (``_fetch_steps``) moves the bytes of each request,
     and the transfer judges the answers, starts and ends the connections
     and gives the verdict. Everything runs as steps on the loop: the
     download's run calls ``start``, ``wait_steps``, ``look``,
@@ -6692,7 +6686,7 @@ class _Transfer:
                  'sources', 'chunk_size', 'buckets', 'checksum', 'max_size', 'min_speed',
                  'rename_in', 'gzip_name', 'conditions', 'unchanged', 'file_dates',
                  'cancel', 'probed', 'prober', 'reference', 'ranged', 'ranges_work',
-                 'changes', 'received', 'connections', 'planner', 'pump',
+                 'changes', 'received', 'connections', 'planner',
                  'opened', 'events', 'work', 'slot_freed', 'complete',
                  'error', '_shown', '_next_look', '_next_save', '_samples',
                  'verify_digest', 'digests', 'expected_size', 'piece_hashes', 'changed')
@@ -6737,7 +6731,6 @@ class _Transfer:
         self.received = 0             # bytes received by every connection
         self.connections: List[_Connection] = []   # the live ones
         self.planner = _Planner(store, self.connections, connections, buckets)
-        self.pump = _Pump(self)
         # set by _wake() for the connections that wait for work (a race due)
         self.work: Optional[_Flag] = None
         self.opened = 0               # connections opened
@@ -6911,10 +6904,6 @@ class _Transfer:
             if not self.complete or self.error is not None:
                 self.store.save()
             self.store.close()
-            # the pump refers back to the transfer: without it, the
-            # attempt's objects are freed when the download lets go, not by
-            # the collector
-            del self.pump
 
     def join_steps(self) -> '_Steps[None]':
         """Wait until no connection is left (after a stop, each ends at
@@ -7114,7 +7103,7 @@ class _Transfer:
                 else:
                     try:
                         # (its claim done, it looks for the next in its last look)
-                        wait = yield from self.pump.fetch_steps(conn)
+                        wait = yield from _fetch_steps(self, conn)
                     except _Superseded:
                         with self._lock:
                             conn.active = False

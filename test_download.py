@@ -490,7 +490,7 @@ def test_an_exception_in_a_connection_thread_ends_the_download_in_fatal_error(
 
     def broken(*args):
         raise KeyError('a bug')
-    monkeypatch.setattr(bitpit._Pump, '_pump_steps', broken)
+    monkeypatch.setattr(bitpit, '_pump_steps', broken)
     with caplog.at_level(logging.ERROR, logger='bitpit'):
         d, rec = download(url, tmp_path / 'f.bin', restart_wait=0)
     assert d.state == 'fatal-error' and isinstance(d.last_exception.__cause__, KeyError)

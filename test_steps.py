@@ -364,7 +364,7 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
     with transfer._lock:
         assert transfer._next_job(conn) is None and conn.active
     try:
-        _, waits = drive_by_hand(transfer.pump.fetch_steps(conn), gates.release)
+        _, waits = drive_by_hand(bitpit._fetch_steps(transfer, conn), gates.release)
     finally:
         for _ in parts:
             gates.release()                    # (a handler left waiting goes)
