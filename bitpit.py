@@ -6044,8 +6044,10 @@ class _LimitJudge:
 class _Setup:
     """What the probe's answer asks of the file, done by the probe's
     connection outside the transfer's lock (it may take a while): open it
-    (hashing what it already holds, for a checksum), reserve its space, and
-    share the rest out when it comes in parts."""
+    (hashing what it already holds, for a checksum), reserve its space
+    (``_Transfer._prepare``), and share the rest out when it comes in
+    parts (``segmented``, once a sidecar records them), under the lock
+    (``_Transfer._body_starts``)."""
     __slots__ = ('reserve', 'segmented')
 
     def __init__(self, reserve: Optional[int], segmented: bool):
@@ -6402,7 +6404,11 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
             else:
                 transfer._prepare(conn, setup)
         if body_end is not None:
-            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end, request)
+            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end,
+                                           request, setup)
+        elif setup is not None:
+            with transfer._lock:
+                transfer._body_starts(conn, setup)
         fetched = True
     finally:
         if not fetched:
@@ -6437,7 +6443,8 @@ def _ask_size_steps(transfer: '_Transfer', source: _Source) -> '_Steps[Optional[
 
 
 def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
-                answer: _Answer, body_end: int, request: _Request) -> '_Steps[bool]':
+                answer: _Answer, body_end: int, request: _Request,
+                setup: Optional[_Setup]) -> '_Steps[bool]':
     """Steps that copy the body into the file from ``conn.pos`` until
     the claim's end (re-read before every read: another connection may
     take over the rest), paced by the transfer's token buckets (read
@@ -6447,7 +6454,9 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     ``_FLUSH_AGE`` seconds, before a read that may block or be paced
     (so a limited download lands as smoothly as it comes), at the end,
     and on any failure or stop (nothing received is lost). They give
-    whether the connection can carry another request."""
+    whether the connection can carry another request. The probe's body
+    starts (``_Transfer._body_starts``, its ``setup`` done) in the first
+    look."""
     wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
     want = min(conn.chunk_size, wanted)
     if len(conn.buffer) < want:
@@ -6480,6 +6489,9 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
         while True:
             now = time.monotonic()
             with lock:
+                if setup is not None:
+                    transfer._body_starts(conn, setup)
+                    setup = None
                 if got:
                     _count_read(transfer, conn, got, now)
                     got = 0
@@ -7347,8 +7359,9 @@ class _Transfer:
         return _Setup(total, segmented)
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:
-        """Open and reserve the file, then share the rest out: the probe's
-        connection, without the lock."""
+        """Open and reserve the file, and tell whether its rest may be
+        shared out (``setup.segmented``; ``_body_starts`` shares it): the
+        probe's connection, without the lock."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
         total = self.planner.total
         if self.piece_hashes is not None and total is not None:
@@ -7358,11 +7371,17 @@ class _Transfer:
             self.store.reserve(setup.reserve, allocate=setup.reserve -
                                self.store.held.total > self.chunk_size)
         # parts are written out of order: only with a sidecar to record them
-        segmented = setup.segmented and self.store.record()
-        with self._lock:
-            self._report('download', None)
-            if segmented and not conn.superseded and self.planner.split(conn, self.received):
-                self._share_out(conn)
+        setup.segmented = setup.segmented and self.store.record()
+
+    def _body_starts(self, conn: _Connection, setup: _Setup) -> None:
+        """The probe's body starts, its file prepared (``_prepare``): the
+        run is told ('download'), and the rest is shared out where the
+        file comes in parts. Under the lock: the body's first look
+        (``_pump_steps``), which comes next (a lock section fewer per
+        file), or the probe's when its answer has no body."""
+        self._report('download', None)
+        if setup.segmented and not conn.superseded and self.planner.split(conn, self.received):
+            self._share_out(conn)
 
     def _judge(self, probe: _Connection, now: float) -> None:
         """Share the file out once the probe's reads show that the link
