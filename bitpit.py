@@ -6685,9 +6685,11 @@ class _Transfer:
     download's run calls ``start``, ``wait_steps``, ``look``,
     ``join_steps`` and ``result``, each connection runs ``_serve_steps``,
     and none calls user code; ``stop()`` may come from any thread.
-    ``_lock`` guards the planner (the claims and the state of the split),
-    the sources and the events; no file is read or reserved under it, and
-    ``stop()`` never waits for it. ``_wake`` sets ``news``, which the run
+    ``_lock`` guards the planner (the claims and the state of the split)
+    and the sources; no file is read or reserved under it, and
+    ``stop()`` never waits for it. The events are the loop's alone: the
+    connections' steps report them (``_report``), the run's steps take
+    them (``take_events``), with no lock. ``_wake`` sets ``news``, which the run
     waits for, and ``work``, which a connection that waits for work waits
     for."""
 
@@ -6802,13 +6804,13 @@ class _Transfer:
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
-        target)``, ``('download', None)``, ``('restart', None)``. Download
-        thread."""
-        if not self.events:  # (one added meanwhile is taken at the next call)
+        target)``, ``('download', None)``, ``('restart', None)``. The run's
+        steps, on the loop, which alone reports them too: no lock (a lock
+        section fewer per small file)."""
+        if not self.events:
             return []
-        with self._lock:
-            events, self.events = self.events, []
-            return events
+        events, self.events = self.events, []
+        return events
 
     @property
     def finished(self) -> bool:
@@ -7403,7 +7405,8 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake, and nothing more to do. Under the lock."""
+        one wake, and nothing more to do. A connection's steps, on the loop
+        (under the lock, for the wake)."""
         self.events.append((kind, value))
         if len(self.events) == 1:
             self._wake(changed=False)
