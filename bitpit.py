@@ -6477,7 +6477,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             (transfer.max_size is None or transfer.planner.total is not None):
         splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
         chunk = _PIPE_SIZE
-    read_steps, wait_steps, ready = body.readinto_steps, body.wait_steps, body.ready
     planner = transfer.planner
     lock = transfer._lock
     max_size = transfer.max_size
@@ -6524,7 +6523,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             limited = bool(buckets) and _limited(buckets)
             granted = room
             if conn.pending or judging or limited:  # (none before a body's first read)
-                if conn.pending and (limited or not (whole or ready()) or
+                if conn.pending and (limited or not (whole or body.ready()) or
                                      now - since >= _FLUSH_AGE):
                     # before a read that may block (but for a body that
                     # fits) or be paced (so bytes land as smoothly as they
@@ -6532,13 +6531,14 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                     _flush_buffer(transfer, conn)
                     continue
                 if conn.pending and whole and not limited and \
-                        not (yield from wait_steps(since + _FLUSH_AGE)):
+                        not (yield from body.wait_steps(since + _FLUSH_AGE)):
                     continue  # a stall: its bytes are overdue now, written at the next lap
                 if judging and limit is not None and limit.due > time.monotonic() and \
-                        not (yield from wait_steps(limit.due)):
+                        not (yield from body.wait_steps(limit.due)):
                     continue  # no bytes until its verdict is due: judged now
                 if limited:
-                    if not (yield from wait_steps(time.monotonic() + transfer.options.timeout)):
+                    if not (yield from body.wait_steps(time.monotonic() +
+                                                       transfer.options.timeout)):
                         # tokens are taken once bytes are there to use
                         # them: a slow socket never holds back what the
                         # others could read
@@ -6562,7 +6562,9 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 with lock:
                     conn.pos += got
             else:
-                got = yield from read_steps(view[conn.pending:conn.pending + granted])
+                # (the body's methods called, not bound first: three bound methods
+                # cost a small file's one read more than a call each costs a big one's)
+                got = yield from body.readinto_steps(view[conn.pending:conn.pending + granted])
                 if pacer is not None:  # (else nothing was granted)
                     pacer.settle(got)
                 if max_size is not None and start + got > max_size:
