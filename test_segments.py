@@ -384,6 +384,23 @@ def test_where_the_cpu_time_of_a_thread_cannot_be_told_the_file_is_shared_out_at
     assert server.bytes_sent("/f", conn=1) <= MiB + 4 * 65536
 
 
+@pytest.mark.skipif(not hasattr(time, 'thread_time'), reason='needs the CPU time of a thread')
+def test_the_probe_is_judged_by_the_cpu_time_of_its_own_thread(server, tmp_path, monkeypatch):
+    """The CPU time its verdicts compare is its own thread's, from the
+    start of the judging on: not the worker's that prepared its file (a
+    file this big is opened on one)."""
+    threads = []
+
+    def thread_cpu():
+        threads.append(threading.current_thread().name)
+        return time.thread_time()
+    monkeypatch.setattr(bitpit, '_thread_cpu', thread_cpu)
+    url = server.add('/f', BIG, throttle=16 * MiB)
+    d, _ = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert len(threads) >= 2 and set(threads) == {'bitpit-loop'}, threads
+
+
 def test_the_limit_judge_weighs_the_cpu_share_of_each_window(monkeypatch):
     cpu = [0.0]
     monkeypatch.setattr(bitpit, '_thread_cpu', lambda: cpu[0])
