@@ -4949,8 +4949,9 @@ class _FileStore:
         self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
-        # an algorithm to hash a file (not a file object) with as it is
-        # written when no checksum asks for one, and the completed file's
+        # an algorithm to hash a file with as it is written when no
+        # checksum asks for one (the run gives it to a file's store only:
+        # a file object is not read back), and the completed file's
         # ``(algorithm, hex digest)`` (a manager's manifest records it)
         self.hash_with: Optional[str] = None
         self.digest: Optional[Tuple[str, str]] = None
@@ -5083,7 +5084,7 @@ class _FileStore:
             else:
                 self._file = self.target
                 self._position = self.held.total
-            algorithm = checksum or self._hash_with()
+            algorithm = checksum or self.hash_with
             if algorithm is not None:
                 import hashlib
                 self._hasher = hashlib.new(algorithm)
@@ -5116,10 +5117,6 @@ class _FileStore:
             self._fd = fd
         else:
             self._file = open(fd, 'r+b', buffering=0)
-
-    def _hash_with(self) -> Optional[str]:
-        """``hash_with`` where it applies: to a file, which can be read back."""
-        return self.hash_with if self.is_path else None
 
     def reserve(self, total: int, allocate: bool = True) -> None:
         """Make the file ``total`` bytes long with its space allocated, so that
@@ -5536,7 +5533,7 @@ class _FileStore:
                     self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            algorithm = checksum[0] if checksum is not None else self._hash_with()
+            algorithm = checksum[0] if checksum is not None else self.hash_with
             if algorithm is not None:
                 if self._hasher is None:
                     import hashlib
@@ -9005,7 +9002,7 @@ class Downloader(Emitter):
             return None
         checksum = self._checksum if self._checksum_file is None else \
             (yield from self._checksum_from_file_steps())
-        store.hash_with = self._hash_with
+        store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             _SIGNALS.post(run, self._set_size, store.size)
