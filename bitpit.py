@@ -5222,17 +5222,31 @@ class _FileStore:
 
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
-        written as held, so a failure keeps what was written."""
+        written as held (and hashed) as it lands, so a failure keeps what
+        was written."""
         fd = self._fd
         written, size = 0, len(data)
         while written < size:
             part = data[written:] if written else data  # (the usual case: all at once)
-            n = _pwrite(fd, part, offset + written) if fd >= 0 else \
-                self._write_stream(offset + written, part)
+            start = offset + written
+            n = _pwrite(fd, part, start) if fd >= 0 else self._write_stream(start, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
-            self._record(offset + written, part, n)
+            end = start + n
+            self.held.add(start, end)
+            if end > self._extent:
+                self._extent = end
+            self._sidecar_current = False  # the ranges moved on
+            self._snap()
+            hasher = self._hasher
+            if hasher is not None:
+                if start < self._hashed_to:  # bytes hashed already are written again
+                    import hashlib
+                    self._hasher, self._hashed_to = hashlib.new(hasher.name), 0
+                elif start == self._hashed_to:
+                    hasher.update(part if n == len(part) else part[:n])
+                    self._hashed_to = end
             written += n
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
@@ -5278,24 +5292,6 @@ class _FileStore:
         """Whether bytes may go to the file by ``splice_in``."""
         return self._fd >= 0 and self._hasher is None and not self._no_splice and \
             not self.read_back
-
-    def _record(self, offset: int, data: memoryview, n: int) -> None:
-        """Count the first ``n`` bytes of ``data``, written at ``offset``, as
-        held (and hashed)."""
-        end = offset + n
-        self.held.add(offset, end)
-        if end > self._extent:
-            self._extent = end
-        self._sidecar_current = False  # the ranges moved on
-        self._snap()
-        if self._hasher is None:
-            return
-        if offset < self._hashed_to:  # bytes hashed already are written again
-            import hashlib
-            self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
-        elif offset == self._hashed_to:
-            self._hasher.update(data if n == len(data) else data[:n])
-            self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
         """Whether writing ``[start, end)`` leaves every byte held: the
