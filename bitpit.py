@@ -487,14 +487,18 @@ class _Address:
     which RFC 9110 4.2.4 keeps off the wire, and the fragment), the
     ``credentials`` written in it, and its ``Host`` field (``host_field``,
     see ``_host_field``). Read-only: any thread."""
-    __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
-                 'host_field')
+    __slots__ = ('url', 'path', 'host_key', 'host_name', 'target', 'credentials', 'host_field')
 
     def __init__(self, url: str, path: str, origin: _OriginInfo, target: str):
         self.url, self.path = url, path
         self.host_key, self.host_name, self.credentials, self.host_field = origin
         self.target = target
-        self.wire_url = self.host_key[0] + '://' + self.host_field + target
+
+    @property
+    def wire_url(self) -> str:
+        """Made when asked (only a request through a plain proxy asks):
+        not for every address, which every download has."""
+        return self.host_key[0] + '://' + self.host_field + self.target
 
 
 def _address(url: str, parts: urllib.parse.SplitResult) -> _Address:
