@@ -4937,13 +4937,8 @@ class _FileStore:
             self.os_path = None
         self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
         self.is_path = self.os_path is not None
-        # what the last ``load`` found: whether the target was there, and
-        # its sidecar (``None``: not looked for, beside no bytes)
-        self.found: Tuple[bool, Optional[bool]] = (False, None)
         self.url = url
         self.held = _Ranges()
-        self.size = -1
-        self.validators: Dict[str, Optional[str]] = {}
         self.epoch = 0
         # the open file: a regular file's descriptor, which the store
         # writes with ``pwrite``, without a file object (nor the ``fstat``
@@ -4952,8 +4947,6 @@ class _FileStore:
         self._fd = -1
         self._file: Any = None
         self._position = 0        # where a file object's stream stands
-        self._sidecar_on_disk = False
-        self._sidecar_current = False
         self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
@@ -4962,13 +4955,13 @@ class _FileStore:
         # a file object is not read back), and the completed file's
         # ``(algorithm, hex digest)`` (a manager's manifest records it)
         self.hash_with: Optional[str] = None
-        self.digest: Optional[Tuple[str, str]] = None
-        self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
-        self._sidecar_failed = False  # it could not be written: no holes then
         self._dropped = 0          # times held bytes were given up (a record older is wrong)
         self.read_back = False    # bytes are read back as they land: never spliced
         self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
+        # the rest, the store's state that a load sets afresh, is set by
+        # the first: a store is made with what its target holds read
+        self.load_unshared()
 
     # -- what is on disk ---------------------------------------------------------
 
@@ -4980,21 +4973,23 @@ class _FileStore:
             self.load_unshared()
 
     def load_unshared(self) -> None:
-        """``load`` without the lock: by the thread that made the store,
-        before any other can see it (``Downloader._local_store``), or
-        under the lock."""
-        self.sealed = False
+        """``load`` without the lock: by the constructor, before any other
+        thread can see the store, or under the lock."""
+        self.sealed = False       # set when a stop gave up waiting: no more writes
         if self.os_path is not None:
             status = _status(self.os_path)
             size = _regular_size(status)
         else:
             status, size = None, _local_size(self.target, self.held.total)
         self.size = -1
-        self.validators = {}
-        self.digest = None
-        self._sidecar_current = self._sidecar_failed = False
+        self.validators: Dict[str, Optional[str]] = {}
+        self.digest: Optional[Tuple[str, str]] = None
+        self._sidecar_current = False
+        self._sidecar_failed = False  # it could not be written: no holes then
         sidecar_there, saved = self._read_sidecar() if size else (None, None)
-        self.found = (status is not None, sidecar_there)
+        # what the load found: whether the target was there, and its
+        # sidecar (``None``: not looked for, beside no bytes)
+        self.found: Tuple[bool, Optional[bool]] = (status is not None, sidecar_there)
         self._sidecar_on_disk = saved is not None
         if size or self.held.total:  # (else nothing was held, nor is there: no change)
             self.held = _Ranges([(0, size)])
@@ -8774,8 +8769,7 @@ class Downloader(Emitter):
             with self._lock:
                 store = self._store
                 if store is None:
-                    store = _FileStore(self._path, self._url)
-                    store.load_unshared()  # (no other thread sees it yet)
+                    store = _FileStore(self._path, self._url)  # (what the target holds read)
                     if not self._target_read:
                         self._downloaded, self._size = store.held.total, store.size
                         self._target_read = True
@@ -9154,7 +9148,6 @@ class Downloader(Emitter):
         if mode != 'update':
             return store, None, None
         newer = _FileStore(target.with_name(target.name + _NEWER_SUFFIX), self._url)
-        newer.load()
         if newer.held.total or not taken_as_is:
             return (newer if newer.held.total else store), None, \
                 (target if newer.held.total else None)
