@@ -4786,11 +4786,19 @@ def _child_text(directory: pathlib.Path, name: str) -> str:
     pathlib's ``/`` costs some 14,000 instructions and the new path's first
     ``str()`` 8,000 more, where a small file's whole download costs some
     700,000. The directory is mostly one ``Path`` for all (a manager's),
-    whose text is made once."""
-    text = str(directory)
-    if text == '.':
-        return name  # (pathlib writes no ./)
-    return text + name if text.endswith(_JOINS_BARE) else text + os.sep + name
+    whose text is made once, and what a name follows in it too."""
+    return _text_before_child(str(directory)) + name
+
+
+@functools.lru_cache(maxsize=64)
+def _text_before_child(directory: str) -> str:
+    """What a name follows in the directory whose path's text is
+    ``directory``: that text and a separator (none after a root or a
+    drive; nothing in ``.``, as pathlib writes no ``./``). Worked out
+    once for a directory given again and again, as ``_parsed_path``."""
+    if directory == '.':
+        return ''
+    return directory if directory.endswith(_JOINS_BARE) else directory + os.sep
 
 
 @functools.lru_cache(maxsize=64)
