@@ -4966,7 +4966,10 @@ class _FileStore:
         self._no_splice = False   # the file system refused a splice
         self._dropped = 0          # times held bytes were given up (a record older is wrong)
         self.read_back = False    # bytes are read back as they land: never spliced
-        self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
+        # ``held`` as pairs, published after each change of it, for other
+        # threads to read without the lock (a write may hold it for as
+        # long as the disk takes)
+        self.snapshot: Tuple[Tuple[int, int], ...] = ()
         # the rest, the store's state that a load sets afresh, is set by
         # the first: a store is made with what its target holds read
         self.load_unshared()
@@ -5003,7 +5006,7 @@ class _FileStore:
             self.held = _Ranges([(0, size)])
             if saved is not None:
                 self._take(saved, size)
-            self._snap()
+            self.snapshot = self.held.pairs()
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -5054,11 +5057,6 @@ class _FileStore:
         if there and sidecar_there is None and self.sidecar is not None:
             sidecar_there = _there(self.sidecar)  # (not looked for beside no bytes)
         return there and not sidecar_there
-
-    def _snap(self) -> None:
-        """Publish ``held`` as ``snapshot``, which other threads read without
-        the lock (a write may hold it for as long as the disk takes)."""
-        self.snapshot = self.held.pairs()
 
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
@@ -5249,7 +5247,7 @@ class _FileStore:
             if end > self._extent:
                 self._extent = end
             self._sidecar_current = False  # the ranges moved on
-            self._snap()
+            self.snapshot = self.held.pairs()
             hasher = self._hasher
             if hasher is not None:
                 if start < self._hashed_to:  # bytes hashed already are written again
@@ -5293,7 +5291,7 @@ class _FileStore:
                     self.held.add(offset + moved, offset + moved + n)
                     self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
-                    self._snap()
+                    self.snapshot = self.held.pairs()
                     moved += n
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
@@ -5334,7 +5332,7 @@ class _FileStore:
             self.epoch += 1
             self._dropped += 1
             self.held = _Ranges()
-            self._snap()
+            self.snapshot = self.held.pairs()
             self.size = -1
             self._reset_hasher()
             target, path = self.target, self.os_path
@@ -5363,7 +5361,7 @@ class _FileStore:
         with self._lock:
             self.held.remove(start, end)
             self._dropped += 1
-            self._snap()
+            self.snapshot = self.held.pairs()
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
@@ -5392,7 +5390,7 @@ class _FileStore:
             self.size = total
             self._dropped += 1  # (a record made before has the old size)
             if self.held.clip(total):
-                self._snap()
+                self.snapshot = self.held.pairs()
 
     # -- the sidecar ------------------------------------------------------------------
 
