@@ -284,6 +284,10 @@ _UNSAFE_NAME_CHARS = _Pattern(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _WINDOWS_DEVICE_RE = _Pattern(
     r'^(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])\s*(\.|$)',
     re.IGNORECASE)
+# the letters a device name begins with, which ``re.IGNORECASE`` matches
+# (no other character does): a name that begins with none is not matched
+# against the pattern, a call that costs a third of ``_safe_filename``
+_DEVICE_INITIALS = 'cpanlCPANL'
 # a name, with the longest suffix bitpit adds (the sidecar of a new
 # version, being replaced), stays within the 255 bytes file systems allow
 _MAX_NAME_BYTES = 255 - len(_NEWER_SUFFIX + _SIDECAR_SUFFIX + '.tmp')
@@ -300,7 +304,7 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     name = _UNSAFE_NAME_CHARS.sub('_', name).strip().rstrip('. ')
     if not name.strip('.'):
         return default
-    if _WINDOWS_DEVICE_RE.match(name):
+    if name[0] in _DEVICE_INITIALS and _WINDOWS_DEVICE_RE.match(name):
         name = '_' + name
     if 4 * len(name) <= _MAX_NAME_BYTES:  # it fits, at 4 bytes a character at most
         return name
@@ -483,14 +487,18 @@ class _Address:
     which RFC 9110 4.2.4 keeps off the wire, and the fragment), the
     ``credentials`` written in it, and its ``Host`` field (``host_field``,
     see ``_host_field``). Read-only: any thread."""
-    __slots__ = ('url', 'path', 'host_key', 'host_name', 'wire_url', 'target', 'credentials',
-                 'host_field')
+    __slots__ = ('url', 'path', 'host_key', 'host_name', 'target', 'credentials', 'host_field')
 
     def __init__(self, url: str, path: str, origin: _OriginInfo, target: str):
         self.url, self.path = url, path
         self.host_key, self.host_name, self.credentials, self.host_field = origin
         self.target = target
-        self.wire_url = self.host_key[0] + '://' + self.host_field + target
+
+    @property
+    def wire_url(self) -> str:
+        """Made when asked (only a request through a plain proxy asks):
+        not for every address, which every download has."""
+        return self.host_key[0] + '://' + self.host_field + self.target
 
 
 def _address(url: str, parts: urllib.parse.SplitResult) -> _Address:
@@ -4778,11 +4786,19 @@ def _child_text(directory: pathlib.Path, name: str) -> str:
     pathlib's ``/`` costs some 14,000 instructions and the new path's first
     ``str()`` 8,000 more, where a small file's whole download costs some
     700,000. The directory is mostly one ``Path`` for all (a manager's),
-    whose text is made once."""
-    text = str(directory)
-    if text == '.':
-        return name  # (pathlib writes no ./)
-    return text + name if text.endswith(_JOINS_BARE) else text + os.sep + name
+    whose text is made once, and what a name follows in it too."""
+    return _text_before_child(str(directory)) + name
+
+
+@functools.lru_cache(maxsize=64)
+def _text_before_child(directory: str) -> str:
+    """What a name follows in the directory whose path's text is
+    ``directory``: that text and a separator (none after a root or a
+    drive; nothing in ``.``, as pathlib writes no ``./``). Worked out
+    once for a directory given again and again, as ``_parsed_path``."""
+    if directory == '.':
+        return ''
+    return directory if directory.endswith(_JOINS_BARE) else directory + os.sep
 
 
 @functools.lru_cache(maxsize=64)
@@ -4929,13 +4945,8 @@ class _FileStore:
             self.os_path = None
         self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
         self.is_path = self.os_path is not None
-        # what the last ``load`` found: whether the target was there, and
-        # its sidecar (``None``: not looked for, beside no bytes)
-        self.found: Tuple[bool, Optional[bool]] = (False, None)
         self.url = url
         self.held = _Ranges()
-        self.size = -1
-        self.validators: Dict[str, Optional[str]] = {}
         self.epoch = 0
         # the open file: a regular file's descriptor, which the store
         # writes with ``pwrite``, without a file object (nor the ``fstat``
@@ -4944,22 +4955,24 @@ class _FileStore:
         self._fd = -1
         self._file: Any = None
         self._position = 0        # where a file object's stream stands
-        self._sidecar_on_disk = False
-        self._sidecar_current = False
         self._extent = 0          # the open file's size, at most: what it had, wrote, reserved
         self._hasher: Any = None
         self._hashed_to = 0       # bytes from 0 the hasher has seen
-        # an algorithm to hash a file (not a file object) with as it is
-        # written when no checksum asks for one, and the completed file's
+        # an algorithm to hash a file with as it is written when no
+        # checksum asks for one (the run gives it to a file's store only:
+        # a file object is not read back), and the completed file's
         # ``(algorithm, hex digest)`` (a manager's manifest records it)
         self.hash_with: Optional[str] = None
-        self.digest: Optional[Tuple[str, str]] = None
-        self.sealed = False       # set when a stop gave up waiting: no more writes
         self._no_splice = False   # the file system refused a splice
-        self._sidecar_failed = False  # it could not be written: no holes then
         self._dropped = 0          # times held bytes were given up (a record older is wrong)
         self.read_back = False    # bytes are read back as they land: never spliced
-        self.snapshot: Tuple[Tuple[int, int], ...] = ()  # ``held``, for reading without the lock
+        # ``held`` as pairs, published after each change of it, for other
+        # threads to read without the lock (a write may hold it for as
+        # long as the disk takes)
+        self.snapshot: Tuple[Tuple[int, int], ...] = ()
+        # the rest, the store's state that a load sets afresh, is set by
+        # the first: a store is made with what its target holds read
+        self.load_unshared()
 
     # -- what is on disk ---------------------------------------------------------
 
@@ -4971,27 +4984,29 @@ class _FileStore:
             self.load_unshared()
 
     def load_unshared(self) -> None:
-        """``load`` without the lock: by the thread that made the store,
-        before any other can see it (``Downloader._local_store``), or
-        under the lock."""
-        self.sealed = False
+        """``load`` without the lock: by the constructor, before any other
+        thread can see the store, or under the lock."""
+        self.sealed = False       # set when a stop gave up waiting: no more writes
         if self.os_path is not None:
             status = _status(self.os_path)
             size = _regular_size(status)
         else:
             status, size = None, _local_size(self.target, self.held.total)
         self.size = -1
-        self.validators = {}
-        self.digest = None
-        self._sidecar_current = self._sidecar_failed = False
+        self.validators: Dict[str, Optional[str]] = {}
+        self.digest: Optional[Tuple[str, str]] = None
+        self._sidecar_current = False
+        self._sidecar_failed = False  # it could not be written: no holes then
         sidecar_there, saved = self._read_sidecar() if size else (None, None)
-        self.found = (status is not None, sidecar_there)
+        # what the load found: whether the target was there, and its
+        # sidecar (``None``: not looked for, beside no bytes)
+        self.found: Tuple[bool, Optional[bool]] = (status is not None, sidecar_there)
         self._sidecar_on_disk = saved is not None
         if size or self.held.total:  # (else nothing was held, nor is there: no change)
             self.held = _Ranges([(0, size)])
             if saved is not None:
                 self._take(saved, size)
-            self._snap()
+            self.snapshot = self.held.pairs()
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -5043,11 +5058,6 @@ class _FileStore:
             sidecar_there = _there(self.sidecar)  # (not looked for beside no bytes)
         return there and not sidecar_there
 
-    def _snap(self) -> None:
-        """Publish ``held`` as ``snapshot``, which other threads read without
-        the lock (a write may hold it for as long as the disk takes)."""
-        self.snapshot = self.held.pairs()
-
     def regular_target(self) -> bool:
         """Whether the target is (or will be created as) a regular file,
         which may be written out of order."""
@@ -5083,7 +5093,7 @@ class _FileStore:
             else:
                 self._file = self.target
                 self._position = self.held.total
-            algorithm = checksum or self._hash_with()
+            algorithm = checksum or self.hash_with
             if algorithm is not None:
                 import hashlib
                 self._hasher = hashlib.new(algorithm)
@@ -5116,10 +5126,6 @@ class _FileStore:
             self._fd = fd
         else:
             self._file = open(fd, 'r+b', buffering=0)
-
-    def _hash_with(self) -> Optional[str]:
-        """``hash_with`` where it applies: to a file, which can be read back."""
-        return self.hash_with if self.is_path else None
 
     def reserve(self, total: int, allocate: bool = True) -> None:
         """Make the file ``total`` bytes long with its space allocated, so that
@@ -5225,17 +5231,31 @@ class _FileStore:
 
     def _write_all(self, offset: int, data: memoryview) -> None:
         """Write every byte of ``data`` at ``offset``, counting each part
-        written as held, so a failure keeps what was written."""
+        written as held (and hashed) as it lands, so a failure keeps what
+        was written."""
         fd = self._fd
         written, size = 0, len(data)
         while written < size:
             part = data[written:] if written else data  # (the usual case: all at once)
-            n = _pwrite(fd, part, offset + written) if fd >= 0 else \
-                self._write_stream(offset + written, part)
+            start = offset + written
+            n = _pwrite(fd, part, start) if fd >= 0 else self._write_stream(start, part)
             if not n:  # as when the disk fills up: the next write raises
                 raise FileError('short write to {}: {} of {} bytes'.format(
                     self.target, written, size))
-            self._record(offset + written, part, n)
+            end = start + n
+            self.held.add(start, end)
+            if end > self._extent:
+                self._extent = end
+            self._sidecar_current = False  # the ranges moved on
+            self.snapshot = self.held.pairs()
+            hasher = self._hasher
+            if hasher is not None:
+                if start < self._hashed_to:  # bytes hashed already are written again
+                    import hashlib
+                    self._hasher, self._hashed_to = hashlib.new(hasher.name), 0
+                elif start == self._hashed_to:
+                    hasher.update(part if n == len(part) else part[:n])
+                    self._hashed_to = end
             written += n
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
@@ -5271,7 +5291,7 @@ class _FileStore:
                     self.held.add(offset + moved, offset + moved + n)
                     self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
-                    self._snap()
+                    self.snapshot = self.held.pairs()
                     moved += n
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
@@ -5281,24 +5301,6 @@ class _FileStore:
         """Whether bytes may go to the file by ``splice_in``."""
         return self._fd >= 0 and self._hasher is None and not self._no_splice and \
             not self.read_back
-
-    def _record(self, offset: int, data: memoryview, n: int) -> None:
-        """Count the first ``n`` bytes of ``data``, written at ``offset``, as
-        held (and hashed)."""
-        end = offset + n
-        self.held.add(offset, end)
-        if end > self._extent:
-            self._extent = end
-        self._sidecar_current = False  # the ranges moved on
-        self._snap()
-        if self._hasher is None:
-            return
-        if offset < self._hashed_to:  # bytes hashed already are written again
-            import hashlib
-            self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
-        elif offset == self._hashed_to:
-            self._hasher.update(data if n == len(data) else data[:n])
-            self._hashed_to = end
 
     def _completes(self, start: int, end: int) -> bool:
         """Whether writing ``[start, end)`` leaves every byte held: the
@@ -5330,7 +5332,7 @@ class _FileStore:
             self.epoch += 1
             self._dropped += 1
             self.held = _Ranges()
-            self._snap()
+            self.snapshot = self.held.pairs()
             self.size = -1
             self._reset_hasher()
             target, path = self.target, self.os_path
@@ -5359,7 +5361,7 @@ class _FileStore:
         with self._lock:
             self.held.remove(start, end)
             self._dropped += 1
-            self._snap()
+            self.snapshot = self.held.pairs()
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
@@ -5388,7 +5390,7 @@ class _FileStore:
             self.size = total
             self._dropped += 1  # (a record made before has the old size)
             if self.held.clip(total):
-                self._snap()
+                self.snapshot = self.held.pairs()
 
     # -- the sidecar ------------------------------------------------------------------
 
@@ -5536,7 +5538,7 @@ class _FileStore:
                     self._extent = self.size
             except OSError as exc:
                 raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            algorithm = checksum[0] if checksum is not None else self._hash_with()
+            algorithm = checksum[0] if checksum is not None else self.hash_with
             if algorithm is not None:
                 if self._hasher is None:
                     import hashlib
@@ -8790,8 +8792,7 @@ class Downloader(Emitter):
             with self._lock:
                 store = self._store
                 if store is None:
-                    store = _FileStore(self._path, self._url)
-                    store.load_unshared()  # (no other thread sees it yet)
+                    store = _FileStore(self._path, self._url)  # (what the target holds read)
                     if not self._target_read:
                         self._downloaded, self._size = store.held.total, store.size
                         self._target_read = True
@@ -9022,7 +9023,7 @@ class Downloader(Emitter):
             return None
         checksum = self._checksum if self._checksum_file is None else \
             (yield from self._checksum_from_file_steps())
-        store.hash_with = self._hash_with
+        store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
             _SIGNALS.post(run, self._set_size, store.size)
@@ -9170,7 +9171,6 @@ class Downloader(Emitter):
         if mode != 'update':
             return store, None, None
         newer = _FileStore(target.with_name(target.name + _NEWER_SUFFIX), self._url)
-        newer.load()
         if newer.held.total or not taken_as_is:
             return (newer if newer.held.total else store), None, \
                 (target if newer.held.total else None)

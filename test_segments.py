@@ -231,7 +231,7 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
                                 gzip_name=False)
     transfer.planner.total = 100
     store.held = bitpit._Ranges([(0, 50)])
-    store._snap()
+    store.snapshot = store.held.pairs()
     slow = bitpit._Connection(0, transfer.sources[0], 65536)
     slow.pos, slow.pending = 40, 20            # 10 of its bytes a racer wrote first
     transfer.connections.append(slow)
@@ -434,7 +434,7 @@ def planner_of(tmp_path, total, held=(), limit=0):
     held, under a download limit of ``limit`` bytes/s (0: none)."""
     store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
     store.held = bitpit._Ranges(list(held))
-    store._snap()
+    store.snapshot = store.held.pairs()
     planner = bitpit._Planner(store, [], 4, (bitpit._TokenBucket(limit),))
     planner.total, planner.segmented = total, True
     return planner
