@@ -1759,6 +1759,7 @@ class _Loop:
         self._last: Optional[threading.Thread] = None    # the one started last
         self._poller: Any = None
         self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._stale = 0  # about how many of them are stale (ended, or replaced by earlier)
         self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
         self._wake_in: Optional[socket.socket] = None   # made with the first thread
@@ -1771,6 +1772,7 @@ class _Loop:
         self._handed.clear()
         self._thread = self._last = self._poller = self._ident = None
         self._deadlines = []
+        self._stale = 0
         self._driven = 0
         for sock in (self._wake_in, self._wake_out):
             if sock is not None:
@@ -1853,6 +1855,7 @@ class _Loop:
                     if self._after_round is not None else None
                 if not self._driven:
                     del self._deadlines[:]  # every deadline left is stale
+                    self._stale = 0
                     if again is None:
                         with self._lock:
                             if not self._handed:
@@ -1878,7 +1881,8 @@ class _Loop:
                 while self._deadlines and self._deadlines[0][0] <= now:
                     when, _, driven = heapq.heappop(self._deadlines)
                     if driven.scheduled != when:
-                        continue  # stale: an earlier one was pushed after it
+                        self._stale -= 1
+                        continue  # stale: its steps ended, or an earlier one was pushed
                     driven.scheduled = None
                     wait = driven.wait
                     if wait is None or wait.until is None:
@@ -1943,11 +1947,23 @@ class _Loop:
                 self._hand(driven, wait)
         if wait.until is not None and (driven.scheduled is None or
                                        wait.until < driven.scheduled):
+            if driven.scheduled is not None:
+                self._stale += 1
             self._schedule(driven, wait.until)
 
     def _schedule(self, driven: _Driven, when: float) -> None:
+        """Resume ``driven`` at ``when`` at the latest. Where stale
+        deadlines are more than half the heap, they go first: steps end
+        long before their time-outs (a small file's in a millisecond,
+        its deadline seconds later), and the heap would keep thousands,
+        and their ended steps, for the collector to visit."""
+        deadlines = self._deadlines
+        if self._stale > 64 and self._stale * 2 > len(deadlines):
+            deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
+            heapq.heapify(deadlines)
+            self._stale = 0
         driven.scheduled = when
-        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+        heapq.heappush(deadlines, (when, next(self._count), driven))
 
     def _unregister(self, driven: _Driven) -> None:
         """Stop watching the socket ``driven`` waited for (closed meanwhile,
@@ -1959,6 +1975,8 @@ class _Loop:
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
         if driven.registered is not None:
             self._unregister(driven)
+        if driven.scheduled is not None:
+            self._stale += 1
         driven.wait = driven.scheduled = None
         self._driven -= 1
         try:
