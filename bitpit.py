@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import collections
 import contextvars
-import datetime
 import errno
 import functools
 import heapq
@@ -53,24 +52,26 @@ import re
 import select
 import selectors
 import socket
-import ssl
 import stat
 import sys
 import _thread
 import threading
 import time
 import types
-import http.client
 import urllib.parse
 
-# Modules that only some downloads need (json, hashlib, email.utils, netrc,
-# base64, zlib, http.cookiejar, urllib.request, argparse, logging, pathlib,
-# ...) are imported where they are first used, so that ``import bitpit``
-# costs little more than ``import http.client``. typing is for annotations
-# only; a path is told from a file object by ``os.PathLike``.
+# Modules that only some downloads need (ssl, http.client, datetime, json,
+# hashlib, email.utils, netrc, base64, zlib, http.cookiejar, urllib.request,
+# argparse, logging, pathlib, ...) are imported where they are first used:
+# ``import bitpit`` costs little more than the socket and selector modules
+# it needs (ssl and http.client were two thirds of it). typing is for
+# annotations only; a path is told from a file object by ``os.PathLike``.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import datetime
+    import http.client
     import pathlib
+    import ssl
     from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
                         Tuple, Union)
 # typing.overload and typing.Generic, stood in for at run time: the last def
@@ -649,6 +650,9 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
 _HTTP_DATE_RE = _Pattern(r'(?:[A-Za-z]{3}, )?([0-9]{2}) ([A-Za-z]{3}) ([0-9]{4}) '
                          r'([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT')
 _MONTHS = ('jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct', 'nov', 'dec')
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # (in a year that is not leap)
+_DAYS_BEFORE_MONTH = tuple(sum(_MONTH_DAYS[:month]) for month in range(12))
+_EPOCH_ORDINAL = 719163  # datetime.date(1970, 1, 1).toordinal()
 
 
 def _parse_http_date(value: Optional[str]) -> Optional[float]:
@@ -676,12 +680,9 @@ def _read_http_date(value: str) -> Optional[float]:
     match = _HTTP_DATE_RE.fullmatch(value.strip())
     if match and match.group(2).lower() in _MONTHS:
         day, month, year, hour, minute, second = match.groups()
-        try:
-            return datetime.datetime(
-                int(year), _MONTHS.index(month.lower()) + 1, int(day), int(hour), int(minute),
-                int(second), tzinfo=datetime.timezone.utc).timestamp()
-        except (ValueError, OverflowError):
-            return None
+        return _utc_timestamp(int(year), _MONTHS.index(month.lower()), int(day), int(hour),
+                              int(minute), int(second))
+    import datetime
     import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -695,6 +696,21 @@ def _read_http_date(value: str) -> Optional[float]:
         return when.timestamp()
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _utc_timestamp(year: int, month: int, day: int, hour: int, minute: int,
+                   second: int) -> Optional[float]:
+    """The timestamp of a UTC date and time (``month`` from 0), as
+    ``datetime`` makes it, without importing datetime; ``None`` for what
+    datetime refuses (a year 0, a day not in its month, a second past 59)."""
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    month_days = _MONTH_DAYS[month] + (month == 1 and leap)
+    if year < 1 or not 1 <= day <= month_days or hour > 23 or minute > 59 or second > 59:
+        return None
+    before = year - 1  # (years before it: their days, and their leap days)
+    ordinal = before * 365 + before // 4 - before // 100 + before // 400 + \
+        _DAYS_BEFORE_MONTH[month] + (month > 1 and leap) + day
+    return float((ordinal - _EPOCH_ORDINAL) * 86400 + hour * 3600 + minute * 60 + second)
 
 
 def _parse_checksum(checksum: Optional[str]) -> Optional[Tuple[str, str]]:
@@ -1751,6 +1767,7 @@ class _Loop:
         self._last: Optional[threading.Thread] = None    # the one started last
         self._poller: Any = None
         self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._stale = 0  # about how many of them are stale (ended, or replaced by earlier)
         self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
         self._wake_in: Optional[socket.socket] = None   # made with the first thread
@@ -1763,6 +1780,7 @@ class _Loop:
         self._handed.clear()
         self._thread = self._last = self._poller = self._ident = None
         self._deadlines = []
+        self._stale = 0
         self._driven = 0
         for sock in (self._wake_in, self._wake_out):
             if sock is not None:
@@ -1845,6 +1863,7 @@ class _Loop:
                     if self._after_round is not None else None
                 if not self._driven:
                     del self._deadlines[:]  # every deadline left is stale
+                    self._stale = 0
                     if again is None:
                         with self._lock:
                             if not self._handed:
@@ -1870,7 +1889,8 @@ class _Loop:
                 while self._deadlines and self._deadlines[0][0] <= now:
                     when, _, driven = heapq.heappop(self._deadlines)
                     if driven.scheduled != when:
-                        continue  # stale: an earlier one was pushed after it
+                        self._stale -= 1
+                        continue  # stale: its steps ended, or an earlier one was pushed
                     driven.scheduled = None
                     wait = driven.wait
                     if wait is None or wait.until is None:
@@ -1935,11 +1955,23 @@ class _Loop:
                 self._hand(driven, wait)
         if wait.until is not None and (driven.scheduled is None or
                                        wait.until < driven.scheduled):
+            if driven.scheduled is not None:
+                self._stale += 1
             self._schedule(driven, wait.until)
 
     def _schedule(self, driven: _Driven, when: float) -> None:
+        """Resume ``driven`` at ``when`` at the latest. Where stale
+        deadlines are more than half the heap, they go first: steps end
+        long before their time-outs (a small file's in a millisecond,
+        its deadline seconds later), and the heap would keep thousands,
+        and their ended steps, for the collector to visit."""
+        deadlines = self._deadlines
+        if self._stale > 64 and self._stale * 2 > len(deadlines):
+            deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
+            heapq.heapify(deadlines)
+            self._stale = 0
         driven.scheduled = when
-        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+        heapq.heappush(deadlines, (when, next(self._count), driven))
 
     def _unregister(self, driven: _Driven) -> None:
         """Stop watching the socket ``driven`` waited for (closed meanwhile,
@@ -1951,6 +1983,8 @@ class _Loop:
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
         if driven.registered is not None:
             self._unregister(driven)
+        if driven.scheduled is not None:
+            self._stale += 1
         driven.wait = driven.scheduled = None
         self._driven -= 1
         try:
@@ -2273,12 +2307,35 @@ _CANCEL_LOCK = threading.Lock()
 _HAS_POLL = hasattr(select, 'poll')  # (not on Windows)
 
 
+# ssl is imported by the first HTTPS connection's context (_default_ssl_context)
+# or by a caller who makes their own (_as_ssl_context checks it): there is no
+# TLS socket, and no error of ssl's, before. What looks for one asks whether
+# ssl is imported at all, and an HTTP download never imports it.
+
+def _is_tls(sock: Any) -> bool:
+    """Whether ``sock`` is a TLS socket (``ssl.SSLSocket``)."""
+    tls = sys.modules.get('ssl')
+    return tls is not None and isinstance(sock, tls.SSLSocket)
+
+
+def _tls_wants_write(exc: BaseException) -> Optional[bool]:
+    """What a TLS socket waits for, told by the exception its call raised:
+    ``False`` to read (``ssl.SSLWantReadError``), ``True`` to write
+    (``ssl.SSLWantWriteError``); ``None`` for any other exception."""
+    tls = sys.modules.get('ssl')
+    if tls is None:
+        return None
+    if isinstance(exc, tls.SSLWantReadError):
+        return False
+    return True if isinstance(exc, tls.SSLWantWriteError) else None
+
+
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
     ``seconds`` (``None``: however long it takes); ``writing``: whether it
     takes bytes to send (a connect is done). ``True`` when that cannot be
     told."""
-    if not writing and isinstance(sock, ssl.SSLSocket) and sock.pending():
+    if not writing and _is_tls(sock) and sock.pending():
         return True
     try:
         if _HAS_POLL:
@@ -2351,10 +2408,10 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
             return call(*args)
         except BlockingIOError:
             writing = sending
-        except ssl.SSLWantReadError:
-            writing = False
-        except ssl.SSLWantWriteError:
-            writing = True
+        except OSError as exc:  # (TLS's SSLWantReadError and SSLWantWriteError are OSErrors)
+            writing = _tls_wants_write(exc)
+            if writing is None:
+                raise
 # what connect_ex says of a connect under way on a socket that does not block
 _CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                getattr(errno, 'WSAEWOULDBLOCK', -1)}
@@ -2501,6 +2558,7 @@ class _Headers:
     def message(self) -> http.client.HTTPMessage:
         """The fields as an ``http.client.HTTPMessage``, for code outside
         bitpit that expects one (a caller's cookie jar)."""
+        import http.client
         message = http.client.HTTPMessage()
         for name, value in self._fields:
             message[name] = value
@@ -2894,6 +2952,7 @@ class _Response:
             data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
                                         wait_first=True)
             if not data:
+                import http.client  # (its error, as http.client's own reader raises it)
                 raise http.client.RemoteDisconnected(
                     'Remote end closed connection ' +
                     ('within the response head' if received else 'without response'))
@@ -3039,14 +3098,18 @@ def _request_head(method: str, target: str, field_lines: str) -> bytes:
     return ('%s %s HTTP/1.1\r\n%s\r\n' % (method, target, field_lines)).encode('latin1')
 
 
-class _AbortableMixin:
-    """A connection that a ``_Cancel`` (or ``abort()``) shuts down from another
-    thread, in every phase: name look-up, connect, TLS handshake, request,
-    body. It connects (``connect_steps``) and sends (``send_steps``) as
-    steps, on a socket that does not block, then or after: its
-    ``timeout`` bounds each of their waits (and its answers' waits). The
-    cancel is checked around the connect, which closes the window between
-    an abort and the socket's creation."""
+class _HTTPConnection:
+    """A connection to a server (or to a plain proxy): what bitpit takes of
+    http.client's ``HTTPConnection`` (its ``host``, ``port``, ``timeout``,
+    ``sock`` and ``close``), without importing http.client. It connects
+    (``connect_steps``) and sends (``send_steps``) as steps, on a socket
+    that does not block, then or after: its ``timeout`` bounds each of
+    their waits (and its answers' waits). A ``_Cancel`` (or ``abort()``)
+    shuts it down from another thread, in every phase: name look-up,
+    connect, TLS handshake, request, body. The cancel is checked around the
+    connect, which closes the window between an abort and the socket's
+    creation. Made and used by one thread at a time (the loop's, or a
+    caller's that drives steps itself); ``abort`` by any."""
     connecting_socket: Optional[socket.socket] = None
     cancel: Optional[_Cancel] = None
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
@@ -3054,32 +3117,34 @@ class _AbortableMixin:
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
     # (its socket, a poll object of that socket's): how the pool looks at it (_quiet)
     idle_poll: Optional[Tuple[Any, Any]] = None
-    # http.client's, which its connect reads
-    host: str
-    port: int
-    timeout: Optional[float]
-    source_address: Optional[Tuple[str, int]]
-    sock: Any
+    sock: Any = None                   # the connected socket (a TLS one over HTTPS)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, host: str, port: int, timeout: Optional[float]):
+        self.host = host
+        self.port = port
+        self.timeout = timeout
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
+
+    def close(self) -> None:
+        """Close its socket, if any. The thread that uses it."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
 
     def connect_steps(self) -> '_Steps[None]':
         """What http.client's ``connect`` does, as steps: its audit event,
         the socket (``_create_connection_steps``), ``TCP_NODELAY``."""
         sys.audit('http.client.connect', self, self.host, self.port)
         self.sock = yield from self._create_connection_steps(
-            (self.host, self.port), self.timeout, self.source_address)
+            (self.host, self.port), self.timeout)
         try:  # (http.client's: it may fail where TCP_NODELAY is missing)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             if exc.errno != errno.ENOPROTOOPT:
                 raise
 
-    def _create_connection_steps(self, address: Tuple[str, int], timeout: Optional[float],
-                                 source_address: Optional[Tuple[str, int]] = None
+    def _create_connection_steps(self, address: Tuple[str, int], timeout: Optional[float]
                                  ) -> '_Steps[socket.socket]':
         """The connected socket, which does not block: to the first
         address of the host's that takes the connect."""
@@ -3090,8 +3155,6 @@ class _AbortableMixin:
             sock = socket.socket(family, kind, proto)
             self.connecting_socket = sock
             try:
-                if source_address:
-                    sock.bind(source_address)
                 if self.cancel is not None and self.cancel.is_set():
                     raise OSError('download stopped')
                 yield from self._connect_socket_steps(sock, sockaddr, timeout)
@@ -3129,14 +3192,16 @@ class _AbortableMixin:
         sys.audit('http.client.send', self, data)
         write: Callable[..., int]
         args: Tuple[Any, ...]
-        if _SOCKETS_ARE_FDS and not isinstance(sock, ssl.SSLSocket):
+        if _SOCKETS_ARE_FDS and not _is_tls(sock):
             write, args = os.write, (sock.fileno(),)
         else:
             write, args = sock.send, ()
         rest: Any = data
         try:  # (the usual write, which takes it whole, made here: no steps of their own)
             sent = write(*args + (rest,))
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except OSError as exc:  # (BlockingIOError, or TLS's wants)
+            if not isinstance(exc, BlockingIOError) and _tls_wants_write(exc) is None:
+                raise
             sent = 0  # (written again by _io_steps, which waits when it must)
         while sent < len(rest):
             rest = memoryview(rest)[sent:]
@@ -3158,16 +3223,23 @@ class _AbortableMixin:
                         pass
 
 
-class _HTTPConnection(_AbortableMixin, http.client.HTTPConnection):
-    """A plain connection (to a plain proxy too)."""
-
-
-class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
+class _HTTPSConnection(_HTTPConnection):
+    """A TLS connection to a server, through a proxy's tunnel if it has one
+    (``set_tunnel``)."""
     handshake_done = False
-    _context: ssl.SSLContext        # http.client's own, missing from its stubs
-    _tunnel_host: Optional[str]     # set_tunnel's, as http.client keeps them
-    _tunnel_port: int
-    _tunnel_headers: Dict[str, str]
+    # (host, port, the CONNECT's fields) of the server that a proxy's tunnel leads to
+    tunnel: Optional[Tuple[str, int, Dict[str, str]]] = None
+
+    def __init__(self, host: str, port: int, timeout: Optional[float],
+                 context: ssl.SSLContext):
+        super().__init__(host, port, timeout)
+        self.context = context
+
+    def set_tunnel(self, host: str, port: int, headers: Dict[str, str]) -> None:
+        """Connect to ``host:port`` through a tunnel that this connection's
+        proxy opens (``CONNECT``, with ``headers``), as http.client's
+        ``set_tunnel`` has it."""
+        self.tunnel = (host, port, headers)
 
     def connect_steps(self) -> '_Steps[None]':
         """Connect (through the proxy's tunnel, if any), then shake hands
@@ -3175,30 +3247,28 @@ class _HTTPSConnection(_AbortableMixin, http.client.HTTPSConnection):
         shut it down during the handshake (http.client's own ``connect``
         hands the raw socket over to the TLS one mid-handshake)."""
         yield from super().connect_steps()
-        if self._tunnel_host:
-            yield from self._tunnel_steps()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            yield from self._tunnel_steps(*tunnel)
         with self._abort_lock:  # the raw socket goes into the TLS one
             if self._aborted:
                 raise OSError('download stopped')
-            self.sock = self._context.wrap_socket(
-                self.sock, server_hostname=self._tunnel_host or self.host,
+            self.sock = self.context.wrap_socket(
+                self.sock, server_hostname=self.host if tunnel is None else tunnel[0],
                 do_handshake_on_connect=False)
         # the handshake: a wait for the server whenever it must answer first
         yield from _io_steps(self.sock.do_handshake, self.sock, self.timeout)
         self.handshake_done = True
 
-    def _tunnel_steps(self) -> '_Steps[None]':
+    def _tunnel_steps(self, host: str, port: int, headers: Dict[str, str]) -> '_Steps[None]':
         """A proxy's tunnel (``set_tunnel``), opened as http.client's
         ``_tunnel`` opens it, as steps: ``CONNECT``, with a ``Host`` field
-        as HTTP/1.1 asks, and the proxy's answer read by bitpit's
-        ``_Response``. An answer other than 200 is an ``OSError``, as
-        http.client has it."""
-        host = self._tunnel_host or ''
-        authority = '{}:{}'.format('[{}]'.format(host) if ':' in host else host,
-                                   self._tunnel_port)
+        as HTTP/1.1 asks (an IPv6 address in brackets), and the proxy's
+        answer read by bitpit's ``_Response``. An answer other than 200 is
+        an ``OSError``, as http.client has it."""
+        authority = '{}:{}'.format('[{}]'.format(host) if ':' in host else host, port)
         fields = {'Host': authority}
-        fields.update(self._tunnel_headers)
-        fields['Host'] = authority  # (3.12's set_tunnel adds one: no brackets for IPv6)
+        fields.update(headers)
         yield from self.send_steps(_request_head('CONNECT', authority, _field_lines(fields)))
         answer = _Response(self.sock, 'CONNECT', timeout=self.timeout)
         yield from answer.begin_steps()
@@ -3459,7 +3529,7 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     sock = conn.sock
     if sock is None:
         return False
-    if not _HAS_POLL or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+    if not _HAS_POLL or (_is_tls(sock) and sock.pending()):
         return not _ready(sock)
     watched = conn.idle_poll
     if watched is None or watched[0] is not sock:
@@ -3820,6 +3890,7 @@ _DIGEST_LOCK = threading.Lock()
 def _default_ssl_context() -> ssl.SSLContext:
     global _SSL_CONTEXT
     if _SSL_CONTEXT is None:
+        import ssl
         _SSL_CONTEXT = ssl.create_default_context()
     return _SSL_CONTEXT
 
@@ -4046,7 +4117,7 @@ class _Body:
         self._left = response.length  # bytes of the body not handed out (None: unknown)
         self._check_beyond()
         self._read = False            # whether a read took some of it
-        self._tls = isinstance(sock, ssl.SSLSocket) and _HAS_POLL
+        self._tls = _HAS_POLL and _is_tls(sock)
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
@@ -4114,10 +4185,9 @@ class _Body:
                 if not more:
                     break
                 got += more
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass  # a record not whole yet: for the next read
         except (OSError, ValueError) as exc:
-            self._error = exc
+            if _tls_wants_write(exc) is None:  # (else a record not whole yet: for the next read)
+                self._error = exc
         return got
 
     def buffered(self) -> bool:
@@ -4171,12 +4241,13 @@ def _network_error(exc: BaseException, handshake_done: bool = True) -> Error:
     mismatch during the handshake is a fatal ``TLSError``."""
     if isinstance(exc, Error):
         return exc
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    tls = sys.modules.get('ssl')  # (not imported: no error of ssl's)
+    if tls is not None and isinstance(exc, tls.SSLCertVerificationError):
         return TLSError('TLS certificate not trusted: {}'.format(exc.verify_message or exc))
-    if isinstance(exc, ssl.SSLError):
+    if tls is not None and isinstance(exc, tls.SSLError):
         reason = getattr(exc, 'reason', None) or ''
-        transient = isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError,
-                                     ssl.SSLSyscallError)) or handshake_done
+        transient = isinstance(exc, (tls.SSLEOFError, tls.SSLZeroReturnError,
+                                     tls.SSLSyscallError)) or handshake_done
         if not transient and _TLS_FATAL_RE.search(reason):
             return TLSError('TLS handshake failed: {}'.format(exc))
         return NetworkError('TLS connection broken: {}'.format(exc))
@@ -4184,8 +4255,6 @@ def _network_error(exc: BaseException, handshake_done: bool = True) -> Error:
         return StalledError('no data received within the time-out')
     if isinstance(exc, ConnectionError):  # RemoteDisconnected too: a close, not a lie
         return NetworkError('network error: {!r}'.format(exc))
-    if isinstance(exc, http.client.HTTPException):
-        return ProtocolError('bad HTTP response: {!r}'.format(exc))
     return NetworkError('network error: {}'.format(exc))
 
 
@@ -4459,7 +4528,7 @@ class _Request:
                 response = _Response(sock, self.method, conn.timeout)
                 yield from response.begin_steps()
                 return response
-            except (OSError, http.client.HTTPException, _NoStatusLine) as exc:
+            except (OSError, _NoStatusLine) as exc:
                 if self.cancel is not None and self.cancel.is_set():
                     raise _Stopped from exc
                 # a reused connection that the server closed meanwhile, or
@@ -4487,7 +4556,7 @@ class _Request:
             if length is not None and length <= 65536:
                 yield from response.read_steps()
                 reuse = not response.will_close
-        except (OSError, http.client.HTTPException, Error):
+        except (OSError, Error):
             pass
         if not reuse:
             response.close()
@@ -6474,7 +6543,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     if answer.encoding is not None and not answer.keep_encoded:
         body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
     elif _SPLICE and wanted >= _SPLICE_FROM and transfer.store.spliceable and \
-            sock is not None and not isinstance(sock, ssl.SSLSocket) \
+            sock is not None and not _is_tls(sock) \
             and not response.chunked and body_end < _UNKNOWN_END and \
             (transfer.max_size is None or transfer.planner.total is not None):
         splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
@@ -6588,7 +6657,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 # counted now, with no lap more
                 _flush_buffer(transfer, conn, received=got, at=time.monotonic())
                 break
-    except (OSError, http.client.HTTPException, ProtocolError) as exc:
+    except (OSError, ProtocolError) as exc:
         # (a ProtocolError: a body's framing, bitpit's since http.client's
         # IncompleteRead; its unused tokens go back all the same)
         if pacer is not None:
@@ -7676,7 +7745,7 @@ def _fetch_document_steps(options: _RequestOptions, url: str, what: str,
         if encoding != 'identity':
             raise ProtocolError('{} {} came with Content-Encoding {}'.format(what, url, encoding))
         body = yield from response.read_steps(_MAX_DOCUMENT + 1)
-    except (OSError, http.client.HTTPException) as exc:
+    except OSError as exc:
         if cancel is not None and cancel.is_set():
             raise _Stopped from exc
         raise _network_error(exc) from exc
@@ -8087,7 +8156,10 @@ def _as_proxy(name: str, value: Any) -> Optional[str]:
 
 
 def _as_ssl_context(name: str, value: Any) -> Optional[ssl.SSLContext]:
-    if value is not None and not isinstance(value, ssl.SSLContext):
+    if value is None:
+        return None
+    import ssl  # (imported already by whoever made the context, if it is one)
+    if not isinstance(value, ssl.SSLContext):
         raise TypeError('ssl_context must be an ssl.SSLContext, not {!r}'.format(value))
     return value
 
@@ -8553,6 +8625,7 @@ class Downloader(Emitter):
     @property
     def eta(self) -> Optional[datetime.timedelta]:
         """Time left at the current speed, ``None`` if unknown."""
+        import datetime
         remaining, speed = self.remaining, self._speed
         if remaining == 0:
             return datetime.timedelta(0)
@@ -8726,6 +8799,7 @@ class Downloader(Emitter):
             if automatic and (self._stopping or self._restart_timer is not None):
                 return
             old, self._restart_timer = self._restart_timer, timer
+            import datetime
             self._restart_time = datetime.datetime.now() + datetime.timedelta(seconds=wait)
             self._notify_changed()
         if old is not None:
@@ -10842,6 +10916,7 @@ def _downloader_kwargs(parser: Any, args: Any, url_count: int) -> Dict[str, Any]
     if args.restart_wait_max is not None:
         kwargs['restart_wait_max'] = args.restart_wait_max
     if args.cacert is not None:
+        import ssl
         try:
             kwargs['ssl_context'] = ssl.create_default_context(cafile=args.cacert)
         except (OSError, ssl.SSLError) as exc:
@@ -11331,6 +11406,7 @@ def _human(n: float, per_second: bool = False) -> str:
 def _human_seconds(seconds: float) -> str:
     if seconds < 60:
         return '{:.{}f} s'.format(seconds, 2 if seconds < 10 else 1)
+    import datetime
     return _human_eta(datetime.timedelta(seconds=seconds))
 
 

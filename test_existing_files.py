@@ -41,6 +41,26 @@ def test_each_file_gets_its_own_date_when_dates_alternate(server, tmp_path):
         epoch(date) for date in dates]
 
 
+@pytest.mark.parametrize('date', [
+    DATE, 'Tue, 29 Feb 2000 23:59:59 GMT', 'Sun, 29 Feb 2032 00:00:00 GMT',
+    'Fri, 31 Dec 9999 23:59:59 GMT',
+    'Thu, 01 Jan 1970 00:00:00 GMT', 'Wed, 31 Dec 1969 23:59:59 GMT'])
+def test_an_http_date_is_the_timestamp_datetime_makes(date):
+    """bitpit reads the usual form of an HTTP date without datetime (not
+    imported for it): the same timestamp, leap days and centuries too."""
+    assert bitpit._parse_http_date(date) == epoch(date)
+
+
+@pytest.mark.parametrize('date', [
+    'Thu, 29 Feb 1900 00:00:00 GMT', 'Mon, 29 Feb 2100 00:00:00 GMT', 'Mon, 31 Apr 2023 00:00:00 GMT',
+    'Sat, 00 Jan 2000 00:00:00 GMT', 'Sat, 01 Jan 0000 00:00:00 GMT', 'Sat, 01 Jan 2000 24:00:00 GMT',
+    'Sat, 01 Jan 2000 00:60:00 GMT', 'Sat, 01 Jan 2000 00:00:60 GMT'])
+def test_an_http_date_that_is_no_time_is_none(date):
+    """A date that datetime refuses (a day not in its month, an hour past
+    23) gives no timestamp: the file keeps the time it was written."""
+    assert bitpit._parse_http_date(date) is None
+
+
 def test_a_completed_file_gets_the_servers_date_and_etag(server, tmp_path):
     url = server.add('/f', DATA, etag=ETAG, last_modified=DATE)
     d, _ = download(url, tmp_path / 'f.bin')

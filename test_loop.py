@@ -155,6 +155,37 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
         right.close()
 
 
+def test_the_heap_lets_go_of_the_deadlines_of_steps_that_ended():
+    """Steps that end long before their time-out (a small file's, in a
+    millisecond) leave their deadline on the heap: once such stale ones
+    are more than half of it, they go, so that a long run's heap holds
+    about what its live steps wait for, not one entry per file."""
+    left, right = socket.socketpair()
+    loop, kept = bitpit._Loop(), Ends(1)
+    stop, sizes = bitpit._Flag(), []
+
+    def keeper():  # keeps the loop's thread (and its heap) from one short steps to the next
+        yield bitpit._Wait(None, time.monotonic() + 30, event=stop)
+
+    def short():
+        assert (yield bitpit._Wait(left, time.monotonic() + 30, writing=True))
+
+    try:
+        loop.spawn(keeper(), kept)
+        for _ in range(300):
+            ended = Ends(1)
+            loop.spawn(short(), ended)
+            assert ended.all_in.wait(5) and ended.results == [None]
+            sizes.append(len(loop._deadlines))
+        assert max(sizes) <= 2 * 64 + 2 and sizes[-1] < 300
+        stop.set()
+        assert kept.all_in.wait(5)
+        loop.join(5)
+    finally:
+        left.close()
+        right.close()
+
+
 def test_the_poller_keeps_an_ended_steps_socket_idle_and_knows_a_number_taken_again(
         monkeypatch):
     """Steps that end leave their socket watched (idle, with epoll) for the

@@ -20,7 +20,7 @@ import weakref
 import pytest
 
 import bitpit
-from conftest import DATA, Recorder, fetch, run_until
+from conftest import DATA, Recorder, fetch, run_program, run_until
 
 SMALL = DATA[:10240]
 
@@ -419,3 +419,31 @@ def test_a_url_is_split_once_when_it_is_set(server, tmp_path, monkeypatch):
     run_until(d, Recorder(d), 'complete')
     assert splits == urls and (tmp_path / 'ü.bin').read_bytes() == SMALL
     assert [r.path for r in server.requests] == ['/d/%C3%BC.bin']
+
+
+LAZY_MODULES = ('ssl', 'http.client', 'datetime', 'email')
+IMPORTS_OF_A_DOWNLOAD = '''
+import sys, bitpit
+imported = [name for name in LAZY if name in sys.modules]
+manager = bitpit.Manager(max_running=2, dir_path=True)
+downloads = [manager.add(URL + str(n)) for n in range(3)]
+manager.start()
+assert all(d.wait(20) for d in downloads), [(d.state, d.last_exception) for d in downloads]
+manager.stop_all()
+print(imported, [name for name in LAZY if name in sys.modules])
+'''
+
+
+def test_plain_http_downloads_import_no_tls_nor_http_client(server, tmp_path):
+    """``import bitpit`` costs little more than the modules it needs
+    (socket, select...): ssl, http.client, datetime and email (two
+    thirds of the import before) are imported where they are used, and
+    small files over plain HTTP, dated by Last-Modified, use none."""
+    for n in range(3):
+        server.add('/f{}'.format(n), SMALL, last_modified='Wed, 29 Feb 2012 07:28:00 GMT')
+    source = IMPORTS_OF_A_DOWNLOAD.replace('LAZY', repr(LAZY_MODULES))
+    result = run_program(source, server.url('/f'), tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split('\n')[0] == '[] []'
+    assert (tmp_path / 'f2').read_bytes() == SMALL
+    assert (tmp_path / 'f2').stat().st_mtime == 1330500480
