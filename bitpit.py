@@ -1262,8 +1262,9 @@ class _Run(_Task):
 
     def __init__(self) -> None:
         _Task.__init__(self, _nothing, 'bitpit-download')  # (no super object to make)
-        self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
-            collections.deque()
+        # (a list: a deque costs some 1,300 instructions more to make, and
+        # a run holds a few calls at a time; only its worker takes them)
+        self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
@@ -1275,12 +1276,8 @@ class _Run(_Task):
         _Task.done(self)
         # whoever still holds the run (a stop under way; its download
         # drops it as it ends) keeps nothing more of it
-        self.calls = _NO_CALLS
+        self.calls.clear()
         self.context = None
-
-
-_NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
-    collections.deque(maxlen=0)
 
 
 def _nothing() -> None:
@@ -1396,39 +1393,36 @@ class _Signals:
         return now + self.SPILL - waited
 
     def _deliver(self) -> None:
-        """A worker: take up the queued runs and make their calls, until
-        none is queued."""
+        """A worker: take up the queued runs one after another and make
+        each one's calls in its context, until none is queued. A run is
+        let go (once out of its context, thread and all) in the lock
+        section that takes up the next one: another worker may take it up
+        as soon as it is not queued (a call posted after that queues it
+        again)."""
         me = threading.current_thread()
-        while True:
-            with self._lock:  # (a new one in a child that a call forked)
-                if not self._ready:
-                    self._delivering -= 1
-                    return
-                run = self._ready.popleft()
-                if self._watched and not self._ready:
-                    self._taken.notify()
-            try:
-                self._take_up(run, me)
-            except BaseException:  # (a bug of bitpit's) not a worker counted for ever
-                with self._lock:
-                    self._delivering -= 1
-                raise
-
-    def _take_up(self, run: _Run, me: threading.Thread) -> None:
-        """Make the run's calls in its context, then let it go, once out of
-        its context, thread and all: another worker may take it up as soon
-        as it is not queued (a call posted after that queues it again)."""
-        context = run.context
-        assert context is not None  # (a run done is never queued again)
-        run.thread = me
-        calls = run.calls
-        while True:
-            context.run(self._make_calls, run)
+        run: Optional[_Run] = None  # the one taken up
+        try:
+            while True:
+                with self._lock:  # (a new one in a child that a call forked)
+                    if run is not None and not run.calls:  # (else posted just now:
+                        run.thread = None                  # made in this turn too)
+                        run.queued = False
+                        run = None
+                    if run is None:
+                        if not self._ready:
+                            self._delivering -= 1
+                            return
+                        run = self._ready.popleft()
+                        run.thread = me
+                        if self._watched and not self._ready:
+                            self._taken.notify()
+                context = run.context
+                assert context is not None  # (a run done is never queued again)
+                context.run(self._make_calls, run)
+        except BaseException:  # (a bug of bitpit's) not a worker counted for ever
             with self._lock:
-                if not calls:  # (else posted just now: made in this turn too)
-                    run.thread = None
-                    run.queued = False
-                    return
+                self._delivering -= 1
+            raise
 
     def _make_calls(self, run: _Run) -> None:
         """Make the run's calls until none is left, in its context. (Only
@@ -1436,7 +1430,7 @@ class _Signals:
         there until it takes it.)"""
         calls = run.calls
         while calls:  # (not an IndexError to raise and catch at every take-up)
-            call, args = calls.popleft()
+            call, args = calls.pop(0)
             try:
                 call(*args)
             except SystemExit:

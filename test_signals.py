@@ -2,7 +2,6 @@
 signal worker (``_Signals``) makes each run's calls in the order posted,
 one at a time, every one of them, whatever the loop and the workers do
 meanwhile."""
-import collections
 import logging
 import os
 import sys
@@ -25,7 +24,7 @@ def test_a_call_posted_as_the_worker_empties_the_runs_queue_is_still_made():
     inside, go = threading.Event(), threading.Event()
     made = []
 
-    class SwitchedOut(collections.deque):
+    class SwitchedOut(list):
         """The run's queue, whose next append comes after the worker is done."""
         armed = False
 
