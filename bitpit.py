@@ -8868,11 +8868,23 @@ class Downloader(Emitter):
         this thread: a callback that stops the manager (which waits for its
         thread) would wait for ever, and one that removes the download would
         see it started again. Like a callback, a manager that fails is
-        logged and the download goes on."""
-        with self._lock:
-            old, self._state = self._state, state
-            if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
-                self._changed.notify_all()
+        logged and the download goes on.
+
+        The state is written by one thread at a time: a run's worker while
+        the run is alive (its calls are made one at a time, and no run
+        starts while another is alive), else the caller of a download that
+        does not run (``_take_as_complete``, ``_fail_outside`` after its
+        start failed). So it is written with no lock (three sections a
+        small file), and whoever waits or watches is woken under the lock
+        only when there is one: a waiter makes ``_changed`` under the lock
+        before it reads the state, and this reads ``_changed`` after the
+        write, so either it finds the waiter (and wakes it once it waits)
+        or the waiter finds the new state."""
+        old, self._state = self._state, state
+        changed = self._changed
+        if changed is not None:  # (_notify_changed, inline: 3 times a file)
+            with self._lock:
+                changed.notify_all()
         if old != state:
             restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
             if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
