@@ -1243,13 +1243,16 @@ def _run_or_here(target: Callable[[], object], name: str) -> None:
         target()
 
 
-class _Run(_Task):
+class _Run:
     """One run of a download (an attempt, from ``start`` to its end
     state): its steps run on the loop, and what it tells its callbacks
     (a state to set, a signal to emit) waits here, in ``calls``, for a
     signal worker, which makes those calls in the order posted, one at a
     time. While a worker makes them, it is the run's thread (``thread``,
-    ``is_current``); the run is alive until its last call (``done``).
+    ``is_current``); the run is alive until its last call (``done``),
+    which its download makes under its lock and tells its waiters of
+    (``Downloader._join_run``): a run has no lock of its own to make
+    (some 2,500 instructions a small file) nor to be joined on.
     ``queued`` says that a worker has it or will take it up, set and
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
@@ -1257,31 +1260,36 @@ class _Run(_Task):
     (``_Signals._after_fork``), as it has no thread of the parent's; any
     thread adds or discards (one operation on a set, atomic under the
     GIL)."""
-    __slots__ = ('calls', 'queued', 'since', 'context')
+    __slots__ = ('calls', 'queued', 'since', 'context', 'thread')
     live: Set['_Run'] = set()
 
     def __init__(self) -> None:
-        _Task.__init__(self, _nothing, 'bitpit-download')  # (no super object to make)
         # (a list: a deque costs some 1,300 instructions more to make, and
         # a run holds a few calls at a time; only its worker takes them)
         self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
+        self.thread: Optional[threading.Thread] = None
         _Run.live.add(self)
 
+    def is_alive(self) -> bool:
+        """Whether its last call is still to be made."""
+        return self.context is not None
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is the worker making its calls."""
+        return self.thread is threading.current_thread() and self.context is not None
+
     def done(self) -> None:
-        """Its last call was made. Its worker."""
+        """Its last call was made. Its worker, under its download's lock
+        (or a forked child, where nobody waits for it)."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
-        _Task.done(self)
         # whoever still holds the run (a stop under way; its download
         # drops it as it ends) keeps nothing more of it
+        self.thread = None
         self.calls.clear()
         self.context = None
-
-
-def _nothing() -> None:
-    """A run's target: its steps run on the loop, not as a task."""
 
 
 class _Signals:
@@ -8605,7 +8613,7 @@ class Downloader(Emitter):
                 if self._state not in _ACTIVE_STATES:
                     self.restart(0)
                 return
-            finishing.join()  # it is only emitting its final signals
+            self._join_run(finishing, None)  # it is only emitting its final signals
             if timer is None:
                 self._cancel_restart()  # one it scheduled meanwhile
         with self._lock:
@@ -8647,7 +8655,22 @@ class Downloader(Emitter):
         """Wait until the run ends (any reason), its last signal given."""
         thread = self._thread
         if thread is not None:
-            thread.join(timeout)
+            self._join_run(thread, timeout)
+
+    def _join_run(self, run: _Run, timeout: Optional[float]) -> None:
+        """Wait until ``run`` ended (its last call, ``_end_run``, marks it
+        done under the lock and wakes whoever waits), at most ``timeout``
+        seconds. Any thread but the run's own worker (``RuntimeError``)."""
+        if run.is_current():
+            raise RuntimeError('a download thread cannot join itself')
+        deadline = _deadline(timeout)
+        with self._lock:
+            changed = self._changes()
+            while run.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                changed.wait(left)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the download is ``complete`` or ``fatal-error``,
@@ -9306,7 +9329,7 @@ class Downloader(Emitter):
         records the digest). Before a start."""
         self._hash_with = algorithm
 
-    def _begin_stop(self) -> Optional[_Task]:
+    def _begin_stop(self) -> Optional[_Run]:
         """The first half of ``stop()``, which never waits: tell the thread
         and its connections to stop; the thread to wait for, if any (a
         manager tells all its downloads before it waits for any)."""
@@ -9331,11 +9354,11 @@ class Downloader(Emitter):
             transfer.stop()
         return thread if not thread.is_current() else None
 
-    def _end_stop(self, thread: _Task) -> None:
+    def _end_stop(self, thread: _Run) -> None:
         """The second half of ``stop()``: wait for ``thread`` (about a second
         at most), then seal the file if it is stuck."""
         transfer = self._transfer
-        thread.join(_STOP_WAIT)
+        self._join_run(thread, _STOP_WAIT)
         if thread.is_alive() and transfer is not None:
             transfer.store.sealed = True
         self._cancel_restart()  # one the thread scheduled before it saw the stop
