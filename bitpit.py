@@ -8340,12 +8340,17 @@ class Downloader(Emitter):
         else:
             path = _as_path(path)
             if dir_path:
-                # the text of its path (what the store takes), not its
-                # Path, which ``path`` makes if it is ever read: most
-                # downloads of a manager never are (``_child_text``)
-                self._dir, self._path = path, _child_text(path, self._name_in_dir())
-            else:
-                self._dir, self._path = None, path
+                self._set_dir(path)
+                return
+            self._dir, self._path = None, path
+        self._forget_local_state()
+
+    def _set_dir(self, directory: pathlib.Path) -> None:
+        """The target is the file named after the URL (or the metalink) in
+        ``directory``: the text of its path (what the store takes), not its
+        Path, which ``path`` makes if it is ever read: most downloads of a
+        manager never are (``_child_text``)."""
+        self._dir, self._path = directory, _child_text(directory, self._name_in_dir())
         self._forget_local_state()
 
     def _name_in_dir(self) -> str:
@@ -9238,9 +9243,10 @@ class Downloader(Emitter):
         one's options: what ``Downloader(url, path, dir_path, **options)``
         makes, ``options`` being the other keyword arguments that made this
         one, without checking each of them again (they were checked when
-        this one was made). This one has no ``mirrors`` and no
-        ``metalink``, and never ran: how a manager makes the downloads it
-        adds by URL from its ``kwargs``, thousands of them. Any thread."""
+        this one was made), ``path`` and ``dir_path`` among them. This one
+        has no ``mirrors`` and no ``metalink``, and never ran: how a manager
+        makes the downloads it adds by URL from its ``kwargs``, thousands of
+        them. Any thread."""
         address = _check_url(url)
         d = Downloader.__new__(Downloader)
         d._metalink = None
@@ -9266,7 +9272,12 @@ class Downloader(Emitter):
         d._max_size = self._max_size
         d._min_speed = self._min_speed
         d._if_exists = self._if_exists  # (checked for the same kind of path)
-        d._set_path_value(path, dir_path)
+        if path is not None and self._dir is not None:
+            # the directory this one's ``path`` gave (a Path, ~ expanded):
+            # not made again from the same ``path``
+            d._set_dir(self._dir)
+        else:  # (without a path, the current directory: now's)
+            d._set_path_value(path, dir_path)
         d._verify_digest = self._verify_digest
         d._restart_wait_max = self._restart_wait_max
         return d
