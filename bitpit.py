@@ -8958,9 +8958,12 @@ class Downloader(Emitter):
         retry_after = None
         final = 'pause'
         size = None
+        # what the transfer told last, given with the run's end: one call
+        # fewer to post (a small file's size and start of download)
+        last_events: List[Tuple[str, Any]] = []
         try:
             _SIGNALS.post(run, self._set_state, 'start')
-            size = yield from self._attempt_steps(run)
+            size = yield from self._attempt_steps(run, last_events)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -8991,13 +8994,15 @@ class Downloader(Emitter):
                 self._retry_after = retry_after
                 self._count_restart(final == 'error', self._received > received_before)
             finally:  # (a bug above is said by _run_ended: the run still ends)
-                _SIGNALS.post(run, self._end_run, run, final, size)
+                _SIGNALS.post(run, self._end_run, run, final, size, last_events)
 
-    def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
+    def _end_run(self, run: _Run, final: str, size: Optional[int],
+                 last_events: List[Tuple[str, Any]]) -> None:
         """The run's last call, on its signal worker: its last signals (first
-        the ``size`` a complete attempt ended with, if any), a restart after
-        an error, and the run ends."""
+        what the transfer told last, then the ``size`` a complete attempt
+        ended with, if any), a restart after an error, and the run ends."""
         try:
+            self._take_events(last_events)
             if size is not None:
                 self._set_size(size)
             self.emit('speed-changed', self)
@@ -9025,10 +9030,13 @@ class Downloader(Emitter):
             self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, run: _Run) -> '_Steps[Optional[int]]':
+    def _attempt_steps(self, run: _Run, last_events: List[Tuple[str, Any]]
+                       ) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals (posted to ``run``), and measure
-        the speed every ``update_period``. Raises on failure; else the size
+        transfer, relay what it reports as signals (posted to ``run``; what
+        it reports once finished goes into ``last_events``, which the run's
+        last call takes, also after a failure), and measure the speed
+        every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
         last call sets (one call less to post for every file). Its transfer
         stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
@@ -9093,7 +9101,7 @@ class Downloader(Emitter):
                     tick_at = max(tick_at + period, now)
                     _SIGNALS.post(run, self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
-            self._relay(transfer.take_events(), run)
+            last_events += self._note_versions(transfer.take_events())
             if transfer.connections or transfer.saving:  # (a small file's: none left, no
                 yield from transfer.join_steps()          # generator made to find so)
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
@@ -9200,16 +9208,22 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
+    def _note_versions(self, events: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+        """The transfer's ``events``, once the run's steps noted another
+        version of the file among them: its progress counts afresh. The
+        run's steps."""
+        for kind, _ in events:
+            if kind == 'restart':
+                self._best_held = 0
+        return events
+
     def _relay(self, events: List[Tuple[str, Any]], run: _Run) -> None:
         """Have the transfer's ``events`` turned into the download's state
         and signals, in one call posted to ``run`` for all of them (a small
         file's size and start of download come together). The run's
         steps."""
         if events:
-            for kind, _ in events:
-                if kind == 'restart':  # another version: its progress counts afresh
-                    self._best_held = 0
-            _SIGNALS.post(run, self._take_events, events)
+            _SIGNALS.post(run, self._take_events, self._note_versions(events))
 
     def _take_events(self, events: List[Tuple[str, Any]]) -> None:
         """Set what the transfer's ``events`` tell, and signal it, in their
