@@ -1432,10 +1432,12 @@ class _Signals:
                 self._delivering -= 1
             raise
 
-    def _make_calls(self, run: _Run) -> None:
+    @staticmethod
+    def _make_calls(run: _Run) -> None:
         """Make the run's calls until none is left, in its context. (Only
         the worker that has the run takes calls from it: one it saw stays
-        there until it takes it.)"""
+        there until it takes it.) Static: a take-up makes no bound method
+        to call it with."""
         calls = run.calls
         while calls:  # (not an IndexError to raise and catch at every take-up)
             call, args = calls.pop(0)
