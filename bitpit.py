@@ -9025,11 +9025,13 @@ class Downloader(Emitter):
         """Count the restart an attempt's end calls for and draw its wait:
         the ``n``-th in a row after failed attempts, ``n`` counted from 1
         again after an attempt that received bytes, and from 0 after one
-        that completed or was paused. The run's steps."""
+        that completed or was paused (whose wait is the base one: no draw
+        to make, as ``_backed_off`` takes none below the second in a row).
+        The run's steps."""
         if not failed:
             self._restart_streak = 0
-        else:
-            self._restart_streak = 1 if received else self._restart_streak + 1
+            return
+        self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
     def _attempt_steps(self, run: _Run, last_events: List[Tuple[str, Any]]
