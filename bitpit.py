@@ -9076,13 +9076,20 @@ class Downloader(Emitter):
             self._verify_digest,                                    # verify_digest
             metalink.size if metalink is not None else None,        # expected_size
             metalink.pieces if metalink is not None else None)      # piece_hashes
-        with self._lock:
-            self._transfer = transfer
-            stopped = self._stopping
-            if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
-                self._limit_transfer(transfer)
-        if stopped:
+        # published with no lock (a section fewer per small file): a stop
+        # sets _stopping under the lock before it reads _transfer, and this
+        # reads _stopping after it wrote _transfer, so one of them at least
+        # stops the transfer (both do no harm); a limit set since
+        # _buckets() is added under the lock, where the rate_limit setter,
+        # which sets the rate before it looks for a transfer, adds one to a
+        # transfer it found
+        self._transfer = transfer
+        if self._stopping:
             transfer.stop()
+        if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
+            with self._lock:
+                if self._bucket is None:
+                    self._limit_transfer(transfer)
         period = self._update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
