@@ -1267,13 +1267,16 @@ def _run_or_here(target: Callable[[], object], name: str) -> None:
         target()
 
 
-class _Run(_Task):
+class _Run:
     """One run of a download (an attempt, from ``start`` to its end
     state): its steps run on the loop, and what it tells its callbacks
     (a state to set, a signal to emit) waits here, in ``calls``, for a
     signal worker, which makes those calls in the order posted, one at a
     time. While a worker makes them, it is the run's thread (``thread``,
-    ``is_current``); the run is alive until its last call (``done``).
+    ``is_current``); the run is alive until its last call (``done``),
+    which its download makes under its lock and tells its waiters of
+    (``Downloader._join_run``): a run has no lock of its own to make
+    (some 2,500 instructions a small file) nor to be joined on.
     ``queued`` says that a worker has it or will take it up, set and
     cleared under ``_Signals._lock``; ``since`` is when it was queued. Its
     calls run in ``context``, an empty one of its own, as a new thread's
@@ -1281,34 +1284,36 @@ class _Run(_Task):
     (``_Signals._after_fork``), as it has no thread of the parent's; any
     thread adds or discards (one operation on a set, atomic under the
     GIL)."""
-    __slots__ = ('calls', 'queued', 'since', 'context')
+    __slots__ = ('calls', 'queued', 'since', 'context', 'thread')
     live: Set['_Run'] = set()
 
     def __init__(self) -> None:
-        _Task.__init__(self, _nothing, 'bitpit-download')  # (no super object to make)
-        self.calls: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
-            collections.deque()
+        # (a list: a deque costs some 1,300 instructions more to make, and
+        # a run holds a few calls at a time; only its worker takes them)
+        self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
+        self.thread: Optional[threading.Thread] = None
         _Run.live.add(self)
 
+    def is_alive(self) -> bool:
+        """Whether its last call is still to be made."""
+        return self.context is not None
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is the worker making its calls."""
+        return self.thread is threading.current_thread() and self.context is not None
+
     def done(self) -> None:
-        """Its last call was made. Its worker."""
+        """Its last call was made. Its worker, under its download's lock
+        (or a forked child, where nobody waits for it)."""
         _Run.live.discard(self)  # (first: a stop woken by the end sees none live)
-        _Task.done(self)
         # whoever still holds the run (a stop under way; its download
         # drops it as it ends) keeps nothing more of it
-        self.calls = _NO_CALLS
+        self.thread = None
+        self.calls.clear()
         self.context = None
-
-
-_NO_CALLS: 'collections.deque[Tuple[Callable[..., object], Tuple[Any, ...]]]' = \
-    collections.deque(maxlen=0)
-
-
-def _nothing() -> None:
-    """A run's target: its steps run on the loop, not as a task."""
 
 
 class _Signals:
@@ -1420,47 +1425,46 @@ class _Signals:
         return now + self.SPILL - waited
 
     def _deliver(self) -> None:
-        """A worker: take up the queued runs and make their calls, until
-        none is queued."""
+        """A worker: take up the queued runs one after another and make
+        each one's calls in its context, until none is queued. A run is
+        let go (once out of its context, thread and all) in the lock
+        section that takes up the next one: another worker may take it up
+        as soon as it is not queued (a call posted after that queues it
+        again)."""
         me = threading.current_thread()
-        while True:
-            with self._lock:  # (a new one in a child that a call forked)
-                if not self._ready:
-                    self._delivering -= 1
-                    return
-                run = self._ready.popleft()
-                if self._watched and not self._ready:
-                    self._taken.notify()
-            try:
-                self._take_up(run, me)
-            except BaseException:  # (a bug of bitpit's) not a worker counted for ever
-                with self._lock:
-                    self._delivering -= 1
-                raise
-
-    def _take_up(self, run: _Run, me: threading.Thread) -> None:
-        """Make the run's calls in its context, then let it go, once out of
-        its context, thread and all: another worker may take it up as soon
-        as it is not queued (a call posted after that queues it again)."""
-        context = run.context
-        assert context is not None  # (a run done is never queued again)
-        run.thread = me
-        calls = run.calls
-        while True:
-            context.run(self._make_calls, run)
+        run: Optional[_Run] = None  # the one taken up
+        try:
+            while True:
+                with self._lock:  # (a new one in a child that a call forked)
+                    if run is not None and not run.calls:  # (else posted just now:
+                        run.thread = None                  # made in this turn too)
+                        run.queued = False
+                        run = None
+                    if run is None:
+                        if not self._ready:
+                            self._delivering -= 1
+                            return
+                        run = self._ready.popleft()
+                        run.thread = me
+                        if self._watched and not self._ready:
+                            self._taken.notify()
+                context = run.context
+                assert context is not None  # (a run done is never queued again)
+                context.run(self._make_calls, run)
+        except BaseException:  # (a bug of bitpit's) not a worker counted for ever
             with self._lock:
-                if not calls:  # (else posted just now: made in this turn too)
-                    run.thread = None
-                    run.queued = False
-                    return
+                self._delivering -= 1
+            raise
 
-    def _make_calls(self, run: _Run) -> None:
+    @staticmethod
+    def _make_calls(run: _Run) -> None:
         """Make the run's calls until none is left, in its context. (Only
         the worker that has the run takes calls from it: one it saw stays
-        there until it takes it.)"""
+        there until it takes it.) Static: a take-up makes no bound method
+        to call it with."""
         calls = run.calls
         while calls:  # (not an IndexError to raise and catch at every take-up)
-            call, args = calls.popleft()
+            call, args = calls.pop(0)
             try:
                 call(*args)
             except SystemExit:
@@ -8429,12 +8433,17 @@ class Downloader(Emitter):
         else:
             path = _as_path(path)
             if dir_path:
-                # the text of its path (what the store takes), not its
-                # Path, which ``path`` makes if it is ever read: most
-                # downloads of a manager never are (``_child_text``)
-                self._dir, self._path = path, _child_text(path, self._name_in_dir())
-            else:
-                self._dir, self._path = None, path
+                self._set_dir(path)
+                return
+            self._dir, self._path = None, path
+        self._forget_local_state()
+
+    def _set_dir(self, directory: pathlib.Path) -> None:
+        """The target is the file named after the URL (or the metalink) in
+        ``directory``: the text of its path (what the store takes), not its
+        Path, which ``path`` makes if it is ever read: most downloads of a
+        manager never are (``_child_text``)."""
+        self._dir, self._path = directory, _child_text(directory, self._name_in_dir())
         self._forget_local_state()
 
     def _name_in_dir(self) -> str:
@@ -8703,7 +8712,7 @@ class Downloader(Emitter):
                 if self._state not in _ACTIVE_STATES:
                     self.restart(0)
                 return
-            finishing.join()  # it is only emitting its final signals
+            self._join_run(finishing, None)  # it is only emitting its final signals
             if timer is None:
                 self._cancel_restart()  # one it scheduled meanwhile
         with self._lock:
@@ -8745,7 +8754,22 @@ class Downloader(Emitter):
         """Wait until the run ends (any reason), its last signal given."""
         thread = self._thread
         if thread is not None:
-            thread.join(timeout)
+            self._join_run(thread, timeout)
+
+    def _join_run(self, run: _Run, timeout: Optional[float]) -> None:
+        """Wait until ``run`` ended (its last call, ``_end_run``, marks it
+        done under the lock and wakes whoever waits), at most ``timeout``
+        seconds. Any thread but the run's own worker (``RuntimeError``)."""
+        if run.is_current():
+            raise RuntimeError('a download thread cannot join itself')
+        deadline = _deadline(timeout)
+        with self._lock:
+            changed = self._changes()
+            while run.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                changed.wait(left)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the download is ``complete`` or ``fatal-error``,
@@ -8966,11 +8990,23 @@ class Downloader(Emitter):
         this thread: a callback that stops the manager (which waits for its
         thread) would wait for ever, and one that removes the download would
         see it started again. Like a callback, a manager that fails is
-        logged and the download goes on."""
-        with self._lock:
-            old, self._state = self._state, state
-            if self._changed is not None:  # (_notify_changed, inline: 3 times a file)
-                self._changed.notify_all()
+        logged and the download goes on.
+
+        The state is written by one thread at a time: a run's worker while
+        the run is alive (its calls are made one at a time, and no run
+        starts while another is alive), else the caller of a download that
+        does not run (``_take_as_complete``, ``_fail_outside`` after its
+        start failed). So it is written with no lock (three sections a
+        small file), and whoever waits or watches is woken under the lock
+        only when there is one: a waiter makes ``_changed`` under the lock
+        before it reads the state, and this reads ``_changed`` after the
+        write, so either it finds the waiter (and wakes it once it waits)
+        or the waiter finds the new state."""
+        old, self._state = self._state, state
+        changed = self._changed
+        if changed is not None:  # (_notify_changed, inline: 3 times a file)
+            with self._lock:
+                changed.notify_all()
         if old != state:
             restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
             if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
@@ -9016,9 +9052,12 @@ class Downloader(Emitter):
         retry_after = None
         final = 'pause'
         size = None
+        # what the transfer told last, given with the run's end: one call
+        # fewer to post (a small file's size and start of download)
+        last_events: List[Tuple[str, Any]] = []
         try:
             _SIGNALS.post(run, self._set_state, 'start')
-            size = yield from self._attempt_steps(run)
+            size = yield from self._attempt_steps(run, last_events)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -9049,13 +9088,15 @@ class Downloader(Emitter):
                 self._retry_after = retry_after
                 self._count_restart(final == 'error', self._received > received_before)
             finally:  # (a bug above is said by _run_ended: the run still ends)
-                _SIGNALS.post(run, self._end_run, run, final, size)
+                _SIGNALS.post(run, self._end_run, run, final, size, last_events)
 
-    def _end_run(self, run: _Run, final: str, size: Optional[int]) -> None:
+    def _end_run(self, run: _Run, final: str, size: Optional[int],
+                 last_events: List[Tuple[str, Any]]) -> None:
         """The run's last call, on its signal worker: its last signals (first
-        the ``size`` a complete attempt ended with, if any), a restart after
-        an error, and the run ends."""
+        what the transfer told last, then the ``size`` a complete attempt
+        ended with, if any), a restart after an error, and the run ends."""
         try:
+            self._take_events(last_events)
             if size is not None:
                 self._set_size(size)
             self.emit('speed-changed', self)
@@ -9076,17 +9117,22 @@ class Downloader(Emitter):
         """Count the restart an attempt's end calls for and draw its wait:
         the ``n``-th in a row after failed attempts, ``n`` counted from 1
         again after an attempt that received bytes, and from 0 after one
-        that completed or was paused. The run's steps."""
+        that completed or was paused (whose wait is the base one: no draw
+        to make, as ``_backed_off`` takes none below the second in a row).
+        The run's steps."""
         if not failed:
             self._restart_streak = 0
-        else:
-            self._restart_streak = 1 if received else self._restart_streak + 1
+            return
+        self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, run: _Run) -> '_Steps[Optional[int]]':
+    def _attempt_steps(self, run: _Run, last_events: List[Tuple[str, Any]]
+                       ) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals (posted to ``run``), and measure
-        the speed every ``update_period``. Raises on failure; else the size
+        transfer, relay what it reports as signals (posted to ``run``; what
+        it reports once finished goes into ``last_events``, which the run's
+        last call takes, also after a failure), and measure the speed
+        every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
         last call sets (one call less to post for every file). Its transfer
         stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
@@ -9122,13 +9168,20 @@ class Downloader(Emitter):
             self._verify_digest,                                    # verify_digest
             metalink.size if metalink is not None else None,        # expected_size
             metalink.pieces if metalink is not None else None)      # piece_hashes
-        with self._lock:
-            self._transfer = transfer
-            stopped = self._stopping
-            if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
-                self._limit_transfer(transfer)
-        if stopped:
+        # published with no lock (a section fewer per small file): a stop
+        # sets _stopping under the lock before it reads _transfer, and this
+        # reads _stopping after it wrote _transfer, so one of them at least
+        # stops the transfer (both do no harm); a limit set since
+        # _buckets() is added under the lock, where the rate_limit setter,
+        # which sets the rate before it looks for a transfer, adds one to a
+        # transfer it found
+        self._transfer = transfer
+        if self._stopping:
             transfer.stop()
+        if self._bucket is None and self._rate_limit > 0:  # set since _buckets()
+            with self._lock:
+                if self._bucket is None:
+                    self._limit_transfer(transfer)
         period = self._update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
@@ -9151,7 +9204,7 @@ class Downloader(Emitter):
                     tick_at = max(tick_at + period, now)
                     _SIGNALS.post(run, self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
-            self._relay(transfer.take_events(), run)
+            last_events += self._note_versions(transfer.take_events())
             if transfer.connections or transfer.saving:  # (a small file's: none left, no
                 yield from transfer.join_steps()          # generator made to find so)
             if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
@@ -9257,16 +9310,22 @@ class Downloader(Emitter):
                 target.stat().st_mtime, usegmt=True)}
         return newer, conditions, target
 
+    def _note_versions(self, events: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+        """The transfer's ``events``, once the run's steps noted another
+        version of the file among them: its progress counts afresh. The
+        run's steps."""
+        for kind, _ in events:
+            if kind == 'restart':
+                self._best_held = 0
+        return events
+
     def _relay(self, events: List[Tuple[str, Any]], run: _Run) -> None:
         """Have the transfer's ``events`` turned into the download's state
         and signals, in one call posted to ``run`` for all of them (a small
         file's size and start of download come together). The run's
         steps."""
         if events:
-            for kind, _ in events:
-                if kind == 'restart':  # another version: its progress counts afresh
-                    self._best_held = 0
-            _SIGNALS.post(run, self._take_events, events)
+            _SIGNALS.post(run, self._take_events, self._note_versions(events))
 
     def _take_events(self, events: List[Tuple[str, Any]]) -> None:
         """Set what the transfer's ``events`` tell, and signal it, in their
@@ -9300,9 +9359,10 @@ class Downloader(Emitter):
         one's options: what ``Downloader(url, path, dir_path, **options)``
         makes, ``options`` being the other keyword arguments that made this
         one, without checking each of them again (they were checked when
-        this one was made). This one has no ``mirrors`` and no
-        ``metalink``, and never ran: how a manager makes the downloads it
-        adds by URL from its ``kwargs``, thousands of them. Any thread."""
+        this one was made), ``path`` and ``dir_path`` among them. This one
+        has no ``mirrors`` and no ``metalink``, and never ran: how a manager
+        makes the downloads it adds by URL from its ``kwargs``, thousands of
+        them. Any thread."""
         address = _check_url(url)
         d = Downloader.__new__(Downloader)
         d._metalink = None
@@ -9328,7 +9388,12 @@ class Downloader(Emitter):
         d._max_size = self._max_size
         d._min_speed = self._min_speed
         d._if_exists = self._if_exists  # (checked for the same kind of path)
-        d._set_path_value(path, dir_path)
+        if path is not None and self._dir is not None:
+            # the directory this one's ``path`` gave (a Path, ~ expanded):
+            # not made again from the same ``path``
+            d._set_dir(self._dir)
+        else:  # (without a path, the current directory: now's)
+            d._set_path_value(path, dir_path)
         d._verify_digest = self._verify_digest
         d._restart_wait_max = self._restart_wait_max
         return d
@@ -9391,7 +9456,7 @@ class Downloader(Emitter):
         records the digest). Before a start."""
         self._hash_with = algorithm
 
-    def _begin_stop(self) -> Optional[_Task]:
+    def _begin_stop(self) -> Optional[_Run]:
         """The first half of ``stop()``, which never waits: tell the thread
         and its connections to stop; the thread to wait for, if any (a
         manager tells all its downloads before it waits for any)."""
@@ -9416,11 +9481,11 @@ class Downloader(Emitter):
             transfer.stop()
         return thread if not thread.is_current() else None
 
-    def _end_stop(self, thread: _Task) -> None:
+    def _end_stop(self, thread: _Run) -> None:
         """The second half of ``stop()``: wait for ``thread`` (about a second
         at most), then seal the file if it is stuck."""
         transfer = self._transfer
-        thread.join(_STOP_WAIT)
+        self._join_run(thread, _STOP_WAIT)
         if thread.is_alive() and transfer is not None:
             transfer.store.sealed = True
         self._cancel_restart()  # one the thread scheduled before it saw the stop

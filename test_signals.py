@@ -2,11 +2,11 @@
 signal worker (``_Signals``) makes each run's calls in the order posted,
 one at a time, every one of them, whatever the loop and the workers do
 meanwhile."""
-import collections
 import logging
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -25,7 +25,7 @@ def test_a_call_posted_as_the_worker_empties_the_runs_queue_is_still_made():
     inside, go = threading.Event(), threading.Event()
     made = []
 
-    class SwitchedOut(collections.deque):
+    class SwitchedOut(list):
         """The run's queue, whose next append comes after the worker is done."""
         armed = False
 
@@ -306,3 +306,34 @@ def test_a_run_whose_last_call_was_made_is_not_taken_up_again():
     signals.hand()  # (the loop's next round, with the run posted to)
     assert bitpit._WORKERS.wait_quiet(5)
     assert signals._delivering == 0 and not signals._ready
+
+
+def test_join_waits_for_the_runs_last_call_and_a_callback_cannot_join_its_own(
+        server, tmp_path):
+    """A run has no lock of its own: ``join`` waits on its download's
+    condition, which the run's last call wakes. Joined from outside while
+    its last callback still runs, it waits (a timed join returns with the
+    run alive); once the callback returns, it ends. Joined from its own
+    callback, it raises ``RuntimeError`` rather than wait for itself."""
+    d = bitpit.Downloader(server.add('/j', b'j' * 1000), path=tmp_path / 'j')
+    in_callback, release = threading.Event(), threading.Event()
+    raised = []
+
+    def last(d, old):
+        if d.state == 'complete':
+            try:
+                d.join(5)
+            except RuntimeError as exc:
+                raised.append(exc)
+            in_callback.set()
+            release.wait(5)
+    d.listen('state-changed', last)
+    d.start()
+    assert in_callback.wait(5)
+    d.join(0.05)
+    assert d.is_alive
+    release.set()
+    began = time.monotonic()
+    d.join(5)
+    assert not d.is_alive and len(raised) == 1
+    assert time.monotonic() - began < 2.5  # woken by the run's end, not its timeout
