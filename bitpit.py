@@ -2418,6 +2418,10 @@ _MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
 _MAX_INTERIM_HEADS = 16  # most 1xx heads before the final one
 
 
+# the repeated names of a head with none (most): read, never changed
+_NONE_REPEATED: Dict[str, List[str]] = {}
+
+
 class _Headers:
     """The header fields of a response, in the order received, duplicates
     kept; names are case-insensitive. It offers what http.client and
@@ -2433,15 +2437,15 @@ class _Headers:
     is repeated, as in most heads). Read-only; any thread."""
     __slots__ = ('_fields', 'by_name', 'firsts', '_repeated')
 
-    def __init__(self, fields: List[Tuple[str, str]]):
+    def __init__(self, fields: List[Tuple[str, str]], last_values: Dict[str, str]):
+        """``last_values``: the last value of each name in ``fields``, in
+        lower case, as their reader took them (``_parse_head``): the very
+        ``by_name`` and ``firsts`` where no name is repeated."""
         self._fields = fields
-        by_name: Dict[str, str] = {}
-        for name, value in fields:  # (a loop: a comprehension is a call more)
-            by_name[name.lower()] = value
-        firsts = by_name
-        repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
+        by_name = firsts = last_values
+        repeated: Dict[str, List[str]] = _NONE_REPEATED  # the values of each name given more than once
         if len(by_name) < len(fields):  # (seldom: a name given more than once)
-            by_name, firsts = {}, {}
+            by_name, firsts, repeated = {}, {}, {}
             for name, value in fields:
                 key = name.lower()
                 if key in by_name:
@@ -2592,25 +2596,27 @@ def _parse_head(head: bytes) -> _Head:
     # then its colon) in three; a folded one, a name with space before its
     # colon or a line that is not a field in more, or an error
     fields: List[Tuple[str, str]] = []
+    last_values: Dict[str, str] = {}  # (see _Headers)
     for line in lines[1:]:
         name, colon, value = line.partition(':')
         if colon and name and ' ' not in name and '\t' not in name:
-            fields.append((name, value.strip(' \t')))
-            continue
-        if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
+            value = value.strip(' \t')
+        elif line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
                 raise _head_error('a folded line with no field before it', line)
-            name, value = fields[-1]
+            name, value = fields.pop()
             more = line.strip(' \t')
-            fields[-1] = (name, value + ' ' + more if value and more else value or more)
-            continue
-        # space before the colon is taken off, not refused: RFC 9112 bids
-        # servers refuse it and proxies mend it, and bitpit is neither
-        name = name.rstrip(' \t')
-        if not colon or not name or ' ' in name or '\t' in name:
-            raise _head_error('a header line that is not a field', line)
-        fields.append((name, value.strip(' \t')))
-    return _Head(version, status, reason, _Headers(fields))
+            value = value + ' ' + more if value and more else value or more
+        else:
+            # space before the colon is taken off, not refused: RFC 9112 bids
+            # servers refuse it and proxies mend it, and bitpit is neither
+            name = name.rstrip(' \t')
+            if not colon or not name or ' ' in name or '\t' in name:
+                raise _head_error('a header line that is not a field', line)
+            value = value.strip(' \t')
+        fields.append((name, value))
+        last_values[name.lower()] = value
+    return _Head(version, status, reason, _Headers(fields, last_values))
 
 
 def _status_line(line: str) -> Tuple[int, int, str]:
