@@ -2487,6 +2487,10 @@ _MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
 _MAX_INTERIM_HEADS = 16  # most 1xx heads before the final one
 
 
+# the repeated names of a head with none (most): read, never changed
+_NONE_REPEATED: Dict[str, List[str]] = {}
+
+
 class _Headers:
     """The header fields of a response, in the order received, duplicates
     kept; names are case-insensitive. It offers what http.client and
@@ -2502,15 +2506,15 @@ class _Headers:
     is repeated, as in most heads). Read-only; any thread."""
     __slots__ = ('_fields', 'by_name', 'firsts', '_repeated')
 
-    def __init__(self, fields: List[Tuple[str, str]]):
+    def __init__(self, fields: List[Tuple[str, str]], last_values: Dict[str, str]):
+        """``last_values``: the last value of each name in ``fields``, in
+        lower case, as their reader took them (``_parse_head``): the very
+        ``by_name`` and ``firsts`` where no name is repeated."""
         self._fields = fields
-        by_name: Dict[str, str] = {}
-        for name, value in fields:  # (a loop: a comprehension is a call more)
-            by_name[name.lower()] = value
-        firsts = by_name
-        repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
+        by_name = firsts = last_values
+        repeated: Dict[str, List[str]] = _NONE_REPEATED  # the values of each name given more than once
         if len(by_name) < len(fields):  # (seldom: a name given more than once)
-            by_name, firsts = {}, {}
+            by_name, firsts, repeated = {}, {}, {}
             for name, value in fields:
                 key = name.lower()
                 if key in by_name:
@@ -2628,16 +2632,10 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
-# a field line as _parse_head takes it apart: its name (no space, tab or
-# colon in it; space before the colon is left out) and its value without
-# the spaces and tabs around it (up to its last other character, found by
-# one step back from the line's end: a lazy match would try every character)
-_FIELD_LINE_RE = re.compile(r'^([^: \t\n]+)[ \t]*:[ \t]*([^\n]*[^ \t\n]|)[ \t]*$', re.M)
-
 # the usual status line, of HTTP/1.0 or 1.1 (its minor version), its
 # status and its reason (none, or with no space around it), as
 # _status_line reads it in more calls; any other goes to _status_line
-_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?(?:\n|\Z)')
+_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?\Z')
 
 
 def _parse_head(head: bytes) -> _Head:
@@ -2650,45 +2648,45 @@ def _parse_head(head: bytes) -> _Head:
         text = text[:-1]
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', ' ')
-    count = text.count('\n') + 1  # its lines
-    if count > _MAX_HEAD_FIELDS + 1:
+    lines = text.split('\n')
+    if len(lines) > _MAX_HEAD_FIELDS + 1:
         raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
     if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in text.split('\n'):
+        for line in lines:
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    usual = _STATUS_LINE_RE.match(text)
+    usual = _STATUS_LINE_RE.match(lines[0])
     if usual is not None:
         minor, code, reason = usual.groups('')
-        version, status, after = 10 + int(minor), int(code), usual.end()
+        version, status = 10 + int(minor), int(code)
     else:
-        first_line = text.partition('\n')[0]
-        version, status, reason = _status_line(first_line)
-        after = len(first_line) + 1
-    # the usual head, a field a line, in one search rather than calls of
-    # each line's own; the loop reads one with a folded line or a line that
-    # is not a field (no match: fewer fields than lines) and says what is wrong
-    fields: List[Tuple[str, str]] = _FIELD_LINE_RE.findall(text, after)
-    if len(fields) == count - 1:
-        return _Head(version, status, reason, _Headers(fields))
-    fields = []
-    for line in text.split('\n')[1:]:
-        if line[:1] in (' ', '\t'):  # obs-fold: more of the field before
+        version, status, reason = _status_line(lines[0])
+    # each line taken apart by str's own calls, a regex's search costs
+    # more than they do: the usual field line (a name with no space or tab,
+    # then its colon) in three; a folded one, a name with space before its
+    # colon or a line that is not a field in more, or an error
+    fields: List[Tuple[str, str]] = []
+    last_values: Dict[str, str] = {}  # (see _Headers)
+    for line in lines[1:]:
+        name, colon, value = line.partition(':')
+        if colon and name and ' ' not in name and '\t' not in name:
+            value = value.strip(' \t')
+        elif line[:1] in (' ', '\t'):  # obs-fold: more of the field before
             if not fields:
                 raise _head_error('a folded line with no field before it', line)
-            name, value = fields[-1]
+            name, value = fields.pop()
             more = line.strip(' \t')
-            fields[-1] = (name, value + ' ' + more if value and more else value or more)
-            continue
-        name, colon, value = line.partition(':')
-        if ' ' in name or '\t' in name:  # (seldom: no call for the others)
+            value = value + ' ' + more if value and more else value or more
+        else:
             # space before the colon is taken off, not refused: RFC 9112 bids
             # servers refuse it and proxies mend it, and bitpit is neither
             name = name.rstrip(' \t')
-        if not colon or not name or ' ' in name or '\t' in name:
-            raise _head_error('a header line that is not a field', line)
-        fields.append((name, value.strip(' \t')))
-    return _Head(version, status, reason, _Headers(fields))
+            if not colon or not name or ' ' in name or '\t' in name:
+                raise _head_error('a header line that is not a field', line)
+            value = value.strip(' \t')
+        fields.append((name, value))
+        last_values[name.lower()] = value
+    return _Head(version, status, reason, _Headers(fields, last_values))
 
 
 def _status_line(line: str) -> Tuple[int, int, str]:

@@ -95,6 +95,7 @@ def test_folded_lines_bare_lf_and_bare_cr():
                        b'X-Empty:\r\n more\r\nX-CR: a\rb\n\nbody')
     assert head.headers.items() == [('X-Folded', 'one two three'), ('X-Empty', 'more'),
                                     ('X-CR', 'a b')]
+    assert head.headers.get('x-folded') == head.headers.by_name['x-folded'] == 'one two three'
     assert body == b'body'
 
 
