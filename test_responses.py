@@ -221,6 +221,25 @@ def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server
     assert server.connections == 2
 
 
+def test_a_reused_connection_that_the_server_closes_at_the_next_request_is_replaced(
+        server, tmp_path):
+    """A kept-alive connection that the server closes once the next
+    request came, with no answer (bitpit's own reader raises http.client's
+    RemoteDisconnected, imported only then): the request is sent again on
+    a new connection, and the download never sees the close."""
+    def close_at_next(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+        handler.wfile.flush()
+        while handler.rfile.readline() not in (b'\r\n', b''):  # the next request, read
+            pass
+    url = server.add_raw('/first', close_at_next)
+    next_url = server.add('/next', DATA[:5000])
+    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
+    d = fetch(next_url, tmp_path / 'next.bin')  # (its first attempt: no error before it)
+    assert d.state == 'complete' and (tmp_path / 'next.bin').read_bytes() == DATA[:5000]
+    assert server.connections == 2
+
+
 def test_an_answer_sent_after_a_body_is_never_taken_for_the_next(server, tmp_path):
     """A server that writes a whole answer more after a body (an error page
     after a streamed body, say), once the body was read: the connection is
