@@ -401,6 +401,27 @@ def test_the_probe_is_judged_by_the_cpu_time_of_its_own_thread(server, tmp_path,
     assert len(threads) >= 2 and set(threads) == {'bitpit-loop'}, threads
 
 
+def test_a_transfers_events_are_reported_on_the_loop_alone(server, tmp_path, monkeypatch):
+    """The run takes a transfer's events with no lock (``take_events``):
+    every one is reported on the loop, even for a file big enough to be
+    opened on a worker (its 'download' comes in the body's first look, not
+    in the worker's section), and the run is told of the start before the
+    end."""
+    reported = []
+    report = bitpit._Transfer._report
+
+    def recording(transfer, kind, value):
+        reported.append((kind, threading.current_thread().name))
+        report(transfer, kind, value)
+    monkeypatch.setattr(bitpit._Transfer, '_report', recording)
+    url = server.add('/f', BIG)
+    d, rec = download(url, tmp_path / 'f.bin', connections=4)
+    assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == BIG
+    assert [kind for kind, _ in reported] == ['size', 'download'], reported
+    assert {thread for _, thread in reported} == {'bitpit-loop'}, reported
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+
+
 def test_the_limit_judge_weighs_the_cpu_share_of_each_window(monkeypatch):
     cpu = [0.0]
     monkeypatch.setattr(bitpit, '_thread_cpu', lambda: cpu[0])
