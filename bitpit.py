@@ -9202,10 +9202,16 @@ class Downloader(Emitter):
                     tick_at = max(tick_at + period, now)
                     _SIGNALS.post(run, self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
-            last_events += self._note_versions(transfer.take_events())
-            if transfer.connections or transfer.saving:  # (a small file's: none left, no
-                yield from transfer.join_steps()          # generator made to find so)
-            if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
+            joins = transfer.connections or transfer.saving  # (a small file's: none left)
+            on_worker = store.held.total > _DISK_WORK_ON_LOOP or store.unsaved()
+            if joins or on_worker:  # its end waits: what it told is told now
+                self._relay(transfer.take_events(), run)
+            else:  # (a small file's: with the run's last call)
+                last_events += self._note_versions(transfer.take_events())
+            if joins:  # (no generator made to find none left)
+                yield from transfer.join_steps()
+                on_worker = store.held.total > _DISK_WORK_ON_LOOP or store.unsaved()
+            if on_worker:
                 # its checks may read the whole file back, its save sync it
                 yield from _on_worker_steps(transfer.result, 'bitpit-finish')
             else:

@@ -50,6 +50,36 @@ def test_a_file_that_fails_its_check_at_its_end_still_signals_its_download_first
     assert [new for _, new in rec.states] == ['start', 'download', 'fatal-error']
     assert rec.sizes == [1000] and isinstance(d.last_exception, bitpit.IntegrityError)
 
+
+def test_a_big_files_download_is_told_before_its_end_on_a_worker(
+        server, tmp_path, monkeypatch):
+    """A file that came whole before the run's first look at it (here: no
+    look for 30 s) ends with disk work on a worker (read back for its
+    checksum, its sidecar synced), which may take long: its ``download``
+    state and size are told as the body is over, not held back until
+    that work is done."""
+    monkeypatch.setattr(bitpit, '_TEND_PERIOD', 30.0)
+    data = DATA * 5  # (above _DISK_WORK_ON_LOOP: its end is a worker's)
+    result, ending, release = bitpit._Transfer.result, threading.Event(), threading.Event()
+
+    def slow_end(transfer):
+        ending.set()
+        release.wait(10)
+        return result(transfer)
+    monkeypatch.setattr(bitpit._Transfer, 'result', slow_end)
+    d = bitpit.Downloader(server.add('/big', data), path=tmp_path / 'big', update_period=30)
+    rec = Recorder(d)
+    d.start()
+    try:
+        assert ending.wait(10)
+        rec.wait_state('download', timeout=2)
+        assert rec.sizes == [len(data)]
+    finally:
+        release.set()
+        d.join(10)
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+
+
 def test_download_into_file_object_is_not_closed(server):
     server.add('/data.bin', DATA)
     sink = io.BytesIO()

@@ -178,6 +178,7 @@ def test_a_limit_set_as_the_attempt_makes_its_transfer_paces_that_transfer(
         d.stop()
     assert d.state == 'pause' and d.downloaded < len(DATA) // 2
 
+
 def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
     """A read drawn from a download's own limit and a manager's total: each
     bucket granted its part, and each gets back what the read left unused
