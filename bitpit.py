@@ -9128,8 +9128,9 @@ class Downloader(Emitter):
                        ) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals (posted to ``run``; what
-        it reports once finished goes into ``last_events``, which the run's
-        last call takes, also after a failure), and measure the speed
+        it reports once finished, when its end waits for nothing, goes into
+        ``last_events``, which the run's last call takes, also after a
+        failure), and measure the speed
         every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
         last call sets (one call less to post for every file). Its transfer
