@@ -8757,7 +8757,12 @@ class Downloader(Emitter):
     def _join_run(self, run: _Run, timeout: Optional[float]) -> None:
         """Wait until ``run`` ended (its last call, ``_end_run``, marks it
         done under the lock and wakes whoever waits), at most ``timeout``
-        seconds. Any thread but the run's own worker (``RuntimeError``)."""
+        seconds. Any thread but the run's own worker (``RuntimeError``).
+        A run that ended takes no lock to join: in a forked child, where
+        every run of the parent's has ended, a thread of the parent's may
+        have held it as the process forked, and none will release it."""
+        if not run.is_alive():
+            return
         if run.is_current():
             raise RuntimeError('a download thread cannot join itself')
         deadline = _deadline(timeout)
