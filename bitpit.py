@@ -8757,7 +8757,12 @@ class Downloader(Emitter):
     def _join_run(self, run: _Run, timeout: Optional[float]) -> None:
         """Wait until ``run`` ended (its last call, ``_end_run``, marks it
         done under the lock and wakes whoever waits), at most ``timeout``
-        seconds. Any thread but the run's own worker (``RuntimeError``)."""
+        seconds. Any thread but the run's own worker (``RuntimeError``).
+        A run that ended takes no lock to join: in a forked child, where
+        every run of the parent's has ended, a thread of the parent's may
+        have held it as the process forked, and none will release it."""
+        if not run.is_alive():
+            return
         if run.is_current():
             raise RuntimeError('a download thread cannot join itself')
         deadline = _deadline(timeout)
@@ -9128,8 +9133,9 @@ class Downloader(Emitter):
                        ) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
         transfer, relay what it reports as signals (posted to ``run``; what
-        it reports once finished goes into ``last_events``, which the run's
-        last call takes, also after a failure), and measure the speed
+        it reports once finished, when its end waits for nothing, goes into
+        ``last_events``, which the run's last call takes, also after a
+        failure), and measure the speed
         every ``update_period``. Raises on failure; else the size
         the file ended with (``None``: signalled already), which the run's
         last call sets (one call less to post for every file). Its transfer
@@ -9202,10 +9208,16 @@ class Downloader(Emitter):
                     tick_at = max(tick_at + period, now)
                     _SIGNALS.post(run, self.emit, 'speed-changed', self)
                 due = min(tick_at, now + _TEND_PERIOD)
-            last_events += self._note_versions(transfer.take_events())
-            if transfer.connections or transfer.saving:  # (a small file's: none left, no
-                yield from transfer.join_steps()          # generator made to find so)
-            if store.held.total > _DISK_WORK_ON_LOOP or store.unsaved():
+            joins = transfer.connections or transfer.saving  # (a small file's: none left)
+            on_worker = store.held.total > _DISK_WORK_ON_LOOP or store.unsaved()
+            if joins or on_worker:  # its end waits: what it told is told now
+                self._relay(transfer.take_events(), run)
+            else:  # (a small file's: with the run's last call)
+                last_events += self._note_versions(transfer.take_events())
+            if joins:  # (no generator made to find none left)
+                yield from transfer.join_steps()
+                on_worker = store.held.total > _DISK_WORK_ON_LOOP or store.unsaved()
+            if on_worker:
                 # its checks may read the whole file back, its save sync it
                 yield from _on_worker_steps(transfer.result, 'bitpit-finish')
             else:

@@ -39,6 +39,47 @@ def test_full_download_states_signals_and_properties(server, tmp_path):
     assert methods == ['GET'], 'one request per attempt, no HEAD'
 
 
+def test_a_file_that_fails_its_check_at_its_end_still_signals_its_download_first(
+        server, tmp_path):
+    """What a small file's transfer tells at its end (its size, the start
+    of its download) is given with the run's last call: a failure after
+    the body came (a checksum that does not match) still signals them,
+    before the failure, in order."""
+    d, rec = download(server.add('/f', b'f' * 1000), tmp_path / 'f',
+                      checksum='sha256:' + '0' * 64)
+    assert [new for _, new in rec.states] == ['start', 'download', 'fatal-error']
+    assert rec.sizes == [1000] and isinstance(d.last_exception, bitpit.IntegrityError)
+
+
+def test_a_big_files_download_is_told_before_its_end_on_a_worker(
+        server, tmp_path, monkeypatch):
+    """A file that came whole before the run's first look at it (here: no
+    look for 30 s) ends with disk work on a worker (read back for its
+    checksum, its sidecar synced), which may take long: its ``download``
+    state and size are told as the body is over, not held back until
+    that work is done."""
+    monkeypatch.setattr(bitpit, '_TEND_PERIOD', 30.0)
+    data = DATA * 5  # (above _DISK_WORK_ON_LOOP: its end is a worker's)
+    result, ending, release = bitpit._Transfer.result, threading.Event(), threading.Event()
+
+    def slow_end(transfer):
+        ending.set()
+        release.wait(10)
+        return result(transfer)
+    monkeypatch.setattr(bitpit._Transfer, 'result', slow_end)
+    d = bitpit.Downloader(server.add('/big', data), path=tmp_path / 'big', update_period=30)
+    rec = Recorder(d)
+    d.start()
+    try:
+        assert ending.wait(10)
+        rec.wait_state('download', timeout=2)
+        assert rec.sizes == [len(data)]
+    finally:
+        release.set()
+        d.join(10)
+    assert [new for _, new in rec.states] == ['start', 'download', 'complete']
+
+
 def test_download_into_file_object_is_not_closed(server):
     server.add('/data.bin', DATA)
     sink = io.BytesIO()
@@ -446,6 +487,31 @@ def test_stop_racing_the_restart_timer_always_wins(server, tmp_path):
         d.join(5)
         assert not d.is_alive and not d.is_restarting, _
     assert d.state == 'pause' and bitpit_threads() == []
+
+
+def test_a_stop_that_comes_as_the_attempt_makes_its_transfer_stops_it(
+        server, tmp_path, monkeypatch):
+    """The attempt publishes its transfer with no lock: a stop told while
+    the transfer is being made (after the attempt's last look at the stop,
+    before the transfer is in ``_transfer``, where the stop looks for it)
+    finds none to stop, so the attempt, which looks at the stop after it
+    published the transfer, must stop it itself: the run ends in ``pause``
+    with no request made, not ``complete``."""
+    url = server.add('/f', DATA)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    buckets = bitpit.Downloader._buckets
+    told = []
+
+    def stop_told_meanwhile(self):
+        told.append(self._begin_stop())  # (the half of stop() that never waits)
+        return buckets(self)
+    monkeypatch.setattr(bitpit.Downloader, '_buckets', stop_told_meanwhile)
+    rec = Recorder(d)
+    d.start()
+    d.join(5)
+    assert not d.is_alive and told and told[0] is not None, 'no stop found the run'
+    assert [new for _, new in rec.states] == ['start', 'pause']
+    assert server.requests_for('/f') == []
 
 
 @pytest.mark.allow_error_log('^unexpected error$')

@@ -150,6 +150,35 @@ def test_rate_limit_change_applies_mid_download(server, tmp_path):
     assert time.monotonic() - began >= 0.7
 
 
+def test_a_limit_set_as_the_attempt_makes_its_transfer_paces_that_transfer(
+        server, tmp_path, monkeypatch):
+    """An attempt without a limit makes its transfer with no bucket of its
+    own, and publishes it with no lock: a limit set meanwhile (after the
+    attempt took its buckets, before the transfer is in ``_transfer``,
+    where the ``rate_limit`` setter looks for it) finds no transfer to
+    limit, so the attempt, which looks at the limit after it published
+    the transfer, must add the bucket itself, at once: its first read
+    is paced."""
+    url = server.add('/f', DATA)
+    d = bitpit.Downloader(url, path=tmp_path / 'f.bin')
+    buckets = bitpit.Downloader._buckets
+
+    def limit_set_meanwhile(self):
+        taken = buckets(self)
+        self.rate_limit = 20000  # (no listener: nothing called on the loop)
+        return taken
+    monkeypatch.setattr(bitpit.Downloader, '_buckets', limit_set_meanwhile)
+    d.start()
+    try:
+        assert server.wait_requests(1, timeout=5)
+        transfer = d._transfer  # (set before its request was made)
+        assert transfer is not None, 'the transfer ended: no limit paced it'
+        assert d._bucket is not None and transfer.buckets[0] is d._bucket
+    finally:
+        d.stop()
+    assert d.state == 'pause' and d.downloaded < len(DATA) // 2
+
+
 def test_several_buckets_each_get_back_exactly_what_they_granted_unused():
     """A read drawn from a download's own limit and a manager's total: each
     bucket granted its part, and each gets back what the read left unused

@@ -11,6 +11,8 @@ import gc
 import logging
 import multiprocessing
 import os
+import select
+import signal
 import sys
 import threading
 import weakref
@@ -340,6 +342,48 @@ def test_in_a_forked_child_a_download_the_parent_runs_is_not_alive(server, tmp_p
     finally:
         d.stop()
 
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
+def test_in_a_forked_child_joining_a_run_of_the_parents_needs_no_lock_it_held(
+        server, tmp_path):
+    """In a child, a download the parent ran has ended: joining it returns
+    at once, even when a thread of the parent's (gone in the child) held
+    the download's lock as the process forked (the loop ending an
+    attempt, a worker its run): the join of an ended run takes no lock."""
+    d = bitpit.Downloader(server.add('/f', DATA, stall_after=0), path=tmp_path / 'f')
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with d._lock:
+            held.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    d.start()
+    reader, writer = os.pipe()
+    try:
+        assert server.wait_requests(1, timeout=10)
+        holder.start()
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: it reports, and never returns
+            try:
+                d.join(1)
+                os.write(writer, b'joined')
+            finally:
+                os._exit(0)
+        os.close(writer)
+        ready, _, _ = select.select([reader], [], [], 5)
+        answer = os.read(reader, 100) if ready else b''
+        if not answer:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert answer == b'joined'
+    finally:
+        os.close(reader)
+        release.set()
+        holder.join(10)
+        d.stop()
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this system')
 def test_a_task_that_forks_goes_on_running_in_the_child():
