@@ -509,7 +509,7 @@ def test_a_request_sent_whole_waits_for_room_as_a_step(pair):
     conn = bitpit._HTTPConnection('127.0.0.1', 1, timeout=5)
     conn.sock = ours
     data = b'x' * (8 << 20)  # more than socket buffers hold
-    steps = conn.send_steps(data)
+    steps = conn.send_rest_steps(data, conn.send(data))
     wait = next(steps)
     received = bytearray()
     while True:
