@@ -4337,15 +4337,41 @@ class _Request:
 
     def send_steps(self) -> '_Steps[_Response]':
         """Send the request, follow redirects, return the final response
-        (status not 3xx), as steps. Raises a ``bitpit.Error`` or
-        ``_Stopped``."""
+        (status not 3xx), as steps. Each exchange (a request and its
+        response's head) is made on the current connection, and once again
+        on a fresh one if a reused one turns out dead (``_dead_reused``).
+        Raises a ``bitpit.Error`` or ``_Stopped``."""
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
                 proxy = self._take_idle()
                 if self.connection is None:
                     yield from self._connect_steps(proxy)
-            response = yield from self._exchange_steps()
+            conn = self.connection
+            assert conn is not None  # _connect_steps() or _use() set it, or raised
+            try:
+                # the request written and its answer made here, not by
+                # http.client's request() and getresponse(), which check
+                # and encode each part of the request in a call of its own
+                # and keep a state of the connection that bitpit keeps
+                # itself; and not in steps of their own, a layer that
+                # every wait for the answer would resume
+                head = self._head(self.address.wire_url if conn.via_proxy else
+                                  self.address.target, conn)
+                if conn.sock is None:
+                    yield from conn.connect_steps()
+                # the socket the body comes from; the connection keeps it,
+                # also after an answer that ends with it (Connection:
+                # close): _release closes such a connection, never pooled
+                sock = self.sock = conn.sock
+                sent = conn.send(head)
+                if sent < len(head):
+                    yield from conn.send_rest_steps(head, sent)
+                response = _Response(sock, self.method, conn.timeout)
+                yield from response.begin_steps()
+            except (OSError, _NoStatusLine) as exc:
+                self._dead_reused(conn, exc)
+                continue  # on the fresh connection
             if 'set-cookie' in response.fields.by_name:
                 self.options.cookies.remember(response, self.url)
             status = response.status
@@ -4533,50 +4559,26 @@ class _Request:
         return _request_head(self.method, target,
                              'Host: %s\r\n%s' % (self.address.host_field, lines))
 
-    def _exchange_steps(self) -> '_Steps[_Response]':
-        """One request and its response headers on the current connection,
-        retried once on a fresh connection if a reused one turns out dead."""
-        address = self.address
-        while True:
-            conn = self.connection
-            assert conn is not None  # _connect_steps() or _use() set it, or raised
-            target = address.wire_url if conn.via_proxy else address.target
-            try:
-                # the request written and its answer made here, not by
-                # http.client's request() and getresponse(), which check
-                # and encode each part of the request in a call of its own
-                # and keep a state of the connection that bitpit keeps itself
-                head = self._head(target, conn)
-                if conn.sock is None:
-                    yield from conn.connect_steps()
-                # the socket the body comes from; the connection keeps it,
-                # also after an answer that ends with it (Connection:
-                # close): _release closes such a connection, never pooled
-                sock = self.sock = conn.sock
-                sent = conn.send(head)
-                if sent < len(head):
-                    yield from conn.send_rest_steps(head, sent)
-                response = _Response(sock, self.method, conn.timeout)
-                yield from response.begin_steps()
-                return response
-            except (OSError, _NoStatusLine) as exc:
-                if self.cancel is not None and self.cancel.is_set():
-                    raise _Stopped from exc
-                # a reused connection that the server closed meanwhile, or
-                # that still held bytes of an earlier answer (no status line)
-                # (http.client's RemoteDisconnected is a ConnectionResetError)
-                if self.reused and isinstance(exc, (_NoStatusLine, ConnectionResetError,
-                                                    BrokenPipeError)):
-                    release, conn.release_slot = getattr(conn, 'release_slot', None), None
-                    self._release(conn, reuse=False)
-                    self.reused = False
-                    assert self.key is not None  # set with the connection
-                    scheme, host, port = self.key[0], self.key[1], self.key[2]
-                    fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
-                    fresh.release_slot = release  # its host slot goes over to the new one
-                    self._use(fresh)
-                    continue
-                raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
+    def _dead_reused(self, conn: _AnyHTTPConnection, exc: BaseException) -> None:
+        """After ``exc`` (an ``OSError`` or a ``_NoStatusLine``) in an
+        exchange on ``conn``: a fresh connection in its place when it was a
+        reused one that turned out dead (closed by the server meanwhile, or
+        still holding bytes of an earlier answer: no status line), the first
+        time; else raise the error, ``_Stopped`` after a cancel."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Stopped from exc
+        # (http.client's RemoteDisconnected is a ConnectionResetError)
+        if not (self.reused and isinstance(exc, (_NoStatusLine, ConnectionResetError,
+                                                 BrokenPipeError))):
+            raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
+        release, conn.release_slot = getattr(conn, 'release_slot', None), None
+        self._release(conn, reuse=False)
+        self.reused = False
+        assert self.key is not None  # set with the connection
+        scheme, host, port = self.key[0], self.key[1], self.key[2]
+        fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
+        fresh.release_slot = release  # its host slot goes over to the new one
+        self._use(fresh)
 
     def _drain_and_release_steps(self, response: _Response) -> '_Steps[None]':
         """Finish a small redirect (or challenge) body so the connection can
