@@ -2334,6 +2334,13 @@ def _tls_wants_write(exc: BaseException) -> Optional[bool]:
     return True if isinstance(exc, tls.SSLWantWriteError) else None
 
 
+def _would_block(exc: OSError) -> bool:
+    """Whether ``exc``, raised by a call on a socket that does not block,
+    says only that the call must wait (``BlockingIOError``, or TLS's
+    ``SSLWantReadError`` and ``SSLWantWriteError``)."""
+    return isinstance(exc, BlockingIOError) or _tls_wants_write(exc) is not None
+
+
 def _ready(sock: Any, seconds: Optional[float] = 0.0, writing: bool = False) -> bool:
     """Whether ``sock`` has bytes (or its end) to read now, or within
     ``seconds`` (``None``: however long it takes); ``writing``: whether it
@@ -2391,7 +2398,7 @@ def _drive_here(steps: '_Steps[_T]') -> _T:
 
 
 def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *args: Any,
-              sending: bool = False, wait_first: bool = False) -> '_Steps[_T]':
+              sending: bool = False) -> '_Steps[_T]':
     """``call(*args)``, a receive (a send: ``sending``) or a TLS handshake
     on ``sock`` (which does not block), made once it would no longer
     block: each time it would (``BlockingIOError``, or TLS's
@@ -2400,10 +2407,8 @@ def _io_steps(call: Callable[..., _T], sock: Any, timeout: Optional[float], *arg
     limit), after which ``socket.timeout`` is raised. Each wait has the
     whole time-out, not what the first one left: the time-out is a time
     without a byte, and a TLS handshake or record whose bytes come in
-    pieces waits again after each. ``wait_first``: a wait for bytes first,
-    where they are unlikely to be there yet (an answer just asked for): it
-    saves the call that fails."""
-    writing: Optional[bool] = False if wait_first else None  # the next wait's, if any
+    pieces waits again after each."""
+    writing: Optional[bool] = None  # the next wait's, if any
     while True:
         if writing is not None:
             if not (yield _Wait(sock, _deadline(timeout), writing)):
@@ -2948,11 +2953,20 @@ class _Response:
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
         parser = _HeadParser()
-        sock = self._sock
+        sock, timeout = self._sock, self.timeout
         received = False
         while True:
-            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ,
-                                        wait_first=True)
+            # a wait for bytes first, which are unlikely to be there yet
+            # (an answer just asked for, the rest of its head): it saves the
+            # receive that would fail
+            if not (yield _Wait(sock, _deadline(timeout), False)):
+                raise socket.timeout('timed out')
+            try:  # (the usual receive, made here: no steps of their own)
+                data = sock.recv(_FIRST_READ)
+            except OSError as exc:
+                if not _would_block(exc):
+                    raise
+                data = yield from _io_steps(sock.recv, sock, timeout, _FIRST_READ)
             if not data:
                 import http.client  # (its error, as http.client's own reader raises it)
                 raise http.client.RemoteDisconnected(
@@ -3104,7 +3118,7 @@ class _HTTPConnection:
     """A connection to a server (or to a plain proxy): what bitpit takes of
     http.client's ``HTTPConnection`` (its ``host``, ``port``, ``timeout``,
     ``sock`` and ``close``), without importing http.client. It connects
-    (``connect_steps``) and sends (``send_steps``) as steps, on a socket
+    (``connect_steps``) and sends (``send``, ``send_rest_steps``) as steps, on a socket
     that does not block, then or after: its ``timeout`` bounds each of
     their waits (and its answers' waits). A ``_Cancel`` (or ``abort()``)
     shuts it down from another thread, in every phase: name look-up,
@@ -3125,6 +3139,9 @@ class _HTTPConnection:
         self.host = host
         self.port = port
         self.timeout = timeout
+        # whether sock is a TLS socket, set with it (an instance's own:
+        # read for every request, in send, _quiet and _Body)
+        self.tls = False
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
 
@@ -3183,31 +3200,33 @@ class _HTTPConnection:
         if error:
             raise OSError(error, os.strerror(error))
 
-    def send_steps(self, data: bytes) -> '_Steps[None]':
-        """Send ``data`` (a request's head): a write at once, which takes a
+    def send(self, data: bytes) -> int:
+        """The first write of ``data`` (a request's head), made at once: how
+        many of its bytes the socket took (0: none yet). It takes a
         request's few hundred bytes whole nearly always (on POSIX, a plain
-        socket's is ``os.write``, one system call), and a wait for room
-        whenever the socket takes no more, ``socket.timeout`` after the
-        time-out without progress."""
+        socket's write is ``os.write``, one system call), so that a request
+        needs no steps to send; ``send_rest_steps`` sends what it left."""
         sock = self.sock
         assert sock is not None  # (connect_steps set it)
         sys.audit('http.client.send', self, data)
-        write: Callable[..., int]
-        args: Tuple[Any, ...]
-        if _SOCKETS_ARE_FDS and not _is_tls(sock):
-            write, args = os.write, (sock.fileno(),)
-        else:
-            write, args = sock.send, ()
-        rest: Any = data
-        try:  # (the usual write, which takes it whole, made here: no steps of their own)
-            sent = write(*args + (rest,))
-        except OSError as exc:  # (BlockingIOError, or TLS's wants)
-            if not isinstance(exc, BlockingIOError) and _tls_wants_write(exc) is None:
+        try:
+            if _SOCKETS_ARE_FDS and not self.tls:
+                return os.write(sock.fileno(), data)
+            return sock.send(data)
+        except OSError as exc:
+            if not _would_block(exc):
                 raise
-            sent = 0  # (written again by _io_steps, which waits when it must)
+            return 0  # (written by send_rest_steps, which waits when it must)
+
+    def send_rest_steps(self, data: bytes, sent: int) -> '_Steps[None]':
+        """Send the bytes of ``data`` that ``send`` left, after its first
+        ``sent``: a wait for room whenever the socket takes no more,
+        ``socket.timeout`` after the time-out without progress."""
+        sock = self.sock
+        rest: Any = data
         while sent < len(rest):
             rest = memoryview(rest)[sent:]
-            sent = yield from _io_steps(write, sock, self.timeout, *args, rest, sending=True)
+            sent = yield from _io_steps(sock.send, sock, self.timeout, rest, sending=True)
 
     def abort(self) -> None:
         """Shut the connection down; a thread blocked on it wakes at once.
@@ -3258,6 +3277,7 @@ class _HTTPSConnection(_HTTPConnection):
             self.sock = self.context.wrap_socket(
                 self.sock, server_hostname=self.host if tunnel is None else tunnel[0],
                 do_handshake_on_connect=False)
+            self.tls = True
         # the handshake: a wait for the server whenever it must answer first
         yield from _io_steps(self.sock.do_handshake, self.sock, self.timeout)
         self.handshake_done = True
@@ -3271,7 +3291,8 @@ class _HTTPSConnection(_HTTPConnection):
         authority = '{}:{}'.format('[{}]'.format(host) if ':' in host else host, port)
         fields = {'Host': authority}
         fields.update(headers)
-        yield from self.send_steps(_request_head('CONNECT', authority, _field_lines(fields)))
+        head = _request_head('CONNECT', authority, _field_lines(fields))
+        yield from self.send_rest_steps(head, self.send(head))
         answer = _Response(self.sock, 'CONNECT', timeout=self.timeout)
         yield from answer.begin_steps()
         answer.close()
@@ -3531,7 +3552,7 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
     sock = conn.sock
     if sock is None:
         return False
-    if not _HAS_POLL or (_is_tls(sock) and sock.pending()):
+    if not _HAS_POLL or (conn.tls and sock.pending()):
         return not _ready(sock)
     watched = conn.idle_poll
     if watched is None or watched[0] is not sock:
@@ -4119,7 +4140,10 @@ class _Body:
         self._left = response.length  # bytes of the body not handed out (None: unknown)
         self._check_beyond()
         self._read = False            # whether a read took some of it
-        self._tls = _HAS_POLL and _is_tls(sock)
+        # whether to look for more TLS records after a read from the socket
+        # (over TLS, with poll): found at the first such read, which a small
+        # body, come with its head, never makes
+        self._tls: Optional[bool] = None
         self._poll: Any = None        # over TLS: polls the socket for more records
         self._error: Optional[BaseException] = None  # a receive's failure, after bytes
 
@@ -4159,7 +4183,10 @@ class _Body:
             sock = self._sock
             got = yield from _io_steps(sock.recv_into, sock, response.timeout,
                                        view if self._read else view[:_BODY_STEP])
-            if self._tls:
+            tls = self._tls
+            if tls is None:
+                tls = self._tls = _HAS_POLL and _is_tls(sock)
+            if tls:
                 if self._poll is None:
                     self._poll = select.poll()
                     self._poll.register(sock, select.POLLIN)
@@ -4310,15 +4337,41 @@ class _Request:
 
     def send_steps(self) -> '_Steps[_Response]':
         """Send the request, follow redirects, return the final response
-        (status not 3xx), as steps. Raises a ``bitpit.Error`` or
-        ``_Stopped``."""
+        (status not 3xx), as steps. Each exchange (a request and its
+        response's head) is made on the current connection, and once again
+        on a fresh one if a reused one turns out dead (``_dead_reused``).
+        Raises a ``bitpit.Error`` or ``_Stopped``."""
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
                 proxy = self._take_idle()
                 if self.connection is None:
                     yield from self._connect_steps(proxy)
-            response = yield from self._exchange_steps()
+            conn = self.connection
+            assert conn is not None  # _connect_steps() or _use() set it, or raised
+            try:
+                # the request written and its answer made here, not by
+                # http.client's request() and getresponse(), which check
+                # and encode each part of the request in a call of its own
+                # and keep a state of the connection that bitpit keeps
+                # itself; and not in steps of their own, a layer that
+                # every wait for the answer would resume
+                head = self._head(self.address.wire_url if conn.via_proxy else
+                                  self.address.target, conn)
+                if conn.sock is None:
+                    yield from conn.connect_steps()
+                # the socket the body comes from; the connection keeps it,
+                # also after an answer that ends with it (Connection:
+                # close): _release closes such a connection, never pooled
+                sock = self.sock = conn.sock
+                sent = conn.send(head)
+                if sent < len(head):
+                    yield from conn.send_rest_steps(head, sent)
+                response = _Response(sock, self.method, conn.timeout)
+                yield from response.begin_steps()
+            except (OSError, _NoStatusLine) as exc:
+                self._dead_reused(conn, exc)
+                continue  # on the fresh connection
             if 'set-cookie' in response.fields.by_name:
                 self.options.cookies.remember(response, self.url)
             status = response.status
@@ -4506,48 +4559,26 @@ class _Request:
         return _request_head(self.method, target,
                              'Host: %s\r\n%s' % (self.address.host_field, lines))
 
-    def _exchange_steps(self) -> '_Steps[_Response]':
-        """One request and its response headers on the current connection,
-        retried once on a fresh connection if a reused one turns out dead."""
-        address = self.address
-        while True:
-            conn = self.connection
-            assert conn is not None  # _connect_steps() or _use() set it, or raised
-            target = address.wire_url if conn.via_proxy else address.target
-            try:
-                # the request written and its answer made here, not by
-                # http.client's request() and getresponse(), which check
-                # and encode each part of the request in a call of its own
-                # and keep a state of the connection that bitpit keeps itself
-                head = self._head(target, conn)
-                if conn.sock is None:
-                    yield from conn.connect_steps()
-                # the socket the body comes from; the connection keeps it,
-                # also after an answer that ends with it (Connection:
-                # close): _release closes such a connection, never pooled
-                sock = self.sock = conn.sock
-                yield from conn.send_steps(head)
-                response = _Response(sock, self.method, conn.timeout)
-                yield from response.begin_steps()
-                return response
-            except (OSError, _NoStatusLine) as exc:
-                if self.cancel is not None and self.cancel.is_set():
-                    raise _Stopped from exc
-                # a reused connection that the server closed meanwhile, or
-                # that still held bytes of an earlier answer (no status line)
-                # (http.client's RemoteDisconnected is a ConnectionResetError)
-                if self.reused and isinstance(exc, (_NoStatusLine, ConnectionResetError,
-                                                    BrokenPipeError)):
-                    release, conn.release_slot = getattr(conn, 'release_slot', None), None
-                    self._release(conn, reuse=False)
-                    self.reused = False
-                    assert self.key is not None  # set with the connection
-                    scheme, host, port = self.key[0], self.key[1], self.key[2]
-                    fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
-                    fresh.release_slot = release  # its host slot goes over to the new one
-                    self._use(fresh)
-                    continue
-                raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
+    def _dead_reused(self, conn: _AnyHTTPConnection, exc: BaseException) -> None:
+        """After ``exc`` (an ``OSError`` or a ``_NoStatusLine``) in an
+        exchange on ``conn``: a fresh connection in its place when it was a
+        reused one that turned out dead (closed by the server meanwhile, or
+        still holding bytes of an earlier answer: no status line), the first
+        time; else raise the error, ``_Stopped`` after a cancel."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Stopped from exc
+        # (http.client's RemoteDisconnected is a ConnectionResetError)
+        if not (self.reused and isinstance(exc, (_NoStatusLine, ConnectionResetError,
+                                                 BrokenPipeError))):
+            raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
+        release, conn.release_slot = getattr(conn, 'release_slot', None), None
+        self._release(conn, reuse=False)
+        self.reused = False
+        assert self.key is not None  # set with the connection
+        scheme, host, port = self.key[0], self.key[1], self.key[2]
+        fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
+        fresh.release_slot = release  # its host slot goes over to the new one
+        self._use(fresh)
 
     def _drain_and_release_steps(self, response: _Response) -> '_Steps[None]':
         """Finish a small redirect (or challenge) body so the connection can

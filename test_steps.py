@@ -509,7 +509,7 @@ def test_a_request_sent_whole_waits_for_room_as_a_step(pair):
     conn = bitpit._HTTPConnection('127.0.0.1', 1, timeout=5)
     conn.sock = ours
     data = b'x' * (8 << 20)  # more than socket buffers hold
-    steps = conn.send_steps(data)
+    steps = conn.send_rest_steps(data, conn.send(data))
     wait = next(steps)
     received = bytearray()
     while True:
@@ -793,6 +793,42 @@ def test_a_tls_record_whose_bytes_come_in_pieces_waits_the_time_out_after_each(
     assert wait.sock is client and wait.until >= came_at + 5
     theirs.sendall(record[1000:])
     assert run_to_end(steps, True) == 16384 and view[:16384] == b'x' * 16384
+
+
+def test_an_answers_head_waits_again_after_a_receive_that_would_block(pair):
+    """A wait for the answer's socket that comes with no byte after all (a
+    receive that would block) is followed by another wait for it, with the
+    whole time-out: no error, and the head is read once its bytes come."""
+    ours, theirs = pair
+    response = bitpit._Response(ours, timeout=5)
+    steps = response.begin_steps()
+    next(steps)  # the wait for the answer
+    told_at = time.monotonic()
+    wait = steps.send(True)  # told it came, though no byte did: a wait again
+    assert wait.sock is ours and not wait.writing and wait.until >= told_at + 5
+    theirs.sendall(HEAD + b'hello')
+    run_to_end(steps, True)
+    assert response.status == 200 and response.held == 5
+
+
+def test_an_answers_head_in_a_tls_record_that_comes_in_pieces_is_read_whole(
+        pair, certificate):
+    """Over TLS, a receive of a record not whole yet would block (TLS's
+    SSLWantReadError): the answer's head is read after another wait for
+    the rest of its record."""
+    theirs = pair[1]
+    client, server, wire = tls_peer_in_memory(pair, certificate)
+    server.write(HEAD + b'hello')
+    record = wire()
+    response = bitpit._Response(client, timeout=5)
+    steps = response.begin_steps()
+    next(steps)  # the wait for the answer
+    theirs.sendall(record[:10])
+    wait = steps.send(True)  # a piece of the record: a wait for the rest
+    assert wait.sock is client and not wait.writing
+    theirs.sendall(record[10:])
+    run_to_end(steps, True)
+    assert response.status == 200 and response.held == 5
 
 
 def test_a_name_look_ups_steps_start_its_thread_without_waiting_for_it(monkeypatch):
