@@ -545,7 +545,9 @@ def _known_address(url: str) -> Optional[_Address]:
     are the origin's (what ``urlsplit`` makes of that text, whatever the
     URL it was found in), and the rest is split as ``urlsplit`` splits it:
     the fragment at the first ``#``, then the query at the first ``?``."""
-    end = url.find('/', url.find('//') + 2)
+    # (the text of every origin there is ``http://`` or ``https://`` and a
+    # host: its first ``/`` after those is the one past the 8th character)
+    end = url.find('/', 8)
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
     if origin is None or not url.isascii() or ' ' in url:
         return None
