@@ -303,7 +303,7 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     the sidecar's suffix, within the 255 bytes file systems allow). An empty
     name or one made only of dots becomes ``default``."""
     name = _UNSAFE_NAME_CHARS.sub('_', name).strip().rstrip('. ')
-    if not name.strip('.'):
+    if not name:  # (empty, or only dots: no name ends with a dot now)
         return default
     if name[0] in _DEVICE_INITIALS and _WINDOWS_DEVICE_RE.match(name):
         name = '_' + name
