@@ -9863,10 +9863,11 @@ class Manager(Emitter):
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
-        # (a copy of the kwargs, a download made with them): what add(url)
-        # makes its downloads like, made at the first need; read and
-        # replaced whole, so that needs no lock
-        self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
+        # (a copy of the kwargs, a download made with them, and their path
+        # and dir_path): what add(url) makes its downloads like, made at
+        # the first need; read and replaced whole, so that needs no lock
+        self._model: Optional[Tuple[Dict[str, Any], Downloader, Optional[_PathLike],
+                                    bool]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         # what Downloader._join_manager is given: each of its downloads keeps it
@@ -9987,8 +9988,9 @@ class Manager(Emitter):
         if model is None or model[0] != kwargs:
             copied = {name: dict(value) if isinstance(value, dict) else value
                       for name, value in kwargs.items()}
-            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs))
-        return model[1]._another(url, kwargs.get('path'), kwargs.get('dir_path', False))
+            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs),
+                                   kwargs.get('path'), kwargs.get('dir_path', False))
+        return model[1]._another(url, model[2], model[3])  # (with kwargs' path and dir_path)
 
     def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:
         """Add one download for each file the metalink at ``source`` (a path
