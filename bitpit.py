@@ -558,7 +558,7 @@ def _known_address(url: str) -> Optional[_Address]:
 
 def _filename_from_url(address: _Address) -> str:
     """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
-    name = address.path.rsplit('/', 1)[-1]
+    name = address.path.rpartition('/')[2]
     return _safe_filename(urllib.parse.unquote(name) if '%' in name else name)
 
 
