@@ -303,7 +303,7 @@ def _safe_filename(name: str, default: str = _DEFAULT_NAME) -> str:
     the sidecar's suffix, within the 255 bytes file systems allow). An empty
     name or one made only of dots becomes ``default``."""
     name = _UNSAFE_NAME_CHARS.sub('_', name).strip().rstrip('. ')
-    if not name.strip('.'):
+    if not name:  # (empty, or only dots: no name ends with a dot now)
         return default
     if name[0] in _DEVICE_INITIALS and _WINDOWS_DEVICE_RE.match(name):
         name = '_' + name
@@ -545,7 +545,9 @@ def _known_address(url: str) -> Optional[_Address]:
     are the origin's (what ``urlsplit`` makes of that text, whatever the
     URL it was found in), and the rest is split as ``urlsplit`` splits it:
     the fragment at the first ``#``, then the query at the first ``?``."""
-    end = url.find('/', url.find('//') + 2)
+    # (the text of every origin there is ``http://`` or ``https://`` and a
+    # host: its first ``/`` after those is the one past the 8th character)
+    end = url.find('/', 8)
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
     if origin is None or not url.isascii() or ' ' in url:
         return None
@@ -556,7 +558,7 @@ def _known_address(url: str) -> Optional[_Address]:
 
 def _filename_from_url(address: _Address) -> str:
     """The percent-decoded (UTF-8) last segment of the URL's path, made safe."""
-    name = address.path.rsplit('/', 1)[-1]
+    name = address.path.rpartition('/')[2]
     return _safe_filename(urllib.parse.unquote(name) if '%' in name else name)
 
 
@@ -9904,10 +9906,11 @@ class Manager(Emitter):
         self._rate_limit = rate_limit
         self._restart_wait = _check_number('restart_wait', restart_wait)
         self._kwargs = _checked_kwargs(kwargs)
-        # (a copy of the kwargs, a download made with them): what add(url)
-        # makes its downloads like, made at the first need; read and
-        # replaced whole, so that needs no lock
-        self._model: Optional[Tuple[Dict[str, Any], Downloader]] = None
+        # (a copy of the kwargs, a download made with them, and their path
+        # and dir_path): what add(url) makes its downloads like, made at
+        # the first need; read and replaced whole, so that needs no lock
+        self._model: Optional[Tuple[Dict[str, Any], Downloader, Optional[_PathLike],
+                                    bool]] = None
         self._max_per_host = _check_int('max_per_host', max_per_host, 0)
         self._host_slots = _HostSlots(max_per_host) if max_per_host else None
         # what Downloader._join_manager is given: each of its downloads keeps it
@@ -10028,8 +10031,9 @@ class Manager(Emitter):
         if model is None or model[0] != kwargs:
             copied = {name: dict(value) if isinstance(value, dict) else value
                       for name, value in kwargs.items()}
-            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs))
-        return model[1]._another(url, kwargs.get('path'), kwargs.get('dir_path', False))
+            model = self._model = (copied, Downloader(_MODEL_URL, **kwargs),
+                                   kwargs.get('path'), kwargs.get('dir_path', False))
+        return model[1]._another(url, model[2], model[3])  # (with kwargs' path and dir_path)
 
     def add_metalink(self, source: Any, **kwargs: Any) -> List[Downloader]:
         """Add one download for each file the metalink at ``source`` (a path

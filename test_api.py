@@ -237,7 +237,7 @@ def test_constructor_and_url_setter_refuse_other_schemes(tmp_path, url):
     assert d.url == 'http://127.0.0.1:1/f'
 
 
-@pytest.mark.parametrize('origin', ['http://h', 'https://u:p%40@Host.example:8443',
+@pytest.mark.parametrize('origin', ['http://h', 'https://h', 'https://u:p%40@Host.example:8443',
                                     'http://[::1]:8080'])
 def test_urls_of_a_known_origin_are_split_as_urlsplit_splits_them(origin):
     bitpit._check_url(origin + '/first')  # now a known origin, split without urlsplit
