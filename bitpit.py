@@ -9892,8 +9892,15 @@ class Manager(Emitter):
         self._downloads: Dict[Downloader, int] = {}   # each one's turn: oldest first
         self._turns = itertools.count()
         self._running: Dict[Downloader, int] = {}     # started by it, or under way
-        self._queue: List[Tuple[int, Downloader]] = []  # (turn, d), a heap: to start
-        self._queued: Set[Downloader] = set()         # in the queue
+        # to start, as (turn, d): one whose turn comes after that of the
+        # last in _in_turn (most: added one after another) is appended to
+        # it, which stays in turn order; the others (a download to start
+        # again) go into _queue, a heap. The next to start is the first of either: no heap
+        # to sift through the thousands added (a pop of a heap of 3,000 costs
+        # some 2,700 instructions, a deque's some 100)
+        self._in_turn: 'collections.deque[Tuple[int, Downloader]]' = collections.deque()
+        self._queue: List[Tuple[int, Downloader]] = []
+        self._queued: Set[Downloader] = set()         # in _in_turn or _queue
         self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
         self._stopped_at: Dict[Downloader, float] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
@@ -10063,6 +10070,8 @@ class Manager(Emitter):
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
                 heapq.heapify(self._queue)
+                self._in_turn = collections.deque(
+                    entry for entry in self._in_turn if entry[1] is not d)
         d._leave_manager(self._on_state_bound)
         self.emit('remove', self, d)
         self.update()
@@ -10177,7 +10186,12 @@ class Manager(Emitter):
         self._open[d] = None
         if d not in self._queued:
             self._queued.add(d)
-            heapq.heappush(self._queue, (self._downloads[d], d))
+            entry = (self._downloads[d], d)
+            in_turn = self._in_turn
+            if not in_turn or in_turn[-1][0] < entry[0]:
+                in_turn.append(entry)
+            else:
+                heapq.heappush(self._queue, entry)
 
     # -- the manager thread ----------------------------------------------------
 
@@ -10236,8 +10250,13 @@ class Manager(Emitter):
         to_start: List[Downloader] = []
         later: List[Tuple[int, Downloader]] = []
         wait: Optional[float] = None
-        while free > 0 and self._queue:
-            turn, d = heapq.heappop(self._queue)  # the oldest: turns are unique
+        in_turn, queue = self._in_turn, self._queue
+        while free > 0 and (in_turn or queue):
+            # the oldest: the first of either (turns are unique)
+            if in_turn and (not queue or in_turn[0][0] < queue[0][0]):
+                turn, d = in_turn.popleft()
+            else:
+                turn, d = heapq.heappop(queue)
             self._queued.discard(d)
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile

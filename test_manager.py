@@ -172,6 +172,28 @@ def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp
         assert (tmp_path / 'f{}'.format(i)).read_bytes() == DATA
 
 
+def test_the_plan_starts_the_oldest_waiting_whether_queued_again_or_added(tmp_path):
+    """Downloads added wait in the order they were added, and one queued
+    again (paused, failed) waits by its own turn, before those added after
+    it: the plan starts the oldest of all (white box: the queue, under the
+    lock; nothing started, no request made)."""
+    m = bitpit.Manager(max_running=2, path=tmp_path, dir_path=True)
+    downloads = [m.add('http://127.0.0.1:9/q{}'.format(i)) for i in range(5)]
+    with m._lock:
+        assert m._plan()[1] == downloads[:2]
+        for d in downloads[1::-1]:  # both paused, the younger first
+            m._running.pop(d)
+            m._track(d, 'pause')
+        m._max_running = 3
+        assert m._plan()[1] == downloads[:3]
+        for d in downloads[2::-1]:  # all three paused: before the two still waiting
+            m._running.pop(d)
+            m._track(d, 'pause')
+        m._max_running = 5
+        assert m._plan()[1] == downloads
+        assert not m._queue and not m._in_turn and not m._queued
+
+
 def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,
                                           ['/s{}'.format(i) for i in range(3)],
@@ -215,7 +237,7 @@ def test_download_added_by_url_unwatched_is_restarted_by_manager(manager, server
     m.start()
     assert d.wait(5) and d.state == 'complete'
     assert states.count('error') == 1 and states.count('start') == 2
-    assert m.downloads == [d] and not m._queue and not m._open
+    assert m.downloads == [d] and not m._queue and not m._in_turn and not m._open
     assert (tmp_path / 'flaky').read_bytes() == DATA
 
 
@@ -490,7 +512,7 @@ def test_an_add_callback_may_remove_the_download(manager, server, tmp_path):
     m.start()
     d = m.add(url)
     assert m.downloads == [] and d.state == 'pause' and not d.is_alive
-    assert m._queue == [] and m._open == {}
+    assert m._queue == [] and not m._in_turn and m._open == {}
     assert server.requests_for('/gone') == []
 
 
