@@ -422,6 +422,36 @@ def test_stop_during_a_name_look_up_is_prompt(tmp_path, monkeypatch):
         released.set()
 
 
+def test_stop_while_the_answers_head_is_half_read_is_prompt(server, tmp_path, monkeypatch):
+    """A server that sends half a head and no more: bitpit, having read
+    that half, waits for the rest (the answer's own wait, in its head's
+    loop); a stop ends that wait at once."""
+    released, fed = threading.Event(), threading.Event()
+
+    def half_head(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Le')
+        released.wait(10)
+    url = server.add_raw('/half', half_head)
+    feed = bitpit._HeadParser.feed
+
+    def fed_half(parser, data):  # (tells when bitpit has read the half)
+        head = feed(parser, data)
+        if head is None:
+            fed.set()
+        return head
+    monkeypatch.setattr(bitpit._HeadParser, 'feed', fed_half)
+    d = bitpit.Downloader(url, path=tmp_path / 'f', timeout=30)
+    d.start()
+    try:
+        assert fed.wait(5)
+        began = time.monotonic()
+        d.stop()
+        assert time.monotonic() - began < 0.3  # (the issue asks 0.1 s; a noisy machine)
+        assert d.state == 'pause' and bitpit_threads(wait=0) == []
+    finally:
+        released.set()
+
+
 def test_a_stop_ends_an_attempts_pause_at_once_and_every_one_after():
     """The stop signal of an attempt (``_Cancel``): a pause lasts its time
     without a stop, ends as a stop comes from another thread, and once
