@@ -194,6 +194,28 @@ def test_the_plan_starts_the_oldest_waiting_whether_queued_again_or_added(tmp_pa
         assert not m._queue and not m._in_turn and not m._queued
 
 
+def test_a_removed_download_leaves_the_queue_whether_waiting_in_turn_or_again(tmp_path):
+    """remove() forgets a waiting download wherever it waits: among those
+    added (in turn) or those queued again (a pause); the queue keeps no
+    entry of it (which would keep it alive), and added again it waits by
+    its new turn (white box, as above: nothing started)."""
+    m = bitpit.Manager(max_running=1, path=tmp_path, dir_path=True)
+    downloads = [m.add('http://127.0.0.1:9/r{}'.format(i)) for i in range(4)]
+    with m._lock:
+        assert m._plan()[1] == downloads[:1]
+        m._running.pop(downloads[0])
+        m._track(downloads[0], 'pause')  # queued again, out of turn
+    for d in downloads[:2]:
+        m.remove(d)
+    assert [d for _, d in [*m._in_turn, *m._queue]] == downloads[2:]
+    assert m._queued == set(downloads[2:])
+    m.add(downloads[0])
+    m.max_running = 4
+    with m._lock:
+        assert m._plan()[1] == [downloads[2], downloads[3], downloads[0]]
+        assert not m._queue and not m._in_turn and not m._queued
+
+
 def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,
                                           ['/s{}'.format(i) for i in range(3)],
