@@ -3142,7 +3142,8 @@ class _HTTPConnection:
         self.port = port
         self.timeout = timeout
         # whether sock is a TLS socket, set with it (an instance's own:
-        # read for every request, in send, _quiet and _Body)
+        # read for every request, in send and _quiet; a _Body, which has
+        # only the socket, asks _is_tls at its first receive)
         self.tls = False
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
