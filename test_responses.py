@@ -240,6 +240,30 @@ def test_a_reused_connection_that_the_server_closes_at_the_next_request_is_repla
     assert server.connections == 2
 
 
+def test_a_request_on_a_dead_reused_connection_is_sent_again_once_only(server, tmp_path):
+    """A kept-alive connection that the server closes at the next request:
+    the request is sent again on a fresh connection, once; when that one
+    ends with no answer too, the attempt fails (a network error), not a
+    loop of fresh connections."""
+    def close_at_next(handler):
+        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+        handler.wfile.flush()
+        while handler.rfile.readline() not in (b'\r\n', b''):  # the next request, read
+            pass
+    url = server.add_raw('/first', close_at_next)
+    next_url = server.add_raw('/next', lambda handler: None)  # (closed, no answer)
+    assert fetch(url, tmp_path / 'first.bin').state == 'complete'
+    d = bitpit.Downloader(next_url, path=tmp_path / 'next.bin', restart_wait=30)
+    rec = Recorder(d)
+    d.start()
+    try:
+        rec.wait_state('error', 'fatal-error', 'complete', timeout=5)
+        assert d.state == 'error' and isinstance(d.last_exception, bitpit.NetworkError)
+        assert server.connections == 2 and len(server.requests_for('/next')) == 1
+    finally:
+        d.stop()
+
+
 def test_an_answer_sent_after_a_body_is_never_taken_for_the_next(server, tmp_path):
     """A server that writes a whole answer more after a body (an error page
     after a streamed body, say), once the body was read: the connection is
