@@ -221,18 +221,22 @@ def test_a_reused_connection_that_answers_with_no_status_line_is_replaced(server
     assert server.connections == 2
 
 
+def _close_at_next(handler):
+    """An add_raw handler: a kept-alive answer, then the next request on
+    the connection read, and the connection closed without an answer."""
+    handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
+    handler.wfile.flush()
+    while handler.rfile.readline() not in (b'\r\n', b''):  # the next request, read
+        pass
+
+
 def test_a_reused_connection_that_the_server_closes_at_the_next_request_is_replaced(
         server, tmp_path):
     """A kept-alive connection that the server closes once the next
     request came, with no answer (bitpit's own reader raises http.client's
     RemoteDisconnected, imported only then): the request is sent again on
     a new connection, and the download never sees the close."""
-    def close_at_next(handler):
-        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
-        handler.wfile.flush()
-        while handler.rfile.readline() not in (b'\r\n', b''):  # the next request, read
-            pass
-    url = server.add_raw('/first', close_at_next)
+    url = server.add_raw('/first', _close_at_next)
     next_url = server.add('/next', DATA[:5000])
     assert fetch(url, tmp_path / 'first.bin').state == 'complete'
     d = fetch(next_url, tmp_path / 'next.bin')  # (its first attempt: no error before it)
@@ -245,12 +249,7 @@ def test_a_request_on_a_dead_reused_connection_is_sent_again_once_only(server, t
     the request is sent again on a fresh connection, once; when that one
     ends with no answer too, the attempt fails (a network error), not a
     loop of fresh connections."""
-    def close_at_next(handler):
-        handler.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n' + DATA[:1000])
-        handler.wfile.flush()
-        while handler.rfile.readline() not in (b'\r\n', b''):  # the next request, read
-            pass
-    url = server.add_raw('/first', close_at_next)
+    url = server.add_raw('/first', _close_at_next)
     next_url = server.add_raw('/next', lambda handler: None)  # (closed, no answer)
     assert fetch(url, tmp_path / 'first.bin').state == 'complete'
     d = bitpit.Downloader(next_url, path=tmp_path / 'next.bin', restart_wait=30)
