@@ -3120,9 +3120,10 @@ class _HTTPConnection:
     """A connection to a server (or to a plain proxy): what bitpit takes of
     http.client's ``HTTPConnection`` (its ``host``, ``port``, ``timeout``,
     ``sock`` and ``close``), without importing http.client. It connects
-    (``connect_steps``) and sends (``send``, ``send_rest_steps``) as steps, on a socket
-    that does not block, then or after: its ``timeout`` bounds each of
-    their waits (and its answers' waits). A ``_Cancel`` (or ``abort()``)
+    (``connect_steps``) and sends (``send``, a plain call, then
+    ``send_rest_steps`` for what it left) on a socket that does not block,
+    then or after: its ``timeout`` bounds each of their waits (and its
+    answers' waits). A ``_Cancel`` (or ``abort()``)
     shuts it down from another thread, in every phase: name look-up,
     connect, TLS handshake, request, body. The cancel is checked around the
     connect, which closes the window between an abort and the socket's
