@@ -1078,10 +1078,10 @@ class _Task:
     takes it up; ``_running`` is held from the moment it is handed over
     until it returns. All three are dropped once it returned (``None``):
     ``target`` as a thread drops its own, so that what it holds is freed
-    with no cycle to collect (a download's attempt holds the download);
-    the worker and the lock as a finished download keeps its last task (a
-    manager may keep thousands), and the worker may end long before it (a
-    dead thread object holds 2 KB). Any thread."""
+    with no cycle to collect (a file's disk work holds its transfer);
+    the worker and the lock, which whoever keeps the task would otherwise
+    keep with it, and the worker may end long before it (a dead thread
+    object holds 2 KB). Any thread."""
     __slots__ = ('target', 'name', 'thread', '_running')
 
     def __init__(self, target: Callable[[], object], name: str):
