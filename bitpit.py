@@ -8784,7 +8784,8 @@ class Downloader(Emitter):
             self._end_stop(thread)
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until the run ends (any reason), its last signal given."""
+        """Wait until the run ends (any reason), its last signal given. Any
+        thread but the run's download thread (``RuntimeError``)."""
         thread = self._thread
         if thread is not None:
             self._join_run(thread, timeout)
