@@ -891,7 +891,8 @@ class Error(Exception):
     ``retryable`` tells whether another attempt may succeed: retryable errors
     put a download in state ``error`` (and restart it when ``restart_wait >=
     0``); the others end it in ``fatal-error``. ``__cause__`` holds the
-    underlying ``OSError``/``http.client`` exception, if any.
+    underlying exception, if any (an ``OSError``: ``ssl.SSLError``,
+    ``http.client.RemoteDisconnected``, ...).
     """
     retryable = False
 
