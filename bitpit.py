@@ -1074,49 +1074,30 @@ def _registrations(registered: Optional[_Registered]) -> _Callbacks:
 
 class _Task:
     """A function that a ``_Workers`` thread runs as a thread of its own
-    would: ``join``, ``is_alive`` and ``is_current`` answer as they would
-    for that thread. ``thread`` is the worker running it, ``None`` until one
-    takes it up; ``_running`` is held from the moment it is handed over
-    until it returns. All three are dropped once it returned (``None``):
-    ``target`` as a thread drops its own, so that what it holds is freed
-    with no cycle to collect (a file's disk work holds its transfer);
-    the worker and the lock, which whoever keeps the task would otherwise
-    keep with it, and the worker may end long before it (a dead thread
-    object holds 2 KB). Any thread."""
-    __slots__ = ('target', 'name', 'thread', '_running')
+    would: ``is_alive`` answers as it would for that thread. ``thread`` is
+    the worker running it, ``None`` until one takes it up. Both are
+    dropped once it returned (``None``): ``target`` as a thread drops its
+    own, so that what it holds is freed with no cycle to collect (a
+    file's disk work holds its transfer); the worker, which whoever keeps
+    the task would otherwise keep with it, and which may end long before
+    it (a dead thread object holds 2 KB). Any thread."""
+    __slots__ = ('target', 'name', 'thread', '_returned')
 
     def __init__(self, target: Callable[[], object], name: str):
         self.target: Optional[Callable[[], object]] = target
         self.name = name
         self.thread: Optional[threading.Thread] = None
-        self._running: Optional[threading.Lock] = threading.Lock()
-        self._running.acquire()
+        self._returned = False
 
     def is_alive(self) -> bool:
         """Whether it has not returned yet (also before a worker takes it up)."""
-        running = self._running
-        return running is not None and running.locked()
-
-    def is_current(self) -> bool:
-        """Whether the calling thread is the one running it (once it
-        returned, its worker runs other tasks: it is current for none)."""
-        return self.thread is threading.current_thread() and self.is_alive()
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until it returned, at most ``timeout`` seconds."""
-        if self.is_current():
-            raise RuntimeError('a task cannot join itself')
-        running = self._running
-        if running is not None and \
-                running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            running.release()
+        return not self._returned
 
     def done(self) -> None:
         """It returned. Its worker."""
+        assert not self._returned  # a task returns once
         self.target = self.thread = None
-        running, self._running = self._running, None
-        assert running is not None  # a task returns once
-        running.release()
+        self._returned = True
 
 
 class _Workers:

@@ -55,21 +55,21 @@ def test_a_waiting_worker_ends_after_its_wait(server, tmp_path):
         assert not thread.is_alive()
 
 
-def test_a_task_runs_under_its_name_and_join_waits_for_it():
-    release = threading.Event()
+def test_a_task_runs_under_its_name_and_is_alive_until_it_returns():
+    release, began = threading.Event(), threading.Event()
     seen = []
 
     def task():
         seen.append(threading.current_thread().name)
+        began.set()
         release.wait(10)
 
     running = bitpit._WORKERS.run(task, 'bitpit-download')
-    running.join(0.05)
-    assert running.is_alive() and not running.is_current()
+    assert began.wait(10)
+    assert running.is_alive()
     release.set()
-    running.join(10)
-    assert not running.is_alive() and seen == ['bitpit-download']
     assert bitpit._WORKERS.wait_quiet(10)
+    assert not running.is_alive() and seen == ['bitpit-download']
 
 
 @pytest.mark.allow_error_log('bitpit-connection ended with an unexpected error')
@@ -77,9 +77,10 @@ def test_a_task_that_raises_is_logged_and_its_worker_goes_on():
     def broken():
         raise RuntimeError('a bug')
 
-    bitpit._WORKERS.run(broken, 'bitpit-connection').join(10)
+    bitpit._WORKERS.run(broken, 'bitpit-connection')
+    assert bitpit._WORKERS.wait_quiet(10)
     after = bitpit._WORKERS.run(lambda: None, 'bitpit-connection')
-    after.join(10)
+    assert bitpit._WORKERS.wait_quiet(10)
     assert not after.is_alive()
 
 
@@ -139,25 +140,6 @@ def pool(monkeypatch):
     assert pool.wait_quiet(10)
 
 
-def test_a_returned_task_is_not_current_on_its_workers_next_task(pool):
-    """A thread that ended is current for nobody: nor is a task, once it
-    returned, though its worker now runs another."""
-    ran_on = []
-    first = pool.run(lambda: ran_on.append(threading.current_thread()), 'bitpit-download')
-    first.join(10)
-    assert pool.wait_quiet(10)  # its worker waits: it takes the next task
-    seen = []
-
-    def second():
-        seen.append(ran_on == [threading.current_thread()])
-        seen.append(first.is_current())
-        first.join(0)  # a thread that ended joins at once, from anywhere
-        seen.append('joined')
-
-    pool.run(second, 'bitpit-download').join(10)
-    assert seen == [True, False, 'joined']
-
-
 def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
         pool, server, tmp_path):
     """A callback of download B may start or join download A, whose
@@ -173,21 +155,20 @@ def test_a_download_that_ended_is_started_and_joined_from_another_on_its_worker(
     worker, = set(ran_on)
     assert pool.wait_quiet(10)
     # a small download runs on one worker: two tasks at once make a second
-    hold = threading.Event()
-    held = [pool.run(lambda: hold.wait(30), 'bitpit-connection') for _ in range(2)]
-    while any(task.thread is None for task in held):
-        held[0].join(0.01)
+    hold, taken = threading.Event(), [threading.Event(), threading.Event()]
+    for event in taken:
+        pool.run(lambda event=event: (event.set(), hold.wait(30)), 'bitpit-connection')
+    assert all(event.wait(10) for event in taken)
     hold.set()
     assert pool.wait_quiet(10)
     for _ in range(50):  # keep every waiting worker but first's busy
-        release = threading.Event()
-        blocker = pool.run(lambda release=release: release.wait(30), 'bitpit-connection')
-        while blocker.thread is None:
-            blocker.join(0.01)
+        release, taken_up = threading.Event(), threading.Event()
+        blocker = pool.run(lambda release=release, taken_up=taken_up: (
+            taken_up.set(), release.wait(30)), 'bitpit-connection')
+        assert taken_up.wait(10)  # (its worker is set before it runs)
         if blocker.thread is not worker:
             break
         release.set()
-        blocker.join(10)
         assert pool.wait_quiet(10)
     else:
         pytest.fail("the first download's worker took every blocker")
@@ -231,10 +212,11 @@ def test_a_task_starts_with_a_fresh_context_as_a_new_thread_would(pool):
     def second():
         seen.append((_SEEN_BY.get(None), decimal.getcontext().prec))
 
-    pool.run(first, 'bitpit-download').join(10)
+    pool.run(first, 'bitpit-download')
     assert pool.wait_quiet(10)  # its worker waits: it takes the next task
     seen = []
-    pool.run(second, 'bitpit-download').join(10)
+    pool.run(second, 'bitpit-download')
+    assert pool.wait_quiet(10)
     fresh = []
     thread = threading.Thread(target=lambda: fresh.append(decimal.getcontext().prec))
     thread.start()
@@ -256,7 +238,8 @@ def test_a_task_whose_thread_cannot_start_is_not_run_later(pool, monkeypatch):
         with pytest.raises(RuntimeError):
             pool.run(lambda: ran.append('refused'), 'bitpit-download')
     assert pool.wait_quiet(0), 'a task is left waiting for a worker'
-    pool.run(lambda: ran.append('later'), 'bitpit-download').join(10)
+    pool.run(lambda: ran.append('later'), 'bitpit-download')
+    assert pool.wait_quiet(10)
     assert ran == ['later']
 
 
@@ -264,30 +247,30 @@ def test_the_hygiene_check_names_a_task_left_on_a_worker_older_than_the_test(poo
     """A worker that waited when a test began may take up a task of the
     test and still be at it when the test ends: a leftover, though the
     test did not start its thread."""
-    pool.run(lambda: None, 'bitpit-download').join(10)
+    pool.run(lambda: None, 'bitpit-download')
     assert pool.wait_quiet(10)  # its worker waits: it takes the next task
     before = set(threading.enumerate())
     release = threading.Event()
-    left = pool.run(lambda: release.wait(30), 'bitpit-download')
+    pool.run(lambda: release.wait(30), 'bitpit-download')
     try:
         assert threads_left(before, 0.05) == ['bitpit-download']
     finally:
         release.set()
-        left.join(10)
+        assert pool.wait_quiet(10)
 
 
 def _child_sees(task, thread, result):
     result.put((task.is_alive(), thread.is_alive(), bitpit._WORKERS.wait_quiet(0)))
-    task.join()  # at once, as a thread's join does there
-    thread.join()
+    thread.join()  # at once, as the thread has ended there
     result.put('joined')
 
 
 @pytest.mark.skipif('fork' not in multiprocessing.get_all_start_methods(),
                     reason='no fork on this system')
 def test_in_a_forked_child_the_parents_tasks_have_ended_as_its_threads_have():
-    """Only the forking thread goes on in a child: a download's attempt
-    that ran in the parent is not alive there, and joining it returns."""
+    """Only the forking thread goes on in a child: a task that ran in the
+    parent is not alive there, as a thread of the parent's is not, and
+    the child's workers are quiet."""
     release = threading.Event()
     task = bitpit._WORKERS.run(lambda: release.wait(30), 'bitpit-download')
     thread = threading.Thread(target=release.wait, args=(30,))
@@ -304,7 +287,7 @@ def test_in_a_forked_child_the_parents_tasks_have_ended_as_its_threads_have():
         child.join(30)
         if child.is_alive():
             child.kill()
-        task.join(10)
+        assert bitpit._WORKERS.wait_quiet(10)
         thread.join(10)
     assert child.exitcode == 0
 
@@ -398,14 +381,15 @@ def test_a_task_that_forks_goes_on_running_in_the_child():
         pid = os.fork()
         if pid == 0:  # the child: it reports, and never returns
             task, = mine
-            seen = (task.is_alive(), task.is_current(), bitpit._WORKERS.wait_quiet(0))
+            seen = (task.is_alive(), task.thread is threading.current_thread(),
+                    bitpit._WORKERS.wait_quiet(0))
             os.write(writer, repr(seen).encode())
             os._exit(0)
         os.waitpid(pid, 0)
 
     mine.append(bitpit._WORKERS.run(forking, 'bitpit-download'))
     ready.set()
-    mine[0].join(30)
+    assert bitpit._WORKERS.wait_quiet(30)
     os.close(writer)
     with os.fdopen(reader) as child:
         assert child.read() == repr((True, True, False))
@@ -415,7 +399,7 @@ def test_a_task_that_calls_sys_exit_ends_quietly_as_a_thread_does(caplog):
     """``sys.exit()`` in a callback ends the download thread, as in any
     thread, with no word: it is not a bug to log."""
     exits = bitpit._WORKERS.run(lambda: sys.exit(3), 'bitpit-download')
-    exits.join(10)
+    assert bitpit._WORKERS.wait_quiet(10)
     assert not exits.is_alive()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
