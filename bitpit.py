@@ -3219,7 +3219,7 @@ class _HTTPConnection:
         Any thread."""
         with self._abort_lock:
             self._aborted = True
-            for sock in (getattr(self, 'sock', None), self.connecting_socket):
+            for sock in (self.sock, self.connecting_socket):
                 if sock is not None:
                     try:
                         # socket.socket's own shutdown: SSLSocket.shutdown would
