@@ -1029,6 +1029,26 @@ def server(make_server):
     return make_server()
 
 
+def _background_checkers(items):
+    """The ``CHECKERS`` (see test_typing.py) of the test modules of ``items``."""
+    modules = {getattr(item, 'module', None) for item in items}
+    return [module.CHECKERS for module in modules if hasattr(module, 'CHECKERS')]
+
+
+def pytest_collection_finish(session):
+    """Start the checkers of a run that holds their tests now, niced, so
+    that they use the core the test process leaves idle while the other
+    tests run."""
+    for checkers in _background_checkers(session.items):
+        checkers.start()
+
+
+def pytest_sessionfinish(session):
+    """End the checkers (those a failure or ``-x`` left running)."""
+    for checkers in _background_checkers(session.items):
+        checkers.close()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'allow_error_log(pattern): the test deliberately makes bitpit log at '

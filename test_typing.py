@@ -3,11 +3,18 @@ bitpit.py (for Python 3.9 and 3.13, with and without --check-untyped-defs)
 nor in the tests, and pyflakes nothing in any Python file of the repository.
 
 The checkers start together, each in a process of its own with a fresh
-cache of its own (no stale cache, no two writers on one), so that they
-share the machine's cores; each test waits for its own."""
+cache of its own (no stale cache, no two writers on one); each test waits
+for its own. They start as soon as pytest has collected a run that holds
+these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``)
+and run niced: the test process, one GIL, leaves a core mostly idle, and
+these tests, last but one in the run, then find them done."""
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 
 import pytest
 
@@ -38,57 +45,95 @@ def the_tests():
     return sorted(path.name for path in ROOT.glob('test_*.py')) + ['conftest.py']
 
 
-@pytest.fixture(scope='module')
-def checks(tmp_path_factory):
-    """Start every check: ``{name: (process, output file)}``."""
-    work = tmp_path_factory.mktemp('checks')
+def commands(work):
+    """``{name: command}`` of every check, each with its cache in ``work``."""
     mypy = [sys.executable, '-m', 'mypy']
-    commands = {name: mypy + ['--cache-dir', str(work / name)] + flags + ['bitpit.py']
-                for name, flags in BITPIT_RUNS.items()}
+    started = {name: mypy + ['--cache-dir', str(work / name)] + flags + ['bitpit.py']
+               for name, flags in BITPIT_RUNS.items()}
     # the tests under the running Python (pytest's own code needs 3.10)
-    commands['tests'] = mypy + ['--cache-dir', str(work / 'tests')] + the_tests()
-    commands['pyflakes'] = [sys.executable, '-m', 'pyflakes'] + python_files()
-    started = {}
-    try:
-        for name, command in commands.items():
-            output = work / (name + '.txt')
-            with open(output, 'w') as file:
-                started[name] = subprocess.Popen(command, cwd=ROOT, stdout=file,
-                                                 stderr=subprocess.STDOUT), output
-        yield started
-    finally:
+    started['tests'] = mypy + ['--cache-dir', str(work / 'tests')] + the_tests()
+    started['pyflakes'] = [sys.executable, '-m', 'pyflakes'] + python_files()
+    return started
+
+
+def _lower_priority():
+    """In a checker's process before it runs: yield the cores to the tests."""
+    if hasattr(os, 'nice'):
+        os.nice(10)
+
+
+class Checkers:
+    """The checks' processes, started once in a run; any thread may call.
+    ``_lock`` guards ``_started`` and ``_work``."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started = {}   # name -> (process, output file)
+        self._work = None    # the temporary directory of caches and outputs
+
+    def start(self):
+        """Start every check, unless started already."""
+        with self._lock:
+            if self._work is not None:
+                return
+            self._work = pathlib.Path(tempfile.mkdtemp(prefix='bitpit-checks-'))
+            for name, command in commands(self._work).items():
+                output = self._work / (name + '.txt')
+                with open(output, 'w') as file:
+                    self._started[name] = subprocess.Popen(
+                        command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT,
+                        preexec_fn=_lower_priority if os.name == 'posix' else None), output
+
+    def outcome(self, name):
+        """``(exit status, output)`` of the check ``name``, once it is done."""
+        with self._lock:
+            process, output = self._started[name]
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail('{} took more than {} s'.format(name, TIMEOUT))
+        return process.returncode, output.read_text()
+
+    def close(self):
+        """End the checks still running; remove their caches and outputs."""
+        with self._lock:
+            started, self._started = self._started, {}
+            work, self._work = self._work, None
         for process, _ in started.values():
             if process.poll() is None:
                 process.kill()
             process.wait()
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
-def outcome(checks, name):
-    """``(exit status, output)`` of the check ``name``, once it is done."""
-    process, output = checks[name]
-    try:
-        process.wait(TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail('{} took more than {} s'.format(name, TIMEOUT))
-    return process.returncode, output.read_text()
+#: the run's checks (conftest starts them at collection and closes them at its end)
+CHECKERS = Checkers()
+
+
+@pytest.fixture(scope='module')
+def checks():
+    """The run's :class:`Checkers`, started (early, by conftest, in a run)."""
+    CHECKERS.start()
+    return CHECKERS
 
 
 @pytest.mark.parametrize('run', BITPIT_RUNS)
 def test_mypy_finds_nothing_in_bitpit(checks, run):
-    status, output = outcome(checks, run)
+    status, output = checks.outcome(run)
     assert status == 0 and 'Success: no issues found' in output, \
         'mypy {}:\n{}\n({})'.format(' '.join(BITPIT_RUNS[run]), output, INSTALL)
 
 
 def test_mypy_finds_nothing_in_the_tests(checks):
-    status, output = outcome(checks, 'tests')
+    status, output = checks.outcome('tests')
     assert status == 0 and 'Success: no issues found' in output, \
         'mypy on the tests:\n{}\n({})'.format(output, INSTALL)
 
 
 def test_pyflakes_finds_nothing_in_the_repository(checks):
     assert len(python_files()) > len(the_tests())  # bitpit.py, setup.py, bench/ too
-    status, output = outcome(checks, 'pyflakes')
+    status, output = checks.outcome('pyflakes')
     assert status == 0 and output == '', 'pyflakes:\n{}\n({})'.format(output, INSTALL)
