@@ -1389,10 +1389,21 @@ def basic(user, password):
 def run_program(source, url, cwd, home, timeout=30):
     """Run the Python program ``source`` (its ``URL`` replaced by ``url``)
     in a new interpreter that imports this bitpit, with ``HOME=home``."""
-    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE))
-    return subprocess.run([sys.executable, '-c', source.replace('URL', repr(url))],
-                          cwd=str(cwd), env=env, capture_output=True, text=True,
+    return subprocess.run(**program(source, url, cwd, home), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_program(source, url, cwd, home, stdout, stderr):
+    """Start what :func:`run_program` runs, its output going to the open
+    files ``stdout`` and ``stderr``, and return at once: the ``Popen``."""
+    return subprocess.Popen(**program(source, url, cwd, home), stdout=stdout, stderr=stderr)
+
+
+def program(source, url, cwd, home):
+    """The ``subprocess`` arguments (args, cwd, env) of :func:`run_program`."""
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE))
+    return {'args': [sys.executable, '-c', source.replace('URL', repr(url))],
+            'cwd': str(cwd), 'env': env}
 
 
 # ---------------------------------------------------------------------------
