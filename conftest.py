@@ -906,13 +906,7 @@ class FixtureServer:
         # shutdown() waits for serve_forever to notice; bound that wait too
         stopper = threading.Thread(target=self._httpd.shutdown, daemon=True)
         stopper.start()
-        # wake serve_forever's select now rather than at its next poll
-        # (50 ms, at every test's teardown): a listening socket shut down
-        # reads as ready, and its accept fails, which serve_forever ignores
-        try:
-            self._httpd.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # a platform that refuses it: the poll ends the loop
+        wake_serve_forever(self._httpd)
         stopper.join(timeout)
         with self._lock:
             socks = list(self._sockets)
@@ -1005,6 +999,18 @@ class FixtureServer:
                     self._cond.wait(left)
             finally:
                 self.stalled -= 1
+
+
+def wake_serve_forever(httpd):
+    """Wake the ``serve_forever`` of ``httpd`` (a socketserver) now rather
+    than at its next poll (50 ms, at every test's teardown): its listening
+    socket, shut down, reads as ready, and the accept fails, which
+    ``serve_forever`` ignores. Then it sees the ``shutdown()`` requested
+    (until then it may go round a few times)."""
+    try:
+        httpd.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # a platform that refuses it: the poll ends the loop
 
 
 @pytest.fixture
@@ -1575,6 +1581,7 @@ def https_url(certificate):
                               daemon=True)
     thread.start()
     yield 'https://127.0.0.1:{}/secure.bin'.format(httpd.server_address[1])
+    wake_serve_forever(httpd)
     httpd.shutdown()
     httpd.server_close()
     thread.join(5)
