@@ -1045,6 +1045,8 @@ def pytest_collection_finish(session):
     """Start the checkers of a run that holds their tests now, niced, so
     that they use the core the test process leaves idle while the other
     tests run."""
+    if session.config.option.collectonly:
+        return
     for checkers in _background_checkers(session.items):
         checkers.start()
 
