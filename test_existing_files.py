@@ -144,7 +144,7 @@ def test_update_replaces_the_file_atomically_once_the_new_one_is_complete(server
     target = tmp_path / 'f.bin'
     target.write_bytes(OLD)
     os.utime(target, (epoch(DATE), epoch(DATE)))
-    url = server.add('/f', DATA, etag='"new"', last_modified=NEWER_DATE, throttle=500000)
+    url = server.add('/f', DATA, etag='"new"', last_modified=NEWER_DATE, throttle=1000000)
     d = bitpit.Downloader(url, path=target, if_exists='update', update_period=0.05)
     rec = Recorder(d)
     seen = []
