@@ -58,8 +58,7 @@ def commands(work):
 
 def _lower_priority():
     """In a checker's process before it runs: yield the cores to the tests."""
-    if hasattr(os, 'nice'):
-        os.nice(10)
+    os.nice(10)
 
 
 class Checkers:
@@ -82,7 +81,7 @@ class Checkers:
                 with open(output, 'w') as file:
                     self._started[name] = subprocess.Popen(
                         command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT,
-                        preexec_fn=_lower_priority if os.name == 'posix' else None), output
+                        preexec_fn=_lower_priority if hasattr(os, 'nice') else None), output
 
     def outcome(self, name):
         """``(exit status, output)`` of the check ``name``, once it is done."""
