@@ -6056,8 +6056,8 @@ class _PieceSizer:
     little); one connection at a time tries the bigger size. A bigger piece
     that comes far slower than the smaller ones (a server that gives each
     request a burst, as nginx's ``limit_rate`` does) ends the growth; one
-    only somewhat slower is tried again later. Guarded by the transfer's
-    lock."""
+    only somewhat slower is tried again later. The loop's thread's, like
+    all of the transfer's state."""
 
     def __init__(self) -> None:
         self.size = _MIN_SPLIT
@@ -6905,8 +6905,7 @@ class _Transfer:
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. The run's
-        steps, on the loop, which alone reports them too: no lock (a lock
-        section fewer per small file)."""
+        steps, on the loop, which alone reports them too."""
         if not self.events:
             return []
         events, self.events = self.events, []
