@@ -5921,7 +5921,8 @@ class _Source:
     """One URL the file can come from (its ``address``, checked), and what
     this attempt learned of it: its validator, the one it had before the
     file changed (``stale``), the error that retired it, and its transient
-    failures in a row. Guarded by the transfer's lock."""
+    failures in a row. The loop's thread's, like all of the transfer's
+    state."""
     __slots__ = ('url', 'address', 'validator', 'stale', 'retired', 'streak', 'last_error',
                  'bad_pieces')
 
@@ -5949,7 +5950,9 @@ class _PieceHashes:
     """A metalink's piece hashes (``algorithm``, ``length``, hex
     ``digests``), and what the transfer knows of each piece: checked good,
     being checked, the bytes each source wrote into it, and the source that
-    sent it wrong. Guarded by the transfer's lock."""
+    sent it wrong. The loop's thread's, like all of the transfer's state
+    (a worker that opens a big file reads the pieces held before, but
+    their results are applied on the loop: ``_Setup.pieces``)."""
 
     def __init__(self, algorithm: str, length: int, digests: List[str]):
         self.algorithm = algorithm
@@ -6004,9 +6007,9 @@ class _Connection:
     fetches: ``[pos, end)``. ``pos`` advances as bytes land; ``end`` may
     shrink when another connection takes over the rest, even below
     ``reading_to``, the end of the read in progress, when a far faster
-    connection races it (the bytes both get are the same). Guarded by the
-    transfer's lock; the thread alone touches ``request`` and ``pending``,
-    and moves ``pos`` (so it reads ``pos`` without the lock).
+    connection races it (the bytes both get are the same). The loop's
+    thread's, like all of the transfer's state (``_Transfer.downloaded``
+    reads ``pos`` and ``pending`` from any thread).
 
     What a new connection starts with is said once, here in the class (its
     own values are set as they change): a small file's one connection
@@ -6053,8 +6056,8 @@ class _PieceSizer:
     little); one connection at a time tries the bigger size. A bigger piece
     that comes far slower than the smaller ones (a server that gives each
     request a burst, as nginx's ``limit_rate`` does) ends the growth; one
-    only somewhat slower is tried again later. Guarded by the transfer's
-    lock."""
+    only somewhat slower is tried again later. The loop's thread's, like
+    all of the transfer's state."""
 
     def __init__(self) -> None:
         self.size = _MIN_SPLIT
@@ -6106,8 +6109,7 @@ class _LimitJudge:
     itself (a fast local server) gets all that CPU can take; more
     connections would only share it, and lose some of it switching threads.
     (A thread busy with little coming in is busy with something else.)
-    Only the probe's thread uses it, between two reads, under the
-    transfer's lock."""
+    Only the probe's steps use it, between two reads, on the loop."""
 
     def __init__(self, now: float, cpu: float, received: int):
         self._since = now
@@ -6133,16 +6135,23 @@ class _LimitJudge:
 
 class _Setup:
     """What the probe's answer asks of the file, done by the probe's
-    connection outside the transfer's lock (it may take a while): open it
-    (hashing what it already holds, for a checksum), reserve its space
-    (``_Transfer._prepare``), and share the rest out when it comes in
-    parts (``segmented``, once a sidecar records them), under the lock
-    (``_Transfer._body_starts``)."""
-    __slots__ = ('reserve', 'segmented')
+    connection's steps, or for a big file by a worker that they wait for
+    (it may take a while): open it (hashing what it already holds, for
+    a checksum), check the metalink's pieces that it held before
+    (``pieces``, found on the loop, each one's verdict in ``verdicts``),
+    reserve its space (``_Transfer._prepare``, which touches nothing
+    else of the transfer's); then, on the loop, apply the verdicts and
+    share the rest out when it comes in parts (``segmented``, once a
+    sidecar records them) (``_Transfer._body_starts``)."""
+    __slots__ = ('reserve', 'segmented', 'pieces', 'verdicts')
 
     def __init__(self, reserve: Optional[int], segmented: bool):
         self.reserve = reserve
         self.segmented = segmented
+        # the pieces held before to check (index, first byte, end), and
+        # whether each is good
+        self.pieces: Sequence[Tuple[int, int, int]] = ()
+        self.verdicts: Sequence[bool] = ()
 
 
 # -- the planner: which range each connection fetches next -----------------------
@@ -6157,10 +6166,10 @@ class _Planner:
     held ranges and the connections' positions and touches neither sockets
     nor files, so a state fed to it tells what it decides.
 
-    Guarded by the transfer's ``_lock``: like the ``_put`` and ``_get`` of
-    CPython's ``queue.Queue`` under its ``mutex``, every method is called
-    with that lock held (by the run's or a connection's steps, on the loop), and
-    none takes a lock or waits.
+    The loop's thread's, like all of the transfer's state: every method is
+    called by the run's or a connection's steps, on the loop (``buckets``
+    is replaced whole by ``_Transfer.add_bucket``, from any thread, and
+    read once where it is read), and none takes a lock or waits.
 
     The state of a split starts as said here in the class (but for what
     every read looks at); a file that is never split (a small one) never
@@ -6443,8 +6452,8 @@ class _Planner:
 # written into the file, as steps (``_fetch_steps``) that each
 # connection's steps run on the loop (``_Transfer._serve_steps``); what
 # the connections share (the claims, the file's size, the bytes received)
-# it reads and changes under the transfer's ``_lock``, and it never reads
-# a socket or writes the file under it. It holds nothing of its own: its
+# is the loop's, like all of the transfer's state (see ``_Transfer``): it
+# reads and changes it with no lock. It holds nothing of its own: its
 # functions are given the transfer (an object of its own, made for every
 # attempt, would only hold the transfer's fields, and refer back to it).
 
@@ -6457,24 +6466,23 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
     first = conn.pos
     ranged = transfer.ranged and (first > 0 or planner.segmented or
                                   planner.connections_wanted > 1)
-    with transfer._lock:
-        if first >= conn.end and transfer.probed:  # others took all of it meanwhile
-            conn.active = False
-            conn.last_end = first
-            return None
-        conn.request_end = planner.request_end(conn)
-        last = None if conn.open_ended or not ranged else conn.request_end - 1
-        # (positional: keywords would cost the call a dict)
-        request = _Request(transfer.options, source.address, 'GET',  # method
-                           first if ranged else None,                 # first
-                           last,                                      # last
-                           source.validator if first > 0 else None,   # validator
-                           transfer.cancel,                           # cancel
-                           None if transfer.probed else transfer.conditions)  # extra
-        probe = not transfer.probed
-        conn.request = request
-        conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
-        conn.last_bytes_at = conn.job_began
+    if first >= conn.end and transfer.probed:  # others took all of it meanwhile
+        conn.active = False
+        conn.last_end = first
+        return None
+    conn.request_end = planner.request_end(conn)
+    last = None if conn.open_ended or not ranged else conn.request_end - 1
+    # (positional: keywords would cost the call a dict)
+    request = _Request(transfer.options, source.address, 'GET',  # method
+                       first if ranged else None,                 # first
+                       last,                                      # last
+                       source.validator if first > 0 else None,   # validator
+                       transfer.cancel,                           # cancel
+                       None if transfer.probed else transfer.conditions)  # extra
+    probe = not transfer.probed
+    conn.request = request
+    conn.job_began, conn.job_bytes, conn.answered = time.monotonic(), 0, False
+    conn.last_bytes_at = conn.job_began
     reuse = fetched = False
     try:
         response = yield from request.send_steps()
@@ -6482,36 +6490,35 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
         if answer.kind == 'end' and answer.total is None and probe and first > 0:
             request.close(False)  # its host slot may be the one the question needs
             answer.total = yield from _ask_size_steps(transfer, source)
-        with transfer._lock:
-            body_end, setup = transfer._accept(conn, answer, response, request)
-            conn.answered = True
+        body_end, setup = transfer._accept(conn, answer, response, request)
+        conn.answered = True
         if setup is not None:
-            if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
-                # opening a big file may hash what it holds, reserving
-                # its room write its sidecar and sync it
-                yield from _on_worker_steps(
-                    functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
-            else:
-                transfer._prepare(conn, setup)
+            try:
+                if max(transfer.store.held.total, setup.reserve or 0) > _DISK_WORK_ON_LOOP:
+                    # opening a big file may hash what it holds, reserving
+                    # its room write its sidecar and sync it
+                    yield from _on_worker_steps(
+                        functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
+                else:
+                    transfer._prepare(conn, setup)
+            finally:
+                if setup.pieces:  # (what the check found, applied here, on the loop)
+                    transfer._pieces_checked(None, setup.pieces, setup.verdicts)
         if body_end is not None:
             reuse = yield from _pump_steps(transfer, conn, response, answer, body_end,
                                            request, setup)
         elif setup is not None:
-            with transfer._lock:
-                transfer._body_starts(conn, setup)
+            transfer._body_starts(conn, setup)
         fetched = True
     finally:
         if not fetched:
-            with transfer._lock:  # no abort of a connection given back to the pool
-                conn.request = None
+            conn.request = None
             request.close(False)
     try:
-        with transfer._lock:  # (as above)
-            conn.request = None
-            planner.done(conn, first, time.monotonic())
-            # its claim done, its next one (or its end) is found in
-            # this look: a small file's one lock section less
-            return None if conn.active else transfer._next_for(conn)
+        conn.request = None
+        planner.done(conn, first, time.monotonic())
+        # its claim done, its next one (or its end) is found now
+        return None if conn.active else transfer._next_for(conn)
     finally:
         request.close(reuse)
 
@@ -6568,7 +6575,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
         splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
         chunk = _PIPE_SIZE
     planner = transfer.planner
-    lock = transfer._lock
     max_size = transfer.max_size
     pacer: Optional[_Pacer] = None  # made at the first limited read
     got = 0                # bytes of the last read, not yet counted
@@ -6577,32 +6583,31 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     try:
         while True:
             now = time.monotonic()
-            with lock:
-                if setup is not None:
-                    transfer._body_starts(conn, setup)
-                    setup = None
-                if got:
-                    _count_read(transfer, conn, got, now)
-                    got = 0
-                if planner.judging is conn:
-                    transfer._judge(conn, now)  # may cut its claim short
-                start = conn.pos + conn.pending
-                end = min(conn.end, conn.request_end, body_end)
-                room = min(chunk - conn.pending, end - start)
-                judging, limit = False, None
-                if planner.segmented:  # (only a split file judges its probe, races)
-                    judging = planner.judging is conn
-                    limit = planner.limit  # set with judging, never unset
-                    if judging and limit is not None and not limit.judged:
-                        # its part may be cut short at its current read's end
-                        room = min(room, _JUDGE_READ)
-                    rate = conn.rate(now)
-                    if rate is not None:
-                        # a slow connection reads little at a time (a
-                        # twentieth of a second's worth), so that another one
-                        # can take over all but its next read
-                        room = min(room, max(16384, int(rate * 0.25)))
-                conn.reading_to = start + max(room, 0)
+            if setup is not None:
+                transfer._body_starts(conn, setup)
+                setup = None
+            if got:
+                _count_read(transfer, conn, got, now)
+                got = 0
+            if planner.judging is conn:
+                transfer._judge(conn, now)  # may cut its claim short
+            start = conn.pos + conn.pending
+            end = min(conn.end, conn.request_end, body_end)
+            room = min(chunk - conn.pending, end - start)
+            judging, limit = False, None
+            if planner.segmented:  # (only a split file judges its probe, races)
+                judging = planner.judging is conn
+                limit = planner.limit  # set with judging, never unset
+                if judging and limit is not None and not limit.judged:
+                    # its part may be cut short at its current read's end
+                    room = min(room, _JUDGE_READ)
+                rate = conn.rate(now)
+                if rate is not None:
+                    # a slow connection reads little at a time (a
+                    # twentieth of a second's worth), so that another one
+                    # can take over all but its next read
+                    room = min(room, max(16384, int(rate * 0.25)))
+            conn.reading_to = start + max(room, 0)
             if room <= 0:
                 if conn.pending:
                     _flush_buffer(transfer, conn)
@@ -6649,8 +6654,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                     continue
                 if pacer is not None:
                     pacer.settle(got)
-                with lock:
-                    conn.pos += got
+                conn.pos += got
             else:
                 # (the body's methods called, not bound first: three bound methods
                 # cost a small file's one read more than a call each costs a big one's)
@@ -6693,13 +6697,12 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             splice.close()
     position = conn.pos  # (only its own thread moves it)
     if ended:
-        with lock:
-            if position < min(conn.end, conn.request_end, body_end):
-                if body_end < _UNKNOWN_END:
-                    raise ProtocolError('connection closed after {} of {} bytes'.format(
-                        position, body_end))
-                transfer._set_total(position)  # the body's end is the file's end
-                conn.end = position
+        if position < min(conn.end, conn.request_end, body_end):
+            if body_end < _UNKNOWN_END:
+                raise ProtocolError('connection closed after {} of {} bytes'.format(
+                    position, body_end))
+            transfer._set_total(position)  # the body's end is the file's end
+            conn.end = position
     # reused only when read to its very end (a chunked body: its last
     # chunk too, the read of which closes the answer)
     done = position == body_end and (not response.chunked or response.isclosed())
@@ -6709,7 +6712,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
 
 
 def _count_read(transfer: '_Transfer', conn: _Connection, got: int, now: float) -> None:
-    """A read of ``conn`` brought ``got`` bytes at ``now``. Under the lock."""
+    """A read of ``conn`` brought ``got`` bytes at ``now``. Its steps."""
     conn.job_bytes += got
     conn.last_bytes_at = now
     transfer.received += got
@@ -6721,7 +6724,7 @@ def _flush_buffer(transfer: '_Transfer', conn: _Connection, quietly: bool = Fals
     """Write ``conn``'s buffer at ``conn.pos``. ``quietly``: on the way
     out of a failure, a write of a superseded epoch is dropped.
     ``received``: the bytes of its last read, counted (``_count_read``, read
-    ``at``) with the write's own look under the lock."""
+    ``at``) with the write. The connection's steps."""
     pending = conn.pending
     try:
         transfer.store.write(conn.pos, conn.buffer[:pending], conn.epoch)
@@ -6733,11 +6736,10 @@ def _flush_buffer(transfer: '_Transfer', conn: _Connection, quietly: bool = Fals
     except BaseException:
         conn.pending = 0  # what the write took is held; the rest is given up
         raise
-    with transfer._lock:
-        conn.pos += pending
-        conn.pending = 0
-        if received:
-            _count_read(transfer, conn, received, at)
+    conn.pos += pending
+    conn.pending = 0
+    if received:
+        _count_read(transfer, conn, received, at)
     if transfer.piece_hashes is not None:
         transfer._check_pieces(conn, conn.pos - pending, conn.pos)
 
@@ -6777,18 +6779,30 @@ class _Transfer:
     download's run calls ``start``, ``wait_steps``, ``look``,
     ``join_steps`` and ``result``, each connection runs ``_serve_steps``,
     and none calls user code; ``stop()`` may come from any thread.
-    ``_lock`` guards the planner (the claims and the state of the split)
-    and the sources; no file is read or reserved under it, and
-    ``stop()`` never waits for it. The events are the loop's alone: the
-    connections' steps report them (``_report``), the run's steps take
-    them (``take_events``), with no lock. ``_wake`` sets ``news``, which the run
-    waits for, and ``work``, which a connection that waits for work waits
-    for."""
+
+    Its state (the planner, the sources, the connections, the piece
+    hashes, the events) is the loop's thread's alone, and has no lock:
+    only the run's and the connections' steps read and change it. What
+    comes from elsewhere changes no more than a flag, then wakes the
+    loop's steps (``_wake``), which look at it:
+    ``stop()`` (any thread) sets ``cancel``; a sidecar save on a worker
+    clears ``saving`` (``_save``; only the run's ``look`` sets it, and
+    only when clear); a host slot freed by another thread sets
+    ``slot_freed`` (``_on_slot_freed``); ``add_bucket`` (any thread,
+    under the download's lock) replaces ``buckets`` whole, which every
+    reader reads once. The loop clears ``news`` and ``changed`` only
+    before it looks at what they flag, so a flag set before its wake is
+    seen by that look or by the next. A big file is opened, and the
+    pieces it held before read, by a worker that the probe's steps wait
+    for (``_prepare``), which changes nothing but their ``_Setup``; the
+    probe's steps apply what it found. ``downloaded`` (any thread) only
+    reads. ``_wake`` sets ``news``, which the run waits for, and
+    ``work``, which a connection that waits for work waits for."""
 
     # more than 30 attributes: without slots, each transfer would make a dict
     # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
     # file's instructions; a weak reference tells that it is freed at its end
-    __slots__ = ('__weakref__', '_lock', 'news', 'saving', 'store', 'options',
+    __slots__ = ('__weakref__', 'news', 'saving', 'store', 'options',
                  'sources', 'chunk_size', 'buckets', 'checksum', 'max_size', 'min_speed',
                  'rename_in', 'gzip_name', 'conditions', 'unchanged', 'file_dates',
                  'cancel', 'probed', 'prober', 'reference', 'ranged', 'ranges_work',
@@ -6804,12 +6818,11 @@ class _Transfer:
                  conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self._lock = threading.Lock()
         self.news = _Flag()           # set by _wake(): something to report or to do
         self.changed = False          # set by _wake() but for events: something to do
         # a sidecar save handed to a worker runs: set by the run, cleared by
-        # the save under the lock before it wakes the run (not its task's
-        # end, which may come after that wake-up)
+        # the save before it wakes the run (not its task's end, which may
+        # come after that wake-up)
         self.saving = False
         self.store = store
         self.options = options
@@ -6868,12 +6881,8 @@ class _Transfer:
 
     def start(self) -> None:
         """Start the probe's connection, on the loop, with its claim (its
-        steps then ask for none: one lock section less). The run's steps,
-        once, before any connection runs: what it sets (the connections,
-        the probe's claim) nobody else reads or changes before this
-        connection's steps, nor does a slot freed (asked for by a second
-        connection only), so it takes no lock (a lock section fewer per
-        small file; ``stop()`` and ``add_bucket`` touch none of it)."""
+        steps then ask for none). The run's steps, once, before any
+        connection runs."""
         self._spawn(probe=not self.cancel.is_set())  # (else it ends at once)
 
     def wait_steps(self, until: float) -> '_Steps[bool]':
@@ -6888,17 +6897,15 @@ class _Transfer:
             yield _Wait(None, until, False, news)  # (news: by position, no keyword's dict)
         finished = self.finished
         if (self.changed or not self.events) and not finished:
-            with self._lock:
-                self.changed = False
-                self._keep_going()  # (nothing to do once it finished meanwhile)
+            self.changed = False
+            self._keep_going()  # (nothing to do once it finished meanwhile)
             finished = self.finished
         return finished
 
     def take_events(self) -> List[Tuple[str, Any]]:
         """The events since the last call: ``('size', total)``, ``('path',
         target)``, ``('download', None)``, ``('restart', None)``. The run's
-        steps, on the loop, which alone reports them too: no lock (a lock
-        section fewer per small file)."""
+        steps, on the loop, which alone reports them too."""
         if not self.events:
             return []
         events, self.events = self.events, []
@@ -6935,10 +6942,9 @@ class _Transfer:
         a second."""
         if now < self._next_look:
             return
-        with self._lock:
-            self._next_look = now + _TEND_PERIOD
-            self._check_min_speed(now)
-            self._keep_going()
+        self._next_look = now + _TEND_PERIOD
+        self._check_min_speed(now)
+        self._keep_going()
         if now >= self._next_save:
             self._next_save = now + _SIDECAR_PERIOD
             if not self.saving and self.store.unsaved():
@@ -6953,9 +6959,8 @@ class _Transfer:
         try:
             self.store.save()
         finally:
-            with self._lock:
-                self.saving = False
-                self._wake()
+            self.saving = False  # (before the wake, which join_steps looks after)
+            self._wake()
 
     def _check_min_speed(self, now: float) -> None:
         """Fail the attempt (``StalledError``) when it received less than
@@ -6978,21 +6983,18 @@ class _Transfer:
     def add_bucket(self, bucket: _TokenBucket) -> None:
         """Draw from ``bucket`` too, before the others (a download's own
         limit, set during the attempt): every connection's next read does.
-        Any thread."""
-        with self._lock:
-            self.buckets = self.planner.buckets = (bucket,) + self.buckets
+        Any thread, under the download's lock (so one at a time): the
+        tuples are replaced whole, and each reader reads one once."""
+        self.buckets = self.planner.buckets = (bucket,) + self.buckets
 
     def stop(self) -> None:
-        """End every connection now. Any thread; never waits for a lock
-        another thread may hold."""
+        """End every connection now: its request, a pause and a wait for
+        tokens end at the cancel, and the run and the connections that
+        wait for work wake to find it (``_wake``). Any thread."""
         self.cancel.cancel()
         for bucket in self.buckets:
             bucket.wake()
-        if self._lock.acquire(blocking=False):  # else its holder will look soon
-            try:
-                self._wake()
-            finally:
-                self._lock.release()
+        self._wake()
 
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
@@ -7021,7 +7023,7 @@ class _Transfer:
             if self.connections or self.saving:
                 yield _Wait(None, time.monotonic() + _TEND_PERIOD, False, news)  # (by position)
 
-    # -- decisions, under the lock ---------------------------------------------------
+    # -- decisions, on the loop --------------------------------------------------------
 
     def _keep_going(self) -> None:
         """After a change: more connections where there is work for them; the
@@ -7050,8 +7052,8 @@ class _Transfer:
 
     def _spawn(self, claim: Optional[Tuple[int, int]] = None, probe: bool = False) -> bool:
         """Start a connection on the loop (with ``claim`` to fetch, or
-        ``probe``: the probe's claim, else it asks for a range). Under the
-        lock, but by ``start``."""
+        ``probe``: the probe's claim, else it asks for a range). The
+        loop's thread."""
         conn = self._add_connection(claim, probe)
         if conn is None:
             return False
@@ -7089,20 +7091,21 @@ class _Transfer:
 
     def _on_slot_freed(self) -> None:
         """A host slot this transfer wanted freed: look again for work for
-        one more connection. Called by ``_HostSlots`` from a thread that
-        holds no lock."""
-        with self._lock:
-            self.slot_freed = True
-            self._wake()
+        one more connection. Called by ``_HostSlots`` from the thread that
+        closed a connection, any: a flag, then the wake (see the class)."""
+        self.slot_freed = True
+        self._wake()
 
     def _wake(self, changed: bool = True) -> None:
         """Wake the run (``changed``: with something to do besides taking
-        events), and the connections that wait for work. Under the lock."""
+        events), and the connections that wait for work. Any thread: what
+        another changes it changes before (see the class)."""
         if changed:
             self.changed = True
         self.news.set()
-        if self.work is not None:
-            self.work.set()
+        work = self.work
+        if work is not None:
+            work.set()
 
     def _end(self, error: BaseException) -> None:
         """The attempt fails with ``error``: stop the other connections."""
@@ -7136,7 +7139,7 @@ class _Transfer:
         tells). With nothing for it now, a request too young to tell whether
         it is far slower may be worth racing in a moment: the wait for it
         (and for ``work``, set at any change), after which to ask again. A
-        plain call, not steps: most answers need no wait. Under the lock."""
+        plain call, not steps: most answers need no wait. The loop's thread."""
         # (again after a wait: a connection with no claim is never
         # superseded meanwhile)
         conn.active = conn.superseded = False
@@ -7162,7 +7165,9 @@ class _Transfer:
         if work is None:
             work = self.work = _Flag()
         else:
-            work.clear()  # (under the lock, which every setter holds)
+            work.clear()
+        if self.cancel.is_set():  # a stop's wake came before the clear: no wait
+            return None
         return _Wait(None, due + 0.001, False, work)  # (by position)
 
     def _claim_probe(self, conn: _Connection) -> None:
@@ -7204,20 +7209,17 @@ class _Transfer:
         try:
             while not conn.gone:
                 if not conn.active:  # (else the rest of its claim)
-                    with self._lock:
-                        wait = self._next_for(conn)
+                    wait = self._next_for(conn)
                 else:
                     try:
                         # (its claim done, it looks for the next in its last look)
                         wait = yield from _fetch_steps(self, conn)
                     except _Superseded:
-                        with self._lock:
-                            conn.active = False
+                        conn.active = False
                         continue
                     except _Stopped:
-                        with self._lock:
-                            if not self.cancel.is_set():  # a sealed file: nothing more to do
-                                self._end(_Stopped())
+                        if not self.cancel.is_set():  # a sealed file: nothing more to do
+                            self._end(_Stopped())
                         break
                     except Error as error:
                         pause = self._failed(conn, error)
@@ -7229,25 +7231,23 @@ class _Transfer:
                 if wait is not None:
                     yield wait
         except Exception as exc:  # a bug: end the attempt, never die silently
-            with self._lock:
-                self._end(exc if isinstance(exc, Error) else _unexpected(exc))
+            self._end(exc if isinstance(exc, Error) else _unexpected(exc))
         finally:
             if not conn.gone:
-                with self._lock:
-                    self._leave(conn)
+                self._leave(conn)
 
     def _next_for(self, conn: _Connection) -> Optional[_Wait]:
         """``conn`` holds no claim: claim its next range (``_next_job``),
         else give the wait for one, else it leaves (``conn.gone``) in this
-        look. Under the lock, by its steps."""
+        look. Its steps."""
         wait = self._next_job(conn)
         if wait is None and not conn.active:
             self._leave(conn)
         return wait
 
     def _leave(self, conn: _Connection) -> None:
-        """``conn`` ends: it is no longer live, and the run looks. Under
-        the lock, by its steps."""
+        """``conn`` ends: it is no longer live, and the run looks. Its
+        steps."""
         conn.active = False
         conn.gone = True
         if self.prober is conn:
@@ -7391,7 +7391,7 @@ class _Transfer:
         bytes sent), else the ``Digest`` of the last redirect that led to
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
-        too. A connection's steps, under the lock."""
+        too. A connection's steps."""
         self.digests = ()
         if answer.encoding is not None and not answer.keep_encoded:
             return
@@ -7427,8 +7427,9 @@ class _Transfer:
     def _plan(self, conn: _Connection, answer: _Answer, response: _Response
               ) -> _Setup:
         """The probe's answer is in: the file's size and name, and whether it
-        comes in parts. Opening, reserving and sharing out are ``_prepare``'s,
-        outside the lock."""
+        comes in parts (and the pieces held before to check). Opening,
+        reserving and sharing out are ``_prepare``'s and
+        ``_body_starts``'s."""
         self.probed = True
         self.reference = conn.source
         self.file_dates = (answer.etag, answer.last_modified)
@@ -7450,16 +7451,23 @@ class _Transfer:
                      (answer.kind == 'part' or self.ranges_work) and
                      total is not None and self.store.regular_target() and
                      self.ranged and self.planner.missing() >= 2 * _MIN_SPLIT)
-        return _Setup(total, segmented)
+        setup = _Setup(total, segmented)
+        if self.piece_hashes is not None and total is not None:
+            setup.pieces = self._pieces_due(None, 0, total)  # those held before
+        return setup
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:
-        """Open and reserve the file, and tell whether its rest may be
-        shared out (``setup.segmented``; ``_body_starts`` shares it): the
-        probe's connection, without the lock."""
+        """Open the file, check the pieces it held before (``setup.pieces``:
+        their verdicts, which the probe's steps apply, in
+        ``setup.verdicts``), reserve its room, and tell whether its rest
+        may be shared out (``setup.segmented``; ``_body_starts`` shares
+        it): the probe's connection's steps, or a worker they wait for.
+        It reads the store, the checksum and the hashes, and changes
+        nothing of the transfer's but ``setup`` (the rest is the
+        loop's)."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
-        total = self.planner.total
-        if self.piece_hashes is not None and total is not None:
-            self._check_pieces(None, 0, total)  # the pieces held before
+        if setup.pieces:
+            setup.verdicts = self._read_pieces(setup.pieces)
         if setup.reserve is not None:
             # a body of one read needs no sidecar: only the room is checked
             self.store.reserve(setup.reserve, allocate=setup.reserve -
@@ -7470,17 +7478,16 @@ class _Transfer:
     def _body_starts(self, conn: _Connection, setup: _Setup) -> None:
         """The probe's body starts, its file prepared (``_prepare``): the
         run is told ('download'), and the rest is shared out where the
-        file comes in parts. Under the lock: the body's first look
-        (``_pump_steps``), which comes next (a lock section fewer per
-        file), or the probe's when its answer has no body."""
+        file comes in parts. The body's first look (``_pump_steps``), or
+        the probe's steps when its answer has no body."""
         self._report('download', None)
         if setup.segmented and not conn.superseded and self.planner.split(conn, self.received):
             self._share_out(conn)
 
     def _judge(self, probe: _Connection, now: float) -> None:
         """Share the file out once the probe's reads show that the link
-        limits it (``_Planner.judge``). The probe's thread, between two
-        reads, under the lock."""
+        limits it (``_Planner.judge``). The probe's steps, between two
+        reads."""
         if self.planner.judge(probe, now, self.received):
             _log.debug('%s: the link limits one connection; sharing out', self.options.url)
             self._share_out(probe)
@@ -7488,7 +7495,7 @@ class _Transfer:
     def _share_out(self, probe: _Connection) -> None:
         """Start a connection on each part of the file that
         ``_Planner.share_out`` gives, while the host's slots allow. The
-        probe's thread, under the lock."""
+        probe's steps."""
         for claim in self.planner.share_out(probe):
             if not self._spawn(claim):
                 return
@@ -7497,8 +7504,8 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake, and nothing more to do. A connection's steps, on the loop
-        (under the lock, for the wake)."""
+        one wake, and nothing more to do. A connection's steps, on the
+        loop."""
         self.events.append((kind, value))
         if len(self.events) == 1:
             self._wake(changed=False)
@@ -7544,57 +7551,56 @@ class _Transfer:
         """A request of ``conn`` failed: retire or bench its source, and say
         whether ``conn`` goes on (with another source, or the same one after
         a pause: the seconds it waits first) or ends (``None``)."""
-        with self._lock:
-            conn.active = False
-            self._wake()  # its claim is free: a connection waiting for work looks
-            if self.prober is conn:
-                self.prober = None
-            if self.error is not None or self.cancel.is_set():
-                return None
-            if self.probed and self._is_complete():  # others fetched its part
-                self._complete(conn)
-                return None
-            source = conn.source
-            source.last_error = error
-            conn.last_end = conn.pos
-            if isinstance(error, (FileError, IntegrityError)) and \
-                    not isinstance(error, _BadPieces):
-                self._end(error)
-                return None
-            if self.planner.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
-                    any(c is not conn and c.source is source and c.answered
-                        for c in self.connections):
-                # refused while other connections get bytes from the same
-                # source: it allows fewer. One connection less; the others
-                # take its range
-                planner = self.planner
-                planner.connections_wanted = max(1, planner.connections_wanted - 1)
-                _log.info('%s: %s refused one more connection (%s); using at most %d',
-                          self.options.url, source.url, error, planner.connections_wanted)
-                return None
-            several = len(self.sources) > 1
-            # an answer that breaks the protocol retires its source when there
-            # are others; a body cut short is a transient failure
-            violation = isinstance(error, ProtocolError) and not conn.answered
-            if not error.retryable or (several and violation):
-                if several:
-                    _log.warning('%s: not using %s any more: %s', self.options.url,
-                                 source.url, error)
-                source.retired = error
-            elif conn.job_bytes == 0:
-                source.streak += 1
-            others = [s for s in self.sources if s is not source and s.usable]
-            if others:
-                conn.source = others[0]
-                return 0.0  # over to another source at once
-            if self.planner.segmented and source.usable:
-                # its range again, from the same source: after a moment, if
-                # that source gave nothing (told now: the others' bytes reset
-                # its streak)
-                return 0.0 if conn.job_bytes else min(_RETRY_PAUSE * source.streak, 1.0)
-            if not source.usable or not any(c is not conn for c in self.connections):
-                self._end(error if source.usable or not several else self._verdict())
+        conn.active = False
+        self._wake()  # its claim is free: a connection waiting for work looks
+        if self.prober is conn:
+            self.prober = None
+        if self.error is not None or self.cancel.is_set():
             return None
+        if self.probed and self._is_complete():  # others fetched its part
+            self._complete(conn)
+            return None
+        source = conn.source
+        source.last_error = error
+        conn.last_end = conn.pos
+        if isinstance(error, (FileError, IntegrityError)) and \
+                not isinstance(error, _BadPieces):
+            self._end(error)
+            return None
+        if self.planner.segmented and _is_refusal(error) and conn.job_bytes == 0 and \
+                any(c is not conn and c.source is source and c.answered
+                    for c in self.connections):
+            # refused while other connections get bytes from the same
+            # source: it allows fewer. One connection less; the others
+            # take its range
+            planner = self.planner
+            planner.connections_wanted = max(1, planner.connections_wanted - 1)
+            _log.info('%s: %s refused one more connection (%s); using at most %d',
+                      self.options.url, source.url, error, planner.connections_wanted)
+            return None
+        several = len(self.sources) > 1
+        # an answer that breaks the protocol retires its source when there
+        # are others; a body cut short is a transient failure
+        violation = isinstance(error, ProtocolError) and not conn.answered
+        if not error.retryable or (several and violation):
+            if several:
+                _log.warning('%s: not using %s any more: %s', self.options.url,
+                             source.url, error)
+            source.retired = error
+        elif conn.job_bytes == 0:
+            source.streak += 1
+        others = [s for s in self.sources if s is not source and s.usable]
+        if others:
+            conn.source = others[0]
+            return 0.0  # over to another source at once
+        if self.planner.segmented and source.usable:
+            # its range again, from the same source: after a moment, if
+            # that source gave nothing (told now: the others' bytes reset
+            # its streak)
+            return 0.0 if conn.job_bytes else min(_RETRY_PAUSE * source.streak, 1.0)
+        if not source.usable or not any(c is not conn for c in self.connections):
+            self._end(error if source.usable or not several else self._verdict())
+        return None
 
     # -- piece hashes ------------------------------------------------------------------
 
@@ -7605,41 +7611,67 @@ class _Transfer:
         again (from another source, ``_avoid_bad_source``); the source that
         wrote most of it is retired at its ``_MAX_BAD_PIECES``-th
         (``_BadPieces``, raised in its own connection's steps). A
-        connection's steps, holding no lock."""
+        connection's steps, on the loop, which reads the pieces there."""
+        due = self._pieces_due(conn, start, end)
+        if due:
+            verdicts: Sequence[bool] = ()
+            try:
+                verdicts = self._read_pieces(due)
+            finally:
+                self._pieces_checked(conn, due, verdicts)
+
+    def _pieces_due(self, conn: Optional[_Connection], start: int, end: int
+                    ) -> List[Tuple[int, int, int]]:
+        """``conn`` wrote ``[start, end)`` (``None``: they were held
+        before): the pieces now held whole and not checked yet, each as
+        its index, first byte and end, marked as being checked. The
+        loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
-        with self._lock:
-            total = self.planner.total
-            if total is None or end <= start:
-                return
-            if pieces.epoch != self.store.epoch:  # the file started over
-                pieces.forget(self.store.epoch)
-            if conn is not None:
-                pieces.wrote(conn.source, start, end)
-            due = pieces.due(_Ranges(self.store.snapshot), start, end, total)
+        total = self.planner.total
+        if total is None or end <= start:
+            return []
+        if pieces.epoch != self.store.epoch:  # the file started over
+            pieces.forget(self.store.epoch)
+        if conn is not None:
+            pieces.wrote(conn.source, start, end)
+        return [(index,) + pieces.span(index, total)
+                for index in pieces.due(_Ranges(self.store.snapshot), start, end, total)]
+
+    def _read_pieces(self, due: Sequence[Tuple[int, int, int]]) -> List[bool]:
+        """Whether each piece of ``due`` matches its hash, read from the
+        disk. Any thread (a worker, for a big file's pieces held before):
+        it reads the store and the hashes, which never change, and
+        changes nothing."""
+        pieces = self.piece_hashes
+        assert pieces is not None  # called only with piece hashes
+        return [self.store.piece_matches(first, last, pieces.algorithm, pieces.digests[index],
+                                         self.cancel.is_set)
+                for index, first, last in due]
+
+    def _pieces_checked(self, conn: Optional[_Connection], due: Sequence[Tuple[int, int, int]],
+                        verdicts: Sequence[bool]) -> None:
+        """The pieces of ``due`` are checked no longer, each good or not
+        as ``verdicts`` says (none, when the reads failed: checked again
+        at the next write near them). The loop's thread."""
+        pieces = self.piece_hashes
+        assert pieces is not None  # called only with piece hashes
+        pieces.checking.difference_update(index for index, _, _ in due)
         retired = None
-        for index in due:
-            first, last = pieces.span(index, total)
-            try:
-                good = self.store.piece_matches(first, last, pieces.algorithm,
-                                                pieces.digests[index], self.cancel.is_set)
-            finally:
-                with self._lock:
-                    pieces.checking.discard(index)
-            with self._lock:
-                if good:
-                    pieces.good.add(index)
-                    pieces.writers.pop(index, None)
-                elif self._bad_piece(conn, index, first, last):
-                    assert conn is not None  # its own source was retired
-                    retired = conn.source.retired
+        for (index, first, last), good in zip(due, verdicts):
+            if good:
+                pieces.good.add(index)
+                pieces.writers.pop(index, None)
+            elif self._bad_piece(conn, index, first, last):
+                assert conn is not None  # its own source was retired
+                retired = conn.source.retired
         if retired is not None:
             raise retired  # the connection goes on with another source
 
     def _bad_piece(self, conn: Optional[_Connection], index: int, first: int, last: int
                    ) -> bool:
         """Piece ``index`` (bytes ``first`` to ``last``) failed its hash;
-        whether that retired ``conn``'s own source. Under the lock."""
+        whether that retired ``conn``'s own source. The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None
         source = pieces.culprit(index)
@@ -7667,7 +7699,7 @@ class _Transfer:
 
     def _avoid_bad_source(self, conn: _Connection, start: int) -> None:
         """A claim from ``start`` goes to another source than the one that
-        sent that piece wrong, if there is one. Under the lock."""
+        sent that piece wrong, if there is one. The loop's thread."""
         pieces = self.piece_hashes
         if pieces is not None and pieces.bad_from.get(start // pieces.length) is conn.source:
             others = [s for s in self.sources if s.usable and s is not conn.source]

@@ -8,6 +8,7 @@ hash types) are refused with a clear error."""
 import hashlib
 import logging
 import random
+import threading
 import time
 
 import pytest
@@ -264,6 +265,33 @@ def test_a_bad_piece_held_before_is_fetched_again(server, tmp_path):
     doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)])]))
     d, _ = download(None, tmp_path / 'f', metalink=str(doc))
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+
+
+def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loop(
+        server, tmp_path, monkeypatch):
+    """A file big enough to be opened on a worker (made so here by a lower
+    threshold) reads the pieces it held before there, and the loop, which
+    alone changes the transfer's state, takes in what they are: the bad one
+    is fetched again."""
+    monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
+    read, judged = [], []
+    matches, bad_piece = bitpit._FileStore.piece_matches, bitpit._Transfer._bad_piece
+
+    def recorded_matches(store, *args):
+        read.append(threading.current_thread().name)
+        return matches(store, *args)
+
+    def recorded_bad_piece(transfer, *args):
+        judged.append(threading.current_thread().name)
+        return bad_piece(transfer, *args)
+    monkeypatch.setattr(bitpit._FileStore, 'piece_matches', recorded_matches)
+    monkeypatch.setattr(bitpit._Transfer, '_bad_piece', recorded_bad_piece)
+    url = server.add('/f', BIG)
+    (tmp_path / 'f').write_bytes(corrupt(BIG)[:PIECE * 2 + 10])  # two pieces, both bad
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)], name='f')]))
+    d, _ = download(None, tmp_path / 'f', metalink=str(doc))
+    assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
+    assert read[:2] == ['bitpit-prepare'] * 2 and judged == ['bitpit-loop'] * 2
 
 
 # ---------------------------------------------------------------------------

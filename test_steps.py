@@ -361,8 +361,7 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
                                 buckets=(bitpit._TokenBucket(),), checksum=None,
                                 max_size=None, min_speed=0, rename_in=None, gzip_name=False)
     conn = transfer._add_connection()
-    with transfer._lock:
-        assert transfer._next_job(conn) is None and conn.active
+    assert transfer._next_job(conn) is None and conn.active
     try:
         _, waits = drive_by_hand(bitpit._fetch_steps(transfer, conn), gates.release)
     finally:
@@ -391,14 +390,13 @@ def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
                                 None, None, 0, None, False)
 
     def wait(*news):
-        """Let ``news`` happen (under the lock, as a connection's steps
-        do), then one wait of the run: whether it looked for work."""
+        """Let ``news`` happen (as a connection's steps do), then one
+        wait of the run: whether it looked for work."""
         del looks[:]
         transfer.take_events()
         steps = transfer.wait_steps(time.monotonic() + 60)
-        with transfer._lock:
-            for happen in news:
-                happen()
+        for happen in news:
+            happen()
         with pytest.raises(StopIteration):
             next(steps)
         return bool(looks)
@@ -415,12 +413,37 @@ def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
         waited = next(steps)                        # nothing yet: it waits
         assert waited.event is transfer.news and not looks
         if woken:
-            with transfer._lock:
-                transfer._wake()
+            transfer._wake()
             assert waited.event.is_set()
         with pytest.raises(StopIteration):
             steps.send(woken)
         assert looks
+
+
+def test_a_stop_as_a_connection_looks_for_work_is_not_missed(tmp_path, monkeypatch):
+    """A connection with no claim waits for work when a race may be due
+    soon. The transfer has no lock: a stop from another thread may come
+    anywhere in that look, here after its look at the cancel and before it
+    clears the flag that it waits on (as it asks when a race is due), and
+    still the connection waits for nothing (else for the race's due time,
+    past stop()'s 0.1 s)."""
+    address = bitpit._check_url('http://127.0.0.1:9/f')
+    store = bitpit._FileStore(tmp_path / 'f', address.url)
+    options = bitpit._RequestOptions(address, {}, None, None, None, 0.5, bitpit._Cookies())
+    transfer = bitpit._Transfer(store, [address], options, 2, 1024, (bitpit._TokenBucket(),),
+                                None, None, 0, None, False)
+    conn = transfer._add_connection()
+    transfer.probed = True
+    transfer.work = bitpit._Flag()  # (an earlier wait's)
+
+    def due_as_a_stop_comes(planner, conn):
+        transfer.stop()
+        return time.monotonic() + 60
+    monkeypatch.setattr(bitpit._Planner, 'choose', lambda planner, conn: False)
+    monkeypatch.setattr(bitpit._Planner, 'rate_due', due_as_a_stop_comes)
+    wait = transfer._next_job(conn)
+    assert wait is None or wait.event.is_set()
+    assert not conn.active
 
 
 # -- the http layer's connection path as steps ----------------------------------
