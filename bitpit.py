@@ -4033,48 +4033,71 @@ _PLAIN_HEADER_SETS = _header_sets({})
 _NO_SECRETS: frozenset[str] = frozenset()
 
 
-class _RequestOptions:
-    """How every request of a download is made: the caller's headers,
-    credentials, cookies, proxy, TLS context and time-out. Made from a
-    downloader's settings at each start; requests only read it, but for
-    the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
-    or with ``shared_lookups`` those that the downloads of managers share
-    for a second). Any thread."""
-    __slots__ = ('address', 'url', 'trusted_fields', 'public_fields', 'secrets_given', 'auth',
-                 'proxy', 'ssl_context', 'timeout', 'cookies', 'digest', 'slots', '_lookups',
-                 '_proxy')  # (one made for every attempt: no dict)
+class _RequestSettings:
+    """What every request of a download is made with, whatever its URL:
+    the caller's ``headers`` (checked) and the fields they make
+    (``_header_sets``), ``auth``, ``proxy`` (the one given also parsed),
+    ``ssl_context`` and ``timeout``, checked. Made once for a set of
+    options: the downloads that a manager makes from its ``kwargs`` share
+    their model's, and a setter gives its download one of its own
+    (``replaced``), never changing one that another download may hold.
+    Read-only: any thread."""
+    __slots__ = ('headers', 'auth', 'proxy', 'ssl_context', 'timeout', 'trusted_fields',
+                 'public_fields', 'secrets_given', 'parsed_proxy')
 
-    def __init__(self, address: _Address, headers: Dict[str, str],
-                 auth: Optional[Tuple[str, str]], proxy: Optional[str],
-                 ssl_context: Optional[ssl.SSLContext], timeout: float, cookies: _Cookies,
+    def __init__(self, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
+                 proxy: Optional[str], ssl_context: Optional[ssl.SSLContext], timeout: float):
+        self.headers = headers
+        self.auth = auth
+        self.proxy = proxy
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        # (shared: a request copies the one it sends)
+        self.trusted_fields, self.public_fields, self.secrets_given = \
+            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
+        self.parsed_proxy = _parse_proxy(proxy) if proxy else None
+
+    def replaced(self, name: str, value: Any) -> '_RequestSettings':
+        """These settings but ``name`` (one of the first five), which is
+        ``value`` (checked)."""
+        values = {'headers': self.headers, 'auth': self.auth, 'proxy': self.proxy,
+                  'ssl_context': self.ssl_context, 'timeout': self.timeout}
+        values[name] = value
+        return _RequestSettings(**values)
+
+
+class _RequestOptions:
+    """How every request of a download is made: its ``settings`` (shared,
+    read-only), its own URL, cookies and Digest state, and its manager's
+    host slots. Made from a downloader's settings at each start; requests
+    only read it, but for the proxy and ``.netrc`` look-ups it keeps
+    (``_HostLookups``: its own, or with ``shared_lookups`` those that the
+    downloads of managers share for a second). Any thread."""
+    __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
+                 '_lookups')  # (one made for every attempt: no dict)
+
+    def __init__(self, address: _Address, settings: _RequestSettings, cookies: _Cookies,
                  digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None,
                  shared_lookups: bool = False):
         # the download's own URL, checked: auth and secrets are for its origin
         self.address = address
         self.url = address.url
-        # (shared: a request copies the one it sends)
-        self.trusted_fields, self.public_fields, self.secrets_given = \
-            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
-        self.auth = auth
-        self.proxy = proxy
-        self.ssl_context = ssl_context
-        self.timeout = timeout
+        self.settings = settings
         self.cookies = cookies
         self.digest = digest if digest is not None else _DigestAuth()
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
         # for all the requests these options make, or for a second
         self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
-        self._proxy = _parse_proxy(proxy) if proxy else None  # the one given, parsed
 
     def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
         """The proxy of a request by ``scheme`` (in lower case) to ``host``
         (a URL's ``hostname``): the one given (``''``: none), else the
         environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
         up once for each."""
-        if self.proxy is None:
+        if self.settings.proxy is None:
             return self._lookups.proxy(scheme, host)
-        return self._proxy
+        return self.settings.parsed_proxy
 
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
@@ -4088,8 +4111,9 @@ class _RequestOptions:
         where trusted, else ``.netrc`` (read once for these options)."""
         if own is not None:
             return own
-        if self.auth is not None and trusted:
-            return self.auth
+        auth = self.settings.auth
+        if auth is not None and trusted:
+            return auth
         return self._lookups.netrc(host)
 
 
@@ -4399,12 +4423,12 @@ class _Request:
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context),
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.settings.ssl_context),
                           self.options.slots)
         connection = _POOL.get(key)
         self.reused = connection is not None
         if connection is not None:
-            connection.timeout = self.options.timeout  # (its socket does not block)
+            connection.timeout = self.options.settings.timeout  # (its socket does not block)
             self._use(connection)
         return proxy
 
@@ -4433,12 +4457,12 @@ class _Request:
 
     def _new_connection(self, scheme: str, host: str, port: int,
                         proxy: Optional[urllib.parse.SplitResult]) -> _AnyHTTPConnection:
-        timeout = self.options.timeout
+        timeout = self.options.settings.timeout
         connect_host, connect_port = (proxy.hostname or '', proxy.port or 80) if proxy else \
             (host, port)
         conn: _AnyHTTPConnection
         if scheme == 'https':
-            context = self.options.ssl_context or _default_ssl_context()
+            context = self.options.settings.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
                 authorization = self._authorization(*self._auth_target(proxy), 'CONNECT',
@@ -4507,9 +4531,9 @@ class _Request:
         or ``Proxy-Authorization``, left out)."""
         options = self.options
         if self.trusted:
-            given, secrets = options.trusted_fields, options.secrets_given
+            given, secrets = options.settings.trusted_fields, options.settings.secrets_given
         else:
-            given, secrets = options.public_fields, _NO_SECRETS
+            given, secrets = options.settings.public_fields, _NO_SECRETS
         own: Dict[str, str] = {}
         if self.first is not None:
             own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
@@ -6565,7 +6589,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             sock is not None and not _is_tls(sock) \
             and not response.chunked and body_end < _UNKNOWN_END and \
             (transfer.max_size is None or transfer.planner.total is not None):
-        splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
+        splice = _Splice(body, sock, transfer.store, transfer.options.settings.timeout)
         chunk = _PIPE_SIZE
     planner = transfer.planner
     lock = transfer._lock
@@ -6628,7 +6652,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                     continue  # no bytes until its verdict is due: judged now
                 if limited:
                     if not (yield from body.wait_steps(time.monotonic() +
-                                                       transfer.options.timeout)):
+                                                       transfer.options.settings.timeout)):
                         # tokens are taken once bytes are there to use
                         # them: a slow socket never holds back what the
                         # others could read
@@ -6964,7 +6988,7 @@ class _Transfer:
         the transfer was last looked at)."""
         if not self.min_speed or self.complete or self._is_complete():
             return
-        window = self.options.timeout
+        window = self.options.settings.timeout
         samples = self._samples
         assert samples is not None  # made with a min_speed
         samples.append((now, self.received))
@@ -8154,6 +8178,23 @@ class _Option(_Generic[_Value]):
         setattr(obj, self.attribute, self.check(self.name, value))
 
 
+class _RequestOption(_Option[_Value]):
+    """A keyword option of ``Downloader`` that its requests take: kept in
+    its ``_RequestSettings`` (``_requests``), which a manager's downloads
+    may share, so a change replaces them for this download alone. A dict
+    (``headers``) is read as a copy: changed in place, it would change
+    those of the other downloads too."""
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj._requests, self.name)
+        return dict(value) if isinstance(value, dict) else value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._requests = obj._requests.replaced(self.name, self.check(self.name, value))
+
+
 def _check_if_exists(value: Any, path: Any) -> str:
     if value not in _IF_EXISTS:
         raise ValueError('if_exists must be one of {}, not {!r}'.format(
@@ -8196,10 +8237,11 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
     """The request options, checked, of a download with these ``Downloader``
     arguments (``others`` are not about requests), for a document it
     reads first at ``url`` (a metalink)."""
-    return _RequestOptions(_check_url(url), _check_headers(headers), _check_auth(auth),
-                           _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
-                           _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
-                           cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+    return _RequestOptions(_check_url(url), _RequestSettings(
+        _check_headers(headers), _check_auth(auth), _as_proxy('proxy', proxy),
+        _as_ssl_context('ssl_context', ssl_context),
+        _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS)),
+        cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
 class _Changed:
     """The condition ``Downloader.wait()`` waits on, on the downloader's
     lock, which also calls each function in ``watchers`` at every
@@ -8262,10 +8304,10 @@ class Downloader(Emitter):
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
                    'path-changed', 'restart-time-changed', 'rate-limit-changed')
 
-    timeout = _Option(lambda name, value: _check_number(name, value, positive=True,
-                                                        high=_MAX_SECONDS),
-                      'Seconds without a received byte before an attempt fails '
-                      '(also the window of ``min_speed``); next start.')
+    timeout = _RequestOption(lambda name, value: _check_number(name, value, positive=True,
+                                                               high=_MAX_SECONDS),
+                             'Seconds without a received byte before an attempt fails '
+                             '(also the window of ``min_speed``); next start.')
     update_period = _Option(lambda name, value: _check_number(name, value, positive=True,
                                                               high=_MAX_SECONDS),
                             'Seconds between two ``speed-changed`` signals; next start.')
@@ -8276,13 +8318,14 @@ class Downloader(Emitter):
                           'Most connections for this one file (1 to 32); next start.')
     content_disposition = _Option(_as_bool, 'Name the file after the server\'s '
                                   '``Content-Disposition`` (with ``dir_path``); next start.')
-    headers = _Option(lambda name, value: _check_headers(value),
-                      'Extra request headers (a dict); next start.')
-    auth = _Option(lambda name, value: _check_auth(value),
-                   '``(user, password)`` for HTTP Basic authentication; next start.')
-    proxy = _Option(_as_proxy, 'An ``http://host:port`` proxy, ``\'\'`` for none, '
-                               '``None`` for the environment\'s; next start.')
-    ssl_context = _Option(_as_ssl_context, 'The ``ssl.SSLContext`` for HTTPS; next start.')
+    headers = _RequestOption(lambda name, value: _check_headers(value),
+                             'Extra request headers (a dict); next start.')
+    auth = _RequestOption(lambda name, value: _check_auth(value),
+                          '``(user, password)`` for HTTP Basic authentication; next start.')
+    proxy = _RequestOption(_as_proxy, 'An ``http://host:port`` proxy, ``\'\'`` for none, '
+                                      '``None`` for the environment\'s; next start.')
+    ssl_context = _RequestOption(_as_ssl_context,
+                                 'The ``ssl.SSLContext`` for HTTPS; next start.')
     max_size = _Option(_as_size_limit, 'Most bytes the file may have (``None``: no '
                                        'limit); next start.')
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
@@ -8295,16 +8338,13 @@ class Downloader(Emitter):
         name, value, low=0, high=_MAX_SECONDS),
         'Longest wait before a restart, restarts in a row backing off up to it '
         '(``None``: 10 times the ``restart_wait`` in use); next restart.')
-    # where the options above keep their checked values
-    _timeout: float
+    # where the options above keep their checked values (those of its
+    # requests in _requests)
+    _requests: _RequestSettings
     _update_period: float
     _retries: Optional[int]
     _connections: int
     _content_disposition: bool
-    _headers: Dict[str, str]
-    _auth: Optional[Tuple[str, str]]
-    _proxy: Optional[str]
-    _ssl_context: Optional[ssl.SSLContext]
     _max_size: Optional[int]
     _min_speed: float
     _verify_digest: bool
@@ -8319,9 +8359,9 @@ class Downloader(Emitter):
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
         '_fetching', '_tracked_by', '_terms',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
-        '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
+        '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
-        '_checksum', '_headers', '_auth', '_proxy', '_ssl_context', '_cookies', '_digest_auth',
+        '_checksum', '_cookies', '_digest_auth',
         '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
         '_restart_wait_max', '_first_attempt', '_store', '_target_read')
 
@@ -8353,7 +8393,7 @@ class Downloader(Emitter):
         self._init_state(_check_url(url))
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
-        self.timeout = timeout
+        timeout = Downloader.timeout.check('timeout', timeout)
         self.update_period = update_period
         self.chunk_size = chunk_size
         self.restart_wait = restart_wait
@@ -8363,10 +8403,9 @@ class Downloader(Emitter):
         self.content_disposition = content_disposition
         self._checksum_file = _parse_checksum_file_option(checksum)
         self._checksum = None if self._checksum_file else _parse_checksum(checksum)
-        self.headers = headers
-        self.auth = auth
-        self.proxy = proxy
-        self.ssl_context = ssl_context
+        self._requests = _RequestSettings(_check_headers(headers), _check_auth(auth),
+                                          _as_proxy('proxy', proxy),
+                                          _as_ssl_context('ssl_context', ssl_context), timeout)
         self._cookies = jar if jar.jar is not None else None  # see _keep_for_requests()
         self.max_size = max_size
         self.min_speed = min_speed
@@ -8973,9 +9012,8 @@ class Downloader(Emitter):
         if digest_auth is None or cookies is None:  # (no run: update_size)
             with self._lock:
                 digest_auth, cookies = self._keep_for_requests()
-        return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, cookies,
-                               digest_auth, self._host_slots, bool(self._tracked_by))
+        return _RequestOptions(self._address, self._requests, cookies, digest_auth,
+                               self._host_slots, bool(self._tracked_by))
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
@@ -9396,7 +9434,7 @@ class Downloader(Emitter):
         d._metalink = None
         d._init_state(address)
         d._rate_limit = self._rate_limit
-        d._timeout = self._timeout
+        d._requests = self._requests  # (read-only: a setter replaces a download's own)
         d._update_period = self._update_period
         d._chunk_size = self._chunk_size
         d._restart_wait = self._restart_wait
@@ -9406,10 +9444,6 @@ class Downloader(Emitter):
         d._content_disposition = self._content_disposition
         d._checksum_file = self._checksum_file
         d._checksum = self._checksum
-        d._headers = dict(self._headers)  # its own, as the constructor's check makes
-        d._auth = self._auth
-        d._proxy = self._proxy
-        d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
         # one (None), each download makes its own cookies (_keep_for_requests)
         d._cookies = self._cookies
