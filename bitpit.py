@@ -3841,11 +3841,12 @@ class _DigestChallenge:
 class _DigestAuth:
     """The hosts and proxies that asked one download for Digest
     authentication, each with its latest challenge: the download answers
-    them with Digest from then on, and never sends them Basic. Every
-    ``Downloader`` keeps one across its attempts, though few meet Digest:
-    so it is one slot, ``_asked``, ``None`` until a challenge comes, and
-    ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and the
-    challenges' counts. Any thread."""
+    them with Digest from then on, and never sends them Basic. Made at the
+    first challenge (``_RequestOptions.digest_auth``: few downloads meet
+    one), and kept across the download's attempts from then on. One slot,
+    ``_asked``, ``None`` until a challenge is taken, and ``_DIGEST_LOCK``
+    guards the ``_asked`` of all of them and the challenges' counts. Any
+    thread."""
     __slots__ = ('_asked',)
 
     def __init__(self) -> None:
@@ -3854,12 +3855,6 @@ class _DigestAuth:
     def asked(self, key: _AuthKey) -> bool:
         with _DIGEST_LOCK:
             return self._asked is not None and key in self._asked
-
-    def learnt(self) -> bool:
-        """Whether any host or proxy asked for Digest. (One read of
-        ``_asked``, which only ever goes from ``None`` to a dict that
-        only grows: no lock, whose answer would be as old once let go of.)"""
-        return bool(self._asked)
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
@@ -4068,23 +4063,27 @@ class _RequestSettings:
 
 class _RequestOptions:
     """How every request of a download is made: its ``settings`` (shared,
-    read-only), its own URL, cookies and Digest state, and its manager's
-    host slots. Made from a downloader's settings at each start; requests
-    only read it, but for the proxy and ``.netrc`` look-ups it keeps
-    (``_HostLookups``: its own, or with ``shared_lookups`` those that the
-    downloads of managers share for a second). Any thread."""
+    read-only), its own URL, its ``cookies`` and Digest state (``digest``)
+    and its manager's host slots. Made from a downloader's settings at each
+    start; requests only read it, but for the proxy and ``.netrc`` look-ups
+    it keeps (``_HostLookups``: its own, or with ``shared_lookups`` those
+    that the downloads of managers share for a second), and the cookies
+    and the Digest state that it makes at the first need (most downloads
+    meet neither: ``None`` until then), which its download keeps for its
+    next attempt (``Downloader._keep_learnt``). Its requests run on one
+    thread at a time (the loop's, or ``update_size``'s caller's)."""
     __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
                  '_lookups')  # (one made for every attempt: no dict)
 
-    def __init__(self, address: _Address, settings: _RequestSettings, cookies: _Cookies,
-                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None,
-                 shared_lookups: bool = False):
+    def __init__(self, address: _Address, settings: _RequestSettings,
+                 cookies: Optional[_Cookies] = None, digest: Optional[_DigestAuth] = None,
+                 slots: Optional[_HostSlots] = None, shared_lookups: bool = False):
         # the download's own URL, checked: auth and secrets are for its origin
         self.address = address
         self.url = address.url
         self.settings = settings
-        self.cookies = cookies
-        self.digest = digest if digest is not None else _DigestAuth()
+        self.cookies = cookies  # the caller's jar, or the download's own if a server set one
+        self.digest = digest    # the download's hosts that asked for Digest, if one did
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
         # for all the requests these options make, or for a second
@@ -4098,6 +4097,20 @@ class _RequestOptions:
         if self.settings.proxy is None:
             return self._lookups.proxy(scheme, host)
         return self.settings.parsed_proxy
+
+    def remember_cookies(self, response: _Response, url: str) -> None:
+        """Keep the cookies of ``response`` to ``url`` (it has a
+        ``Set-Cookie``), in the download's own jar, made now if need be."""
+        if self.cookies is None:
+            self.cookies = _Cookies()
+        self.cookies.remember(response, url)
+
+    def digest_auth(self) -> _DigestAuth:
+        """The download's Digest state, made now if need be (a host asked
+        for Digest)."""
+        if self.digest is None:
+            self.digest = _DigestAuth()
+        return self.digest
 
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
@@ -4383,7 +4396,7 @@ class _Request:
                 self._dead_reused(conn, exc)
                 continue  # on the fresh connection
             if 'set-cookie' in response.fields.by_name:
-                self.options.cookies.remember(response, self.url)
+                self.options.remember_cookies(response, self.url)
             status = response.status
             if (status == 401 or status == 407) and self._follow_challenge(response):
                 yield from self._drain_and_release_steps(response)
@@ -4492,8 +4505,9 @@ class _Request:
         else Basic; ``None`` without credentials."""
         if credentials is None:
             return None
-        if self.options.digest.asked(key):
-            return self.options.digest.answer(key, credentials, method, target)
+        digest = self.options.digest
+        if digest is not None and digest.asked(key):
+            return digest.answer(key, credentials, method, target)
         return _basic_auth(*credentials)
 
     def _follow_challenge(self, response: _Response) -> bool:
@@ -4510,7 +4524,7 @@ class _Request:
         key, credentials = self._auth_target(proxy)
         if credentials is None:
             return False
-        challenge = self.options.digest.learn(key, response.msg.get_all(
+        challenge = self.options.digest_auth().learn(key, response.msg.get_all(
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
@@ -4551,7 +4565,7 @@ class _Request:
                                                     self.method, target)
                 if authorization is not None:
                     own['Authorization'] = authorization
-        if 'cookie' not in secrets and options.cookies.jar is not None:
+        if 'cookie' not in secrets and options.cookies is not None:
             cookie = options.cookies.header(self.url)
             if cookie:
                 own['Cookie'] = cookie
@@ -8779,7 +8793,6 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stopping = False
-                self._keep_for_requests()  # (its lock: _request_options takes none)
                 run = _Run()
                 try:
                     _LOOP.spawn(self._run_steps(run), _run_ended)
@@ -8922,7 +8935,8 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        request = _Request(self._request_options(), self._address, 'HEAD')
+        options = self._request_options()
+        request = _Request(options, self._address, 'HEAD')
         try:
             response = request.send()
             if response.status >= 300:
@@ -8931,6 +8945,8 @@ class Downloader(Emitter):
             response.close()
         finally:
             request.close(reuse=False)
+            with self._lock:
+                self._keep_learnt(options)
         if length is not None:
             self._local_store()  # (read first: what the target holds then sets no size)
             self._set_size(length)
@@ -8992,37 +9008,36 @@ class Downloader(Emitter):
         self._bucket = _TokenBucket(self._rate_limit)
         transfer.add_bucket(self._bucket)
 
-    def _keep_for_requests(self) -> Tuple[_DigestAuth, _Cookies]:
-        """What the requests of the download keep across attempts, made if
-        it is not there: the hosts that asked for Digest so far and the
-        cookies (the caller's jar, else the download's own). Under ``_lock``."""
-        if self._digest_auth is None:
-            self._digest_auth = _DigestAuth()
-        if self._cookies is None:
-            self._cookies = _Cookies()
-        return self._digest_auth, self._cookies
-
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with what ``_keep_for_requests`` made. A run's start made it, under
-        the lock, and only its end (or a caller while none runs) lets go of
-        it: an attempt's options take no lock (a section per small file).
-        Any thread."""
-        digest_auth, cookies = self._digest_auth, self._cookies
-        if digest_auth is None or cookies is None:  # (no run: update_size)
-            with self._lock:
-                digest_auth, cookies = self._keep_for_requests()
-        return _RequestOptions(self._address, self._requests, cookies, digest_auth,
-                               self._host_slots, bool(self._tracked_by))
+        with the cookies and the Digest state that the download keeps
+        (``_keep_learnt``), if any: most downloads meet neither, and make
+        none (two objects a small file fewer). They are written under the
+        lock at a run's end, which a start follows, and read here with no
+        lock: a run's steps see what the run before kept; ``update_size``
+        during a run may find none yet, and makes its own. Any thread."""
+        return _RequestOptions(self._address, self._requests, self._cookies,
+                               self._digest_auth, self._host_slots, bool(self._tracked_by))
+
+    def _keep_learnt(self, options: _RequestOptions) -> None:
+        """Keep for the next attempt what the requests made with
+        ``options`` made at their first need: a jar of its own at a
+        ``Set-Cookie``, the state of the hosts that asked for Digest.
+        What it keeps already it keeps (the options of a later start took
+        it, and made none). Under ``_lock``."""
+        if self._cookies is None:
+            self._cookies = options.cookies
+        if self._digest_auth is None:
+            self._digest_auth = options.digest
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
         or fatal (a manager may keep thousands of finished ones): the
         store, whose ``size`` and ``downloaded`` stay as they are, with no
-        new look at the disk; the token bucket; the Digest state, unless a
-        host asked for Digest; its own cookies, while no server set one (a
-        caller's jar stays). The next attempt makes them again as the
-        first did, and its store reads the target as a kept one would have.
+        new look at the disk; the token bucket (cookies and a Digest state
+        it keeps only once a server set one or asked for it: see
+        ``_keep_learnt``). The next attempt makes them again as the first
+        did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
         the caller's thread; under ``_lock`` (the run's steps take it
@@ -9030,10 +9045,6 @@ class Downloader(Emitter):
         if self._store is not None and self._store.is_path:
             self._store = None
         self._bucket = None
-        if self._digest_auth is not None and not self._digest_auth.learnt():
-            self._digest_auth = None
-        if self._cookies is not None and self._cookies.jar is None:
-            self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -9114,9 +9125,11 @@ class Downloader(Emitter):
         # what the transfer told last, given with the run's end: one call
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
+        # (what its requests make at the first need, the download keeps)
+        options = self._request_options()
         try:
             _SIGNALS.post(run, self._set_state, 'start')
-            size = yield from self._attempt_steps(run, last_events)
+            size = yield from self._attempt_steps(run, options, last_events)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -9142,6 +9155,7 @@ class Downloader(Emitter):
                     self._transfer = None
                     self._attempt_over = True
                     self._speed = 0
+                    self._keep_learnt(options)
                     if final in _FINISHED_STATES:
                         self._let_go()
                 self._retry_after = retry_after
@@ -9185,10 +9199,10 @@ class Downloader(Emitter):
         self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, run: _Run, last_events: List[Tuple[str, Any]]
-                       ) -> '_Steps[Optional[int]]':
+    def _attempt_steps(self, run: _Run, options: _RequestOptions,
+                       last_events: List[Tuple[str, Any]]) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals (posted to ``run``; what
+        transfer (its requests, and a checksum file's, made with ``options``), relay what it reports as signals (posted to ``run``; what
         it reports once finished, when its end waits for nothing, goes into
         ``last_events``, which the run's last call takes, also after a
         failure), and measure the speed
@@ -9202,7 +9216,7 @@ class Downloader(Emitter):
         if store is None:  # 'skip': the file is taken as it is
             return None
         checksum = self._checksum if self._checksum_file is None else \
-            (yield from self._checksum_from_file_steps())
+            (yield from self._checksum_from_file_steps(options))
         store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
@@ -9214,7 +9228,7 @@ class Downloader(Emitter):
         transfer = _Transfer(
             store,                                                  # store
             [self._address, *self._mirrors],                        # addresses
-            self._request_options(),                                # options
+            options,                                                # options
             self._connections if store.is_path else 1,              # connections
             self._chunk_size,                                       # chunk_size
             self._buckets(),                                        # buckets
@@ -9300,7 +9314,8 @@ class Downloader(Emitter):
                     replaces, store.target, exc)) from exc
         return store.size if store.size >= 0 and not transfer.unchanged else self._downloaded
 
-    def _checksum_from_file_steps(self) -> '_Steps[Tuple[str, str]]':
+    def _checksum_from_file_steps(self, options: _RequestOptions
+                                  ) -> '_Steps[Tuple[str, str]]':
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
         by the name in its URL, else the name of its path. The run's
         steps."""
@@ -9313,7 +9328,7 @@ class Downloader(Emitter):
             self._fetching = cancel
         try:
             body, _ = yield from _fetch_document_steps(
-                self._request_options(), url, 'checksum file', cancel=cancel)
+                options, url, 'checksum file', cancel=cancel)
             assert body is not None  # (no types asked for: never left unread)
         finally:
             with self._lock:
