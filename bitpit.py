@@ -4055,8 +4055,9 @@ class _RequestSettings:
     def replaced(self, name: str, value: Any) -> '_RequestSettings':
         """These settings but ``name`` (one of the first five), which is
         ``value`` (checked)."""
-        values = {'headers': self.headers, 'auth': self.auth, 'proxy': self.proxy,
-                  'ssl_context': self.ssl_context, 'timeout': self.timeout}
+        values: Dict[str, Any] = {'headers': self.headers, 'auth': self.auth,
+                                  'proxy': self.proxy, 'ssl_context': self.ssl_context,
+                                  'timeout': self.timeout}
         values[name] = value
         return _RequestSettings(**values)
 
@@ -8420,7 +8421,7 @@ class Downloader(Emitter):
         self._requests = _RequestSettings(_check_headers(headers), _check_auth(auth),
                                           _as_proxy('proxy', proxy),
                                           _as_ssl_context('ssl_context', ssl_context), timeout)
-        self._cookies = jar if jar.jar is not None else None  # see _keep_for_requests()
+        self._cookies = jar if jar.jar is not None else None  # see _keep_learnt()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -8482,7 +8483,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_for_requests()
+        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_learnt()
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -9460,7 +9461,7 @@ class Downloader(Emitter):
         d._checksum_file = self._checksum_file
         d._checksum = self._checksum
         # the caller's jar is shared, as the constructor shares it; without
-        # one (None), each download makes its own cookies (_keep_for_requests)
+        # one (None), each download makes its own cookies (_keep_learnt)
         d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed
