@@ -3662,6 +3662,10 @@ _HOME_NETRC: Tuple[Optional[str], str] = (None, '')
 _SHARED_LOOKUP_SECONDS = 1.0
 
 
+# what a look-up's dict gives for a key not looked up yet (None: found none)
+_NOT_LOOKED_UP: Any = object()
+
+
 class _HostLookups:
     """What the environment's proxy variables (``_environment_proxy``) and
     ``.netrc`` (``_netrc_credentials``) say for each host, looked up at
@@ -3682,16 +3686,18 @@ class _HostLookups:
         """The environment's proxy for a request by ``scheme`` (in lower
         case) to ``host`` (a URL's ``hostname``), or ``None``."""
         key = (scheme, host)
-        if key not in self._proxies:
+        found = self._proxies.get(key, _NOT_LOOKED_UP)
+        if found is _NOT_LOOKED_UP:
             proxy = _environment_proxy(scheme, host)
-            self._proxies[key] = _parse_proxy(proxy) if proxy else None
-        return self._proxies[key]
+            found = self._proxies[key] = _parse_proxy(proxy) if proxy else None
+        return found
 
     def netrc(self, host: str) -> Optional[Tuple[str, str]]:
         """``.netrc``'s login and password for ``host``, or ``None``."""
-        if host not in self._netrc:
-            self._netrc[host] = _netrc_credentials(host)
-        return self._netrc[host]
+        found = self._netrc.get(host, _NOT_LOOKED_UP)
+        if found is _NOT_LOOKED_UP:
+            found = self._netrc[host] = _netrc_credentials(host)
+        return found
 
 
 # the look-ups that the downloads of managers share: replaced whole by new
