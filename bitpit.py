@@ -3662,6 +3662,10 @@ _HOME_NETRC: Tuple[Optional[str], str] = (None, '')
 _SHARED_LOOKUP_SECONDS = 1.0
 
 
+# what a look-up's dict gives for a key not looked up yet (None: found none)
+_NOT_LOOKED_UP: Any = object()
+
+
 class _HostLookups:
     """What the environment's proxy variables (``_environment_proxy``) and
     ``.netrc`` (``_netrc_credentials``) say for each host, looked up at
@@ -3682,16 +3686,18 @@ class _HostLookups:
         """The environment's proxy for a request by ``scheme`` (in lower
         case) to ``host`` (a URL's ``hostname``), or ``None``."""
         key = (scheme, host)
-        if key not in self._proxies:
+        found = self._proxies.get(key, _NOT_LOOKED_UP)
+        if found is _NOT_LOOKED_UP:
             proxy = _environment_proxy(scheme, host)
-            self._proxies[key] = _parse_proxy(proxy) if proxy else None
-        return self._proxies[key]
+            found = self._proxies[key] = _parse_proxy(proxy) if proxy else None
+        return found
 
     def netrc(self, host: str) -> Optional[Tuple[str, str]]:
         """``.netrc``'s login and password for ``host``, or ``None``."""
-        if host not in self._netrc:
-            self._netrc[host] = _netrc_credentials(host)
-        return self._netrc[host]
+        found = self._netrc.get(host, _NOT_LOOKED_UP)
+        if found is _NOT_LOOKED_UP:
+            found = self._netrc[host] = _netrc_credentials(host)
+        return found
 
 
 # the look-ups that the downloads of managers share: replaced whole by new
@@ -3841,11 +3847,12 @@ class _DigestChallenge:
 class _DigestAuth:
     """The hosts and proxies that asked one download for Digest
     authentication, each with its latest challenge: the download answers
-    them with Digest from then on, and never sends them Basic. Every
-    ``Downloader`` keeps one across its attempts, though few meet Digest:
-    so it is one slot, ``_asked``, ``None`` until a challenge comes, and
-    ``_DIGEST_LOCK`` guards the ``_asked`` of all of them and the
-    challenges' counts. Any thread."""
+    them with Digest from then on, and never sends them Basic. Made at the
+    first challenge (``_RequestOptions.digest_auth``: few downloads meet
+    one), and kept across the download's attempts from then on. One slot,
+    ``_asked``, ``None`` until a challenge is taken, and ``_DIGEST_LOCK``
+    guards the ``_asked`` of all of them and the challenges' counts. Any
+    thread."""
     __slots__ = ('_asked',)
 
     def __init__(self) -> None:
@@ -3854,12 +3861,6 @@ class _DigestAuth:
     def asked(self, key: _AuthKey) -> bool:
         with _DIGEST_LOCK:
             return self._asked is not None and key in self._asked
-
-    def learnt(self) -> bool:
-        """Whether any host or proxy asked for Digest. (One read of
-        ``_asked``, which only ever goes from ``None`` to a dict that
-        only grows: no lock, whose answer would be as old once let go of.)"""
-        return bool(self._asked)
 
     def learn(self, key: _AuthKey, values: List[str]) -> Optional[_DigestChallenge]:
         """Take the best Digest challenge of an answer's header ``values``
@@ -4033,48 +4034,90 @@ _PLAIN_HEADER_SETS = _header_sets({})
 _NO_SECRETS: frozenset[str] = frozenset()
 
 
-class _RequestOptions:
-    """How every request of a download is made: the caller's headers,
-    credentials, cookies, proxy, TLS context and time-out. Made from a
-    downloader's settings at each start; requests only read it, but for
-    the proxy and ``.netrc`` look-ups it keeps (``_HostLookups``: its own,
-    or with ``shared_lookups`` those that the downloads of managers share
-    for a second). Any thread."""
-    __slots__ = ('address', 'url', 'trusted_fields', 'public_fields', 'secrets_given', 'auth',
-                 'proxy', 'ssl_context', 'timeout', 'cookies', 'digest', 'slots', '_lookups',
-                 '_proxy')  # (one made for every attempt: no dict)
+class _RequestSettings:
+    """What every request of a download is made with, whatever its URL:
+    the caller's ``headers`` (checked) and the fields they make
+    (``_header_sets``), ``auth``, ``proxy`` (the one given also parsed),
+    ``ssl_context`` and ``timeout``, checked. Made once for a set of
+    options: the downloads that a manager makes from its ``kwargs`` share
+    their model's, and a setter gives its download one of its own
+    (``replaced``), never changing one that another download may hold.
+    Read-only: any thread."""
+    __slots__ = ('headers', 'auth', 'proxy', 'ssl_context', 'timeout', 'trusted_fields',
+                 'public_fields', 'secrets_given', 'parsed_proxy')
 
-    def __init__(self, address: _Address, headers: Dict[str, str],
-                 auth: Optional[Tuple[str, str]], proxy: Optional[str],
-                 ssl_context: Optional[ssl.SSLContext], timeout: float, cookies: _Cookies,
-                 digest: Optional[_DigestAuth] = None, slots: Optional[_HostSlots] = None,
-                 shared_lookups: bool = False):
-        # the download's own URL, checked: auth and secrets are for its origin
-        self.address = address
-        self.url = address.url
-        # (shared: a request copies the one it sends)
-        self.trusted_fields, self.public_fields, self.secrets_given = \
-            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
+    def __init__(self, headers: Dict[str, str], auth: Optional[Tuple[str, str]],
+                 proxy: Optional[str], ssl_context: Optional[ssl.SSLContext], timeout: float):
+        self.headers = headers
         self.auth = auth
         self.proxy = proxy
         self.ssl_context = ssl_context
         self.timeout = timeout
-        self.cookies = cookies
-        self.digest = digest if digest is not None else _DigestAuth()
+        # (shared: a request copies the one it sends)
+        self.trusted_fields, self.public_fields, self.secrets_given = \
+            _header_sets(headers) if headers else _PLAIN_HEADER_SETS
+        self.parsed_proxy = _parse_proxy(proxy) if proxy else None
+
+    def replaced(self, name: str, value: Any) -> '_RequestSettings':
+        """These settings but ``name`` (one of the first five), which is
+        ``value`` (checked)."""
+        values: Dict[str, Any] = {'headers': self.headers, 'auth': self.auth,
+                                  'proxy': self.proxy, 'ssl_context': self.ssl_context,
+                                  'timeout': self.timeout}
+        values[name] = value
+        return _RequestSettings(**values)
+
+
+class _RequestOptions:
+    """How every request of a download is made: its ``settings`` (shared,
+    read-only), its own URL, its ``cookies`` and Digest state (``digest``)
+    and its manager's host slots. Made from a downloader's settings at each
+    start; requests only read it, but for the proxy and ``.netrc`` look-ups
+    it keeps (``_HostLookups``: its own, or with ``shared_lookups`` those
+    that the downloads of managers share for a second), and the cookies
+    and the Digest state that it makes at the first need (most downloads
+    meet neither: ``None`` until then), which its download keeps for its
+    next attempt (``Downloader._keep_learnt``). Its requests run on one
+    thread at a time (the loop's, or ``update_size``'s caller's)."""
+    __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
+                 '_lookups')  # (one made for every attempt: no dict)
+
+    def __init__(self, address: _Address, settings: _RequestSettings,
+                 cookies: Optional[_Cookies] = None, digest: Optional[_DigestAuth] = None,
+                 slots: Optional[_HostSlots] = None, shared_lookups: bool = False):
+        # the download's own URL, checked: auth and secrets are for its origin
+        self.address = address
+        self.url = address.url
+        self.settings = settings
+        self.cookies = cookies  # the caller's jar, or the download's own if a server set one
+        self.digest = digest    # the download's hosts that asked for Digest, if one did
         self.slots = slots  # the manager's cap on connections per host, if any
         # what the environment and .netrc say for a host, looked up once
         # for all the requests these options make, or for a second
         self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
-        self._proxy = _parse_proxy(proxy) if proxy else None  # the one given, parsed
 
     def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
         """The proxy of a request by ``scheme`` (in lower case) to ``host``
         (a URL's ``hostname``): the one given (``''``: none), else the
         environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
         up once for each."""
-        if self.proxy is None:
+        if self.settings.proxy is None:
             return self._lookups.proxy(scheme, host)
-        return self._proxy
+        return self.settings.parsed_proxy
+
+    def remember_cookies(self, response: _Response, url: str) -> None:
+        """Keep the cookies of ``response`` to ``url`` (it has a
+        ``Set-Cookie``), in the download's own jar, made now if need be."""
+        if self.cookies is None:
+            self.cookies = _Cookies()
+        self.cookies.remember(response, url)
+
+    def digest_auth(self) -> _DigestAuth:
+        """The download's Digest state, made now if need be (a host asked
+        for Digest)."""
+        if self.digest is None:
+            self.digest = _DigestAuth()
+        return self.digest
 
     def trusted(self, address: _Address) -> bool:
         """Whether the URL of ``address`` may get the caller's secrets:
@@ -4088,8 +4131,9 @@ class _RequestOptions:
         where trusted, else ``.netrc`` (read once for these options)."""
         if own is not None:
             return own
-        if self.auth is not None and trusted:
-            return self.auth
+        auth = self.settings.auth
+        if auth is not None and trusted:
+            return auth
         return self._lookups.netrc(host)
 
 
@@ -4359,7 +4403,7 @@ class _Request:
                 self._dead_reused(conn, exc)
                 continue  # on the fresh connection
             if 'set-cookie' in response.fields.by_name:
-                self.options.cookies.remember(response, self.url)
+                self.options.remember_cookies(response, self.url)
             status = response.status
             if (status == 401 or status == 407) and self._follow_challenge(response):
                 yield from self._drain_and_release_steps(response)
@@ -4399,12 +4443,12 @@ class _Request:
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
         proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.ssl_context),
+        self.key = key = (scheme, host, port, proxy_id, id(self.options.settings.ssl_context),
                           self.options.slots)
         connection = _POOL.get(key)
         self.reused = connection is not None
         if connection is not None:
-            connection.timeout = self.options.timeout  # (its socket does not block)
+            connection.timeout = self.options.settings.timeout  # (its socket does not block)
             self._use(connection)
         return proxy
 
@@ -4433,12 +4477,12 @@ class _Request:
 
     def _new_connection(self, scheme: str, host: str, port: int,
                         proxy: Optional[urllib.parse.SplitResult]) -> _AnyHTTPConnection:
-        timeout = self.options.timeout
+        timeout = self.options.settings.timeout
         connect_host, connect_port = (proxy.hostname or '', proxy.port or 80) if proxy else \
             (host, port)
         conn: _AnyHTTPConnection
         if scheme == 'https':
-            context = self.options.ssl_context or _default_ssl_context()
+            context = self.options.settings.ssl_context or _default_ssl_context()
             conn = _HTTPSConnection(connect_host, connect_port, timeout=timeout, context=context)
             if proxy:
                 authorization = self._authorization(*self._auth_target(proxy), 'CONNECT',
@@ -4468,8 +4512,9 @@ class _Request:
         else Basic; ``None`` without credentials."""
         if credentials is None:
             return None
-        if self.options.digest.asked(key):
-            return self.options.digest.answer(key, credentials, method, target)
+        digest = self.options.digest
+        if digest is not None and digest.asked(key):
+            return digest.answer(key, credentials, method, target)
         return _basic_auth(*credentials)
 
     def _follow_challenge(self, response: _Response) -> bool:
@@ -4486,7 +4531,7 @@ class _Request:
         key, credentials = self._auth_target(proxy)
         if credentials is None:
             return False
-        challenge = self.options.digest.learn(key, response.msg.get_all(
+        challenge = self.options.digest_auth().learn(key, response.msg.get_all(
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
@@ -4507,9 +4552,9 @@ class _Request:
         or ``Proxy-Authorization``, left out)."""
         options = self.options
         if self.trusted:
-            given, secrets = options.trusted_fields, options.secrets_given
+            given, secrets = options.settings.trusted_fields, options.settings.secrets_given
         else:
-            given, secrets = options.public_fields, _NO_SECRETS
+            given, secrets = options.settings.public_fields, _NO_SECRETS
         own: Dict[str, str] = {}
         if self.first is not None:
             own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
@@ -4527,7 +4572,7 @@ class _Request:
                                                     self.method, target)
                 if authorization is not None:
                     own['Authorization'] = authorization
-        if 'cookie' not in secrets and options.cookies.jar is not None:
+        if 'cookie' not in secrets and options.cookies is not None:
             cookie = options.cookies.header(self.url)
             if cookie:
                 own['Cookie'] = cookie
@@ -6572,7 +6617,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             sock is not None and not _is_tls(sock) \
             and not response.chunked and body_end < _UNKNOWN_END and \
             (transfer.max_size is None or transfer.planner.total is not None):
-        splice = _Splice(body, sock, transfer.store, transfer.options.timeout)
+        splice = _Splice(body, sock, transfer.store, transfer.options.settings.timeout)
         chunk = _PIPE_SIZE
     planner = transfer.planner
     max_size = transfer.max_size
@@ -6633,7 +6678,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                     continue  # no bytes until its verdict is due: judged now
                 if limited:
                     if not (yield from body.wait_steps(time.monotonic() +
-                                                       transfer.options.timeout)):
+                                                       transfer.options.settings.timeout)):
                         # tokens are taken once bytes are there to use
                         # them: a slow socket never holds back what the
                         # others could read
@@ -6969,7 +7014,7 @@ class _Transfer:
         the transfer was last looked at)."""
         if not self.min_speed or self.complete or self._is_complete():
             return
-        window = self.options.timeout
+        window = self.options.settings.timeout
         samples = self._samples
         assert samples is not None  # made with a min_speed
         samples.append((now, self.received))
@@ -8186,6 +8231,23 @@ class _Option(_Generic[_Value]):
         setattr(obj, self.attribute, self.check(self.name, value))
 
 
+class _RequestOption(_Option[_Value]):
+    """A keyword option of ``Downloader`` that its requests take: kept in
+    its ``_RequestSettings`` (``_requests``), which a manager's downloads
+    may share, so a change replaces them for this download alone. A dict
+    (``headers``) is read as a copy: changed in place, it would change
+    those of the other downloads too."""
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj._requests, self.name)
+        return dict(value) if isinstance(value, dict) else value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._requests = obj._requests.replaced(self.name, self.check(self.name, value))
+
+
 def _check_if_exists(value: Any, path: Any) -> str:
     if value not in _IF_EXISTS:
         raise ValueError('if_exists must be one of {}, not {!r}'.format(
@@ -8228,10 +8290,11 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
     """The request options, checked, of a download with these ``Downloader``
     arguments (``others`` are not about requests), for a document it
     reads first at ``url`` (a metalink)."""
-    return _RequestOptions(_check_url(url), _check_headers(headers), _check_auth(auth),
-                           _as_proxy('proxy', proxy), _as_ssl_context('ssl_context', ssl_context),
-                           _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS),
-                           cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+    return _RequestOptions(_check_url(url), _RequestSettings(
+        _check_headers(headers), _check_auth(auth), _as_proxy('proxy', proxy),
+        _as_ssl_context('ssl_context', ssl_context),
+        _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS)),
+        cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
 class _Changed:
     """The condition ``Downloader.wait()`` waits on, on the downloader's
     lock, which also calls each function in ``watchers`` at every
@@ -8294,10 +8357,10 @@ class Downloader(Emitter):
     __signals__ = ('state-changed', 'size-changed', 'speed-changed', 'url-changed',
                    'path-changed', 'restart-time-changed', 'rate-limit-changed')
 
-    timeout = _Option(lambda name, value: _check_number(name, value, positive=True,
-                                                        high=_MAX_SECONDS),
-                      'Seconds without a received byte before an attempt fails '
-                      '(also the window of ``min_speed``); next start.')
+    timeout = _RequestOption(lambda name, value: _check_number(name, value, positive=True,
+                                                               high=_MAX_SECONDS),
+                             'Seconds without a received byte before an attempt fails '
+                             '(also the window of ``min_speed``); next start.')
     update_period = _Option(lambda name, value: _check_number(name, value, positive=True,
                                                               high=_MAX_SECONDS),
                             'Seconds between two ``speed-changed`` signals; next start.')
@@ -8308,13 +8371,14 @@ class Downloader(Emitter):
                           'Most connections for this one file (1 to 32); next start.')
     content_disposition = _Option(_as_bool, 'Name the file after the server\'s '
                                   '``Content-Disposition`` (with ``dir_path``); next start.')
-    headers = _Option(lambda name, value: _check_headers(value),
-                      'Extra request headers (a dict); next start.')
-    auth = _Option(lambda name, value: _check_auth(value),
-                   '``(user, password)`` for HTTP Basic authentication; next start.')
-    proxy = _Option(_as_proxy, 'An ``http://host:port`` proxy, ``\'\'`` for none, '
-                               '``None`` for the environment\'s; next start.')
-    ssl_context = _Option(_as_ssl_context, 'The ``ssl.SSLContext`` for HTTPS; next start.')
+    headers = _RequestOption(lambda name, value: _check_headers(value),
+                             'Extra request headers (a dict); next start.')
+    auth = _RequestOption(lambda name, value: _check_auth(value),
+                          '``(user, password)`` for HTTP Basic authentication; next start.')
+    proxy = _RequestOption(_as_proxy, 'An ``http://host:port`` proxy, ``\'\'`` for none, '
+                                      '``None`` for the environment\'s; next start.')
+    ssl_context = _RequestOption(_as_ssl_context,
+                                 'The ``ssl.SSLContext`` for HTTPS; next start.')
     max_size = _Option(_as_size_limit, 'Most bytes the file may have (``None``: no '
                                        'limit); next start.')
     min_speed = _Option(lambda name, value: _check_number(name, value, low=0),
@@ -8327,16 +8391,13 @@ class Downloader(Emitter):
         name, value, low=0, high=_MAX_SECONDS),
         'Longest wait before a restart, restarts in a row backing off up to it '
         '(``None``: 10 times the ``restart_wait`` in use); next restart.')
-    # where the options above keep their checked values
-    _timeout: float
+    # where the options above keep their checked values (those of its
+    # requests in _requests)
+    _requests: _RequestSettings
     _update_period: float
     _retries: Optional[int]
     _connections: int
     _content_disposition: bool
-    _headers: Dict[str, str]
-    _auth: Optional[Tuple[str, str]]
-    _proxy: Optional[str]
-    _ssl_context: Optional[ssl.SSLContext]
     _max_size: Optional[int]
     _min_speed: float
     _verify_digest: bool
@@ -8351,9 +8412,9 @@ class Downloader(Emitter):
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
         '_fetching', '_tracked_by', '_terms',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
-        '_rate_limit', '_timeout', '_update_period', '_chunk_size', '_restart_wait',
+        '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
-        '_checksum', '_headers', '_auth', '_proxy', '_ssl_context', '_cookies', '_digest_auth',
+        '_checksum', '_cookies', '_digest_auth',
         '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
         '_restart_wait_max', '_first_attempt', '_store', '_target_read')
 
@@ -8385,7 +8446,7 @@ class Downloader(Emitter):
         self._init_state(_check_url(url))
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
-        self.timeout = timeout
+        timeout = Downloader.timeout.check('timeout', timeout)
         self.update_period = update_period
         self.chunk_size = chunk_size
         self.restart_wait = restart_wait
@@ -8395,11 +8456,10 @@ class Downloader(Emitter):
         self.content_disposition = content_disposition
         self._checksum_file = _parse_checksum_file_option(checksum)
         self._checksum = None if self._checksum_file else _parse_checksum(checksum)
-        self.headers = headers
-        self.auth = auth
-        self.proxy = proxy
-        self.ssl_context = ssl_context
-        self._cookies = jar if jar.jar is not None else None  # see _keep_for_requests()
+        self._requests = _RequestSettings(_check_headers(headers), _check_auth(auth),
+                                          _as_proxy('proxy', proxy),
+                                          _as_ssl_context('ssl_context', ssl_context), timeout)
+        self._cookies = jar if jar.jar is not None else None  # see _keep_learnt()
         self.max_size = max_size
         self.min_speed = min_speed
         self._if_exists = 'resume'
@@ -8461,7 +8521,7 @@ class Downloader(Emitter):
         self._bucket: Optional[_TokenBucket] = None  # its own rate limit's: _buckets()
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
-        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_for_requests()
+        self._digest_auth: Optional[_DigestAuth] = None  # see _keep_learnt()
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -8772,7 +8832,6 @@ class Downloader(Emitter):
                 self._attempt_over = False
                 self._running = True
                 self._stopping = False
-                self._keep_for_requests()  # (its lock: _request_options takes none)
                 run = _Run()
                 try:
                     _LOOP.spawn(self._run_steps(run), _run_ended)
@@ -8915,7 +8974,8 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        request = _Request(self._request_options(), self._address, 'HEAD')
+        options = self._request_options()
+        request = _Request(options, self._address, 'HEAD')
         try:
             response = request.send()
             if response.status >= 300:
@@ -8924,6 +8984,8 @@ class Downloader(Emitter):
             response.close()
         finally:
             request.close(reuse=False)
+            with self._lock:
+                self._keep_learnt(options)
         if length is not None:
             self._local_store()  # (read first: what the target holds then sets no size)
             self._set_size(length)
@@ -8985,38 +9047,36 @@ class Downloader(Emitter):
         self._bucket = _TokenBucket(self._rate_limit)
         transfer.add_bucket(self._bucket)
 
-    def _keep_for_requests(self) -> Tuple[_DigestAuth, _Cookies]:
-        """What the requests of the download keep across attempts, made if
-        it is not there: the hosts that asked for Digest so far and the
-        cookies (the caller's jar, else the download's own). Under ``_lock``."""
-        if self._digest_auth is None:
-            self._digest_auth = _DigestAuth()
-        if self._cookies is None:
-            self._cookies = _Cookies()
-        return self._digest_auth, self._cookies
-
     def _request_options(self) -> _RequestOptions:
         """The options of the requests of an attempt (or of ``update_size``),
-        with what ``_keep_for_requests`` made. A run's start made it, under
-        the lock, and only its end (or a caller while none runs) lets go of
-        it: an attempt's options take no lock (a section per small file).
-        Any thread."""
-        digest_auth, cookies = self._digest_auth, self._cookies
-        if digest_auth is None or cookies is None:  # (no run: update_size)
-            with self._lock:
-                digest_auth, cookies = self._keep_for_requests()
-        return _RequestOptions(self._address, self._headers, self._auth, self._proxy,
-                               self._ssl_context, self._timeout, cookies,
-                               digest_auth, self._host_slots, bool(self._tracked_by))
+        with the cookies and the Digest state that the download keeps
+        (``_keep_learnt``), if any: most downloads meet neither, and make
+        none (two objects a small file fewer). They are written under the
+        lock at a run's end, which a start follows, and read here with no
+        lock: a run's steps see what the run before kept; ``update_size``
+        during a run may find none yet, and makes its own. Any thread."""
+        return _RequestOptions(self._address, self._requests, self._cookies,
+                               self._digest_auth, self._host_slots, bool(self._tracked_by))
+
+    def _keep_learnt(self, options: _RequestOptions) -> None:
+        """Keep for the next attempt what the requests made with
+        ``options`` made at their first need: a jar of its own at a
+        ``Set-Cookie``, the state of the hosts that asked for Digest.
+        What it keeps already it keeps (the options of a later start took
+        it, and made none). Under ``_lock``."""
+        if self._cookies is None:
+            self._cookies = options.cookies
+        if self._digest_auth is None:
+            self._digest_auth = options.digest
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
         or fatal (a manager may keep thousands of finished ones): the
         store, whose ``size`` and ``downloaded`` stay as they are, with no
-        new look at the disk; the token bucket; the Digest state, unless a
-        host asked for Digest; its own cookies, while no server set one (a
-        caller's jar stays). The next attempt makes them again as the
-        first did, and its store reads the target as a kept one would have.
+        new look at the disk; the token bucket (cookies and a Digest state
+        it keeps only once a server set one or asked for it: see
+        ``_keep_learnt``). The next attempt makes them again as the first
+        did, and its store reads the target as a kept one would have.
         A file object's store is kept: what a stream already took cannot be
         read again. No attempt under way: the run's steps at its end, or
         the caller's thread; under ``_lock`` (the run's steps take it
@@ -9024,10 +9084,6 @@ class Downloader(Emitter):
         if self._store is not None and self._store.is_path:
             self._store = None
         self._bucket = None
-        if self._digest_auth is not None and not self._digest_auth.learnt():
-            self._digest_auth = None
-        if self._cookies is not None and self._cookies.jar is None:
-            self._cookies = None
 
     # -- internal ---------------------------------------------------------------
 
@@ -9108,9 +9164,11 @@ class Downloader(Emitter):
         # what the transfer told last, given with the run's end: one call
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
+        # (what its requests make at the first need, the download keeps)
+        options = self._request_options()
         try:
             _SIGNALS.post(run, self._set_state, 'start')
-            size = yield from self._attempt_steps(run, last_events)
+            size = yield from self._attempt_steps(run, options, last_events)
             final, self._failures = 'complete', 0
         except _Stopped:
             final = 'pause'
@@ -9136,6 +9194,7 @@ class Downloader(Emitter):
                     self._transfer = None
                     self._attempt_over = True
                     self._speed = 0
+                    self._keep_learnt(options)
                     if final in _FINISHED_STATES:
                         self._let_go()
                 self._retry_after = retry_after
@@ -9179,10 +9238,10 @@ class Downloader(Emitter):
         self._restart_streak = 1 if received else self._restart_streak + 1
         self._restart_draw = _RESTART_RANDOM.random()
 
-    def _attempt_steps(self, run: _Run, last_events: List[Tuple[str, Any]]
-                       ) -> '_Steps[Optional[int]]':
+    def _attempt_steps(self, run: _Run, options: _RequestOptions,
+                       last_events: List[Tuple[str, Any]]) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer, relay what it reports as signals (posted to ``run``; what
+        transfer (its requests, and a checksum file's, made with ``options``), relay what it reports as signals (posted to ``run``; what
         it reports once finished, when its end waits for nothing, goes into
         ``last_events``, which the run's last call takes, also after a
         failure), and measure the speed
@@ -9196,7 +9255,7 @@ class Downloader(Emitter):
         if store is None:  # 'skip': the file is taken as it is
             return None
         checksum = self._checksum if self._checksum_file is None else \
-            (yield from self._checksum_from_file_steps())
+            (yield from self._checksum_from_file_steps(options))
         store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
         if store.size >= 0:
@@ -9208,7 +9267,7 @@ class Downloader(Emitter):
         transfer = _Transfer(
             store,                                                  # store
             [self._address, *self._mirrors],                        # addresses
-            self._request_options(),                                # options
+            options,                                                # options
             self._connections if store.is_path else 1,              # connections
             self._chunk_size,                                       # chunk_size
             self._buckets(),                                        # buckets
@@ -9294,7 +9353,8 @@ class Downloader(Emitter):
                     replaces, store.target, exc)) from exc
         return store.size if store.size >= 0 and not transfer.unchanged else self._downloaded
 
-    def _checksum_from_file_steps(self) -> '_Steps[Tuple[str, str]]':
+    def _checksum_from_file_steps(self, options: _RequestOptions
+                                  ) -> '_Steps[Tuple[str, str]]':
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
         by the name in its URL, else the name of its path. The run's
         steps."""
@@ -9307,7 +9367,7 @@ class Downloader(Emitter):
             self._fetching = cancel
         try:
             body, _ = yield from _fetch_document_steps(
-                self._request_options(), url, 'checksum file', cancel=cancel)
+                options, url, 'checksum file', cancel=cancel)
             assert body is not None  # (no types asked for: never left unread)
         finally:
             with self._lock:
@@ -9428,7 +9488,7 @@ class Downloader(Emitter):
         d._metalink = None
         d._init_state(address)
         d._rate_limit = self._rate_limit
-        d._timeout = self._timeout
+        d._requests = self._requests  # (read-only: a setter replaces a download's own)
         d._update_period = self._update_period
         d._chunk_size = self._chunk_size
         d._restart_wait = self._restart_wait
@@ -9438,12 +9498,8 @@ class Downloader(Emitter):
         d._content_disposition = self._content_disposition
         d._checksum_file = self._checksum_file
         d._checksum = self._checksum
-        d._headers = dict(self._headers)  # its own, as the constructor's check makes
-        d._auth = self._auth
-        d._proxy = self._proxy
-        d._ssl_context = self._ssl_context
         # the caller's jar is shared, as the constructor shares it; without
-        # one (None), each download makes its own cookies (_keep_for_requests)
+        # one (None), each download makes its own cookies (_keep_learnt)
         d._cookies = self._cookies
         d._max_size = self._max_size
         d._min_speed = self._min_speed

@@ -80,6 +80,20 @@ def test_a_downloads_own_cookies_outlive_its_end_and_none_are_kept_without_one(
     assert [r.headers['Cookie'] for r in server.requests_for('/plain')] == [None, None]
 
 
+def test_a_cookie_that_update_size_was_given_is_sent_by_the_next_start(server, tmp_path):
+    """update_size's request makes the download's own jar at the cookie
+    its answer sets, and the download keeps it for its attempts."""
+    url = server.add('/f.bin', DATA, headers={'Set-Cookie': 'pass=42; Path=/'})
+    d = bitpit.Downloader(url, tmp_path / 'f.bin')
+    d.update_size()
+    assert d.size == len(DATA)
+    d.start()
+    assert d.wait(10) and d.state == 'complete', d.last_exception
+    d.join(10)
+    assert [(r.method, r.headers['Cookie']) for r in server.requests_for('/f.bin')] == \
+        [('HEAD', None), ('GET', 'pass=42')]
+
+
 def test_a_callers_jar_receives_the_cookies_and_is_shared_by_a_manager(server, tmp_path):
     jar = http.cookiejar.CookieJar()
     server.add('/a', DATA, headers={'Set-Cookie': 'seen=a; Path=/'})

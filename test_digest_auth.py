@@ -42,6 +42,23 @@ def test_each_algorithm(server, tmp_path, algorithm):
     assert sent['nc'] == '00000001' and sent['uri'] == '"/f.bin"'
 
 
+def test_a_host_that_asked_for_digest_gets_digest_at_the_next_start(server, tmp_path):
+    """The Digest state that an attempt made at the host's challenge is
+    kept by the download: its next start answers with Digest at once, no
+    Basic first (and a download that met none keeps none)."""
+    url = server.add('/f.bin', DATA, digest=ALICE)
+    d = fetch(url, tmp_path / 'f.bin', auth=AUTH, if_exists='overwrite')
+    plain = fetch(server.add('/plain.bin', DATA), tmp_path / 'plain.bin', auth=AUTH)
+    assert d.state == plain.state == 'complete', d.last_exception
+    assert plain._digest_auth is None
+    d.start()
+    assert d.wait(10) and d.state == 'complete', d.last_exception
+    d.join(10)
+    first, second, again = authorizations(server, '/f.bin')
+    assert first == basic(*AUTH) and second.startswith('Digest ')
+    assert again.startswith('Digest ')
+
+
 def test_rfc_2069_without_qop(server, tmp_path):
     url = server.add('/f.bin', DATA, digest=dict(ALICE, qop=None))
     d = fetch(url, tmp_path / 'f.bin', auth=AUTH)

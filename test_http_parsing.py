@@ -344,8 +344,8 @@ def test_a_folded_field_is_one_value_joined_by_a_space(server):
     """http.client left the CRLF in a folded value."""
     url = server.add_raw('/f', raw(b'HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\n'
                                    b'Content-Length: 0\r\n\r\n'))
-    options = bitpit._RequestOptions(bitpit._check_url(url),
-                                     {}, None, None, None, 2, bitpit._Cookies())
+    options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
+        {}, None, None, None, 2), bitpit._Cookies())
     request = bitpit._Request(options, bitpit._check_url(url))
     try:
         assert request.send().getheader('X-Folded') == 'a b'

@@ -115,6 +115,12 @@ def is_value(value):
     return isinstance(value, (str, int, float, tuple, type(None), pathlib.PurePath))
 
 
+def request_settings(settings):
+    """What a downloader's requests are made with, as one value."""
+    return (tuple(settings.headers.items()), settings.auth, settings.proxy,
+            settings.ssl_context, settings.timeout)
+
+
 def test_add_url_makes_what_the_constructor_makes(tmp_path):
     kwargs = dict(EVERY_OPTION, path=tmp_path, dir_path=True)
     m = bitpit.Manager(**kwargs)
@@ -123,7 +129,10 @@ def test_add_url_makes_what_the_constructor_makes(tmp_path):
     made = [held(m.add(bitpit.Downloader(url, **kwargs))) for url in urls]
     for name in bitpit.Downloader.__slots__:
         ours, theirs = [a[name] for a in added], [b[name] for b in made]
-        if is_value(theirs[0]):
+        if name == '_requests':  # the model's, shared (read-only); alike
+            assert ours[0] is ours[1]
+            assert {request_settings(s) for s in ours + theirs} == {request_settings(ours[0])}
+        elif is_value(theirs[0]):
             assert ours == theirs, name
         else:  # an object of each download's own, or one they share
             assert type(ours[0]) is type(theirs[0]), name
@@ -157,6 +166,25 @@ def test_add_url_follows_kwargs_changed_in_place_and_the_working_directory(
         m.add('http://127.0.0.1:1/d')
     with pytest.raises(bitpit.InvalidURLError):
         bitpit.Manager().add('ftp://127.0.0.1/e')
+
+def test_a_setter_on_a_download_added_by_url_changes_that_download_only(server, tmp_path):
+    """The downloads that add(url) makes share their requests' settings,
+    made once from the kwargs: a setter gives its download settings of its
+    own, and the headers read from one are a copy, changed in place for
+    none of them."""
+    m = bitpit.Manager(path=tmp_path, dir_path=True, headers={'X-Test': 'kw'}, timeout=5)
+    first, second, third = [m.add(server.add('/s{}'.format(i), DATA)) for i in range(3)]
+    first.headers = {'X-Test': 'own'}
+    second.timeout = 7
+    third.headers['X-Test'] = 'in place'
+    assert [(d.headers['X-Test'], d.timeout) for d in (first, second, third)] == \
+        [('own', 5), ('kw', 7), ('kw', 5)]
+    for d in (first, second, third):
+        d.start()
+        d.join(5)
+    assert [server.requests_for('/s{}'.format(i))[0].headers['X-Test']
+            for i in range(3)] == ['own', 'kw', 'kw']
+
 
 def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,

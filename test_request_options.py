@@ -113,8 +113,8 @@ def test_a_line_break_in_a_field_is_refused_and_nothing_sent(server, name, value
     putheader: a field that a line break would split (a value that came
     from a cookie jar or a sidecar) is still refused before a byte goes out."""
     url = server.add('/f', DATA)
-    options = bitpit._RequestOptions(bitpit._check_url(url),
-                                     {}, None, '', None, 5.0, bitpit._Cookies())
+    options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
+        {}, None, '', None, 5.0), bitpit._Cookies())
     request = bitpit._Request(options, bitpit._check_url(url), extra={name: value})
     try:
         with pytest.raises(ValueError, match='Invalid header'):

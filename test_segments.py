@@ -222,8 +222,8 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     ends (a total limit sampled from it read 2 % short in that second)."""
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
-    options = bitpit._RequestOptions(bitpit._check_url(url),
-                                     {}, None, None, None, 10, bitpit._Cookies())
+    options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
+        {}, None, None, None, 10), bitpit._Cookies())
     transfer = bitpit._Transfer(store=store, addresses=[bitpit._check_url(url)],
                                 options=options, connections=4, chunk_size=65536,
                                 buckets=(bitpit._TokenBucket(),),
@@ -280,8 +280,8 @@ def test_min_speed_never_fails_a_file_whose_every_byte_is_held(tmp_path):
     window before them is no reason to fail the attempt."""
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
-    options = bitpit._RequestOptions(bitpit._check_url(url),
-                                     {}, None, None, None, 1, bitpit._Cookies())
+    options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
+        {}, None, None, None, 1), bitpit._Cookies())
     transfer = bitpit._Transfer(store=store, addresses=[bitpit._check_url(url)],
                                 options=options, connections=1, chunk_size=65536,
                                 buckets=(bitpit._TokenBucket(),),

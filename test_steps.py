@@ -355,7 +355,8 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
     url = server.add_raw('/gated', answer)
     address = bitpit._check_url(url)
     store = bitpit._FileStore(tmp_path / 'f', url)
-    options = bitpit._RequestOptions(address, {}, None, None, None, 0.5, bitpit._Cookies())
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, None, None, 0.5), bitpit._Cookies())
     transfer = bitpit._Transfer(store=store, addresses=[address], options=options,
                                 connections=1, chunk_size=1024,  # (each read its own)
                                 buckets=(bitpit._TokenBucket(),), checksum=None,
@@ -385,7 +386,8 @@ def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
     monkeypatch.setattr(bitpit._Transfer, '_keep_going', lambda self: looks.append(1))
     address = bitpit._check_url('http://127.0.0.1:9/f')
     store = bitpit._FileStore(tmp_path / 'f', address.url)
-    options = bitpit._RequestOptions(address, {}, None, None, None, 0.5, bitpit._Cookies())
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, None, None, 0.5), bitpit._Cookies())
     transfer = bitpit._Transfer(store, [address], options, 1, 1024, (bitpit._TokenBucket(),),
                                 None, None, 0, None, False)
 
@@ -741,7 +743,8 @@ def test_a_requests_steps_never_block_and_wait_only_for_its_socket(server, monke
     server.add('/f', data, throttle=len(data) * 5, throttle_piece=len(data) // 2)
     url = server.add('/r', b'moved', status=302, headers={'Location': '/f'})
     address = bitpit._check_url(url)
-    options = bitpit._RequestOptions(address, {}, None, '', None, 5.0, bitpit._Cookies())
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, '', None, 5.0), bitpit._Cookies())
     request = bitpit._Request(options, address)
     waits = []
     response, body = request_by_hand(request, len(data), waits, monkeypatch)
@@ -759,8 +762,8 @@ def test_a_tls_request_through_a_tunnel_never_blocks(https_url, certificate, pro
     (raw, then wrapped), which never blocks."""
     context = ssl.create_default_context(cafile=str(certificate[0]))
     address = bitpit._check_url(https_url)
-    options = bitpit._RequestOptions(address, {}, None, proxy.url, context, 5.0,
-                                     bitpit._Cookies())
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, proxy.url, context, 5.0), bitpit._Cookies())
     request = bitpit._Request(options, address)
     waits = []
     response, body = request_by_hand(request, len(HTTPS_DATA), waits, monkeypatch)
