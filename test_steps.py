@@ -431,7 +431,8 @@ def test_a_stop_as_a_connection_looks_for_work_is_not_missed(tmp_path, monkeypat
     past stop()'s 0.1 s)."""
     address = bitpit._check_url('http://127.0.0.1:9/f')
     store = bitpit._FileStore(tmp_path / 'f', address.url)
-    options = bitpit._RequestOptions(address, {}, None, None, None, 0.5, bitpit._Cookies())
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, None, None, 0.5), bitpit._Cookies())
     transfer = bitpit._Transfer(store, [address], options, 2, 1024, (bitpit._TokenBucket(),),
                                 None, None, 0, None, False)
     conn = transfer._add_connection()
