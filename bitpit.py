@@ -2640,12 +2640,6 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
-# the usual status line, of HTTP/1.0 or 1.1 (its minor version), its
-# status and its reason (none, or with no space around it), as
-# _status_line reads it in more calls; any other goes to _status_line
-_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?\Z')
-
-
 def _parse_head(head: bytes) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
     end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
@@ -2663,12 +2657,7 @@ def _parse_head(head: bytes) -> _Head:
         for line in [status_line] + lines:
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    usual = _STATUS_LINE_RE.match(status_line)
-    if usual is not None:
-        minor, code, reason = usual.groups('')
-        version, status = 10 + int(minor), int(code)
-    else:
-        version, status, reason = _status_line(status_line)
+    version, status, reason = _USUAL_STATUS_LINES.get(status_line) or _status_line(status_line)
     # the usual head, each line a field of a name of its own (a name with
     # no space or tab, its colon, its value), taken apart in the fewest
     # calls: each line's value by its name in lower case, all that _Headers
@@ -2731,6 +2720,15 @@ def _status_line(line: str) -> Tuple[int, int, str]:
     else:
         raise _head_error('an HTTP version bitpit does not speak', line)
     return number, int(code), parts[2].strip() if len(parts) > 2 else ''
+
+
+# the status lines that most answers begin with, taken apart once (as
+# _status_line takes them apart): a look-up in place of its calls
+_USUAL_STATUS_LINES = {line: _status_line(line) for line in [
+    version + ' ' + status for version in ('HTTP/1.1', 'HTTP/1.0') for status in (
+        '200 OK', '206 Partial Content', '304 Not Modified', '416 Range Not Satisfiable',
+        '416 Requested Range Not Satisfiable', '301 Moved Permanently', '302 Found',
+        '303 See Other', '307 Temporary Redirect', '308 Permanent Redirect', '404 Not Found')]}
 
 
 class _HeadParser:
