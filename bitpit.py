@@ -2640,7 +2640,7 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
-def _parse_head(head: bytes) -> _Head:
+def _parse_head(head: Union[bytes, bytearray]) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
     end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
     continues the field before it, joined with a space; Latin-1, as
@@ -2650,7 +2650,8 @@ def _parse_head(head: bytes) -> _Head:
         text = text[:-1]
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', ' ')
-    status_line, *lines = text.split('\n')
+    lines = text.split('\n')
+    status_line = lines.pop(0)  # (the field lines left: no copy of them)
     if len(lines) > _MAX_HEAD_FIELDS:
         raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
     if len(head) + 2 > _MAX_HEAD_LINE:
@@ -2763,7 +2764,7 @@ class _HeadParser:
             end, after = _head_end(buffer, start + searched)
             if end < 0:
                 break
-            head = _parse_head(bytes(buffer[start:end]))
+            head = _parse_head(buffer[start:end])
             start, searched = after, 0
             if head.final:
                 self.rest = memoryview(buffer)[start:]
