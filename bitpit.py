@@ -2926,6 +2926,9 @@ class _BodyFraming:
 # request is sent in one system call
 _SOCKETS_ARE_FDS = os.name == 'posix'
 
+# no bytes, as a buffer: a response's that holds none (read-only, shared)
+_NO_BYTES = memoryview(b'')
+
 # the most a response's receive takes (http.client's reader takes 8 KiB):
 # its first brings the head and a small body whole, where 8 KiB would leave
 # the rest of a 10 KiB file to a second receive (and the poll before it)
@@ -2953,7 +2956,7 @@ class _Response:
     fields: _Headers
     headers: _Headers
     msg: _Headers
-    _received = memoryview(b'')  # bytes received and not taken yet
+    _received = _NO_BYTES  # bytes received and not taken yet
     held = 0
     status = code = version = 0
     reason = ''
@@ -3042,9 +3045,14 @@ class _Response:
     def take_into(self, view: memoryview) -> int:
         """Copy bytes of the buffer into ``view``, as many as fit; how many."""
         received = self._received
-        count = min(len(view), len(received))
-        view[:count] = received[:count]
-        self._received = received[count:]
+        count = len(received)
+        if count <= len(view):  # all of them (the usual: a small body, come with the head)
+            view[:count] = received
+            self._received = _NO_BYTES
+        else:
+            count = len(view)
+            view[:] = received[:count]
+            self._received = received[count:]
         return count
 
     def read1_steps(self, size: int = -1) -> '_Steps[bytes]':
@@ -3064,7 +3072,7 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            data, self._received = bytes(self._received), memoryview(b'')  # held bytes first
+            data, self._received = bytes(self._received), _NO_BYTES  # held bytes first
             if not data:  # (a receive's bytes as they came, not copied again)
                 data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
                                             _FIRST_READ)
@@ -3106,7 +3114,7 @@ class _Response:
     def close(self) -> None:
         """Let the buffer go; the socket stays its connection's."""
         self._closed = True
-        self._received = memoryview(b'')
+        self._received = _NO_BYTES
 
 
 def _field_lines(fields: Dict[str, str]) -> str:
