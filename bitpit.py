@@ -2492,30 +2492,49 @@ class _Headers:
     ``HTTPResponse.getheader`` gives them): bitpit's own look-ups, by
     names it writes in lower case, take no call of their own, nor those
     of ``firsts``, the first value of each (the same dict where no name
-    is repeated, as in most heads). Read-only; any thread."""
-    __slots__ = ('_fields', 'by_name', 'firsts', '_repeated')
+    is repeated, as in most heads). The usual head's lines (each a field
+    of a name of its own) are taken apart into fields only if asked for
+    (``items`` and the like): bitpit reads ``by_name`` alone. Read-only;
+    any thread (fields taken apart twice at once are the same)."""
+    __slots__ = ('_lines', '_fields', 'by_name', 'firsts', '_repeated')
 
-    def __init__(self, fields: List[Tuple[str, str]], last_values: Dict[str, str]):
-        """``last_values``: the last value of each name in ``fields``, in
-        lower case, as their reader took them (``_parse_head``): the very
-        ``by_name`` and ``firsts`` where no name is repeated."""
-        self._fields = fields
-        by_name = firsts = last_values
-        repeated: Dict[str, List[str]] = _NONE_REPEATED  # the values of each name given more than once
-        if len(by_name) < len(fields):  # (seldom: a name given more than once)
-            by_name, firsts, repeated = {}, {}, {}
-            for name, value in fields:
-                key = name.lower()
-                if key in by_name:
-                    if key not in repeated:
-                        repeated[key] = [by_name[key]]
-                    repeated[key].append(value)
-                    by_name[key] += ', ' + value
-                else:
-                    by_name[key] = firsts[key] = value
+    def __init__(self, lines: List[str], last_values: Optional[Dict[str, str]] = None):
+        """``lines``: the head's field lines (its status line left out),
+        as ``_parse_head`` split them; ``last_values``: where each line is
+        a field of a name of its own, the value of each by its name in
+        lower case, as ``_parse_head`` took them (the very ``by_name`` and
+        ``firsts``); else ``None``, and the lines are taken apart here
+        (``_head_fields``, which raises ``ProtocolError``)."""
+        self._lines = lines
+        self._fields: Optional[List[Tuple[str, str]]] = None  # (made when first asked for)
+        if last_values is not None:
+            self.by_name = self.firsts = last_values
+            self._repeated = _NONE_REPEATED
+            return
+        # (seldom: a name given more than once, a folded line, space before a colon)
+        fields = self._fields = _head_fields(lines)
+        by_name: Dict[str, str] = {}
+        firsts: Dict[str, str] = {}
+        repeated: Dict[str, List[str]] = {}  # the values of each name given more than once
+        for name, value in fields:
+            key = name.lower()
+            if key in by_name:
+                if key not in repeated:
+                    repeated[key] = [by_name[key]]
+                repeated[key].append(value)
+                by_name[key] += ', ' + value
+            else:
+                by_name[key] = firsts[key] = value
         self.by_name = by_name
         self.firsts = firsts
         self._repeated = repeated
+
+    def _all(self) -> List[Tuple[str, str]]:
+        """The fields, ``(name, value)`` in the order received."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = _head_fields(self._lines)
+        return fields
 
     def first(self, key: str) -> Optional[str]:
         """The first value of the field named ``key`` (in lower case), or ``None``."""
@@ -2538,26 +2557,26 @@ class _Headers:
         return isinstance(name, str) and name.lower() in self.by_name
 
     def items(self) -> List[Tuple[str, str]]:
-        return list(self._fields)
+        return list(self._all())
 
     def keys(self) -> List[str]:
-        return [name for name, _ in self._fields]
+        return [name for name, _ in self._all()]
 
     def values(self) -> List[str]:
-        return [value for _, value in self._fields]
+        return [value for _, value in self._all()]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self._fields)
+        return len(self._all())
 
     def message(self) -> http.client.HTTPMessage:
         """The fields as an ``http.client.HTTPMessage``, for code outside
         bitpit that expects one (a caller's cookie jar)."""
         import http.client
         message = http.client.HTTPMessage()
-        for name, value in self._fields:
+        for name, value in self._all():
             message[name] = value
         return message
 
@@ -2621,13 +2640,7 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
 
 
-# the usual status line, of HTTP/1.0 or 1.1 (its minor version), its
-# status and its reason (none, or with no space around it), as
-# _status_line reads it in more calls; any other goes to _status_line
-_STATUS_LINE_RE = re.compile(r'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (\S(?:[^\n]*\S)?))?\Z')
-
-
-def _parse_head(head: bytes) -> _Head:
+def _parse_head(head: Union[bytes, bytearray]) -> _Head:
     """The head whose bytes, its blank line left out, are ``head``. Lines
     end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
     continues the field before it, joined with a space; Latin-1, as
@@ -2638,25 +2651,40 @@ def _parse_head(head: bytes) -> _Head:
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', ' ')
     lines = text.split('\n')
-    if len(lines) > _MAX_HEAD_FIELDS + 1:
+    status_line = lines.pop(0)  # (the field lines left: no copy of them)
+    if len(lines) > _MAX_HEAD_FIELDS:
         raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
     if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in lines:
+        for line in [status_line] + lines:
             if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
                 raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    usual = _STATUS_LINE_RE.match(lines[0])
-    if usual is not None:
-        minor, code, reason = usual.groups('')
-        version, status = 10 + int(minor), int(code)
+    version, status, reason = _USUAL_STATUS_LINES.get(status_line) or _status_line(status_line)
+    # the usual head, each line a field of a name of its own (a name with
+    # no space or tab, its colon, its value), taken apart in the fewest
+    # calls: each line's value by its name in lower case, all that _Headers
+    # needs of it, and the names looked at all at once; any other head is
+    # taken apart line by line (_head_fields), which says what is wrong
+    last_values: Dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(':')
+        if not colon:
+            break
+        last_values[name.lower()] = value.strip(' \t')
     else:
-        version, status, reason = _status_line(lines[0])
-    # each line taken apart by str's own calls, a regex's search costs
-    # more than they do: the usual field line (a name with no space or tab,
-    # then its colon) in three; a folded one, a name with space before its
-    # colon or a line that is not a field in more, or an error
+        names = '\n'.join(last_values)  # (no name holds a line end)
+        if len(last_values) == len(lines) and '' not in last_values and \
+                ' ' not in names and '\t' not in names:
+            return _Head(version, status, reason, _Headers(lines, last_values))
+    return _Head(version, status, reason, _Headers(lines))
+
+
+def _head_fields(lines: List[str]) -> List[Tuple[str, str]]:
+    """The fields ``(name, value)`` of a head's field ``lines``: a field
+    a line (a name, its colon, its value without the spaces and tabs
+    around it), a folded line joined to the field before it. Raises
+    ``ProtocolError`` for a line that is not a field."""
     fields: List[Tuple[str, str]] = []
-    last_values: Dict[str, str] = {}  # (see _Headers)
-    for line in lines[1:]:
+    for line in lines:
         name, colon, value = line.partition(':')
         if colon and name and ' ' not in name and '\t' not in name:
             value = value.strip(' \t')
@@ -2674,8 +2702,7 @@ def _parse_head(head: bytes) -> _Head:
                 raise _head_error('a header line that is not a field', line)
             value = value.strip(' \t')
         fields.append((name, value))
-        last_values[name.lower()] = value
-    return _Head(version, status, reason, _Headers(fields, last_values))
+    return fields
 
 
 def _status_line(line: str) -> Tuple[int, int, str]:
@@ -2694,6 +2721,15 @@ def _status_line(line: str) -> Tuple[int, int, str]:
     else:
         raise _head_error('an HTTP version bitpit does not speak', line)
     return number, int(code), parts[2].strip() if len(parts) > 2 else ''
+
+
+# the status lines that most answers begin with, taken apart once (as
+# _status_line takes them apart): a look-up in place of its calls
+_USUAL_STATUS_LINES = {line: _status_line(line) for line in [
+    version + ' ' + status for version in ('HTTP/1.1', 'HTTP/1.0') for status in (
+        '200 OK', '206 Partial Content', '304 Not Modified', '416 Range Not Satisfiable',
+        '416 Requested Range Not Satisfiable', '301 Moved Permanently', '302 Found',
+        '303 See Other', '307 Temporary Redirect', '308 Permanent Redirect', '404 Not Found')]}
 
 
 class _HeadParser:
@@ -2728,7 +2764,7 @@ class _HeadParser:
             end, after = _head_end(buffer, start + searched)
             if end < 0:
                 break
-            head = _parse_head(bytes(buffer[start:end]))
+            head = _parse_head(buffer[start:end])
             start, searched = after, 0
             if head.final:
                 self.rest = memoryview(buffer)[start:]
@@ -2890,6 +2926,9 @@ class _BodyFraming:
 # request is sent in one system call
 _SOCKETS_ARE_FDS = os.name == 'posix'
 
+# no bytes, as a buffer: a response's that holds none (read-only, shared)
+_NO_BYTES = memoryview(b'')
+
 # the most a response's receive takes (http.client's reader takes 8 KiB):
 # its first brings the head and a small body whole, where 8 KiB would leave
 # the rest of a 10 KiB file to a second receive (and the poll before it)
@@ -2917,7 +2956,7 @@ class _Response:
     fields: _Headers
     headers: _Headers
     msg: _Headers
-    _received = memoryview(b'')  # bytes received and not taken yet
+    _received = _NO_BYTES  # bytes received and not taken yet
     held = 0
     status = code = version = 0
     reason = ''
@@ -3006,9 +3045,14 @@ class _Response:
     def take_into(self, view: memoryview) -> int:
         """Copy bytes of the buffer into ``view``, as many as fit; how many."""
         received = self._received
-        count = min(len(view), len(received))
-        view[:count] = received[:count]
-        self._received = received[count:]
+        count = len(received)
+        if count <= len(view):  # all of them (the usual: a small body, come with the head)
+            view[:count] = received
+            self._received = _NO_BYTES
+        else:
+            count = len(view)
+            view[:] = received[:count]
+            self._received = received[count:]
         return count
 
     def read1_steps(self, size: int = -1) -> '_Steps[bytes]':
@@ -3028,7 +3072,7 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            data, self._received = bytes(self._received), memoryview(b'')  # held bytes first
+            data, self._received = bytes(self._received), _NO_BYTES  # held bytes first
             if not data:  # (a receive's bytes as they came, not copied again)
                 data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
                                             _FIRST_READ)
@@ -3070,7 +3114,7 @@ class _Response:
     def close(self) -> None:
         """Let the buffer go; the socket stays its connection's."""
         self._closed = True
-        self._received = memoryview(b'')
+        self._received = _NO_BYTES
 
 
 def _field_lines(fields: Dict[str, str]) -> str:

@@ -131,7 +131,7 @@ def test_bad_status_lines_are_protocol_errors(line):
 
 
 @pytest.mark.parametrize('line', [
-    b'no colon', b': no name', b' : no name', b'Two Words: x', b'Tab\tName: x',
+    b'no colon', b'nocolon', b': no name', b' : no name', b'Two Words: x', b'Tab\tName: x',
     b' folded first: x',
 ])
 def test_lines_that_are_not_fields_are_protocol_errors(line):
