@@ -8238,6 +8238,10 @@ class _RequestOption(_Option[_Value]):
     (``headers``) is read as a copy: changed in place, it would change
     those of the other downloads too."""
 
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None) -> _RequestOption[_Value]: ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
     def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         if obj is None:
             return self
