@@ -8257,7 +8257,9 @@ class _RequestOption(_Option[_Value]):
         return dict(value) if isinstance(value, dict) else value
 
     def __set__(self, obj: Any, value: Any) -> None:
-        obj._requests = obj._requests.replaced(self.name, self.check(self.name, value))
+        value = self.check(self.name, value)
+        with obj._lock:  # (two setters at once: each keeps the other's change)
+            obj._requests = obj._requests.replaced(self.name, value)
 
 
 def _check_if_exists(value: Any, path: Any) -> str:
