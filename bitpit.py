@@ -7836,7 +7836,7 @@ def _fetch_document_steps(options: _RequestOptions, url: str, what: str,
     type)``; the body is ``None``, unread, when ``types`` are given and the
     media type is none of them. Raises the request's ``bitpit.Error``; a
     larger or an encoded body is a ``ProtocolError``. Blocks for up to
-    ``options.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
+    ``options.settings.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
     request = _Request(options, _check_url(url), cancel=cancel)
     try:
         response = yield from request.send_steps()
