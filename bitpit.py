@@ -4120,15 +4120,18 @@ class _RequestOptions:
     it keeps (``_HostLookups``: its own, or with ``shared_lookups`` those
     that the downloads of managers share for a second), and the cookies
     and the Digest state that it makes at the first need (most downloads
-    meet neither: ``None`` until then), which its download keeps for its
-    next attempt (``Downloader._keep_learnt``). Its requests run on one
-    thread at a time (the loop's, or ``update_size``'s caller's)."""
+    meet neither: ``None`` until then), which ``keep(options)`` hands to
+    its download at once (``Downloader._keep_learnt``: the download's own
+    from then on, for its other requests under way and its next attempts;
+    or it gives the one it made meanwhile). Its requests run on one thread
+    at a time (the loop's, or ``update_size``'s caller's)."""
     __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
-                 '_lookups')  # (one made for every attempt: no dict)
+                 '_lookups', 'keep')  # (one made for every attempt: no dict)
 
     def __init__(self, address: _Address, settings: _RequestSettings,
                  cookies: Optional[_Cookies] = None, digest: Optional[_DigestAuth] = None,
-                 slots: Optional[_HostSlots] = None, shared_lookups: bool = False):
+                 slots: Optional[_HostSlots] = None, shared_lookups: bool = False,
+                 keep: Optional[Callable[['_RequestOptions'], None]] = None):
         # the download's own URL, checked: auth and secrets are for its origin
         self.address = address
         self.url = address.url
@@ -4139,6 +4142,7 @@ class _RequestOptions:
         # what the environment and .netrc say for a host, looked up once
         # for all the requests these options make, or for a second
         self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
+        self.keep = keep
 
     def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
         """The proxy of a request by ``scheme`` (in lower case) to ``host``
@@ -4154,6 +4158,8 @@ class _RequestOptions:
         ``Set-Cookie``), in the download's own jar, made now if need be."""
         if self.cookies is None:
             self.cookies = _Cookies()
+            if self.keep is not None:
+                self.keep(self)
         self.cookies.remember(response, url)
 
     def digest_auth(self) -> _DigestAuth:
@@ -4161,6 +4167,8 @@ class _RequestOptions:
         for Digest)."""
         if self.digest is None:
             self.digest = _DigestAuth()
+            if self.keep is not None:
+                self.keep(self)
         return self.digest
 
     def trusted(self, address: _Address) -> bool:
@@ -7872,7 +7880,7 @@ def _fetch_document_steps(options: _RequestOptions, url: str, what: str,
     type)``; the body is ``None``, unread, when ``types`` are given and the
     media type is none of them. Raises the request's ``bitpit.Error``; a
     larger or an encoded body is a ``ProtocolError``. Blocks for up to
-    ``options.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
+    ``options.settings.timeout`` per read; ``cancel`` ends it (``_Stopped``)."""
     request = _Request(options, _check_url(url), cancel=cancel)
     try:
         response = yield from request.send_steps()
@@ -8282,6 +8290,10 @@ class _RequestOption(_Option[_Value]):
     (``headers``) is read as a copy: changed in place, it would change
     those of the other downloads too."""
 
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None) -> _RequestOption[_Value]: ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
     def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
         if obj is None:
             return self
@@ -8289,7 +8301,9 @@ class _RequestOption(_Option[_Value]):
         return dict(value) if isinstance(value, dict) else value
 
     def __set__(self, obj: Any, value: Any) -> None:
-        obj._requests = obj._requests.replaced(self.name, self.check(self.name, value))
+        value = self.check(self.name, value)
+        with obj._lock:  # (two setters at once: each keeps the other's change)
+            obj._requests = obj._requests.replaced(self.name, value)
 
 
 def _check_if_exists(value: Any, path: Any) -> str:
@@ -9018,8 +9032,7 @@ class Downloader(Emitter):
     def update_size(self) -> None:
         """Refresh ``size`` with a HEAD request (blocks; raises a
         ``bitpit.Error`` on failure)."""
-        options = self._request_options()
-        request = _Request(options, self._address, 'HEAD')
+        request = _Request(self._request_options(), self._address, 'HEAD')
         try:
             response = request.send()
             if response.status >= 300:
@@ -9028,8 +9041,6 @@ class Downloader(Emitter):
             response.close()
         finally:
             request.close(reuse=False)
-            with self._lock:
-                self._keep_learnt(options)
         if length is not None:
             self._local_store()  # (read first: what the target holds then sets no size)
             self._set_size(length)
@@ -9096,22 +9107,29 @@ class Downloader(Emitter):
         with the cookies and the Digest state that the download keeps
         (``_keep_learnt``), if any: most downloads meet neither, and make
         none (two objects a small file fewer). They are written under the
-        lock at a run's end, which a start follows, and read here with no
-        lock: a run's steps see what the run before kept; ``update_size``
-        during a run may find none yet, and makes its own. Any thread."""
+        lock, by the requests that make them, and read here with no lock
+        (one read each). Any thread."""
         return _RequestOptions(self._address, self._requests, self._cookies,
-                               self._digest_auth, self._host_slots, bool(self._tracked_by))
+                               self._digest_auth, self._host_slots, bool(self._tracked_by),
+                               self._keep_learnt)
 
     def _keep_learnt(self, options: _RequestOptions) -> None:
-        """Keep for the next attempt what the requests made with
-        ``options`` made at their first need: a jar of its own at a
-        ``Set-Cookie``, the state of the hosts that asked for Digest.
-        What it keeps already it keeps (the options of a later start took
-        it, and made none). Under ``_lock``."""
-        if self._cookies is None:
-            self._cookies = options.cookies
-        if self._digest_auth is None:
-            self._digest_auth = options.digest
+        """Keep what the requests made with ``options`` made at their first
+        need (a jar of its own at a ``Set-Cookie``, the state of the hosts
+        that asked for Digest) for all the download's requests from now on:
+        those under way with other options (``update_size`` during a run)
+        and those of its next attempts; or give ``options`` what another's
+        made and the download keeps already. The thread of those requests
+        (the loop's, or ``update_size``'s caller's); takes ``_lock``."""
+        with self._lock:
+            if self._cookies is None:
+                self._cookies = options.cookies
+            else:
+                options.cookies = self._cookies
+            if self._digest_auth is None:
+                self._digest_auth = options.digest
+            else:
+                options.digest = self._digest_auth
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
@@ -9238,7 +9256,6 @@ class Downloader(Emitter):
                     self._transfer = None
                     self._attempt_over = True
                     self._speed = 0
-                    self._keep_learnt(options)
                     if final in _FINISHED_STATES:
                         self._let_go()
                 self._retry_after = retry_after

@@ -94,6 +94,32 @@ def test_a_cookie_that_update_size_was_given_is_sent_by_the_next_start(server, t
         [('HEAD', None), ('GET', 'pass=42')]
 
 
+def test_the_cookies_of_a_run_and_of_an_update_size_during_it_are_both_kept(
+        server, tmp_path):
+    """An update_size while a run is under way makes a jar of its own (the
+    run's had none yet); the download keeps the cookies of both for its
+    next start, not those of whichever was kept first."""
+    server.add('/f.bin', DATA, headers={'Set-Cookie': 'run=1; Path=/'}, stall_after=100)
+    d = bitpit.Downloader(server.url('/f.bin'), tmp_path / 'f.bin', restart_wait=-1)
+    downloading = threading.Event()
+    d.listen('state-changed', lambda d, old: d.state == 'download' and downloading.set())
+    d.start()
+    try:
+        assert downloading.wait(10)  # (the run's answer set its cookie)
+        server.add('/f.bin', DATA, headers={'Set-Cookie': 'size=2; Path=/'})
+        d.update_size()
+        d.stop()
+    finally:
+        server.release()
+    d.start()
+    assert d.wait(10), d.last_exception
+    d.join(10)
+    get, head, again = server.requests_for('/f.bin')
+    assert (get.method, head.method, get.headers['Cookie'], head.headers['Cookie']) == \
+        ('GET', 'HEAD', None, 'run=1')
+    assert sorted(again.headers['Cookie'].split('; ')) == ['run=1', 'size=2']
+
+
 def test_a_callers_jar_receives_the_cookies_and_is_shared_by_a_manager(server, tmp_path):
     jar = http.cookiejar.CookieJar()
     server.add('/a', DATA, headers={'Set-Cookie': 'seen=a; Path=/'})

@@ -186,6 +186,45 @@ def test_a_setter_on_a_download_added_by_url_changes_that_download_only(server, 
             for i in range(3)] == ['own', 'kw', 'kw']
 
 
+def test_two_setters_at_once_each_keep_the_others_change(monkeypatch):
+    """A setter replaces the download's request settings whole: one that
+    runs while another is making its replacement waits for it, and loses
+    nothing of it (nor it of this one)."""
+    d = bitpit.Downloader('http://127.0.0.1/f', timeout=5)
+    inside, go, progress = threading.Event(), threading.Event(), threading.Event()
+    header_sets = bitpit._header_sets
+
+    def blocking_header_sets(headers):  # (the headers setter's replacement)
+        inside.set()
+        assert go.wait(5)
+        return header_sets(headers)
+
+    class SeenLock:  # (the timeout setter says when it reaches the lock)
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            progress.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(bitpit, '_header_sets', blocking_header_sets)
+    setting_headers = threading.Thread(target=setattr, args=(d, 'headers', {'X-A': 'a'}))
+    setting_headers.start()
+    assert inside.wait(5)
+    d._lock = SeenLock(d._lock)
+    setting_timeout = threading.Thread(
+        target=lambda: (setattr(d, 'timeout', 7), progress.set()))
+    setting_timeout.start()
+    assert progress.wait(5)  # (at the lock, or done without one)
+    go.set()
+    setting_headers.join(5)
+    setting_timeout.join(5)
+    assert (d.headers, d.timeout) == ({'X-A': 'a'}, 7)
+
+
 def test_max_running_is_never_exceeded_and_oldest_run_first(manager, server, tmp_path):
     m, watcher, downloads = start_manager(manager, server, tmp_path,
                                           ['/f{}'.format(i) for i in range(8)],
