@@ -1044,8 +1044,9 @@ def _background_checkers(items):
 def pytest_collection_finish(session):
     """Start the checkers of a run that holds their tests now, niced, so
     that they use the core the test process leaves idle while the other
-    tests run."""
-    if session.config.option.collectonly:
+    tests run. Not in an xdist worker: every worker collects every test,
+    but runs only some (a check starts there when its test asks)."""
+    if session.config.option.collectonly or hasattr(session.config, 'workerinput'):
         return
     for checkers in _background_checkers(session.items):
         checkers.start()

@@ -70,13 +70,14 @@ class Checkers:
         self._started = {}   # name -> (process, output file)
         self._work = None    # the temporary directory of caches and outputs
 
-    def start(self):
-        """Start every check, unless started already."""
+    def start(self, names=None):
+        """Start the checks ``names`` (by default every check) not started yet."""
         with self._lock:
-            if self._work is not None:
-                return
-            self._work = pathlib.Path(tempfile.mkdtemp(prefix='bitpit-checks-'))
+            if self._work is None:
+                self._work = pathlib.Path(tempfile.mkdtemp(prefix='bitpit-checks-'))
             for name, command in commands(self._work).items():
+                if name in self._started or (names is not None and name not in names):
+                    continue
                 output = self._work / (name + '.txt')
                 with open(output, 'w') as file:
                     self._started[name] = subprocess.Popen(
@@ -84,7 +85,9 @@ class Checkers:
                         preexec_fn=_lower_priority if hasattr(os, 'nice') else None), output
 
     def outcome(self, name):
-        """``(exit status, output)`` of the check ``name``, once it is done."""
+        """``(exit status, output)`` of the check ``name``, once it is done
+        (started now if it was not)."""
+        self.start([name])
         with self._lock:
             process, output = self._started[name]
         try:
@@ -114,8 +117,8 @@ CHECKERS = Checkers()
 
 @pytest.fixture(scope='module')
 def checks():
-    """The run's :class:`Checkers`, started (early, by conftest, in a run)."""
-    CHECKERS.start()
+    """The run's :class:`Checkers` (started early by conftest, but in an
+    xdist worker, where each check starts when its test asks for it)."""
     return CHECKERS
 
 
@@ -136,3 +139,16 @@ def test_pyflakes_finds_nothing_in_the_repository(checks):
     assert len(python_files()) > len(the_tests())  # bitpit.py, setup.py, bench/ too
     status, output = checks.outcome('pyflakes')
     assert status == 0 and output == '', 'pyflakes:\n{}\n({})'.format(output, INSTALL)
+
+
+def test_a_check_not_started_yet_starts_when_its_test_asks(monkeypatch):
+    """In an xdist worker conftest starts no checks: each starts at its
+    test, alone (a worker runs only some of these tests)."""
+    monkeypatch.setattr(sys.modules[__name__], 'commands', lambda work: {
+        name: [sys.executable, '-I', '-S', '-c', 'print({!r})'.format(name)] for name in ('a', 'b')})
+    checkers = Checkers()
+    try:
+        assert checkers.outcome('a') == (0, 'a\n')
+        assert list(checkers._started) == ['a']
+    finally:
+        checkers.close()
