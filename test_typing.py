@@ -5,8 +5,8 @@ nor in the tests, and pyflakes nothing in any Python file of the repository.
 The checkers start together, each in a process of its own with a fresh
 cache of its own (no stale cache, no two writers on one); each test waits
 for its own. They start as soon as pytest has collected a run that holds
-these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``)
-and run niced: the test process, one GIL, leaves a core mostly idle, and
+these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``;
+in an xdist worker, each starts at its test) and run niced: the test process, one GIL, leaves a core mostly idle, and
 these tests, last but one in the run, then find them done."""
 import os
 import pathlib
