@@ -56,9 +56,17 @@ def commands(work):
     return started
 
 
-def _lower_priority():
-    """In a checker's process before it runs: yield the cores to the tests."""
-    os.nice(10)
+def _lower_priority(process):
+    """Let the checker ``process``, just started, yield the cores to the
+    tests: niced by 10 more than this process (where the OS can). Set from
+    here, not by a ``preexec_fn``, which is unsafe in a process with threads
+    (an xdist worker starts a check during its tests)."""
+    if hasattr(os, 'setpriority'):
+        try:
+            os.setpriority(os.PRIO_PROCESS, process.pid,
+                           os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        except OSError:
+            pass  # it ended already
 
 
 class Checkers:
@@ -80,9 +88,10 @@ class Checkers:
                     continue
                 output = self._work / (name + '.txt')
                 with open(output, 'w') as file:
-                    self._started[name] = subprocess.Popen(
-                        command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT,
-                        preexec_fn=_lower_priority if hasattr(os, 'nice') else None), output
+                    process = subprocess.Popen(command, cwd=ROOT, stdout=file,
+                                               stderr=subprocess.STDOUT)
+                _lower_priority(process)
+                self._started[name] = process, output
 
     def outcome(self, name):
         """``(exit status, output)`` of the check ``name``, once it is done
