@@ -1044,8 +1044,9 @@ def _background_checkers(items):
 def pytest_collection_finish(session):
     """Start the checkers of a run that holds their tests now, niced, so
     that they use the core the test process leaves idle while the other
-    tests run."""
-    if session.config.option.collectonly:
+    tests run. Not in an xdist worker: every worker collects every test,
+    but runs only some (a check starts there when its test asks)."""
+    if session.config.option.collectonly or hasattr(session.config, 'workerinput'):
         return
     for checkers in _background_checkers(session.items):
         checkers.start()
@@ -1173,7 +1174,7 @@ def _no_ambient_proxy(monkeypatch):
     """Tests talk to 127.0.0.1 directly, whatever proxy the machine sets;
     the proxy tests set their own. A manager's downloads share what the
     environment and .netrc said for a second: not from an earlier test."""
-    for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
+    for name in AMBIENT_PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setattr(bitpit, '_SHARED_LOOKUPS',
@@ -1193,6 +1194,8 @@ def _fresh_connection_pool():
 # ---------------------------------------------------------------------------
 
 HERE = pathlib.Path(__file__).resolve().parent
+#: the environment's proxy settings, lower case (bitpit reads either case)
+AMBIENT_PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy')
 DATA = bytes(range(256)) * 4096 + b'tail'          # 1 MiB + 4 bytes
 LOGO = os.urandom(10102)                           # the tutorial's 10102-byte file
 OFFSET = 300000                      # where partial files of DATA stop
@@ -1408,8 +1411,13 @@ def start_program(source, url, cwd, home, stdout, stderr):
 
 
 def program(source, url, cwd, home):
-    """The ``subprocess`` arguments (args, cwd, env) of :func:`run_program`."""
-    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(HERE))
+    """The ``subprocess`` arguments (args, cwd, env) of :func:`run_program`:
+    the environment without the machine's proxy settings, as every test's
+    (``_no_ambient_proxy``), also when a module's fixture, set up before
+    that, starts a program."""
+    env = {name: value for name, value in os.environ.items()
+           if name.lower() not in AMBIENT_PROXY_VARIABLES}
+    env.update(HOME=str(home), PYTHONPATH=str(HERE))
     return {'args': [sys.executable, '-c', source.replace('URL', repr(url))],
             'cwd': str(cwd), 'env': env}
 

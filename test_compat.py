@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import HERE, LOGO, FixtureServer, run_program, start_program
+from conftest import HERE, LOGO, FixtureServer, program, run_program, start_program
 
 
 TUTORIAL_FINAL = '''
@@ -186,6 +186,15 @@ def test_tutorial_final_program_runs_unchanged(tutorial_runs):
     assert 'download | 9.87 KB |' in out and 'KB/s [' in out
     assert result.took >= 4.5   # 2048 B/s for 10102 bytes
     assert result.stderr == ''
+
+
+def test_a_program_runs_without_the_machines_proxy(monkeypatch, tmp_path):
+    """``tutorial_runs`` starts its programs before ``_no_ambient_proxy``
+    clears the proxy settings of a test: the programs drop them still."""
+    monkeypatch.setenv('http_proxy', 'http://127.0.0.1:9')
+    monkeypatch.setenv('HTTPS_PROXY', 'http://127.0.0.1:9')
+    env = program('', 'URL', tmp_path, tmp_path)['env']
+    assert 'http_proxy' not in env and 'HTTPS_PROXY' not in env
 
 
 def test_tutorial_restart_program_runs_unchanged(server, tmp_path):

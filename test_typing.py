@@ -5,8 +5,8 @@ nor in the tests, and pyflakes nothing in any Python file of the repository.
 The checkers start together, each in a process of its own with a fresh
 cache of its own (no stale cache, no two writers on one); each test waits
 for its own. They start as soon as pytest has collected a run that holds
-these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``)
-and run niced: the test process, one GIL, leaves a core mostly idle, and
+these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``;
+in an xdist worker, each starts at its test) and run niced: the test process, one GIL, leaves a core mostly idle, and
 these tests, last but one in the run, then find them done."""
 import os
 import pathlib
@@ -56,9 +56,17 @@ def commands(work):
     return started
 
 
-def _lower_priority():
-    """In a checker's process before it runs: yield the cores to the tests."""
-    os.nice(10)
+def _lower_priority(process):
+    """Let the checker ``process``, just started, yield the cores to the
+    tests: niced by 10 more than this process (where the OS can). Set from
+    here, not by a ``preexec_fn``, which is unsafe in a process with threads
+    (an xdist worker starts a check during its tests)."""
+    if hasattr(os, 'setpriority'):
+        try:
+            os.setpriority(os.PRIO_PROCESS, process.pid,
+                           os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        except OSError:
+            pass  # it ended already
 
 
 class Checkers:
@@ -70,21 +78,25 @@ class Checkers:
         self._started = {}   # name -> (process, output file)
         self._work = None    # the temporary directory of caches and outputs
 
-    def start(self):
-        """Start every check, unless started already."""
+    def start(self, names=None):
+        """Start the checks ``names`` (by default every check) not started yet."""
         with self._lock:
-            if self._work is not None:
-                return
-            self._work = pathlib.Path(tempfile.mkdtemp(prefix='bitpit-checks-'))
+            if self._work is None:
+                self._work = pathlib.Path(tempfile.mkdtemp(prefix='bitpit-checks-'))
             for name, command in commands(self._work).items():
+                if name in self._started or (names is not None and name not in names):
+                    continue
                 output = self._work / (name + '.txt')
                 with open(output, 'w') as file:
-                    self._started[name] = subprocess.Popen(
-                        command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT,
-                        preexec_fn=_lower_priority if hasattr(os, 'nice') else None), output
+                    process = subprocess.Popen(command, cwd=ROOT, stdout=file,
+                                               stderr=subprocess.STDOUT)
+                _lower_priority(process)
+                self._started[name] = process, output
 
     def outcome(self, name):
-        """``(exit status, output)`` of the check ``name``, once it is done."""
+        """``(exit status, output)`` of the check ``name``, once it is done
+        (started now if it was not)."""
+        self.start([name])
         with self._lock:
             process, output = self._started[name]
         try:
@@ -114,8 +126,8 @@ CHECKERS = Checkers()
 
 @pytest.fixture(scope='module')
 def checks():
-    """The run's :class:`Checkers`, started (early, by conftest, in a run)."""
-    CHECKERS.start()
+    """The run's :class:`Checkers` (started early by conftest, but in an
+    xdist worker, where each check starts when its test asks for it)."""
     return CHECKERS
 
 
@@ -136,3 +148,16 @@ def test_pyflakes_finds_nothing_in_the_repository(checks):
     assert len(python_files()) > len(the_tests())  # bitpit.py, setup.py, bench/ too
     status, output = checks.outcome('pyflakes')
     assert status == 0 and output == '', 'pyflakes:\n{}\n({})'.format(output, INSTALL)
+
+
+def test_a_check_not_started_yet_starts_when_its_test_asks(monkeypatch):
+    """In an xdist worker conftest starts no checks: each starts at its
+    test, alone (a worker runs only some of these tests)."""
+    monkeypatch.setattr(sys.modules[__name__], 'commands', lambda work: {
+        name: [sys.executable, '-I', '-S', '-c', 'print({!r})'.format(name)] for name in ('a', 'b')})
+    checkers = Checkers()
+    try:
+        assert checkers.outcome('a') == (0, 'a\n')
+        assert list(checkers._started) == ['a']
+    finally:
+        checkers.close()
