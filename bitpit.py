@@ -142,6 +142,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_RETRY_AFTER = 24 * 3600.0
 _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
+_RESTARTABLE_STATES = ('error', 'pause')         # neither: may start again
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
@@ -9117,8 +9118,9 @@ class Downloader(Emitter):
             with self._lock:
                 changed.notify_all()
         if old != state:
-            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
-            if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
+            # (one look each: 'download' comes only after its run's 'start')
+            restartable = state in _RESTARTABLE_STATES
+            if not restartable and state != 'download':
                 self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
             self.emit('state-changed', self, old)
             if restartable:  # (an error or a pause: after the callbacks, see above)
