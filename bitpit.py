@@ -10336,17 +10336,16 @@ class Manager(Emitter):
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
             state = d._state  # (not through the property: a call per download)
-            if state in _FINISHED_STATES or state in _ACTIVE_STATES:
+            if state not in _RESTARTABLE_STATES:  # finished, or under way
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue
             stopped_at = self._stopped_at.get(d)
-            delay = 0.0
-            if stopped_at is not None:
+            if stopped_at is not None:  # (none for most: added, never stopped)
                 delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
-            if delay > 0:
-                wait = delay if wait is None else min(wait, delay)
-                later.append((turn, d))
-                continue
+                if delay > 0:
+                    wait = delay if wait is None else min(wait, delay)
+                    later.append((turn, d))
+                    continue
             to_start.append(d)
             self._running[d] = turn
             free -= 1
