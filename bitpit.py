@@ -142,6 +142,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_RETRY_AFTER = 24 * 3600.0
 _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
+_RESTARTABLE_STATES = ('error', 'pause')         # neither: may start again
 _DEFAULT_NAME = 'index.html'
 _SIDECAR_SUFFIX = '.bitpit'
 _ROOM_CHECK_FROM = 64 * 1024     # bytes missing from which a file's room is checked
@@ -9179,8 +9180,9 @@ class Downloader(Emitter):
             with self._lock:
                 changed.notify_all()
         if old != state:
-            restartable = state not in _ACTIVE_STATES and state not in _FINISHED_STATES
-            if not restartable and not (state in _ACTIVE_STATES and old in _ACTIVE_STATES):
+            # (one look each: 'download' comes only after its run's 'start')
+            restartable = state in _RESTARTABLE_STATES
+            if not restartable and state != 'download':
                 self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
             self.emit('state-changed', self, old)
             if restartable:  # (an error or a pause: after the callbacks, see above)
@@ -10395,17 +10397,16 @@ class Manager(Emitter):
             if self._downloads.get(d) != turn or d in self._running:
                 continue  # removed (or added again), or started meanwhile
             state = d._state  # (not through the property: a call per download)
-            if state in _FINISHED_STATES or state in _ACTIVE_STATES:
+            if state not in _RESTARTABLE_STATES:  # finished, or under way
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue
             stopped_at = self._stopped_at.get(d)
-            delay = 0.0
-            if stopped_at is not None:
+            if stopped_at is not None:  # (none for most: added, never stopped)
                 delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
-            if delay > 0:
-                wait = delay if wait is None else min(wait, delay)
-                later.append((turn, d))
-                continue
+                if delay > 0:
+                    wait = delay if wait is None else min(wait, delay)
+                    later.append((turn, d))
+                    continue
             to_start.append(d)
             self._running[d] = turn
             free -= 1
