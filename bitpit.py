@@ -7507,8 +7507,9 @@ class _Transfer:
         ``setup.verdicts``), reserve its room, and tell whether its rest
         may be shared out (``setup.segmented``; ``_body_starts`` shares
         it): the probe's connection's steps, or a worker they wait for.
-        It reads the store, the checksum and the hashes, and changes
-        nothing of the transfer's but ``setup`` (the rest is the
+        It changes the store (which has a lock of its own: it opens the
+        file, forgets a bad piece's bytes, reserves its room) and
+        ``setup``, and nothing else of the transfer's (the rest is the
         loop's)."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
         if setup.pieces:
@@ -7685,20 +7686,29 @@ class _Transfer:
 
     def _read_pieces(self, due: Sequence[Tuple[int, int, int]]) -> List[bool]:
         """Whether each piece of ``due`` matches its hash, read from the
-        disk. Any thread (a worker, for a big file's pieces held before):
-        it reads the store and the hashes, which never change, and
-        changes nothing."""
+        disk; a bad one's bytes are no longer held, at once
+        (``_FileStore.forget``, which syncs the file and saves its
+        sidecar: disk work, which a big file's opening leaves to the
+        worker that reads the pieces it held before, not to the loop).
+        Any thread: it reads the hashes, which never change, and changes
+        only the store, which has a lock of its own."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
-        return [self.store.piece_matches(first, last, pieces.algorithm, pieces.digests[index],
-                                         self.cancel.is_set)
-                for index, first, last in due]
+        verdicts = []
+        for index, first, last in due:
+            good = self.store.piece_matches(first, last, pieces.algorithm,
+                                            pieces.digests[index], self.cancel.is_set)
+            if not good:
+                self.store.forget(first, last)
+            verdicts.append(good)
+        return verdicts
 
     def _pieces_checked(self, conn: Optional[_Connection], due: Sequence[Tuple[int, int, int]],
                         verdicts: Sequence[bool]) -> None:
         """The pieces of ``due`` are checked no longer, each good or not
         as ``verdicts`` says (none, when the reads failed: checked again
-        at the next write near them). The loop's thread."""
+        at the next write near them; a bad one read before the failure is
+        fetched again, its bytes forgotten). The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
         pieces.checking.difference_update(index for index, _, _ in due)
@@ -7715,12 +7725,12 @@ class _Transfer:
 
     def _bad_piece(self, conn: Optional[_Connection], index: int, first: int, last: int
                    ) -> bool:
-        """Piece ``index`` (bytes ``first`` to ``last``) failed its hash;
-        whether that retired ``conn``'s own source. The loop's thread."""
+        """Piece ``index`` (bytes ``first`` to ``last``) failed its hash
+        (its bytes forgotten as it was read, ``_read_pieces``); whether
+        that retired ``conn``'s own source. The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None
         source = pieces.culprit(index)
-        self.store.forget(first, last)
         _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash (%s); fetching it '
                      'again', self.options.url, index, first, last - 1, pieces.algorithm,
                      'from {}'.format(source.url) if source is not None else

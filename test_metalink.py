@@ -270,16 +270,24 @@ def test_a_bad_piece_held_before_is_fetched_again(server, tmp_path):
 def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loop(
         server, tmp_path, monkeypatch):
     """A file big enough to be opened on a worker (made so here by a lower
-    threshold) reads the pieces it held before there, and the loop, which
-    alone changes the transfer's state, takes in what they are: the bad one
-    is fetched again."""
+    threshold) reads the pieces it held before there, and forgets the bad
+    ones' bytes there too (each forget syncs the file and its sidecar: disk
+    work, which the loop leaves to the worker as it does the opening); the
+    loop, which alone changes the transfer's state, takes in what they are:
+    the bad one is fetched again."""
     monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
-    read, judged = [], []
+    read, judged, forgotten = [], [], []
     matches, bad_piece = bitpit._FileStore.piece_matches, bitpit._Transfer._bad_piece
+    forget = bitpit._FileStore.forget
 
     def recorded_matches(store, *args):
         read.append(threading.current_thread().name)
         return matches(store, *args)
+
+    def recorded_forget(store, *args):
+        forgotten.append(threading.current_thread().name)
+        return forget(store, *args)
+    monkeypatch.setattr(bitpit._FileStore, 'forget', recorded_forget)
 
     def recorded_bad_piece(transfer, *args):
         judged.append(threading.current_thread().name)
@@ -292,6 +300,7 @@ def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loo
     d, _ = download(None, tmp_path / 'f', metalink=str(doc))
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
     assert read[:2] == ['bitpit-prepare'] * 2 and judged == ['bitpit-loop'] * 2
+    assert forgotten == ['bitpit-prepare'] * 2
 
 
 # ---------------------------------------------------------------------------
