@@ -7156,15 +7156,7 @@ class _Transfer:
         """The attempt fails with ``error``: stop the other connections."""
         if self.error is None:
             self.error = error
-        self._halt()
-
-    def _halt(self) -> None:
-        """Stop every connection: abort its request, wake it from a token
-        bucket, a pause or a wait for work."""
-        self.cancel.cancel()
-        for bucket in self.buckets:
-            bucket.wake()
-        self._wake()
+        self.stop()
 
     def _verdict(self) -> Error:
         """Why the file cannot be completed from any source: the error of
@@ -7241,7 +7233,7 @@ class _Transfer:
         the attempt with them."""
         self.complete = True
         if len(self.connections) > (caller is not None):  # (the caller is one of them)
-            self._halt()
+            self.stop()
         elif caller is None:
             self._wake()
         # (else the caller's connection, the last one, wakes the run as it ends)
