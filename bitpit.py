@@ -3444,8 +3444,8 @@ class _HostSlots:
     ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``, and tells a
     longer queue to whoever watches it; nothing is called under it but a
     waiter's event. Callbacks run in the thread that closed a connection,
-    which holds no lock: connections are never closed under a transfer's
-    lock. Any thread."""
+    which holds no lock (a transfer's sets a flag and wakes its steps,
+    ``_Transfer._on_slot_freed``). Any thread."""
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -6837,10 +6837,14 @@ class _Transfer:
     under the download's lock) replaces ``buckets`` whole, which every
     reader reads once. The loop clears ``news`` and ``changed`` only
     before it looks at what they flag, so a flag set before its wake is
-    seen by that look or by the next. A big file is opened, and the
-    pieces it held before read, by a worker that the probe's steps wait
-    for (``_prepare``), which changes nothing but their ``_Setup``; the
-    probe's steps apply what it found. ``downloaded`` (any thread) only
+    seen by that look or by the next. (That holds by the GIL: the loop
+    sees another thread's writes in the order they were made, and a
+    flag, a tuple or a reference written whole; the look after a clear
+    of ``work`` reads ``cancel`` again, ``_next_job``.) A big file is
+    opened, and the pieces it held before read (a bad one's bytes
+    forgotten in the store), by a worker that the probe's steps wait
+    for (``_prepare``), which changes nothing else of the transfer's
+    but their ``_Setup``; the probe's steps apply what it found. ``downloaded`` (any thread) only
     reads. ``_wake`` sets ``news``, which the run waits for, and
     ``work``, which a connection that waits for work waits for."""
 
