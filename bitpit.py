@@ -6970,9 +6970,15 @@ class _Transfer:
     def downloaded(self) -> int:
         """Bytes held, including the ones still in connection buffers but
         for those held already (a racer's, when the one it raced wrote
-        them first); it only grows (but for a start over). Any thread."""
+        them first); it only grows (but for a start over). Any thread:
+        the bytes held are those of the ranges published (``snapshot``),
+        not ``held.total``, which a write counts before it publishes them
+        while they are still in its connection's buffer (counted twice,
+        by a reader in between)."""
         held = self.store.snapshot
-        shown = self.store.held.total
+        shown = 0
+        for first, end in held:
+            shown += end - first
         for c in list(self.connections):
             pending, start = c.pending, c.pos
             if pending:

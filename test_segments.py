@@ -215,11 +215,9 @@ def test_held_ranges_merge_whatever_the_order_of_the_writes():
         assert ranges.pairs() == tuple(map(tuple, pairs)) and ranges.total == len(held)
 
 
-def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
-    """A racer and the connection it races may both hold the same bytes:
-    ``downloaded`` counts a buffer's bytes that are held already once, and
-    never more than the file's size, so it does not fall when the race
-    ends (a total limit sampled from it read 2 % short in that second)."""
+def transfer_of_100_bytes(tmp_path, held, published):
+    """A transfer of a 100-byte file (no connection yet) whose store holds
+    ``held``, of which it published ``published`` (``snapshot``)."""
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
     options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
@@ -230,8 +228,17 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
                                 checksum=None, max_size=None, min_speed=0, rename_in=None,
                                 gzip_name=False)
     transfer.planner.total = 100
-    store.held = bitpit._Ranges([(0, 50)])
-    store.snapshot = store.held.pairs()
+    store.held = bitpit._Ranges(held)
+    store.snapshot = bitpit._Ranges(published).pairs()
+    return transfer
+
+
+def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
+    """A racer and the connection it races may both hold the same bytes:
+    ``downloaded`` counts a buffer's bytes that are held already once, and
+    never more than the file's size, so it does not fall when the race
+    ends (a total limit sampled from it read 2 % short in that second)."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 50)])
     slow = bitpit._Connection(0, transfer.sources[0], 65536)
     slow.pos, slow.pending = 40, 20            # 10 of its bytes a racer wrote first
     transfer.connections.append(slow)
@@ -240,6 +247,19 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     racer.pos, racer.pending = 55, 45          # the rest, and 5 bytes the slow one has too
     transfer.connections.append(racer)
     assert transfer.downloaded == 100          # the file's size at most
+
+
+def test_downloaded_read_in_the_middle_of_a_write_counts_its_bytes_once(tmp_path):
+    """Any thread reads ``downloaded``, at any moment: here in the middle
+    of a write, whose bytes the store counts as held before it publishes
+    their range (``snapshot``), while they are still in the connection's
+    buffer. They are counted once, not as held and as buffered too (the
+    progress a caller sees would run ahead, and never come back)."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 30)])
+    conn = bitpit._Connection(0, transfer.sources[0], 65536)
+    conn.pos, conn.pending = 30, 20            # the buffer being written
+    transfer.connections.append(conn)
+    assert transfer.downloaded == 50
 
 
 def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
