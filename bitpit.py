@@ -6781,8 +6781,8 @@ def _flush_buffer(transfer: '_Transfer', conn: _Connection, quietly: bool = Fals
     except BaseException:
         conn.pending = 0  # what the write took is held; the rest is given up
         raise
+    conn.pending = 0  # (before the position moves past them: see downloaded)
     conn.pos += pending
-    conn.pending = 0
     if received:
         _count_read(transfer, conn, received, at)
     if transfer.piece_hashes is not None:
@@ -6980,7 +6980,9 @@ class _Transfer:
         for first, end in held:
             shown += end - first
         for c in list(self.connections):
-            pending, start = c.pending, c.pos
+            # (the position first: one found moved past a buffer's bytes is
+            # found with the buffer cleared, which _flush_buffer does first)
+            start, pending = c.pos, c.pending
             if pending:
                 shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
                                        for first, end in held)

@@ -262,6 +262,42 @@ def test_downloaded_read_in_the_middle_of_a_write_counts_its_bytes_once(tmp_path
     assert transfer.downloaded == 50
 
 
+def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_bytes_once(
+        tmp_path):
+    """A thread may read ``downloaded`` between any two steps of the
+    interpreter of a connection's write of its buffer (``_flush_buffer``
+    and the store's write under it: here it reads at every one, by a
+    trace of each opcode): it never counts the bytes written more than
+    once, as it would where the connection's position had moved on past
+    them while its buffer still held them."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 30)], [(0, 30)])
+    transfer.store.open()
+    conn = bitpit._Connection(0, transfer.sources[0], 65536)
+    conn.pos, conn.pending = 30, 20
+    conn.buffer = memoryview(bytearray(b'x' * 20))
+    transfer.connections.append(conn)
+    seen = []
+
+    def each_opcode(frame, event, arg):
+        if event == 'opcode':
+            seen.append(transfer.downloaded)
+        return each_opcode
+
+    def in_writes(frame, event, arg):
+        if frame.f_code.co_name not in ('_flush_buffer', 'write', '_write_all'):
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+    before = sys.gettrace()
+    sys.settrace(in_writes)
+    try:
+        bitpit._flush_buffer(transfer, conn)
+    finally:
+        sys.settrace(before)
+    assert len(seen) > 50 and max(seen) == transfer.downloaded == 50
+    assert transfer.store.held.total == 50
+
+
 def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
     """Under a limit, the bytes a slow but steady connection's read waits
     for are its own: a racer that took them too would fetch them twice,
