@@ -303,6 +303,39 @@ def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loo
     assert forgotten == ['bitpit-prepare'] * 2
 
 
+def test_a_stop_while_the_opening_worker_reads_the_pieces_held_before_is_prompt(
+        server, tmp_path, monkeypatch):
+    """A stop that comes while the worker that opens a big file (made so
+    here by a lower threshold) reads the pieces it held before ends that
+    read at its next block, and the attempt with it, at once: the
+    download pauses, and its next start checks those pieces again and
+    completes."""
+    monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
+    reading, reads = threading.Event(), []
+    matches = bitpit._FileStore.piece_matches
+
+    def read_once_stopped(store, first, last, algorithm, digest, cancelled):
+        reads.append(first)
+        if not reading.is_set():  # the first piece: tell, then wait for the stop
+            reading.set()
+            d._transfer.cancel.pause(time.monotonic() + 10).event.wait(10)  # (its flag)
+        return matches(store, first, last, algorithm, digest, cancelled)
+    monkeypatch.setattr(bitpit._FileStore, 'piece_matches', read_once_stopped)
+    url = server.add('/f', BIG)
+    (tmp_path / 'f').write_bytes(corrupt(BIG)[:PIECE * 2 + 10])
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)], name='f')]))
+    d = bitpit.Downloader(metalink=str(doc), path=tmp_path / 'f')
+    d.start()
+    assert reading.wait(5)
+    began = time.monotonic()
+    d.stop()
+    assert time.monotonic() - began < 0.3  # (the issue asks 0.1 s; a noisy machine)
+    assert d.state == 'pause' and reads == [0]  # the second piece was never read
+    d.start()
+    assert d.wait(10) and d.state == 'complete'
+    assert (tmp_path / 'f').read_bytes() == BIG
+
+
 # ---------------------------------------------------------------------------
 # the manager and the command line
 # ---------------------------------------------------------------------------
