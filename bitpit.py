@@ -7502,7 +7502,11 @@ class _Transfer:
                      self.ranged and self.planner.missing() >= 2 * _MIN_SPLIT)
         setup = _Setup(total, segmented)
         if self.piece_hashes is not None and total is not None:
-            setup.pieces = self._pieces_due(None, 0, total)  # those held before
+            # those held before, looked for in the ranges held alone: a big
+            # file's pieces may be 200,000 (0.2 s of the loop's time to look
+            # at each), a new file holds none
+            setup.pieces = [piece for first, end in self.store.snapshot
+                            for piece in self._pieces_due(None, first, end)]
         return setup
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:

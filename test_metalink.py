@@ -274,11 +274,19 @@ def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loo
     ones' bytes there too (each forget syncs the file and its sidecar: disk
     work, which the loop leaves to the worker as it does the opening); the
     loop, which alone changes the transfer's state, takes in what they are:
-    the bad one is fetched again."""
+    the bad one is fetched again. Which pieces to read the loop finds
+    among the ranges held alone (a big file's metalink may list 200,000
+    pieces, 0.2 s of the loop's time to look at each; a new file has none
+    to read)."""
     monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
-    read, judged, forgotten = [], [], []
+    read, judged, forgotten, looked = [], [], [], []
     matches, bad_piece = bitpit._FileStore.piece_matches, bitpit._Transfer._bad_piece
-    forget = bitpit._FileStore.forget
+    forget, due = bitpit._FileStore.forget, bitpit._PieceHashes.due
+
+    def recorded_due(pieces, held, start, end, total):
+        looked.append((start, end))
+        return due(pieces, held, start, end, total)
+    monkeypatch.setattr(bitpit._PieceHashes, 'due', recorded_due)
 
     def recorded_matches(store, *args):
         read.append(threading.current_thread().name)
@@ -301,6 +309,7 @@ def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loo
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
     assert read[:2] == ['bitpit-prepare'] * 2 and judged == ['bitpit-loop'] * 2
     assert forgotten == ['bitpit-prepare'] * 2
+    assert looked[0] == (0, PIECE * 2 + 10)  # (then each write's own range)
 
 
 def test_a_stop_while_the_opening_worker_reads_the_pieces_held_before_is_prompt(
