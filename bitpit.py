@@ -6906,7 +6906,9 @@ class _Transfer:
         self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
         self.error: Optional[BaseException] = None
-        self._shown = 0               # the most bytes ``downloaded`` said
+        # the most bytes ``downloaded`` said, and of which epoch of the
+        # store (none yet): a start over's new epoch starts from nothing
+        self._shown: Tuple[int, int] = (-1, 0)
         # nothing to look at before a period has passed (a small file is
         # done by then), and no sidecar to save before a save's period:
         # its fsync would hold up the first bytes of a big file on a disk
@@ -6974,7 +6976,12 @@ class _Transfer:
         the bytes held are those of the ranges published (``snapshot``),
         not ``held.total``, which a write counts before it publishes them
         while they are still in its connection's buffer (counted twice,
-        by a reader in between)."""
+        by a reader in between). The most said is of the store's epoch
+        read first: once a start over begins a new one, no read shows
+        the old version's bytes (the most said, replaced whole, is
+        another epoch's), even one found or kept by a read it came
+        in the middle of."""
+        epoch = self.store.epoch
         held = self.store.snapshot
         shown = 0
         for first, end in held:
@@ -6989,9 +6996,11 @@ class _Transfer:
         total = self.planner.total
         if total is not None:  # two buffers may hold the same bytes of a race
             shown = min(shown, total)
-        if shown > self._shown:
-            self._shown = shown
-        return self._shown
+        said_epoch, most = self._shown
+        if said_epoch == epoch and most >= shown:
+            return most
+        self._shown = (epoch, shown)
+        return shown
 
     def look(self, now: float) -> None:
         """Regular bookkeeping: ``min_speed``, more connections where they
@@ -7587,7 +7596,6 @@ class _Transfer:
         self.planner.start_over()
         self.probed = False
         self.reference = None
-        self._shown = 0
         for other in self.connections:
             if other is not conn and other.active:
                 other.superseded = True

@@ -298,6 +298,45 @@ def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_byt
     assert transfer.store.held.total == 50
 
 
+
+def test_downloaded_read_as_the_file_starts_over_shows_none_of_the_old_bytes(tmp_path):
+    """A start over (the file changed on the server) drops the bytes held
+    and the most ``downloaded`` said. A thread that reads it as that
+    happens, at any step of the interpreter of its read (here the start
+    over comes at each one in turn, by a trace of each opcode), leaves
+    none of the old version's bytes shown once the start over is done."""
+    step = 0
+    while True:
+        step += 1
+        transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 50)])
+        conn = bitpit._Connection(0, transfer.sources[0], 65536)
+        transfer.connections.append(conn)
+        steps = []
+
+        def each_opcode(frame, event, arg):
+            if event == 'opcode':
+                steps.append(event)
+                if len(steps) == step:
+                    transfer._start_over(conn, 'another version', None)
+            return each_opcode
+
+        def in_downloaded(frame, event, arg):
+            if frame.f_code.co_name != 'downloaded':
+                return None
+            frame.f_trace_opcodes = True
+            return each_opcode
+        before = sys.gettrace()
+        sys.settrace(in_downloaded)
+        try:
+            transfer.downloaded
+        finally:
+            sys.settrace(before)
+        if len(steps) < step:  # it came after the read's last step: all were tried
+            break
+        assert transfer.downloaded == 0, step
+    assert step > 20
+
+
 def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
     """Under a limit, the bytes a slow but steady connection's read waits
     for are its own: a racer that took them too would fetch them twice,
