@@ -6990,7 +6990,7 @@ class _Transfer:
             # (the position first: one found moved past a buffer's bytes is
             # found with the buffer cleared, which _flush_buffer does first)
             start, pending = c.pos, c.pending
-            if pending:
+            if pending and c.epoch == epoch:  # (else a version's that a start over dropped)
                 shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
                                        for first, end in held)
         total = self.planner.total

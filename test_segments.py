@@ -300,17 +300,20 @@ def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_byt
 
 
 def test_downloaded_read_as_the_file_starts_over_shows_none_of_the_old_bytes(tmp_path):
-    """A start over (the file changed on the server) drops the bytes held
-    and the most ``downloaded`` said. A thread that reads it as that
-    happens, at any step of the interpreter of its read (here the start
-    over comes at each one in turn, by a trace of each opcode), leaves
-    none of the old version's bytes shown once the start over is done."""
+    """A start over (the file changed on the server) drops the bytes held,
+    those in the buffers of the other connections (whose writes it
+    supersedes) and the most ``downloaded`` said. A thread that reads it
+    as that happens, at any step of the interpreter of its read (here the
+    start over comes at each one in turn, by a trace of each opcode),
+    leaves none of the old version's bytes shown once the start over is
+    done."""
     step = 0
     while True:
         step += 1
         transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 50)])
-        conn = bitpit._Connection(0, transfer.sources[0], 65536)
-        transfer.connections.append(conn)
+        conn, other = (bitpit._Connection(n, transfer.sources[0], 65536) for n in (0, 1))
+        other.pos, other.pending, other.active = 50, 20, True
+        transfer.connections += [conn, other]
         steps = []
 
         def each_opcode(frame, event, arg):
