@@ -262,6 +262,29 @@ def test_downloaded_read_in_the_middle_of_a_write_counts_its_bytes_once(tmp_path
     assert transfer.downloaded == 50
 
 
+def at_each_opcode(names, act, call):
+    """``call()``, with ``act()`` made between any two steps of the
+    interpreter (opcodes) of the functions named ``names`` under it, as
+    another thread may act where the GIL switches to it (a trace of each
+    opcode; the trace is off in ``act``)."""
+    def each_opcode(frame, event, arg):
+        if event == 'opcode':
+            act()
+        return each_opcode
+
+    def in_those(frame, event, arg):
+        if frame.f_code.co_name not in names:
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+    before = sys.gettrace()
+    sys.settrace(in_those)
+    try:
+        call()
+    finally:
+        sys.settrace(before)
+
+
 def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_bytes_once(
         tmp_path):
     """A thread may read ``downloaded`` between any two steps of the
@@ -277,23 +300,9 @@ def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_byt
     conn.buffer = memoryview(bytearray(b'x' * 20))
     transfer.connections.append(conn)
     seen = []
-
-    def each_opcode(frame, event, arg):
-        if event == 'opcode':
-            seen.append(transfer.downloaded)
-        return each_opcode
-
-    def in_writes(frame, event, arg):
-        if frame.f_code.co_name not in ('_flush_buffer', 'write', '_write_all'):
-            return None
-        frame.f_trace_opcodes = True
-        return each_opcode
-    before = sys.gettrace()
-    sys.settrace(in_writes)
-    try:
-        bitpit._flush_buffer(transfer, conn)
-    finally:
-        sys.settrace(before)
+    at_each_opcode(('_flush_buffer', 'write', '_write_all'),
+                   lambda: seen.append(transfer.downloaded),
+                   lambda: bitpit._flush_buffer(transfer, conn))
     assert len(seen) > 50 and max(seen) == transfer.downloaded == 50
     assert transfer.store.held.total == 50
 
@@ -316,24 +325,11 @@ def test_downloaded_read_as_the_file_starts_over_shows_none_of_the_old_bytes(tmp
         transfer.connections += [conn, other]
         steps = []
 
-        def each_opcode(frame, event, arg):
-            if event == 'opcode':
-                steps.append(event)
-                if len(steps) == step:
-                    transfer._start_over(conn, 'another version', None)
-            return each_opcode
-
-        def in_downloaded(frame, event, arg):
-            if frame.f_code.co_name != 'downloaded':
-                return None
-            frame.f_trace_opcodes = True
-            return each_opcode
-        before = sys.gettrace()
-        sys.settrace(in_downloaded)
-        try:
-            transfer.downloaded
-        finally:
-            sys.settrace(before)
+        def start_over_at_the_step():
+            steps.append(None)
+            if len(steps) == step:
+                transfer._start_over(conn, 'another version', None)
+        at_each_opcode(('downloaded',), start_over_at_the_step, lambda: transfer.downloaded)
         if len(steps) < step:  # it came after the read's last step: all were tried
             break
         assert transfer.downloaded == 0, step
