@@ -3489,8 +3489,8 @@ class _HostSlots:
     ``_cond`` guards ``_open``, ``_queues`` and ``_watchers``, and tells a
     longer queue to whoever watches it; nothing is called under it but a
     waiter's event. Callbacks run in the thread that closed a connection,
-    which holds no lock: connections are never closed under a transfer's
-    lock. Any thread."""
+    which holds no lock (a transfer's sets a flag and wakes its steps,
+    ``_Transfer._on_slot_freed``). Any thread."""
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -6834,8 +6834,8 @@ def _flush_buffer(transfer: '_Transfer', conn: _Connection, quietly: bool = Fals
     except BaseException:
         conn.pending = 0  # what the write took is held; the rest is given up
         raise
+    conn.pending = 0  # (before the position moves past them: see downloaded)
     conn.pos += pending
-    conn.pending = 0
     if received:
         _count_read(transfer, conn, received, at)
     if transfer.piece_hashes is not None:
@@ -6890,10 +6890,14 @@ class _Transfer:
     under the download's lock) replaces ``buckets`` whole, which every
     reader reads once. The loop clears ``news`` and ``changed`` only
     before it looks at what they flag, so a flag set before its wake is
-    seen by that look or by the next. A big file is opened, and the
-    pieces it held before read, by a worker that the probe's steps wait
-    for (``_prepare``), which changes nothing but their ``_Setup``; the
-    probe's steps apply what it found. ``downloaded`` (any thread) only
+    seen by that look or by the next. (That holds by the GIL: the loop
+    sees another thread's writes in the order they were made, and a
+    flag, a tuple or a reference written whole; the look after a clear
+    of ``work`` reads ``cancel`` again, ``_next_job``.) A big file is
+    opened, and the pieces it held before read (a bad one's bytes
+    forgotten in the store), by a worker that the probe's steps wait
+    for (``_prepare``), which changes nothing else of the transfer's
+    but their ``_Setup``; the probe's steps apply what it found. ``downloaded`` (any thread) only
     reads. ``_wake`` sets ``news``, which the run waits for, and
     ``work``, which a connection that waits for work waits for."""
 
@@ -6955,7 +6959,9 @@ class _Transfer:
         self.slot_freed = False       # a host slot freed since the last look for one
         self.complete = False
         self.error: Optional[BaseException] = None
-        self._shown = 0               # the most bytes ``downloaded`` said
+        # the most bytes ``downloaded`` said, and of which epoch of the
+        # store (none yet): a start over's new epoch starts from nothing
+        self._shown: Tuple[int, int] = (-1, 0)
         # nothing to look at before a period has passed (a small file is
         # done by then), and no sidecar to save before a save's period:
         # its fsync would hold up the first bytes of a big file on a disk
@@ -7019,20 +7025,35 @@ class _Transfer:
     def downloaded(self) -> int:
         """Bytes held, including the ones still in connection buffers but
         for those held already (a racer's, when the one it raced wrote
-        them first); it only grows (but for a start over). Any thread."""
+        them first); it only grows (but for a start over). Any thread:
+        the bytes held are those of the ranges published (``snapshot``),
+        not ``held.total``, which a write counts before it publishes them
+        while they are still in its connection's buffer (counted twice,
+        by a reader in between). The most said is of the store's epoch
+        read first: once a start over begins a new one, no read shows
+        the old version's bytes (the most said, replaced whole, is
+        another epoch's), even one found or kept by a read it came
+        in the middle of."""
+        epoch = self.store.epoch
         held = self.store.snapshot
-        shown = self.store.held.total
+        shown = 0
+        for first, end in held:
+            shown += end - first
         for c in list(self.connections):
-            pending, start = c.pending, c.pos
-            if pending:
+            # (the position first: one found moved past a buffer's bytes is
+            # found with the buffer cleared, which _flush_buffer does first)
+            start, pending = c.pos, c.pending
+            if pending and c.epoch == epoch:  # (else a version's that a start over dropped)
                 shown += pending - sum(max(0, min(end, start + pending) - max(first, start))
                                        for first, end in held)
         total = self.planner.total
         if total is not None:  # two buffers may hold the same bytes of a race
             shown = min(shown, total)
-        if shown > self._shown:
-            self._shown = shown
-        return self._shown
+        said_epoch, most = self._shown
+        if said_epoch == epoch and most >= shown:
+            return most
+        self._shown = (epoch, shown)
+        return shown
 
     def look(self, now: float) -> None:
         """Regular bookkeeping: ``min_speed``, more connections where they
@@ -7209,15 +7230,7 @@ class _Transfer:
         """The attempt fails with ``error``: stop the other connections."""
         if self.error is None:
             self.error = error
-        self._halt()
-
-    def _halt(self) -> None:
-        """Stop every connection: abort its request, wake it from a token
-        bucket, a pause or a wait for work."""
-        self.cancel.cancel()
-        for bucket in self.buckets:
-            bucket.wake()
-        self._wake()
+        self.stop()
 
     def _verdict(self) -> Error:
         """Why the file cannot be completed from any source: the error of
@@ -7294,7 +7307,7 @@ class _Transfer:
         the attempt with them."""
         self.complete = True
         if len(self.connections) > (caller is not None):  # (the caller is one of them)
-            self._halt()
+            self.stop()
         elif caller is None:
             self._wake()
         # (else the caller's connection, the last one, wakes the run as it ends)
@@ -7551,7 +7564,11 @@ class _Transfer:
                      self.ranged and self.planner.missing() >= 2 * _MIN_SPLIT)
         setup = _Setup(total, segmented)
         if self.piece_hashes is not None and total is not None:
-            setup.pieces = self._pieces_due(None, 0, total)  # those held before
+            # those held before, looked for in the ranges held alone: a big
+            # file's pieces may be 200,000 (0.2 s of the loop's time to look
+            # at each), a new file holds none
+            setup.pieces = [piece for first, end in self.store.snapshot
+                            for piece in self._pieces_due(None, first, end)]
         return setup
 
     def _prepare(self, conn: _Connection, setup: _Setup) -> None:
@@ -7560,8 +7577,9 @@ class _Transfer:
         ``setup.verdicts``), reserve its room, and tell whether its rest
         may be shared out (``setup.segmented``; ``_body_starts`` shares
         it): the probe's connection's steps, or a worker they wait for.
-        It reads the store, the checksum and the hashes, and changes
-        nothing of the transfer's but ``setup`` (the rest is the
+        It changes the store (which has a lock of its own: it opens the
+        file, forgets a bad piece's bytes, reserves its room) and
+        ``setup``, and nothing else of the transfer's (the rest is the
         loop's)."""
         self.store.open(self.checksum[0] if self.checksum else None, self.cancel.is_set)
         if setup.pieces:
@@ -7631,7 +7649,6 @@ class _Transfer:
         self.planner.start_over()
         self.probed = False
         self.reference = None
-        self._shown = 0
         for other in self.connections:
             if other is not conn and other.active:
                 other.superseded = True
@@ -7738,20 +7755,29 @@ class _Transfer:
 
     def _read_pieces(self, due: Sequence[Tuple[int, int, int]]) -> List[bool]:
         """Whether each piece of ``due`` matches its hash, read from the
-        disk. Any thread (a worker, for a big file's pieces held before):
-        it reads the store and the hashes, which never change, and
-        changes nothing."""
+        disk; a bad one's bytes are no longer held, at once
+        (``_FileStore.forget``, which syncs the file and saves its
+        sidecar: disk work, which a big file's opening leaves to the
+        worker that reads the pieces it held before, not to the loop).
+        Any thread: it reads the hashes, which never change, and changes
+        only the store, which has a lock of its own."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
-        return [self.store.piece_matches(first, last, pieces.algorithm, pieces.digests[index],
-                                         self.cancel.is_set)
-                for index, first, last in due]
+        verdicts = []
+        for index, first, last in due:
+            good = self.store.piece_matches(first, last, pieces.algorithm,
+                                            pieces.digests[index], self.cancel.is_set)
+            if not good:
+                self.store.forget(first, last)
+            verdicts.append(good)
+        return verdicts
 
     def _pieces_checked(self, conn: Optional[_Connection], due: Sequence[Tuple[int, int, int]],
                         verdicts: Sequence[bool]) -> None:
         """The pieces of ``due`` are checked no longer, each good or not
         as ``verdicts`` says (none, when the reads failed: checked again
-        at the next write near them). The loop's thread."""
+        at the next write near them; a bad one read before the failure is
+        fetched again, its bytes forgotten). The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
         pieces.checking.difference_update(index for index, _, _ in due)
@@ -7768,12 +7794,12 @@ class _Transfer:
 
     def _bad_piece(self, conn: Optional[_Connection], index: int, first: int, last: int
                    ) -> bool:
-        """Piece ``index`` (bytes ``first`` to ``last``) failed its hash;
-        whether that retired ``conn``'s own source. The loop's thread."""
+        """Piece ``index`` (bytes ``first`` to ``last``) failed its hash
+        (its bytes forgotten as it was read, ``_read_pieces``); whether
+        that retired ``conn``'s own source. The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None
         source = pieces.culprit(index)
-        self.store.forget(first, last)
         _log.warning('%s: piece %d (bytes %d-%d) does not match its %s hash (%s); fetching it '
                      'again', self.options.url, index, first, last - 1, pieces.algorithm,
                      'from {}'.format(source.url) if source is not None else

@@ -270,16 +270,32 @@ def test_a_bad_piece_held_before_is_fetched_again(server, tmp_path):
 def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loop(
         server, tmp_path, monkeypatch):
     """A file big enough to be opened on a worker (made so here by a lower
-    threshold) reads the pieces it held before there, and the loop, which
-    alone changes the transfer's state, takes in what they are: the bad one
-    is fetched again."""
+    threshold) reads the pieces it held before there, and forgets the bad
+    ones' bytes there too (each forget syncs the file and its sidecar: disk
+    work, which the loop leaves to the worker as it does the opening); the
+    loop, which alone changes the transfer's state, takes in what they are:
+    the bad one is fetched again. Which pieces to read the loop finds
+    among the ranges held alone (a big file's metalink may list 200,000
+    pieces, 0.2 s of the loop's time to look at each; a new file has none
+    to read)."""
     monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
-    read, judged = [], []
+    read, judged, forgotten, looked = [], [], [], []
     matches, bad_piece = bitpit._FileStore.piece_matches, bitpit._Transfer._bad_piece
+    forget, due = bitpit._FileStore.forget, bitpit._PieceHashes.due
+
+    def recorded_due(pieces, held, start, end, total):
+        looked.append((start, end))
+        return due(pieces, held, start, end, total)
+    monkeypatch.setattr(bitpit._PieceHashes, 'due', recorded_due)
 
     def recorded_matches(store, *args):
         read.append(threading.current_thread().name)
         return matches(store, *args)
+
+    def recorded_forget(store, *args):
+        forgotten.append(threading.current_thread().name)
+        return forget(store, *args)
+    monkeypatch.setattr(bitpit._FileStore, 'forget', recorded_forget)
 
     def recorded_bad_piece(transfer, *args):
         judged.append(threading.current_thread().name)
@@ -292,6 +308,41 @@ def test_pieces_held_before_are_read_on_the_opening_worker_and_judged_on_the_loo
     d, _ = download(None, tmp_path / 'f', metalink=str(doc))
     assert d.state == 'complete' and (tmp_path / 'f').read_bytes() == BIG
     assert read[:2] == ['bitpit-prepare'] * 2 and judged == ['bitpit-loop'] * 2
+    assert forgotten == ['bitpit-prepare'] * 2
+    assert looked[0] == (0, PIECE * 2 + 10)  # (then each write's own range)
+
+
+def test_a_stop_while_the_opening_worker_reads_the_pieces_held_before_is_prompt(
+        server, tmp_path, monkeypatch):
+    """A stop that comes while the worker that opens a big file (made so
+    here by a lower threshold) reads the pieces it held before ends that
+    read at its next block, and the attempt with it, at once: the
+    download pauses, and its next start checks those pieces again and
+    completes."""
+    monkeypatch.setattr(bitpit, '_DISK_WORK_ON_LOOP', PIECE)
+    reading, reads = threading.Event(), []
+    matches = bitpit._FileStore.piece_matches
+
+    def read_once_stopped(store, first, last, algorithm, digest, cancelled):
+        reads.append(first)
+        if not reading.is_set():  # the first piece: tell, then wait for the stop
+            reading.set()
+            d._transfer.cancel.pause(time.monotonic() + 10).event.wait(10)  # (its flag)
+        return matches(store, first, last, algorithm, digest, cancelled)
+    monkeypatch.setattr(bitpit._FileStore, 'piece_matches', read_once_stopped)
+    url = server.add('/f', BIG)
+    (tmp_path / 'f').write_bytes(corrupt(BIG)[:PIECE * 2 + 10])
+    doc = write(tmp_path, meta4([file_entry(BIG, [(url, 1)], name='f')]))
+    d = bitpit.Downloader(metalink=str(doc), path=tmp_path / 'f')
+    d.start()
+    assert reading.wait(5)
+    began = time.monotonic()
+    d.stop()
+    assert time.monotonic() - began < 0.3  # (the issue asks 0.1 s; a noisy machine)
+    assert d.state == 'pause' and reads == [0]  # the second piece was never read
+    d.start()
+    assert d.wait(10) and d.state == 'complete'
+    assert (tmp_path / 'f').read_bytes() == BIG
 
 
 # ---------------------------------------------------------------------------

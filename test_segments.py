@@ -215,11 +215,9 @@ def test_held_ranges_merge_whatever_the_order_of_the_writes():
         assert ranges.pairs() == tuple(map(tuple, pairs)) and ranges.total == len(held)
 
 
-def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
-    """A racer and the connection it races may both hold the same bytes:
-    ``downloaded`` counts a buffer's bytes that are held already once, and
-    never more than the file's size, so it does not fall when the race
-    ends (a total limit sampled from it read 2 % short in that second)."""
+def transfer_of_100_bytes(tmp_path, held, published):
+    """A transfer of a 100-byte file (no connection yet) whose store holds
+    ``held``, of which it published ``published`` (``snapshot``)."""
     url = 'http://127.0.0.1:1/f'
     store = bitpit._FileStore(tmp_path / 'f.bin', url)
     options = bitpit._RequestOptions(bitpit._check_url(url), bitpit._RequestSettings(
@@ -230,8 +228,17 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
                                 checksum=None, max_size=None, min_speed=0, rename_in=None,
                                 gzip_name=False)
     transfer.planner.total = 100
-    store.held = bitpit._Ranges([(0, 50)])
-    store.snapshot = store.held.pairs()
+    store.held = bitpit._Ranges(held)
+    store.snapshot = bitpit._Ranges(published).pairs()
+    return transfer
+
+
+def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
+    """A racer and the connection it races may both hold the same bytes:
+    ``downloaded`` counts a buffer's bytes that are held already once, and
+    never more than the file's size, so it does not fall when the race
+    ends (a total limit sampled from it read 2 % short in that second)."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 50)])
     slow = bitpit._Connection(0, transfer.sources[0], 65536)
     slow.pos, slow.pending = 40, 20            # 10 of its bytes a racer wrote first
     transfer.connections.append(slow)
@@ -240,6 +247,93 @@ def test_downloaded_counts_the_bytes_of_a_race_once(tmp_path):
     racer.pos, racer.pending = 55, 45          # the rest, and 5 bytes the slow one has too
     transfer.connections.append(racer)
     assert transfer.downloaded == 100          # the file's size at most
+
+
+def test_downloaded_read_in_the_middle_of_a_write_counts_its_bytes_once(tmp_path):
+    """Any thread reads ``downloaded``, at any moment: here in the middle
+    of a write, whose bytes the store counts as held before it publishes
+    their range (``snapshot``), while they are still in the connection's
+    buffer. They are counted once, not as held and as buffered too (the
+    progress a caller sees would run ahead, and never come back)."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 30)])
+    conn = bitpit._Connection(0, transfer.sources[0], 65536)
+    conn.pos, conn.pending = 30, 20            # the buffer being written
+    transfer.connections.append(conn)
+    assert transfer.downloaded == 50
+
+
+def at_each_opcode(names, act, call):
+    """``call()``, with ``act()`` made between any two steps of the
+    interpreter (opcodes) of the functions named ``names`` under it, as
+    another thread may act where the GIL switches to it (a trace of each
+    opcode; the trace is off in ``act``)."""
+    def each_opcode(frame, event, arg):
+        if event == 'opcode':
+            act()
+        return each_opcode
+
+    def in_those(frame, event, arg):
+        if frame.f_code.co_name not in names:
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+    before = sys.gettrace()
+    sys.settrace(in_those)
+    try:
+        call()
+    finally:
+        sys.settrace(before)
+
+
+def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_bytes_once(
+        tmp_path):
+    """A thread may read ``downloaded`` between any two steps of the
+    interpreter of a connection's write of its buffer (``_flush_buffer``
+    and the store's write under it: here it reads at every one, by a
+    trace of each opcode): it never counts the bytes written more than
+    once, as it would where the connection's position had moved on past
+    them while its buffer still held them."""
+    transfer = transfer_of_100_bytes(tmp_path, [(0, 30)], [(0, 30)])
+    transfer.store.open()
+    conn = bitpit._Connection(0, transfer.sources[0], 65536)
+    conn.pos, conn.pending = 30, 20
+    conn.buffer = memoryview(bytearray(b'x' * 20))
+    transfer.connections.append(conn)
+    seen = []
+    at_each_opcode(('_flush_buffer', 'write', '_write_all'),
+                   lambda: seen.append(transfer.downloaded),
+                   lambda: bitpit._flush_buffer(transfer, conn))
+    assert len(seen) > 50 and max(seen) == transfer.downloaded == 50
+    assert transfer.store.held.total == 50
+
+
+
+def test_downloaded_read_as_the_file_starts_over_shows_none_of_the_old_bytes(tmp_path):
+    """A start over (the file changed on the server) drops the bytes held,
+    those in the buffers of the other connections (whose writes it
+    supersedes) and the most ``downloaded`` said. A thread that reads it
+    as that happens, at any step of the interpreter of its read (here the
+    start over comes at each one in turn, by a trace of each opcode),
+    leaves none of the old version's bytes shown once the start over is
+    done."""
+    step = 0
+    while True:
+        step += 1
+        transfer = transfer_of_100_bytes(tmp_path, [(0, 50)], [(0, 50)])
+        conn, other = (bitpit._Connection(n, transfer.sources[0], 65536) for n in (0, 1))
+        other.pos, other.pending, other.active = 50, 20, True
+        transfer.connections += [conn, other]
+        steps = []
+
+        def start_over_at_the_step():
+            steps.append(None)
+            if len(steps) == step:
+                transfer._start_over(conn, 'another version', None)
+        at_each_opcode(('downloaded',), start_over_at_the_step, lambda: transfer.downloaded)
+        if len(steps) < step:  # it came after the read's last step: all were tried
+            break
+        assert transfer.downloaded == 0, step
+    assert step > 20
 
 
 def test_under_a_rate_limit_a_race_never_fetches_a_byte_twice(server, tmp_path):
