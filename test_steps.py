@@ -374,6 +374,18 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
 
 
 
+def unstarted_transfer(tmp_path, connections):
+    """A transfer of a file in ``tmp_path`` from a URL that no server
+    answers, with ``connections`` and no limit, never started: for tests
+    that drive its steps' looks by hand."""
+    address = bitpit._check_url('http://127.0.0.1:9/f')
+    store = bitpit._FileStore(tmp_path / 'f', address.url)
+    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
+        {}, None, None, None, 0.5), bitpit._Cookies())
+    return bitpit._Transfer(store, [address], options, connections, 1024,
+                            (bitpit._TokenBucket(),), None, None, 0, None, False)
+
+
 def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
         tmp_path, monkeypatch):
     """The run's ``wait_steps`` skips the look for more to do
@@ -384,12 +396,7 @@ def test_the_runs_wait_looks_for_work_after_a_change_even_with_events_to_take(
     for the next period to be acted on."""
     looks = []
     monkeypatch.setattr(bitpit._Transfer, '_keep_going', lambda self: looks.append(1))
-    address = bitpit._check_url('http://127.0.0.1:9/f')
-    store = bitpit._FileStore(tmp_path / 'f', address.url)
-    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
-        {}, None, None, None, 0.5), bitpit._Cookies())
-    transfer = bitpit._Transfer(store, [address], options, 1, 1024, (bitpit._TokenBucket(),),
-                                None, None, 0, None, False)
+    transfer = unstarted_transfer(tmp_path, connections=1)
 
     def wait(*news):
         """Let ``news`` happen (as a connection's steps do), then one
@@ -429,12 +436,7 @@ def test_a_stop_as_a_connection_looks_for_work_is_not_missed(tmp_path, monkeypat
     clears the flag that it waits on (as it asks when a race is due), and
     still the connection waits for nothing (else for the race's due time,
     past stop()'s 0.1 s)."""
-    address = bitpit._check_url('http://127.0.0.1:9/f')
-    store = bitpit._FileStore(tmp_path / 'f', address.url)
-    options = bitpit._RequestOptions(address, bitpit._RequestSettings(
-        {}, None, None, None, 0.5), bitpit._Cookies())
-    transfer = bitpit._Transfer(store, [address], options, 2, 1024, (bitpit._TokenBucket(),),
-                                None, None, 0, None, False)
+    transfer = unstarted_transfer(tmp_path, connections=2)
     conn = transfer._add_connection()
     transfer.probed = True
     transfer.work = bitpit._Flag()  # (an earlier wait's)
