@@ -551,9 +551,13 @@ def _known_address(url: str) -> Optional[_Address]:
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
     if origin is None or not url.isascii() or ' ' in url:
         return None
-    rest = url[end:].partition('#')[0]
-    path, _, query = rest.partition('?')
-    return _Address(url, path, origin, rest if query else path)  # (a path: at least '/')
+    path = target = url[end:]  # (a path: at least '/')
+    if '#' in target or '?' in target:  # (most URLs have neither: no partition to make)
+        target = target.partition('#')[0]
+        path, _, query = target.partition('?')
+        if not query:
+            target = path
+    return _Address(url, path, origin, target)
 
 
 def _filename_from_url(address: _Address) -> str:
