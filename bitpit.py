@@ -552,9 +552,13 @@ def _known_address(url: str) -> Optional[_Address]:
     origin = _ORIGIN_TEXTS.get(url[:end]) if end > 0 else None
     if origin is None or not url.isascii() or ' ' in url:
         return None
-    rest = url[end:].partition('#')[0]
-    path, _, query = rest.partition('?')
-    return _Address(url, path, origin, rest if query else path)  # (a path: at least '/')
+    path = target = url[end:]  # (a path: at least '/')
+    if '#' in target or '?' in target:  # (most URLs have neither: no partition to make)
+        target = target.partition('#')[0]
+        path, _, query = target.partition('?')
+        if not query:
+            target = path
+    return _Address(url, path, origin, target)
 
 
 def _filename_from_url(address: _Address) -> str:
@@ -4966,22 +4970,34 @@ def _as_path(path: Union[str, os.PathLike[str]]) -> pathlib.Path:
 _JOINS_BARE = ('\\', '/', ':') if os.name == 'nt' else '/'
 
 
+# the last directory a name was put in, and what a name follows in it
+# (see ``_text_before_child``): mostly one ``Path`` for thousands of
+# downloads, a manager's, or that of one ``path`` text (``_parsed_path``
+# gives the same ``Path`` for it). Replaced whole (any thread: two that
+# race make the same)
+_LAST_DIR: 'Tuple[Optional[pathlib.Path], str]' = (None, '')
+
+
 def _child_text(directory: pathlib.Path, name: str) -> str:
     """``str(directory / name)``, for a ``name`` that ``_safe_filename``
     made (one part, no separator, not ``.``), without making that ``Path``:
     pathlib's ``/`` costs some 14,000 instructions and the new path's first
     ``str()`` 8,000 more, where a small file's whole download costs some
-    700,000. The directory is mostly one ``Path`` for all (a manager's),
-    whose text is made once, and what a name follows in it too."""
-    return _text_before_child(str(directory)) + name
+    500,000. What a name follows in the directory is worked out once for
+    the directory given again and again (``str()`` of a ``Path`` is a
+    Python call: 1,300 instructions, the look-up of its text 1,200 more)."""
+    global _LAST_DIR
+    last, before_child = _LAST_DIR
+    if directory is not last:
+        before_child = _text_before_child(str(directory))
+        _LAST_DIR = (directory, before_child)
+    return before_child + name
 
 
-@functools.lru_cache(maxsize=64)
 def _text_before_child(directory: str) -> str:
     """What a name follows in the directory whose path's text is
     ``directory``: that text and a separator (none after a root or a
-    drive; nothing in ``.``, as pathlib writes no ``./``). Worked out
-    once for a directory given again and again, as ``_parsed_path``."""
+    drive; nothing in ``.``, as pathlib writes no ``./``)."""
     if directory == '.':
         return ''
     return directory if directory.endswith(_JOINS_BARE) else directory + os.sep
