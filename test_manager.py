@@ -641,18 +641,19 @@ class RestartedDownloader(bitpit.Downloader):
         super().start()
 
 
-def stop_in_a_callback(m, d, act):
-    """Have ``d``'s first ``error`` callback (listened before ``add``) run
+def stop_in_a_callback(m, d, act, state='error', stop=None, wait=0.25):
+    """Have ``d``'s first ``state`` callback (listened before ``add``) run
     ``act()`` once the manager started ``d`` again, if it does while the
-    callback runs (0.25 s at most); return whether ``act`` returned within
-    2 s, as seen by the callback. ``act`` runs in a thread of its own, so
-    that a wait for this callback's end cannot hang the suite."""
+    callback runs (``wait`` s at most); return whether ``act`` returned
+    within 2 s, as seen by the callback. ``act`` runs in a thread of its
+    own, so that a wait for this callback's end cannot hang the suite.
+    ``stop(d)``, if given, is called once the manager started ``d``."""
     done = []
 
     def on_state(d, old):
-        if d.state != 'error' or done:
+        if d.state != state or done:
             return
-        d.restarted.wait(0.25)  # (without the defect, nothing starts it meanwhile)
+        d.restarted.wait(wait)  # (without the defect, nothing starts it meanwhile)
         actor = threading.Thread(target=act)
         actor.start()
         actor.join(2)
@@ -661,6 +662,8 @@ def stop_in_a_callback(m, d, act):
     d.listen('state-changed', on_state)
     m.add(d)
     m.start()
+    if stop is not None:
+        stop(d)
     d.wait(10)
     d.join(10)
     done[1].join(5)
@@ -691,6 +694,25 @@ def test_an_error_callback_may_remove_the_download(manager, server, tmp_path):
     assert stop_in_a_callback(m, d, lambda: m.remove(d))
     assert m.downloads == [] and d.state == 'error'
     assert d.starts == 1 and len(server.requests_for('/e')) == 1
+
+
+def test_a_pause_callback_may_stop_the_manager(manager, server, tmp_path):
+    """The manager learns of a download's pause after its callbacks too:
+    one of them may stop the manager, while the manager would start the
+    paused download again at once (restart_wait=0), which waits for the
+    download thread's callbacks to end."""
+    url = server.add('/p', DATA, throttle=64 * 1024)
+    m = manager(restart_wait=0)
+    d = RestartedDownloader(url, tmp_path / 'p')
+    downloading = threading.Event()
+    d.listen('state-changed', lambda d, old: d.state == 'download' and downloading.set())
+
+    def stop(d):
+        assert downloading.wait(5)
+        d.stop()  # (waits about a second at most for the callback)
+    assert stop_in_a_callback(m, d, m.stop, 'pause', stop, wait=0.1), \
+        'stop() waited for the callback'
+    assert d.state == 'pause' and d.starts == 1  # the stopped manager restarted nothing
 
 
 def test_a_download_added_to_two_managers_frees_its_slot_in_both(manager, server, tmp_path):
