@@ -6289,7 +6289,7 @@ class _Planner:
     every read looks at); a file that is never split (a small one) never
     sets it, nor makes a ``_PieceSizer`` (``split`` does)."""
 
-    limit: Optional[_LimitJudge] = None    # what limits it: the probe's thread's
+    limit: Optional[_LimitJudge] = None    # what limits it: the probe's steps'
     _share_basis = (0, 0)         # where the probe began, and the bytes missing then
     pieces: Optional[_PieceSizer] = None  # the size of the pieces, from the first split
     best_rate = 0.0               # bytes per second of the fastest request so far
@@ -6464,7 +6464,7 @@ class _Planner:
         bytes having come in all: once the probe's reads show that the link
         limits it; while the CPU does, the probe goes on alone (more
         connections would compete for CPU time, with the server too when it
-        is local), judged again later. The probe's thread, between two
+        is local), judged again later. The probe's steps, between two
         reads."""
         assert self.limit is not None  # set with judging
         if self.limit.cpu_bound(now, received) is not False:
@@ -6482,7 +6482,7 @@ class _Planner:
         further: like every piece, the next ones are asked for with a fresh
         request (a server that gives each request a burst gives it again).
         Returns the parts for new connections, in the order to start them.
-        The probe's thread."""
+        The probe's steps."""
         began, missing = self._share_basis
         assert self.pieces is not None  # made by split()
         parts = min(self.connections_wanted, max(1, missing // _MIN_SPLIT))
@@ -6546,7 +6546,7 @@ class _Planner:
         out from ``probe``'s position, once its first reads tell what
         limits it (``judge``; ``received`` bytes came in all so far), or
         at once (``True``: ``share_out`` now) where the CPU time of a
-        thread cannot be told. The probe's thread."""
+        thread cannot be told. The probe's steps."""
         self.segmented = True
         if self.pieces is None:  # (a file that started over keeps what it learnt)
             self.pieces = _PieceSizer()
@@ -6809,7 +6809,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
             _flush_buffer(transfer, conn, quietly=True)
         if splice is not None:
             splice.close()
-    position = conn.pos  # (only its own thread moves it)
+    position = conn.pos  # (only its own steps move it)
     if ended:
         if position < min(conn.end, conn.request_end, body_end):
             if body_end < _UNKNOWN_END:
@@ -7829,7 +7829,7 @@ class _Transfer:
         source.retired = _BadPieces('{} sent {} pieces that do not match their hashes'.format(
             source.url, source.bad_pieces))
         if conn is not None and conn.source is source:
-            return True  # its connection's thread retires it (and says so)
+            return True  # its connection's steps retire it (and say so)
         _log.warning('%s: not using %s any more: %s', self.options.url, source.url,
                      source.retired)
         for other in self.connections:
