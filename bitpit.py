@@ -4128,8 +4128,10 @@ class _RequestOptions:
     meet neither: ``None`` until then), which ``keep(options)`` hands to
     its download at once (``Downloader._keep_learnt``: the download's own
     from then on, for its other requests under way and its next attempts;
-    or it gives the one it made meanwhile). Its requests run on one thread
-    at a time (the loop's, or ``update_size``'s caller's)."""
+    or it gives the one it made meanwhile, and a run's that made none yet
+    is given those another's made: ``cookies`` and ``digest`` are written
+    whole, and read at each use). Its requests run on one thread at a
+    time (the loop's, or ``update_size``'s caller's)."""
     __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
                  '_lookups', 'keep')  # (one made for every attempt: no dict)
 
@@ -8511,7 +8513,7 @@ class Downloader(Emitter):
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
         '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
-        '_fetching', '_tracked_by', '_terms',
+        '_fetching', '_tracked_by', '_terms', '_run_options',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
@@ -8614,6 +8616,8 @@ class Downloader(Emitter):
         self._digest: Optional[Tuple[str, str]] = None
         self._stopping = False               # the thread was told to stop; under _lock
         self._transfer: Optional[_Transfer] = None
+        # the request options of the run under way (see _keep_learnt); under _lock
+        self._run_options: Optional[_RequestOptions] = None
         # the cancel of a document an attempt fetches before its transfer
         # (a checksum file), which a stop cancels; under _lock
         self._fetching: Optional[_Cancel] = None
@@ -8935,9 +8939,13 @@ class Downloader(Emitter):
                 self._stopping = False
                 run = _Run()
                 try:
-                    _LOOP.spawn(self._run_steps(run), _run_ended)
+                    # the attempt's request options, kept while it runs: what
+                    # an update_size learns meanwhile reaches them (_keep_learnt)
+                    options = self._run_options = self._request_options()
+                    _LOOP.spawn(self._run_steps(run, options), _run_ended)
                 except BaseException:  # no loop thread to be had: nothing runs
                     self._running = False
+                    self._run_options = None
                     run.done()
                     raise
                 self._thread = run
@@ -9162,7 +9170,10 @@ class Downloader(Emitter):
         that asked for Digest) for all the download's requests from now on:
         those under way with other options (``update_size`` during a run)
         and those of its next attempts; or give ``options`` what another's
-        made and the download keeps already. The thread of those requests
+        made and the download keeps already. The run under way, if another
+        made them (``update_size``'s), is given them for its next requests
+        if its own made none yet (a reference written whole: its requests
+        on the loop read it at each use). The thread of those requests
         (the loop's, or ``update_size``'s caller's); takes ``_lock``."""
         with self._lock:
             if self._cookies is None:
@@ -9173,6 +9184,12 @@ class Downloader(Emitter):
                 self._digest_auth = options.digest
             else:
                 options.digest = self._digest_auth
+            run_options = self._run_options
+            if run_options is not None and run_options is not options:
+                if run_options.cookies is None:
+                    run_options.cookies = self._cookies
+                if run_options.digest is None:
+                    run_options.digest = self._digest_auth
 
     def _let_go(self) -> None:
         """Drop what only an attempt needs, once the download is complete
@@ -9257,7 +9274,7 @@ class Downloader(Emitter):
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
-    def _run_steps(self, run: _Run) -> '_Steps[None]':
+    def _run_steps(self, run: _Run, options: _RequestOptions) -> '_Steps[None]':
         """A run on the loop: one attempt, from ``start`` to its end state.
         What it tells its callbacks, it posts to ``run`` (``_SIGNALS.post``), whose
         signal worker makes the calls in order; the last one, ``_end_run``,
@@ -9270,8 +9287,6 @@ class Downloader(Emitter):
         # what the transfer told last, given with the run's end: one call
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
-        # (what its requests make at the first need, the download keeps)
-        options = self._request_options()
         try:
             _SIGNALS.post(run, self._set_state, 'start')
             size = yield from self._attempt_steps(run, options, last_events)
@@ -9298,6 +9313,7 @@ class Downloader(Emitter):
             try:
                 with self._lock:  # (one section for the attempt's end, its transfer's too)
                     self._transfer = None
+                    self._run_options = None
                     self._attempt_over = True
                     self._speed = 0
                     if final in _FINISHED_STATES:

@@ -120,6 +120,32 @@ def test_the_cookies_of_a_run_and_of_an_update_size_during_it_are_both_kept(
     assert sorted(again.headers['Cookie'].split('; ')) == ['run=1', 'size=2']
 
 
+def test_a_runs_later_requests_send_the_cookies_an_update_size_during_it_got(
+        server, tmp_path):
+    """An update_size during a run whose answers set no cookie keeps the
+    one its answer set in the download's jar: the run's requests from
+    then on send it (here to the mirror that takes over the cut body), as
+    those of a run sharing the download's jar did."""
+    server.add('/a.bin', DATA, stall_after=100)
+    server.add('/b.bin', DATA)
+    d = bitpit.Downloader(server.url('/a.bin'), tmp_path / 'f.bin', restart_wait=-1,
+                          mirrors=[server.url('/b.bin')])
+    downloading = threading.Event()
+    d.listen('state-changed', lambda d, old: d.state == 'download' and downloading.set())
+    d.start()
+    try:
+        assert downloading.wait(10)
+        server.add('/a.bin', DATA, headers={'Set-Cookie': 'size=2; Path=/'})
+        d.update_size()
+    finally:
+        server.release()  # (the cut body goes on from the mirror)
+    assert d.wait(10), d.last_exception
+    d.join(10)
+    assert [r.method for r in server.requests_for('/a.bin')] == ['GET', 'HEAD']
+    (mirrored,) = server.requests_for('/b.bin')
+    assert mirrored.headers['Cookie'] == 'size=2'
+
+
 def test_a_callers_jar_receives_the_cookies_and_is_shared_by_a_manager(server, tmp_path):
     jar = http.cookiejar.CookieJar()
     server.add('/a', DATA, headers={'Set-Cookie': 'seen=a; Path=/'})
