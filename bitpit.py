@@ -3338,9 +3338,12 @@ class _HTTPSConnection(_HTTPConnection):
 
 
 if TYPE_CHECKING:
-    # scheme, host, port, proxy (host, port) or None, id of the TLS context, the
-    # manager's _HostSlots or None (a manager's connections are its own)
-    _ConnectionKey = Tuple[str, str, int, Optional[Tuple[str, int]], int, Optional['_HostSlots']]
+    # scheme, host, port, proxy (host, port, user, password) or None, id of the
+    # TLS context, the manager's _HostSlots or None (a manager's connections
+    # are its own)
+    _ConnectionKey = Tuple[str, str, int,
+                           Optional[Tuple[str, int, Optional[str], Optional[str]]], int,
+                           Optional['_HostSlots']]
     _AnyHTTPConnection = Union[_HTTPConnection, _HTTPSConnection]
 
 
@@ -4501,7 +4504,10 @@ class _Request:
         connection (``_connect_steps``) may wait, for its host's slot."""
         scheme, host, port = self.address.host_key
         proxy = self.options.proxy_for(scheme, self.address.host_name)
-        proxy_id = (proxy.hostname or '', proxy.port or 80) if proxy else None
+        # (a tunnel, or a connection a proxy may have tied to whom it let
+        # in, is reused only with the proxy credentials it was opened with)
+        proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
+            if proxy else None
         self.key = key = (scheme, host, port, proxy_id, id(self.options.settings.ssl_context),
                           self.options.slots)
         connection = _POOL.get(key)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bitpit
-from conftest import HTTPS_DATA, Recorder, bitpit_threads, fetch, read_head
+from conftest import HTTPS_DATA, Recorder, basic, bitpit_threads, fetch, read_head
 
 
 def test_untrusted_certificate_is_fatal(https_url, tmp_path):
@@ -33,6 +33,21 @@ def test_https_through_connect_proxy(https_url, certificate, proxy, tmp_path):
     assert d.state == 'complete' and (tmp_path / 'secure.bin').read_bytes() == HTTPS_DATA
     assert proxy.seen[0][0] == 'CONNECT'
     assert proxy.seen[0][1] == https_url.split('/')[2]
+
+
+def test_a_tunnel_is_reused_only_with_the_proxy_credentials_it_was_opened_with(
+        https_url, certificate, proxy, tmp_path):
+    """A CONNECT tunnel is the proxy's leave for the credentials it was
+    opened with: a later download with other proxy credentials opens its
+    own, one with the same ones reuses it."""
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    with_credentials = proxy.url.replace('http://', 'http://{}@')
+    for n, credentials in enumerate(['pa:1', 'pb:2', 'pb:2']):
+        d = fetch(https_url, tmp_path / 'secure{}.bin'.format(n), ssl_context=context,
+                  proxy=with_credentials.format(credentials))
+        assert d.state == 'complete'
+    assert [(method, authorization) for method, _, authorization in proxy.seen] == \
+        [('CONNECT', basic('pa', '1')), ('CONNECT', basic('pb', '2'))]
 
 
 def trusting(certificate):
