@@ -6620,9 +6620,9 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
                     # opening a big file may hash what it holds, reserving
                     # its room write its sidecar and sync it
                     yield from _on_worker_steps(
-                        functools.partial(transfer._prepare, conn, setup), 'bitpit-prepare')
+                        functools.partial(transfer._prepare, setup), 'bitpit-prepare')
                 else:
-                    transfer._prepare(conn, setup)
+                    transfer._prepare(setup)
             finally:
                 if setup.pieces:  # (what the check found, applied here, on the loop)
                     transfer._pieces_checked(None, setup.pieces, setup.verdicts)
@@ -7595,7 +7595,7 @@ class _Transfer:
                             for piece in self._pieces_due(None, first, end)]
         return setup
 
-    def _prepare(self, conn: _Connection, setup: _Setup) -> None:
+    def _prepare(self, setup: _Setup) -> None:
         """Open the file, check the pieces it held before (``setup.pieces``:
         their verdicts, which the probe's steps apply, in
         ``setup.verdicts``), reserve its room, and tell whether its rest
