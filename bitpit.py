@@ -7140,8 +7140,9 @@ class _Transfer:
         self._wake()
 
     def result(self) -> None:
-        """Once finished: return if every byte is held (after the checksum check), or raise the attempt's error
-        (``_Stopped`` for a stop). The run's steps, after ``join_steps``."""
+        """Once finished: return if every byte is held (after the checksum
+        check), or raise the attempt's error (``_Stopped`` for a stop). The
+        run's steps, after ``join_steps``."""
         assert not self.connections and not self.saving, 'result() before join_steps()'
         try:
             if self.error is not None:
@@ -9368,13 +9369,14 @@ class Downloader(Emitter):
     def _attempt_steps(self, run: _Run, options: _RequestOptions,
                        last_events: List[Tuple[str, Any]]) -> '_Steps[Optional[int]]':
         """One attempt: decide what to do with an existing file, run a
-        transfer (its requests, and a checksum file's, made with ``options``), relay what it reports as signals (posted to ``run``; what
-        it reports once finished, when its end waits for nothing, goes into
-        ``last_events``, which the run's last call takes, also after a
-        failure), and measure the speed
-        every ``update_period``. Raises on failure; else the size
-        the file ended with (``None``: signalled already), which the run's
-        last call sets (one call less to post for every file). Its transfer
+        transfer (its requests, and a checksum file's, made with
+        ``options``), relay what it reports as signals (posted to ``run``;
+        what it reports once finished, when its end waits for nothing, goes
+        into ``last_events``, which the run's last call takes, also after a
+        failure), and measure the speed every ``update_period``. Raises on
+        failure; else the size the file ended with (``None``: signalled
+        already), which the run's last call sets (one call less to post for
+        every file). Its transfer
         stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
         it takes for the attempt's end."""
         self._digest = None
