@@ -6,8 +6,9 @@ The checkers start together, each in a process of its own with a fresh
 cache of its own (no stale cache, no two writers on one); each test waits
 for its own. They start as soon as pytest has collected a run that holds
 these tests (conftest's ``pytest_collection_finish`` starts ``CHECKERS``;
-in an xdist worker, each starts at its test) and run niced: the test process, one GIL, leaves a core mostly idle, and
-these tests, last but one in the run, then find them done."""
+in an xdist worker, each starts at its test) and run niced: the test
+process, one GIL, leaves a core mostly idle, and these tests, last but
+one in the run, then find them done."""
 import os
 import pathlib
 import shutil
@@ -154,7 +155,8 @@ def test_a_check_not_started_yet_starts_when_its_test_asks(monkeypatch):
     """In an xdist worker conftest starts no checks: each starts at its
     test, alone (a worker runs only some of these tests)."""
     monkeypatch.setattr(sys.modules[__name__], 'commands', lambda work: {
-        name: [sys.executable, '-I', '-S', '-c', 'print({!r})'.format(name)] for name in ('a', 'b')})
+        name: [sys.executable, '-I', '-S', '-c', 'print({!r})'.format(name)]
+        for name in ('a', 'b')})
     checkers = Checkers()
     try:
         assert checkers.outcome('a') == (0, 'a\n')
