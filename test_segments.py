@@ -307,7 +307,6 @@ def test_downloaded_read_between_any_two_steps_of_a_buffers_write_counts_its_byt
     assert transfer.store.held.total == 50
 
 
-
 def test_downloaded_read_as_the_file_starts_over_shows_none_of_the_old_bytes(tmp_path):
     """A start over (the file changed on the server) drops the bytes held,
     those in the buffers of the other connections (whose writes it
