@@ -31,6 +31,7 @@ and server process is removed when a script ends (also on Ctrl-C / SIGTERM).
 from __future__ import annotations
 
 import argparse
+import atexit
 import bisect
 import contextlib
 import dataclasses
@@ -860,9 +861,38 @@ done = time.perf_counter()
 print(json.dumps({'import_s': imported - began, 'transfer_s': done - imported}))
 '''
 
+#: the interpreter of the Python contenders, made by ``plain_python()``
+_plain_python: List[str] = []
+
+
+def plain_python() -> str:
+    """The Python the contenders run with: this one as a user's program
+    would start it. Where this interpreter is no virtual environment of
+    its own, that is the same Python in a virtual environment made for the
+    benchmark (no pip, no packages), since a base installation's
+    site-packages may run code at every start: on the machine these
+    figures come from, a ``.pth`` file the sandbox writes there imports
+    certifi, and with it half of ``importlib.resources``, ``zipfile`` and
+    ``tempfile``: 80 ms of CPU a start, ten times bitpit's own import,
+    which every Python contender paid and aria2c did not. A venv skips the
+    base's site-packages and runs its own site, as a project's venv does.
+    Made once per benchmark process, removed at its exit."""
+    if not _plain_python:
+        if sys.prefix != sys.base_prefix:  # a venv already: as given
+            _plain_python.append(sys.executable)
+        else:
+            home = Path(tempfile.mkdtemp(prefix='bitpit-bench-python-'))
+            atexit.register(shutil.rmtree, str(home), True)
+            subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(home)],
+                           check=True, stdin=subprocess.DEVNULL, timeout=120)
+            _plain_python.append(str(home / 'bin' / 'python'))
+    return _plain_python[0]
+
+
 def python_command(code: str, *args: Any) -> List[str]:
-    """argv running ``code`` with this Python, ``sys.argv[1:] == args``."""
-    return [sys.executable, '-c', code, *(str(a) for a in args)]
+    """argv running ``code`` with this Python (``plain_python()``),
+    ``sys.argv[1:] == args``."""
+    return [plain_python(), '-c', code, *(str(a) for a in args)]
 
 
 def python_env(pycache: Optional[Path] = None, lib: Optional[Path] = None) -> Dict[str, str]:

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             common.note('serving {} files of {} from {} at {}'.format(
                 args.files, common.fmt_size(args.file_size), server.description,
                 server.base_url))
-            bitpit = [sys.executable, str(tmp / 'lib' / 'bitpit.py'), '-q',
+            bitpit = [common.plain_python(), str(tmp / 'lib' / 'bitpit.py'), '-q',
                       '-m', str(args.parallel), '-d', str(outdir), '-i', str(url_list)]
             shards = [bitpit + ['--shard', '{}/{}'.format(k, args.shards), '--manifest',
                                 str(outdir / 'manifest-{}.jsonl'.format(k))]
