@@ -2505,9 +2505,9 @@ class _Headers:
 
     def __init__(self, lines: List[str], last_values: Optional[Dict[str, str]] = None):
         """``lines``: the head's field lines (its status line left out),
-        as ``_parse_head`` split them; ``last_values``: where each line is
-        a field of a name of its own, the value of each by its name in
-        lower case, as ``_parse_head`` took them (the very ``by_name`` and
+        as ``_HeadParser._take_head`` split them; ``last_values``: where
+        each line is a field of a name of its own, the value of each by its
+        name in lower case, as ``_take_head`` took them (the very ``by_name`` and
         ``firsts``); else ``None``, and the lines are taken apart here
         (``_head_fields``, which raises ``ProtocolError``)."""
         self._lines = lines
@@ -2586,34 +2586,6 @@ class _Headers:
         return message
 
 
-class _Head:
-    """The status line and header fields of a response, as ``_HeadParser``
-    read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
-    later 1.x), as http.client numbers them; ``final``: not an interim
-    (1xx) head, but for a 101, which is final."""
-    __slots__ = ('version', 'status', 'reason', 'headers', 'final')
-
-    def __init__(self, version: int, status: int, reason: str, headers: _Headers):
-        self.version = version
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.final = status >= 200 or status == 101
-
-    def keep_alive(self) -> bool:
-        """Whether the connection stays open after this answer, as its
-        version and its ``Connection`` field (for HTTP/1.0 also
-        ``Keep-Alive`` and ``Proxy-Connection``) tell."""
-        by_name = self.headers.by_name
-        connection = by_name.get('connection', '').lower()
-        if self.version == 11:
-            # (a field with no 'close' in it has no such token: most are not split)
-            return 'close' not in connection or 'close' not in _header_tokens(connection)
-        return 'keep-alive' in _header_tokens(connection) or \
-            bool(self.headers.first('keep-alive')) or \
-            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
-
-
 def _header_tokens(value: str) -> Set[str]:
     """The comma-separated tokens of a field's ``value`` (its values
     joined by commas), in lower case if ``value`` is."""
@@ -2643,44 +2615,6 @@ def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
     if lf >= 0:
         return lf, lf + 2
     return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
-
-
-def _parse_head(head: Union[bytes, bytearray]) -> _Head:
-    """The head whose bytes, its blank line left out, are ``head``. Lines
-    end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
-    continues the field before it, joined with a space; Latin-1, as
-    http.client decodes it. Raises ``ProtocolError``."""
-    text = head.decode('latin-1')
-    if text[-1:] == '\r':  # the CR of the last line's CRLF
-        text = text[:-1]
-    if '\r' in text:
-        text = text.replace('\r\n', '\n').replace('\r', ' ')
-    lines = text.split('\n')
-    status_line = lines.pop(0)  # (the field lines left: no copy of them)
-    if len(lines) > _MAX_HEAD_FIELDS:
-        raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
-    if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in [status_line] + lines:
-            if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
-                raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    version, status, reason = _USUAL_STATUS_LINES.get(status_line) or _status_line(status_line)
-    # the usual head, each line a field of a name of its own (a name with
-    # no space or tab, its colon, its value), taken apart in the fewest
-    # calls: each line's value by its name in lower case, all that _Headers
-    # needs of it, and the names looked at all at once; any other head is
-    # taken apart line by line (_head_fields), which says what is wrong
-    last_values: Dict[str, str] = {}
-    for line in lines:
-        name, colon, value = line.partition(':')
-        if not colon:
-            break
-        last_values[name.lower()] = value.strip(' \t')
-    else:
-        names = '\n'.join(last_values)  # (no name holds a line end)
-        if len(last_values) == len(lines) and '' not in last_values and \
-                ' ' not in names and '\t' not in names:
-            return _Head(version, status, reason, _Headers(lines, last_values))
-    return _Head(version, status, reason, _Headers(lines))
 
 
 def _head_fields(lines: List[str]) -> List[Tuple[str, str]]:
@@ -2739,26 +2673,37 @@ _USUAL_STATUS_LINES = {line: _status_line(line) for line in [
 
 class _HeadParser:
     """Reads the head of one response from the bytes of its connection,
-    fed in any cut: ``feed`` returns the final head once its blank line
-    came (interim 1xx heads, such as 100 Continue, are read and skipped; a
-    101 is final) and leaves the bytes after it, the start of the body, in
-    ``rest`` (a view of them: they may be a whole small body). Sans-I/O:
-    it neither receives nor waits; its caller does. Raises
+    fed in any cut: once the final head's blank line came (interim 1xx
+    heads, such as 100 Continue, are read and skipped; a 101 is final),
+    ``feed`` returns the head, which is the parser itself, and leaves the
+    bytes after it, the start of the body, in ``rest`` (a view of them:
+    they may be a whole small body). The head has ``version``, 10
+    (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and later 1.x) as http.client
+    numbers them, ``status``, ``reason``, ``headers`` (also ``fields``, a
+    ``_Headers``) and ``keep_alive()``: no object of its own, nor one
+    for a ``_Response``, which is a parser (it reads its head so).
+    Sans-I/O: it neither receives nor waits; its caller does. Raises
     ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread. (Its state starts as the class's: a head
-    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    that comes whole, the usual one, sets none of it but the head's and
+    ``rest``.)"""
     _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
     _searched = 0          # where in _buffer its blank line may start
     _lines = 0             # its line ends so far
     _line_start = 0        # where in _buffer its last line starts
     _interim = 0           # 1xx heads skipped
     rest = memoryview(b'')  # the bytes after the final head
+    # the head's, set by _take_head (the last head's while the final one is to come)
+    version = status = 0
+    reason = ''
+    headers: _Headers
+    fields: _Headers
 
-    def feed(self, data: bytes) -> Optional[_Head]:
-        """Take the next ``data`` of the connection; the final head once
-        complete, else ``None``."""
+    def feed(self, data: bytes) -> Optional['_HeadParser']:
+        """Take the next ``data`` of the connection; the final head (the
+        parser) once complete, else ``None``."""
         stored = bool(self._buffer)  # (a bytearray then)
         if stored:
             self._buffer += data
@@ -2769,13 +2714,13 @@ class _HeadParser:
             end, after = _head_end(buffer, start + searched)
             if end < 0:
                 break
-            head = _parse_head(buffer[start:end])
+            final = self._take_head(buffer[start:end])
             start, searched = after, 0
-            if head.final:
+            if final:
                 self.rest = memoryview(buffer)[start:]
                 if stored:
                     self._buffer = b''
-                return head
+                return self
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
                 raise _head_error('more than {} interim (1xx) answers'
@@ -2791,6 +2736,63 @@ class _HeadParser:
             self._buffer = bytearray(buffer[start:])
         self._check_unfinished()
         return None
+
+    def _take_head(self, head: Union[bytes, bytearray]) -> bool:
+        """Take the head whose bytes, its blank line left out, are
+        ``head``: its status line and fields become the parser's; whether
+        it is final (not an interim 1xx head, but for a 101). Lines end in
+        CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
+        continues the field before it, joined with a space; Latin-1, as
+        http.client decodes it. Raises ``ProtocolError``."""
+        text = head.decode('latin-1')
+        if text[-1:] == '\r':  # the CR of the last line's CRLF
+            text = text[:-1]
+        if '\r' in text:
+            text = text.replace('\r\n', '\n').replace('\r', ' ')
+        lines = text.split('\n')
+        status_line = lines.pop(0)  # (the field lines left: no copy of them)
+        if len(lines) > _MAX_HEAD_FIELDS:
+            raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
+        if len(head) + 2 > _MAX_HEAD_LINE:
+            for line in [status_line] + lines:
+                if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
+                    raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE),
+                                      line)
+        self.version, status, self.reason = _USUAL_STATUS_LINES.get(status_line) or \
+            _status_line(status_line)
+        self.status = status
+        # the usual head, each line a field of a name of its own (a name with
+        # no space or tab, its colon, its value), taken apart in the fewest
+        # calls: each line's value by its name in lower case, all that _Headers
+        # needs of it, and the names looked at all at once; any other head is
+        # taken apart line by line (_head_fields), which says what is wrong
+        usual: Optional[Dict[str, str]] = None
+        last_values: Dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(':')
+            if not colon:
+                break
+            last_values[name.lower()] = value.strip(' \t')
+        else:
+            names = '\n'.join(last_values)  # (no name holds a line end)
+            if len(last_values) == len(lines) and '' not in last_values and \
+                    ' ' not in names and '\t' not in names:
+                usual = last_values
+        self.headers = self.fields = _Headers(lines, usual)
+        return status >= 200 or status == 101
+
+    def keep_alive(self) -> bool:
+        """Whether the connection stays open after this answer, as its
+        version and its ``Connection`` field (for HTTP/1.0 also
+        ``Keep-Alive`` and ``Proxy-Connection``) tell."""
+        by_name = self.fields.by_name
+        connection = by_name.get('connection', '').lower()
+        if self.version == 11:
+            # (a field with no 'close' in it has no such token: most are not split)
+            return 'close' not in connection or 'close' not in _header_tokens(connection)
+        return 'keep-alive' in _header_tokens(connection) or \
+            bool(self.fields.first('keep-alive')) or \
+            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
 
     def _check_unfinished(self) -> None:
         """Refuse an unfinished head that is too long already, so that a
@@ -2939,48 +2941,86 @@ _NO_BYTES = memoryview(b'')
 # the rest of a 10 KiB file to a second receive (and the poll before it)
 _FIRST_READ = 65536
 
+_TLS_RECORD = 16384   # the most plaintext one TLS record carries
+# the most a read of a body takes from the bytes that came with its head,
+# and its first read from the socket (what http.client's reader receives
+# at once), but for a body that came whole: the rest waits for the next
+# read, so that a rate limit set on the download signal paces it
+_BODY_STEP = 8192
 
-class _Response:
-    """An answer: its head, read by ``_HeadParser``, and its body, read
-    through its framing (``_BodyFraming``: a length, chunks, or to the
-    connection's end), as steps (``begin_steps``, ``read1_steps``,
-    ``read_steps``) on its connection's socket, which need not block:
-    each wait for bytes lasts ``timeout`` seconds at most (``None``: no
-    limit). Its receives go into its own buffer, of ``_FIRST_READ`` bytes
-    at most; ``held`` is how many bytes after the head came with it. The
-    socket stays its connection's, which closes it once the answer is
-    done with, never while one is read (see ``_Request._release``). It has
-    what bitpit and a caller's cookie jar read of http.client's responses:
-    ``status`` (``code``), ``reason``, ``version`` (10 or 11), ``fields``
-    (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
-    ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
-    ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
-    set and behaving as http.client's do, and ``begin`` and ``read``,
-    the steps run on the calling thread. The thread of its request. (What
-    its head sets starts as the class's.)"""
-    fields: _Headers
-    headers: _Headers
-    msg: _Headers
-    _received = _NO_BYTES  # bytes received and not taken yet
-    held = 0
-    status = code = version = 0
-    reason = ''
+# the final statuses whose answers have no body (a 101's connection is another protocol's)
+_NO_BODY_STATUSES = frozenset({101, 204, 304})
+
+
+class _Response(_HeadParser):
+    """An answer: its head, read as a ``_HeadParser`` reads one (it is
+    one), and its body, read through its framing (a length, chunks, or to
+    the connection's end), as steps on its connection's socket, which need
+    not block: each wait for bytes lasts ``timeout`` seconds at most
+    (``None``: no limit). Its receives go into its own buffer, of
+    ``_FIRST_READ`` bytes at most, whose bytes not taken yet are ``rest``
+    (after the head: the body's first). The socket stays its connection's,
+    which closes it once the answer is done with, never while one is read
+    (see ``_Request._release``). The thread of its request. (What its head
+    and its reads set starts as the class's.)
+
+    Its steps: ``begin_steps`` reads the head; bitpit reads a body with
+    ``readinto_steps``, into the caller's buffers, and a caller's code
+    with ``read1_steps`` and ``read_steps`` (``_BodyFraming``, made at
+    the first call: chunks as well). ``readinto_steps`` ends as soon as
+    some bytes arrived (one receive), so progress, stall detection and
+    rate limits see bytes as they come; the caller never asks for more
+    than the announced length. Of a plain body, the bytes that came with
+    the head are copied straight into the caller's buffer first (in one
+    read if they are the whole body, else ``_BODY_STEP`` at a time);
+    later reads go straight to the socket, so ``ready()`` can tell
+    whether a read would wait, but for the receive of the body's last
+    ``_FIRST_READ`` bytes, which goes into the buffer and shows whatever
+    the server sent beyond the body. Over TLS, where one receive brings
+    one record (16 KiB at most), a read goes on with the records that
+    are already there, without waiting.
+
+    It has what bitpit and a caller's cookie jar read of http.client's
+    responses: ``status`` (``code``), ``reason``, ``version`` (10 or 11),
+    ``fields`` (also ``headers`` and ``msg``, a ``_Headers``),
+    ``getheader``, ``getheaders``, ``info()`` (an
+    ``http.client.HTTPMessage``), ``chunked``, ``length`` (as
+    http.client's, the bytes of the body not read yet, once
+    ``readinto_steps`` reads it), ``will_close``, ``isclosed`` and
+    ``close``, set and behaving as http.client's do, and ``begin`` and
+    ``read``, the steps run on the calling thread."""
+    rest = _NO_BYTES  # bytes received and not taken yet
     chunked = False
     length: Optional[int] = None
     will_close = True
+    _method = 'GET'
+    _closed = False
     _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
     _unread = b''  # body bytes that read1 received and did not hand out
+    _read = False  # whether readinto_steps read from the socket
+    # whether to look for more TLS records after a read from the socket
+    # (over TLS, with poll): found at the first such read, which a small
+    # body, come with its head, never makes
+    _tls: Optional[bool] = None
+    _poll: Any = None  # over TLS: polls the socket for more records
+    _error: Optional[BaseException] = None  # a receive's failure, after bytes
 
     def __init__(self, sock: Any, method: str = 'GET', timeout: Optional[float] = None):
         self._sock = sock
         self._method = method
         self.timeout = timeout
-        self._closed = False
+
+    @property
+    def code(self) -> int:
+        return self.status
+
+    @property
+    def msg(self) -> _Headers:
+        return self.fields
 
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
-        parser = _HeadParser()
         sock, timeout = self._sock, self.timeout
         received = False
         while True:
@@ -3001,27 +3041,24 @@ class _Response:
                     'Remote end closed connection ' +
                     ('within the response head' if received else 'without response'))
             received = True
-            head = parser.feed(data)
-            if head is not None:
+            if self.feed(data) is not None:
                 break
-        rest = parser.rest
-        self._received = rest  # the body's first bytes
-        self.held = len(rest)
-        self.code = self.status = head.status
-        self.reason = head.reason
-        self.version = head.version
-        self.fields = self.headers = self.msg = head.headers
-        firsts = head.headers.firsts
+        firsts = self.fields.firsts
         transfer = firsts.get('transfer-encoding')
-        self.chunked = transfer is not None and transfer.lower() == 'chunked'
-        self.will_close = not head.keep_alive()
-        length = firsts.get('content-length')
-        self.length = int(length) if length and length.isascii() and length.isdigit() and \
-            not self.chunked else None
-        if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
-            self.length = 0
-        if self.length is None and not self.chunked:
-            self.will_close = True  # the body ends with the connection
+        if transfer is not None:
+            self.chunked = transfer.lower() == 'chunked'
+        will_close = not self.keep_alive()
+        length: Optional[int] = None
+        if self.status in _NO_BODY_STATUSES or self._method == 'HEAD':
+            length = 0
+        elif not self.chunked:
+            value = firsts.get('content-length')
+            if value and value.isascii() and value.isdigit():
+                length = int(value)
+            else:
+                will_close = True  # the body ends with the connection
+        self.length = length
+        self.will_close = will_close
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
@@ -3038,27 +3075,103 @@ class _Response:
     def info(self) -> http.client.HTTPMessage:
         return self.fields.message()
 
-    def receive_steps(self) -> '_Steps[int]':
-        """One receive into the buffer, which holds nothing, waiting for
-        bytes (at most the time-out); how many came (0: the connection
-        ended)."""
-        sock = self._sock
-        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ)
-        self._received = memoryview(data)
-        return len(data)
-
-    def take_into(self, view: memoryview) -> int:
-        """Copy bytes of the buffer into ``view``, as many as fit; how many."""
-        received = self._received
-        count = len(received)
-        if count <= len(view):  # all of them (the usual: a small body, come with the head)
-            view[:count] = received
-            self._received = _NO_BYTES
+    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
+        """Read at least one byte into ``view``; 0 at the body's end. A
+        wait for bytes lasts the time-out at most (``socket.timeout``); a
+        failure after bytes is raised at the next read."""
+        if self._closed:  # the body read to its end, or the answer closed
+            return 0
+        if self.chunked:
+            data = yield from self.read1_steps(len(view))
+            view[:len(data)] = data
+            return len(data)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        left = self.length
+        rest = self.rest
+        if not rest and left is not None and left < _FIRST_READ:
+            if not left:
+                return 0
+            # the body's last receive goes into the buffer, which sees
+            # whatever the server sent beyond it
+            sock = self._sock
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ)
+            if not data:
+                return 0  # the connection ended
+            rest = self.rest = memoryview(data)
+        held = len(rest)
+        if held:
+            # no more than the buffer holds: copied from it, no receive
+            if left is None or held < left:  # a part of the body: a step at a time
+                held = min(held, _BODY_STEP)
+            elif held > left:  # bytes beyond the body: the next answer would begin with them
+                self.will_close = True
+            if held == len(rest) and held <= len(view):
+                # all of them (the usual: a small body, come with the head)
+                view[:held] = rest
+                self.rest = _NO_BYTES
+                got = held
+            else:
+                got = min(held, len(view))
+                view[:got] = rest[:got]
+                self.rest = rest[got:]
         else:
-            count = len(view)
-            view[:] = received[:count]
-            self._received = received[count:]
-        return count
+            sock = self._sock
+            got = yield from _io_steps(sock.recv_into, sock, self.timeout,
+                                       view if self._read else view[:_BODY_STEP])
+            self._read = True
+            tls = self._tls
+            if tls is None:
+                tls = self._tls = _HAS_POLL and _is_tls(sock)
+            if tls:
+                if self._poll is None:
+                    self._poll = select.poll()
+                    self._poll.register(sock, select.POLLIN)
+                got = self._more_records(view, got)
+        if left is not None:
+            self.length = left - got
+        return got
+
+    def _more_records(self, view: memoryview, got: int) -> int:
+        """After ``got`` bytes of a TLS read, the records already received,
+        while there is room for one. A failure waits for the next read, so
+        that the bytes before it are not lost."""
+        sock = self._sock
+        try:
+            while got and len(view) - got >= _TLS_RECORD and \
+                    (sock.pending() or self._poll.poll(0)):
+                more = sock.recv_into(view[got:])
+                if not more:
+                    break
+                got += more
+        except (OSError, ValueError) as exc:
+            if _tls_wants_write(exc) is None:  # (else a record not whole yet: for the next read)
+                self._error = exc
+        return got
+
+    def buffered(self) -> bool:
+        """Whether bytes of a plain body wait in the buffer, or its first
+        read (a step) is yet to come: a splice from the socket must come
+        after."""
+        return bool(self.rest) or not self._read
+
+    def ready(self) -> bool:
+        """Whether a read would return at once."""
+        if self.rest or self._closed:
+            return True
+        if self._poll is not None:  # TLS, read straight from the socket
+            return bool(self._sock.pending() or self._poll.poll(0))
+        return _ready(self._sock)
+
+    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
+        """Wait until a read would not wait for the network, or until the
+        monotonic time ``until`` (``None``: no deadline); whether it would
+        not. ``True`` at once when bytes are held, at the body's end, and
+        for a chunked body, where bytes may be buffered."""
+        if self.chunked or self.ready():
+            return True
+        return (yield _Wait(self._sock, until))
 
     def read1_steps(self, size: int = -1) -> '_Steps[bytes]':
         """Body bytes, at most ``size`` (``-1``: any number), from the
@@ -3077,7 +3190,7 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            data, self._received = bytes(self._received), _NO_BYTES  # held bytes first
+            data, self.rest = bytes(self.rest), _NO_BYTES  # held bytes first
             if not data:  # (a receive's bytes as they came, not copied again)
                 data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
                                             _FIRST_READ)
@@ -3119,7 +3232,7 @@ class _Response:
     def close(self) -> None:
         """Let the buffer go; the socket stays its connection's."""
         self._closed = True
-        self._received = _NO_BYTES
+        self.rest = _NO_BYTES
 
 
 def _field_lines(fields: Dict[str, str]) -> str:
@@ -3174,8 +3287,8 @@ class _HTTPConnection:
         self.port = port
         self.timeout = timeout
         # whether sock is a TLS socket, set with it (an instance's own:
-        # read for every request, in send and _quiet; a _Body, which has
-        # only the socket, asks _is_tls at its first receive)
+        # read for every request, in send and _quiet; a _Response, which
+        # has only the socket, asks _is_tls at its first receive from it)
         self.tls = False
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
@@ -3363,7 +3476,7 @@ class _ConnectionPool:
     Every idle connection is looked at (``_quiet``) before it is handed
     out, however short a time ago it was parked: bytes that came since are
     the server's close, or bytes an earlier answer sent beyond its body
-    (``_Body`` sees those that came with its last receive only), which may
+    (``_Response`` sees those that came with its last receive only), which may
     be a whole answer that the next request would take for its own.
     ``_Request`` sends its request again on a new connection when the
     reused one turns out closed after that look, or answers with what is
@@ -4199,145 +4312,6 @@ class _RequestOptions:
         return self._lookups.netrc(host)
 
 
-_TLS_RECORD = 16384   # the most plaintext one TLS record carries
-# the most a read of a body takes from the bytes that came with its head,
-# and its first read from the socket (what http.client's reader receives
-# at once), but for a body that came whole: the rest waits for the next
-# read, so that a rate limit set on the download signal paces it
-_BODY_STEP = 8192
-
-
-class _Body:
-    """Reads a response body into the caller's buffers, as steps.
-    ``readinto_steps`` ends as soon as some bytes arrived (one receive),
-    so progress, stall detection and rate limits see bytes as they come;
-    the caller never asks for more than the announced length. For a plain
-    body, the bytes that came with the head (``_Response.held``, in its
-    buffer) are copied straight into the caller's buffer first (in one
-    read if they are the whole body, else ``_BODY_STEP`` at a time); later
-    reads go straight to the socket, so ``ready()`` can tell whether a
-    read would wait, but for the receive of the body's last
-    ``_FIRST_READ`` bytes, which goes into the answer's buffer and shows
-    whatever the server sent beyond the body. Over TLS, where one receive
-    brings one record (16 KiB at most), a read goes on with the records
-    that are already there, without waiting. The thread of its request."""
-    __slots__ = ('_response', '_sock', '_held', '_left', '_read', '_tls', '_poll',
-                 '_error')  # (one made for every answer: no dict)
-
-    def __init__(self, response: _Response, sock: Any):
-        self._response = response
-        self._sock = sock
-        # bytes of a plain body in the answer's buffer, not yet handed out
-        self._held = 0 if response.chunked else response.held
-        self._left = response.length  # bytes of the body not handed out (None: unknown)
-        self._check_beyond()
-        self._read = False            # whether a read took some of it
-        # whether to look for more TLS records after a read from the socket
-        # (over TLS, with poll): found at the first such read, which a small
-        # body, come with its head, never makes
-        self._tls: Optional[bool] = None
-        self._poll: Any = None        # over TLS: polls the socket for more records
-        self._error: Optional[BaseException] = None  # a receive's failure, after bytes
-
-    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
-        """Read at least one byte into ``view``; 0 at the body's end. A
-        wait for bytes lasts the answer's time-out at most
-        (``socket.timeout``); a failure after bytes is raised at the next
-        read."""
-        response = self._response
-        if response.isclosed():  # the body read to its end, or the answer closed
-            return 0
-        if response.chunked:
-            data = yield from response.read1_steps(len(view))
-            view[:len(data)] = data
-            return len(data)
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        left = self._left
-        if not self._held and left is not None and left < _FIRST_READ:
-            if not left:
-                return 0
-            # the body's last receive goes into the answer's buffer, which
-            # sees whatever the server sent beyond it
-            self._held = yield from response.receive_steps()
-            if not self._held:
-                return 0  # the connection ended
-            self._check_beyond()
-        held = self._held
-        if held:
-            # no more than the buffer holds: copied from it, no receive
-            if left is None or held < left:  # a part of the body: a step at a time
-                held = min(held, _BODY_STEP)
-            got = response.take_into(view[:held])
-            self._held -= got
-        else:
-            sock = self._sock
-            got = yield from _io_steps(sock.recv_into, sock, response.timeout,
-                                       view if self._read else view[:_BODY_STEP])
-            tls = self._tls
-            if tls is None:
-                tls = self._tls = _HAS_POLL and _is_tls(sock)
-            if tls:
-                if self._poll is None:
-                    self._poll = select.poll()
-                    self._poll.register(sock, select.POLLIN)
-                got = self._more_records(view, got)
-        self._read = True
-        if left is not None:
-            self._left = left - got
-        return got
-
-    def _check_beyond(self) -> None:
-        """Bytes beyond the body in the buffer: the next answer on this
-        connection would begin with them, so it carries none."""
-        if self._left is not None and self._held > self._left:
-            self._response.will_close = True
-
-    def _more_records(self, view: memoryview, got: int) -> int:
-        """After ``got`` bytes of a TLS read, the records already received,
-        while there is room for one. A failure waits for the next read, so
-        that the bytes before it are not lost."""
-        sock = self._sock
-        try:
-            while got and len(view) - got >= _TLS_RECORD and \
-                    (sock.pending() or self._poll.poll(0)):
-                more = sock.recv_into(view[got:])
-                if not more:
-                    break
-                got += more
-        except (OSError, ValueError) as exc:
-            if _tls_wants_write(exc) is None:  # (else a record not whole yet: for the next read)
-                self._error = exc
-        return got
-
-    def buffered(self) -> bool:
-        """Whether bytes of a plain body wait in the answer's buffer, or its
-        first read (a step) is yet to come: a splice from the socket must
-        come after."""
-        return bool(self._held) or not self._read
-
-    def ready(self) -> bool:
-        """Whether a read would return at once. For a chunked body, bytes
-        on the socket mean a read that returns soon (the answer may also
-        hold some, taken from its buffer with a chunk's framing; then this
-        says False, harmlessly)."""
-        if self._held or self._response.isclosed():
-            return True
-        if self._poll is not None:  # TLS, read straight from the socket
-            return bool(self._sock.pending() or self._poll.poll(0))
-        return _ready(self._sock)
-
-    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
-        """Wait until a read would not wait for the network, or until the
-        monotonic time ``until`` (``None``: no deadline); whether it would
-        not. ``True`` at once when bytes are held, at the body's end, and
-        for a chunked body, where bytes may be buffered."""
-        if self._response.chunked or self.ready():
-            return True
-        return (yield _Wait(self._sock, until))
-
-
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
     """The error for an error answer, with the ``Retry-After`` delay of a 429
     or 503 (at most a day: a longer one is taken for a day)."""
@@ -4596,7 +4570,7 @@ class _Request:
         key, credentials = self._auth_target(proxy)
         if credentials is None:
             return False
-        challenge = self.options.digest_auth().learn(key, response.msg.get_all(
+        challenge = self.options.digest_auth().learn(key, response.fields.get_all(
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
@@ -5905,12 +5879,12 @@ _MAX_BAD_PIECES = 2      # pieces that fail their hash after which a source is r
 
 class _DecodedBody:
     """The decoded bytes of a ``gzip`` or ``deflate`` body, read from
-    ``body`` (a ``_Body``) of ``length`` encoded bytes (``None``: to its
+    ``body`` (a ``_Response``) of ``length`` encoded bytes (``None``: to its
     end). Each read decodes at most what the caller's buffer holds, so a
     small body that decodes to a huge one never fills the memory. Its
-    reads and waits are steps, as ``_Body``'s."""
+    reads and waits are steps, as ``_Response``'s."""
 
-    def __init__(self, body: '_Body', encoding: str, length: Optional[int]):
+    def __init__(self, body: _Response, encoding: str, length: Optional[int]):
         import zlib
         self._zlib = zlib
         self._body = body
@@ -5994,7 +5968,7 @@ class _Splice:
     received with its head is written first. One per request of a
     connection; ``close()`` lets the pipe go."""
 
-    def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
+    def __init__(self, body: _Response, sock: socket.socket, store: _FileStore,
                  timeout: Optional[float]):
         self._body = body
         self._sock = sock
@@ -6686,7 +6660,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     # (or is half a second old): a small file then needs no sidecar
     whole = wanted <= chunk
     sock = request.sock
-    body: Any = _Body(response, sock)
+    body: Any = response  # (which reads its own body)
     splice = None
     if answer.encoding is not None and not answer.keep_encoded:
         body = _DecodedBody(body, answer.encoding, _parse_content_length(response))

@@ -140,7 +140,7 @@ def test_lines_that_are_not_fields_are_protocol_errors(line):
 
 
 def test_space_before_the_colon_is_taken_off_the_name():
-    head = bitpit._parse_head(b'HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b')
+    head, _ = parse(b'HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b\r\n\r\n')
     assert head.headers.get('content-length') == '5' and head.headers.get('X-A') == 'b'
 
 
