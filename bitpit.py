@@ -624,7 +624,7 @@ def _parse_content_length(response: _Response) -> Optional[int]:
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value (only ASCII digits count)."""
     # (a repeated field's values joined by ', ': one list of them either way)
-    value = response.fields.by_name.get('content-length')
+    value = response.by_name.get('content-length')
     if value is None or response.chunked:
         return None
     if value.isdigit() and value.isascii():
@@ -2679,8 +2679,10 @@ class _HeadParser:
     bytes after it, the start of the body, in ``rest`` (a view of them:
     they may be a whole small body). The head has ``version``, 10
     (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and later 1.x) as http.client
-    numbers them, ``status``, ``reason``, ``headers`` (also ``fields``, a
-    ``_Headers``) and ``keep_alive()``: no object of its own, nor one
+    numbers them, ``status``, ``reason``, its fields' ``by_name`` and
+    ``firsts`` (as ``_Headers`` has them: bitpit's own look-ups), the
+    fields as a ``_Headers`` (``headers``, also ``fields``), made when
+    first asked for, and ``keep_alive()``: no object of its own, nor one
     for a ``_Response``, which is a parser (it reads its head so).
     Sans-I/O: it neither receives nor waits; its caller does. Raises
     ``ProtocolError`` for what http.client refuses (a line of more
@@ -2698,8 +2700,10 @@ class _HeadParser:
     # the head's, set by _take_head (the last head's while the final one is to come)
     version = status = 0
     reason = ''
-    headers: _Headers
-    fields: _Headers
+    by_name: Dict[str, str]
+    firsts: Dict[str, str]
+    _head_lines: List[str]              # its field lines, for its _Headers
+    _headers: Optional[_Headers] = None  # (made when first asked for)
 
     def feed(self, data: bytes) -> Optional['_HeadParser']:
         """Take the next ``data`` of the connection; the final head (the
@@ -2766,7 +2770,6 @@ class _HeadParser:
         # calls: each line's value by its name in lower case, all that _Headers
         # needs of it, and the names looked at all at once; any other head is
         # taken apart line by line (_head_fields), which says what is wrong
-        usual: Optional[Dict[str, str]] = None
         last_values: Dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(':')
@@ -2777,21 +2780,36 @@ class _HeadParser:
             names = '\n'.join(last_values)  # (no name holds a line end)
             if len(last_values) == len(lines) and '' not in last_values and \
                     ' ' not in names and '\t' not in names:
-                usual = last_values
-        self.headers = self.fields = _Headers(lines, usual)
+                self.by_name = self.firsts = last_values
+                self._head_lines, self._headers = lines, None
+                return status >= 200 or status == 101
+        # (seldom: a name given more than once, a folded line, space before a colon)
+        headers = self._headers = _Headers(lines)
+        self.by_name, self.firsts = headers.by_name, headers.firsts
         return status >= 200 or status == 101
+
+    @property
+    def headers(self) -> _Headers:
+        """The head's fields, made now if need be (for a caller's code:
+        bitpit reads ``by_name`` and ``firsts``)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _Headers(self._head_lines, self.by_name)
+        return headers
+
+    fields = headers
 
     def keep_alive(self) -> bool:
         """Whether the connection stays open after this answer, as its
         version and its ``Connection`` field (for HTTP/1.0 also
         ``Keep-Alive`` and ``Proxy-Connection``) tell."""
-        by_name = self.fields.by_name
+        by_name = self.by_name
         connection = by_name.get('connection', '').lower()
         if self.version == 11:
             # (a field with no 'close' in it has no such token: most are not split)
             return 'close' not in connection or 'close' not in _header_tokens(connection)
         return 'keep-alive' in _header_tokens(connection) or \
-            bool(self.fields.first('keep-alive')) or \
+            bool(self.firsts.get('keep-alive')) or \
             'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
 
     def _check_unfinished(self) -> None:
@@ -2982,13 +3000,13 @@ class _Response(_HeadParser):
 
     It has what bitpit and a caller's cookie jar read of http.client's
     responses: ``status`` (``code``), ``reason``, ``version`` (10 or 11),
-    ``fields`` (also ``headers`` and ``msg``, a ``_Headers``),
-    ``getheader``, ``getheaders``, ``info()`` (an
-    ``http.client.HTTPMessage``), ``chunked``, ``length`` (as
-    http.client's, the bytes of the body not read yet, once
-    ``readinto_steps`` reads it), ``will_close``, ``isclosed`` and
-    ``close``, set and behaving as http.client's do, and ``begin`` and
-    ``read``, the steps run on the calling thread."""
+    ``fields`` (also ``headers`` and ``msg``, a ``_Headers`` made when
+    first asked for: bitpit reads ``by_name``), ``getheader``,
+    ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
+    ``chunked``, ``length`` (as http.client's, the bytes of the body not
+    read yet, once ``readinto_steps`` reads it), ``will_close``,
+    ``isclosed`` and ``close``, set and behaving as http.client's do, and
+    ``begin`` and ``read``, the steps run on the calling thread."""
     rest = _NO_BYTES  # bytes received and not taken yet
     chunked = False
     length: Optional[int] = None
@@ -3043,7 +3061,7 @@ class _Response(_HeadParser):
             received = True
             if self.feed(data) is not None:
                 break
-        firsts = self.fields.firsts
+        firsts = self.firsts
         transfer = firsts.get('transfer-encoding')
         if transfer is not None:
             self.chunked = transfer.lower() == 'chunked'
@@ -3066,7 +3084,7 @@ class _Response(_HeadParser):
 
     def getheader(self, name: str, default: Any = None) -> Any:
         """The values of the field ``name`` joined by ``', '``, else ``default``."""
-        value = self.fields.by_name.get(name.lower())
+        value = self.by_name.get(name.lower())
         return default if value is None else value
 
     def getheaders(self) -> List[Tuple[str, str]]:
@@ -4438,7 +4456,7 @@ class _Request:
             except (OSError, _NoStatusLine) as exc:
                 self._dead_reused(conn, exc)
                 continue  # on the fresh connection
-            if 'set-cookie' in response.fields.by_name:
+            if 'set-cookie' in response.by_name:
                 self.options.remember_cookies(response, self.url)
             status = response.status
             if (status == 401 or status == 407) and self._follow_challenge(response):
@@ -4712,7 +4730,7 @@ class _Answer:
         self.first = first
         self.end = end
         self.total = total
-        fields = response.fields.by_name
+        fields = response.by_name
         self.etag = fields.get('etag')
         self.last_modified = fields.get('last-modified')
         strong = self.etag if self.etag and self.etag.startswith('"') else None
@@ -4751,7 +4769,7 @@ def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     if status == 304:
         return _Answer('unchanged', first, first, None, response)
     if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(response.fields.by_name.get('content-range', ''))
+        match = _UNSATISFIED_RANGE_RE.match(response.by_name.get('content-range', ''))
         total = int(match.group(1)) if match else None
         if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
             return _Answer('end', first, first, total, response)
@@ -4761,7 +4779,7 @@ def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
     # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = response.fields.by_name.get('content-range') \
+    content_range = response.by_name.get('content-range') \
         if status != 200 or first > 0 else None
     if status == 206 or (status == 200 and first > 0 and content_range):
         if not content_range:
@@ -7505,7 +7523,7 @@ class _Transfer:
         self.digests = ()
         if answer.encoding is not None and not answer.keep_encoded:
             return
-        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
+        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.by_name):
             return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
