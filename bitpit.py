@@ -3857,13 +3857,17 @@ class _HostLookups:
     managers run within a second (``_shared_lookups``): a look-up (up to 4
     environment variables and a ``stat``) costs more than the rest of a
     small file's request. ``made``: the monotonic time it was made at.
+    ``routes`` keeps what the requests made with one set of settings
+    take of them for an origin (``_Route``, by ``_RequestOptions.route``).
     Any thread: one that races another to a look-up makes the same."""
-    __slots__ = ('made', '_proxies', '_netrc')
+    __slots__ = ('made', '_proxies', '_netrc', 'routes')
 
     def __init__(self, made: float = 0.0):
         self.made = made
         self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
         self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+        self.routes: Dict[Tuple[_HostKey, str, _RequestSettings, Optional[_HostSlots]],
+                          _Route] = {}
 
     def proxy(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
         """The environment's proxy for a request by ``scheme`` (in lower
@@ -4251,6 +4255,55 @@ class _RequestSettings:
         return _RequestSettings(**values)
 
 
+class _Route:
+    """How the requests made with one ``_RequestSettings`` (and one
+    manager's host slots, if any) go to one origin, worked out at the
+    first of them and kept with the look-ups it takes (``lookups``, whose
+    ``routes`` hold it: a manager's downloads share it for a second): the
+    ``proxy`` they go through (the one given, else the environment's;
+    ``None``: none), the ``key`` of their connections in the pool, the
+    text of their heads after the request target (the version and
+    ``Host``, ``host_line``, then the fields of every request of the
+    settings: ``trusted_head`` to a URL that may have the caller's
+    secrets, ``public_head`` to another), and ``credentials()``.
+    Read-only; any thread."""
+    __slots__ = ('proxy', 'key', 'host_line', 'trusted_head', 'public_head', '_auth',
+                 '_lookups', '_host_name', '_netrc')
+
+    def __init__(self, lookups: _HostLookups, address: _Address, settings: _RequestSettings,
+                 slots: Optional[_HostSlots]):
+        scheme, host, port = address.host_key
+        self.proxy = proxy = lookups.proxy(scheme, address.host_name) \
+            if settings.proxy is None else settings.parsed_proxy  # ('': none)
+        # (a tunnel, or a connection a proxy may have tied to whom it let
+        # in, is reused only with the proxy credentials it was opened with)
+        proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
+            if proxy else None
+        self.key: _ConnectionKey = (scheme, host, port, proxy_id, id(settings.ssl_context),
+                                    slots)
+        self.host_line = host_line = 'HTTP/1.1\r\nHost: ' + address.host_field + '\r\n'
+        self.trusted_head = host_line + settings.trusted_fields.lines
+        self.public_head = host_line + settings.public_fields.lines
+        self._auth = settings.auth
+        self._lookups = lookups
+        self._host_name = address.host_name
+        self._netrc: Any = _NOT_LOOKED_UP  # .netrc's for the host, looked up at the first need
+
+    def credentials(self, own: Optional[Tuple[str, str]], trusted: bool
+                    ) -> Optional[Tuple[str, str]]:
+        """User and password for a request: ``own`` (written in the URL it
+        came from), else ``auth`` where ``trusted``, else ``.netrc``'s for
+        the host (read once for the look-ups, kept here at the first need)."""
+        if own is not None:
+            return own
+        if trusted and self._auth is not None:
+            return self._auth
+        netrc = self._netrc
+        if netrc is _NOT_LOOKED_UP:
+            netrc = self._netrc = self._lookups.netrc(self._host_name)
+        return netrc
+
+
 class _RequestOptions:
     """How every request of a download is made: its ``settings`` (shared,
     read-only), its own URL, its ``cookies`` and Digest state (``digest``)
@@ -4265,7 +4318,8 @@ class _RequestOptions:
     or it gives the one it made meanwhile, and a run's that made none yet
     is given those another's made: ``cookies`` and ``digest`` are written
     whole, and read at each use). Its requests run on one thread at a
-    time (the loop's, or ``update_size``'s caller's)."""
+    time (the loop's, or ``update_size``'s caller's), and take their
+    ``route`` to an origin from the look-ups."""
     __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
                  '_lookups', 'keep')  # (one made for every attempt: no dict)
 
@@ -4285,14 +4339,15 @@ class _RequestOptions:
         self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
         self.keep = keep
 
-    def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
-        """The proxy of a request by ``scheme`` (in lower case) to ``host``
-        (a URL's ``hostname``): the one given (``''``: none), else the
-        environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
-        up once for each."""
-        if self.settings.proxy is None:
-            return self._lookups.proxy(scheme, host)
-        return self.settings.parsed_proxy
+    def route(self, address: _Address) -> _Route:
+        """The route of the requests to the origin of ``address``, found
+        in the look-ups, or made now and kept there."""
+        lookups = self._lookups
+        key = (address.host_key, address.host_name, self.settings, self.slots)
+        route = lookups.routes.get(key)
+        if route is None:
+            route = lookups.routes[key] = _Route(lookups, address, self.settings, self.slots)
+        return route
 
     def remember_cookies(self, response: _Response, url: str) -> None:
         """Keep the cookies of ``response`` to ``url`` (it has a
@@ -4316,18 +4371,6 @@ class _RequestOptions:
         """Whether the URL of ``address`` may get the caller's secrets:
         ``auth``, ``Authorization`` and ``Cookie`` headers."""
         return address.url == self.url or _same_trust(self.address, address)
-
-    def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
-                    ) -> Optional[Tuple[str, str]]:
-        """User and password for a request to ``host`` (its name in lower
-        case): ``own`` (written in the URL it came from), else ``auth``
-        where trusted, else ``.netrc`` (read once for these options)."""
-        if own is not None:
-            return own
-        auth = self.settings.auth
-        if auth is not None and trusted:
-            return auth
-        return self._lookups.netrc(host)
 
 
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
@@ -4394,7 +4437,7 @@ class _Request:
     What a request has before it is sent is said once, here in the class;
     the lists of redirects and challenges are made by the first one."""
 
-    key: Optional[_ConnectionKey] = None
+    route: Optional[_Route] = None  # to the origin of its URL (of the hop under way)
     connection: Optional[_AnyHTTPConnection] = None
     response: Optional[_Response] = None
     sock: Optional[socket.socket] = None
@@ -4428,9 +4471,9 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                proxy = self._take_idle()
+                self._take_idle()
                 if self.connection is None:
-                    yield from self._connect_steps(proxy)
+                    yield from self._connect_steps()
             conn = self.connection
             assert conn is not None  # _connect_steps() or _use() set it, or raised
             try:
@@ -4489,34 +4532,28 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _take_idle(self) -> Optional[urllib.parse.SplitResult]:
-        """The request's ``key`` (that of its connections in the pool) and
-        an idle connection from the pool, taken into use if there is one;
-        the proxy that the request goes through. A plain call: only a new
-        connection (``_connect_steps``) may wait, for its host's slot."""
-        scheme, host, port = self.address.host_key
-        proxy = self.options.proxy_for(scheme, self.address.host_name)
-        # (a tunnel, or a connection a proxy may have tied to whom it let
-        # in, is reused only with the proxy credentials it was opened with)
-        proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
-            if proxy else None
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.settings.ssl_context),
-                          self.options.slots)
-        connection = _POOL.get(key)
+    def _take_idle(self) -> None:
+        """The request's ``route`` (whose ``key`` its connections have in
+        the pool) and an idle connection from the pool, taken into use if
+        there is one. A plain call: only a new connection
+        (``_connect_steps``) may wait, for its host's slot."""
+        options = self.options
+        route = self.route = options.route(self.address)
+        connection = _POOL.get(route.key)
         self.reused = connection is not None
         if connection is not None:
-            connection.timeout = self.options.settings.timeout  # (its socket does not block)
+            connection.timeout = options.settings.timeout  # (its socket does not block)
             self._use(connection)
-        return proxy
 
-    def _connect_steps(self, proxy: Optional[urllib.parse.SplitResult]) -> '_Steps[None]':
+    def _connect_steps(self) -> '_Steps[None]':
         """A new connection for the request (not connected yet), through
-        ``proxy``, once the host's slot is taken."""
+        its route's proxy, once the host's slot is taken."""
         scheme, host, port = host_key = self.address.host_key
         slots = self.options.slots
         if slots is not None:
             yield from slots.acquire_steps(host_key, self.cancel)
-        connection = self._new_connection(scheme, host, port, proxy)
+        assert self.route is not None  # (_take_idle set it)
+        connection = self._new_connection(scheme, host, port, self.route.proxy)
         if slots is not None:
             connection.release_slot = functools.partial(slots.release, host_key)
         self._use(connection)
@@ -4558,8 +4595,9 @@ class _Request:
         ``proxy``, and with what credentials."""
         if proxy is not None:
             return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
-        return self.address.host_key, self.options.credentials(
-            self.address.host_name, self.own_credentials, self.trusted)
+        assert self.route is not None  # (_take_idle set it before any exchange)
+        return self.address.host_key, self.route.credentials(self.own_credentials,
+                                                             self.trusted)
 
     def _authorization(self, key: _AuthKey, credentials: Optional[Tuple[str, str]],
                        method: str, target: str) -> Optional[str]:
@@ -4601,17 +4639,19 @@ class _Request:
         return True
 
     def _head(self, target: str, conn: _AnyHTTPConnection) -> bytes:
-        """The head of a request for ``target`` on ``conn``: ``Host`` first,
-        where http.client puts it (to a plain proxy too: the URL's host and
-        port, the port left out where it is the scheme's own), the fields of
-        every request of its options, made once for them, then its own (a
-        field of the caller's that the request sets itself, a condition
-        or ``Proxy-Authorization``, left out)."""
-        options = self.options
-        if self.trusted:
-            given, secrets = options.settings.trusted_fields, options.settings.secrets_given
-        else:
-            given, secrets = options.settings.public_fields, _NO_SECRETS
+        """The head of a request for ``target`` on ``conn``: after its
+        request line, the text its route made once for every request of
+        its options to its origin (``Host`` first, where http.client puts
+        it: to a plain proxy too, the URL's host and port, the port left out
+        where it is the scheme's own; then the fields of every request of
+        its options), then its own fields (a field of the caller's that the
+        request sets itself, a condition or ``Proxy-Authorization``, left
+        out of the first); Latin-1, as http.client encodes it. The method
+        and the target are bitpit's own (``_check_url`` lets no control
+        character or space into a target)."""
+        options, route, trusted = self.options, self.route, self.trusted
+        assert route is not None  # (_take_idle set it)
+        secrets = options.settings.secrets_given if trusted else _NO_SECRETS
         own: Dict[str, str] = {}
         if self.first is not None:
             own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
@@ -4622,8 +4662,7 @@ class _Request:
             secrets = secrets.union(name.lower() for name in self.extra)
         if 'authorization' not in secrets:
             # (what _auth_target gives without a proxy, with one call less)
-            credentials = options.credentials(self.address.host_name, self.own_credentials,
-                                              self.trusted)
+            credentials = route.credentials(self.own_credentials, trusted)
             if credentials is not None:
                 authorization = self._authorization(self.address.host_key, credentials,
                                                     self.method, target)
@@ -4638,14 +4677,16 @@ class _Request:
                                                 self.method, target)
             if authorization is not None:
                 own['Proxy-Authorization'] = authorization
-        lines = given.lines
+        rest = route.trusted_head if trusted else route.public_head
         if own:
+            given = options.settings.trusted_fields if trusted else options.settings.public_fields
             replaced = given.names.intersection([name.lower() for name in own])
             if replaced:
-                lines = given.lines_without(replaced)
-            lines += _field_lines(own)
-        return _request_head(self.method, target,
-                             'Host: %s\r\n%s' % (self.address.host_field, lines))
+                rest = route.host_line + given.lines_without(replaced)
+            rest += _field_lines(own)
+        # (one format, not five additions; 'latin1' is the spelling that
+        # CPython's encode() takes to its own encoder, with no codec look-up)
+        return ('%s %s %s\r\n' % (self.method, target, rest)).encode('latin1')
 
     def _dead_reused(self, conn: _AnyHTTPConnection, exc: BaseException) -> None:
         """After ``exc`` (an ``OSError`` or a ``_NoStatusLine``) in an
@@ -4662,8 +4703,8 @@ class _Request:
         release, conn.release_slot = getattr(conn, 'release_slot', None), None
         self._release(conn, reuse=False)
         self.reused = False
-        assert self.key is not None  # set with the connection
-        scheme, host, port = self.key[0], self.key[1], self.key[2]
+        assert self.route is not None  # set with the connection
+        scheme, host, port = self.address.host_key
         fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
         fresh.release_slot = release  # its host slot goes over to the new one
         self._use(fresh)
@@ -4694,12 +4735,13 @@ class _Request:
         if self.cancel is not None and self.cancel.unregister(conn):
             reuse = False  # a cancel that got hold of it may be shutting it down now
         response = self.response
-        if reuse and conn.sock is not None and self.key is not None and (
+        route = self.route
+        if reuse and conn.sock is not None and route is not None and (
                 response is None or (response.isclosed() and not response.will_close)):
             conn.cancel = None
-            _POOL.put(self.key, conn)
+            _POOL.put(route.key, conn)
             if self.options.slots is not None:
-                self.options.slots.parked(self.key[:3])
+                self.options.slots.parked(self.address.host_key)
         else:
             if response is not None:
                 response.close()  # it may hold the socket: the slot is free once closed
