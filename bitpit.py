@@ -2606,17 +2606,6 @@ def _head_error(what: str, line: str = '', status_line: bool = False) -> Protoco
     return (_NoStatusLine if status_line else ProtocolError)('bad HTTP response head: ' + what)
 
 
-def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
-    """Where the head that ``buffer`` holds ends, its blank line searched
-    for from ``start``: ``(end of its last line, start of what follows)``;
-    ``(-1, -1)`` while its blank line has not come."""
-    crlf = buffer.find(b'\n\r\n', start)
-    lf = buffer.find(b'\n\n', start, len(buffer) if crlf < 0 else crlf + 1)
-    if lf >= 0:
-        return lf, lf + 2
-    return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
-
-
 def _head_fields(lines: List[str]) -> List[Tuple[str, str]]:
     """The fields ``(name, value)`` of a head's field ``lines``: a field
     a line (a name, its colon, its value without the spaces and tabs
@@ -2715,8 +2704,15 @@ class _HeadParser:
         buffer: Union[bytes, bytearray] = self._buffer if stored else data
         start, searched = 0, self._searched
         while True:
-            end, after = _head_end(buffer, start + searched)
-            if end < 0:
+            # where the head ends: a blank line after the end of its last
+            # line, each ended by CRLF or LF
+            crlf = buffer.find(b'\n\r\n', start + searched)
+            lf = buffer.find(b'\n\n', start + searched, len(buffer) if crlf < 0 else crlf + 1)
+            if lf >= 0:
+                end, after = lf, lf + 2
+            elif crlf >= 0:
+                end, after = crlf, crlf + 3
+            else:
                 break
             final = self._take_head(buffer[start:end])
             start, searched = after, 0
@@ -2979,7 +2975,7 @@ class _Response(_HeadParser):
     ``_FIRST_READ`` bytes at most, whose bytes not taken yet are ``rest``
     (after the head: the body's first). The socket stays its connection's,
     which closes it once the answer is done with, never while one is read
-    (see ``_Request._release``). The thread of its request. (What its head
+    (see ``_Request.close``). The thread of its request. (What its head
     and its reads set starts as the class's.)
 
     Its steps: ``begin_steps`` reads the head; bitpit reads a body with
@@ -4489,7 +4485,7 @@ class _Request:
                     yield from conn.connect_steps()
                 # the socket the body comes from; the connection keeps it,
                 # also after an answer that ends with it (Connection:
-                # close): _release closes such a connection, never pooled
+                # close): close() closes such a connection, never pooled
                 sock = self.sock = conn.sock
                 sent = conn.send(head)
                 if sent < len(head):
@@ -4701,9 +4697,8 @@ class _Request:
                                                  BrokenPipeError))):
             raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
         release, conn.release_slot = getattr(conn, 'release_slot', None), None
-        self._release(conn, reuse=False)
+        self.close(False)  # (conn is its connection)
         self.reused = False
-        assert self.route is not None  # set with the connection
         scheme, host, port = self.address.host_key
         fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
         fresh.release_slot = release  # its host slot goes over to the new one
@@ -4728,10 +4723,8 @@ class _Request:
         """Return the connection to the pool if ``reuse`` and the response was
         read to its end; else close it. Idempotent."""
         conn, self.connection = self.connection, None
-        if conn is not None:
-            self._release(conn, reuse)
-
-    def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
+        if conn is None:
+            return
         if self.cancel is not None and self.cancel.unregister(conn):
             reuse = False  # a cancel that got hold of it may be shutting it down now
         response = self.response
@@ -4773,14 +4766,15 @@ class _Answer:
         self.end = end
         self.total = total
         fields = response.by_name
-        self.etag = fields.get('etag')
-        self.last_modified = fields.get('last-modified')
-        strong = self.etag if self.etag and self.etag.startswith('"') else None
-        self.validator = strong or self.last_modified
+        self.etag = etag = fields.get('etag')
+        self.last_modified = modified = fields.get('last-modified')
+        self.validator = etag if etag and etag[0] == '"' else modified  # (a strong ETag first)
         encoding = fields.get('content-encoding')
         if encoding is not None:
             encoding = encoding.strip().lower()
-        self.encoding = None if not encoding or encoding == 'identity' else encoding
+            if encoding == 'identity':
+                encoding = None
+        self.encoding = encoding or None
         self.keep_encoded = False
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
@@ -4808,22 +4802,22 @@ def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     ``ProtocolError`` for an answer that contradicts itself or the request.
     A pure function of the response."""
     status = response.status
-    if status == 304:
-        return _Answer('unchanged', first, first, None, response)
-    if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(response.by_name.get('content-range', ''))
-        total = int(match.group(1)) if match else None
-        if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
-            return _Answer('end', first, first, total, response)
     if status >= 300:
+        if status == 304:
+            return _Answer('unchanged', first, first, None, response)
+        if status == 416:
+            match = _UNSATISFIED_RANGE_RE.match(response.by_name.get('content-range', ''))
+            total = int(match.group(1)) if match else None
+            if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
+                return _Answer('end', first, first, total, response)
         raise _status_error(response, url)
     length = _parse_content_length(response)
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
-    # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = response.by_name.get('content-range') \
-        if status != 200 or first > 0 else None
-    if status == 206 or (status == 200 and first > 0 and content_range):
+    if status == 200 and not first:  # (its Content-Range, if any, not looked at)
+        return _Answer('whole', 0, length, length, response)
+    content_range = response.by_name.get('content-range')
+    if status == 206 or (status == 200 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
         start, last, total = _parse_content_range(content_range)
