@@ -3001,14 +3001,15 @@ class _Response(_HeadParser):
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
     ``chunked``, ``length`` (as http.client's, the bytes of the body not
     read yet, once ``readinto_steps`` reads it), ``will_close``,
-    ``isclosed`` and ``close``, set and behaving as http.client's do, and
-    ``begin`` and ``read``, the steps run on the calling thread."""
+    ``isclosed`` (``closed``) and ``close``, set and behaving as
+    http.client's do, and ``begin`` and ``read``, the steps run on the
+    calling thread."""
     rest = _NO_BYTES  # bytes received and not taken yet
     chunked = False
     length: Optional[int] = None
     will_close = True
     _method = 'GET'
-    _closed = False
+    closed = False  # (as http.client's: the answer closed, or its body read to its end)
     _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
     _unread = b''  # body bytes that read1 received and did not hand out
     _read = False  # whether readinto_steps read from the socket
@@ -3093,7 +3094,7 @@ class _Response(_HeadParser):
         """Read at least one byte into ``view``; 0 at the body's end. A
         wait for bytes lasts the time-out at most (``socket.timeout``); a
         failure after bytes is raised at the next read."""
-        if self._closed:  # the body read to its end, or the answer closed
+        if self.closed:  # the body read to its end, or the answer closed
             return 0
         if self.chunked:
             data = yield from self.read1_steps(len(view))
@@ -3117,17 +3118,16 @@ class _Response(_HeadParser):
         held = len(rest)
         if held:
             # no more than the buffer holds: copied from it, no receive
+            got = len(view)
             if left is None or held < left:  # a part of the body: a step at a time
-                held = min(held, _BODY_STEP)
+                got = min(got, _BODY_STEP)
             elif held > left:  # bytes beyond the body: the next answer would begin with them
                 self.will_close = True
-            if held == len(rest) and held <= len(view):
-                # all of them (the usual: a small body, come with the head)
+            if got >= held:  # all of them (the usual: a small body, come with the head)
                 view[:held] = rest
                 self.rest = _NO_BYTES
                 got = held
             else:
-                got = min(held, len(view))
                 view[:got] = rest[:got]
                 self.rest = rest[got:]
         else:
@@ -3172,7 +3172,7 @@ class _Response(_HeadParser):
 
     def ready(self) -> bool:
         """Whether a read would return at once."""
-        if self.rest or self._closed:
+        if self.rest or self.closed:
             return True
         if self._poll is not None:  # TLS, read straight from the socket
             return bool(self._sock.pending() or self._poll.poll(0))
@@ -3193,7 +3193,7 @@ class _Response(_HeadParser):
         answer closes). Raises ``ProtocolError`` for a body cut short or
         badly framed."""
         while not self._unread:
-            if self._closed:
+            if self.closed:
                 return b''
             framing = self._framing
             if framing is None:
@@ -3241,11 +3241,11 @@ class _Response(_HeadParser):
 
     def isclosed(self) -> bool:
         """Whether the body was read to its end, or the answer closed."""
-        return self._closed
+        return self.closed
 
     def close(self) -> None:
         """Let the buffer go; the socket stays its connection's."""
-        self._closed = True
+        self.closed = True
         self.rest = _NO_BYTES
 
 
@@ -3292,8 +3292,10 @@ class _HTTPConnection:
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
-    # (its socket, a poll object of that socket's): how the pool looks at it (_quiet)
-    idle_poll: Optional[Tuple[Any, Any]] = None
+    # a poll object of its socket's, made at the pool's first look (_quiet):
+    # a connection has one socket (a TLS one takes over the descriptor of the
+    # raw one as it connects), and the pool gets it once connected
+    idle_poll: Any = None
     sock: Any = None                   # the connected socket (a TLS one over HTTPS)
 
     def __init__(self, host: str, port: int, timeout: Optional[float]):
@@ -3719,13 +3721,12 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
         return False
     if not _HAS_POLL or (conn.tls and sock.pending()):
         return not _ready(sock)
-    watched = conn.idle_poll
-    if watched is None or watched[0] is not sock:
-        poller = select.poll()
+    poller = conn.idle_poll
+    if poller is None:
+        poller = conn.idle_poll = select.poll()
         poller.register(sock, select.POLLIN)
-        conn.idle_poll = watched = (sock, poller)
     try:
-        return not watched[1].poll(0)
+        return not poller.poll(0)
     except (OSError, ValueError, TypeError):  # (as _ready: taken as not quiet)
         return False
 
@@ -4730,7 +4731,7 @@ class _Request:
         response = self.response
         route = self.route
         if reuse and conn.sock is not None and route is not None and (
-                response is None or (response.isclosed() and not response.will_close)):
+                response is None or (response.closed and not response.will_close)):
             conn.cancel = None
             _POOL.put(route.key, conn)
             if self.options.slots is not None:
