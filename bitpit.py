@@ -139,6 +139,8 @@ _TEND_PERIOD = 0.25             # seconds between two looks of a download's run 
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# a request's answers that may lead to another exchange (_Request.send_steps)
+_CHALLENGE_OR_REDIRECT = _REDIRECT_STATUSES | {401, 407}
 _MAX_RETRY_AFTER = 24 * 3600.0
 _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
@@ -3062,18 +3064,15 @@ class _Response(_HeadParser):
         transfer = firsts.get('transfer-encoding')
         if transfer is not None:
             self.chunked = transfer.lower() == 'chunked'
-        will_close = not self.keep_alive()
-        length: Optional[int] = None
+        self.will_close = not self.keep_alive()
         if self.status in _NO_BODY_STATUSES or self._method == 'HEAD':
-            length = 0
+            self.length = 0
         elif not self.chunked:
             value = firsts.get('content-length')
             if value and value.isascii() and value.isdigit():
-                length = int(value)
+                self.length = int(value)
             else:
-                will_close = True  # the body ends with the connection
-        self.length = length
-        self.will_close = will_close
+                self.will_close = True  # the body ends with the connection
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
@@ -3504,8 +3503,9 @@ class _ConnectionPool:
         self._lock = threading.Lock()
         self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
         # when the oldest idle connection, parked since, becomes too old
-        # (or earlier: one taken since): no put looks for one before
-        self._expiry = math.inf
+        # (or earlier: one taken since; 0 before any was parked, when the
+        # next put sets it): no put looks for one before
+        self._expiry = 0.0
 
     def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
@@ -3537,7 +3537,8 @@ class _ConnectionPool:
         expired = []
         with self._lock:
             if now >= self._expiry:
-                self._expiry = math.inf
+                # conn's, unless one parked before it is still idle
+                self._expiry = now + self.MAX_IDLE_SECONDS
                 for old_key, idle in list(self._idle.items()):
                     while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
                         expired.append(idle.pop(0)[1])
@@ -3545,8 +3546,6 @@ class _ConnectionPool:
                         self._expiry = min(self._expiry, idle[0][0] + self.MAX_IDLE_SECONDS)
                     else:
                         del self._idle[old_key]
-            if self._expiry == math.inf:  # (else an older one expires first)
-                self._expiry = now + self.MAX_IDLE_SECONDS
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
@@ -3583,7 +3582,7 @@ class _ConnectionPool:
         taken that a thread of the parent's may have held at the fork."""
         idle, self._idle = self._idle, {}
         self._lock = threading.Lock()
-        self._expiry = math.inf
+        self._expiry = 0.0
         for connections in idle.values():
             for _, conn in connections:
                 conn.release_slot = None  # (not given back: the slots' lock may be held)
@@ -4499,11 +4498,15 @@ class _Request:
             if 'set-cookie' in response.by_name:
                 self.options.remember_cookies(response, self.url)
             status = response.status
-            if (status == 401 or status == 407) and self._follow_challenge(response):
-                yield from self._drain_and_release_steps(response)
-                continue
-            hops += 1
-            location = response.getheader('Location') if status in _REDIRECT_STATUSES else None
+            # (most answers are neither a challenge nor a redirect)
+            location = None
+            if status in _CHALLENGE_OR_REDIRECT:
+                if (status == 401 or status == 407) and self._follow_challenge(response):
+                    yield from self._drain_and_release_steps(response)
+                    continue
+                hops += 1
+                if status in _REDIRECT_STATUSES:
+                    location = response.getheader('Location')
             if not location:
                 self.response = response
                 return response
