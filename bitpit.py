@@ -2747,11 +2747,14 @@ class _HeadParser:
         continues the field before it, joined with a space; Latin-1, as
         http.client decodes it. Raises ``ProtocolError``."""
         text = head.decode('latin-1')
-        if text[-1:] == '\r':  # the CR of the last line's CRLF
-            text = text[:-1]
-        if '\r' in text:
-            text = text.replace('\r\n', '\n').replace('\r', ' ')
-        lines = text.split('\n')
+        # (in one pass where each line ends in CRLF or LF, as nearly all
+        # do; the count of LFs tells where another end split a line: a CR
+        # alone, or one of the ends that Unicode adds, which Latin-1 has)
+        lines = text.splitlines()
+        if len(lines) != text.count('\n') + 1:
+            if text[-1:] == '\r':  # the CR of the last line's CRLF
+                text = text[:-1]
+            lines = text.replace('\r\n', '\n').replace('\r', ' ').split('\n')
         status_line = lines.pop(0)  # (the field lines left: no copy of them)
         if len(lines) > _MAX_HEAD_FIELDS:
             raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
@@ -3039,7 +3042,6 @@ class _Response(_HeadParser):
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
         sock, timeout = self._sock, self.timeout
-        received = False
         while True:
             # a wait for bytes first, which are unlikely to be there yet
             # (an answer just asked for, the rest of its head): it saves the
@@ -3054,10 +3056,10 @@ class _Response(_HeadParser):
                 data = yield from _io_steps(sock.recv, sock, timeout, _FIRST_READ)
             if not data:
                 import http.client  # (its error, as http.client's own reader raises it)
+                received = self._buffer or self._interim  # (an unfinished head, interim ones)
                 raise http.client.RemoteDisconnected(
                     'Remote end closed connection ' +
                     ('within the response head' if received else 'without response'))
-            received = True
             if self.feed(data) is not None:
                 break
         firsts = self.firsts
@@ -4759,9 +4761,10 @@ class _Answer:
     ``total`` is the file's size if the answer tells it. ``validator`` is
     the strong ETag, else the Last-Modified date. ``encoding`` is the
     ``Content-Encoding`` if the body is not the file's own bytes, and
-    ``keep_encoded`` whether those bytes are stored as they come."""
-    __slots__ = ('kind', 'first', 'end', 'total', 'validator', 'etag', 'last_modified',
-                 'encoding', 'keep_encoded')
+    ``keep_encoded`` whether those bytes are stored as they come. (What
+    most answers leave as it is starts as the class's.)"""
+    encoding: Optional[str] = None
+    keep_encoded = False
 
     def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
                  response: _Response):
@@ -4776,10 +4779,8 @@ class _Answer:
         encoding = fields.get('content-encoding')
         if encoding is not None:
             encoding = encoding.strip().lower()
-            if encoding == 'identity':
-                encoding = None
-        self.encoding = encoding or None
-        self.keep_encoded = False
+            if encoding and encoding != 'identity':
+                self.encoding = encoding
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
         """How this answer shows that the file is no longer the one that
