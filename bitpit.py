@@ -4256,23 +4256,23 @@ class _RequestSettings:
 class _Route:
     """How the requests made with one ``_RequestSettings`` (and one
     manager's host slots, if any) go to one origin, worked out at the
-    first of them and kept with the look-ups it takes (``lookups``, whose
-    ``routes`` hold it: a manager's downloads share it for a second): the
-    ``proxy`` they go through (the one given, else the environment's;
-    ``None``: none), the ``key`` of their connections in the pool, the
-    text of their heads after the request target (the version and
-    ``Host``, ``host_line``, then the fields of every request of the
-    settings: ``trusted_head`` to a URL that may have the caller's
-    secrets, ``public_head`` to another), and ``credentials()``.
-    Read-only; any thread."""
-    __slots__ = ('proxy', 'key', 'host_line', 'trusted_head', 'public_head', '_auth',
-                 '_lookups', '_host_name', '_netrc')
+    first of them and kept in the look-ups it takes (their ``routes``: a
+    manager's downloads share it for a second, a download's attempt has
+    its own): the ``proxy`` they go through (the one given, else the
+    environment's; ``None``: none), the ``key`` of their connections in
+    the pool, and the text of their heads after the request target (the
+    version and ``Host``, ``host_line``, then the fields of every request
+    of the settings: ``trusted_head`` to a URL that may have the caller's
+    secrets, ``public_head`` to another). Read-only; any thread. (It holds
+    no reference to its look-ups, which hold it: no cycle for the
+    collector to find when an attempt's own are let go.)"""
+    __slots__ = ('proxy', 'key', 'host_line', 'trusted_head', 'public_head')
 
     def __init__(self, lookups: _HostLookups, address: _Address, settings: _RequestSettings,
                  slots: Optional[_HostSlots]):
         scheme, host, port = address.host_key
         self.proxy = proxy = lookups.proxy(scheme, address.host_name) \
-            if settings.proxy is None else settings.parsed_proxy  # ('': none)
+            if settings.proxy is None else settings.parsed_proxy  # (None for the given '')
         # (a tunnel, or a connection a proxy may have tied to whom it let
         # in, is reused only with the proxy credentials it was opened with)
         proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
@@ -4282,24 +4282,6 @@ class _Route:
         self.host_line = host_line = 'HTTP/1.1\r\nHost: ' + address.host_field + '\r\n'
         self.trusted_head = host_line + settings.trusted_fields.lines
         self.public_head = host_line + settings.public_fields.lines
-        self._auth = settings.auth
-        self._lookups = lookups
-        self._host_name = address.host_name
-        self._netrc: Any = _NOT_LOOKED_UP  # .netrc's for the host, looked up at the first need
-
-    def credentials(self, own: Optional[Tuple[str, str]], trusted: bool
-                    ) -> Optional[Tuple[str, str]]:
-        """User and password for a request: ``own`` (written in the URL it
-        came from), else ``auth`` where ``trusted``, else ``.netrc``'s for
-        the host (read once for the look-ups, kept here at the first need)."""
-        if own is not None:
-            return own
-        if trusted and self._auth is not None:
-            return self._auth
-        netrc = self._netrc
-        if netrc is _NOT_LOOKED_UP:
-            netrc = self._netrc = self._lookups.netrc(self._host_name)
-        return netrc
 
 
 class _RequestOptions:
@@ -4369,6 +4351,18 @@ class _RequestOptions:
         """Whether the URL of ``address`` may get the caller's secrets:
         ``auth``, ``Authorization`` and ``Cookie`` headers."""
         return address.url == self.url or _same_trust(self.address, address)
+
+    def credentials(self, host: str, own: Optional[Tuple[str, str]], trusted: bool
+                    ) -> Optional[Tuple[str, str]]:
+        """User and password for a request to ``host`` (its name in lower
+        case): ``own`` (written in the URL it came from), else ``auth``
+        where trusted, else ``.netrc`` (read once for the look-ups)."""
+        if own is not None:
+            return own
+        auth = self.settings.auth
+        if auth is not None and trusted:
+            return auth
+        return self._lookups.netrc(host)
 
 
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
@@ -4597,9 +4591,8 @@ class _Request:
         ``proxy``, and with what credentials."""
         if proxy is not None:
             return ('proxy', proxy.hostname or '', proxy.port or 80), _url_credentials(proxy)
-        assert self.route is not None  # (_take_idle set it before any exchange)
-        return self.address.host_key, self.route.credentials(self.own_credentials,
-                                                             self.trusted)
+        return self.address.host_key, self.options.credentials(
+            self.address.host_name, self.own_credentials, self.trusted)
 
     def _authorization(self, key: _AuthKey, credentials: Optional[Tuple[str, str]],
                        method: str, target: str) -> Optional[str]:
@@ -4664,7 +4657,8 @@ class _Request:
             secrets = secrets.union(name.lower() for name in self.extra)
         if 'authorization' not in secrets:
             # (what _auth_target gives without a proxy, with one call less)
-            credentials = route.credentials(self.own_credentials, trusted)
+            credentials = options.credentials(self.address.host_name, self.own_credentials,
+                                              trusted)
             if credentials is not None:
                 authorization = self._authorization(self.address.host_key, credentials,
                                                     self.method, target)
