@@ -139,6 +139,8 @@ _TEND_PERIOD = 0.25             # seconds between two looks of a download's run 
 _MAX_REDIRECTS = 10
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# a request's answers that may lead to another exchange (_Request.send_steps)
+_CHALLENGE_OR_REDIRECT = _REDIRECT_STATUSES | {401, 407}
 _MAX_RETRY_AFTER = 24 * 3600.0
 _ACTIVE_STATES = ('start', 'download')         # an attempt under way
 _FINISHED_STATES = ('complete', 'fatal-error')  # nothing more will happen
@@ -624,7 +626,7 @@ def _parse_content_length(response: _Response) -> Optional[int]:
     body is chunked. Raises ``ProtocolError`` for a malformed or
     contradictory value (only ASCII digits count)."""
     # (a repeated field's values joined by ', ': one list of them either way)
-    value = response.fields.by_name.get('content-length')
+    value = response.by_name.get('content-length')
     if value is None or response.chunked:
         return None
     if value.isdigit() and value.isascii():
@@ -2505,9 +2507,9 @@ class _Headers:
 
     def __init__(self, lines: List[str], last_values: Optional[Dict[str, str]] = None):
         """``lines``: the head's field lines (its status line left out),
-        as ``_parse_head`` split them; ``last_values``: where each line is
-        a field of a name of its own, the value of each by its name in
-        lower case, as ``_parse_head`` took them (the very ``by_name`` and
+        as ``_HeadParser._take_head`` split them; ``last_values``: where
+        each line is a field of a name of its own, the value of each by its
+        name in lower case, as ``_take_head`` took them (the very ``by_name`` and
         ``firsts``); else ``None``, and the lines are taken apart here
         (``_head_fields``, which raises ``ProtocolError``)."""
         self._lines = lines
@@ -2586,34 +2588,6 @@ class _Headers:
         return message
 
 
-class _Head:
-    """The status line and header fields of a response, as ``_HeadParser``
-    read them; ``version`` is 10 (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and
-    later 1.x), as http.client numbers them; ``final``: not an interim
-    (1xx) head, but for a 101, which is final."""
-    __slots__ = ('version', 'status', 'reason', 'headers', 'final')
-
-    def __init__(self, version: int, status: int, reason: str, headers: _Headers):
-        self.version = version
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.final = status >= 200 or status == 101
-
-    def keep_alive(self) -> bool:
-        """Whether the connection stays open after this answer, as its
-        version and its ``Connection`` field (for HTTP/1.0 also
-        ``Keep-Alive`` and ``Proxy-Connection``) tell."""
-        by_name = self.headers.by_name
-        connection = by_name.get('connection', '').lower()
-        if self.version == 11:
-            # (a field with no 'close' in it has no such token: most are not split)
-            return 'close' not in connection or 'close' not in _header_tokens(connection)
-        return 'keep-alive' in _header_tokens(connection) or \
-            bool(self.headers.first('keep-alive')) or \
-            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
-
-
 def _header_tokens(value: str) -> Set[str]:
     """The comma-separated tokens of a field's ``value`` (its values
     joined by commas), in lower case if ``value`` is."""
@@ -2632,55 +2606,6 @@ def _head_error(what: str, line: str = '', status_line: bool = False) -> Protoco
     if line:
         what += ': {!r}'.format(line if len(line) <= 80 else line[:80] + '...')
     return (_NoStatusLine if status_line else ProtocolError)('bad HTTP response head: ' + what)
-
-
-def _head_end(buffer: Union[bytes, bytearray], start: int) -> Tuple[int, int]:
-    """Where the head that ``buffer`` holds ends, its blank line searched
-    for from ``start``: ``(end of its last line, start of what follows)``;
-    ``(-1, -1)`` while its blank line has not come."""
-    crlf = buffer.find(b'\n\r\n', start)
-    lf = buffer.find(b'\n\n', start, len(buffer) if crlf < 0 else crlf + 1)
-    if lf >= 0:
-        return lf, lf + 2
-    return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
-
-
-def _parse_head(head: Union[bytes, bytearray]) -> _Head:
-    """The head whose bytes, its blank line left out, are ``head``. Lines
-    end in CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
-    continues the field before it, joined with a space; Latin-1, as
-    http.client decodes it. Raises ``ProtocolError``."""
-    text = head.decode('latin-1')
-    if text[-1:] == '\r':  # the CR of the last line's CRLF
-        text = text[:-1]
-    if '\r' in text:
-        text = text.replace('\r\n', '\n').replace('\r', ' ')
-    lines = text.split('\n')
-    status_line = lines.pop(0)  # (the field lines left: no copy of them)
-    if len(lines) > _MAX_HEAD_FIELDS:
-        raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
-    if len(head) + 2 > _MAX_HEAD_LINE:
-        for line in [status_line] + lines:
-            if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
-                raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE), line)
-    version, status, reason = _USUAL_STATUS_LINES.get(status_line) or _status_line(status_line)
-    # the usual head, each line a field of a name of its own (a name with
-    # no space or tab, its colon, its value), taken apart in the fewest
-    # calls: each line's value by its name in lower case, all that _Headers
-    # needs of it, and the names looked at all at once; any other head is
-    # taken apart line by line (_head_fields), which says what is wrong
-    last_values: Dict[str, str] = {}
-    for line in lines:
-        name, colon, value = line.partition(':')
-        if not colon:
-            break
-        last_values[name.lower()] = value.strip(' \t')
-    else:
-        names = '\n'.join(last_values)  # (no name holds a line end)
-        if len(last_values) == len(lines) and '' not in last_values and \
-                ' ' not in names and '\t' not in names:
-            return _Head(version, status, reason, _Headers(lines, last_values))
-    return _Head(version, status, reason, _Headers(lines))
 
 
 def _head_fields(lines: List[str]) -> List[Tuple[str, str]]:
@@ -2739,26 +2664,41 @@ _USUAL_STATUS_LINES = {line: _status_line(line) for line in [
 
 class _HeadParser:
     """Reads the head of one response from the bytes of its connection,
-    fed in any cut: ``feed`` returns the final head once its blank line
-    came (interim 1xx heads, such as 100 Continue, are read and skipped; a
-    101 is final) and leaves the bytes after it, the start of the body, in
-    ``rest`` (a view of them: they may be a whole small body). Sans-I/O:
-    it neither receives nor waits; its caller does. Raises
+    fed in any cut: once the final head's blank line came (interim 1xx
+    heads, such as 100 Continue, are read and skipped; a 101 is final),
+    ``feed`` returns the head, which is the parser itself, and leaves the
+    bytes after it, the start of the body, in ``rest`` (a view of them:
+    they may be a whole small body). The head has ``version``, 10
+    (HTTP/1.0 or 0.9) or 11 (HTTP/1.1 and later 1.x) as http.client
+    numbers them, ``status``, ``reason``, its fields' ``by_name`` and
+    ``firsts`` (as ``_Headers`` has them: bitpit's own look-ups), the
+    fields as a ``_Headers`` (``headers``, also ``fields``), made when
+    first asked for, and ``keep_alive()``: no object of its own, nor one
+    for a ``_Response``, which is a parser (it reads its head so).
+    Sans-I/O: it neither receives nor waits; its caller does. Raises
     ``ProtocolError`` for what http.client refuses (a line of more
     than 64 KiB, more than 100 field lines, a bad status line), as soon as
     the bytes tell, and for a line that is not a field or more than 16
     interim heads. One thread. (Its state starts as the class's: a head
-    that comes whole, the usual one, sets none of it but ``rest``.)"""
+    that comes whole, the usual one, sets none of it but the head's and
+    ``rest``.)"""
     _buffer: Union[bytes, bytearray] = b''  # the bytes fed of a head not complete yet
     _searched = 0          # where in _buffer its blank line may start
     _lines = 0             # its line ends so far
     _line_start = 0        # where in _buffer its last line starts
     _interim = 0           # 1xx heads skipped
     rest = memoryview(b'')  # the bytes after the final head
+    # the head's, set by _take_head (the last head's while the final one is to come)
+    version = status = 0
+    reason = ''
+    by_name: Dict[str, str]
+    firsts: Dict[str, str]
+    _head_lines: List[str]              # its field lines, for its _Headers
+    _headers: Optional[_Headers] = None  # (made when first asked for)
 
-    def feed(self, data: bytes) -> Optional[_Head]:
-        """Take the next ``data`` of the connection; the final head once
-        complete, else ``None``."""
+    def feed(self, data: bytes) -> Optional['_HeadParser']:
+        """Take the next ``data`` of the connection; the final head (the
+        parser) once complete, else ``None``."""
         stored = bool(self._buffer)  # (a bytearray then)
         if stored:
             self._buffer += data
@@ -2766,16 +2706,23 @@ class _HeadParser:
         buffer: Union[bytes, bytearray] = self._buffer if stored else data
         start, searched = 0, self._searched
         while True:
-            end, after = _head_end(buffer, start + searched)
-            if end < 0:
+            # where the head ends: a blank line after the end of its last
+            # line, each ended by CRLF or LF
+            crlf = buffer.find(b'\n\r\n', start + searched)
+            lf = buffer.find(b'\n\n', start + searched, len(buffer) if crlf < 0 else crlf + 1)
+            if lf >= 0:
+                end, after = lf, lf + 2
+            elif crlf >= 0:
+                end, after = crlf, crlf + 3
+            else:
                 break
-            head = _parse_head(buffer[start:end])
+            final = self._take_head(buffer[start:end])
             start, searched = after, 0
-            if head.final:
+            if final:
                 self.rest = memoryview(buffer)[start:]
                 if stored:
                     self._buffer = b''
-                return head
+                return self
             self._interim += 1
             if self._interim > _MAX_INTERIM_HEADS:
                 raise _head_error('more than {} interim (1xx) answers'
@@ -2791,6 +2738,80 @@ class _HeadParser:
             self._buffer = bytearray(buffer[start:])
         self._check_unfinished()
         return None
+
+    def _take_head(self, head: Union[bytes, bytearray]) -> bool:
+        """Take the head whose bytes, its blank line left out, are
+        ``head``: its status line and fields become the parser's; whether
+        it is final (not an interim 1xx head, but for a 101). Lines end in
+        CRLF or LF; a bare CR counts as a space; a folded line (obs-fold)
+        continues the field before it, joined with a space; Latin-1, as
+        http.client decodes it. Raises ``ProtocolError``."""
+        text = head.decode('latin-1')
+        # (in one pass where each line ends in CRLF or LF, as nearly all
+        # do; the count of LFs tells where another end split a line: a CR
+        # alone, or one of the ends that Unicode adds, which Latin-1 has)
+        lines = text.splitlines()
+        if len(lines) != text.count('\n') + 1:
+            if text[-1:] == '\r':  # the CR of the last line's CRLF
+                text = text[:-1]
+            lines = text.replace('\r\n', '\n').replace('\r', ' ').split('\n')
+        status_line = lines.pop(0)  # (the field lines left: no copy of them)
+        if len(lines) > _MAX_HEAD_FIELDS:
+            raise _head_error('more than {} header lines'.format(_MAX_HEAD_FIELDS))
+        if len(head) + 2 > _MAX_HEAD_LINE:
+            for line in [status_line] + lines:
+                if len(line) + 2 > _MAX_HEAD_LINE:  # Latin-1: a character a byte
+                    raise _head_error('a line of more than {} bytes'.format(_MAX_HEAD_LINE),
+                                      line)
+        self.version, status, self.reason = _USUAL_STATUS_LINES.get(status_line) or \
+            _status_line(status_line)
+        self.status = status
+        # the usual head, each line a field of a name of its own (a name with
+        # no space or tab, its colon, its value), taken apart in the fewest
+        # calls: each line's value by its name in lower case, all that _Headers
+        # needs of it, and the names looked at all at once; any other head is
+        # taken apart line by line (_head_fields), which says what is wrong
+        last_values: Dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(':')
+            if not colon:
+                break
+            last_values[name.lower()] = value.strip(' \t')
+        else:
+            names = '\n'.join(last_values)  # (no name holds a line end)
+            if len(last_values) == len(lines) and '' not in last_values and \
+                    ' ' not in names and '\t' not in names:
+                self.by_name = self.firsts = last_values
+                self._head_lines, self._headers = lines, None
+                return status >= 200 or status == 101
+        # (seldom: a name given more than once, a folded line, space before a colon)
+        headers = self._headers = _Headers(lines)
+        self.by_name, self.firsts = headers.by_name, headers.firsts
+        return status >= 200 or status == 101
+
+    @property
+    def headers(self) -> _Headers:
+        """The head's fields, made now if need be (for a caller's code:
+        bitpit reads ``by_name`` and ``firsts``)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _Headers(self._head_lines, self.by_name)
+        return headers
+
+    fields = headers
+
+    def keep_alive(self) -> bool:
+        """Whether the connection stays open after this answer, as its
+        version and its ``Connection`` field (for HTTP/1.0 also
+        ``Keep-Alive`` and ``Proxy-Connection``) tell."""
+        by_name = self.by_name
+        connection = by_name.get('connection', '').lower()
+        if self.version == 11:
+            # (a field with no 'close' in it has no such token: most are not split)
+            return 'close' not in connection or 'close' not in _header_tokens(connection)
+        return 'keep-alive' in _header_tokens(connection) or \
+            bool(self.firsts.get('keep-alive')) or \
+            'keep-alive' in _header_tokens(by_name.get('proxy-connection', '').lower())
 
     def _check_unfinished(self) -> None:
         """Refuse an unfinished head that is too long already, so that a
@@ -2939,50 +2960,88 @@ _NO_BYTES = memoryview(b'')
 # the rest of a 10 KiB file to a second receive (and the poll before it)
 _FIRST_READ = 65536
 
+_TLS_RECORD = 16384   # the most plaintext one TLS record carries
+# the most a read of a body takes from the bytes that came with its head,
+# and its first read from the socket (what http.client's reader receives
+# at once), but for a body that came whole: the rest waits for the next
+# read, so that a rate limit set on the download signal paces it
+_BODY_STEP = 8192
 
-class _Response:
-    """An answer: its head, read by ``_HeadParser``, and its body, read
-    through its framing (``_BodyFraming``: a length, chunks, or to the
-    connection's end), as steps (``begin_steps``, ``read1_steps``,
-    ``read_steps``) on its connection's socket, which need not block:
-    each wait for bytes lasts ``timeout`` seconds at most (``None``: no
-    limit). Its receives go into its own buffer, of ``_FIRST_READ`` bytes
-    at most; ``held`` is how many bytes after the head came with it. The
-    socket stays its connection's, which closes it once the answer is
-    done with, never while one is read (see ``_Request._release``). It has
-    what bitpit and a caller's cookie jar read of http.client's responses:
-    ``status`` (``code``), ``reason``, ``version`` (10 or 11), ``fields``
-    (also ``headers`` and ``msg``, a ``_Headers``), ``getheader``,
+# the final statuses whose answers have no body (a 101's connection is another protocol's)
+_NO_BODY_STATUSES = frozenset({101, 204, 304})
+
+
+class _Response(_HeadParser):
+    """An answer: its head, read as a ``_HeadParser`` reads one (it is
+    one), and its body, read through its framing (a length, chunks, or to
+    the connection's end), as steps on its connection's socket, which need
+    not block: each wait for bytes lasts ``timeout`` seconds at most
+    (``None``: no limit). Its receives go into its own buffer, of
+    ``_FIRST_READ`` bytes at most, whose bytes not taken yet are ``rest``
+    (after the head: the body's first). The socket stays its connection's,
+    which closes it once the answer is done with, never while one is read
+    (see ``_Request.close``). The thread of its request. (What its head
+    and its reads set starts as the class's.)
+
+    Its steps: ``begin_steps`` reads the head; bitpit reads a body with
+    ``readinto_steps``, into the caller's buffers, and a caller's code
+    with ``read1_steps`` and ``read_steps`` (``_BodyFraming``, made at
+    the first call: chunks as well). ``readinto_steps`` ends as soon as
+    some bytes arrived (one receive), so progress, stall detection and
+    rate limits see bytes as they come; the caller never asks for more
+    than the announced length. Of a plain body, the bytes that came with
+    the head are copied straight into the caller's buffer first (in one
+    read if they are the whole body, else ``_BODY_STEP`` at a time);
+    later reads go straight to the socket, so ``ready()`` can tell
+    whether a read would wait, but for the receive of the body's last
+    ``_FIRST_READ`` bytes, which goes into the buffer and shows whatever
+    the server sent beyond the body. Over TLS, where one receive brings
+    one record (16 KiB at most), a read goes on with the records that
+    are already there, without waiting.
+
+    It has what bitpit and a caller's cookie jar read of http.client's
+    responses: ``status`` (``code``), ``reason``, ``version`` (10 or 11),
+    ``fields`` (also ``headers`` and ``msg``, a ``_Headers`` made when
+    first asked for: bitpit reads ``by_name``), ``getheader``,
     ``getheaders``, ``info()`` (an ``http.client.HTTPMessage``),
-    ``chunked``, ``length``, ``will_close``, ``isclosed`` and ``close``,
-    set and behaving as http.client's do, and ``begin`` and ``read``,
-    the steps run on the calling thread. The thread of its request. (What
-    its head sets starts as the class's.)"""
-    fields: _Headers
-    headers: _Headers
-    msg: _Headers
-    _received = _NO_BYTES  # bytes received and not taken yet
-    held = 0
-    status = code = version = 0
-    reason = ''
+    ``chunked``, ``length`` (as http.client's, the bytes of the body not
+    read yet, once ``readinto_steps`` reads it), ``will_close``,
+    ``isclosed`` (``closed``) and ``close``, set and behaving as
+    http.client's do, and ``begin`` and ``read``, the steps run on the
+    calling thread."""
+    rest = _NO_BYTES  # bytes received and not taken yet
     chunked = False
     length: Optional[int] = None
     will_close = True
+    _method = 'GET'
+    closed = False  # (as http.client's: the answer closed, or its body read to its end)
     _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
     _unread = b''  # body bytes that read1 received and did not hand out
+    _read = False  # whether readinto_steps read from the socket
+    # whether to look for more TLS records after a read from the socket
+    # (over TLS, with poll): found at the first such read, which a small
+    # body, come with its head, never makes
+    _tls: Optional[bool] = None
+    _poll: Any = None  # over TLS: polls the socket for more records
+    _error: Optional[BaseException] = None  # a receive's failure, after bytes
 
     def __init__(self, sock: Any, method: str = 'GET', timeout: Optional[float] = None):
         self._sock = sock
         self._method = method
         self.timeout = timeout
-        self._closed = False
+
+    @property
+    def code(self) -> int:
+        return self.status
+
+    @property
+    def msg(self) -> _Headers:
+        return self.fields
 
     def begin_steps(self) -> '_Steps[None]':
         """Read the head, and set what the body is read by: a wait for
         bytes, then a receive, until the head is whole."""
-        parser = _HeadParser()
         sock, timeout = self._sock, self.timeout
-        received = False
         while True:
             # a wait for bytes first, which are unlikely to be there yet
             # (an answer just asked for, the rest of its head): it saves the
@@ -2997,31 +3056,25 @@ class _Response:
                 data = yield from _io_steps(sock.recv, sock, timeout, _FIRST_READ)
             if not data:
                 import http.client  # (its error, as http.client's own reader raises it)
+                received = self._buffer or self._interim  # (an unfinished head, interim ones)
                 raise http.client.RemoteDisconnected(
                     'Remote end closed connection ' +
                     ('within the response head' if received else 'without response'))
-            received = True
-            head = parser.feed(data)
-            if head is not None:
+            if self.feed(data) is not None:
                 break
-        rest = parser.rest
-        self._received = rest  # the body's first bytes
-        self.held = len(rest)
-        self.code = self.status = head.status
-        self.reason = head.reason
-        self.version = head.version
-        self.fields = self.headers = self.msg = head.headers
-        firsts = head.headers.firsts
+        firsts = self.firsts
         transfer = firsts.get('transfer-encoding')
-        self.chunked = transfer is not None and transfer.lower() == 'chunked'
-        self.will_close = not head.keep_alive()
-        length = firsts.get('content-length')
-        self.length = int(length) if length and length.isascii() and length.isdigit() and \
-            not self.chunked else None
-        if head.status in (204, 304) or head.status < 200 or self._method == 'HEAD':
+        if transfer is not None:
+            self.chunked = transfer.lower() == 'chunked'
+        self.will_close = not self.keep_alive()
+        if self.status in _NO_BODY_STATUSES or self._method == 'HEAD':
             self.length = 0
-        if self.length is None and not self.chunked:
-            self.will_close = True  # the body ends with the connection
+        elif not self.chunked:
+            value = firsts.get('content-length')
+            if value and value.isascii() and value.isdigit():
+                self.length = int(value)
+            else:
+                self.will_close = True  # the body ends with the connection
 
     def begin(self) -> None:
         """``begin_steps`` run here."""
@@ -3029,7 +3082,7 @@ class _Response:
 
     def getheader(self, name: str, default: Any = None) -> Any:
         """The values of the field ``name`` joined by ``', '``, else ``default``."""
-        value = self.fields.by_name.get(name.lower())
+        value = self.by_name.get(name.lower())
         return default if value is None else value
 
     def getheaders(self) -> List[Tuple[str, str]]:
@@ -3038,27 +3091,102 @@ class _Response:
     def info(self) -> http.client.HTTPMessage:
         return self.fields.message()
 
-    def receive_steps(self) -> '_Steps[int]':
-        """One receive into the buffer, which holds nothing, waiting for
-        bytes (at most the time-out); how many came (0: the connection
-        ended)."""
-        sock = self._sock
-        data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ)
-        self._received = memoryview(data)
-        return len(data)
-
-    def take_into(self, view: memoryview) -> int:
-        """Copy bytes of the buffer into ``view``, as many as fit; how many."""
-        received = self._received
-        count = len(received)
-        if count <= len(view):  # all of them (the usual: a small body, come with the head)
-            view[:count] = received
-            self._received = _NO_BYTES
+    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
+        """Read at least one byte into ``view``; 0 at the body's end. A
+        wait for bytes lasts the time-out at most (``socket.timeout``); a
+        failure after bytes is raised at the next read."""
+        if self.closed:  # the body read to its end, or the answer closed
+            return 0
+        if self.chunked:
+            data = yield from self.read1_steps(len(view))
+            view[:len(data)] = data
+            return len(data)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        left = self.length
+        rest = self.rest
+        if not rest and left is not None and left < _FIRST_READ:
+            if not left:
+                return 0
+            # the body's last receive goes into the buffer, which sees
+            # whatever the server sent beyond it
+            sock = self._sock
+            data = yield from _io_steps(sock.recv, sock, self.timeout, _FIRST_READ)
+            if not data:
+                return 0  # the connection ended
+            rest = self.rest = memoryview(data)
+        held = len(rest)
+        if held:
+            # no more than the buffer holds: copied from it, no receive
+            got = len(view)
+            if left is None or held < left:  # a part of the body: a step at a time
+                got = min(got, _BODY_STEP)
+            elif held > left:  # bytes beyond the body: the next answer would begin with them
+                self.will_close = True
+            if got >= held:  # all of them (the usual: a small body, come with the head)
+                view[:held] = rest
+                self.rest = _NO_BYTES
+                got = held
+            else:
+                view[:got] = rest[:got]
+                self.rest = rest[got:]
         else:
-            count = len(view)
-            view[:] = received[:count]
-            self._received = received[count:]
-        return count
+            sock = self._sock
+            got = yield from _io_steps(sock.recv_into, sock, self.timeout,
+                                       view if self._read else view[:_BODY_STEP])
+            self._read = True
+            tls = self._tls
+            if tls is None:
+                tls = self._tls = _HAS_POLL and _is_tls(sock)
+            if tls:
+                if self._poll is None:
+                    self._poll = select.poll()
+                    self._poll.register(sock, select.POLLIN)
+                got = self._more_records(view, got)
+        if left is not None:
+            self.length = left - got
+        return got
+
+    def _more_records(self, view: memoryview, got: int) -> int:
+        """After ``got`` bytes of a TLS read, the records already received,
+        while there is room for one. A failure waits for the next read, so
+        that the bytes before it are not lost."""
+        sock = self._sock
+        try:
+            while got and len(view) - got >= _TLS_RECORD and \
+                    (sock.pending() or self._poll.poll(0)):
+                more = sock.recv_into(view[got:])
+                if not more:
+                    break
+                got += more
+        except (OSError, ValueError) as exc:
+            if _tls_wants_write(exc) is None:  # (else a record not whole yet: for the next read)
+                self._error = exc
+        return got
+
+    def buffered(self) -> bool:
+        """Whether bytes of a plain body wait in the buffer, or its first
+        read (a step) is yet to come: a splice from the socket must come
+        after."""
+        return bool(self.rest) or not self._read
+
+    def ready(self) -> bool:
+        """Whether a read would return at once."""
+        if self.rest or self.closed:
+            return True
+        if self._poll is not None:  # TLS, read straight from the socket
+            return bool(self._sock.pending() or self._poll.poll(0))
+        return _ready(self._sock)
+
+    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
+        """Wait until a read would not wait for the network, or until the
+        monotonic time ``until`` (``None``: no deadline); whether it would
+        not. ``True`` at once when bytes are held, at the body's end, and
+        for a chunked body, where bytes may be buffered."""
+        if self.chunked or self.ready():
+            return True
+        return (yield _Wait(self._sock, until))
 
     def read1_steps(self, size: int = -1) -> '_Steps[bytes]':
         """Body bytes, at most ``size`` (``-1``: any number), from the
@@ -3066,7 +3194,7 @@ class _Response:
         answer closes). Raises ``ProtocolError`` for a body cut short or
         badly framed."""
         while not self._unread:
-            if self._closed:
+            if self.closed:
                 return b''
             framing = self._framing
             if framing is None:
@@ -3077,7 +3205,7 @@ class _Response:
                 self.close()
                 return b''
             framing.check()  # (an error after the bytes handed out: no receive first)
-            data, self._received = bytes(self._received), _NO_BYTES  # held bytes first
+            data, self.rest = bytes(self.rest), _NO_BYTES  # held bytes first
             if not data:  # (a receive's bytes as they came, not copied again)
                 data = yield from _io_steps(self._sock.recv, self._sock, self.timeout,
                                             _FIRST_READ)
@@ -3114,12 +3242,12 @@ class _Response:
 
     def isclosed(self) -> bool:
         """Whether the body was read to its end, or the answer closed."""
-        return self._closed
+        return self.closed
 
     def close(self) -> None:
         """Let the buffer go; the socket stays its connection's."""
-        self._closed = True
-        self._received = _NO_BYTES
+        self.closed = True
+        self.rest = _NO_BYTES
 
 
 def _field_lines(fields: Dict[str, str]) -> str:
@@ -3165,8 +3293,10 @@ class _HTTPConnection:
     via_proxy: bool                    # set by _Request: a plain proxy gets full URLs
     proxy_parts: Optional[urllib.parse.SplitResult]
     release_slot: Optional[Callable[[], None]] = None  # gives its host slot back
-    # (its socket, a poll object of that socket's): how the pool looks at it (_quiet)
-    idle_poll: Optional[Tuple[Any, Any]] = None
+    # a poll object of its socket's, made at the pool's first look (_quiet):
+    # a connection has one socket (a TLS one takes over the descriptor of the
+    # raw one as it connects), and the pool gets it once connected
+    idle_poll: Any = None
     sock: Any = None                   # the connected socket (a TLS one over HTTPS)
 
     def __init__(self, host: str, port: int, timeout: Optional[float]):
@@ -3174,8 +3304,8 @@ class _HTTPConnection:
         self.port = port
         self.timeout = timeout
         # whether sock is a TLS socket, set with it (an instance's own:
-        # read for every request, in send and _quiet; a _Body, which has
-        # only the socket, asks _is_tls at its first receive)
+        # read for every request, in send and _quiet; a _Response, which
+        # has only the socket, asks _is_tls at its first receive from it)
         self.tls = False
         self._abort_lock = threading.Lock()  # an abort, or a change of socket object
         self._aborted = False
@@ -3363,7 +3493,7 @@ class _ConnectionPool:
     Every idle connection is looked at (``_quiet``) before it is handed
     out, however short a time ago it was parked: bytes that came since are
     the server's close, or bytes an earlier answer sent beyond its body
-    (``_Body`` sees those that came with its last receive only), which may
+    (``_Response`` sees those that came with its last receive only), which may
     be a whole answer that the next request would take for its own.
     ``_Request`` sends its request again on a new connection when the
     reused one turns out closed after that look, or answers with what is
@@ -3375,8 +3505,9 @@ class _ConnectionPool:
         self._lock = threading.Lock()
         self._idle: Dict[_ConnectionKey, List[Tuple[float, _AnyHTTPConnection]]] = {}
         # when the oldest idle connection, parked since, becomes too old
-        # (or earlier: one taken since): no put looks for one before
-        self._expiry = math.inf
+        # (or earlier: one taken since; 0 before any was parked, when the
+        # next put sets it): no put looks for one before
+        self._expiry = 0.0
 
     def get(self, key: _ConnectionKey) -> Optional[_AnyHTTPConnection]:
         """An idle connection for ``key`` that can carry a new request, or
@@ -3408,7 +3539,8 @@ class _ConnectionPool:
         expired = []
         with self._lock:
             if now >= self._expiry:
-                self._expiry = math.inf
+                # conn's, unless one parked before it is still idle
+                self._expiry = now + self.MAX_IDLE_SECONDS
                 for old_key, idle in list(self._idle.items()):
                     while idle and now - idle[0][0] >= self.MAX_IDLE_SECONDS:
                         expired.append(idle.pop(0)[1])
@@ -3416,8 +3548,6 @@ class _ConnectionPool:
                         self._expiry = min(self._expiry, idle[0][0] + self.MAX_IDLE_SECONDS)
                     else:
                         del self._idle[old_key]
-            if self._expiry == math.inf:  # (else an older one expires first)
-                self._expiry = now + self.MAX_IDLE_SECONDS
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append((now, conn))
@@ -3454,7 +3584,7 @@ class _ConnectionPool:
         taken that a thread of the parent's may have held at the fork."""
         idle, self._idle = self._idle, {}
         self._lock = threading.Lock()
-        self._expiry = math.inf
+        self._expiry = 0.0
         for connections in idle.values():
             for _, conn in connections:
                 conn.release_slot = None  # (not given back: the slots' lock may be held)
@@ -3592,13 +3722,12 @@ def _quiet(conn: _AnyHTTPConnection) -> bool:
         return False
     if not _HAS_POLL or (conn.tls and sock.pending()):
         return not _ready(sock)
-    watched = conn.idle_poll
-    if watched is None or watched[0] is not sock:
-        poller = select.poll()
+    poller = conn.idle_poll
+    if poller is None:
+        poller = conn.idle_poll = select.poll()
         poller.register(sock, select.POLLIN)
-        conn.idle_poll = watched = (sock, poller)
     try:
-        return not watched[1].poll(0)
+        return not poller.poll(0)
     except (OSError, ValueError, TypeError):  # (as _ready: taken as not quiet)
         return False
 
@@ -3726,13 +3855,17 @@ class _HostLookups:
     managers run within a second (``_shared_lookups``): a look-up (up to 4
     environment variables and a ``stat``) costs more than the rest of a
     small file's request. ``made``: the monotonic time it was made at.
+    ``routes`` keeps what the requests made with one set of settings
+    take of them for an origin (``_Route``, by ``_RequestOptions.route``).
     Any thread: one that races another to a look-up makes the same."""
-    __slots__ = ('made', '_proxies', '_netrc')
+    __slots__ = ('made', '_proxies', '_netrc', 'routes')
 
     def __init__(self, made: float = 0.0):
         self.made = made
         self._proxies: Dict[Tuple[str, str], Optional[urllib.parse.SplitResult]] = {}
         self._netrc: Dict[str, Optional[Tuple[str, str]]] = {}
+        self.routes: Dict[Tuple[_HostKey, str, _RequestSettings, Optional[_HostSlots]],
+                          _Route] = {}
 
     def proxy(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
         """The environment's proxy for a request by ``scheme`` (in lower
@@ -4120,6 +4253,37 @@ class _RequestSettings:
         return _RequestSettings(**values)
 
 
+class _Route:
+    """How the requests made with one ``_RequestSettings`` (and one
+    manager's host slots, if any) go to one origin, worked out at the
+    first of them and kept in the look-ups it takes (their ``routes``: a
+    manager's downloads share it for a second, a download's attempt has
+    its own): the ``proxy`` they go through (the one given, else the
+    environment's; ``None``: none), the ``key`` of their connections in
+    the pool, and the text of their heads after the request target (the
+    version and ``Host``, ``host_line``, then the fields of every request
+    of the settings: ``trusted_head`` to a URL that may have the caller's
+    secrets, ``public_head`` to another). Read-only; any thread. (It holds
+    no reference to its look-ups, which hold it: no cycle for the
+    collector to find when an attempt's own are let go.)"""
+    __slots__ = ('proxy', 'key', 'host_line', 'trusted_head', 'public_head')
+
+    def __init__(self, lookups: _HostLookups, address: _Address, settings: _RequestSettings,
+                 slots: Optional[_HostSlots]):
+        scheme, host, port = address.host_key
+        self.proxy = proxy = lookups.proxy(scheme, address.host_name) \
+            if settings.proxy is None else settings.parsed_proxy  # (None for the given '')
+        # (a tunnel, or a connection a proxy may have tied to whom it let
+        # in, is reused only with the proxy credentials it was opened with)
+        proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
+            if proxy else None
+        self.key: _ConnectionKey = (scheme, host, port, proxy_id, id(settings.ssl_context),
+                                    slots)
+        self.host_line = host_line = 'HTTP/1.1\r\nHost: ' + address.host_field + '\r\n'
+        self.trusted_head = host_line + settings.trusted_fields.lines
+        self.public_head = host_line + settings.public_fields.lines
+
+
 class _RequestOptions:
     """How every request of a download is made: its ``settings`` (shared,
     read-only), its own URL, its ``cookies`` and Digest state (``digest``)
@@ -4134,7 +4298,8 @@ class _RequestOptions:
     or it gives the one it made meanwhile, and a run's that made none yet
     is given those another's made: ``cookies`` and ``digest`` are written
     whole, and read at each use). Its requests run on one thread at a
-    time (the loop's, or ``update_size``'s caller's)."""
+    time (the loop's, or ``update_size``'s caller's), and take their
+    ``route`` to an origin from the look-ups."""
     __slots__ = ('address', 'url', 'settings', 'cookies', 'digest', 'slots',
                  '_lookups', 'keep')  # (one made for every attempt: no dict)
 
@@ -4154,14 +4319,15 @@ class _RequestOptions:
         self._lookups = _shared_lookups() if shared_lookups else _HostLookups()
         self.keep = keep
 
-    def proxy_for(self, scheme: str, host: str) -> Optional[urllib.parse.SplitResult]:
-        """The proxy of a request by ``scheme`` (in lower case) to ``host``
-        (a URL's ``hostname``): the one given (``''``: none), else the
-        environment's ``http_proxy``/``https_proxy``/``no_proxy``, looked
-        up once for each."""
-        if self.settings.proxy is None:
-            return self._lookups.proxy(scheme, host)
-        return self.settings.parsed_proxy
+    def route(self, address: _Address) -> _Route:
+        """The route of the requests to the origin of ``address``, found
+        in the look-ups, or made now and kept there."""
+        lookups = self._lookups
+        key = (address.host_key, address.host_name, self.settings, self.slots)
+        route = lookups.routes.get(key)
+        if route is None:
+            route = lookups.routes[key] = _Route(lookups, address, self.settings, self.slots)
+        return route
 
     def remember_cookies(self, response: _Response, url: str) -> None:
         """Keep the cookies of ``response`` to ``url`` (it has a
@@ -4190,152 +4356,13 @@ class _RequestOptions:
                     ) -> Optional[Tuple[str, str]]:
         """User and password for a request to ``host`` (its name in lower
         case): ``own`` (written in the URL it came from), else ``auth``
-        where trusted, else ``.netrc`` (read once for these options)."""
+        where trusted, else ``.netrc`` (read once for the look-ups)."""
         if own is not None:
             return own
         auth = self.settings.auth
         if auth is not None and trusted:
             return auth
         return self._lookups.netrc(host)
-
-
-_TLS_RECORD = 16384   # the most plaintext one TLS record carries
-# the most a read of a body takes from the bytes that came with its head,
-# and its first read from the socket (what http.client's reader receives
-# at once), but for a body that came whole: the rest waits for the next
-# read, so that a rate limit set on the download signal paces it
-_BODY_STEP = 8192
-
-
-class _Body:
-    """Reads a response body into the caller's buffers, as steps.
-    ``readinto_steps`` ends as soon as some bytes arrived (one receive),
-    so progress, stall detection and rate limits see bytes as they come;
-    the caller never asks for more than the announced length. For a plain
-    body, the bytes that came with the head (``_Response.held``, in its
-    buffer) are copied straight into the caller's buffer first (in one
-    read if they are the whole body, else ``_BODY_STEP`` at a time); later
-    reads go straight to the socket, so ``ready()`` can tell whether a
-    read would wait, but for the receive of the body's last
-    ``_FIRST_READ`` bytes, which goes into the answer's buffer and shows
-    whatever the server sent beyond the body. Over TLS, where one receive
-    brings one record (16 KiB at most), a read goes on with the records
-    that are already there, without waiting. The thread of its request."""
-    __slots__ = ('_response', '_sock', '_held', '_left', '_read', '_tls', '_poll',
-                 '_error')  # (one made for every answer: no dict)
-
-    def __init__(self, response: _Response, sock: Any):
-        self._response = response
-        self._sock = sock
-        # bytes of a plain body in the answer's buffer, not yet handed out
-        self._held = 0 if response.chunked else response.held
-        self._left = response.length  # bytes of the body not handed out (None: unknown)
-        self._check_beyond()
-        self._read = False            # whether a read took some of it
-        # whether to look for more TLS records after a read from the socket
-        # (over TLS, with poll): found at the first such read, which a small
-        # body, come with its head, never makes
-        self._tls: Optional[bool] = None
-        self._poll: Any = None        # over TLS: polls the socket for more records
-        self._error: Optional[BaseException] = None  # a receive's failure, after bytes
-
-    def readinto_steps(self, view: memoryview) -> '_Steps[int]':
-        """Read at least one byte into ``view``; 0 at the body's end. A
-        wait for bytes lasts the answer's time-out at most
-        (``socket.timeout``); a failure after bytes is raised at the next
-        read."""
-        response = self._response
-        if response.isclosed():  # the body read to its end, or the answer closed
-            return 0
-        if response.chunked:
-            data = yield from response.read1_steps(len(view))
-            view[:len(data)] = data
-            return len(data)
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        left = self._left
-        if not self._held and left is not None and left < _FIRST_READ:
-            if not left:
-                return 0
-            # the body's last receive goes into the answer's buffer, which
-            # sees whatever the server sent beyond it
-            self._held = yield from response.receive_steps()
-            if not self._held:
-                return 0  # the connection ended
-            self._check_beyond()
-        held = self._held
-        if held:
-            # no more than the buffer holds: copied from it, no receive
-            if left is None or held < left:  # a part of the body: a step at a time
-                held = min(held, _BODY_STEP)
-            got = response.take_into(view[:held])
-            self._held -= got
-        else:
-            sock = self._sock
-            got = yield from _io_steps(sock.recv_into, sock, response.timeout,
-                                       view if self._read else view[:_BODY_STEP])
-            tls = self._tls
-            if tls is None:
-                tls = self._tls = _HAS_POLL and _is_tls(sock)
-            if tls:
-                if self._poll is None:
-                    self._poll = select.poll()
-                    self._poll.register(sock, select.POLLIN)
-                got = self._more_records(view, got)
-        self._read = True
-        if left is not None:
-            self._left = left - got
-        return got
-
-    def _check_beyond(self) -> None:
-        """Bytes beyond the body in the buffer: the next answer on this
-        connection would begin with them, so it carries none."""
-        if self._left is not None and self._held > self._left:
-            self._response.will_close = True
-
-    def _more_records(self, view: memoryview, got: int) -> int:
-        """After ``got`` bytes of a TLS read, the records already received,
-        while there is room for one. A failure waits for the next read, so
-        that the bytes before it are not lost."""
-        sock = self._sock
-        try:
-            while got and len(view) - got >= _TLS_RECORD and \
-                    (sock.pending() or self._poll.poll(0)):
-                more = sock.recv_into(view[got:])
-                if not more:
-                    break
-                got += more
-        except (OSError, ValueError) as exc:
-            if _tls_wants_write(exc) is None:  # (else a record not whole yet: for the next read)
-                self._error = exc
-        return got
-
-    def buffered(self) -> bool:
-        """Whether bytes of a plain body wait in the answer's buffer, or its
-        first read (a step) is yet to come: a splice from the socket must
-        come after."""
-        return bool(self._held) or not self._read
-
-    def ready(self) -> bool:
-        """Whether a read would return at once. For a chunked body, bytes
-        on the socket mean a read that returns soon (the answer may also
-        hold some, taken from its buffer with a chunk's framing; then this
-        says False, harmlessly)."""
-        if self._held or self._response.isclosed():
-            return True
-        if self._poll is not None:  # TLS, read straight from the socket
-            return bool(self._sock.pending() or self._poll.poll(0))
-        return _ready(self._sock)
-
-    def wait_steps(self, until: Optional[float]) -> '_Steps[bool]':
-        """Wait until a read would not wait for the network, or until the
-        monotonic time ``until`` (``None``: no deadline); whether it would
-        not. ``True`` at once when bytes are held, at the body's end, and
-        for a chunked body, where bytes may be buffered."""
-        if self._response.chunked or self.ready():
-            return True
-        return (yield _Wait(self._sock, until))
 
 
 def _status_error(response: _Response, url: str) -> HTTPStatusError:
@@ -4402,7 +4429,7 @@ class _Request:
     What a request has before it is sent is said once, here in the class;
     the lists of redirects and challenges are made by the first one."""
 
-    key: Optional[_ConnectionKey] = None
+    route: Optional[_Route] = None  # to the origin of its URL (of the hop under way)
     connection: Optional[_AnyHTTPConnection] = None
     response: Optional[_Response] = None
     sock: Optional[socket.socket] = None
@@ -4436,9 +4463,9 @@ class _Request:
         hops = 0
         while hops <= _MAX_REDIRECTS:
             if self.connection is None:
-                proxy = self._take_idle()
+                self._take_idle()
                 if self.connection is None:
-                    yield from self._connect_steps(proxy)
+                    yield from self._connect_steps()
             conn = self.connection
             assert conn is not None  # _connect_steps() or _use() set it, or raised
             try:
@@ -4454,7 +4481,7 @@ class _Request:
                     yield from conn.connect_steps()
                 # the socket the body comes from; the connection keeps it,
                 # also after an answer that ends with it (Connection:
-                # close): _release closes such a connection, never pooled
+                # close): close() closes such a connection, never pooled
                 sock = self.sock = conn.sock
                 sent = conn.send(head)
                 if sent < len(head):
@@ -4464,14 +4491,18 @@ class _Request:
             except (OSError, _NoStatusLine) as exc:
                 self._dead_reused(conn, exc)
                 continue  # on the fresh connection
-            if 'set-cookie' in response.fields.by_name:
+            if 'set-cookie' in response.by_name:
                 self.options.remember_cookies(response, self.url)
             status = response.status
-            if (status == 401 or status == 407) and self._follow_challenge(response):
-                yield from self._drain_and_release_steps(response)
-                continue
-            hops += 1
-            location = response.getheader('Location') if status in _REDIRECT_STATUSES else None
+            # (most answers are neither a challenge nor a redirect)
+            location = None
+            if status in _CHALLENGE_OR_REDIRECT:
+                if (status == 401 or status == 407) and self._follow_challenge(response):
+                    yield from self._drain_and_release_steps(response)
+                    continue
+                hops += 1
+                if status in _REDIRECT_STATUSES:
+                    location = response.getheader('Location')
             if not location:
                 self.response = response
                 return response
@@ -4497,34 +4528,28 @@ class _Request:
         if connection is not None:
             connection.abort()
 
-    def _take_idle(self) -> Optional[urllib.parse.SplitResult]:
-        """The request's ``key`` (that of its connections in the pool) and
-        an idle connection from the pool, taken into use if there is one;
-        the proxy that the request goes through. A plain call: only a new
-        connection (``_connect_steps``) may wait, for its host's slot."""
-        scheme, host, port = self.address.host_key
-        proxy = self.options.proxy_for(scheme, self.address.host_name)
-        # (a tunnel, or a connection a proxy may have tied to whom it let
-        # in, is reused only with the proxy credentials it was opened with)
-        proxy_id = (proxy.hostname or '', proxy.port or 80, proxy.username, proxy.password) \
-            if proxy else None
-        self.key = key = (scheme, host, port, proxy_id, id(self.options.settings.ssl_context),
-                          self.options.slots)
-        connection = _POOL.get(key)
+    def _take_idle(self) -> None:
+        """The request's ``route`` (whose ``key`` its connections have in
+        the pool) and an idle connection from the pool, taken into use if
+        there is one. A plain call: only a new connection
+        (``_connect_steps``) may wait, for its host's slot."""
+        options = self.options
+        route = self.route = options.route(self.address)
+        connection = _POOL.get(route.key)
         self.reused = connection is not None
         if connection is not None:
-            connection.timeout = self.options.settings.timeout  # (its socket does not block)
+            connection.timeout = options.settings.timeout  # (its socket does not block)
             self._use(connection)
-        return proxy
 
-    def _connect_steps(self, proxy: Optional[urllib.parse.SplitResult]) -> '_Steps[None]':
+    def _connect_steps(self) -> '_Steps[None]':
         """A new connection for the request (not connected yet), through
-        ``proxy``, once the host's slot is taken."""
+        its route's proxy, once the host's slot is taken."""
         scheme, host, port = host_key = self.address.host_key
         slots = self.options.slots
         if slots is not None:
             yield from slots.acquire_steps(host_key, self.cancel)
-        connection = self._new_connection(scheme, host, port, proxy)
+        assert self.route is not None  # (_take_idle set it)
+        connection = self._new_connection(scheme, host, port, self.route.proxy)
         if slots is not None:
             connection.release_slot = functools.partial(slots.release, host_key)
         self._use(connection)
@@ -4596,7 +4621,7 @@ class _Request:
         key, credentials = self._auth_target(proxy)
         if credentials is None:
             return False
-        challenge = self.options.digest_auth().learn(key, response.msg.get_all(
+        challenge = self.options.digest_auth().learn(key, response.fields.get_all(
             'WWW-Authenticate' if proxy is None else 'Proxy-Authenticate') or [])
         if challenge is None:
             return False
@@ -4609,17 +4634,19 @@ class _Request:
         return True
 
     def _head(self, target: str, conn: _AnyHTTPConnection) -> bytes:
-        """The head of a request for ``target`` on ``conn``: ``Host`` first,
-        where http.client puts it (to a plain proxy too: the URL's host and
-        port, the port left out where it is the scheme's own), the fields of
-        every request of its options, made once for them, then its own (a
-        field of the caller's that the request sets itself, a condition
-        or ``Proxy-Authorization``, left out)."""
-        options = self.options
-        if self.trusted:
-            given, secrets = options.settings.trusted_fields, options.settings.secrets_given
-        else:
-            given, secrets = options.settings.public_fields, _NO_SECRETS
+        """The head of a request for ``target`` on ``conn``: after its
+        request line, the text its route made once for every request of
+        its options to its origin (``Host`` first, where http.client puts
+        it: to a plain proxy too, the URL's host and port, the port left out
+        where it is the scheme's own; then the fields of every request of
+        its options), then its own fields (a field of the caller's that the
+        request sets itself, a condition or ``Proxy-Authorization``, left
+        out of the first); Latin-1, as http.client encodes it. The method
+        and the target are bitpit's own (``_check_url`` lets no control
+        character or space into a target)."""
+        options, route, trusted = self.options, self.route, self.trusted
+        assert route is not None  # (_take_idle set it)
+        secrets = options.settings.secrets_given if trusted else _NO_SECRETS
         own: Dict[str, str] = {}
         if self.first is not None:
             own['Range'] = 'bytes={}-{}'.format(self.first, '' if self.last is None else self.last)
@@ -4631,7 +4658,7 @@ class _Request:
         if 'authorization' not in secrets:
             # (what _auth_target gives without a proxy, with one call less)
             credentials = options.credentials(self.address.host_name, self.own_credentials,
-                                              self.trusted)
+                                              trusted)
             if credentials is not None:
                 authorization = self._authorization(self.address.host_key, credentials,
                                                     self.method, target)
@@ -4646,14 +4673,16 @@ class _Request:
                                                 self.method, target)
             if authorization is not None:
                 own['Proxy-Authorization'] = authorization
-        lines = given.lines
+        rest = route.trusted_head if trusted else route.public_head
         if own:
+            given = options.settings.trusted_fields if trusted else options.settings.public_fields
             replaced = given.names.intersection([name.lower() for name in own])
             if replaced:
-                lines = given.lines_without(replaced)
-            lines += _field_lines(own)
-        return _request_head(self.method, target,
-                             'Host: %s\r\n%s' % (self.address.host_field, lines))
+                rest = route.host_line + given.lines_without(replaced)
+            rest += _field_lines(own)
+        # (one format, not five additions; 'latin1' is the spelling that
+        # CPython's encode() takes to its own encoder, with no codec look-up)
+        return ('%s %s %s\r\n' % (self.method, target, rest)).encode('latin1')
 
     def _dead_reused(self, conn: _AnyHTTPConnection, exc: BaseException) -> None:
         """After ``exc`` (an ``OSError`` or a ``_NoStatusLine``) in an
@@ -4668,10 +4697,9 @@ class _Request:
                                                  BrokenPipeError))):
             raise _network_error(exc, getattr(conn, 'handshake_done', True)) from exc
         release, conn.release_slot = getattr(conn, 'release_slot', None), None
-        self._release(conn, reuse=False)
+        self.close(False)  # (conn is its connection)
         self.reused = False
-        assert self.key is not None  # set with the connection
-        scheme, host, port = self.key[0], self.key[1], self.key[2]
+        scheme, host, port = self.address.host_key
         fresh = self._new_connection(scheme, host, port, conn.proxy_parts)
         fresh.release_slot = release  # its host slot goes over to the new one
         self._use(fresh)
@@ -4695,19 +4723,18 @@ class _Request:
         """Return the connection to the pool if ``reuse`` and the response was
         read to its end; else close it. Idempotent."""
         conn, self.connection = self.connection, None
-        if conn is not None:
-            self._release(conn, reuse)
-
-    def _release(self, conn: _AnyHTTPConnection, reuse: bool) -> None:
+        if conn is None:
+            return
         if self.cancel is not None and self.cancel.unregister(conn):
             reuse = False  # a cancel that got hold of it may be shutting it down now
         response = self.response
-        if reuse and conn.sock is not None and self.key is not None and (
-                response is None or (response.isclosed() and not response.will_close)):
+        route = self.route
+        if reuse and conn.sock is not None and route is not None and (
+                response is None or (response.closed and not response.will_close)):
             conn.cancel = None
-            _POOL.put(self.key, conn)
+            _POOL.put(route.key, conn)
             if self.options.slots is not None:
-                self.options.slots.parked(self.key[:3])
+                self.options.slots.parked(self.address.host_key)
         else:
             if response is not None:
                 response.close()  # it may hold the socket: the slot is free once closed
@@ -4728,9 +4755,10 @@ class _Answer:
     ``total`` is the file's size if the answer tells it. ``validator`` is
     the strong ETag, else the Last-Modified date. ``encoding`` is the
     ``Content-Encoding`` if the body is not the file's own bytes, and
-    ``keep_encoded`` whether those bytes are stored as they come."""
-    __slots__ = ('kind', 'first', 'end', 'total', 'validator', 'etag', 'last_modified',
-                 'encoding', 'keep_encoded')
+    ``keep_encoded`` whether those bytes are stored as they come. (What
+    most answers leave as it is starts as the class's.)"""
+    encoding: Optional[str] = None
+    keep_encoded = False
 
     def __init__(self, kind: str, first: int, end: Optional[int], total: Optional[int],
                  response: _Response):
@@ -4738,16 +4766,15 @@ class _Answer:
         self.first = first
         self.end = end
         self.total = total
-        fields = response.fields.by_name
-        self.etag = fields.get('etag')
-        self.last_modified = fields.get('last-modified')
-        strong = self.etag if self.etag and self.etag.startswith('"') else None
-        self.validator = strong or self.last_modified
+        fields = response.by_name
+        self.etag = etag = fields.get('etag')
+        self.last_modified = modified = fields.get('last-modified')
+        self.validator = etag if etag and etag[0] == '"' else modified  # (a strong ETag first)
         encoding = fields.get('content-encoding')
         if encoding is not None:
             encoding = encoding.strip().lower()
-        self.encoding = None if not encoding or encoding == 'identity' else encoding
-        self.keep_encoded = False
+            if encoding and encoding != 'identity':
+                self.encoding = encoding
 
     def change_from(self, validator: Optional[str], total: Optional[int]) -> Optional[str]:
         """How this answer shows that the file is no longer the one that
@@ -4774,22 +4801,22 @@ def _check_answer(response: _Response, url: str, first: int) -> _Answer:
     ``ProtocolError`` for an answer that contradicts itself or the request.
     A pure function of the response."""
     status = response.status
-    if status == 304:
-        return _Answer('unchanged', first, first, None, response)
-    if status == 416:
-        match = _UNSATISFIED_RANGE_RE.match(response.fields.by_name.get('content-range', ''))
-        total = int(match.group(1)) if match else None
-        if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
-            return _Answer('end', first, first, total, response)
     if status >= 300:
+        if status == 304:
+            return _Answer('unchanged', first, first, None, response)
+        if status == 416:
+            match = _UNSATISFIED_RANGE_RE.match(response.by_name.get('content-range', ''))
+            total = int(match.group(1)) if match else None
+            if first > 0 or total == 0:  # (bytes=0- of an empty file is a 416 too)
+                return _Answer('end', first, first, total, response)
         raise _status_error(response, url)
     length = _parse_content_length(response)
     if length is not None and length >= _UNKNOWN_END:
         raise ProtocolError('absurd Content-Length: {}'.format(length))
-    # (not looked for in the answer to a request from byte 0 that says 200)
-    content_range = response.fields.by_name.get('content-range') \
-        if status != 200 or first > 0 else None
-    if status == 206 or (status == 200 and first > 0 and content_range):
+    if status == 200 and not first:  # (its Content-Range, if any, not looked at)
+        return _Answer('whole', 0, length, length, response)
+    content_range = response.by_name.get('content-range')
+    if status == 206 or (status == 200 and content_range):
         if not content_range:
             raise ProtocolError('206 answer without Content-Range')
         start, last, total = _parse_content_range(content_range)
@@ -5905,12 +5932,12 @@ _MAX_BAD_PIECES = 2      # pieces that fail their hash after which a source is r
 
 class _DecodedBody:
     """The decoded bytes of a ``gzip`` or ``deflate`` body, read from
-    ``body`` (a ``_Body``) of ``length`` encoded bytes (``None``: to its
+    ``body`` (a ``_Response``) of ``length`` encoded bytes (``None``: to its
     end). Each read decodes at most what the caller's buffer holds, so a
     small body that decodes to a huge one never fills the memory. Its
-    reads and waits are steps, as ``_Body``'s."""
+    reads and waits are steps, as ``_Response``'s."""
 
-    def __init__(self, body: '_Body', encoding: str, length: Optional[int]):
+    def __init__(self, body: _Response, encoding: str, length: Optional[int]):
         import zlib
         self._zlib = zlib
         self._body = body
@@ -5994,7 +6021,7 @@ class _Splice:
     received with its head is written first. One per request of a
     connection; ``close()`` lets the pipe go."""
 
-    def __init__(self, body: '_Body', sock: socket.socket, store: _FileStore,
+    def __init__(self, body: _Response, sock: socket.socket, store: _FileStore,
                  timeout: Optional[float]):
         self._body = body
         self._sock = sock
@@ -6686,7 +6713,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     # (or is half a second old): a small file then needs no sidecar
     whole = wanted <= chunk
     sock = request.sock
-    body: Any = _Body(response, sock)
+    body: Any = response  # (which reads its own body)
     splice = None
     if answer.encoding is not None and not answer.keep_encoded:
         body = _DecodedBody(body, answer.encoding, _parse_content_length(response))
@@ -7531,7 +7558,7 @@ class _Transfer:
         self.digests = ()
         if answer.encoding is not None and not answer.keep_encoded:
             return
-        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
+        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.by_name):
             return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and

@@ -106,6 +106,19 @@ def test_values_lose_their_surrounding_spaces_and_are_latin1():
     assert head.headers.items() == [('X-A', 'a b'), ('X-B', ''), ('X-Caf\xe9', 'cr\xe8me')]
 
 
+def test_only_lf_and_crlf_end_a_line():
+    """What Unicode takes for a line's end (str.splitlines: VT, FF, the
+    separators 0x1c to 0x1e, NEL 0x85, all Latin-1) is a value's byte, in
+    a head of CRLF lines or of LF lines; a CR alone is a space."""
+    odd = b'a\x0bb\x0cc\x1cd\x1de\x1ef\x85g'
+    for end in (b'\r\n', b'\n'):
+        head, body = parse(end.join([b'HTTP/1.1 200 OK', b'X-Odd: ' + odd, b'X-CR: a\rb',
+                                     b'Content-Length: 2', b'', b'hi']))
+        assert head.headers.items() == [('X-Odd', odd.decode('latin-1')), ('X-CR', 'a b'),
+                                        ('Content-Length', '2')]
+        assert head.by_name['content-length'] == '2' and body == b'hi'
+
+
 @pytest.mark.parametrize('line, version, code, reason', [
     ('HTTP/1.1 200 OK', 11, 200, 'OK'),
     ('HTTP/1.1 200', 11, 200, ''),
@@ -140,7 +153,7 @@ def test_lines_that_are_not_fields_are_protocol_errors(line):
 
 
 def test_space_before_the_colon_is_taken_off_the_name():
-    head = bitpit._parse_head(b'HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b')
+    head, _ = parse(b'HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b\r\n\r\n')
     assert head.headers.get('content-length') == '5' and head.headers.get('X-A') == 'b'
 
 

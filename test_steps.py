@@ -495,7 +495,7 @@ def test_an_answers_head_in_any_cut_is_read_between_waits_for_its_socket(pair, c
     theirs.sendall(data[cuts[-1]:len(data) - 1])  # all but the body's last byte
     run_to_end(steps, True)
     assert response.status == 200 and response.length == 5
-    assert response.held == len(data) - 1 - len(HEAD)
+    assert len(response.rest) == len(data) - 1 - len(HEAD)
     steps = response.read_steps()
     wait = next(steps)
     assert wait.sock is ours and not wait.writing and wait.until > time.monotonic()
@@ -512,7 +512,7 @@ def test_a_body_read_waits_as_a_step_and_its_wait_times_out(pair):
     theirs.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\nab')
     response = bitpit._Response(ours, timeout=5)
     bitpit._drive_here(response.begin_steps())
-    body, view = bitpit._Body(response, ours), memoryview(bytearray(100000))
+    body, view = response, memoryview(bytearray(100000))
     assert run_to_end(body.wait_steps(None)) is True  # the two bytes held
     assert run_to_end(body.readinto_steps(view)) == 2 and view[:2] == b'ab'
     until = time.monotonic() + 1
@@ -597,15 +597,15 @@ def tls_peer_in_memory(pair, certificate):
 
 def tls_body(pair, certificate):
     """``(client, server, wire, body)``: as ``tls_peer_in_memory``, and the
-    ``_Body`` of an answer of 200,000 bytes whose head was read, none of
-    its bytes sent yet."""
+    ``_Response`` of an answer of 200,000 bytes whose head was read, none
+    of its body sent yet."""
     client, server, wire = tls_peer_in_memory(pair, certificate)
     server.write(b'HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n')
     pair[1].sendall(wire())
     response = bitpit._Response(client, timeout=5)
     bitpit._drive_here(response.begin_steps())
-    assert response.status == 200 and response.held == 0
-    return client, server, wire, bitpit._Body(response, client)
+    assert response.status == 200 and len(response.rest) == 0
+    return client, server, wire, response
 
 
 def test_a_tls_record_not_whole_yet_is_read_at_the_next_read(pair, certificate):
@@ -724,7 +724,7 @@ def request_by_hand(request, size, waits, monkeypatch):
     try:
         NoBlocking(monkeypatch)
         response = by_hand(request.send_steps(), waits)
-        body, view, got = bitpit._Body(response, request.sock), memoryview(bytearray(size)), 0
+        body, view, got = response, memoryview(bytearray(size)), 0
         while True:
             n = by_hand(body.readinto_steps(view[got:]), waits)
             if not n:
@@ -837,7 +837,7 @@ def test_an_answers_head_waits_again_after_a_receive_that_would_block(pair):
     assert wait.sock is ours and not wait.writing and wait.until >= told_at + 5
     theirs.sendall(HEAD + b'hello')
     run_to_end(steps, True)
-    assert response.status == 200 and response.held == 5
+    assert response.status == 200 and len(response.rest) == 5
 
 
 def test_an_answers_head_in_a_tls_record_that_comes_in_pieces_is_read_whole(
@@ -857,7 +857,7 @@ def test_an_answers_head_in_a_tls_record_that_comes_in_pieces_is_read_whole(
     assert wait.sock is client and not wait.writing
     theirs.sendall(record[10:])
     run_to_end(steps, True)
-    assert response.status == 200 and response.held == 5
+    assert response.status == 200 and len(response.rest) == 5
 
 
 def test_a_name_look_ups_steps_start_its_thread_without_waiting_for_it(monkeypatch):
