@@ -8518,9 +8518,9 @@ class Downloader(Emitter):
     __slots__ = (
         '_metalink', '_lock', '_changed', '_url', '_address', '_state', '_size', '_downloaded',
         '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
-        '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
+        '_retry_after', '_restart_streak', '_restart_draw', '_thread',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
-        '_fetching', '_tracked_by', '_terms', '_run_options',
+        '_fetching', '_tracked_by', '_terms', '_planned_by', '_run_options',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
         '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
         '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
@@ -8603,8 +8603,9 @@ class Downloader(Emitter):
         self._retry_after: Optional[float] = None
         self._restart_streak = 0             # restarts in a row after attempts with no byte
         self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[_Run] = None  # the run under way (an attempt and its signals)
-        self._running = False                # a run has work left
+        # the run under way (an attempt and its signals), until its last
+        # call ends it: a run has work left while it is here
+        self._thread: Optional[_Run] = None
         self._attempt_over = False
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
@@ -8617,6 +8618,11 @@ class Downloader(Emitter):
         # what each of those managers gives it, in the same order: who
         # restarts it, its limits and its host slots; the last one's apply
         self._terms: Tuple[_ManagerTerms, ...] = ()
+        # the notes of a manager that counts it running by a plan of its
+        # own, which its start need not tell (see _start); that manager
+        # sets it before it starts the download, and clears it once it
+        # counts it no longer (under its own lock); read under _lock
+        self._planned_by: Optional[Tuple[Callable[[Downloader, str, str], None], ...]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
@@ -8913,14 +8919,25 @@ class Downloader(Emitter):
     def start(self) -> None:
         """Start a run (an attempt, on the loop) and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
-        self._cancel_restart()
         self._start(None)
 
     def _start(self, timer: Optional[threading.Thread]) -> None:
-        """Start a run, for ``start()`` or for the restart
-        ``timer``. A timer starts nothing once a stop (or a new schedule)
-        has replaced it: that is decided under the lock, so a stop racing
-        the timer always wins."""
+        """Start a run, for ``start()`` (``timer`` ``None``: a scheduled
+        restart is cancelled) or for the restart ``timer``. A timer starts
+        nothing once a stop (or a new schedule) has replaced it: that is
+        decided under the lock, so a stop racing the timer always wins.
+        The run tells the managers of its ``start`` (``_set_state``), but
+        not a manager that counts it running already by its own plan
+        (``_planned_by``) when the download is in that one alone (it keeps
+        those very notes): the note would tell it nothing (a hop a small
+        file fewer). What to tell is read under the lock, which a manager
+        joins under, with no earlier run alive: every note of those runs
+        was made (a run's last call makes its last note before it is
+        done), so the manager that marked it counts it running still. One
+        that joins later finds the download started when it looks at its
+        state; one that leaves it ignores the note."""
+        if timer is None and self._restart_timer is not None:
+            self._cancel_restart()  # (its look, inline: most starts have none to cancel)
         finishing = self._thread
         if finishing is not None and self._attempt_over:
             if finishing.is_current():
@@ -8940,18 +8957,18 @@ class Downloader(Emitter):
                     return
                 self._restart_timer = None
                 self._restart_time = None
-            if not self.is_alive:
+            finishing = self._thread  # (is_alive, inline)
+            if finishing is None or not finishing.is_alive():
+                notes = () if self._tracked_by is self._planned_by else self._tracked_by
                 self._attempt_over = False
-                self._running = True
                 self._stopping = False
                 run = _Run()
                 try:
                     # the attempt's request options, kept while it runs: what
                     # an update_size learns meanwhile reaches them (_keep_learnt)
                     options = self._run_options = self._request_options()
-                    _LOOP.spawn(self._run_steps(run, options), _run_ended)
+                    _LOOP.spawn(self._run_steps(run, options, notes), _run_ended)
                 except BaseException:  # no loop thread to be had: nothing runs
-                    self._running = False
                     self._run_options = None
                     run.done()
                     raise
@@ -9216,9 +9233,14 @@ class Downloader(Emitter):
 
     # -- internal ---------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
-        """Set the state; if it changed, tell its manager and the callbacks.
-        The manager is told directly, not as one of the callbacks: a
+    def _set_state(self, state: str,
+                   notes: Tuple[Callable[['Downloader', str, str], None], ...]) -> None:
+        """Set the state; if it changed, tell the managers whose ``notes``
+        are given and the callbacks. Its caller says which managers: those
+        it was added to (``_tracked_by``), but none of a ``download`` (of
+        the start, its run told them already that it is under way), and
+        of a ``start`` those ``_start`` chose.
+        A manager is told directly, not as one of the callbacks: a
         listen() per download costs a lock (a manager may add thousands).
         It learns of a start or an end before the callbacks, so that a slow
         callback of a download that ended does not hold up the next one's
@@ -9246,18 +9268,21 @@ class Downloader(Emitter):
             with self._lock:
                 changed.notify_all()
         if old != state:
-            # (one look each: 'download' comes only after its run's 'start')
-            restartable = state in _RESTARTABLE_STATES
-            if not restartable and state != 'download':
-                self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
-            self.emit('state-changed', self, old)
-            if restartable:  # (an error or a pause: after the callbacks, see above)
-                self._tell_manager(old, state)
+            if state in _RESTARTABLE_STATES:  # (after the callbacks, see above)
+                self.emit('state-changed', self, old)
+                if notes:
+                    self._tell_manager(notes, old, state)
+            else:
+                if notes:
+                    self._tell_manager(notes, old, state)
+                self.emit('state-changed', self, old)
 
-    def _tell_manager(self, old: str, state: str) -> None:
-        """Have each manager it was added to note the change from ``old``
-        to ``state``; a failure is logged. The thread that changed it."""
-        for tracked_by in self._tracked_by:
+    def _tell_manager(self, notes: Tuple[Callable[['Downloader', str, str], None], ...],
+                      old: str, state: str) -> None:
+        """Have each manager whose note is in ``notes`` note the change from
+        ``old`` to ``state``; a failure is logged. The thread that changed
+        it."""
+        for tracked_by in notes:
             try:
                 tracked_by(self, old, state)
             except Exception:
@@ -9281,8 +9306,11 @@ class Downloader(Emitter):
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
-    def _run_steps(self, run: _Run, options: _RequestOptions) -> '_Steps[None]':
-        """A run on the loop: one attempt, from ``start`` to its end state.
+    def _run_steps(self, run: _Run, options: _RequestOptions,
+                   notes: Tuple[Callable[['Downloader', str, str], None], ...]
+                   ) -> '_Steps[None]':
+        """A run on the loop: one attempt, from ``start`` (told to the
+        managers whose ``notes`` ``_start`` chose) to its end state.
         What it tells its callbacks, it posts to ``run`` (``_SIGNALS.post``), whose
         signal worker makes the calls in order; the last one, ``_end_run``,
         ends the run."""
@@ -9295,7 +9323,7 @@ class Downloader(Emitter):
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
         try:
-            _SIGNALS.post(run, self._set_state, 'start')
+            _SIGNALS.post(run, self._set_state, 'start', notes)
             size = yield from self._attempt_steps(run, options, last_events)
             final, self._failures = 'complete', 0
         except _Stopped:
@@ -9340,13 +9368,12 @@ class Downloader(Emitter):
             if size is not None:
                 self._set_size(size)
             self.emit('speed-changed', self)
-            self._set_state(final)
+            self._set_state(final, self._tracked_by)
             if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
                 self._schedule_restart(self._restart_delay(self._restart_wait),
                                        automatic=True)
         finally:
             with self._lock:  # (once: whoever it wakes sees the run done and dropped)
-                self._running = False
                 run.done()
                 if self._thread is run:  # a download keeps no run that ended (a
                     self._thread = None  # manager keeps thousands of downloads)
@@ -9563,9 +9590,8 @@ class Downloader(Emitter):
         """The transfer's ``events``, once the run's steps noted another
         version of the file among them: its progress counts afresh. The
         run's steps."""
-        for kind, _ in events:
-            if kind == 'restart':
-                self._best_held = 0
+        if ('restart', None) in events:  # (a look in C, not a loop: most have none)
+            self._best_held = 0
         return events
 
     def _relay(self, events: List[Tuple[str, Any]], run: _Run) -> None:
@@ -9585,7 +9611,7 @@ class Downloader(Emitter):
             elif kind == 'path':
                 self._set_path(value)
             elif kind == 'download':
-                self._set_state('download')
+                self._set_state('download', ())  # (see _set_state)
             elif kind == 'restart':
                 self._set_size(-1)
 
@@ -9595,7 +9621,8 @@ class Downloader(Emitter):
     # use of a Downloader besides its public face; nothing else of it. A
     # manager makes the downloads it adds by URL with _another(), joins a
     # download with _join_manager() (one it made with _join_new()) and lets go with
-    # _leave_manager(); stops many at once with _begin_stop() and
+    # _leave_manager(); marks one its plan starts (_planned_by, its
+    # own to set and clear); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
     # as it is written (_hash_while_writing) and takes a recorded one as
@@ -9745,7 +9772,7 @@ class Downloader(Emitter):
     def _settled(self) -> bool:
         """Nothing more will happen by itself: complete, fatal, or stopped
         (or failed) with no restart to come (a manager restarts its own)."""
-        return not self._running and (self._state in _FINISHED_STATES or (
+        return self._thread is None and (self._state in _FINISHED_STATES or (
             not self.is_restarting and (self._restarted_by is None or
                                         not self._restarted_by())))
 
@@ -9763,13 +9790,13 @@ class Downloader(Emitter):
         self._set_size(size)
         with self._lock:
             self._let_go()
-        self._set_state('complete')
+        self._set_state('complete', self._tracked_by)
 
     def _fail_outside(self, exc: BaseException) -> None:
         """An exception in a restart timer: the download ends in
         ``fatal-error`` with it, instead of a thread dying in silence."""
         self._last_exception = exc if isinstance(exc, Error) else _unexpected(exc)
-        self._set_state('fatal-error')
+        self._set_state('fatal-error', self._tracked_by)
 
     def _restart_delay(self, base: float) -> float:
         """Seconds before the restart after the last attempt, ``base``
@@ -10103,8 +10130,11 @@ class Manager(Emitter):
         self._in_turn: 'collections.deque[Tuple[int, Downloader]]' = collections.deque()
         self._queue: List[Tuple[int, Downloader]] = []
         self._queued: Set[Downloader] = set()         # in _in_turn or _queue
-        self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
-        self._stopped_at: Dict[Downloader, float] = {}
+        # not complete or fatal (maybe), each with when it last stopped
+        # (error or pause) while the manager had it, or None: the time to
+        # count its restart from, which no other table holds (one pop a
+        # file fewer as it ends)
+        self._open: Dict[Downloader, Optional[float]] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
         # what each of its downloads holds of it, made once: not an object
         # (a tuple, a bound method) per download
@@ -10129,6 +10159,11 @@ class Manager(Emitter):
         self._started = False
         self._replan = False
         self._manifest = _Manifest(manifest) if manifest is not None else None
+        # what marks a download its plan starts (Downloader._planned_by):
+        # its notes, so that a download in it alone tells it nothing of a
+        # start it counted already; None with a manifest, which notes each
+        # download's first start (_Manifest.note)
+        self._plan_notes = self._joined[0] if self._manifest is None else None
 
     # -- properties ------------------------------------------------------------
 
@@ -10207,8 +10242,12 @@ class Manager(Emitter):
                 # one step
                 d._join_new(*self._joined)
                 with self._lock:
-                    self._downloads[d] = next(self._turns)
-                    self._track(d, d._state)
+                    self._downloads[d] = turn = next(self._turns)
+                    # (_track's, inline: a new download, paused, waits for
+                    # its turn, the newest, which keeps _in_turn in order)
+                    self._open[d] = None
+                    self._queued.add(d)
+                    self._in_turn.append((turn, d))
                     self._replan_now()
                 return d
         with self._lock:
@@ -10267,7 +10306,7 @@ class Manager(Emitter):
                 raise ValueError('{!r} was not added to this manager'.format(d))
             self._running.pop(d, None)
             self._open.pop(d, None)
-            self._stopped_at.pop(d, None)
+            d._planned_by = None
             if d in self._queued:
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
@@ -10354,21 +10393,23 @@ class Manager(Emitter):
             # under way, as the manager knows already: a start of its own
             # plan (which put it in _running before it started it; read
             # without the lock, as nothing but its removal takes it out
-            # while it runs, after which there is nothing to note). Of a
-            # 'download' after the start, the download tells nothing
+            # while it runs, after which there is nothing to note), told
+            # only to a manager with a manifest or to one of several
+            # managers (see Downloader._start). Of a 'download' after the
+            # start, the download tells nothing
             return
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
             if state in _FINISHED_STATES:  # (_track's, inline: once a file)
                 self._running.pop(d, None)
+                d._planned_by = None
                 self._open.pop(d, None)
-                self._stopped_at.pop(d, None)
             else:
                 self._track(d, state)
                 if state in _ACTIVE_STATES:
                     return  # a download getting under way frees no slot
-                self._stopped_at[d] = time.monotonic()  # (an error or a pause)
+                self._open[d] = time.monotonic()  # (an error or a pause: when it stopped)
             # a finished download started again (restart()) may fail: the
             # manager restarts it, with a new thread if its own ended
             self._replan_now()
@@ -10381,11 +10422,11 @@ class Manager(Emitter):
             self._open[d] = None
             return
         self._running.pop(d, None)
+        d._planned_by = None  # (counted running no longer)
         if state in _FINISHED_STATES:  # never started again: nothing to keep
             self._open.pop(d, None)
-            self._stopped_at.pop(d, None)
             return
-        self._open[d] = None
+        self._open[d] = None  # (no stop noted: _on_state_changed notes an error's, a pause's)
         if d not in self._queued:
             self._queued.add(d)
             entry = (self._downloads[d], d)
@@ -10466,7 +10507,7 @@ class Manager(Emitter):
             if state not in _RESTARTABLE_STATES:  # finished, or under way
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue
-            stopped_at = self._stopped_at.get(d)
+            stopped_at = self._open.get(d)
             if stopped_at is not None:  # (none for most: added, never stopped)
                 delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
                 if delay > 0:
@@ -10475,6 +10516,7 @@ class Manager(Emitter):
                     continue
             to_start.append(d)
             self._running[d] = turn
+            d._planned_by = self._plan_notes  # (see Downloader._start)
             free -= 1
         for turn, d in later:
             self._queued.add(d)

@@ -293,7 +293,7 @@ def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tm
     assert downloads[0].state == 'download'
     m.max_running = 0
     watcher.wait(all_in(downloads, 'complete'))
-    assert not m._stopped_at, 'a finished download is no longer timed for a restart'
+    assert not m._open, 'a finished download is no longer timed for a restart'
     for i in range(3):
         assert (tmp_path / 's{}'.format(i)).read_bytes() == DATA
     resumed = [r for r in server.requests if r.headers['Range']]
@@ -309,7 +309,7 @@ def test_failed_download_restarts_after_restart_wait(manager, server, tmp_path):
     watcher.wait(all_in([d], 'complete'))
     errors = [t for t, _, _, new in watcher.log if new == 'error']
     starts = [t for t, _, _, new in watcher.log if new == 'start']
-    assert len(errors) == 2 and len(starts) == 3 and not m._stopped_at
+    assert len(errors) == 2 and len(starts) == 3 and not m._open
     assert starts[1] - errors[0] >= 0.38 and starts[2] - errors[1] >= 0.38
     assert (tmp_path / 'flaky').read_bytes() == DATA
 
