@@ -975,7 +975,7 @@ class _Stopped(Exception):
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
     _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
     # what the registry holds for a signal: its one callback, or them all
-    _Registered = Union[Callable[..., object], _Callbacks]
+    _Registered = Union[Callable[..., object], '_Registrations']
 
 
 class Emitter:
@@ -990,7 +990,9 @@ class Emitter:
     # listened to, its callback itself while that is its only one and
     # takes no arguments of its own (most: a manager's thousands of
     # downloads, each listened to, keep one object each for it, the dict,
-    # which the collector visits), else a tuple of (func, args, kwargs). An
+    # which the collector visits), else a _Registrations, a tuple of
+    # (func, args, kwargs) called as one callback: emit() calls either
+    # alike, with no look at which it is (three a small file). An
     # object nobody listens to costs nothing, and reads the class's empty
     # one, which nobody writes to. listen() and unlisten() replace a value,
     # never change one, under _EMITTER_LOCK (one for every emitter: they
@@ -1016,7 +1018,8 @@ class Emitter:
             if registered is None and not args and not kwargs:
                 callbacks[signal] = func
             else:
-                callbacks[signal] = _registrations(registered) + ((func, args, kwargs),)
+                callbacks[signal] = _Registrations(
+                    signal, _registrations(registered) + ((func, args, kwargs),))
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -1030,7 +1033,7 @@ class Emitter:
             registered.remove((func, args, kwargs))  # (none in the class's registry)
             assert isinstance(callbacks, dict)
             if registered:
-                callbacks[signal] = tuple(registered)
+                callbacks[signal] = _Registrations(signal, registered)
             else:
                 del callbacks[signal]
 
@@ -1043,20 +1046,40 @@ class Emitter:
             if signal not in self.__signals__:
                 self._check_signal(signal)  # (raises)
             return
-        if not isinstance(registered, tuple):  # one callback, with no arguments of its own
-            try:
-                registered(*args)
-            except Exception:
-                _log.exception('callback %r for signal %r raised', registered, signal)
-            return
-        for func, listen_args, listen_kwargs in registered:
+        try:  # (one callback with no arguments of its own, or _Registrations)
+            registered(*args)
+        except Exception:
+            _log.exception('callback %r for signal %r raised', registered, signal)
+
+
+if TYPE_CHECKING:
+    _RegistrationsBase = _Callbacks
+else:
+    _RegistrationsBase = tuple  # (typing is not imported to run)
+
+
+class _Registrations(_RegistrationsBase):
+    """The registrations of ``signal`` when it has more than one, or one
+    with arguments of its own: ``(func, args, kwargs)`` tuples, called in
+    order by a call to it (see ``Emitter``); a callback that raises is
+    logged with its traceback and the others still run."""
+    signal: str
+
+    def __new__(cls, signal: str, registrations: Iterable[Tuple[
+            Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]) -> '_Registrations':
+        self = super().__new__(cls, registrations)
+        self.signal = signal
+        return self
+
+    def __call__(self, *args: Any) -> None:
+        for func, listen_args, listen_kwargs in self:
             try:
                 if listen_args or listen_kwargs:
                     func(*args, *listen_args, **listen_kwargs)
                 else:  # most: no tuple and dict to build for the call
                     func(*args)
             except Exception:
-                _log.exception('callback %r for signal %r raised', func, signal)
+                _log.exception('callback %r for signal %r raised', func, self.signal)
 
 
 _EMITTER_LOCK = threading.Lock()
@@ -1068,7 +1091,7 @@ def _registrations(registered: Optional[_Registered]) -> _Callbacks:
     what the registry holds for it (see ``Emitter``)."""
     if registered is None:
         return ()
-    if not isinstance(registered, tuple):
+    if not isinstance(registered, _Registrations):
         return ((registered, (), _NO_KWARGS),)
     return registered
 
@@ -8577,7 +8600,6 @@ class Downloader(Emitter):
         # the target: a Path or a file object; in ``_dir``, the text of its
         # path until ``path`` is first read (see ``_set_path_value``)
         self._path: _StoreTarget
-        self._store: Optional[_FileStore] = None  # see _local_store()
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
         self.verify_digest = verify_digest
@@ -8585,8 +8607,10 @@ class Downloader(Emitter):
 
     def _init_state(self, address: _Address) -> None:
         """What a download of ``address`` (its URL, checked) holds before
-        its first start, besides its options: for the constructor, and for
-        ``_another()``."""
+        its first start, besides its options and its target: for the
+        constructor, and for ``_another()``. What the target holds is read
+        at the first need (``_forget_local_state``'s, inline: a call fewer
+        a download)."""
         # guards the thread, the restart, the state (threading.RLock's own
         # lock, made without the Python call that picks it)
         self._lock = _thread.RLock()
@@ -8640,6 +8664,10 @@ class Downloader(Emitter):
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._digest_auth: Optional[_DigestAuth] = None  # see _keep_learnt()
+        self._first_attempt = True
+        self._store: Optional[_FileStore] = None  # see _local_store()
+        self._target_read = False
+        self._downloaded, self._size = 0, -1
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -9662,8 +9690,10 @@ class Downloader(Emitter):
         d._if_exists = self._if_exists  # (checked for the same kind of path)
         if path is not None and self._dir is not None:
             # the directory this one's ``path`` gave (a Path, ~ expanded):
-            # not made again from the same ``path``
-            d._set_dir(self._dir)
+            # not made again from the same ``path`` (_set_dir's, inline: no
+            # metalink; what the target holds, _init_state left unread)
+            d._dir = self._dir
+            d._path = _child_text(self._dir, _filename_from_url(address))
         else:  # (without a path, the current directory: now's)
             d._set_path_value(path, dir_path)
         d._verify_digest = self._verify_digest
