@@ -8334,10 +8334,53 @@ if TYPE_CHECKING:
                           Optional['_HostSlots']]
 
 
+class _Settings:
+    """The options of a download that its attempts and restarts read, each
+    checked (those of its requests are its ``_RequestSettings``). The
+    downloads a manager makes with ``Downloader._another`` share their
+    model's, as they share its ``_RequestSettings``: making one copies a
+    reference, not thirteen values. Once shared (``shared``, set by
+    ``_another`` and never cleared), a setter gives its download a copy of
+    its own before it changes a value (``Downloader._set_setting``), so the
+    change reaches that download alone; a download's own is changed in
+    place. Either under the download's ``_lock`` (or in its constructor);
+    read with no lock, a value at a time, by whoever reads an option."""
+    __slots__ = ('update_period', 'retries', 'connections', 'content_disposition', 'max_size',
+                 'min_speed', 'verify_digest', 'restart_wait_max', 'chunk_size', 'restart_wait',
+                 'checksum_file', 'checksum', 'if_exists', 'shared')
+
+    def __init__(self) -> None:
+        # (the constructor's defaults; it sets each one it is given)
+        self.update_period: float = 1
+        self.retries: Optional[int] = None
+        self.connections = 1
+        self.content_disposition = False
+        self.max_size: Optional[int] = None
+        self.min_speed: float = 0
+        self.verify_digest = True
+        self.restart_wait_max: Optional[float] = None
+        self.chunk_size = _DEFAULT_CHUNK_SIZE
+        self.restart_wait: float = -1
+        # a checksum file's ``(algorithm, url)``, or the checksum
+        self.checksum_file: Optional[Tuple[Optional[str], str]] = None
+        self.checksum: Optional[Tuple[str, str]] = None
+        self.if_exists = 'resume'
+        self.shared = False
+
+    def copy(self) -> '_Settings':
+        """An unshared copy."""
+        copied = _Settings.__new__(_Settings)
+        for name in _Settings.__slots__:
+            setattr(copied, name, getattr(self, name))
+        copied.shared = False
+        return copied
+
+
 class _Option(_Generic[_Value]):
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
-    naming the option). Its docstring says when a change takes effect."""
+    naming the option), kept in its ``_Settings``. Its docstring says when
+    a change takes effect."""
 
     def __init__(self, check: Callable[[str, Any], _Value], doc: str):
         self.check = check
@@ -8345,17 +8388,16 @@ class _Option(_Generic[_Value]):
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
-        self.attribute = '_' + name
 
     @overload
     def __get__(self, obj: None, owner: Optional[type] = None) -> _Option[_Value]: ...
     @overload
     def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
     def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
-        return self if obj is None else getattr(obj, self.attribute)
+        return self if obj is None else getattr(obj._settings, self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj, self.attribute, self.check(self.name, value))
+        obj._set_setting(self.name, self.check(self.name, value))
 
 
 class _RequestOption(_Option[_Value]):
@@ -8524,17 +8566,11 @@ class Downloader(Emitter):
         name, value, low=0, high=_MAX_SECONDS),
         'Longest wait before a restart, restarts in a row backing off up to it '
         '(``None``: 10 times the ``restart_wait`` in use); next restart.')
-    # where the options above keep their checked values (those of its
-    # requests in _requests)
+    # where the options above keep their checked values: those of its
+    # requests in _requests, the others (and chunk_size, restart_wait,
+    # if_exists and the checksum) in _settings
     _requests: _RequestSettings
-    _update_period: float
-    _retries: Optional[int]
-    _connections: int
-    _content_disposition: bool
-    _max_size: Optional[int]
-    _min_speed: float
-    _verify_digest: bool
-    _restart_wait_max: Optional[float]
+    _settings: _Settings
     # slots, not a dict per downloader (a manager may hold thousands); what
     # only a started download needs (its store, token bucket and Digest
     # state) is made at the first need, see "made at the first need" below
@@ -8545,11 +8581,8 @@ class Downloader(Emitter):
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
         '_fetching', '_tracked_by', '_terms', '_planned_by', '_run_options',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
-        '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
-        '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
-        '_checksum', '_cookies', '_digest_auth',
-        '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
-        '_restart_wait_max', '_first_attempt', '_store', '_target_read')
+        '_rate_limit', '_requests', '_settings', '_mirrors', '_cookies', '_digest_auth',
+        '_dir', '_path', '_first_attempt', '_store', '_target_read')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -8577,6 +8610,7 @@ class Downloader(Emitter):
                 checksum = '{}:{}'.format(*self._metalink.checksum)
         assert url is not None  # else _metalink_entry raised TypeError
         self._init_state(_check_url(url))
+        self._settings = _Settings()
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         timeout = Downloader.timeout.check('timeout', timeout)
@@ -8587,15 +8621,15 @@ class Downloader(Emitter):
         self.mirrors = mirrors
         self.retries = retries
         self.content_disposition = content_disposition
-        self._checksum_file = _parse_checksum_file_option(checksum)
-        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
+        settings = self._settings  # (its own: changed in place)
+        settings.checksum_file = _parse_checksum_file_option(checksum)
+        settings.checksum = None if settings.checksum_file else _parse_checksum(checksum)
         self._requests = _RequestSettings(_check_headers(headers), _check_auth(auth),
                                           _as_proxy('proxy', proxy),
                                           _as_ssl_context('ssl_context', ssl_context), timeout)
         self._cookies = jar if jar.jar is not None else None  # see _keep_learnt()
         self.max_size = max_size
         self.min_speed = min_speed
-        self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
         # the target: a Path or a file object; in ``_dir``, the text of its
         # path until ``path`` is first read (see ``_set_path_value``)
@@ -8681,7 +8715,7 @@ class Downloader(Emitter):
         if hasattr(path, 'write') and not isinstance(path, (str, os.PathLike)):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
-            _check_if_exists(self._if_exists, path)
+            _check_if_exists(self._settings.if_exists, path)
             self._dir, self._path = None, path
         else:
             path = _as_path(path)
@@ -8734,12 +8768,13 @@ class Downloader(Emitter):
     def if_exists(self) -> str:
         """What a start does with an existing file: ``'resume'``, ``'skip'``,
         ``'update'``, ``'rename'`` or ``'overwrite'``; next start."""
-        return self._if_exists
+        return self._settings.if_exists
 
     @if_exists.setter
     def if_exists(self, value: str) -> None:
         path = self._path  # (text: a path in _dir)
-        self._if_exists = _check_if_exists(value, path if type(path) is not str else self._dir)
+        self._set_setting('if_exists', _check_if_exists(
+            value, path if type(path) is not str else self._dir))
 
     @property
     def mirrors(self) -> Tuple[str, ...]:
@@ -8777,6 +8812,16 @@ class Downloader(Emitter):
             self._set_path_value(value, False)
         self.emit('path-changed', self)
 
+    def _set_setting(self, name: str, value: Any) -> None:
+        """Set the option ``name`` (checked) in the download's own
+        ``_Settings``: a copy of them first if they are shared (see
+        ``_Settings``). Any thread; takes ``_lock``."""
+        with self._lock:
+            settings = self._settings
+            if settings.shared:
+                settings = self._settings = settings.copy()
+            setattr(settings, name, value)
+
     def _ensure_not_running(self, what: str) -> None:
         if self.is_alive and not self._attempt_over:
             raise RuntimeError('cannot change {} while the download is running'.format(what))
@@ -8784,11 +8829,11 @@ class Downloader(Emitter):
     @property
     def chunk_size(self) -> int:
         """Most bytes per network read and file write; next start."""
-        return self._chunk_size
+        return self._settings.chunk_size
 
     @chunk_size.setter
     def chunk_size(self, value: int) -> None:
-        self._chunk_size = _check_int('chunk_size', value, 1)
+        self._set_setting('chunk_size', _check_int('chunk_size', value, 1))
 
     @property
     def rate_limit(self) -> float:
@@ -8816,11 +8861,11 @@ class Downloader(Emitter):
     def restart_wait(self) -> float:
         """Seconds before an automatic restart after ``error``; negative:
         never. Setting it while a restart is scheduled reschedules it."""
-        return self._restart_wait
+        return self._settings.restart_wait
 
     @restart_wait.setter
     def restart_wait(self, value: float) -> None:
-        self._restart_wait = _check_number('restart_wait', value)
+        self._set_setting('restart_wait', _check_number('restart_wait', value))
         if self.is_restarting:
             if value >= 0:
                 self.restart(value)
@@ -9087,7 +9132,7 @@ class Downloader(Emitter):
         """Install the restart timer. An ``automatic`` one (after an error)
         is not installed once a stop is under way or a restart is already
         scheduled (by a callback), decided in the same locked step."""
-        wait = self._restart_wait if wait is None else _check_number('wait', wait)
+        wait = self._settings.restart_wait if wait is None else _check_number('wait', wait)
         wait = min(max(0.0, wait), threading.TIMEOUT_MAX)
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
@@ -9397,8 +9442,9 @@ class Downloader(Emitter):
                 self._set_size(size)
             self.emit('speed-changed', self)
             self._set_state(final, self._tracked_by)
-            if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
-                self._schedule_restart(self._restart_delay(self._restart_wait),
+            if final == 'error' and self._restarted_by is None and \
+                    self._settings.restart_wait >= 0:
+                self._schedule_restart(self._restart_delay(self._settings.restart_wait),
                                        automatic=True)
         finally:
             with self._lock:  # (once: whoever it wakes sees the run done and dropped)
@@ -9438,7 +9484,8 @@ class Downloader(Emitter):
         store, conditions, replaces = self._prepare_target(run)
         if store is None:  # 'skip': the file is taken as it is
             return None
-        checksum = self._checksum if self._checksum_file is None else \
+        settings = self._settings
+        checksum = settings.checksum if settings.checksum_file is None else \
             (yield from self._checksum_from_file_steps(options))
         store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
@@ -9452,17 +9499,17 @@ class Downloader(Emitter):
             store,                                                  # store
             [self._address, *self._mirrors],                        # addresses
             options,                                                # options
-            self._connections if store.is_path else 1,              # connections
-            self._chunk_size,                                       # chunk_size
+            settings.connections if store.is_path else 1,           # connections
+            settings.chunk_size,                                    # chunk_size
             self._buckets(),                                        # buckets
             checksum,                                               # checksum
-            self._max_size,                                         # max_size
-            self._min_speed,                                        # min_speed
-            self._dir if self._content_disposition else None,       # rename_in
+            settings.max_size,                                      # max_size
+            settings.min_speed,                                     # min_speed
+            self._dir if settings.content_disposition else None,    # rename_in
             store.is_path and                                       # gzip_name
             str(self._path).lower().endswith(('.gz', '.tgz')),      # (is_path: no ABC's check)
             conditions,                                             # conditions
-            self._verify_digest,                                    # verify_digest
+            settings.verify_digest,                                 # verify_digest
             metalink.size if metalink is not None else None,        # expected_size
             metalink.pieces if metalink is not None else None)      # piece_hashes
         # published with no lock (a section fewer per small file): a stop
@@ -9479,7 +9526,7 @@ class Downloader(Emitter):
             with self._lock:
                 if self._bucket is None:
                     self._limit_transfer(transfer)
-        period = self._update_period
+        period = settings.update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
         due = min(tick_at, began + _TEND_PERIOD)
@@ -9542,8 +9589,8 @@ class Downloader(Emitter):
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
         by the name in its URL, else the name of its path. The run's
         steps."""
-        assert self._checksum_file is not None  # a checksum file was given
-        algorithm, url = self._checksum_file
+        assert self._settings.checksum_file is not None  # a checksum file was given
+        algorithm, url = self._settings.checksum_file
         cancel = _Cancel()
         with self._lock:
             if self._stopping:
@@ -9579,7 +9626,7 @@ class Downloader(Emitter):
         else:
             store.load()  # the file may have changed since it was read
         first, self._first_attempt = self._first_attempt, False
-        mode = self._if_exists
+        mode = self._settings.if_exists
         if mode == 'overwrite' and first:
             store.restart_from_zero()
         if mode in ('resume', 'overwrite') or not store.is_path:
@@ -9673,21 +9720,14 @@ class Downloader(Emitter):
         d._init_state(address)
         d._rate_limit = self._rate_limit
         d._requests = self._requests  # (read-only: a setter replaces a download's own)
-        d._update_period = self._update_period
-        d._chunk_size = self._chunk_size
-        d._restart_wait = self._restart_wait
-        d._connections = self._connections
+        # shared, as the requests' are: a setter copies them first (their
+        # if_exists was checked for the same kind of path)
+        settings = d._settings = self._settings
+        settings.shared = True
         d._mirrors = ()
-        d._retries = self._retries
-        d._content_disposition = self._content_disposition
-        d._checksum_file = self._checksum_file
-        d._checksum = self._checksum
         # the caller's jar is shared, as the constructor shares it; without
         # one (None), each download makes its own cookies (_keep_learnt)
         d._cookies = self._cookies
-        d._max_size = self._max_size
-        d._min_speed = self._min_speed
-        d._if_exists = self._if_exists  # (checked for the same kind of path)
         if path is not None and self._dir is not None:
             # the directory this one's ``path`` gave (a Path, ~ expanded):
             # not made again from the same ``path`` (_set_dir's, inline: no
@@ -9696,8 +9736,6 @@ class Downloader(Emitter):
             d._path = _child_text(self._dir, _filename_from_url(address))
         else:  # (without a path, the current directory: now's)
             d._set_path_value(path, dir_path)
-        d._verify_digest = self._verify_digest
-        d._restart_wait_max = self._restart_wait_max
         return d
 
     def _join_manager(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
@@ -9836,7 +9874,7 @@ class Downloader(Emitter):
         base = max(0.0, base)
         if self._retry_after is not None:
             return max(base, self._retry_after)
-        return _backed_off(base, self._restart_wait_max, self._restart_streak,
+        return _backed_off(base, self._settings.restart_wait_max, self._restart_streak,
                            self._restart_draw)
 
     def _watch(self, watcher: Callable[[], None]) -> None:

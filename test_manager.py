@@ -121,6 +121,11 @@ def request_settings(settings):
             settings.ssl_context, settings.timeout)
 
 
+def settings(held):
+    """A downloader's other options, as one value."""
+    return tuple(getattr(held, name) for name in bitpit._Settings.__slots__ if name != 'shared')
+
+
 def test_add_url_makes_what_the_constructor_makes(tmp_path):
     kwargs = dict(EVERY_OPTION, path=tmp_path, dir_path=True)
     m = bitpit.Manager(**kwargs)
@@ -132,6 +137,9 @@ def test_add_url_makes_what_the_constructor_makes(tmp_path):
         if name == '_requests':  # the model's, shared (read-only); alike
             assert ours[0] is ours[1]
             assert {request_settings(s) for s in ours + theirs} == {request_settings(ours[0])}
+        elif name == '_settings':  # the model's, shared (copied when set); alike
+            assert ours[0] is ours[1] and ours[0].shared
+            assert {settings(s) for s in ours + theirs} == {settings(ours[0])}
         elif is_value(theirs[0]):
             assert ours == theirs, name
         else:  # an object of each download's own, or one they share
@@ -184,6 +192,22 @@ def test_a_setter_on_a_download_added_by_url_changes_that_download_only(server, 
         d.join(5)
     assert [server.requests_for('/s{}'.format(i))[0].headers['X-Test']
             for i in range(3)] == ['own', 'kw', 'kw']
+
+
+def test_an_option_set_on_a_download_added_by_url_changes_that_download_only(tmp_path):
+    """The downloads that add(url) makes share their other options too,
+    made once from the kwargs: a setter gives its download options of its
+    own."""
+    m = bitpit.Manager(path=tmp_path, dir_path=True, retries=2, chunk_size=4096)
+    first, second = m.add('http://127.0.0.1:1/a'), m.add('http://127.0.0.1:1/b')
+    first.retries = 5
+    first.if_exists = 'skip'
+    second.chunk_size = 1000
+    second.restart_wait = 3
+    third = m.add('http://127.0.0.1:1/c')
+    assert [(d.retries, d.chunk_size, d.restart_wait, d.if_exists)
+            for d in (first, second, third)] == \
+        [(5, 4096, -1, 'skip'), (2, 1000, 3, 'resume'), (2, 4096, -1, 'resume')]
 
 
 def test_two_setters_at_once_each_keep_the_others_change(monkeypatch):
