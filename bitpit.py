@@ -9481,10 +9481,28 @@ class Downloader(Emitter):
         stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
         it takes for the attempt's end."""
         self._digest = None
-        store, conditions, replaces = self._prepare_target(run)
-        if store is None:  # 'skip': the file is taken as it is
-            return None
+        store = self._store
+        if store is None:
+            store = self._local_store()  # read just now
+        else:
+            store.load()  # the file may have changed since it was read
+        # what if_exists makes of it: 'rename' and 'overwrite' act on the
+        # first attempt of this downloader (or of its new ``path`` or
+        # ``url``) only; the attempts after it, restarts and new starts,
+        # resume what it began
+        first, self._first_attempt = self._first_attempt, False
         settings = self._settings
+        mode = settings.if_exists
+        if mode == 'overwrite' and first:
+            store.restart_from_zero()
+        conditions: Optional[Dict[str, str]] = None
+        replaces: Optional[pathlib.Path] = None
+        if mode not in ('resume', 'overwrite') and store.is_path:  # (a look of one's own:
+            # most resume, and make no call)
+            found, conditions, replaces = self._prepare_target(run, store, mode, first)
+            if found is None:  # 'skip': the file is taken as it is
+                return None
+            store = found
         checksum = settings.checksum if settings.checksum_file is None else \
             (yield from self._checksum_from_file_steps(options))
         store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
@@ -9609,28 +9627,17 @@ class Downloader(Emitter):
             names.append(path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
-    def _prepare_target(self, run: _Run
+    def _prepare_target(self, run: _Run, store: _FileStore, mode: str, first: bool
                         ) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
                                    Optional[pathlib.Path]]:
-        """What ``if_exists`` makes of an existing target before an attempt:
-        ``(store, conditions, replaces)``, the store to download into, the
-        conditions of the first request and the file a complete download
-        replaces (for ``'update'``); store ``None`` for a file taken as it
-        is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
-        attempt of this downloader (or of its new ``path`` or ``url``) only:
-        the attempts after it, restarts and new starts, resume what it
-        began. What it tells the callbacks, it posts to ``run``. The run's steps."""
-        store = self._store
-        if store is None:
-            store = self._local_store()  # read just now
-        else:
-            store.load()  # the file may have changed since it was read
-        first, self._first_attempt = self._first_attempt, False
-        mode = self._settings.if_exists
-        if mode == 'overwrite' and first:
-            store.restart_from_zero()
-        if mode in ('resume', 'overwrite') or not store.is_path:
-            return store, None, None
+        """What ``if_exists`` ``mode`` (``'skip'``, ``'update'`` or
+        ``'rename'``) makes of the target that ``store`` (of a path, just
+        loaded) holds before an attempt, the ``first`` of this downloader
+        for it: ``(store, conditions, replaces)``, the store to download
+        into, the conditions of the first request and the file a complete
+        download replaces (for ``'update'``); store ``None`` for a file
+        taken as it is (``'skip'``). What it tells the callbacks, it posts
+        to ``run``. The run's steps."""
         target = store.target
         if type(target) is str:  # (a path in the directory: its Path is made now)
             import pathlib
