@@ -8328,6 +8328,15 @@ def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> 
 
 
 if TYPE_CHECKING:
+    # what the attempts of a download that failed in a row leave: how many
+    # failed, the restarts in a row after attempts with no byte, where the
+    # wait of the next falls between its bounds (a draw in [0, 1)), and the
+    # server's Retry-After (see Downloader._count_restart)
+    _Failing = Tuple[int, int, float, Optional[float]]
+_NOT_FAILING: '_Failing' = (0, 0, 0.0, None)  # (after an attempt that completed)
+
+
+if TYPE_CHECKING:
     # what a manager gives a download it takes over: who restarts it, its
     # token buckets, its host slots (see Downloader._join_manager)
     _ManagerTerms = Tuple[Optional[Callable[[], bool]], Tuple['_TokenBucket', ...],
@@ -8576,8 +8585,8 @@ class Downloader(Emitter):
     # state) is made at the first need, see "made at the first need" below
     __slots__ = (
         '_metalink', '_lock', '_changed', '_url', '_address', '_state', '_size', '_downloaded',
-        '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
-        '_retry_after', '_restart_streak', '_restart_draw', '_thread',
+        '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failing',
+        '_thread',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
         '_fetching', '_tracked_by', '_terms', '_planned_by', '_run_options',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
@@ -8657,10 +8666,8 @@ class Downloader(Emitter):
         self._received = 0
         self._speed: float = 0
         self._last_exception: Optional[BaseException] = None
-        self._failures = 0
-        self._retry_after: Optional[float] = None
-        self._restart_streak = 0             # restarts in a row after attempts with no byte
-        self._restart_draw = 0.0             # where its wait falls between the bounds
+        # what the attempts that failed in a row leave (see _count_restart)
+        self._failing: _Failing = _NOT_FAILING
         # the run under way (an attempt and its signals), until its last
         # call ends it: a run has work left while it is here
         self._thread: Optional[_Run] = None
@@ -9389,7 +9396,7 @@ class Downloader(Emitter):
         ends the run."""
         best_before = self._best_held
         received_before = self._received
-        retry_after = None
+        retry_after = failures = None  # (an error's: see _count_restart)
         final = 'pause'
         size = None
         # what the transfer told last, given with the run's end: one call
@@ -9398,7 +9405,7 @@ class Downloader(Emitter):
         try:
             _SIGNALS.post(run, self._set_state, 'start', notes)
             size = yield from self._attempt_steps(run, options, last_events)
-            final, self._failures = 'complete', 0
+            final = 'complete'
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
@@ -9410,10 +9417,10 @@ class Downloader(Emitter):
                 self._last_exception = error
                 # ``retries`` counts failures in a row: progress (more bytes
                 # held than ever before) breaks the row
-                self._failures = 1 if self._best_held > best_before else self._failures + 1
+                failures = 1 if self._best_held > best_before else self._failing[0] + 1
                 final = 'error' if error.retryable else 'fatal-error'
                 if final == 'error' and self.retries is not None \
-                        and self._failures > self.retries:
+                        and failures > self.retries:
                     final = 'fatal-error'
                 retry_after = getattr(error, 'retry_after', None)
                 _log.info('%s: %s', self._url, error)
@@ -9426,8 +9433,11 @@ class Downloader(Emitter):
                     self._speed = 0
                     if final in _FINISHED_STATES:
                         self._let_go()
-                self._retry_after = retry_after
-                self._count_restart(final == 'error', self._received > received_before)
+                if final == 'complete':  # (most: no failure in a row, no restart to count)
+                    self._failing = _NOT_FAILING
+                else:
+                    self._count_restart(final == 'error', failures, retry_after,
+                                        self._received > received_before)
             finally:  # (a bug above is said by _run_ended: the run still ends)
                 _SIGNALS.post(run, self._end_run, run, final, size, last_events)
 
@@ -9454,18 +9464,26 @@ class Downloader(Emitter):
                 if self._changed is not None:  # (_notify_changed, inline)
                     self._changed.notify_all()
 
-    def _count_restart(self, failed: bool, received: bool) -> None:
-        """Count the restart an attempt's end calls for and draw its wait:
-        the ``n``-th in a row after failed attempts, ``n`` counted from 1
-        again after an attempt that received bytes, and from 0 after one
-        that completed or was paused (whose wait is the base one: no draw
-        to make, as ``_backed_off`` takes none below the second in a row).
-        The run's steps."""
+    def _count_restart(self, failed: bool, failures: Optional[int],
+                       retry_after: Optional[float], received: bool) -> None:
+        """Count, in ``_failing``, what an attempt that did not complete
+        leaves: the attempts that failed in a row (``failures``, of an
+        error or a fatal one; a pause, ``None``, keeps the count), and the
+        restart its end calls for (``failed``: an error) with its wait
+        drawn: the ``n``-th in a row after failed attempts, ``n`` counted
+        from 1 again after an attempt that ``received`` bytes, and from 0
+        after one that completed (``_NOT_FAILING``, set by the run's
+        steps), was paused or was fatal (whose wait is the base one: no
+        draw to make, as ``_backed_off`` takes none below the second in a
+        row); and the server's ``retry_after``. The run's steps."""
+        count, streak = self._failing[0], self._failing[1]
+        if failures is None:
+            failures = count
         if not failed:
-            self._restart_streak = 0
+            self._failing = (failures, 0, 0.0, retry_after)
             return
-        self._restart_streak = 1 if received else self._restart_streak + 1
-        self._restart_draw = _RESTART_RANDOM.random()
+        self._failing = (failures, 1 if received else streak + 1, _RESTART_RANDOM.random(),
+                         retry_after)
 
     def _attempt_steps(self, run: _Run, options: _RequestOptions,
                        last_events: List[Tuple[str, Any]]) -> '_Steps[Optional[int]]':
@@ -9879,10 +9897,10 @@ class Downloader(Emitter):
         manager's): the wait drawn for it, or the server's ``Retry-After``
         (never less than ``base``). Any thread."""
         base = max(0.0, base)
-        if self._retry_after is not None:
-            return max(base, self._retry_after)
-        return _backed_off(base, self._settings.restart_wait_max, self._restart_streak,
-                           self._restart_draw)
+        _, streak, draw, retry_after = self._failing  # (replaced whole: one read)
+        if retry_after is not None:
+            return max(base, retry_after)
+        return _backed_off(base, self._settings.restart_wait_max, streak, draw)
 
     def _watch(self, watcher: Callable[[], None]) -> None:
         """Call ``watcher()`` at every change that may settle the download,
