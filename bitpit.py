@@ -8671,7 +8671,11 @@ class Downloader(Emitter):
         # the run under way (an attempt and its signals), until its last
         # call ends it: a run has work left while it is here
         self._thread: Optional[_Run] = None
-        self._attempt_over = False
+        # what only a run tells, each set by _start before it sets _thread
+        # (and read only once a run was there): the attempt is over, its
+        # last signals to come (_attempt_over); the run was told to stop
+        # (_stopping, under _lock). A download that waits its turn has
+        # neither (two stores a download fewer)
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
@@ -8692,7 +8696,6 @@ class Downloader(Emitter):
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
         self._digest: Optional[Tuple[str, str]] = None
-        self._stopping = False               # the thread was told to stop; under _lock
         self._transfer: Optional[_Transfer] = None
         # the request options of the run under way (see _keep_learnt); under _lock
         self._run_options: Optional[_RequestOptions] = None
@@ -9705,13 +9708,13 @@ class Downloader(Emitter):
     def _take_events(self, events: List[Tuple[str, Any]]) -> None:
         """Set what the transfer's ``events`` tell, and signal it, in their
         order. The run's worker."""
-        for kind, value in events:
+        for kind, value in events:  # (in the order a file has them most)
             if kind == 'size':
                 self._set_size(value)
-            elif kind == 'path':
-                self._set_path(value)
             elif kind == 'download':
                 self._set_state('download', ())  # (see _set_state)
+            elif kind == 'path':
+                self._set_path(value)
             elif kind == 'restart':
                 self._set_size(-1)
 

@@ -107,8 +107,9 @@ EVERY_OPTION = dict(
 
 
 def held(d):
-    """Every slot of a downloader: what it holds."""
-    return {name: getattr(d, name) for name in bitpit.Downloader.__slots__}
+    """Every slot of a downloader: what it holds (None: nothing yet, a slot
+    that only its first start sets)."""
+    return {name: getattr(d, name, None) for name in bitpit.Downloader.__slots__}
 
 
 def is_value(value):
