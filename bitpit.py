@@ -8580,6 +8580,9 @@ class Downloader(Emitter):
     # if_exists and the checksum) in _settings
     _requests: _RequestSettings
     _settings: _Settings
+    # what only a run tells, set by its start (see _init_state)
+    _attempt_over: bool
+    _stopping: bool
     # slots, not a dict per downloader (a manager may hold thousands); what
     # only a started download needs (its store, token bucket and Digest
     # state) is made at the first need, see "made at the first need" below
