@@ -804,3 +804,35 @@ def test_a_download_its_caller_starts_counts_as_running_as_it_starts(
     m.start()
     assert queued.wait(10)
     assert [r.path for r in server.requests] == ['/second', '/first']
+
+
+def test_a_start_of_the_managers_own_plan_is_not_told_back_to_it(manager, server, tmp_path):
+    """The manager counts a download its plan starts as running before it
+    starts it: the download's start is not told back to it (its end is),
+    and the mark that says so goes once it counts it running no longer.
+    A download in a second manager tells both; a caller's start is told."""
+    urls = [server.add('/o{}'.format(i), DATA[:1000]) for i in range(3)]
+    m = manager(max_running=1, path=tmp_path, dir_path=True)
+    other = manager(path=tmp_path, dir_path=True)
+    notes = []
+    for name, manager_ in (('m', m), ('other', other)):
+        def note(d, old, state, name=name, told=manager_._on_state_changed):
+            notes.append((name, d.url.rsplit('/', 1)[1], state))
+            told(d, old, state)
+        manager_._on_state_bound = note
+        manager_._joined = ((note,), manager_._joined[1])
+        manager_._plan_notes = manager_._joined[0]
+    own, shared, by_caller = (m.add(url) for url in urls)
+    other.add(shared)  # (which restarts it now, and is not started: wait() would not wait)
+    ended = threading.Event()
+    shared.listen('state-changed', lambda d, old: d.state == 'complete' and ended.set())
+    by_caller.start()
+    assert by_caller.wait(10)
+    m.start()
+    assert own.wait(10) and ended.wait(10)
+    assert [n for n in notes if n[1] == 'o0'] == [('m', 'o0', 'complete')]
+    assert [n for n in notes if n[1] == 'o1'] == [
+        ('m', 'o1', 'start'), ('other', 'o1', 'start'),
+        ('m', 'o1', 'complete'), ('other', 'o1', 'complete')]
+    assert [n for n in notes if n[1] == 'o2'] == [('m', 'o2', 'start'), ('m', 'o2', 'complete')]
+    assert all(d._planned_by is None for d in (own, shared, by_caller))
