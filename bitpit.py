@@ -8352,8 +8352,8 @@ class _Settings:
     ``_another`` and never cleared), a setter gives its download a copy of
     its own before it changes a value (``Downloader._set_setting``), so the
     change reaches that download alone; a download's own is changed in
-    place. Either under the download's ``_lock`` (or in its constructor);
-    read with no lock, a value at a time, by whoever reads an option."""
+    place. Copied under the download's ``_lock``; set and read with no
+    lock, a value at a time, by whoever sets or reads an option."""
     __slots__ = ('update_period', 'retries', 'connections', 'content_disposition', 'max_size',
                  'min_speed', 'verify_digest', 'restart_wait_max', 'chunk_size', 'restart_wait',
                  'checksum_file', 'checksum', 'if_exists', 'shared')
@@ -8827,13 +8827,20 @@ class Downloader(Emitter):
 
     def _set_setting(self, name: str, value: Any) -> None:
         """Set the option ``name`` (checked) in the download's own
-        ``_Settings``: a copy of them first if they are shared (see
-        ``_Settings``). Any thread; takes ``_lock``."""
-        with self._lock:
-            settings = self._settings
-            if settings.shared:
-                settings = self._settings = settings.copy()
-            setattr(settings, name, value)
+        ``_Settings``: a copy of them first, under ``_lock``, if they are
+        shared (see ``_Settings``). Its own are set with no lock, as an
+        option was when it was an attribute of the download (the
+        constructor sets a dozen): a setter that finds them shared copies
+        them only if no other setter did meanwhile (``shared`` is never
+        cleared, so any setter that read the shared ones takes the lock).
+        Any thread."""
+        settings = self._settings
+        if settings.shared:
+            with self._lock:
+                settings = self._settings
+                if settings.shared:
+                    settings = self._settings = settings.copy()
+        setattr(settings, name, value)
 
     def _ensure_not_running(self, what: str) -> None:
         if self.is_alive and not self._attempt_over:
