@@ -977,7 +977,7 @@ class _Stopped(Exception):
 if TYPE_CHECKING:  # a signal's registrations: (func, args, kwargs)
     _Callbacks = Tuple[Tuple[Callable[..., object], Tuple[Any, ...], Dict[str, Any]], ...]
     # what the registry holds for a signal: its one callback, or them all
-    _Registered = Union[Callable[..., object], _Callbacks]
+    _Registered = Union[Callable[..., object], '_Registrations']
 
 
 class Emitter:
@@ -992,7 +992,9 @@ class Emitter:
     # listened to, its callback itself while that is its only one and
     # takes no arguments of its own (most: a manager's thousands of
     # downloads, each listened to, keep one object each for it, the dict,
-    # which the collector visits), else a tuple of (func, args, kwargs). An
+    # which the collector visits), else a _Registrations, a tuple of
+    # (func, args, kwargs) called as one callback: emit() calls either
+    # alike, with no look at which it is (three a small file). An
     # object nobody listens to costs nothing, and reads the class's empty
     # one, which nobody writes to. listen() and unlisten() replace a value,
     # never change one, under _EMITTER_LOCK (one for every emitter: they
@@ -1018,7 +1020,8 @@ class Emitter:
             if registered is None and not args and not kwargs:
                 callbacks[signal] = func
             else:
-                callbacks[signal] = _registrations(registered) + ((func, args, kwargs),)
+                callbacks[signal] = _Registrations(
+                    signal, _registrations(registered) + ((func, args, kwargs),))
 
     def unlisten(self, signal: str, func: Callable[..., object], *args: Any,
                  **kwargs: Any) -> None:
@@ -1032,7 +1035,7 @@ class Emitter:
             registered.remove((func, args, kwargs))  # (none in the class's registry)
             assert isinstance(callbacks, dict)
             if registered:
-                callbacks[signal] = tuple(registered)
+                callbacks[signal] = _Registrations(signal, registered)
             else:
                 del callbacks[signal]
 
@@ -1045,20 +1048,40 @@ class Emitter:
             if signal not in self.__signals__:
                 self._check_signal(signal)  # (raises)
             return
-        if not isinstance(registered, tuple):  # one callback, with no arguments of its own
-            try:
-                registered(*args)
-            except Exception:
-                _log.exception('callback %r for signal %r raised', registered, signal)
-            return
-        for func, listen_args, listen_kwargs in registered:
+        try:  # (one callback with no arguments of its own, or _Registrations)
+            registered(*args)
+        except Exception:
+            _log.exception('callback %r for signal %r raised', registered, signal)
+
+
+if TYPE_CHECKING:
+    _RegistrationsBase = _Callbacks
+else:
+    _RegistrationsBase = tuple  # (typing is not imported to run)
+
+
+class _Registrations(_RegistrationsBase):
+    """The registrations of ``signal`` when it has more than one, or one
+    with arguments of its own: ``(func, args, kwargs)`` tuples, called in
+    order by a call to it (see ``Emitter``); a callback that raises is
+    logged with its traceback and the others still run."""
+    signal: str
+
+    def __new__(cls, signal: str, registrations: Iterable[Tuple[
+            Callable[..., object], Tuple[Any, ...], Dict[str, Any]]]) -> '_Registrations':
+        self = super().__new__(cls, registrations)
+        self.signal = signal
+        return self
+
+    def __call__(self, *args: Any) -> None:
+        for func, listen_args, listen_kwargs in self:
             try:
                 if listen_args or listen_kwargs:
                     func(*args, *listen_args, **listen_kwargs)
                 else:  # most: no tuple and dict to build for the call
                     func(*args)
             except Exception:
-                _log.exception('callback %r for signal %r raised', func, signal)
+                _log.exception('callback %r for signal %r raised', func, self.signal)
 
 
 _EMITTER_LOCK = threading.Lock()
@@ -1070,7 +1093,7 @@ def _registrations(registered: Optional[_Registered]) -> _Callbacks:
     what the registry holds for it (see ``Emitter``)."""
     if registered is None:
         return ()
-    if not isinstance(registered, tuple):
+    if not isinstance(registered, _Registrations):
         return ((registered, (), _NO_KWARGS),)
     return registered
 
@@ -8332,16 +8355,68 @@ def _backed_off(base: float, cap: Optional[float], streak: int, draw: float) -> 
 
 
 if TYPE_CHECKING:
+    # what the attempts of a download that failed in a row leave: how many
+    # failed, the restarts in a row after attempts with no byte, where the
+    # wait of the next falls between its bounds (a draw in [0, 1)), and the
+    # server's Retry-After (see Downloader._count_restart)
+    _Failing = Tuple[int, int, float, Optional[float]]
+_NOT_FAILING: '_Failing' = (0, 0, 0.0, None)  # (after an attempt that completed)
+
+
+if TYPE_CHECKING:
     # what a manager gives a download it takes over: who restarts it, its
     # token buckets, its host slots (see Downloader._join_manager)
     _ManagerTerms = Tuple[Optional[Callable[[], bool]], Tuple['_TokenBucket', ...],
                           Optional['_HostSlots']]
 
 
+class _Settings:
+    """The options of a download that its attempts and restarts read, each
+    checked (those of its requests are its ``_RequestSettings``). The
+    downloads a manager makes with ``Downloader._another`` share their
+    model's, as they share its ``_RequestSettings``: making one copies a
+    reference, not thirteen values. Once shared (``shared``, set by
+    ``_another`` and never cleared), a setter gives its download a copy of
+    its own before it changes a value (``Downloader._set_setting``), so the
+    change reaches that download alone; a download's own is changed in
+    place. Copied under the download's ``_lock``; set and read with no
+    lock, a value at a time, by whoever sets or reads an option."""
+    __slots__ = ('update_period', 'retries', 'connections', 'content_disposition', 'max_size',
+                 'min_speed', 'verify_digest', 'restart_wait_max', 'chunk_size', 'restart_wait',
+                 'checksum_file', 'checksum', 'if_exists', 'shared')
+
+    def __init__(self) -> None:
+        # (the constructor's defaults; it sets each one it is given)
+        self.update_period: float = 1
+        self.retries: Optional[int] = None
+        self.connections = 1
+        self.content_disposition = False
+        self.max_size: Optional[int] = None
+        self.min_speed: float = 0
+        self.verify_digest = True
+        self.restart_wait_max: Optional[float] = None
+        self.chunk_size = _DEFAULT_CHUNK_SIZE
+        self.restart_wait: float = -1
+        # a checksum file's ``(algorithm, url)``, or the checksum
+        self.checksum_file: Optional[Tuple[Optional[str], str]] = None
+        self.checksum: Optional[Tuple[str, str]] = None
+        self.if_exists = 'resume'
+        self.shared = False
+
+    def copy(self) -> '_Settings':
+        """An unshared copy."""
+        copied = _Settings.__new__(_Settings)
+        for name in _Settings.__slots__:
+            setattr(copied, name, getattr(self, name))
+        copied.shared = False
+        return copied
+
+
 class _Option(_Generic[_Value]):
     """A keyword option of ``Downloader``: a read/write property whose value
     ``check(name, value)`` accepts (or raises ``TypeError``/``ValueError``
-    naming the option). Its docstring says when a change takes effect."""
+    naming the option), kept in its ``_Settings``. Its docstring says when
+    a change takes effect."""
 
     def __init__(self, check: Callable[[str, Any], _Value], doc: str):
         self.check = check
@@ -8349,17 +8424,16 @@ class _Option(_Generic[_Value]):
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
-        self.attribute = '_' + name
 
     @overload
     def __get__(self, obj: None, owner: Optional[type] = None) -> _Option[_Value]: ...
     @overload
     def __get__(self, obj: object, owner: Optional[type] = None) -> _Value: ...
     def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
-        return self if obj is None else getattr(obj, self.attribute)
+        return self if obj is None else getattr(obj._settings, self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj, self.attribute, self.check(self.name, value))
+        obj._set_setting(self.name, self.check(self.name, value))
 
 
 class _RequestOption(_Option[_Value]):
@@ -8528,32 +8602,26 @@ class Downloader(Emitter):
         name, value, low=0, high=_MAX_SECONDS),
         'Longest wait before a restart, restarts in a row backing off up to it '
         '(``None``: 10 times the ``restart_wait`` in use); next restart.')
-    # where the options above keep their checked values (those of its
-    # requests in _requests)
+    # where the options above keep their checked values: those of its
+    # requests in _requests, the others (and chunk_size, restart_wait,
+    # if_exists and the checksum) in _settings
     _requests: _RequestSettings
-    _update_period: float
-    _retries: Optional[int]
-    _connections: int
-    _content_disposition: bool
-    _max_size: Optional[int]
-    _min_speed: float
-    _verify_digest: bool
-    _restart_wait_max: Optional[float]
+    _settings: _Settings
+    # what only a run tells, set by its start (see _init_state)
+    _attempt_over: bool
+    _stopping: bool
     # slots, not a dict per downloader (a manager may hold thousands); what
     # only a started download needs (its store, token bucket and Digest
     # state) is made at the first need, see "made at the first need" below
     __slots__ = (
         '_metalink', '_lock', '_changed', '_url', '_address', '_state', '_size', '_downloaded',
-        '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failures',
-        '_retry_after', '_restart_streak', '_restart_draw', '_thread', '_running',
+        '_resumed_from', '_best_held', '_received', '_speed', '_last_exception', '_failing',
+        '_thread',
         '_attempt_over', '_restarted_by', '_hash_with', '_digest', '_stopping', '_transfer',
-        '_fetching', '_tracked_by', '_terms', '_run_options',
+        '_fetching', '_tracked_by', '_terms', '_planned_by', '_run_options',
         '_restart_timer', '_restart_time', '_bucket', '_shared_buckets', '_host_slots',
-        '_rate_limit', '_requests', '_update_period', '_chunk_size', '_restart_wait',
-        '_connections', '_mirrors', '_retries', '_content_disposition', '_checksum_file',
-        '_checksum', '_cookies', '_digest_auth',
-        '_max_size', '_min_speed', '_if_exists', '_dir', '_path', '_verify_digest',
-        '_restart_wait_max', '_first_attempt', '_store', '_target_read')
+        '_rate_limit', '_requests', '_settings', '_mirrors', '_cookies', '_digest_auth',
+        '_dir', '_path', '_first_attempt', '_store', '_target_read')
 
     def __init__(self, url: Optional[str] = None, path: Optional[_PathLike] = None,
                  dir_path: bool = False,
@@ -8581,6 +8649,7 @@ class Downloader(Emitter):
                 checksum = '{}:{}'.format(*self._metalink.checksum)
         assert url is not None  # else _metalink_entry raised TypeError
         self._init_state(_check_url(url))
+        self._settings = _Settings()
         self._rate_limit = 0.0
         self.rate_limit = rate_limit
         timeout = Downloader.timeout.check('timeout', timeout)
@@ -8591,20 +8660,19 @@ class Downloader(Emitter):
         self.mirrors = mirrors
         self.retries = retries
         self.content_disposition = content_disposition
-        self._checksum_file = _parse_checksum_file_option(checksum)
-        self._checksum = None if self._checksum_file else _parse_checksum(checksum)
+        settings = self._settings  # (its own: changed in place)
+        settings.checksum_file = _parse_checksum_file_option(checksum)
+        settings.checksum = None if settings.checksum_file else _parse_checksum(checksum)
         self._requests = _RequestSettings(_check_headers(headers), _check_auth(auth),
                                           _as_proxy('proxy', proxy),
                                           _as_ssl_context('ssl_context', ssl_context), timeout)
         self._cookies = jar if jar.jar is not None else None  # see _keep_learnt()
         self.max_size = max_size
         self.min_speed = min_speed
-        self._if_exists = 'resume'
         self._dir: Optional[pathlib.Path] = None
         # the target: a Path or a file object; in ``_dir``, the text of its
         # path until ``path`` is first read (see ``_set_path_value``)
         self._path: _StoreTarget
-        self._store: Optional[_FileStore] = None  # see _local_store()
         self._set_path_value(path, dir_path)
         self.if_exists = if_exists
         self.verify_digest = verify_digest
@@ -8612,8 +8680,10 @@ class Downloader(Emitter):
 
     def _init_state(self, address: _Address) -> None:
         """What a download of ``address`` (its URL, checked) holds before
-        its first start, besides its options: for the constructor, and for
-        ``_another()``."""
+        its first start, besides its options and its target: for the
+        constructor, and for ``_another()``. What the target holds is read
+        at the first need (``_forget_local_state``'s, inline: a call fewer
+        a download)."""
         # guards the thread, the restart, the state (threading.RLock's own
         # lock, made without the Python call that picks it)
         self._lock = _thread.RLock()
@@ -8626,13 +8696,16 @@ class Downloader(Emitter):
         self._received = 0
         self._speed: float = 0
         self._last_exception: Optional[BaseException] = None
-        self._failures = 0
-        self._retry_after: Optional[float] = None
-        self._restart_streak = 0             # restarts in a row after attempts with no byte
-        self._restart_draw = 0.0             # where its wait falls between the bounds
-        self._thread: Optional[_Run] = None  # the run under way (an attempt and its signals)
-        self._running = False                # a run has work left
-        self._attempt_over = False
+        # what the attempts that failed in a row leave (see _count_restart)
+        self._failing: _Failing = _NOT_FAILING
+        # the run under way (an attempt and its signals), until its last
+        # call ends it: a run has work left while it is here
+        self._thread: Optional[_Run] = None
+        # what only a run tells, each set by _start before it sets _thread
+        # (and read only once a run was there): the attempt is over, its
+        # last signals to come (_attempt_over); the run was told to stop
+        # (_stopping, under _lock). A download that waits its turn has
+        # neither (two stores a download fewer)
         # who restarts it after an error or a pause, when not itself: a
         # manager's test of whether it still does (it runs)
         self._restarted_by: Optional[Callable[[], bool]] = None
@@ -8644,11 +8717,15 @@ class Downloader(Emitter):
         # what each of those managers gives it, in the same order: who
         # restarts it, its limits and its host slots; the last one's apply
         self._terms: Tuple[_ManagerTerms, ...] = ()
+        # the notes of a manager that counts it running by a plan of its
+        # own, which its start need not tell (see _start); that manager
+        # sets it before it starts the download, and clears it once it
+        # counts it no longer (under its own lock); read under _lock
+        self._planned_by: Optional[Tuple[Callable[[Downloader, str, str], None], ...]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
         self._hash_with: Optional[str] = None
         self._digest: Optional[Tuple[str, str]] = None
-        self._stopping = False               # the thread was told to stop; under _lock
         self._transfer: Optional[_Transfer] = None
         # the request options of the run under way (see _keep_learnt); under _lock
         self._run_options: Optional[_RequestOptions] = None
@@ -8661,6 +8738,10 @@ class Downloader(Emitter):
         self._shared_buckets: Tuple[_TokenBucket, ...] = ()
         self._host_slots: Optional[_HostSlots] = None  # its manager's, with max_per_host
         self._digest_auth: Optional[_DigestAuth] = None  # see _keep_learnt()
+        self._first_attempt = True
+        self._store: Optional[_FileStore] = None  # see _local_store()
+        self._target_read = False
+        self._downloaded, self._size = 0, -1
 
     def __repr__(self) -> str:
         return '<bitpit.Downloader {} {} {}/{}>'.format(
@@ -8674,7 +8755,7 @@ class Downloader(Emitter):
         if hasattr(path, 'write') and not isinstance(path, (str, os.PathLike)):
             if dir_path:
                 raise ValueError('dir_path=True needs a directory path, not a file object')
-            _check_if_exists(self._if_exists, path)
+            _check_if_exists(self._settings.if_exists, path)
             self._dir, self._path = None, path
         else:
             path = _as_path(path)
@@ -8727,12 +8808,13 @@ class Downloader(Emitter):
     def if_exists(self) -> str:
         """What a start does with an existing file: ``'resume'``, ``'skip'``,
         ``'update'``, ``'rename'`` or ``'overwrite'``; next start."""
-        return self._if_exists
+        return self._settings.if_exists
 
     @if_exists.setter
     def if_exists(self, value: str) -> None:
         path = self._path  # (text: a path in _dir)
-        self._if_exists = _check_if_exists(value, path if type(path) is not str else self._dir)
+        self._set_setting('if_exists', _check_if_exists(
+            value, path if type(path) is not str else self._dir))
 
     @property
     def mirrors(self) -> Tuple[str, ...]:
@@ -8770,6 +8852,23 @@ class Downloader(Emitter):
             self._set_path_value(value, False)
         self.emit('path-changed', self)
 
+    def _set_setting(self, name: str, value: Any) -> None:
+        """Set the option ``name`` (checked) in the download's own
+        ``_Settings``: a copy of them first, under ``_lock``, if they are
+        shared (see ``_Settings``). Its own are set with no lock, as an
+        option was when it was an attribute of the download (the
+        constructor sets a dozen): a setter that finds them shared copies
+        them only if no other setter did meanwhile (``shared`` is never
+        cleared, so any setter that read the shared ones takes the lock).
+        Any thread."""
+        settings = self._settings
+        if settings.shared:
+            with self._lock:
+                settings = self._settings
+                if settings.shared:
+                    settings = self._settings = settings.copy()
+        setattr(settings, name, value)
+
     def _ensure_not_running(self, what: str) -> None:
         if self.is_alive and not self._attempt_over:
             raise RuntimeError('cannot change {} while the download is running'.format(what))
@@ -8777,11 +8876,11 @@ class Downloader(Emitter):
     @property
     def chunk_size(self) -> int:
         """Most bytes per network read and file write; next start."""
-        return self._chunk_size
+        return self._settings.chunk_size
 
     @chunk_size.setter
     def chunk_size(self, value: int) -> None:
-        self._chunk_size = _check_int('chunk_size', value, 1)
+        self._set_setting('chunk_size', _check_int('chunk_size', value, 1))
 
     @property
     def rate_limit(self) -> float:
@@ -8809,11 +8908,11 @@ class Downloader(Emitter):
     def restart_wait(self) -> float:
         """Seconds before an automatic restart after ``error``; negative:
         never. Setting it while a restart is scheduled reschedules it."""
-        return self._restart_wait
+        return self._settings.restart_wait
 
     @restart_wait.setter
     def restart_wait(self, value: float) -> None:
-        self._restart_wait = _check_number('restart_wait', value)
+        self._set_setting('restart_wait', _check_number('restart_wait', value))
         if self.is_restarting:
             if value >= 0:
                 self.restart(value)
@@ -8940,14 +9039,25 @@ class Downloader(Emitter):
     def start(self) -> None:
         """Start a run (an attempt, on the loop) and return at once. No-op if it is
         running; cancels a scheduled restart. Any thread."""
-        self._cancel_restart()
         self._start(None)
 
     def _start(self, timer: Optional[threading.Thread]) -> None:
-        """Start a run, for ``start()`` or for the restart
-        ``timer``. A timer starts nothing once a stop (or a new schedule)
-        has replaced it: that is decided under the lock, so a stop racing
-        the timer always wins."""
+        """Start a run, for ``start()`` (``timer`` ``None``: a scheduled
+        restart is cancelled) or for the restart ``timer``. A timer starts
+        nothing once a stop (or a new schedule) has replaced it: that is
+        decided under the lock, so a stop racing the timer always wins.
+        The run tells the managers of its ``start`` (``_set_state``), but
+        not a manager that counts it running already by its own plan
+        (``_planned_by``) when the download is in that one alone (it keeps
+        those very notes): the note would tell it nothing (a hop a small
+        file fewer). What to tell is read under the lock, which a manager
+        joins under, with no earlier run alive: every note of those runs
+        was made (a run's last call makes its last note before it is
+        done), so the manager that marked it counts it running still. One
+        that joins later finds the download started when it looks at its
+        state; one that leaves it ignores the note."""
+        if timer is None and self._restart_timer is not None:
+            self._cancel_restart()  # (its look, inline: most starts have none to cancel)
         finishing = self._thread
         if finishing is not None and self._attempt_over:
             if finishing.is_current():
@@ -8967,18 +9077,18 @@ class Downloader(Emitter):
                     return
                 self._restart_timer = None
                 self._restart_time = None
-            if not self.is_alive:
+            finishing = self._thread  # (is_alive, inline)
+            if finishing is None or not finishing.is_alive():
+                notes = () if self._tracked_by is self._planned_by else self._tracked_by
                 self._attempt_over = False
-                self._running = True
                 self._stopping = False
                 run = _Run()
                 try:
                     # the attempt's request options, kept while it runs: what
                     # an update_size learns meanwhile reaches them (_keep_learnt)
                     options = self._run_options = self._request_options()
-                    _LOOP.spawn(self._run_steps(run, options), _run_ended)
+                    _LOOP.spawn(self._run_steps(run, options, notes), _run_ended)
                 except BaseException:  # no loop thread to be had: nothing runs
-                    self._running = False
                     self._run_options = None
                     run.done()
                     raise
@@ -9069,7 +9179,7 @@ class Downloader(Emitter):
         """Install the restart timer. An ``automatic`` one (after an error)
         is not installed once a stop is under way or a restart is already
         scheduled (by a callback), decided in the same locked step."""
-        wait = self._restart_wait if wait is None else _check_number('wait', wait)
+        wait = self._settings.restart_wait if wait is None else _check_number('wait', wait)
         wait = min(max(0.0, wait), threading.TIMEOUT_MAX)
         timer = threading.Timer(wait, self._restart_due)
         timer.daemon = False
@@ -9243,9 +9353,14 @@ class Downloader(Emitter):
 
     # -- internal ---------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
-        """Set the state; if it changed, tell its manager and the callbacks.
-        The manager is told directly, not as one of the callbacks: a
+    def _set_state(self, state: str,
+                   notes: Tuple[Callable[['Downloader', str, str], None], ...]) -> None:
+        """Set the state; if it changed, tell the managers whose ``notes``
+        are given and the callbacks. Its caller says which managers: those
+        it was added to (``_tracked_by``), but none of a ``download`` (of
+        the start, its run told them already that it is under way), and
+        of a ``start`` those ``_start`` chose.
+        A manager is told directly, not as one of the callbacks: a
         listen() per download costs a lock (a manager may add thousands).
         It learns of a start or an end before the callbacks, so that a slow
         callback of a download that ended does not hold up the next one's
@@ -9273,18 +9388,21 @@ class Downloader(Emitter):
             with self._lock:
                 changed.notify_all()
         if old != state:
-            # (one look each: 'download' comes only after its run's 'start')
-            restartable = state in _RESTARTABLE_STATES
-            if not restartable and state != 'download':
-                self._tell_manager(old, state)  # (of 'download' after 'start': nothing)
-            self.emit('state-changed', self, old)
-            if restartable:  # (an error or a pause: after the callbacks, see above)
-                self._tell_manager(old, state)
+            if state in _RESTARTABLE_STATES:  # (after the callbacks, see above)
+                self.emit('state-changed', self, old)
+                if notes:
+                    self._tell_manager(notes, old, state)
+            else:
+                if notes:
+                    self._tell_manager(notes, old, state)
+                self.emit('state-changed', self, old)
 
-    def _tell_manager(self, old: str, state: str) -> None:
-        """Have each manager it was added to note the change from ``old``
-        to ``state``; a failure is logged. The thread that changed it."""
-        for tracked_by in self._tracked_by:
+    def _tell_manager(self, notes: Tuple[Callable[['Downloader', str, str], None], ...],
+                      old: str, state: str) -> None:
+        """Have each manager whose note is in ``notes`` note the change from
+        ``old`` to ``state``; a failure is logged. The thread that changed
+        it."""
+        for tracked_by in notes:
             try:
                 tracked_by(self, old, state)
             except Exception:
@@ -9308,23 +9426,26 @@ class Downloader(Emitter):
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
-    def _run_steps(self, run: _Run, options: _RequestOptions) -> '_Steps[None]':
-        """A run on the loop: one attempt, from ``start`` to its end state.
+    def _run_steps(self, run: _Run, options: _RequestOptions,
+                   notes: Tuple[Callable[['Downloader', str, str], None], ...]
+                   ) -> '_Steps[None]':
+        """A run on the loop: one attempt, from ``start`` (told to the
+        managers whose ``notes`` ``_start`` chose) to its end state.
         What it tells its callbacks, it posts to ``run`` (``_SIGNALS.post``), whose
         signal worker makes the calls in order; the last one, ``_end_run``,
         ends the run."""
         best_before = self._best_held
         received_before = self._received
-        retry_after = None
+        retry_after = failures = None  # (an error's: see _count_restart)
         final = 'pause'
         size = None
         # what the transfer told last, given with the run's end: one call
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
         try:
-            _SIGNALS.post(run, self._set_state, 'start')
+            _SIGNALS.post(run, self._set_state, 'start', notes)
             size = yield from self._attempt_steps(run, options, last_events)
-            final, self._failures = 'complete', 0
+            final = 'complete'
         except _Stopped:
             final = 'pause'
         except BaseException as exc:
@@ -9336,10 +9457,10 @@ class Downloader(Emitter):
                 self._last_exception = error
                 # ``retries`` counts failures in a row: progress (more bytes
                 # held than ever before) breaks the row
-                self._failures = 1 if self._best_held > best_before else self._failures + 1
+                failures = 1 if self._best_held > best_before else self._failing[0] + 1
                 final = 'error' if error.retryable else 'fatal-error'
                 if final == 'error' and self.retries is not None \
-                        and self._failures > self.retries:
+                        and failures > self.retries:
                     final = 'fatal-error'
                 retry_after = getattr(error, 'retry_after', None)
                 _log.info('%s: %s', self._url, error)
@@ -9352,8 +9473,11 @@ class Downloader(Emitter):
                     self._speed = 0
                     if final in _FINISHED_STATES:
                         self._let_go()
-                self._retry_after = retry_after
-                self._count_restart(final == 'error', self._received > received_before)
+                if final == 'complete':  # (most: no failure in a row, no restart to count)
+                    self._failing = _NOT_FAILING
+                else:
+                    self._count_restart(final == 'error', failures, retry_after,
+                                        self._received > received_before)
             finally:  # (a bug above is said by _run_ended: the run still ends)
                 _SIGNALS.post(run, self._end_run, run, final, size, last_events)
 
@@ -9367,31 +9491,39 @@ class Downloader(Emitter):
             if size is not None:
                 self._set_size(size)
             self.emit('speed-changed', self)
-            self._set_state(final)
-            if final == 'error' and self._restarted_by is None and self._restart_wait >= 0:
-                self._schedule_restart(self._restart_delay(self._restart_wait),
+            self._set_state(final, self._tracked_by)
+            if final == 'error' and self._restarted_by is None and \
+                    self._settings.restart_wait >= 0:
+                self._schedule_restart(self._restart_delay(self._settings.restart_wait),
                                        automatic=True)
         finally:
             with self._lock:  # (once: whoever it wakes sees the run done and dropped)
-                self._running = False
                 run.done()
                 if self._thread is run:  # a download keeps no run that ended (a
                     self._thread = None  # manager keeps thousands of downloads)
                 if self._changed is not None:  # (_notify_changed, inline)
                     self._changed.notify_all()
 
-    def _count_restart(self, failed: bool, received: bool) -> None:
-        """Count the restart an attempt's end calls for and draw its wait:
-        the ``n``-th in a row after failed attempts, ``n`` counted from 1
-        again after an attempt that received bytes, and from 0 after one
-        that completed or was paused (whose wait is the base one: no draw
-        to make, as ``_backed_off`` takes none below the second in a row).
-        The run's steps."""
+    def _count_restart(self, failed: bool, failures: Optional[int],
+                       retry_after: Optional[float], received: bool) -> None:
+        """Count, in ``_failing``, what an attempt that did not complete
+        leaves: the attempts that failed in a row (``failures``, of an
+        error or a fatal one; a pause, ``None``, keeps the count), and the
+        restart its end calls for (``failed``: an error) with its wait
+        drawn: the ``n``-th in a row after failed attempts, ``n`` counted
+        from 1 again after an attempt that ``received`` bytes, and from 0
+        after one that completed (``_NOT_FAILING``, set by the run's
+        steps), was paused or was fatal (whose wait is the base one: no
+        draw to make, as ``_backed_off`` takes none below the second in a
+        row); and the server's ``retry_after``. The run's steps."""
+        count, streak = self._failing[0], self._failing[1]
+        if failures is None:
+            failures = count
         if not failed:
-            self._restart_streak = 0
+            self._failing = (failures, 0, 0.0, retry_after)
             return
-        self._restart_streak = 1 if received else self._restart_streak + 1
-        self._restart_draw = _RESTART_RANDOM.random()
+        self._failing = (failures, 1 if received else streak + 1, _RESTART_RANDOM.random(),
+                         retry_after)
 
     def _attempt_steps(self, run: _Run, options: _RequestOptions,
                        last_events: List[Tuple[str, Any]]) -> '_Steps[Optional[int]]':
@@ -9407,10 +9539,29 @@ class Downloader(Emitter):
         stays in ``_transfer`` until ``_run_steps`` drops it, under the lock
         it takes for the attempt's end."""
         self._digest = None
-        store, conditions, replaces = self._prepare_target(run)
-        if store is None:  # 'skip': the file is taken as it is
-            return None
-        checksum = self._checksum if self._checksum_file is None else \
+        store = self._store
+        if store is None:
+            store = self._local_store()  # read just now
+        else:
+            store.load()  # the file may have changed since it was read
+        # what if_exists makes of it: 'rename' and 'overwrite' act on the
+        # first attempt of this downloader (or of its new ``path`` or
+        # ``url``) only; the attempts after it, restarts and new starts,
+        # resume what it began
+        first, self._first_attempt = self._first_attempt, False
+        settings = self._settings
+        mode = settings.if_exists
+        if mode == 'overwrite' and first:
+            store.restart_from_zero()
+        conditions: Optional[Dict[str, str]] = None
+        replaces: Optional[pathlib.Path] = None
+        if mode not in ('resume', 'overwrite') and store.is_path:  # (a look of one's own:
+            # most resume, and make no call)
+            found, conditions, replaces = self._prepare_target(run, store, mode, first)
+            if found is None:  # 'skip': the file is taken as it is
+                return None
+            store = found
+        checksum = settings.checksum if settings.checksum_file is None else \
             (yield from self._checksum_from_file_steps(options))
         store.hash_with = self._hash_with if store.is_path else None  # (a file read back)
         self._downloaded = self._resumed_from = store.held.total
@@ -9424,17 +9575,17 @@ class Downloader(Emitter):
             store,                                                  # store
             [self._address, *self._mirrors],                        # addresses
             options,                                                # options
-            self._connections if store.is_path else 1,              # connections
-            self._chunk_size,                                       # chunk_size
+            settings.connections if store.is_path else 1,           # connections
+            settings.chunk_size,                                    # chunk_size
             self._buckets(),                                        # buckets
             checksum,                                               # checksum
-            self._max_size,                                         # max_size
-            self._min_speed,                                        # min_speed
-            self._dir if self._content_disposition else None,       # rename_in
+            settings.max_size,                                      # max_size
+            settings.min_speed,                                     # min_speed
+            self._dir if settings.content_disposition else None,    # rename_in
             store.is_path and                                       # gzip_name
             str(self._path).lower().endswith(('.gz', '.tgz')),      # (is_path: no ABC's check)
             conditions,                                             # conditions
-            self._verify_digest,                                    # verify_digest
+            settings.verify_digest,                                 # verify_digest
             metalink.size if metalink is not None else None,        # expected_size
             metalink.pieces if metalink is not None else None)      # piece_hashes
         # published with no lock (a section fewer per small file): a stop
@@ -9451,7 +9602,7 @@ class Downloader(Emitter):
             with self._lock:
                 if self._bucket is None:
                     self._limit_transfer(transfer)
-        period = self._update_period
+        period = settings.update_period
         began = time.monotonic()
         tick_at, tick_received = began + period, 0
         due = min(tick_at, began + _TEND_PERIOD)
@@ -9514,8 +9665,8 @@ class Downloader(Emitter):
         """The checksum the ``checksum='ALG:file:URL'`` file gives the file,
         by the name in its URL, else the name of its path. The run's
         steps."""
-        assert self._checksum_file is not None  # a checksum file was given
-        algorithm, url = self._checksum_file
+        assert self._settings.checksum_file is not None  # a checksum file was given
+        algorithm, url = self._settings.checksum_file
         cancel = _Cancel()
         with self._lock:
             if self._stopping:
@@ -9534,28 +9685,17 @@ class Downloader(Emitter):
             names.append(path.name)
         return _digest_in_checksum_file(body.decode('utf-8', 'replace'), names, algorithm, url)
 
-    def _prepare_target(self, run: _Run
+    def _prepare_target(self, run: _Run, store: _FileStore, mode: str, first: bool
                         ) -> Tuple[Optional[_FileStore], Optional[Dict[str, str]],
                                    Optional[pathlib.Path]]:
-        """What ``if_exists`` makes of an existing target before an attempt:
-        ``(store, conditions, replaces)``, the store to download into, the
-        conditions of the first request and the file a complete download
-        replaces (for ``'update'``); store ``None`` for a file taken as it
-        is (``'skip'``). ``'rename'`` and ``'overwrite'`` act on the first
-        attempt of this downloader (or of its new ``path`` or ``url``) only:
-        the attempts after it, restarts and new starts, resume what it
-        began. What it tells the callbacks, it posts to ``run``. The run's steps."""
-        store = self._store
-        if store is None:
-            store = self._local_store()  # read just now
-        else:
-            store.load()  # the file may have changed since it was read
-        first, self._first_attempt = self._first_attempt, False
-        mode = self._if_exists
-        if mode == 'overwrite' and first:
-            store.restart_from_zero()
-        if mode in ('resume', 'overwrite') or not store.is_path:
-            return store, None, None
+        """What ``if_exists`` ``mode`` (``'skip'``, ``'update'`` or
+        ``'rename'``) makes of the target that ``store`` (of a path, just
+        loaded) holds before an attempt, the ``first`` of this downloader
+        for it: ``(store, conditions, replaces)``, the store to download
+        into, the conditions of the first request and the file a complete
+        download replaces (for ``'update'``); store ``None`` for a file
+        taken as it is (``'skip'``). What it tells the callbacks, it posts
+        to ``run``. The run's steps."""
         target = store.target
         if type(target) is str:  # (a path in the directory: its Path is made now)
             import pathlib
@@ -9590,9 +9730,8 @@ class Downloader(Emitter):
         """The transfer's ``events``, once the run's steps noted another
         version of the file among them: its progress counts afresh. The
         run's steps."""
-        for kind, _ in events:
-            if kind == 'restart':
-                self._best_held = 0
+        if ('restart', None) in events:  # (a look in C, not a loop: most have none)
+            self._best_held = 0
         return events
 
     def _relay(self, events: List[Tuple[str, Any]], run: _Run) -> None:
@@ -9606,13 +9745,13 @@ class Downloader(Emitter):
     def _take_events(self, events: List[Tuple[str, Any]]) -> None:
         """Set what the transfer's ``events`` tell, and signal it, in their
         order. The run's worker."""
-        for kind, value in events:
+        for kind, value in events:  # (in the order a file has them most)
             if kind == 'size':
                 self._set_size(value)
+            elif kind == 'download':
+                self._set_state('download', ())  # (see _set_state)
             elif kind == 'path':
                 self._set_path(value)
-            elif kind == 'download':
-                self._set_state('download')
             elif kind == 'restart':
                 self._set_size(-1)
 
@@ -9622,7 +9761,8 @@ class Downloader(Emitter):
     # use of a Downloader besides its public face; nothing else of it. A
     # manager makes the downloads it adds by URL with _another(), joins a
     # download with _join_manager() (one it made with _join_new()) and lets go with
-    # _leave_manager(); stops many at once with _begin_stop() and
+    # _leave_manager(); marks one its plan starts (_planned_by, its
+    # own to set and clear); stops many at once with _begin_stop() and
     # _end_stop(); restarts a failed one after _restart_delay(), and ends one
     # whose restart failed with _fail_outside(). The manifest hashes a file
     # as it is written (_hash_while_writing) and takes a recorded one as
@@ -9645,29 +9785,22 @@ class Downloader(Emitter):
         d._init_state(address)
         d._rate_limit = self._rate_limit
         d._requests = self._requests  # (read-only: a setter replaces a download's own)
-        d._update_period = self._update_period
-        d._chunk_size = self._chunk_size
-        d._restart_wait = self._restart_wait
-        d._connections = self._connections
+        # shared, as the requests' are: a setter copies them first (their
+        # if_exists was checked for the same kind of path)
+        settings = d._settings = self._settings
+        settings.shared = True
         d._mirrors = ()
-        d._retries = self._retries
-        d._content_disposition = self._content_disposition
-        d._checksum_file = self._checksum_file
-        d._checksum = self._checksum
         # the caller's jar is shared, as the constructor shares it; without
         # one (None), each download makes its own cookies (_keep_learnt)
         d._cookies = self._cookies
-        d._max_size = self._max_size
-        d._min_speed = self._min_speed
-        d._if_exists = self._if_exists  # (checked for the same kind of path)
         if path is not None and self._dir is not None:
             # the directory this one's ``path`` gave (a Path, ~ expanded):
-            # not made again from the same ``path``
-            d._set_dir(self._dir)
+            # not made again from the same ``path`` (_set_dir's, inline: no
+            # metalink; what the target holds, _init_state left unread)
+            d._dir = self._dir
+            d._path = _child_text(self._dir, _filename_from_url(address))
         else:  # (without a path, the current directory: now's)
             d._set_path_value(path, dir_path)
-        d._verify_digest = self._verify_digest
-        d._restart_wait_max = self._restart_wait_max
         return d
 
     def _join_manager(self, tracked_by: Tuple[Callable[['Downloader', str, str], None]],
@@ -9772,7 +9905,7 @@ class Downloader(Emitter):
     def _settled(self) -> bool:
         """Nothing more will happen by itself: complete, fatal, or stopped
         (or failed) with no restart to come (a manager restarts its own)."""
-        return not self._running and (self._state in _FINISHED_STATES or (
+        return self._thread is None and (self._state in _FINISHED_STATES or (
             not self.is_restarting and (self._restarted_by is None or
                                         not self._restarted_by())))
 
@@ -9790,13 +9923,13 @@ class Downloader(Emitter):
         self._set_size(size)
         with self._lock:
             self._let_go()
-        self._set_state('complete')
+        self._set_state('complete', self._tracked_by)
 
     def _fail_outside(self, exc: BaseException) -> None:
         """An exception in a restart timer: the download ends in
         ``fatal-error`` with it, instead of a thread dying in silence."""
         self._last_exception = exc if isinstance(exc, Error) else _unexpected(exc)
-        self._set_state('fatal-error')
+        self._set_state('fatal-error', self._tracked_by)
 
     def _restart_delay(self, base: float) -> float:
         """Seconds before the restart after the last attempt, ``base``
@@ -9804,10 +9937,10 @@ class Downloader(Emitter):
         manager's): the wait drawn for it, or the server's ``Retry-After``
         (never less than ``base``). Any thread."""
         base = max(0.0, base)
-        if self._retry_after is not None:
-            return max(base, self._retry_after)
-        return _backed_off(base, self._restart_wait_max, self._restart_streak,
-                           self._restart_draw)
+        _, streak, draw, retry_after = self._failing  # (replaced whole: one read)
+        if retry_after is not None:
+            return max(base, retry_after)
+        return _backed_off(base, self._settings.restart_wait_max, streak, draw)
 
     def _watch(self, watcher: Callable[[], None]) -> None:
         """Call ``watcher()`` at every change that may settle the download,
@@ -10130,8 +10263,11 @@ class Manager(Emitter):
         self._in_turn: 'collections.deque[Tuple[int, Downloader]]' = collections.deque()
         self._queue: List[Tuple[int, Downloader]] = []
         self._queued: Set[Downloader] = set()         # in _in_turn or _queue
-        self._open: Dict[Downloader, None] = {}       # not complete or fatal (maybe)
-        self._stopped_at: Dict[Downloader, float] = {}
+        # not complete or fatal (maybe), each with when it last stopped
+        # (error or pause) while the manager had it, or None: the time to
+        # count its restart from, which no other table holds (one pop a
+        # file fewer as it ends)
+        self._open: Dict[Downloader, Optional[float]] = {}
         self._bucket = _TokenBucket(_check_number('rate_limit', rate_limit))
         # what each of its downloads holds of it, made once: not an object
         # (a tuple, a bound method) per download
@@ -10156,6 +10292,11 @@ class Manager(Emitter):
         self._started = False
         self._replan = False
         self._manifest = _Manifest(manifest) if manifest is not None else None
+        # what marks a download its plan starts (Downloader._planned_by):
+        # its notes, so that a download in it alone tells it nothing of a
+        # start it counted already; None with a manifest, which notes each
+        # download's first start (_Manifest.note)
+        self._plan_notes = self._joined[0] if self._manifest is None else None
 
     # -- properties ------------------------------------------------------------
 
@@ -10234,8 +10375,12 @@ class Manager(Emitter):
                 # one step
                 d._join_new(*self._joined)
                 with self._lock:
-                    self._downloads[d] = next(self._turns)
-                    self._track(d, d._state)
+                    self._downloads[d] = turn = next(self._turns)
+                    # (_track's, inline: a new download, paused, waits for
+                    # its turn, the newest, which keeps _in_turn in order)
+                    self._open[d] = None
+                    self._queued.add(d)
+                    self._in_turn.append((turn, d))
                     self._replan_now()
                 return d
         with self._lock:
@@ -10294,7 +10439,7 @@ class Manager(Emitter):
                 raise ValueError('{!r} was not added to this manager'.format(d))
             self._running.pop(d, None)
             self._open.pop(d, None)
-            self._stopped_at.pop(d, None)
+            d._planned_by = None
             if d in self._queued:
                 self._queued.discard(d)
                 self._queue = [entry for entry in self._queue if entry[1] is not d]
@@ -10381,21 +10526,23 @@ class Manager(Emitter):
             # under way, as the manager knows already: a start of its own
             # plan (which put it in _running before it started it; read
             # without the lock, as nothing but its removal takes it out
-            # while it runs, after which there is nothing to note). Of a
-            # 'download' after the start, the download tells nothing
+            # while it runs, after which there is nothing to note), told
+            # only to a manager with a manifest or to one of several
+            # managers (see Downloader._start). Of a 'download' after the
+            # start, the download tells nothing
             return
         with self._lock:
             if d not in self._downloads:
                 return  # removed meanwhile
             if state in _FINISHED_STATES:  # (_track's, inline: once a file)
                 self._running.pop(d, None)
+                d._planned_by = None
                 self._open.pop(d, None)
-                self._stopped_at.pop(d, None)
             else:
                 self._track(d, state)
                 if state in _ACTIVE_STATES:
                     return  # a download getting under way frees no slot
-                self._stopped_at[d] = time.monotonic()  # (an error or a pause)
+                self._open[d] = time.monotonic()  # (an error or a pause: when it stopped)
             # a finished download started again (restart()) may fail: the
             # manager restarts it, with a new thread if its own ended
             self._replan_now()
@@ -10408,11 +10555,11 @@ class Manager(Emitter):
             self._open[d] = None
             return
         self._running.pop(d, None)
+        d._planned_by = None  # (counted running no longer)
         if state in _FINISHED_STATES:  # never started again: nothing to keep
             self._open.pop(d, None)
-            self._stopped_at.pop(d, None)
             return
-        self._open[d] = None
+        self._open[d] = None  # (no stop noted: _on_state_changed notes an error's, a pause's)
         if d not in self._queued:
             self._queued.add(d)
             entry = (self._downloads[d], d)
@@ -10493,7 +10640,7 @@ class Manager(Emitter):
             if state not in _RESTARTABLE_STATES:  # finished, or under way
                 self._track(d, state)  # (a change its signal has yet to tell)
                 continue
-            stopped_at = self._stopped_at.get(d)
+            stopped_at = self._open.get(d)
             if stopped_at is not None:  # (none for most: added, never stopped)
                 delay = d._restart_delay(self._restart_wait) - (now - stopped_at)
                 if delay > 0:
@@ -10502,6 +10649,7 @@ class Manager(Emitter):
                     continue
             to_start.append(d)
             self._running[d] = turn
+            d._planned_by = self._plan_notes  # (see Downloader._start)
             free -= 1
         for turn, d in later:
             self._queued.add(d)

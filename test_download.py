@@ -568,9 +568,9 @@ def test_a_bug_in_the_bookkeeping_at_the_end_of_a_run_still_ends_the_run(
     and wait() return."""
     url = server.add('/f', b'f' * 1000)
 
-    def broken(self, failed, received):
+    def broken(self):
         raise RuntimeError('a bug')
-    monkeypatch.setattr(bitpit.Downloader, '_count_restart', broken)
+    monkeypatch.setattr(bitpit.Downloader, '_let_go', broken)
     d = bitpit.Downloader(url, path=tmp_path / 'f')
     rec = Recorder(d)
     d.start()

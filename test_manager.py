@@ -107,8 +107,9 @@ EVERY_OPTION = dict(
 
 
 def held(d):
-    """Every slot of a downloader: what it holds."""
-    return {name: getattr(d, name) for name in bitpit.Downloader.__slots__}
+    """Every slot of a downloader: what it holds (None: nothing yet, a slot
+    that only its first start sets)."""
+    return {name: getattr(d, name, None) for name in bitpit.Downloader.__slots__}
 
 
 def is_value(value):
@@ -119,6 +120,11 @@ def request_settings(settings):
     """What a downloader's requests are made with, as one value."""
     return (tuple(settings.headers.items()), settings.auth, settings.proxy,
             settings.ssl_context, settings.timeout)
+
+
+def settings(held):
+    """A downloader's other options, as one value."""
+    return tuple(getattr(held, name) for name in bitpit._Settings.__slots__ if name != 'shared')
 
 
 def test_add_url_makes_what_the_constructor_makes(tmp_path):
@@ -132,6 +138,9 @@ def test_add_url_makes_what_the_constructor_makes(tmp_path):
         if name == '_requests':  # the model's, shared (read-only); alike
             assert ours[0] is ours[1]
             assert {request_settings(s) for s in ours + theirs} == {request_settings(ours[0])}
+        elif name == '_settings':  # the model's, shared (copied when set); alike
+            assert ours[0] is ours[1] and ours[0].shared
+            assert {settings(s) for s in ours + theirs} == {settings(ours[0])}
         elif is_value(theirs[0]):
             assert ours == theirs, name
         else:  # an object of each download's own, or one they share
@@ -184,6 +193,22 @@ def test_a_setter_on_a_download_added_by_url_changes_that_download_only(server, 
         d.join(5)
     assert [server.requests_for('/s{}'.format(i))[0].headers['X-Test']
             for i in range(3)] == ['own', 'kw', 'kw']
+
+
+def test_an_option_set_on_a_download_added_by_url_changes_that_download_only(tmp_path):
+    """The downloads that add(url) makes share their other options too,
+    made once from the kwargs: a setter gives its download options of its
+    own."""
+    m = bitpit.Manager(path=tmp_path, dir_path=True, retries=2, chunk_size=4096)
+    first, second = m.add('http://127.0.0.1:1/a'), m.add('http://127.0.0.1:1/b')
+    first.retries = 5
+    first.if_exists = 'skip'
+    second.chunk_size = 1000
+    second.restart_wait = 3
+    third = m.add('http://127.0.0.1:1/c')
+    assert [(d.retries, d.chunk_size, d.restart_wait, d.if_exists)
+            for d in (first, second, third)] == \
+        [(5, 4096, -1, 'skip'), (2, 1000, 3, 'resume'), (2, 4096, -1, 'resume')]
 
 
 def test_two_setters_at_once_each_keep_the_others_change(monkeypatch):
@@ -293,7 +318,7 @@ def test_lowering_max_running_stops_newest_and_resumes_later(manager, server, tm
     assert downloads[0].state == 'download'
     m.max_running = 0
     watcher.wait(all_in(downloads, 'complete'))
-    assert not m._stopped_at, 'a finished download is no longer timed for a restart'
+    assert not m._open, 'a finished download is no longer timed for a restart'
     for i in range(3):
         assert (tmp_path / 's{}'.format(i)).read_bytes() == DATA
     resumed = [r for r in server.requests if r.headers['Range']]
@@ -309,7 +334,7 @@ def test_failed_download_restarts_after_restart_wait(manager, server, tmp_path):
     watcher.wait(all_in([d], 'complete'))
     errors = [t for t, _, _, new in watcher.log if new == 'error']
     starts = [t for t, _, _, new in watcher.log if new == 'start']
-    assert len(errors) == 2 and len(starts) == 3 and not m._stopped_at
+    assert len(errors) == 2 and len(starts) == 3 and not m._open
     assert starts[1] - errors[0] >= 0.38 and starts[2] - errors[1] >= 0.38
     assert (tmp_path / 'flaky').read_bytes() == DATA
 
@@ -779,3 +804,35 @@ def test_a_download_its_caller_starts_counts_as_running_as_it_starts(
     m.start()
     assert queued.wait(10)
     assert [r.path for r in server.requests] == ['/second', '/first']
+
+
+def test_a_start_of_the_managers_own_plan_is_not_told_back_to_it(manager, server, tmp_path):
+    """The manager counts a download its plan starts as running before it
+    starts it: the download's start is not told back to it (its end is),
+    and the mark that says so goes once it counts it running no longer.
+    A download in a second manager tells both; a caller's start is told."""
+    urls = [server.add('/o{}'.format(i), DATA[:1000]) for i in range(3)]
+    m = manager(max_running=1, path=tmp_path, dir_path=True)
+    other = manager(path=tmp_path, dir_path=True)
+    notes = []
+    for name, manager_ in (('m', m), ('other', other)):
+        def note(d, old, state, name=name, told=manager_._on_state_changed):
+            notes.append((name, d.url.rsplit('/', 1)[1], state))
+            told(d, old, state)
+        manager_._on_state_bound = note
+        manager_._joined = ((note,), manager_._joined[1])
+        manager_._plan_notes = manager_._joined[0]
+    own, shared, by_caller = (m.add(url) for url in urls)
+    other.add(shared)  # (which restarts it now, and is not started: wait() would not wait)
+    ended = threading.Event()
+    shared.listen('state-changed', lambda d, old: d.state == 'complete' and ended.set())
+    by_caller.start()
+    assert by_caller.wait(10)
+    m.start()
+    assert own.wait(10) and ended.wait(10)
+    assert [n for n in notes if n[1] == 'o0'] == [('m', 'o0', 'complete')]
+    assert [n for n in notes if n[1] == 'o1'] == [
+        ('m', 'o1', 'start'), ('other', 'o1', 'start'),
+        ('m', 'o1', 'complete'), ('other', 'o1', 'complete')]
+    assert [n for n in notes if n[1] == 'o2'] == [('m', 'o2', 'start'), ('m', 'o2', 'complete')]
+    assert all(d._planned_by is None for d in (own, shared, by_caller))

@@ -454,7 +454,7 @@ def test_unknown_hash_types_beside_a_known_one_are_ignored(tmp_path, caplog):
                          pieces=('tiger', PIECE, ['ab']))
     with caplog.at_level(logging.WARNING, logger='bitpit'):
         d = bitpit.Downloader(metalink=str(write(tmp_path, document)), path=tmp_path / 'o')
-    assert d._checksum == ('sha256', '0' * 64)
+    assert d._settings.checksum == ('sha256', '0' * 64)
     assert sum('unsupported type' in r.getMessage() for r in caplog.records) == 2
 
 
