@@ -4831,6 +4831,8 @@ _FALLOCATE = hasattr(os, 'posix_fallocate')
 # how the store opens a file: for writing and reading back, made where
 # missing, and bytes as they are (O_BINARY: Windows only)
 _STORE_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
+# and a new file's: made here, or not at all
+_NEW_FILE_FLAGS = _STORE_FLAGS | os.O_EXCL
 
 
 def _stamp(path: str, modified: Optional[float], etag: Optional[str],
@@ -4863,13 +4865,16 @@ def _stored_etag(path: pathlib.Path) -> Optional[str]:
 
 
 class _Ranges:
-    """Disjoint, sorted byte ranges ``[start, end)``; ``total`` is the number
-    of bytes they cover. Not locked: its owner locks it."""
-    __slots__ = ('_starts', '_ends', 'total')
+    """Disjoint, sorted byte ranges ``[start, end)``, merged where they
+    touch: ``pairs``, a tuple of ``(start, end)`` replaced whole at each
+    change and never changed (its owner publishes it as it is, for other
+    threads to read without a lock: no copy is made after each write);
+    ``total`` is the number of bytes they cover. Not locked: its owner
+    locks it."""
+    __slots__ = ('pairs', 'total')
 
     def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
-        self._starts: List[int] = []
-        self._ends: List[int] = []
+        self.pairs: Tuple[Tuple[int, int], ...] = ()
         self.total = 0
         for start, end in spans:
             self.add(start, end)
@@ -4878,23 +4883,34 @@ class _Ranges:
         """Cover ``[start, end)``; return how many bytes were not covered."""
         if end <= start:
             return 0
-        starts, ends = self._starts, self._ends
-        if not ends or start >= ends[-1]:  # the usual case: bytes after all the others
-            if ends and start == ends[-1]:
-                ends[-1] = end  # (that follow on from the last range)
+        pairs = self.pairs
+        if not pairs:  # the usual case: a new file's first bytes
+            self.pairs = ((start, end),)
+        else:
+            last_start, last_end = pairs[-1]
+            if start == last_end:  # (bytes that follow on from the last range)
+                self.pairs = pairs[:-1] + ((last_start, end),)
+            elif start > last_end:
+                self.pairs = pairs + ((start, end),)
             else:
-                starts.append(start)
-                ends.append(end)
-            self.total += end - start
-            return end - start
-        i = bisect.bisect_left(ends, start)     # the first range that ends at or after start
-        j = bisect.bisect_right(starts, end)    # past the last range that starts by end
+                return self._merge(start, end)
+        self.total += end - start
+        return end - start
+
+    def _merge(self, start: int, end: int) -> int:
+        """``add`` of bytes that do not come after all the others. A range
+        is found by its start: ``(n,)`` sorts before every range that
+        starts at ``n``."""
+        pairs = self.pairs
+        i = bisect.bisect_left(pairs, (start,))  # the first range that starts at or after start
+        if i and pairs[i - 1][1] >= start:
+            i -= 1                               # (the one before reaches it)
+        j = bisect.bisect_left(pairs, (end + 1,), i)  # past the last range that starts by end
         covered = 0
         if i < j:
-            covered = sum(ends[k] - starts[k] for k in range(i, j))
-            start, end = min(start, starts[i]), max(end, ends[j - 1])
-        starts[i:j] = [start]
-        ends[i:j] = [end]
+            covered = sum(old_end - old_start for old_start, old_end in pairs[i:j])
+            start, end = min(start, pairs[i][0]), max(end, pairs[j - 1][1])
+        self.pairs = pairs[:i] + ((start, end),) + pairs[j:]
         added = end - start - covered
         self.total += added
         return added
@@ -4903,7 +4919,7 @@ class _Ranges:
         """The ranges of ``[0, size)`` not covered."""
         found = []
         position = 0
-        for start, end in zip(self._starts, self._ends):
+        for start, end in self.pairs:
             if start >= size:
                 break
             if start > position:
@@ -4915,39 +4931,27 @@ class _Ranges:
 
     def prefix(self) -> int:
         """Where the range that starts at byte 0 ends (0 if there is none)."""
-        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
-
-    def pairs(self) -> Tuple[Tuple[int, int], ...]:
-        """The ranges as ``(start, end)`` pairs, in a tuple that never changes
-        (made after each write: the usual one range is paired without a
-        ``zip``, which costs three times as much)."""
-        starts, ends = self._starts, self._ends
-        if len(starts) == 1:
-            return ((starts[0], ends[0]),)
-        return tuple(zip(starts, ends))
+        pairs = self.pairs
+        return pairs[0][1] if pairs and pairs[0][0] == 0 else 0
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and self._ends[i] >= end
+        i = bisect.bisect_left(self.pairs, (start + 1,)) - 1  # the last range that starts by start
+        return i >= 0 and self.pairs[i][1] >= end
 
     def remove(self, start: int, end: int) -> None:
         """Stop covering ``[start, end)``."""
         kept = []
-        for old_start, old_end in zip(self._starts, self._ends):
+        for old_start, old_end in self.pairs:
             kept += [(old_start, min(old_end, start)), (max(old_start, end), old_end)]
-        self._starts, self._ends, self.total = [], [], 0
-        for kept_start, kept_end in kept:
-            if kept_start < kept_end:
-                self.add(kept_start, kept_end)
+        _Ranges.__init__(self, kept)
 
     def clip(self, size: int) -> bool:
         """Forget everything at or after ``size``; whether there was any."""
-        if not self._ends or self._ends[-1] <= size:
+        pairs = self.pairs
+        if not pairs or pairs[-1][1] <= size:
             return False  # the common case: a size learnt before any byte
-        kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
-                if start < size]
-        _Ranges.__init__(self, kept)
+        _Ranges.__init__(self, [(start, min(end, size)) for start, end in pairs if start < size])
         return True
 
 
@@ -5216,7 +5220,7 @@ class _FileStore:
             self.held = _Ranges([(0, size)])
             if saved is not None:
                 self._take(saved, size)
-            self.snapshot = self.held.pairs()
+            self.snapshot = self.held.pairs
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -5292,17 +5296,30 @@ class _FileStore:
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Open the file for writing (creating it), once. With a checksum
-        algorithm (or ``hash_with``), hash the bytes already held from byte
-        0 on (``_Stopped`` when ``cancelled()`` meanwhile)."""
+        """Open the file for writing (creating it), once. Where the last
+        ``load`` found nothing there, a new file is made (``O_EXCL``),
+        which is regular and empty without an ``fstat`` to say so; a file
+        there (made meanwhile too) is opened as it is and looked at
+        (``_open_existing``). With a checksum algorithm (or
+        ``hash_with``), hash the bytes already held from byte 0 on
+        (``_Stopped`` when ``cancelled()`` meanwhile)."""
         with self._lock:
             if self._fd >= 0 or self._file is not None:
                 return
-            if self.os_path is not None:
-                self._open_path(self.os_path)
-            else:
+            path = self.os_path
+            if path is None:  # the caller's file object
                 self._file = self.target
                 self._position = self.held.total
+            elif self.found[0]:
+                self._open_existing(path)
+            else:
+                try:
+                    self._fd = os.open(path, _NEW_FILE_FLAGS, 0o666)
+                    self._extent = 0
+                except FileExistsError:
+                    self._open_existing(path)
+                except OSError as exc:
+                    raise FileError('cannot open {}: {}'.format(path, exc)) from exc
             algorithm = checksum or self.hash_with
             if algorithm is not None:
                 import hashlib
@@ -5310,21 +5327,12 @@ class _FileStore:
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
 
-    def _open_path(self, path: str) -> None:
-        """Open the target path for writing. Where the last ``load`` found
-        nothing there, a new file is made (``O_EXCL``), which is regular
-        and empty without an ``fstat`` to say so; a file there (made
-        meanwhile too) is opened as it is and looked at. Under the lock."""
+    def _open_existing(self, path: str) -> None:
+        """Open the file at the target path, made where missing, for
+        writing; a regular file by its descriptor, anything else (a device,
+        a pipe) as a file object. Under the lock."""
         fd = -1
         try:
-            if not self.found[0]:
-                try:
-                    fd = os.open(path, _STORE_FLAGS | os.O_EXCL, 0o666)
-                except FileExistsError:
-                    pass
-                else:
-                    self._fd, self._extent = fd, 0
-                    return
             fd = os.open(path, _STORE_FLAGS, 0o666)
             status = os.fstat(fd)
         except OSError as exc:
@@ -5419,19 +5427,22 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            self._before_writing(offset, offset + len(data))
+            end = offset + len(data)
+            if not self._sidecar_on_disk and not self._completes(offset, end):
+                self._before_writing(offset)
             try:
                 self._write_all(offset, data)
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
 
-    def _before_writing(self, start: int, end: int) -> None:
+    def _before_writing(self, start: int) -> None:
         """The sidecar goes on disk before the first write that leaves the
-        file incomplete. Without it, a write may only extend the bytes held
-        from byte 0: a file with holes and no record of them would be
-        taken for a complete one."""
-        if self._fd < 0 or self._sidecar_on_disk or self._completes(start, end):
-            return
+        file incomplete (the caller looked: none is on disk, and the write
+        at ``start`` does leave it so). Without it, a write may only extend
+        the bytes held from byte 0: a file with holes and no record of them
+        would be taken for a complete one."""
+        if self._fd < 0:
+            return  # (a stream: written in order)
         if not self._sidecar_failed and self._save_sidecar():
             return
         self._sidecar_failed = True
@@ -5440,33 +5451,41 @@ class _FileStore:
                 self.target, self.sidecar))
 
     def _write_all(self, offset: int, data: memoryview) -> None:
-        """Write every byte of ``data`` at ``offset``, counting each part
-        written as held (and hashed) as it lands, so a failure keeps what
-        was written."""
+        """Write every byte of ``data`` at ``offset`` (mostly in one call),
+        and count the bytes written as held (and hashed) once they landed,
+        also when a failure cut the write short: what was written counts."""
         fd = self._fd
         written, size = 0, len(data)
-        while written < size:
-            part = data[written:] if written else data  # (the usual case: all at once)
-            start = offset + written
-            n = _pwrite(fd, part, start) if fd >= 0 else self._write_stream(start, part)
-            if not n:  # as when the disk fills up: the next write raises
-                raise FileError('short write to {}: {} of {} bytes'.format(
-                    self.target, written, size))
-            end = start + n
-            self.held.add(start, end)
-            if end > self._extent:
-                self._extent = end
-            self._sidecar_current = False  # the ranges moved on
-            self.snapshot = self.held.pairs()
-            hasher = self._hasher
-            if hasher is not None:
-                if start < self._hashed_to:  # bytes hashed already are written again
-                    import hashlib
-                    self._hasher, self._hashed_to = hashlib.new(hasher.name), 0
-                elif start == self._hashed_to:
-                    hasher.update(part if n == len(part) else part[:n])
-                    self._hashed_to = end
-            written += n
+        try:
+            while written < size:
+                part = data[written:] if written else data  # (the usual case: all at once)
+                n = _pwrite(fd, part, offset + written) if fd >= 0 else \
+                    self._write_stream(offset + written, part)
+                if not n:  # as when the disk fills up: the next write raises
+                    raise FileError('short write to {}: {} of {} bytes'.format(
+                        self.target, written, size))
+                written += n
+        finally:
+            if written:
+                end = offset + written
+                self.held.add(offset, end)
+                self.snapshot = self.held.pairs
+                if end > self._extent:
+                    self._extent = end
+                self._sidecar_current = False  # the ranges moved on
+                if self._hasher is not None:
+                    self._hash_written(offset, end, data)
+
+    def _hash_written(self, start: int, end: int, data: memoryview) -> None:
+        """Feed the hasher the bytes just written, ``data`` from ``start``
+        to ``end``, where it stands at ``start``; if they replace bytes it
+        saw, it starts again (the file is hashed from disk at its end)."""
+        if start < self._hashed_to:
+            import hashlib
+            self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
+        elif start == self._hashed_to:
+            self._hasher.update(data if end - start == len(data) else data[:end - start])
+            self._hashed_to = end
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
         """Move ``count`` bytes from the ``pipe`` into the file at
@@ -5478,7 +5497,8 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            self._before_writing(offset, offset + count)
+            if not self._sidecar_on_disk and not self._completes(offset, offset + count):
+                self._before_writing(offset)
             fd = self._fd
             moved = 0
             try:
@@ -5501,7 +5521,7 @@ class _FileStore:
                     self.held.add(offset + moved, offset + moved + n)
                     self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
-                    self.snapshot = self.held.pairs()
+                    self.snapshot = self.held.pairs
                     moved += n
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
@@ -5542,7 +5562,7 @@ class _FileStore:
             self.epoch += 1
             self._dropped += 1
             self.held = _Ranges()
-            self.snapshot = self.held.pairs()
+            self.snapshot = self.held.pairs
             self.size = -1
             self._reset_hasher()
             target, path = self.target, self.os_path
@@ -5571,7 +5591,7 @@ class _FileStore:
         with self._lock:
             self.held.remove(start, end)
             self._dropped += 1
-            self.snapshot = self.held.pairs()
+            self.snapshot = self.held.pairs
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
@@ -5600,7 +5620,7 @@ class _FileStore:
             self.size = total
             self._dropped += 1  # (a record made before has the old size)
             if self.held.clip(total):
-                self.snapshot = self.held.pairs()
+                self.snapshot = self.held.pairs
 
     # -- the sidecar ------------------------------------------------------------------
 
@@ -5669,7 +5689,7 @@ class _FileStore:
     def _sidecar_record(self) -> str:
         import json
         return json.dumps({'version': 2, 'url': self.url, 'size': self.size,
-                           'held': self.held.pairs(), 'validators': self.validators})
+                           'held': self.held.pairs, 'validators': self.validators})
 
     def _save_sidecar(self, record: Optional[str] = None) -> bool:
         """Replace the sidecar atomically and durably, so that after a crash

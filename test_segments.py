@@ -212,7 +212,7 @@ def test_held_ranges_merge_whatever_the_order_of_the_writes():
             else:
                 pairs.append([byte, byte + 1])
                 position = byte + 1
-        assert ranges.pairs() == tuple(map(tuple, pairs)) and ranges.total == len(held)
+        assert ranges.pairs == tuple(map(tuple, pairs)) and ranges.total == len(held)
 
 
 def transfer_of_100_bytes(tmp_path, held, published):
@@ -229,7 +229,7 @@ def transfer_of_100_bytes(tmp_path, held, published):
                                 gzip_name=False)
     transfer.planner.total = 100
     store.held = bitpit._Ranges(held)
-    store.snapshot = bitpit._Ranges(published).pairs()
+    store.snapshot = bitpit._Ranges(published).pairs
     return transfer
 
 
@@ -548,7 +548,7 @@ def planner_of(tmp_path, total, held=(), limit=0):
     held, under a download limit of ``limit`` bytes/s (0: none)."""
     store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
     store.held = bitpit._Ranges(list(held))
-    store.snapshot = store.held.pairs()
+    store.snapshot = store.held.pairs
     planner = bitpit._Planner(store, [], 4, (bitpit._TokenBucket(limit),))
     planner.total, planner.segmented = total, True
     return planner
