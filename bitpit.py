@@ -5199,28 +5199,42 @@ class _FileStore:
 
     def load_unshared(self) -> None:
         """``load`` without the lock: by the constructor, before any other
-        thread can see the store, or under the lock."""
+        thread can see the store, or under the lock. Nothing there (a new
+        file's target, told by ``os.access``: see ``_there``) is told
+        without a ``stat``, and no sidecar is looked for beside no bytes."""
         self.sealed = False       # set when a stop gave up waiting: no more writes
-        if self.os_path is not None:
-            status = _status(self.os_path)
-            size = _regular_size(status)
-        else:
-            status, size = None, _local_size(self.target, self.held.total)
         self.size = -1
         self.validators: Dict[str, Optional[str]] = {}
         self.digest: Optional[Tuple[str, str]] = None
-        self._sidecar_current = False
-        self._sidecar_failed = False  # it could not be written: no holes then
-        sidecar_there, saved = self._read_sidecar() if size else (None, None)
+        # a sidecar the load found usable is on disk; one written since is
+        # current until the next write; one that could not be written
+        # leaves the file without holes
+        self._sidecar_on_disk = self._sidecar_current = self._sidecar_failed = False
+        path = self.os_path
+        if path is None:  # a file object
+            there, size = False, _local_size(self.target, self.held.total)
+        elif not os.access(path, os.F_OK):
+            there, size = False, 0
+        else:
+            try:
+                there, size = True, _regular_size(os.stat(path))
+            except OSError:  # (removed meanwhile, or not to be looked at)
+                there, size = False, 0
         # what the load found: whether the target was there, and its
         # sidecar (``None``: not looked for, beside no bytes)
-        self.found: Tuple[bool, Optional[bool]] = (status is not None, sidecar_there)
-        self._sidecar_on_disk = saved is not None
-        if size or self.held.total:  # (else nothing was held, nor is there: no change)
-            self.held = _Ranges([(0, size)])
-            if saved is not None:
-                self._take(saved, size)
-            self.snapshot = self.held.pairs
+        if not size:
+            self.found: Tuple[bool, Optional[bool]] = (there, None)
+            if self.held.total:  # (else nothing was held, nor is there: no change)
+                self.held = _Ranges()
+                self.snapshot = ()
+            return
+        sidecar_there, saved = self._read_sidecar()
+        self.found = (there, sidecar_there)
+        self.held = _Ranges([(0, size)])
+        if saved is not None:
+            self._sidecar_on_disk = True
+            self._take(saved, size)
+        self.snapshot = self.held.pairs
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -5730,14 +5744,17 @@ class _FileStore:
         since (a complete file that was resumed, as a run again over files
         it fetched before finds them). Where it was not looked for (beside
         no bytes, as for a new file), one that an earlier run left may be
-        there: it is looked for now (``_there``: a failed unlink costs
-        more), and goes."""
+        there: it is looked for now (``os.access``, see ``_there``: a
+        failed unlink costs more), and goes."""
         sidecar = self.sidecar
-        written, found = self._sidecar_on_disk, self.found[1]
-        self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None or not written and (
-                found is False or found is None and not _there(sidecar)):
-            return
+        if sidecar is None:
+            return  # (a file object has none)
+        if self._sidecar_on_disk:  # (written, or found: a sidecar current only while on disk)
+            self._sidecar_on_disk = self._sidecar_current = False
+        else:
+            found = self.found[1]
+            if found is False or found is None and not os.access(sidecar, os.F_OK):
+                return
         try:
             os.unlink(sidecar)
         except FileNotFoundError:
@@ -5759,39 +5776,56 @@ class _FileStore:
         a mismatch: the file is kept, with a sidecar that holds none of it
         (``_disown``). ``digest`` is then the file's, when a checksum or
         ``hash_with`` asked for one: what the hasher saw, and the bytes it
-        did not see read from disk."""
+        did not see read from disk. Each of these is done only where this
+        store has it to do: a file that holds more than its size, a
+        hasher, digests, a sidecar."""
         with self._lock:
-            try:
-                if self._fd >= 0 and 0 <= self.size < self._extent \
-                        and os.fstat(self._fd).st_size > self.size:
-                    os.ftruncate(self._fd, self.size)
-                    self._extent = self.size
-            except OSError as exc:
-                raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            algorithm = checksum[0] if checksum is not None else self.hash_with
-            if algorithm is not None:
-                if self._hasher is None:
-                    import hashlib
-                    self._hasher = hashlib.new(algorithm)
-                self._hash_from_disk(self.held.total)
-                actual = self._hasher.hexdigest()
-                if checksum is not None and actual != checksum[1]:
-                    self._disown()
-                    raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
-                                         .format(checksum[0], self.target, checksum[1], actual))
-                self.digest = (self._hasher.name, actual)
+            fd = self._fd
+            if fd >= 0 and 0 <= self.size < self._extent:  # (reserved, or written, past it)
+                self._cut_to_size(fd)
+            if checksum is not None or self.hash_with is not None:
+                self._check_hash(checksum)
             if digests:  # (seldom sent)
                 self._check_digests(digests)
             self._remove_sidecar()
             path = self.os_path
-            fd = self._fd
-            if path is not None and fd >= 0:
+            if path is None:
+                return  # (a file object: not the store's to stamp)
+            if fd >= 0:
                 _stamp(path, modified, etag, fd)
                 self._fd = -1  # (complete: nothing more to write, nor to cut back)
                 os.close(fd)
-            elif path is not None and self._file is None and (modified is not None or etag) \
+            elif self._file is None and (modified is not None or etag) \
                     and os.path.isfile(path):  # (nothing to stamp: no look at the file)
                 _stamp(path, modified, etag)
+
+    def _cut_to_size(self, fd: int) -> None:
+        """Cut the open file back to its size, where it holds more (room
+        reserved, or the bytes of a bigger version written). Under the lock."""
+        try:
+            if os.fstat(fd).st_size > self.size:
+                os.ftruncate(fd, self.size)
+                self._extent = self.size
+        except OSError as exc:
+            raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
+
+    def _check_hash(self, checksum: Optional[Tuple[str, str]]) -> None:
+        """The file's digest (``digest``), by the checksum's algorithm or
+        ``hash_with``: what the hasher saw, and the bytes it did not see
+        read from disk; ``IntegrityError`` if it is not the checksum's.
+        Under the lock."""
+        algorithm = checksum[0] if checksum is not None else self.hash_with
+        assert algorithm is not None  # (finish looked)
+        if self._hasher is None:
+            import hashlib
+            self._hasher = hashlib.new(algorithm)
+        self._hash_from_disk(self.held.total)
+        actual = self._hasher.hexdigest()
+        if checksum is not None and actual != checksum[1]:
+            self._disown()
+            raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
+                                 .format(checksum[0], self.target, checksum[1], actual))
+        self.digest = (self._hasher.name, actual)
 
     def _check_digests(self, digests: Sequence[Tuple[str, str, bytes]]) -> None:
         """Hash the file once for every algorithm of ``digests`` (one at
