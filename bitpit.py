@@ -4851,7 +4851,7 @@ def _stamp(path: str, modified: Optional[float], etag: Optional[str],
         _log.warning('cannot set the modification time of %s: %s', path, exc)
     if etag and _XATTRS:
         try:
-            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
+            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode())  # (UTF-8)
         except OSError:
             pass  # no extended attributes here
 
@@ -5154,11 +5154,15 @@ class _FileStore:
         # an ABC's check, would cost three calls for each file
         self.target = target
         try:
-            self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
+            path = os.fspath(target)  # type: ignore[arg-type]
         except TypeError:
-            self.os_path = None
-        self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
-        self.is_path = self.os_path is not None
+            self.os_path: Optional[str] = None
+            self.sidecar: Optional[str] = None
+            self.is_path = False
+        else:
+            self.os_path = path
+            self.sidecar = _sidecar_of(path)
+            self.is_path = True
         self.url = url
         self.held = _Ranges()
         self.epoch = 0
@@ -5469,15 +5473,16 @@ class _FileStore:
         and count the bytes written as held (and hashed) once they landed,
         also when a failure cut the write short: what was written counts."""
         fd = self._fd
-        written, size = 0, len(data)
+        written = 0
         try:
-            while written < size:
-                part = data[written:] if written else data  # (the usual case: all at once)
+            written = _pwrite(fd, data, offset) if fd >= 0 else self._write_stream(offset, data)
+            while written < len(data):  # (seldom: a write cut short, the rest)
+                part = data[written:]
                 n = _pwrite(fd, part, offset + written) if fd >= 0 else \
                     self._write_stream(offset + written, part)
                 if not n:  # as when the disk fills up: the next write raises
                     raise FileError('short write to {}: {} of {} bytes'.format(
-                        self.target, written, size))
+                        self.target, written, len(data)))
                 written += n
         finally:
             if written:
@@ -5633,7 +5638,7 @@ class _FileStore:
         with self._lock:
             self.size = total
             self._dropped += 1  # (a record made before has the old size)
-            if self.held.clip(total):
+            if self.held.total and self.held.clip(total):  # (a new file holds nothing)
                 self.snapshot = self.held.pairs
 
     # -- the sidecar ------------------------------------------------------------------
