@@ -4936,8 +4936,9 @@ class _Ranges:
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
-        i = bisect.bisect_left(self.pairs, (start + 1,)) - 1  # the last range that starts by start
-        return i >= 0 and self.pairs[i][1] >= end
+        pairs = self.pairs
+        i = bisect.bisect_left(pairs, (start + 1,)) - 1  # the last range that starts by start
+        return i >= 0 and pairs[i][1] >= end
 
     def remove(self, start: int, end: int) -> None:
         """Stop covering ``[start, end)``."""
