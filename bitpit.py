@@ -4874,10 +4874,26 @@ class _Ranges:
     __slots__ = ('pairs', 'total')
 
     def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
+        """Ranges that cover ``spans``, given in any order, overlapping
+        or not: sorted first, so that they are merged in one pass (not
+        added one at a time, each add copying the tuple)."""
         self.pairs: Tuple[Tuple[int, int], ...] = ()
         self.total = 0
-        for start, end in spans:
-            self.add(start, end)
+        if spans:  # (a new store's: none)
+            merged: List[Tuple[int, int]] = []
+            total = 0
+            for start, end in sorted(spans):
+                if end <= start:
+                    continue
+                if merged and start <= merged[-1][1]:  # (touches or overlaps the last one)
+                    last_start, last_end = merged[-1]
+                    if end > last_end:
+                        merged[-1] = (last_start, end)
+                        total += end - last_end
+                else:
+                    merged.append((start, end))
+                    total += end - start
+            self.pairs, self.total = tuple(merged), total
 
     def add(self, start: int, end: int) -> int:
         """Cover ``[start, end)``; return how many bytes were not covered."""
