@@ -5147,7 +5147,12 @@ class _FileStore:
     with the file's size and each source's validator, across attempts and
     processes.
 
-    Any thread may call it; ``_lock`` guards everything. Writes carry the
+    Any thread may call it; ``_lock`` guards everything, but at the end
+    of an attempt: ``finish``, which its transfer's ``result`` calls once
+    nothing else uses the store (its connections, their writes and piece
+    checks, and its sidecar saves are over: ``join_steps`` waited for
+    them; the run's steps wait for it in turn), takes no lock, nor does
+    ``close`` of a file ``finish`` closed. Writes carry the
     epoch they were planned in: ``restart_from_zero()`` starts a new epoch,
     and a write of an older one is refused (``_Superseded``), so that bytes
     of two versions of the file never mix. The sidecar is on disk before any
@@ -5733,7 +5738,7 @@ class _FileStore:
         bytes it records are synced first (unless the caller did, and gives
         the ``record`` it made before), the new sidecar before it replaces
         the old, the directory after. ``False`` when that failed (logged
-        once). Under the lock."""
+        once). Under the lock (or ``finish``'s: see the class)."""
         sidecar = self.sidecar
         if sidecar is None:
             return False  # a file object has none
@@ -5755,7 +5760,8 @@ class _FileStore:
         return True
 
     def _sidecar_not_written(self, exc: OSError) -> None:
-        """Writing the sidecar failed with ``exc``: said once. Under the lock."""
+        """Writing the sidecar failed with ``exc``: said once. Under the lock
+        (or ``finish``'s)."""
         if not self._sidecar_failed:
             _log.warning('cannot write %s: %s', self.sidecar, exc)
         self._sidecar_failed = True
@@ -5800,30 +5806,31 @@ class _FileStore:
         ``hash_with`` asked for one: what the hasher saw, and the bytes it
         did not see read from disk. Each of these is done only where this
         store has it to do: a file that holds more than its size, a
-        hasher, digests, a sidecar."""
-        with self._lock:
-            fd = self._fd
-            if fd >= 0 and 0 <= self.size < self._extent:  # (reserved, or written, past it)
-                self._cut_to_size(fd)
-            if checksum is not None or self.hash_with is not None:
-                self._check_hash(checksum)
-            if digests:  # (seldom sent)
-                self._check_digests(digests)
-            self._remove_sidecar()
-            path = self.os_path
-            if path is None:
-                return  # (a file object: not the store's to stamp)
-            if fd >= 0:
-                _stamp(path, modified, etag, fd)
-                self._fd = -1  # (complete: nothing more to write, nor to cut back)
-                os.close(fd)
-            elif self._file is None and (modified is not None or etag) \
-                    and os.path.isfile(path):  # (nothing to stamp: no look at the file)
-                _stamp(path, modified, etag)
+        hasher, digests, a sidecar. The end of an attempt, which nothing
+        else uses the store at (see the class): without the lock, which
+        would be a section more for every file, guarding nothing."""
+        fd = self._fd
+        if fd >= 0 and 0 <= self.size < self._extent:  # (reserved, or written, past it)
+            self._cut_to_size(fd)
+        if checksum is not None or self.hash_with is not None:
+            self._check_hash(checksum)
+        if digests:  # (seldom sent)
+            self._check_digests(digests)
+        self._remove_sidecar()
+        path = self.os_path
+        if path is None:
+            return  # (a file object: not the store's to stamp)
+        if fd >= 0:
+            _stamp(path, modified, etag, fd)
+            self._fd = -1  # (complete: nothing more to write, nor to cut back)
+            os.close(fd)
+        elif self._file is None and (modified is not None or etag) \
+                and os.path.isfile(path):  # (nothing to stamp: no look at the file)
+            _stamp(path, modified, etag)
 
     def _cut_to_size(self, fd: int) -> None:
         """Cut the open file back to its size, where it holds more (room
-        reserved, or the bytes of a bigger version written). Under the lock."""
+        reserved, or the bytes of a bigger version written). ``finish``'s."""
         try:
             if os.fstat(fd).st_size > self.size:
                 os.ftruncate(fd, self.size)
@@ -5835,7 +5842,7 @@ class _FileStore:
         """The file's digest (``digest``), by the checksum's algorithm or
         ``hash_with``: what the hasher saw, and the bytes it did not see
         read from disk; ``IntegrityError`` if it is not the checksum's.
-        Under the lock."""
+        ``finish``'s."""
         algorithm = checksum[0] if checksum is not None else self.hash_with
         assert algorithm is not None  # (finish looked)
         if self._hasher is None:
