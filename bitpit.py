@@ -4881,6 +4881,8 @@ _FALLOCATE = hasattr(os, 'posix_fallocate')
 # how the store opens a file: for writing and reading back, made where
 # missing, and bytes as they are (O_BINARY: Windows only)
 _STORE_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, 'O_BINARY', 0)
+# and a new file's: made here, or not at all
+_NEW_FILE_FLAGS = _STORE_FLAGS | os.O_EXCL
 
 
 def _stamp(path: str, modified: Optional[float], etag: Optional[str],
@@ -4899,7 +4901,7 @@ def _stamp(path: str, modified: Optional[float], etag: Optional[str],
         _log.warning('cannot set the modification time of %s: %s', path, exc)
     if etag and _XATTRS:
         try:
-            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode('utf-8'))
+            os.setxattr(file, _ETAG_ATTRIBUTE, etag.encode())  # (UTF-8)
         except OSError:
             pass  # no extended attributes here
 
@@ -4913,38 +4915,68 @@ def _stored_etag(path: pathlib.Path) -> Optional[str]:
 
 
 class _Ranges:
-    """Disjoint, sorted byte ranges ``[start, end)``; ``total`` is the number
-    of bytes they cover. Not locked: its owner locks it."""
-    __slots__ = ('_starts', '_ends', 'total')
+    """Disjoint, sorted byte ranges ``[start, end)``, merged where they
+    touch: ``pairs``, a tuple of ``(start, end)`` replaced whole at each
+    change and never changed (its owner publishes it as it is, for other
+    threads to read without a lock: no copy is made after each write);
+    ``total`` is the number of bytes they cover. Not locked: its owner
+    locks it."""
+    __slots__ = ('pairs', 'total')
 
     def __init__(self, spans: Iterable[Tuple[int, int]] = ()):
-        self._starts: List[int] = []
-        self._ends: List[int] = []
+        """Ranges that cover ``spans``, given in any order, overlapping
+        or not: sorted first, so that they are merged in one pass (not
+        added one at a time, each add copying the tuple)."""
+        self.pairs: Tuple[Tuple[int, int], ...] = ()
         self.total = 0
-        for start, end in spans:
-            self.add(start, end)
+        if spans:  # (a new store's: none)
+            merged: List[Tuple[int, int]] = []
+            total = 0
+            for start, end in sorted(spans):
+                if end <= start:
+                    continue
+                if merged and start <= merged[-1][1]:  # (touches or overlaps the last one)
+                    last_start, last_end = merged[-1]
+                    if end > last_end:
+                        merged[-1] = (last_start, end)
+                        total += end - last_end
+                else:
+                    merged.append((start, end))
+                    total += end - start
+            self.pairs, self.total = tuple(merged), total
 
     def add(self, start: int, end: int) -> int:
         """Cover ``[start, end)``; return how many bytes were not covered."""
         if end <= start:
             return 0
-        starts, ends = self._starts, self._ends
-        if not ends or start >= ends[-1]:  # the usual case: bytes after all the others
-            if ends and start == ends[-1]:
-                ends[-1] = end  # (that follow on from the last range)
+        pairs = self.pairs
+        if not pairs:  # the usual case: a new file's first bytes
+            self.pairs = ((start, end),)
+        else:
+            last_start, last_end = pairs[-1]
+            if start == last_end:  # (bytes that follow on from the last range)
+                self.pairs = pairs[:-1] + ((last_start, end),)
+            elif start > last_end:
+                self.pairs = pairs + ((start, end),)
             else:
-                starts.append(start)
-                ends.append(end)
-            self.total += end - start
-            return end - start
-        i = bisect.bisect_left(ends, start)     # the first range that ends at or after start
-        j = bisect.bisect_right(starts, end)    # past the last range that starts by end
+                return self._merge(start, end)
+        self.total += end - start
+        return end - start
+
+    def _merge(self, start: int, end: int) -> int:
+        """``add`` of bytes that do not come after all the others. A range
+        is found by its start: ``(n,)`` sorts before every range that
+        starts at ``n``."""
+        pairs = self.pairs
+        i = bisect.bisect_left(pairs, (start,))  # the first range that starts at or after start
+        if i and pairs[i - 1][1] >= start:
+            i -= 1                               # (the one before reaches it)
+        j = bisect.bisect_left(pairs, (end + 1,), i)  # past the last range that starts by end
         covered = 0
         if i < j:
-            covered = sum(ends[k] - starts[k] for k in range(i, j))
-            start, end = min(start, starts[i]), max(end, ends[j - 1])
-        starts[i:j] = [start]
-        ends[i:j] = [end]
+            covered = sum(old_end - old_start for old_start, old_end in pairs[i:j])
+            start, end = min(start, pairs[i][0]), max(end, pairs[j - 1][1])
+        self.pairs = pairs[:i] + ((start, end),) + pairs[j:]
         added = end - start - covered
         self.total += added
         return added
@@ -4953,7 +4985,7 @@ class _Ranges:
         """The ranges of ``[0, size)`` not covered."""
         found = []
         position = 0
-        for start, end in zip(self._starts, self._ends):
+        for start, end in self.pairs:
             if start >= size:
                 break
             if start > position:
@@ -4965,39 +4997,28 @@ class _Ranges:
 
     def prefix(self) -> int:
         """Where the range that starts at byte 0 ends (0 if there is none)."""
-        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
-
-    def pairs(self) -> Tuple[Tuple[int, int], ...]:
-        """The ranges as ``(start, end)`` pairs, in a tuple that never changes
-        (made after each write: the usual one range is paired without a
-        ``zip``, which costs three times as much)."""
-        starts, ends = self._starts, self._ends
-        if len(starts) == 1:
-            return ((starts[0], ends[0]),)
-        return tuple(zip(starts, ends))
+        pairs = self.pairs
+        return pairs[0][1] if pairs and pairs[0][0] == 0 else 0
 
     def covers(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is covered whole."""
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and self._ends[i] >= end
+        pairs = self.pairs
+        i = bisect.bisect_left(pairs, (start + 1,)) - 1  # the last range that starts by start
+        return i >= 0 and pairs[i][1] >= end
 
     def remove(self, start: int, end: int) -> None:
         """Stop covering ``[start, end)``."""
         kept = []
-        for old_start, old_end in zip(self._starts, self._ends):
+        for old_start, old_end in self.pairs:
             kept += [(old_start, min(old_end, start)), (max(old_start, end), old_end)]
-        self._starts, self._ends, self.total = [], [], 0
-        for kept_start, kept_end in kept:
-            if kept_start < kept_end:
-                self.add(kept_start, kept_end)
+        _Ranges.__init__(self, kept)
 
     def clip(self, size: int) -> bool:
         """Forget everything at or after ``size``; whether there was any."""
-        if not self._ends or self._ends[-1] <= size:
+        pairs = self.pairs
+        if not pairs or pairs[-1][1] <= size:
             return False  # the common case: a size learnt before any byte
-        kept = [(start, min(end, size)) for start, end in zip(self._starts, self._ends)
-                if start < size]
-        _Ranges.__init__(self, kept)
+        _Ranges.__init__(self, [(start, min(end, size)) for start, end in pairs if start < size])
         return True
 
 
@@ -5176,7 +5197,12 @@ class _FileStore:
     with the file's size and each source's validator, across attempts and
     processes.
 
-    Any thread may call it; ``_lock`` guards everything. Writes carry the
+    Any thread may call it; ``_lock`` guards everything, but at the end
+    of an attempt: ``finish``, which its transfer's ``result`` calls once
+    nothing else uses the store (its connections, their writes and piece
+    checks, and its sidecar saves are over: ``join_steps`` waited for
+    them; the run's steps wait for it in turn), takes no lock, nor does
+    ``close`` of a file ``finish`` closed. Writes carry the
     epoch they were planned in: ``restart_from_zero()`` starts a new epoch,
     and a write of an older one is refused (``_Superseded``), so that bytes
     of two versions of the file never mix. The sidecar is on disk before any
@@ -5200,11 +5226,15 @@ class _FileStore:
         # an ABC's check, would cost three calls for each file
         self.target = target
         try:
-            self.os_path: Optional[str] = os.fspath(target)  # type: ignore[arg-type]
+            path = os.fspath(target)  # type: ignore[arg-type]
         except TypeError:
-            self.os_path = None
-        self.sidecar = _sidecar_of(self.os_path) if self.os_path is not None else None
-        self.is_path = self.os_path is not None
+            self.os_path: Optional[str] = None
+            self.sidecar: Optional[str] = None
+            self.is_path = False
+        else:
+            self.os_path = path
+            self.sidecar = _sidecar_of(path)
+            self.is_path = True
         self.url = url
         self.held = _Ranges()
         self.epoch = 0
@@ -5245,28 +5275,42 @@ class _FileStore:
 
     def load_unshared(self) -> None:
         """``load`` without the lock: by the constructor, before any other
-        thread can see the store, or under the lock."""
+        thread can see the store, or under the lock. Nothing there (a new
+        file's target, told by ``os.access``: see ``_there``) is told
+        without a ``stat``, and no sidecar is looked for beside no bytes."""
         self.sealed = False       # set when a stop gave up waiting: no more writes
-        if self.os_path is not None:
-            status = _status(self.os_path)
-            size = _regular_size(status)
-        else:
-            status, size = None, _local_size(self.target, self.held.total)
         self.size = -1
         self.validators: Dict[str, Optional[str]] = {}
         self.digest: Optional[Tuple[str, str]] = None
-        self._sidecar_current = False
-        self._sidecar_failed = False  # it could not be written: no holes then
-        sidecar_there, saved = self._read_sidecar() if size else (None, None)
+        # a sidecar the load found usable is on disk; one written since is
+        # current until the next write; one that could not be written
+        # leaves the file without holes
+        self._sidecar_on_disk = self._sidecar_current = self._sidecar_failed = False
+        path = self.os_path
+        if path is None:  # a file object
+            there, size = False, _local_size(self.target, self.held.total)
+        elif not os.access(path, os.F_OK):
+            there, size = False, 0
+        else:
+            try:
+                there, size = True, _regular_size(os.stat(path))
+            except OSError:  # (removed meanwhile, or not to be looked at)
+                there, size = False, 0
         # what the load found: whether the target was there, and its
         # sidecar (``None``: not looked for, beside no bytes)
-        self.found: Tuple[bool, Optional[bool]] = (status is not None, sidecar_there)
-        self._sidecar_on_disk = saved is not None
-        if size or self.held.total:  # (else nothing was held, nor is there: no change)
-            self.held = _Ranges([(0, size)])
-            if saved is not None:
-                self._take(saved, size)
-            self.snapshot = self.held.pairs()
+        if not size:
+            self.found: Tuple[bool, Optional[bool]] = (there, None)
+            if self.held.total:  # (else nothing was held, nor is there: no change)
+                self.held = _Ranges()
+                self.snapshot = ()
+            return
+        sidecar_there, saved = self._read_sidecar()
+        self.found = (there, sidecar_there)
+        self.held = _Ranges([(0, size)])
+        if saved is not None:
+            self._sidecar_on_disk = True
+            self._take(saved, size)
+        self.snapshot = self.held.pairs
 
     def _take(self, saved: Dict[str, Any], size: int) -> None:
         """What a sidecar says of a file of ``size`` bytes."""
@@ -5342,17 +5386,30 @@ class _FileStore:
 
     def open(self, checksum: Optional[str] = None,
              cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Open the file for writing (creating it), once. With a checksum
-        algorithm (or ``hash_with``), hash the bytes already held from byte
-        0 on (``_Stopped`` when ``cancelled()`` meanwhile)."""
+        """Open the file for writing (creating it), once. Where the last
+        ``load`` found nothing there, a new file is made (``O_EXCL``),
+        which is regular and empty without an ``fstat`` to say so; a file
+        there (made meanwhile too) is opened as it is and looked at
+        (``_open_existing``). With a checksum algorithm (or
+        ``hash_with``), hash the bytes already held from byte 0 on
+        (``_Stopped`` when ``cancelled()`` meanwhile)."""
         with self._lock:
             if self._fd >= 0 or self._file is not None:
                 return
-            if self.os_path is not None:
-                self._open_path(self.os_path)
-            else:
+            path = self.os_path
+            if path is None:  # the caller's file object
                 self._file = self.target
                 self._position = self.held.total
+            elif self.found[0]:
+                self._open_existing(path)
+            else:
+                try:
+                    self._fd = os.open(path, _NEW_FILE_FLAGS, 0o666)
+                    self._extent = 0
+                except FileExistsError:
+                    self._open_existing(path)
+                except OSError as exc:
+                    raise FileError('cannot open {}: {}'.format(path, exc)) from exc
             algorithm = checksum or self.hash_with
             if algorithm is not None:
                 import hashlib
@@ -5360,21 +5417,12 @@ class _FileStore:
                 self._hashed_to = 0
                 self._hash_from_disk(self.held.prefix(), cancelled)
 
-    def _open_path(self, path: str) -> None:
-        """Open the target path for writing. Where the last ``load`` found
-        nothing there, a new file is made (``O_EXCL``), which is regular
-        and empty without an ``fstat`` to say so; a file there (made
-        meanwhile too) is opened as it is and looked at. Under the lock."""
+    def _open_existing(self, path: str) -> None:
+        """Open the file at the target path, made where missing, for
+        writing; a regular file by its descriptor, anything else (a device,
+        a pipe) as a file object. Under the lock."""
         fd = -1
         try:
-            if not self.found[0]:
-                try:
-                    fd = os.open(path, _STORE_FLAGS | os.O_EXCL, 0o666)
-                except FileExistsError:
-                    pass
-                else:
-                    self._fd, self._extent = fd, 0
-                    return
             fd = os.open(path, _STORE_FLAGS, 0o666)
             status = os.fstat(fd)
         except OSError as exc:
@@ -5469,19 +5517,22 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            self._before_writing(offset, offset + len(data))
+            end = offset + len(data)
+            if not self._sidecar_on_disk and not self._completes(offset, end):
+                self._before_writing(offset)
             try:
                 self._write_all(offset, data)
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
 
-    def _before_writing(self, start: int, end: int) -> None:
+    def _before_writing(self, start: int) -> None:
         """The sidecar goes on disk before the first write that leaves the
-        file incomplete. Without it, a write may only extend the bytes held
-        from byte 0: a file with holes and no record of them would be
-        taken for a complete one."""
-        if self._fd < 0 or self._sidecar_on_disk or self._completes(start, end):
-            return
+        file incomplete (the caller looked: none is on disk, and the write
+        at ``start`` does leave it so). Without it, a write may only extend
+        the bytes held from byte 0: a file with holes and no record of them
+        would be taken for a complete one."""
+        if self._fd < 0:
+            return  # (a stream: written in order)
         if not self._sidecar_failed and self._save_sidecar():
             return
         self._sidecar_failed = True
@@ -5490,33 +5541,42 @@ class _FileStore:
                 self.target, self.sidecar))
 
     def _write_all(self, offset: int, data: memoryview) -> None:
-        """Write every byte of ``data`` at ``offset``, counting each part
-        written as held (and hashed) as it lands, so a failure keeps what
-        was written."""
+        """Write every byte of ``data`` at ``offset`` (mostly in one call),
+        and count the bytes written as held (and hashed) once they landed,
+        also when a failure cut the write short: what was written counts."""
         fd = self._fd
-        written, size = 0, len(data)
-        while written < size:
-            part = data[written:] if written else data  # (the usual case: all at once)
-            start = offset + written
-            n = _pwrite(fd, part, start) if fd >= 0 else self._write_stream(start, part)
-            if not n:  # as when the disk fills up: the next write raises
-                raise FileError('short write to {}: {} of {} bytes'.format(
-                    self.target, written, size))
-            end = start + n
-            self.held.add(start, end)
-            if end > self._extent:
-                self._extent = end
-            self._sidecar_current = False  # the ranges moved on
-            self.snapshot = self.held.pairs()
-            hasher = self._hasher
-            if hasher is not None:
-                if start < self._hashed_to:  # bytes hashed already are written again
-                    import hashlib
-                    self._hasher, self._hashed_to = hashlib.new(hasher.name), 0
-                elif start == self._hashed_to:
-                    hasher.update(part if n == len(part) else part[:n])
-                    self._hashed_to = end
-            written += n
+        written = 0
+        try:
+            written = _pwrite(fd, data, offset) if fd >= 0 else self._write_stream(offset, data)
+            while written < len(data):  # (seldom: a write cut short, the rest)
+                part = data[written:]
+                n = _pwrite(fd, part, offset + written) if fd >= 0 else \
+                    self._write_stream(offset + written, part)
+                if not n:  # as when the disk fills up: the next write raises
+                    raise FileError('short write to {}: {} of {} bytes'.format(
+                        self.target, written, len(data)))
+                written += n
+        finally:
+            if written:
+                end = offset + written
+                self.held.add(offset, end)
+                self.snapshot = self.held.pairs
+                if end > self._extent:
+                    self._extent = end
+                self._sidecar_current = False  # the ranges moved on
+                if self._hasher is not None:
+                    self._hash_written(offset, end, data)
+
+    def _hash_written(self, start: int, end: int, data: memoryview) -> None:
+        """Feed the hasher the bytes just written, ``data`` from ``start``
+        to ``end``, where it stands at ``start``; if they replace bytes it
+        saw, it starts again (the file is hashed from disk at its end)."""
+        if start < self._hashed_to:
+            import hashlib
+            self._hasher, self._hashed_to = hashlib.new(self._hasher.name), 0
+        elif start == self._hashed_to:
+            self._hasher.update(data if end - start == len(data) else data[:end - start])
+            self._hashed_to = end
 
     def splice_in(self, pipe: int, offset: int, count: int, epoch: int) -> None:
         """Move ``count`` bytes from the ``pipe`` into the file at
@@ -5528,7 +5588,8 @@ class _FileStore:
                 raise _Stopped
             if epoch != self.epoch:
                 raise _Superseded
-            self._before_writing(offset, offset + count)
+            if not self._sidecar_on_disk and not self._completes(offset, offset + count):
+                self._before_writing(offset)
             fd = self._fd
             moved = 0
             try:
@@ -5551,7 +5612,7 @@ class _FileStore:
                     self.held.add(offset + moved, offset + moved + n)
                     self._extent = max(self._extent, offset + moved + n)
                     self._sidecar_current = False
-                    self.snapshot = self.held.pairs()
+                    self.snapshot = self.held.pairs
                     moved += n
             except OSError as exc:
                 raise FileError('cannot write {}: {}'.format(self.target, exc)) from exc
@@ -5592,7 +5653,7 @@ class _FileStore:
             self.epoch += 1
             self._dropped += 1
             self.held = _Ranges()
-            self.snapshot = self.held.pairs()
+            self.snapshot = self.held.pairs
             self.size = -1
             self._reset_hasher()
             target, path = self.target, self.os_path
@@ -5621,7 +5682,7 @@ class _FileStore:
         with self._lock:
             self.held.remove(start, end)
             self._dropped += 1
-            self.snapshot = self.held.pairs()
+            self.snapshot = self.held.pairs
             if start < self._hashed_to:
                 self._reset_hasher()  # it saw them: the file is hashed again at its end
             self._sidecar_current = False
@@ -5649,8 +5710,8 @@ class _FileStore:
         with self._lock:
             self.size = total
             self._dropped += 1  # (a record made before has the old size)
-            if self.held.clip(total):
-                self.snapshot = self.held.pairs()
+            if self.held.total and self.held.clip(total):  # (a new file holds nothing)
+                self.snapshot = self.held.pairs
 
     # -- the sidecar ------------------------------------------------------------------
 
@@ -5719,7 +5780,7 @@ class _FileStore:
     def _sidecar_record(self) -> str:
         import json
         return json.dumps({'version': 2, 'url': self.url, 'size': self.size,
-                           'held': self.held.pairs(), 'validators': self.validators})
+                           'held': self.held.pairs, 'validators': self.validators})
 
     def _save_sidecar(self, record: Optional[str] = None) -> bool:
         """Replace the sidecar atomically and durably, so that after a crash
@@ -5727,7 +5788,7 @@ class _FileStore:
         bytes it records are synced first (unless the caller did, and gives
         the ``record`` it made before), the new sidecar before it replaces
         the old, the directory after. ``False`` when that failed (logged
-        once). Under the lock."""
+        once). Under the lock (or ``finish``'s: see the class)."""
         sidecar = self.sidecar
         if sidecar is None:
             return False  # a file object has none
@@ -5749,7 +5810,8 @@ class _FileStore:
         return True
 
     def _sidecar_not_written(self, exc: OSError) -> None:
-        """Writing the sidecar failed with ``exc``: said once. Under the lock."""
+        """Writing the sidecar failed with ``exc``: said once. Under the lock
+        (or ``finish``'s)."""
         if not self._sidecar_failed:
             _log.warning('cannot write %s: %s', self.sidecar, exc)
         self._sidecar_failed = True
@@ -5760,14 +5822,17 @@ class _FileStore:
         since (a complete file that was resumed, as a run again over files
         it fetched before finds them). Where it was not looked for (beside
         no bytes, as for a new file), one that an earlier run left may be
-        there: it is looked for now (``_there``: a failed unlink costs
-        more), and goes."""
+        there: it is looked for now (``os.access``, see ``_there``: a
+        failed unlink costs more), and goes."""
         sidecar = self.sidecar
-        written, found = self._sidecar_on_disk, self.found[1]
-        self._sidecar_on_disk = self._sidecar_current = False
-        if sidecar is None or not written and (
-                found is False or found is None and not _there(sidecar)):
-            return
+        if sidecar is None:
+            return  # (a file object has none)
+        if self._sidecar_on_disk:  # (written, or found: a sidecar current only while on disk)
+            self._sidecar_on_disk = self._sidecar_current = False
+        else:
+            found = self.found[1]
+            if found is False or found is None and not os.access(sidecar, os.F_OK):
+                return
         try:
             os.unlink(sidecar)
         except FileNotFoundError:
@@ -5789,39 +5854,57 @@ class _FileStore:
         a mismatch: the file is kept, with a sidecar that holds none of it
         (``_disown``). ``digest`` is then the file's, when a checksum or
         ``hash_with`` asked for one: what the hasher saw, and the bytes it
-        did not see read from disk."""
-        with self._lock:
-            try:
-                if self._fd >= 0 and 0 <= self.size < self._extent \
-                        and os.fstat(self._fd).st_size > self.size:
-                    os.ftruncate(self._fd, self.size)
-                    self._extent = self.size
-            except OSError as exc:
-                raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
-            algorithm = checksum[0] if checksum is not None else self.hash_with
-            if algorithm is not None:
-                if self._hasher is None:
-                    import hashlib
-                    self._hasher = hashlib.new(algorithm)
-                self._hash_from_disk(self.held.total)
-                actual = self._hasher.hexdigest()
-                if checksum is not None and actual != checksum[1]:
-                    self._disown()
-                    raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
-                                         .format(checksum[0], self.target, checksum[1], actual))
-                self.digest = (self._hasher.name, actual)
-            if digests:  # (seldom sent)
-                self._check_digests(digests)
-            self._remove_sidecar()
-            path = self.os_path
-            fd = self._fd
-            if path is not None and fd >= 0:
-                _stamp(path, modified, etag, fd)
-                self._fd = -1  # (complete: nothing more to write, nor to cut back)
-                os.close(fd)
-            elif path is not None and self._file is None and (modified is not None or etag) \
-                    and os.path.isfile(path):  # (nothing to stamp: no look at the file)
-                _stamp(path, modified, etag)
+        did not see read from disk. Each of these is done only where this
+        store has it to do: a file that holds more than its size, a
+        hasher, digests, a sidecar. The end of an attempt, which nothing
+        else uses the store at (see the class): without the lock, which
+        would be a section more for every file, guarding nothing."""
+        fd = self._fd
+        if fd >= 0 and 0 <= self.size < self._extent:  # (reserved, or written, past it)
+            self._cut_to_size(fd)
+        if checksum is not None or self.hash_with is not None:
+            self._check_hash(checksum)
+        if digests:  # (seldom sent)
+            self._check_digests(digests)
+        self._remove_sidecar()
+        path = self.os_path
+        if path is None:
+            return  # (a file object: not the store's to stamp)
+        if fd >= 0:
+            _stamp(path, modified, etag, fd)
+            self._fd = -1  # (complete: nothing more to write, nor to cut back)
+            os.close(fd)
+        elif self._file is None and (modified is not None or etag) \
+                and os.path.isfile(path):  # (nothing to stamp: no look at the file)
+            _stamp(path, modified, etag)
+
+    def _cut_to_size(self, fd: int) -> None:
+        """Cut the open file back to its size, where it holds more (room
+        reserved, or the bytes of a bigger version written). ``finish``'s."""
+        try:
+            if os.fstat(fd).st_size > self.size:
+                os.ftruncate(fd, self.size)
+                self._extent = self.size
+        except OSError as exc:
+            raise FileError('cannot truncate {}: {}'.format(self.target, exc)) from exc
+
+    def _check_hash(self, checksum: Optional[Tuple[str, str]]) -> None:
+        """The file's digest (``digest``), by the checksum's algorithm or
+        ``hash_with``: what the hasher saw, and the bytes it did not see
+        read from disk; ``IntegrityError`` if it is not the checksum's.
+        ``finish``'s."""
+        algorithm = checksum[0] if checksum is not None else self.hash_with
+        assert algorithm is not None  # (finish looked)
+        if self._hasher is None:
+            import hashlib
+            self._hasher = hashlib.new(algorithm)
+        self._hash_from_disk(self.held.total)
+        actual = self._hasher.hexdigest()
+        if checksum is not None and actual != checksum[1]:
+            self._disown()
+            raise IntegrityError('{} checksum mismatch for {}: expected {}, got {}'
+                                 .format(checksum[0], self.target, checksum[1], actual))
+        self.digest = (self._hasher.name, actual)
 
     def _check_digests(self, digests: Sequence[Tuple[str, str, bytes]]) -> None:
         """Hash the file once for every algorithm of ``digests`` (one at

@@ -212,7 +212,37 @@ def test_held_ranges_merge_whatever_the_order_of_the_writes():
             else:
                 pairs.append([byte, byte + 1])
                 position = byte + 1
-        assert ranges.pairs() == tuple(map(tuple, pairs)) and ranges.total == len(held)
+        assert ranges.pairs == tuple(map(tuple, pairs)) and ranges.total == len(held)
+
+
+def test_held_ranges_made_of_spans_in_any_order_are_merged():
+    """Ranges made at once of many spans (a sidecar's, what a transfer
+    finds taken), in any order, overlapping, touching or empty, are what
+    a set of their bytes says, merged where they touch; and as many as a
+    big file's sidecar may list are made in one pass, not one add each
+    (which would copy the tuple of pairs at each)."""
+    rng = random.Random(11)
+    for _ in range(300):
+        spans = [(start, start + rng.randrange(-3, 12))
+                 for start in (rng.randrange(0, 80) for _ in range(rng.randrange(0, 14)))]
+        held = set()
+        for start, stop in spans:
+            held |= set(range(start, stop))
+        pairs, position = [], None
+        for byte in sorted(held):
+            if position is not None and byte == position:
+                pairs[-1][1] = position = byte + 1
+            else:
+                pairs.append([byte, byte + 1])
+                position = byte + 1
+        for given in (spans, [list(span) for span in spans]):  # (a sidecar's are lists)
+            ranges = bitpit._Ranges(given)
+            assert ranges.pairs == tuple(map(tuple, pairs)) and ranges.total == len(held)
+    many = [(10 * i, 10 * i + 5) for i in range(200000)][::-1]
+    began = time.process_time()
+    ranges = bitpit._Ranges(many)
+    assert ranges.total == 1000000 and ranges.pairs[0] == (0, 5)
+    assert time.process_time() - began < 5  # (one add each: minutes)
 
 
 def transfer_of_100_bytes(tmp_path, held, published):
@@ -229,7 +259,7 @@ def transfer_of_100_bytes(tmp_path, held, published):
                                 gzip_name=False)
     transfer.planner.total = 100
     store.held = bitpit._Ranges(held)
-    store.snapshot = bitpit._Ranges(published).pairs()
+    store.snapshot = bitpit._Ranges(published).pairs
     return transfer
 
 
@@ -548,7 +578,7 @@ def planner_of(tmp_path, total, held=(), limit=0):
     held, under a download limit of ``limit`` bytes/s (0: none)."""
     store = bitpit._FileStore(tmp_path / 'f.bin', 'http://127.0.0.1:1/f')
     store.held = bitpit._Ranges(list(held))
-    store.snapshot = store.held.pairs()
+    store.snapshot = store.held.pairs
     planner = bitpit._Planner(store, [], 4, (bitpit._TokenBucket(limit),))
     planner.total, planner.segmented = total, True
     return planner
