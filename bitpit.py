@@ -6515,10 +6515,13 @@ class _Planner:
 
     def request_end(self, conn: _Connection) -> int:
         """Where ``conn``'s next request ends: after a piece of its claim
-        when the file is split, else at the claim's end."""
-        pieces = self.pieces if self.segmented else None  # (made by split())
-        piece = pieces.piece_for(conn, self.missing()) if pieces is not None else _UNKNOWN_END
-        return min(conn.end, conn.pos + piece)
+        when the file is split, else at the claim's end (no piece asked
+        for, no sizer made: a file never split asks for its claims
+        whole)."""
+        if not self.segmented:
+            return conn.end
+        assert self.pieces is not None  # made by split()
+        return min(conn.end, conn.pos + self.pieces.piece_for(conn, self.missing()))
 
     def done(self, conn: _Connection, first: int, now: float) -> None:
         """``conn``'s request from ``first`` ended ``now``: its rate, what
@@ -6737,7 +6740,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                         continue
                 break  # at the end, which never moves further
             buckets = transfer.buckets  # (replaced whole when a limit is set)
-            limited = bool(buckets) and _limited(buckets)
+            limited = _limited(buckets) if buckets else False
             granted = room
             if conn.pending or judging or limited:  # (none before a body's first read)
                 if conn.pending and (limited or not (whole or body.ready()) or
@@ -6917,13 +6920,14 @@ class _Transfer:
     seen by that look or by the next. (That holds by the GIL: the loop
     sees another thread's writes in the order they were made, and a
     flag, a tuple or a reference written whole; the look after a clear
-    of ``work`` reads ``cancel`` again, ``_next_job``.) A big file is
+    of ``work`` reads ``cancel`` again, ``_race_wait``.) A big file is
     opened, and the pieces it held before read (a bad one's bytes
     forgotten in the store), by a worker that the probe's steps wait
     for (``_prepare``), which changes nothing else of the transfer's
-    but their ``_Setup``; the probe's steps apply what it found. ``downloaded`` (any thread) only
-    reads. ``_wake`` sets ``news``, which the run waits for, and
-    ``work``, which a connection that waits for work waits for."""
+    but their ``_Setup``; the probe's steps apply what it found.
+    ``downloaded`` (any thread) only reads. ``_wake`` sets ``news``,
+    which the run waits for (``_report`` sets it alone, for an event),
+    and ``work``, which a connection that waits for work waits for."""
 
     # more than 30 attributes: without slots, each transfer would make a dict
     # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
@@ -6944,7 +6948,7 @@ class _Transfer:
                  conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self.news = _Flag()           # set by _wake(): something to report or to do
+        self.news = _Flag()           # set by _wake() and _report(): something to do or to report
         self.changed = False          # set by _wake() but for events: something to do
         # a sidecar save handed to a worker runs: set by the run, cleared by
         # the save before it wakes the run (not its task's end, which may
@@ -7000,9 +7004,9 @@ class _Transfer:
         self.digests: Sequence[Tuple[str, str, bytes]] = ()
         self.expected_size = expected_size  # the size every source must have (a metalink's)
         # a metalink's piece hashes, checked as pieces land (in a file path only)
-        self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
-            else None
-        if self.piece_hashes is not None:
+        self.piece_hashes: Optional[_PieceHashes] = None
+        if piece_hashes and store.is_path:
+            self.piece_hashes = _PieceHashes(*piece_hashes)
             store.read_back = True
 
     # -- the run's side ------------------------------------------------------------
@@ -7142,20 +7146,18 @@ class _Transfer:
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum
         check), or raise the attempt's error (``_Stopped`` for a stop). The
-        run's steps, after ``join_steps``."""
-        assert not self.connections and not self.saving, 'result() before join_steps()'
+        run's steps, after ``join_steps`` (no connection and no save is
+        left to touch the file it closes)."""
+        store = self.store
         try:
-            if self.error is not None:
-                raise self.error
-            if not self.complete:
-                raise _Stopped
+            if self.error is not None or not self.complete:
+                store.save()  # what it holds, for the next attempt
+                raise self.error if self.error is not None else _Stopped()
             if not self.unchanged:
                 etag, date = self.file_dates
-                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
+                store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
         finally:
-            if not self.complete or self.error is not None:
-                self.store.save()
-            self.store.close()
+            store.close()
 
     def join_steps(self) -> '_Steps[None]':
         """Wait until no connection is left (after a stop, each ends at
@@ -7240,12 +7242,12 @@ class _Transfer:
         self.slot_freed = True
         self._wake()
 
-    def _wake(self, changed: bool = True) -> None:
-        """Wake the run (``changed``: with something to do besides taking
-        events), and the connections that wait for work. Any thread: what
-        another changes it changes before (see the class)."""
-        if changed:
-            self.changed = True
+    def _wake(self) -> None:
+        """Wake the run, with something to do besides taking events
+        (``changed``; an event alone sets ``news``, ``_report``), and the
+        connections that wait for work. Any thread: what another changes
+        it changes before (see the class)."""
+        self.changed = True
         self.news.set()
         work = self.work
         if work is not None:
@@ -7270,30 +7272,37 @@ class _Transfer:
             return transient[-1]
         return errors[-1] if errors else ProtocolError('the download stopped short')
 
-    def _next_job(self, conn: _Connection) -> Optional[_Wait]:
-        """Claim the next range for ``conn``, if there is one (``conn.active``
-        tells). With nothing for it now, a request too young to tell whether
-        it is far slower may be worth racing in a moment: the wait for it
-        (and for ``work``, set at any change), after which to ask again. A
-        plain call, not steps: most answers need no wait. The loop's thread."""
+    def _next_for(self, conn: _Connection) -> Optional[_Wait]:
+        """``conn`` holds no claim (its steps call it only then): claim its
+        next range, if there is one (``conn.active`` tells), else give the
+        wait after which to ask again (``_race_wait``), else it leaves
+        (``conn.gone``) in this look. A plain call, not steps: most
+        answers need no wait. Its steps, on the loop."""
         # (again after a wait: a connection with no claim is never
         # superseded meanwhile)
-        conn.active = conn.superseded = False
-        if self.complete or self.error is not None or self.cancel.is_set():
-            return None
-        if self.probed and self._is_complete():
-            self._complete(conn)
-            return None
-        if not conn.source.usable:
-            return None
-        if not self.probed:
-            if self.prober is None:
-                self._claim_probe(conn)
-            return None
-        if self.planner.choose(conn):
-            if self.piece_hashes is not None:
-                self._avoid_bad_source(conn, conn.pos)
-            return None
+        conn.superseded = False
+        wait = None
+        if not (self.complete or self.error is not None or self.cancel.is_set()):
+            if self.probed and self._is_complete():
+                self._complete(conn)
+            elif conn.source.usable:
+                if not self.probed:
+                    if self.prober is None:
+                        self._claim_probe(conn)
+                elif self.planner.choose(conn):
+                    if self.piece_hashes is not None:
+                        self._avoid_bad_source(conn, conn.pos)
+                else:
+                    wait = self._race_wait(conn)
+        if wait is None and not conn.active:
+            self._leave(conn)
+        return wait
+
+    def _race_wait(self, conn: _Connection) -> Optional[_Wait]:
+        """Nothing to claim for ``conn`` now, but a request too young to
+        tell whether it is far slower may be worth racing in a moment: the
+        wait for it (and for ``work``, set at any change), else ``None``.
+        The loop's thread."""
         due = self.planner.rate_due(conn)
         if due is None:
             return None
@@ -7372,15 +7381,6 @@ class _Transfer:
             if not conn.gone:
                 self._leave(conn)
 
-    def _next_for(self, conn: _Connection) -> Optional[_Wait]:
-        """``conn`` holds no claim: claim its next range (``_next_job``),
-        else give the wait for one, else it leaves (``conn.gone``) in this
-        look. Its steps."""
-        wait = self._next_job(conn)
-        if wait is None and not conn.active:
-            self._leave(conn)
-        return wait
-
     def _leave(self, conn: _Connection) -> None:
         """``conn`` ends: it is no longer live, and the run looks. Its
         steps."""
@@ -7445,8 +7445,8 @@ class _Transfer:
         self._learn(source, answer)
         if answer.kind == 'part':
             self.ranges_work = True
-        if answer.kind == 'part' and answer.first < conn.pos:
-            conn.pos = conn.reading_to = answer.first  # rewrite the overlap
+            if answer.first < conn.pos:
+                conn.pos = conn.reading_to = answer.first  # rewrite the overlap
         if not self.probed and self.verify_digest:
             self._take_server_word(answer, response, request)
         setup = None if self.probed else self._plan(conn, answer, response)
@@ -7569,16 +7569,18 @@ class _Transfer:
         self.probed = True
         self.reference = conn.source
         self.file_dates = (answer.etag, answer.last_modified)
-        fresh = self.store.held.total == 0
+        rename_in = self.rename_in
+        if rename_in is not None and self.store.held.total:
+            rename_in = None  # (before the size is set): a file begun before keeps its name
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and self.store.os_path is not None:
+        if rename_in is not None and self.store.os_path is not None:
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != os.path.basename(self.store.os_path):
-                if (self.rename_in / name).exists():
+                if (rename_in / name).exists():
                     _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
                 else:
-                    self.store.rename(self.rename_in / name)
+                    self.store.rename(rename_in / name)
                     self._report('path', self.store.target)
         total = self.planner.total
         # a whole answer splits too where ranges worked before: the new
@@ -7645,11 +7647,13 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake, and nothing more to do. A connection's steps, on the
-        loop."""
-        self.events.append((kind, value))
-        if len(self.events) == 1:
-            self._wake(changed=False)
+        one wake, and nothing more to do. Only the run is woken (``news``,
+        not ``_wake``): an event gives a connection that waits for work
+        none to do. A connection's steps, on the loop."""
+        events = self.events
+        events.append((kind, value))
+        if len(events) == 1:
+            self.news.set()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
