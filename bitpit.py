@@ -6523,16 +6523,18 @@ class _Planner:
         assert self.pieces is not None  # made by split()
         return min(conn.end, conn.pos + self.pieces.piece_for(conn, self.missing()))
 
-    def done(self, conn: _Connection, first: int, now: float) -> None:
-        """``conn``'s request from ``first`` ended ``now``: its rate, what
+    def done(self, conn: _Connection, first: int) -> None:
+        """``conn``'s request from ``first`` ended now: its rate, what
         the piece sizer learns from it, and the end of its claim if it
-        got all of it."""
-        seconds = now - conn.job_began
-        if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
-            conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
-            self.best_rate = max(self.best_rate, conn.last_rate)
-        if self.segmented and self.pieces is not None:  # (made by split())
-            self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
+        got all of it. (The clock is read only when the rate is worth
+        knowing: a small file's request brings too few bytes to tell.)"""
+        if conn.job_bytes >= 65536 or self.segmented:
+            seconds = time.monotonic() - conn.job_began
+            if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
+                conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
+                self.best_rate = max(self.best_rate, conn.last_rate)
+            if self.segmented and self.pieces is not None:  # (made by split())
+                self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
         if conn.pos >= conn.end:  # the claim is done
             conn.active = False
             conn.last_end = conn.pos
@@ -6629,11 +6631,9 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
             finally:
                 if setup.pieces:  # (what the check found, applied here, on the loop)
                     transfer._pieces_checked(None, setup.pieces, setup.verdicts)
-        if body_end is not None:
-            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end,
-                                           request, setup)
-        elif setup is not None:
             transfer._body_starts(conn, setup)
+        if body_end is not None:
+            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end, request)
         fetched = True
     finally:
         if not fetched:
@@ -6641,7 +6641,7 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
             request.close(False)
     try:
         conn.request = None
-        planner.done(conn, first, time.monotonic())
+        planner.done(conn, first)
         # its claim done, its next one (or its end) is found now
         return None if conn.active else transfer._next_for(conn)
     finally:
@@ -6665,8 +6665,7 @@ def _ask_size_steps(transfer: '_Transfer', source: _Source) -> '_Steps[Optional[
 
 
 def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
-                answer: _Answer, body_end: int, request: _Request,
-                setup: Optional[_Setup]) -> '_Steps[bool]':
+                answer: _Answer, body_end: int, request: _Request) -> '_Steps[bool]':
     """Steps that copy the body into the file from ``conn.pos`` until
     the claim's end (re-read before every read: another connection may
     take over the rest), paced by the transfer's token buckets (read
@@ -6676,9 +6675,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     ``_FLUSH_AGE`` seconds, before a read that may block or be paced
     (so a limited download lands as smoothly as it comes), at the end,
     and on any failure or stop (nothing received is lost). They give
-    whether the connection can carry another request. The probe's body
-    starts (``_Transfer._body_starts``, its ``setup`` done) in the first
-    look."""
+    whether the connection can carry another request."""
     wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
     want = min(conn.chunk_size, wanted)
     if len(conn.buffer) < want:
@@ -6708,9 +6705,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     try:
         while True:
             now = time.monotonic()
-            if setup is not None:
-                transfer._body_starts(conn, setup)
-                setup = None
             if got:
                 _count_read(transfer, conn, got, now)
                 got = 0
@@ -6789,8 +6783,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 if max_size is not None and start + got > max_size:
                     got = 0
                     raise _too_large(max_size, 'grew past it')
-                if got and not conn.pending:
-                    since = time.monotonic()
                 conn.pending += got
             if transfer.cancel.is_set():
                 raise _Stopped
@@ -6805,6 +6797,8 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 # counted now, with no lap more
                 _flush_buffer(transfer, conn, received=got, at=time.monotonic())
                 break
+            if conn.pending == got:  # the buffer's first bytes (none from a splice)
+                since = time.monotonic()
     except (OSError, ProtocolError) as exc:
         # (a ProtocolError: a body's framing, bitpit's since http.client's
         # IncompleteRead; its unused tokens go back all the same)
@@ -7621,8 +7615,9 @@ class _Transfer:
     def _body_starts(self, conn: _Connection, setup: _Setup) -> None:
         """The probe's body starts, its file prepared (``_prepare``): the
         run is told ('download'), and the rest is shared out where the
-        file comes in parts. The body's first look (``_pump_steps``), or
-        the probe's steps when its answer has no body."""
+        file comes in parts. The probe's steps, before its body's first
+        read (the pump's first look finds its claim as the share-out left
+        it)."""
         self._report('download', None)
         if setup.segmented and not conn.superseded and self.planner.split(conn, self.received):
             self._share_out(conn)
