@@ -7441,7 +7441,9 @@ class _Transfer:
             self.ranges_work = True
             if answer.first < conn.pos:
                 conn.pos = conn.reading_to = answer.first  # rewrite the overlap
-        if not self.probed and self.verify_digest:
+        if not self.probed and self.verify_digest and (
+                request.redirects or not _DIGEST_FIELDS.isdisjoint(response.fields.by_name)):
+            # (most answers have no field to read and came by no redirect: no call)
             self._take_server_word(answer, response, request)
         setup = None if self.probed else self._plan(conn, answer, response)
         return (answer.end if answer.end is not None else _UNKNOWN_END), setup
@@ -7521,12 +7523,11 @@ class _Transfer:
         bytes sent), else the ``Digest`` of the last redirect that led to
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
-        too. A connection's steps."""
-        self.digests = ()
+        too. Asked by ``_accept`` only for an answer that has a digest
+        field or came by a redirect (none are kept from before: a start
+        over forgets them). A connection's steps."""
         if answer.encoding is not None and not answer.keep_encoded:
             return
-        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.fields.by_name):
-            return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
                                            answer.end == answer.total)
@@ -7673,6 +7674,7 @@ class _Transfer:
         self.planner.start_over()
         self.probed = False
         self.reference = None
+        self.digests = ()  # the old version's: the new probe's answer gives its own
         for other in self.connections:
             if other is not conn and other.active:
                 other.superseded = True
