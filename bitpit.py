@@ -6648,21 +6648,26 @@ class _Planner:
 
     def request_end(self, conn: _Connection) -> int:
         """Where ``conn``'s next request ends: after a piece of its claim
-        when the file is split, else at the claim's end."""
-        pieces = self.pieces if self.segmented else None  # (made by split())
-        piece = pieces.piece_for(conn, self.missing()) if pieces is not None else _UNKNOWN_END
-        return min(conn.end, conn.pos + piece)
+        when the file is split, else at the claim's end (no piece asked
+        for, no sizer made: a file never split asks for its claims
+        whole)."""
+        if not self.segmented:
+            return conn.end
+        assert self.pieces is not None  # made by split()
+        return min(conn.end, conn.pos + self.pieces.piece_for(conn, self.missing()))
 
-    def done(self, conn: _Connection, first: int, now: float) -> None:
-        """``conn``'s request from ``first`` ended ``now``: its rate, what
+    def done(self, conn: _Connection, first: int) -> None:
+        """``conn``'s request from ``first`` ended now: its rate, what
         the piece sizer learns from it, and the end of its claim if it
-        got all of it."""
-        seconds = now - conn.job_began
-        if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
-            conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
-            self.best_rate = max(self.best_rate, conn.last_rate)
-        if self.segmented and self.pieces is not None:  # (made by split())
-            self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
+        got all of it. (The clock is read only when the rate is worth
+        knowing: a small file's request brings too few bytes to tell.)"""
+        if conn.job_bytes >= 65536 or self.segmented:
+            seconds = time.monotonic() - conn.job_began
+            if conn.job_bytes >= 65536:  # a rate of a few bytes is mostly latency
+                conn.last_rate = conn.job_bytes / max(seconds, 1e-6)
+                self.best_rate = max(self.best_rate, conn.last_rate)
+            if self.segmented and self.pieces is not None:  # (made by split())
+                self.pieces.done(conn, conn.request_end - first, conn.job_bytes, seconds)
         if conn.pos >= conn.end:  # the claim is done
             conn.active = False
             conn.last_end = conn.pos
@@ -6759,11 +6764,9 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
             finally:
                 if setup.pieces:  # (what the check found, applied here, on the loop)
                     transfer._pieces_checked(None, setup.pieces, setup.verdicts)
-        if body_end is not None:
-            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end,
-                                           request, setup)
-        elif setup is not None:
             transfer._body_starts(conn, setup)
+        if body_end is not None:
+            reuse = yield from _pump_steps(transfer, conn, response, answer, body_end, request)
         fetched = True
     finally:
         if not fetched:
@@ -6771,7 +6774,7 @@ def _fetch_steps(transfer: '_Transfer', conn: _Connection) -> '_Steps[Optional[_
             request.close(False)
     try:
         conn.request = None
-        planner.done(conn, first, time.monotonic())
+        planner.done(conn, first)
         # its claim done, its next one (or its end) is found now
         return None if conn.active else transfer._next_for(conn)
     finally:
@@ -6795,8 +6798,7 @@ def _ask_size_steps(transfer: '_Transfer', source: _Source) -> '_Steps[Optional[
 
 
 def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
-                answer: _Answer, body_end: int, request: _Request,
-                setup: Optional[_Setup]) -> '_Steps[bool]':
+                answer: _Answer, body_end: int, request: _Request) -> '_Steps[bool]':
     """Steps that copy the body into the file from ``conn.pos`` until
     the claim's end (re-read before every read: another connection may
     take over the rest), paced by the transfer's token buckets (read
@@ -6806,9 +6808,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     ``_FLUSH_AGE`` seconds, before a read that may block or be paced
     (so a limited download lands as smoothly as it comes), at the end,
     and on any failure or stop (nothing received is lost). They give
-    whether the connection can carry another request. The probe's body
-    starts (``_Transfer._body_starts``, its ``setup`` done) in the first
-    look."""
+    whether the connection can carry another request."""
     wanted = max(1, min(conn.end, conn.request_end, body_end) - conn.pos)
     want = min(conn.chunk_size, wanted)
     if len(conn.buffer) < want:
@@ -6838,9 +6838,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
     try:
         while True:
             now = time.monotonic()
-            if setup is not None:
-                transfer._body_starts(conn, setup)
-                setup = None
             if got:
                 _count_read(transfer, conn, got, now)
                 got = 0
@@ -6870,7 +6867,7 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                         continue
                 break  # at the end, which never moves further
             buckets = transfer.buckets  # (replaced whole when a limit is set)
-            limited = bool(buckets) and _limited(buckets)
+            limited = _limited(buckets) if buckets else False
             granted = room
             if conn.pending or judging or limited:  # (none before a body's first read)
                 if conn.pending and (limited or not (whole or body.ready()) or
@@ -6919,8 +6916,6 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 if max_size is not None and start + got > max_size:
                     got = 0
                     raise _too_large(max_size, 'grew past it')
-                if got and not conn.pending:
-                    since = time.monotonic()
                 conn.pending += got
             if transfer.cancel.is_set():
                 raise _Stopped
@@ -6935,6 +6930,8 @@ def _pump_steps(transfer: '_Transfer', conn: _Connection, response: _Response,
                 # counted now, with no lap more
                 _flush_buffer(transfer, conn, received=got, at=time.monotonic())
                 break
+            if conn.pending == got:  # the buffer's first bytes (none from a splice)
+                since = time.monotonic()
     except (OSError, ProtocolError) as exc:
         # (a ProtocolError: a body's framing, bitpit's since http.client's
         # IncompleteRead; its unused tokens go back all the same)
@@ -7050,13 +7047,14 @@ class _Transfer:
     seen by that look or by the next. (That holds by the GIL: the loop
     sees another thread's writes in the order they were made, and a
     flag, a tuple or a reference written whole; the look after a clear
-    of ``work`` reads ``cancel`` again, ``_next_job``.) A big file is
+    of ``work`` reads ``cancel`` again, ``_race_wait``.) A big file is
     opened, and the pieces it held before read (a bad one's bytes
     forgotten in the store), by a worker that the probe's steps wait
     for (``_prepare``), which changes nothing else of the transfer's
-    but their ``_Setup``; the probe's steps apply what it found. ``downloaded`` (any thread) only
-    reads. ``_wake`` sets ``news``, which the run waits for, and
-    ``work``, which a connection that waits for work waits for."""
+    but their ``_Setup``; the probe's steps apply what it found.
+    ``downloaded`` (any thread) only reads. ``_wake`` sets ``news``,
+    which the run waits for (``_report`` sets it alone, for an event),
+    and ``work``, which a connection that waits for work waits for."""
 
     # more than 30 attributes: without slots, each transfer would make a dict
     # of its own (CPython shares the class's keys up to 30), 1.6 % of a small
@@ -7077,7 +7075,7 @@ class _Transfer:
                  conditions: Optional[Dict[str, str]] = None, verify_digest: bool = False,
                  expected_size: Optional[int] = None,
                  piece_hashes: Optional[Tuple[str, int, List[str]]] = None):
-        self.news = _Flag()           # set by _wake(): something to report or to do
+        self.news = _Flag()           # set by _wake() and _report(): something to do or to report
         self.changed = False          # set by _wake() but for events: something to do
         # a sidecar save handed to a worker runs: set by the run, cleared by
         # the save before it wakes the run (not its task's end, which may
@@ -7133,9 +7131,9 @@ class _Transfer:
         self.digests: Sequence[Tuple[str, str, bytes]] = ()
         self.expected_size = expected_size  # the size every source must have (a metalink's)
         # a metalink's piece hashes, checked as pieces land (in a file path only)
-        self.piece_hashes = _PieceHashes(*piece_hashes) if piece_hashes and store.is_path \
-            else None
-        if self.piece_hashes is not None:
+        self.piece_hashes: Optional[_PieceHashes] = None
+        if piece_hashes and store.is_path:
+            self.piece_hashes = _PieceHashes(*piece_hashes)
             store.read_back = True
 
     # -- the run's side ------------------------------------------------------------
@@ -7275,20 +7273,18 @@ class _Transfer:
     def result(self) -> None:
         """Once finished: return if every byte is held (after the checksum
         check), or raise the attempt's error (``_Stopped`` for a stop). The
-        run's steps, after ``join_steps``."""
-        assert not self.connections and not self.saving, 'result() before join_steps()'
+        run's steps, after ``join_steps`` (no connection and no save is
+        left to touch the file it closes)."""
+        store = self.store
         try:
-            if self.error is not None:
-                raise self.error
-            if not self.complete:
-                raise _Stopped
+            if self.error is not None or not self.complete:
+                store.save()  # what it holds, for the next attempt
+                raise self.error if self.error is not None else _Stopped()
             if not self.unchanged:
                 etag, date = self.file_dates
-                self.store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
+                store.finish(self.checksum, _parse_http_date(date), etag, self.digests)
         finally:
-            if not self.complete or self.error is not None:
-                self.store.save()
-            self.store.close()
+            store.close()
 
     def join_steps(self) -> '_Steps[None]':
         """Wait until no connection is left (after a stop, each ends at
@@ -7373,12 +7369,12 @@ class _Transfer:
         self.slot_freed = True
         self._wake()
 
-    def _wake(self, changed: bool = True) -> None:
-        """Wake the run (``changed``: with something to do besides taking
-        events), and the connections that wait for work. Any thread: what
-        another changes it changes before (see the class)."""
-        if changed:
-            self.changed = True
+    def _wake(self) -> None:
+        """Wake the run, with something to do besides taking events
+        (``changed``; an event alone sets ``news``, ``_report``), and the
+        connections that wait for work. Any thread: what another changes
+        it changes before (see the class)."""
+        self.changed = True
         self.news.set()
         work = self.work
         if work is not None:
@@ -7403,30 +7399,37 @@ class _Transfer:
             return transient[-1]
         return errors[-1] if errors else ProtocolError('the download stopped short')
 
-    def _next_job(self, conn: _Connection) -> Optional[_Wait]:
-        """Claim the next range for ``conn``, if there is one (``conn.active``
-        tells). With nothing for it now, a request too young to tell whether
-        it is far slower may be worth racing in a moment: the wait for it
-        (and for ``work``, set at any change), after which to ask again. A
-        plain call, not steps: most answers need no wait. The loop's thread."""
+    def _next_for(self, conn: _Connection) -> Optional[_Wait]:
+        """``conn`` holds no claim (its steps call it only then): claim its
+        next range, if there is one (``conn.active`` tells), else give the
+        wait after which to ask again (``_race_wait``), else it leaves
+        (``conn.gone``) in this look. A plain call, not steps: most
+        answers need no wait. Its steps, on the loop."""
         # (again after a wait: a connection with no claim is never
         # superseded meanwhile)
-        conn.active = conn.superseded = False
-        if self.complete or self.error is not None or self.cancel.is_set():
-            return None
-        if self.probed and self._is_complete():
-            self._complete(conn)
-            return None
-        if not conn.source.usable:
-            return None
-        if not self.probed:
-            if self.prober is None:
-                self._claim_probe(conn)
-            return None
-        if self.planner.choose(conn):
-            if self.piece_hashes is not None:
-                self._avoid_bad_source(conn, conn.pos)
-            return None
+        conn.superseded = False
+        wait = None
+        if not (self.complete or self.error is not None or self.cancel.is_set()):
+            if self.probed and self._is_complete():
+                self._complete(conn)
+            elif conn.source.usable:
+                if not self.probed:
+                    if self.prober is None:
+                        self._claim_probe(conn)
+                elif self.planner.choose(conn):
+                    if self.piece_hashes is not None:
+                        self._avoid_bad_source(conn, conn.pos)
+                else:
+                    wait = self._race_wait(conn)
+        if wait is None and not conn.active:
+            self._leave(conn)
+        return wait
+
+    def _race_wait(self, conn: _Connection) -> Optional[_Wait]:
+        """Nothing to claim for ``conn`` now, but a request too young to
+        tell whether it is far slower may be worth racing in a moment: the
+        wait for it (and for ``work``, set at any change), else ``None``.
+        The loop's thread."""
         due = self.planner.rate_due(conn)
         if due is None:
             return None
@@ -7505,15 +7508,6 @@ class _Transfer:
             if not conn.gone:
                 self._leave(conn)
 
-    def _next_for(self, conn: _Connection) -> Optional[_Wait]:
-        """``conn`` holds no claim: claim its next range (``_next_job``),
-        else give the wait for one, else it leaves (``conn.gone``) in this
-        look. Its steps."""
-        wait = self._next_job(conn)
-        if wait is None and not conn.active:
-            self._leave(conn)
-        return wait
-
     def _leave(self, conn: _Connection) -> None:
         """``conn`` ends: it is no longer live, and the run looks. Its
         steps."""
@@ -7578,9 +7572,11 @@ class _Transfer:
         self._learn(source, answer)
         if answer.kind == 'part':
             self.ranges_work = True
-        if answer.kind == 'part' and answer.first < conn.pos:
-            conn.pos = conn.reading_to = answer.first  # rewrite the overlap
-        if not self.probed and self.verify_digest:
+            if answer.first < conn.pos:
+                conn.pos = conn.reading_to = answer.first  # rewrite the overlap
+        if not self.probed and self.verify_digest and (
+                request.redirects or not _DIGEST_FIELDS.isdisjoint(response.by_name)):
+            # (most answers have no field to read and came by no redirect: no call)
             self._take_server_word(answer, response, request)
         setup = None if self.probed else self._plan(conn, answer, response)
         return (answer.end if answer.end is not None else _UNKNOWN_END), setup
@@ -7660,12 +7656,11 @@ class _Transfer:
         bytes sent), else the ``Digest`` of the last redirect that led to
         it and gives one (as mirror redirectors send it); and the
         duplicates that the answer giving the digest names become sources
-        too. A connection's steps."""
-        self.digests = ()
+        too. Asked by ``_accept`` only for an answer that has a digest
+        field or came by a redirect (none are kept from before: a start
+        over forgets them). A connection's steps."""
         if answer.encoding is not None and not answer.keep_encoded:
             return
-        if not request.redirects and _DIGEST_FIELDS.isdisjoint(response.by_name):
-            return  # (most answers: no field to read, no duplicate to look for)
         whole = answer.kind == 'whole' or (answer.kind == 'part' and answer.first == 0 and
                                            answer.total is not None and
                                            answer.end == answer.total)
@@ -7702,16 +7697,18 @@ class _Transfer:
         self.probed = True
         self.reference = conn.source
         self.file_dates = (answer.etag, answer.last_modified)
-        fresh = self.store.held.total == 0
+        rename_in = self.rename_in
+        if rename_in is not None and self.store.held.total:
+            rename_in = None  # (before the size is set): a file begun before keeps its name
         if answer.kind == 'whole' or answer.total is not None:
             self._set_total(answer.total)
-        if self.rename_in is not None and fresh and self.store.os_path is not None:
+        if rename_in is not None and self.store.os_path is not None:
             name = _filename_from_disposition(response.getheader('Content-Disposition'))
             if name and name != os.path.basename(self.store.os_path):
-                if (self.rename_in / name).exists():
+                if (rename_in / name).exists():
                     _log.info('%s: not naming it %s: that file exists', conn.source.url, name)
                 else:
-                    self.store.rename(self.rename_in / name)
+                    self.store.rename(rename_in / name)
                     self._report('path', self.store.target)
         total = self.planner.total
         # a whole answer splits too where ranges worked before: the new
@@ -7752,8 +7749,9 @@ class _Transfer:
     def _body_starts(self, conn: _Connection, setup: _Setup) -> None:
         """The probe's body starts, its file prepared (``_prepare``): the
         run is told ('download'), and the rest is shared out where the
-        file comes in parts. The body's first look (``_pump_steps``), or
-        the probe's steps when its answer has no body."""
+        file comes in parts. The probe's steps, before its body's first
+        read (the pump's first look finds its claim as the share-out left
+        it)."""
         self._report('download', None)
         if setup.segmented and not conn.superseded and self.planner.split(conn, self.received):
             self._share_out(conn)
@@ -7778,11 +7776,13 @@ class _Transfer:
         """An event for the run, which is woken for the first one it has not
         taken yet: it takes them all at once (``wait_steps`` finds them
         after it clears ``news``), so a small file's size and start cost
-        one wake, and nothing more to do. A connection's steps, on the
-        loop."""
-        self.events.append((kind, value))
-        if len(self.events) == 1:
-            self._wake(changed=False)
+        one wake, and nothing more to do. Only the run is woken (``news``,
+        not ``_wake``): an event gives a connection that waits for work
+        none to do. A connection's steps, on the loop."""
+        events = self.events
+        events.append((kind, value))
+        if len(events) == 1:
+            self.news.set()
 
     def _set_total(self, total: Optional[int]) -> None:
         self.planner.set_total(total)
@@ -7807,6 +7807,7 @@ class _Transfer:
         self.planner.start_over()
         self.probed = False
         self.reference = None
+        self.digests = ()  # the old version's: the new probe's answer gives its own
         for other in self.connections:
             if other is not conn and other.active:
                 other.superseded = True

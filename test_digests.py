@@ -217,3 +217,32 @@ def test_reading_a_file_back_to_check_it_never_holds_up_the_other_downloads(
     assert d.state == 'complete' and (tmp_path / 'f.bin').read_bytes() == big
     # ~100 KiB came at 512 KiB/s in the 0.2 s
     assert during[0] >= 32 * 1024, during
+
+
+def test_a_start_over_forgets_the_digest_of_the_version_that_changed(server, tmp_path):
+    """The file changes during an attempt, after its first answer gave a
+    digest, to an empty one whose answers are 416s that give none: the
+    attempt starts over and completes the new version, not checked against
+    the old one's digest. (The first answer is cut short; its mirror, asked
+    for the rest, already has the new version and is retired; the source
+    asked again says the file changed; the new probe's answer is a 416.)"""
+    answers = []
+
+    def old_then_empty(handler):
+        answers.append(handler.headers.get('Range'))
+        if len(answers) == 1:  # the old version, with its digest, cut short
+            head = ('HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{0}/{1}\r\n'
+                    'Content-Length: {1}\r\nETag: "old"\r\nRepr-Digest: {2}\r\n\r\n').format(
+                        len(DATA) - 1, len(DATA), field('Repr-Digest', 'sha256', DATA)
+                        ['Repr-Digest'])
+            handler.wfile.write(head.encode('ascii') + DATA[:1000])
+        else:  # the new version: empty
+            handler.wfile.write(b'HTTP/1.1 416 Range Not Satisfiable\r\n'
+                                b'Content-Range: bytes */0\r\nETag: "new"\r\n'
+                                b'Content-Length: 0\r\n\r\n')
+    url = server.add_raw('/f', old_then_empty)
+    mirror = server.add('/g', b'')
+    d = fetch(url, tmp_path / 'f', mirrors=[mirror], connections=2, restart_wait=0)
+    assert answers == ['bytes=0-', 'bytes=1000-{}'.format(len(DATA) - 1), 'bytes=0-']
+    assert d.state == 'complete', d.last_exception
+    assert (tmp_path / 'f').read_bytes() == b''

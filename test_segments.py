@@ -527,9 +527,9 @@ def test_the_probe_is_judged_by_the_cpu_time_of_its_own_thread(server, tmp_path,
 def test_a_transfers_events_are_reported_on_the_loop_alone(server, tmp_path, monkeypatch):
     """The run takes a transfer's events with no lock (``take_events``):
     every one is reported on the loop, even for a file big enough to be
-    opened on a worker (its 'download' comes in the body's first look, not
-    in the worker's section), and the run is told of the start before the
-    end."""
+    opened on a worker (its 'download' comes from the probe's steps once
+    the worker's section is over, not in it), and the run is told of the
+    start before the end."""
     reported = []
     report = bitpit._Transfer._report
 

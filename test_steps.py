@@ -362,7 +362,7 @@ def test_a_pump_never_blocks_it_yields_each_wait(server, tmp_path, gated_head):
                                 buckets=(bitpit._TokenBucket(),), checksum=None,
                                 max_size=None, min_speed=0, rename_in=None, gzip_name=False)
     conn = transfer._add_connection()
-    assert transfer._next_job(conn) is None and conn.active
+    assert transfer._next_for(conn) is None and conn.active
     try:
         _, waits = drive_by_hand(bitpit._fetch_steps(transfer, conn), gates.release)
     finally:
@@ -446,7 +446,7 @@ def test_a_stop_as_a_connection_looks_for_work_is_not_missed(tmp_path, monkeypat
         return time.monotonic() + 60
     monkeypatch.setattr(bitpit._Planner, 'choose', lambda planner, conn: False)
     monkeypatch.setattr(bitpit._Planner, 'rate_due', due_as_a_stop_comes)
-    wait = transfer._next_job(conn)
+    wait = transfer._next_for(conn)
     assert wait is None or wait.event.is_set()
     assert not conn.active
 
