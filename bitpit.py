@@ -1415,11 +1415,12 @@ class _Signals:
 
     def _deliver(self) -> None:
         """A worker: take up the queued runs one after another and make
-        each one's calls in its context, until none is queued. A run is
-        let go (once out of its context, thread and all) in the lock
-        section that takes up the next one: another worker may take it up
-        as soon as it is not queued (a call posted after that queues it
-        again)."""
+        each one's calls, each in the run's context, until none is
+        queued. A run is let go (out of its context, thread and all) in
+        the lock section that takes up the next one: another worker may
+        take it up as soon as it is not queued (a call posted after that
+        queues it again). Only the worker that has the run takes calls
+        from it: one it saw stays there until it takes it."""
         me = threading.current_thread()
         run: Optional[_Run] = None  # the one taken up
         try:
@@ -1439,30 +1440,24 @@ class _Signals:
                             self._taken.notify()
                 context = run.context
                 assert context is not None  # (a run done is never queued again)
-                context.run(self._make_calls, run)
+                calls = run.calls
+                # each call entered into the context by itself (a run has one
+                # or two a turn: no frame of a function that makes them all)
+                while calls:  # (not an IndexError to raise and catch at every take-up)
+                    call, args = calls.pop(0)
+                    try:
+                        context.run(call, *args)
+                    except SystemExit:
+                        # a callback's sys.exit() ends what it did, as in a
+                        # thread; the worker is not the download's own thread
+                        # to end: the run's calls, and the worker's, go on
+                        pass
+                    except BaseException:  # (a callback's own error is logged by emit)
+                        _log.exception('a signal call of a download raised')
         except BaseException:  # (a bug of bitpit's) not a worker counted for ever
             with self._lock:
                 self._delivering -= 1
             raise
-
-    @staticmethod
-    def _make_calls(run: _Run) -> None:
-        """Make the run's calls until none is left, in its context. (Only
-        the worker that has the run takes calls from it: one it saw stays
-        there until it takes it.) Static: a take-up makes no bound method
-        to call it with."""
-        calls = run.calls
-        while calls:  # (not an IndexError to raise and catch at every take-up)
-            call, args = calls.pop(0)
-            try:
-                call(*args)
-            except SystemExit:
-                # a callback's sys.exit() ends what it did, as in a thread;
-                # the worker is not the download's own thread to end: the
-                # run's calls, and the worker's, go on
-                pass
-            except BaseException:  # (a callback's own error is logged by emit)
-                _log.exception('a signal call of a download raised')
 
 
 _SIGNALS = _Signals()
