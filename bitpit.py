@@ -1564,13 +1564,16 @@ _FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 class _Driven:
     """A generator of steps on a ``_Loop``, and what it waits for now.
     The loop's thread."""
-    __slots__ = ('steps', 'done', 'wait', 'registered', 'fd', 'writing', 'scheduled')
+    __slots__ = ('steps', 'done', 'wait', 'flag', 'registered', 'fd', 'writing', 'scheduled')
 
     def __init__(self, steps: '_Steps[Any]',
                  done: Callable[[Any, Optional[BaseException]], object]):
         self.steps = steps
         self.done = done
         self.wait: Optional[_Wait] = None
+        # the _Flag whose wakers hold it, while it waits for one: its waker
+        # goes when it is resumed (by the flag or by its deadline)
+        self.flag: Optional[_Flag] = None
         # the socket the loop's poller watches for it, if any, by the file
         # descriptor it had then, for reading or (``writing``) writing
         self.registered: Any = None
@@ -1587,11 +1590,15 @@ class _Poller:
     """What the loop waits for sockets with: ``epoll`` where there is one
     (Linux), else the ``selectors`` module's best. Each watched file
     descriptor maps to the data ``select`` gives back when it is ready.
-    With epoll, the socket of steps that ended stays watched (``idle``)
-    while it waits for reuse, so that the steps that take it up next
-    (the next file's, over a keep-alive connection) cost no system call
-    to watch it; should it turn readable meanwhile (the server's close),
-    it is no longer watched. A socket closed while watched leaves epoll by
+    With epoll (``keeps_idle``), the socket of steps that ended stays
+    watched (``idle``) while it waits for reuse, so that the steps that
+    take it up next (the next file's, over a keep-alive connection) cost
+    no system call to watch it; should it turn readable meanwhile (the
+    server's close), it is no longer watched. Idle, it is watched for no
+    data (``None``, after ``unregister``) or, read by steps that ended
+    (the loop's ``_finish`` makes no call here for them), for theirs:
+    ``select`` gives that back, and its caller tells it that they ended
+    (``let_go``). A socket closed while watched leaves epoll by
     itself, and its number may come back with another socket: each
     descriptor is known with the socket and the data it was registered
     for. But a registration is of the socket's open file, which a forked
@@ -1602,7 +1609,7 @@ class _Poller:
     reported (for no socket, or for an idle one closed), and is feared,
     once the process has forked (``forked``), when a socket turns out
     closed while watched. The loop's thread."""
-    __slots__ = ('_epoll', '_selector', '_watched', '_stale')
+    __slots__ = ('_epoll', '_selector', '_watched', '_stale', 'keeps_idle')
     forked = False  # set for good before a fork (so in the child too)
 
     def __init__(self) -> None:
@@ -1611,6 +1618,7 @@ class _Poller:
         self._epoll = select.epoll() if hasattr(select, 'epoll') else None
         self._selector = selectors.DefaultSelector() if self._epoll is None else None
         self._stale = False  # whether epoll may hold a closed socket's registration
+        self.keeps_idle = self._epoll is not None  # (see the class)
 
     @classmethod
     def note_fork(cls) -> None:
@@ -1661,6 +1669,14 @@ class _Poller:
             except OSError:
                 pass
         self._forget(fd)
+
+    def let_go(self, fd: int, data: Any) -> None:
+        """``fd``, idle, watched still for ``data`` (steps that ended),
+        turned ready (the server's close, or bytes none asked for): no
+        longer watched."""
+        watched = self._watched.get(fd)
+        if watched is not None and watched[0] is data and not self._forget(fd):
+            self._stale = True  # (closed: a forked child's hold reported it)
 
     def _forget(self, fd: int) -> bool:
         """Stop watching ``fd``; whether it was watched still (not closed)."""
@@ -1873,6 +1889,8 @@ class _Loop:
                         self._drain_wake_ups(wake_in)
                     elif driven.wait is not None and driven.wait.sock is not None:
                         self._resume(driven, True)
+                    elif driven.wait is None:  # ended, its socket left idle (_finish)
+                        poller.let_go(driven.fd, driven)
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     when, _, driven = heapq.heappop(self._deadlines)
@@ -1903,10 +1921,11 @@ class _Loop:
 
     def _resume(self, driven: _Driven, ready: Optional[bool]) -> None:
         """Resume ``driven`` with ``ready`` and wait for what it yields
-        next; at its end, unregister its socket and tell ``done``."""
-        previous = driven.wait
-        if previous is not None and isinstance(previous.event, _Flag):
-            previous.event.wakers.pop(driven, None)
+        next; at its end, tell ``done``."""
+        flag = driven.flag
+        if flag is not None:
+            driven.flag = None
+            flag.wakers.pop(driven, None)
         try:
             wait = driven.steps.send(ready)  # type: ignore[arg-type]  # (None starts them)
         except StopIteration as end:
@@ -1917,35 +1936,49 @@ class _Loop:
             return
         driven.wait = wait
         sock = wait.sock
-        if driven.registered is not None and driven.registered is not sock:
-            self._unregister(driven)
-        if sock is not None:
-            try:
-                if driven.registered is None:
-                    driven.fd = sock.fileno()
-                    self._poller.register(sock, driven.fd, wait.writing, driven)
-                    driven.registered, driven.writing = sock, wait.writing
-                elif driven.writing != wait.writing:
-                    self._poller.register(sock, driven.fd, wait.writing, driven)
-                    driven.writing = wait.writing
-            except (OSError, ValueError, KeyError):
-                # a socket closed meanwhile (or shut down by a stop): the
-                # steps find out at their next call on it
-                self._hand(driven, wait)
-        elif wait.event is not None:
-            if not isinstance(wait.event, _Flag):  # (a bug in the steps)
+        # (most waits are for the socket watched already, as it was, or for
+        # no socket with none watched: no call)
+        if sock is not driven.registered or sock is not None and wait.writing != driven.writing:
+            self._watch(driven, sock, wait)
+        if sock is None and wait.event is not None:
+            event = wait.event
+            if not isinstance(event, _Flag):  # (a bug in the steps)
                 driven.steps.close()
                 self._finish(driven, None, TypeError(
                     'steps on a loop wait for a _Flag, not a threading.Event'))
                 return
-            wait.event.wakers[driven] = functools.partial(self._hand, driven, wait)
-            if wait.event.is_set():  # (set before the waker was there)
+            event.wakers[driven] = functools.partial(self._hand, driven, wait)
+            driven.flag = event
+            if event.is_set():  # (set before the waker was there)
                 self._hand(driven, wait)
-        if wait.until is not None and (driven.scheduled is None or
-                                       wait.until < driven.scheduled):
-            if driven.scheduled is not None:
+        until = wait.until
+        if until is not None:
+            scheduled = driven.scheduled
+            if scheduled is None:
+                self._schedule(driven, until)
+            elif until < scheduled:
                 self._stale += 1
-            self._schedule(driven, wait.until)
+                self._schedule(driven, until)
+
+    def _watch(self, driven: _Driven, sock: Any, wait: _Wait) -> None:
+        """Have the poller watch ``sock`` (``None``: none) for ``driven``'s
+        ``wait``, in place of the socket it watched for it, if another."""
+        if driven.registered is not None and driven.registered is not sock:
+            self._unregister(driven)
+        if sock is None:
+            return
+        try:
+            if driven.registered is None:
+                driven.fd = sock.fileno()
+                self._poller.register(sock, driven.fd, wait.writing, driven)
+                driven.registered = sock
+            else:
+                self._poller.register(sock, driven.fd, wait.writing, driven)
+            driven.writing = wait.writing
+        except (OSError, ValueError, KeyError):
+            # a socket closed meanwhile (or shut down by a stop): the
+            # steps find out at their next call on it
+            self._hand(driven, wait)
 
     def _schedule(self, driven: _Driven, when: float) -> None:
         """Resume ``driven`` at ``when`` at the latest. Where stale
@@ -1969,7 +2002,12 @@ class _Loop:
         driven.registered = None
 
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
-        if driven.registered is not None:
+        registered = driven.registered
+        # an open socket read with epoll stays watched, for the ended
+        # steps: idle (see _Poller), with no call (the next file's steps
+        # over the kept-alive connection watch it for themselves)
+        if registered is not None and (driven.writing or not self._poller.keeps_idle or
+                                       registered.fileno() != driven.fd):
             self._unregister(driven)
         if driven.scheduled is not None:
             self._stale += 1
