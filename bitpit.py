@@ -1876,6 +1876,8 @@ class _Loop:
                                 self._thread = self._poller = self._ident = None
                                 return
                         continue
+                elif self._stale > 64 and self._stale * 2 > len(self._deadlines):
+                    self._drop_stale()
                 timeout = None
                 if self._handed:  # (by the loop's own thread, in this round)
                     timeout = 0.0
@@ -1954,11 +1956,12 @@ class _Loop:
         until = wait.until
         if until is not None:
             scheduled = driven.scheduled
-            if scheduled is None:
-                self._schedule(driven, until)
-            elif until < scheduled:
-                self._stale += 1
-                self._schedule(driven, until)
+            if scheduled is None or until < scheduled:
+                # (_schedule, inline: a call fewer for most waits)
+                driven.scheduled = until
+                if scheduled is not None:  # (the later entry goes stale)
+                    self._stale += 1
+                heapq.heappush(self._deadlines, (until, next(self._count), driven))
 
     def _watch(self, driven: _Driven, sock: Any, wait: _Wait) -> None:
         """Have the poller watch ``sock`` (``None``: none) for ``driven``'s
@@ -1981,18 +1984,21 @@ class _Loop:
             self._hand(driven, wait)
 
     def _schedule(self, driven: _Driven, when: float) -> None:
-        """Resume ``driven`` at ``when`` at the latest. Where stale
-        deadlines are more than half the heap, they go first: steps end
-        long before their time-outs (a small file's in a millisecond,
-        its deadline seconds later), and the heap would keep thousands,
-        and their ended steps, for the collector to visit."""
-        deadlines = self._deadlines
-        if self._stale > 64 and self._stale * 2 > len(deadlines):
-            deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
-            heapq.heapify(deadlines)
-            self._stale = 0
+        """Resume ``driven`` at ``when`` at the latest."""
         driven.scheduled = when
-        heapq.heappush(deadlines, (when, next(self._count), driven))
+        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+
+    def _drop_stale(self) -> None:
+        """Drop the stale entries of the heap of deadlines (their steps
+        ended, or an earlier one was pushed): steps end long before their
+        time-outs (a small file's in a millisecond, its deadline seconds
+        later), and the heap would keep thousands, and their ended steps,
+        for the collector to visit. Once a round, where they are more
+        than half the heap (a look per round, not per stale entry)."""
+        deadlines = self._deadlines
+        deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
+        heapq.heapify(deadlines)
+        self._stale = 0
 
     def _unregister(self, driven: _Driven) -> None:
         """Stop watching the socket ``driven`` waited for (closed meanwhile,
