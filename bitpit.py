@@ -1282,8 +1282,10 @@ class _Run:
 
     def __init__(self) -> None:
         # (a list: a deque costs some 1,300 instructions more to make, and
-        # a run holds a few calls at a time; only its worker takes them)
-        self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
+        # a run holds a few calls at a time; only its worker takes them),
+        # each a function and its arguments in one tuple, which the worker
+        # hands to ``context.run`` as it is
+        self.calls: List[Tuple[Any, ...]] = []
         self.context: Optional[contextvars.Context] = contextvars.Context()
         _Run.live.add(self)
 
@@ -1353,7 +1355,7 @@ class _Signals:
         calls it saw there and let the run go before this one is in it
         (only ``hand``, under the lock, can tell whether a worker still
         has it)."""
-        run.calls.append((call, args))
+        run.calls.append((call, *args))
         posted = self._posted
         if not posted or posted[-1] is not run:  # (a run posts a few calls in a row)
             posted.append(run)
@@ -1445,9 +1447,9 @@ class _Signals:
                 # each call entered into the context by itself (a run has one
                 # or two a turn: no frame of a function that makes them all)
                 while calls:  # (not an IndexError to raise and catch at every take-up)
-                    call, args = calls.pop(0)
+                    call = calls.pop(0)
                     try:
-                        context.run(call, *args)
+                        context.run(*call)
                     except SystemExit:
                         # a callback's sys.exit() ends what it did, as in a
                         # thread; the worker is not the download's own thread
