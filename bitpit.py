@@ -1356,9 +1356,9 @@ class _Signals:
         (only ``hand``, under the lock, can tell whether a worker still
         has it)."""
         run.calls.append((call, *args))
-        posted = self._posted
-        if not posted or posted[-1] is not run:  # (a run posts a few calls in a row)
-            posted.append(run)
+        # (as often as it posts: a run posts once in most rounds, and
+        # ``hand`` queues it once whatever the list holds)
+        self._posted.append(run)
 
     def hand(self, idle: bool = False) -> Optional[float]:
         """Hand the runs posted to since the last hand to the workers,
