@@ -1272,13 +1272,9 @@ class _Run:
     would. ``live`` holds the runs not done yet, which a forked child ends
     (``_Signals._after_fork``), as it has no thread of the parent's; any
     thread adds or discards (one operation on a set, atomic under the
-    GIL). What a run has not set yet is the class's (no ``__slots__``:
-    its making sets two attributes, not five; a download keeps no run
-    that ended)."""
+    GIL)."""
+    __slots__ = ('calls', 'queued', 'since', 'context', 'thread')
     live: Set['_Run'] = set()
-    queued = False
-    since = 0.0
-    thread: Optional[threading.Thread] = None
 
     def __init__(self) -> None:
         # (a list: a deque costs some 1,300 instructions more to make, and
@@ -1286,7 +1282,10 @@ class _Run:
         # each a function and its arguments in one tuple, which the worker
         # hands to ``context.run`` as it is
         self.calls: List[Tuple[Any, ...]] = []
+        self.queued = False
+        self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
+        self.thread: Optional[threading.Thread] = None
         _Run.live.add(self)
 
     def is_alive(self) -> bool:
@@ -1566,29 +1565,27 @@ _FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 
 class _Driven:
     """A generator of steps on a ``_Loop``, and what it waits for now.
-    The loop's thread. What it has not set yet is the class's: a spawn
-    sets two attributes, not eight (no ``__slots__``: a live one's
-    dict costs little, and there are no more of them than connections
-    and runs under way)."""
-    wait: Optional[_Wait] = None
-    # the _Flag whose wakers hold it, while it waits for one: its waker
-    # goes when it is resumed (by the flag or by its deadline)
-    flag: Optional[_Flag] = None
-    # the socket the loop's poller watches for it, if any, by the file
-    # descriptor it had then, for reading or (``writing``) writing
-    registered: Any = None
-    fd = -1
-    writing = False
-    # the time of its live entry in the loop's heap of deadlines, if any:
-    # a wait whose deadline is later than it keeps it (a connection
-    # that reads often pushes nothing per read), an earlier one pushes
-    # another, and the later entry goes stale
-    scheduled: Optional[float] = None
+    The loop's thread."""
+    __slots__ = ('steps', 'done', 'wait', 'flag', 'registered', 'fd', 'writing', 'scheduled')
 
     def __init__(self, steps: '_Steps[Any]',
                  done: Callable[[Any, Optional[BaseException]], object]):
         self.steps = steps
         self.done = done
+        self.wait: Optional[_Wait] = None
+        # the _Flag whose wakers hold it, while it waits for one: its waker
+        # goes when it is resumed (by the flag or by its deadline)
+        self.flag: Optional[_Flag] = None
+        # the socket the loop's poller watches for it, if any, by the file
+        # descriptor it had then, for reading or (``writing``) writing
+        self.registered: Any = None
+        self.fd = -1
+        self.writing = False
+        # the time of its live entry in the loop's heap of deadlines, if any:
+        # a wait whose deadline is later than it keeps it (a connection
+        # that reads often pushes nothing per read), an earlier one pushes
+        # another, and the later entry goes stale
+        self.scheduled: Optional[float] = None
 
 
 class _Poller:
