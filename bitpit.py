@@ -1354,7 +1354,7 @@ class _Signals:
         calls it saw there and let the run go before this one is in it
         (only ``hand``, under the lock, can tell whether a worker still
         has it)."""
-        run.calls.append((call, *args))
+        run.calls.append((call, args))
         # (as often as it posts: a run posts once in most rounds, and
         # ``hand`` queues it once whatever the list holds)
         self._posted.append(run)
@@ -1417,12 +1417,11 @@ class _Signals:
 
     def _deliver(self) -> None:
         """A worker: take up the queued runs one after another and make
-        each one's calls, each in the run's context, until none is
-        queued. A run is let go (out of its context, thread and all) in
-        the lock section that takes up the next one: another worker may
-        take it up as soon as it is not queued (a call posted after that
-        queues it again). Only the worker that has the run takes calls
-        from it: one it saw stays there until it takes it."""
+        each one's calls in its context, until none is queued. A run is
+        let go (once out of its context, thread and all) in the lock
+        section that takes up the next one: another worker may take it up
+        as soon as it is not queued (a call posted after that queues it
+        again)."""
         me = threading.current_thread()
         run: Optional[_Run] = None  # the one taken up
         try:
@@ -1442,24 +1441,30 @@ class _Signals:
                             self._taken.notify()
                 context = run.context
                 assert context is not None  # (a run done is never queued again)
-                calls = run.calls
-                # each call entered into the context by itself (a run has one
-                # or two a turn: no frame of a function that makes them all)
-                while calls:  # (not an IndexError to raise and catch at every take-up)
-                    call = calls.pop(0)
-                    try:
-                        context.run(*call)
-                    except SystemExit:
-                        # a callback's sys.exit() ends what it did, as in a
-                        # thread; the worker is not the download's own thread
-                        # to end: the run's calls, and the worker's, go on
-                        pass
-                    except BaseException:  # (a callback's own error is logged by emit)
-                        _log.exception('a signal call of a download raised')
+                context.run(self._make_calls, run)
         except BaseException:  # (a bug of bitpit's) not a worker counted for ever
             with self._lock:
                 self._delivering -= 1
             raise
+
+    @staticmethod
+    def _make_calls(run: _Run) -> None:
+        """Make the run's calls until none is left, in its context. (Only
+        the worker that has the run takes calls from it: one it saw stays
+        there until it takes it.) Static: a take-up makes no bound method
+        to call it with."""
+        calls = run.calls
+        while calls:  # (not an IndexError to raise and catch at every take-up)
+            call, args = calls.pop(0)
+            try:
+                call(*args)
+            except SystemExit:
+                # a callback's sys.exit() ends what it did, as in a thread;
+                # the worker is not the download's own thread to end: the
+                # run's calls, and the worker's, go on
+                pass
+            except BaseException:  # (a callback's own error is logged by emit)
+                _log.exception('a signal call of a download raised')
 
 
 _SIGNALS = _Signals()
