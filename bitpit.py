@@ -1592,6 +1592,12 @@ class _Driven:
         # another, and the later entry goes stale
         self.scheduled: Optional[float] = None
 
+    def __lt__(self, other: '_Driven') -> bool:
+        """An order for the loop's heap of deadlines, for two entries whose
+        times are equal (any will do, and it is called at such a tie
+        only, where a count's next number in every entry costs each push)."""
+        return id(self) < id(other)
+
 
 class _Poller:
     """What the loop waits for sockets with: ``epoll`` where there is one
@@ -1777,9 +1783,8 @@ class _Loop:
         self._ident: Optional[int] = None  # its ident, while it runs
         self._last: Optional[threading.Thread] = None    # the one started last
         self._poller: Any = None
-        self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._deadlines: List[Tuple[float, _Driven]] = []
         self._stale = 0  # about how many of them are stale (ended, or replaced by earlier)
-        self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
         self._wake_in: Optional[socket.socket] = None   # made with the first thread
         self._wake_out: Optional[socket.socket] = None
@@ -1902,7 +1907,7 @@ class _Loop:
                         poller.let_go(driven.fd, driven)
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
-                    when, _, driven = heapq.heappop(self._deadlines)
+                    when, driven = heapq.heappop(self._deadlines)
                     if driven.scheduled != when:
                         self._stale -= 1
                         continue  # stale: its steps ended, or an earlier one was pushed
@@ -1968,7 +1973,7 @@ class _Loop:
                 driven.scheduled = until
                 if scheduled is not None:  # (the later entry goes stale)
                     self._stale += 1
-                heapq.heappush(self._deadlines, (until, next(self._count), driven))
+                heapq.heappush(self._deadlines, (until, driven))
 
     def _watch(self, driven: _Driven, sock: Any, wait: _Wait) -> None:
         """Have the poller watch ``sock`` (``None``: none) for ``driven``'s
@@ -1993,7 +1998,7 @@ class _Loop:
     def _schedule(self, driven: _Driven, when: float) -> None:
         """Resume ``driven`` at ``when`` at the latest."""
         driven.scheduled = when
-        heapq.heappush(self._deadlines, (when, next(self._count), driven))
+        heapq.heappush(self._deadlines, (when, driven))
 
     def _drop_stale(self) -> None:
         """Drop the stale entries of the heap of deadlines (their steps
@@ -2003,7 +2008,7 @@ class _Loop:
         for the collector to visit. Once a round, where they are more
         than half the heap (a look per round, not per stale entry)."""
         deadlines = self._deadlines
-        deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
+        deadlines[:] = [entry for entry in deadlines if entry[1].scheduled == entry[0]]
         heapq.heapify(deadlines)
         self._stale = 0
 

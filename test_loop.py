@@ -155,6 +155,22 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
         right.close()
 
 
+def test_steps_whose_deadlines_are_equal_are_each_resumed_at_it():
+    """The heap of deadlines holds (time, steps): two steps that wait
+    until the very same time are ordered all the same, and each is
+    resumed when it comes."""
+    loop, ends = bitpit._Loop(), Ends(3)
+    until = time.monotonic() + 0.05
+
+    def steps():
+        return (yield bitpit._Wait(None, until))
+
+    for _ in range(3):
+        loop.spawn(steps(), ends)
+    assert ends.all_in.wait(5) and ends.results == [False] * 3
+    loop.join(5)
+
+
 def test_the_heap_lets_go_of_the_deadlines_of_steps_that_ended():
     """Steps that end long before their time-out (a small file's, in a
     millisecond) leave their deadline on the heap: once such stale ones
