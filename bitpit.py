@@ -1518,17 +1518,18 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 
 class _Flag:
     """An event that steps wait for: on a ``_Loop``, any number of them at
-    once (setting it calls the ``wakers`` of those that wait, the loop's,
-    which resume them), or on a thread of their own (``wait``, on a
+    once (``wakers``: the wait of each, by its steps; setting it hands
+    each to its loop, which resumes it), or on a thread of their own (``wait``, on a
     ``threading.Event`` made at the first such wait). Where only the loop
     waits, it costs no condition: a small file's transfer sets one
     twice. Any thread; a waker is added and removed by the loop's
-    thread."""
+    thread (a wait, not a function made for each: set() calls the
+    steps' own loop)."""
     __slots__ = ('_set', 'wakers', '_event')
 
     def __init__(self) -> None:
         self._set = False
-        self.wakers: Dict[object, Callable[[], object]] = {}  # by the steps that wait
+        self.wakers: Dict[_Driven, _Wait] = {}  # the waits of the steps that wait
         self._event: Optional[threading.Event] = None  # for threads that wait
 
     def is_set(self) -> bool:
@@ -1542,8 +1543,8 @@ class _Flag:
         if event is not None:
             event.set()
         if self.wakers:
-            for waker in list(self.wakers.values()):  # (a copy made under the GIL)
-                waker()
+            for driven, wait in list(self.wakers.items()):  # (a copy made under the GIL)
+                driven.loop._hand(driven, wait)
 
     def clear(self) -> None:
         self._set = False
@@ -1569,14 +1570,15 @@ _FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 
 
 class _Driven:
-    """A generator of steps on a ``_Loop``, and what it waits for now.
-    The loop's thread."""
-    __slots__ = ('steps', 'done', 'wait', 'flag', 'registered', 'fd', 'writing', 'scheduled')
+    """A generator of steps on a ``_Loop`` (``loop``), and what it waits
+    for now. The loop's thread."""
+    __slots__ = ('steps', 'done', 'loop', 'wait', 'flag', 'registered', 'fd', 'writing', 'scheduled')
 
     def __init__(self, steps: '_Steps[Any]',
-                 done: Callable[[Any, Optional[BaseException]], object]):
+                 done: Callable[[Any, Optional[BaseException]], object], loop: '_Loop'):
         self.steps = steps
         self.done = done
+        self.loop = loop
         self.wait: Optional[_Wait] = None
         # the _Flag whose wakers hold it, while it waits for one: its waker
         # goes when it is resumed (by the flag or by its deadline)
@@ -1806,7 +1808,7 @@ class _Loop:
     def spawn(self, steps: '_Steps[Any]',
               done: Callable[[Any, Optional[BaseException]], object]) -> None:
         """Drive ``steps`` on the loop's thread. Any thread."""
-        self._hand(_Driven(steps, done), None)
+        self._hand(_Driven(steps, done, self), None)
 
     def _hand(self, driven: _Driven, wait: Optional[_Wait]) -> None:
         """Resume ``driven`` on the loop's thread: new steps (``wait``
@@ -1961,7 +1963,7 @@ class _Loop:
                 self._finish(driven, None, TypeError(
                     'steps on a loop wait for a _Flag, not a threading.Event'))
                 return
-            event.wakers[driven] = functools.partial(self._hand, driven, wait)
+            event.wakers[driven] = wait
             driven.flag = event
             if event.is_set():  # (set before the waker was there)
                 self._hand(driven, wait)
