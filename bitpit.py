@@ -1303,8 +1303,10 @@ class _Run:
 
     def __init__(self) -> None:
         # (a list: a deque costs some 1,300 instructions more to make, and
-        # a run holds a few calls at a time; only its worker takes them)
-        self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
+        # a run holds a few calls at a time; only its worker takes them),
+        # each a function and its arguments in one tuple, which the worker
+        # hands to ``context.run`` as it is
+        self.calls: List[Tuple[Any, ...]] = []
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
@@ -1378,9 +1380,9 @@ class _Signals:
         (only ``hand``, under the lock, can tell whether a worker still
         has it)."""
         run.calls.append((call, args))
-        posted = self._posted
-        if not posted or posted[-1] is not run:  # (a run posts a few calls in a row)
-            posted.append(run)
+        # (as often as it posts: a run posts once in most rounds, and
+        # ``hand`` queues it once whatever the list holds)
+        self._posted.append(run)
 
     def hand(self, idle: bool = False) -> Optional[float]:
         """Hand the runs posted to since the last hand to the workers,
@@ -1541,17 +1543,18 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 
 class _Flag:
     """An event that steps wait for: on a ``_Loop``, any number of them at
-    once (setting it calls the ``wakers`` of those that wait, the loop's,
-    which resume them), or on a thread of their own (``wait``, on a
+    once (``wakers``: the wait of each, by its steps; setting it hands
+    each to its loop, which resumes it), or on a thread of their own (``wait``, on a
     ``threading.Event`` made at the first such wait). Where only the loop
     waits, it costs no condition: a small file's transfer sets one
     twice. Any thread; a waker is added and removed by the loop's
-    thread."""
+    thread (a wait, not a function made for each: set() calls the
+    steps' own loop)."""
     __slots__ = ('_set', 'wakers', '_event')
 
     def __init__(self) -> None:
         self._set = False
-        self.wakers: Dict[object, Callable[[], object]] = {}  # by the steps that wait
+        self.wakers: Dict[_Driven, _Wait] = {}  # the waits of the steps that wait
         self._event: Optional[threading.Event] = None  # for threads that wait
 
     def is_set(self) -> bool:
@@ -1565,8 +1568,8 @@ class _Flag:
         if event is not None:
             event.set()
         if self.wakers:
-            for waker in list(self.wakers.values()):  # (a copy made under the GIL)
-                waker()
+            for driven, wait in list(self.wakers.items()):  # (a copy made under the GIL)
+                driven.loop._hand(driven, wait)
 
     def clear(self) -> None:
         self._set = False
@@ -1592,15 +1595,19 @@ _FLAG_EVENTS = threading.Lock()  # makes a _Flag's event for threads, once
 
 
 class _Driven:
-    """A generator of steps on a ``_Loop``, and what it waits for now.
-    The loop's thread."""
-    __slots__ = ('steps', 'done', 'wait', 'registered', 'fd', 'writing', 'scheduled')
+    """A generator of steps on a ``_Loop`` (``loop``), and what it waits
+    for now. The loop's thread."""
+    __slots__ = ('steps', 'done', 'loop', 'wait', 'flag', 'registered', 'fd', 'writing', 'scheduled')
 
     def __init__(self, steps: '_Steps[Any]',
-                 done: Callable[[Any, Optional[BaseException]], object]):
+                 done: Callable[[Any, Optional[BaseException]], object], loop: '_Loop'):
         self.steps = steps
         self.done = done
+        self.loop = loop
         self.wait: Optional[_Wait] = None
+        # the _Flag whose wakers hold it, while it waits for one: its waker
+        # goes when it is resumed (by the flag or by its deadline)
+        self.flag: Optional[_Flag] = None
         # the socket the loop's poller watches for it, if any, by the file
         # descriptor it had then, for reading or (``writing``) writing
         self.registered: Any = None
@@ -1612,16 +1619,26 @@ class _Driven:
         # another, and the later entry goes stale
         self.scheduled: Optional[float] = None
 
+    def __lt__(self, other: '_Driven') -> bool:
+        """An order for the loop's heap of deadlines, for two entries whose
+        times are equal (any will do, and it is called at such a tie
+        only, where a count's next number in every entry costs each push)."""
+        return id(self) < id(other)
+
 
 class _Poller:
     """What the loop waits for sockets with: ``epoll`` where there is one
     (Linux), else the ``selectors`` module's best. Each watched file
     descriptor maps to the data ``select`` gives back when it is ready.
-    With epoll, the socket of steps that ended stays watched (``idle``)
-    while it waits for reuse, so that the steps that take it up next
-    (the next file's, over a keep-alive connection) cost no system call
-    to watch it; should it turn readable meanwhile (the server's close),
-    it is no longer watched. A socket closed while watched leaves epoll by
+    With epoll (``keeps_idle``), the socket of steps that ended stays
+    watched (``idle``) while it waits for reuse, so that the steps that
+    take it up next (the next file's, over a keep-alive connection) cost
+    no system call to watch it; should it turn readable meanwhile (the
+    server's close), it is no longer watched. Idle, it is watched for no
+    data (``None``, after ``unregister``) or, read by steps that ended
+    (the loop's ``_finish`` makes no call here for them), for theirs:
+    ``select`` gives that back, and its caller tells it that they ended
+    (``let_go``). A socket closed while watched leaves epoll by
     itself, and its number may come back with another socket: each
     descriptor is known with the socket and the data it was registered
     for. But a registration is of the socket's open file, which a forked
@@ -1632,7 +1649,7 @@ class _Poller:
     reported (for no socket, or for an idle one closed), and is feared,
     once the process has forked (``forked``), when a socket turns out
     closed while watched. The loop's thread."""
-    __slots__ = ('_epoll', '_selector', '_watched', '_stale')
+    __slots__ = ('_epoll', '_selector', '_watched', '_stale', 'keeps_idle')
     forked = False  # set for good before a fork (so in the child too)
 
     def __init__(self) -> None:
@@ -1641,6 +1658,7 @@ class _Poller:
         self._epoll = select.epoll() if hasattr(select, 'epoll') else None
         self._selector = selectors.DefaultSelector() if self._epoll is None else None
         self._stale = False  # whether epoll may hold a closed socket's registration
+        self.keeps_idle = self._epoll is not None  # (see the class)
 
     @classmethod
     def note_fork(cls) -> None:
@@ -1691,6 +1709,14 @@ class _Poller:
             except OSError:
                 pass
         self._forget(fd)
+
+    def let_go(self, fd: int, data: Any) -> None:
+        """``fd``, idle, watched still for ``data`` (steps that ended),
+        turned ready (the server's close, or bytes none asked for): no
+        longer watched."""
+        watched = self._watched.get(fd)
+        if watched is not None and watched[0] is data and not self._forget(fd):
+            self._stale = True  # (closed: a forked child's hold reported it)
 
     def _forget(self, fd: int) -> bool:
         """Stop watching ``fd``; whether it was watched still (not closed)."""
@@ -1784,9 +1810,8 @@ class _Loop:
         self._ident: Optional[int] = None  # its ident, while it runs
         self._last: Optional[threading.Thread] = None    # the one started last
         self._poller: Any = None
-        self._deadlines: List[Tuple[float, int, _Driven]] = []
+        self._deadlines: List[Tuple[float, _Driven]] = []
         self._stale = 0  # about how many of them are stale (ended, or replaced by earlier)
-        self._count = itertools.count()  # orders deadlines that are equal
         self._driven = 0
         self._wake_in: Optional[socket.socket] = None   # made with the first thread
         self._wake_out: Optional[socket.socket] = None
@@ -1808,7 +1833,7 @@ class _Loop:
     def spawn(self, steps: '_Steps[Any]',
               done: Callable[[Any, Optional[BaseException]], object]) -> None:
         """Drive ``steps`` on the loop's thread. Any thread."""
-        self._hand(_Driven(steps, done), None)
+        self._hand(_Driven(steps, done, self), None)
 
     def _hand(self, driven: _Driven, wait: Optional[_Wait]) -> None:
         """Resume ``driven`` on the loop's thread: new steps (``wait``
@@ -1890,6 +1915,8 @@ class _Loop:
                                 self._thread = self._poller = self._ident = None
                                 return
                         continue
+                elif self._stale > 64 and self._stale * 2 > len(self._deadlines):
+                    self._drop_stale()
                 timeout = None
                 if self._handed:  # (by the loop's own thread, in this round)
                     timeout = 0.0
@@ -1903,9 +1930,11 @@ class _Loop:
                         self._drain_wake_ups(wake_in)
                     elif driven.wait is not None and driven.wait.sock is not None:
                         self._resume(driven, True)
+                    elif driven.wait is None:  # ended, its socket left idle (_finish)
+                        poller.let_go(driven.fd, driven)
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
-                    when, _, driven = heapq.heappop(self._deadlines)
+                    when, driven = heapq.heappop(self._deadlines)
                     if driven.scheduled != when:
                         self._stale -= 1
                         continue  # stale: its steps ended, or an earlier one was pushed
@@ -1933,10 +1962,11 @@ class _Loop:
 
     def _resume(self, driven: _Driven, ready: Optional[bool]) -> None:
         """Resume ``driven`` with ``ready`` and wait for what it yields
-        next; at its end, unregister its socket and tell ``done``."""
-        previous = driven.wait
-        if previous is not None and isinstance(previous.event, _Flag):
-            previous.event.wakers.pop(driven, None)
+        next; at its end, tell ``done``."""
+        flag = driven.flag
+        if flag is not None:
+            driven.flag = None
+            flag.wakers.pop(driven, None)
         try:
             wait = driven.steps.send(ready)  # type: ignore[arg-type]  # (None starts them)
         except StopIteration as end:
@@ -1947,49 +1977,67 @@ class _Loop:
             return
         driven.wait = wait
         sock = wait.sock
-        if driven.registered is not None and driven.registered is not sock:
-            self._unregister(driven)
-        if sock is not None:
-            try:
-                if driven.registered is None:
-                    driven.fd = sock.fileno()
-                    self._poller.register(sock, driven.fd, wait.writing, driven)
-                    driven.registered, driven.writing = sock, wait.writing
-                elif driven.writing != wait.writing:
-                    self._poller.register(sock, driven.fd, wait.writing, driven)
-                    driven.writing = wait.writing
-            except (OSError, ValueError, KeyError):
-                # a socket closed meanwhile (or shut down by a stop): the
-                # steps find out at their next call on it
-                self._hand(driven, wait)
-        elif wait.event is not None:
-            if not isinstance(wait.event, _Flag):  # (a bug in the steps)
+        # (most waits are for the socket watched already, as it was, or for
+        # no socket with none watched: no call)
+        if sock is not driven.registered or sock is not None and wait.writing != driven.writing:
+            self._watch(driven, sock, wait)
+        if sock is None and wait.event is not None:
+            event = wait.event
+            if not isinstance(event, _Flag):  # (a bug in the steps)
                 driven.steps.close()
                 self._finish(driven, None, TypeError(
                     'steps on a loop wait for a _Flag, not a threading.Event'))
                 return
-            wait.event.wakers[driven] = functools.partial(self._hand, driven, wait)
-            if wait.event.is_set():  # (set before the waker was there)
+            event.wakers[driven] = wait
+            driven.flag = event
+            if event.is_set():  # (set before the waker was there)
                 self._hand(driven, wait)
-        if wait.until is not None and (driven.scheduled is None or
-                                       wait.until < driven.scheduled):
-            if driven.scheduled is not None:
-                self._stale += 1
-            self._schedule(driven, wait.until)
+        until = wait.until
+        if until is not None:
+            scheduled = driven.scheduled
+            if scheduled is None or until < scheduled:
+                # (_schedule, inline: a call fewer for most waits)
+                driven.scheduled = until
+                if scheduled is not None:  # (the later entry goes stale)
+                    self._stale += 1
+                heapq.heappush(self._deadlines, (until, driven))
+
+    def _watch(self, driven: _Driven, sock: Any, wait: _Wait) -> None:
+        """Have the poller watch ``sock`` (``None``: none) for ``driven``'s
+        ``wait``, in place of the socket it watched for it, if another."""
+        if driven.registered is not None and driven.registered is not sock:
+            self._unregister(driven)
+        if sock is None:
+            return
+        try:
+            if driven.registered is None:
+                driven.fd = sock.fileno()
+                self._poller.register(sock, driven.fd, wait.writing, driven)
+                driven.registered = sock
+            else:
+                self._poller.register(sock, driven.fd, wait.writing, driven)
+            driven.writing = wait.writing
+        except (OSError, ValueError, KeyError):
+            # a socket closed meanwhile (or shut down by a stop): the
+            # steps find out at their next call on it
+            self._hand(driven, wait)
 
     def _schedule(self, driven: _Driven, when: float) -> None:
-        """Resume ``driven`` at ``when`` at the latest. Where stale
-        deadlines are more than half the heap, they go first: steps end
-        long before their time-outs (a small file's in a millisecond,
-        its deadline seconds later), and the heap would keep thousands,
-        and their ended steps, for the collector to visit."""
-        deadlines = self._deadlines
-        if self._stale > 64 and self._stale * 2 > len(deadlines):
-            deadlines[:] = [entry for entry in deadlines if entry[2].scheduled == entry[0]]
-            heapq.heapify(deadlines)
-            self._stale = 0
+        """Resume ``driven`` at ``when`` at the latest."""
         driven.scheduled = when
-        heapq.heappush(deadlines, (when, next(self._count), driven))
+        heapq.heappush(self._deadlines, (when, driven))
+
+    def _drop_stale(self) -> None:
+        """Drop the stale entries of the heap of deadlines (their steps
+        ended, or an earlier one was pushed): steps end long before their
+        time-outs (a small file's in a millisecond, its deadline seconds
+        later), and the heap would keep thousands, and their ended steps,
+        for the collector to visit. Once a round, where they are more
+        than half the heap (a look per round, not per stale entry)."""
+        deadlines = self._deadlines
+        deadlines[:] = [entry for entry in deadlines if entry[1].scheduled == entry[0]]
+        heapq.heapify(deadlines)
+        self._stale = 0
 
     def _unregister(self, driven: _Driven) -> None:
         """Stop watching the socket ``driven`` waited for (closed meanwhile,
@@ -1999,7 +2047,12 @@ class _Loop:
         driven.registered = None
 
     def _finish(self, driven: _Driven, result: Any, error: Optional[BaseException]) -> None:
-        if driven.registered is not None:
+        registered = driven.registered
+        # an open socket read with epoll stays watched, for the ended
+        # steps: idle (see _Poller), with no call (the next file's steps
+        # over the kept-alive connection watch it for themselves)
+        if registered is not None and (driven.writing or not self._poller.keeps_idle or
+                                       registered.fileno() != driven.fd):
             self._unregister(driven)
         if driven.scheduled is not None:
             self._stale += 1

@@ -155,6 +155,22 @@ def test_a_connection_that_waits_often_keeps_one_deadline_on_the_heap():
         right.close()
 
 
+def test_steps_whose_deadlines_are_equal_are_each_resumed_at_it():
+    """The heap of deadlines holds (time, steps): two steps that wait
+    until the very same time are ordered all the same, and each is
+    resumed when it comes."""
+    loop, ends = bitpit._Loop(), Ends(3)
+    until = time.monotonic() + 0.05
+
+    def steps():
+        return (yield bitpit._Wait(None, until))
+
+    for _ in range(3):
+        loop.spawn(steps(), ends)
+    assert ends.all_in.wait(5) and ends.results == [False] * 3
+    loop.join(5)
+
+
 def test_the_heap_lets_go_of_the_deadlines_of_steps_that_ended():
     """Steps that end long before their time-out (a small file's, in a
     millisecond) leave their deadline on the heap: once such stale ones
@@ -231,6 +247,55 @@ def test_the_poller_keeps_an_ended_steps_socket_idle_and_knows_a_number_taken_ag
                 sock.close()
         finally:
             poller.close()
+
+
+def test_a_socket_its_ended_steps_read_stays_watched_and_goes_once_it_turns_ready(
+        monkeypatch):
+    """Steps that end after reading a socket leave it watched for them,
+    idle (the loop makes no call at their end); once it turns readable
+    (the server's close, say), the loop lets it go: it does not wake
+    round after round for it, and resumes nobody."""
+    left, right = socket.socketpair()
+    loop, kept, ended = bitpit._Loop(), Ends(1), Ends(1)
+    stop = bitpit._Flag()
+    rounds = []
+    select = bitpit._Poller.select
+
+    def counted(poller, timeout):
+        rounds.append(timeout)
+        return select(poller, timeout)
+    monkeypatch.setattr(bitpit._Poller, 'select', counted)
+
+    def keeper():  # keeps the loop's thread (and its poller) between the steps
+        yield bitpit._Wait(None, time.monotonic() + 30, event=stop)
+
+    def reader():
+        assert (yield bitpit._Wait(left, time.monotonic() + 30))
+        return left.recv(1)
+
+    def idle_for(seconds):
+        yield bitpit._Wait(None, time.monotonic() + seconds)
+
+    try:
+        loop.spawn(keeper(), kept)
+        right.send(b'x')
+        loop.spawn(reader(), ended)
+        assert ended.all_in.wait(5) and ended.results == [b'x']
+        watched = loop._poller._watched[left.fileno()]
+        assert watched[1] is left and watched[0].wait is None  # idle, for the ended steps
+        right.send(b'y')  # ready now, with nobody reading
+        waited = Ends(1)
+        began = len(rounds)
+        loop.spawn(idle_for(0.2), waited)
+        assert waited.all_in.wait(5)
+        assert len(rounds) - began < 10, 'the loop woke round after round'
+        assert left.fileno() not in loop._poller._watched
+        stop.set()
+        assert kept.all_in.wait(5) and kept.errors == []
+        loop.join(5)
+    finally:
+        left.close()
+        right.close()
 
 
 @pytest.mark.skipif(not hasattr(bitpit.select, 'epoll') or not hasattr(os, 'fork'),
