@@ -7328,6 +7328,8 @@ class _Transfer:
         check), or raise the attempt's error (``_Stopped`` for a stop). The
         run's steps, after ``join_steps`` (no connection and no save is
         left to touch the file it closes)."""
+        # the store's finish takes no lock on that ground alone: held here
+        assert not self.connections and not self.saving, 'a result before join_steps'
         store = self.store
         try:
             if self.error is not None or not self.complete:
