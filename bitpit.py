@@ -2825,9 +2825,13 @@ class _HeadParser:
         text = head.decode('latin-1')
         # (in one pass where each line ends in CRLF or LF, as nearly all
         # do; the count of LFs tells where another end split a line: a CR
-        # alone, or one of the ends that Unicode adds, which Latin-1 has)
+        # alone, or one of the ends that Unicode adds, which Latin-1 has;
+        # but for one that ends the text, which splitlines drops, as it
+        # drops the CR of a CRLF: a value's last byte then, as the count
+        # cannot tell, and looked at by itself; '' too, a head with no
+        # line at all)
         lines = text.splitlines()
-        if len(lines) != text.count('\n') + 1:
+        if len(lines) != text.count('\n') + 1 or text[-1:] in '\x0b\x0c\x1c\x1d\x1e\x85':
             if text[-1:] == '\r':  # the CR of the last line's CRLF
                 text = text[:-1]
             lines = text.replace('\r\n', '\n').replace('\r', ' ').split('\n')

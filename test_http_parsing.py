@@ -119,6 +119,19 @@ def test_only_lf_and_crlf_end_a_line():
         assert head.by_name['content-length'] == '2' and body == b'hi'
 
 
+def test_a_line_end_of_unicode_ending_the_last_line_is_a_value_byte():
+    """The same where such a character ends the head's last line, the
+    one str.splitlines would take for a line's end and drop (a value kept
+    whole, as http.client keeps it: a length that says more than digits
+    is no length; a Transfer-Encoding that says more is not chunked)."""
+    for odd in '\x0b\x0c\x1c\x1d\x1e\x85':
+        for end in (b'\r\n', b'\n'):
+            head, body = parse(end.join([b'HTTP/1.1 200 OK', b'X-A: a',
+                                         b'X-Odd: b' + odd.encode('latin-1'), b'', b'hi']))
+            assert head.headers.items() == [('X-A', 'a'), ('X-Odd', 'b' + odd)]
+            assert head.by_name['x-odd'] == 'b' + odd and body == b'hi'
+
+
 @pytest.mark.parametrize('line, version, code, reason', [
     ('HTTP/1.1 200 OK', 11, 200, 'OK'),
     ('HTTP/1.1 200', 11, 200, ''),
