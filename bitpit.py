@@ -3325,9 +3325,14 @@ class _Response(_HeadParser):
         return self.closed
 
     def close(self) -> None:
-        """Let the buffer go; the socket stays its connection's."""
+        """Let the buffer go; the socket stays its connection's. Bytes
+        that it holds still (beyond a body that needed no read, an empty
+        one's say: a read marks those beyond the bytes it takes) say that
+        the server is out of step: the connection carries no other answer."""
         self.closed = True
-        self.rest = _NO_BYTES
+        if self.rest:
+            self.will_close = True
+            self.rest = _NO_BYTES
 
 
 def _field_lines(fields: Dict[str, str]) -> str:

@@ -4,6 +4,7 @@ heads it refuses; 1xx, keep-alive and body framing as http.client has them;
 and through the suite's server where it shows in a download."""
 import http.client
 import socket
+import threading
 
 import pytest
 
@@ -453,3 +454,53 @@ def test_a_chunked_body_cut_within_its_trailer_is_whole(server, tmp_path, end):
     d, _ = download(server.url('/f'), tmp_path / 'f', restart_wait=0, retries=0)
     assert d.state == 'complete', repr(d.last_exception)
     assert (tmp_path / 'f').read_bytes() == b'hello'
+
+
+def test_bytes_beyond_an_empty_body_close_its_connection(tmp_path):
+    """An empty file's answer with bytes after it: the server is out of
+    step, and the connection carries no other request (the next answer
+    would begin with them; a _Body made for every answer said so on main)."""
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(8)
+    listener.settimeout(10)
+    conns = []  # the connection number of each request, by path
+
+    def serve(sock, number):
+        with sock:
+            sock.settimeout(10)
+            data = b''
+            while True:
+                while b'\r\n\r\n' not in data:
+                    more = sock.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, data = data.split(b'\r\n\r\n', 1)
+                path = head.split(b' ')[1]
+                conns.append((path, number))
+                if path == b'/empty':
+                    sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n'
+                                 b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong')
+                else:
+                    sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nright')
+
+    def accept():
+        number = 0
+        try:
+            while True:
+                sock, _ = listener.accept()
+                number += 1
+                threading.Thread(target=serve, args=(sock, number), daemon=True).start()
+        except OSError:
+            pass
+    threading.Thread(target=accept, daemon=True).start()
+    base = 'http://127.0.0.1:{}'.format(listener.getsockname()[1])
+    try:
+        bitpit.download(base + '/empty', str(tmp_path / 'empty'))
+        bitpit.download(base + '/next', str(tmp_path / 'next'))
+    finally:
+        listener.close()
+    assert (tmp_path / 'empty').read_bytes() == b''
+    assert (tmp_path / 'next').read_bytes() == b'right'
+    assert [number for _, number in conns] == [1, 2], conns
