@@ -1303,10 +1303,9 @@ class _Run:
 
     def __init__(self) -> None:
         # (a list: a deque costs some 1,300 instructions more to make, and
-        # a run holds a few calls at a time; only its worker takes them),
-        # each a function and its arguments in one tuple, which the worker
-        # hands to ``context.run`` as it is
-        self.calls: List[Tuple[Any, ...]] = []
+        # a run holds a few calls at a time; only its worker takes them):
+        # each a function and the tuple of its arguments
+        self.calls: List[Tuple[Callable[..., object], Tuple[Any, ...]]] = []
         self.queued = False
         self.since = 0.0
         self.context: Optional[contextvars.Context] = contextvars.Context()
