@@ -8859,7 +8859,8 @@ class Downloader(Emitter):
         # the notes of a manager that counts it running by a plan of its
         # own, which its start need not tell (see _start); that manager
         # sets it before it starts the download, and clears it once it
-        # counts it no longer (under its own lock); read under _lock
+        # counts it no longer (under its own lock); read with no lock by
+        # the run's start, after it wrote the state (see _set_state)
         self._planned_by: Optional[Tuple[Callable[[Downloader, str, str], None], ...]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
