@@ -8867,7 +8867,8 @@ class Downloader(Emitter):
         # the notes of a manager that counts it running by a plan of its
         # own, which its start need not tell (see _start); that manager
         # sets it before it starts the download, and clears it once it
-        # counts it no longer (under its own lock); read under _lock
+        # counts it no longer (under its own lock); read with no lock by
+        # the run's start, after it wrote the state (see _set_state)
         self._planned_by: Optional[Tuple[Callable[[Downloader, str, str], None], ...]] = None
         # a manager's manifest: the algorithm that hashes the file as it is
         # written, and the last completed file's ``(algorithm, hex digest)``
@@ -9197,12 +9198,10 @@ class Downloader(Emitter):
         not a manager that counts it running already by its own plan
         (``_planned_by``) when the download is in that one alone (it keeps
         those very notes): the note would tell it nothing (a hop a small
-        file fewer). What to tell is read under the lock, which a manager
-        joins under, with no earlier run alive: every note of those runs
-        was made (a run's last call makes its last note before it is
-        done), so the manager that marked it counts it running still. One
-        that joins later finds the download started when it looks at its
-        state; one that leaves it ignores the note."""
+        file fewer). Which to tell is read when the ``start`` is given,
+        after the state is written, not here: a manager that joins (or
+        leaves and joins again) between this start and that signal finds
+        the download paused, and is told (see ``_set_state``)."""
         if timer is None and self._restart_timer is not None:
             self._cancel_restart()  # (its look, inline: most starts have none to cancel)
         finishing = self._thread
@@ -9226,7 +9225,6 @@ class Downloader(Emitter):
                 self._restart_time = None
             finishing = self._thread  # (is_alive, inline)
             if finishing is None or not finishing.is_alive():
-                notes = () if self._tracked_by is self._planned_by else self._tracked_by
                 self._attempt_over = False
                 self._stopping = False
                 run = _Run()
@@ -9234,7 +9232,7 @@ class Downloader(Emitter):
                     # the attempt's request options, kept while it runs: what
                     # an update_size learns meanwhile reaches them (_keep_learnt)
                     options = self._run_options = self._request_options()
-                    _LOOP.spawn(self._run_steps(run, options, notes), _run_ended)
+                    _LOOP.spawn(self._run_steps(run, options), _run_ended)
                 except BaseException:  # no loop thread to be had: nothing runs
                     self._run_options = None
                     run.done()
@@ -9501,12 +9499,16 @@ class Downloader(Emitter):
     # -- internal ---------------------------------------------------------------
 
     def _set_state(self, state: str,
-                   notes: Tuple[Callable[['Downloader', str, str], None], ...]) -> None:
+                   notes: Optional[Tuple[Callable[['Downloader', str, str], None], ...]]
+                   ) -> None:
         """Set the state; if it changed, tell the managers whose ``notes``
         are given and the callbacks. Its caller says which managers: those
         it was added to (``_tracked_by``), but none of a ``download`` (of
-        the start, its run told them already that it is under way), and
-        of a ``start`` those ``_start`` chose.
+        the start, its run told them already that it is under way); of a
+        ``start`` (``None``), those it is in but a manager whose plan counts
+        it running already (see ``_start``), read after the state is
+        written: a manager that joins meanwhile either is read here or
+        finds the download started (it reads the state after it joins).
         A manager is told directly, not as one of the callbacks: a
         listen() per download costs a lock (a manager may add thousands).
         It learns of a start or an end before the callbacks, so that a slow
@@ -9530,6 +9532,10 @@ class Downloader(Emitter):
         write, so either it finds the waiter (and wakes it once it waits)
         or the waiter finds the new state."""
         old, self._state = self._state, state
+        if notes is None:  # (a start: after the write, see above)
+            notes = self._tracked_by
+            if notes is self._planned_by:
+                notes = ()
         changed = self._changed
         if changed is not None:  # (_notify_changed, inline: 3 times a file)
             with self._lock:
@@ -9573,11 +9579,9 @@ class Downloader(Emitter):
 
     # -- a run: an attempt as steps on the loop, its signals on a download thread ----
 
-    def _run_steps(self, run: _Run, options: _RequestOptions,
-                   notes: Tuple[Callable[['Downloader', str, str], None], ...]
-                   ) -> '_Steps[None]':
+    def _run_steps(self, run: _Run, options: _RequestOptions) -> '_Steps[None]':
         """A run on the loop: one attempt, from ``start`` (told to the
-        managers whose ``notes`` ``_start`` chose) to its end state.
+        managers ``_set_state`` chooses, see ``_start``) to its end state.
         What it tells its callbacks, it posts to ``run`` (``_SIGNALS.post``), whose
         signal worker makes the calls in order; the last one, ``_end_run``,
         ends the run."""
@@ -9590,7 +9594,7 @@ class Downloader(Emitter):
         # fewer to post (a small file's size and start of download)
         last_events: List[Tuple[str, Any]] = []
         try:
-            _SIGNALS.post(run, self._set_state, 'start', notes)
+            _SIGNALS.post(run, self._set_state, 'start', None)
             size = yield from self._attempt_steps(run, options, last_events)
             final = 'complete'
         except _Stopped:

@@ -836,3 +836,42 @@ def test_a_start_of_the_managers_own_plan_is_not_told_back_to_it(manager, server
         ('m', 'o1', 'complete'), ('other', 'o1', 'complete')]
     assert [n for n in notes if n[1] == 'o2'] == [('m', 'o2', 'start'), ('m', 'o2', 'complete')]
     assert all(d._planned_by is None for d in (own, shared, by_caller))
+
+
+def test_a_manager_joined_as_its_other_manager_starts_a_download_counts_it(
+        server, tmp_path, monkeypatch):
+    """A manager that takes a download over between another's start of it
+    (the only one it was in, which counted it running by its plan) and
+    the run's ``start`` counts it running: it is told the start, as it
+    joined before the download started as far as it could see (it found
+    it paused), so its count (``max_running``) holds."""
+    server.add('/f', b'x' * 1000, stall_after=10)
+    a = bitpit.Manager(max_running=1, path=tmp_path, dir_path=True)
+    d = a.add(server.url('/f'))
+    b = bitpit.Manager(max_running=1)
+    posting, joined = threading.Event(), threading.Event()
+    post = bitpit._Signals.post
+
+    def held_post(self, run, call, *args):
+        if call == d._set_state and args[0] == 'start':
+            posting.set()  # the run told its start: B joins before it is given
+            joined.wait(5)
+        post(self, run, call, *args)
+
+    monkeypatch.setattr(bitpit._Signals, 'post', held_post)
+    under_way = threading.Event()
+    d.listen('state-changed', lambda d, old: d.state == 'download' and under_way.set())
+    try:
+        a.start()
+        assert posting.wait(5)
+        b.add(d)
+        assert d.state == 'pause'  # (the start is still to be given)
+        joined.set()
+        assert under_way.wait(5)
+        with b._lock:
+            assert d in b._running
+    finally:
+        joined.set()
+        a.stop()
+        d.stop()
+        server.release()
