@@ -186,6 +186,19 @@ def test_a_slow_connection_is_raced_on_a_small_file_too(server, tmp_path, slow):
     assert server.bytes_sent('/f', conn=slow) < SHARE / 2, ranges(server)
 
 
+def pairs_of(held):
+    """The ``(start, end)`` pairs, merged where they touch, of the set of
+    byte positions ``held``: what a ``_Ranges`` of those bytes holds."""
+    pairs, position = [], None
+    for byte in sorted(held):
+        if position is not None and byte == position:
+            pairs[-1][1] = position = byte + 1
+        else:
+            pairs.append([byte, byte + 1])
+            position = byte + 1
+    return tuple(map(tuple, pairs))
+
+
 def test_held_ranges_merge_whatever_the_order_of_the_writes():
     """The held ranges of a file written in order (each write after all the
     others: the usual case, taken on a short path), out of order, over
@@ -205,14 +218,7 @@ def test_held_ranges_merge_whatever_the_order_of_the_writes():
             assert ranges.add(start, stop) == len(new)
             held |= new
             end = max(end, stop)
-        pairs, position = [], None
-        for byte in sorted(held):
-            if position is not None and byte == position:
-                pairs[-1][1] = position = byte + 1
-            else:
-                pairs.append([byte, byte + 1])
-                position = byte + 1
-        assert ranges.pairs == tuple(map(tuple, pairs)) and ranges.total == len(held)
+        assert ranges.pairs == pairs_of(held) and ranges.total == len(held)
 
 
 def test_held_ranges_made_of_spans_in_any_order_are_merged():
@@ -228,16 +234,9 @@ def test_held_ranges_made_of_spans_in_any_order_are_merged():
         held = set()
         for start, stop in spans:
             held |= set(range(start, stop))
-        pairs, position = [], None
-        for byte in sorted(held):
-            if position is not None and byte == position:
-                pairs[-1][1] = position = byte + 1
-            else:
-                pairs.append([byte, byte + 1])
-                position = byte + 1
         for given in (spans, [list(span) for span in spans]):  # (a sidecar's are lists)
             ranges = bitpit._Ranges(given)
-            assert ranges.pairs == tuple(map(tuple, pairs)) and ranges.total == len(held)
+            assert ranges.pairs == pairs_of(held) and ranges.total == len(held)
     many = [(10 * i, 10 * i + 5) for i in range(200000)][::-1]
     began = time.process_time()
     ranges = bitpit._Ranges(many)
