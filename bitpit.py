@@ -7785,8 +7785,9 @@ class _Transfer:
             # those held before, looked for in the ranges held alone: a big
             # file's pieces may be 200,000 (0.2 s of the loop's time to look
             # at each), a new file holds none
-            setup.pieces = [piece for first, end in self.store.snapshot
-                            for piece in self._pieces_due(None, first, end)]
+            held = self.store.snapshot
+            if held:
+                setup.pieces = self._pieces_due(None, held)
         return setup
 
     def _prepare(self, setup: _Setup) -> None:
@@ -7949,7 +7950,7 @@ class _Transfer:
         wrote most of it is retired at its ``_MAX_BAD_PIECES``-th
         (``_BadPieces``, raised in its own connection's steps). A
         connection's steps, on the loop, which reads the pieces there."""
-        due = self._pieces_due(conn, start, end)
+        due = self._pieces_due(conn, ((start, end),))
         if due:
             verdicts: Sequence[bool] = ()
             try:
@@ -7957,23 +7958,32 @@ class _Transfer:
             finally:
                 self._pieces_checked(conn, due, verdicts)
 
-    def _pieces_due(self, conn: Optional[_Connection], start: int, end: int
+    def _pieces_due(self, conn: Optional[_Connection], spans: Sequence[Tuple[int, int]]
                     ) -> List[Tuple[int, int, int]]:
-        """``conn`` wrote ``[start, end)`` (``None``: they were held
-        before): the pieces now held whole and not checked yet, each as
-        its index, first byte and end, marked as being checked. The
-        loop's thread."""
+        """``conn`` wrote the ``[start, end)`` of ``spans`` (``None``: they
+        were held before): the pieces now held whole and not checked yet,
+        each as its index, first byte and end, marked as being checked.
+        The ranges held are made once for all the spans (a file held
+        before may hold many). The loop's thread."""
         pieces = self.piece_hashes
         assert pieces is not None  # called only with piece hashes
         total = self.planner.total
-        if total is None or end <= start:
-            return []
-        if pieces.epoch != self.store.epoch:  # the file started over
-            pieces.forget(self.store.epoch)
-        if conn is not None:
-            pieces.wrote(conn.source, start, end)
-        return [(index,) + pieces.span(index, total)
-                for index in pieces.due(_Ranges(self.store.snapshot), start, end, total)]
+        found: List[Tuple[int, int, int]] = []
+        if total is None:
+            return found
+        held = None
+        for start, end in spans:
+            if end <= start:
+                continue
+            if held is None:
+                if pieces.epoch != self.store.epoch:  # the file started over
+                    pieces.forget(self.store.epoch)
+                held = _Ranges(self.store.snapshot)
+            if conn is not None:
+                pieces.wrote(conn.source, start, end)
+            found += [(index,) + pieces.span(index, total)
+                      for index in pieces.due(held, start, end, total)]
+        return found
 
     def _read_pieces(self, due: Sequence[Tuple[int, int, int]]) -> List[bool]:
         """Whether each piece of ``due`` matches its hash, read from the
