@@ -8663,6 +8663,8 @@ def _document_options(url: str, *, headers: Optional[Dict[str, str]] = None,
         _as_ssl_context('ssl_context', ssl_context),
         _check_number('timeout', timeout, positive=True, high=_MAX_SECONDS)),
         cookies if isinstance(cookies, _Cookies) else _Cookies(cookies))
+
+
 class _Changed:
     """The condition ``Downloader.wait()`` waits on, on the downloader's
     lock, which also calls each function in ``watchers`` at every
