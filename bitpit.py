@@ -2011,11 +2011,8 @@ class _Loop:
         try:
             if driven.registered is None:
                 driven.fd = sock.fileno()
-                self._poller.register(sock, driven.fd, wait.writing, driven)
-                driven.registered = sock
-            else:
-                self._poller.register(sock, driven.fd, wait.writing, driven)
-            driven.writing = wait.writing
+            self._poller.register(sock, driven.fd, wait.writing, driven)
+            driven.registered, driven.writing = sock, wait.writing
         except (OSError, ValueError, KeyError):
             # a socket closed meanwhile (or shut down by a stop): the
             # steps find out at their next call on it
