@@ -2547,8 +2547,9 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
 # feed parser and policies: most of its cost per small file), and each of
 # its look-ups walks every field, lowercasing each name. Here a head is
 # parsed from bytes by code with no socket in it: tests feed it bytes in any
-# cut, and any loop that receives bytes can drive it. ``_Response`` reads
-# an answer's head with it, and its body with ``_BodyFraming``, sans-I/O too.
+# cut, and any loop that receives bytes can drive it. ``_Response`` is
+# one (it reads its answer's head so), and reads a chunked body, and a
+# caller's reads of any body, with ``_BodyFraming``, sans-I/O too.
 
 _MAX_HEAD_LINE = 65536   # most bytes of a line of a head, its CRLF included (http.client's)
 _MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
