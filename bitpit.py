@@ -3090,7 +3090,6 @@ class _Response(_HeadParser):
     chunked = False
     length: Optional[int] = None
     will_close = True
-    _method = 'GET'
     closed = False  # (as http.client's: the answer closed, or its body read to its end)
     _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
     _unread = b''  # body bytes that read1 received and did not hand out
