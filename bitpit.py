@@ -2574,8 +2574,9 @@ class _Headers:
     of ``firsts``, the first value of each (the same dict where no name
     is repeated, as in most heads). The usual head's lines (each a field
     of a name of its own) are taken apart into fields only if asked for
-    (``items`` and the like): bitpit reads ``by_name`` alone. Read-only;
-    any thread (fields taken apart twice at once are the same)."""
+    (``items`` and the like): none of bitpit's look-ups (``by_name``,
+    ``firsts``, ``get_all``) needs them. Read-only; any thread (fields
+    taken apart twice at once are the same)."""
     __slots__ = ('_lines', '_fields', 'by_name', 'firsts', '_repeated')
 
     def __init__(self, lines: List[str], last_values: Optional[Dict[str, str]] = None):
