@@ -2869,8 +2869,9 @@ class _HeadParser:
 
     @property
     def headers(self) -> _Headers:
-        """The head's fields, made now if need be (for a caller's code:
-        bitpit reads ``by_name`` and ``firsts``)."""
+        """The head's fields, made now if need be (for a caller's code, and
+        bitpit's rarer look-ups, ``get_all`` of a challenge, a digest or a
+        link: the usual ones read ``by_name`` and ``firsts``)."""
         headers = self._headers
         if headers is None:
             headers = self._headers = _Headers(self._head_lines, self.by_name)
