@@ -2011,11 +2011,8 @@ class _Loop:
         try:
             if driven.registered is None:
                 driven.fd = sock.fileno()
-                self._poller.register(sock, driven.fd, wait.writing, driven)
-                driven.registered = sock
-            else:
-                self._poller.register(sock, driven.fd, wait.writing, driven)
-            driven.writing = wait.writing
+            self._poller.register(sock, driven.fd, wait.writing, driven)
+            driven.registered, driven.writing = sock, wait.writing
         except (OSError, ValueError, KeyError):
             # a socket closed meanwhile (or shut down by a stop): the
             # steps find out at their next call on it
@@ -2550,8 +2547,9 @@ def _resolve_steps(host: str, port: int, cancel: Optional[_Cancel], timeout: Opt
 # feed parser and policies: most of its cost per small file), and each of
 # its look-ups walks every field, lowercasing each name. Here a head is
 # parsed from bytes by code with no socket in it: tests feed it bytes in any
-# cut, and any loop that receives bytes can drive it. ``_Response`` reads
-# an answer's head with it, and its body with ``_BodyFraming``, sans-I/O too.
+# cut, and any loop that receives bytes can drive it. ``_Response`` is
+# one (it reads its answer's head so), and reads a chunked body, and a
+# caller's reads of any body, with ``_BodyFraming``, sans-I/O too.
 
 _MAX_HEAD_LINE = 65536   # most bytes of a line of a head, its CRLF included (http.client's)
 _MAX_HEAD_FIELDS = 100   # most field lines in a head (http.client's)
@@ -2576,8 +2574,9 @@ class _Headers:
     of ``firsts``, the first value of each (the same dict where no name
     is repeated, as in most heads). The usual head's lines (each a field
     of a name of its own) are taken apart into fields only if asked for
-    (``items`` and the like): bitpit reads ``by_name`` alone. Read-only;
-    any thread (fields taken apart twice at once are the same)."""
+    (``items`` and the like): none of bitpit's look-ups (``by_name``,
+    ``firsts``, ``get_all``) needs them. Read-only; any thread (fields
+    taken apart twice at once are the same)."""
     __slots__ = ('_lines', '_fields', 'by_name', 'firsts', '_repeated')
 
     def __init__(self, lines: List[str], last_values: Optional[Dict[str, str]] = None):
@@ -2870,8 +2869,9 @@ class _HeadParser:
 
     @property
     def headers(self) -> _Headers:
-        """The head's fields, made now if need be (for a caller's code:
-        bitpit reads ``by_name`` and ``firsts``)."""
+        """The head's fields, made now if need be (for a caller's code, and
+        bitpit's rarer look-ups, ``get_all`` of a challenge, a digest or a
+        link: the usual ones read ``by_name`` and ``firsts``)."""
         headers = self._headers
         if headers is None:
             headers = self._headers = _Headers(self._head_lines, self.by_name)
@@ -3092,7 +3092,6 @@ class _Response(_HeadParser):
     chunked = False
     length: Optional[int] = None
     will_close = True
-    _method = 'GET'
     closed = False  # (as http.client's: the answer closed, or its body read to its end)
     _framing: Optional[_BodyFraming] = None  # read1's, made at its first call
     _unread = b''  # body bytes that read1 received and did not hand out
