@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import bitpit
-from conftest import DATA, download, raw
+from conftest import DATA, download, raw, read_head
 
 NGINX = (b'HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 07 Dec 2026 07:00:00 GMT\r\n'
          b'Content-Type: application/octet-stream\r\nContent-Length: 5\r\n'
@@ -469,14 +469,10 @@ def test_bytes_beyond_an_empty_body_close_its_connection(tmp_path):
     def serve(sock, number):
         with sock:
             sock.settimeout(10)
-            data = b''
-            while True:
-                while b'\r\n\r\n' not in data:
-                    more = sock.recv(65536)
-                    if not more:
-                        return
-                    data += more
-                head, data = data.split(b'\r\n\r\n', 1)
+            while True:  # (bitpit sends a request after the last answer)
+                head = read_head(sock)
+                if head is None:
+                    return
                 path = head.split(b' ')[1]
                 conns.append((path, number))
                 if path == b'/empty':
